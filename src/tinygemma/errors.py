@@ -1,0 +1,9 @@
+"""The one exception type for problems with the user's input.
+
+Anything raised as `UserError` is printed by the CLI as a single line on stderr, with exit status 2 and no
+traceback. Everything else is a bug in tinygemma and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a missing or corrupt file, an impossible configuration, a mismatched tokenizer, ..."""

@@ -1,0 +1,333 @@
+"""Gemma 3's text model, written from scratch, reading top to bottom in the order data flows through it.
+
+Every parameter name matches transformers' Gemma3ForCausalLM once `model.` is put in front (see
+`checkpoint.HF_NAME_MAP`), and every numerical detail that could change a logit matches it too; the comments
+say "as transformers" where a line exists only for that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinygemma.config import GLOBAL, SLIDING, ModelConfig
+from tinygemma.errors import UserError
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 with a (1 + w) gain whose w starts at zero, as Gemma."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of shape [T, head_dim] for the given positions (float32 angles, as transformers)."""
+    freqs = positions[:, None].float() * inv_freq[None, :].float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (the "rotate_half" convention of transformers' Gemma)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def sliding_window_mask(q_len: int, kv_len: int, window: int, device) -> torch.Tensor:
+    """Boolean [q_len, kv_len] mask, True where key j is visible from query i: i - window < j <= i.
+
+    Queries are the last q_len of the kv_len positions.
+    """
+    i = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+class KVCache:
+    """Keys and values of one layer for generation.
+
+    A global layer keeps every position; a sliding-window layer keeps a ring of `sliding_window` slots, so its
+    memory stays bounded however long the text gets. Keys are stored after RoPE, so the order of the slots in the
+    ring does not matter to attention; only which positions are in it.
+    """
+
+    def __init__(self, batch_size: int, size: int, n_kv_heads: int, head_dim: int, dtype, device):
+        self.size = size
+        self.k = torch.zeros(batch_size, n_kv_heads, size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store positions 0..T-1 (only the last `size` of them if T > size)."""
+        T = k.shape[2]
+        if T <= self.size:
+            self.k[:, :, :T] = k
+            self.v[:, :, :T] = v
+        else:
+            slots = torch.arange(T - self.size, T, device=k.device) % self.size
+            self.k.index_copy_(2, slots, k[:, :, -self.size:])
+            self.v.index_copy_(2, slots, v[:, :, -self.size:])
+
+    def decode(self, k: torch.Tensor, v: torch.Tensor, pos: int):
+        """Store the one new position `pos`; return the keys and values it attends to."""
+        slot = pos % self.size
+        self.k[:, :, slot : slot + 1] = k
+        self.v[:, :, slot : slot + 1] = v
+        n = min(pos + 1, self.size)
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+
+class Attention(nn.Module):
+    """Multi-query attention (n_kv_heads=1) with QK-norm and RoPE; sliding-window or global."""
+
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.is_sliding = layer_type == SLIDING
+        self.sliding_window = config.sliding_window if self.is_sliding else None
+        self.scale = config.query_pre_attn_scalar**-0.5
+        d, hd = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        is_causal = mask is None
+        if cache is not None:
+            if start_pos == 0:
+                cache.prefill(k, v)  # the prompt attends to itself, masked as in training
+            elif T == 1:
+                k, v = cache.decode(k, v, start_pos)  # one new token sees every cached key: no mask at all
+                is_causal = False
+            else:
+                raise ValueError("the KV cache takes a whole prompt at start_pos=0, then one token at a time")
+
+        # One K/V head serves all query heads without being copied (enable_gqa), where SDPA allows it.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(config.mlp_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """A decoder layer: RMSNorm before and after both attention and the MLP (Gemma's "sandwich" norms)."""
+
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_type)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, start_pos=0):
+        x = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start_pos)
+        )
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        V = config.padded_vocab_size
+        self.embed_tokens = nn.Embedding(V, config.d_model)
+        self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, V, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_buffers()
+        self.apply(self._init_weights)
+
+    def reset_buffers(self, device=None):
+        """(Re)compute the constant buffers, e.g. after building the model on the meta device."""
+        c, device = self.config, device or self.embed_tokens.weight.device
+        if device.type == "meta":
+            device = None
+        # sqrt(d_model) as a tensor, so that it is rounded to the weights' dtype before multiplying (as transformers).
+        self.register_buffer("embed_scale", torch.tensor(c.d_model**0.5, device=device), persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(c.head_dim, c.rope_local_base).to(device), persistent=False)
+        self.register_buffer("inv_freq_global", rope_inv_freq(c.head_dim, c.rope_global_base).to(device), persistent=False)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        elif isinstance(module, RMSNorm):
+            nn.init.zeros_(module.weight)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Distinct parameters (a tied head counts once); without embeddings, the token embedding is left out."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits [B, T, vocab_size], or with `targets` [B, T] the mean next-token cross-entropy.
+
+        Targets equal to -100 are ignored.
+        """
+        h = self.norm(self.trunk(input_ids))
+        if targets is None:
+            return self.lm_head(h)[..., : self.config.vocab_size]
+        logits = self.lm_head(h)[..., : self.config.vocab_size].float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def trunk(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0):
+        """Embedding and decoder layers: the hidden states [B, T, d_model] before the final norm.
+
+        With `cache`, positions start at `start_pos` (see `generate_stream`).
+        """
+        T = input_ids.shape[1]
+        h = self.embed_tokens(input_ids)
+        h = h * self.embed_scale.to(h.dtype)
+        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        rope = {
+            SLIDING: rope_cos_sin(self.inv_freq_local, positions, h.dtype),
+            GLOBAL: rope_cos_sin(self.inv_freq_global, positions, h.dtype),
+        }
+        # Masks, built once per forward and shared by the layers of each kind. None means plain causal:
+        # a window at least as long as the sequence is the causal mask itself, the common case in training.
+        masks = {SLIDING: None, GLOBAL: None}
+        if T > self.config.sliding_window:
+            masks[SLIDING] = sliding_window_mask(T, T, self.config.sliding_window, input_ids.device)
+        for i, layer in enumerate(self.layers):
+            kind = self.config.layer_types[i]
+            h = layer(h, *rope[kind], masks[kind], None if cache is None else cache[i], start_pos)
+        return h
+
+    # ------------------------------------------------------------------ generation
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        """One KVCache per layer: `max_len` slots for global layers, `sliding_window` for sliding ones."""
+        c = self.config
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.embed_tokens.weight.device
+        return [
+            KVCache(batch_size, min(max_len, c.sliding_window) if t == SLIDING else max_len,
+                    c.n_kv_heads, c.head_dim, dtype, device)
+            for t in c.layer_types
+        ]
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
+
+        Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
+        receiving `eos_id`). `temperature=0` is greedy.
+        """
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        B, T = input_ids.shape
+        if T == 0:
+            raise UserError("the prompt must hold at least one token")
+        if max_new_tokens == 0:
+            return
+        # The cache holds the dtype that the model computes in (autocast's, if active).
+        dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) else None
+        cache = self.new_cache(B, T + max_new_tokens, dtype=dtype)
+        logits = self._last_logits(input_ids, cache, 0)
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_id), token)
+                finished |= token == eos_id
+            yield token
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                return
+            logits = self._last_logits(token[:, None], cache, T + step)
+
+    def _last_logits(self, input_ids, cache, start_pos):
+        """Logits of the last position only: the head runs on one position, not the whole prompt."""
+        h = self.norm(self.trunk(input_ids, cache, start_pos)[:, -1])
+        return self.lm_head(h)[..., : self.config.vocab_size].float()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
+        return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0 or math.isinf(temperature):
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k, then outside the nucleus: the smallest set of most likely
+    tokens whose probability reaches top_p (the token that crosses top_p is kept)."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of `logits` [B, V]; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

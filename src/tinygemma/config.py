@@ -100,6 +100,17 @@ class ModelConfig:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return n
 
+    def flops_per_token(self, block_size: int) -> float:
+        """Training FLOPs (forward + backward) per token, counted the standard way for MFU (PaLM, nanoGPT):
+        6 x the matmul parameters (every linear layer and the output head; the embedding lookup is no matmul)
+        plus 12 x n_heads x head_dim x the keys each layer attends: block_size on global layers,
+        min(block_size, sliding_window) on sliding ones (the window actually attended)."""
+        d, hd = self.d_model, self.head_dim
+        matmul_params = self.n_layers * (d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * self.mlp_dim)
+        matmul_params += self.vocab_size * d
+        attended = sum(block_size if t == GLOBAL else min(block_size, self.sliding_window) for t in self.layer_types)
+        return 6 * matmul_params + 12 * self.n_heads * hd * attended
+
 
 # Named model sizes. Anything not given takes the ModelConfig default, i.e. Gemma 3 270M.
 PRESETS: dict[str, dict] = {

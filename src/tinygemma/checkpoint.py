@@ -273,7 +273,8 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.init_std,
         "rms_norm_eps": config.rms_norm_eps,
-        "query_pre_attn_scalar": config.query_pre_attn_scalar,
+        # transformers 5 insists on an int here, as in Gemma 3's own config.json.
+        "query_pre_attn_scalar": int(q) if float(q := config.query_pre_attn_scalar).is_integer() else q,
         "sliding_window": config.sliding_window,
         "layer_types": list(config.layer_types),
         "_sliding_window_pattern": config.sliding_window_pattern,

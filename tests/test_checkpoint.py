@@ -1,0 +1,170 @@
+"""Our checkpoint format, Hugging Face import (`tinygemma.load`) and export (`tinygemma export`)."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+import tinygemma
+from tinygemma import Gemma3, UserError
+from tinygemma.checkpoint import (
+    export,
+    from_hf_name,
+    read_safetensors,
+    save_model,
+    to_hf_name,
+)
+from tinygemma.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+from test_model import make_pair, randomize_norms, small_config  # noqa: E402
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Gemma3(small_config()).eval()
+    randomize_norms(model)
+    save_model(model, tmp_path / "ckpt", {"step": 7})
+    return model, tmp_path / "ckpt"
+
+
+def test_save_and_load_round_trip(checkpoint):
+    model, path = checkpoint
+    loaded = tinygemma.load(path)
+    assert not loaded.training
+    assert loaded.config == model.config
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    x = torch.randint(0, 512, (2, 50))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert tinygemma.load(path, dtype=torch.bfloat16).embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_name_map_is_one_to_one():
+    model = Gemma3(small_config(tie_embeddings=False))
+    names = list(model.state_dict())
+    hf_names = [to_hf_name(n) for n in names]
+    assert len(set(hf_names)) == len(names)
+    assert [from_hf_name(n) for n in hf_names] == names
+    assert to_hf_name("layers.11.self_attn.q_norm.weight") == "model.layers.11.self_attn.q_norm.weight"
+    assert "lm_head.weight" in hf_names and "model.norm.weight" in hf_names
+
+
+def test_export_loads_in_transformers_with_same_logits(checkpoint, tmp_path):
+    model, path = checkpoint
+    assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text"
+    assert config["layer_types"] == list(model.config.layer_types)
+    assert config["sliding_window"] == 16 and config["query_pre_attn_scalar"] == 32
+    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0
+    assert config["rope_parameters"]["full_attention"]["rope_theta"] == 1_000_000.0
+    assert config["tie_word_embeddings"] is True
+    hf, info = transformers.Gemma3ForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    x = torch.randint(0, 512, (2, 5 * 16))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+
+
+def test_export_of_padded_vocabulary_has_real_shapes(tmp_path):
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=500, vocab_pad_multiple=128)).eval()
+    assert model.embed_tokens.weight.shape[0] == 512
+    save_model(model, tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    weights = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].shape == (500, 64)
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    x = torch.randint(0, 500, (1, 40))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+
+
+def test_load_transformers_directory(tmp_path):
+    model, hf = make_pair(small_config(tie_embeddings=False), seed=2)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = tinygemma.load(tmp_path / "hf")
+    assert loaded.config.layer_types == model.config.layer_types
+    x = torch.randint(0, 512, (2, 60))
+    with torch.no_grad():
+        assert (loaded(x) - hf(x).logits).abs().max().item() <= 1e-4
+    # Sharded safetensors with an index, as large checkpoints on the hub are stored.
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert torch.equal(tinygemma.load(tmp_path / "sharded")(x), loaded(x))
+
+
+def test_load_transformers_4x_config_layout(tmp_path):
+    """Gemma 3 270M's config.json on the hub uses rope_theta / rope_local_base_freq (transformers 4.x)."""
+    model, hf = make_pair(small_config(rope_local_base=777.0, rope_global_base=99_999.0), seed=4)
+    hf.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.update(rope_theta=99_999.0, rope_local_base_freq=777.0, rope_scaling=None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    loaded = tinygemma.load(tmp_path / "hf")
+    assert (loaded.config.rope_local_base, loaded.config.rope_global_base) == (777.0, 99_999.0)
+
+
+class Exploit:
+    """Unpickling this object runs `open(path, "w")`: the pickle that must never be loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_are_refused_and_never_run(tmp_path):
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    model, hf = make_pair(small_config(), seed=1)
+    (hf_dir / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    marker = tmp_path / "pwned"
+    (hf_dir / "pytorch_model.bin").write_bytes(pickle.dumps(Exploit(str(marker))))
+    with pytest.raises(UserError, match="never unpickles"):
+        tinygemma.load(hf_dir)
+    assert not marker.exists()
+    # The same pickle planted where our checkpoint's weights belong.
+    save_model(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(pickle.dumps(Exploit(str(marker))))
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        tinygemma.load(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
+    _, path = checkpoint
+    with pytest.raises(UserError, match="not found"):
+        tinygemma.load(tmp_path / "nowhere")
+    # A truncated weights file.
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        tinygemma.load(path)
+    # Weights of another architecture under a valid config.
+    other = Gemma3(small_config(n_layers=3))
+    save_model(other, tmp_path / "other")
+    meta = json.loads((tmp_path / "other" / "checkpoint.json").read_text())
+    meta["model"]["n_layers"] = 6
+    meta["model"]["layer_types"] = None
+    (tmp_path / "other" / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="does not match the model config"):
+        tinygemma.load(tmp_path / "other")
+    # A multimodal or non-Gemma config.json.
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="gemma3_text"):
+        tinygemma.load(tmp_path / "llama")
+    # Through the CLI: one line on stderr, exit 2, nothing written.
+    assert main(["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint not found" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,260 @@
+"""Training throughput: tokens/s and MFU of one training step, tinygemma against two baselines in the same run.
+
+Contenders, all on the same device, from the same initial weights, on the same batch:
+  tinygemma           `Gemma3(config)(x, targets)`
+  transformers        `Gemma3ForCausalLM` with SDPA attention (its default), `labels=` its own loss
+  transformers-eager  the same with eager attention (optional)
+  workshop            the workshop notebook's model style (benchmarks/workshop_model.py): manual attention with
+                      repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
+                      workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps
+
+A step is forward with loss, backward, gradient clipping at 0.5 and AdamW (the workshop loop's settings), then
+`zero_grad(set_to_none=True)`. Every contender runs that same loop, so the ratios measure model code and
+precision handling, not the loop. Under --dtype bfloat16 tinygemma and transformers keep float32 weights and
+run under autocast; the workshop model holds bfloat16 weights, as it did.
+
+Honest figures: the contenders take turns (A, B, C, A, B, C, ...) so that noise from other processes falls on all
+of them; the first --warmup rounds are not timed; the figure is the median step time; on CUDA the clock is read
+only after `torch.cuda.synchronize()`. Before any timing the step-0 losses must agree (float32: to 1e-4 relative),
+which shows that all contenders compute the same function on the same batch.
+
+    python benchmarks/train_throughput.py --steps 4 --warmup 1              # this CPU: fp32, 8 x 128
+    python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --block-size 1024 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workshop_model beside this file
+
+from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config  # noqa: E402
+
+from tinygemma import Gemma3, ModelConfig  # noqa: E402
+from tinygemma.checkpoint import hf_config, to_hf_name  # noqa: E402
+
+CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop")
+REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
+
+# The workshop loop's optimizer and clipping, used by every contender.
+LEARNING_RATE, BETAS, WEIGHT_DECAY, ADAM_EPS = 1e-4, (0.9, 0.95), 0.1, 1e-9
+CLIP_NORM = 0.5
+GRAD_ACCUM_STEPS = 1  # the workshop divides the loss by it; one micro-batch per measured step
+
+# Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts, no sparsity). float32 is the peak without
+# tensor cores, since PyTorch does not use TF32 for float32 matmuls unless asked to.
+PEAK_FLOPS = {
+    ("H100", torch.bfloat16): 989e12, ("H100", torch.float32): 67e12,
+    ("H200", torch.bfloat16): 989e12, ("H200", torch.float32): 67e12,
+}
+LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> mean loss
+    autocast: bool  # run the forward under bfloat16 autocast
+    optimizer: torch.optim.Optimizer | None = None
+
+    def __post_init__(self):
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE, betas=BETAS,
+                                           weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
+        self.model.train()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def randomize_norms(model: Gemma3, seed: int) -> None:
+    """Norm gains start at zero; random ones make the step-0 loss check compare the (1 + w) gains too.
+    (Throughput does not depend on the values.)"""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def transformers_twin(model: Gemma3, attn_implementation: str) -> nn.Module:
+    """transformers' Gemma3ForCausalLM with `model`'s weights, in float32."""
+    import transformers
+
+    cfg = hf_config(model.config)
+    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
+        cfg.pop(key)
+    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**cfg, attn_implementation=attn_implementation))
+    hf.load_state_dict({to_hf_name(k): v for k, v in model.state_dict().items()}, strict=True)
+    return hf
+
+
+def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                     compile: bool, seed: int) -> list[Contender]:
+    torch.manual_seed(seed)
+    reference = Gemma3(config)
+    randomize_norms(reference, seed)
+    contenders = []
+    for name in names:
+        if name == "tinygemma":
+            model = Gemma3(config)
+            model.load_state_dict(reference.state_dict())
+            model.to(device)
+            compiled = torch.compile(model) if compile else model
+            contenders.append(Contender(name + (" (compile)" if compile else ""), model,
+                                        lambda x, y, m=compiled: m(x, y), dtype == torch.bfloat16))
+        elif name.startswith("transformers"):
+            model = transformers_twin(reference, "eager" if name.endswith("eager") else "sdpa").to(device)
+            # HF shifts `labels` itself; `shift_labels` hands it the targets already aligned with x, as ours.
+            contenders.append(Contender(name, model, lambda x, y, m=model: m(
+                input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, dtype == torch.bfloat16))
+        elif name == "workshop":
+            model = Gemma3Model(workshop_config(config, dtype))  # bfloat16 weights under --dtype bfloat16
+            load_tinygemma_weights(model, reference.state_dict()).to(device)
+            contenders.append(Contender(name, model, lambda x, y, m=model: m(x, y)[1] / GRAD_ACCUM_STEPS,
+                                        dtype == torch.bfloat16 and device.type == "cuda"))  # nullcontext on CPU
+        else:
+            raise SystemExit(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+    return contenders
+
+
+def check_losses(losses: dict[str, float], dtype: torch.dtype) -> float:
+    """The largest relative difference between step-0 losses; in float32 it must be within LOSS_RTOL."""
+    values = list(losses.values())
+    spread = (max(values) - min(values)) / abs(min(values))
+    if spread > LOSS_RTOL[dtype]:
+        message = f"step-0 losses differ by {spread:.2e} (relative), more than {LOSS_RTOL[dtype]:.0e}: {losses}"
+        if dtype == torch.float32:
+            raise SystemExit("the contenders do not compute the same function: " + message)
+        print("warning: " + message, file=sys.stderr)  # bfloat16 weights round differently; report, go on
+    return spread
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None  # no honest peak for a shared CPU
+    name = torch.cuda.get_device_name(device)
+    if "PCIe" in name or "NVL" in name:
+        return None
+    return next((peak for (chip, dt), peak in PEAK_FLOPS.items() if chip in name and dt == dtype), None)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| contender | tokens/s | step time (median) | MFU | vs transformers | loss at step 0 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        ratio = "-" if r["ratio_vs_transformers"] is None else f"{r['ratio_vs_transformers']:.2f}x"
+        lines.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {1000 * r['step_time_s']:,.0f} ms | {mfu} "
+                     f"| {ratio} | {r['loss_step0']:.5f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gemma3-270m-gpt2")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per contender (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (at least 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile tinygemma (only tinygemma)")
+    p.add_argument("--contenders", default="tinygemma,transformers,workshop",
+                   help=f"comma-separated, from {', '.join(CONTENDERS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit("--warmup and --steps must be >= 1 (step 0 is the loss check and is never timed)")
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    config = ModelConfig.preset(args.preset)
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    contenders = build_contenders(names, config, dtype, device, args.compile, args.seed)
+
+    # One fixed batch for every contender and every step: throughput does not depend on the token values.
+    g = torch.Generator().manual_seed(args.seed)
+    window = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g)
+    x, y = window[:, :-1].contiguous().to(device), window[:, 1:].contiguous().to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {c.name: [] for c in contenders}
+    losses = {c.name: [] for c in contenders}
+    for r in range(args.warmup + args.steps):
+        for c in contenders:  # interleaved: A, B, C, A, B, C, ...
+            sync()
+            start = time.perf_counter()
+            loss = c.step(x, y)
+            sync()
+            elapsed = time.perf_counter() - start
+            losses[c.name].append(loss.item())
+            if r >= args.warmup:
+                times[c.name].append(elapsed)
+        if r == 0:
+            spread = check_losses({name: v[0] for name, v in losses.items()}, dtype)
+        status = "warm-up" if r < args.warmup else "timed"
+        print(f"round {r + 1}/{args.warmup + args.steps} ({status}): "
+              + ", ".join(f"{c.name} {losses[c.name][-1]:.4f}" for c in contenders), file=sys.stderr, flush=True)
+
+    tokens = args.batch_size * args.block_size
+    peak = peak_flops(device, dtype)
+    flops_per_token = config.flops_per_token(args.block_size)
+    rows = []
+    for c in contenders:
+        step_time = statistics.median(times[c.name])
+        rows.append({
+            "contender": c.name, "tokens_per_s": tokens / step_time, "step_time_s": step_time,
+            "step_times_s": times[c.name], "mfu": flops_per_token * tokens / step_time / peak if peak else None,
+            "loss_step0": losses[c.name][0], "losses": losses[c.name],
+        })
+    reference = next((r for r in rows if r["contender"] == REFERENCE), None)
+    for r in rows:
+        r["ratio_vs_transformers"] = r["tokens_per_s"] / reference["tokens_per_s"] if reference else None
+
+    result = {
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "preset": args.preset, "batch_size": args.batch_size, "block_size": args.block_size, "dtype": args.dtype,
+        "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "device": device_description(device),
+        "torch": torch.__version__, "flops_per_token": flops_per_token, "peak_flops": peak,
+        "step0_loss_spread": spread, "results": rows,
+    }
+    print(f"{args.preset}, batch {args.batch_size} x block {args.block_size}, {args.dtype}, {result['device']}, "
+          f"torch {torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up")
+    print(markdown_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Tokenizers: GPT-2's BPE through tiktoken, a byte-level BPE trained on the stories, or any tokenizer.json.
+
+Every stage sees one interface: `encode` (ordinary text: a special-token string in the text is just text),
+`decode`, `eot_id`, `vocab_size`, and a `spec()` dict that data and checkpoints record so the same tokenizer
+can be rebuilt later (`tokenizer_from_spec`). `identity` names the vocabulary, so a checkpoint trained on one
+tokenizer's ids refuses data written with another's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from tinygemma.checkpoint import atomic_write_json, atomic_write_text
+from tinygemma.errors import UserError
+
+EOT_TOKEN = "<|endoftext|>"
+# The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Gemma, Llama 2, Llama 3).
+EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """The interface; `GPT2Tokenizer` and `HFTokenizer` implement it."""
+
+    vocab_size: int  # one more than the largest id the tokenizer can produce
+    eot_id: int  # written after every story
+    eot_token: str
+    identity: str  # equal for tokenizers with the same vocabulary
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        """`encode` as a uint32 array: data preparation's hot path, which never needs Python ints."""
+        return np.array(self.encode(text), dtype=np.uint32)
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> dict:
+        """Copy the files this tokenizer needs into `directory`; return its spec relative to `directory`."""
+        raise NotImplementedError
+
+    def save_hf(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json for `transformers.AutoTokenizer.from_pretrained`."""
+        directory = Path(directory)
+        atomic_write_text(directory / TOKENIZER_FILE, self._hf_json())
+        atomic_write_json(directory / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.eot_token, "eos_token": self.eot_token, "unk_token": self.eot_token,
+            "add_bos_token": False, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # decode gives back the text exactly
+            "model_max_length": 1_000_000_000,
+        })
+
+    def _hf_json(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.identity}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+# ------------------------------------------------------------------ GPT-2 through tiktoken
+
+
+@functools.cache
+def _gpt2_encoding():
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # "gpt2" needs two files from the network; r50k_base has identical ranks and one file
+        try:
+            return tiktoken.get_encoding("r50k_base")
+        except Exception as e:
+            raise UserError(f"cannot load the GPT-2 vocabulary through tiktoken ({type(e).__name__}); offline, "
+                            "point TIKTOKEN_CACHE_DIR at a directory holding the r50k_base file") from None
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's BPE: 50,257 tokens, `<|endoftext|>` = 50256, exactly as tiktoken encodes it."""
+
+    identity = "gpt2"
+    eot_token = EOT_TOKEN
+
+    def __init__(self):
+        self.encoding = _gpt2_encoding()
+        self.vocab_size = self.encoding.n_vocab
+        self.eot_id = self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts)
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        # With no special token allowed or disallowed, this is encode_ordinary without the Python list.
+        return self.encoding.encode_to_numpy(text, disallowed_special=())
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(list(map(int, ids)))
+
+    def spec(self) -> dict:
+        return {"kind": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+    def save(self, directory: str | Path) -> dict:
+        return self.spec()  # nothing to copy: tiktoken supplies the vocabulary
+
+    def _hf_json(self) -> str:
+        return gpt2_as_tokenizers(self.encoding).to_str()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of byte-level BPE vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(shifted)) for b in range(256)}
+
+
+def gpt2_as_tokenizers(encoding):
+    """tiktoken's GPT-2 ranks as a Hugging Face `tokenizers` byte-level BPE that encodes identically.
+
+    A token's rank is its merge priority, so each multi-byte token's merge is the last step of replaying BPE
+    on its own bytes with only lower ranks allowed (the way transformers' TikTokenConverter does it).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    ranks: dict[bytes, int] = encoding._mergeable_ranks  # noqa: SLF001 (tiktoken exposes no public accessor)
+    to_text = _bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_text[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((text(parts[0]), text(parts[1])))
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
+    assert tokenizer.token_to_id(EOT_TOKEN) == encoding.eot_token
+    return tokenizer
+
+
+# ------------------------------------------------------------------ any tokenizer.json
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json: ours trained by `train_bpe`, Gemma 3's own, or any other."""
+
+    def __init__(self, content: str, path: Path | None = None):
+        from tokenizers import Tokenizer as Backend
+
+        where = path or "tokenizer"
+        try:
+            self.backend = Backend.from_str(content)
+        except Exception as e:
+            raise UserError(f"{where} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        self.backend.encode_special_tokens = True  # ordinary text: "<|endoftext|>" in a story is just text
+        self.content = content
+        self.path = path
+        self.sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        eot = [token for token in EOT_CANDIDATES if token in vocab]
+        if not eot:
+            raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)})")
+        self.eot_token = eot[0]
+        self.eot_id = vocab[self.eot_token]
+        self.identity = f"tokenizer.json:{self.sha256}"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        path = Path(path)
+        try:
+            content = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"tokenizer file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
+        return cls(content, path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def spec(self) -> dict:
+        return {"kind": "tokenizer.json", "file": str(self.path or TOKENIZER_FILE), "sha256": self.sha256,
+                "vocab_size": self.vocab_size, "eot_id": self.eot_id, "eot_token": self.eot_token}
+
+    def save(self, directory: str | Path) -> dict:
+        target = Path(directory) / TOKENIZER_FILE
+        if not (self.path and target.exists() and target.resolve() == self.path.resolve()):
+            atomic_write_text(target, self.content)  # the exact bytes, so the sha256 still holds
+        return {**self.spec(), "file": TOKENIZER_FILE}
+
+    def _hf_json(self) -> str:
+        return self.content
+
+    def __getstate__(self):  # workers rebuild the backend from the JSON
+        return {"content": self.content, "path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["content"], state["path"])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE trained on `texts`, with `<|endoftext|>` as its only special token.
+
+    Every byte is in its alphabet and there is no normalizer, so decode(encode(text)) == text for any text.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return HFTokenizer(backend.to_str())
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
+    """"gpt2", or a tokenizer.json (or a directory holding one)."""
+    if str(name_or_path) == "gpt2":
+        return GPT2Tokenizer()
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+        if not path.exists():
+            raise UserError(f"{path.parent} holds no {TOKENIZER_FILE}")
+    elif not path.exists():
+        raise UserError(f"unknown tokenizer {str(name_or_path)!r}: use gpt2, bpe (prepare trains it), "
+                        "or a path to a tokenizer.json")
+    return HFTokenizer.from_file(path)
+
+
+def tokenizer_from_spec(spec: dict, base_dir: str | Path = ".") -> Tokenizer:
+    """The tokenizer a spec describes; a relative `file` is found in `base_dir`."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "gpt2":
+        tokenizer = GPT2Tokenizer()
+    elif kind == "tokenizer.json":
+        tokenizer = HFTokenizer.from_file(Path(base_dir) / spec.get("file", TOKENIZER_FILE))
+        if spec.get("sha256") and spec["sha256"] != tokenizer.sha256:
+            raise UserError(f"{tokenizer.path} has sha256 {tokenizer.sha256[:12]}..., but the spec records "
+                            f"{spec['sha256'][:12]}...: it is not the tokenizer this was made with")
+    else:
+        raise UserError(f"unknown tokenizer spec {json.dumps(spec)[:200]}")
+    for key in ("vocab_size", "eot_id"):
+        if key in spec and spec[key] != getattr(tokenizer, key):
+            raise UserError(f"tokenizer {tokenizer.identity} has {key} {getattr(tokenizer, key)}, the spec records {spec[key]}")
+    return tokenizer

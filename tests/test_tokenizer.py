@@ -1,0 +1,149 @@
+"""Tokenizers against real TinyStories text: tiktoken's own ids, exact round trips, saved specs, transformers."""
+
+import json
+
+import numpy as np
+import pytest
+import tiktoken
+
+from tinygemma.errors import UserError
+from tinygemma.tokenizer import (
+    GPT2Tokenizer,
+    HFTokenizer,
+    gpt2_as_tokenizers,
+    load_tokenizer,
+    tokenizer_from_spec,
+    train_bpe,
+)
+
+EOT = "<|endoftext|>"
+# Text a byte-level BPE has never seen: other scripts, emoji, control bytes, CRLF, spaces at both ends.
+ODD_TEXT = [" leading space", "trailing  \n\n", "a\r\nb\tc\x00d\x7f", "Ünïcödé ½ — “quotes” 日本語 😀👍🏽",
+            f"a literal {EOT} inside a story", "  ", "", "x" * 3000, "\u200b\ufeff zero width"]
+
+
+def read_stories(path, limit=None) -> list[str]:
+    """The stories of one of the dataset's text files, parsed independently of tinygemma.data."""
+    stories = [s.strip() for s in path.read_text(encoding="utf-8").split(f"\n{EOT}\n")]
+    return [s for s in stories if s][:limit]
+
+
+@pytest.fixture(scope="module")
+def r50k():
+    return tiktoken.get_encoding("r50k_base")
+
+
+@pytest.fixture(scope="module")
+def bpe(stories_dir):
+    return train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
+
+
+def test_gpt2_matches_tiktoken_on_real_stories(stories_dir, r50k):
+    tok = load_tokenizer("gpt2")
+    assert (tok.vocab_size, tok.eot_id, tok.identity) == (50_257, 50_256, "gpt2")
+    stories = read_stories(stories_dir / "v2_train.txt", 200) + read_stories(stories_dir / "valid.txt", 100)
+    assert tok.encode_batch(stories) == [r50k.encode_ordinary(s) for s in stories]
+    for story in stories[:50]:
+        assert tok.encode_to_numpy(story).tolist() == r50k.encode_ordinary(story)
+        assert tok.decode(tok.encode(story)) == story
+    assert tok.encode("Once upon a time") == [7454, 2402, 257, 640]
+    # Ordinary text: the special token's spelling inside a story is text, not the end-of-text id.
+    assert tok.eot_id not in tok.encode(f"The end.{EOT}Next")
+    assert tok.decode(tok.encode(f"The end.{EOT}Next")) == f"The end.{EOT}Next"
+
+
+def test_bpe_is_lossless_and_sized(bpe, stories_dir):
+    assert bpe.vocab_size == 512
+    assert bpe.eot_token == EOT and bpe.backend.token_to_id(EOT) == bpe.eot_id
+    stories = read_stories(stories_dir / "v2_train.txt", 100) + read_stories(stories_dir / "valid.txt", 100)
+    for text in stories + ODD_TEXT:
+        ids = bpe.encode(text)
+        assert all(0 <= i < bpe.vocab_size for i in ids)
+        assert bpe.decode(ids) == text
+        assert bpe.encode_to_numpy(text).tolist() == ids
+    assert bpe.eot_id not in bpe.encode(f"a {EOT} b")
+    assert bpe.encode_batch(stories[:5]) == [bpe.encode(s) for s in stories[:5]]
+    # Trained on stories, it compresses them: fewer tokens than UTF-8 bytes.
+    assert sum(len(bpe.encode(s)) for s in stories) < 0.6 * sum(len(s.encode()) for s in stories)
+
+
+def test_spec_save_and_reload(bpe, tmp_path, stories_dir):
+    spec = bpe.save(tmp_path)
+    assert spec["file"] == "tokenizer.json" and (tmp_path / "tokenizer.json").exists()
+    assert json.loads(json.dumps(spec)) == spec
+    again = tokenizer_from_spec(spec, tmp_path)
+    assert again.identity == bpe.identity != GPT2Tokenizer().identity
+    story = read_stories(stories_dir / "valid.txt", 1)[0]
+    assert again.encode(story) == bpe.encode(story)
+    assert load_tokenizer(tmp_path).identity == bpe.identity  # a directory holding tokenizer.json
+    assert tokenizer_from_spec(GPT2Tokenizer().spec(), tmp_path).identity == "gpt2"
+
+    (tmp_path / "tokenizer.json").write_text(bpe.content.replace('"<|endoftext|>"', '"<eos>"', 1))
+    with pytest.raises(UserError, match="sha256"):
+        tokenizer_from_spec(spec, tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        tokenizer_from_spec(spec, tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="unknown tokenizer spec"):
+        tokenizer_from_spec({"kind": "sentencepiece"}, tmp_path)
+
+
+def _word_level(tmp_path, tokens) -> str:
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0])).to_str())
+    return path
+
+
+def test_eot_of_a_tokenizer_json(tmp_path):
+    tok = load_tokenizer(_word_level(tmp_path, ["<unk>", "</s>", "<eos>", "hello"]))
+    assert (tok.eot_token, tok.eot_id, tok.vocab_size) == ("<eos>", 2, 4)  # the first candidate present
+    assert tok.spec()["eot_token"] == "<eos>"
+    with pytest.raises(UserError, match="no end-of-text token"):
+        load_tokenizer(_word_level(tmp_path, ["<unk>", "hello"]))
+
+
+def test_bad_tokenizer_names_and_files(tmp_path):
+    with pytest.raises(UserError, match="unknown tokenizer 'gpt3'"):
+        load_tokenizer("gpt3")
+    with pytest.raises(UserError, match="holds no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a valid tokenizer.json"):
+        load_tokenizer(tmp_path / "bad.json")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_tokenizer(tmp_path / "binary.json")
+
+
+def test_gpt2_as_tokenizers_matches_tiktoken(stories_dir, r50k):
+    converted = gpt2_as_tokenizers(r50k)
+    converted.encode_special_tokens = True  # as ordinary text, like encode_ordinary
+    stories = read_stories(stories_dir / "train.txt", 300) + ODD_TEXT
+    assert [e.ids for e in converted.encode_batch(stories, add_special_tokens=False)] == [
+        r50k.encode_ordinary(s) for s in stories]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_save_hf_loads_in_transformers(kind, bpe, tmp_path, stories_dir):
+    transformers = pytest.importorskip("transformers")
+    tok = GPT2Tokenizer() if kind == "gpt2" else bpe
+    tok.save_hf(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    stories = read_stories(stories_dir / "valid.txt", 100)
+    for story in stories:
+        ids = hf.encode(story, add_special_tokens=False)
+        assert ids == tok.encode(story)
+        assert hf.decode(ids) == story
+    assert hf.convert_tokens_to_ids(hf.eos_token) == tok.eot_id
+    assert len(hf) == tok.vocab_size
+
+
+def test_tokenizers_pickle_for_workers(bpe):
+    import pickle
+
+    for tok in (GPT2Tokenizer(), bpe):
+        again = pickle.loads(pickle.dumps(tok))
+        assert again.identity == tok.identity
+        assert np.array_equal(again.encode_to_numpy("Once upon a time"), tok.encode_to_numpy("Once upon a time"))
+    assert isinstance(pickle.loads(pickle.dumps(bpe)), HFTokenizer)

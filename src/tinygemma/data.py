@@ -1,0 +1,497 @@
+"""Data: TinyStories (the Hugging Face hub, or local files) to memory-mapped token files, and reading them back.
+
+`tinygemma prepare --out DIR` writes
+    DIR/train.bin, DIR/val.bin   each story's token ids, then one end-of-text token; uint16 or uint32
+    DIR/tokenizer.json           when the tokenizer is a file (a trained BPE, Gemma 3's own, ...)
+    DIR/meta.json                tokenizer spec, vocab_size, eot_id, dtype, per split documents/tokens/bytes, source
+meta.json is written last, atomically, and only once every .bin is complete; `open_prepared` refuses a
+directory without a valid one, so an interrupted run is never mistaken for a dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinygemma.checkpoint import atomic_path, atomic_write_json, read_json
+from tinygemma.errors import UserError
+from tinygemma.tokenizer import EOT_TOKEN, Tokenizer, load_tokenizer, tokenizer_from_spec, train_bpe
+
+FORMAT = "tinygemma-tokens"
+VERSION = 1
+META_NAME = "meta.json"
+SPLITS = ("train", "val")
+HUB_DATASET = "roneneldan/TinyStories"
+DEFAULT_VAL_FRACTION = 0.05  # of the stories, when the source has no validation split of its own
+DEFAULT_BPE_VOCAB_SIZE = 8192
+# Largest vocabulary we prepare data for: Gemma 3's largest embedding table (262,208 rows). Gemma 3's own
+# tokenizer.json (ids up to 262,144, <image_soft_token>) fits.
+MAX_VOCAB_SIZE = 262_208
+CHUNK_CHARS = 1 << 21  # text per worker task: large enough to amortise the hand-off, small enough to stream
+READ_CHARS = 1 << 24  # text read from a .txt file at a time
+TEXT_FORMATS = (".txt", ".jsonl", ".json", ".parquet")
+
+# A line holding only <|endoftext|>: the separator of the dataset's own text files.
+_SEPARATOR = re.compile(r"^[^\S\n]*" + re.escape(EOT_TOKEN) + r"[^\S\n]*$", re.MULTILINE)
+
+# ------------------------------------------------------------------ reading stories
+
+
+def _clean(stories: Iterable) -> Iterator[str]:
+    """A story is its text with surrounding whitespace stripped; empty ones are dropped."""
+    for story in stories:
+        story = story.strip()
+        if story:
+            yield story
+
+
+def _txt_stories(path: Path) -> Iterator[str]:
+    # Read in large blocks and split only up to the last newline, so a separator line is never cut in two.
+    # newline="" keeps "\r\n" inside stories as it is in the file.
+    with open(path, encoding="utf-8", newline="") as f:
+        rest = ""
+        while True:
+            try:
+                block = f.read(READ_CHARS)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
+            if "\0" in block:
+                raise UserError(f"{path} is not UTF-8 text (it holds NUL bytes)")
+            buffer = rest + block
+            cut = len(buffer) if not block else buffer.rfind("\n") + 1
+            *stories, rest = _SEPARATOR.split(buffer[:cut])
+            rest += buffer[cut:]
+            yield from _clean(stories)
+            if not block:
+                yield from _clean([rest])
+                return
+
+
+def _record_text(record, where: str) -> str:
+    if isinstance(record, dict):
+        for field in ("text", "story"):
+            if isinstance(record.get(field), str):
+                return record[field]
+    raise UserError(f"{where}: expected an object with a 'text' or 'story' string")
+
+
+def _jsonl_stories(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        line_number = 0
+        try:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    yield from _clean([_record_text(json.loads(line), f"{path} line {line_number}")])
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text (after line {line_number})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {line_number} is not JSON ({e.msg})") from None
+
+
+def _json_stories(path: Path) -> Iterator[str]:
+    # One file of the dataset's TinyStories_all_data archive is a JSON array of {"story": ...}, ~100 MB.
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(records, list):
+        raise UserError(f"{path}: expected a JSON array of objects with a 'text' or 'story' field")
+    yield from _clean(_record_text(record, f"{path} item {i}") for i, record in enumerate(records))
+
+
+def _parquet_stories(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path} is not a parquet file ({str(e).splitlines()[0][:200]})") from None
+    column = next((c for c in ("text", "story") if c in file.schema_arrow.names), None)
+    if column is None:
+        raise UserError(f"{path} has no 'text' column (columns: {', '.join(file.schema_arrow.names)})")
+    for batch in file.iter_batches(batch_size=4096, columns=[column]):
+        yield from _clean(s for s in batch.column(0).to_pylist() if s is not None)
+
+
+def _dataset_stories(dataset, where: str) -> Iterator[str]:
+    column = next((c for c in ("text", "story") if c in dataset.column_names), None)
+    if column is None:
+        raise UserError(f"{where} has no 'text' column (columns: {', '.join(dataset.column_names)})")
+    for batch in dataset.iter(batch_size=4096):
+        yield from _clean(s for s in batch[column] if s is not None)
+
+
+Stories = Callable[[], Iterator[str]]  # re-iterable: BPE training and a carved validation split read twice
+
+
+def _open_source(source: str | None) -> dict[str, Stories]:
+    """The splits a source offers: {"train": stories} and, when it has one, {"validation": stories}."""
+    if source is None:
+        import datasets
+
+        try:
+            dataset = datasets.load_dataset(HUB_DATASET)
+        except Exception as e:
+            raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); give local files with --source") from None
+        return _dataset_splits(dataset, HUB_DATASET)
+    path = Path(source)
+    if path.is_dir():
+        if not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            raise UserError(f"{path} is a directory but not a dataset written by datasets' save_to_disk")
+        import datasets
+
+        return _dataset_splits(datasets.load_from_disk(str(path)), str(path))
+    if not path.exists():
+        raise UserError(f"source not found: {path}")
+    readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".json": _json_stories, ".parquet": _parquet_stories}
+    if path.suffix not in readers:
+        raise UserError(f"{path}: unknown source format {path.suffix or '(no extension)'!r}; use "
+                        f"{', '.join(TEXT_FORMATS)}, or a directory written by datasets' save_to_disk")
+    return {"train": lambda: readers[path.suffix](path)}
+
+
+def _dataset_splits(dataset, where: str) -> dict[str, Stories]:
+    if not hasattr(dataset, "keys"):  # a single Dataset
+        return {"train": lambda: _dataset_stories(dataset, where)}
+    if "train" not in dataset:
+        raise UserError(f"{where} has no 'train' split (splits: {', '.join(dataset)})")
+    splits = {"train": lambda: _dataset_stories(dataset["train"], f"{where} train")}
+    if "validation" in dataset:
+        splits["validation"] = lambda: _dataset_stories(dataset["validation"], f"{where} validation")
+    return splits
+
+
+def _chain(streams: list[Stories]) -> Stories:
+    return lambda: (story for stream in streams for story in stream())
+
+
+def _select(stories: Iterable[str], val_fraction: float | None, want_val: bool, limit: int | None) -> Iterator[str]:
+    """The training (or the carved validation) stories of a stream, stopping after `limit` training stories.
+
+    Story i is validation when floor((i+1) f) > floor(i f): a fraction f of whole stories, spread evenly
+    through the corpus, the same on every run and in both passes.
+    """
+    n_train = 0
+    for i, story in enumerate(stories):
+        if limit is not None and n_train >= limit:
+            return
+        is_val = val_fraction is not None and math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+        n_train += not is_val
+        if is_val == want_val:
+            yield story
+
+
+def _batches(stories: Iterable[str], chars: int) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for story in stories:
+        batch.append(story)
+        size += len(story)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------ tokenizing
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int]:
+    """One worker task: the stories' ids, each followed by the end-of-text id, and their UTF-8 bytes."""
+    tokenizer = _worker_tokenizer
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    pieces = []
+    for story in stories:
+        pieces += (tokenizer.encode_to_numpy(story), eot)
+    ids = np.concatenate(pieces, dtype=dtype_for(tokenizer.vocab_size))
+    return ids, sum(len(story.encode("utf-8")) for story in stories)
+
+
+class _Workers:
+    """Tokenize batches in order, in worker processes (or inline for one worker), at most a few ahead.
+
+    Results come back in submission order and a worker's exception is raised here, in the caller: a failed
+    batch is never skipped. Only `2 * workers` batches are in flight, so memory stays bounded however long
+    the corpus is (Pool.imap would read the whole input ahead).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, workers: int):
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            # The processes are the parallelism; without this, `tokenizers` warns in every forked worker.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self.pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+        else:
+            _init_worker(tokenizer)
+
+    def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, int, int]]:
+        """(ids, documents, bytes) per batch, in order."""
+        if self.pool is None:
+            for batch in batches:
+                yield (*_encode_batch(batch), len(batch))
+            return
+        pending = deque()
+        for batch in batches:
+            pending.append((self.pool.apply_async(_encode_batch, (batch,)), len(batch)))
+            if len(pending) >= 2 * self.workers:
+                result, n = pending.popleft()
+                yield (*result.get(), n)
+        while pending:
+            result, n = pending.popleft()
+            yield (*result.get(), n)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, desc: str, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    counts = {"documents": 0, "tokens": 0, "bytes": 0}
+    with open(path, "wb") as f, tqdm(desc=desc, unit="B", unit_scale=True, disable=not progress, delay=2) as bar:
+        for ids, nbytes, documents in workers.map(_batches(stories, CHUNK_CHARS)):
+            f.write(memoryview(ids))
+            counts["documents"] += documents
+            counts["tokens"] += len(ids)
+            counts["bytes"] += nbytes
+            bar.update(nbytes)
+    return counts
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenizer="gpt2", vocab_size=None,
+            limit=None, workers=None, progress=True) -> dict:
+    """Tokenize stories into DIR/train.bin and DIR/val.bin and describe them in DIR/meta.json; return the meta.
+
+    sources: local files (.txt, .jsonl, .json, .parquet) or datasets' save_to_disk directories, read in
+        order; None reads roneneldan/TinyStories from the Hugging Face hub.
+    val_sources: the validation stories. Without them, the sources' own validation splits, or else (or when
+        val_fraction is given) a fraction of the training stories (default 0.05).
+    tokenizer: "gpt2", "bpe" (trained here on the training stories, vocab_size tokens), a tokenizer.json
+        path, or a Tokenizer.
+    limit: keep only the first `limit` training stories. workers: processes (default: all cores).
+    """
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    _check_positive_int(workers, "workers")
+    if limit is not None:
+        _check_positive_int(limit, "limit")
+    if val_fraction is not None:
+        if val_sources:
+            raise UserError("give either --val-source or --val-fraction, not both")
+        if not 0 < val_fraction < 1:
+            raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if vocab_size is not None and tokenizer != "bpe":
+        raise UserError("--vocab-size applies only to --tokenizer bpe (other tokenizers have their own vocabulary)")
+    if tokenizer == "bpe":
+        vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
+        _check_vocab_size(vocab_size, "--vocab-size")
+        if vocab_size < 257:
+            raise UserError(f"--vocab-size must be at least 257 (256 bytes and <|endoftext|>), got {vocab_size}")
+    elif not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+
+    # Open every source before writing anything: a missing file fails here, with no output.
+    train_splits = [_open_source(s) for s in (sources or [None])]
+    train = _chain([splits["train"] for splits in train_splits])
+    if val_sources:
+        val_splits = [_open_source(s) for s in val_sources]
+        val = _chain([splits.get("validation", splits["train"]) for splits in val_splits])
+        val_from = [str(s) for s in val_sources]
+    elif val_fraction is None and all("validation" in splits for splits in train_splits):
+        val = _chain([splits["validation"] for splits in train_splits])
+        val_from = "the training source's validation split"
+    else:
+        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        val = None
+        val_from = "set aside from the training source"
+    carve = val_fraction if val is None else None
+    split_stories = {
+        "train": lambda: _select(train(), carve, False, limit),
+        "val": (lambda: _select(train(), carve, True, limit)) if val is None else val,
+    }
+
+    if tokenizer == "bpe":
+        tokenizer = train_bpe(split_stories["train"](), vocab_size)
+    _check_vocab_size(tokenizer.vocab_size, f"tokenizer {tokenizer.identity}")
+    dtype = dtype_for(tokenizer.vocab_size)
+
+    created = not out_dir.exists()
+    pool = _Workers(tokenizer, workers)
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = {split: stack.enter_context(atomic_path(out_dir / f"{split}.bin")) for split in SPLITS}
+            counts = {}
+            for split in SPLITS:
+                counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], split, progress)
+                if not counts[split]["documents"]:
+                    raise UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} "
+                                    "corpus is empty" + (" (too few stories to set some aside; use --val-source "
+                                                         "or more stories)" if split == "val" and carve else ""))
+            # From here until meta.json is written the directory holds no dataset, old or new.
+            (out_dir / META_NAME).unlink(missing_ok=True)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "tokenizer": tokenizer.save(out_dir),
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "dtype": dtype.name,
+            "splits": {split: {"file": f"{split}.bin", **counts[split]} for split in SPLITS},
+            "source": {"train": [str(s) for s in sources] if sources else f"hf:{HUB_DATASET}", "val": val_from,
+                       "val_fraction": carve, "limit": limit},
+        }
+        atomic_write_json(out_dir / META_NAME, meta)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty: a run that failed leaves nothing behind it created
+        raise
+    finally:
+        pool.close()
+    meta["seconds"] = round(time.perf_counter() - started, 2)  # for the caller; not part of meta.json
+    return meta
+
+
+def _check_positive_int(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def _check_vocab_size(vocab_size: int, what: str) -> None:
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"{what} has a vocabulary of {vocab_size:,} tokens, more than the model's largest "
+                        f"embedding ({MAX_VOCAB_SIZE:,})")
+
+
+# ------------------------------------------------------------------ reading prepared data
+
+
+@dataclass
+class PreparedData:
+    """A directory written by `prepare`, validated: use `split("train")` for the token memmap."""
+
+    directory: Path
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    @property
+    def eot_id(self) -> int:
+        return self.meta["eot_id"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def split(self, name: str) -> np.memmap:
+        if name not in self.meta["splits"]:
+            raise UserError(f"{self.directory} has no {name!r} split (splits: {', '.join(self.meta['splits'])})")
+        return np.memmap(self.directory / self.meta["splits"][name]["file"], dtype=self.dtype, mode="r")
+
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_spec(self.meta["tokenizer"], self.directory)
+
+
+def open_prepared(directory: str | Path) -> PreparedData:
+    """The dataset `prepare` wrote to `directory`; anything missing, truncated or malformed is a UserError."""
+    directory = Path(directory)
+    if not (directory / META_NAME).exists():
+        raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (run `tinygemma prepare --out "
+                        f"{directory}`; an interrupted run leaves none)")
+    meta = read_json(directory / META_NAME, "dataset metadata")
+    where = directory / META_NAME
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise UserError(f"{where} is not {FORMAT} version {VERSION} data")
+    try:
+        dtype = np.dtype(meta["dtype"])
+        if dtype.name not in ("uint16", "uint32") or not isinstance(meta["tokenizer"], dict):
+            raise ValueError
+        for key in ("vocab_size", "eot_id"):
+            if not isinstance(meta[key], int) or meta[key] < 0:
+                raise ValueError
+        for split in SPLITS:
+            info = meta["splits"][split]
+            for key in ("documents", "tokens", "bytes"):
+                if not isinstance(info[key], int) or info[key] < 1:
+                    raise ValueError
+            path = directory / info["file"]
+            expected = info["tokens"] * dtype.itemsize
+            size = path.stat().st_size if path.exists() else None
+            if size != expected:
+                raise UserError(f"{path} is {'missing' if size is None else f'{size:,} bytes'}, but {META_NAME} "
+                                f"records {info['tokens']:,} {dtype.name} tokens ({expected:,} bytes): "
+                                "truncated or not from this run; prepare the data again")
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{where} is malformed: it lacks or mangles tokenizer, vocab_size, eot_id, dtype or "
+                        "splits (train/val with file, documents, tokens, bytes)") from None
+    return PreparedData(directory, meta)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("prepare", help="tokenize TinyStories into memory-mapped train.bin / val.bin")
+    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin and meta.json")
+    p.add_argument("--source", action="append", metavar="SRC",
+                   help=f"training stories: .txt (stories separated by a line {EOT_TOKEN}), .jsonl/.json "
+                        "(a text or story field), .parquet (a text column), or a datasets save_to_disk "
+                        f"directory; repeatable (default: {HUB_DATASET} from the Hugging Face hub)")
+    p.add_argument("--val-source", action="append", metavar="SRC", help="validation stories, same formats")
+    p.add_argument("--val-fraction", type=float, metavar="F",
+                   help=f"set aside this fraction of whole training stories for validation (default "
+                        f"{DEFAULT_VAL_FRACTION} when the source has no validation split)")
+    p.add_argument("--tokenizer", default="gpt2", metavar="NAME",
+                   help="gpt2 (default), bpe (trained on the training stories), or a path to a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, metavar="N",
+                   help=f"vocabulary of --tokenizer bpe (default {DEFAULT_BPE_VOCAB_SIZE})")
+    p.add_argument("--limit", type=int, metavar="N", help="keep only the first N training stories (quick runs)")
+    p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare_main)
+
+
+def _prepare_main(args) -> int:
+    meta = prepare(args.out, sources=args.source, val_sources=args.val_source, val_fraction=args.val_fraction,
+                   tokenizer=args.tokenizer, vocab_size=args.vocab_size, limit=args.limit, workers=args.workers,
+                   progress=not args.no_progress)
+    for split in SPLITS:
+        info = meta["splits"][split]
+        print(f"{split}: {info['documents']:,} stories, {info['tokens']:,} tokens, {info['bytes']:,} bytes")
+    print(f"wrote {args.out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) in {meta['seconds']:.1f} s")
+    return 0

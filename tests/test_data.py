@@ -1,0 +1,310 @@
+"""`tinygemma prepare` on real TinyStories: exact round trips, tiktoken's counts, every source format, bad input,
+and interrupted runs that must never look finished."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tiktoken
+
+from tinygemma import data
+from tinygemma.cli import main
+from tinygemma.data import open_prepared, prepare
+from tinygemma.errors import UserError
+from tinygemma.tokenizer import GPT2Tokenizer
+
+EOT = "<|endoftext|>"
+EOT_ID = 50_256
+
+
+def read_stories(path, limit=None) -> list[str]:
+    """The stories of one of the dataset's text files, parsed independently of tinygemma.data."""
+    stories = [s.strip() for s in path.read_text(encoding="utf-8").split(f"\n{EOT}\n")]
+    return [s for s in stories if s][:limit]
+
+
+def documents(prepared, split) -> list[str]:
+    """Decode a split back into its stories, cutting at each end-of-text id."""
+    ids = np.asarray(prepared.split(split))
+    assert ids[-1] == prepared.eot_id
+    tokenizer = prepared.tokenizer()
+    ends = np.flatnonzero(ids == prepared.eot_id)
+    return [tokenizer.decode(ids[a + 1 if i else 0:b]) for i, (a, b) in enumerate(zip([0, *ends], ends))]
+
+
+def write_txt(path, stories, newline="\n"):
+    path.write_text("".join(f"{s}{newline}{EOT}{newline}" for s in stories), encoding="utf-8", newline="")
+    return path
+
+
+@pytest.fixture(scope="module")
+def r50k():
+    return tiktoken.get_encoding("r50k_base")
+
+
+@pytest.fixture(scope="module")
+def valid(stories_dir):
+    return read_stories(stories_dir / "valid.txt")
+
+
+def test_round_trip_and_tiktoken_counts(stories_dir, valid, r50k, tmp_path):
+    train = read_stories(stories_dir / "train.txt", 400)
+    assert len(read_stories(stories_dir / "train.txt")) == 2983 and len(valid) == 500  # the README's counts
+    meta = prepare(tmp_path, sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"],
+                   limit=400, workers=1, progress=False)
+    prepared = open_prepared(tmp_path)
+    assert prepared.meta == json.loads((tmp_path / "meta.json").read_text())
+    assert {k: v for k, v in meta.items() if k != "seconds"} == prepared.meta
+    assert (prepared.vocab_size, prepared.eot_id, meta["dtype"]) == (50_257, EOT_ID, "uint16")
+    for split, stories in (("train", train), ("val", valid)):
+        assert documents(prepared, split) == stories
+        assert meta["splits"][split] == {
+            "file": f"{split}.bin",
+            "documents": len(stories),
+            "tokens": sum(len(r50k.encode_ordinary(s)) + 1 for s in stories),
+            "bytes": sum(len(s.encode("utf-8")) for s in stories),
+        }
+        assert prepared.split(split).dtype == np.uint16
+        assert int((prepared.split(split) == EOT_ID).sum()) == len(stories)
+
+
+def test_workers_give_identical_files(stories_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_CHARS", 20_000)  # many small batches, so the ordered window really turns
+    args = dict(sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"], limit=600,
+                progress=False)
+    prepare(tmp_path / "one", workers=1, **args)
+    prepare(tmp_path / "two", workers=2, **args)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_val_fraction_sets_aside_whole_stories(stories_dir, tmp_path):
+    stories = read_stories(stories_dir / "train.txt")
+    meta = prepare(tmp_path, sources=[stories_dir / "train.txt"], val_fraction=0.1, limit=300, workers=1,
+                   progress=False)
+    prepared = open_prepared(tmp_path)
+    train, val = documents(prepared, "train"), documents(prepared, "val")
+    assert len(train) == 300 == meta["splits"]["train"]["documents"]  # --limit counts training stories
+    # Story i goes to validation when floor((i+1)/10) > floor(i/10): every tenth, in order.
+    assert val == [s for i, s in enumerate(stories[:len(train) + len(val)]) if (i + 1) % 10 == 0]
+    assert sorted(train + val) == sorted(stories[:len(train) + len(val)])
+    assert meta["source"]["val_fraction"] == 0.1
+    again = prepare(tmp_path / "again", sources=[stories_dir / "train.txt"], val_fraction=0.1, limit=300,
+                    workers=1, progress=False)
+    assert again["splits"] == meta["splits"]
+    assert (tmp_path / "val.bin").read_bytes() == (tmp_path / "again" / "val.bin").read_bytes()
+
+
+def test_default_val_fraction_without_a_validation_split(stories_dir, tmp_path):
+    meta = prepare(tmp_path, sources=[stories_dir / "v2_train.txt"], limit=200, workers=1, progress=False)
+    n_val = meta["splits"]["val"]["documents"]
+    assert meta["splits"]["train"]["documents"] == 200
+    assert n_val == math.floor((200 + n_val) * 0.05) == 10
+
+
+def test_each_source_format(stories_dir, valid, tmp_path):
+    stories = read_stories(stories_dir / "v2_train.txt", 60)
+    stories[3] = f"A literal {EOT} mid-story is text.\n\nA second paragraph."  # not a separator line
+    expected = open_prepared(_prepared(tmp_path / "txt", [write_txt(tmp_path / "s.txt", stories)], valid))
+
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"  {s}\n"}) + "\n" for s in stories) + "\n")
+    as_json = tmp_path / "s.json"
+    as_json.write_text(json.dumps([{"story": s, "summary": "x"} for s in stories] + [{"story": "  "}]))
+    crlf = write_txt(tmp_path / "crlf.txt", [s.replace("\n", "\r\n") for s in stories], newline="\r\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"text": stories}), parquet, row_group_size=16)
+    halves = [write_txt(tmp_path / "a.txt", stories[:25]), write_txt(tmp_path / "b.txt", stories[25:])]
+    for name, sources in (("jsonl", [jsonl]), ("json", [as_json]), ("parquet", [parquet]), ("halves", halves)):
+        prepared = open_prepared(_prepared(tmp_path / name, sources, valid))
+        assert prepared.meta["splits"] == expected.meta["splits"], name
+        assert np.array_equal(prepared.split("train"), expected.split("train")), name
+    assert documents(expected, "train") == stories
+    crlf_docs = documents(open_prepared(_prepared(tmp_path / "crlf", [crlf], valid)), "train")
+    assert crlf_docs == [s.replace("\n", "\r\n") for s in stories]  # bytes kept as they are in the file
+
+
+def _prepared(out, sources, valid_stories, **kw):
+    val = out.parent / "valid_stories.jsonl"
+    if not val.exists():
+        val.write_text("".join(json.dumps({"text": s}) + "\n" for s in valid_stories))
+    prepare(out, sources=sources, val_sources=[val], workers=1, progress=False, **kw)
+    return out
+
+
+def test_datasets_on_disk_and_the_hub_path(stories_dir, valid, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    train = read_stories(stories_dir / "train.txt", 80)
+    saved = tmp_path / "tinystories"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": train}),
+        "validation": datasets.Dataset.from_dict({"text": valid[:40]}),
+    }).save_to_disk(str(saved))
+    prepare(tmp_path / "disk", sources=[saved], workers=1, progress=False)
+    prepared = open_prepared(tmp_path / "disk")
+    assert documents(prepared, "train") == train and documents(prepared, "val") == valid[:40]
+
+    # The default source, roneneldan/TinyStories on the hub, with the download replaced by the saved copy.
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: asked.append(name) or datasets.load_from_disk(str(saved)))
+    meta = prepare(tmp_path / "hub", limit=50, workers=1, progress=False)
+    assert asked == ["roneneldan/TinyStories"] and meta["source"]["train"] == "hf:roneneldan/TinyStories"
+    hub = open_prepared(tmp_path / "hub")
+    assert documents(hub, "train") == train[:50] and documents(hub, "val") == valid[:40]
+
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict({"text": train}).save_to_disk(str(single))
+    meta = prepare(tmp_path / "one", sources=[single], workers=1, progress=False)
+    assert meta["splits"]["val"]["documents"] == 4  # no validation split: 5% set aside
+
+
+def test_bpe_prepare(stories_dir, valid, tmp_path):
+    train = read_stories(stories_dir / "train.txt", 200)
+    meta = prepare(tmp_path, sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"],
+                   tokenizer="bpe", vocab_size=600, limit=200, workers=2, progress=False)
+    assert meta["tokenizer"]["file"] == "tokenizer.json" and (tmp_path / "tokenizer.json").exists()
+    assert meta["vocab_size"] == 600 and meta["dtype"] == "uint16"
+    prepared = open_prepared(tmp_path)
+    assert prepared.tokenizer().identity == f"tokenizer.json:{meta['tokenizer']['sha256']}"
+    assert documents(prepared, "train") == train and documents(prepared, "val") == valid
+    assert int(np.asarray(prepared.split("train")).max()) < 600
+
+
+def test_gemma_size_vocabulary_is_uint32(tmp_path, stories_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(c): c - 32 for c in range(32, 127)} | {"\n": 95, "<eos>": 100_000, "<unk>": 100_001}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    (tmp_path / "big.json").write_text(backend.to_str())
+    meta = prepare(tmp_path / "out", sources=[stories_dir / "valid.txt"], tokenizer=tmp_path / "big.json",
+                   limit=20, workers=1, progress=False)
+    prepared = open_prepared(tmp_path / "out")
+    assert meta["dtype"] == "uint32" and prepared.split("train").dtype == np.uint32
+    assert (meta["eot_id"], meta["vocab_size"]) == (100_000, 100_002)
+    assert int((np.asarray(prepared.split("train")) == 100_000).sum()) == 20  # one per training story
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _fail(capsys, *argv):
+    """Run the CLI; return (exit status, stderr lines)."""
+    capsys.readouterr()
+    status = main(["prepare", "--no-progress", *map(str, argv)])
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "latin1", "tokenizer", "vocab", "vocab_gpt2",
+                                  "format", "val_empty", "json_field"])
+def test_bad_input_is_one_line_and_no_output(case, stories_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    txt = stories_dir / "train.txt"
+    bad = tmp_path / "bad.txt"
+    args = {
+        "missing": ["--source", tmp_path / "nope.txt"],
+        "empty": ["--source", write_txt(bad, ["", "  \n "])],
+        "binary": ["--source", bad],
+        "latin1": ["--source", bad],
+        "tokenizer": ["--source", txt, "--tokenizer", "gpt5"],
+        "vocab": ["--source", txt, "--tokenizer", "bpe", "--vocab-size", "1000000"],
+        "vocab_gpt2": ["--source", txt, "--vocab-size", "4096"],
+        "format": ["--source", tmp_path / "stories.csv"],
+        "val_empty": ["--source", txt, "--limit", "5"],
+        "json_field": ["--source", tmp_path / "s.jsonl"],
+    }[case]
+    if case == "binary":
+        bad.write_bytes(bytes(range(256)) * 40)
+    if case == "latin1":
+        bad.write_bytes("Once upon a time, a café.\n<|endoftext|>\n".encode("latin-1"))
+    (tmp_path / "stories.csv").write_text("text\nhello\n")
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    status, err = _fail(capsys, "--out", out, *args)
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("tinygemma prepare: error: "), err
+    assert "Traceback" not in err[0]
+    assert not out.exists()
+    expected = {"missing": "not found", "empty": "empty", "binary": "not UTF-8", "latin1": "not UTF-8",
+                "tokenizer": "unknown tokenizer", "vocab": "vocabulary", "vocab_gpt2": "only to --tokenizer bpe",
+                "format": "unknown source format", "val_empty": "no val stories", "json_field": "line 2"}[case]
+    assert expected in err[0]
+
+
+def test_cli_writes_a_dataset(stories_dir, tmp_path, capsys):
+    assert main(["prepare", "--out", str(tmp_path), "--source", str(stories_dir / "train.txt"), "--limit", "50",
+                 "--val-fraction", "0.2", "--workers", "2", "--no-progress"]) == 0
+    assert "train: 50 stories" in capsys.readouterr().out
+    assert open_prepared(tmp_path).meta["splits"]["val"]["documents"] == 12
+
+
+# ------------------------------------------------------------------ interrupted runs, corrupt data
+
+
+class FailingTokenizer(GPT2Tokenizer):
+    """GPT-2, except that a worker fails on the story that mentions the needle."""
+
+    def encode_to_numpy(self, text):
+        if "needle" in text:
+            raise RuntimeError("worker failed on purpose")
+        return super().encode_to_numpy(text)
+
+
+def test_a_failing_worker_is_surfaced_and_the_old_dataset_survives(stories_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_CHARS", 20_000)
+    args = dict(sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"], progress=False)
+    prepare(tmp_path, limit=100, workers=1, **args)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError, match="on purpose"):  # the first story mentions a needle
+        prepare(tmp_path, tokenizer=FailingTokenizer(), limit=300, workers=2, **args)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files, nothing replaced
+    assert open_prepared(tmp_path).meta["splits"]["train"]["documents"] == 100
+
+
+def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text((stories_dir / "train.txt").read_text(encoding="utf-8") * 12, encoding="utf-8")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "tinygemma", "prepare", "--out", str(out), "--source", str(big),
+                             "--workers", "1", "--no-progress"], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".train.bin.*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert list(out.glob(".train.bin.*")), "killed before it started writing"
+    assert not (out / "meta.json").exists() and not (out / "train.bin").exists()
+    with pytest.raises(UserError, match="no meta.json"):
+        open_prepared(out)
+
+
+def test_open_prepared_refuses_corrupt_data(stories_dir, tmp_path):
+    prepare(tmp_path, sources=[stories_dir / "valid.txt"], limit=40, workers=1, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    open_prepared(tmp_path)
+
+    train = tmp_path / "train.bin"
+    train.write_bytes(train.read_bytes()[:-2])
+    with pytest.raises(UserError, match="train.bin"):
+        open_prepared(tmp_path)
+    train.unlink()
+    with pytest.raises(UserError, match="train.bin is missing"):
+        open_prepared(tmp_path)
+
+    for broken in ("{truncated", json.dumps({**meta, "format": "nanogpt"}), json.dumps({**meta, "dtype": "int8"}),
+                   json.dumps({k: v for k, v in meta.items() if k != "splits"})):
+        (tmp_path / "meta.json").write_text(broken)
+        with pytest.raises(UserError, match="meta.json"):
+            open_prepared(tmp_path)
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        open_prepared(tmp_path / "nowhere")

@@ -125,3 +125,296 @@ PRESETS: dict[str, dict] = {
         "max_position_embeddings": 2048,
     },
 }
+
+
+# ------------------------------------------------------------------ training and recipes
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop. The defaults are a sound recipe for the 270M model on one GPU: 131,072 tokens per
+    optimizer step (32 x 512 x 8), 5,000 steps (655M tokens, about 1.4 epochs of TinyStories with GPT-2 tokens)."""
+
+    batch_size: int = 32  # sequences per micro-step per process
+    block_size: int = 512  # tokens per sequence (the context the model trains on)
+    grad_accum_steps: int = 8  # micro-steps per optimizer step; global batch = batch_size x this x processes
+    max_steps: int = 5000  # optimizer steps in the whole run (the schedule's length)
+    learning_rate: float = 6e-4  # peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # the cosine decay ends here, at max_steps
+    warmup_steps: int = 250  # optimizer steps of linear warmup from 0 to learning_rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, applied to 2-D weights only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    adam_eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    eval_interval: int = 250  # evaluate every this many optimizer steps (and at step 0, at checkpoints, at the end)
+    eval_batches: int = 20  # validation batches of batch_size windows per evaluation (split over processes)
+    checkpoint_interval: int = 500  # save every this many optimizer steps (and at the end); 0 = only at the end
+    log_interval: int = 10  # a plain log line (and a metrics flush) every this many steps when not on a terminal
+    dtype: str = "auto"  # auto (bfloat16 on CUDA if supported, else float16; float32 elsewhere), float32, bfloat16, float16
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+    seed: int = 1337  # model initialisation and the training batches
+    device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps
+    distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of each block and the model)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("batch_size", "block_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval"):
+            _check_int(self, name, minimum=1)
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
+            _check_int(self, name, minimum=0)
+        for name in ("learning_rate", "adam_eps"):
+            _check_number(self, name, lambda v: v > 0, "a positive number")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            _check_number(self, name, lambda v: v >= 0, "a number >= 0")
+        for name in ("beta1", "beta2"):
+            _check_number(self, name, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if self.min_lr > self.learning_rate:
+            raise UserError(f"train.min_lr ({self.min_lr}) must not exceed train.learning_rate ({self.learning_rate})")
+        if self.warmup_steps > self.max_steps:
+            raise UserError(f"train.warmup_steps ({self.warmup_steps}) must not exceed train.max_steps ({self.max_steps})")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
+        choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
+                   "on_nonfinite": ("stop", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.device.split(":")[0] not in DEVICES or (self.device.count(":") and not self.device.startswith("cuda:")):
+            raise UserError(f"train.device must be one of {', '.join(DEVICES)} (or cuda:N); got {self.device!r}")
+
+    @property
+    def tokens_per_micro_step(self) -> int:
+        return self.batch_size * self.block_size
+
+
+@dataclass
+class DataConfig:
+    """What `tinygemma run` prepares before training (see data.py); `train` reads only `dir`."""
+
+    dir: str = "data/tinystories-gpt2"  # prepared data: train.bin, val.bin, meta.json
+    source: list[str] = dataclasses.field(default_factory=list)  # story text files; empty = the Hugging Face hub
+    val_source: list[str] = dataclasses.field(default_factory=list)  # validation text files; empty = the hub's split
+    tokenizer: str = "gpt2"  # gpt2 (GPT-2's BPE), bpe (a byte-level BPE trained on the data), or a tokenizer.json
+    vocab_size: int | None = None  # vocabulary of the trained bpe tokenizer; none = data.py's default
+    limit: int | None = None  # use at most this many training stories; none = all
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling for `tinygemma generate` and the samples of `tinygemma run`."""
+
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["Once upon a time"])  # one sample per prompt
+    max_new_tokens: int = 200  # tokens to generate after each prompt (stops early at end-of-text)
+    temperature: float = 0.8  # softmax temperature; 0 = greedy
+    top_k: int | None = 200  # sample among the k most likely tokens; none = all
+    top_p: float | None = None  # nucleus sampling threshold in (0, 1]; none = off
+    seed: int = 1337  # sampling seed
+
+
+@dataclass
+class Recipe:
+    """Everything one run needs: a recipe file's [data], [model], [train] and [generate] sections."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model_preset: str = "gemma3-270m"  # [model] preset; the vocabulary size comes from the prepared data
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # [model] fields other than preset
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    out: str = "runs/tinystories"  # [train] out: the run directory
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The model: the preset with the overrides; `vocab_size` (the data's) replaces the preset's unless
+        the recipe sets model.vocab_size itself, which must then hold every token of the data."""
+        overrides = dict(self.model_overrides)
+        if vocab_size is not None:
+            if overrides.get("vocab_size", vocab_size) < vocab_size:
+                raise UserError(f"model.vocab_size {overrides['vocab_size']} cannot hold the data's tokens "
+                                f"(its tokenizer has {vocab_size}); remove the override or raise it")
+            overrides.setdefault("vocab_size", vocab_size)
+        return ModelConfig.preset(self.model_preset, **overrides)
+
+    def to_dict(self) -> dict:
+        """The recipe as a recipe file's sections (what `from_dict` and `load_recipe` read back)."""
+        return {
+            "data": dataclasses.asdict(self.data),
+            "model": {"preset": self.model_preset, **self.model_overrides},
+            "train": {**dataclasses.asdict(self.train), "out": self.out},
+            "generate": dataclasses.asdict(self.generate),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "recipe") -> Recipe:
+        unknown = sorted(set(d) - {"data", "model", "train", "generate"})
+        if unknown:
+            raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; expected data, model, train, generate")
+        sections = {}
+        for name in ("data", "model", "train", "generate"):
+            sections[name] = d.get(name, {})
+            if not isinstance(sections[name], dict):
+                raise UserError(f"{source}: [{name}] must be a table")
+        recipe = cls()
+        for section, values in sections.items():
+            for key, value in values.items():
+                _set_field(recipe, section, key, value, from_text=False)
+        return recipe._validated()
+
+    def _validated(self) -> Recipe:
+        """Rebuild the dataclasses so their checks run on the final values (fields are set one at a time)."""
+        self.train = TrainConfig(**dataclasses.asdict(self.train))
+        self.model_config()  # an unknown preset or impossible model field fails here, before any data is read
+        return self
+
+
+def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe from a TOML file (or the defaults), then `section.field=value` overrides; a bare `field=value`
+    means `train.field`. Unknown sections or fields and ill-typed values are UserErrors naming them."""
+    if path is None:
+        recipe = Recipe()
+    else:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as f:
+                recipe = Recipe.from_dict(tomllib.load(f), source=str(path))
+        except FileNotFoundError:
+            raise UserError(f"recipe not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path} is not valid TOML ({e})") from None
+    return apply_overrides(recipe, overrides)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        section, dot, name = key.strip().rpartition(".")
+        _set_field(recipe, section if dot else "train", name, value.strip(), from_text=True)
+    return recipe._validated()
+
+
+def _set_field(recipe: Recipe, section: str, name: str, value, from_text: bool) -> None:
+    key = f"{section}.{name}"
+    if section == "model":
+        if name == "preset":
+            recipe.model_preset = _coerce(value, str, key, from_text)
+            return
+        types = _field_types(ModelConfig)
+        if name not in types:
+            raise UserError(f"unknown setting {key}; model fields are preset, {', '.join(types)}")
+        recipe.model_overrides[name] = _coerce(value, types[name], key, from_text)
+        return
+    if section == "train" and name == "out":
+        recipe.out = _coerce(value, str, key, from_text)
+        return
+    targets = {"data": recipe.data, "train": recipe.train, "generate": recipe.generate}
+    if section not in targets:
+        raise UserError(f"unknown section in {key}; expected data, model, train or generate")
+    types = _field_types(type(targets[section]))
+    if name not in types:
+        extra = ", out" if section == "train" else ""
+        raise UserError(f"unknown setting {key}; {section} fields are {', '.join(types)}{extra}")
+    setattr(targets[section], name, _coerce(value, types[name], key, from_text))
+
+
+def _field_types(cls) -> dict:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, tp, key: str, from_text: bool):
+    """`value` (a TOML value, or a command-line string when `from_text`) as the field type `tp`."""
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+        if from_text and value.lower() in ("none", "null", ""):
+            return None
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    try:
+        if origin in (list, tuple):
+            if from_text:
+                value = _parse_text_list(value)
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return tuple(value) if origin is tuple else list(value)
+        if tp is bool:
+            if from_text:
+                table = {"true": True, "1": True, "yes": True, "on": True,
+                         "false": False, "0": False, "no": False, "off": False}
+                return table[value.lower()]
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is int:
+            if from_text:
+                number = float(value.replace("_", ""))
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError
+            return value
+        if tp is float:
+            if from_text:
+                value = float(value.replace("_", ""))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (ValueError, KeyError, TypeError):
+        pass
+    else:
+        raise AssertionError(f"no coercion for {key}: {tp}")
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list of strings")
+    raise UserError(f"{key} must be {expected}, got {value!r}")
+
+
+def _parse_text_list(text: str) -> list[str]:
+    """A command-line list: a TOML array (`["a", "b"]`) or comma-separated words (`a,b`)."""
+    if text.startswith("["):
+        try:
+            import tomllib
+        except ModuleNotFoundError:
+            import tomli as tomllib
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ValueError from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _check_int(obj, name: str, minimum: int) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(obj, name: str, ok, what: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or not ok(value):
+        raise UserError(f"train.{name} must be {what}, got {value!r}")

@@ -8,6 +8,7 @@ say "as transformers" where a line exists only for that.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +17,25 @@ import torch.nn.functional as F
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.errors import UserError
+
+try:  # flex attention: sliding-window layers that do work proportional to the window (torch >= 2.5)
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    BlockMask = create_block_mask = flex_attention = None
+_compiled_flex_attention = None
+
+
+def _flex_attention(q, k, v, block_mask, scale, enable_gqa):
+    """flex_attention through torch.compile on GPUs, where it makes a fused kernel. Elsewhere (CPU: forward
+    only, in torch 2.13) the uncompiled reference implementation, which serves to check the block mask."""
+    global _compiled_flex_attention
+    if q.device.type != "cuda":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 class RMSNorm(nn.Module):
@@ -127,11 +147,13 @@ class Attention(nn.Module):
             else:
                 raise ValueError("the KV cache takes a whole prompt at start_pos=0, then one token at a time")
 
-        # One K/V head serves all query heads without being copied (enable_gqa), where SDPA allows it.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        # One K/V head serves all query heads without being copied (enable_gqa), where the kernel allows it.
+        gqa = self.n_kv_heads != self.n_heads
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            y = _flex_attention(q, k, v, mask, self.scale, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                               enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -167,6 +189,58 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h @ W.T) against targets, computed `chunk_size` rows at a time.
+
+    The [tokens, vocab] float32 logits never exist whole: each chunk's softmax gradient is turned into the
+    gradients of h and W during the forward pass (the memory of one chunk's logits), and backward only
+    scales them. Same result as F.cross_entropy on full logits, up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        n_valid = (targets != -100).sum().clamp(min=1)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = tc != -100
+            safe_t = tc.clamp(min=0)
+            loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
+            dlogits = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            dlogits[torch.arange(len(tc), device=tc.device), safe_t] -= 1.0
+            dlogits *= (valid / n_valid)[:, None]
+            dlogits = dlogits.to(hc.dtype if hc.dtype == weight.dtype else torch.promote_types(hc.dtype, weight.dtype))
+            grad_h[start : start + chunk_size] = (dlogits @ weight.to(dlogits.dtype)).to(h.dtype)
+            grad_w += (dlogits.t() @ hc.to(dlogits.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk_size: int | None) -> torch.Tensor:
+    """Mean next-token cross-entropy of the head `weight` [V, d] applied to h [N, d]; targets -100 are ignored.
+
+    With `chunk_size`, logits are made a chunk of rows at a time (see _ChunkedLinearCrossEntropy);
+    with None, the plain way: full float32 logits, then F.cross_entropy.
+    """
+    if chunk_size is None or h.shape[0] <= chunk_size:
+        return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-100)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size)
+    total = sum(F.cross_entropy((h[i : i + chunk_size] @ weight.t()).float(), targets[i : i + chunk_size],
+                                ignore_index=-100, reduction="sum") for i in range(0, h.shape[0], chunk_size))
+    return total / (targets != -100).sum().clamp(min=1)
+
+
 class Gemma3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -180,6 +254,12 @@ class Gemma3(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_buffers()
         self.apply(self._init_weights)
+        # Rows of logits made at once by the loss (None: all at once). Not architecture: a memory/speed knob.
+        self.loss_chunk_size: int | None = 8192
+        # "sdpa" (a boolean mask for sliding layers longer than the window) or "flex" (flex_attention with a
+        # block mask: work proportional to the window; for GPUs). Either computes the same function.
+        self.attention_backend = "sdpa"
+        self._block_masks: dict = {}
 
     def reset_buffers(self, device=None):
         """(Re)compute the constant buffers, e.g. after building the model on the meta device."""
@@ -214,8 +294,9 @@ class Gemma3(nn.Module):
         h = self.norm(self.trunk(input_ids))
         if targets is None:
             return self.lm_head(h)[..., : self.config.vocab_size]
-        logits = self.lm_head(h)[..., : self.config.vocab_size].float()
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        # The head's real rows only: vocabulary padding never takes probability mass.
+        weight = self.lm_head.weight[: self.config.vocab_size]
+        return cross_entropy_from_hidden(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), self.loss_chunk_size)
 
     def trunk(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0):
         """Embedding and decoder layers: the hidden states [B, T, d_model] before the final norm.
@@ -234,11 +315,28 @@ class Gemma3(nn.Module):
         # a window at least as long as the sequence is the causal mask itself, the common case in training.
         masks = {SLIDING: None, GLOBAL: None}
         if T > self.config.sliding_window:
-            masks[SLIDING] = sliding_window_mask(T, T, self.config.sliding_window, input_ids.device)
+            if self.attention_backend == "flex" and cache is None:
+                masks[SLIDING] = self.sliding_block_mask(T, input_ids.device)
+            else:
+                masks[SLIDING] = sliding_window_mask(T, T, self.config.sliding_window, input_ids.device)
         for i, layer in enumerate(self.layers):
             kind = self.config.layer_types[i]
             h = layer(h, *rope[kind], masks[kind], None if cache is None else cache[i], start_pos)
         return h
+
+    def sliding_block_mask(self, T: int, device):
+        """flex_attention's block mask for Gemma 3's sliding window (i - window < j <= i), built once per length."""
+        key = (T, str(device))
+        if key not in self._block_masks:
+            if create_block_mask is None:
+                raise UserError("attention_backend 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
+            window = self.config.sliding_window
+
+            def sliding(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+
+            self._block_masks[key] = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+        return self._block_masks[key]
 
     # ------------------------------------------------------------------ generation
 

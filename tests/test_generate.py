@@ -1,0 +1,250 @@
+"""Generation: sampling filters on hand-made logits, determinism, stopping at end of text, streaming text, CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinygemma import Gemma3, ModelConfig, UserError
+from tinygemma.checkpoint import atomic_write_json, save_model
+from tinygemma.cli import main
+from tinygemma.generate import TextStream, generate_text
+from tinygemma.model import filter_logits, sample_next_token
+from tinygemma.tokenizer import GPT2Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_SPEC = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+PROMPT = "Once upon a time"
+
+
+def tiny_model(seed: int = 0, **overrides) -> Gemma3:
+    """gemma3-tiny shrunk further: GPT-2's vocabulary, 2 layers (sliding then global), d_model 64."""
+    config = ModelConfig.preset("gemma3-tiny", **{"d_model": 64, "n_layers": 2, "sliding_window_pattern": 2,
+                                                  "mlp_dim": 128, "sliding_window": 8, **overrides})
+    torch.manual_seed(seed)
+    return Gemma3(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return GPT2Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, model) -> Path:
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_model(model, directory, {"tokenizer": GPT2_SPEC})
+    return directory
+
+
+def greedy(model, tokenizer, n: int) -> str:
+    return generate_text(model, tokenizer, PROMPT, n, temperature=0)[0][0]
+
+
+# ------------------------------------------------------------------ top-k / top-p on hand-made logits
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits).nonzero().flatten().tolist()
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([1.0, 4.0, 3.0, -2.0, 2.0])
+    assert kept(filter_logits(logits, top_k=1)) == [1]
+    assert kept(filter_logits(logits, top_k=3)) == [1, 2, 4]
+    assert kept(filter_logits(logits, top_k=5)) == [0, 1, 2, 3, 4]
+    assert kept(filter_logits(logits, top_k=100)) == [0, 1, 2, 3, 4]  # k beyond the vocabulary: nothing cut
+    out = filter_logits(logits, top_k=3)
+    assert torch.equal(out[[1, 2, 4]], logits[[1, 2, 4]])  # kept logits are unchanged
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5 (id 1), 0.3 (id 3), 0.15 (id 2), 0.05 (id 0)
+    logits = probs.log()
+    assert kept(filter_logits(logits, top_p=0.4)) == [1]  # 0.5 alone reaches 0.4
+    assert kept(filter_logits(logits, top_p=0.5)) == [1]  # ... and 0.5 exactly
+    assert kept(filter_logits(logits, top_p=0.6)) == [1, 3]  # 0.5 < 0.6: the token crossing p is kept
+    assert kept(filter_logits(logits, top_p=0.9)) == [1, 2, 3]  # 0.5 + 0.3 + 0.15 = 0.95 >= 0.9
+    assert kept(filter_logits(logits, top_p=1.0)) == [0, 1, 2, 3]
+    # Rows are filtered independently, and the kept tokens' renormalised probabilities are the originals'.
+    batch = torch.stack([logits, logits.flip(0)])
+    out = filter_logits(batch, top_p=0.6)
+    assert kept(out[0]) == [1, 3] and kept(out[1]) == [0, 2]
+    assert torch.allclose(out[0].softmax(-1)[[1, 3]], torch.tensor([0.5, 0.3]) / 0.8)
+
+
+def test_top_k_then_top_p():
+    logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
+    # top-k 2 leaves ids 1 and 3 with probabilities 0.625 and 0.375; top-p 0.6 then keeps id 1 alone.
+    assert kept(filter_logits(logits, top_k=2, top_p=0.6)) == [1]
+    assert kept(filter_logits(logits, top_k=3, top_p=0.99)) == [1, 2, 3]
+
+
+def test_sampling_draws_only_from_the_filtered_tokens():
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next_token(logits, 1.0, top_p=0.6, generator=g).tolist()) == {1, 3}
+    assert set(sample_next_token(logits, 1.0, top_k=3, generator=g).tolist()) == {1, 2, 3}
+    assert set(sample_next_token(logits, 5.0, top_k=1, generator=g).tolist()) == {1}
+    assert set(sample_next_token(logits, 0.0).tolist()) == {1}  # temperature 0: argmax
+    # Unfiltered, the frequencies follow the probabilities.
+    draws = sample_next_token(logits[:1].expand(20000, 4), 1.0, generator=g)
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.05, 0.5, 0.15, 0.3]), atol=0.02)
+
+
+# ------------------------------------------------------------------ determinism and stopping
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(model, tokenizer):
+    runs = [generate_text(model, tokenizer, PROMPT, 12, temperature=0)[0] for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0][0]
+    # Greedy ignores the seed and the filters.
+    assert generate_text(model, tokenizer, PROMPT, 12, temperature=0, top_k=3, seed=5)[0] == runs[0]
+    a = generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=1, num_samples=3)[0]
+    b = generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=1, num_samples=3)[0]
+    c = generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=2, num_samples=3)[0]
+    assert a == b and a != c
+    assert len(set(a)) == 3  # the samples of a batch differ from each other
+
+
+def test_stops_at_end_of_text(model, tokenizer):
+    """With an end-of-text id equal to the greedy continuation's 4th token, generation stops right before it."""
+    prompt_ids = tokenizer.encode(PROMPT)
+    tokens = model.generate(torch.tensor([prompt_ids]), 12, temperature=0)[0, len(prompt_ids):].tolist()
+    stop = next(i for i in range(3, 12) if tokens[i] not in tokens[:i])
+
+    ends_early = GPT2Tokenizer()
+    ends_early.eot_id = tokens[stop]
+    text, n_new = generate_text(model, ends_early, PROMPT, 12, temperature=0)
+    assert text == [tokenizer.decode(tokens[:stop])]
+    assert n_new == stop + 1  # the end-of-text token itself is made, but not printed
+    # Without it, all 12 tokens.
+    text, n_new = generate_text(model, tokenizer, PROMPT, 12, temperature=0)
+    assert text == [tokenizer.decode(tokens)] and n_new == 12
+    # A batch: each sample stops on its own.
+    texts, _ = generate_text(model, ends_early, PROMPT, 12, temperature=0, num_samples=2)
+    assert texts == [tokenizer.decode(tokens[:stop])] * 2
+
+
+def test_max_new_tokens_zero(model, tokenizer):
+    assert generate_text(model, tokenizer, PROMPT, 0, temperature=0) == ([""], 0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -0.5}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0},
+    {"max_new_tokens": -1}, {"num_samples": 0}, {"prompt": ""},
+])
+def test_bad_arguments_are_user_errors(model, tokenizer, kwargs):
+    args = {"prompt": PROMPT, "max_new_tokens": 4, **kwargs}
+    with pytest.raises(UserError):
+        generate_text(model, tokenizer, **args)
+
+
+# ------------------------------------------------------------------ streaming text
+
+
+def test_text_stream_never_breaks_a_character(tokenizer):
+    text = " Tom saw a 🦖 and said: «größer!» 東京 🙂🙂"
+    ids = tokenizer.encode(text)
+    stream = TextStream(tokenizer, context=tokenizer.encode("Once"))
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces[:-1]  # some token ended inside a character, and its text was held back
+    # An unfinished character at the very end comes out as U+FFFD rather than being lost.
+    stream = TextStream(tokenizer)
+    emoji = tokenizer.encode("🦖")
+    assert len(emoji) > 1 and stream.push(emoji[0]) == ""
+    assert stream.flush() == "\ufffd"
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_prints_prompt_and_continuation_only(ckpt, model, tokenizer, capsys):
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "10", "--temperature", "0",
+            "--dtype", "float32"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    expected = greedy(model, tokenizer, 10)
+    assert out == PROMPT + expected + "\n"
+    assert "tokens/s" in err and "loaded" in err  # logs go to stderr
+    assert main(args) == 0
+    assert capsys.readouterr().out == out  # greedy: the same text again
+
+
+def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
+    # A run directory: checkpoints/last.json points at the checkpoint, as training writes it.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    os.symlink(ckpt, run / "checkpoints" / "step_10")
+    atomic_write_json(run / "checkpoints" / "last.json", {"dir": "step_10", "step": 10})
+    args = ["generate", "--ckpt", str(run), "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "1.0",
+            "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--num-samples", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    samples = out[:-1].split("\n---\n")
+    assert len(samples) == 3 and all(s.startswith(PROMPT) for s in samples)
+    assert main(args) == 0
+    assert capsys.readouterr().out == out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-p", "1.01"], "top_p"),
+    (["--top-k", "0"], "top_k"),
+    (["--max-new-tokens", "-3"], "max_new_tokens"),
+    (["--num-samples", "0"], "num-samples"),
+    (["--prompt", ""], "prompt"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(ckpt, capsys, extra, message):
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, *extra]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and err.count("\n") == 1
+
+
+def test_cli_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "nope"), "--prompt", PROMPT]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_transformers_directory_uses_its_tokenizer_json(ckpt, model, tokenizer, tmp_path, capsys):
+    from tinygemma.checkpoint import export
+
+    hf_dir = export(ckpt, tmp_path / "hf")
+    assert (hf_dir / "tokenizer.json").exists()
+    assert main(["generate", "--ckpt", str(hf_dir), "--prompt", PROMPT, "--max-new-tokens", "8",
+                 "--temperature", "0", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == PROMPT + greedy(model, tokenizer, 8) + "\n"
+
+
+def test_cli_in_a_real_process_streams_to_stdout(ckpt, model, tokenizer):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-m", "tinygemma", "generate", "--ckpt", str(ckpt), "--prompt", PROMPT,
+         "--max-new-tokens", "8", "--temperature", "0", "--dtype", "float32"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PROMPT + greedy(model, tokenizer, 8) + "\n"
+    assert "tokens/s" in result.stderr
+    bad = subprocess.run([sys.executable, "-m", "tinygemma", "generate", "--ckpt", str(ckpt), "--prompt", PROMPT,
+                          "--top-p", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1
+
+
+def test_bf16_generation_runs(ckpt, capsys):
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "4",
+                 "--temperature", "0", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith(PROMPT)

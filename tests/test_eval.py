@@ -1,0 +1,154 @@
+"""Evaluation: loss over non-overlapping windows, perplexity = exp(loss), bits per byte, and the eval command."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinygemma import Gemma3, ModelConfig, UserError
+from tinygemma.checkpoint import save_model
+from tinygemma.cli import main
+from tinygemma.generate import evaluate
+
+GPT2_SPEC = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+
+
+def small_model(vocab_size: int = 50257, seed: int = 0) -> Gemma3:
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=vocab_size, d_model=64, n_layers=2,
+                                sliding_window_pattern=2, mlp_dim=128, sliding_window=8)
+    torch.manual_seed(seed)
+    return Gemma3(config).eval()
+
+
+def uniform_model(vocab_size: int) -> Gemma3:
+    """A model whose logits are all zero: every next token has probability 1 / vocab_size."""
+    model = small_model(vocab_size)
+    with torch.no_grad():
+        model.norm.weight.fill_(-1.0)  # RMSNorm's gain is 1 + w = 0: the final hidden state is zero
+    return model
+
+
+def test_uniform_model_against_hand_computed_values():
+    V = 1000
+    tokens = np.arange(11, dtype=np.uint16) * 7  # 11 tokens: 10 predictions
+    result = evaluate(uniform_model(V), tokens, block_size=4, batch_size=2, split_bytes=44)
+    assert result["tokens"] == 10
+    assert result["loss"] == pytest.approx(math.log(V), rel=1e-6)
+    assert result["perplexity"] == pytest.approx(V, rel=1e-5)
+    # 10 predictions x log2(1000) bits over the 44 bytes of text.
+    assert result["bits_per_byte"] == pytest.approx(10 * math.log2(V) / 44, rel=1e-6)
+    # The first 6 tokens (5 predictions) cover 6/11 of the bytes, by the split's average bytes per token.
+    head = evaluate(uniform_model(V), tokens, block_size=4, batch_size=2, max_tokens=6, split_bytes=44)
+    assert head["tokens"] == 5 and head["bytes"] == 24
+    assert head["bits_per_byte"] == pytest.approx(5 * math.log2(V) / 24, rel=1e-6)
+    assert evaluate(uniform_model(V), tokens, 4)["bits_per_byte"] is None  # no byte count: no bits per byte
+
+
+def test_windows_cover_every_prediction_once():
+    """The loss equals one computed window by window by hand, whatever the batch size; the tail is shorter."""
+    model = small_model(vocab_size=300, seed=1)
+    tokens = np.random.default_rng(0).integers(0, 300, size=60).astype(np.uint16)  # 59 predictions
+    B = 16
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, 59, B):
+            window = torch.from_numpy(tokens[start : start + B + 1].astype(np.int64))[None]
+            logits = model(window[:, :-1]).float()
+            nats += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    expected = nats / 59
+    for batch_size in (1, 2, 8):
+        result = evaluate(model, tokens, block_size=B, batch_size=batch_size, split_bytes=240)
+        assert result["tokens"] == 59
+        assert result["loss"] == pytest.approx(expected, rel=1e-5)
+        assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+        assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / 240, rel=1e-5)
+    # One window longer than the data: the plain loss of the whole sequence.
+    with torch.no_grad():
+        whole = torch.from_numpy(tokens.astype(np.int64))[None]
+        plain = model(whole[:, :-1], whole[:, 1:]).item()
+    assert evaluate(model, tokens, block_size=1000)["loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_bad_evaluate_arguments():
+    model, tokens = small_model(300), np.zeros(10, dtype=np.uint16)
+    for kwargs in ({"block_size": 0}, {"block_size": 4, "batch_size": 0}, {"block_size": 4, "max_tokens": 1}):
+        with pytest.raises(UserError):
+            evaluate(model, tokens, **kwargs)
+    with pytest.raises(UserError):
+        evaluate(model, tokens[:1], 4)
+
+
+# ------------------------------------------------------------------ the eval command
+
+
+@pytest.fixture(scope="module")
+def stories_file(tmp_path_factory, stories_dir):
+    """The first 60 validation stories of the shared TinyStories sample."""
+    stories = (stories_dir / "valid.txt").read_text(encoding="utf-8").split("<|endoftext|>")[:60]
+    path = tmp_path_factory.mktemp("stories") / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(s.strip() for s in stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_data(tmp_path_factory, stories_file):
+    from tinygemma.data import prepare
+
+    out = tmp_path_factory.mktemp("data-gpt2")
+    prepare(out, sources=[stories_file], val_fraction=0.3, tokenizer="gpt2", workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_model(small_model(), directory, {"tokenizer": GPT2_SPEC})
+    return directory
+
+
+def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
+    from tinygemma.data import open_prepared
+
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64",
+                 "--max-tokens", "300", "--dtype", "float32"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(result)
+    assert result["tokens"] == 299 and result["split"] == "val"
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    val = open_prepared(gpt2_data).meta["splits"]["val"]
+    covered = val["bytes"] * 300 / val["tokens"]
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * 299 / math.log(2) / covered)
+    assert "evaluated" in err
+    # The whole split, through the same function.
+    from tinygemma import load
+
+    tokens = open_prepared(gpt2_data).split("val")
+    direct = evaluate(load(ckpt), tokens, 64, split_bytes=val["bytes"])
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--dtype",
+                 "float32"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["tokens"] == len(tokens) - 1
+    assert whole["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert whole["bits_per_byte"] == pytest.approx(direct["bits_per_byte"], rel=1e-6)
+
+
+def test_eval_refuses_data_from_another_tokenizer(ckpt, stories_file, tmp_path, capsys):
+    from tinygemma.data import prepare
+
+    prepare(tmp_path, sources=[stories_file], val_fraction=0.3, tokenizer="bpe", vocab_size=300, workers=1,
+            progress=False)
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "tokenizer" in err and err.count("\n") == 1
+
+
+def test_eval_bad_input(ckpt, gpt2_data, tmp_path, capsys):
+    for extra in (["--max-tokens", "1"], ["--block-size", "0"], ["--split", "test"]):
+        assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), *extra]) == 2
+    assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(gpt2_data)]) == 2
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(tmp_path)]) == 2  # no meta.json
+    assert capsys.readouterr().out == ""

@@ -309,6 +309,10 @@ def model_config_from_hf(d: dict) -> ModelConfig:
     for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
         if d.get(cap) is not None:
             raise UserError(f"config.json sets {cap}, which Gemma 3 does not use and tinygemma does not implement")
+    if d.get("use_bidirectional_attention"):
+        raise UserError("config.json sets use_bidirectional_attention (an encoder variant); Gemma 3 is causal")
+    if d.get("attention_bias"):
+        raise UserError("config.json sets attention_bias, which Gemma 3 does not use and tinygemma does not implement")
     if d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise UserError(f"config.json has hidden_activation {d.get('hidden_activation')!r}; Gemma 3 uses gelu_pytorch_tanh")
     rope = d.get("rope_parameters") or {}

@@ -15,6 +15,7 @@ from tinygemma.errors import UserError
 # Modules that register sub-commands, in the order they appear in `tinygemma --help`.
 COMMAND_MODULES = [
     "tinygemma.data",  # prepare
+    "tinygemma.train",  # train
     "tinygemma.generate",  # generate, eval
     "tinygemma.checkpoint",  # export
 ]

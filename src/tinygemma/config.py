@@ -151,7 +151,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     eval_interval: int = 250  # evaluate every this many optimizer steps (and at step 0, at checkpoints, at the end)
-    eval_batches: int = 20  # validation batches of batch_size windows per evaluation (split over processes)
+    eval_batches: int = 10  # validation batches per evaluation, each of the global batch's size
     checkpoint_interval: int = 500  # save every this many optimizer steps (and at the end); 0 = only at the end
     log_interval: int = 10  # a plain log line (and a metrics flush) every this many steps when not on a terminal
     dtype: str = "auto"  # auto (bfloat16 on CUDA if supported, else float16; float32 elsewhere), float32, bfloat16, float16

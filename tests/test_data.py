@@ -60,7 +60,7 @@ def test_round_trip_and_tiktoken_counts(stories_dir, valid, r50k, tmp_path):
                    limit=400, workers=1, progress=False)
     prepared = open_prepared(tmp_path)
     assert prepared.meta == json.loads((tmp_path / "meta.json").read_text())
-    assert {k: v for k, v in meta.items() if k != "seconds"} == prepared.meta
+    assert meta == prepared.meta
     assert (prepared.vocab_size, prepared.eot_id, meta["dtype"]) == (50_257, EOT_ID, "uint16")
     for split, stories in (("train", train), ("val", valid)):
         assert documents(prepared, split) == stories

@@ -294,6 +294,7 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 # Dense bf16 tensor-core peaks from the vendor's data sheets (no sparsity), for MFU. Unknown GPUs get no MFU.
 PEAK_BF16_FLOPS = {
     "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,  # SXM
     "H200": 989e12,
     "A100": 312e12,
@@ -385,9 +386,10 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer_state = get_optimizer_state_dict(raw, optimizer, options=full)
-    model = model_from_state(raw.config, get_model_state_dict(raw, options=full)) if fsdp else raw
+    model_state = get_model_state_dict(raw, options=full) if fsdp else None
     if not rt.is_main:
         return
+    model = model_from_state(raw.config, model_state) if fsdp else raw
 
     tmp = ckpts / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -540,6 +542,12 @@ def plot_losses(records: list[dict], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
+def log_line(record: dict, max_steps: int, throughput: float, eta: float) -> str:
+    mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+    return (f"step {record['step']}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad norm {record['grad_norm']:.3f} | {throughput:,.0f} tok/s{mfu} | eta {format_duration(eta)}")
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
@@ -628,7 +636,7 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
         log = MetricsLog.resume(run_dir / "metrics.jsonl", start) if start else MetricsLog(run_dir / "metrics.jsonl")
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start if start else None)
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)  # drop events past the checkpoint
         if not quiet:
             print(f"training {raw.num_params():,} parameters on {rt.world_size} x {rt.device} in "
                   f"{str(rt.dtype).removeprefix('torch.')}: {tokens_per_step:,} tokens per step, steps {start} to {end} "
@@ -677,97 +685,98 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
         else:
             print(text, flush=True)
 
-    if start == 0 and end > 0:
-        run_eval(0)
-    train_loss, summary_val = None, None
-    throughput = None  # tokens/s, smoothed
-    x, y = batches.get(start, 0) if start < end else (None, None)
-    raw.train()
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(cfg.grad_accum_steps):
-            last_micro = micro == cfg.grad_accum_steps - 1
-            with gradient_sync(model, last_micro):
-                with rt.autocast():
-                    loss = model(x, y)
-                # Fetch the next micro-batch now, so its copy overlaps this backward pass.
-                if not last_micro:
-                    x, y = batches.get(step, micro + 1)
-                elif step + 1 < end:
-                    x, y = batches.get(step + 1, 0)
-                loss_sum += loss.detach()
-                scaler.scale(loss / cfg.grad_accum_steps).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        train_loss = all_reduce_sum(loss_sum / cfg.grad_accum_steps, rt).item() / rt.world_size
-        grad_norm = grad_norm.item()
-        done = step + 1
-        # fp16's scaler expects an occasional overflow and skips that step itself; anything else is divergence.
-        bad = not math.isfinite(train_loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
-        if bad and cfg.on_nonfinite == "stop":
-            if rt.is_main:
-                log.append({"step": done, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                            "tokens": done * tokens_per_step, "nonfinite": True})
-                log.flush()
-            previous = checkpoint_pointer(run_dir) if rt.is_main else None
-            where = f"; the last good checkpoint is step {previous['step']}" if previous else ""
-            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
-                                 f"{done} (loss {train_loss}, gradient norm {grad_norm}); stopped without saving{where}. "
-                                 "Lower train.learning_rate, or pass --set on_nonfinite=skip to skip such steps")
-        if bad:
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-        step_time = time.perf_counter() - t0
-        elapsed += step_time
-        rate = tokens_per_step / step_time
-        throughput = rate if throughput is None else 0.9 * throughput + 0.1 * rate
-        if rt.is_main:
-            record = {"step": done, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": done * tokens_per_step, "tokens_per_s": rate}
-            if peak:
-                record["mfu"] = flops_per_token * rate / (peak * rt.world_size)
+    try:
+        if start == 0 and end > 0:
+            run_eval(0)
+        train_loss, summary_val = None, None
+        throughput = None  # tokens/s, smoothed
+        x, y = batches.get(start, 0) if start < end else (None, None)
+        raw.train()
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(cfg.grad_accum_steps):
+                last_micro = micro == cfg.grad_accum_steps - 1
+                with gradient_sync(model, last_micro):
+                    with rt.autocast():
+                        loss = model(x, y)
+                    # Fetch the next micro-batch now, so its copy overlaps this backward pass.
+                    if not last_micro:
+                        x, y = batches.get(step, micro + 1)
+                    elif step + 1 < end:
+                        x, y = batches.get(step + 1, 0)
+                    loss_sum += loss.detach()
+                    scaler.scale(loss / cfg.grad_accum_steps).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            train_loss = all_reduce_sum(loss_sum / cfg.grad_accum_steps, rt).item() / rt.world_size
+            grad_norm = grad_norm.item()
+            done = step + 1
+            # fp16's scaler expects an occasional overflow and skips that step itself; anything else is divergence.
+            bad = not math.isfinite(train_loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
+            if bad and cfg.on_nonfinite == "stop":
+                if rt.is_main:
+                    log.append({"step": done, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                                "tokens": done * tokens_per_step, "nonfinite": True})
+                    log.flush()
+                previous = checkpoint_pointer(run_dir) if rt.is_main else None
+                where = f"; the last good checkpoint is step {previous['step']}" if previous else ""
+                raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
+                                     f"{done} (loss {train_loss}, gradient norm {grad_norm}); stopped without saving{where}. "
+                                     "Lower train.learning_rate, or pass --set on_nonfinite=skip to skip such steps")
             if bad:
-                record.update(skipped=True, skipped_steps=skipped)
-            log.append(record)
-            writer.add_scalar("train/loss", train_loss, done)
-            writer.add_scalar("train/lr", lr, done)
-            writer.add_scalar("train/grad_norm", grad_norm, done)
-            writer.add_scalar("train/tokens_per_s", rate, done)
-            if progress:
-                progress.update(1)
-                progress.set_postfix_str(f"loss {train_loss:.4f} | {throughput:,.0f} tok/s")
-            elif done % cfg.log_interval == 0 or done == end:
-                log.flush()
-                if not quiet:
-                    mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
-                    say(f"step {done}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                        f"{throughput:,.0f} tok/s{mfu} | eta {format_duration((cfg.max_steps - done) * tokens_per_step / throughput)}")
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
 
-        checkpoint_due = done == end or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
-        if done == cfg.max_steps or checkpoint_due or (cfg.eval_interval and done % cfg.eval_interval == 0):
-            summary_val = run_eval(done)  # every checkpoint has a validation loss, so best.json means something
-        if checkpoint_due:
-            checkpoint(done, summary_val["val_loss"])
+            step_time = time.perf_counter() - t0
+            elapsed += step_time
+            rate = tokens_per_step / step_time
+            throughput = rate if throughput is None else 0.9 * throughput + 0.1 * rate
+            if rt.is_main:
+                record = {"step": done, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": done * tokens_per_step, "tokens_per_s": rate}
+                if peak:
+                    record["mfu"] = flops_per_token * rate / (peak * rt.world_size)
+                if bad:
+                    record.update(skipped=True, skipped_steps=skipped)
+                log.append(record)
+                writer.add_scalar("train/loss", train_loss, done)
+                writer.add_scalar("train/lr", lr, done)
+                writer.add_scalar("train/grad_norm", grad_norm, done)
+                writer.add_scalar("train/tokens_per_s", rate, done)
+                if progress:
+                    progress.update(1)
+                    progress.set_postfix_str(f"loss {train_loss:.4f} | {throughput:,.0f} tok/s")
+                if done % cfg.log_interval == 0 or done == end:
+                    log.flush()
+                    if not progress and not quiet:
+                        eta = (cfg.max_steps - done) * tokens_per_step / throughput
+                        say(log_line(record, cfg.max_steps, throughput, eta))
 
-    if progress:
-        progress.close()
-    if writer:
-        writer.close()
-    if rt.world_size > 1:
-        dist.barrier()
-    if rt.owns_process_group:
-        dist.destroy_process_group()
+            checkpoint_due = done == end or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
+            if done == cfg.max_steps or checkpoint_due or (cfg.eval_interval and done % cfg.eval_interval == 0):
+                summary_val = run_eval(done)  # every checkpoint has a validation loss, so best.json means something
+            if checkpoint_due:
+                checkpoint(done, summary_val["val_loss"])
+
+        if rt.world_size > 1:
+            dist.barrier()  # rank 0 has written the last checkpoint before anyone reads it
+    finally:
+        if progress:
+            progress.close()
+        if writer:
+            writer.close()
+        if rt.owns_process_group:
+            dist.destroy_process_group()
     final = checkpoint_pointer(run_dir)
     best = checkpoint_pointer(run_dir, "best")
     return {

@@ -1,0 +1,135 @@
+"""Recipes: TOML files and --set overrides become typed dataclasses; anything unknown or impossible is refused by name."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tinygemma import UserError
+from tinygemma.config import Recipe, TrainConfig, load_recipe
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_a_sound_recipe():
+    cfg = TrainConfig()
+    assert cfg.min_lr < cfg.learning_rate and cfg.warmup_steps < cfg.max_steps
+    assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert cfg.dtype == "auto" and cfg.compile == "auto" and cfg.device == "auto"
+
+
+def test_workshop_recipe_is_the_notebook_with_its_bugs_fixed():
+    recipe = load_recipe(CONFIGS / "workshop.toml")
+    t = recipe.train
+    assert recipe.model_preset == "gemma3-270m-gpt2" and recipe.data.tokenizer == "gpt2"
+    assert (t.batch_size, t.block_size, t.grad_accum_steps) == (32, 128, 32)
+    assert (t.learning_rate, t.beta1, t.beta2, t.weight_decay, t.adam_eps, t.grad_clip) == (1e-4, 0.9, 0.95, 0.1, 1e-9, 0.5)
+    tokens = t.batch_size * t.block_size * t.grad_accum_steps * t.max_steps
+    assert tokens == pytest.approx(614e6, rel=1e-3)  # the notebook's 150,000 micro-steps of 32 x 128
+    assert t.min_lr < t.learning_rate  # fix: the notebook's min_lr was 5x its peak
+    assert t.warmup_steps == round(1000 / 32)  # fix: optimizer steps, not micro-steps
+    assert t.dtype == "bfloat16"  # fix: autocast over float32 master weights (see test_train)
+    assert recipe.model_config(vocab_size=50_257).num_params() == 132_490_496
+    text = (CONFIGS / "workshop.toml").read_text()
+    assert len(re.findall(r"FIX \d", text)) >= 4
+
+
+@pytest.mark.parametrize("name", ["workshop.toml", "cpu-demo.toml"])
+def test_every_field_of_a_recipe_file_is_commented_with_its_default(name):
+    text = (CONFIGS / name).read_text()
+    fields = [line for line in text.splitlines() if re.match(r"^\w+ = ", line)]
+    assert fields
+    for line in fields:
+        assert re.search(r"# .+\[.+\]$", line), f"{name}: {line!r} needs a comment ending with its [default]"
+    recipe = load_recipe(CONFIGS / name)
+    for section, values in recipe.to_dict().items():  # and the file sets every train field explicitly
+        if section == "train":
+            missing = [k for k in values if not re.search(rf"^{k} = ", text, re.MULTILINE)]
+            assert not missing, f"{name} leaves train fields to their defaults: {missing}"
+
+
+def test_cpu_demo_is_small_and_takes_a_local_source():
+    recipe = load_recipe(CONFIGS / "cpu-demo.toml", ["data.source=../shared/data/tinystories/train.txt"])
+    assert recipe.data.source == ["../shared/data/tinystories/train.txt"]
+    assert recipe.model_config(vocab_size=recipe.data.vocab_size).num_params() < 3_000_000
+    assert recipe.train.device == "cpu" and recipe.train.dtype == "float32"
+
+
+def test_overrides_are_typed_from_the_fields():
+    recipe = load_recipe(None, [
+        "batch_size=4", "train.learning_rate=3e-4", "compile=false", "activation_checkpointing=yes",
+        "model.preset=gemma3-tiny", "model.d_model=64", "model.tie_embeddings=false", "data.source=a.txt,b.txt",
+        'data.val_source=["v.txt"]', "data.limit=none", "generate.top_p=0.9", "generate.top_k=none",
+        "train.out=runs/x", "max_steps=1_000",
+    ])
+    assert recipe.train.batch_size == 4 and recipe.train.learning_rate == 3e-4 and recipe.train.max_steps == 1000
+    assert recipe.train.compile == "false" and recipe.train.activation_checkpointing is True
+    assert recipe.model_overrides == {"d_model": 64, "tie_embeddings": False}
+    assert recipe.data.source == ["a.txt", "b.txt"] and recipe.data.val_source == ["v.txt"] and recipe.data.limit is None
+    assert recipe.generate.top_p == 0.9 and recipe.generate.top_k is None and recipe.out == "runs/x"
+    assert recipe.model_config(vocab_size=512).d_model == 64
+
+
+def test_a_recipe_round_trips_through_its_dict():
+    recipe = load_recipe(CONFIGS / "cpu-demo.toml", ["model.n_layers=3", "model.layer_types=[\"full_attention\", "
+                                                      "\"sliding_attention\", \"full_attention\"]"])
+    again = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    assert again == recipe
+
+
+def test_vocabulary_comes_from_the_data_and_must_hold_it():
+    recipe = load_recipe(None, ["model.preset=gemma3-270m"])
+    assert recipe.model_config(vocab_size=512).vocab_size == 512  # the preset's 262,144 gives way to the data's
+    assert load_recipe(None, ["model.vocab_size=1024"]).model_config(vocab_size=512).vocab_size == 1024
+    with pytest.raises(UserError, match="cannot hold the data's tokens"):
+        load_recipe(None, ["model.vocab_size=256"]).model_config(vocab_size=512)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("nonsense=1", "unknown setting train.nonsense"),
+    ("optim.lr=1", "unknown section in optim.lr"),
+    ("model.width=3", "unknown setting model.width"),
+    ("data.path=x", "unknown setting data.path"),
+    ("batch_size", "--set expects KEY=VALUE"),
+    ("batch_size=0", "train.batch_size must be an integer >= 1"),
+    ("batch_size=2.5", "train.batch_size must be an integer"),
+    ("learning_rate=fast", "train.learning_rate must be a number"),
+    ("learning_rate=nan", "train.learning_rate must be a number"),
+    ("learning_rate=-1", "train.learning_rate must be a positive number"),
+    ("min_lr=1", "min_lr (1.0) must not exceed train.learning_rate"),
+    ("warmup_steps=6000", "warmup_steps (6000) must not exceed train.max_steps"),
+    ("beta2=1", "train.beta2 must be a number in [0, 1)"),
+    ("grad_clip=-1", "train.grad_clip must be a number >= 0"),
+    ("dtype=fp8", "train.dtype must be one of auto, float32, bfloat16, float16"),
+    ("device=tpu", "train.device must be one of auto, cpu, cuda, mps"),
+    ("compile=maybe", "train.compile must be one of auto, true, false"),
+    ("distributed=zero3", "train.distributed must be one of ddp, fsdp"),
+    ("activation_checkpointing=sometimes", "train.activation_checkpointing must be true or false"),
+    ("model.preset=gemma9", "unknown model preset 'gemma9'"),
+    ("model.n_kv_heads=3", "n_heads (4) must be a multiple of n_kv_heads (3)"),
+    ("model.d_model=big", "model.d_model must be an integer"),
+    ("data.source=[1, 2]", "data.source must be a list of strings"),
+])
+def test_bad_settings_are_refused_by_name(setting, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(None, [setting])
+
+
+def test_bad_recipe_files_are_refused(tmp_path):
+    cases = {
+        "[train]\nbatch_size = \"32\"\n": "train.batch_size must be an integer",
+        "[train]\nlearning_rate = true\n": "train.learning_rate must be a number",
+        "[training]\nbatch_size = 3\n": "unknown section(s) training",
+        "[train]\nbatch_size = 3\nbatch_sise = 4\n": "unknown setting train.batch_sise",
+        "[model]\npreset = \"gemma3-tiny\"\nlayers = 4\n": "unknown setting model.layers",
+        "train = 3\n": "[train] must be a table",
+        "[train\n": "is not valid TOML",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "recipe.toml"
+        path.write_text(text)
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_recipe(path)
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.toml")

@@ -1,0 +1,147 @@
+"""Training when things go wrong (issue 7): kill -9 at random moments, NaN losses, a full disk, corrupt files."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import test_train
+import torch
+from test_train import run, tiny_settings, train_losses
+
+import tinygemma
+import tinygemma.train
+from tinygemma.model import Gemma3
+
+ROOT = Path(__file__).resolve().parents[1]
+# test_train's fixtures: real stories BPE-tokenized, the uninterrupted 40-step run, one thread per process.
+data_dir, straight_run, one_thread = test_train.data_dir, test_train.straight_run, test_train.one_thread
+
+
+def last_checkpoint(run_dir: Path) -> dict | None:
+    pointer = run_dir / "checkpoints" / "last.json"
+    return json.loads(pointer.read_text()) if pointer.exists() else None
+
+
+def test_kill_9_at_random_moments_then_resume_reaches_the_end_with_the_same_losses(straight_run, data_dir, tmp_path):
+    """Checkpoint every step, kill the process with SIGKILL a little after it makes progress (so the kills land
+    anywhere: mid-step, mid-checkpoint, mid-plot), check the last checkpoint loads, resume; three times. The run
+    must then finish, and its losses must be the uninterrupted run's, exactly."""
+    out = tmp_path / "killed"
+    settings = tiny_settings(data_dir, out, "checkpoint_interval=1")
+    cmd = [sys.executable, "-m", "tinygemma", "train", "--resume", *[a for s in settings for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    rng = random.Random(7)
+    kills = 0
+    while kills < 3:
+        before = (last_checkpoint(out) or {}).get("step", 0)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while (last_checkpoint(out) or {}).get("step", 0) <= before and proc.poll() is None:
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None:  # finished before the kill: the run is too short for this test
+            pytest.fail(f"the run finished before kill {kills + 1}: {proc.stderr.read().decode()[-2000:]}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        kills += 1
+        last = last_checkpoint(out)
+        assert last is not None and last["step"] >= before
+        tinygemma.load(out / "checkpoints" / last["dir"])  # the previous checkpoint is always loadable
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_checkpoint(out)["step"] == 40
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train_loss" in r]
+    assert steps == list(range(1, 41))  # every step once: the lost work was dropped and redone
+    assert train_losses(out) == train_losses(straight_run)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.fixture
+def nan_at_step(monkeypatch):
+    """Make the training loss NaN at one optimizer step (batch size 8, no accumulation: one call per step)."""
+    state = {"calls": 0, "at": None}
+    forward = Gemma3.forward
+
+    def patched(self, input_ids, targets=None):
+        loss = forward(self, input_ids, targets)
+        if targets is not None and self.training:
+            state["calls"] += 1
+            if state["calls"] == state["at"]:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(Gemma3, "forward", patched)
+    return state
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing(nan_at_step, data_dir, tmp_path, monkeypatch):
+    nan_at_step["at"] = 8
+    out = tmp_path / "nan"
+    with pytest.raises(tinygemma.train.NonFiniteError, match="non-finite loss at step 8.*last good checkpoint is step 5"):
+        run(data_dir, out, "max_steps=12", "checkpoint_interval=5")
+    assert last_checkpoint(out)["step"] == 5
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]
+    monkeypatch.undo()
+    assert run(data_dir, out, "max_steps=12", "checkpoint_interval=5", resume=True)["step"] == 12
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(nan_at_step, data_dir, tmp_path):
+    nan_at_step["at"] = 3
+    out = tmp_path / "skip"
+    summary = run(data_dir, out, "max_steps=6", "on_nonfinite=skip")
+    assert summary["step"] == 6 and summary["skipped_steps"] == 1
+    records = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r}
+    assert records[3]["skipped"] is True and records[3]["skipped_steps"] == 1
+    assert all(r["train_loss"] == r["train_loss"] for s, r in records.items() if s != 3)
+    assert summary["val_loss"] == summary["val_loss"]  # the model was not poisoned
+
+
+def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "disk"
+    usage = namedtuple("usage", "total used free")
+    calls = {"n": 0}
+
+    def disk_usage(path):
+        calls["n"] += 1
+        return usage(10**12, 10**12, 10**12 if calls["n"] == 1 else 1000)  # room for the first checkpoint only
+
+    monkeypatch.setattr(tinygemma.train.shutil, "disk_usage", disk_usage)
+    with pytest.raises(tinygemma.UserError, match="not enough free disk.*step 10.*step 5 is intact"):
+        run(data_dir, out, "max_steps=12", "checkpoint_interval=5")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]
+    monkeypatch.undo()
+    assert run(data_dir, out, "max_steps=12", "checkpoint_interval=5", resume=True)["step"] == 12
+
+
+def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "corrupt"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    ckpt = out / "checkpoints" / "step_000002"
+    assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json"}
+    optimizer = ckpt / "optimizer.safetensors"
+    good = optimizer.read_bytes()
+    optimizer.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(tinygemma.UserError, match="not a readable safetensors file"):
+        run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)
+    optimizer.write_bytes(good)
+    with pytest.raises(tinygemma.UserError, match="differs from the configured one in d_model"):
+        run(data_dir, out, "max_steps=4", "checkpoint_interval=2", "model.d_model=32", resume=True)
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("resume unpickled something")
+
+    monkeypatch.setattr(torch, "load", unpickle)
+    monkeypatch.setattr(pickle, "load", unpickle)
+    monkeypatch.setattr(pickle, "loads", unpickle)
+    assert run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4

@@ -132,8 +132,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"checkpoint not found: {path}")
     if path.is_file():
         raise UserError(f"{path} is a file; give the checkpoint or run directory that holds it")
-    if (path / META_NAME).exists() or (path / "config.json").exists():
+    if (path / META_NAME).exists():
         return path
+    # A run directory (its config.json is the run's recipe, not a transformers config): follow its pointers.
     ckpts = path / "checkpoints"
     for name in ("best", "last"):
         pointer = ckpts / f"{name}.json"
@@ -141,6 +142,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             target = ckpts / read_json(pointer, "checkpoint pointer").get("dir", "")
             if (target / META_NAME).exists():
                 return target
+    if (path / "config.json").exists() and not ckpts.exists():
+        return path
     raise UserError(f"{path} holds no checkpoint (no {META_NAME}, no config.json, no checkpoints/last.json)")
 
 

@@ -16,6 +16,7 @@ from tinygemma.errors import UserError
 COMMAND_MODULES = [
     "tinygemma.data",  # prepare
     "tinygemma.train",  # train
+    "tinygemma.pipeline",  # run
     "tinygemma.generate",  # generate, eval
     "tinygemma.checkpoint",  # export
 ]

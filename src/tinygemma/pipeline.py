@@ -1,0 +1,82 @@
+"""`tinygemma run RECIPE.toml`: the whole pipeline a recipe describes, in one re-runnable command.
+
+prepare (if the prepared directory is missing) -> train (resuming the run if it has checkpoints) -> evaluate
+the best checkpoint on the whole validation split -> print sample stories from the recipe's prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tinygemma.config import Recipe, load_recipe
+from tinygemma.errors import UserError
+
+
+def log(message: str) -> None:
+    print(f"[tinygemma run] {message}", file=sys.stderr, flush=True)
+
+
+def prepare_if_missing(recipe: Recipe) -> None:
+    from tinygemma.data import META_NAME, open_prepared, prepare
+
+    data_dir = Path(recipe.data.dir)
+    if (data_dir / META_NAME).exists():
+        data = open_prepared(data_dir)  # validated: a truncated or foreign directory stops here
+        log(f"prepared data found in {data_dir} ({data.meta['splits']['train']['tokens']:,} training tokens); "
+            "delete it to prepare again")
+        return
+    source = ", ".join(recipe.data.source) or "the Hugging Face hub (roneneldan/TinyStories)"
+    log(f"preparing {source} into {data_dir} with the {recipe.data.tokenizer} tokenizer")
+    prepare(data_dir, sources=recipe.data.source or None, val_sources=recipe.data.val_source or None,
+            tokenizer=recipe.data.tokenizer, vocab_size=recipe.data.vocab_size, limit=recipe.data.limit)
+
+
+def run(recipe: Recipe) -> dict:
+    """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}."""
+    from tinygemma.data import open_prepared
+    from tinygemma.generate import checkpoint_tokenizer, evaluate, generate_text, load_model, pick_device
+    from tinygemma.train import train
+
+    prepare_if_missing(recipe)
+    log(f"training into {recipe.out} (resumes from its last checkpoint if it has one)")
+    summary = train(recipe, resume=True)
+
+    tokenizer = checkpoint_tokenizer(recipe.out)
+    device = pick_device(recipe.train.device)
+    # bf16 on GPUs; float32 elsewhere, so that CPU evaluations compare with training's float32 numbers.
+    model = load_model(recipe.out, tokenizer, dtype="auto" if device.type == "cuda" else "float32",
+                       device=str(device))
+    data = open_prepared(recipe.data.dir)
+    val = data.meta["splits"]["val"]
+    log(f"evaluating the best checkpoint on the whole validation split ({val['tokens']:,} tokens)")
+    metrics = evaluate(model, data.split("val"), block_size=recipe.train.block_size,
+                       batch_size=recipe.train.batch_size, split_bytes=val["bytes"])
+    print(json.dumps({"eval": metrics}), flush=True)
+
+    g = recipe.generate
+    samples = []
+    for i, prompt in enumerate(g.prompts):
+        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens,
+                                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
+        samples.append(prompt + texts[0])
+        print(f"\n--- sample {i + 1}: {prompt!r}\n{prompt}{texts[0]}", flush=True)
+    return {"train": summary, "eval": metrics, "samples": samples}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="the main job: prepare (if needed), train (resuming), evaluate and sample, from one recipe")
+    p.add_argument("recipe", help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. data.source=../shared/data/tinystories/train.txt, "
+                        "train.max_steps=100, model.n_layers=4; repeatable")
+    p.set_defaults(func=_run_main)
+
+
+def _run_main(args) -> int:
+    if not Path(args.recipe).is_file():
+        raise UserError(f"recipe not found: {args.recipe}")
+    run(load_recipe(args.recipe, args.set))
+    return 0

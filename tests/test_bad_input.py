@@ -1,0 +1,130 @@
+"""Bad input across every command: one clear line on stderr, a non-zero exit, no traceback, and every
+existing output left exactly as it was. One table, one test per row."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinygemma.cli import main
+from tinygemma.config import load_recipe
+from tinygemma.data import prepare
+from tinygemma.train import train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, stories_dir):
+    """A prepared GPT-2 dataset, a BPE dataset, a trained tiny run, and a few broken files beside them."""
+    root = tmp_path_factory.mktemp("world")
+    prepare(root / "data", sources=[str(stories_dir / "train.txt")], tokenizer="gpt2", limit=300, progress=False)
+    prepare(root / "bpe", sources=[str(stories_dir / "train.txt")], tokenizer="bpe", vocab_size=300, limit=100,
+            progress=False)
+    recipe = load_recipe(None, [
+        f"data.dir={root / 'data'}", f"train.out={root / 'run'}", "model.preset=gemma3-tiny", "model.d_model=32",
+        "model.n_layers=2", "model.head_dim=8", "model.mlp_dim=64", "model.sliding_window=8", "batch_size=2",
+        "block_size=16", "grad_accum_steps=1", "max_steps=2", "eval_interval=1", "eval_batches=1",
+        "checkpoint_interval=1", "warmup_steps=1", "device=cpu", "dtype=float32", "compile=false",
+    ])
+    train(recipe, quiet=True)
+    (root / "notutf8.txt").write_bytes(b"Once upon a time \xff\xfe\xfa there was a cat.\n")
+    (root / "empty.txt").write_text("\n<|endoftext|>\n   \n")
+    (root / "bad.toml").write_text("[train\nbatch_size = ")
+    # A dataset whose train.bin was truncated after prepare.
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for name in ("meta.json", "train.bin", "val.bin"):
+        (truncated / name).write_bytes((root / "data" / name).read_bytes())
+    data = (truncated / "train.bin").read_bytes()
+    (truncated / "train.bin").write_bytes(data[: len(data) // 2 + 1])
+    # A checkpoint whose config says another architecture than its weights.
+    other = root / "other"
+    other.mkdir()
+    ckpt = Path(json.loads((root / "run" / "checkpoints" / "last.json").read_text())["dir"])
+    for f in (root / "run" / "checkpoints" / ckpt).iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((other / "checkpoint.json").read_text())
+    meta["model"]["n_layers"], meta["model"]["layer_types"] = 3, None
+    (other / "checkpoint.json").write_text(json.dumps(meta))
+    return root
+
+
+RUN_ARGS = ["--set", "batch_size=2", "--set", "block_size=16", "--set", "device=cpu", "--set", "compile=false"]
+
+# (id, argv with {root} for the fixture directory, words the error line must contain)
+CASES = [
+    ("prepare-missing-file", ["prepare", "--out", "{root}/new", "--source", "{root}/nope.txt"], "not found"),
+    ("prepare-empty-corpus", ["prepare", "--out", "{root}/new", "--source", "{root}/empty.txt"], "empty"),
+    ("prepare-not-utf8", ["prepare", "--out", "{root}/new", "--source", "{root}/notutf8.txt"], "UTF-8"),
+    ("prepare-unknown-tokenizer", ["prepare", "--out", "{root}/new", "--source", "{root}/notutf8.txt",
+                                   "--tokenizer", "gpt5"], "tokenizer"),
+    ("prepare-over-existing-data", ["prepare", "--out", "{root}/data", "--source", "{root}/empty.txt"], ""),
+    ("train-missing-data", ["train", "--data", "{root}/nowhere", "--out", "{root}/new"], "not a prepared dataset"),
+    ("train-truncated-tokens", ["train", "--data", "{root}/truncated", "--out", "{root}/new"], "truncated"),
+    ("train-unknown-key", ["train", "--data", "{root}/data", "--out", "{root}/new", "--set", "bach_size=4"],
+     "bach_size"),
+    ("train-ill-typed-value", ["train", "--data", "{root}/data", "--out", "{root}/new", "--set", "batch_size=four"],
+     "batch_size"),
+    ("train-batch-size-zero", ["train", "--data", "{root}/data", "--out", "{root}/new", "--set", "batch_size=0"],
+     "batch_size"),
+    ("train-unknown-model-field", ["train", "--data", "{root}/data", "--out", "{root}/new", "--set",
+                                   "model.n_layer=4"], "model.n_layer"),
+    ("train-vocab-too-small", ["train", "--data", "{root}/data", "--out", "{root}/new", "--model", "gemma3-tiny",
+                               "--set", "model.vocab_size=1000"] + RUN_ARGS, "vocab_size"),
+    ("train-min-lr-above-lr", ["train", "--data", "{root}/data", "--out", "{root}/new", "--set",
+                               "learning_rate=1e-4", "--set", "min_lr=1e-3"], "min_lr"),
+    ("train-over-existing-run", ["train", "--data", "{root}/data", "--out", "{root}/run"] + RUN_ARGS, "--resume"),
+    ("train-bad-recipe-file", ["train", "--config", "{root}/bad.toml"], "TOML"),
+    ("train-missing-recipe-file", ["train", "--config", "{root}/nope.toml"], "not found"),
+    ("run-missing-recipe", ["run", "{root}/nope.toml"], "not found"),
+    ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/nowhere", "--prompt", "Once"], "not found"),
+    ("generate-negative-temperature", ["generate", "--ckpt", "{root}/run", "--prompt", "Once",
+                                       "--temperature", "-1"], "temperature"),
+    ("generate-top-p-above-one", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-p", "1.5"],
+     "top_p"),
+    ("generate-top-k-zero", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-k", "0"], "top_k"),
+    ("generate-negative-length", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
+                                  "-3"], "max_new_tokens"),
+    ("generate-zero-samples", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--num-samples", "0"],
+     "num-samples"),
+    ("generate-other-architecture", ["generate", "--ckpt", "{root}/other", "--prompt", "Once"],
+     "does not match"),
+    ("eval-wrong-tokenizer", ["eval", "--ckpt", "{root}/run", "--data", "{root}/bpe"], "but the checkpoint uses gpt2"),
+    ("eval-truncated-tokens", ["eval", "--ckpt", "{root}/run", "--data", "{root}/truncated"], "truncated"),
+    ("eval-missing-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/nowhere"], "not a prepared dataset"),
+    ("export-missing-ckpt", ["export", "--ckpt", "{root}/nowhere", "--out", "{root}/new"], "not found"),
+    ("export-other-architecture", ["export", "--ckpt", "{root}/other", "--out", "{root}/new"], "does not match"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Hash of every file under root: an error must leave all of them as they were."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case_id,argv,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(world, capsys, case_id, argv, words):
+    before = snapshot(world)
+    code = main([a.replace("{root}", str(world)) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    assert code != 0, f"{case_id}: exit status 0"
+    assert "Traceback" not in err
+    assert len(lines) == 1 and " error: " in lines[0], f"{case_id}: stderr was {err!r}"
+    assert words in lines[0], f"{case_id}: {lines[0]!r} does not mention {words!r}"
+    assert snapshot(world) == before, f"{case_id}: existing outputs changed"
+    assert not (world / "new").exists(), f"{case_id}: left a partial output"
+
+
+def test_bad_input_in_a_real_process(world):
+    """The same through the installed entry point: exit status 2, one stderr line, nothing on stdout."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-m", "tinygemma", "generate", "--ckpt", str(world / "run"),
+                             "--prompt", "Once", "--top-p", "2"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "top_p" in result.stderr and "Traceback" not in result.stderr

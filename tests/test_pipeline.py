@@ -1,0 +1,88 @@
+"""`tinygemma run RECIPE`: prepare, train, evaluate and sample in one command, re-runnable."""
+
+import json
+
+import tinygemma
+from tinygemma.cli import main
+
+RECIPE = """
+[data]
+dir = "{root}/data"
+source = ["{stories}/train.txt"]
+tokenizer = "bpe"
+vocab_size = 400
+limit = 300
+
+[model]
+preset = "gemma3-tiny"
+d_model = 32
+n_layers = 2
+head_dim = 8
+mlp_dim = 64
+sliding_window = 16
+
+[train]
+out = "{root}/run"
+batch_size = 4
+block_size = 32
+grad_accum_steps = 1
+max_steps = 6
+warmup_steps = 2
+learning_rate = 3e-3
+min_lr = 3e-4
+eval_interval = 3
+eval_batches = 2
+checkpoint_interval = 3
+device = "cpu"
+dtype = "float32"
+compile = "false"
+
+[generate]
+prompts = ["Once upon a time", "Tom had a dog"]
+max_new_tokens = 12
+temperature = 0.8
+top_k = 20
+"""
+
+
+def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    assert main(["run", str(recipe)]) == 0
+    out, err = capsys.readouterr()
+    assert "preparing" in err and "training into" in err
+    evaluation = json.loads(next(line for line in out.splitlines() if line.startswith('{"eval"')))["eval"]
+    assert evaluation["tokens"] > 1000  # the whole validation split, not a sample of windows
+    assert 0 < evaluation["bits_per_byte"] < 10
+    assert "--- sample 1: 'Once upon a time'\nOnce upon a time" in out
+    assert "--- sample 2: 'Tom had a dog'\nTom had a dog" in out
+    assert (tmp_path / "data" / "meta.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "last.json").exists()
+    assert tinygemma.load(tmp_path / "run").config.n_layers == 2  # a run directory, not its recipe's config.json
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+    # Again: the data is reused, the finished run is not trained further, and the same samples come out.
+    assert main(["run", str(recipe)]) == 0
+    out2, err2 = capsys.readouterr()
+    assert "prepared data found" in err2 and "preparing" not in err2
+    steps2 = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "train_loss" in line]
+    assert steps2 == steps
+    assert out2.split("--- sample 1")[1] == out.split("--- sample 1")[1]
+
+
+def test_run_continues_an_interrupted_run(tmp_path, stories_dir, capsys):
+    from tinygemma.config import load_recipe
+    from tinygemma.pipeline import prepare_if_missing
+    from tinygemma.train import train
+
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    recipe = load_recipe(str(recipe_file))
+    prepare_if_missing(recipe)
+    train(recipe, stop_at=3, quiet=True)  # as if the first `run` had been stopped after step 3
+    assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2"]) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "train_loss" in x] == [1, 2, 3, 4, 5, 6]

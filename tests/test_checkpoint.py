@@ -168,3 +168,18 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checkpoint not found" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_the_checkpoints_tokenizer(tmp_path):
+    from tinygemma.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=2))
+    save_model(model, tmp_path / "ckpt", {"tokenizer": tokenizer.save(tmp_path / "ckpt")})
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Once upon a time, Lily saw a big dog.\n\n\"Hello!\" she said."
+    assert hf_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == 50256 == tokenizer.eot_id

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 import tinygemma
+from tinygemma.cli import main
 from tinygemma.config import load_recipe
 from tinygemma.data import open_prepared, prepare
 from tinygemma.train import learning_rate, token_byte_lengths, train
@@ -37,6 +38,10 @@ def tiny_settings(data_dir, out, *overrides) -> list[str]:
 
 def run(data_dir, out, *overrides, **kwargs) -> dict:
     return train(load_recipe(None, tiny_settings(data_dir, out, *overrides)), quiet=True, **kwargs)
+
+
+def last_step(run_dir) -> int:
+    return json.loads((Path(run_dir) / "checkpoints" / "last.json").read_text())["step"]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -112,8 +117,6 @@ def test_validation_loss_falls_and_run_directory_is_complete(straight_run, data_
     assert model(tokens[:, :-1], tokens[:, 1:]).item() < val[0] - 0.8
 
 
-@pytest.mark.xfail(reason="checkpoint.resolve_checkpoint takes RUN/config.json (the run's resolved recipe) for a "
-                          "transformers config.json; it must look for RUN/checkpoints/ first", strict=False)
 def test_load_accepts_the_run_directory(straight_run):
     best = json.loads((straight_run / "checkpoints" / "best.json").read_text())["dir"]
     by_run, by_dir = tinygemma.load(straight_run), tinygemma.load(straight_run / "checkpoints" / best)
@@ -138,11 +141,12 @@ def test_bits_per_byte_counts_the_bytes_of_the_text(data_dir, stories_dir, tmp_p
 def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path):
     out = tmp_path / "resumed"
     first = run(data_dir, out, stop_at=20)
-    assert first["step"] == 20 and json.loads((out / "checkpoints" / "last.json").read_text())["step"] == 20
+    assert first["step"] == 20 and last_step(out) == 20
     with pytest.raises(tinygemma.UserError, match="--resume"):  # a fresh start never overwrites a run
         run(data_dir, out)
-    second = run(data_dir, out, resume=True)
-    assert second["step"] == 40
+    # The command line resumes from the run's own config.json, with nothing but --out.
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert last_step(out) == 40
     assert train_losses(out) == train_losses(straight_run)  # exactly, step for step
     assert val_losses(out) == val_losses(straight_run)
 
@@ -175,10 +179,12 @@ def test_bf16_autocast_keeps_float32_master_weights(straight_run, data_dir, tmp_
     assert any(bf16[s] != fp32[s] for s in range(1, 11))
 
 
-def test_two_processes_reproduce_one(straight_run, data_dir, tmp_path):
-    """torchrun, 2 gloo processes x 2 sequences x 2 micro-steps = the 8 sequences of the 1-process run."""
-    out = tmp_path / "ddp"
-    settings = tiny_settings(data_dir, out, "batch_size=2", "grad_accum_steps=2")
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_reproduce_one(straight_run, data_dir, tmp_path, distributed):
+    """torchrun, 2 gloo processes x 2 sequences x 2 micro-steps = the 8 sequences of the 1-process run, with
+    DDP and with FSDP2 (whose checkpoint is gathered from the shards)."""
+    out = tmp_path / distributed
+    settings = tiny_settings(data_dir, out, "batch_size=2", "grad_accum_steps=2", f"distributed={distributed}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tinygemma", "train", "--stop-at", "10", *[a for s in settings for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -190,6 +196,13 @@ def test_two_processes_reproduce_one(straight_run, data_dir, tmp_path):
     assert sorted(ddp) == list(range(1, 11))
     assert [ddp[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=1e-4)
     assert val_losses(out)[10] == pytest.approx(val_losses(straight_run)[10], rel=1e-4)
+    tinygemma.load(out / "checkpoints" / "step_000010")  # a whole model, whatever the sharding
+
+
+def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_path):
+    out = tmp_path / "recompute"
+    run(data_dir, out, "activation_checkpointing=true", stop_at=3)
+    assert [train_losses(out)[s] for s in (1, 2, 3)] == [train_losses(straight_run)[s] for s in (1, 2, 3)]
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
@@ -215,8 +228,6 @@ def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):
 
 
 def test_cli_refuses_bad_settings_in_one_line(data_dir, tmp_path, capsys):
-    from tinygemma.cli import main
-
     for setting, message in [("nonsense=1", "unknown setting train.nonsense"),
                               ("batch_size=two", "train.batch_size must be an integer"),
                               ("min_lr=1", "min_lr"), ("model.preset=gpt5", "unknown model preset")]:

@@ -333,6 +333,8 @@ def evaluate(raw: Gemma3, val: np.ndarray, starts: np.ndarray, token_bytes: torc
         sums += torch.stack([nats.sum(), torch.tensor(nats.numel(), device=rt.device), nats[text].sum(),
                              nbytes.sum()]).double()
     raw.train()
+    if hasattr(raw, "reshard"):  # FSDP2's root keeps its parameters gathered after a forward with no backward
+        raw.reshard()
     nats, tokens, text_nats, nbytes = all_reduce_sum(sums, rt).tolist()
     loss = nats / tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),

@@ -113,7 +113,6 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
-        torch.backends.cudnn.allow_tf32 = True
 
     owns = False
     if world_size > 1 and not dist.is_initialized():

@@ -1,0 +1,46 @@
+"""benchmarks/train_throughput.py on a tiny preset: the contenders compute the same loss, the output is complete."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_throughput_smoke(tmp_path, capsys):
+    train_throughput = load_script("train_throughput")
+    out = tmp_path / "result.json"
+    # Block 80 > gemma3-tiny's window of 64, so the sliding-window masks are compared too.
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "80",
+                                    "--steps", "1", "--warmup", "1", "--device", "cpu", "--json", str(out)])
+
+    rows = {r["contender"]: r for r in result["results"]}
+    assert list(rows) == ["tinygemma", "transformers", "workshop"]
+    step0 = [r["loss_step0"] for r in rows.values()]
+    assert max(step0) - min(step0) < 1e-4 * min(step0)
+    assert abs(step0[0] - math.log(50_257)) < 2.0  # a fresh model's loss is near ln(vocab)
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and len(r["step_times_s"]) == 1
+        assert r["mfu"] is None  # no peak is claimed for a CPU
+        assert len(r["losses"]) == 2
+    assert rows["transformers"]["ratio_vs_transformers"] == 1.0
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+    table = capsys.readouterr().out
+    assert "| contender | tokens/s | step time (median) | MFU | vs transformers |" in table
+    for name in rows:
+        assert f"| {name} |" in table

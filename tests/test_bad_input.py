@@ -52,6 +52,7 @@ def world(tmp_path_factory, stories_dir):
     return root
 
 
+REPO = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--set", "batch_size=2", "--set", "block_size=16", "--set", "device=cpu", "--set", "compile=false"]
 
 # (id, argv with {root} for the fixture directory, words the error line must contain)
@@ -80,6 +81,8 @@ CASES = [
     ("train-bad-recipe-file", ["train", "--config", "{root}/bad.toml"], "TOML"),
     ("train-missing-recipe-file", ["train", "--config", "{root}/nope.toml"], "not found"),
     ("run-missing-recipe", ["run", "{root}/nope.toml"], "not found"),
+    ("run-bad-sampling-setting", ["run", "{repo}/configs/cpu-demo.toml", "--set", "generate.top_p=1.5",
+                                  "--set", "data.dir={root}/new"], "top_p"),
     ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/nowhere", "--prompt", "Once"], "not found"),
     ("generate-negative-temperature", ["generate", "--ckpt", "{root}/run", "--prompt", "Once",
                                        "--temperature", "-1"], "temperature"),
@@ -109,7 +112,7 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.mark.parametrize("case_id,argv,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(world, capsys, case_id, argv, words):
     before = snapshot(world)
-    code = main([a.replace("{root}", str(world)) for a in argv])
+    code = main([a.replace("{root}", str(world)).replace("{repo}", str(REPO)) for a in argv])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
     assert code != 0, f"{case_id}: exit status 0"
@@ -122,7 +125,7 @@ def test_bad_input_is_one_clear_line(world, capsys, case_id, argv, words):
 
 def test_bad_input_in_a_real_process(world):
     """The same through the installed entry point: exit status 2, one stderr line, nothing on stdout."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-m", "tinygemma", "generate", "--ckpt", str(world / "run"),
                              "--prompt", "Once", "--top-p", "2"], capture_output=True, text=True, env=env)
     assert result.returncode == 2

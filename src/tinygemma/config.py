@@ -268,8 +268,12 @@ class Recipe:
 
     def _validated(self) -> Recipe:
         """Rebuild the dataclasses so their checks run on the final values (fields are set one at a time)."""
+        from tinygemma.model import check_sampling  # imported here: model.py imports this module
+
         self.train = TrainConfig(**dataclasses.asdict(self.train))
         self.model_config()  # an unknown preset or impossible model field fails here, before any data is read
+        g = self.generate  # and bad sampling settings before hours of training, not after
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p)
         return self
 
 

@@ -228,6 +228,11 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weight
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         raw.load_state_dict(weights, strict=True)
     raw.to(rt.device)
+    if rt.is_cuda and cfg.block_size > model_config.sliding_window:
+        # Sliding layers through flex_attention: work proportional to the window, not the block. The block
+        # mask is built here, before compiling, so the compiled graph only reads it.
+        raw.attention_backend = "flex"
+        raw.sliding_block_mask(cfg.block_size, rt.device)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(raw)
     compile_ = cfg.compile == "true" or (cfg.compile == "auto" and rt.is_cuda)

@@ -248,3 +248,22 @@ def test_bf16_generation_runs(ckpt, capsys):
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "4",
                  "--temperature", "0", "--dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.startswith(PROMPT)
+
+
+def test_packed_bfloat16_decoding_matches_the_plain_path(monkeypatch):
+    """On CPUs with native bfloat16, decoding multiplies by oneDNN-packed weights: same tokens as nn.Linear's
+    own forward, and no trace of it left on the modules afterwards (even when a stream is abandoned)."""
+    from tinygemma import model as model_module
+
+    model = tiny_model(seed=3, vocab_size=512).to(torch.bfloat16)
+    if model_module.packed_linear_forwards(model) is None:
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(0))
+    packed = model.generate(prompt, 24, temperature=0)
+    stream = model.generate_stream(prompt, 10, temperature=0)
+    next(stream)
+    del stream
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(model_module, "packed_linear_forwards", lambda model: None)
+    plain = model.generate(prompt, 24, temperature=0)
+    assert torch.equal(packed, plain)

@@ -369,7 +369,8 @@ class Gemma3(nn.Module):
         # The cache holds the dtype that the model computes in (autocast's, if active).
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) else None
         cache = self.new_cache(B, T + max_new_tokens, dtype=dtype)
-        logits = self._last_logits(input_ids, cache, 0)
+        packed = packed_linear_forwards(self) if dtype is None else None
+        logits = self._last_logits(input_ids, cache, 0, packed)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -379,12 +380,22 @@ class Gemma3(nn.Module):
             yield token
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 return
-            logits = self._last_logits(token[:, None], cache, T + step)
+            logits = self._last_logits(token[:, None], cache, T + step, packed)
 
-    def _last_logits(self, input_ids, cache, start_pos):
-        """Logits of the last position only: the head runs on one position, not the whole prompt."""
-        h = self.norm(self.trunk(input_ids, cache, start_pos)[:, -1])
-        return self.lm_head(h)[..., : self.config.vocab_size].float()
+    def _last_logits(self, input_ids, cache, start_pos, packed=None):
+        """Logits of the last position only: the head runs on one position, not the whole prompt.
+
+        With `packed` (see `packed_linear_forwards`) the linear layers use those forwards for this call only,
+        so nothing of it outlives the step, even if the caller abandons `generate_stream` halfway.
+        """
+        for module, forward in (packed or {}).items():
+            module.__dict__["forward"] = forward  # an instance attribute shadows nn.Linear.forward
+        try:
+            h = self.norm(self.trunk(input_ids, cache, start_pos)[:, -1])
+            return self.lm_head(h)[..., : self.config.vocab_size].float()
+        finally:
+            for module in packed or ():
+                del module.__dict__["forward"]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -393,6 +404,29 @@ class Gemma3(nn.Module):
         """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor."""
         new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
         return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
+
+
+def packed_linear_forwards(model: nn.Module) -> dict[nn.Linear, object] | None:
+    """For each nn.Linear of a bfloat16 model on a CPU that computes in bfloat16 natively, a forward that
+    multiplies by oneDNN's pre-packed copy of its weight; None anywhere else (the plain forwards are used).
+
+    A decode step is one matrix-vector product per weight, which should run at memory bandwidth; ATen's plain
+    bfloat16 path for it does not (Gemma 3 270M decodes 1.6x faster packed on a 2-core AMD EPYC, with the same
+    tokens). The packed layout is the one torch.compile's weight freezing uses for CPU linears. Packing copies
+    the weights (about 0.3 s for 270M), once per `generate_stream` call, so weights that training has since
+    updated are never stale.
+    """
+    weight = next(model.parameters())
+    mkldnn = torch.ops.mkldnn
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
+            or not hasattr(mkldnn, "_reorder_linear_weight") or not mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    forwards = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.bias is None and module.weight.dtype == torch.bfloat16:
+            packed = mkldnn._reorder_linear_weight(module.weight.detach(), 1)  # laid out for batch 1
+            forwards[module] = lambda x, packed=packed: mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return forwards
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -142,6 +142,7 @@ def test_max_new_tokens_zero(model, tokenizer):
 @pytest.mark.parametrize("kwargs", [
     {"temperature": -0.5}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0},
     {"max_new_tokens": -1}, {"num_samples": 0}, {"prompt": ""},
+    {"max_new_tokens": 2048},  # past the model's max_position_embeddings (2048) with the prompt
 ])
 def test_bad_arguments_are_user_errors(model, tokenizer, kwargs):
     args = {"prompt": PROMPT, "max_new_tokens": 4, **kwargs}

@@ -143,6 +143,10 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")
+    limit = model.config.max_position_embeddings  # also bounds the KV cache, which holds every position
+    if len(ids) + max_new_tokens > limit:
+        raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones exceed the model's "
+                        f"{limit} positions (max_position_embeddings); ask for fewer new tokens")
     device = model.embed_tokens.weight.device
     input_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = None
@@ -206,8 +210,8 @@ def _generate_main(args) -> int:
     else:  # a batch of samples advances together; print each whole, one after another
         on_text = None
     started = time.perf_counter()
-    texts, n_tokens = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, args.seed, args.num_samples, on_text)
+    texts, n_tokens = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                    args.top_k, args.top_p, args.seed, args.num_samples, on_text)
     seconds = time.perf_counter() - started
     if args.num_samples == 1:
         out.write("\n")

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workshop_model
 from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
-from tinygemma.checkpoint import hf_config, to_hf_name  # noqa: E402
+from tinygemma.checkpoint import to_transformers  # noqa: E402
 
 CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop")
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
@@ -95,15 +95,8 @@ def randomize_norms(model: Gemma3, seed: int) -> None:
 
 
 def transformers_twin(model: Gemma3, attn_implementation: str) -> nn.Module:
-    """transformers' Gemma3ForCausalLM with `model`'s weights, in float32."""
-    import transformers
-
-    cfg = hf_config(model.config)
-    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
-        cfg.pop(key)
-    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**cfg, attn_implementation=attn_implementation))
-    hf.load_state_dict({to_hf_name(k): v for k, v in model.state_dict().items()}, strict=True)
-    return hf
+    """transformers' Gemma3ForCausalLM with `model`'s weights, in float32, in training mode."""
+    return to_transformers(model, attn_implementation).float().train()
 
 
 def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, device: torch.device,

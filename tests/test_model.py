@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tinygemma import Gemma3, ModelConfig
-from tinygemma.checkpoint import hf_config, to_hf_name
+from tinygemma.checkpoint import to_transformers
 from tinygemma.config import GLOBAL, SLIDING
 from tinygemma.model import sliding_window_mask
 
@@ -28,18 +28,8 @@ def randomize_norms(model: Gemma3, seed: int = 0) -> None:
 
 
 def hf_twin(model: Gemma3, attn_implementation: str = "eager"):
-    """transformers' Gemma3ForCausalLM with the same weights, built from our exported config."""
-    cfg = hf_config(model.config)
-    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
-        cfg.pop(key)
-    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**cfg))
-    hf.config._attn_implementation = attn_implementation
-    state = {to_hf_name(k): v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected
-    assert set(missing) <= {"lm_head.weight"}  # tied: transformers ties it to the embedding itself
-    hf.tie_weights()
-    return hf.eval()
+    """transformers' Gemma3ForCausalLM with the same weights (eager attention: the plainest reference)."""
+    return to_transformers(model, attn_implementation)
 
 
 def make_pair(config: ModelConfig, seed: int = 0):

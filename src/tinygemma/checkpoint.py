@@ -375,6 +375,35 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ export
 
 
+def hf_state(model: Gemma3) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' names, without vocabulary padding (the exported shapes are the
+    real ones) and with a tied head stored once."""
+    state = {}
+    for name, tensor in model_state(model).items():
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[: model.config.vocab_size]
+        state[to_hf_name(name)] = tensor
+    return state
+
+
+def to_transformers(model: Gemma3, attn_implementation: str = "sdpa"):
+    """transformers' Gemma3ForCausalLM holding a copy of `model`'s weights, in its dtype, on its device, in eval
+    mode: the reference that tests and benchmarks compare against."""
+    import transformers
+
+    config = hf_config(model.config)
+    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
+        config.pop(key)
+    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**config, attn_implementation=attn_implementation))
+    missing, unexpected = hf.load_state_dict(hf_state(model), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if model.config.tie_embeddings else set()):
+        raise RuntimeError(f"transformers' Gemma3ForCausalLM does not take these weights: missing {missing}, "
+                           f"unexpected {unexpected}")
+    hf.tie_weights()
+    weight = model.embed_tokens.weight
+    return hf.to(device=weight.device, dtype=weight.dtype).eval()
+
+
 def export(ckpt: str | Path, out: str | Path) -> Path:
     """Write a transformers Gemma3ForCausalLM directory (config.json, model.safetensors, tokenizer files)."""
     src = resolve_checkpoint(ckpt)
@@ -383,11 +412,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise UserError("--out must differ from the checkpoint directory")
-    state = {}
-    for name, tensor in model_state(model).items():
-        if name in ("embed_tokens.weight", "lm_head.weight"):
-            tensor = tensor[: model.config.vocab_size]  # drop vocabulary padding: exported shapes are the real ones
-        state[to_hf_name(name)] = tensor
+    state = hf_state(model)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     eot = (meta.get("tokenizer") or {}).get("eot_id")
     out.mkdir(parents=True, exist_ok=True)

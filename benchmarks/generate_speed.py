@@ -1,6 +1,6 @@
 """Batch-1 greedy decoding speed: tinygemma's `Gemma3.generate` against transformers' `generate`.
 
-Both models hold the same random weights (copied through `checkpoint.to_hf_name`) in the same dtype, on the
+Both models hold the same random weights (copied by `checkpoint.to_transformers`) in the same dtype, on the
 same CPU threads, and decode the same prompt greedily for the same number of new tokens. Each is warmed up
 once; then the two alternate for `--repeats` timed runs each, and the medians are compared. Everything a user
 waits for is timed on both sides: prefill, the decode steps, and (ours) packing the bf16 weights for oneDNN.
@@ -21,23 +21,7 @@ import time
 import torch
 
 from tinygemma import Gemma3, ModelConfig
-from tinygemma.checkpoint import hf_config, parse_dtype, to_hf_name
-
-
-def hf_twin(model: Gemma3, dtype: torch.dtype):
-    """transformers' Gemma3ForCausalLM with the same weights and dtype, using SDPA attention (its default)."""
-    import transformers
-
-    cfg = hf_config(model.config)
-    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
-        cfg.pop(key)
-    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**cfg))
-    hf.config._attn_implementation = "sdpa"
-    state = {to_hf_name(k): v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_embeddings}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.tie_weights()
-    return hf.to(dtype).eval()
+from tinygemma.checkpoint import parse_dtype, to_transformers
 
 
 def time_interleaved(fns, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
@@ -70,9 +54,8 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     config = ModelConfig.preset(args.preset)
-    model = Gemma3(config).eval()
-    hf = hf_twin(model, dtype)
-    model.to(dtype)
+    model = Gemma3(config).eval().to(dtype)
+    hf = to_transformers(model, attn_implementation="sdpa")  # the same weights, dtype and device
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(args.seed))
     n = args.new_tokens
 

@@ -268,3 +268,14 @@ def test_packed_bfloat16_decoding_matches_the_plain_path(monkeypatch):
     monkeypatch.setattr(model_module, "packed_linear_forwards", lambda model: None)
     plain = model.generate(prompt, 24, temperature=0)
     assert torch.equal(packed, plain)
+
+
+def test_speed_benchmark_runs_and_both_sides_agree():
+    """benchmarks/generate_speed.py on gemma3-tiny: both contenders timed, the same greedy tokens."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_speed", ROOT / "benchmarks" / "generate_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--new-tokens", "6", "--repeats", "1"])
+    assert result["same_tokens"] and result["tinygemma_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0

@@ -270,6 +270,27 @@ def test_packed_bfloat16_decoding_matches_the_plain_path(monkeypatch):
     assert torch.equal(packed, plain)
 
 
+def test_packed_weights_are_reused_but_never_stale():
+    """The packed copies outlive one generate call, and are made afresh once a weight changes in place."""
+    from tinygemma import model as model_module
+
+    model = tiny_model(seed=4, vocab_size=512).to(torch.bfloat16)
+    first = model_module.packed_linear_forwards(model)
+    if first is None:
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    assert model_module.packed_linear_forwards(model) is first
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    before = model.generate(prompt, 12, temperature=0)
+    with torch.no_grad():  # as an optimizer step would: in place, same storage
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert model_module.packed_linear_forwards(model) is not first
+    after = model.generate(prompt, 12, temperature=0)
+    assert not torch.equal(before, after)  # the new weights were used...
+    del model._packed_linear
+    assert torch.equal(after, model.generate(prompt, 12, temperature=0))  # ...exactly as a fresh packing
+
+
 def test_speed_benchmark_runs_and_both_sides_agree():
     """benchmarks/generate_speed.py on gemma3-tiny: both contenders timed, the same greedy tokens."""
     import importlib.util

@@ -33,18 +33,21 @@ def uniform_model(vocab_size: int) -> Gemma3:
 
 def test_uniform_model_against_hand_computed_values():
     V = 1000
-    tokens = np.arange(11, dtype=np.uint16) * 7  # 11 tokens: 10 predictions
-    result = evaluate(uniform_model(V), tokens, block_size=4, batch_size=2, split_bytes=44)
+    tokens = np.arange(11, dtype=np.uint16) * 7  # 11 tokens: 10 predictions, of ids 7, 14, ..., 70
+    token_bytes = np.full(V, 4)
+    token_bytes[14] = 0  # a special token (end-of-text): it stands for no text
+    result = evaluate(uniform_model(V), tokens, block_size=4, batch_size=2, token_bytes=token_bytes)
     assert result["tokens"] == 10
-    assert result["loss"] == pytest.approx(math.log(V), rel=1e-6)
+    assert result["loss"] == pytest.approx(math.log(V), rel=1e-6)  # every prediction, end-of-text included
     assert result["perplexity"] == pytest.approx(V, rel=1e-5)
-    # 10 predictions x log2(1000) bits over the 44 bytes of text.
-    assert result["bits_per_byte"] == pytest.approx(10 * math.log2(V) / 44, rel=1e-6)
-    # The first 6 tokens (5 predictions) cover 6/11 of the bytes, by the split's average bytes per token.
-    head = evaluate(uniform_model(V), tokens, block_size=4, batch_size=2, max_tokens=6, split_bytes=44)
-    assert head["tokens"] == 5 and head["bytes"] == 24
-    assert head["bits_per_byte"] == pytest.approx(5 * math.log2(V) / 24, rel=1e-6)
-    assert evaluate(uniform_model(V), tokens, 4)["bits_per_byte"] is None  # no byte count: no bits per byte
+    # The 9 predictions that stand for text, log2(1000) bits each, over their 9 x 4 bytes.
+    assert result["bytes"] == 36
+    assert result["bits_per_byte"] == pytest.approx(9 * math.log2(V) / 36, rel=1e-6)
+    # The first 6 tokens: 5 predictions (7 ... 35), 4 of them text, 16 bytes; counted, not estimated.
+    head = evaluate(uniform_model(V), tokens, block_size=4, batch_size=2, max_tokens=6, token_bytes=token_bytes)
+    assert head["tokens"] == 5 and head["bytes"] == 16
+    assert head["bits_per_byte"] == pytest.approx(4 * math.log2(V) / 16, rel=1e-6)
+    assert evaluate(uniform_model(V), tokens, 4)["bits_per_byte"] is None  # no byte lengths: no bits per byte
 
 
 def test_windows_cover_every_prediction_once():
@@ -60,11 +63,11 @@ def test_windows_cover_every_prediction_once():
             nats += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
     expected = nats / 59
     for batch_size in (1, 2, 8):
-        result = evaluate(model, tokens, block_size=B, batch_size=batch_size, split_bytes=240)
-        assert result["tokens"] == 59
+        result = evaluate(model, tokens, block_size=B, batch_size=batch_size, token_bytes=np.full(300, 4))
+        assert result["tokens"] == 59 and result["bytes"] == 59 * 4
         assert result["loss"] == pytest.approx(expected, rel=1e-5)
         assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
-        assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / 240, rel=1e-5)
+        assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / (59 * 4), rel=1e-5)
     # One window longer than the data: the plain loss of the whole sequence.
     with torch.no_grad():
         whole = torch.from_numpy(tokens.astype(np.int64))[None]
@@ -110,8 +113,13 @@ def ckpt(tmp_path_factory):
 
 
 def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
+    from tinygemma import load
     from tinygemma.data import open_prepared
+    from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 
+    data = open_prepared(gpt2_data)
+    tokens, val = data.split("val"), data.meta["splits"]["val"]
+    lengths = token_byte_lengths(load_tokenizer("gpt2"), 50257)
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64",
                  "--max-tokens", "300", "--dtype", "float32"]) == 0
     out, err = capsys.readouterr()
@@ -119,21 +127,19 @@ def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
     assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(result)
     assert result["tokens"] == 299 and result["split"] == "val"
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
-    val = open_prepared(gpt2_data).meta["splits"]["val"]
-    covered = val["bytes"] * 300 / val["tokens"]
-    assert result["bits_per_byte"] == pytest.approx(result["loss"] * 299 / math.log(2) / covered)
+    assert result["bytes"] == lengths[tokens[1:300].astype(np.int64)].sum()  # the bytes of the tokens predicted
     assert "evaluated" in err
-    # The whole split, through the same function.
-    from tinygemma import load
-
-    tokens = open_prepared(gpt2_data).split("val")
-    direct = evaluate(load(ckpt), tokens, 64, split_bytes=val["bytes"])
+    # The whole split: every byte of its stories but those of the first token, which nothing predicts.
+    direct = evaluate(load(ckpt), tokens, 64, token_bytes=lengths)
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--dtype",
                  "float32"]) == 0
     whole = json.loads(capsys.readouterr().out)
     assert whole["tokens"] == len(tokens) - 1
+    assert whole["bytes"] == val["bytes"] - lengths[int(tokens[0])]
     assert whole["loss"] == pytest.approx(direct["loss"], rel=1e-6)
     assert whole["bits_per_byte"] == pytest.approx(direct["bits_per_byte"], rel=1e-6)
+    # Bits per byte is below loss / ln 2 x tokens / bytes: end-of-text predictions are outside both sums.
+    assert whole["bits_per_byte"] < whole["loss"] / math.log(2) * whole["tokens"] / whole["bytes"]
 
 
 def test_eval_refuses_data_from_another_tokenizer(ckpt, stories_file, tmp_path, capsys):

@@ -49,6 +49,12 @@ def test_model_loss_same_with_and_without_chunks():
     chunked.backward()
     assert abs(chunked.item() - plain.item()) < 1e-5
     assert torch.allclose(model.embed_tokens.weight.grad, grad, atol=1e-6)
+    # Per-position nats (evaluation's reduction="none"), chunked, against the full logits.
+    with torch.no_grad():
+        per_token = model(x[:, :-1], x[:, 1:], reduction="none")
+        reference = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+    assert per_token.shape == (4, 64)
+    assert torch.allclose(per_token, reference, atol=1e-5)
 
 
 def test_chunked_loss_under_bfloat16_autocast_keeps_float32_gradients():

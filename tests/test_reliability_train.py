@@ -73,8 +73,8 @@ def nan_at_step(monkeypatch):
     state = {"calls": 0, "at": None}
     forward = Gemma3.forward
 
-    def patched(self, input_ids, targets=None):
-        loss = forward(self, input_ids, targets)
+    def patched(self, input_ids, targets=None, reduction="mean"):
+        loss = forward(self, input_ids, targets, reduction)
         if targets is not None and self.training:
             state["calls"] += 1
             if state["calls"] == state["at"]:

@@ -17,7 +17,8 @@ import tinygemma
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
 from tinygemma.data import open_prepared, prepare
-from tinygemma.train import learning_rate, token_byte_lengths, train
+from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.train import learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +134,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_text(data_dir, stories_dir, tmp_p
     for directory in (data_dir, gpt2_dir):
         data = open_prepared(directory)
         lengths = token_byte_lengths(data.tokenizer(), data.vocab_size)
-        val = torch.from_numpy(data.split("val").astype(np.int64))
+        val = data.split("val").astype(np.int64)
         assert lengths[val].sum().item() == data.meta["splits"]["val"]["bytes"]
         assert lengths[data.eot_id] == 0
 

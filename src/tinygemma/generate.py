@@ -22,6 +22,7 @@ from tinygemma.checkpoint import load, parse_dtype, read_checkpoint_meta, resolv
 from tinygemma.config import GenerateConfig
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3, check_sampling
+from tinygemma.tokenizer import token_byte_lengths
 
 DEFAULT_EVAL_BLOCK_SIZE = 512  # when the checkpoint records no training block size
 
@@ -226,19 +227,35 @@ def _generate_main(args) -> int:
 
 
 @torch.no_grad()
+def nats_and_bytes(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
+    """The four sums evaluation adds up, float64: nats of every prediction, predictions, nats of the predictions
+    that stand for text, and the UTF-8 bytes those stand for (`token_bytes[id]`, 0 for end-of-text and other
+    special tokens). Loss is the first over the second; bits per byte the third / ln 2 over the fourth (as
+    nanochat), so models with different tokenizers compare. Training's evaluation uses it too."""
+    nats, nbytes = nats.reshape(-1).double(), token_bytes[targets.reshape(-1)].double()
+    return torch.stack([nats.sum(), nats.new_tensor(nats.numel()), nats[nbytes > 0].sum(), nbytes.sum()])
+
+
+def summarize(sums: torch.Tensor) -> dict:
+    nats, predicted, text_nats, nbytes = sums.tolist()
+    loss = nats / predicted
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": text_nats / math.log(2) / nbytes if nbytes else None,
+            "tokens": int(predicted), "bytes": int(nbytes)}
+
+
+@torch.no_grad()
 def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_tokens: int | None = None,
-             device=None, split_bytes: int | None = None, progress: bool = False) -> dict:
-    """Mean next-token loss over `tokens` (a 1-D array of ids: a numpy memmap is read a batch at a time, so
-    memory stays bounded) or over its first `max_tokens`.
+             device=None, token_bytes=None, progress: bool = False) -> dict:
+    """Loss, perplexity and bits per byte over `tokens` (a 1-D array of ids: a numpy memmap is read a batch at a
+    time, so memory stays bounded) or over its first `max_tokens`.
 
     The tokens are cut into non-overlapping windows of `block_size` predictions: window w reads tokens
     [w*B, (w+1)*B) and predicts [w*B + 1, (w+1)*B + 1), so every token but the first is predicted exactly once,
     with between 0 and B-1 tokens of context; the last window may be shorter.
 
-    bits_per_byte = total loss in nats / ln 2 / the UTF-8 bytes of the text evaluated. `split_bytes` is the
-    byte count of the whole of `tokens` (meta.json records it); over the first N of the split's T tokens the
-    bytes are estimated as split_bytes * N / T, the split's average bytes per token. It is None without
-    `split_bytes`.
+    `token_bytes` (tokenizer.token_byte_lengths) gives the UTF-8 bytes each id stands for; bits per byte is
+    None without it. See `nats_and_bytes` for the definitions.
     """
     if block_size < 1:
         raise UserError(f"block_size must be >= 1, got {block_size}")
@@ -246,18 +263,19 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"max_tokens must be >= 2 (one to read, one to predict), got {max_tokens}")
-    total_tokens = len(tokens)
-    n = total_tokens if max_tokens is None else min(max_tokens, total_tokens)
+    n = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
     if n < 2:
         raise UserError(f"{n} tokens to evaluate: at least 2 are needed (one to read, one to predict)")
     device = device or model.embed_tokens.weight.device
+    token_bytes = torch.zeros(model.config.vocab_size, dtype=torch.int64) if token_bytes is None else token_bytes
+    token_bytes = torch.as_tensor(token_bytes).to(device)
     was_training = model.training
     model.eval()
     predicted = n - 1
     starts = list(range(0, predicted, block_size))
     full = [s for s in starts if s + block_size <= predicted]
     tail = [s for s in starts if s + block_size > predicted]
-    total_nats = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     try:
         from tqdm import tqdm
 
@@ -267,20 +285,12 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
                 length = min(block_size, predicted - batch[0])  # block_size except for the tail window
                 rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in batch])
                 window = torch.from_numpy(rows).to(device, non_blocking=True)
-                loss = model(window[:, :-1], window[:, 1:])
-                total_nats += float(loss) * len(batch) * length
+                x, y = window[:, :-1], window[:, 1:]
+                sums += nats_and_bytes(model(x, y, reduction="none"), y, token_bytes)
                 bar.update(len(batch) * length)
     finally:
         model.train(was_training)
-    loss = total_nats / predicted
-    covered_bytes = None if split_bytes is None else split_bytes * n / total_tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_byte": None if not covered_bytes else total_nats / math.log(2) / covered_bytes,
-        "tokens": predicted,
-        "bytes": None if covered_bytes is None else round(covered_bytes),
-    }
+    return summarize(sums)
 
 
 def _eval_main(args) -> int:
@@ -308,7 +318,7 @@ def _eval_main(args) -> int:
     block_size = args.block_size or trained or DEFAULT_EVAL_BLOCK_SIZE
     started = time.perf_counter()
     result = evaluate(model, tokens, block_size, args.batch_size, args.max_tokens,
-                      split_bytes=data.meta["splits"][args.split]["bytes"], progress=True)
+                      token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size), progress=True)
     seconds = time.perf_counter() - started
     print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
     result.update(split=args.split, block_size=block_size,

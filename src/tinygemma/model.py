@@ -236,9 +236,15 @@ def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: to
         return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-100)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size)
-    total = sum(F.cross_entropy((h[i : i + chunk_size] @ weight.t()).float(), targets[i : i + chunk_size],
-                                ignore_index=-100, reduction="sum") for i in range(0, h.shape[0], chunk_size))
-    return total / (targets != -100).sum().clamp(min=1)
+    return token_cross_entropy(h, weight, targets, chunk_size).sum() / (targets != -100).sum().clamp(min=1)
+
+
+def token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        chunk_size: int | None) -> torch.Tensor:
+    """Each row's cross-entropy in nats (0 where the target is -100), `chunk_size` rows of logits at a time."""
+    chunk_size = chunk_size or max(h.shape[0], 1)
+    return torch.cat([F.cross_entropy((h[i : i + chunk_size] @ weight.t()).float(), targets[i : i + chunk_size],
+                                      ignore_index=-100, reduction="none") for i in range(0, h.shape[0], chunk_size)])
 
 
 class Gemma3(nn.Module):
@@ -286,17 +292,21 @@ class Gemma3(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits [B, T, vocab_size], or with `targets` [B, T] the mean next-token cross-entropy.
-
-        Targets equal to -100 are ignored.
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """Logits [B, T, vocab_size], or with `targets` [B, T] the mean next-token cross-entropy (targets equal
+        to -100 are ignored), or with reduction="none" each position's cross-entropy in nats, [B, T].
         """
         h = self.norm(self.trunk(input_ids))
         if targets is None:
             return self.lm_head(h)[..., : self.config.vocab_size]
         # The head's real rows only: vocabulary padding never takes probability mass.
         weight = self.lm_head.weight[: self.config.vocab_size]
-        return cross_entropy_from_hidden(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), self.loss_chunk_size)
+        flat_h, flat_targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        if reduction == "none":
+            return token_cross_entropy(flat_h, weight, flat_targets, self.loss_chunk_size).view_as(targets)
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
+        return cross_entropy_from_hidden(flat_h, weight, flat_targets, self.loss_chunk_size)
 
     def trunk(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0):
         """Embedding and decoder layers: the hidden states [B, T, d_model] before the final norm.

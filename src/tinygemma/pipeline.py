@@ -37,6 +37,7 @@ def run(recipe: Recipe) -> dict:
     """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}."""
     from tinygemma.data import open_prepared
     from tinygemma.generate import checkpoint_tokenizer, evaluate, generate_text, load_model, pick_device
+    from tinygemma.tokenizer import token_byte_lengths
     from tinygemma.train import train
 
     prepare_if_missing(recipe)
@@ -52,7 +53,8 @@ def run(recipe: Recipe) -> dict:
     val = data.meta["splits"]["val"]
     log(f"evaluating the best checkpoint on the whole validation split ({val['tokens']:,} tokens)")
     metrics = evaluate(model, data.split("val"), block_size=recipe.train.block_size,
-                       batch_size=recipe.train.batch_size, split_bytes=val["bytes"])
+                       batch_size=recipe.train.batch_size,
+                       token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size))
     print(json.dumps({"eval": metrics}), flush=True)
 
     g = recipe.generate

@@ -283,3 +283,28 @@ def tokenizer_from_spec(spec: dict, base_dir: str | Path = ".") -> Tokenizer:
         if key in spec and spec[key] != getattr(tokenizer, key):
             raise UserError(f"tokenizer {tokenizer.identity} has {key} {getattr(tokenizer, key)}, the spec records {spec[key]}")
     return tokenizer
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (int64, `vocab_size` entries): what bits per byte divides by.
+
+    0 for special tokens such as end-of-text, which stand for no text, and for ids the tokenizer lacks.
+    """
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    if isinstance(tokenizer, GPT2Tokenizer):
+        enc = tokenizer.encoding
+        special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+        for i in range(min(vocab_size, enc.n_vocab)):
+            if i not in special:
+                lengths[i] = len(enc.decode_single_token_bytes(i))
+        return lengths
+    backend = tokenizer.backend
+    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+    for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True))):
+        token = backend.id_to_token(i)
+        if token is None or i in special:
+            continue
+        # A byte-level BPE writes each byte as one printable character; other tokenizers are decoded.
+        lengths[i] = len(token) if byte_level else len(backend.decode([i]).encode("utf-8"))
+    return lengths

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from tinygemma.checkpoint import (
     META_NAME,
@@ -56,8 +55,9 @@ from tinygemma.checkpoint import (
 from tinygemma.config import ModelConfig, Recipe, TrainConfig, apply_overrides, load_recipe
 from tinygemma.data import open_prepared
 from tinygemma.errors import UserError
+from tinygemma.generate import nats_and_bytes, summarize
 from tinygemma.model import Gemma3
-from tinygemma.tokenizer import GPT2Tokenizer
+from tinygemma.tokenizer import token_byte_lengths
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
@@ -188,28 +188,6 @@ def validation_starts(n_tokens: int, block_size: int, count: int) -> np.ndarray:
     return np.linspace(0, n_tokens - block_size - 1, count).round().astype(np.int64)
 
 
-def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for; 0 for special tokens such as end-of-text, which stand for no text."""
-    lengths = torch.zeros(vocab_size, dtype=torch.int64)
-    if isinstance(tokenizer, GPT2Tokenizer):
-        enc = tokenizer.encoding
-        special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
-        for i in range(min(vocab_size, enc.n_vocab)):
-            if i not in special:
-                lengths[i] = len(enc.decode_single_token_bytes(i))
-        return lengths
-    backend = tokenizer.backend
-    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-    byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
-    for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True))):
-        token = backend.id_to_token(i)
-        if token is None or i in special:
-            continue
-        # A byte-level BPE writes each byte as one printable character; other tokenizers are decoded.
-        lengths[i] = len(token) if byte_level else len(backend.decode([i]).encode("utf-8"))
-    return lengths
-
-
 # ------------------------------------------------------------------ model, optimizer, schedule
 
 
@@ -318,31 +296,22 @@ def peak_flops(device: torch.device) -> float | None:
 @torch.no_grad()
 def evaluate(raw: Gemma3, val: np.ndarray, starts: np.ndarray, token_bytes: torch.Tensor, cfg: TrainConfig,
              rt: Runtime) -> dict:
-    """Loss, perplexity and bits per byte on the fixed validation windows, split over the processes.
-
-    Bits per byte = the nats of the tokens that stand for text, over ln 2 and over the UTF-8 bytes those tokens
-    stand for (special tokens such as end-of-text are left out of both sums, as nanochat), so it compares
-    models with different tokenizers.
-    """
+    """Loss, perplexity and bits per byte on the fixed validation windows, split over the processes; the same
+    definitions as `tinygemma eval` (generate.nats_and_bytes)."""
     raw.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # nats, tokens, nats of text tokens, bytes
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
     batches = [starts[i : i + cfg.batch_size] for i in range(0, len(starts), cfg.batch_size)]
     for batch in batches[rt.rank :: rt.world_size]:
         x, y = to_device(windows(val, batch, cfg.block_size), rt)
         with rt.autocast():
-            logits = raw(x)
-        nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        nbytes = token_bytes[y.reshape(-1)]
-        text = nbytes > 0
-        sums += torch.stack([nats.sum(), torch.tensor(nats.numel(), device=rt.device), nats[text].sum(),
-                             nbytes.sum()]).double()
+            nats = raw(x, y, reduction="none")
+        sums += nats_and_bytes(nats, y, token_bytes)
     raw.train()
     if hasattr(raw, "reshard"):  # FSDP2's root keeps its parameters gathered after a forward with no backward
         raw.reshard()
-    nats, tokens, text_nats, nbytes = all_reduce_sum(sums, rt).tolist()
-    loss = nats / tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
-            "val_bpb": text_nats / math.log(2) / nbytes if nbytes else float("nan")}
+    result = summarize(all_reduce_sum(sums, rt))
+    return {"val_loss": result["loss"], "val_ppl": result["perplexity"],
+            "val_bpb": result["bits_per_byte"] if result["bits_per_byte"] is not None else float("nan")}
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -619,7 +588,7 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
     batches = Batches(train_tokens, cfg, rt)
     # eval_batches global batches: the same windows whatever the split into micro-steps and processes.
     val_starts = validation_starts(len(val_tokens), cfg.block_size, cfg.eval_batches * batches.global_batch)
-    token_bytes = token_byte_lengths(data.tokenizer(), model_config.vocab_size).to(rt.device)
+    token_bytes = torch.from_numpy(token_byte_lengths(data.tokenizer(), model_config.vocab_size)).to(rt.device)
     tokens_per_step = batches.global_batch * cfg.block_size
     flops_per_token, peak = model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
     tokenizer = {**data.meta["tokenizer"], "eot_id": data.eot_id}

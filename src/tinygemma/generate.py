@@ -226,7 +226,6 @@ def _generate_main(args) -> int:
 # ------------------------------------------------------------------ evaluate
 
 
-@torch.no_grad()
 def nats_and_bytes(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
     """The four sums evaluation adds up, float64: nats of every prediction, predictions, nats of the predictions
     that stand for text, and the UTF-8 bytes those stand for (`token_bytes[id]`, 0 for end-of-text and other

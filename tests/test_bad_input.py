@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
@@ -83,6 +84,10 @@ CASES = [
     ("run-missing-recipe", ["run", "{root}/nope.toml"], "not found"),
     ("run-bad-sampling-setting", ["run", "{repo}/configs/cpu-demo.toml", "--set", "generate.top_p=1.5",
                                   "--set", "data.dir={root}/new"], "top_p"),
+    ("train-absent-cuda", ["train", "--data", "{root}/data", "--out", "{root}/new"] + RUN_ARGS[:6]
+     + ["--set", "device=cuda"], "no CUDA GPU"),
+    ("generate-absent-cuda", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--device", "cuda"],
+     "no CUDA GPU"),
     ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/nowhere", "--prompt", "Once"], "not found"),
     ("generate-negative-temperature", ["generate", "--ckpt", "{root}/run", "--prompt", "Once",
                                        "--temperature", "-1"], "temperature"),
@@ -111,6 +116,8 @@ def snapshot(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("case_id,argv,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(world, capsys, case_id, argv, words):
+    if case_id.endswith("absent-cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
     before = snapshot(world)
     code = main([a.replace("{root}", str(world)).replace("{repo}", str(REPO)) for a in argv])
     err = capsys.readouterr().err

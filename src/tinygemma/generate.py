@@ -30,14 +30,17 @@ DEFAULT_EVAL_BLOCK_SIZE = 512  # when the checkpoint records no training block s
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device `name` names ("auto": CUDA, else MPS, else the CPU), checked to be there. Training uses it too."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU")
+        raise UserError(f"device {name} was asked for, but PyTorch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name} was asked for, but this PyTorch has no MPS backend")
     return device
 
 

@@ -48,6 +48,7 @@ from tinygemma.checkpoint import (
     atomic_write_text,
     fsync_dir,
     model_from_state,
+    parse_dtype,
     read_json,
     read_safetensors,
     save_model,
@@ -55,7 +56,7 @@ from tinygemma.checkpoint import (
 from tinygemma.config import ModelConfig, Recipe, TrainConfig, apply_overrides, load_recipe
 from tinygemma.data import open_prepared
 from tinygemma.errors import UserError
-from tinygemma.generate import nats_and_bytes, summarize
+from tinygemma.generate import nats_and_bytes, pick_device, summarize
 from tinygemma.model import Gemma3
 from tinygemma.tokenizer import token_byte_lengths
 
@@ -92,23 +93,16 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Device, precision and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but PyTorch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is mps but this PyTorch has no MPS backend")
-    if name == "cuda":
-        name = f"cuda:{local_rank}"  # torchrun: one GPU per process
-    device = torch.device(name)
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{local_rank}")  # torchrun: one GPU per process
     if device.type == "mps" and world_size > 1:
         raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
 
     if cfg.dtype == "auto":
         dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else torch.float32
     else:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        dtype = parse_dtype(cfg.dtype)
 
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -246,6 +246,15 @@ def summarize(sums: torch.Tensor) -> dict:
             "tokens": int(predicted), "bytes": int(nbytes)}
 
 
+def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None) -> None:
+    if block_size < 1:
+        raise UserError(f"block_size must be >= 1, got {block_size}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"max_tokens must be >= 2 (one to read, one to predict), got {max_tokens}")
+
+
 @torch.no_grad()
 def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_tokens: int | None = None,
              device=None, token_bytes=None, progress: bool = False) -> dict:
@@ -259,12 +268,7 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     `token_bytes` (tokenizer.token_byte_lengths) gives the UTF-8 bytes each id stands for; bits per byte is
     None without it. See `nats_and_bytes` for the definitions.
     """
-    if block_size < 1:
-        raise UserError(f"block_size must be >= 1, got {block_size}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 2:
-        raise UserError(f"max_tokens must be >= 2 (one to read, one to predict), got {max_tokens}")
+    check_evaluation(block_size, batch_size, max_tokens)
     n = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
     if n < 2:
         raise UserError(f"{n} tokens to evaluate: at least 2 are needed (one to read, one to predict)")
@@ -298,12 +302,9 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
 def _eval_main(args) -> int:
     from tinygemma.data import open_prepared
 
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise UserError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-    if args.block_size is not None and args.block_size < 1:
-        raise UserError(f"--block-size must be >= 1, got {args.block_size}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    trained = (read_checkpoint_meta(args.ckpt).get("train") or {}).get("block_size")  # train.py records it
+    block_size = args.block_size if args.block_size is not None else trained or DEFAULT_EVAL_BLOCK_SIZE
+    check_evaluation(block_size, args.batch_size, args.max_tokens)  # before the (slow) model load
     data = open_prepared(args.data)
     tokens = data.split(args.split)
     tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
@@ -316,8 +317,6 @@ def _eval_main(args) -> int:
     if data.vocab_size > model.config.vocab_size:
         raise UserError(f"{args.data} has {data.vocab_size:,} token ids, more than the model's "
                         f"{model.config.vocab_size:,}")
-    trained = (read_checkpoint_meta(args.ckpt).get("train") or {}).get("block_size")  # train.py records it
-    block_size = args.block_size or trained or DEFAULT_EVAL_BLOCK_SIZE
     started = time.perf_counter()
     result = evaluate(model, tokens, block_size, args.batch_size, args.max_tokens,
                       token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size), progress=True)

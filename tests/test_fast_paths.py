@@ -16,7 +16,8 @@ def tiny(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
-def test_chunked_loss_equals_plain_loss_and_gradients():
+@pytest.mark.parametrize("chunk_size", [64, 300, None], ids=["5-chunks", "one-exact-chunk", "unchunked"])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 32, generator=g, requires_grad=True)
     w = (torch.randn(700, 32, generator=g) * 0.2).requires_grad_()
@@ -26,29 +27,30 @@ def test_chunked_loss_equals_plain_loss_and_gradients():
     plain.backward()
     grads = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    chunked = cross_entropy_from_hidden(h, w, targets, chunk_size=64)
+    chunked = cross_entropy_from_hidden(h, w, targets, chunk_size=chunk_size)
     (chunked * 3).backward()  # backward scales by the incoming gradient
     assert abs(chunked.item() - plain.item()) < 1e-5
     assert torch.allclose(h.grad, 3 * grads[0], atol=1e-6)
     assert torch.allclose(w.grad, 3 * grads[1], atol=1e-6)
     with torch.no_grad():  # evaluation takes the no-gradient chunked path
-        assert abs(cross_entropy_from_hidden(h, w, targets, 64).item() - plain.item()) < 1e-5
+        assert abs(cross_entropy_from_hidden(h, w, targets, chunk_size).item() - plain.item()) < 1e-5
 
 
-def test_model_loss_same_with_and_without_chunks():
+@pytest.mark.parametrize("chunk_size", [None, 50])  # 50: 256 positions in 6 chunks, the last one short
+def test_model_loss_and_gradients_equal_the_plain_cross_entropy(chunk_size):
     torch.manual_seed(0)
     model = Gemma3(tiny())
     x = torch.randint(0, 500, (4, 65))
-    model.loss_chunk_size = None
-    plain = model(x[:, :-1], x[:, 1:])
+    plain = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
     plain.backward()
-    grad = model.embed_tokens.weight.grad.clone()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    model.loss_chunk_size = 50  # 256 positions in 6 chunks, the last one short
-    chunked = model(x[:, :-1], x[:, 1:])
-    chunked.backward()
-    assert abs(chunked.item() - plain.item()) < 1e-5
-    assert torch.allclose(model.embed_tokens.weight.grad, grad, atol=1e-6)
+    model.loss_chunk_size = chunk_size
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert abs(loss.item() - plain.item()) < 1e-5
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name], atol=1e-6), name
     # Per-position nats (evaluation's reduction="none"), chunked, against the full logits.
     with torch.no_grad():
         per_token = model(x[:, :-1], x[:, 1:], reduction="none")
@@ -84,6 +86,35 @@ def test_vocabulary_padding_changes_no_logits_or_loss():
         assert torch.equal(padded(x), plain(x))
         assert abs(padded(x[:, :-1], x[:, 1:]).item() - plain(x[:, :-1], x[:, 1:]).item()) < 1e-6
         assert padded.generate(x[:, :5], 8, temperature=0).max() < 500
+    # Training: the same loss and gradients on the real rows; none at all on the padding rows.
+    for chunk_size in (None, 24, 0):
+        plain.zero_grad(), padded.zero_grad()
+        plain.loss_chunk_size = padded.loss_chunk_size = chunk_size
+        loss_plain, loss_padded = plain(x[:, :-1], x[:, 1:]), padded(x[:, :-1], x[:, 1:])
+        loss_plain.backward(), loss_padded.backward()
+        assert abs(loss_padded.item() - loss_plain.item()) < 1e-6
+        grad = padded.embed_tokens.weight.grad
+        assert torch.allclose(grad[:500], plain.embed_tokens.weight.grad, atol=1e-6)
+        assert not grad[500:].any()
+
+
+def test_chunked_loss_refuses_a_second_backward():
+    """Its saved gradients are scaled in place, so a retained graph cannot be differentiated twice: it says so
+    rather than doubling the gradients; chunk size 0 (the plain loss) allows it."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny())
+    x = torch.randint(0, 500, (2, 17))
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+    model.loss_chunk_size = 0
+    model.zero_grad()
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward(retain_graph=True)
+    once = model.embed_tokens.weight.grad.clone()
+    loss.backward()
+    assert torch.allclose(model.embed_tokens.weight.grad, 2 * once)
 
 
 def test_flex_attention_equals_reference_sliding_mask():

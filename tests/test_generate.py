@@ -252,43 +252,42 @@ def test_bf16_generation_runs(ckpt, capsys):
 
 
 def test_packed_bfloat16_decoding_matches_the_plain_path(monkeypatch):
-    """On CPUs with native bfloat16, decoding multiplies by oneDNN-packed weights: same tokens as nn.Linear's
-    own forward, and no trace of it left on the modules afterwards (even when a stream is abandoned)."""
+    """On CPUs with native bfloat16, decoding runs a plan of oneDNN-packed weights: the same tokens as the
+    model's own forward in bfloat16, for a batch of several sequences."""
     from tinygemma import model as model_module
 
     model = tiny_model(seed=3, vocab_size=512).to(torch.bfloat16)
-    if model_module.packed_linear_forwards(model) is None:
+    if model_module.decode_plan(model) is None:
         pytest.skip("no oneDNN bfloat16 on this CPU")
-    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(0))
     packed = model.generate(prompt, 24, temperature=0)
-    stream = model.generate_stream(prompt, 10, temperature=0)
-    next(stream)
-    del stream
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    monkeypatch.setattr(model_module, "packed_linear_forwards", lambda model: None)
+    monkeypatch.setattr(model_module, "decode_plan", lambda model: None)
     plain = model.generate(prompt, 24, temperature=0)
     assert torch.equal(packed, plain)
 
 
-def test_packed_weights_are_reused_but_never_stale():
-    """The packed copies outlive one generate call, and are made afresh once a weight changes in place."""
+def test_decode_plan_is_reused_but_never_stale():
+    """The plan's copies of the weights outlive one generate call, and are made afresh once a weight changes
+    in place (as an optimizer step changes it), a norm's included."""
     from tinygemma import model as model_module
 
     model = tiny_model(seed=4, vocab_size=512).to(torch.bfloat16)
-    first = model_module.packed_linear_forwards(model)
+    first = model_module.decode_plan(model)
     if first is None:
         pytest.skip("no oneDNN bfloat16 on this CPU")
-    assert model_module.packed_linear_forwards(model) is first
+    assert model_module.decode_plan(model) is first
     prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
     before = model.generate(prompt, 12, temperature=0)
-    with torch.no_grad():  # as an optimizer step would: in place, same storage
+    with torch.no_grad():
+        model.layers[0].post_feedforward_layernorm.weight.add_(0.5)
+    assert model_module.decode_plan(model) is not first
+    with torch.no_grad():  # in place, same storage
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    assert model_module.packed_linear_forwards(model) is not first
     after = model.generate(prompt, 12, temperature=0)
     assert not torch.equal(before, after)  # the new weights were used...
-    del model._packed_linear
-    assert torch.equal(after, model.generate(prompt, 12, temperature=0))  # ...exactly as a fresh packing
+    del model._decode_plan
+    assert torch.equal(after, model.generate(prompt, 12, temperature=0))  # ...exactly as a fresh plan
 
 
 def test_speed_benchmark_runs_and_both_sides_agree():

@@ -102,6 +102,41 @@ def test_greedy_generate_matches_transformers_and_no_cache_loop():
     assert torch.equal(ours, seq)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 3},
+     {"n_heads": 2, "n_kv_heads": 2, "tie_embeddings": False}],
+    ids=["mqa", "gqa", "mha-untied"],
+)
+def test_decode_plan_matches_transformers(overrides, monkeypatch):
+    """The decode plan (stacked projections, one norm for q and k, float32 single-query attention) is the
+    model's arithmetic: in float32 its greedy tokens are transformers' and the module path's, past the window,
+    and each step's logits are the module path's."""
+    from tinygemma import model as model_module
+
+    config = small_config(**overrides)
+    model, hf = make_pair(config, seed=9)
+    real_plan = model_module.decode_plan
+    assert real_plan(model) is None  # float32: generation runs the modules, unless a plan is asked for
+    monkeypatch.setattr(model_module, "decode_plan", lambda m: real_plan(m, pack=False))
+    prompt = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    n_new = 3 * config.sliding_window
+    ours = model.generate(prompt, n_new, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+    plan = real_plan(model, pack=False)
+    rope = plan.rope_tables(model, ours.shape[1])
+    cache = model.new_cache(2, ours.shape[1])
+    with torch.no_grad():
+        model._last_logits(prompt, cache, 0)
+        for pos in range(5, ours.shape[1]):
+            logits = plan.step(model, ours[:, pos : pos + 1], cache, pos, rope)
+            expected = model(ours[:, : pos + 1])[:, -1]
+            assert (logits - expected).abs().max().item() <= 1e-4
+
+
 def test_generate_with_prompt_longer_than_window():
     config = small_config()
     model, _ = make_pair(config, seed=6)

@@ -47,9 +47,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm(x, 1.0 + self.weight.float(), self.eps)
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * gain in float32, cast back to x's dtype; `gain` is the float32 (1 + w), as transformers."""
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * gain).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
@@ -192,59 +197,93 @@ class Block(nn.Module):
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ W.T) against targets, computed `chunk_size` rows at a time.
 
-    The [tokens, vocab] float32 logits never exist whole: each chunk's softmax gradient is turned into the
-    gradients of h and W during the forward pass (the memory of one chunk's logits), and backward only
-    scales them. Same result as F.cross_entropy on full logits, up to float rounding.
+    The gradients of h and W are made during the forward pass, while each chunk's logits are at hand, so the
+    [tokens, vocab] float32 logits are never kept for backward, nor made whole when there are several
+    chunks; backward only scales them. The softmax is computed in place of the logits (one exp pass, whose
+    row sums also give the log-sum-exp), where F.cross_entropy's log_softmax, its backward and the one-hot
+    gradient of nll_loss each pass over [tokens, vocab]. Same result as F.cross_entropy on full logits, up
+    to float rounding.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
+    def forward(ctx, h, weight, targets, chunk_size, vocab_size):
         n_valid = (targets != -100).sum().clamp(min=1)
+        grad_dtype = h.dtype if h.dtype == weight.dtype else torch.promote_types(h.dtype, weight.dtype)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
             logits = (hc @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            logits[:, vocab_size:] = float("-inf")  # vocabulary padding: no probability, no gradient
             valid = tc != -100
             safe_t = tc.clamp(min=0)
-            loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
-            dlogits = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-            dlogits[torch.arange(len(tc), device=tc.device), safe_t] -= 1.0
-            dlogits *= (valid / n_valid)[:, None]
-            dlogits = dlogits.to(hc.dtype if hc.dtype == weight.dtype else torch.promote_types(hc.dtype, weight.dtype))
-            grad_h[start : start + chunk_size] = (dlogits @ weight.to(dlogits.dtype)).to(h.dtype)
-            grad_w += (dlogits.t() @ hc.to(dlogits.dtype)).float()
+            target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # unnormalised softmax, in place of the logits
+            sum_exp = probs.sum(dim=-1, keepdim=True)
+            loss += ((sum_exp.log() + row_max).squeeze(1) - target_logits).mul_(valid).sum()
+            weight_per_row = valid / n_valid  # each valid row's share of the mean; 0 for ignored rows
+            probs.mul_(weight_per_row[:, None] / sum_exp)  # d(mean loss) / d(logits) = softmax - one-hot ...
+            probs[torch.arange(len(tc), device=tc.device), safe_t] -= weight_per_row  # ... times the share
+            dlogits = probs.to(grad_dtype)
+            grad_h[start : start + chunk_size] = (dlogits @ weight.to(grad_dtype)).to(h.dtype)
+            chunk_grad_w = (dlogits.t() @ hc.to(grad_dtype)).float()
+            grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
+        if grad_w is None:  # no rows at all
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.backward_done = False
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # Scaled in place: a fresh [vocab, d] tensor would cost more than the multiplication (on a CPU, the
+        # page faults of 128 MB for GPT-2's vocabulary at d=640). So the saved gradients serve one backward.
+        if ctx.backward_done:
+            raise RuntimeError("the chunked cross-entropy supports one backward pass per forward "
+                               "(set model.loss_chunk_size = 0 for the plain loss, which allows retain_graph)")
+        ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
 
 
 def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              chunk_size: int | None) -> torch.Tensor:
+                              chunk_size: int | None, vocab_size: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of the head `weight` [V, d] applied to h [N, d]; targets -100 are ignored.
+    Rows of `weight` from `vocab_size` on are vocabulary padding: they take part in the matrix product (whose
+    shape they are there for) but get no probability and no gradient.
 
-    With `chunk_size`, logits are made a chunk of rows at a time (see _ChunkedLinearCrossEntropy);
-    with None, the plain way: full float32 logits, then F.cross_entropy.
+    When gradients are wanted, _ChunkedLinearCrossEntropy computes it `chunk_size` rows of logits at a time
+    (None or 0: all rows in one chunk); `chunk_size=0` is the plain F.cross_entropy on whole logits, which
+    autograd differentiates (slower; for checks and for retain_graph). Without gradients, the per-row losses
+    are summed, chunk by chunk.
     """
-    if chunk_size is None or h.shape[0] <= chunk_size:
-        return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-100)
+    vocab_size = vocab_size or weight.shape[0]
+    if chunk_size == 0:
+        return F.cross_entropy(masked_logits(h, weight, vocab_size), targets, ignore_index=-100)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size)
-    return token_cross_entropy(h, weight, targets, chunk_size).sum() / (targets != -100).sum().clamp(min=1)
+        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size or max(h.shape[0], 1), vocab_size)
+    return (token_cross_entropy(h, weight, targets, chunk_size, vocab_size).sum()
+            / (targets != -100).sum().clamp(min=1))
+
+
+def masked_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Float32 logits h @ weight.T with the padding columns (from `vocab_size` on) at -inf."""
+    logits = (h @ weight.t()).float()
+    if vocab_size < weight.shape[0]:
+        logits = logits.index_fill(-1, torch.arange(vocab_size, weight.shape[0], device=logits.device),
+                                   float("-inf"))
+    return logits
 
 
 def token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        chunk_size: int | None) -> torch.Tensor:
+                        chunk_size: int | None, vocab_size: int | None = None) -> torch.Tensor:
     """Each row's cross-entropy in nats (0 where the target is -100), `chunk_size` rows of logits at a time."""
-    chunk_size = chunk_size or max(h.shape[0], 1)
-    return torch.cat([F.cross_entropy((h[i : i + chunk_size] @ weight.t()).float(), targets[i : i + chunk_size],
-                                      ignore_index=-100, reduction="none") for i in range(0, h.shape[0], chunk_size)])
+    chunk_size, vocab_size = chunk_size or max(h.shape[0], 1), vocab_size or weight.shape[0]
+    return torch.cat([F.cross_entropy(masked_logits(h[i : i + chunk_size], weight, vocab_size),
+                                      targets[i : i + chunk_size], ignore_index=-100, reduction="none")
+                      for i in range(0, h.shape[0], chunk_size)])
 
 
 class Gemma3(nn.Module):
@@ -260,7 +299,8 @@ class Gemma3(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_buffers()
         self.apply(self._init_weights)
-        # Rows of logits made at once by the loss (None: all at once). Not architecture: a memory/speed knob.
+        # Rows of logits made at once by the loss (None: all at once; 0: the plain F.cross_entropy, which
+        # autograd differentiates). Not architecture: a memory/speed knob (see cross_entropy_from_hidden).
         self.loss_chunk_size: int | None = 8192
         # "sdpa" (a boolean mask for sliding layers longer than the window) or "flex" (flex_attention with a
         # block mask: work proportional to the window; for GPUs). Either computes the same function.
@@ -299,14 +339,14 @@ class Gemma3(nn.Module):
         h = self.norm(self.trunk(input_ids))
         if targets is None:
             return self.lm_head(h)[..., : self.config.vocab_size]
-        # The head's real rows only: vocabulary padding never takes probability mass.
-        weight = self.lm_head.weight[: self.config.vocab_size]
+        # The whole (padded) head in the product; vocabulary padding never takes probability mass.
+        weight, V = self.lm_head.weight, self.config.vocab_size
         flat_h, flat_targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
         if reduction == "none":
-            return token_cross_entropy(flat_h, weight, flat_targets, self.loss_chunk_size).view_as(targets)
+            return token_cross_entropy(flat_h, weight, flat_targets, self.loss_chunk_size, V).view_as(targets)
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
-        return cross_entropy_from_hidden(flat_h, weight, flat_targets, self.loss_chunk_size)
+        return cross_entropy_from_hidden(flat_h, weight, flat_targets, self.loss_chunk_size, V)
 
     def trunk(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0):
         """Embedding and decoder layers: the hidden states [B, T, d_model] before the final norm.
@@ -379,8 +419,10 @@ class Gemma3(nn.Module):
         # The cache holds the dtype that the model computes in (autocast's, if active).
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) else None
         cache = self.new_cache(B, T + max_new_tokens, dtype=dtype)
-        packed = packed_linear_forwards(self) if dtype is None else None
-        logits = self._last_logits(input_ids, cache, 0, packed)
+        plan = decode_plan(self) if dtype is None else None
+        if plan is not None:
+            rope = plan.rope_tables(self, T + max_new_tokens)
+        logits = self._last_logits(input_ids, cache, 0)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -390,22 +432,15 @@ class Gemma3(nn.Module):
             yield token
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 return
-            logits = self._last_logits(token[:, None], cache, T + step, packed)
+            if plan is None:
+                logits = self._last_logits(token[:, None], cache, T + step)
+            else:
+                logits = plan.step(self, token[:, None], cache, T + step, rope)
 
-    def _last_logits(self, input_ids, cache, start_pos, packed=None):
-        """Logits of the last position only: the head runs on one position, not the whole prompt.
-
-        With `packed` (see `packed_linear_forwards`) the linear layers use those forwards for this call only,
-        so nothing of it outlives the step, even if the caller abandons `generate_stream` halfway.
-        """
-        for module, forward in (packed or {}).items():
-            module.__dict__["forward"] = forward  # an instance attribute shadows nn.Linear.forward
-        try:
-            h = self.norm(self.trunk(input_ids, cache, start_pos)[:, -1])
-            return self.lm_head(h)[..., : self.config.vocab_size].float()
-        finally:
-            for module in packed or ():
-                del module.__dict__["forward"]
+    def _last_logits(self, input_ids, cache, start_pos):
+        """Logits of the last position only: the head runs on one position, not the whole prompt."""
+        h = self.norm(self.trunk(input_ids, cache, start_pos)[:, -1])
+        return self.lm_head(h)[..., : self.config.vocab_size].float()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -416,35 +451,119 @@ class Gemma3(nn.Module):
         return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
 
 
-def packed_linear_forwards(model: nn.Module) -> dict[nn.Linear, object] | None:
-    """For each nn.Linear of a bfloat16 model on a CPU that computes in bfloat16 natively, a forward that
-    multiplies by oneDNN's pre-packed copy of its weight; None anywhere else (the plain forwards are used).
+class DecodePlan:
+    """The weights of one decode step, rearranged for a single new token; see `decode_plan`.
+
+    Per layer: one projection for q, k and v together (their weights stacked), one for gate and up, and the
+    RMSNorm gains (1 + w) precomputed in float32, q's and k's stacked so that one norm serves all heads.
+    `linear(x, weight)` multiplies by a weight prepared by `prepare(weight)`.
+    """
+
+    def __init__(self, model: Gemma3, prepare, linear):
+        self.linear = linear
+        self.layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append((
+                gain(layer.input_layernorm),
+                prepare(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+                torch.cat([gain(attn.q_norm).expand(attn.n_heads, -1),
+                           gain(attn.k_norm).expand(attn.n_kv_heads, -1)])[:, None, :],  # [q+kv heads, 1, hd]
+                prepare(attn.o_proj.weight),
+                gain(layer.post_attention_layernorm),
+                gain(layer.pre_feedforward_layernorm),
+                prepare(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                prepare(mlp.down_proj.weight),
+                gain(layer.post_feedforward_layernorm),
+            ))
+        self.final_gain = gain(model.norm)
+        self.head = prepare(model.lm_head.weight)
+
+    @staticmethod
+    def rope_tables(model: Gemma3, max_len: int) -> dict:
+        """cos, sin and sin with the first half negated, [max_len, head_dim], for each kind of layer: the values
+        `rope_cos_sin` gives position by position, so that a step only looks them up."""
+        dtype, positions = model.embed_tokens.weight.dtype, torch.arange(max_len, device=model.embed_tokens.weight.device)
+        tables = {}
+        for kind, inv_freq in ((SLIDING, model.inv_freq_local), (GLOBAL, model.inv_freq_global)):
+            cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+            half = sin.shape[-1] // 2
+            tables[kind] = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+        return tables
+
+    @torch.no_grad()
+    def step(self, model: Gemma3, token: torch.Tensor, cache: list[KVCache], pos: int, rope: dict) -> torch.Tensor:
+        """Float32 logits [B, vocab] of the token [B, 1] at position `pos`: the arithmetic of `trunk`, the final
+        norm and the head (the same operations on the same values), in fewer, larger operations."""
+        c, linear = model.config, self.linear
+        B, H, KV, hd, eps = token.shape[0], c.n_heads, c.n_kv_heads, c.head_dim, c.rms_norm_eps
+        h = model.embed_tokens(token)
+        h = h * model.embed_scale.to(h.dtype)
+        cos_sin = {kind: (cos[pos : pos + 1], sin[pos : pos + 1]) for kind, (cos, sin) in rope.items()}
+        for kind, layer, kv, weights in zip(c.layer_types, model.layers, cache, self.layers):
+            input_gain, qkv_w, qk_gain, o_w, post_attn_gain, pre_ffw_gain, gate_up_w, down_w, post_ffw_gain = weights
+            qkv = linear(rms_norm(h, input_gain, eps), qkv_w)  # [B, 1, (H + 2 KV) hd]
+            qk = rms_norm(qkv[..., : (H + KV) * hd].view(B, H + KV, 1, hd), qk_gain, eps)
+            cos, sin = cos_sin[kind]
+            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin  # apply_rope, with rotate_half's sign folded into sin
+            k, v = kv.decode(qk[:, H:], qkv[..., (H + KV) * hd :].view(B, KV, 1, hd), pos)
+            y = decode_attention(qk[:, :H], k, v, layer.self_attn.scale)
+            h = h + rms_norm(linear(y.view(B, 1, H * hd), o_w), post_attn_gain, eps)
+            gate, up = linear(rms_norm(h, pre_ffw_gain, eps), gate_up_w).chunk(2, dim=-1)
+            h = h + rms_norm(linear(F.gelu(gate, approximate="tanh") * up, down_w), post_ffw_gain, eps)
+        return linear(rms_norm(h[:, -1], self.final_gain, eps), self.head)[..., : c.vocab_size].float()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new query per sequence, q [B, H, 1, hd], to the cached k, v [B, KV, n, hd], in float32.
+
+    Each K/V head serves its group of query heads as one matrix product (no copy of K or V). For a single
+    query, SDPA's CPU kernel is several times slower than these two products (450 against 120 us at 512
+    keys, 4 heads of 256), and it is the largest cost of a step after the weights.
+    """
+    B, H, _, hd = q.shape
+    KV = k.shape[1]
+    scores = torch.matmul(q.reshape(B, KV, H // KV, hd).float(), k.float().transpose(-1, -2)).mul_(scale)
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype).view(B, H, 1, hd)
+
+
+def gain(norm: RMSNorm) -> torch.Tensor:
+    return 1.0 + norm.weight.detach().float()
+
+
+def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
+    """The `DecodePlan` of a bfloat16 model on a CPU that computes in bfloat16 natively, its weights packed by
+    oneDNN; None anywhere else (decoding then runs the model's own forward). `pack=False` builds a plan of
+    plain stacked weights for any model, which the tests use to check the plan's arithmetic in float32.
 
     A decode step is one matrix-vector product per weight, which should run at memory bandwidth; ATen's plain
-    bfloat16 path for it does not (Gemma 3 270M decodes 1.6x faster packed on a 2-core AMD EPYC, with the same
-    tokens). The packed layout is the one torch.compile's weight freezing uses for CPU linears. Packing copies
-    the weights (0.15 to 0.3 s for 270M, 1 to 2 ms per token of a 128-token reply), so the copies are kept on
-    the model for the next call, keyed on each weight's storage and in-place version counter: an optimizer
-    step, load_state_dict or .to() changes the key, and the weights are packed afresh, never stale. The copies
-    cost as much memory as the linear weights; `del model._packed_linear` frees them.
+    bfloat16 path for it does not (the packed layout is the one torch.compile's weight freezing uses for CPU
+    linears), and the rest of a step is the dispatch of small operations, which the plan halves. Building a
+    plan copies the weights (0.15 to 0.3 s for 270M), so it is kept on the model for the next call, keyed on
+    each parameter's storage and in-place version counter: an optimizer step, load_state_dict or .to()
+    changes the key and a new plan is built, never a stale one. The copies cost as much memory as the linear
+    weights; `del model._decode_plan` frees them.
     """
     weight = next(model.parameters())
     mkldnn = torch.ops.mkldnn
-    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
-            or not hasattr(mkldnn, "_reorder_linear_weight") or not mkldnn._is_mkldnn_bf16_supported()):
-        return None
-    linears = [m for m in model.modules()
-               if isinstance(m, nn.Linear) and m.bias is None and m.weight.dtype == torch.bfloat16]
-    key = tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in linears)
-    cached = model.__dict__.get("_packed_linear")
+    if pack is None:
+        pack = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+                and hasattr(mkldnn, "_reorder_linear_weight") and mkldnn._is_mkldnn_bf16_supported())
+        if not pack:
+            return None
+    key = (pack, tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()))
+    cached = model.__dict__.get("_decode_plan")
     if cached is not None and cached[0] == key:
         return cached[1]
-    forwards = {}
-    for module in linears:
-        packed = mkldnn._reorder_linear_weight(module.weight.detach(), 1)  # laid out for batch 1
-        forwards[module] = lambda x, packed=packed: mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    model.__dict__["_packed_linear"] = (key, forwards)
-    return forwards
+    model.__dict__.pop("_decode_plan", None)  # free the old copies before making new ones
+    with torch.no_grad():
+        if pack:
+            plan = DecodePlan(model, lambda w: mkldnn._reorder_linear_weight(w.detach(), 1),  # laid out for batch 1
+                              lambda x, w: mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+        else:
+            plan = DecodePlan(model, torch.Tensor.detach, F.linear)
+    model.__dict__["_decode_plan"] = (key, plan)
+    return plan
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

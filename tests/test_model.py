@@ -117,7 +117,6 @@ def test_decode_plan_matches_transformers(overrides, monkeypatch):
     config = small_config(**overrides)
     model, hf = make_pair(config, seed=9)
     real_plan = model_module.decode_plan
-    assert real_plan(model) is None  # float32: generation runs the modules, unless a plan is asked for
     monkeypatch.setattr(model_module, "decode_plan", lambda m: real_plan(m, pack=False))
     prompt = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
     n_new = 3 * config.sliding_window
@@ -135,6 +134,21 @@ def test_decode_plan_matches_transformers(overrides, monkeypatch):
             logits = plan.step(model, ours[:, pos : pos + 1], cache, pos, rope)
             expected = model(ours[:, : pos + 1])[:, -1]
             assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_greedy_generate_is_the_same_with_and_without_a_decode_plan(monkeypatch):
+    """Generation on this CPU in float32 runs a plan of oneDNN-packed weights (where oneDNN exists): the same
+    tokens as the model's own forward; `test_greedy_generate_matches_transformers...` checks the default."""
+    from tinygemma import model as model_module
+
+    config = small_config()
+    model, _ = make_pair(config, seed=10)
+    prompt = torch.randint(0, config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(5))
+    planned = model.generate(prompt, 2 * config.sliding_window, temperature=0)
+    if model_module.decode_plan(model) is None:
+        pytest.skip("no oneDNN on this CPU")
+    monkeypatch.setattr(model_module, "decode_plan", lambda m: None)
+    assert torch.equal(planned, model.generate(prompt, 2 * config.sliding_window, temperature=0))
 
 
 def test_generate_with_prompt_longer_than_window():

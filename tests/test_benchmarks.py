@@ -37,10 +37,12 @@ def test_train_throughput_smoke(tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and len(r["step_times_s"]) == 1
         assert r["mfu"] is None  # no peak is claimed for a CPU
         assert len(r["losses"]) == 2
-    assert rows["transformers"]["ratio_vs_transformers"] == 1.0
+    assert rows["transformers"]["ratio_vs_transformers"] == rows["transformers"]["paired_ratio_vs_transformers"] == 1.0
+    times = rows["transformers"]["step_times_s"][0], rows["tinygemma"]["step_times_s"][0]
+    assert rows["tinygemma"]["paired_ratio_vs_transformers"] == times[0] / times[1]
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
 
     table = capsys.readouterr().out
-    assert "| contender | tokens/s | step time (median) | MFU | vs transformers |" in table
+    assert "| contender | tokens/s | step time (median) | MFU | vs transformers | paired |" in table
     for name in rows:
         assert f"| {name} |" in table

@@ -19,6 +19,7 @@ only after `torch.cuda.synchronize()`. Before any timing the step-0 losses must 
 which shows that all contenders compute the same function on the same batch.
 
     python benchmarks/train_throughput.py --steps 4 --warmup 1              # this CPU: fp32, 8 x 128
+    python benchmarks/train_throughput.py --steps 4 --warmup 1 --isolate 3  # each contender in its own process
     python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --block-size 1024 --json out.json
 """
 
@@ -181,9 +182,14 @@ def main(argv=None) -> dict:
                    help=f"comma-separated, from {', '.join(CONTENDERS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--isolate", type=int, metavar="ROUNDS", default=0,
+                   help="run each contender alone in its own process, the processes taking turns for ROUNDS "
+                        "rounds (each of --warmup + --steps steps), instead of all in one process")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be >= 1 (step 0 is the loss check and is never timed)")
+    if args.isolate:
+        return run_isolated(args, argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
@@ -230,28 +236,86 @@ def main(argv=None) -> dict:
             "step_times_s": times[c.name], "mfu": flops_per_token * tokens / step_time / peak if peak else None,
             "loss_step0": losses[c.name][0], "losses": losses[c.name],
         })
-    reference = next((r for r in rows if r["contender"] == REFERENCE), None)
-    for r in rows:
-        r["ratio_vs_transformers"] = r["tokens_per_s"] / reference["tokens_per_s"] if reference else None
-        # The median of the round-by-round ratios: each pairs two steps run back to back, so load that drifts
-        # over the run cancels out, where it does not between two medians.
-        r["paired_ratio_vs_transformers"] = statistics.median(
-            a / b for a, b in zip(reference["step_times_s"], r["step_times_s"])) if reference else None
+    add_ratios(rows, [[t] for t in zip(*(r["step_times_s"] for r in rows))])
+    return report(args, argv, rows, device_description(device), flops_per_token, peak, spread,
+                  f"median of {args.steps} steps after {args.warmup} warm-up, interleaved in one process")
 
+
+def add_ratios(rows: list[dict], rounds: list[list[tuple[float, ...]]]) -> None:
+    """Each row's speed against transformers': the ratio of the median step times, and the median over rounds
+    of the ratio of each round's median step times. A round's contenders ran back to back, so load that drifts
+    over the run cancels out of the paired ratio, where it does not between two medians. `rounds[i]` holds
+    the step times of round i, one tuple per step with one time per row."""
+    ref = next((i for i, r in enumerate(rows) if r["contender"] == REFERENCE), None)
+    for i, r in enumerate(rows):
+        if ref is None:
+            r["ratio_vs_transformers"] = r["paired_ratio_vs_transformers"] = None
+            continue
+        r["ratio_vs_transformers"] = rows[ref]["step_time_s"] / r["step_time_s"]
+        r["paired_ratio_vs_transformers"] = statistics.median(
+            statistics.median(step[ref] for step in rnd) / statistics.median(step[i] for step in rnd)
+            for rnd in rounds)
+
+
+def report(args, argv, rows: list[dict], device: str, flops_per_token: float, peak, spread: float,
+           how: str) -> dict:
     result = {
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "preset": args.preset, "batch_size": args.batch_size, "block_size": args.block_size, "dtype": args.dtype,
-        "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "device": device_description(device),
-        "torch": torch.__version__, "flops_per_token": flops_per_token, "peak_flops": peak,
+        "steps": args.steps, "warmup": args.warmup, "isolate": args.isolate, "compile": args.compile,
+        "device": device, "torch": torch.__version__, "flops_per_token": flops_per_token, "peak_flops": peak,
         "step0_loss_spread": spread, "results": rows,
     }
-    print(f"{args.preset}, batch {args.batch_size} x block {args.block_size}, {args.dtype}, {result['device']}, "
-          f"torch {torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{args.preset}, batch {args.batch_size} x block {args.block_size}, {args.dtype}, {device}, "
+          f"torch {torch.__version__}; {how}")
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def run_isolated(args, argv) -> dict:
+    """--isolate: every contender in a process of its own, so that none runs in a heap shaped by another's
+    allocations (on a CPU, a fresh 100 MB tensor costs more in page faults than the arithmetic on it, and how
+    many a step takes depends on what ran before in the process). The processes take turns, round by round."""
+    import subprocess
+    import tempfile
+
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    common = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
+              "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--device", args.device, "--seed", str(args.seed)] + (["--compile"] if args.compile else [])
+    runs = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.isolate):
+            for name in names:
+                out = os.path.join(tmp, f"{r}-{name}.json")
+                subprocess.run([sys.executable, os.path.abspath(__file__), *common, "--contenders", name,
+                                "--json", out], check=True, stdout=subprocess.DEVNULL)
+                with open(out, encoding="utf-8") as f:
+                    child = json.load(f)
+                runs[name].append(child["results"][0])
+                print(f"round {r + 1}/{args.isolate}: {child['results'][0]['contender']} median "
+                      f"{child['results'][0]['step_time_s']:.3f} s", file=sys.stderr, flush=True)
+    spread = check_losses({name: v[0]["loss_step0"] for name, v in runs.items()}, getattr(torch, args.dtype))
+    tokens = args.batch_size * args.block_size
+    rows = []
+    for name in names:
+        times = [t for run in runs[name] for t in run["step_times_s"]]
+        step_time = statistics.median(times)
+        mfu = runs[name][0]["mfu"]
+        rows.append({
+            "contender": runs[name][0]["contender"], "tokens_per_s": tokens / step_time, "step_time_s": step_time,
+            "step_times_s": times, "mfu": None if mfu is None else mfu * runs[name][0]["step_time_s"] / step_time,
+            "loss_step0": runs[name][0]["loss_step0"], "losses": runs[name][0]["losses"],
+        })
+    rounds = [list(zip(*(runs[name][r]["step_times_s"] for name in names))) for r in range(args.isolate)]
+    add_ratios(rows, rounds)
+    config = ModelConfig.preset(args.preset)
+    return report(args, argv, rows, child["device"], config.flops_per_token(args.block_size), child["peak_flops"],
+                  spread, f"{args.isolate} rounds of {args.steps} steps after {args.warmup} warm-up, "
+                          "each contender in its own process")
 
 
 if __name__ == "__main__":

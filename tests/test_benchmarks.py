@@ -46,3 +46,20 @@ def test_train_throughput_smoke(tmp_path, capsys):
     assert "| contender | tokens/s | step time (median) | MFU | vs transformers | paired |" in table
     for name in rows:
         assert f"| {name} |" in table
+
+
+def test_train_throughput_isolated_runs_each_contender_in_its_own_process(capsys):
+    """--isolate: one process per contender and round; their step times gathered, losses still checked equal."""
+    train_throughput = load_script("train_throughput")
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16",
+                                    "--steps", "2", "--warmup", "1", "--device", "cpu", "--isolate", "2",
+                                    "--contenders", "tinygemma,transformers"])
+    rows = {r["contender"]: r for r in result["results"]}
+    assert list(rows) == ["tinygemma", "transformers"] and result["isolate"] == 2
+    assert rows["tinygemma"]["loss_step0"] == pytest.approx(rows["transformers"]["loss_step0"], rel=1e-4)
+    for r in rows.values():
+        assert len(r["step_times_s"]) == 4 and r["step_time_s"] > 0  # 2 rounds x 2 steps
+    assert rows["transformers"]["paired_ratio_vs_transformers"] == 1.0
+    assert rows["tinygemma"]["ratio_vs_transformers"] == pytest.approx(
+        rows["transformers"]["step_time_s"] / rows["tinygemma"]["step_time_s"])
+    assert capsys.readouterr().err.count(" median ") == 4  # one line per process: two rounds of two

@@ -214,8 +214,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = (hc @ weight.t()).float()
-            logits[:, vocab_size:] = float("-inf")  # vocabulary padding: no probability, no gradient
+            logits = masked_logits(hc, weight, vocab_size)  # padding columns at -inf: no probability, no gradient
             valid = tc != -100
             safe_t = tc.clamp(min=0)
             target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -271,9 +270,7 @@ def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: to
 def masked_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Float32 logits h @ weight.T with the padding columns (from `vocab_size` on) at -inf."""
     logits = (h @ weight.t()).float()
-    if vocab_size < weight.shape[0]:
-        logits = logits.index_fill(-1, torch.arange(vocab_size, weight.shape[0], device=logits.device),
-                                   float("-inf"))
+    logits[:, vocab_size:] = float("-inf")  # in place: the product's backward needs h and weight, not this
     return logits
 
 

@@ -188,14 +188,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be >= 1 (step 0 is the loss check and is never timed)")
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     if args.isolate:
-        return run_isolated(args, argv)
+        return run_isolated(args, argv, names)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
     config = ModelConfig.preset(args.preset)
-    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     contenders = build_contenders(names, config, dtype, device, args.compile, args.seed)
 
     # One fixed batch for every contender and every step: throughput does not depend on the token values.
@@ -228,17 +228,21 @@ def main(argv=None) -> dict:
     tokens = args.batch_size * args.block_size
     peak = peak_flops(device, dtype)
     flops_per_token = config.flops_per_token(args.block_size)
-    rows = []
-    for c in contenders:
-        step_time = statistics.median(times[c.name])
-        rows.append({
-            "contender": c.name, "tokens_per_s": tokens / step_time, "step_time_s": step_time,
-            "step_times_s": times[c.name], "mfu": flops_per_token * tokens / step_time / peak if peak else None,
-            "loss_step0": losses[c.name][0], "losses": losses[c.name],
-        })
+    rows = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak) for c in contenders]
     add_ratios(rows, [[t] for t in zip(*(r["step_times_s"] for r in rows))])
     return report(args, argv, rows, device_description(device), flops_per_token, peak, spread,
                   f"median of {args.steps} steps after {args.warmup} warm-up, interleaved in one process")
+
+
+def result_row(contender: str, step_times: list[float], losses: list[float], tokens: int,
+               flops_per_token: float, peak: float | None) -> dict:
+    """One contender's figures from its timed step times (median) and its losses (step 0 first)."""
+    step_time = statistics.median(step_times)
+    return {
+        "contender": contender, "tokens_per_s": tokens / step_time, "step_time_s": step_time,
+        "step_times_s": step_times, "mfu": flops_per_token * tokens / step_time / peak if peak else None,
+        "loss_step0": losses[0], "losses": losses,
+    }
 
 
 def add_ratios(rows: list[dict], rounds: list[list[tuple[float, ...]]]) -> None:
@@ -275,14 +279,13 @@ def report(args, argv, rows: list[dict], device: str, flops_per_token: float, pe
     return result
 
 
-def run_isolated(args, argv) -> dict:
+def run_isolated(args, argv, names: list[str]) -> dict:
     """--isolate: every contender in a process of its own, so that none runs in a heap shaped by another's
     allocations (on a CPU, a fresh 100 MB tensor costs more in page faults than the arithmetic on it, and how
     many a step takes depends on what ran before in the process). The processes take turns, round by round."""
     import subprocess
     import tempfile
 
-    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     common = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
               "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--device", args.device, "--seed", str(args.seed)] + (["--compile"] if args.compile else [])
@@ -299,22 +302,12 @@ def run_isolated(args, argv) -> dict:
                 print(f"round {r + 1}/{args.isolate}: {child['results'][0]['contender']} median "
                       f"{child['results'][0]['step_time_s']:.3f} s", file=sys.stderr, flush=True)
     spread = check_losses({name: v[0]["loss_step0"] for name, v in runs.items()}, getattr(torch, args.dtype))
-    tokens = args.batch_size * args.block_size
-    rows = []
-    for name in names:
-        times = [t for run in runs[name] for t in run["step_times_s"]]
-        step_time = statistics.median(times)
-        mfu = runs[name][0]["mfu"]
-        rows.append({
-            "contender": runs[name][0]["contender"], "tokens_per_s": tokens / step_time, "step_time_s": step_time,
-            "step_times_s": times, "mfu": None if mfu is None else mfu * runs[name][0]["step_time_s"] / step_time,
-            "loss_step0": runs[name][0]["loss_step0"], "losses": runs[name][0]["losses"],
-        })
+    tokens, flops_per_token, peak = args.batch_size * args.block_size, child["flops_per_token"], child["peak_flops"]
+    rows = [result_row(runs[name][0]["contender"], [t for run in runs[name] for t in run["step_times_s"]],
+                       runs[name][0]["losses"], tokens, flops_per_token, peak) for name in names]
     rounds = [list(zip(*(runs[name][r]["step_times_s"] for name in names))) for r in range(args.isolate)]
     add_ratios(rows, rounds)
-    config = ModelConfig.preset(args.preset)
-    return report(args, argv, rows, child["device"], config.flops_per_token(args.block_size), child["peak_flops"],
-                  spread, f"{args.isolate} rounds of {args.steps} steps after {args.warmup} warm-up, "
+    return report(args, argv, rows, child["device"], flops_per_token, peak, spread, f"{args.isolate} rounds of {args.steps} steps after {args.warmup} warm-up, "
                           "each contender in its own process")
 
 

@@ -21,7 +21,9 @@ import time
 import torch
 
 from tinygemma import Gemma3, ModelConfig
-from tinygemma.checkpoint import parse_dtype, to_transformers
+from tinygemma.devices import parse_dtype
+from tinygemma.generate import generate
+from tinygemma.hf import to_transformers
 
 
 def time_interleaved(fns, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
@@ -60,7 +62,7 @@ def main(argv=None) -> dict:
     n = args.new_tokens
 
     def ours():
-        return model.generate(prompt, n, temperature=0)
+        return generate(model, prompt, n, temperature=0)
 
     def theirs():
         with torch.no_grad():

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workshop_model
 from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
-from tinygemma.checkpoint import to_transformers  # noqa: E402
+from tinygemma.hf import to_transformers  # noqa: E402
 
 CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop")
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention

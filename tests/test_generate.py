@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_model import make_pair, small_config  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig, UserError
-from tinygemma.checkpoint import atomic_write_json, save_model
+from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
-from tinygemma.generate import TextStream, generate_text
-from tinygemma.model import filter_logits, sample_next_token
+from tinygemma.files import atomic_write_json
+from tinygemma.generate import TextStream, filter_logits, generate, generate_text, sample_next_token
 from tinygemma.tokenizer import GPT2Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(model, tokeniz
 def test_stops_at_end_of_text(model, tokenizer):
     """With an end-of-text id equal to the greedy continuation's 4th token, generation stops right before it."""
     prompt_ids = tokenizer.encode(PROMPT)
-    tokens = model.generate(torch.tensor([prompt_ids]), 12, temperature=0)[0, len(prompt_ids):].tolist()
+    tokens = generate(model, torch.tensor([prompt_ids]), 12, temperature=0)[0, len(prompt_ids):].tolist()
     stop = next(i for i in range(3, 12) if tokens[i] not in tokens[:i])
 
     ends_early = GPT2Tokenizer()
@@ -251,43 +252,8 @@ def test_bf16_generation_runs(ckpt, capsys):
     assert capsys.readouterr().out.startswith(PROMPT)
 
 
-def test_packed_bfloat16_decoding_matches_the_plain_path(monkeypatch):
-    """On CPUs with native bfloat16, decoding runs a plan of oneDNN-packed weights: the same tokens as the
-    model's own forward in bfloat16, for a batch of several sequences."""
-    from tinygemma import model as model_module
-
-    model = tiny_model(seed=3, vocab_size=512).to(torch.bfloat16)
-    if model_module.decode_plan(model) is None:
-        pytest.skip("no oneDNN bfloat16 on this CPU")
-    prompt = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(0))
-    packed = model.generate(prompt, 24, temperature=0)
-    monkeypatch.setattr(model_module, "decode_plan", lambda model: None)
-    plain = model.generate(prompt, 24, temperature=0)
-    assert torch.equal(packed, plain)
 
 
-def test_decode_plan_is_reused_but_never_stale():
-    """The plan's copies of the weights outlive one generate call, and are made afresh once a weight changes
-    in place (as an optimizer step changes it), a norm's included."""
-    from tinygemma import model as model_module
-
-    model = tiny_model(seed=4, vocab_size=512).to(torch.bfloat16)
-    first = model_module.decode_plan(model)
-    if first is None:
-        pytest.skip("no oneDNN bfloat16 on this CPU")
-    assert model_module.decode_plan(model) is first
-    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
-    before = model.generate(prompt, 12, temperature=0)
-    with torch.no_grad():
-        model.layers[0].post_feedforward_layernorm.weight.add_(0.5)
-    assert model_module.decode_plan(model) is not first
-    with torch.no_grad():  # in place, same storage
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    after = model.generate(prompt, 12, temperature=0)
-    assert not torch.equal(before, after)  # the new weights were used...
-    del model._decode_plan
-    assert torch.equal(after, model.generate(prompt, 12, temperature=0))  # ...exactly as a fresh plan
 
 
 def test_speed_benchmark_runs_and_both_sides_agree():
@@ -299,3 +265,46 @@ def test_speed_benchmark_runs_and_both_sides_agree():
     spec.loader.exec_module(bench)
     result = bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--new-tokens", "6", "--repeats", "1"])
     assert result["same_tokens"] and result["tinygemma_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+
+
+def test_greedy_generate_matches_transformers_and_no_cache_loop():
+    config = small_config()
+    model, hf = make_pair(config, seed=5)
+    prompt = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    n_new = 4 * config.sliding_window  # well past the window, so the ring cache wraps around several times
+    ours = generate(model, prompt, n_new, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
+                         pad_token_id=0, eos_token_id=None)
+    assert ours.shape == (2, 7 + n_new)
+    assert torch.equal(ours, theirs)
+    # The same tokens from a loop that recomputes the whole sequence without any cache.
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours, seq)
+
+def test_generate_with_prompt_longer_than_window():
+    config = small_config()
+    model, _ = make_pair(config, seed=6)
+    prompt = torch.randint(0, config.vocab_size, (1, 3 * config.sliding_window + 5))
+    out = generate(model, prompt, 20, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+def test_generate_stops_at_eos_and_is_seeded():
+    config = small_config()
+    model, _ = make_pair(config, seed=7)
+    prompt = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    greedy = generate(model, prompt, 10, temperature=0)
+    eos = int(greedy[0, 5 + 3])  # the 4th new token: generation must stop right after producing it
+    stopped = generate(model, prompt, 10, temperature=0, eos_id=eos)
+    first = (greedy[0, 5:] == eos).nonzero()[0].item()
+    assert torch.equal(stopped, greedy[:, : 5 + first + 1])
+    a = generate(model, prompt, 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(1))
+    b = generate(model, prompt, 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(1))
+    c = generate(model, prompt, 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)

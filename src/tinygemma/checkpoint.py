@@ -1,115 +1,51 @@
-"""Checkpoints: atomic writes, our own checkpoint format, and Hugging Face import and export.
+"""Checkpoints: our own format, loading any model directory, and the checkpoints of a training run.
 
 A tinygemma checkpoint is a directory with
-    model.safetensors   the weights, under our parameter names (a tied head is stored once)
-    checkpoint.json     {"format": "tinygemma", "model": ModelConfig, "tokenizer": spec, ...}
-and, when written by training, the optimizer and loop state beside them (see train.py).
-Nothing here unpickles: weights come from safetensors, metadata from JSON.
+    model.safetensors      the weights, under our parameter names (a tied head is stored once)
+    checkpoint.json        {"format": "tinygemma", "model": ModelConfig, "tokenizer": spec, ...}
+and, when written by training,
+    optimizer.safetensors  the optimizer's state, by parameter name
+    trainer_state.json     step, data position, random states, best loss: what exact resume needs
+A run directory keeps its checkpoints under checkpoints/, named by the pointers last.json and best.json.
+Nothing here unpickles: weights come from safetensors, metadata from JSON. Transformers directories load through
+the adapter in hf.py.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import json
 import os
-import re
+import random
 import shutil
-import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from tinygemma.config import GLOBAL, SLIDING, ModelConfig
+from tinygemma.config import ModelConfig
+from tinygemma.devices import parse_dtype, pick_device, pick_dtype
 from tinygemma.errors import UserError
-from tinygemma.model import Gemma3
+from tinygemma.files import (
+    atomic_path,
+    atomic_save_safetensors,
+    atomic_write_json,
+    fsync_dir,
+    read_json,
+    read_safetensors,
+)
+from tinygemma.hf import load_hf, save_hf
+from tinygemma.model import Gemma3, model_from_state, model_state
+from tinygemma.runtime import Runtime, raise_on_all_ranks
+from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
 
 CHECKPOINT_FORMAT = "tinygemma"
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "checkpoint.json"
-
-# ------------------------------------------------------------------ atomic writes
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; once the block succeeds, fsync it and rename it onto `path`.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written file under `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def read_json(path: str | Path, what: str = "file") -> dict:
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{what} {path} does not hold a JSON object")
-    return obj
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; a truncated or corrupt file is a UserError, never a crash."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except FileNotFoundError:
-        raise UserError(f"weights not found: {path}") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
-
+OPTIMIZER_NAME = "optimizer.safetensors"  # written by training, with the loop state beside it
+STATE_NAME = "trainer_state.json"
 
 # ------------------------------------------------------------------ our checkpoint format
-
-
-def model_state(model: Gemma3) -> dict[str, torch.Tensor]:
-    """The weights to save: a tied output head is the embedding, so it is stored once, under the embedding."""
-    state = {k: v for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
 
 
 def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -> None:
@@ -164,244 +100,13 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     if (directory / META_NAME).exists():
         config = ModelConfig.from_dict(read_checkpoint_meta(directory)["model"])
         state = read_safetensors(directory / WEIGHTS_NAME)
+        model = model_from_state(config, state, source=directory)
     else:
-        config = model_config_from_hf(read_json(directory / "config.json", "config.json"))
-        state = {from_hf_name(k): v for k, v in read_hf_weights(directory).items()}
-    model = model_from_state(config, state, source=directory)
+        model = load_hf(directory)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     model.to(device=device, dtype=dtype)
     return model.eval()
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise UserError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
-    return table[name]
-
-
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source="checkpoint") -> Gemma3:
-    """Build the model and load `state` strictly: any missing, unexpected or misshapen tensor is a UserError
-    (a checkpoint of another architecture), never a silently half-loaded model."""
-    with torch.device("meta"):
-        model = Gemma3(config)
-    expected = {k: v for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # a tied head saved anyway
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(
-            f"{source} does not match the model config: "
-            + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
-            + (f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "")
-        )
-    V, Vp = config.vocab_size, config.padded_vocab_size
-    for name, param in expected.items():
-        tensor = state[name]
-        if name in ("embed_tokens.weight", "lm_head.weight") and tensor.shape[0] == V and Vp > V:
-            tensor = torch.cat([tensor, tensor.new_zeros(Vp - V, tensor.shape[1])])  # vocabulary padding
-            state[name] = tensor
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise UserError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers()
-    return model
-
-
-# ------------------------------------------------------------------ Hugging Face names and config
-
-# Our parameter name -> transformers' Gemma3ForCausalLM name; `{}` stands for the layer index.
-HF_NAME_MAP = {
-    "embed_tokens.weight": "model.embed_tokens.weight",
-    "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.self_attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.self_attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
-    "layers.{}.self_attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
-    "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.pre_feedforward_layernorm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
-    "layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
-    "layers.{}.post_feedforward_layernorm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-HF_NAME_MAP_INVERSE = {v: k for k, v in HF_NAME_MAP.items()}
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def _translate(name: str, table: dict[str, str]) -> str:
-    index = _LAYER_INDEX.search(name)
-    key = _LAYER_INDEX.sub(".{}.", name, count=1) if index else name
-    if key not in table:
-        raise UserError(f"unexpected parameter {name!r}: not a Gemma 3 text-model weight")
-    return table[key].format(index.group(1)) if index else table[key]
-
-
-def to_hf_name(name: str) -> str:
-    return _translate(name, HF_NAME_MAP)
-
-
-def from_hf_name(name: str) -> str:
-    return _translate(name, HF_NAME_MAP_INVERSE)
-
-
-def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
-              torch_dtype: str = "float32") -> dict:
-    """config.json for transformers' Gemma3ForCausalLM (model_type gemma3_text).
-
-    RoPE bases are written in both the transformers 5 form (`rope_parameters`) and the 4.x form
-    (`rope_theta`, `rope_local_base_freq`), so either version reads them.
-    """
-    return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.mlp_dim,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": config.init_std,
-        "rms_norm_eps": config.rms_norm_eps,
-        # transformers 5 insists on an int here, as in Gemma 3's own config.json.
-        "query_pre_attn_scalar": int(q) if float(q := config.query_pre_attn_scalar).is_integer() else q,
-        "sliding_window": config.sliding_window,
-        "layer_types": list(config.layer_types),
-        "_sliding_window_pattern": config.sliding_window_pattern,
-        "rope_parameters": {
-            SLIDING: {"rope_type": "default", "rope_theta": config.rope_local_base},
-            GLOBAL: {"rope_type": "default", "rope_theta": config.rope_global_base},
-        },
-        "rope_theta": config.rope_global_base,
-        "rope_local_base_freq": config.rope_local_base,
-        "rope_scaling": None,
-        "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "final_logit_softcapping": None,
-        "attn_logit_softcapping": None,
-        "use_cache": True,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "torch_dtype": torch_dtype,
-        "dtype": torch_dtype,
-    }
-
-
-def model_config_from_hf(d: dict) -> ModelConfig:
-    """ModelConfig from a transformers config.json of a Gemma 3 text model (either RoPE layout)."""
-    if d.get("model_type") == "gemma3" and isinstance(d.get("text_config"), dict):
-        raise UserError("this is a multimodal Gemma 3 checkpoint (model_type gemma3); tinygemma loads the "
-                        "text-only Gemma3ForCausalLM (model_type gemma3_text), such as google/gemma-3-270m")
-    if d.get("model_type") != "gemma3_text":
-        raise UserError(f"config.json has model_type {d.get('model_type')!r}; tinygemma loads gemma3_text models")
-    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if d.get(cap) is not None:
-            raise UserError(f"config.json sets {cap}, which Gemma 3 does not use and tinygemma does not implement")
-    if d.get("use_bidirectional_attention"):
-        raise UserError("config.json sets use_bidirectional_attention (an encoder variant); Gemma 3 is causal")
-    if d.get("attention_bias"):
-        raise UserError("config.json sets attention_bias, which Gemma 3 does not use and tinygemma does not implement")
-    if d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise UserError(f"config.json has hidden_activation {d.get('hidden_activation')!r}; Gemma 3 uses gelu_pytorch_tanh")
-    rope = d.get("rope_parameters") or {}
-    local = (rope.get(SLIDING) or {}).get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
-    global_ = (rope.get(GLOBAL) or {}).get("rope_theta", d.get("rope_theta", 1_000_000.0))
-    for kind in (SLIDING, GLOBAL):
-        rope_type = (rope.get(kind) or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise UserError(f"config.json uses {rope_type!r} RoPE scaling on {kind} layers; tinygemma implements the default RoPE")
-    if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
-        raise UserError("config.json uses RoPE scaling; tinygemma implements the default RoPE")
-    try:
-        n_layers = d["num_hidden_layers"]
-        pattern = d.get("_sliding_window_pattern", d.get("sliding_window_pattern", 6))
-        return ModelConfig(
-            vocab_size=d["vocab_size"],
-            d_model=d["hidden_size"],
-            n_layers=n_layers,
-            n_heads=d["num_attention_heads"],
-            n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-            head_dim=d.get("head_dim", 256),
-            mlp_dim=d["intermediate_size"],
-            sliding_window=d.get("sliding_window") or 4096,
-            sliding_window_pattern=pattern,
-            layer_types=d.get("layer_types"),
-            rope_local_base=float(local),
-            rope_global_base=float(global_),
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-            max_position_embeddings=d.get("max_position_embeddings", 131_072),
-            init_std=float(d.get("initializer_range", 0.02)),
-        )
-    except KeyError as e:
-        raise UserError(f"config.json lacks {e.args[0]!r}") from None
-
-
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a transformers directory: model.safetensors or its shards. Pickled weights are refused."""
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    if single.exists():
-        return read_safetensors(single)
-    if index.exists():
-        shards = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values()))
-        if not shards:
-            raise UserError(f"{index} lists no weight files")
-        state = {}
-        for shard in shards:
-            state.update(read_safetensors(directory / shard))
-        return state
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-        raise UserError(f"{directory} holds only pickled weights (pytorch_model.bin); tinygemma never unpickles "
-                        "weights, since a pickle can run code. Convert them to safetensors first.")
-    raise UserError(f"{directory} holds no model.safetensors")
-
-
-# ------------------------------------------------------------------ export
-
-
-def hf_state(model: Gemma3) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' names, without vocabulary padding (the exported shapes are the
-    real ones) and with a tied head stored once."""
-    state = {}
-    for name, tensor in model_state(model).items():
-        if name in ("embed_tokens.weight", "lm_head.weight"):
-            tensor = tensor[: model.config.vocab_size]
-        state[to_hf_name(name)] = tensor
-    return state
-
-
-def to_transformers(model: Gemma3, attn_implementation: str = "sdpa"):
-    """transformers' Gemma3ForCausalLM holding a copy of `model`'s weights, in its dtype, on its device, in eval
-    mode: the reference that tests and benchmarks compare against."""
-    import transformers
-
-    config = hf_config(model.config)
-    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
-        config.pop(key)
-    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**config, attn_implementation=attn_implementation))
-    missing, unexpected = hf.load_state_dict(hf_state(model), strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if model.config.tie_embeddings else set()):
-        raise RuntimeError(f"transformers' Gemma3ForCausalLM does not take these weights: missing {missing}, "
-                           f"unexpected {unexpected}")
-    hf.tie_weights()
-    weight = model.embed_tokens.weight
-    return hf.to(device=weight.device, dtype=weight.dtype).eval()
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:
@@ -412,16 +117,9 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise UserError("--out must differ from the checkpoint directory")
-    state = hf_state(model)
-    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     eot = (meta.get("tokenizer") or {}).get("eot_id")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
-    atomic_write_json(out / "config.json", hf_config(model.config, bos_id=eot, eos_id=eot, pad_id=eot, torch_dtype=dtype))
-    atomic_write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+    save_hf(model, out, eot_id=eot)
     if meta.get("tokenizer"):
-        from tinygemma.tokenizer import tokenizer_from_spec
-
         tokenizer_from_spec(meta["tokenizer"], base_dir=src).save_hf(out)
     elif src != out:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
@@ -430,14 +128,174 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     return out
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory, or transformers directory")
-    p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors and tokenizer files")
-    p.set_defaults(func=_export_main)
+# ------------------------------------------------------------------ the checkpoint that goes with a tokenizer
 
 
-def _export_main(args) -> int:
-    out = export(args.ckpt, args.out)
-    print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
-    return 0
+def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
+    """The tokenizer that goes with a checkpoint: `tokenizer` ("gpt2" or a tokenizer.json path) if given, else
+    the spec recorded in checkpoint.json at training time, else a transformers directory's tokenizer.json."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    directory = resolve_checkpoint(ckpt)
+    spec = read_checkpoint_meta(directory).get("tokenizer")
+    if spec:
+        return tokenizer_from_spec(spec, base_dir=directory)
+    if (directory / TOKENIZER_FILE).exists():
+        return load_tokenizer(directory)
+    raise UserError(f"{directory} records no tokenizer and holds no {TOKENIZER_FILE}; name one with --tokenizer")
+
+def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "auto") -> Gemma3:
+    """The checkpoint's model in eval mode, on `device` ("auto": a GPU if there is one) in `dtype` ("auto":
+    bfloat16 where the device computes in it natively), checked to cover the tokenizer's ids."""
+    dev = pick_device(device)
+    model = load(ckpt, dtype=pick_dtype(dtype, dev), device=dev)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.vocab_size:,} tokens, more than the "
+                        f"model's {model.config.vocab_size:,}: they do not belong together")
+    return model
+
+
+# ------------------------------------------------------------------ run checkpoints: save, resume, pointers, pruning
+
+
+def checkpoint_pointer(run_dir: Path, name: str = "last") -> dict | None:
+    """checkpoints/last.json (or best.json) if it names a complete checkpoint, else None."""
+    pointer = run_dir / "checkpoints" / f"{name}.json"
+    if not pointer.exists():
+        return None
+    info = read_json(pointer, "checkpoint pointer")
+    directory = run_dir / "checkpoints" / str(info.get("dir", ""))
+    if not (directory / STATE_NAME).exists():
+        raise UserError(f"{pointer} names {directory}, which is not a complete checkpoint")
+    return info
+
+def checkpoint_bytes(model: Gemma3) -> int:
+    """What a checkpoint takes on disk: the weights, AdamW's two moments, and a margin."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = 2 * sum(p.numel() * 4 for p in model.parameters())
+    return int(1.05 * (weights + moments)) + (16 << 20)
+
+def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict, data_dir: Path,
+                    val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool) -> None:
+    """Write checkpoints/step_NNNNNN/ into a temporary directory, rename it into place, then switch last.json
+    (and best.json) to it; finally delete the checkpoints that neither pointer names. Every rank calls this
+    (FSDP gathers the shards); rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    ckpts, name = run_dir / "checkpoints", f"step_{step:06d}"
+    message = None
+    if rt.is_main:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        need, free = checkpoint_bytes(raw), shutil.disk_usage(ckpts).free
+        if free < need:
+            previous = checkpoint_pointer(run_dir)
+            message = (f"not enough free disk in {ckpts} for the checkpoint of step {step}: it needs about "
+                       f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free; nothing was written"
+                       + (f", and the checkpoint of step {previous['step']} is intact" if previous else ""))
+    raise_on_all_ranks(message, rt)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer_state = get_optimizer_state_dict(raw, optimizer, options=full)
+    model_state = get_model_state_dict(raw, options=full) if fsdp else None
+    if not rt.is_main:
+        return
+    model = model_from_state(raw.config, model_state) if fsdp else raw
+
+    tmp = ckpts / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, tmp, meta)
+        save_optimizer(optimizer_state, tmp / OPTIMIZER_NAME)
+        tokenizer_file = meta.get("tokenizer", {}).get("file")
+        if tokenizer_file:  # a checkpoint carries its tokenizer, so it stands alone
+            with atomic_path(tmp / tokenizer_file) as t:
+                shutil.copyfile(data_dir / tokenizer_file, t)
+        atomic_write_json(tmp / STATE_NAME, state)  # written last: its presence marks a complete checkpoint
+        fsync_dir(tmp)
+        final = ckpts / name
+        if final.exists():  # left by a crash after its rename but before last.json named it: never referenced
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(ckpts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = {"dir": name, "step": step, "val_loss": val_loss}
+    atomic_write_json(ckpts / "last.json", pointer)
+    if is_best:
+        atomic_write_json(ckpts / "best.json", pointer)
+    prune_checkpoints(ckpts)
+
+def prune_checkpoints(ckpts: Path) -> None:
+    """Delete step directories that neither last.json nor best.json names, and leftover temporary ones."""
+    keep = set()
+    for name in ("last", "best"):
+        if (ckpts / f"{name}.json").exists():
+            keep.add(read_json(ckpts / f"{name}.json", "checkpoint pointer").get("dir"))
+    for path in ckpts.iterdir():
+        if path.is_dir() and path.name not in keep and (path.name.startswith("step_") or path.name.startswith(".tmp-")):
+            shutil.rmtree(path, ignore_errors=True)
+
+def save_optimizer(state_dict: dict, path: Path) -> None:
+    """A full optimizer state dict (parameter names as keys) as safetensors: `name/key` tensors, and the
+    parameter groups as JSON in the metadata."""
+    tensors, scalars = {}, {}
+    for param, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{key}"] = value
+            else:
+                scalars[f"{param}/{key}"] = value
+    groups = json.dumps(state_dict["param_groups"], default=str)
+    atomic_save_safetensors(tensors, path, metadata={"format": "tinygemma-optimizer", "param_groups": groups,
+                                                      "scalars": json.dumps(scalars)})
+
+def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
+    """Restore the optimizer's moments and step counts; its hyper-parameters stay those of the current config."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    tensors = read_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != "tinygemma-optimizer":
+        raise UserError(f"{path} is not a tinygemma optimizer state")
+    state: dict = {}
+    for key, value in {**tensors, **json.loads(metadata.get("scalars", "{}"))}.items():
+        param, _, name = key.rpartition("/")
+        state.setdefault(param, {})[name] = value
+    groups = json.loads(metadata["param_groups"])
+    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    set_optimizer_state_dict(raw, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+
+def encode_bytes(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+def decode_bytes(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": encode_bytes(torch.get_rng_state()),
+        "cuda": [encode_bytes(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": json.loads(json.dumps(random.getstate())),
+    }
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(decode_bytes(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([decode_bytes(s) for s in state["cuda"]])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,25 +1,36 @@
-"""The `tinygemma` command: one sub-command per pipeline stage.
+"""The `tinygemma` command: one sub-command per pipeline stage, and the one place that knows argparse.
 
-Each stage module owns its sub-commands through a `register(subparsers)` function that adds them and sets
-`func`; this file only gathers them and turns `UserError` (bad input) into one line on stderr.
+Each `add_*` function declares a sub-command and the function it runs; the stages themselves live in their
+modules (prepare in data.py, train in train.py, run in pipeline.py, ...). `main` turns `UserError` (bad input)
+into one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
+from tinygemma.checkpoint import checkpoint_tokenizer, export, load_model, read_checkpoint_meta
+from tinygemma.config import GenerateConfig, Recipe, apply_overrides, check_sampling, load_recipe
+from tinygemma.data import (
+    DEFAULT_BPE_VOCAB_SIZE,
+    DEFAULT_VAL_FRACTION,
+    HUB_DATASET,
+    SPLITS,
+    open_prepared,
+    prepare,
+)
 from tinygemma.errors import UserError
-
-# Modules that register sub-commands, in the order they appear in `tinygemma --help`.
-COMMAND_MODULES = [
-    "tinygemma.data",  # prepare
-    "tinygemma.train",  # train
-    "tinygemma.pipeline",  # run
-    "tinygemma.generate",  # generate, eval
-    "tinygemma.checkpoint",  # export
-]
+from tinygemma.evaluation import check_evaluation, evaluate
+from tinygemma.files import read_json
+from tinygemma.generate import generate_text
+from tinygemma.pipeline import run
+from tinygemma.tokenizer import EOT_TOKEN, token_byte_lengths
+from tinygemma.train import train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for add in (add_prepare, add_train, add_run, add_generate, add_eval, add_export):  # the order of --help
+        add(subparsers)
     return parser
 
 
@@ -49,3 +60,234 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinygemma {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def add_prepare(subparsers) -> None:
+    p = subparsers.add_parser("prepare", help="tokenize TinyStories into memory-mapped train.bin / val.bin")
+    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin and meta.json")
+    p.add_argument("--source", action="append", metavar="SRC",
+                   help=f"training stories: .txt (stories separated by a line {EOT_TOKEN}), .jsonl/.json "
+                        "(a text or story field), .parquet (a text column), or a datasets save_to_disk "
+                        f"directory; repeatable (default: {HUB_DATASET} from the Hugging Face hub)")
+    p.add_argument("--val-source", action="append", metavar="SRC", help="validation stories, same formats")
+    p.add_argument("--val-fraction", type=float, metavar="F",
+                   help=f"set aside this fraction of whole training stories for validation (default "
+                        f"{DEFAULT_VAL_FRACTION} when the source has no validation split)")
+    p.add_argument("--tokenizer", default="gpt2", metavar="NAME",
+                   help="gpt2 (default), bpe (trained on the training stories), or a path to a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, metavar="N",
+                   help=f"vocabulary of --tokenizer bpe (default {DEFAULT_BPE_VOCAB_SIZE})")
+    p.add_argument("--limit", type=int, metavar="N", help="keep only the first N training stories (quick runs)")
+    p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare_main)
+
+
+def _prepare_main(args) -> int:
+    started = time.perf_counter()
+    meta = prepare(args.out, sources=args.source, val_sources=args.val_source, val_fraction=args.val_fraction,
+                   tokenizer=args.tokenizer, vocab_size=args.vocab_size, limit=args.limit, workers=args.workers,
+                   progress=not args.no_progress)
+    for split in SPLITS:
+        info = meta["splits"][split]
+        print(f"{split}: {info['documents']:,} stories, {info['tokens']:,} tokens, {info['bytes']:,} bytes")
+    print(f"wrote {args.out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------ train
+
+
+def add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="pre-train the model on prepared data (single process or torchrun)")
+    p.add_argument("--data", help="prepared data directory (train.bin, val.bin, meta.json); default: the recipe's data.dir")
+    p.add_argument("--out", help="run directory to write; default: the recipe's train.out")
+    p.add_argument("--model", help="model preset (gemma3-270m, gemma3-270m-gpt2, gemma3-tiny); default: the recipe's")
+    p.add_argument("--config", help="recipe file (TOML), e.g. configs/workshop.toml; default: the built-in recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting: train.FIELD=V (or just FIELD=V), model.FIELD=V, data.FIELD=V; repeatable")
+    p.add_argument("--max-steps", type=int, help="optimizer steps of the whole run (the schedule's length)")
+    p.add_argument("--stop-at", type=int, help="end this invocation after this step, with a checkpoint; the schedule "
+                   "still runs to max-steps (continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                   "its saved recipe unless --config is given (starts fresh if it has no checkpoint yet)")
+    p.set_defaults(func=_train_main)
+
+
+def _train_main(args) -> int:
+    overrides = []
+    if args.model:
+        overrides.append(f"model.preset={args.model}")
+    if args.data:
+        overrides.append(f"data.dir={args.data}")
+    if args.out:
+        overrides.append(f"train.out={args.out}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    saved = Path(args.out or "") / "config.json"
+    if args.resume and args.config is None and args.out and saved.exists():
+        resolved = read_json(saved, "run config")
+        resolved.pop("run", None)
+        recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), overrides + args.set)
+    else:
+        recipe = load_recipe(args.config, overrides + args.set)
+    summary = train(recipe, resume=args.resume, stop_at=args.stop_at)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+# ------------------------------------------------------------------ run
+
+
+def add_run(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="the main job: prepare (if needed), train (resuming), evaluate and sample, from one recipe")
+    p.add_argument("recipe", help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. data.source=../shared/data/tinystories/train.txt, "
+                        "train.max_steps=100, model.n_layers=4; repeatable")
+    p.set_defaults(func=_run_main)
+
+
+def _run_main(args) -> int:
+    if not Path(args.recipe).is_file():
+        raise UserError(f"recipe not found: {args.recipe}")
+    run(load_recipe(args.recipe, args.set))
+    return 0
+
+
+# ------------------------------------------------------------------ generate and eval
+
+
+DEFAULT_EVAL_BLOCK_SIZE = 512  # when the checkpoint records no training block size
+
+SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are several
+
+def _generate_main(args) -> int:
+    # Every argument is checked before the (slow) model load.
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not args.prompt:
+        raise UserError("--prompt is empty; give some text to continue")
+    started = time.perf_counter()
+    tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
+    model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
+    weight = model.embed_tokens.weight
+    print(f"loaded {args.ckpt} ({model.num_params() / 1e6:.1f}M parameters, "
+          f"{str(weight.dtype).removeprefix('torch.')}, {weight.device}) and tokenizer "
+          f"{tokenizer.identity} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    out = sys.stdout
+
+    if args.num_samples == 1:  # stream: each piece of text is printed as soon as it is complete
+        out.write(args.prompt)
+        out.flush()
+
+        def on_text(_, piece):
+            out.write(piece)
+            out.flush()
+    else:  # a batch of samples advances together; print each whole, one after another
+        on_text = None
+    started = time.perf_counter()
+    texts, n_tokens = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                                    args.top_k, args.top_p, args.seed, args.num_samples, on_text)
+    seconds = time.perf_counter() - started
+    if args.num_samples == 1:
+        out.write("\n")
+    else:
+        out.write(SAMPLE_SEPARATOR.join(args.prompt + text for text in texts) + "\n")
+    out.flush()
+    print(f"{n_tokens} new tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+def _eval_main(args) -> int:
+    trained = (read_checkpoint_meta(args.ckpt).get("train") or {}).get("block_size")  # train.py records it
+    block_size = args.block_size if args.block_size is not None else trained or DEFAULT_EVAL_BLOCK_SIZE
+    check_evaluation(block_size, args.batch_size, args.max_tokens)  # before the (slow) model load
+    data = open_prepared(args.data)
+    tokens = data.split(args.split)
+    tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
+    data_tokenizer = data.tokenizer()
+    if data_tokenizer.identity != tokenizer.identity:
+        raise UserError(f"{args.data} was prepared with tokenizer {data_tokenizer.identity}, but the checkpoint "
+                        f"uses {tokenizer.identity}: its token ids mean other text to this model. Prepare the "
+                        "data with the checkpoint's tokenizer.")
+    model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
+    if data.vocab_size > model.config.vocab_size:
+        raise UserError(f"{args.data} has {data.vocab_size:,} token ids, more than the model's "
+                        f"{model.config.vocab_size:,}")
+    started = time.perf_counter()
+    result = evaluate(model, tokens, block_size, args.batch_size, args.max_tokens,
+                      token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size), progress=True)
+    seconds = time.perf_counter() - started
+    print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
+    result.update(split=args.split, block_size=block_size,
+                  dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
+    print(json.dumps(result))
+    return 0
+
+def _add_model_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True,
+                   help="run directory (its best checkpoint, else its last), checkpoint directory, or transformers "
+                        "Gemma 3 directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="gpt2 or a tokenizer.json path (default: the checkpoint's own, or the transformers "
+                        "directory's tokenizer.json)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 where the device computes in it natively, else float32), float32, "
+                        "bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+
+
+def add_generate(subparsers) -> None:
+    defaults = GenerateConfig()  # the recipe's [generate] defaults
+    p = subparsers.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
+    _add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help=f"stop after this many new tokens, or at end of text (default {defaults.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help=f"softmax temperature; 0 is greedy and deterministic (default {defaults.temperature})")
+    p.add_argument("--top-k", type=int, default=defaults.top_k,
+                   help=f"sample only among the k most likely tokens (default {defaults.top_k})")
+    p.add_argument("--top-p", type=float, default=defaults.top_p,
+                   help="nucleus sampling: only the most likely tokens whose probabilities add up to p, in (0, 1] "
+                        f"(default {defaults.top_p})")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"sampling seed: the same seed gives the same text (default {defaults.seed})")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="continuations generated together in one batch; printed one after another, separated "
+                        "by a line '---' (only a single sample is streamed)")
+    p.set_defaults(func=_generate_main)
+
+
+def add_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="next-token loss, perplexity and bits per byte on prepared data")
+    _add_model_arguments(p)
+    p.add_argument("--data", required=True, help="directory written by `tinygemma prepare`")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"tokens predicted per window (default: the training block size, else {DEFAULT_EVAL_BLOCK_SIZE})")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the split's first N tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.set_defaults(func=_eval_main)
+
+
+# ------------------------------------------------------------------ export
+
+
+def add_export(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory, or transformers directory")
+    p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors and tokenizer files")
+    p.set_defaults(func=_export_main)
+
+
+def _export_main(args) -> int:
+    out = export(args.ckpt, args.out)
+    print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
+    return 0

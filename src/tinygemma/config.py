@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from tinygemma.errors import UserError
@@ -268,7 +269,6 @@ class Recipe:
 
     def _validated(self) -> Recipe:
         """Rebuild the dataclasses so their checks run on the final values (fields are set one at a time)."""
-        from tinygemma.model import check_sampling  # imported here: model.py imports this module
 
         self.train = TrainConfig(**dataclasses.asdict(self.train))
         self.model_config()  # an unknown preset or impossible model field fails here, before any data is read
@@ -422,3 +422,14 @@ def _check_number(obj, name: str, ok, what: str) -> None:
     value = getattr(obj, name)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or not ok(value):
         raise UserError(f"train.{name} must be {what}, got {value!r}")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0 or math.isinf(temperature):
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")

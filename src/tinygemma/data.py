@@ -16,16 +16,18 @@ import math
 import multiprocessing
 import os
 import re
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from tinygemma.checkpoint import atomic_path, atomic_write_json, read_json
+from tinygemma.config import TrainConfig
 from tinygemma.errors import UserError
+from tinygemma.files import atomic_path, atomic_write_json, read_json
+from tinygemma.runtime import Runtime
 from tinygemma.tokenizer import EOT_TOKEN, Tokenizer, load_tokenizer, tokenizer_from_spec, train_bpe
 
 FORMAT = "tinygemma-tokens"
@@ -304,44 +306,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     """
     out_dir = Path(out_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    _check_positive_int(workers, "workers")
-    if limit is not None:
-        _check_positive_int(limit, "limit")
-    if val_fraction is not None:
-        if val_sources:
-            raise UserError("give either --val-source or --val-fraction, not both")
-        if not 0 < val_fraction < 1:
-            raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    if vocab_size is not None and tokenizer != "bpe":
-        raise UserError("--vocab-size applies only to --tokenizer bpe (other tokenizers have their own vocabulary)")
-    if tokenizer == "bpe":
-        vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
-        _check_vocab_size(vocab_size, "--vocab-size")
-        if vocab_size < 257:
-            raise UserError(f"--vocab-size must be at least 257 (256 bytes and <|endoftext|>), got {vocab_size}")
-    elif not isinstance(tokenizer, Tokenizer):
-        tokenizer = load_tokenizer(tokenizer)
-
-    # Open every source before writing anything: a missing file fails here, with no output.
-    train_splits = [_open_source(s) for s in (sources or [None])]
-    train = _chain([splits["train"] for splits in train_splits])
-    if val_sources:
-        val_splits = [_open_source(s) for s in val_sources]
-        val = _chain([splits.get("validation", splits["train"]) for splits in val_splits])
-        val_from = [str(s) for s in val_sources]
-    elif val_fraction is None and all("validation" in splits for splits in train_splits):
-        val = _chain([splits["validation"] for splits in train_splits])
-        val_from = "the training source's validation split"
-    else:
-        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-        val = None
-        val_from = "set aside from the training source"
-    carve = val_fraction if val is None else None
-    split_stories = {
-        "train": lambda: _select(train(), carve, False, limit),
-        "val": (lambda: _select(train(), carve, True, limit)) if val is None else val,
-    }
-
+    tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
+    split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit)
     if tokenizer == "bpe":
         tokenizer = train_bpe(split_stories["train"](), vocab_size)
     _check_vocab_size(tokenizer.vocab_size, f"tokenizer {tokenizer.identity}")
@@ -381,6 +347,53 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     finally:
         pool.close()
     return meta
+
+
+def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers):
+    """(tokenizer, vocab_size) once every argument of `prepare` is checked; "bpe" stays a name until trained."""
+    _check_positive_int(workers, "workers")
+    if limit is not None:
+        _check_positive_int(limit, "limit")
+    if val_fraction is not None:
+        if val_sources:
+            raise UserError("give either --val-source or --val-fraction, not both")
+        if not 0 < val_fraction < 1:
+            raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if vocab_size is not None and tokenizer != "bpe":
+        raise UserError("--vocab-size applies only to --tokenizer bpe (other tokenizers have their own vocabulary)")
+    if tokenizer == "bpe":
+        vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
+        _check_vocab_size(vocab_size, "--vocab-size")
+        if vocab_size < 257:
+            raise UserError(f"--vocab-size must be at least 257 (256 bytes and <|endoftext|>), got {vocab_size}")
+    elif not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    return tokenizer, vocab_size
+
+
+def _open_splits(sources, val_sources, val_fraction, limit):
+    """({"train": stories, "val": stories} as re-readable streams, where validation comes from, and the fraction
+    of training stories set aside for it, or None). Every source is opened before anything is written: a missing
+    file fails here, with no output."""
+    train_splits = [_open_source(s) for s in (sources or [None])]
+    train = _chain([splits["train"] for splits in train_splits])
+    if val_sources:
+        val_splits = [_open_source(s) for s in val_sources]
+        val = _chain([splits.get("validation", splits["train"]) for splits in val_splits])
+        val_from = [str(s) for s in val_sources]
+    elif val_fraction is None and all("validation" in splits for splits in train_splits):
+        val = _chain([splits["validation"] for splits in train_splits])
+        val_from = "the training source's validation split"
+    else:
+        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        val = None
+        val_from = "set aside from the training source"
+    carve = val_fraction if val is None else None
+    split_stories = {
+        "train": lambda: _select(train(), carve, False, limit),
+        "val": (lambda: _select(train(), carve, True, limit)) if val is None else val,
+    }
+    return split_stories, val_from, carve
 
 
 def _check_positive_int(value, name: str) -> None:
@@ -460,37 +473,49 @@ def open_prepared(directory: str | Path) -> PreparedData:
     return PreparedData(directory, meta)
 
 
-# ------------------------------------------------------------------ command line
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("prepare", help="tokenize TinyStories into memory-mapped train.bin / val.bin")
-    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin and meta.json")
-    p.add_argument("--source", action="append", metavar="SRC",
-                   help=f"training stories: .txt (stories separated by a line {EOT_TOKEN}), .jsonl/.json "
-                        "(a text or story field), .parquet (a text column), or a datasets save_to_disk "
-                        f"directory; repeatable (default: {HUB_DATASET} from the Hugging Face hub)")
-    p.add_argument("--val-source", action="append", metavar="SRC", help="validation stories, same formats")
-    p.add_argument("--val-fraction", type=float, metavar="F",
-                   help=f"set aside this fraction of whole training stories for validation (default "
-                        f"{DEFAULT_VAL_FRACTION} when the source has no validation split)")
-    p.add_argument("--tokenizer", default="gpt2", metavar="NAME",
-                   help="gpt2 (default), bpe (trained on the training stories), or a path to a tokenizer.json")
-    p.add_argument("--vocab-size", type=int, metavar="N",
-                   help=f"vocabulary of --tokenizer bpe (default {DEFAULT_BPE_VOCAB_SIZE})")
-    p.add_argument("--limit", type=int, metavar="N", help="keep only the first N training stories (quick runs)")
-    p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_prepare_main)
+# ------------------------------------------------------------------ training batches
 
 
-def _prepare_main(args) -> int:
-    started = time.perf_counter()
-    meta = prepare(args.out, sources=args.source, val_sources=args.val_source, val_fraction=args.val_fraction,
-                   tokenizer=args.tokenizer, vocab_size=args.vocab_size, limit=args.limit, workers=args.workers,
-                   progress=not args.no_progress)
-    for split in SPLITS:
-        info = meta["splits"][split]
-        print(f"{split}: {info['documents']:,} stories, {info['tokens']:,} tokens, {info['bytes']:,} bytes")
-    print(f"wrote {args.out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) in {time.perf_counter() - started:.1f} s")
-    return 0
+def window_starts(seed: int, step: int, n_tokens: int, block_size: int, count: int) -> np.ndarray:
+    """First token of each of the `count` windows of optimizer step `step`: a pure function of (seed, step),
+    so a resumed run and a run on any number of processes see the same global batches."""
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n_tokens - block_size, size=count)  # a window holds block_size + 1 tokens
+
+class Batches:
+    """Random windows of block_size + 1 tokens from the training memmap.
+
+    The global batch of a step is split as [micro-step][rank][batch_size]: rank r's micro-step m takes rows
+    (m * world_size + r) * batch_size onwards. Any split of the same global batch gives the same gradient.
+    """
+
+    def __init__(self, tokens: np.ndarray, cfg: TrainConfig, rt: Runtime):
+        self.tokens, self.cfg, self.rt = tokens, cfg, rt
+        self.global_batch = cfg.batch_size * cfg.grad_accum_steps * rt.world_size
+        self._step, self._starts = None, None
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, rt = self.cfg, self.rt
+        if step != self._step:
+            self._step = step
+            self._starts = window_starts(cfg.seed, step, len(self.tokens), cfg.block_size, self.global_batch)
+        first = (micro * rt.world_size + rt.rank) * cfg.batch_size
+        return to_device(windows(self.tokens, self._starts[first : first + cfg.batch_size], cfg.block_size), rt)
+
+def windows(tokens: np.ndarray, starts, block_size: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64))
+
+def to_device(batch: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets on the device; on CUDA through pinned memory, so the copy is asynchronous
+    and overlaps the step that is running (the caching host allocator keeps the pinned buffer alive)."""
+    if rt.is_cuda:
+        batch = batch.pin_memory().to(rt.device, non_blocking=True)
+    else:
+        batch = batch.to(rt.device)
+    return batch[:, :-1], batch[:, 1:]
+
+def validation_starts(n_tokens: int, block_size: int, count: int) -> np.ndarray:
+    """A fixed set of `count` windows spread evenly over the validation split (the same for every seed)."""
+    return np.linspace(0, n_tokens - block_size - 1, count).round().astype(np.int64)

@@ -10,8 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-from tinygemma.config import Recipe, load_recipe
-from tinygemma.errors import UserError
+from tinygemma.checkpoint import checkpoint_tokenizer, load_model
+from tinygemma.config import Recipe
+from tinygemma.data import META_NAME, open_prepared, prepare
+from tinygemma.devices import pick_device
+from tinygemma.evaluation import evaluate
+from tinygemma.generate import generate_text
+from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.train import train
 
 
 def log(message: str) -> None:
@@ -19,8 +25,6 @@ def log(message: str) -> None:
 
 
 def prepare_if_missing(recipe: Recipe) -> None:
-    from tinygemma.data import META_NAME, open_prepared, prepare
-
     data_dir = Path(recipe.data.dir)
     if (data_dir / META_NAME).exists():
         data = open_prepared(data_dir)  # validated: a truncated or foreign directory stops here
@@ -35,11 +39,6 @@ def prepare_if_missing(recipe: Recipe) -> None:
 
 def run(recipe: Recipe) -> dict:
     """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}."""
-    from tinygemma.data import open_prepared
-    from tinygemma.generate import checkpoint_tokenizer, evaluate, generate_text, load_model, pick_device
-    from tinygemma.tokenizer import token_byte_lengths
-    from tinygemma.train import train
-
     prepare_if_missing(recipe)
     log(f"training into {recipe.out} (resumes from its last checkpoint if it has one)")
     summary = train(recipe, resume=True)
@@ -67,18 +66,5 @@ def run(recipe: Recipe) -> dict:
     return {"train": summary, "eval": metrics, "samples": samples}
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "run", help="the main job: prepare (if needed), train (resuming), evaluate and sample, from one recipe")
-    p.add_argument("recipe", help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, e.g. data.source=../shared/data/tinystories/train.txt, "
-                        "train.max_steps=100, model.n_layers=4; repeatable")
-    p.set_defaults(func=_run_main)
 
 
-def _run_main(args) -> int:
-    if not Path(args.recipe).is_file():
-        raise UserError(f"recipe not found: {args.recipe}")
-    run(load_recipe(args.recipe, args.set))
-    return 0

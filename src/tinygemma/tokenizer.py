@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygemma.checkpoint import atomic_write_json, atomic_write_text
 from tinygemma.errors import UserError
+from tinygemma.files import atomic_write_json, atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
 # The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Gemma, Llama 2, Llama 3).

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tinygemma import Gemma3, ModelConfig, UserError
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
-from tinygemma.generate import evaluate
+from tinygemma.evaluation import evaluate
 
 GPT2_SPEC = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
 

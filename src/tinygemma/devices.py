@@ -1,0 +1,50 @@
+"""Which device and which number format: one chooser for training, evaluation and generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tinygemma.errors import UserError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device `name` names ("auto": CUDA, else MPS, else the CPU), checked to be there. Training uses it too."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} was asked for, but PyTorch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name} was asked for, but this PyTorch has no MPS backend")
+    return device
+
+def _cpu_has_bf16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 where the device computes in it natively, else float32."""
+    if name != "auto":
+        return parse_dtype(name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise UserError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    return table[name]

@@ -1,0 +1,105 @@
+"""Evaluation: next-token loss, perplexity and bits per byte, with one definition for training, `eval` and `run`."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+from tinygemma.data import to_device, windows
+from tinygemma.errors import UserError
+from tinygemma.model import Gemma3
+from tinygemma.runtime import Runtime, all_reduce_sum
+
+
+def nats_and_bytes(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
+    """The four sums evaluation adds up, float64: nats of every prediction, predictions, nats of the predictions
+    that stand for text, and the UTF-8 bytes those stand for (`token_bytes[id]`, 0 for end-of-text and other
+    special tokens). Loss is the first over the second; bits per byte the third / ln 2 over the fourth (as
+    nanochat), so models with different tokenizers compare. Training's evaluation uses it too."""
+    nats, nbytes = nats.reshape(-1).double(), token_bytes[targets.reshape(-1)].double()
+    return torch.stack([nats.sum(), nats.new_tensor(nats.numel()), nats[nbytes > 0].sum(), nbytes.sum()])
+
+def summarize(sums: torch.Tensor) -> dict:
+    nats, predicted, text_nats, nbytes = sums.tolist()
+    loss = nats / predicted
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": text_nats / math.log(2) / nbytes if nbytes else None,
+            "tokens": int(predicted), "bytes": int(nbytes)}
+
+def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None) -> None:
+    if block_size < 1:
+        raise UserError(f"block_size must be >= 1, got {block_size}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"max_tokens must be >= 2 (one to read, one to predict), got {max_tokens}")
+
+@torch.no_grad()
+def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_tokens: int | None = None,
+             device=None, token_bytes=None, progress: bool = False) -> dict:
+    """Loss, perplexity and bits per byte over `tokens` (a 1-D array of ids: a numpy memmap is read a batch at a
+    time, so memory stays bounded) or over its first `max_tokens`.
+
+    The tokens are cut into non-overlapping windows of `block_size` predictions: window w reads tokens
+    [w*B, (w+1)*B) and predicts [w*B + 1, (w+1)*B + 1), so every token but the first is predicted exactly once,
+    with between 0 and B-1 tokens of context; the last window may be shorter.
+
+    `token_bytes` (tokenizer.token_byte_lengths) gives the UTF-8 bytes each id stands for; bits per byte is
+    None without it. See `nats_and_bytes` for the definitions.
+    """
+    check_evaluation(block_size, batch_size, max_tokens)
+    n = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
+    if n < 2:
+        raise UserError(f"{n} tokens to evaluate: at least 2 are needed (one to read, one to predict)")
+    device = device or model.embed_tokens.weight.device
+    token_bytes = torch.zeros(model.config.vocab_size, dtype=torch.int64) if token_bytes is None else token_bytes
+    token_bytes = torch.as_tensor(token_bytes).to(device)
+    was_training = model.training
+    model.eval()
+    predicted = n - 1
+    starts = list(range(0, predicted, block_size))
+    full = [s for s in starts if s + block_size <= predicted]
+    tail = [s for s in starts if s + block_size > predicted]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    try:
+        from tqdm import tqdm
+
+        with tqdm(total=predicted, unit="tok", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+            batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
+            for batch in batches:
+                length = min(block_size, predicted - batch[0])  # block_size except for the tail window
+                rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in batch])
+                window = torch.from_numpy(rows).to(device, non_blocking=True)
+                x, y = window[:, :-1], window[:, 1:]
+                sums += nats_and_bytes(model(x, y, reduction="none"), y, token_bytes)
+                bar.update(len(batch) * length)
+    finally:
+        model.train(was_training)
+    return summarize(sums)
+
+
+# ------------------------------------------------------------------ training's validation windows
+
+
+@torch.no_grad()
+def evaluate_windows(raw: Gemma3, val: np.ndarray, starts: np.ndarray, token_bytes: torch.Tensor, batch_size: int,
+                     block_size: int, rt: Runtime) -> dict:
+    """Loss, perplexity and bits per byte on the fixed validation windows, split over the processes; the same
+    definitions as `tinygemma eval` (nats_and_bytes). Training's evaluation."""
+    raw.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
+    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+    for batch in batches[rt.rank :: rt.world_size]:
+        x, y = to_device(windows(val, batch, block_size), rt)
+        with rt.autocast():
+            nats = raw(x, y, reduction="none")
+        sums += nats_and_bytes(nats, y, token_bytes)
+    raw.train()
+    if hasattr(raw, "reshard"):  # FSDP2's root keeps its parameters gathered after a forward with no backward
+        raw.reshard()
+    result = summarize(all_reduce_sum(sums, rt))
+    return {"val_loss": result["loss"], "val_ppl": result["perplexity"],
+            "val_bpb": result["bits_per_byte"] if result["bits_per_byte"] is not None else float("nan")}

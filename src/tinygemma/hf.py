@@ -1,0 +1,218 @@
+"""The Hugging Face adapter: Gemma 3 as transformers names, configures and stores it, both ways.
+
+One table maps every parameter name (`HF_NAME_MAP`, with `{}` for the layer index) and its inverse; config.json
+converts to and from ModelConfig; a transformers directory (single or sharded safetensors) loads as a Gemma3, and
+a Gemma3 saves as a directory that `Gemma3ForCausalLM.from_pretrained` loads with no missing or unexpected keys.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from tinygemma.config import GLOBAL, SLIDING, ModelConfig
+from tinygemma.errors import UserError
+from tinygemma.files import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from tinygemma.model import Gemma3, model_from_state, model_state
+
+# Our parameter name -> transformers' Gemma3ForCausalLM name; `{}` stands for the layer index.
+HF_NAME_MAP = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.self_attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.self_attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "layers.{}.self_attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+    "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.pre_feedforward_layernorm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.post_feedforward_layernorm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+HF_NAME_MAP_INVERSE = {v: k for k, v in HF_NAME_MAP.items()}
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+def _translate(name: str, table: dict[str, str]) -> str:
+    index = _LAYER_INDEX.search(name)
+    key = _LAYER_INDEX.sub(".{}.", name, count=1) if index else name
+    if key not in table:
+        raise UserError(f"unexpected parameter {name!r}: not a Gemma 3 text-model weight")
+    return table[key].format(index.group(1)) if index else table[key]
+
+def to_hf_name(name: str) -> str:
+    return _translate(name, HF_NAME_MAP)
+
+def from_hf_name(name: str) -> str:
+    return _translate(name, HF_NAME_MAP_INVERSE)
+
+def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
+              torch_dtype: str = "float32") -> dict:
+    """config.json for transformers' Gemma3ForCausalLM (model_type gemma3_text).
+
+    RoPE bases are written in both the transformers 5 form (`rope_parameters`) and the 4.x form
+    (`rope_theta`, `rope_local_base_freq`), so either version reads them.
+    """
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": config.max_position_embeddings,
+        "initializer_range": config.init_std,
+        "rms_norm_eps": config.rms_norm_eps,
+        # transformers 5 insists on an int here, as in Gemma 3's own config.json.
+        "query_pre_attn_scalar": int(q) if float(q := config.query_pre_attn_scalar).is_integer() else q,
+        "sliding_window": config.sliding_window,
+        "layer_types": list(config.layer_types),
+        "_sliding_window_pattern": config.sliding_window_pattern,
+        "rope_parameters": {
+            SLIDING: {"rope_type": "default", "rope_theta": config.rope_local_base},
+            GLOBAL: {"rope_type": "default", "rope_theta": config.rope_global_base},
+        },
+        "rope_theta": config.rope_global_base,
+        "rope_local_base_freq": config.rope_local_base,
+        "rope_scaling": None,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "use_cache": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": torch_dtype,
+        "dtype": torch_dtype,
+    }
+
+def model_config_from_hf(d: dict) -> ModelConfig:
+    """ModelConfig from a transformers config.json of a Gemma 3 text model (either RoPE layout)."""
+    if d.get("model_type") == "gemma3" and isinstance(d.get("text_config"), dict):
+        raise UserError("this is a multimodal Gemma 3 checkpoint (model_type gemma3); tinygemma loads the "
+                        "text-only Gemma3ForCausalLM (model_type gemma3_text), such as google/gemma-3-270m")
+    if d.get("model_type") != "gemma3_text":
+        raise UserError(f"config.json has model_type {d.get('model_type')!r}; tinygemma loads gemma3_text models")
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if d.get(cap) is not None:
+            raise UserError(f"config.json sets {cap}, which Gemma 3 does not use and tinygemma does not implement")
+    if d.get("use_bidirectional_attention"):
+        raise UserError("config.json sets use_bidirectional_attention (an encoder variant); Gemma 3 is causal")
+    if d.get("attention_bias"):
+        raise UserError("config.json sets attention_bias, which Gemma 3 does not use and tinygemma does not implement")
+    if d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UserError(f"config.json has hidden_activation {d.get('hidden_activation')!r}; Gemma 3 uses gelu_pytorch_tanh")
+    rope = d.get("rope_parameters") or {}
+    local = (rope.get(SLIDING) or {}).get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+    global_ = (rope.get(GLOBAL) or {}).get("rope_theta", d.get("rope_theta", 1_000_000.0))
+    for kind in (SLIDING, GLOBAL):
+        rope_type = (rope.get(kind) or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise UserError(f"config.json uses {rope_type!r} RoPE scaling on {kind} layers; tinygemma implements the default RoPE")
+    if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+        raise UserError("config.json uses RoPE scaling; tinygemma implements the default RoPE")
+    try:
+        n_layers = d["num_hidden_layers"]
+        pattern = d.get("_sliding_window_pattern", d.get("sliding_window_pattern", 6))
+        return ModelConfig(
+            vocab_size=d["vocab_size"],
+            d_model=d["hidden_size"],
+            n_layers=n_layers,
+            n_heads=d["num_attention_heads"],
+            n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            head_dim=d.get("head_dim", 256),
+            mlp_dim=d["intermediate_size"],
+            sliding_window=d.get("sliding_window") or 4096,
+            sliding_window_pattern=pattern,
+            layer_types=d.get("layer_types"),
+            rope_local_base=float(local),
+            rope_global_base=float(global_),
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+            max_position_embeddings=d.get("max_position_embeddings", 131_072),
+            init_std=float(d.get("initializer_range", 0.02)),
+        )
+    except KeyError as e:
+        raise UserError(f"config.json lacks {e.args[0]!r}") from None
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a transformers directory: model.safetensors or its shards. Pickled weights are refused."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.exists():
+        return read_safetensors(single)
+    if index.exists():
+        shards = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values()))
+        if not shards:
+            raise UserError(f"{index} lists no weight files")
+        state = {}
+        for shard in shards:
+            state.update(read_safetensors(directory / shard))
+        return state
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise UserError(f"{directory} holds only pickled weights (pytorch_model.bin); tinygemma never unpickles "
+                        "weights, since a pickle can run code. Convert them to safetensors first.")
+    raise UserError(f"{directory} holds no model.safetensors")
+
+def hf_state(model: Gemma3) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' names, without vocabulary padding (the exported shapes are the
+    real ones) and with a tied head stored once."""
+    state = {}
+    for name, tensor in model_state(model).items():
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[: model.config.vocab_size]
+        state[to_hf_name(name)] = tensor
+    return state
+
+def to_transformers(model: Gemma3, attn_implementation: str = "sdpa"):
+    """transformers' Gemma3ForCausalLM holding a copy of `model`'s weights, in its dtype, on its device, in eval
+    mode: the reference that tests and benchmarks compare against."""
+    import transformers
+
+    config = hf_config(model.config)
+    for key in ("architectures", "model_type", "torch_dtype", "dtype"):
+        config.pop(key)
+    hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**config, attn_implementation=attn_implementation))
+    missing, unexpected = hf.load_state_dict(hf_state(model), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if model.config.tie_embeddings else set()):
+        raise RuntimeError(f"transformers' Gemma3ForCausalLM does not take these weights: missing {missing}, "
+                           f"unexpected {unexpected}")
+    hf.tie_weights()
+    weight = model.embed_tokens.weight
+    return hf.to(device=weight.device, dtype=weight.dtype).eval()
+
+
+def load_hf(directory: str | Path) -> Gemma3:
+    """A transformers Gemma 3 directory (config.json and single or sharded model.safetensors) as a Gemma3."""
+    directory = Path(directory)
+    config = model_config_from_hf(read_json(directory / "config.json", "config.json"))
+    state = {from_hf_name(k): v for k, v in read_hf_weights(directory).items()}
+    return model_from_state(config, state, source=directory)
+
+
+def save_hf(model: Gemma3, out: str | Path, eot_id: int | None = None) -> None:
+    """config.json, generation_config.json and model.safetensors for `Gemma3ForCausalLM.from_pretrained`, with
+    end-of-text as its bos, eos and pad token (TinyStories has no other special token). The tokenizer's files
+    are the caller's (Tokenizer.save_hf)."""
+    out = Path(out)
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", hf_config(model.config, bos_id=eot_id, eos_id=eot_id, pad_id=eot_id,
+                                                     torch_dtype=dtype))
+    atomic_write_json(out / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id,
+                                                       "pad_token_id": eot_id})

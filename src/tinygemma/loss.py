@@ -1,0 +1,97 @@
+"""The next-token loss from the final hidden states, computed a chunk of logits at a time.
+
+A [tokens, vocabulary] float32 logit tensor is the largest thing a small model with a large vocabulary makes
+(GPT-2's 50,257 ids x 32 x 512 tokens = 3.3 GB); these functions never hold it whole, and never keep it for
+backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h @ W.T) against targets, computed `chunk_size` rows at a time.
+
+    The gradients of h and W are made during the forward pass, while each chunk's logits are at hand, so the
+    [tokens, vocab] float32 logits are never kept for backward, nor made whole when there are several
+    chunks; backward only scales them. The softmax is computed in place of the logits (one exp pass, whose
+    row sums also give the log-sum-exp), where F.cross_entropy's log_softmax, its backward and the one-hot
+    gradient of nll_loss each pass over [tokens, vocab]. Same result as F.cross_entropy on full logits, up
+    to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size, vocab_size):
+        n_valid = (targets != -100).sum().clamp(min=1)
+        grad_dtype = h.dtype if h.dtype == weight.dtype else torch.promote_types(h.dtype, weight.dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = masked_logits(hc, weight, vocab_size)  # padding columns at -inf: no probability, no gradient
+            valid = tc != -100
+            safe_t = tc.clamp(min=0)
+            target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # unnormalised softmax, in place of the logits
+            sum_exp = probs.sum(dim=-1, keepdim=True)
+            loss += ((sum_exp.log() + row_max).squeeze(1) - target_logits).mul_(valid).sum()
+            weight_per_row = valid / n_valid  # each valid row's share of the mean; 0 for ignored rows
+            probs.mul_(weight_per_row[:, None] / sum_exp)  # d(mean loss) / d(logits) = softmax - one-hot ...
+            probs[torch.arange(len(tc), device=tc.device), safe_t] -= weight_per_row  # ... times the share
+            dlogits = probs.to(grad_dtype)
+            grad_h[start : start + chunk_size] = (dlogits @ weight.to(grad_dtype)).to(h.dtype)
+            chunk_grad_w = (dlogits.t() @ hc.to(grad_dtype)).float()
+            grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
+        if grad_w is None:  # no rows at all
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.backward_done = False
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # Scaled in place: a fresh [vocab, d] tensor would cost more than the multiplication (on a CPU, the
+        # page faults of 128 MB for GPT-2's vocabulary at d=640). So the saved gradients serve one backward.
+        if ctx.backward_done:
+            raise RuntimeError("the chunked cross-entropy supports one backward pass per forward "
+                               "(set model.loss_chunk_size = 0 for the plain loss, which allows retain_graph)")
+        ctx.backward_done = True
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
+
+def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk_size: int | None, vocab_size: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of the head `weight` [V, d] applied to h [N, d]; targets -100 are ignored.
+    Rows of `weight` from `vocab_size` on are vocabulary padding: they take part in the matrix product (whose
+    shape they are there for) but get no probability and no gradient.
+
+    When gradients are wanted, _ChunkedLinearCrossEntropy computes it `chunk_size` rows of logits at a time
+    (None or 0: all rows in one chunk); `chunk_size=0` is the plain F.cross_entropy on whole logits, which
+    autograd differentiates (slower; for checks and for retain_graph). Without gradients, the per-row losses
+    are summed, chunk by chunk.
+    """
+    vocab_size = vocab_size or weight.shape[0]
+    if chunk_size == 0:
+        return F.cross_entropy(masked_logits(h, weight, vocab_size), targets, ignore_index=-100)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size or max(h.shape[0], 1), vocab_size)
+    return (token_cross_entropy(h, weight, targets, chunk_size, vocab_size).sum()
+            / (targets != -100).sum().clamp(min=1))
+
+def masked_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Float32 logits h @ weight.T with the padding columns (from `vocab_size` on) at -inf."""
+    logits = (h @ weight.t()).float()
+    logits[:, vocab_size:] = float("-inf")  # in place: the product's backward needs h and weight, not this
+    return logits
+
+def token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        chunk_size: int | None, vocab_size: int | None = None) -> torch.Tensor:
+    """Each row's cross-entropy in nats (0 where the target is -100), `chunk_size` rows of logits at a time."""
+    chunk_size, vocab_size = chunk_size or max(h.shape[0], 1), vocab_size or weight.shape[0]
+    return torch.cat([F.cross_entropy(masked_logits(h[i : i + chunk_size], weight, vocab_size),
+                                      targets[i : i + chunk_size], ignore_index=-100, reduction="none")
+                      for i in range(0, h.shape[0], chunk_size)])

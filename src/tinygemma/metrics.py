@@ -1,0 +1,79 @@
+"""The run's records: metrics.jsonl, loss.png, the log line, and MFU's peak figures."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from tinygemma.files import atomic_path, atomic_write_text
+
+# Dense bf16 tensor-core peaks from the vendor's data sheets (no sparsity), for MFU. Unknown GPUs get no MFU.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+class MetricsLog:
+    """metrics.jsonl, kept in memory and rewritten whole under a temporary name at each flush."""
+
+    def __init__(self, path: Path, records: list[dict] | None = None):
+        self.path, self.records = path, list(records or [])
+
+    @classmethod
+    def resume(cls, path: Path, step: int) -> MetricsLog:
+        """The records of a run up to its checkpoint at `step` (later ones belong to the lost work)."""
+        records = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if record.get("step", step + 1) <= step:
+                        records.append(record)
+        return cls(path, records)
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+
+    def flush(self) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """loss.png: train and validation loss against tokens seen."""
+    from matplotlib.figure import Figure
+
+    train = [(r["tokens"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o", markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+def log_line(record: dict, max_steps: int, throughput: float, eta: float) -> str:
+    mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+    return (f"step {record['step']}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad norm {record['grad_norm']:.3f} | {throughput:,.0f} tok/s{mfu} | eta {format_duration(eta)}")
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,95 @@
+"""The CPU decode plan computes what the model computes: against transformers, against the module path, in
+float32 and packed bfloat16, and never from stale weights."""
+
+import pytest
+import torch
+
+from tinygemma import generate as generate_module
+from tinygemma.generate import generate, last_logits
+
+transformers = pytest.importorskip("transformers")
+
+from test_generate import tiny_model  # noqa: E402
+from test_model import make_pair, small_config  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 3},
+     {"n_heads": 2, "n_kv_heads": 2, "tie_embeddings": False}],
+    ids=["mqa", "gqa", "mha-untied"],
+)
+def test_decode_plan_matches_transformers(overrides, monkeypatch):
+    """The decode plan (stacked projections, one norm for q and k, float32 single-query attention) is the
+    model's arithmetic: in float32 its greedy tokens are transformers' and the module path's, past the window,
+    and each step's logits are the module path's."""
+
+    config = small_config(**overrides)
+    model, hf = make_pair(config, seed=9)
+    real_plan = generate_module.decode_plan
+    monkeypatch.setattr(generate_module, "decode_plan", lambda m: real_plan(m, pack=False))
+    prompt = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    n_new = 3 * config.sliding_window
+    ours = generate(model, prompt, n_new, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+    plan = real_plan(model, pack=False)
+    rope = plan.rope_tables(model, ours.shape[1])
+    cache = model.new_cache(2, ours.shape[1])
+    with torch.no_grad():
+        last_logits(model, prompt, cache, 0)
+        for pos in range(5, ours.shape[1]):
+            logits = plan.step(model, ours[:, pos : pos + 1], cache, pos, rope)
+            expected = model(ours[:, : pos + 1])[:, -1]
+            assert (logits - expected).abs().max().item() <= 1e-4
+
+def test_greedy_generate_is_the_same_with_and_without_a_decode_plan(monkeypatch):
+    """Generation on this CPU in float32 runs a plan of oneDNN-packed weights (where oneDNN exists): the same
+    tokens as the model's own forward; `test_greedy_generate_matches_transformers...` checks the default."""
+
+    config = small_config()
+    model, _ = make_pair(config, seed=10)
+    prompt = torch.randint(0, config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(5))
+    planned = generate(model, prompt, 2 * config.sliding_window, temperature=0)
+    if generate_module.decode_plan(model) is None:
+        pytest.skip("no oneDNN on this CPU")
+    monkeypatch.setattr(generate_module, "decode_plan", lambda m: None)
+    assert torch.equal(planned, generate(model, prompt, 2 * config.sliding_window, temperature=0))
+
+
+def test_packed_bfloat16_decoding_matches_the_plain_path(monkeypatch):
+    """On CPUs with native bfloat16, decoding runs a plan of oneDNN-packed weights: the same tokens as the
+    model's own forward in bfloat16, for a batch of several sequences."""
+
+    model = tiny_model(seed=3, vocab_size=512).to(torch.bfloat16)
+    if generate_module.decode_plan(model) is None:
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    prompt = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(0))
+    packed = generate(model, prompt, 24, temperature=0)
+    monkeypatch.setattr(generate_module, "decode_plan", lambda model: None)
+    plain = generate(model, prompt, 24, temperature=0)
+    assert torch.equal(packed, plain)
+
+def test_decode_plan_is_reused_but_never_stale():
+    """The plan's copies of the weights outlive one generate call, and are made afresh once a weight changes
+    in place (as an optimizer step changes it), a norm's included."""
+
+    model = tiny_model(seed=4, vocab_size=512).to(torch.bfloat16)
+    first = generate_module.decode_plan(model)
+    if first is None:
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    assert generate_module.decode_plan(model) is first
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    before = generate(model, prompt, 12, temperature=0)
+    with torch.no_grad():
+        model.layers[0].post_feedforward_layernorm.weight.add_(0.5)
+    assert generate_module.decode_plan(model) is not first
+    with torch.no_grad():  # in place, same storage
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    after = generate(model, prompt, 12, temperature=0)
+    assert not torch.equal(before, after)  # the new weights were used...
+    del model._decode_plan
+    assert torch.equal(after, generate(model, prompt, 12, temperature=0))  # ...exactly as a fresh plan

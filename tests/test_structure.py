@@ -1,0 +1,73 @@
+"""The house rules of src/tinygemma, checked on its source: dependencies only point down, and functions stay short.
+
+A module may import only modules below it in LAYERS (lazy imports inside functions included), which also rules out
+import cycles. A new module must be given its place here.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "tinygemma"
+
+LAYERS = [
+    # shared pieces, importing nothing else from the package
+    "errors", "files", "devices", "runtime",
+    "config",
+    "tokenizer",
+    "loss", "model",  # the chunked cross-entropy, then Gemma 3's architecture
+    "data",
+    "evaluation", "decode", "generate",
+    "hf", "checkpoint",  # the Hugging Face adapter, then our checkpoints (which load through it)
+    "metrics", "optim", "parallelize", "train",
+    "pipeline",
+    "cli", "__main__",
+]
+MAX_FUNCTION_LINES = 80
+MAX_TRAIN_LINES = 60
+
+
+def package_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "tinygemma":
+                names.update(alias.name for alias in node.names)
+            elif node.module.startswith("tinygemma."):
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("tinygemma."))
+    return names
+
+
+MODULES = sorted(p for p in SRC.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
+def test_dependencies_only_point_down(path):
+    assert path.stem in LAYERS, f"{path.name} has no place in LAYERS (tests/test_structure.py): give it one"
+    rank = LAYERS.index(path.stem)
+    upward = sorted(name for name in package_imports(path) if name not in LAYERS or LAYERS.index(name) >= rank)
+    assert not upward, f"{path.name} imports {upward}, which sit at or above it"
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    """The check itself: a model that imports train is caught (so the test above can fail)."""
+    bad = tmp_path / "model.py"
+    bad.write_text("def f():\n    from tinygemma.train import train\n    return train\n")
+    assert package_imports(bad) == {"train"}
+    assert LAYERS.index("train") > LAYERS.index("model")
+
+
+def test_functions_are_short_and_train_reads_in_one_screen():
+    long = []
+    for path in sorted(SRC.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.name} ({lines} lines)")
+                if path.stem == "train" and node.name == "train":
+                    assert lines <= MAX_TRAIN_LINES, f"train() has {lines} lines"
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"

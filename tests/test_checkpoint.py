@@ -37,16 +37,6 @@ def test_save_and_load_round_trip(checkpoint):
     assert tinygemma.load(path, dtype=torch.bfloat16).embed_tokens.weight.dtype == torch.bfloat16
 
 
-
-
-
-
-
-
-
-
-
-
 class Exploit:
     """Unpickling this object runs `open(path, "w")`: the pickle that must never be loaded."""
 

@@ -45,6 +45,7 @@ def test_decode_plan_matches_transformers(overrides, monkeypatch):
             expected = model(ours[:, : pos + 1])[:, -1]
             assert (logits - expected).abs().max().item() <= 1e-4
 
+
 def test_greedy_generate_is_the_same_with_and_without_a_decode_plan(monkeypatch):
     """Generation on this CPU in float32 runs a plan of oneDNN-packed weights (where oneDNN exists): the same
     tokens as the model's own forward; `test_greedy_generate_matches_transformers...` checks the default."""
@@ -71,6 +72,7 @@ def test_packed_bfloat16_decoding_matches_the_plain_path(monkeypatch):
     monkeypatch.setattr(generate_module, "decode_plan", lambda model: None)
     plain = generate(model, prompt, 24, temperature=0)
     assert torch.equal(packed, plain)
+
 
 def test_decode_plan_is_reused_but_never_stale():
     """The plan's copies of the weights outlive one generate call, and are made afresh once a weight changes

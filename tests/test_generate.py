@@ -252,10 +252,6 @@ def test_bf16_generation_runs(ckpt, capsys):
     assert capsys.readouterr().out.startswith(PROMPT)
 
 
-
-
-
-
 def test_speed_benchmark_runs_and_both_sides_agree():
     """benchmarks/generate_speed.py on gemma3-tiny: both contenders timed, the same greedy tokens."""
     import importlib.util
@@ -284,6 +280,7 @@ def test_greedy_generate_matches_transformers_and_no_cache_loop():
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(ours, seq)
 
+
 def test_generate_with_prompt_longer_than_window():
     config = small_config()
     model, _ = make_pair(config, seed=6)
@@ -294,6 +291,7 @@ def test_generate_with_prompt_longer_than_window():
         for _ in range(20):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
 
 def test_generate_stops_at_eos_and_is_seeded():
     config = small_config()

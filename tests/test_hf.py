@@ -30,6 +30,7 @@ def test_name_map_is_one_to_one():
     assert to_hf_name("layers.11.self_attn.q_norm.weight") == "model.layers.11.self_attn.q_norm.weight"
     assert "lm_head.weight" in hf_names and "model.norm.weight" in hf_names
 
+
 def test_export_loads_in_transformers_with_same_logits(checkpoint, tmp_path):
     model, path = checkpoint
     assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "hf")]) == 0
@@ -47,6 +48,7 @@ def test_export_loads_in_transformers_with_same_logits(checkpoint, tmp_path):
     with torch.no_grad():
         assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
 
+
 def test_export_of_padded_vocabulary_has_real_shapes(tmp_path):
     torch.manual_seed(0)
     model = Gemma3(small_config(vocab_size=500, vocab_pad_multiple=128)).eval()
@@ -59,6 +61,7 @@ def test_export_of_padded_vocabulary_has_real_shapes(tmp_path):
     x = torch.randint(0, 500, (1, 40))
     with torch.no_grad():
         assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+
 
 def test_load_transformers_directory(tmp_path):
     model, hf = make_pair(small_config(tie_embeddings=False), seed=2)
@@ -74,6 +77,7 @@ def test_load_transformers_directory(tmp_path):
     with torch.no_grad():
         assert torch.equal(tinygemma.load(tmp_path / "sharded")(x), loaded(x))
 
+
 def test_load_transformers_4x_config_layout(tmp_path):
     """Gemma 3 270M's config.json on the hub uses rope_theta / rope_local_base_freq (transformers 4.x)."""
     model, hf = make_pair(small_config(rope_local_base=777.0, rope_global_base=99_999.0), seed=4)
@@ -84,6 +88,7 @@ def test_load_transformers_4x_config_layout(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     loaded = tinygemma.load(tmp_path / "hf")
     assert (loaded.config.rope_local_base, loaded.config.rope_global_base) == (777.0, 99_999.0)
+
 
 def test_export_writes_the_checkpoints_tokenizer(tmp_path):
     from tinygemma.tokenizer import load_tokenizer

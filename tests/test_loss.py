@@ -28,6 +28,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size):
     with torch.no_grad():  # evaluation takes the no-gradient chunked path
         assert abs(cross_entropy_from_hidden(h, w, targets, chunk_size).item() - plain.item()) < 1e-5
 
+
 @pytest.mark.parametrize("chunk_size", [None, 50])  # 50: 256 positions in 6 chunks, the last one short
 def test_model_loss_and_gradients_equal_the_plain_cross_entropy(chunk_size):
     torch.manual_seed(0)
@@ -50,6 +51,7 @@ def test_model_loss_and_gradients_equal_the_plain_cross_entropy(chunk_size):
     assert per_token.shape == (4, 64)
     assert torch.allclose(per_token, reference, atol=1e-5)
 
+
 def test_chunked_loss_under_bfloat16_autocast_keeps_float32_gradients():
     torch.manual_seed(0)
     model = Gemma3(tiny())
@@ -62,6 +64,7 @@ def test_chunked_loss_under_bfloat16_autocast_keeps_float32_gradients():
     reference = model(x[:, :-1], x[:, 1:])
     assert loss.dtype == torch.float32 and abs(loss.item() - reference.item()) < 0.05
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
 
 def test_chunked_loss_refuses_a_second_backward():
     """Its saved gradients are scaled in place, so a retained graph cannot be differentiated twice: it says so

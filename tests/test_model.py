@@ -91,14 +91,6 @@ def test_sliding_window_mask_is_gemma3s():
             assert bool(mask[i, j]) == (i - 3 < j <= i)
 
 
-
-
-
-
-
-
-
-
 def test_sliding_cache_memory_is_bounded():
     config = small_config()
     model = Gemma3(config)
@@ -106,8 +98,6 @@ def test_sliding_cache_memory_is_bounded():
     for layer_cache, kind in zip(cache, config.layer_types):
         expected = config.sliding_window if kind == SLIDING else 10_000
         assert layer_cache.k.shape[2] == expected
-
-
 
 
 @pytest.mark.parametrize(
@@ -199,6 +189,7 @@ def test_vocabulary_padding_changes_no_logits_or_loss():
         grad = padded.embed_tokens.weight.grad
         assert torch.allclose(grad[:500], plain.embed_tokens.weight.grad, atol=1e-6)
         assert not grad[500:].any()
+
 
 def test_flex_attention_equals_reference_sliding_mask():
     pytest.importorskip("torch.nn.attention.flex_attention")

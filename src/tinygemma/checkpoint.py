@@ -144,6 +144,7 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
         return load_tokenizer(directory)
     raise UserError(f"{directory} records no tokenizer and holds no {TOKENIZER_FILE}; name one with --tokenizer")
 
+
 def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "auto") -> Gemma3:
     """The checkpoint's model in eval mode, on `device` ("auto": a GPU if there is one) in `dtype` ("auto":
     bfloat16 where the device computes in it natively), checked to cover the tokenizer's ids."""
@@ -169,11 +170,13 @@ def checkpoint_pointer(run_dir: Path, name: str = "last") -> dict | None:
         raise UserError(f"{pointer} names {directory}, which is not a complete checkpoint")
     return info
 
+
 def checkpoint_bytes(model: Gemma3) -> int:
     """What a checkpoint takes on disk: the weights, AdamW's two moments, and a margin."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 2 * sum(p.numel() * 4 for p in model.parameters())
     return int(1.05 * (weights + moments)) + (16 << 20)
+
 
 def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict, data_dir: Path,
                     val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool) -> None:
@@ -231,6 +234,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
         atomic_write_json(ckpts / "best.json", pointer)
     prune_checkpoints(ckpts)
 
+
 def prune_checkpoints(ckpts: Path) -> None:
     """Delete step directories that neither last.json nor best.json names, and leftover temporary ones."""
     keep = set()
@@ -240,6 +244,7 @@ def prune_checkpoints(ckpts: Path) -> None:
     for path in ckpts.iterdir():
         if path.is_dir() and path.name not in keep and (path.name.startswith("step_") or path.name.startswith(".tmp-")):
             shutil.rmtree(path, ignore_errors=True)
+
 
 def save_optimizer(state_dict: dict, path: Path) -> None:
     """A full optimizer state dict (parameter names as keys) as safetensors: `name/key` tensors, and the
@@ -254,6 +259,7 @@ def save_optimizer(state_dict: dict, path: Path) -> None:
     groups = json.dumps(state_dict["param_groups"], default=str)
     atomic_save_safetensors(tensors, path, metadata={"format": "tinygemma-optimizer", "param_groups": groups,
                                                       "scalars": json.dumps(scalars)})
+
 
 def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
     """Restore the optimizer's moments and step counts; its hyper-parameters stay those of the current config."""
@@ -276,11 +282,14 @@ def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
     for group, settings in zip(optimizer.param_groups, current):
         group.update(settings)
 
+
 def encode_bytes(t: torch.Tensor) -> str:
     return base64.b64encode(t.numpy().tobytes()).decode("ascii")
 
+
 def decode_bytes(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
@@ -290,6 +299,7 @@ def rng_state() -> dict:
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "python": json.loads(json.dumps(random.getstate())),
     }
+
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(decode_bytes(state["torch"]))

@@ -167,6 +167,7 @@ DEFAULT_EVAL_BLOCK_SIZE = 512  # when the checkpoint records no training block s
 
 SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are several
 
+
 def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -204,6 +205,7 @@ def _generate_main(args) -> int:
     print(f"{n_tokens} new tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
+
 def _eval_main(args) -> int:
     trained = (read_checkpoint_meta(args.ckpt).get("train") or {}).get("block_size")  # train.py records it
     block_size = args.block_size if args.block_size is not None else trained or DEFAULT_EVAL_BLOCK_SIZE
@@ -229,6 +231,7 @@ def _eval_main(args) -> int:
                   dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
     print(json.dumps(result))
     return 0
+
 
 def _add_model_arguments(p) -> None:
     p.add_argument("--ckpt", required=True,

@@ -473,8 +473,6 @@ def open_prepared(directory: str | Path) -> PreparedData:
     return PreparedData(directory, meta)
 
 
-
-
 # ------------------------------------------------------------------ training batches
 
 
@@ -483,6 +481,7 @@ def window_starts(seed: int, step: int, n_tokens: int, block_size: int, count: i
     so a resumed run and a run on any number of processes see the same global batches."""
     rng = np.random.default_rng([seed, step])
     return rng.integers(0, n_tokens - block_size, size=count)  # a window holds block_size + 1 tokens
+
 
 class Batches:
     """Random windows of block_size + 1 tokens from the training memmap.
@@ -504,8 +503,10 @@ class Batches:
         first = (micro * rt.world_size + rt.rank) * cfg.batch_size
         return to_device(windows(self.tokens, self._starts[first : first + cfg.batch_size], cfg.block_size), rt)
 
+
 def windows(tokens: np.ndarray, starts, block_size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64))
+
 
 def to_device(batch: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets on the device; on CUDA through pinned memory, so the copy is asynchronous
@@ -515,6 +516,7 @@ def to_device(batch: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Ten
     else:
         batch = batch.to(rt.device)
     return batch[:, :-1], batch[:, 1:]
+
 
 def validation_starts(n_tokens: int, block_size: int, count: int) -> np.ndarray:
     """A fixed set of `count` windows spread evenly over the validation split (the same for every seed)."""

@@ -78,6 +78,7 @@ class DecodePlan:
             h = h + rms_norm(linear(F.gelu(gate, approximate="tanh") * up, down_w), post_ffw_gain, eps)
         return linear(rms_norm(h[:, -1], self.final_gain, eps), self.head)[..., : c.vocab_size].float()
 
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of one new query per sequence, q [B, H, 1, hd], to the cached k, v [B, KV, n, hd], in float32.
 
@@ -90,8 +91,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     scores = torch.matmul(q.reshape(B, KV, H // KV, hd).float(), k.float().transpose(-1, -2)).mul_(scale)
     return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype).view(B, H, 1, hd)
 
+
 def gain(norm: RMSNorm) -> torch.Tensor:
     return 1.0 + norm.weight.detach().float()
+
 
 def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     """The `DecodePlan` of a float32 model on a CPU with oneDNN, or a bfloat16 one on a CPU that computes in

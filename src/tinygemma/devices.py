@@ -23,6 +23,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"device {name} was asked for, but this PyTorch has no MPS backend")
     return device
 
+
 def _cpu_has_bf16() -> bool:
     """Whether the CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slowly."""
     try:
@@ -30,6 +31,7 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """"auto" is bfloat16 where the device computes in it natively, else float32."""

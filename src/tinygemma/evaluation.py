@@ -22,12 +22,14 @@ def nats_and_bytes(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch
     nats, nbytes = nats.reshape(-1).double(), token_bytes[targets.reshape(-1)].double()
     return torch.stack([nats.sum(), nats.new_tensor(nats.numel()), nats[nbytes > 0].sum(), nbytes.sum()])
 
+
 def summarize(sums: torch.Tensor) -> dict:
     nats, predicted, text_nats, nbytes = sums.tolist()
     loss = nats / predicted
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": text_nats / math.log(2) / nbytes if nbytes else None,
             "tokens": int(predicted), "bytes": int(nbytes)}
+
 
 def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None) -> None:
     if block_size < 1:
@@ -36,6 +38,7 @@ def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None) -
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"max_tokens must be >= 2 (one to read, one to predict), got {max_tokens}")
+
 
 @torch.no_grad()
 def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_tokens: int | None = None,

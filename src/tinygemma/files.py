@@ -28,6 +28,7 @@ def fsync_dir(path: Path) -> None:
         finally:
             os.close(fd)
 
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; once the block succeeds, fsync it and rename it onto `path`.
@@ -48,17 +49,21 @@ def atomic_path(path: str | Path):
     finally:
         tmp.unlink(missing_ok=True)
 
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
+
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
 
 def read_json(path: str | Path, what: str = "file") -> dict:
     path = Path(path)
@@ -71,6 +76,7 @@ def read_json(path: str | Path, what: str = "file") -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} does not hold a JSON object")
     return obj
+
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a truncated or corrupt file is a UserError, never a crash."""

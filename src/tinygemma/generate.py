@@ -33,6 +33,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits
 
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of `logits` [B, V]; temperature 0 is greedy."""
@@ -82,10 +83,12 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
         else:
             logits = plan.step(model, token[:, None], cache, T + step, rope)
 
+
 def last_logits(model: Gemma3, input_ids, cache, start_pos):
     """Logits of the last position only: the head runs on one position, not the whole prompt."""
     h = model.norm(model.trunk(input_ids, cache, start_pos)[:, -1])
     return model.lm_head(h)[..., : model.config.vocab_size].float()
+
 
 @torch.no_grad()
 def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

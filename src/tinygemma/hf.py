@@ -41,6 +41,7 @@ HF_NAME_MAP_INVERSE = {v: k for k, v in HF_NAME_MAP.items()}
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
+
 def _translate(name: str, table: dict[str, str]) -> str:
     index = _LAYER_INDEX.search(name)
     key = _LAYER_INDEX.sub(".{}.", name, count=1) if index else name
@@ -48,11 +49,14 @@ def _translate(name: str, table: dict[str, str]) -> str:
         raise UserError(f"unexpected parameter {name!r}: not a Gemma 3 text-model weight")
     return table[key].format(index.group(1)) if index else table[key]
 
+
 def to_hf_name(name: str) -> str:
     return _translate(name, HF_NAME_MAP)
 
+
 def from_hf_name(name: str) -> str:
     return _translate(name, HF_NAME_MAP_INVERSE)
+
 
 def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
               torch_dtype: str = "float32") -> dict:
@@ -99,6 +103,7 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
         "torch_dtype": torch_dtype,
         "dtype": torch_dtype,
     }
+
 
 def model_config_from_hf(d: dict) -> ModelConfig:
     """ModelConfig from a transformers config.json of a Gemma 3 text model (either RoPE layout)."""
@@ -150,6 +155,7 @@ def model_config_from_hf(d: dict) -> ModelConfig:
     except KeyError as e:
         raise UserError(f"config.json lacks {e.args[0]!r}") from None
 
+
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """Tensors of a transformers directory: model.safetensors or its shards. Pickled weights are refused."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
@@ -168,6 +174,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
                         "weights, since a pickle can run code. Convert them to safetensors first.")
     raise UserError(f"{directory} holds no model.safetensors")
 
+
 def hf_state(model: Gemma3) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' names, without vocabulary padding (the exported shapes are the
     real ones) and with a tied head stored once."""
@@ -177,6 +184,7 @@ def hf_state(model: Gemma3) -> dict[str, torch.Tensor]:
             tensor = tensor[: model.config.vocab_size]
         state[to_hf_name(name)] = tensor
     return state
+
 
 def to_transformers(model: Gemma3, attn_implementation: str = "sdpa"):
     """transformers' Gemma3ForCausalLM holding a copy of `model`'s weights, in its dtype, on its device, in eval

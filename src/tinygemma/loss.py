@@ -63,6 +63,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
 
+
 def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               chunk_size: int | None, vocab_size: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of the head `weight` [V, d] applied to h [N, d]; targets -100 are ignored.
@@ -82,11 +83,13 @@ def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: to
     return (token_cross_entropy(h, weight, targets, chunk_size, vocab_size).sum()
             / (targets != -100).sum().clamp(min=1))
 
+
 def masked_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Float32 logits h @ weight.T with the padding columns (from `vocab_size` on) at -inf."""
     logits = (h @ weight.t()).float()
     logits[:, vocab_size:] = float("-inf")  # in place: the product's backward needs h and weight, not this
     return logits
+
 
 def token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         chunk_size: int | None, vocab_size: int | None = None) -> torch.Tensor:

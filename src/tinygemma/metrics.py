@@ -19,11 +19,13 @@ PEAK_BF16_FLOPS = {
     "A100": 312e12,
 }
 
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
 
 class MetricsLog:
     """metrics.jsonl, kept in memory and rewritten whole under a temporary name at each flush."""
@@ -49,6 +51,7 @@ class MetricsLog:
     def flush(self) -> None:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
+
 def plot_losses(records: list[dict], path: Path) -> None:
     """loss.png: train and validation loss against tokens seen."""
     from matplotlib.figure import Figure
@@ -68,10 +71,12 @@ def plot_losses(records: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
+
 def log_line(record: dict, max_steps: int, throughput: float, eta: float) -> str:
     mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
     return (f"step {record['step']}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {throughput:,.0f} tok/s{mfu} | eta {format_duration(eta)}")
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)

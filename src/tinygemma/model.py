@@ -193,14 +193,6 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-
-
-
-
-
-
-
-
 class Gemma3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -323,6 +315,7 @@ def model_state(model: Gemma3) -> dict[str, torch.Tensor]:
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return state
+
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source="checkpoint") -> Gemma3:
     """Build the model and load `state` strictly: any missing, unexpected or misshapen tensor is a UserError

@@ -54,6 +54,7 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weight
         return raw, DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.is_cuda else None)
     return raw, raw
 
+
 def apply_activation_checkpointing(model: Gemma3) -> None:
     """Recompute each block's activations during backward instead of storing them (names stay unchanged)."""
     from torch.utils.checkpoint import checkpoint
@@ -61,6 +62,7 @@ def apply_activation_checkpointing(model: Gemma3) -> None:
     for block in model.layers:
         forward = block.forward
         block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
 
 def gradient_sync(model, last_micro_step: bool):
     """All-reduce gradients only on the last micro-step of an optimizer step."""

@@ -35,6 +35,7 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+
 def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtime:
     """Device, precision and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,10 +62,12 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
         owns = True
     return Runtime(device, dtype, rank, local_rank, world_size, owns)
 
+
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
 
 def raise_on_all_ranks(message: str | None, rt: Runtime) -> None:
     """Raise UserError(message) on every rank if rank 0 has a message, so no rank waits on a collective forever."""

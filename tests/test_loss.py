@@ -66,6 +66,31 @@ def test_chunked_loss_under_bfloat16_autocast_keeps_float32_gradients():
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def fp16_gradients(h, weight, targets, chunk_size, scale=2.0**16):
+    """d(loss)/dh and d(loss)/dW under float16 autocast, the loss scaled as GradScaler scales it, then unscaled."""
+    h, weight = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = cross_entropy_from_hidden(h, weight, targets, chunk_size)
+    (loss * scale).backward()
+    return h.grad / scale, weight.grad / scale
+
+
+def test_chunked_loss_under_float16_autocast_gives_the_plain_gradients():
+    """With GradScaler, float16 autocast scales the loss only in backward: gradients computed during the forward
+    pass must not be rounded to float16 unscaled, where the softmax part (about 1 / vocabulary / tokens) falls
+    below float16's smallest number. Both paths against the plain F.cross_entropy on whole logits."""
+    torch.manual_seed(0)
+    vocab, d, n = 50_257, 16, 256  # GPT-2's vocabulary: softmax terms near 1 / (50,257 x 256) = 8e-8
+    h = torch.randn(n, d) * 0.5
+    weight = torch.randn(vocab, d) * 0.02  # initialisation scale: near-uniform probabilities
+    targets = torch.randint(0, vocab, (n,))
+    plain_h, plain_w = fp16_gradients(h, weight, targets, chunk_size=0)
+    grad_h, grad_w = fp16_gradients(h, weight, targets, chunk_size=100)
+    # float16 noise is 3e-4 here; gradients rounded to float16 before scaling were 1e-2 (h) and 1.3e-3 (W) off
+    assert (grad_h - plain_h).norm() / plain_h.norm() < 1e-3
+    assert (grad_w - plain_w).norm() / plain_w.norm() < 1e-3
+
+
 def test_chunked_loss_refuses_a_second_backward():
     """Its saved gradients are scaled in place, so a retained graph cannot be differentiated twice: it says so
     rather than doubling the gradients; chunk size 0 (the plain loss) allows it."""

@@ -7,6 +7,8 @@ backward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_size, vocab_size):
         n_valid = (targets != -100).sum().clamp(min=1)
         grad_dtype = h.dtype if h.dtype == weight.dtype else torch.promote_types(h.dtype, weight.dtype)
+        # Under float16 autocast the gradients made here are not yet scaled by GradScaler (the scale arrives in
+        # backward): rounded to float16, the softmax part of d(loss)/d(logits), about 1 / vocabulary / tokens,
+        # would flush to zero. Their products run outside autocast, in float32. bfloat16 has float32's range.
+        device = h.device.type
+        fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        gradient_precision = torch.autocast(device, enabled=False) if fp16 else contextlib.nullcontext()
+        if fp16:
+            grad_dtype = torch.float32
         grad_h = torch.empty_like(h)
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -43,8 +53,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs.mul_(weight_per_row[:, None] / sum_exp)  # d(mean loss) / d(logits) = softmax - one-hot ...
             probs[torch.arange(len(tc), device=tc.device), safe_t] -= weight_per_row  # ... times the share
             dlogits = probs.to(grad_dtype)
-            grad_h[start : start + chunk_size] = (dlogits @ weight.to(grad_dtype)).to(h.dtype)
-            chunk_grad_w = (dlogits.t() @ hc.to(grad_dtype)).float()
+            with gradient_precision:
+                grad_h[start : start + chunk_size] = (dlogits @ weight.to(grad_dtype)).to(h.dtype)
+                chunk_grad_w = (dlogits.t() @ hc.to(grad_dtype)).float()
             grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
         if grad_w is None:  # no rows at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)

@@ -180,24 +180,68 @@ def test_bf16_autocast_keeps_float32_master_weights(straight_run, data_dir, tmp_
     assert any(bf16[s] != fp32[s] for s in range(1, 11))
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_processes_reproduce_one(straight_run, data_dir, tmp_path, distributed):
-    """torchrun, 2 gloo processes x 2 sequences x 2 micro-steps = the 8 sequences of the 1-process run, with
-    DDP and with FSDP2 (whose checkpoint is gathered from the shards)."""
-    out = tmp_path / distributed
-    settings = tiny_settings(data_dir, out, "batch_size=2", "grad_accum_steps=2", f"distributed={distributed}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tinygemma", "train", "--stop-at", "10", *[a for s in settings for a in ("--set", s)]]
+# The recipe for the multi-process tests: 4 sequences x 2 micro-steps = a global batch of 8, split 2 x 1 x 4
+# under two processes. The same recipe, unedited, runs in one process and under torchrun.
+SHARED_BATCH = ["batch_size=4", "grad_accum_steps=2"]
+
+
+def torchrun(out, data_dir, *args, distributed="ddp", nproc=2) -> subprocess.CompletedProcess:
+    settings = tiny_settings(data_dir, out, *SHARED_BATCH, f"distributed={distributed}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tinygemma", "train", *args, *[a for s in settings for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, data_dir) -> Path:
+    """The shared-batch recipe in one process, 30 steps: what two processes, and resumes across, must give."""
+    out = tmp_path_factory.mktemp("runs") / "one-process"
+    torch.set_num_threads(1)
+    run(data_dir, out, *SHARED_BATCH, stop_at=30)
+    return out
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_reproduce_one(one_process_run, data_dir, tmp_path, distributed):
+    """torchrun, 2 gloo processes x 1 micro-step x 4 sequences = the global batch of 8 that one process makes in 2
+    micro-steps: the same losses and validation losses, the same tokens per step, with DDP and with FSDP2 (whose
+    checkpoint is gathered from the shards)."""
+    out = tmp_path / distributed
+    proc = torchrun(out, data_dir, "--stop-at", "10", distributed=distributed)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
-    assert config["run"]["world_size"] == 2 and config["run"]["global_batch"] == 8
-    ddp, single = train_losses(out), train_losses(straight_run)
-    assert sorted(ddp) == list(range(1, 11))
-    assert [ddp[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=1e-4)
-    assert val_losses(out)[10] == pytest.approx(val_losses(straight_run)[10], rel=1e-4)
+    config, single = json.loads((out / "config.json").read_text()), json.loads((one_process_run / "config.json").read_text())
+    assert config["run"]["world_size"] == 2 and single["run"]["world_size"] == 1
+    assert config["run"]["global_batch"] == single["run"]["global_batch"] == 8
+    assert config["run"]["tokens_per_step"] == single["run"]["tokens_per_step"] == 8 * 32
+    two, one = train_losses(out), train_losses(one_process_run)
+    assert sorted(two) == list(range(1, 11))
+    assert [two[s] for s in range(1, 11)] == pytest.approx([one[s] for s in range(1, 11)], rel=1e-5)
+    assert val_losses(out)[10] == pytest.approx(val_losses(one_process_run)[10], rel=1e-5)
+    assert val_losses(out)[0] == pytest.approx(val_losses(one_process_run)[0], rel=1e-5)  # the same windows
     tinygemma.load(out / "checkpoints" / "step_000010")  # a whole model, whatever the sharding
+
+
+def test_a_run_moves_between_one_and_two_processes(one_process_run, data_dir, tmp_path):
+    """Checkpointed on one process, resumed on two, then on one again: the losses of the uninterrupted run."""
+    out = tmp_path / "moving"
+    run(data_dir, out, *SHARED_BATCH, stop_at=10)
+    proc = torchrun(out, data_dir, "--resume", "--stop-at", "20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_step(out) == 20
+    assert main(["train", "--out", str(out), "--resume", "--stop-at", "30"]) == 0
+    moved, straight = train_losses(out), train_losses(one_process_run)
+    assert sorted(moved) == list(range(1, 31))
+    assert [moved[s] for s in range(1, 31)] == pytest.approx([straight[s] for s in range(1, 31)], rel=1e-5)
+    assert val_losses(out)[30] == pytest.approx(val_losses(one_process_run)[30], rel=1e-5)
+
+
+def test_a_world_size_that_does_not_divide_the_accumulation_is_refused(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # refused before any process group is made
+    assert main(["train", *[a for s in tiny_settings(data_dir, tmp_path / "r", *SHARED_BATCH) for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "grad_accum_steps (2) must be a multiple of the number of processes (3)" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_path):

@@ -141,7 +141,7 @@ class TrainConfig:
 
     batch_size: int = 32  # sequences per micro-step per process
     block_size: int = 512  # tokens per sequence (the context the model trains on)
-    grad_accum_steps: int = 8  # micro-steps per optimizer step; global batch = batch_size x this x processes
+    grad_accum_steps: int = 8  # micro-steps per optimizer step: global batch = batch_size x this, split over processes
     max_steps: int = 5000  # optimizer steps in the whole run (the schedule's length)
     learning_rate: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # the cosine decay ends here, at max_steps

@@ -486,13 +486,16 @@ def window_starts(seed: int, step: int, n_tokens: int, block_size: int, count: i
 class Batches:
     """Random windows of block_size + 1 tokens from the training memmap.
 
-    The global batch of a step is split as [micro-step][rank][batch_size]: rank r's micro-step m takes rows
-    (m * world_size + r) * batch_size onwards. Any split of the same global batch gives the same gradient.
+    The global batch of a step is the recipe's batch_size x grad_accum_steps windows, whatever the number of
+    processes: each of the world_size processes runs grad_accum_steps / world_size micro-steps of it. The batch
+    is split as [micro-step][rank][batch_size]: rank r's micro-step m takes rows (m * world_size + r) * batch_size
+    onwards. Any split of the same global batch gives the same gradient.
     """
 
     def __init__(self, tokens: np.ndarray, cfg: TrainConfig, rt: Runtime):
         self.tokens, self.cfg, self.rt = tokens, cfg, rt
-        self.global_batch = cfg.batch_size * cfg.grad_accum_steps * rt.world_size
+        self.global_batch = cfg.batch_size * cfg.grad_accum_steps
+        self.micro_steps = micro_steps_per_process(cfg, rt.world_size)
         self._step, self._starts = None, None
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,6 +505,16 @@ class Batches:
             self._starts = window_starts(cfg.seed, step, len(self.tokens), cfg.block_size, self.global_batch)
         first = (micro * rt.world_size + rt.rank) * cfg.batch_size
         return to_device(windows(self.tokens, self._starts[first : first + cfg.batch_size], cfg.block_size), rt)
+
+
+def micro_steps_per_process(cfg: TrainConfig, world_size: int) -> int:
+    """grad_accum_steps / world_size: the micro-steps each process runs so that the global batch, and so the
+    learning rate it was tuned with, stay the recipe's on any number of GPUs."""
+    if cfg.grad_accum_steps % world_size:
+        raise UserError(f"train.grad_accum_steps ({cfg.grad_accum_steps}) must be a multiple of the number of "
+                        f"processes ({world_size}): each runs an equal share of the global batch of "
+                        f"batch_size x grad_accum_steps = {cfg.batch_size * cfg.grad_accum_steps} sequences")
+    return cfg.grad_accum_steps // world_size
 
 
 def windows(tokens: np.ndarray, starts, block_size: int) -> torch.Tensor:

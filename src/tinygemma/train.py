@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ from tinygemma.checkpoint import (
     set_rng_state,
 )
 from tinygemma.config import ModelConfig, Recipe, TrainConfig
-from tinygemma.data import Batches, open_prepared, validation_starts
+from tinygemma.data import Batches, micro_steps_per_process, open_prepared, validation_starts
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import atomic_write_json, read_json, read_safetensors
@@ -133,6 +134,7 @@ class Trainer:
         self.train_loss = self.last_val = self.throughput = None
 
         cfg = self.cfg
+        micro_steps_per_process(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # refused before any process group
         self.rt = rt = setup_runtime(cfg.device, cfg.dtype)
         self.fsdp = rt.world_size > 1 and cfg.distributed == "fsdp"
         self.raw, self.model = build_model(self.model_config, cfg, rt, weights)
@@ -195,8 +197,9 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=rt.device)
         x, y = self.next_batch
-        for micro in range(cfg.grad_accum_steps):
-            last_micro = micro == cfg.grad_accum_steps - 1
+        micro_steps = self.batches.micro_steps  # this process's share of the global batch
+        for micro in range(micro_steps):
+            last_micro = micro == micro_steps - 1
             with gradient_sync(self.model, last_micro):
                 with rt.autocast():
                     loss = self.model(x, y)
@@ -206,13 +209,13 @@ class Trainer:
                 elif step + 1 < self.end:
                     self.next_batch = self.batches.get(step + 1, 0)
                 loss_sum += loss.detach()
-                scaler.scale(loss / cfg.grad_accum_steps).backward()
+                scaler.scale(loss / micro_steps).backward()  # DDP/FSDP average the processes' gradients
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        self.train_loss = all_reduce_sum(loss_sum / cfg.grad_accum_steps, rt).item() / rt.world_size
+        self.train_loss = all_reduce_sum(loss_sum / micro_steps, rt).item() / rt.world_size
         record = {"step": step + 1, "train_loss": self.train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens": (step + 1) * self.tokens_per_step}
         # fp16's scaler expects an occasional overflow and skips that step itself; anything else is divergence.

@@ -224,6 +224,14 @@ class Gemma3(nn.Module):
         self.register_buffer("inv_freq_local", rope_inv_freq(c.head_dim, c.rope_local_base).to(device), persistent=False)
         self.register_buffer("inv_freq_global", rope_inv_freq(c.head_dim, c.rope_global_base).to(device), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """After any .to() / .cuda() / .half(): the constant buffers are made again on the new device in float32,
+        so a bfloat16 model keeps exact RoPE frequencies (rounded to bf16 they are off by radians at position
+        1000). Weights and norms take the dtype asked for, as always."""
+        super()._apply(fn, recurse)
+        self.reset_buffers()
+        return self
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)

@@ -172,6 +172,29 @@ def test_rope_frequencies_stay_float32_in_a_bfloat16_model(tmp_path):
     assert late < 1.5 * early, (early, late)  # rounded to bf16: 2x (0.021 against 0.010); kept float32: 0.85x
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_attention_gets_one_dtype_under_autocast(backend, monkeypatch):
+    """Under bf16 autocast the residual stream is float32, and so are the RoPE tables: q and k must still reach
+    attention in v's dtype, with SDPA and with flex_attention (which refuses a mix on several torch releases)."""
+    import tinygemma.model as model_module
+
+    seen = []
+
+    def record(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", record)
+    monkeypatch.setattr(model_module, "_flex_attention", record)
+    model = Gemma3(small_config())
+    model.attention_backend = backend
+    x = torch.randint(0, 512, (1, 2 * model.config.sliding_window))  # longer than the window: flex really runs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert len(seen) == model.config.n_layers
+    assert set(seen) == {(torch.bfloat16,) * 3}
+
+
 def test_bad_configs_are_refused():
     from tinygemma import UserError
 

@@ -139,7 +139,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # The RoPE tables follow the float32 residual stream; under autocast v is bf16/fp16, and attention
+        # kernels want one dtype (flex_attention refuses a mix; SDPA would read q and k at twice the bytes).
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
 
         is_causal = mask is None
         if cache is not None:

@@ -17,6 +17,7 @@ import torch
 from test_train import run, tiny_settings, train_losses
 
 import tinygemma
+import tinygemma.checkpoint
 import tinygemma.train
 from tinygemma.model import Gemma3
 
@@ -116,7 +117,7 @@ def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_d
         calls["n"] += 1
         return usage(10**12, 10**12, 10**12 if calls["n"] == 1 else 1000)  # room for the first checkpoint only
 
-    monkeypatch.setattr(tinygemma.train.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(tinygemma.checkpoint.shutil, "disk_usage", disk_usage)
     with pytest.raises(tinygemma.UserError, match="not enough free disk.*step 10.*step 5 is intact"):
         run(data_dir, out, "max_steps=12", "checkpoint_interval=5")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]

@@ -33,14 +33,32 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bfloat16 natively (Ampere and later). `torch.cuda.is_bf16_supported()` alone
+    also says yes on a T4 or V100, which only emulate it: slower than float32, and refused by Inductor."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 where the device computes in it natively, else float32."""
+    """The dtype to load a model in for evaluation and generation: "auto" is bfloat16 where the device computes in
+    it natively, else float32 (not float16: Gemma's activations can overflow it without training's scaler)."""
     if name != "auto":
         return parse_dtype(name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_has_bf16(device) else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype training computes in under autocast (float32: no autocast); "auto" is bfloat16 on GPUs that
+    have it natively, float16 (with a gradient scaler) on older GPUs, float32 on CPUs and MPS."""
+    if name != "auto":
+        return parse_dtype(name)
+    if device.type == "cuda":
+        return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
     return torch.float32
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tinygemma.devices import parse_dtype, pick_device
+from tinygemma.devices import autocast_dtype, pick_device
 from tinygemma.errors import UserError
 
 
@@ -41,19 +41,13 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device(f"cuda:{local_rank}")  # torchrun: one GPU per process
     if device.type == "mps" and world_size > 1:
         raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
-
-    if dtype_name == "auto":
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else torch.float32
-    else:
-        dtype = parse_dtype(dtype_name)
-
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        device = cuda_device(device, world_size, local_rank)
+        torch.cuda.set_device(device)  # before anything asks "the current GPU" a question
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
+    dtype = autocast_dtype(dtype_name, device)
 
     owns = False
     if world_size > 1 and not dist.is_initialized():
@@ -61,6 +55,17 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
                                 device_id=device if device.type == "cuda" else None)
         owns = True
     return Runtime(device, dtype, rank, local_rank, world_size, owns)
+
+
+def cuda_device(device: torch.device, world_size: int, local_rank: int) -> torch.device:
+    """One GPU per process under torchrun (cuda:LOCAL_RANK); in a single process the GPU asked for (cuda:1 stays
+    cuda:1), or the current one for a plain "cuda"."""
+    if world_size > 1:
+        if device.index is not None and device.index != local_rank:
+            raise UserError(f"under torchrun each process trains on cuda:LOCAL_RANK; train.device {device} would put "
+                            "two processes on one GPU. Use device = \"cuda\" (choose GPUs with CUDA_VISIBLE_DEVICES)")
+        return torch.device("cuda", local_rank)
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:

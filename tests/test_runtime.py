@@ -1,0 +1,71 @@
+"""Device and precision choice for training and inference, checked without a GPU by standing in for CUDA's answers:
+a T4 (bfloat16 only emulated) gets float16 with a scaler, an A100 bfloat16, and cuda:1 stays cuda:1."""
+
+import contextlib
+
+import pytest
+import torch
+
+import tinygemma.runtime as runtime
+from tinygemma import UserError
+from tinygemma.devices import autocast_dtype, pick_dtype
+
+
+class FakeCuda:
+    """CUDA's answers for one machine: `native_bf16` False is a T4/V100, whose is_bf16_supported() says True
+    only through emulation. Records the device current when each question is asked."""
+
+    def __init__(self, monkeypatch, native_bf16: bool, device_count: int = 2):
+        self.current, self.log = 0, []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: device_count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
+        monkeypatch.setattr(torch.cuda, "device", self.device)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", self.is_bf16_supported)
+        monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+        self.native_bf16 = native_bf16
+
+    def set_device(self, device):
+        self.current = torch.device(device).index
+        self.log.append(("set_device", self.current))
+
+    @contextlib.contextmanager
+    def device(self, device):
+        previous, self.current = self.current, torch.device(device).index
+        yield
+        self.current = previous
+
+    def is_bf16_supported(self, including_emulation: bool = True):
+        self.log.append(("is_bf16_supported", self.current))
+        return self.native_bf16 or including_emulation
+
+
+@pytest.mark.parametrize("native, expected", [(False, torch.float16), (True, torch.bfloat16)], ids=["t4", "a100"])
+def test_auto_training_precision_follows_native_bfloat16(monkeypatch, native, expected):
+    FakeCuda(monkeypatch, native_bf16=native)
+    assert autocast_dtype("auto", torch.device("cuda", 0)) == expected
+    assert autocast_dtype("bfloat16", torch.device("cuda", 0)) == torch.bfloat16  # asked for: given
+    assert autocast_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_auto_inference_precision_is_float32_without_native_bfloat16(monkeypatch):
+    FakeCuda(monkeypatch, native_bf16=False)
+    assert pick_dtype("auto", torch.device("cuda", 0)) == torch.float32
+    FakeCuda(monkeypatch, native_bf16=True)
+    assert pick_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+
+
+def test_an_explicit_gpu_is_honoured_and_made_current_before_the_precision_check(monkeypatch):
+    cuda = FakeCuda(monkeypatch, native_bf16=False)
+    rt = runtime.setup_runtime("cuda:1", "auto")
+    assert rt.device == torch.device("cuda", 1) and rt.dtype == torch.float16
+    assert cuda.log[0] == ("set_device", 1) and ("is_bf16_supported", 1) in cuda.log
+    assert runtime.setup_runtime("cuda", "auto").device == torch.device("cuda", 1)  # the current one
+
+
+def test_under_torchrun_each_process_takes_its_local_rank(monkeypatch):
+    FakeCuda(monkeypatch, native_bf16=True, device_count=4)
+    assert runtime.cuda_device(torch.device("cuda"), world_size=4, local_rank=3) == torch.device("cuda", 3)
+    with pytest.raises(UserError, match="cuda:LOCAL_RANK"):
+        runtime.cuda_device(torch.device("cuda", 1), world_size=4, local_rank=3)

@@ -1,9 +1,17 @@
-"""What is applied to the model from outside for training changes no number: torch.compile (no graph breaks)."""
+"""What is applied to the model from outside for training: torch.compile (no graph breaks, no number changed), the
+attention backend, DDP and FSDP2 wrapping, the float16 scaler, and the vocabulary padding on CUDA."""
 
+import types
+
+import pytest
 import torch
 from test_model import tiny  # noqa: E402
 
-from tinygemma import Gemma3
+from tinygemma import Gemma3, UserError
+from tinygemma.config import load_recipe
+from tinygemma.parallelize import build_model, choose_attention_backend, fsdp_options, grad_scaler
+from tinygemma.runtime import Runtime
+from tinygemma.train import run_model_config
 
 
 def test_compiled_model_agrees_without_graph_breaks():
@@ -21,3 +29,100 @@ def test_compiled_model_agrees_without_graph_breaks():
     loss.backward()
     assert abs(loss.item() - eager_loss.item()) < 1e-5
     assert torch.allclose(model.layers[0].self_attn.q_proj.weight.grad, eager_grad, atol=1e-6)
+
+
+def cfg_with(**fields):
+    return load_recipe(None, [f"train.{k}={v}" for k, v in fields.items()]).train
+
+
+CPU = Runtime(torch.device("cpu"), torch.float32)
+GPU = Runtime(torch.device("cuda", 0), torch.bfloat16)  # a stand-in: nothing here touches the device
+
+
+def fake_gpu(monkeypatch, name: str, shared_kb: int):
+    props = types.SimpleNamespace(name=name, shared_memory_per_block_optin=shared_kb * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+
+def test_attention_backend_choice(monkeypatch):
+    model = tiny()  # window 16
+    assert choose_attention_backend(cfg_with(block_size=16), model, GPU)[0] == "sdpa"  # the window never binds
+    assert choose_attention_backend(cfg_with(block_size=64), model, CPU)[0] == "sdpa"  # auto on a CPU
+    assert choose_attention_backend(cfg_with(block_size=64, attention_backend="sdpa"), model, GPU)[0] == "sdpa"
+    with pytest.raises(UserError, match="flex needs a CUDA GPU"):
+        choose_attention_backend(cfg_with(block_size=64, attention_backend="flex"), model, CPU)
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 227)
+    assert choose_attention_backend(cfg_with(block_size=64), model, GPU)[0] == "flex"
+    fake_gpu(monkeypatch, "NVIDIA L4", 99)  # flex's backward at head_dim 256 finds no Triton config there
+    backend, why = choose_attention_backend(cfg_with(block_size=64), model, GPU)
+    assert backend == "sdpa" and "L4" in why and "99 KB" in why
+    assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flex"), model, GPU)[0] == "flex"
+
+
+def test_fsdp_gathers_in_the_autocast_dtype_and_reduces_in_float32():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    assert fsdp_options(torch.float32) == {}
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fsdp_options(dtype) == {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
+
+
+def test_float16_under_fsdp_uses_the_sharded_scaler():
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    fp16 = Runtime(torch.device("cpu"), torch.float16)
+    assert isinstance(grad_scaler(fp16, fsdp=True), ShardedGradScaler)
+    plain = grad_scaler(fp16, fsdp=False)
+    assert not isinstance(plain, ShardedGradScaler) and plain.is_enabled()
+    assert not grad_scaler(Runtime(torch.device("cpu"), torch.bfloat16), fsdp=True).is_enabled()
+
+
+def test_ddp_is_compiled_around_the_wrapper(tmp_path):
+    """DDP first, then torch.compile of the wrapper (its graph optimizer splits the graph at the gradient buckets
+    so the all-reduces overlap backward); the model inside stays uncompiled, with its own parameter names."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        config = tiny()
+        rt = Runtime(torch.device("cpu"), torch.float32, world_size=2)  # build_model wraps; the group has one
+        raw, model = build_model(config, cfg_with(compile="true", block_size=32), rt, None)
+        assert isinstance(model, DistributedDataParallel) and model.module is raw
+        assert model._compiled_call_impl is not None and raw._compiled_call_impl is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flex_attention_is_compiled_once_and_never_inside_a_traced_graph():
+    """compiled_flex_attention makes its function once; a compiled model traces flex_attention as it is and
+    builds nothing (a function made inside a trace would be written back uncompiled), with SDPA's numbers."""
+    import tinygemma.model as model_module
+
+    first = model_module.compiled_flex_attention()
+    assert model_module.compiled_flex_attention() is first
+    model_module._compiled_flex_attention = None
+    try:
+        torch.manual_seed(0)
+        model = Gemma3(tiny()).eval()
+        x = torch.randint(0, 500, (1, 48))  # three windows of 16
+        reference = model(x)
+        model.attention_backend = "flex"
+        model.sliding_block_mask(48, x.device)
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        assert model_module._compiled_flex_attention is None  # nothing made while tracing
+        torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-4)
+    finally:
+        model_module._compiled_flex_attention = first
+
+
+def test_vocabulary_is_padded_to_128_on_cuda_unless_the_recipe_says(monkeypatch, tmp_path):
+    import tinygemma.train as train_module
+
+    recipe = load_recipe(None, ["model.preset=gemma3-tiny"])
+    assert run_model_config(recipe, 50_257, tmp_path, None).vocab_pad_multiple == 1  # the CPU here
+    monkeypatch.setattr(train_module, "pick_device", lambda name: torch.device("cuda", 0))
+    assert run_model_config(recipe, 50_257, tmp_path, None).padded_vocab_size == 50_304
+    explicit = load_recipe(None, ["model.preset=gemma3-tiny", "model.vocab_pad_multiple=1"])
+    assert run_model_config(explicit, 50_257, tmp_path, None).vocab_pad_multiple == 1

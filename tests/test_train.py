@@ -185,8 +185,8 @@ def test_bf16_autocast_keeps_float32_master_weights(straight_run, data_dir, tmp_
 SHARED_BATCH = ["batch_size=4", "grad_accum_steps=2"]
 
 
-def torchrun(out, data_dir, *args, distributed="ddp", nproc=2) -> subprocess.CompletedProcess:
-    settings = tiny_settings(data_dir, out, *SHARED_BATCH, f"distributed={distributed}")
+def torchrun(out, data_dir, *args, distributed="ddp", nproc=2, settings=()) -> subprocess.CompletedProcess:
+    settings = tiny_settings(data_dir, out, *SHARED_BATCH, f"distributed={distributed}", *settings)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "tinygemma", "train", *args, *[a for s in settings for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -220,6 +220,18 @@ def test_two_processes_reproduce_one(one_process_run, data_dir, tmp_path, distri
     assert val_losses(out)[10] == pytest.approx(val_losses(one_process_run)[10], rel=1e-5)
     assert val_losses(out)[0] == pytest.approx(val_losses(one_process_run)[0], rel=1e-5)  # the same windows
     tinygemma.load(out / "checkpoints" / "step_000010")  # a whole model, whatever the sharding
+
+
+def test_fsdp_in_float16_agrees_with_one_process(data_dir, tmp_path):
+    """FSDP2 under float16: weights gathered in float16, gradients reduced in float32, and one sharded scaler
+    whose skip decision every process shares; the losses of one process in float16."""
+    one = tmp_path / "one"
+    run(data_dir, one, *SHARED_BATCH, "dtype=float16", stop_at=5)
+    proc = torchrun(tmp_path / "fsdp", data_dir, "--stop-at", "5", distributed="fsdp", settings=["dtype=float16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, single = train_losses(tmp_path / "fsdp"), train_losses(one)
+    assert [two[s] for s in range(1, 6)] == pytest.approx([single[s] for s in range(1, 6)], rel=1e-2)
+    assert json.loads((tmp_path / "fsdp" / "config.json").read_text())["run"]["dtype"] == "float16"
 
 
 def test_a_run_moves_between_one_and_two_processes(one_process_run, data_dir, tmp_path):

@@ -160,6 +160,7 @@ class TrainConfig:
     seed: int = 1337  # model initialisation and the training batches
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of each block and the model)
+    attention_backend: str = "auto"  # sliding layers longer than the window: flex (flex_attention, CUDA), sdpa (a mask), auto
     activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)
 
@@ -184,7 +185,7 @@ class TrainConfig:
         if not isinstance(self.activation_checkpointing, bool):
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
-                   "on_nonfinite": ("stop", "skip")}
+                   "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

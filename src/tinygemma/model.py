@@ -24,17 +24,30 @@ except ImportError:  # pragma: no cover
 _compiled_flex_attention = None
 
 
-def _flex_attention(q, k, v, block_mask, scale, enable_gqa):
-    """flex_attention through torch.compile on GPUs, where it makes a fused kernel. Elsewhere (CPU: forward
-    only, in torch 2.13) the uncompiled reference implementation, which serves to check the block mask."""
+def compiled_flex_attention():
+    """flex_attention compiled into a fused kernel, made once. Call it outside traced code (training's setup
+    does): made inside a graph that dynamo traces, the module global would be written back uncompiled, and
+    later eager calls would run the unfused reference, with memory quadratic in the block."""
     global _compiled_flex_attention
-    if q.device.type != "cuda":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if flex_attention is None:
+        raise UserError("attention_backend 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    return _compiled_flex_attention
+
+
+def _flex_attention(q, k, v, block_mask, scale, enable_gqa):
+    """flex_attention: inside a compiled model, traced as it is (the model's compiler fuses it); eagerly on a
+    GPU, through `compiled_flex_attention`; elsewhere (CPU: forward only) the uncompiled reference
+    implementation, which serves to check the block mask."""
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kwargs)
+    if q.device.type == "cuda":
+        return compiled_flex_attention()(q, k, v, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, **kwargs)
 
 
 class RMSNorm(nn.Module):

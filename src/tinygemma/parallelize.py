@@ -8,16 +8,18 @@ import contextlib
 import torch
 
 from tinygemma.config import ModelConfig, TrainConfig
-from tinygemma.model import Gemma3
+from tinygemma.errors import UserError
+from tinygemma.model import Gemma3, compiled_flex_attention
 from tinygemma.runtime import Runtime
 
 
 def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights: dict | None):
-    """(raw, model): the Gemma3 itself, and what the loop calls (the same module, or its DDP wrapper).
+    """(raw, model): the Gemma3 itself, and what the loop calls (the same module, compiled, or wrapped by DDP).
 
     The model is initialised on the CPU in float32 from the seed, so every process and every device starts from
     the same weights; `weights` (a checkpoint's) replace them before any wrapping. Weights stay float32: autocast
-    computes in bf16/fp16 while the master weights and the optimizer state keep full precision.
+    computes in bf16/fp16 while the master weights and the optimizer state keep full precision (FSDP2 gathers
+    them in the autocast dtype, and reduces gradients in float32).
     """
     torch.manual_seed(cfg.seed)
     raw = Gemma3(model_config)
@@ -27,32 +29,91 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weight
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         raw.load_state_dict(weights, strict=True)
     raw.to(rt.device)
-    if rt.is_cuda and cfg.block_size > model_config.sliding_window:
-        # Sliding layers through flex_attention: work proportional to the window, not the block. The block
-        # mask is built here, before compiling, so the compiled graph only reads it.
-        raw.attention_backend = "flex"
+    raw.attention_backend = choose_attention_backend(cfg, model_config, rt)[0]
+    if raw.attention_backend == "flex":
+        # Built here, before compiling, so the compiled graph only reads them.
         raw.sliding_block_mask(cfg.block_size, rt.device)
+        compiled_flex_attention()
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(raw)
     compile_ = cfg.compile == "true" or (cfg.compile == "auto" and rt.is_cuda)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
-        for block in raw.layers:
-            if compile_:
-                block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
-            fully_shard(block, mesh=mesh)
-        fully_shard(raw, mesh=mesh)  # the embedding, tied head and final norm
+        apply_fsdp(raw, rt, compile_)
         return raw, raw
-    if compile_:
-        raw.compile()  # in place, so parameter names stay those of the model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        return raw, DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.is_cuda else None)
+        ddp = DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.is_cuda else None)
+        if compile_:
+            # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
+            # buckets, so their all-reduces overlap the rest of backward.
+            ddp.compile()
+        return raw, ddp
+    if compile_:
+        raw.compile()  # in place, so parameter names stay those of the model
     return raw, raw
+
+
+def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool) -> None:
+    """FSDP2: each block, then the rest (embedding, tied head, final norm), sharded over the processes. Under
+    autocast the weights are gathered in its dtype, not float32, and gradients reduced in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    kwargs = fsdp_options(rt.dtype)
+    for block in raw.layers:
+        if compile_:
+            block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
+        fully_shard(block, mesh=mesh, **kwargs)
+    fully_shard(raw, mesh=mesh, **kwargs)
+
+
+def fsdp_options(dtype: torch.dtype) -> dict:
+    """fully_shard's mixed precision: parameters gathered in the autocast dtype, gradients reduced in float32."""
+    if dtype == torch.float32:
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
+
+
+def grad_scaler(rt: Runtime, fsdp: bool):
+    """The float16 loss scaler (disabled otherwise). Under FSDP2 each process sees only its own shards'
+    gradients, so the sharded scaler makes every process agree on whether a step overflowed and is skipped."""
+    enabled = rt.dtype == torch.float16
+    if fsdp and enabled:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(rt.device.type)
+    return torch.amp.GradScaler(rt.device.type, enabled=enabled)
+
+
+# Shared memory per block that flex_attention's backward with head_dim 256 needs a Triton config for: A100
+# (164 KB) and H100 (228 KB) have it; RTX 3090/4090, A10 and L4 (about 100 KB) do not.
+FLEX_MIN_SHARED_MEMORY = 160 * 1024
+
+
+def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Runtime) -> tuple[str, str]:
+    """(backend, why) for the sliding layers: "flex" (flex_attention, work proportional to the window) or
+    "sdpa" (SDPA with the window as a mask). `auto` takes flex on GPUs where its kernels compile."""
+    if cfg.block_size <= model_config.sliding_window:
+        return "sdpa", f"the block ({cfg.block_size}) fits in the window, so every layer is plainly causal"
+    if cfg.attention_backend == "flex":
+        if not rt.is_cuda:
+            raise UserError("train.attention_backend = flex needs a CUDA GPU (PyTorch has no flex_attention "
+                            "backward elsewhere); use auto or sdpa")
+        return "flex", "asked for"
+    if cfg.attention_backend == "sdpa":
+        return "sdpa", "asked for"
+    if not rt.is_cuda:
+        return "sdpa", f"flex_attention trains on CUDA only, not {rt.device.type}"
+    props = torch.cuda.get_device_properties(rt.device)
+    shared = getattr(props, "shared_memory_per_block_optin", 0)
+    if shared < FLEX_MIN_SHARED_MEMORY:
+        return "sdpa", (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
+                        "flex_attention's backward at this head size")
+    return "flex", f"{props.name}: flex_attention's fused kernels"
 
 
 def apply_activation_checkpointing(model: Gemma3) -> None:

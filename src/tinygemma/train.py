@@ -47,12 +47,13 @@ from tinygemma.checkpoint import (
 )
 from tinygemma.config import ModelConfig, Recipe, TrainConfig
 from tinygemma.data import Batches, micro_steps_per_process, open_prepared, validation_starts
+from tinygemma.devices import pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import atomic_write_json, read_json, read_safetensors
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
 from tinygemma.model import Gemma3
-from tinygemma.parallelize import build_model, gradient_sync
+from tinygemma.parallelize import build_model, choose_attention_backend, grad_scaler, gradient_sync
 from tinygemma.runtime import Runtime, all_reduce_sum, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 
@@ -123,10 +124,11 @@ class Trainer:
         self.recipe, self.cfg, self.quiet = recipe, recipe.train, quiet
         self.run_dir, self.data_dir = Path(recipe.out), Path(recipe.data.dir)
         self.data = open_prepared(self.data_dir)
-        self.model_config = recipe.model_config(vocab_size=self.data.vocab_size)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
+        last = checkpoint_pointer(self.run_dir) if (self.run_dir / "checkpoints").exists() else None
+        self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
-        ckpt_dir, state, weights = find_start(self.run_dir, self.model_config, resume)
+        ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume)
         self.start = state.get("step", 0)
         self.end = min(self.cfg.max_steps, stop_at) if stop_at is not None else self.cfg.max_steps
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -139,7 +141,8 @@ class Trainer:
         self.fsdp = rt.world_size > 1 and cfg.distributed == "fsdp"
         self.raw, self.model = build_model(self.model_config, cfg, rt, weights)
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
-        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+        self.scaler = grad_scaler(rt, self.fsdp)
+        self.attention = choose_attention_backend(cfg, self.model_config, rt)  # (backend, why), for the log
         if ckpt_dir is not None:
             load_optimizer(ckpt_dir / OPTIMIZER_NAME, self.raw, self.optimizer)
             if state.get("scaler") and self.scaler.is_enabled():
@@ -171,7 +174,8 @@ class Trainer:
         resolved["model"] = {"preset": self.recipe.model_preset, **self.model_config.to_dict()}
         resolved["run"] = {"world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
-                           "parameters": self.raw.num_params(), "tokenizer": self.tokenizer}
+                           "parameters": self.raw.num_params(), "tokenizer": self.tokenizer,
+                           "attention_backend": self.attention[0]}
         atomic_write_json(run_dir / "config.json", resolved)
         metrics = run_dir / "metrics.jsonl"
         self.log_file = MetricsLog.resume(metrics, start) if start else MetricsLog(metrics)
@@ -182,7 +186,8 @@ class Trainer:
             return
         print(f"training {self.raw.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
-              f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all)", flush=True)
+              f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all); "
+              f"sliding-window attention: {self.attention[0]} ({self.attention[1]})", flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -343,10 +348,25 @@ def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, tr
                             f"window of block_size + 1 = {cfg.block_size + 1}")
 
 
-def find_start(run_dir: Path, model_config: ModelConfig, resume: bool) -> tuple[Path | None, dict, dict | None]:
+def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict | None) -> ModelConfig:
+    """The recipe's model for this data. Unless the recipe says otherwise, the vocabulary is padded to a
+    multiple of 128 on CUDA (tensor-core-friendly matrix shapes; no logit changes, the export drops it), and a
+    resumed run keeps the padding it was trained with."""
+    config = recipe.model_config(vocab_size=vocab_size)
+    if "vocab_pad_multiple" in recipe.model_overrides:
+        return config
+    if last is not None:
+        saved = read_json(run_dir / "checkpoints" / last["dir"] / META_NAME, "checkpoint metadata")["model"]
+        pad = saved.get("vocab_pad_multiple", 1)
+    else:
+        pad = 128 if pick_device(recipe.train.device).type == "cuda" else 1
+    return dataclasses.replace(config, vocab_pad_multiple=pad)
+
+
+def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig,
+               resume: bool) -> tuple[Path | None, dict, dict | None]:
     """(checkpoint directory, trainer state, weights) of the run's last checkpoint, or (None, {}, None) for a
     fresh run. A run that exists is only continued with `resume`, and only with the model it was trained with."""
-    last = checkpoint_pointer(run_dir) if (run_dir / "checkpoints").exists() else None
     if last and not resume:
         raise UserError(f"{run_dir} already holds a run (checkpoint at step {last['step']}); pass --resume to "
                         "continue it, or choose another --out")

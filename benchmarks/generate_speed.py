@@ -14,30 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
+
+from common import cpu_description, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.devices import parse_dtype
 from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
-
-
-def time_interleaved(fns, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
-    """Median seconds of each function over `repeats` runs, after one warm-up run each (first-call allocations
-    and kernel selection are not counted). The runs alternate, so that load from other processes on a shared
-    machine slows both sides alike rather than whichever happened to run at the time."""
-    outs = [fn() for fn in fns]
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times], outs
 
 
 def main(argv=None) -> dict:
@@ -79,7 +68,7 @@ def main(argv=None) -> dict:
         # In bf16 two correct implementations may round differently and part ways at a near-tie; the count of
         # equal leading tokens shows where.
         "same_tokens": bool(same.all()), "equal_leading_tokens": int(same.long().cumprod(0).sum()),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "cpu": cpu_description(), "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
     return result

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,9 @@ SHARED = Path(os.environ.get("TINYGEMMA_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "data" / "tinystories"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
+
+from common import cpu_description  # noqa: E402
 
 from tinygemma.data import open_prepared, prepare  # noqa: E402
 from tinygemma.tokenizer import GPT2Tokenizer  # noqa: E402
@@ -97,8 +99,8 @@ def main() -> None:
             assert np.array_equal(mine[mine != eot], theirs), "tokens differ from the workshop's"
             del theirs, mine
     mb = len(text.encode("utf-8")) / 1e6
-    print(f"{len(stories):,} stories, {mb:.1f} MB, workers={args.workers}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; tokens identical")
+    print(f"{len(stories):,} stories, {mb:.1f} MB, workers={args.workers}, {cpu_description()}; "
+          "tokens identical")
     for name, ts in times.items():
         print(f"{name:>9}: best {min(ts):6.2f} s ({mb / min(ts):5.1f} MB/s)  runs {', '.join(f'{t:.2f}' for t in ts)}")
     print(f"speed-up: {min(times['workshop']) / min(times['tinygemma']):.2f}x")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workshop_model beside this file
 
+from common import device_description  # noqa: E402
 from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
@@ -148,12 +148,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if "PCIe" in name or "NVL" in name:
         return None
     return next((peak for (chip, dt), peak in PEAK_FLOPS.items() if chip in name and dt == dtype), None)
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -122,3 +122,13 @@ def test_gpu_suite_refuses_missing_assets_and_a_cpu_without_quick(tmp_path, caps
     assert suite.main(["--device", "cpu", "--assets", str(tmp_path), "--report", str(report)]) == 2
     assert "--quick" in capsys.readouterr().err
     assert not report.exists()
+
+
+def test_gpu_suite_sizes_the_training_from_the_measured_rate_and_the_time_left():
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)  # 16 x 1,024 = 16,384 tokens per step
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=200)[0] == 2700  # 150 s: 2,746 steps, to a multiple of 50
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=420)[0] == 1450  # late: 600 - 420 - 100 = 80 s
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=900)[0] == 1050  # never under 60 s
+    assert suite.train_steps(plan, None, None, elapsed=0)[0] == suite.FALLBACK_TRAIN_STEPS
+    assert suite.train_steps(plan, 300_000.0, 123, elapsed=0) == (123, "set by --train-steps")

@@ -118,10 +118,8 @@ def test_flex_attention_equals_sdpa_forward_and_backward_at_270m_shapes():
             logits = model(x).float()
         results[backend] = (abs(loss - ref_loss) / ref_loss, relative_error(grads, ref_grads),
                             ((logits - ref_logits).norm() / ref_logits.norm()).item())
-    from torch.nn.attention.flex_attention import BlockMask
-
-    assert isinstance(model.sliding_block_mask(1024, CUDA), BlockMask)  # the flex path really ran
     sdpa, flex = results["sdpa"], results["flex"]
+    assert sdpa != flex  # two different kernels ran: bf16 rounds them differently
     for what, s, f, floor in zip(("loss", "gradients", "logits"), sdpa, flex, (1e-3, 1e-2, 1e-2)):
         assert f <= 2 * s + floor, f"flex's {what} are {f:.2e} from float32 SDPA's; bf16 SDPA's {s:.2e}"
 
@@ -135,7 +133,8 @@ def train_steps(dtype: torch.dtype, steps: int = 3) -> tuple[list[float], dict[s
     initialisation each softmax gradient (about 1 / (vocab x tokens)) is below float16's smallest subnormal."""
     model = fresh_model(small(vocab_size=50_257))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    # A moderate scale: no step of a fresh model overflows it (a skipped step would compare nothing).
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, enabled=dtype == torch.float16)
     losses, first_grads = [], None
     for step in range(steps):
         x, y = batch(50_257, 8, 512, seed=step)
@@ -157,6 +156,7 @@ def train_steps(dtype: torch.dtype, steps: int = 3) -> tuple[list[float], dict[s
 def test_low_precision_steps_follow_float32(dtype, grad_rtol, exact_float32):
     ref_losses, ref_grads = train_steps(torch.float32)
     losses, grads = train_steps(dtype)
+    assert all(g.isfinite().all() for g in grads.values())
     assert losses == pytest.approx(ref_losses, rel=2e-2)
     assert relative_error(grads, ref_grads) < grad_rtol
 

@@ -2,7 +2,7 @@
 in one command, offline, on one GPU, into one markdown report.
 
     python benchmarks/gpu_suite.py --make-assets ../shared            # once: stories + GPT-2 vocabulary -> .device/assets
-    PYTHONPATH=src python benchmarks/gpu_suite.py --report gpu_report.md   # on the GPU machine (about 10 minutes)
+    PYTHONPATH=src python benchmarks/gpu_suite.py --report gpu_report.md   # on the GPU machine (aims at < 10 min)
     PYTHONPATH=src python benchmarks/gpu_suite.py --device cpu --quick     # the same steps at toy size on a CPU
 
 The run needs no network and no `datasets`: the stories and tiktoken's GPT-2 ranks come from the assets folder
@@ -38,6 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this source tree's tinygemma, whatever is installed
+
+from tinygemma.config import ModelConfig  # noqa: E402
+
 DEFAULT_ASSETS = ROOT / ".device" / "assets"
 
 # Step 2: (block, batch) pairs. Both fit an 80 GB H100 comfortably with transformers' float32 logits.
@@ -132,7 +136,7 @@ def throughput(plan: Plan, env: dict, work: Path) -> tuple[Result, float | None]
     """The table, and compiled tinygemma's tokens/s at the training block (to size step 3), if measured."""
     rows, commands, failures, start = [], [], [], time.perf_counter()
     train_rate = None
-    window = 512 if plan.preset.startswith("gemma3-270m") else 64
+    window = ModelConfig.preset(plan.preset).sliding_window
     for block, batch in plan.shapes:
         for mode in ("eager", "compiled"):
             if mode not in plan.modes:

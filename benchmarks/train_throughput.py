@@ -225,6 +225,8 @@ def main(argv=None) -> dict:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # as tensors name it: the block mask's cache key
     dtype = getattr(torch, args.dtype)
     config = ModelConfig.preset(args.preset)
     contenders = build_contenders(names, config, dtype, device, args.compile, args.seed, args.attention,

@@ -135,7 +135,7 @@ def cuda_tests(plan: Plan, env: dict) -> Result:
 def throughput(plan: Plan, env: dict, work: Path) -> tuple[Result, float | None]:
     """The table, and compiled tinygemma's tokens/s at the training block (to size step 3), if measured."""
     rows, commands, failures, start = [], [], [], time.perf_counter()
-    train_rate = None
+    train_rate, n = None, 0  # n numbers the commands
     window = ModelConfig.preset(plan.preset).sliding_window
     for block, batch in plan.shapes:
         for mode in ("eager", "compiled"):
@@ -152,18 +152,20 @@ def throughput(plan: Plan, env: dict, work: Path) -> tuple[Result, float | None]
                    "--attention", attention, "--contenders", f"tinygemma{suffix},transformers{suffix}",
                    "--json", str(out)]
             code, output, seconds = run(cmd, env, timeout=300)
-            commands.append(f"{len(commands) + 1}. `{shown(cmd)}` ({seconds:.0f} s)")
+            n += 1
+            commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
             if code != 0 and mode == "compiled":
                 # transformers may not compile where tinygemma does: say so, and still measure tinygemma.
-                failures.append(f"block {block}: the compiled pair failed (exit status {code}, command "
-                                f"{len(commands)}); tinygemma compiled was measured again against transformers eager")
+                failures.append(f"block {block}: the compiled pair failed (exit status {code}, command {n}); "
+                                "tinygemma compiled was measured again against transformers eager")
                 commands += ["", *tail(output, 25), ""]
                 cmd[cmd.index("--contenders") + 1] = "tinygemma+compile,transformers"
                 code, output, seconds = run(cmd, env, timeout=300)
-                commands.append(f"{len(commands) + 1}. `{shown(cmd)}` ({seconds:.0f} s)")
+                n += 1
+                commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
             if code != 0 or not out.exists():
                 failures.append(f"block {block} {mode}: exit status {code}")
-                rows.append(f"| {block} | {batch} | {mode} | FAILED, see command {len(commands)} | | | | | | |")
+                rows.append(f"| {block} | {batch} | {mode} | FAILED, see command {n} | | | | | | |")
                 commands += ["", *tail(output, 25), ""]
                 continue
             result = json.loads(out.read_text())

@@ -132,3 +132,23 @@ def test_gpu_suite_sizes_the_training_from_the_measured_rate_and_the_time_left()
     assert suite.train_steps(plan, 300_000.0, None, elapsed=900)[0] == 1050  # never under 60 s
     assert suite.train_steps(plan, None, None, elapsed=0)[0] == suite.FALLBACK_TRAIN_STEPS
     assert suite.train_steps(plan, 300_000.0, 123, elapsed=0) == (123, "set by --train-steps")
+
+
+def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
+    """Every command failing (here: made to fail) gives a report that says FAIL for each step, with the output."""
+    suite = load_script("gpu_suite")
+    assets = tmp_path / "assets"
+    (assets / "tinystories").mkdir(parents=True)
+    (assets / "tiktoken_cache").mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (assets / "tinystories" / name).write_text("Once upon a time.\n")
+    ran = []
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: ran.append(cmd) or (3, "the planted failure", 0.5))
+    report = tmp_path / "report.md"
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
+                       "--work", str(tmp_path / "work")]) == 1
+    text = report.read_text()
+    assert "**FAIL**: CUDA tests FAILED, Training throughput FAILED, Training on real stories FAILED" in text
+    assert text.count("the planted failure") == 4  # the tests, two benchmark runs, prepare
+    assert "| 32 | 1 | eager | FAILED, see command 1 |" in text and "| 80 | 1 | eager | FAILED, see command 2 |" in text
+    assert len(ran) == 4  # training is not attempted on data that was never prepared

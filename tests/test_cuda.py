@@ -120,7 +120,7 @@ def test_flex_attention_equals_sdpa_forward_and_backward_at_270m_shapes():
                             ((logits - ref_logits).norm() / ref_logits.norm()).item())
     sdpa, flex = results["sdpa"], results["flex"]
     assert sdpa != flex  # two different kernels ran: bf16 rounds them differently
-    for what, s, f, floor in zip(("loss", "gradients", "logits"), sdpa, flex, (2e-4, 5e-3, 5e-3)):
+    for what, s, f, floor in zip(("loss", "gradients", "logits"), sdpa, flex, (1e-3, 5e-3, 5e-3)):
         assert f <= 2 * s + floor, f"flex's {what} are {f:.2e} from float32 SDPA's; bf16 SDPA's {s:.2e}"
 
 

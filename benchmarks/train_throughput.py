@@ -4,6 +4,7 @@ Contenders, all on the same device, from the same initial weights, on the same b
   tinygemma           `Gemma3(config)(x, targets)`
   transformers        `Gemma3ForCausalLM` with SDPA attention (its default), `labels=` its own loss
   transformers-eager  the same with eager attention (optional)
+  NAME+compile        any of these through torch.compile, e.g. tinygemma+compile,transformers+compile
   workshop            the workshop notebook's model style (benchmarks/workshop_model.py): manual attention with
                       repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
                       workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps
@@ -18,9 +19,16 @@ of them; the first --warmup rounds are not timed; the figure is the median step 
 only after `torch.cuda.synchronize()`. Before any timing the step-0 losses must agree (float32: to 1e-4 relative),
 which shows that all contenders compute the same function on the same batch.
 
+Peak memory (CUDA only) is what a contender would hold at the peak of its step if it ran alone: its weights
+and optimizer state, plus the most its step allocated above what the process held before the step
+(`torch.cuda.max_memory_allocated`, its peak reset before each step). The contenders share one process, so the
+process-wide peak alone would count the others' weights too.
+
     python benchmarks/train_throughput.py --steps 4 --warmup 1              # this CPU: fp32, 8 x 128
     python benchmarks/train_throughput.py --steps 4 --warmup 1 --isolate 3  # each contender in its own process
     python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --block-size 1024 --json out.json
+    python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --block-size 1024 --attention flex \
+        --contenders tinygemma+compile,transformers+compile
 """
 
 from __future__ import annotations
@@ -101,31 +109,39 @@ def transformers_twin(model: Gemma3, attn_implementation: str) -> nn.Module:
 
 
 def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                     compile: bool, seed: int) -> list[Contender]:
+                     compile: bool, seed: int, attention: str = "sdpa", block_size: int = 0) -> list[Contender]:
+    """`compile` compiles tinygemma (as `tinygemma+compile`); `attention` is tinygemma's attention backend."""
     torch.manual_seed(seed)
     reference = Gemma3(config)
     randomize_norms(reference, seed)
     contenders = []
-    for name in names:
+    for full_name in names:
+        name = full_name.removesuffix("+compile")
+        compiled = full_name.endswith("+compile") or (compile and name == "tinygemma")
+        label = name + (" (compile)" if compiled else "")
         if name == "tinygemma":
             model = Gemma3(config)
             model.load_state_dict(reference.state_dict())
             model.to(device)
-            compiled = torch.compile(model) if compile else model
-            contenders.append(Contender(name + (" (compile)" if compile else ""), model,
-                                        lambda x, y, m=compiled: m(x, y), dtype == torch.bfloat16))
+            model.attention_backend = attention
+            if attention == "flex" and block_size > config.sliding_window:
+                model.sliding_block_mask(block_size, device)  # built before compiling, as training does
+            run = torch.compile(model) if compiled else model
+            contenders.append(Contender(label, model, lambda x, y, m=run: m(x, y), dtype == torch.bfloat16))
         elif name.startswith("transformers"):
             model = transformers_twin(reference, "eager" if name.endswith("eager") else "sdpa").to(device)
+            run = torch.compile(model) if compiled else model
             # HF shifts `labels` itself; `shift_labels` hands it the targets already aligned with x, as ours.
-            contenders.append(Contender(name, model, lambda x, y, m=model: m(
+            contenders.append(Contender(label, model, lambda x, y, m=run: m(
                 input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, dtype == torch.bfloat16))
-        elif name == "workshop":
+        elif name == "workshop" and not compiled:
             model = Gemma3Model(workshop_config(config, dtype))  # bfloat16 weights under --dtype bfloat16
             load_tinygemma_weights(model, reference.state_dict()).to(device)
             contenders.append(Contender(name, model, lambda x, y, m=model: m(x, y)[1] / GRAD_ACCUM_STEPS,
                                         dtype == torch.bfloat16 and device.type == "cuda"))  # nullcontext on CPU
         else:
-            raise SystemExit(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+            raise SystemExit(f"unknown contender {full_name!r}; choose from {', '.join(CONTENDERS)} "
+                             "(tinygemma and transformers also as NAME+compile)")
     return contenders
 
 
@@ -150,15 +166,28 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((peak for (chip, dt), peak in PEAK_FLOPS.items() if chip in name and dt == dtype), None)
 
 
+def resident_bytes(c: Contender) -> int:
+    """Bytes of a contender's weights and optimizer state (a tied weight counted once)."""
+    tensors = {t.data_ptr(): t for t in c.model.parameters()}
+    for state in c.optimizer.state.values():
+        tensors.update((t.data_ptr(), t) for t in state.values() if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def gib(n_bytes: float | None) -> str:
+    return "-" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| contender | tokens/s | step time (median) | MFU | vs transformers | paired | loss at step 0 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| contender | tokens/s | step time (median) | MFU | vs transformers | paired | loss at step 0 "
+             "| peak memory |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         ratio, paired = ("-" if r[key] is None else f"{r[key]:.2f}x"
                          for key in ("ratio_vs_transformers", "paired_ratio_vs_transformers"))
         lines.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {1000 * r['step_time_s']:,.0f} ms | {mfu} "
-                     f"| {ratio} | {paired} | {r['loss_step0']:.5f} |")
+                     f"| {ratio} | {paired} | {r['loss_step0']:.5f} | {gib(r.get('peak_memory_bytes'))} |")
     return "\n".join(lines)
 
 
@@ -172,6 +201,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (at least 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile tinygemma (only tinygemma)")
+    p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
+                   help="tinygemma's attention backend (flex_attention needs CUDA for backward)")
     p.add_argument("--contenders", default="tinygemma,transformers,workshop",
                    help=f"comma-separated, from {', '.join(CONTENDERS)}")
     p.add_argument("--seed", type=int, default=0)
@@ -188,9 +219,12 @@ def main(argv=None) -> dict:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # as tensors name it: the block mask's cache key
     dtype = getattr(torch, args.dtype)
     config = ModelConfig.preset(args.preset)
-    contenders = build_contenders(names, config, dtype, device, args.compile, args.seed)
+    contenders = build_contenders(names, config, dtype, device, args.compile, args.seed, args.attention,
+                                  args.block_size)
 
     # One fixed batch for every contender and every step: throughput does not depend on the token values.
     g = torch.Generator().manual_seed(args.seed)
@@ -203,9 +237,13 @@ def main(argv=None) -> dict:
 
     times = {c.name: [] for c in contenders}
     losses = {c.name: [] for c in contenders}
+    peaks = {c.name: [] for c in contenders}
     for r in range(args.warmup + args.steps):
         for c in contenders:  # interleaved: A, B, C, A, B, C, ...
             sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                held_before = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             loss = c.step(x, y)
             sync()
@@ -213,6 +251,9 @@ def main(argv=None) -> dict:
             losses[c.name].append(loss.item())
             if r >= args.warmup:
                 times[c.name].append(elapsed)
+                if device.type == "cuda":
+                    step_peak = torch.cuda.max_memory_allocated(device) - held_before
+                    peaks[c.name].append(resident_bytes(c) + step_peak)
         if r == 0:
             spread = check_losses({name: v[0] for name, v in losses.items()}, dtype)
         status = "warm-up" if r < args.warmup else "timed"
@@ -222,20 +263,22 @@ def main(argv=None) -> dict:
     tokens = args.batch_size * args.block_size
     peak = peak_flops(device, dtype)
     flops_per_token = config.flops_per_token(args.block_size)
-    rows = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak) for c in contenders]
+    rows = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak,
+                       max(peaks[c.name], default=None)) for c in contenders]
     add_ratios(rows, [[t] for t in zip(*(r["step_times_s"] for r in rows))])
     return report(args, argv, rows, device_description(device), flops_per_token, peak, spread,
                   f"median of {args.steps} steps after {args.warmup} warm-up, interleaved in one process")
 
 
 def result_row(contender: str, step_times: list[float], losses: list[float], tokens: int,
-               flops_per_token: float, peak: float | None) -> dict:
-    """One contender's figures from its timed step times (median) and its losses (step 0 first)."""
+               flops_per_token: float, peak: float | None, peak_memory: int | None = None) -> dict:
+    """One contender's figures from its timed step times (median) and its losses (step 0 first); peak memory
+    in bytes (CUDA only, see the module's docstring)."""
     step_time = statistics.median(step_times)
     return {
         "contender": contender, "tokens_per_s": tokens / step_time, "step_time_s": step_time,
         "step_times_s": step_times, "mfu": flops_per_token * tokens / step_time / peak if peak else None,
-        "loss_step0": losses[0], "losses": losses,
+        "loss_step0": losses[0], "losses": losses, "peak_memory_bytes": peak_memory,
     }
 
 
@@ -261,6 +304,7 @@ def report(args, argv, rows: list[dict], device: str, flops_per_token: float, pe
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "preset": args.preset, "batch_size": args.batch_size, "block_size": args.block_size, "dtype": args.dtype,
         "steps": args.steps, "warmup": args.warmup, "isolate": args.isolate, "compile": args.compile,
+        "attention": args.attention,
         "device": device, "torch": torch.__version__, "flops_per_token": flops_per_token, "peak_flops": peak,
         "step0_loss_spread": spread, "results": rows,
     }
@@ -282,7 +326,8 @@ def run_isolated(args, argv, names: list[str]) -> dict:
 
     common = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
               "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--device", args.device, "--seed", str(args.seed)] + (["--compile"] if args.compile else [])
+              "--device", args.device, "--seed", str(args.seed), "--attention", args.attention]
+    common += ["--compile"] if args.compile else []
     runs = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.isolate):
@@ -298,7 +343,9 @@ def run_isolated(args, argv, names: list[str]) -> dict:
     spread = check_losses({name: v[0]["loss_step0"] for name, v in runs.items()}, getattr(torch, args.dtype))
     tokens, flops_per_token, peak = args.batch_size * args.block_size, child["flops_per_token"], child["peak_flops"]
     rows = [result_row(runs[name][0]["contender"], [t for run in runs[name] for t in run["step_times_s"]],
-                       runs[name][0]["losses"], tokens, flops_per_token, peak) for name in names]
+                       runs[name][0]["losses"], tokens, flops_per_token, peak,
+                       max((run["peak_memory_bytes"] for run in runs[name] if run["peak_memory_bytes"]),
+                           default=None)) for name in names]
     rounds = [list(zip(*(runs[name][r]["step_times_s"] for name in names))) for r in range(args.isolate)]
     add_ratios(rows, rounds)
     return report(args, argv, rows, child["device"], flops_per_token, peak, spread, f"{args.isolate} rounds of {args.steps} steps after {args.warmup} warm-up, "

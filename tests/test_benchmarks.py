@@ -1,12 +1,16 @@
-"""benchmarks/train_throughput.py on a tiny preset: the contenders compute the same loss, the output is complete."""
+"""benchmarks/train_throughput.py on a tiny preset: the contenders compute the same loss, the output is complete;
+benchmarks/gpu_suite.py's smoke run on a CPU writes a complete report of its three steps."""
 
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import SHARED, STORIES
 
 pytest.importorskip("transformers")
 
@@ -36,6 +40,7 @@ def test_train_throughput_smoke(tmp_path, capsys):
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and len(r["step_times_s"]) == 1
         assert r["mfu"] is None  # no peak is claimed for a CPU
+        assert r["peak_memory_bytes"] is None  # CUDA's allocator statistics only
         assert len(r["losses"]) == 2
     assert rows["transformers"]["ratio_vs_transformers"] == rows["transformers"]["paired_ratio_vs_transformers"] == 1.0
     times = rows["transformers"]["step_times_s"][0], rows["tinygemma"]["step_times_s"][0]
@@ -43,7 +48,8 @@ def test_train_throughput_smoke(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
 
     table = capsys.readouterr().out
-    assert "| contender | tokens/s | step time (median) | MFU | vs transformers | paired |" in table
+    assert "| contender | tokens/s | step time (median) | MFU | vs transformers | paired | loss at step 0 " \
+           "| peak memory |" in table
     for name in rows:
         assert f"| {name} |" in table
 
@@ -63,3 +69,86 @@ def test_train_throughput_isolated_runs_each_contender_in_its_own_process(capsys
     assert rows["tinygemma"]["ratio_vs_transformers"] == pytest.approx(
         rows["transformers"]["step_time_s"] / rows["tinygemma"]["step_time_s"])
     assert capsys.readouterr().err.count(" median ") == 4  # one line per process: two rounds of two
+
+
+def test_gpu_suite_smoke_run_writes_a_complete_report(tmp_path):
+    """--make-assets then --device cpu --quick: every step runs (the CUDA tests are selected and skipped), and the
+    report holds each step's command and the very figures its outputs hold."""
+    suite = load_script("gpu_suite")
+    assets, report, work = tmp_path / "assets", tmp_path / "report.md", tmp_path / "work"
+    assert suite.main(["--make-assets", str(SHARED), "--assets", str(assets)]) == 0
+    for name in ("train.txt", "valid.txt"):
+        assert (assets / "tinystories" / name).read_bytes() == (STORIES / name).read_bytes()
+    assert {p.name for p in (assets / "tiktoken_cache").iterdir()} == {p.name for p in (SHARED / "tiktoken_cache").iterdir()}
+
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
+                       "--work", str(work)]) == 0
+    text = report.read_text()
+    assert text.startswith("# GPU acceptance run (--quick smoke run, not a GPU result)")
+    assert "**PASS**: CUDA tests passed, Training throughput passed, Training on real stories passed" in text
+    assert f"| torch | {torch.__version__} |" in text and "| CUDA | - |" in text
+
+    # 1. The cuda marker selects test_cuda.py's tests, and without a GPU every one is skipped.
+    assert "`python -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py`" in text
+    skipped = re.search(r"Result: \*\*(\d+) skipped in", text)
+    assert skipped and int(skipped.group(1)) >= 8, text
+
+    # 2. One row per block and contender, with the figures of the benchmark's own JSON and its command.
+    for block in (32, 80):
+        result = json.loads((work / f"throughput-{block}-eager.json").read_text())
+        assert f"`{result['command']}`" in text
+        assert [r["contender"] for r in result["results"]] == ["tinygemma", "transformers"]
+        for r in result["results"]:
+            assert f"| {block} | 1 | eager | {r['contender']} | {r['tokens_per_s']:,.0f} | - | - |" in text
+        assert f"| {block} | 1 | compiled | not run" in text
+
+    # 3. The validation losses of the run's metrics.jsonl, falling by more than a nat in 20 steps.
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in vals] == [0, 10, 20]
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 1.0
+    assert f"first {vals[0]['val_loss']:.4f} (step 0), last {vals[-1]['val_loss']:.4f} (step 20)" in text
+    assert f"bits per byte: first {vals[0]['val_bpb']:.4f}, last {vals[-1]['val_bpb']:.4f}" in text
+    assert "`python -m tinygemma prepare --out" in text and "`python -m tinygemma train --data" in text
+    assert "Criterion: the last validation loss is at least 1.0 nat below step 0's: **met**" in text
+
+
+def test_gpu_suite_refuses_missing_assets_and_a_cpu_without_quick(tmp_path, capsys):
+    suite = load_script("gpu_suite")
+    report = tmp_path / "report.md"
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(tmp_path), "--report", str(report)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--make-assets" in err and "\n" not in err
+    assert suite.main(["--device", "cpu", "--assets", str(tmp_path), "--report", str(report)]) == 2
+    assert "--quick" in capsys.readouterr().err
+    assert not report.exists()
+
+
+def test_gpu_suite_sizes_the_training_from_the_measured_rate_and_the_time_left():
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)  # 16 x 1,024 = 16,384 tokens per step
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=200)[0] == 2700  # 150 s: 2,746 steps, to a multiple of 50
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=420)[0] == 1450  # late: 600 - 420 - 100 = 80 s
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=900)[0] == 1050  # never under 60 s
+    assert suite.train_steps(plan, None, None, elapsed=0)[0] == suite.FALLBACK_TRAIN_STEPS
+    assert suite.train_steps(plan, 300_000.0, 123, elapsed=0) == (123, "set by --train-steps")
+
+
+def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
+    """Every command failing (here: made to fail) gives a report that says FAIL for each step, with the output."""
+    suite = load_script("gpu_suite")
+    assets = tmp_path / "assets"
+    (assets / "tinystories").mkdir(parents=True)
+    (assets / "tiktoken_cache").mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (assets / "tinystories" / name).write_text("Once upon a time.\n")
+    ran = []
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: ran.append(cmd) or (3, "the planted failure", 0.5))
+    report = tmp_path / "report.md"
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
+                       "--work", str(tmp_path / "work")]) == 1
+    text = report.read_text()
+    assert "**FAIL**: CUDA tests FAILED, Training throughput FAILED, Training on real stories FAILED" in text
+    assert text.count("the planted failure") == 4  # the tests, two benchmark runs, prepare
+    assert "| 32 | 1 | eager | FAILED, see command 1 |" in text and "| 80 | 1 | eager | FAILED, see command 2 |" in text
+    assert len(ran) == 4  # training is not attempted on data that was never prepared

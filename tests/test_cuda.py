@@ -1,0 +1,246 @@
+"""What only a GPU can check (`pytest -m cuda`; skipped without one): inductor against eager, flex attention
+against SDPA at Gemma 3 270M's shapes, bf16 and fp16 steps against float32, exact resume with fused AdamW, and
+torchrun with NCCL. benchmarks/gpu_suite.py runs these first. Each compares with something computed another
+way on the same GPU, never with a number written down.
+
+On a machine without ../shared (the GPU machines), TINYGEMMA_STORIES names the folder holding train.txt.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_train
+import torch
+
+import tinygemma
+from tinygemma import Gemma3, ModelConfig
+from tinygemma.config import load_recipe
+from tinygemma.data import prepare
+from tinygemma.train import train
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 matmuls in float32, not TF32 (training's setup_runtime turns TF32 on for the whole process)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def small(**overrides) -> ModelConfig:
+    """Gemma 3's structure at test size: a sliding layer (window 32) and a global one."""
+    base = dict(vocab_size=512, d_model=128, n_layers=2, sliding_window_pattern=2, n_heads=4, n_kv_heads=1,
+                head_dim=32, mlp_dim=256, sliding_window=32, query_pre_attn_scalar=32.0)
+    return ModelConfig(**{**base, **overrides})
+
+
+def fresh_model(config: ModelConfig, seed: int = 0) -> Gemma3:
+    """A model with random norm gains too (they start at zero), so that every parameter has a real gradient."""
+    torch.manual_seed(seed)
+    model = Gemma3(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.normal_(0.0, 0.5)
+    return model.to(CUDA)
+
+
+def loss_and_grads(model, x, y, dtype, forward=None) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        loss = (forward or model)(x, y)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest over parameters of ||a - b|| / ||b||: one number per comparison, whatever the scales."""
+    assert a.keys() == b.keys()
+    return max(((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)).item() for n in a)
+
+
+def batch(vocab: int, batch_size: int, block: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    window = torch.randint(0, vocab, (batch_size, block + 1), generator=g).to(CUDA)
+    return window[:, :-1], window[:, 1:]
+
+
+# ------------------------------------------------------------------ compiled against eager
+
+
+@pytest.mark.parametrize("dtype,loss_rtol,grad_rtol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 5e-2)])
+def test_inductor_equals_eager(dtype, loss_rtol, grad_rtol, exact_float32):
+    """torch.compile (inductor, the GPU's real backend) computes the same loss and gradients, sliding mask included."""
+    torch._dynamo.reset()
+    model = fresh_model(small())
+    x, y = batch(512, 4, 96)  # 3 windows long: the sliding mask is in the graph
+    eager_loss, eager_grads = loss_and_grads(model, x, y, dtype)
+    compiled_loss, compiled_grads = loss_and_grads(model, x, y, dtype, forward=torch.compile(model))
+    assert compiled_loss == pytest.approx(eager_loss, rel=loss_rtol)
+    assert relative_error(compiled_grads, eager_grads) < grad_rtol
+
+
+# ------------------------------------------------------------------ flex attention against SDPA
+
+
+def test_flex_attention_equals_sdpa_forward_and_backward_at_270m_shapes():
+    """Block 1024, head_dim 256, 4 query heads on 1 KV head, window 512: gemma3-270m's attention, two layers.
+    In bf16, each backend's loss and gradients are compared with float32 SDPA: flex may be no further from it
+    than twice SDPA's own bf16 error (plus a little), so a wrong block mask or a wrong gradient fails."""
+    config = ModelConfig.preset("gemma3-270m", vocab_size=512, n_layers=2, sliding_window_pattern=2)
+    assert config.head_dim == 256 and config.sliding_window == 512
+    model = fresh_model(config)
+    x, y = batch(512, 2, 1024)
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        ref_loss, ref_grads = loss_and_grads(model, x, y, torch.float32)  # SDPA in float32
+        with torch.no_grad():
+            ref_logits = model(x).float()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    results = {}
+    for backend in ("sdpa", "flex"):
+        model.attention_backend = backend
+        loss, grads = loss_and_grads(model, x, y, torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x).float()
+        results[backend] = (abs(loss - ref_loss) / ref_loss, relative_error(grads, ref_grads),
+                            ((logits - ref_logits).norm() / ref_logits.norm()).item())
+    sdpa, flex = results["sdpa"], results["flex"]
+    assert sdpa != flex  # two different kernels ran: bf16 rounds them differently
+    for what, s, f, floor in zip(("loss", "gradients", "logits"), sdpa, flex, (1e-3, 5e-3, 5e-3)):
+        assert f <= 2 * s + floor, f"flex's {what} are {f:.2e} from float32 SDPA's; bf16 SDPA's {s:.2e}"
+
+
+# ------------------------------------------------------------------ bf16 and fp16 steps against float32
+
+
+def train_steps(dtype: torch.dtype, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """`steps` AdamW steps of the same model on the same batches: the losses, and the first step's (unscaled)
+    gradients. fp16 through a GradScaler, as training does; GPT-2's 50,257-token vocabulary, where at
+    initialisation each softmax gradient (about 1 / (vocab x tokens)) is below float16's smallest subnormal."""
+    model = fresh_model(small(vocab_size=50_257))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    # A moderate scale: no step of a fresh model overflows it (a skipped step would compare nothing).
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, enabled=dtype == torch.float16)
+    losses, first_grads = [], None
+    for step in range(steps):
+        x, y = batch(50_257, 8, 512, seed=step)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if first_grads is None:
+            first_grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, first_grads
+
+
+@pytest.mark.parametrize("dtype,grad_rtol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_low_precision_steps_follow_float32(dtype, grad_rtol, exact_float32):
+    ref_losses, ref_grads = train_steps(torch.float32)
+    losses, grads = train_steps(dtype)
+    assert all(g.isfinite().all() for g in grads.values())
+    assert losses == pytest.approx(ref_losses, rel=2e-2)
+    assert relative_error(grads, ref_grads) < grad_rtol
+
+
+# ------------------------------------------------------------------ runs: resume and torchrun
+
+
+# The 2-layer model of test_train.py, its block no longer than its window (plain causal attention: these tests
+# are about the loop and the processes, not the attention backend), in float32 with fused AdamW on one GPU.
+TINY = [*test_train.TINY, "model.sliding_window=32", "batch_size=2", "grad_accum_steps=4", "max_steps=20",
+        "eval_batches=2", "checkpoint_interval=10", "device=cuda"]  # later settings win
+# Some CUDA kernels (attention's backward among them) add in an order that may vary between runs.
+RTOL = 1e-5
+
+
+def settings(data_dir, out, *overrides) -> list[str]:
+    return [f"data.dir={data_dir}", f"train.out={out}", *TINY, *overrides]
+
+
+def losses(run_dir, key="train_loss") -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """600 real stories, BPE-tokenized to 512 tokens (10% held out)."""
+    stories = Path(os.environ.get("TINYGEMMA_STORIES", ROOT.parent / "shared" / "data" / "tinystories"))
+    assert (stories / "train.txt").exists(), f"real stories expected at {stories} (set TINYGEMMA_STORIES)"
+    out = tmp_path_factory.mktemp("data") / "bpe512"
+    prepare(out, sources=[stories / "train.txt"], tokenizer="bpe", vocab_size=512, limit=600, val_fraction=0.1,
+            workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    train(load_recipe(None, settings(data_dir, out)), quiet=True)
+    return out
+
+
+def test_resume_with_fused_adamw_reproduces_the_straight_run(straight_run, data_dir, tmp_path):
+    config = json.loads((straight_run / "config.json").read_text())
+    assert config["run"]["device"].startswith("cuda")  # fused AdamW is the CUDA path
+    out = tmp_path / "resumed"
+    train(load_recipe(None, settings(data_dir, out)), stop_at=10, quiet=True)
+    assert sorted(losses(out)) == list(range(1, 11))
+    train(load_recipe(None, settings(data_dir, out)), resume=True, quiet=True)
+    straight, resumed = losses(straight_run), losses(out)
+    assert sorted(resumed) == list(range(1, 21))
+    assert [resumed[s] for s in range(11, 21)] == pytest.approx([straight[s] for s in range(11, 21)], rel=RTOL)
+    assert losses(out, "val_loss")[20] == pytest.approx(losses(straight_run, "val_loss")[20], rel=RTOL)
+
+
+def torchrun(nproc: int, data_dir, out, *overrides) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tinygemma", "train", "--stop-at", "10",
+           *[a for s in settings(data_dir, out, *overrides) for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("nproc,distributed", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])
+def test_torchrun_reproduces_one_process(nproc, distributed, straight_run, data_dir, tmp_path):
+    """torchrun with NCCL: the losses of the one-process run of the same global batch, with 1 process, and
+    with 2 under DDP and FSDP2 (whose checkpoint is gathered from the shards into a whole model)."""
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    out = tmp_path / f"{distributed}{nproc}"
+    torchrun(nproc, data_dir, out, f"distributed={distributed}")
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert run["world_size"] == nproc
+    # The reference is the one-process run of the same global batch (2 sequences x grad_accum_steps).
+    reference = straight_run
+    if run["global_batch"] != 8:
+        reference = tmp_path / "reference"
+        train(load_recipe(None, settings(data_dir, reference, f"grad_accum_steps={run['global_batch'] // 2}")),
+              stop_at=10, quiet=True)
+    got, want = losses(out), losses(reference)
+    assert sorted(got) == list(range(1, 11))
+    assert [got[s] for s in range(1, 11)] == pytest.approx([want[s] for s in range(1, 11)], rel=1e-4)
+    assert losses(out, "val_loss")[10] == pytest.approx(losses(reference, "val_loss")[10], rel=1e-4)
+    tinygemma.load(out / "checkpoints" / "step_000010")

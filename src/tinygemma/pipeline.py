@@ -7,6 +7,7 @@ the best checkpoint on the whole validation split -> print sample stories from t
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -67,12 +68,35 @@ def run(recipe: Recipe) -> dict:
     return {"train": summary, "eval": metrics, "samples": samples}
 
 
+def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> str:
+    """The closing lines of `tinygemma run`: where the run's files are, and the commands a user wants next."""
+    out, q = Path(recipe.out), shlex.quote
+    run_dir = q(str(out))
+    prompt = recipe.generate.prompts[0] if recipe.generate.prompts else "Once upon a time"
+    # A longer run goes to a new directory: the cosine schedule is laid out over max_steps, so a finished run
+    # cannot simply be stretched. The prepared data is reused.
+    longer = 4 * recipe.train.max_steps
+    kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("train.max_steps", "max_steps", "train.out", "out")]
+    rerun = " ".join(["tinygemma run", q(recipe_file), *(f"--set {q(o)}" for o in kept),
+                      f"--set train.max_steps={longer}", f"--set {q(f'train.out={out}-{longer}')}"])
+    return "\n".join([
+        "\n--- where everything is",
+        f"run directory  {run_dir}  (config.json, metrics.jsonl, checkpoints/)",
+        f"loss curve     {q(str(out / 'loss.png'))}",
+        f"TensorBoard    tensorboard --logdir {q(str(out / 'tb'))}",
+        f"export         tinygemma export --ckpt {run_dir} --out {q(str(Path('hf') / out.name))}",
+        "--- next",
+        f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)} --max-new-tokens 200",
+        f"train longer   {rerun}",
+    ])
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "run", help="the main job: prepare (if needed), train (resuming), evaluate and sample, from one recipe")
     p.add_argument("recipe", help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, e.g. data.source=../shared/data/tinystories/train.txt, "
+                   help="override a recipe setting, e.g. data.source=path/to/stories.txt, "
                         "train.max_steps=100, model.n_layers=4; repeatable")
     p.set_defaults(func=_run_main)
 
@@ -80,5 +104,7 @@ def register(subparsers) -> None:
 def _run_main(args) -> int:
     if not Path(args.recipe).is_file():
         raise UserError(f"recipe not found: {args.recipe}")
-    run(load_recipe(args.recipe, args.set))
+    recipe = load_recipe(args.recipe, args.set)
+    run(recipe)
+    print(where_and_next(recipe, args.recipe, args.set), flush=True)
     return 0

@@ -38,6 +38,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, stories_dir):
         "TINYGEMMA_NOTEBOOK_QUICK": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
+        # One thread: beside pytest and other work on a shared machine, two OpenMP threads spinning on two busy
+        # cores ran this notebook 4x slower (586 s against 149 s, load average 6-8 on 2 cores).
+        "OMP_NUM_THREADS": "1",
     }
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})

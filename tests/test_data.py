@@ -154,17 +154,45 @@ def test_datasets_on_disk_and_the_hub_path(stories_dir, valid, tmp_path, monkeyp
     assert documents(prepared, "train") == train and documents(prepared, "val") == valid[:40]
 
     # The default source, roneneldan/TinyStories on the hub, with the download replaced by the saved copy.
+    # Without a limit the whole dataset is downloaded (with one, it is streamed: see the next test).
     asked = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name: asked.append(name) or datasets.load_from_disk(str(saved)))
-    meta = prepare(tmp_path / "hub", limit=50, workers=1, progress=False)
-    assert asked == ["roneneldan/TinyStories"] and meta["source"]["train"] == "hf:roneneldan/TinyStories"
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, streaming: asked.append((name, streaming))
+                        or datasets.load_from_disk(str(saved)))
+    meta = prepare(tmp_path / "hub", workers=1, progress=False)
+    assert asked == [("roneneldan/TinyStories", False)] and meta["source"]["train"] == "hf:roneneldan/TinyStories"
     hub = open_prepared(tmp_path / "hub")
-    assert documents(hub, "train") == train[:50] and documents(hub, "val") == valid[:40]
+    assert documents(hub, "train") == train and documents(hub, "val") == valid[:40]
 
     single = tmp_path / "single"
     datasets.Dataset.from_dict({"text": train}).save_to_disk(str(single))
     meta = prepare(tmp_path / "one", sources=[single], workers=1, progress=False)
     assert meta["splits"]["val"]["documents"] == 4  # no validation split: 5% set aside
+
+
+def test_hub_with_a_limit_streams_only_the_first_stories(stories_dir, valid, r50k, tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    train = read_stories(stories_dir / "train.txt", 400)
+    # A stand-in for the hub: a dataset directory whose second training file is not JSON, so reading the whole
+    # dataset (on the real hub, a download of about 1 GB) fails, and reading only the first stories does not.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for name, stories in (("train-00000-of-00002", train), ("validation-00000-of-00001", valid[:40])):
+        (hub / f"{name}.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
+    (hub / "train-00001-of-00002.jsonl").write_text('{"text": "not a story\n')
+    monkeypatch.setattr(data, "HUB_DATASET", str(hub))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # the full read's cache
+
+    meta = prepare(tmp_path / "out", limit=300, workers=1, progress=True)
+    prepared = open_prepared(tmp_path / "out")
+    assert documents(prepared, "train") == train[:300] and documents(prepared, "val") == valid[:40]
+    assert meta["splits"]["train"]["tokens"] == sum(len(r50k.encode_ordinary(s)) + 1 for s in train[:300])
+    assert meta["source"]["train"] == f"hf:{hub}"
+    err = capsys.readouterr().err
+    assert f"reading {hub} train" in err and "300/300" in err  # progress while reading, and not one story more
+    assert data.read_stories(limit=3) == train[:3]
+
+    with pytest.raises(UserError, match=f"cannot load {hub}"):  # without a limit, everything is read
+        prepare(tmp_path / "all", workers=1, progress=False)
 
 
 def test_bpe_prepare(stories_dir, valid, tmp_path):

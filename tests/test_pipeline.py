@@ -1,9 +1,12 @@
 """`tinygemma run RECIPE`: prepare, train, evaluate and sample in one command, re-runnable."""
 
 import json
+import re
+import shlex
 
 import tinygemma
 from tinygemma.cli import main
+from tinygemma.config import load_recipe
 
 RECIPE = """
 [data]
@@ -45,10 +48,12 @@ top_k = 20
 """
 
 
-def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys):
+def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the suggested export goes to hf/ under the working directory
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
-    assert main(["run", str(recipe)]) == 0
+    override = ["--set", "generate.top_k=20"]  # the recipe's own value, so the samples stay comparable
+    assert main(["run", str(recipe), *override]) == 0
     out, err = capsys.readouterr()
     assert "preparing" in err and "training into" in err
     evaluation = json.loads(next(line for line in out.splitlines() if line.startswith('{"eval"')))["eval"]
@@ -63,8 +68,24 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys):
              if "train_loss" in line]
     assert steps == [1, 2, 3, 4, 5, 6]
 
+    # The closing lines: where everything is, and the next commands, which work as printed.
+    run_dir = tmp_path / "run"
+    closing = out.split("\n--- where everything is\n")[1].splitlines()
+    lines = dict(re.fullmatch(r"(\S.*?)\s{2,}(\S.*)", line).groups() for line in closing if line != "--- next")
+    assert lines["run directory"].startswith(str(run_dir))
+    assert lines["loss curve"] == str(run_dir / "loss.png") and (run_dir / "loss.png").stat().st_size > 1000
+    assert lines["TensorBoard"] == f"tensorboard --logdir {run_dir / 'tb'}" and any((run_dir / "tb").iterdir())
+    assert main(shlex.split(lines["export"])[1:]) == 0 and (tmp_path / "hf" / "run" / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(shlex.split(lines["a story"])[1:] + ["--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time")
+    longer = shlex.split(lines["train longer"])
+    assert longer[:3] == ["tinygemma", "run", str(recipe)] and longer[3:5] == override
+    again = load_recipe(longer[2], [x for x in longer[3:] if x != "--set"])
+    assert (again.train.max_steps, again.out, again.data) == (24, f"{run_dir}-24", load_recipe(str(recipe)).data)
+
     # Again: the data is reused, the finished run is not trained further, and the same samples come out.
-    assert main(["run", str(recipe)]) == 0
+    assert main(["run", str(recipe), *override]) == 0
     out2, err2 = capsys.readouterr()
     assert "prepared data found" in err2 and "preparing" not in err2
     steps2 = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

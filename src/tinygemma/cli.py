@@ -28,7 +28,7 @@ from tinygemma.errors import UserError
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
 from tinygemma.generate import generate_text
-from tinygemma.pipeline import run
+from tinygemma.pipeline import run, where_and_next
 from tinygemma.tokenizer import EOT_TOKEN, token_byte_lengths
 from tinygemma.train import train
 
@@ -148,7 +148,7 @@ def add_run(subparsers) -> None:
         "run", help="the main job: prepare (if needed), train (resuming), evaluate and sample, from one recipe")
     p.add_argument("recipe", help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, e.g. data.source=../shared/data/tinystories/train.txt, "
+                   help="override a recipe setting, e.g. data.source=path/to/stories.txt, "
                         "train.max_steps=100, model.n_layers=4; repeatable")
     p.set_defaults(func=_run_main)
 
@@ -156,7 +156,9 @@ def add_run(subparsers) -> None:
 def _run_main(args) -> int:
     if not Path(args.recipe).is_file():
         raise UserError(f"recipe not found: {args.recipe}")
-    run(load_recipe(args.recipe, args.set))
+    recipe = load_recipe(args.recipe, args.set)
+    run(recipe)
+    print(where_and_next(recipe, args.recipe, args.set), flush=True)
     return 0
 
 

@@ -11,6 +11,7 @@ directory without a valid one, so an interrupted run is never mistaken for a dat
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -139,17 +140,27 @@ def _dataset_stories(dataset, where: str) -> Iterator[str]:
 Stories = Callable[[], Iterator[str]]  # re-iterable: BPE training and a carved validation split read twice
 
 
-def _open_source(source: str | None) -> dict[str, Stories]:
-    """The splits a source offers: {"train": stories} and, when it has one, {"validation": stories}."""
+def _open_source(source: str | None, limit: int | None = None, progress: bool = False) -> dict[str, Stories]:
+    """The splits a source offers: {"train": stories} and, when it has one, {"validation": stories}.
+
+    From the hub with a `limit`, the stories are streamed: the first `limit` cost seconds, where the whole
+    dataset is a download of about 1 GB.
+    """
     if source is None:
         import datasets
 
         try:
-            dataset = datasets.load_dataset(HUB_DATASET)
+            dataset = datasets.load_dataset(HUB_DATASET, streaming=limit is not None)
         except Exception as e:
-            raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); give local files with --source") from None
-        return _dataset_splits(dataset, HUB_DATASET)
+            raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({_first_line(e)}); give local "
+                            "files with --source") from None
+        if limit is None:
+            return _dataset_splits(dataset, HUB_DATASET)
+        if "train" not in dataset:
+            raise UserError(f"{HUB_DATASET} has no 'train' split (splits: {', '.join(dataset)})")
+        return {split: (lambda split=split: _streamed_stories(dataset[split], f"{HUB_DATASET} {split}",
+                                                              limit if split == "train" else None, progress))
+                for split in ("train", "validation") if split in dataset}
     path = Path(source)
     if path.is_dir():
         if not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
@@ -166,6 +177,28 @@ def _open_source(source: str | None) -> dict[str, Stories]:
     return {"train": lambda: readers[path.suffix](path)}
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _streamed_stories(dataset, where: str, total: int | None, progress: bool) -> Iterator[str]:
+    """The stories of a streamed split, one record at a time, so reading stops as soon as the caller stops
+    (a batch of records could run into the next file of the dataset)."""
+    from tqdm import tqdm
+
+    with tqdm(desc=f"reading {where}", total=total, unit=" stories", disable=not progress) as bar:
+        records = iter(dataset)
+        while True:
+            try:
+                record = next(records, None)
+            except Exception as e:
+                raise UserError(f"reading {where} failed after {bar.n:,} stories ({_first_line(e)})") from None
+            if record is None:
+                return
+            bar.update()
+            yield from _clean([_record_text(record, where)])
+
+
 def _dataset_splits(dataset, where: str) -> dict[str, Stories]:
     if not hasattr(dataset, "keys"):  # a single Dataset
         return {"train": lambda: _dataset_stories(dataset, where)}
@@ -175,6 +208,13 @@ def _dataset_splits(dataset, where: str) -> dict[str, Stories]:
     if "validation" in dataset:
         splits["validation"] = lambda: _dataset_stories(dataset["validation"], f"{where} validation")
     return splits
+
+
+def read_stories(source: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """The first `limit` training stories of a source, read as `prepare` reads them (None: the hub, streamed)."""
+    if limit is not None:
+        _check_positive_int(limit, "limit")
+    return list(itertools.islice(_open_source(source, limit)["train"](), limit))
 
 
 def _chain(streams: list[Stories]) -> Stories:
@@ -189,12 +229,12 @@ def _select(stories: Iterable[str], val_fraction: float | None, want_val: bool, 
     """
     n_train = 0
     for i, story in enumerate(stories):
-        if limit is not None and n_train >= limit:
-            return
         is_val = val_fraction is not None and math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
         n_train += not is_val
         if is_val == want_val:
             yield story
+        if limit is not None and n_train >= limit:
+            return  # before asking the stream for one more story: a streamed source reads no further
 
 
 def _batches(stories: Iterable[str], chars: int) -> Iterator[list[str]]:
@@ -307,7 +347,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     out_dir = Path(out_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
-    split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit)
+    split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
+
     if tokenizer == "bpe":
         tokenizer = train_bpe(split_stories["train"](), vocab_size)
     _check_vocab_size(tokenizer.vocab_size, f"tokenizer {tokenizer.identity}")
@@ -371,11 +412,11 @@ def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, l
     return tokenizer, vocab_size
 
 
-def _open_splits(sources, val_sources, val_fraction, limit):
+def _open_splits(sources, val_sources, val_fraction, limit, progress):
     """({"train": stories, "val": stories} as re-readable streams, where validation comes from, and the fraction
     of training stories set aside for it, or None). Every source is opened before anything is written: a missing
     file fails here, with no output."""
-    train_splits = [_open_source(s) for s in (sources or [None])]
+    train_splits = [_open_source(s, limit, progress) for s in (sources or [None])]
     train = _chain([splits["train"] for splits in train_splits])
     if val_sources:
         val_splits = [_open_source(s) for s in val_sources]

@@ -7,6 +7,7 @@ the best checkpoint on the whole validation split -> print sample stories from t
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -66,5 +67,24 @@ def run(recipe: Recipe) -> dict:
     return {"train": summary, "eval": metrics, "samples": samples}
 
 
-
-
+def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> str:
+    """The closing lines of `tinygemma run`: where the run's files are, and the commands a user wants next."""
+    out, q = Path(recipe.out), shlex.quote
+    run_dir = q(str(out))
+    prompt = recipe.generate.prompts[0] if recipe.generate.prompts else "Once upon a time"
+    # A longer run goes to a new directory: the cosine schedule is laid out over max_steps, so a finished run
+    # cannot simply be stretched. The prepared data is reused.
+    longer = 4 * recipe.train.max_steps
+    kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("train.max_steps", "max_steps", "train.out", "out")]
+    rerun = " ".join(["tinygemma run", q(recipe_file), *(f"--set {q(o)}" for o in kept),
+                      f"--set train.max_steps={longer}", f"--set {q(f'train.out={out}-{longer}')}"])
+    return "\n".join([
+        "\n--- where everything is",
+        f"run directory  {run_dir}  (config.json, metrics.jsonl, checkpoints/)",
+        f"loss curve     {q(str(out / 'loss.png'))}",
+        f"TensorBoard    tensorboard --logdir {q(str(out / 'tb'))}",
+        f"export         tinygemma export --ckpt {run_dir} --out {q(str(Path('hf') / out.name))}",
+        "--- next",
+        f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)} --max-new-tokens 200",
+        f"train longer   {rerun}",
+    ])

@@ -58,6 +58,13 @@ from tinygemma.data import open_prepared
 from tinygemma.errors import UserError
 from tinygemma.generate import nats_and_bytes, pick_device, summarize
 from tinygemma.model import Gemma3
+from tinygemma.optim import (  # noqa: F401 (learning_rate: the schedule, imported from here by callers)
+    check_resume_schedule,
+    configure_optimizer,
+    describe_optimizer,
+    learning_rate,
+    set_learning_rates,
+)
 from tinygemma.tokenizer import token_byte_lengths
 
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -244,27 +251,6 @@ def gradient_sync(model, last_micro_step: bool):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(last_micro_step)
     return contextlib.nullcontext()
-
-
-def configure_optimizer(model: Gemma3, cfg: TrainConfig, rt: Runtime) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weights only (matrices and embeddings, not norm gains); fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             fused=True if rt.is_cuda else None)
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`; `step` counts optimizer steps."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if cfg.max_steps == cfg.warmup_steps:
-        return cfg.learning_rate
-    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 # Dense bf16 tensor-core peaks from the vendor's data sheets (no sparsity), for MFU. Unknown GPUs get no MFU.
@@ -566,6 +552,7 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
                             "resume with the run's own model settings")
         weights = read_safetensors(ckpt_dir / WEIGHTS_NAME)
     start = trainer_state.get("step", 0)
+    check_resume_schedule(trainer_state.get("config", {}).get("train"), cfg, start)
     end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
 
     rt = setup_runtime(cfg)
@@ -609,7 +596,8 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
         if not quiet:
             print(f"training {raw.num_params():,} parameters on {rt.world_size} x {rt.device} in "
                   f"{str(rt.dtype).removeprefix('torch.')}: {tokens_per_step:,} tokens per step, steps {start} to {end} "
-                  f"of {cfg.max_steps} ({cfg.max_steps * tokens_per_step / 1e6:,.1f}M tokens in all)", flush=True)
+                  f"of {cfg.max_steps} ({cfg.max_steps * tokens_per_step / 1e6:,.1f}M tokens in all); "
+                  f"{describe_optimizer(optimizer)}, {cfg.lr_schedule} schedule", flush=True)
 
     def run_eval(step: int) -> dict:
         result = evaluate(raw, val_tokens, val_starts, token_bytes, cfg, rt)
@@ -663,9 +651,7 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
         raw.train()
         for step in range(start, end):
             t0 = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_learning_rates(optimizer, step, cfg)
             loss_sum = torch.zeros((), device=rt.device)
             for micro in range(cfg.grad_accum_steps):
                 last_micro = micro == cfg.grad_accum_steps - 1

@@ -152,3 +152,35 @@ def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
     assert text.count("the planted failure") == 4  # the tests, two benchmark runs, prepare
     assert "| 32 | 1 | eager | FAILED, see command 1 |" in text and "| 80 | 1 | eager | FAILED, see command 2 |" in text
     assert len(ran) == 4  # training is not attempted on data that was never prepared
+
+
+def test_recipe_efficiency_smoke(tmp_path, capsys):
+    """The whole benchmark on a 2-layer model and a few steps: every contender runs through train(), the sweeps'
+    best values get the second seed, and the report (JSON, PNG, markdown) is complete and consistent."""
+    recipe_efficiency = load_script("recipe_efficiency")
+    tiny = ["model.d_model=64", "model.n_layers=2", "model.sliding_window_pattern=2", "model.head_dim=16",
+            "model.mlp_dim=128", "model.sliding_window=16", "model.query_pre_attn_scalar=16", "block_size=32",
+            "batch_size=4"]
+    result = recipe_efficiency.main(["--out", str(tmp_path), "--tokens", "1024", "--adamw-lrs", "1e-3,8e-3",
+                                     "--muon-lrs", "0.01,0.08", "--evals", "2", "--eval-batches", "1",
+                                     "--timing-steps", "1", "--limit", "300", *[a for s in tiny for a in ("--set", s)]])
+    assert result["steps"] == 8 and result["budget_tokens"] == 1024
+    runs = result["runs"]
+    assert len(runs) == 5 + 3  # workshop + 2 + 2 sweeps at the first seed, then three contenders at the second
+    assert {(r["contender"], r["seed"]) for r in runs if r["seed"] == 1338} == {("workshop", 1338), ("adamw", 1338), ("muon", 1338)}
+    for name, row in result["finals"].items():
+        assert row["seeds"] == [1337, 1338] and len(row["val_loss_seeds"]) == 2
+        assert row["val_loss"] == pytest.approx(sum(row["val_loss_seeds"]) / 2)
+        assert 0 < row["val_bpb"] < 5 and row["step_ms"] > 0
+        sweep = [r for r in runs if r["contender"] == name and r["seed"] == 1337]
+        assert row["val_loss_seeds"][0] == min(r["val_loss"] for r in sweep)  # the best value got the seeds
+    winner = result["finals"][result["winner"]]
+    assert winner["val_loss"] == min(r["val_loss"] for r in result["finals"].values())
+    assert winner["winner_tokens_to_reach"] == pytest.approx(1024, rel=0.3)  # its own final loss: near the end
+    for r in runs:  # real training: the loss fell from ln(vocab) at step 0
+        assert r["curve"][0][0] == 0 and r["curve"][-1][0] == 1024 and r["curve"][-1][1] < r["curve"][0][1]
+    assert set(result["timing_ms_per_step"]) >= {"adamw", "muon-float32"}
+    assert (tmp_path / "recipe_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "results.json").read_text())["winner"] == result["winner"]
+    out = capsys.readouterr().out
+    assert "| contender | final val loss (per seed) |" in out and "| workshop |" in out

@@ -30,12 +30,13 @@ def test_workshop_recipe_is_the_notebook_with_its_bugs_fixed():
     assert t.min_lr < t.learning_rate  # fix: the notebook's min_lr was 5x its peak
     assert t.warmup_steps == round(1000 / 32)  # fix: optimizer steps, not micro-steps
     assert t.dtype == "auto"  # fix: autocast (bf16, or fp16 on pre-Ampere GPUs) over float32 master weights
+    assert (t.optimizer, t.lr_schedule) == ("adamw", "cosine")  # the notebook's optimizer, whatever the defaults
     assert recipe.model_config(vocab_size=50_257).num_params() == 132_490_496
     text = (CONFIGS / "workshop.toml").read_text()
     assert len(re.findall(r"FIX \d", text)) >= 4
 
 
-@pytest.mark.parametrize("name", ["workshop.toml", "cpu-demo.toml"])
+@pytest.mark.parametrize("name", ["workshop.toml", "cpu-demo.toml", "speedrun.toml"])
 def test_every_field_of_a_recipe_file_is_commented_with_its_default(name):
     text = (CONFIGS / name).read_text()
     fields = [line for line in text.splitlines() if re.match(r"^\w+ = ", line)]

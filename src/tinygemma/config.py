@@ -163,6 +163,10 @@ class TrainConfig:
     attention_backend: str = "auto"  # sliding layers longer than the window: flex (flex_attention, CUDA), sdpa (a mask), auto
     activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)
+    optimizer: str = "adamw"  # adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; see optim.py)
+    muon_learning_rate: float = 0.02  # Muon's peak learning rate (optimizer = muon); learning_rate stays AdamW's
+    lr_schedule: str = "cosine"  # cosine (decay to min_lr from the warmup on), or wsd (warmup, stable, decay)
+    cooldown_fraction: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
 
     def __post_init__(self):
         self.validate()
@@ -172,12 +176,13 @@ class TrainConfig:
             _check_int(self, name, minimum=1)
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
             _check_int(self, name, minimum=0)
-        for name in ("learning_rate", "adam_eps"):
+        for name in ("learning_rate", "adam_eps", "muon_learning_rate"):
             _check_number(self, name, lambda v: v > 0, "a positive number")
         for name in ("min_lr", "weight_decay", "grad_clip"):
             _check_number(self, name, lambda v: v >= 0, "a number >= 0")
         for name in ("beta1", "beta2"):
             _check_number(self, name, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _check_number(self, "cooldown_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]")
         if self.min_lr > self.learning_rate:
             raise UserError(f"train.min_lr ({self.min_lr}) must not exceed train.learning_rate ({self.learning_rate})")
         if self.warmup_steps > self.max_steps:
@@ -185,7 +190,8 @@ class TrainConfig:
         if not isinstance(self.activation_checkpointing, bool):
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
-                   "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex")}
+                   "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex"),
+                   "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

@@ -24,7 +24,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     """Whether the CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slowly."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -48,7 +48,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16(device) else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return torch.float32
 
 

@@ -52,34 +52,16 @@ from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import atomic_write_json, read_json, read_safetensors
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
-from tinygemma.model import Gemma3
+from tinygemma.optim import (  # noqa: F401 (learning_rate: the schedule, imported from here by callers)
+    check_resume_schedule,
+    configure_optimizer,
+    describe_optimizer,
+    learning_rate,
+    set_learning_rates,
+)
 from tinygemma.parallelize import build_model, choose_attention_backend, grad_scaler, gradient_sync
-from tinygemma.runtime import Runtime, all_reduce_sum, setup_runtime
+from tinygemma.runtime import all_reduce_sum, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
-
-# ------------------------------------------------------------------ optimizer and schedule
-
-
-def configure_optimizer(model: Gemma3, cfg: TrainConfig, rt: Runtime) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weights only (matrices and embeddings, not norm gains); fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             fused=True if rt.is_cuda else None)
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`; `step` counts optimizer steps."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if cfg.max_steps == cfg.warmup_steps:
-        return cfg.learning_rate
-    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
 
 # ------------------------------------------------------------------ the loop
 
@@ -130,6 +112,7 @@ class Trainer:
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume)
         self.start = state.get("step", 0)
+        check_resume_schedule(state.get("config", {}).get("train"), self.cfg, self.start)
         self.end = min(self.cfg.max_steps, stop_at) if stop_at is not None else self.cfg.max_steps
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
@@ -187,6 +170,7 @@ class Trainer:
         print(f"training {self.raw.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
               f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all); "
+              f"{describe_optimizer(self.optimizer)}, {cfg.lr_schedule} schedule; "
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})", flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -197,9 +181,7 @@ class Trainer:
         """One optimizer step: the micro-steps' forward and backward, clipping, and the update (or a skip)."""
         cfg, rt, optimizer, scaler = self.cfg, self.rt, self.optimizer, self.scaler
         t0 = time.perf_counter()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rates(optimizer, step, cfg)
         loss_sum = torch.zeros((), device=rt.device)
         x, y = self.next_batch
         micro_steps = self.batches.micro_steps  # this process's share of the global batch

@@ -1,0 +1,277 @@
+"""Recipe efficiency: how many tokens each optimizer recipe needs to reach a validation loss, on tinygemma's own
+trainer (tinygemma.train.train), same data, model and token budget for every contender.
+
+Contenders (each run is a real `train()` run with its own run directory):
+  workshop  the workshop notebook's optimizer settings: AdamW lr 1e-4 (min_lr 1e-5), betas 0.9/0.95, weight
+            decay 0.1, eps 1e-9, clip 0.5, cosine
+  adamw     AdamW (clip 1.0, cosine, min_lr = lr / 10), learning rate swept over --adamw-lrs
+  muon      Muon on the blocks' matrices + AdamW on embedding and gains, wsd (cooldown 0.4, min_lr = peak / 10);
+            swept along one axis: Muon lr over --muon-lrs, with AdamW's lr = Muon's / 10 (so the AdamW part
+            takes the same values as the adamw sweep)
+The sweeps run one seed (--seeds' first); the best value of each sweep (lowest final validation loss) then runs
+the other seeds, and the workshop runs every seed. A contender's figures are the means over its seeds.
+
+Data: real stories, ../shared/data/tinystories/train.txt, with a 4,096-token byte-level BPE trained on them (as
+configs/cpu-demo.toml), validated on valid.txt. Model: gemma3-tiny, block 128, batch 16 (2,048 tokens a step),
+float32 on the CPU. Every run warms up for the first 10% of its steps.
+
+Report: final validation loss and bits per byte per contender; the tokens the winner needed to reach the others'
+final loss (linear interpolation between evaluations); milliseconds per step (median of the runs' own step times,
+and a separate interleaved timing of AdamW, our float32 Muon and torch.optim.Muon on one model); a PNG of
+validation loss against tokens; a JSON of everything; a markdown block for BENCHMARKS.md.
+
+    python benchmarks/recipe_efficiency.py --tokens 2_000_000 --jobs 2 --out bench/recipe   # the full benchmark
+    python benchmarks/recipe_efficiency.py --tokens 409_600 --jobs 2 --out bench/recipe     # a reduced budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
+
+from common import cpu_description  # noqa: E402
+
+from tinygemma.config import load_recipe  # noqa: E402
+from tinygemma.data import prepare  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = Path(os.environ.get("TINYGEMMA_SHARED", ROOT.parent / "shared")) / "data" / "tinystories"
+
+COMMON = ["model.preset=gemma3-tiny", "block_size=128", "batch_size=16", "grad_accum_steps=1", "dtype=float32",
+          "compile=false", "device=cpu", "weight_decay=0.1", "beta1=0.9", "beta2=0.95", "checkpoint_interval=0",
+          "log_interval=1000000"]
+WORKSHOP = ["optimizer=adamw", "lr_schedule=cosine", "learning_rate=1e-4", "min_lr=1e-5", "adam_eps=1e-9",
+            "grad_clip=0.5"]
+
+
+def adamw_recipe(lr: float) -> list[str]:
+    return ["optimizer=adamw", "lr_schedule=cosine", f"learning_rate={lr}", f"min_lr={lr / 10}", "grad_clip=1.0"]
+
+
+def muon_recipe(muon_lr: float) -> list[str]:
+    lr = muon_lr / 10
+    return ["optimizer=muon", "lr_schedule=wsd", "cooldown_fraction=0.4", f"muon_learning_rate={muon_lr}",
+            f"learning_rate={lr}", f"min_lr={lr / 10}", "grad_clip=1.0"]
+
+
+def run_one(job: dict) -> dict:
+    """One training run in this (worker) process; returns its validation curve and step times."""
+    from tinygemma.train import train
+
+    torch.set_num_threads(job["threads"])
+    out = Path(job["out"])
+    if (out / "summary.json").exists():  # done by an earlier invocation: reuse (the benchmark can be resumed)
+        return json.loads((out / "summary.json").read_text())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    recipe = load_recipe(None, [f"data.dir={job['data']}", f"train.out={out}", *job["settings"]])
+    t0 = time.perf_counter()
+    summary = train(recipe, quiet=True)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train_loss" in r]
+    result = {**{k: job[k] for k in ("contender", "value", "seed", "settings")},
+              "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "tokens": summary["tokens"],
+              "curve": [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],
+              "step_ms": 1e3 * statistics.median(r["tokens"] / r["step"] / r["tokens_per_s"] for r in steps),
+              "train_s": summary["elapsed_s"], "wall_s": wall}
+    (out / "summary.json").write_text(json.dumps(result))
+    print(f"  {job['contender']} {job['value']} seed {job['seed']}: val loss {result['val_loss']:.4f}, "
+          f"bpb {result['val_bpb']:.4f}, {result['step_ms']:.0f} ms/step, {wall:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def run_all(jobs: list[dict], workers: int) -> list[dict]:
+    if workers <= 1:
+        return [run_one(j) for j in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(run_one, jobs))
+
+
+def interpolate_tokens(curve: list, target: float) -> float | None:
+    """The first token count at which the validation curve reaches `target` (linear between evaluations)."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return t1 if l0 == l1 else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def mean_curve(runs: list[dict]) -> list:
+    return [(points[0][0], statistics.mean(p[1] for p in points)) for points in zip(*(r["curve"] for r in runs))]
+
+
+def time_optimizers(steps: int, threads: int, settings: list[str], vocab_size: int) -> dict:
+    """ms per training step (forward, backward, clip, optimizer) of AdamW, our float32 Muon and torch.optim.Muon
+    (bfloat16 iteration) on one batch, the contenders interleaved step by step so load falls on all alike."""
+    from types import SimpleNamespace
+
+    from tinygemma.model import Gemma3
+    from tinygemma.optim import MuonAdamW, configure_optimizer
+
+    torch.set_num_threads(threads)
+    recipe = load_recipe(None, settings)
+    cfg = recipe.train
+    rt = SimpleNamespace(device=torch.device("cpu"))
+    kinds = ["adamw", "muon-float32"] + (["muon-torch"] if hasattr(torch.optim, "Muon") else [])
+    contenders = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = Gemma3(recipe.model_config(vocab_size=vocab_size))
+        optimizer = configure_optimizer(model, load_recipe(None, [*settings, f"optimizer={kind.split('-')[0]}"]).train, rt)
+        if isinstance(optimizer, MuonAdamW):
+            optimizer.backend = "torch" if kind == "muon-torch" else "float32"
+        contenders[kind] = (model, optimizer)
+    x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=torch.Generator().manual_seed(0))
+    times = {k: [] for k in kinds}
+    for i in range(steps + 1):
+        for kind, (model, optimizer) in contenders.items():
+            t0 = time.perf_counter()
+            model(x[:, :-1], x[:, 1:]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i:  # the first step of each is warmup
+                times[kind].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench/recipe_efficiency", help="work directory: data, runs, results")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run (the budget)")
+    p.add_argument("--adamw-lrs", default="1e-3,2e-3,4e-3,8e-3", help="AdamW learning rates to sweep")
+    p.add_argument("--muon-lrs", default="0.01,0.02,0.04,0.08", help="Muon learning rates to sweep")
+    p.add_argument("--seeds", default="1337,1338", help="seeds; sweeps use the first")
+    p.add_argument("--evals", type=int, default=8, help="evaluations per run (after step 0)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches of 16 windows per evaluation")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--timing-steps", type=int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
+    p.add_argument("--limit", type=int, help="use only the first N training stories (smoke tests)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra setting for every run")
+    args = p.parse_args(argv)
+
+    work = Path(args.out)
+    data = work / "data-bpe4096"
+    if not (data / "meta.json").exists():
+        prepare(data, sources=[STORIES / "train.txt"], val_sources=[STORIES / "valid.txt"], tokenizer="bpe",
+                vocab_size=4096, limit=args.limit, workers=1, progress=False)
+    vocab_size = json.loads((data / "meta.json").read_text())["vocab_size"]
+    base = load_recipe(None, [*COMMON, *args.set]).train
+    tokens_per_step = base.batch_size * base.block_size * base.grad_accum_steps
+    steps = max(1, args.tokens // tokens_per_step)
+    common = [*COMMON, f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}",
+              f"eval_interval={max(1, steps // args.evals)}", f"eval_batches={args.eval_batches}"]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    recipes = {"workshop": {"settings": WORKSHOP},
+               **{("adamw", float(v)): {"settings": adamw_recipe(float(v))} for v in args.adamw_lrs.split(",")},
+               **{("muon", float(v)): {"settings": muon_recipe(float(v))} for v in args.muon_lrs.split(",")}}
+
+    def job(key, seed: int) -> dict:
+        contender, value = (key, None) if isinstance(key, str) else key
+        name = contender if value is None else f"{contender}-lr{value:g}"
+        return {"contender": contender, "value": value, "seed": seed, "threads": args.threads,
+                "data": str(data), "out": str(work / "runs" / f"{name}-seed{seed}"),
+                "settings": [*common, *recipes[key]["settings"], f"seed={seed}", *args.set]}
+
+    print(f"{steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens per run", file=sys.stderr)
+    first = run_all([job(key, seeds[0]) for key in recipes], args.jobs)
+    best = {}
+    for contender in ("adamw", "muon"):
+        sweep = [r for r in first if r["contender"] == contender]
+        best[contender] = min(sweep, key=lambda r: r["val_loss"])["value"]
+    more = [job(k, s) for s in seeds[1:] for k in ("workshop", ("adamw", best["adamw"]), ("muon", best["muon"]))]
+    runs = first + run_all(more, args.jobs)
+
+    finals = {}
+    for contender in ("workshop", "adamw", "muon"):
+        chosen = [r for r in runs if r["contender"] == contender and (contender == "workshop" or r["value"] == best[contender])]
+        finals[contender] = {
+            "value": None if contender == "workshop" else best[contender], "seeds": [r["seed"] for r in chosen],
+            "val_loss": statistics.mean(r["val_loss"] for r in chosen),
+            "val_loss_seeds": [r["val_loss"] for r in chosen],
+            "val_bpb": statistics.mean(r["val_bpb"] for r in chosen),
+            "val_bpb_seeds": [r["val_bpb"] for r in chosen],
+            "step_ms": statistics.median(r["step_ms"] for r in chosen),
+            "curve": mean_curve(chosen),
+        }
+    winner = min(finals, key=lambda c: finals[c]["val_loss"])
+    for row in finals.values():
+        reached = interpolate_tokens(finals[winner]["curve"], row["val_loss"])
+        row["winner_tokens_to_reach"] = reached
+        row["winner_fraction_of_tokens"] = None if reached is None else reached / (steps * tokens_per_step)
+
+    timing = (time_optimizers(args.timing_steps, args.threads, [*common, "optimizer=adamw", *args.set], vocab_size)
+              if args.timing_steps else {})
+    result = {"budget_tokens": steps * tokens_per_step, "steps": steps, "tokens_per_step": tokens_per_step,
+              "seeds": seeds, "best": best, "winner": winner, "finals": finals, "runs": runs,
+              "timing_ms_per_step": timing, "cpu": cpu_description(), "torch": torch.__version__,
+              "jobs": args.jobs, "threads": args.threads, "command": "python benchmarks/recipe_efficiency.py "
+              + " ".join(argv if argv is not None else sys.argv[1:])}
+    (work / "results.json").write_text(json.dumps(result, indent=1))
+    plot(result, work / "recipe_efficiency.png")
+    block = markdown(result)
+    (work / "results.md").write_text(block)
+    print(block)
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.subplots()
+    colors = {"workshop": "tab:gray", "adamw": "tab:blue", "muon": "tab:red"}
+    for r in result["runs"]:  # every run, faint
+        ax.plot(*zip(*r["curve"]), color=colors[r["contender"]], alpha=0.2, linewidth=0.8)
+    for contender, row in result["finals"].items():
+        label = contender if row["value"] is None else f"{contender} (lr {row['value']:g})"
+        ax.plot(*zip(*row["curve"]), color=colors[contender], marker="o", markersize=3, linewidth=2,
+                label=f"{label}: {row['val_loss']:.3f}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats per token)")
+    ax.set_title(f"gemma3-tiny, BPE 4,096, {result['budget_tokens']:,} tokens per run (faint: sweeps and seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def markdown(result: dict) -> str:
+    f, budget = result["finals"], result["budget_tokens"]
+    lines = [f"Budget {budget:,} training tokens per run ({result['steps']} steps of {result['tokens_per_step']:,}); "
+             f"seeds {', '.join(map(str, result['seeds']))}; best of the sweeps: AdamW lr {result['best']['adamw']:g}, "
+             f"Muon lr {result['best']['muon']:g}. CPU: {result['cpu']}; torch {result['torch']}; "
+             f"{result['jobs']} run(s) at once, {result['threads']} thread(s) each.", "",
+             f"| contender | final val loss (per seed) | bits/byte | tokens {result['winner']} needed to reach it | ms/step (in the runs) |",
+             "|---|---|---|---|---|"]
+    for name, row in f.items():
+        label = name if row["value"] is None else f"{name} lr {row['value']:g}"
+        seeds = ", ".join(f"{v:.4f}" for v in row["val_loss_seeds"])
+        reached = row["winner_tokens_to_reach"]
+        reach = "not reached" if reached is None else f"{reached:,.0f} ({100 * row['winner_fraction_of_tokens']:.0f}%)"
+        lines.append(f"| {label} | {row['val_loss']:.4f} ({seeds}) | {row['val_bpb']:.4f} | {reach} | {row['step_ms']:.0f} |")
+    lines += ["", f"Sweeps (seed {result['seeds'][0]}):", "", "| contender | lr | final val loss | bits/byte |", "|---|---|---|---|"]
+    for r in result["runs"]:
+        if r["seed"] == result["seeds"][0] and r["value"] is not None:
+            lines.append(f"| {r['contender']} | {r['value']:g} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
+    if result["timing_ms_per_step"]:
+        lines += ["", "Interleaved timing, one training step (forward, backward, clip, optimizer), median: "
+                  + ", ".join(f"{k} {v:.0f} ms" for k, v in result["timing_ms_per_step"].items())]
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Optimizers and learning-rate schedules: `train.optimizer` and `train.lr_schedule`.
+
+optimizer = "adamw"   torch.optim.AdamW on every parameter (weight decay on the 2-D ones only).
+optimizer = "muon"    Muon on the decoder blocks' matrices (q/k/v/o, gate/up/down), AdamW on the rest: the token
+                      embedding (which is also the tied output head) and the RMSNorm gains. Muon replaces each
+                      matrix's momentum by the nearest semi-orthogonal matrix (a Newton-Schulz iteration), so every
+                      direction of the update moves at the same rate; embeddings and gains are not matrices in
+                      that sense and keep AdamW. Both live in ONE optimizer object (MuonAdamW), so state_dict,
+                      torch.distributed.checkpoint and the safetensors checkpoint see one set of groups and state.
+
+lr_schedule = "cosine"  linear warmup, then cosine decay from learning_rate to min_lr at max_steps.
+lr_schedule = "wsd"     warmup-stable-decay: linear warmup, constant learning_rate, then a linear cooldown to min_lr
+                        over the last cooldown_fraction of max_steps. Until the cooldown starts the learning rate
+                        does not depend on max_steps, so a run can be extended on --resume (check_resume_schedule).
+
+Muon's learning rate (muon_learning_rate) follows the same schedule shape: every group's rate is its peak times
+schedule(step), and min_lr / learning_rate is the floor for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from tinygemma.config import TrainConfig
+from tinygemma.devices import cpu_has_bf16
+from tinygemma.errors import UserError
+
+# Muon's settings, fixed rather than configurable (see README, "Optimizers and schedules"):
+MUON_MOMENTUM = 0.95  # Keller Jordan's Muon, nanochat and torch.optim.Muon's default
+MUON_NESTEROV = True
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz coefficients of Keller Jordan's Muon
+NS_STEPS = 5
+NS_EPS = 1e-7
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def schedule(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at optimizer step `step` as a fraction of the peak: warmup to 1, then the decay to
+    min_lr / learning_rate at max_steps (cosine), or a plateau at 1 and a linear cooldown (wsd)."""
+    floor = cfg.min_lr / cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "wsd":
+        start = cooldown_start(cfg)
+        if step < start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * (step - start) / (cfg.max_steps - start)
+    if cfg.max_steps == cfg.warmup_steps:
+        return 1.0
+    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
+
+
+def cooldown_start(cfg: TrainConfig) -> int:
+    """The first step of the wsd cooldown: the last cooldown_fraction of max_steps, never inside the warmup."""
+    return max(cfg.warmup_steps, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """AdamW's learning rate at optimizer step `step` (what the logs call lr)."""
+    return cfg.learning_rate * schedule(step, cfg)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Each group's rate for this step: its peak (learning_rate, or muon_learning_rate) times schedule(step).
+    Returns AdamW's, for the logs."""
+    factor = schedule(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+    return cfg.learning_rate * factor
+
+
+def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> None:
+    """Refuse a resume whose max_steps changes learning rates already taken. Under wsd the rate before the
+    cooldown does not depend on max_steps, so raising (or lowering) it before the cooldown has started continues
+    the run exactly as if it had been planned that long; cosine's rate depends on max_steps from the warmup on."""
+    if not saved or saved.get("max_steps", cfg.max_steps) == cfg.max_steps:
+        return
+    planned = dataclasses.replace(cfg, max_steps=saved["max_steps"])
+    if all(schedule(s, planned) == schedule(s, cfg) for s in range(step)):
+        return
+    if cfg.lr_schedule == "wsd":
+        raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
+                        f"the wsd cooldown of the run began at step {cooldown_start(planned)}; extend a wsd run "
+                        "before its cooldown starts")
+    raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
+                    "the cosine schedule's learning rates depend on max_steps; use lr_schedule=wsd for runs that "
+                    "may be extended")
+
+
+# ------------------------------------------------------------------ optimizers
+
+
+def muon_parameters(model) -> set[str]:
+    """Names of the parameters Muon trains: the 2-D weights inside the decoder blocks (attention and MLP
+    projections). The embedding / tied head and every norm gain stay with AdamW."""
+    return {name for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and name.startswith("layers.")}
+
+
+def muon_backend(device: torch.device) -> str:
+    """"torch": torch.optim.Muon's iteration, in bfloat16, where the device computes in bfloat16 natively (CUDA
+    with bf16, CPUs with AVX-512 BF16 or AMX). "float32": our own iteration in float32 elsewhere, where emulated
+    bfloat16 made a gemma3-tiny step 5x slower than AdamW's; also where torch (< 2.9) has no Muon."""
+    if not hasattr(torch.optim, "Muon"):
+        return "float32"
+    if device.type == "cuda":
+        return "torch" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu":
+        return "torch" if cpu_has_bf16() else "float32"
+    return "float32"
+
+
+def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the 2-D weights only (matrices and embeddings, not norm gains), fused on CUDA;
+    or, under optimizer = "muon", Muon on the blocks' matrices and that AdamW on the rest, in one optimizer.
+    Each group's `peak_lr` is what set_learning_rates scales by the schedule."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        groups = [
+            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+             "peak_lr": cfg.learning_rate},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.learning_rate},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                 fused=True if rt.device.type == "cuda" else None)
+    muon = muon_parameters(model)
+    groups = [
+        # Muon without weight decay: decoupled decay scales with the learning rate, and Muon's is ~10x AdamW's.
+        {"params": [p for n, p in named if n in muon], "muon": True, "peak_lr": cfg.muon_learning_rate,
+         "lr": cfg.muon_learning_rate, "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in muon and p.dim() >= 2], "muon": False,
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if n not in muon and p.dim() < 2], "muon": False, "weight_decay": 0.0},
+    ]
+    return MuonAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                     backend=muon_backend(rt.device))
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """One phrase for the start-of-training line: which optimizer, and which Muon iteration runs."""
+    if not isinstance(optimizer, MuonAdamW):
+        return type(optimizer).__name__
+    if optimizer.backend == "torch":
+        return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz: this device computes bf16 natively) + AdamW"
+    return "Muon (own float32 Newton-Schulz: no native bf16 here, or no torch.optim.Muon) + AdamW"
+
+
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of Muon in `dtype`: maps G = U S V^T to about U S' V^T with S' near 1
+    (between roughly 0.7 and 1.2; exactness does not matter for training). Works on the wide orientation so the
+    Gram matrix is the small one."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=NS_EPS)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def muon_lr_scale(shape: torch.Size) -> float:
+    """sqrt(max(1, rows / cols)): Keller Jordan's (and torch.optim.Muon's "original") shape scaling, so a tall
+    matrix (gate/up: 512 x 128) gets an update of the same per-entry size as a square one."""
+    return math.sqrt(max(1.0, shape[0] / shape[1]))
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the groups marked `muon`, AdamW for the others, in one optimizer.
+
+    Muon (per matrix W with gradient G): B <- momentum B + (1 - momentum) G; U = Nesterov's G + momentum (B - G);
+    W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(U). This is torch.optim.Muon's update; the "torch"
+    backend calls its functional form (bfloat16 iteration), "float32" runs `orthogonalize` in float32.
+    AdamW: torch.optim.AdamW's single-tensor update (bias-corrected moments, decoupled weight decay).
+
+    FSDP2: a sharded matrix's update is gathered whole (DTensor.full_tensor), orthogonalized identically on every
+    rank, and each rank keeps its own shard; the iteration needs the whole matrix.
+    """
+
+    def __init__(self, groups, lr: float, betas: tuple[float, float], eps: float, backend: str = "float32"):
+        if backend not in ("torch", "float32"):
+            raise ValueError(f"unknown Muon backend {backend!r}")
+        self.backend = backend
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False,
+                    "momentum": MUON_MOMENTUM, "nesterov": MUON_NESTEROV}
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            group.setdefault("peak_lr", group["lr"])
+            if group["muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon takes only 2-D parameters")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["muon"]:
+                self._muon(group)
+            else:
+                self._adamw(group)
+        return loss
+
+    def _muon(self, group: dict) -> None:
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        sharded = any(hasattr(p, "full_tensor") for p in params)
+        if self.backend == "torch" and not sharded:
+            from torch.optim._muon import muon  # torch.optim.Muon.step's own functional form
+
+            muon(params, [p.grad for p in params], bufs, lr=lr, weight_decay=wd, momentum=momentum,
+                 nesterov=group["nesterov"], ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_steps=NS_STEPS,
+                 adjust_lr_fn="original", has_complex=False)
+            return
+        dtype = torch.bfloat16 if self.backend == "torch" else torch.float32
+        for p, buf in zip(params, bufs):
+            grad = p.grad
+            buf.lerp_(grad, 1 - momentum)
+            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+            if hasattr(update, "full_tensor"):  # FSDP2: the whole matrix, then this rank's shard of the result
+                from torch.distributed.tensor import distribute_tensor
+
+                whole = orthogonalize(update.full_tensor(), dtype)
+                update = distribute_tensor(whole.to(p.dtype), update.device_mesh, update.placements)
+            else:
+                update = orthogonalize(update, dtype).to(p.dtype)
+            p.mul_(1 - lr * wd)
+            p.add_(update, alpha=-lr * muon_lr_scale(p.shape))
+
+    def _adamw(self, group: dict) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            step = state["step"].item()
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            p.mul_(1 - lr * wd)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))

@@ -1,0 +1,200 @@
+"""Optimizers and schedules (optim.py): Muon trains exactly the blocks' matrices, our float32 Muon agrees with
+torch.optim.Muon, Muon's state survives a checkpoint and resume is exact, wsd's boundaries and its extension on
+resume, and bad settings are refused in one line."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import test_train
+import torch
+from safetensors import safe_open
+from test_train import ROOT, tiny_settings, train_losses, val_losses
+
+import tinygemma
+from tinygemma.cli import main
+from tinygemma.config import ModelConfig, load_recipe
+from tinygemma.model import Gemma3
+from tinygemma.optim import (
+    MuonAdamW,
+    configure_optimizer,
+    cooldown_start,
+    learning_rate,
+    muon_backend,
+    set_learning_rates,
+)
+from tinygemma.train import train
+
+CPU = SimpleNamespace(device=torch.device("cpu"))
+
+
+data_dir, one_thread = test_train.data_dir, test_train.one_thread  # 600 stories, 512-token BPE; one thread
+
+
+def run(data_dir, out, *overrides, **kwargs) -> dict:
+    settings = tiny_settings(data_dir, out, "optimizer=muon", "muon_learning_rate=0.05", "lr_schedule=wsd",
+                             "checkpoint_interval=0", *overrides)
+    return train(load_recipe(None, settings), quiet=True, **kwargs)
+
+
+def test_muon_trains_exactly_the_blocks_matrices():
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, n_layers=2))
+    cfg = load_recipe(None, ["optimizer=muon", "muon_learning_rate=0.03", "learning_rate=1e-3"]).train
+    optimizer = configure_optimizer(model, cfg, CPU)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.param_groups if g["muon"] for p in g["params"]}
+    adamw = {names[id(p)] for g in optimizer.param_groups if not g["muon"] for p in g["params"]}
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert muon == {f"layers.{i}.{proj}.weight" for i in range(2) for proj in projections}
+    assert "embed_tokens.weight" in adamw and "norm.weight" in adamw  # the embedding (tied head) and the gains
+    assert muon | adamw == set(names.values()) and not muon & adamw
+    peaks = {g["muon"]: g["peak_lr"] for g in optimizer.param_groups}
+    assert peaks == {True: 0.03, False: 1e-3}
+    # Weight decay: the embedding's AdamW group only (norm gains and Muon's matrices have none).
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {"embed_tokens.weight"}
+    assert isinstance(configure_optimizer(model, load_recipe(None, []).train, CPU), torch.optim.AdamW)
+
+
+def matrices(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((48, 32), (32, 96), (64, 64))]
+
+
+def take_steps(params, optimizer, steps: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_own_muon_matches_torch_muon():
+    """Three steps on tall, wide and square matrices: the float32 iteration agrees with torch.optim.Muon's
+    bfloat16 one within bfloat16's precision; the "torch" backend is torch.optim.Muon exactly."""
+    start = [p.detach().clone() for p in matrices(0)]
+    ref_params = matrices(0)
+    reference = take_steps(ref_params, torch.optim.Muon(ref_params, lr=0.02, weight_decay=0.0, momentum=0.95,
+                                                        nesterov=True, adjust_lr_fn="original"))
+    for backend in ("float32", "torch"):
+        params = matrices(0)
+        ours = take_steps(params, MuonAdamW([{"params": params, "muon": True}], lr=0.02, betas=(0.9, 0.95),
+                                            eps=1e-8, backend=backend))
+        for a, b, p0 in zip(ours, reference, start):
+            if backend == "torch":
+                assert torch.equal(a, b)
+            else:
+                moved, differ = (b - p0).norm(), (a - b).norm()
+                assert moved > 0.01 and differ < 2e-2 * moved  # bf16 keeps 8 bits: relative error ~ 2^-8 a step
+                assert differ > 0  # the iteration really ran in another precision
+
+
+def test_adamw_part_matches_torch_adamw():
+    params = [torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(16, 8))]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = take_steps(params, MuonAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
+    theirs = take_steps(ref_params, torch.optim.AdamW(ref_params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_backend_follows_native_bf16(monkeypatch):
+    import tinygemma.optim as optim
+
+    monkeypatch.setattr(optim, "cpu_has_bf16", lambda: False)
+    assert muon_backend(torch.device("cpu")) == "float32"
+    monkeypatch.setattr(optim, "cpu_has_bf16", lambda: True)
+    assert muon_backend(torch.device("cpu")) == ("torch" if hasattr(torch.optim, "Muon") else "float32")
+
+
+def test_wsd_values_at_the_boundaries():
+    cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=100",
+                             "lr_schedule=wsd", "cooldown_fraction=0.4"]).train
+    assert cooldown_start(cfg) == 60
+    lr = lambda s, c=cfg: learning_rate(s, c)
+    assert lr(0) == pytest.approx(1e-4) and lr(9) == 1e-3  # warmup ends at the peak
+    assert lr(10) == lr(59) == lr(60) == 1e-3  # stable; the cooldown starts from the peak at step 60
+    assert lr(61) == pytest.approx(1e-3 - 0.9e-3 / 40)
+    assert lr(80) == pytest.approx(5.5e-4) and lr(99) == pytest.approx(1e-4 + 0.9e-3 / 40)
+    assert lr(100) == pytest.approx(1e-4)  # min_lr where the run ends
+    # Twice as long: the same rates up to the old cooldown, the new cooldown over the last 40%.
+    longer = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=200",
+                                "lr_schedule=wsd"]).train
+    assert [lr(s, longer) for s in range(61)] == [lr(s) for s in range(61)]
+    assert cooldown_start(longer) == 120 and lr(200, longer) == pytest.approx(1e-4)
+    # Muon's groups follow the same shape from their own peak.
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, n_layers=1))
+    muon_cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=100",
+                                  "lr_schedule=wsd", "optimizer=muon", "muon_learning_rate=0.02"]).train
+    optimizer = configure_optimizer(model, muon_cfg, CPU)
+    assert set_learning_rates(optimizer, 80, muon_cfg) == pytest.approx(5.5e-4)
+    assert {g["muon"]: g["lr"] for g in optimizer.param_groups} == pytest.approx({True: 0.011, False: 5.5e-4})
+
+
+def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
+    """A Muon + wsd run interrupted at step 10 of a planned 20 and resumed with max_steps raised to 30 (before the
+    cooldown at step 12) gives, step for step, the losses of a run planned for 30 from the start."""
+    straight = tmp_path / "straight"
+    run(data_dir, straight, "max_steps=30")
+    out = tmp_path / "extended"
+    run(data_dir, out, "max_steps=20", stop_at=10)
+    with safe_open(str(out / "checkpoints" / "step_000010" / "optimizer.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "layers.0.mlp.up_proj.weight/momentum_buffer" in keys  # Muon's state
+    assert {"embed_tokens.weight/exp_avg", "embed_tokens.weight/exp_avg_sq", "norm.weight/exp_avg"} <= keys
+    assert not any(k.startswith("layers.0.mlp.up_proj.weight/exp_avg") for k in keys)
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 0
+    assert train_losses(out) == train_losses(straight)  # exactly
+    assert val_losses(out) == val_losses(straight)
+    assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 30
+
+
+def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsys):
+    out = tmp_path / "late"
+    # The cooldown of 20 steps begins at step 12 (still at the peak: a run stopped after it could be extended);
+    # step 13 took a lower rate.
+    run(data_dir, out, "max_steps=20", stop_at=14)
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cooldown of the run began at step 12" in err and "\n" not in err
+    cosine = tmp_path / "cosine"
+    run(data_dir, cosine, "max_steps=20", "lr_schedule=cosine", stop_at=8)
+    with pytest.raises(tinygemma.UserError, match="cosine schedule's learning rates depend on max_steps"):
+        run(data_dir, cosine, "max_steps=30", "lr_schedule=cosine", resume=True)
+
+
+def test_bad_optimizer_and_schedule_settings_are_refused_in_one_line(data_dir, tmp_path, capsys):
+    for setting, message in [("optimizer=sgd", "train.optimizer must be one of adamw, muon"),
+                             ("lr_schedule=linear", "train.lr_schedule must be one of cosine, wsd"),
+                             ("cooldown_fraction=1.5", "train.cooldown_fraction must be a number in [0, 1]"),
+                             ("muon_learning_rate=0", "train.muon_learning_rate must be a positive number")]:
+        assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--set", setting]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_reproduce_one_with_muon(data_dir, tmp_path, distributed):
+    """torchrun, 2 gloo processes, each 1 micro-step of 4 of the global batch of 8: the same Muon losses as one
+    process; under FSDP2 each sharded matrix is gathered whole for the Newton-Schulz iteration."""
+    single = tmp_path / "single"
+    run(data_dir, single, stop_at=6)
+    out = tmp_path / distributed
+    settings = tiny_settings(data_dir, out, "optimizer=muon", "muon_learning_rate=0.05", "lr_schedule=wsd",
+                             "checkpoint_interval=0", "batch_size=4", "grad_accum_steps=2", f"distributed={distributed}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tinygemma", "train", "--stop-at", "6", *[a for s in settings for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Muon (own float32 Newton-Schulz" in proc.stdout or "Muon (torch.optim.Muon" in proc.stdout
+    many, one = train_losses(out), train_losses(single)
+    assert sorted(many) == list(range(1, 7))
+    assert [many[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], rel=1e-4)

@@ -2,6 +2,7 @@
 torch.optim.Muon, Muon's state survives a checkpoint and resume is exact, wsd's boundaries and its extension on
 resume, and bad settings are refused in one line."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,9 +18,11 @@ from test_train import ROOT, tiny_settings, train_losses, val_losses
 import tinygemma
 from tinygemma.cli import main
 from tinygemma.config import ModelConfig, load_recipe
+from tinygemma.errors import UserError
 from tinygemma.model import Gemma3
 from tinygemma.optim import (
     MuonAdamW,
+    check_resume_schedule,
     configure_optimizer,
     cooldown_start,
     learning_rate,
@@ -198,3 +201,17 @@ def test_two_processes_reproduce_one_with_muon(data_dir, tmp_path, distributed):
     many, one = train_losses(out), train_losses(single)
     assert sorted(many) == list(range(1, 7))
     assert [many[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], rel=1e-4)
+
+
+def test_resume_refuses_a_changed_schedule_or_optimizer_and_a_step_past_the_end():
+    saved = load_recipe(None, ["max_steps=100", "warmup_steps=10"]).train  # cosine, adamw
+    as_dict = dataclasses.asdict(saved)
+    check_resume_schedule(as_dict, saved, 50)  # unchanged: fine
+    with pytest.raises(UserError, match="schedule of the run"):  # cosine run resumed as wsd: rates already taken move
+        check_resume_schedule(as_dict, dataclasses.replace(saved, lr_schedule="wsd"), 50)
+    with pytest.raises(UserError, match="schedule of the run \\(cosine"):  # resumed as wsd with a new length
+        check_resume_schedule(as_dict, dataclasses.replace(saved, lr_schedule="wsd", max_steps=200), 50)
+    with pytest.raises(UserError, match="optimizer cannot change from adamw to muon"):
+        check_resume_schedule(as_dict, dataclasses.replace(saved, optimizer="muon"), 50)
+    with pytest.raises(UserError, match="past train.max_steps"):
+        check_resume_schedule(as_dict, dataclasses.replace(saved, max_steps=40, warmup_steps=10), 50)

@@ -97,10 +97,11 @@ def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing(nan_at_step, dat
     assert run(data_dir, out, "max_steps=12", "checkpoint_interval=5", resume=True)["step"] == 12
 
 
-def test_nonfinite_loss_can_be_skipped_and_counted(nan_at_step, data_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16: the scaler must still update after a skip
+def test_nonfinite_loss_can_be_skipped_and_counted(nan_at_step, data_dir, tmp_path, dtype):
     nan_at_step["at"] = 3
     out = tmp_path / "skip"
-    summary = run(data_dir, out, "max_steps=6", "on_nonfinite=skip")
+    summary = run(data_dir, out, "max_steps=6", "on_nonfinite=skip", f"dtype={dtype}")
     assert summary["step"] == 6 and summary["skipped_steps"] == 1
     records = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r}
     assert records[3]["skipped"] is True and records[3]["skipped_steps"] == 1

@@ -69,3 +69,23 @@ def test_under_torchrun_each_process_takes_its_local_rank(monkeypatch):
     assert runtime.cuda_device(torch.device("cuda"), world_size=4, local_rank=3) == torch.device("cuda", 3)
     with pytest.raises(UserError, match="cuda:LOCAL_RANK"):
         runtime.cuda_device(torch.device("cuda", 1), world_size=4, local_rank=3)
+
+
+def test_a_gpu_index_beyond_the_machine_is_one_clear_error(monkeypatch):
+    from tinygemma.devices import pick_device
+
+    FakeCuda(monkeypatch, native_bf16=True, device_count=2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="sees 2 CUDA GPU"):
+        pick_device("cuda:3")
+
+
+def test_muon_runs_its_float32_iteration_on_gpus_that_only_emulate_bfloat16(monkeypatch):
+    from tinygemma.optim import muon_backend
+
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch < 2.9 has no Muon: float32 everywhere")
+    FakeCuda(monkeypatch, native_bf16=False)
+    assert muon_backend(torch.device("cuda", 0)) == "float32"
+    FakeCuda(monkeypatch, native_bf16=True)
+    assert muon_backend(torch.device("cuda", 0)) == "torch"

@@ -19,6 +19,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} was asked for, but PyTorch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name} was asked for, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {name} was asked for, but this PyTorch has no MPS backend")
     return device
@@ -60,6 +62,11 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
     return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16": the spelling recipes, logs and config.json use."""
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -25,7 +25,7 @@ import math
 import torch
 
 from tinygemma.config import TrainConfig
-from tinygemma.devices import cpu_has_bf16
+from tinygemma.devices import cpu_has_bf16, cuda_has_bf16
 from tinygemma.errors import UserError
 
 # Muon's settings, fixed rather than configurable (see README, "Optimizers and schedules"):
@@ -76,14 +76,24 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, cfg: TrainCo
 
 
 def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> None:
-    """Refuse a resume whose max_steps changes learning rates already taken. Under wsd the rate before the
+    """Refuse a resume whose settings change learning rates already taken. Under wsd the rate before the
     cooldown does not depend on max_steps, so raising (or lowering) it before the cooldown has started continues
     the run exactly as if it had been planned that long; cosine's rate depends on max_steps from the warmup on."""
-    if not saved or saved.get("max_steps", cfg.max_steps) == cfg.max_steps:
+    if step > cfg.max_steps:
+        raise UserError(f"the run is at step {step}, past train.max_steps = {cfg.max_steps}")
+    if not saved:
         return
-    planned = dataclasses.replace(cfg, max_steps=saved["max_steps"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    planned = TrainConfig(**{k: v for k, v in saved.items() if k in known})  # the schedule the run took
+    if saved.get("optimizer", "adamw") != cfg.optimizer:
+        raise UserError(f"train.optimizer cannot change from {saved.get('optimizer', 'adamw')} to {cfg.optimizer} "
+                        f"on resume: the checkpoint holds the state of {saved.get('optimizer', 'adamw')}")
     if all(schedule(s, planned) == schedule(s, cfg) for s in range(step)):
         return
+    if planned.max_steps == cfg.max_steps or planned.lr_schedule != cfg.lr_schedule:
+        raise UserError(f"the learning-rate schedule of the run ({planned.lr_schedule}; lr_schedule, warmup_steps, "
+                        f"cooldown_fraction) cannot change at step {step}: it would change rates "
+                        "already taken")
     if cfg.lr_schedule == "wsd":
         raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
                         f"the wsd cooldown of the run began at step {cooldown_start(planned)}; extend a wsd run "
@@ -110,7 +120,7 @@ def muon_backend(device: torch.device) -> str:
     if not hasattr(torch.optim, "Muon"):
         return "float32"
     if device.type == "cuda":
-        return "torch" if torch.cuda.is_bf16_supported() else "float32"
+        return "torch" if cuda_has_bf16(device) else "float32"
     if device.type == "cpu":
         return "torch" if cpu_has_bf16() else "float32"
     return "float32"
@@ -236,7 +246,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 from torch.distributed.tensor import distribute_tensor
 
                 whole = orthogonalize(update.full_tensor(), dtype)
-                update = distribute_tensor(whole.to(p.dtype), update.device_mesh, update.placements)
+                # every rank holds the same whole matrix: keep the local shard, no scatter from rank 0
+                update = distribute_tensor(whole.to(p.dtype), update.device_mesh, update.placements,
+                                           src_data_rank=None)
             else:
                 update = orthogonalize(update, dtype).to(p.dtype)
             p.mul_(1 - lr * wd)

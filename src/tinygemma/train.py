@@ -47,7 +47,7 @@ from tinygemma.checkpoint import (
 )
 from tinygemma.config import ModelConfig, Recipe, TrainConfig
 from tinygemma.data import Batches, micro_steps_per_process, open_prepared, validation_starts
-from tinygemma.devices import pick_device
+from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import atomic_write_json, read_json, read_safetensors
@@ -118,9 +118,18 @@ class Trainer:
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = self.throughput = None
 
-        cfg = self.cfg
-        micro_steps_per_process(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # refused before any process group
-        self.rt = rt = setup_runtime(cfg.device, cfg.dtype)
+        micro_steps_per_process(self.cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
+        self.log_file = self.writer = self.progress = None
+        self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
+        try:
+            self.build(ckpt_dir, state, weights)
+        except BaseException:
+            self.close()  # the process group and the logs, when setup fails once they exist
+            raise
+
+    def build(self, ckpt_dir: Path | None, state: dict, weights: dict | None) -> None:
+        """On the runtime: the model, optimizer, scaler, batches and logs, restored from the checkpoint if any."""
+        cfg, rt = self.cfg, self.rt
         self.fsdp = rt.world_size > 1 and cfg.distributed == "fsdp"
         self.raw, self.model = build_model(self.model_config, cfg, rt, weights)
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
@@ -141,7 +150,6 @@ class Trainer:
         self.tokens_per_step = self.batches.global_batch * cfg.block_size
         self.flops_per_token, self.peak = self.model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
         self.tokenizer = {**self.data.meta["tokenizer"], "eot_id": self.data.eot_id}
-        self.log_file = self.writer = self.progress = None
         if rt.is_main:
             self.open_logs()
         self.next_batch = self.batches.get(self.start, 0) if self.start < self.end else None
@@ -212,7 +220,7 @@ class Trainer:
             self.refuse_or_skip(record)
         else:
             scaler.step(optimizer)
-            scaler.update()
+        scaler.update()  # also after a skip: unscale_ has run, and the fp16 scale backs off from an overflow
         optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
         self.elapsed += step_time
@@ -362,7 +370,3 @@ def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig,
         raise UserError(f"the model of {ckpt_dir} differs from the configured one in {', '.join(changed)}; "
                         "resume with the run's own model settings")
     return ckpt_dir, state, read_safetensors(ckpt_dir / WEIGHTS_NAME)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

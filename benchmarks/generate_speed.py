@@ -1,6 +1,6 @@
 """Batch-1 greedy decoding speed: tinygemma's `Gemma3.generate` against transformers' `generate`.
 
-Both models hold the same random weights (copied by `checkpoint.to_transformers`) in the same dtype, on the
+Both models hold the same random weights (copied by `hf.to_transformers`) in the same dtype, on the
 same CPU threads, and decode the same prompt greedily for the same number of new tokens. Each is warmed up
 once; then the two alternate for `--repeats` timed runs each, and the medians are compared. Everything a user
 waits for is timed on both sides: prefill, the decode steps, and (ours) packing the bf16 weights for oneDNN.
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py besi
 from common import cpu_description, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
-from tinygemma.devices import parse_dtype
+from tinygemma.devices import dtype_name, parse_dtype
 from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
 
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     (t_ours, t_theirs), (out_ours, out_theirs) = time_interleaved([ours, theirs], args.repeats)
     same = out_ours[0, args.prompt_tokens:] == out_theirs[0, args.prompt_tokens:]
     result = {
-        "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": args.prompt_tokens,
+        "preset": args.preset, "dtype": dtype_name(dtype), "prompt_tokens": args.prompt_tokens,
         "new_tokens": n, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "tinygemma_tokens_per_s": round(n / t_ours, 2), "transformers_tokens_per_s": round(n / t_theirs, 2),
         "speedup": round(t_theirs / t_ours, 2),

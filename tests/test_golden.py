@@ -49,6 +49,7 @@ def test_losses_match_the_golden_record(golden_run):
     if os.environ.get("TINYGEMMA_RECORD_GOLDEN") == "1":
         recorded[capability] = golden_run
         GOLDEN.write_text(json.dumps(recorded, indent=1) + "\n")
+        pytest.skip(f"recorded the {capability} losses in {GOLDEN}: nothing was compared")
     assert recorded, f"no golden record at {GOLDEN}"
     assert len(golden_run["train_loss"]) == 30 and len(golden_run["val_loss"]) == 3  # steps 0, 15, 30
     assert golden_run["train_loss"][-1] < golden_run["train_loss"][0] - 1.0  # it learns, not just repeats

@@ -121,7 +121,8 @@ def test_vocabulary_is_padded_to_128_on_cuda_unless_the_recipe_says(monkeypatch,
     import tinygemma.train as train_module
 
     recipe = load_recipe(None, ["model.preset=gemma3-tiny"])
-    assert run_model_config(recipe, 50_257, tmp_path, None).vocab_pad_multiple == 1  # the CPU here
+    monkeypatch.setattr(train_module, "pick_device", lambda name: torch.device("cpu"))
+    assert run_model_config(recipe, 50_257, tmp_path, None).vocab_pad_multiple == 1
     monkeypatch.setattr(train_module, "pick_device", lambda name: torch.device("cuda", 0))
     assert run_model_config(recipe, 50_257, tmp_path, None).padded_vocab_size == 50_304
     explicit = load_recipe(None, ["model.preset=gemma3-tiny", "model.vocab_pad_multiple=1"])

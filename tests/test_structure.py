@@ -12,7 +12,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "tinygemma"
 
 LAYERS = [
-    # shared pieces, importing nothing else from the package
+    # shared pieces, importing only each other (errors, then files and devices, then runtime)
     "errors", "files", "devices", "runtime",
     "config",
     "tokenizer",

@@ -24,6 +24,7 @@ from tinygemma.data import (
     open_prepared,
     prepare,
 )
+from tinygemma.devices import dtype_name
 from tinygemma.errors import UserError
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
@@ -182,7 +183,7 @@ def _generate_main(args) -> int:
     model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
     weight = model.embed_tokens.weight
     print(f"loaded {args.ckpt} ({model.num_params() / 1e6:.1f}M parameters, "
-          f"{str(weight.dtype).removeprefix('torch.')}, {weight.device}) and tokenizer "
+          f"{dtype_name(weight.dtype)}, {weight.device}) and tokenizer "
           f"{tokenizer.identity} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     out = sys.stdout
 
@@ -230,7 +231,7 @@ def _eval_main(args) -> int:
     seconds = time.perf_counter() - started
     print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
     result.update(split=args.split, block_size=block_size,
-                  dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
+                  dtype=dtype_name(model.embed_tokens.weight.dtype))
     print(json.dumps(result))
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
+from tinygemma.devices import dtype_name
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 from tinygemma.model import Gemma3, model_from_state, model_state
@@ -217,7 +218,7 @@ def save_hf(model: Gemma3, out: str | Path, eot_id: int | None = None) -> None:
     end-of-text as its bos, eos and pad token (TinyStories has no other special token). The tokenizer's files
     are the caller's (Tokenizer.save_hf)."""
     out = Path(out)
-    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    dtype = dtype_name(model.embed_tokens.weight.dtype)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_json(out / "config.json", hf_config(model.config, bos_id=eot_id, eos_id=eot_id, pad_id=eot_id,

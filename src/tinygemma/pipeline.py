@@ -72,8 +72,9 @@ def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> st
     out, q = Path(recipe.out), shlex.quote
     run_dir = q(str(out))
     prompt = recipe.generate.prompts[0] if recipe.generate.prompts else "Once upon a time"
-    # A longer run goes to a new directory: the cosine schedule is laid out over max_steps, so a finished run
-    # cannot simply be stretched. The prepared data is reused.
+    # A longer run goes to a new directory: a finished run has taken its whole schedule, cooldown included, so it
+    # cannot be stretched (a wsd run can be, with train --resume --max-steps, before its cooldown). The prepared
+    # data is reused.
     longer = 4 * recipe.train.max_steps
     kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("train.max_steps", "max_steps", "train.out", "out")]
     rerun = " ".join(["tinygemma run", q(recipe_file), *(f"--set {q(o)}" for o in kept),

@@ -17,8 +17,9 @@ import tinygemma
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
 from tinygemma.data import open_prepared, prepare
+from tinygemma.optim import learning_rate
 from tinygemma.tokenizer import token_byte_lengths
-from tinygemma.train import learning_rate, train
+from tinygemma.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -52,11 +52,10 @@ from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import atomic_write_json, read_json, read_safetensors
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
-from tinygemma.optim import (  # noqa: F401 (learning_rate: the schedule, imported from here by callers)
+from tinygemma.optim import (
     check_resume_schedule,
     configure_optimizer,
     describe_optimizer,
-    learning_rate,
     set_learning_rates,
 )
 from tinygemma.parallelize import build_model, choose_attention_backend, grad_scaler, gradient_sync

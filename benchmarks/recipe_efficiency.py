@@ -8,8 +8,9 @@ Contenders (each run is a real `train()` run with its own run directory):
   muon      Muon on the blocks' matrices + AdamW on embedding and gains, wsd (cooldown 0.4, min_lr = peak / 10);
             swept along one axis: Muon lr over --muon-lrs, with AdamW's lr = Muon's / 10 (so the AdamW part
             takes the same values as the adamw sweep)
-The sweeps run one seed (--seeds' first); the best value of each sweep (lowest final validation loss) then runs
-the other seeds, and the workshop runs every seed. A contender's figures are the means over its seeds.
+The sweeps run one seed (--seeds' first). A sweep whose best value (lowest final validation loss) sits on the
+sweep's edge is extended by one more value, a factor of 2 beyond it (up to --extend times), so that "tuned" means
+an optimum inside the sweep; the best value then runs the other seeds. The workshop runs every seed. A contender's figures are the means over its seeds.
 
 Data: real stories, ../shared/data/tinystories/train.txt, with a 4,096-token byte-level BPE trained on them (as
 configs/cpu-demo.toml), validated on valid.txt. Model: gemma3-tiny, block 128, batch 16 (2,048 tokens a step),
@@ -108,6 +109,16 @@ def interpolate_tokens(curve: list, target: float) -> float | None:
     return None
 
 
+def sweep_decision(sweep: list[dict], may_extend: bool) -> tuple[float, bool]:
+    """(value, False): the sweep's best value, to be run at the other seeds; (value, True): the best sits on the
+    sweep's edge, so the next value (x2 above, /2 below) is to be run first."""
+    sweep = sorted(sweep, key=lambda r: r["value"])
+    top = min(range(len(sweep)), key=lambda i: sweep[i]["val_loss"])
+    if may_extend and len(sweep) > 1 and top in (0, len(sweep) - 1):
+        return (sweep[0]["value"] / 2 if top == 0 else sweep[-1]["value"] * 2), True
+    return sweep[top]["value"], False
+
+
 def mean_curve(runs: list[dict]) -> list:
     return [(points[0][0], statistics.mean(p[1] for p in points)) for points in zip(*(r["curve"] for r in runs))]
 
@@ -151,14 +162,16 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/recipe_efficiency", help="work directory: data, runs, results")
     p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run (the budget)")
-    p.add_argument("--adamw-lrs", default="1e-3,2e-3,4e-3,8e-3", help="AdamW learning rates to sweep")
-    p.add_argument("--muon-lrs", default="0.01,0.02,0.04,0.08", help="Muon learning rates to sweep")
+    p.add_argument("--adamw-lrs", default="4e-3,8e-3,1.6e-2,3.2e-2", help="AdamW learning rates to sweep")
+    p.add_argument("--muon-lrs", default="0.02,0.04,0.08,0.16", help="Muon learning rates to sweep")
     p.add_argument("--seeds", default="1337,1338", help="seeds; sweeps use the first")
     p.add_argument("--evals", type=int, default=8, help="evaluations per run (after step 0)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches of 16 windows per evaluation")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--timing-steps", type=int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
+    p.add_argument("--extend", type=int, default=1,
+                   help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
     p.add_argument("--limit", type=int, help="use only the first N training stories (smoke tests)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra setting for every run")
     args = p.parse_args(argv)
@@ -175,25 +188,36 @@ def main(argv=None) -> dict:
     common = [*COMMON, f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}",
               f"eval_interval={max(1, steps // args.evals)}", f"eval_batches={args.eval_batches}"]
     seeds = [int(s) for s in args.seeds.split(",")]
-    recipes = {"workshop": {"settings": WORKSHOP},
-               **{("adamw", float(v)): {"settings": adamw_recipe(float(v))} for v in args.adamw_lrs.split(",")},
-               **{("muon", float(v)): {"settings": muon_recipe(float(v))} for v in args.muon_lrs.split(",")}}
+    grids = {"adamw": sorted(float(v) for v in args.adamw_lrs.split(",")),
+             "muon": sorted(float(v) for v in args.muon_lrs.split(","))}
+    settings_for = {"workshop": lambda _: WORKSHOP, "adamw": adamw_recipe, "muon": muon_recipe}
 
-    def job(key, seed: int) -> dict:
-        contender, value = (key, None) if isinstance(key, str) else key
+    def job(contender: str, value: float | None, seed: int) -> dict:
         name = contender if value is None else f"{contender}-lr{value:g}"
         return {"contender": contender, "value": value, "seed": seed, "threads": args.threads,
                 "data": str(data), "out": str(work / "runs" / f"{name}-seed{seed}"),
-                "settings": [*common, *recipes[key]["settings"], f"seed={seed}", *args.set]}
+                "settings": [*common, *settings_for[contender](value), f"seed={seed}", *args.set]}
 
     print(f"{steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens per run", file=sys.stderr)
-    first = run_all([job(key, seeds[0]) for key in recipes], args.jobs)
-    best = {}
-    for contender in ("adamw", "muon"):
-        sweep = [r for r in first if r["contender"] == contender]
-        best[contender] = min(sweep, key=lambda r: r["val_loss"])["value"]
-    more = [job(k, s) for s in seeds[1:] for k in ("workshop", ("adamw", best["adamw"]), ("muon", best["muon"]))]
-    runs = first + run_all(more, args.jobs)
+    # First pass: both sweeps at the first seed and the workshop at every seed, slowest (Muon) first so the
+    # process pool ends with short jobs.
+    runs = run_all([*(job("muon", v, seeds[0]) for v in grids["muon"]),
+                    *(job("adamw", v, seeds[0]) for v in grids["adamw"]),
+                    *(job("workshop", None, s) for s in seeds)], args.jobs)
+    best, extended, pending = {}, {"adamw": 0, "muon": 0}, ["adamw", "muon"]
+    while pending:  # a sweep whose best value sits on its edge goes one factor of 2 further (--extend times)
+        more = []
+        for contender in list(pending):
+            sweep = [r for r in runs if r["contender"] == contender and r["seed"] == seeds[0]]
+            value, beyond = sweep_decision(sweep, extended[contender] < args.extend)
+            if beyond:
+                extended[contender] += 1
+                more.append(job(contender, value, seeds[0]))
+            else:
+                best[contender] = value
+                pending.remove(contender)
+                more += [job(contender, value, s) for s in seeds[1:]]
+        runs += run_all(more, args.jobs)
 
     finals = {}
     for contender in ("workshop", "adamw", "muon"):
@@ -263,7 +287,7 @@ def markdown(result: dict) -> str:
         reach = "not reached" if reached is None else f"{reached:,.0f} ({100 * row['winner_fraction_of_tokens']:.0f}%)"
         lines.append(f"| {label} | {row['val_loss']:.4f} ({seeds}) | {row['val_bpb']:.4f} | {reach} | {row['step_ms']:.0f} |")
     lines += ["", f"Sweeps (seed {result['seeds'][0]}):", "", "| contender | lr | final val loss | bits/byte |", "|---|---|---|---|"]
-    for r in result["runs"]:
+    for r in sorted(result["runs"], key=lambda r: (r["contender"], r["value"] or 0)):
         if r["seed"] == result["seeds"][0] and r["value"] is not None:
             lines.append(f"| {r['contender']} | {r['value']:g} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
     if result["timing_ms_per_step"]:

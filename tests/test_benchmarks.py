@@ -154,6 +154,18 @@ def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
     assert len(ran) == 4  # training is not attempted on data that was never prepared
 
 
+def test_recipe_efficiency_sweep_decision():
+    """A sweep's best value inside the sweep is final; on an edge, the next value beyond it is asked for first,
+    unless the extensions are spent."""
+    decide = load_script("recipe_efficiency").sweep_decision
+    sweep = [{"value": v, "val_loss": loss} for v, loss in [(4e-3, 3.1), (8e-3, 3.0), (1.6e-2, 2.9), (3.2e-2, 3.2)]]
+    assert decide(sweep, True) == (1.6e-2, False)
+    sweep[-1]["val_loss"] = 2.8  # the largest is best: try twice it
+    assert decide(list(reversed(sweep)), True) == (6.4e-2, True) and decide(sweep, False) == (3.2e-2, False)
+    sweep[0]["val_loss"] = 2.7  # the smallest is best: try half of it
+    assert decide(sweep, True) == (2e-3, True)
+
+
 def test_recipe_efficiency_smoke(tmp_path, capsys):
     """The whole benchmark on a 2-layer model and a few steps: every contender runs through train(), the sweeps'
     best values get the second seed, and the report (JSON, PNG, markdown) is complete and consistent."""
@@ -166,7 +178,15 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
                                      "--timing-steps", "1", "--limit", "300", *[a for s in tiny for a in ("--set", s)]])
     assert result["steps"] == 8 and result["budget_tokens"] == 1024
     runs = result["runs"]
-    assert len(runs) == 5 + 3  # workshop + 2 + 2 sweeps at the first seed, then three contenders at the second
+    grids = {"adamw": [1e-3, 8e-3], "muon": [0.01, 0.08]}
+    extra = 0
+    for name, grid in grids.items():  # a best value on the sweep's edge (always, with 2 values) adds one beyond it
+        swept = sorted(r["value"] for r in runs if r["contender"] == name and r["seed"] == 1337)
+        first = min((r for r in runs if r["contender"] == name and r["value"] in grid), key=lambda r: r["val_loss"])
+        beyond = grid[0] / 2 if first["value"] == grid[0] else grid[-1] * 2
+        assert swept == sorted([*grid, beyond])
+        extra += 1
+    assert len(runs) == 6 + extra + 2  # workshop x2 + both sweeps at the first seed, extensions, best values x 1 seed
     assert {(r["contender"], r["seed"]) for r in runs if r["seed"] == 1338} == {("workshop", 1338), ("adamw", 1338), ("muon", 1338)}
     for name, row in result["finals"].items():
         assert row["seeds"] == [1337, 1338] and len(row["val_loss_seeds"]) == 2

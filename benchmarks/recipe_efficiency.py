@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     vocab_size = json.loads((data / "meta.json").read_text())["vocab_size"]
     base = load_recipe(None, [*COMMON, *args.set]).train
     tokens_per_step = base.batch_size * base.block_size * base.grad_accum_steps
-    steps = max(1, args.tokens // tokens_per_step)
+    steps = max(1, -(-args.tokens // tokens_per_step))  # at least the budget
     common = [*COMMON, f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}",
               f"eval_interval={max(1, steps // args.evals)}", f"eval_batches={args.eval_batches}"]
     seeds = [int(s) for s in args.seeds.split(",")]

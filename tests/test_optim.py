@@ -27,6 +27,8 @@ from tinygemma.optim import (
     cooldown_start,
     learning_rate,
     muon_backend,
+    orthogonalize,
+    orthogonalize_all,
     set_learning_rates,
 )
 from tinygemma.train import train
@@ -96,6 +98,21 @@ def test_own_muon_matches_torch_muon():
                 moved, differ = (b - p0).norm(), (a - b).norm()
                 assert moved > 0.01 and differ < 2e-2 * moved  # bf16 keeps 8 bits: relative error ~ 2^-8 a step
                 assert differ > 0  # the iteration really ran in another precision
+
+
+def test_batched_iteration_equals_one_matrix_at_a_time():
+    """orthogonalize_all stacks same-shape matrices into one batched iteration: each result is that matrix's own
+    (each normalized by its own norm, tall ones turned wide), in the input's order, and nearly orthogonal."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 16), (16, 64), (64, 16), (32, 32), (16, 64), (8, 64)]
+    updates = [torch.randn(s, generator=gen) * scale for s, scale in zip(shapes, (1, 10, 0.01, 3, 1, 100))]
+    batched = orthogonalize_all(updates, torch.float32)
+    for u, b in zip(updates, batched):
+        one = orthogonalize(u, torch.float32)
+        assert b.shape == u.shape and torch.allclose(b, one, atol=1e-5, rtol=1e-5)
+        wide = b if b.size(0) <= b.size(1) else b.T
+        singular = torch.linalg.svdvals(wide)
+        assert singular.min() > 0.5 and singular.max() < 1.3  # Muon's iteration: every direction near 1
 
 
 def test_adamw_part_matches_torch_adamw():

@@ -94,7 +94,9 @@ def run_one(job: dict) -> dict:
     return result
 
 
-def run_all(jobs: list[dict], workers: int) -> list[dict]:
+def run_all(jobs: list[dict], workers: int, report_only: bool = False) -> list[dict]:
+    if report_only:  # only the runs already finished (a benchmark cut short still reports what it has)
+        return [json.loads(f.read_text()) for j in jobs if (f := Path(j["out"]) / "summary.json").exists()]
     if workers <= 1:
         return [run_one(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:
@@ -172,6 +174,8 @@ def main(argv=None) -> dict:
     p.add_argument("--timing-steps", type=int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
     p.add_argument("--extend", type=int, default=1,
                    help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the runs already finished in --out (fewer seeds where some are missing)")
     p.add_argument("--limit", type=int, help="use only the first N training stories (smoke tests)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra setting for every run")
     args = p.parse_args(argv)
@@ -199,11 +203,12 @@ def main(argv=None) -> dict:
                 "settings": [*common, *settings_for[contender](value), f"seed={seed}", *args.set]}
 
     print(f"{steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens per run", file=sys.stderr)
-    # First pass: both sweeps at the first seed and the workshop at every seed, slowest (Muon) first so the
-    # process pool ends with short jobs.
+    # Order of importance, so that a benchmark cut short has the most of it: both sweeps and the workshop at the
+    # first seed (slowest, Muon, first so a process pool ends with short jobs), any edge extensions, the best
+    # values' other seeds, the workshop's other seeds last.
     runs = run_all([*(job("muon", v, seeds[0]) for v in grids["muon"]),
-                    *(job("adamw", v, seeds[0]) for v in grids["adamw"]),
-                    *(job("workshop", None, s) for s in seeds)], args.jobs)
+                    *(job("adamw", v, seeds[0]) for v in grids["adamw"]), job("workshop", None, seeds[0])],
+                   args.jobs, args.report_only)
     best, extended, pending = {}, {"adamw": 0, "muon": 0}, ["adamw", "muon"]
     while pending:  # a sweep whose best value sits on its edge goes one factor of 2 further (--extend times)
         more = []
@@ -217,7 +222,8 @@ def main(argv=None) -> dict:
                 best[contender] = value
                 pending.remove(contender)
                 more += [job(contender, value, s) for s in seeds[1:]]
-        runs += run_all(more, args.jobs)
+        runs += run_all(more, args.jobs, args.report_only)
+    runs += run_all([job("workshop", None, s) for s in seeds[1:]], args.jobs, args.report_only)
 
     finals = {}
     for contender in ("workshop", "adamw", "muon"):
@@ -282,6 +288,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|"]
     for name, row in f.items():
         label = name if row["value"] is None else f"{name} lr {row['value']:g}"
+        if len(row["seeds"]) < len(result["seeds"]):
+            label += f" ({len(row['seeds'])} of {len(result['seeds'])} seeds)"
         seeds = ", ".join(f"{v:.4f}" for v in row["val_loss_seeds"])
         reached = row["winner_tokens_to_reach"]
         reach = "not reached" if reached is None else f"{reached:,.0f} ({100 * row['winner_fraction_of_tokens']:.0f}%)"

@@ -173,9 +173,9 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     tiny = ["model.d_model=64", "model.n_layers=2", "model.sliding_window_pattern=2", "model.head_dim=16",
             "model.mlp_dim=128", "model.sliding_window=16", "model.query_pre_attn_scalar=16", "block_size=32",
             "batch_size=4"]
-    result = recipe_efficiency.main(["--out", str(tmp_path), "--tokens", "1024", "--adamw-lrs", "1e-3,8e-3",
-                                     "--muon-lrs", "0.01,0.08", "--evals", "2", "--eval-batches", "1",
-                                     "--timing-steps", "1", "--limit", "300", *[a for s in tiny for a in ("--set", s)]])
+    argv = ["--out", str(tmp_path), "--tokens", "1024", "--adamw-lrs", "1e-3,8e-3", "--muon-lrs", "0.01,0.08",
+            "--evals", "2", "--eval-batches", "1", "--limit", "300", *[a for s in tiny for a in ("--set", s)]]
+    result = recipe_efficiency.main(argv + ["--timing-steps", "1"])
     assert result["steps"] == 8 and result["budget_tokens"] == 1024
     runs = result["runs"]
     grids = {"adamw": [1e-3, 8e-3], "muon": [0.01, 0.08]}
@@ -204,3 +204,10 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["winner"] == result["winner"]
     out = capsys.readouterr().out
     assert "| contender | final val loss (per seed) |" in out and "| workshop |" in out
+    # --report-only trains nothing: the same report from the finished runs, or what is there of a cut-short one
+    again = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
+    assert again["finals"] == result["finals"] and len(again["runs"]) == len(runs)
+    (tmp_path / "runs" / "workshop-seed1338" / "summary.json").unlink()
+    cut = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
+    assert cut["finals"]["workshop"]["seeds"] == [1337] and cut["finals"]["muon"] == result["finals"]["muon"]
+    assert "| workshop (1 of 2 seeds) |" in capsys.readouterr().out

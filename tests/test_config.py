@@ -50,6 +50,25 @@ def test_every_field_of_a_recipe_file_is_commented_with_its_default(name):
             assert not missing, f"{name} leaves train fields to their defaults: {missing}"
 
 
+@pytest.mark.parametrize("name", ["workshop.toml", "cpu-demo.toml", "speedrun.toml"])
+def test_the_bracketed_train_defaults_are_the_real_defaults(name):
+    """Each [train] line's comment ends with the built-in default in brackets: it must be the current one, so a
+    change of a default cannot leave the recipe files describing the old one."""
+    import tomllib
+
+    defaults = load_recipe(None).to_dict()["train"]
+    section = (CONFIGS / name).read_text().split("[train]")[1].split("\n[")[0]
+    checked = 0
+    for key, shown in re.findall(r"^(\w+) = .*\[([^\]]*)\]$", section, re.MULTILINE):
+        try:
+            value = tomllib.loads(f"v = {shown}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = shown  # a bare word: auto, ddp, runs/tinystories
+        assert value == defaults[key], f"{name}: {key} says its default is [{shown}], it is {defaults[key]!r}"
+        checked += 1
+    assert checked == len(defaults)
+
+
 def test_cpu_demo_is_small_and_takes_a_local_source():
     recipe = load_recipe(CONFIGS / "cpu-demo.toml", ["data.source=../shared/data/tinystories/train.txt"])
     assert recipe.data.source == ["../shared/data/tinystories/train.txt"]

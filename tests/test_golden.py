@@ -26,6 +26,7 @@ SETTINGS = [
     "batch_size=4", "block_size=128", "grad_accum_steps=2", "max_steps=30", "learning_rate=2e-3",
     "min_lr=2e-4", "warmup_steps=5", "weight_decay=0.1", "grad_clip=1.0", "eval_interval=15",
     "eval_batches=2", "checkpoint_interval=30", "dtype=float32", "compile=false", "device=cpu", "seed=1337",
+    "optimizer=adamw", "lr_schedule=cosine",
 ]
 
 

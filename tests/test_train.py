@@ -31,6 +31,7 @@ TINY = [
     "model.query_pre_attn_scalar=16", "batch_size=8", "block_size=32", "grad_accum_steps=1", "max_steps=40",
     "learning_rate=1e-2", "min_lr=1e-3", "warmup_steps=4", "eval_interval=10", "eval_batches=4",
     "checkpoint_interval=20", "dtype=float32", "compile=false", "device=cpu", "seed=1234",
+    "optimizer=adamw", "lr_schedule=cosine",  # whatever the built-in default; Muon and wsd have their own tests
 ]
 
 

@@ -94,6 +94,30 @@ def run_one(job: dict) -> dict:
     return result
 
 
+def run_dir(work: Path, contender: str, value: float | None, seed: int) -> Path:
+    return work / "runs" / f"{contender if value is None else f'{contender}-lr{value:g}'}-seed{seed}"
+
+
+def whole_split(run: Path, data: Path, threads: int, max_tokens: int | None = None) -> dict:
+    """The run's final model on the whole validation split, by `tinygemma eval` (cached in the run directory):
+    the figures the README's results table gives, where the runs' own evaluations use a fixed subset."""
+    cached = run / "whole_validation.json"
+    if not cached.exists():
+        import contextlib
+        import io
+
+        from tinygemma.cli import main as cli
+
+        torch.set_num_threads(threads)
+        final = run / "checkpoints" / json.loads((run / "checkpoints" / "last.json").read_text())["dir"]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            cli(["eval", "--ckpt", str(final), "--data", str(data), "--device", "cpu", "--dtype", "float32",
+                 "--batch-size", "16", *(["--max-tokens", str(max_tokens)] if max_tokens else [])])
+        cached.write_text(printed.getvalue().strip().splitlines()[-1])
+    return json.loads(cached.read_text())
+
+
 def run_all(jobs: list[dict], workers: int, report_only: bool = False) -> list[dict]:
     if report_only:  # only the runs already finished (a benchmark cut short still reports what it has)
         return [json.loads(f.read_text()) for j in jobs if (f := Path(j["out"]) / "summary.json").exists()]
@@ -174,6 +198,8 @@ def main(argv=None) -> dict:
     p.add_argument("--timing-steps", type=int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
     p.add_argument("--extend", type=int, default=1,
                    help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
+    p.add_argument("--val-max-tokens", type=int,
+                   help="cap the final models' evaluation on the validation split (smoke tests; default: all of it)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: report the runs already finished in --out (fewer seeds where some are missing)")
     p.add_argument("--limit", type=int, help="use only the first N training stories (smoke tests)")
@@ -197,9 +223,8 @@ def main(argv=None) -> dict:
     settings_for = {"workshop": lambda _: WORKSHOP, "adamw": adamw_recipe, "muon": muon_recipe}
 
     def job(contender: str, value: float | None, seed: int) -> dict:
-        name = contender if value is None else f"{contender}-lr{value:g}"
         return {"contender": contender, "value": value, "seed": seed, "threads": args.threads,
-                "data": str(data), "out": str(work / "runs" / f"{name}-seed{seed}"),
+                "data": str(data), "out": str(run_dir(work, contender, value, seed)),
                 "settings": [*common, *settings_for[contender](value), f"seed={seed}", *args.set]}
 
     print(f"{steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens per run", file=sys.stderr)
@@ -235,6 +260,8 @@ def main(argv=None) -> dict:
             "val_bpb": statistics.mean(r["val_bpb"] for r in chosen),
             "val_bpb_seeds": [r["val_bpb"] for r in chosen],
             "step_ms": statistics.median(r["step_ms"] for r in chosen),
+            "whole_validation": [whole_split(run_dir(work, contender, r["value"], r["seed"]), data, args.threads,
+                                             args.val_max_tokens) for r in chosen],
             "curve": mean_curve(chosen),
         }
     winner = min(finals, key=lambda c: finals[c]["val_loss"])
@@ -284,8 +311,9 @@ def markdown(result: dict) -> str:
              f"seeds {', '.join(map(str, result['seeds']))}; best of the sweeps: AdamW lr {result['best']['adamw']:g}, "
              f"Muon lr {result['best']['muon']:g}. CPU: {result['cpu']}; torch {result['torch']}; "
              f"{result['jobs']} run(s) at once, {result['threads']} thread(s) each.", "",
-             f"| contender | final val loss (per seed) | bits/byte | tokens {result['winner']} needed to reach it | ms/step (in the runs) |",
-             "|---|---|---|---|---|"]
+             f"| contender | final val loss (per seed) | bits/byte | whole validation split: loss, bits/byte | "
+             f"tokens {result['winner']} needed to reach it | ms/step (in the runs) |",
+             "|---|---|---|---|---|---|"]
     for name, row in f.items():
         label = name if row["value"] is None else f"{name} lr {row['value']:g}"
         if len(row["seeds"]) < len(result["seeds"]):
@@ -293,7 +321,12 @@ def markdown(result: dict) -> str:
         seeds = ", ".join(f"{v:.4f}" for v in row["val_loss_seeds"])
         reached = row["winner_tokens_to_reach"]
         reach = "not reached" if reached is None else f"{reached:,.0f} ({100 * row['winner_fraction_of_tokens']:.0f}%)"
-        lines.append(f"| {label} | {row['val_loss']:.4f} ({seeds}) | {row['val_bpb']:.4f} | {reach} | {row['step_ms']:.0f} |")
+        whole = row["whole_validation"]
+        full = (f"{statistics.mean(w['loss'] for w in whole):.4f}, "
+                f"{statistics.mean(w['bits_per_byte'] for w in whole):.4f}"
+                f" ({whole[0]['tokens']:,} tokens)")
+        lines.append(f"| {label} | {row['val_loss']:.4f} ({seeds}) | {row['val_bpb']:.4f} | {full} | {reach} | "
+                     f"{row['step_ms']:.0f} |")
     lines += ["", f"Sweeps (seed {result['seeds'][0]}):", "", "| contender | lr | final val loss | bits/byte |", "|---|---|---|---|"]
     for r in sorted(result["runs"], key=lambda r: (r["contender"], r["value"] or 0)):
         if r["seed"] == result["seeds"][0] and r["value"] is not None:

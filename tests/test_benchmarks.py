@@ -174,7 +174,7 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
             "model.mlp_dim=128", "model.sliding_window=16", "model.query_pre_attn_scalar=16", "block_size=32",
             "batch_size=4"]
     argv = ["--out", str(tmp_path), "--tokens", "1024", "--adamw-lrs", "1e-3,8e-3", "--muon-lrs", "0.01,0.08",
-            "--evals", "2", "--eval-batches", "1", "--limit", "300", *[a for s in tiny for a in ("--set", s)]]
+            "--evals", "2", "--eval-batches", "1", "--limit", "300", "--val-max-tokens", "2048", *[a for s in tiny for a in ("--set", s)]]
     result = recipe_efficiency.main(argv + ["--timing-steps", "1"])
     assert result["steps"] == 8 and result["budget_tokens"] == 1024
     runs = result["runs"]
@@ -194,6 +194,9 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
         assert 0 < row["val_bpb"] < 5 and row["step_ms"] > 0
         sweep = [r for r in runs if r["contender"] == name and r["seed"] == 1337]
         assert row["val_loss_seeds"][0] == min(r["val_loss"] for r in sweep)  # the best value got the seeds
+        assert len(row["whole_validation"]) == 2  # each seed's final model on the whole split, by tinygemma eval
+        whole = row["whole_validation"][0]
+        assert 1024 < whole["tokens"] <= 2048 and abs(whole["loss"] - row["val_loss_seeds"][0]) < 0.5
     winner = result["finals"][result["winner"]]
     assert winner["val_loss"] == min(r["val_loss"] for r in result["finals"].values())
     assert winner["winner_tokens_to_reach"] == pytest.approx(1024, rel=0.3)  # its own final loss: near the end

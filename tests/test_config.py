@@ -78,7 +78,7 @@ def test_cpu_demo_is_small_and_takes_a_local_source():
 
 def test_overrides_are_typed_from_the_fields():
     recipe = load_recipe(None, [
-        "batch_size=4", "train.learning_rate=3e-4", "compile=false", "activation_checkpointing=yes",
+        "batch_size=4", "train.learning_rate=3e-4", "min_lr=3e-5", "compile=false", "activation_checkpointing=yes",
         "model.preset=gemma3-tiny", "model.d_model=64", "model.tie_embeddings=false", "data.source=a.txt,b.txt",
         'data.val_source=["v.txt"]', "data.limit=none", "generate.top_p=0.9", "generate.top_k=none",
         "train.out=runs/x", "max_steps=1_000",

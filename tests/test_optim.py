@@ -62,7 +62,8 @@ def test_muon_trains_exactly_the_blocks_matrices():
     # Weight decay: the embedding's AdamW group only (norm gains and Muon's matrices have none).
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
     assert decayed == {"embed_tokens.weight"}
-    assert isinstance(configure_optimizer(model, load_recipe(None, []).train, CPU), torch.optim.AdamW)
+    assert isinstance(configure_optimizer(model, load_recipe(None, []).train, CPU), MuonAdamW)  # the default
+    assert isinstance(configure_optimizer(model, load_recipe(None, ["optimizer=adamw"]).train, CPU), torch.optim.AdamW)
 
 
 def matrices(seed: int) -> list[torch.nn.Parameter]:
@@ -221,7 +222,7 @@ def test_two_processes_reproduce_one_with_muon(data_dir, tmp_path, distributed):
 
 
 def test_resume_refuses_a_changed_schedule_or_optimizer_and_a_step_past_the_end():
-    saved = load_recipe(None, ["max_steps=100", "warmup_steps=10"]).train  # cosine, adamw
+    saved = load_recipe(None, ["max_steps=100", "warmup_steps=10", "optimizer=adamw", "lr_schedule=cosine"]).train
     as_dict = dataclasses.asdict(saved)
     check_resume_schedule(as_dict, saved, 50)  # unchanged: fine
     with pytest.raises(UserError, match="schedule of the run"):  # cosine run resumed as wsd: rates already taken move

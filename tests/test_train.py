@@ -265,7 +265,8 @@ def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
-    cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=110"]).train
+    cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=110",
+                             "lr_schedule=cosine"]).train
     lrs = [learning_rate(s, cfg) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear, per optimizer step
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then monotone cosine decay

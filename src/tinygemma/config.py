@@ -137,14 +137,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 @dataclass
 class TrainConfig:
     """The training loop. The defaults are a sound recipe for the 270M model on one GPU: 131,072 tokens per
-    optimizer step (32 x 512 x 8), 5,000 steps (655M tokens, about 1.4 epochs of TinyStories with GPT-2 tokens)."""
+    optimizer step (32 x 512 x 8), 5,000 steps (655M tokens, about 1.4 epochs of TinyStories with GPT-2 tokens),
+    Muon on the blocks' matrices and AdamW on the rest, warmup-stable-decay: the recipe that needed the fewest
+    tokens to a loss in benchmarks/recipe_efficiency.py (BENCHMARKS.md, "Recipe efficiency"). Its learning rates
+    are that benchmark's best on gemma3-tiny; no GPU has measured them at 270M yet."""
 
     batch_size: int = 32  # sequences per micro-step per process
     block_size: int = 512  # tokens per sequence (the context the model trains on)
     grad_accum_steps: int = 8  # micro-steps per optimizer step: global batch = batch_size x this, split over processes
     max_steps: int = 5000  # optimizer steps in the whole run (the schedule's length)
-    learning_rate: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # the cosine decay ends here, at max_steps
+    learning_rate: float = 4e-3  # AdamW's peak rate, after warmup (under muon: the embedding's and gains')
+    min_lr: float = 4e-4  # the schedule ends here, at max_steps (Muon's floor is the same fraction of its peak)
     warmup_steps: int = 250  # optimizer steps of linear warmup from 0 to learning_rate
     weight_decay: float = 0.1  # AdamW decoupled weight decay, applied to 2-D weights only
     beta1: float = 0.9  # AdamW first-moment decay
@@ -163,9 +166,9 @@ class TrainConfig:
     attention_backend: str = "auto"  # sliding layers longer than the window: flex (flex_attention, CUDA), sdpa (a mask), auto
     activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)
-    optimizer: str = "adamw"  # adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; see optim.py)
-    muon_learning_rate: float = 0.02  # Muon's peak learning rate (optimizer = muon); learning_rate stays AdamW's
-    lr_schedule: str = "cosine"  # cosine (decay to min_lr from the warmup on), or wsd (warmup, stable, decay)
+    optimizer: str = "muon"  # muon (Muon on the blocks' matrices, AdamW on the rest; see optim.py), or adamw
+    muon_learning_rate: float = 0.04  # Muon's peak learning rate (optimizer = muon); learning_rate stays AdamW's
+    lr_schedule: str = "wsd"  # wsd (warmup, stable, linear decay), or cosine (decay to min_lr from the warmup on)
     cooldown_fraction: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
 
     def __post_init__(self):
@@ -184,7 +187,8 @@ class TrainConfig:
             _check_number(self, name, lambda v: 0 <= v < 1, "a number in [0, 1)")
         _check_number(self, "cooldown_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]")
         if self.min_lr > self.learning_rate:
-            raise UserError(f"train.min_lr ({self.min_lr}) must not exceed train.learning_rate ({self.learning_rate})")
+            raise UserError(f"train.min_lr ({self.min_lr}) must not exceed train.learning_rate ({self.learning_rate}); "
+                            f"set min_lr too, e.g. a tenth of the peak: --set min_lr={self.learning_rate / 10:g}")
         if self.warmup_steps > self.max_steps:
             raise UserError(f"train.warmup_steps ({self.warmup_steps}) must not exceed train.max_steps ({self.max_steps})")
         if not isinstance(self.activation_checkpointing, bool):

@@ -202,6 +202,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches of 16 windows per evaluation")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--timing-threads", help="thread counts to time the optimizers at, e.g. 1,2 (default: --threads)")
     p.add_argument("--timing-steps", type=int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
     p.add_argument("--extend", type=int, default=1,
                    help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
@@ -277,11 +278,14 @@ def main(argv=None) -> dict:
         row["winner_tokens_to_reach"] = reached
         row["winner_fraction_of_tokens"] = None if reached is None else reached / (steps * tokens_per_step)
 
-    timing = (time_optimizers(args.timing_steps, args.threads, [*common, "optimizer=adamw", *args.set], vocab_size)
-              if args.timing_steps else {})
+    timing_threads = [int(t) for t in (args.timing_threads or str(args.threads)).split(",")]
+    timing = {t: time_optimizers(args.timing_steps, t, [*common, "optimizer=adamw", *args.set], vocab_size)
+              for t in (timing_threads if args.timing_steps else [])}
+    torch.set_num_threads(args.threads)
     result = {"budget_tokens": steps * tokens_per_step, "steps": steps, "tokens_per_step": tokens_per_step,
               "seeds": seeds, "best": best, "winner": winner, "finals": finals, "runs": runs,
-              "timing_ms_per_step": timing, "cpu": cpu_description(), "torch": torch.__version__,
+              "timing_ms_per_step": timing.get(args.threads, next(iter(timing.values()), {})),
+              "timing_ms_per_step_by_threads": timing, "cpu": cpu_description(), "torch": torch.__version__,
               "jobs": args.jobs, "threads": args.threads, "command": "python benchmarks/recipe_efficiency.py "
               + " ".join(argv if argv is not None else sys.argv[1:])}
     (work / "results.json").write_text(json.dumps(result, indent=1))
@@ -338,9 +342,10 @@ def markdown(result: dict) -> str:
     for r in sorted(result["runs"], key=lambda r: (r["contender"], r["value"] or 0)):
         if r["seed"] == result["seeds"][0] and r["value"] is not None:
             lines.append(f"| {r['contender']} | {r['value']:g} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
-    if result["timing_ms_per_step"]:
-        lines += ["", "Interleaved timing, one training step (forward, backward, clip, optimizer), median: "
-                  + ", ".join(f"{k} {v:.0f} ms" for k, v in result["timing_ms_per_step"].items())]
+    for threads, timing in result.get("timing_ms_per_step_by_threads", {}).items():
+        adamw = timing["adamw"]
+        lines += ["", f"Interleaved timing, one training step (forward, backward, clip, optimizer), median, {threads} "
+                  "thread(s): " + ", ".join(f"{k} {v:.0f} ms ({v / adamw:.2f}x)" for k, v in timing.items())]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 

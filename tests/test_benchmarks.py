@@ -175,7 +175,7 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
             "batch_size=4"]
     argv = ["--out", str(tmp_path), "--tokens", "1024", "--adamw-lrs", "1e-3,8e-3", "--muon-lrs", "0.01,0.08",
             "--evals", "2", "--eval-batches", "1", "--limit", "300", "--val-max-tokens", "2048", *[a for s in tiny for a in ("--set", s)]]
-    result = recipe_efficiency.main(argv + ["--timing-steps", "1"])
+    result = recipe_efficiency.main(argv + ["--timing-steps", "1", "--timing-threads", "1,2"])
     assert result["steps"] == 8 and result["budget_tokens"] == 1024
     runs = result["runs"]
     grids = {"adamw": [1e-3, 8e-3], "muon": [0.01, 0.08]}
@@ -203,10 +203,12 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     for r in runs:  # real training: the loss fell from ln(vocab) at step 0
         assert r["curve"][0][0] == 0 and r["curve"][-1][0] == 1024 and r["curve"][-1][1] < r["curve"][0][1]
     assert set(result["timing_ms_per_step"]) >= {"adamw", "muon-float32"}
+    assert set(result["timing_ms_per_step_by_threads"]) == {1, 2}
     assert (tmp_path / "recipe_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["winner"] == result["winner"]
     out = capsys.readouterr().out
     assert "| contender | final val loss (per seed) |" in out and "| workshop |" in out
+    assert "median, 1 thread(s): adamw" in out and "median, 2 thread(s): adamw" in out
     # --report-only trains nothing: the same report from the finished runs, or what is there of a cut-short one
     again = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
     assert again["finals"] == result["finals"] and len(again["runs"]) == len(runs)

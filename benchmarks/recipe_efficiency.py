@@ -208,6 +208,9 @@ def main(argv=None) -> dict:
                    help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
     p.add_argument("--val-max-tokens", type=int,
                    help="cap the final models' evaluation on the validation split (smoke tests; default: all of it)")
+    p.add_argument("--short-fraction", type=float, default=0.6,
+                   help="also run the best Muon value planned for this fraction of the budget (0 = skip): under "
+                        "wsd a shorter plan cools down sooner, so the long run's curve overstates the tokens needed")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: report the runs already finished in --out (fewer seeds where some are missing)")
     p.add_argument("--limit", type=int, help="use only the first N training stories (smoke tests)")
@@ -242,6 +245,15 @@ def main(argv=None) -> dict:
     runs = run_all([*(job("muon", v, seeds[0]) for v in grids["muon"]),
                     *(job("adamw", v, seeds[0]) for v in grids["adamw"]), job("workshop", None, seeds[0])],
                    args.jobs, args.report_only)
+    short = None
+    if args.short_fraction:  # wsd's own measure: the best Muon value in a run *planned* for fewer tokens
+        value, _ = sweep_decision([r for r in runs if r["contender"] == "muon"], False)
+        short_steps = max(1, round(args.short_fraction * steps))
+        plan = job("muon", value, seeds[0])
+        plan.update(contender="muon-short", out=str(run_dir(work, f"muon-short{args.short_fraction:g}", value, seeds[0])),
+                    settings=[*plan["settings"], f"max_steps={short_steps}",
+                              f"eval_interval={max(1, short_steps // args.evals)}"])
+        short = next(iter(run_all([plan], 1, args.report_only)), None)
     best, extended, pending = {}, {"adamw": 0, "muon": 0}, ["adamw", "muon"]
     while pending:  # a sweep whose best value sits on its edge goes one factor of 2 further (--extend times)
         more = []
@@ -282,7 +294,10 @@ def main(argv=None) -> dict:
     timing = {t: time_optimizers(args.timing_steps, t, [*common, "optimizer=adamw", *args.set], vocab_size)
               for t in (timing_threads if args.timing_steps else [])}
     torch.set_num_threads(args.threads)
-    result = {"budget_tokens": steps * tokens_per_step, "steps": steps, "tokens_per_step": tokens_per_step,
+    if short is not None:
+        short = {**short, "fraction_of_budget": short["tokens"] / (steps * tokens_per_step),
+                 "beats": {c: short["val_loss"] <= row["val_loss"] for c, row in finals.items() if c != "muon"}}
+    result = {"short": short, "budget_tokens": steps * tokens_per_step, "steps": steps, "tokens_per_step": tokens_per_step,
               "seeds": seeds, "best": best, "winner": winner, "finals": finals, "runs": runs,
               "timing_ms_per_step": timing.get(args.threads, next(iter(timing.values()), {})),
               "timing_ms_per_step_by_threads": timing, "cpu": cpu_description(), "torch": torch.__version__,
@@ -338,6 +353,13 @@ def markdown(result: dict) -> str:
                 f" ({whole[0]['tokens']:,} tokens)")
         lines.append(f"| {label} | {row['val_loss']:.4f} ({seeds}) | {row['val_bpb']:.4f} | {full} | {reach} | "
                      f"{row['step_ms']:.0f} |")
+    short = result.get("short")
+    if short:
+        verdict = ", ".join(f"{'below' if below else 'above'} {c}'s final {f[c]['val_loss']:.4f}"
+                            for c, below in short["beats"].items())
+        lines += ["", f"Muon lr {short['value']:g}, wsd, in a run planned for {short['tokens']:,} tokens "
+                  f"({100 * short['fraction_of_budget']:.0f}% of the budget; same warmup; seed {short['seed']}): "
+                  f"final val loss {short['val_loss']:.4f}, bits/byte {short['val_bpb']:.4f}: {verdict}."]
     lines += ["", f"Sweeps (seed {result['seeds'][0]}):", "", "| contender | lr | final val loss | bits/byte |", "|---|---|---|---|"]
     for r in sorted(result["runs"], key=lambda r: (r["contender"], r["value"] or 0)):
         if r["seed"] == result["seeds"][0] and r["value"] is not None:

@@ -177,6 +177,11 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
             "--evals", "2", "--eval-batches", "1", "--limit", "300", "--val-max-tokens", "2048", *[a for s in tiny for a in ("--set", s)]]
     result = recipe_efficiency.main(argv + ["--timing-steps", "1", "--timing-threads", "1,2"])
     assert result["steps"] == 8 and result["budget_tokens"] == 1024
+    short = result["short"]  # the best Muon value again, planned for 60% of the budget: 5 of 8 steps
+    assert short["tokens"] == 5 * 128 and short["fraction_of_budget"] == 5 / 8 and short["seed"] == 1337
+    assert short["value"] == min((r for r in result["runs"] if r["contender"] == "muon" and r["value"] in (0.01, 0.08)),
+                                 key=lambda r: r["val_loss"])["value"]
+    assert short["curve"][-1][0] == 5 * 128 and set(short["beats"]) == {"workshop", "adamw"}
     runs = result["runs"]
     grids = {"adamw": [1e-3, 8e-3], "muon": [0.01, 0.08]}
     extra = 0
@@ -209,6 +214,7 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| contender | final val loss (per seed) |" in out and "| workshop |" in out
     assert "median, 1 thread(s): adamw" in out and "median, 2 thread(s): adamw" in out
+    assert "in a run planned for 640 tokens (62% of the budget; same warmup; seed 1337)" in out
     # --report-only trains nothing: the same report from the finished runs, or what is there of a cut-short one
     again = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
     assert again["finals"] == result["finals"] and len(again["runs"]) == len(runs)

@@ -233,3 +233,28 @@ def test_resume_refuses_a_changed_schedule_or_optimizer_and_a_step_past_the_end(
         check_resume_schedule(as_dict, dataclasses.replace(saved, optimizer="muon"), 50)
     with pytest.raises(UserError, match="past train.max_steps"):
         check_resume_schedule(as_dict, dataclasses.replace(saved, max_steps=40, warmup_steps=10), 50)
+
+
+def test_a_run_written_before_the_optimizer_fields_resumes_as_it_was_trained(data_dir, tmp_path):
+    """Runs recorded before `optimizer` and `lr_schedule` existed trained with AdamW + cosine; since the built-in
+    default became Muon + wsd, a plain --resume must still continue them with AdamW + cosine, exactly."""
+    legacy = ["optimizer=adamw", "lr_schedule=cosine", "checkpoint_interval=10"]
+    straight = tmp_path / "straight"
+    train(load_recipe(None, tiny_settings(data_dir, straight, *legacy, "max_steps=20")), quiet=True)
+    out = tmp_path / "old"
+    train(load_recipe(None, tiny_settings(data_dir, out, *legacy, "max_steps=20")), quiet=True, stop_at=10)
+    added = ("optimizer", "muon_learning_rate", "lr_schedule", "cooldown_fraction")
+    for path, section in ((out / "config.json", None), (out / "checkpoints" / "step_000010" / "trainer_state.json", "config")):
+        recorded = json.loads(path.read_text())
+        train_settings = (recorded[section] if section else recorded)["train"]
+        for key in added:  # as the old code wrote them
+            del train_settings[key]
+        path.write_text(json.dumps(recorded))
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert train_losses(out) == train_losses(straight)  # AdamW + cosine, exactly
+    saved = {k: v for k, v in load_recipe(None, ["max_steps=100", "warmup_steps=10", *legacy]).train.__dict__.items()
+             if k not in added}
+    cosine = load_recipe(None, ["max_steps=100", "warmup_steps=10", *legacy]).train
+    check_resume_schedule(saved, cosine, 50)  # the schedule it took: cosine
+    with pytest.raises(UserError, match="optimizer cannot change from adamw to muon"):
+        check_resume_schedule(saved, dataclasses.replace(cosine, optimizer="muon"), 50)

@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, export, load_model, read_checkpoint_meta
-from tinygemma.config import GenerateConfig, Recipe, apply_overrides, check_sampling, load_recipe
+from tinygemma.config import (
+    GenerateConfig,
+    Recipe,
+    apply_overrides,
+    check_sampling,
+    load_recipe,
+    saved_train_settings,
+)
 from tinygemma.data import (
     DEFAULT_BPE_VOCAB_SIZE,
     DEFAULT_VAL_FRACTION,
@@ -132,6 +139,8 @@ def _train_main(args) -> int:
     if args.resume and args.config is None and args.out and saved.exists():
         resolved = read_json(saved, "run config")
         resolved.pop("run", None)
+        if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
+            resolved["train"] = saved_train_settings(resolved.get("train", {}))
         recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), overrides + args.set)
     else:
         recipe = load_recipe(args.config, overrides + args.set)

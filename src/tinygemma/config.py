@@ -134,6 +134,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+# Train fields a run written before they existed does not record, with the value it was trained with: the
+# built-in defaults before the recipe moved to Muon + wsd. A saved run's settings are read through this.
+LEGACY_TRAIN = {"optimizer": "adamw", "lr_schedule": "cosine"}
+
+
+def saved_train_settings(train: dict) -> dict:
+    """A run's recorded [train] settings, with the values it really used where it predates a field."""
+    return {**LEGACY_TRAIN, **train}
+
+
 @dataclass
 class TrainConfig:
     """The training loop. The defaults are a sound recipe for the 270M model on one GPU: 131,072 tokens per

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from tinygemma.config import TrainConfig
+from tinygemma.config import TrainConfig, saved_train_settings
 from tinygemma.devices import cpu_has_bf16, cuda_has_bf16
 from tinygemma.errors import UserError
 
@@ -84,10 +84,11 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
     if not saved:
         return
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = saved_train_settings(saved)
     planned = TrainConfig(**{k: v for k, v in saved.items() if k in known})  # the schedule the run took
-    if saved.get("optimizer", "adamw") != cfg.optimizer:
-        raise UserError(f"train.optimizer cannot change from {saved.get('optimizer', 'adamw')} to {cfg.optimizer} "
-                        f"on resume: the checkpoint holds the state of {saved.get('optimizer', 'adamw')}")
+    if planned.optimizer != cfg.optimizer:
+        raise UserError(f"train.optimizer cannot change from {planned.optimizer} to {cfg.optimizer} "
+                        f"on resume: the checkpoint holds the state of {planned.optimizer}")
     if all(schedule(s, planned) == schedule(s, cfg) for s in range(step)):
         return
     if planned.max_steps == cfg.max_steps or planned.lr_schedule != cfg.lr_schedule:

@@ -2,7 +2,7 @@
 in one command, offline, on one GPU, into one markdown report.
 
     python benchmarks/gpu_suite.py --make-assets ../shared            # once: stories + GPT-2 vocabulary -> .device/assets
-    PYTHONPATH=src python benchmarks/gpu_suite.py --report gpu_report.md   # on the GPU machine (aims at < 10 min)
+    PYTHONPATH=src python benchmarks/gpu_suite.py --report gpu_report.md   # on the GPU machine (aims at 9 min)
     PYTHONPATH=src python benchmarks/gpu_suite.py --device cpu --quick     # the same steps at toy size on a CPU
 
 The run needs no network and no `datasets`: the stories and tiktoken's GPT-2 ranks come from the assets folder
@@ -12,11 +12,14 @@ source tree's root, and the report gives each figure with the command that produ
 
 1. the CUDA tests: `python -m pytest -q -m cuda tests/` (tests/test_cuda.py);
 2. the throughput table (benchmarks/train_throughput.py): gemma3-270m-gpt2 in bf16 at blocks 128 and 1024,
-   tinygemma and transformers' Gemma3ForCausalLM in one process on the same batch, eager and compiled;
+   tinygemma and transformers' Gemma3ForCausalLM in one process on the same batch, eager and compiled
+   (compiled tinygemma against eager transformers at block 1024, where compiling both takes minutes);
 3. `tinygemma prepare` (GPT-2 tokenizer) and `tinygemma train` of gemma3-270m-gpt2 for about 3 minutes, whose
    validation loss must fall. Its step budget comes from step 2's compiled tinygemma figure at block 1024.
 
-The exit status is 0 when every step passed, 1 otherwise; the report is written either way.
+The exit status is 0 when every step passed, 1 otherwise. The report is written after each step, so a suite
+stopped from outside still leaves what it measured (marked INCOMPLETE). `--budget` (default 540 s) sizes step 3
+and stops a step's commands once its share of the budget is spent.
 """
 
 from __future__ import annotations
@@ -50,14 +53,20 @@ DEFAULT_ASSETS = ROOT / ".device" / "assets"
 
 # Step 2: (block, batch) pairs. Both fit an 80 GB H100 comfortably with transformers' float32 logits.
 THROUGHPUT_SHAPES = [(128, 32), (1024, 8)]
+# The blocks at which transformers is compiled too. At block 1024 (flex attention) compiling both models took
+# over 110 s on the first H100 run (2026-11-26) and was stopped; there compiled tinygemma meets eager transformers.
+COMPILED_TRANSFORMERS_BLOCKS = (128,)
 # Step 3 trains at block 1024, past the 512-token window, so the sliding-window attention path (flex on a GPU
 # that compiles it) runs in real training, with 16 x 1,024 = 16,384 tokens per optimizer step.
 TRAIN_BATCH, TRAIN_BLOCK, EVAL_INTERVAL = 16, 1024, 50
 TRAIN_SECONDS = 150  # the steps' share of the ~3 minutes; compilation and evaluations come on top
-TOTAL_SECONDS = 600  # the whole suite's aim: the steps get less time if steps 1 and 2 took longer than planned
+# The whole suite's aim (--budget), inside the 10 minutes one command may run on a lent GPU machine: step 3's
+# steps get less time if steps 1 and 2 took longer than planned, and each command is stopped at its share.
+TOTAL_SECONDS = 540
 TRAIN_OVERHEAD_SECONDS = 100  # step 3 besides its steps: preparation, compilation, evaluations, checkpoint
 MIN_TRAIN_SECONDS = 60
 FALLBACK_TRAIN_STEPS = 600  # when step 2 gave no compiled figure to size the run from
+STEP_SHARES = (0.35, 0.7)  # steps 1 and 2 end by these fractions of the budget, stopped if need be
 MIN_VAL_DROP = 1.0  # nats: validation loss must fall at least this much from step 0 to the end
 
 
@@ -77,6 +86,13 @@ class Plan:
     train_block: int = TRAIN_BLOCK
     limit: int | None = None
     train_extra: tuple = ()
+    budget: float = TOTAL_SECONDS  # the whole suite's aim in seconds (--budget)
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds_left(self, limit: float, share: float = 1.0) -> float:
+        """A command's timeout: at most `limit`, and no later than `share` of the budget after the suite started
+        (never under 30 s), so that a slow step leaves the later ones their turn and the report is written."""
+        return min(limit, max(30.0, self.started + share * self.budget - time.perf_counter()))
 
     @classmethod
     def quick_cpu(cls, device: str) -> Plan:
@@ -122,7 +138,7 @@ def tail(output: str, lines: int = 40) -> list[str]:
 
 def cuda_tests(plan: Plan, env: dict) -> Result:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", plan.tests]
-    code, output, seconds = run(cmd, env, timeout=400)
+    code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, STEP_SHARES[0]))
     summary = next((line.strip("= ") for line in reversed(output.splitlines())
                     if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)), "no summary line")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
@@ -148,23 +164,24 @@ def throughput(plan: Plan, env: dict, work: Path) -> tuple[Result, float | None]
                             "| | | | | | |")
                 continue
             suffix = "+compile" if mode == "compiled" else ""
+            other = "transformers" + (suffix if block in COMPILED_TRANSFORMERS_BLOCKS else "")
             attention = "flex" if plan.device != "cpu" and block > window else "sdpa"
             out = work / f"throughput-{block}-{mode}.json"
             cmd = [sys.executable, "benchmarks/train_throughput.py", "--preset", plan.preset, "--device", plan.device,
                    "--dtype", plan.dtype, "--batch-size", str(batch), "--block-size", str(block),
                    "--warmup", str(plan.bench_steps[0]), "--steps", str(plan.bench_steps[1]),
-                   "--attention", attention, "--contenders", f"tinygemma{suffix},transformers{suffix}",
+                   "--attention", attention, "--contenders", f"tinygemma{suffix},{other}",
                    "--json", str(out)]
-            code, output, seconds = run(cmd, env, timeout=300)
+            code, output, seconds = run(cmd, env, timeout=plan.seconds_left(300, STEP_SHARES[1]))
             n += 1
             commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
-            if code != 0 and mode == "compiled":
+            if code != 0 and mode == "compiled" and other != "transformers":
                 # transformers may not compile where tinygemma does: say so, and still measure tinygemma.
                 failures.append(f"block {block}: the compiled pair failed (exit status {code}, command {n}); "
                                 "tinygemma compiled was measured again against transformers eager")
                 commands += ["", *tail(output, 25), ""]
                 cmd[cmd.index("--contenders") + 1] = "tinygemma+compile,transformers"
-                code, output, seconds = run(cmd, env, timeout=300)
+                code, output, seconds = run(cmd, env, timeout=plan.seconds_left(300, STEP_SHARES[1]))
                 n += 1
                 commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
             if code != 0 or not out.exists():
@@ -206,7 +223,7 @@ def train_steps(plan: Plan, rate: float | None, forced: int | None, elapsed: flo
         return 20, "--quick"
     if rate is None:
         return FALLBACK_TRAIN_STEPS, "a fixed budget: step 2 gave no compiled tinygemma figure at this block"
-    seconds = max(MIN_TRAIN_SECONDS, min(TRAIN_SECONDS, TOTAL_SECONDS - elapsed - TRAIN_OVERHEAD_SECONDS))
+    seconds = max(MIN_TRAIN_SECONDS, min(TRAIN_SECONDS, plan.budget - elapsed - TRAIN_OVERHEAD_SECONDS))
     steps = int(seconds * rate / tokens_per_step) // EVAL_INTERVAL * EVAL_INTERVAL
     steps = max(2 * EVAL_INTERVAL, min(steps, 5000))
     return steps, (f"{seconds:.0f} s at the compiled tinygemma rate of step 2 ({rate:,.0f} tokens/s), "
@@ -222,7 +239,7 @@ def training(plan: Plan, env: dict, work: Path, assets: Path, rate: float | None
                "--source", str(assets / "tinystories" / "train.txt"),
                "--val-source", str(assets / "tinystories" / "valid.txt"), "--no-progress"]
     prepare += ["--limit", str(plan.limit)] if plan.limit else []
-    code, output, prep_seconds = run(prepare, env, timeout=300)
+    code, output, prep_seconds = run(prepare, env, timeout=plan.seconds_left(300))
     lines = [f"1. `{shown(prepare)}` ({prep_seconds:.0f} s)"]
     if code != 0:
         return Result("3. Training on real stories", False, lines + tail(output), time.perf_counter() - start)
@@ -235,7 +252,7 @@ def training(plan: Plan, env: dict, work: Path, assets: Path, rate: float | None
                 *plan.train_extra]
     train = [sys.executable, "-m", "tinygemma", "train", "--data", str(data), "--out", str(out), "--model",
              plan.preset, *[a for s in settings for a in ("--set", s)]]
-    code, output, train_seconds = run(train, env, timeout=600)
+    code, output, train_seconds = run(train, env, timeout=plan.seconds_left(600))
     lines += [f"2. `{shown(train)}` ({train_seconds:.0f} s; {steps} steps: {why})", ""]
     metrics = out / "metrics.jsonl"
     if code != 0 or not metrics.exists():
@@ -303,8 +320,14 @@ def environment(plan: Plan) -> list[str]:
             f"| date | {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} |"]
 
 
+STEP_TITLES = ("1. CUDA tests", "2. Training throughput", "3. Training on real stories")
+
+
 def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, results: list[Result], total: float) -> None:
-    verdict = "PASS" if all(r.ok for r in results) else "FAIL"
+    """The report of the steps run so far: written after each step, so a suite stopped from outside (a machine's
+    time limit) still leaves what it measured, marked INCOMPLETE."""
+    pending = STEP_TITLES[len(results):]
+    verdict = "FAIL" if not all(r.ok for r in results) else "INCOMPLETE" if pending else "PASS"
     lines = ["# GPU acceptance run" + (" (--quick smoke run, not a GPU result)" if plan.quick else ""), "",
              f"**{verdict}**: " + ", ".join(f"{r.title.split('. ', 1)[1]} {'passed' if r.ok else 'FAILED'}"
                                             for r in results) + f"; {total / 60:.1f} minutes in all.", "",
@@ -312,6 +335,8 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, results
              f"source tree's root with `{env_line}`.", "", *environment(plan)]
     for r in results:
         lines += ["", f"## {r.title}", "", *r.lines, "", f"({r.seconds:.0f} s)"]
+    for title in pending:
+        lines += ["", f"## {title}", "", "Not reached: the suite was still running, or was stopped, before this step."]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -342,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--quick", action="store_true", help="toy sizes and no inductor: a smoke run of every step")
     p.add_argument("--train-steps", type=int, metavar="N", help="step 3's budget (default: sized to ~3 minutes)")
+    p.add_argument("--budget", type=float, default=TOTAL_SECONDS, metavar="SECONDS",
+                   help=f"the whole suite's aim (default {TOTAL_SECONDS}): sizes step 3 and caps each command")
     p.add_argument("--work", help="folder for the prepared data and the run (default: a temporary folder)")
     args = p.parse_args(argv)
     assets = Path(args.assets).resolve()
@@ -363,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"`python benchmarks/gpu_suite.py --make-assets ../shared --assets {args.assets}`", file=sys.stderr)
             return 2
     plan = Plan.quick_cpu(device) if args.quick else Plan(device, False)
+    plan.budget = args.budget
 
     extra = {"TIKTOKEN_CACHE_DIR": str(assets / "tiktoken_cache"), "HF_HUB_OFFLINE": "1",
              "HF_DATASETS_OFFLINE": "1", "TINYGEMMA_STORIES": str(assets / "tinystories")}
@@ -375,14 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = [cuda_tests(plan, env)]
-        print(f"{results[-1].title}: {'passed' if results[-1].ok else 'FAILED'}", file=sys.stderr, flush=True)
+        def done(result: Result) -> None:
+            results.append(result)
+            print(f"{result.title}: {'passed' if result.ok else 'FAILED'}", file=sys.stderr, flush=True)
+            write_report(Path(args.report), plan, argv, env_line, results, time.perf_counter() - start)
+
+        results: list[Result] = []
+        done(cuda_tests(plan, env))
         table, rate = throughput(plan, env, work)
-        results.append(table)
-        print(f"{table.title}: {'passed' if table.ok else 'FAILED'}", file=sys.stderr, flush=True)
-        results.append(training(plan, env, work, assets, rate, args.train_steps, time.perf_counter() - start))
-        print(f"{results[-1].title}: {'passed' if results[-1].ok else 'FAILED'}", file=sys.stderr, flush=True)
-    write_report(Path(args.report), plan, argv, env_line, results, time.perf_counter() - start)
+        done(table)
+        done(training(plan, env, work, assets, rate, args.train_steps, time.perf_counter() - start))
     print(f"wrote {args.report}")
     return 0 if all(r.ok for r in results) else 1
 

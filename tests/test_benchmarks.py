@@ -128,10 +128,47 @@ def test_gpu_suite_sizes_the_training_from_the_measured_rate_and_the_time_left()
     suite = load_script("gpu_suite")
     plan = suite.Plan("cuda", False)  # 16 x 1,024 = 16,384 tokens per step
     assert suite.train_steps(plan, 300_000.0, None, elapsed=200)[0] == 2700  # 150 s: 2,746 steps, to a multiple of 50
-    assert suite.train_steps(plan, 300_000.0, None, elapsed=420)[0] == 1450  # late: 600 - 420 - 100 = 80 s
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=360)[0] == 1450  # late: 540 - 360 - 100 = 80 s
     assert suite.train_steps(plan, 300_000.0, None, elapsed=900)[0] == 1050  # never under 60 s
     assert suite.train_steps(plan, None, None, elapsed=0)[0] == suite.FALLBACK_TRAIN_STEPS
     assert suite.train_steps(plan, 300_000.0, 123, elapsed=0) == (123, "set by --train-steps")
+    plan.budget = 400.0  # --budget 400: 400 - 200 - 100 = 100 s
+    assert suite.train_steps(plan, 300_000.0, None, elapsed=200)[0] == 1800
+
+
+def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False, budget=100.0)
+    plan.started -= 50  # 50 s into a 100 s budget
+    assert plan.seconds_left(400) == pytest.approx(50, abs=1)
+    assert plan.seconds_left(20) == 20
+    assert plan.seconds_left(400, 0.8) == pytest.approx(30, abs=1)
+    assert plan.seconds_left(400, 0.35) == 30  # its share is spent: the floor, never nothing
+
+
+def test_gpu_suite_leaves_a_report_of_the_steps_done_when_stopped(tmp_path, monkeypatch):
+    """A suite stopped during step 3 (a machine's time limit) has already written steps 1 and 2, INCOMPLETE."""
+    suite = load_script("gpu_suite")
+    assets = tmp_path / "assets"
+    (assets / "tinystories").mkdir(parents=True)
+    (assets / "tiktoken_cache").mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (assets / "tinystories" / name).write_text("Once upon a time.\n")
+    monkeypatch.setattr(suite, "cuda_tests", lambda plan, env: suite.Result("1. CUDA tests", True, ["tests ran"], 1.0))
+    monkeypatch.setattr(suite, "throughput",
+                        lambda plan, env, work: (suite.Result("2. Training throughput", True, ["the table"], 2.0), None))
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(suite, "training", stopped)
+    report = tmp_path / "report.md"
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report)])
+    text = report.read_text()
+    assert "**INCOMPLETE**: CUDA tests passed, Training throughput passed" in text
+    assert "tests ran" in text and "the table" in text
+    assert text.rstrip().endswith("Not reached: the suite was still running, or was stopped, before this step.")
 
 
 def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):

@@ -205,7 +205,7 @@ class MuonAdamW(torch.optim.Optimizer):
     Muon (per matrix W with gradient G): B <- momentum B + (1 - momentum) G; U = Nesterov's G + momentum (B - G);
     W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(U). This is torch.optim.Muon's update; the "torch"
     backend calls its functional form (bfloat16 iteration), "float32" runs `orthogonalize` in float32.
-    AdamW: torch.optim.AdamW's single-tensor update (bias-corrected moments, decoupled weight decay).
+    AdamW: torch.optim.AdamW's update, through its functional form (bias-corrected moments, decoupled decay).
 
     FSDP2: a sharded matrix's update is gathered whole (DTensor.full_tensor), orthogonalized identically on every
     rank, and each rank keeps its own shard; the iteration needs the whole matrix.
@@ -271,19 +271,18 @@ class MuonAdamW(torch.optim.Optimizer):
             p.add_(update, alpha=-lr * muon_lr_scale(p.shape))
 
     def _adamw(self, group: dict) -> None:
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        """torch.optim.AdamW's own update (its functional form; multi-tensor on a GPU), on this group's tensors."""
+        from torch.optim.adamw import adamw
+
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            step = state["step"].item()
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            p.mul_(1 - lr * wd)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

@@ -114,6 +114,9 @@ def muon_parameters(model) -> set[str]:
             if p.requires_grad and p.dim() == 2 and name.startswith("layers.")}
 
 
+MUON_BACKENDS = ("torch", "float32", "bfloat16")
+
+
 def muon_backend(device: torch.device) -> str:
     """"torch": torch.optim.Muon's iteration, in bfloat16, where the device computes in bfloat16 natively (CUDA
     with bf16, CPUs with AVX-512 BF16 or AMX). "float32": our own iteration in float32 elsewhere, where emulated
@@ -159,6 +162,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
         return type(optimizer).__name__
     if optimizer.backend == "torch":
         return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz: this device computes bf16 natively) + AdamW"
+    if optimizer.backend == "bfloat16":
+        return "Muon (own batched bfloat16 Newton-Schulz) + AdamW"
     return "Muon (own float32 Newton-Schulz: no native bf16 here, or no torch.optim.Muon) + AdamW"
 
 
@@ -173,9 +178,12 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.mT
     # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
     x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp(min=NS_EPS)
+    flat = x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x  # one stack of matrices, or one matrix
+    fma = torch.baddbmm if flat.dim() == 3 else torch.addmm  # beta * input + alpha * (m1 @ m2), rounded once
     for _ in range(NS_STEPS):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = flat @ flat.mT
+        flat = fma(flat, fma(gram, gram, gram, beta=b, alpha=c), flat, beta=a)
+    x = flat.reshape(x.shape)
     return x.mT if tall else x
 
 
@@ -204,7 +212,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Muon (per matrix W with gradient G): B <- momentum B + (1 - momentum) G; U = Nesterov's G + momentum (B - G);
     W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(U). This is torch.optim.Muon's update; the "torch"
-    backend calls its functional form (bfloat16 iteration), "float32" runs `orthogonalize` in float32.
+    backend calls its functional form (bfloat16 iteration, one matrix at a time), "float32" and "bfloat16" run
+    `orthogonalize_all` (same-shape matrices batched) in that precision. "bfloat16" is chosen by no default yet:
+    it is there to be measured against "torch" on a GPU (benchmarks/optimizer_step.py).
     AdamW: torch.optim.AdamW's update, through its functional form (bias-corrected moments, decoupled decay).
 
     FSDP2: a sharded matrix's update is gathered whole (DTensor.full_tensor), orthogonalized identically on every
@@ -212,7 +222,7 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, groups, lr: float, betas: tuple[float, float], eps: float, backend: str = "float32"):
-        if backend not in ("torch", "float32"):
+        if backend not in MUON_BACKENDS:
             raise ValueError(f"unknown Muon backend {backend!r}")
         self.backend = backend
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False,
@@ -253,7 +263,7 @@ class MuonAdamW(torch.optim.Optimizer):
                  nesterov=group["nesterov"], ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_steps=NS_STEPS,
                  adjust_lr_fn="original", has_complex=False)
             return
-        dtype = torch.bfloat16 if self.backend == "torch" else torch.float32
+        dtype = torch.float32 if self.backend == "float32" else torch.bfloat16
         updates = []
         for p, buf in zip(params, bufs):
             buf.lerp_(p.grad, 1 - momentum)

@@ -13,7 +13,8 @@ source tree's root, and the report gives each figure with the command that produ
 1. the CUDA tests: `python -m pytest -q -m cuda tests/` (tests/test_cuda.py);
 2. the throughput table (benchmarks/train_throughput.py): gemma3-270m-gpt2 in bf16 at blocks 128 and 1024,
    tinygemma and transformers' Gemma3ForCausalLM in one process on the same batch, eager and compiled
-   (compiled tinygemma against eager transformers at block 1024, where compiling both takes minutes);
+   (compiled tinygemma against eager transformers at block 1024, where compiling both takes minutes), and the
+   optimizer's step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py);
 3. `tinygemma prepare` (GPT-2 tokenizer) and `tinygemma train` of gemma3-270m-gpt2 for about 3 minutes, whose
    validation loss must fall. Its step budget comes from step 2's compiled tinygemma figure at block 1024.
 
@@ -86,6 +87,7 @@ class Plan:
     train_block: int = TRAIN_BLOCK
     limit: int | None = None
     train_extra: tuple = ()
+    optimizer_args: tuple = ()  # benchmarks/optimizer_step.py's arguments besides preset, device and --json
     budget: float = TOTAL_SECONDS  # the whole suite's aim in seconds (--budget)
     started: float = field(default_factory=time.perf_counter)
 
@@ -100,7 +102,9 @@ class Plan:
         every section of the report, none of the figures."""
         return cls(device, True, preset="gemma3-tiny", dtype="float32", tests="tests/test_cuda.py",
                    shapes=[(32, 1), (80, 1)], modes=("eager",), bench_steps=(1, 1), train_batch=2,
-                   train_block=96, limit=400, train_extra=("learning_rate=3e-3", "min_lr=3e-4", "eval_batches=2"))
+                   train_block=96, limit=400, train_extra=("learning_rate=3e-3", "min_lr=3e-4", "eval_batches=2"),
+                   optimizer_args=("--vocab-size", "512", "--n-layers", "2", "--steps", "1", "--warmup", "0",
+                                   "--threads", "1", "--contenders", "adamw,muon-float32"))
 
 
 @dataclass
@@ -206,6 +210,16 @@ def throughput(plan: Plan, env: dict, work: Path) -> tuple[Result, float | None]
              "weights and optimizer state plus its step's peak above what the process held before it "
              "(`torch.cuda.max_memory_allocated`). Sliding layers: flex attention on the GPU past the window, "
              "as training uses it; SDPA otherwise.", "", *header, *rows, "", "Commands:", "", *commands]
+    # The optimizer's step alone, AdamW against each Muon backend: what decides Muon's backend on this device.
+    cmd = [sys.executable, "benchmarks/optimizer_step.py", "--preset", plan.preset, "--device", plan.device,
+           *plan.optimizer_args, "--json", str(work / "optimizer_step.json")]
+    code, output, seconds = run(cmd, env, timeout=plan.seconds_left(120, STEP_SHARES[1]))
+    lines += ["", f"Optimizer step alone (`{shown(cmd)}`, {seconds:.0f} s):", ""]
+    if code == 0:
+        lines += [line for line in output.splitlines() if line.startswith("|")]
+    else:
+        failures.append(f"the optimizer step timing: exit status {code}")
+        lines += tail(output, 25)
     if failures:
         lines += ["", "Failed: " + "; ".join(failures)]
     return Result("2. Training throughput", not failures, lines, time.perf_counter() - start), train_rate

@@ -101,6 +101,10 @@ def test_gpu_suite_smoke_run_writes_a_complete_report(tmp_path):
         for r in result["results"]:
             assert f"| {block} | 1 | eager | {r['contender']} | {r['tokens_per_s']:,.0f} | - | - |" in text
         assert f"| {block} | 1 | compiled | not run" in text
+    optimizer = json.loads((work / "optimizer_step.json").read_text())
+    assert "`python benchmarks/optimizer_step.py --preset gemma3-tiny --device cpu" in text
+    for name, ms in optimizer["ms_per_step"].items():
+        assert f"| {name} | {ms:,.2f} |" in text
 
     # 3. The validation losses of the run's metrics.jsonl, falling by more than a nat in 20 steps.
     records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -186,9 +190,9 @@ def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
                        "--work", str(tmp_path / "work")]) == 1
     text = report.read_text()
     assert "**FAIL**: CUDA tests FAILED, Training throughput FAILED, Training on real stories FAILED" in text
-    assert text.count("the planted failure") == 4  # the tests, two benchmark runs, prepare
+    assert text.count("the planted failure") == 5  # the tests, two benchmark runs, the optimizer timing, prepare
     assert "| 32 | 1 | eager | FAILED, see command 1 |" in text and "| 80 | 1 | eager | FAILED, see command 2 |" in text
-    assert len(ran) == 4  # training is not attempted on data that was never prepared
+    assert len(ran) == 5  # training is not attempted on data that was never prepared
 
 
 def test_recipe_efficiency_sweep_decision():
@@ -259,3 +263,20 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     cut = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
     assert cut["finals"]["workshop"]["seeds"] == [1337] and cut["finals"]["muon"] == result["finals"]["muon"]
     assert "| workshop (1 of 2 seeds) |" in capsys.readouterr().out
+
+
+def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, capsys):
+    """benchmarks/optimizer_step.py on a 2-layer gemma3-tiny: one row per contender, and the Muon backends' first
+    steps agree (within bf16's precision) before anything is timed."""
+    bench = load_script("optimizer_step")
+    out = tmp_path / "optimizer_step.json"
+    contenders = ["adamw", "muon-float32", "muon-bfloat16"] + (["muon-torch"] if hasattr(torch.optim, "Muon") else [])
+    assert bench.main(["--vocab-size", "512", "--n-layers", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
+                       "--contenders", ",".join(contenders), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["ms_per_step"]) == contenders and all(ms > 0 for ms in result["ms_per_step"].values())
+    assert set(result["first_step_relative_difference"]) == set(contenders[2:])
+    assert all(0 < d < 5e-2 for d in result["first_step_relative_difference"].values())
+    table = capsys.readouterr().out
+    for name in contenders:
+        assert f"| {name} | {result['ms_per_step'][name]:,.2f} |" in table

@@ -1,0 +1,135 @@
+"""Optimizer step time alone: AdamW against MuonAdamW with each Newton-Schulz backend, on one model's parameters.
+
+A training step's optimizer share is what decides between Muon's backends on a device, and it is cheap to
+measure apart from the model: this times `optimizer.step()` only, for the parameters of a preset, with the
+same fixed gradients for every contender.
+
+Contenders (each with its own copy of the weights and its own state, taking turns round by round):
+  adamw           torch.optim.AdamW as `optimizer = "adamw"` builds it (fused on CUDA)
+  muon-torch      MuonAdamW, Muon through torch.optim.Muon's functional form: bf16, one matrix at a time
+                  (the default where the device computes bf16 natively); needs torch >= 2.9
+  muon-float32    MuonAdamW, our iteration in float32, same-shape matrices batched (the default elsewhere)
+  muon-bfloat16   MuonAdamW, our batched iteration in bf16 (no default chooses it yet: this measures it)
+
+On CUDA the clock is read after `torch.cuda.synchronize()`; the figure is the median of --steps timed rounds
+after --warmup. The step before timing checks that every Muon backend moved the weights alike.
+
+    python benchmarks/optimizer_step.py                                   # gemma3-tiny on this CPU
+    python benchmarks/optimizer_step.py --preset gemma3-270m-gpt2 --device cuda --json optimizer_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
+
+from common import device_description  # noqa: E402
+
+from tinygemma import Gemma3, ModelConfig  # noqa: E402
+from tinygemma.config import load_recipe  # noqa: E402
+from tinygemma.optim import MUON_BACKENDS, MuonAdamW, configure_optimizer  # noqa: E402
+
+
+class _Runtime:  # the one field configure_optimizer reads of a training runtime
+    def __init__(self, device: torch.device):
+        self.device = device
+
+
+def build(name: str, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The contender's optimizer exactly as training configures it, its Muon backend then set by name."""
+    if name == "adamw":
+        return configure_optimizer(model, load_recipe(None, ["optimizer=adamw"]).train, _Runtime(device))
+    backend = name.removeprefix("muon-")
+    if backend not in MUON_BACKENDS:
+        raise SystemExit(f"optimizer_step: error: unknown contender {name!r}")
+    optimizer = configure_optimizer(model, load_recipe(None, ["optimizer=muon"]).train, _Runtime(device))
+    assert isinstance(optimizer, MuonAdamW)
+    optimizer.backend = backend
+    return optimizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gemma3-tiny")
+    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary (e.g. 4096 for cpu-demo's BPE)")
+    p.add_argument("--n-layers", type=int, help="override the preset's layer count (a smaller smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--contenders", default="adamw,muon-torch,muon-float32,muon-bfloat16")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--json", help="write the figures here too")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = [n for n in args.contenders.split(",") if n]
+    if "muon-torch" in names and not hasattr(torch.optim, "Muon"):
+        print("optimizer_step: muon-torch skipped: this torch has no torch.optim.Muon", file=sys.stderr)
+        names.remove("muon-torch")
+
+    overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("n_layers", args.n_layers)) if v}
+    torch.manual_seed(0)
+    base = Gemma3(ModelConfig.preset(args.preset, **overrides)).to(device)
+    g = torch.Generator(device=device).manual_seed(1)
+    grads = {n: 1e-3 * torch.randn(p.shape, generator=g, device=device) for n, p in base.named_parameters()}
+    models = {name: copy.deepcopy(base) for name in names}
+    optimizers = {name: build(name, models[name], device) for name in names}
+
+    def step(name: str) -> float:
+        for n, p in models[name].named_parameters():
+            p.grad = grads[n]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizers[name].step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for name in names:  # one step each, then check the Muon backends moved the weights alike
+        step(name)
+    moved = {name: torch.cat([(p.detach() - q.detach()).flatten().float()
+                              for p, q in zip(models[name].parameters(), base.parameters())]) for name in names}
+    muons = [n for n in names if n.startswith("muon-")]
+    agreement = {n: ((moved[n] - moved[muons[0]]).norm() / moved[muons[0]].norm()).item() for n in muons[1:]}
+    for n, rel in agreement.items():
+        if rel > 5e-2:
+            print(f"optimizer_step: error: {n}'s first step differs from {muons[0]}'s by {rel:.1%}", file=sys.stderr)
+            return 1
+
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.warmup + args.steps):
+        for name in names:
+            seconds = step(name)
+            if round_ >= args.warmup:
+                times[name].append(seconds)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    reference = median.get("adamw", next(iter(median.values())))
+    params = sum(p.numel() for p in base.parameters())
+    print(f"{args.preset} ({params:,} parameters), {device_description(device)}, torch {torch.__version__}; "
+          f"optimizer.step() alone, median of {args.steps} rounds after {args.warmup}")
+    print("| contender | ms per step | vs adamw |\n|---|---:|---:|")
+    for name in names:
+        print(f"| {name} | {1000 * median[name]:,.2f} | {median[name] / reference:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "command": "python benchmarks/optimizer_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "preset": args.preset, "parameters": params, "device": device_description(device),
+            "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+            "ms_per_step": {n: 1000 * m for n, m in median.items()}, "first_step_relative_difference": agreement,
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -150,14 +150,19 @@ def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():
     assert plan.seconds_left(400, 0.35) == 30  # its share is spent: the floor, never nothing
 
 
-def test_gpu_suite_leaves_a_report_of_the_steps_done_when_stopped(tmp_path, monkeypatch):
-    """A suite stopped during step 3 (a machine's time limit) has already written steps 1 and 2, INCOMPLETE."""
-    suite = load_script("gpu_suite")
-    assets = tmp_path / "assets"
+def fake_assets(assets: Path) -> Path:
+    """An assets folder of the right shape whose contents no step can use: for runs whose commands are faked."""
     (assets / "tinystories").mkdir(parents=True)
     (assets / "tiktoken_cache").mkdir()
     for name in ("train.txt", "valid.txt"):
         (assets / "tinystories" / name).write_text("Once upon a time.\n")
+    return assets
+
+
+def test_gpu_suite_leaves_a_report_of_the_steps_done_when_stopped(tmp_path, monkeypatch):
+    """A suite stopped during step 3 (a machine's time limit) has already written steps 1 and 2, INCOMPLETE."""
+    suite = load_script("gpu_suite")
+    assets = fake_assets(tmp_path / "assets")
     monkeypatch.setattr(suite, "cuda_tests", lambda plan, env: suite.Result("1. CUDA tests", True, ["tests ran"], 1.0))
     monkeypatch.setattr(suite, "throughput",
                         lambda plan, env, work: (suite.Result("2. Training throughput", True, ["the table"], 2.0), None))
@@ -178,11 +183,7 @@ def test_gpu_suite_leaves_a_report_of_the_steps_done_when_stopped(tmp_path, monk
 def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
     """Every command failing (here: made to fail) gives a report that says FAIL for each step, with the output."""
     suite = load_script("gpu_suite")
-    assets = tmp_path / "assets"
-    (assets / "tinystories").mkdir(parents=True)
-    (assets / "tiktoken_cache").mkdir()
-    for name in ("train.txt", "valid.txt"):
-        (assets / "tinystories" / name).write_text("Once upon a time.\n")
+    assets = fake_assets(tmp_path / "assets")
     ran = []
     monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: ran.append(cmd) or (3, "the planted failure", 0.5))
     report = tmp_path / "report.md"

@@ -294,3 +294,26 @@ def test_cli_refuses_bad_settings_in_one_line(data_dir, tmp_path, capsys):
         assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--set", setting]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_log_lines_rate_leaves_out_the_first_step_and_their_mfu_is_at_that_rate(data_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """The log line's tok/s is the smoothed rate of this invocation's steps after its first (which compiles, and
+    once dragged the average for dozens of steps), and its MFU is computed at that same rate, not the step's."""
+    import tinygemma.train as train_module
+
+    monkeypatch.setattr(train_module, "peak_flops", lambda device: 1e9)  # a made-up peak, so that MFU is shown
+    out = tmp_path / "run"
+    train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=3", "warmup_steps=1", "log_interval=1",
+                                                        "eval_interval=100")))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "tok/s" in line]
+    records = [r for r in metrics(out) if "train_loss" in r]
+    assert len(lines) == len(records) == 3
+    rates = [r["tokens_per_s"] for r in records]
+    flops_per_token = records[0]["mfu"] * 1e9 / rates[0]  # each record's MFU is its own step's
+    smoothed = [rates[0], rates[1], 0.9 * rates[1] + 0.1 * rates[2]]  # step 1 shown alone, then left out
+    for line, want in zip(lines, smoothed):
+        shown = float(line.split(" tok/s")[0].rsplit("| ", 1)[1].replace(",", ""))
+        mfu = float(line.split("mfu ")[1].split("%")[0])
+        assert shown == pytest.approx(want, abs=0.51)  # printed to the unit
+        assert mfu == pytest.approx(100 * flops_per_token * shown / 1e9, rel=1e-3, abs=0.051)  # both rounded

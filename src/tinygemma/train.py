@@ -116,6 +116,7 @@ class Trainer:
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = self.throughput = None
+        self.steps_timed = 0  # steps of this invocation: its first (compilation, first allocations) is not averaged
 
         micro_steps_per_process(self.cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
         self.log_file = self.writer = self.progress = None
@@ -224,10 +225,16 @@ class Trainer:
         step_time = time.perf_counter() - t0
         self.elapsed += step_time
         record["tokens_per_s"] = rate = self.tokens_per_step / step_time
-        self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
+        self.steps_timed += 1
+        if self.steps_timed > 1:  # the log's smoothed rate: a compiling first step would drag it for dozens of steps
+            self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
         if self.peak:
-            record["mfu"] = self.flops_per_token * rate / (self.peak * rt.world_size)
+            record["mfu"] = self.mfu(rate)
         return record
+
+    def mfu(self, rate: float) -> float:
+        """Model FLOPs utilization at `rate` tokens/s over all processes' peak."""
+        return self.flops_per_token * rate / (self.peak * self.rt.world_size)
 
     def refuse_or_skip(self, record: dict) -> None:
         """A non-finite loss or gradient: stop the run (on_nonfinite = "stop") or count the step as skipped."""
@@ -253,14 +260,15 @@ class Trainer:
         self.log_file.append(record)
         for key in ("train_loss", "lr", "grad_norm", "tokens_per_s"):
             self.writer.add_scalar(f"train/{key.removeprefix('train_')}", record[key], done)
+        rate = self.throughput or record["tokens_per_s"]  # smoothed, once past this invocation's first step
         if self.progress:
             self.progress.update(1)
-            self.progress.set_postfix_str(f"loss {record['train_loss']:.4f} | {self.throughput:,.0f} tok/s")
+            self.progress.set_postfix_str(f"loss {record['train_loss']:.4f} | {rate:,.0f} tok/s")
         if done % self.cfg.log_interval == 0 or done == end:
             self.log_file.flush()
             if not self.progress and not self.quiet:
-                eta = (self.cfg.max_steps - done) * self.tokens_per_step / self.throughput
-                self.say(log_line(record, self.cfg.max_steps, self.throughput, eta))
+                eta = (self.cfg.max_steps - done) * self.tokens_per_step / rate
+                self.say(log_line(record, self.cfg.max_steps, rate, eta, self.mfu(rate) if self.peak else None))
 
     def evaluate(self, step: int) -> dict:
         """Validation loss, perplexity and bits per byte at `step`, recorded and plotted."""

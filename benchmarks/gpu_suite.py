@@ -66,8 +66,13 @@ TRAIN_SECONDS = 150  # the steps' share of the ~3 minutes; compilation and evalu
 TOTAL_SECONDS = 540
 TRAIN_OVERHEAD_SECONDS = 100  # step 3 besides its steps: preparation, compilation, evaluations, checkpoint
 MIN_TRAIN_SECONDS = 60
-FALLBACK_TRAIN_STEPS = 600  # when step 2 gave no compiled figure to size the run from
-STEP_SHARES = (0.35, 0.7)  # steps 1 and 2 end by these fractions of the budget, stopped if need be
+FALLBACK_TRAIN_STEPS = 300  # when step 2 gave no compiled figure to size the run from (Muon: about 40 s)
+STEP_SHARES = (0.3, 0.62)  # steps 1 and 2 end by these fractions of the budget, stopped if need be; the rest
+# (205 s of 540) is step 3's: its 60 s minimum of steps plus its overhead
+MIN_COMMAND_SECONDS = 30  # a command with less time left in its share is not started, and says so
+# Step 3 trains with the default recipe (Muon), step 2 times AdamW: on the first H100 run Muon's steps at one
+# micro-step ran at 133k tokens/s against compiled AdamW's 192k. Sizing step 3 by step 2's rate alone overran.
+MUON_RATE_FACTOR = 0.65
 MIN_VAL_DROP = 1.0  # nats: validation loss must fall at least this much from step 0 to the end
 
 
@@ -92,9 +97,11 @@ class Plan:
     started: float = field(default_factory=time.perf_counter)
 
     def seconds_left(self, limit: float, share: float = 1.0) -> float:
-        """A command's timeout: at most `limit`, and no later than `share` of the budget after the suite started
-        (never under 30 s), so that a slow step leaves the later ones their turn and the report is written."""
-        return min(limit, max(30.0, self.started + share * self.budget - time.perf_counter()))
+        """A command's timeout: at most `limit`, and no later than `share` of the budget after the suite started,
+        so that a slow step leaves the later ones their turn and the report is written. 0 (do not start it) when
+        less than MIN_COMMAND_SECONDS are left."""
+        left = self.started + share * self.budget - time.perf_counter()
+        return min(limit, left) if left >= MIN_COMMAND_SECONDS else 0.0
 
     @classmethod
     def quick_cpu(cls, device: str) -> Plan:
@@ -117,6 +124,8 @@ class Result:
 
 def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     """Run `cmd` from the source root; (exit status, stdout and stderr together, seconds). A timeout is status 124."""
+    if timeout <= 0:
+        return 124, "(not started: its step's share of --budget was spent)", 0.0
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -238,11 +247,11 @@ def train_steps(plan: Plan, rate: float | None, forced: int | None, elapsed: flo
     if rate is None:
         return FALLBACK_TRAIN_STEPS, "a fixed budget: step 2 gave no compiled tinygemma figure at this block"
     seconds = max(MIN_TRAIN_SECONDS, min(TRAIN_SECONDS, plan.budget - elapsed - TRAIN_OVERHEAD_SECONDS))
-    steps = int(seconds * rate / tokens_per_step) // EVAL_INTERVAL * EVAL_INTERVAL
+    steps = int(seconds * MUON_RATE_FACTOR * rate / tokens_per_step) // EVAL_INTERVAL * EVAL_INTERVAL
     steps = max(2 * EVAL_INTERVAL, min(steps, 5000))
-    return steps, (f"{seconds:.0f} s at the compiled tinygemma rate of step 2 ({rate:,.0f} tokens/s), "
-                   f"{tokens_per_step:,} tokens per step, rounded down to a multiple of {EVAL_INTERVAL}; "
-                   f"{elapsed:.0f} s had passed")
+    return steps, (f"{seconds:.0f} s at {MUON_RATE_FACTOR} x the compiled tinygemma (AdamW) rate of step 2 "
+                   f"({rate:,.0f} tokens/s; Muon's steps are slower), {tokens_per_step:,} tokens per step, rounded "
+                   f"down to a multiple of {EVAL_INTERVAL}; {elapsed:.0f} s had passed")
 
 
 def training(plan: Plan, env: dict, work: Path, assets: Path, rate: float | None, forced: int | None,
@@ -324,8 +333,8 @@ def environment(plan: Plan) -> list[str]:
     else:
         device = f"{cpu_description()} (no GPU: a smoke run)"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
+        commit = subprocess.run(["git", "describe", "--always", "--dirty=, with uncommitted changes"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     return ["| | |", "|---|---|", f"| device | {device} |", f"| torch | {torch.__version__} |",

@@ -12,7 +12,7 @@ Contenders (each with its own copy of the weights and its own state, taking turn
   muon-bfloat16   MuonAdamW, our batched iteration in bf16 (no default chooses it yet: this measures it)
 
 On CUDA the clock is read after `torch.cuda.synchronize()`; the figure is the median of --steps timed rounds
-after --warmup. The step before timing checks that every Muon backend moved the weights alike.
+after --warmup. The step before timing checks that every Muon backend moved the Muon matrices alike.
 
     python benchmarks/optimizer_step.py                                   # gemma3-tiny on this CPU
     python benchmarks/optimizer_step.py --preset gemma3-270m-gpt2 --device cuda --json optimizer_step.json
@@ -36,7 +36,7 @@ from common import device_description  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.config import load_recipe  # noqa: E402
-from tinygemma.optim import MUON_BACKENDS, MuonAdamW, configure_optimizer  # noqa: E402
+from tinygemma.optim import MUON_BACKENDS, MuonAdamW, configure_optimizer, muon_parameters  # noqa: E402
 
 
 class _Runtime:  # the one field configure_optimizer reads of a training runtime
@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in names:  # one step each, then check the Muon backends moved the weights alike
         step(name)
-    moved = {name: torch.cat([(p.detach() - q.detach()).flatten().float()
-                              for p, q in zip(models[name].parameters(), base.parameters())]) for name in names}
+    muon_names = muon_parameters(base)  # only Muon's matrices: AdamW's embedding would dominate the norm
+    before = dict(base.named_parameters())
+    moved = {name: torch.cat([(p.detach() - before[n].detach()).flatten().float()
+                              for n, p in models[name].named_parameters() if n in muon_names]) for name in names}
     muons = [n for n in names if n.startswith("muon-")]
     agreement = {n: ((moved[n] - moved[muons[0]]).norm() / moved[muons[0]].norm()).item() for n in muons[1:]}
     for n, rel in agreement.items():

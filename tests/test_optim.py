@@ -102,6 +102,8 @@ def test_own_muon_matches_torch_muon():
                 assert moved > 0.01 and differ < 2e-2 * moved
                 if backend == "float32":
                     assert differ > 0  # the iteration really ran in another precision
+                else:  # the same precision as torch's: far closer than float32 gets (1-1.5% here)
+                    assert differ < 5e-3 * moved
 
 
 def test_batched_iteration_equals_one_matrix_at_a_time():

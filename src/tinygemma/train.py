@@ -116,7 +116,6 @@ class Trainer:
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = self.throughput = None
-        self.steps_timed = 0  # steps of this invocation: its first (compilation, first allocations) is not averaged
 
         micro_steps_per_process(self.cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
         self.log_file = self.writer = self.progress = None
@@ -225,8 +224,9 @@ class Trainer:
         step_time = time.perf_counter() - t0
         self.elapsed += step_time
         record["tokens_per_s"] = rate = self.tokens_per_step / step_time
-        self.steps_timed += 1
-        if self.steps_timed > 1:  # the log's smoothed rate: a compiling first step would drag it for dozens of steps
+        # The log's smoothed rate leaves out this invocation's first step (compilation, first allocations), which
+        # would drag it for dozens of steps.
+        if step > self.start:
             self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
         if self.peak:
             record["mfu"] = self.mfu(rate)

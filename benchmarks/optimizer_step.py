@@ -12,7 +12,7 @@ Contenders (each with its own copy of the weights and its own state, taking turn
   muon-bfloat16   MuonAdamW, our batched iteration in bf16 (no default chooses it yet: this measures it)
 
 On CUDA the clock is read after `torch.cuda.synchronize()`; the figure is the median of --steps timed rounds
-after --warmup. The step before timing checks that every Muon backend moved the Muon matrices alike.
+after --warmup untimed ones (at least one), by common.time_interleaved. The step before timing checks that every Muon backend moved the Muon matrices alike.
 
     python benchmarks/optimizer_step.py                                   # gemma3-tiny on this CPU
     python benchmarks/optimizer_step.py --preset gemma3-270m-gpt2 --device cuda --json optimizer_step.json
@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 
-from common import device_description  # noqa: E402
+from common import device_description, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.config import load_recipe  # noqa: E402
@@ -85,19 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     models = {name: copy.deepcopy(base) for name in names}
     optimizers = {name: build(name, models[name], device) for name in names}
 
-    def step(name: str) -> float:
+    for name in names:  # the gradients stay put: no optimizer here writes to them, and nothing zeroes them
         for n, p in models[name].named_parameters():
             p.grad = grads[n]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        optimizers[name].step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for name in names:  # one step each, then check the Muon backends moved the weights alike
-        step(name)
+        optimizers[name].step()
     muon_names = muon_parameters(base)  # only Muon's matrices: AdamW's embedding would dominate the norm
     before = dict(base.named_parameters())
     moved = {name: torch.cat([(p.detach() - before[n].detach()).flatten().float()
@@ -109,13 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"optimizer_step: error: {n}'s first step differs from {muons[0]}'s by {rel:.1%}", file=sys.stderr)
             return 1
 
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(args.warmup + args.steps):
+    for _ in range(args.warmup - 1):  # time_interleaved runs the last untimed round itself
         for name in names:
-            seconds = step(name)
-            if round_ >= args.warmup:
-                times[name].append(seconds)
-    median = {name: statistics.median(t) for name, t in times.items()}
+            optimizers[name].step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds, _ = time_interleaved([optimizers[name].step for name in names], args.steps, sync)
+    median = dict(zip(names, seconds))
     reference = median.get("adamw", next(iter(median.values())))
     params = sum(p.numel() for p in base.parameters())
     print(f"{args.preset} ({params:,} parameters), {device_description(device)}, torch {torch.__version__}; "

@@ -35,21 +35,17 @@ from common import device_description, time_interleaved  # noqa: E402
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.config import load_recipe  # noqa: E402
 from tinygemma.optim import MUON_BACKENDS, MuonAdamW, configure_optimizer, muon_parameters  # noqa: E402
-
-
-class _Runtime:  # the one field configure_optimizer reads of a training runtime
-    def __init__(self, device: torch.device):
-        self.device = device
+from tinygemma.runtime import Runtime  # noqa: E402
 
 
 def build(name: str, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """The contender's optimizer exactly as training configures it, its Muon backend then set by name."""
     if name == "adamw":
-        return configure_optimizer(model, load_recipe(None, ["optimizer=adamw"]).train, _Runtime(device))
+        return configure_optimizer(model, load_recipe(None, ["optimizer=adamw"]).train, Runtime(device, torch.float32))
     backend = name.removeprefix("muon-")
     if backend not in MUON_BACKENDS:
         raise SystemExit(f"optimizer_step: error: unknown contender {name!r}")
-    optimizer = configure_optimizer(model, load_recipe(None, ["optimizer=muon"]).train, _Runtime(device))
+    optimizer = configure_optimizer(model, load_recipe(None, ["optimizer=muon"]).train, Runtime(device, torch.float32))
     assert isinstance(optimizer, MuonAdamW)
     optimizer.backend = backend
     return optimizer

@@ -114,10 +114,11 @@ def _prepare_main(args) -> int:
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="pre-train the model on prepared data (single process or torchrun)",
-        description="Pre-train the model on prepared data. On several GPUs: torchrun --nproc-per-node N "
-                    "--max-restarts 3 -m tinygemma train --out RUN --resume ...: when a process is lost, torchrun "
-                    "restarts them all, and --resume continues from the last checkpoint (the first start, with no "
-                    "checkpoint yet, is a fresh run).")
+        description="Pre-train the model on prepared data. On several GPUs: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                    "torchrun --nproc-per-node N --max-restarts 3 -m tinygemma train --out RUN --resume ...: when a "
+                    "process is lost, torchrun restarts them all, and --resume continues from the last checkpoint "
+                    "(the first start, with no checkpoint yet, is a fresh run). The variable works around "
+                    "pytorch/pytorch#135712, which can make a restart fail to connect.")
     p.add_argument("--data", help="prepared data directory (train.bin, val.bin, meta.json); default: the recipe's data.dir")
     p.add_argument("--out", help="run directory to write; default: the recipe's train.out")
     p.add_argument("--model", help="model preset (gemma3-270m, gemma3-270m-gpt2, gemma3-tiny); default: the recipe's")

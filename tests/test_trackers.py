@@ -130,6 +130,12 @@ def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_th
     saved = SQLiteStorage.get_run_config(tinygemma.trackers.PROJECT, ids["trackio"])
     assert {k: saved[k] for k in config} == config
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    text = events.Tensors("config/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert json.loads(text.removeprefix("```json\n").removesuffix("\n```")) == config
     board = tensorboard_scalars(out)  # float32 on disk
     assert board.keys() == want.keys()
     for step, scalars in want.items():

@@ -2,7 +2,8 @@
 
 One table maps every parameter name (`HF_NAME_MAP`, with `{}` for the layer index) and its inverse; config.json
 converts to and from ModelConfig; a transformers directory (single or sharded safetensors) loads as a Gemma3, and
-a Gemma3 saves as a directory that `Gemma3ForCausalLM.from_pretrained` loads with no missing or unexpected keys.
+a Gemma3 saves as a directory that `Gemma3ForCausalLM.from_pretrained` loads with no missing or unexpected keys,
+and such a directory can be uploaded to the hub.
 """
 
 from __future__ import annotations

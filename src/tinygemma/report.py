@@ -27,7 +27,14 @@ from tinygemma.checkpoint import (
     read_checkpoint_meta,
     resolve_checkpoint,
 )
-from tinygemma.config import DataConfig, GenerateConfig, ModelConfig, Recipe, TrainConfig
+from tinygemma.config import (
+    DataConfig,
+    GenerateConfig,
+    ModelConfig,
+    Recipe,
+    TrainConfig,
+    saved_train_settings,
+)
 from tinygemma.data import HUB_DATASET
 from tinygemma.devices import device_description, pick_device
 from tinygemma.errors import UserError
@@ -78,6 +85,7 @@ def source_commit() -> str | None:
 def reproduce_command(recipe: dict) -> str:
     """`tinygemma train --set ...` with every setting of `recipe` (Recipe.to_dict()) that differs from the
     built-in defaults, in the form --set reads back: the same recipe, whatever file it first came from."""
+    recipe = {**recipe, "train": saved_train_settings(recipe.get("train") or {})}  # as the run was trained
     recipe = Recipe.from_dict(recipe, source="the run's recipe")
     sets = [f"model.preset={recipe.model_preset}"]
     preset = ModelConfig.preset(recipe.model_preset).to_dict()

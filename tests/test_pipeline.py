@@ -85,6 +85,13 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
         assert f"--- sample {i + 1}: " in out and f"\n{sample}\n" in out  # what was printed
         assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) in report
     assert main(shlex.split(lines["export"])[1:]) == 0 and (tmp_path / "hf" / "run" / "model.safetensors").exists()
+    # Its model card: the whole-split evaluation of this checkpoint, and samples generated from the exported
+    # files with the recipe's settings: the run's own samples again.
+    card = (tmp_path / "hf" / "run" / "README.md").read_text()
+    assert f"the whole validation split ({evaluation['tokens']:,} tokens), by `tinygemma run`" in card
+    assert f"| {evaluation['loss']:.4f} | {evaluation['bits_per_byte']:.4f} |" in card
+    for sample in recorded["samples"]:
+        assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) in card
     capsys.readouterr()
     assert main(shlex.split(lines["a story"])[1:] + ["--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("Once upon a time")

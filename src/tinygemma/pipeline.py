@@ -68,7 +68,7 @@ def run(recipe: Recipe) -> dict:
                                  temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
         samples.append(prompt + texts[0])
         print(f"\n--- sample {i + 1}: {prompt!r}\n{prompt}{texts[0]}", flush=True)
-    # Recorded, so that report.md (and the model card of an export of this checkpoint) can show them.
+    # Recorded for report.md, and for the model card of this checkpoint's export (its whole-split evaluation).
     checkpoint = resolve_checkpoint(recipe.out).name
     atomic_write_json(Path(recipe.out) / EVAL_NAME, {"checkpoint": checkpoint, "split": "val", "eval": metrics,
                                                     "samples": samples, "generate": dataclasses.asdict(g)})

@@ -7,42 +7,12 @@ different CPUs.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones that change our CPU figures
-
-
-def cpu_description() -> str:
-    """E.g. "AMD EPYC (avx2; no avx512f, avx512_bf16, amx_bf16), 2 cores"."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    have = [f for f in CPU_FLAGS if f in flags]
-    lacking = [f for f in CPU_FLAGS if f not in flags]
-    listed = ", ".join(have) or "none of " + ", ".join(CPU_FLAGS)
-    return f"{name} ({listed}{'; no ' + ', '.join(lacking) if have and lacking else ''}), {os.cpu_count()} cores"
-
-
-def device_description(device: torch.device) -> str:
-    """The GPU's name, or the CPU's description with the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_description()}, {torch.get_num_threads()} threads"
+# The machine's description lives with the device choice, so that run reports name the machine the same way.
+from tinygemma.devices import CPU_FLAGS, cpu_description, device_description  # noqa: E402, F401 (re-exported)
 
 
 def time_interleaved(fns: list[Callable], repeats: int, sync: Callable[[], None] = lambda: None):

@@ -59,7 +59,7 @@ def test_the_bracketed_train_defaults_are_the_real_defaults(name):
     defaults = load_recipe(None).to_dict()["train"]
     section = (CONFIGS / name).read_text().split("[train]")[1].split("\n[")[0]
     checked = 0
-    for key, shown in re.findall(r"^(\w+) = .*\[([^\]]*)\]$", section, re.MULTILINE):
+    for key, shown in re.findall(r"^(\w+) = .*\[(\[[^\]]*\]|[^\]]*)\]$", section, re.MULTILINE):  # [x] or [[a, b]]
         try:
             value = tomllib.loads(f"v = {shown}")["v"]
         except tomllib.TOMLDecodeError:

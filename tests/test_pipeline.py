@@ -75,7 +75,23 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     assert lines["run directory"].startswith(str(run_dir))
     assert lines["loss curve"] == str(run_dir / "loss.png") and (run_dir / "loss.png").stat().st_size > 1000
     assert lines["TensorBoard"] == f"tensorboard --logdir {run_dir / 'tb'}" and any((run_dir / "tb").iterdir())
+    # report.md: the whole-split evaluation and the samples, recorded in eval.json, beside the training's records.
+    assert lines["report"] == str(run_dir / "report.md")
+    recorded, report = json.loads((run_dir / "eval.json").read_text()), (run_dir / "report.md").read_text()
+    assert recorded["eval"] == evaluation and len(recorded["samples"]) == 2
+    assert (f"| whole validation split ({evaluation['tokens']:,} tokens), checkpoint `{recorded['checkpoint']}` | "
+            f"{evaluation['loss']:.4f} | {evaluation['bits_per_byte']:.4f} |") in report
+    for i, sample in enumerate(recorded["samples"]):
+        assert f"--- sample {i + 1}: " in out and f"\n{sample}\n" in out  # what was printed
+        assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) in report
     assert main(shlex.split(lines["export"])[1:]) == 0 and (tmp_path / "hf" / "run" / "model.safetensors").exists()
+    # Its model card: the whole-split evaluation of this checkpoint, and samples generated from the exported
+    # files with the recipe's settings: the run's own samples again.
+    card = (tmp_path / "hf" / "run" / "README.md").read_text()
+    assert f"the whole validation split ({evaluation['tokens']:,} tokens), by `tinygemma run`" in card
+    assert f"| {evaluation['loss']:.4f} | {evaluation['bits_per_byte']:.4f} |" in card
+    for sample in recorded["samples"]:
+        assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) in card
     capsys.readouterr()
     assert main(shlex.split(lines["a story"])[1:] + ["--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("Once upon a time")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import test_train
 import torch
-from test_train import run, tiny_settings, train_losses
+from test_train import run, tiny_settings, torchrun, train_losses, val_losses
 
 import tinygemma
 import tinygemma.checkpoint
@@ -22,8 +22,10 @@ import tinygemma.train
 from tinygemma.model import Gemma3
 
 ROOT = Path(__file__).resolve().parents[1]
-# test_train's fixtures: real stories BPE-tokenized, the uninterrupted 40-step run, one thread per process.
+# test_train's fixtures: real stories BPE-tokenized, the uninterrupted 40-step run, one thread per process, and
+# the uninterrupted 15 steps of two processes under torchrun.
 data_dir, straight_run, one_thread = test_train.data_dir, test_train.straight_run, test_train.one_thread
+two_process_run = test_train.two_process_run
 
 
 def last_checkpoint(run_dir: Path) -> dict | None:
@@ -151,3 +153,44 @@ def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_
     monkeypatch.setattr(pickle, "load", unpickle)
     monkeypatch.setattr(pickle, "loads", unpickle)
     assert run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4
+
+
+def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,
+                                                                                   tmp_path):
+    """The documented multi-GPU command, `torchrun --max-restarts N -m tinygemma train ... --resume`, on 2 gloo
+    processes. First attempt: process 1 is killed (SIGKILL) after the checkpoint of step 5, as it begins step 7.
+    torchrun restarts both; the second attempt resumes from step 5, and process 0 is killed in the middle of
+    writing the checkpoint of step 10. The third attempt finds the checkpoint of step 5 intact and loadable beside
+    the half-written one, resumes from it, and finishes: its losses are those of the uninterrupted two-process run,
+    exactly, each step logged once, and one wandb run (only rank 0 logs) continued across the attempts."""
+    out, log = tmp_path / "restarted", tmp_path / "attempts.jsonl"
+    faults = [{"rank": 1, "step": 6}, {"rank": 0, "save": 2}]  # save 2: the optimizer of checkpoint 10
+    env = {"TINYGEMMA_FAULTS": json.dumps(faults), "TINYGEMMA_FAULT_LOG": str(log), "TINYGEMMA_FAULT_RUN": str(out),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as documented: without it a restart can fail to connect
+    proc = torchrun(out, data_dir, "--resume", "--stop-at", "15",
+                    settings=[*test_train.TWO_PROCESS_SETTINGS, "loggers=tensorboard,wandb"],
+                    entry=[str(ROOT / "tests" / "torchrun_faults.py")], options=["--max-restarts=2"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pytorch/pytorch#135712" not in proc.stderr  # the variable reached torchrun: no warning
+    attempts = [json.loads(line) for line in log.read_text().splitlines()]
+    assert attempts == [{"attempt": 0, "last": None, "loads": False, "half": []},  # --resume starts it fresh
+                        {"attempt": 1, "last": 5, "loads": True, "half": []},
+                        {"attempt": 2, "last": 5, "loads": True, "half": [".tmp-step_000010"]}]
+
+    assert train_losses(out) == train_losses(two_process_run)  # steps 1 to 15, exactly
+    assert val_losses(out) == val_losses(two_process_run)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 16))  # the lost work was cut
+    assert last_checkpoint(out)["step"] == 15
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+    from test_trackers import wandb_run
+
+    # One wandb run, continued by each attempt: one offline directory per attempt (rank 0 alone logs), each named
+    # by the run id (the killed attempts' logs may be cut short); the last holds the steps after the checkpoint.
+    wandb_id = json.loads((out / "trackers.json").read_text())["wandb"]
+    assert [d.name.rsplit("-", 1)[1] for d in sorted((out / "wandb").glob("offline-run-*"))] == [wandb_id] * 3
+    last = wandb_run(out)[-1]
+    assert last["id"] == wandb_id
+    assert {s: h["train/loss"] for s, h in last["history"].items() if "train/loss" in h} == {
+        s: loss for s, loss in train_losses(out).items() if s > 5}

@@ -89,3 +89,15 @@ def test_muon_runs_its_float32_iteration_on_gpus_that_only_emulate_bfloat16(monk
     assert muon_backend(torch.device("cuda", 0)) == "float32"
     FakeCuda(monkeypatch, native_bf16=True)
     assert muon_backend(torch.device("cuda", 0)) == "torch"
+
+
+def test_torchrun_restarts_through_a_shared_store_are_warned_about():
+    """torchrun --max-restarts with its rendezvous store shared with the processes (its default) can fail to
+    reconnect a restarted process (seen in tests/test_reliability_train.py); the warning names the fix."""
+    from tinygemma.runtime import restart_warning
+
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_warning(shared)
+    assert restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # what that variable gives
+    assert restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None  # nothing is restarted
+    assert restart_warning({}) is None  # not under torchrun

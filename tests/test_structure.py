@@ -20,7 +20,8 @@ LAYERS = [
     "data",
     "evaluation", "decode", "generate",
     "hf", "checkpoint",  # the Hugging Face adapter, then our checkpoints (which load through it)
-    "metrics", "profiling", "optim", "parallelize", "train",
+    "metrics", "report", "trackers",  # the run's records: metrics.jsonl; report.md and the model card; trackers
+    "profiling", "optim", "parallelize", "train",
     "pipeline",
     "cli", "__main__",
 ]

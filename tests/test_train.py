@@ -187,11 +187,13 @@ def test_bf16_autocast_keeps_float32_master_weights(straight_run, data_dir, tmp_
 SHARED_BATCH = ["batch_size=4", "grad_accum_steps=2"]
 
 
-def torchrun(out, data_dir, *args, distributed="ddp", nproc=2, settings=()) -> subprocess.CompletedProcess:
+def torchrun(out, data_dir, *args, distributed="ddp", nproc=2, settings=(), entry=("-m", "tinygemma"), options=(),
+             env=None) -> subprocess.CompletedProcess:
+    """`torchrun [options] ENTRY train ARGS` on the shared-batch recipe; `entry` is a module (-m) or a script."""
     settings = tiny_settings(data_dir, out, *SHARED_BATCH, f"distributed={distributed}", *settings)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "tinygemma", "train", *args, *[a for s in settings for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *options,
+           *entry, "train", *args, *[a for s in settings for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -204,24 +206,39 @@ def one_process_run(tmp_path_factory, data_dir) -> Path:
     return out
 
 
+TWO_PROCESS_SETTINGS = ["checkpoint_interval=5"]  # checkpoints change no number; the restart test needs them
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory, data_dir) -> Path:
+    """The shared-batch recipe under torchrun, 2 processes (DDP), 15 uninterrupted steps: what one process gives,
+    and what a run whose processes are killed and restarted must give (test_reliability_train.py)."""
+    out = tmp_path_factory.mktemp("runs") / "two-processes"
+    proc = torchrun(out, data_dir, "--stop-at", "15", settings=TWO_PROCESS_SETTINGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_processes_reproduce_one(one_process_run, data_dir, tmp_path, distributed):
+def test_two_processes_reproduce_one(one_process_run, two_process_run, data_dir, tmp_path, distributed):
     """torchrun, 2 gloo processes x 1 micro-step x 4 sequences = the global batch of 8 that one process makes in 2
     micro-steps: the same losses and validation losses, the same tokens per step, with DDP and with FSDP2 (whose
     checkpoint is gathered from the shards)."""
-    out = tmp_path / distributed
-    proc = torchrun(out, data_dir, "--stop-at", "10", distributed=distributed)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = two_process_run if distributed == "ddp" else tmp_path / distributed
+    if distributed != "ddp":
+        proc = torchrun(out, data_dir, "--stop-at", "10", distributed=distributed)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     config, single = json.loads((out / "config.json").read_text()), json.loads((one_process_run / "config.json").read_text())
     assert config["run"]["world_size"] == 2 and single["run"]["world_size"] == 1
     assert config["run"]["global_batch"] == single["run"]["global_batch"] == 8
     assert config["run"]["tokens_per_step"] == single["run"]["tokens_per_step"] == 8 * 32
     two, one = train_losses(out), train_losses(one_process_run)
-    assert sorted(two) == list(range(1, 11))
-    assert [two[s] for s in range(1, 11)] == pytest.approx([one[s] for s in range(1, 11)], rel=1e-5)
+    steps = range(1, 16 if distributed == "ddp" else 11)
+    assert sorted(two) == list(steps)
+    assert [two[s] for s in steps] == pytest.approx([one[s] for s in steps], rel=1e-5)
     assert val_losses(out)[10] == pytest.approx(val_losses(one_process_run)[10], rel=1e-5)
     assert val_losses(out)[0] == pytest.approx(val_losses(one_process_run)[0], rel=1e-5)  # the same windows
-    tinygemma.load(out / "checkpoints" / "step_000010")  # a whole model, whatever the sharding
+    tinygemma.load(out)  # a whole model, whatever the sharding
 
 
 def test_fsdp_in_float16_agrees_with_one_process(data_dir, tmp_path):

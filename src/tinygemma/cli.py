@@ -36,7 +36,9 @@ from tinygemma.errors import UserError
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
 from tinygemma.generate import generate_text
+from tinygemma.hf import push_to_hub
 from tinygemma.pipeline import run, where_and_next
+from tinygemma.report import write_model_card
 from tinygemma.tokenizer import EOT_TOKEN, token_byte_lengths
 from tinygemma.train import train
 
@@ -110,7 +112,13 @@ def _prepare_main(args) -> int:
 
 
 def add_train(subparsers) -> None:
-    p = subparsers.add_parser("train", help="pre-train the model on prepared data (single process or torchrun)")
+    p = subparsers.add_parser(
+        "train", help="pre-train the model on prepared data (single process or torchrun)",
+        description="Pre-train the model on prepared data. On several GPUs: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                    "torchrun --nproc-per-node N --max-restarts 3 -m tinygemma train --out RUN --resume ...: when a "
+                    "process is lost, torchrun restarts them all, and --resume continues from the last checkpoint "
+                    "(the first start, with no checkpoint yet, is a fresh run). The variable works around "
+                    "pytorch/pytorch#135712, which can make a restart fail to connect.")
     p.add_argument("--data", help="prepared data directory (train.bin, val.bin, meta.json); default: the recipe's data.dir")
     p.add_argument("--out", help="run directory to write; default: the recipe's train.out")
     p.add_argument("--model", help="model preset (gemma3-270m, gemma3-270m-gpt2, gemma3-tiny); default: the recipe's")
@@ -121,7 +129,8 @@ def add_train(subparsers) -> None:
     p.add_argument("--stop-at", type=int, help="end this invocation after this step, with a checkpoint; the schedule "
                    "still runs to max-steps (continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                   "its saved recipe unless --config is given (starts fresh if it has no checkpoint yet)")
+                   "its saved recipe unless --config is given; a run with no checkpoint yet (or no run at all) "
+                   "starts fresh, so the same command both starts a run and continues it after a crash")
     p.add_argument("--profile", metavar="START:END",
                    help="profile optimizer steps START to END with torch.profiler (on rank 0): RUN/profile/trace.json "
                         "(open in ui.perfetto.dev) and summary.txt (operators by device time on CUDA, CPU time "
@@ -303,10 +312,15 @@ def add_export(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory, or transformers directory")
     p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors and tokenizer files")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory, model card included, to the "
+                   "Hugging Face hub as REPO (user/name; needs huggingface_hub and a login)")
     p.set_defaults(func=_export_main)
 
 
 def _export_main(args) -> int:
     out = export(args.ckpt, args.out)
+    write_model_card(args.ckpt, out, args.push_to_hub)
     print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
+    if args.push_to_hub:
+        print(f"uploaded {out} to {push_to_hub(out, args.push_to_hub)}")
     return 0

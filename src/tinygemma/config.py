@@ -132,6 +132,7 @@ PRESETS: dict[str, dict] = {
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LOGGERS = ("tensorboard", "wandb", "trackio")  # experiment trackers (trackers.py); wandb and trackio are extras
 
 
 # Train fields a run written before they existed does not record, with the value it was trained with: the
@@ -181,6 +182,7 @@ class TrainConfig:
     muon_learning_rate: float = 0.04  # Muon's peak learning rate (optimizer = muon); learning_rate stays AdamW's
     lr_schedule: str = "wsd"  # wsd (warmup, stable, linear decay), or cosine (decay to min_lr from the warmup on)
     cooldown_fraction: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
+    loggers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard, wandb, trackio
 
     def __post_init__(self):
         if isinstance(self.micro_batch_size, int) and not isinstance(self.micro_batch_size, bool):
@@ -214,6 +216,9 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise UserError(f"train.loggers may name {', '.join(LOGGERS)}; got {', '.join(map(repr, unknown))}")
         if self.device.split(":")[0] not in DEVICES or (self.device.count(":") and not self.device.startswith("cuda:")):
             raise UserError(f"train.device must be one of {', '.join(DEVICES)} (or cuda:N); got {self.device!r}")
 

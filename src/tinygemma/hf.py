@@ -2,7 +2,8 @@
 
 One table maps every parameter name (`HF_NAME_MAP`, with `{}` for the layer index) and its inverse; config.json
 converts to and from ModelConfig; a transformers directory (single or sharded safetensors) loads as a Gemma3, and
-a Gemma3 saves as a directory that `Gemma3ForCausalLM.from_pretrained` loads with no missing or unexpected keys.
+a Gemma3 saves as a directory that `Gemma3ForCausalLM.from_pretrained` loads with no missing or unexpected keys,
+and such a directory can be uploaded to the hub.
 """
 
 from __future__ import annotations
@@ -225,3 +226,22 @@ def save_hf(model: Gemma3, out: str | Path, eot_id: int | None = None) -> None:
                                                      torch_dtype=dtype))
     atomic_write_json(out / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id,
                                                        "pad_token_id": eot_id})
+
+
+def push_to_hub(folder: str | Path, repo_id: str) -> str:
+    """Upload an exported directory to the Hugging Face hub as the model repository `repo_id` (created if it does
+    not exist), with the token of `hf auth login` or HF_TOKEN; return the repository's URL. A thin call into
+    huggingface_hub, which is not exercised against the real hub by the tests."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError('--push-to-hub needs huggingface_hub: pip install "tinygemma[hub]"') from None
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message="Upload a model exported by tinygemma")
+    except Exception as e:  # network, authentication, a bad repository name: one line, whatever the cause
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not upload {folder} to the hub as {repo_id} ({type(e).__name__}: {first_line})") from None
+    return str(url)

@@ -28,28 +28,45 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class MetricsLog:
-    """metrics.jsonl, kept in memory and rewritten whole under a temporary name at each flush."""
+    """metrics.jsonl: records kept in memory (for loss.png) and appended to the file at each flush.
+
+    The file is rewritten whole only once, when the log opens: emptied for a fresh run, cut back to the
+    checkpoint for a resumed one (atomically). After that each flush appends the records since the last one, so
+    a flush costs what it writes, not the length of the run. A crash can leave a torn last line; readers skip it,
+    and the next resume drops it.
+    """
 
     def __init__(self, path: Path, records: list[dict] | None = None):
         self.path, self.records = path, list(records or [])
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.written = len(self.records)
 
     @classmethod
     def resume(cls, path: Path, step: int) -> MetricsLog:
         """The records of a run up to its checkpoint at `step` (later ones belong to the lost work)."""
-        records = []
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if record.get("step", step + 1) <= step:
-                        records.append(record)
-        return cls(path, records)
+        return cls(path, [r for r in read_records(path) if r.get("step", step + 1) <= step])
 
     def append(self, record: dict) -> None:
         self.records.append(record)
 
     def flush(self) -> None:
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        new = self.records[self.written:]
+        if new:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in new))
+            self.written = len(self.records)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (none if it is missing), skipping a line torn by a crash."""
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+    return records
 
 
 def plot_losses(records: list[dict], path: Path) -> None:

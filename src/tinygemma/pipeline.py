@@ -1,22 +1,26 @@
 """`tinygemma run RECIPE.toml`: the whole pipeline a recipe describes, in one re-runnable command.
 
 prepare (if the prepared directory is missing) -> train (resuming the run if it has checkpoints) -> evaluate
-the best checkpoint on the whole validation split -> print sample stories from the recipe's prompts.
+the best checkpoint on the whole validation split -> print sample stories from the recipe's prompts -> record
+them in RUN/eval.json and write RUN/report.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
 from pathlib import Path
 
-from tinygemma.checkpoint import checkpoint_tokenizer, load_model
+from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
 from tinygemma.data import META_NAME, open_prepared, prepare
 from tinygemma.devices import pick_device
 from tinygemma.evaluation import evaluate
+from tinygemma.files import atomic_write_json
 from tinygemma.generate import generate_text
+from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.train import train
 
@@ -64,6 +68,11 @@ def run(recipe: Recipe) -> dict:
                                  temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
         samples.append(prompt + texts[0])
         print(f"\n--- sample {i + 1}: {prompt!r}\n{prompt}{texts[0]}", flush=True)
+    # Recorded for report.md, and for the model card of this checkpoint's export (its whole-split evaluation).
+    checkpoint = resolve_checkpoint(recipe.out).name
+    atomic_write_json(Path(recipe.out) / EVAL_NAME, {"checkpoint": checkpoint, "split": "val", "eval": metrics,
+                                                    "samples": samples, "generate": dataclasses.asdict(g)})
+    write_report(recipe.out)
     return {"train": summary, "eval": metrics, "samples": samples}
 
 
@@ -83,6 +92,7 @@ def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> st
         "\n--- where everything is",
         f"run directory  {run_dir}  (config.json, metrics.jsonl, checkpoints/)",
         f"loss curve     {q(str(out / 'loss.png'))}",
+        f"report         {q(str(out / REPORT_NAME))}",
         f"TensorBoard    tensorboard --logdir {q(str(out / 'tb'))}",
         f"export         tinygemma export --ckpt {run_dir} --out {q(str(Path('hf') / out.name))}",
         "--- next",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +51,25 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     dtype = autocast_dtype(dtype_name, device)
 
     owns = False
+    if rank == 0 and (warning := restart_warning(os.environ)):
+        print(warning, file=sys.stderr, flush=True)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         owns = True
     return Runtime(device, dtype, rank, local_rank, world_size, owns)
+
+
+def restart_warning(env) -> str | None:
+    """A warning when torchrun will restart failed processes (--max-restarts) with its rendezvous store shared with
+    them: a restarted process can then read the previous attempt's addresses from it and fail to connect
+    (pytorch/pytorch#135712, #167288; seen with torch 2.13 and gloo). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives
+    each attempt a fresh store."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        return ("tinygemma: warning: torchrun shares its rendezvous store with the processes it restarts, which can "
+                "make a restart fail to connect (pytorch/pytorch#135712); run torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment")
+    return None
 
 
 def cuda_device(device: torch.device, world_size: int, local_rank: int) -> torch.device:

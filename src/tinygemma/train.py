@@ -7,8 +7,9 @@ validation (evaluation.py), run checkpoints (checkpoint.py) and the records (met
 
 A run directory holds
     config.json                    the resolved recipe (data, model, train, generate) and the run's shape
-    metrics.jsonl                  one object per optimizer step and one per evaluation
-    tb/                            TensorBoard event files
+    metrics.jsonl                  one object per optimizer step and one per evaluation (appended at each flush)
+    tb/                            TensorBoard event files (wandb/ and trackers.json too, with train.loggers = wandb)
+    report.md                      the run in one page (recipe, machine, time, losses), rewritten at each checkpoint
     loss.png                       train and validation loss against tokens, redrawn at each evaluation
     checkpoints/step_000040/       model.safetensors, checkpoint.json, optimizer.safetensors, trainer_state.json
     checkpoints/last.json          {"dir": "step_000040", "step": 40, ...}: the checkpoint `--resume` continues
@@ -17,8 +18,9 @@ A run directory holds
 Crash safety: every file is written under a temporary name and renamed into place; a checkpoint is written
 into a temporary directory, renamed to its step name, and only then named by last.json (an atomic rename too).
 A `kill -9` at any moment leaves the previous checkpoint loadable. Nothing here unpickles: weights and
-optimizer state are safetensors, the rest JSON. TensorBoard's event files are the one exception to the
-rename rule (the format is append-only); a resumed run purges their events past the checkpoint.
+optimizer state are safetensors, the rest JSON. metrics.jsonl and the trackers' files are the exceptions to the
+rename rule (they are appended to): a resumed run cuts metrics.jsonl back to the checkpoint (atomically) and
+purges TensorBoard's events past it.
 """
 
 from __future__ import annotations
@@ -74,8 +76,10 @@ from tinygemma.parallelize import (
     wrap_model,
 )
 from tinygemma.profiling import StepProfiler, parse_profile_range
+from tinygemma.report import environment, write_report
 from tinygemma.runtime import all_reduce_sum, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
 
 # ------------------------------------------------------------------ the loop
 
@@ -118,6 +122,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, resume: bool, stop_at: int | None, quiet: bool, profile: str | None = None):
         self.recipe, self.cfg, self.quiet = recipe, recipe.train, quiet
+        require_loggers(self.cfg.loggers)  # a tracker not installed stops every process here, before any work
         self.run_dir, self.data_dir = Path(recipe.out), Path(recipe.data.dir)
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
@@ -181,7 +186,7 @@ class Trainer:
         self.raw.train()
 
     def open_logs(self) -> None:
-        """config.json, metrics.jsonl (cut back to the checkpoint), TensorBoard, and the progress bar or header."""
+        """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
         cfg, rt, run_dir, start = self.cfg, self.rt, self.run_dir, self.start
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / "checkpoints").exists():
@@ -192,13 +197,12 @@ class Trainer:
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
                            "parameters": self.raw.num_params(), "tokenizer": self.tokenizer,
-                           "attention_backend": self.attention[0]}
+                           "attention_backend": self.attention[0], "data_source": self.data.meta.get("source"),
+                           **environment(rt.device, rt.world_size)}
+        self.writer = Trackers(cfg.loggers, run_dir, resolved, start)  # first: one that cannot start stops the run
         atomic_write_json(run_dir / "config.json", resolved)
         metrics = run_dir / "metrics.jsonl"
         self.log_file = MetricsLog.resume(metrics, start) if start else MetricsLog(metrics)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)  # drop events past the checkpoint
         if self.quiet:
             return
         print(f"training {self.raw.num_params():,} parameters on {rt.world_size} x {rt.device} in "
@@ -294,8 +298,7 @@ class Trainer:
         if self.rt.is_main:
             for record in pending:
                 self.log_file.append(record)
-                for key in ("train_loss", "lr", "grad_norm", "tokens_per_s"):
-                    self.writer.add_scalar(f"train/{key.removeprefix('train_')}", record[key], record["step"])
+                self.writer.log(train_scalars(record), record["step"])
         if stop:
             self.refuse(pending[-1])
         self.train_loss = pending[-1]["train_loss"]
@@ -354,8 +357,7 @@ class Trainer:
         if self.rt.is_main:
             self.log_file.append({"step": step, "tokens": step * self.tokens_per_step, **result})
             self.log_file.flush()
-            for key, value in result.items():
-                self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+            self.writer.log(val_scalars(result), step)
             self.writer.flush()
             plot_losses(self.log_file.records, self.run_dir / "loss.png")
             if not self.quiet:
@@ -381,6 +383,8 @@ class Trainer:
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data_dir, val_loss, is_best,
                         self.rt, self.fsdp)
+        if self.rt.is_main:
+            write_report(self.run_dir)
 
     def say(self, text: str) -> None:
         if self.progress:

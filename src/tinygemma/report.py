@@ -1,0 +1,398 @@
+"""RUN/report.md and the model card of an export: thin renderings of the records a run already keeps.
+
+Nothing here computes a result of its own. The report reads config.json (the resolved recipe, and the machine it
+ran on, recorded by train when it starts), metrics.jsonl, the checkpoint pointers and the last trainer state, and
+eval.json (the whole-split evaluation and the samples of `tinygemma run`). The model card reads the same records
+through the checkpoint it exports, and says "unknown" wherever an export has none (a transformers directory, a
+checkpoint copied out of its run); its samples are generated from the exported files themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shlex
+import subprocess
+from pathlib import Path
+
+import torch
+
+import tinygemma
+from tinygemma.checkpoint import (
+    STATE_NAME,
+    checkpoint_pointer,
+    checkpoint_tokenizer,
+    load_model,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+)
+from tinygemma.config import (
+    DataConfig,
+    GenerateConfig,
+    ModelConfig,
+    Recipe,
+    TrainConfig,
+    saved_train_settings,
+)
+from tinygemma.data import HUB_DATASET
+from tinygemma.devices import device_description, pick_device
+from tinygemma.errors import UserError
+from tinygemma.files import atomic_write_text, read_json
+from tinygemma.generate import generate_text
+from tinygemma.hf import model_config_from_hf
+from tinygemma.metrics import format_duration, read_records
+
+REPORT_NAME = "report.md"
+EVAL_NAME = "eval.json"  # written by `tinygemma run`: the best checkpoint on the whole validation split, samples
+CARD_NAME = "README.md"
+UNKNOWN = "unknown"
+
+# ------------------------------------------------------------------ the machine, recorded when training starts
+
+
+def environment(device: torch.device, world_size: int) -> dict:
+    """Hardware, software versions and source commit, for config.json's "run" section."""
+    software = {"python": platform.python_version(), "torch": torch.__version__, "tinygemma": tinygemma.__version__}
+    if device.type == "cuda":
+        software["cuda"] = torch.version.cuda
+    return {"hardware": f"{world_size} x {device_description(device)}", "software": software,
+            "commit": source_commit()}
+
+
+def source_commit() -> str | None:
+    """The git commit of the tinygemma source that runs (" (modified)" if it has uncommitted changes), or None
+    when it is not a git checkout of tinygemma (an installed wheel, or git missing)."""
+    package = Path(tinygemma.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if top / "src" / "tinygemma" != package:  # a git repository around an installed copy is not ours
+            return None
+        commit = git("rev-parse", "HEAD")
+        return commit + (" (modified)" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------ the recipe, and the command that reproduces it
+
+
+def reproduce_command(recipe: dict) -> str:
+    """`tinygemma train --set ...` with every setting of `recipe` (Recipe.to_dict()) that differs from the
+    built-in defaults, in the form --set reads back: the same recipe, whatever file it first came from."""
+    recipe = {**recipe, "train": saved_train_settings(recipe.get("train") or {})}  # as the run was trained
+    recipe = Recipe.from_dict(recipe, source="the run's recipe")
+    sets = [f"model.preset={recipe.model_preset}"]
+    preset = ModelConfig.preset(recipe.model_preset).to_dict()
+    sets += [f"model.{k}={as_text(v)}" for k, v in recipe.model_overrides.items()
+             if k == "vocab_size" or as_text(v) != as_text(preset.get(k))]
+    for section, default in (("data", DataConfig()), ("train", TrainConfig()), ("generate", GenerateConfig())):
+        value = getattr(recipe, section)
+        sets += [f"{section}.{f.name}={as_text(getattr(value, f.name))}" for f in dataclasses.fields(value)
+                 if getattr(value, f.name) != getattr(default, f.name)]
+    if recipe.out != Recipe().out:
+        sets.append(f"train.out={recipe.out}")
+    return " ".join(["tinygemma train", *(f"--set {shlex.quote(s)}" for s in sets)])
+
+
+def as_text(value) -> str:
+    """A setting's value as --set reads it: none, true/false, a TOML array, or the number or string itself."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))  # a JSON array of strings is a TOML array
+    return str(value)
+
+
+# ------------------------------------------------------------------ report.md
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.md (atomically) from the run's records; return its path."""
+    run_dir = Path(run_dir)
+    path = run_dir / REPORT_NAME
+    atomic_write_text(path, render_report(run_dir))
+    return path
+
+
+def render_report(run_dir: Path) -> str:
+    config = read_json(run_dir / "config.json", "run config")
+    run = config.get("run", {})
+    records = read_records(run_dir / "metrics.jsonl")
+    last, best = checkpoint_pointer(run_dir), checkpoint_pointer(run_dir, "best")
+    state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
+    evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
+    recipe = state.get("config") or {k: v for k, v in config.items() if k != "run"}
+    steps = state.get("step", 0)
+    lines = [f"# tinygemma run `{run_dir.name}`", "",
+             f"Step {steps:,} of {config['train']['max_steps']:,}"
+             + (f", checkpoint `checkpoints/{last['dir']}`" if last else ", no checkpoint yet") + ".", ""]
+    lines += ["## Recipe", "", "Reproduce it (on the data prepared in `data.dir`; losses do not depend on the number "
+              "of processes):", "", "```bash", reproduce_command(recipe), "```", "",
+              *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
+    lines += ["## Machine", "", *table(machine_rows(run))]
+    lines += ["## Training", "", *table(training_rows(run, records, state))]
+    lines += ["## Validation", "", *validation_table(records, last, best, evaluation)]
+    if (run_dir / "loss.png").exists():
+        lines += ["![train and validation loss against tokens](loss.png)", ""]
+    if evaluation.get("samples"):
+        lines += ["## Samples", "", f"From checkpoint `{evaluation.get('checkpoint')}`, "
+                  f"{sampling(evaluation.get('generate', {}))}.", ""]
+        for sample in evaluation["samples"]:
+            lines += [quote(sample), ""]
+    return "\n".join(lines)
+
+
+def machine_rows(run: dict) -> list[tuple[str, str]]:
+    software = run.get("software") or {}
+    return [("hardware", run.get("hardware") or UNKNOWN),
+            ("precision", f"{run.get('dtype', UNKNOWN)} on {run.get('world_size', '?')} process(es)"),
+            ("software", ", ".join(f"{k} {v}" for k, v in software.items()) or UNKNOWN),
+            ("commit", run.get("commit") or UNKNOWN)]
+
+
+def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str, str]]:
+    """Parameters, tokens, time, throughput and MFU from the run's records."""
+    tokens, seconds = state.get("tokens", 0), state.get("elapsed_s", 0.0)
+    rate = tokens / seconds if seconds else None
+    rows = [("data", data_description(run)),
+            ("parameters", f"{run['parameters']:,}" if "parameters" in run else UNKNOWN),
+            ("tokens", f"{tokens:,} ({state.get('step', 0):,} steps x {run.get('tokens_per_step', 0):,})"),
+            ("training time", f"{format_duration(seconds)} ({seconds:,.1f} s of optimizer steps, summed over "
+                              "invocations; evaluations and checkpoints not counted)"),
+            ("throughput", f"{rate:,.0f} tokens/s (average)" if rate else UNKNOWN)]
+    # A record's MFU is its own step's rate over the peak, so their ratio gives the MFU at the average rate.
+    ratio = next((r["mfu"] / r["tokens_per_s"] for r in reversed(records) if r.get("mfu") and r.get("tokens_per_s")),
+                 None)
+    rows.append(("MFU", f"{100 * ratio * rate:.1f}% (at the average throughput)" if ratio and rate
+                 else "not known (no peak figure for this hardware)"))
+    skipped = state.get("skipped_steps")
+    if skipped:
+        rows.append(("skipped steps", f"{skipped} (non-finite loss or gradient)"))
+    return rows
+
+
+def validation_table(records: list[dict], last: dict | None, best: dict | None, evaluation: dict) -> list[str]:
+    evals = {r["step"]: r for r in records if "val_loss" in r}
+    rows = []
+    for name, pointer in (("final", last), ("best", best)):
+        record = evals.get(pointer["step"]) if pointer else None
+        if record:
+            rows.append((f"{name}: step {pointer['step']:,}", *val_cells(record["val_loss"], record.get("val_bpb"))))
+    if evaluation.get("eval"):
+        e = evaluation["eval"]
+        rows.append((f"whole validation split ({e['tokens']:,} tokens), checkpoint `{evaluation['checkpoint']}`",
+                     *val_cells(e["loss"], e.get("bits_per_byte"))))
+    if not rows:
+        return ["No evaluation recorded yet.", ""]
+    return table(rows, ("", "loss", "bits per byte"))
+
+
+def data_description(run: dict) -> str:
+    """Where the training stories came from, as the prepared data's meta.json says (recorded in config.json)."""
+    source = run.get("data_source") or {}
+    train = source.get("train")
+    if not train:
+        return UNKNOWN
+    where = (f"[{HUB_DATASET}](https://huggingface.co/datasets/{HUB_DATASET}) from the Hugging Face hub"
+             if train == f"hf:{HUB_DATASET}" else ", ".join(f"`{s}`" for s in train))
+    return where + (f", the first {source['limit']:,} stories" if source.get("limit") else "")
+
+
+def val_cells(loss: float, bpb: float | None) -> tuple[str, str]:
+    return f"{loss:.4f}", f"{bpb:.4f}" if bpb is not None else UNKNOWN
+
+
+# ------------------------------------------------------------------ markdown pieces
+
+
+def table(rows: list[tuple], header: tuple = ("", "")) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
+
+
+def details(summary: str, language: str, text: str) -> list[str]:
+    return ["<details><summary>" + summary + "</summary>", "", f"```{language}", text, "```", "", "</details>", ""]
+
+
+def quote(text: str) -> str:
+    return "\n".join("> " + line if line else ">" for line in text.splitlines())
+
+
+def sampling(g: dict) -> str:
+    """The sampling settings of `g` (GenerateConfig as a dict), in words."""
+    settings = [f"temperature {g.get('temperature')}"]
+    settings += [f"{name} {g[key]}" for key, name in (("top_k", "top-k"), ("top_p", "top-p")) if g.get(key)]
+    return ", ".join(settings + [f"seed {g.get('seed')}", f"at most {g.get('max_new_tokens')} new tokens"])
+
+
+# ------------------------------------------------------------------ the model card of an export
+
+
+def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = None) -> Path:
+    """README.md in the exported directory `out`: the hub's YAML header, then the model, its training, its
+    evaluation, samples generated from `out` itself, and how to load it; from the records of `ckpt`, the
+    checkpoint it was exported from. `repo_id` is the hub repository it will be loaded from, if known."""
+    out = Path(out)
+    known = export_records(ckpt)
+    config = model_config_from_hf(read_json(out / "config.json", "config.json"))
+    where = repo_id or str(out)
+    recipe = known["recipe"]
+    generate = GenerateConfig(**recipe["generate"]) if recipe else GenerateConfig()
+    text = "\n".join([
+        "---", card_header(known).rstrip("\n"), "---", "",
+        f"# {repo_id or out.name}", "", card_summary(known, config), "",
+        "## Model", "", *table(model_rows(config, known)),
+        "## Training", "", *training_section(known),
+        "## Evaluation", "", *evaluation_section(known),
+        "## Samples", "", *samples_section(out, generate),
+        "## How to use", "", *usage_section(where, generate),
+    ])
+    atomic_write_text(out / CARD_NAME, text)
+    return out / CARD_NAME
+
+
+def export_records(ckpt: str | Path) -> dict:
+    """What the records of the checkpoint an export comes from say: its metadata and trainer state (a tinygemma
+    checkpoint), and its run's config.json, metrics.jsonl and eval.json (a checkpoint inside its run directory).
+    Whatever is missing stays empty."""
+    src = resolve_checkpoint(ckpt)
+    meta = read_checkpoint_meta(src)
+    state = read_json(src / STATE_NAME, "trainer state") if meta and (src / STATE_NAME).exists() else {}
+    run_dir = src.parent.parent if meta and src.parent.name == "checkpoints" else None
+    config = read_json(run_dir / "config.json", "run config") if run_dir and (run_dir / "config.json").exists() else {}
+    recipe = state.get("config") or {k: v for k, v in config.items() if k != "run"}
+    evaluation, records = {}, read_records(run_dir / "metrics.jsonl") if run_dir else []
+    if run_dir and (run_dir / EVAL_NAME).exists():
+        evaluation = read_json(run_dir / EVAL_NAME, "evaluation")
+        if evaluation.get("checkpoint") != src.name:  # the whole-split evaluation of another checkpoint
+            evaluation = {}
+    step = state.get("step", meta.get("step"))
+    during = next((r for r in records if "val_loss" in r and r["step"] == step), None)
+    return {"source": src, "meta": meta, "state": state, "run": config.get("run", {}), "recipe": recipe,
+            "evaluation": evaluation.get("eval"), "during_training": during, "step": step}
+
+
+def card_header(known: dict) -> str:
+    """The hub's YAML metadata, written by huggingface_hub itself (which `datasets` already brings in)."""
+    try:
+        from huggingface_hub import ModelCardData
+    except ImportError:
+        raise UserError('the model card needs huggingface_hub: pip install "tinygemma[hub]"') from None
+
+    trained = bool(known["meta"])
+    from_hub = (known["run"].get("data_source") or {}).get("train") == f"hf:{HUB_DATASET}"
+    return ModelCardData(
+        license="apache-2.0" if trained else "other", datasets=[HUB_DATASET] if from_hub else None, language=["en"],
+        library_name="transformers", pipeline_tag="text-generation",
+        tags=["tinygemma", "gemma3", *(["tinystories"] if trained else [])],
+    ).to_yaml()
+
+
+def card_summary(known: dict, config: ModelConfig) -> str:
+    size = f"A Gemma 3 text model (`Gemma3ForCausalLM`, {config.num_params():,} parameters)"
+    if not known["meta"]:
+        return (f"{size}, exported by tinygemma from a transformers directory. That directory records neither "
+                "how the model was trained nor how it scores, so those are unknown here; the license field says "
+                "`other` because the weights' license is unknown to tinygemma: set it before publishing.")
+    return (f"{size}, pre-trained from scratch by tinygemma on the data below. The license field is tinygemma's "
+            "own (Apache-2.0): check it against your data's terms (TinyStories is CDLA-Sharing-1.0) before "
+            "publishing.")
+
+
+def model_rows(config: ModelConfig, known: dict) -> list[tuple[str, str]]:
+    spec = known["meta"].get("tokenizer") or {}
+    tokenizer = {"gpt2": "GPT-2's BPE (tiktoken)", "tokenizer.json": "byte-level BPE (tokenizer.json)"}.get(
+        spec.get("kind"), "the directory's tokenizer.json" if not known["meta"] else UNKNOWN)
+    trained_context = (known["recipe"].get("train") or {}).get("block_size") if known["recipe"] else None
+    sliding = sum(t == "sliding_attention" for t in config.layer_types)
+    return [
+        ("architecture", "Gemma 3 (text): RMSNorm before and after attention and MLP, GeGLU MLP, RoPE, "
+                         "grouped-query attention with q/k norms, tied embeddings" if config.tie_embeddings
+         else "Gemma 3 (text), untied output head"),
+        ("parameters", f"{config.num_params():,}"),
+        ("layers", f"{config.n_layers} ({sliding} sliding-window of {config.sliding_window} tokens, "
+                   f"{config.n_layers - sliding} global)"),
+        ("width", f"d_model {config.d_model}, MLP {config.mlp_dim}, {config.n_heads} query heads and "
+                  f"{config.n_kv_heads} key/value head(s) of {config.head_dim}"),
+        ("vocabulary", f"{config.vocab_size:,} tokens, {tokenizer}"),
+        ("context", f"trained on {trained_context:,} tokens" if trained_context else f"{UNKNOWN} (training)"),
+    ]
+
+
+def training_section(known: dict) -> list[str]:
+    recipe, run, state = known["recipe"], known["run"], known["state"]
+    if not recipe:
+        return ["Unknown: the export's source records no training.", ""]
+    train, tokens = recipe.get("train", {}), state.get("tokens")
+    rows = [("data", data_description(run)),
+            ("tokens", f"{tokens:,} ({state['step']:,} optimizer steps)" if tokens else UNKNOWN),
+            ("batch", f"{train.get('batch_size', 0) * train.get('grad_accum_steps', 0):,} sequences of "
+                      f"{train.get('block_size', 0):,} tokens per step"),
+            ("optimizer", f"{train.get('optimizer')}, learning rate {train.get('learning_rate')} (Muon "
+                          f"{train.get('muon_learning_rate')}), {train.get('lr_schedule')} schedule to "
+                          f"{train.get('min_lr')}, {train.get('warmup_steps')} warmup steps"),
+            *machine_rows(run)]
+    if state.get("elapsed_s"):
+        rows.append(("training time", f"{format_duration(state['elapsed_s'])} of optimizer steps"))
+    return [*table(rows), "Reproduce (on the data prepared in `data.dir`):", "", "```bash",
+            reproduce_command(recipe), "```", "",
+            *details("The whole recipe", "json", json.dumps(recipe, indent=2))]
+
+
+def evaluation_section(known: dict) -> list[str]:
+    e, during = known["evaluation"], known["during_training"]
+    if e:
+        where = f"the whole validation split ({e['tokens']:,} tokens), by `tinygemma run`"
+        loss, bpb = e["loss"], e.get("bits_per_byte")
+    elif during:
+        train = known["recipe"].get("train", {})
+        where = (f"the validation windows evaluated during training at step {during['step']:,} "
+                 f"({train.get('eval_batches')} batches of the global batch, {train.get('block_size')} tokens "
+                 "each): a sample of the split, not all of it")
+        loss, bpb = during["val_loss"], during.get("val_bpb")
+    else:
+        return ["Unknown: no evaluation was recorded for this checkpoint. Measure one with "
+                "`tinygemma eval --ckpt DIR --data PREPARED_DATA`.", ""]
+    return [f"Next-token loss on {where}:", "",
+            *table([(f"{loss:.4f}", f"{bpb:.4f}" if bpb is not None else UNKNOWN)], ("loss (nats per token)",
+                                                                                       "bits per byte")),
+            "Bits per byte divide the loss by the UTF-8 bytes of the text, so that models with different "
+            "tokenizers compare.", ""]
+
+
+def samples_section(out: Path, g: GenerateConfig) -> list[str]:
+    """Samples generated now, from the exported files (so they are what a downloader gets)."""
+    try:
+        tokenizer = checkpoint_tokenizer(out)
+    except UserError:
+        return ["Unknown: the export holds no tokenizer.", ""]
+    device = pick_device("auto")
+    model = load_model(out, tokenizer, dtype="auto" if device.type == "cuda" else "float32", device=str(device))
+    lines = [f"Generated at export by tinygemma from these files: {sampling(dataclasses.asdict(g))}.", ""]
+    for i, prompt in enumerate(g.prompts):
+        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens,
+                                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
+        lines += [quote(prompt + texts[0]), ""]
+    return lines
+
+
+def usage_section(where: str, g: GenerateConfig) -> list[str]:
+    prompt = g.prompts[0] if g.prompts else "Once upon a time"
+    options = f"do_sample=True, temperature={g.temperature}" + (f", top_k={g.top_k}" if g.top_k else "") + (
+        f", top_p={g.top_p}" if g.top_p else "")
+    return ["With transformers:", "", "```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM", "",
+            f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
+            f"model = Gemma3ForCausalLM.from_pretrained({where!r})",
+            f"ids = tokenizer({prompt!r}, return_tensors=\"pt\").input_ids",
+            f"out = model.generate(ids, max_new_tokens=100, {options})",
+            "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", "",
+            "With tinygemma, from a local copy of this directory:", "", "```bash",
+            f"tinygemma generate --ckpt DIR --prompt {shlex.quote(prompt)}", "```", ""]

@@ -1,0 +1,179 @@
+"""Experiment trackers: TensorBoard, Weights & Biases and trackio, behind one fan-out the training loop calls.
+
+`train.loggers` names them (default ["tensorboard"]). Each gets the same scalars at the same steps (train/loss,
+train/lr, train/grad_norm, train/tokens_per_s, train/mfu where the peak is known; val/loss, val/ppl, val/bpb) and
+the resolved recipe as the run's config. Only rank 0 opens them.
+
+Start-up is strict: an unknown name, a tracker that is not installed (one line with the install command), or one
+that fails to start stops the run before any training. Later, a tracker that fails never stops training: it is
+dropped with one warning and the run goes on.
+
+Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the
+same tracker run. TensorBoard drops its events past the checkpoint; wandb keeps its files under RUN/wandb/ and
+skips the steps it already holds (a resume is exact, so the redone steps have the same losses); trackio, which
+has no way to drop them, keeps both copies of those steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from tinygemma.errors import UserError
+from tinygemma.files import atomic_write_json, read_json
+
+STATE_NAME = "trackers.json"
+PROJECT = "tinygemma"  # the wandb project (unless WANDB_PROJECT says otherwise) and the trackio project
+INSTALL = {"tensorboard": "pip install tensorboard", "wandb": 'pip install "tinygemma[wandb]"',
+           "trackio": 'pip install "tinygemma[trackio]"'}
+
+
+def require_loggers(names: list[str]) -> None:
+    """Refuse, in one line, loggers that are not installed (unknown names are refused by TrainConfig): before any
+    data is read or step taken, on every process."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"train.loggers names {name}, which is not installed: {INSTALL[name]}")
+
+
+def train_scalars(record: dict) -> dict[str, float]:
+    """An optimizer step's record (metrics.jsonl) as the trackers' scalars."""
+    keys = ("train_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+    return {f"train/{key.removeprefix('train_')}": record[key] for key in keys if key in record}
+
+
+def val_scalars(result: dict) -> dict[str, float]:
+    """An evaluation's result (val_loss, val_ppl, val_bpb) as the trackers' scalars."""
+    return {f"val/{key.removeprefix('val_')}": value for key, value in result.items()}
+
+
+class Trackers:
+    """The run's trackers, as one: `log(scalars, step)`, `flush()`, `close()`."""
+
+    def __init__(self, names: list[str], run_dir: Path, config: dict, start: int):
+        # A fresh start (start == 0) begins new tracker runs; a resume continues those of trackers.json.
+        path = run_dir / STATE_NAME
+        state = read_json(path, "tracker state") if start and path.exists() else {}
+        opened = []
+        try:
+            for name in dict.fromkeys(names):
+                opened.append(OPENERS[name](run_dir, config, start, state.get(name)))
+        except BaseException:
+            for tracker in opened:
+                with contextlib.suppress(Exception):
+                    tracker.close()
+            raise
+        self.trackers = opened
+        ids = {t.name: t.resume_id for t in opened if t.resume_id is not None}
+        if ids or path.exists():
+            atomic_write_json(path, {**state, **ids})
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._each("log", scalars, step)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+    def close(self) -> None:
+        self._each("close")
+        self.trackers = []
+
+    def _each(self, method: str, *args) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:  # a tracker must never stop training: warn once, go on without it
+                self.trackers.remove(tracker)
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                print(f"tinygemma: warning: {tracker.name} failed ({type(e).__name__}: {first_line}); training "
+                      f"goes on without it", file=sys.stderr, flush=True)
+
+
+def startup_error(name: str, error: Exception) -> UserError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return UserError(f"{name} could not start ({type(error).__name__}: {first_line}); fix it, or leave {name} "
+                     "out of train.loggers")
+
+
+class TensorBoard:
+    name, resume_id = "tensorboard", None
+
+    def __init__(self, run_dir: Path, config: dict, start: int, saved):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Hide events past the checkpoint (the lost work); a fresh start hides every earlier event.
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
+        self.writer.add_text("config", f"```json\n{json.dumps(config, indent=2)}\n```", start)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Wandb:
+    """Weights & Biases, its files under RUN/wandb/. WANDB_PROJECT, WANDB_ENTITY and WANDB_MODE (offline, ...)
+    are read by wandb itself."""
+
+    name = "wandb"
+
+    def __init__(self, run_dir: Path, config: dict, start: int, saved: str | None):
+        import wandb
+
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_dir.name,
+                                  dir=str(run_dir), config=config, id=saved, resume="allow" if saved else None)
+        except Exception as e:
+            raise startup_error("wandb", e) from None
+        self.resume_id = self.run.id
+        # A resumed wandb run ignores steps below the last it holds (with a warning each): skip those ourselves.
+        self.first_step = self.run.step if saved else 0
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        if step >= self.first_step:
+            self.run.log(scalars, step=step)
+
+    def flush(self) -> None:
+        pass  # wandb sends in the background
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Trackio:
+    """trackio's local store (TRACKIO_DIR, by default under the Hugging Face cache); `trackio show` opens it."""
+
+    name = "trackio"
+
+    def __init__(self, run_dir: Path, config: dict, start: int, saved: str | None):
+        import trackio
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # its banner is not the run's output
+                self.run = trackio.init(project=PROJECT, name=saved, config=config, embed=False,
+                                        resume="allow" if saved else "never")
+        except Exception as e:
+            raise startup_error("trackio", e) from None
+        self.resume_id, self.trackio = self.run.name, trackio
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def flush(self) -> None:
+        pass  # trackio writes in the background
+
+    def close(self) -> None:
+        with contextlib.redirect_stdout(sys.stderr):
+            self.trackio.finish()  # the module's finish, which also forgets the run (else it finishes it again at exit)
+
+
+OPENERS = {"tensorboard": TensorBoard, "wandb": Wandb, "trackio": Trackio}

@@ -1,0 +1,50 @@
+"""metrics.jsonl (issue 21): a flush appends only the records since the last one; a resume cuts the file back to
+the checkpoint once, atomically; a line torn by a crash is skipped by readers and dropped by the next resume."""
+
+import json
+import os
+
+from tinygemma.metrics import MetricsLog, read_records
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_flush_writes_only_the_new_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 9, "from": "an earlier run"}\n')
+    log = MetricsLog(path)  # a fresh run starts an empty file
+    assert path.read_text() == ""
+    log.append({"step": 1, "train_loss": 3.0})
+    log.append({"step": 2, "train_loss": 2.5})
+    log.flush()
+    assert lines(path) == [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 2.5}]
+    # Change what is on disk: a flush that rewrote the file would undo this, one that appends keeps it.
+    path.write_text('{"step": 1, "marker": true}\n' + path.read_text().split("\n", 1)[1])
+    inode = os.stat(path).st_ino
+    log.append({"step": 3, "train_loss": 2.0})
+    log.flush()
+    log.flush()  # nothing new: nothing written
+    assert lines(path) == [{"step": 1, "marker": True}, {"step": 2, "train_loss": 2.5}, {"step": 3, "train_loss": 2.0}]
+    assert os.stat(path).st_ino == inode  # the same file, appended to, not replaced
+    assert [r["step"] for r in log.records] == [1, 2, 3]  # loss.png still draws from all of them
+
+
+def test_resume_cuts_back_to_the_checkpoint_once_and_skips_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 0, "val_loss": 6.0}, *({"step": s, "train_loss": 6.0 - s} for s in range(1, 6)),
+               {"step": 4, "val_loss": 4.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 6, "train_lo')  # killed mid-write
+    assert read_records(path) == records  # readers skip the torn line
+
+    inode = os.stat(path).st_ino
+    log = MetricsLog.resume(path, 4)  # the checkpoint is at step 4: steps 5 and 6 were lost work
+    kept = [r for r in records if r["step"] <= 4]
+    assert log.records == kept and lines(path) == kept
+    assert os.stat(path).st_ino != inode  # rewritten under a temporary name and renamed into place
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+    log.append({"step": 5, "train_loss": 1.5})
+    log.flush()
+    assert lines(path) == [*kept, {"step": 5, "train_loss": 1.5}]
+    assert read_records(tmp_path / "missing.jsonl") == []

@@ -1,0 +1,164 @@
+"""RUN/report.md and the export's model card (issue 21): each figure is the one in the run's own records
+(config.json, metrics.jsonl, the checkpoints), the reproduce command gives back the run's recipe, the card's header
+is read by huggingface_hub, its code runs with transformers, and what no record says is called unknown."""
+
+import contextlib
+import io
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_train
+import torch
+
+import tinygemma
+import tinygemma.report
+from tinygemma.cli import main
+from tinygemma.config import Recipe, load_recipe
+from tinygemma.devices import cpu_description
+
+data_dir, straight_run, one_thread = test_train.data_dir, test_train.straight_run, test_train.one_thread
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def val_at(run_dir: Path, step: int) -> dict:
+    return next(r for r in test_train.metrics(run_dir) if r["step"] == step and "val_loss" in r)
+
+
+def git_head() -> str | None:
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def test_the_report_is_the_runs_records(straight_run, stories_dir):
+    """test_train's 40-step run, which wrote report.md at its checkpoints (steps 20 and 40)."""
+    text = (straight_run / "report.md").read_text()
+    config = json.loads((straight_run / "config.json").read_text())
+    run = config["run"]
+    state = json.loads((straight_run / "checkpoints" / "step_000040" / "trainer_state.json").read_text())
+
+    command = shlex.split(next(line for line in text.splitlines() if line.startswith("tinygemma train")))
+    sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+    again, recipe = load_recipe(None, sets), Recipe.from_dict(state["config"])  # the same recipe
+    assert {k: v for k, v in again.to_dict().items() if k != "model"} == {
+        k: v for k, v in recipe.to_dict().items() if k != "model"}
+    assert again.model_config(vocab_size=512) == recipe.model_config(vocab_size=512)  # (settings equal to the preset's are left out)
+
+    assert run["hardware"] == f"1 x {cpu_description()}, 1 threads"  # the one_thread fixture's torch threads
+    assert f"| hardware | {run['hardware']} |" in text
+    assert f"torch {torch.__version__}" in text and f"tinygemma {tinygemma.__version__}" in text
+    head = git_head()
+    assert (run["commit"] or "").startswith(head) if head else run["commit"] is None
+    assert f"| commit | {run['commit'] or 'unknown'} |" in text
+    assert f"`{stories_dir / 'train.txt'}`, the first 600 stories" in text  # from the prepared data's meta.json
+
+    assert f"| parameters | {run['parameters']:,} |" in text
+    assert "| tokens | 10,240 (40 steps x 256) |" in text
+    assert f"| throughput | {10_240 / state['elapsed_s']:,.0f} tokens/s (average) |" in text
+    assert "| MFU | not known (no peak figure for this hardware) |" in text  # a CPU
+    final, best = val_at(straight_run, 40), val_at(straight_run, state["best_step"])
+    assert f"| final: step 40 | {final['val_loss']:.4f} | {final['val_bpb']:.4f} |" in text
+    assert f"| best: step {state['best_step']} | {best['val_loss']:.4f} | {best['val_bpb']:.4f} |" in text
+    assert "](loss.png)" in text and "## Samples" not in text  # samples come from `tinygemma run`
+
+
+def test_the_report_gives_mfu_at_the_average_rate():
+    """Each record's MFU is its step's rate over the peak: at the run's average rate, MFU scales with it."""
+    records = [{"step": 1, "tokens_per_s": 100.0, "mfu": 0.10}, {"step": 2, "tokens_per_s": 200.0, "mfu": 0.20}]
+    rows = dict(tinygemma.report.training_rows({}, records, {"tokens": 1000, "elapsed_s": 20.0, "step": 2}))
+    assert rows["throughput"] == "50 tokens/s (average)"
+    assert rows["MFU"] == "5.0% (at the average throughput)"
+
+
+def test_the_commit_is_unknown_outside_a_git_checkout_of_tinygemma(tmp_path, monkeypatch):
+    installed = tmp_path / "site-packages" / "tinygemma"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(tinygemma, "__file__", str(installed / "__init__.py"))
+    assert tinygemma.report.source_commit() is None  # no repository at all
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert tinygemma.report.source_commit() is None  # a repository around an installed copy is not its source
+    assert dict(tinygemma.report.machine_rows({"commit": None}))["commit"] == "unknown"
+
+
+def card(path: Path):
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(path / "README.md")
+
+
+def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_run, stories_dir, tmp_path,
+                                                                      capsys):
+    pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(hf)]) == 0
+    model_card = card(hf)  # huggingface_hub's own parser reads the header
+    assert model_card.data.license == "apache-2.0" and model_card.data.library_name == "transformers"
+    assert model_card.data.pipeline_tag == "text-generation" and "gemma3" in model_card.data.tags
+    assert model_card.data.datasets is None  # local files, not the hub's dataset: named in the text instead
+    text = model_card.text
+    assert f"`{stories_dir / 'train.txt'}`" in text
+    best = json.loads((straight_run / "checkpoints" / "best.json").read_text())["step"]  # what export takes
+    assert f"| tokens | {best * 256:,} ({best:,} optimizer steps) |" in text
+    evaluation = val_at(straight_run, best)
+    assert f"during training at step {best}" in text
+    assert f"| {evaluation['val_loss']:.4f} | {evaluation['val_bpb']:.4f} |" in text
+    assert "\n> Once upon a time" in text  # a sample, generated from the exported files
+    assert json.loads((straight_run / "config.json").read_text())["run"]["hardware"] in text
+
+    # The card's loading code runs as written, with transformers, on the exported directory.
+    code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+    assert f"from_pretrained({str(hf)!r})" in code
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, {})
+    assert printed.getvalue().startswith("Once upon a time")
+
+    bare = tmp_path / "bare"  # a transformers directory records neither training nor evaluation
+    assert main(["export", "--ckpt", str(hf), "--out", str(bare)]) == 0
+    bare_card = card(bare)
+    assert bare_card.data.license == "other" and bare_card.data.datasets is None
+    assert "Unknown: the export's source records no training." in bare_card.text
+    assert "Unknown: no evaluation was recorded for this checkpoint." in bare_card.text
+    assert "| context | unknown (training) |" in bare_card.text
+
+
+def test_a_card_names_the_hub_dataset_the_run_was_prepared_from():
+    known = {"meta": {"format": "tinygemma"}, "run": {"data_source": {"train": "hf:roneneldan/TinyStories"}}}
+    from huggingface_hub import ModelCardData
+
+    header = tinygemma.report.card_header(known)
+    assert ModelCardData(**__import__("yaml").safe_load(header)).datasets == ["roneneldan/TinyStories"]
+
+
+def test_push_to_hub_uploads_the_exported_folder(straight_run, tmp_path, monkeypatch, capsys):
+    """The upload itself cannot be tested here (no hub): huggingface_hub's calls are replaced by recorders."""
+    import huggingface_hub
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs, (Path(kwargs["folder_path"]) / "README.md").read_text()))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(out), "--push-to-hub", "someone/tiny"]) == 0
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1] == "someone/tiny" and calls[0][2]["exist_ok"] is True
+    assert calls[1][1]["repo_id"] == "someone/tiny" and calls[1][1]["folder_path"] == str(out)
+    assert "from_pretrained('someone/tiny')" in calls[1][2]  # the card says where it will be loaded from
+    assert "uploaded" in capsys.readouterr().out
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(tmp_path / "again"), "--push-to-hub",
+                 "someone/tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'pip install "tinygemma[hub]"' in err and "\n" not in err

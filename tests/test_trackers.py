@@ -1,0 +1,211 @@
+"""Experiment trackers (issue 21): TensorBoard, wandb (offline) and trackio (a local store) get the same scalars at
+the same steps as metrics.jsonl and the resolved recipe as config, read back from each tracker's own files; a
+resumed run continues the same tracker runs; bad loggers stop the run before training, in one line; a tracker that
+fails mid-run is dropped with one warning and training goes on."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import test_train
+from test_train import metrics, run, tiny_settings
+
+import tinygemma.trackers
+from tinygemma.cli import main
+
+data_dir, one_thread = test_train.data_dir, test_train.one_thread  # real stories, BPE-tokenized; one thread
+
+wandb = pytest.importorskip("wandb")
+trackio = pytest.importorskip("trackio")
+
+SHORT = ["max_steps=12", "warmup_steps=2", "eval_interval=3", "checkpoint_interval=6"]
+
+
+# ------------------------------------------------------------------ reading back what each tracker kept
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a .wandb file (wandb's append-only log: a 7-byte header, then 32 KiB blocks of chunks, each
+    with a 7-byte header: checksum, length, type 1 whole / 2 first / 3 middle / 4 last), parsed with wandb's own
+    protobuf schema. wandb 0.31 has no Python reader of its own any more."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, records, pending = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run(run_dir: Path) -> list[dict]:
+    """Per offline run directory (one per invocation, in order): its run id, config, and history {step: {key: value}}."""
+    segments = []
+    for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
+        (log,) = directory.glob("run-*.wandb")
+        segment = {"id": None, "config": {}, "history": {}}
+        for record in wandb_records(log):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                segment["id"] = record.run.run_id
+                segment["config"] = {u.key or "/".join(u.nested_key): json.loads(u.value_json)
+                                     for u in record.run.config.update}
+            elif kind == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
+                segment["history"][row.pop("_step")] = {k: v for k, v in row.items() if not k.startswith("_")}
+        segments.append(segment)
+    return segments
+
+
+def expected_scalars(run_dir: Path) -> dict[int, dict[str, float]]:
+    """metrics.jsonl as the scalars every tracker must hold: {step: {"train/loss": ..., "val/bpb": ...}}."""
+    names = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+             "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
+             "val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb"}
+    scalars = {}
+    for record in metrics(run_dir):
+        scalars.setdefault(record["step"], {}).update({names[k]: v for k, v in record.items() if k in names})
+    return scalars
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[int, dict[str, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            scalars.setdefault(event.step, {})[tag] = event.value
+    return scalars
+
+
+def trackio_scalars(name: str) -> dict[int, dict[str, float]]:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    scalars = {}
+    for row in SQLiteStorage.get_logs(tinygemma.trackers.PROJECT, name):
+        scalars.setdefault(row["step"], {}).update({k: v for k, v in row.items() if "/" in k})
+    return scalars
+
+
+# ------------------------------------------------------------------ the tests
+
+
+def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_them(data_dir, tmp_path):
+    out = tmp_path / "tracked"
+    loggers = "loggers=tensorboard,wandb,trackio"
+    run(data_dir, out, *SHORT, loggers, stop_at=6)
+    ids = json.loads((out / "trackers.json").read_text())
+    run(data_dir, out, *SHORT, loggers, resume=True)  # continues from the checkpoint at step 6
+    assert json.loads((out / "trackers.json").read_text()) == ids  # the same tracker runs, not new ones
+
+    want = expected_scalars(out)
+    assert sorted(want) == list(range(13)) and set(want[6]) == {"train/loss", "train/lr", "train/grad_norm",
+                                                               "train/tokens_per_s", "val/loss", "val/ppl", "val/bpb"}
+    config = json.loads((out / "config.json").read_text())
+
+    first, second = wandb_run(out)  # one offline directory per invocation, both the same wandb run
+    assert first["id"] == second["id"] == ids["wandb"]
+    assert sorted(first["history"]) == list(range(7)) and sorted(second["history"]) == list(range(7, 13))
+    assert {**first["history"], **second["history"]} == want  # exactly: the same float64s
+    assert {k: second["config"][k] for k in config} == config  # the resolved recipe and the run's shape
+
+    assert trackio_scalars(ids["trackio"]) == want
+    from trackio.sqlite_storage import SQLiteStorage
+
+    saved = SQLiteStorage.get_run_config(tinygemma.trackers.PROJECT, ids["trackio"])
+    assert {k: saved[k] for k in config} == config
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    text = events.Tensors("config/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert json.loads(text.removeprefix("```json\n").removesuffix("\n```")) == config
+    board = tensorboard_scalars(out)  # float32 on disk
+    assert board.keys() == want.keys()
+    for step, scalars in want.items():
+        assert board[step] == pytest.approx(scalars, rel=1e-6), step
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning(data_dir, tmp_path, monkeypatch, capsys):
+    """TensorBoard's writer breaks at step 3 (say, its disk): one warning, the run finishes with every step in
+    metrics.jsonl, and the other tracker (trackio) still gets every step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    add_scalar = SummaryWriter.add_scalar
+
+    def failing(self, tag, value, step=None, *args, **kwargs):
+        if step == 3:
+            raise OSError("No space left on device")
+        return add_scalar(self, tag, value, step, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", failing)
+    out = tmp_path / "broken"
+    summary = run(data_dir, out, *SHORT, "max_steps=6", "loggers=tensorboard,trackio")
+    assert summary["step"] == 6
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["tinygemma: warning: tensorboard failed (OSError: No space left on device); training goes "
+                        "on without it"]
+    assert [r["step"] for r in metrics(out) if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert max(tensorboard_scalars(out)) == 2  # nothing after the failure
+    trackio_run = json.loads((out / "trackers.json").read_text())["trackio"]
+    assert trackio_scalars(trackio_run) == expected_scalars(out)
+
+
+@pytest.mark.parametrize("case", ["unknown", "not installed", "fails to start"])
+def test_bad_loggers_stop_the_run_in_one_line_before_training(case, data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "refused"
+    logger = {"unknown": "neptune", "not installed": "wandb", "fails to start": "wandb"}[case]
+    if case == "not installed":
+        find_spec = tinygemma.trackers.importlib.util.find_spec
+        monkeypatch.setattr(tinygemma.trackers.importlib.util, "find_spec",
+                            lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    if case == "fails to start":
+        def init(**kwargs):
+            raise wandb.errors.CommError("could not reach api.wandb.ai\nretrying")
+
+        monkeypatch.setattr(wandb, "init", init)
+    settings = tiny_settings(data_dir, out, f"loggers=tensorboard,{logger}")
+    assert main(["train", *[a for s in settings for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert {"unknown": "train.loggers may name tensorboard, wandb, trackio; got 'neptune'",
+            "not installed": 'train.loggers names wandb, which is not installed: pip install "tinygemma[wandb]"',
+            "fails to start": "wandb could not start (CommError: could not reach api.wandb.ai)"}[case] in err
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()  # no step was taken
+    if case != "fails to start":
+        assert not out.exists()  # refused before anything was written
+
+
+def test_trackers_keep_the_order_given_and_open_each_once(data_dir, tmp_path):
+    """A name given twice opens one tracker; no logger at all is allowed (metrics.jsonl is always written)."""
+    out = tmp_path / "twice"
+    run(data_dir, out, *SHORT, "max_steps=2", "loggers=tensorboard,tensorboard")
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    out = tmp_path / "none"
+    run(data_dir, out, *SHORT, "max_steps=2", "loggers=")
+    assert not (out / "tb").exists() and [r["step"] for r in metrics(out) if "train_loss" in r] == [1, 2]
+
+
+def test_scalars_carry_mfu_when_the_record_has_it():
+    record = {"step": 3, "train_loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens": 96, "tokens_per_s": 1e4,
+              "mfu": 0.25}
+    assert tinygemma.trackers.train_scalars(record) == {"train/loss": 2.5, "train/lr": 1e-3, "train/grad_norm": 0.5,
+                                                        "train/tokens_per_s": 1e4, "train/mfu": 0.25}
+    assert tinygemma.trackers.val_scalars({"val_loss": 2.0, "val_ppl": 7.4, "val_bpb": 1.1}) == {
+        "val/loss": 2.0, "val/ppl": 7.4, "val/bpb": 1.1}

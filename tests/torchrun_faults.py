@@ -1,0 +1,67 @@
+"""torchrun's entry point for the restart test in tests/test_reliability_train.py: `tinygemma`, with one process
+killed by SIGKILL on chosen attempts, the way a GPU process is lost. The faults come from here, not from the
+product code.
+
+TINYGEMMA_FAULTS is a JSON list indexed by torchrun's attempt (TORCHELASTIC_RESTART_COUNT): null (no fault), or
+{"rank": R, "step": S}: process R dies as it begins optimizer step S (0-based), or
+{"rank": R, "save": N}: process R dies on its N-th safetensors write of the attempt (inside a checkpoint).
+At the start of every attempt, rank 0 appends to TINYGEMMA_FAULT_LOG what it finds in the run directory
+TINYGEMMA_FAULT_RUN: the last checkpoint's step, whether that checkpoint loads, and half-written checkpoints.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import tinygemma
+import tinygemma.checkpoint
+import tinygemma.train
+from tinygemma.cli import main
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inject(fault: dict) -> None:
+    if "step" in fault:
+        step = tinygemma.train.Trainer.step
+
+        def dying_step(self, s):
+            if s == fault["step"]:
+                die()
+            return step(self, s)
+
+        tinygemma.train.Trainer.step = dying_step
+    if "save" in fault:
+        save, calls = tinygemma.checkpoint.atomic_save_safetensors, []
+
+        def dying_save(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == fault["save"]:
+                die()
+            return save(*args, **kwargs)
+
+        tinygemma.checkpoint.atomic_save_safetensors = dying_save
+
+
+def record(run_dir: Path, attempt: int, log: Path) -> None:
+    ckpts = run_dir / "checkpoints"
+    last = json.loads((ckpts / "last.json").read_text()) if (ckpts / "last.json").exists() else None
+    loads = last is not None and tinygemma.load(ckpts / last["dir"]).config.n_layers > 0
+    half = sorted(p.name for p in ckpts.glob(".tmp-*")) if ckpts.exists() else []
+    with open(log, "a") as f:
+        f.write(json.dumps({"attempt": attempt, "last": last and last["step"], "loads": loads, "half": half}) + "\n")
+
+
+if __name__ == "__main__":
+    attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+    if rank == 0:
+        record(Path(os.environ["TINYGEMMA_FAULT_RUN"]), attempt, Path(os.environ["TINYGEMMA_FAULT_LOG"]))
+    faults = json.loads(os.environ["TINYGEMMA_FAULTS"])
+    fault = faults[attempt] if attempt < len(faults) else None
+    if fault and fault["rank"] == rank:
+        inject(fault)
+    sys.exit(main())

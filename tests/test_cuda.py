@@ -237,3 +237,48 @@ def test_torchrun_reproduces_one_process(nproc, distributed, straight_run, data_
     assert [got[s] for s in range(1, 11)] == pytest.approx([want[s] for s in range(1, 11)], rel=1e-4)
     assert test_train.val_losses(out)[10] == pytest.approx(test_train.val_losses(reference)[10], rel=1e-4)
     tinygemma.load(out / "checkpoints" / "step_000010")
+
+
+# ------------------------------------------------------------------ the loop's speed: micro-batches, no waiting
+
+
+def test_auto_micro_batch_size_takes_the_largest_size_that_fits(straight_run, data_dir, tmp_path, monkeypatch):
+    """The straight run's share of 8 sequences fits this GPU whole: auto takes one pass of 8. With no memory to
+    spare, the probe refuses in one line instead of training into an out-of-memory error."""
+    run = json.loads((straight_run / "config.json").read_text())["run"]
+    assert (run["micro_batch_size"], run["passes_per_step"]) == (8, 1)
+    logged = [r for r in test_train.metrics(straight_run) if "peak_memory_gib" in r]
+    assert logged and all(0 < r["peak_memory_gib"] < 139 for r in logged)  # at the log lines
+
+    import tinygemma.parallelize
+
+    monkeypatch.setattr(tinygemma.parallelize, "PROBE_MEMORY_FRACTION", 1e-9)
+    with pytest.raises(tinygemma.UserError, match="not even 1 sequence"):
+        train(load_recipe(None, settings(data_dir, tmp_path / "none")), quiet=True)
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_steady_state_bf16_step_under_stop_makes_no_synchronising_call(optimizer, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """The host queues the next step while the GPU runs this one: once compiled, a bf16 step under
+    on_nonfinite = "stop" (the default) makes no call that waits for the device (the loss, gradient norm and
+    finiteness are read at log intervals, outside the step)."""
+    import tinygemma.train as train_module
+
+    real_step = train_module.Trainer.step
+
+    def step(self, step):
+        if step < 3:  # compiling, the first allocations, the optimizer's state
+            return real_step(self, step)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(self, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(train_module.Trainer, "step", step)
+    out = tmp_path / optimizer
+    train(load_recipe(None, settings(data_dir, out, "dtype=bfloat16", "compile=true", f"optimizer={optimizer}",
+                                     "max_steps=8", "log_interval=4", "eval_interval=100")), quiet=True)
+    assert sorted(test_train.train_losses(out)) == list(range(1, 9))

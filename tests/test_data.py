@@ -336,3 +336,61 @@ def test_open_prepared_refuses_corrupt_data(stories_dir, tmp_path):
             open_prepared(tmp_path)
     with pytest.raises(UserError, match="not a prepared dataset"):
         open_prepared(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ training batches
+
+
+def batch_windows(tokens, settings: dict, world_size: int, micro_batch_size: int, step: int = 3) -> list[list]:
+    """Every process's passes of one optimizer step, as lists of windows (token lists)."""
+    import torch
+
+    from tinygemma.config import TrainConfig
+    from tinygemma.runtime import Runtime
+
+    cfg = TrainConfig(**settings)
+    passes = []
+    for rank in range(world_size):
+        rt = Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=world_size)
+        batches = data.Batches(tokens, cfg, rt, micro_batch_size)
+        passes.append([torch.cat([x, y[:, -1:]], 1).tolist() for x, y in
+                       (batches.get(step, m) for m in range(batches.micro_steps))])
+    return passes
+
+
+def test_the_global_batch_is_the_same_windows_whatever_the_processes_and_micro_batch_size():
+    """batch_size x grad_accum_steps windows a step, drawn from (seed, step): any number of processes and any
+    micro-batch size train exactly those windows, each once; with micro_batch_size = batch_size a pass is one of
+    the recipe's micro-steps, as before micro_batch_size existed."""
+    tokens = np.arange(5000, dtype=np.uint16)
+    settings = {"batch_size": 4, "grad_accum_steps": 4, "block_size": 8, "seed": 11}
+    starts = data.window_starts(11, 3, len(tokens), 8, 16)
+    everything = sorted(tokens[s : s + 9].tolist() for s in starts)
+    for world_size, micro_batch_size in [(1, 4), (1, 16), (1, 2), (2, 4), (2, 8), (2, 1), (4, 4), (4, 2)]:
+        passes = batch_windows(tokens, settings, world_size, micro_batch_size)
+        share = 16 // world_size
+        assert all(len(p) == share // micro_batch_size for p in passes)
+        assert all(len(w) == micro_batch_size for p in passes for w in p)
+        assert sorted(w for p in passes for windows in p for w in windows) == everything
+    one = batch_windows(tokens, settings, 1, 4)[0]
+    assert one == [[tokens[s : s + 9].tolist() for s in starts[m * 4 : m * 4 + 4]] for m in range(4)]
+    # Two processes, 8 sequences a pass: each pass is its two micro-steps of the interleaved layout.
+    two = batch_windows(tokens, settings, 2, 8)
+    assert two[1][0] == one[1] + one[3]
+
+
+def test_micro_batch_sizes_that_do_not_divide_a_process_share_are_refused():
+    from tinygemma.config import TrainConfig
+
+    cfg = TrainConfig(batch_size=4, grad_accum_steps=4)
+    assert data.micro_batch_sizes(8) == [8, 4, 2, 1]
+    assert data.check_micro_batch_size(cfg, 2, 8) == 1 and data.check_micro_batch_size(cfg, 1, 2) == 8
+    with pytest.raises(UserError, match=r"train.micro_batch_size \(3\) must divide .* = 8 sequences: choose one "
+                                        r"of 8, 4, 2, 1 \(or auto\)"):
+        data.check_micro_batch_size(cfg, 2, 3)
+    assert data.requested_micro_batch_size(cfg, 2, "cpu") == 4  # auto off CUDA: batch_size
+    assert data.requested_micro_batch_size(cfg, 2, "cuda") is None  # auto on CUDA: probed
+    assert data.requested_micro_batch_size(TrainConfig(batch_size=4, grad_accum_steps=4, micro_batch_size=16),
+                                           1, "cuda") == 16
+    with pytest.raises(UserError, match="micro_batch_size must be auto or a positive integer, got '0'"):
+        TrainConfig(micro_batch_size="0")

@@ -93,6 +93,10 @@ def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing(nan_at_step, dat
         run(data_dir, out, "max_steps=12", "checkpoint_interval=5")
     assert last_checkpoint(out)["step"] == 5
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]
+    # The loss stays on the device until the read before step 10's evaluation: steps 9 and 10 ran, but the run
+    # stops there, records the steps up to the non-finite one, and saves nothing after it.
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9)) and records[-1]["nonfinite"] is True
     monkeypatch.undo()
     assert run(data_dir, out, "max_steps=12", "checkpoint_interval=5", resume=True)["step"] == 12
 

@@ -20,7 +20,7 @@ LAYERS = [
     "data",
     "evaluation", "decode", "generate",
     "hf", "checkpoint",  # the Hugging Face adapter, then our checkpoints (which load through it)
-    "metrics", "optim", "parallelize", "train",
+    "metrics", "profiling", "optim", "parallelize", "train",
     "pipeline",
     "cli", "__main__",
 ]

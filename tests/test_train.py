@@ -240,9 +240,11 @@ def test_a_run_moves_between_one_and_two_processes(one_process_run, data_dir, tm
     """Checkpointed on one process, resumed on two, then on one again: the losses of the uninterrupted run."""
     out = tmp_path / "moving"
     run(data_dir, out, *SHARED_BATCH, stop_at=10)
-    proc = torchrun(out, data_dir, "--resume", "--stop-at", "20")
+    # Two processes with 2 sequences a pass: each runs its share of 4 as 2 passes (one process ran 2 of 4).
+    proc = torchrun(out, data_dir, "--resume", "--stop-at", "20", settings=["micro_batch_size=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert last_step(out) == 20
+    assert json.loads((out / "config.json").read_text())["run"]["passes_per_step"] == 2
     assert main(["train", "--out", str(out), "--resume", "--stop-at", "30"]) == 0
     moved, straight = train_losses(out), train_losses(one_process_run)
     assert sorted(moved) == list(range(1, 31))
@@ -290,30 +292,101 @@ def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):
 def test_cli_refuses_bad_settings_in_one_line(data_dir, tmp_path, capsys):
     for setting, message in [("nonsense=1", "unknown setting train.nonsense"),
                               ("batch_size=two", "train.batch_size must be an integer"),
-                              ("min_lr=1", "min_lr"), ("model.preset=gpt5", "unknown model preset")]:
+                              ("min_lr=1", "min_lr"), ("model.preset=gpt5", "unknown model preset"),
+                              ("micro_batch_size=many", "micro_batch_size must be auto or a positive integer"),
+                              ("micro_batch_size=3", "train.micro_batch_size (3) must divide each process's share")]:
         assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--set", setting]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
 
 
-def test_log_lines_rate_leaves_out_the_first_step_and_their_mfu_is_at_that_rate(data_dir, tmp_path, monkeypatch,
-                                                                                 capsys):
-    """The log line's tok/s is the smoothed rate of this invocation's steps after its first (which compiles, and
-    once dragged the average for dozens of steps), and its MFU is computed at that same rate, not the step's."""
+def test_log_lines_rate_is_the_intervals_leaving_out_the_first_step_and_their_mfu_is_at_that_rate(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """The log line's tok/s is its interval's tokens over its wall-clock time, leaving out this invocation's first
+    step (which compiles, and once dragged the average for dozens of steps); its MFU, also kept in the record of
+    the line's step, is at that same rate. Records between lines carry no MFU: one step's host time is no
+    measure when the host does not wait for the device."""
     import tinygemma.train as train_module
 
     monkeypatch.setattr(train_module, "peak_flops", lambda device: 1e9)  # a made-up peak, so that MFU is shown
     out = tmp_path / "run"
-    train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=3", "warmup_steps=1", "log_interval=1",
+    train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=5", "warmup_steps=1", "log_interval=2",
                                                         "eval_interval=100")))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "tok/s" in line]
     records = [r for r in metrics(out) if "train_loss" in r]
-    assert len(lines) == len(records) == 3
-    rates = [r["tokens_per_s"] for r in records]
-    flops_per_token = records[0]["mfu"] * 1e9 / rates[0]  # each record's MFU is its own step's
-    smoothed = [rates[0], rates[1], 0.9 * rates[1] + 0.1 * rates[2]]  # step 1 shown alone, then left out
-    for line, want in zip(lines, smoothed):
+    assert len(lines) == 3 and len(records) == 5
+    seconds = [256 / r["tokens_per_s"] for r in records]  # 8 x 32 tokens a step
+    want = [256 / seconds[1], 512 / (seconds[2] + seconds[3]), 256 / seconds[4]]  # steps 2, 3-4, 5
+    config = json.loads((out / "config.json").read_text())["model"]
+    config.pop("preset")
+    flops_per_token = tinygemma.ModelConfig(**config).flops_per_token(32)
+    assert [("mfu" in r) for r in records] == [False, True, False, True, True]
+    for line, rate, record in zip(lines, want, [records[1], records[3], records[4]]):
         shown = float(line.split(" tok/s")[0].rsplit("| ", 1)[1].replace(",", ""))
         mfu = float(line.split("mfu ")[1].split("%")[0])
-        assert shown == pytest.approx(want, abs=0.51)  # printed to the unit
-        assert mfu == pytest.approx(100 * flops_per_token * shown / 1e9, rel=1e-3, abs=0.051)  # both rounded
+        assert shown == pytest.approx(rate, abs=0.51)  # printed to the unit
+        assert record["mfu"] == pytest.approx(flops_per_token * rate / 1e9, rel=1e-9)
+        assert mfu == pytest.approx(100 * record["mfu"], abs=0.051)  # printed to a tenth
+
+
+def test_a_micro_batch_size_splits_the_step_without_changing_its_numbers(straight_run, data_dir, tmp_path):
+    """8 sequences a step as 4 passes of 2: the same windows, so the losses of the straight run (8 in one pass)
+    up to float summation; config.json says how the step was split."""
+    out = tmp_path / "micro"
+    run(data_dir, out, "micro_batch_size=2", stop_at=6)
+    run_config = json.loads((out / "config.json").read_text())["run"]
+    assert (run_config["micro_batch_size"], run_config["passes_per_step"], run_config["global_batch"]) == (2, 4, 8)
+    micro, straight = train_losses(out), train_losses(straight_run)
+    assert [micro[s] for s in range(1, 7)] == pytest.approx([straight[s] for s in range(1, 7)], rel=1e-5)
+    assert val_losses(out)[0] == pytest.approx(val_losses(straight_run)[0], rel=1e-6)
+
+
+def test_losses_stay_on_the_device_until_log_intervals_evaluations_and_checkpoints(data_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A step's loss and gradient norm are tensors in its record; the records are read (one transfer for all of
+    them) only at log intervals, before each evaluation and checkpoint, and at the end, and then written to
+    metrics.jsonl exactly as before."""
+    import tinygemma.train as train_module
+
+    reads, steps = [], []
+    real_read, real_step = train_module.Trainer.read, train_module.Trainer.step
+
+    def read(self):
+        reads.append([r["step"] for r in self.pending])
+        return real_read(self)
+
+    def step(self, step):
+        record = real_step(self, step)
+        steps.append((type(record["train_loss"]), type(record["grad_norm"])))
+        return record
+
+    monkeypatch.setattr(train_module.Trainer, "read", read)
+    monkeypatch.setattr(train_module.Trainer, "step", step)
+    out = tmp_path / "reads"
+    run(data_dir, out, "max_steps=13", "log_interval=4", "eval_interval=6", "checkpoint_interval=5")
+    assert set(steps) == {(torch.Tensor, torch.Tensor)}
+    # Log lines at 4, 8, 12 and the end (13); evaluations at 6, 12, at the checkpoints 5, 10, and at the end.
+    assert [r for r in reads if r] == [[1, 2, 3, 4], [5], [6], [7, 8], [9, 10], [11, 12], [13]]
+    records = [r for r in metrics(out) if "train_loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 14))
+    assert all(isinstance(r["train_loss"], float) and math.isfinite(r["grad_norm"]) for r in records)
+
+
+def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys):
+    def args(out):
+        return ["train", *[a for s in tiny_settings(data_dir, out, "max_steps=4") for a in ("--set", s)]]
+
+    out = tmp_path / "profiled"
+    assert main([*args(out), "--profile", "2:3"]) == 0
+    trace = json.loads((out / "profile" / "trace.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any(name.startswith("aten::mm") for name in names)  # the model's matrix products were traced
+    summary = (out / "profile" / "summary.txt").read_text()
+    assert "optimizer steps 2 to 3 on cpu" in summary and "Self CPU" in summary and "aten::" in summary
+    assert not [p for p in (out / "profile").iterdir() if p.name.startswith(".")]  # no temporary files left
+    for spec, message in [("3:2", "1 <= START <= END"), ("two", "START:END"), ("0:1", "1 <= START"),
+                          ("3:9", "trains optimizer steps 1 to 4")]:
+        assert main([*args(tmp_path / "bad"), "--profile", spec]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+        assert not (tmp_path / "bad").exists()

@@ -122,6 +122,10 @@ def add_train(subparsers) -> None:
                    "still runs to max-steps (continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
                    "its saved recipe unless --config is given (starts fresh if it has no checkpoint yet)")
+    p.add_argument("--profile", metavar="START:END",
+                   help="profile optimizer steps START to END with torch.profiler (on rank 0): RUN/profile/trace.json "
+                        "(open in ui.perfetto.dev) and summary.txt (operators by device time on CUDA, CPU time "
+                        "elsewhere); pick steps after the first few, which compile")
     p.set_defaults(func=_train_main)
 
 
@@ -144,7 +148,7 @@ def _train_main(args) -> int:
         recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), overrides + args.set)
     else:
         recipe = load_recipe(args.config, overrides + args.set)
-    summary = train(recipe, resume=args.resume, stop_at=args.stop_at)
+    summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0

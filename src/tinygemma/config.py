@@ -152,9 +152,10 @@ class TrainConfig:
     tokens to a loss in benchmarks/recipe_efficiency.py (BENCHMARKS.md, "Recipe efficiency"). Its learning rates
     are that benchmark's best on gemma3-tiny; no GPU has measured them at 270M yet."""
 
-    batch_size: int = 32  # sequences per micro-step per process
+    batch_size: int = 32  # with grad_accum_steps, the global batch: batch_size x grad_accum_steps sequences a step
     block_size: int = 512  # tokens per sequence (the context the model trains on)
-    grad_accum_steps: int = 8  # micro-steps per optimizer step: global batch = batch_size x this, split over processes
+    grad_accum_steps: int = 8  # global batch = batch_size x this, split evenly over the processes
+    micro_batch_size: str = "auto"  # sequences per forward/backward pass on each process: a number dividing its share of the global batch, or auto (on CUDA the largest that fits, probed at start-up; elsewhere batch_size)
     max_steps: int = 5000  # optimizer steps in the whole run (the schedule's length)
     learning_rate: float = 4e-3  # AdamW's peak rate, after warmup (under muon: the embedding's and gains')
     min_lr: float = 4e-4  # the schedule ends here, at max_steps (Muon's floor is the same fraction of its peak)
@@ -183,6 +184,8 @@ class TrainConfig:
     cooldown_fraction: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
 
     def __post_init__(self):
+        if isinstance(self.micro_batch_size, int) and not isinstance(self.micro_batch_size, bool):
+            self.micro_batch_size = str(self.micro_batch_size)
         self.validate()
 
     def validate(self) -> None:
@@ -202,6 +205,8 @@ class TrainConfig:
                             f"set min_lr too, e.g. a tenth of the peak: --set min_lr={self.learning_rate / 10:g}")
         if self.warmup_steps > self.max_steps:
             raise UserError(f"train.warmup_steps ({self.warmup_steps}) must not exceed train.max_steps ({self.max_steps})")
+        if self.micro_batch_size != "auto" and not (str(self.micro_batch_size).isdigit() and int(self.micro_batch_size) > 0):
+            raise UserError(f"train.micro_batch_size must be auto or a positive integer, got {self.micro_batch_size!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
@@ -213,10 +218,6 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.device.split(":")[0] not in DEVICES or (self.device.count(":") and not self.device.startswith("cuda:")):
             raise UserError(f"train.device must be one of {', '.join(DEVICES)} (or cuda:N); got {self.device!r}")
-
-    @property
-    def tokens_per_micro_step(self) -> int:
-        return self.batch_size * self.block_size
 
 
 @dataclass
@@ -410,6 +411,8 @@ def _coerce(value, tp, key: str, from_text: bool):
         if tp is str:
             if isinstance(value, bool):
                 return "true" if value else "false"
+            if isinstance(value, int):  # micro_batch_size = 64 in a recipe file
+                return str(value)
             if not isinstance(value, str):
                 raise ValueError
             return value

@@ -528,15 +528,21 @@ class Batches:
     """Random windows of block_size + 1 tokens from the training memmap.
 
     The global batch of a step is the recipe's batch_size x grad_accum_steps windows, whatever the number of
-    processes: each of the world_size processes runs grad_accum_steps / world_size micro-steps of it. The batch
-    is split as [micro-step][rank][batch_size]: rank r's micro-step m takes rows (m * world_size + r) * batch_size
-    onwards. Any split of the same global batch gives the same gradient.
+    processes or the micro-batch size: each process trains an equal share of it, micro_batch_size windows per
+    forward/backward pass. The batch is laid out as [chunk][rank][batch_size], grad_accum_steps / world_size
+    chunks: rank r's share is its batch_size rows of every chunk, in order, and its passes take that share
+    micro_batch_size rows at a time (with micro_batch_size = batch_size, pass m is chunk m). Any split of the
+    same global batch gives the same gradient.
     """
 
-    def __init__(self, tokens: np.ndarray, cfg: TrainConfig, rt: Runtime):
+    def __init__(self, tokens: np.ndarray, cfg: TrainConfig, rt: Runtime, micro_batch_size: int):
         self.tokens, self.cfg, self.rt = tokens, cfg, rt
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps
-        self.micro_steps = micro_steps_per_process(cfg, rt.world_size)
+        self.micro_batch_size = micro_batch_size
+        self.micro_steps = check_micro_batch_size(cfg, rt.world_size, micro_batch_size)
+        chunks = cfg.grad_accum_steps // rt.world_size
+        rows = (np.arange(chunks)[:, None] * rt.world_size + rt.rank) * cfg.batch_size + np.arange(cfg.batch_size)
+        self.rows = rows.reshape(-1)  # this process's share of the global batch, in pass order
         self._step, self._starts = None, None
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,18 +550,46 @@ class Batches:
         if step != self._step:
             self._step = step
             self._starts = window_starts(cfg.seed, step, len(self.tokens), cfg.block_size, self.global_batch)
-        first = (micro * rt.world_size + rt.rank) * cfg.batch_size
-        return to_device(windows(self.tokens, self._starts[first : first + cfg.batch_size], cfg.block_size), rt)
+        rows = self.rows[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
+        return to_device(windows(self.tokens, self._starts[rows], cfg.block_size), rt)
 
 
-def micro_steps_per_process(cfg: TrainConfig, world_size: int) -> int:
-    """grad_accum_steps / world_size: the micro-steps each process runs so that the global batch, and so the
-    learning rate it was tuned with, stay the recipe's on any number of GPUs."""
+def process_share(cfg: TrainConfig, world_size: int) -> int:
+    """Sequences each process trains per optimizer step: an equal share of the global batch, so that the global
+    batch, and so the learning rate it was tuned with, stay the recipe's on any number of GPUs."""
     if cfg.grad_accum_steps % world_size:
         raise UserError(f"train.grad_accum_steps ({cfg.grad_accum_steps}) must be a multiple of the number of "
                         f"processes ({world_size}): each runs an equal share of the global batch of "
                         f"batch_size x grad_accum_steps = {cfg.batch_size * cfg.grad_accum_steps} sequences")
-    return cfg.grad_accum_steps // world_size
+    return cfg.batch_size * cfg.grad_accum_steps // world_size
+
+
+def micro_batch_sizes(share: int) -> list[int]:
+    """The micro-batch sizes a process's share of `share` sequences splits into evenly, largest first."""
+    return [size for size in range(share, 0, -1) if share % size == 0]
+
+
+def check_micro_batch_size(cfg: TrainConfig, world_size: int, size: int) -> int:
+    """The forward/backward passes per process and step at `size` sequences a pass; refused unless it divides
+    the process's share."""
+    share = process_share(cfg, world_size)
+    if share % size:
+        sizes = ", ".join(map(str, micro_batch_sizes(share)))
+        raise UserError(f"train.micro_batch_size ({size}) must divide each process's share of the global batch, "
+                        f"batch_size x grad_accum_steps / processes = {share} sequences: choose one of {sizes} "
+                        "(or auto)")
+    return share // size
+
+
+def requested_micro_batch_size(cfg: TrainConfig, world_size: int, device_type: str) -> int | None:
+    """The micro-batch size the recipe fixes (checked against the share), or None where `auto` must probe the
+    device (CUDA). `auto` elsewhere keeps batch_size."""
+    if cfg.micro_batch_size == "auto":
+        process_share(cfg, world_size)
+        return None if device_type == "cuda" else cfg.batch_size
+    size = int(cfg.micro_batch_size)
+    check_micro_batch_size(cfg, world_size, size)
+    return size
 
 
 def windows(tokens: np.ndarray, starts, block_size: int) -> torch.Tensor:

@@ -15,7 +15,14 @@ from tinygemma.runtime import Runtime
 
 
 def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights: dict | None):
-    """(raw, model): the Gemma3 itself, and what the loop calls (the same module, compiled, or wrapped by DDP).
+    """(raw, model): the Gemma3 itself (`init_model`), and what the loop calls (`wrap_model`)."""
+    raw = init_model(model_config, cfg, rt, weights)
+    return raw, wrap_model(raw, cfg, rt)
+
+
+def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights: dict | None) -> Gemma3:
+    """The Gemma3 on the device, with its attention backend and activation checkpointing, not yet compiled or
+    wrapped.
 
     The model is initialised on the CPU in float32 from the seed, so every process and every device starts from
     the same weights; `weights` (a checkpoint's) replace them before any wrapping. Weights stay float32: autocast
@@ -38,10 +45,15 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weight
         compiled_flex_attention()
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(raw)
+    return raw
+
+
+def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
+    """What the loop calls: `raw` compiled (in place), or wrapped by DDP, or sharded by FSDP2 (in place)."""
     compile_ = cfg.compile == "true" or (cfg.compile == "auto" and rt.is_cuda)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
         apply_fsdp(raw, rt, compile_)
-        return raw, raw
+        return raw
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -50,10 +62,53 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weight
             # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
             # buckets, so their all-reduces overlap the rest of backward.
             ddp.compile()
-        return raw, ddp
+        return ddp
     if compile_:
         raw.compile()  # in place, so parameter names stay those of the model
-    return raw, raw
+    return raw
+
+
+# A probed micro-batch may peak at this fraction of the GPU's memory: the rest is headroom for what the probe
+# does not see (the optimizer's state, made at the first step; compiled kernels' workspace; fragmentation).
+PROBE_MEMORY_FRACTION = 0.85
+
+
+def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: list[int]) -> int:
+    """`micro_batch_size = auto` on CUDA: the largest of `sizes` (largest first) whose forward and backward pass,
+    under the run's autocast, peaks below PROBE_MEMORY_FRACTION of the GPU's memory.
+
+    Probed on `raw` before compiling and wrapping, eagerly (compiling each size would take minutes; compiled
+    code needs no more memory than eager), on token ids of zeros, so no random state is consumed. Under
+    torchrun every process takes the smallest of the processes' choices.
+    """
+    limit = PROBE_MEMORY_FRACTION * torch.cuda.get_device_properties(rt.device).total_memory
+
+    def fits(size: int) -> bool:
+        tokens = torch.zeros(size, cfg.block_size, dtype=torch.long, device=rt.device)
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        try:
+            with rt.autocast():
+                loss = raw(tokens, tokens)
+            loss.backward()
+            torch.cuda.synchronize(rt.device)
+            return torch.cuda.max_memory_allocated(rt.device) <= limit
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            loss = tokens = None
+            raw.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    size = torch.tensor(next((size for size in sizes if fits(size)), 0), device=rt.device)
+    if rt.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(size, op=dist.ReduceOp.MIN)
+    if not size:  # on every process, so none waits in a collective
+        raise UserError(f"not even {sizes[-1]} sequence(s) of block_size {cfg.block_size} fit in this GPU's memory "
+                        "for a forward and backward pass; lower train.block_size, or set "
+                        "train.activation_checkpointing=true")
+    return int(size)
 
 
 def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool) -> None:

@@ -46,7 +46,14 @@ from tinygemma.checkpoint import (
     set_rng_state,
 )
 from tinygemma.config import ModelConfig, Recipe, TrainConfig
-from tinygemma.data import Batches, micro_steps_per_process, open_prepared, validation_starts
+from tinygemma.data import (
+    Batches,
+    micro_batch_sizes,
+    open_prepared,
+    process_share,
+    requested_micro_batch_size,
+    validation_starts,
+)
 from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate_windows
@@ -58,7 +65,15 @@ from tinygemma.optim import (
     describe_optimizer,
     set_learning_rates,
 )
-from tinygemma.parallelize import build_model, choose_attention_backend, grad_scaler, gradient_sync
+from tinygemma.parallelize import (
+    choose_attention_backend,
+    grad_scaler,
+    gradient_sync,
+    init_model,
+    probe_micro_batch_size,
+    wrap_model,
+)
+from tinygemma.profiling import StepProfiler, parse_profile_range
 from tinygemma.runtime import all_reduce_sum, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 
@@ -69,28 +84,28 @@ class NonFiniteError(UserError):
     """A NaN or infinite loss or gradient norm (the run stops; the last good checkpoint stays as it was)."""
 
 
-def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quiet: bool = False,
+          profile: str | None = None) -> dict:
     """Train `recipe.model_config()` on the prepared data in `recipe.data.dir`, writing the run to `recipe.out`.
 
     `resume` continues from the run directory's last checkpoint (a fresh start if it has none). `stop_at`
     ends this invocation after that optimizer step, with a checkpoint, without changing the schedule (which
-    always runs to `max_steps`). Returns a summary: final step, losses, best checkpoint.
+    always runs to `max_steps`). `profile` ("START:END") profiles those optimizer steps into RUN/profile/
+    (profiling.py). Returns a summary: final step, losses, best checkpoint.
     Under torchrun every process calls this; only rank 0 writes.
     """
-    run = Trainer(recipe, resume, stop_at, quiet)  # data, starting point, runtime, model, optimizer, logs
-    cfg = run.cfg
+    run = Trainer(recipe, resume, stop_at, quiet, profile)  # data, start, runtime, model, optimizer, logs
     try:
         if run.start == 0 and run.end > 0:
             run.evaluate(0)
         for step in range(run.start, run.end):
-            record = run.step(step)  # grad_accum_steps micro-steps, then one optimizer step (or a skip)
-            run.log(record)
-            done = step + 1
-            checkpoint_due = done == run.end or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
-            if done == cfg.max_steps or checkpoint_due or (cfg.eval_interval and done % cfg.eval_interval == 0):
-                run.evaluate(done)  # every checkpoint has a validation loss, so best.json means something
-            if checkpoint_due:
-                run.checkpoint(done)
+            record = run.step(step)  # the passes' forward and backward, then one optimizer step (or a skip)
+            evaluate, checkpoint = run.due(step + 1)
+            run.log(record, read=evaluate or checkpoint)  # the device's figures are read before either
+            if evaluate:
+                run.evaluate(step + 1)  # every checkpoint has a validation loss, so best.json means something
+            if checkpoint:
+                run.checkpoint(step + 1)
         if run.rt.world_size > 1:
             dist.barrier()  # rank 0 has written the last checkpoint before anyone reads it
     finally:
@@ -101,7 +116,7 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
 class Trainer:
     """The state of one run and the steps of its loop; see `train` for the order they run in."""
 
-    def __init__(self, recipe: Recipe, resume: bool, stop_at: int | None, quiet: bool):
+    def __init__(self, recipe: Recipe, resume: bool, stop_at: int | None, quiet: bool, profile: str | None = None):
         self.recipe, self.cfg, self.quiet = recipe, recipe.train, quiet
         self.run_dir, self.data_dir = Path(recipe.out), Path(recipe.data.dir)
         self.data = open_prepared(self.data_dir)
@@ -115,9 +130,13 @@ class Trainer:
         self.end = min(self.cfg.max_steps, stop_at) if stop_at is not None else self.cfg.max_steps
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
-        self.train_loss = self.last_val = self.throughput = None
+        self.train_loss = self.last_val = None
 
-        micro_steps_per_process(self.cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
+        self.profile_steps = check_profile_range(profile, self.start, self.end) if profile else None
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # checked before any process group is made
+        self.micro_batch_size = requested_micro_batch_size(self.cfg, world_size, pick_device(self.cfg.device).type)
+        self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
+        self.window = [0, 0.0]  # tokens and seconds of the steps since the last log line (for its rate)
         self.log_file = self.writer = self.progress = None
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
         try:
@@ -130,7 +149,11 @@ class Trainer:
         """On the runtime: the model, optimizer, scaler, batches and logs, restored from the checkpoint if any."""
         cfg, rt = self.cfg, self.rt
         self.fsdp = rt.world_size > 1 and cfg.distributed == "fsdp"
-        self.raw, self.model = build_model(self.model_config, cfg, rt, weights)
+        self.raw = init_model(self.model_config, cfg, rt, weights)
+        if self.micro_batch_size is None:  # auto on CUDA: the largest that fits, before compiling
+            sizes = micro_batch_sizes(process_share(cfg, rt.world_size))
+            self.micro_batch_size = probe_micro_batch_size(self.raw, cfg, rt, sizes)
+        self.model = wrap_model(self.raw, cfg, rt)
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
         self.scaler = grad_scaler(rt, self.fsdp)
         self.attention = choose_attention_backend(cfg, self.model_config, rt)  # (backend, why), for the log
@@ -140,7 +163,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
 
-        self.batches = Batches(self.train_tokens, cfg, rt)
+        self.batches = Batches(self.train_tokens, cfg, rt, self.micro_batch_size)
         # eval_batches global batches: the same windows whatever the split into micro-steps and processes.
         self.val_starts = validation_starts(len(self.val_tokens), cfg.block_size,
                                             cfg.eval_batches * self.batches.global_batch)
@@ -152,6 +175,9 @@ class Trainer:
         if rt.is_main:
             self.open_logs()
         self.next_batch = self.batches.get(self.start, 0) if self.start < self.end else None
+        self.profiler = None
+        if self.profile_steps and rt.is_main:
+            self.profiler = StepProfiler(*self.profile_steps, self.run_dir / "profile", rt.device)
         self.raw.train()
 
     def open_logs(self) -> None:
@@ -164,6 +190,7 @@ class Trainer:
         resolved["model"] = {"preset": self.recipe.model_preset, **self.model_config.to_dict()}
         resolved["run"] = {"world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
+                           "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
                            "parameters": self.raw.num_params(), "tokenizer": self.tokenizer,
                            "attention_backend": self.attention[0]}
         atomic_write_json(run_dir / "config.json", resolved)
@@ -176,7 +203,9 @@ class Trainer:
             return
         print(f"training {self.raw.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
-              f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all); "
+              f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all) in "
+              f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
+              f"{' (micro_batch_size auto: the largest that fits this GPU)' if cfg.micro_batch_size == 'auto' and rt.is_cuda else ''}; "
               f"{describe_optimizer(self.optimizer)}, {cfg.lr_schedule} schedule; "
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})", flush=True)
         if sys.stderr.isatty():
@@ -185,15 +214,22 @@ class Trainer:
             self.progress = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True)
 
     def step(self, step: int) -> dict:
-        """One optimizer step: the micro-steps' forward and backward, clipping, and the update (or a skip)."""
+        """One optimizer step: the passes' forward and backward, clipping, and the update (or a skip).
+
+        Nothing here waits for the device: the loss, the gradient norm and whether both are finite stay tensors
+        in the record, so the host queues the next step while the GPU works. `read` brings them back at log
+        intervals and before any evaluation or checkpoint, and stops the run there if a step was not finite
+        (on_nonfinite = "stop"). Only under "skip" is the flag read at once, to withhold that step's update."""
         cfg, rt, optimizer, scaler = self.cfg, self.rt, self.optimizer, self.scaler
+        if self.profiler:
+            self.profiler.begin(step)
         t0 = time.perf_counter()
         lr = set_learning_rates(optimizer, step, cfg)
         loss_sum = torch.zeros((), device=rt.device)
         x, y = self.next_batch
-        micro_steps = self.batches.micro_steps  # this process's share of the global batch
-        for micro in range(micro_steps):
-            last_micro = micro == micro_steps - 1
+        passes = self.batches.micro_steps  # this process's share of the global batch, micro_batch_size at a time
+        for micro in range(passes):
+            last_micro = micro == passes - 1
             with gradient_sync(self.model, last_micro):
                 with rt.autocast():
                     loss = self.model(x, y)
@@ -203,78 +239,117 @@ class Trainer:
                 elif step + 1 < self.end:
                     self.next_batch = self.batches.get(step + 1, 0)
                 loss_sum += loss.detach()
-                scaler.scale(loss / micro_steps).backward()  # DDP/FSDP average the processes' gradients
+                scaler.scale(loss / passes).backward()  # DDP/FSDP average the processes' gradients
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        self.train_loss = all_reduce_sum(loss_sum / micro_steps, rt).item() / rt.world_size
-        record = {"step": step + 1, "train_loss": self.train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens": (step + 1) * self.tokens_per_step}
+        loss = all_reduce_sum(loss_sum / passes, rt) / rt.world_size
         # fp16's scaler expects an occasional overflow and skips that step itself; anything else is divergence.
-        bad = not math.isfinite(record["train_loss"]) or (not math.isfinite(record["grad_norm"])
-                                                          and not scaler.is_enabled())
-        if bad:
-            self.refuse_or_skip(record)
+        finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        record = {"step": step + 1, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": (step + 1) * self.tokens_per_step, "finite": finite}
+        if cfg.on_nonfinite == "skip" and not finite.item():  # the one per-step synchronisation, under skip only
+            self.skipped += 1
+            record.update(skipped=True, skipped_steps=self.skipped)
         else:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # under "stop" a non-finite step is caught at the next read, before any save
         scaler.update()  # also after a skip: unscale_ has run, and the fp16 scale backs off from an overflow
         optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
         self.elapsed += step_time
-        record["tokens_per_s"] = rate = self.tokens_per_step / step_time
-        # The log's smoothed rate leaves out this invocation's first step (compilation, first allocations), which
-        # would drag it for dozens of steps.
-        if step > self.start:
-            self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
-        if self.peak:
-            record["mfu"] = self.mfu(rate)
+        record["tokens_per_s"] = self.tokens_per_step / step_time  # the host's time: see `read`
+        if step > self.start:  # the log line's rate leaves out this invocation's first step (compilation)
+            self.window = [self.window[0] + self.tokens_per_step, self.window[1] + step_time]
+        if self.profiler:
+            self.profiler.end(step)
         return record
+
+    def due(self, done: int) -> tuple[bool, bool]:
+        """(evaluate, checkpoint) after optimizer step `done`: evaluations at every eval_interval, at checkpoints
+        and at the end of the schedule; checkpoints at every checkpoint_interval and at this invocation's end."""
+        cfg = self.cfg
+        checkpoint = done == self.end or bool(cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
+        evaluate = done == cfg.max_steps or checkpoint or bool(cfg.eval_interval and done % cfg.eval_interval == 0)
+        return evaluate, checkpoint
+
+    def read(self) -> None:
+        """The pending records' loss, gradient norm and finiteness, brought from the device in one transfer (one
+        synchronisation), then recorded in metrics.jsonl and TensorBoard. Under on_nonfinite = "stop" the run
+        stops here at a non-finite step, before anything after it is evaluated or saved."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        values = torch.stack([torch.stack([r["train_loss"].float(), r["grad_norm"].float(), r["finite"].float()])
+                              for r in pending]).tolist()
+        for record, (loss, norm, _) in zip(pending, values):
+            record.update(train_loss=loss, grad_norm=norm)
+            del record["finite"]
+        first_bad = next((i for i, v in enumerate(values) if not v[2]), None)
+        stop = first_bad is not None and self.cfg.on_nonfinite == "stop"
+        if stop:
+            pending = pending[: first_bad + 1]  # what came after it is lost work
+            pending[-1]["nonfinite"] = True
+        if self.rt.is_main:
+            for record in pending:
+                self.log_file.append(record)
+                for key in ("train_loss", "lr", "grad_norm", "tokens_per_s"):
+                    self.writer.add_scalar(f"train/{key.removeprefix('train_')}", record[key], record["step"])
+        if stop:
+            self.refuse(pending[-1])
+        self.train_loss = pending[-1]["train_loss"]
+
+    def refuse(self, record: dict) -> None:
+        """Stop the run at the non-finite step `record`; its last good checkpoint stays as it was."""
+        previous = None
+        if self.rt.is_main:
+            self.log_file.flush()
+            previous = checkpoint_pointer(self.run_dir)
+        where = f"; the last good checkpoint is step {previous['step']}" if previous else ""
+        loss, norm = record["train_loss"], record["grad_norm"]
+        raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
+                             f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving{where}. "
+                             "Lower train.learning_rate, or pass --set on_nonfinite=skip to skip such steps")
 
     def mfu(self, rate: float) -> float:
         """Model FLOPs utilization at `rate` tokens/s over all processes' peak."""
         return self.flops_per_token * rate / (self.peak * self.rt.world_size)
 
-    def refuse_or_skip(self, record: dict) -> None:
-        """A non-finite loss or gradient: stop the run (on_nonfinite = "stop") or count the step as skipped."""
-        if self.cfg.on_nonfinite == "stop":
-            if self.rt.is_main:
-                self.log_file.append({**record, "nonfinite": True})
-                self.log_file.flush()
-            previous = checkpoint_pointer(self.run_dir) if self.rt.is_main else None
-            where = f"; the last good checkpoint is step {previous['step']}" if previous else ""
-            loss, norm = record["train_loss"], record["grad_norm"]
-            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                                 f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
-                                 f"{where}. Lower train.learning_rate, or pass --set on_nonfinite=skip to skip such "
-                                 "steps")
-        self.skipped += 1
-        record.update(skipped=True, skipped_steps=self.skipped)
-
-    def log(self, record: dict) -> None:
-        """metrics.jsonl, TensorBoard, and the progress bar or a log line every log_interval steps."""
-        if not self.rt.is_main:
-            return
-        done, end = record["step"], self.end
-        self.log_file.append(record)
-        for key in ("train_loss", "lr", "grad_norm", "tokens_per_s"):
-            self.writer.add_scalar(f"train/{key.removeprefix('train_')}", record[key], done)
-        rate = self.throughput or record["tokens_per_s"]  # smoothed, once past this invocation's first step
+    def log(self, record: dict, read: bool = False) -> None:
+        """Queue the step's record. At every log_interval steps and at this invocation's end, the record gets the
+        interval's rate (its tokens over its wall-clock time: exact, where one step's host time is not, since the
+        host only waits for the device at reads) with MFU and peak memory, the queued records are read, and a
+        log line (or the progress bar's figures) shows them. `read` reads them anyway (before an evaluation or a
+        checkpoint)."""
+        self.pending.append(record)
         if self.progress:
             self.progress.update(1)
+        done = record["step"]
+        line_due = done % self.cfg.log_interval == 0 or done == self.end
+        if line_due:
+            tokens, seconds = self.window
+            rate = tokens / seconds if seconds else record["tokens_per_s"]  # past this invocation's first step
+            self.window = [0, 0.0]
+            if self.peak:
+                record["mfu"] = self.mfu(rate)
+            if self.rt.is_cuda:
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+        if line_due or read:
+            self.read()
+        if not (line_due and self.rt.is_main):
+            return
+        self.log_file.flush()
+        if self.progress:
             self.progress.set_postfix_str(f"loss {record['train_loss']:.4f} | {rate:,.0f} tok/s")
-        if done % self.cfg.log_interval == 0 or done == end:
-            self.log_file.flush()
-            if not self.progress and not self.quiet:
-                eta = (self.cfg.max_steps - done) * self.tokens_per_step / rate
-                self.say(log_line(record, self.cfg.max_steps, rate, eta, self.mfu(rate) if self.peak else None))
+        elif not self.quiet:
+            eta = (self.cfg.max_steps - done) * self.tokens_per_step / rate
+            self.say(log_line(record, self.cfg.max_steps, rate, eta, record.get("mfu")))
 
     def evaluate(self, step: int) -> dict:
         """Validation loss, perplexity and bits per byte at `step`, recorded and plotted."""
-        cfg = self.cfg
-        result = evaluate_windows(self.raw, self.val_tokens, self.val_starts, self.token_bytes, cfg.batch_size,
-                                  cfg.block_size, self.rt)
+        result = evaluate_windows(self.raw, self.val_tokens, self.val_starts, self.token_bytes,
+                                  self.micro_batch_size, self.cfg.block_size, self.rt)
         self.last_val = result
         if self.rt.is_main:
             self.log_file.append({"step": step, "tokens": step * self.tokens_per_step, **result})
@@ -333,6 +408,15 @@ class Trainer:
             "checkpoint": str(self.run_dir / "checkpoints" / final["dir"]) if final else None,
             "skipped_steps": self.skipped, "elapsed_s": self.elapsed,
         }
+
+
+def check_profile_range(spec: str, start: int, end: int) -> tuple[int, int]:
+    """--profile's steps, which must lie among the steps this invocation trains (start + 1 to end)."""
+    first, last = parse_profile_range(spec)
+    if first <= start or last > end:
+        raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
+                        "steps among those (past the first few, once compilation is done)")
+    return first, last
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:

@@ -25,8 +25,10 @@ from tinygemma.optim import (
     check_resume_schedule,
     configure_optimizer,
     cooldown_start,
+    describe_optimizer,
     learning_rate,
     muon_backend,
+    muon_parameters,
     orthogonalize,
     orthogonalize_all,
     set_learning_rates,
@@ -162,7 +164,9 @@ def test_compiled_backend_compiles_once_per_shape_group_whatever_the_learning_ra
     expected = steps_with_a_schedule(reference, muon(reference, "bfloat16"), lrs)
     graphs = counters["stats"]["unique_graphs"]
     params = make()
-    ours = steps_with_a_schedule(params, muon(params, "compiled"), lrs)
+    optimizer = muon(params, "compiled")
+    assert "torch.compile'd update per shape group" in describe_optimizer(optimizer)
+    ours = steps_with_a_schedule(params, optimizer, lrs)
     assert counters["stats"]["unique_graphs"] - graphs == 3
     for a, b, p0 in zip(ours, expected, start):
         # the traced graph's lerp is decomposed (other float32 rounding), which flips a few bf16 roundings
@@ -203,24 +207,29 @@ def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tm
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_backend_on_cuda_matches_bfloat16_and_never_waits_for_the_gpu():
-    """Inductor's graphs at gemma3-270m's matrix shapes (two layers' worth): the "bfloat16" backend's update within
-    bfloat16's rounding, one graph per shape whatever the learning rate, and steps that make no synchronising call
-    (torch.cuda.set_sync_debug_mode raises on one), so a trainer that does not wait each step keeps the GPU fed."""
+    """Inductor's graphs for gemma3-270m-gpt2's Muon matrices (the same graphs as benchmarks/optimizer_step.py's,
+    which then finds them in inductor's cache): the "bfloat16" backend's update within bfloat16's rounding, one graph
+    per shape whatever the learning rate, and steps that make no synchronising call (torch.cuda.set_sync_debug_mode
+    raises on one), so a trainer that does not wait each step keeps the GPU fed."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    shapes = [(1024, 640), (256, 640), (256, 640), (640, 1024), (2048, 640), (2048, 640), (640, 2048)] * 2
-    make = lambda: [torch.nn.Parameter(0.02 * torch.randn(s, generator=torch.Generator().manual_seed(i)).cuda())
-                    for i, s in enumerate(shapes)]
+    torch.manual_seed(0)
+    base = Gemma3(ModelConfig.preset("gemma3-270m-gpt2"))
+    names = muon_parameters(base)
+    shapes = [p.shape for n, p in base.named_parameters() if n in names]
+    make = lambda: [torch.nn.Parameter(p.detach().to("cuda", copy=True)) for n, p in base.named_parameters()
+                    if n in names]
     start, reference, params = make(), make(), make()
     optimizers = {"bfloat16": muon(reference, "bfloat16"), "compiled": muon(params, "compiled")}
-    grads = [torch.randn(s, generator=torch.Generator().manual_seed(100 + i)).cuda() for i, s in enumerate(shapes)]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    grads = [1e-3 * torch.randn(shape, generator=g, device="cuda") for shape in shapes]
     graphs = counters["stats"]["unique_graphs"]
     for step, lr in enumerate([0.004, 0.02, 0.013, 0.007]):
         for optimizer in optimizers.values():
             optimizer.param_groups[0]["lr"] = lr
-            for p, g in zip(optimizer.param_groups[0]["params"], grads):
-                p.grad = g * (1 + step)
+            for p, grad in zip(optimizer.param_groups[0]["params"], grads):
+                p.grad = grad * (1 + step)
         optimizers["bfloat16"].step()
         if step < 2:
             optimizers["compiled"].step()
@@ -230,7 +239,7 @@ def test_compiled_backend_on_cuda_matches_bfloat16_and_never_waits_for_the_gpu()
                 optimizers["compiled"].step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    assert counters["stats"]["unique_graphs"] - graphs == 5
+    assert counters["stats"]["unique_graphs"] - graphs == 5  # q; k and v; o; gate and up; down
     moved = torch.cat([(b - p0).flatten() for b, p0 in zip(reference, start)]).norm()
     differ = torch.cat([(a - b).flatten() for a, b in zip(params, reference)]).norm()
     assert differ < 3e-2 * moved  # inductor keeps some bf16 intermediates in float32 (1.3% on a CPU)

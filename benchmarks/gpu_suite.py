@@ -23,7 +23,7 @@ source tree's root, and the report gives each figure with the command that produ
 4. generation (benchmarks/generate_speed.py): tinygemma's generate against transformers', batch 1 and 32;
 5. the optimizer step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py): what chooses
    Muon's CUDA backend (optim.muon_backend);
-6. the loss head alone, chunked against whole logits, compiled, from 4,096 to 131,072 rows, with peak memory
+6. the loss head alone, chunked against whole logits, compiled, from 16,384 to 131,072 rows, with peak memory
    (benchmarks/loss_head.py): what chooses `loss_head = "auto"` on CUDA (parallelize.AUTO_FULL_LOSS_LOGITS).
 
 Dropped since the first H100 run (2026-11-26), to fit one 10-minute command: the tinygemma-against-transformers
@@ -71,13 +71,15 @@ GPU_SUMMARY = ROOT / "benchmarks" / "results" / "gpu_latest.json"
 # Same-block runs follow each other, so the second finds the model's compiled graphs in inductor's cache; the
 # row a short budget loses first is the last.
 TRAINER_RUNS = [(128, 32, 32, "adamw"), (128, 32, 32, "muon"), (1024, 8, 16, "muon"), (1024, 8, 16, "adamw")]
-TRAINER_STEPS, LOG_INTERVAL = 20, 5  # steady state: the 15 steps after the first log interval
+TRAINER_STEPS, LOG_INTERVAL = 15, 5  # steady state: the 10 steps (1.3M tokens) after the first log interval
 ADAMW_SETTINGS = ("learning_rate=1e-3", "min_lr=1e-4")  # Muon's recipe rate (4e-3) is too high for AdamW at 270M
 MIN_VAL_DROP = 1.0  # nats: each run's validation loss must fall at least this much from step 0 to its end
 # The whole suite's aim (--budget), inside the 10 minutes one command may run on a lent GPU machine, and the
-# fraction of it by which each step must be done (its commands are stopped there): the trainer's four runs
-# (compilation takes tens of seconds per process on an H100), the workshop, the CUDA tests (about 70 s on the
-# first run, plus the Muon backend's compilation), generation, the optimizer step, the loss head.
+# fraction of it by which each step must be done (its commands are stopped there). Planned from the first H100
+# run's timings, in seconds of 540: the trainer's four runs by 313 (compiling the 270M took tens of seconds a
+# process there; each block's second run finds the graphs in inductor's cache), the workshop by 340, the CUDA
+# tests by 443 (65 s on that run, now with Muon's compiled graphs too), generation by 475, the optimizer step by
+# 508 (the CUDA tests leave its compiled graphs cached), the loss head by 540.
 TOTAL_SECONDS = 540
 STEP_SHARES = {"trainer": 0.58, "workshop": 0.63, "tests": 0.82, "generation": 0.88, "optimizer": 0.94,
                "loss_head": 1.0}
@@ -99,9 +101,10 @@ class Plan:
     limit: int | None = None  # prepare's --limit (stories)
     train_extra: tuple = ()
     workshop_steps: tuple = (1, 2)  # warm-up, timed optimizer steps of the workshop's loop
-    generation_args: tuple = ("--dtype", "bf16", "--batch-sizes", "1,32", "--new-tokens", "64", "--repeats", "2")
+    generation_args: tuple = ("--dtype", "bf16", "--batch-sizes", "1,32", "--new-tokens", "48", "--repeats", "2")
     optimizer_args: tuple = ("--steps", "10", "--warmup", "2")  # besides preset, device and --json
-    loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--rows", "4096,16384,65536,131072")
+    # The rows of the passes micro_batch_size=auto may choose: 128 to 1,024 sequences of 128, 16 to 128 of 1,024
+    loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--rows", "16384,65536,131072")
     budget: float = TOTAL_SECONDS  # the whole suite's aim in seconds (--budget)
     started: float = field(default_factory=time.perf_counter)
 

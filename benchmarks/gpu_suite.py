@@ -81,7 +81,7 @@ MIN_VAL_DROP = 1.0  # nats: each run's validation loss must fall at least this m
 # tests by 443 (65 s on that run, now with Muon's compiled graphs too), generation by 475, the optimizer step by
 # 508 (the CUDA tests leave its compiled graphs cached), the loss head by 540.
 TOTAL_SECONDS = 540
-STEP_SHARES = {"trainer": 0.58, "workshop": 0.63, "tests": 0.82, "generation": 0.88, "optimizer": 0.94,
+STEP_SHARES = {"trainer": 0.58, "workshop": 0.63, "tests": 0.82, "generation": 0.88, "optimizer_step": 0.94,
                "loss_head": 1.0}
 MIN_COMMAND_SECONDS = 30  # a command with less time left in its share is not started, and says so
 
@@ -173,11 +173,16 @@ def tail(output: str, lines: int = 40) -> list[str]:
 # ------------------------------------------------------------------ helpers of the steps
 
 
-def json_step(cmd: list[str], env: dict, timeout: float, out: Path) -> tuple[int, str, float, dict | None]:
-    """Run a benchmark that writes --json `out`: (exit status, output, seconds, its JSON or None)."""
-    code, output, seconds = run(cmd, env, timeout)
+def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, intro: str):
+    """benchmarks/SCRIPT.py on the plan's preset and device, writing --json work/STEP.json, stopped at STEP's share
+    of the budget: (the report's lines so far, its JSON or None on failure, seconds, its output)."""
+    out = work / f"{step}.json"
+    cmd = [sys.executable, f"benchmarks/{script}.py", "--preset", plan.preset, "--device", plan.device, *args,
+           "--json", str(out)]
+    code, output, seconds = run(cmd, env, plan.seconds_left(150, STEP_SHARES[step]))
     result = json.loads(out.read_text()) if code == 0 and out.exists() else None
-    return code, output, seconds, result
+    lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): {intro}", ""]
+    return (lines if result is not None else lines + tail(output, 25)), result, seconds, output
 
 
 def figure(value, spec: str = ",.0f", suffix: str = "") -> str:
@@ -298,18 +303,16 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
 
 def workshop(plan: Plan, env: dict, work: Path, trainer_rows: list[dict]) -> Result:
     """The workshop notebook's model and loop at the workshop recipe's shape, against tinygemma's trainer there."""
-    (block, batch, accum), out = plan.workshop_shape, work / "workshop.json"
-    cmd = [sys.executable, "benchmarks/train_throughput.py", "--preset", plan.preset, "--device", plan.device,
-           "--dtype", plan.dtype, "--contenders", "workshop", "--batch-size", str(batch), "--block-size", str(block),
-           "--grad-accum", str(accum), "--warmup", str(plan.workshop_steps[0]), "--steps",
-           str(plan.workshop_steps[1]), "--json", str(out)]
-    code, output, seconds, result = json_step(cmd, env, plan.seconds_left(150, STEP_SHARES["workshop"]), out)
-    lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): the workshop notebook's model (benchmarks/workshop_model.py, "
-             f"weights in {plan.dtype}, as the notebook) and its loop, {accum} micro-steps of {batch} x {block} "
-             f"tokens (each loss / {accum}) then clipping and AdamW; median of {plan.workshop_steps[1]} timed "
-             f"optimizer steps after {plan.workshop_steps[0]} warm-up.", ""]
+    block, batch, accum = plan.workshop_shape
+    args = ("--dtype", plan.dtype, "--contenders", "workshop", "--batch-size", str(batch), "--block-size", str(block),
+            "--grad-accum", str(accum), "--warmup", str(plan.workshop_steps[0]), "--steps", str(plan.workshop_steps[1]))
+    lines, result, seconds, _ = benchmark(
+        plan, env, work, "workshop", "train_throughput", args,
+        f"the workshop notebook's model (benchmarks/workshop_model.py, weights in {plan.dtype}: bf16 in the notebook) "
+        f"and its loop, {accum} micro-steps of {batch} x {block} tokens (each loss / {accum}) then clipping and "
+        f"AdamW; median of {plan.workshop_steps[1]} timed optimizer steps after {plan.workshop_steps[0]} warm-up.")
     if result is None:
-        return Result(STEP_TITLES[1], False, lines + tail(output), seconds)
+        return Result(STEP_TITLES[1], False, lines, seconds)
     rate = result["results"][0]["tokens_per_s"]
     ours = {r["optimizer"]: r["tokens_per_s"] for r in trainer_rows if r["block_size"] == block and r["tokens_per_s"]}
     speedup = {name: ours[name] / rate for name in ("adamw", "muon") if name in ours}
@@ -347,14 +350,12 @@ def cuda_tests(plan: Plan, env: dict) -> Result:
 
 
 def generation(plan: Plan, env: dict, work: Path) -> Result:
-    out = work / "generation.json"
-    cmd = [sys.executable, "benchmarks/generate_speed.py", "--preset", plan.preset, "--device", plan.device,
-           *plan.generation_args, "--json", str(out)]
-    code, output, seconds, result = json_step(cmd, env, plan.seconds_left(150, STEP_SHARES["generation"]), out)
-    lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): greedy decoding of random prompts, the same weights in "
-             "both, prefill included; median of the timed runs, the two alternating.", ""]
+    lines, result, seconds, _ = benchmark(
+        plan, env, work, "generation", "generate_speed", plan.generation_args,
+        "greedy decoding of random prompts, the same weights in both, prefill included; median of the timed runs, "
+        "the two alternating.")
     if result is None:
-        return Result(STEP_TITLES[3], False, lines + tail(output), seconds)
+        return Result(STEP_TITLES[3], False, lines, seconds)
     lines += [f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens, {result['dtype']}:", "",
               "| batch | tinygemma | transformers | speed-up | same tokens |", "|---:|---:|---:|---:|---|"]
     for r in result["results"]:
@@ -370,14 +371,11 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
 
 def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
     """AdamW against each Muon backend: the step's figures that choose Muon's backend on this device."""
-    out = work / "optimizer_step.json"
-    cmd = [sys.executable, "benchmarks/optimizer_step.py", "--preset", plan.preset, "--device", plan.device,
-           *plan.optimizer_args, "--json", str(out)]
-    code, output, seconds, result = json_step(cmd, env, plan.seconds_left(150, STEP_SHARES["optimizer"]), out)
-    lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): `optimizer.step()` alone on the model's parameters, "
-             "median of the timed rounds, contenders in turn.", ""]
+    lines, result, seconds, output = benchmark(
+        plan, env, work, "optimizer_step", "optimizer_step", plan.optimizer_args,
+        "`optimizer.step()` alone on the model's parameters, median of the timed rounds, contenders in turn.")
     if result is None:
-        return Result(STEP_TITLES[4], False, lines + tail(output, 25), seconds)
+        return Result(STEP_TITLES[4], False, lines, seconds)
     lines += [line for line in output.splitlines() if line.startswith("|")]
     ms = result["ms_per_step"]
     muons = {name: t for name, t in ms.items() if name.startswith("muon-")}
@@ -396,14 +394,12 @@ def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
 
 def loss_head(plan: Plan, env: dict, work: Path) -> Result:
     """Chunked against whole logits, with peak memory: the bound that `loss_head = "auto"` takes on this device."""
-    out = work / "loss_head.json"
-    cmd = [sys.executable, "benchmarks/loss_head.py", "--preset", plan.preset, "--device", plan.device,
-           *plan.loss_head_args, "--json", str(out)]
-    code, output, seconds, result = json_step(cmd, env, plan.seconds_left(150, STEP_SHARES["loss_head"]), out)
-    lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): the final norm, the tied head and the cross-entropy, "
-             "forward and backward, alone; the two heads in turn on the same inputs.", ""]
+    lines, result, seconds, output = benchmark(
+        plan, env, work, "loss_head", "loss_head", plan.loss_head_args,
+        "the final norm, the tied head and the cross-entropy, forward and backward, alone; the two heads in turn "
+        "on the same inputs.")
     if result is None:
-        return Result(STEP_TITLES[5], False, lines + tail(output, 25), seconds)
+        return Result(STEP_TITLES[5], False, lines, seconds)
     lines += [line for line in output.splitlines() if line.startswith("|")]
     bound = result["full_faster_up_to_logits"]
     lines += ["", f"The full head was the faster up to **{bound:,} logits per micro-batch** (0: at no size measured): "

@@ -204,6 +204,24 @@ def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tm
         dist.destroy_process_group()
 
 
+def test_compiled_backend_trains_and_resumes_exactly(traced_muon, data_dir, tmp_path, monkeypatch):
+    """The trainer with the "compiled" backend: a run stopped at step 4 and resumed (a fresh optimizer, its
+    learning-rate tensors made again) gives the uninterrupted run's losses exactly, and those follow the "bfloat16"
+    backend's run within bfloat16's rounding."""
+    import tinygemma.optim as optim
+
+    losses = {}
+    for backend in ("bfloat16", "compiled"):
+        monkeypatch.setattr(optim, "muon_backend", lambda device, backend=backend: backend)
+        run(data_dir, tmp_path / backend, "max_steps=8")
+        losses[backend] = train_losses(tmp_path / backend)
+    out = tmp_path / "resumed"
+    run(data_dir, out, "max_steps=8", stop_at=4)
+    run(data_dir, out, "max_steps=8", resume=True)
+    assert train_losses(out) == losses["compiled"]  # exactly
+    assert list(losses["compiled"].values()) == pytest.approx(list(losses["bfloat16"].values()), rel=2e-3)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_backend_on_cuda_matches_bfloat16_and_never_waits_for_the_gpu():

@@ -226,7 +226,7 @@ def muon_shape_group(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
     "bfloat16" backend's arithmetic). lr, momentum and weight_decay are 0-d tensors on the matrices' device:
     values the schedule changes every step then change no guard of the compiled graph (no recompilation), and
     reading them makes the host wait for nothing."""
-    updates = []
+    updates, momentum = [], momentum.to(bufs[0].dtype)  # lerp's weight has its tensors' dtype
     for g, buf in zip(grads, bufs):
         buf.lerp_(g, 1 - momentum)
         updates.append(g.lerp(buf, momentum) if nesterov else buf)

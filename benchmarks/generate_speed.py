@@ -1,13 +1,16 @@
-"""Batch-1 greedy decoding speed: tinygemma's `Gemma3.generate` against transformers' `generate`.
+"""Greedy decoding speed: tinygemma's `Gemma3.generate` against transformers' `generate`, at batch 1 and more.
 
 Both models hold the same random weights (copied by `hf.to_transformers`) in the same dtype, on the
-same CPU threads, and decode the same prompt greedily for the same number of new tokens. Each is warmed up
-once; then the two alternate for `--repeats` timed runs each, and the medians are compared. Everything a user
-waits for is timed on both sides: prefill, the decode steps, and (ours) packing the bf16 weights for oneDNN.
-The machine is shared, so load from other processes shows up as noise; alternating spreads it over both.
+same device (CPU threads or one GPU), and decode the same prompts greedily for the same number of new tokens.
+Each is warmed up once; then the two alternate for `--repeats` timed runs each, and the medians are compared
+(on CUDA the clock is read after `torch.cuda.synchronize()`). Everything a user waits for is timed on both
+sides: prefill, the decode steps, and (ours, on a CPU) packing the bf16 weights for oneDNN. The machine is
+shared, so load from other processes shows up as noise; alternating spreads it over both. tokens/s counts the
+new tokens of every sequence in the batch.
 
     python benchmarks/generate_speed.py --dtype bf16            # the issue's target: >= 1.5x, aiming at 2x
     python benchmarks/generate_speed.py --dtype fp32 --new-tokens 64
+    python benchmarks/generate_speed.py --device cuda --dtype bf16 --batch-sizes 1,32 --json generation.json
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import cpu_description, time_interleaved  # noqa: E402
+from common import device_description, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.devices import dtype_name, parse_dtype
@@ -29,25 +32,11 @@ from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gemma3-270m-gpt2")
-    p.add_argument("--dtype", default="bf16", help="bf16 or fp32, the same for both models")
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = parse_dtype(args.dtype)
-
-    torch.manual_seed(args.seed)
-    config = ModelConfig.preset(args.preset)
-    model = Gemma3(config).eval().to(dtype)
-    hf = to_transformers(model, attn_implementation="sdpa")  # the same weights, dtype and device
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(args.seed))
+def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
+    """Both contenders on one batch of `batch_size` random prompts: tokens/s and whether the tokens agree."""
+    config, device = model.config, model.embed_tokens.weight.device
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, config.vocab_size, (batch_size, args.prompt_tokens), generator=g).to(device)
     n = args.new_tokens
 
     def ours():
@@ -58,19 +47,51 @@ def main(argv=None) -> dict:
             return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                pad_token_id=0, eos_token_id=None)
 
-    (t_ours, t_theirs), (out_ours, out_theirs) = time_interleaved([ours, theirs], args.repeats)
-    same = out_ours[0, args.prompt_tokens:] == out_theirs[0, args.prompt_tokens:]
-    result = {
-        "preset": args.preset, "dtype": dtype_name(dtype), "prompt_tokens": args.prompt_tokens,
-        "new_tokens": n, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "tinygemma_tokens_per_s": round(n / t_ours, 2), "transformers_tokens_per_s": round(n / t_theirs, 2),
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    (t_ours, t_theirs), (out_ours, out_theirs) = time_interleaved([ours, theirs], args.repeats, sync)
+    same = (out_ours[:, args.prompt_tokens:] == out_theirs[:, args.prompt_tokens:]).all(dim=0).cpu()
+    return {
+        "batch_size": batch_size,
+        "tinygemma_tokens_per_s": round(batch_size * n / t_ours, 2),
+        "transformers_tokens_per_s": round(batch_size * n / t_theirs, 2),
         "speedup": round(t_theirs / t_ours, 2),
         # In bf16 two correct implementations may round differently and part ways at a near-tie; the count of
-        # equal leading tokens shows where.
+        # leading positions where every sequence agrees shows where.
         "same_tokens": bool(same.all()), "equal_leading_tokens": int(same.long().cumprod(0).sum()),
-        "cpu": cpu_description(), "torch": torch.__version__,
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gemma3-270m-gpt2")
+    p.add_argument("--dtype", default="bf16", help="bf16 or fp32, the same for both models")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated prompts per batch, e.g. 1,32")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the figures here too")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype, device = parse_dtype(args.dtype), torch.device(args.device)
+
+    torch.manual_seed(args.seed)
+    model = Gemma3(ModelConfig.preset(args.preset)).eval().to(dtype)
+    hf = to_transformers(model, attn_implementation="sdpa").to(device)  # the same weights and dtype
+    model.to(device)
+    result = {
+        "preset": args.preset, "dtype": dtype_name(dtype), "device": device_description(device),
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "results": [measure(model, hf, int(b), args) for b in args.batch_sizes.split(",") if b],
     }
     print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
     return result
 
 

@@ -1,8 +1,9 @@
-"""The GPU acceptance run: the CUDA tests, the training-throughput table and a short training on real stories,
-in one command, offline, on one GPU, into one markdown report.
+"""The GPU acceptance run: the real trainer's speed, the workshop notebook's own code on the same GPU, generation,
+the measurements that choose Muon's backend and the loss head on CUDA, and the CUDA tests, in one command,
+offline, on one GPU, into one markdown report and one machine-readable summary.
 
     python benchmarks/gpu_suite.py --make-assets ../shared            # once: stories + GPT-2 vocabulary -> .device/assets
-    PYTHONPATH=src python benchmarks/gpu_suite.py --report gpu_report.md   # on the GPU machine (aims at 9 min)
+    PYTHONPATH=src python benchmarks/gpu_suite.py --report $OUT/gpu_latest.md --summary $OUT/gpu_latest.json
     PYTHONPATH=src python benchmarks/gpu_suite.py --device cpu --quick     # the same steps at toy size on a CPU
 
 The run needs no network and no `datasets`: the stories and tiktoken's GPT-2 ranks come from the assets folder
@@ -10,17 +11,31 @@ The run needs no network and no `datasets`: the stories and tiktoken's GPT-2 ran
 `--make-assets` fills from a checkout's ../shared. Every step runs as a subprocess of this script, from the
 source tree's root, and the report gives each figure with the command that produced it. Steps:
 
-1. the CUDA tests: `python -m pytest -q -m cuda tests/` (tests/test_cuda.py);
-2. the throughput table (benchmarks/train_throughput.py): gemma3-270m-gpt2 in bf16 at blocks 128 and 1024,
-   tinygemma and transformers' Gemma3ForCausalLM in one process on the same batch, eager and compiled
-   (compiled tinygemma against eager transformers at block 1024, where compiling both takes minutes), and the
-   optimizer's step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py);
-3. `tinygemma prepare` (GPT-2 tokenizer) and `tinygemma train` of gemma3-270m-gpt2 for about 3 minutes, whose
-   validation loss must fall. Its step budget comes from step 2's compiled tinygemma figure at block 1024.
+1. the trainer: `tinygemma prepare` (GPT-2 tokenizer), then `tinygemma train` of gemma3-270m-gpt2 in bf16 with
+   `micro_batch_size=auto`, 131,072 tokens per optimizer step at block 128 (32 x 32 sequences: the workshop
+   recipe) and at block 1024 (8 x 16), with AdamW and with Muon. Steady-state tokens/s, MFU and peak memory come
+   from each run's own metrics.jsonl after its first log interval (compilation), the micro-batch that auto chose
+   from its config.json; its validation loss must fall by MIN_VAL_DROP from step 0 to the end;
+2. the workshop notebook's own code on the same GPU (benchmarks/train_throughput.py --contenders workshop: its
+   model with bf16 weights and its loop of 32 micro-steps of 32 x 128 per AdamW step), against step 1's
+   block-128 AdamW row: "tinygemma trains the workshop recipe N x as fast as the workshop's code";
+3. the CUDA tests: `python -m pytest -q -m cuda tests/`;
+4. generation (benchmarks/generate_speed.py): tinygemma's generate against transformers', batch 1 and 32;
+5. the optimizer step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py): what chooses
+   Muon's CUDA backend (optim.muon_backend);
+6. the loss head alone, chunked against whole logits, compiled, from 16,384 to 131,072 rows, with peak memory
+   (benchmarks/loss_head.py): what chooses `loss_head = "auto"` on CUDA (parallelize.AUTO_FULL_LOSS_LOGITS).
 
-The exit status is 0 when every step passed, 1 otherwise. The report is written after each step, so a suite
-stopped from outside still leaves what it measured (marked INCOMPLETE). `--budget` (default 540 s) sizes step 3
-and stops a step's commands once its share of the budget is spent.
+Dropped since the first H100 run (2026-11-26), to fit one 10-minute command: the tinygemma-against-transformers
+throughput table (train_throughput.py eager and compiled at blocks 128 and 1024, 285 s of that run; its
+figures stand in BENCHMARKS.md), and the 3-minute training on real stories, whose criterion (the validation loss
+falls) step 1's four runs now check.
+
+The exit status is 0 when every step passed, 1 otherwise. The report and the summary are written after each
+step, so a suite stopped from outside still leaves what it measured (marked INCOMPLETE). `--budget` (default
+540 s) stops a step's commands once its share of the budget is spent (STEP_SHARES). The summary
+(`--summary`) is benchmarks/results/gpu_latest.json by default on a GPU, which every GPU run replaces, and
+the report's name with .json on a CPU; a CPU run never writes the GPU's file.
 """
 
 from __future__ import annotations
@@ -33,7 +48,6 @@ import platform
 import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,32 +62,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside thi
 
 from common import cpu_description  # noqa: E402
 
-from tinygemma.config import ModelConfig  # noqa: E402
+from tinygemma.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 DEFAULT_ASSETS = ROOT / ".device" / "assets"
+GPU_SUMMARY = ROOT / "benchmarks" / "results" / "gpu_latest.json"
 
-# Step 2: (block, batch) pairs. Both fit an 80 GB H100 comfortably with transformers' float32 logits.
-THROUGHPUT_SHAPES = [(128, 32), (1024, 8)]
-# The blocks at which transformers is compiled too. At block 1024 (flex attention) compiling both models took
-# over 110 s on the first H100 run (2026-11-26) and was stopped; there compiled tinygemma meets eager transformers.
-COMPILED_TRANSFORMERS_BLOCKS = (128,)
-# Step 3 trains at block 1024, past the 512-token window, so the sliding-window attention path (flex on a GPU
-# that compiles it) runs in real training, with 16 x 1,024 = 16,384 tokens per optimizer step.
-TRAIN_BATCH, TRAIN_BLOCK, EVAL_INTERVAL = 16, 1024, 50
-TRAIN_SECONDS = 150  # the steps' share of the ~3 minutes; compilation and evaluations come on top
-# The whole suite's aim (--budget), inside the 10 minutes one command may run on a lent GPU machine: step 3's
-# steps get less time if steps 1 and 2 took longer than planned, and each command is stopped at its share.
+# Step 1: (block, batch_size, grad_accum_steps, optimizer). 131,072 tokens per optimizer step at either block.
+# Same-block runs follow each other, so the second finds the model's compiled graphs in inductor's cache; the
+# row a short budget loses first is the last.
+TRAINER_RUNS = [(128, 32, 32, "adamw"), (128, 32, 32, "muon"), (1024, 8, 16, "muon"), (1024, 8, 16, "adamw")]
+TRAINER_STEPS, LOG_INTERVAL = 15, 5  # steady state: the 10 steps (1.3M tokens) after the first log interval
+ADAMW_SETTINGS = ("learning_rate=1e-3", "min_lr=1e-4")  # Muon's recipe rate (4e-3) is too high for AdamW at 270M
+MIN_VAL_DROP = 1.0  # nats: each run's validation loss must fall at least this much from step 0 to its end
+# The whole suite's aim (--budget), inside the 10 minutes one command may run on a lent GPU machine, and the
+# fraction of it by which each step must be done (its commands are stopped there). Planned from the first H100
+# run's timings, in seconds of 540: the trainer's four runs by 313 (compiling the 270M took tens of seconds a
+# process there; each block's second run finds the graphs in inductor's cache), the workshop by 340, the CUDA
+# tests by 443 (65 s on that run, now with Muon's compiled graphs too), generation by 475, the optimizer step by
+# 508 (the CUDA tests leave its compiled graphs cached), the loss head by 540.
 TOTAL_SECONDS = 540
-TRAIN_OVERHEAD_SECONDS = 100  # step 3 besides its steps: preparation, compilation, evaluations, checkpoint
-MIN_TRAIN_SECONDS = 60
-FALLBACK_TRAIN_STEPS = 300  # when step 2 gave no compiled figure to size the run from (Muon: about 40 s)
-STEP_SHARES = (0.3, 0.62)  # steps 1 and 2 end by these fractions of the budget, stopped if need be; the rest
-# (205 s of 540) is step 3's: its 60 s minimum of steps plus its overhead
+STEP_SHARES = {"trainer": 0.58, "workshop": 0.63, "tests": 0.82, "generation": 0.88, "optimizer_step": 0.94,
+               "loss_head": 1.0}
 MIN_COMMAND_SECONDS = 30  # a command with less time left in its share is not started, and says so
-# Step 3 trains with the default recipe (Muon), step 2 times AdamW: on the first H100 run Muon's steps at one
-# micro-step ran at 133k tokens/s against compiled AdamW's 192k. Sizing step 3 by step 2's rate alone overran.
-MUON_RATE_FACTOR = 0.65
-MIN_VAL_DROP = 1.0  # nats: validation loss must fall at least this much from step 0 to the end
 
 
 @dataclass
@@ -85,14 +95,16 @@ class Plan:
     preset: str = "gemma3-270m-gpt2"
     dtype: str = "bfloat16"
     tests: str = "tests/"
-    shapes: list = field(default_factory=lambda: list(THROUGHPUT_SHAPES))
-    modes: tuple = ("eager", "compiled")
-    bench_steps: tuple = (3, 10)  # warm-up (compilation falls in the first), timed
-    train_batch: int = TRAIN_BATCH
-    train_block: int = TRAIN_BLOCK
-    limit: int | None = None
+    trainer_runs: list = field(default_factory=lambda: list(TRAINER_RUNS))
+    trainer_steps: int = TRAINER_STEPS
+    log_interval: int = LOG_INTERVAL
+    limit: int | None = None  # prepare's --limit (stories)
     train_extra: tuple = ()
-    optimizer_args: tuple = ()  # benchmarks/optimizer_step.py's arguments besides preset, device and --json
+    workshop_steps: tuple = (1, 2)  # warm-up, timed optimizer steps of the workshop's loop
+    generation_args: tuple = ("--dtype", "bf16", "--batch-sizes", "1,32", "--new-tokens", "48", "--repeats", "2")
+    optimizer_args: tuple = ("--steps", "10", "--warmup", "2")  # besides preset, device and --json
+    # The rows of the passes micro_batch_size=auto may choose: 128 to 1,024 sequences of 128, 16 to 128 of 1,024
+    loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--rows", "16384,65536,131072")
     budget: float = TOTAL_SECONDS  # the whole suite's aim in seconds (--budget)
     started: float = field(default_factory=time.perf_counter)
 
@@ -103,15 +115,25 @@ class Plan:
         left = self.started + share * self.budget - time.perf_counter()
         return min(limit, left) if left >= MIN_COMMAND_SECONDS else 0.0
 
+    @property
+    def workshop_shape(self) -> tuple[int, int, int]:
+        """(block, batch, accumulation) of the workshop recipe: the first trainer run's."""
+        return self.trainer_runs[0][:3]
+
     @classmethod
     def quick_cpu(cls, device: str) -> Plan:
-        """Toy sizes, one thread per process, that run in about a minute on two shared CPU cores: every step and
-        every section of the report, none of the figures."""
+        """Toy sizes, one thread per process, that run in under a minute on two shared CPU cores: every step and
+        every section of the report and the summary, none of the figures."""
         return cls(device, True, preset="gemma3-tiny", dtype="float32", tests="tests/test_cuda.py",
-                   shapes=[(32, 1), (80, 1)], modes=("eager",), bench_steps=(1, 1), train_batch=2,
-                   train_block=96, limit=400, train_extra=("learning_rate=3e-3", "min_lr=3e-4", "eval_batches=2"),
+                   trainer_runs=[(32, 4, 2, "adamw"), (80, 2, 2, "muon")], trainer_steps=8, log_interval=2,
+                   limit=400, train_extra=("learning_rate=3e-3", "min_lr=3e-4", "muon_learning_rate=0.02"),
+                   workshop_steps=(1, 1),
+                   generation_args=("--dtype", "fp32", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1",
+                                    "--threads", "1"),
                    optimizer_args=("--vocab-size", "512", "--n-layers", "2", "--steps", "1", "--warmup", "0",
-                                   "--threads", "1", "--contenders", "adamw,muon-float32"))
+                                   "--threads", "1", "--contenders", "adamw,muon-float32"),
+                   loss_head_args=("--vocab-size", "512", "--d-model", "64", "--rows", "64,256", "--steps", "1",
+                                   "--threads", "1"))
 
 
 @dataclass
@@ -120,6 +142,7 @@ class Result:
     ok: bool
     lines: list[str]
     seconds: float
+    data: dict = field(default_factory=dict)  # the step's part of the summary
 
 
 def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
@@ -146,179 +169,250 @@ def tail(output: str, lines: int = 40) -> list[str]:
     return ["<details><summary>output (last lines)</summary>", "", "```text", text, "```", "", "</details>"]
 
 
-# ------------------------------------------------------------------ 1. the CUDA tests
+
+# ------------------------------------------------------------------ helpers of the steps
+
+
+def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, intro: str):
+    """benchmarks/SCRIPT.py on the plan's preset and device, writing --json work/STEP.json, stopped at STEP's share
+    of the budget: (the report's lines so far, its JSON or None on failure, seconds, its output)."""
+    out = work / f"{step}.json"
+    cmd = [sys.executable, f"benchmarks/{script}.py", "--preset", plan.preset, "--device", plan.device, *args,
+           "--json", str(out)]
+    code, output, seconds = run(cmd, env, plan.seconds_left(150, STEP_SHARES[step]))
+    result = json.loads(out.read_text()) if code == 0 and out.exists() else None
+    lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): {intro}", ""]
+    return (lines if result is not None else lines + tail(output, 25)), result, seconds, output
+
+
+def figure(value, spec: str = ",.0f", suffix: str = "") -> str:
+    """`value` formatted, or "-" where nothing was measured."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+# ------------------------------------------------------------------ 1. the trainer
+
+
+def steady_state(records: list[dict], log_interval: int, tokens_per_step: int) -> dict | None:
+    """A run's tokens/s, MFU and peak memory once compiled, from its metrics.jsonl records (None: no step after
+    the first log interval).
+
+    The trainer does not wait for the GPU inside a step: a step record's tokens_per_s is the host's time for that
+    step, and the step that reads the device at a log interval absorbs the wait for those before it. So the rate
+    is the tokens over the sum of the steps' times, over every step after the first log interval (which holds the
+    compilation) up to the last, which ends at a read: never a median of single steps' rates. MFU: the log
+    records' (each is its interval's), weighted by their intervals' time, which is that same rate's. Peak memory:
+    the largest that a log record holds."""
+    steps = [r for r in records if "tokens_per_s" in r]  # evaluations' records have none
+    settled = [r for r in steps if r["step"] > log_interval]
+    if not settled:
+        return None
+    seconds = [tokens_per_step / r["tokens_per_s"] for r in settled]
+    weighted = window = measured = 0.0
+    for r, s in zip(settled, seconds):
+        window += s
+        if "mfu" in r:  # a log record: its interval ends here
+            weighted, measured, window = weighted + r["mfu"] * window, measured + window, 0.0
+    peaks = [r["peak_memory_gib"] for r in steps if "peak_memory_gib" in r]
+    return {"tokens_per_s": tokens_per_step * len(settled) / sum(seconds),
+            "mfu": weighted / measured if measured else None, "peak_memory_gib": max(peaks, default=None),
+            "steps_measured": len(settled), "seconds_measured": sum(seconds)}
+
+
+def trainer_command(plan: Plan, data: Path, out: Path, block: int, batch: int, accum: int, optimizer: str) -> list:
+    settings = [f"device={plan.device}", f"dtype={plan.dtype}", f"batch_size={batch}", f"block_size={block}",
+                f"grad_accum_steps={accum}", "micro_batch_size=auto", f"optimizer={optimizer}",
+                f"max_steps={plan.trainer_steps}", f"warmup_steps={max(1, plan.trainer_steps // 4)}",
+                "eval_interval=0", "eval_batches=1", "checkpoint_interval=0", f"log_interval={plan.log_interval}",
+                "model.vocab_pad_multiple=128", *(ADAMW_SETTINGS if optimizer == "adamw" else ()), *plan.train_extra]
+    return [sys.executable, "-m", "tinygemma", "train", "--data", str(data), "--out", str(out), "--model",
+            plan.preset, *[a for s in settings for a in ("--set", s)]]
+
+
+def trainer_row(out: Path, block: int, optimizer: str, log_interval: int, output: str) -> dict:
+    """One run's row of the summary, from its config.json and metrics.jsonl, and the optimizer its log names."""
+    run_info = json.loads((out / "config.json").read_text())["run"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    figures = steady_state(records, log_interval, run_info["tokens_per_step"]) or {}
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    described = re.search(r"; ([^;]+), (?:wsd|cosine) schedule;", output)
+    return {"block_size": block, "optimizer": optimizer, "micro_batch_size": run_info.get("micro_batch_size"),
+            "tokens_per_s": figures.get("tokens_per_s"), "mfu": figures.get("mfu"),
+            "peak_memory_gib": figures.get("peak_memory_gib"), "global_batch": run_info["global_batch"],
+            "passes_per_step": run_info.get("passes_per_step"), "tokens_per_step": run_info["tokens_per_step"],
+            "steps_measured": figures.get("steps_measured", 0), "val_loss_first": vals[0] if vals else None,
+            "val_loss_last": vals[-1] if vals else None,
+            "optimizer_detail": described.group(1) if described else None}
+
+
+def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
+    lines = [f"`tinygemma train` of `{plan.preset}` in {plan.dtype}, `micro_batch_size=auto`, {plan.trainer_steps} "
+             f"optimizer steps a run. Steady state over the steps after the first log interval ({plan.log_interval} "
+             "steps, with the compilation): the steps' tokens over the sum of their wall-clock times, from the run's "
+             "metrics.jsonl; MFU likewise (`ModelConfig.flops_per_token` against the GPU's dense bf16 peak); peak "
+             "memory: `torch.cuda.max_memory_allocated` at the log steps. The micro-batch is the one auto chose "
+             "(config.json).", "",
+             "| block | optimizer | global batch | micro-batch (auto) | passes a step | tokens/s | MFU | peak memory "
+             "| val loss, step 0 -> end | command |", "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['block_size']} | {r['optimizer']} | {r['global_batch']} | {figure(r['micro_batch_size'])} "
+                     f"| {figure(r['passes_per_step'])} | {figure(r['tokens_per_s'])} | {figure(r['mfu'], '.1%')} "
+                     f"| {figure(r['peak_memory_gib'], '.2f', ' GiB')} | {figure(r['val_loss_first'], '.4f')} -> "
+                     f"{figure(r['val_loss_last'], '.4f')} | {r['command']} |")
+    details = sorted({r["optimizer_detail"] for r in rows if r["optimizer_detail"]})
+    return lines + (["", "Optimizers, as the runs' first log lines name them: " + "; ".join(details) + "."]
+                    if details else [])
+
+
+def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
+    start, share, data = time.perf_counter(), STEP_SHARES["trainer"], work / "data"
+    prepare = [sys.executable, "-m", "tinygemma", "prepare", "--out", str(data), "--tokenizer", "gpt2",
+               "--source", str(assets / "tinystories" / "train.txt"),
+               "--val-source", str(assets / "tinystories" / "valid.txt"), "--no-progress"]
+    prepare += ["--limit", str(plan.limit)] if plan.limit else []
+    code, output, seconds = run(prepare, env, timeout=plan.seconds_left(300, share))
+    commands = [f"1. `{shown(prepare)}` ({seconds:.0f} s)"]
+    if code != 0:
+        return Result(STEP_TITLES[0], False, commands + tail(output), time.perf_counter() - start)
+    rows, failures = [], []
+    for n, (block, batch, accum, optimizer) in enumerate(plan.trainer_runs, start=2):
+        out = work / f"run-{block}-{optimizer}"
+        cmd = trainer_command(plan, data, out, block, batch, accum, optimizer)
+        code, output, seconds = run(cmd, env, timeout=plan.seconds_left(240, share))
+        commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
+        if code != 0 or not (out / "metrics.jsonl").exists():
+            failures.append(f"block {block} {optimizer}: exit status {code} (command {n})")
+            commands += ["", *tail(output, 25), ""]
+            continue
+        rows.append({**trainer_row(out, block, optimizer, plan.log_interval, output), "command": n})
+        first, last = rows[-1]["val_loss_first"], rows[-1]["val_loss_last"]
+        if rows[-1]["tokens_per_s"] is None or first is None or not last < first - MIN_VAL_DROP:
+            failures.append(f"block {block} {optimizer}: no steady state, or the validation loss fell less than "
+                            f"{MIN_VAL_DROP} nat (command {n})")
+    lines = [*trainer_table(plan, rows), "", f"Criterion: each run's validation loss falls at least {MIN_VAL_DROP} "
+             f"nat from step 0 to its end: **{'met' if rows and not failures else 'NOT met'}**.", "", "Commands:",
+             "", *commands]
+    if failures:
+        lines += ["", "Failed: " + "; ".join(failures)]
+    ok = not failures and len(rows) == len(plan.trainer_runs)
+    return Result(STEP_TITLES[0], ok, lines, time.perf_counter() - start, {"trainer": rows})
+
+
+# ------------------------------------------------------------------ 2. the workshop's own code
+
+
+def workshop(plan: Plan, env: dict, work: Path, trainer_rows: list[dict]) -> Result:
+    """The workshop notebook's model and loop at the workshop recipe's shape, against tinygemma's trainer there."""
+    block, batch, accum = plan.workshop_shape
+    args = ("--dtype", plan.dtype, "--contenders", "workshop", "--batch-size", str(batch), "--block-size", str(block),
+            "--grad-accum", str(accum), "--warmup", str(plan.workshop_steps[0]), "--steps", str(plan.workshop_steps[1]))
+    lines, result, seconds, _ = benchmark(
+        plan, env, work, "workshop", "train_throughput", args,
+        f"the workshop notebook's model (benchmarks/workshop_model.py, weights in {plan.dtype}: bf16 in the notebook) "
+        f"and its loop, {accum} micro-steps of {batch} x {block} tokens (each loss / {accum}) then clipping and "
+        f"AdamW; median of {plan.workshop_steps[1]} timed optimizer steps after {plan.workshop_steps[0]} warm-up.")
+    if result is None:
+        return Result(STEP_TITLES[1], False, lines, seconds)
+    rate = result["results"][0]["tokens_per_s"]
+    ours = {r["optimizer"]: r["tokens_per_s"] for r in trainer_rows if r["block_size"] == block and r["tokens_per_s"]}
+    speedup = {name: ours[name] / rate for name in ("adamw", "muon") if name in ours}
+    summary = {"block_size": block, "batch_size": batch, "grad_accum": accum, "tokens_per_s": rate,
+               "speedup": speedup.get("adamw"), "speedup_muon": speedup.get("muon"),
+               "speedup_against": "tinygemma train at the same block and global batch, AdamW (the workshop's "
+                                  "optimizer); speedup_muon: with Muon"}
+    lines.append(f"The workshop's code: **{rate:,.0f} tokens/s**.")
+    if "adamw" in speedup:
+        lines.append(f"**tinygemma trains the workshop recipe {speedup['adamw']:.2f}x as fast as the workshop's code "
+                     f"on this {'GPU' if plan.device != 'cpu' else 'CPU'}** (`tinygemma train`, AdamW, "
+                     f"{ours['adamw']:,.0f} tokens/s)"
+                     + (f"; with Muon, the recipe's default, {speedup['muon']:.2f}x." if "muon" in speedup else "."))
+    else:
+        lines.append(f"No trainer row at block {block} with AdamW to compare with (step 1).")
+    return Result(STEP_TITLES[1], True, lines, seconds, {"workshop": summary})
+
+
+# ------------------------------------------------------------------ 3. the CUDA tests
 
 
 def cuda_tests(plan: Plan, env: dict) -> Result:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", plan.tests]
-    code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, STEP_SHARES[0]))
+    code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, STEP_SHARES["tests"]))
     summary = next((line.strip("= ") for line in reversed(output.splitlines())
                     if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)), "no summary line")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
     # On a GPU some test must really run; on a CPU (--quick) they are all skipped, and must be.
     ran = counts.get("passed", 0) > 0 if plan.device != "cpu" else counts.get("skipped", 0) > 0
-    ok = code == 0 and ran
     lines = [f"Command: `{shown(cmd)}`", "", f"Result: **{summary}** (exit status {code}, {seconds:.0f} s)", ""]
-    return Result("1. CUDA tests", ok, lines + tail(output), seconds)
+    return Result(STEP_TITLES[2], code == 0 and ran, lines + tail(output), seconds, {"cuda_tests": summary})
 
 
-# ------------------------------------------------------------------ 2. the throughput table
+# ------------------------------------------------------------------ 4. generation
 
 
-def throughput(plan: Plan, env: dict, work: Path) -> tuple[Result, float | None]:
-    """The table, and compiled tinygemma's tokens/s at the training block (to size step 3), if measured."""
-    rows, commands, failures, start = [], [], [], time.perf_counter()
-    train_rate, n = None, 0  # n numbers the commands
-    window = ModelConfig.preset(plan.preset).sliding_window
-    for block, batch in plan.shapes:
-        for mode in ("eager", "compiled"):
-            if mode not in plan.modes:
-                rows.append(f"| {block} | {batch} | {mode} | not run (--quick: inductor on a CPU takes minutes) "
-                            "| | | | | | |")
-                continue
-            suffix = "+compile" if mode == "compiled" else ""
-            other = "transformers" + (suffix if block in COMPILED_TRANSFORMERS_BLOCKS else "")
-            attention = "flex" if plan.device != "cpu" and block > window else "sdpa"
-            out = work / f"throughput-{block}-{mode}.json"
-            cmd = [sys.executable, "benchmarks/train_throughput.py", "--preset", plan.preset, "--device", plan.device,
-                   "--dtype", plan.dtype, "--batch-size", str(batch), "--block-size", str(block),
-                   "--warmup", str(plan.bench_steps[0]), "--steps", str(plan.bench_steps[1]),
-                   "--attention", attention, "--contenders", f"tinygemma{suffix},{other}",
-                   "--json", str(out)]
-            code, output, seconds = run(cmd, env, timeout=plan.seconds_left(300, STEP_SHARES[1]))
-            n += 1
-            commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
-            if code != 0 and mode == "compiled" and other != "transformers":
-                # transformers may not compile where tinygemma does: say so, and still measure tinygemma.
-                failures.append(f"block {block}: the compiled pair failed (exit status {code}, command {n}); "
-                                "tinygemma compiled was measured again against transformers eager")
-                commands += ["", *tail(output, 25), ""]
-                cmd[cmd.index("--contenders") + 1] = "tinygemma+compile,transformers"
-                code, output, seconds = run(cmd, env, timeout=plan.seconds_left(300, STEP_SHARES[1]))
-                n += 1
-                commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
-            if code != 0 or not out.exists():
-                failures.append(f"block {block} {mode}: exit status {code}")
-                rows.append(f"| {block} | {batch} | {mode} | FAILED, see command {n} | | | | | | |")
-                commands += ["", *tail(output, 25), ""]
-                continue
-            result = json.loads(out.read_text())
-            for r in result["results"]:
-                mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-                memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
-                ratio = "-" if r["ratio_vs_transformers"] is None else f"{r['ratio_vs_transformers']:.2f}x"
-                rows.append(f"| {block} | {batch} | {mode} | {r['contender']} | {r['tokens_per_s']:,.0f} | {mfu} "
-                            f"| {memory} | {1000 * r['step_time_s']:,.1f} ms | {ratio} | {r['loss_step0']:.4f} |")
-                if block == plan.train_block and mode == "compiled" and r["contender"].startswith("tinygemma"):
-                    train_rate = r["tokens_per_s"]
-    header = ["| block | batch | mode | contender | tokens/s | MFU | peak memory | step time (median) "
-              "| vs transformers | loss at step 0 |", "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines = [f"`{plan.preset}`, {plan.dtype}, one training step (forward with loss, backward, clip, AdamW); "
-             f"median of {plan.bench_steps[1]} timed steps after {plan.bench_steps[0]} warm-up; the two contenders "
-             "alternate in one process on the same batch from the same weights. Peak memory: the contender's "
-             "weights and optimizer state plus its step's peak above what the process held before it "
-             "(`torch.cuda.max_memory_allocated`). Sliding layers: flex attention on the GPU past the window, "
-             "as training uses it; SDPA otherwise.", "", *header, *rows, "", "Commands:", "", *commands]
-    # The optimizer's step alone, AdamW against each Muon backend: what decides Muon's backend on this device.
-    cmd = [sys.executable, "benchmarks/optimizer_step.py", "--preset", plan.preset, "--device", plan.device,
-           *plan.optimizer_args, "--json", str(work / "optimizer_step.json")]
-    code, output, seconds = run(cmd, env, timeout=plan.seconds_left(120, STEP_SHARES[1]))
-    lines += ["", f"Optimizer step alone (`{shown(cmd)}`, {seconds:.0f} s):", ""]
-    if code == 0:
-        lines += [line for line in output.splitlines() if line.startswith("|")]
-    else:
-        failures.append(f"the optimizer step timing: exit status {code}")
-        lines += tail(output, 25)
-    if failures:
-        lines += ["", "Failed: " + "; ".join(failures)]
-    return Result("2. Training throughput", not failures, lines, time.perf_counter() - start), train_rate
+def generation(plan: Plan, env: dict, work: Path) -> Result:
+    lines, result, seconds, _ = benchmark(
+        plan, env, work, "generation", "generate_speed", plan.generation_args,
+        "greedy decoding of random prompts, the same weights in both, prefill included; median of the timed runs, "
+        "the two alternating.")
+    if result is None:
+        return Result(STEP_TITLES[3], False, lines, seconds)
+    lines += [f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens, {result['dtype']}:", "",
+              "| batch | tinygemma | transformers | speed-up | same tokens |", "|---:|---:|---:|---:|---|"]
+    for r in result["results"]:
+        same = "all" if r["same_tokens"] else f"first {r['equal_leading_tokens']}"
+        lines.append(f"| {r['batch_size']} | {r['tinygemma_tokens_per_s']:,.1f} tokens/s | "
+                     f"{r['transformers_tokens_per_s']:,.1f} tokens/s | {r['speedup']:.2f}x | {same} |")
+    keep = ("dtype", "prompt_tokens", "new_tokens", "repeats", "results")
+    return Result(STEP_TITLES[3], True, lines, seconds, {"generation": {k: result[k] for k in keep}})
 
 
-# ------------------------------------------------------------------ 3. training on real stories
+# ------------------------------------------------------------------ 5. the optimizer step
 
 
-def train_steps(plan: Plan, rate: float | None, forced: int | None, elapsed: float) -> tuple[int, str]:
-    """The step budget: about TRAIN_SECONDS of steps at step 2's compiled rate, less if the suite is late."""
-    tokens_per_step = plan.train_batch * plan.train_block
-    if forced:
-        return forced, "set by --train-steps"
-    if plan.quick:
-        return 20, "--quick"
-    if rate is None:
-        return FALLBACK_TRAIN_STEPS, "a fixed budget: step 2 gave no compiled tinygemma figure at this block"
-    seconds = max(MIN_TRAIN_SECONDS, min(TRAIN_SECONDS, plan.budget - elapsed - TRAIN_OVERHEAD_SECONDS))
-    steps = int(seconds * MUON_RATE_FACTOR * rate / tokens_per_step) // EVAL_INTERVAL * EVAL_INTERVAL
-    steps = max(2 * EVAL_INTERVAL, min(steps, 5000))
-    return steps, (f"{seconds:.0f} s at {MUON_RATE_FACTOR} x the compiled tinygemma (AdamW) rate of step 2 "
-                   f"({rate:,.0f} tokens/s; Muon's steps are slower), {tokens_per_step:,} tokens per step, rounded "
-                   f"down to a multiple of {EVAL_INTERVAL}; {elapsed:.0f} s had passed")
+def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
+    """AdamW against each Muon backend: the step's figures that choose Muon's backend on this device."""
+    lines, result, seconds, output = benchmark(
+        plan, env, work, "optimizer_step", "optimizer_step", plan.optimizer_args,
+        "`optimizer.step()` alone on the model's parameters, median of the timed rounds, contenders in turn.")
+    if result is None:
+        return Result(STEP_TITLES[4], False, lines, seconds)
+    lines += [line for line in output.splitlines() if line.startswith("|")]
+    ms = result["ms_per_step"]
+    muons = {name: t for name, t in ms.items() if name.startswith("muon-")}
+    fastest = min(muons, key=muons.get) if muons else None
+    if fastest:
+        lines += ["", f"Fastest Muon backend here: **{fastest}** ({muons[fastest]:,.2f} ms a step"
+                      + (f", {ms['adamw']:,.2f} ms for AdamW" if "adamw" in ms else "") + "); `optim.muon_backend` "
+                      "chooses the CUDA default."]
+    summary = {"ms_per_step": ms, "first_step_relative_difference": result["first_step_relative_difference"],
+               "fastest_muon": fastest}
+    return Result(STEP_TITLES[4], True, lines, seconds, {"optimizer_step": summary})
 
 
-def training(plan: Plan, env: dict, work: Path, assets: Path, rate: float | None, forced: int | None,
-             elapsed: float) -> Result:
-    start = time.perf_counter()
-    data, out = work / "data", work / "run"
-    prepare = [sys.executable, "-m", "tinygemma", "prepare", "--out", str(data), "--tokenizer", "gpt2",
-               "--source", str(assets / "tinystories" / "train.txt"),
-               "--val-source", str(assets / "tinystories" / "valid.txt"), "--no-progress"]
-    prepare += ["--limit", str(plan.limit)] if plan.limit else []
-    code, output, prep_seconds = run(prepare, env, timeout=plan.seconds_left(300))
-    lines = [f"1. `{shown(prepare)}` ({prep_seconds:.0f} s)"]
-    if code != 0:
-        return Result("3. Training on real stories", False, lines + tail(output), time.perf_counter() - start)
-    steps, why = train_steps(plan, rate, forced, elapsed + prep_seconds)
-    interval = 10 if plan.quick else EVAL_INTERVAL
-    settings = [f"device={plan.device}", f"dtype={plan.dtype}", f"compile={'false' if plan.quick else 'auto'}",
-                f"batch_size={plan.train_batch}", f"block_size={plan.train_block}", "grad_accum_steps=1",
-                f"max_steps={steps}", f"warmup_steps={max(1, steps // 20)}", f"eval_interval={interval}",
-                "eval_batches=4", "checkpoint_interval=0", f"log_interval={interval}", "model.vocab_pad_multiple=128",
-                *plan.train_extra]
-    train = [sys.executable, "-m", "tinygemma", "train", "--data", str(data), "--out", str(out), "--model",
-             plan.preset, *[a for s in settings for a in ("--set", s)]]
-    code, output, train_seconds = run(train, env, timeout=plan.seconds_left(600))
-    lines += [f"2. `{shown(train)}` ({train_seconds:.0f} s; {steps} steps: {why})", ""]
-    metrics = out / "metrics.jsonl"
-    if code != 0 or not metrics.exists():
-        lines += [f"`tinygemma train` failed (exit status {code})."]
-        return Result("3. Training on real stories", False, lines + tail(output), time.perf_counter() - start)
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    lines += training_figures(records, json.loads((out / "config.json").read_text()))
-    vals = [r for r in records if "val_loss" in r]
-    ok = len(vals) >= 2 and vals[-1]["val_loss"] < vals[0]["val_loss"] - MIN_VAL_DROP
-    lines += ["", f"Criterion: the last validation loss is at least {MIN_VAL_DROP} nat below step 0's: "
-              f"**{'met' if ok else 'NOT met'}**.", "", *tail(output, 15)]
-    return Result("3. Training on real stories", ok, lines, time.perf_counter() - start)
+# ------------------------------------------------------------------ 6. the loss head
 
 
-def training_figures(records: list[dict], config: dict) -> list[str]:
-    """The validation table and a summary from metrics.jsonl and config.json."""
-    vals = [r for r in records if "val_loss" in r]
-    steps = [r for r in records if "train_loss" in r]
-    settled = steps[len(steps) // 5 :] or steps  # past compilation and warm-up
-    rate = statistics.median(r["tokens_per_s"] for r in settled) if settled else None
-    mfu = [r["mfu"] for r in settled if "mfu" in r]
-    run = config["run"]
-    lines = [f"{run['parameters']:,} parameters, {run['dtype']} on {run['device']}, {run['tokens_per_step']:,} "
-             f"tokens per step, {len(steps)} steps ({steps[-1]['tokens'] if steps else 0:,} tokens).", "",
-             "| step | tokens | val loss | val bits/byte |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |" for r in vals]
-    if vals:
-        first, last = vals[0], vals[-1]
-        best = min(vals, key=lambda r: r["val_loss"])
-        lines += ["", f"- validation loss: first {first['val_loss']:.4f} (step {first['step']}), last "
-                      f"{last['val_loss']:.4f} (step {last['step']}), best {best['val_loss']:.4f} (step {best['step']})",
-                  f"- bits per byte: first {first['val_bpb']:.4f}, last {last['val_bpb']:.4f}"]
-    if rate is not None:
-        lines.append(f"- training throughput: {rate:,.0f} tokens/s (median over steps {settled[0]['step']} to "
-                     f"{settled[-1]['step']}, from metrics.jsonl)"
-                     + (f", MFU {100 * statistics.median(mfu):.1f}%" if mfu else ""))
-    return lines
+def loss_head(plan: Plan, env: dict, work: Path) -> Result:
+    """Chunked against whole logits, with peak memory: the bound that `loss_head = "auto"` takes on this device."""
+    lines, result, seconds, output = benchmark(
+        plan, env, work, "loss_head", "loss_head", plan.loss_head_args,
+        "the final norm, the tied head and the cross-entropy, forward and backward, alone; the two heads in turn "
+        "on the same inputs.")
+    if result is None:
+        return Result(STEP_TITLES[5], False, lines, seconds)
+    lines += [line for line in output.splitlines() if line.startswith("|")]
+    bound = result["full_faster_up_to_logits"]
+    lines += ["", f"The full head was the faster up to **{bound:,} logits per micro-batch** (0: at no size measured): "
+                  f"the bound for `AUTO_FULL_LOSS_LOGITS[\"{plan.device}\"]` in parallelize.py, with its memory above."]
+    keep = ("dtype", "compile", "chunk_size", "padded_vocab_size", "results", "full_faster_up_to_logits")
+    return Result(STEP_TITLES[5], True, lines, seconds, {"loss_head": {k: result[k] for k in keep}})
 
 
-# ------------------------------------------------------------------ the report
+# ------------------------------------------------------------------ the report and the summary
 
 
-def environment(plan: Plan) -> list[str]:
+def environment(plan: Plan) -> tuple[list[str], dict]:
+    """The report's table of the machine and the software, and the summary's fields for them."""
     import torch
 
     try:
@@ -329,24 +423,31 @@ def environment(plan: Plan) -> list[str]:
         hf = "not installed"
     if plan.device != "cpu":
         props = torch.cuda.get_device_properties(0)
+        gpu = props.name
         device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible"
     else:
-        device = f"{cpu_description()} (no GPU: a smoke run)"
+        gpu = device = f"{cpu_description()} (no GPU: a smoke run)"
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty=, with uncommitted changes"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    return ["| | |", "|---|---|", f"| device | {device} |", f"| torch | {torch.__version__} |",
-            f"| CUDA | {torch.version.cuda or '-'} |", f"| transformers | {hf} |",
-            f"| Python | {platform.python_version()} ({sys.executable}) |", f"| commit | {commit} |",
-            f"| date | {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} |"]
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = ["| | |", "|---|---|", f"| device | {device} |", f"| torch | {torch.__version__} |",
+             f"| CUDA | {torch.version.cuda or '-'} |", f"| transformers | {hf} |",
+             f"| Python | {platform.python_version()} ({sys.executable}) |", f"| commit | {commit} |",
+             f"| date | {date} |"]
+    info = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": hf, "date": date,
+            "commit": commit}
+    return lines, info
 
 
-STEP_TITLES = ("1. CUDA tests", "2. Training throughput", "3. Training on real stories")
+STEP_TITLES = ("1. Trainer", "2. The workshop's code", "3. CUDA tests", "4. Generation", "5. Optimizer step",
+               "6. Loss head")
 
 
-def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, results: list[Result], total: float) -> None:
+def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine: list[str], results: list[Result],
+                 total: float) -> None:
     """The report of the steps run so far: written after each step, so a suite stopped from outside (a machine's
     time limit) still leaves what it measured, marked INCOMPLETE."""
     pending = STEP_TITLES[len(results):]
@@ -355,13 +456,23 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, results
              f"**{verdict}**: " + ", ".join(f"{r.title.split('. ', 1)[1]} {'passed' if r.ok else 'FAILED'}"
                                             for r in results) + f"; {total / 60:.1f} minutes in all.", "",
              f"Suite: `python benchmarks/gpu_suite.py {shlex.join(argv)}`. Every command below ran from the "
-             f"source tree's root with `{env_line}`.", "", *environment(plan)]
+             f"source tree's root with `{env_line}`.", "", *machine]
     for r in results:
         lines += ["", f"## {r.title}", "", *r.lines, "", f"({r.seconds:.0f} s)"]
     for title in pending:
         lines += ["", f"## {title}", "", "Not reached: the suite was still running, or was stopped, before this step."]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_summary(path: Path, plan: Plan, info: dict, results: list[Result], total: float) -> None:
+    """gpu_latest.json: the machine, then each finished step's figures (trainer, workshop, generation, ...)."""
+    summary = {**info, "quick": plan.quick, "complete": len(results) == len(STEP_TITLES), "seconds": round(total),
+               "budget_s": plan.budget, "steps": {r.title.split(". ", 1)[1]: r.ok for r in results}}
+    for r in results:
+        summary.update(r.data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, summary)
 
 
 def make_assets(shared: Path, assets: Path) -> int:
@@ -380,19 +491,45 @@ def make_assets(shared: Path, assets: Path) -> int:
     return 0
 
 
+def output_paths(args, device: str) -> tuple[Path, Path]:
+    """(report, summary): by default benchmarks/results/gpu_latest.md and .json on a GPU; on a CPU gpu_report.md
+    and gpu_report.json in the working folder."""
+    report = Path(args.report or (GPU_SUMMARY.with_suffix(".md") if device != "cpu" else "gpu_report.md"))
+    return report, Path(args.summary or (GPU_SUMMARY if device != "cpu" else report.with_suffix(".json")))
+
+
+def refusal(args, device: str, assets: Path, report: Path, summary: Path) -> str | None:
+    """Why the suite cannot run as asked (one line), or None."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but PyTorch sees no CUDA GPU"
+    if device == "cpu" and not args.quick:
+        return "no GPU here; `--device cpu --quick` runs the smoke version"
+    if device == "cpu" and {report.resolve(), summary.resolve()} & {GPU_SUMMARY, GPU_SUMMARY.with_suffix(".md")}:
+        return f"a CPU run does not write {GPU_SUMMARY.relative_to(ROOT)} or its report; give --summary elsewhere"
+    for needed in (assets / "tinystories" / "train.txt", assets / "tinystories" / "valid.txt", assets / "tiktoken_cache"):
+        if not needed.exists():
+            return (f"{needed} not found; build the assets with "
+                    f"`python benchmarks/gpu_suite.py --make-assets ../shared --assets {args.assets}`")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--report", default="gpu_report.md", help="the markdown report to write (default gpu_report.md)")
+    p.add_argument("--report", help="the markdown report (default: benchmarks/results/gpu_latest.md on a GPU, "
+                                    "gpu_report.md on a CPU)")
+    p.add_argument("--summary", help="the JSON summary (default: benchmarks/results/gpu_latest.json on a GPU, the "
+                                     "report's name with .json on a CPU)")
     p.add_argument("--assets", default=str(DEFAULT_ASSETS),
                    help="folder with tinystories/train.txt, tinystories/valid.txt, tiktoken_cache/")
     p.add_argument("--make-assets", metavar="SHARED", help="fill --assets from SHARED (a checkout's ../shared), then stop")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--quick", action="store_true", help="toy sizes and no inductor: a smoke run of every step")
-    p.add_argument("--train-steps", type=int, metavar="N", help="step 3's budget (default: sized to ~3 minutes)")
     p.add_argument("--budget", type=float, default=TOTAL_SECONDS, metavar="SECONDS",
-                   help=f"the whole suite's aim (default {TOTAL_SECONDS}): sizes step 3 and caps each command")
-    p.add_argument("--work", help="folder for the prepared data and the run (default: a temporary folder)")
+                   help=f"the whole suite's aim (default {TOTAL_SECONDS}): each step's commands stop at its share")
+    p.add_argument("--work", help="folder for the prepared data and the runs (default: a temporary folder)")
     args = p.parse_args(argv)
     assets = Path(args.assets).resolve()
     if args.make_assets:
@@ -401,17 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("gpu_suite: error: --device cuda, but PyTorch sees no CUDA GPU", file=sys.stderr)
+    report, summary = output_paths(args, device)
+    error = refusal(args, device, assets, report, summary)
+    if error:
+        print(f"gpu_suite: error: {error}", file=sys.stderr)
         return 2
-    if device == "cpu" and not args.quick:
-        print("gpu_suite: error: no GPU here; `--device cpu --quick` runs the smoke version", file=sys.stderr)
-        return 2
-    for needed in (assets / "tinystories" / "train.txt", assets / "tinystories" / "valid.txt", assets / "tiktoken_cache"):
-        if not needed.exists():
-            print(f"gpu_suite: error: {needed} not found; build the assets with "
-                  f"`python benchmarks/gpu_suite.py --make-assets ../shared --assets {args.assets}`", file=sys.stderr)
-            return 2
     plan = Plan.quick_cpu(device) if args.quick else Plan(device, False)
     plan.budget = args.budget
 
@@ -422,21 +553,26 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     env_line = " ".join(f"{k}={v}" for k, v in {"PYTHONPATH": "src", **extra}.items())
+    machine, info = environment(plan)
     start = time.perf_counter()
+    results: list[Result] = []
+
+    def done(result: Result) -> None:
+        results.append(result)
+        print(f"{result.title}: {'passed' if result.ok else 'FAILED'}", file=sys.stderr, flush=True)
+        write_report(report, plan, argv, env_line, machine, results, time.perf_counter() - start)
+        write_summary(summary, plan, info, results, time.perf_counter() - start)
+
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        def done(result: Result) -> None:
-            results.append(result)
-            print(f"{result.title}: {'passed' if result.ok else 'FAILED'}", file=sys.stderr, flush=True)
-            write_report(Path(args.report), plan, argv, env_line, results, time.perf_counter() - start)
-
-        results: list[Result] = []
+        done(trainer(plan, env, work, assets))
+        done(workshop(plan, env, work, results[0].data.get("trainer", [])))
         done(cuda_tests(plan, env))
-        table, rate = throughput(plan, env, work)
-        done(table)
-        done(training(plan, env, work, assets, rate, args.train_steps, time.perf_counter() - start))
-    print(f"wrote {args.report}")
+        done(generation(plan, env, work))
+        done(optimizer_step(plan, env, work))
+        done(loss_head(plan, env, work))
+    print(f"wrote {report} and {summary}")
     return 0 if all(r.ok for r in results) else 1
 
 

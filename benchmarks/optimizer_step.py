@@ -10,6 +10,9 @@ Contenders (each with its own copy of the weights and its own state, taking turn
                   (the default where the device computes bf16 natively); needs torch >= 2.9
   muon-float32    MuonAdamW, our iteration in float32, same-shape matrices batched (the default elsewhere)
   muon-bfloat16   MuonAdamW, our batched iteration in bf16 (no default chooses it yet: this measures it)
+  muon-compiled   MuonAdamW, our bf16 update torch.compile'd, one graph per group of same-shape matrices, the
+                  learning rate a device tensor (no default chooses it yet: this measures it; its compilation
+                  falls in the untimed first step)
 
 On CUDA the clock is read after `torch.cuda.synchronize()`; the figure is the median of --steps timed rounds
 after --warmup untimed ones (at least one), by common.time_interleaved. The step before timing checks that every Muon backend moved the Muon matrices alike.
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary (e.g. 4096 for cpu-demo's BPE)")
     p.add_argument("--n-layers", type=int, help="override the preset's layer count (a smaller smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--contenders", default="adamw,muon-torch,muon-float32,muon-bfloat16")
+    p.add_argument("--contenders", default="adamw,muon-torch,muon-float32,muon-bfloat16,muon-compiled")
     p.add_argument("--steps", type=int, default=20, help="timed rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")

@@ -10,7 +10,8 @@ Contenders, all on the same device, from the same initial weights, on the same b
                       workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps
 
 A step is forward with loss, backward, gradient clipping at 0.5 and AdamW (the workshop loop's settings), then
-`zero_grad(set_to_none=True)`. Every contender runs that same loop, so the ratios measure model code and
+`zero_grad(set_to_none=True)`; with --grad-accum N, N forward and backward passes (each loss / N, as the workshop
+loop accumulates) before the clipping and AdamW, and a step's tokens are N batches'. Every contender runs that same loop, so the ratios measure model code and
 precision handling, not the loop. Under --dtype bfloat16 tinygemma and transformers keep float32 weights and
 run under autocast; the workshop model holds bfloat16 weights, as it did.
 
@@ -29,6 +30,8 @@ process-wide peak alone would count the others' weights too.
     python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --block-size 1024 --json out.json
     python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --block-size 1024 --attention flex \
         --contenders tinygemma+compile,transformers+compile
+    python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --batch-size 32 --grad-accum 32 \
+        --contenders workshop                                       # the workshop notebook's own loop
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ REFERENCE = "transformers"  # ratios are against transformers with SDPA, its def
 # The workshop loop's optimizer and clipping, used by every contender.
 LEARNING_RATE, BETAS, WEIGHT_DECAY, ADAM_EPS = 1e-4, (0.9, 0.95), 0.1, 1e-9
 CLIP_NORM = 0.5
-GRAD_ACCUM_STEPS = 1  # the workshop divides the loss by it; one micro-batch per measured step
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts, no sparsity). float32 is the peak without
 # tensor cores, since PyTorch does not use TF32 for float32 matmuls unless asked to.
@@ -83,10 +85,13 @@ class Contender:
                                            weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
         self.model.train()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = self.forward(x, y)
-        loss.backward()
+    def step(self, x: torch.Tensor, y: torch.Tensor, grad_accum: int = 1) -> torch.Tensor:
+        """`grad_accum` forward and backward passes (the workshop loop's loss / grad_accum_steps), then the
+        clipping and AdamW; the last pass's loss."""
+        for _ in range(grad_accum):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.forward(x, y)
+            (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +142,7 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
         elif name == "workshop" and not compiled:
             model = Gemma3Model(workshop_config(config, dtype))  # bfloat16 weights under --dtype bfloat16
             load_tinygemma_weights(model, reference.state_dict()).to(device)
-            contenders.append(Contender(name, model, lambda x, y, m=model: m(x, y)[1] / GRAD_ACCUM_STEPS,
+            contenders.append(Contender(name, model, lambda x, y, m=model: m(x, y)[1],
                                         dtype == torch.bfloat16 and device.type == "cuda"))  # nullcontext on CPU
         else:
             raise SystemExit(f"unknown contender {full_name!r}; choose from {', '.join(CONTENDERS)} "
@@ -196,6 +201,7 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=1, help="forward/backward passes per optimizer step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (at least 1)")
@@ -245,7 +251,7 @@ def main(argv=None) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
                 held_before = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
-            loss = c.step(x, y)
+            loss = c.step(x, y, args.grad_accum)
             sync()
             elapsed = time.perf_counter() - start
             losses[c.name].append(loss.item())
@@ -260,7 +266,7 @@ def main(argv=None) -> dict:
         print(f"round {r + 1}/{args.warmup + args.steps} ({status}): "
               + ", ".join(f"{c.name} {losses[c.name][-1]:.4f}" for c in contenders), file=sys.stderr, flush=True)
 
-    tokens = args.batch_size * args.block_size
+    tokens = args.batch_size * args.block_size * args.grad_accum
     peak = peak_flops(device, dtype)
     flops_per_token = config.flops_per_token(args.block_size)
     rows = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak,
@@ -302,13 +308,15 @@ def report(args, argv, rows: list[dict], device: str, flops_per_token: float, pe
            how: str) -> dict:
     result = {
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "preset": args.preset, "batch_size": args.batch_size, "block_size": args.block_size, "dtype": args.dtype,
+        "preset": args.preset, "batch_size": args.batch_size, "block_size": args.block_size,
+        "grad_accum": args.grad_accum, "dtype": args.dtype,
         "steps": args.steps, "warmup": args.warmup, "isolate": args.isolate, "compile": args.compile,
         "attention": args.attention,
         "device": device, "torch": torch.__version__, "flops_per_token": flops_per_token, "peak_flops": peak,
         "step0_loss_spread": spread, "results": rows,
     }
-    print(f"{args.preset}, batch {args.batch_size} x block {args.block_size}, {args.dtype}, {device}, "
+    print(f"{args.preset}, batch {args.batch_size} x block {args.block_size} x {args.grad_accum} pass(es), "
+          f"{args.dtype}, {device}, "
           f"torch {torch.__version__}; {how}")
     print(markdown_table(rows))
     if args.json:
@@ -326,6 +334,7 @@ def run_isolated(args, argv, names: list[str]) -> dict:
 
     common = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
               "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--grad-accum", str(args.grad_accum),
               "--device", args.device, "--seed", str(args.seed), "--attention", args.attention]
     common += ["--compile"] if args.compile else []
     runs = {name: [] for name in names}
@@ -341,7 +350,8 @@ def run_isolated(args, argv, names: list[str]) -> dict:
                 print(f"round {r + 1}/{args.isolate}: {child['results'][0]['contender']} median "
                       f"{child['results'][0]['step_time_s']:.3f} s", file=sys.stderr, flush=True)
     spread = check_losses({name: v[0]["loss_step0"] for name, v in runs.items()}, getattr(torch, args.dtype))
-    tokens, flops_per_token, peak = args.batch_size * args.block_size, child["flops_per_token"], child["peak_flops"]
+    tokens = args.batch_size * args.block_size * args.grad_accum
+    flops_per_token, peak = child["flops_per_token"], child["peak_flops"]
     rows = [result_row(runs[name][0]["contender"], [t for run in runs[name] for t in run["step_times_s"]],
                        runs[name][0]["losses"], tokens, flops_per_token, peak,
                        max((run["peak_memory_bytes"] for run in runs[name] if run["peak_memory_bytes"]),

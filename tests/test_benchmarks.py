@@ -1,5 +1,6 @@
 """benchmarks/train_throughput.py on a tiny preset: the contenders compute the same loss, the output is complete;
-benchmarks/gpu_suite.py's smoke run on a CPU writes a complete report of its three steps."""
+benchmarks/gpu_suite.py's smoke run on a CPU writes a complete report and summary of its six steps, and reads
+a run's throughput from its records as the trainer writes them; recipe_efficiency and optimizer_step."""
 
 import importlib.util
 import json
@@ -71,9 +72,10 @@ def test_train_throughput_isolated_runs_each_contender_in_its_own_process(capsys
     assert capsys.readouterr().err.count(" median ") == 4  # one line per process: two rounds of two
 
 
-def test_gpu_suite_smoke_run_writes_a_complete_report(tmp_path):
-    """--make-assets then --device cpu --quick: every step runs (the CUDA tests are selected and skipped), and the
-    report holds each step's command and the very figures its outputs hold."""
+def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
+    """--make-assets then --device cpu --quick: every step runs at toy size (the CUDA tests are selected and
+    skipped), and the report and gpu_latest.json's fields (in a temporary path, never the GPU's file) hold the
+    very figures the runs' own records and the benchmarks' outputs hold."""
     suite = load_script("gpu_suite")
     assets, report, work = tmp_path / "assets", tmp_path / "report.md", tmp_path / "work"
     assert suite.main(["--make-assets", str(SHARED), "--assets", str(assets)]) == 0
@@ -81,43 +83,67 @@ def test_gpu_suite_smoke_run_writes_a_complete_report(tmp_path):
         assert (assets / "tinystories" / name).read_bytes() == (STORIES / name).read_bytes()
     assert {p.name for p in (assets / "tiktoken_cache").iterdir()} == {p.name for p in (SHARED / "tiktoken_cache").iterdir()}
 
+    real = suite.GPU_SUMMARY.read_bytes() if suite.GPU_SUMMARY.exists() else None
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
                        "--work", str(work)]) == 0
-    text = report.read_text()
+    assert (suite.GPU_SUMMARY.read_bytes() if suite.GPU_SUMMARY.exists() else None) == real
+    text, summary = report.read_text(), json.loads(report.with_suffix(".json").read_text())
     assert text.startswith("# GPU acceptance run (--quick smoke run, not a GPU result)")
-    assert "**PASS**: CUDA tests passed, Training throughput passed, Training on real stories passed" in text
-    assert f"| torch | {torch.__version__} |" in text and "| CUDA | - |" in text
+    assert ("**PASS**: Trainer passed, The workshop's code passed, CUDA tests passed, Generation passed, "
+            "Optimizer step passed, Loss head passed") in text
+    assert summary["complete"] and summary["quick"] and all(summary["steps"].values())
+    assert summary["torch"] == torch.__version__ and summary["gpu"].startswith(suite.cpu_description())
+    assert summary["commit"] and summary["date"] and f"| torch | {torch.__version__} |" in text
 
-    # 1. The cuda marker selects test_cuda.py's tests, and without a GPU every one is skipped.
+    # 1. The trainer's rows, from each run's config.json and metrics.jsonl.
+    rows = summary["trainer"]
+    assert [(r["block_size"], r["optimizer"]) for r in rows] == [(32, "adamw"), (80, "muon")]
+    for r in rows:
+        out = work / f"run-{r['block_size']}-{r['optimizer']}"
+        config = json.loads((out / "config.json").read_text())
+        assert config["train"]["micro_batch_size"] == "auto" and config["train"]["optimizer"] == r["optimizer"]
+        assert r["micro_batch_size"] == config["run"]["micro_batch_size"] == config["train"]["batch_size"]  # CPU
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [x for x in records if "tokens_per_s" in x and x["step"] > 2]  # after the first log interval
+        seconds = sum(config["run"]["tokens_per_step"] / x["tokens_per_s"] for x in steps)
+        assert r["steps_measured"] == len(steps) == 6
+        assert r["tokens_per_s"] == pytest.approx(len(steps) * config["run"]["tokens_per_step"] / seconds)
+        assert r["mfu"] is None and r["peak_memory_gib"] is None  # CUDA's figures only
+        vals = [x["val_loss"] for x in records if "val_loss" in x]
+        assert (r["val_loss_first"], r["val_loss_last"]) == (vals[0], vals[-1]) and vals[-1] < vals[0] - 1.0
+        assert f"| {r['block_size']} | {r['optimizer']} | {r['global_batch']} | {r['micro_batch_size']} |" in text
+    assert "micro_batch_size=auto" in text and "Criterion: each run's validation loss falls" in text
+
+    # 2. The workshop's loop at the first run's shape, against that run.
+    workshop = json.loads((work / "workshop.json").read_text())
+    assert (workshop["batch_size"], workshop["block_size"], workshop["grad_accum"]) == (4, 32, 2)
+    rate = workshop["results"][0]["tokens_per_s"]
+    assert rate == pytest.approx(4 * 32 * 2 / workshop["results"][0]["step_time_s"])
+    assert summary["workshop"]["tokens_per_s"] == rate
+    assert summary["workshop"]["speedup"] == pytest.approx(rows[0]["tokens_per_s"] / rate)
+    assert f"tinygemma trains the workshop recipe {summary['workshop']['speedup']:.2f}x as fast" in text
+
+    # 3. The cuda marker selects test_cuda.py's tests, and without a GPU every one is skipped.
     assert "`python -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py`" in text
     skipped = re.search(r"Result: \*\*(\d+) skipped in", text)
     assert skipped and int(skipped.group(1)) >= 8, text
 
-    # 2. One row per block and contender, with the figures of the benchmark's own JSON and its command.
-    for block in (32, 80):
-        result = json.loads((work / f"throughput-{block}-eager.json").read_text())
-        assert f"`{result['command']}`" in text
-        assert [r["contender"] for r in result["results"]] == ["tinygemma", "transformers"]
-        for r in result["results"]:
-            assert f"| {block} | 1 | eager | {r['contender']} | {r['tokens_per_s']:,.0f} | - | - |" in text
-        assert f"| {block} | 1 | compiled | not run" in text
+    # 4-6. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.
+    generation = json.loads((work / "generation.json").read_text())
+    assert summary["generation"]["results"] == generation["results"]
+    assert [r["batch_size"] for r in generation["results"]] == [1, 2]
+    for r in generation["results"]:
+        assert f"| {r['batch_size']} | {r['tinygemma_tokens_per_s']:,.1f} tokens/s |" in text
     optimizer = json.loads((work / "optimizer_step.json").read_text())
-    assert "`python benchmarks/optimizer_step.py --preset gemma3-tiny --device cpu" in text
+    assert summary["optimizer_step"]["ms_per_step"] == optimizer["ms_per_step"]
     for name, ms in optimizer["ms_per_step"].items():
         assert f"| {name} | {ms:,.2f} |" in text
-
-    # 3. The validation losses of the run's metrics.jsonl, falling by more than a nat in 20 steps.
-    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    vals = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in vals] == [0, 10, 20]
-    assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 1.0
-    assert f"first {vals[0]['val_loss']:.4f} (step 0), last {vals[-1]['val_loss']:.4f} (step 20)" in text
-    assert f"bits per byte: first {vals[0]['val_bpb']:.4f}, last {vals[-1]['val_bpb']:.4f}" in text
-    assert "`python -m tinygemma prepare --out" in text and "`python -m tinygemma train --data" in text
-    assert "Criterion: the last validation loss is at least 1.0 nat below step 0's: **met**" in text
+    head = json.loads((work / "loss_head.json").read_text())
+    assert summary["loss_head"]["results"] == head["results"] and [r["rows"] for r in head["results"]] == [64, 256]
+    assert summary["loss_head"]["full_faster_up_to_logits"] == head["full_faster_up_to_logits"]
 
 
-def test_gpu_suite_refuses_missing_assets_and_a_cpu_without_quick(tmp_path, capsys):
+def test_gpu_suite_refuses_missing_assets_a_cpu_without_quick_and_the_gpu_summary(tmp_path, capsys):
     suite = load_script("gpu_suite")
     report = tmp_path / "report.md"
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(tmp_path), "--report", str(report)]) == 2
@@ -125,20 +151,32 @@ def test_gpu_suite_refuses_missing_assets_and_a_cpu_without_quick(tmp_path, caps
     assert "--make-assets" in err and "\n" not in err
     assert suite.main(["--device", "cpu", "--assets", str(tmp_path), "--report", str(report)]) == 2
     assert "--quick" in capsys.readouterr().err
+    assets = fake_assets(tmp_path / "assets")
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
+                       "--summary", str(suite.GPU_SUMMARY)]) == 2
+    assert "a CPU run does not write benchmarks/results/gpu_latest.json" in capsys.readouterr().err
     assert not report.exists()
 
 
-def test_gpu_suite_sizes_the_training_from_the_measured_rate_and_the_time_left():
+def test_gpu_suite_steady_state_sums_step_times_after_the_first_log_interval():
+    """Records as the trainer writes them without a sync per step: a host time of 10 ms a step, and the log step
+    (every 5th) absorbing the wait for the GPU's 100 ms a step. The rate is the GPU's (10,000 tokens/s), where a
+    median of the steps' rates would say 100,000; MFU is the log records' (each its interval's)."""
     suite = load_script("gpu_suite")
-    plan = suite.Plan("cuda", False)  # 16 x 1,024 = 16,384 tokens per step
-    # Muon's steps at 0.65 x the measured (AdamW) rate: 195,000 tokens/s
-    assert suite.train_steps(plan, 300_000.0, None, elapsed=200)[0] == 1750  # 150 s: 1,785 steps, to a multiple of 50
-    assert suite.train_steps(plan, 300_000.0, None, elapsed=360)[0] == 950  # late: 540 - 360 - 100 = 80 s
-    assert suite.train_steps(plan, 300_000.0, None, elapsed=900)[0] == 700  # never under 60 s
-    assert suite.train_steps(plan, None, None, elapsed=0)[0] == suite.FALLBACK_TRAIN_STEPS
-    assert suite.train_steps(plan, 300_000.0, 123, elapsed=0) == (123, "set by --train-steps")
-    plan.budget = 400.0  # --budget 400: 400 - 200 - 100 = 100 s
-    assert suite.train_steps(plan, 300_000.0, None, elapsed=200)[0] == 1150
+    tokens, records = 1000, [{"step": 0, "val_loss": 10.9}]
+    for step in range(1, 21):
+        host = 30.0 if step == 1 else 0.5 - 4 * 0.01 if step % 5 == 0 else 0.01  # step 1 compiles
+        record = {"step": step, "tokens": step * tokens, "tokens_per_s": tokens / host}
+        if step % 5 == 0:
+            window = 5 * 0.1 if step > 5 else 4 * 0.01 + host  # the trainer's own window leaves out step 1
+            record.update(mfu=2.5e-5 * 5 * tokens / window, peak_memory_gib=3.0 + step / 100)
+        records.append(record)
+    records.append({"step": 20, "val_loss": 8.0})
+    figures = suite.steady_state(records, log_interval=5, tokens_per_step=tokens)
+    assert figures["steps_measured"] == 15 and figures["seconds_measured"] == pytest.approx(1.5)
+    assert figures["tokens_per_s"] == pytest.approx(10_000)
+    assert figures["mfu"] == pytest.approx(0.25) and figures["peak_memory_gib"] == pytest.approx(3.2)
+    assert suite.steady_state(records[:6], log_interval=5, tokens_per_step=tokens) is None  # nothing after it
 
 
 def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():
@@ -152,6 +190,8 @@ def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():
     assert plan.seconds_left(400, 0.35) == 0  # its share is spent
     code, output, seconds = suite.run(["false"], {}, timeout=0.0)  # a command given no time is not started
     assert (code, seconds) == (124, 0.0) and "not started" in output
+    shares = list(suite.STEP_SHARES.values())
+    assert shares == sorted(shares) and shares[-1] == 1.0 and len(shares) == len(suite.STEP_TITLES)
 
 
 def fake_assets(assets: Path) -> Path:
@@ -163,25 +203,30 @@ def fake_assets(assets: Path) -> Path:
     return assets
 
 
-def test_gpu_suite_leaves_a_report_of_the_steps_done_when_stopped(tmp_path, monkeypatch):
+def test_gpu_suite_leaves_a_report_and_summary_of_the_steps_done_when_stopped(tmp_path, monkeypatch):
     """A suite stopped during step 3 (a machine's time limit) has already written steps 1 and 2, INCOMPLETE."""
     suite = load_script("gpu_suite")
     assets = fake_assets(tmp_path / "assets")
-    monkeypatch.setattr(suite, "cuda_tests", lambda plan, env: suite.Result("1. CUDA tests", True, ["tests ran"], 1.0))
-    monkeypatch.setattr(suite, "throughput",
-                        lambda plan, env, work: (suite.Result("2. Training throughput", True, ["the table"], 2.0), None))
+    row = {"block_size": 32, "optimizer": "adamw", "tokens_per_s": 5.0}
+    monkeypatch.setattr(suite, "trainer", lambda plan, env, work, assets: suite.Result(
+        "1. Trainer", True, ["the table"], 2.0, {"trainer": [row]}))
+    monkeypatch.setattr(suite, "workshop", lambda plan, env, work, rows: suite.Result(
+        "2. The workshop's code", True, [f"against {rows[0]['tokens_per_s']}"], 1.0, {"workshop": {"speedup": 2}}))
 
     def stopped(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(suite, "training", stopped)
+    monkeypatch.setattr(suite, "cuda_tests", stopped)
     report = tmp_path / "report.md"
     with pytest.raises(KeyboardInterrupt):
         suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report)])
     text = report.read_text()
-    assert "**INCOMPLETE**: CUDA tests passed, Training throughput passed" in text
-    assert "tests ran" in text and "the table" in text
+    assert "**INCOMPLETE**: Trainer passed, The workshop's code passed" in text
+    assert "the table" in text and "against 5.0" in text
     assert text.rstrip().endswith("Not reached: the suite was still running, or was stopped, before this step.")
+    summary = json.loads(report.with_suffix(".json").read_text())
+    assert not summary["complete"] and summary["trainer"] == [row] and summary["workshop"] == {"speedup": 2}
+    assert summary["steps"] == {"Trainer": True, "The workshop's code": True}
 
 
 def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
@@ -194,10 +239,12 @@ def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
                        "--work", str(tmp_path / "work")]) == 1
     text = report.read_text()
-    assert "**FAIL**: CUDA tests FAILED, Training throughput FAILED, Training on real stories FAILED" in text
-    assert text.count("the planted failure") == 5  # the tests, two benchmark runs, the optimizer timing, prepare
-    assert "| 32 | 1 | eager | FAILED, see command 1 |" in text and "| 80 | 1 | eager | FAILED, see command 2 |" in text
-    assert len(ran) == 5  # training is not attempted on data that was never prepared
+    assert ("**FAIL**: Trainer FAILED, The workshop's code FAILED, CUDA tests FAILED, Generation FAILED, "
+            "Optimizer step FAILED, Loss head FAILED") in text
+    assert text.count("the planted failure") == 6  # prepare, the workshop, the tests and three benchmarks
+    assert len(ran) == 6  # no training is attempted on data that was never prepared
+    summary = json.loads(report.with_suffix(".json").read_text())
+    assert summary["complete"] and not any(summary["steps"].values()) and "trainer" not in summary
 
 
 def test_recipe_efficiency_sweep_decision():
@@ -270,12 +317,17 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     assert "| workshop (1 of 2 seeds) |" in capsys.readouterr().out
 
 
-def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, capsys):
+def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, capsys, monkeypatch):
     """benchmarks/optimizer_step.py on a 2-layer gemma3-tiny: one row per contender, and the Muon backends' first
-    steps agree (within bf16's precision) before anything is timed."""
+    steps agree (within bf16's precision) before anything is timed. The compiled backend is traced by aot_eager
+    here (inductor's C++ code generation takes minutes on a CPU)."""
+    import tinygemma.optim as optim
+
+    monkeypatch.setattr(optim, "MUON_COMPILER", "aot_eager")
     bench = load_script("optimizer_step")
     out = tmp_path / "optimizer_step.json"
-    contenders = ["adamw", "muon-float32", "muon-bfloat16"] + (["muon-torch"] if hasattr(torch.optim, "Muon") else [])
+    contenders = ["adamw", "muon-float32", "muon-bfloat16", "muon-compiled"]
+    contenders += ["muon-torch"] if hasattr(torch.optim, "Muon") else []
     assert bench.main(["--vocab-size", "512", "--n-layers", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
                        "--contenders", ",".join(contenders), "--json", str(out)]) == 0
     result = json.loads(out.read_text())

@@ -125,6 +125,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("device=tpu", "train.device must be one of auto, cpu, cuda, mps"),
     ("compile=maybe", "train.compile must be one of auto, true, false"),
     ("distributed=zero3", "train.distributed must be one of ddp, fsdp"),
+    ("loss_head=fused", "train.loss_head must be one of auto, chunked, full"),
     ("activation_checkpointing=sometimes", "train.activation_checkpointing must be true or false"),
     ("model.preset=gemma9", "unknown model preset 'gemma9'"),
     ("model.n_kv_heads=3", "n_heads (4) must be a multiple of n_kv_heads (3)"),

@@ -259,8 +259,12 @@ def test_speed_benchmark_runs_and_both_sides_agree():
     spec = importlib.util.spec_from_file_location("generate_speed", ROOT / "benchmarks" / "generate_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--new-tokens", "6", "--repeats", "1"])
-    assert result["same_tokens"] and result["tinygemma_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    result = bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--new-tokens", "6", "--repeats", "1",
+                         "--batch-sizes", "1,3"])
+    assert [r["batch_size"] for r in result["results"]] == [1, 3]
+    for r in result["results"]:
+        assert r["same_tokens"] and r["equal_leading_tokens"] == 6
+        assert r["tinygemma_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
 
 
 def test_greedy_generate_matches_transformers_and_no_cache_loop():

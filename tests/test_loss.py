@@ -108,3 +108,35 @@ def test_chunked_loss_refuses_a_second_backward():
     once = model.embed_tokens.weight.grad.clone()
     loss.backward()
     assert torch.allclose(model.embed_tokens.weight.grad, 2 * once)
+
+
+def test_the_model_takes_the_plain_loss_up_to_its_bound_of_logits(monkeypatch):
+    """model.loss_full_logits (train.loss_head): a micro-batch of at most that many logits (rows x padded
+    vocabulary) takes the plain F.cross_entropy on whole logits, a larger one the chunked head; at the same
+    weights and batch both give the same loss and gradients."""
+    import tinygemma.model as model_module
+
+    taken = []
+    plain = model_module.cross_entropy_from_hidden
+    monkeypatch.setattr(model_module, "cross_entropy_from_hidden",
+                        lambda h, w, t, chunk_size, v: taken.append(chunk_size) or plain(h, w, t, chunk_size, v))
+    torch.manual_seed(0)
+    model = Gemma3(tiny())
+    model.loss_chunk_size = 50
+    x = torch.randint(0, 500, (4, 65))
+    model.loss_full_logits = 2 * 64 * model.lm_head.weight.shape[0]  # two sequences' logits
+    model(x[:2, :-1], x[:2, 1:])
+    model(x[:3, :-1], x[:3, 1:])
+    assert taken == [0, 50]
+    results = []
+    for bound in (0, 4 * 64 * 500):  # the four sequences chunked, then whole
+        model.zero_grad()
+        model.loss_full_logits = bound
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert taken[-2:] == [50, 0]
+    (chunked, chunked_grads), (full, full_grads) = results
+    assert abs(chunked - full) < 1e-5
+    for name, grad in chunked_grads.items():
+        assert torch.allclose(grad, full_grads[name], atol=1e-6), name

@@ -25,8 +25,10 @@ from tinygemma.optim import (
     check_resume_schedule,
     configure_optimizer,
     cooldown_start,
+    describe_optimizer,
     learning_rate,
     muon_backend,
+    muon_parameters,
     orthogonalize,
     orthogonalize_all,
     set_learning_rates,
@@ -119,6 +121,147 @@ def test_batched_iteration_equals_one_matrix_at_a_time():
         wide = b if b.size(0) <= b.size(1) else b.T
         singular = torch.linalg.svdvals(wide)
         assert singular.min() > 0.5 and singular.max() < 1.3  # Muon's iteration: every direction near 1
+
+
+def steps_with_a_schedule(params, optimizer, lrs) -> list[torch.Tensor]:
+    """One step per learning rate in `lrs`, set as the trainer sets it (a Python float in the group)."""
+    g = torch.Generator().manual_seed(7)
+    for lr in lrs:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
+def muon(params, backend: str) -> MuonAdamW:
+    return MuonAdamW([{"params": params, "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8, backend=backend)
+
+
+@pytest.fixture
+def traced_muon(monkeypatch):
+    """The "compiled" backend traced by aot_eager (dynamo and AOT autograd as inductor gets the graph, without
+    its C++ code generation); a fresh dynamo cache before and after, so graphs are counted from zero."""
+    import tinygemma.optim as optim
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(optim, "MUON_COMPILER", "aot_eager")
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_backend_compiles_once_per_shape_group_whatever_the_learning_rate(traced_muon):
+    """Five steps whose learning rate changes every step, on four matrices of three shapes: three graphs, one
+    per shape, and the "bfloat16" backend's update (the same arithmetic, traced)."""
+    from torch._dynamo.utils import counters
+
+    shapes = ((48, 32), (32, 96), (64, 64), (48, 32))
+    lrs = [0.004, 0.008, 0.02, 0.02, 0.011]  # a warmup, the plateau, a cooldown
+    make = lambda: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                    for i, s in enumerate(shapes)]
+    start, reference = make(), make()
+    expected = steps_with_a_schedule(reference, muon(reference, "bfloat16"), lrs)
+    graphs = counters["stats"]["unique_graphs"]
+    params = make()
+    optimizer = muon(params, "compiled")
+    assert "torch.compile'd update per shape group" in describe_optimizer(optimizer)
+    ours = steps_with_a_schedule(params, optimizer, lrs)
+    assert counters["stats"]["unique_graphs"] - graphs == 3
+    for a, b, p0 in zip(ours, expected, start):
+        # the traced graph's lerp is decomposed (other float32 rounding), which flips a few bf16 roundings
+        moved, differ = (b - p0).norm(), (a - b).norm()
+        assert moved > 0.01 and differ < 5e-3 * moved
+
+
+def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tmp_path):
+    """FSDP2's DTensors (here sharded over a one-process gloo group): the "compiled" backend gathers each whole and
+    takes the "bfloat16" backend's batched iteration, as "torch" does: the same update as "bfloat16" on plain
+    matrices."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = matrices(0)
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        lrs = [0.01, 0.02, 0.015]
+        start = [p.detach().clone() for p in plain]
+        expected = steps_with_a_schedule(plain, muon(plain, "bfloat16"), lrs)
+        g = torch.Generator().manual_seed(7)
+        optimizer = muon(sharded, "compiled")
+        for lr in lrs:
+            optimizer.param_groups[0]["lr"] = lr
+            for p in sharded:
+                p.grad = distribute_tensor(torch.randn(p.shape, generator=g), mesh, [Shard(0)])
+            optimizer.step()
+        for p, b, p0 in zip(sharded, expected, start):
+            assert hasattr(p, "full_tensor") and (b - p0).norm() > 0.01  # still sharded, and moved
+            torch.testing.assert_close(p.full_tensor(), b, rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_backend_trains_and_resumes_exactly(traced_muon, data_dir, tmp_path, monkeypatch):
+    """The trainer with the "compiled" backend: a run stopped at step 4 and resumed (a fresh optimizer, its
+    learning-rate tensors made again) gives the uninterrupted run's losses exactly, and those follow the "bfloat16"
+    backend's run within bfloat16's rounding."""
+    import tinygemma.optim as optim
+
+    losses = {}
+    for backend in ("bfloat16", "compiled"):
+        monkeypatch.setattr(optim, "muon_backend", lambda device, backend=backend: backend)
+        run(data_dir, tmp_path / backend, "max_steps=8")
+        losses[backend] = train_losses(tmp_path / backend)
+    out = tmp_path / "resumed"
+    run(data_dir, out, "max_steps=8", stop_at=4)
+    run(data_dir, out, "max_steps=8", resume=True)
+    assert train_losses(out) == losses["compiled"]  # exactly
+    assert list(losses["compiled"].values()) == pytest.approx(list(losses["bfloat16"].values()), rel=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_backend_on_cuda_matches_bfloat16_and_never_waits_for_the_gpu():
+    """Inductor's graphs for gemma3-270m-gpt2's Muon matrices (the same graphs as benchmarks/optimizer_step.py's,
+    which then finds them in inductor's cache): the "bfloat16" backend's update within bfloat16's rounding, one graph
+    per shape whatever the learning rate, and steps that make no synchronising call (torch.cuda.set_sync_debug_mode
+    raises on one), so a trainer that does not wait each step keeps the GPU fed."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = Gemma3(ModelConfig.preset("gemma3-270m-gpt2"))
+    names = muon_parameters(base)
+    shapes = [p.shape for n, p in base.named_parameters() if n in names]
+    make = lambda: [torch.nn.Parameter(p.detach().to("cuda", copy=True)) for n, p in base.named_parameters()
+                    if n in names]
+    start, reference, params = make(), make(), make()
+    optimizers = {"bfloat16": muon(reference, "bfloat16"), "compiled": muon(params, "compiled")}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    grads = [1e-3 * torch.randn(shape, generator=g, device="cuda") for shape in shapes]
+    graphs = counters["stats"]["unique_graphs"]
+    for step, lr in enumerate([0.004, 0.02, 0.013, 0.007]):
+        for optimizer in optimizers.values():
+            optimizer.param_groups[0]["lr"] = lr
+            for p, grad in zip(optimizer.param_groups[0]["params"], grads):
+                p.grad = grad * (1 + step)
+        optimizers["bfloat16"].step()
+        if step < 2:
+            optimizers["compiled"].step()
+        else:  # compiled by now: no step waits for the device
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                optimizers["compiled"].step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert counters["stats"]["unique_graphs"] - graphs == 5  # q; k and v; o; gate and up; down
+    moved = torch.cat([(b - p0).flatten() for b, p0 in zip(reference, start)]).norm()
+    differ = torch.cat([(a - b).flatten() for a, b in zip(params, reference)]).norm()
+    assert differ < 3e-2 * moved  # inductor keeps some bf16 intermediates in float32 (1.3% on a CPU)
+    torch._dynamo.reset()
 
 
 def test_adamw_part_matches_torch_adamw():

@@ -9,7 +9,13 @@ from test_model import tiny  # noqa: E402
 
 from tinygemma import Gemma3, UserError
 from tinygemma.config import load_recipe
-from tinygemma.parallelize import build_model, choose_attention_backend, fsdp_options, grad_scaler
+from tinygemma.parallelize import (
+    build_model,
+    choose_attention_backend,
+    choose_loss_head,
+    fsdp_options,
+    grad_scaler,
+)
 from tinygemma.runtime import Runtime
 from tinygemma.train import run_model_config
 
@@ -57,6 +63,25 @@ def test_attention_backend_choice(monkeypatch):
     backend, why = choose_attention_backend(cfg_with(block_size=64), model, GPU)
     assert backend == "sdpa" and "L4" in why and "99 KB" in why
     assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flex"), model, GPU)[0] == "flex"
+
+
+def test_loss_head_choice_is_applied_to_the_model(monkeypatch):
+    """chunked and full as asked on any device; auto takes the device's measured bound of logits per micro-batch
+    (none measured: chunked), and build_model hands the choice to the model."""
+    import tinygemma.parallelize as parallelize
+
+    assert choose_loss_head(cfg_with(loss_head="full"), CPU)[:2] == (0, 0)
+    assert choose_loss_head(cfg_with(loss_head="chunked"), GPU)[:2] == (8192, 0)
+    monkeypatch.setattr(parallelize, "AUTO_FULL_LOSS_LOGITS", {"cuda": 2**28})
+    assert choose_loss_head(cfg_with(), CPU)[:2] == (8192, 0)  # a device with no measured bound
+    chunk, bound, why = choose_loss_head(cfg_with(), GPU)
+    assert (chunk, bound) == (8192, 2**28) and "268,435,456 logits" in why
+    assert choose_loss_head(cfg_with(loss_head="chunked"), GPU)[:2] == (8192, 0)  # asked for: no bound
+    raw, _ = build_model(tiny(), cfg_with(loss_head="full", compile="false"), CPU, None)
+    assert (raw.loss_chunk_size, raw.loss_full_logits) == (0, 0)
+    monkeypatch.setattr(parallelize, "AUTO_FULL_LOSS_LOGITS", {"cpu": 1000})
+    raw, _ = build_model(tiny(), cfg_with(compile="false"), CPU, None)
+    assert (raw.loss_chunk_size, raw.loss_full_logits) == (8192, 1000)
 
 
 def test_fsdp_gathers_in_the_autocast_dtype_and_reduces_in_float32():

@@ -176,6 +176,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of each block and the model)
     attention_backend: str = "auto"  # sliding layers longer than the window: flex (flex_attention, CUDA), sdpa (a mask), auto
+    loss_head: str = "auto"  # the output head's cross-entropy: chunked (8,192 rows of logits at a time), full (F.cross_entropy on whole logits, fused by torch.compile), auto (per device, by measurement)
     activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)
     optimizer: str = "muon"  # muon (Muon on the blocks' matrices, AdamW on the rest; see optim.py), or adamw
@@ -212,6 +213,7 @@ class TrainConfig:
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
                    "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex"),
+                   "loss_head": ("auto", "chunked", "full"),
                    "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

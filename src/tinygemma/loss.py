@@ -12,6 +12,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+LOSS_CHUNK_SIZE = 8192  # rows of logits at a time: GPT-2's vocabulary x 8,192 x 4 bytes = 1.6 GB at most
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ W.T) against targets, computed `chunk_size` rows at a time.

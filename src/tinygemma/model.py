@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.errors import UserError
-from tinygemma.loss import cross_entropy_from_hidden, token_cross_entropy
+from tinygemma.loss import LOSS_CHUNK_SIZE, cross_entropy_from_hidden, token_cross_entropy
 
 try:  # flex attention: sliding-window layers that do work proportional to the window (torch >= 2.5)
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -223,7 +223,10 @@ class Gemma3(nn.Module):
         self.apply(self._init_weights)
         # Rows of logits made at once by the loss (None: all at once; 0: the plain F.cross_entropy, which
         # autograd differentiates). Not architecture: a memory/speed knob (see cross_entropy_from_hidden).
-        self.loss_chunk_size: int | None = 8192
+        self.loss_chunk_size: int | None = LOSS_CHUNK_SIZE
+        # Micro-batches of at most this many logits (rows x padded vocabulary) take the plain F.cross_entropy on
+        # whole logits instead, whatever loss_chunk_size says; 0 = never. Set by parallelize.choose_loss_head.
+        self.loss_full_logits = 0
         # "sdpa" (a boolean mask for sliding layers longer than the window) or "flex" (flex_attention with a
         # block mask: work proportional to the window; for GPUs). Either computes the same function.
         self.attention_backend = "sdpa"
@@ -276,7 +279,8 @@ class Gemma3(nn.Module):
             return token_cross_entropy(flat_h, weight, flat_targets, self.loss_chunk_size, V).view_as(targets)
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
-        return cross_entropy_from_hidden(flat_h, weight, flat_targets, self.loss_chunk_size, V)
+        chunk_size = 0 if flat_h.shape[0] * weight.shape[0] <= self.loss_full_logits else self.loss_chunk_size
+        return cross_entropy_from_hidden(flat_h, weight, flat_targets, chunk_size, V)
 
     def trunk(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0):
         """Embedding and decoder layers: the hidden states [B, T, d_model] before the final norm.

@@ -114,13 +114,18 @@ def muon_parameters(model) -> set[str]:
             if p.requires_grad and p.dim() == 2 and name.startswith("layers.")}
 
 
-MUON_BACKENDS = ("torch", "float32", "bfloat16")
+MUON_BACKENDS = ("torch", "float32", "bfloat16", "compiled")
+# torch.compile's backend for the "compiled" Muon backend. The CPU tests put "aot_eager" here: the same traced
+# graph, without inductor's code generation, which takes minutes on a CPU.
+MUON_COMPILER = "inductor"
 
 
 def muon_backend(device: torch.device) -> str:
     """"torch": torch.optim.Muon's iteration, in bfloat16, where the device computes in bfloat16 natively (CUDA
     with bf16, CPUs with AVX-512 BF16 or AMX). "float32": our own iteration in float32 elsewhere, where emulated
-    bfloat16 made a gemma3-tiny step 5x slower than AdamW's; also where torch (< 2.9) has no Muon."""
+    bfloat16 made a gemma3-tiny step 5x slower than AdamW's; also where torch (< 2.9) has no Muon.
+    "compiled" (one torch.compile'd bfloat16 update per group of same-shape matrices) is no default yet: CUDA
+    keeps "torch" until benchmarks/optimizer_step.py, in the GPU acceptance run, has timed the two there."""
     if not hasattr(torch.optim, "Muon"):
         return "float32"
     if device.type == "cuda":
@@ -164,6 +169,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
         return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz: this device computes bf16 natively) + AdamW"
     if optimizer.backend == "bfloat16":
         return "Muon (own batched bfloat16 Newton-Schulz) + AdamW"
+    if optimizer.backend == "compiled":
+        return "Muon (own bfloat16 Newton-Schulz, one torch.compile'd update per shape group) + AdamW"
     return "Muon (own float32 Newton-Schulz: no native bf16 here, or no torch.optim.Muon) + AdamW"
 
 
@@ -187,14 +194,19 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.mT if tall else x
 
 
+def shape_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """The indices of `tensors`, grouped by shape (in order of first appearance)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_shape.setdefault(tuple(t.shape), []).append(i)
+    return list(by_shape.values())
+
+
 def orthogonalize_all(updates: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """`orthogonalize` of each matrix, the matrices of one shape stacked into one batched iteration: a few large
     products instead of one small product per matrix (gemma3-tiny's are 128 wide), which threads use better."""
-    by_shape: dict[tuple, list[int]] = {}
-    for i, u in enumerate(updates):
-        by_shape.setdefault(tuple(u.shape), []).append(i)
     out: list[torch.Tensor] = [None] * len(updates)  # type: ignore[list-item]
-    for indices in by_shape.values():
+    for indices in shape_groups(updates):
         done = orthogonalize(torch.stack([updates[i] for i in indices]), dtype)
         for j, i in enumerate(indices):
             out[i] = done[j]
@@ -207,24 +219,58 @@ def muon_lr_scale(shape: torch.Size) -> float:
     return math.sqrt(max(1.0, shape[0] / shape[1]))
 
 
+def muon_shape_group(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                     lr: torch.Tensor, momentum: torch.Tensor, weight_decay: torch.Tensor, nesterov: bool) -> None:
+    """Muon's whole update of matrices of one shape, written to be compiled into one graph: the momentum and
+    Nesterov blends, one batched bfloat16 Newton-Schulz iteration over their stack, the decay and the step (the
+    "bfloat16" backend's arithmetic). lr, momentum and weight_decay are 0-d tensors on the matrices' device:
+    values the schedule changes every step then change no guard of the compiled graph (no recompilation), and
+    reading them makes the host wait for nothing."""
+    updates, momentum = [], momentum.to(bufs[0].dtype)  # lerp's weight has its tensors' dtype
+    for g, buf in zip(grads, bufs):
+        buf.lerp_(g, 1 - momentum)
+        updates.append(g.lerp(buf, momentum) if nesterov else buf)
+    orthogonal = orthogonalize(torch.stack(updates), torch.bfloat16)
+    step = lr * muon_lr_scale(params[0].shape)
+    for i, p in enumerate(params):
+        p.mul_(1 - lr * weight_decay)
+        p.sub_(orthogonal[i].to(p.dtype) * step)
+
+
+_compiled_muon: dict = {}  # MUON_COMPILER -> muon_shape_group compiled by it
+
+
+def compiled_muon_shape_group():
+    """muon_shape_group through torch.compile, made once per compiler. Static shapes: each shape group gets its
+    own graph (Gemma 3 has at most 5: q, k and v, o, gate and up, down), within dynamo's recompile limit of 8
+    graphs per function; past it dynamo would run the function uncompiled, with a warning."""
+    if MUON_COMPILER not in _compiled_muon:
+        _compiled_muon[MUON_COMPILER] = torch.compile(muon_shape_group, backend=MUON_COMPILER, dynamic=False,
+                                                      fullgraph=True)
+    return _compiled_muon[MUON_COMPILER]
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for the groups marked `muon`, AdamW for the others, in one optimizer.
 
     Muon (per matrix W with gradient G): B <- momentum B + (1 - momentum) G; U = Nesterov's G + momentum (B - G);
     W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(U). This is torch.optim.Muon's update; the "torch"
     backend calls its functional form (bfloat16 iteration, one matrix at a time), "float32" and "bfloat16" run
-    `orthogonalize_all` (same-shape matrices batched) in that precision. "bfloat16" is chosen by no default yet:
-    it is there to be measured against "torch" on a GPU (benchmarks/optimizer_step.py).
+    `orthogonalize_all` (same-shape matrices batched) in that precision, and "compiled" runs the bfloat16
+    update of each shape group as one compiled graph (`muon_shape_group`). "bfloat16" and "compiled" are chosen
+    by no default yet: they are there to be measured against "torch" on a GPU (benchmarks/optimizer_step.py).
     AdamW: torch.optim.AdamW's update, through its functional form (bias-corrected moments, decoupled decay).
 
     FSDP2: a sharded matrix's update is gathered whole (DTensor.full_tensor), orthogonalized identically on every
-    rank, and each rank keeps its own shard; the iteration needs the whole matrix.
+    rank, and each rank keeps its own shard; the iteration needs the whole matrix. Sharded matrices take the
+    "bfloat16" backend's batched iteration under "torch" and "compiled" too.
     """
 
     def __init__(self, groups, lr: float, betas: tuple[float, float], eps: float, backend: str = "float32"):
         if backend not in MUON_BACKENDS:
             raise ValueError(f"unknown Muon backend {backend!r}")
         self.backend = backend
+        self._hyper: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # "compiled": lr, momentum, weight decay
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False,
                     "momentum": MUON_MOMENTUM, "nesterov": MUON_NESTEROV}
         super().__init__(groups, defaults)
@@ -256,6 +302,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
         sharded = any(hasattr(p, "full_tensor") for p in params)
+        if self.backend == "compiled" and params and not sharded:
+            hyper = self.hyperparameters(params[0].device, lr, momentum, wd)
+            update = compiled_muon_shape_group()
+            for indices in shape_groups(params):
+                update([params[i] for i in indices], [params[i].grad for i in indices], [bufs[i] for i in indices],
+                       *hyper, group["nesterov"])
+            return
         if self.backend == "torch" and not sharded:
             from torch.optim._muon import muon  # torch.optim.Muon.step's own functional form
 
@@ -279,6 +332,15 @@ class MuonAdamW(torch.optim.Optimizer):
                 update = update.to(p.dtype)
             p.mul_(1 - lr * wd)
             p.add_(update, alpha=-lr * muon_lr_scale(p.shape))
+
+    def hyperparameters(self, device: torch.device, *values: float) -> tuple[torch.Tensor, ...]:
+        """`values` in 0-d float32 tensors on `device`, kept from step to step and refilled in place: on a GPU a
+        fill is a queued kernel, so a new learning rate every step costs no wait for the device."""
+        if device not in self._hyper:
+            self._hyper[device] = tuple(torch.zeros((), device=device) for _ in values)
+        for tensor, value in zip(self._hyper[device], values):
+            tensor.fill_(value)
+        return self._hyper[device]
 
     def _adamw(self, group: dict) -> None:
         """torch.optim.AdamW's own update (its functional form; multi-tensor on a GPU), on this group's tensors."""

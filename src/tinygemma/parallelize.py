@@ -9,6 +9,7 @@ import torch
 
 from tinygemma.config import ModelConfig, TrainConfig
 from tinygemma.errors import UserError
+from tinygemma.loss import LOSS_CHUNK_SIZE
 from tinygemma.model import Gemma3, compiled_flex_attention
 from tinygemma.runtime import Runtime
 
@@ -37,6 +38,7 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
         raw.load_state_dict(weights, strict=True)
     raw.to(rt.device)
     raw.attention_backend = choose_attention_backend(cfg, model_config, rt)[0]
+    raw.loss_chunk_size, raw.loss_full_logits, _ = choose_loss_head(cfg, rt)
     if raw.attention_backend == "flex":
         # Built here, before compiling, so the compiled graph only reads them.
         raw.sliding_block_mask(cfg.block_size, rt.device)
@@ -98,6 +100,7 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
             torch.cuda.empty_cache()
 
     size = torch.tensor(next((size for size in sizes if fits(size)), 0), device=rt.device)
+    torch.cuda.reset_peak_memory_stats(rt.device)  # training's peak memory is training's own, not the probe's
     if rt.world_size > 1:
         import torch.distributed as dist
 
@@ -169,6 +172,31 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
         return "sdpa", (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
                         "flex_attention's backward at this head size")
     return "flex", f"{props.name}: flex_attention's fused kernels"
+
+
+# loss_head = "auto": the most logits (rows x padded vocabulary) of one micro-batch for which the plain
+# F.cross_entropy on whole logits is taken, per device type; larger micro-batches, and devices not listed, take
+# the chunked head, whose memory does not grow with the micro-batch. Whole float32 logits and their gradient
+# cost 8 bytes a logit: 1.5 GiB for 32 x 128 tokens of GPT-2's vocabulary (padded to 50,304), 49 GiB for a
+# whole 131,072-token step in one pass. From benchmarks/loss_head.py (BENCHMARKS.md, "Loss head"): on a CPU
+# (eager, float32, as the trainer runs there) the chunked head was the faster at every size measured, so no
+# bound; no GPU has measured the two heads yet, so CUDA keeps the chunked head it had until one does
+# (benchmarks/gpu_suite.py measures them, compiled, and reports the bound to put here).
+AUTO_FULL_LOSS_LOGITS = {"cpu": 0, "cuda": 0}
+
+
+def choose_loss_head(cfg: TrainConfig, rt: Runtime) -> tuple[int, int, str]:
+    """(loss_chunk_size, loss_full_logits, why) for the model: "chunked" makes LOSS_CHUNK_SIZE rows of logits
+    at a time, "full" one F.cross_entropy on whole logits (which torch.compile fuses with the head's product),
+    "auto" the full head up to this device's AUTO_FULL_LOSS_LOGITS logits per micro-batch, chunked above."""
+    if cfg.loss_head == "full":
+        return 0, 0, "full, asked for"
+    if cfg.loss_head == "chunked":
+        return LOSS_CHUNK_SIZE, 0, "chunked, asked for"
+    limit = AUTO_FULL_LOSS_LOGITS.get(rt.device.type, 0)
+    if not limit:
+        return LOSS_CHUNK_SIZE, 0, f"chunked: the faster or only measured head on {rt.device.type}"
+    return LOSS_CHUNK_SIZE, limit, f"full up to {limit:,} logits per micro-batch, chunked above"
 
 
 def apply_activation_checkpointing(model: Gemma3) -> None:

@@ -1,0 +1,166 @@
+"""The output head's loss alone: the chunked cross-entropy against F.cross_entropy on whole logits, forward and
+backward, at the micro-batch sizes the trainer runs. What decides `train.loss_head = "auto"` per device
+(parallelize.AUTO_FULL_LOSS_LOGITS).
+
+Each contender computes what Gemma3.forward computes after the last block, through the same functions: the final
+RMSNorm of the hidden states h [rows, d_model], the tied head's logits, the mean next-token cross-entropy, and
+the gradients of h, the norm's gain and the head. `chunked` takes loss.LOSS_CHUNK_SIZE rows of logits at a time
+(loss_chunk_size = 8192, the model's default); `full` makes the whole [rows, vocabulary] float32 logits and
+calls F.cross_entropy on them (loss_chunk_size = 0), which torch.compile fuses with the head's product.
+--compile compiles both, as the trainer compiles the model on CUDA; on a CPU the trainer runs eagerly.
+
+The contenders take turns on the same inputs (common.time_interleaved; median of --steps after one untimed
+step); their losses must agree. Peak memory (CUDA): the most allocated during a pass above what the inputs and
+the head hold before it. The vocabulary is padded to a multiple of 128 on CUDA, as the trainer pads it there.
+
+    python benchmarks/loss_head.py                      # this CPU: float32, eager, 1,024 and 4,096 rows
+    python benchmarks/loss_head.py --device cuda --dtype bfloat16 --compile --rows 4096,16384,65536,131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
+
+from common import device_description, time_interleaved  # noqa: E402
+
+from tinygemma import ModelConfig  # noqa: E402
+from tinygemma.loss import LOSS_CHUNK_SIZE, cross_entropy_from_hidden  # noqa: E402
+from tinygemma.model import RMSNorm  # noqa: E402
+
+HEADS = {"chunked": LOSS_CHUNK_SIZE, "full": 0}  # name -> loss_chunk_size
+LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+class Head(torch.nn.Module):
+    """The final norm, the tied head and the loss, as Gemma3.forward runs them."""
+
+    def __init__(self, config: ModelConfig, chunk_size: int):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.weight = torch.nn.Parameter(torch.randn(config.padded_vocab_size, config.d_model) * config.init_std)
+        self.vocab_size, self.chunk_size = config.vocab_size, chunk_size
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_from_hidden(self.norm(h), self.weight, targets, self.chunk_size, self.vocab_size)
+
+
+def measure(config: ModelConfig, rows: int, dtype: torch.dtype, device: torch.device, compile_: bool,
+            steps: int) -> dict:
+    """Both heads at one row count: median ms per pass, peak memory, and the losses they agree on."""
+    torch.manual_seed(0)
+    heads = {name: Head(config, chunk).to(device) for name, chunk in HEADS.items()}
+    heads["full"].load_state_dict(heads["chunked"].state_dict())
+    h = torch.randn(rows, config.d_model, device=device, requires_grad=True)
+    targets = torch.randint(0, config.vocab_size, (rows,), device=device)
+    cuda = device.type == "cuda"
+    peaks: dict[str, int] = {}
+
+    def one_pass(name: str, run) -> float:
+        head = heads[name]
+        h.grad = None
+        head.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = run(h, targets)
+        loss.backward()
+        if cuda:
+            peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device) - before)
+        return loss.detach()
+
+    torch._dynamo.reset()  # each row count's two graphs fresh: dynamo keeps at most 8 per function
+    runs = {name: torch.compile(head, dynamic=False) if compile_ else head for name, head in heads.items()}
+    passes = [lambda name=name: one_pass(name, runs[name]) for name in HEADS]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    try:
+        seconds, losses = time_interleaved(passes, steps, sync)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"rows": rows, "logits": rows * config.padded_vocab_size, "out_of_memory": True}
+    losses = dict(zip(HEADS, (loss.item() for loss in losses)))
+    spread = abs(losses["full"] - losses["chunked"]) / abs(losses["chunked"])
+    if spread > LOSS_RTOL[dtype]:
+        raise SystemExit(f"loss_head: error: the heads' losses differ by {spread:.1e} at {rows} rows: {losses}")
+    row = {"rows": rows, "logits": rows * config.padded_vocab_size, "loss": losses["chunked"]}
+    for name, s in zip(HEADS, seconds):
+        row[name] = {"ms": 1000 * s, "tokens_per_s": rows / s,
+                     "peak_memory_gib": peaks[name] / 2**30 if name in peaks else None}
+    row["full_vs_chunked"] = row["chunked"]["ms"] / row["full"]["ms"]  # > 1: the full head is faster
+    return row
+
+
+def full_faster_up_to(results: list[dict]) -> int:
+    """The most logits per micro-batch up to which the full head was faster at every size measured (0: at
+    none), from the smallest size up: the bound "auto" can take on this device."""
+    bound = 0
+    for r in sorted(results, key=lambda r: r["logits"]):
+        if r.get("out_of_memory") or r["full_vs_chunked"] <= 1.0:
+            break
+        bound = r["logits"]
+    return bound
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| rows | logits | chunked | full | full vs chunked | peak memory (chunked / full) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if r.get("out_of_memory"):
+            lines.append(f"| {r['rows']:,} | {r['logits'] / 1e6:,.1f}M | out of memory | | | |")
+            continue
+        c, f = r["chunked"], r["full"]
+        memory = ("-" if c["peak_memory_gib"] is None
+                  else f"{c['peak_memory_gib']:.2f} / {f['peak_memory_gib']:.2f} GiB")
+        lines.append(f"| {r['rows']:,} | {r['logits'] / 1e6:,.1f}M | {c['ms']:,.2f} ms | {f['ms']:,.2f} ms "
+                     f"| {r['full_vs_chunked']:.2f}x | {memory} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gemma3-270m-gpt2")
+    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary")
+    p.add_argument("--d-model", type=int, help="override the preset's width (a smaller smoke run)")
+    p.add_argument("--rows", default="1024,4096", help="comma-separated rows (tokens) per micro-batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile both heads (the trainer does on CUDA)")
+    p.add_argument("--steps", type=int, default=5, help="timed passes per head")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--json", help="write the figures here too")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("d_model", args.d_model)) if v}
+    overrides["vocab_pad_multiple"] = 128 if device.type == "cuda" else 1
+    config = ModelConfig.preset(args.preset, **overrides)
+    results = []
+    for rows in (int(r) for r in args.rows.split(",") if r):
+        results.append(measure(config, rows, dtype, device, args.compile, args.steps))
+        print(f"{rows} rows done", file=sys.stderr, flush=True)
+    result = {
+        "command": "python benchmarks/loss_head.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "preset": args.preset, "d_model": config.d_model, "vocab_size": config.vocab_size,
+        "padded_vocab_size": config.padded_vocab_size, "device": device_description(device),
+        "torch": torch.__version__, "dtype": args.dtype, "compile": args.compile, "steps": args.steps,
+        "chunk_size": LOSS_CHUNK_SIZE, "results": results, "full_faster_up_to_logits": full_faster_up_to(results),
+    }
+    print(f"{args.preset} head ({config.padded_vocab_size:,} x {config.d_model}), {args.dtype}, "
+          f"{'compiled' if args.compile else 'eager'}, {result['device']}, torch {torch.__version__}; forward and "
+          f"backward, median of {args.steps} passes after one")
+    print(markdown_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

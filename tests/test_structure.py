@@ -20,6 +20,7 @@ LAYERS = [
     "data",
     "evaluation", "decode", "generate",
     "hf", "checkpoint",  # the Hugging Face adapter, then our checkpoints (which load through it)
+    "gguf_export",  # a checkpoint as one GGUF file for llama.cpp
     "metrics", "optim", "parallelize", "train",
     "pipeline",
     "cli", "__main__",

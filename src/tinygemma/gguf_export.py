@@ -195,8 +195,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     """Write `ckpt` (a run, checkpoint or transformers directory) as one GGUF file for llama.cpp, replacing `out`
     atomically; return what was written: its path, dtype, size in bytes and vocabulary."""
     out = check_gguf_arguments(out, dtype)
-    gguf = gguf_module()
     src = resolve_checkpoint(ckpt)
+    gguf = gguf_module()
     tokenizer = checkpoint_tokenizer(src)
     spec = json.loads(tokenizer.hf_json())
     check_byte_level_bpe(spec)  # before the (slow) model load

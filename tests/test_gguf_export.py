@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ from tinygemma.train import train
 
 gguf = pytest.importorskip("gguf", reason='the GGUF export needs the gguf package: pip install "tinygemma[gguf]"')
 
+ROOT = Path(__file__).resolve().parents[1]
 data_dir = test_train.data_dir  # the first 600 real stories, BPE-tokenized to 512 tokens (10% held out)
 
 MIN_MARGIN = 0.02  # top-1 minus top-2 logit along a compared greedy path: 25x llama.cpp's measured difference
@@ -84,6 +86,11 @@ def greedy_margins(model, ids: list[int], new: list[int]) -> torch.Tensor:
         logits = model(torch.tensor([ids + new]))[0, len(ids) - 1: len(ids) + len(new) - 1]
     top = logits.topk(2, dim=-1).values
     return top[:, 0] - top[:, 1]
+
+
+def text_of(tokenizer, ids: list[int]) -> str:
+    """The text of a continuation as `tinygemma generate` prints it: up to end of text, which is not printed."""
+    return tokenizer.decode(ids[: ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids)
 
 
 def cli_generate(ckpt, prompt: str, n_new: int, capsys) -> str:
@@ -215,8 +222,11 @@ def test_tiny_greedy_text_matches_tinygemma_generate(tiny_run, stories_dir, tmp_
     assert len(ids) > window and len(new) == n_new
     with open_llama(llama_cpp, tmp_path / "tiny.gguf", n_ctx=1024) as llm:
         theirs = llama_greedy(llama_cpp, llm, ids, n_new)
+        # A chat front end (llama-server's web page, LM Studio) sends the text as it is: the same story.
+        chat = llm.create_chat_completion([{"role": "user", "content": prompt}], temperature=0, repeat_penalty=1.0,
+                                          max_tokens=n_new)["choices"][0]["message"]["content"]
     assert theirs == new  # token for token
-    assert cli_generate(tiny_run, prompt, n_new, capsys) == tokenizer.decode(theirs)
+    assert cli_generate(tiny_run, prompt, n_new, capsys) == text_of(tokenizer, theirs) == chat
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +249,7 @@ def test_270m_shape_greedy_text_and_logits_match(shape_270m_run, stories_dir, tm
         llm.eval(ids)
         theirs_logits = np.array(llm.scores[: len(ids)])
         new = llama_greedy(llama_cpp, llm, ids, n_new)
-    assert text == tokenizer.decode(new)
+    assert text == text_of(tokenizer, new)
     with torch.no_grad():
         logits = model(torch.tensor([ids + new]))[0]
     ours_logits, ours_next = logits[: len(ids)].numpy(), logits[len(ids) - 1: -1].argmax(-1).tolist()
@@ -271,6 +281,19 @@ def test_q8_0_picks_the_same_next_token_as_f32(tiny_run, data_dir, tmp_path, lla
     assert (choices["f32"] == ours).mean() >= 0.98
     assert agreement["q8_0"] >= 0.95 and agreement["f16"] >= 0.95 and agreement["bf16"] >= 0.95
     assert sizes["q8_0"] < sizes["f16"] == sizes["bf16"] < sizes["f32"]
+
+
+def test_decode_benchmark_runs(llama_cpp, capsys):
+    """benchmarks/gguf_decode.py on gemma3-tiny: every dtype exported, each contender timed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gguf_decode", ROOT / "benchmarks" / "gguf_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--preset", "gemma3-tiny", "--dtypes", "q8_0", "--new-tokens", "4", "--repeats", "1",
+                         "--threads", str(torch.get_num_threads())])
+    assert set(result["file_bytes"]) == set(GGUF_DTYPES) and result["llama_cpp_tokens_per_s"]["q8_0"] > 0
+    assert result["tinygemma_tokens_per_s"] > 0 and json.loads(capsys.readouterr().out) == result
 
 
 # ------------------------------------------------------------------ refusals and bad input

@@ -312,8 +312,8 @@ def add_export(subparsers) -> None:
 def _export_main(args) -> int:
     if args.format == "gguf":
         info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE)
-        print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB; run it "
-              f"with llama-cli -m {info['path']} -no-cnv -p 'Once upon a time')")
+        print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
+              f"with: llama-completion -m {info['path']} -no-cnv -p 'Once upon a time'")
         return 0
     if args.format != "hf":
         raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")

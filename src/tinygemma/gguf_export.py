@@ -35,6 +35,9 @@ ARCH = "gemma3"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use
 GPT2_SPLIT = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+# A story model has no chat format: a chat front end (llama-server's web page, LM Studio) sends the messages' text
+# as it is, and the model continues it.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
 def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
@@ -170,6 +173,7 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, spec: dict, vocab_size: int) 
         add(eot)
     writer.add_add_bos_token(False)  # prompts are tokenized as tinygemma does, with nothing in front
     writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
 
 
 def _write_tensors(writer, model, dtype: str) -> None:

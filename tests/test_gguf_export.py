@@ -31,7 +31,7 @@ from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
 from tinygemma.errors import UserError
 from tinygemma.generate import generate_stream
-from tinygemma.gguf_export import GGUF_DTYPES, check_byte_level_bpe, export_gguf
+from tinygemma.gguf_export import GGUF_DTYPES, check_byte_level_bpe, export_gguf, has_gemma_layout
 from tinygemma.tokenizer import EOT_TOKEN, HFTokenizer, load_tokenizer, train_bpe
 from tinygemma.train import train
 
@@ -177,6 +177,7 @@ def flipped(model: Gemma3) -> Gemma3:
 ], ids=["5-in-6", "custom", "all-global"])
 def test_llama_cpp_computes_the_same_logits(overrides, bpe, stories_dir, tmp_path, llama_cpp):
     model, path = small_export(bpe, tmp_path, **overrides)
+    assert has_gemma_layout(model.config) == (overrides == {})  # what older llama.cpp builds assume
     ids = bpe.encode(read_stories(stories_dir / "valid.txt", 1)[0])[:100]  # 100 tokens: the window of 16 slides
     reader = gguf.GGUFReader(path)
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}

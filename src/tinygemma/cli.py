@@ -314,6 +314,9 @@ def _export_main(args) -> int:
         info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
               f"with: llama-completion -m {info['path']} -no-cnv -p 'Once upon a time'")
+        if not info["gemma_layout"]:
+            print("note: this model's sliding layers or their RoPE base differ from Gemma 3's; llama.cpp reads them "
+                  "from the file, but older llama.cpp builds and Ollama assume Gemma 3's", file=sys.stderr)
         return 0
     if args.format != "hf":
         raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")

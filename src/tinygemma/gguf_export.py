@@ -197,7 +197,8 @@ def _write_tensors(writer, model, dtype: str) -> None:
 
 def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE) -> dict:
     """Write `ckpt` (a run, checkpoint or transformers directory) as one GGUF file for llama.cpp, replacing `out`
-    atomically; return what was written: its path, dtype, size in bytes and vocabulary."""
+    atomically; return what was written: its path, dtype, size in bytes, vocabulary, and whether the model has
+    Gemma 3's layout of sliding layers (`has_gemma_layout`)."""
     out = check_gguf_arguments(out, dtype)
     src = resolve_checkpoint(ckpt)
     gguf = gguf_module()
@@ -222,4 +223,11 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
         finally:
             writer.close()
     return {"path": str(out), "dtype": dtype, "bytes": out.stat().st_size, "vocab_size": config.vocab_size,
-            "tokenizer": tokenizer.identity}
+            "tokenizer": tokenizer.identity, "gemma_layout": has_gemma_layout(config)}
+
+
+def has_gemma_layout(config: ModelConfig) -> bool:
+    """Whether the layers slide 5 in 6 with a RoPE base of 10,000, as in Gemma 3: older llama.cpp builds (and
+    Ollama) assume both instead of reading them from the file."""
+    gemma = ModelConfig(n_layers=config.n_layers).layer_types
+    return tuple(config.layer_types) == gemma and config.rope_local_base == 10_000.0

@@ -284,14 +284,12 @@ def test_q8_0_picks_the_same_next_token_as_f32(tiny_run, data_dir, tmp_path, lla
     assert sizes["q8_0"] < sizes["f16"] == sizes["bf16"] < sizes["f32"]
 
 
-def test_decode_benchmark_runs(llama_cpp, capsys):
-    """benchmarks/gguf_decode.py on gemma3-tiny: every dtype exported, each contender timed."""
-    import importlib.util
+def test_decode_benchmark_runs(llama_cpp, capsys, monkeypatch):
+    """benchmarks/gguf_decode.py on gemma3-tiny: every dtype exported, each contender timed in its process."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the contenders' processes import it by name
+    import gguf_decode
 
-    spec = importlib.util.spec_from_file_location("gguf_decode", ROOT / "benchmarks" / "gguf_decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--preset", "gemma3-tiny", "--dtypes", "q8_0", "--new-tokens", "4", "--repeats", "1",
+    result = gguf_decode.main(["--preset", "gemma3-tiny", "--dtypes", "q8_0", "--new-tokens", "4", "--repeats", "1",
                          "--threads", str(torch.get_num_threads())])
     assert set(result["file_bytes"]) == set(GGUF_DTYPES) and result["llama_cpp_tokens_per_s"]["q8_0"] > 0
     assert result["tinygemma_tokens_per_s"] > 0 and json.loads(capsys.readouterr().out) == result

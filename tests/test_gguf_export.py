@@ -295,6 +295,20 @@ def test_decode_benchmark_runs(llama_cpp, capsys, monkeypatch):
     assert result["tinygemma_tokens_per_s"] > 0 and json.loads(capsys.readouterr().out) == result
 
 
+def test_a_transformers_directory_exports_the_same_file(small_ckpt, tmp_path):
+    """`--ckpt` may name a transformers directory (an hf export, or Gemma 3 from the hub): its tokenizer.json and
+    weights give the same tensors and vocabulary as the checkpoint they came from."""
+    assert main(["export", "--ckpt", str(small_ckpt), "--out", str(tmp_path / "hf")]) == 0
+    files = [export_gguf(source, tmp_path / f"{name}.gguf", "f16")["path"]
+             for name, source in (("ckpt", small_ckpt), ("hf", tmp_path / "hf"))]
+    readers = [gguf.GGUFReader(path) for path in files]
+    tensors = [{t.name: t.data for t in reader.tensors} for reader in readers]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(np.array_equal(tensors[0][name], tensors[1][name]) for name in tensors[0])
+    tokens = [reader.fields["tokenizer.ggml.tokens"] for reader in readers]
+    assert [bytes(tokens[0].parts[i]) for i in tokens[0].data] == [bytes(tokens[1].parts[i]) for i in tokens[1].data]
+
+
 # ------------------------------------------------------------------ refusals and bad input
 
 

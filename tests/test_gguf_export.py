@@ -9,7 +9,8 @@ until its text is story-like (40 Muon steps), and the prompt is the first held-o
 top two logits at least MIN_MARGIN apart, chosen by tinygemma's logits alone. The 270m-shaped model gets two
 AdamW steps of 64 tokens at a high rate (what 2 cores afford): enough to pull its predictions onto the most common
 token with a margin of 0.7, far from any tie, though its text is then one token repeated; so its logits over the
-whole prompt are compared as well, which is where the window shows (removing it moves them by 3e-2 at positions past 512; llama.cpp differs by 1.5e-4).
+whole prompt are compared as well, which is where the window shows (removing it moves them by 3e-2 at positions
+past 512; llama.cpp differs by 1.5e-4).
 """
 
 import contextlib
@@ -40,7 +41,7 @@ gguf = pytest.importorskip("gguf", reason='the GGUF export needs the gguf packag
 ROOT = Path(__file__).resolve().parents[1]
 data_dir = test_train.data_dir  # the first 600 real stories, BPE-tokenized to 512 tokens (10% held out)
 
-MIN_MARGIN = 0.02  # top-1 minus top-2 logit along a compared greedy path: 25x llama.cpp's measured difference
+MIN_MARGIN = 0.01  # top-1 minus top-2 logit along a compared greedy path: 12x llama.cpp's largest measured difference
 COMMON = ["grad_accum_steps=1", "eval_interval=0", "eval_batches=1", "checkpoint_interval=0", "dtype=float32",
           "compile=false", "device=cpu", "seed=1"]
 TINY = ["model.preset=gemma3-tiny", "batch_size=4", "block_size=128", "max_steps=40", "optimizer=muon",
@@ -72,7 +73,7 @@ def llama_greedy(llama_cpp, llm, ids: list[int], n_new: int) -> list[int]:
 
 def story_prompts(stories_dir, tokenizer, min_tokens: int):
     """Prompts of whole held-out stories, each at least `min_tokens` tokens long."""
-    stories = read_stories(stories_dir / "valid.txt", 80)
+    stories = read_stories(stories_dir / "valid.txt", 120)
     for start in range(0, len(stories), 5):
         prompt, i = stories[start], start + 1
         while len(tokenizer.encode(prompt)) < min_tokens and i < len(stories):

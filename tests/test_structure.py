@@ -20,6 +20,7 @@ LAYERS = [
     "data",
     "evaluation", "decode", "generate",
     "hf", "checkpoint",  # the Hugging Face adapter, then our checkpoints (which load through it)
+    "gguf_export",  # a checkpoint as one GGUF file for llama.cpp
     "metrics", "report", "trackers",  # the run's records: metrics.jsonl; report.md and the model card; trackers
     "profiling", "optim", "parallelize", "train",
     "pipeline",

@@ -36,6 +36,7 @@ from tinygemma.errors import UserError
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
 from tinygemma.generate import generate_text
+from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.pipeline import run, where_and_next
 from tinygemma.report import write_model_card
@@ -309,15 +310,35 @@ def add_eval(subparsers) -> None:
 
 
 def add_export(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory")
+    p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory, or as "
+                              "one GGUF file for llama.cpp")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory, or transformers directory")
-    p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors and tokenizer files")
-    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory, model card included, to the "
-                   "Hugging Face hub as REPO (user/name; needs huggingface_hub and a login)")
+    p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors, tokenizer "
+                   "files and the model card README.md (hf), or the .gguf file to write (gguf)")
+    p.add_argument("--format", default="hf", help="hf (a transformers directory; the default) or gguf (one file "
+                   "for llama.cpp: llama-cli, llama-server, LM Studio)")
+    p.add_argument("--dtype", default=None, help=f"gguf only: the weights as {', '.join(GGUF_DTYPES)} "
+                   f"(default {DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="hf only: then upload the directory, model card included, "
+                   "to the Hugging Face hub as REPO (user/name; needs huggingface_hub and a login)")
     p.set_defaults(func=_export_main)
 
 
 def _export_main(args) -> int:
+    if args.push_to_hub and args.format != "hf":
+        raise UserError("--push-to-hub uploads an hf export's directory; use it with --format hf")
+    if args.format == "gguf":
+        info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE)
+        print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
+              f"with: llama-completion -m {info['path']} -no-cnv -p 'Once upon a time'")
+        if not info["gemma_layout"]:
+            print("note: this model's sliding layers or their RoPE base differ from Gemma 3's; llama.cpp reads them "
+                  "from the file, but older llama.cpp builds and Ollama assume Gemma 3's", file=sys.stderr)
+        return 0
+    if args.format != "hf":
+        raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")
+    if args.dtype is not None:
+        raise UserError("--dtype applies to --format gguf; an hf export keeps the checkpoint's dtype")
     out = export(args.ckpt, args.out)
     write_model_card(args.ckpt, out, args.push_to_hub)
     print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")

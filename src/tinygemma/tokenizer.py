@@ -56,7 +56,7 @@ class Tokenizer:
     def save_hf(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json for `transformers.AutoTokenizer.from_pretrained`."""
         directory = Path(directory)
-        atomic_write_text(directory / TOKENIZER_FILE, self._hf_json())
+        atomic_write_text(directory / TOKENIZER_FILE, self.hf_json())
         atomic_write_json(directory / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.eot_token, "eos_token": self.eot_token, "unk_token": self.eot_token,
@@ -65,7 +65,8 @@ class Tokenizer:
             "model_max_length": 1_000_000_000,
         })
 
-    def _hf_json(self) -> str:
+    def hf_json(self) -> str:
+        """The tokenizer as a Hugging Face tokenizer.json (what save_hf writes and the GGUF export reads)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -119,8 +120,13 @@ class GPT2Tokenizer(Tokenizer):
     def save(self, directory: str | Path) -> dict:
         return self.spec()  # nothing to copy: tiktoken supplies the vocabulary
 
-    def _hf_json(self) -> str:
-        return gpt2_as_tokenizers(self.encoding).to_str()
+    def hf_json(self) -> str:
+        return _gpt2_json()
+
+
+@functools.cache
+def _gpt2_json() -> str:  # seconds to build (the merges are replayed in Python), so made once per process
+    return gpt2_as_tokenizers(_gpt2_encoding()).to_str()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -222,7 +228,7 @@ class HFTokenizer(Tokenizer):
             atomic_write_text(target, self.content)  # the exact bytes, so the sha256 still holds
         return {**self.spec(), "file": TOKENIZER_FILE}
 
-    def _hf_json(self) -> str:
+    def hf_json(self) -> str:
         return self.content
 
     def __getstate__(self):  # workers rebuild the backend from the JSON

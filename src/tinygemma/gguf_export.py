@@ -1,0 +1,233 @@
+"""GGUF export: a checkpoint as one file that llama.cpp runs (llama-cli, llama-server, LM Studio, ...).
+
+The file is written with `gguf`, ggml's own Python writer (`pip install "tinygemma[gguf]"`), and holds Gemma 3 the
+way llama.cpp's `gemma3` architecture reads it (src/models/gemma3.cpp, src/llama-vocab.cpp):
+- the hyper-parameters under llama.cpp's keys: the sliding window, which layers slide (one flag per layer: the
+  5-in-6 pattern or any other), the RoPE base of the global layers and that of the sliding ones;
+- the weights under llama.cpp's tensor names (gguf's own name map), RMSNorm gains stored as 1 + w (llama.cpp
+  multiplies by the stored gain), the vocabulary without its padding rows, the head only when it is not tied;
+- the tokenizer as llama.cpp's byte-level BPE ("gpt2") with its merges and GPT-2's pre-tokenizer, end-of-text as
+  the end-of-generation token, and nothing put in front of a prompt (TinyStories has no begin-of-text token).
+What llama.cpp cannot reproduce is refused in one line: its gemma3 graph scales queries by 1/sqrt(head_dim) and
+reads no query_pre_attn_scalar, and its BPE splits text only in the ways it names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
+from tinygemma.config import SLIDING, ModelConfig
+from tinygemma.errors import UserError
+from tinygemma.files import atomic_path
+from tinygemma.hf import hf_state
+from tinygemma.tokenizer import Tokenizer
+
+# --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
+GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+# The file people run: a quarter of f32's size, half of f16's, and the fastest to decode on a CPU, while its next
+# token agrees with f32's almost everywhere (BENCHMARKS.md, "llama.cpp decoding").
+DEFAULT_GGUF_DTYPE = "q8_0"
+
+ARCH = "gemma3"
+PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use
+GPT2_SPLIT = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+# A story model has no chat format: a chat front end (llama-server's web page, LM Studio) sends the messages' text
+# as it is, and the model continues it.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
+    """The output file, after checking what needs no model: the dtype, and a folder to write into."""
+    if dtype not in GGUF_DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r} for gguf; choose {', '.join(GGUF_DTYPES)}")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the .gguf file to write")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    return out
+
+
+def gguf_module():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError('the GGUF export needs the gguf package: pip install "tinygemma[gguf]"') from None
+    return gguf
+
+
+def attention_scale_dim(config: ModelConfig) -> int:
+    """What llama.cpp's gemma3 scales queries by (1/sqrt of it): d_model / n_heads in 62-layer models (Gemma 3
+    27B, as Gemma's reference code), head_dim in every other; it reads no query_pre_attn_scalar."""
+    return config.d_model // config.n_heads if config.n_layers == 62 else config.head_dim
+
+
+def check_llama_cpp_model(config: ModelConfig) -> None:
+    """Refuse a model that llama.cpp's gemma3 would compute differently."""
+    scale_dim = attention_scale_dim(config)
+    if config.query_pre_attn_scalar != scale_dim:
+        raise UserError(f"llama.cpp cannot run this model: it has query_pre_attn_scalar "
+                        f"{config.query_pre_attn_scalar:g}, but llama.cpp's gemma3 reads no such setting and "
+                        f"scales queries by 1/sqrt({scale_dim}) for a model of {config.n_layers} layers")
+    if config.n_layers > MAX_LAYERS:
+        raise UserError(f"llama.cpp cannot run this model: it has {config.n_layers} layers, llama.cpp at most {MAX_LAYERS}")
+
+
+# ------------------------------------------------------------------ the tokenizer as llama.cpp's BPE
+
+
+def _refuse(why: str):
+    raise UserError(f"llama.cpp cannot reproduce this tokenizer: {why}; the GGUF export carries byte-level BPE "
+                    "tokenizers with GPT-2's split (GPT-2's own, one trained by `tinygemma prepare`, or such a "
+                    "tokenizer.json)")
+
+
+def check_byte_level_bpe(spec: dict) -> None:
+    """Refuse a tokenizer.json that llama.cpp's "gpt2" BPE with the "gpt-2" pre-tokenizer would split otherwise."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        _refuse(f"it is a {model.get('type')} model, not BPE")
+    if spec.get("normalizer"):
+        _refuse(f"it normalizes text first ({spec['normalizer'].get('type')})")
+    pre = spec.get("pre_tokenizer") or {}
+    if {key: pre.get(key) for key in GPT2_SPLIT} != GPT2_SPLIT:
+        _refuse(f"its pre-tokenizer is {json.dumps(pre)[:120]}, not GPT-2's byte-level split")
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        _refuse("its decoder is not byte-level")
+    for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges"):
+        if model.get(option):
+            _refuse(f"its BPE sets {option}")
+    for added in spec.get("added_tokens") or []:
+        if not added.get("special"):
+            _refuse(f"its added token {added.get('content')!r} is not a special token")
+
+
+def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """A tokenizer.json (`spec`, parsed) as llama.cpp reads it: each id's token (`vocab_size` of them, the model's
+    rows), its token type (gguf.TokenType: special tokens are control tokens, ids the tokenizer lacks unused
+    fillers) and the merges in priority order, as "left right"."""
+    gguf = gguf_module()
+    check_byte_level_bpe(spec)
+    ids = {**spec["model"]["vocab"], **{added["content"]: added["id"] for added in spec.get("added_tokens") or []}}
+    if max(ids.values()) >= vocab_size:
+        raise UserError(f"the tokenizer has {max(ids.values()) + 1:,} tokens, more than the model's "
+                        f"{vocab_size:,}: they do not belong together")
+    tokens: list[str | None] = [None] * vocab_size
+    types = [int(gguf.TokenType.NORMAL)] * vocab_size
+    for token, i in spec["model"]["vocab"].items():
+        tokens[i] = token
+    for added in spec.get("added_tokens") or []:
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = int(gguf.TokenType.CONTROL)
+    for i, token in enumerate(tokens):
+        if token is None:  # an id the model has and the tokenizer never produces
+            tokens[i], types[i] = f"[PAD{i}]", int(gguf.TokenType.UNUSED)
+    seen: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if token in seen or not token:  # llama.cpp finds tokens by their text
+            _refuse(f"ids {seen.get(token)} and {i} are both {token!r}")
+        seen[token] = i
+    merges = []
+    for merge in spec["model"].get("merges") or []:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if " " in left or " " in right or not left:
+            _refuse(f"its merge {merge!r} holds a space, which llama.cpp reads as the separator")
+        merges.append(f"{left} {right}")
+    return tokens, types, merges
+
+
+# ------------------------------------------------------------------ the file
+
+
+def _write_hyperparameters(writer, config: ModelConfig) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.mlp_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_global_base)  # global layers
+    sliding = [kind == SLIDING for kind in config.layer_types]
+    if any(sliding):  # without the window llama.cpp builds the plain causal graph
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern(sliding)
+        writer.add_rope_freq_base_swa(config.rope_local_base)
+
+
+def _write_tokenizer(writer, tokenizer: Tokenizer, spec: dict, vocab_size: int) -> None:
+    tokens, types, merges = llama_cpp_vocabulary(spec, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    eot = tokenizer.eot_id  # every story ends with it: the end of generation, and what a story follows
+    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_eot_token_id, writer.add_pad_token_id):
+        add(eot)
+    writer.add_add_bos_token(False)  # prompts are tokenized as tinygemma does, with nothing in front
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def _write_tensors(writer, model, dtype: str) -> None:
+    """The weights under llama.cpp's names: matrices in `dtype` (q8_0 needs rows of whole 32-value blocks; other
+    rows fall back to f16, as llama.cpp's converter does), norm gains as float32 1 + w."""
+    gguf = gguf_module()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, model.config.n_layers)
+    matrix_type = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
+    for hf_name, tensor in hf_state(model).items():
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        data = tensor.detach().float().cpu().numpy()
+        qtype = matrix_type
+        if data.ndim == 1:
+            if hf_name.endswith("norm.weight"):
+                data = data + 1.0  # Gemma's (1 + w) gain, in float32 as the model computes it
+            qtype = gguf.GGMLQuantizationType.F32
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+            qtype = gguf.GGMLQuantizationType.F16
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE) -> dict:
+    """Write `ckpt` (a run, checkpoint or transformers directory) as one GGUF file for llama.cpp, replacing `out`
+    atomically; return what was written: its path, dtype, size in bytes, vocabulary, and whether the model has
+    Gemma 3's layout of sliding layers (`has_gemma_layout`)."""
+    out = check_gguf_arguments(out, dtype)
+    src = resolve_checkpoint(ckpt)
+    gguf = gguf_module()
+    tokenizer = checkpoint_tokenizer(src)
+    spec = json.loads(tokenizer.hf_json())
+    check_byte_level_bpe(spec)  # before the (slow) model load
+    model = load(src)
+    config = model.config
+    check_llama_cpp_model(config)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        try:
+            writer.add_name(f"tinygemma {src.resolve().name}")
+            writer.add_file_type(int(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]]))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _write_hyperparameters(writer, config)
+            _write_tokenizer(writer, tokenizer, spec, config.vocab_size)
+            _write_tensors(writer, model, dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return {"path": str(out), "dtype": dtype, "bytes": out.stat().st_size, "vocab_size": config.vocab_size,
+            "tokenizer": tokenizer.identity, "gemma_layout": has_gemma_layout(config)}
+
+
+def has_gemma_layout(config: ModelConfig) -> bool:
+    """Whether the layers slide 5 in 6 with a RoPE base of 10,000, as in Gemma 3: older llama.cpp builds (and
+    Ollama) assume both instead of reading them from the file."""
+    gemma = ModelConfig(n_layers=config.n_layers).layer_types
+    return tuple(config.layer_types) == gemma and config.rope_local_base == 10_000.0

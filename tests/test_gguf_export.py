@@ -1,0 +1,405 @@
+"""The GGUF export, checked by llama.cpp itself (through llama-cpp-python): it splits real stories into the same
+tokens, computes the same logits, continues a prompt longer than the sliding window with the same greedy text as
+`tinygemma generate`, and its q8_0 file picks the same next token as f32; bad input is one line.
+
+Greedy text is compared where greedy is well defined. llama.cpp runs its KV cache in f16 and GELU through
+an f16 table, which moves a trained tiny model's logits by up to about 1e-3 (measured 8e-4 here, 1.5e-4 on the
+270m shape): a step whose top two logits are closer than that could go either way. So the tiny model is trained
+until its text is story-like (40 Muon steps), and the prompt is the first held-out one whose greedy path keeps the
+top two logits at least MIN_MARGIN apart, chosen by tinygemma's logits alone. The 270m-shaped model gets two
+AdamW steps of 64 tokens at a high rate (what 2 cores afford): enough to pull its predictions onto the most common
+token with a margin of 0.7, far from any tie, though its text is then one token repeated; so its logits over the
+whole prompt are compared as well, which is where the window shows (removing it moves them by 3e-2 at positions
+past 512; llama.cpp differs by 1.5e-4).
+"""
+
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import test_train
+import torch
+from test_tokenizer import ODD_TEXT, read_stories
+
+from tinygemma import Gemma3
+from tinygemma.checkpoint import checkpoint_tokenizer, load_model, save_model
+from tinygemma.cli import main
+from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
+from tinygemma.data import open_prepared, prepare
+from tinygemma.errors import UserError
+from tinygemma.generate import generate_stream
+from tinygemma.gguf_export import GGUF_DTYPES, check_byte_level_bpe, export_gguf, has_gemma_layout
+from tinygemma.tokenizer import EOT_TOKEN, HFTokenizer, load_tokenizer, train_bpe
+from tinygemma.train import train
+
+gguf = pytest.importorskip("gguf", reason='the GGUF export needs the gguf package: pip install "tinygemma[gguf]"')
+
+ROOT = Path(__file__).resolve().parents[1]
+data_dir = test_train.data_dir  # the first 600 real stories, BPE-tokenized to 512 tokens (10% held out)
+
+MIN_MARGIN = 0.01  # top-1 minus top-2 logit along a compared greedy path: 12x llama.cpp's largest measured difference
+COMMON = ["grad_accum_steps=1", "eval_interval=0", "eval_batches=1", "checkpoint_interval=0", "dtype=float32",
+          "compile=false", "device=cpu", "seed=1"]
+TINY = ["model.preset=gemma3-tiny", "batch_size=4", "block_size=128", "max_steps=40", "optimizer=muon",
+        "learning_rate=4e-3", "warmup_steps=4", *COMMON]  # window 64 < block 128: training slides too
+SHAPE_270M = ["model.preset=gemma3-270m-gpt2", "batch_size=1", "block_size=64", "max_steps=2", "optimizer=adamw",
+              "learning_rate=3e-3", "min_lr=3e-3", "warmup_steps=0", *COMMON]
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+
+
+def open_llama(llama_cpp, path, **kwargs):
+    """llama.cpp on the file, with tinygemma's thread count, closed when the block ends."""
+    return contextlib.closing(llama_cpp.Llama(str(path), n_threads=torch.get_num_threads(), verbose=False, **kwargs))
+
+
+def llama_greedy(llama_cpp, llm, ids: list[int], n_new: int) -> list[int]:
+    """llama.cpp's greedy continuation: its greedy sampler, no penalties, stopping at end of generation."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    new = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        new.append(token)
+        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(new) == n_new:
+            return new
+    return new
+
+
+def story_prompts(stories_dir, tokenizer, min_tokens: int):
+    """Prompts of whole held-out stories, each at least `min_tokens` tokens long."""
+    stories = read_stories(stories_dir / "valid.txt", 120)
+    for start in range(0, len(stories), 5):
+        prompt, i = stories[start], start + 1
+        while len(tokenizer.encode(prompt)) < min_tokens and i < len(stories):
+            prompt, i = prompt + "\n\n" + stories[i], i + 1
+        yield prompt
+
+
+def greedy_margins(model, ids: list[int], new: list[int]) -> torch.Tensor:
+    """Top-1 minus top-2 logit at each step of a greedy continuation (one forward pass, no cache)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + new]))[0, len(ids) - 1: len(ids) + len(new) - 1]
+    top = logits.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
+def text_of(tokenizer, ids: list[int]) -> str:
+    """The text of a continuation as `tinygemma generate` prints it: up to end of text, which is not printed."""
+    return tokenizer.decode(ids[: ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids)
+
+
+def cli_generate(ckpt, prompt: str, n_new: int, capsys) -> str:
+    """`tinygemma generate --temperature 0` in float32 (auto would pick bf16 on CPUs with AVX-512 BF16)."""
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
+                 str(n_new), "--dtype", "float32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and out.endswith("\n")
+    return out[len(prompt):-1]
+
+
+def export_cli(ckpt, out, dtype: str, capsys) -> None:
+    assert main(["export", "--ckpt", str(ckpt), "--format", "gguf", "--out", str(out), "--dtype", dtype]) == 0
+    assert f"({dtype}," in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ tokens
+
+
+@pytest.fixture(scope="module")
+def bpe(stories_dir):
+    return train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
+
+
+def small_export(tokenizer, directory, dtype="f32", **overrides):
+    """A small random model saved with `tokenizer`, and its GGUF export; returns (model, path)."""
+    config = ModelConfig.preset("gemma3-tiny", **{"vocab_size": tokenizer.vocab_size, "d_model": 32, "head_dim": 16,
+                                                  "query_pre_attn_scalar": 16, "mlp_dim": 64, "n_heads": 2,
+                                                  "sliding_window": 16, "init_std": 0.3, **overrides})
+    torch.manual_seed(0)
+    model = Gemma3(config).eval()
+    with torch.no_grad():  # gains away from zero, so that a missing 1 + w or a swapped norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+    save_model(model, directory / "ckpt", {"tokenizer": tokenizer.save(directory / "ckpt")})
+    export_gguf(directory / "ckpt", directory / "model.gguf", dtype)
+    return model, directory / "model.gguf"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bpe"])
+def test_llama_cpp_tokenizes_real_stories_as_tinygemma(name, bpe, stories_dir, tmp_path, llama_cpp):
+    tokenizer = load_tokenizer("gpt2") if name == "gpt2" else bpe
+    _, path = small_export(tokenizer, tmp_path, n_layers=1)
+    stories = read_stories(stories_dir / "valid.txt", 300) + read_stories(stories_dir / "v2_train.txt", 200)
+    assert any("\n" in s for s in stories) and any('"' in s for s in stories) and any(not s.isascii() for s in stories)
+    with open_llama(llama_cpp, path, vocab_only=True) as llm:
+        assert llm.n_vocab() == tokenizer.vocab_size
+        for text in stories + ODD_TEXT:  # ODD_TEXT: other scripts, emoji, CRLF, a literal <|endoftext|>, ...
+            # add_bos=True asks for whatever llama-cli would put in front: the file says nothing.
+            ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+            assert ids == tokenizer.encode(text), text[:80]
+            assert llm.detokenize(ids).decode("utf-8") == text
+        # With special tokens parsed (as llama-cli reads a prompt), <|endoftext|> between stories is the one id
+        # that `tinygemma prepare` writes there; and it ends generation.
+        joined = EOT_TOKEN.join(stories[:20])
+        expected = sum(([*tokenizer.encode(s), tokenizer.eot_id] for s in stories[:20]), [])[:-1]
+        assert llm.tokenize(joined.encode(), add_bos=True, special=True) == expected
+        assert llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), tokenizer.eot_id)
+        assert llm.token_eos() == tokenizer.eot_id
+        assert not any(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), i)
+                       for i in tokenizer.encode(stories[0]))
+
+
+# ------------------------------------------------------------------ logits of the architecture
+
+
+def flipped(model: Gemma3) -> Gemma3:
+    """The same weights with every layer's kind swapped (sliding <-> global): what a wrong window, pattern or
+    RoPE base assignment would compute. The control that shows the comparison can fail."""
+    kinds = tuple(GLOBAL if kind == SLIDING else SLIDING for kind in model.config.layer_types)
+    other = Gemma3(dataclasses.replace(model.config, layer_types=kinds)).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # gemma3-tiny's 6 layers: 5 sliding, then 1 global
+    # 2-in-3 sliding, other RoPE bases, an untied head, and a vocabulary padded from 520 to 576 rows
+    {"n_layers": 3, "sliding_window_pattern": 3, "rope_local_base": 777.0, "rope_global_base": 99_999.0,
+     "tie_embeddings": False, "vocab_size": 520, "vocab_pad_multiple": 64},
+    {"n_layers": 2, "sliding_window_pattern": 1},  # no sliding layer at all
+], ids=["5-in-6", "custom", "all-global"])
+def test_llama_cpp_computes_the_same_logits(overrides, bpe, stories_dir, tmp_path, llama_cpp):
+    model, path = small_export(bpe, tmp_path, **overrides)
+    assert has_gemma_layout(model.config) == (overrides == {})  # what older llama.cpp builds assume
+    ids = bpe.encode(read_stories(stories_dir / "valid.txt", 1)[0])[:100]  # 100 tokens: the window of 16 slides
+    reader = gguf.GGUFReader(path)
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    assert shapes["token_embd.weight"] == [32, model.config.vocab_size]  # the padding rows are gone
+    assert ("output.weight" in shapes) == (not model.config.tie_embeddings)
+    with torch.no_grad():
+        ours, control = model(torch.tensor([ids]))[0].numpy(), flipped(model)(torch.tensor([ids]))[0].numpy()
+    with open_llama(llama_cpp, path, n_ctx=128, logits_all=True) as llm:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    error, wrong = np.abs(theirs - ours).max(), np.abs(control - ours).max()
+    assert error < 0.02 * ours.std(), (error, ours.std())
+    assert wrong > 20 * error, (wrong, error)
+
+
+# ------------------------------------------------------------------ greedy text of trained models
+
+
+def train_run(directory, data, settings):
+    train(load_recipe(None, [f"data.dir={data}", f"train.out={directory}", *settings]), quiet=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    return train_run(tmp_path_factory.mktemp("gguf") / "tiny", data_dir, TINY)
+
+
+def test_tiny_greedy_text_matches_tinygemma_generate(tiny_run, stories_dir, tmp_path, llama_cpp, capsys):
+    export_cli(tiny_run, tmp_path / "tiny.gguf", "f32", capsys)
+    tokenizer = checkpoint_tokenizer(tiny_run)
+    model = load_model(tiny_run, tokenizer, "float32", "cpu")
+    window, n_new = model.config.sliding_window, 24
+    for prompt in story_prompts(stories_dir, tokenizer, min_tokens=2 * window):
+        ids = tokenizer.encode(prompt)
+        new = [int(t) for t in generate_stream(model, torch.tensor([ids]), n_new, temperature=0,
+                                               eos_id=tokenizer.eot_id)]
+        margins = greedy_margins(model, ids, new)
+        if margins.min() >= MIN_MARGIN:
+            break
+    else:
+        pytest.fail(f"no held-out prompt has a greedy path without near-ties (>= {MIN_MARGIN})")
+    assert len(ids) > window and len(new) == n_new
+    with open_llama(llama_cpp, tmp_path / "tiny.gguf", n_ctx=1024) as llm:
+        theirs = llama_greedy(llama_cpp, llm, ids, n_new)
+        # A chat front end (llama-server's web page, LM Studio) sends the text as it is: the same story.
+        chat = llm.create_chat_completion([{"role": "user", "content": prompt}], temperature=0, repeat_penalty=1.0,
+                                          max_tokens=n_new)["choices"][0]["message"]["content"]
+    assert theirs == new  # token for token
+    assert cli_generate(tiny_run, prompt, n_new, capsys) == text_of(tokenizer, theirs) == chat
+
+
+@pytest.fixture(scope="module")
+def shape_270m_run(tmp_path_factory, stories_dir):
+    root = tmp_path_factory.mktemp("gguf270m")
+    prepare(root / "data", sources=[stories_dir / "train.txt"], tokenizer="gpt2", limit=200, val_fraction=0.1,
+            workers=1, progress=False)
+    return train_run(root / "run", root / "data", SHAPE_270M)
+
+
+def test_270m_shape_greedy_text_and_logits_match(shape_270m_run, stories_dir, tmp_path, llama_cpp, capsys):
+    export_cli(shape_270m_run, tmp_path / "270m.gguf", "f32", capsys)
+    tokenizer = checkpoint_tokenizer(shape_270m_run)
+    model = load_model(shape_270m_run, tokenizer, "float32", "cpu")
+    assert model.config.head_dim == 256 and model.config.sliding_window == 512 and model.config.n_layers == 18
+    prompt = next(story_prompts(stories_dir, tokenizer, min_tokens=520))
+    ids, n_new = tokenizer.encode(prompt), 8
+    text = cli_generate(shape_270m_run, prompt, n_new, capsys)
+    with open_llama(llama_cpp, tmp_path / "270m.gguf", n_ctx=1024, n_batch=1024, logits_all=True) as llm:
+        llm.eval(ids)
+        theirs_logits = np.array(llm.scores[: len(ids)])
+        new = llama_greedy(llama_cpp, llm, ids, n_new)
+    assert text == text_of(tokenizer, new)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + new]))[0]
+    ours_logits, ours_next = logits[: len(ids)].numpy(), logits[len(ids) - 1: -1].argmax(-1).tolist()
+    assert ours_next == new  # token for token, from tinygemma's float32 logits
+    assert greedy_margins(model, ids, new).min() >= MIN_MARGIN  # the premise: no near-tie on the path
+    # Every prompt position, 512 and past it included: llama.cpp's window is ours.
+    assert np.abs(theirs_logits - ours_logits).max() < 1e-3
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+def test_q8_0_picks_the_same_next_token_as_f32(tiny_run, data_dir, tmp_path, llama_cpp, capsys):
+    tokens = open_prepared(data_dir).split("val")[:512].astype(np.int64).tolist()
+    tokenizer = checkpoint_tokenizer(tiny_run)
+    with torch.no_grad():
+        ours = load_model(tiny_run, tokenizer, "float32", "cpu")(torch.tensor([tokens]))[0].argmax(-1).numpy()
+    choices, sizes = {}, {}
+    for dtype in GGUF_DTYPES:
+        path = tmp_path / f"{dtype}.gguf"
+        export_cli(tiny_run, path, dtype, capsys)
+        sizes[dtype] = path.stat().st_size
+        with open_llama(llama_cpp, path, n_ctx=512, n_batch=512, logits_all=True) as llm:
+            llm.eval(tokens)
+            choices[dtype] = np.array(llm.scores[: len(tokens)]).argmax(-1)
+    agreement = {dtype: float((choices[dtype] == choices["f32"]).mean()) for dtype in GGUF_DTYPES}
+    print(f"\nnext-token agreement with f32 over {len(tokens)} held-out positions: {agreement}; "
+          f"f32 with tinygemma: {(choices['f32'] == ours).mean():.4f}; file sizes: {sizes}")
+    assert (choices["f32"] == ours).mean() >= 0.98
+    assert agreement["q8_0"] >= 0.95 and agreement["f16"] >= 0.95 and agreement["bf16"] >= 0.95
+    assert sizes["q8_0"] < sizes["f16"] == sizes["bf16"] < sizes["f32"]
+
+
+def test_decode_benchmark_runs(llama_cpp, capsys, monkeypatch):
+    """benchmarks/gguf_decode.py on gemma3-tiny: every dtype exported, each contender timed in its process."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the contenders' processes import it by name
+    import gguf_decode
+
+    result = gguf_decode.main(["--preset", "gemma3-tiny", "--dtypes", "q8_0", "--new-tokens", "4", "--repeats", "1",
+                         "--threads", str(torch.get_num_threads())])
+    assert set(result["file_bytes"]) == set(GGUF_DTYPES) and result["llama_cpp_tokens_per_s"]["q8_0"] > 0
+    assert result["tinygemma_tokens_per_s"] > 0 and json.loads(capsys.readouterr().out) == result
+
+
+def test_a_transformers_directory_exports_the_same_file(small_ckpt, tmp_path):
+    """`--ckpt` may name a transformers directory (an hf export, or Gemma 3 from the hub): its tokenizer.json and
+    weights give the same tensors and vocabulary as the checkpoint they came from."""
+    assert main(["export", "--ckpt", str(small_ckpt), "--out", str(tmp_path / "hf")]) == 0
+    files = [export_gguf(source, tmp_path / f"{name}.gguf", "f16")["path"]
+             for name, source in (("ckpt", small_ckpt), ("hf", tmp_path / "hf"))]
+    readers = [gguf.GGUFReader(path) for path in files]
+    tensors = [{t.name: t.data for t in reader.tensors} for reader in readers]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(np.array_equal(tensors[0][name], tensors[1][name]) for name in tensors[0])
+    tokens = [reader.fields["tokenizer.ggml.tokens"] for reader in readers]
+    assert [bytes(tokens[0].parts[i]) for i in tokens[0].data] == [bytes(tokens[1].parts[i]) for i in tokens[1].data]
+
+
+# ------------------------------------------------------------------ refusals and bad input
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory, bpe):
+    directory = tmp_path_factory.mktemp("small")
+    small_export(bpe, directory, n_layers=1)
+    return directory / "ckpt"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--ckpt", "{tmp}/nowhere", "--out", "{tmp}/m.gguf"], "checkpoint not found"),
+    (["--ckpt", "{ckpt}", "--out", "{tmp}/m.gguf", "--dtype", "q4_k"], "unknown --dtype"),
+    (["--ckpt", "{ckpt}", "--out", "{tmp}/missing/m.gguf"], "does not exist"),
+    (["--ckpt", "{ckpt}", "--out", "{tmp}"], "is a directory"),
+], ids=["missing-checkpoint", "wrong-dtype", "out-in-missing-folder", "out-is-a-folder"])
+def test_bad_input_is_one_line(small_ckpt, tmp_path, capsys, args, words):
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(small_ckpt)) for a in args]
+    code, err = run_cli(["export", "--format", "gguf", *argv], capsys)
+    assert code == 2 and words in err
+    assert not list(tmp_path.rglob("*.gguf*"))
+
+
+def test_format_and_dtype_are_checked(small_ckpt, tmp_path, capsys):
+    assert run_cli(["export", "--ckpt", small_ckpt, "--out", tmp_path / "hf", "--format", "onnx"], capsys)[0] == 2
+    code, err = run_cli(["export", "--ckpt", small_ckpt, "--out", tmp_path / "hf", "--dtype", "f16"], capsys)
+    assert code == 2 and "--format gguf" in err and not (tmp_path / "hf").exists()
+
+
+def test_gguf_package_missing_is_one_line(small_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails as if it were not installed
+    code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "gguf", "--out", tmp_path / "m.gguf"], capsys)
+    assert code == 2 and 'pip install "tinygemma[gguf]"' in err
+
+
+def test_existing_file_is_replaced_atomically(small_ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"the previous export")
+
+    def disk_full(self, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+        code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "gguf", "--out", out], capsys)
+    assert code == 1 and "No space left" in err
+    assert out.read_bytes() == b"the previous export" and sorted(tmp_path.iterdir()) == [out]  # no temporary left
+    assert main(["export", "--ckpt", str(small_ckpt), "--format", "gguf", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"GGUF" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_model_llama_cpp_cannot_run_is_refused(bpe, tmp_path, capsys):
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=bpe.vocab_size, n_layers=1, query_pre_attn_scalar=64.0)
+    save_model(Gemma3(config), tmp_path / "ckpt", {"tokenizer": bpe.save(tmp_path / "ckpt")})
+    code, err = run_cli(["export", "--ckpt", tmp_path / "ckpt", "--format", "gguf", "--out", tmp_path / "m.gguf"],
+                        capsys)
+    assert code == 2 and "query_pre_attn_scalar 64" in err and "1/sqrt(32)" in err
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda s: s.update(normalizer={"type": "NFKC"}), "normalizes"),
+    (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "pre-tokenizer"),
+    (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
+    (lambda s: s["model"].update(byte_fallback=True), "byte_fallback"),
+    (lambda s: s["model"].update(type="WordPiece"), "WordPiece"),
+    (lambda s: s["added_tokens"].append({"id": 512, "content": "Lily", "special": False}), "'Lily'"),
+], ids=["normalizer", "prefix-space", "whitespace-split", "byte-fallback", "wordpiece", "plain-added-token"])
+def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(bpe, change, words):
+    spec = json.loads(bpe.hf_json())
+    check_byte_level_bpe(spec)  # ours passes as it is
+    change(spec)
+    with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer") as raised:
+        check_byte_level_bpe(spec)
+    assert words in str(raised.value)
+
+
+def test_checkpoint_with_such_a_tokenizer_is_refused_in_one_line(bpe, tmp_path, capsys):
+    spec = json.loads(bpe.hf_json())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    tokenizer = HFTokenizer(json.dumps(spec))
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=tokenizer.vocab_size, n_layers=1)
+    save_model(Gemma3(config), tmp_path / "ckpt", {"tokenizer": tokenizer.save(tmp_path / "ckpt")})
+    code, err = run_cli(["export", "--ckpt", tmp_path / "ckpt", "--format", "gguf", "--out", tmp_path / "m.gguf"],
+                        capsys)
+    assert code == 2 and "llama.cpp cannot reproduce this tokenizer" in err and "Whitespace" in err
+    assert not (tmp_path / "m.gguf").exists()

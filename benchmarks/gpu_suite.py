@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside thi
 from common import cpu_description  # noqa: E402
 
 from tinygemma.files import atomic_write_json, atomic_write_text  # noqa: E402
+from tinygemma.metrics import read_records  # noqa: E402
 
 DEFAULT_ASSETS = ROOT / ".device" / "assets"
 GPU_SUMMARY = ROOT / "benchmarks" / "results" / "gpu_latest.json"
@@ -194,29 +195,26 @@ def figure(value, spec: str = ",.0f", suffix: str = "") -> str:
 
 
 def steady_state(records: list[dict], log_interval: int, tokens_per_step: int) -> dict | None:
-    """A run's tokens/s, MFU and peak memory once compiled, from its metrics.jsonl records (None: no step after
-    the first log interval).
+    """A run's tokens/s, MFU and peak memory once compiled, from its metrics.jsonl records (None: no log line
+    after the first).
 
-    The trainer does not wait for the GPU inside a step: a step record's tokens_per_s is the host's time for that
-    step, and the step that reads the device at a log interval absorbs the wait for those before it. So the rate
-    is the tokens over the sum of the steps' times, over every step after the first log interval (which holds the
-    compilation) up to the last, which ends at a read: never a median of single steps' rates. MFU: the log
-    records' (each is its interval's), weighted by their intervals' time, which is that same rate's. Peak memory:
-    the largest that a log record holds."""
-    steps = [r for r in records if "tokens_per_s" in r]  # evaluations' records have none
-    settled = [r for r in steps if r["step"] > log_interval]
+    The trainer does not wait for the GPU inside a step, so a single step's time means nothing there; each log
+    line's record holds its interval's rate instead (tokens over wall-clock time, the waits for the GPU at the
+    reads included), with the MFU at that rate. The steady rate is the tokens of every interval after the first
+    (which holds the compilation) over the sum of their times; MFU, the intervals' MFU weighted by their times
+    (each is proportional to its rate, so it is the MFU at that steady rate). Peak memory: the largest recorded."""
+    lines = [r for r in records if "tokens_per_s" in r]  # the log lines' records
+    settled = [(previous["step"], r) for previous, r in zip(lines, lines[1:]) if previous["step"] >= log_interval]
     if not settled:
         return None
-    seconds = [tokens_per_step / r["tokens_per_s"] for r in settled]
-    weighted = window = measured = 0.0
-    for r, s in zip(settled, seconds):
-        window += s
-        if "mfu" in r:  # a log record: its interval ends here
-            weighted, measured, window = weighted + r["mfu"] * window, measured + window, 0.0
-    peaks = [r["peak_memory_gib"] for r in steps if "peak_memory_gib" in r]
-    return {"tokens_per_s": tokens_per_step * len(settled) / sum(seconds),
-            "mfu": weighted / measured if measured else None, "peak_memory_gib": max(peaks, default=None),
-            "steps_measured": len(settled), "seconds_measured": sum(seconds)}
+    tokens = [(r["step"] - before) * tokens_per_step for before, r in settled]
+    seconds = [n / r["tokens_per_s"] for n, (_, r) in zip(tokens, settled)]
+    weighted = [r["mfu"] * t for t, (_, r) in zip(seconds, settled) if "mfu" in r]
+    peaks = [r["peak_memory_gib"] for r in lines if "peak_memory_gib" in r]
+    return {"tokens_per_s": sum(tokens) / sum(seconds),
+            "mfu": sum(weighted) / sum(seconds) if len(weighted) == len(settled) else None,
+            "peak_memory_gib": max(peaks, default=None), "steps_measured": sum(tokens) // tokens_per_step,
+            "seconds_measured": sum(seconds)}
 
 
 def trainer_command(plan: Plan, data: Path, out: Path, block: int, batch: int, accum: int, optimizer: str) -> list:
@@ -232,7 +230,7 @@ def trainer_command(plan: Plan, data: Path, out: Path, block: int, batch: int, a
 def trainer_row(out: Path, block: int, optimizer: str, log_interval: int, output: str) -> dict:
     """One run's row of the summary, from its config.json and metrics.jsonl, and the optimizer its log names."""
     run_info = json.loads((out / "config.json").read_text())["run"]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_records(out / "metrics.jsonl")
     figures = steady_state(records, log_interval, run_info["tokens_per_step"]) or {}
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     described = re.search(r"; ([^;]+), (?:wsd|cosine) schedule;", output)

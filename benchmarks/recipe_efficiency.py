@@ -93,7 +93,9 @@ def run_one(job: dict) -> dict:
     result = {**{k: job[k] for k in ("contender", "value", "seed", "settings")},
               "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "tokens": summary["tokens"],
               "curve": [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],
-              "step_ms": 1e3 * statistics.median(r["tokens"] / r["step"] / r["tokens_per_s"] for r in steps),
+              # The log lines' rates (one here: the whole run after its first step), as time per step.
+              "step_ms": 1e3 * statistics.median(r["tokens"] / r["step"] / r["tokens_per_s"]
+                                                 for r in steps if "tokens_per_s" in r),
               "train_s": summary["elapsed_s"], "wall_s": wall}
     (out / "summary.json").write_text(json.dumps(result))
     print(f"  {job['contender']} {job['value']} seed {job['seed']}: val loss {result['val_loss']:.4f}, "

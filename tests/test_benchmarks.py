@@ -104,10 +104,11 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         assert config["train"]["micro_batch_size"] == "auto" and config["train"]["optimizer"] == r["optimizer"]
         assert r["micro_batch_size"] == config["run"]["micro_batch_size"] == config["train"]["batch_size"]  # CPU
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        steps = [x for x in records if "tokens_per_s" in x and x["step"] > 2]  # after the first log interval
-        seconds = sum(config["run"]["tokens_per_step"] / x["tokens_per_s"] for x in steps)
-        assert r["steps_measured"] == len(steps) == 6
-        assert r["tokens_per_s"] == pytest.approx(len(steps) * config["run"]["tokens_per_step"] / seconds)
+        lines = [x for x in records if "tokens_per_s" in x]  # the log lines' records: steps 2, 4, 6, 8
+        assert [x["step"] for x in lines] == [2, 4, 6, 8]
+        seconds = sum(2 * config["run"]["tokens_per_step"] / x["tokens_per_s"] for x in lines[1:])
+        assert r["steps_measured"] == 6  # after the first log interval
+        assert r["tokens_per_s"] == pytest.approx(6 * config["run"]["tokens_per_step"] / seconds)
         assert r["mfu"] is None and r["peak_memory_gib"] is None  # CUDA's figures only
         vals = [x["val_loss"] for x in records if "val_loss" in x]
         assert (r["val_loss_first"], r["val_loss_last"]) == (vals[0], vals[-1]) and vals[-1] < vals[0] - 1.0
@@ -158,24 +159,24 @@ def test_gpu_suite_refuses_missing_assets_a_cpu_without_quick_and_the_gpu_summar
     assert not report.exists()
 
 
-def test_gpu_suite_steady_state_sums_step_times_after_the_first_log_interval():
-    """Records as the trainer writes them without a sync per step: a host time of 10 ms a step, and the log step
-    (every 5th) absorbing the wait for the GPU's 100 ms a step. The rate is the GPU's (10,000 tokens/s), where a
-    median of the steps' rates would say 100,000; MFU is the log records' (each its interval's)."""
+def test_gpu_suite_steady_state_weighs_the_log_intervals_after_the_first():
+    """Records as the trainer writes them: each log line's record holds its interval's rate and the MFU at it;
+    other steps' records hold no rate. The first interval (compilation) is left out; the others' tokens over
+    their summed times give the rate (intervals at 10,000 and 5,000 tokens/s make 6,667, not their mean 7,500),
+    and MFU is weighted the same way."""
     suite = load_script("gpu_suite")
     tokens, records = 1000, [{"step": 0, "val_loss": 10.9}]
+    rates = {5: 100.0, 10: 10_000.0, 15: 5_000.0, 20: 5_000.0}  # the first interval compiles
     for step in range(1, 21):
-        host = 30.0 if step == 1 else 0.5 - 4 * 0.01 if step % 5 == 0 else 0.01  # step 1 compiles
-        record = {"step": step, "tokens": step * tokens, "tokens_per_s": tokens / host}
-        if step % 5 == 0:
-            window = 5 * 0.1 if step > 5 else 4 * 0.01 + host  # the trainer's own window leaves out step 1
-            record.update(mfu=2.5e-5 * 5 * tokens / window, peak_memory_gib=3.0 + step / 100)
+        record = {"step": step, "tokens": step * tokens}
+        if step in rates:
+            record.update(tokens_per_s=rates[step], mfu=rates[step] * 2.5e-5, peak_memory_gib=3.0 + step / 100)
         records.append(record)
     records.append({"step": 20, "val_loss": 8.0})
     figures = suite.steady_state(records, log_interval=5, tokens_per_step=tokens)
-    assert figures["steps_measured"] == 15 and figures["seconds_measured"] == pytest.approx(1.5)
-    assert figures["tokens_per_s"] == pytest.approx(10_000)
-    assert figures["mfu"] == pytest.approx(0.25) and figures["peak_memory_gib"] == pytest.approx(3.2)
+    assert figures["steps_measured"] == 15 and figures["seconds_measured"] == pytest.approx(0.5 + 1 + 1)
+    assert figures["tokens_per_s"] == pytest.approx(15_000 / 2.5)
+    assert figures["mfu"] == pytest.approx(15_000 / 2.5 * 2.5e-5) and figures["peak_memory_gib"] == pytest.approx(3.2)
     assert suite.steady_state(records[:6], log_interval=5, tokens_per_step=tokens) is None  # nothing after it
 
 

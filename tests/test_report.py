@@ -67,7 +67,8 @@ def test_the_report_is_the_runs_records(straight_run, stories_dir):
 
 
 def test_the_report_gives_mfu_at_the_average_rate():
-    """Each record's MFU is its step's rate over the peak: at the run's average rate, MFU scales with it."""
+    """A log line's record holds its interval's rate and the MFU at that rate: at the run's average rate, MFU
+    scales with it."""
     records = [{"step": 1, "tokens_per_s": 100.0, "mfu": 0.10}, {"step": 2, "tokens_per_s": 200.0, "mfu": 0.20}]
     rows = dict(tinygemma.report.training_rows({}, records, {"tokens": 1000, "elapsed_s": 20.0, "step": 2}))
     assert rows["throughput"] == "50 tokens/s (average)"

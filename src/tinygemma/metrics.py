@@ -90,8 +90,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 
 def log_line(record: dict, max_steps: int, throughput: float, eta: float, mfu: float | None = None) -> str:
-    """One progress line. `throughput` is the log interval's rate and `mfu`, if known, is at that same rate (the
-    record's own tokens_per_s, kept in metrics.jsonl, is the one step's time on the host)."""
+    """One progress line. `throughput` is the log interval's rate and `mfu`, if known, is at that same rate (both
+    also in the record, in metrics.jsonl)."""
     mfu = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
     return (f"step {record['step']}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {throughput:,.0f} tok/s{mfu} | eta {format_duration(eta)}")

@@ -57,6 +57,12 @@ class StepProfiler:
         self.write()
         self.profiler = None
 
+    def abandon(self) -> None:
+        """Stop profiling without writing (the run ended inside the profiled steps)."""
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
     def write(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.directory / "trace.json") as tmp:

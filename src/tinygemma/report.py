@@ -168,7 +168,7 @@ def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str
             ("training time", f"{format_duration(seconds)} ({seconds:,.1f} s of optimizer steps, summed over "
                               "invocations; evaluations and checkpoints not counted)"),
             ("throughput", f"{rate:,.0f} tokens/s (average)" if rate else UNKNOWN)]
-    # A record's MFU is its own step's rate over the peak, so their ratio gives the MFU at the average rate.
+    # A log line's record holds its interval's rate and the MFU at it: their ratio gives the MFU at any rate.
     ratio = next((r["mfu"] / r["tokens_per_s"] for r in reversed(records) if r.get("mfu") and r.get("tokens_per_s")),
                  None)
     rows.append(("MFU", f"{100 * ratio * rate:.1f}% (at the average throughput)" if ratio and rate

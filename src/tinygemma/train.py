@@ -142,7 +142,8 @@ class Trainer:
         self.micro_batch_size = requested_micro_batch_size(self.cfg, world_size, pick_device(self.cfg.device).type)
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
         self.window = [0, 0.0]  # tokens and seconds of the steps since the last log line (for its rate)
-        self.log_file = self.writer = self.progress = None
+        self.first_step_s = 0.0  # this invocation's first step's host time (compilation), kept out of the window
+        self.log_file = self.writer = self.progress = self.profiler = None
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
         try:
             self.build(ckpt_dir, state, weights)
@@ -180,7 +181,6 @@ class Trainer:
         if rt.is_main:
             self.open_logs()
         self.next_batch = self.batches.get(self.start, 0) if self.start < self.end else None
-        self.profiler = None
         if self.profile_steps and rt.is_main:
             self.profiler = StepProfiler(*self.profile_steps, self.run_dir / "profile", rt.device)
         self.raw.train()
@@ -263,8 +263,9 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
         self.elapsed += step_time
-        record["tokens_per_s"] = self.tokens_per_step / step_time  # the host's time: see `read`
-        if step > self.start:  # the log line's rate leaves out this invocation's first step (compilation)
+        if step == self.start:  # left out of the log line's rate (compilation), unless a line has nothing else
+            self.first_step_s = step_time
+        else:
             self.window = [self.window[0] + self.tokens_per_step, self.window[1] + step_time]
         if self.profiler:
             self.profiler.end(step)
@@ -278,30 +279,38 @@ class Trainer:
         evaluate = done == cfg.max_steps or checkpoint or bool(cfg.eval_interval and done % cfg.eval_interval == 0)
         return evaluate, checkpoint
 
-    def read(self) -> None:
-        """The pending records' loss, gradient norm and finiteness, brought from the device in one transfer (one
-        synchronisation), then recorded in metrics.jsonl and TensorBoard. Under on_nonfinite = "stop" the run
-        stops here at a non-finite step, before anything after it is evaluated or saved."""
-        if not self.pending:
-            return
+    def read(self) -> tuple[list[dict], dict | None]:
+        """The pending records, with their loss, gradient norm and finiteness brought from the device in one
+        transfer (the one synchronisation: the host waits here for the queued steps, and that wait is training
+        time, in the log line's rate and in elapsed_s). Returns them, cut after the first non-finite step under
+        on_nonfinite = "stop" (what came after it is lost work), and that step, or None."""
         pending, self.pending = self.pending, []
+        if not pending:
+            return [], None
+        started = time.perf_counter()
         values = torch.stack([torch.stack([r["train_loss"].float(), r["grad_norm"].float(), r["finite"].float()])
                               for r in pending]).tolist()
+        waited = time.perf_counter() - started
+        self.elapsed += waited
+        self.window[1] += waited
         for record, (loss, norm, _) in zip(pending, values):
             record.update(train_loss=loss, grad_norm=norm)
             del record["finite"]
+        self.train_loss = pending[-1]["train_loss"]
         first_bad = next((i for i, v in enumerate(values) if not v[2]), None)
-        stop = first_bad is not None and self.cfg.on_nonfinite == "stop"
-        if stop:
-            pending = pending[: first_bad + 1]  # what came after it is lost work
-            pending[-1]["nonfinite"] = True
+        if first_bad is None or self.cfg.on_nonfinite != "stop":
+            return pending, None
+        pending[first_bad]["nonfinite"] = True
+        return pending[: first_bad + 1], pending[first_bad]
+
+    def record(self, records: list[dict], bad: dict | None) -> None:
+        """The read records into metrics.jsonl and the trackers (rank 0); then stop at a non-finite step."""
         if self.rt.is_main:
-            for record in pending:
+            for record in records:
                 self.log_file.append(record)
                 self.writer.log(train_scalars(record), record["step"])
-        if stop:
-            self.refuse(pending[-1])
-        self.train_loss = pending[-1]["train_loss"]
+        if bad is not None:
+            self.refuse(bad)
 
     def refuse(self, record: dict) -> None:
         """Stop the run at the non-finite step `record`; its last good checkpoint stays as it was."""
@@ -320,26 +329,19 @@ class Trainer:
         return self.flops_per_token * rate / (self.peak * self.rt.world_size)
 
     def log(self, record: dict, read: bool = False) -> None:
-        """Queue the step's record. At every log_interval steps and at this invocation's end, the record gets the
-        interval's rate (its tokens over its wall-clock time: exact, where one step's host time is not, since the
-        host only waits for the device at reads) with MFU and peak memory, the queued records are read, and a
-        log line (or the progress bar's figures) shows them. `read` reads them anyway (before an evaluation or a
-        checkpoint)."""
+        """Queue the step's record. Every log_interval steps and at this invocation's end, read the queued records
+        (`read` reads them anyway: before an evaluation or a checkpoint), give this step's record the interval's
+        rate, MFU and peak memory, write them, and show a log line (or the progress bar's figures)."""
         self.pending.append(record)
         if self.progress:
             self.progress.update(1)
         done = record["step"]
         line_due = done % self.cfg.log_interval == 0 or done == self.end
-        if line_due:
-            tokens, seconds = self.window
-            rate = tokens / seconds if seconds else record["tokens_per_s"]  # past this invocation's first step
-            self.window = [0, 0.0]
-            if self.peak:
-                record["mfu"] = self.mfu(rate)
-            if self.rt.is_cuda:
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
-        if line_due or read:
-            self.read()
+        if not (line_due or read):
+            return
+        records, bad = self.read()
+        rate = self.interval_rate(record) if line_due else None
+        self.record(records, bad)
         if not (line_due and self.rt.is_main):
             return
         self.log_file.flush()
@@ -348,6 +350,21 @@ class Trainer:
         elif not self.quiet:
             eta = (self.cfg.max_steps - done) * self.tokens_per_step / rate
             self.say(log_line(record, self.cfg.max_steps, rate, eta, record.get("mfu")))
+
+    def interval_rate(self, record: dict) -> float:
+        """The log interval's tokens over its wall-clock time (its steps and the wait at its reads; not this
+        invocation's first step, which compiles, unless the interval holds no other), into `record` with its MFU
+        and, on CUDA, the peak memory so far. A single step's host time says nothing on a GPU: the host does not
+        wait for it."""
+        tokens, seconds = self.window
+        rate = tokens / seconds if tokens else self.tokens_per_step / (self.first_step_s + seconds)
+        self.window = [0, 0.0]
+        record["tokens_per_s"] = rate
+        if self.peak:
+            record["mfu"] = self.mfu(rate)
+        if self.rt.is_cuda:
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+        return rate
 
     def evaluate(self, step: int) -> dict:
         """Validation loss, perplexity and bits per byte at `step`, recorded and plotted."""
@@ -393,6 +410,8 @@ class Trainer:
             print(text, flush=True)
 
     def close(self) -> None:
+        if self.profiler:
+            self.profiler.abandon()  # a run stopped inside the profiled steps
         if self.progress:
             self.progress.close()
         if self.writer:

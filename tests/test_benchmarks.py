@@ -193,6 +193,9 @@ def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():
     assert (code, seconds) == (124, 0.0) and "not started" in output
     shares = list(suite.STEP_SHARES.values())
     assert shares == sorted(shares) and shares[-1] == 1.0 and len(shares) == len(suite.STEP_TITLES)
+    # A step that runs to its deadline leaves each later one a window in which a command may still start.
+    windows = [(b - a) * suite.TOTAL_SECONDS for a, b in zip(shares, shares[1:])]
+    assert min(windows) > suite.MIN_COMMAND_SECONDS, windows
 
 
 def fake_assets(assets: Path) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tinygemma.config import TrainConfig
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_path, atomic_write_json, read_json
 from tinygemma.runtime import Runtime
 from tinygemma.tokenizer import EOT_TOKEN, Tokenizer, load_tokenizer, tokenizer_from_spec, train_bpe
@@ -152,7 +152,7 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
         try:
             dataset = datasets.load_dataset(HUB_DATASET, streaming=limit is not None)
         except Exception as e:
-            raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({_first_line(e)}); give local "
+            raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({describe(e)}); give local "
                             "files with --source") from None
         if limit is None:
             return _dataset_splits(dataset, HUB_DATASET)
@@ -177,10 +177,6 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
     return {"train": lambda: readers[path.suffix](path)}
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-
-
 def _streamed_stories(dataset, where: str, total: int | None, progress: bool) -> Iterator[str]:
     """The stories of a streamed split, one record at a time, so reading stops as soon as the caller stops
     (a batch of records could run into the next file of the dataset)."""
@@ -192,7 +188,7 @@ def _streamed_stories(dataset, where: str, total: int | None, progress: bool) ->
             try:
                 record = next(records, None)
             except Exception as e:
-                raise UserError(f"reading {where} failed after {bar.n:,} stories ({_first_line(e)})") from None
+                raise UserError(f"reading {where} failed after {bar.n:,} stories ({describe(e)})") from None
             if record is None:
                 return
             bar.update()

@@ -7,3 +7,9 @@ traceback. Everything else is a bug in tinygemma and keeps its traceback.
 
 class UserError(Exception):
     """Bad input: a missing or corrupt file, an impossible configuration, a mismatched tokenizer, ..."""
+
+
+def describe(error: BaseException) -> str:
+    """An exception in a few words for a one-line message: its type and its message's first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

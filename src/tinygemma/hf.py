@@ -15,7 +15,7 @@ import torch
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.devices import dtype_name
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 from tinygemma.model import Gemma3, model_from_state, model_state
 
@@ -242,6 +242,5 @@ def push_to_hub(folder: str | Path, repo_id: str) -> str:
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                           commit_message="Upload a model exported by tinygemma")
     except Exception as e:  # network, authentication, a bad repository name: one line, whatever the cause
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"could not upload {folder} to the hub as {repo_id} ({type(e).__name__}: {first_line})") from None
+        raise UserError(f"could not upload {folder} to the hub as {repo_id} ({describe(e)})") from None
     return str(url)

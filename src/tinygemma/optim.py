@@ -243,7 +243,7 @@ _compiled_muon: dict = {}  # MUON_COMPILER -> muon_shape_group compiled by it
 def compiled_muon_shape_group():
     """muon_shape_group through torch.compile, made once per compiler. Static shapes: each shape group gets its
     own graph (Gemma 3 has at most 5: q, k and v, o, gate and up, down), within dynamo's recompile limit of 8
-    graphs per function; past it dynamo would run the function uncompiled, with a warning."""
+    graphs per function; past it, under fullgraph=True, dynamo raises rather than compile a ninth."""
     if MUON_COMPILER not in _compiled_muon:
         _compiled_muon[MUON_COMPILER] = torch.compile(muon_shape_group, backend=MUON_COMPILER, dynamic=False,
                                                       fullgraph=True)

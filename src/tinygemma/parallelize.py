@@ -77,9 +77,11 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     """`micro_batch_size = auto` on CUDA: the largest of `sizes` (largest first) whose forward and backward pass,
     under the run's autocast, peaks below PROBE_MEMORY_FRACTION of the GPU's memory.
 
-    Probed on `raw` before compiling and wrapping, eagerly (compiling each size would take minutes; compiled
-    code needs no more memory than eager), on token ids of zeros, so no random state is consumed. Under
-    torchrun every process takes the smallest of the processes' choices.
+    Probed on `raw` before compiling and wrapping, eagerly (compiling the model for each size would take
+    minutes; compiled code needs no more memory than eager), on token ids of zeros, so no random state is
+    consumed. Only flex attention (sliding layers longer than the window, on A100/H100-class GPUs of 40 GB and
+    more) is compiled eagerly, once per size tried: two or three sizes at the 270M's shapes, within dynamo's 8.
+    Under torchrun every process takes the smallest of the processes' choices.
     """
     limit = PROBE_MEMORY_FRACTION * torch.cuda.get_device_properties(rt.device).total_memory
 

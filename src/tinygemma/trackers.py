@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_write_json, read_json
 
 STATE_NAME = "trackers.json"
@@ -88,15 +88,12 @@ class Trackers:
                 getattr(tracker, method)(*args)
             except Exception as e:  # a tracker must never stop training: warn once, go on without it
                 self.trackers.remove(tracker)
-                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                print(f"tinygemma: warning: {tracker.name} failed ({type(e).__name__}: {first_line}); training "
-                      f"goes on without it", file=sys.stderr, flush=True)
+                print(f"tinygemma: warning: {tracker.name} failed ({describe(e)}); training goes on without it",
+                      file=sys.stderr, flush=True)
 
 
 def startup_error(name: str, error: Exception) -> UserError:
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return UserError(f"{name} could not start ({type(error).__name__}: {first_line}); fix it, or leave {name} "
-                     "out of train.loggers")
+    return UserError(f"{name} could not start ({describe(error)}); fix it, or leave {name} out of train.loggers")
 
 
 class TensorBoard:

@@ -57,7 +57,7 @@ from tinygemma.data import (
     validation_starts,
 )
 from tinygemma.devices import dtype_name, pick_device
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, describe
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import atomic_write_json, read_json, read_safetensors
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
@@ -69,6 +69,7 @@ from tinygemma.optim import (
 )
 from tinygemma.parallelize import (
     choose_attention_backend,
+    choose_loss_head,
     grad_scaler,
     gradient_sync,
     init_model,
@@ -163,6 +164,7 @@ class Trainer:
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
         self.scaler = grad_scaler(rt, self.fsdp)
         self.attention = choose_attention_backend(cfg, self.model_config, rt)  # (backend, why), for the log
+        self.loss_head = choose_loss_head(cfg, rt)[2]  # what init_model set, and why, for the log
         if ckpt_dir is not None:
             load_optimizer(ckpt_dir / OPTIMIZER_NAME, self.raw, self.optimizer)
             if state.get("scaler") and self.scaler.is_enabled():
@@ -185,6 +187,11 @@ class Trainer:
             self.profiler = StepProfiler(*self.profile_steps, self.run_dir / "profile", rt.device)
         self.raw.train()
 
+    @property
+    def probed(self) -> bool:
+        """Whether micro_batch_size was probed (auto on CUDA) rather than given or kept at batch_size."""
+        return self.cfg.micro_batch_size == "auto" and self.rt.is_cuda
+
     def open_logs(self) -> None:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
         cfg, rt, run_dir, start = self.cfg, self.rt, self.run_dir, self.start
@@ -197,7 +204,8 @@ class Trainer:
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
                            "parameters": self.raw.num_params(), "tokenizer": self.tokenizer,
-                           "attention_backend": self.attention[0], "data_source": self.data.meta.get("source"),
+                           "attention_backend": self.attention[0], "loss_head": self.loss_head,
+                           "data_source": self.data.meta.get("source"),
                            **environment(rt.device, rt.world_size)}
         self.writer = Trackers(cfg.loggers, run_dir, resolved, start)  # first: one that cannot start stops the run
         atomic_write_json(run_dir / "config.json", resolved)
@@ -209,9 +217,10 @@ class Trainer:
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
               f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all) in "
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
-              f"{' (micro_batch_size auto: the largest that fits this GPU)' if cfg.micro_batch_size == 'auto' and rt.is_cuda else ''}; "
+              f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer)}, {cfg.lr_schedule} schedule; "
-              f"sliding-window attention: {self.attention[0]} ({self.attention[1]})", flush=True)
+              f"sliding-window attention: {self.attention[0]} ({self.attention[1]}); loss head {self.loss_head}",
+              flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -401,7 +410,11 @@ class Trainer:
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data_dir, val_loss, is_best,
                         self.rt, self.fsdp)
         if self.rt.is_main:
-            write_report(self.run_dir)
+            try:
+                write_report(self.run_dir)
+            except Exception as e:  # the report is a convenience: it never stops training, nor leaves ranks waiting
+                print(f"tinygemma: warning: report.md not written ({describe(e)}); training goes on",
+                      file=sys.stderr, flush=True)
 
     def say(self, text: str) -> None:
         if self.progress:

@@ -15,7 +15,9 @@ source tree's root, and the report gives each figure with the command that produ
    `micro_batch_size=auto`, 131,072 tokens per optimizer step at block 128 (32 x 32 sequences: the workshop
    recipe) and at block 1024 (8 x 16), with AdamW and with Muon. Steady-state tokens/s, MFU and peak memory come
    from each run's own metrics.jsonl after its first log interval (compilation), the micro-batch that auto chose
-   from its config.json; its validation loss must fall by MIN_VAL_DROP from step 0 to the end;
+   from its config.json; its validation loss must fall by MIN_VAL_DROP from step 0 to the end. Each run then
+   trains PROFILED_STEPS more steps under `--profile`: how busy the GPU was and on what kinds of kernel, with the
+   operators' table, in the report (those steps are outside the measured ones);
 2. the workshop notebook's own code on the same GPU (benchmarks/train_throughput.py --contenders workshop: its
    model with bf16 weights and its loop of 32 micro-steps of 32 x 128 per AdamW step), against step 1's
    block-128 AdamW row: "tinygemma trains the workshop recipe N x as fast as the workshop's code";
@@ -73,6 +75,8 @@ GPU_SUMMARY = ROOT / "benchmarks" / "results" / "gpu_latest.json"
 # row a short budget loses first is the last.
 TRAINER_RUNS = [(128, 32, 32, "adamw"), (128, 32, 32, "muon"), (1024, 8, 16, "muon"), (1024, 8, 16, "adamw")]
 TRAINER_STEPS, LOG_INTERVAL = 15, 5  # steady state: the 10 steps (1.3M tokens) after the first log interval
+PROFILED_STEPS = 1  # then this many steps under torch.profiler (`tinygemma train --profile`), left out of the rates
+PROFILE_ROWS = 15  # rows of each run's operator table in the report
 ADAMW_SETTINGS = ("learning_rate=1e-3", "min_lr=1e-4")  # Muon's recipe rate (4e-3) is too high for AdamW at 270M
 MIN_VAL_DROP = 1.0  # nats: each run's validation loss must fall at least this much from step 0 to its end
 # The whole suite's aim (--budget), inside the 10 minutes one command may run on a lent GPU machine, and the
@@ -196,7 +200,8 @@ def figure(value, spec: str = ",.0f", suffix: str = "") -> str:
 # ------------------------------------------------------------------ 1. the trainer
 
 
-def steady_state(records: list[dict], log_interval: int, tokens_per_step: int) -> dict | None:
+def steady_state(records: list[dict], log_interval: int, tokens_per_step: int,
+                 until: int | None = None) -> dict | None:
     """A run's tokens/s, MFU and peak memory once compiled, from its metrics.jsonl records (None: no log line
     after the first).
 
@@ -204,8 +209,9 @@ def steady_state(records: list[dict], log_interval: int, tokens_per_step: int) -
     line's record holds its interval's rate instead (tokens over wall-clock time, the waits for the GPU at the
     reads included), with the MFU at that rate. The steady rate is the tokens of every interval after the first
     (which holds the compilation) over the sum of their times; MFU, the intervals' MFU weighted by their times
-    (each is proportional to its rate, so it is the MFU at that steady rate). Peak memory: the largest recorded."""
-    lines = [r for r in records if "tokens_per_s" in r]  # the log lines' records
+    (each is proportional to its rate, so it is the MFU at that steady rate). Peak memory: the largest recorded.
+    Intervals that end after step `until` (the profiled steps) are left out."""
+    lines = [r for r in records if "tokens_per_s" in r and (until is None or r["step"] <= until)]  # log lines
     settled = [(previous["step"], r) for previous, r in zip(lines, lines[1:]) if previous["step"] >= log_interval]
     if not settled:
         return None
@@ -222,18 +228,21 @@ def steady_state(records: list[dict], log_interval: int, tokens_per_step: int) -
 def trainer_command(plan: Plan, data: Path, out: Path, block: int, batch: int, accum: int, optimizer: str) -> list:
     settings = [f"device={plan.device}", f"dtype={plan.dtype}", f"batch_size={batch}", f"block_size={block}",
                 f"grad_accum_steps={accum}", "micro_batch_size=auto", f"optimizer={optimizer}",
-                f"max_steps={plan.trainer_steps}", f"warmup_steps={max(1, plan.trainer_steps // 4)}",
+                f"max_steps={plan.trainer_steps + PROFILED_STEPS}", f"warmup_steps={max(1, plan.trainer_steps // 4)}",
                 "eval_interval=0", "eval_batches=1", "checkpoint_interval=0", f"log_interval={plan.log_interval}",
                 "model.vocab_pad_multiple=128", *(ADAMW_SETTINGS if optimizer == "adamw" else ()), *plan.train_extra]
+    profiled = f"{plan.trainer_steps + 1}:{plan.trainer_steps + PROFILED_STEPS}"
     return [sys.executable, "-m", "tinygemma", "train", "--data", str(data), "--out", str(out), "--model",
-            plan.preset, *[a for s in settings for a in ("--set", s)]]
+            plan.preset, "--profile", profiled, *[a for s in settings for a in ("--set", s)]]
 
 
-def trainer_row(out: Path, block: int, optimizer: str, log_interval: int, output: str) -> dict:
-    """One run's row of the summary, from its config.json and metrics.jsonl, and the optimizer its log names."""
+def trainer_row(out: Path, block: int, optimizer: str, plan: Plan, output: str) -> dict:
+    """One run's row of the summary, from its config.json and metrics.jsonl, the optimizer its log names, and its
+    profile (profile/profile.json: the device's busy fraction and time by kind of kernel)."""
     run_info = json.loads((out / "config.json").read_text())["run"]
     records = read_records(out / "metrics.jsonl")
-    figures = steady_state(records, log_interval, run_info["tokens_per_step"]) or {}
+    figures = steady_state(records, plan.log_interval, run_info["tokens_per_step"], until=plan.trainer_steps) or {}
+    profile = out / "profile" / "profile.json"
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     described = re.search(r"; ([^;]+), (?:wsd|cosine) schedule;", output)
     return {"block_size": block, "optimizer": optimizer, "micro_batch_size": run_info.get("micro_batch_size"),
@@ -242,7 +251,19 @@ def trainer_row(out: Path, block: int, optimizer: str, log_interval: int, output
             "passes_per_step": run_info.get("passes_per_step"), "tokens_per_step": run_info["tokens_per_step"],
             "steps_measured": figures.get("steps_measured", 0), "val_loss_first": vals[0] if vals else None,
             "val_loss_last": vals[-1] if vals else None,
-            "optimizer_detail": described.group(1) if described else None}
+            "optimizer_detail": described.group(1) if described else None,
+            "profile": json.loads(profile.read_text()) if profile.exists() else None}
+
+
+def profile_lines(out: Path, block: int, optimizer: str) -> list[str]:
+    """A run's profile in the report: the summary's device lines and the top of its operator table."""
+    summary = out / "profile" / "summary.txt"
+    if not summary.exists():
+        return [f"Block {block}, {optimizer}: no profile was written."]
+    head, _, table = summary.read_text().partition("\n\n")
+    title, *table_lines = table.strip().splitlines()  # "operators sorted by ...", a blank line, the table
+    table_lines = [line for line in table_lines if line.strip()]
+    return [f"Block {block}, {optimizer}: {head.strip()}", "", "```", *table_lines[:PROFILE_ROWS + 3], "```"]
 
 
 def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
@@ -252,13 +273,18 @@ def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
              "metrics.jsonl; MFU likewise (`ModelConfig.flops_per_token` against the GPU's dense bf16 peak); peak "
              "memory: `torch.cuda.max_memory_allocated` at the log steps. The micro-batch is the one auto chose "
              "(config.json).", "",
+             f"GPU busy and matmul share: from the {PROFILED_STEPS} profiled step(s) after those (`--profile`; the "
+             "share of the GPU's time on matrix products, by kernel name; the profiles are below).", "",
              "| block | optimizer | global batch | micro-batch (auto) | passes a step | tokens/s | MFU | peak memory "
-             "| val loss, step 0 -> end | command |", "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| GPU busy | matmul share | val loss, step 0 -> end | command |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
+        activity = (r.get("profile") or {}).get("device_activity") or {}
         lines.append(f"| {r['block_size']} | {r['optimizer']} | {r['global_batch']} | {figure(r['micro_batch_size'])} "
                      f"| {figure(r['passes_per_step'])} | {figure(r['tokens_per_s'])} | {figure(r['mfu'], '.1%')} "
-                     f"| {figure(r['peak_memory_gib'], '.2f', ' GiB')} | {figure(r['val_loss_first'], '.4f')} -> "
-                     f"{figure(r['val_loss_last'], '.4f')} | {r['command']} |")
+                     f"| {figure(r['peak_memory_gib'], '.2f', ' GiB')} | {figure(activity.get('busy'), '.1%')} "
+                     f"| {figure(activity.get('share_by_kind', {}).get('matmul'), '.1%')} "
+                     f"| {figure(r['val_loss_first'], '.4f')} -> {figure(r['val_loss_last'], '.4f')} | {r['command']} |")
     details = sorted({r["optimizer_detail"] for r in rows if r["optimizer_detail"]})
     return lines + (["", "Optimizers, as the runs' first log lines name them: " + "; ".join(details) + "."]
                     if details else [])
@@ -274,7 +300,7 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
     commands = [f"1. `{shown(prepare)}` ({seconds:.0f} s)"]
     if code != 0:
         return Result(STEP_TITLES[0], False, commands + tail(output), time.perf_counter() - start)
-    rows, failures = [], []
+    rows, failures, profiles = [], [], []
     for n, (block, batch, accum, optimizer) in enumerate(plan.trainer_runs, start=2):
         out = work / f"run-{block}-{optimizer}"
         cmd = trainer_command(plan, data, out, block, batch, accum, optimizer)
@@ -284,7 +310,8 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
             failures.append(f"block {block} {optimizer}: exit status {code} (command {n})")
             commands += ["", *tail(output, 25), ""]
             continue
-        rows.append({**trainer_row(out, block, optimizer, plan.log_interval, output), "command": n})
+        rows.append({**trainer_row(out, block, optimizer, plan, output), "command": n})
+        profiles += ["", *profile_lines(out, block, optimizer)]
         first, last = rows[-1]["val_loss_first"], rows[-1]["val_loss_last"]
         if rows[-1]["tokens_per_s"] is None or first is None or not last < first - MIN_VAL_DROP:
             failures.append(f"block {block} {optimizer}: no steady state, or the validation loss fell less than "
@@ -294,6 +321,8 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
              "", *commands]
     if failures:
         lines += ["", "Failed: " + "; ".join(failures)]
+    if profiles:
+        lines += ["", "### Where the time goes", *profiles]
     ok = not failures and len(rows) == len(plan.trainer_runs)
     return Result(STEP_TITLES[0], ok, lines, time.perf_counter() - start, {"trainer": rows})
 

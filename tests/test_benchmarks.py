@@ -104,16 +104,21 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         assert config["train"]["micro_batch_size"] == "auto" and config["train"]["optimizer"] == r["optimizer"]
         assert r["micro_batch_size"] == config["run"]["micro_batch_size"] == config["train"]["batch_size"]  # CPU
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        lines = [x for x in records if "tokens_per_s" in x]  # the log lines' records: steps 2, 4, 6, 8
-        assert [x["step"] for x in lines] == [2, 4, 6, 8]
-        seconds = sum(2 * config["run"]["tokens_per_step"] / x["tokens_per_s"] for x in lines[1:])
-        assert r["steps_measured"] == 6  # after the first log interval
+        lines = [x for x in records if "tokens_per_s" in x]  # the log lines' records: steps 2, 4, 6, 8, then the
+        assert [x["step"] for x in lines] == [2, 4, 6, 8, 9]  # end, after the profiled step 9 (not measured)
+        seconds = sum(2 * config["run"]["tokens_per_step"] / x["tokens_per_s"] for x in lines[1:4])
+        assert r["steps_measured"] == 6  # after the first log interval, before the profiled step
         assert r["tokens_per_s"] == pytest.approx(6 * config["run"]["tokens_per_step"] / seconds)
         assert r["mfu"] is None and r["peak_memory_gib"] is None  # CUDA's figures only
         vals = [x["val_loss"] for x in records if "val_loss" in x]
         assert (r["val_loss_first"], r["val_loss_last"]) == (vals[0], vals[-1]) and vals[-1] < vals[0] - 1.0
         assert f"| {r['block_size']} | {r['optimizer']} | {r['global_batch']} | {r['micro_batch_size']} |" in text
+        # The profiled step: its profile.json in the row, its summary's top in the report (a CPU: no GPU figures).
+        assert r["profile"] == json.loads((out / "profile" / "profile.json").read_text())
+        assert (r["profile"]["first_step"], r["profile"]["last_step"], r["profile"]["device_activity"]) == (9, 9, None)
+        assert f"Block {r['block_size']}, {r['optimizer']}: torch.profiler: optimizer steps 9 on cpu" in text
     assert "micro_batch_size=auto" in text and "Criterion: each run's validation loss falls" in text
+    assert "### Where the time goes" in text and "Self CPU" in text and "--profile 9:9" in text
 
     # 2. The workshop's loop at the first run's shape, against that run.
     workshop = json.loads((work / "workshop.json").read_text())
@@ -178,6 +183,9 @@ def test_gpu_suite_steady_state_weighs_the_log_intervals_after_the_first():
     assert figures["tokens_per_s"] == pytest.approx(15_000 / 2.5)
     assert figures["mfu"] == pytest.approx(15_000 / 2.5 * 2.5e-5) and figures["peak_memory_gib"] == pytest.approx(3.2)
     assert suite.steady_state(records[:6], log_interval=5, tokens_per_step=tokens) is None  # nothing after it
+    # Intervals ending after `until` (the profiled steps) are left out.
+    until = suite.steady_state(records, log_interval=5, tokens_per_step=tokens, until=15)
+    assert until["steps_measured"] == 10 and until["tokens_per_s"] == pytest.approx(10_000 / 1.5)
 
 
 def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():

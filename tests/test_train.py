@@ -422,6 +422,9 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
     assert any(name.startswith("aten::mm") for name in names)  # the model's matrix products were traced
     summary = (out / "profile" / "summary.txt").read_text()
     assert "optimizer steps 2 to 3 on cpu" in summary and "Self CPU" in summary and "aten::" in summary
+    figures = json.loads((out / "profile" / "profile.json").read_text())
+    assert figures["first_step"] == 2 and figures["last_step"] == 3 and figures["wall_s"] > 0
+    assert figures["device_activity"] is None and "device busy" not in summary  # a CPU has no kernels to count
     assert not [p for p in (out / "profile").iterdir() if p.name.startswith(".")]  # no temporary files left
     for spec, message in [("3:2", "1 <= START <= END"), ("two", "START:END"), ("0:1", "1 <= START"),
                           ("3:9", "trains optimizer steps 1 to 4")]:

@@ -3,19 +3,79 @@
 The steps START to END (1-based, inclusive, as the log counts them) run under torch.profiler on rank 0; then
 RUN/profile/ holds
     trace.json     a Chrome trace: open it in https://ui.perfetto.dev or chrome://tracing
-    summary.txt    the operators' table, sorted by their own time on the device (CUDA) or the CPU elsewhere
+    summary.txt    the operators' table, sorted by their own time on the device (CUDA) or the CPU elsewhere;
+                   on CUDA it opens with how busy the GPU was and on what kinds of kernel (`device_activity`)
+    profile.json   those figures for programs (benchmarks/gpu_suite.py reads them)
+
+The busy fraction answers the first question about a slow GPU step: is the GPU waiting for the host (launches,
+synchronisation: low busy) or working on something other than matrix products (high busy, low matmul share)?
 """
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from pathlib import Path
 
 import torch
 
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_path, atomic_write_text
+from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text
 
 SUMMARY_ROWS = 60
+
+# What a kernel is, by its name in the trace: the first pattern that matches (case-insensitive) wins. cuBLAS and
+# CUTLASS name their matrix products gemm/nvjet/xmma/cutlass; SDPA's kernels are flash/fmha/efficient attention;
+# inductor names its kernels triton_poi (pointwise), triton_red/per (reductions) and triton_tem (templates: flex
+# attention, whose kernels are the only templates unless max-autotune is on); fused AdamW is multi_tensor_apply.
+KERNEL_KINDS = (
+    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|wgmma|s16816|s1688"),
+    ("attention", r"flash|fmha|attention|triton_tem"),
+    ("fused pointwise and reductions", r"^triton_(poi|red|per)"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("communication", r"nccl"),
+)
+DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}  # a Kineto trace's device-side events
+
+
+def kernel_kind(name: str, category: str = "kernel") -> str:
+    """The kind a device event is counted under in `device_activity` (copies and fills by their category)."""
+    if category != "kernel":
+        return "copies and fills"
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def device_activity(trace_events: list[dict], wall_s: float) -> dict | None:
+    """How busy the device was over `wall_s` seconds of profiled steps, from a Chrome trace's events: the union of
+    the device-side events' intervals (kernels on several streams count once while they overlap) over the wall
+    time; the kernels' count and mean length (many short kernels: launch-bound); and each kind's share of the
+    summed device time. None when the trace has no device events (a CPU run)."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_kind(e.get("name", ""), e["cat"]))
+                   for e in trace_events if e.get("cat") in DEVICE_CATEGORIES and e.get("ph", "X") == "X")
+    if not spans:
+        return None
+    busy_us, reach = 0.0, float("-inf")
+    by_kind: dict[str, float] = {}
+    for start, end, kind in spans:
+        busy_us += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+        by_kind[kind] = by_kind.get(kind, 0.0) + (end - start)
+    total_us = sum(by_kind.values())
+    kernels = [end - start for start, end, kind in spans if kind != "copies and fills"]
+    return {"wall_s": wall_s, "busy_s": busy_us / 1e6, "busy": min(1.0, busy_us / 1e6 / wall_s) if wall_s > 0 else None,
+            "kernels": len(kernels), "mean_kernel_us": sum(kernels) / len(kernels) if kernels else 0.0,
+            "share_by_kind": {kind: t / total_us if total_us else 0.0
+                              for kind, t in sorted(by_kind.items(), key=lambda item: -item[1])}}
+
+
+def describe_activity(activity: dict) -> str:
+    """Two lines for summary.txt: how busy the device was, and on what."""
+    shares = ", ".join(f"{kind} {share:.1%}" for kind, share in activity["share_by_kind"].items())
+    busy = f"{activity['busy']:.1%}" if activity["busy"] is not None else "?"
+    return (f"device busy {busy} of the {activity['wall_s']:.3f} s the steps took ({activity['busy_s']:.3f} s with "
+            f"a kernel or copy running; {activity['kernels']:,} kernels, {activity['mean_kernel_us']:.1f} us on "
+            f"average)\ndevice time by kind of kernel (by name): {shares}")
 
 
 def parse_profile_range(spec: str) -> tuple[int, int]:
@@ -38,6 +98,7 @@ class StepProfiler:
     def __init__(self, first: int, last: int, directory: Path, device: torch.device):
         self.first, self.last, self.directory, self.device = first, last, directory, device
         self.profiler = None
+        self.started = 0.0
 
     def begin(self, step: int) -> None:
         if step + 1 != self.first:
@@ -45,17 +106,23 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.synchronize()  # nothing of the earlier steps still queued: the trace and the wall time are these steps'
         self.profiler = torch.profiler.profile(activities=activities)
         self.profiler.__enter__()
+        self.started = time.perf_counter()
 
     def end(self, step: int) -> None:
         if self.profiler is None or step + 1 != self.last:
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the queued kernels belong to the profiled steps
+        self.synchronize()  # the queued kernels belong to the profiled steps
+        wall_s = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
-        self.write()
+        self.write(wall_s)
         self.profiler = None
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def abandon(self) -> None:
         """Stop profiling without writing (the run ended inside the profiled steps)."""
@@ -63,13 +130,17 @@ class StepProfiler:
             self.profiler.__exit__(None, None, None)
             self.profiler = None
 
-    def write(self) -> None:
+    def write(self, wall_s: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.directory / "trace.json") as tmp:
             self.profiler.export_chrome_trace(str(tmp))
+            activity = device_activity(json.loads(Path(tmp).read_text()).get("traceEvents", []), wall_s)
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
         steps = f"{self.first}" if self.first == self.last else f"{self.first} to {self.last}"
-        atomic_write_text(self.directory / "summary.txt",
-                          f"torch.profiler: optimizer steps {steps} on {self.device}, operators sorted by "
-                          f"{sort_by}\n\n{table}\n")
+        header = f"torch.profiler: optimizer steps {steps} on {self.device}, {wall_s:.3f} s"
+        header += f"\n{describe_activity(activity)}" if activity else ""
+        atomic_write_json(self.directory / "profile.json",
+                          {"first_step": self.first, "last_step": self.last, "device": str(self.device),
+                           "wall_s": wall_s, "device_activity": activity})
+        atomic_write_text(self.directory / "summary.txt", f"{header}\n\noperators sorted by {sort_by}\n\n{table}\n")

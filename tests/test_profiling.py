@@ -1,0 +1,55 @@
+"""The profile's device figures, computed from a Chrome trace: busy time, kernel count, and time by kind of kernel.
+
+A real CUDA trace is checked in tests/test_cuda.py; here, traces written by hand in Kineto's format, so each figure
+can be worked out on paper.
+"""
+
+import pytest
+
+from tinygemma.profiling import describe_activity, device_activity, kernel_kind
+
+
+def kernel(name, ts, dur, cat="kernel"):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_nn", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64>>", "attention"),
+    ("triton_tem_fused_0", "attention"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3", "fused pointwise and reductions"),
+    ("triton_poi_fused_gelu_mul_7", "fused pointwise and reductions"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+])
+def test_kernels_are_sorted_into_kinds_by_name(name, kind):
+    assert kernel_kind(name) == kind
+    assert kernel_kind("Memcpy HtoD (Pinned -> Device)", "gpu_memcpy") == "copies and fills"
+
+
+def test_busy_time_counts_overlapping_kernels_once_and_shares_add_up():
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 900},  # host side: not device time
+        kernel("nvjet_gemm", 100, 300),                # 100-400
+        kernel("triton_poi_fused_mul_0", 350, 100),    # 350-450, overlaps the product by 50 on another stream
+        kernel("Memcpy HtoD", 600, 50, "gpu_memcpy"),  # 600-650
+        kernel("triton_tem_fused_0", 700, 150),        # 700-850
+        {"ph": "f", "cat": "ac2g", "name": "flow", "ts": 100},  # flow arrows have no duration
+    ]
+    activity = device_activity(events, wall_s=0.001)  # 1,000 us of wall time
+    assert activity["busy_s"] == pytest.approx(550e-6)  # 100-450, 600-650, 700-850
+    assert activity["busy"] == pytest.approx(0.55)
+    assert activity["kernels"] == 3 and activity["mean_kernel_us"] == pytest.approx(550 / 3)
+    shares = activity["share_by_kind"]
+    assert shares == pytest.approx({"matmul": 300 / 600, "attention": 150 / 600,
+                                    "fused pointwise and reductions": 100 / 600, "copies and fills": 50 / 600})
+    assert list(shares) == ["matmul", "attention", "fused pointwise and reductions", "copies and fills"]
+    text = describe_activity(activity)
+    assert text.startswith("device busy 55.0% of the 0.001 s") and "matmul 50.0%, attention 25.0%" in text
+
+
+def test_a_trace_without_device_events_has_no_device_figures():
+    assert device_activity([{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}], 1.0) is None

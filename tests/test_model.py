@@ -243,3 +243,27 @@ def test_flex_attention_equals_reference_sliding_mask():
         model.attention_backend = "flex"
         flex = model(x)
     assert (flex - reference).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [None, 0], ids=["chunked-loss", "plain-loss"])
+def test_flops_per_token_is_what_a_training_step_computes(chunk_size):
+    """MFU's numerator, checked against torch's own FLOP counter over a real forward and backward with the loss:
+    the matrix products of every layer and of the tied head, and attention's two products per head, each counted
+    three times (forward, and the gradients of both operands). SDPA runs as its math backend, whose products the
+    counter sees. At a block within the window every layer attends the whole causal block, and the counts agree
+    exactly; past it, the formula credits sliding layers with the window only (the work flex attention does),
+    where the masked math backend computes the whole square."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = tiny(vocab_size=384, vocab_pad_multiple=128)  # no padding: the formula counts the real vocabulary
+    model = Gemma3(config)
+    model.loss_chunk_size = chunk_size  # the chunked loss makes its gradients' products in forward: same count
+    n_sliding = config.layer_types.count(SLIDING)
+    for B, T in [(2, config.sliding_window), (1, 3 * config.sliding_window)]:
+        x = torch.randint(0, config.vocab_size, (B, T))
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x, x).backward()
+        beyond_window = 12 * config.n_heads * config.head_dim * (T - config.sliding_window) * n_sliding * B * T
+        assert counter.get_total_flops() == config.flops_per_token(T) * B * T + beyond_window
+        model.zero_grad()

@@ -113,12 +113,19 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         vals = [x["val_loss"] for x in records if "val_loss" in x]
         assert (r["val_loss_first"], r["val_loss_last"]) == (vals[0], vals[-1]) and vals[-1] < vals[0] - 1.0
         assert f"| {r['block_size']} | {r['optimizer']} | {r['global_batch']} | {r['micro_batch_size']} |" in text
-        # The profiled step: its profile.json in the row, its summary's top in the report (a CPU: no GPU figures).
-        assert r["profile"] == json.loads((out / "profile" / "profile.json").read_text())
-        assert (r["profile"]["first_step"], r["profile"]["last_step"], r["profile"]["device_activity"]) == (9, 9, None)
-        assert f"Block {r['block_size']}, {r['optimizer']}: torch.profiler: optimizer steps 9 on cpu" in text
+        # The AdamW run's profiled step: its profile.json in the row, its summary's top in the report (a CPU has
+        # no GPU figures); the Muon run trains the same step unprofiled.
+        if r["optimizer"] == "adamw":
+            assert r["profile"] == json.loads((out / "profile" / "profile.json").read_text())
+            assert (r["profile"]["first_step"], r["profile"]["last_step"], r["profile"]["device_activity"]) == (9, 9, None)
+            assert f"Block {r['block_size']}, adamw:\n\n- torch.profiler: optimizer steps 9 on cpu" in text
+        else:
+            assert r["profile"] is None and not (out / "profile").exists() and f"Block {r['block_size']}, " not in text
     assert "micro_batch_size=auto" in text and "Criterion: each run's validation loss falls" in text
     assert "### Where the time goes" in text and "Self CPU" in text and "--profile 9:9" in text
+    # Issue 19's goals: a CPU measures no MFU, and the quick runs pair no two optimizers at one block.
+    assert summary["goals"]["mfu_met"] is None and summary["goals"]["muon_met"] is None
+    assert "MFU of at least 40% in every row: not measured" in text
 
     # 2. The workshop's loop at the first run's shape, against that run.
     workshop = json.loads((work / "workshop.json").read_text())
@@ -186,6 +193,29 @@ def test_gpu_suite_steady_state_weighs_the_log_intervals_after_the_first():
     # Intervals ending after `until` (the profiled steps) are left out.
     until = suite.steady_state(records, log_interval=5, tokens_per_step=tokens, until=15)
     assert until["steps_measured"] == 10 and until["tokens_per_s"] == pytest.approx(10_000 / 1.5)
+
+
+def test_gpu_suite_judges_issue_19s_goals_on_every_planned_row():
+    """MFU of at least 40% in every planned run, and a Muon step at most 5% slower than AdamW's at the same block
+    (step time: the inverse of tokens/s). A run that failed leaves its goal unmeasured, never met."""
+    suite = load_script("gpu_suite")
+
+    def row(block, optimizer, rate, mfu):
+        return {"block_size": block, "optimizer": optimizer, "tokens_per_s": rate, "mfu": mfu}
+
+    rows = [row(128, "adamw", 420_000, 0.41), row(128, "muon", 404_000, 0.395),
+            row(1024, "muon", 400_000, 0.45), row(1024, "adamw", 440_000, 0.50)]
+    goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
+    assert goals["lowest_mfu"] == 0.395 and goals["mfu_met"] is False and goals["moonshot_met"] is False
+    assert goals["muon_cost"] == pytest.approx({"128": 420 / 404 - 1, "1024": 0.10})
+    assert goals["muon_met"] is False  # +4.0% at block 128, +10.0% at 1024
+    assert "every row: **NOT met** (lowest 39.5%" in lines[0] and "block 128: +4.0%, block 1024: +10.0%" in lines[0]
+    rows[1]["mfu"], rows[2]["tokens_per_s"] = 0.40, 430_000
+    goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
+    assert goals["mfu_met"] is True and goals["muon_met"] is True and "**met**" in lines[0]
+    goals, lines = suite.speed_goals(rows[:3], suite.TRAINER_RUNS)  # block 1024's AdamW run failed
+    assert goals["mfu_met"] is None and goals["muon_met"] is None and goals["muon_cost"]["1024"] is None
+    assert "every row: not measured" in lines[0]
 
 
 def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():

@@ -17,11 +17,18 @@ def kernel(name, ts, dur, cat="kernel"):
     ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_TNT", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
     ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_nn", "matmul"),
-    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64>>", "attention"),
-    ("triton_tem_fused_0", "attention"),
+    # SDPA's kernels name CUTLASS or wgmma in their templates: still attention, not matmul.
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+     "cutlass::bfloat16_t, Flash_kernel_traits<64, 128, 128, 4, cutlass::bfloat16_t>>, false, true>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t, "
+     "cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+    ("triton_tem_fused_0", "attention"),  # flex attention's template
+    ("triton_tem_fused_addmm_3", "matmul"),  # a matmul template (max-autotune)
     ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3", "fused pointwise and reductions"),
     ("triton_poi_fused_gelu_mul_7", "fused pointwise and reductions"),
-    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+     "optimizer and clipping (multi-tensor)"),
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
 ])

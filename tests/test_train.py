@@ -411,7 +411,7 @@ def test_losses_stay_on_the_device_until_log_intervals_evaluations_and_checkpoin
     assert all(isinstance(r["train_loss"], float) and math.isfinite(r["grad_norm"]) for r in records)
 
 
-def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys):
+def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys, monkeypatch):
     def args(out):
         return ["train", *[a for s in tiny_settings(data_dir, out, "max_steps=4") for a in ("--set", s)]]
 
@@ -426,6 +426,14 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
     assert figures["first_step"] == 2 and figures["last_step"] == 3 and figures["wall_s"] > 0
     assert figures["device_activity"] is None and "device busy" not in summary  # a CPU has no kernels to count
     assert not [p for p in (out / "profile").iterdir() if p.name.startswith(".")]  # no temporary files left
+    # A profile that cannot be written is a warning: the run trains on and ends as it would have.
+    def broken(*args):
+        raise ValueError("no trace")
+
+    monkeypatch.setattr("tinygemma.profiling.device_activity", broken)
+    assert main([*args(tmp_path / "unprofiled"), "--profile", "2:3"]) == 0
+    assert "warning: the profile of steps 2 to 3 was not written: ValueError: no trace" in capsys.readouterr().err
+    assert [r["step"] for r in metrics(tmp_path / "unprofiled") if "train_loss" in r] == [1, 2, 3, 4]
     for spec, message in [("3:2", "1 <= START <= END"), ("two", "START:END"), ("0:1", "1 <= START"),
                           ("3:9", "trains optimizer steps 1 to 4")]:
         assert main([*args(tmp_path / "bad"), "--profile", spec]) == 2

@@ -15,25 +15,29 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text
 
 SUMMARY_ROWS = 60
 
-# What a kernel is, by its name in the trace: the first pattern that matches (case-insensitive) wins. cuBLAS and
-# CUTLASS name their matrix products gemm/nvjet/xmma/cutlass; SDPA's kernels are flash/fmha/efficient attention;
-# inductor names its kernels triton_poi (pointwise), triton_red/per (reductions) and triton_tem (templates: flex
-# attention, whose kernels are the only templates unless max-autotune is on); fused AdamW is multi_tensor_apply.
+# What a kernel is, by its name in the trace: the first pattern that matches (case-insensitive) wins, so the order
+# matters. Inductor names its kernels triton_poi (pointwise), triton_red/per (reductions) and triton_tem (templates:
+# its matmul templates under max-autotune, named after the aten op, and otherwise flex attention). SDPA's kernels
+# (flash, memory-efficient "fmha_cutlass", cuDNN "..._sdpa_...") carry cutlass/wgmma in their names too, so
+# attention is matched before cuBLAS's and CUTLASS's matrix products (gemm/nvjet/xmma/cutlass). Fused AdamW,
+# gradient clipping's norm and the foreach updates are multi_tensor_apply kernels.
 KERNEL_KINDS = (
-    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|wgmma|s16816|s1688"),
-    ("attention", r"flash|fmha|attention|triton_tem"),
-    ("fused pointwise and reductions", r"^triton_(poi|red|per)"),
-    ("optimizer", r"multi_tensor|adam"),
+    ("matmul", r"^triton_tem_fused_(mm|addmm|bmm)"),
+    ("fused pointwise and reductions", r"^triton_(poi|red|per|for)_"),
+    ("attention", r"flash_fwd|flash_bwd|pytorch_flash|fmha|_sdpa_|attention|^triton_tem_"),
+    ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|wgmma|s16816|s1688"),
+    ("optimizer and clipping (multi-tensor)", r"multi_tensor|adam"),
     ("communication", r"nccl"),
 )
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}  # a Kineto trace's device-side events
@@ -52,7 +56,8 @@ def device_activity(trace_events: list[dict], wall_s: float) -> dict | None:
     time; the kernels' count and mean length (many short kernels: launch-bound); and each kind's share of the
     summed device time. None when the trace has no device events (a CPU run)."""
     spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_kind(e.get("name", ""), e["cat"]))
-                   for e in trace_events if e.get("cat") in DEVICE_CATEGORIES and e.get("ph", "X") == "X")
+                   for e in trace_events
+                   if e.get("cat") in DEVICE_CATEGORIES and e.get("ph", "X") == "X" and "ts" in e)
     if not spans:
         return None
     busy_us, reach = 0.0, float("-inf")
@@ -70,7 +75,8 @@ def device_activity(trace_events: list[dict], wall_s: float) -> dict | None:
 
 
 def describe_activity(activity: dict) -> str:
-    """Two lines for summary.txt: how busy the device was, and on what."""
+    """Two lines for summary.txt: how busy the device was, and on what. The profiler's own overhead slows the
+    host's launches, so a launch-bound run reads somewhat less busy than it runs unprofiled."""
     shares = ", ".join(f"{kind} {share:.1%}" for kind, share in activity["share_by_kind"].items())
     busy = f"{activity['busy']:.1%}" if activity["busy"] is not None else "?"
     return (f"device busy {busy} of the {activity['wall_s']:.3f} s the steps took ({activity['busy_s']:.3f} s with "
@@ -117,7 +123,11 @@ class StepProfiler:
         self.synchronize()  # the queued kernels belong to the profiled steps
         wall_s = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
-        self.write(wall_s)
+        try:
+            self.write(wall_s)
+        except Exception as e:  # a diagnostic: training goes on without it
+            print(f"warning: the profile of steps {self.first} to {self.last} was not written: {describe(e)}",
+                  file=sys.stderr, flush=True)
         self.profiler = None
 
     def synchronize(self) -> None:
@@ -134,7 +144,8 @@ class StepProfiler:
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.directory / "trace.json") as tmp:
             self.profiler.export_chrome_trace(str(tmp))
-            activity = device_activity(json.loads(Path(tmp).read_text()).get("traceEvents", []), wall_s)
+            activity = device_activity(json.loads(Path(tmp).read_text(encoding="utf-8")).get("traceEvents", []),
+                                       wall_s)
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
         steps = f"{self.first}" if self.first == self.last else f"{self.first} to {self.last}"

@@ -137,7 +137,7 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     assert f"tinygemma trains the workshop recipe {summary['workshop']['speedup']:.2f}x as fast" in text
 
     # 3. The cuda marker selects test_cuda.py's tests, and without a GPU every one is skipped.
-    assert "`python -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py`" in text
+    assert "`python -m pytest -v -m cuda -p no:cacheprovider tests/test_cuda.py`" in text
     skipped = re.search(r"Result: \*\*(\d+) skipped in", text)
     assert skipped and int(skipped.group(1)) >= 8, text
 

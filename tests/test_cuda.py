@@ -286,11 +286,12 @@ def test_a_steady_state_bf16_step_under_stop_makes_no_synchronising_call(optimiz
 
 def test_a_cuda_profile_says_how_busy_the_gpu_was_and_on_what(data_dir, tmp_path):
     """--profile on CUDA: the trace holds the GPU's kernels, and the summary opens with the device's busy fraction
-    and the kernels' time by kind, which profile.json holds for programs."""
+    and the kernels' time by kind, which profile.json holds for programs. Eager (the suite's time is short): cuBLAS's
+    products and SDPA's attention kernels, sorted into their kinds by name."""
     from tinygemma.cli import main
 
     out = tmp_path / "profiled"
-    args = [a for s in settings(data_dir, out, "dtype=bfloat16", "compile=true", "max_steps=6") for a in ("--set", s)]
+    args = [a for s in settings(data_dir, out, "dtype=bfloat16", "compile=false", "max_steps=6") for a in ("--set", s)]
     assert main(["train", *args, "--profile", "4:5"]) == 0
     figures = json.loads((out / "profile" / "profile.json").read_text())
     activity = figures["device_activity"]
@@ -298,5 +299,5 @@ def test_a_cuda_profile_says_how_busy_the_gpu_was_and_on_what(data_dir, tmp_path
     assert 0 < activity["busy"] <= 1 and 0 < activity["busy_s"] <= figures["wall_s"] * 1.01
     shares = activity["share_by_kind"]
     assert sum(shares.values()) == pytest.approx(1.0) and shares.get("matmul", 0) > 0.05
-    assert shares.get("attention", 0) > 0 and shares.get("fused pointwise and reductions", 0) > 0, shares
+    assert shares.get("attention", 0) > 0, shares
     assert (out / "profile" / "summary.txt").read_text().splitlines()[1].startswith("device busy ")

@@ -15,8 +15,8 @@ source tree's root, and the report gives each figure with the command that produ
    `micro_batch_size=auto`, 131,072 tokens per optimizer step at block 128 (32 x 32 sequences: the workshop
    recipe) and at block 1024 (8 x 16), with AdamW and with Muon. Steady-state tokens/s, MFU and peak memory come
    from each run's own metrics.jsonl after its first log interval (compilation), the micro-batch that auto chose
-   from its config.json; its validation loss must fall by MIN_VAL_DROP from step 0 to the end. Each run then
-   AdamW runs train PROFILED_STEPS more steps, outside the measured ones, under `--profile`: how busy the
+   from its config.json; its validation loss must fall by MIN_VAL_DROP from step 0 to the end. The
+   AdamW runs then train PROFILED_STEPS more steps, outside the measured ones, under `--profile`: how busy the
    GPU was and on what kinds of kernel, with the top of the operators' table, in the report. Issue 19's speed
    goals (MFU_GOAL in every run, Muon at most MUON_MAX_COST slower than AdamW) are judged in the report;
 2. the workshop notebook's own code on the same GPU (benchmarks/train_throughput.py --contenders workshop: its

@@ -10,11 +10,13 @@ from test_model import tiny  # noqa: E402
 from tinygemma import Gemma3, UserError
 from tinygemma.config import load_recipe
 from tinygemma.parallelize import (
+    PROBE_MEMORY_FRACTION,
     build_model,
     choose_attention_backend,
     choose_loss_head,
     fsdp_options,
     grad_scaler,
+    probe_micro_batch_size,
 )
 from tinygemma.runtime import Runtime
 from tinygemma.train import run_model_config
@@ -152,3 +154,42 @@ def test_vocabulary_is_padded_to_128_on_cuda_unless_the_recipe_says(monkeypatch,
     assert run_model_config(recipe, 50_257, tmp_path, None).padded_vocab_size == 50_304
     explicit = load_recipe(None, ["model.preset=gemma3-tiny", "model.vocab_pad_multiple=1"])
     assert run_model_config(explicit, 50_257, tmp_path, None).vocab_pad_multiple == 1
+
+
+def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(monkeypatch):
+    """micro_batch_size = auto's probe, on a CPU with CUDA's memory calls faked (tests/test_cuda.py runs the real
+    one): sizes are tried largest first, an out-of-memory error or a peak over PROBE_MEMORY_FRACTION of the GPU's
+    memory rejects a size, the first that fits is taken, and nothing is left behind: no gradients, no random
+    numbers drawn, the peak counter reset for training. With no size that fits, one line says what to do."""
+    total, per_sequence = 1000, 10  # a pass of n sequences peaks at 10 n bytes of a 1,000-byte "GPU"
+    memory = types.SimpleNamespace(peak=0, resets=0, tried=[])
+
+    def synchronize(device=None):  # where a real GPU would raise an out-of-memory error asynchronously
+        if memory.tried[-1] > 120:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (faked)")
+
+    def reset_peak_memory_stats(device=None):
+        memory.peak, memory.resets = 0, memory.resets + 1
+
+    fakes = {"get_device_properties": lambda device: types.SimpleNamespace(total_memory=total),
+             "synchronize": synchronize, "reset_peak_memory_stats": reset_peak_memory_stats,
+             "max_memory_allocated": lambda device=None: memory.peak, "empty_cache": lambda: None}
+    for name, fake in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    model = Gemma3(tiny())
+
+    def forward_hook(module, args, output):
+        memory.tried.append(args[0].shape[0])
+        memory.peak = per_sequence * args[0].shape[0]
+
+    model.register_forward_hook(forward_hook)
+    cfg = cfg_with(block_size=8)
+    rng = torch.get_rng_state()
+    assert probe_micro_batch_size(model, cfg, CPU, [256, 128, 64, 32, 16]) == 64
+    assert memory.tried == [256, 128, 64]  # 256: out of memory; 128: 1,280 bytes > 850; 64: 640 bytes
+    assert PROBE_MEMORY_FRACTION * total == 850 and memory.peak == 0 and memory.resets == 4
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+    memory.tried.clear()
+    with pytest.raises(UserError, match=r"not even 128 sequence\(s\) of block_size 8 fit") as error:
+        probe_micro_batch_size(model, cfg, CPU, [512, 256, 128])
+    assert memory.tried == [512, 256, 128] and "activation_checkpointing=true" in str(error.value)

@@ -411,6 +411,27 @@ def test_losses_stay_on_the_device_until_log_intervals_evaluations_and_checkpoin
     assert all(isinstance(r["train_loss"], float) and math.isfinite(r["grad_norm"]) for r in records)
 
 
+def test_profiled_steps_count_their_profiling_in_the_log_lines_wall_clock(data_dir, tmp_path, monkeypatch):
+    """The profiler's waits and the writing of its files are part of the profiled steps' time (here the writing is
+    made 0.5 s long), so the log line over them never shows a rate the run did not have."""
+    from tinygemma.profiling import StepProfiler
+
+    real_write = StepProfiler.write
+
+    def slow_write(self, wall_s):
+        time.sleep(0.5)
+        return real_write(self, wall_s)
+
+    monkeypatch.setattr(StepProfiler, "write", slow_write)
+    out = tmp_path / "profiled"
+    summary = train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=4", "log_interval=4",
+                                                     "eval_interval=100")), quiet=True, profile="2:3")
+    tokens_per_step = json.loads((out / "config.json").read_text())["run"]["tokens_per_step"]
+    line = [r for r in metrics(out) if "tokens_per_s" in r]
+    assert [r["step"] for r in line] == [4]  # steps 2 to 4 (step 1, which compiles, is left out)
+    assert line[0]["tokens_per_s"] < 3 * tokens_per_step / 0.5 and summary["elapsed_s"] > 0.5
+
+
 def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys, monkeypatch):
     def args(out):
         return ["train", *[a for s in tiny_settings(data_dir, out, "max_steps=4") for a in ("--set", s)]]

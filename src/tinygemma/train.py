@@ -234,9 +234,9 @@ class Trainer:
         intervals and before any evaluation or checkpoint, and stops the run there if a step was not finite
         (on_nonfinite = "stop"). Only under "skip" is the flag read at once, to withhold that step's update."""
         cfg, rt, optimizer, scaler = self.cfg, self.rt, self.optimizer, self.scaler
+        t0 = time.perf_counter()  # the profiler's waits and writing count as the step's: the log's rate is wall-clock
         if self.profiler:
             self.profiler.begin(step)
-        t0 = time.perf_counter()
         lr = set_learning_rates(optimizer, step, cfg)
         loss_sum = torch.zeros((), device=rt.device)
         x, y = self.next_batch
@@ -270,14 +270,14 @@ class Trainer:
             scaler.step(optimizer)  # under "stop" a non-finite step is caught at the next read, before any save
         scaler.update()  # also after a skip: unscale_ has run, and the fp16 scale backs off from an overflow
         optimizer.zero_grad(set_to_none=True)
+        if self.profiler:
+            self.profiler.end(step)
         step_time = time.perf_counter() - t0
         self.elapsed += step_time
         if step == self.start:  # left out of the log line's rate (compilation), unless a line has nothing else
             self.first_step_s = step_time
         else:
             self.window = [self.window[0] + self.tokens_per_step, self.window[1] + step_time]
-        if self.profiler:
-            self.profiler.end(step)
         return record
 
     def due(self, done: int) -> tuple[bool, bool]:

@@ -55,6 +55,7 @@ from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config 
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
+from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
 
 CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop")
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
@@ -63,12 +64,9 @@ REFERENCE = "transformers"  # ratios are against transformers with SDPA, its def
 LEARNING_RATE, BETAS, WEIGHT_DECAY, ADAM_EPS = 1e-4, (0.9, 0.95), 0.1, 1e-9
 CLIP_NORM = 0.5
 
-# Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts, no sparsity). float32 is the peak without
-# tensor cores, since PyTorch does not use TF32 for float32 matmuls unless asked to.
-PEAK_FLOPS = {
-    ("H100", torch.bfloat16): 989e12, ("H100", torch.float32): 67e12,
-    ("H200", torch.bfloat16): 989e12, ("H200", torch.float32): 67e12,
-}
+# float32's dense peak FLOP/s without tensor cores (PyTorch does not use TF32 for float32 matmuls unless asked to),
+# from NVIDIA's data sheets for the SXM parts; bf16's peaks are the trainer's (tinygemma.metrics.PEAK_BF16_FLOPS).
+PEAK_FLOAT32_FLOPS = {"H100": 67e12, "H200": 67e12}
 LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
@@ -165,10 +163,12 @@ def check_losses(losses: dict[str, float], dtype: torch.dtype) -> float:
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda":
         return None  # no honest peak for a shared CPU
+    if dtype != torch.float32:
+        return trainer_peak_flops(device)
     name = torch.cuda.get_device_name(device)
     if "PCIe" in name or "NVL" in name:
         return None
-    return next((peak for (chip, dt), peak in PEAK_FLOPS.items() if chip in name and dt == dtype), None)
+    return next((peak for chip, peak in PEAK_FLOAT32_FLOPS.items() if chip in name), None)
 
 
 def resident_bytes(c: Contender) -> int:

@@ -1,10 +1,14 @@
 """metrics.jsonl (issue 21): a flush appends only the records since the last one; a resume cuts the file back to
-the checkpoint once, atomically; a line torn by a crash is skipped by readers and dropped by the next resume."""
+the checkpoint once, atomically; a line torn by a crash is skipped by readers and dropped by the next resume. And
+MFU's peak per GPU."""
 
 import json
 import os
 
-from tinygemma.metrics import MetricsLog, read_records
+import pytest
+import torch
+
+from tinygemma.metrics import MetricsLog, peak_flops, read_records
 
 
 def lines(path) -> list[dict]:
@@ -48,3 +52,15 @@ def test_resume_cuts_back_to_the_checkpoint_once_and_skips_a_torn_line(tmp_path)
     log.flush()
     assert lines(path) == [*kept, {"step": 5, "train_loss": 1.5}]
     assert read_records(tmp_path / "missing.jsonl") == []
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12), ("Tesla T4", 65e12), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_mfu_peaks_match_the_gpu_by_name_longest_names_first(name, peak, monkeypatch):
+    """A name containing another's ("NVIDIA L40S" holds "L4") takes its own peak; an unknown GPU gets no MFU."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None

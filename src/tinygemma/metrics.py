@@ -10,13 +10,19 @@ import torch
 
 from tinygemma.files import atomic_path, atomic_write_text
 
-# Dense bf16 tensor-core peaks from the vendor's data sheets (no sparsity), for MFU. Unknown GPUs get no MFU.
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), for MFU, matched as parts of the device's
+# name, first match first (so "L40S" before "L40" before "L4"). The T4 has no bf16: its fp16 peak, the dtype it
+# trains in. Unknown GPUs get no MFU.
 PEAK_BF16_FLOPS = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H100": 989e12,  # SXM
     "H200": 989e12,
     "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,  # Colab's L4
+    "T4": 65e12,  # Colab's free GPU ("Tesla T4"), fp16
 }
 
 

@@ -251,8 +251,9 @@ def test_flops_per_token_is_what_a_training_step_computes(chunk_size):
     the matrix products of every layer and of the tied head, and attention's two products per head, each counted
     three times (forward, and the gradients of both operands). SDPA runs as its math backend, whose products the
     counter sees. At a block within the window every layer attends the whole causal block, and the counts agree
-    exactly; past it, the formula credits sliding layers with the window only (the work flex attention does),
-    where the masked math backend computes the whole square."""
+    exactly (the formula, as nanoGPT's and PaLM's, counts the causal square whole, as the counter does); past it,
+    the formula credits sliding layers with the window of keys only, where the masked math backend computes the
+    whole square."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -25,6 +25,7 @@ def kernel(name, ts, dur, cat="kernel"):
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
     ("triton_tem_fused_0", "attention"),  # flex attention's template
     ("triton_tem_fused_addmm_3", "matmul"),  # a matmul template (max-autotune)
+    ("triton_tem_fused__to_copy_mm_0", "matmul"),  # one with an epilogue fused in
     ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3", "fused pointwise and reductions"),
     ("triton_poi_fused_gelu_mul_7", "fused pointwise and reductions"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
@@ -34,7 +35,11 @@ def kernel(name, ts, dur, cat="kernel"):
 ])
 def test_kernels_are_sorted_into_kinds_by_name(name, kind):
     assert kernel_kind(name) == kind
+
+
+def test_copies_and_fills_are_sorted_by_their_category():
     assert kernel_kind("Memcpy HtoD (Pinned -> Device)", "gpu_memcpy") == "copies and fills"
+    assert kernel_kind("Memset (Device)", "gpu_memset") == "copies and fills"
 
 
 def test_busy_time_counts_overlapping_kernels_once_and_shares_add_up():

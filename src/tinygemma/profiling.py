@@ -33,7 +33,7 @@ SUMMARY_ROWS = 60
 # attention is matched before cuBLAS's and CUTLASS's matrix products (gemm/nvjet/xmma/cutlass). Fused AdamW,
 # gradient clipping's norm and the foreach updates are multi_tensor_apply kernels.
 KERNEL_KINDS = (
-    ("matmul", r"^triton_tem_fused_(mm|addmm|bmm)"),
+    ("matmul", r"^triton_tem_fused_(\w+_)?(mm|addmm|bmm)_\d+$"),  # after its fused epilogue's ops, if any
     ("fused pointwise and reductions", r"^triton_(poi|red|per|for)_"),
     ("attention", r"flash_fwd|flash_bwd|pytorch_flash|fmha|_sdpa_|attention|^triton_tem_"),
     ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|wgmma|s16816|s1688"),

@@ -461,3 +461,45 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(data_dir, tmp_path, monkeypatch):
+    """A recompilation inside the steady state would cost a GPU run its speed without a word (each one minutes of
+    inductor, then maybe a graph that lost its static shapes). With compile=true, dynamo's graphs are counted (a
+    counting backend that runs them eagerly, where the GPU's is inductor): the evaluation at step 0 compiles its
+    graph and the first step training's (two passes of 3 sequences); later steps, evaluations and checkpoints
+    compile nothing more. A control that changes a guarded attribute every step shows the count would grow."""
+    import torch.nn as nn
+
+    import tinygemma.train as train_module
+    from tinygemma.model import Gemma3
+
+    graphs, after_step, real_step = [], {}, train_module.Trainer.step
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    def step(self, step):
+        if self.churn:
+            self.raw.loss_chunk_size = 64 + step  # the control: a value the graph depends on, changed every step
+        record = real_step(self, step)
+        after_step[step + 1] = len(graphs)
+        return record
+
+    monkeypatch.setattr(Gemma3, "compile", lambda self, **kwargs: nn.Module.compile(self, backend=counting_backend))
+    monkeypatch.setattr(train_module.Trainer, "step", step)
+    settings = ["compile=true", "batch_size=6", "micro_batch_size=3", "max_steps=9", "log_interval=3",
+                "eval_interval=3", "checkpoint_interval=3", "eval_batches=1"]
+    monkeypatch.setattr(train_module.Trainer, "churn", False, raising=False)
+    torch._dynamo.reset()  # no graph of an earlier test's model may serve this one's
+    run(data_dir, tmp_path / "compiled", *settings)
+    assert after_step == dict.fromkeys(range(1, 10), 2), graphs  # evaluation's graph and training's, no more
+    assert sorted(train_losses(tmp_path / "compiled")) == list(range(1, 10))
+
+    graphs.clear()
+    monkeypatch.setattr(train_module.Trainer, "churn", True, raising=False)
+    torch._dynamo.reset()
+    run(data_dir, tmp_path / "churned", *settings)
+    torch._dynamo.reset()
+    assert after_step[9] > after_step[4] > after_step[1]

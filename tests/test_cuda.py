@@ -215,7 +215,7 @@ def torchrun(nproc: int, data_dir, out, *overrides) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, test_train.torchrun_failure(proc)
 
 
 @pytest.mark.parametrize("nproc,distributed", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])

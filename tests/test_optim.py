@@ -362,7 +362,7 @@ def test_two_processes_reproduce_one_with_muon(data_dir, tmp_path, distributed):
            "-m", "tinygemma", "train", "--stop-at", "6", *[a for s in settings for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, test_train.torchrun_failure(proc)
     assert "Muon (own float32 Newton-Schulz" in proc.stdout or "Muon (torch.optim.Muon" in proc.stdout
     many, one = train_losses(out), train_losses(single)
     assert sorted(many) == list(range(1, 7))

@@ -211,6 +211,14 @@ def one_process_run(tmp_path_factory, data_dir) -> Path:
     return out
 
 
+def torchrun_failure(proc: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun said: the start of its error output, where a worker's own error comes first, its end,
+    where torchrun's summary names the failed rank, and the last lines the workers printed."""
+    err = proc.stderr
+    shown = err if len(err) <= 5000 else f"{err[:2500]}\n[...]\n{err[-2500:]}"
+    return f"{shown}\n--- stdout, last lines:\n{proc.stdout[-1500:]}"
+
+
 TWO_PROCESS_SETTINGS = ["checkpoint_interval=5"]  # checkpoints change no number; the restart test needs them
 
 
@@ -220,7 +228,7 @@ def two_process_run(tmp_path_factory, data_dir) -> Path:
     and what a run whose processes are killed and restarted must give (test_reliability_train.py)."""
     out = tmp_path_factory.mktemp("runs") / "two-processes"
     proc = torchrun(out, data_dir, "--stop-at", "15", settings=TWO_PROCESS_SETTINGS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, torchrun_failure(proc)
     return out
 
 
@@ -232,7 +240,7 @@ def test_two_processes_reproduce_one(one_process_run, two_process_run, data_dir,
     out = two_process_run if distributed == "ddp" else tmp_path / distributed
     if distributed != "ddp":
         proc = torchrun(out, data_dir, "--stop-at", "10", distributed=distributed)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, torchrun_failure(proc)
     config, single = json.loads((out / "config.json").read_text()), json.loads((one_process_run / "config.json").read_text())
     assert config["run"]["world_size"] == 2 and single["run"]["world_size"] == 1
     assert config["run"]["global_batch"] == single["run"]["global_batch"] == 8
@@ -252,7 +260,7 @@ def test_fsdp_in_float16_agrees_with_one_process(data_dir, tmp_path):
     one = tmp_path / "one"
     run(data_dir, one, *SHARED_BATCH, "dtype=float16", stop_at=5)
     proc = torchrun(tmp_path / "fsdp", data_dir, "--stop-at", "5", distributed="fsdp", settings=["dtype=float16"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, torchrun_failure(proc)
     two, single = train_losses(tmp_path / "fsdp"), train_losses(one)
     assert [two[s] for s in range(1, 6)] == pytest.approx([single[s] for s in range(1, 6)], rel=1e-2)
     assert json.loads((tmp_path / "fsdp" / "config.json").read_text())["run"]["dtype"] == "float16"
@@ -264,7 +272,7 @@ def test_a_run_moves_between_one_and_two_processes(one_process_run, data_dir, tm
     run(data_dir, out, *SHARED_BATCH, stop_at=10)
     # Two processes with 2 sequences a pass: each runs its share of 4 as 2 passes (one process ran 2 of 4).
     proc = torchrun(out, data_dir, "--resume", "--stop-at", "20", settings=["micro_batch_size=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, torchrun_failure(proc)
     assert last_step(out) == 20
     assert json.loads((out / "config.json").read_text())["run"]["passes_per_step"] == 2
     assert main(["train", "--out", str(out), "--resume", "--stop-at", "30"]) == 0

@@ -361,7 +361,10 @@ def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rat
     summary = train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=5", "warmup_steps=1",
                                                      "log_interval=2", "eval_interval=100")))
     wall = time.perf_counter() - started
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "tok/s" in line]
+    output = capsys.readouterr().out.splitlines()
+    assert output[0].startswith("training ") and "torch.compile" not in output[0]  # eager, as a CPU runs by default
+    assert json.loads((out / "config.json").read_text())["run"]["compiled"] is False
+    lines = [line for line in output if line.startswith("step ") and "tok/s" in line]
     records = [r for r in metrics(out) if "train_loss" in r]
     assert len(lines) == 3 and [("tokens_per_s" in r) for r in records] == [False, True, False, True, True]
     config = json.loads((out / "config.json").read_text())["model"]
@@ -471,7 +474,8 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
         assert not (tmp_path / "bad").exists()
 
 
-def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(data_dir, tmp_path, monkeypatch):
+def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(data_dir, tmp_path, monkeypatch,
+                                                                              capsys):
     """A recompilation inside the steady state would cost a GPU run its speed without a word (each one minutes of
     inductor, then maybe a graph that lost its static shapes). With compile=true, dynamo's graphs are counted (a
     counting backend that runs them eagerly, where the GPU's is inductor): the evaluation at step 0 compiles its
@@ -501,9 +505,14 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
                 "eval_interval=3", "checkpoint_interval=3", "eval_batches=1"]
     monkeypatch.setattr(train_module.Trainer, "churn", False, raising=False)
     torch._dynamo.reset()  # no graph of an earlier test's model may serve this one's
-    run(data_dir, tmp_path / "compiled", *settings)
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "compiled", *settings)))
     assert after_step == dict.fromkeys(range(1, 10), 2), graphs  # evaluation's graph and training's, no more
     assert sorted(train_losses(tmp_path / "compiled")) == list(range(1, 10))
+    # The first log line warns of the first step's wait, and config.json says the run was compiled.
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("training ") and first.endswith("; torch.compile: the first step compiles the model "
+                                                            "(a minute or more)")
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["run"]["compiled"] is True
 
     graphs.clear()
     monkeypatch.setattr(train_module.Trainer, "churn", True, raising=False)

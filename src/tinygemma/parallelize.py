@@ -48,9 +48,14 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
     return raw
 
 
+def compiles(cfg: TrainConfig, rt: Runtime) -> bool:
+    """Whether training runs the model through torch.compile: `compile = true`, or `auto` on CUDA."""
+    return cfg.compile == "true" or (cfg.compile == "auto" and rt.is_cuda)
+
+
 def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
     """What the loop calls: `raw` compiled (in place), or wrapped by DDP, or sharded by FSDP2 (in place)."""
-    compile_ = cfg.compile == "true" or (cfg.compile == "auto" and rt.is_cuda)
+    compile_ = compiles(cfg, rt)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
         apply_fsdp(raw, rt, compile_)
         return raw

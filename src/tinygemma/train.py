@@ -70,6 +70,7 @@ from tinygemma.optim import (
 from tinygemma.parallelize import (
     choose_attention_backend,
     choose_loss_head,
+    compiles,
     grad_scaler,
     gradient_sync,
     init_model,
@@ -205,6 +206,7 @@ class Trainer:
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
                            "parameters": self.raw.num_params(), "tokenizer": self.tokenizer,
                            "attention_backend": self.attention[0], "loss_head": self.loss_head,
+                           "compiled": compiles(cfg, rt),
                            "data_source": self.data.meta.get("source"),
                            **environment(rt.device, rt.world_size)}
         self.writer = Trackers(cfg.loggers, run_dir, resolved, start)  # first: one that cannot start stops the run
@@ -219,7 +221,8 @@ class Trainer:
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer)}, {cfg.lr_schedule} schedule; "
-              f"sliding-window attention: {self.attention[0]} ({self.attention[1]}); loss head {self.loss_head}",
+              f"sliding-window attention: {self.attention[0]} ({self.attention[1]}); loss head {self.loss_head}"
+              f"{'; torch.compile: the first step compiles the model (a minute or more)' if compiles(cfg, rt) else ''}",
               flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm

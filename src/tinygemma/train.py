@@ -222,7 +222,7 @@ class Trainer:
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer)}, {cfg.lr_schedule} schedule; "
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]}); loss head {self.loss_head}"
-              f"{'; torch.compile: the first step compiles the model (a minute or more)' if compiles(cfg, rt) else ''}",
+              f"{'; torch.compile: the first step compiles the model (a minute or more)' if resolved['run']['compiled'] else ''}",
               flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm

@@ -160,9 +160,14 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     """micro_batch_size = auto's probe, on a CPU with CUDA's memory calls faked (tests/test_cuda.py runs the real
     one): sizes are tried largest first, an out-of-memory error or a peak over PROBE_MEMORY_FRACTION of the GPU's
     memory rejects a size, the first that fits is taken, and nothing is left behind: no gradients, no random
-    numbers drawn, the peak counter reset for training. With no size that fits, one line says what to do."""
+    numbers drawn, the peak counter reset for training. While it probes, the allocator is capped at that fraction
+    (a size too large fails in the allocator, with the rest of the GPU free); the process's own cap comes back
+    after, also when nothing fits. With no size that fits, one line says what to do."""
     total, per_sequence = 1000, 7  # a pass of n sequences peaks at 7 n bytes of a 1,000-byte "GPU"
-    memory = types.SimpleNamespace(peak=0, resets=0, tried=[])
+    memory = types.SimpleNamespace(peak=0, resets=0, tried=[], fraction=1.0, caps=[])
+
+    def set_fraction(fraction, device=None):
+        memory.fraction = fraction
 
     def synchronize(device=None):  # where a real GPU would raise an out-of-memory error asynchronously
         if memory.tried[-1] > 128:
@@ -173,13 +178,16 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
 
     fakes = {"get_device_properties": lambda device: types.SimpleNamespace(total_memory=total),
              "synchronize": synchronize, "reset_peak_memory_stats": reset_peak_memory_stats,
-             "max_memory_allocated": lambda device=None: memory.peak, "empty_cache": lambda: None}
+             "max_memory_allocated": lambda device=None: memory.peak, "empty_cache": lambda: None,
+             "get_per_process_memory_fraction": lambda device=None: memory.fraction,
+             "set_per_process_memory_fraction": set_fraction}
     for name, fake in fakes.items():
         monkeypatch.setattr(torch.cuda, name, fake)
     model = Gemma3(tiny())
 
     def forward_hook(module, args, output):
         memory.tried.append(args[0].shape[0])
+        memory.caps.append(memory.fraction)
         memory.peak = per_sequence * args[0].shape[0]
 
     model.register_forward_hook(forward_hook)
@@ -189,7 +197,11 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     assert memory.tried == [256, 128, 64]  # 256: out of memory; 128: 896 bytes fit, but > 850; 64: 448 bytes
     assert PROBE_MEMORY_FRACTION * total == 850 and memory.peak == 0 and memory.resets == 4
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+    assert memory.caps == [PROBE_MEMORY_FRACTION] * 3 and memory.fraction == 1.0  # capped while probing, then not
     memory.tried.clear()
+    memory.caps.clear()
+    memory.fraction = 0.5  # the process's own, lower cap: kept while probing, and still there after a refusal
     with pytest.raises(UserError, match=r"not even 128 sequence\(s\) of block_size 8 fit") as error:
         probe_micro_batch_size(model, cfg, CPU, [512, 256, 128])
     assert memory.tried == [512, 256, 128] and "activation_checkpointing=true" in str(error.value)
+    assert memory.caps == [0.5] * 3 and memory.fraction == 0.5

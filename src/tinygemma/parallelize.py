@@ -87,6 +87,11 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     consumed. Only flex attention (sliding layers longer than the window, on A100/H100-class GPUs of 40 GB and
     more) is compiled eagerly, once per size tried: two or three sizes at the 270M's shapes, within dynamo's 8.
     Under torchrun every process takes the smallest of the processes' choices.
+
+    While it probes, the caching allocator is capped at that fraction, so a size too large fails as a clean
+    out-of-memory error with the rest of the GPU still free, rather than by filling the device: memory that
+    CUDA's libraries take outside the allocator (cuBLAS workspaces, kernels loaded for the first backward) could
+    then fail as an unrecoverable CUDA error. The cap the process had is restored afterwards.
     """
     limit = PROBE_MEMORY_FRACTION * torch.cuda.get_device_properties(rt.device).total_memory
 
@@ -106,7 +111,13 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
             raw.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
-    size = torch.tensor(next((size for size in sizes if fits(size)), 0), device=rt.device)
+    # torch.cuda.get_per_process_memory_fraction is recent; without it the process had no cap of its own (1.0)
+    previous = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(rt.device)
+    torch.cuda.set_per_process_memory_fraction(min(previous, PROBE_MEMORY_FRACTION), rt.device)
+    try:
+        size = torch.tensor(next((size for size in sizes if fits(size)), 0), device=rt.device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, rt.device)
     torch.cuda.reset_peak_memory_stats(rt.device)  # training's peak memory is training's own, not the probe's
     if rt.world_size > 1:
         import torch.distributed as dist

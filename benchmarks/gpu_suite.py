@@ -22,20 +22,26 @@ source tree's root, and the report gives each figure with the command that produ
 2. the workshop notebook's own code on the same GPU (benchmarks/train_throughput.py --contenders workshop: its
    model with bf16 weights and its loop of 32 micro-steps of 32 x 128 per AdamW step), against step 1's
    block-128 AdamW row: "tinygemma trains the workshop recipe N x as fast as the workshop's code";
-3. the CUDA tests: `python -m pytest -v -m cuda tests/`;
-4. generation (benchmarks/generate_speed.py): tinygemma's generate against transformers', batch 1 and 32;
-5. the optimizer step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py): what chooses
+3. generation (benchmarks/generate_speed.py): tinygemma's generate against transformers', batch 1 and 32;
+4. the optimizer step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py): what chooses
    Muon's CUDA backend (optim.muon_backend);
-6. the loss head alone, chunked against whole logits, compiled, from 16,384 to 131,072 rows, with peak memory
-   (benchmarks/loss_head.py): what chooses `loss_head = "auto"` on CUDA (parallelize.AUTO_FULL_LOSS_LOGITS).
+5. the loss head alone, chunked against whole logits, compiled, at 65,536 rows (the micro-batch auto takes at
+   both blocks, by the eager activations' 1 MB a token) then 16,384, with peak memory (benchmarks/loss_head.py):
+   what chooses `loss_head = "auto"` on CUDA (parallelize.AUTO_FULL_LOSS_LOGITS);
+6. the CUDA tests: `python -m pytest -v -m cuda tests/`, last, with whatever time the steps before left: the one
+   step whose length compiling small models makes hard to foresee. Each test's outcome goes into the summary,
+   so a run stopped at the deadline still says which passed.
 
 Dropped since the first H100 run (2026-11-26), to fit one 10-minute command: the tinygemma-against-transformers
 throughput table (train_throughput.py eager and compiled at blocks 128 and 1024, 285 s of that run; its
 figures stand in BENCHMARKS.md), and the 3-minute training on real stories, whose criterion (the validation loss
 falls) step 1's four runs now check.
 
-The exit status is 0 when every step passed, 1 otherwise. The report and the summary are written after each
-step, so a suite stopped from outside still leaves what it measured (marked INCOMPLETE). `--budget` (default
+The exit status is 0 when every step passed, 1 otherwise. The report and the summary are written at the start,
+after each trainer run and after each step, so a suite stopped from outside still leaves what it measured
+(marked INCOMPLETE); a command stopped at its step's deadline is killed with its whole process group (torchrun's
+workers, compile workers), and what it had written is kept: a trainer run's steady-state figures, the loss
+head's rows. `--budget` (default
 570 s) stops a step's commands once its share of the budget is spent (STEP_SHARES). The summary
 (`--summary`) is benchmarks/results/gpu_latest.json by default on a GPU, which every GPU run replaces, and
 the report's name with .json on a CPU; a CPU run never writes the GPU's file.
@@ -51,6 +57,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,12 +100,13 @@ MFU_GOAL, MFU_MOONSHOT, MUON_MAX_COST = 0.40, 0.50, 0.05
 # from the first H100 run's timings, in seconds of 570: the trainer's four runs by 305 (compiling the 270M took
 # tens of seconds a process there; each block's second run finds the graphs in inductor's cache; the AdamW runs'
 # profiled steps add a few seconds each), then windows of at least 35 s each, so that a trainer step that runs to
-# its deadline still leaves every later step more than MIN_COMMAND_SECONDS: the workshop by 345, the CUDA tests by
-# 455 (65 s for 7 tests on that run; 14 now, several compiling small models), generation by 490, the optimizer
-# step by 530 (the CUDA tests leave its compiled graphs cached), the loss head by 570.
+# its deadline still leaves every later step more than MIN_COMMAND_SECONDS: the workshop by 345, generation by
+# 379, the optimizer step by 422, the loss head (two row counts, two compiled heads each) by 462, and the CUDA
+# tests last, by 570: at least 108 s and whatever the steps before left (65 s for 7 tests on that run, two of
+# which failed before compiling; 14 now, several compiling small models, so their time is the least known).
 TOTAL_SECONDS = 570
-STEP_SHARES = {"trainer": 0.535, "workshop": 0.605, "tests": 0.798, "generation": 0.86, "optimizer_step": 0.93,
-               "loss_head": 1.0}
+STEP_SHARES = {"trainer": 0.535, "workshop": 0.605, "generation": 0.665, "optimizer_step": 0.74, "loss_head": 0.81,
+               "tests": 1.0}
 MIN_COMMAND_SECONDS = 30  # a command with less time left in its share is not started, and says so
 
 
@@ -119,8 +127,9 @@ class Plan:
     workshop_steps: tuple = (1, 2)  # warm-up, timed optimizer steps of the workshop's loop
     generation_args: tuple = ("--dtype", "bf16", "--batch-sizes", "1,32", "--new-tokens", "48", "--repeats", "2")
     optimizer_args: tuple = ("--steps", "10", "--warmup", "2")  # besides preset, device and --json
-    # The rows of the passes micro_batch_size=auto may choose: 128 to 1,024 sequences of 128, 16 to 128 of 1,024
-    loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--rows", "16384,65536,131072")
+    # The rows of the passes micro_batch_size=auto chooses: 512 of 128 or 64 of 1,024 (an eager pass of the 270M
+    # takes about 1 MB a token, so 131,072 tokens do not fit 85% of 80 or 141 GB), and a smaller GPU's
+    loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--rows", "65536,16384")
     budget: float = TOTAL_SECONDS  # the whole suite's aim in seconds (--budget)
     started: float = field(default_factory=time.perf_counter)
 
@@ -159,6 +168,7 @@ class Result:
     lines: list[str]
     seconds: float
     data: dict = field(default_factory=dict)  # the step's part of the summary
+    partial: bool = False  # a step still running: what it has measured so far, written in case the suite is stopped
 
 
 def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
@@ -166,13 +176,28 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     if timeout <= 0:
         return 124, "(not started: its step's share of --budget was spent)", 0.0
     start = time.perf_counter()
+    # Its own session: at the deadline the whole group goes (torchrun's workers, inductor's compile workers), so
+    # nothing left running holds the GPU while the next steps measure.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout)
-        code, output = proc.returncode, proc.stdout
-    except subprocess.TimeoutExpired as e:  # its output is bytes whatever text= says
-        code, output = 124, (e.stdout or b"").decode("utf-8", "replace") + f"\n(stopped after {timeout:.0f} s)"
+        output, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        output, _ = proc.communicate()
+        code, output = 124, (output or "") + f"\n(stopped after {timeout:.0f} s)"
+    except BaseException:  # the suite itself stopped (Ctrl-C): its command goes with it
+        kill_group(proc)
+        raise
     return code, output, time.perf_counter() - start
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # gone already
+        pass
 
 
 def shown(cmd: list[str]) -> str:
@@ -196,9 +221,14 @@ def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, i
     cmd = [sys.executable, f"benchmarks/{script}.py", "--preset", plan.preset, "--device", plan.device, *args,
            "--json", str(out)]
     code, output, seconds = run(cmd, env, plan.seconds_left(150, STEP_SHARES[step]))
-    result = json.loads(out.read_text()) if code == 0 and out.exists() else None
+    result = json.loads(out.read_text()) if out.exists() else None
+    if code != 0 and not (result is not None and result.get("complete") is False):
+        result = None  # a failed command's figures are kept only where its script wrote them as it went
     lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): {intro}", ""]
-    return (lines if result is not None else lines + tail(output, 25)), result, seconds, output
+    if code != 0 and result is not None:
+        result["partial"] = True
+        lines += [f"Stopped (exit status {code}) before it finished: the figures below are the ones it wrote.", ""]
+    return (lines if code == 0 else lines + tail(output, 25)), result, seconds, output
 
 
 def figure(value, spec: str = ",.0f", suffix: str = "") -> str:
@@ -305,7 +335,8 @@ def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
                     if details else [])
 
 
-def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
+def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda result: None) -> Result:
+    """The four runs; after each, `progress` gets the step's Result so far (partial), to be written at once."""
     start, share, data = time.perf_counter(), STEP_SHARES["trainer"], work / "data"
     prepare = [sys.executable, "-m", "tinygemma", "prepare", "--out", str(data), "--tokenizer", "gpt2",
                "--source", str(assets / "tinystories" / "train.txt"),
@@ -321,16 +352,26 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
         cmd = trainer_command(plan, data, out, block, batch, accum, optimizer)
         code, output, seconds = run(cmd, env, timeout=plan.seconds_left(240, share))
         commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
-        if code != 0 or not (out / "metrics.jsonl").exists():
+        if code != 0:
             failures.append(f"block {block} {optimizer}: exit status {code} (command {n})")
             commands += ["", *tail(output, 25), ""]
-            continue
-        rows.append({**trainer_row(out, block, optimizer, plan, output), "command": n})
-        profiles += ["", *profile_lines(out, block, optimizer)] if optimizer in PROFILED_OPTIMIZERS else []
-        first, last = rows[-1]["val_loss_first"], rows[-1]["val_loss_last"]
-        if rows[-1]["tokens_per_s"] is None or first is None or not last < first - MIN_VAL_DROP:
-            failures.append(f"block {block} {optimizer}: no steady state, or the validation loss fell less than "
-                            f"{MIN_VAL_DROP} nat (command {n})")
+        # A run stopped after its measured steps (in the profiled step, the final evaluation or the checkpoint)
+        # has its figures in metrics.jsonl already: its row is kept, and its failure said above.
+        if (out / "config.json").exists() and (out / "metrics.jsonl").exists():
+            rows.append({**trainer_row(out, block, optimizer, plan, output), "command": n})
+            profiles += ["", *profile_lines(out, block, optimizer)] if optimizer in PROFILED_OPTIMIZERS else []
+            first, last = rows[-1]["val_loss_first"], rows[-1]["val_loss_last"]
+            if code == 0 and (rows[-1]["tokens_per_s"] is None or first is None or not last < first - MIN_VAL_DROP):
+                failures.append(f"block {block} {optimizer}: no steady state, or the validation loss fell less "
+                                f"than {MIN_VAL_DROP} nat (command {n})")
+        if n - 1 < len(plan.trainer_runs):
+            progress(trainer_result(plan, rows, failures, commands, profiles, start, runs_done=n - 1))
+    return trainer_result(plan, rows, failures, commands, profiles, start)
+
+
+def trainer_result(plan: Plan, rows: list[dict], failures: list[str], commands: list[str], profiles: list[str],
+                   start: float, runs_done: int | None = None) -> Result:
+    """The step's Result from the runs so far; `runs_done`: a partial one, while runs remain."""
     goals, goal_lines = speed_goals(rows, plan.trainer_runs)
     lines = [*trainer_table(plan, rows), "", *goal_lines, "", f"Criterion: each run's validation loss falls at least "
              f"{MIN_VAL_DROP} nat from step 0 to its end: **{'met' if rows and not failures else 'NOT met'}**.", "",
@@ -339,8 +380,12 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path) -> Result:
         lines += ["", "Failed: " + "; ".join(failures)]
     if profiles:
         lines += ["", "### Where the time goes", *profiles]
+    partial = runs_done is not None
+    if partial:
+        lines = [f"Still running: {runs_done} of {len(plan.trainer_runs)} runs done.", "", *lines]
     ok = not failures and len(rows) == len(plan.trainer_runs)
-    return Result(STEP_TITLES[0], ok, lines, time.perf_counter() - start, {"trainer": rows, "goals": goals})
+    return Result(STEP_TITLES[0], ok, lines, time.perf_counter() - start, {"trainer": list(rows), "goals": goals},
+                  partial=partial)
 
 
 def speed_goals(rows: list[dict], runs: list[tuple]) -> tuple[dict, list[str]]:
@@ -415,13 +460,31 @@ def cuda_tests(plan: Plan, env: dict) -> Result:
     # -v: a line per test as it ends, so a run stopped at the step's deadline still says which tests passed
     cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", plan.tests]
     code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, STEP_SHARES["tests"]))
-    summary = next((line.strip("= ") for line in reversed(output.splitlines())
-                    if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)), "no summary line")
+    outcomes = test_outcomes(output)
+    summary = pytest_summary(output)
+    if summary is None:  # stopped before pytest's closing line: what its -v lines said
+        tally = ", ".join(f"{sum(v == o for v in outcomes.values())} {o.lower()}" for o in sorted(set(outcomes.values())))
+        summary = f"stopped at the step's deadline after {len(outcomes)} test(s)" + (f": {tally}" if tally else "")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
     # On a GPU some test must really run; on a CPU (--quick) they are all skipped, and must be.
     ran = counts.get("passed", 0) > 0 if plan.device != "cpu" else counts.get("skipped", 0) > 0
     lines = [f"Command: `{shown(cmd)}`", "", f"Result: **{summary}** (exit status {code}, {seconds:.0f} s)", ""]
-    return Result(STEP_TITLES[2], code == 0 and ran, lines + tail(output), seconds, {"cuda_tests": summary})
+    return Result(STEP_TITLES[5], code == 0 and ran, lines + tail(output), seconds,
+                  {"cuda_tests": summary, "cuda_test_outcomes": outcomes})
+
+
+def pytest_summary(output: str) -> str | None:
+    """pytest's closing line ("14 passed, 362 deselected in 65.21s"), or None if it never came: not the line
+    that counts what was collected and deselected."""
+    closing = re.compile(r"^=+ (.*\d+ (?:passed|failed|skipped|deselected|errors?|xfailed|xpassed).* in [\d.]+s"
+                         r"(?: \([\d:]+\))?) =+$")
+    return next((m.group(1) for line in reversed(output.splitlines()) if (m := closing.match(line.strip()))), None)
+
+
+def test_outcomes(output: str) -> dict[str, str]:
+    """Each test's outcome from pytest -v's lines ("tests/test_cuda.py::test_x[bf16] PASSED [ 7%]")."""
+    found = re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", output, re.M)
+    return {name: outcome for name, outcome in found}
 
 
 # ------------------------------------------------------------------ 4. generation
@@ -433,7 +496,7 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
         "greedy decoding of random prompts, the same weights in both, prefill included; median of the timed runs, "
         "the two alternating.")
     if result is None:
-        return Result(STEP_TITLES[3], False, lines, seconds)
+        return Result(STEP_TITLES[2], False, lines, seconds)
     lines += [f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens, {result['dtype']}:", "",
               "| batch | tinygemma | transformers | speed-up | same tokens |", "|---:|---:|---:|---:|---|"]
     for r in result["results"]:
@@ -441,7 +504,7 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
         lines.append(f"| {r['batch_size']} | {r['tinygemma_tokens_per_s']:,.1f} tokens/s | "
                      f"{r['transformers_tokens_per_s']:,.1f} tokens/s | {r['speedup']:.2f}x | {same} |")
     keep = ("dtype", "prompt_tokens", "new_tokens", "repeats", "results")
-    return Result(STEP_TITLES[3], True, lines, seconds, {"generation": {k: result[k] for k in keep}})
+    return Result(STEP_TITLES[2], True, lines, seconds, {"generation": {k: result[k] for k in keep}})
 
 
 # ------------------------------------------------------------------ 5. the optimizer step
@@ -453,7 +516,7 @@ def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
         plan, env, work, "optimizer_step", "optimizer_step", plan.optimizer_args,
         "`optimizer.step()` alone on the model's parameters, median of the timed rounds, contenders in turn.")
     if result is None:
-        return Result(STEP_TITLES[4], False, lines, seconds)
+        return Result(STEP_TITLES[3], False, lines, seconds)
     lines += [line for line in output.splitlines() if line.startswith("|")]
     ms = result["ms_per_step"]
     muons = {name: t for name, t in ms.items() if name.startswith("muon-")}
@@ -464,7 +527,7 @@ def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
                       "chooses the CUDA default."]
     summary = {"ms_per_step": ms, "first_step_relative_difference": result["first_step_relative_difference"],
                "fastest_muon": fastest}
-    return Result(STEP_TITLES[4], True, lines, seconds, {"optimizer_step": summary})
+    return Result(STEP_TITLES[3], True, lines, seconds, {"optimizer_step": summary})
 
 
 # ------------------------------------------------------------------ 6. the loss head
@@ -477,13 +540,15 @@ def loss_head(plan: Plan, env: dict, work: Path) -> Result:
         "the final norm, the tied head and the cross-entropy, forward and backward, alone; the two heads in turn "
         "on the same inputs.")
     if result is None:
-        return Result(STEP_TITLES[5], False, lines, seconds)
-    lines += [line for line in output.splitlines() if line.startswith("|")]
+        return Result(STEP_TITLES[4], False, lines, seconds)
+    lines += result["table"].splitlines()
     bound = result["full_faster_up_to_logits"]
     lines += ["", f"The full head was the faster up to **{bound:,} logits per micro-batch** (0: at no size measured): "
-                  f"the bound for `AUTO_FULL_LOSS_LOGITS[\"{plan.device}\"]` in parallelize.py, with its memory above."]
-    keep = ("dtype", "compile", "chunk_size", "padded_vocab_size", "results", "full_faster_up_to_logits")
-    return Result(STEP_TITLES[5], True, lines, seconds, {"loss_head": {k: result[k] for k in keep}})
+                  f"the bound for `AUTO_FULL_LOSS_LOGITS[\"{plan.device}\"]` in parallelize.py, with its memory above"
+                  + (", from the rows measured before it stopped." if result.get("partial") else ".")]
+    keep = ("dtype", "compile", "chunk_size", "padded_vocab_size", "results", "full_faster_up_to_logits", "complete")
+    return Result(STEP_TITLES[4], not result.get("partial"), lines, seconds,
+                  {"loss_head": {k: result[k] for k in keep}})
 
 
 # ------------------------------------------------------------------ the report and the summary
@@ -520,19 +585,24 @@ def environment(plan: Plan) -> tuple[list[str], dict]:
     return lines, info
 
 
-STEP_TITLES = ("1. Trainer", "2. The workshop's code", "3. CUDA tests", "4. Generation", "5. Optimizer step",
-               "6. Loss head")
+STEP_TITLES = ("1. Trainer", "2. The workshop's code", "3. Generation", "4. Optimizer step", "5. Loss head",
+               "6. CUDA tests")
 
 
 def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine: list[str], results: list[Result],
                  total: float) -> None:
-    """The report of the steps run so far: written after each step, so a suite stopped from outside (a machine's
-    time limit) still leaves what it measured, marked INCOMPLETE."""
+    """The report of the steps run so far (the last may be partial: a step still running): written at the start,
+    during the trainer and after each step, so a suite stopped from outside (a machine's time limit) still leaves
+    what it measured, marked INCOMPLETE."""
     pending = STEP_TITLES[len(results):]
-    verdict = "FAIL" if not all(r.ok for r in results) else "INCOMPLETE" if pending else "PASS"
+    finished = [r for r in results if not r.partial]
+    verdict = ("FAIL" if not all(r.ok for r in finished) else "INCOMPLETE" if pending or len(finished) < len(results)
+               else "PASS")
+    states = [f"{r.title.split('. ', 1)[1]} {'still running' if r.partial else 'passed' if r.ok else 'FAILED'}"
+              for r in results]
     lines = ["# GPU acceptance run" + (" (--quick smoke run, not a GPU result)" if plan.quick else ""), "",
-             f"**{verdict}**: " + ", ".join(f"{r.title.split('. ', 1)[1]} {'passed' if r.ok else 'FAILED'}"
-                                            for r in results) + f"; {total / 60:.1f} minutes in all.", "",
+             f"**{verdict}**: " + (", ".join(states) or "no step finished yet") + f"; {total / 60:.1f} minutes in all.",
+             "",
              f"Suite: `python benchmarks/gpu_suite.py {shlex.join(argv)}`. Every command below ran from the "
              f"source tree's root with `{env_line}`.", "", *machine]
     for r in results:
@@ -545,8 +615,9 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine
 
 def write_summary(path: Path, plan: Plan, info: dict, results: list[Result], total: float) -> None:
     """gpu_latest.json: the machine, then each finished step's figures (trainer, workshop, generation, ...)."""
-    summary = {**info, "quick": plan.quick, "complete": len(results) == len(STEP_TITLES), "seconds": round(total),
-               "budget_s": plan.budget, "steps": {r.title.split(". ", 1)[1]: r.ok for r in results}}
+    finished = [r for r in results if not r.partial]
+    summary = {**info, "quick": plan.quick, "complete": len(finished) == len(STEP_TITLES), "seconds": round(total),
+               "budget_s": plan.budget, "steps": {r.title.split(". ", 1)[1]: r.ok for r in finished}}
     for r in results:
         summary.update(r.data)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -635,21 +706,25 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: list[Result] = []
 
+    def write(shown_results: list[Result]) -> None:
+        write_report(report, plan, argv, env_line, machine, shown_results, time.perf_counter() - start)
+        write_summary(summary, plan, info, shown_results, time.perf_counter() - start)
+
     def done(result: Result) -> None:
         results.append(result)
         print(f"{result.title}: {'passed' if result.ok else 'FAILED'}", file=sys.stderr, flush=True)
-        write_report(report, plan, argv, env_line, machine, results, time.perf_counter() - start)
-        write_summary(summary, plan, info, results, time.perf_counter() - start)
+        write(results)
 
+    write(results)  # the machine, and every step "not reached", before anything can go wrong
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        done(trainer(plan, env, work, assets))
+        done(trainer(plan, env, work, assets, progress=lambda partial: write([partial])))
         done(workshop(plan, env, work, results[0].data.get("trainer", [])))
-        done(cuda_tests(plan, env))
         done(generation(plan, env, work))
         done(optimizer_step(plan, env, work))
         done(loss_head(plan, env, work))
+        done(cuda_tests(plan, env))
     print(f"wrote {report} and {summary}")
     return 0 if all(r.ok for r in results) else 1
 

@@ -20,7 +20,6 @@ the head hold before it. The vocabulary is padded to a multiple of 128 on CUDA, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside thi
 from common import device_description, time_interleaved  # noqa: E402
 
 from tinygemma import ModelConfig  # noqa: E402
+from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.loss import LOSS_CHUNK_SIZE, cross_entropy_from_hidden  # noqa: E402
 from tinygemma.model import RMSNorm  # noqa: E402
 
@@ -142,23 +142,28 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("d_model", args.d_model)) if v}
     overrides["vocab_pad_multiple"] = 128 if device.type == "cuda" else 1
     config = ModelConfig.preset(args.preset, **overrides)
-    results = []
-    for rows in (int(r) for r in args.rows.split(",") if r):
+    results, sizes = [], [int(r) for r in args.rows.split(",") if r]
+
+    def summary() -> dict:
+        return {
+            "command": "python benchmarks/loss_head.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "preset": args.preset, "d_model": config.d_model, "vocab_size": config.vocab_size,
+            "padded_vocab_size": config.padded_vocab_size, "device": device_description(device),
+            "torch": torch.__version__, "dtype": args.dtype, "compile": args.compile, "steps": args.steps,
+            "chunk_size": LOSS_CHUNK_SIZE, "results": results, "full_faster_up_to_logits": full_faster_up_to(results),
+            "table": markdown_table(results), "complete": len(results) == len(sizes),
+        }
+
+    for rows in sizes:
         results.append(measure(config, rows, dtype, device, args.compile, args.steps))
         print(f"{rows} rows done", file=sys.stderr, flush=True)
-    result = {
-        "command": "python benchmarks/loss_head.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "preset": args.preset, "d_model": config.d_model, "vocab_size": config.vocab_size,
-        "padded_vocab_size": config.padded_vocab_size, "device": device_description(device),
-        "torch": torch.__version__, "dtype": args.dtype, "compile": args.compile, "steps": args.steps,
-        "chunk_size": LOSS_CHUNK_SIZE, "results": results, "full_faster_up_to_logits": full_faster_up_to(results),
-    }
+        if args.json:  # after every row: a run stopped at a deadline keeps the rows it measured ("complete": false)
+            atomic_write_json(Path(args.json), summary())
+    result = summary()
     print(f"{args.preset} head ({config.padded_vocab_size:,} x {config.d_model}), {args.dtype}, "
           f"{'compiled' if args.compile else 'eager'}, {result['device']}, torch {torch.__version__}; forward and "
           f"backward, median of {args.steps} passes after one")
-    print(markdown_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(result["table"])
     return result
 
 

@@ -89,8 +89,8 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     assert (suite.GPU_SUMMARY.read_bytes() if suite.GPU_SUMMARY.exists() else None) == real
     text, summary = report.read_text(), json.loads(report.with_suffix(".json").read_text())
     assert text.startswith("# GPU acceptance run (--quick smoke run, not a GPU result)")
-    assert ("**PASS**: Trainer passed, The workshop's code passed, CUDA tests passed, Generation passed, "
-            "Optimizer step passed, Loss head passed") in text
+    assert ("**PASS**: Trainer passed, The workshop's code passed, Generation passed, Optimizer step passed, "
+            "Loss head passed, CUDA tests passed") in text
     assert summary["complete"] and summary["quick"] and all(summary["steps"].values())
     assert summary["torch"] == torch.__version__ and summary["gpu"].startswith(suite.cpu_description())
     assert summary["commit"] and summary["date"] and f"| torch | {torch.__version__} |" in text
@@ -137,12 +137,15 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     assert summary["workshop"]["speedup"] == pytest.approx(rows[0]["tokens_per_s"] / rate)
     assert f"tinygemma trains the workshop recipe {summary['workshop']['speedup']:.2f}x as fast" in text
 
-    # 3. The cuda marker selects test_cuda.py's tests, and without a GPU every one is skipped.
+    # 6. The cuda marker selects test_cuda.py's tests, and without a GPU every one is skipped: each by name.
     assert "`python -m pytest -v -m cuda -p no:cacheprovider tests/test_cuda.py`" in text
-    skipped = re.search(r"Result: \*\*(\d+) skipped in", text)
+    skipped = re.search(r"Result: \*\*(\d+) skipped in [\d.]+s", text)
     assert skipped and int(skipped.group(1)) >= 8, text
+    outcomes = summary["cuda_test_outcomes"]
+    assert len(outcomes) == int(skipped.group(1)) and set(outcomes.values()) == {"SKIPPED"}
+    assert all(name.startswith("tests/test_cuda.py::test_") for name in outcomes)
 
-    # 4-6. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.
+    # 3-5. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.
     generation = json.loads((work / "generation.json").read_text())
     assert summary["generation"]["results"] == generation["results"]
     assert [r["batch_size"] for r in generation["results"]] == [1, 2]
@@ -155,6 +158,7 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     head = json.loads((work / "loss_head.json").read_text())
     assert summary["loss_head"]["results"] == head["results"] and [r["rows"] for r in head["results"]] == [64, 256]
     assert summary["loss_head"]["full_faster_up_to_logits"] == head["full_faster_up_to_logits"]
+    assert head["complete"] and head["table"] in text
 
 
 def test_gpu_suite_refuses_missing_assets_a_cpu_without_quick_and_the_gpu_summary(tmp_path, capsys):
@@ -247,19 +251,20 @@ def fake_assets(assets: Path) -> Path:
 
 
 def test_gpu_suite_leaves_a_report_and_summary_of_the_steps_done_when_stopped(tmp_path, monkeypatch):
-    """A suite stopped during step 3 (a machine's time limit) has already written steps 1 and 2, INCOMPLETE."""
+    """A suite stopped during step 3 (a machine's time limit) has already written steps 1 and 2, INCOMPLETE; one
+    stopped before any step ended has written the machine and every step as not reached."""
     suite = load_script("gpu_suite")
     assets = fake_assets(tmp_path / "assets")
     row = {"block_size": 32, "optimizer": "adamw", "tokens_per_s": 5.0}
-    monkeypatch.setattr(suite, "trainer", lambda plan, env, work, assets: suite.Result(
+    monkeypatch.setattr(suite, "trainer", lambda plan, env, work, assets, progress: suite.Result(
         "1. Trainer", True, ["the table"], 2.0, {"trainer": [row]}))
     monkeypatch.setattr(suite, "workshop", lambda plan, env, work, rows: suite.Result(
         "2. The workshop's code", True, [f"against {rows[0]['tokens_per_s']}"], 1.0, {"workshop": {"speedup": 2}}))
 
-    def stopped(*args):
+    def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(suite, "cuda_tests", stopped)
+    monkeypatch.setattr(suite, "generation", stopped)
     report = tmp_path / "report.md"
     with pytest.raises(KeyboardInterrupt):
         suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report)])
@@ -270,6 +275,121 @@ def test_gpu_suite_leaves_a_report_and_summary_of_the_steps_done_when_stopped(tm
     summary = json.loads(report.with_suffix(".json").read_text())
     assert not summary["complete"] and summary["trainer"] == [row] and summary["workshop"] == {"speedup": 2}
     assert summary["steps"] == {"Trainer": True, "The workshop's code": True}
+
+    monkeypatch.setattr(suite, "trainer", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report)])
+    text = report.read_text()
+    assert "**INCOMPLETE**: no step finished yet" in text and f"| torch | {torch.__version__} |" in text
+    assert text.count("Not reached:") == len(suite.STEP_TITLES)
+    summary = json.loads(report.with_suffix(".json").read_text())
+    assert not summary["complete"] and summary["steps"] == {} and summary["torch"] == torch.__version__
+
+
+def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path):
+    """A command stopped at its deadline goes with everything it started (torchrun's workers, compile workers),
+    so nothing left behind holds the GPU while the next steps measure; its output so far is kept."""
+    import os
+
+    suite = load_script("gpu_suite")
+    pid_file = tmp_path / "child.pid"
+    code, output, seconds = suite.run(["bash", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; wait"],
+                                      dict(os.environ), timeout=3)
+    assert code == 124 and "started" in output and "(stopped after 3 s)" in output and seconds < 60
+    status = Path(f"/proc/{pid_file.read_text().strip()}/status")
+    assert not status.exists() or "\nState:\tZ" in status.read_text()  # gone, or dead and not yet reaped
+
+
+def test_gpu_suite_reads_pytests_closing_line_and_each_tests_outcome(monkeypatch):
+    """The CUDA tests' summary is pytest's closing line, never its collection line (which also counts deselected
+    tests); stopped before the closing line, the -v lines say which tests passed, and the summary keeps them."""
+    suite = load_script("gpu_suite")
+    head = ("collected 376 items / 362 deselected / 14 selected\n\n"
+            "tests/test_cuda.py::test_inductor_matches_eager PASSED                   [  7%]\n"
+            "tests/test_cuda.py::test_bf16_step[fp16] FAILED                          [ 14%]\n")
+    closing = "=========== 1 failed, 1 passed, 362 deselected in 187.21s (0:03:07) ===========\n"
+    assert suite.pytest_summary(head) is None
+    assert suite.pytest_summary(head + closing) == "1 failed, 1 passed, 362 deselected in 187.21s (0:03:07)"
+    assert suite.test_outcomes(head) == {"tests/test_cuda.py::test_inductor_matches_eager": "PASSED",
+                                         "tests/test_cuda.py::test_bf16_step[fp16]": "FAILED"}
+    plan = suite.Plan("cuda", False)
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, head + "\n(stopped after 108 s)", 108.0))
+    result = suite.cuda_tests(plan, {})
+    assert not result.ok and result.data["cuda_tests"] == "stopped at the step's deadline after 2 test(s): 1 failed, 1 passed"
+    assert result.data["cuda_test_outcomes"] == suite.test_outcomes(head)
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (0, head.replace("FAILED", "PASSED") + closing.replace(
+        "1 failed, 1 passed", "2 passed"), 187.0))
+    result = suite.cuda_tests(plan, {})
+    assert result.ok and result.data["cuda_tests"].startswith("2 passed, 362 deselected in 187.21s")
+
+
+def synthetic_run(out: Path, steps: int = 8, rate: float = 1000.0) -> None:
+    """A trainer run's config.json and metrics.jsonl as the trainer writes them, log lines every 2 steps."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"run": {"tokens_per_step": 100, "global_batch": 4,
+                                                         "micro_batch_size": 4, "passes_per_step": 1}}))
+    records = [{"step": 0, "val_loss": 10.0}]
+    records += [{"step": n, "train_loss": 5.0, "tokens_per_s": rate} for n in range(2, steps + 1, 2)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypatch):
+    """A trainer run stopped at its deadline after its measured steps (in the profiled step, the last evaluation
+    or the checkpoint) keeps its row, marked failed; the report and summary are written after each run, the step
+    still running. The loss head's benchmark writes its JSON after each row, and a stopped one keeps its rows."""
+    suite = load_script("gpu_suite")
+    plan, work = suite.Plan("cuda", False), tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "assets" / "tinystories").mkdir(parents=True)
+
+    def fake_run(cmd, env, timeout):
+        if "prepare" in cmd:
+            return 0, "prepared", 1.0
+        out = Path(cmd[cmd.index("--out") + 1])
+        synthetic_run(out)
+        return (124, "(stopped after 240 s)", 240.0) if out.name == "run-128-adamw" else (0, "trained", 60.0)
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    progress = []
+    result = suite.trainer(plan, {}, work, tmp_path / "assets", progress=progress.append)
+    assert [(r["block_size"], r["optimizer"]) for r in result.data["trainer"]] == [(128, "adamw"), (128, "muon"),
+                                                                                  (1024, "adamw"), (1024, "muon")]
+    assert result.data["trainer"][0]["tokens_per_s"] == pytest.approx(1000.0) and not result.ok and not result.partial
+    assert "Failed: block 128 adamw: exit status 124 (command 2)" in "\n".join(result.lines)
+    assert [len(r.data["trainer"]) for r in progress] == [1, 2, 3] and all(r.partial for r in progress)
+    assert "Still running: 3 of 4 runs done." in progress[-1].lines
+
+    report, summary = tmp_path / "report.md", tmp_path / "summary.json"
+    suite.write_report(report, plan, [], "", [], [progress[0]], 30.0)
+    suite.write_summary(summary, plan, {}, [progress[0]], 30.0)
+    assert "**INCOMPLETE**: Trainer still running" in report.read_text()
+    written = json.loads(summary.read_text())
+    assert not written["complete"] and written["steps"] == {} and len(written["trainer"]) == 1
+
+    head = load_script("loss_head")
+    real_measure, calls = head.measure, []
+
+    def stopped_second(*args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the deadline, during the second row count
+        return real_measure(*args)
+
+    monkeypatch.setattr(head, "measure", stopped_second)
+    out = tmp_path / "loss_head.json"
+    with pytest.raises(KeyboardInterrupt):
+        head.main(["--preset", "gemma3-tiny", "--vocab-size", "512", "--d-model", "64", "--rows", "64,256",
+                   "--steps", "1", "--device", "cpu", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert not written["complete"] and [r["rows"] for r in written["results"]] == [64] and calls == [64, 256]
+
+    out.replace(work / "loss_head.json")  # where the suite's command writes it, then is stopped
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, "64 rows done\n(stopped after 40 s)", 40.0))
+    result = suite.loss_head(plan, {}, work)
+    text = "\n".join(result.lines)
+    assert not result.ok and result.data["loss_head"]["results"] == written["results"]
+    assert "Stopped (exit status 124) before it finished" in text and written["table"] in text
+    assert "from the rows measured before it stopped" in text
 
 
 def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
@@ -282,8 +402,8 @@ def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
                        "--work", str(tmp_path / "work")]) == 1
     text = report.read_text()
-    assert ("**FAIL**: Trainer FAILED, The workshop's code FAILED, CUDA tests FAILED, Generation FAILED, "
-            "Optimizer step FAILED, Loss head FAILED") in text
+    assert ("**FAIL**: Trainer FAILED, The workshop's code FAILED, Generation FAILED, Optimizer step FAILED, "
+            "Loss head FAILED, CUDA tests FAILED") in text
     assert text.count("the planted failure") == 6  # prepare, the workshop, the tests and three benchmarks
     assert len(ran) == 6  # no training is attempted on data that was never prepared
     summary = json.loads(report.with_suffix(".json").read_text())

@@ -1,6 +1,6 @@
 """What only a GPU can check (`pytest -m cuda`; skipped without one): inductor against eager, flex attention
 against SDPA at Gemma 3 270M's shapes, bf16 and fp16 steps against float32, exact resume with fused AdamW, and
-torchrun with NCCL. benchmarks/gpu_suite.py runs these first. Each compares with something computed another
+torchrun with NCCL. benchmarks/gpu_suite.py runs these last. Each compares with something computed another
 way on the same GPU, never with a number written down.
 
 On a machine without ../shared (the GPU machines), TINYGEMMA_STORIES names the folder holding train.txt.

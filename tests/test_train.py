@@ -520,3 +520,25 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
     run(data_dir, tmp_path / "churned", *settings)
     torch._dynamo.reset()
     assert after_step[9] > after_step[4] > after_step[1]
+
+
+def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_behind_the_run(data_dir, stories_dir, tmp_path):
+    """A resumed run continues only on data of the tokenizer it was trained with: another BPE of the same 512 ids
+    (trained on other stories) would give each id a second meaning, so it is refused, naming both. --stop-at must
+    name a step of 1 or more, not behind the run's last checkpoint. Refusals leave the run as it was."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    other = tmp_path / "other-bpe512"
+    prepare(other, sources=[stories_dir / "valid.txt"], tokenizer="bpe", vocab_size=512, limit=300,
+            val_fraction=0.1, workers=1, progress=False)
+    assert open_prepared(other).tokenizer().identity != open_prepared(data_dir).tokenizer().identity
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(tinygemma.UserError, match=rf"{other} was prepared with tokenizer tokenizer\.json:\w+, but "
+                                                  rf"the run was trained with tokenizer\.json:\w+ \(on {data_dir}\)"):
+        run(other, out, "max_steps=4", "checkpoint_interval=2", resume=True)
+    with pytest.raises(tinygemma.UserError, match="--stop-at must be an optimizer step of 1 or more, got -3"):
+        run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=-3)
+    with pytest.raises(tinygemma.UserError, match="--stop-at 1: the run is already at step 2"):
+        run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=1)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4

@@ -41,6 +41,7 @@ from tinygemma.checkpoint import (
     STATE_NAME,
     WEIGHTS_NAME,
     checkpoint_pointer,
+    checkpoint_tokenizer,
     load_optimizer,
     prune_checkpoints,
     rng_state,
@@ -133,6 +134,9 @@ class Trainer:
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume)
         self.start = state.get("step", 0)
+        check_stop_at(stop_at, self.start)
+        if ckpt_dir is not None:
+            check_same_tokenizer(ckpt_dir, state, self.data, self.data_dir)
         check_resume_schedule(state.get("config", {}).get("train"), self.cfg, self.start)
         self.end = min(self.cfg.max_steps, stop_at) if stop_at is not None else self.cfg.max_steps
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -456,6 +460,30 @@ def check_profile_range(spec: str, start: int, end: int) -> tuple[int, int]:
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")
     return first, last
+
+
+def check_stop_at(stop_at: int | None, start: int) -> None:
+    """--stop-at names an optimizer step this invocation reaches: at least 1, and not before the run's last
+    checkpoint (equal to it: nothing to train, the checkpoint is already there)."""
+    if stop_at is None:
+        return
+    if stop_at < 1:
+        raise UserError(f"--stop-at must be an optimizer step of 1 or more, got {stop_at}")
+    if stop_at < start:
+        raise UserError(f"--stop-at {stop_at}: the run is already at step {start} (its last checkpoint); give a later "
+                        "step, or leave --stop-at out to train to max_steps")
+
+
+def check_same_tokenizer(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
+    """A resumed run continues on data of the tokenizer it was trained with: the same ids in another vocabulary
+    would teach the model a second meaning for each (the vocabulary sizes can agree, e.g. two BPEs of 4,096)."""
+    trained = checkpoint_tokenizer(ckpt_dir).identity
+    now = data.tokenizer().identity
+    if trained != now:
+        before = (state.get("config") or {}).get("data", {}).get("dir")
+        raise UserError(f"{data_dir} was prepared with tokenizer {now}, but the run was trained with {trained}"
+                        + (f" (on {before})" if before and Path(before) != data_dir else "")
+                        + "; resume it on data prepared with its own tokenizer, or start a new run with another --out")
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:

@@ -4,6 +4,8 @@ import json
 import re
 import shlex
 
+import pytest
+
 import tinygemma
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
@@ -123,3 +125,35 @@ def test_run_continues_an_interrupted_run(tmp_path, stories_dir, capsys):
     assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2"]) == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines if "train_loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_refuses_data_prepared_from_other_stories_or_with_another_tokenizer(tmp_path, stories_dir, capsys,
+                                                                                 monkeypatch):
+    """A data.dir already prepared is reused only for the recipe it was prepared for: other stories, another
+    limit, validation source or tokenizer are refused in one line (exit 2), before anything is trained or
+    written. The same files named another way (a relative path) are the same data."""
+    from tinygemma.errors import UserError
+    from tinygemma.pipeline import prepare_if_missing
+
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    prepare_if_missing(load_recipe(str(recipe_file)))
+    meta = (tmp_path / "data" / "meta.json").read_bytes()
+    monkeypatch.chdir(stories_dir)
+    prepare_if_missing(load_recipe(str(recipe_file), ["data.source=train.txt"]))  # the same file, relative
+    assert "prepared data found" in capsys.readouterr().err
+
+    for override, phrase in [(f"data.source={stories_dir}/valid.txt", f"stories: {stories_dir}/train.txt, the "
+                                                                       f"recipe asks for {stories_dir}/valid.txt"),
+                             ("data.limit=200", "limit: 300, the recipe asks for 200"),
+                             (f"data.val_source={stories_dir}/valid.txt", "validation: set aside from the training "
+                                                                           f"source, the recipe asks for {stories_dir}"),
+                             ("data.tokenizer=gpt2", "the recipe asks for gpt2"),
+                             ("data.vocab_size=500", "vocabulary: 400, the recipe asks for a BPE of 500")]:
+        with pytest.raises(UserError, match=re.escape(phrase)):
+            prepare_if_missing(load_recipe(str(recipe_file), [override]))
+    assert main(["run", str(recipe_file), "--set", "data.limit=200"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "was prepared from other data than the recipe's [data] asks for" in err
+    assert "set data.dir to another folder" in err
+    assert (tmp_path / "data" / "meta.json").read_bytes() == meta and not (tmp_path / "run").exists()

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
-from tinygemma.data import META_NAME, open_prepared, prepare
+from tinygemma.data import HUB_DATASET, META_NAME, open_prepared, prepare
 from tinygemma.devices import pick_device
+from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json
 from tinygemma.generate import generate_text
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
-from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 from tinygemma.train import train
 
 
@@ -30,9 +31,16 @@ def log(message: str) -> None:
 
 
 def prepare_if_missing(recipe: Recipe) -> None:
+    """Prepare the recipe's data into data.dir, unless it is there already: prepared from the same stories with the
+    same tokenizer (a directory prepared from others is refused, never trained on in the recipe's name)."""
     data_dir = Path(recipe.data.dir)
     if (data_dir / META_NAME).exists():
         data = open_prepared(data_dir)  # validated: a truncated or foreign directory stops here
+        differences = recipe_differences(recipe, data)
+        if differences:
+            raise UserError(f"{data_dir} was prepared from other data than the recipe's [data] asks for "
+                            f"({'; '.join(differences)}): set data.dir to another folder to prepare it there, "
+                            "or delete this one to prepare it again")
         log(f"prepared data found in {data_dir} ({data.meta['splits']['train']['tokens']:,} training tokens); "
             "delete it to prepare again")
         return
@@ -40,6 +48,43 @@ def prepare_if_missing(recipe: Recipe) -> None:
     log(f"preparing {source} into {data_dir} with the {recipe.data.tokenizer} tokenizer")
     prepare(data_dir, sources=recipe.data.source or None, val_sources=recipe.data.val_source or None,
             tokenizer=recipe.data.tokenizer, vocab_size=recipe.data.vocab_size, limit=recipe.data.limit)
+
+
+def recipe_differences(recipe: Recipe, data) -> list[str]:
+    """How the prepared `data` differs from what the recipe's [data] would prepare, as "what: recorded, asked"
+    phrases (none: the same). Sources match as written or as resolved paths; the tokenizer by kind, a
+    tokenizer.json by its contents, a trained BPE's vocabulary size when the recipe names one."""
+    want, meta = recipe.data, data.meta
+    recorded = meta.get("source") or {}
+
+    def same_sources(had, asked) -> bool:
+        return len(had) == len(asked) and all(a == b or Path(a).resolve() == Path(b).resolve()
+                                              for a, b in zip(had, asked))
+
+    differences = []
+    had = recorded.get("train")
+    had = [had] if isinstance(had, str) else list(had or [])
+    asked = list(want.source) or [f"hf:{HUB_DATASET}"]
+    if not same_sources(had, asked):
+        differences.append(f"stories: {', '.join(had)}, the recipe asks for {', '.join(asked)}")
+    had_val = recorded.get("val")
+    if want.val_source and not (isinstance(had_val, list) and same_sources(had_val, list(want.val_source))):
+        differences.append(f"validation: {had_val if isinstance(had_val, str) else ', '.join(had_val or [])}, "
+                           f"the recipe asks for {', '.join(want.val_source)}")
+    if recorded.get("limit") != want.limit:
+        differences.append(f"limit: {recorded.get('limit')}, the recipe asks for {want.limit}")
+    spec = meta.get("tokenizer") or {}
+    kind = spec.get("kind")
+    if want.tokenizer == "gpt2" or kind == "gpt2":
+        if kind != want.tokenizer:
+            differences.append(f"tokenizer: {data.tokenizer().identity if kind != 'gpt2' else 'gpt2'}, the recipe "
+                               f"asks for {want.tokenizer}")
+    elif want.tokenizer == "bpe":
+        if want.vocab_size is not None and data.vocab_size != want.vocab_size:
+            differences.append(f"vocabulary: {data.vocab_size:,}, the recipe asks for a BPE of {want.vocab_size:,}")
+    elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:
+        differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for {want.tokenizer}")
+    return differences
 
 
 def run(recipe: Recipe) -> dict:

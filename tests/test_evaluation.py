@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinygemma import Gemma3, ModelConfig, UserError
+from tinygemma import Gemma3, ModelConfig, UserError, load
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.evaluation import evaluate
@@ -155,6 +155,11 @@ def test_eval_refuses_data_from_another_tokenizer(ckpt, stories_file, tmp_path, 
 def test_eval_bad_input(ckpt, gpt2_data, tmp_path, capsys):
     for extra in (["--max-tokens", "1"], ["--block-size", "0"], ["--split", "test"]):
         assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), *extra]) == 2
+    # Windows longer than the model has positions: refused, not evaluated past what it was built for.
+    positions = load(ckpt).config.max_position_embeddings
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", str(positions + 1)]) == 2
+    assert f"--block-size {positions + 1} exceeds the model's max_position_embeddings ({positions})" in \
+        capsys.readouterr().err
     assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(gpt2_data)]) == 2
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(tmp_path)]) == 2  # no meta.json
     assert capsys.readouterr().out == ""

@@ -245,6 +245,9 @@ def _eval_main(args) -> int:
                         f"uses {tokenizer.identity}: its token ids mean other text to this model. Prepare the "
                         "data with the checkpoint's tokenizer.")
     model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
+    if block_size > model.config.max_position_embeddings:
+        raise UserError(f"--block-size {block_size} exceeds the model's max_position_embeddings "
+                        f"({model.config.max_position_embeddings}): it has no positions beyond those")
     if data.vocab_size > model.config.vocab_size:
         raise UserError(f"{args.data} has {data.vocab_size:,} token ids, more than the model's "
                         f"{model.config.vocab_size:,}")

@@ -426,7 +426,9 @@ def _coerce(value, tp, key: str, from_text: bool):
     else:
         raise AssertionError(f"no coercion for {key}: {tp}")
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list of strings")
-    raise UserError(f"{key} must be {expected}, got {value!r}")
+    quoted = not from_text and isinstance(value, str) and tp in (int, float, bool)
+    raise UserError(f"{key} must be {expected}, got {value!r}"
+                    + (" (a quoted string in the recipe file: write it without the quotes)" if quoted else ""))
 
 
 def _parse_text_list(text: str) -> list[str]:

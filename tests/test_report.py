@@ -54,7 +54,11 @@ def test_the_report_is_the_runs_records(straight_run, stories_dir):
     head = git_head()
     assert (run["commit"] or "").startswith(head) if head else run["commit"] is None
     assert f"| commit | {run['commit'] or 'unknown'} |" in text
-    assert f"`{stories_dir / 'train.txt'}`, the first 600 stories" in text  # from the prepared data's meta.json
+    # From the prepared data's meta.json: the stories trained on, and the limit (of training stories: a source
+    # with fewer trains on fewer, as cpu-demo's 2,983 stories against its limit of 5,000)
+    documents = json.loads((straight_run / "config.json").read_text())["run"]["data_documents"]
+    assert documents == {"train": 600, "val": 66}
+    assert f"`{stories_dir / 'train.txt'}`, 600 training stories (limit 600)" in text
 
     assert f"| parameters | {run['parameters']:,} |" in text
     assert "| tokens | 10,240 (40 steps x 256) |" in text

@@ -203,7 +203,11 @@ def data_description(run: dict) -> str:
         return UNKNOWN
     where = (f"[{HUB_DATASET}](https://huggingface.co/datasets/{HUB_DATASET}) from the Hugging Face hub"
              if train == f"hf:{HUB_DATASET}" else ", ".join(f"`{s}`" for s in train))
-    return where + (f", the first {source['limit']:,} stories" if source.get("limit") else "")
+    documents = (run.get("data_documents") or {}).get("train")  # what was trained on; the limit is only a bound
+    limit = source.get("limit")
+    if documents:
+        return where + f", {documents:,} training stories" + (f" (limit {limit:,})" if limit else "")
+    return where + (f", at most the first {limit:,} stories" if limit else "")
 
 
 def val_cells(loss: float, bpb: float | None) -> tuple[str, str]:

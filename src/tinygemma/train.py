@@ -212,6 +212,8 @@ class Trainer:
                            "attention_backend": self.attention[0], "loss_head": self.loss_head,
                            "compiled": compiles(cfg, rt),
                            "data_source": self.data.meta.get("source"),
+                           "data_documents": {split: self.data.meta["splits"][split].get("documents")
+                                              for split in ("train", "val")},
                            **environment(rt.device, rt.world_size)}
         self.writer = Trackers(cfg.loggers, run_dir, resolved, start)  # first: one that cannot start stops the run
         atomic_write_json(run_dir / "config.json", resolved)

@@ -185,7 +185,10 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
         code = proc.returncode
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        output, _ = proc.communicate()
+        try:
+            output, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired as e:  # a process outside the group still holds the output pipe open
+            output = e.output.decode("utf-8", "replace") if isinstance(e.output, bytes) else e.output
         code, output = 124, (output or "") + f"\n(stopped after {timeout:.0f} s)"
     except BaseException:  # the suite itself stopped (Ctrl-C): its command goes with it
         kill_group(proc)

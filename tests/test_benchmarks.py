@@ -299,6 +299,13 @@ def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path
     status = Path(f"/proc/{pid_file.read_text().strip()}/status")
     assert not status.exists() or "\nState:\tZ" in status.read_text()  # gone, or dead and not yet reaped
 
+    # A process that left the group (its own session) and holds the output open does not hang the suite.
+    escaped = tmp_path / "escaped.pid"
+    code, output, seconds = suite.run(["bash", "-c", f"setsid sleep 300 & echo $! > {escaped}; echo started; wait"],
+                                      dict(os.environ), timeout=2)
+    os.kill(int(escaped.read_text()), 9)
+    assert code == 124 and "(stopped after 2 s)" in output and seconds < 30
+
 
 def test_gpu_suite_reads_pytests_closing_line_and_each_tests_outcome(monkeypatch):
     """The CUDA tests' summary is pytest's closing line, never its collection line (which also counts deselected

@@ -1,13 +1,16 @@
 """Our checkpoint format, Hugging Face import (`tinygemma.load`) and export (`tinygemma export`)."""
 
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import tinygemma
-from tinygemma import Gemma3, UserError
+from tinygemma import Gemma3, UserError, files
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 
@@ -95,3 +98,35 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "out").exists()
 
 
+# ------------------------------------------------------------------ how an export writes
+
+
+def test_export_files_get_the_permissions_open_gives(checkpoint, tmp_path, capsys):
+    """Others (another user, a container) can read an export: 0666 less the umask, as open() would make them."""
+    _, path = checkpoint
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_earlier_export(checkpoint, tmp_path, capsys,
+                                                                            monkeypatch):
+    _, path = checkpoint
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def disk_full(tensors, filename, metadata=None):  # what safetensors raises when the disk fills
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(files, "save_file", disk_full)
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"could not write {out / 'model.safetensors'} (" in err and "the disk may be full" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every earlier file intact, no temporary

@@ -1,16 +1,20 @@
 """Files written so that a crash never leaves a half-written one, and read with one clear line when they are bad.
 
 Every file goes to a temporary name beside its target and is renamed into place (an atomic step on POSIX), so a
-reader sees the old file or the new one, never a mix. Nothing here unpickles: tensors are safetensors, the rest
-JSON.
+reader sees the old file or the new one, never a mix; it gets the permissions a plain open() gives (0666 less the
+umask). A write that fails (a full disk) is one line naming the file and the cause, and leaves the old file as it
+was. Nothing here unpickles: tensors are safetensors, the rest JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -29,29 +33,78 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+class WriteError(OSError):
+    """A file could not be written; the message names the file and the cause (the CLI prints it, exit status 1)."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    text = str(error)
+    return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+            or re.search(r"\d+ requested and \d+ written", text) is not None)  # numpy's words for a short write
+
+
+@contextlib.contextmanager
+def write_errors(path: str | Path):
+    """Turn a failure to write `path` (an OSError, or safetensors' own error) into one WriteError line naming
+    `path` and the cause, and saying so when the disk may be full."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, SafetensorError) as e:
+        cause = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        full = "; the disk may be full" if _disk_full(e) else ""
+        error = WriteError(f"could not write {path} ({cause}){full}")
+        error.errno = getattr(e, "errno", None)
+        raise error from None
+
+
+def _new_temporary(path: Path) -> Path:
+    """A new empty file beside `path`, created with mode 0666 as open() creates files, so that the kernel applies the
+    umask (and a default ACL) itself: no umask is read, since os.umask reads it only by setting it, process-wide,
+    which races with other threads. (tempfile.mkstemp would create it 0600 whatever the umask.)"""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; once the block succeeds, fsync it and rename it onto `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written file under `path`.
+    A crash at any moment leaves either the old file or the new one, never a half-written file under `path`. The
+    file gets the permissions open() gives a new file (those the temporary was created with), even where the block
+    replaced the temporary with a file of its own (safetensors writes one of mode 0600). Failures to create, sync
+    or rename the file are a WriteError naming `path`; the block's own are its own.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    with write_errors(path):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path.parent))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temporary(path)
+        mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with write_errors(path):
+            with open(tmp, "rb+") as f:
+                if stat.S_IMODE(os.fstat(f.fileno()).st_mode) != mode:
+                    os.chmod(tmp, mode)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, write_errors(path):
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -61,7 +114,7 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, write_errors(path):
         save_file(tensors, str(tmp), metadata=metadata)
 
 

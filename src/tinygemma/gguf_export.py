@@ -20,7 +20,7 @@ from pathlib import Path
 from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_path
+from tinygemma.files import atomic_path, write_errors
 from tinygemma.hf import hf_state
 from tinygemma.tokenizer import Tokenizer
 
@@ -208,7 +208,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     model = load(src)
     config = model.config
     check_llama_cpp_model(config)
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, write_errors(out):  # a full disk: one line naming the file; the old one stays
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_name(f"tinygemma {src.resolve().name}")

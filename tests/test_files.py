@@ -1,0 +1,89 @@
+"""Atomic files: the permissions a plain open() gives, and one line naming the file when a write fails (the old
+file kept)."""
+
+import contextlib
+import os
+import stat
+
+import pytest
+import torch
+from safetensors import SafetensorError
+
+from tinygemma import files
+from tinygemma.files import (
+    WriteError,
+    atomic_path,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    read_safetensors,
+)
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """The process's umask set to `mask` for the block (process-wide: fine in a single-threaded test)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_atomic_files_get_the_permissions_open_gives(tmp_path, mask):
+    with umask(mask):
+        with open(tmp_path / "plain", "w") as f:
+            f.write("x")
+        atomic_write_text(tmp_path / "a.txt", "text")
+        atomic_write_json(tmp_path / "a.json", {"a": 1})
+        atomic_save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+        with atomic_path(tmp_path / "a.bin") as tmp:
+            tmp.write_bytes(b"tokens")
+    assert mode(tmp_path / "plain") == 0o666 & ~mask
+    for name in ("a.txt", "a.json", "a.safetensors", "a.bin"):
+        assert mode(tmp_path / name) == 0o666 & ~mask, name
+    # Replacing a file gives the new one the same permissions, whatever the old one had.
+    os.chmod(tmp_path / "a.txt", 0o600)
+    with umask(mask):
+        atomic_write_text(tmp_path / "a.txt", "again")
+    assert mode(tmp_path / "a.txt") == 0o666 & ~mask
+
+
+def test_a_failed_safetensors_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    atomic_save_safetensors({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):  # half a file, then safetensors' own error
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(files, "save_file", disk_full)
+    with pytest.raises(WriteError) as raised:
+        atomic_save_safetensors({"w": torch.zeros(3)}, path)
+    message = str(raised.value)
+    assert message.startswith(f"could not write {path} (") and "No space left" in message
+    assert message.endswith("the disk may be full") and "\n" not in message
+    assert isinstance(raised.value, OSError)  # the CLI prints an OSError as one line, exit status 1
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]  # no temporary left
+    assert torch.equal(read_safetensors(path)["w"], torch.ones(3))
+
+
+def test_a_failed_text_write_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    atomic_write_text(path, "old")
+
+    def fail(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(type(path), "write_text", fail)
+    with pytest.raises(WriteError, match=r"could not write .*config.json \(No space left on device\); the disk"):
+        atomic_write_text(path, "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tinygemma.checkpoint import export
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
 from tinygemma.data import prepare
@@ -19,7 +20,8 @@ from tinygemma.train import train
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, stories_dir):
-    """A prepared GPT-2 dataset, a BPE dataset, a trained tiny run, and a few broken files beside them."""
+    """A prepared GPT-2 dataset, a BPE dataset, a trained tiny run, its hf export, and a few broken files beside
+    them."""
     root = tmp_path_factory.mktemp("world")
     prepare(root / "data", sources=[str(stories_dir / "train.txt")], tokenizer="gpt2", limit=300, progress=False)
     prepare(root / "bpe", sources=[str(stories_dir / "train.txt")], tokenizer="bpe", vocab_size=300, limit=100,
@@ -31,6 +33,9 @@ def world(tmp_path_factory, stories_dir):
         "checkpoint_interval=1", "warmup_steps=1", "device=cpu", "dtype=float32", "compile=false",
     ])
     train(recipe, quiet=True)
+    export(root / "run", root / "hf")
+    stories = (stories_dir / "valid.txt").read_text(encoding="utf-8").split("<|endoftext|>")[:40]
+    (root / "stories.txt").write_text("\n<|endoftext|>\n".join(stories), encoding="utf-8")
     (root / "notutf8.txt").write_bytes(b"Once upon a time \xff\xfe\xfa there was a cat.\n")
     (root / "empty.txt").write_text("\n<|endoftext|>\n   \n")
     (root / "bad.toml").write_text("[train\nbatch_size = ")
@@ -64,6 +69,13 @@ CASES = [
     ("prepare-unknown-tokenizer", ["prepare", "--out", "{root}/new", "--source", "{root}/notutf8.txt",
                                    "--tokenizer", "gpt5"], "tokenizer"),
     ("prepare-over-existing-data", ["prepare", "--out", "{root}/data", "--source", "{root}/empty.txt"], ""),
+    # Outputs that are not prepare's: a transformers export (its tokenizer.json), a run, a path under a file.
+    ("prepare-into-an-export", ["prepare", "--out", "{root}/hf", "--source", "{root}/stories.txt"],
+     "not a prepared dataset"),
+    ("prepare-into-a-run", ["prepare", "--out", "{root}/run", "--source", "{root}/stories.txt"],
+     "not a prepared dataset"),
+    ("prepare-under-a-file", ["prepare", "--out", "{root}/run/metrics.jsonl/new", "--source", "{root}/stories.txt"],
+     "is a file, not a folder"),
     ("train-missing-data", ["train", "--data", "{root}/nowhere", "--out", "{root}/new"], "not a prepared dataset"),
     ("train-truncated-tokens", ["train", "--data", "{root}/truncated", "--out", "{root}/new"], "truncated"),
     ("train-unknown-key", ["train", "--data", "{root}/data", "--out", "{root}/new", "--set", "bach_size=4"],
@@ -105,6 +117,18 @@ CASES = [
     ("eval-missing-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/nowhere"], "not a prepared dataset"),
     ("export-missing-ckpt", ["export", "--ckpt", "{root}/nowhere", "--out", "{root}/new"], "not found"),
     ("export-other-architecture", ["export", "--ckpt", "{root}/other", "--out", "{root}/new"], "does not match"),
+    # Outputs that are not export's: the run itself (its config.json is what --resume reads), a dataset, another
+    # folder, a path under a file, and for gguf any existing file that is not GGUF.
+    ("export-into-its-run", ["export", "--ckpt", "{root}/run", "--out", "{root}/run"], "is a training run"),
+    ("export-into-a-dataset", ["export", "--ckpt", "{root}/run", "--out", "{root}/data"], "is a prepared dataset"),
+    ("export-into-a-checkpoint", ["export", "--ckpt", "{root}/run", "--out", "{root}/other"],
+     "not an earlier export"),
+    ("export-under-a-file", ["export", "--ckpt", "{root}/run", "--out", "{root}/run/metrics.jsonl/new"],
+     "is a file, not a folder"),
+    ("export-gguf-over-run-config", ["export", "--ckpt", "{root}/run", "--format", "gguf", "--out",
+                                     "{root}/run/config.json"], "not a GGUF file"),
+    ("export-gguf-over-token-file", ["export", "--ckpt", "{root}/run", "--format", "gguf", "--out",
+                                     "{root}/data/train.bin"], "not a GGUF file"),
 ]
 
 

@@ -11,8 +11,10 @@ from safetensors import SafetensorError
 
 import tinygemma
 from tinygemma import Gemma3, UserError, files
-from tinygemma.checkpoint import save_model
+from tinygemma.checkpoint import is_training_run, save_model
 from tinygemma.cli import main
+from tinygemma.data import is_prepared_dataset
+from tinygemma.hf import is_hf_export
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,7 +100,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "out").exists()
 
 
-# ------------------------------------------------------------------ how an export writes
+
+
+# ------------------------------------------------------------------ where an export may write, and how
 
 
 def test_export_files_get_the_permissions_open_gives(checkpoint, tmp_path, capsys):
@@ -111,6 +115,24 @@ def test_export_files_get_the_permissions_open_gives(checkpoint, tmp_path, capsy
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_export_writes_over_its_own_earlier_export_and_nothing_else(checkpoint, tmp_path, capsys):
+    _, path = checkpoint
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
+    assert is_hf_export(out) and not is_training_run(out) and not is_prepared_dataset(out)
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0  # a re-export replaces it
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "empty")]) == 0
+    capsys.readouterr()
+    # A folder of other things is not an export's to fill.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "config.json").write_text('{"model_type": "llama"}')
+    assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "notes")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an earlier export" in err
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["config.json"]
 
 
 def test_a_full_disk_during_export_is_one_line_and_keeps_the_earlier_export(checkpoint, tmp_path, capsys,

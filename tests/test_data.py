@@ -15,7 +15,7 @@ import tiktoken
 
 from tinygemma import data
 from tinygemma.cli import main
-from tinygemma.data import open_prepared, prepare
+from tinygemma.data import is_prepared_dataset, open_prepared, prepare
 from tinygemma.errors import UserError
 from tinygemma.tokenizer import GPT2Tokenizer
 
@@ -274,6 +274,27 @@ def test_cli_writes_a_dataset(stories_dir, tmp_path, capsys):
     assert open_prepared(tmp_path).meta["splits"]["val"]["documents"] == 12
 
 
+def test_prepare_writes_only_where_a_dataset_belongs(stories_dir, tmp_path, capsys):
+    """A new or empty folder, or an earlier dataset (replaced); never a folder of other things, such as a
+    transformers export whose tokenizer.json it would swap."""
+    args = ["--source", stories_dir / "valid.txt", "--limit", "20", "--workers", "1"]
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text('{"model_type": "gemma3_text"}')
+    (export / "tokenizer.json").write_text('{"the": "export\'s tokenizer"}')
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    status, err = _fail(capsys, "--out", export, *args)
+    assert status == 2 and len(err) == 1 and "not a prepared dataset and holds other files (config.json)" in err[0]
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    (tmp_path / "empty").mkdir()
+    assert _fail(capsys, "--out", tmp_path / "empty", *args)[0] == 0
+    assert is_prepared_dataset(tmp_path / "empty") and not is_prepared_dataset(export)
+    assert _fail(capsys, "--out", tmp_path / "empty", *args, "--tokenizer", "bpe", "--vocab-size", "300")[0] == 0
+    assert open_prepared(tmp_path / "empty").vocab_size == 300  # the earlier dataset, replaced
+    status, err = _fail(capsys, "--out", tmp_path / "empty" / "meta.json", *args)
+    assert status == 2 and "is a file" in err[0]
+
+
 # ------------------------------------------------------------------ interrupted runs, corrupt data
 
 
@@ -314,6 +335,9 @@ def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
     assert not (out / "meta.json").exists() and not (out / "train.bin").exists()
     with pytest.raises(UserError, match="no meta.json"):
         open_prepared(out)
+    # What the killed run left is prepare's own: preparing again into it is allowed, and finishes a dataset.
+    prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
+    assert open_prepared(out).meta["splits"]["train"]["documents"] == 20
 
 
 def test_open_prepared_refuses_corrupt_data(stories_dir, tmp_path):

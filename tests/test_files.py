@@ -1,5 +1,5 @@
-"""Atomic files: the permissions a plain open() gives, and one line naming the file when a write fails (the old
-file kept)."""
+"""Atomic files: the permissions a plain open() gives, one line naming the file when a write fails (the old file
+kept), and output paths under a file refused in one line."""
 
 import contextlib
 import os
@@ -10,13 +10,16 @@ import torch
 from safetensors import SafetensorError
 
 from tinygemma import files
+from tinygemma.errors import UserError
 from tinygemma.files import (
     WriteError,
     atomic_path,
     atomic_save_safetensors,
     atomic_write_json,
     atomic_write_text,
+    check_output_path,
     read_safetensors,
+    temporary_target,
 )
 
 
@@ -87,3 +90,21 @@ def test_a_failed_text_write_names_the_file(tmp_path, monkeypatch):
         atomic_write_text(path, "new")
     monkeypatch.undo()
     assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_an_output_path_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="metrics.jsonl is a file, not a folder"):
+        check_output_path(tmp_path / "metrics.jsonl" / "hf" / "deeper")
+    assert check_output_path(tmp_path / "new" / "folder") == tmp_path / "new" / "folder"
+    with pytest.raises(WriteError, match="Not a directory"):  # writing there without the check
+        atomic_write_text(tmp_path / "metrics.jsonl" / "x.json", "{}")
+
+
+def test_temporary_names_are_recognised(tmp_path, monkeypatch):
+    seen = []
+    with atomic_path(tmp_path / "train.bin") as tmp:
+        seen.append(tmp.name)
+    assert temporary_target(seen[0]) == "train.bin"
+    assert temporary_target(".meta.json.ab_c1234.tmp") == "meta.json"  # mkstemp's names, left by older versions
+    assert temporary_target("train.bin") is None and temporary_target(".x.tmp") is None

@@ -368,6 +368,21 @@ def test_existing_file_is_replaced_atomically(small_ckpt, tmp_path, capsys, monk
     assert out.read_bytes()[:4] == b"GGUF" and sorted(tmp_path.iterdir()) == [out]
 
 
+def test_an_existing_file_that_is_not_gguf_is_never_replaced(small_ckpt, tmp_path, capsys):
+    """A run's config.json, a dataset's token file, anything but an earlier GGUF file: refused in one line."""
+    for name, content in (("config.json", b'{"train": {}}'), ("train.bin", b"\x01\x00" * 8), ("empty", b"")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "gguf", "--out", path], capsys)
+        assert code == 2 and "is not a GGUF file" in err, name
+        assert path.read_bytes() == content
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "gguf", "--out",
+                         tmp_path / "metrics.jsonl" / "m.gguf"], capsys)
+    assert code == 2 and "metrics.jsonl is a file, not a folder" in err
+    assert not list(tmp_path.rglob("*.gguf*")) and not list(tmp_path.glob(".*"))
+
+
 def test_model_llama_cpp_cannot_run_is_refused(bpe, tmp_path, capsys):
     config = ModelConfig.preset("gemma3-tiny", vocab_size=bpe.vocab_size, n_layers=1, query_pre_attn_scalar=64.0)
     save_model(Gemma3(config), tmp_path / "ckpt", {"tokenizer": bpe.save(tmp_path / "ckpt")})

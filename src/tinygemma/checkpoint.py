@@ -24,17 +24,20 @@ import numpy as np
 import torch
 
 from tinygemma.config import ModelConfig
+from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import parse_dtype, pick_device, pick_dtype
 from tinygemma.errors import UserError
 from tinygemma.files import (
     atomic_path,
     atomic_save_safetensors,
     atomic_write_json,
+    check_output_path,
     fsync_dir,
+    peek_json,
     read_json,
     read_safetensors,
 )
-from tinygemma.hf import load_hf, save_hf
+from tinygemma.hf import is_hf_export, load_hf, save_hf
 from tinygemma.model import Gemma3, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
 from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
@@ -109,19 +112,50 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     return model.eval()
 
 
+def is_training_run(path: str | Path) -> bool:
+    """Whether `path` is a folder holding a training run: its checkpoints/, its metrics.jsonl, or the resolved recipe
+    that training writes as its config.json (sections such as train and model, where a transformers config.json
+    has a model_type)."""
+    path = Path(path)
+    config = peek_json(path / "config.json")
+    return ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists()
+            or ("train" in config and "model_type" not in config))
+
+
+def check_export_out(out: str | Path, src: Path) -> Path:
+    """The --out of an hf export, refused in one line unless the export is the only thing it can replace: a new or
+    empty folder, or an earlier export (see hf.is_hf_export), never the checkpoint itself, a training run (its
+    config.json is the recipe --resume reads), a prepared dataset (its tokenizer.json) or any other folder."""
+    out = check_output_path(out)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; give the folder to write the export into")
+    if out.resolve() == src.resolve():
+        raise UserError("--out must differ from the checkpoint directory")
+    if is_training_run(out):
+        raise UserError(f"--out {out} is a training run; exporting into it would replace its config.json (the "
+                        "recipe that --resume reads): choose a new folder")
+    if is_prepared_dataset(out):
+        raise UserError(f"--out {out} is a prepared dataset; exporting into it would replace its tokenizer.json: "
+                        "choose a new folder")
+    if not is_hf_export(out) and any(out.iterdir()):
+        raise UserError(f"--out {out} holds other files and is not an earlier export (a config.json of model_type "
+                        "gemma3_text beside model.safetensors): choose a new or empty folder")
+    return out
+
+
 def export(ckpt: str | Path, out: str | Path) -> Path:
     """Write a transformers Gemma3ForCausalLM directory (config.json, model.safetensors, tokenizer files)."""
     src = resolve_checkpoint(ckpt)
+    out = check_export_out(out, src)  # before the (slow) model load
     meta = read_checkpoint_meta(src)
     model = load(src)
-    out = Path(out)
-    if out.exists() and out.resolve() == src.resolve():
-        raise UserError("--out must differ from the checkpoint directory")
     eot = (meta.get("tokenizer") or {}).get("eot_id")
     save_hf(model, out, eot_id=eot)
     if meta.get("tokenizer"):
         tokenizer_from_spec(meta["tokenizer"], base_dir=src).save_hf(out)
-    elif src != out:
+    else:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
             if (src / name).exists():
                 shutil.copyfile(src / name, out / name)

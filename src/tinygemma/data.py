@@ -5,7 +5,8 @@
     DIR/tokenizer.json           when the tokenizer is a file (a trained BPE, Gemma 3's own, ...)
     DIR/meta.json                tokenizer spec, vocab_size, eot_id, dtype, per split documents/tokens/bytes, source
 meta.json is written last, atomically, and only once every .bin is complete; `open_prepared` refuses a
-directory without a valid one, so an interrupted run is never mistaken for a dataset.
+directory without a valid one, so an interrupted run is never mistaken for a dataset. `prepare` writes only into
+a new or empty folder, a dataset it prepared before (which it replaces), or what an interrupted run of it left.
 """
 
 from __future__ import annotations
@@ -27,9 +28,23 @@ import torch
 
 from tinygemma.config import TrainConfig
 from tinygemma.errors import UserError, describe
-from tinygemma.files import atomic_path, atomic_write_json, read_json
+from tinygemma.files import (
+    atomic_path,
+    atomic_write_json,
+    check_output_path,
+    peek_json,
+    read_json,
+    temporary_target,
+)
 from tinygemma.runtime import Runtime
-from tinygemma.tokenizer import EOT_TOKEN, Tokenizer, load_tokenizer, tokenizer_from_spec, train_bpe
+from tinygemma.tokenizer import (
+    EOT_TOKEN,
+    TOKENIZER_FILE,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_from_spec,
+    train_bpe,
+)
 
 FORMAT = "tinygemma-tokens"
 VERSION = 1
@@ -343,6 +358,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     out_dir = Path(out_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
+    check_prepare_out(out_dir)
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
 
     if tokenizer == "bpe":
@@ -431,6 +447,33 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
         "val": (lambda: _select(train(), carve, True, limit)) if val is None else val,
     }
     return split_stories, val_from, carve
+
+
+def is_prepared_dataset(path: str | Path) -> bool:
+    """Whether `path` is a folder holding a dataset of `prepare`: a meta.json of this format (its token files may
+    still be truncated: `open_prepared` checks them)."""
+    return peek_json(Path(path) / META_NAME).get("format") == FORMAT
+
+
+# What prepare writes: the split files, the tokenizer, meta.json (and, if killed, temporaries of these).
+PREPARED_FILES = frozenset({META_NAME, TOKENIZER_FILE, *(f"{split}.bin" for split in SPLITS)})
+
+
+def check_prepare_out(out_dir: str | Path) -> None:
+    """Refuse an --out that prepare would damage: it writes into a new or empty folder, replaces a dataset it
+    prepared before, or finishes what an interrupted run left (only prepare's own files, no meta.json); any other
+    folder (a transformers export, a training run, ...) would lose its tokenizer.json to it."""
+    out_dir = check_output_path(out_dir)
+    if not out_dir.exists() or is_prepared_dataset(out_dir):
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give the folder to write the dataset into")
+    others = sorted(p.name for p in out_dir.iterdir()
+                    if p.name not in PREPARED_FILES and temporary_target(p.name) not in PREPARED_FILES)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"--out {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "
+                        "a new or empty folder, or into an earlier prepared dataset to replace it")
 
 
 def _check_positive_int(value, name: str) -> None:

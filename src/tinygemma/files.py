@@ -103,6 +103,25 @@ def atomic_path(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+def temporary_target(name: str) -> str | None:
+    """The file name a temporary file of atomic_path (or of mkstemp, which it once used) stands for, or None when
+    `name` is not one: what a killed writer can leave beside its target."""
+    match = re.fullmatch(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp", name)
+    return match.group(1) if match else None
+
+
+def check_output_path(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as a Path, refused in one line when no file can be made there because a folder above it is a file
+    (rather than the OSError "Not a directory" that writing would meet)."""
+    path = Path(path)
+    for parent in path.parents:  # nearest first
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp, write_errors(path):
         tmp.write_text(text, encoding="utf-8")
@@ -129,6 +148,16 @@ def read_json(path: str | Path, what: str = "file") -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} does not hold a JSON object")
     return obj
+
+
+def peek_json(path: str | Path) -> dict:
+    """The JSON object in `path`, or {} when there is none (missing, unreadable, not JSON, not an object): for
+    telling what a folder holds, where a bad file simply means "not that"."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_path, write_errors
+from tinygemma.files import atomic_path, check_output_path, write_errors
 from tinygemma.hf import hf_state
 from tinygemma.tokenizer import Tokenizer
 
@@ -38,17 +38,31 @@ MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 # A story model has no chat format: a chat front end (llama-server's web page, LM Studio) sends the messages' text
 # as it is, and the model continues it.
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether `path` is a file that starts as a GGUF file does (what an export may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
-    """The output file, after checking what needs no model: the dtype, and a folder to write into."""
+    """The output file, after checking what needs no model: the dtype, a folder to write into, and that the file is
+    new or an earlier GGUF file (never a run's config.json or a dataset's token file)."""
     if dtype not in GGUF_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r} for gguf; choose {', '.join(GGUF_DTYPES)}")
-    out = Path(out)
+    out = check_output_path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the .gguf file to write")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.exists() and not is_gguf_file(out):
+        raise UserError(f"--out {out} exists and is not a GGUF file; an export replaces only an earlier .gguf: "
+                        "choose a new file name")
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.devices import dtype_name
 from tinygemma.errors import UserError, describe
-from tinygemma.files import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from tinygemma.files import atomic_save_safetensors, atomic_write_json, peek_json, read_json, read_safetensors
 from tinygemma.model import Gemma3, model_from_state, model_state
 
 # Our parameter name -> transformers' Gemma3ForCausalLM name; `{}` stands for the layer index.
@@ -212,6 +212,14 @@ def load_hf(directory: str | Path) -> Gemma3:
     config = model_config_from_hf(read_json(directory / "config.json", "config.json"))
     state = {from_hf_name(k): v for k, v in read_hf_weights(directory).items()}
     return model_from_state(config, state, source=directory)
+
+
+def is_hf_export(path: str | Path) -> bool:
+    """Whether `path` is a folder holding a transformers Gemma 3 text model as `save_hf` writes one: a config.json
+    with model_type gemma3_text beside a model.safetensors. (A run's config.json is its recipe, with no
+    model_type; a prepared dataset has neither file.) An export may be written over such a folder again."""
+    path = Path(path)
+    return (path / "model.safetensors").is_file() and peek_json(path / "config.json").get("model_type") == "gemma3_text"
 
 
 def save_hf(model: Gemma3, out: str | Path, eot_id: int | None = None) -> None:

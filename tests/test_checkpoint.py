@@ -3,7 +3,9 @@
 import json
 import os
 import pickle
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +154,28 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_earlier_export(chec
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"could not write {out / 'model.safetensors'} (" in err and "the disk may be full" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every earlier file intact, no temporary
+
+
+def test_tokenizer_files_of_a_transformers_directory_are_copied_atomically(checkpoint, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Exporting a transformers directory copies its tokenizer files; one whose copy fails leaves the earlier one."""
+    _, path = checkpoint
+    source = tmp_path / "source"
+    assert main(["export", "--ckpt", str(path), "--out", str(source)]) == 0
+    (source / "tokenizer.json").write_text('{"the": "tokenizer"}')
+    out = tmp_path / "out"
+    assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").read_text() == '{"the": "tokenizer"}'
+    copy = shutil.copyfile
+
+    def fails_halfway(src, dst, **kwargs):
+        if Path(src).name != "tokenizer.json":
+            return copy(src, dst, **kwargs)
+        Path(dst).write_text('{"the": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", fails_halfway)
+    (source / "tokenizer.json").write_text('{"a": "newer tokenizer"}')
+    assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 1
+    assert (out / "tokenizer.json").read_text() == '{"the": "tokenizer"}'
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

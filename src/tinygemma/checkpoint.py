@@ -158,7 +158,8 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     else:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
             if (src / name).exists():
-                shutil.copyfile(src / name, out / name)
+                with atomic_path(out / name) as tmp:
+                    shutil.copyfile(src / name, tmp)
     return out
 
 

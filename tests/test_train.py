@@ -542,3 +542,29 @@ def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_behind_the_run(d
         run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=1)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     assert run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4
+
+
+def test_train_refuses_an_out_that_holds_something_else(data_dir, tmp_path, capsys):
+    """--out is a new or empty folder, or a training run: a prepared dataset, a transformers export, any other
+    folder or a file is refused in one line (exit 2) and left byte for byte as it was."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    (export / "model.safetensors").write_bytes(b"weights")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    cases = {data_dir: "is a prepared dataset", export: "is a Hugging Face export",
+             other: "is a folder that holds no training run", a_file: "is a file", a_file / "run": "is a file, not a folder"}
+    for out, phrase in cases.items():
+        before = {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()} if out.exists() else {}
+        args = [a for s in tiny_settings(data_dir, out, "max_steps=4") for a in ("--set", s)]
+        assert main(["train", *args]) == 2, out
+        err = capsys.readouterr().err
+        assert phrase in err and err.count("\n") == 1, err
+        assert before == ({p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()} if out.exists() else {})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(data_dir, empty, "max_steps=4")["step"] == 4

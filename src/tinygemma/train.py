@@ -42,6 +42,7 @@ from tinygemma.checkpoint import (
     WEIGHTS_NAME,
     checkpoint_pointer,
     checkpoint_tokenizer,
+    is_training_run,
     load_optimizer,
     prune_checkpoints,
     rng_state,
@@ -51,6 +52,7 @@ from tinygemma.checkpoint import (
 from tinygemma.config import ModelConfig, Recipe, TrainConfig
 from tinygemma.data import (
     Batches,
+    is_prepared_dataset,
     micro_batch_sizes,
     open_prepared,
     process_share,
@@ -60,7 +62,8 @@ from tinygemma.data import (
 from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError, describe
 from tinygemma.evaluation import evaluate_windows
-from tinygemma.files import atomic_write_json, read_json, read_safetensors
+from tinygemma.files import atomic_write_json, check_output_path, read_json, read_safetensors
+from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
 from tinygemma.optim import (
     check_resume_schedule,
@@ -126,7 +129,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, resume: bool, stop_at: int | None, quiet: bool, profile: str | None = None):
         self.recipe, self.cfg, self.quiet = recipe, recipe.train, quiet
         require_loggers(self.cfg.loggers)  # a tracker not installed stops every process here, before any work
-        self.run_dir, self.data_dir = Path(recipe.out), Path(recipe.data.dir)
+        self.run_dir, self.data_dir = check_run_out(recipe.out), Path(recipe.data.dir)
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = checkpoint_pointer(self.run_dir) if (self.run_dir / "checkpoints").exists() else None
@@ -462,6 +465,23 @@ def check_profile_range(spec: str, start: int, end: int) -> tuple[int, int]:
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")
     return first, last
+
+
+def check_run_out(out: str) -> Path:
+    """The run directory, refused in one line unless training may write there: a new or empty folder, or a
+    training run (its own, continued or started again after a crash before its first checkpoint). A transformers
+    export, a prepared dataset or any other folder would lose its config.json, report.md or loss.png."""
+    path = check_output_path(out)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise UserError(f"--out {path} is a file; give the folder to write the run into")
+    if is_training_run(path) or not any(path.iterdir()):
+        return path
+    what = ("a prepared dataset" if is_prepared_dataset(path) else "a Hugging Face export" if is_hf_export(path)
+            else "a folder that holds no training run")
+    raise UserError(f"--out {path} is {what}; training would write its config.json, report.md and logs into it. "
+                    "Choose a new folder for the run")
 
 
 def check_stop_at(stop_at: int | None, start: int) -> None:

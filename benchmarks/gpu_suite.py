@@ -108,6 +108,7 @@ TOTAL_SECONDS = 570
 STEP_SHARES = {"trainer": 0.535, "workshop": 0.605, "generation": 0.665, "optimizer_step": 0.74, "loss_head": 0.81,
                "tests": 1.0}
 MIN_COMMAND_SECONDS = 30  # a command with less time left in its share is not started, and says so
+OUTPUT_GRACE_SECONDS = 10  # after a stopped command's group is killed, its output is read for this long at most
 
 
 @dataclass
@@ -186,7 +187,7 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     except subprocess.TimeoutExpired:
         kill_group(proc)
         try:
-            output, _ = proc.communicate(timeout=10)
+            output, _ = proc.communicate(timeout=OUTPUT_GRACE_SECONDS)
         except subprocess.TimeoutExpired as e:  # a process outside the group still holds the output pipe open
             output = e.output.decode("utf-8", "replace") if isinstance(e.output, bytes) else e.output
         code, output = 124, (output or "") + f"\n(stopped after {timeout:.0f} s)"

@@ -286,7 +286,7 @@ def test_gpu_suite_leaves_a_report_and_summary_of_the_steps_done_when_stopped(tm
     assert not summary["complete"] and summary["steps"] == {} and summary["torch"] == torch.__version__
 
 
-def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path):
+def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path, monkeypatch):
     """A command stopped at its deadline goes with everything it started (torchrun's workers, compile workers),
     so nothing left behind holds the GPU while the next steps measure; its output so far is kept."""
     import os
@@ -294,13 +294,14 @@ def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path
     suite = load_script("gpu_suite")
     pid_file = tmp_path / "child.pid"
     code, output, seconds = suite.run(["bash", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; wait"],
-                                      dict(os.environ), timeout=3)
-    assert code == 124 and "started" in output and "(stopped after 3 s)" in output and seconds < 60
+                                      dict(os.environ), timeout=2)
+    assert code == 124 and "started" in output and "(stopped after 2 s)" in output and seconds < 60
     status = Path(f"/proc/{pid_file.read_text().strip()}/status")
     assert not status.exists() or "\nState:\tZ" in status.read_text()  # gone, or dead and not yet reaped
 
     # A process that left the group (its own session) and holds the output open does not hang the suite.
     escaped = tmp_path / "escaped.pid"
+    monkeypatch.setattr(suite, "OUTPUT_GRACE_SECONDS", 1)
     code, output, seconds = suite.run(["bash", "-c", f"setsid sleep 300 & echo $! > {escaped}; echo started; wait"],
                                       dict(os.environ), timeout=2)
     os.kill(int(escaped.read_text()), 9)

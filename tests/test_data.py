@@ -191,8 +191,10 @@ def test_hub_with_a_limit_streams_only_the_first_stories(stories_dir, valid, r50
     assert f"reading {hub} train" in err and "300/300" in err  # progress while reading, and not one story more
     assert data.read_stories(limit=3) == train[:3]
 
-    with pytest.raises(UserError, match=f"cannot load {hub}"):  # without a limit, everything is read
+    with pytest.raises(UserError, match=f"cannot load {hub}") as error:  # without a limit, everything is read
         prepare(tmp_path / "all", workers=1, progress=False)
+    # What to do instead, for both commands that prepare (run has no --source of its own)
+    assert str(error.value).endswith("--source FILE to tinygemma prepare, --set data.source=FILE to tinygemma run")
 
 
 def test_bpe_prepare(stories_dir, valid, tmp_path):

@@ -168,7 +168,8 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
             dataset = datasets.load_dataset(HUB_DATASET, streaming=limit is not None)
         except Exception as e:
             raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({describe(e)}); give local "
-                            "files with --source") from None
+                            "story files: --source FILE to tinygemma prepare, --set data.source=FILE to tinygemma "
+                            "run") from None
         if limit is None:
             return _dataset_splits(dataset, HUB_DATASET)
         if "train" not in dataset:

@@ -62,7 +62,13 @@ from tinygemma.data import (
 from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError, describe
 from tinygemma.evaluation import evaluate_windows
-from tinygemma.files import atomic_write_json, check_output_path, read_json, read_safetensors
+from tinygemma.files import (
+    atomic_write_json,
+    check_output_path,
+    read_json,
+    read_safetensors,
+    temporary_target,
+)
 from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
 from tinygemma.optim import (
@@ -85,6 +91,7 @@ from tinygemma.profiling import StepProfiler, parse_profile_range
 from tinygemma.report import environment, write_report
 from tinygemma.runtime import all_reduce_sum, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
 
 # ------------------------------------------------------------------ the loop
@@ -137,11 +144,12 @@ class Trainer:
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume)
         self.start = state.get("step", 0)
-        check_stop_at(stop_at, self.start)
+        check_stop_at(stop_at)
         if ckpt_dir is not None:
             check_same_tokenizer(ckpt_dir, state, self.data, self.data_dir)
         check_resume_schedule(state.get("config", {}).get("train"), self.cfg, self.start)
-        self.end = min(self.cfg.max_steps, stop_at) if stop_at is not None else self.cfg.max_steps
+        # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
+        self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = None
@@ -476,7 +484,7 @@ def check_run_out(out: str) -> Path:
         return path
     if not path.is_dir():
         raise UserError(f"--out {path} is a file; give the folder to write the run into")
-    if is_training_run(path) or not any(path.iterdir()):
+    if is_training_run(path) or all(own_file(p.name) for p in path.iterdir()):
         return path
     what = ("a prepared dataset" if is_prepared_dataset(path) else "a Hugging Face export" if is_hf_export(path)
             else "a folder that holds no training run")
@@ -484,16 +492,20 @@ def check_run_out(out: str) -> Path:
                     "Choose a new folder for the run")
 
 
-def check_stop_at(stop_at: int | None, start: int) -> None:
-    """--stop-at names an optimizer step this invocation reaches: at least 1, and not before the run's last
-    checkpoint (equal to it: nothing to train, the checkpoint is already there)."""
-    if stop_at is None:
-        return
-    if stop_at < 1:
+# What training writes into a run folder before its config.json (which makes it a run: is_training_run): the
+# trackers' files. A folder holding only these, or temporaries a kill left of them and of config.json, is a run
+# whose start failed (a tracker that could not start, a full disk), and training may start in it again.
+EARLY_RUN_FILES = {"tb", "wandb", TRACKERS_STATE}
+
+
+def own_file(name: str) -> bool:
+    return name in EARLY_RUN_FILES or temporary_target(name) in EARLY_RUN_FILES | {"config.json"}
+
+
+def check_stop_at(stop_at: int | None) -> None:
+    """--stop-at names an optimizer step: 1 or more. One the run has already passed trains nothing."""
+    if stop_at is not None and stop_at < 1:
         raise UserError(f"--stop-at must be an optimizer step of 1 or more, got {stop_at}")
-    if stop_at < start:
-        raise UserError(f"--stop-at {stop_at}: the run is already at step {start} (its last checkpoint); give a later "
-                        "step, or leave --stop-at out to train to max_steps")
 
 
 def check_same_tokenizer(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:

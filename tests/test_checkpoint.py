@@ -127,7 +127,23 @@ def test_export_writes_over_its_own_earlier_export_and_nothing_else(checkpoint, 
     assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0  # a re-export replaces it
     (tmp_path / "empty").mkdir()
     assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "empty")]) == 0
+    # An export stopped halfway holds only export's own files, config.json (written first) among them, or only a
+    # temporary (a kill during the first write): exporting into it again finishes it.
+    for name, kept in [("half", ["config.json"]), ("killed", [])]:
+        half = tmp_path / name
+        half.mkdir()
+        for file in kept:
+            (half / file).write_bytes((out / file).read_bytes())
+        (half / ".model.safetensors.0a1b2c3d.tmp").write_bytes(b"half")
+        assert not is_hf_export(half)
+        assert main(["export", "--ckpt", str(path), "--out", str(half)]) == 0 and is_hf_export(half)
     capsys.readouterr()
+    # A lone weights file is no export stopped halfway (config.json comes first): someone else's, kept.
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"theirs")
+    assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "weights")]) == 2
+    assert (tmp_path / "weights" / "model.safetensors").read_bytes() == b"theirs"
+    assert "not an earlier export" in capsys.readouterr().err
     # A folder of other things is not an export's to fill.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "config.json").write_text('{"model_type": "llama"}')

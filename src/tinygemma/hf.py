@@ -225,13 +225,14 @@ def is_hf_export(path: str | Path) -> bool:
 def save_hf(model: Gemma3, out: str | Path, eot_id: int | None = None) -> None:
     """config.json, generation_config.json and model.safetensors for `Gemma3ForCausalLM.from_pretrained`, with
     end-of-text as its bos, eos and pad token (TinyStories has no other special token). The tokenizer's files
-    are the caller's (Tokenizer.save_hf)."""
+    are the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is
+    then still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
     out = Path(out)
     dtype = dtype_name(model.embed_tokens.weight.dtype)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_json(out / "config.json", hf_config(model.config, bos_id=eot_id, eos_id=eot_id, pad_id=eot_id,
                                                      torch_dtype=dtype))
+    atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_json(out / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id,
                                                        "pad_token_id": eot_id})
 

@@ -140,7 +140,7 @@ def test_bad_settings_are_refused_by_name(setting, message):
 def test_bad_recipe_files_are_refused(tmp_path):
     cases = {
         "[train]\nbatch_size = \"32\"\n": "train.batch_size must be an integer, got '32' (a quoted string in the "
-                                         "recipe file: write it without the quotes)",
+                                         "recipe file: numbers and true/false go without quotes)",
         "[train]\nlearning_rate = \"3e-4\"\n": "train.learning_rate must be a number, got '3e-4' (a quoted string",
         "[train]\nlearning_rate = true\n": "train.learning_rate must be a number",
         "[training]\nbatch_size = 3\n": "unknown section(s) training",

@@ -428,7 +428,8 @@ def _coerce(value, tp, key: str, from_text: bool):
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list of strings")
     quoted = not from_text and isinstance(value, str) and tp in (int, float, bool)
     raise UserError(f"{key} must be {expected}, got {value!r}"
-                    + (" (a quoted string in the recipe file: write it without the quotes)" if quoted else ""))
+                    + (" (a quoted string in the recipe file: numbers and true/false go without quotes)"
+                       if quoted else ""))
 
 
 def _parse_text_list(text: str) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
-from tinygemma.data import HUB_DATASET, META_NAME, open_prepared, prepare
+from tinygemma.data import DEFAULT_BPE_VOCAB_SIZE, HUB_DATASET, META_NAME, open_prepared, prepare
 from tinygemma.devices import pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
@@ -40,7 +40,8 @@ def prepare_if_missing(recipe: Recipe) -> None:
         if differences:
             raise UserError(f"{data_dir} was prepared from other data than the recipe's [data] asks for "
                             f"({'; '.join(differences)}): set data.dir to another folder to prepare it there, "
-                            "or delete this one to prepare it again")
+                            "delete this one to prepare it again, or give [data] the settings it was prepared "
+                            "with (--set data.source=..., data.tokenizer=..., data.limit=...)")
         log(f"prepared data found in {data_dir} ({data.meta['splits']['train']['tokens']:,} training tokens); "
             "delete it to prepare again")
         return
@@ -53,7 +54,7 @@ def prepare_if_missing(recipe: Recipe) -> None:
 def recipe_differences(recipe: Recipe, data) -> list[str]:
     """How the prepared `data` differs from what the recipe's [data] would prepare, as "what: recorded, asked"
     phrases (none: the same). Sources match as written or as resolved paths; the tokenizer by kind, a
-    tokenizer.json by its contents, a trained BPE's vocabulary size when the recipe names one."""
+    tokenizer.json by its contents, a trained BPE by its vocabulary size (the recipe's, or prepare's default)."""
     want, meta = recipe.data, data.meta
     recorded = meta.get("source") or {}
 
@@ -80,8 +81,9 @@ def recipe_differences(recipe: Recipe, data) -> list[str]:
             differences.append(f"tokenizer: {data.tokenizer().identity if kind != 'gpt2' else 'gpt2'}, the recipe "
                                f"asks for {want.tokenizer}")
     elif want.tokenizer == "bpe":
-        if want.vocab_size is not None and data.vocab_size != want.vocab_size:
-            differences.append(f"vocabulary: {data.vocab_size:,}, the recipe asks for a BPE of {want.vocab_size:,}")
+        vocab_size = want.vocab_size or DEFAULT_BPE_VOCAB_SIZE
+        if data.vocab_size != vocab_size:
+            differences.append(f"vocabulary: {data.vocab_size:,}, the recipe asks for a BPE of {vocab_size:,}")
     elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:
         differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for {want.tokenizer}")
     return differences

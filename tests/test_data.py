@@ -420,3 +420,22 @@ def test_micro_batch_sizes_that_do_not_divide_a_process_share_are_refused():
                                            1, "cuda") == 16
     with pytest.raises(UserError, match="micro_batch_size must be auto or a positive integer, got '0'"):
         TrainConfig(micro_batch_size="0")
+
+
+def test_a_full_disk_while_preparing_is_one_line_naming_the_file(stories_dir, tmp_path, monkeypatch):
+    """The token files are written through write_errors too: a full disk names train.bin (not a bare errno line),
+    and the dataset prepared before stays whole."""
+    from tinygemma.files import WriteError
+
+    out = tmp_path / "data"
+    prepare(out, sources=[stories_dir / "train.txt"], limit=50, val_fraction=0.1, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data, "_tokenize_to_file", disk_full)
+    with pytest.raises(WriteError, match=rf"could not write {out / 'train.bin'} \(No space left on device\); the "
+                                         "disk may be full"):
+        prepare(out, sources=[stories_dir / "train.txt"], limit=50, val_fraction=0.1, workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -35,6 +35,7 @@ from tinygemma.files import (
     peek_json,
     read_json,
     temporary_target,
+    write_errors,
 )
 from tinygemma.runtime import Runtime
 from tinygemma.tokenizer import (
@@ -374,7 +375,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
             tmp = {split: stack.enter_context(atomic_path(out_dir / f"{split}.bin")) for split in SPLITS}
             counts = {}
             for split in SPLITS:
-                counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], split, progress)
+                with write_errors(out_dir / f"{split}.bin"):  # a full disk: one line naming the file
+                    counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], split, progress)
                 if not counts[split]["documents"]:
                     raise UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} "
                                     "corpus is empty" + (" (too few stories to set some aside; use --val-source "

@@ -180,7 +180,7 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     # Its own session: at the deadline the whole group goes (torchrun's workers, inductor's compile workers), so
     # nothing left running holds the GPU while the next steps measure.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent)
     try:
         output, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
@@ -195,6 +195,23 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
         kill_group(proc)
         raise
     return code, output, time.perf_counter() - start
+
+
+def die_with_parent() -> None:
+    """In the command's process, before it starts: killed if the suite dies (SIGKILL included), since its own
+    session no longer receives the signals sent to the suite's process group (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_on_signal(signum, frame) -> None:
+    """SIGTERM or SIGHUP to the suite (a job runner's timeout): stop as Ctrl-C does, so that the running command's
+    group is killed (run) and the report says what was measured."""
+    raise SystemExit(128 + signum)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -222,6 +239,7 @@ def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, i
     """benchmarks/SCRIPT.py on the plan's preset and device, writing --json work/STEP.json, stopped at STEP's share
     of the budget: (the report's lines so far, its JSON or None on failure, seconds, its output)."""
     out = work / f"{step}.json"
+    out.unlink(missing_ok=True)  # a reused --work: no earlier run's figures read as this one's
     cmd = [sys.executable, f"benchmarks/{script}.py", "--preset", plan.preset, "--device", plan.device, *args,
            "--json", str(out)]
     code, output, seconds = run(cmd, env, plan.seconds_left(150, STEP_SHARES[step]))
@@ -353,6 +371,7 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda res
     rows, failures, profiles = [], [], []
     for n, (block, batch, accum, optimizer) in enumerate(plan.trainer_runs, start=2):
         out = work / f"run-{block}-{optimizer}"
+        shutil.rmtree(out, ignore_errors=True)  # a reused --work: no earlier run's rows read as this one's
         cmd = trainer_command(plan, data, out, block, batch, accum, optimizer)
         code, output, seconds = run(cmd, env, timeout=plan.seconds_left(240, share))
         commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
@@ -720,15 +739,20 @@ def main(argv: list[str] | None = None) -> int:
         write(results)
 
     write(results)  # the machine, and every step "not reached", before anything can go wrong
-    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
-        work = Path(args.work).resolve() if args.work else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        done(trainer(plan, env, work, assets, progress=lambda partial: write([partial])))
-        done(workshop(plan, env, work, results[0].data.get("trainer", [])))
-        done(generation(plan, env, work))
-        done(optimizer_step(plan, env, work))
-        done(loss_head(plan, env, work))
-        done(cuda_tests(plan, env))
+    previous = {signum: signal.signal(signum, stop_on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
+            work = Path(args.work).resolve() if args.work else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            done(trainer(plan, env, work, assets, progress=lambda partial: write([partial])))
+            done(workshop(plan, env, work, results[0].data.get("trainer", [])))
+            done(generation(plan, env, work))
+            done(optimizer_step(plan, env, work))
+            done(loss_head(plan, env, work))
+            done(cuda_tests(plan, env))
+    finally:
+        for signum, handler in previous.items():  # main() called from Python (the tests): theirs again
+            signal.signal(signum, handler)
     print(f"wrote {report} and {summary}")
     return 0 if all(r.ok for r in results) else 1
 

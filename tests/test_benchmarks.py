@@ -308,6 +308,58 @@ def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path
     assert code == 124 and "(stopped after 2 s)" in output and seconds < 30
 
 
+def test_gpu_suite_stopped_from_outside_takes_its_command_with_it(tmp_path):
+    """The command runs in its own session, out of reach of signals to the suite's group: SIGTERM to the suite
+    (a job runner's timeout) stops it as Ctrl-C does, killing the command's group; SIGKILL to the suite kills the
+    command too (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+    import time
+
+    def alive(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status")
+        return status.exists() and "\nState:\tZ" not in status.read_text()
+
+    for signum, status in ((signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)):
+        pid_file = tmp_path / f"command-{signum}.pid"
+        script = (f"import signal, sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import gpu_suite as suite; "
+                  "signal.signal(signal.SIGTERM, suite.stop_on_signal); "
+                  f"suite.run(['bash', '-c', 'echo $$ > {pid_file}; exec sleep 300'], {{}}, timeout=120)")
+        suite_process = subprocess.Popen([sys.executable, "-c", script])
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        command = int(pid_file.read_text())
+        assert alive(command)
+        suite_process.send_signal(signum)
+        assert suite_process.wait(timeout=30) == status
+        deadline = time.monotonic() + 10
+        while alive(command) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(command), signum
+
+
+def test_gpu_suite_never_reads_an_earlier_runs_figures_from_a_reused_work_folder(tmp_path, monkeypatch):
+    """--work reused: a trainer run that fails at once, and a benchmark stopped before it wrote anything, report
+    nothing, not the figures an earlier suite left there."""
+    suite = load_script("gpu_suite")
+    plan, work = suite.Plan("cuda", False), tmp_path / "work"
+    for block, _, _, optimizer in plan.trainer_runs:
+        synthetic_run(work / f"run-{block}-{optimizer}", rate=999.0)  # an earlier suite's runs
+    (work / "loss_head.json").write_text(json.dumps({"complete": False, "results": [{"rows": 1}], "table": "|",
+                                                     "full_faster_up_to_logits": 1}))
+
+    def fails(cmd, env, timeout):
+        return (0, "prepared", 1.0) if "prepare" in cmd else (2, "refused", 1.0)
+
+    monkeypatch.setattr(suite, "run", fails)
+    result = suite.trainer(plan, {}, work, tmp_path / "assets")
+    assert result.data["trainer"] == [] and not result.ok
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, "(stopped after 40 s)", 40.0))
+    result = suite.loss_head(plan, {}, work)
+    assert not result.ok and result.data == {} and not (work / "loss_head.json").exists()
+
+
 def test_gpu_suite_reads_pytests_closing_line_and_each_tests_outcome(monkeypatch):
     """The CUDA tests' summary is pytest's closing line, never its collection line (which also counts deselected
     tests); stopped before the closing line, the -v lines say which tests passed, and the summary keeps them."""

@@ -443,8 +443,11 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     written = json.loads(out.read_text())
     assert not written["complete"] and [r["rows"] for r in written["results"]] == [64] and calls == [64, 256]
 
-    out.replace(work / "loss_head.json")  # where the suite's command writes it, then is stopped
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, "64 rows done\n(stopped after 40 s)", 40.0))
+    def stopped_after_one_row(cmd, env, timeout):  # the command writes its JSON (as above), then is stopped
+        Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
+        return 124, "64 rows done\n(stopped after 40 s)", 40.0
+
+    monkeypatch.setattr(suite, "run", stopped_after_one_row)
     result = suite.loss_head(plan, {}, work)
     text = "\n".join(result.lines)
     assert not result.ok and result.data["loss_head"]["results"] == written["results"]

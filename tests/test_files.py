@@ -50,11 +50,14 @@ def test_atomic_files_get_the_permissions_open_gives(tmp_path, mask):
     assert mode(tmp_path / "plain") == 0o666 & ~mask
     for name in ("a.txt", "a.json", "a.safetensors", "a.bin"):
         assert mode(tmp_path / name) == 0o666 & ~mask, name
-    # Replacing a file gives the new one the same permissions, whatever the old one had.
-    os.chmod(tmp_path / "a.txt", 0o600)
+    # Replacing a file keeps its permissions, as open(path, "w") keeps them: a file its owner made private stays so.
+    for name, private in (("a.txt", 0o600), ("plain", 0o640)):
+        os.chmod(tmp_path / name, private)
     with umask(mask):
         atomic_write_text(tmp_path / "a.txt", "again")
-    assert mode(tmp_path / "a.txt") == 0o666 & ~mask
+        with open(tmp_path / "plain", "w") as f:
+            f.write("again")
+    assert (mode(tmp_path / "a.txt"), mode(tmp_path / "plain")) == (0o600, 0o640)
 
 
 def test_a_failed_safetensors_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):

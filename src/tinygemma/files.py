@@ -80,8 +80,9 @@ def atomic_path(path: str | Path):
 
     A crash at any moment leaves either the old file or the new one, never a half-written file under `path`. The
     file gets the permissions open() gives a new file (those the temporary was created with), even where the block
-    replaced the temporary with a file of its own (safetensors writes one of mode 0600). Failures to create, sync
-    or rename the file are a WriteError naming `path`; the block's own are its own.
+    replaced the temporary with a file of its own (safetensors writes one of mode 0600); a file replaced keeps its
+    own, as open() keeps them. Failures to create, sync or rename the file are a WriteError naming `path`; the
+    block's own are its own.
     """
     path = Path(path)
     with write_errors(path):
@@ -89,7 +90,9 @@ def atomic_path(path: str | Path):
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path.parent))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _new_temporary(path)
-        mode = stat.S_IMODE(tmp.stat().st_mode)
+        # open(path, "w") keeps an existing file's permissions: so does replacing it (a file its owner made 0600
+        # stays 0600); a new file gets the temporary's, 0666 less the umask.
+        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
     try:
         yield tmp
         with write_errors(path):

@@ -33,10 +33,10 @@ from tinygemma.files import (
     atomic_write_json,
     check_output_path,
     fsync_dir,
+    others_than,
     peek_json,
     read_json,
     read_safetensors,
-    temporary_target,
 )
 from tinygemma.hf import is_hf_export, load_hf, save_hf
 from tinygemma.model import Gemma3, model_from_state, model_state
@@ -140,9 +140,8 @@ def check_export_out(out: str | Path, src: Path) -> Path:
     if is_prepared_dataset(out):
         raise UserError(f"--out {out} is a prepared dataset; exporting into it would replace its tokenizer.json: "
                         "choose a new folder")
-    names = [p.name for p in out.iterdir()]
     gemma3_config = peek_json(out / "config.json").get("model_type") == "gemma3_text"
-    stopped_export = all(export_file(n) for n in names) and (gemma3_config or all(temporary_target(n) for n in names))
+    stopped_export = not others_than(out, EXPORT_FILES) and (gemma3_config or not others_than(out, set(), EXPORT_FILES))
     if not is_hf_export(out) and not stopped_export:
         raise UserError(f"--out {out} holds other files and is not an earlier export (a config.json of model_type "
                         "gemma3_text beside model.safetensors): choose a new or empty folder")
@@ -152,12 +151,8 @@ def check_export_out(out: str | Path, src: Path) -> Path:
 # What an hf export writes, config.json first (hf.save_hf). A folder holding only these, with that config.json,
 # or only temporaries of them (a kill during the first write), is an export stopped halfway (a full disk): it may
 # be exported into again.
-EXPORT_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "README.md"}
-
-
-def export_file(name: str) -> bool:
-    return name in EXPORT_FILES or temporary_target(name) in EXPORT_FILES
+EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "README.md"})
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:

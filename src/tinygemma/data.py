@@ -32,9 +32,9 @@ from tinygemma.files import (
     atomic_path,
     atomic_write_json,
     check_output_path,
+    others_than,
     peek_json,
     read_json,
-    temporary_target,
     write_errors,
 )
 from tinygemma.runtime import Runtime
@@ -471,8 +471,7 @@ def check_prepare_out(out_dir: str | Path) -> None:
         return
     if not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give the folder to write the dataset into")
-    others = sorted(p.name for p in out_dir.iterdir()
-                    if p.name not in PREPARED_FILES and temporary_target(p.name) not in PREPARED_FILES)
+    others = others_than(out_dir, PREPARED_FILES)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserError(f"--out {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "

@@ -113,6 +113,14 @@ def temporary_target(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset()) -> list[str]:
+    """The names in `folder` that a command writing `own` did not leave there: neither one of `own`, nor a
+    temporary a killed atomic write left of one of `own` or of `temporaries_of`. None: the folder is the
+    command's to write into again."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.name not in own and temporary_target(p.name) not in own | temporaries_of)
+
+
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     """`path` as a Path, refused in one line when no file can be made there because a folder above it is a file
     (rather than the OSError "Not a directory" that writing would meet)."""

@@ -65,9 +65,9 @@ from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import (
     atomic_write_json,
     check_output_path,
+    others_than,
     read_json,
     read_safetensors,
-    temporary_target,
 )
 from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
@@ -484,7 +484,7 @@ def check_run_out(out: str) -> Path:
         return path
     if not path.is_dir():
         raise UserError(f"--out {path} is a file; give the folder to write the run into")
-    if is_training_run(path) or all(own_file(p.name) for p in path.iterdir()):
+    if is_training_run(path) or not others_than(path, EARLY_RUN_FILES, {"config.json"}):
         return path
     what = ("a prepared dataset" if is_prepared_dataset(path) else "a Hugging Face export" if is_hf_export(path)
             else "a folder that holds no training run")
@@ -495,11 +495,7 @@ def check_run_out(out: str) -> Path:
 # What training writes into a run folder before its config.json (which makes it a run: is_training_run): the
 # trackers' files. A folder holding only these, or temporaries a kill left of them and of config.json, is a run
 # whose start failed (a tracker that could not start, a full disk), and training may start in it again.
-EARLY_RUN_FILES = {"tb", "wandb", TRACKERS_STATE}
-
-
-def own_file(name: str) -> bool:
-    return name in EARLY_RUN_FILES or temporary_target(name) in EARLY_RUN_FILES | {"config.json"}
+EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})
 
 
 def check_stop_at(stop_at: int | None) -> None:

@@ -205,3 +205,16 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
         probe_micro_batch_size(model, cfg, CPU, [512, 256, 128])
     assert memory.tried == [512, 256, 128] and "activation_checkpointing=true" in str(error.value)
     assert memory.caps == [0.5] * 3 and memory.fraction == 0.5
+    # A GPU so full that under the cap not even the token ids fit: the same refusal, not an out-of-memory crash.
+    real_zeros = torch.zeros
+
+    def zeros(*args, **kwargs):
+        if kwargs.get("dtype") is torch.long and "device" in kwargs:  # the probe's token ids
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (faked)")
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    memory.tried.clear()
+    with pytest.raises(UserError, match=r"not even 64 sequence\(s\)"):
+        probe_micro_batch_size(model, cfg, CPU, [128, 64])
+    assert memory.tried == [] and memory.fraction == 0.5

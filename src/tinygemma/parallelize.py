@@ -96,9 +96,9 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     limit = PROBE_MEMORY_FRACTION * torch.cuda.get_device_properties(rt.device).total_memory
 
     def fits(size: int) -> bool:
-        tokens = torch.zeros(size, cfg.block_size, dtype=torch.long, device=rt.device)
-        torch.cuda.reset_peak_memory_stats(rt.device)
-        try:
+        try:  # under the cap even the token ids may not fit (a GPU nearly full already): that too is "no"
+            tokens = torch.zeros(size, cfg.block_size, dtype=torch.long, device=rt.device)
+            torch.cuda.reset_peak_memory_stats(rt.device)
             with rt.autocast():
                 loss = raw(tokens, tokens)
             loss.backward()
@@ -115,9 +115,10 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     previous = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(rt.device)
     torch.cuda.set_per_process_memory_fraction(min(previous, PROBE_MEMORY_FRACTION), rt.device)
     try:
-        size = torch.tensor(next((size for size in sizes if fits(size)), 0), device=rt.device)
+        chosen = next((size for size in sizes if fits(size)), 0)
     finally:
         torch.cuda.set_per_process_memory_fraction(previous, rt.device)
+    size = torch.tensor(chosen, device=rt.device)  # made under the process's own cap, not the probe's
     torch.cuda.reset_peak_memory_stats(rt.device)  # training's peak memory is training's own, not the probe's
     if rt.world_size > 1:
         import torch.distributed as dist

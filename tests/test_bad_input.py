@@ -162,3 +162,26 @@ def test_bad_input_in_a_real_process(world):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "top_p" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
+    """`import tinygemma` leaves torch unimported, so the command's entry point (tinygemma.__main__:main, also
+    `python -m tinygemma`) catches a Ctrl-C pressed while the CLI and torch load: one line, exit status 130, as
+    one pressed later. The interrupt is planted at the import of the CLI, where a real one lands."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    light = subprocess.run([sys.executable, "-c", "import sys, tinygemma; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, env=env)
+    assert light.stdout.strip() == "False", light.stderr
+    script = ("import builtins\n"
+              "real_import = builtins.__import__\n"
+              "def planted(name, *args, **kwargs):\n"
+              "    if name == 'tinygemma.cli':\n"
+              "        raise KeyboardInterrupt\n"
+              "    return real_import(name, *args, **kwargs)\n"
+              "builtins.__import__ = planted\n"
+              "from tinygemma.__main__ import main\n"
+              "raise SystemExit(main())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too

@@ -1,10 +1,20 @@
-"""tinygemma: pre-train Gemma 3 270M from scratch on TinyStories."""
+"""tinygemma: pre-train Gemma 3 270M from scratch on TinyStories.
 
-from tinygemma.config import ModelConfig
-from tinygemma.errors import UserError
-from tinygemma.model import Gemma3
+The names below are imported when first used (PEP 562), so that `import tinygemma` does not import torch: the
+`tinygemma` command can then catch a Ctrl-C pressed while torch is still loading (see __main__.py).
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {"Gemma3": "tinygemma.model", "ModelConfig": "tinygemma.config", "UserError": "tinygemma.errors"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tinygemma' has no attribute {name!r}")
 
 
 def load(path, dtype=None, device=None):

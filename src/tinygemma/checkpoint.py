@@ -31,7 +31,7 @@ from tinygemma.files import (
     atomic_path,
     atomic_save_safetensors,
     atomic_write_json,
-    check_output_path,
+    check_output_folder,
     fsync_dir,
     others_than,
     peek_json,
@@ -127,11 +127,9 @@ def check_export_out(out: str | Path, src: Path) -> Path:
     """The --out of an hf export, refused in one line unless the export is the only thing it can replace: a new or
     empty folder, or an earlier export (see hf.is_hf_export), never the checkpoint itself, a training run (its
     config.json is the recipe --resume reads), a prepared dataset (its tokenizer.json) or any other folder."""
-    out = check_output_path(out)
+    out = check_output_folder(out, "the export")
     if not out.exists():
         return out
-    if not out.is_dir():
-        raise UserError(f"--out {out} is a file; give the folder to write the export into")
     if out.resolve() == src.resolve():
         raise UserError("--out must differ from the checkpoint directory")
     if is_training_run(out):

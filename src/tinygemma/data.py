@@ -31,7 +31,7 @@ from tinygemma.errors import UserError, describe
 from tinygemma.files import (
     atomic_path,
     atomic_write_json,
-    check_output_path,
+    check_output_folder,
     others_than,
     peek_json,
     read_json,
@@ -466,11 +466,9 @@ def check_prepare_out(out_dir: str | Path) -> None:
     """Refuse an --out that prepare would damage: it writes into a new or empty folder, replaces a dataset it
     prepared before, or finishes what an interrupted run left (only prepare's own files, no meta.json); any other
     folder (a transformers export, a training run, ...) would lose its tokenizer.json to it."""
-    out_dir = check_output_path(out_dir)
+    out_dir = check_output_folder(out_dir, "the dataset")
     if not out_dir.exists() or is_prepared_dataset(out_dir):
         return
-    if not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give the folder to write the dataset into")
     others = others_than(out_dir, PREPARED_FILES)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")

@@ -64,7 +64,7 @@ from tinygemma.errors import UserError, describe
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import (
     atomic_write_json,
-    check_output_path,
+    check_output_folder,
     others_than,
     read_json,
     read_safetensors,
@@ -479,11 +479,9 @@ def check_run_out(out: str) -> Path:
     """The run directory, refused in one line unless training may write there: a new or empty folder, or a
     training run (its own, continued or started again after a crash before its first checkpoint). A transformers
     export, a prepared dataset or any other folder would lose its config.json, report.md or loss.png."""
-    path = check_output_path(out)
+    path = check_output_folder(out, "the run")
     if not path.exists():
         return path
-    if not path.is_dir():
-        raise UserError(f"--out {path} is a file; give the folder to write the run into")
     if is_training_run(path) or not others_than(path, EARLY_RUN_FILES, {"config.json"}):
         return path
     what = ("a prepared dataset" if is_prepared_dataset(path) else "a Hugging Face export" if is_hf_export(path)

@@ -391,6 +391,42 @@ def test_a_micro_batch_size_splits_the_step_without_changing_its_numbers(straigh
     assert val_losses(out)[0] == pytest.approx(val_losses(straight_run)[0], rel=1e-6)
 
 
+def test_a_run_lets_its_model_and_optimizer_go_before_it_destroys_the_process_group(data_dir, tmp_path, monkeypatch):
+    """close() frees the model and the optimizer itself, before destroy_process_group, even though the run is
+    still held by reference cycles (the collector is off here): DDP's reducer holds the process group, and a group
+    freed at interpreter shutdown aborted a finished two-process run ("terminate called without an active
+    exception"). Under world_size 1 the group is faked as owned, and its destruction recorded."""
+    import dataclasses
+    import gc
+    import weakref
+
+    import tinygemma.train as train_module
+
+    refs, at_destroy = [], []
+    real_init, real_optimizer, real_setup = (train_module.init_model, train_module.configure_optimizer,
+                                             train_module.setup_runtime)
+
+    def kept(make):
+        def wrapper(*args, **kwargs):
+            made = make(*args, **kwargs)
+            refs.append(weakref.ref(made))
+            return made
+        return wrapper
+
+    monkeypatch.setattr(train_module, "init_model", kept(real_init))
+    monkeypatch.setattr(train_module, "configure_optimizer", kept(real_optimizer))
+    monkeypatch.setattr(train_module, "setup_runtime",
+                        lambda *a: dataclasses.replace(real_setup(*a), owns_process_group=True))
+    monkeypatch.setattr(train_module.dist, "destroy_process_group",
+                        lambda: at_destroy.append([ref() is None for ref in refs]))
+    gc.disable()
+    try:
+        run(data_dir, tmp_path / "released", "max_steps=6", "warmup_steps=1", "eval_interval=3")
+    finally:
+        gc.enable()
+    assert len(refs) == 2 and at_destroy == [[True, True]]
+
+
 def test_losses_stay_on_the_device_until_log_intervals_evaluations_and_checkpoints(data_dir, tmp_path,
                                                                                    monkeypatch):
     """A step's loss and gradient norm are tensors in its record; the records are read (one transfer for all of

@@ -198,7 +198,9 @@ def torchrun(out, data_dir, *args, distributed="ddp", nproc=2, settings=(), entr
     # Not WANDB_SERVICE: a wandb service that an earlier test started in this process would serve the workers
     # too, and would keep a killed worker's run open ("run ID is in use") when torchrun restarts it.
     inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    # PYTHONFAULTHANDLER: a worker that aborts or crashes shows where its Python threads were in the failure.
+    env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "PYTHONFAULTHANDLER": "1",
+           **(env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

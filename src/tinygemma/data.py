@@ -11,13 +11,14 @@ a new or empty folder, a dataset it prepared before (which it replaces), or what
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import re
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -272,9 +273,11 @@ def dtype_for(vocab_size: int) -> np.dtype:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer: Tokenizer) -> None:
+def _init_worker(tokenizer: Tokenizer, quiet_interrupt: bool = False) -> None:
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
+    if quiet_interrupt:  # a worker process: Ctrl-C is the parent's to handle (it shuts the pool down), not a
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # traceback from each worker
 
 
 def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int]:
@@ -302,7 +305,10 @@ class _Workers:
         if workers > 1:
             # The processes are the parallelism; without this, `tokenizers` warns in every forked worker.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self.pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+            # Not multiprocessing.Pool: its terminate() after a worker's exception, with tasks still in flight,
+            # can hang forever (python/cpython#96995, #78178); this pool shuts down after what is running.
+            self.pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker,
+                                                               initargs=(tokenizer, True))
         else:
             _init_worker(tokenizer)
 
@@ -314,18 +320,19 @@ class _Workers:
             return
         pending = deque()
         for batch in batches:
-            pending.append((self.pool.apply_async(_encode_batch, (batch,)), len(batch)))
+            pending.append((self.pool.submit(_encode_batch, batch), len(batch)))
             if len(pending) >= 2 * self.workers:
                 result, n = pending.popleft()
-                yield (*result.get(), n)
+                yield (*result.result(), n)
         while pending:
             result, n = pending.popleft()
-            yield (*result.get(), n)
+            yield (*result.result(), n)
 
     def close(self) -> None:
+        """The workers go: batches not yet handed to them are dropped, the few they hold (a CHUNK_CHARS of stories
+        each) finish first."""
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, desc: str, progress: bool) -> dict:

@@ -342,6 +342,30 @@ def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
     assert open_prepared(out).meta["splits"]["train"]["documents"] == 20
 
 
+def test_interrupted_prepare_with_workers_says_one_line(stories_dir, tmp_path):
+    """Ctrl-C reaches the whole foreground group, workers included: the parent says one line and exits 130, no
+    worker prints a traceback, and the half-written output goes."""
+    big = tmp_path / "big.txt"
+    big.write_text((stories_dir / "train.txt").read_text(encoding="utf-8") * 24, encoding="utf-8")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
+
+    def own_group_with_default_sigint():  # as a terminal's foreground job (a background shell job ignores it)
+        os.setpgrp()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen([sys.executable, "-m", "tinygemma", "prepare", "--out", str(out), "--source", str(big),
+                             "--workers", "2", "--no-progress"], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=own_group_with_default_sigint)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".train.bin.*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "tinygemma prepare: interrupted\n", err
+    assert not out.exists()
+
+
 def test_open_prepared_refuses_corrupt_data(stories_dir, tmp_path):
     prepare(tmp_path, sources=[stories_dir / "valid.txt"], limit=40, workers=1, progress=False)
     meta = json.loads((tmp_path / "meta.json").read_text())

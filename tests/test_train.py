@@ -584,6 +584,31 @@ def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_d
     assert run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4
 
 
+def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, capsys):
+    """A resume that changes the run's batches (block_size, seed, or the global batch batch_size x
+    grad_accum_steps) is refused, naming each, and leaves the run as it was: its windows and token counts would no
+    longer be one run's (tokens went backwards). Another split of the same global batch is fine. A changed rate
+    (a notebook's settings cell edited between sessions) trains on, with a warning naming old and new values."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=2", stop_at=2)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for change, named in ((["batch_size=4"], r"global batch 8 -> 4"), (["block_size=16"], r"block_size 32 -> 16"),
+                          (["seed=7", "batch_size=16"], r"seed 1234 -> 7, global batch 8 -> 16")):
+        with pytest.raises(tinygemma.UserError, match=rf"the run's batches cannot change on resume \({named};"):
+            run(data_dir, out, "max_steps=6", "checkpoint_interval=2", *change, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    capsys.readouterr()
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "batch_size=4", "grad_accum_steps=2", resume=True,
+        stop_at=4)
+    assert "warning" not in capsys.readouterr().err
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "learning_rate=5e-3", "grad_clip=0.5", resume=True)
+    err = capsys.readouterr().err
+    assert ("tinygemma: warning: resuming at step 4 with settings other than the run's: learning_rate 0.01 -> 0.005, "
+            "grad_clip 1.0 -> 0.5; the steps from here take the new values") in err
+    records = [r for r in metrics(out) if "train_loss" in r]
+    assert [r["tokens"] for r in records] == [256 * r["step"] for r in records]  # 8 x 32 tokens a step, throughout
+
+
 def test_train_refuses_an_out_that_holds_something_else(data_dir, tmp_path, capsys):
     """--out is a new or empty folder, or a training run: a prepared dataset, a transformers export, any other
     folder or a file is refused in one line (exit 2) and left byte for byte as it was."""

@@ -50,7 +50,7 @@ from tinygemma.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tinygemma.config import ModelConfig, Recipe, TrainConfig
+from tinygemma.config import ModelConfig, Recipe, TrainConfig, saved_train_settings
 from tinygemma.data import (
     Batches,
     is_prepared_dataset,
@@ -149,6 +149,7 @@ class Trainer:
         if ckpt_dir is not None:
             check_same_tokenizer(ckpt_dir, state, self.data, self.data_dir)
         check_resume_schedule(state.get("config", {}).get("train"), self.cfg, self.start)
+        changed = check_resume_settings(state.get("config", {}).get("train"), self.cfg, self.start)
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -163,6 +164,8 @@ class Trainer:
         self.first_step_s = 0.0  # this invocation's first step's host time (compilation), kept out of the window
         self.log_file = self.writer = self.progress = self.profiler = None
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
+        if changed and self.rt.is_main:
+            print(f"tinygemma: warning: {changed}", file=sys.stderr, flush=True)
         try:
             self.build(ckpt_dir, state, weights)
         except BaseException:
@@ -523,6 +526,40 @@ def check_same_tokenizer(ckpt_dir: Path, state: dict, data, data_dir: Path) -> N
         raise UserError(f"{data_dir} was prepared with tokenizer {now}, but the run was trained with {trained}"
                         + (f" (on {before})" if before and Path(before) != data_dir else "")
                         + "; resume it on data prepared with its own tokenizer, or start a new run with another --out")
+
+
+# The run's batches: random windows of block_size tokens, global batch (batch_size x grad_accum_steps) of them a
+# step, drawn from (seed, step); its token counts are steps x global batch x block_size.
+STREAM_SETTINGS = ("block_size", "seed")
+# Settings that change the numbers of the steps still to come, and that a resume may change on purpose (a lower
+# peak after a loss spike): said in a warning, since a notebook or recipe edited between sessions does it too.
+STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "weight_decay", "beta1", "beta2", "adam_eps",
+                 "grad_clip", "dtype", "on_nonfinite", "activation_checkpointing")
+
+
+def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int) -> str | None:
+    """Refuse a resume that changes the run's batches (its windows and token counts would no longer be one run's;
+    the micro-batch split and the process count may change, they change no number). Returns a warning naming
+    the settings that change the steps still to come, or None. The schedule's own settings and the optimizer are
+    check_resume_schedule's."""
+    if not saved:
+        return None
+    saved = saved_train_settings(saved)
+    was = {name: saved.get(name, getattr(cfg, name)) for name in STREAM_SETTINGS}
+    was["global batch"] = saved.get("batch_size", cfg.batch_size) * saved.get("grad_accum_steps", cfg.grad_accum_steps)
+    now = {**{name: getattr(cfg, name) for name in STREAM_SETTINGS},
+           "global batch": cfg.batch_size * cfg.grad_accum_steps}
+    moved = [f"{name} {was[name]} -> {now[name]}" for name in was if was[name] != now[name]]
+    if moved:
+        raise UserError(f"the run's batches cannot change on resume ({', '.join(moved)}; the global batch is "
+                        "batch_size x grad_accum_steps): resume with the run's own settings, or start a new run "
+                        "with another --out")
+    changed = [f"{name} {saved[name]} -> {getattr(cfg, name)}" for name in STEP_SETTINGS
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if not changed:
+        return None
+    return (f"resuming at step {step} with settings other than the run's: {', '.join(changed)}; the steps from "
+            "here take the new values")
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:

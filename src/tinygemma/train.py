@@ -148,8 +148,9 @@ class Trainer:
         check_stop_at(stop_at)
         if ckpt_dir is not None:
             check_same_tokenizer(ckpt_dir, state, self.data, self.data_dir)
-        check_resume_schedule(state.get("config", {}).get("train"), self.cfg, self.start)
-        changed = check_resume_settings(state.get("config", {}).get("train"), self.cfg, self.start)
+        saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
+        check_resume_schedule(saved_train, self.cfg, self.start)
+        changed = check_resume_settings(saved_train, self.cfg, self.start)
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -528,9 +529,13 @@ def check_same_tokenizer(ckpt_dir: Path, state: dict, data, data_dir: Path) -> N
                         + "; resume it on data prepared with its own tokenizer, or start a new run with another --out")
 
 
-# The run's batches: random windows of block_size tokens, global batch (batch_size x grad_accum_steps) of them a
-# step, drawn from (seed, step); its token counts are steps x global batch x block_size.
-STREAM_SETTINGS = ("block_size", "seed")
+def batch_stream(train: dict) -> dict:
+    """What a run's batches are, in [train] settings: random windows of block_size tokens, a global batch
+    (batch_size x grad_accum_steps) of them a step, drawn from (seed, step); its token counts follow from them."""
+    return {"block_size": train["block_size"], "seed": train["seed"],
+            "global batch": train["batch_size"] * train["grad_accum_steps"]}
+
+
 # Settings that change the numbers of the steps still to come, and that a resume may change on purpose (a lower
 # peak after a loss spike): said in a warning, since a notebook or recipe edited between sessions does it too.
 STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "weight_decay", "beta1", "beta2", "adam_eps",
@@ -544,18 +549,15 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int) -> st
     check_resume_schedule's."""
     if not saved:
         return None
-    saved = saved_train_settings(saved)
-    was = {name: saved.get(name, getattr(cfg, name)) for name in STREAM_SETTINGS}
-    was["global batch"] = saved.get("batch_size", cfg.batch_size) * saved.get("grad_accum_steps", cfg.grad_accum_steps)
-    now = {**{name: getattr(cfg, name) for name in STREAM_SETTINGS},
-           "global batch": cfg.batch_size * cfg.grad_accum_steps}
+    saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
+    was, now = batch_stream({**current, **saved}), batch_stream(current)
     moved = [f"{name} {was[name]} -> {now[name]}" for name in was if was[name] != now[name]]
     if moved:
         raise UserError(f"the run's batches cannot change on resume ({', '.join(moved)}; the global batch is "
                         "batch_size x grad_accum_steps): resume with the run's own settings, or start a new run "
                         "with another --out")
-    changed = [f"{name} {saved[name]} -> {getattr(cfg, name)}" for name in STEP_SETTINGS
-               if name in saved and saved[name] != getattr(cfg, name)]
+    changed = [f"{name} {saved[name]} -> {current[name]}" for name in STEP_SETTINGS
+               if name in saved and saved[name] != current[name]]
     if not changed:
         return None
     return (f"resuming at step {step} with settings other than the run's: {', '.join(changed)}; the steps from "

@@ -28,8 +28,9 @@ source tree's root, and the report gives each figure with the command that produ
 5. the loss head alone, chunked against whole logits, compiled, at 65,536 rows (the micro-batch auto takes at
    both blocks, by the eager activations' 1 MB a token) then 16,384, with peak memory (benchmarks/loss_head.py):
    what chooses `loss_head = "auto"` on CUDA (parallelize.AUTO_FULL_LOSS_LOGITS);
-6. the CUDA tests: `python -m pytest -v -m cuda tests/`, last, with whatever time the steps before left: the one
-   step whose length compiling small models makes hard to foresee. Each test's outcome goes into the summary,
+6. the CUDA tests: `python -m pytest -v -m cuda` on the files that hold them (cuda_test_files: test_cuda.py's
+   long ones last, and in it those that never ran on a GPU first), last, with whatever time the steps before left:
+   the one step whose length compiling small models makes hard to foresee. Each test's outcome goes into the summary,
    so a run stopped at the deadline still says which passed.
 
 Dropped since the first H100 run (2026-11-26), to fit one 10-minute command: the tinygemma-against-transformers
@@ -119,7 +120,7 @@ class Plan:
     quick: bool
     preset: str = "gemma3-270m-gpt2"
     dtype: str = "bfloat16"
-    tests: str = "tests/"
+    tests: tuple = ()  # the test files, in order (default: cuda_test_files())
     trainer_runs: list = field(default_factory=lambda: list(TRAINER_RUNS))
     trainer_steps: int = TRAINER_STEPS
     log_interval: int = LOG_INTERVAL
@@ -150,7 +151,7 @@ class Plan:
     def quick_cpu(cls, device: str) -> Plan:
         """Toy sizes, one thread per process, that run in under a minute on two shared CPU cores: every step and
         every section of the report and the summary, none of the figures."""
-        return cls(device, True, preset="gemma3-tiny", dtype="float32", tests="tests/test_cuda.py",
+        return cls(device, True, preset="gemma3-tiny", dtype="float32",
                    trainer_runs=[(32, 4, 2, "adamw"), (80, 2, 2, "muon")], trainer_steps=8, log_interval=2,
                    limit=400, train_extra=("learning_rate=3e-3", "min_lr=3e-4", "muon_learning_rate=0.02"),
                    workshop_steps=(1, 1),
@@ -481,7 +482,8 @@ def workshop(plan: Plan, env: dict, work: Path, trainer_rows: list[dict]) -> Res
 
 def cuda_tests(plan: Plan, env: dict) -> Result:
     # -v: a line per test as it ends, so a run stopped at the step's deadline still says which tests passed
-    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", plan.tests]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider",
+           *(plan.tests or cuda_test_files())]
     code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, STEP_SHARES["tests"]))
     outcomes = test_outcomes(output)
     summary = pytest_summary(output)
@@ -494,6 +496,14 @@ def cuda_tests(plan: Plan, env: dict) -> Result:
     lines = [f"Command: `{shown(cmd)}`", "", f"Result: **{summary}** (exit status {code}, {seconds:.0f} s)", ""]
     return Result(STEP_TITLES[5], code == 0 and ran, lines + tail(output), seconds,
                   {"cuda_tests": summary, "cuda_test_outcomes": outcomes})
+
+
+def cuda_test_files(tests: Path = ROOT / "tests") -> list[str]:
+    """The test files holding CUDA tests, in the order the step runs them. pytest runs files in the order named
+    (a folder's in name order), so a run stopped at the step's deadline has run these first: the other files'
+    single CUDA tests of one module each, then test_cuda.py, whose tests train, resume and start torchrun."""
+    files = [f for f in sorted(tests.glob("test_*.py")) if "pytest.mark.cuda" in f.read_text(encoding="utf-8")]
+    return [str(f.relative_to(ROOT)) for f in sorted(files, key=lambda f: f.name == "test_cuda.py")]
 
 
 def pytest_summary(output: str) -> str | None:

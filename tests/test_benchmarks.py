@@ -138,13 +138,17 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     assert summary["workshop"]["speedup"] == pytest.approx(rows[0]["tokens_per_s"] / rate)
     assert f"tinygemma trains the workshop recipe {summary['workshop']['speedup']:.2f}x as fast" in text
 
-    # 6. The cuda marker selects test_cuda.py's tests, and without a GPU every one is skipped: each by name.
-    assert "`python -m pytest -v -m cuda -p no:cacheprovider tests/test_cuda.py`" in text
-    skipped = re.search(r"Result: \*\*(\d+) skipped in [\d.]+s", text)
+    # 6. The cuda marker selects the CUDA tests of the files that hold them, and without a GPU every one is
+    # skipped: each by name. They run in the order that puts the ones never run on a GPU before the long ones.
+    assert "`python -m pytest -v -m cuda -p no:cacheprovider tests/test_optim.py tests/test_cuda.py`" in text
+    skipped = re.search(r"Result: \*\*(\d+) skipped, \d+ deselected in [\d.]+s", text)  # test_optim's others
     assert skipped and int(skipped.group(1)) >= 8, text
     outcomes = summary["cuda_test_outcomes"]
     assert len(outcomes) == int(skipped.group(1)) and set(outcomes.values()) == {"SKIPPED"}
-    assert all(name.startswith("tests/test_cuda.py::test_") for name in outcomes)
+    names = list(outcomes)
+    assert names[0].startswith("tests/test_optim.py::test_compiled_backend_on_cuda")
+    assert names[1].startswith("tests/test_cuda.py::test_auto_micro_batch_size")
+    assert names[-1].startswith("tests/test_cuda.py::test_torchrun_reproduces_one_process")
 
     # 3-5. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.
     generation = json.loads((work / "generation.json").read_text())

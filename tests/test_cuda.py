@@ -1,7 +1,8 @@
 """What only a GPU can check (`pytest -m cuda`; skipped without one): inductor against eager, flex attention
 against SDPA at Gemma 3 270M's shapes, bf16 and fp16 steps against float32, exact resume with fused AdamW, and
 torchrun with NCCL. benchmarks/gpu_suite.py runs these last. Each compares with something computed another
-way on the same GPU, never with a number written down.
+way on the same GPU, never with a number written down. pytest runs them in this file's order, so a GPU run
+stopped at its deadline has run first the ones that had never run on a GPU (the loop's speed).
 
 On a machine without ../shared (the GPU machines), TINYGEMMA_STORIES names the folder holding train.txt.
 """
@@ -74,6 +75,70 @@ def batch(vocab: int, batch_size: int, block: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     window = torch.randint(0, vocab, (batch_size, block + 1), generator=g).to(CUDA)
     return window[:, :-1], window[:, 1:]
+
+
+# ------------------------------------------------------------------ the loop's speed: micro-batches, no waiting
+
+
+def test_auto_micro_batch_size_takes_the_largest_size_that_fits(straight_run, data_dir, tmp_path, monkeypatch):
+    """The straight run's share of 8 sequences fits this GPU whole: auto takes one pass of 8. With no memory to
+    spare, the probe refuses in one line instead of training into an out-of-memory error."""
+    run = json.loads((straight_run / "config.json").read_text())["run"]
+    assert (run["micro_batch_size"], run["passes_per_step"]) == (8, 1)
+    logged = [r for r in test_train.metrics(straight_run) if "peak_memory_gib" in r]
+    assert logged and all(0 < r["peak_memory_gib"] < 139 for r in logged)  # at the log lines
+
+    import tinygemma.parallelize
+
+    monkeypatch.setattr(tinygemma.parallelize, "PROBE_MEMORY_FRACTION", 1e-9)
+    with pytest.raises(tinygemma.UserError, match="not even 1 sequence"):
+        train(load_recipe(None, settings(data_dir, tmp_path / "none")), quiet=True)
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_steady_state_bf16_step_under_stop_makes_no_synchronising_call(optimizer, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """The host queues the next step while the GPU runs this one: once compiled, a bf16 step under
+    on_nonfinite = "stop" (the default) makes no call that waits for the device (the loss, gradient norm and
+    finiteness are read at log intervals, outside the step)."""
+    import tinygemma.train as train_module
+
+    real_step = train_module.Trainer.step
+
+    def step(self, step):
+        if step < 3:  # compiling, the first allocations, the optimizer's state
+            return real_step(self, step)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(self, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(train_module.Trainer, "step", step)
+    out = tmp_path / optimizer
+    train(load_recipe(None, settings(data_dir, out, "dtype=bfloat16", "compile=true", f"optimizer={optimizer}",
+                                     "max_steps=8", "log_interval=4", "eval_interval=100")), quiet=True)
+    assert sorted(test_train.train_losses(out)) == list(range(1, 9))
+
+
+def test_a_cuda_profile_says_how_busy_the_gpu_was_and_on_what(data_dir, tmp_path):
+    """--profile on CUDA: the trace holds the GPU's kernels, and the summary opens with the device's busy fraction
+    and the kernels' time by kind, which profile.json holds for programs. Eager (the suite's time is short): cuBLAS's
+    products and SDPA's attention kernels, sorted into their kinds by name."""
+    from tinygemma.cli import main
+
+    out = tmp_path / "profiled"
+    args = [a for s in settings(data_dir, out, "dtype=bfloat16", "compile=false", "max_steps=6") for a in ("--set", s)]
+    assert main(["train", *args, "--profile", "4:5"]) == 0
+    figures = json.loads((out / "profile" / "profile.json").read_text())
+    activity = figures["device_activity"]
+    assert activity is not None and activity["kernels"] > 0, "the trace holds no CUDA kernels"
+    assert 0 < activity["busy"] <= 1 and 0 < activity["busy_s"] <= figures["wall_s"] * 1.01
+    shares = activity["share_by_kind"]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares.get("matmul", 0) > 0
+    assert shares.get("attention", 0) > 0, shares
+    assert (out / "profile" / "summary.txt").read_text().splitlines()[1].startswith("device busy ")
 
 
 # ------------------------------------------------------------------ compiled against eager
@@ -237,67 +302,3 @@ def test_torchrun_reproduces_one_process(nproc, distributed, straight_run, data_
     assert [got[s] for s in range(1, 11)] == pytest.approx([want[s] for s in range(1, 11)], rel=1e-4)
     assert test_train.val_losses(out)[10] == pytest.approx(test_train.val_losses(reference)[10], rel=1e-4)
     tinygemma.load(out / "checkpoints" / "step_000010")
-
-
-# ------------------------------------------------------------------ the loop's speed: micro-batches, no waiting
-
-
-def test_auto_micro_batch_size_takes_the_largest_size_that_fits(straight_run, data_dir, tmp_path, monkeypatch):
-    """The straight run's share of 8 sequences fits this GPU whole: auto takes one pass of 8. With no memory to
-    spare, the probe refuses in one line instead of training into an out-of-memory error."""
-    run = json.loads((straight_run / "config.json").read_text())["run"]
-    assert (run["micro_batch_size"], run["passes_per_step"]) == (8, 1)
-    logged = [r for r in test_train.metrics(straight_run) if "peak_memory_gib" in r]
-    assert logged and all(0 < r["peak_memory_gib"] < 139 for r in logged)  # at the log lines
-
-    import tinygemma.parallelize
-
-    monkeypatch.setattr(tinygemma.parallelize, "PROBE_MEMORY_FRACTION", 1e-9)
-    with pytest.raises(tinygemma.UserError, match="not even 1 sequence"):
-        train(load_recipe(None, settings(data_dir, tmp_path / "none")), quiet=True)
-    assert not (tmp_path / "none" / "checkpoints").exists()
-
-
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_a_steady_state_bf16_step_under_stop_makes_no_synchronising_call(optimizer, data_dir, tmp_path,
-                                                                         monkeypatch):
-    """The host queues the next step while the GPU runs this one: once compiled, a bf16 step under
-    on_nonfinite = "stop" (the default) makes no call that waits for the device (the loss, gradient norm and
-    finiteness are read at log intervals, outside the step)."""
-    import tinygemma.train as train_module
-
-    real_step = train_module.Trainer.step
-
-    def step(self, step):
-        if step < 3:  # compiling, the first allocations, the optimizer's state
-            return real_step(self, step)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return real_step(self, step)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(train_module.Trainer, "step", step)
-    out = tmp_path / optimizer
-    train(load_recipe(None, settings(data_dir, out, "dtype=bfloat16", "compile=true", f"optimizer={optimizer}",
-                                     "max_steps=8", "log_interval=4", "eval_interval=100")), quiet=True)
-    assert sorted(test_train.train_losses(out)) == list(range(1, 9))
-
-
-def test_a_cuda_profile_says_how_busy_the_gpu_was_and_on_what(data_dir, tmp_path):
-    """--profile on CUDA: the trace holds the GPU's kernels, and the summary opens with the device's busy fraction
-    and the kernels' time by kind, which profile.json holds for programs. Eager (the suite's time is short): cuBLAS's
-    products and SDPA's attention kernels, sorted into their kinds by name."""
-    from tinygemma.cli import main
-
-    out = tmp_path / "profiled"
-    args = [a for s in settings(data_dir, out, "dtype=bfloat16", "compile=false", "max_steps=6") for a in ("--set", s)]
-    assert main(["train", *args, "--profile", "4:5"]) == 0
-    figures = json.loads((out / "profile" / "profile.json").read_text())
-    activity = figures["device_activity"]
-    assert activity is not None and activity["kernels"] > 0, "the trace holds no CUDA kernels"
-    assert 0 < activity["busy"] <= 1 and 0 < activity["busy_s"] <= figures["wall_s"] * 1.01
-    shares = activity["share_by_kind"]
-    assert sum(shares.values()) == pytest.approx(1.0) and shares.get("matmul", 0) > 0
-    assert shares.get("attention", 0) > 0, shares
-    assert (out / "profile" / "summary.txt").read_text().splitlines()[1].startswith("device busy ")

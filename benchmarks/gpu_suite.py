@@ -314,7 +314,7 @@ def trainer_row(out: Path, block: int, optimizer: str, plan: Plan, output: str) 
             "passes_per_step": run_info.get("passes_per_step"), "tokens_per_step": run_info["tokens_per_step"],
             "steps_measured": figures.get("steps_measured", 0), "val_loss_first": vals[0] if vals else None,
             "val_loss_last": vals[-1] if vals else None,
-            "optimizer_detail": described.group(1) if described else None,
+            "optimizer_detail": described.group(1) if described else None, "kv_layout": run_info.get("kv_layout"),
             "profile": json.loads(profile.read_text()) if profile.exists() else None}
 
 

@@ -104,6 +104,7 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         config = json.loads((out / "config.json").read_text())
         assert config["train"]["micro_batch_size"] == "auto" and config["train"]["optimizer"] == r["optimizer"]
         assert r["micro_batch_size"] == config["run"]["micro_batch_size"] == config["train"]["batch_size"]  # CPU
+        assert r["kv_layout"] == config["run"]["kv_layout"] and set(r["kv_layout"].values()) == {"shared"}
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         lines = [x for x in records if "tokens_per_s" in x]  # the log lines' records: steps 2, 4, 6, 8, then the
         assert [x["step"] for x in lines] == [2, 4, 6, 8, 9]  # end, after step 9 (profiled in the AdamW run: unmeasured)
@@ -147,7 +148,7 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     assert len(outcomes) == int(skipped.group(1)) and set(outcomes.values()) == {"SKIPPED"}
     names = list(outcomes)
     assert names[0].startswith("tests/test_optim.py::test_compiled_backend_on_cuda")
-    assert names[1].startswith("tests/test_cuda.py::test_auto_micro_batch_size")
+    assert names[1].startswith("tests/test_cuda.py::test_training_attention_runs_a_fused_sdpa_kernel")
     assert names[-1].startswith("tests/test_cuda.py::test_torchrun_reproduces_one_process")
 
     # 3-5. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.

@@ -2,7 +2,7 @@
 against SDPA at Gemma 3 270M's shapes, bf16 and fp16 steps against float32, exact resume with fused AdamW, and
 torchrun with NCCL. benchmarks/gpu_suite.py runs these last. Each compares with something computed another
 way on the same GPU, never with a number written down. pytest runs them in this file's order, so a GPU run
-stopped at its deadline has run first the ones that had never run on a GPU (the loop's speed).
+stopped at its deadline has run first the ones that had never run on a GPU (attention kernels, the loop's speed).
 
 On a machine without ../shared (the GPU machines), TINYGEMMA_STORIES names the folder holding train.txt.
 """
@@ -75,6 +75,35 @@ def batch(vocab: int, batch_size: int, block: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     window = torch.randint(0, vocab, (batch_size, block + 1), generator=g).to(CUDA)
     return window[:, :-1], window[:, 1:]
+
+
+# ------------------------------------------------------------------ attention kernels
+
+
+@pytest.mark.parametrize("dtype,grad_rtol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("block", [32, 64, 65])  # the window (32): plainly causal, then masked (65: 1 mod 32)
+def test_training_attention_runs_a_fused_sdpa_kernel(dtype, grad_rtol, block, exact_float32):
+    """Where PyTorch's memory-efficient kernel refuses a shared K/V head (as it does through 2.11 at least), the
+    K/V layout chosen at start-up (parallelize.choose_kv_layouts) still gets a fused kernel: forward and backward
+    with SDPA's math fallback switched off, at head_dim 256 as the 270M, in each training dtype, with and
+    without the sliding window's mask; and the loss and gradients are those of the shared head through
+    whatever kernel SDPA picks by itself (the math kernel where flash does not run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tinygemma.parallelize import init_model, kv_layouts, set_kv_layouts
+    from tinygemma.runtime import Runtime
+
+    config = small(head_dim=256, query_pre_attn_scalar=256.0)
+    cfg = load_recipe(None, [f"train.block_size={block}", "train.attention_backend=sdpa"]).train
+    model = init_model(config, cfg, Runtime(CUDA, dtype), None)
+    chosen = kv_layouts(model)
+    x, y = batch(config.vocab_size, 2, block)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        loss, grads = loss_and_grads(model, x, y, dtype)  # "No available kernel": SDPA would run its math kernel
+    set_kv_layouts(model, {kind: "shared" for kind in chosen})
+    want_loss, want_grads = loss_and_grads(model, x, y, dtype)
+    assert loss == pytest.approx(want_loss, rel=grad_rtol / 5), chosen
+    assert relative_error(grads, want_grads) < grad_rtol, chosen
 
 
 # ------------------------------------------------------------------ the loop's speed: micro-batches, no waiting

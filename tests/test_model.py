@@ -8,7 +8,7 @@ from tinygemma import Gemma3, ModelConfig
 from tinygemma.config import GLOBAL, SLIDING
 from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
-from tinygemma.model import model_from_state, model_state, sliding_window_mask
+from tinygemma.model import kv_for_every_head, model_from_state, model_state, sliding_window_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -193,6 +193,39 @@ def test_attention_gets_one_dtype_under_autocast(backend, monkeypatch):
         model(x)
     assert len(seen) == model.config.n_layers
     assert set(seen) == {(torch.bfloat16,) * 3}
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize("layout", ["expanded", "repeated"])
+def test_every_kv_layout_computes_the_same_function(layout, n_kv_heads):
+    """K/V expanded or repeated to every query head (what SDPA's memory-efficient kernel takes where it refuses
+    shared heads) gives the loss and gradients of the shared heads, sliding layers' masks included; with one
+    K/V head, expanded is a view, not a copy."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny(n_kv_heads=n_kv_heads))  # window 16
+    randomize_norms(model)
+    x = torch.randint(0, 500, (2, 41))  # 40 positions: the sliding layers' mask binds
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared_loss, shared_grads = loss_and_grads()
+    for layer in model.layers:
+        layer.self_attn.kv_layout = layout
+    loss, grads = loss_and_grads()
+    assert loss == pytest.approx(shared_loss, rel=1e-6)
+    for name, grad in grads.items():  # float32 summation in another order: relative to the gradient's norm
+        assert (grad - shared_grads[name]).norm() <= 1e-5 * shared_grads[name].norm(), name
+
+    kv = torch.randn(2, n_kv_heads, 5, 16)
+    every = kv_for_every_head(kv, 4, layout)
+    assert every.shape == (2, 4, 5, 16)
+    for h in range(4):  # query head h reads K/V head h // (4 / n_kv_heads), as enable_gqa
+        assert torch.equal(every[:, h], kv[:, h // (4 // n_kv_heads)])
+    assert (every.data_ptr() == kv.data_ptr() and every.stride(1) == 0) == (layout == "expanded" and n_kv_heads == 1)
 
 
 def test_bad_configs_are_refused():

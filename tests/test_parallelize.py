@@ -8,7 +8,7 @@ import torch
 from test_model import tiny  # noqa: E402
 
 from tinygemma import Gemma3, UserError
-from tinygemma.config import load_recipe
+from tinygemma.config import GLOBAL, SLIDING, load_recipe
 from tinygemma.parallelize import (
     PROBE_MEMORY_FRACTION,
     build_model,
@@ -22,9 +22,12 @@ from tinygemma.runtime import Runtime
 from tinygemma.train import run_model_config
 
 
-def test_compiled_model_agrees_without_graph_breaks():
+@pytest.mark.parametrize("kv_layout", ["shared", "expanded"])
+def test_compiled_model_agrees_without_graph_breaks(kv_layout):
     torch.manual_seed(0)
     model = Gemma3(tiny())
+    for layer in model.layers:
+        layer.self_attn.kv_layout = kv_layout
     x = torch.randint(0, 500, (2, 48))  # longer than the window: the sliding mask is in the graph
     eager_loss = model(x[:, :-1], x[:, 1:])
     eager_loss.backward()
@@ -65,6 +68,64 @@ def test_attention_backend_choice(monkeypatch):
     backend, why = choose_attention_backend(cfg_with(block_size=64), model, GPU)
     assert backend == "sdpa" and "L4" in why and "99 KB" in why
     assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flex"), model, GPU)[0] == "flex"
+
+
+def test_kv_layout_is_the_first_that_a_fused_sdpa_kernel_takes(monkeypatch):
+    """Shared K/V heads where a fused kernel takes them; else expanded (a view), else repeated (a copy); shared
+    where none does. Judged per layer kind at the training shape, dtype and mask; left alone on a CPU."""
+    import tinygemma.parallelize as parallelize
+    from tinygemma.parallelize import choose_kv_layouts, first_fused_kv_layout
+
+    q, kv = torch.empty(1, 4, 8, 16), torch.empty(1, 1, 8, 16)
+
+    def equal_heads(q, k, v, mask, enable_gqa):  # the memory-efficient kernel of PyTorch <= 2.11: no shared heads
+        return k.shape[1] == q.shape[1]
+
+    def equal_heads_in_memory(q, k, v, mask, enable_gqa):  # a kernel that took no zero-stride view
+        return equal_heads(q, k, v, mask, enable_gqa) and k.stride(1) != 0
+
+    assert first_fused_kv_layout(q, kv, None, lambda *args: True) == "shared"
+    assert first_fused_kv_layout(q, kv, None, equal_heads) == "expanded"
+    assert first_fused_kv_layout(q, kv, None, equal_heads_in_memory) == "repeated"
+    assert first_fused_kv_layout(q, kv, None, lambda *args: False) == "shared"
+    mask = torch.ones(8, 8, dtype=torch.bool)  # masked: never the zero-stride view (pytorch#191937), the copy
+    assert first_fused_kv_layout(q, kv, mask, equal_heads) == "repeated"
+    # On this CPU PyTorch's own checks answer (no fused CUDA kernel here), whatever SDPAParams' signature.
+    assert parallelize.sdpa_fused_kernel_runs(q, kv, kv, None, True) is False
+
+    raw = Gemma3(tiny())  # window 16
+    assert choose_kv_layouts(raw, cfg_with(block_size=64), CPU) == {SLIDING: "shared", GLOBAL: "shared"}
+    build_model(tiny(), cfg_with(block_size=64, compile="false"), CPU, None)  # nothing asked of the CPU
+
+    # A stand-in GPU (on CPU tensors), whose flash kernel takes shared heads but no mask, and whose
+    # memory-efficient kernel takes masks but not shared heads, asked in fp16 and with gradients.
+    asked = []
+
+    def t4_like(q, k, v, mask, enable_gqa):
+        asked.append((mask is not None, enable_gqa, q.dtype, q.requires_grad))
+        return (mask is None and enable_gqa) or k.shape[1] == q.shape[1]
+
+    monkeypatch.setattr(parallelize, "sdpa_fused_kernel_runs", t4_like)
+    gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), dtype=torch.float16)
+    raw.attention_backend = "sdpa"
+    assert choose_kv_layouts(raw, cfg_with(block_size=64), gpu) == {SLIDING: "repeated", GLOBAL: "shared"}
+    assert asked[0] == (True, True, torch.float16, True) and all(dtype == torch.float16 for *_, dtype, _ in asked)
+    assert choose_kv_layouts(raw, cfg_with(block_size=16), gpu) == {SLIDING: "shared", GLOBAL: "shared"}
+    raw.attention_backend = "flex"  # flex's sliding layers: no SDPA, nothing to choose
+    asked.clear()
+    assert choose_kv_layouts(raw, cfg_with(block_size=64), gpu) == {SLIDING: "shared", GLOBAL: "shared"}
+    assert asked == [(False, True, torch.float16, True)]  # the global layers' question only
+    assert choose_kv_layouts(Gemma3(tiny(n_kv_heads=4)), cfg_with(block_size=64), gpu) == {
+        SLIDING: "shared", GLOBAL: "shared"}  # no K/V heads to share: plain multi-head attention
+
+    # build_model hands the choice to every layer of its kind, and the first log line says what changed.
+    from tinygemma.parallelize import describe_kv_layouts, kv_layouts, set_kv_layouts
+
+    set_kv_layouts(raw, {SLIDING: "expanded", GLOBAL: "shared"})
+    kinds = {layer.self_attn.kv_layout for layer, kind in zip(raw.layers, raw.config.layer_types) if kind == SLIDING}
+    assert kinds == {"expanded"} and kv_layouts(raw) == {SLIDING: "expanded", GLOBAL: "shared"}
+    assert "sliding layers expanded" in describe_kv_layouts(kv_layouts(raw))
+    assert describe_kv_layouts({SLIDING: "shared", GLOBAL: "shared"}) == ""
 
 
 def test_loss_head_choice_is_applied_to_the_model(monkeypatch):

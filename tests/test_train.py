@@ -104,6 +104,7 @@ def test_validation_loss_falls_and_run_directory_is_complete(straight_run, data_
     assert config["model"]["vocab_size"] == 512  # from the data's meta.json
     assert config["model"]["d_model"] == 64 and config["train"]["max_steps"] == 40
     assert config["run"]["tokens_per_step"] == 256
+    assert config["run"]["kv_layout"] == {"sliding_attention": "shared", "full_attention": "shared"}  # the model untouched on a CPU
 
     assert (straight_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((straight_run / "tb").glob("events.out.tfevents.*"))

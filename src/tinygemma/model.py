@@ -145,6 +145,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        # How SDPA gets the K/V head(s) when there are fewer than query heads: "shared" (enable_gqa: the kernel
+        # reads one K/V head for all of its query heads), "expanded" (a view with every query head's K/V, no
+        # copy) or "repeated" (a copy). Not architecture: all three compute the same function. "shared" unless
+        # training chose otherwise for this GPU (parallelize.choose_kv_layouts): on CUDA flash takes shared heads,
+        # the memory-efficient kernel does not (through PyTorch 2.11 at least), and where flash does not run (a
+        # T4, a V100, float32, a mask) SDPA would fall back to its unfused math kernel.
+        self.kv_layout = "shared"
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
@@ -171,9 +178,26 @@ class Attention(nn.Module):
         if BlockMask is not None and isinstance(mask, BlockMask):
             y = _flex_attention(q, k, v, mask, self.scale, gqa)
         else:
+            if gqa and self.kv_layout != "shared":
+                k, v = kv_for_every_head(k, self.n_heads, self.kv_layout), kv_for_every_head(v, self.n_heads,
+                                                                                             self.kv_layout)
+                gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                                                enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+KV_LAYOUTS = ("shared", "expanded", "repeated")
+
+
+def kv_for_every_head(kv: torch.Tensor, n_heads: int, layout: str) -> torch.Tensor:
+    """K or V [B, n_kv_heads, T, head_dim] as [B, n_heads, T, head_dim], query head h reading K/V head
+    h // (n_heads // n_kv_heads) as enable_gqa does: "expanded", a view where there is one K/V head (stride 0
+    over the heads, no copy), "repeated" (or expanded from several K/V heads), a copy."""
+    B, n_kv, T, hd = kv.shape
+    if layout == "expanded" and n_kv == 1:
+        return kv.expand(B, n_heads, T, hd)
+    return kv.repeat_interleave(n_heads // n_kv, dim=1)
 
 
 class MLP(nn.Module):

@@ -6,11 +6,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
-from tinygemma.config import ModelConfig, TrainConfig
+from tinygemma.config import GLOBAL, SLIDING, ModelConfig, TrainConfig
 from tinygemma.errors import UserError
 from tinygemma.loss import LOSS_CHUNK_SIZE
-from tinygemma.model import Gemma3, compiled_flex_attention
+from tinygemma.model import (
+    KV_LAYOUTS,
+    Gemma3,
+    compiled_flex_attention,
+    kv_for_every_head,
+    sliding_window_mask,
+)
 from tinygemma.runtime import Runtime
 
 
@@ -39,6 +46,7 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
     raw.to(rt.device)
     raw.attention_backend = choose_attention_backend(cfg, model_config, rt)[0]
     raw.loss_chunk_size, raw.loss_full_logits, _ = choose_loss_head(cfg, rt)
+    set_kv_layouts(raw, choose_kv_layouts(raw, cfg, rt))
     if raw.attention_backend == "flex":
         # Built here, before compiling, so the compiled graph only reads them.
         raw.sliding_block_mask(cfg.block_size, rt.device)
@@ -191,6 +199,82 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
         return "sdpa", (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
                         "flex_attention's backward at this head size")
     return "flex", f"{props.name}: flex_attention's fused kernels"
+
+
+def choose_kv_layouts(raw: Gemma3, cfg: TrainConfig, rt: Runtime) -> dict[str, str]:
+    """{layer kind: kv_layout} for training on `rt`: how SDPA gets the one K/V head of the sliding and of the
+    global layers (model.Attention.kv_layout). The first layout that a fused CUDA kernel (flash or
+    memory-efficient) runs forward and backward at the training shape, dtype and mask (sdpa_fused_kernel_runs):
+    shared where flash runs (sm80 and newer, bf16 or fp16, no mask); otherwise, as long as this PyTorch's
+    memory-efficient kernel takes no shared heads (a T4, a V100, float32, the sliding window's mask), expanded
+    or repeated. Shared, as without training, on other devices, under flex attention, and where no fused kernel
+    runs any layout (SDPA's math kernel then, as before)."""
+    mc = raw.config
+    layouts = {SLIDING: "shared", GLOBAL: "shared"}
+    if not rt.is_cuda or mc.n_kv_heads == mc.n_heads:
+        return layouts
+    T, dtype = cfg.block_size, rt.dtype
+    q = torch.zeros(1, mc.n_heads, T, mc.head_dim, device=rt.device, dtype=dtype, requires_grad=True)
+    kv = torch.zeros(1, mc.n_kv_heads, T, mc.head_dim, device=rt.device, dtype=dtype, requires_grad=True)
+    masked = T > mc.sliding_window
+    if not (masked and raw.attention_backend == "flex"):  # flex's sliding layers take shared heads themselves
+        mask = sliding_window_mask(T, T, mc.sliding_window, rt.device) if masked else None
+        layouts[SLIDING] = first_fused_kv_layout(q, kv, mask, sdpa_fused_kernel_runs)
+    layouts[GLOBAL] = first_fused_kv_layout(q, kv, None, sdpa_fused_kernel_runs)
+    return layouts
+
+
+def first_fused_kv_layout(q: torch.Tensor, kv: torch.Tensor, mask, fused) -> str:
+    """The first of KV_LAYOUTS for which `fused(q, k, v, mask, enable_gqa)` says a fused kernel runs; "shared"
+    (what the model does untouched) when none does. With a mask, no zero-stride view: the memory-efficient
+    kernel was reported to give wrong outputs for a boolean mask over stride-0 K/V heads (pytorch#191937), so
+    masked layers take the copy, still small beside the [T, T] scores the math kernel would make."""
+    for layout in KV_LAYOUTS if mask is None else ("shared", "repeated"):
+        k = kv if layout == "shared" else kv_for_every_head(kv, q.shape[1], layout)
+        if fused(q, k, k, mask, layout == "shared"):  # keys and values alike in shape and layout: one serves both
+            return layout
+    return "shared"
+
+
+def sdpa_fused_kernel_runs(q, k, v, mask, enable_gqa: bool) -> bool:
+    """Whether SDPA runs flash or memory-efficient attention on these inputs (causal without a mask), forward
+    and backward: PyTorch's own checks first (torch.backends.cuda.can_use_*, which say nothing of backward's
+    kernels), then one pass with the math kernel switched off. False where this PyTorch cannot say. cuDNN is
+    left out: SDPA tries it before its math kernel only on some GPUs and cuDNN versions."""
+    from torch.backends import cuda
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        params = cuda.SDPAParams(q, k, v, mask, 0.0, mask is None, enable_gqa)
+        if not (cuda.can_use_flash_attention(params, False) or cuda.can_use_efficient_attention(params, False)):
+            return False
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=enable_gqa)
+            out.sum().backward()
+        return True
+    except (TypeError, RuntimeError):  # an SDPAParams of another signature; "No available kernel"; a launch
+        return False
+
+
+def set_kv_layouts(raw: Gemma3, layouts: dict[str, str]) -> None:
+    for layer, kind in zip(raw.layers, raw.config.layer_types):
+        layer.self_attn.kv_layout = layouts[kind]
+
+
+def kv_layouts(raw: Gemma3) -> dict[str, str]:
+    """{layer kind: kv_layout}, as the model's layers have them."""
+    return {kind: layer.self_attn.kv_layout for layer, kind in zip(raw.layers, raw.config.layer_types)}
+
+
+def describe_kv_layouts(layouts: dict[str, str]) -> str:
+    """For the first log line: "" when every layer shares its K/V head (the model untouched)."""
+    changed = {kind: layout for kind, layout in layouts.items() if layout != "shared"}
+    if not changed:
+        return ""
+    names = {SLIDING: "sliding", GLOBAL: "global"}
+    where = " and ".join(f"{names.get(kind, kind)} layers {layout}" for kind, layout in sorted(changed.items()))
+    return f"; K/V heads {where} for a fused SDPA kernel (none takes a shared K/V head there)"
 
 
 # loss_head = "auto": the most logits (rows x padded vocabulary) of one micro-batch for which the plain

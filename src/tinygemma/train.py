@@ -82,9 +82,11 @@ from tinygemma.parallelize import (
     choose_attention_backend,
     choose_loss_head,
     compiles,
+    describe_kv_layouts,
     grad_scaler,
     gradient_sync,
     init_model,
+    kv_layouts,
     probe_micro_batch_size,
     wrap_model,
 )
@@ -225,7 +227,8 @@ class Trainer:
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
                            "parameters": self.raw.num_params(), "tokenizer": self.tokenizer,
-                           "attention_backend": self.attention[0], "loss_head": self.loss_head,
+                           "attention_backend": self.attention[0], "kv_layout": kv_layouts(self.raw),
+                           "loss_head": self.loss_head,
                            "compiled": compiles(cfg, rt),
                            "data_source": self.data.meta.get("source"),
                            "data_documents": {split: self.data.meta["splits"][split].get("documents")
@@ -243,7 +246,8 @@ class Trainer:
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer)}, {cfg.lr_schedule} schedule; "
-              f"sliding-window attention: {self.attention[0]} ({self.attention[1]}); loss head {self.loss_head}"
+              f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
+              f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
               f"{'; torch.compile: the first step compiles the model (a minute or more)' if resolved['run']['compiled'] else ''}",
               flush=True)
         if sys.stderr.isatty():

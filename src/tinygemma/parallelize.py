@@ -248,7 +248,7 @@ def sdpa_fused_kernel_runs(q, k, v, mask, enable_gqa: bool) -> bool:
         params = cuda.SDPAParams(q, k, v, mask, 0.0, mask is None, enable_gqa)
         if not (cuda.can_use_flash_attention(params, False) or cuda.can_use_efficient_attention(params, False)):
             return False
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), torch.enable_grad():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=enable_gqa)
             out.sum().backward()

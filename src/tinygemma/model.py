@@ -178,9 +178,9 @@ class Attention(nn.Module):
         if BlockMask is not None and isinstance(mask, BlockMask):
             y = _flex_attention(q, k, v, mask, self.scale, gqa)
         else:
-            if gqa and self.kv_layout != "shared":
-                k, v = kv_for_every_head(k, self.n_heads, self.kv_layout), kv_for_every_head(v, self.n_heads,
-                                                                                             self.kv_layout)
+            if gqa and self.kv_layout != "shared":  # every query head's K/V, for a kernel that takes no sharing
+                k = kv_for_every_head(k, self.n_heads, self.kv_layout)
+                v = kv_for_every_head(v, self.n_heads, self.kv_layout)
                 gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                                                enable_gqa=gqa)
@@ -192,8 +192,8 @@ KV_LAYOUTS = ("shared", "expanded", "repeated")
 
 def kv_for_every_head(kv: torch.Tensor, n_heads: int, layout: str) -> torch.Tensor:
     """K or V [B, n_kv_heads, T, head_dim] as [B, n_heads, T, head_dim], query head h reading K/V head
-    h // (n_heads // n_kv_heads) as enable_gqa does: "expanded", a view where there is one K/V head (stride 0
-    over the heads, no copy), "repeated" (or expanded from several K/V heads), a copy."""
+    h // (n_heads // n_kv_heads) as enable_gqa does. "expanded" with one K/V head: a view (stride 0 over the
+    heads, no copy); "repeated", or several K/V heads: a copy."""
     B, n_kv, T, hd = kv.shape
     if layout == "expanded" and n_kv == 1:
         return kv.expand(B, n_heads, T, hd)

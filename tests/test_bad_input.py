@@ -113,6 +113,13 @@ CASES = [
     ("generate-other-architecture", ["generate", "--ckpt", "{root}/other", "--prompt", "Once"],
      "does not match"),
     ("eval-wrong-tokenizer", ["eval", "--ckpt", "{root}/run", "--data", "{root}/bpe"], "but the checkpoint uses gpt2"),
+    # --tokenizer naming another vocabulary than the checkpoint's own: its ids would mean other text.
+    ("eval-given-another-tokenizer", ["eval", "--ckpt", "{root}/run", "--data", "{root}/bpe", "--tokenizer",
+                                      "{root}/bpe/tokenizer.json"], "is not the tokenizer"),
+    ("generate-given-another-tokenizer", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--tokenizer",
+                                          "{root}/bpe/tokenizer.json"], "is not the tokenizer"),
+    ("generate-export-given-another-tokenizer", ["generate", "--ckpt", "{root}/hf", "--prompt", "Once",
+                                                 "--tokenizer", "{root}/bpe/tokenizer.json"], "is not the tokenizer"),
     ("eval-truncated-tokens", ["eval", "--ckpt", "{root}/run", "--data", "{root}/truncated"], "truncated"),
     ("eval-missing-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/nowhere"], "not a prepared dataset"),
     ("export-missing-ckpt", ["export", "--ckpt", "{root}/nowhere", "--out", "{root}/new"], "not found"),
@@ -185,3 +192,38 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too
+
+
+def test_a_gpt2_runs_export_goes_with_gpt2_data_and_the_given_tokenizer_if_it_is_its_own(world, capsys):
+    """The transformers export of a GPT-2 run holds GPT-2's vocabulary as a tokenizer.json: the same ids, the
+    same text, so it evaluates GPT-2 data as the run does, and --tokenizer gpt2 is its own, not another."""
+    from tinygemma.tokenizer import load_tokenizer
+
+    root = world
+    assert load_tokenizer(root / "hf").identity == "gpt2"
+    assert load_tokenizer(root / "bpe").identity.startswith("tokenizer.json:")  # another vocabulary keeps its hash
+    losses = []
+    for ckpt, given in ((root / "run", []), (root / "hf", []), (root / "hf", ["--tokenizer", "gpt2"]),
+                        (root / "run", ["--tokenizer", str(root / "hf" / "tokenizer.json")])):
+        assert main(["eval", "--ckpt", str(ckpt), "--data", str(root / "data"), "--dtype", "float32",
+                     "--device", "cpu", "--max-tokens", "400", "--block-size", "16", *given]) == 0, capsys.readouterr().err
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    assert losses == pytest.approx([losses[0]] * 4, rel=1e-5)
+
+
+
+def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_path):
+    """--tokenizer is what names the tokenizer where the checkpoint has none of its own (an export whose
+    tokenizer.json was left behind); without it, one line says to give one."""
+    import shutil
+
+    from tinygemma import UserError
+    from tinygemma.checkpoint import checkpoint_tokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(world / "hf", bare)
+    (bare / "tokenizer.json").unlink()
+    assert checkpoint_tokenizer(bare, "gpt2").identity == "gpt2"
+    assert checkpoint_tokenizer(bare, str(world / "bpe" / "tokenizer.json")).identity.startswith("tokenizer.json:")
+    with pytest.raises(UserError, match="name one with --tokenizer"):
+        checkpoint_tokenizer(bare)

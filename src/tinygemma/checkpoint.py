@@ -175,17 +175,35 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
 
 
 def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
-    """The tokenizer that goes with a checkpoint: `tokenizer` ("gpt2" or a tokenizer.json path) if given, else
-    the spec recorded in checkpoint.json at training time, else a transformers directory's tokenizer.json."""
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
+    """The tokenizer that goes with a checkpoint: the spec recorded in checkpoint.json at training time, else a
+    transformers directory's tokenizer.json. `tokenizer` ("gpt2" or a tokenizer.json path), if given, is taken
+    where the checkpoint has none of its own, or where its own cannot be read (a tokenizer file gone), and
+    refused where it has another vocabulary than the checkpoint's own: its ids would mean other text."""
     directory = resolve_checkpoint(ckpt)
     spec = read_checkpoint_meta(directory).get("tokenizer")
-    if spec:
-        return tokenizer_from_spec(spec, base_dir=directory)
-    if (directory / TOKENIZER_FILE).exists():
-        return load_tokenizer(directory)
-    raise UserError(f"{directory} records no tokenizer and holds no {TOKENIZER_FILE}; name one with --tokenizer")
+    own = None
+    try:
+        if spec:
+            own = tokenizer_from_spec(spec, base_dir=directory)
+        elif (directory / TOKENIZER_FILE).exists():
+            own = load_tokenizer(directory)
+    except UserError:
+        if tokenizer is None:
+            raise
+    if tokenizer is None:
+        if own is None:
+            raise UserError(f"{directory} records no tokenizer and holds no {TOKENIZER_FILE}; name one with "
+                            "--tokenizer")
+        return own
+    given = load_tokenizer(tokenizer)
+    if own is None and spec and spec.get("vocab_size") not in (None, given.vocab_size):  # its file gone: the spec
+        raise UserError(f"--tokenizer {tokenizer} has {given.vocab_size:,} tokens, but {directory} was made with a "
+                        f"tokenizer of {spec['vocab_size']:,}: its token ids would mean other text")
+    if own is not None and given.identity != own.identity:
+        raise UserError(f"--tokenizer {tokenizer} ({given.identity}) is not the tokenizer {directory} was made "
+                        f"with ({own.identity}): its token ids would mean other text; leave --tokenizer out to "
+                        "use the checkpoint's own")
+    return given
 
 
 def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "auto") -> Gemma3:

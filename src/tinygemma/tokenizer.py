@@ -171,6 +171,29 @@ def gpt2_as_tokenizers(encoding):
     return tokenizer
 
 
+@functools.cache
+def _gpt2_vocabulary() -> dict[str, int]:
+    """GPT-2's vocabulary as a byte-level tokenizer.json holds it: each token's printable text -> its id."""
+    encoding = _gpt2_encoding()
+    to_text = _bytes_to_unicode()
+    vocab = {"".join(to_text[b] for b in token): rank
+             for token, rank in encoding._mergeable_ranks.items()}  # noqa: SLF001 (as gpt2_as_tokenizers)
+    return {**vocab, EOT_TOKEN: encoding.eot_token}
+
+
+def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
+    """Whether a tokenizer.json's vocabulary (with its added tokens) and byte-level decoding are GPT-2's. False
+    where GPT-2's ranks cannot be had (offline without tiktoken's cache)."""
+    if len(vocab) != 50257 or vocab.get(EOT_TOKEN) != 50256:  # the quick no for every other vocabulary
+        return False
+    if '"ByteLevel"' not in json.dumps(json.loads(content).get("decoder")):
+        return False
+    try:
+        return vocab == _gpt2_vocabulary()
+    except Exception:  # no ranks to compare with: not known to be GPT-2's
+        return False
+
+
 # ------------------------------------------------------------------ any tokenizer.json
 
 
@@ -196,7 +219,9 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)})")
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
-        self.identity = f"tokenizer.json:{self.sha256}"
+        # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
+        # ids mean the same text, so data and checkpoints made with either go together.
+        self.identity = "gpt2" if _is_gpt2_vocabulary(vocab, content) else f"tokenizer.json:{self.sha256}"
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:

@@ -140,15 +140,14 @@ def add_train(subparsers) -> None:
 
 
 def _train_main(args) -> int:
-    overrides = []
-    if args.model:
-        overrides.append(f"model.preset={args.model}")
-    if args.data:
-        overrides.append(f"data.dir={args.data}")
-    if args.out:
-        overrides.append(f"train.out={args.out}")
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
+    flags = {"model.preset": ("--model", args.model), "data.dir": ("--data", args.data),
+             "train.out": ("--out", args.out), "train.max_steps": ("--max-steps", args.max_steps)}
+    overrides = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None and value != ""]
+    for item in args.set:  # the same setting from a flag and from --set: which was meant is not ours to guess
+        key = item.partition("=")[0].strip()
+        key = key if "." in key else f"train.{key}"
+        if key in flags and flags[key][1] not in (None, ""):
+            raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
     saved = Path(args.out or "") / "config.json"
     if args.resume and args.config is None and args.out and saved.exists():
         resolved = read_json(saved, "run config")

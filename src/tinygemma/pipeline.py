@@ -15,7 +15,14 @@ from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
-from tinygemma.data import DEFAULT_BPE_VOCAB_SIZE, HUB_DATASET, META_NAME, open_prepared, prepare
+from tinygemma.data import (
+    DEFAULT_BPE_VOCAB_SIZE,
+    HUB_DATASET,
+    META_NAME,
+    check_prepare_out,
+    open_prepared,
+    prepare,
+)
 from tinygemma.devices import pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
@@ -23,7 +30,7 @@ from tinygemma.files import atomic_write_json
 from tinygemma.generate import generate_text
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
-from tinygemma.train import train
+from tinygemma.train import check_run_out, train
 
 
 def log(message: str) -> None:
@@ -89,8 +96,26 @@ def recipe_differences(recipe: Recipe, data) -> list[str]:
     return differences
 
 
+def check_outputs(recipe: Recipe) -> None:
+    """Refuse a train.out that training may not write into, or a data.dir to prepare that prepare may not, before
+    anything is prepared (a refused run then leaves no new dataset behind): prepare's and train's own checks, their
+    lines naming the recipe's setting where those commands name their --out."""
+    checks = [(check_run_out, recipe.out, "train.out")]
+    if not (Path(recipe.data.dir) / META_NAME).exists():
+        checks.append((check_prepare_out, recipe.data.dir, "data.dir"))
+    for check, value, setting in checks:
+        try:
+            check(value)
+        except UserError as e:
+            message = str(e)
+            if message.startswith("--out "):
+                raise UserError(f"{setting} {message.removeprefix('--out ')}") from None
+            raise
+
+
 def run(recipe: Recipe) -> dict:
     """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}."""
+    check_outputs(recipe)
     prepare_if_missing(recipe)
     log(f"training into {recipe.out} (resumes from its last checkpoint if it has one)")
     summary = train(recipe, resume=True)

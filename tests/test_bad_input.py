@@ -137,6 +137,8 @@ CASES = [
     ("export-other-architecture", ["export", "--ckpt", "{root}/other", "--out", "{root}/new"], "does not match"),
     # Outputs that are not export's: the run itself (its config.json is what --resume reads), a dataset, another
     # folder, a path under a file, and for gguf any existing file that is not GGUF.
+    ("export-push-to-hub-without-user", ["export", "--ckpt", "{root}/run", "--out", "{root}/new", "--push-to-hub",
+                                         "bad"], "USER/NAME"),
     ("export-into-its-run", ["export", "--ckpt", "{root}/run", "--out", "{root}/run"], "is a training run"),
     ("export-into-a-dataset", ["export", "--ckpt", "{root}/run", "--out", "{root}/data"], "is a prepared dataset"),
     ("export-into-a-checkpoint", ["export", "--ckpt", "{root}/run", "--out", "{root}/other"],

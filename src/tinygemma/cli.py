@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -329,6 +330,9 @@ def add_export(subparsers) -> None:
 def _export_main(args) -> int:
     if args.push_to_hub and args.format != "hf":
         raise UserError("--push-to-hub uploads an hf export's directory; use it with --format hf")
+    # Before the export: the name goes into its model card (the title, from_pretrained's argument).
+    if args.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push_to_hub):
+        raise UserError(f"--push-to-hub takes the repository as USER/NAME (or ORG/NAME), not {args.push_to_hub!r}")
     if args.format == "gguf":
         info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "

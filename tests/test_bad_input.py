@@ -240,3 +240,14 @@ def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_p
     assert checkpoint_tokenizer(bare, str(world / "bpe" / "tokenizer.json")).identity.startswith("tokenizer.json:")
     with pytest.raises(UserError, match="name one with --tokenizer"):
         checkpoint_tokenizer(bare)
+
+
+@pytest.mark.parametrize("argv,words", [(["eval", "--ckpt", "x"], "required: --data"),
+                                        (["train", "--max-steps", "abc"], "invalid int value"),
+                                        (["frob"], "invalid choice")])
+def test_a_command_line_argparse_refuses_is_one_line_too(argv, words, capsys):
+    """A missing or ill-typed argument: argparse's refusal, in one line naming --help, and exit status 2."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and words in err and "--help" in err, err

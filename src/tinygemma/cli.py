@@ -45,8 +45,16 @@ from tinygemma.tokenizer import EOT_TOKEN, token_byte_lengths
 from tinygemma.train import train
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of the command line (a missing or ill-typed argument) is one line, as
+    every other refusal here, rather than the usage block and then the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # its subcommands' parsers are of its class
         prog="tinygemma",
         description="Pre-train Gemma 3 270M from scratch on TinyStories.",
     )

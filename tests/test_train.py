@@ -575,6 +575,13 @@ def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_d
     with pytest.raises(tinygemma.UserError, match=rf"{other} was prepared with tokenizer tokenizer\.json:\w+, but "
                                                   rf"the run was trained with tokenizer\.json:\w+ \(on {data_dir}\)"):
         run(other, out, "max_steps=4", "checkpoint_interval=2", resume=True)
+    # Another vocabulary size makes the model differ too: the data is still what is named, not the model.
+    smaller = tmp_path / "other-bpe384"
+    prepare(smaller, sources=[stories_dir / "valid.txt"], tokenizer="bpe", vocab_size=384, limit=300,
+            val_fraction=0.1, workers=1, progress=False)
+    with pytest.raises(tinygemma.UserError, match=rf"{smaller} was prepared with tokenizer tokenizer\.json:\w+, "
+                                                  "but the run was trained with"):
+        run(smaller, out, "max_steps=4", "checkpoint_interval=2", resume=True)
     with pytest.raises(tinygemma.UserError, match="--stop-at must be an optimizer step of 1 or more, got -3"):
         run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=-3)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files

@@ -145,11 +145,11 @@ class Trainer:
         last = checkpoint_pointer(self.run_dir) if (self.run_dir / "checkpoints").exists() else None
         self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
-        ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume)
+        ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume,
+                                              lambda ckpt, state: check_same_tokenizer(ckpt, state, self.data,
+                                                                                       self.data_dir))
         self.start = state.get("step", 0)
         check_stop_at(stop_at)
-        if ckpt_dir is not None:
-            check_same_tokenizer(ckpt_dir, state, self.data, self.data_dir)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
         check_resume_schedule(saved_train, self.cfg, self.start)
         changed = check_resume_settings(saved_train, self.cfg, self.start)
@@ -593,10 +593,12 @@ def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict 
     return dataclasses.replace(config, vocab_pad_multiple=pad)
 
 
-def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig,
-               resume: bool) -> tuple[Path | None, dict, dict | None]:
+def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig, resume: bool,
+               check_data=lambda ckpt_dir, state: None) -> tuple[Path | None, dict, dict | None]:
     """(checkpoint directory, trainer state, weights) of the run's last checkpoint, or (None, {}, None) for a
-    fresh run. A run that exists is only continued with `resume`, and only with the model it was trained with."""
+    fresh run. A run that exists is only continued with `resume`, on data it may continue on (`check_data`,
+    first: other data's vocabulary also makes the model differ, and the data is what to name then), and only with
+    the model it was trained with."""
     if last and not resume:
         raise UserError(f"{run_dir} already holds a run (checkpoint at step {last['step']}); pass --resume to "
                         "continue it, or choose another --out")
@@ -604,6 +606,7 @@ def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig,
         return None, {}, None
     ckpt_dir = run_dir / "checkpoints" / last["dir"]
     state = read_json(ckpt_dir / STATE_NAME, "trainer state")
+    check_data(ckpt_dir, state)
     saved = read_json(ckpt_dir / META_NAME, "checkpoint metadata")["model"]
     if saved != model_config.to_dict():
         changed = sorted(k for k in saved if saved[k] != model_config.to_dict().get(k))

@@ -293,6 +293,9 @@ def test_prepare_writes_only_where_a_dataset_belongs(stories_dir, tmp_path, caps
     assert is_prepared_dataset(tmp_path / "empty") and not is_prepared_dataset(export)
     assert _fail(capsys, "--out", tmp_path / "empty", *args, "--tokenizer", "bpe", "--vocab-size", "300")[0] == 0
     assert open_prepared(tmp_path / "empty").vocab_size == 300  # the earlier dataset, replaced
+    assert (tmp_path / "empty" / "tokenizer.json").exists()
+    assert _fail(capsys, "--out", tmp_path / "empty", *args)[0] == 0  # gpt2 again: the BPE's file goes with it
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["meta.json", "train.bin", "val.bin"]
     status, err = _fail(capsys, "--out", tmp_path / "empty" / "meta.json", *args)
     assert status == 2 and "is a file" in err[0]
 

@@ -402,6 +402,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
                        "val_fraction": carve, "limit": limit},
         }
         atomic_write_json(out_dir / META_NAME, meta)
+        if meta["tokenizer"].get("file") != TOKENIZER_FILE:  # gpt2 over an earlier BPE dataset: its file is stale
+            (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):

@@ -119,6 +119,8 @@ CASES = [
     ("generate-top-k-zero", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-k", "0"], "top_k"),
     ("generate-negative-length", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
                                   "-3"], "max_new_tokens"),
+    ("generate-past-the-positions", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
+                                     "100000000"], "max_position_embeddings"),
     ("generate-zero-samples", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--num-samples", "0"],
      "num-samples"),
     ("generate-other-architecture", ["generate", "--ckpt", "{root}/other", "--prompt", "Once"],

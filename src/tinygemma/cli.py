@@ -36,7 +36,7 @@ from tinygemma.devices import dtype_name
 from tinygemma.errors import UserError
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
-from tinygemma.generate import generate_text
+from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.pipeline import run, where_and_next
@@ -212,6 +212,7 @@ def _generate_main(args) -> int:
     started = time.perf_counter()
     tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
+    prompt_ids(model.config, tokenizer, args.prompt, args.max_new_tokens)  # its refusal is then the only line
     weight = model.embed_tokens.weight
     print(f"loaded {args.ckpt} ({model.num_params() / 1e6:.1f}M parameters, "
           f"{dtype_name(weight.dtype)}, {weight.device}) and tokenizer "

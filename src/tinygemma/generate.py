@@ -137,6 +137,21 @@ class TextStream:
         return new
 
 
+def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """The prompt's token ids, refused in one line when there are none or when they and `max_new_tokens` would
+    pass the model's positions."""
+    if not prompt:
+        raise UserError("the prompt is empty; give some text to continue")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UserError(f"the prompt {prompt!r} encodes to no tokens")
+    limit = config.max_position_embeddings  # also bounds the KV cache, which holds every position
+    if len(ids) + max_new_tokens > limit:
+        raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones exceed the model's "
+                        f"{limit} positions (max_position_embeddings); ask for fewer new tokens")
+    return ids
+
+
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, on_text=None) -> tuple[list[str], int]:
@@ -147,15 +162,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
-    if not prompt:
-        raise UserError("the prompt is empty; give some text to continue")
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise UserError(f"the prompt {prompt!r} encodes to no tokens")
-    limit = model.config.max_position_embeddings  # also bounds the KV cache, which holds every position
-    if len(ids) + max_new_tokens > limit:
-        raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones exceed the model's "
-                        f"{limit} positions (max_position_embeddings); ask for fewer new tokens")
+    ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
     device = model.embed_tokens.weight.device
     input_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = None

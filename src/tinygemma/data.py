@@ -471,17 +471,17 @@ def is_prepared_dataset(path: str | Path) -> bool:
 PREPARED_FILES = frozenset({META_NAME, TOKENIZER_FILE, *(f"{split}.bin" for split in SPLITS)})
 
 
-def check_prepare_out(out_dir: str | Path) -> None:
+def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
     """Refuse an --out that prepare would damage: it writes into a new or empty folder, replaces a dataset it
     prepared before, or finishes what an interrupted run left (only prepare's own files, no meta.json); any other
     folder (a transformers export, a training run, ...) would lose its tokenizer.json to it."""
-    out_dir = check_output_folder(out_dir, "the dataset")
+    out_dir = check_output_folder(out_dir, "the dataset", flag)
     if not out_dir.exists() or is_prepared_dataset(out_dir):
         return
     others = others_than(out_dir, PREPARED_FILES)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise UserError(f"--out {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "
+        raise UserError(f"{flag} {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "
                         "a new or empty folder, or into an earlier prepared dataset to replace it")
 
 

@@ -133,12 +133,13 @@ def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def check_output_folder(path: str | Path, what: str) -> Path:
-    """`path` as a Path for a command that fills a folder with `what`: refused in one line when it, or a folder
-    above it, is a file. Whether an existing folder is the command's to fill is the command's own question."""
-    path = check_output_path(path)
+def check_output_folder(path: str | Path, what: str, flag: str = "--out") -> Path:
+    """`path` as a Path for a command that fills a folder with `what`: refused in one line, naming `flag` (the
+    option or setting that gave it), when it or a folder above it is a file. Whether an existing folder is the
+    command's to fill is the command's own question."""
+    path = check_output_path(path, flag)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file; give the folder to write {what} into")
+        raise UserError(f"{flag} {path} is a file; give the folder to write {what} into")
     return path
 
 

@@ -98,19 +98,11 @@ def recipe_differences(recipe: Recipe, data) -> list[str]:
 
 def check_outputs(recipe: Recipe) -> None:
     """Refuse a train.out that training may not write into, or a data.dir to prepare that prepare may not, before
-    anything is prepared (a refused run then leaves no new dataset behind): prepare's and train's own checks, their
-    lines naming the recipe's setting where those commands name their --out."""
-    checks = [(check_run_out, recipe.out, "train.out")]
+    anything is prepared (a refused run then leaves no new dataset behind): train's and prepare's own checks,
+    naming the recipe's settings where those commands name their --out."""
+    check_run_out(recipe.out, "train.out")
     if not (Path(recipe.data.dir) / META_NAME).exists():
-        checks.append((check_prepare_out, recipe.data.dir, "data.dir"))
-    for check, value, setting in checks:
-        try:
-            check(value)
-        except UserError as e:
-            message = str(e)
-            if message.startswith("--out "):
-                raise UserError(f"{setting} {message.removeprefix('--out ')}") from None
-            raise
+        check_prepare_out(recipe.data.dir, "data.dir")
 
 
 def run(recipe: Recipe) -> dict:

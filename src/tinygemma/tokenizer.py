@@ -181,12 +181,17 @@ def _gpt2_vocabulary() -> dict[str, int]:
     return {**vocab, EOT_TOKEN: encoding.eot_token}
 
 
+def _decodes_byte_level(content: str) -> bool:
+    """Whether a tokenizer.json decodes byte-level: each byte of text written as one printable character."""
+    return '"ByteLevel"' in json.dumps(json.loads(content).get("decoder"))
+
+
 def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
     """Whether a tokenizer.json's vocabulary (with its added tokens) and byte-level decoding are GPT-2's. False
     where GPT-2's ranks cannot be had (offline without tiktoken's cache)."""
     if len(vocab) != 50257 or vocab.get(EOT_TOKEN) != 50256:  # the quick no for every other vocabulary
         return False
-    if '"ByteLevel"' not in json.dumps(json.loads(content).get("decoder")):
+    if not _decodes_byte_level(content):
         return False
     try:
         return vocab == _gpt2_vocabulary()
@@ -331,7 +336,7 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
         return lengths
     backend = tokenizer.backend
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-    byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+    byte_level = _decodes_byte_level(backend.to_str())
     for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True))):
         token = backend.id_to_token(i)
         if token is None or i in special:

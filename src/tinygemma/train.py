@@ -494,18 +494,18 @@ def check_profile_range(spec: str, start: int, end: int) -> tuple[int, int]:
     return first, last
 
 
-def check_run_out(out: str) -> Path:
+def check_run_out(out: str, flag: str = "--out") -> Path:
     """The run directory, refused in one line unless training may write there: a new or empty folder, or a
     training run (its own, continued or started again after a crash before its first checkpoint). A transformers
     export, a prepared dataset or any other folder would lose its config.json, report.md or loss.png."""
-    path = check_output_folder(out, "the run")
+    path = check_output_folder(out, "the run", flag)
     if not path.exists():
         return path
     if is_training_run(path) or not others_than(path, EARLY_RUN_FILES, {"config.json"}):
         return path
     what = ("a prepared dataset" if is_prepared_dataset(path) else "a Hugging Face export" if is_hf_export(path)
             else "a folder that holds no training run")
-    raise UserError(f"--out {path} is {what}; training would write its config.json, report.md and logs into it. "
+    raise UserError(f"{flag} {path} is {what}; training would write its config.json, report.md and logs into it. "
                     "Choose a new folder for the run")
 
 

@@ -340,9 +340,11 @@ def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
     assert not (out / "meta.json").exists() and not (out / "train.bin").exists()
     with pytest.raises(UserError, match="no meta.json"):
         open_prepared(out)
-    # What the killed run left is prepare's own: preparing again into it is allowed, and finishes a dataset.
+    # What the killed run left is prepare's own: preparing again into it is allowed, finishes a dataset, and
+    # deletes the killed run's temporary (as large as what it had written).
     prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
     assert open_prepared(out).meta["splits"]["train"]["documents"] == 20
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_interrupted_prepare_with_workers_says_one_line(stories_dir, tmp_path):
@@ -432,6 +434,24 @@ def test_the_global_batch_is_the_same_windows_whatever_the_processes_and_micro_b
     assert two[1][0] == one[1] + one[3]
 
 
+def test_processes_need_only_divide_the_global_batch_not_the_accumulation():
+    """batch_size 6 x grad_accum_steps 2 on 4 processes (2 does not divide by 4; the global 12 does): each process
+    trains 3 of the 12 windows, every window once, as on one process."""
+    tokens = np.arange(5000, dtype=np.uint16)
+    settings = {"batch_size": 6, "grad_accum_steps": 2, "block_size": 8, "seed": 5}
+    starts = data.window_starts(5, 3, len(tokens), 8, 12)
+    everything = sorted(tokens[s : s + 9].tolist() for s in starts)
+    for world_size, micro_batch_size in [(1, 6), (2, 6), (2, 3), (3, 4), (3, 1), (4, 3), (6, 2), (12, 1)]:
+        passes = batch_windows(tokens, settings, world_size, micro_batch_size)
+        assert all(len(p) == 12 // world_size // micro_batch_size for p in passes)
+        assert sorted(w for p in passes for windows in p for w in windows) == everything
+    from tinygemma.config import TrainConfig
+
+    with pytest.raises(UserError, match=r"^the global batch, train.batch_size x grad_accum_steps = 6 x 2 = 12 "
+                                        r"sequences, must be a multiple of the number of processes \(5\)"):
+        data.process_share(TrainConfig(**settings), 5)
+
+
 def test_micro_batch_sizes_that_do_not_divide_a_process_share_are_refused():
     from tinygemma.config import TrainConfig
 
@@ -442,6 +462,9 @@ def test_micro_batch_sizes_that_do_not_divide_a_process_share_are_refused():
                                         r"of 8, 4, 2, 1 \(or auto\)"):
         data.check_micro_batch_size(cfg, 2, 3)
     assert data.requested_micro_batch_size(cfg, 2, "cpu") == 4  # auto off CUDA: batch_size
+    # ... or, where a process's share is less (6 x 2 on 4 processes: 3 each), the largest size that divides it
+    assert data.requested_micro_batch_size(TrainConfig(batch_size=6, grad_accum_steps=2), 4, "cpu") == 3
+    assert data.requested_micro_batch_size(TrainConfig(batch_size=6, grad_accum_steps=1), 3, "cpu") == 2
     assert data.requested_micro_batch_size(cfg, 2, "cuda") is None  # auto on CUDA: probed
     assert data.requested_micro_batch_size(TrainConfig(batch_size=4, grad_accum_steps=4, micro_batch_size=16),
                                            1, "cuda") == 16

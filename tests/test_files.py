@@ -19,6 +19,7 @@ from tinygemma.files import (
     atomic_write_text,
     check_output_path,
     read_safetensors,
+    remove_temporaries,
     temporary_target,
 )
 
@@ -111,3 +112,15 @@ def test_temporary_names_are_recognised(tmp_path, monkeypatch):
     assert temporary_target(seen[0]) == "train.bin"
     assert temporary_target(".meta.json.ab_c1234.tmp") == "meta.json"  # mkstemp's names, left by older versions
     assert temporary_target("train.bin") is None and temporary_target(".x.tmp") is None
+
+
+def test_only_the_temporaries_of_the_files_named_are_removed(tmp_path):
+    """What killed atomic writes of a command's own files left; a temporary of another file, the files
+    themselves and folders stay."""
+    for name in (".loss.png.0a1b2c3d.tmp", ".config.json.ab_c1234.tmp", ".notes.txt.0a1b2c3d.tmp", "loss.png"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".metrics.jsonl.0a1b2c3d.tmp").mkdir()
+    remove_temporaries(tmp_path, {"loss.png", "config.json", "metrics.jsonl"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.jsonl.0a1b2c3d.tmp", ".notes.txt.0a1b2c3d.tmp",
+                                                          "loss.png"]
+    remove_temporaries(tmp_path / "missing", {"loss.png"})  # no folder, nothing to do

@@ -1,14 +1,20 @@
 """`tinygemma run RECIPE`: prepare, train, evaluate and sample in one command, re-runnable."""
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import tinygemma
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = """
 [data]
@@ -110,6 +116,49 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
               if "train_loss" in line]
     assert steps2 == steps
     assert out2.split("--- sample 1")[1] == out.split("--- sample 1")[1]
+
+
+def torchrun_run(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m tinygemma run RECIPE --set ...` with 2 gloo processes."""
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygemma",
+           "run", str(recipe), *[a for o in overrides for a in ("--set", o)]]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_run_under_torchrun_prepares_once_trains_everywhere_and_reports_once(tmp_path, stories_dir, capsys):
+    """Process 0 prepares while the other waits (both preparing into one folder raced: one could open it between
+    the other's writes), both train, and process 0 alone evaluates, samples and writes. The recipe's global batch
+    of 4 x 1 splits over 2 processes though its grad_accum_steps (1) does not: the losses are one process's."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    # AdamW: Muon's bfloat16 Newton-Schulz (this CPU's, if it has native bf16) magnifies float summation's
+    # differences to about 1e-5 of the loss; AdamW keeps them at float32's.
+    proc = torchrun_run(recipe, "generate.max_new_tokens=4", "train.optimizer=adamw")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("[tinygemma run] preparing") == 1
+    assert proc.stderr.count("[tinygemma run] evaluating") == 1
+    for once in ('{"eval"', "--- sample 1:", "--- sample 2:", "--- where everything is"):
+        assert proc.stdout.count(once) == 1, once
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "config.json").read_text())["run"]["world_size"] == 2
+    assert json.loads((run_dir / "eval.json").read_text())["eval"]["tokens"] > 1000
+
+    assert main(["run", str(recipe), *[a for o in ("generate.max_new_tokens=4", "train.optimizer=adamw",
+                                                   f"train.out={tmp_path / 'one'}") for a in ("--set", o)]]) == 0
+    assert "prepared data found" in capsys.readouterr().err  # process 0's dataset, whole
+
+    def losses(out):
+        return [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
+
+    assert len(losses(run_dir)) == 6 and losses(run_dir) == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+    # A refusal on process 0 (the data folder holds other stories) stops both, printed once.
+    refused = torchrun_run(recipe, "data.limit=200")
+    assert refused.returncode != 0
+    assert refused.stderr.count("tinygemma run: error: ") == 1
+    assert "was prepared from other data than the recipe's [data] asks for (limit: 300" in refused.stderr
 
 
 def test_run_continues_an_interrupted_run(tmp_path, stories_dir, capsys):

@@ -150,11 +150,19 @@ def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path
     assert first["step"] == 20 and last_step(out) == 20
     with pytest.raises(tinygemma.UserError, match="--resume"):  # a fresh start never overwrites a run
         run(data_dir, out)
+    # What writes killed mid-way leave (a lost process, a Ctrl-C) is deleted when the run resumes; a temporary of
+    # a file the run does not write stays.
+    left = [out / ".loss.png.0a1b2c3d.tmp", out / ".metrics.jsonl.0a1b2c3d.tmp",
+            out / "checkpoints" / ".last.json.0a1b2c3d.tmp", out / "profile" / ".trace.json.0a1b2c3d.tmp"]
+    for path in [*left, out / ".notes.txt.0a1b2c3d.tmp"]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("killed")
     # The command line resumes from the run's own config.json, with nothing but --out.
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert last_step(out) == 40
     assert train_losses(out) == train_losses(straight_run)  # exactly, step for step
     assert val_losses(out) == val_losses(straight_run)
+    assert not any(path.exists() for path in left) and (out / ".notes.txt.0a1b2c3d.tmp").exists()
 
 
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
@@ -285,11 +293,33 @@ def test_a_run_moves_between_one_and_two_processes(one_process_run, data_dir, tm
     assert val_losses(out)[30] == pytest.approx(val_losses(one_process_run)[30], rel=1e-5)
 
 
-def test_a_world_size_that_does_not_divide_the_accumulation_is_refused(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "3")  # refused before any process group is made
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(data_dir, tmp_path, monkeypatch, capsys):
+    for name, value in {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29599"}.items():
+        monkeypatch.setenv(name, value)  # refused before any process group is made
     assert main(["train", *[a for s in tiny_settings(data_dir, tmp_path / "r", *SHARED_BATCH) for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err.strip()
-    assert "grad_accum_steps (2) must be a multiple of the number of processes (3)" in err and "\n" not in err
+    assert "batch_size x grad_accum_steps = 4 x 2 = 8 sequences, must be a multiple of the number of processes (3)" \
+        in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not set: start the "
+                          "processes with torchrun"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be a positive integer (torchrun sets it), got 'two'"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29599"},
+     "RANK must be a whole number below WORLD_SIZE (2), got '2'"),
+])
+def test_a_torchrun_environment_that_is_not_torchrun_s_is_one_line(data_dir, tmp_path, monkeypatch, capsys, env, says):
+    """A WORLD_SIZE left exported in a shell would otherwise end in init_process_group's traceback."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", *[a for s in tiny_settings(data_dir, tmp_path / "r") for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tinygemma train: error: {says}") and "\n" not in err
     assert not (tmp_path / "r").exists()
 
 

@@ -37,6 +37,7 @@ from tinygemma.files import (
     peek_json,
     read_json,
     read_safetensors,
+    remove_temporaries,
 )
 from tinygemma.hf import is_hf_export, load_hf, save_hf
 from tinygemma.model import Gemma3, model_from_state, model_state
@@ -296,8 +297,13 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     prune_checkpoints(ckpts)
 
 
+POINTER_FILES = frozenset({"last.json", "best.json"})
+
+
 def prune_checkpoints(ckpts: Path) -> None:
-    """Delete step directories that neither last.json nor best.json names, and leftover temporary ones."""
+    """Delete step directories that neither last.json nor best.json names, leftover temporary ones, and the
+    temporaries of pointers whose writing was killed."""
+    remove_temporaries(ckpts, POINTER_FILES)
     keep = set()
     for name in ("last", "best"):
         if (ckpts / f"{name}.json").exists():

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as e:
-        print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "shown_by_rank_0", False):  # under torchrun, an error every process shares prints once
+            print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
         print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
@@ -190,7 +191,8 @@ def _run_main(args) -> int:
         raise UserError(f"recipe not found: {args.recipe}")
     recipe = load_recipe(args.recipe, args.set)
     run(recipe)
-    print(where_and_next(recipe, args.recipe, args.set), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 evaluated, sampled and wrote
+        print(where_and_next(recipe, args.recipe, args.set), flush=True)
     return 0
 
 

@@ -36,6 +36,7 @@ from tinygemma.files import (
     others_than,
     peek_json,
     read_json,
+    remove_temporaries,
     write_errors,
 )
 from tinygemma.runtime import Runtime
@@ -376,6 +377,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     dtype = dtype_for(tokenizer.vocab_size)
 
     created = not out_dir.exists()
+    remove_temporaries(out_dir, PREPARED_FILES)  # an earlier prepare's, killed mid-write: up to GBs each
     pool = _Workers(tokenizer, workers)
     try:
         with contextlib.ExitStack() as stack:
@@ -577,10 +579,11 @@ class Batches:
 
     The global batch of a step is the recipe's batch_size x grad_accum_steps windows, whatever the number of
     processes or the micro-batch size: each process trains an equal share of it, micro_batch_size windows per
-    forward/backward pass. The batch is laid out as [chunk][rank][batch_size], grad_accum_steps / world_size
-    chunks: rank r's share is its batch_size rows of every chunk, in order, and its passes take that share
-    micro_batch_size rows at a time (with micro_batch_size = batch_size, pass m is chunk m). Any split of the
-    same global batch gives the same gradient.
+    forward/backward pass. The batch is laid out as [chunk][rank][unit] with unit = gcd(batch_size, share): rank
+    r's share is its unit of rows of every chunk, in order, and its passes take that share micro_batch_size rows
+    at a time. Where world_size divides grad_accum_steps the unit is batch_size, so with micro_batch_size =
+    batch_size each pass is one of the recipe's micro-steps. Any split of the same global batch gives the same
+    gradient.
     """
 
     def __init__(self, tokens: np.ndarray, cfg: TrainConfig, rt: Runtime, micro_batch_size: int):
@@ -588,8 +591,9 @@ class Batches:
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps
         self.micro_batch_size = micro_batch_size
         self.micro_steps = check_micro_batch_size(cfg, rt.world_size, micro_batch_size)
-        chunks = cfg.grad_accum_steps // rt.world_size
-        rows = (np.arange(chunks)[:, None] * rt.world_size + rt.rank) * cfg.batch_size + np.arange(cfg.batch_size)
+        share = process_share(cfg, rt.world_size)
+        unit = math.gcd(cfg.batch_size, share)
+        rows = (np.arange(share // unit)[:, None] * rt.world_size + rt.rank) * unit + np.arange(unit)
         self.rows = rows.reshape(-1)  # this process's share of the global batch, in pass order
         self._step, self._starts = None, None
 
@@ -605,11 +609,12 @@ class Batches:
 def process_share(cfg: TrainConfig, world_size: int) -> int:
     """Sequences each process trains per optimizer step: an equal share of the global batch, so that the global
     batch, and so the learning rate it was tuned with, stay the recipe's on any number of GPUs."""
-    if cfg.grad_accum_steps % world_size:
-        raise UserError(f"train.grad_accum_steps ({cfg.grad_accum_steps}) must be a multiple of the number of "
-                        f"processes ({world_size}): each runs an equal share of the global batch of "
-                        f"batch_size x grad_accum_steps = {cfg.batch_size * cfg.grad_accum_steps} sequences")
-    return cfg.batch_size * cfg.grad_accum_steps // world_size
+    global_batch = cfg.batch_size * cfg.grad_accum_steps
+    if global_batch % world_size:
+        raise UserError(f"the global batch, train.batch_size x grad_accum_steps = {cfg.batch_size} x "
+                        f"{cfg.grad_accum_steps} = {global_batch} sequences, must be a multiple of the number of "
+                        f"processes ({world_size}): each trains an equal share of it")
+    return global_batch // world_size
 
 
 def micro_batch_sizes(share: int) -> list[int]:
@@ -631,10 +636,11 @@ def check_micro_batch_size(cfg: TrainConfig, world_size: int, size: int) -> int:
 
 def requested_micro_batch_size(cfg: TrainConfig, world_size: int, device_type: str) -> int | None:
     """The micro-batch size the recipe fixes (checked against the share), or None where `auto` must probe the
-    device (CUDA). `auto` elsewhere keeps batch_size."""
+    device (CUDA). `auto` elsewhere keeps batch_size, or where a process's share is not a multiple of it (more
+    processes than micro-steps), the largest size below it that divides the share."""
     if cfg.micro_batch_size == "auto":
-        process_share(cfg, world_size)
-        return None if device_type == "cuda" else cfg.batch_size
+        share = process_share(cfg, world_size)
+        return None if device_type == "cuda" else max(s for s in micro_batch_sizes(share) if s <= cfg.batch_size)
     size = int(cfg.micro_batch_size)
     check_micro_batch_size(cfg, world_size, size)
     return size

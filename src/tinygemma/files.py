@@ -113,6 +113,17 @@ def temporary_target(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+def remove_temporaries(folder: str | Path, of: set[str] | frozenset[str]) -> None:
+    """Delete the temporaries that killed atomic writes of the files named `of` left in `folder` (a killed write
+    never reaches its rename, so its temporary stays, as large as the file it was writing). Only files of
+    `of`: a temporary of a file some other program writes there is its own."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if temporary_target(path.name) in of and path.is_file():
+                path.unlink(missing_ok=True)
+
+
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset()) -> list[str]:
     """The names in `folder` that a command writing `own` did not leave there: neither one of `own`, nor a
     temporary a killed atomic write left of one of `own` or of `temporaries_of`. None: the folder is the

@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
 from tinygemma.data import (
@@ -29,6 +31,7 @@ from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json
 from tinygemma.generate import generate_text
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
+from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 from tinygemma.train import check_run_out, train
 
@@ -106,12 +109,32 @@ def check_outputs(recipe: Recipe) -> None:
 
 
 def run(recipe: Recipe) -> dict:
-    """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}."""
-    check_outputs(recipe)
-    prepare_if_missing(recipe)
-    log(f"training into {recipe.out} (resumes from its last checkpoint if it has one)")
-    summary = train(recipe, resume=True)
+    """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}.
 
+    Under torchrun (`torchrun --nproc-per-node N -m tinygemma run RECIPE`), process 0 checks the outputs and
+    prepares the data while the others wait; all train; process 0 alone then evaluates, samples and writes (the
+    others return {"train": summary}). Across machines, data.dir must then be one folder that all of them see."""
+    def before_training() -> None:
+        check_outputs(recipe)
+        prepare_if_missing(recipe)
+        log(f"training into {recipe.out} (resumes from its last checkpoint if it has one)")
+
+    if env_world_size() == 1:
+        before_training()
+        return {"train": train(recipe, resume=True), **evaluate_and_sample(recipe)}
+    rt = setup_runtime(recipe.train.device, recipe.train.dtype)  # the process group that training then joins
+    try:
+        main_process_first(before_training, rt)
+        summary = train(recipe, resume=True)
+    finally:
+        if rt.owns_process_group:
+            dist.destroy_process_group()
+    return {"train": summary, **evaluate_and_sample(recipe)} if rt.is_main else {"train": summary}
+
+
+def evaluate_and_sample(recipe: Recipe) -> dict:
+    """The trained run's best checkpoint on the whole validation split and the recipe's prompts, printed and
+    recorded in RUN/eval.json and RUN/report.md; returns {"eval": metrics, "samples": [...]}."""
     tokenizer = checkpoint_tokenizer(recipe.out)
     device = pick_device(recipe.train.device)
     # bf16 on GPUs; float32 elsewhere, so that CPU evaluations compare with training's float32 numbers.
@@ -137,7 +160,7 @@ def run(recipe: Recipe) -> dict:
     atomic_write_json(Path(recipe.out) / EVAL_NAME, {"checkpoint": checkpoint, "split": "val", "eval": metrics,
                                                     "samples": samples, "generate": dataclasses.asdict(g)})
     write_report(recipe.out)
-    return {"train": summary, "eval": metrics, "samples": samples}
+    return {"eval": metrics, "samples": samples}
 
 
 def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> str:

@@ -25,6 +25,7 @@ from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text
 
 SUMMARY_ROWS = 60
+PROFILE_FILES = frozenset({"trace.json", "profile.json", "summary.txt"})  # what RUN/profile/ holds
 
 # What a kernel is, by its name in the trace: the first pattern that matches (case-insensitive) wins, so the order
 # matters. Inductor names its kernels triton_poi (pointwise), triton_red/per (reductions) and triton_tem (templates:

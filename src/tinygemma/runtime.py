@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +41,8 @@ class Runtime:
 
 def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtime:
     """Device, precision and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = env_world_size()
+    rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if world_size > 1 else (0, 0)
     device = pick_device(device_name)
     if device.type == "mps" and world_size > 1:
         raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
@@ -51,13 +53,39 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     dtype = autocast_dtype(dtype_name, device)
 
     owns = False
-    if rank == 0 and (warning := restart_warning(os.environ)):
-        print(warning, file=sys.stderr, flush=True)
     if world_size > 1 and not dist.is_initialized():
+        if rank == 0 and (warning := restart_warning(os.environ)):
+            print(warning, file=sys.stderr, flush=True)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         owns = True
     return Runtime(device, dtype, rank, local_rank, world_size, owns)
+
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def env_world_size(env=os.environ) -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without it), refused in one line when it is not a
+    positive integer, or when WORLD_SIZE > 1 comes without the rest of torchrun's environment (a WORLD_SIZE left
+    exported in a shell, not torchrun: init_process_group would fail with a traceback)."""
+    text = env.get("WORLD_SIZE", "1")
+    try:
+        world_size = int(text)
+        if world_size < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"WORLD_SIZE must be a positive integer (torchrun sets it), got {text!r}") from None
+    if world_size > 1:
+        missing = [name for name in TORCHRUN_VARIABLES if not env.get(name)]
+        if missing:
+            raise UserError(f"WORLD_SIZE is {world_size} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+                            " not set: start the processes with torchrun (torchrun --nproc-per-node N -m tinygemma "
+                            "...), or unset WORLD_SIZE to run one process")
+        for name in ("RANK", "LOCAL_RANK"):
+            if not (env[name].isdigit() and int(env[name]) < world_size):
+                raise UserError(f"{name} must be a whole number below WORLD_SIZE ({world_size}), got {env[name]!r}")
+    return world_size
 
 
 def restart_warning(env) -> str | None:
@@ -89,11 +117,35 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
-def raise_on_all_ranks(message: str | None, rt: Runtime) -> None:
-    """Raise UserError(message) on every rank if rank 0 has a message, so no rank waits on a collective forever."""
+def raise_on_all_ranks(message: str | None, rt: Runtime, group=None) -> None:
+    """Raise UserError(message) on every rank if rank 0 has a message, so no rank waits on a collective forever.
+    The other ranks' error is marked `shown_by_rank_0`: the command line prints it once, not once a process."""
     if rt.world_size > 1:
         box = [message]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         message = box[0]
     if message:
-        raise UserError(message)
+        error = UserError(message)
+        error.shown_by_rank_0 = not rt.is_main
+        raise error
+
+
+def main_process_first(work: Callable[[], None], rt: Runtime, timeout=datetime.timedelta(days=1)) -> None:
+    """Run `work` on rank 0 alone while the other processes wait for it, then raise a UserError it raised on every
+    process. They wait on a gloo group of their own, with `timeout`: work such as preparing a dataset can outlast
+    the process group's own timeout (10 minutes under NCCL). Any other exception ends rank 0, and torchrun then
+    stops the rest."""
+    if rt.world_size == 1:
+        work()
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)  # every process, before rank 0 starts the work
+    try:
+        message = None
+        if rt.is_main:
+            try:
+                work()
+            except UserError as e:
+                message = str(e)
+        raise_on_all_ranks(message, rt, group)
+    finally:
+        dist.destroy_process_group(group)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +68,7 @@ from tinygemma.files import (
     others_than,
     read_json,
     read_safetensors,
+    remove_temporaries,
 )
 from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
@@ -90,9 +90,9 @@ from tinygemma.parallelize import (
     probe_micro_batch_size,
     wrap_model,
 )
-from tinygemma.profiling import StepProfiler, parse_profile_range
-from tinygemma.report import environment, write_report
-from tinygemma.runtime import all_reduce_sum, setup_runtime
+from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
+from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
+from tinygemma.runtime import all_reduce_sum, env_world_size, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
@@ -160,7 +160,7 @@ class Trainer:
         self.train_loss = self.last_val = None
 
         self.profile_steps = check_profile_range(profile, self.start, self.end) if profile else None
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # checked before any process group is made
+        world_size = env_world_size()  # checked before any process group is made
         self.micro_batch_size = requested_micro_batch_size(self.cfg, world_size, pick_device(self.cfg.device).type)
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
         self.window = [0, 0.0]  # tokens and seconds of the steps since the last log line (for its rate)
@@ -219,6 +219,8 @@ class Trainer:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
         cfg, rt, run_dir, start = self.cfg, self.rt, self.run_dir, self.start
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(run_dir, RUN_FILES)  # left by writes a kill interrupted (a lost process, a Ctrl-C)
+        remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
             prune_checkpoints(run_dir / "checkpoints")
         resolved = self.recipe.to_dict()
@@ -513,6 +515,8 @@ def check_run_out(out: str, flag: str = "--out") -> Path:
 # trackers' files. A folder holding only these, or temporaries a kill left of them and of config.json, is a run
 # whose start failed (a tracker that could not start, a full disk), and training may start in it again.
 EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})
+# The files a run's folder holds that are written whole and renamed into place (train, run and eval).
+RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, EVAL_NAME, TRACKERS_STATE})
 
 
 def check_stop_at(stop_at: int | None) -> None:

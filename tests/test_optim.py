@@ -174,13 +174,19 @@ def test_compiled_backend_compiles_once_per_shape_group_whatever_the_learning_ra
         assert moved > 0.01 and differ < 5e-3 * moved
 
 
-def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tmp_path):
+@pytest.mark.parametrize("torch_2_6", [False, True], ids=["distribute_tensor", "without_src_data_rank"])
+def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tmp_path, monkeypatch, torch_2_6):
     """FSDP2's DTensors (here sharded over a one-process gloo group): the "compiled" backend gathers each whole and
     takes the "bfloat16" backend's batched iteration, as "torch" does: the same update as "bfloat16" on plain
-    matrices."""
+    matrices. Also with PyTorch 2.6's distribute_tensor, which has no src_data_rank (passing it raised)."""
     import torch.distributed as dist
+    import torch.distributed.tensor as dtensor
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    if torch_2_6:
+        monkeypatch.setattr(dtensor, "distribute_tensor", lambda tensor, device_mesh, placements:
+                            distribute_tensor(tensor, device_mesh, placements))
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:

@@ -70,6 +70,22 @@ def test_attention_backend_choice(monkeypatch):
     assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flex"), model, GPU)[0] == "flex"
 
 
+def test_attention_backend_choice_where_torch_does_not_report_shared_memory(monkeypatch):
+    """PyTorch 2.6's device properties lack shared_memory_per_block_optin: an H100 was then said to have 0 KB and
+    never got flex. The compute capability's figure stands in for it."""
+    model = tiny()
+    for name, (major, minor), backend in [("NVIDIA H100 80GB HBM3", (9, 0), "flex"), ("NVIDIA A100-SXM4-40GB", (8, 0), "flex"),
+                                          ("NVIDIA L4", (8, 9), "sdpa"), ("Tesla T4", (7, 5), "sdpa")]:
+        props = types.SimpleNamespace(name=name, major=major, minor=minor)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        chosen, why = choose_attention_backend(cfg_with(block_size=64), model, GPU)
+        assert chosen == backend and ("0 KB" not in why), (name, why)
+    props = types.SimpleNamespace(name="a future GPU", major=13, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    chosen, why = choose_attention_backend(cfg_with(block_size=64), model, GPU)
+    assert chosen == "sdpa" and "does not tell a future GPU's shared memory" in why
+
+
 def test_kv_layout_is_the_first_that_a_fused_sdpa_kernel_takes(monkeypatch):
     """Shared K/V heads where a fused kernel takes them; else expanded (a view), else repeated (a copy); shared
     where none does. Judged per layer kind at the training shape, dtype and mask; left alone on a CPU."""

@@ -1,6 +1,7 @@
 """Training when things go wrong (issue 7): kill -9 at random moments, NaN losses, a full disk, corrupt files."""
 
 import json
+import math
 import os
 import pickle
 import random
@@ -113,6 +114,29 @@ def test_nonfinite_loss_can_be_skipped_and_counted(nan_at_step, data_dir, tmp_pa
     assert records[3]["skipped"] is True and records[3]["skipped_steps"] == 1
     assert all(r["train_loss"] == r["train_loss"] for s, r in records.items() if s != 3)
     assert summary["val_loss"] == summary["val_loss"]  # the model was not poisoned
+
+
+def test_float16_overflows_the_scaler_skips_are_counted_and_said(data_dir, tmp_path, monkeypatch, capsys):
+    """A loss scale far too large (2**22) overflows the float16 gradients of the first steps: the scaler skips
+    their updates and lowers the scale, which the run counts as skipped steps and says in its log line (they
+    were shown only as 'grad norm inf'); a resumed run counts on from its checkpoint, and its losses are the
+    uninterrupted run's."""
+    monkeypatch.setattr(tinygemma.train, "grad_scaler", lambda rt, fsdp: torch.amp.GradScaler(
+        rt.device.type, init_scale=2.0**22, enabled=rt.dtype == torch.float16))
+    settings = ["max_steps=6", "dtype=float16", "log_interval=1", "checkpoint_interval=3"]
+    straight = tinygemma.train.train(tinygemma.config.load_recipe(None, tiny_settings(data_dir, tmp_path / "a", *settings)))
+    said = capsys.readouterr().out
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+               if "train_loss" in r}
+    overflowed = [s for s, r in records.items() if r.get("overflow")]
+    assert overflowed[0] == 1 and len(overflowed) < 6  # the scale came down to one that fits
+    assert straight["skipped_steps"] == len(overflowed) == records[overflowed[-1]]["skipped_steps"]
+    assert all(records[s]["skipped"] and not math.isfinite(records[s]["grad_norm"]) for s in overflowed)
+    assert all(math.isfinite(r["grad_norm"]) and "skipped" not in r for s, r in records.items() if s not in overflowed)
+    assert f"step {overflowed[0]}/6 | " in said and "(float16 overflow: update skipped, loss scale lowered)" in said
+    run(data_dir, tmp_path / "b", *settings, stop_at=3)
+    assert run(data_dir, tmp_path / "b", *settings, resume=True)["skipped_steps"] == straight["skipped_steps"]
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
 
 
 def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):

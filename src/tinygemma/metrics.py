@@ -100,8 +100,10 @@ def log_line(record: dict, max_steps: int, throughput: float, eta: float, mfu: f
     """One progress line. `throughput` is the log interval's rate and `mfu`, if known, is at that same rate (both
     also in the record, in metrics.jsonl)."""
     mfu = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+    skipped = (" (float16 overflow: update skipped, loss scale lowered)" if record.get("overflow")
+               else " (skipped)" if record.get("skipped") else "")
     return (f"step {record['step']}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad norm {record['grad_norm']:.3f} | {throughput:,.0f} tok/s{mfu} | eta {format_duration(eta)}")
+            f"grad norm {record['grad_norm']:.3f}{skipped} | {throughput:,.0f} tok/s{mfu} | eta {format_duration(eta)}")
 
 
 def format_duration(seconds: float) -> str:

@@ -20,6 +20,7 @@ schedule(step), and min_lr / learning_rate is the floor for both.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import torch
@@ -240,6 +241,17 @@ def muon_shape_group(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
 _compiled_muon: dict = {}  # MUON_COMPILER -> muon_shape_group compiled by it
 
 
+def local_shard_of(full: torch.Tensor, like) -> torch.Tensor:
+    """`full`, a whole matrix every rank computed alike, as a DTensor placed like the parameter `like`: each rank
+    keeps its own shard of it. PyTorch 2.7 and later do that without communication (src_data_rank=None); 2.6
+    has no such argument, and scatters rank 0's copy, which is the same matrix."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return distribute_tensor(full, like.device_mesh, like.placements)
+
+
 def compiled_muon_shape_group():
     """muon_shape_group through torch.compile, made once per compiler. Static shapes: each shape group gets its
     own graph (Gemma 3 has at most 5: q, k and v, o, gate and up, down), within dynamo's recompile limit of 8
@@ -325,9 +337,7 @@ class MuonAdamW(torch.optim.Optimizer):
             updates.append(update.full_tensor() if hasattr(update, "full_tensor") else update)
         for p, update in zip(params, orthogonalize_all(updates, dtype)):
             if hasattr(p, "full_tensor"):  # keep this rank's shard of the result: no scatter from rank 0
-                from torch.distributed.tensor import distribute_tensor
-
-                update = distribute_tensor(update.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                update = local_shard_of(update.to(p.dtype), p)
             else:
                 update = update.to(p.dtype)
             p.mul_(1 - lr * wd)

@@ -194,11 +194,30 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
     if not rt.is_cuda:
         return "sdpa", f"flex_attention trains on CUDA only, not {rt.device.type}"
     props = torch.cuda.get_device_properties(rt.device)
-    shared = getattr(props, "shared_memory_per_block_optin", 0)
+    shared = shared_memory_per_block(props)
+    if shared is None:
+        return "sdpa", (f"this PyTorch does not tell {props.name}'s shared memory per block, which flex_attention's "
+                        "backward at this head size needs plenty of")
     if shared < FLEX_MIN_SHARED_MEMORY:
         return "sdpa", (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
                         "flex_attention's backward at this head size")
     return "flex", f"{props.name}: flex_attention's fused kernels"
+
+
+# The most shared memory a block can opt into, by compute capability (CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability"): for PyTorch releases whose device properties lack it (2.6).
+SHARED_MEMORY_PER_BLOCK_KB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99,
+                              (9, 0): 227, (10, 0): 227, (12, 0): 99}
+
+
+def shared_memory_per_block(props) -> int | None:
+    """Bytes of shared memory a block can use on the GPU `props` describes: what PyTorch reports, or else the
+    CUDA guide's figure for its compute capability; None when neither is known."""
+    reported = getattr(props, "shared_memory_per_block_optin", None)
+    if reported:
+        return reported
+    kb = SHARED_MEMORY_PER_BLOCK_KB.get((getattr(props, "major", 0), getattr(props, "minor", 0)))
+    return kb * 1024 if kb else None
 
 
 def choose_kv_layouts(raw: Gemma3, cfg: TrainConfig, rt: Runtime) -> dict[str, str]:

@@ -175,7 +175,8 @@ def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str
                  else "not known (no peak figure for this hardware)"))
     skipped = state.get("skipped_steps")
     if skipped:
-        rows.append(("skipped steps", f"{skipped} (non-finite loss or gradient)"))
+        rows.append(("skipped steps", f"{skipped} (non-finite loss or gradient, or a float16 overflow that the loss "
+                                      "scaler skipped)"))
     return rows
 
 

@@ -263,7 +263,9 @@ class Trainer:
         Nothing here waits for the device: the loss, the gradient norm and whether both are finite stay tensors
         in the record, so the host queues the next step while the GPU works. `read` brings them back at log
         intervals and before any evaluation or checkpoint, and stops the run there if a step was not finite
-        (on_nonfinite = "stop"). Only under "skip" is the flag read at once, to withhold that step's update."""
+        (on_nonfinite = "stop"). Only under "skip" is the flag read at once, to withhold that step's update; and
+        under float16 the scaler's step reads whether the gradients overflowed, except with fused AdamW, which
+        takes that flag on the device."""
         cfg, rt, optimizer, scaler = self.cfg, self.rt, self.optimizer, self.scaler
         t0 = time.perf_counter()  # the profiler's waits and writing count as the step's: the log's rate is wall-clock
         if self.profiler:
@@ -336,6 +338,10 @@ class Trainer:
         for record, (loss, norm, _) in zip(pending, values):
             record.update(train_loss=loss, grad_norm=norm)
             del record["finite"]
+            if self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(norm):
+                # float16: the scaler skipped the update of this overflowed step and lowered its scale
+                self.skipped += 1
+                record.update(skipped=True, skipped_steps=self.skipped, overflow=True)
         self.train_loss = pending[-1]["train_loss"]
         first_bad = next((i for i, v in enumerate(values) if not v[2]), None)
         if first_bad is None or self.cfg.on_nonfinite != "stop":

@@ -413,20 +413,27 @@ def batch_windows(tokens, settings: dict, world_size: int, micro_batch_size: int
     return passes
 
 
+def assert_each_window_once(tokens, settings: dict, splits: list[tuple[int, int]]) -> None:
+    """Under each (processes, micro_batch_size) of `splits`, the passes of all processes hold the step's global
+    batch (batch_size x grad_accum_steps windows drawn from (seed, step 3)), each window once, in full passes."""
+    global_batch = settings["batch_size"] * settings["grad_accum_steps"]
+    starts = data.window_starts(settings["seed"], 3, len(tokens), settings["block_size"], global_batch)
+    everything = sorted(tokens[s : s + settings["block_size"] + 1].tolist() for s in starts)
+    for world_size, micro_batch_size in splits:
+        passes = batch_windows(tokens, settings, world_size, micro_batch_size)
+        assert all(len(p) == global_batch // world_size // micro_batch_size for p in passes)
+        assert all(len(w) == micro_batch_size for p in passes for w in p)
+        assert sorted(w for p in passes for windows in p for w in windows) == everything
+
+
 def test_the_global_batch_is_the_same_windows_whatever_the_processes_and_micro_batch_size():
     """batch_size x grad_accum_steps windows a step, drawn from (seed, step): any number of processes and any
     micro-batch size train exactly those windows, each once; with micro_batch_size = batch_size a pass is one of
     the recipe's micro-steps, as before micro_batch_size existed."""
     tokens = np.arange(5000, dtype=np.uint16)
     settings = {"batch_size": 4, "grad_accum_steps": 4, "block_size": 8, "seed": 11}
+    assert_each_window_once(tokens, settings, [(1, 4), (1, 16), (1, 2), (2, 4), (2, 8), (2, 1), (4, 4), (4, 2)])
     starts = data.window_starts(11, 3, len(tokens), 8, 16)
-    everything = sorted(tokens[s : s + 9].tolist() for s in starts)
-    for world_size, micro_batch_size in [(1, 4), (1, 16), (1, 2), (2, 4), (2, 8), (2, 1), (4, 4), (4, 2)]:
-        passes = batch_windows(tokens, settings, world_size, micro_batch_size)
-        share = 16 // world_size
-        assert all(len(p) == share // micro_batch_size for p in passes)
-        assert all(len(w) == micro_batch_size for p in passes for w in p)
-        assert sorted(w for p in passes for windows in p for w in windows) == everything
     one = batch_windows(tokens, settings, 1, 4)[0]
     assert one == [[tokens[s : s + 9].tolist() for s in starts[m * 4 : m * 4 + 4]] for m in range(4)]
     # Two processes, 8 sequences a pass: each pass is its two micro-steps of the interleaved layout.
@@ -439,12 +446,7 @@ def test_processes_need_only_divide_the_global_batch_not_the_accumulation():
     trains 3 of the 12 windows, every window once, as on one process."""
     tokens = np.arange(5000, dtype=np.uint16)
     settings = {"batch_size": 6, "grad_accum_steps": 2, "block_size": 8, "seed": 5}
-    starts = data.window_starts(5, 3, len(tokens), 8, 12)
-    everything = sorted(tokens[s : s + 9].tolist() for s in starts)
-    for world_size, micro_batch_size in [(1, 6), (2, 6), (2, 3), (3, 4), (3, 1), (4, 3), (6, 2), (12, 1)]:
-        passes = batch_windows(tokens, settings, world_size, micro_batch_size)
-        assert all(len(p) == 12 // world_size // micro_batch_size for p in passes)
-        assert sorted(w for p in passes for windows in p for w in windows) == everything
+    assert_each_window_once(tokens, settings, [(1, 6), (2, 6), (2, 3), (3, 4), (3, 1), (4, 3), (6, 2), (12, 1)])
     from tinygemma.config import TrainConfig
 
     with pytest.raises(UserError, match=r"^the global batch, train.batch_size x grad_accum_steps = 6 x 2 = 12 "

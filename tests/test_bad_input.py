@@ -39,6 +39,25 @@ def world(tmp_path_factory, stories_dir):
     (root / "notutf8.txt").write_bytes(b"Once upon a time \xff\xfe\xfa there was a cat.\n")
     (root / "empty.txt").write_text("\n<|endoftext|>\n   \n")
     (root / "bad.toml").write_text("[train\nbatch_size = ")
+    # Sources that read as data but are not text: a JSON escape of a lone surrogate, JSON nested past Python's
+    # recursion limit, a parquet file and a datasets directory whose text column holds numbers, and a datasets
+    # directory whose index is not JSON.
+    (root / "surrogate.jsonl").write_text('{"text": "Once upon a time \\udc00 there was a cat."}\n')
+    (root / "deep.json").write_text("[" * 100_000)
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    pq.write_table(pa.table({"text": list(range(10))}), root / "numbers.parquet")
+    datasets.Dataset.from_dict({"text": list(range(10))}).save_to_disk(str(root / "numbers_ds"))
+    (root / "broken_ds").mkdir()
+    (root / "broken_ds" / "dataset_dict.json").write_text("{not json")
+    # A tokenizer.json that cannot encode every text: a word-level vocabulary with no unknown token.
+    words = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "Once": 1}))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.add_special_tokens(["<|endoftext|>"])
+    words.save(str(root / "words.json"))
     # A dataset whose train.bin was truncated after prepare.
     truncated = root / "truncated"
     truncated.mkdir()
@@ -66,6 +85,18 @@ CASES = [
     ("prepare-missing-file", ["prepare", "--out", "{root}/new", "--source", "{root}/nope.txt"], "not found"),
     ("prepare-empty-corpus", ["prepare", "--out", "{root}/new", "--source", "{root}/empty.txt"], "empty"),
     ("prepare-not-utf8", ["prepare", "--out", "{root}/new", "--source", "{root}/notutf8.txt"], "UTF-8"),
+    ("prepare-lone-surrogate", ["prepare", "--out", "{root}/data", "--source", "{root}/surrogate.jsonl"],
+     "lone surrogate"),
+    ("prepare-json-nested-too-deep", ["prepare", "--out", "{root}/data", "--source", "{root}/deep.json"],
+     "nested too deeply"),
+    ("prepare-parquet-numbers", ["prepare", "--out", "{root}/data", "--source", "{root}/numbers.parquet"],
+     "'text' column holds int64, not text"),
+    ("prepare-dataset-numbers", ["prepare", "--out", "{root}/data", "--source", "{root}/numbers_ds"],
+     "'text' column holds int64, not text"),
+    ("prepare-broken-dataset-dir", ["prepare", "--out", "{root}/data", "--source", "{root}/broken_ds"],
+     "not a readable datasets directory"),
+    ("prepare-tokenizer-that-cannot-encode", ["prepare", "--out", "{root}/data", "--source", "{root}/stories.txt",
+                                              "--tokenizer", "{root}/words.json"], "cannot encode the text"),
     ("prepare-unknown-tokenizer", ["prepare", "--out", "{root}/new", "--source", "{root}/notutf8.txt",
                                    "--tokenizer", "gpt5"], "tokenizer"),
     ("prepare-over-existing-data", ["prepare", "--out", "{root}/data", "--source", "{root}/empty.txt"], ""),

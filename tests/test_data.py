@@ -1,6 +1,7 @@
 """`tinygemma prepare` on real TinyStories: exact round trips, tiktoken's counts, every source format, bad input,
 and interrupted runs that must never look finished."""
 
+import io
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,6 +349,49 @@ def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Files saved by Windows editors start with a byte-order mark: it is not the first story's text (in .txt it
+    became three tokens of it) nor a JSON error (.jsonl and .json refused it)."""
+    files = {".txt": "Once upon a time.\n<|endoftext|>\nThe end.\n",
+             ".jsonl": '{"text": "Once upon a time."}\n{"text": "The end."}\n',
+             ".json": '[{"story": "Once upon a time."}, {"story": "The end."}]'}
+    for suffix, text in files.items():
+        path = tmp_path / f"stories{suffix}"
+        path.write_text("\ufeff" + text, encoding="utf-8")
+        assert data.read_stories(path) == ["Once upon a time.", "The end."], suffix
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killed_prepare_takes_its_workers_with_it(stories_dir, tmp_path):
+    """SIGKILL (or SIGTERM) to a prepare with 2 workers: the workers end too (they stayed, blocked, forever)."""
+    big = tmp_path / "big.txt"
+    big.write_text((stories_dir / "train.txt").read_text(encoding="utf-8") * 12, encoding="utf-8")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "tinygemma", "prepare", "--out", str(out), "--source", str(big),
+                             "--workers", "2", "--no-progress"], env=env, stderr=subprocess.DEVNULL)
+    children, workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children"), []
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        workers = [int(pid) for pid in children.read_text().split()]
+    time.sleep(0.5)  # at work: tokenizing, or blocked handing back what they made
+    proc.kill()
+    proc.wait()
+    assert len(workers) == 2, "killed before its workers started"
+
+    def alive(pid: int) -> bool:  # a zombie (ended, not yet reaped by init) counts as ended
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers))
+
+
 def test_interrupted_prepare_with_workers_says_one_line(stories_dir, tmp_path):
     """Ctrl-C reaches the whole foreground group, workers included: the parent says one line and exits 130, no
     worker prints a traceback, and the half-written output goes."""
@@ -483,11 +528,35 @@ def test_a_full_disk_while_preparing_is_one_line_naming_the_file(stories_dir, tm
     prepare(out, sources=[stories_dir / "train.txt"], limit=50, val_fraction=0.1, workers=1, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
 
-    monkeypatch.setattr(data, "_tokenize_to_file", disk_full)
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    real_open = open
+    # data.py's open(): token files get a disk that is full, sources read as usual.
+    monkeypatch.setattr(data, "open", lambda path, mode="r", *args, **kwargs: FullDisk() if "w" in mode else
+                        real_open(path, mode, *args, **kwargs), raising=False)
     with pytest.raises(WriteError, match=rf"could not write {out / 'train.bin'} \(No space left on device\); the "
                                          "disk may be full"):
         prepare(out, sources=[stories_dir / "train.txt"], limit=50, val_fraction=0.1, workers=1, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_source_that_fails_to_read_is_not_blamed_on_the_output(tmp_path):
+    """A parquet file damaged in the middle fails only once reading reaches it: that is the source's error, in
+    one line naming it (it was reported as 'could not write train.bin', which reads like a full disk)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "stories.parquet"
+    pq.write_table(pa.table({"text": [f"Story {i}: " + "a cat sat on a mat. " * 20 for i in range(4000)]}), source,
+                   row_group_size=500)
+    raw = bytearray(source.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 5000] = b"\xff" * 5000
+    source.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"^{source} could not be read \("):
+        prepare(tmp_path / "out", sources=[source], workers=1, progress=False)
+    assert not (tmp_path / "out").exists()

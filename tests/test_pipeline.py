@@ -161,6 +161,24 @@ def test_run_under_torchrun_prepares_once_trains_everywhere_and_reports_once(tmp
     assert "was prepared from other data than the recipe's [data] asks for (limit: 300" in refused.stderr
 
 
+def test_a_bpe_that_stops_short_of_its_vocabulary_is_still_the_recipe_s(tmp_path, stories_dir, capsys):
+    """20 stories hold fewer merges than a BPE of 4,000 asks: prepare says so, and the data it made is the
+    recipe's data when the recipe runs again (it was refused as 'vocabulary: 1,234, the recipe asks for
+    4,000')."""
+    from tinygemma.data import open_prepared
+    from tinygemma.pipeline import prepare_if_missing
+
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    recipe = load_recipe(str(recipe_file), ["data.limit=20", "data.vocab_size=4000"])
+    prepare_if_missing(recipe)
+    reached = open_prepared(tmp_path / "data").vocab_size
+    assert reached < 4000
+    assert f"warning: the BPE has {reached:,} tokens, not the 4,000 asked for" in capsys.readouterr().err
+    prepare_if_missing(recipe)
+    assert "prepared data found" in capsys.readouterr().err
+
+
 def test_run_continues_an_interrupted_run(tmp_path, stories_dir, capsys):
     from tinygemma.config import load_recipe
     from tinygemma.pipeline import prepare_if_missing
@@ -198,7 +216,7 @@ def test_run_refuses_data_prepared_from_other_stories_or_with_another_tokenizer(
                              (f"data.val_source={stories_dir}/valid.txt", "validation: set aside from the training "
                                                                            f"source, the recipe asks for {stories_dir}"),
                              ("data.tokenizer=gpt2", "the recipe asks for gpt2"),
-                             ("data.vocab_size=500", "vocabulary: 400, the recipe asks for a BPE of 500")]:
+                             ("data.vocab_size=500", "vocabulary: a BPE of 400, the recipe asks for a BPE of 500")]:
         with pytest.raises(UserError, match=re.escape(phrase)):
             prepare_if_missing(load_recipe(str(recipe_file), [override]))
     assert main(["run", str(recipe_file), "--set", "data.limit=200"]) == 2

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def _clean(stories: Iterable) -> Iterator[str]:
 def _txt_stories(path: Path) -> Iterator[str]:
     # Read in large blocks and split only up to the last newline, so a separator line is never cut in two.
     # newline="" keeps "\r\n" inside stories as it is in the file.
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not text
         rest = ""
         while True:
             try:
@@ -99,16 +100,23 @@ def _txt_stories(path: Path) -> Iterator[str]:
                 return
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _record_text(record, where: str) -> str:
     if isinstance(record, dict):
         for field in ("text", "story"):
             if isinstance(record.get(field), str):
-                return record[field]
+                text = record[field]
+                if _SURROGATE.search(text):  # JSON's \udc00 escapes decode to what no UTF-8 text holds
+                    raise UserError(f"{where}: its {field} holds a lone surrogate (a \\ud800-\\udfff escape), "
+                                    "which is not text any tokenizer takes")
+                return text
     raise UserError(f"{where}: expected an object with a 'text' or 'story' string")
 
 
 def _jsonl_stories(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         line_number = 0
         try:
             for line_number, line in enumerate(f, 1):
@@ -118,16 +126,21 @@ def _jsonl_stories(path: Path) -> Iterator[str]:
             raise UserError(f"{path} is not UTF-8 text (after line {line_number})") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {line_number} is not JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path} line {line_number} is JSON nested too deeply to read") from None
 
 
 def _json_stories(path: Path) -> Iterator[str]:
-    # One file of the dataset's TinyStories_all_data archive is a JSON array of {"story": ...}, ~100 MB.
+    # One file of the dataset's TinyStories_all_data archive is a JSON array of {"story": ...}, ~100 MB. A JSON
+    # array is read whole (JSON Lines streams): for corpora larger than memory, use .jsonl, .txt or .parquet.
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path} is JSON nested too deeply to read") from None
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON array of objects with a 'text' or 'story' field")
     yield from _clean(_record_text(record, f"{path} item {i}") for i, record in enumerate(records))
@@ -143,14 +156,30 @@ def _parquet_stories(path: Path) -> Iterator[str]:
     column = next((c for c in ("text", "story") if c in file.schema_arrow.names), None)
     if column is None:
         raise UserError(f"{path} has no 'text' column (columns: {', '.join(file.schema_arrow.names)})")
-    for batch in file.iter_batches(batch_size=4096, columns=[column]):
+    kind = str(file.schema_arrow.field(column).type)
+    if kind not in TEXT_TYPES:
+        raise UserError(f"{path}: its '{column}' column holds {kind}, not text")
+    batches = file.iter_batches(batch_size=4096, columns=[column])
+    while True:
+        try:  # a damaged file fails only here, in the middle: it is the source's fault, not the output's
+            batch = next(batches, None)
+        except Exception as e:
+            raise UserError(f"{path} could not be read ({describe(e)})") from None
+        if batch is None:
+            return
         yield from _clean(s for s in batch.column(0).to_pylist() if s is not None)
+
+
+TEXT_TYPES = ("string", "large_string", "string_view")  # Arrow's (and datasets') names of text columns
 
 
 def _dataset_stories(dataset, where: str) -> Iterator[str]:
     column = next((c for c in ("text", "story") if c in dataset.column_names), None)
     if column is None:
         raise UserError(f"{where} has no 'text' column (columns: {', '.join(dataset.column_names)})")
+    kind = getattr(dataset.features.get(column), "dtype", None)
+    if kind not in TEXT_TYPES:
+        raise UserError(f"{where}: its '{column}' column holds {kind or dataset.features.get(column)}, not text")
     for batch in dataset.iter(batch_size=4096):
         yield from _clean(s for s in batch[column] if s is not None)
 
@@ -186,7 +215,11 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
             raise UserError(f"{path} is a directory but not a dataset written by datasets' save_to_disk")
         import datasets
 
-        return _dataset_splits(datasets.load_from_disk(str(path)), str(path))
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise UserError(f"{path} is not a readable datasets directory ({describe(e)})") from None
+        return _dataset_splits(dataset, str(path))
     if not path.exists():
         raise UserError(f"source not found: {path}")
     readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".json": _json_stories, ".parquet": _parquet_stories}
@@ -279,6 +312,17 @@ def _init_worker(tokenizer: Tokenizer, quiet_interrupt: bool = False) -> None:
     _worker_tokenizer = tokenizer
     if quiet_interrupt:  # a worker process: Ctrl-C is the parent's to handle (it shuts the pool down), not a
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # traceback from each worker
+        _end_with_parent()
+
+
+def _end_with_parent() -> None:
+    """On Linux, have the kernel stop this worker when the process that started it dies: a prepare killed
+    (SIGKILL, SIGTERM) otherwise left its workers running forever, blocked writing results no one reads."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int]:
@@ -336,13 +380,19 @@ class _Workers:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, desc: str, progress: bool) -> dict:
+def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, target: Path, desc: str,
+                      progress: bool) -> dict:
+    """Tokenize `stories` into the file `path` (a temporary of `target`): failing writes name `target`, and only
+    they do (a source that fails to read is the source's own error)."""
     from tqdm import tqdm
 
     counts = {"documents": 0, "tokens": 0, "bytes": 0}
-    with open(path, "wb") as f, tqdm(desc=desc, unit="B", unit_scale=True, disable=not progress, delay=2) as bar:
+    with write_errors(target):
+        f = open(path, "wb", buffering=0)  # unbuffered (the writes are MBs): nothing left to fail at close
+    with f, tqdm(desc=desc, unit="B", unit_scale=True, disable=not progress, delay=2) as bar:
         for ids, nbytes, documents in workers.map(_batches(stories, CHUNK_CHARS)):
-            f.write(memoryview(ids))
+            with write_errors(target):  # a full disk: one line naming the file
+                f.write(memoryview(ids))
             counts["documents"] += documents
             counts["tokens"] += len(ids)
             counts["bytes"] += nbytes
@@ -373,6 +423,9 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
 
     if tokenizer == "bpe":
         tokenizer = train_bpe(split_stories["train"](), vocab_size)
+        if tokenizer.vocab_size < vocab_size:
+            print(f"tinygemma: warning: the BPE has {tokenizer.vocab_size:,} tokens, not the {vocab_size:,} asked for: "
+                  "these stories hold no more pairs to merge", file=sys.stderr, flush=True)
     _check_vocab_size(tokenizer.vocab_size, f"tokenizer {tokenizer.identity}")
     dtype = dtype_for(tokenizer.vocab_size)
 
@@ -384,8 +437,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
             tmp = {split: stack.enter_context(atomic_path(out_dir / f"{split}.bin")) for split in SPLITS}
             counts = {}
             for split in SPLITS:
-                with write_errors(out_dir / f"{split}.bin"):  # a full disk: one line naming the file
-                    counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], split, progress)
+                counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], out_dir / f"{split}.bin",
+                                                  split, progress)
                 if not counts[split]["documents"]:
                     raise UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} "
                                     "corpus is empty" + (" (too few stories to set some aside; use --val-source "
@@ -401,7 +454,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
             "dtype": dtype.name,
             "splits": {split: {"file": f"{split}.bin", **counts[split]} for split in SPLITS},
             "source": {"train": [str(s) for s in sources] if sources else f"hf:{HUB_DATASET}", "val": val_from,
-                       "val_fraction": carve, "limit": limit},
+                       "val_fraction": carve, "limit": limit,
+                       **({"bpe_vocab_size": vocab_size} if vocab_size is not None else {})},  # asked; may reach less
         }
         atomic_write_json(out_dir / META_NAME, meta)
         if meta["tokenizer"].get("file") != TOKENIZER_FILE:  # gpt2 over an earlier BPE dataset: its file is stale

@@ -92,8 +92,10 @@ def recipe_differences(recipe: Recipe, data) -> list[str]:
                                f"asks for {want.tokenizer}")
     elif want.tokenizer == "bpe":
         vocab_size = want.vocab_size or DEFAULT_BPE_VOCAB_SIZE
-        if data.vocab_size != vocab_size:
-            differences.append(f"vocabulary: {data.vocab_size:,}, the recipe asks for a BPE of {vocab_size:,}")
+        # What prepare was asked for (a BPE trained on few stories can stop short of it), else what it has.
+        asked = recorded.get("bpe_vocab_size", data.vocab_size)
+        if asked != vocab_size:
+            differences.append(f"vocabulary: a BPE of {asked:,}, the recipe asks for a BPE of {vocab_size:,}")
     elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:
         differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for {want.tokenizer}")
     return differences

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_write_json, atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
@@ -240,10 +240,17 @@ class HFTokenizer(Tokenizer):
         return cls(content, path)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a tokenizer.json that cannot encode every text: a WordLevel with no [UNK], ...
+            raise UserError(f"the tokenizer {self.identity} cannot encode the text starting {text[:40]!r} "
+                            f"({describe(e)})") from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        except Exception as e:
+            raise UserError(f"the tokenizer {self.identity} cannot encode these texts ({describe(e)})") from None
 
     def decode(self, ids) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)

@@ -166,6 +166,13 @@ CASES = [
                                                  "--tokenizer", "{root}/bpe/tokenizer.json"], "is not the tokenizer"),
     ("eval-truncated-tokens", ["eval", "--ckpt", "{root}/run", "--data", "{root}/truncated"], "truncated"),
     ("eval-missing-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/nowhere"], "not a prepared dataset"),
+    ("eval-story-file-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/stories.txt"],
+     "tokenize it first with `tinygemma prepare --source"),
+    ("export-given-another-tokenizer", ["export", "--ckpt", "{root}/run", "--out", "{root}/new", "--tokenizer",
+                                        "{root}/bpe/tokenizer.json"], "is not the tokenizer"),
+    ("export-gguf-given-another-tokenizer", ["export", "--ckpt", "{root}/run", "--format", "gguf", "--out",
+                                             "{root}/new", "--tokenizer", "{root}/bpe/tokenizer.json"],
+     "is not the tokenizer"),
     ("export-missing-ckpt", ["export", "--ckpt", "{root}/nowhere", "--out", "{root}/new"], "not found"),
     ("export-other-architecture", ["export", "--ckpt", "{root}/other", "--out", "{root}/new"], "does not match"),
     # Outputs that are not export's: the run itself (its config.json is what --resume reads), a dataset, another
@@ -215,6 +222,22 @@ def test_bad_input_in_a_real_process(world):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "top_p" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_reader_that_leaves_the_pipe_stops_the_command_quietly(world):
+    """`tinygemma generate ... | head`: once head has gone, writing to the pipe fails; the command stops with exit
+    status 141 (128 + SIGPIPE, as a shell reports it) and adds nothing to stderr: no traceback, no error."""
+    script = ("import os, sys\n"
+              "read, write = os.pipe()\n"
+              "os.close(read)\n"  # the reader is gone before the first line
+              "os.dup2(write, 1)\n"
+              "from tinygemma.cli import main\n"
+              f"sys.exit(main(['generate', '--ckpt', {str(world / 'run')!r}, '--prompt', 'Once', "
+              "'--max-new-tokens', '4', '--device', 'cpu']))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 141
+    assert result.stderr.startswith("loaded ") and result.stderr.count("\n") == 1  # its one line of progress
 
 
 def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):

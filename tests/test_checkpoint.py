@@ -172,16 +172,34 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_earlier_export(chec
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every earlier file intact, no temporary
 
 
+def word_tokenizer(*words: str) -> str:
+    """A tokenizer.json of whole words, end-of-text first (id 0): a small vocabulary a 512-token model covers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                           unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer.to_str()
+
+
 def test_tokenizer_files_of_a_transformers_directory_are_copied_atomically(checkpoint, tmp_path, capsys,
                                                                            monkeypatch):
-    """Exporting a transformers directory copies its tokenizer files; one whose copy fails leaves the earlier one."""
+    """Exporting a transformers directory copies its tokenizer files and special ids as they are; one whose copy
+    fails leaves the earlier one, and one that is no tokenizer is refused before anything is written."""
     _, path = checkpoint
     source = tmp_path / "source"
     assert main(["export", "--ckpt", str(path), "--out", str(source)]) == 0
-    (source / "tokenizer.json").write_text('{"the": "tokenizer"}')
+    (source / "tokenizer.json").write_text(word_tokenizer("the"))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "bos_token_id": 2, "eos_token_id": 1}))
+    (source / "generation_config.json").write_text('{"eos_token_id": [1, 0], "do_sample": true}')
     out = tmp_path / "out"
     assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 0
-    assert (out / "tokenizer.json").read_text() == '{"the": "tokenizer"}'
+    assert (out / "tokenizer.json").read_text() == word_tokenizer("the")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 1, None)
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": [1, 0], "do_sample": True}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     copy = shutil.copyfile
 
     def fails_halfway(src, dst, **kwargs):
@@ -191,7 +209,18 @@ def test_tokenizer_files_of_a_transformers_directory_are_copied_atomically(check
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shutil, "copyfile", fails_halfway)
-    (source / "tokenizer.json").write_text('{"a": "newer tokenizer"}')
+    (source / "tokenizer.json").write_text(word_tokenizer("a", "newer"))
     assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 1
-    assert (out / "tokenizer.json").read_text() == '{"the": "tokenizer"}'
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier tokenizer, no temporary
+    monkeypatch.undo()
+    # A tokenizer.json that is none: refused in one line before the first write, the earlier export intact.
+    assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    (source / "tokenizer.json").write_text('{"the": "tokenizer"}')
+    assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a valid tokenizer.json" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["export", "--ckpt", str(source), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()

@@ -103,3 +103,52 @@ def test_export_writes_the_checkpoints_tokenizer(tmp_path):
     assert hf_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == 50256 == tokenizer.eot_id
+    # Batched calls pad with end-of-text; a chat front end sends the messages' text as it is (as the GGUF's).
+    assert hf_tokenizer.pad_token == "<|endoftext|>" and hf_tokenizer.pad_token_id == 50256
+    batch = hf_tokenizer(["Once upon a time", "Hi"], padding=True)
+    assert batch["input_ids"][1][-1] == 50256 and batch["attention_mask"][1][-1] == 0
+    chat = [{"role": "user", "content": "Once upon a time"}]
+    assert hf_tokenizer.apply_chat_template(chat, tokenize=False) == "Once upon a time"
+    # An export of the export keeps its special ids and generation settings, and its tokenizer.
+    export(tmp_path / "hf", tmp_path / "again")
+    for name in ("config.json", "generation_config.json"):
+        again = json.loads((tmp_path / "again" / name).read_text())
+        ids = [again[f"{kind}_token_id"] for kind in ("bos", "eos", "pad")]
+        assert ids == [50256] * 3, (name, ids)
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+
+
+def test_a_checkpoint_without_a_tokenizer_is_exported_with_the_one_named(tmp_path, capsys):
+    """A model saved by the Python API records no tokenizer: --tokenizer names it; without one the export says
+    that it holds none; one with more tokens than the model, or another than the checkpoint's own, is refused
+    before anything is written."""
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=2))
+    save_model(model, tmp_path / "ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "bare")]) == 0
+    assert "records no tokenizer" in capsys.readouterr().err and not (tmp_path / "bare" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["eos_token_id"] is None
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--tokenizer",
+                 "gpt2"]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 50256
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer.encode("Once upon a time", add_special_tokens=False) == [7454, 2402, 257, 640]
+    small = Gemma3(small_config())
+    save_model(small, tmp_path / "small")
+    assert main(["export", "--ckpt", str(tmp_path / "small"), "--out", str(tmp_path / "new"), "--tokenizer",
+                 "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "more than the model's 512" in err and not (tmp_path / "new").exists()
+
+
+def test_an_export_whose_tokenizer_file_is_gone_is_refused_before_writing(tmp_path, capsys):
+    from tinygemma.tokenizer import load_tokenizer
+
+    (tmp_path / "words.json").write_text(test_checkpoint.word_tokenizer("Once", "upon"))
+    tokenizer = load_tokenizer(tmp_path / "words.json")
+    save_model(Gemma3(small_config()), tmp_path / "ckpt", {"tokenizer": tokenizer.save(tmp_path / "ckpt")})
+    (tmp_path / "ckpt" / "tokenizer.json").unlink()
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json" in err and not (tmp_path / "hf").exists()

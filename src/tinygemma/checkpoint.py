@@ -154,21 +154,42 @@ EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config
                           "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "README.md"})
 
 
-def export(ckpt: str | Path, out: str | Path) -> Path:
-    """Write a transformers Gemma3ForCausalLM directory (config.json, model.safetensors, tokenizer files)."""
+# A transformers directory's own tokenizer files, copied as they are by an export of it.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+    """Write a transformers Gemma3ForCausalLM directory (config.json, model.safetensors, generation_config.json
+    and the tokenizer's files). The tokenizer is the checkpoint's own (a transformers directory's files are
+    copied as they are), or `tokenizer` ("gpt2" or a tokenizer.json path) where it has none; a model saved
+    with neither is exported without one. Everything that can refuse (the tokenizer, the weights) is read
+    before the first file is written: a refused export leaves --out as it was."""
     src = resolve_checkpoint(ckpt)
     out = check_export_out(out, src)  # before the (slow) model load
     meta = read_checkpoint_meta(src)
-    model = load(src)
-    eot = (meta.get("tokenizer") or {}).get("eot_id")
-    save_hf(model, out, eot_id=eot)
-    if meta.get("tokenizer"):
-        tokenizer_from_spec(meta["tokenizer"], base_dir=src).save_hf(out)
+    copied = [] if meta or tokenizer else [name for name in HF_TOKENIZER_FILES if (src / name).exists()]
+    if copied:  # a transformers directory: its files and special ids as they are, once they read as a tokenizer
+        own = load_tokenizer(src) if TOKENIZER_FILE in copied else None
+        source_config = peek_json(src / "config.json")
+        special = {key: source_config.get(key) for key in SPECIAL_IDS}
+        if own is not None and all(value is None for value in special.values()):
+            special = dict.fromkeys(SPECIAL_IDS, own.eot_id)
+        generation = peek_json(src / "generation_config.json") or special
     else:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-            if (src / name).exists():
-                with atomic_path(out / name) as tmp:
-                    shutil.copyfile(src / name, tmp)
+        has_own = bool(meta.get("tokenizer")) or (not meta and (src / TOKENIZER_FILE).exists())
+        own = checkpoint_tokenizer(src, tokenizer) if tokenizer or has_own else None
+        special = generation = dict.fromkeys(SPECIAL_IDS, own.eot_id if own else None)
+    model = load(src)
+    if own is not None and own.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer ({own.identity}) has {own.vocab_size:,} tokens, more than the model's "
+                        f"{model.config.vocab_size:,}: they do not belong together")
+    save_hf(model, out, special, generation)
+    if own is not None and not copied:
+        own.save_hf(out)
+    for name in copied:
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src / name, tmp)
     return out
 
 

@@ -41,7 +41,7 @@ from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.pipeline import run, where_and_next
 from tinygemma.report import write_model_card
-from tinygemma.tokenizer import EOT_TOKEN, token_byte_lengths
+from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
 from tinygemma.train import train
 
 
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "shown_by_rank_0", False):  # under torchrun, an error every process shares prints once
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`tinygemma generate ... | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
+        return 141  # 128 + SIGPIPE, what a shell reports for a program a closed pipe stopped
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
         print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -333,6 +336,8 @@ def add_export(subparsers) -> None:
                    "for llama.cpp: llama-cli, llama-server, LM Studio)")
     p.add_argument("--dtype", default=None, help=f"gguf only: the weights as {', '.join(GGUF_DTYPES)} "
                    f"(default {DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU)")
+    p.add_argument("--tokenizer", default=None, help="gpt2 or a tokenizer.json path, for a checkpoint that records "
+                   "none of its own (one saved by the Python API); refused if it has another")
     p.add_argument("--push-to-hub", metavar="REPO", help="hf only: then upload the directory, model card included, "
                    "to the Hugging Face hub as REPO (user/name; needs huggingface_hub and a login)")
     p.set_defaults(func=_export_main)
@@ -345,7 +350,7 @@ def _export_main(args) -> int:
     if args.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push_to_hub):
         raise UserError(f"--push-to-hub takes the repository as USER/NAME (or ORG/NAME), not {args.push_to_hub!r}")
     if args.format == "gguf":
-        info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE)
+        info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE, args.tokenizer)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
               f"with: llama-completion -m {info['path']} -no-cnv -p 'Once upon a time'")
         if not info["gemma_layout"]:
@@ -356,8 +361,12 @@ def _export_main(args) -> int:
         raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")
     if args.dtype is not None:
         raise UserError("--dtype applies to --format gguf; an hf export keeps the checkpoint's dtype")
-    out = export(args.ckpt, args.out)
+    out = export(args.ckpt, args.out, args.tokenizer)
     write_model_card(args.ckpt, out, args.push_to_hub)
+    if not (out / TOKENIZER_FILE).exists():
+        print(f"note: {args.ckpt} records no tokenizer, so {out} holds none: AutoTokenizer cannot load it; export "
+              "again with --tokenizer gpt2 (or a tokenizer.json) to add the one it was trained with",
+              file=sys.stderr)
     print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
     if args.push_to_hub:
         print(f"uploaded {out} to {push_to_hub(out, args.push_to_hub)}")

@@ -586,6 +586,9 @@ class PreparedData:
 def open_prepared(directory: str | Path) -> PreparedData:
     """The dataset `prepare` wrote to `directory`; anything missing, truncated or malformed is a UserError."""
     directory = Path(directory)
+    if directory.is_file():  # a story file given where its tokens belong
+        raise UserError(f"{directory} is a file, not a prepared dataset: tokenize it first with `tinygemma prepare "
+                        f"--source {directory} --out DIR`, then pass DIR")
     if not (directory / META_NAME).exists():
         raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (run `tinygemma prepare --out "
                         f"{directory}`; an interrupted run leaves none)")

@@ -22,7 +22,7 @@ from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_path, check_output_path, write_errors
 from tinygemma.hf import hf_state
-from tinygemma.tokenizer import Tokenizer
+from tinygemma.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 # --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
 GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -35,9 +35,6 @@ ARCH = "gemma3"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use
 GPT2_SPLIT = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
-# A story model has no chat format: a chat front end (llama-server's web page, LM Studio) sends the messages' text
-# as it is, and the model continues it.
-CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 
@@ -209,14 +206,16 @@ def _write_tensors(writer, model, dtype: str) -> None:
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE) -> dict:
+def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE,
+                tokenizer: str | None = None) -> dict:
     """Write `ckpt` (a run, checkpoint or transformers directory) as one GGUF file for llama.cpp, replacing `out`
-    atomically; return what was written: its path, dtype, size in bytes, vocabulary, and whether the model has
-    Gemma 3's layout of sliding layers (`has_gemma_layout`)."""
+    atomically, with its own tokenizer or, where it records none, `tokenizer` (checkpoint_tokenizer); return
+    what was written: its path, dtype, size in bytes, vocabulary, and whether the model has Gemma 3's layout
+    of sliding layers (`has_gemma_layout`)."""
     out = check_gguf_arguments(out, dtype)
     src = resolve_checkpoint(ckpt)
     gguf = gguf_module()
-    tokenizer = checkpoint_tokenizer(src)
+    tokenizer = checkpoint_tokenizer(src, tokenizer)
     spec = json.loads(tokenizer.hf_json())
     check_byte_level_bpe(spec)  # before the (slow) model load
     model = load(src)

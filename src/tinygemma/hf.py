@@ -222,19 +222,20 @@ def is_hf_export(path: str | Path) -> bool:
     return (path / "model.safetensors").is_file() and peek_json(path / "config.json").get("model_type") == "gemma3_text"
 
 
-def save_hf(model: Gemma3, out: str | Path, eot_id: int | None = None) -> None:
-    """config.json, generation_config.json and model.safetensors for `Gemma3ForCausalLM.from_pretrained`, with
-    end-of-text as its bos, eos and pad token (TinyStories has no other special token). The tokenizer's files
-    are the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is
-    then still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
+def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict) -> None:
+    """config.json, generation_config.json and model.safetensors for `Gemma3ForCausalLM.from_pretrained`.
+    `special` holds the bos/eos/pad token ids for config.json (end-of-text for all three in a TinyStories model:
+    it has no other special token), `generation` generation_config.json's settings. The tokenizer's files are
+    the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is then
+    still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
     out = Path(out)
     dtype = dtype_name(model.embed_tokens.weight.dtype)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", hf_config(model.config, bos_id=eot_id, eos_id=eot_id, pad_id=eot_id,
-                                                     torch_dtype=dtype))
+    atomic_write_json(out / "config.json", hf_config(model.config, bos_id=special.get("bos_token_id"),
+                                                     eos_id=special.get("eos_token_id"),
+                                                     pad_id=special.get("pad_token_id"), torch_dtype=dtype))
     atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt"})
-    atomic_write_json(out / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id,
-                                                       "pad_token_id": eot_id})
+    atomic_write_json(out / "generation_config.json", generation)
 
 
 def push_to_hub(folder: str | Path, repo_id: str) -> str:

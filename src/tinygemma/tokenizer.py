@@ -23,6 +23,9 @@ EOT_TOKEN = "<|endoftext|>"
 # The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Gemma, Llama 2, Llama 3).
 EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>")
 TOKENIZER_FILE = "tokenizer.json"
+# A story model has no chat format: a chat front end (transformers' apply_chat_template, llama-server's web page,
+# LM Studio) sends the messages' text as it is, and the model continues it. Both exports carry it.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
 class Tokenizer:
@@ -60,7 +63,9 @@ class Tokenizer:
         atomic_write_json(directory / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.eot_token, "eos_token": self.eot_token, "unk_token": self.eot_token,
+            "pad_token": self.eot_token,  # batched calls pad with it, as generation_config.json's pad id
             "add_bos_token": False, "add_eos_token": False,
+            "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,  # decode gives back the text exactly
             "model_max_length": 1_000_000_000,
         })

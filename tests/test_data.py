@@ -325,13 +325,19 @@ def test_a_failing_worker_is_surfaced_and_the_old_dataset_survives(stories_dir, 
     assert open_prepared(tmp_path).meta["splits"]["train"]["documents"] == 100
 
 
-def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
+def start_big_prepare(stories_dir, tmp_path, workers: int, stderr) -> tuple[subprocess.Popen, Path]:
+    """`tinygemma prepare` of twelve copies of the sample stories into tmp_path/out, in a process of its own."""
     big = tmp_path / "big.txt"
     big.write_text((stories_dir / "train.txt").read_text(encoding="utf-8") * 12, encoding="utf-8")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "tinygemma", "prepare", "--out", str(out), "--source", str(big),
-                             "--workers", "1", "--no-progress"], env=env, stderr=subprocess.PIPE)
+                             "--workers", str(workers), "--no-progress"], env=env, stderr=stderr)
+    return proc, out
+
+
+def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
+    proc, out = start_big_prepare(stories_dir, tmp_path, 1, subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not list(out.glob(".train.bin.*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -364,12 +370,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_killed_prepare_takes_its_workers_with_it(stories_dir, tmp_path):
     """SIGKILL (or SIGTERM) to a prepare with 2 workers: the workers end too (they stayed, blocked, forever)."""
-    big = tmp_path / "big.txt"
-    big.write_text((stories_dir / "train.txt").read_text(encoding="utf-8") * 12, encoding="utf-8")
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "tinygemma", "prepare", "--out", str(out), "--source", str(big),
-                             "--workers", "2", "--no-progress"], env=env, stderr=subprocess.DEVNULL)
+    proc, out = start_big_prepare(stories_dir, tmp_path, 2, subprocess.DEVNULL)
     children, workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children"), []
     deadline = time.monotonic() + 60
     while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:

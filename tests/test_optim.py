@@ -294,21 +294,21 @@ def test_wsd_values_at_the_boundaries():
     assert cooldown_start(cfg) == 60
     lr = lambda s, c=cfg: learning_rate(s, c)
     assert lr(0) == pytest.approx(1e-4) and lr(9) == 1e-3  # warmup ends at the peak
-    assert lr(10) == lr(59) == lr(60) == 1e-3  # stable; the cooldown starts from the peak at step 60
-    assert lr(61) == pytest.approx(1e-3 - 0.9e-3 / 40)
-    assert lr(80) == pytest.approx(5.5e-4) and lr(99) == pytest.approx(1e-4 + 0.9e-3 / 40)
-    assert lr(100) == pytest.approx(1e-4)  # min_lr where the run ends
+    assert lr(10) == lr(59) == 1e-3  # stable; the cooldown's first step, 60, is its first below the peak
+    assert lr(60) == pytest.approx(1e-3 - 0.9e-3 / 40)
+    assert lr(79) == pytest.approx(5.5e-4) and lr(98) == pytest.approx(1e-4 + 0.9e-3 / 40)
+    assert lr(99) == pytest.approx(1e-4)  # min_lr at the run's last step (the log's "step 100/100")
     # Twice as long: the same rates up to the old cooldown, the new cooldown over the last 40%.
     longer = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=200",
                                 "lr_schedule=wsd"]).train
-    assert [lr(s, longer) for s in range(61)] == [lr(s) for s in range(61)]
-    assert cooldown_start(longer) == 120 and lr(200, longer) == pytest.approx(1e-4)
+    assert [lr(s, longer) for s in range(60)] == [lr(s) for s in range(60)]
+    assert cooldown_start(longer) == 120 and lr(199, longer) == pytest.approx(1e-4)
     # Muon's groups follow the same shape from their own peak.
     model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, n_layers=1))
     muon_cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=100",
                                   "lr_schedule=wsd", "optimizer=muon", "muon_learning_rate=0.02"]).train
     optimizer = configure_optimizer(model, muon_cfg, CPU)
-    assert set_learning_rates(optimizer, 80, muon_cfg) == pytest.approx(5.5e-4)
+    assert set_learning_rates(optimizer, 79, muon_cfg) == pytest.approx(5.5e-4)
     assert {g["muon"]: g["lr"] for g in optimizer.param_groups} == pytest.approx({True: 0.011, False: 5.5e-4})
 
 
@@ -342,6 +342,18 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     run(data_dir, cosine, "max_steps=20", "lr_schedule=cosine", stop_at=8)
     with pytest.raises(tinygemma.UserError, match="cosine schedule's learning rates depend on max_steps"):
         run(data_dir, cosine, "max_steps=30", "lr_schedule=cosine", resume=True)
+
+
+def test_cosine_reaches_min_lr_at_the_last_step_and_leaves_the_peak_after_the_warmup():
+    """The peak once, at the warmup's last step; min_lr at the run's last step, max_steps - 1 (it stayed above
+    min_lr, and the first two steps after the warmup were both at the peak)."""
+    cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=110",
+                             "lr_schedule=cosine"]).train
+    lrs = [learning_rate(s, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == 1e-3 and lrs.count(1e-3) == 1  # linear warmup, per step
+    assert lrs[59] == pytest.approx(5.5e-4)  # half way down: 50 of the 100 decay steps taken
+    assert lrs[-1] == pytest.approx(1e-4) and min(lrs[10:]) == lrs[-1]
+    assert all(a > b for a, b in zip(lrs[9:], lrs[10:]))
 
 
 def test_bad_optimizer_and_schedule_settings_are_refused_in_one_line(data_dir, tmp_path, capsys):
@@ -387,6 +399,10 @@ def test_resume_refuses_a_changed_schedule_or_optimizer_and_a_step_past_the_end(
         check_resume_schedule(as_dict, dataclasses.replace(saved, optimizer="muon"), 50)
     with pytest.raises(UserError, match="past train.max_steps"):
         check_resume_schedule(as_dict, dataclasses.replace(saved, max_steps=40, warmup_steps=10), 50)
+    # A new peak or floor changes the steps to come alone (check_resume_settings warns of it): the schedule's
+    # shape is the same, whichever of the two moved.
+    for lrs in ({"learning_rate": 5e-3}, {"min_lr": 1e-5}, {"learning_rate": 5e-3, "min_lr": 5e-4}):
+        check_resume_schedule(as_dict, dataclasses.replace(saved, **lrs), 50)
 
 
 def test_a_run_written_before_the_optimizer_fields_resumes_as_it_was_trained(data_dir, tmp_path):

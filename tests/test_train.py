@@ -18,7 +18,6 @@ import tinygemma
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
 from tinygemma.data import open_prepared, prepare
-from tinygemma.optim import learning_rate
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.train import train
 
@@ -327,16 +326,6 @@ def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_
     out = tmp_path / "recompute"
     run(data_dir, out, "activation_checkpointing=true", stop_at=3)
     assert [train_losses(out)[s] for s in (1, 2, 3)] == [train_losses(straight_run)[s] for s in (1, 2, 3)]
-
-
-def test_schedule_warms_up_then_decays_to_min_lr():
-    cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=110",
-                             "lr_schedule=cosine"]).train
-    lrs = [learning_rate(s, cfg) for s in range(110)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear, per optimizer step
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then monotone cosine decay
-    assert lrs[60] == pytest.approx(5.5e-4) and lrs[-1] == pytest.approx(1e-4, rel=1e-2)
-    assert min(lrs) >= 1e-4
 
 
 def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):

@@ -41,8 +41,10 @@ NS_EPS = 1e-7
 
 
 def schedule(step: int, cfg: TrainConfig) -> float:
-    """The learning rate at optimizer step `step` as a fraction of the peak: warmup to 1, then the decay to
-    min_lr / learning_rate at max_steps (cosine), or a plateau at 1 and a linear cooldown (wsd)."""
+    """The learning rate at optimizer step `step` (0-based) as a fraction of the peak: warmup to 1, then the decay
+    to min_lr / learning_rate (cosine), or a plateau at 1 and a linear cooldown (wsd). Steps count from 1 in
+    both parts: the warmup's last step is the one at the peak, and the run's last step, max_steps - 1, is the
+    one at min_lr."""
     floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -50,10 +52,10 @@ def schedule(step: int, cfg: TrainConfig) -> float:
         start = cooldown_start(cfg)
         if step < start:
             return 1.0
-        return 1.0 - (1.0 - floor) * (step - start) / (cfg.max_steps - start)
+        return 1.0 - (1.0 - floor) * (step + 1 - start) / (cfg.max_steps - start)
     if cfg.max_steps == cfg.warmup_steps:
         return 1.0
-    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    progress = (step + 1 - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
 
 
@@ -90,7 +92,10 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
     if planned.optimizer != cfg.optimizer:
         raise UserError(f"train.optimizer cannot change from {planned.optimizer} to {cfg.optimizer} "
                         f"on resume: the checkpoint holds the state of {planned.optimizer}")
-    if all(schedule(s, planned) == schedule(s, cfg) for s in range(step)):
+    # The schedule's shape, with the run's peak and floor: a new learning_rate or min_lr changes the steps to come
+    # alone (check_resume_settings warns of it), whatever ratio of the two the fractions hold.
+    shape = dataclasses.replace(cfg, learning_rate=planned.learning_rate, min_lr=planned.min_lr)
+    if all(schedule(s, planned) == schedule(s, shape) for s in range(step)):
         return
     if planned.max_steps == cfg.max_steps or planned.lr_schedule != cfg.lr_schedule:
         raise UserError(f"the learning-rate schedule of the run ({planned.lr_schedule}; lr_schedule, warmup_steps, "

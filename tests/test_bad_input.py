@@ -147,7 +147,7 @@ CASES = [
                                        "--temperature", "-1"], "temperature"),
     ("generate-top-p-above-one", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-p", "1.5"],
      "top_p"),
-    ("generate-top-k-zero", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-k", "0"], "top_k"),
+    ("generate-top-k-negative", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-k", "-1"], "top_k"),
     ("generate-negative-length", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
                                   "-3"], "max_new_tokens"),
     ("generate-past-the-positions", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",

@@ -224,3 +224,26 @@ def test_tokenizer_files_of_a_transformers_directory_are_copied_atomically(check
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main(["export", "--ckpt", str(source), "--out", str(tmp_path / "new")]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_a_checkpoint_whose_tokenizer_file_is_gone_takes_only_that_tokenizer(checkpoint, tmp_path):
+    """checkpoint.json records the tokenizer's sha256: where its file is gone, --tokenizer must be that file
+    (another vocabulary of the same size was taken, and its ids meant other text)."""
+    from tinygemma.checkpoint import checkpoint_tokenizer
+    from tinygemma.tokenizer import load_tokenizer
+
+    model, _ = checkpoint
+    paths = {}
+    for name, words in (("own", ("cat", "dog", "sun")), ("other", ("red", "big", "sky"))):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(word_tokenizer(*words), encoding="utf-8")
+    own = load_tokenizer(paths["own"])
+    ckpt = tmp_path / "ckpt"
+    save_model(model, ckpt, {"tokenizer": own.spec()})  # its tokenizer.json, as training records it, then lost
+    (ckpt / "tokenizer.json").unlink(missing_ok=True)
+    with pytest.raises(UserError, match="not the tokenizer .* was made with"):
+        checkpoint_tokenizer(ckpt, str(paths["other"]))  # 4 tokens too
+    assert checkpoint_tokenizer(ckpt, str(paths["own"])).identity == own.identity
+    gpt2_spec = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+    save_model(model, tmp_path / "gpt2", {"tokenizer": gpt2_spec})
+    assert checkpoint_tokenizer(tmp_path / "gpt2", "gpt2").identity == "gpt2"

@@ -114,6 +114,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("batch_size", "--set expects KEY=VALUE"),
     ("batch_size=0", "train.batch_size must be an integer >= 1"),
     ("batch_size=2.5", "train.batch_size must be an integer"),
+    ("batch_size=99999999999999999999", "train.batch_size must be at most 1,048,576"),  # hung, listing its splits
     ("learning_rate=fast", "train.learning_rate must be a number"),
     ("learning_rate=nan", "train.learning_rate must be a number"),
     ("learning_rate=-1", "train.learning_rate must be a positive number"),
@@ -131,6 +132,13 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("model.n_kv_heads=3", "n_heads (4) must be a multiple of n_kv_heads (3)"),
     ("model.d_model=big", "model.d_model must be an integer"),
     ("data.source=[1, 2]", "data.source must be a list of strings"),
+    ("data.limit=0", "data.limit must be an integer >= 1 or none, got 0"),
+    ("data.vocab_size=100", "data.vocab_size must be an integer >= 257"),
+    ("data.vocab_size=4096", "data.vocab_size (4096) applies only to data.tokenizer = bpe; gpt2 has its own"),
+    ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
+    ("generate.seed=-1", "seed must be an integer from 0"),
+    ('generate.prompts=["Once", ""]', "generate.prompts holds ''"),
+    ("generate.max_new_tokens=32768", "generate.max_new_tokens 32768 leaves no room for a prompt"),
 ])
 def test_bad_settings_are_refused_by_name(setting, message):
     with pytest.raises(UserError, match=re.escape(message)):

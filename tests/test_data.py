@@ -505,6 +505,8 @@ def test_micro_batch_sizes_that_do_not_divide_a_process_share_are_refused():
 
     cfg = TrainConfig(batch_size=4, grad_accum_steps=4)
     assert data.micro_batch_sizes(8) == [8, 4, 2, 1]
+    assert data.micro_batch_sizes(36) == [36, 18, 12, 9, 6, 4, 3, 2, 1] and data.micro_batch_sizes(1) == [1]
+    assert data.micro_batch_sizes(2**40) == [2**k for k in range(40, -1, -1)]  # the largest batch: at once
     assert data.check_micro_batch_size(cfg, 2, 8) == 1 and data.check_micro_batch_size(cfg, 1, 2) == 8
     with pytest.raises(UserError, match=r"train.micro_batch_size \(3\) must divide .* = 8 sequences: choose one "
                                         r"of 8, 4, 2, 1 \(or auto\)"):

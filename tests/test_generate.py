@@ -204,10 +204,13 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "0"], "top_p"),
     (["--top-p", "1.01"], "top_p"),
-    (["--top-k", "0"], "top_k"),
+    (["--top-k", "-1"], "top_k"),
+    (["--seed", "100000000000000000000000"], "seed"),  # past torch's 64-bit seed: refused before the prompt prints
+    (["--seed", "-1"], "seed"),
     (["--max-new-tokens", "-3"], "max_new_tokens"),
     (["--num-samples", "0"], "num-samples"),
     (["--prompt", ""], "prompt"),
+    (["--tokenizer", "bpe"], "give the tokenizer.json it wrote"),  # prepare's name, not a file
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(ckpt, capsys, extra, message):
     args = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, *extra]
@@ -310,3 +313,38 @@ def test_generate_stops_at_eos_and_is_seeded():
     b = generate(model, prompt, 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(1))
     c = generate(model, prompt, 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_k_0_or_none_samples_among_all_tokens(ckpt, capsys):
+    """The recipe's top_k = none on the command line: --top-k 0 (or none) turns the filter off."""
+    base = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "12", "--temperature", "3",
+            "--seed", "5"]
+    outs = {}
+    for k in ("0", "none", str(GPT2_SPEC["vocab_size"]), "1"):
+        assert main([*base, "--top-k", k]) == 0
+        outs[k] = capsys.readouterr().out
+    assert outs["0"] == outs["none"] == outs[str(GPT2_SPEC["vocab_size"])]  # no filter = k of the whole vocabulary
+    assert outs["0"] != outs["1"]  # where top-k 1 would have been greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-300])
+def test_a_tiny_temperature_is_all_but_greedy(temperature):
+    """A temperature that overflows the division (1e-40 in float32) or rounds to 0 there (1e-300) picked NaN
+    probabilities and a traceback; it is greedy in the limit."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.999], [3.0, -2.0, 0.0, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert sample_next_token(logits, temperature, generator=generator).tolist() == [1, 0]
+
+
+def test_a_model_with_more_ids_than_its_tokenizer_samples_only_the_tokenizers():
+    """model.vocab_size may exceed the data's (rounded up, say): the ids past the tokenizer's have no text, and
+    sampling one crashed tiktoken's decode. Here the extra ids are made the likeliest by far."""
+    tokenizer = GPT2Tokenizer()
+    model = tiny_model(vocab_size=tokenizer.vocab_size + 64)
+    with torch.no_grad():
+        model.embed_tokens.weight[tokenizer.vocab_size :] *= 50  # tied head: the extra rows dominate the logits
+    texts, n = generate_text(model, tokenizer, PROMPT, 30, temperature=2.0, seed=0, num_samples=4)
+    assert n > 0 and len(texts) == 4
+    ids = generate(model, torch.tensor([tokenizer.encode(PROMPT)]), 30, temperature=0)[0].tolist()
+    assert max(ids) >= tokenizer.vocab_size  # without the tokenizer's limit the model does pick them

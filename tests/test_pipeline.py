@@ -215,12 +215,37 @@ def test_run_refuses_data_prepared_from_other_stories_or_with_another_tokenizer(
                              ("data.limit=200", "limit: 300, the recipe asks for 200"),
                              (f"data.val_source={stories_dir}/valid.txt", "validation: set aside from the training "
                                                                            f"source, the recipe asks for {stories_dir}"),
-                             ("data.tokenizer=gpt2", "the recipe asks for gpt2"),
+                             ("data.tokenizer=gpt2", "the recipe asks for gpt2"),  # (and data.vocab_size=none)
                              ("data.vocab_size=500", "vocabulary: a BPE of 400, the recipe asks for a BPE of 500")]:
+        more = ["data.vocab_size=none"] if override == "data.tokenizer=gpt2" else []  # a BPE's setting
         with pytest.raises(UserError, match=re.escape(phrase)):
-            prepare_if_missing(load_recipe(str(recipe_file), [override]))
+            prepare_if_missing(load_recipe(str(recipe_file), [override, *more]))
     assert main(["run", str(recipe_file), "--set", "data.limit=200"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "was prepared from other data than the recipe's [data] asks for" in err
     assert "set data.dir to another folder" in err
     assert (tmp_path / "data" / "meta.json").read_bytes() == meta and not (tmp_path / "run").exists()
+
+
+def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_path, stories_dir, capsys):
+    """What would stop a run after its data is prepared (a block past the model's positions, a micro-batch size
+    that does not divide the batch) or after it is trained (an empty prompt, too many new tokens, a seed past
+    64 bits, a prompt too long for them in the data's tokens) is refused in one line, before that work."""
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    for overrides, phrase in [(["train.block_size=4096"], "train.block_size 4096 exceeds"),
+                              (["train.micro_batch_size=3"], "train.micro_batch_size (3) must divide"),
+                              (['generate.prompts=["Once", ""]'], "generate.prompts holds ''"),
+                              (["generate.max_new_tokens=2048"], "generate.max_new_tokens 2048 leaves no room"),
+                              (["generate.seed=100000000000000000000"], "seed must be an integer from 0")]:
+        assert main(["run", str(recipe_file), *(arg for o in overrides for arg in ("--set", o))]) == 2, overrides
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and phrase in err, (overrides, err)
+        assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    # 2000 new tokens leave 48 positions: a prompt of more tokens than that is known once the data's BPE is.
+    long_prompt = "Once upon a time there was a little girl named Lily. " * 8
+    assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2000",
+                 "--set", f'generate.prompts=["{long_prompt}"]']) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "generate.prompts: the prompt's" in err and "shorten the prompt" not in err, err
+    assert (tmp_path / "data" / "meta.json").exists() and not (tmp_path / "run").exists()

@@ -221,11 +221,27 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
     if own is None and spec and spec.get("vocab_size") not in (None, given.vocab_size):  # its file gone: the spec
         raise UserError(f"--tokenizer {tokenizer} has {given.vocab_size:,} tokens, but {directory} was made with a "
                         f"tokenizer of {spec['vocab_size']:,}: its token ids would mean other text")
+    if own is None and spec and not matches_spec(given, spec):  # the same size, but another vocabulary
+        recorded = "GPT-2's" if spec.get("kind") == "gpt2" else f"a tokenizer.json of sha256 {spec['sha256'][:12]}..."
+        raise UserError(f"--tokenizer {tokenizer} ({given.identity}) is not the tokenizer {directory} was made "
+                        f"with ({recorded}, by its checkpoint.json): its token ids would mean other text")
     if own is not None and given.identity != own.identity:
         raise UserError(f"--tokenizer {tokenizer} ({given.identity}) is not the tokenizer {directory} was made "
                         f"with ({own.identity}): its token ids would mean other text; leave --tokenizer out to "
                         "use the checkpoint's own")
     return given
+
+
+def matches_spec(tokenizer, spec: dict) -> bool:
+    """Whether `tokenizer` is the one a checkpoint's recorded spec names, where the spec's own file cannot be
+    read: GPT-2 (tiktoken's, or a tokenizer.json of its vocabulary) for a gpt2 spec; for a tokenizer.json spec,
+    the file of its sha256, or GPT-2's vocabulary where it holds GPT-2's number of tokens (a GPT-2 file written
+    another way)."""
+    if spec.get("kind") == "gpt2":
+        return tokenizer.identity == "gpt2"
+    if not spec.get("sha256") or getattr(tokenizer, "sha256", None) == spec["sha256"]:
+        return True
+    return tokenizer.identity == "gpt2" and spec.get("vocab_size") == tokenizer.vocab_size
 
 
 def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "auto") -> Gemma3:

@@ -209,7 +209,7 @@ SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are severa
 
 def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.num_samples)
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if not args.prompt:
@@ -289,6 +289,16 @@ def _add_model_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
 
 
+def _top_k(text: str) -> int | None:
+    """--top-k: a number of tokens, where 0 and none mean no top-k filter (the recipe's top_k = none)."""
+    if text.strip().lower() in ("0", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or none, got {text!r}") from None
+
+
 def add_generate(subparsers) -> None:
     defaults = GenerateConfig()  # the recipe's [generate] defaults
     p = subparsers.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
@@ -298,8 +308,9 @@ def add_generate(subparsers) -> None:
                    help=f"stop after this many new tokens, or at end of text (default {defaults.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=defaults.temperature,
                    help=f"softmax temperature; 0 is greedy and deterministic (default {defaults.temperature})")
-    p.add_argument("--top-k", type=int, default=defaults.top_k,
-                   help=f"sample only among the k most likely tokens (default {defaults.top_k})")
+    p.add_argument("--top-k", type=_top_k, default=defaults.top_k,
+                   help=f"sample only among the k most likely tokens; 0 or none: among all of them, as with "
+                        f"--top-p alone (default {defaults.top_k})")
     p.add_argument("--top-p", type=float, default=defaults.top_p,
                    help="nucleus sampling: only the most likely tokens whose probabilities add up to p, in (0, 1] "
                         f"(default {defaults.top_p})")

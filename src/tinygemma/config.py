@@ -195,6 +195,9 @@ class TrainConfig:
             _check_int(self, name, minimum=1)
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
             _check_int(self, name, minimum=0)
+        for name in ("batch_size", "grad_accum_steps"):  # far past any memory; the batch's splits stay quick to list
+            if getattr(self, name) > MAX_BATCH:
+                raise UserError(f"train.{name} must be at most {MAX_BATCH:,}, got {getattr(self, name):,}")
         for name in ("learning_rate", "adam_eps", "muon_learning_rate"):
             _check_number(self, name, lambda v: v > 0, "a positive number")
         for name in ("min_lr", "weight_decay", "grad_clip"):
@@ -236,10 +239,20 @@ class DataConfig:
     vocab_size: int | None = None  # vocabulary of the trained bpe tokenizer; none = data.py's default
     limit: int | None = None  # use at most this many training stories; none = all
 
+    def __post_init__(self):
+        """[data]'s own mistakes, named as the recipe's settings, before anything is prepared."""
+        for name, minimum in (("limit", 1), ("vocab_size", 257)):  # a BPE holds the 256 bytes and end-of-text
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+                raise UserError(f"data.{name} must be an integer >= {minimum} or none, got {value!r}")
+        if self.vocab_size is not None and self.tokenizer != "bpe":
+            raise UserError(f"data.vocab_size ({self.vocab_size}) applies only to data.tokenizer = bpe; "
+                            f"{self.tokenizer} has its own vocabulary: set data.vocab_size=none")
+
 
 @dataclass
 class GenerateConfig:
-    """Sampling for `tinygemma generate` and the samples of `tinygemma run`."""
+    """Sampling for the samples of `tinygemma run` (and the defaults of `tinygemma generate`'s options)."""
 
     prompts: list[str] = dataclasses.field(default_factory=lambda: ["Once upon a time"])  # one sample per prompt
     max_new_tokens: int = 200  # tokens to generate after each prompt (stops early at end-of-text)
@@ -300,9 +313,19 @@ class Recipe:
         """Rebuild the dataclasses so their checks run on the final values (fields are set one at a time)."""
 
         self.train = TrainConfig(**dataclasses.asdict(self.train))
-        self.model_config()  # an unknown preset or impossible model field fails here, before any data is read
+        self.data = DataConfig(**dataclasses.asdict(self.data))
+        positions = self.model_config().max_position_embeddings  # an unknown preset or impossible model field
+        if self.train.block_size > positions:  # fails here, before any data is read; so does a block too long
+            raise UserError(f"train.block_size {self.train.block_size} exceeds model.max_position_embeddings "
+                            f"{positions}")
         g = self.generate  # and bad sampling settings before hours of training, not after
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p)
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts))
+        for prompt in g.prompts:
+            if not isinstance(prompt, str) or not prompt:
+                raise UserError(f"generate.prompts holds {prompt!r}: each prompt must be some text to continue")
+        if g.prompts and g.max_new_tokens >= positions:
+            raise UserError(f"generate.max_new_tokens {g.max_new_tokens} leaves no room for a prompt in the "
+                            f"model's {positions} positions (max_position_embeddings)")
         return self
 
 
@@ -446,6 +469,9 @@ def _parse_text_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+MAX_BATCH = 1 << 20  # train.batch_size and train.grad_accum_steps
+
+
 def _check_int(obj, name: str, minimum: int) -> None:
     value = getattr(obj, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -458,7 +484,16 @@ def _check_number(obj, name: str, ok, what: str) -> None:
         raise UserError(f"train.{name} must be {what}, got {value!r}")
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+# torch.Generator.manual_seed takes a 64-bit seed; a run's prompt i samples with seed + i.
+MAX_SEED = 2**63 - 1
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int | None = None, prompts: int = 1) -> None:
+    """Refuse sampling settings that cannot work: in one line, before a model is loaded or trained."""
+    if seed is not None and not 0 <= seed <= MAX_SEED - max(prompts - 1, 0):
+        raise UserError(f"seed must be an integer from 0 to {MAX_SEED - max(prompts - 1, 0):,} (a 64-bit seed), "
+                        f"got {seed}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0 or math.isinf(temperature):

@@ -676,7 +676,8 @@ def process_share(cfg: TrainConfig, world_size: int) -> int:
 
 def micro_batch_sizes(share: int) -> list[int]:
     """The micro-batch sizes a process's share of `share` sequences splits into evenly, largest first."""
-    return [size for size in range(share, 0, -1) if share % size == 0]
+    small = [size for size in range(1, math.isqrt(share) + 1) if share % size == 0]  # a huge batch_size is instant
+    return sorted({*small, *(share // size for size in small)}, reverse=True)
 
 
 def check_micro_batch_size(cfg: TrainConfig, world_size: int, size: int) -> int:

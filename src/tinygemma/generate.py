@@ -39,7 +39,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     """One token id per row of `logits` [B, V]; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # The largest logit is 0 before the division: a tiny temperature sends the others to -inf, never inf - inf.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    logits = filter_logits(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -50,11 +53,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 @torch.no_grad()
 def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, vocab_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
-    receiving `eos_id`). `temperature=0` is greedy.
+    receiving `eos_id`). `temperature=0` is greedy. `vocab_size` (the tokenizer's) keeps the tokens sampled
+    below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     B, T = input_ids.shape
@@ -71,7 +75,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     logits = last_logits(model, input_ids, cache, 0)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        token = sample_next_token(logits[:, :vocab_size], temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
@@ -147,8 +151,9 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")
     limit = config.max_position_embeddings  # also bounds the KV cache, which holds every position
     if len(ids) + max_new_tokens > limit:
+        fix = "shorten the prompt" if len(ids) >= limit else "ask for fewer new tokens"
         raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones exceed the model's "
-                        f"{limit} positions (max_position_embeddings); ask for fewer new tokens")
+                        f"{limit} positions (max_position_embeddings); {fix}")
     return ids
 
 
@@ -159,7 +164,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text included).
     `on_text(sample, text)` receives each piece of text as soon as it is complete.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
@@ -181,7 +186,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                 on_text(i, piece)
 
     for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
-                                        generator=generator):
+                                  generator=generator, vocab_size=tokenizer.vocab_size):
         for i, token in enumerate(tokens.tolist()):
             if finished[i]:
                 continue

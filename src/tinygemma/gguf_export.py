@@ -214,10 +214,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     of sliding layers (`has_gemma_layout`)."""
     out = check_gguf_arguments(out, dtype)
     src = resolve_checkpoint(ckpt)
-    gguf = gguf_module()
-    tokenizer = checkpoint_tokenizer(src, tokenizer)
+    tokenizer = checkpoint_tokenizer(src, tokenizer)  # a wrong --tokenizer is named whether gguf is installed or not
     spec = json.loads(tokenizer.hf_json())
     check_byte_level_bpe(spec)  # before the (slow) model load
+    gguf = gguf_module()
     model = load(src)
     config = model.config
     check_llama_cpp_model(config)

@@ -24,15 +24,17 @@ from tinygemma.data import (
     check_prepare_out,
     open_prepared,
     prepare,
+    requested_micro_batch_size,
 )
 from tinygemma.devices import pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json
-from tinygemma.generate import generate_text
+from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
+from tinygemma.trackers import require_loggers
 from tinygemma.train import check_run_out, train
 
 
@@ -110,6 +112,25 @@ def check_outputs(recipe: Recipe) -> None:
         check_prepare_out(recipe.data.dir, "data.dir")
 
 
+def check_training_settings(recipe: Recipe) -> None:
+    """What training would refuse whatever the data: a micro-batch size that does not divide a process's share,
+    a logger not installed. Checked before the data is prepared (for the workshop recipe, all of TinyStories)."""
+    require_loggers(recipe.train.loggers)
+    requested_micro_batch_size(recipe.train, env_world_size(), pick_device(recipe.train.device).type)
+
+
+def check_prompts(recipe: Recipe) -> None:
+    """The recipe's prompts in the data's tokens: each must encode to some, and fit with generate.max_new_tokens
+    in the model's positions. Checked once the data (its tokenizer) is there, before training, not after it."""
+    data = open_prepared(recipe.data.dir)
+    tokenizer, config = data.tokenizer(), recipe.model_config(data.vocab_size)
+    for prompt in recipe.generate.prompts:
+        try:
+            prompt_ids(config, tokenizer, prompt, recipe.generate.max_new_tokens)
+        except UserError as e:
+            raise UserError(f"generate.prompts: {e}") from None
+
+
 def run(recipe: Recipe) -> dict:
     """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}.
 
@@ -118,7 +139,9 @@ def run(recipe: Recipe) -> dict:
     others return {"train": summary}). Across machines, data.dir must then be one folder that all of them see."""
     def before_training() -> None:
         check_outputs(recipe)
+        check_training_settings(recipe)
         prepare_if_missing(recipe)
+        check_prompts(recipe)
         log(f"training into {recipe.out} (resumes from its last checkpoint if it has one)")
 
     if env_world_size() == 1:
@@ -182,7 +205,8 @@ def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> st
         f"run directory  {run_dir}  (config.json, metrics.jsonl, checkpoints/)",
         f"loss curve     {q(str(out / 'loss.png'))}",
         f"report         {q(str(out / REPORT_NAME))}",
-        f"TensorBoard    tensorboard --logdir {q(str(out / 'tb'))}",
+        *([f"TensorBoard    tensorboard --logdir {q(str(out / 'tb'))}"] if "tensorboard" in recipe.train.loggers
+          else []),
         f"export         tinygemma export --ckpt {run_dir} --out {q(str(Path('hf') / out.name))}",
         "--- next",
         f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)} --max-new-tokens 200",

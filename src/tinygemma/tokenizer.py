@@ -309,6 +309,9 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
         path = path / TOKENIZER_FILE
         if not path.exists():
             raise UserError(f"{path.parent} holds no {TOKENIZER_FILE}")
+    elif str(name_or_path) == "bpe" and not path.exists():  # prepare's word for the BPE it trains
+        raise UserError("bpe names the tokenizer that prepare trains on the stories; here give the tokenizer.json "
+                        "it wrote (in the prepared data's folder), or gpt2")
     elif not path.exists():
         raise UserError(f"unknown tokenizer {str(name_or_path)!r}: use gpt2, bpe (prepare trains it), "
                         "or a path to a tokenizer.json")

@@ -240,6 +240,21 @@ def test_a_reader_that_leaves_the_pipe_stops_the_command_quietly(world):
     assert result.stderr.startswith("loaded ") and result.stderr.count("\n") == 1  # its one line of progress
 
 
+def test_a_broken_pipe_other_than_stdout_is_an_error():
+    """A pipe or socket that is not stdout breaking (a tracker's service, a worker) is an error line and exit
+    status 1, not the quiet stop of a reader that left: stdout here is a pipe still read."""
+    script = ("import sys\n"
+              "import tinygemma.cli as cli\n"
+              "def broken(args):\n"
+              "    raise BrokenPipeError(32, 'Broken pipe')\n"
+              "cli._generate_main = broken\n"
+              "sys.exit(cli.main(['generate', '--ckpt', 'x', '--prompt', 'Once']))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "tinygemma generate: error: [Errno 32] Broken pipe\n"
+
+
 def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     """`import tinygemma` leaves torch unimported, so the command's entry point (tinygemma.__main__:main, also
     `python -m tinygemma`) catches a Ctrl-C pressed while the CLI and torch load: one line, exit status 130, as

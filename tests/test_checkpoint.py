@@ -144,6 +144,15 @@ def test_export_writes_over_its_own_earlier_export_and_nothing_else(checkpoint, 
     assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "weights")]) == 2
     assert (tmp_path / "weights" / "model.safetensors").read_bytes() == b"theirs"
     assert "not an earlier export" in capsys.readouterr().err
+    # A transformers model that tinygemma did not write (a download of google/gemma-3-270m, a save_pretrained) is
+    # never replaced, though it has the files an export has: no mark of ours in its model.safetensors.
+    theirs = tmp_path / "theirs"
+    transformers.AutoModelForCausalLM.from_pretrained(out).save_pretrained(theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    assert is_hf_export(theirs)
+    assert main(["export", "--ckpt", str(path), "--out", str(theirs)]) == 2
+    assert "not an earlier export" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
     # A folder of other things is not an export's to fill.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "config.json").write_text('{"model_type": "llama"}')
@@ -170,6 +179,22 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_earlier_export(chec
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"could not write {out / 'model.safetensors'} (" in err and "the disk may be full" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every earlier file intact, no temporary
+
+
+def export_contents(folder: Path) -> dict:
+    """Each file's bytes; model.safetensors as its metadata and tensors (safetensors writes the header's metadata
+    keys in either order, run to run)."""
+    from safetensors import safe_open
+
+    contents = {}
+    for p in folder.iterdir():
+        if p.name == "model.safetensors":
+            with safe_open(str(p), framework="pt") as f:
+                contents[p.name] = (sorted(f.metadata().items()),
+                                    [(k, f.get_tensor(k).flatten().view(torch.uint8).tolist()) for k in sorted(f.keys())])
+        else:
+            contents[p.name] = p.read_bytes()
+    return contents
 
 
 def word_tokenizer(*words: str) -> str:
@@ -199,7 +224,7 @@ def test_tokenizer_files_of_a_transformers_directory_are_copied_atomically(check
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 1, None)
     assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": [1, 0], "do_sample": True}
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = export_contents(out)
     copy = shutil.copyfile
 
     def fails_halfway(src, dst, **kwargs):
@@ -211,17 +236,17 @@ def test_tokenizer_files_of_a_transformers_directory_are_copied_atomically(check
     monkeypatch.setattr(shutil, "copyfile", fails_halfway)
     (source / "tokenizer.json").write_text(word_tokenizer("a", "newer"))
     assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 1
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier tokenizer, no temporary
+    assert export_contents(out) == before  # the earlier tokenizer, no temporary
     monkeypatch.undo()
     # A tokenizer.json that is none: refused in one line before the first write, the earlier export intact.
     assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = export_contents(out)
     capsys.readouterr()
     (source / "tokenizer.json").write_text('{"the": "tokenizer"}')
     assert main(["export", "--ckpt", str(source), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a valid tokenizer.json" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert export_contents(out) == before
     assert main(["export", "--ckpt", str(source), "--out", str(tmp_path / "new")]) == 2
     assert not (tmp_path / "new").exists()
 

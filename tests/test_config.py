@@ -132,17 +132,35 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("model.n_kv_heads=3", "n_heads (4) must be a multiple of n_kv_heads (3)"),
     ("model.d_model=big", "model.d_model must be an integer"),
     ("data.source=[1, 2]", "data.source must be a list of strings"),
-    ("data.limit=0", "data.limit must be an integer >= 1 or none, got 0"),
-    ("data.vocab_size=100", "data.vocab_size must be an integer >= 257"),
-    ("data.vocab_size=4096", "data.vocab_size (4096) applies only to data.tokenizer = bpe; gpt2 has its own"),
     ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
-    ("generate.seed=-1", "seed must be an integer from 0"),
-    ('generate.prompts=["Once", ""]', "generate.prompts holds ''"),
-    ("generate.max_new_tokens=32768", "generate.max_new_tokens 32768 leaves no room for a prompt"),
 ])
 def test_bad_settings_are_refused_by_name(setting, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_recipe(None, [setting])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.limit=0", "data.limit must be an integer >= 1 or none, got 0"),
+    ("data.vocab_size=100", "data.vocab_size must be an integer >= 257"),
+    ("data.vocab_size=4096", "data.vocab_size (4096) applies only to data.tokenizer = bpe; gpt2 has its own"),
+    ("generate.seed=-1", "seed must be an integer from 0"),
+    ("generate.seed=9223372036854775808", "seed must be an integer from 0 to 9,223,372,036,854,775,807 (a 64-bit seed), got "
+                                          "9223372036854775808"),  # read exactly, not through a float
+    ('generate.prompts=["Once", ""]', "generate.prompts holds ''"),
+    ("generate.max_new_tokens=32768", "generate.max_new_tokens 32768 leaves no room for a prompt"),
+])
+def test_what_only_run_needs_is_refused_by_name_before_it_starts(setting, message):
+    """[data] and the prompts' settings: `tinygemma run` refuses them before it prepares or trains; a run's saved
+    recipe holding one (recorded before these checks) still reads, so that `train --resume` works."""
+    recipe = load_recipe(None, [setting])
+    with pytest.raises(UserError, match=re.escape(message)):
+        recipe.check_for_run()
+    assert Recipe.from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
+
+
+def test_a_huge_integer_setting_is_read_exactly():
+    assert load_recipe(None, ["generate.seed=9223372036854775807"]).generate.seed == 2**63 - 1
+    assert load_recipe(None, ["batch_size=1e2", "max_steps=4_000"]).train.batch_size == 100
 
 
 def test_bad_recipe_files_are_refused(tmp_path):

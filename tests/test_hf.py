@@ -105,8 +105,9 @@ def test_export_writes_the_checkpoints_tokenizer(tmp_path):
     assert config["eos_token_id"] == 50256 == tokenizer.eot_id
     # Batched calls pad with end-of-text; a chat front end sends the messages' text as it is (as the GGUF's).
     assert hf_tokenizer.pad_token == "<|endoftext|>" and hf_tokenizer.pad_token_id == 50256
-    batch = hf_tokenizer(["Once upon a time", "Hi"], padding=True)
-    assert batch["input_ids"][1][-1] == 50256 and batch["attention_mask"][1][-1] == 0
+    batch = hf_tokenizer(["Once upon a time", "Hi"], padding=True)  # on the left: generate continues each
+    assert batch["input_ids"][1][0] == 50256 and batch["attention_mask"][1][0] == 0
+    assert batch["input_ids"][1][-1] != 50256 and batch["attention_mask"][1][-1] == 1
     chat = [{"role": "user", "content": "Once upon a time"}]
     assert hf_tokenizer.apply_chat_template(chat, tokenize=False) == "Once upon a time"
     # An export of the export keeps its special ids and generation settings, and its tokenizer.
@@ -152,3 +153,97 @@ def test_an_export_whose_tokenizer_file_is_gone_is_refused_before_writing(tmp_pa
     assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tokenizer.json" in err and not (tmp_path / "hf").exists()
+
+
+def gemma_like_tokenizer(path, words=("Once", "upon", "a", "time"), extra_special=()) -> str:
+    """A tokenizer.json built as Gemma's is: <pad> <eos> <bos> first, a post-processor that starts every text
+    with <bos>, and (`extra_special`) special tokens past the words."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>", *extra_special)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    path.write_text(tokenizer.to_str(), encoding="utf-8")
+    return str(path)
+
+
+def test_a_prompt_starts_with_the_bos_a_gemma_tokenizer_adds(tmp_path):
+    """Gemma's tokenizer.json starts every text with <bos> (its post-processor), and Gemma reads badly without
+    it: a prompt's ids are those transformers' tokenizer(prompt) gives. GPT-2's and our BPEs add none."""
+    from tinygemma.generate import prompt_ids
+    from tinygemma.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(gemma_like_tokenizer(tmp_path / "tokenizer.json"))
+    config = small_config()
+    assert tokenizer.prompt_prefix == (2,) and tokenizer.encode("Once upon a time") == [3, 4, 5, 6]
+    assert prompt_ids(config, tokenizer, "Once upon a time", 10) == [2, 3, 4, 5, 6]
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert fast("Once upon a time").input_ids == [2, 3, 4, 5, 6]
+    assert load_tokenizer("gpt2").prompt_prefix == ()
+    assert prompt_ids(small_config(vocab_size=50_257), load_tokenizer("gpt2"), "Once", 10) == [7454]
+
+
+def test_special_tokens_past_the_models_rows_do_not_refuse_it(tmp_path):
+    """Gemma 3's tokenizer.json holds <image_soft_token> at 262,144, past gemma-3-270m's 262,144 rows: special
+    tokens are never encoded from text nor sampled, so only the text's ids (and end-of-text) must fit."""
+    from tinygemma.checkpoint import load_model
+    from tinygemma.tokenizer import load_tokenizer
+
+    words = tuple(f"w{i}" for i in range(509))  # ids 3..511: the model's 512 rows hold every text id
+    tokenizer = load_tokenizer(gemma_like_tokenizer(tmp_path / "tokenizer.json", words, ("<image_soft_token>",)))
+    assert tokenizer.vocab_size == 513 and tokenizer.model_vocab_size == 512
+    save_model(Gemma3(small_config()), tmp_path / "ckpt")
+    assert load_model(tmp_path / "ckpt", tokenizer, "float32", "cpu").config.vocab_size == 512
+    more = load_tokenizer(gemma_like_tokenizer(tmp_path / "more.json", (*words, "w509")))  # a text id at 512
+    with pytest.raises(tinygemma.UserError, match="more than the model's 512"):
+        load_model(tmp_path / "ckpt", more, "float32", "cpu")
+
+
+def test_a_transformers_directory_exports_with_its_ids_template_and_nothing_stale(tmp_path, capsys):
+    """Exporting a transformers directory keeps its special ids and generation settings whether or not it has
+    tokenizer files, and copies transformers 5's chat_template.jinja; an export into an earlier one leaves no
+    tokenizer file of the earlier one behind its new weights."""
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=2))
+    save_model(model, tmp_path / "ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "src"), "--tokenizer",
+                 "gpt2"]) == 0
+    src = tmp_path / "src"
+    (src / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                 "pad_token_id": 0}))
+    generation = (src / "generation_config.json").read_text()
+    assert main(["export", "--ckpt", str(src), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}!"
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["pad_token_id"] == 0
+    assert (tmp_path / "a" / "generation_config.json").read_text() == generation
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # a directory without them
+        (src / name).unlink()
+    assert main(["export", "--ckpt", str(src), "--out", str(tmp_path / "b")]) == 0
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (50256, 0)
+    assert (tmp_path / "b" / "generation_config.json").read_text() == generation
+    # The bare checkpoint exported into the earlier export: its tokenizer is gone with it, and the note says so.
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a")]) == 0
+    assert "records no tokenizer" in capsys.readouterr().err
+    assert not any((tmp_path / "a" / name).exists() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "chat_template.jinja"))
+
+
+def test_configs_transformers_cannot_read_or_that_hold_nulls_are_one_line(tmp_path, capsys):
+    """A query_pre_attn_scalar that is no whole number: transformers 5 reads it as an int, so the export is
+    refused before any folder is made. A config.json with a null where a number belongs is one line too."""
+    save_model(Gemma3(small_config(query_pre_attn_scalar=20.5)), tmp_path / "odd")
+    assert main(["export", "--ckpt", str(tmp_path / "odd"), "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "query_pre_attn_scalar is 20.5" in err and not (tmp_path / "new").exists()
+    save_model(Gemma3(small_config()), tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value in (("rms_norm_eps", None), ("rope_parameters", [1, 2]), ("query_pre_attn_scalar", "big")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(tinygemma.UserError, match="config.json holds a value of the wrong type"):
+            tinygemma.load(tmp_path / "hf")

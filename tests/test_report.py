@@ -167,3 +167,14 @@ def test_push_to_hub_uploads_the_exported_folder(straight_run, tmp_path, monkeyp
                  "someone/tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert 'pip install "tinygemma[hub]"' in err and "\n" not in err
+
+
+def test_the_cards_transformers_snippet_of_a_greedy_recipe_does_not_sample():
+    """transformers refuses temperature 0 with sampling on: a greedy recipe's card says do_sample=False."""
+    from tinygemma.config import GenerateConfig
+    from tinygemma.report import usage_section
+
+    greedy = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.0)))
+    assert "do_sample=False" in greedy and "temperature" not in greedy
+    sampled = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.8, top_k=50)))
+    assert "do_sample=True, temperature=0.8, top_k=50" in sampled

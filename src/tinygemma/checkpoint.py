@@ -39,7 +39,7 @@ from tinygemma.files import (
     read_safetensors,
     remove_temporaries,
 )
-from tinygemma.hf import is_hf_export, load_hf, save_hf
+from tinygemma.hf import is_hf_export, load_hf, save_hf, written_by_tinygemma
 from tinygemma.model import Gemma3, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
 from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
@@ -139,9 +139,15 @@ def check_export_out(out: str | Path, src: Path) -> Path:
     if is_prepared_dataset(out):
         raise UserError(f"--out {out} is a prepared dataset; exporting into it would replace its tokenizer.json: "
                         "choose a new folder")
+    only_export_files = not others_than(out, EXPORT_FILES)
+    if (out / "model.safetensors").exists():  # an earlier export, or a transformers model tinygemma did not write
+        if only_export_files and is_hf_export(out) and written_by_tinygemma(out):
+            return out
+        raise UserError(f"--out {out} holds a model that is not an earlier export (tinygemma marks its own in "
+                        "model.safetensors), or files an export does not write: exporting would replace it; choose "
+                        "a new or empty folder")
     gemma3_config = peek_json(out / "config.json").get("model_type") == "gemma3_text"
-    stopped_export = not others_than(out, EXPORT_FILES) and (gemma3_config or not others_than(out, set(), EXPORT_FILES))
-    if not is_hf_export(out) and not stopped_export:
+    if not (only_export_files and (gemma3_config or not others_than(out, set(), EXPORT_FILES))):  # stopped halfway
         raise UserError(f"--out {out} holds other files and is not an earlier export (a config.json of model_type "
                         "gemma3_text beside model.safetensors): choose a new or empty folder")
     return out
@@ -151,11 +157,13 @@ def check_export_out(out: str | Path, src: Path) -> Path:
 # or only temporaries of them (a kill during the first write), is an export stopped halfway (a full disk): it may
 # be exported into again.
 EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "README.md"})
+                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
+                          "chat_template.jinja", "README.md"})
 
 
 # A transformers directory's own tokenizer files, copied as they are by an export of it.
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                      "added_tokens.json", "chat_template.jinja")  # transformers 5 keeps the chat template apart
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -168,28 +176,35 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None) -> P
     src = resolve_checkpoint(ckpt)
     out = check_export_out(out, src)  # before the (slow) model load
     meta = read_checkpoint_meta(src)
-    copied = [] if meta or tokenizer else [name for name in HF_TOKENIZER_FILES if (src / name).exists()]
-    if copied:  # a transformers directory: its files and special ids as they are, once they read as a tokenizer
-        own = load_tokenizer(src) if TOKENIZER_FILE in copied else None
+    if not meta:  # a transformers directory: its tokenizer files and special ids as they are
+        copied = [name for name in HF_TOKENIZER_FILES if (src / name).exists()]
+        has_own = TOKENIZER_FILE in copied
+        own = checkpoint_tokenizer(src, tokenizer) if has_own or tokenizer else None  # read, or refused, first
+        if not has_own and tokenizer:
+            copied = []  # the named tokenizer's files, not a part of the source's with them
         source_config = peek_json(src / "config.json")
         special = {key: source_config.get(key) for key in SPECIAL_IDS}
         if own is not None and all(value is None for value in special.values()):
             special = dict.fromkeys(SPECIAL_IDS, own.eot_id)
         generation = peek_json(src / "generation_config.json") or special
     else:
-        has_own = bool(meta.get("tokenizer")) or (not meta and (src / TOKENIZER_FILE).exists())
-        own = checkpoint_tokenizer(src, tokenizer) if tokenizer or has_own else None
+        copied = []
+        own = checkpoint_tokenizer(src, tokenizer) if tokenizer or meta.get("tokenizer") else None
         special = generation = dict.fromkeys(SPECIAL_IDS, own.eot_id if own else None)
     model = load(src)
-    if own is not None and own.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer ({own.identity}) has {own.vocab_size:,} tokens, more than the model's "
-                        f"{model.config.vocab_size:,}: they do not belong together")
+    if own is not None and own.model_vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer ({own.identity}) has {own.model_vocab_size:,} tokens, more than the "
+                        f"model's {model.config.vocab_size:,}: they do not belong together")
     save_hf(model, out, special, generation)
+    written = copied or ([TOKENIZER_FILE, "tokenizer_config.json"] if own is not None else [])
     if own is not None and not copied:
         own.save_hf(out)
     for name in copied:
         with atomic_path(out / name) as tmp:
             shutil.copyfile(src / name, tmp)
+    for name in HF_TOKENIZER_FILES:  # an earlier export's tokenizer, in a folder exported into again
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -249,9 +264,9 @@ def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "
     bfloat16 where the device computes in it natively), checked to cover the tokenizer's ids."""
     dev = pick_device(device)
     model = load(ckpt, dtype=pick_dtype(dtype, dev), device=dev)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.vocab_size:,} tokens, more than the "
-                        f"model's {model.config.vocab_size:,}: they do not belong together")
+    if tokenizer.model_vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.model_vocab_size:,} tokens, more "
+                        f"than the model's {model.config.vocab_size:,}: they do not belong together")
     return model
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import select
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "shown_by_rank_0", False):  # under torchrun, an error every process shares prints once
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader left (`tinygemma generate ... | head`): stop quietly, as `cat` does
+    except BrokenPipeError as e:
+        if not _stdout_reader_left():  # another pipe or socket (a tracker's, a worker's): an error like any other
+            print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        # The reader of stdout left (`tinygemma generate ... | head`): stop quietly, as `cat` does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         return 141  # 128 + SIGPIPE, what a shell reports for a program a closed pipe stopped
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
@@ -84,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinygemma {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on the writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file (captured)
+        return False
 
 
 # ------------------------------------------------------------------ prepare
@@ -209,7 +224,7 @@ SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are severa
 
 def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.num_samples)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # one generator
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if not args.prompt:

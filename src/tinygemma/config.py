@@ -239,8 +239,9 @@ class DataConfig:
     vocab_size: int | None = None  # vocabulary of the trained bpe tokenizer; none = data.py's default
     limit: int | None = None  # use at most this many training stories; none = all
 
-    def __post_init__(self):
-        """[data]'s own mistakes, named as the recipe's settings, before anything is prepared."""
+    def validate(self) -> None:
+        """[data]'s own mistakes, named as the recipe's settings, before `tinygemma run` prepares anything. Not
+        checked when a run's saved recipe is read: `train` reads only data.dir."""
         for name, minimum in (("limit", 1), ("vocab_size", 257)):  # a BPE holds the 256 bytes and end-of-text
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
@@ -313,20 +314,28 @@ class Recipe:
         """Rebuild the dataclasses so their checks run on the final values (fields are set one at a time)."""
 
         self.train = TrainConfig(**dataclasses.asdict(self.train))
-        self.data = DataConfig(**dataclasses.asdict(self.data))
         positions = self.model_config().max_position_embeddings  # an unknown preset or impossible model field
         if self.train.block_size > positions:  # fails here, before any data is read; so does a block too long
             raise UserError(f"train.block_size {self.train.block_size} exceeds model.max_position_embeddings "
                             f"{positions}")
         g = self.generate  # and bad sampling settings before hours of training, not after
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p)
+        return self
+
+    def check_for_run(self) -> None:
+        """What `tinygemma run` needs beyond what training does, refused before it prepares or trains anything:
+        [data]'s settings, and prompts that can be sampled (each some text, a seed within 64 bits, room in the
+        model's positions for new tokens). A saved run's recipe is read without these: they never stop a resume."""
+        self.data.validate()
+        g = self.generate
         check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts))
         for prompt in g.prompts:
             if not isinstance(prompt, str) or not prompt:
                 raise UserError(f"generate.prompts holds {prompt!r}: each prompt must be some text to continue")
+        positions = self.model_config().max_position_embeddings
         if g.prompts and g.max_new_tokens >= positions:
             raise UserError(f"generate.max_new_tokens {g.max_new_tokens} leaves no room for a prompt in the "
                             f"model's {positions} positions (max_position_embeddings)")
-        return self
 
 
 def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -423,7 +432,10 @@ def _coerce(value, tp, key: str, from_text: bool):
             return value
         if tp is int:
             if from_text:
-                number = float(value.replace("_", ""))
+                try:
+                    return int(value.replace("_", ""))  # exactly, however large (a seed of 64 bits)
+                except ValueError:
+                    number = float(value.replace("_", ""))  # 1e4 and 4096.0 are whole numbers too
                 if not number.is_integer():
                     raise ValueError
                 return int(number)

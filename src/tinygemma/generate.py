@@ -149,6 +149,7 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")
+    ids = [*tokenizer.prompt_prefix, *ids]  # a Gemma tokenizer's <bos>, as transformers' tokenizer(prompt) adds it
     limit = config.max_position_embeddings  # also bounds the KV cache, which holds every position
     if len(ids) + max_new_tokens > limit:
         fix = "shorten the prompt" if len(ids) >= limit else "ask for fewer new tokens"
@@ -186,7 +187,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                 on_text(i, piece)
 
     for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
-                                  generator=generator, vocab_size=tokenizer.vocab_size):
+                                  generator=generator, vocab_size=tokenizer.model_vocab_size):
         for i, token in enumerate(tokens.tolist()):
             if finished[i]:
                 continue

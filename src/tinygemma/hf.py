@@ -67,6 +67,9 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
     RoPE bases are written in both the transformers 5 form (`rope_parameters`) and the 4.x form
     (`rope_theta`, `rope_local_base_freq`), so either version reads them.
     """
+    if not float(config.query_pre_attn_scalar).is_integer():
+        raise UserError(f"model.query_pre_attn_scalar is {config.query_pre_attn_scalar}; transformers reads it as an "
+                        "integer, so this model cannot be exported to it")
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -81,8 +84,8 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.init_std,
         "rms_norm_eps": config.rms_norm_eps,
-        # transformers 5 insists on an int here, as in Gemma 3's own config.json.
-        "query_pre_attn_scalar": int(q) if float(q := config.query_pre_attn_scalar).is_integer() else q,
+        # transformers 5 insists on an int here, as in Gemma 3's own config.json (hf_config refuses any other).
+        "query_pre_attn_scalar": int(config.query_pre_attn_scalar),
         "sliding_window": config.sliding_window,
         "layer_types": list(config.layer_types),
         "_sliding_window_pattern": config.sliding_window_pattern,
@@ -109,6 +112,13 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
 
 def model_config_from_hf(d: dict) -> ModelConfig:
     """ModelConfig from a transformers config.json of a Gemma 3 text model (either RoPE layout)."""
+    try:
+        return _model_config_from_hf(d)
+    except (TypeError, ValueError, AttributeError) as e:  # a null, a string or a list where a number or table is
+        raise UserError(f"config.json holds a value of the wrong type ({e})") from None
+
+
+def _model_config_from_hf(d: dict) -> ModelConfig:
     if d.get("model_type") == "gemma3" and isinstance(d.get("text_config"), dict):
         raise UserError("this is a multimodal Gemma 3 checkpoint (model_type gemma3); tinygemma loads the "
                         "text-only Gemma3ForCausalLM (model_type gemma3_text), such as google/gemma-3-270m")
@@ -214,6 +224,23 @@ def load_hf(directory: str | Path) -> Gemma3:
     return model_from_state(config, state, source=directory)
 
 
+# In the safetensors header of every export: what tells a folder tinygemma wrote, and may write again, from a
+# transformers model it did not (a downloaded google/gemma-3-270m), which an export must never replace.
+EXPORT_MARK = {"exporter": "tinygemma"}
+
+
+def written_by_tinygemma(path: str | Path) -> bool:
+    """Whether `path`/model.safetensors carries EXPORT_MARK (reads its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # unreadable or no safetensors: not ours to replace
+        return False
+    return all(metadata.get(key) == value for key, value in EXPORT_MARK.items())
+
+
 def is_hf_export(path: str | Path) -> bool:
     """Whether `path` is a folder holding a transformers Gemma 3 text model as `save_hf` writes one: a config.json
     with model_type gemma3_text beside a model.safetensors. (A run's config.json is its recipe, with no
@@ -230,11 +257,11 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict) -> 
     still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
     out = Path(out)
     dtype = dtype_name(model.embed_tokens.weight.dtype)
+    config = hf_config(model.config, bos_id=special.get("bos_token_id"), eos_id=special.get("eos_token_id"),
+                       pad_id=special.get("pad_token_id"), torch_dtype=dtype)  # may refuse: before any folder
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", hf_config(model.config, bos_id=special.get("bos_token_id"),
-                                                     eos_id=special.get("eos_token_id"),
-                                                     pad_id=special.get("pad_token_id"), torch_dtype=dtype))
-    atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", config)
+    atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt", **EXPORT_MARK})
     atomic_write_json(out / "generation_config.json", generation)
 
 

@@ -391,8 +391,11 @@ def samples_section(out: Path, g: GenerateConfig) -> list[str]:
 
 def usage_section(where: str, g: GenerateConfig) -> list[str]:
     prompt = g.prompts[0] if g.prompts else "Once upon a time"
-    options = f"do_sample=True, temperature={g.temperature}" + (f", top_k={g.top_k}" if g.top_k else "") + (
-        f", top_p={g.top_p}" if g.top_p else "")
+    if g.temperature == 0:  # greedy: transformers refuses a temperature of 0 with sampling on
+        options = "do_sample=False"
+    else:
+        options = f"do_sample=True, temperature={g.temperature}" + (f", top_k={g.top_k}" if g.top_k else "") + (
+            f", top_p={g.top_p}" if g.top_p else "")
     return ["With transformers:", "", "```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM", "",
             f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
             f"model = Gemma3ForCausalLM.from_pretrained({where!r})",

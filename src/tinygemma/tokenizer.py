@@ -36,6 +36,15 @@ class Tokenizer:
     eot_token: str
     identity: str  # equal for tokenizers with the same vocabulary
 
+    prompt_prefix: tuple[int, ...] = ()  # ids a prompt starts with: the beginning-of-sequence token, if any
+
+    @property
+    def model_vocab_size(self) -> int:
+        """The fewest embedding rows a model needs for this tokenizer: its text's ids and end-of-text. Special
+        tokens past them are never encoded from text (they are read as text) nor sampled: Gemma 3's own
+        tokenizer.json holds <image_soft_token> at 262,144, past gemma-3-270m's 262,144 rows."""
+        return self.vocab_size
+
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -64,6 +73,7 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.eot_token, "eos_token": self.eot_token, "unk_token": self.eot_token,
             "pad_token": self.eot_token,  # batched calls pad with it, as generation_config.json's pad id
+            "padding_side": "left",  # a batch of prompts for generate: each continues from its own last token
             "add_bos_token": False, "add_eos_token": False,
             "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,  # decode gives back the text exactly
@@ -229,9 +239,31 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)})")
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
+        self.prompt_prefix = self._post_processor_prefix()
+        special = {i for i, added in self.backend.get_added_tokens_decoder().items() if added.special}
+        text_ids = [i for i in vocab.values() if i not in special]
+        self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
         # ids mean the same text, so data and checkpoints made with either go together.
         self.identity = "gpt2" if _is_gpt2_vocabulary(vocab, content) else f"tokenizer.json:{self.sha256}"
+
+    @property
+    def model_vocab_size(self) -> int:
+        return self._model_vocab_size
+
+    def _post_processor_prefix(self) -> tuple[int, ...]:
+        """The ids the tokenizer's post-processor puts before a text (Gemma's <bos>; none for GPT-2's and our
+        BPEs). Stories are tokenized without it (documents are joined by end-of-text); a prompt starts with it,
+        as transformers' tokenizer(prompt) starts it, and as the model was trained to read."""
+        try:
+            plain = self.backend.encode("a", add_special_tokens=False).ids
+            full = self.backend.encode("a", add_special_tokens=True).ids
+        except Exception:  # a tokenizer that cannot encode "a": encode says so when it is used
+            return ()
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return tuple(full[:start])
+        return ()
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:

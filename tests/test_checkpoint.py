@@ -264,8 +264,10 @@ def test_a_checkpoint_whose_tokenizer_file_is_gone_takes_only_that_tokenizer(che
         paths[name].write_text(word_tokenizer(*words), encoding="utf-8")
     own = load_tokenizer(paths["own"])
     ckpt = tmp_path / "ckpt"
-    save_model(model, ckpt, {"tokenizer": own.spec()})  # its tokenizer.json, as training records it, then lost
-    (ckpt / "tokenizer.json").unlink(missing_ok=True)
+    save_model(model, ckpt, {"tokenizer": own.save(ckpt)})  # its tokenizer.json, as training records it
+    (ckpt / "tokenizer.json").unlink()  # then lost: the spec's sha256 is all that is left of it
+    paths["own"].rename(tmp_path / "kept.json")
+    paths["own"] = tmp_path / "kept.json"
     with pytest.raises(UserError, match="not the tokenizer .* was made with"):
         checkpoint_tokenizer(ckpt, str(paths["other"]))  # 4 tokens too
     assert checkpoint_tokenizer(ckpt, str(paths["own"])).identity == own.identity

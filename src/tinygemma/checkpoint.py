@@ -143,6 +143,11 @@ def check_export_out(out: str | Path, src: Path) -> Path:
     if (out / "model.safetensors").exists():  # an earlier export, or a transformers model tinygemma did not write
         if only_export_files and is_hf_export(out) and written_by_tinygemma(out):
             return out
+        if only_export_files and is_hf_export(out):
+            raise UserError(f"--out {out} holds a Gemma 3 model without tinygemma's mark in model.safetensors: a "
+                            "transformers model (a download, a save_pretrained), or an export of a tinygemma older "
+                            "than the mark; it is not replaced: delete it yourself if it is yours to lose, or "
+                            "choose a new folder")
         raise UserError(f"--out {out} holds a model that is not an earlier export (tinygemma marks its own in "
                         "model.safetensors), or files an export does not write: exporting would replace it; choose "
                         "a new or empty folder")

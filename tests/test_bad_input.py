@@ -255,6 +255,29 @@ def test_a_broken_pipe_other_than_stdout_is_an_error():
     assert result.stderr == "tinygemma generate: error: [Errno 32] Broken pipe\n"
 
 
+def test_the_closed_reader_of_stdout_is_seen_on_a_pipe_and_a_socket(monkeypatch):
+    """A pipe's closed reader is an error on the writing end; a socket's closed peer is a hang-up (Linux, and
+    pipes on macOS): both are the reader that left. An open one, a file or a captured stdout is not."""
+    import socket
+
+    from tinygemma.cli import _stdout_reader_left
+
+    read, write = os.pipe()
+    mine, peer = socket.socketpair()
+    try:
+        for stream, close in ((os.fdopen(write, "w", closefd=False), lambda: os.close(read)),
+                              (mine.makefile("w"), peer.close)):
+            monkeypatch.setattr(sys, "stdout", stream)
+            assert not _stdout_reader_left()
+            close()
+            assert _stdout_reader_left()
+    finally:
+        monkeypatch.undo()
+        os.close(write)
+        mine.close()
+    assert not _stdout_reader_left()  # pytest's captured stdout
+
+
 def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     """`import tinygemma` leaves torch unimported, so the command's entry point (tinygemma.__main__:main, also
     `python -m tinygemma`) catches a Ctrl-C pressed while the CLI and torch load: one line, exit status 130, as

@@ -138,6 +138,15 @@ def test_export_writes_over_its_own_earlier_export_and_nothing_else(checkpoint, 
         assert not is_hf_export(half)
         assert main(["export", "--ckpt", str(path), "--out", str(half)]) == 0 and is_hf_export(half)
     capsys.readouterr()
+    # Export's config.json beside tokenizer files but no weights is no export stopped halfway either (the weights
+    # come second): the tokenizer files are someone's, kept.
+    (tmp_path / "theirs_half").mkdir()
+    (tmp_path / "theirs_half" / "config.json").write_bytes((out / "config.json").read_bytes())
+    (tmp_path / "theirs_half" / "chat_template.jinja").write_text("{{ messages }}")
+    assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "theirs_half")]) == 2
+    assert (tmp_path / "theirs_half" / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert not (tmp_path / "theirs_half" / "model.safetensors").exists()
+    capsys.readouterr()
     # A lone weights file is no export stopped halfway (config.json comes first): someone else's, kept.
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "model.safetensors").write_bytes(b"theirs")

@@ -247,3 +247,25 @@ def test_configs_transformers_cannot_read_or_that_hold_nulls_are_one_line(tmp_pa
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(tinygemma.UserError, match="config.json holds a value of the wrong type"):
             tinygemma.load(tmp_path / "hf")
+
+
+def test_data_prepared_with_a_bos_tokenizer_starts_each_story_as_a_prompt_starts(tmp_path):
+    """A tokenizer whose post-processor adds <bos> (Gemma's): prepare puts it before every story, as generate puts
+    it before a prompt, so a model trained from scratch has read it; it counts among the ids a model needs."""
+    from tinygemma.data import open_prepared, prepare
+    from tinygemma.tokenizer import load_tokenizer
+
+    path = gemma_like_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "stories.txt").write_text("Once upon a time\n<|endoftext|>\na time\n", encoding="utf-8")
+    prepare(tmp_path / "data", sources=[str(tmp_path / "stories.txt")], val_sources=[str(tmp_path / "stories.txt")],
+            tokenizer=path, progress=False, workers=1)
+    assert open_prepared(tmp_path / "data").split("train").tolist() == [2, 3, 4, 5, 6, 1, 2, 5, 6, 1]
+    # <bos> as the last id, past the words and end-of-text: a model needs its row too.
+    from tokenizers import AddedToken, Tokenizer, models, processors
+
+    late = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "a": 1, "b": 2, "<bos>": 3}, unk_token="a"))
+    late.add_special_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<bos>")])
+    late.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
+    (tmp_path / "late.json").write_text(late.to_str(), encoding="utf-8")
+    tokenizer = load_tokenizer(tmp_path / "late.json")
+    assert tokenizer.prompt_prefix == (3,) and tokenizer.model_vocab_size == 4

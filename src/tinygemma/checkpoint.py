@@ -151,16 +151,18 @@ def check_export_out(out: str | Path, src: Path) -> Path:
         raise UserError(f"--out {out} holds a model that is not an earlier export (tinygemma marks its own in "
                         "model.safetensors), or files an export does not write: exporting would replace it; choose "
                         "a new or empty folder")
+    # An export stopped halfway: save_hf writes config.json first, then the weights, so it holds config.json (of
+    # gemma3_text) or nothing, beside temporaries of export's files. Anything else is someone's, kept.
     gemma3_config = peek_json(out / "config.json").get("model_type") == "gemma3_text"
-    if not (only_export_files and (gemma3_config or not others_than(out, set(), EXPORT_FILES))):  # stopped halfway
+    if others_than(out, {"config.json"} if gemma3_config else set(), EXPORT_FILES):
         raise UserError(f"--out {out} holds other files and is not an earlier export (a config.json of model_type "
                         "gemma3_text beside model.safetensors): choose a new or empty folder")
     return out
 
 
-# What an hf export writes, config.json first (hf.save_hf). A folder holding only these, with that config.json,
-# or only temporaries of them (a kill during the first write), is an export stopped halfway (a full disk): it may
-# be exported into again.
+# What an hf export writes, config.json first (hf.save_hf). A folder holding that config.json alone, or only
+# temporaries of these (a kill during the first write), is an export stopped halfway (a full disk): it may be
+# exported into again.
 EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                           "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
                           "chat_template.jinja", "README.md"})

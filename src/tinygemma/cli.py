@@ -95,8 +95,8 @@ def _stdout_reader_left() -> bool:
     """Whether stdout is a pipe whose reader has closed it (poll reports an error on the writing end)."""
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLERR)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))  # a socket: HUP
     except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file (captured)
         return False
 
@@ -277,8 +277,8 @@ def _eval_main(args) -> int:
     if block_size > model.config.max_position_embeddings:
         raise UserError(f"--block-size {block_size} exceeds the model's max_position_embeddings "
                         f"({model.config.max_position_embeddings}): it has no positions beyond those")
-    if data.vocab_size > model.config.vocab_size:
-        raise UserError(f"{args.data} has {data.vocab_size:,} token ids, more than the model's "
+    if data_tokenizer.model_vocab_size > model.config.vocab_size:  # special ids past the rows never occur in it
+        raise UserError(f"{args.data} has {data_tokenizer.model_vocab_size:,} token ids, more than the model's "
                         f"{model.config.vocab_size:,}")
     started = time.perf_counter()
     result = evaluate(model, tokens, block_size, args.batch_size, args.max_tokens,

@@ -326,12 +326,14 @@ def _end_with_parent() -> None:
 
 
 def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int]:
-    """One worker task: the stories' ids, each followed by the end-of-text id, and their UTF-8 bytes."""
+    """One worker task: the stories' ids, each followed by the end-of-text id (and preceded by the ids the
+    tokenizer starts a text with: Gemma's <bos>, as a prompt starts with it), and their UTF-8 bytes."""
     tokenizer = _worker_tokenizer
     eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    prefix = np.array(tokenizer.prompt_prefix, dtype=np.uint32)
     pieces = []
     for story in stories:
-        pieces += (tokenizer.encode_to_numpy(story), eot)
+        pieces += (prefix, tokenizer.encode_to_numpy(story), eot)
     ids = np.concatenate(pieces, dtype=dtype_for(tokenizer.vocab_size))
     return ids, sum(len(story.encode("utf-8")) for story in stories)
 

@@ -180,9 +180,12 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, spec: dict, vocab_size: int) 
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     eot = tokenizer.eot_id  # every story ends with it: the end of generation, and what a story follows
-    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_eot_token_id, writer.add_pad_token_id):
+    for add in (writer.add_eos_token_id, writer.add_eot_token_id, writer.add_pad_token_id):
         add(eot)
-    writer.add_add_bos_token(False)  # prompts are tokenized as tinygemma does, with nothing in front
+    # Prompts are tokenized as tinygemma does: with the tokenizer's <bos> in front where it adds one, else nothing.
+    bos = tokenizer.prompt_prefix[0] if len(tokenizer.prompt_prefix) == 1 else None
+    writer.add_bos_token_id(eot if bos is None else bos)
+    writer.add_add_bos_token(bos is not None)
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 

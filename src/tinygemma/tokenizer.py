@@ -40,7 +40,8 @@ class Tokenizer:
 
     @property
     def model_vocab_size(self) -> int:
-        """The fewest embedding rows a model needs for this tokenizer: its text's ids and end-of-text. Special
+        """The fewest embedding rows a model needs for this tokenizer: its text's ids, end-of-text and the ids a
+        prompt starts with (<bos>). Other special
         tokens past them are never encoded from text (they are read as text) nor sampled: Gemma 3's own
         tokenizer.json holds <image_soft_token> at 262,144, past gemma-3-270m's 262,144 rows."""
         return self.vocab_size
@@ -242,7 +243,7 @@ class HFTokenizer(Tokenizer):
         self.prompt_prefix = self._post_processor_prefix()
         special = {i for i, added in self.backend.get_added_tokens_decoder().items() if added.special}
         text_ids = [i for i in vocab.values() if i not in special]
-        self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id) + 1
+        self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
         # ids mean the same text, so data and checkpoints made with either go together.
         self.identity = "gpt2" if _is_gpt2_vocabulary(vocab, content) else f"tokenizer.json:{self.sha256}"

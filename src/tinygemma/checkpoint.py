@@ -199,9 +199,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None) -> P
         own = checkpoint_tokenizer(src, tokenizer) if tokenizer or meta.get("tokenizer") else None
         special = generation = dict.fromkeys(SPECIAL_IDS, own.eot_id if own else None)
     model = load(src)
-    if own is not None and own.model_vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer ({own.identity}) has {own.model_vocab_size:,} tokens, more than the "
-                        f"model's {model.config.vocab_size:,}: they do not belong together")
+    if own is not None:
+        check_tokenizer_fits(own, model)
     save_hf(model, out, special, generation)
     written = copied or ([TOKENIZER_FILE, "tokenizer_config.json"] if own is not None else [])
     if own is not None and not copied:
@@ -271,10 +270,15 @@ def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "
     bfloat16 where the device computes in it natively), checked to cover the tokenizer's ids."""
     dev = pick_device(device)
     model = load(ckpt, dtype=pick_dtype(dtype, dev), device=dev)
+    check_tokenizer_fits(tokenizer, model)
+    return model
+
+
+def check_tokenizer_fits(tokenizer, model: Gemma3) -> None:
+    """Refuse a tokenizer whose ids (those of its text, end-of-text and <bos>) the model has no rows for."""
     if tokenizer.model_vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.model_vocab_size:,} tokens, more "
                         f"than the model's {model.config.vocab_size:,}: they do not belong together")
-    return model
 
 
 # ------------------------------------------------------------------ run checkpoints: save, resume, pointers, pruning

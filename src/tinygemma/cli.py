@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stdout_reader_left() -> bool:
-    """Whether stdout is a pipe whose reader has closed it (poll reports an error on the writing end)."""
+    """Whether stdout's reader has gone: poll reports an error on a pipe's writing end, a hang-up on a socket
+    (and on a pipe, on macOS)."""
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)

@@ -41,9 +41,9 @@ class Tokenizer:
     @property
     def model_vocab_size(self) -> int:
         """The fewest embedding rows a model needs for this tokenizer: its text's ids, end-of-text and the ids a
-        prompt starts with (<bos>). Other special
-        tokens past them are never encoded from text (they are read as text) nor sampled: Gemma 3's own
-        tokenizer.json holds <image_soft_token> at 262,144, past gemma-3-270m's 262,144 rows."""
+        prompt starts with (<bos>). Other special tokens past them are never encoded from text (they are read
+        as text) nor sampled: Gemma 3's own tokenizer.json holds <image_soft_token> at 262,144, past
+        gemma-3-270m's 262,144 rows."""
         return self.vocab_size
 
     def encode(self, text: str) -> list[int]:

@@ -314,10 +314,8 @@ class Recipe:
         """Rebuild the dataclasses so their checks run on the final values (fields are set one at a time)."""
 
         self.train = TrainConfig(**dataclasses.asdict(self.train))
-        positions = self.model_config().max_position_embeddings  # an unknown preset or impossible model field
-        if self.train.block_size > positions:  # fails here, before any data is read; so does a block too long
-            raise UserError(f"train.block_size {self.train.block_size} exceeds model.max_position_embeddings "
-                            f"{positions}")
+        # An unknown preset or impossible model field fails here, before any data is read; so does a block too long.
+        check_block_size(self.train.block_size, self.model_config())
         g = self.generate  # and bad sampling settings before hours of training, not after
         check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p)
         return self
@@ -482,6 +480,13 @@ def _parse_text_list(text: str) -> list[str]:
 
 
 MAX_BATCH = 1 << 20  # train.batch_size and train.grad_accum_steps
+
+
+def check_block_size(block_size: int, model_config: ModelConfig) -> None:
+    """Refuse windows longer than the model has positions for."""
+    if block_size > model_config.max_position_embeddings:
+        raise UserError(f"train.block_size {block_size} exceeds model.max_position_embeddings "
+                        f"{model_config.max_position_embeddings}")
 
 
 def _check_int(obj, name: str, minimum: int) -> None:

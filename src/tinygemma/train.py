@@ -49,7 +49,7 @@ from tinygemma.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tinygemma.config import ModelConfig, Recipe, TrainConfig, saved_train_settings
+from tinygemma.config import ModelConfig, Recipe, TrainConfig, check_block_size, saved_train_settings
 from tinygemma.data import (
     Batches,
     is_prepared_dataset,
@@ -579,9 +579,7 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int) -> st
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:
-    if cfg.block_size > model_config.max_position_embeddings:
-        raise UserError(f"train.block_size {cfg.block_size} exceeds model.max_position_embeddings "
-                        f"{model_config.max_position_embeddings}")
+    check_block_size(cfg.block_size, model_config)  # the run's own model (a resumed run's saved one)
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) < cfg.block_size + 1:
             raise UserError(f"the {split} split of {data_dir} holds {len(tokens):,} tokens, fewer than one "

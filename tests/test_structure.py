@@ -73,3 +73,24 @@ def test_functions_are_short_and_train_reads_in_one_screen():
                 if path.stem == "train" and node.name == "train":
                     assert lines <= MAX_TRAIN_LINES, f"train() has {lines} lines"
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+MAX_TRACKED_BYTES = 1 << 20
+PACKAGE_SUFFIXES = (".whl", ".tar.gz", ".zip", ".egg")
+
+
+def test_the_repository_tracks_no_downloads_or_large_files():
+    """Every clone carries what git tracks: a downloaded wheel or sdist (once 93 MB of them) has no place in it."""
+    import shutil
+    import subprocess
+
+    root = SRC.parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    paths = [root / name for name in tracked.decode().split("\0") if name]
+    packages = [p.name for p in paths if p.name.endswith(PACKAGE_SUFFIXES)]
+    large = [f"{p.relative_to(root)} ({p.stat().st_size:,} bytes)" for p in paths
+             if p.is_file() and p.stat().st_size > MAX_TRACKED_BYTES]
+    assert not packages, f"downloaded packages tracked by git: {packages} (git rm --cached them)"
+    assert not large, f"files over {MAX_TRACKED_BYTES:,} bytes tracked by git: {large}"

@@ -418,3 +418,73 @@ def test_checkpoint_with_such_a_tokenizer_is_refused_in_one_line(bpe, tmp_path, 
                         capsys)
     assert code == 2 and "llama.cpp cannot reproduce this tokenizer" in err and "Whitespace" in err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_byte_level_split_without_use_regex_is_gpt2s(bpe):
+    """tokenizer.json files older than the `use_regex` key (GPT-2's on the hub among them) mean it as true."""
+    spec = json.loads(bpe.hf_json())
+    del spec["pre_tokenizer"]["use_regex"]
+    check_byte_level_bpe(spec)
+    del spec["pre_tokenizer"]["add_prefix_space"]  # missing means true: a space before the text, not GPT-2's split
+    with pytest.raises(UserError, match="pre-tokenizer"):
+        check_byte_level_bpe(spec)
+
+
+def test_special_tokens_past_the_models_rows_are_left_out(bpe, tmp_path, llama_cpp):
+    """A special token past the model's rows (as Gemma 3's <image_soft_token>) is never encoded nor sampled: the
+    export leaves it out, as the transformers export keeps such a tokenizer; llama.cpp reads the file."""
+    spec = json.loads(bpe.hf_json())
+    spec["added_tokens"].append({"id": bpe.vocab_size, "content": "<|pad|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    tokenizer = HFTokenizer(json.dumps(spec))
+    assert tokenizer.model_vocab_size == bpe.vocab_size
+    _, path = small_export(tokenizer, tmp_path, n_layers=1, vocab_size=bpe.vocab_size)  # 512 rows, 513 tokens
+    tokens = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == bpe.vocab_size
+    with open_llama(llama_cpp, path) as llm:
+        assert llm.tokenize(b"Once upon a time", add_bos=False, special=False) == bpe.encode("Once upon a time")
+
+
+def test_a_killed_exports_temporary_is_removed(small_ckpt, tmp_path, capsys):
+    """A SIGKILL between writing and renaming leaves `.NAME.xxxxxxxx.tmp`, as large as the file: the next export
+    of that name removes it; another file's temporary stays."""
+    out = tmp_path / "m.gguf"
+    (tmp_path / ".m.gguf.42c403a6.tmp").write_bytes(b"GGUF half")
+    (tmp_path / ".other.gguf.42c403a6.tmp").write_bytes(b"GGUF someone else's")
+    assert main(["export", "--ckpt", str(small_ckpt), "--format", "gguf", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.gguf.42c403a6.tmp", "m.gguf"]
+
+
+def test_q8_0_rows_that_are_not_blocks_are_said_to_fall_back(bpe, tmp_path, capsys):
+    """q8_0 packs rows in blocks of 32: a 40-wide model's matrices are written as f16, and the export says so."""
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=bpe.vocab_size, n_layers=1, d_model=40)
+    save_model(Gemma3(config), tmp_path / "ckpt", {"tokenizer": bpe.save(tmp_path / "ckpt")})
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    err = capsys.readouterr().err
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    as_f16 = sorted(name for name, kind in types.items() if kind == "F16")
+    assert "token_embd.weight" in as_f16 and "Q8_0" in types.values()  # 40-wide rows fall back; 128-wide do not
+    assert f"note: {len(as_f16)} matrices have rows" in err
+    assert export_gguf(tmp_path / "ckpt", tmp_path / "f16.gguf", "f16")["matrices_as_f16"] == 0
+
+
+def test_a_tokenizer_with_two_tokens_before_a_text_is_refused(bpe, tmp_path, capsys):
+    """llama.cpp adds at most one token (<bos>) before a prompt: a post-processor adding two would be read
+    otherwise there than by tinygemma generate."""
+    spec = json.loads(bpe.hf_json())
+    extra = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    spec["added_tokens"] += [{"id": 512, "content": "<a>", **extra}, {"id": 513, "content": "<b>", **extra}]
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": name, "type_id": 0}} for name in ("<a>", "<b>")]
+        + [{"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {name: {"id": name, "ids": [i], "tokens": [name]} for name, i in (("<a>", 512), ("<b>", 513))},
+    }
+    tokenizer = HFTokenizer(json.dumps(spec))
+    assert tokenizer.prompt_prefix == (512, 513)
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=514, n_layers=1)
+    save_model(Gemma3(config), tmp_path / "ckpt", {"tokenizer": tokenizer.save(tmp_path / "ckpt")})
+    code, err = run_cli(["export", "--ckpt", tmp_path / "ckpt", "--format", "gguf", "--out", tmp_path / "m.gguf"],
+                        capsys)
+    assert code == 2 and "2 tokens before every text" in err and not (tmp_path / "m.gguf").exists()

@@ -380,6 +380,9 @@ def _export_main(args) -> int:
         info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE, args.tokenizer)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
               f"with: llama-completion -m {info['path']} -no-cnv -p 'Once upon a time'")
+        if info["matrices_as_f16"]:
+            print(f"note: {info['matrices_as_f16']} matrices have rows that are not a multiple of 32 values (q8_0's "
+                  "block) and were written as f16, as llama.cpp's own converter does", file=sys.stderr)
         if not info["gemma_layout"]:
             print("note: this model's sliding layers or their RoPE base differ from Gemma 3's; llama.cpp reads them "
                   "from the file, but older llama.cpp builds and Ollama assume Gemma 3's", file=sys.stderr)

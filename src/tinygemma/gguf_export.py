@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
+from tinygemma.checkpoint import check_tokenizer_fits, checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_path, check_output_path, write_errors
+from tinygemma.files import atomic_path, check_output_path, remove_temporaries, write_errors
 from tinygemma.hf import hf_state
 from tinygemma.tokenizer import CHAT_TEMPLATE, Tokenizer
 
@@ -34,6 +34,7 @@ DEFAULT_GGUF_DTYPE = "q8_0"
 ARCH = "gemma3"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use
 GPT2_SPLIT = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+BYTE_LEVEL_DEFAULTS = {"add_prefix_space": True, "use_regex": True}  # what the tokenizers library reads for a missing key
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
@@ -105,7 +106,8 @@ def check_byte_level_bpe(spec: dict) -> None:
     if spec.get("normalizer"):
         _refuse(f"it normalizes text first ({spec['normalizer'].get('type')})")
     pre = spec.get("pre_tokenizer") or {}
-    if {key: pre.get(key) for key in GPT2_SPLIT} != GPT2_SPLIT:
+    read = {**BYTE_LEVEL_DEFAULTS, **pre} if pre.get("type") == "ByteLevel" else pre  # files older than a key lack it
+    if {key: read.get(key) for key in GPT2_SPLIT} != GPT2_SPLIT:
         _refuse(f"its pre-tokenizer is {json.dumps(pre)[:120]}, not GPT-2's byte-level split")
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         _refuse("its decoder is not byte-level")
@@ -123,7 +125,10 @@ def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[i
     fillers) and the merges in priority order, as "left right"."""
     gguf = gguf_module()
     check_byte_level_bpe(spec)
-    ids = {**spec["model"]["vocab"], **{added["content"]: added["id"] for added in spec.get("added_tokens") or []}}
+    # Special tokens past the model's rows (Gemma 3's <image_soft_token>) are never encoded from text nor sampled:
+    # left out, as checkpoint.check_tokenizer_fits leaves them (it refused the text's ids, end-of-text and <bos>).
+    added = [token for token in spec.get("added_tokens") or [] if token["id"] < vocab_size]
+    ids = {**spec["model"]["vocab"], **{token["content"]: token["id"] for token in added}}
     if max(ids.values()) >= vocab_size:
         raise UserError(f"the tokenizer has {max(ids.values()) + 1:,} tokens, more than the model's "
                         f"{vocab_size:,}: they do not belong together")
@@ -131,9 +136,9 @@ def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[i
     types = [int(gguf.TokenType.NORMAL)] * vocab_size
     for token, i in spec["model"]["vocab"].items():
         tokens[i] = token
-    for added in spec.get("added_tokens") or []:
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = int(gguf.TokenType.CONTROL)
+    for token in added:
+        tokens[token["id"]] = token["content"]
+        types[token["id"]] = int(gguf.TokenType.CONTROL)
     for i, token in enumerate(tokens):
         if token is None:  # an id the model has and the tokenizer never produces
             tokens[i], types[i] = f"[PAD{i}]", int(gguf.TokenType.UNUSED)
@@ -190,12 +195,14 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, spec: dict, vocab_size: int) 
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def _write_tensors(writer, model, dtype: str) -> None:
+def _write_tensors(writer, model, dtype: str) -> int:
     """The weights under llama.cpp's names: matrices in `dtype` (q8_0 needs rows of whole 32-value blocks; other
-    rows fall back to f16, as llama.cpp's converter does), norm gains as float32 1 + w."""
+    rows fall back to f16, as llama.cpp's converter does), norm gains as float32 1 + w. Returns how many matrices
+    fell back to f16."""
     gguf = gguf_module()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, model.config.n_layers)
     matrix_type = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
+    fell_back = 0
     for hf_name, tensor in hf_state(model).items():
         name = names.get_name(hf_name, try_suffixes=(".weight",))
         data = tensor.detach().float().cpu().numpy()
@@ -205,25 +212,31 @@ def _write_tensors(writer, model, dtype: str) -> None:
                 data = data + 1.0  # Gemma's (1 + w) gain, in float32 as the model computes it
             qtype = gguf.GGMLQuantizationType.F32
         elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
-            qtype = gguf.GGMLQuantizationType.F16
+            qtype, fell_back = gguf.GGMLQuantizationType.F16, fell_back + 1
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    return fell_back
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE,
                 tokenizer: str | None = None) -> dict:
     """Write `ckpt` (a run, checkpoint or transformers directory) as one GGUF file for llama.cpp, replacing `out`
     atomically, with its own tokenizer or, where it records none, `tokenizer` (checkpoint_tokenizer); return
-    what was written: its path, dtype, size in bytes, vocabulary, and whether the model has Gemma 3's layout
-    of sliding layers (`has_gemma_layout`)."""
+    what was written: its path, dtype, size in bytes, vocabulary, whether the model has Gemma 3's layout
+    of sliding layers (`has_gemma_layout`), and how many q8_0 matrices were written as f16 (`matrices_as_f16`)."""
     out = check_gguf_arguments(out, dtype)
     src = resolve_checkpoint(ckpt)
     tokenizer = checkpoint_tokenizer(src, tokenizer)  # a wrong --tokenizer is named whether gguf is installed or not
     spec = json.loads(tokenizer.hf_json())
     check_byte_level_bpe(spec)  # before the (slow) model load
+    if len(tokenizer.prompt_prefix) > 1:
+        _refuse(f"it puts {len(tokenizer.prompt_prefix)} tokens before every text, where llama.cpp adds at most one "
+                "(<bos>)")
     gguf = gguf_module()
     model = load(src)
     config = model.config
+    check_tokenizer_fits(tokenizer, model)  # as every other command: the text's ids, end-of-text and <bos>
     check_llama_cpp_model(config)
+    remove_temporaries(out.parent, {out.name})  # a killed export's temporary, as large as the file
     with atomic_path(out) as tmp, write_errors(out):  # a full disk: one line naming the file; the old one stays
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
@@ -232,14 +245,14 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _write_hyperparameters(writer, config)
             _write_tokenizer(writer, tokenizer, spec, config.vocab_size)
-            _write_tensors(writer, model, dtype)
+            as_f16 = _write_tensors(writer, model, dtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
         finally:
             writer.close()
     return {"path": str(out), "dtype": dtype, "bytes": out.stat().st_size, "vocab_size": config.vocab_size,
-            "tokenizer": tokenizer.identity, "gemma_layout": has_gemma_layout(config)}
+            "tokenizer": tokenizer.identity, "gemma_layout": has_gemma_layout(config), "matrices_as_f16": as_f16}
 
 
 def has_gemma_layout(config: ModelConfig) -> bool:

@@ -28,6 +28,7 @@ from common import device_description, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.devices import dtype_name, parse_dtype
+from tinygemma.files import atomic_write_json
 from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
 
@@ -90,8 +91,7 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)  # a kill mid-write leaves no half file for the suite to read
     return result
 
 

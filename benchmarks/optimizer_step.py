@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from common import device_description, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.config import load_recipe  # noqa: E402
+from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.optim import MUON_BACKENDS, MuonAdamW, configure_optimizer, muon_parameters  # noqa: E402
 from tinygemma.runtime import Runtime  # noqa: E402
 
@@ -112,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"| {name} | {1000 * median[name]:,.2f} | {median[name] / reference:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        atomic_write_json(args.json, {  # a kill mid-write leaves no half file for the suite to read
             "command": "python benchmarks/optimizer_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "preset": args.preset, "parameters": params, "device": device_description(device),
             "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
             "ms_per_step": {n: 1000 * m for n, m in median.items()}, "first_step_relative_difference": agreement,
-        }, indent=2) + "\n")
+        })
     return 0
 
 

@@ -54,6 +54,7 @@ from common import device_description  # noqa: E402
 from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
+from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
 
@@ -320,8 +321,7 @@ def report(args, argv, rows: list[dict], device: str, flops_per_token: float, pe
           f"torch {torch.__version__}; {how}")
     print(markdown_table(rows))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)  # a kill mid-write leaves no half file for the suite to read
     return result
 
 

@@ -99,9 +99,9 @@ MIN_VAL_DROP = 1.0  # nats: each run's validation loss must fall at least this m
 # a Muon step at most MUON_MAX_COST slower than an AdamW step at the same block. Reported, not a step's pass/fail:
 # the suite checks that the runs work; these say how far the speed is from where it should be.
 MFU_GOAL, MFU_MOONSHOT, MUON_MAX_COST = 0.40, 0.50, 0.05
-# The whole suite's aim (--budget), inside the 10 minutes one command may run on a lent GPU machine (570 s, counted
-# from the script's import, leaves half a minute for a stopped command's output and the last writes), and the fraction of it by which each
-# step must be done (its commands are stopped there; a step that ends early leaves its time to the next). Planned
+# The whole suite's aim (--budget), inside the 10 minutes one command may run on a lent GPU machine (570 s,
+# counted from the script's import, leaves half a minute for a stopped command's output and the last writes), and
+# the fraction of it by which each step must be done (its commands are stopped there; a step that ends early leaves its time to the next). Planned
 # from the first H100 run's timings, in seconds of 570: the trainer's four runs by 305 (compiling the 270M took
 # tens of seconds a process there; each block's second run finds the graphs in inductor's cache; the AdamW runs'
 # profiled steps add a few seconds each), then windows of at least 35 s each, so that a trainer step that runs to

@@ -488,3 +488,18 @@ def test_a_tokenizer_with_two_tokens_before_a_text_is_refused(bpe, tmp_path, cap
     code, err = run_cli(["export", "--ckpt", tmp_path / "ckpt", "--format", "gguf", "--out", tmp_path / "m.gguf"],
                         capsys)
     assert code == 2 and "2 tokens before every text" in err and not (tmp_path / "m.gguf").exists()
+
+
+def test_llama_cpps_builtin_template_matcher_does_not_know_the_story_template(llama_cpp):
+    """What README.md says of `--no-jinja`: libllama's own matcher does not recognize the pass-through template
+    (llama.cpp then falls back to ChatML); the Jinja path, which the tests' chat checks use, does."""
+    import ctypes
+
+    from tinygemma.tokenizer import CHAT_TEMPLATE
+
+    messages = (llama_cpp.llama_chat_message * 1)()
+    messages[0].role, messages[0].content = b"user", b"Once upon a time"
+    buffer = ctypes.create_string_buffer(1024)
+    assert llama_cpp.llama_chat_apply_template(CHAT_TEMPLATE.encode(), messages, 1, True, buffer, 1024) < 0
+    chatml = b"{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    assert llama_cpp.llama_chat_apply_template(chatml, messages, 1, True, buffer, 1024) > 0  # the call itself works

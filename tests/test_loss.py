@@ -72,7 +72,7 @@ def fp16_gradients(h, weight, targets, chunk_size, scale=2.0**16):
     with torch.autocast("cpu", dtype=torch.float16):
         loss = cross_entropy_from_hidden(h, weight, targets, chunk_size)
     (loss * scale).backward()
-    return h.grad / scale, weight.grad / scale
+    return h.grad.float() / scale, weight.grad.float() / scale  # unscaled in float32, as GradScaler unscales
 
 
 def test_chunked_loss_under_float16_autocast_gives_the_plain_gradients():
@@ -89,6 +89,26 @@ def test_chunked_loss_under_float16_autocast_gives_the_plain_gradients():
     # float16 noise is 3e-4 here; gradients rounded to float16 before scaling were 1e-2 (h) and 1.3e-3 (W) off
     assert (grad_h - plain_h).norm() / plain_h.norm() < 1e-3
     assert (grad_w - plain_w).norm() / plain_w.norm() < 1e-3
+
+
+def test_chunked_loss_with_float16_weights_scales_before_it_rounds():
+    """Under FSDP2 with float16 (two T4s) the hidden states and the head are float16 themselves: the gradients the
+    chunked loss makes in its forward pass stay float32 until backward's scale reaches them, as the plain loss
+    scales first, then rounds. Rounded unscaled, the non-target rows' (about p / tokens) fell to zero."""
+    torch.manual_seed(0)
+    vocab, d, n = 8192, 64, 2048  # softmax terms near 1 / (8,192 x 2,048) = 6e-8: float16's subnormal floor
+    h = (torch.randn(n, d) * 0.5).half()
+    weight = (torch.randn(vocab, d) * 0.02).half()
+    targets = torch.randint(0, vocab, (n,))
+    plain_h, plain_w = fp16_gradients(h, weight, targets, chunk_size=0)
+    grad_h, grad_w = fp16_gradients(h, weight, targets, chunk_size=512)
+    exact_h, exact_w = fp16_gradients(h.float(), weight.float(), targets, chunk_size=0)  # float32 inputs: the reference
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[targets] = False  # rows no target names: only the softmax part, the smallest gradients
+    for got in (plain_w, grad_w):  # both within float16's noise of the reference (rounded first: 3e-2 off)
+        assert (got - exact_w)[others].norm() / exact_w[others].norm() < 3e-3
+    assert (grad_h - exact_h).norm() / exact_h.norm() < 3e-3  # rounded first: 1e-2
+    assert (grad_w[others] == 0).sum() <= (plain_w[others] == 0).sum() + 8
 
 
 def test_chunked_loss_refuses_a_second_backward():

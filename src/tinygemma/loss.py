@@ -38,7 +38,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gradient_precision = torch.autocast(device, enabled=False) if fp16 else contextlib.nullcontext()
         if fp16:
             grad_dtype = torch.float32
-        grad_h = torch.empty_like(h)
+        # Kept in that precision until backward has scaled them: under FSDP2's float16 parameters h and W are
+        # float16 themselves, and their unscaled gradients (about softmax / tokens) would round to zero there.
+        grad_h = torch.empty_like(h, dtype=grad_dtype if fp16 else h.dtype)
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
@@ -56,12 +58,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(tc), device=tc.device), safe_t] -= weight_per_row  # ... times the share
             dlogits = probs.to(grad_dtype)
             with gradient_precision:
-                grad_h[start : start + chunk_size] = (dlogits @ weight.to(grad_dtype)).to(h.dtype)
+                grad_h[start : start + chunk_size] = (dlogits @ weight.to(grad_dtype)).to(grad_h.dtype)
                 chunk_grad_w = (dlogits.t() @ hc.to(grad_dtype)).float()
             grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
         if grad_w is None:  # no rows at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.save_for_backward(grad_h, grad_w if fp16 else grad_w.to(weight.dtype))
+        ctx.dtypes = h.dtype, weight.dtype  # what the gradients are returned in, once scaled
         ctx.backward_done = False
         return loss / n_valid
 
@@ -74,7 +77,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                                "(set model.loss_chunk_size = 0 for the plain loss, which allows retain_graph)")
         ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
+        return (grad_h.mul_(grad_loss).to(ctx.dtypes[0]), grad_w.mul_(grad_loss).to(ctx.dtypes[1]),
+                None, None, None)
 
 
 def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -147,3 +147,40 @@ def test_tokenizers_pickle_for_workers(bpe):
         assert again.identity == tok.identity
         assert np.array_equal(again.encode_to_numpy("Once upon a time"), tok.encode_to_numpy("Once upon a time"))
     assert isinstance(pickle.loads(pickle.dumps(bpe)), HFTokenizer)
+
+
+@pytest.mark.parametrize("layout", ["gemma", "llama"])
+def test_byte_lengths_of_sentencepiece_style_tokenizers(layout, stories_dir):
+    """Bits per byte divides by the bytes the tokens stand for. For SentencePiece's kind (Gemma 3's tokenizer.json,
+    Llama's) a byte-fallback piece <0xHH> is one byte (alone it decodes to U+FFFD, three), and a word's leading
+    space counts where Llama's decoder strips a text's first one: the tokens of a text add up to its bytes (Llama's
+    one more: its normalizer puts a space before each text). Counted alone they were 71 bytes against 37 here,
+    and 19% short over real stories with Llama's layout."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, trainers
+
+    from tinygemma.tokenizer import HFTokenizer, token_byte_lengths
+
+    stories = read_stories(stories_dir / "train.txt", 300)
+    backend = Backend(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if layout == "llama":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)])
+    else:
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.decoder = decoders.Sequence(steps)
+    specials = ["<|endoftext|>", "<unk>", *(f"<0x{b:02X}>" for b in range(256))]
+    backend.train_from_iterator(stories, trainers.BpeTrainer(vocab_size=1200, special_tokens=specials,
+                                                             limit_alphabet=60, show_progress=False))
+    spec = json.loads(backend.to_str())
+    for added in spec["added_tokens"]:  # the byte pieces are vocabulary, not special tokens, in such files
+        added["special"] = not added["content"].startswith("<0x")
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["special"]]
+    tokenizer = HFTokenizer(json.dumps(spec))
+    lengths = token_byte_lengths(tokenizer, tokenizer.vocab_size)
+    prefix = 1 if layout == "llama" else 0
+    for text in [*stories[:50], "The café was naïve — 日本 😀.", "x  y\n\n z"]:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8")) + prefix, text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -384,11 +385,25 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
         return lengths
     backend = tokenizer.backend
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-    byte_level = _decodes_byte_level(backend.to_str())
-    for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True))):
-        token = backend.id_to_token(i)
-        if token is None or i in special:
-            continue
-        # A byte-level BPE writes each byte as one printable character; other tokenizers are decoded.
-        lengths[i] = len(token) if byte_level else len(backend.decode([i]).encode("utf-8"))
+    content = backend.to_str()
+    byte_level = _decodes_byte_level(content)
+    byte_fallback = bool((json.loads(content).get("model") or {}).get("byte_fallback"))
+    ids = [i for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True)))
+           if i not in special and backend.id_to_token(i) is not None]
+    if byte_level:  # a byte-level BPE writes each byte as one printable character
+        for i in ids:
+            lengths[i] = len(backend.id_to_token(i))
+        return lengths
+    # Other tokenizers (SentencePiece's kind: Gemma's, Llama's) are decoded after an anchor text, so that a decoder
+    # stripping a text's leading space (Llama 2's) leaves a word's space counted; a byte-fallback token <0xHH> is
+    # one byte, which alone decodes to U+FFFD (three).
+    anchor = backend.encode("a", add_special_tokens=False).ids
+    anchor_bytes = len(backend.decode(anchor).encode("utf-8"))
+    texts = backend.decode_batch([[*anchor, i] for i in ids], skip_special_tokens=False)
+    for i, text in zip(ids, texts):
+        fallback = byte_fallback and _BYTE_TOKEN.fullmatch(backend.id_to_token(i))
+        lengths[i] = 1 if fallback else max(0, len(text.encode("utf-8")) - anchor_bytes)
     return lengths
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback pieces

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py besi
 
 from common import cpu_description  # noqa: E402
 
-from tinygemma.data import open_prepared, prepare  # noqa: E402
+from tinygemma.data import available_cpus, open_prepared, prepare  # noqa: E402
 from tinygemma.tokenizer import GPT2Tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"
@@ -73,7 +73,7 @@ def ours(text_file: Path, workers: int, out: Path) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=available_cpus())
     parser.add_argument("--repeat", type=int, default=16, help="copies of train.txt to tokenize")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the best counts")
     args = parser.parse_args()

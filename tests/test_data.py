@@ -548,6 +548,28 @@ def test_a_full_disk_while_preparing_is_one_line_naming_the_file(stories_dir, tm
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_write_that_stores_only_part_of_its_bytes_is_a_full_disk(stories_dir, tmp_path):
+    """A raw write may store part of its bytes and say so only by its count (a disk filling up, a file size limit):
+    prepare writes the rest, and a disk that takes no more is one line, the dataset prepared before kept whole.
+    A real kernel's short writes: a file size limit (RLIMIT_FSIZE) with SIGXFSZ ignored, in a child process."""
+    out = tmp_path / "data"
+    prepare(out, sources=[stories_dir / "valid.txt"], limit=20, val_fraction=0.1, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    script = (
+        "import resource, signal, sys\n"
+        "from tinygemma.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))\n"
+        f"sys.exit(main(['prepare', '--out', {str(out)!r}, '--source', {str(stories_dir / 'train.txt')!r}, "
+        "'--val-fraction', '0.1', '--limit', '1500', '--workers', '1', '--no-progress']))\n")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.count("\n") == 1 and f"could not write {out / 'train.bin'}" in done.stderr, done.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_source_that_fails_to_read_is_not_blamed_on_the_output(tmp_path):
     """A parquet file damaged in the middle fails only once reading reaches it: that is the source's error, in
     one line naming it (it was reported as 'could not write train.bin', which reads like a full disk)."""
@@ -563,3 +585,89 @@ def test_a_source_that_fails_to_read_is_not_blamed_on_the_output(tmp_path):
     with pytest.raises(UserError, match=rf"^{source} could not be read \("):
         prepare(tmp_path / "out", sources=[source], workers=1, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_txt_reading_splits_each_block_once_whatever_the_layout(tmp_path, monkeypatch):
+    """Stories of a .txt file are what splitting the whole text on its separator lines gives, whatever block the
+    lines fall in; and each split reads only about a block, so a long story, or a file with no separator, is read
+    in linear time (the unfinished story was split again with every block: 12 minutes for 1 GB)."""
+    import random
+
+    def whole(text):  # the reference: the whole file split at once
+        return [s.strip() for s in data._SEPARATOR.split(text) if s.strip()]
+
+    pieces = ["a", "bb\n", "\r\n", "  <|endoftext|>  \n", "<|endoftext|>\n", "<|endoftext|>", "x<|endoftext|>\n",
+              "\n", " story ", "é😀\n", "\t<|endoftext|>\r\n"]
+    rng = random.Random(0)
+    path = tmp_path / "t.txt"
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) * rng.randint(1, 3) for _ in range(rng.randint(0, 12)))
+        path.write_text(text, encoding="utf-8", newline="")
+        monkeypatch.setattr(data, "READ_CHARS", rng.randint(1, 20))
+        assert list(data._txt_stories(path)) == whole(text), (text, data.READ_CHARS)
+
+    split_sizes = []
+
+    class Recording:
+        def split(self, text):
+            split_sizes.append(len(text))
+            return separator.split(text)
+
+    separator = data._SEPARATOR
+    monkeypatch.setattr(data, "_SEPARATOR", Recording())
+    monkeypatch.setattr(data, "READ_CHARS", 64)
+    path.write_text("a line of a story that never ends\n" * 2000)  # 68,000 characters, no separator
+    assert [len(s) for s in data._txt_stories(path)] == [68_000 - 1]
+    assert max(split_sizes) <= 2 * 64
+
+
+def test_null_stories_are_skipped_streamed_or_not(stories_dir, tmp_path, monkeypatch):
+    """A null text row is skipped whether the hub is streamed (--limit) or read whole, as a parquet file's."""
+    datasets = pytest.importorskip("datasets")
+    train = read_stories(stories_dir / "train.txt", 60)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    rows = [{"text": s} for s in train[:30]] + [{"text": None}] + [{"text": s} for s in train[30:]]
+    (hub / "train-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(data, "HUB_DATASET", str(hub))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    assert data.read_stories(limit=40) == train[:40]  # streamed
+    assert data.read_stories() == train  # read whole
+
+
+def test_text_that_is_not_utf8_in_a_parquet_column_is_one_line(tmp_path):
+    """A column declared text may hold bytes that are not UTF-8 (written without Arrow's checks): the source's
+    fault, named in one line, not a UnicodeDecodeError's traceback."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    column = pa.array([b"Once upon a time.", b"bad \xff\xfe story"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": column}), tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=r"bad.parquet: its text is not UTF-8"):
+        data.read_stories(tmp_path / "bad.parquet")
+
+
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch):
+    """Under taskset or a container's CPU set, one tokenizer process per usable core, not per core of the host."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert data.available_cpus() == 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert data.available_cpus() == (os.cpu_count() or 1)
+
+
+def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, capsys):
+    """huggingface_hub says each retry on stderr (11 lines over 25 s unreachable); prepare says the failure once."""
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+
+    def unreachable(name, streaming):
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load roneneldan/TinyStories" in err and "Retrying" not in err
+    assert hub_logging.get_verbosity() == level  # the library's own setting again afterwards

@@ -121,7 +121,7 @@ def add_prepare(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, metavar="N",
                    help=f"vocabulary of --tokenizer bpe (default {DEFAULT_BPE_VOCAB_SIZE})")
     p.add_argument("--limit", type=int, metavar="N", help="keep only the first N training stories (quick runs)")
-    p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: every core this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare_main)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import itertools
 import json
 import math
@@ -79,10 +80,13 @@ def _clean(stories: Iterable) -> Iterator[str]:
 
 
 def _txt_stories(path: Path) -> Iterator[str]:
-    # Read in large blocks and split only up to the last newline, so a separator line is never cut in two.
+    # Read in large blocks, splitting each on the separator lines up to its last newline (a separator line is
+    # never cut in two), and keeping what is unfinished (the story, the last line) as pieces: a long story, or a
+    # file with no separator or no newline at all, is read in time and memory proportional to it, not its square.
     # newline="" keeps "\r\n" inside stories as it is in the file.
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not text
-        rest = ""
+        story: list[str] = []  # the unfinished story, in pieces
+        line: list[str] = []  # its unfinished last line, in pieces (a line may be longer than a block)
         while True:
             try:
                 block = f.read(READ_CHARS)
@@ -90,14 +94,21 @@ def _txt_stories(path: Path) -> Iterator[str]:
                 raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
             if "\0" in block:
                 raise UserError(f"{path} is not UTF-8 text (it holds NUL bytes)")
-            buffer = rest + block
-            cut = len(buffer) if not block else buffer.rfind("\n") + 1
-            *stories, rest = _SEPARATOR.split(buffer[:cut])
-            rest += buffer[cut:]
-            yield from _clean(stories)
-            if not block:
-                yield from _clean([rest])
+            if not block:  # the last line has no newline, and may be a separator still
+                first, *finished = _SEPARATOR.split("".join(line))
+                yield from _clean(["".join([*story, first]), *finished])
                 return
+            cut = block.rfind("\n") + 1
+            if not cut:
+                line.append(block)
+                continue
+            first, *finished = _SEPARATOR.split("".join(line) + block[:cut])  # starts at a line's start
+            line = [block[cut:]]
+            story.append(first)
+            if finished:  # the unfinished story ended here, and maybe others after it; the last goes on
+                *middle, last = finished
+                yield from _clean(["".join(story), *middle])
+                story = [last]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -167,7 +178,16 @@ def _parquet_stories(path: Path) -> Iterator[str]:
             raise UserError(f"{path} could not be read ({describe(e)})") from None
         if batch is None:
             return
-        yield from _clean(s for s in batch.column(0).to_pylist() if s is not None)
+        yield from _clean(s for s in _texts(batch.column(0).to_pylist, str(path)) if s is not None)
+
+
+def _texts(convert: Callable[[], list], where: str) -> list:
+    """A batch of a text column as Python strings: bytes that are not UTF-8 (a column declared text, written
+    without Arrow's checks) are the source's fault, in one line."""
+    try:
+        return convert()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: its text is not UTF-8 ({e.reason} at byte {e.start} of a story)") from None
 
 
 TEXT_TYPES = ("string", "large_string", "string_view")  # Arrow's (and datasets') names of text columns
@@ -180,7 +200,11 @@ def _dataset_stories(dataset, where: str) -> Iterator[str]:
     kind = getattr(dataset.features.get(column), "dtype", None)
     if kind not in TEXT_TYPES:
         raise UserError(f"{where}: its '{column}' column holds {kind or dataset.features.get(column)}, not text")
-    for batch in dataset.iter(batch_size=4096):
+    batches = dataset.iter(batch_size=4096)
+    while True:
+        batch = _texts(lambda: next(batches, None), where)  # datasets converts each batch as it is asked for
+        if batch is None:
+            return
         yield from _clean(s for s in batch[column] if s is not None)
 
 
@@ -197,7 +221,8 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
         import datasets
 
         try:
-            dataset = datasets.load_dataset(HUB_DATASET, streaming=limit is not None)
+            with _hub_errors_only():
+                dataset = datasets.load_dataset(HUB_DATASET, streaming=limit is not None)
         except Exception as e:
             raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({describe(e)}); give local "
                             "story files: --source FILE to tinygemma prepare, --set data.source=FILE to tinygemma "
@@ -229,6 +254,20 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
     return {"train": lambda: readers[path.suffix](path)}
 
 
+@contextlib.contextmanager
+def _hub_errors_only():
+    """huggingface_hub's own warnings off while the hub is asked: unreachable, it retries five times with a line
+    each (about 25 s, 11 lines) before the error, which prepare then says in one line."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
 def _streamed_stories(dataset, where: str, total: int | None, progress: bool) -> Iterator[str]:
     """The stories of a streamed split, one record at a time, so reading stops as soon as the caller stops
     (a batch of records could run into the next file of the dataset)."""
@@ -244,6 +283,9 @@ def _streamed_stories(dataset, where: str, total: int | None, progress: bool) ->
             if record is None:
                 return
             bar.update()
+            if isinstance(record, dict) and all(record.get(f) is None for f in ("text", "story")) and (
+                    "text" in record or "story" in record):
+                continue  # a null text, skipped as the non-streamed read skips it
             yield from _clean([_record_text(record, where)])
 
 
@@ -389,17 +431,42 @@ def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, tar
     from tqdm import tqdm
 
     counts = {"documents": 0, "tokens": 0, "bytes": 0}
+    written = 0
     with write_errors(target):
         f = open(path, "wb", buffering=0)  # unbuffered (the writes are MBs): nothing left to fail at close
     with f, tqdm(desc=desc, unit="B", unit_scale=True, disable=not progress, delay=2) as bar:
         for ids, nbytes, documents in workers.map(_batches(stories, CHUNK_CHARS)):
             with write_errors(target):  # a full disk: one line naming the file
-                f.write(memoryview(ids))
+                written += _write_all(f, memoryview(ids).cast("B"))
             counts["documents"] += documents
             counts["tokens"] += len(ids)
             counts["bytes"] += nbytes
             bar.update(nbytes)
+        with write_errors(target):  # what the file holds, not what was asked: a short write is never a dataset
+            if os.fstat(f.fileno()).st_size != written:
+                raise OSError(errno.EIO, f"{os.fstat(f.fileno()).st_size:,} bytes on disk, {written:,} written")
     return counts
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (a container's or taskset's share), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _write_all(f, data: memoryview) -> int:
+    """Write all of `data` to the unbuffered file `f`: a raw write may store only part of it (a disk filling up,
+    a file size limit, Linux's 2 GiB a call) and says so only by its count; one that stores nothing is a full
+    disk."""
+    done = 0
+    while done < len(data):
+        n = f.write(data[done:])
+        if not n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
+    return done
 
 
 # ------------------------------------------------------------------ prepare
@@ -415,10 +482,10 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         val_fraction is given) a fraction of the training stories (default 0.05).
     tokenizer: "gpt2", "bpe" (trained here on the training stories, vocab_size tokens), a tokenizer.json
         path, or a Tokenizer.
-    limit: keep only the first `limit` training stories. workers: processes (default: all cores).
+    limit: keep only the first `limit` training stories. workers: processes (default: the cores this process may use).
     """
     out_dir = Path(out_dir)
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     check_prepare_out(out_dir)
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
@@ -444,7 +511,9 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
                 if not counts[split]["documents"]:
                     raise UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} "
                                     "corpus is empty" + (" (too few stories to set some aside; use --val-source "
-                                                         "or more stories)" if split == "val" and carve else ""))
+                                                         "or more stories; a .txt file separates its stories with "
+                                                         f"lines holding only {EOT_TOKEN})" if split == "val" and carve
+                                                         else ""))
             # From here until meta.json is written the directory holds no dataset, old or new.
             (out_dir / META_NAME).unlink(missing_ok=True)
         meta = {

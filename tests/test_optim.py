@@ -312,6 +312,19 @@ def test_wsd_values_at_the_boundaries():
     assert {g["muon"]: g["lr"] for g in optimizer.param_groups} == pytest.approx({True: 0.011, False: 5.5e-4})
 
 
+def test_a_short_wsd_run_still_ends_at_min_lr():
+    """A cooldown fraction that rounds to no step (0.4 of 1, 0.2 of 2) still gives the run's last step min_lr;
+    a fraction of 0 keeps the plateau to the end, as asked."""
+    for max_steps, fraction in ((1, 0.4), (2, 0.2), (3, 0.1)):
+        cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=0", f"max_steps={max_steps}",
+                                 "lr_schedule=wsd", f"cooldown_fraction={fraction}"]).train
+        assert cooldown_start(cfg) == max_steps - 1
+        assert learning_rate(max_steps - 1, cfg) == pytest.approx(1e-4)
+    flat = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=0", "max_steps=5",
+                              "lr_schedule=wsd", "cooldown_fraction=0"]).train
+    assert cooldown_start(flat) == 5 and learning_rate(4, flat) == 1e-3
+
+
 def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
     """A Muon + wsd run interrupted at step 10 of a planned 20 and resumed with max_steps raised to 30 (before the
     cooldown at step 12) gives, step for step, the losses of a run planned for 30 from the start."""

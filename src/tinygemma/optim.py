@@ -60,8 +60,10 @@ def schedule(step: int, cfg: TrainConfig) -> float:
 
 
 def cooldown_start(cfg: TrainConfig) -> int:
-    """The first step of the wsd cooldown: the last cooldown_fraction of max_steps, never inside the warmup."""
-    return max(cfg.warmup_steps, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
+    """The first step of the wsd cooldown: the last cooldown_fraction of max_steps (at least the last step, when
+    the fraction is not 0, so that a short run still ends at min_lr), never inside the warmup."""
+    steps = round(cfg.cooldown_fraction * cfg.max_steps)
+    return max(cfg.warmup_steps, cfg.max_steps - (max(1, steps) if cfg.cooldown_fraction > 0 else steps))
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

@@ -218,3 +218,86 @@ def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_loss
     assert last["id"] == wandb_id
     assert {s: h["train/loss"] for s, h in last["history"].items() if "train/loss" in h} == {
         s: loss for s, loss in train_losses(out).items() if s > 5}
+
+
+def test_a_best_pointer_left_behind_by_a_kill_is_restored_on_resume(data_dir, tmp_path, monkeypatch):
+    """last.json switches before best.json: a full disk (or a kill) between the two left best.json naming an older
+    checkpoint for good, since the trainer state already counts the new one as the best, and pruning then deleted
+    the real best. A resume points best.json at the state's best again."""
+    out = tmp_path / "best"
+    real = tinygemma.checkpoint.atomic_write_json
+
+    def full_at_best_20(path, obj):
+        if Path(path).name == "best.json" and obj.get("step") == 20:
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(tinygemma.checkpoint, "atomic_write_json", full_at_best_20)
+    with pytest.raises(OSError, match="No space left"):
+        run(data_dir, out, "max_steps=30", "checkpoint_interval=10")
+    monkeypatch.undo()
+    ckpts = out / "checkpoints"
+    state = json.loads((ckpts / "step_000020" / "trainer_state.json").read_text())
+    assert state["best_step"] == 20 and json.loads((ckpts / "best.json").read_text())["step"] == 10  # the damage
+    run(data_dir, out, "max_steps=30", "checkpoint_interval=10", resume=True, stop_at=20)  # trains nothing
+    assert json.loads((ckpts / "best.json").read_text()) == {"dir": "step_000020", "step": 20,
+                                                              "val_loss": state["best_val_loss"]}
+    assert tinygemma.checkpoint.resolve_checkpoint(out) == ckpts / "step_000020"
+
+
+def test_resume_on_other_data_with_the_same_tokenizer_is_refused(data_dir, stories_dir, tmp_path):
+    """Other tokens with the run's own tokenizer (another data.dir, or the folder prepared again with another
+    limit) change every window to come and the validation set best.json compares: refused, as other batches are."""
+    from tinygemma.data import prepare
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=10", "checkpoint_interval=5", stop_at=5)
+    fewer = tmp_path / "fewer"
+    prepare(fewer, sources=[stories_dir / "train.txt"], tokenizer=str(data_dir / "tokenizer.json"), limit=300,
+            val_fraction=0.1, workers=1, progress=False)
+    with pytest.raises(tinygemma.UserError, match=r"holds other data than the run was trained on \(on .*\) "
+                                                  r"\(train [\d,]+ -> [\d,]+ tokens"):
+        run(fewer, out, "max_steps=10", "checkpoint_interval=5", resume=True)
+    assert run(data_dir, out, "max_steps=10", "checkpoint_interval=5", resume=True)["step"] == 10
+
+
+def test_a_second_writer_of_a_run_is_refused_and_a_failed_start_lets_go(data_dir, tmp_path):
+    """Process 0 holds RUN/.lock while it trains: another train of that run (a second --resume, torchrun workers
+    left by a killed launcher) is refused in one line instead of pruning the checkpoints the first reads. A start
+    that fails lets go of the lock."""
+    from tinygemma.files import FolderLock
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=10", "checkpoint_interval=5", stop_at=5)
+    other = FolderLock(out, "a run")
+    other.acquire()  # another open file description: as another process's lock
+    try:
+        with pytest.raises(tinygemma.UserError, match=rf"{out} is a run another process is writing \(pid {os.getpid()}\)"):
+            run(data_dir, out, "max_steps=10", "checkpoint_interval=5", resume=True)
+    finally:
+        other.release()
+    with pytest.raises(tinygemma.UserError, match="already holds a run"):  # fails after taking the lock
+        run(data_dir, out, "max_steps=10", "checkpoint_interval=5")
+    other.acquire()
+    assert other.fd is not None
+    other.release()
+    assert run(data_dir, out, "max_steps=10", "checkpoint_interval=5", resume=True)["step"] == 10
+
+
+def test_a_nonfinite_validation_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
+    """Finite losses and gradient norms, then an update that broke the weights: the validation loss before the
+    checkpoint is the last look at them, and a non-finite one stops the run without saving."""
+    out = tmp_path / "nan-val"
+    real = tinygemma.train.evaluate_windows
+    calls = {"n": 0}
+
+    def broken_at_the_third(*args, **kwargs):  # step 0, step 5, then step 10's
+        calls["n"] += 1
+        result = real(*args, **kwargs)
+        return {**result, "val_loss": float("nan")} if calls["n"] == 3 else result
+
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows", broken_at_the_third)
+    with pytest.raises(tinygemma.train.NonFiniteError, match=r"non-finite validation loss at step 10 \(nan\); "
+                                                            r"stopped without saving; the last good checkpoint is step 5"):
+        run(data_dir, out, "max_steps=12", "checkpoint_interval=5", "eval_interval=5")
+    assert last_checkpoint(out)["step"] == 5 and json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 5

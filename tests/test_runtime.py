@@ -2,6 +2,9 @@
 a T4 (bfloat16 only emulated) gets float16 with a scaler, an A100 bfloat16, and cuda:1 stays cuda:1."""
 
 import contextlib
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +104,35 @@ def test_torchrun_restarts_through_a_shared_store_are_warned_about():
     assert restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # what that variable gives
     assert restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None  # nothing is restarted
     assert restart_warning({}) is None  # not under torchrun
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_torchrun_worker_dies_with_its_launcher(tmp_path):
+    """torchrun starts its workers in sessions of their own: a launcher killed outright left them training and
+    writing the run. die_with_launcher (called by setup_runtime under torchrun) has the kernel signal the worker
+    when its parent dies."""
+    import subprocess
+    import time
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    worker = (f"import sys, time; sys.path.insert(0, {str(src)!r})\n"
+              "from tinygemma.runtime import die_with_launcher\n"
+              "die_with_launcher(); print('ready', flush=True); time.sleep(60)\n")
+    launcher = ("import subprocess, sys, time\n"
+                f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True, stdout=subprocess.PIPE, text=True)\n"
+                "assert p.stdout.readline() == 'ready\\n'\n"
+                "print(p.pid, flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: no handler runs, nothing is forwarded to the child's session
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie its new parent has not reaped yet
+            if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    pytest.fail("the worker outlived its launcher")

@@ -628,10 +628,11 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "batch_size=4", "grad_accum_steps=2", resume=True,
         stop_at=4)
     assert "warning" not in capsys.readouterr().err
-    run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "learning_rate=5e-3", "grad_clip=0.5", resume=True)
-    err = capsys.readouterr().err
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "learning_rate=5e-3", "grad_clip=0.5",
+        "eval_batches=2", resume=True)
+    err = capsys.readouterr().err  # eval_batches: the validation set best.json compares earlier losses with
     assert ("tinygemma: warning: resuming at step 4 with settings other than the run's: learning_rate 0.01 -> 0.005, "
-            "grad_clip 1.0 -> 0.5; the steps from here take the new values") in err
+            "grad_clip 1.0 -> 0.5, eval_batches 4 -> 2; the steps from here take the new values") in err
     records = [r for r in metrics(out) if "train_loss" in r]
     assert [r["tokens"] for r in records] == [256 * r["step"] for r in records]  # 8 x 32 tokens a step, throughout
 

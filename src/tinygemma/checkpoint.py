@@ -363,6 +363,18 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
 POINTER_FILES = frozenset({"last.json", "best.json"})
 
 
+def restore_best_pointer(ckpts: Path, best_step: int | None, best_val: float) -> None:
+    """Point best.json at the checkpoint the resumed trainer state calls the best, if it exists and best.json names
+    another: last.json switches first, so a kill or a full disk between the two left best.json naming an older
+    checkpoint for good (the state already counts the new one as the best), and pruning then deleted the real
+    best once last.json moved on."""
+    if best_step is None:
+        return
+    name = f"step_{best_step:06d}"
+    if (ckpts / name / STATE_NAME).exists() and peek_json(ckpts / "best.json").get("dir") != name:
+        atomic_write_json(ckpts / "best.json", {"dir": name, "step": best_step, "val_loss": best_val})
+
+
 def prune_checkpoints(ckpts: Path) -> None:
     """Delete step directories that neither last.json nor best.json names, leftover temporary ones, and the
     temporaries of pointers whose writing was killed."""

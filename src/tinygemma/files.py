@@ -201,3 +201,47 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"weights not found: {path}") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+LOCK_NAME = ".lock"  # in a folder one process writes at a time: a training run
+
+
+class FolderLock:
+    """An exclusive lock on FOLDER/.lock, held while one process writes the folder (a run being trained), so that a
+    second writer (another `train --resume`, torchrun workers orphaned by a killed launcher) is refused in one line
+    instead of pruning the checkpoints the first one reads. The kernel drops the lock with its holder, so a
+    killed process leaves no stale lock; the file stays, naming the last holder's pid. Where there is no flock
+    (Windows), nothing is locked."""
+
+    def __init__(self, folder: Path, what: str):
+        self.folder, self.what, self.fd = Path(folder), what, None
+
+    def acquire(self) -> None:
+        """Take the lock if the folder exists and it is not held already (else nothing: call again once it exists)."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        if self.fd is not None or not self.folder.is_dir():
+            return
+        path = self.folder / LOCK_NAME
+        with write_errors(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return  # a filesystem without locks (some network mounts): go on unlocked
+            raise UserError(f"{self.folder} is {self.what} another process is writing"
+                            + (f" (pid {holder})" if holder.isdigit() else "")
+                            + "; wait for it to finish, or stop it, then run this again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     """Device, precision and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
     world_size = env_world_size()
     rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if world_size > 1 else (0, 0)
+    if world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_launcher()
     device = pick_device(device_name)
     if device.type == "mps" and world_size > 1:
         raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
@@ -86,6 +89,24 @@ def env_world_size(env=os.environ) -> int:
             if not (env[name].isdigit() and int(env[name]) < world_size):
                 raise UserError(f"{name} must be a whole number below WORLD_SIZE ({world_size}), got {env[name]!r}")
     return world_size
+
+
+def env_rank(env=os.environ) -> int:
+    """This process's rank under torchrun (RANK, checked as env_world_size checks it); 0 in a single process."""
+    return int(env["RANK"]) if env_world_size(env) > 1 else 0
+
+
+def die_with_launcher(sig: int = signal.SIGTERM) -> None:
+    """Under torchrun: this worker gets `sig` when its launcher dies. torchrun starts its workers in sessions of
+    their own, so a launcher killed outright (kill -9, the OOM killer, a scheduler killing one pid) left them
+    training and writing the run, beside the resume that followed (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def restart_warning(env) -> str | None:

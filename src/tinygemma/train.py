@@ -45,6 +45,7 @@ from tinygemma.checkpoint import (
     is_training_run,
     load_optimizer,
     prune_checkpoints,
+    restore_best_pointer,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -63,6 +64,8 @@ from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError, describe
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import (
+    LOCK_NAME,
+    FolderLock,
     atomic_write_json,
     check_output_folder,
     others_than,
@@ -92,7 +95,7 @@ from tinygemma.parallelize import (
 )
 from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
 from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
-from tinygemma.runtime import all_reduce_sum, env_world_size, setup_runtime
+from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
@@ -140,14 +143,27 @@ class Trainer:
         self.recipe, self.cfg, self.quiet = recipe, recipe.train, quiet
         require_loggers(self.cfg.loggers)  # a tracker not installed stops every process here, before any work
         self.run_dir, self.data_dir = check_run_out(recipe.out), Path(recipe.data.dir)
+        # Process 0 writes the run: it holds the run folder's lock from before it reads a checkpoint (a folder made
+        # now is locked once open_logs makes it); a second writer is refused in one line.
+        self.lock = FolderLock(self.run_dir, "a run") if env_rank() == 0 else None
+        try:
+            self.start_run(recipe, resume, stop_at, profile)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def start_run(self, recipe: Recipe, resume: bool, stop_at: int | None, profile: str | None) -> None:
+        """The data, the start (a checkpoint or none), the settings' checks, the runtime, then build()."""
+        if self.lock:
+            self.lock.acquire()
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = checkpoint_pointer(self.run_dir) if (self.run_dir / "checkpoints").exists() else None
         self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume,
-                                              lambda ckpt, state: check_same_tokenizer(ckpt, state, self.data,
-                                                                                       self.data_dir))
+                                              lambda ckpt, state: check_same_data(ckpt, state, self.data,
+                                                                                  self.data_dir))
         self.start = state.get("step", 0)
         check_stop_at(stop_at)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
@@ -219,9 +235,12 @@ class Trainer:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
         cfg, rt, run_dir, start = self.cfg, self.rt, self.run_dir, self.start
         run_dir.mkdir(parents=True, exist_ok=True)
+        if self.lock:
+            self.lock.acquire()  # a run started in a new folder: locked now that it exists
         remove_temporaries(run_dir, RUN_FILES)  # left by writes a kill interrupted (a lost process, a Ctrl-C)
         remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
+            restore_best_pointer(run_dir / "checkpoints", self.best_step, self.best_val)
             prune_checkpoints(run_dir / "checkpoints")
         resolved = self.recipe.to_dict()
         resolved["model"] = {"preset": self.recipe.model_preset, **self.model_config.to_dict()}
@@ -431,6 +450,11 @@ class Trainer:
     def checkpoint(self, step: int) -> None:
         """Weights, optimizer, and everything exact resume needs, as checkpoints/step_NNNNNN (every rank calls)."""
         cfg, val_loss = self.cfg, self.last_val["val_loss"]
+        if not math.isfinite(val_loss):  # finite losses and norms, then an update that broke the weights
+            previous = checkpoint_pointer(self.run_dir) if self.rt.is_main else None
+            raise NonFiniteError(f"non-finite validation loss at step {step} ({val_loss}); stopped without saving"
+                                 + (f"; the last good checkpoint is step {previous['step']}" if previous else "")
+                                 + ". Lower train.learning_rate")
         is_best = val_loss < self.best_val
         if is_best:
             self.best_val, self.best_step = val_loss, step
@@ -439,7 +463,8 @@ class Trainer:
             "best_val_loss": self.best_val, "best_step": self.best_step, "skipped_steps": self.skipped,
             "elapsed_s": self.elapsed,
             "data": {"sampler": "random windows, a pure function of (seed, step)", "seed": cfg.seed,
-                     "next_step": step, "global_batch": self.batches.global_batch, "block_size": cfg.block_size},
+                     "next_step": step, "global_batch": self.batches.global_batch, "block_size": cfg.block_size,
+                     "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens)},
             "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "config": self.recipe.to_dict(),
         }
@@ -467,8 +492,13 @@ class Trainer:
         if self.writer:
             self.writer.close()
         self.release()
+        self.unlock()
         if self.rt.owns_process_group:
             dist.destroy_process_group()
+
+    def unlock(self) -> None:
+        if self.lock:
+            self.lock.release()
 
     def release(self) -> None:
         """Let the model, its wrappers, the optimizer and the batch go now, not whenever the garbage collector finds
@@ -520,7 +550,7 @@ def check_run_out(out: str, flag: str = "--out") -> Path:
 # What training writes into a run folder before its config.json (which makes it a run: is_training_run): the
 # trackers' files. A folder holding only these, or temporaries a kill left of them and of config.json, is a run
 # whose start failed (a tracker that could not start, a full disk), and training may start in it again.
-EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})
+EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE, LOCK_NAME})
 # The files a run's folder holds that are written whole and renamed into place (train, run and eval).
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, EVAL_NAME, TRACKERS_STATE})
 
@@ -531,16 +561,28 @@ def check_stop_at(stop_at: int | None) -> None:
         raise UserError(f"--stop-at must be an optimizer step of 1 or more, got {stop_at}")
 
 
-def check_same_tokenizer(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
-    """A resumed run continues on data of the tokenizer it was trained with: the same ids in another vocabulary
-    would teach the model a second meaning for each (the vocabulary sizes can agree, e.g. two BPEs of 4,096)."""
+def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
+    """A resumed run continues on the data it was trained on. Another tokenizer's ids would teach the model a
+    second meaning for each (the vocabulary sizes can agree, e.g. two BPEs of 4,096); other tokens with the same
+    tokenizer (another data.dir, the folder prepared again with another limit) would change every window still to
+    come and the validation set that best.json compares, so resume would no longer be exact. The token counts
+    tell them apart (checkpoints written before they were recorded are not checked)."""
     trained = checkpoint_tokenizer(ckpt_dir).identity
     now = data.tokenizer().identity
+    before = (state.get("config") or {}).get("data", {}).get("dir")
+    elsewhere = f" (on {before})" if before and Path(before) != data_dir else ""
     if trained != now:
-        before = (state.get("config") or {}).get("data", {}).get("dir")
         raise UserError(f"{data_dir} was prepared with tokenizer {now}, but the run was trained with {trained}"
-                        + (f" (on {before})" if before and Path(before) != data_dir else "")
-                        + "; resume it on data prepared with its own tokenizer, or start a new run with another --out")
+                        + elsewhere + "; resume it on data prepared with its own tokenizer, or start a new run with "
+                        "another --out")
+    saved = state.get("data") or {}
+    counts = {split: len(data.split(split)) for split in ("train", "val")}
+    moved = [f"{split} {saved[f'{split}_tokens']:,} -> {n:,} tokens" for split, n in counts.items()
+             if f"{split}_tokens" in saved and saved[f"{split}_tokens"] != n]
+    if moved:
+        raise UserError(f"{data_dir} holds other data than the run was trained on{elsewhere} ({', '.join(moved)}): "
+                        "resume it on its own data (the same data.dir, prepared as before), or start a new run with "
+                        "another --out")
 
 
 def batch_stream(train: dict) -> dict:
@@ -553,7 +595,8 @@ def batch_stream(train: dict) -> dict:
 # Settings that change the numbers of the steps still to come, and that a resume may change on purpose (a lower
 # peak after a loss spike): said in a warning, since a notebook or recipe edited between sessions does it too.
 STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "weight_decay", "beta1", "beta2", "adam_eps",
-                 "grad_clip", "dtype", "on_nonfinite", "activation_checkpointing")
+                 "grad_clip", "dtype", "on_nonfinite", "activation_checkpointing",
+                 "eval_batches")  # the validation set that best.json compares against the earlier losses
 
 
 def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int) -> str | None:

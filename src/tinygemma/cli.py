@@ -107,7 +107,7 @@ def _stdout_reader_left() -> bool:
 
 def add_prepare(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="tokenize TinyStories into memory-mapped train.bin / val.bin")
-    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin and meta.json")
+    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin, meta.json and (bpe or a tokenizer.json) tokenizer.json")
     p.add_argument("--source", action="append", metavar="SRC",
                    help=f"training stories: .txt (stories separated by a line {EOT_TOKEN}), .jsonl/.json "
                         "(a text or story field), .parquet (a text column), or a datasets save_to_disk "
@@ -302,7 +302,7 @@ def _add_model_arguments(p) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 where the device computes in it natively, else float32), float32, "
                         "bfloat16 or float16")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
 
 
 def _top_k(text: str) -> int | None:

@@ -131,7 +131,7 @@ MUON_COMPILER = "inductor"
 def muon_backend(device: torch.device) -> str:
     """"torch": torch.optim.Muon's iteration, in bfloat16, where the device computes in bfloat16 natively (CUDA
     with bf16, CPUs with AVX-512 BF16 or AMX). "float32": our own iteration in float32 elsewhere, where emulated
-    bfloat16 made a gemma3-tiny step 5x slower than AdamW's; also where torch (< 2.9) has no Muon.
+    bfloat16 made a gemma3-tiny step 2.3-3x slower than AdamW's (BENCHMARKS.md); also where torch (< 2.9) has no Muon.
     "compiled" (one torch.compile'd bfloat16 update per group of same-shape matrices) is no default yet: CUDA
     keeps "torch" until benchmarks/optimizer_step.py, in the GPU acceptance run, has timed the two there."""
     if not hasattr(torch.optim, "Muon"):

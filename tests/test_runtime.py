@@ -72,6 +72,9 @@ def test_under_torchrun_each_process_takes_its_local_rank(monkeypatch):
     assert runtime.cuda_device(torch.device("cuda"), world_size=4, local_rank=3) == torch.device("cuda", 3)
     with pytest.raises(UserError, match="cuda:LOCAL_RANK"):
         runtime.cuda_device(torch.device("cuda", 1), world_size=4, local_rank=3)
+    FakeCuda(monkeypatch, native_bf16=True, device_count=2)  # --nproc-per-node 4 on a 2-GPU machine
+    with pytest.raises(UserError, match="LOCAL_RANK 3, but 2 GPUs are visible. Use --nproc-per-node 2 or fewer"):
+        runtime.cuda_device(torch.device("cuda"), world_size=4, local_rank=3)
 
 
 def test_a_gpu_index_beyond_the_machine_is_one_clear_error(monkeypatch):

@@ -128,6 +128,11 @@ def cuda_device(device: torch.device, world_size: int, local_rank: int) -> torch
         if device.index is not None and device.index != local_rank:
             raise UserError(f"under torchrun each process trains on cuda:LOCAL_RANK; train.device {device} would put "
                             "two processes on one GPU. Use device = \"cuda\" (choose GPUs with CUDA_VISIBLE_DEVICES)")
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise UserError(f"torchrun started more processes on this machine than it has GPUs: LOCAL_RANK "
+                            f"{local_rank}, but {visible} GPU{'s are' if visible != 1 else ' is'} visible. Use "
+                            f"--nproc-per-node {visible} or fewer")
         return torch.device("cuda", local_rank)
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 

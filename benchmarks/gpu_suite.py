@@ -724,16 +724,20 @@ def refusal(args, device: str, assets: Path, report: Path, summary: Path) -> str
     return None
 
 
-def guarded(index: int, step, *args, **kwargs) -> Result:
+def guarded(index: int, step, *args, partials: list | None = None, **kwargs) -> Result:
     """`step(*args, **kwargs)`, or, if the suite's own code raises in it, that step FAILED with the traceback: one
-    mistake here must not cost the later steps (the device's time is lent once)."""
+    mistake here must not cost the later steps (the device's time is lent once). What the step had measured
+    before (its last partial Result, in `partials`) is kept, with its figures."""
     start = time.perf_counter()
     try:
         return step(*args, **kwargs)
     except Exception as error:
-        return Result(STEP_TITLES[index], False, [f"The suite's code for this step raised {type(error).__name__}: "
-                                                  f"{error}", "", *tail(traceback.format_exc())],
-                      time.perf_counter() - start)
+        lines = [f"The suite's code for this step raised {type(error).__name__}: {error}", "",
+                 *tail(traceback.format_exc())]
+        if partials:
+            last = partials[-1]
+            return Result(last.title, False, [*last.lines, "", *lines], time.perf_counter() - start, last.data)
+        return Result(STEP_TITLES[index], False, lines, time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -795,7 +799,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
             work = Path(args.work).resolve() if args.work else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
-            done(guarded(0, trainer, plan, env, work, assets, progress=lambda partial: write([partial])))
+            partials: list[Result] = []  # the trainer's step so far, kept if the suite's own code fails in it
+            done(guarded(0, trainer, plan, env, work, assets, partials=partials,
+                         progress=lambda partial: (partials.append(partial), write([partial]))))
             done(guarded(1, workshop, plan, env, work, results[0].data.get("trainer", [])))
             done(guarded(2, generation, plan, env, work))
             done(guarded(3, optimizer_step, plan, env, work))

@@ -600,6 +600,13 @@ def test_gpu_suite_survives_its_own_mistakes_in_a_step(tmp_path, monkeypatch):
     result = suite.guarded(2, broken, None)
     assert not result.ok and result.title == suite.STEP_TITLES[2]
     assert "raised KeyError: 'results'" in result.lines[0] and any("Traceback" in line for line in result.lines)
+    # A step that had measured something (the trainer's rows, as partial Results) keeps it: the report, the
+    # summary and the workshop step still see those rows.
+    measured = suite.Result(suite.STEP_TITLES[0], True, ["| 128 | adamw |"], 5.0, {"trainer": [{"mfu": 0.3}]},
+                            partial=True)
+    kept = suite.guarded(0, broken, None, partials=[measured])
+    assert not kept.ok and not kept.partial and kept.data == {"trainer": [{"mfu": 0.3}]}
+    assert kept.lines[0] == "| 128 | adamw |" and any("raised KeyError" in line for line in kept.lines)
     plan = suite.Plan.quick_cpu("cpu")
     half = tmp_path / "generation.json"
 

@@ -19,6 +19,7 @@ from test_train import run, tiny_settings, torchrun, train_losses, val_losses
 
 import tinygemma
 import tinygemma.checkpoint
+import tinygemma.files
 import tinygemma.train
 from tinygemma.model import Gemma3
 
@@ -301,3 +302,37 @@ def test_a_nonfinite_validation_loss_is_never_checkpointed(data_dir, tmp_path, m
                                                             r"stopped without saving; the last good checkpoint is step 5"):
         run(data_dir, out, "max_steps=12", "checkpoint_interval=5", "eval_interval=5")
     assert last_checkpoint(out)["step"] == 5 and json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 5
+
+
+def test_the_run_lock_is_let_go_whatever_stops_the_run(data_dir, tmp_path, monkeypatch):
+    """The notebook calls train() again in the same process: a Ctrl-C inside close() (a tracker's upload), or a
+    full disk while the lock file is written, must not leave this process holding a lock it cannot let go of; and a
+    refused train leaves no .lock in a folder that is no run (prepare and export would count it as a stranger)."""
+    from tinygemma.files import FolderLock, WriteError
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=10", "checkpoint_interval=5", stop_at=5)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tinygemma.train.Trackers, "close", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(data_dir, out, "max_steps=10", "checkpoint_interval=5", resume=True, stop_at=6)
+    assert run(data_dir, out, "max_steps=10", "checkpoint_interval=5", resume=True)["step"] == 10
+
+    lock = FolderLock(out, "a run")
+    with monkeypatch.context() as patch:
+        patch.setattr(tinygemma.files.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(28, "No space left")))
+        with pytest.raises(WriteError, match="No space left"):
+            lock.acquire()
+    assert lock.fd is None
+    lock.acquire()  # nothing held by the failed one
+    lock.release()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(tinygemma.UserError):
+        run(tmp_path / "no-data", empty, "max_steps=10")
+    assert list(empty.iterdir()) == []

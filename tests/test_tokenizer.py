@@ -184,3 +184,26 @@ def test_byte_lengths_of_sentencepiece_style_tokenizers(layout, stories_dir):
         ids = tokenizer.encode(text)
         assert tokenizer.decode(ids) == text
         assert int(lengths[ids].sum()) == len(text.encode("utf-8")) + prefix, text
+
+
+def test_byte_lengths_when_the_anchor_text_is_unknown_or_cannot_be_encoded():
+    """Tokens are decoded after the text "a"; where "a" is an unknown token, or cannot be encoded at all, each token
+    is decoded alone (as before the anchor) rather than counting the unknown token's text, or failing."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
+
+    from tinygemma.tokenizer import HFTokenizer, token_byte_lengths
+
+    vocab = ["<unk>", "<|endoftext|>", "▁the", "▁cat", "▁sat", "▁", "t", "h", "e", "c", "s"]
+    unigram = Backend(models.Unigram([(token, -1.0) for token in vocab], unk_id=0, byte_fallback=False))
+    unigram.normalizer = normalizers.Replace(" ", "▁")
+    unigram.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    unigram.add_special_tokens(["<unk>", "<|endoftext|>"])  # "a" is <unk>, a special token here
+    tokenizer = HFTokenizer(unigram.to_str())
+    ids = tokenizer.encode(" the cat sat")
+    assert int(token_byte_lengths(tokenizer, tokenizer.vocab_size)[ids].sum()) == len(" the cat sat")
+
+    words = Backend(models.WordLevel({"<|endoftext|>": 0, "the": 1, "cat": 2}))  # no unknown token: "a" fails
+    words.add_special_tokens(["<|endoftext|>"])
+    tokenizer = HFTokenizer(words.to_str())
+    assert list(token_byte_lengths(tokenizer, 3)) == [0, 3, 3]

@@ -237,8 +237,13 @@ class FolderLock:
             raise UserError(f"{self.folder} is {self.what} another process is writing"
                             + (f" (pid {holder})" if holder.isdigit() else "")
                             + "; wait for it to finish, or stop it, then run this again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        try:  # the holder's pid, for the next one's message; the lock is held whatever happens here
+            with write_errors(path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        except BaseException:
+            os.close(fd)  # never a lock this process holds and cannot let go of
+            raise
         self.fd = fd
 
     def release(self) -> None:

@@ -387,7 +387,8 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     content = backend.to_str()
     byte_level = _decodes_byte_level(content)
-    byte_fallback = bool((json.loads(content).get("model") or {}).get("byte_fallback"))
+    model = json.loads(content).get("model") or {}
+    byte_fallback = bool(model.get("byte_fallback"))
     ids = [i for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True)))
            if i not in special and backend.id_to_token(i) is not None]
     if byte_level:  # a byte-level BPE writes each byte as one printable character
@@ -397,8 +398,10 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     # Other tokenizers (SentencePiece's kind: Gemma's, Llama's) are decoded after an anchor text, so that a decoder
     # stripping a text's leading space (Llama 2's) leaves a word's space counted; a byte-fallback token <0xHH> is
     # one byte, which alone decodes to U+FFFD (three).
-    anchor = backend.encode("a", add_special_tokens=False).ids
-    anchor_bytes = len(backend.decode(anchor).encode("utf-8"))
+    unknown = {backend.token_to_id(model["unk_token"]) if isinstance(model.get("unk_token"), str) else None,
+               model.get("unk_id") if isinstance(model.get("unk_id"), int) else None} - {None}  # BPE's, Unigram's
+    anchor = _anchor_ids(backend, special | unknown)
+    anchor_bytes = len(backend.decode(anchor, skip_special_tokens=False).encode("utf-8"))
     texts = backend.decode_batch([[*anchor, i] for i in ids], skip_special_tokens=False)
     for i, text in zip(ids, texts):
         fallback = byte_fallback and _BYTE_TOKEN.fullmatch(backend.id_to_token(i))
@@ -407,3 +410,13 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback pieces
+
+
+def _anchor_ids(backend, avoid: set[int]) -> list[int]:
+    """The ids of a plain text ("a") to decode each token after; none (each token alone) where the tokenizer cannot
+    encode it, or only with a special or unknown token (`avoid`)."""
+    try:
+        ids = backend.encode("a", add_special_tokens=False).ids
+    except Exception:  # e.g. a WordLevel without an unknown token
+        return []
+    return [] if set(ids) & avoid else list(ids)

@@ -154,7 +154,7 @@ class Trainer:
 
     def start_run(self, recipe: Recipe, resume: bool, stop_at: int | None, profile: str | None) -> None:
         """The data, the start (a checkpoint or none), the settings' checks, the runtime, then build()."""
-        if self.lock:
+        if self.lock and is_training_run(self.run_dir):  # other folders are refused below, or locked once a run
             self.lock.acquire()
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
@@ -236,7 +236,7 @@ class Trainer:
         cfg, rt, run_dir, start = self.cfg, self.rt, self.run_dir, self.start
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.lock:
-            self.lock.acquire()  # a run started in a new folder: locked now that it exists
+            self.lock.acquire()  # a run started in a new (or empty) folder: locked now that it becomes one
         remove_temporaries(run_dir, RUN_FILES)  # left by writes a kill interrupted (a lost process, a Ctrl-C)
         remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
@@ -485,14 +485,16 @@ class Trainer:
             print(text, flush=True)
 
     def close(self) -> None:
-        if self.profiler:
-            self.profiler.abandon()  # a run stopped inside the profiled steps
-        if self.progress:
-            self.progress.close()
-        if self.writer:
-            self.writer.close()
-        self.release()
-        self.unlock()
+        try:
+            if self.profiler:
+                self.profiler.abandon()  # a run stopped inside the profiled steps
+            if self.progress:
+                self.progress.close()
+            if self.writer:
+                self.writer.close()  # a tracker's upload: a second Ctrl-C may land here
+            self.release()
+        finally:
+            self.unlock()  # else the notebook's next train() of this run is refused until the kernel restarts
         if self.rt.owns_process_group:
             dist.destroy_process_group()
 

@@ -671,3 +671,17 @@ def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot load roneneldan/TinyStories" in err and "Retrying" not in err
     assert hub_logging.get_verbosity() == level  # the library's own setting again afterwards
+
+    def lost_while_streaming():  # the connection goes after the first story of a streamed split
+        yield {"text": "Once upon a time."}
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError("Connection reset by peer")
+
+    class Streamed:
+        def __iter__(self):
+            return lost_while_streaming()
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, streaming: {"train": Streamed()})
+    assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "failed after 1 stories" in err and "Retrying" not in err

@@ -139,3 +139,16 @@ def test_a_torchrun_worker_dies_with_its_launcher(tmp_path):
         time.sleep(0.1)
     os.kill(child, 9)
     pytest.fail("the worker outlived its launcher")
+
+
+def test_any_process_torchrun_started_asks_to_die_with_it(monkeypatch):
+    """torchrun puts its workers in sessions of their own even with --nproc-per-node 1 (WORLD_SIZE 1)."""
+    called = []
+    monkeypatch.setattr(runtime, "die_with_launcher", lambda: called.append(True))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    runtime.setup_runtime("cpu", "float32")
+    assert called == []  # a plain process: nothing to die with
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    runtime.setup_runtime("cpu", "float32")
+    assert called == [True]

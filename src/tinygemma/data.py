@@ -274,14 +274,16 @@ def _streamed_stories(dataset, where: str, total: int | None, progress: bool) ->
     from tqdm import tqdm
 
     with tqdm(desc=f"reading {where}", total=total, unit=" stories", disable=not progress) as bar:
-        records = iter(dataset)
+        records, read = iter(dataset), 0  # read: the bar's count, which a disabled bar does not keep
         while True:
             try:
-                record = next(records, None)
+                with _hub_errors_only():  # a connection lost while streaming: one line, not five retries
+                    record = next(records, None)
             except Exception as e:
-                raise UserError(f"reading {where} failed after {bar.n:,} stories ({describe(e)})") from None
+                raise UserError(f"reading {where} failed after {read:,} stories ({describe(e)})") from None
             if record is None:
                 return
+            read += 1
             bar.update()
             if isinstance(record, dict) and all(record.get(f) is None for f in ("text", "story")) and (
                     "text" in record or "story" in record):

@@ -44,7 +44,7 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     """Device, precision and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
     world_size = env_world_size()
     rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if world_size > 1 else (0, 0)
-    if world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun (one process too: its own session as well)
         die_with_launcher()
     device = pick_device(device_name)
     if device.type == "mps" and world_size > 1:

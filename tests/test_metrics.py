@@ -58,6 +58,7 @@ def test_resume_cuts_back_to_the_checkpoint_once_and_skips_a_torn_line(tmp_path)
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
     ("NVIDIA L4", 121e12), ("Tesla T4", 65e12), ("NVIDIA GeForce RTX 4090", None),
+    ("NVIDIA T400 4GB", None), ("NVIDIA T4000", None), ("NVIDIA GH200 480GB", 989e12),  # whole words only
 ])
 def test_mfu_peaks_match_the_gpu_by_name_longest_names_first(name, peak, monkeypatch):
     """A name containing another's ("NVIDIA L40S" holds "L4") takes its own peak; an unknown GPU gets no MFU."""

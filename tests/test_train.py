@@ -530,6 +530,12 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
         assert not (tmp_path / "bad").exists()
+    # An evaluation or a checkpoint between the profiled steps would be counted as their time and operators.
+    for setting, message in [("eval_interval=2", "an evaluation comes after step 2"),
+                             ("checkpoint_interval=3", "a checkpoint comes after step 3")]:
+        assert main([*args(tmp_path / "bad"), "--set", setting, "--profile", "2:4"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and not (tmp_path / "bad").exists()
 
 
 def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(data_dir, tmp_path, monkeypatch,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ PEAK_BF16_FLOPS = {
     "H100 NVL": 835e12,
     "H100": 989e12,  # SXM
     "H200 NVL": 835e12,
-    "H200": 989e12,  # SXM (and GH200)
+    "H200": 989e12,  # SXM
+    "GH200": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
     "L40": 181e12,
@@ -31,7 +33,9 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    # Whole words: "T4" is not "T400", "L4" not "L40" (the table lists the longer names first where both exist).
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items()
+                 if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name)), None)
 
 
 class MetricsLog:

@@ -175,7 +175,7 @@ class Trainer:
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = None
 
-        self.profile_steps = check_profile_range(profile, self.start, self.end) if profile else None
+        self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
         world_size = env_world_size()  # checked before any process group is made
         self.micro_batch_size = requested_micro_batch_size(self.cfg, world_size, pick_device(self.cfg.device).type)
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
@@ -525,12 +525,18 @@ class Trainer:
         }
 
 
-def check_profile_range(spec: str, start: int, end: int) -> tuple[int, int]:
-    """--profile's steps, which must lie among the steps this invocation trains (start + 1 to end)."""
+def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig | None = None) -> tuple[int, int]:
+    """--profile's steps, which must lie among the steps this invocation trains (start + 1 to end), with no
+    evaluation or checkpoint between them (its time and operators would be counted as the steps')."""
     first, last = parse_profile_range(spec)
     if first <= start or last > end:
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")
+    for done in range(first, last) if cfg else ():
+        for name, interval in (("an evaluation", cfg.eval_interval), ("a checkpoint", cfg.checkpoint_interval)):
+            if interval and done % interval == 0:
+                raise UserError(f"--profile {spec}: {name} comes after step {done}, inside the profiled steps, and "
+                                "its time would be counted as theirs; profile steps between two evaluations")
     return first, last
 
 

@@ -154,11 +154,11 @@ def test_run_under_torchrun_prepares_once_trains_everywhere_and_reports_once(tmp
 
     assert len(losses(run_dir)) == 6 and losses(run_dir) == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
-    # A refusal on process 0 (the data folder holds other stories) stops both, printed once.
+    # A refusal on process 0 (the run and its data folder hold other stories) stops both, printed once.
     refused = torchrun_run(recipe, "data.limit=200")
     assert refused.returncode != 0
     assert refused.stderr.count("tinygemma run: error: ") == 1
-    assert "was prepared from other data than the recipe's [data] asks for (limit: 300" in refused.stderr
+    assert "holds a run trained on other [data] (limit 300 -> 200)" in refused.stderr
 
 
 def test_a_bpe_that_stops_short_of_its_vocabulary_is_still_the_recipe_s(tmp_path, stories_dir, capsys):
@@ -225,6 +225,21 @@ def test_run_refuses_data_prepared_from_other_stories_or_with_another_tokenizer(
     assert err.count("\n") == 0 and "was prepared from other data than the recipe's [data] asks for" in err
     assert "set data.dir to another folder" in err
     assert (tmp_path / "data" / "meta.json").read_bytes() == meta and not (tmp_path / "run").exists()
+
+
+def test_run_refuses_other_data_for_an_existing_run_before_preparing_it(tmp_path, stories_dir, capsys):
+    """A run in train.out continues on its own [data]: another limit in a new data.dir (what the data.dir refusal
+    advises) is refused naming the run, before the new data is prepared (training refused it only afterwards)."""
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(recipe_file), "--set", "data.limit=250", "--set", f"data.dir={tmp_path / 'other'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds a run trained on other [data] (limit 300 -> 250)" in err, err
+    assert not (tmp_path / "other").exists()
+    same = stories_dir / ".." / stories_dir.name / "train.txt"  # the same stories, named another way
+    assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2", "--set", f"data.source={same}"]) == 0
 
 
 def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_path, stories_dir, capsys):

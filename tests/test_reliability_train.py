@@ -336,3 +336,11 @@ def test_the_run_lock_is_let_go_whatever_stops_the_run(data_dir, tmp_path, monke
     with pytest.raises(tinygemma.UserError):
         run(tmp_path / "no-data", empty, "max_steps=10")
     assert list(empty.iterdir()) == []
+
+    def no_tracker(*args, **kwargs):  # a tracker that cannot start: after the lock, before config.json
+        raise tinygemma.UserError("wandb could not start")
+
+    monkeypatch.setattr(tinygemma.train, "Trackers", no_tracker)
+    with pytest.raises(tinygemma.UserError, match="wandb could not start"):
+        run(data_dir, empty, "max_steps=10")
+    assert list(empty.iterdir()) == []  # no .lock left for prepare or export to count as a stranger

@@ -29,7 +29,7 @@ from tinygemma.data import (
 from tinygemma.devices import pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
-from tinygemma.files import atomic_write_json
+from tinygemma.files import atomic_write_json, peek_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
@@ -108,8 +108,35 @@ def check_outputs(recipe: Recipe) -> None:
     anything is prepared (a refused run then leaves no new dataset behind): train's and prepare's own checks,
     naming the recipe's settings where those commands name their --out."""
     check_run_out(recipe.out, "train.out")
+    check_run_data(recipe)
     if not (Path(recipe.data.dir) / META_NAME).exists():
         check_prepare_out(recipe.data.dir, "data.dir")
+
+
+RUN_DATA_SETTINGS = ("source", "val_source", "tokenizer", "vocab_size", "limit")  # [data] that makes its tokens
+
+
+def check_run_data(recipe: Recipe) -> None:
+    """A run already in train.out continues on the [data] it was trained on: other stories, limit or tokenizer are
+    refused here, naming the run, before anything is prepared (training would refuse the new tokens only after
+    preparing them: for the workshop recipe, all of TinyStories)."""
+    config = peek_json(Path(recipe.out) / "config.json")
+    had = config.get("data") if "train" in config and "model_type" not in config else None
+    if not isinstance(had, dict):
+        return
+    want = recipe.to_dict()["data"]
+
+    def same(name) -> bool:
+        a, b = had.get(name), want.get(name)
+        if name in ("source", "val_source") and isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(x == y or Path(x).resolve() == Path(y).resolve() for x, y in zip(a, b))
+        return a == b
+
+    moved = [f"{name} {had.get(name)!r} -> {want.get(name)!r}" for name in RUN_DATA_SETTINGS
+             if name in had and not same(name)]
+    if moved:
+        raise UserError(f"train.out {recipe.out} holds a run trained on other [data] ({'; '.join(moved)}): continue "
+                        "it with the [data] it was trained on, or set train.out to a new folder for this data")
 
 
 def check_training_settings(recipe: Recipe) -> None:

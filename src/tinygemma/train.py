@@ -500,6 +500,8 @@ class Trainer:
 
     def unlock(self) -> None:
         if self.lock:
+            if self.lock.fd is not None and not is_training_run(self.run_dir):  # a start that failed early: the
+                (self.run_dir / LOCK_NAME).unlink(missing_ok=True)  # folder as it was, for prepare or export
             self.lock.release()
 
     def release(self) -> None:

@@ -379,15 +379,18 @@ class Trainer:
 
     def refuse(self, record: dict) -> None:
         """Stop the run at the non-finite step `record`; its last good checkpoint stays as it was."""
-        previous = None
         if self.rt.is_main:
             self.log_file.flush()
-            previous = checkpoint_pointer(self.run_dir)
-        where = f"; the last good checkpoint is step {previous['step']}" if previous else ""
         loss, norm = record["train_loss"], record["grad_norm"]
         raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                             f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving{where}. "
-                             "Lower train.learning_rate, or pass --set on_nonfinite=skip to skip such steps")
+                             f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
+                             f"{self.last_good()}. Lower train.learning_rate, or pass --set on_nonfinite=skip to "
+                             "skip such steps")
+
+    def last_good(self) -> str:
+        """"; the last good checkpoint is step N" (process 0, which reads the pointer), or nothing."""
+        previous = checkpoint_pointer(self.run_dir) if self.rt.is_main else None
+        return f"; the last good checkpoint is step {previous['step']}" if previous else ""
 
     def mfu(self, rate: float) -> float:
         """Model FLOPs utilization at `rate` tokens/s over all processes' peak."""
@@ -451,10 +454,8 @@ class Trainer:
         """Weights, optimizer, and everything exact resume needs, as checkpoints/step_NNNNNN (every rank calls)."""
         cfg, val_loss = self.cfg, self.last_val["val_loss"]
         if not math.isfinite(val_loss):  # finite losses and norms, then an update that broke the weights
-            previous = checkpoint_pointer(self.run_dir) if self.rt.is_main else None
             raise NonFiniteError(f"non-finite validation loss at step {step} ({val_loss}); stopped without saving"
-                                 + (f"; the last good checkpoint is step {previous['step']}" if previous else "")
-                                 + ". Lower train.learning_rate")
+                                 f"{self.last_good()}. Lower train.learning_rate")
         is_best = val_loss < self.best_val
         if is_best:
             self.best_val, self.best_step = val_loss, step
@@ -527,14 +528,14 @@ class Trainer:
         }
 
 
-def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig | None = None) -> tuple[int, int]:
+def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig) -> tuple[int, int]:
     """--profile's steps, which must lie among the steps this invocation trains (start + 1 to end), with no
     evaluation or checkpoint between them (its time and operators would be counted as the steps')."""
     first, last = parse_profile_range(spec)
     if first <= start or last > end:
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")
-    for done in range(first, last) if cfg else ():
+    for done in range(first, last):
         for name, interval in (("an evaluation", cfg.eval_interval), ("a checkpoint", cfg.checkpoint_interval)):
             if interval and done % interval == 0:
                 raise UserError(f"--profile {spec}: {name} comes after step {done}, inside the profiled steps, and "

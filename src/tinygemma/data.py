@@ -445,8 +445,9 @@ def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, tar
             counts["bytes"] += nbytes
             bar.update(nbytes)
         with write_errors(target):  # what the file holds, not what was asked: a short write is never a dataset
-            if os.fstat(f.fileno()).st_size != written:
-                raise OSError(errno.EIO, f"{os.fstat(f.fileno()).st_size:,} bytes on disk, {written:,} written")
+            on_disk = os.fstat(f.fileno()).st_size
+            if on_disk != written:
+                raise OSError(errno.EIO, f"{on_disk:,} bytes on disk, {written:,} written")
     return counts
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
+from tinygemma.checkpoint import checkpoint_tokenizer, is_training_run, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
 from tinygemma.data import (
     DEFAULT_BPE_VOCAB_SIZE,
@@ -63,17 +63,17 @@ def prepare_if_missing(recipe: Recipe) -> None:
             tokenizer=recipe.data.tokenizer, vocab_size=recipe.data.vocab_size, limit=recipe.data.limit)
 
 
+def same_sources(had: list, asked: list) -> bool:
+    """Whether two lists of story sources name the same files, as written or as resolved paths."""
+    return len(had) == len(asked) and all(a == b or Path(a).resolve() == Path(b).resolve() for a, b in zip(had, asked))
+
+
 def recipe_differences(recipe: Recipe, data) -> list[str]:
     """How the prepared `data` differs from what the recipe's [data] would prepare, as "what: recorded, asked"
     phrases (none: the same). Sources match as written or as resolved paths; the tokenizer by kind, a
     tokenizer.json by its contents, a trained BPE by its vocabulary size (the recipe's, or prepare's default)."""
     want, meta = recipe.data, data.meta
     recorded = meta.get("source") or {}
-
-    def same_sources(had, asked) -> bool:
-        return len(had) == len(asked) and all(a == b or Path(a).resolve() == Path(b).resolve()
-                                              for a, b in zip(had, asked))
-
     differences = []
     had = recorded.get("train")
     had = [had] if isinstance(had, str) else list(had or [])
@@ -120,8 +120,9 @@ def check_run_data(recipe: Recipe) -> None:
     """A run already in train.out continues on the [data] it was trained on: other stories, limit or tokenizer are
     refused here, naming the run, before anything is prepared (training would refuse the new tokens only after
     preparing them: for the workshop recipe, all of TinyStories)."""
-    config = peek_json(Path(recipe.out) / "config.json")
-    had = config.get("data") if "train" in config and "model_type" not in config else None
+    if not is_training_run(recipe.out):
+        return
+    had = peek_json(Path(recipe.out) / "config.json").get("data")
     if not isinstance(had, dict):
         return
     want = recipe.to_dict()["data"]
@@ -129,7 +130,7 @@ def check_run_data(recipe: Recipe) -> None:
     def same(name) -> bool:
         a, b = had.get(name), want.get(name)
         if name in ("source", "val_source") and isinstance(a, list) and isinstance(b, list):
-            return len(a) == len(b) and all(x == y or Path(x).resolve() == Path(y).resolve() for x, y in zip(a, b))
+            return same_sources(a, b)
         return a == b
 
     moved = [f"{name} {had.get(name)!r} -> {want.get(name)!r}" for name in RUN_DATA_SETTINGS

@@ -90,6 +90,19 @@ def test_load_transformers_4x_config_layout(tmp_path):
     assert (loaded.config.rope_local_base, loaded.config.rope_global_base) == (777.0, 99_999.0)
 
 
+def test_the_exported_period_matches_the_layers_or_is_left_out():
+    """transformers before 4.53 reads the period and not layer_types: it must never disagree with the layers."""
+    from tinygemma.config import GLOBAL, SLIDING
+    from tinygemma.hf import hf_config
+    assert hf_config(small_config())["_sliding_window_pattern"] == 6
+    every_third = small_config(layer_types=[SLIDING, SLIDING, GLOBAL] * 2)  # pattern field left at its default 6
+    assert hf_config(every_third)["_sliding_window_pattern"] == hf_config(every_third)["sliding_window_pattern"] == 3
+    assert hf_config(small_config(layer_types=[SLIDING] * 6))["_sliding_window_pattern"] == 7
+    irregular = hf_config(small_config(layer_types=[GLOBAL] + [SLIDING] * 5))
+    assert "_sliding_window_pattern" not in irregular and "sliding_window_pattern" not in irregular
+    assert irregular["layer_types"][0] == "full_attention"
+
+
 def test_export_writes_the_checkpoints_tokenizer(tmp_path):
     from tinygemma.tokenizer import load_tokenizer
 

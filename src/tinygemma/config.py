@@ -12,6 +12,10 @@ SLIDING = "sliding_attention"  # transformers' names for the two layer kinds, so
 GLOBAL = "full_attention"
 
 
+def _pattern_layers(pattern: int, n_layers: int) -> tuple[str, ...]:
+    return tuple(SLIDING if (i + 1) % pattern else GLOBAL for i in range(n_layers))
+
+
 @dataclass
 class ModelConfig:
     """Gemma 3's text architecture. The defaults are Gemma 3 270M (google/gemma-3-270m) exactly."""
@@ -39,9 +43,7 @@ class ModelConfig:
         if self.layer_types is None:
             if self.sliding_window_pattern < 1:
                 raise UserError(f"sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
-            self.layer_types = tuple(
-                SLIDING if (i + 1) % self.sliding_window_pattern else GLOBAL for i in range(self.n_layers)
-            )
+            self.layer_types = _pattern_layers(self.sliding_window_pattern, self.n_layers)
         else:
             self.layer_types = tuple(self.layer_types)
         self.validate()
@@ -65,6 +67,12 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"model.{name} must be a positive number, got {value!r}")
+
+    @property
+    def layer_pattern(self) -> int | None:
+        """The period p with every p-th layer global and the others sliding, if the layers follow one; else None."""
+        return next((p for p in range(1, self.n_layers + 2)
+                     if _pattern_layers(p, self.n_layers) == self.layer_types), None)
 
     @property
     def padded_vocab_size(self) -> int:

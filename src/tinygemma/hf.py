@@ -70,7 +70,7 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
     if not float(config.query_pre_attn_scalar).is_integer():
         raise UserError(f"model.query_pre_attn_scalar is {config.query_pre_attn_scalar}; transformers reads it as an "
                         "integer, so this model cannot be exported to it")
-    return {
+    d = {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
         "vocab_size": config.vocab_size,
@@ -88,7 +88,6 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
         "query_pre_attn_scalar": int(config.query_pre_attn_scalar),
         "sliding_window": config.sliding_window,
         "layer_types": list(config.layer_types),
-        "_sliding_window_pattern": config.sliding_window_pattern,
         "rope_parameters": {
             SLIDING: {"rope_type": "default", "rope_theta": config.rope_local_base},
             GLOBAL: {"rope_type": "default", "rope_theta": config.rope_global_base},
@@ -108,6 +107,9 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
         "torch_dtype": torch_dtype,
         "dtype": torch_dtype,
     }
+    if config.layer_pattern is not None:  # transformers before 4.53 reads this period and not layer_types
+        d["_sliding_window_pattern"] = d["sliding_window_pattern"] = config.layer_pattern
+    return d
 
 
 def model_config_from_hf(d: dict) -> ModelConfig:

@@ -355,6 +355,25 @@ def test_killed_prepare_leaves_no_dataset(stories_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
+def test_a_second_prepare_into_a_folder_being_prepared_is_refused_and_touches_nothing(stories_dir, tmp_path):
+    """Two `tinygemma run`s of one fresh recipe: the second prepare deleted the first one's temporaries."""
+    from tinygemma.files import FolderLock
+    out = tmp_path / "out"
+    out.mkdir()
+    writing = out / ".train.bin.0123abcd.tmp"  # the first prepare's temporary, as atomic_path names them
+    writing.write_bytes(b"x" * 10)
+    first = FolderLock(out, "a dataset")  # a second open file description conflicts even within one process
+    first.acquire()
+    try:
+        with pytest.raises(UserError, match="is a dataset another process is writing"):
+            prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
+        assert writing.exists() and (out / ".lock").exists()  # the holder's lock file is not removed either
+    finally:
+        first.release()
+    prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     """Files saved by Windows editors start with a byte-order mark: it is not the first story's text (in .txt it
     became three tokens of it) nor a JSON error (.jsonl and .json refused it)."""

@@ -238,6 +238,17 @@ def test_run_refuses_other_data_for_an_existing_run_before_preparing_it(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "holds a run trained on other [data] (limit 300 -> 250)" in err, err
     assert not (tmp_path / "other").exists()
+    # A run another process is training is refused before its data (missing here) is prepared, not after.
+    from tinygemma.files import FolderLock
+    trainer = FolderLock(tmp_path / "run", "a run")
+    trainer.acquire()
+    try:
+        assert main(["run", str(recipe_file), "--set", f"data.dir={tmp_path / 'other'}"]) == 2
+    finally:
+        trainer.release()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a run another process is writing" in err, err
+    assert not (tmp_path / "other").exists()
     same = stories_dir / ".." / stories_dir.name / "train.txt"  # the same stories, named another way
     assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2", "--set", f"data.source={same}"]) == 0
 

@@ -32,6 +32,8 @@ import torch
 from tinygemma.config import TrainConfig
 from tinygemma.errors import UserError, describe
 from tinygemma.files import (
+    LOCK_NAME,
+    FolderLock,
     atomic_path,
     atomic_write_json,
     check_output_folder,
@@ -491,6 +493,27 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     check_prepare_out(out_dir)
+    created = not out_dir.exists()
+    with write_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    # One prepare writes a folder at a time: a second one (two `tinygemma run`s of one fresh recipe) is refused in
+    # one line instead of deleting the first one's temporaries and racing it to meta.json.
+    lock = FolderLock(out_dir, "a dataset")
+    try:
+        lock.acquire()
+        return _prepare_into(out_dir, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
+                             progress)
+    finally:
+        if lock.fd is not None:
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            lock.release()
+        if created and not is_prepared_dataset(out_dir):
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty: a run that failed leaves nothing behind it created
+
+
+def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
+                  progress) -> dict:
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
 
     if tokenizer == "bpe":
@@ -501,7 +524,6 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     _check_vocab_size(tokenizer.vocab_size, f"tokenizer {tokenizer.identity}")
     dtype = dtype_for(tokenizer.vocab_size)
 
-    created = not out_dir.exists()
     remove_temporaries(out_dir, PREPARED_FILES)  # an earlier prepare's, killed mid-write: up to GBs each
     pool = _Workers(tokenizer, workers)
     try:
@@ -534,11 +556,6 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         atomic_write_json(out_dir / META_NAME, meta)
         if meta["tokenizer"].get("file") != TOKENIZER_FILE:  # gpt2 over an earlier BPE dataset: its file is stale
             (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only if empty: a run that failed leaves nothing behind it created
-        raise
     finally:
         pool.close()
     return meta
@@ -608,7 +625,7 @@ def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
     out_dir = check_output_folder(out_dir, "the dataset", flag)
     if not out_dir.exists() or is_prepared_dataset(out_dir):
         return
-    others = others_than(out_dir, PREPARED_FILES)
+    others = others_than(out_dir, PREPARED_FILES | {LOCK_NAME})  # a lock a killed prepare left
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserError(f"{flag} {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "

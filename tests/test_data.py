@@ -1,6 +1,7 @@
 """`tinygemma prepare` on real TinyStories: exact round trips, tiktoken's counts, every source format, bad input,
 and interrupted runs that must never look finished."""
 
+import hashlib
 import io
 import json
 import math
@@ -71,6 +72,7 @@ def test_round_trip_and_tiktoken_counts(stories_dir, valid, r50k, tmp_path):
             "documents": len(stories),
             "tokens": sum(len(r50k.encode_ordinary(s)) + 1 for s in stories),
             "bytes": sum(len(s.encode("utf-8")) for s in stories),
+            "blake2b": hashlib.blake2b(np.asarray(prepared.split(split)).tobytes(), digest_size=16).hexdigest(),
         }
         assert prepared.split(split).dtype == np.uint16
         assert int((prepared.split(split) == EOT_ID).sum()) == len(stories)

@@ -1,10 +1,12 @@
 """Training when things go wrong (issue 7): kill -9 at random moments, NaN losses, a full disk, corrupt files."""
 
+import hashlib
 import json
 import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import test_train
 import torch
@@ -259,6 +262,17 @@ def test_resume_on_other_data_with_the_same_tokenizer_is_refused(data_dir, stori
     with pytest.raises(tinygemma.UserError, match=r"holds other data than the run was trained on \(on .*\) "
                                                   r"\(train [\d,]+ -> [\d,]+ tokens"):
         run(fewer, out, "max_steps=10", "checkpoint_interval=5", resume=True)
+    # Other stories with exactly as many tokens (here: the same ones in reverse, digested as prepare digests them).
+    same_counts = tmp_path / "same_counts"
+    shutil.copytree(data_dir, same_counts)
+    tokens = np.fromfile(same_counts / "train.bin", dtype=np.uint16)[::-1].copy()
+    tokens.tofile(same_counts / "train.bin")
+    meta = json.loads((same_counts / "meta.json").read_text())
+    assert meta["splits"]["train"]["blake2b"] == hashlib.blake2b(tokens[::-1].tobytes(), digest_size=16).hexdigest()
+    meta["splits"]["train"]["blake2b"] = hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()
+    (same_counts / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(tinygemma.UserError, match=r"holds other data .* \(train: as many tokens, but other ones\)"):
+        run(same_counts, out, "max_steps=10", "checkpoint_interval=5", resume=True)
     assert run(data_dir, out, "max_steps=10", "checkpoint_interval=5", resume=True)["step"] == 10
 
 

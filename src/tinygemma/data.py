@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import itertools
 import json
 import math
@@ -435,13 +436,14 @@ def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, tar
     from tqdm import tqdm
 
     counts = {"documents": 0, "tokens": 0, "bytes": 0}
-    written = 0
+    written, digest = 0, hashlib.blake2b(digest_size=16)  # the tokens' identity, for a resume's data check
     with write_errors(target):
         f = open(path, "wb", buffering=0)  # unbuffered (the writes are MBs): nothing left to fail at close
     with f, tqdm(desc=desc, unit="B", unit_scale=True, disable=not progress, delay=2) as bar:
         for ids, nbytes, documents in workers.map(_batches(stories, CHUNK_CHARS)):
             with write_errors(target):  # a full disk: one line naming the file
                 written += _write_all(f, memoryview(ids).cast("B"))
+            digest.update(ids)
             counts["documents"] += documents
             counts["tokens"] += len(ids)
             counts["bytes"] += nbytes
@@ -450,7 +452,7 @@ def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, tar
             on_disk = os.fstat(f.fileno()).st_size
             if on_disk != written:
                 raise OSError(errno.EIO, f"{on_disk:,} bytes on disk, {written:,} written")
-    return counts
+    return {**counts, "blake2b": digest.hexdigest()}
 
 
 def available_cpus() -> int:
@@ -672,6 +674,11 @@ class PreparedData:
 
     def tokenizer(self) -> Tokenizer:
         return tokenizer_from_spec(self.meta["tokenizer"], self.directory)
+
+    def digest(self, name: str) -> str | None:
+        """The split's tokens' BLAKE2b digest as prepare wrote them (None for data prepared before it recorded one)."""
+        value = self.meta["splits"][name].get("blake2b")
+        return value if isinstance(value, str) else None
 
 
 def open_prepared(directory: str | Path) -> PreparedData:

@@ -465,7 +465,9 @@ class Trainer:
             "elapsed_s": self.elapsed,
             "data": {"sampler": "random windows, a pure function of (seed, step)", "seed": cfg.seed,
                      "next_step": step, "global_batch": self.batches.global_batch, "block_size": cfg.block_size,
-                     "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens)},
+                     "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
+                     **{f"{split}_blake2b": self.data.digest(split) for split in ("train", "val")
+                        if self.data.digest(split)}},
             "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "config": self.recipe.to_dict(),
         }
@@ -577,7 +579,7 @@ def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
     second meaning for each (the vocabulary sizes can agree, e.g. two BPEs of 4,096); other tokens with the same
     tokenizer (another data.dir, the folder prepared again with another limit) would change every window still to
     come and the validation set that best.json compares, so resume would no longer be exact. The token counts
-    tell them apart (checkpoints written before they were recorded are not checked)."""
+    and the digests prepare recorded tell them apart (what was written before they were recorded is not checked)."""
     trained = checkpoint_tokenizer(ckpt_dir).identity
     now = data.tokenizer().identity
     before = (state.get("config") or {}).get("data", {}).get("dir")
@@ -590,6 +592,8 @@ def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
     counts = {split: len(data.split(split)) for split in ("train", "val")}
     moved = [f"{split} {saved[f'{split}_tokens']:,} -> {n:,} tokens" for split, n in counts.items()
              if f"{split}_tokens" in saved and saved[f"{split}_tokens"] != n]
+    moved += [f"{split}: as many tokens, but other ones" for split in counts if not moved
+              and saved.get(f"{split}_blake2b") and data.digest(split) not in (None, saved[f"{split}_blake2b"])]
     if moved:
         raise UserError(f"{data_dir} holds other data than the run was trained on{elsewhere} ({', '.join(moved)}): "
                         "resume it on its own data (the same data.dir, prepared as before), or start a new run with "

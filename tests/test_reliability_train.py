@@ -23,6 +23,7 @@ from test_train import run, tiny_settings, torchrun, train_losses, val_losses
 import tinygemma
 import tinygemma.checkpoint
 import tinygemma.files
+import tinygemma.metrics
 import tinygemma.train
 from tinygemma.model import Gemma3
 
@@ -102,8 +103,12 @@ def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing(nan_at_step, dat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]
     # The loss stays on the device until the read before step 10's evaluation: steps 9 and 10 ran, but the run
     # stops there, records the steps up to the non-finite one, and saves nothing after it.
-    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    def strict(line):  # jq, JavaScript and other strict JSON readers refuse NaN
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+    records = [r for r in map(strict, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
     assert [r["step"] for r in records] == list(range(1, 9)) and records[-1]["nonfinite"] is True
+    assert records[-1]["train_loss"] is None
+    assert math.isnan(tinygemma.metrics.read_records(out / "metrics.jsonl")[-1]["train_loss"])
     monkeypatch.undo()
     assert run(data_dir, out, "max_steps=12", "checkpoint_interval=5", resume=True)["step"] == 12
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, records: list[dict] | None = None):
         self.path, self.records = path, list(records or [])
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.path, "".join(map(record_line, self.records)))
         self.written = len(self.records)
 
     @classmethod
@@ -64,19 +65,26 @@ class MetricsLog:
         new = self.records[self.written:]
         if new:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in new))
+                f.write("".join(map(record_line, new)))
             self.written = len(self.records)
 
 
+def record_line(record: dict) -> str:
+    """One line of metrics.jsonl, in strict JSON (jq, pandas, JavaScript): a non-finite number (the loss of the step
+    that stopped a run) is written as null, which read_records reads back as NaN."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}, allow_nan=False) + "\n"
+
+
 def read_records(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (none if it is missing), skipping a line torn by a crash."""
+    """The records of a metrics.jsonl (none if it is missing), skipping a line torn by a crash; null is NaN."""
     records = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 record = json.loads(line)
                 if isinstance(record, dict):
-                    records.append(record)
+                    records.append({k: math.nan if v is None else v for k, v in record.items()})
     return records
 
 

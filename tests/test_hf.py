@@ -282,3 +282,115 @@ def test_data_prepared_with_a_bos_tokenizer_starts_each_story_as_a_prompt_starts
     (tmp_path / "late.json").write_text(late.to_str(), encoding="utf-8")
     tokenizer = load_tokenizer(tmp_path / "late.json")
     assert tokenizer.prompt_prefix == (3,) and tokenizer.model_vocab_size == 4
+
+
+def test_models_transformers_config_check_refuses_are_refused_and_its_floats_are_floats(tmp_path, capsys):
+    """tinygemma's head_dim is free of d_model / n_heads, transformers' config check is not: such a model is
+    refused in one line before --out is made (the export succeeded, then from_pretrained refused it). An integer
+    rms_norm_eps or init_std (the Python API allows it) is written as a float, as transformers 5 insists."""
+    save_model(Gemma3(small_config(n_heads=3, n_kv_heads=1, d_model=64)), tmp_path / "three")
+    assert main(["export", "--ckpt", str(tmp_path / "three"), "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "d_model (64) is not a multiple of n_heads (3)" in err
+    assert not (tmp_path / "new").exists()
+    model = Gemma3(small_config(rms_norm_eps=1, init_std=1)).eval()
+    save_model(model, tmp_path / "ints")
+    export(tmp_path / "ints", tmp_path / "hf")
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    x = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+
+
+def test_an_export_that_fails_into_an_earlier_one_leaves_it_as_it_was(tmp_path, monkeypatch, capsys):
+    """Exporting another model into an earlier export: a full disk while writing the weights left the new
+    config.json beside the old weights (from_pretrained refused the folder), and a Ctrl-C while the model card's
+    samples were generated left the new model under the old card (--push-to-hub would upload it). The export is
+    now written whole beside --out and swapped in: a failure leaves the earlier export as it was. What a killed
+    export left (a temporary as large as the weights, which --push-to-hub uploaded; a staging folder) is removed."""
+    import errno
+
+    from test_checkpoint import export_contents
+
+    import tinygemma.hf
+    import tinygemma.report
+
+    torch.manual_seed(0)
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "hf"
+    save_model(Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=2)), first)
+    save_model(Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=3)), second)
+    assert main(["export", "--ckpt", str(first), "--out", str(out), "--tokenizer", "gpt2"]) == 0
+    assert (out / "README.md").exists() and (out / "tokenizer.json").exists()
+    (out / ".model.safetensors.0123abcd.tmp").write_bytes(b"\0" * 1000)  # a killed export's
+    (tmp_path / ".hf.4567cdef.tmp").mkdir()  # a killed export's staging folder
+    (tmp_path / ".hf.4567cdef.tmp" / "config.json").write_text("{}")
+    before = export_contents(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for module, name, failure, status in ((tinygemma.hf, "atomic_save_safetensors", full_disk, 1),
+                                          (tinygemma.report, "generate_text", interrupted, 130)):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, failure)
+            assert main(["export", "--ckpt", str(second), "--out", str(out), "--tokenizer", "gpt2"]) == status
+        assert export_contents(out) == before, name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "hf", "second"]  # no staging folder
+    assert main(["export", "--ckpt", str(second), "--out", str(out), "--tokenizer", "gpt2"]) == 0
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert f"from_pretrained({str(out)!r})" in (out / "README.md").read_text()  # the folder, not the staging one
+    capsys.readouterr()
+
+
+def test_a_malformed_shard_index_is_one_line(tmp_path):
+    save_model(Gemma3(small_config()), tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    for weight_map in (["model.safetensors"], {"a": None}):
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(tinygemma.UserError, match="is not a safetensors index"):
+            tinygemma.load(tmp_path / "hf")
+
+
+def test_configs_are_read_as_transformers_reads_them(tmp_path):
+    """A RoPE table under the legacy "type" key is scaling (transformers reads it so): refused, not read as plain
+    RoPE. Without layer_types, transformers derives the layers from sliding_window_pattern alone (its "_" twin
+    only recorded), and so does tinygemma: they computed differently."""
+    save_model(Gemma3(small_config(n_layers=4)), tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    scaled = {**config, "rope_parameters": {**config["rope_parameters"],
+                                            "full_attention": {"type": "linear", "factor": 8.0, "rope_theta": 1e6}}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(scaled))
+    with pytest.raises(tinygemma.UserError, match="'linear' RoPE scaling on full_attention layers"):
+        tinygemma.load(tmp_path / "hf")
+    legacy = {k: v for k, v in config.items() if k not in ("layer_types", "sliding_window_pattern")}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**legacy, "_sliding_window_pattern": 2}))
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    loaded = tinygemma.load(tmp_path / "hf")
+    assert list(loaded.config.layer_types) == list(hf.config.layer_types)
+    x = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        assert (hf(x).logits - loaded(x)).abs().max().item() <= 1e-4
+
+
+def test_a_gemma_style_tokenizer_is_exported_with_its_own_bos(tmp_path):
+    """Gemma's tokenizer.json starts every text with <bos>: the export names <bos> as the beginning of sequence
+    (it named <eos>, so transformers' generate from nothing started from <eos>); eos and pad stay end-of-text."""
+    from tinygemma.tokenizer import load_tokenizer
+
+    path = gemma_like_tokenizer(tmp_path / "tokenizer.json")
+    save_model(Gemma3(small_config()), tmp_path / "ckpt", {"tokenizer": load_tokenizer(path).save(tmp_path / "ckpt")})
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 1, 1)
+    assert generation["bos_token_id"] == 2
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (fast.bos_token, fast.bos_token_id, fast.eos_token_id) == ("<bos>", 2, 1)
+    assert fast("Once").input_ids == [2, 3]  # (GPT-2's <bos> stays end-of-text: test_export_writes_the_...)

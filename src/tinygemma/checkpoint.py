@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,9 @@ from tinygemma.files import (
     read_json,
     read_safetensors,
     remove_temporaries,
+    staged_folder,
 )
-from tinygemma.hf import is_hf_export, load_hf, save_hf, written_by_tinygemma
+from tinygemma.hf import hf_config, is_hf_export, load_hf, save_hf, written_by_tinygemma
 from tinygemma.model import Gemma3, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
 from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
@@ -174,12 +176,16 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
+           finish: Callable[[Path], None] | None = None) -> Path:
     """Write a transformers Gemma3ForCausalLM directory (config.json, model.safetensors, generation_config.json
     and the tokenizer's files). The tokenizer is the checkpoint's own (a transformers directory's files are
     copied as they are), or `tokenizer` ("gpt2" or a tokenizer.json path) where it has none; a model saved
     with neither is exported without one. Everything that can refuse (the tokenizer, the weights) is read
-    before the first file is written: a refused export leaves --out as it was."""
+    before the first file is written: a refused export leaves --out as it was. The files are written whole
+    into a folder beside --out, `finish(folder)` adds its own (the model card), and they then replace --out's
+    together: an export that fails or is stopped leaves an earlier export in --out as it was, never the new
+    config.json beside the old weights or the old model card beside the new model."""
     src = resolve_checkpoint(ckpt)
     out = check_export_out(out, src)  # before the (slow) model load
     meta = read_checkpoint_meta(src)
@@ -192,26 +198,34 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None) -> P
         source_config = peek_json(src / "config.json")
         special = {key: source_config.get(key) for key in SPECIAL_IDS}
         if own is not None and all(value is None for value in special.values()):
-            special = dict.fromkeys(SPECIAL_IDS, own.eot_id)
+            special = special_ids(own)
         generation = peek_json(src / "generation_config.json") or special
     else:
         copied = []
         own = checkpoint_tokenizer(src, tokenizer) if tokenizer or meta.get("tokenizer") else None
-        special = generation = dict.fromkeys(SPECIAL_IDS, own.eot_id if own else None)
+        special = generation = special_ids(own)
     model = load(src)
     if own is not None:
         check_tokenizer_fits(own, model)
-    save_hf(model, out, special, generation)
-    written = copied or ([TOKENIZER_FILE, "tokenizer_config.json"] if own is not None else [])
-    if own is not None and not copied:
-        own.save_hf(out)
-    for name in copied:
-        with atomic_path(out / name) as tmp:
-            shutil.copyfile(src / name, tmp)
-    for name in HF_TOKENIZER_FILES:  # an earlier export's tokenizer, in a folder exported into again
-        if name not in written:
-            (out / name).unlink(missing_ok=True)
+    hf_config(model.config)  # what transformers could not load is refused here, before any folder is made
+    with staged_folder(out, EXPORT_FILES) as stage:
+        save_hf(model, stage, special, generation)
+        if own is not None and not copied:
+            own.save_hf(stage)
+        for name in copied:
+            with atomic_path(stage / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+        if finish is not None:
+            finish(stage)
     return out
+
+
+def special_ids(tokenizer) -> dict:
+    """config.json's special ids for a tokenizer: its <bos> (Gemma's) or end-of-text, and end-of-text for eos and
+    pad (a TinyStories model knows no other special token); all None without a tokenizer."""
+    if tokenizer is None:
+        return dict.fromkeys(SPECIAL_IDS)
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id}
 
 
 # ------------------------------------------------------------------ the checkpoint that goes with a tokenizer

@@ -391,8 +391,8 @@ def _export_main(args) -> int:
         raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")
     if args.dtype is not None:
         raise UserError("--dtype applies to --format gguf; an hf export keeps the checkpoint's dtype")
-    out = export(args.ckpt, args.out, args.tokenizer)
-    write_model_card(args.ckpt, out, args.push_to_hub)
+    out = export(args.ckpt, args.out, args.tokenizer,
+                 finish=lambda folder: write_model_card(args.ckpt, folder, args.push_to_hub, name=args.out))
     if not (out / TOKENIZER_FILE).exists():
         print(f"note: {args.ckpt} records no tokenizer, so {out} holds none: AutoTokenizer cannot load it; export "
               "again with --tokenizer gpt2 (or a tokenizer.json) to add the one it was trained with",

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
 from pathlib import Path
 
@@ -59,15 +60,18 @@ def write_errors(path: str | Path):
         raise error from None
 
 
-def _new_temporary(path: Path) -> Path:
-    """A new empty file beside `path`, created with mode 0666 as open() creates files, so that the kernel applies the
-    umask (and a default ACL) itself: no umask is read, since os.umask reads it only by setting it, process-wide,
-    which races with other threads. (tempfile.mkstemp would create it 0600 whatever the umask.)"""
+def _new_temporary(path: Path, folder: bool = False) -> Path:
+    """A new empty file (or `folder`) beside `path`, created with mode 0666 as open() creates files, so that the
+    kernel applies the umask (and a default ACL) itself: no umask is read, since os.umask reads it only by setting
+    it, process-wide, which races with other threads. (tempfile.mkstemp would create it 0600 whatever the umask.)"""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
-            os.close(os.open(tmp, flags, 0o666))
+            if folder:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, flags, 0o666))
             return tmp
         except FileExistsError:
             continue
@@ -122,6 +126,45 @@ def remove_temporaries(folder: str | Path, of: set[str] | frozenset[str]) -> Non
         for path in folder.iterdir():
             if temporary_target(path.name) in of and path.is_file():
                 path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | Path, own: frozenset[str]):
+    """Write a folder of files as one: yield a new staging folder beside `folder` for the block to write; once the
+    block succeeds, its files replace `folder`'s in a burst of renames (a new `folder` is the staging folder
+    renamed) and the files of `own` it did not write are removed. An error or Ctrl-C in the block leaves `folder`
+    as it was. A kill leaves the staging folder (named as atomic_path names its temporaries), which the next
+    staged_folder of `folder` removes, if it holds nothing but files of `own`."""
+    folder = Path(folder)
+    with write_errors(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for left in folder.parent.iterdir():
+            if temporary_target(left.name) == folder.name and left.is_dir() and not others_than(left, own):
+                shutil.rmtree(left, ignore_errors=True)
+        stage = _new_temporary(folder, folder=True)
+    try:
+        try:
+            yield stage
+        except WriteError as e:  # named as the file it was to become
+            error = WriteError(str(e).replace(str(stage), str(folder)))
+            error.errno = e.errno
+            raise error from None
+        with write_errors(folder):
+            if not folder.exists():
+                os.rename(stage, folder)
+            else:
+                written = {p.name for p in stage.iterdir()}
+                for name in written:
+                    os.replace(stage / name, folder / name)
+                for name in own - written:
+                    (folder / name).unlink(missing_ok=True)
+                remove_temporaries(folder, own)
+                stage.rmdir()
+            fsync_dir(folder)
+            fsync_dir(folder.parent)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset()) -> list[str]:

@@ -70,6 +70,9 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
     if not float(config.query_pre_attn_scalar).is_integer():
         raise UserError(f"model.query_pre_attn_scalar is {config.query_pre_attn_scalar}; transformers reads it as an "
                         "integer, so this model cannot be exported to it")
+    if config.d_model % config.n_heads:  # tinygemma's head_dim is free of it, transformers' config check is not
+        raise UserError(f"model.d_model ({config.d_model}) is not a multiple of n_heads ({config.n_heads}); "
+                        "transformers refuses such a Gemma 3 config, so this model cannot be exported to it")
     d = {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -82,8 +85,8 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
         "head_dim": config.head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": config.init_std,
-        "rms_norm_eps": config.rms_norm_eps,
+        "initializer_range": float(config.init_std),  # transformers 5 refuses an int in these two
+        "rms_norm_eps": float(config.rms_norm_eps),
         # transformers 5 insists on an int here, as in Gemma 3's own config.json (hf_config refuses any other).
         "query_pre_attn_scalar": int(config.query_pre_attn_scalar),
         "sliding_window": config.sliding_window,
@@ -139,14 +142,15 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
     local = (rope.get(SLIDING) or {}).get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
     global_ = (rope.get(GLOBAL) or {}).get("rope_theta", d.get("rope_theta", 1_000_000.0))
     for kind in (SLIDING, GLOBAL):
-        rope_type = (rope.get(kind) or {}).get("rope_type", "default")
+        rope_type = _rope_type(rope.get(kind))
         if rope_type != "default":
             raise UserError(f"config.json uses {rope_type!r} RoPE scaling on {kind} layers; tinygemma implements the default RoPE")
-    if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+    if _rope_type(d.get("rope_scaling")) not in ("default", None):
         raise UserError("config.json uses RoPE scaling; tinygemma implements the default RoPE")
     try:
         n_layers = d["num_hidden_layers"]
-        pattern = d.get("_sliding_window_pattern", d.get("sliding_window_pattern", 6))
+        # Without layer_types, transformers derives the layers from this key alone (its "_" twin is only recorded).
+        pattern = d.get("sliding_window_pattern", 6)
         return ModelConfig(
             vocab_size=d["vocab_size"],
             d_model=d["hidden_size"],
@@ -170,13 +174,22 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
         raise UserError(f"config.json lacks {e.args[0]!r}") from None
 
 
+def _rope_type(params: dict | None) -> str | None:
+    """A RoPE table's type, under its name or the legacy "type" that transformers also reads."""
+    params = params or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """Tensors of a transformers directory: model.safetensors or its shards. Pickled weights are refused."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.exists():
         return read_safetensors(single)
     if index.exists():
-        shards = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values()))
+        weight_map = read_json(index, "safetensors index").get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index} is not a safetensors index (its weight_map maps names to files)")
+        shards = sorted(set(weight_map.values()))
         if not shards:
             raise UserError(f"{index} lists no weight files")
         state = {}

@@ -241,19 +241,22 @@ def sampling(g: dict) -> str:
 # ------------------------------------------------------------------ the model card of an export
 
 
-def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = None) -> Path:
+def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = None,
+                     name: str | Path | None = None) -> Path:
     """README.md in the exported directory `out`: the hub's YAML header, then the model, its training, its
     evaluation, samples generated from `out` itself, and how to load it; from the records of `ckpt`, the
-    checkpoint it was exported from. `repo_id` is the hub repository it will be loaded from, if known."""
+    checkpoint it was exported from. `repo_id` is the hub repository it will be loaded from, if known; `name`
+    the folder it will be loaded from otherwise (`out`, unless that is a staging folder)."""
     out = Path(out)
+    name = Path(name or out)
     known = export_records(ckpt)
     config = model_config_from_hf(read_json(out / "config.json", "config.json"))
-    where = repo_id or str(out)
+    where = repo_id or str(name)
     recipe = known["recipe"]
     generate = GenerateConfig(**recipe["generate"]) if recipe else GenerateConfig()
     text = "\n".join([
         "---", card_header(known).rstrip("\n"), "---", "",
-        f"# {repo_id or out.name}", "", card_summary(known, config), "",
+        f"# {repo_id or name.name}", "", card_summary(known, config), "",
         "## Model", "", *table(model_rows(config, known)),
         "## Training", "", *training_section(known),
         "## Evaluation", "", *evaluation_section(known),

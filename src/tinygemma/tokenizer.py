@@ -40,6 +40,16 @@ class Tokenizer:
     prompt_prefix: tuple[int, ...] = ()  # ids a prompt starts with: the beginning-of-sequence token, if any
 
     @property
+    def bos_id(self) -> int:
+        """The beginning-of-sequence id an export names: the <bos> a prompt starts with, else end-of-text (which
+        separates the stories, so every story follows it)."""
+        return self.prompt_prefix[0] if self.prompt_prefix else self.eot_id
+
+    @property
+    def bos_token(self) -> str:
+        return self.eot_token
+
+    @property
     def model_vocab_size(self) -> int:
         """The fewest embedding rows a model needs for this tokenizer: its text's ids, end-of-text and the ids a
         prompt starts with (<bos>). Other special tokens past them are never encoded from text (they are read
@@ -73,7 +83,7 @@ class Tokenizer:
         atomic_write_text(directory / TOKENIZER_FILE, self.hf_json())
         atomic_write_json(directory / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.eot_token, "eos_token": self.eot_token, "unk_token": self.eot_token,
+            "bos_token": self.bos_token, "eos_token": self.eot_token, "unk_token": self.eot_token,
             "pad_token": self.eot_token,  # batched calls pad with it, as generation_config.json's pad id
             "padding_side": "left",  # a batch of prompts for generate: each continues from its own last token
             "add_bos_token": False, "add_eos_token": False,
@@ -252,6 +262,10 @@ class HFTokenizer(Tokenizer):
     @property
     def model_vocab_size(self) -> int:
         return self._model_vocab_size
+
+    @property
+    def bos_token(self) -> str:
+        return self.backend.id_to_token(self.bos_id) if self.prompt_prefix else self.eot_token
 
     def _post_processor_prefix(self) -> tuple[int, ...]:
         """The ids the tokenizer's post-processor puts before a text (Gemma's <bos>; none for GPT-2's and our

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tinygemma import generate as generate_module
+from tinygemma.decode import forget_decode_plan
 from tinygemma.generate import generate, last_logits
 
 transformers = pytest.importorskip("transformers")
@@ -93,5 +94,28 @@ def test_decode_plan_is_reused_but_never_stale():
             p.add_(torch.randn_like(p) * 0.05)
     after = generate(model, prompt, 12, temperature=0)
     assert not torch.equal(before, after)  # the new weights were used...
-    del model._decode_plan
+    forget_decode_plan(model)
     assert torch.equal(after, generate(model, prompt, 12, temperature=0))  # ...exactly as a fresh plan
+
+
+def test_a_plan_sees_writes_through_data_and_leaves_the_model_copyable():
+    """Writes through .data (an EMA's p.data.mul_, a copy from another model) bump no version counter: the plan
+    kept from before decoded with the old weights after a prefill with the new ones. The kept plan made the model
+    impossible to deepcopy or torch.save (oneDNN's opaque tensors), and a model made under inference_mode (no
+    version counters) could not generate at all."""
+    import copy
+    import io
+
+    model, other = tiny_model(seed=4, vocab_size=512), tiny_model(seed=5, vocab_size=512)
+    if generate_module.decode_plan(model) is None:
+        pytest.skip("no oneDNN on this CPU")
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    generate(model, prompt, 12, temperature=0)  # a plan is kept
+    copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.copy_(q.data)
+    assert torch.equal(generate(model, prompt, 12, temperature=0), generate(other, prompt, 12, temperature=0))
+    with torch.inference_mode():
+        frozen = tiny_model(seed=5, vocab_size=512)
+        assert torch.equal(generate(frozen, prompt, 12, temperature=0), generate(other, prompt, 12, temperature=0))

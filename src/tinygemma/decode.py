@@ -9,6 +9,8 @@ the model's forward, with the same tokens.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +98,10 @@ def gain(norm: RMSNorm) -> torch.Tensor:
     return 1.0 + norm.weight.detach().float()
 
 
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, probe, plan); not on the module,
+# whose deepcopy, pickling (torch.save) and state would then carry oneDNN's opaque tensors
+
+
 def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     """The `DecodePlan` of a float32 model on a CPU with oneDNN, or a bfloat16 one on a CPU that computes in
     bfloat16 natively, its weights packed by oneDNN; None anywhere else (decoding then runs the model's own
@@ -106,27 +112,45 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     paths for it do not (the packed layout is the one torch.compile's weight freezing uses for CPU linears;
     with it 270M decodes 1.5x faster in float32, 1.6x in bfloat16, with the same tokens), and the rest of a
     step is the dispatch of small operations, which the plan halves. Building a plan copies the weights (0.15
-    to 0.3 s for 270M), so it is kept on the model for the next call, keyed on each parameter's storage and
-    in-place version counter: an optimizer step, load_state_dict or .to() changes the key and a new plan is
-    built, never a stale one. The copies cost as much memory as the linear weights; `del model._decode_plan`
-    frees them.
+    to 0.3 s for 270M), so it is kept for the model's next call, keyed on each parameter's storage and in-place
+    version counter (an optimizer step, load_state_dict or .to() changes them) and on a few values strided
+    across each (writes through .data, an EMA's or a copy from another model, are seen by no version counter):
+    a new plan is then built, never a stale one. Parameters made under torch.inference_mode have no version
+    counter: their plan is built for each call. The copies cost as much memory as the linear weights;
+    `forget_decode_plan(model)` frees them (they also go with the model).
     """
     if pack is None:
         pack = onednn_linear_available(next(model.parameters()))
         if not pack:
             return None
-    key = (pack, tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()))
-    cached = model.__dict__.get("_decode_plan")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    model.__dict__.pop("_decode_plan", None)  # free the old copies before making new ones
-    with torch.no_grad():
-        if pack:
-            plan = DecodePlan(model, onednn_pack, onednn_linear)
-        else:
-            plan = DecodePlan(model, torch.Tensor.detach, F.linear)
-    model.__dict__["_decode_plan"] = (key, plan)
+    params = list(model.parameters())
+    if any(p.is_inference() for p in params):
+        return _build_plan(model, pack)
+    key = (pack, tuple((p.data_ptr(), p._version, p.dtype) for p in params))
+    probe = _probe(params)
+    cached = _PLANS.get(model)
+    if cached is not None and cached[0] == key and torch.equal(cached[1], probe):
+        return cached[2]
+    forget_decode_plan(model)  # free the old copies before making new ones
+    plan = _build_plan(model, pack)
+    _PLANS[model] = (key, probe, plan)
     return plan
+
+
+def forget_decode_plan(model: Gemma3) -> None:
+    """Free the weight copies of the model's kept decode plan, if it has one."""
+    _PLANS.pop(model, None)
+
+
+def _build_plan(model: Gemma3, pack: bool) -> DecodePlan:
+    with torch.no_grad():
+        return DecodePlan(model, onednn_pack, onednn_linear) if pack else DecodePlan(model, torch.Tensor.detach, F.linear)
+
+
+def _probe(params: list[torch.Tensor]) -> torch.Tensor:
+    """Sixteen values strided across each parameter (a few hundred in all: microseconds to compare)."""
+    with torch.no_grad():
+        return torch.cat([p.reshape(-1)[:: max(1, p.numel() // 16)].float() for p in params])
 
 
 # ------------------------------------------------------------------ oneDNN: the one boundary with torch internals

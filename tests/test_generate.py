@@ -115,6 +115,9 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(model, tokeniz
     c = generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=2, num_samples=3)[0]
     assert a == b and a != c
     assert len(set(a)) == 3  # the samples of a batch differ from each other
+    # Sample i is the one seed + i gives alone, whatever the batch (it depended on how many were asked for).
+    assert [generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=1 + i)[0][0] for i in range(3)] == a
+    assert c[:2] == a[1:]
 
 
 def test_stops_at_end_of_text(model, tokenizer):

@@ -225,7 +225,8 @@ SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are severa
 
 def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # one generator
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                   prompts=args.num_samples)  # seed + i for sample i
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if not args.prompt:
@@ -331,7 +332,8 @@ def add_generate(subparsers) -> None:
                    help="nucleus sampling: only the most likely tokens whose probabilities add up to p, in (0, 1] "
                         f"(default {defaults.top_p})")
     p.add_argument("--seed", type=int, default=defaults.seed,
-                   help=f"sampling seed: the same seed gives the same text (default {defaults.seed})")
+                   help=f"sampling seed: the same seed gives the same text; sample i of --num-samples is the one "
+                   f"seed + i gives alone (default {defaults.seed})")
     p.add_argument("--num-samples", type=int, default=1,
                    help="continuations generated together in one batch; printed one after another, separated "
                         "by a line '---' (only a single sample is streamed)")

@@ -35,8 +35,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of `logits` [B, V]; temperature 0 is greedy."""
+                      top_p: float | None = None,
+                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """One token id per row of `logits` [B, V]; temperature 0 is greedy. `generator` may be one per row: each row
+    is then drawn from its own, so that a row's tokens do not depend on how many rows there are."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     # The largest logit is 0 before the division: a tiny temperature sends the others to -inf, never inf - inf.
@@ -44,6 +46,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     logits = filter_logits(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -53,7 +57,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 @torch.no_grad()
 def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                    generator: torch.Generator | None = None, vocab_size: int | None = None) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | list[torch.Generator] | None = None,
+                    vocab_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
@@ -97,7 +102,7 @@ def last_logits(model: Gemma3, input_ids, cache, start_pos):
 @torch.no_grad()
 def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor."""
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
     return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
@@ -163,9 +168,10 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                   num_samples: int = 1, on_text=None) -> tuple[list[str], int]:
     """The prompt's continuations (without the prompt), one per sample, each ending at end of text or after
     `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text included).
-    `on_text(sample, text)` receives each piece of text as soon as it is complete.
+    `on_text(sample, text)` receives each piece of text as soon as it is complete. Sample i is drawn from seed
+    `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples)
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
@@ -173,7 +179,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     input_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
     eot = tokenizer.eot_id
     streams = [TextStream(tokenizer, context=ids) for _ in range(num_samples)]
     texts = [""] * num_samples

@@ -70,6 +70,21 @@ def test_the_report_is_the_runs_records(straight_run, stories_dir):
     assert "](loss.png)" in text and "## Samples" not in text  # samples come from `tinygemma run`
 
 
+def test_the_report_counts_the_parameters_the_model_card_and_readme_count(data_dir, tmp_path):
+    """Vocabulary padding adds rows no token uses: report.md counted them (456,192 against the export card's
+    398,336 for one run); both now count the model's real parameters, as the README's presets table does."""
+    from tinygemma.checkpoint import load
+
+    out = tmp_path / "padded"
+    test_train.run(data_dir, out, "max_steps=2", "warmup_steps=1", "checkpoint_interval=2",
+                   "model.vocab_pad_multiple=1000")
+    recorded = json.loads((out / "config.json").read_text())["run"]["parameters"]
+    model = load(out)
+    assert model.config.padded_vocab_size == 1000 and model.num_params() > recorded
+    assert recorded == model.config.num_params()
+    assert f"| parameters | {recorded:,} |" in (out / "report.md").read_text()
+
+
 def test_the_report_gives_mfu_at_the_average_rate():
     """A log line's record holds its interval's rate and the MFU at that rate: at the run's average rate, MFU
     scales with it."""
@@ -178,3 +193,7 @@ def test_the_cards_transformers_snippet_of_a_greedy_recipe_does_not_sample():
     assert "do_sample=False" in greedy and "temperature" not in greedy
     sampled = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.8, top_k=50)))
     assert "do_sample=True, temperature=0.8, top_k=50" in sampled
+    # Without top-k, the snippet says top_k=0: transformers' generate otherwise filters to its default of 50
+    # (checked against transformers 5.24's logits processors: TopKLogitsWarper with top_k left out, none with 0).
+    top_p_only = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.8, top_k=None, top_p=0.9)))
+    assert "do_sample=True, temperature=0.8, top_k=0, top_p=0.9)" in top_p_only

@@ -397,7 +397,8 @@ def usage_section(where: str, g: GenerateConfig) -> list[str]:
     if g.temperature == 0:  # greedy: transformers refuses a temperature of 0 with sampling on
         options = "do_sample=False"
     else:
-        options = f"do_sample=True, temperature={g.temperature}" + (f", top_k={g.top_k}" if g.top_k else "") + (
+        # top_k=0 said outright: transformers' generate otherwise filters to its own default, 50
+        options = f"do_sample=True, temperature={g.temperature}, top_k={g.top_k or 0}" + (
             f", top_p={g.top_p}" if g.top_p else "")
     return ["With transformers:", "", "```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM", "",
             f"tokenizer = AutoTokenizer.from_pretrained({where!r})",

@@ -247,7 +247,7 @@ class Trainer:
         resolved["run"] = {"world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
-                           "parameters": self.raw.num_params(), "tokenizer": self.tokenizer,
+                           "parameters": self.model_config.num_params(), "tokenizer": self.tokenizer,
                            "attention_backend": self.attention[0], "kv_layout": kv_layouts(self.raw),
                            "loss_head": self.loss_head,
                            "compiled": compiles(cfg, rt),
@@ -261,7 +261,7 @@ class Trainer:
         self.log_file = MetricsLog.resume(metrics, start) if start else MetricsLog(metrics)
         if self.quiet:
             return
-        print(f"training {self.raw.num_params():,} parameters on {rt.world_size} x {rt.device} in "
+        print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
               f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all) in "
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"

@@ -255,6 +255,42 @@ def test_a_broken_pipe_other_than_stdout_is_an_error():
     assert result.stderr == "tinygemma generate: error: [Errno 32] Broken pipe\n"
 
 
+def test_running_out_of_memory_is_one_line_with_what_to_lower(world, capsys, monkeypatch):
+    """A KV cache too large (the CPU allocator's error), a GPU's out of memory in training: one line
+    naming the setting to lower, exit status 1, not a traceback. Any other RuntimeError stays a bug's traceback."""
+    import tinygemma.cli as cli
+    import tinygemma.generate
+
+    def cpu_allocator(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 402653184000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(tinygemma.generate.Gemma3, "new_cache", cpu_allocator)
+    assert main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--num-samples", "3",
+                 "--max-new-tokens", "5"]) == 1
+    err = capsys.readouterr().err.split("\n", 1)[1]  # after the line saying what was loaded
+    assert err.count("\n") == 1 and err.startswith("tinygemma generate: error: out of memory ([enforce fail")
+    assert err.endswith("; ask for fewer --num-samples or --max-new-tokens\n")
+
+    def cuda(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB\nof which 1.2 GiB is free.")
+
+    monkeypatch.setattr(cli, "_train_main", cuda)
+    assert main(["train", "--config", "configs/workshop.toml"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("tinygemma train: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                   "a total capacity of 79.19 GiB); set train.micro_batch_size lower (or to auto, on CUDA), or "
+                   "train.block_size\n")
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(tinygemma.generate.Gemma3, "new_cache", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "5"])
+
+
 def test_the_closed_reader_of_stdout_is_seen_on_a_pipe_and_a_socket(monkeypatch):
     """A pipe's closed reader is an error on the writing end; a socket's closed peer is a hang-up (Linux, and
     pipes on macOS): both are the reader that left. An open one, a file or a captured stdout is not."""

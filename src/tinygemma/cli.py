@@ -88,7 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tinygemma {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and not OUT_OF_MEMORY.search(str(e)):
+            raise
+        cause = (str(e).strip().splitlines() or ["MemoryError"])[0][:200]
+        print(f"tinygemma {args.command}: error: out of memory ({cause}); {MEMORY_ADVICE.get(args.command, '')}"
+              .rstrip("; "), file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+# CUDA's "CUDA out of memory", the CPU allocator's "can't allocate memory", MPS's "MPS backend out of memory"
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
+MEMORY_ADVICE = {
+    "generate": "ask for fewer --num-samples or --max-new-tokens",
+    "eval": "use a smaller --batch-size",
+    "train": "set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size",
+    "run": "set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size",
+}
 
 
 def _stdout_reader_left() -> bool:

@@ -173,8 +173,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def resident_bytes(c: Contender) -> int:
-    """Bytes of a contender's weights and optimizer state (a tied weight counted once)."""
-    tensors = {t.data_ptr(): t for t in c.model.parameters()}
+    """Bytes of a contender's weights, buffers (the workshop model's RoPE tables) and optimizer state (a tied
+    weight counted once)."""
+    tensors = {t.data_ptr(): t for t in (*c.model.parameters(), *c.model.buffers())}
     for state in c.optimizer.state.values():
         tensors.update((t.data_ptr(), t) for t in state.values() if isinstance(t, torch.Tensor))
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -57,6 +57,16 @@ def test_train_throughput_smoke(tmp_path, capsys):
         assert f"| {name} |" in table
 
 
+def test_resident_memory_counts_buffers_too():
+    """The workshop model's RoPE tables (buffers, 128 MiB at its size) are resident before a step as its weights
+    are: left out, its peak memory read 128 MiB low."""
+    train_throughput = load_script("train_throughput")
+    model = torch.nn.Linear(4, 4)
+    model.register_buffer("table", torch.zeros(1000))
+    contender = train_throughput.Contender("t", model, lambda x, y: model(x).sum(), autocast=False)
+    assert train_throughput.resident_bytes(contender) == (16 + 4 + 1000) * 4  # weight, bias, buffer; no state yet
+
+
 def test_train_throughput_isolated_runs_each_contender_in_its_own_process(capsys):
     """--isolate: one process per contender and round; their step times gathered, losses still checked equal."""
     train_throughput = load_script("train_throughput")

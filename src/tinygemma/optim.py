@@ -169,10 +169,14 @@ def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
                      backend=muon_backend(rt.device))
 
 
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
-    """One phrase for the start-of-training line: which optimizer, and which Muon iteration runs."""
+def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) -> str:
+    """One phrase for the start-of-training line: which optimizer, and which Muon iteration runs (`sharded`:
+    under FSDP2, where each matrix is gathered whole and the torch and compiled backends give way to our own)."""
     if not isinstance(optimizer, MuonAdamW):
         return type(optimizer).__name__
+    if sharded:
+        dtype = "float32" if optimizer.backend == "float32" else "bfloat16"
+        return f"Muon (own batched {dtype} Newton-Schulz on each FSDP2 matrix gathered whole) + AdamW"
     if optimizer.backend == "torch":
         return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz: this device computes bf16 natively) + AdamW"
     if optimizer.backend == "bfloat16":

@@ -266,7 +266,7 @@ class Trainer:
               f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all) in "
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
-              f"{describe_optimizer(self.optimizer)}, {cfg.lr_schedule} schedule; "
+              f"{describe_optimizer(self.optimizer, self.fsdp)}, {cfg.lr_schedule} schedule; "
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
               f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
               f"{'; torch.compile: the first step compiles the model (a minute or more)' if resolved['run']['compiled'] else ''}",

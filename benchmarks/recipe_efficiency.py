@@ -51,6 +51,7 @@ from common import cpu_description  # noqa: E402
 
 from tinygemma.config import load_recipe  # noqa: E402
 from tinygemma.data import prepare  # noqa: E402
+from tinygemma.metrics import read_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = Path(os.environ.get("TINYGEMMA_SHARED", ROOT.parent / "shared")) / "data" / "tinystories"
@@ -88,7 +89,7 @@ def run_one(job: dict) -> dict:
     t0 = time.perf_counter()
     summary = train(recipe, quiet=True)
     wall = time.perf_counter() - t0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(out / "metrics.jsonl")  # (a non-finite value, written as null, read as NaN)
     steps = [r for r in records if "train_loss" in r]
     result = {**{k: job[k] for k in ("contender", "value", "seed", "settings")},
               "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "tokens": summary["tokens"],

@@ -124,3 +124,29 @@ def test_only_the_temporaries_of_the_files_named_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.jsonl.0a1b2c3d.tmp", ".notes.txt.0a1b2c3d.tmp",
                                                           "loss.png"]
     remove_temporaries(tmp_path / "missing", {"loss.png"})  # no folder, nothing to do
+
+
+def test_a_lock_taken_on_a_file_its_holder_removed_is_taken_again(tmp_path, monkeypatch):
+    """A holder that lets go with release(remove=True) deletes the lock file first: a process that had opened
+    that file just before locked the deleted file, and a third one then locked a new file: two holders. The lock
+    now counts only if it is on the file the path names."""
+    from tinygemma.files import FolderLock
+
+    a = FolderLock(tmp_path, "a run")
+    a.acquire()
+    real_open = os.open
+
+    def open_then_a_lets_go(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        if a.fd is not None:
+            a.release(remove=True)  # after B opened the file, before B locks it
+        return fd
+
+    monkeypatch.setattr(files.os, "open", open_then_a_lets_go)
+    b = FolderLock(tmp_path, "a run")
+    b.acquire()
+    monkeypatch.undo()
+    c = FolderLock(tmp_path, "a run")
+    with pytest.raises(UserError, match="is a run another process is writing"):
+        c.acquire()
+    b.release()

@@ -2,6 +2,7 @@
 exports that Gemma3ForCausalLM.from_pretrained loads with the same logits and the checkpoint's tokenizer."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -306,8 +307,9 @@ def test_an_export_that_fails_into_an_earlier_one_leaves_it_as_it_was(tmp_path, 
     """Exporting another model into an earlier export: a full disk while writing the weights left the new
     config.json beside the old weights (from_pretrained refused the folder), and a Ctrl-C while the model card's
     samples were generated left the new model under the old card (--push-to-hub would upload it). The export is
-    now written whole beside --out and swapped in: a failure leaves the earlier export as it was. What a killed
-    export left (a temporary as large as the weights, which --push-to-hub uploaded; a staging folder) is removed."""
+    now written whole into a staging folder inside --out and swapped in: a failure leaves the earlier export as it
+    was. What a killed export left (a temporary as large as the weights, which --push-to-hub uploaded; a staging
+    folder) is removed by the next one; a replaced file keeps its mode (a private model stays private)."""
     import errno
 
     from test_checkpoint import export_contents
@@ -321,9 +323,7 @@ def test_an_export_that_fails_into_an_earlier_one_leaves_it_as_it_was(tmp_path, 
     save_model(Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=3)), second)
     assert main(["export", "--ckpt", str(first), "--out", str(out), "--tokenizer", "gpt2"]) == 0
     assert (out / "README.md").exists() and (out / "tokenizer.json").exists()
-    (out / ".model.safetensors.0123abcd.tmp").write_bytes(b"\0" * 1000)  # a killed export's
-    (tmp_path / ".hf.4567cdef.tmp").mkdir()  # a killed export's staging folder
-    (tmp_path / ".hf.4567cdef.tmp" / "config.json").write_text("{}")
+    (out / "model.safetensors").chmod(0o600)
     before = export_contents(out)
 
     def full_disk(*args, **kwargs):
@@ -337,14 +337,46 @@ def test_an_export_that_fails_into_an_earlier_one_leaves_it_as_it_was(tmp_path, 
         with monkeypatch.context() as m:
             m.setattr(module, name, failure)
             assert main(["export", "--ckpt", str(second), "--out", str(out), "--tokenizer", "gpt2"]) == status
-        assert export_contents(out) == before, name
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "hf", "second"]  # no staging folder
+        assert export_contents(out) == before, name  # no staging folder, no lock file either
+    (out / ".model.safetensors.0123abcd.tmp").write_bytes(b"\0" * 1000)  # what a killed export left
+    (out / ".tinygemma-staged.k1ll3d").mkdir()
+    (out / ".tinygemma-staged.k1ll3d" / "config.json").write_text("{}")
     assert main(["export", "--ckpt", str(second), "--out", str(out), "--tokenizer", "gpt2"]) == 0
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o600
     assert f"from_pretrained({str(out)!r})" in (out / "README.md").read_text()  # the folder, not the staging one
     capsys.readouterr()
+
+
+def test_an_export_is_one_writer_and_stages_on_its_own_filesystem(tmp_path, monkeypatch, capsys):
+    """A second export into a folder being exported into is refused in one line (it deleted the first one's
+    staging folder and both ended with README.md alone). The staging folder is inside --out, so `--out .` and a
+    folder whose parent is not writable (or is another filesystem) export as they did before staging."""
+    from tinygemma.files import FolderLock
+
+    save_model(Gemma3(small_config()), tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    out.mkdir()
+    other = FolderLock(out, "an export")
+    other.acquire()
+    try:
+        assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]) == 2
+    finally:
+        other.release()
+    assert "is an export another process is writing" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [".lock"]  # (the other's lock file; nothing written)
+    monkeypatch.chdir(out)
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", "."]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors"]
+    if os.geteuid() != 0:  # root writes anywhere
+        tmp_path.chmod(0o555)
+        try:
+            assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+        finally:
+            tmp_path.chmod(0o755)
 
 
 def test_a_malformed_shard_index_is_one_line(tmp_path):

@@ -183,8 +183,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     copied as they are), or `tokenizer` ("gpt2" or a tokenizer.json path) where it has none; a model saved
     with neither is exported without one. Everything that can refuse (the tokenizer, the weights) is read
     before the first file is written: a refused export leaves --out as it was. The files are written whole
-    into a folder beside --out, `finish(folder)` adds its own (the model card), and they then replace --out's
-    together: an export that fails or is stopped leaves an earlier export in --out as it was, never the new
+    into a staging folder inside --out, `finish(folder)` adds its own (the model card), and they then replace
+    --out's together: an export that fails or is stopped leaves an earlier export in --out as it was, never the new
     config.json beside the old weights or the old model card beside the new model."""
     src = resolve_checkpoint(ckpt)
     out = check_export_out(out, src)  # before the (slow) model load
@@ -208,7 +208,7 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     if own is not None:
         check_tokenizer_fits(own, model)
     hf_config(model.config)  # what transformers could not load is refused here, before any folder is made
-    with staged_folder(out, EXPORT_FILES) as stage:
+    with staged_folder(out, EXPORT_FILES, "an export") as stage:
         save_hf(model, stage, special, generation)
         if own is not None and not copied:
             own.save_hf(stage)

@@ -33,7 +33,6 @@ import torch
 from tinygemma.config import TrainConfig
 from tinygemma.errors import UserError, describe
 from tinygemma.files import (
-    LOCK_NAME,
     FolderLock,
     atomic_path,
     atomic_write_json,
@@ -506,9 +505,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         return _prepare_into(out_dir, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
                              progress)
     finally:
-        if lock.fd is not None:
-            (out_dir / LOCK_NAME).unlink(missing_ok=True)
-            lock.release()
+        lock.release(remove=True)
         if created and not is_prepared_dataset(out_dir):
             with contextlib.suppress(OSError):
                 out_dir.rmdir()  # only if empty: a run that failed leaves nothing behind it created
@@ -627,7 +624,7 @@ def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
     out_dir = check_output_folder(out_dir, "the dataset", flag)
     if not out_dir.exists() or is_prepared_dataset(out_dir):
         return
-    others = others_than(out_dir, PREPARED_FILES | {LOCK_NAME})  # a lock a killed prepare left
+    others = others_than(out_dir, PREPARED_FILES)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserError(f"{flag} {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "

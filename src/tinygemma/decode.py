@@ -113,10 +113,11 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     with it 270M decodes 1.5x faster in float32, 1.6x in bfloat16, with the same tokens), and the rest of a
     step is the dispatch of small operations, which the plan halves. Building a plan copies the weights (0.15
     to 0.3 s for 270M), so it is kept for the model's next call, keyed on each parameter's storage and in-place
-    version counter (an optimizer step, load_state_dict or .to() changes them) and on a few values strided
-    across each (writes through .data, an EMA's or a copy from another model, are seen by no version counter):
-    a new plan is then built, never a stale one. Parameters made under torch.inference_mode have no version
-    counter: their plan is built for each call. The copies cost as much memory as the linear weights;
+    version counter (an optimizer step, load_state_dict or .to() changes them) and on sixteen values strided
+    across each: writes through .data, which no version counter sees, are seen where they change those values
+    (an EMA's, a copy from another model); one that changes only other values of a weight is not, and needs
+    `forget_decode_plan(model)`. Parameters made under torch.inference_mode have no version counter: their plan
+    is built for each call. The copies cost as much memory as the linear weights;
     `forget_decode_plan(model)` frees them (they also go with the model).
     """
     if pack is None:
@@ -129,7 +130,8 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     key = (pack, tuple((p.data_ptr(), p._version, p.dtype) for p in params))
     probe = _probe(params)
     cached = _PLANS.get(model)
-    if cached is not None and cached[0] == key and torch.equal(cached[1], probe):
+    if (cached is not None and cached[0] == key and cached[1].shape == probe.shape
+            and torch.allclose(cached[1], probe, rtol=0, atol=0, equal_nan=True)):  # (a NaN weight equals itself)
         return cached[2]
     forget_decode_plan(model)  # free the old copies before making new ones
     plan = _build_plan(model, pack)

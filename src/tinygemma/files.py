@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import torch
@@ -128,21 +129,30 @@ def remove_temporaries(folder: str | Path, of: set[str] | frozenset[str]) -> Non
                 path.unlink(missing_ok=True)
 
 
+STAGE_PREFIX = ".tinygemma-staged."  # a staging folder inside the folder it is staged for (staged_folder)
+
+
 @contextlib.contextmanager
-def staged_folder(folder: str | Path, own: frozenset[str]):
-    """Write a folder of files as one: yield a new staging folder beside `folder` for the block to write; once the
-    block succeeds, its files replace `folder`'s in a burst of renames (a new `folder` is the staging folder
-    renamed) and the files of `own` it did not write are removed. An error or Ctrl-C in the block leaves `folder`
-    as it was. A kill leaves the staging folder (named as atomic_path names its temporaries), which the next
-    staged_folder of `folder` removes, if it holds nothing but files of `own`."""
-    folder = Path(folder)
+def staged_folder(folder: str | Path, own: frozenset[str], what: str):
+    """Write a folder of files as one: yield a new staging folder inside `folder` for the block to write; once
+    the block succeeds, its files replace `folder`'s in a burst of renames, each keeping the mode of the file it
+    replaces, and the files of `own` it did not write are removed. An error or Ctrl-C in the block leaves `folder`
+    as it was (a new one is removed). `folder` is locked meanwhile (`what` names it in the refusal of a second
+    writer); a kill leaves the staging folder, which the next writer removes. Staging inside `folder` keeps the
+    renames on its own filesystem (a mount point, a symlink elsewhere) and needs no right to write its parent."""
+    folder = Path(folder).absolute()
+    created = not folder.exists()
     with write_errors(folder):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        for left in folder.parent.iterdir():
-            if temporary_target(left.name) == folder.name and left.is_dir() and not others_than(left, own):
-                shutil.rmtree(left, ignore_errors=True)
-        stage = _new_temporary(folder, folder=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder, what)
+    stage = None
     try:
+        lock.acquire()
+        with write_errors(folder):
+            for left in folder.iterdir():  # a killed writer's: no live one, since this process holds the lock
+                if left.name.startswith(STAGE_PREFIX) and left.is_dir():
+                    shutil.rmtree(left, ignore_errors=True)
+            stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
         try:
             yield stage
         except WriteError as e:  # named as the file it was to become
@@ -150,29 +160,32 @@ def staged_folder(folder: str | Path, own: frozenset[str]):
             error.errno = e.errno
             raise error from None
         with write_errors(folder):
-            if not folder.exists():
-                os.rename(stage, folder)
-            else:
-                written = {p.name for p in stage.iterdir()}
-                for name in written:
-                    os.replace(stage / name, folder / name)
-                for name in own - written:
-                    (folder / name).unlink(missing_ok=True)
-                remove_temporaries(folder, own)
-                stage.rmdir()
+            written = {p.name for p in stage.iterdir()}
+            for name in written:
+                if (folder / name).is_file():
+                    os.chmod(stage / name, stat.S_IMODE((folder / name).stat().st_mode))
+                os.replace(stage / name, folder / name)
+            for name in own - written:
+                (folder / name).unlink(missing_ok=True)
+            remove_temporaries(folder, own)
             fsync_dir(folder)
-            fsync_dir(folder.parent)
     finally:
-        if stage.exists():
+        if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
+        lock.release(remove=True)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a failed write leaves no folder it made
 
 
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset()) -> list[str]:
     """The names in `folder` that a command writing `own` did not leave there: neither one of `own`, nor a
-    temporary a killed atomic write left of one of `own` or of `temporaries_of`. None: the folder is the
-    command's to write into again."""
+    temporary a killed atomic write left of one of `own` or of `temporaries_of`, nor what any of tinygemma's
+    writers may leave (a lock file, a killed staging folder). None: the folder is the command's to write into
+    again."""
     return sorted(p.name for p in Path(folder).iterdir()
-                  if p.name not in own and temporary_target(p.name) not in own | temporaries_of)
+                  if p.name not in own and temporary_target(p.name) not in own | temporaries_of
+                  and p.name != LOCK_NAME and not p.name.startswith(STAGE_PREFIX))
 
 
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
@@ -268,18 +281,24 @@ class FolderLock:
         if self.fd is not None or not self.folder.is_dir():
             return
         path = self.folder / LOCK_NAME
-        with write_errors(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip()
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                return  # a filesystem without locks (some network mounts): go on unlocked
-            raise UserError(f"{self.folder} is {self.what} another process is writing"
-                            + (f" (pid {holder})" if holder.isdigit() else "")
-                            + "; wait for it to finish, or stop it, then run this again") from None
+        for _ in range(100):
+            with write_errors(path):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    return  # a filesystem without locks (some network mounts): go on unlocked
+                raise UserError(f"{self.folder} is {self.what} another process is writing"
+                                + (f" (pid {holder})" if holder.isdigit() else "")
+                                + "; wait for it to finish, or stop it, then run this again") from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # a holder removed the file as it let go (release(remove=True)): lock the one there now
+        else:
+            raise UserError(f"could not lock {path}: it keeps being replaced")
         try:  # the holder's pid, for the next one's message; the lock is held whatever happens here
             with write_errors(path):
                 os.ftruncate(fd, 0)
@@ -289,7 +308,19 @@ class FolderLock:
             raise
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Let go; `remove`: delete the lock file first (a folder left as it was), which a process waiting on the
+        old file notices (acquire locks only the file the path names)."""
         if self.fd is not None:
+            if remove:
+                (self.folder / LOCK_NAME).unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

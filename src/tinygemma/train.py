@@ -502,10 +502,8 @@ class Trainer:
             dist.destroy_process_group()
 
     def unlock(self) -> None:
-        if self.lock:
-            if self.lock.fd is not None and not is_training_run(self.run_dir):  # a start that failed early: the
-                (self.run_dir / LOCK_NAME).unlink(missing_ok=True)  # folder as it was, for prepare or export
-            self.lock.release()
+        if self.lock:  # a start that failed early leaves the folder as it was, for prepare or export
+            self.lock.release(remove=self.lock.fd is not None and not is_training_run(self.run_dir))
 
     def release(self) -> None:
         """Let the model, its wrappers, the optimizer and the batch go now, not whenever the garbage collector finds

@@ -64,7 +64,7 @@ def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp32, the same for both models")
     p.add_argument("--device", default="cpu", help="cpu, or cuda")

@@ -85,7 +85,7 @@ def start_contender(kind: str, path: Path, dtype: str, threads: int, prompt: lis
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--dtypes", default="q8_0,f16", help=f"GGUF files to time, of {', '.join(GGUF_DTYPES)}")
     p.add_argument("--tinygemma-dtype", default="auto", help="auto (what `tinygemma generate` picks), float32, bfloat16")

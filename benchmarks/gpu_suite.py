@@ -743,7 +743,7 @@ def guarded(index: int, step, *args, partials: list | None = None, **kwargs) -> 
 def main(argv: list[str] | None = None) -> int:
     run_as_script = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--report", help="the markdown report (default: benchmarks/results/gpu_latest.md on a GPU, "
                                     "gpu_report.md on a CPU)")
     p.add_argument("--summary", help="the JSON summary (default: benchmarks/results/gpu_latest.json on a GPU, the "

@@ -128,7 +128,7 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary")
     p.add_argument("--d-model", type=int, help="override the preset's width (a smaller smoke run)")

@@ -55,7 +55,7 @@ def build(name: str, model: torch.nn.Module, device: torch.device) -> torch.opti
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-tiny")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary (e.g. 4096 for cpu-demo's BPE)")
     p.add_argument("--n-layers", type=int, help="override the preset's layer count (a smaller smoke run)")

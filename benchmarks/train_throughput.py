@@ -199,7 +199,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)

@@ -129,6 +129,11 @@ def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert result["bytes"] == lengths[tokens[1:300].astype(np.int64)].sum()  # the bytes of the tokens predicted
     assert "evaluated" in err
+    # --dtype auto on a CPU is float32 (bf16 where the CPU computes in it natively gave other numbers than the
+    # run's own evaluations, which eval reproduces)
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64",
+                 "--max-tokens", "300"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**result, "dtype": "float32"}
     # The whole split: every byte of its stories but those of the first token, which nothing predicts.
     direct = evaluate(load(ckpt), tokens, 64, token_bytes=lengths)
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--dtype",

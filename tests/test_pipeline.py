@@ -66,6 +66,7 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     assert "preparing" in err and "training into" in err
     evaluation = json.loads(next(line for line in out.splitlines() if line.startswith('{"eval"')))["eval"]
     assert evaluation["tokens"] > 1000  # the whole validation split, not a sample of windows
+    assert f"whole validation split ({evaluation['tokens']:,} tokens predicted" in err  # the log's count is it
     assert 0 < evaluation["bits_per_byte"] < 10
     assert "--- sample 1: 'Once upon a time'\nOnce upon a time" in out
     assert "--- sample 2: 'Tom had a dog'\nTom had a dog" in out

@@ -145,6 +145,17 @@ def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_r
     assert "Unknown: no evaluation was recorded for this checkpoint." in bare_card.text
     assert "| context | unknown (training) |" in bare_card.text
 
+    # A model saved by the Python API records no tokenizer and no training: exported with --tokenizer, its card
+    # names the tokenizer exported (it said unknown) and does not claim the training it cannot describe.
+    from tinygemma.checkpoint import resolve_checkpoint, save_model
+    save_model(tinygemma.load(straight_run), tmp_path / "api")
+    assert main(["export", "--ckpt", str(tmp_path / "api"), "--out", str(tmp_path / "api-hf"), "--tokenizer",
+                 str(resolve_checkpoint(straight_run) / "tokenizer.json")]) == 0
+    api_card = card(tmp_path / "api-hf").text
+    assert "| vocabulary | 512 tokens, byte-level BPE (tokenizer.json) |" in api_card
+    assert "saved by tinygemma's Python API, which records no training" in api_card
+    assert "pre-trained from scratch" not in api_card
+
 
 def test_a_card_names_the_hub_dataset_the_run_was_prepared_from():
     known = {"meta": {"format": "tinygemma"}, "run": {"data_source": {"train": "hf:roneneldan/TinyStories"}}}

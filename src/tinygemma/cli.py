@@ -33,7 +33,7 @@ from tinygemma.data import (
     open_prepared,
     prepare,
 )
-from tinygemma.devices import dtype_name
+from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
@@ -292,7 +292,9 @@ def _eval_main(args) -> int:
         raise UserError(f"{args.data} was prepared with tokenizer {data_tokenizer.identity}, but the checkpoint "
                         f"uses {tokenizer.identity}: its token ids mean other text to this model. Prepare the "
                         "data with the checkpoint's tokenizer.")
-    model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
+    # auto: bf16 on GPUs; float32 elsewhere, as training's evaluations and `tinygemma run`'s, which it reproduces
+    dtype = "float32" if args.dtype == "auto" and pick_device(args.device).type != "cuda" else args.dtype
+    model = load_model(args.ckpt, tokenizer, dtype, args.device)
     if block_size > model.config.max_position_embeddings:
         raise UserError(f"--block-size {block_size} exceeds the model's max_position_embeddings "
                         f"({model.config.max_position_embeddings}): it has no positions beyond those")
@@ -310,16 +312,15 @@ def _eval_main(args) -> int:
     return 0
 
 
-def _add_model_arguments(p) -> None:
+def _add_model_arguments(p, auto_dtype: str = "bfloat16 where the device computes in it natively, else "
+                                               "float32") -> None:
     p.add_argument("--ckpt", required=True,
                    help="run directory (its best checkpoint, else its last), checkpoint directory, or transformers "
                         "Gemma 3 directory")
     p.add_argument("--tokenizer", default=None,
                    help="gpt2 or a tokenizer.json path (default: the checkpoint's own, or the transformers "
                         "directory's tokenizer.json)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 where the device computes in it natively, else float32), float32, "
-                        "bfloat16 or float16")
+    p.add_argument("--dtype", default="auto", help=f"auto ({auto_dtype}), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
 
 
@@ -359,7 +360,7 @@ def add_generate(subparsers) -> None:
 
 def add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="next-token loss, perplexity and bits per byte on prepared data")
-    _add_model_arguments(p)
+    _add_model_arguments(p, "bfloat16 on a GPU, else float32: the numbers training and `tinygemma run` give")
     p.add_argument("--data", required=True, help="directory written by `tinygemma prepare`")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--block-size", type=int, default=None,

@@ -201,7 +201,8 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
                        device=str(device))
     data = open_prepared(recipe.data.dir)
     val = data.meta["splits"]["val"]
-    log(f"evaluating the best checkpoint on the whole validation split ({val['tokens']:,} tokens)")
+    log(f"evaluating the best checkpoint on the whole validation split ({val['tokens'] - 1:,} tokens predicted: "
+        "all but the first)")
     metrics = evaluate(model, data.split("val"), block_size=recipe.train.block_size,
                        batch_size=recipe.train.batch_size,
                        token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size))

@@ -42,6 +42,7 @@ from tinygemma.files import atomic_write_text, read_json
 from tinygemma.generate import generate_text
 from tinygemma.hf import model_config_from_hf
 from tinygemma.metrics import format_duration, read_records
+from tinygemma.tokenizer import TOKENIZER_FILE
 
 REPORT_NAME = "report.md"
 EVAL_NAME = "eval.json"  # written by `tinygemma run`: the best checkpoint on the whole validation split, samples
@@ -134,8 +135,8 @@ def render_report(run_dir: Path) -> str:
     lines = [f"# tinygemma run `{run_dir.name}`", "",
              f"Step {steps:,} of {config['train']['max_steps']:,}"
              + (f", checkpoint `checkpoints/{last['dir']}`" if last else ", no checkpoint yet") + ".", ""]
-    lines += ["## Recipe", "", "Reproduce it (on the data prepared in `data.dir`; losses do not depend on the number "
-              "of processes):", "", "```bash", reproduce_command(recipe), "```", "",
+    lines += ["## Recipe", "", "Reproduce it (on the data prepared in `data.dir`, with `train.out` set to a new folder: "
+              "the one named holds this run; losses do not depend on the number of processes):", "", "```bash", reproduce_command(recipe), "```", "",
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run))]
     lines += ["## Training", "", *table(training_rows(run, records, state))]
@@ -257,7 +258,7 @@ def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = No
     text = "\n".join([
         "---", card_header(known).rstrip("\n"), "---", "",
         f"# {repo_id or name.name}", "", card_summary(known, config), "",
-        "## Model", "", *table(model_rows(config, known)),
+        "## Model", "", *table(model_rows(config, known, exported_tokenizer(out))),
         "## Training", "", *training_section(known),
         "## Evaluation", "", *evaluation_section(known),
         "## Samples", "", *samples_section(out, generate),
@@ -310,15 +311,29 @@ def card_summary(known: dict, config: ModelConfig) -> str:
         return (f"{size}, exported by tinygemma from a transformers directory. That directory records neither "
                 "how the model was trained nor how it scores, so those are unknown here; the license field says "
                 "`other` because the weights' license is unknown to tinygemma: set it before publishing.")
-    return (f"{size}, pre-trained from scratch by tinygemma on the data below. The license field is tinygemma's "
-            "own (Apache-2.0): check it against your data's terms (TinyStories is CDLA-Sharing-1.0) before "
-            "publishing.")
+    how = ("pre-trained from scratch by tinygemma on the data below" if known["recipe"] else
+           "saved by tinygemma's Python API, which records no training: how it was trained is unknown here")
+    return (f"{size}, {how}. The license field is tinygemma's own (Apache-2.0): check it against your data's terms "
+            "(TinyStories is CDLA-Sharing-1.0) before publishing.")
 
 
-def model_rows(config: ModelConfig, known: dict) -> list[tuple[str, str]]:
+def exported_tokenizer(out: Path) -> str | None:
+    """The kind of tokenizer an export holds ("gpt2" or "tokenizer.json"), or None when it holds none."""
+    if not (out / TOKENIZER_FILE).exists():
+        return None
+    try:
+        return "gpt2" if checkpoint_tokenizer(out).identity == "gpt2" else "tokenizer.json"
+    except UserError:
+        return None
+
+
+def model_rows(config: ModelConfig, known: dict, exported: str | None = None) -> list[tuple[str, str]]:
+    """The card's Model table; `exported`: the kind of tokenizer the export holds, where the checkpoint records
+    none (one saved by the Python API, exported with --tokenizer)."""
     spec = known["meta"].get("tokenizer") or {}
+    kind = spec.get("kind") or (exported if known["meta"] else None)
     tokenizer = {"gpt2": "GPT-2's BPE (tiktoken)", "tokenizer.json": "byte-level BPE (tokenizer.json)"}.get(
-        spec.get("kind"), "the directory's tokenizer.json" if not known["meta"] else UNKNOWN)
+        kind, "the directory's tokenizer.json" if not known["meta"] else UNKNOWN)
     trained_context = (known["recipe"].get("train") or {}).get("block_size") if known["recipe"] else None
     sliding = sum(t == "sliding_attention" for t in config.layer_types)
     return [
@@ -350,7 +365,7 @@ def training_section(known: dict) -> list[str]:
             *machine_rows(run)]
     if state.get("elapsed_s"):
         rows.append(("training time", f"{format_duration(state['elapsed_s'])} of optimizer steps"))
-    return [*table(rows), "Reproduce (on the data prepared in `data.dir`):", "", "```bash",
+    return [*table(rows), "Reproduce (on the data prepared in `data.dir`, with `train.out` set to a new folder):", "", "```bash",
             reproduce_command(recipe), "```", "",
             *details("The whole recipe", "json", json.dumps(recipe, indent=2))]
 

@@ -150,3 +150,23 @@ def test_a_lock_taken_on_a_file_its_holder_removed_is_taken_again(tmp_path, monk
     with pytest.raises(UserError, match="is a run another process is writing"):
         c.acquire()
     b.release()
+
+
+def test_a_filesystem_without_locks_is_written_unlocked_leaving_no_lock_file(tmp_path, monkeypatch):
+    """Some network mounts have no flock: the writer goes on unlocked, and no .lock is left behind (it stayed
+    among an export's files, and --push-to-hub uploaded it)."""
+    import errno
+    import fcntl
+
+    from tinygemma.files import FolderLock, staged_folder
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = FolderLock(tmp_path, "a run")
+    lock.acquire()
+    assert lock.fd is None and not (tmp_path / ".lock").exists()
+    with staged_folder(tmp_path / "out", frozenset({"a.txt"}), "an export") as stage:
+        (stage / "a.txt").write_text("a")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]

@@ -426,3 +426,80 @@ def test_a_gemma_style_tokenizer_is_exported_with_its_own_bos(tmp_path):
     fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert (fast.bos_token, fast.bos_token_id, fast.eos_token_id) == ("<bos>", 2, 1)
     assert fast("Once").input_ids == [2, 3]  # (GPT-2's <bos> stays end-of-text: test_export_writes_the_...)
+
+
+def test_an_export_rechecks_its_folder_once_locked_and_swaps_config_json_last(tmp_path, monkeypatch, capsys):
+    """A prepare finishing into --out while the export loaded its model (the check ran before): the export
+    deleted the dataset's tokenizer.json; it now checks again once it holds the folder's lock. The swap removes
+    config.json first and renames it in last: a failure amid the renames leaves a folder transformers refuses
+    (no config.json), never the new config beside the old weights, and the next export finishes it; Ctrl-C waits
+    for the renames. A user's own .lock file is not taken for tinygemma's."""
+    import signal
+
+    import tinygemma.checkpoint
+    import tinygemma.files
+
+    torch.manual_seed(0)
+    save_model(Gemma3(small_config(n_layers=2)), tmp_path / "two")
+    save_model(Gemma3(small_config(n_layers=3)), tmp_path / "three")
+    out = tmp_path / "hf"
+    out.mkdir()
+    real_load = tinygemma.checkpoint.load
+
+    def load_while_a_prepare_finishes(*args, **kwargs):
+        from tinygemma.data import FORMAT
+
+        (out / "meta.json").write_text(json.dumps({"format": FORMAT}))
+        (out / "tokenizer.json").write_text("{}")
+        return real_load(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(tinygemma.checkpoint, "load", load_while_a_prepare_finishes)
+        assert main(["export", "--ckpt", str(tmp_path / "two"), "--out", str(out)]) == 2
+    assert "is a prepared dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json"]
+    for name in ("meta.json", "tokenizer.json"):
+        (out / name).unlink()
+
+    assert main(["export", "--ckpt", str(tmp_path / "two"), "--out", str(out)]) == 0
+    real_replace, calls = tinygemma.files.os.replace, []
+
+    def fails_at_the_second(src, dst):
+        if os.path.dirname(dst) != str(out):  # an atomic write into the staging folder
+            return real_replace(src, dst)
+        calls.append(os.path.basename(dst))
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(tinygemma.files.os, "replace", fails_at_the_second)
+        assert main(["export", "--ckpt", str(tmp_path / "three"), "--out", str(out)]) == 1
+    assert calls[-1] != "config.json" and not (out / "config.json").exists()
+    from tinygemma.hf import is_hf_export
+    assert not is_hf_export(out)  # no config.json: not taken for a model (transformers' refusal is slow to reach)
+    assert main(["export", "--ckpt", str(tmp_path / "three"), "--out", str(out)]) == 0  # finished
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+    calls.clear()
+
+    def interrupted_at_the_second(src, dst):
+        if os.path.dirname(dst) != str(out):  # an atomic write into the staging folder
+            return real_replace(src, dst)
+        calls.append(os.path.basename(dst))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(tinygemma.files.os, "replace", interrupted_at_the_second)
+        assert main(["export", "--ckpt", str(tmp_path / "two"), "--out", str(out)]) == 130
+    assert calls[-1] == "config.json" and len(calls) > 2  # every rename ran before the interrupt
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert not any(p.name.startswith((".lock", ".tinygemma-staged")) for p in out.iterdir())
+    capsys.readouterr()
+
+    (out / ".lock").write_text("important notes of the user's\n")
+    assert main(["export", "--ckpt", str(tmp_path / "two"), "--out", str(out)]) == 2
+    assert "holds a model that is not an earlier export" in capsys.readouterr().err
+    assert (out / ".lock").read_text() == "important notes of the user's\n"

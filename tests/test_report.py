@@ -186,6 +186,12 @@ def test_push_to_hub_uploads_the_exported_folder(straight_run, tmp_path, monkeyp
     assert calls[0][1] == "someone/tiny" and calls[0][2]["exist_ok"] is True
     assert calls[1][1]["repo_id"] == "someone/tiny" and calls[1][1]["folder_path"] == str(out)
     assert "from_pretrained('someone/tiny')" in calls[1][2]  # the card says where it will be loaded from
+    # tinygemma's own files (a lock, a killed export's staging folder or temporary) are never uploaded, by
+    # huggingface_hub's own matching of the patterns passed
+    from huggingface_hub.utils import filter_repo_objects
+    names = [".lock", ".tinygemma-staged.ab12cd34/model.safetensors", ".model.safetensors.0123abcd.tmp",
+             "README.md", "config.json", "model.safetensors"]
+    assert list(filter_repo_objects(names, ignore_patterns=calls[1][1]["ignore_patterns"])) == names[3:]
     assert "uploaded" in capsys.readouterr().out
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed

@@ -141,9 +141,11 @@ def check_export_out(out: str | Path, src: Path) -> Path:
     if is_prepared_dataset(out):
         raise UserError(f"--out {out} is a prepared dataset; exporting into it would replace its tokenizer.json: "
                         "choose a new folder")
-    only_export_files = not others_than(out, EXPORT_FILES)
+    only_export_files = not others_than(out, EXPORT_FILES, stages=True)
     if (out / "model.safetensors").exists():  # an earlier export, or a transformers model tinygemma did not write
-        if only_export_files and is_hf_export(out) and written_by_tinygemma(out):
+        # (without config.json: an export killed while its files were being renamed in, config.json last)
+        swapping = not (out / "config.json").exists()
+        if only_export_files and (is_hf_export(out) or swapping) and written_by_tinygemma(out):
             return out
         if only_export_files and is_hf_export(out):
             raise UserError(f"--out {out} holds a Gemma 3 model without tinygemma's mark in model.safetensors: a "
@@ -156,7 +158,7 @@ def check_export_out(out: str | Path, src: Path) -> Path:
     # An export stopped halfway: save_hf writes config.json first, then the weights, so it holds config.json (of
     # gemma3_text) or nothing, beside temporaries of export's files. Anything else is someone's, kept.
     gemma3_config = peek_json(out / "config.json").get("model_type") == "gemma3_text"
-    if others_than(out, {"config.json"} if gemma3_config else set(), EXPORT_FILES):
+    if others_than(out, {"config.json"} if gemma3_config else set(), EXPORT_FILES, stages=True):
         raise UserError(f"--out {out} holds other files and is not an earlier export (a config.json of model_type "
                         "gemma3_text beside model.safetensors): choose a new or empty folder")
     return out
@@ -208,7 +210,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     if own is not None:
         check_tokenizer_fits(own, model)
     hf_config(model.config)  # what transformers could not load is refused here, before any folder is made
-    with staged_folder(out, EXPORT_FILES, "an export") as stage:
+    with staged_folder(out, EXPORT_FILES, "an export", check=lambda: check_export_out(out, src),
+                       last="config.json") as stage:
         save_hf(model, stage, special, generation)
         if own is not None and not copied:
             own.save_hf(stage)

@@ -15,8 +15,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,13 +135,17 @@ STAGE_PREFIX = ".tinygemma-staged."  # a staging folder inside the folder it is 
 
 
 @contextlib.contextmanager
-def staged_folder(folder: str | Path, own: frozenset[str], what: str):
+def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Callable[[], object] = lambda: None,
+                  last: str | None = None):
     """Write a folder of files as one: yield a new staging folder inside `folder` for the block to write; once
     the block succeeds, its files replace `folder`'s in a burst of renames, each keeping the mode of the file it
-    replaces, and the files of `own` it did not write are removed. An error or Ctrl-C in the block leaves `folder`
-    as it was (a new one is removed). `folder` is locked meanwhile (`what` names it in the refusal of a second
-    writer); a kill leaves the staging folder, which the next writer removes. Staging inside `folder` keeps the
-    renames on its own filesystem (a mount point, a symlink elsewhere) and needs no right to write its parent."""
+    replaces, and the files of `own` it did not write are removed. `last`, the file that makes the folder what it
+    is (an export's config.json), is removed first and renamed in last: a kill in the burst leaves a folder without
+    it, never a mix that loads; Ctrl-C waits for the burst. An error or Ctrl-C in the block leaves `folder` as it
+    was (a new one is removed). `folder` is locked meanwhile (`what` names it in the refusal of a second writer),
+    and `check()` runs again once it is, in case another command wrote it between the caller's check and the lock;
+    a kill leaves the staging folder, which the next writer removes. Staging inside `folder` keeps the renames on
+    its own filesystem (a mount point, a symlink elsewhere) and needs no right to write its parent."""
     folder = Path(folder).absolute()
     created = not folder.exists()
     with write_errors(folder):
@@ -148,10 +154,9 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str):
     stage = None
     try:
         lock.acquire()
+        check()
+        remove_stages(folder)  # a killed writer's: no live one, since this process holds the lock
         with write_errors(folder):
-            for left in folder.iterdir():  # a killed writer's: no live one, since this process holds the lock
-                if left.name.startswith(STAGE_PREFIX) and left.is_dir():
-                    shutil.rmtree(left, ignore_errors=True)
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
         try:
             yield stage
@@ -159,14 +164,18 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str):
             error = WriteError(str(e).replace(str(stage), str(folder)))
             error.errno = e.errno
             raise error from None
-        with write_errors(folder):
-            written = {p.name for p in stage.iterdir()}
-            for name in written:
-                if (folder / name).is_file():
-                    os.chmod(stage / name, stat.S_IMODE((folder / name).stat().st_mode))
-                os.replace(stage / name, folder / name)
-            for name in own - written:
+        with write_errors(folder), _signals_held():
+            written = sorted((p.name for p in stage.iterdir()), key=lambda name: name == last)  # `last` last
+            modes = {name: stat.S_IMODE((folder / name).stat().st_mode) for name in written
+                     if (folder / name).is_file()}
+            if last is not None:
+                (folder / last).unlink(missing_ok=True)
+            for name in own - set(written):
                 (folder / name).unlink(missing_ok=True)
+            for name in written:
+                if name in modes:
+                    os.chmod(stage / name, modes[name])
+                os.replace(stage / name, folder / name)
             remove_temporaries(folder, own)
             fsync_dir(folder)
     finally:
@@ -178,14 +187,56 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str):
                 folder.rmdir()  # only if empty: a failed write leaves no folder it made
 
 
-def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset()) -> list[str]:
+def remove_stages(folder: Path) -> None:
+    """Remove the staging folders killed writers left in `folder` (call with its lock held)."""
+    with write_errors(folder):
+        for left in Path(folder).iterdir():
+            if left.name.startswith(STAGE_PREFIX) and left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM back while the block runs (a few renames): their handlers run when it ends. (A
+    signal mask would not do: the kernel hands a process's signal to any thread not masking it, torch's own.)"""
+    caught = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread, where Python runs signal handlers
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:  # (None: a handler installed outside Python, which cannot be put back)
+                signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
+def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset(),
+                stages: bool = False) -> list[str]:
     """The names in `folder` that a command writing `own` did not leave there: neither one of `own`, nor a
-    temporary a killed atomic write left of one of `own` or of `temporaries_of`, nor what any of tinygemma's
-    writers may leave (a lock file, a killed staging folder). None: the folder is the command's to write into
-    again."""
-    return sorted(p.name for p in Path(folder).iterdir()
+    temporary a killed atomic write left of one of `own` or of `temporaries_of`, nor a lock file of tinygemma's
+    (`stages`: nor a killed staging folder, for a command that writes through staged_folder and removes them).
+    None: the folder is the command's to write into again."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir()
                   if p.name not in own and temporary_target(p.name) not in own | temporaries_of
-                  and p.name != LOCK_NAME and not p.name.startswith(STAGE_PREFIX))
+                  and not (p.name == LOCK_NAME and is_lock_file(p))
+                  and not (stages and p.name.startswith(STAGE_PREFIX) and p.is_dir() and not p.is_symlink()))
+
+
+def is_lock_file(path: Path) -> bool:
+    """Whether `path` is a FolderLock's file: a plain file holding a pid or nothing (a user's own .lock is not)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 32:
+            return False
+        return re.fullmatch(rb"\d*\n?", path.read_bytes()) is not None
+    except OSError:
+        return False
 
 
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
@@ -282,15 +333,19 @@ class FolderLock:
             return
         path = self.folder / LOCK_NAME
         for _ in range(100):
+            existed = path.exists()
             with write_errors(path):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
+                             0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 holder = os.read(fd, 32).decode("ascii", "replace").strip()
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    return  # a filesystem without locks (some network mounts): go on unlocked
+                    if not existed:  # a filesystem without locks (some network mounts): go on unlocked, leaving
+                        path.unlink(missing_ok=True)  # no file behind
+                    return
                 raise UserError(f"{self.folder} is {self.what} another process is writing"
                                 + (f" (pid {holder})" if holder.isdigit() else "")
                                 + "; wait for it to finish, or stop it, then run this again") from None

@@ -16,7 +16,15 @@ import torch
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.devices import dtype_name
 from tinygemma.errors import UserError, describe
-from tinygemma.files import atomic_save_safetensors, atomic_write_json, peek_json, read_json, read_safetensors
+from tinygemma.files import (
+    LOCK_NAME,
+    STAGE_PREFIX,
+    atomic_save_safetensors,
+    atomic_write_json,
+    peek_json,
+    read_json,
+    read_safetensors,
+)
 from tinygemma.model import Gemma3, model_from_state, model_state
 
 # Our parameter name -> transformers' Gemma3ForCausalLM name; `{}` stands for the layer index.
@@ -280,6 +288,11 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict) -> 
     atomic_write_json(out / "generation_config.json", generation)
 
 
+# tinygemma's own files in an export's folder, never part of the model: a lock, a killed export's staging folder
+# and temporaries (fnmatch patterns, matched against paths inside the folder)
+NOT_UPLOADED = [LOCK_NAME, f"{STAGE_PREFIX}*", ".*.tmp"]
+
+
 def push_to_hub(folder: str | Path, repo_id: str) -> str:
     """Upload an exported directory to the Hugging Face hub as the model repository `repo_id` (created if it does
     not exist), with the token of `hf auth login` or HF_TOKEN; return the repository's URL. A thin call into
@@ -292,7 +305,8 @@ def push_to_hub(folder: str | Path, repo_id: str) -> str:
     try:
         url = api.create_repo(repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          commit_message="Upload a model exported by tinygemma")
+                          commit_message="Upload a model exported by tinygemma",
+                          ignore_patterns=NOT_UPLOADED)
     except Exception as e:  # network, authentication, a bad repository name: one line, whatever the cause
         raise UserError(f"could not upload {folder} to the hub as {repo_id} ({describe(e)})") from None
     return str(url)

@@ -170,3 +170,16 @@ def test_a_filesystem_without_locks_is_written_unlocked_leaving_no_lock_file(tmp
     with staged_folder(tmp_path / "out", frozenset({"a.txt"}), "an export") as stage:
         (stage / "a.txt").write_text("a")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]
+
+
+def test_a_refusal_names_what_the_holder_writes(tmp_path):
+    """An export refused by a prepare's lock said "is an export another process is writing": the holder's kind,
+    recorded in the lock file beside its pid, is named."""
+    from tinygemma.files import FolderLock, is_lock_file
+
+    holder = FolderLock(tmp_path, "a dataset")
+    holder.acquire()
+    assert is_lock_file(tmp_path / ".lock")
+    with pytest.raises(UserError, match=rf"is a dataset another process is writing \(pid {os.getpid()}\)"):
+        FolderLock(tmp_path, "an export").acquire()
+    holder.release()

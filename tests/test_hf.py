@@ -472,9 +472,16 @@ def test_an_export_rechecks_its_folder_once_locked_and_swaps_config_json_last(tm
             raise OSError(5, "Input/output error")
         return real_replace(src, dst)
 
+    fresh = tmp_path / "fresh"  # the same failure exporting into a new folder (it then held README.md alone)
     with monkeypatch.context() as m:
         m.setattr(tinygemma.files.os, "replace", fails_at_the_second)
+        out_before, out = out, fresh
+        assert main(["export", "--ckpt", str(tmp_path / "three"), "--out", str(fresh)]) == 1
+        assert calls == ["model.safetensors", calls[1]] and calls[1] != "config.json"  # the marked weights first
+        calls.clear()
+        out = out_before
         assert main(["export", "--ckpt", str(tmp_path / "three"), "--out", str(out)]) == 1
+    assert main(["export", "--ckpt", str(tmp_path / "three"), "--out", str(fresh)]) == 0  # finished
     assert calls[-1] != "config.json" and not (out / "config.json").exists()
     from tinygemma.hf import is_hf_export
     assert not is_hf_export(out)  # no config.json: not taken for a model (transformers' refusal is slow to reach)

@@ -304,6 +304,37 @@ def test_a_second_writer_of_a_run_is_refused_and_a_failed_start_lets_go(data_dir
     assert run(data_dir, out, "max_steps=10", "checkpoint_interval=5", resume=True)["step"] == 10
 
 
+def test_a_new_run_folder_is_checked_again_once_locked_and_a_users_lock_file_is_not_ours(data_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A new folder is checked before the model is built and locked only once training starts: an export that
+    finished into it meanwhile had its config.json replaced by the recipe (transformers then refused it). A user's
+    own .lock file was taken for tinygemma's, overwritten, and deleted after a failed start."""
+    from tinygemma.checkpoint import export, save_model
+
+    out = tmp_path / "run"
+    save_model(Gemma3(tinygemma.ModelConfig.preset("gemma3-tiny", d_model=32, n_layers=2, head_dim=8, mlp_dim=64,
+                                                   vocab_size=512)), tmp_path / "ckpt")
+    real_init = tinygemma.train.init_model
+
+    def init_while_an_export_finishes(*args, **kwargs):
+        export(tmp_path / "ckpt", out)
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(tinygemma.train, "init_model", init_while_an_export_finishes)
+    with pytest.raises(tinygemma.UserError, match="is a Hugging Face export"):
+        run(data_dir, out, "max_steps=2", "warmup_steps=1")
+    monkeypatch.undo()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".lock").write_text("my own notes\n")
+    with pytest.raises(tinygemma.UserError, match="is a folder that holds no training run"):
+        run(data_dir, mine, "max_steps=2", "warmup_steps=1")
+    assert (mine / ".lock").read_text() == "my own notes\n"
+
+
 def test_a_nonfinite_validation_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     """Finite losses and gradient norms, then an update that broke the weights: the validation loss before the
     checkpoint is the last look at them, and a non-finite one stops the run without saving."""

@@ -211,7 +211,7 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
         check_tokenizer_fits(own, model)
     hf_config(model.config)  # what transformers could not load is refused here, before any folder is made
     with staged_folder(out, EXPORT_FILES, "an export", check=lambda: check_export_out(out, src),
-                       last="config.json") as stage:
+                       first="model.safetensors", last="config.json") as stage:
         save_hf(model, stage, special, generation)
         if own is not None and not copied:
             own.save_hf(stage)

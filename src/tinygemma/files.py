@@ -136,12 +136,13 @@ STAGE_PREFIX = ".tinygemma-staged."  # a staging folder inside the folder it is 
 
 @contextlib.contextmanager
 def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Callable[[], object] = lambda: None,
-                  last: str | None = None):
+                  first: str | None = None, last: str | None = None):
     """Write a folder of files as one: yield a new staging folder inside `folder` for the block to write; once
     the block succeeds, its files replace `folder`'s in a burst of renames, each keeping the mode of the file it
     replaces, and the files of `own` it did not write are removed. `last`, the file that makes the folder what it
     is (an export's config.json), is removed first and renamed in last: a kill in the burst leaves a folder without
-    it, never a mix that loads; Ctrl-C waits for the burst. An error or Ctrl-C in the block leaves `folder` as it
+    it, never a mix that loads; `first` (the export's marked weights) is renamed in first, so that whatever a kill
+    leaves the next writer recognises as its own; Ctrl-C waits for the burst. An error or Ctrl-C in the block leaves `folder` as it
     was (a new one is removed). `folder` is locked meanwhile (`what` names it in the refusal of a second writer),
     and `check()` runs again once it is, in case another command wrote it between the caller's check and the lock;
     a kill leaves the staging folder, which the next writer removes. Staging inside `folder` keeps the renames on
@@ -165,7 +166,8 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
             error.errno = e.errno
             raise error from None
         with write_errors(folder), _signals_held():
-            written = sorted((p.name for p in stage.iterdir()), key=lambda name: name == last)  # `last` last
+            # `first` first (a kill after it leaves a folder the next writer recognises), `last` last
+            written = sorted((p.name for p in stage.iterdir()), key=lambda name: (name == last, name != first))
             modes = {name: stat.S_IMODE((folder / name).stat().st_mode) for name in written
                      if (folder / name).is_file()}
             if last is not None:
@@ -230,11 +232,13 @@ def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = fr
 
 
 def is_lock_file(path: Path) -> bool:
-    """Whether `path` is a FolderLock's file: a plain file holding a pid or nothing (a user's own .lock is not)."""
+    """Whether `path` is a FolderLock's file: a plain file holding nothing or its holder's pid and kind (a user's
+    own .lock is not)."""
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 32:
             return False
-        return re.fullmatch(rb"\d*\n?", path.read_bytes()) is not None
+        text = path.read_bytes()
+        return not text or LOCK_TEXT.fullmatch(text) is not None
     except OSError:
         return False
 
@@ -310,6 +314,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+LOCK_TEXT = re.compile(rb"(\d+)(?: (an? [a-z ]+))?\n")  # what FolderLock writes: its holder's pid and kind
 LOCK_NAME = ".lock"  # in a folder one process writes at a time: a training run
 
 
@@ -340,24 +345,25 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                holder = LOCK_TEXT.fullmatch(os.read(fd, 64).strip() + b"\n")
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     if not existed:  # a filesystem without locks (some network mounts): go on unlocked, leaving
                         path.unlink(missing_ok=True)  # no file behind
                     return
-                raise UserError(f"{self.folder} is {self.what} another process is writing"
-                                + (f" (pid {holder})" if holder.isdigit() else "")
+                pid, what = (holder.group(1).decode(), (holder.group(2) or b"").decode()) if holder else ("", "")
+                raise UserError(f"{self.folder} is {what or self.what} another process is writing"
+                                + (f" (pid {pid})" if pid else "")
                                 + "; wait for it to finish, or stop it, then run this again") from None
             if _same_file(fd, path):
                 break
             os.close(fd)  # a holder removed the file as it let go (release(remove=True)): lock the one there now
         else:
             raise UserError(f"could not lock {path}: it keeps being replaced")
-        try:  # the holder's pid, for the next one's message; the lock is held whatever happens here
+        try:  # the holder's pid and kind, for the next one's message; the lock is held whatever happens here
             with write_errors(path):
                 os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+                os.write(fd, f"{os.getpid()} {self.what}\n".encode("ascii"))
         except BaseException:
             os.close(fd)  # never a lock this process holds and cannot let go of
             raise

@@ -64,7 +64,6 @@ from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError, describe
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import (
-    LOCK_NAME,
     FolderLock,
     atomic_write_json,
     check_output_folder,
@@ -237,6 +236,8 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.lock:
             self.lock.acquire()  # a run started in a new (or empty) folder: locked now that it becomes one
+            if not is_training_run(run_dir):  # and checked again: another command may have written it meanwhile
+                check_run_out(str(run_dir))
         remove_temporaries(run_dir, RUN_FILES)  # left by writes a kill interrupted (a lost process, a Ctrl-C)
         remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
@@ -561,7 +562,7 @@ def check_run_out(out: str, flag: str = "--out") -> Path:
 # What training writes into a run folder before its config.json (which makes it a run: is_training_run): the
 # trackers' files. A folder holding only these, or temporaries a kill left of them and of config.json, is a run
 # whose start failed (a tracker that could not start, a full disk), and training may start in it again.
-EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE, LOCK_NAME})
+EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})  # (and tinygemma's lock file: others_than)
 # The files a run's folder holds that are written whole and renamed into place (train, run and eval).
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, EVAL_NAME, TRACKERS_STATE})
 

@@ -376,6 +376,24 @@ def test_a_second_prepare_into_a_folder_being_prepared_is_refused_and_touches_no
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
+def test_prepare_checks_its_folder_again_once_locked(stories_dir, tmp_path, monkeypatch):
+    """Another command writing the folder between prepare's check and its lock (an export) is refused, not
+    written over."""
+    from tinygemma.files import FolderLock
+
+    out = tmp_path / "out"
+    real_acquire = FolderLock.acquire
+
+    def acquire_after_another_wrote(self):
+        (out / "model.safetensors").write_bytes(b"weights")
+        real_acquire(self)
+
+    monkeypatch.setattr(FolderLock, "acquire", acquire_after_another_wrote)
+    with pytest.raises(UserError, match="is not a prepared dataset and holds other files"):
+        prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     """Files saved by Windows editors start with a byte-order mark: it is not the first story's text (in .txt it
     became three tokens of it) nor a JSON error (.jsonl and .json refused it)."""

@@ -502,6 +502,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     lock = FolderLock(out_dir, "a dataset")
     try:
         lock.acquire()
+        check_prepare_out(out_dir)  # again, once locked: another command may have written it since
         return _prepare_into(out_dir, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
                              progress)
     finally:

@@ -63,18 +63,15 @@ def write_errors(path: str | Path):
         raise error from None
 
 
-def _new_temporary(path: Path, folder: bool = False) -> Path:
-    """A new empty file (or `folder`) beside `path`, created with mode 0666 as open() creates files, so that the
-    kernel applies the umask (and a default ACL) itself: no umask is read, since os.umask reads it only by setting
-    it, process-wide, which races with other threads. (tempfile.mkstemp would create it 0600 whatever the umask.)"""
+def _new_temporary(path: Path) -> Path:
+    """A new empty file beside `path`, created with mode 0666 as open() creates files, so that the kernel applies the
+    umask (and a default ACL) itself: no umask is read, since os.umask reads it only by setting it, process-wide,
+    which races with other threads. (tempfile.mkstemp would create it 0600 whatever the umask.)"""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
-            if folder:
-                tmp.mkdir()
-            else:
-                os.close(os.open(tmp, flags, 0o666))
+            os.close(os.open(tmp, flags, 0o666))
             return tmp
         except FileExistsError:
             continue
@@ -139,14 +136,14 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
                   first: str | None = None, last: str | None = None):
     """Write a folder of files as one: yield a new staging folder inside `folder` for the block to write; once
     the block succeeds, its files replace `folder`'s in a burst of renames, each keeping the mode of the file it
-    replaces, and the files of `own` it did not write are removed. `last`, the file that makes the folder what it
-    is (an export's config.json), is removed first and renamed in last: a kill in the burst leaves a folder without
-    it, never a mix that loads; `first` (the export's marked weights) is renamed in first, so that whatever a kill
-    leaves the next writer recognises as its own; Ctrl-C waits for the burst. An error or Ctrl-C in the block leaves `folder` as it
-    was (a new one is removed). `folder` is locked meanwhile (`what` names it in the refusal of a second writer),
-    and `check()` runs again once it is, in case another command wrote it between the caller's check and the lock;
-    a kill leaves the staging folder, which the next writer removes. Staging inside `folder` keeps the renames on
-    its own filesystem (a mount point, a symlink elsewhere) and needs no right to write its parent."""
+    replaces, and the files of `own` it did not write are removed. An error or Ctrl-C in the block leaves `folder`
+    as it was (a new one is removed); Ctrl-C waits for the burst. `last`, the file that makes the folder what it
+    is (an export's config.json), is removed first and renamed in last, and `first` (the export's marked weights)
+    renamed in first: a kill amid the burst leaves a folder that is no model, which the next writer recognises
+    as its own. `folder` is locked meanwhile (`what` names the writer for a second one's refusal), and `check()`
+    runs again once it is, in case another command wrote it between the caller's check and the lock; a kill
+    leaves the staging folder, which the next writer removes. Staging inside `folder` keeps the renames on its own
+    filesystem (a mount point, a symlink elsewhere) and needs no right to write its parent."""
     folder = Path(folder).absolute()
     created = not folder.exists()
     with write_errors(folder):
@@ -235,7 +232,7 @@ def is_lock_file(path: Path) -> bool:
     """Whether `path` is a FolderLock's file: a plain file holding nothing or its holder's pid and kind (a user's
     own .lock is not)."""
     try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > 32:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 64:
             return False
         text = path.read_bytes()
         return not text or LOCK_TEXT.fullmatch(text) is not None

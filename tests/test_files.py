@@ -4,6 +4,7 @@ kept), and output paths under a file refused in one line."""
 import contextlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,23 @@ def test_a_refusal_names_what_the_holder_writes(tmp_path):
     with pytest.raises(UserError, match=rf"is a dataset another process is writing \(pid {os.getpid()}\)"):
         FolderLock(tmp_path, "an export").acquire()
     holder.release()
+
+
+@pytest.mark.parametrize("signals,status", [(["SIGINT"], -2), (["SIGINT", "SIGTERM"], -15)])
+def test_signals_held_over_the_renames_are_delivered_after_them(signals, status):
+    """Ctrl-C (and a SIGTERM) amid an export's renames wait for them; a SIGTERM that came with a SIGINT is not
+    lost behind the KeyboardInterrupt."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal\n"
+              "from tinygemma.files import _signals_held\n"
+              "with _signals_held():\n"
+              f"    for name in {signals!r}:\n"
+              "        os.kill(os.getpid(), getattr(signal, name))\n"
+              "    print('renamed', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(files.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout == "renamed\n" and proc.returncode == status, proc.stderr
+    if status == -2:  # (Python ends an uncaught KeyboardInterrupt by SIGINT)
+        assert proc.stderr.rstrip().endswith("KeyboardInterrupt")

@@ -211,8 +211,8 @@ def _signals_held():
         for s, handler in previous.items():
             if handler is not None:  # (None: a handler installed outside Python, which cannot be put back)
                 signal.signal(s, handler)
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
+        for s in sorted(set(caught), key=lambda s: s != signal.SIGTERM):  # SIGINT's KeyboardInterrupt would end
+            signal.raise_signal(s)  # the loop: a SIGTERM that came with it goes first
 
 
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset(),

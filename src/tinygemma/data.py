@@ -33,10 +33,10 @@ import torch
 from tinygemma.config import TrainConfig
 from tinygemma.errors import UserError, describe
 from tinygemma.files import (
-    FolderLock,
     atomic_path,
     atomic_write_json,
     check_output_folder,
+    locked_folder,
     others_than,
     peek_json,
     read_json,
@@ -494,22 +494,12 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     check_prepare_out(out_dir)
-    created = not out_dir.exists()
-    with write_errors(out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
     # One prepare writes a folder at a time: a second one (two `tinygemma run`s of one fresh recipe) is refused in
-    # one line instead of deleting the first one's temporaries and racing it to meta.json.
-    lock = FolderLock(out_dir, "a dataset")
-    try:
-        lock.acquire()
-        check_prepare_out(out_dir)  # again, once locked: another command may have written it since
+    # one line instead of deleting the first one's temporaries and racing it to meta.json. A failed prepare leaves
+    # no folder it made.
+    with locked_folder(out_dir, "a dataset", check=lambda: check_prepare_out(out_dir)):
         return _prepare_into(out_dir, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
                              progress)
-    finally:
-        lock.release(remove=True)
-        if created and not is_prepared_dataset(out_dir):
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only if empty: a run that failed leaves nothing behind it created
 
 
 def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,

@@ -145,53 +145,71 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
     leaves the staging folder, which the next writer removes. Staging inside `folder` keeps the renames on its own
     filesystem (a mount point, a symlink elsewhere) and needs no right to write its parent."""
     folder = Path(folder).absolute()
+    stage = None
+    with locked_folder(folder, what, check):
+        try:
+            remove_stages(folder)  # a killed writer's: no live one, since this process holds the lock
+            with write_errors(folder):
+                stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
+            try:
+                yield stage
+            except WriteError as e:  # named as the file it was to become
+                error = WriteError(str(e).replace(str(stage), str(folder)))
+                error.errno = e.errno
+                raise error from None
+            with write_errors(folder), _signals_held():
+                # `first` first (a kill after it leaves a folder the next writer recognises), `last` last
+                written = sorted((p.name for p in stage.iterdir()), key=lambda name: (name == last, name != first))
+                modes = {name: stat.S_IMODE((folder / name).stat().st_mode) for name in written
+                         if (folder / name).is_file()}
+                if last is not None:
+                    (folder / last).unlink(missing_ok=True)
+                for name in own - set(written):
+                    (folder / name).unlink(missing_ok=True)
+                for name in written:
+                    if name in modes:
+                        os.chmod(stage / name, modes[name])
+                    os.replace(stage / name, folder / name)
+                remove_temporaries(folder, own)
+                fsync_dir(folder)
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = lambda: None):
+    """`folder`, made if need be and locked while the block writes it (`what` names the writer in a second one's
+    refusal); `check()` runs once the lock is held, in case another command wrote the folder between the caller's
+    own check and the lock. The lock file goes with the lock, and a folder made here that the block left empty (a
+    failed write) is removed."""
+    folder = Path(folder)
     created = not folder.exists()
     with write_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(folder, what)
-    stage = None
     try:
         lock.acquire()
         check()
-        remove_stages(folder)  # a killed writer's: no live one, since this process holds the lock
-        with write_errors(folder):
-            stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
-        try:
-            yield stage
-        except WriteError as e:  # named as the file it was to become
-            error = WriteError(str(e).replace(str(stage), str(folder)))
-            error.errno = e.errno
-            raise error from None
-        with write_errors(folder), _signals_held():
-            # `first` first (a kill after it leaves a folder the next writer recognises), `last` last
-            written = sorted((p.name for p in stage.iterdir()), key=lambda name: (name == last, name != first))
-            modes = {name: stat.S_IMODE((folder / name).stat().st_mode) for name in written
-                     if (folder / name).is_file()}
-            if last is not None:
-                (folder / last).unlink(missing_ok=True)
-            for name in own - set(written):
-                (folder / name).unlink(missing_ok=True)
-            for name in written:
-                if name in modes:
-                    os.chmod(stage / name, modes[name])
-                os.replace(stage / name, folder / name)
-            remove_temporaries(folder, own)
-            fsync_dir(folder)
+        yield folder
     finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
         lock.release(remove=True)
         if created:
             with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty: a failed write leaves no folder it made
+                folder.rmdir()  # only if empty
 
 
 def remove_stages(folder: Path) -> None:
     """Remove the staging folders killed writers left in `folder` (call with its lock held)."""
     with write_errors(folder):
         for left in Path(folder).iterdir():
-            if left.name.startswith(STAGE_PREFIX) and left.is_dir() and not left.is_symlink():
+            if _is_stage(left):
                 shutil.rmtree(left, ignore_errors=True)
+
+
+def _is_stage(path: Path) -> bool:
+    """Whether `path` is a staging folder of staged_folder's (a real folder, never a link to one)."""
+    return path.name.startswith(STAGE_PREFIX) and path.is_dir() and not path.is_symlink()
 
 
 @contextlib.contextmanager
@@ -225,7 +243,7 @@ def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = fr
     return sorted(p.name for p in folder.iterdir()
                   if p.name not in own and temporary_target(p.name) not in own | temporaries_of
                   and not (p.name == LOCK_NAME and is_lock_file(p))
-                  and not (stages and p.name.startswith(STAGE_PREFIX) and p.is_dir() and not p.is_symlink()))
+                  and not (stages and _is_stage(p)))
 
 
 def is_lock_file(path: Path) -> bool:

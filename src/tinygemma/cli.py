@@ -33,7 +33,7 @@ from tinygemma.data import (
     open_prepared,
     prepare,
 )
-from tinygemma.devices import dtype_name, pick_device
+from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
@@ -292,9 +292,7 @@ def _eval_main(args) -> int:
         raise UserError(f"{args.data} was prepared with tokenizer {data_tokenizer.identity}, but the checkpoint "
                         f"uses {tokenizer.identity}: its token ids mean other text to this model. Prepare the "
                         "data with the checkpoint's tokenizer.")
-    # auto: bf16 on GPUs; float32 elsewhere, as training's evaluations and `tinygemma run`'s, which it reproduces
-    dtype = "float32" if args.dtype == "auto" and pick_device(args.device).type != "cuda" else args.dtype
-    model = load_model(args.ckpt, tokenizer, dtype, args.device)
+    model = load_model(args.ckpt, tokenizer, evaluation_dtype(args.dtype, pick_device(args.device)), args.device)
     if block_size > model.config.max_position_embeddings:
         raise UserError(f"--block-size {block_size} exceeds the model's max_position_embeddings "
                         f"({model.config.max_position_embeddings}): it has no positions beyond those")

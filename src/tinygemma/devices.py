@@ -56,6 +56,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def evaluation_dtype(name: str, device: torch.device) -> str:
+    """The dtype for `pick_dtype` when a model is evaluated: "auto" is bfloat16 on GPUs that compute in it and
+    float32 elsewhere, so that a CPU evaluation gives the numbers of training's own (float32 on CPUs)."""
+    return "float32" if name == "auto" and device.type != "cuda" else name
+
+
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype training computes in under autocast (float32: no autocast); "auto" is bfloat16 on GPUs that
     have it natively, float16 (with a gradient scaler) on older GPUs, float32 on CPUs and MPS."""

@@ -26,7 +26,7 @@ from tinygemma.data import (
     prepare,
     requested_micro_batch_size,
 )
-from tinygemma.devices import pick_device
+from tinygemma.devices import evaluation_dtype, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import FolderLock, atomic_write_json, peek_json
@@ -196,9 +196,7 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     recorded in RUN/eval.json and RUN/report.md; returns {"eval": metrics, "samples": [...]}."""
     tokenizer = checkpoint_tokenizer(recipe.out)
     device = pick_device(recipe.train.device)
-    # bf16 on GPUs; float32 elsewhere, so that CPU evaluations compare with training's float32 numbers.
-    model = load_model(recipe.out, tokenizer, dtype="auto" if device.type == "cuda" else "float32",
-                       device=str(device))
+    model = load_model(recipe.out, tokenizer, dtype=evaluation_dtype("auto", device), device=str(device))
     data = open_prepared(recipe.data.dir)
     val = data.meta["splits"]["val"]
     log(f"evaluating the best checkpoint on the whole validation split ({val['tokens'] - 1:,} tokens predicted: "

@@ -100,12 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 # CUDA's "CUDA out of memory", the CPU allocator's "can't allocate memory", MPS's "MPS backend out of memory"
 OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
-MEMORY_ADVICE = {
-    "generate": "ask for fewer --num-samples or --max-new-tokens",
-    "eval": "use a smaller --batch-size",
-    "train": "set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size",
-    "run": "set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size",
-}
+TRAINING_MEMORY_ADVICE = "set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size"
+MEMORY_ADVICE = {"generate": "ask for fewer --num-samples or --max-new-tokens", "eval": "use a smaller --batch-size",
+                 "train": TRAINING_MEMORY_ADVICE, "run": TRAINING_MEMORY_ADVICE}
 
 
 def _stdout_reader_left() -> bool:

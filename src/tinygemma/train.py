@@ -467,8 +467,8 @@ class Trainer:
             "data": {"sampler": "random windows, a pure function of (seed, step)", "seed": cfg.seed,
                      "next_step": step, "global_batch": self.batches.global_batch, "block_size": cfg.block_size,
                      "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
-                     **{f"{split}_blake2b": self.data.digest(split) for split in ("train", "val")
-                        if self.data.digest(split)}},
+                     **{f"{split}_blake2b": digest for split in ("train", "val")
+                        if (digest := self.data.digest(split))}},
             "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "config": self.recipe.to_dict(),
         }

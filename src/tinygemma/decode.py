@@ -146,7 +146,9 @@ def forget_decode_plan(model: Gemma3) -> None:
 
 def _build_plan(model: Gemma3, pack: bool) -> DecodePlan:
     with torch.no_grad():
-        return DecodePlan(model, onednn_pack, onednn_linear) if pack else DecodePlan(model, torch.Tensor.detach, F.linear)
+        if pack:
+            return DecodePlan(model, onednn_pack, onednn_linear)
+        return DecodePlan(model, torch.Tensor.detach, F.linear)
 
 
 def _probe(params: list[torch.Tensor]) -> torch.Tensor:

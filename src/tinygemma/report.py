@@ -135,8 +135,9 @@ def render_report(run_dir: Path) -> str:
     lines = [f"# tinygemma run `{run_dir.name}`", "",
              f"Step {steps:,} of {config['train']['max_steps']:,}"
              + (f", checkpoint `checkpoints/{last['dir']}`" if last else ", no checkpoint yet") + ".", ""]
-    lines += ["## Recipe", "", "Reproduce it (on the data prepared in `data.dir`, with `train.out` set to a new folder: "
-              "the one named holds this run; losses do not depend on the number of processes):", "", "```bash", reproduce_command(recipe), "```", "",
+    lines += ["## Recipe", "", "Reproduce it (on the data prepared in `data.dir`, with `train.out` set to a new "
+              "folder: the one named holds this run; losses do not depend on the number of processes):", "",
+              "```bash", reproduce_command(recipe), "```", "",
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run))]
     lines += ["## Training", "", *table(training_rows(run, records, state))]
@@ -365,8 +366,8 @@ def training_section(known: dict) -> list[str]:
             *machine_rows(run)]
     if state.get("elapsed_s"):
         rows.append(("training time", f"{format_duration(state['elapsed_s'])} of optimizer steps"))
-    return [*table(rows), "Reproduce (on the data prepared in `data.dir`, with `train.out` set to a new folder):", "", "```bash",
-            reproduce_command(recipe), "```", "",
+    return [*table(rows), "Reproduce (on the data prepared in `data.dir`, with `train.out` set to a new folder):", "",
+            "```bash", reproduce_command(recipe), "```", "",
             *details("The whole recipe", "json", json.dumps(recipe, indent=2))]
 
 

@@ -159,7 +159,7 @@ def test_run_under_torchrun_prepares_once_trains_everywhere_and_reports_once(tmp
     refused = torchrun_run(recipe, "data.limit=200")
     assert refused.returncode != 0
     assert refused.stderr.count("tinygemma run: error: ") == 1
-    assert "holds a run trained on other [data] (limit 300 -> 200)" in refused.stderr
+    assert "holds a run trained on other [data] (limit: 300, the recipe asks for 200)" in refused.stderr
 
 
 def test_a_bpe_that_stops_short_of_its_vocabulary_is_still_the_recipe_s(tmp_path, stories_dir, capsys):
@@ -237,7 +237,7 @@ def test_run_refuses_other_data_for_an_existing_run_before_preparing_it(tmp_path
     capsys.readouterr()
     assert main(["run", str(recipe_file), "--set", "data.limit=250", "--set", f"data.dir={tmp_path / 'other'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "holds a run trained on other [data] (limit 300 -> 250)" in err, err
+    assert err.count("\n") == 0 and "holds a run trained on other [data] (limit: 300, the recipe asks for 250)" in err, err
     assert not (tmp_path / "other").exists()
     # A run another process is training is refused before its data (missing here) is prepared, not after.
     from tinygemma.files import FolderLock
@@ -276,3 +276,43 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "generate.prompts: the prompt's" in err and "shorten the prompt" not in err, err
     assert (tmp_path / "data" / "meta.json").exists() and not (tmp_path / "run").exists()
+
+
+def test_run_continues_a_run_started_by_train_on_the_data_it_trained_on(tmp_path, stories_dir, capsys):
+    """`tinygemma train --data DIR` records [data] as DIR alone (its recipe's other [data] fields never made DIR):
+    `tinygemma run` with the [data] that prepared DIR continues it (every [data] was refused: the recorded
+    defaults against the recipe's, or the recipe against DIR), and other [data] is refused naming the run, by
+    DIR while it is there and by the recorded [data] once it is gone."""
+    from tinygemma.pipeline import prepare_if_missing
+
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    prepare_if_missing(load_recipe(str(recipe_file)))
+    same_run = ["model.d_model=32", "model.n_layers=2", "model.head_dim=8", "model.mlp_dim=64",
+                "model.sliding_window=16", "batch_size=4", "block_size=32", "grad_accum_steps=1", "warmup_steps=2",
+                "learning_rate=3e-3", "min_lr=3e-4", "eval_interval=3", "eval_batches=2", "checkpoint_interval=3",
+                "device=cpu", "dtype=float32", "compile=false", "loggers=[]"]
+    run_dir = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(run_dir), "--model", "gemma3-tiny",
+                 "--max-steps", "6", "--stop-at", "3", *[a for s in same_run for a in ("--set", s)]]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["data"] == {"dir": str(tmp_path / "data")}
+    capsys.readouterr()
+
+    other = ["--set", f"data.dir={tmp_path / 'other'}", "--set", "data.limit=250"]
+    assert main(["run", str(recipe_file), *other]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds a run trained on other [data] (limit: 300, the recipe asks for 250)" in err
+    assert not (tmp_path / "other").exists()
+
+    # As an older tinygemma recorded it: the built-in [data] defaults, which never made DIR.
+    config = json.loads((run_dir / "config.json").read_text())
+    config["data"] = {**load_recipe(None).to_dict()["data"], "dir": str(tmp_path / "data")}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2"]) == 0
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "train_loss" in x] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run_dir / "config.json").read_text())["data"]["limit"] == 300  # now the recipe's, true
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert main(["run", str(recipe_file), *other]) == 2
+    assert "holds a run trained on other [data] (limit 300 -> 250)" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma.config import TrainConfig
+from tinygemma.config import DataConfig, TrainConfig
 from tinygemma.errors import UserError, describe
 from tinygemma.files import (
     atomic_path,
@@ -705,6 +705,46 @@ def open_prepared(directory: str | Path) -> PreparedData:
         raise UserError(f"{where} is malformed: it lacks or mangles tokenizer, vocab_size, eot_id, dtype or "
                         "splits (train/val with file, documents, tokens, bytes)") from None
     return PreparedData(directory, meta)
+
+
+def same_sources(had: list, asked: list) -> bool:
+    """Whether two lists of story sources name the same files, as written or as resolved paths."""
+    return len(had) == len(asked) and all(a == b or Path(a).resolve() == Path(b).resolve() for a, b in zip(had, asked))
+
+
+def data_differences(want: DataConfig, data: PreparedData) -> list[str]:
+    """How the prepared `data` differs from what a recipe's [data] `want` would prepare, as "what: recorded, asked"
+    phrases (none: the same). Sources match as written or as resolved paths; the tokenizer by kind, a
+    tokenizer.json by its contents, a trained BPE by its vocabulary size (the recipe's, or prepare's default)."""
+    meta = data.meta
+    recorded = meta.get("source") or {}
+    differences = []
+    had = recorded.get("train")
+    had = [had] if isinstance(had, str) else list(had or [])
+    asked = list(want.source) or [f"hf:{HUB_DATASET}"]
+    if not same_sources(had, asked):
+        differences.append(f"stories: {', '.join(had)}, the recipe asks for {', '.join(asked)}")
+    had_val = recorded.get("val")
+    if want.val_source and not (isinstance(had_val, list) and same_sources(had_val, list(want.val_source))):
+        differences.append(f"validation: {had_val if isinstance(had_val, str) else ', '.join(had_val or [])}, "
+                           f"the recipe asks for {', '.join(want.val_source)}")
+    if recorded.get("limit") != want.limit:
+        differences.append(f"limit: {recorded.get('limit')}, the recipe asks for {want.limit}")
+    spec = meta.get("tokenizer") or {}
+    kind = spec.get("kind")
+    if want.tokenizer == "gpt2" or kind == "gpt2":
+        if kind != want.tokenizer:
+            differences.append(f"tokenizer: {data.tokenizer().identity if kind != 'gpt2' else 'gpt2'}, the recipe "
+                               f"asks for {want.tokenizer}")
+    elif want.tokenizer == "bpe":
+        vocab_size = want.vocab_size or DEFAULT_BPE_VOCAB_SIZE
+        # What prepare was asked for (a BPE trained on few stories can stop short of it), else what it has.
+        asked = recorded.get("bpe_vocab_size", data.vocab_size)
+        if asked != vocab_size:
+            differences.append(f"vocabulary: a BPE of {asked:,}, the recipe asks for a BPE of {vocab_size:,}")
+    elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:
+        differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for {want.tokenizer}")
+    return differences
 
 
 # ------------------------------------------------------------------ training batches

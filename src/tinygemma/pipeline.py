@@ -18,13 +18,13 @@ import torch.distributed as dist
 from tinygemma.checkpoint import checkpoint_tokenizer, is_training_run, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
 from tinygemma.data import (
-    DEFAULT_BPE_VOCAB_SIZE,
-    HUB_DATASET,
     META_NAME,
     check_prepare_out,
+    data_differences,
     open_prepared,
     prepare,
     requested_micro_batch_size,
+    same_sources,
 )
 from tinygemma.devices import evaluation_dtype, pick_device
 from tinygemma.errors import UserError
@@ -33,7 +33,7 @@ from tinygemma.files import FolderLock, atomic_write_json, peek_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
-from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
+from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import require_loggers
 from tinygemma.train import check_run_out, train
 
@@ -48,7 +48,7 @@ def prepare_if_missing(recipe: Recipe) -> None:
     data_dir = Path(recipe.data.dir)
     if (data_dir / META_NAME).exists():
         data = open_prepared(data_dir)  # validated: a truncated or foreign directory stops here
-        differences = recipe_differences(recipe, data)
+        differences = data_differences(recipe.data, data)
         if differences:
             raise UserError(f"{data_dir} was prepared from other data than the recipe's [data] asks for "
                             f"({'; '.join(differences)}): set data.dir to another folder to prepare it there, "
@@ -61,46 +61,6 @@ def prepare_if_missing(recipe: Recipe) -> None:
     log(f"preparing {source} into {data_dir} with the {recipe.data.tokenizer} tokenizer")
     prepare(data_dir, sources=recipe.data.source or None, val_sources=recipe.data.val_source or None,
             tokenizer=recipe.data.tokenizer, vocab_size=recipe.data.vocab_size, limit=recipe.data.limit)
-
-
-def same_sources(had: list, asked: list) -> bool:
-    """Whether two lists of story sources name the same files, as written or as resolved paths."""
-    return len(had) == len(asked) and all(a == b or Path(a).resolve() == Path(b).resolve() for a, b in zip(had, asked))
-
-
-def recipe_differences(recipe: Recipe, data) -> list[str]:
-    """How the prepared `data` differs from what the recipe's [data] would prepare, as "what: recorded, asked"
-    phrases (none: the same). Sources match as written or as resolved paths; the tokenizer by kind, a
-    tokenizer.json by its contents, a trained BPE by its vocabulary size (the recipe's, or prepare's default)."""
-    want, meta = recipe.data, data.meta
-    recorded = meta.get("source") or {}
-    differences = []
-    had = recorded.get("train")
-    had = [had] if isinstance(had, str) else list(had or [])
-    asked = list(want.source) or [f"hf:{HUB_DATASET}"]
-    if not same_sources(had, asked):
-        differences.append(f"stories: {', '.join(had)}, the recipe asks for {', '.join(asked)}")
-    had_val = recorded.get("val")
-    if want.val_source and not (isinstance(had_val, list) and same_sources(had_val, list(want.val_source))):
-        differences.append(f"validation: {had_val if isinstance(had_val, str) else ', '.join(had_val or [])}, "
-                           f"the recipe asks for {', '.join(want.val_source)}")
-    if recorded.get("limit") != want.limit:
-        differences.append(f"limit: {recorded.get('limit')}, the recipe asks for {want.limit}")
-    spec = meta.get("tokenizer") or {}
-    kind = spec.get("kind")
-    if want.tokenizer == "gpt2" or kind == "gpt2":
-        if kind != want.tokenizer:
-            differences.append(f"tokenizer: {data.tokenizer().identity if kind != 'gpt2' else 'gpt2'}, the recipe "
-                               f"asks for {want.tokenizer}")
-    elif want.tokenizer == "bpe":
-        vocab_size = want.vocab_size or DEFAULT_BPE_VOCAB_SIZE
-        # What prepare was asked for (a BPE trained on few stories can stop short of it), else what it has.
-        asked = recorded.get("bpe_vocab_size", data.vocab_size)
-        if asked != vocab_size:
-            differences.append(f"vocabulary: a BPE of {asked:,}, the recipe asks for a BPE of {vocab_size:,}")
-    elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:
-        differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for {want.tokenizer}")
-    return differences
 
 
 def check_outputs(recipe: Recipe) -> None:
@@ -121,24 +81,32 @@ RUN_DATA_SETTINGS = ("source", "val_source", "tokenizer", "vocab_size", "limit")
 
 
 def check_run_data(recipe: Recipe) -> None:
-    """A run already in train.out continues on the [data] it was trained on: other stories, limit or tokenizer are
+    """A run already in train.out continues on the data it was trained on: other stories, limit or tokenizer are
     refused here, naming the run, before anything is prepared (training would refuse the new tokens only after
-    preparing them: for the workshop recipe, all of TinyStories)."""
+    preparing them: for the workshop recipe, all of TinyStories). The run's prepared data decides while its folder
+    is there (a run started by `tinygemma train --data DIR` recorded no [data] but DIR); else its recorded [data]."""
     if not is_training_run(recipe.out):
         return
     had = peek_json(Path(recipe.out) / "config.json").get("data")
     if not isinstance(had, dict):
         return
-    want = recipe.to_dict()["data"]
+    moved = None
+    if isinstance(had.get("dir"), str) and (Path(had["dir"]) / META_NAME).exists():
+        try:
+            moved = data_differences(recipe.data, open_prepared(had["dir"]))
+        except UserError:  # that folder is broken now: the recorded [data] decides
+            pass
+    if moved is None:
+        want = recipe.to_dict()["data"]
 
-    def same(name) -> bool:
-        a, b = had.get(name), want.get(name)
-        if name in ("source", "val_source") and isinstance(a, list) and isinstance(b, list):
-            return same_sources(a, b)
-        return a == b
+        def same(name) -> bool:
+            a, b = had.get(name), want.get(name)
+            if name in ("source", "val_source") and isinstance(a, list) and isinstance(b, list):
+                return same_sources(a, b)
+            return a == b
 
-    moved = [f"{name} {had.get(name)!r} -> {want.get(name)!r}" for name in RUN_DATA_SETTINGS
-             if name in had and not same(name)]
+        moved = [f"{name} {had.get(name)!r} -> {want.get(name)!r}" for name in RUN_DATA_SETTINGS
+                 if name in had and not same(name)]
     if moved:
         raise UserError(f"train.out {recipe.out} holds a run trained on other [data] ({'; '.join(moved)}): continue "
                         "it with the [data] it was trained on, or set train.out to a new folder for this data")

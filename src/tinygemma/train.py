@@ -53,6 +53,7 @@ from tinygemma.checkpoint import (
 from tinygemma.config import ModelConfig, Recipe, TrainConfig, check_block_size, saved_train_settings
 from tinygemma.data import (
     Batches,
+    data_differences,
     is_prepared_dataset,
     micro_batch_sizes,
     open_prepared,
@@ -230,6 +231,13 @@ class Trainer:
         """Whether micro_batch_size was probed (auto on CUDA) rather than given or kept at batch_size."""
         return self.cfg.micro_batch_size == "auto" and self.rt.is_cuda
 
+    def recipe_made_data(self) -> bool:
+        """Whether the recipe's [data] would prepare the data this run trains on (as `tinygemma run` did)."""
+        try:
+            return not data_differences(self.recipe.data, self.data)
+        except UserError:  # its tokenizer.json is gone
+            return False
+
     def open_logs(self) -> None:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
         cfg, rt, run_dir, start = self.cfg, self.rt, self.run_dir, self.start
@@ -244,6 +252,8 @@ class Trainer:
             restore_best_pointer(run_dir / "checkpoints", self.best_step, self.best_val)
             prune_checkpoints(run_dir / "checkpoints")
         resolved = self.recipe.to_dict()
+        if not self.recipe_made_data():  # `train --data DIR`: the recipe's other [data] fields say nothing true
+            resolved["data"] = {"dir": self.recipe.data.dir}
         resolved["model"] = {"preset": self.recipe.model_preset, **self.model_config.to_dict()}
         resolved["run"] = {"world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,

@@ -133,6 +133,8 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("model.d_model=big", "model.d_model must be an integer"),
     ("data.source=[1, 2]", "data.source must be a list of strings"),
     ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
+    ("seed=18446744073709551616", "train.seed must be at most 9,223,372,036,854,775,807"),  # torch.manual_seed's
+    ("eval_batches=1000000000000", "train.eval_batches must be at most 1,048,576"),  # was out of memory, exit 1
 ])
 def test_bad_settings_are_refused_by_name(setting, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -156,6 +158,27 @@ def test_what_only_run_needs_is_refused_by_name_before_it_starts(setting, messag
     with pytest.raises(UserError, match=re.escape(message)):
         recipe.check_for_run()
     assert Recipe.from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
+
+
+def test_a_prompt_with_commas_is_one_prompt_and_a_list_is_a_list():
+    """--set generate.prompts=TEXT is one prompt, commas and all (it became two truncated prompts); a TOML
+    array is a list of prompts; other lists still split on commas."""
+    recipe = load_recipe(None, ["generate.prompts=Once upon a time, there was a dog", "loggers=tensorboard,wandb"])
+    assert recipe.generate.prompts == ["Once upon a time, there was a dog"]
+    assert recipe.train.loggers == ["tensorboard", "wandb"]
+    assert load_recipe(None, ['generate.prompts=["One, two", "Three"]']).generate.prompts == ["One, two", "Three"]
+
+
+def test_none_and_a_top_k_of_0_read_from_a_recipe_file(tmp_path):
+    """TOML has no null: an optional field written "none" in a recipe file is none, as the comments say (it was
+    refused as 'a quoted string'); top_k = 0 means no top-k filter, as `generate --top-k 0` (was refused)."""
+    path = tmp_path / "recipe.toml"
+    path.write_text('[data]\nlimit = "none"\n[generate]\ntop_k = "none"\ntop_p = "None"\n')
+    recipe = load_recipe(path)
+    assert recipe.data.limit is None and recipe.generate.top_k is None and recipe.generate.top_p is None
+    path.write_text("[generate]\ntop_k = 0\n")
+    assert load_recipe(path).generate.top_k is None
+    assert load_recipe(None, ["generate.top_k=0"]).generate.top_k is None
 
 
 def test_a_huge_integer_setting_is_read_exactly():

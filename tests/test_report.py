@@ -70,6 +70,16 @@ def test_the_report_is_the_runs_records(straight_run, stories_dir):
     assert "](loss.png)" in text and "## Samples" not in text  # samples come from `tinygemma run`
 
 
+def test_the_reproduce_command_reads_back_prompts_outside_ascii():
+    """A prompt with an emoji: JSON's \\ud83d surrogate escapes are no TOML, so --set refused the command."""
+    from tinygemma.report import reproduce_command
+
+    recipe = load_recipe(None, ['generate.prompts=["Le café 😀", "Tom, un chien"]'])
+    command = shlex.split(reproduce_command(recipe.to_dict()))
+    sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+    assert load_recipe(None, sets).generate.prompts == ["Le café 😀", "Tom, un chien"]
+
+
 def test_the_report_counts_the_parameters_the_model_card_and_readme_count(data_dir, tmp_path):
     """Vocabulary padding adds rows no token uses: report.md counted them (456,192 against the export card's
     398,336 for one run); both now count the model's real parameters, as the README's presets table does."""

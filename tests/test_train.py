@@ -164,6 +164,22 @@ def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path
     assert not any(path.exists() for path in left) and (out / ".notes.txt.0a1b2c3d.tmp").exists()
 
 
+def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the_preset(data_dir, tmp_path, capsys):
+    """`--set train.out=RUN` (as the run report spells it) resumes from RUN's config.json as --out does (the
+    built-in recipe was taken, and refused as another model); another preset on a resume is refused in one line
+    (every model field is saved, so it only relabelled the run in config.json and report.md)."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=6", stop_at=2)
+    for preset in (["--model", "gemma3-270m"], ["--set", "model.preset=gemma3-270m"]):
+        assert main(["train", "--resume", "--out", str(out), *preset]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "holds a run of model preset gemma3-tiny; a resume continues its model" in err
+    assert main(["train", "--resume", "--set", f"train.out={out}", "--stop-at", "4"]) == 0
+    assert main(["train", "--resume", "--set", f"out={out}"]) == 0
+    assert last_step(out) == 6
+    assert json.loads((out / "config.json").read_text())["model"]["preset"] == "gemma3-tiny"
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     """4 micro-steps of 2 sequences make the same optimizer steps as 1 micro-step of 8."""
     big = run(data_dir, tmp_path / "big", "max_steps=6", "batch_size=8", "grad_accum_steps=1")

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # CUDA's "CUDA out of memory", the CPU allocator's "can't allocate memory", MPS's "MPS backend out of memory"
 OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
+# How --set reads a list: a prompt containing a comma stays one prompt.
+LIST_HELP = """a list as a,b or '["a", "b"]' (generate.prompts=TEXT is one prompt, commas and all)"""
 TRAINING_MEMORY_ADVICE = "set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size"
 MEMORY_ADVICE = {"generate": "ask for fewer --num-samples or --max-new-tokens", "eval": "use a smaller --batch-size",
                  "train": TRAINING_MEMORY_ADVICE, "run": TRAINING_MEMORY_ADVICE}
@@ -168,7 +170,8 @@ def add_train(subparsers) -> None:
     p.add_argument("--model", help="model preset (gemma3-270m, gemma3-270m-gpt2, gemma3-tiny); default: the recipe's")
     p.add_argument("--config", help="recipe file (TOML), e.g. configs/workshop.toml; default: the built-in recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting: train.FIELD=V (or just FIELD=V), model.FIELD=V, data.FIELD=V; repeatable")
+                   help="override a setting: train.FIELD=V (or just FIELD=V), model.FIELD=V, data.FIELD=V; "
+                        f"{LIST_HELP}; repeatable")
     p.add_argument("--max-steps", type=int, help="optimizer steps of the whole run (the schedule's length)")
     p.add_argument("--stop-at", type=int, help="end this invocation after this step, with a checkpoint; the schedule "
                    "still runs to max-steps (continue with --resume)")
@@ -191,13 +194,21 @@ def _train_main(args) -> int:
         key = key if "." in key else f"train.{key}"
         if key in flags and flags[key][1] not in (None, ""):
             raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
-    saved = Path(args.out or "") / "config.json"
-    if args.resume and args.config is None and args.out and saved.exists():
+    # The run folder, however it was given: --out, or --set out= / train.out= (the run report spells it so).
+    out = args.out or next((item.partition("=")[2].strip() for item in reversed(args.set)
+                            if item.partition("=")[0].strip() in ("out", "train.out")), "")
+    saved = Path(out) / "config.json"
+    if args.resume and args.config is None and out and saved.exists():
         resolved = read_json(saved, "run config")
         resolved.pop("run", None)
         if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
             resolved["train"] = saved_train_settings(resolved.get("train", {}))
         recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), overrides + args.set)
+        had = resolved.get("model", {}).get("preset") if isinstance(resolved.get("model"), dict) else None
+        # Every saved model field is an override: another preset would change nothing but the run's label.
+        if had is not None and recipe.model_preset != had:
+            raise UserError(f"{out} holds a run of model preset {had}; a resume continues its model, so the "
+                            f"preset cannot become {recipe.model_preset} (start a new run in another --out)")
     else:
         recipe = load_recipe(args.config, overrides + args.set)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
@@ -215,7 +226,7 @@ def add_run(subparsers) -> None:
     p.add_argument("recipe", help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. data.source=path/to/stories.txt, "
-                        "train.max_steps=100, model.n_layers=4; repeatable")
+                        f"train.max_steps=100, model.n_layers=4; {LIST_HELP}; repeatable")
     p.set_defaults(func=_run_main)
 
 

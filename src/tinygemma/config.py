@@ -203,7 +203,9 @@ class TrainConfig:
             _check_int(self, name, minimum=1)
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
             _check_int(self, name, minimum=0)
-        for name in ("batch_size", "grad_accum_steps"):  # far past any memory; the batch's splits stay quick to list
+        if self.seed > MAX_SEED:  # torch.manual_seed takes 64 bits
+            raise UserError(f"train.seed must be at most {MAX_SEED:,}, got {self.seed:,}")
+        for name in ("batch_size", "grad_accum_steps", "eval_batches"):  # far past any memory; quick to list
             if getattr(self, name) > MAX_BATCH:
                 raise UserError(f"train.{name} must be at most {MAX_BATCH:,}, got {getattr(self, name):,}")
         for name in ("learning_rate", "adam_eps", "muon_learning_rate"):
@@ -266,7 +268,7 @@ class GenerateConfig:
     prompts: list[str] = dataclasses.field(default_factory=lambda: ["Once upon a time"])  # one sample per prompt
     max_new_tokens: int = 200  # tokens to generate after each prompt (stops early at end-of-text)
     temperature: float = 0.8  # softmax temperature; 0 = greedy
-    top_k: int | None = 200  # sample among the k most likely tokens; none = all
+    top_k: int | None = 200  # sample among the k most likely tokens; none (or 0) = all
     top_p: float | None = None  # nucleus sampling threshold in (0, 1]; none = off
     seed: int = 1337  # sampling seed
 
@@ -322,6 +324,8 @@ class Recipe:
         """Rebuild the dataclasses so their checks run on the final values (fields are set one at a time)."""
 
         self.train = TrainConfig(**dataclasses.asdict(self.train))
+        if self.generate.top_k == 0:  # no top-k filter, as generate's --top-k 0
+            self.generate.top_k = None
         # An unknown preset or impossible model field fails here, before any data is read; so does a block too long.
         check_block_size(self.train.block_size, self.model_config())
         g = self.generate  # and bad sampling settings before hours of training, not after
@@ -414,15 +418,15 @@ def _coerce(value, tp, key: str, from_text: bool):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
         if from_text and value.lower() in ("none", "null", ""):
             return None
-        if value is None:
-            return None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None  # TOML has no null: a recipe file writes "none", as its comments say
         tp = next(a for a in args if a is not type(None))
         args = typing.get_args(tp)
     origin = typing.get_origin(tp)
     try:
         if origin in (list, tuple):
-            if from_text:
-                value = _parse_text_list(value)
+            if from_text:  # a prompt is prose: its commas are its own, not a list's
+                value = [value] if key == "generate.prompts" and not value.startswith("[") else _parse_text_list(value)
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -487,7 +491,7 @@ def _parse_text_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-MAX_BATCH = 1 << 20  # train.batch_size and train.grad_accum_steps
+MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches
 
 
 def check_block_size(block_size: int, model_config: ModelConfig) -> None:

@@ -108,7 +108,7 @@ def as_text(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))  # a JSON array of strings is a TOML array
+        return json.dumps(list(value), ensure_ascii=False)  # a TOML array (which has no surrogate-pair escapes)
     return str(value)
 
 

@@ -207,3 +207,34 @@ def test_byte_lengths_when_the_anchor_text_is_unknown_or_cannot_be_encoded():
     words.add_special_tokens(["<|endoftext|>"])
     tokenizer = HFTokenizer(words.to_str())
     assert list(token_byte_lengths(tokenizer, 3)) == [0, 3, 3]
+
+
+def test_a_tokenizer_json_encodes_whole_stories_whatever_its_truncation_and_padding(bpe, tmp_path, stories_dir):
+    """A tokenizer.json saved with truncation or padding on (hub files often are) gives every story's ids
+    whole, as transformers does unless a call asks (prepare cut each story to 16 ids, or padded it with
+    end-of-text); the file is kept as it was, digest and all."""
+    from tokenizers import Tokenizer as Backend
+
+    story = read_stories(stories_dir / "train.txt", 1)[0]
+    whole = bpe.encode(story)
+    assert len(whole) > 20
+    for name, setting in [("truncated", lambda t: t.enable_truncation(16)),
+                          ("padded", lambda t: t.enable_padding(length=len(whole) + 50, pad_id=bpe.eot_id,
+                                                                pad_token=bpe.eot_token))]:
+        backend = Backend.from_str(bpe.content)
+        setting(backend)
+        path = tmp_path / f"{name}.json"
+        backend.save(str(path))
+        tok = load_tokenizer(path)
+        assert tok.encode(story) == whole and tok.encode_batch([story, story]) == [whole, whole], name
+        assert tok.content == path.read_text(encoding="utf-8")
+
+
+def test_an_untrained_tokenizer_json_is_one_line(tmp_path):
+    """A BPE saved before training has no vocabulary at all: named as lacking end-of-text (was max() of nothing)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    Backend(models.BPE()).save(str(tmp_path / "untrained.json"))
+    with pytest.raises(UserError, match="has no end-of-text token"):
+        load_tokenizer(tmp_path / "untrained.json")

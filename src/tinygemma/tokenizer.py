@@ -241,14 +241,18 @@ class HFTokenizer(Tokenizer):
         except Exception as e:
             raise UserError(f"{where} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
         self.backend.encode_special_tokens = True  # ordinary text: "<|endoftext|>" in a story is just text
+        # Whole stories, never cut or padded by the file's own settings (transformers, too, applies them only
+        # when a call asks); the file itself is kept as it is, for its digest and the export.
+        self.backend.no_truncation()
+        self.backend.no_padding()
         self.content = content
         self.path = path
         self.sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
         vocab = self.backend.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values()) + 1
         eot = [token for token in EOT_CANDIDATES if token in vocab]
         if not eot:
             raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)})")
+        self.vocab_size = max(vocab.values()) + 1
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
         self.prompt_prefix = self._post_processor_prefix()

@@ -44,6 +44,9 @@ def world(tmp_path_factory, stories_dir):
     # directory whose index is not JSON.
     (root / "surrogate.jsonl").write_text('{"text": "Once upon a time \\udc00 there was a cat."}\n')
     (root / "deep.json").write_text("[" * 100_000)
+    long_number = '{"text": "a story", "id": ' + "9" * 5000 + "}"  # past Python's 4,300 digits of int()
+    (root / "long_number.jsonl").write_text('{"text": "a story"}\n' + long_number + "\n")
+    (root / "long_number.json").write_text(f"[{long_number}]")
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -89,6 +92,10 @@ CASES = [
      "lone surrogate"),
     ("prepare-json-nested-too-deep", ["prepare", "--out", "{root}/data", "--source", "{root}/deep.json"],
      "nested too deeply"),
+    ("prepare-jsonl-number-too-long", ["prepare", "--out", "{root}/data", "--source", "{root}/long_number.jsonl"],
+     "line 2 is not JSON (Exceeds the limit (4300 digits)"),
+    ("prepare-json-number-too-long", ["prepare", "--out", "{root}/data", "--source", "{root}/long_number.json"],
+     "is not JSON that Python reads (Exceeds the limit (4300 digits)"),
     ("prepare-parquet-numbers", ["prepare", "--out", "{root}/data", "--source", "{root}/numbers.parquet"],
      "'text' column holds int64, not text"),
     ("prepare-dataset-numbers", ["prepare", "--out", "{root}/data", "--source", "{root}/numbers_ds"],

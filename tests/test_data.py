@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,6 +172,16 @@ def test_datasets_on_disk_and_the_hub_path(stories_dir, valid, tmp_path, monkeyp
     datasets.Dataset.from_dict({"text": train}).save_to_disk(str(single))
     meta = prepare(tmp_path / "one", sources=[single], workers=1, progress=False)
     assert meta["splits"]["val"]["documents"] == 4  # no validation split: 5% set aside
+
+    # A saved DatasetDict of only a validation split is a validation source (it was refused for lacking 'train'),
+    # and no training source.
+    val_only = tmp_path / "val_only"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": valid[:40]})}).save_to_disk(str(val_only))
+    prepare(tmp_path / "val", sources=[single], val_sources=[val_only], workers=1, progress=False)
+    assert documents(open_prepared(tmp_path / "val"), "val") == valid[:40]
+    with pytest.raises(UserError, match=re.escape(f"{val_only} has no 'train' split (splits: validation)")):
+        prepare(tmp_path / "none", sources=[val_only], workers=1, progress=False)
+    assert not (tmp_path / "none").exists()
 
 
 def test_hub_with_a_limit_streams_only_the_first_stories(stories_dir, valid, r50k, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@ kept), and output paths under a file refused in one line."""
 
 import contextlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -204,3 +205,17 @@ def test_signals_held_over_the_renames_are_delivered_after_them(signals, status)
     assert proc.stdout == "renamed\n" and proc.returncode == status, proc.stderr
     if status == -2:  # (Python ends an uncaught KeyboardInterrupt by SIGINT)
         assert proc.stderr.rstrip().endswith("KeyboardInterrupt")
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"tokens": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),  # a ValueError, not a JSONDecodeError
+    ("[" * 100_000, "maximum recursion depth"),
+    ("{not json", "Expecting property name"),
+], ids=["long-number", "deep", "not-json"])
+def test_a_json_file_python_cannot_read_is_one_line(tmp_path, text, words):
+    """meta.json, config.json, checkpoint.json: whatever json.loads raises on them is a UserError naming the file
+    (a number of 5,000 digits, or nesting past Python's recursion limit, was a traceback)."""
+    path = tmp_path / "meta.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=rf"dataset metadata {path} is not valid JSON \(.*{re.escape(words)}"):
+        files.read_json(path, "dataset metadata")

@@ -137,8 +137,8 @@ def _jsonl_stories(path: Path) -> Iterator[str]:
                     yield from _clean([_record_text(json.loads(line), f"{path} line {line_number}")])
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text (after line {line_number})") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {line_number} is not JSON ({e.msg})") from None
+        except ValueError as e:  # JSONDecodeError, or a number past Python's 4,300 digits
+            raise UserError(f"{path} line {line_number} is not JSON ({getattr(e, 'msg', e)})") from None
         except RecursionError:
             raise UserError(f"{path} line {line_number} is JSON nested too deeply to read") from None
 
@@ -152,6 +152,8 @@ def _json_stories(path: Path) -> Iterator[str]:
         raise UserError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    except ValueError as e:  # a number past Python's 4,300 digits
+        raise UserError(f"{path} is not JSON that Python reads ({e})") from None
     except RecursionError:
         raise UserError(f"{path} is JSON nested too deeply to read") from None
     if not isinstance(records, list):
@@ -294,21 +296,28 @@ def _streamed_stories(dataset, where: str, total: int | None, progress: bool) ->
 
 
 def _dataset_splits(dataset, where: str) -> dict[str, Stories]:
+    """A saved Dataset's stories as "train", a DatasetDict's "train" and "validation" splits (either may be
+    missing: a validation source needs only one of them, a training source its "train")."""
     if not hasattr(dataset, "keys"):  # a single Dataset
         return {"train": lambda: _dataset_stories(dataset, where)}
-    if "train" not in dataset:
-        raise UserError(f"{where} has no 'train' split (splits: {', '.join(dataset)})")
-    splits = {"train": lambda: _dataset_stories(dataset["train"], f"{where} train")}
-    if "validation" in dataset:
-        splits["validation"] = lambda: _dataset_stories(dataset["validation"], f"{where} validation")
+    splits = {name: (lambda name=name: _dataset_stories(dataset[name], f"{where} {name}"))
+              for name in ("train", "validation") if name in dataset}
+    if not splits:
+        raise UserError(f"{where} has neither a 'train' nor a 'validation' split (splits: {', '.join(dataset)})")
     return splits
+
+
+def _training_stories(source: str | None, splits: dict[str, Stories]) -> Stories:
+    if "train" not in splits:
+        raise UserError(f"{source} has no 'train' split (splits: {', '.join(splits)})")
+    return splits["train"]
 
 
 def read_stories(source: str | Path | None = None, limit: int | None = None) -> list[str]:
     """The first `limit` training stories of a source, read as `prepare` reads them (None: the hub, streamed)."""
     if limit is not None:
         _check_positive_int(limit, "limit")
-    return list(itertools.islice(_open_source(source, limit)["train"](), limit))
+    return list(itertools.islice(_training_stories(source, _open_source(source, limit))(), limit))
 
 
 def _chain(streams: list[Stories]) -> Stories:
@@ -578,10 +587,10 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
     of training stories set aside for it, or None). Every source is opened before anything is written: a missing
     file fails here, with no output."""
     train_splits = [_open_source(s, limit, progress) for s in (sources or [None])]
-    train = _chain([splits["train"] for splits in train_splits])
+    train = _chain([_training_stories(s, splits) for s, splits in zip(sources or [None], train_splits)])
     if val_sources:
         val_splits = [_open_source(s) for s in val_sources]
-        val = _chain([splits.get("validation", splits["train"]) for splits in val_splits])
+        val = _chain([splits["validation"] if "validation" in splits else splits["train"] for splits in val_splits])
         val_from = [str(s) for s in val_sources]
     elif val_fraction is None and all("validation" in splits for splits in train_splits):
         val = _chain([splits["validation"] for splits in train_splits])

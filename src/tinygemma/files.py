@@ -301,7 +301,7 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, a number of 4,300 digits, nested too deep
         raise UserError(f"{what} {path} is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} does not hold a JSON object")

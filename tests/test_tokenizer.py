@@ -238,3 +238,20 @@ def test_an_untrained_tokenizer_json_is_one_line(tmp_path):
     Backend(models.BPE()).save(str(tmp_path / "untrained.json"))
     with pytest.raises(UserError, match="has no end-of-text token"):
         load_tokenizer(tmp_path / "untrained.json")
+
+
+def test_a_tokenizer_json_that_drops_a_whole_text_is_one_line(tmp_path):
+    """A vocabulary of end-of-text alone (no byte fallback) turned each story into nothing, and prepare wrote data
+    of end-of-text tokens only: refused, naming the text; text it holds pieces of still encodes."""
+    tok = load_tokenizer(_word_level(tmp_path, ["<unk>", "<|endoftext|>", "hello"]))
+    assert tok.encode("hello") == [2] and tok.encode_batch(["hello", "hello"]) == [[2], [2]]
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    backend = Backend(models.BPE())
+    backend.add_special_tokens(["<|endoftext|>"])
+    backend.save(str(tmp_path / "eot_only.json"))
+    tok = load_tokenizer(tmp_path / "eot_only.json")
+    for encode in (lambda: tok.encode("Once upon a time"), lambda: tok.encode_batch(["a story", "Once upon"])):
+        with pytest.raises(UserError, match="encodes the text starting '(Once upon a time|a story)' as no tokens"):
+            encode()

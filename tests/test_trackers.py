@@ -13,6 +13,7 @@ from test_train import metrics, run, tiny_settings
 
 import tinygemma.trackers
 from tinygemma.cli import main
+from tinygemma.train import Trainer
 
 data_dir, one_thread = test_train.data_dir, test_train.one_thread  # real stories, BPE-tokenized; one thread
 
@@ -186,10 +187,57 @@ def test_bad_loggers_stop_the_run_in_one_line_before_training(case, data_dir, tm
     assert "\n" not in err, err
     assert {"unknown": "train.loggers may name tensorboard, wandb, trackio; got 'neptune'",
             "not installed": 'train.loggers names wandb, which is not installed: pip install "tinygemma[wandb]"',
-            "fails to start": "wandb could not start (CommError: could not reach api.wandb.ai)"}[case] in err
+            "fails to start": "wandb could not start (CommError: could not reach api.wandb.ai; retrying)"}[case] in err
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()  # no step was taken
     if case != "fails to start":
         assert not out.exists()  # refused before anything was written
+
+
+def test_a_tracker_installed_broken_or_with_a_store_it_cannot_write_stops_the_start_in_one_line(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """wandb that fails to import (protobuf's 'Descriptors cannot be created directly', say) was a traceback;
+    trackio with a store it cannot write warned from its own thread and lost every record, exit 0."""
+    broken = tmp_path / "site" / "wandb"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise TypeError("Descriptors cannot be created directly.\\nmore")\n')
+    with monkeypatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path / "site"))
+        patch.delitem(tinygemma.trackers.sys.modules, "wandb")
+        settings = tiny_settings(data_dir, tmp_path / "a", "loggers=tensorboard,wandb")
+        assert main(["train", *[a for s in settings for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "wandb could not start (TypeError: Descriptors cannot be created directly.; more)" in err
+
+    from trackio.sqlite_storage import SQLiteStorage
+    monkeypatch.setattr(SQLiteStorage, "get_project_db_path", staticmethod(lambda project: Path("/proc/no/store.db")))
+    settings = tiny_settings(data_dir, tmp_path / "b", "loggers=trackio")
+    assert main(["train", *[a for s in settings for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "trackio could not start (" in err and "/proc/no" in err
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_wandb_marks_a_failed_or_interrupted_run_as_failed(data_dir, tmp_path, monkeypatch):
+    """wandb's exit record: 130 for a Ctrl-C, 1 for a failure, 0 for a run that ends (every run said 0, so wandb
+    showed runs that stopped on a non-finite loss as finished)."""
+    out = tmp_path / "run"
+    evaluate = Trainer.evaluate
+    for failure in (KeyboardInterrupt, RuntimeError):  # at the evaluation of step 3
+        def failing(self, step, failure=failure):
+            if step == 3:
+                raise failure()
+            return evaluate(self, step)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "evaluate", failing)
+            with pytest.raises(failure):
+                run(data_dir, out, *SHORT, "max_steps=6", "loggers=wandb", resume=True)
+    run(data_dir, out, *SHORT, "max_steps=6", "loggers=wandb", resume=True)
+    exits = []
+    for directory in sorted((out / "wandb").glob("offline-run-*")):
+        (log,) = directory.glob("run-*.wandb")
+        exits += [r.exit.exit_code for r in wandb_records(log) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [130, 1, 0]
 
 
 def test_trackers_keep_the_order_given_and_open_each_once(data_dir, tmp_path):

@@ -9,7 +9,8 @@ class UserError(Exception):
     """Bad input: a missing or corrupt file, an impossible configuration, a mismatched tokenizer, ..."""
 
 
-def describe(error: BaseException) -> str:
-    """An exception in a few words for a one-line message: its type and its message's first line."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+def describe(error: BaseException, lines: int = 1) -> str:
+    """An exception in a few words for a one-line message: its type and its message's first `lines` non-empty
+    lines, joined by "; " (a validation error names what is wrong only on its second and third)."""
+    kept = [line.strip() for line in str(error).splitlines() if line.strip()][:lines]
+    return f"{type(error).__name__}: {'; '.join(kept)[:200 * lines]}" if kept else type(error).__name__

@@ -6,7 +6,7 @@ the resolved recipe as the run's config. Only rank 0 opens them.
 
 Start-up is strict: an unknown name, a tracker that is not installed (one line with the install command), or one
 that fails to start stops the run before any training. Later, a tracker that fails never stops training: it is
-dropped with one warning and the run goes on.
+dropped with one warning and the run goes on. A run that fails or is interrupted is finished as failed in wandb.
 
 Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the
 same tracker run. TensorBoard drops its events past the checkpoint; wandb keeps its files under RUN/wandb/ and
@@ -65,7 +65,7 @@ class Trackers:
         except BaseException:
             for tracker in opened:
                 with contextlib.suppress(Exception):
-                    tracker.close()
+                    tracker.close(1)  # another failed to start: this run failed too
             raise
         self.trackers = opened
         ids = {t.name: t.resume_id for t in opened if t.resume_id is not None}
@@ -78,8 +78,10 @@ class Trackers:
     def flush(self) -> None:
         self._each("flush")
 
-    def close(self) -> None:
-        self._each("close")
+    def close(self, exit_code: int = 0) -> None:
+        """Finish each tracker's run; a non-zero `exit_code` (the run failed or was interrupted) marks it so where
+        the tracker keeps a run's outcome (wandb: failed, not finished)."""
+        self._each("close", exit_code)
         self.trackers = []
 
     def _each(self, method: str, *args) -> None:
@@ -93,17 +95,22 @@ class Trackers:
 
 
 def startup_error(name: str, error: Exception) -> UserError:
-    return UserError(f"{name} could not start ({describe(error)}); fix it, or leave {name} out of train.loggers")
+    # Three lines: a settings validation error names the setting and its allowed values on its second and third.
+    return UserError(f"{name} could not start ({describe(error, lines=3)}); fix it, or leave {name} out of "
+                     "train.loggers")
 
 
 class TensorBoard:
     name, resume_id = "tensorboard", None
 
     def __init__(self, run_dir: Path, config: dict, start: int, saved):
-        from torch.utils.tensorboard import SummaryWriter
+        try:  # installed but broken (a protobuf it cannot use, ...) is one line, as a failed start is
+            from torch.utils.tensorboard import SummaryWriter
 
-        # Hide events past the checkpoint (the lost work); a fresh start hides every earlier event.
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
+            # Hide events past the checkpoint (the lost work); a fresh start hides every earlier event.
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
+        except Exception as e:
+            raise startup_error("tensorboard", e) from None
         self.writer.add_text("config", f"```json\n{json.dumps(config, indent=2)}\n```", start)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
@@ -113,7 +120,7 @@ class TensorBoard:
     def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
         self.writer.close()
 
 
@@ -124,9 +131,9 @@ class Wandb:
     name = "wandb"
 
     def __init__(self, run_dir: Path, config: dict, start: int, saved: str | None):
-        import wandb
-
         try:
+            import wandb
+
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_dir.name,
                                   dir=str(run_dir), config=config, id=saved, resume="allow" if saved else None)
         except Exception as e:
@@ -142,8 +149,8 @@ class Wandb:
     def flush(self) -> None:
         pass  # wandb sends in the background
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int) -> None:
+        self.run.finish(exit_code=exit_code)  # non-zero: shown as failed
 
 
 class Trackio:
@@ -152,9 +159,14 @@ class Trackio:
     name = "trackio"
 
     def __init__(self, run_dir: Path, config: dict, start: int, saved: str | None):
-        import trackio
-
         try:
+            import trackio
+
+            # trackio writes from a background thread, where a store it cannot write to only warns, and every
+            # record is lost: its store is made (or opened) here, so that such a store stops the start.
+            storage = getattr(getattr(trackio, "sqlite_storage", None), "SQLiteStorage", None)
+            if hasattr(storage, "init_db"):
+                storage.init_db(PROJECT)
             with contextlib.redirect_stdout(sys.stderr):  # its banner is not the run's output
                 self.run = trackio.init(project=PROJECT, name=saved, config=config, embed=False,
                                         resume="allow" if saved else "never")
@@ -168,7 +180,7 @@ class Trackio:
     def flush(self) -> None:
         pass  # trackio writes in the background
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
         with contextlib.redirect_stdout(sys.stderr):
             self.trackio.finish()  # the module's finish, which also forgets the run (else it finishes it again at exit)
 

@@ -131,8 +131,10 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
                 run.checkpoint(step + 1)
         if run.rt.world_size > 1:
             dist.barrier()  # rank 0 has written the last checkpoint before anyone reads it
-    finally:
-        run.close()
+    except BaseException as e:  # the trackers record the run as failed (130: interrupted, as the shell says)
+        run.close(exit_code=130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
+    run.close(exit_code=0)
     return run.summary()
 
 
@@ -188,7 +190,7 @@ class Trainer:
         try:
             self.build(ckpt_dir, state, weights)
         except BaseException:
-            self.close()  # the process group and the logs, when setup fails once they exist
+            self.close(exit_code=1)  # the process group and the logs, when setup fails once they exist
             raise
 
     def build(self, ckpt_dir: Path | None, state: dict, weights: dict | None) -> None:
@@ -498,14 +500,16 @@ class Trainer:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
+        """Stop the profiler, progress bar and trackers (told the run's `exit_code`), let go of the model and the
+        run folder's lock, and end the process group this run started."""
         try:
             if self.profiler:
                 self.profiler.abandon()  # a run stopped inside the profiled steps
             if self.progress:
                 self.progress.close()
             if self.writer:
-                self.writer.close()  # a tracker's upload: a second Ctrl-C may land here
+                self.writer.close(exit_code)  # a tracker's upload: a second Ctrl-C may land here
             self.release()
         finally:
             self.unlock()  # else the notebook's next train() of this run is refused until the kernel restarts

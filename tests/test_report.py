@@ -167,6 +167,28 @@ def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_r
     assert "pre-trained from scratch" not in api_card
 
 
+def test_a_model_with_few_positions_exports_with_shorter_samples(straight_run, tmp_path):
+    """max_position_embeddings = 48 (a researcher's block size) leaves no room for the card's 200 new tokens:
+    the export was refused ('ask for fewer new tokens', which export has no option for); its samples are now
+    as long as the positions allow, and a prompt that fills them is named, not sampled."""
+    pytest.importorskip("transformers")
+    from tinygemma.checkpoint import checkpoint_tokenizer, save_model
+    from tinygemma.config import GenerateConfig, ModelConfig
+
+    tokenizer = checkpoint_tokenizer(straight_run)
+    model = tinygemma.Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, max_position_embeddings=48))
+    save_model(model, tmp_path / "api", {"tokenizer": tokenizer.save(tmp_path / "api")})
+    assert main(["export", "--ckpt", str(tmp_path / "api"), "--out", str(tmp_path / "hf")]) == 0
+    prompt_tokens = len(tokenizer.encode("Once upon a time"))
+    text = card(tmp_path / "hf").text
+    assert "\n> Once upon a time" in text
+    assert f"(at most {48 - prompt_tokens} new tokens: the prompt and they fill the model's 48 positions)" in text
+    long = "Once upon a time " * 20
+    lines = tinygemma.report.samples_section(tmp_path / "hf", GenerateConfig(prompts=[long, "Tom"]))
+    assert any(line.startswith(f"Not generated from {long!r}: the prompt's ") for line in lines)
+    assert any(line.startswith("> Tom") for line in lines)
+
+
 def test_a_card_names_the_hub_dataset_the_run_was_prepared_from():
     known = {"meta": {"format": "tinygemma"}, "run": {"data_source": {"train": "hf:roneneldan/TinyStories"}}}
     from huggingface_hub import ModelCardData

@@ -39,7 +39,7 @@ from tinygemma.data import HUB_DATASET
 from tinygemma.devices import device_description, pick_device
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_write_text, read_json
-from tinygemma.generate import generate_text
+from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.hf import model_config_from_hf
 from tinygemma.metrics import format_duration, read_records
 from tinygemma.tokenizer import TOKENIZER_FILE
@@ -401,10 +401,20 @@ def samples_section(out: Path, g: GenerateConfig) -> list[str]:
     device = pick_device("auto")
     model = load_model(out, tokenizer, dtype="auto" if device.type == "cuda" else "float32", device=str(device))
     lines = [f"Generated at export by tinygemma from these files: {sampling(dataclasses.asdict(g))}.", ""]
+    positions = model.config.max_position_embeddings
     for i, prompt in enumerate(g.prompts):
-        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens,
+        # As many new tokens as the recipe asks and the model's positions leave room for (a model trained with
+        # max_position_embeddings = block_size has fewer than a prompt and 200): the card never stops an export.
+        try:
+            room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0))
+        except UserError as e:
+            lines += [f"Not generated from {prompt!r}: {e}.", ""]
+            continue
+        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
                                  temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
         lines += [quote(prompt + texts[0]), ""]
+        if room < g.max_new_tokens:
+            lines += [f"(at most {room} new tokens: the prompt and they fill the model's {positions} positions)", ""]
     return lines
 
 

@@ -363,7 +363,7 @@ def test_the_run_lock_is_let_go_whatever_stops_the_run(data_dir, tmp_path, monke
     out = tmp_path / "run"
     run(data_dir, out, "max_steps=10", "checkpoint_interval=5", stop_at=5)
 
-    def interrupted(self):
+    def interrupted(self, exit_code):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:

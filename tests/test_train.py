@@ -189,8 +189,11 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-4)
     assert big["val_loss"] == pytest.approx(small["val_loss"], rel=1e-4)
     wa, wb = tinygemma.load(big["checkpoint"]).state_dict(), tinygemma.load(small["checkpoint"]).state_dict()
+    # AdamW divides by the gradient's own scale, so an element whose gradient is near zero turns float summation
+    # noise into a step difference: 1.6e-5 on one of 8,192 elements on an Intel Xeon (AVX-512, no BF16), where
+    # an AMD EPYC stayed under 1e-5. A wrong accumulation moves every weight by about the learning rate (1e-2).
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_autocast_keeps_float32_master_weights(straight_run, data_dir, tmp_path):

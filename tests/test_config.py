@@ -133,7 +133,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("model.d_model=big", "model.d_model must be an integer"),
     ("data.source=[1, 2]", "data.source must be a list of strings"),
     ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
-    ("seed=18446744073709551616", "train.seed must be at most 9,223,372,036,854,775,807"),  # torch.manual_seed's
+    ("seed=18446744073709551616", "train.seed must be at most 18,446,744,073,709,551,615 (64 bits)"),  # a traceback
     ("eval_batches=1000000000000", "train.eval_batches must be at most 1,048,576"),  # was out of memory, exit 1
 ])
 def test_bad_settings_are_refused_by_name(setting, message):
@@ -167,6 +167,8 @@ def test_a_prompt_with_commas_is_one_prompt_and_a_list_is_a_list():
     assert recipe.generate.prompts == ["Once upon a time, there was a dog"]
     assert recipe.train.loggers == ["tensorboard", "wandb"]
     assert load_recipe(None, ['generate.prompts=["One, two", "Three"]']).generate.prompts == ["One, two", "Three"]
+    assert load_recipe(None, ["generate.prompts=[Title] Once"]).generate.prompts == ["[Title] Once"]  # no TOML
+    assert load_recipe(None, ["generate.prompts="]).generate.prompts == []  # no samples, as before
 
 
 def test_none_and_a_top_k_of_0_read_from_a_recipe_file(tmp_path):
@@ -183,6 +185,7 @@ def test_none_and_a_top_k_of_0_read_from_a_recipe_file(tmp_path):
 
 def test_a_huge_integer_setting_is_read_exactly():
     assert load_recipe(None, ["generate.seed=9223372036854775807"]).generate.seed == 2**63 - 1
+    assert load_recipe(None, ["seed=18446744073709551615"]).train.seed == 2**64 - 1  # torch and numpy take it
     assert load_recipe(None, ["batch_size=1e2", "max_steps=4_000"]).train.batch_size == 100
 
 

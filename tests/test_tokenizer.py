@@ -246,7 +246,12 @@ def test_a_tokenizer_json_that_drops_a_whole_text_is_one_line(tmp_path):
     tok = load_tokenizer(_word_level(tmp_path, ["<unk>", "<|endoftext|>", "hello"]))
     assert tok.encode("hello") == [2] and tok.encode_batch(["hello", "hello"]) == [[2], [2]]
     from tokenizers import Tokenizer as Backend
-    from tokenizers import models
+    from tokenizers import models, normalizers
+
+    backend = Backend(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True)  # removes control characters, as BERT's
+    backend.save(str(tmp_path / "bert.json"))
+    assert load_tokenizer(tmp_path / "bert.json").encode("\x07") == []  # nothing left to encode: no refusal
 
     backend = Backend(models.BPE())
     backend.add_special_tokens(["<|endoftext|>"])

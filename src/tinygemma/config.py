@@ -203,8 +203,8 @@ class TrainConfig:
             _check_int(self, name, minimum=1)
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
             _check_int(self, name, minimum=0)
-        if self.seed > MAX_SEED:  # torch.manual_seed takes 64 bits
-            raise UserError(f"train.seed must be at most {MAX_SEED:,}, got {self.seed:,}")
+        if self.seed > MAX_TRAIN_SEED:
+            raise UserError(f"train.seed must be at most {MAX_TRAIN_SEED:,} (64 bits), got {self.seed:,}")
         for name in ("batch_size", "grad_accum_steps", "eval_batches"):  # far past any memory; quick to list
             if getattr(self, name) > MAX_BATCH:
                 raise UserError(f"train.{name} must be at most {MAX_BATCH:,}, got {getattr(self, name):,}")
@@ -425,8 +425,8 @@ def _coerce(value, tp, key: str, from_text: bool):
     origin = typing.get_origin(tp)
     try:
         if origin in (list, tuple):
-            if from_text:  # a prompt is prose: its commas are its own, not a list's
-                value = [value] if key == "generate.prompts" and not value.startswith("[") else _parse_text_list(value)
+            if from_text:
+                value = _parse_prompts(value) if key == "generate.prompts" else _parse_text_list(value)
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -477,6 +477,17 @@ def _coerce(value, tp, key: str, from_text: bool):
                        if quoted else ""))
 
 
+def _parse_prompts(text: str) -> list[str]:
+    """--set generate.prompts=TEXT: a TOML array of prompts, or else one prompt, its commas and brackets its own;
+    nothing at all is no prompt."""
+    if not text:
+        return []
+    try:
+        return _parse_text_list(text) if text.startswith("[") else [text]
+    except ValueError:  # "[Title] Once upon a time"
+        return [text]
+
+
 def _parse_text_list(text: str) -> list[str]:
     """A command-line list: a TOML array (`["a", "b"]`) or comma-separated words (`a,b`)."""
     if text.startswith("["):
@@ -515,6 +526,7 @@ def _check_number(obj, name: str, ok, what: str) -> None:
 
 # torch.Generator.manual_seed takes a 64-bit seed; a run's prompt i samples with seed + i.
 MAX_SEED = 2**63 - 1
+MAX_TRAIN_SEED = 2**64 - 1  # torch.manual_seed and numpy's default_rng([seed, step]) take any 64-bit seed
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,

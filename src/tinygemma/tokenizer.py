@@ -297,19 +297,30 @@ class HFTokenizer(Tokenizer):
         return cls(content, path)
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a tokenizer.json that cannot encode every text: a WordLevel with no [UNK], ...
+            raise UserError(f"the tokenizer {self.identity} cannot encode the text starting {text[:40]!r} "
+                            f"({describe(e)})") from None
+        return self._kept(text, ids)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         try:
             batch = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        except Exception as e:  # a tokenizer.json that cannot encode every text: a WordLevel with no [UNK], ...
-            where = f"the text starting {texts[0][:40]!r}" if len(texts) == 1 else "these texts"
-            raise UserError(f"the tokenizer {self.identity} cannot encode {where} ({describe(e)})") from None
-        for text, ids in zip(texts, batch):
-            if not ids and text.strip():  # a model without byte fallback drops what its vocabulary lacks
+        except Exception as e:
+            raise UserError(f"the tokenizer {self.identity} cannot encode these texts ({describe(e)})") from None
+        return [self._kept(text, ids) for text, ids in zip(texts, batch)]
+
+    def _kept(self, text: str, ids: list[int]) -> list[int]:
+        """`ids`, unless the tokenizer dropped all of a text its normalizer keeps: a model without byte fallback
+        drops what its vocabulary lacks (one of end-of-text alone turned every story into nothing). Text its
+        normalizer removes (a BERT-style one's control characters) encodes to nothing, as it should."""
+        if not ids and text.strip():
+            normalizer = self.backend.normalizer
+            if (normalizer.normalize_str(text) if normalizer else text).strip():
                 raise UserError(f"the tokenizer {self.identity} encodes the text starting {text[:40]!r} as no "
                                 "tokens at all: its vocabulary holds none of that text's pieces")
-        return batch
+        return ids
 
     def decode(self, ids) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)

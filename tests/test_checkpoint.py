@@ -95,6 +95,17 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UserError, match="gemma3_text"):
         tinygemma.load(tmp_path / "llama")
+    # A run whose pointers name no checkpoint folder (a number), or folders that are gone: named as such.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"dir": 5, "step": 1}))
+    with pytest.raises(UserError, match=r"checkpoint pointer .*best.json names no checkpoint folder \(its dir is 5\)"):
+        tinygemma.load(run)  # was a TypeError of Path / int
+    for name in ("best", "last"):
+        (run / "checkpoints" / f"{name}.json").write_text(json.dumps({"dir": "step_000099", "step": 99}))
+    with pytest.raises(UserError, match="checkpoints/best.json names step_000099, which holds no checkpoint.json; "
+                                        "checkpoints/last.json names step_000099"):
+        tinygemma.load(run)  # said there was no checkpoints/last.json
     # Through the CLI: one line on stderr, exit 2, nothing written.
     assert main(["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

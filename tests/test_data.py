@@ -81,6 +81,7 @@ def test_round_trip_and_tiktoken_counts(stories_dir, valid, r50k, tmp_path):
 
 def test_workers_give_identical_files(stories_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CHUNK_CHARS", 20_000)  # many small batches, so the ordered window really turns
+    monkeypatch.setattr(data, "available_cpus", lambda: 2)  # two processes, however many cores run the tests
     args = dict(sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"], limit=600,
                 progress=False)
     prepare(tmp_path / "one", workers=1, **args)
@@ -703,6 +704,19 @@ def test_workers_default_to_the_cores_this_process_may_use(monkeypatch):
     assert data.available_cpus() == 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert data.available_cpus() == (os.cpu_count() or 1)
+
+
+def test_more_workers_than_cores_are_the_cores(stories_dir, tmp_path, monkeypatch, capsys):
+    """--workers 100000 forked processes until memory ran out: more than the usable cores take the cores, said."""
+    monkeypatch.setattr(data, "available_cpus", lambda: 2)
+    started = []
+    workers = data._Workers
+    # (never more than 2 started here: without the cap this test must fail, not fork 100,000 processes)
+    monkeypatch.setattr(data, "_Workers", lambda tokenizer, n: started.append(n) or workers(tokenizer, min(n, 2)))
+    prepare(tmp_path / "d", sources=[stories_dir / "train.txt"], limit=50, workers=100_000, progress=False)
+    assert started == [2]
+    assert "tinygemma: warning: --workers 100000 is more than the 2 cores this process may use; using 2" in (
+        capsys.readouterr().err)
 
 
 def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, capsys):

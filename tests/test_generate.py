@@ -82,6 +82,14 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     assert torch.allclose(out[0].softmax(-1)[[1, 3]], torch.tensor([0.5, 0.3]) / 0.8)
 
 
+def test_a_top_p_below_float32_s_least_keeps_the_most_likely_token():
+    """top_p = 1e-300 is in (0, 1] but rounds to 0 against float32 masses: every token was cut, softmax gave NaN,
+    and torch.multinomial a traceback. The most likely token always stays."""
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
+    assert kept(filter_logits(logits[0], top_p=1e-300)) == [1]
+    assert sample_next_token(logits, temperature=1.0, top_p=1e-300).tolist() == [1]
+
+
 def test_top_k_then_top_p():
     logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
     # top-k 2 leaves ids 1 and 3 with probabilities 0.625 and 0.375; top-p 0.6 then keeps id 1 alone.

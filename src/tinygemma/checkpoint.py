@@ -79,14 +79,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     # A run directory (its config.json is the run's recipe, not a transformers config): follow its pointers.
     ckpts = path / "checkpoints"
+    dangling = []
     for name in ("best", "last"):
         pointer = ckpts / f"{name}.json"
         if pointer.exists():
-            target = ckpts / read_json(pointer, "checkpoint pointer").get("dir", "")
-            if (target / META_NAME).exists():
-                return target
+            named = read_json(pointer, "checkpoint pointer").get("dir")
+            if not isinstance(named, str) or not named:
+                raise UserError(f"checkpoint pointer {pointer} names no checkpoint folder (its dir is {named!r})")
+            if (ckpts / named / META_NAME).exists():
+                return ckpts / named
+            dangling.append(f"checkpoints/{name}.json names {named}, which holds no {META_NAME}")
     if (path / "config.json").exists() and not ckpts.exists():
         return path
+    if dangling:
+        raise UserError(f"{path} holds no checkpoint: {'; '.join(dangling)}")
     raise UserError(f"{path} holds no checkpoint (no {META_NAME}, no config.json, no checkpoints/last.json)")
 
 

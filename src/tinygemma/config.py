@@ -208,8 +208,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "eval_batches"):  # far past any memory; quick to list
             if getattr(self, name) > MAX_BATCH:
                 raise UserError(f"train.{name} must be at most {MAX_BATCH:,}, got {getattr(self, name):,}")
-        for name in ("learning_rate", "adam_eps", "muon_learning_rate"):
-            _check_number(self, name, lambda v: v > 0, "a positive number")
+        for name in ("learning_rate", "adam_eps", "muon_learning_rate"):  # the optimizers' float32 arithmetic
+            _check_number(self, name, lambda v: 0 < v <= FLOAT32_MAX, "a positive number within float32's range")
         for name in ("min_lr", "weight_decay", "grad_clip"):
             _check_number(self, name, lambda v: v >= 0, "a number >= 0")
         for name in ("beta1", "beta2"):
@@ -363,6 +363,10 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 recipe = Recipe.from_dict(tomllib.load(f), source=str(path))
         except FileNotFoundError:
             raise UserError(f"recipe not found: {path}") from None
+        except IsADirectoryError:
+            raise UserError(f"recipe {path} is a folder, not a TOML file") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a recipe: not UTF-8 text, as TOML is") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path} is not valid TOML ({e})") from None
     return apply_overrides(recipe, overrides)
@@ -502,6 +506,7 @@ def _parse_text_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches
 
 

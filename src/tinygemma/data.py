@@ -502,6 +502,10 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     out_dir = Path(out_dir)
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
+    if workers > available_cpus():  # each is a process: --workers 100000 forked until memory ran out
+        print(f"tinygemma: warning: --workers {workers} is more than the {available_cpus()} cores this process may "
+              f"use; using {available_cpus()}", file=sys.stderr, flush=True)
+        workers = available_cpus()
     check_prepare_out(out_dir)
     # One prepare writes a folder at a time: a second one (two `tinygemma run`s of one fresh recipe) is refused in
     # one line instead of deleting the first one's temporaries and racing it to meta.json. A failed prepare leaves
@@ -516,6 +520,8 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
 
     if tokenizer == "bpe":
+        if next(iter(split_stories["train"]()), None) is None:  # said before a BPE of nothing is trained and warned of
+            raise UserError("no train stories: the training corpus is empty")
         tokenizer = train_bpe(split_stories["train"](), vocab_size)
         if tokenizer.vocab_size < vocab_size:
             print(f"tinygemma: warning: the BPE has {tokenizer.vocab_size:,} tokens, not the {vocab_size:,} asked for: "

@@ -29,7 +29,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        outside = mass_before >= top_p
+        outside[..., 0] = False  # the most likely token always stays (a top_p below float32's least rounds to 0)
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits
 

@@ -502,10 +502,11 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     out_dir = Path(out_dir)
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
-    if workers > available_cpus():  # each is a process: --workers 100000 forked until memory ran out
-        print(f"tinygemma: warning: --workers {workers} is more than the {available_cpus()} cores this process may "
-              f"use; using {available_cpus()}", file=sys.stderr, flush=True)
-        workers = available_cpus()
+    cores = available_cpus()
+    if workers > cores:  # each is a process: --workers 100000 forked until memory ran out
+        print(f"tinygemma: warning: --workers {workers} is more than the {cores} cores this process may use; "
+              f"using {cores}", file=sys.stderr, flush=True)
+        workers = cores
     check_prepare_out(out_dir)
     # One prepare writes a folder at a time: a second one (two `tinygemma run`s of one fresh recipe) is refused in
     # one line instead of deleting the first one's temporaries and racing it to meta.json. A failed prepare leaves

@@ -189,14 +189,14 @@ def _train_main(args) -> int:
     flags = {"model.preset": ("--model", args.model), "data.dir": ("--data", args.data),
              "train.out": ("--out", args.out), "train.max_steps": ("--max-steps", args.max_steps)}
     overrides = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None and value != ""]
+    out = args.out or ""  # the run folder, however it is given: --out, or --set out= (as the run report spells it)
     for item in args.set:  # the same setting from a flag and from --set: which was meant is not ours to guess
-        key = item.partition("=")[0].strip()
-        key = key if "." in key else f"train.{key}"
+        key, _, value = item.partition("=")
+        key = key.strip() if "." in key else f"train.{key.strip()}"
         if key in flags and flags[key][1] not in (None, ""):
             raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
-    # The run folder, however it was given: --out, or --set out= / train.out= (the run report spells it so).
-    out = args.out or next((item.partition("=")[2].strip() for item in reversed(args.set)
-                            if item.partition("=")[0].strip() in ("out", "train.out")), "")
+        if key == "train.out":
+            out = value.strip()
     saved = Path(out) / "config.json"
     if args.resume and args.config is None and out and saved.exists():
         resolved = read_json(saved, "run config")

@@ -521,9 +521,11 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
 
     if tokenizer == "bpe":
-        if next(iter(split_stories["train"]()), None) is None:  # said before a BPE of nothing is trained and warned of
-            raise UserError("no train stories: the training corpus is empty")
-        tokenizer = train_bpe(split_stories["train"](), vocab_size)
+        stories = split_stories["train"]()
+        first = next(stories, None)
+        if first is None:  # said before a BPE of nothing is trained and warned of
+            raise _no_stories("train", carve)
+        tokenizer = train_bpe(itertools.chain([first], stories), vocab_size)
         if tokenizer.vocab_size < vocab_size:
             print(f"tinygemma: warning: the BPE has {tokenizer.vocab_size:,} tokens, not the {vocab_size:,} asked for: "
                   "these stories hold no more pairs to merge", file=sys.stderr, flush=True)
@@ -540,11 +542,7 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
                 counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], out_dir / f"{split}.bin",
                                                   split, progress)
                 if not counts[split]["documents"]:
-                    raise UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} "
-                                    "corpus is empty" + (" (too few stories to set some aside; use --val-source "
-                                                         "or more stories; a .txt file separates its stories with "
-                                                         f"lines holding only {EOT_TOKEN})" if split == "val" and carve
-                                                         else ""))
+                    raise _no_stories(split, carve)
             # From here until meta.json is written the directory holds no dataset, old or new.
             (out_dir / META_NAME).unlink(missing_ok=True)
         meta = {
@@ -565,6 +563,13 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     finally:
         pool.close()
     return meta
+
+
+def _no_stories(split: str, carve: float | None) -> UserError:
+    return UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} corpus is empty"
+                     + (" (too few stories to set some aside; use --val-source or more stories; a .txt file "
+                        f"separates its stories with lines holding only {EOT_TOKEN})" if split == "val" and carve
+                        else ""))
 
 
 def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers):

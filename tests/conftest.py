@@ -19,7 +19,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", TRACKIO_DIR=tempfile.mkdtemp(prefix="tinygemma-trackio-"))
 for remote in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
     os.environ.pop(remote, None)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads at most; under pytest-xdist (`-n N`) the cores are shared out among the N workers, so that
+# workers' OpenMP threads do not spin against each other on a small machine.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per usable core, at most 8. The README's command hands out whole files
+    (`--dist loadfile`), and the longest files take a minute or two each: more workers would wait, each with its
+    own torch in memory."""
+    from tinygemma.data import available_cpus  # after the environment above is set
+
+    return min(8, available_cpus())
 
 
 @pytest.fixture(scope="session")

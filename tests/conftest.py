@@ -25,6 +25,7 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist (the GPU image) pytest must still start
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per usable core, at most 8. The README's command hands out whole files
     (`--dist loadfile`), and the longest files take a minute or two each: more workers would wait, each with its

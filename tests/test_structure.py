@@ -94,3 +94,16 @@ def test_the_repository_tracks_no_downloads_or_large_files():
              if p.is_file() and p.stat().st_size > MAX_TRACKED_BYTES]
     assert not packages, f"downloaded packages tracked by git: {packages} (git rm --cached them)"
     assert not large, f"files over {MAX_TRACKED_BYTES:,} bytes tracked by git: {large}"
+
+
+def test_the_tests_start_without_pytest_xdist():
+    """The README's command runs the tests under pytest-xdist, but the GPU image's pytest has no xdist
+    (benchmarks/gpu_suite.py runs the CUDA tests there): conftest's xdist hook must not stop pytest starting."""
+    import subprocess
+    import sys
+
+    root = SRC.parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--collect-only",
+                           "-q", "tests/test_structure.py"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "test_the_tests_start_without_pytest_xdist" in proc.stdout

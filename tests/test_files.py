@@ -219,3 +219,25 @@ def test_a_json_file_python_cannot_read_is_one_line(tmp_path, text, words):
     path.write_text(text)
     with pytest.raises(UserError, match=rf"dataset metadata {path} is not valid JSON \(.*{re.escape(words)}"):
         files.read_json(path, "dataset metadata")
+
+
+def test_a_failed_write_into_new_nested_folders_leaves_none_of_them(tmp_path):
+    """--out a/b/c where only tmp_path exists: a write that fails removes c, b and a, which it made, and nothing
+    above them; a write that succeeds keeps them all."""
+    from tinygemma.files import staged_folder
+
+    out = tmp_path / "a" / "b" / "c"
+    with pytest.raises(OSError, match="disk gone"):
+        with staged_folder(out, frozenset({"x.txt"}), "an export") as stage:
+            (stage / "x.txt").write_text("x")
+            raise OSError("disk gone")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep.txt").write_text("mine")  # a folder the user had: it stays, with what it held
+    with pytest.raises(OSError, match="disk gone"):
+        with staged_folder(out, frozenset({"x.txt"}), "an export"):
+            raise OSError("disk gone")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["keep.txt"]
+    with staged_folder(out, frozenset({"x.txt"}), "an export") as stage:
+        (stage / "x.txt").write_text("x")
+    assert [p.name for p in out.iterdir()] == ["x.txt"]

@@ -181,10 +181,10 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
 def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = lambda: None):
     """`folder`, made if need be and locked while the block writes it (`what` names the writer in a second one's
     refusal); `check()` runs once the lock is held, in case another command wrote the folder between the caller's
-    own check and the lock. The lock file goes with the lock, and a folder made here that the block left empty (a
-    failed write) is removed."""
+    own check and the lock. The lock file goes with the lock, and the folders made here (`folder` and any missing
+    parents) that the block left empty (a failed write) are removed."""
     folder = Path(folder)
-    created = not folder.exists()
+    made = [p for p in (folder.absolute(), *folder.absolute().parents) if not p.exists()]  # the deepest first
     with write_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(folder, what)
@@ -194,9 +194,9 @@ def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = l
         yield folder
     finally:
         lock.release(remove=True)
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
+        with contextlib.suppress(OSError):
+            for path in made:
+                path.rmdir()  # only if empty: the first folder that is not ends it
 
 
 def remove_stages(folder: Path) -> None:

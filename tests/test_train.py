@@ -164,7 +164,8 @@ def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path
     assert not any(path.exists() for path in left) and (out / ".notes.txt.0a1b2c3d.tmp").exists()
 
 
-def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the_preset(data_dir, tmp_path, capsys):
+def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the_preset(data_dir, tmp_path, capsys,
+                                                                                        monkeypatch):
     """`--set train.out=RUN` (as the run report spells it) resumes from RUN's config.json as --out does (the
     built-in recipe was taken, and refused as another model); another preset on a resume is refused in one line
     (every model field is saved, so it only relabelled the run in config.json and report.md)."""
@@ -178,6 +179,13 @@ def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the
     assert main(["train", "--resume", "--set", f"out={out}"]) == 0
     assert last_step(out) == 6
     assert json.loads((out / "config.json").read_text())["model"]["preset"] == "gemma3-tiny"
+
+    default = tmp_path / "runs" / "tinystories"  # the built-in train.out: `train --resume` alone continues it too
+    run(data_dir, default, "max_steps=6", stop_at=2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "--stop-at", "4"]) == 0  # was: the built-in recipe's data, not prepared
+    assert main(["train", "--resume"]) == 0  # and the saved max_steps (6), not the built-in one
+    assert last_step(default) == 6
 
 
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):

@@ -189,7 +189,9 @@ def _train_main(args) -> int:
     flags = {"model.preset": ("--model", args.model), "data.dir": ("--data", args.data),
              "train.out": ("--out", args.out), "train.max_steps": ("--max-steps", args.max_steps)}
     overrides = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None and value != ""]
-    out = args.out or ""  # the run folder, however it is given: --out, or --set out= (as the run report spells it)
+    # The run folder, however it is given: --out, --set out= (as the run report spells it), or else the built-in
+    # recipe's (a recipe file given by --config names its own, and --resume then follows the file).
+    out = args.out or Recipe.out
     for item in args.set:  # the same setting from a flag and from --set: which was meant is not ours to guess
         key, _, value = item.partition("=")
         key = key.strip() if "." in key else f"train.{key.strip()}"

@@ -67,6 +67,9 @@ def check_outputs(recipe: Recipe) -> None:
     """Refuse a train.out that training may not write into, or a data.dir to prepare that prepare may not, before
     anything is prepared (a refused run then leaves no new dataset behind): train's and prepare's own checks,
     naming the recipe's settings where those commands name their --out."""
+    if Path(recipe.out).resolve() == Path(recipe.data.dir).resolve():
+        raise UserError(f"train.out and data.dir are one folder, {Path(recipe.out).resolve()}: the run and its "
+                        "prepared data each need a folder of their own")
     check_run_out(recipe.out, "train.out")
     check_run_data(recipe)
     if is_training_run(recipe.out):  # trained by another process now: refused before preparing, not after

@@ -669,6 +669,17 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     records = [r for r in metrics(out) if "train_loss" in r]
     assert [r["tokens"] for r in records] == [256 * r["step"] for r in records]  # 8 x 32 tokens a step, throughout
 
+    # The run finished: another rate (a recipe edited, then `tinygemma run` again) trains no step, so it changes
+    # nothing, says so, and the run's config.json (the report's recipe, what a later resume reads) keeps the
+    # values its steps were trained with.
+    saved = (out / "config.json").read_bytes()
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "learning_rate=3e-3", "grad_clip=0.5",
+        "eval_batches=2", resume=True)
+    err = capsys.readouterr().err
+    assert ("tinygemma: warning: the run is at step 6 of 6 with settings other than its own: learning_rate 0.005 -> "
+            "0.003; no step is left to train, so they change nothing") in err, err
+    assert (out / "config.json").read_bytes() == saved
+
 
 def test_train_refuses_an_out_that_holds_something_else(data_dir, tmp_path, capsys):
     """--out is a new or empty folder, or a training run: a prepared dataset, a transformers export, any other

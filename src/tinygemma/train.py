@@ -69,6 +69,7 @@ from tinygemma.files import (
     atomic_write_json,
     check_output_folder,
     others_than,
+    peek_json,
     read_json,
     read_safetensors,
     remove_temporaries,
@@ -170,9 +171,9 @@ class Trainer:
         check_stop_at(stop_at)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
         check_resume_schedule(saved_train, self.cfg, self.start)
-        changed = check_resume_settings(saved_train, self.cfg, self.start)
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
+        changed = check_resume_settings(saved_train, self.cfg, self.start, self.end)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = None
@@ -242,7 +243,7 @@ class Trainer:
 
     def open_logs(self) -> None:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
-        cfg, rt, run_dir, start = self.cfg, self.rt, self.run_dir, self.start
+        cfg, run_dir, start = self.cfg, self.run_dir, self.start
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.lock:
             self.lock.acquire()  # a run started in a new (or empty) folder: locked now that it becomes one
@@ -253,6 +254,22 @@ class Trainer:
         if (run_dir / "checkpoints").exists():
             restore_best_pointer(run_dir / "checkpoints", self.best_step, self.best_val)
             prune_checkpoints(run_dir / "checkpoints")
+        resolved = self.resolved_config()
+        # Nothing to train (a finished run, run again): config.json keeps the settings its steps were trained with.
+        kept = peek_json(run_dir / "config.json") if start >= self.end else {}
+        # The trackers first: one that cannot start stops the run before config.json is written.
+        self.writer = Trackers(cfg.loggers, run_dir, kept or resolved, start)
+        if not kept:
+            atomic_write_json(run_dir / "config.json", resolved)
+        metrics = run_dir / "metrics.jsonl"
+        self.log_file = MetricsLog.resume(metrics, start) if start else MetricsLog(metrics)
+        if self.quiet:
+            return
+        self.say_start(resolved["run"]["compiled"])
+
+    def resolved_config(self) -> dict:
+        """What config.json records: the resolved recipe, the run's own model, and how this invocation runs it."""
+        cfg, rt = self.cfg, self.rt
         resolved = self.recipe.to_dict()
         if not self.recipe_made_data():  # `train --data DIR`: the recipe's other [data] fields say nothing true
             resolved["data"] = {"dir": self.recipe.data.dir}
@@ -268,12 +285,11 @@ class Trainer:
                            "data_documents": {split: self.data.meta["splits"][split].get("documents")
                                               for split in ("train", "val")},
                            **environment(rt.device, rt.world_size)}
-        self.writer = Trackers(cfg.loggers, run_dir, resolved, start)  # first: one that cannot start stops the run
-        atomic_write_json(run_dir / "config.json", resolved)
-        metrics = run_dir / "metrics.jsonl"
-        self.log_file = MetricsLog.resume(metrics, start) if start else MetricsLog(metrics)
-        if self.quiet:
-            return
+        return resolved
+
+    def say_start(self, compiled: bool) -> None:
+        """The first log line (what trains, how, on what), and the progress bar on a terminal."""
+        cfg, rt, start = self.cfg, self.rt, self.start
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
               f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all) in "
@@ -282,7 +298,7 @@ class Trainer:
               f"{describe_optimizer(self.optimizer, self.fsdp)}, {cfg.lr_schedule} schedule; "
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
               f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
-              f"{'; torch.compile: the first step compiles the model (a minute or more)' if resolved['run']['compiled'] else ''}",
+              f"{'; torch.compile: the first step compiles the model (a minute or more)' if compiled else ''}",
               flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -627,11 +643,11 @@ STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "weight_decay"
                  "eval_batches")  # the validation set that best.json compares against the earlier losses
 
 
-def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int) -> str | None:
+def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, end: int) -> str | None:
     """Refuse a resume that changes the run's batches (its windows and token counts would no longer be one run's;
     the micro-batch split and the process count may change, they change no number). Returns a warning naming
-    the settings that change the steps still to come, or None. The schedule's own settings and the optimizer are
-    check_resume_schedule's."""
+    the settings that change the steps still to come (those up to `end` now), or that change nothing when no
+    step is trained; else None. The schedule's own settings and the optimizer are check_resume_schedule's."""
     if not saved:
         return None
     saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
@@ -645,6 +661,10 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int) -> st
                if name in saved and saved[name] != current[name]]
     if not changed:
         return None
+    if step >= end:  # nothing is trained now: the run, and its config.json, keep the values its steps had
+        return (f"the run is at step {step} of {cfg.max_steps} with settings other than its own: {', '.join(changed)}"
+                f"; {'no step is left to train' if step >= cfg.max_steps else f'--stop-at {end} trains no step'}, "
+                "so they change nothing")
     return (f"resuming at step {step} with settings other than the run's: {', '.join(changed)}; the steps from "
             "here take the new values")
 

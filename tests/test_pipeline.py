@@ -221,6 +221,17 @@ def test_run_refuses_data_prepared_from_other_stories_or_with_another_tokenizer(
         more = ["data.vocab_size=none"] if override == "data.tokenizer=gpt2" else []  # a BPE's setting
         with pytest.raises(UserError, match=re.escape(phrase)):
             prepare_if_missing(load_recipe(str(recipe_file), [override, *more]))
+    # Validation the recipe did not ask for (it names no data.val_source): other stories, or another share of them
+    # set aside, which leaves other training tokens too.
+    from tinygemma.data import prepare
+
+    for name, kwargs, phrase in [("val-files", {"val_sources": [stories_dir / "valid.txt"]}, f"{stories_dir}/valid.txt"),
+                                 ("val-half", {"val_fraction": 0.5}, "0.5 of the stories")]:
+        prepare(tmp_path / name, sources=[stories_dir / "train.txt"], tokenizer="bpe", vocab_size=400, limit=300,
+                **kwargs)
+        with pytest.raises(UserError, match=re.escape(f"validation: {phrase}, the recipe asks for the source's "
+                                                      "validation split or 0.05 of its stories")):
+            prepare_if_missing(load_recipe(str(recipe_file), [f"data.dir={tmp_path / name}"]))
     assert main(["run", str(recipe_file), "--set", "data.limit=200"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "was prepared from other data than the recipe's [data] asks for" in err

@@ -351,6 +351,18 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cooldown of the run began at step 12" in err and "\n" not in err
+    # Before the cooldown: a max_steps that moves it before the run's step, or another warmup, is refused for what
+    # it is (both were said to be a cooldown that had begun).
+    early = tmp_path / "early"
+    run(data_dir, early, "max_steps=20", stop_at=10)
+    for more, says in [(["--max-steps", "15"], "train.max_steps cannot change from 20 to 15 at step 10: the wsd "
+                                               "cooldown would then begin at step 9"),
+                       (["--max-steps", "30", "--set", "warmup_steps=5"], "the learning-rate schedule of the run (wsd; "
+                                                                          "lr_schedule, warmup_steps, cooldown_fraction) "
+                                                                          "cannot change at step 10")]:
+        assert main(["train", "--out", str(early), "--resume", *more]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err, err
     cosine = tmp_path / "cosine"
     run(data_dir, cosine, "max_steps=20", "lr_schedule=cosine", stop_at=8)
     with pytest.raises(tinygemma.UserError, match="cosine schedule's learning rates depend on max_steps"):

@@ -99,14 +99,19 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
     shape = dataclasses.replace(cfg, learning_rate=planned.learning_rate, min_lr=planned.min_lr)
     if all(schedule(s, planned) == schedule(s, shape) for s in range(step)):
         return
-    if planned.max_steps == cfg.max_steps or planned.lr_schedule != cfg.lr_schedule:
+    same_length = dataclasses.replace(shape, max_steps=planned.max_steps)  # what the other settings change alone
+    if planned.lr_schedule != cfg.lr_schedule or any(schedule(s, planned) != schedule(s, same_length)
+                                                     for s in range(step)):
         raise UserError(f"the learning-rate schedule of the run ({planned.lr_schedule}; lr_schedule, warmup_steps, "
                         f"cooldown_fraction) cannot change at step {step}: it would change rates "
                         "already taken")
     if cfg.lr_schedule == "wsd":
+        began = cooldown_start(planned)
         raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
-                        f"the wsd cooldown of the run began at step {cooldown_start(planned)}; extend a wsd run "
-                        "before its cooldown starts")
+                        + (f"the wsd cooldown of the run began at step {began}; extend a wsd run before its "
+                           "cooldown starts" if began < step else
+                           f"the wsd cooldown would then begin at step {cooldown_start(cfg)}, before this one, "
+                           "changing rates already taken"))
     raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
                     "the cosine schedule's learning rates depend on max_steps; use lr_schedule=wsd for runs that "
                     "may be extended")

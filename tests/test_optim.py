@@ -363,6 +363,9 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
         assert main(["train", "--out", str(early), "--resume", *more]) == 2
         err = capsys.readouterr().err.strip()
         assert says in err and "\n" not in err, err
+    # A later cooldown changes only the steps to come: it trains on, and says so as for other rates.
+    assert main(["train", "--out", str(early), "--resume", "--set", "cooldown_fraction=0.2", "--stop-at", "11"]) == 0
+    assert "other than the run's: cooldown_fraction 0.4 -> 0.2; the steps from here" in capsys.readouterr().err
     cosine = tmp_path / "cosine"
     run(data_dir, cosine, "max_steps=20", "lr_schedule=cosine", stop_at=8)
     with pytest.raises(tinygemma.UserError, match="cosine schedule's learning rates depend on max_steps"):

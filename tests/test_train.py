@@ -613,7 +613,7 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
     assert after_step[9] > after_step[4] > after_step[1]
 
 
-def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_dir, stories_dir, tmp_path):
+def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_dir, stories_dir, tmp_path, capsys):
     """A resumed run continues only on data of the tokenizer it was trained with: another BPE of the same 512 ids
     (trained on other stories) would give each id a second meaning, so it is refused, naming both. --stop-at must
     name a step of 1 or more. Refusals leave the run as it was."""
@@ -634,6 +634,12 @@ def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_d
     with pytest.raises(tinygemma.UserError, match=rf"{smaller} was prepared with tokenizer tokenizer\.json:\w+, "
                                                   "but the run was trained with"):
         run(smaller, out, "max_steps=4", "checkpoint_interval=2", resume=True)
+    # A larger one, through `train --resume` (which takes the run's saved model, vocab_size included): the same.
+    gpt2 = tmp_path / "gpt2"
+    prepare(gpt2, sources=[stories_dir / "valid.txt"], limit=100, val_fraction=0.1, workers=1, progress=False)
+    assert main(["train", "--out", str(out), "--resume", "--data", str(gpt2)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{gpt2} was prepared with tokenizer gpt2, but the run was trained with tokenizer.json:" in err, err
     with pytest.raises(tinygemma.UserError, match="--stop-at must be an optimizer step of 1 or more, got -3"):
         run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=-3)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files

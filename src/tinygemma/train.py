@@ -26,10 +26,12 @@ purges TensorBoard's events past it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -162,11 +164,11 @@ class Trainer:
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = checkpoint_pointer(self.run_dir) if (self.run_dir / "checkpoints").exists() else None
-        self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
+        same_data = functools.partial(check_same_data, data=self.data, data_dir=self.data_dir)
+        self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last,
+                                             same_data if resume else None)
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
-        ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume,
-                                              lambda ckpt, state: check_same_data(ckpt, state, self.data,
-                                                                                  self.data_dir))
+        ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume, same_data)
         self.start = state.get("step", 0)
         check_stop_at(stop_at)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
@@ -678,11 +680,19 @@ def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, tr
                             f"window of block_size + 1 = {cfg.block_size + 1}")
 
 
-def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict | None) -> ModelConfig:
+def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict | None,
+                     check_data: Callable[[Path, dict], None] | None = None) -> ModelConfig:
     """The recipe's model for this data. Unless the recipe says otherwise, the vocabulary is padded to a
     multiple of 128 on CUDA (tensor-core-friendly matrix shapes; no logit changes, the export drops it), and a
-    resumed run keeps the padding it was trained with."""
-    config = recipe.model_config(vocab_size=vocab_size)
+    resumed run keeps the padding it was trained with. A resume's saved vocab_size that cannot hold the data's
+    tokens means other data: `check_data` (find_start's) names it, rather than the vocabulary."""
+    try:
+        config = recipe.model_config(vocab_size=vocab_size)
+    except UserError:
+        if last is not None and check_data is not None:
+            ckpt_dir = run_dir / "checkpoints" / last["dir"]
+            check_data(ckpt_dir, read_json(ckpt_dir / STATE_NAME, "trainer state"))
+        raise
     if "vocab_pad_multiple" in recipe.model_overrides:
         return config
     if last is not None:

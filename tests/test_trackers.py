@@ -51,13 +51,24 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def wandb_logs(run_dir: Path) -> list[list]:
+    """The records of each offline run directory (one per invocation), in the order the invocations started: the
+    folders are named by the second and the run id, so two started in one second would sort by chance."""
+    logs = []
+    for directory in (run_dir / "wandb").glob("offline-run-*"):
+        (log,) = directory.glob("run-*.wandb")
+        records = wandb_records(log)
+        start = next(r.run.start_time for r in records if r.WhichOneof("record_type") == "run")
+        logs.append(((start.seconds, start.nanos), records))
+    return [records for _, records in sorted(logs, key=lambda log: log[0])]
+
+
 def wandb_run(run_dir: Path) -> list[dict]:
     """Per offline run directory (one per invocation, in order): its run id, config, and history {step: {key: value}}."""
     segments = []
-    for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
-        (log,) = directory.glob("run-*.wandb")
+    for records in wandb_logs(run_dir):
         segment = {"id": None, "config": {}, "history": {}}
-        for record in wandb_records(log):
+        for record in records:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 segment["id"] = record.run.run_id
@@ -233,11 +244,8 @@ def test_wandb_marks_a_failed_or_interrupted_run_as_failed(data_dir, tmp_path, m
             with pytest.raises(failure):
                 run(data_dir, out, *SHORT, "max_steps=6", "loggers=wandb", resume=True)
     run(data_dir, out, *SHORT, "max_steps=6", "loggers=wandb", resume=True)
-    exits = []
-    for directory in sorted((out / "wandb").glob("offline-run-*")):
-        (log,) = directory.glob("run-*.wandb")
-        exits += [r.exit.exit_code for r in wandb_records(log) if r.WhichOneof("record_type") == "exit"]
-    assert exits == [130, 1, 0]
+    exits = [[r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] for records in wandb_logs(out)]
+    assert exits == [[130], [1], [0]]
 
 
 def test_trackers_keep_the_order_given_and_open_each_once(data_dir, tmp_path):

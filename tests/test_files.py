@@ -241,3 +241,8 @@ def test_a_failed_write_into_new_nested_folders_leaves_none_of_them(tmp_path):
     with staged_folder(out, frozenset({"x.txt"}), "an export") as stage:
         (stage / "x.txt").write_text("x")
     assert [p.name for p in out.iterdir()] == ["x.txt"]
+    (tmp_path / "mine").mkdir()  # through "..": the folder mkdir makes on the way (new) goes, the user's (mine) stays
+    with pytest.raises(OSError, match="disk gone"):
+        with staged_folder(tmp_path / "new" / ".." / "mine" / "c", frozenset({"x.txt"}), "an export"):
+            raise OSError("disk gone")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "mine"] and not any((tmp_path / "mine").iterdir())

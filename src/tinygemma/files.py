@@ -184,7 +184,10 @@ def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = l
     own check and the lock. The lock file goes with the lock, and the folders made here (`folder` and any missing
     parents) that the block left empty (a failed write) are removed."""
     folder = Path(folder)
-    made = [p for p in (folder.absolute(), *folder.absolute().parents) if not p.exists()]  # the deepest first
+    # The folders mkdir will make, the deepest first; ".." taken lexically, so that none is a folder already there
+    # (in new/../mine/c, c and new: never mine).
+    made = [Path(p) for p in dict.fromkeys(os.path.abspath(q) for q in (folder, *folder.absolute().parents))
+            if not os.path.exists(p)]
     with write_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(folder, what)

@@ -67,9 +67,10 @@ def check_outputs(recipe: Recipe) -> None:
     """Refuse a train.out that training may not write into, or a data.dir to prepare that prepare may not, before
     anything is prepared (a refused run then leaves no new dataset behind): train's and prepare's own checks,
     naming the recipe's settings where those commands name their --out."""
-    if Path(recipe.out).resolve() == Path(recipe.data.dir).resolve():
-        raise UserError(f"train.out and data.dir are one folder, {Path(recipe.out).resolve()}: the run and its "
-                        "prepared data each need a folder of their own")
+    out, data = Path(recipe.out).resolve(), Path(recipe.data.dir).resolve()
+    if out == data or (out in data.parents and not is_training_run(out)):  # a new run's folder holds nothing else
+        raise UserError(f"data.dir {data} is {'train.out itself' if out == data else 'inside train.out'}: the run "
+                        "and its prepared data each need a folder of their own (side by side, not one in the other)")
     check_run_out(recipe.out, "train.out")
     check_run_data(recipe)
     if is_training_run(recipe.out):  # trained by another process now: refused before preparing, not after

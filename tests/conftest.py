@@ -26,10 +26,13 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist (the GPU image) pytest must still start
-def pytest_xdist_auto_num_workers(config) -> int:
+def pytest_xdist_auto_num_workers(config) -> int | None:
     """`-n auto`: one worker per usable core, at most 8. The README's command hands out whole files
     (`--dist loadfile`), and the longest files take a minute or two each: more workers would wait, each with its
-    own torch in memory."""
+    own torch in memory. xdist's own choice (None) where the user made one: PYTEST_XDIST_AUTO_NUM_WORKERS, or
+    `-n logical`."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or config.option.numprocesses == "logical":
+        return None
     from tinygemma.data import available_cpus  # after the environment above is set
 
     return min(8, available_cpus())

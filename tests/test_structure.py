@@ -99,11 +99,14 @@ def test_the_repository_tracks_no_downloads_or_large_files():
 def test_the_tests_start_without_pytest_xdist():
     """The README's command runs the tests under pytest-xdist, but the GPU image's pytest has no xdist
     (benchmarks/gpu_suite.py runs the CUDA tests there): conftest's xdist hook must not stop pytest starting."""
+    import os
     import subprocess
     import sys
 
     root = SRC.parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # an -n there needs xdist
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--collect-only",
-                           "-q", "tests/test_structure.py"], cwd=root, capture_output=True, text=True, timeout=120)
+                           "-q", "tests/test_structure.py"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "test_the_tests_start_without_pytest_xdist" in proc.stdout

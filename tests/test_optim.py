@@ -368,6 +368,13 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     assert "other than the run's: cooldown_fraction 0.4 -> 0.2; the steps from here" in capsys.readouterr().err
     cosine = tmp_path / "cosine"
     run(data_dir, cosine, "max_steps=20", "lr_schedule=cosine", stop_at=8)
+    # cosine has no cooldown: its fraction changes nothing, and is not said to. A --stop-at behind the run trains
+    # nothing, and says so with the value given.
+    assert main(["train", "--out", str(cosine), "--resume", "--set", "cooldown_fraction=0.9", "--stop-at", "9"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["train", "--out", str(cosine), "--resume", "--set", "learning_rate=5e-3", "--stop-at", "3"]) == 0
+    assert "the run is at step 9 of 20 with settings other than its own: learning_rate 0.01 -> 0.005; --stop-at 3 " \
+           "trains no step, so they change nothing" in capsys.readouterr().err
     with pytest.raises(tinygemma.UserError, match="cosine schedule's learning rates depend on max_steps"):
         run(data_dir, cosine, "max_steps=30", "lr_schedule=cosine", resume=True)
 

@@ -175,7 +175,7 @@ class Trainer:
         check_resume_schedule(saved_train, self.cfg, self.start)
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
-        changed = check_resume_settings(saved_train, self.cfg, self.start, self.end)
+        changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = None
@@ -646,11 +646,12 @@ STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "weight_decay"
                  "eval_batches")  # the validation set that best.json compares against the earlier losses
 
 
-def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, end: int) -> str | None:
+def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_at: int | None) -> str | None:
     """Refuse a resume that changes the run's batches (its windows and token counts would no longer be one run's;
     the micro-batch split and the process count may change, they change no number). Returns a warning naming
-    the settings that change the steps still to come (those up to `end` now), or that change nothing when no
-    step is trained; else None. The schedule's own settings and the optimizer are check_resume_schedule's."""
+    the settings that change the steps still to come, or that change nothing when this invocation trains no step
+    (the run finished, or --stop-at is behind it); else None. The schedule's own settings and the optimizer are
+    check_resume_schedule's."""
     if not saved:
         return None
     saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
@@ -660,14 +661,16 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, end: 
         raise UserError(f"the run's batches cannot change on resume ({', '.join(moved)}; the global batch is "
                         "batch_size x grad_accum_steps): resume with the run's own settings, or start a new run "
                         "with another --out")
+    unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
     changed = [f"{name} {saved[name]} -> {current[name]}" for name in STEP_SETTINGS
-               if name in saved and saved[name] != current[name]]
+               if name in saved and saved[name] != current[name] and name not in unused]
     if not changed:
         return None
-    if step >= end:  # nothing is trained now: the run, and its config.json, keep the values its steps had
-        return (f"the run is at step {step} of {cfg.max_steps} with settings other than its own: {', '.join(changed)}"
-                f"; {'no step is left to train' if step >= cfg.max_steps else f'--stop-at {end} trains no step'}, "
-                "so they change nothing")
+    if step >= cfg.max_steps or (stop_at is not None and stop_at <= step):  # nothing is trained now: the run (and
+        # its config.json) keeps the values its steps had
+        why = "no step is left to train" if step >= cfg.max_steps else f"--stop-at {stop_at} trains no step"
+        return (f"the run is at step {step} of {cfg.max_steps} with settings other than its own: "
+                f"{', '.join(changed)}; {why}, so they change nothing")
     return (f"resuming at step {step} with settings other than the run's: {', '.join(changed)}; the steps from "
             "here take the new values")
 
@@ -690,8 +693,7 @@ def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict 
         config = recipe.model_config(vocab_size=vocab_size)
     except UserError:
         if last is not None and check_data is not None:
-            ckpt_dir = run_dir / "checkpoints" / last["dir"]
-            check_data(ckpt_dir, read_json(ckpt_dir / STATE_NAME, "trainer state"))
+            check_data(*last_state(run_dir, last))
         raise
     if "vocab_pad_multiple" in recipe.model_overrides:
         return config
@@ -701,6 +703,12 @@ def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict 
     else:
         pad = 128 if pick_device(recipe.train.device).type == "cuda" else 1
     return dataclasses.replace(config, vocab_pad_multiple=pad)
+
+
+def last_state(run_dir: Path, last: dict) -> tuple[Path, dict]:
+    """The folder of the checkpoint last.json names, and its trainer state."""
+    ckpt_dir = run_dir / "checkpoints" / last["dir"]
+    return ckpt_dir, read_json(ckpt_dir / STATE_NAME, "trainer state")
 
 
 def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig, resume: bool,
@@ -714,8 +722,7 @@ def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig, resu
                         "continue it, or choose another --out")
     if last is None:
         return None, {}, None
-    ckpt_dir = run_dir / "checkpoints" / last["dir"]
-    state = read_json(ckpt_dir / STATE_NAME, "trainer state")
+    ckpt_dir, state = last_state(run_dir, last)
     check_data(ckpt_dir, state)
     saved = read_json(ckpt_dir / META_NAME, "checkpoint metadata")["model"]
     if saved != model_config.to_dict():

@@ -53,13 +53,15 @@ def wandb_records(path: Path) -> list:
 
 def wandb_logs(run_dir: Path) -> list[list]:
     """The records of each offline run directory (one per invocation), in the order the invocations started: the
-    folders are named by the second and the run id, so two started in one second would sort by chance."""
+    folders are named by the second and the run id, so two started in one second are ordered by their run record's
+    start time (a log a kill cut before its run record counts as the earlier)."""
     logs = []
     for directory in (run_dir / "wandb").glob("offline-run-*"):
         (log,) = directory.glob("run-*.wandb")
         records = wandb_records(log)
-        start = next(r.run.start_time for r in records if r.WhichOneof("record_type") == "run")
-        logs.append(((start.seconds, start.nanos), records))
+        start = next((r.run.start_time for r in records if r.WhichOneof("record_type") == "run"), None)
+        second = directory.name.rsplit("-", 1)[0]  # offline-run-YYYYMMDD_HHMMSS
+        logs.append(((second, (start.seconds, start.nanos) if start else (0, 0)), records))
     return [records for _, records in sorted(logs, key=lambda log: log[0])]
 
 

@@ -749,3 +749,22 @@ def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, c
     assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "failed after 1 stories" in err and "Retrying" not in err
+
+
+def test_hub_data_with_validation_set_aside_is_not_the_default_recipes():
+    """A recipe without data.val_source takes the hub's validation split: hub data prepared with --val-fraction
+    (any share, the default's 0.05 too) has other training tokens, and is not the recipe's; as prepared by
+    default (the split), it is."""
+    from types import SimpleNamespace
+
+    from tinygemma.config import DataConfig
+    from tinygemma.data import HUB_DATASET, data_differences
+
+    def hub_data(val, carve):
+        return SimpleNamespace(meta={"source": {"train": f"hf:{HUB_DATASET}", "val": val, "val_fraction": carve,
+                                                "limit": None}, "tokenizer": {"kind": "gpt2"}})
+
+    assert data_differences(DataConfig(), hub_data("the training source's validation split", None)) == []
+    assert data_differences(DataConfig(), hub_data("set aside from the training source", 0.05)) == [
+        "validation: 0.05 of the stories, the recipe asks for the source's validation split or 0.05 of its stories "
+        "(no data.val_source)"]

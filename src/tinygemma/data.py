@@ -750,7 +750,8 @@ def data_differences(want: DataConfig, data: PreparedData) -> list[str]:
         differences.append(f"validation: {had_val if isinstance(had_val, str) else ', '.join(had_val or [])}, "
                            f"the recipe asks for {', '.join(want.val_source)}")
     elif not want.val_source and (isinstance(had_val, list) or recorded.get("val_fraction") not in
-                                  (None, DEFAULT_VAL_FRACTION)):  # other files, or another share set aside
+                                  ((None,) if not want.source else (None, DEFAULT_VAL_FRACTION))):
+        # Other files, or another share set aside (the hub has a validation split: none at all there).
         was = ", ".join(had_val) if isinstance(had_val, list) else f"{recorded['val_fraction']:g} of the stories"
         differences.append(f"validation: {was}, the recipe asks for the source's validation split or "
                            f"{DEFAULT_VAL_FRACTION:g} of its stories (no data.val_source)")

@@ -26,12 +26,10 @@ purges TensorBoard's events past it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -164,11 +162,10 @@ class Trainer:
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = checkpoint_pointer(self.run_dir) if (self.run_dir / "checkpoints").exists() else None
-        same_data = functools.partial(check_same_data, data=self.data, data_dir=self.data_dir)
-        self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last,
-                                             same_data if resume else None)
+        ckpt_dir, state = find_start(self.run_dir, last, resume, self.data, self.data_dir)
+        self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
-        ckpt_dir, state, weights = find_start(self.run_dir, last, self.model_config, resume, same_data)
+        weights = resumed_weights(ckpt_dir, self.model_config)
         self.start = state.get("step", 0)
         check_stop_at(stop_at)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
@@ -683,18 +680,11 @@ def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, tr
                             f"window of block_size + 1 = {cfg.block_size + 1}")
 
 
-def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict | None,
-                     check_data: Callable[[Path, dict], None] | None = None) -> ModelConfig:
+def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict | None) -> ModelConfig:
     """The recipe's model for this data. Unless the recipe says otherwise, the vocabulary is padded to a
     multiple of 128 on CUDA (tensor-core-friendly matrix shapes; no logit changes, the export drops it), and a
-    resumed run keeps the padding it was trained with. A resume's saved vocab_size that cannot hold the data's
-    tokens means other data: `check_data` (find_start's) names it, rather than the vocabulary."""
-    try:
-        config = recipe.model_config(vocab_size=vocab_size)
-    except UserError:
-        if last is not None and check_data is not None:
-            check_data(*last_state(run_dir, last))
-        raise
+    resumed run keeps the padding it was trained with."""
+    config = recipe.model_config(vocab_size=vocab_size)
     if "vocab_pad_multiple" in recipe.model_overrides:
         return config
     if last is not None:
@@ -705,28 +695,30 @@ def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict 
     return dataclasses.replace(config, vocab_pad_multiple=pad)
 
 
-def last_state(run_dir: Path, last: dict) -> tuple[Path, dict]:
-    """The folder of the checkpoint last.json names, and its trainer state."""
-    ckpt_dir = run_dir / "checkpoints" / last["dir"]
-    return ckpt_dir, read_json(ckpt_dir / STATE_NAME, "trainer state")
-
-
-def find_start(run_dir: Path, last: dict | None, model_config: ModelConfig, resume: bool,
-               check_data=lambda ckpt_dir, state: None) -> tuple[Path | None, dict, dict | None]:
-    """(checkpoint directory, trainer state, weights) of the run's last checkpoint, or (None, {}, None) for a
-    fresh run. A run that exists is only continued with `resume`, on data it may continue on (`check_data`,
-    first: other data's vocabulary also makes the model differ, and the data is what to name then), and only with
-    the model it was trained with."""
+def find_start(run_dir: Path, last: dict | None, resume: bool, data, data_dir: Path) -> tuple[Path | None, dict]:
+    """(checkpoint directory, trainer state) of the run's last checkpoint, or (None, {}) for a fresh run. A run
+    that exists is only continued with `resume`, and only on data it may continue on (check_same_data), checked
+    before the model is built: other data's vocabulary makes the model differ too (a run's saved vocab_size
+    cannot hold a larger one's tokens), and the data is what to name then."""
     if last and not resume:
         raise UserError(f"{run_dir} already holds a run (checkpoint at step {last['step']}); pass --resume to "
                         "continue it, or choose another --out")
     if last is None:
-        return None, {}, None
-    ckpt_dir, state = last_state(run_dir, last)
-    check_data(ckpt_dir, state)
+        return None, {}
+    ckpt_dir = run_dir / "checkpoints" / last["dir"]
+    state = read_json(ckpt_dir / STATE_NAME, "trainer state")
+    check_same_data(ckpt_dir, state, data, data_dir)
+    return ckpt_dir, state
+
+
+def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | None:
+    """The weights of the checkpoint a run resumes from, which must be the configured model's; None for a fresh
+    run."""
+    if ckpt_dir is None:
+        return None
     saved = read_json(ckpt_dir / META_NAME, "checkpoint metadata")["model"]
     if saved != model_config.to_dict():
         changed = sorted(k for k in saved if saved[k] != model_config.to_dict().get(k))
         raise UserError(f"the model of {ckpt_dir} differs from the configured one in {', '.join(changed)}; "
                         "resume with the run's own model settings")
-    return ckpt_dir, state, read_safetensors(ckpt_dir / WEIGHTS_NAME)
+    return read_safetensors(ckpt_dir / WEIGHTS_NAME)

@@ -350,6 +350,32 @@ def test_an_export_that_fails_into_an_earlier_one_leaves_it_as_it_was(tmp_path, 
     capsys.readouterr()
 
 
+def test_an_export_into_a_folder_being_written_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """An export into a folder a prepare is writing was refused only once the model had loaded (seconds to a
+    minute for a large checkpoint); the folder's lock is now tried first, and a folder nobody holds keeps no lock
+    file from the try."""
+    import tinygemma.checkpoint as checkpoint
+    from tinygemma.files import FolderLock
+
+    save_model(Gemma3(small_config()), tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    out.mkdir()
+    holder = FolderLock(out, "a dataset")
+    holder.acquire()
+    loaded = []
+    real_load = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    try:
+        assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]) == 2
+    finally:
+        holder.release(remove=True)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a dataset another process is writing" in err, err
+    assert loaded == [] and list(out.iterdir()) == []
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    assert len(loaded) == 1 and not (out / ".lock").exists()
+
+
 def test_an_export_is_one_writer_and_stages_on_its_own_filesystem(tmp_path, monkeypatch, capsys):
     """A second export into a folder being exported into is refused in one line (it deleted the first one's
     staging folder and both ended with README.md alone). The staging folder is inside --out, so `--out .` and a

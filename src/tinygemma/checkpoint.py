@@ -33,6 +33,7 @@ from tinygemma.files import (
     atomic_save_safetensors,
     atomic_write_json,
     check_output_folder,
+    check_unlocked,
     fsync_dir,
     others_than,
     peek_json,
@@ -195,7 +196,9 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     --out's together: an export that fails or is stopped leaves an earlier export in --out as it was, never the new
     config.json beside the old weights or the old model card beside the new model."""
     src = resolve_checkpoint(ckpt)
-    out = check_export_out(out, src)  # before the (slow) model load
+    out = check_export_out(out, src)  # before the (slow) model load, as is a prepare or export writing it now
+    if out.exists():
+        check_unlocked(out, "an export")
     meta = read_checkpoint_meta(src)
     if not meta:  # a transformers directory: its tokenizer files and special ids as they are
         copied = [name for name in HF_TOKENIZER_FILES if (src / name).exists()]

@@ -397,6 +397,16 @@ class FolderLock:
             self.fd = None
 
 
+def check_unlocked(folder: str | Path, what: str) -> None:
+    """Refuse in one line, now rather than after slow work, a folder that another process is writing (its
+    FolderLock held); the lock is taken and let go at once, and a lock file made for it removed again."""
+    folder = Path(folder)
+    existed = (folder / LOCK_NAME).exists()
+    probe = FolderLock(folder, what)
+    probe.acquire()
+    probe.release(remove=not existed)
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         a, b = os.fstat(fd), os.stat(path)

@@ -29,7 +29,7 @@ from tinygemma.data import (
 from tinygemma.devices import evaluation_dtype, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
-from tinygemma.files import FolderLock, atomic_write_json, peek_json
+from tinygemma.files import atomic_write_json, check_unlocked, peek_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
@@ -74,9 +74,7 @@ def check_outputs(recipe: Recipe) -> None:
     check_run_out(recipe.out, "train.out")
     check_run_data(recipe)
     if is_training_run(recipe.out):  # trained by another process now: refused before preparing, not after
-        probe = FolderLock(Path(recipe.out), "a run")
-        probe.acquire()
-        probe.release()
+        check_unlocked(recipe.out, "a run")
     if not (Path(recipe.data.dir) / META_NAME).exists():
         check_prepare_out(recipe.data.dir, "data.dir")
 

@@ -174,6 +174,21 @@ def test_datasets_on_disk_and_the_hub_path(stories_dir, valid, tmp_path, monkeyp
     meta = prepare(tmp_path / "one", sources=[single], workers=1, progress=False)
     assert meta["splits"]["val"]["documents"] == 4  # no validation split: 5% set aside
 
+    # A recipe naming the saved DatasetDict takes its validation split: the same source prepared with
+    # --val-fraction, even the default's 0.05, set other stories aside and is not the recipe's data. Where the
+    # source has no split, 0.05 asked for is what the recipe prepares.
+    from tinygemma.config import DataConfig
+    from tinygemma.data import data_differences
+    prepare(tmp_path / "carved", sources=[saved], val_fraction=0.05, workers=1, progress=False)
+    assert len(documents(open_prepared(tmp_path / "carved"), "train")) == 76
+    assert data_differences(DataConfig(source=[str(saved)]), open_prepared(tmp_path / "carved")) == [
+        "validation: 0.05 of the stories (its validation split unused), the recipe asks for the source's validation split or 0.05 of its stories "
+        "(no data.val_source)"]
+    assert data_differences(DataConfig(source=[str(saved)]), prepared) == []
+    prepare(tmp_path / "one_asked", sources=[single], val_fraction=0.05, workers=1, progress=False)
+    assert data_differences(DataConfig(source=[str(single)]), open_prepared(tmp_path / "one_asked")) == []
+    assert data_differences(DataConfig(source=[str(single)]), open_prepared(tmp_path / "one")) == []
+
     # A saved DatasetDict of only a validation split is a validation source (it was refused for lacking 'train'),
     # and no training source.
     val_only = tmp_path / "val_only"

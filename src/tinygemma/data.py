@@ -594,6 +594,9 @@ def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, l
     return tokenizer, vocab_size
 
 
+SPLIT_UNUSED = " (its validation split unused)"  # meta's source.val where --val-fraction passed a split over
+
+
 def _open_splits(sources, val_sources, val_fraction, limit, progress):
     """({"train": stories, "val": stories} as re-readable streams, where validation comes from, and the fraction
     of training stories set aside for it, or None). Every source is opened before anything is written: a missing
@@ -608,9 +611,10 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
         val = _chain([splits["validation"] for splits in train_splits])
         val_from = "the training source's validation split"
     else:
+        unused = val_fraction is not None and all("validation" in splits for splits in train_splits)
         val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
         val = None
-        val_from = "set aside from the training source"
+        val_from = "set aside from the training source" + (SPLIT_UNUSED if unused else "")
     carve = val_fraction if val is None else None
     split_stories = {
         "train": lambda: _select(train(), carve, False, limit),
@@ -750,9 +754,12 @@ def data_differences(want: DataConfig, data: PreparedData) -> list[str]:
         differences.append(f"validation: {had_val if isinstance(had_val, str) else ', '.join(had_val or [])}, "
                            f"the recipe asks for {', '.join(want.val_source)}")
     elif not want.val_source and (isinstance(had_val, list) or recorded.get("val_fraction") not in
-                                  ((None,) if not want.source else (None, DEFAULT_VAL_FRACTION))):
-        # Other files, or another share set aside (the hub has a validation split: none at all there).
-        was = ", ".join(had_val) if isinstance(had_val, list) else f"{recorded['val_fraction']:g} of the stories"
+                                  ((None,) if not want.source else (None, DEFAULT_VAL_FRACTION))
+                                  or str(had_val).endswith(SPLIT_UNUSED)):
+        # Other files, or another share set aside (the hub has a validation split: none at all there; a source with
+        # one, where --val-fraction set a share aside instead, even the default's).
+        was = (", ".join(had_val) if isinstance(had_val, list) else f"{recorded['val_fraction']:g} of the stories"
+               + (SPLIT_UNUSED if str(had_val).endswith(SPLIT_UNUSED) else ""))
         differences.append(f"validation: {was}, the recipe asks for the source's validation split or "
                            f"{DEFAULT_VAL_FRACTION:g} of its stories (no data.val_source)")
     if recorded.get("limit") != want.limit:

@@ -22,6 +22,7 @@ from test_train import run, tiny_settings, torchrun, train_losses, val_losses
 
 import tinygemma
 import tinygemma.checkpoint
+import tinygemma.cli
 import tinygemma.files
 import tinygemma.metrics
 import tinygemma.train
@@ -186,6 +187,45 @@ def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_
     monkeypatch.setattr(pickle, "load", unpickle)
     monkeypatch.setattr(pickle, "loads", unpickle)
     assert run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4
+
+
+def test_checkpoint_files_of_another_run_or_a_lost_pointer_are_refused_in_one_line(data_dir, tmp_path, capsys):
+    """A checkpoint's weights or optimizer state swapped for another model's, or AdamW's state in a Muon run,
+    failed with a traceback (a half-loaded optimizer state trained on until its first step); a run whose last.json
+    was lost started again from step 0 and pruned its checkpoints. Each is now refused in one line, and the run
+    folder is left as it was."""
+    base, other, adamw = tmp_path / "base", tmp_path / "other", tmp_path / "adamw"
+    run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd", stop_at=2)
+    run(data_dir, other, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd",
+        "model.d_model=32", stop_at=2)
+    run(data_dir, adamw, "max_steps=4", "checkpoint_interval=2", "optimizer=adamw", "lr_schedule=wsd", stop_at=2)
+    ckpt = base / "checkpoints" / "step_000002"
+    saved = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def refused(source: Path, name: str, match: str) -> None:
+        shutil.copyfile(source / "checkpoints" / "step_000002" / name, ckpt / name)
+        before = {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+        code = tinygemma.cli.main(["train", "--resume", *[a for s in tiny_settings(data_dir, base, "max_steps=4",
+                                   "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd")
+                                   for a in ("--set", s)]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and match in err, err
+        assert {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+        (ckpt / name).write_bytes(saved[name])
+
+    refused(other, "model.safetensors", "embed_tokens.weight has shape (512, 32), the config needs (512, 64)")
+    refused(other, "optimizer.safetensors", "is not the optimizer state of this model")
+    refused(adamw, "optimizer.safetensors", "is not the state of this run's optimizer")
+
+    (base / "checkpoints" / "last.json").unlink()  # best.json (and the checkpoint it names) outlived it
+    with pytest.raises(tinygemma.UserError, match=r"holds checkpoints \(step_000002\) but no last.json"):
+        run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd", resume=True)
+    assert (ckpt / "trainer_state.json").exists()
+    (base / "checkpoints" / "last.json").write_text('{"dir": "step_000002"}')  # no step: named by its folder
+    with pytest.raises(tinygemma.UserError, match=r"already holds a run \(last checkpoint: step_000002\)"):
+        run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd")
+    assert run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd",
+               resume=True)["step"] == 4
 
 
 def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,

@@ -316,10 +316,27 @@ def checkpoint_pointer(run_dir: Path, name: str = "last") -> dict | None:
     if not pointer.exists():
         return None
     info = read_json(pointer, "checkpoint pointer")
-    directory = run_dir / "checkpoints" / str(info.get("dir", ""))
-    if not (directory / STATE_NAME).exists():
+    info["dir"] = str(info.get("dir", ""))
+    directory = run_dir / "checkpoints" / info["dir"]
+    if not info["dir"] or not (directory / STATE_NAME).exists():
         raise UserError(f"{pointer} names {directory}, which is not a complete checkpoint")
     return info
+
+
+def last_checkpoint(run_dir: Path) -> dict | None:
+    """checkpoints/last.json (checkpoint_pointer), or None for a run with no checkpoint yet. A kill leaves no
+    last.json only around a run's first checkpoint (written whole, not yet named): a run without it whose
+    best.json, or two complete checkpoints, remain lost it otherwise, and is refused rather than started over
+    (which would prune them)."""
+    ckpts = run_dir / "checkpoints"
+    last = checkpoint_pointer(run_dir) if ckpts.is_dir() else None
+    if last is None and ckpts.is_dir():
+        complete = sorted(p.name for p in ckpts.glob("step_*") if (p / STATE_NAME).exists())
+        if complete and ((ckpts / "best.json").exists() or len(complete) > 1):
+            raise UserError(f"{ckpts} holds checkpoints ({', '.join(complete)}) but no last.json, which names the "
+                            "one to resume from: put it back (a JSON object {\"dir\": \"step_NNNNNN\", \"step\": N}), "
+                            "or remove the folder to train from scratch")
+    return last
 
 
 def checkpoint_bytes(model: Gemma3) -> int:
@@ -443,10 +460,22 @@ def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
     for key, value in {**tensors, **json.loads(metadata.get("scalars", "{}"))}.items():
         param, _, name = key.rpartition("/")
         state.setdefault(param, {})[name] = value
+    shapes = {name: tuple(p.shape) for name, p in raw.named_parameters()}  # (a DTensor's: the whole tensor's)
+    for param, values in state.items():
+        wrong = next((k for k, v in values.items() if isinstance(v, torch.Tensor) and v.dim()
+                      and tuple(v.shape) != shapes.get(param)), None)
+        if param not in shapes or wrong:
+            raise UserError(f"{path} is not the optimizer state of this model: "
+                            + (f"it holds {param}, which the model has not" if param not in shapes else
+                               f"its {wrong} of {param} has shape {tuple(values[wrong].shape)}, the parameter "
+                               f"{shapes[param]}"))
     groups = json.loads(metadata["param_groups"])
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    set_optimizer_state_dict(raw, optimizer, {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
+    try:
+        set_optimizer_state_dict(raw, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as e:  # another optimizer's state (AdamW's for Muon's groups)
+        raise UserError(f"{path} is not the state of this run's optimizer ({type(e).__name__}: {e})") from None
     for group, settings in zip(optimizer.param_groups, current):
         group.update(settings)
 

@@ -373,7 +373,22 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source
     (a checkpoint of another architecture), never a silently half-loaded model."""
     with torch.device("meta"):
         model = Gemma3(config)
-    expected = {k: v for k, v in model.state_dict().items()}
+    model.load_state_dict(checked_state(config, state, source, model), strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_buffers()
+    return model
+
+
+def checked_state(config: ModelConfig, state: dict[str, torch.Tensor], source="checkpoint",
+                  model: Gemma3 | None = None) -> dict[str, torch.Tensor]:
+    """`state` as the model of `config` takes it (a tied head dropped, the vocabulary padded), or a UserError in
+    one line naming the first missing, unexpected or misshapen tensor. `model`: one of `config`, if at hand."""
+    if model is None:
+        with torch.device("meta"):
+            model = Gemma3(config)
+    expected = dict(model.state_dict())
+    state = dict(state)
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # a tied head saved anyway
@@ -393,8 +408,4 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source
             state[name] = tensor
         if tuple(tensor.shape) != tuple(param.shape):
             raise UserError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers()
-    return model
+    return state

@@ -43,6 +43,7 @@ from tinygemma.checkpoint import (
     checkpoint_pointer,
     checkpoint_tokenizer,
     is_training_run,
+    last_checkpoint,
     load_optimizer,
     prune_checkpoints,
     restore_best_pointer,
@@ -76,6 +77,7 @@ from tinygemma.files import (
 )
 from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
+from tinygemma.model import checked_state
 from tinygemma.optim import (
     check_resume_schedule,
     configure_optimizer,
@@ -161,7 +163,7 @@ class Trainer:
             self.lock.acquire()
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
-        last = checkpoint_pointer(self.run_dir) if (self.run_dir / "checkpoints").exists() else None
+        last = last_checkpoint(self.run_dir)
         ckpt_dir, state = find_start(self.run_dir, last, resume, self.data, self.data_dir)
         self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
@@ -701,7 +703,7 @@ def find_start(run_dir: Path, last: dict | None, resume: bool, data, data_dir: P
     before the model is built: other data's vocabulary makes the model differ too (a run's saved vocab_size
     cannot hold a larger one's tokens), and the data is what to name then."""
     if last and not resume:
-        raise UserError(f"{run_dir} already holds a run (checkpoint at step {last['step']}); pass --resume to "
+        raise UserError(f"{run_dir} already holds a run (last checkpoint: {last['dir']}); pass --resume to "
                         "continue it, or choose another --out")
     if last is None:
         return None, {}
@@ -721,4 +723,4 @@ def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | 
         changed = sorted(k for k in saved if saved[k] != model_config.to_dict().get(k))
         raise UserError(f"the model of {ckpt_dir} differs from the configured one in {', '.join(changed)}; "
                         "resume with the run's own model settings")
-    return read_safetensors(ckpt_dir / WEIGHTS_NAME)
+    return checked_state(model_config, read_safetensors(ckpt_dir / WEIGHTS_NAME), str(ckpt_dir))

@@ -42,7 +42,8 @@ The exit status is 0 when every step passed, 1 otherwise. The report and the sum
 after each trainer run and after each step, so a suite stopped from outside still leaves what it measured
 (marked INCOMPLETE); a command stopped at its step's deadline is killed with its whole process group (torchrun's
 workers, compile workers), and what it had written is kept: a trainer run's steady-state figures, the loss
-head's rows. `--budget` (default
+head's rows. A step so stopped with nothing failed (the CUDA tests' tail, the loss head's second size) makes the
+verdict INCOMPLETE, not FAIL (the exit status is still 1). `--budget` (default
 570 s) stops a step's commands once its share of the budget is spent (STEP_SHARES). The summary
 (`--summary`) is benchmarks/results/gpu_latest.json by default on a GPU, which every GPU run replaces, and
 the report's name with .json on a CPU; a CPU run never writes the GPU's file.
@@ -175,6 +176,7 @@ class Result:
     seconds: float
     data: dict = field(default_factory=dict)  # the step's part of the summary
     partial: bool = False  # a step still running: what it has measured so far, written in case the suite is stopped
+    cut: bool = False  # not ok only because its deadline stopped it, with nothing failed before: INCOMPLETE, not FAIL
 
 
 def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
@@ -507,8 +509,9 @@ def cuda_tests(plan: Plan, env: dict) -> Result:
     # On a GPU some test must really run; on a CPU (--quick) they are all skipped, and must be.
     ran = counts.get("passed", 0) > 0 if plan.device != "cpu" else counts.get("skipped", 0) > 0
     lines = [f"Command: `{shown(cmd)}`", "", f"Result: **{summary}** (exit status {code}, {seconds:.0f} s)", ""]
+    cut = code == 124 and ran and pytest_summary(output) is None and not {"FAILED", "ERROR"} & set(outcomes.values())
     return Result(STEP_TITLES[5], code == 0 and ran, lines + tail(output), seconds,
-                  {"cuda_tests": summary, "cuda_test_outcomes": outcomes})
+                  {"cuda_tests": summary, "cuda_test_outcomes": outcomes}, cut=cut)
 
 
 def cuda_test_files(tests: Path = ROOT / "tests") -> list[str]:
@@ -594,7 +597,7 @@ def loss_head(plan: Plan, env: dict, work: Path) -> Result:
                   + (", from the rows measured before it stopped." if result.get("partial") else ".")]
     keep = ("dtype", "compile", "chunk_size", "padded_vocab_size", "results", "full_faster_up_to_logits", "complete")
     return Result(STEP_TITLES[4], not result.get("partial"), lines, seconds,
-                  {"loss_head": {k: result[k] for k in keep}})
+                  {"loss_head": {k: result[k] for k in keep}}, cut=bool(result.get("partial")))
 
 
 # ------------------------------------------------------------------ the report and the summary
@@ -654,9 +657,10 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine
     what it measured, marked INCOMPLETE."""
     pending = STEP_TITLES[len(results):]
     finished = [r for r in results if not r.partial]
-    verdict = ("FAIL" if not all(r.ok for r in finished) else "INCOMPLETE" if pending or len(finished) < len(results)
-               else "PASS")
-    states = [f"{r.title.split('. ', 1)[1]} {'still running' if r.partial else 'passed' if r.ok else 'FAILED'}"
+    verdict = ("FAIL" if not all(r.ok or r.cut for r in finished) else "INCOMPLETE"
+               if pending or len(finished) < len(results) or any(r.cut for r in finished) else "PASS")
+    states = [f"{r.title.split('. ', 1)[1]} " + ("still running" if r.partial else "passed" if r.ok
+                                                 else "stopped at its deadline" if r.cut else "FAILED")
               for r in results]
     lines = ["# GPU acceptance run" + (" (--quick smoke run, not a GPU result)" if plan.quick else ""), "",
              f"**{verdict}**: " + (", ".join(states) or "no step finished yet") + f"; {total / 60:.1f} minutes in all.",

@@ -394,6 +394,22 @@ def test_gpu_suite_never_reads_an_earlier_runs_figures_from_a_reused_work_folder
     assert not result.ok and result.data == {} and not (work / "loss_head.json").exists()
 
 
+def test_gpu_suite_verdict_tells_a_step_cut_at_its_deadline_from_a_failed_one(tmp_path):
+    """A step stopped at its deadline with nothing failed (the CUDA tests' tail, the loss head's second size) makes
+    the run INCOMPLETE, not FAIL; a failed step still fails it."""
+    suite = load_script("gpu_suite")
+    plan, report = suite.Plan("cpu", True), tmp_path / "report.md"
+    done = [suite.Result(title, True, [], 1.0) for title in suite.STEP_TITLES[:-1]]
+    cut = suite.Result(suite.STEP_TITLES[-1], False, [], 1.0, cut=True)
+    suite.write_report(report, plan, [], "", [], [*done, cut], 60.0)
+    assert "**INCOMPLETE**: " in report.read_text() and "tests stopped at its deadline;" in report.read_text()
+    failed = suite.Result(suite.STEP_TITLES[0], False, [], 1.0)
+    suite.write_report(report, plan, [], "", [], [failed, *done[1:], cut], 60.0)
+    assert "**FAIL**: Trainer FAILED" in report.read_text()
+    suite.write_report(report, plan, [], "", [], [*done, suite.Result(suite.STEP_TITLES[-1], True, [], 1.0)], 60.0)
+    assert "**PASS**: " in report.read_text()
+
+
 def test_gpu_suite_reads_pytests_closing_line_and_each_tests_outcome(monkeypatch):
     """The CUDA tests' summary is pytest's closing line, never its collection line (which also counts deselected
     tests); stopped before the closing line, the -v lines say which tests passed, and the summary keeps them."""
@@ -410,7 +426,11 @@ def test_gpu_suite_reads_pytests_closing_line_and_each_tests_outcome(monkeypatch
     monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, head + "\n(stopped after 108 s)", 108.0))
     result = suite.cuda_tests(plan, {})
     assert not result.ok and result.data["cuda_tests"] == "stopped at the step's deadline after 2 test(s): 1 failed, 1 passed"
-    assert result.data["cuda_test_outcomes"] == suite.test_outcomes(head)
+    assert result.data["cuda_test_outcomes"] == suite.test_outcomes(head) and not result.cut  # a failure: FAIL
+    passing = head.replace("FAILED", "PASSED")
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, passing + "\n(stopped after 108 s)", 108.0))
+    result = suite.cuda_tests(plan, {})
+    assert not result.ok and result.cut  # cut short with nothing failed: the suite's verdict says INCOMPLETE
     monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (0, head.replace("FAILED", "PASSED") + closing.replace(
         "1 failed, 1 passed", "2 passed"), 187.0))
     result = suite.cuda_tests(plan, {})
@@ -484,7 +504,7 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     monkeypatch.setattr(suite, "run", stopped_after_one_row)
     result = suite.loss_head(plan, {}, work)
     text = "\n".join(result.lines)
-    assert not result.ok and result.data["loss_head"]["results"] == written["results"]
+    assert not result.ok and result.cut and result.data["loss_head"]["results"] == written["results"]
     assert "Stopped (exit status 124) before it finished" in text and written["table"] in text
     assert "from the rows measured before it stopped" in text
 

@@ -687,6 +687,25 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     assert (out / "config.json").read_bytes() == saved
 
 
+def test_resume_in_another_precision_of_the_same_dtype_setting_is_warned_of(data_dir, tmp_path, capsys):
+    """dtype = "auto" resolves by device: a run started on a CPU without bf16 (float32) and resumed on a GPU
+    (bfloat16) changed precision without a word, the setting being the same. The checkpoint records what the
+    steps computed in, and a resume in another says so (here the record is edited: this machine has one CPU)."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    state_file = out / "checkpoints" / "step_000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["precision"] == "float32"
+    capsys.readouterr()
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=2)  # nothing to train
+    state_file.write_text(json.dumps({**state, "precision": "bfloat16"}))
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=2)
+    assert "warning" not in capsys.readouterr().err
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)
+    assert ("tinygemma: warning: resuming in float32 (dtype float32 on cpu), where the run's steps so far computed "
+            "in bfloat16; the steps from here compute in float32") in capsys.readouterr().err
+
+
 def test_train_refuses_an_out_that_holds_something_else(data_dir, tmp_path, capsys):
     """--out is a new or empty folder, or a training run: a prepared dataset, a transformers export, any other
     folder or a file is refused in one line (exit 2) and left byte for byte as it was."""

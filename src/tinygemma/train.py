@@ -189,6 +189,12 @@ class Trainer:
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
         if changed and self.rt.is_main:
             print(f"tinygemma: warning: {changed}", file=sys.stderr, flush=True)
+        was, now = state.get("precision"), dtype_name(self.rt.dtype)
+        same_setting = (saved_train or {}).get("dtype") == self.cfg.dtype  # (else named among `changed`)
+        if was and was != now and same_setting and self.start < self.end and self.rt.is_main:
+            print(f"tinygemma: warning: resuming in {now} (dtype {self.cfg.dtype} on {self.rt.device.type}), where "
+                  f"the run's steps so far computed in {was}; the steps from here compute in {now}",
+                  file=sys.stderr, flush=True)
         try:
             self.build(ckpt_dir, state, weights)
         except BaseException:
@@ -499,6 +505,7 @@ class Trainer:
                      **{f"{split}_blake2b": digest for split in ("train", "val")
                         if (digest := self.data.digest(split))}},
             "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "precision": dtype_name(self.rt.dtype),  # what dtype resolved to (auto: by device), for a resume's warning
             "config": self.recipe.to_dict(),
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}

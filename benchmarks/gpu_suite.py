@@ -43,7 +43,7 @@ after each trainer run and after each step, so a suite stopped from outside stil
 (marked INCOMPLETE); a command stopped at its step's deadline is killed with its whole process group (torchrun's
 workers, compile workers), and what it had written is kept: a trainer run's steady-state figures, the loss
 head's rows. A step so stopped with nothing failed (the CUDA tests' tail, the loss head's second size) makes the
-verdict INCOMPLETE, not FAIL (the exit status is still 1). `--budget` (default
+verdict INCOMPLETE, not FAIL (the exit status is still 1; the summary lists it in `stopped_at_deadline`). `--budget` (default
 570 s) stops a step's commands once its share of the budget is spent (STEP_SHARES). The summary
 (`--summary`) is benchmarks/results/gpu_latest.json by default on a GPU, which every GPU run replaces, and
 the report's name with .json on a CPU; a CPU run never writes the GPU's file.
@@ -178,6 +178,11 @@ class Result:
     partial: bool = False  # a step still running: what it has measured so far, written in case the suite is stopped
     cut: bool = False  # not ok only because its deadline stopped it, with nothing failed before: INCOMPLETE, not FAIL
 
+    @property
+    def state(self) -> str:
+        return ("still running" if self.partial else "passed" if self.ok else "stopped at its deadline" if self.cut
+                else "FAILED")
+
 
 def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     """Run `cmd` from the source root; (exit status, stdout and stderr together, seconds). A timeout is status 124."""
@@ -258,7 +263,7 @@ def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, i
         result = None  # a failed command's figures are kept only where its script wrote them as it went
     lines = [f"Command: `{shown(cmd)}` ({seconds:.0f} s): {intro}", ""]
     if code != 0 and result is not None:
-        result["partial"] = True
+        result["partial"], result["cut"] = True, code == 124  # cut: stopped at its deadline, not failed
         lines += [f"Stopped (exit status {code}) before it finished: the figures below are the ones it wrote.", ""]
     return (lines if code == 0 else lines + tail(output, 25)), result, seconds, output
 
@@ -597,7 +602,7 @@ def loss_head(plan: Plan, env: dict, work: Path) -> Result:
                   + (", from the rows measured before it stopped." if result.get("partial") else ".")]
     keep = ("dtype", "compile", "chunk_size", "padded_vocab_size", "results", "full_faster_up_to_logits", "complete")
     return Result(STEP_TITLES[4], not result.get("partial"), lines, seconds,
-                  {"loss_head": {k: result[k] for k in keep}}, cut=bool(result.get("partial")))
+                  {"loss_head": {k: result[k] for k in keep}}, cut=bool(result.get("cut")))
 
 
 # ------------------------------------------------------------------ the report and the summary
@@ -659,9 +664,7 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine
     finished = [r for r in results if not r.partial]
     verdict = ("FAIL" if not all(r.ok or r.cut for r in finished) else "INCOMPLETE"
                if pending or len(finished) < len(results) or any(r.cut for r in finished) else "PASS")
-    states = [f"{r.title.split('. ', 1)[1]} " + ("still running" if r.partial else "passed" if r.ok
-                                                 else "stopped at its deadline" if r.cut else "FAILED")
-              for r in results]
+    states = [f"{r.title.split('. ', 1)[1]} {r.state}" for r in results]
     lines = ["# GPU acceptance run" + (" (--quick smoke run, not a GPU result)" if plan.quick else ""), "",
              f"**{verdict}**: " + (", ".join(states) or "no step finished yet") + f"; {total / 60:.1f} minutes in all.",
              "",
@@ -678,8 +681,10 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine
 def write_summary(path: Path, plan: Plan, info: dict, results: list[Result], total: float) -> None:
     """gpu_latest.json: the machine, then each finished step's figures (trainer, workshop, generation, ...)."""
     finished = [r for r in results if not r.partial]
-    summary = {**info, "quick": plan.quick, "complete": len(finished) == len(STEP_TITLES), "seconds": round(total),
-               "budget_s": plan.budget, "steps": {r.title.split(". ", 1)[1]: r.ok for r in finished}}
+    cut = [r.title.split(". ", 1)[1] for r in finished if r.cut]  # (not ok in "steps": they did not finish)
+    summary = {**info, "quick": plan.quick, "complete": len(finished) == len(STEP_TITLES) and not cut,
+               "seconds": round(total), "budget_s": plan.budget,
+               "steps": {r.title.split(". ", 1)[1]: r.ok for r in finished}, "stopped_at_deadline": cut}
     for r in results:
         summary.update(r.data)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -794,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def done(result: Result) -> None:
         results.append(result)
-        print(f"{result.title}: {'passed' if result.ok else 'FAILED'}", file=sys.stderr, flush=True)
+        print(f"{result.title}: {result.state}", file=sys.stderr, flush=True)
         write(results)
 
     write(results)  # the machine, and every step "not reached", before anything can go wrong

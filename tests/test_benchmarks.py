@@ -403,6 +403,10 @@ def test_gpu_suite_verdict_tells_a_step_cut_at_its_deadline_from_a_failed_one(tm
     cut = suite.Result(suite.STEP_TITLES[-1], False, [], 1.0, cut=True)
     suite.write_report(report, plan, [], "", [], [*done, cut], 60.0)
     assert "**INCOMPLETE**: " in report.read_text() and "tests stopped at its deadline;" in report.read_text()
+    suite.write_summary(tmp_path / "summary.json", plan, {}, [*done, cut], 60.0)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["complete"] and summary["stopped_at_deadline"] == ["CUDA tests"]
+    assert not summary["steps"]["CUDA tests"] and summary["steps"]["Trainer"]
     failed = suite.Result(suite.STEP_TITLES[0], False, [], 1.0)
     suite.write_report(report, plan, [], "", [], [failed, *done[1:], cut], 60.0)
     assert "**FAIL**: Trainer FAILED" in report.read_text()
@@ -507,6 +511,14 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     assert not result.ok and result.cut and result.data["loss_head"]["results"] == written["results"]
     assert "Stopped (exit status 124) before it finished" in text and written["table"] in text
     assert "from the rows measured before it stopped" in text
+
+    def crashed_after_one_row(cmd, env, timeout):  # the same rows written, then a crash: a failure, not a cut
+        Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
+        return 1, "64 rows done\nRuntimeError: CUDA error", 30.0
+
+    monkeypatch.setattr(suite, "run", crashed_after_one_row)
+    result = suite.loss_head(plan, {}, work)
+    assert not result.ok and not result.cut and result.data["loss_head"]["results"] == written["results"]
 
 
 def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):

@@ -221,11 +221,15 @@ def test_checkpoint_files_of_another_run_or_a_lost_pointer_are_refused_in_one_li
     with pytest.raises(tinygemma.UserError, match=r"holds checkpoints \(step_000002\) but no last.json"):
         run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd", resume=True)
     assert (ckpt / "trainer_state.json").exists()
-    (base / "checkpoints" / "last.json").write_text('{"dir": "step_000002"}')  # no step: named by its folder
+    (base / "checkpoints" / "last.json").write_text('{"dir": "step_000002"}')  # no step: its trainer state's
     with pytest.raises(tinygemma.UserError, match=r"already holds a run \(last checkpoint: step_000002\)"):
         run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd")
     assert run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd",
                resume=True)["step"] == 4
+    (base / "checkpoints" / "last.json").write_text('{"dir": "step_000004"}')  # the finished run, run again
+    assert run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd",
+               resume=True)["step"] == 4
+    assert tinygemma.checkpoint.checkpoint_pointer(base)["step"] == 4
 
 
 def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,

@@ -320,6 +320,10 @@ def checkpoint_pointer(run_dir: Path, name: str = "last") -> dict | None:
     directory = run_dir / "checkpoints" / info["dir"]
     if not info["dir"] or not (directory / STATE_NAME).exists():
         raise UserError(f"{pointer} names {directory}, which is not a complete checkpoint")
+    if not isinstance(info.get("step"), int) or isinstance(info["step"], bool):  # a pointer written by hand
+        info["step"] = read_json(directory / STATE_NAME, "trainer state").get("step")
+        if not isinstance(info["step"], int):
+            raise UserError(f"{directory / STATE_NAME} names no step: not a checkpoint of tinygemma's")
     return info
 
 

@@ -174,6 +174,22 @@ def test_a_filesystem_without_locks_is_written_unlocked_leaving_no_lock_file(tmp
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]
 
 
+def test_check_unlocked_refuses_a_held_folder_and_leaves_no_lock_file_of_its_own(tmp_path):
+    """The probe an export (and `run`) makes before slow work: a folder another writer holds is refused naming it;
+    one nobody holds is left as it was, its lock file (a tinygemma writer's, kept) there only if it was before."""
+    from tinygemma.files import FolderLock, check_unlocked
+
+    check_unlocked(tmp_path, "an export")
+    assert list(tmp_path.iterdir()) == []
+    holder = FolderLock(tmp_path, "a dataset")
+    holder.acquire()
+    with pytest.raises(UserError, match=r"is a dataset another process is writing"):
+        check_unlocked(tmp_path, "an export")
+    holder.release()  # its file stays, as a killed holder's would
+    check_unlocked(tmp_path, "an export")
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+
 def test_a_refusal_names_what_the_holder_writes(tmp_path):
     """An export refused by a prepare's lock said "is an export another process is writing": the holder's kind,
     recorded in the lock file beside its pid, is named."""

@@ -688,7 +688,7 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
 
 
 def test_resume_in_another_precision_of_the_same_dtype_setting_is_warned_of(data_dir, tmp_path, capsys):
-    """dtype = "auto" resolves by device: a run started on a CPU without bf16 (float32) and resumed on a GPU
+    """dtype = "auto" resolves by device: a run started on a CPU (float32) and resumed on a GPU
     (bfloat16) changed precision without a word, the setting being the same. The checkpoint records what the
     steps computed in, and a resume in another says so (here the record is edited: this machine has one CPU)."""
     out = tmp_path / "run"
@@ -702,7 +702,7 @@ def test_resume_in_another_precision_of_the_same_dtype_setting_is_warned_of(data
     run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=2)
     assert "warning" not in capsys.readouterr().err
     run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)
-    assert ("tinygemma: warning: resuming in float32 (dtype float32 on cpu), where the run's steps so far computed "
+    assert ("tinygemma: warning: resuming in float32 (dtype float32 on cpu), where the steps before it computed "
             "in bfloat16; the steps from here compute in float32") in capsys.readouterr().err
 
 

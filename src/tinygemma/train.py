@@ -193,7 +193,7 @@ class Trainer:
         same_setting = (saved_train or {}).get("dtype") == self.cfg.dtype  # (else named among `changed`)
         if was and was != now and same_setting and self.start < self.end and self.rt.is_main:
             print(f"tinygemma: warning: resuming in {now} (dtype {self.cfg.dtype} on {self.rt.device.type}), where "
-                  f"the run's steps so far computed in {was}; the steps from here compute in {now}",
+                  f"the steps before it computed in {was}; the steps from here compute in {now}",
                   file=sys.stderr, flush=True)
         try:
             self.build(ckpt_dir, state, weights)

@@ -355,6 +355,60 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too
 
 
+def entry_point(script: str, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`tinygemma ARGV` through its entry point, after `script` has planted what the test needs."""
+    call = f"from tinygemma.__main__ import main\nimport sys\nsys.argv[1:] = {list(argv)!r}\nraise SystemExit(main())\n"
+    return subprocess.run([sys.executable, "-c", script + call], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})})
+
+
+def test_interrupts_before_and_after_the_command_are_one_line_or_none(tmp_path, stories_dir):
+    """A Ctrl-C while the arguments are read (after the imports) gave a traceback; one that came as Python shut
+    down after a finished command (a second of torch's teardown) made the exit status 130, with no word, for work
+    that was done. Now the first is one line and 130, the second ends the process with the command's status."""
+    early = entry_point("import tinygemma.cli\n"
+                        "def planted():\n"
+                        "    raise KeyboardInterrupt\n"
+                        "tinygemma.cli.build_parser = planted\n", "prepare", "--out", str(tmp_path / "d"))
+    assert (early.returncode, early.stderr) == (130, "tinygemma: interrupted\n")
+    late = entry_point("import atexit, os, signal, time\n"
+                       "def planted():\n"
+                       "    os.kill(os.getpid(), signal.SIGINT)\n"
+                       "    time.sleep(1)\n"
+                       "atexit.register(planted)\n",
+                       "prepare", "--out", str(tmp_path / "d"), "--source", str(stories_dir / "valid.txt"),
+                       "--limit", "50", "--workers", "1", "--no-progress")
+    assert (late.returncode, late.stderr) == (0, ""), late.stderr
+    assert (tmp_path / "d" / "meta.json").exists()
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does_and_a_ctrl_c_amid_the_workers_start_is_not_lost(tmp_path, stories_dir):
+    """SIGTERM (timeout, docker stop, Slurm) ended a prepare at once, leaving its lock file and temporaries as large
+    as the data; it now cleans up as Ctrl-C does, in one line, with exit status 143 (not under torchrun, which
+    ends its workers with it). A Ctrl-C that came while the tokenizing processes were being forked was printed as
+    ignored, and prepare went on to exit 0; it now stops it."""
+    source = ["--source", str(stories_dir / "valid.txt"), "--limit", "50", "--no-progress"]
+    term = ("import os, signal, time, tinygemma.data\n"
+            "def planted(*args, **kwargs):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "tinygemma.data._tokenize_to_file = planted\n")
+    stopped = entry_point(term, "prepare", "--out", str(tmp_path / "new" / "d"), *source, "--workers", "1")
+    assert (stopped.returncode, stopped.stderr) == (143, "tinygemma prepare: terminated\n")
+    assert list(tmp_path.iterdir()) == []  # the folders it made, lock file and all, are gone
+    under_torchrun = entry_point(term, "prepare", "--out", str(tmp_path / "d"), *source, "--workers", "1",
+                                 env={"LOCAL_RANK": "0"})
+    assert under_torchrun.returncode == -15
+    from tinygemma.data import available_cpus
+    if available_cpus() < 2:  # one core: prepare takes one worker, and forks none
+        return
+    amid_fork = entry_point("import os, signal\n"
+                            "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))\n",
+                            "prepare", "--out", str(tmp_path / "forked"), *source, "--workers", "2")
+    assert (amid_fork.returncode, amid_fork.stderr) == (130, "tinygemma prepare: interrupted\n"), amid_fork.stderr
+    assert not (tmp_path / "forked").exists()
+
+
 def test_a_gpt2_runs_export_goes_with_gpt2_data_and_the_given_tokenizer_if_it_is_its_own(world, capsys):
     """The transformers export of a GPT-2 run holds GPT-2's vocabulary as a tokenizer.json: the same ids, the
     same text, so it evaluates GPT-2 data as the run does, and --tokenizer gpt2 is its own, not another."""

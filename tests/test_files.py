@@ -204,15 +204,15 @@ def test_a_refusal_names_what_the_holder_writes(tmp_path):
 
 
 @pytest.mark.parametrize("signals,status", [(["SIGINT"], -2), (["SIGINT", "SIGTERM"], -15)])
-def test_signals_held_over_the_renames_are_delivered_after_them(signals, status):
+def testsignals_held_over_the_renames_are_delivered_after_them(signals, status):
     """Ctrl-C (and a SIGTERM) amid an export's renames wait for them; a SIGTERM that came with a SIGINT is not
     lost behind the KeyboardInterrupt."""
     import subprocess
     import sys
 
     script = ("import os, signal\n"
-              "from tinygemma.files import _signals_held\n"
-              "with _signals_held():\n"
+              "from tinygemma.files import signals_held\n"
+              "with signals_held():\n"
               f"    for name in {signals!r}:\n"
               "        os.kill(os.getpid(), getattr(signal, name))\n"
               "    print('renamed', flush=True)\n")

@@ -1,16 +1,33 @@
-"""`python -m tinygemma` and the `tinygemma` command: the CLI, with a Ctrl-C pressed while it is still importing
-(torch takes a second or two) ending as one line and exit status 130, as one pressed later does (cli.main)."""
+"""`python -m tinygemma` and the `tinygemma` command: the CLI (cli.main), with a Ctrl-C pressed while it is still
+importing (torch takes a second or two) or reading its arguments ending as one line and exit status 130, as one
+pressed later does; and a Ctrl-C or SIGTERM that comes once the command is done, while Python shuts down, ending
+the process at once with the command's own status, not 130 for work that was completed."""
 
+import os
+import signal
 import sys
 
 
 def main() -> int:
     try:
         from tinygemma.cli import main as cli_main
-    except KeyboardInterrupt:
+
+        status = cli_main()
+    except KeyboardInterrupt:  # (a SIGTERM here still ends the process: cli.main's handler is not set yet)
         print("tinygemma: interrupted", file=sys.stderr)
         return 130
-    return cli_main()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: _end(status))
+    return status
+
+
+def _end(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 if __name__ == "__main__":

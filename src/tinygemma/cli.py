@@ -8,10 +8,12 @@ into one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import select
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from tinygemma.data import (
     prepare,
 )
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
-from tinygemma.errors import UserError
+from tinygemma.errors import Terminated, UserError, exit_status
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json
 from tinygemma.generate import generate_text, prompt_ids
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = args.func(args)
+        with sigterm_as_interrupt():
+            result = args.func(args)
     except UserError as e:
         if not getattr(e, "shown_by_rank_0", False):  # under torchrun, an error every process shares prints once
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
@@ -85,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
         print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"tinygemma {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"tinygemma {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        return exit_status(e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, MemoryError) and not OUT_OF_MEMORY.search(str(e)):
             raise
@@ -96,6 +100,30 @@ def main(argv: list[str] | None = None) -> int:
               .rstrip("; "), file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) while the command runs, so that it cleans up as after Ctrl-C:
+    it used to end the process at once, leaving a prepare's gigabytes of temporaries, an export's staging folder
+    and the lock files. Not under torchrun, which ends its workers with SIGTERM and must not wait for them to
+    leave a collective; nor outside the main thread, where no handler can be set."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # CUDA's "CUDA out of memory", the CPU allocator's "can't allocate memory", MPS's "MPS backend out of memory"

@@ -41,6 +41,7 @@ from tinygemma.files import (
     peek_json,
     read_json,
     remove_temporaries,
+    signals_held,
     write_errors,
 )
 from tinygemma.runtime import Runtime
@@ -366,7 +367,8 @@ def _init_worker(tokenizer: Tokenizer, quiet_interrupt: bool = False) -> None:
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
     if quiet_interrupt:  # a worker process: Ctrl-C is the parent's to handle (it shuts the pool down), not a
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # traceback from each worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # traceback from each worker; SIGTERM (its parent's end,
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # below) ends it, never as the CLI's Terminated
         _end_with_parent()
 
 
@@ -411,6 +413,14 @@ class _Workers:
             # can hang forever (python/cpython#96995, #78178); this pool shuts down after what is running.
             self.pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker,
                                                                initargs=(tokenizer, True))
+            # The workers start now, with Ctrl-C held back until they have: one that lands in the parent amid a
+            # fork (in CPython's after-fork callbacks) is printed as ignored and lost, and prepare went on to exit 0.
+            try:
+                with signals_held():
+                    self.pool.submit(int).result()
+            except BaseException:
+                self.close()
+                raise
         else:
             _init_worker(tokenizer)
 

@@ -9,6 +9,18 @@ class UserError(Exception):
     """Bad input: a missing or corrupt file, an impossible configuration, a mismatched tokenizer, ..."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `docker stop`, systemd and Slurm send) taken as Ctrl-C is: the same clean-up (a new
+    folder removed, temporaries gone, the trackers told), then one line and exit status 143 (128 + SIGTERM)."""
+
+    exit_status = 143
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """What the shell reports for a process stopped by this interrupt: 130 for Ctrl-C, 143 for SIGTERM."""
+    return getattr(interrupt, "exit_status", 130)
+
+
 def describe(error: BaseException, lines: int = 1) -> str:
     """An exception in a few words for a one-line message: its type and its message's first `lines` non-empty
     lines, joined by "; " (a validation error names what is wrong only on its second and third)."""

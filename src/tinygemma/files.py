@@ -157,7 +157,7 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
                 error = WriteError(str(e).replace(str(stage), str(folder)))
                 error.errno = e.errno
                 raise error from None
-            with write_errors(folder), _signals_held():
+            with write_errors(folder), signals_held():
                 # `first` first (a kill after it leaves a folder the next writer recognises), `last` last
                 written = sorted((p.name for p in stage.iterdir()), key=lambda name: (name == last, name != first))
                 modes = {name: stat.S_IMODE((folder / name).stat().st_mode) for name in written
@@ -216,7 +216,7 @@ def _is_stage(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _signals_held():
+def signals_held():
     """Hold SIGINT and SIGTERM back while the block runs (a few renames): their handlers run when it ends. (A
     signal mask would not do: the kernel hands a process's signal to any thread not masking it, torch's own.)"""
     caught = []

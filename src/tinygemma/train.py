@@ -63,7 +63,7 @@ from tinygemma.data import (
     validation_starts,
 )
 from tinygemma.devices import dtype_name, pick_device
-from tinygemma.errors import UserError, describe
+from tinygemma.errors import UserError, describe, exit_status
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.files import (
     FolderLock,
@@ -135,7 +135,7 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
         if run.rt.world_size > 1:
             dist.barrier()  # rank 0 has written the last checkpoint before anyone reads it
     except BaseException as e:  # the trackers record the run as failed (130: interrupted, as the shell says)
-        run.close(exit_code=130 if isinstance(e, KeyboardInterrupt) else 1)
+        run.close(exit_code=exit_status(e) if isinstance(e, KeyboardInterrupt) else 1)
         raise
     run.close(exit_code=0)
     return run.summary()

@@ -355,10 +355,10 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too
 
 
-def entry_point(script: str, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def entry_point(script: str, *argv: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`tinygemma ARGV` through its entry point, after `script` has planted what the test needs."""
     call = f"from tinygemma.__main__ import main\nimport sys\nsys.argv[1:] = {list(argv)!r}\nraise SystemExit(main())\n"
-    return subprocess.run([sys.executable, "-c", script + call], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-c", script + call], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})})
 
 
@@ -380,6 +380,16 @@ def test_interrupts_before_and_after_the_command_are_one_line_or_none(tmp_path, 
                        "--limit", "50", "--workers", "1", "--no-progress")
     assert (late.returncode, late.stderr) == (0, ""), late.stderr
     assert (tmp_path / "d" / "meta.json").exists()
+    # Later still: amid the modules' teardown, where Python has put its handlers back to the defaults.
+    teardown = entry_point("import os, signal, time\n"
+                           "class Planted:\n"
+                           "    def __del__(self, kill=os.kill, pid=os.getpid(), sleep=time.sleep, sig=signal.SIGTERM):\n"
+                           "        kill(pid, sig)\n"
+                           "        sleep(0.5)\n"
+                           "planted = Planted()\n",
+                           "prepare", "--out", str(tmp_path / "e"), "--source", str(stories_dir / "valid.txt"),
+                           "--limit", "50", "--workers", "1", "--no-progress")
+    assert (teardown.returncode, teardown.stderr) == (0, ""), teardown.stderr
 
 
 def test_sigterm_cleans_up_as_ctrl_c_does_and_a_ctrl_c_amid_the_workers_start_is_not_lost(tmp_path, stories_dir):
@@ -407,6 +417,16 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_a_ctrl_c_amid_the_workers_start_is
                             "prepare", "--out", str(tmp_path / "forked"), *source, "--workers", "2")
     assert (amid_fork.returncode, amid_fork.stderr) == (130, "tinygemma prepare: interrupted\n"), amid_fork.stderr
     assert not (tmp_path / "forked").exists()
+    # A second signal (Ctrl-C pressed twice) during the clean-up cut it short: the workers, never told to stop,
+    # kept the process waiting forever. It is held off now.
+    twice = entry_point(term + "real_close = tinygemma.data._Workers.close\n"
+                               "def close(self):\n"
+                               "    os.kill(os.getpid(), signal.SIGINT)\n"
+                               "    real_close(self)\n"
+                               "tinygemma.data._Workers.close = close\n",
+                        "prepare", "--out", str(tmp_path / "twice"), *source, "--workers", "2", timeout=120)
+    assert (twice.returncode, twice.stderr) == (143, "tinygemma prepare: terminated\n"), twice.stderr
+    assert not (tmp_path / "twice").exists()
 
 
 def test_a_gpt2_runs_export_goes_with_gpt2_data_and_the_given_tokenizer_if_it_is_its_own(world, capsys):

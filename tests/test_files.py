@@ -204,7 +204,7 @@ def test_a_refusal_names_what_the_holder_writes(tmp_path):
 
 
 @pytest.mark.parametrize("signals,status", [(["SIGINT"], -2), (["SIGINT", "SIGTERM"], -15)])
-def testsignals_held_over_the_renames_are_delivered_after_them(signals, status):
+def test_signals_held_over_the_renames_are_delivered_after_them(signals, status):
     """Ctrl-C (and a SIGTERM) amid an export's renames wait for them; a SIGTERM that came with a SIGINT is not
     lost behind the KeyboardInterrupt."""
     import subprocess

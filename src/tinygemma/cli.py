@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with sigterm_as_interrupt():
+        with interrupts_once():
             result = args.func(args)
     except UserError as e:
         if not getattr(e, "shown_by_rank_0", False):  # under torchrun, an error every process shares prints once
@@ -103,27 +103,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises Terminated (a KeyboardInterrupt) while the command runs, so that it cleans up as after Ctrl-C:
-    it used to end the process at once, leaving a prepare's gigabytes of temporaries, an export's staging folder
-    and the lock files. Not under torchrun, which ends its workers with SIGTERM and must not wait for them to
-    leave a collective; nor outside the main thread, where no handler can be set."""
+def interrupts_once():
+    """While the command runs, SIGTERM raises Terminated (a KeyboardInterrupt), so that it cleans up as after
+    Ctrl-C: it used to end the process at once, leaving a prepare's gigabytes of temporaries, an export's staging
+    folder and the lock files. The first of either signal then holds both off, so that a second one (a Ctrl-C
+    pressed twice) cannot cut the clean-up short: it left a prepare waiting forever on workers never told to stop.
+    Not under torchrun, which ends its workers with SIGTERM and must not wait for them to leave a collective; nor
+    outside the main thread, where no handler can be set."""
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
         yield
         return
 
-    def terminate(signum, frame):
-        raise Terminated()
+    def stop(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     try:
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 # CUDA's "CUDA out of memory", the CPU allocator's "can't allocate memory", MPS's "MPS backend out of memory"

@@ -38,7 +38,7 @@ from tinygemma.data import (
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
 from tinygemma.errors import Terminated, UserError, exit_status
 from tinygemma.evaluation import check_evaluation, evaluate
-from tinygemma.files import read_json
+from tinygemma.files import read_json, signal_handler
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
@@ -119,16 +119,8 @@ def interrupts_once():
             signal.signal(s, signal.SIG_IGN)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    try:
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:
+    with signal_handler(stop):
         yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 # CUDA's "CUDA out of memory", the CPU allocator's "can't allocate memory", MPS's "MPS backend out of memory"

@@ -221,9 +221,20 @@ def signals_held():
     signal mask would not do: the kernel hands a process's signal to any thread not masking it, torch's own.)"""
     caught = []
     try:
-        previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread, where Python runs signal handlers
+        with signal_handler(lambda signum, frame: caught.append(signum)):
+            yield
+    finally:
+        for s in sorted(set(caught), key=lambda s: s != signal.SIGTERM):  # SIGINT's KeyboardInterrupt would end
+            signal.raise_signal(s)  # the loop: a SIGTERM that came with it goes first
+
+
+@contextlib.contextmanager
+def signal_handler(handler):
+    """`handler` for SIGINT and SIGTERM while the block runs, then the handlers there were; outside the main
+    thread, where Python runs signal handlers and none can be set, nothing."""
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
         yield
         return
     try:
@@ -232,8 +243,6 @@ def signals_held():
         for s, handler in previous.items():
             if handler is not None:  # (None: a handler installed outside Python, which cannot be put back)
                 signal.signal(s, handler)
-        for s in sorted(set(caught), key=lambda s: s != signal.SIGTERM):  # SIGINT's KeyboardInterrupt would end
-            signal.raise_signal(s)  # the loop: a SIGTERM that came with it goes first
 
 
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset(),

@@ -362,6 +362,12 @@ def entry_point(script: str, *argv: str, env: dict | None = None, timeout: float
                           env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})})
 
 
+def small_prepare(out: Path, stories_dir: Path, workers: int = 1) -> list[str]:
+    """The arguments of a prepare of 50 stories into `out`: a second or two, once torch is imported."""
+    return ["prepare", "--out", str(out), "--source", str(stories_dir / "valid.txt"), "--limit", "50",
+            "--workers", str(workers), "--no-progress"]
+
+
 def test_interrupts_before_and_after_the_command_are_one_line_or_none(tmp_path, stories_dir):
     """A Ctrl-C while the arguments are read (after the imports) gave a traceback; one that came as Python shut
     down after a finished command (a second of torch's teardown) made the exit status 130, with no word, for work
@@ -375,9 +381,7 @@ def test_interrupts_before_and_after_the_command_are_one_line_or_none(tmp_path, 
                        "def planted():\n"
                        "    os.kill(os.getpid(), signal.SIGINT)\n"
                        "    time.sleep(1)\n"
-                       "atexit.register(planted)\n",
-                       "prepare", "--out", str(tmp_path / "d"), "--source", str(stories_dir / "valid.txt"),
-                       "--limit", "50", "--workers", "1", "--no-progress")
+                       "atexit.register(planted)\n", *small_prepare(tmp_path / "d", stories_dir))
     assert (late.returncode, late.stderr) == (0, ""), late.stderr
     assert (tmp_path / "d" / "meta.json").exists()
     # Later still: amid the modules' teardown, where Python has put its handlers back to the defaults.
@@ -386,9 +390,7 @@ def test_interrupts_before_and_after_the_command_are_one_line_or_none(tmp_path, 
                            "    def __del__(self, kill=os.kill, pid=os.getpid(), sleep=time.sleep, sig=signal.SIGTERM):\n"
                            "        kill(pid, sig)\n"
                            "        sleep(0.5)\n"
-                           "planted = Planted()\n",
-                           "prepare", "--out", str(tmp_path / "e"), "--source", str(stories_dir / "valid.txt"),
-                           "--limit", "50", "--workers", "1", "--no-progress")
+                           "planted = Planted()\n", *small_prepare(tmp_path / "e", stories_dir))
     assert (teardown.returncode, teardown.stderr) == (0, ""), teardown.stderr
 
 
@@ -397,24 +399,22 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_a_ctrl_c_amid_the_workers_start_is
     as the data; it now cleans up as Ctrl-C does, in one line, with exit status 143 (not under torchrun, which
     ends its workers with it). A Ctrl-C that came while the tokenizing processes were being forked was printed as
     ignored, and prepare went on to exit 0; it now stops it."""
-    source = ["--source", str(stories_dir / "valid.txt"), "--limit", "50", "--no-progress"]
     term = ("import os, signal, time, tinygemma.data\n"
             "def planted(*args, **kwargs):\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    time.sleep(5)\n"
             "tinygemma.data._tokenize_to_file = planted\n")
-    stopped = entry_point(term, "prepare", "--out", str(tmp_path / "new" / "d"), *source, "--workers", "1")
+    stopped = entry_point(term, *small_prepare(tmp_path / "new" / "d", stories_dir))
     assert (stopped.returncode, stopped.stderr) == (143, "tinygemma prepare: terminated\n")
     assert list(tmp_path.iterdir()) == []  # the folders it made, lock file and all, are gone
-    under_torchrun = entry_point(term, "prepare", "--out", str(tmp_path / "d"), *source, "--workers", "1",
-                                 env={"LOCAL_RANK": "0"})
+    under_torchrun = entry_point(term, *small_prepare(tmp_path / "d", stories_dir), env={"LOCAL_RANK": "0"})
     assert under_torchrun.returncode == -15
     from tinygemma.data import available_cpus
     if available_cpus() < 2:  # one core: prepare takes one worker, and forks none
         return
     amid_fork = entry_point("import os, signal\n"
                             "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))\n",
-                            "prepare", "--out", str(tmp_path / "forked"), *source, "--workers", "2")
+                            *small_prepare(tmp_path / "forked", stories_dir, workers=2))
     assert (amid_fork.returncode, amid_fork.stderr) == (130, "tinygemma prepare: interrupted\n"), amid_fork.stderr
     assert not (tmp_path / "forked").exists()
     # A second signal (Ctrl-C pressed twice) during the clean-up cut it short: the workers, never told to stop,
@@ -424,7 +424,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_a_ctrl_c_amid_the_workers_start_is
                                "    os.kill(os.getpid(), signal.SIGINT)\n"
                                "    real_close(self)\n"
                                "tinygemma.data._Workers.close = close\n",
-                        "prepare", "--out", str(tmp_path / "twice"), *source, "--workers", "2", timeout=120)
+                        *small_prepare(tmp_path / "twice", stories_dir, workers=2), timeout=120)
     assert (twice.returncode, twice.stderr) == (143, "tinygemma prepare: terminated\n"), twice.stderr
     assert not (tmp_path / "twice").exists()
 

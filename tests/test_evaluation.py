@@ -147,6 +147,30 @@ def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
     assert whole["bits_per_byte"] < whole["loss"] / math.log(2) * whole["tokens"] / whole["bytes"]
 
 
+def test_eval_of_an_export_takes_the_block_size_it_was_trained_at(gpt2_data, tmp_path, capsys):
+    """An hf export carries the training block size in its weights' header, so `tinygemma eval` of the export
+    gives the run's numbers again without --block-size; a transformers folder that records none takes 512."""
+    from safetensors.torch import load_file, save_file
+
+    from tinygemma.checkpoint import export  # the command's export, without its model card's samples (slow)
+
+    save_model(small_model(), tmp_path / "ckpt", {"tokenizer": GPT2_SPEC, "train": {"block_size": 48}})
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    results = []
+    for source in ("ckpt", "hf"):
+        assert main(["eval", "--ckpt", str(tmp_path / source), "--data", str(gpt2_data), "--max-tokens", "300"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["block_size"] == results[1]["block_size"] == 48
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
+    # Re-exported, the export keeps it; a folder whose header lacks it (another exporter's) takes the default.
+    export(tmp_path / "hf", tmp_path / "again")
+    weights = tmp_path / "hf" / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
+    for source, block_size in (("again", 48), ("hf", 512)):
+        assert main(["eval", "--ckpt", str(tmp_path / source), "--data", str(gpt2_data), "--max-tokens", "600"]) == 0
+        assert json.loads(capsys.readouterr().out)["block_size"] == block_size
+
+
 def test_eval_refuses_data_from_another_tokenizer(ckpt, stories_file, tmp_path, capsys):
     from tinygemma.data import prepare
 

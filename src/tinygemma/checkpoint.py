@@ -42,7 +42,7 @@ from tinygemma.files import (
     remove_temporaries,
     staged_folder,
 )
-from tinygemma.hf import hf_config, is_hf_export, load_hf, save_hf, written_by_tinygemma
+from tinygemma.hf import exported_block_size, hf_config, is_hf_export, load_hf, save_hf, written_by_tinygemma
 from tinygemma.model import Gemma3, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
 from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
@@ -106,6 +106,15 @@ def read_checkpoint_meta(path: str | Path) -> dict:
             raise UserError(f"{directory / META_NAME} is not a tinygemma checkpoint")
         return meta
     return {}
+
+
+def trained_block_size(path: str | Path) -> int | None:
+    """The block size the model at `path` was trained at: what a tinygemma checkpoint records (train.py), or a
+    tinygemma export's weights carry (hf.save_hf); None where neither says (another transformers model)."""
+    meta = read_checkpoint_meta(path)
+    if meta:
+        return (meta.get("train") or {}).get("block_size")
+    return exported_block_size(resolve_checkpoint(path))
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> Gemma3:
@@ -221,7 +230,7 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     hf_config(model.config)  # what transformers could not load is refused here, before any folder is made
     with staged_folder(out, EXPORT_FILES, "an export", check=lambda: check_export_out(out, src),
                        first="model.safetensors", last="config.json") as stage:
-        save_hf(model, stage, special, generation)
+        save_hf(model, stage, special, generation, block_size=trained_block_size(src))
         if own is not None and not copied:
             own.save_hf(stage)
         for name in copied:

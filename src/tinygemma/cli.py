@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinygemma.checkpoint import checkpoint_tokenizer, export, load_model, read_checkpoint_meta
+from tinygemma.checkpoint import checkpoint_tokenizer, export, load_model, trained_block_size
 from tinygemma.config import (
     GenerateConfig,
     Recipe,
@@ -270,7 +270,7 @@ def _run_main(args) -> int:
 # ------------------------------------------------------------------ generate and eval
 
 
-DEFAULT_EVAL_BLOCK_SIZE = 512  # when the checkpoint records no training block size
+DEFAULT_EVAL_BLOCK_SIZE = 512  # when neither the checkpoint nor the export records its training block size
 
 SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are several
 
@@ -316,8 +316,8 @@ def _generate_main(args) -> int:
 
 
 def _eval_main(args) -> int:
-    trained = (read_checkpoint_meta(args.ckpt).get("train") or {}).get("block_size")  # train.py records it
-    block_size = args.block_size if args.block_size is not None else trained or DEFAULT_EVAL_BLOCK_SIZE
+    block_size = args.block_size if args.block_size is not None else (trained_block_size(args.ckpt)
+                                                                      or DEFAULT_EVAL_BLOCK_SIZE)
     check_evaluation(block_size, args.batch_size, args.max_tokens)  # before the (slow) model load
     data = open_prepared(args.data)
     tokens = data.split(args.split)

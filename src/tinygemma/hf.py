@@ -252,16 +252,33 @@ def load_hf(directory: str | Path) -> Gemma3:
 EXPORT_MARK = {"exporter": "tinygemma"}
 
 
-def written_by_tinygemma(path: str | Path) -> bool:
-    """Whether `path`/model.safetensors carries EXPORT_MARK (reads its header only)."""
+# Also in an export's header, where the checkpoint recorded it: the block size the model was trained at, which
+# `tinygemma eval` of the export then evaluates at by default, as it does the run itself.
+TRAINED_BLOCK_KEY = "train_block_size"
+
+
+def export_metadata(path: str | Path) -> dict:
+    """The metadata in the header of `path`/model.safetensors (its header only is read); {} where the file is
+    missing or unreadable."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception:  # unreadable or no safetensors: not ours to replace
-        return False
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
+def written_by_tinygemma(path: str | Path) -> bool:
+    """Whether `path`/model.safetensors carries EXPORT_MARK (unreadable, or no safetensors: not ours to replace)."""
+    metadata = export_metadata(path)
     return all(metadata.get(key) == value for key, value in EXPORT_MARK.items())
+
+
+def exported_block_size(path: str | Path) -> int | None:
+    """The training block size a tinygemma export of `path` records, else None (any other transformers model)."""
+    value = export_metadata(path).get(TRAINED_BLOCK_KEY) if written_by_tinygemma(path) else None
+    return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
 
 
 def is_hf_export(path: str | Path) -> bool:
@@ -272,10 +289,11 @@ def is_hf_export(path: str | Path) -> bool:
     return (path / "model.safetensors").is_file() and peek_json(path / "config.json").get("model_type") == "gemma3_text"
 
 
-def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict) -> None:
+def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, block_size: int | None = None) -> None:
     """config.json, generation_config.json and model.safetensors for `Gemma3ForCausalLM.from_pretrained`.
     `special` holds the bos/eos/pad token ids for config.json (end-of-text for all three in a TinyStories model:
-    it has no other special token), `generation` generation_config.json's settings. The tokenizer's files are
+    it has no other special token), `generation` generation_config.json's settings, `block_size` the training
+    block size (recorded in the weights' header as TRAINED_BLOCK_KEY, when known). The tokenizer's files are
     the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is then
     still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
     out = Path(out)
@@ -284,7 +302,8 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict) -> 
                        pad_id=special.get("pad_token_id"), torch_dtype=dtype)  # may refuse: before any folder
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", config)
-    atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata={"format": "pt", **EXPORT_MARK})
+    metadata = {"format": "pt", **EXPORT_MARK, **({TRAINED_BLOCK_KEY: str(block_size)} if block_size else {})}
+    atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata=metadata)
     atomic_write_json(out / "generation_config.json", generation)
 
 

@@ -156,6 +156,10 @@ def test_eval_of_an_export_takes_the_block_size_it_was_trained_at(gpt2_data, tmp
 
     save_model(small_model(), tmp_path / "ckpt", {"tokenizer": GPT2_SPEC, "train": {"block_size": 48}})
     export(tmp_path / "ckpt", tmp_path / "hf")
+    export(tmp_path / "ckpt", tmp_path / "twin")  # exports are byte-reproducible (files.sorted_metadata)
+    files = sorted(path.name for path in (tmp_path / "hf").iterdir())
+    assert files == sorted(path.name for path in (tmp_path / "twin").iterdir()) and "model.safetensors" in files
+    assert all((tmp_path / "hf" / name).read_bytes() == (tmp_path / "twin" / name).read_bytes() for name in files)
     results = []
     for source in ("ckpt", "hf"):
         assert main(["eval", "--ckpt", str(tmp_path / source), "--data", str(gpt2_data), "--max-tokens", "300"]) == 0

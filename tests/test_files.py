@@ -84,6 +84,24 @@ def test_a_failed_safetensors_write_names_the_file_and_keeps_the_old_one(tmp_pat
     assert torch.equal(read_safetensors(path)["w"], torch.ones(3))
 
 
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes metadata in hash order, which changes from one save to the next: exports of the same
+    weights differed byte for byte until the keys were sorted. Sorting leaves what every reader sees unchanged."""
+    from safetensors import safe_open
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.bfloat16)}
+    metadata = {"format": "pt", "exporter": "tinygemma", "train_block_size": "128", "note": "é, \"q\" \\ /"}
+    saved = []
+    for i in range(12):
+        atomic_save_safetensors(tensors, tmp_path / f"{i}.safetensors", metadata=metadata)
+        saved.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(set(saved)) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metadata and list(f.metadata()) == sorted(metadata)
+    loaded = read_safetensors(tmp_path / "0.safetensors")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
 def test_a_failed_text_write_names_the_file(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
     atomic_write_text(path, "old")

@@ -302,9 +302,28 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """`tensors` and `metadata` as a safetensors file, written atomically; the same tensors and metadata give the
+    same bytes (sorted_metadata)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp, write_errors(path):
         save_file(tensors, str(tmp), metadata=metadata)
+        if metadata and len(metadata) > 1:
+            sorted_metadata(tmp)
+
+
+def sorted_metadata(path: str | Path) -> None:
+    """Put the metadata in a safetensors file's header in key order, in place. safetensors writes it in its hash
+    map's order, which differs from one save to the next, so two exports of the same weights differed in their
+    bytes (and in their hashes). Only the order changes, so the header keeps its length and the tensors their
+    offsets; a header that would not (another JSON spelling of some value) is left as it is."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8").ljust(size)
+        if len(text) == size:
+            f.seek(8)
+            f.write(text)
 
 
 def read_json(path: str | Path, what: str = "file") -> dict:

@@ -232,6 +232,23 @@ def test_checkpoint_files_of_another_run_or_a_lost_pointer_are_refused_in_one_li
     assert tinygemma.checkpoint.checkpoint_pointer(base)["step"] == 4
 
 
+def test_under_torchrun_a_stop_every_process_makes_is_printed_once(data_dir, tmp_path):
+    """Process 1's loss is NaN at step 7, after the checkpoint of step 5: the all-reduced figures stop both
+    processes, and the error is printed once, process 0's, which names the last good checkpoint (process 1's copy
+    did not, and was printed too). Nothing is saved after step 5."""
+    out, log = tmp_path / "nan", tmp_path / "attempts.jsonl"
+    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 1, "nan": 6}]), "TINYGEMMA_FAULT_LOG": str(log),
+           "TINYGEMMA_FAULT_RUN": str(out)}
+    proc = torchrun(out, data_dir, "--stop-at", "10", settings=test_train.TWO_PROCESS_SETTINGS,
+                    entry=[str(ROOT / "tests" / "torchrun_faults.py")], env=env)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "non-finite" in line]
+    assert len(lines) == 1, test_train.torchrun_failure(proc)
+    assert lines[0].startswith("tinygemma train: error: non-finite loss at step 7") and \
+        "the last good checkpoint is step 5" in lines[0]
+    assert last_checkpoint(out)["step"] == 5
+
+
 def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,
                                                                                    tmp_path):
     """The documented multi-GPU command, `torchrun --max-restarts N -m tinygemma train ... --resume`, on 2 gloo

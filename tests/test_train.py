@@ -320,13 +320,21 @@ def test_a_run_moves_between_one_and_two_processes(one_process_run, data_dir, tm
 
 
 def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(data_dir, tmp_path, monkeypatch, capsys):
+    """Refused before any process group is made, by every process alike: process 0 prints it, the others (each
+    of them printed it too) say nothing, and all exit with status 2."""
     for name, value in {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
                         "MASTER_PORT": "29599"}.items():
-        monkeypatch.setenv(name, value)  # refused before any process group is made
-    assert main(["train", *[a for s in tiny_settings(data_dir, tmp_path / "r", *SHARED_BATCH) for a in ("--set", s)]]) == 2
+        monkeypatch.setenv(name, value)
+    args = ["train", *[a for s in tiny_settings(data_dir, tmp_path / "r", *SHARED_BATCH) for a in ("--set", s)]]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "batch_size x grad_accum_steps = 4 x 2 = 8 sequences, must be a multiple of the number of processes (3)" \
         in err and "\n" not in err
+    for rank in ("1", "2"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert main(args) == 2
+        assert capsys.readouterr().err == ""
     assert not (tmp_path / "r").exists()
 
 

@@ -4,7 +4,8 @@ product code.
 
 TINYGEMMA_FAULTS is a JSON list indexed by torchrun's attempt (TORCHELASTIC_RESTART_COUNT): null (no fault), or
 {"rank": R, "step": S}: process R dies as it begins optimizer step S (0-based), or
-{"rank": R, "save": N}: process R dies on its N-th safetensors write of the attempt (inside a checkpoint).
+{"rank": R, "save": N}: process R dies on its N-th safetensors write of the attempt (inside a checkpoint), or
+{"rank": R, "nan": S}: process R's training loss is NaN at optimizer step S (0-based); it lives on.
 At the start of every attempt, rank 0 appends to TINYGEMMA_FAULT_LOG what it finds in the run directory
 TINYGEMMA_FAULT_RUN: the last checkpoint's step, whether that checkpoint loads, and half-written checkpoints.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import tinygemma
 import tinygemma.checkpoint
+import tinygemma.model
 import tinygemma.train
 from tinygemma.cli import main
 
@@ -45,6 +47,18 @@ def inject(fault: dict) -> None:
             return save(*args, **kwargs)
 
         tinygemma.checkpoint.atomic_save_safetensors = dying_save
+    if "nan" in fault:
+        step, forward, now = tinygemma.train.Trainer.step, tinygemma.model.Gemma3.forward, {}
+
+        def noting_step(self, s):
+            now["step"] = s
+            return step(self, s)
+
+        def nan_forward(self, *args, **kwargs):
+            loss = forward(self, *args, **kwargs)
+            return loss * float("nan") if self.training and now.get("step") == fault["nan"] else loss
+
+        tinygemma.train.Trainer.step, tinygemma.model.Gemma3.forward = noting_step, nan_forward
 
 
 def record(run_dir: Path, attempt: int, log: Path) -> None:

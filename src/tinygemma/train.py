@@ -98,7 +98,7 @@ from tinygemma.parallelize import (
 )
 from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
 from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
-from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, setup_runtime
+from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, same_on_every_process, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
@@ -166,22 +166,22 @@ class Trainer:
         last = last_checkpoint(self.run_dir)
         ckpt_dir, state = find_start(self.run_dir, last, resume, self.data, self.data_dir)
         self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
-        check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
-        weights = resumed_weights(ckpt_dir, self.model_config)
         self.start = state.get("step", 0)
-        check_stop_at(stop_at)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
-        check_resume_schedule(saved_train, self.cfg, self.start)
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
-        changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
+        with same_on_every_process():  # of the settings and the process count: printed once under torchrun
+            check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
+            check_stop_at(stop_at)
+            check_resume_schedule(saved_train, self.cfg, self.start)
+            changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
+            self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
+            self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(),
+                                                               pick_device(self.cfg.device).type)
+        weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         self.train_loss = self.last_val = None
-
-        self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
-        world_size = env_world_size()  # checked before any process group is made
-        self.micro_batch_size = requested_micro_batch_size(self.cfg, world_size, pick_device(self.cfg.device).type)
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
         self.window = [0, 0.0]  # tokens and seconds of the steps since the last log line (for its rate)
         self.first_step_s = 0.0  # this invocation's first step's host time (compilation), kept out of the window
@@ -417,11 +417,12 @@ class Trainer:
         """Stop the run at the non-finite step `record`; its last good checkpoint stays as it was."""
         if self.rt.is_main:
             self.log_file.flush()
-        loss, norm = record["train_loss"], record["grad_norm"]
-        raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                             f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
-                             f"{self.last_good()}. Lower train.learning_rate, or pass --set on_nonfinite=skip to "
-                             "skip such steps")
+        loss, norm, where = record["train_loss"], record["grad_norm"], self.last_good()
+        with same_on_every_process():  # the figures are all-reduced: every process stops here
+            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
+                                 f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
+                                 f"{where}. Lower train.learning_rate, or pass --set on_nonfinite=skip to skip "
+                                 "such steps")
 
     def last_good(self) -> str:
         """"; the last good checkpoint is step N" (process 0, which reads the pointer), or nothing."""
@@ -490,8 +491,9 @@ class Trainer:
         """Weights, optimizer, and everything exact resume needs, as checkpoints/step_NNNNNN (every rank calls)."""
         cfg, val_loss = self.cfg, self.last_val["val_loss"]
         if not math.isfinite(val_loss):  # finite losses and norms, then an update that broke the weights
-            raise NonFiniteError(f"non-finite validation loss at step {step} ({val_loss}); stopped without saving"
-                                 f"{self.last_good()}. Lower train.learning_rate")
+            with same_on_every_process():  # an all-reduced loss: every process stops here
+                raise NonFiniteError(f"non-finite validation loss at step {step} ({val_loss}); stopped without "
+                                     f"saving{self.last_good()}. Lower train.learning_rate")
         is_best = val_loss < self.best_val
         if is_best:
             self.best_val, self.best_step = val_loss, step

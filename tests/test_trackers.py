@@ -201,9 +201,7 @@ def test_bad_loggers_stop_the_run_in_one_line_before_training(case, data_dir, tm
     assert {"unknown": "train.loggers may name tensorboard, wandb, trackio; got 'neptune'",
             "not installed": 'train.loggers names wandb, which is not installed: pip install "tinygemma[wandb]"',
             "fails to start": "wandb could not start (CommError: could not reach api.wandb.ai; retrying)"}[case] in err
-    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()  # no step was taken
-    if case != "fails to start":
-        assert not out.exists()  # refused before anything was written
+    assert not out.exists()  # refused before anything was written, or the folder made for the run removed again
 
 
 def test_a_tracker_installed_broken_or_with_a_store_it_cannot_write_stops_the_start_in_one_line(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -251,6 +252,7 @@ class Trainer:
     def open_logs(self) -> None:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
         cfg, run_dir, start = self.cfg, self.run_dir, self.start
+        made = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.lock:
             self.lock.acquire()  # a run started in a new (or empty) folder: locked now that it becomes one
@@ -264,8 +266,14 @@ class Trainer:
         resolved = self.resolved_config()
         # Nothing to train (a finished run, run again): config.json keeps the settings its steps were trained with.
         kept = peek_json(run_dir / "config.json") if start >= self.end else {}
-        # The trackers first: one that cannot start stops the run before config.json is written.
-        self.writer = Trackers(cfg.loggers, run_dir, kept or resolved, start)
+        # The trackers first: one that cannot start stops the run before config.json is written, and a folder
+        # made for the run goes again (it held only the trackers' first files).
+        try:
+            self.writer = Trackers(cfg.loggers, run_dir, kept or resolved, start)
+        except BaseException:
+            if made:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if not kept:
             atomic_write_json(run_dir / "config.json", resolved)
         metrics = run_dir / "metrics.jsonl"

@@ -106,6 +106,17 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(UserError, match="checkpoints/best.json names step_000099, which holds no checkpoint.json; "
                                         "checkpoints/last.json names step_000099"):
         tinygemma.load(run)  # said there was no checkpoints/last.json
+    # A run before its first checkpoint: its config.json is its recipe, not a transformers config.
+    young = tmp_path / "young"
+    young.mkdir()
+    (young / "config.json").write_text(json.dumps({"train": {"max_steps": 10}, "model": {"preset": "gemma3-tiny"}}))
+    (young / "metrics.jsonl").write_text("")
+    for command in (["export", "--ckpt", str(young), "--out", str(tmp_path / "young-hf")],
+                    ["generate", "--ckpt", str(young), "--prompt", "Once"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{young} is a training run with no checkpoint yet" in err, err
+    assert not (tmp_path / "young-hf").exists()
     # Through the CLI: one line on stderr, exit 2, nothing written.
     assert main(["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

@@ -91,6 +91,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return ckpts / named
             dangling.append(f"checkpoints/{name}.json names {named}, which holds no {META_NAME}")
     if (path / "config.json").exists() and not ckpts.exists():
+        if is_training_run(path):  # its recipe, not a transformers config.json
+            raise UserError(f"{path} is a training run with no checkpoint yet; its first is written at "
+                            "train.checkpoint_interval (or at the end of the run)")
         return path
     if dangling:
         raise UserError(f"{path} holds no checkpoint: {'; '.join(dangling)}")

@@ -147,6 +147,9 @@ CASES = [
     ("eval-device-not-ours", ["eval", "--ckpt", "{root}/run", "--data", "{root}/data", "--device", "cpu:1"],
      "unknown device 'cpu:1'"),
     ("run-missing-recipe", ["run", "{root}/nope.toml"], "not found"),
+    ("run-recipe-a-folder", ["run", "{root}/data"], "is a folder, not a TOML file"),  # said "not found"
+    ("run-tokenizer-empty", ["run", "{repo}/configs/cpu-demo.toml", "--set", "data.tokenizer="],
+     "data.tokenizer must name a tokenizer: gpt2, bpe or a tokenizer.json path, got ''"),
     ("run-bad-sampling-setting", ["run", "{repo}/configs/cpu-demo.toml", "--set", "generate.top_p=1.5",
                                   "--set", "data.dir={root}/new"], "top_p"),
     # run's outputs are the recipe's settings, checked before anything is prepared (data.dir {root}/new).
@@ -309,27 +312,59 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower(world, capsys, mon
         main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "5"])
 
 
+def test_a_closed_stdout_or_stderr_is_no_failure(world):
+    """A stream the shell closed (`>&-`, `2>&-`): generate with stdout closed gave a traceback, and a command whose
+    first status line met a closed stderr stopped there, before its work, exit status 1 and silent. They now
+    write what would go there to /dev/null and do their work."""
+    import shlex
+
+    command = shlex.join([sys.executable, "-m", "tinygemma", "generate", "--ckpt", str(world / "run"), "--prompt",
+                          "Once", "--max-new-tokens", "3", "--temperature", "0"])
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    no_stdout = subprocess.run(f"{command} >&-", shell=True, capture_output=True, text=True, env=env)
+    assert no_stdout.returncode == 0 and "3 new tokens in" in no_stdout.stderr, no_stdout.stderr
+    no_stderr = subprocess.run(f"{command} 2>&-", shell=True, capture_output=True, text=True, env=env)
+    both = subprocess.run(command, shell=True, capture_output=True, text=True, env=env)
+    assert no_stderr.returncode == 0 and no_stderr.stdout == both.stdout and both.stdout.startswith("Once")
+
+
+def test_a_reader_of_stderr_that_left_stops_the_command_quietly():
+    """stderr's reader gone (`tinygemma run ... 2>&1 >log | grep -m1 warning`): a quiet stop with 141, as for
+    stdout's, where the error line about it, written to the same broken pipe, failed again (exit 1)."""
+    script = ("import os, sys\n"
+              "read, write = os.pipe()\n"
+              "os.dup2(write, 2)\n"
+              "os.close(read)\n"
+              "import tinygemma.cli as cli\n"
+              "def broken(args):\n"
+              "    print('loaded', file=sys.stderr, flush=True)\n"
+              "cli._generate_main = broken\n"
+              "status = cli.main(['generate', '--ckpt', 'x', '--prompt', 'Once'])\n"
+              "print(status, flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout) == (0, "141\n"), result.stdout
+
+
 def test_the_closed_reader_of_stdout_is_seen_on_a_pipe_and_a_socket(monkeypatch):
     """A pipe's closed reader is an error on the writing end; a socket's closed peer is a hang-up (Linux, and
     pipes on macOS): both are the reader that left. An open one, a file or a captured stdout is not."""
     import socket
 
-    from tinygemma.cli import _stdout_reader_left
+    from tinygemma.cli import _reader_left
 
     read, write = os.pipe()
     mine, peer = socket.socketpair()
     try:
         for stream, close in ((os.fdopen(write, "w", closefd=False), lambda: os.close(read)),
                               (mine.makefile("w"), peer.close)):
-            monkeypatch.setattr(sys, "stdout", stream)
-            assert not _stdout_reader_left()
+            assert not _reader_left(stream)
             close()
-            assert _stdout_reader_left()
+            assert _reader_left(stream)
     finally:
-        monkeypatch.undo()
         os.close(write)
         mine.close()
-    assert not _stdout_reader_left()  # pytest's captured stdout
+    assert not _reader_left(sys.stdout) and not _reader_left(sys.stderr)  # pytest's captured streams
 
 
 def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
@@ -351,6 +386,11 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
               "raise SystemExit(main())\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")
+    # SIGTERM (a `timeout` that fires early) ended the process there with no word; it is one line and 143 now.
+    term = script.replace("raise KeyboardInterrupt", "import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); "
+                                                     "time.sleep(5)")
+    result = subprocess.run([sys.executable, "-c", term], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (143, "", "tinygemma: terminated\n")
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too
 

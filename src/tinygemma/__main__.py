@@ -1,22 +1,28 @@
-"""`python -m tinygemma` and the `tinygemma` command: the CLI (cli.main), with a Ctrl-C pressed while it is still
-importing (torch takes a second or two) or reading its arguments ending as one line and exit status 130, as one
-pressed later does; and a Ctrl-C or SIGTERM that comes once the command is done, while Python shuts down, ending
-the process at once with the command's own status, not 130 for work that was completed."""
+"""`python -m tinygemma` and the `tinygemma` command: the CLI (cli.main), with a Ctrl-C or SIGTERM that comes while
+it is still importing (torch takes a second or two) or reading its arguments ending as one line and exit status
+130 or 143, as one later does; a Ctrl-C or SIGTERM that comes once the command is done, while Python shuts down,
+ending the process at once with the command's own status, not 130 for work that was completed; and a stdout or
+stderr that the shell closed given /dev/null."""
 
 import atexit
 import os
 import signal
 import sys
 
+from tinygemma.errors import Terminated, exit_status, terminated, under_torchrun  # light: no torch
+
 
 def main() -> int:
+    _open_standard_streams()
+    if not under_torchrun():  # (torchrun ends its workers with SIGTERM: its default stays)
+        signal.signal(signal.SIGTERM, terminated)
     try:
         from tinygemma.cli import main as cli_main
 
         status = cli_main()
-    except KeyboardInterrupt:  # (a SIGTERM here still ends the process: cli.main's handler is not set yet)
-        print("tinygemma: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"tinygemma: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return exit_status(e)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: _end(status))
     _done.append(status)
@@ -24,6 +30,29 @@ def main() -> int:
 
 
 _done: list[int] = []  # the command's status, once it has returned
+
+
+def _open_standard_streams() -> None:
+    """Put /dev/null on a stdout or stderr that the shell closed (`>&-`, `2>&-`) or opened for reading only. Python's
+    stream for it failed at its first write: a command whose first status line went to a closed stderr stopped
+    there, before its work, with exit status 1 and nothing said, and `generate >&-` gave a traceback."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            writable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) != os.O_RDONLY
+        except OSError:  # closed
+            writable = False
+        if writable:
+            continue
+        null = os.open(os.devnull, os.O_WRONLY)  # takes `fd` itself when it is closed (the lowest free number)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:  # Python made no stream for a number closed at its start
+            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
 
 
 def _ignore_signals_once_done() -> None:

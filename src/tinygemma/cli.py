@@ -13,7 +13,6 @@ import json
 import os
 import re
 import select
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from tinygemma.data import (
     prepare,
 )
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
-from tinygemma.errors import Terminated, UserError, exit_status
+from tinygemma.errors import Terminated, UserError, exit_status, terminated, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json, signal_handler
 from tinygemma.generate import generate_text, prompt_ids
@@ -79,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError as e:
-        if not _stdout_reader_left():  # another pipe or socket (a tracker's, a worker's): an error like any other
+        left = [stream for stream in (sys.stdout, sys.stderr) if _reader_left(stream)]
+        if not left:  # another pipe or socket (a tracker's, a worker's): an error like any other
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
             return 1
-        # The reader of stdout left (`tinygemma generate ... | head`): stop quietly, as `cat` does.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
+        # The reader of stdout or stderr left (`tinygemma generate ... | head`): stop quietly, as `cat` does.
+        for stream in left:  # no second error when Python flushes it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a program a closed pipe stopped
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
         print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
@@ -110,16 +111,10 @@ def interrupts_once():
     pressed twice) cannot cut the clean-up short: it left a prepare waiting forever on workers never told to stop.
     Not under torchrun, which ends its workers with SIGTERM and must not wait for them to leave a collective; nor
     outside the main thread, where no handler can be set."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+    if under_torchrun():
         yield
         return
-
-    def stop(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    with signal_handler(stop):
+    with signal_handler(terminated):
         yield
 
 
@@ -132,12 +127,12 @@ MEMORY_ADVICE = {"generate": "ask for fewer --num-samples or --max-new-tokens", 
                  "train": TRAINING_MEMORY_ADVICE, "run": TRAINING_MEMORY_ADVICE}
 
 
-def _stdout_reader_left() -> bool:
-    """Whether stdout's reader has gone: poll reports an error on a pipe's writing end, a hang-up on a socket
-    (and on a pipe, on macOS)."""
+def _reader_left(stream) -> bool:
+    """Whether the reader of `stream` (stdout, stderr) has gone: poll reports an error on a pipe's writing end, a
+    hang-up on a socket (and on a pipe, on macOS)."""
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)
+        poller.register(stream.fileno(), select.POLLERR | select.POLLHUP)
         return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))  # a socket: HUP
     except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file (captured)
         return False
@@ -258,9 +253,7 @@ def add_run(subparsers) -> None:
 
 
 def _run_main(args) -> int:
-    if not Path(args.recipe).is_file():
-        raise UserError(f"recipe not found: {args.recipe}")
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set)  # refuses a recipe that is missing, a folder, not TOML
     run(recipe)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 evaluated, sampled and wrote
         print(where_and_next(recipe, args.recipe, args.set), flush=True)

@@ -256,6 +256,9 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
                 raise UserError(f"data.{name} must be an integer >= {minimum} or none, got {value!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer.strip():
+            raise UserError(f"data.tokenizer must name a tokenizer: gpt2, bpe or a tokenizer.json path, got "
+                            f"{self.tokenizer!r}")
         if self.vocab_size is not None and self.tokenizer != "bpe":
             raise UserError(f"data.vocab_size ({self.vocab_size}) applies only to data.tokenizer = bpe; "
                             f"{self.tokenizer} has its own vocabulary: set data.vocab_size=none")

@@ -16,6 +16,25 @@ class Terminated(KeyboardInterrupt):
     exit_status = 143
 
 
+def terminated(signum, frame) -> None:
+    """A SIGTERM handler: raise Terminated (and from then on hold both signals off, so that a second one cannot cut
+    the clean-up short: a Ctrl-C pressed twice left a prepare waiting forever on workers never told to stop)."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def under_torchrun(environ=None) -> bool:
+    """Whether torchrun started this process. SIGTERM then keeps its default action: torchrun ends its workers with
+    it and must not wait for one blocked in a collective to clean up."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
+
+
 def exit_status(interrupt: KeyboardInterrupt) -> int:
     """What the shell reports for a process stopped by this interrupt: 130 for Ctrl-C, 143 for SIGTERM."""
     return getattr(interrupt, "exit_status", 130)

@@ -468,6 +468,35 @@ def test_q8_0_rows_that_are_not_blocks_are_said_to_fall_back(bpe, tmp_path, caps
     assert export_gguf(tmp_path / "ckpt", tmp_path / "f16.gguf", "f16")["matrices_as_f16"] == 0
 
 
+def test_a_chat_with_a_bos_tokenizers_gguf_starts_with_bos(bpe, tmp_path, llama_cpp):
+    """A tokenizer whose post-processor starts a text with <bos> (Gemma's): a completion prompt gets it from
+    llama.cpp (add_bos), and a chat through the file's template gets it from the template, which llama-cpp-python
+    renders and tokenizes without adding one (llama.cpp's server takes off a leading one it adds itself). The
+    chat began without <bos>, which the model never read."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    spec, bos = json.loads(bpe.hf_json()), bpe.vocab_size
+    spec["added_tokens"].append({"id": bos, "content": "<bos>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [bos], "tokens": ["<bos>"]}},
+    }
+    tokenizer = HFTokenizer(json.dumps(spec))
+    assert tokenizer.prompt_prefix == (bos,)
+    _, path = small_export(tokenizer, tmp_path, n_layers=1, vocab_size=bos + 1)
+    text = "Once upon a time"
+    with open_llama(llama_cpp, path, vocab_only=True) as llm:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [bos, *tokenizer.encode(text)]
+        formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], bos_token="<bos>",
+                                        eos_token=EOT_TOKEN)  # as llama-cpp-python makes it from the file
+        chat = formatter(messages=[{"role": "user", "content": text}])
+        ids = llm.tokenize(chat.prompt.encode(), add_bos=not chat.added_special, special=True)
+    assert ids == [bos, *tokenizer.encode(text)]
+
+
 def test_a_tokenizer_with_two_tokens_before_a_text_is_refused(bpe, tmp_path, capsys):
     """llama.cpp adds at most one token (<bos>) before a prompt: a post-processor adding two would be read
     otherwise there than by tinygemma generate."""

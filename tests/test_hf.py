@@ -199,6 +199,32 @@ def test_a_prompt_starts_with_the_bos_a_gemma_tokenizer_adds(tmp_path):
     assert prompt_ids(small_config(vocab_size=50_257), load_tokenizer("gpt2"), "Once", 10) == [7454]
 
 
+def test_a_chat_starts_with_the_bos_a_prompt_starts_with(tmp_path, capsys):
+    """A chat front end renders the chat template and tokenizes the result adding no special token: with a <bos>
+    tokenizer (Gemma's) the template starts with it, as tokenizer(prompt) does (the chat began without it). A
+    post-processor that also ends every text with a token (T5's </s>), which tinygemma never adds to a prompt,
+    is noted by the export."""
+    from tinygemma.tokenizer import load_tokenizer
+
+    for name, single, note in (("bos", "<bos> $A", False), ("bos-eos", "<bos> $A <eos>", True)):
+        spec = json.loads(open(gemma_like_tokenizer(tmp_path / f"{name}.json")).read())
+        spec["post_processor"]["single"] = [{"SpecialToken": {"id": t, "type_id": 0}} if t != "$A" else
+                                            {"Sequence": {"id": "A", "type_id": 0}} for t in single.split()]
+        spec["post_processor"]["special_tokens"]["<eos>"] = {"id": "<eos>", "ids": [1], "tokens": ["<eos>"]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec), encoding="utf-8")
+        tokenizer = load_tokenizer(tmp_path / f"{name}.json")
+        assert (tokenizer.prompt_prefix, tokenizer.text_suffix) == ((2,), (1,) if note else ())
+        ckpt, out = tmp_path / f"{name}-ckpt", tmp_path / f"{name}-hf"
+        save_model(Gemma3(small_config(vocab_size=7)), ckpt, {"tokenizer": tokenizer.save(ckpt)})
+        assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+        assert ("ends every text with <eos>" in capsys.readouterr().err) is note
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+        chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": "Once upon a time"}], tokenize=True)
+        chat = chat if isinstance(chat, list) else chat["input_ids"]
+        assert chat == [2, 3, 4, 5, 6]  # tinygemma's prompt ids: <bos>, the text, no </s>
+        assert hf_tokenizer("Once upon a time").input_ids == [2, 3, 4, 5, 6, *([1] if note else [])]
+
+
 def test_special_tokens_past_the_models_rows_do_not_refuse_it(tmp_path):
     """Gemma 3's tokenizer.json holds <image_soft_token> at 262,144, past gemma-3-270m's 262,144 rows: special
     tokens are never encoded from text nor sampled, so only the text's ids (and end-of-text) must fit."""

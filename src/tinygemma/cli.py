@@ -338,6 +338,16 @@ def _eval_main(args) -> int:
     return 0
 
 
+def _note_text_suffix(tokenizer, out) -> None:
+    """A tokenizer.json whose post-processor ends every text with a token (T5's </s>): transformers' tokenizer(prompt)
+    adds it, tinygemma and llama.cpp do not, and the model read it only where a story ended."""
+    if tokenizer.text_suffix:
+        ends = tokenizer.decode(tokenizer.text_suffix)
+        print(f"note: {out}'s tokenizer ends every text with {ends} (its post-processor), so transformers' "
+              f"tokenizer(prompt) ends a prompt with it, where this model reads the end of a story; drop that last "
+              "id before generate, as tinygemma and llama.cpp do", file=sys.stderr)
+
+
 def _add_model_arguments(p, auto_dtype: str = "bfloat16 where the device computes in it natively, else "
                                                "float32") -> None:
     p.add_argument("--ckpt", required=True,
@@ -443,6 +453,8 @@ def _export_main(args) -> int:
         print(f"note: {args.ckpt} records no tokenizer, so {out} holds none: AutoTokenizer cannot load it; export "
               "again with --tokenizer gpt2 (or a tokenizer.json) to add the one it was trained with",
               file=sys.stderr)
+    else:
+        _note_text_suffix(checkpoint_tokenizer(out), out)
     print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
     if args.push_to_hub:
         print(f"uploaded {out} to {push_to_hub(out, args.push_to_hub)}")

@@ -22,7 +22,7 @@ from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_path, check_output_path, remove_temporaries, write_errors
 from tinygemma.hf import hf_state
-from tinygemma.tokenizer import CHAT_TEMPLATE, Tokenizer
+from tinygemma.tokenizer import Tokenizer
 
 # --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
 GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -192,7 +192,7 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, spec: dict, vocab_size: int) 
     writer.add_bos_token_id(eot if bos is None else bos)
     writer.add_add_bos_token(bos is not None)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(tokenizer.chat_template())
 
 
 def _write_tensors(writer, model, dtype: str) -> int:

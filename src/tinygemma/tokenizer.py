@@ -38,6 +38,7 @@ class Tokenizer:
     identity: str  # equal for tokenizers with the same vocabulary
 
     prompt_prefix: tuple[int, ...] = ()  # ids a prompt starts with: the beginning-of-sequence token, if any
+    text_suffix: tuple[int, ...] = ()  # ids the tokenizer.json's post-processor ends a text with (never added)
 
     @property
     def bos_id(self) -> int:
@@ -77,6 +78,16 @@ class Tokenizer:
         """Copy the files this tokenizer needs into `directory`; return its spec relative to `directory`."""
         raise NotImplementedError
 
+    def chat_template(self) -> str:
+        """The chat template both exports carry: CHAT_TEMPLATE, after the ids a prompt starts with (<bos>) as
+        Gemma's own template starts. Chat front ends tokenize what it renders adding no special token of their own
+        (transformers' apply_chat_template, llama-cpp-python), or take off a leading <bos> that they add
+        themselves (llama.cpp's server); without it a chat began with no <bos>, which the model never read."""
+        if not self.prompt_prefix:
+            return CHAT_TEMPLATE
+        rest = self.decode(self.prompt_prefix[1:])  # (more than one: the hf export only; the GGUF refuses them)
+        return "{{ bos_token }}" + (f"{{% raw %}}{rest}{{% endraw %}}" if rest else "") + CHAT_TEMPLATE
+
     def save_hf(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json for `transformers.AutoTokenizer.from_pretrained`."""
         directory = Path(directory)
@@ -87,7 +98,7 @@ class Tokenizer:
             "pad_token": self.eot_token,  # batched calls pad with it, as generation_config.json's pad id
             "padding_side": "left",  # a batch of prompts for generate: each continues from its own last token
             "add_bos_token": False, "add_eos_token": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template(),
             "clean_up_tokenization_spaces": False,  # decode gives back the text exactly
             "model_max_length": 1_000_000_000,
         })
@@ -255,7 +266,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(vocab.values()) + 1
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
-        self.prompt_prefix = self._post_processor_prefix()
+        self.prompt_prefix, self.text_suffix = self._post_processor_parts()
         special = {i for i, added in self.backend.get_added_tokens_decoder().items() if added.special}
         text_ids = [i for i in vocab.values() if i not in special]
         self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
@@ -271,19 +282,21 @@ class HFTokenizer(Tokenizer):
     def bos_token(self) -> str:
         return self.backend.id_to_token(self.bos_id) if self.prompt_prefix else self.eot_token
 
-    def _post_processor_prefix(self) -> tuple[int, ...]:
+    def _post_processor_parts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The ids the tokenizer's post-processor puts before a text (Gemma's <bos>; none for GPT-2's and our
-        BPEs). Stories are tokenized without it (documents are joined by end-of-text); a prompt starts with it,
-        as transformers' tokenizer(prompt) starts it, and as the model was trained to read."""
+        BPEs), and after it (a T5- or BERT-style </s> or [SEP]). Stories are tokenized without either (documents
+        are joined by end-of-text, and prepare puts the first before each); a prompt starts with the first, as
+        transformers' tokenizer(prompt) starts it, and as the model was trained to read. The second tinygemma
+        never adds (a prompt is no finished text); the hf export says so (cli)."""
         try:
             plain = self.backend.encode("a", add_special_tokens=False).ids
             full = self.backend.encode("a", add_special_tokens=True).ids
         except Exception:  # a tokenizer that cannot encode "a": encode says so when it is used
-            return ()
+            return (), ()
         for start in range(len(full) - len(plain) + 1):
             if full[start : start + len(plain)] == plain:
-                return tuple(full[:start])
-        return ()
+                return tuple(full[:start]), tuple(full[start + len(plain) :])
+        return (), ()
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:

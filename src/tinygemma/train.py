@@ -171,8 +171,9 @@ class Trainer:
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
+        # Every process says this one: a node whose data differs from the others' (a mistake) may refuse alone.
+        check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         with same_on_every_process():  # of the settings and the process count: printed once under torchrun
-            check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
             check_stop_at(stop_at)
             check_resume_schedule(saved_train, self.cfg, self.start)
             changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)

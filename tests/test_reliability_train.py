@@ -232,10 +232,10 @@ def test_checkpoint_files_of_another_run_or_a_lost_pointer_are_refused_in_one_li
     assert tinygemma.checkpoint.checkpoint_pointer(base)["step"] == 4
 
 
-def test_under_torchrun_a_stop_every_process_makes_is_printed_once(data_dir, tmp_path):
+def test_under_torchrun_a_non_finite_stop_is_said_alike_by_every_process(data_dir, tmp_path):
     """Process 1's loss is NaN at step 7, after the checkpoint of step 5: the all-reduced figures stop both
-    processes, and the error is printed once, process 0's, which names the last good checkpoint (process 1's copy
-    did not, and was printed too). Nothing is saved after step 5."""
+    processes, and each says so in the same words, naming the last good checkpoint (process 1's left it out).
+    Every process says it: torchrun stops process 0 as soon as another has ended, maybe before it could."""
     out, log = tmp_path / "nan", tmp_path / "attempts.jsonl"
     env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 1, "nan": 6}]), "TINYGEMMA_FAULT_LOG": str(log),
            "TINYGEMMA_FAULT_RUN": str(out)}
@@ -243,7 +243,8 @@ def test_under_torchrun_a_stop_every_process_makes_is_printed_once(data_dir, tmp
                     entry=[str(ROOT / "tests" / "torchrun_faults.py")], env=env)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "non-finite" in line]
-    assert len(lines) == 1, test_train.torchrun_failure(proc)
+    assert lines, test_train.torchrun_failure(proc)
+    assert all(line == lines[0] for line in lines) and len(lines) <= 2
     assert lines[0].startswith("tinygemma train: error: non-finite loss at step 7") and \
         "the last good checkpoint is step 5" in lines[0]
     assert last_checkpoint(out)["step"] == 5

@@ -96,19 +96,6 @@ def env_rank(env=os.environ) -> int:
     return int(env["RANK"]) if env_world_size(env) > 1 else 0
 
 
-@contextlib.contextmanager
-def same_on_every_process():
-    """Around refusals that every process makes alike (from the settings, the process count, the shared data or
-    all-reduced figures), where raise_on_all_ranks cannot be used (no process group yet) or is not needed: under
-    torchrun process 0 alone prints it, not every process (the others' copies are marked `shown_by_rank_0`)."""
-    try:
-        yield
-    except UserError as error:
-        if env_world_size() > 1:
-            error.shown_by_rank_0 = env_rank() != 0
-        raise
-
-
 def die_with_launcher(sig: int = signal.SIGTERM) -> None:
     """Under torchrun: this worker gets `sig` when its launcher dies. torchrun starts its workers in sessions of
     their own, so a launcher killed outright (kill -9, the OOM killer, a scheduler killing one pid) left them

@@ -99,7 +99,7 @@ from tinygemma.parallelize import (
 )
 from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
 from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
-from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, same_on_every_process, setup_runtime
+from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
@@ -171,15 +171,15 @@ class Trainer:
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
-        # Every process says this one: a node whose data differs from the others' (a mistake) may refuse alone.
+        # Under torchrun every process says a refusal of these, before any process group exists: one that only
+        # some processes meet (a node with other data) must not go unsaid, nor one said only by a process 0 that
+        # torchrun stops once the others have ended.
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
-        with same_on_every_process():  # of the settings and the process count: printed once under torchrun
-            check_stop_at(stop_at)
-            check_resume_schedule(saved_train, self.cfg, self.start)
-            changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
-            self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
-            self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(),
-                                                               pick_device(self.cfg.device).type)
+        check_stop_at(stop_at)
+        check_resume_schedule(saved_train, self.cfg, self.start)
+        changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
+        self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
+        self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
         weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
@@ -426,16 +426,16 @@ class Trainer:
         """Stop the run at the non-finite step `record`; its last good checkpoint stays as it was."""
         if self.rt.is_main:
             self.log_file.flush()
-        loss, norm, where = record["train_loss"], record["grad_norm"], self.last_good()
-        with same_on_every_process():  # the figures are all-reduced: every process stops here
-            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                                 f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
-                                 f"{where}. Lower train.learning_rate, or pass --set on_nonfinite=skip to skip "
-                                 "such steps")
+        loss, norm = record["train_loss"], record["grad_norm"]
+        raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
+                             f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
+                             f"{self.last_good()}. Lower train.learning_rate, or pass --set on_nonfinite=skip to "
+                             "skip such steps")
 
     def last_good(self) -> str:
-        """"; the last good checkpoint is step N" (process 0, which reads the pointer), or nothing."""
-        previous = checkpoint_pointer(self.run_dir) if self.rt.is_main else None
+        """"; the last good checkpoint is step N", or nothing: the same words from every process, each of which
+        says a non-finite stop under torchrun (process 1's left the checkpoint out)."""
+        previous = checkpoint_pointer(self.run_dir)
         return f"; the last good checkpoint is step {previous['step']}" if previous else ""
 
     def mfu(self, rate: float) -> float:
@@ -500,9 +500,8 @@ class Trainer:
         """Weights, optimizer, and everything exact resume needs, as checkpoints/step_NNNNNN (every rank calls)."""
         cfg, val_loss = self.cfg, self.last_val["val_loss"]
         if not math.isfinite(val_loss):  # finite losses and norms, then an update that broke the weights
-            with same_on_every_process():  # an all-reduced loss: every process stops here
-                raise NonFiniteError(f"non-finite validation loss at step {step} ({val_loss}); stopped without "
-                                     f"saving{self.last_good()}. Lower train.learning_rate")
+            raise NonFiniteError(f"non-finite validation loss at step {step} ({val_loss}); stopped without saving"
+                                 f"{self.last_good()}. Lower train.learning_rate")
         is_best = val_loss < self.best_val
         if is_best:
             self.best_val, self.best_step = val_loss, step

@@ -213,3 +213,14 @@ def test_bad_recipe_files_are_refused(tmp_path):
             load_recipe(path)
     with pytest.raises(UserError, match="recipe not found"):
         load_recipe(tmp_path / "missing.toml")
+
+
+def test_data_tokenizer_is_named_text_or_a_path():
+    """An empty data.tokenizer (`--set data.tokenizer=`) is refused by name; a pathlib.Path, which the Python API
+    takes for the other paths of [data], is a tokenizer.json path as its text is."""
+    from tinygemma.config import DataConfig
+
+    DataConfig(tokenizer=Path("stories/tokenizer.json")).validate()
+    for empty in ("", "  ", None):
+        with pytest.raises(UserError, match="data.tokenizer must name a tokenizer"):
+            DataConfig(tokenizer=empty).validate()

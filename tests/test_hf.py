@@ -265,6 +265,14 @@ def test_a_transformers_directory_exports_with_its_ids_template_and_nothing_stal
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"]) == (50256, 0)
     assert (tmp_path / "b" / "generation_config.json").read_text() == generation
+    # A transformers directory whose tokenizer.json tinygemma cannot read, exported with --tokenizer: the named
+    # one is written (the unreadable file was copied, and the export then failed, exit 2, once written).
+    export(tmp_path / "ckpt", tmp_path / "c", tokenizer="gpt2")
+    broken = (tmp_path / "c" / "tokenizer.json").read_text().replace("<|endoftext|>", "<|end|>")
+    (tmp_path / "c" / "tokenizer.json").write_text(broken)
+    assert main(["export", "--ckpt", str(tmp_path / "c"), "--out", str(tmp_path / "d"), "--tokenizer", "gpt2"]) == 0
+    from tinygemma.tokenizer import load_tokenizer
+    assert load_tokenizer(tmp_path / "d").identity == "gpt2"
     # The bare checkpoint exported into the earlier export: its tokenizer is gone with it, and the note says so.
     capsys.readouterr()
     assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a")]) == 0

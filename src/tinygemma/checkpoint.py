@@ -216,8 +216,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
         copied = [name for name in HF_TOKENIZER_FILES if (src / name).exists()]
         has_own = TOKENIZER_FILE in copied
         own = checkpoint_tokenizer(src, tokenizer) if has_own or tokenizer else None  # read, or refused, first
-        if not has_own and tokenizer:
-            copied = []  # the named tokenizer's files, not a part of the source's with them
+        if tokenizer and not (has_own and _loads_tokenizer(src)):
+            copied = []  # the named tokenizer's files, not a part of the source's, nor a tokenizer.json it cannot read
         source_config = peek_json(src / "config.json")
         special = {key: source_config.get(key) for key in SPECIAL_IDS}
         if own is not None and all(value is None for value in special.values()):
@@ -242,6 +242,14 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
         if finish is not None:
             finish(stage)
     return out
+
+
+def _loads_tokenizer(directory: Path) -> bool:
+    try:
+        load_tokenizer(directory)
+    except UserError:
+        return False
+    return True
 
 
 def special_ids(tokenizer) -> dict:

@@ -454,7 +454,8 @@ def _export_main(args) -> int:
               "again with --tokenizer gpt2 (or a tokenizer.json) to add the one it was trained with",
               file=sys.stderr)
     else:
-        _note_text_suffix(checkpoint_tokenizer(out), out)
+        with contextlib.suppress(UserError):  # a note only: never the failure of an export that is written
+            _note_text_suffix(checkpoint_tokenizer(out), out)
     print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
     if args.push_to_hub:
         print(f"uploaded {out} to {push_to_hub(out, args.push_to_hub)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from tinygemma.errors import UserError
@@ -256,7 +257,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
                 raise UserError(f"data.{name} must be an integer >= {minimum} or none, got {value!r}")
-        if not isinstance(self.tokenizer, str) or not self.tokenizer.strip():
+        if not isinstance(self.tokenizer, (str, os.PathLike)) or not str(self.tokenizer).strip():  # a Path: the API
             raise UserError(f"data.tokenizer must name a tokenizer: gpt2, bpe or a tokenizer.json path, got "
                             f"{self.tokenizer!r}")
         if self.vocab_size is not None and self.tokenizer != "bpe":

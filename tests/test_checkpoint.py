@@ -115,7 +115,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
                     ["generate", "--ckpt", str(young), "--prompt", "Once"]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"{young} is a training run with no checkpoint yet" in err, err
+        assert err.count("\n") == 1 and f"{young} is a training run with no checkpoint (none written yet" in err, err
     assert not (tmp_path / "young-hf").exists()
     # Through the CLI: one line on stderr, exit 2, nothing written.
     assert main(["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2

@@ -9,13 +9,13 @@ import os
 import signal
 import sys
 
-from tinygemma.errors import Terminated, exit_status, terminated, under_torchrun  # light: no torch
+from tinygemma.errors import Terminated, exit_status, interrupt, under_torchrun  # light: no torch
 
 
 def main() -> int:
     _open_standard_streams()
     if not under_torchrun():  # (torchrun ends its workers with SIGTERM: its default stays)
-        signal.signal(signal.SIGTERM, terminated)
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         from tinygemma.cli import main as cli_main
 

@@ -92,8 +92,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             dangling.append(f"checkpoints/{name}.json names {named}, which holds no {META_NAME}")
     if (path / "config.json").exists() and not ckpts.exists():
         if is_training_run(path):  # its recipe, not a transformers config.json
-            raise UserError(f"{path} is a training run with no checkpoint yet; its first is written at "
-                            "train.checkpoint_interval (or at the end of the run)")
+            raise UserError(f"{path} is a training run with no checkpoint (none written yet: the first comes at "
+                            "train.checkpoint_interval, or at the end of the run; or checkpoints/ was removed)")
         return path
     if dangling:
         raise UserError(f"{path} holds no checkpoint: {'; '.join(dangling)}")

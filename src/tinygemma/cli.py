@@ -35,7 +35,7 @@ from tinygemma.data import (
     prepare,
 )
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
-from tinygemma.errors import Terminated, UserError, exit_status, terminated, under_torchrun
+from tinygemma.errors import Terminated, UserError, exit_status, interrupt, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json, signal_handler
 from tinygemma.generate import generate_text, prompt_ids
@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
             return 1
         # The reader of stdout or stderr left (`tinygemma generate ... | head`): stop quietly, as `cat` does.
+        null = os.open(os.devnull, os.O_WRONLY)
         for stream in left:  # no second error when Python flushes it
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            os.dup2(null, stream.fileno())
+        os.close(null)
         return 141  # 128 + SIGPIPE, what a shell reports for a program a closed pipe stopped
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
         print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
@@ -114,7 +116,7 @@ def interrupts_once():
     if under_torchrun():
         yield
         return
-    with signal_handler(terminated):
+    with signal_handler(interrupt):
         yield
 
 

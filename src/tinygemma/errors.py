@@ -16,9 +16,10 @@ class Terminated(KeyboardInterrupt):
     exit_status = 143
 
 
-def terminated(signum, frame) -> None:
-    """A SIGTERM handler: raise Terminated (and from then on hold both signals off, so that a second one cannot cut
-    the clean-up short: a Ctrl-C pressed twice left a prepare waiting forever on workers never told to stop)."""
+def interrupt(signum, frame) -> None:
+    """A SIGINT and SIGTERM handler: raise KeyboardInterrupt, or Terminated for SIGTERM, and from then on hold both
+    signals off, so that a second one cannot cut the clean-up short (a Ctrl-C pressed twice left a prepare
+    waiting forever on workers never told to stop)."""
     import signal
 
     for s in (signal.SIGINT, signal.SIGTERM):

@@ -269,16 +269,20 @@ def export_metadata(path: str | Path) -> dict:
         return {}
 
 
+def _marked(metadata: dict) -> bool:
+    return all(metadata.get(key) == value for key, value in EXPORT_MARK.items())
+
+
 def written_by_tinygemma(path: str | Path) -> bool:
     """Whether `path`/model.safetensors carries EXPORT_MARK (unreadable, or no safetensors: not ours to replace)."""
-    metadata = export_metadata(path)
-    return all(metadata.get(key) == value for key, value in EXPORT_MARK.items())
+    return _marked(export_metadata(path))
 
 
 def exported_block_size(path: str | Path) -> int | None:
     """The training block size a tinygemma export of `path` records, else None (any other transformers model)."""
-    value = export_metadata(path).get(TRAINED_BLOCK_KEY) if written_by_tinygemma(path) else None
-    return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
+    metadata = export_metadata(path)
+    value = metadata.get(TRAINED_BLOCK_KEY, "") if _marked(metadata) else ""
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def is_hf_export(path: str | Path) -> bool:

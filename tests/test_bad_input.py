@@ -261,18 +261,22 @@ def test_a_reader_that_leaves_the_pipe_stops_the_command_quietly(world):
     assert result.stderr.startswith("loaded ") and result.stderr.count("\n") == 1  # its one line of progress
 
 
+def generate_replaced_by(body: str, setup: str = "") -> subprocess.CompletedProcess:
+    """cli.main's `generate` in a fresh process, after `setup`, its work replaced by `body` (a function's body); the
+    process prints the command's exit status on stdout and exits 0."""
+    script = ("import os, sys\n" + setup + "import tinygemma.cli as cli\n"
+              "def replaced(args):\n" + body + "cli._generate_main = replaced\n"
+              "status = cli.main(['generate', '--ckpt', 'x', '--prompt', 'Once'])\n"
+              "print(status, flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+
+
 def test_a_broken_pipe_other_than_stdout_is_an_error():
     """A pipe or socket that is not stdout breaking (a tracker's service, a worker) is an error line and exit
     status 1, not the quiet stop of a reader that left: stdout here is a pipe still read."""
-    script = ("import sys\n"
-              "import tinygemma.cli as cli\n"
-              "def broken(args):\n"
-              "    raise BrokenPipeError(32, 'Broken pipe')\n"
-              "cli._generate_main = broken\n"
-              "sys.exit(cli.main(['generate', '--ckpt', 'x', '--prompt', 'Once']))\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-    assert result.returncode == 1, result.stderr
+    result = generate_replaced_by("    raise BrokenPipeError(32, 'Broken pipe')\n")
+    assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr
     assert result.stderr == "tinygemma generate: error: [Errno 32] Broken pipe\n"
 
 
@@ -331,18 +335,8 @@ def test_a_closed_stdout_or_stderr_is_no_failure(world):
 def test_a_reader_of_stderr_that_left_stops_the_command_quietly():
     """stderr's reader gone (`tinygemma run ... 2>&1 >log | grep -m1 warning`): a quiet stop with 141, as for
     stdout's, where the error line about it, written to the same broken pipe, failed again (exit 1)."""
-    script = ("import os, sys\n"
-              "read, write = os.pipe()\n"
-              "os.dup2(write, 2)\n"
-              "os.close(read)\n"
-              "import tinygemma.cli as cli\n"
-              "def broken(args):\n"
-              "    print('loaded', file=sys.stderr, flush=True)\n"
-              "cli._generate_main = broken\n"
-              "status = cli.main(['generate', '--ckpt', 'x', '--prompt', 'Once'])\n"
-              "print(status, flush=True)\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    result = generate_replaced_by("    print('loaded', file=sys.stderr, flush=True)\n",
+                                  setup="read, write = os.pipe()\nos.dup2(write, 2)\nos.close(read)\n")
     assert (result.returncode, result.stdout) == (0, "141\n"), result.stdout
 
 

@@ -346,7 +346,7 @@ def _note_text_suffix(tokenizer, out) -> None:
     if tokenizer.text_suffix:
         ends = tokenizer.decode(tokenizer.text_suffix)
         print(f"note: {out}'s tokenizer ends every text with {ends} (its post-processor), so transformers' "
-              f"tokenizer(prompt) ends a prompt with it, where this model reads the end of a story; drop that last "
+              "tokenizer(prompt) ends a prompt with it, where this model reads the end of a story; drop that last "
               "id before generate, as tinygemma and llama.cpp do", file=sys.stderr)
 
 

@@ -1,8 +1,12 @@
-"""The one exception type for problems with the user's input.
+"""The one exception type for problems with the user's input, and the interrupts (Ctrl-C, SIGTERM) that stop a
+command, with the signal handler that raises them (imported before torch, by __main__).
 
 Anything raised as `UserError` is printed by the CLI as a single line on stderr, with exit status 2 and no
 traceback. Everything else is a bug in tinygemma and keeps its traceback.
 """
+
+import os
+import signal
 
 
 class UserError(Exception):
@@ -20,8 +24,6 @@ def interrupt(signum, frame) -> None:
     """A SIGINT and SIGTERM handler: raise KeyboardInterrupt, or Terminated for SIGTERM, and from then on hold both
     signals off, so that a second one cannot cut the clean-up short (a Ctrl-C pressed twice left a prepare
     waiting forever on workers never told to stop)."""
-    import signal
-
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -30,15 +32,13 @@ def interrupt(signum, frame) -> None:
 def under_torchrun(environ=None) -> bool:
     """Whether torchrun started this process. SIGTERM then keeps its default action: torchrun ends its workers with
     it and must not wait for one blocked in a collective to clean up."""
-    import os
-
     environ = os.environ if environ is None else environ
     return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
 
 
-def exit_status(interrupt: KeyboardInterrupt) -> int:
+def exit_status(stop: KeyboardInterrupt) -> int:
     """What the shell reports for a process stopped by this interrupt: 130 for Ctrl-C, 143 for SIGTERM."""
-    return getattr(interrupt, "exit_status", 130)
+    return getattr(stop, "exit_status", 130)
 
 
 def describe(error: BaseException, lines: int = 1) -> str:

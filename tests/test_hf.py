@@ -206,23 +206,26 @@ def test_a_chat_starts_with_the_bos_a_prompt_starts_with(tmp_path, capsys):
     is noted by the export."""
     from tinygemma.tokenizer import load_tokenizer
 
-    for name, single, note in (("bos", "<bos> $A", False), ("bos-eos", "<bos> $A <eos>", True)):
+    cases = (("bos", "<bos> $A", (2,), ()), ("bos-eos", "<bos> $A <eos>", (2,), (1,)),
+             ("two", "<bos> <pad> $A", (2, 0), ()))  # two before the text: the hf export's template only
+    for name, single, prefix, suffix in cases:
         spec = json.loads(open(gemma_like_tokenizer(tmp_path / f"{name}.json")).read())
         spec["post_processor"]["single"] = [{"SpecialToken": {"id": t, "type_id": 0}} if t != "$A" else
                                             {"Sequence": {"id": "A", "type_id": 0}} for t in single.split()]
-        spec["post_processor"]["special_tokens"]["<eos>"] = {"id": "<eos>", "ids": [1], "tokens": ["<eos>"]}
+        for token, i in (("<eos>", 1), ("<pad>", 0)):
+            spec["post_processor"]["special_tokens"][token] = {"id": token, "ids": [i], "tokens": [token]}
         (tmp_path / f"{name}.json").write_text(json.dumps(spec), encoding="utf-8")
         tokenizer = load_tokenizer(tmp_path / f"{name}.json")
-        assert (tokenizer.prompt_prefix, tokenizer.text_suffix) == ((2,), (1,) if note else ())
+        assert (tokenizer.prompt_prefix, tokenizer.text_suffix) == (prefix, suffix)
         ckpt, out = tmp_path / f"{name}-ckpt", tmp_path / f"{name}-hf"
         save_model(Gemma3(small_config(vocab_size=7)), ckpt, {"tokenizer": tokenizer.save(ckpt)})
         assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
-        assert ("ends every text with <eos>" in capsys.readouterr().err) is note
+        assert ("ends every text with <eos>" in capsys.readouterr().err) is bool(suffix)
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
         chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": "Once upon a time"}], tokenize=True)
         chat = chat if isinstance(chat, list) else chat["input_ids"]
-        assert chat == [2, 3, 4, 5, 6]  # tinygemma's prompt ids: <bos>, the text, no </s>
-        assert hf_tokenizer("Once upon a time").input_ids == [2, 3, 4, 5, 6, *([1] if note else [])]
+        assert chat == [*prefix, 3, 4, 5, 6]  # tinygemma's prompt ids: <bos> (and more), the text, no </s>
+        assert hf_tokenizer("Once upon a time").input_ids == [*prefix, 3, 4, 5, 6, *suffix]
 
 
 def test_special_tokens_past_the_models_rows_do_not_refuse_it(tmp_path):

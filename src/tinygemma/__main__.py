@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from tinygemma.errors import Terminated, exit_status, interrupt, under_torchrun  # light: no torch
+from tinygemma.errors import exit_status, interrupt, stop_word, under_torchrun  # light: no torch
 
 
 def main() -> int:
@@ -21,7 +21,7 @@ def main() -> int:
 
         status = cli_main()
     except KeyboardInterrupt as e:
-        print(f"tinygemma: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        print(f"tinygemma: {stop_word(e)}", file=sys.stderr)
         return exit_status(e)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: _end(status))

@@ -35,7 +35,7 @@ from tinygemma.data import (
     prepare,
 )
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
-from tinygemma.errors import Terminated, UserError, exit_status, interrupt, under_torchrun
+from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import read_json, signal_handler
 from tinygemma.generate import generate_text, prompt_ids
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"tinygemma {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}",
-              file=sys.stderr)
+        print(f"tinygemma {args.command}: {stop_word(e)}", file=sys.stderr)
         return exit_status(e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, MemoryError) and not OUT_OF_MEMORY.search(str(e)):

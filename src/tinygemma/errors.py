@@ -36,6 +36,11 @@ def under_torchrun(environ=None) -> bool:
     return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
 
 
+def stop_word(stop: KeyboardInterrupt) -> str:
+    """How the command's one line names this interrupt: "terminated" for SIGTERM, "interrupted" for Ctrl-C."""
+    return "terminated" if isinstance(stop, Terminated) else "interrupted"
+
+
 def exit_status(stop: KeyboardInterrupt) -> int:
     """What the shell reports for a process stopped by this interrupt: 130 for Ctrl-C, 143 for SIGTERM."""
     return getattr(stop, "exit_status", 130)

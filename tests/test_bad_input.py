@@ -306,7 +306,7 @@ def test_running_out_of_memory_is_one_line_with_what_to_lower(world, capsys, mon
     err = capsys.readouterr().err
     assert err == ("tinygemma train: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
                    "a total capacity of 79.19 GiB); set train.micro_batch_size lower (or to auto, on CUDA), or "
-                   "train.block_size\n")
+                   "train.block_size, or choose a smaller model\n")
 
     def bug(*args, **kwargs):
         raise RuntimeError("shape mismatch")

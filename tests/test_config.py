@@ -1,13 +1,14 @@
 """Recipes: TOML files and --set overrides become typed dataclasses; anything unknown or impossible is refused by name."""
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 
 from tinygemma import UserError
-from tinygemma.config import Recipe, TrainConfig, load_recipe
+from tinygemma.config import ModelConfig, Recipe, TrainConfig, load_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -103,6 +104,16 @@ def test_a_recipe_round_trips_through_its_dict():
     assert again == recipe
 
 
+@pytest.mark.parametrize("field", ["rms_norm_eps", "rope_local_base", "rope_global_base", "query_pre_attn_scalar",
+                                   "init_std"])
+def test_model_floats_must_be_finite(field):
+    """--set refuses nan and inf before a ModelConfig is made; the Python API and a config.json's NaN/Infinity
+    reached the model, whose logits all came out NaN (an inf scale: uniform attention), generating nonsense."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(UserError, match=f"model.{field} must be a positive, finite number"):
+            ModelConfig.preset("gemma3-tiny", **{field: value})
+
+
 def test_vocabulary_comes_from_the_data_and_must_hold_it():
     recipe = load_recipe(None, ["model.preset=gemma3-270m"])
     assert recipe.model_config(vocab_size=512).vocab_size == 512  # the preset's 262,144 gives way to the data's
@@ -136,6 +147,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("model.preset=gemma9", "unknown model preset 'gemma9'"),
     ("model.n_kv_heads=3", "n_heads (4) must be a multiple of n_kv_heads (3)"),
     ("model.d_model=big", "model.d_model must be an integer"),
+    ("model.vocab_pad_multiple=1000000000000", "model.vocab_pad_multiple must be at most 65,536"),  # out of memory
     ("data.source=[1, 2]", "data.source must be a list of strings"),
     ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
     ("seed=18446744073709551616", "train.seed must be at most 18,446,744,073,709,551,615 (64 bits)"),  # a traceback

@@ -3,6 +3,7 @@ exports that Gemma3ForCausalLM.from_pretrained loads with the same logits and th
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -297,6 +298,12 @@ def test_configs_transformers_cannot_read_or_that_hold_nulls_are_one_line(tmp_pa
     for key, value in (("rms_norm_eps", None), ("rope_parameters", [1, 2]), ("query_pre_attn_scalar", "big")):
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(tinygemma.UserError, match="config.json holds a value of the wrong type"):
+            tinygemma.load(tmp_path / "hf")
+    # Out of range: a window of 0 was read as transformers' default 4096; NaN (json reads it) reached the logits.
+    for key, value, message in (("sliding_window", 0, "model.sliding_window must be a positive integer, got 0"),
+                                ("rms_norm_eps", float("nan"), "model.rms_norm_eps must be a positive, finite")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(tinygemma.UserError, match=re.escape(message)):
             tinygemma.load(tmp_path / "hf")
 
 

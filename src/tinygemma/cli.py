@@ -123,7 +123,8 @@ def interrupts_once():
 OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
 # How --set reads a list: a prompt containing a comma stays one prompt.
 LIST_HELP = """a list as a,b or '["a", "b"]' (generate.prompts=TEXT is one prompt, commas and all)"""
-TRAINING_MEMORY_ADVICE = "set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size"
+TRAINING_MEMORY_ADVICE = ("set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size, or choose a "
+                          "smaller model")
 MEMORY_ADVICE = {"generate": "ask for fewer --num-samples or --max-new-tokens", "eval": "use a smaller --batch-size",
                  "train": TRAINING_MEMORY_ADVICE, "run": TRAINING_MEMORY_ADVICE}
 

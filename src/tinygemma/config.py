@@ -64,10 +64,13 @@ class ModelConfig:
         bad = sorted(set(self.layer_types) - {SLIDING, GLOBAL})
         if bad:
             raise UserError(f"model.layer_types may hold only {SLIDING!r} and {GLOBAL!r}, not {bad}")
+        if self.vocab_pad_multiple > MAX_VOCAB_PAD_MULTIPLE:  # rows padded on: each costs memory and a logit
+            raise UserError(f"model.vocab_pad_multiple must be at most {MAX_VOCAB_PAD_MULTIPLE:,} (64 to 256 suits "
+                            f"a GPU's matrix units), got {self.vocab_pad_multiple:,}")
         for name in ("rope_local_base", "rope_global_base", "query_pre_attn_scalar", "rms_norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise UserError(f"model.{name} must be a positive number, got {value!r}")
+            value = getattr(self, name)  # NaN and inf too (a config.json's NaN/Infinity): every logit came out NaN
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise UserError(f"model.{name} must be a positive, finite number, got {value!r}")
 
     @property
     def layer_pattern(self) -> int | None:
@@ -511,6 +514,7 @@ def _parse_text_list(text: str) -> list[str]:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_VOCAB_PAD_MULTIPLE = 1 << 16  # model.vocab_pad_multiple
 MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches
 
 

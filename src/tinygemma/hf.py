@@ -167,7 +167,7 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
             n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
             head_dim=d.get("head_dim", 256),
             mlp_dim=d["intermediate_size"],
-            sliding_window=d.get("sliding_window") or 4096,
+            sliding_window=4096 if d.get("sliding_window") is None else d["sliding_window"],  # 0: refused
             sliding_window_pattern=pattern,
             layer_types=d.get("layer_types"),
             rope_local_base=float(local),

@@ -317,7 +317,7 @@ def test_prepare_writes_only_where_a_dataset_belongs(stories_dir, tmp_path, caps
     (export / "tokenizer.json").write_text('{"the": "export\'s tokenizer"}')
     before = {p.name: p.read_bytes() for p in export.iterdir()}
     status, err = _fail(capsys, "--out", export, *args)
-    assert status == 2 and len(err) == 1 and "not a prepared dataset and holds other files (config.json)" in err[0]
+    assert status == 2 and len(err) == 1 and "not a prepared dataset and holds other files (config.json, tokenizer.json)" in err[0]
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before
     (tmp_path / "empty").mkdir()
     assert _fail(capsys, "--out", tmp_path / "empty", *args)[0] == 0
@@ -329,6 +329,39 @@ def test_prepare_writes_only_where_a_dataset_belongs(stories_dir, tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["meta.json", "train.bin", "val.bin"]
     status, err = _fail(capsys, "--out", tmp_path / "empty" / "meta.json", *args)
     assert status == 2 and "is a file" in err[0]
+
+
+def test_prepare_leaves_other_programs_files_alone(stories_dir, tmp_path, capsys):
+    """nanoGPT's train.bin and val.bin, or a lone tokenizer.json, are no dataset of prepare's: they were written
+    over (and the tokenizer deleted), exit status 0."""
+    args = ["--source", stories_dir / "valid.txt", "--limit", "20", "--workers", "1"]
+    for names in (("train.bin", "val.bin"), ("tokenizer.json",), ("train.bin",)):
+        folder = tmp_path / "-".join(names)
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"someone else's " + name.encode())
+        status, err = _fail(capsys, "--out", folder, *args)
+        assert status == 2 and len(err) == 1 and f"holds other files ({', '.join(names)})" in err[0], err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == {n: b"someone else's " + n.encode() for n in names}
+
+
+def test_a_prepare_stopped_while_replacing_a_dataset_is_finished_by_the_next(stories_dir, tmp_path, monkeypatch):
+    """Stopped between the old meta.json's removal and the new one's writing, the folder holds bins and no
+    meta.json; its marker names them prepare's, so the next prepare replaces them, and removes the marker."""
+    args = dict(sources=[stories_dir / "valid.txt"], workers=1, progress=False)
+    prepare(tmp_path, limit=20, **args)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "atomic_write_json", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(tmp_path, limit=30, **args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepare-incomplete", "train.bin", "val.bin"]
+    prepare(tmp_path, limit=25, **args)
+    assert open_prepared(tmp_path).meta["splits"]["train"]["documents"] == 25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 # ------------------------------------------------------------------ interrupted runs, corrupt data

@@ -553,7 +553,9 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
                                                   split, progress)
                 if not counts[split]["documents"]:
                     raise _no_stories(split, carve)
-            # From here until meta.json is written the directory holds no dataset, old or new.
+            # From here until meta.json is written the directory holds no dataset, old or new: the marker says
+            # its files are prepare's, for the next prepare to replace (not someone's train.bin or tokenizer.json).
+            (out_dir / INCOMPLETE_NAME).touch()
             (out_dir / META_NAME).unlink(missing_ok=True)
         meta = {
             "format": FORMAT,
@@ -570,6 +572,7 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
         atomic_write_json(out_dir / META_NAME, meta)
         if meta["tokenizer"].get("file") != TOKENIZER_FILE:  # gpt2 over an earlier BPE dataset: its file is stale
             (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+        (out_dir / INCOMPLETE_NAME).unlink()
     finally:
         pool.close()
     return meta
@@ -641,16 +644,21 @@ def is_prepared_dataset(path: str | Path) -> bool:
 
 # What prepare writes: the split files, the tokenizer, meta.json (and, if killed, temporaries of these).
 PREPARED_FILES = frozenset({META_NAME, TOKENIZER_FILE, *(f"{split}.bin" for split in SPLITS)})
+# Present while prepare replaces a folder's files, from the old meta.json's removal to the new one's writing.
+INCOMPLETE_NAME = ".prepare-incomplete"
 
 
 def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
     """Refuse an --out that prepare would damage: it writes into a new or empty folder, replaces a dataset it
-    prepared before, or finishes what an interrupted run left (only prepare's own files, no meta.json); any other
-    folder (a transformers export, a training run, ...) would lose its tokenizer.json to it."""
+    prepared before, or finishes what an interrupted run left (its temporaries, or the files of a run stopped while
+    it replaced them, which its marker names as prepare's); any other folder (a transformers export, a training run,
+    nanoGPT's train.bin and val.bin, a lone tokenizer.json) would lose its files to it."""
     out_dir = check_output_folder(out_dir, "the dataset", flag)
     if not out_dir.exists() or is_prepared_dataset(out_dir):
         return
-    others = others_than(out_dir, PREPARED_FILES)
+    interrupted = (out_dir / INCOMPLETE_NAME).is_file()
+    others = others_than(out_dir, PREPARED_FILES | {INCOMPLETE_NAME} if interrupted else frozenset(),
+                         temporaries_of=PREPARED_FILES)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserError(f"{flag} {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "

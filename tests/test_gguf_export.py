@@ -398,7 +398,9 @@ def test_model_llama_cpp_cannot_run_is_refused(bpe, tmp_path, capsys):
     (lambda s: s["model"].update(byte_fallback=True), "byte_fallback"),
     (lambda s: s["model"].update(type="WordPiece"), "WordPiece"),
     (lambda s: s["added_tokens"].append({"id": 512, "content": "Lily", "special": False}), "'Lily'"),
-], ids=["normalizer", "prefix-space", "whitespace-split", "byte-fallback", "wordpiece", "plain-added-token"])
+    (lambda s: s["model"].update(merges=[]), "no merges"),  # a 257-token BPE: exported, then llama.cpp refused it
+], ids=["normalizer", "prefix-space", "whitespace-split", "byte-fallback", "wordpiece", "plain-added-token",
+        "no-merges"])
 def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(bpe, change, words):
     spec = json.loads(bpe.hf_json())
     check_byte_level_bpe(spec)  # ours passes as it is

@@ -114,6 +114,9 @@ def check_byte_level_bpe(spec: dict) -> None:
     for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges"):
         if model.get(option):
             _refuse(f"its BPE sets {option}")
+    if not model.get("merges"):  # gguf writes no empty list, and llama.cpp refuses a file without the key
+        _refuse("its BPE has no merges (a vocabulary of single bytes, such as a BPE of 257 tokens), and llama.cpp "
+                "loads none without them; prepare with --vocab-size 258 or more")
     for added in spec.get("added_tokens") or []:
         if not added.get("special"):
             _refuse(f"its added token {added.get('content')!r} is not a special token")

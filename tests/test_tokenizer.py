@@ -139,6 +139,27 @@ def test_save_hf_loads_in_transformers(kind, bpe, tmp_path, stories_dir):
     assert len(hf) == tok.vocab_size
 
 
+def test_save_hf_names_the_tokenizers_own_unknown_token(tmp_path):
+    """WordPiece's [UNK] and a Unigram's <unk> are the export's unknown token; it named end-of-text, so transformers
+    read every unknown token as end-of-text. A byte-level BPE has none: end-of-text, GPT-2's convention."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    words = ["[PAD]", "<|endoftext|>", "[UNK]", "once", "upon"]
+    cases = {"wordpiece": (Backend(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]")), "[UNK]"),
+             "unigram": (Backend(models.Unigram([(w, -1.0) for w in ["<|endoftext|>", "<unk>", "once", "upon"]],
+                                                unk_id=1, byte_fallback=False)), "<unk>"),
+             "no-unknown": (Backend(models.WordLevel({w: i for i, w in enumerate(words)})), "<|endoftext|>")}
+    for name, (backend, unk) in cases.items():
+        tok = HFTokenizer(backend.to_str())
+        assert tok.unk_token == unk, name
+        tok.save_hf(tmp_path / name)
+        hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
+        assert (hf.unk_token, hf.unk_token_id) == (unk, tok.backend.token_to_id(unk)), name
+    assert GPT2Tokenizer().unk_token == "<|endoftext|>"
+
+
 def test_tokenizers_pickle_for_workers(bpe):
     import pickle
 

@@ -94,7 +94,7 @@ class Tokenizer:
         atomic_write_text(directory / TOKENIZER_FILE, self.hf_json())
         atomic_write_json(directory / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.bos_token, "eos_token": self.eot_token, "unk_token": self.eot_token,
+            "bos_token": self.bos_token, "eos_token": self.eot_token, "unk_token": self.unk_token,
             "pad_token": self.eot_token,  # batched calls pad with it, as generation_config.json's pad id
             "padding_side": "left",  # a batch of prompts for generate: each continues from its own last token
             "add_bos_token": False, "add_eos_token": False,
@@ -106,6 +106,12 @@ class Tokenizer:
     def hf_json(self) -> str:
         """The tokenizer as a Hugging Face tokenizer.json (what save_hf writes and the GGUF export reads)."""
         raise NotImplementedError
+
+    @property
+    def unk_token(self) -> str:
+        """The unknown token the hf export names: end-of-text, GPT-2's convention for a byte-level BPE, which has
+        none of its own (every text is bytes it holds)."""
+        return self.eot_token
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -281,6 +287,16 @@ class HFTokenizer(Tokenizer):
     @property
     def bos_token(self) -> str:
         return self.backend.id_to_token(self.bos_id) if self.prompt_prefix else self.eot_token
+
+    @property
+    def unk_token(self) -> str:
+        """The file's own unknown token where its model has one (WordPiece's [UNK], a Unigram's <unk>): naming
+        end-of-text instead, the export's tokenizer read every unknown token as end-of-text."""
+        model = json.loads(self.content).get("model") or {}
+        unk = model.get("unk_token")
+        if model.get("type") == "Unigram" and isinstance(model.get("unk_id"), int):
+            unk = self.backend.id_to_token(model["unk_id"])
+        return unk if isinstance(unk, str) and self.backend.token_to_id(unk) is not None else self.eot_token
 
     def _post_processor_parts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The ids the tokenizer's post-processor puts before a text (Gemma's <bos>; none for GPT-2's and our

@@ -288,6 +288,22 @@ def test_backend_follows_native_bf16(monkeypatch):
     assert muon_backend(torch.device("cpu")) == ("torch" if hasattr(torch.optim, "Muon") else "float32")
 
 
+def test_muon_backend_setting_overrides_the_devices_choice(monkeypatch):
+    """train.muon_backend: the GPU user picks the compiled iteration without editing code; auto is the device's."""
+    import tinygemma.optim as optim
+
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", n_layers=1))
+    for backend in ("compiled", "bfloat16", "float32"):
+        assert configure_optimizer(model, load_recipe(None, [f"muon_backend={backend}"]).train, CPU).backend == backend
+    assert configure_optimizer(model, load_recipe(None, []).train, CPU).backend == muon_backend(torch.device("cpu"))
+    with pytest.raises(UserError, match="train.muon_backend must be one of auto, torch, compiled, bfloat16, float32"):
+        load_recipe(None, ["muon_backend=fast"])
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)  # torch < 2.9
+    with pytest.raises(UserError, match="train.muon_backend = torch needs torch.optim.Muon"):
+        configure_optimizer(model, load_recipe(None, ["muon_backend=torch"]).train, CPU)
+    assert optim.muon_backend(torch.device("cpu")) == "float32"
+
+
 def test_wsd_values_at_the_boundaries():
     cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=100",
                              "lr_schedule=wsd", "cooldown_fraction=0.4"]).train

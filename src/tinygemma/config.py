@@ -193,6 +193,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)
     optimizer: str = "muon"  # muon (Muon on the blocks' matrices, AdamW on the rest; see optim.py), or adamw
     muon_learning_rate: float = 0.04  # Muon's peak learning rate (optimizer = muon); learning_rate stays AdamW's
+    muon_backend: str = "auto"  # Muon's iteration: torch (torch.optim.Muon's, a matrix at a time), compiled (one compiled bfloat16 update per group of same-shape matrices), bfloat16 or float32 (ours, batched, eager), auto (per device)
     lr_schedule: str = "wsd"  # wsd (warmup, stable, linear decay), or cosine (decay to min_lr from the warmup on)
     cooldown_fraction: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
     loggers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard, wandb, trackio
@@ -230,7 +231,7 @@ class TrainConfig:
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
                    "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex"),
-                   "loss_head": ("auto", "chunked", "full"),
+                   "loss_head": ("auto", "chunked", "full"), "muon_backend": ("auto", *MUON_BACKENDS),
                    "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -514,6 +515,7 @@ def _parse_text_list(text: str) -> list[str]:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+MUON_BACKENDS = ("torch", "compiled", "bfloat16", "float32")  # optim.MuonAdamW's; the config sits below optim
 MAX_VOCAB_PAD_MULTIPLE = 1 << 16  # model.vocab_pad_multiple
 MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches
 

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from tinygemma.config import TrainConfig, saved_train_settings
+from tinygemma.config import MUON_BACKENDS, TrainConfig, saved_train_settings
 from tinygemma.devices import cpu_has_bf16, cuda_has_bf16
 from tinygemma.errors import UserError
 
@@ -127,7 +127,6 @@ def muon_parameters(model) -> set[str]:
             if p.requires_grad and p.dim() == 2 and name.startswith("layers.")}
 
 
-MUON_BACKENDS = ("torch", "float32", "bfloat16", "compiled")
 # torch.compile's backend for the "compiled" Muon backend. The CPU tests put "aot_eager" here: the same traced
 # graph, without inductor's code generation, which takes minutes on a CPU.
 MUON_COMPILER = "inductor"
@@ -170,8 +169,11 @@ def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
          "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in named if n not in muon and p.dim() < 2], "muon": False, "weight_decay": 0.0},
     ]
-    return MuonAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                     backend=muon_backend(rt.device))
+    backend = muon_backend(rt.device) if cfg.muon_backend == "auto" else cfg.muon_backend
+    if backend == "torch" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"train.muon_backend = torch needs torch.optim.Muon (PyTorch 2.9 or newer); this is "
+                        f"{torch.__version__}: choose compiled, bfloat16 or float32, or auto")
+    return MuonAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, backend=backend)
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) -> str:

@@ -196,3 +196,33 @@ def test_eval_bad_input(ckpt, gpt2_data, tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(gpt2_data)]) == 2
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(tmp_path)]) == 2  # no meta.json
     assert capsys.readouterr().out == ""
+
+
+def test_the_sums_of_a_batch_make_no_call_that_waits_for_a_gpu():
+    """nats_and_bytes runs for every evaluation batch, in training's evaluations too: a boolean mask (nonzero) or a
+    number copied to the device makes the host wait for a GPU. The CPU sees the same operators; none of those.
+    The sums agree with the plain arithmetic, the masked tokens' infinite nats left out of the text's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tinygemma.evaluation import nats_and_bytes
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            masks = [i for i in (args[1] if func.overloadpacket is torch.ops.aten.index else ())
+                     if i is not None and i.dtype == torch.bool]
+            self.ops.append(str(func.overloadpacket) + (" with a boolean mask" if masks else ""))
+            return func(*args, **(kwargs or {}))
+
+    nats = torch.tensor([[1.0, 2.0, math.inf], [0.5, 0.25, 4.0]])
+    targets = torch.tensor([[3, 1, 0], [2, 0, 3]])
+    token_bytes = torch.tensor([0, 2, 3, 1])  # id 0: end-of-text, no bytes
+    with Calls() as calls:
+        sums = nats_and_bytes(nats, targets, token_bytes)
+    waits = [op for op in calls.ops if op.split(".")[-1] in ("nonzero", "_local_scalar_dense", "lift_fresh",
+                                                             "masked_select") or "boolean mask" in op]
+    assert not waits and "aten.index" in calls.ops, calls.ops  # token_bytes[targets]: an index by ids, no wait
+    assert sums.tolist() == [math.inf, 6.0, 1.0 + 2.0 + 0.5 + 4.0, 1 + 2 + 3 + 1]

@@ -20,7 +20,9 @@ def nats_and_bytes(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch
     special tokens). Loss is the first over the second; bits per byte the third / ln 2 over the fourth (as
     nanochat), so models with different tokenizers compare. Training's evaluation uses it too."""
     nats, nbytes = nats.reshape(-1).double(), token_bytes[targets.reshape(-1)].double()
-    return torch.stack([nats.sum(), nats.new_tensor(nats.numel()), nats[nbytes > 0].sum(), nbytes.sum()])
+    # No boolean indexing and no number copied in: on a GPU either waits for the device (nonzero, a blocking copy)
+    count = torch.full((), nats.numel(), dtype=nats.dtype, device=nats.device)
+    return torch.stack([nats.sum(), count, torch.where(nbytes > 0, nats, 0.0).sum(), nbytes.sum()])
 
 
 def summarize(sums: torch.Tensor) -> dict:

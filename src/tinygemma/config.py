@@ -68,9 +68,8 @@ class ModelConfig:
             raise UserError(f"model.vocab_pad_multiple must be at most {MAX_VOCAB_PAD_MULTIPLE:,} (64 to 256 suits "
                             f"a GPU's matrix units), got {self.vocab_pad_multiple:,}")
         for name in ("rope_local_base", "rope_global_base", "query_pre_attn_scalar", "rms_norm_eps", "init_std"):
-            value = getattr(self, name)  # NaN and inf too (a config.json's NaN/Infinity): every logit came out NaN
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise UserError(f"model.{name} must be a positive, finite number, got {value!r}")
+            # NaN and inf too (a config.json's NaN/Infinity): every logit came out NaN
+            _check_number(self, name, lambda v: 0 < v < math.inf, "a positive, finite number", section="model")
 
     @property
     def layer_pattern(self) -> int | None:
@@ -533,10 +532,10 @@ def _check_int(obj, name: str, minimum: int) -> None:
         raise UserError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_number(obj, name: str, ok, what: str) -> None:
+def _check_number(obj, name: str, ok, what: str, section: str = "train") -> None:
     value = getattr(obj, name)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or not ok(value):
-        raise UserError(f"train.{name} must be {what}, got {value!r}")
+        raise UserError(f"{section}.{name} must be {what}, got {value!r}")
 
 
 # torch.Generator.manual_seed takes a 64-bit seed; a run's prompt i samples with seed + i.

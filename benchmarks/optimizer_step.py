@@ -15,7 +15,8 @@ Contenders (each with its own copy of the weights and its own state, taking turn
                   falls in the untimed first step)
 
 On CUDA the clock is read after `torch.cuda.synchronize()`; the figure is the median of --steps timed rounds
-after --warmup untimed ones (at least one), by common.time_interleaved. The step before timing checks that every Muon backend moved the Muon matrices alike.
+after --warmup untimed ones (at least two: the first checks that every Muon backend moved the Muon matrices
+alike, the last is common.time_interleaved's own).
 
     python benchmarks/optimizer_step.py                                   # gemma3-tiny on this CPU
     python benchmarks/optimizer_step.py --preset gemma3-270m-gpt2 --device cuda --json optimizer_step.json
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--contenders", default="adamw,muon-torch,muon-float32,muon-bfloat16,muon-compiled")
     p.add_argument("--steps", type=int, default=20, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (at least 2)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"optimizer_step: error: {n}'s first step differs from {muons[0]}'s by {rel:.1%}", file=sys.stderr)
             return 1
 
-    for _ in range(args.warmup - 1):  # time_interleaved runs the last untimed round itself
+    untimed = max(2, args.warmup)  # the agreement check's round above, and time_interleaved's own last one
+    for _ in range(untimed - 2):
         for name in names:
             optimizers[name].step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = median.get("adamw", next(iter(median.values())))
     params = sum(p.numel() for p in base.parameters())
     print(f"{args.preset} ({params:,} parameters), {device_description(device)}, torch {torch.__version__}; "
-          f"optimizer.step() alone, median of {args.steps} rounds after {args.warmup}")
+          f"optimizer.step() alone, median of {args.steps} rounds after {untimed} untimed")
     print("| contender | ms per step | vs adamw |\n|---|---:|---:|")
     for name in names:
         print(f"| {name} | {1000 * median[name]:,.2f} | {median[name] / reference:.2f}x |")
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.json, {  # a kill mid-write leaves no half file for the suite to read
             "command": "python benchmarks/optimizer_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "preset": args.preset, "parameters": params, "device": device_description(device),
-            "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+            "torch": torch.__version__, "steps": args.steps, "warmup": untimed,
             "ms_per_step": {n: 1000 * m for n, m in median.items()}, "first_step_relative_difference": agreement,
         })
     return 0

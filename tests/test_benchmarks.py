@@ -629,6 +629,15 @@ def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, caps
     table = capsys.readouterr().out
     for name in contenders:
         assert f"| {name} | {result['ms_per_step'][name]:,.2f} |" in table
+    # The untimed rounds it names are the ones it ran: --warmup 3 runs 3 untimed and 2 timed steps (the check's
+    # step counts as one; --warmup 0 still runs the check's and time_interleaved's).
+    assert result["warmup"] == 2 and "median of 1 rounds after 2 untimed" in table
+    calls = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or step(self, *a, **k))
+    assert bench.main(["--vocab-size", "512", "--n-layers", "2", "--steps", "2", "--warmup", "3", "--threads", "1",
+                       "--contenders", "adamw,muon-float32", "--json", str(out)]) == 0
+    assert len(calls) == 5 and json.loads(out.read_text())["warmup"] == 3
 
 
 def test_gpu_suite_survives_its_own_mistakes_in_a_step(tmp_path, monkeypatch):

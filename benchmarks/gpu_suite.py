@@ -45,14 +45,17 @@ workers, compile workers), and what it had written is kept: a trainer run's stea
 head's rows. A step so stopped with nothing failed (the CUDA tests' tail, the loss head's second size) makes the
 verdict INCOMPLETE, not FAIL (the exit status is still 1; the summary lists it in `stopped_at_deadline`). `--budget` (default
 570 s) stops a step's commands once its share of the budget is spent (STEP_SHARES). The summary
-(`--summary`) is benchmarks/results/gpu_latest.json by default on a GPU, which every GPU run replaces, and
-the report's name with .json on a CPU; a CPU run never writes the GPU's file.
+(`--summary`) is benchmarks/results/gpu_latest.json by default on a GPU, which every full GPU run replaces, and
+the report's name with .json for a --quick run (on a CPU, or a smoke run on a GPU), which never writes the GPU's
+file. Without .git (a device machine's copy of the tree) the commit comes from the assets: run --make-assets
+again just before the device run, or the report says the recorded commit is stale.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -81,7 +84,9 @@ from tinygemma.files import atomic_write_json, atomic_write_text  # noqa: E402
 from tinygemma.metrics import read_records  # noqa: E402
 
 DEFAULT_ASSETS = ROOT / ".device" / "assets"
-COMMIT_FILE = "COMMIT"  # in the assets: the commit --make-assets saw, for a device copy that has no .git
+COMMIT_FILE = "COMMIT"  # in the assets: the commit --make-assets saw and the source's fingerprint then, for a
+# device copy that has no .git
+SOURCE_GLOBS = ("pyproject.toml", "src/**/*.py", "benchmarks/*.py", "tests/*.py", "configs/*.toml")
 GPU_SUMMARY = ROOT / "benchmarks" / "results" / "gpu_latest.json"
 
 # Step 1: (block, batch_size, grad_accum_steps, optimizer). 131,072 tokens per optimizer step at either block.
@@ -608,9 +613,19 @@ def loss_head(plan: Plan, env: dict, work: Path) -> Result:
 # ------------------------------------------------------------------ the report and the summary
 
 
+def source_fingerprint() -> str:
+    """A hash of the source that decides a run's figures (SOURCE_GLOBS), the same with or without .git."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in SOURCE_GLOBS for p in ROOT.glob(pattern) if p.is_file()}):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def source_commit(assets: Path) -> str:
     """This tree's commit (git describe), or, where the tree came without .git (a device machine gets a copy of
-    the working tree), the one --make-assets recorded in the assets, said so; "unknown" without either."""
+    the working tree), the one --make-assets recorded in the assets, said so, and said to be stale when the
+    source has changed since (--make-assets was not run again before the device run); "unknown" without
+    either."""
     try:
         described = subprocess.run(["git", "describe", "--always", "--dirty=, with uncommitted changes"], cwd=ROOT,
                                    capture_output=True, text=True, timeout=10)
@@ -619,9 +634,13 @@ def source_commit(assets: Path) -> str:
     except (OSError, subprocess.SubprocessError):  # no git, or a slow one: the assets' record, never a stop
         pass
     try:
-        return f"{(assets / COMMIT_FILE).read_text().strip()} (as recorded by --make-assets; this copy has no .git)"
+        commit, _, fingerprint = (assets / COMMIT_FILE).read_text().strip().partition("\n")
     except OSError:
         return "unknown"
+    if fingerprint.strip() != source_fingerprint():
+        return (f"unknown: the source has changed since --make-assets recorded {commit} (this copy has no .git; "
+                "run --make-assets again before the device run)")
+    return f"{commit} (as recorded by --make-assets; this copy has no .git)"
 
 
 def environment(plan: Plan, assets: Path = DEFAULT_ASSETS) -> tuple[list[str], dict]:
@@ -703,17 +722,18 @@ def make_assets(shared: Path, assets: Path) -> int:
         shutil.copyfile(stories / name, assets / "tinystories" / name)
     shutil.copytree(cache, assets / "tiktoken_cache", dirs_exist_ok=True)
     commit = source_commit(Path(tempfile.gettempdir()) / "no-assets")  # git's own answer, never an older record
-    (assets / COMMIT_FILE).write_text(commit + "\n")
+    (assets / COMMIT_FILE).write_text(f"{commit}\n{source_fingerprint()}\n")
     size = sum(p.stat().st_size for p in assets.rglob("*") if p.is_file())
     print(f"wrote {assets} ({size / 1e6:.1f} MB)")
     return 0
 
 
-def output_paths(args, device: str) -> tuple[Path, Path]:
-    """(report, summary): by default benchmarks/results/gpu_latest.md and .json on a GPU; on a CPU gpu_report.md
-    and gpu_report.json in the working folder."""
-    report = Path(args.report or (GPU_SUMMARY.with_suffix(".md") if device != "cpu" else "gpu_report.md"))
-    return report, Path(args.summary or (GPU_SUMMARY if device != "cpu" else report.with_suffix(".json")))
+def output_paths(args) -> tuple[Path, Path]:
+    """(report, summary): by default benchmarks/results/gpu_latest.md and .json for a full run (on a GPU);
+    for a --quick one (on a CPU, or a smoke run on a GPU) gpu_report.md and gpu_report.json in the working
+    folder."""
+    report = Path(args.report or ("gpu_report.md" if args.quick else GPU_SUMMARY.with_suffix(".md")))
+    return report, Path(args.summary or (report.with_suffix(".json") if args.quick else GPU_SUMMARY))
 
 
 def refusal(args, device: str, assets: Path, report: Path, summary: Path) -> str | None:
@@ -724,8 +744,9 @@ def refusal(args, device: str, assets: Path, report: Path, summary: Path) -> str
         return "--device cuda, but PyTorch sees no CUDA GPU"
     if device == "cpu" and not args.quick:
         return "no GPU here; `--device cpu --quick` runs the smoke version"
-    if device == "cpu" and {report.resolve(), summary.resolve()} & {GPU_SUMMARY, GPU_SUMMARY.with_suffix(".md")}:
-        return f"a CPU run does not write {GPU_SUMMARY.relative_to(ROOT)} or its report; give --summary elsewhere"
+    if args.quick and {report.resolve(), summary.resolve()} & {GPU_SUMMARY, GPU_SUMMARY.with_suffix(".md")}:
+        return (f"a --quick run does not write {GPU_SUMMARY.relative_to(ROOT)} or its report (toy figures); give "
+                "--report and --summary elsewhere")
     for needed in (assets / "tinystories" / "train.txt", assets / "tinystories" / "valid.txt", assets / "tiktoken_cache"):
         if not needed.exists():
             return (f"{needed} not found; build the assets with "
@@ -773,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    report, summary = output_paths(args, device)
+    report, summary = output_paths(args)
     error = refusal(args, device, assets, report, summary)
     if error:
         print(f"gpu_suite: error: {error}", file=sys.stderr)

@@ -2,6 +2,7 @@
 benchmarks/gpu_suite.py's smoke run on a CPU writes a complete report and summary of its six steps, and reads
 a run's throughput from its records as the trainer writes them; recipe_efficiency and optimizer_step."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -94,7 +95,9 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     for name in ("train.txt", "valid.txt"):
         assert (assets / "tinystories" / name).read_bytes() == (STORIES / name).read_bytes()
     assert {p.name for p in (assets / "tiktoken_cache").iterdir()} == {p.name for p in (SHARED / "tiktoken_cache").iterdir()}
-    assert (assets / suite.COMMIT_FILE).read_text().strip() == suite.source_commit(tmp_path)  # for a copy without .git
+    # For a copy without .git: this commit, and this source's fingerprint (a later change shows as stale).
+    assert (assets / suite.COMMIT_FILE).read_text().split() == [*suite.source_commit(tmp_path).split(),
+                                                                suite.source_fingerprint()]
 
     real = suite.GPU_SUMMARY.read_bytes() if suite.GPU_SUMMARY.exists() else None
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
@@ -190,8 +193,22 @@ def test_gpu_suite_refuses_missing_assets_a_cpu_without_quick_and_the_gpu_summar
     assets = fake_assets(tmp_path / "assets")
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
                        "--summary", str(suite.GPU_SUMMARY)]) == 2
-    assert "a CPU run does not write benchmarks/results/gpu_latest.json" in capsys.readouterr().err
+    assert "a --quick run does not write benchmarks/results/gpu_latest.json" in capsys.readouterr().err
     assert not report.exists()
+
+
+def test_gpu_suite_quick_writes_beside_not_over_the_gpu_results(tmp_path, monkeypatch):
+    """A --quick smoke run on a GPU writes gpu_report.*, not the GPU's gpu_latest.* (toy figures at the path
+    issue 19 names); only a full run writes those by default."""
+    suite = load_script("gpu_suite")
+    quick, full = (argparse.Namespace(quick=q, report=None, summary=None) for q in (True, False))
+    assert suite.output_paths(quick) == (Path("gpu_report.md"), Path("gpu_report.json"))
+    assert suite.output_paths(full) == (suite.GPU_SUMMARY.with_suffix(".md"), suite.GPU_SUMMARY)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assets = fake_assets(tmp_path / "assets")
+    asked = argparse.Namespace(quick=True, report=None, summary=str(suite.GPU_SUMMARY), assets=str(assets))
+    assert "a --quick run does not write" in suite.refusal(asked, "cuda", assets, *suite.output_paths(asked))
+    assert suite.refusal(quick, "cuda", assets, *suite.output_paths(quick)) is None
 
 
 def test_gpu_suite_steady_state_weighs_the_log_intervals_after_the_first():
@@ -681,5 +698,11 @@ def test_gpu_suite_names_the_commit_from_the_assets_without_git(tmp_path, monkey
 
     monkeypatch.setattr(suite.subprocess, "run", no_git)
     assert suite.source_commit(tmp_path) == "unknown"
-    (tmp_path / suite.COMMIT_FILE).write_text("abc1234\n")
+    (tmp_path / suite.COMMIT_FILE).write_text(f"abc1234\n{suite.source_fingerprint()}\n")
     assert suite.source_commit(tmp_path) == "abc1234 (as recorded by --make-assets; this copy has no .git)"
+    # Assets made before the source changed (--make-assets not run again): the record is not this source's.
+    monkeypatch.setattr(suite, "SOURCE_GLOBS", ("pyproject.toml",))
+    assert suite.source_commit(tmp_path).startswith("unknown: the source has changed since --make-assets "
+                                                    "recorded abc1234")
+    (tmp_path / suite.COMMIT_FILE).write_text("abc1234\n")  # an older record, without a fingerprint
+    assert "has changed since" in suite.source_commit(tmp_path)

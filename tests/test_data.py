@@ -307,6 +307,17 @@ def test_cli_writes_a_dataset(stories_dir, tmp_path, capsys):
     assert open_prepared(tmp_path).meta["splits"]["val"]["documents"] == 12
 
 
+def test_prepare_takes_one_path_as_one_source(stories_dir, tmp_path):
+    """From Python, sources="train.txt" (or a Path) is that file, as sources=["train.txt"] is: not the letters."""
+    listed = prepare(tmp_path / "listed", sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"],
+                     limit=20, workers=1, progress=False)
+    for one, val in ((str(stories_dir / "train.txt"), str(stories_dir / "valid.txt")),
+                     (stories_dir / "train.txt", stories_dir / "valid.txt")):
+        meta = prepare(tmp_path / type(one).__name__, sources=one, val_sources=val, limit=20, workers=1,
+                       progress=False)
+        assert meta["splits"] == listed["splits"] and meta["source"] == listed["source"]
+
+
 def test_prepare_writes_only_where_a_dataset_belongs(stories_dir, tmp_path, capsys):
     """A new or empty folder, or an earlier dataset (replaced); never a folder of other things, such as a
     transformers export whose tokenizer.json it would swap."""

@@ -502,7 +502,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     """Tokenize stories into DIR/train.bin and DIR/val.bin and describe them in DIR/meta.json; return the meta.
 
     sources: local files (.txt, .jsonl, .json, .parquet) or datasets' save_to_disk directories, read in
-        order; None reads roneneldan/TinyStories from the Hugging Face hub.
+        order (one path, or a list); None reads roneneldan/TinyStories from the Hugging Face hub.
     val_sources: the validation stories. Without them, the sources' own validation splits, or else (or when
         val_fraction is given) a fraction of the training stories (default 0.05).
     tokenizer: "gpt2", "bpe" (trained here on the training stories, vocab_size tokens), a tokenizer.json
@@ -510,6 +510,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     limit: keep only the first `limit` training stories. workers: processes (default: the cores this process may use).
     """
     out_dir = Path(out_dir)
+    # One path is one source (a string is no list of one-letter sources)
+    sources, val_sources = ([s] if isinstance(s, (str, os.PathLike)) else s for s in (sources, val_sources))
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     cores = available_cpus()

@@ -90,6 +90,17 @@ def test_a_top_p_below_float32_s_least_keeps_the_most_likely_token():
     assert sample_next_token(logits, temperature=1.0, top_p=1e-300).tolist() == [1]
 
 
+def test_top_p_over_a_large_vocabulary_keeps_the_exact_nucleus():
+    """Over Gemma's 262,144 tokens float32's running sum drifted by ~1e-5 and kept 2,448 tokens where the exact
+    nucleus (and transformers) holds 2,450."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 262144) * 4
+    for top_p in (0.9, 0.95, 0.99):
+        probs = logits.double().softmax(-1).sort(-1, descending=True).values
+        exact = ((probs.cumsum(-1) - probs) < top_p).sum(-1)  # float64: the tokens before the mass reaches top_p
+        assert torch.isfinite(filter_logits(logits, None, top_p)).sum(-1).tolist() == exact.tolist()
+
+
 def test_top_k_then_top_p():
     logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
     # top-k 2 leaves ids 1 and 3 with probabilities 0.625 and 0.375; top-p 0.6 then keeps id 1 alone.
@@ -160,6 +171,36 @@ def test_bad_arguments_are_user_errors(model, tokenizer, kwargs):
     args = {"prompt": PROMPT, "max_new_tokens": 4, **kwargs}
     with pytest.raises(UserError):
         generate_text(model, tokenizer, **args)
+
+
+def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model, tokenizer):
+    """From Python: a 1-d tensor, a list or float ids say what generate takes; a tokenizer with more ids than the
+    model has rows is refused as the command line refuses it (it was an IndexError from the embedding)."""
+    for ids in (torch.tensor([1, 2, 3]), [[1, 2, 3]], torch.tensor([[1.0, 2.0]])):
+        with pytest.raises(UserError, match=r"\[batch, tokens\] tensor of token ids"):
+            generate(model, ids, 2)
+    with pytest.raises(UserError, match="do not belong together"):
+        generate_text(tiny_model(vocab_size=512), tokenizer, PROMPT, 2)
+
+
+def test_non_finite_logits_are_one_line_not_a_traceback_or_nonsense(tmp_path, capsys):
+    """A NaN weight (or float16 overflow) made sampling raise deep in torch and greedy print token 0s, exit 0."""
+    broken = tiny_model()
+    with torch.no_grad():
+        broken.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    save_model(broken, tmp_path, {"tokenizer": GPT2_SPEC})
+    for extra in ([], ["--temperature", "0"]):
+        assert main(["generate", "--ckpt", str(tmp_path), "--prompt", PROMPT, "--max-new-tokens", "3", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.splitlines()[-1] == (  # after the "loaded ..." line
+            "tinygemma generate: error: the model's logits hold NaN or inf at new token 1: are its weights all finite?")
+    big = tiny_model()  # finite in float32 and bfloat16, past float16's 65,504
+    with torch.no_grad():
+        for layer in big.layers:
+            layer.post_feedforward_layernorm.weight.fill_(3e4)
+    assert torch.isfinite(generate(big, torch.tensor([[1, 2]]), 2, temperature=0)).all()
+    with pytest.raises(UserError, match="float16 overflowed; try --dtype bfloat16 or float32"):
+        generate(big.half(), torch.tensor([[1, 2]]), 2, temperature=0)
 
 
 # ------------------------------------------------------------------ streaming text

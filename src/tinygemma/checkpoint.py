@@ -43,7 +43,7 @@ from tinygemma.files import (
     staged_folder,
 )
 from tinygemma.hf import exported_block_size, hf_config, is_hf_export, load_hf, save_hf, written_by_tinygemma
-from tinygemma.model import Gemma3, model_from_state, model_state
+from tinygemma.model import Gemma3, check_tokenizer_fits, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
 from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
 
@@ -318,13 +318,6 @@ def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "
     model = load(ckpt, dtype=pick_dtype(dtype, dev), device=dev)
     check_tokenizer_fits(tokenizer, model)
     return model
-
-
-def check_tokenizer_fits(tokenizer, model: Gemma3) -> None:
-    """Refuse a tokenizer whose ids (those of its text, end-of-text and <bos>) the model has no rows for."""
-    if tokenizer.model_vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.model_vocab_size:,} tokens, more "
-                        f"than the model's {model.config.vocab_size:,}: they do not belong together")
 
 
 # ------------------------------------------------------------------ run checkpoints: save, resume, pointers, pruning

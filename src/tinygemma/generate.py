@@ -14,7 +14,7 @@ import torch
 from tinygemma.config import check_sampling
 from tinygemma.decode import decode_plan
 from tinygemma.errors import UserError
-from tinygemma.model import Gemma3
+from tinygemma.model import Gemma3, check_tokenizer_fits
 
 # ------------------------------------------------------------------ sampling
 
@@ -27,7 +27,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        # float32's running sum over 50k-262k tokens drifts by ~1e-5 and moves the nucleus' edge (MPS has no float64)
+        probs = sorted_logits.to(torch.float64 if logits.device.type != "mps" else torch.float32).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
         outside = mass_before >= top_p
         outside[..., 0] = False  # the most likely token always stays (a top_p below float32's least rounds to 0)
@@ -68,6 +69,11 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise UserError(f"input_ids must be a [batch, tokens] tensor of token ids (torch.long), got {got}; "
+                        "one prompt is torch.tensor([ids])")
     B, T = input_ids.shape
     if T == 0:
         raise UserError("the prompt must hold at least one token")
@@ -82,6 +88,10 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     logits = last_logits(model, input_ids, cache, 0)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
+        if not bool(torch.isfinite(logits).all()):  # sampling would raise deep in torch, argmax print nonsense
+            why = ("float16 overflowed; try --dtype bfloat16 or float32" if logits_dtype(model) == torch.float16
+                   else "are its weights all finite?")
+            raise UserError(f"the model's logits hold NaN or inf at new token {step + 1}: {why}")
         token = sample_next_token(logits[:, :vocab_size], temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
@@ -93,6 +103,12 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             logits = last_logits(model, token[:, None], cache, T + step)
         else:
             logits = plan.step(model, token[:, None], cache, T + step, rope)
+
+
+def logits_dtype(model: Gemma3) -> torch.dtype:
+    """The dtype the model computes in: autocast's where it is on, else its weights'."""
+    device = model.embed_tokens.weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.embed_tokens.weight.dtype
 
 
 def last_logits(model: Gemma3, input_ids, cache, start_pos):
@@ -176,6 +192,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples)
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    check_tokenizer_fits(tokenizer, model)
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
     device = model.embed_tokens.weight.device
     input_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)

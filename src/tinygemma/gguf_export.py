@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tinygemma.checkpoint import check_tokenizer_fits, checkpoint_tokenizer, load, resolve_checkpoint
+from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_path, check_output_path, remove_temporaries, write_errors
 from tinygemma.hf import hf_state
+from tinygemma.model import check_tokenizer_fits
 from tinygemma.tokenizer import Tokenizer
 
 # --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
@@ -129,7 +130,7 @@ def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[i
     gguf = gguf_module()
     check_byte_level_bpe(spec)
     # Special tokens past the model's rows (Gemma 3's <image_soft_token>) are never encoded from text nor sampled:
-    # left out, as checkpoint.check_tokenizer_fits leaves them (it refused the text's ids, end-of-text and <bos>).
+    # left out, as model.check_tokenizer_fits leaves them (it refused the text's ids, end-of-text and <bos>).
     added = [token for token in spec.get("added_tokens") or [] if token["id"] < vocab_size]
     ids = {**spec["model"]["vocab"], **{token["content"]: token["id"] for token in added}}
     if max(ids.values()) >= vocab_size:

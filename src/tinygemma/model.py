@@ -360,6 +360,13 @@ class Gemma3(nn.Module):
         ]
 
 
+def check_tokenizer_fits(tokenizer, model: Gemma3) -> None:
+    """Refuse a tokenizer whose ids (those of its text, end-of-text and <bos>) the model has no rows for."""
+    if tokenizer.model_vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.model_vocab_size:,} tokens, more "
+                        f"than the model's {model.config.vocab_size:,}: they do not belong together")
+
+
 def model_state(model: Gemma3) -> dict[str, torch.Tensor]:
     """The weights to save: a tied output head is the embedding, so it is stored once, under the embedding."""
     state = {k: v for k, v in model.state_dict().items()}

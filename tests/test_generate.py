@@ -203,6 +203,19 @@ def test_non_finite_logits_are_one_line_not_a_traceback_or_nonsense(tmp_path, ca
         generate(big.half(), torch.tensor([[1, 2]]), 2, temperature=0)
 
 
+def test_the_readmes_python_example_runs(ckpt, capsys):
+    """README's Python block as written, at gemma3-tiny's size, on a saved checkpoint for runs/cpu-demo (no
+    google/gemma-3-270m here): it once used names it never defined."""
+    block = (ROOT / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    code = block.replace('"gemma3-270m-gpt2"', '"gemma3-tiny"').replace('"runs/cpu-demo"', repr(str(ckpt)))
+    code = "\n".join(line for line in code.splitlines() if "google/gemma-3-270m" not in line)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (1, scope["ids"].shape[1] + 20) and torch.isfinite(scope["loss"])
+    assert capsys.readouterr().out.startswith("Once upon a time there was")
+    assert len(scope["texts"]) == 1 and 0 < scope["new_tokens"] <= 100
+
+
 # ------------------------------------------------------------------ streaming text
 
 

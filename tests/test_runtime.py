@@ -67,6 +67,26 @@ def test_an_explicit_gpu_is_honoured_and_made_current_before_the_precision_check
     assert runtime.setup_runtime("cuda", "auto").device == torch.device("cuda", 1)  # the current one
 
 
+def test_closing_the_runtime_gives_back_the_float32_matmul_precision(monkeypatch):
+    """setup_runtime turns TF32 on for a GPU run; close() (a Trainer's) restores it, so a notebook's float32
+    work after train() is not silently TF32."""
+    real = torch.set_float32_matmul_precision
+    FakeCuda(monkeypatch, native_bf16=True)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", real)  # FakeCuda's leaves it alone
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        rt = runtime.setup_runtime("cuda", "auto")
+        assert torch.get_float32_matmul_precision() == "high"
+        rt.close()
+        assert torch.get_float32_matmul_precision() == "highest"
+        torch.set_float32_matmul_precision("medium")
+        runtime.setup_runtime("cpu", "auto").close()  # a CPU run changes nothing and restores nothing
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        real(before)
+
+
 def test_under_torchrun_each_process_takes_its_local_rank(monkeypatch):
     FakeCuda(monkeypatch, native_bf16=True, device_count=4)
     assert runtime.cuda_device(torch.device("cuda"), world_size=4, local_rank=3) == torch.device("cuda", 3)

@@ -13,8 +13,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from tinygemma.checkpoint import checkpoint_tokenizer, is_training_run, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
 from tinygemma.data import (
@@ -156,8 +154,7 @@ def run(recipe: Recipe) -> dict:
         main_process_first(before_training, rt)
         summary = train(recipe, resume=True)
     finally:
-        if rt.owns_process_group:
-            dist.destroy_process_group()
+        rt.close()
     return {"train": summary, **evaluate_and_sample(recipe)} if rt.is_main else {"train": summary}
 
 

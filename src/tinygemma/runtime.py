@@ -25,6 +25,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     owns_process_group: bool = False
+    matmul_precision: str | None = None  # torch's float32 matmul precision before this set it: close() restores it
 
     @property
     def is_main(self) -> bool:
@@ -39,6 +40,14 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def close(self) -> None:
+        """Undo what setup_runtime changed in this process: TF32 stays off a notebook's later float32 work, and
+        the process group this runtime started ends."""
+        if self.matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.matmul_precision)
+        if self.owns_process_group:
+            dist.destroy_process_group()
+
 
 def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtime:
     """Device, precision and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
@@ -52,8 +61,10 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     if device.type == "cuda":
         device = cuda_device(device, world_size, local_rank)
         torch.cuda.set_device(device)  # before anything asks "the current GPU" a question
+        before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
     dtype = autocast_dtype(dtype_name, device)
+    before = before if device.type == "cuda" else None
 
     owns = False
     if world_size > 1 and not dist.is_initialized():
@@ -62,7 +73,7 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         owns = True
-    return Runtime(device, dtype, rank, local_rank, world_size, owns)
+    return Runtime(device, dtype, rank, local_rank, world_size, owns, before)
 
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

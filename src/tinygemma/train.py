@@ -536,7 +536,7 @@ class Trainer:
 
     def close(self, exit_code: int) -> None:
         """Stop the profiler, progress bar and trackers (told the run's `exit_code`), let go of the model and the
-        run folder's lock, and end the process group this run started."""
+        run folder's lock, and undo the runtime's settings (the process group this run started, TF32)."""
         try:
             if self.profiler:
                 self.profiler.abandon()  # a run stopped inside the profiled steps
@@ -547,8 +547,7 @@ class Trainer:
             self.release()
         finally:
             self.unlock()  # else the notebook's next train() of this run is refused until the kernel restarts
-        if self.rt.owns_process_group:
-            dist.destroy_process_group()
+        self.rt.close()
 
     def unlock(self) -> None:
         if self.lock:  # a start that failed early leaves the folder as it was, for prepare or export

@@ -47,6 +47,12 @@ def make_pair(config: ModelConfig, seed: int = 0):
     return model, hf_twin(model)
 
 
+def test_the_package_lists_its_lazy_names():
+    """dir(tinygemma) (what a notebook's tab completion offers) holds Gemma3, ModelConfig and UserError, which
+    import only when first used."""
+    assert set(tinygemma.__all__) <= set(dir(tinygemma))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -17,6 +17,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tinygemma' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:  # the lazy names too: Jupyter's completion of `tinygemma.` lists dir()
+    return sorted({*globals(), *_LAZY})
+
+
 def load(path, dtype=None, device=None):
     """A Gemma3 in eval mode from a tinygemma run or checkpoint directory, or a transformers Gemma 3 directory."""
     from tinygemma.checkpoint import load as _load

@@ -11,6 +11,7 @@ import pytest
 import test_train
 from test_train import metrics, run, tiny_settings
 
+import tinygemma.metrics
 import tinygemma.trackers
 from tinygemma.cli import main
 from tinygemma.train import Trainer
@@ -134,8 +135,9 @@ def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_th
 
     first, second = wandb_run(out)  # one offline directory per invocation, both the same wandb run
     assert first["id"] == second["id"] == ids["wandb"]
-    assert sorted(first["history"]) == list(range(7)) and sorted(second["history"]) == list(range(7, 13))
-    assert {**first["history"], **second["history"]} == want  # exactly: the same float64s
+    # Offline nothing says what the first file kept: the resume sends the steps to the checkpoint again.
+    assert sorted(first["history"]) == list(range(7)) and sorted(second["history"]) == list(range(13))
+    assert first["history"] == {step: want[step] for step in range(7)} and second["history"] == want  # exactly
     assert {k: second["config"][k] for k in config} == config  # the resolved recipe and the run's shape
 
     assert trackio_scalars(ids["trackio"]) == want
@@ -154,6 +156,33 @@ def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_th
     assert board.keys() == want.keys()
     for step, scalars in want.items():
         assert board[step] == pytest.approx(scalars, rel=1e-6), step
+
+
+def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(data_dir, tmp_path, monkeypatch):
+    """wandb and trackio write in batches, so a kill loses their last records from before the checkpoint (a kill
+    -9 left wandb without steps 0-6): the resume sends them again from metrics.jsonl. loss.png, drawn at the last
+    evaluation before the kill, showed the lost work until the next one."""
+    out = tmp_path / "killed"
+    loggers = "loggers=wandb,trackio"
+    with monkeypatch.context() as patch:  # what the killed invocation's trackers never wrote
+        for tracker in (tinygemma.trackers.Wandb, tinygemma.trackers.Trackio):
+            patch.setattr(tracker, "log", lambda self, scalars, step, log=tracker.log: step < 3 and log(self, scalars, step))
+        run(data_dir, out, *SHORT, loggers, stop_at=6)
+    at_checkpoint = (out / "loss.png").read_bytes()
+    lost = [{**record, "step": step, "tokens": 2 * record["tokens"]}  # steps past the checkpoint, then the kill
+            for step, record in zip((7, 8, 9), (r for r in metrics(out) if "train_loss" in r))]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lost))
+    tinygemma.metrics.plot_losses(metrics(out), out / "loss.png")
+    assert (out / "loss.png").read_bytes() != at_checkpoint
+    run(data_dir, out, *SHORT, loggers, resume=True, stop_at=6)  # trains nothing
+    assert (out / "loss.png").read_bytes() == at_checkpoint
+    want = expected_scalars(out)
+    assert sorted(want) == list(range(7))
+    ids = json.loads((out / "trackers.json").read_text())
+    assert trackio_scalars(ids["trackio"]) == want
+    first, second = wandb_run(out)
+    assert sorted(first["history"]) == [0, 1, 2] and second["history"] == want
 
 
 def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning(data_dir, tmp_path, monkeypatch, capsys):

@@ -9,9 +9,13 @@ that fails to start stops the run before any training. Later, a tracker that fai
 dropped with one warning and the run goes on. A run that fails or is interrupted is finished as failed in wandb.
 
 Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the
-same tracker run. TensorBoard drops its events past the checkpoint; wandb keeps its files under RUN/wandb/ and
-skips the steps it already holds (a resume is exact, so the redone steps have the same losses); trackio, which
-has no way to drop them, keeps both copies of those steps.
+same tracker run. TensorBoard drops its events past the checkpoint. wandb and trackio write in batches, so a
+kill can lose their last records from before the checkpoint: a resume sends them again from metrics.jsonl
+(`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
+the earlier invocation's file kept, every step up to the checkpoint again (`wandb sync` keeps the first copy of
+a step). trackio is sent the steps its store lacks. Steps redone after the checkpoint are logged again: wandb
+keeps the first copy and trackio both (a resume is exact, so they have the same losses, unless a setting
+changed on resume).
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ def val_scalars(result: dict) -> dict[str, float]:
     return {f"val/{key.removeprefix('val_')}": value for key, value in result.items()}
 
 
+def record_scalars(record: dict) -> dict[str, float]:
+    """Any metrics.jsonl record (an optimizer step's or an evaluation's) as the trackers' scalars."""
+    return {**train_scalars(record), **val_scalars({k: v for k, v in record.items() if k.startswith("val_")})}
+
+
 class Trackers:
     """The run's trackers, as one: `log(scalars, step)`, `flush()`, `close()`."""
 
@@ -77,6 +86,10 @@ class Trackers:
 
     def flush(self) -> None:
         self._each("flush")
+
+    def backfill(self, records: list[dict], start: int) -> None:
+        """On resume, send each tracker the records up to the checkpoint at `start` that a kill may have cost it."""
+        self._each("backfill", [r for r in records if r["step"] <= start])
 
     def close(self, exit_code: int = 0) -> None:
         """Finish each tracker's run; a non-zero `exit_code` (the run failed or was interrupted) marks it so where
@@ -120,6 +133,9 @@ class TensorBoard:
     def flush(self) -> None:
         self.writer.flush()
 
+    def backfill(self, records: list[dict]) -> None:
+        pass  # flushed at every evaluation, so before every checkpoint
+
     def close(self, exit_code: int) -> None:
         self.writer.close()
 
@@ -140,11 +156,17 @@ class Wandb:
             raise startup_error("wandb", e) from None
         self.resume_id = self.run.id
         # A resumed wandb run ignores steps below the last it holds (with a warning each): skip those ourselves.
+        # Offline it knows of none (run.step is 0).
         self.first_step = self.run.step if saved else 0
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         if step >= self.first_step:
             self.run.log(scalars, step=step)
+
+    def backfill(self, records: list[dict]) -> None:
+        for record in records:
+            if scalars := record_scalars(record):
+                self.log(scalars, record["step"])
 
     def flush(self) -> None:
         pass  # wandb sends in the background
@@ -176,6 +198,14 @@ class Trackio:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
+
+    def backfill(self, records: list[dict]) -> None:
+        from trackio.sqlite_storage import SQLiteStorage
+
+        held = {row["step"] for row in SQLiteStorage.get_logs(PROJECT, self.run.name)}
+        for record in records:
+            if record["step"] not in held and (scalars := record_scalars(record)):
+                self.log(scalars, record["step"])
 
     def flush(self) -> None:
         pass  # trackio writes in the background

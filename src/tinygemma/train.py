@@ -279,6 +279,9 @@ class Trainer:
             atomic_write_json(run_dir / "config.json", resolved)
         metrics = run_dir / "metrics.jsonl"
         self.log_file = MetricsLog.resume(metrics, start) if start else MetricsLog(metrics)
+        if start and self.log_file.records:  # what a kill cost the trackers; a plot that still showed lost work
+            self.writer.backfill(self.log_file.records, start)
+            plot_losses(self.log_file.records, run_dir / "loss.png")
         if self.quiet:
             return
         self.say_start(resolved["run"]["compiled"])

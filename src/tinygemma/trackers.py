@@ -12,8 +12,9 @@ Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio),
 same tracker run. TensorBoard drops its events past the checkpoint. wandb and trackio write in batches, so a
 kill can lose their last records from before the checkpoint: a resume sends them again from metrics.jsonl
 (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
-the earlier invocation's file kept, every step up to the checkpoint again (`wandb sync` keeps the first copy of
-a step). trackio is sent the steps its store lacks. Steps redone after the checkpoint are logged again: wandb
+the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then holds
+the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is sent
+the steps its store lacks. Steps redone after the checkpoint are logged again: wandb
 keeps the first copy and trackio both (a resume is exact, so they have the same losses, unless a setting
 changed on resume).
 """

@@ -16,6 +16,7 @@ from tinygemma import Gemma3, UserError, files
 from tinygemma.checkpoint import is_training_run, save_model
 from tinygemma.cli import main
 from tinygemma.data import is_prepared_dataset
+from tinygemma.devices import pick_device, pick_dtype
 from tinygemma.hf import is_hf_export
 
 transformers = pytest.importorskip("transformers")
@@ -42,6 +43,12 @@ def test_save_and_load_round_trip(checkpoint):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert tinygemma.load(path, dtype=torch.bfloat16).embed_tokens.weight.dtype == torch.bfloat16
+    # The names load_model and the commands take ("auto" raised torch's RuntimeError, or was refused as a dtype)
+    auto = tinygemma.load(path, dtype="auto", device="auto").embed_tokens.weight
+    assert auto.device == pick_device("auto") and auto.dtype == pick_dtype("auto", auto.device)
+    assert tinygemma.load(path, dtype="bf16", device="cpu").embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        tinygemma.load(path, device="gpu")
 
 
 class Exploit:

@@ -26,7 +26,7 @@ import torch
 
 from tinygemma.config import ModelConfig
 from tinygemma.data import is_prepared_dataset
-from tinygemma.devices import parse_dtype, pick_device, pick_dtype
+from tinygemma.devices import pick_device, pick_dtype
 from tinygemma.errors import UserError
 from tinygemma.files import (
     atomic_path,
@@ -121,7 +121,9 @@ def trained_block_size(path: str | Path) -> int | None:
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> Gemma3:
-    """A Gemma3 in eval mode from a run directory, a tinygemma checkpoint, or a transformers Gemma 3 directory."""
+    """A Gemma3 in eval mode from a run directory, a tinygemma checkpoint, or a transformers Gemma 3 directory.
+    `device` and `dtype` as load_model takes them ("auto", "cuda", "bf16", ...) or torch's; None keeps the
+    stored dtype on the CPU."""
     directory = resolve_checkpoint(path)
     if (directory / META_NAME).exists():
         config = ModelConfig.from_dict(read_checkpoint_meta(directory)["model"])
@@ -129,8 +131,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
         model = model_from_state(config, state, source=directory)
     else:
         model = load_hf(directory)
+    if isinstance(device, str):
+        device = pick_device(device)
     if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
+        dtype = pick_dtype(dtype, torch.device(device or "cpu"))
     model.to(device=device, dtype=dtype)
     return model.eval()
 

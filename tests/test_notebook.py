@@ -1,6 +1,7 @@
 """The workshop notebook, executed top to bottom by a real Jupyter kernel, as a student runs it."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,33 @@ def test_colab_install_cell_asks_for_the_repository_before_anything(tmp_path):
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="set REPO in this cell"):
         client.execute()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_colab_install_cell_copies_a_folder_given_as_repo(tmp_path):
+    """REPO may be a copy of the repository on Drive without .git (an unpacked ZIP): copied, not git-cloned (it
+    was cloned, and failed); a folder that is not one is said in one line. (CHECKOUT and pip faked: no /content.)"""
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    copy, checkout = tmp_path / "unpacked zip", tmp_path / "checkout"
+    (copy / "notebooks").mkdir(parents=True)
+    (copy / "pyproject.toml").write_text("[project]\nname = 'tinygemma'\n")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    install = next(cell for cell in nb.cells if cell.cell_type == "code" and "google.colab" in cell.source)
+    fake_colab = nbformat.v4.new_code_cell('import sys, types\nsys.modules["google.colab"] = types.ModuleType("google.colab")')
+    for repo, error in ((copy, None), (tmp_path / "drive not mounted", "holds no pyproject.toml")):
+        source = install.source.replace('REPO = ""', f"REPO = {str(repo)!r}")
+        source = source.replace('Path("/content/tinygemma-src")', f"Path({str(checkout)!r})")
+        source = source.replace("!pip install -q {CHECKOUT}", "print('pip install', CHECKOUT)")
+        assert source.count(str(repo)) == 1 and source.count(str(checkout)) == 1 and "!pip" not in source
+        nb.cells = [fake_colab, nbformat.v4.new_code_cell(source)]
+        client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                         resources={"metadata": {"path": str(tmp_path)}})
+        if error is None:
+            client.execute()
+            assert (checkout / "pyproject.toml").read_text() == (copy / "pyproject.toml").read_text()
+            shutil.rmtree(checkout)
+        else:
+            with pytest.raises(nbclient.exceptions.CellExecutionError, match=error):
+                client.execute()
+            assert not checkout.exists()
+

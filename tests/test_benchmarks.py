@@ -217,14 +217,14 @@ def test_gpu_suite_steady_state_weighs_the_log_intervals_after_the_first():
     their summed times give the rate (intervals at 10,000 and 5,000 tokens/s make 6,667, not their mean 7,500),
     and MFU is weighted the same way."""
     suite = load_script("gpu_suite")
-    tokens, records = 1000, [{"step": 0, "val_loss": 10.9}]
+    tokens, records = 1000, [{"step": 0, "tokens": 0, "val_loss": 10.9}]
     rates = {5: 100.0, 10: 10_000.0, 15: 5_000.0, 20: 5_000.0}  # the first interval compiles
     for step in range(1, 21):
         record = {"step": step, "tokens": step * tokens}
         if step in rates:
             record.update(tokens_per_s=rates[step], mfu=rates[step] * 2.5e-5, peak_memory_gib=3.0 + step / 100)
         records.append(record)
-    records.append({"step": 20, "val_loss": 8.0})
+    records.append({"step": 20, "tokens": 20 * tokens, "val_loss": 8.0})
     figures = suite.steady_state(records, log_interval=5, tokens_per_step=tokens)
     assert figures["steps_measured"] == 15 and figures["seconds_measured"] == pytest.approx(0.5 + 1 + 1)
     assert figures["tokens_per_s"] == pytest.approx(15_000 / 2.5)
@@ -463,8 +463,8 @@ def synthetic_run(out: Path, steps: int = 8, rate: float = 1000.0) -> None:
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"run": {"tokens_per_step": 100, "global_batch": 4,
                                                          "micro_batch_size": 4, "passes_per_step": 1}}))
-    records = [{"step": 0, "val_loss": 10.0}]
-    records += [{"step": n, "train_loss": 5.0, "tokens_per_s": rate} for n in range(2, steps + 1, 2)]
+    records = [{"step": 0, "tokens": 0, "val_loss": 10.0}]
+    records += [{"step": n, "tokens": 100 * n, "train_loss": 5.0, "tokens_per_s": rate} for n in range(2, steps + 1, 2)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 

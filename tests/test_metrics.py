@@ -37,10 +37,14 @@ def test_a_flush_writes_only_the_new_records(tmp_path):
 
 def test_resume_cuts_back_to_the_checkpoint_once_and_skips_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    records = [{"step": 0, "val_loss": 6.0}, *({"step": s, "train_loss": 6.0 - s} for s in range(1, 6)),
-               {"step": 4, "val_loss": 4.5}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 6, "train_lo')  # killed mid-write
-    assert read_records(path) == records  # readers skip the torn line
+    records = [{"step": 0, "tokens": 0, "val_loss": 6.0},
+               *({"step": s, "tokens": 8 * s, "train_loss": 6.0 - s} for s in range(1, 6)),
+               {"step": 4, "tokens": 32, "val_loss": 4.5}]
+    by_hand = ['{"val_loss": 1.0}', '{"step": "3", "tokens": 24, "train_loss": 1.0}', "[1, 2]"]  # no trainer's
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n".join(by_hand) + "\n"
+                    + '{"step": 6, "train_lo')  # killed mid-write
+    assert read_records(path) == records  # readers skip the torn line, and lines by hand that the plot and
+    # report.md would index by step and tokens (a KeyError's traceback)
 
     inode = os.stat(path).st_ino
     log = MetricsLog.resume(path, 4)  # the checkpoint is at step 4: steps 5 and 6 were lost work
@@ -48,9 +52,9 @@ def test_resume_cuts_back_to_the_checkpoint_once_and_skips_a_torn_line(tmp_path)
     assert log.records == kept and lines(path) == kept
     assert os.stat(path).st_ino != inode  # rewritten under a temporary name and renamed into place
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
-    log.append({"step": 5, "train_loss": 1.5})
+    log.append({"step": 5, "tokens": 40, "train_loss": 1.5})
     log.flush()
-    assert lines(path) == [*kept, {"step": 5, "train_loss": 1.5}]
+    assert lines(path) == [*kept, {"step": 5, "tokens": 40, "train_loss": 1.5}]
     assert read_records(tmp_path / "missing.jsonl") == []
 
 

@@ -77,13 +77,14 @@ def record_line(record: dict) -> str:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (none if it is missing), skipping a line torn by a crash; null is NaN."""
+    """The records of a metrics.jsonl (none if it is missing), skipping a line torn by a crash and one that is no
+    record of the trainer's (without a step and tokens: a line added by hand); null is NaN."""
     records = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 record = json.loads(line)
-                if isinstance(record, dict):
+                if isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("step", "tokens")):
                     records.append({k: math.nan if v is None else v for k, v in record.items()})
     return records
 

@@ -164,10 +164,17 @@ def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(
     evaluation before the kill, showed the lost work until the next one."""
     out = tmp_path / "killed"
     loggers = "loggers=wandb,trackio"
+    wandb_log, trackio_log = tinygemma.trackers.Wandb.log, tinygemma.trackers.Trackio.log
     with monkeypatch.context() as patch:  # what the killed invocation's trackers never wrote
-        for tracker in (tinygemma.trackers.Wandb, tinygemma.trackers.Trackio):
-            patch.setattr(tracker, "log", lambda self, scalars, step, log=tracker.log: step < 3 and log(self, scalars, step))
+        patch.setattr(tinygemma.trackers.Wandb, "log",
+                      lambda self, scalars, step: step < 3 and wandb_log(self, scalars, step))
+        # trackio: steps 3-5, and the checkpoint step's evaluation alone (its train row was written)
+        patch.setattr(tinygemma.trackers.Trackio, "log", lambda self, scalars, step: (
+            (step < 3 or step == 6 and "val/loss" not in scalars) and trackio_log(self, scalars, step)))
         run(data_dir, out, *SHORT, loggers, stop_at=6)
+    ids = json.loads((out / "trackers.json").read_text())
+    assert set(trackio_scalars(ids["trackio"])[6]) == {"train/loss", "train/lr", "train/grad_norm",
+                                                       "train/tokens_per_s"}
     at_checkpoint = (out / "loss.png").read_bytes()
     lost = [{**record, "step": step, "tokens": 2 * record["tokens"]}  # steps past the checkpoint, then the kill
             for step, record in zip((7, 8, 9), (r for r in metrics(out) if "train_loss" in r))]
@@ -179,10 +186,30 @@ def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(
     assert (out / "loss.png").read_bytes() == at_checkpoint
     want = expected_scalars(out)
     assert sorted(want) == list(range(7))
-    ids = json.loads((out / "trackers.json").read_text())
     assert trackio_scalars(ids["trackio"]) == want
     first, second = wandb_run(out)
     assert sorted(first["history"]) == [0, 1, 2] and second["history"] == want
+
+
+def test_a_backfill_that_fails_is_a_warning_and_the_tracker_stays(tmp_path, capsys):
+    """trackio's backfill reads its store's API: if that changed (or the file is locked), the resumed run still
+    logs its new steps to it."""
+    class Broken:
+        name, resume_id, logged = "trackio", None, []
+
+        def backfill(self, records):
+            raise AttributeError("SQLiteStorage has no attribute 'get_logs'")
+
+        def log(self, scalars, step):
+            self.logged.append(step)
+
+    trackers = tinygemma.trackers.Trackers([], tmp_path, {}, 0)
+    trackers.trackers = [Broken()]
+    trackers.backfill([{"step": 1, "tokens": 8, "train_loss": 2.0}], 1)
+    trackers.log({"train/loss": 1.5}, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trackio could not be sent again what a kill cost it" in err
+    assert Broken.logged == [2]
 
 
 def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning(data_dir, tmp_path, monkeypatch, capsys):

@@ -134,7 +134,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     if isinstance(device, str):
         device = pick_device(device)
     if isinstance(dtype, str):
-        dtype = pick_dtype(dtype, torch.device(device or "cpu"))
+        dtype = pick_dtype(dtype, torch.device("cpu" if device is None else device))  # (device 0 is cuda:0)
     model.to(device=device, dtype=dtype)
     return model.eval()
 

@@ -89,8 +89,15 @@ class Trackers:
         self._each("flush")
 
     def backfill(self, records: list[dict], start: int) -> None:
-        """On resume, send each tracker the records up to the checkpoint at `start` that a kill may have cost it."""
-        self._each("backfill", [r for r in records if r["step"] <= start])
+        """On resume, send each tracker the records up to the checkpoint at `start` that a kill may have cost it. A
+        backfill that fails (trackio's store API changed, say) is a warning: the tracker still logs the new steps."""
+        kept = [r for r in records if r["step"] <= start]
+        for tracker in self.trackers:
+            try:
+                tracker.backfill(kept)
+            except Exception as e:
+                print(f"tinygemma: warning: {tracker.name} could not be sent again what a kill cost it "
+                      f"({describe(e)}); it may lack some steps before the checkpoint", file=sys.stderr, flush=True)
 
     def close(self, exit_code: int = 0) -> None:
         """Finish each tracker's run; a non-zero `exit_code` (the run failed or was interrupted) marks it so where
@@ -203,10 +210,12 @@ class Trackio:
     def backfill(self, records: list[dict]) -> None:
         from trackio.sqlite_storage import SQLiteStorage
 
-        held = {row["step"] for row in SQLiteStorage.get_logs(PROJECT, self.run.name)}
+        # By step and name: a step's train and val scalars are two rows, and a kill loses the later (val) alone
+        held = {(row["step"], key) for row in SQLiteStorage.get_logs(PROJECT, self.run.name) for key in row}
         for record in records:
-            if record["step"] not in held and (scalars := record_scalars(record)):
-                self.log(scalars, record["step"])
+            lacking = {k: v for k, v in record_scalars(record).items() if (record["step"], k) not in held}
+            if lacking:
+                self.log(lacking, record["step"])
 
     def flush(self) -> None:
         pass  # trackio writes in the background

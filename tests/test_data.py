@@ -628,8 +628,9 @@ def test_micro_batch_sizes_that_do_not_divide_a_process_share_are_refused():
     assert data.requested_micro_batch_size(cfg, 2, "cuda") is None  # auto on CUDA: probed
     assert data.requested_micro_batch_size(TrainConfig(batch_size=4, grad_accum_steps=4, micro_batch_size=16),
                                            1, "cuda") == 16
-    with pytest.raises(UserError, match="micro_batch_size must be auto or a positive integer, got '0'"):
-        TrainConfig(micro_batch_size="0")
+    for bad in ("0", "\u00b2", "\u0664"):  # "²" passed isdigit() and int() raised; int() took Arabic-Indic "٤"
+        with pytest.raises(UserError, match=f"micro_batch_size must be auto or a positive integer, got '{bad}'"):
+            TrainConfig(micro_batch_size=bad)
 
 
 def test_a_full_disk_while_preparing_is_one_line_naming_the_file(stories_dir, tmp_path, monkeypatch):

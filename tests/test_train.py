@@ -344,6 +344,8 @@ def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(data_dir,
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be a positive integer (torchrun sets it), got 'two'"),
     ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29599"},
      "RANK must be a whole number below WORLD_SIZE (2), got '2'"),
+    ({"WORLD_SIZE": "2", "RANK": "\u00b2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29599"},
+     "RANK must be a whole number below WORLD_SIZE (2), got '\u00b2'"),  # isdigit() but no int(): a traceback
 ])
 def test_a_torchrun_environment_that_is_not_torchrun_s_is_one_line(data_dir, tmp_path, monkeypatch, capsys, env, says):
     """A WORLD_SIZE left exported in a shell would otherwise end in init_process_group's traceback."""

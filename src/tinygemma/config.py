@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, whole_number
 
 SLIDING = "sliding_attention"  # transformers' names for the two layer kinds, so config.json round-trips
 GLOBAL = "full_attention"
@@ -159,7 +159,8 @@ def saved_train_settings(train: dict) -> dict:
 @dataclass
 class TrainConfig:
     """The training loop. The defaults are a sound recipe for the 270M model on one GPU: 131,072 tokens per
-    optimizer step (32 x 512 x 8), 5,000 steps (655M tokens, about 1.4 epochs of TinyStories with GPT-2 tokens),
+    optimizer step (32 x 512 x 8), 5,000 steps (655M tokens, about 1.4 epochs' worth of TinyStories in GPT-2 tokens;
+    windows are drawn at random offsets, so not every token is seen),
     Muon on the blocks' matrices and AdamW on the rest, warmup-stable-decay: the recipe that needed the fewest
     tokens to a loss in benchmarks/recipe_efficiency.py (BENCHMARKS.md, "Recipe efficiency"). Its learning rates
     are that benchmark's best on gemma3-tiny; no GPU has measured them at 270M yet."""
@@ -167,7 +168,7 @@ class TrainConfig:
     batch_size: int = 32  # with grad_accum_steps, the global batch: batch_size x grad_accum_steps sequences a step
     block_size: int = 512  # tokens per sequence (the context the model trains on)
     grad_accum_steps: int = 8  # global batch = batch_size x this, split evenly over the processes
-    micro_batch_size: str = "auto"  # sequences per forward/backward pass on each process: a number dividing its share of the global batch, or auto (on CUDA the largest that fits, probed at start-up; elsewhere batch_size)
+    micro_batch_size: str = "auto"  # sequences per forward/backward pass on each process: a number dividing its share of the global batch, or auto (on CUDA the largest that fits, probed at start-up; elsewhere batch_size where it divides the share, else the largest size below it that does)
     max_steps: int = 5000  # optimizer steps in the whole run (the schedule's length)
     learning_rate: float = 4e-3  # AdamW's peak rate, after warmup (under muon: the embedding's and gains')
     min_lr: float = 4e-4  # the schedule ends here, at max_steps (Muon's floor is the same fraction of its peak)
@@ -224,7 +225,7 @@ class TrainConfig:
                             f"set min_lr too, e.g. a tenth of the peak: --set min_lr={self.learning_rate / 10:g}")
         if self.warmup_steps > self.max_steps:
             raise UserError(f"train.warmup_steps ({self.warmup_steps}) must not exceed train.max_steps ({self.max_steps})")
-        if self.micro_batch_size != "auto" and not (str(self.micro_batch_size).isdigit() and int(self.micro_batch_size) > 0):
+        if self.micro_batch_size != "auto" and not (whole_number(str(self.micro_batch_size)) or 0) > 0:
             raise UserError(f"train.micro_batch_size must be auto or a positive integer, got {self.micro_batch_size!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")

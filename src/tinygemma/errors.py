@@ -46,6 +46,12 @@ def exit_status(stop: KeyboardInterrupt) -> int:
     return getattr(stop, "exit_status", 130)
 
 
+def whole_number(text: str) -> int | None:
+    """`text` as a whole number if it is ASCII digits only, else None: str.isdigit() takes "²", which int()
+    refuses with a traceback, and int() takes "٤"."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def describe(error: BaseException, lines: int = 1) -> str:
     """An exception in a few words for a one-line message: its type and its message's first `lines` non-empty
     lines, joined by "; " (a validation error names what is wrong only on its second and third)."""

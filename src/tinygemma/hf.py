@@ -15,7 +15,7 @@ import torch
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.devices import dtype_name
-from tinygemma.errors import UserError, describe
+from tinygemma.errors import UserError, describe, whole_number
 from tinygemma.files import (
     LOCK_NAME,
     STAGE_PREFIX,
@@ -282,7 +282,7 @@ def exported_block_size(path: str | Path) -> int | None:
     """The training block size a tinygemma export of `path` records, else None (any other transformers model)."""
     metadata = export_metadata(path)
     value = metadata.get(TRAINED_BLOCK_KEY, "") if _marked(metadata) else ""
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return number if (number := whole_number(value)) else None  # (0: none)
 
 
 def is_hf_export(path: str | Path) -> bool:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tinygemma.devices import autocast_dtype, pick_device
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, whole_number
 
 
 @dataclass
@@ -97,7 +97,7 @@ def env_world_size(env=os.environ) -> int:
                             " not set: start the processes with torchrun (torchrun --nproc-per-node N -m tinygemma "
                             "...), or unset WORLD_SIZE to run one process")
         for name in ("RANK", "LOCAL_RANK"):
-            if not (env[name].isdigit() and int(env[name]) < world_size):
+            if (number := whole_number(env[name])) is None or number >= world_size:
                 raise UserError(f"{name} must be a whole number below WORLD_SIZE ({world_size}), got {env[name]!r}")
     return world_size
 

@@ -174,6 +174,16 @@ def test_compiled_backend_compiles_once_per_shape_group_whatever_the_learning_ra
         assert moved > 0.01 and differ < 5e-3 * moved
 
 
+def test_compiled_backend_serves_any_number_of_models_in_one_process(traced_muon):
+    """Each optimizer compiles its own copy: one compile shared by the process counted every model's graphs (a
+    shape group is a shape and a number of matrices) toward dynamo's limit of 8, and the third model of a sweep
+    (gemma3-tiny at 1, 2, 3 layers: 4 graphs each) raised FailOnRecompileLimitHit."""
+    for n_layers in (1, 2, 3):
+        model = Gemma3(ModelConfig.preset("gemma3-tiny", n_layers=n_layers, d_model=32, mlp_dim=64, head_dim=8))
+        params = [p for n, p in model.named_parameters() if n in muon_parameters(model)]
+        steps_with_a_schedule(params, muon(params, "compiled"), [0.01, 0.02])
+
+
 @pytest.mark.parametrize("torch_2_6", [False, True], ids=["distribute_tensor", "without_src_data_rank"])
 def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tmp_path, monkeypatch, torch_2_6):
     """FSDP2's DTensors (here sharded over a one-process gloo group): the "compiled" backend gathers each whole and
@@ -388,6 +398,12 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     # nothing, and says so with the value given.
     assert main(["train", "--out", str(cosine), "--resume", "--set", "cooldown_fraction=0.9", "--stop-at", "9"]) == 0
     assert "warning" not in capsys.readouterr().err
+    # Another schedule within the warmup (the rates taken are the same) changes the steps to come: said, as above
+    # (it trained on in silence)
+    switch = tmp_path / "switch"
+    run(data_dir, switch, "max_steps=20", "warmup_steps=8", stop_at=4)
+    assert main(["train", "--out", str(switch), "--resume", "--set", "lr_schedule=cosine", "--stop-at", "5"]) == 0
+    assert "other than the run's: lr_schedule wsd -> cosine; the steps from here" in capsys.readouterr().err
     assert main(["train", "--out", str(cosine), "--resume", "--set", "learning_rate=5e-3", "--stop-at", "3"]) == 0
     assert "the run is at step 9 of 20 with settings other than its own: learning_rate 0.01 -> 0.005; --stop-at 3 " \
            "trains no step, so they change nothing" in capsys.readouterr().err
@@ -451,6 +467,10 @@ def test_resume_refuses_a_changed_schedule_or_optimizer_and_a_step_past_the_end(
         check_resume_schedule(as_dict, dataclasses.replace(saved, lr_schedule="wsd", max_steps=200), 50)
     with pytest.raises(UserError, match="optimizer cannot change from adamw to muon"):
         check_resume_schedule(as_dict, dataclasses.replace(saved, optimizer="muon"), 50)
+    # A new warmup longer than the run was: the schedule's refusal (it said warmup_steps must not exceed the old
+    # max_steps, though the new one was 400)
+    with pytest.raises(UserError, match="schedule of the run \\(cosine; lr_schedule, warmup_steps"):
+        check_resume_schedule(as_dict, dataclasses.replace(saved, max_steps=400, warmup_steps=150), 50)
     with pytest.raises(UserError, match="past train.max_steps"):
         check_resume_schedule(as_dict, dataclasses.replace(saved, max_steps=40, warmup_steps=10), 50)
     # A new peak or floor changes the steps to come alone (check_resume_settings warns of it): the schedule's

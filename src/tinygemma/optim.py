@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import types
 
 import torch
 
@@ -99,9 +100,12 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
     shape = dataclasses.replace(cfg, learning_rate=planned.learning_rate, min_lr=planned.min_lr)
     if all(schedule(s, planned) == schedule(s, shape) for s in range(step)):
         return
-    same_length = dataclasses.replace(shape, max_steps=planned.max_steps)  # what the other settings change alone
-    if planned.lr_schedule != cfg.lr_schedule or any(schedule(s, planned) != schedule(s, same_length)
-                                                     for s in range(step)):
+    try:
+        same_length = dataclasses.replace(shape, max_steps=planned.max_steps)  # what the other settings change alone
+    except UserError:  # a new warmup longer than the old run: the schedule changed (not max_steps, as it would say)
+        same_length = None
+    if same_length is None or planned.lr_schedule != cfg.lr_schedule or any(
+            schedule(s, planned) != schedule(s, same_length) for s in range(step)):
         raise UserError(f"the learning-rate schedule of the run ({planned.lr_schedule}; lr_schedule, warmup_steps, "
                         f"cooldown_fraction) cannot change at step {step}: it would change rates "
                         "already taken")
@@ -185,7 +189,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
         dtype = "float32" if optimizer.backend == "float32" else "bfloat16"
         return f"Muon (own batched {dtype} Newton-Schulz on each FSDP2 matrix gathered whole) + AdamW"
     if optimizer.backend == "torch":
-        return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz: this device computes bf16 natively) + AdamW"
+        return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz, one matrix at a time) + AdamW"  # (also when asked
+        # for on a device without native bf16: the line does not say the device has it)
     if optimizer.backend == "bfloat16":
         return "Muon (own batched bfloat16 Newton-Schulz) + AdamW"
     if optimizer.backend == "compiled":
@@ -256,9 +261,6 @@ def muon_shape_group(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
         p.sub_(orthogonal[i].to(p.dtype) * step)
 
 
-_compiled_muon: dict = {}  # MUON_COMPILER -> muon_shape_group compiled by it
-
-
 def local_shard_of(full: torch.Tensor, like) -> torch.Tensor:
     """`full`, a whole matrix every rank computed alike, as a DTensor placed like the parameter `like`: each rank
     keeps its own shard of it. PyTorch 2.7 and later do that without communication (src_data_rank=None); 2.6
@@ -271,13 +273,14 @@ def local_shard_of(full: torch.Tensor, like) -> torch.Tensor:
 
 
 def compiled_muon_shape_group():
-    """muon_shape_group through torch.compile, made once per compiler. Static shapes: each shape group gets its
-    own graph (Gemma 3 has at most 5: q, k and v, o, gate and up, down), within dynamo's recompile limit of 8
-    graphs per function; past it, under fullgraph=True, dynamo raises rather than compile a ninth."""
-    if MUON_COMPILER not in _compiled_muon:
-        _compiled_muon[MUON_COMPILER] = torch.compile(muon_shape_group, backend=MUON_COMPILER, dynamic=False,
-                                                      fullgraph=True)
-    return _compiled_muon[MUON_COMPILER]
+    """muon_shape_group through torch.compile, for one optimizer. Static shapes: each shape group (shape and
+    number of matrices) gets its own graph, Gemma 3 at most 5 (q, k and v, o, gate and up, down), within dynamo's
+    recompile limit of 8 graphs per function (past it, under fullgraph=True, dynamo raises). Dynamo keeps a
+    function's graphs with its code object, so each optimizer compiles a copy of its own: one shared by the
+    process failed at the third model of a notebook's sweep. (A graph seen before comes from inductor's cache.)"""
+    fn = muon_shape_group
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(fresh, backend=MUON_COMPILER, dynamic=False, fullgraph=True)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -301,6 +304,7 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"unknown Muon backend {backend!r}")
         self.backend = backend
         self._hyper: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # "compiled": lr, momentum, weight decay
+        self._compiled = None  # "compiled": this optimizer's compiled muon_shape_group
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "muon": False,
                     "momentum": MUON_MOMENTUM, "nesterov": MUON_NESTEROV}
         super().__init__(groups, defaults)
@@ -334,7 +338,9 @@ class MuonAdamW(torch.optim.Optimizer):
         sharded = any(hasattr(p, "full_tensor") for p in params)
         if self.backend == "compiled" and params and not sharded:
             hyper = self.hyperparameters(params[0].device, lr, momentum, wd)
-            update = compiled_muon_shape_group()
+            if self._compiled is None:
+                self._compiled = compiled_muon_shape_group()
+            update = self._compiled
             for indices in shape_groups(params):
                 update([params[i] for i in indices], [params[i].grad for i in indices], [bufs[i] for i in indices],
                        *hyper, group["nesterov"])

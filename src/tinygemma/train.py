@@ -660,7 +660,7 @@ def batch_stream(train: dict) -> dict:
 # peak after a loss spike): said in a warning, since a notebook or recipe edited between sessions does it too.
 STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend", "weight_decay", "beta1", "beta2", "adam_eps",
                  "grad_clip", "dtype", "on_nonfinite", "activation_checkpointing",
-                 "warmup_steps", "cooldown_fraction",  # where they change no rate already taken (else refused)
+                 "lr_schedule", "warmup_steps", "cooldown_fraction",  # where no rate taken changes (else refused)
                  "eval_batches")  # the validation set that best.json compares against the earlier losses
 
 

@@ -188,6 +188,35 @@ def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the
     assert last_step(default) == 6
 
 
+def test_the_update_takes_the_clipped_gradient_and_the_log_the_norm_before(data_dir, tmp_path, monkeypatch):
+    """grad_clip bounds the whole (accumulated) gradient's norm when the optimizer steps; metrics.jsonl's grad_norm
+    is the norm before clipping; grad_clip = 0 clips nothing."""
+    import tinygemma.train as train_module
+
+    real, seen = train_module.configure_optimizer, []
+
+    def watched(*args, **kwargs):
+        optimizer = real(*args, **kwargs)
+        step = optimizer.step
+
+        def stepping(*a, **k):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            return step(*a, **k)
+
+        optimizer.step = stepping
+        return optimizer
+
+    monkeypatch.setattr(train_module, "configure_optimizer", watched)
+    for clip, out in ((0.05, tmp_path / "clipped"), (0.0, tmp_path / "free")):
+        seen.clear()
+        run(data_dir, out, "max_steps=3", "warmup_steps=1", "grad_accum_steps=2", f"grad_clip={clip}")
+        logged = [r["grad_norm"] for r in metrics(out) if "grad_norm" in r]
+        assert len(seen) == len(logged) == 3 and all(n > 0.05 for n in logged)  # all above the clip
+        expected = [0.05] * 3 if clip else logged
+        assert seen == pytest.approx(expected, rel=1e-4)
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     """4 micro-steps of 2 sequences make the same optimizer steps as 1 micro-step of 8."""
     big = run(data_dir, tmp_path / "big", "max_steps=6", "batch_size=8", "grad_accum_steps=1")

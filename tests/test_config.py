@@ -212,6 +212,7 @@ def test_bad_recipe_files_are_refused(tmp_path):
                                          "recipe file: numbers and true/false go without quotes)",
         "[train]\nlearning_rate = \"3e-4\"\n": "train.learning_rate must be a number, got '3e-4' (a quoted string",
         "[train]\nlearning_rate = true\n": "train.learning_rate must be a number",
+        "[train]\nmicro_batch_size = 4.0\n": "train.micro_batch_size must be auto or a positive integer, got 4.0",
         "[training]\nbatch_size = 3\n": "unknown section(s) training",
         "[train]\nbatch_size = 3\nbatch_sise = 4\n": "unknown setting train.batch_sise",
         "[model]\npreset = \"gemma3-tiny\"\nlayers = 4\n": "unknown setting model.layers",

@@ -483,6 +483,8 @@ def _coerce(value, tp, key: str, from_text: bool):
     else:
         raise AssertionError(f"no coercion for {key}: {tp}")
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list of strings")
+    if key == "train.micro_batch_size":  # a str field for "auto", whose numbers are whole ones (4.0 said "a string")
+        expected = "auto or a positive integer"
     quoted = not from_text and isinstance(value, str) and tp in (int, float, bool)
     raise UserError(f"{key} must be {expected}, got {value!r}"
                     + (" (a quoted string in the recipe file: numbers and true/false go without quotes)"

@@ -82,6 +82,11 @@ def test_bad_evaluate_arguments():
             evaluate(model, tokens, **kwargs)
     with pytest.raises(UserError):
         evaluate(model, tokens[:1], 4)
+    # A token file of the right size holding an id past the model's (corrupt): one line, not the embedding's
+    # IndexError traceback
+    tokens[7] = 300
+    with pytest.raises(UserError, match="the tokens hold id 300, past the model's 300 ids: the token file is corrupt"):
+        evaluate(model, tokens, 4)
 
 
 # ------------------------------------------------------------------ the eval command

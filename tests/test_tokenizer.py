@@ -207,6 +207,22 @@ def test_byte_lengths_of_sentencepiece_style_tokenizers(layout, stories_dir):
         assert int(lengths[ids].sum()) == len(text.encode("utf-8")) + prefix, text
 
 
+def test_byte_lengths_of_a_byte_level_tokenizers_added_text(bpe):
+    """A byte-level BPE writes each byte of its vocabulary as one character, but an added token is its own text:
+    "naïve café" is 12 bytes in 10 characters (it counted 10)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    from tinygemma.tokenizer import HFTokenizer, token_byte_lengths
+
+    backend = Backend.from_str(bpe.backend.to_str())
+    backend.add_tokens([AddedToken("naïve café", special=False)])
+    tokenizer = HFTokenizer(backend.to_str())
+    ids = tokenizer.encode("a naïve café here")
+    assert backend.token_to_id("naïve café") in ids
+    assert int(token_byte_lengths(tokenizer, tokenizer.vocab_size)[ids].sum()) == len("a naïve café here".encode())
+
+
 def test_byte_lengths_when_the_anchor_text_is_unknown_or_cannot_be_encoded():
     """Tokens are decoded after the text "a"; where "a" is an unknown token, or cannot be encoded at all, each token
     is decoded alone (as before the anchor) rather than counting the unknown token's text, or failing."""

@@ -398,7 +398,8 @@ def add_generate(subparsers) -> None:
 
 def add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="next-token loss, perplexity and bits per byte on prepared data")
-    _add_model_arguments(p, "bfloat16 on a GPU, else float32: the numbers training and `tinygemma run` give")
+    _add_model_arguments(p, "bfloat16 on a GPU that computes in it, else float32: the numbers of `tinygemma run`'s "
+                            "final evaluation")
     p.add_argument("--data", required=True, help="directory written by `tinygemma prepare`")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--block-size", type=int, default=None,

@@ -77,6 +77,9 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
             for batch in batches:
                 length = min(block_size, predicted - batch[0])  # block_size except for the tail window
                 rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in batch])
+                if rows.max() >= model.config.vocab_size:  # on the host: no wait for the device
+                    raise UserError(f"the tokens hold id {rows.max()}, past the model's {model.config.vocab_size:,} "
+                                    "ids: the token file is corrupt, or not of this model's tokenizer")
                 window = torch.from_numpy(rows).to(device, non_blocking=True)
                 x, y = window[:, :-1], window[:, 1:]
                 sums += nats_and_bytes(model(x, y, reduction="none"), y, token_bytes)

@@ -451,9 +451,10 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     byte_fallback = bool(model.get("byte_fallback"))
     ids = [i for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True)))
            if i not in special and backend.id_to_token(i) is not None]
-    if byte_level:  # a byte-level BPE writes each byte as one printable character
+    if byte_level:  # a byte-level BPE writes each byte as one printable character; an added token is its text
+        added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
         for i in ids:
-            lengths[i] = len(backend.id_to_token(i))
+            lengths[i] = len(added[i].encode("utf-8")) if i in added else len(backend.id_to_token(i))
         return lengths
     # Other tokenizers (SentencePiece's kind: Gemma's, Llama's) are decoded after an anchor text, so that a decoder
     # stripping a text's leading space (Llama 2's) leaves a word's space counted; a byte-fallback token <0xHH> is

@@ -457,6 +457,16 @@ def test_a_killed_exports_temporary_is_removed(small_ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.gguf.42c403a6.tmp", "m.gguf"]
 
 
+def test_the_printed_llama_command_runs_as_pasted(small_ckpt, tmp_path, capsys):
+    """The command the export prints quotes a path with a space (`-m my demo.gguf` loaded a file named my)."""
+    import shlex
+
+    out = tmp_path / "my demo.gguf"
+    assert main(["export", "--ckpt", str(small_ckpt), "--format", "gguf", "--out", str(out)]) == 0
+    command = capsys.readouterr().out.split("run it with: ", 1)[1]
+    assert shlex.split(command)[:3] == ["llama-completion", "-m", str(out)]
+
+
 def test_q8_0_rows_that_are_not_blocks_are_said_to_fall_back(bpe, tmp_path, capsys):
     """q8_0 packs rows in blocks of 32: a 40-wide model's matrices are written as f16, and the export says so."""
     config = ModelConfig.preset("gemma3-tiny", vocab_size=bpe.vocab_size, n_layers=1, d_model=40)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import select
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -438,7 +439,7 @@ def _export_main(args) -> int:
     if args.format == "gguf":
         info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE, args.tokenizer)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
-              f"with: llama-completion -m {info['path']} -no-cnv -p 'Once upon a time'")
+              f"with: llama-completion -m {shlex.quote(str(info['path']))} -no-cnv -p 'Once upon a time'")
         if info["matrices_as_f16"]:
             print(f"note: {info['matrices_as_f16']} matrices have rows that are not a multiple of 32 values (q8_0's "
                   "block) and were written as f16, as llama.cpp's own converter does", file=sys.stderr)

@@ -188,9 +188,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
     if sharded:
         dtype = "float32" if optimizer.backend == "float32" else "bfloat16"
         return f"Muon (own batched {dtype} Newton-Schulz on each FSDP2 matrix gathered whole) + AdamW"
-    if optimizer.backend == "torch":
-        return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz, one matrix at a time) + AdamW"  # (also when asked
-        # for on a device without native bf16: the line does not say the device has it)
+    if optimizer.backend == "torch":  # (also where muon_backend asks for it without native bf16: no claim of it)
+        return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz, one matrix at a time) + AdamW"
     if optimizer.backend == "bfloat16":
         return "Muon (own batched bfloat16 Newton-Schulz) + AdamW"
     if optimizer.backend == "compiled":

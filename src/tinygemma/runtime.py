@@ -58,13 +58,13 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     device = pick_device(device_name)
     if device.type == "mps" and world_size > 1:
         raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
+    before = None  # the matmul precision a CUDA run changes, for close()
     if device.type == "cuda":
         device = cuda_device(device, world_size, local_rank)
         torch.cuda.set_device(device)  # before anything asks "the current GPU" a question
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
     dtype = autocast_dtype(dtype_name, device)
-    before = before if device.type == "cuda" else None
 
     owns = False
     if world_size > 1 and not dist.is_initialized():

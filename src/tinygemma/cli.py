@@ -332,7 +332,8 @@ def _eval_main(args) -> int:
                         f"{model.config.vocab_size:,}")
     started = time.perf_counter()
     result = evaluate(model, tokens, block_size, args.batch_size, args.max_tokens,
-                      token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size), progress=True)
+                      token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
+                      progress=sys.stderr.isatty())  # a log file got one frame per batch
     seconds = time.perf_counter() - started
     print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
     result.update(split=args.split, block_size=block_size,

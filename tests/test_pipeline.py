@@ -330,3 +330,26 @@ def test_run_continues_a_run_started_by_train_on_the_data_it_trained_on(tmp_path
     assert main(["run", str(recipe_file), *other]) == 2
     assert "holds a run trained on other [data] (limit 300 -> 250)" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_the_final_evaluation_keeps_a_float32_runs_precision(monkeypatch):
+    """On a GPU the whole-split evaluation loads the model in bfloat16 ("auto"), except for a run the recipe
+    trained in float32: that one is evaluated in float32 (it was bfloat16 whatever the recipe said)."""
+    import torch
+
+    import tinygemma.pipeline as pipeline
+    from tinygemma.config import load_recipe
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(ckpt, tokenizer, dtype, device):
+        raise Loaded(dtype)
+
+    monkeypatch.setattr(pipeline, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(pipeline, "checkpoint_tokenizer", lambda out: None)
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    for dtype, loaded in (("float32", "float32"), ("auto", "auto"), ("bfloat16", "auto")):
+        with pytest.raises(Loaded) as caught:
+            pipeline.evaluate_and_sample(load_recipe(None, [f"dtype={dtype}"]))
+        assert caught.value.args == (loaded,)

@@ -163,7 +163,9 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     recorded in RUN/eval.json and RUN/report.md; returns {"eval": metrics, "samples": [...]}."""
     tokenizer = checkpoint_tokenizer(recipe.out)
     device = pick_device(recipe.train.device)
-    model = load_model(recipe.out, tokenizer, dtype=evaluation_dtype("auto", device), device=str(device))
+    # A run trained in float32 is evaluated in it; "auto" is bfloat16 on a GPU that computes in it
+    precision = "float32" if recipe.train.dtype == "float32" else "auto"
+    model = load_model(recipe.out, tokenizer, dtype=evaluation_dtype(precision, device), device=str(device))
     data = open_prepared(recipe.data.dir)
     val = data.meta["splits"]["val"]
     log(f"evaluating the best checkpoint on the whole validation split ({val['tokens'] - 1:,} tokens predicted: "

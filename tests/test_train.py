@@ -679,7 +679,7 @@ def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_d
     assert main(["train", "--out", str(out), "--resume", "--data", str(gpt2)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{gpt2} was prepared with tokenizer gpt2, but the run was trained with tokenizer.json:" in err, err
-    with pytest.raises(tinygemma.UserError, match="--stop-at must be an optimizer step of 1 or more, got -3"):
+    with pytest.raises(tinygemma.UserError, match="--stop-at \\(stop_at\\) must be an optimizer step of 1 or more, got -3"):
         run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=-3)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again after a restart).

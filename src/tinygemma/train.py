@@ -620,7 +620,7 @@ RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, 
 def check_stop_at(stop_at: int | None) -> None:
     """--stop-at names an optimizer step: 1 or more. One the run has already passed trains nothing."""
     if stop_at is not None and stop_at < 1:
-        raise UserError(f"--stop-at must be an optimizer step of 1 or more, got {stop_at}")
+        raise UserError(f"--stop-at (stop_at) must be an optimizer step of 1 or more, got {stop_at}")
 
 
 def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
@@ -722,8 +722,8 @@ def find_start(run_dir: Path, last: dict | None, resume: bool, data, data_dir: P
     before the model is built: other data's vocabulary makes the model differ too (a run's saved vocab_size
     cannot hold a larger one's tokens), and the data is what to name then."""
     if last and not resume:
-        raise UserError(f"{run_dir} already holds a run (last checkpoint: {last['dir']}); pass --resume to "
-                        "continue it, or choose another --out")
+        raise UserError(f"{run_dir} already holds a run (last checkpoint: {last['dir']}); pass --resume "
+                        "(resume=True from Python) to continue it, or choose another --out")
     if last is None:
         return None, {}
     ckpt_dir = run_dir / "checkpoints" / last["dir"]

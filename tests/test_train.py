@@ -710,7 +710,8 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
         "eval_batches=2", resume=True)
     err = capsys.readouterr().err  # eval_batches: the validation set best.json compares earlier losses with
     assert ("tinygemma: warning: resuming at step 4 with settings other than the run's: learning_rate 0.01 -> 0.005, "
-            "grad_clip 1.0 -> 0.5, eval_batches 4 -> 2; the steps from here take the new values") in err
+            "grad_clip 1.0 -> 0.5, eval_batches 4 -> 2; the steps from here take the new values; best.json will "
+            "compare validation losses of other windows than the earlier ones") in err
     records = [r for r in metrics(out) if "train_loss" in r]
     assert [r["tokens"] for r in records] == [256 * r["step"] for r in records]  # 8 x 32 tokens a step, throughout
 

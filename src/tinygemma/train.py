@@ -689,8 +689,10 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
         why = "no step is left to train" if step >= cfg.max_steps else f"--stop-at {stop_at} trains no step"
         return (f"the run is at step {step} of {cfg.max_steps} with settings other than its own: "
                 f"{', '.join(changed)}; {why}, so they change nothing")
+    later = ("; best.json will compare validation losses of other windows than the earlier ones"
+             if any(c.startswith("eval_batches ") for c in changed) else "")
     return (f"resuming at step {step} with settings other than the run's: {', '.join(changed)}; the steps from "
-            "here take the new values")
+            f"here take the new values{later}")
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:

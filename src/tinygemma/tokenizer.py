@@ -444,7 +444,8 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
                 lengths[i] = len(enc.decode_single_token_bytes(i))
         return lengths
     backend = tokenizer.backend
-    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    added = backend.get_added_tokens_decoder()
+    special = {i for i, t in added.items() if t.special}
     content = backend.to_str()
     byte_level = _decodes_byte_level(content)
     model = json.loads(content).get("model") or {}
@@ -452,16 +453,13 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     ids = [i for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True)))
            if i not in special and backend.id_to_token(i) is not None]
     if byte_level:  # a byte-level BPE writes each byte as one printable character; an added token is its text
-        added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
         for i in ids:
-            lengths[i] = len(added[i].encode("utf-8")) if i in added else len(backend.id_to_token(i))
+            lengths[i] = len(added[i].content.encode("utf-8")) if i in added else len(backend.id_to_token(i))
         return lengths
     # Other tokenizers (SentencePiece's kind: Gemma's, Llama's) are decoded after an anchor text, so that a decoder
     # stripping a text's leading space (Llama 2's) leaves a word's space counted; a byte-fallback token <0xHH> is
     # one byte, which alone decodes to U+FFFD (three).
-    unknown = {backend.token_to_id(model["unk_token"]) if isinstance(model.get("unk_token"), str) else None,
-               model.get("unk_id") if isinstance(model.get("unk_id"), int) else None} - {None}  # BPE's, Unigram's
-    anchor = _anchor_ids(backend, special | unknown)
+    anchor = _anchor_ids(backend, special | {backend.token_to_id(tokenizer.unk_token)})  # (BPE's, Unigram's, ...)
     anchor_bytes = len(backend.decode(anchor, skip_special_tokens=False).encode("utf-8"))
     texts = backend.decode_batch([[*anchor, i] for i in ids], skip_special_tokens=False)
     for i, text in zip(ids, texts):

@@ -89,7 +89,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         if not bool(torch.isfinite(logits).all()):  # sampling would raise deep in torch, argmax print nonsense
-            why = ("float16 overflowed; try --dtype bfloat16 or float32" if logits_dtype(model) == torch.float16
+            computes_in = dtype or model.embed_tokens.weight.dtype
+            why = ("float16 overflowed; try --dtype bfloat16 or float32" if computes_in == torch.float16
                    else "are its weights all finite?")
             raise UserError(f"the model's logits hold NaN or inf at new token {step + 1}: {why}")
         token = sample_next_token(logits[:, :vocab_size], temperature, top_k, top_p, generator)
@@ -103,12 +104,6 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             logits = last_logits(model, token[:, None], cache, T + step)
         else:
             logits = plan.step(model, token[:, None], cache, T + step, rope)
-
-
-def logits_dtype(model: Gemma3) -> torch.dtype:
-    """The dtype the model computes in: autocast's where it is on, else its weights'."""
-    device = model.embed_tokens.weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.embed_tokens.weight.dtype
 
 
 def last_logits(model: Gemma3, input_ids, cache, start_pos):

@@ -123,7 +123,11 @@ def trained_block_size(path: str | Path) -> int | None:
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> Gemma3:
     """A Gemma3 in eval mode from a run directory, a tinygemma checkpoint, or a transformers Gemma 3 directory.
     `device` and `dtype` as load_model takes them ("auto", "cuda", "bf16", ...) or torch's; None keeps the
-    stored dtype on the CPU."""
+    stored dtype on the CPU. Both are resolved (and refused) before anything is read."""
+    if isinstance(device, str):
+        device = pick_device(device)
+    if isinstance(dtype, str):
+        dtype = pick_dtype(dtype, torch.device("cpu" if device is None else device))  # (device 0 is cuda:0)
     directory = resolve_checkpoint(path)
     if (directory / META_NAME).exists():
         config = ModelConfig.from_dict(read_checkpoint_meta(directory)["model"])
@@ -131,10 +135,6 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
         model = model_from_state(config, state, source=directory)
     else:
         model = load_hf(directory)
-    if isinstance(device, str):
-        device = pick_device(device)
-    if isinstance(dtype, str):
-        dtype = pick_dtype(dtype, torch.device("cpu" if device is None else device))  # (device 0 is cuda:0)
     model.to(device=device, dtype=dtype)
     return model.eval()
 
@@ -318,8 +318,7 @@ def matches_spec(tokenizer, spec: dict) -> bool:
 def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "auto") -> Gemma3:
     """The checkpoint's model in eval mode, on `device` ("auto": a GPU if there is one) in `dtype` ("auto":
     bfloat16 where the device computes in it natively), checked to cover the tokenizer's ids."""
-    dev = pick_device(device)
-    model = load(ckpt, dtype=pick_dtype(dtype, dev), device=dev)
+    model = load(ckpt, dtype=dtype, device=device)
     check_tokenizer_fits(tokenizer, model)
     return model
 

@@ -563,7 +563,7 @@ def batch_windows(tokens, settings: dict, world_size: int, micro_batch_size: int
     passes = []
     for rank in range(world_size):
         rt = Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=world_size)
-        batches = data.Batches(tokens, cfg, rt, micro_batch_size)
+        batches = data.Batches(tokens, cfg, rt, micro_batch_size, vocab_size=int(tokens.max()) + 1)
         passes.append([torch.cat([x, y[:, -1:]], 1).tolist() for x, y in
                        (batches.get(step, m) for m in range(batches.micro_steps))])
     return passes

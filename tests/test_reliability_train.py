@@ -189,6 +189,29 @@ def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_
     assert run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4
 
 
+def test_a_token_file_corrupted_in_place_is_refused_in_one_line_before_the_device_sees_it(data_dir, tmp_path, capsys):
+    """A token file of the right size holding an id past the model's (a bit flip, another tokenizer's tokens
+    copied over it) ended training in the embedding's IndexError traceback on a CPU, and in a device-side assert on
+    CUDA. The windows are checked on the host: training refuses the train split's id in one line at its first step,
+    and the val split's at the evaluation before it."""
+    for split in ("train", "val"):
+        data = tmp_path / f"data_{split}"
+        shutil.copytree(data_dir, data)
+        meta = json.loads((data / "meta.json").read_text())
+        tokens = np.memmap(data / meta["splits"][split]["file"], dtype=meta["dtype"], mode="r+")
+        tokens[:] = 60000
+        tokens.flush()
+        del tokens
+        out = tmp_path / f"run_{split}"
+        code = tinygemma.cli.main(["train", *[a for s in tiny_settings(data, out, "max_steps=4")
+                                              for a in ("--set", s)]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.endswith("the tokens hold id 60000, past the model's 512 ids: the token file is corrupt, or not of "
+                            "this model's tokenizer\n"), err
+        assert not (out / "checkpoints").exists() and train_losses(out) == {}  # nothing trained on them
+
+
 def test_checkpoint_files_of_another_run_or_a_lost_pointer_are_refused_in_one_line(data_dir, tmp_path, capsys):
     """A checkpoint's weights or optimizer state swapped for another model's, or AdamW's state in a Muon run,
     failed with a traceback (a half-loaded optimizer state trained on until its first step); a run whose last.json

@@ -823,8 +823,8 @@ class Batches:
     gradient.
     """
 
-    def __init__(self, tokens: np.ndarray, cfg: TrainConfig, rt: Runtime, micro_batch_size: int):
-        self.tokens, self.cfg, self.rt = tokens, cfg, rt
+    def __init__(self, tokens: np.ndarray, cfg: TrainConfig, rt: Runtime, micro_batch_size: int, vocab_size: int):
+        self.tokens, self.cfg, self.rt, self.vocab_size = tokens, cfg, rt, vocab_size
         self.global_batch = cfg.batch_size * cfg.grad_accum_steps
         self.micro_batch_size = micro_batch_size
         self.micro_steps = check_micro_batch_size(cfg, rt.world_size, micro_batch_size)
@@ -840,7 +840,7 @@ class Batches:
             self._step = step
             self._starts = window_starts(cfg.seed, step, len(self.tokens), cfg.block_size, self.global_batch)
         rows = self.rows[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
-        return to_device(windows(self.tokens, self._starts[rows], cfg.block_size), rt)
+        return to_device(windows(self.tokens, self._starts[rows], cfg.block_size, self.vocab_size), rt)
 
 
 def process_share(cfg: TrainConfig, world_size: int) -> int:
@@ -884,8 +884,20 @@ def requested_micro_batch_size(cfg: TrainConfig, world_size: int, device_type: s
     return size
 
 
-def windows(tokens: np.ndarray, starts, block_size: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64))
+def windows(tokens: np.ndarray, starts, block_size: int, vocab_size: int) -> torch.Tensor:
+    """The windows of block_size + 1 tokens at `starts`, their ids checked against the model's `vocab_size`."""
+    rows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    check_token_ids(rows, vocab_size)
+    return torch.from_numpy(rows)
+
+
+def check_token_ids(rows: np.ndarray, vocab_size: int) -> None:
+    """Refuses ids the model has no embedding for (a token file corrupted in place keeps its size, so opening it
+    cannot tell), on the host: no wait for the device, where CUDA's embedding would end in a device-side assert."""
+    top = int(rows.max(initial=0))
+    if top >= vocab_size:
+        raise UserError(f"the tokens hold id {top}, past the model's {vocab_size:,} ids: the token file is corrupt, "
+                        "or not of this model's tokenizer")
 
 
 def to_device(batch: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from tinygemma.data import to_device, windows
+from tinygemma.data import check_token_ids, to_device, windows
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3
 from tinygemma.runtime import Runtime, all_reduce_sum
@@ -77,9 +77,7 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
             for batch in batches:
                 length = min(block_size, predicted - batch[0])  # block_size except for the tail window
                 rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in batch])
-                if rows.max() >= model.config.vocab_size:  # on the host: no wait for the device
-                    raise UserError(f"the tokens hold id {rows.max()}, past the model's {model.config.vocab_size:,} "
-                                    "ids: the token file is corrupt, or not of this model's tokenizer")
+                check_token_ids(rows, model.config.vocab_size)
                 window = torch.from_numpy(rows).to(device, non_blocking=True)
                 x, y = window[:, :-1], window[:, 1:]
                 sums += nats_and_bytes(model(x, y, reduction="none"), y, token_bytes)
@@ -101,7 +99,7 @@ def evaluate_windows(raw: Gemma3, val: np.ndarray, starts: np.ndarray, token_byt
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
     batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
     for batch in batches[rt.rank :: rt.world_size]:
-        x, y = to_device(windows(val, batch, block_size), rt)
+        x, y = to_device(windows(val, batch, block_size, raw.config.vocab_size), rt)
         with rt.autocast():
             nats = raw(x, y, reduction="none")
         sums += nats_and_bytes(nats, y, token_bytes)

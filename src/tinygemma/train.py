@@ -222,7 +222,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
 
-        self.batches = Batches(self.train_tokens, cfg, rt, self.micro_batch_size)
+        self.batches = Batches(self.train_tokens, cfg, rt, self.micro_batch_size, self.model_config.vocab_size)
         # eval_batches global batches: the same windows whatever the split into micro-steps and processes.
         self.val_starts = validation_starts(len(self.val_tokens), cfg.block_size,
                                             cfg.eval_batches * self.batches.global_batch)

@@ -318,6 +318,22 @@ def test_prepare_takes_one_path_as_one_source(stories_dir, tmp_path):
         assert meta["splits"] == listed["splits"] and meta["source"] == listed["source"]
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tokenizer": "bpe", "vocab_size": "300"}, "--vocab-size (vocab_size) must be a positive integer, got '300'"),
+    ({"tokenizer": "bpe", "vocab_size": 300.0}, "--vocab-size (vocab_size) must be a positive integer, got 300.0"),
+    ({"val_fraction": "0.1"}, "--val-fraction (val_fraction) must be a number between 0 and 1, got '0.1'"),
+    ({"tokenizer": None}, "--tokenizer (tokenizer) must be gpt2, bpe, a path to a tokenizer.json or a Tokenizer"),
+    ({"limit": 0}, "--limit (limit) must be a positive integer, got 0"),
+    ({"workers": 1.5}, "--workers (workers) must be a positive integer, got 1.5"),
+])
+def test_prepare_from_python_refuses_bad_arguments_by_their_names(kwargs, message, stories_dir, tmp_path):
+    """A notebook's prepare(vocab_size="300") ended in a TypeError traceback, and the refusals named only the
+    command's flags: each is now a UserError naming the argument beside its flag, and nothing is written."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        prepare(tmp_path / "out", sources=stories_dir / "train.txt", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_writes_only_where_a_dataset_belongs(stories_dir, tmp_path, capsys):
     """A new or empty folder, or an earlier dataset (replaced); never a folder of other things, such as a
     transformers export whose tokenizer.json it would swap."""
@@ -775,7 +791,7 @@ def test_more_workers_than_cores_are_the_cores(stories_dir, tmp_path, monkeypatc
     monkeypatch.setattr(data, "_Workers", lambda tokenizer, n: started.append(n) or workers(tokenizer, min(n, 2)))
     prepare(tmp_path / "d", sources=[stories_dir / "train.txt"], limit=50, workers=100_000, progress=False)
     assert started == [2]
-    assert "tinygemma: warning: --workers 100000 is more than the 2 cores this process may use; using 2" in (
+    assert "tinygemma: warning: --workers (workers) 100000 is more than the 2 cores this process may use; using 2" in (
         capsys.readouterr().err)
 
 

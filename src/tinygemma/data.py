@@ -516,7 +516,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     cores = available_cpus()
     if workers > cores:  # each is a process: --workers 100000 forked until memory ran out
-        print(f"tinygemma: warning: --workers {workers} is more than the {cores} cores this process may use; "
+        print(f"tinygemma: warning: --workers (workers) {workers} is more than the {cores} cores this process may use; "
               f"using {cores}", file=sys.stderr, flush=True)
         workers = cores
     check_prepare_out(out_dir)
@@ -594,17 +594,23 @@ def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, l
         _check_positive_int(limit, "limit")
     if val_fraction is not None:
         if val_sources:
-            raise UserError("give either --val-source or --val-fraction, not both")
-        if not 0 < val_fraction < 1:
-            raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+            raise UserError("give either --val-source (val_sources) or --val-fraction (val_fraction), not both")
+        if not (isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool) and 0 < val_fraction < 1):
+            raise UserError(f"--val-fraction (val_fraction) must be a number between 0 and 1, got {val_fraction!r}")
     if vocab_size is not None and tokenizer != "bpe":
-        raise UserError("--vocab-size applies only to --tokenizer bpe (other tokenizers have their own vocabulary)")
+        raise UserError("--vocab-size (vocab_size) applies only to --tokenizer bpe (other tokenizers have their own "
+                        "vocabulary)")
     if tokenizer == "bpe":
         vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
-        _check_vocab_size(vocab_size, "--vocab-size")
+        _check_positive_int(vocab_size, "vocab_size")
+        _check_vocab_size(vocab_size, "--vocab-size (vocab_size)")
         if vocab_size < 257:
-            raise UserError(f"--vocab-size must be at least 257 (256 bytes and <|endoftext|>), got {vocab_size}")
+            raise UserError(f"--vocab-size (vocab_size) must be at least 257 (256 bytes and <|endoftext|>), got "
+                            f"{vocab_size}")
     elif not isinstance(tokenizer, Tokenizer):
+        if not isinstance(tokenizer, (str, os.PathLike)):
+            raise UserError(f"--tokenizer (tokenizer) must be gpt2, bpe, a path to a tokenizer.json or a Tokenizer, "
+                            f"got {tokenizer!r}")
         tokenizer = load_tokenizer(tokenizer)
     return tokenizer, vocab_size
 
@@ -668,8 +674,9 @@ def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
 
 
 def _check_positive_int(value, name: str) -> None:
+    """`name` is prepare's argument; the message names its flag too."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"--{name} must be a positive integer, got {value!r}")
+        raise UserError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
 
 
 def _check_vocab_size(vocab_size: int, what: str) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -85,8 +86,26 @@ def test_bad_evaluate_arguments():
     # A token file of the right size holding an id past the model's (corrupt): one line, not the embedding's
     # IndexError traceback
     tokens[7] = 300
-    with pytest.raises(UserError, match="the tokens hold id 300, past the model's 300 ids: the token file is corrupt"):
+    with pytest.raises(UserError, match=r"the tokens hold id 300, outside the model's 300 ids \(0 to 299\): the token file is corrupt"):
         evaluate(model, tokens, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((np.arange(10, dtype=np.uint16), "4"), "block_size must be an integer >= 1, got '4'"),
+    ((np.arange(10, dtype=np.uint16), 4, 2.0), "batch_size must be an integer >= 1, got 2.0"),
+    ((np.arange(10, dtype=np.uint16), 4, 2, 5.5), "max_tokens must be an integer >= 2 (one to read, one to predict), "
+                                                   "got 5.5"),
+    ((np.ones((3, 4), dtype=np.int64), 4), "tokens must be a 1-D sequence of token ids, got 2 dimensions"),
+    ((np.array([1.5, 2.0, 3.0, 4.0]), 2), "token ids must be integers, got float64 values"),
+    ((np.array([1, -1, 3, 4]), 2), "the tokens hold id -1, outside the model's 300 ids (0 to 299)"),
+])
+def test_evaluate_from_python_refuses_arguments_of_the_wrong_kind(args, message):
+    """evaluate(model, tokens, "4") was a TypeError, 2-d tokens a ValueError, float ids were truncated to ints
+    without a word, and -1 ended in the embedding's IndexError: each is a UserError now."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        evaluate(small_model(300), *args)
+    # a list and a tensor of ids are 1-D sequences too
+    assert evaluate(small_model(300), list(range(10)), 4)["loss"] == evaluate(small_model(300), torch.arange(10), 4)["loss"]
 
 
 # ------------------------------------------------------------------ the eval command

@@ -1,10 +1,12 @@
 """Generation: sampling filters on hand-made logits, determinism, stopping at end of text, streaming text, CLI."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_model import make_pair, small_config  # noqa: E402
@@ -181,6 +183,27 @@ def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model
             generate(model, ids, 2)
     with pytest.raises(UserError, match="do not belong together"):
         generate_text(tiny_model(vocab_size=512), tokenizer, PROMPT, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": "0.7"}, "temperature must be a finite number >= 0, got '0.7'"),
+    ({"max_new_tokens": "5"}, "max_new_tokens must be an integer >= 0, got '5'"),
+    ({"max_new_tokens": 5.0}, "max_new_tokens must be an integer >= 0, got 5.0"),
+    ({"top_k": 5.0}, "top_k must be an integer >= 1, got 5.0"),
+    ({"top_p": "0.9"}, "top_p must be a number in (0, 1], got '0.9'"),
+    ({"eos_id": "2"}, "eos_id must be one of the model's 50,257 token ids, got '2'"),
+    ({"eos_id": 50257}, "eos_id must be one of the model's 50,257 token ids, got 50257"),
+    ({"input_ids": torch.tensor([[1, 50257]])}, "input_ids hold id 50257, outside the model's 50,257 ids (0 to 50,256)"),
+    ({"input_ids": torch.tensor([[-1, 2]])}, "input_ids hold id -1, outside the model's 50,257 ids (0 to 50,256)"),
+])
+def test_generate_from_python_refuses_arguments_of_the_wrong_kind_in_one_line(model, kwargs, message):
+    """A notebook's generate(model, ids, "5") or temperature="0.7" ended in a TypeError deep in the comparison or in
+    torch, and an id past the embedding in its IndexError: each is a UserError saying what generate takes."""
+    args = {"input_ids": torch.tensor([[1, 2, 3]]), "max_new_tokens": 2, **kwargs}
+    with pytest.raises(UserError, match=re.escape(message)):
+        generate(model, **args)
+    # numpy's integers are integers
+    assert generate(model, torch.tensor([[1, 2]]), np.int64(2), top_k=np.int64(3)).shape == (1, 4)
 
 
 def test_non_finite_logits_are_one_line_not_a_traceback_or_nonsense(tmp_path, capsys):

@@ -207,8 +207,8 @@ def test_a_token_file_corrupted_in_place_is_refused_in_one_line_before_the_devic
                                               for a in ("--set", s)]])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-        assert err.endswith("the tokens hold id 60000, past the model's 512 ids: the token file is corrupt, or not of "
-                            "this model's tokenizer\n"), err
+        assert err.endswith("the tokens hold id 60000, outside the model's 512 ids (0 to 511): the token file is "
+                            "corrupt, or not of this model's tokenizer\n"), err
         assert not (out / "checkpoints").exists() and train_losses(out) == {}  # nothing trained on them
 
 

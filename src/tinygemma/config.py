@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -529,6 +530,16 @@ def check_block_size(block_size: int, model_config: ModelConfig) -> None:
                         f"{model_config.max_position_embeddings}")
 
 
+def is_integer(value) -> bool:
+    """An integer from Python code (numpy's too), not a bool: what a setting taken from the Python API must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (an integer too; numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_int(obj, name: str, minimum: int) -> None:
     value = getattr(obj, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -549,14 +560,14 @@ MAX_TRAIN_SEED = 2**64 - 1  # torch.manual_seed and numpy's default_rng([seed, s
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                    seed: int | None = None, prompts: int = 1) -> None:
     """Refuse sampling settings that cannot work: in one line, before a model is loaded or trained."""
-    if seed is not None and not 0 <= seed <= MAX_SEED - max(prompts - 1, 0):
+    if seed is not None and not (is_integer(seed) and 0 <= seed <= MAX_SEED - max(prompts - 1, 0)):
         raise UserError(f"seed must be an integer from 0 to {MAX_SEED - max(prompts - 1, 0):,} (a 64-bit seed), "
-                        f"got {seed}")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0 or math.isinf(temperature):
-        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+                        f"got {seed!r}")
+    if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (is_real(temperature) and temperature >= 0 and not math.isinf(temperature)):
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and not (is_integer(top_k) and top_k >= 1):
+        raise UserError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
+        raise UserError(f"top_p must be a number in (0, 1], got {top_p!r}")

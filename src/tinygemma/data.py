@@ -901,10 +901,12 @@ def windows(tokens: np.ndarray, starts, block_size: int, vocab_size: int) -> tor
 def check_token_ids(rows: np.ndarray, vocab_size: int) -> None:
     """Refuses ids the model has no embedding for (a token file corrupted in place keeps its size, so opening it
     cannot tell), on the host: no wait for the device, where CUDA's embedding would end in a device-side assert."""
-    top = int(rows.max(initial=0))
-    if top >= vocab_size:
-        raise UserError(f"the tokens hold id {top}, past the model's {vocab_size:,} ids: the token file is corrupt, "
-                        "or not of this model's tokenizer")
+    if rows.dtype.kind not in "iu":
+        raise UserError(f"token ids must be integers, got {rows.dtype} values")
+    low, top = int(rows.min(initial=0)), int(rows.max(initial=0))
+    if low < 0 or top >= vocab_size:
+        raise UserError(f"the tokens hold id {low if low < 0 else top}, outside the model's {vocab_size:,} ids (0 to "
+                        f"{vocab_size - 1:,}): the token file is corrupt, or not of this model's tokenizer")
 
 
 def to_device(batch: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:

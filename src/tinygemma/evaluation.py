@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import torch
 
+from tinygemma.config import is_integer
 from tinygemma.data import check_token_ids, to_device, windows
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3
@@ -34,12 +35,12 @@ def summarize(sums: torch.Tensor) -> dict:
 
 
 def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None) -> None:
-    if block_size < 1:
-        raise UserError(f"block_size must be >= 1, got {block_size}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 2:
-        raise UserError(f"max_tokens must be >= 2 (one to read, one to predict), got {max_tokens}")
+    if not (is_integer(block_size) and block_size >= 1):
+        raise UserError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if not (is_integer(batch_size) and batch_size >= 1):
+        raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if max_tokens is not None and not (is_integer(max_tokens) and max_tokens >= 2):
+        raise UserError(f"max_tokens must be an integer >= 2 (one to read, one to predict), got {max_tokens!r}")
 
 
 @torch.no_grad()
@@ -56,6 +57,8 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     None without it. See `nats_and_bytes` for the definitions.
     """
     check_evaluation(block_size, batch_size, max_tokens)
+    if getattr(tokens, "ndim", 1) != 1:
+        raise UserError(f"tokens must be a 1-D sequence of token ids, got {tokens.ndim} dimensions")
     n = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
     if n < 2:
         raise UserError(f"{n} tokens to evaluate: at least 2 are needed (one to read, one to predict)")
@@ -76,9 +79,9 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
             batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
             for batch in batches:
                 length = min(block_size, predicted - batch[0])  # block_size except for the tail window
-                rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in batch])
+                rows = np.stack([np.asarray(tokens[s : s + length + 1]) for s in batch])
                 check_token_ids(rows, model.config.vocab_size)
-                window = torch.from_numpy(rows).to(device, non_blocking=True)
+                window = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
                 x, y = window[:, :-1], window[:, 1:]
                 sums += nats_and_bytes(model(x, y, reduction="none"), y, token_bytes)
                 bar.update(len(batch) * length)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tinygemma.config import check_sampling
+from tinygemma.config import check_sampling, is_integer
 from tinygemma.decode import decode_plan
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3, check_tokenizer_fits
@@ -77,6 +77,13 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     B, T = input_ids.shape
     if T == 0:
         raise UserError("the prompt must hold at least one token")
+    vocab = model.config.vocab_size
+    low, high = (int(v) for v in input_ids.aminmax())  # one wait for the device, before the first token
+    if low < 0 or high >= vocab:
+        raise UserError(f"input_ids hold id {low if low < 0 else high}, outside the model's {vocab:,} ids (0 to "
+                        f"{vocab - 1:,}): were they made by another tokenizer?")
+    if eos_id is not None and not (is_integer(eos_id) and 0 <= eos_id < vocab):
+        raise UserError(f"eos_id must be one of the model's {vocab:,} token ids, got {eos_id!r}")
     if max_new_tokens == 0:
         return
     # The cache holds the dtype that the model computes in (autocast's, if active).

@@ -167,6 +167,7 @@ def test_max_new_tokens_zero(model, tokenizer):
 @pytest.mark.parametrize("kwargs", [
     {"temperature": -0.5}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0},
     {"max_new_tokens": -1}, {"num_samples": 0}, {"prompt": ""},
+    {"num_samples": "2", "seed": 1}, {"prompt": ["Once", "Hi"]}, {"prompt": 5},  # TypeErrors from Python before
     {"max_new_tokens": 2048},  # past the model's max_position_embeddings (2048) with the prompt
 ])
 def test_bad_arguments_are_user_errors(model, tokenizer, kwargs):

@@ -169,6 +169,9 @@ class TextStream:
 def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     """The prompt's token ids, refused in one line when there are none or when they and `max_new_tokens` would
     pass the model's positions."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise UserError(f"the prompt must be text (a str), got {type(prompt).__name__}: for several prompts, call "
+                        "once per prompt")
     if not prompt:
         raise UserError("the prompt is empty; give some text to continue")
     ids = tokenizer.encode(prompt)
@@ -191,9 +194,9 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     `on_text(sample, text)` receives each piece of text as soon as it is complete. Sample i is drawn from seed
     `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`.
     """
+    if not (is_integer(num_samples) and num_samples >= 1):
+        raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples)
-    if num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {num_samples}")
     check_tokenizer_fits(tokenizer, model)
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
     device = model.embed_tokens.weight.device

@@ -4,6 +4,7 @@ the numbers (accumulation, processes), bf16 autocast keeps float32 master weight
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -681,6 +682,16 @@ def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_d
     assert f"{gpt2} was prepared with tokenizer gpt2, but the run was trained with tokenizer.json:" in err, err
     with pytest.raises(tinygemma.UserError, match="--stop-at \\(stop_at\\) must be an optimizer step of 1 or more, got -3"):
         run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=-3)
+    # From Python, arguments of the wrong type (a TypeError from min() before, or "yes" taken as True)
+    for kwargs, message in (({"stop_at": "2"}, "--stop-at (stop_at) must be an optimizer step of 1 or more, got '2'"),
+                            ({"stop_at": 2.0}, "--stop-at (stop_at) must be an optimizer step of 1 or more, got 2.0"),
+                            ({"stop_at": True}, "--stop-at (stop_at) must be an optimizer step of 1 or more, got True"),
+                            ({"resume": "no"}, "--resume (resume) must be True or False, got 'no'"),
+                            ({"profile": 5}, '--profile (profile) must be text such as "20:25" (START:END), got 5')):
+        with pytest.raises(tinygemma.UserError, match=re.escape(message)):
+            run(data_dir, out, "max_steps=4", "checkpoint_interval=2", **{"resume": True, **kwargs})
+    with pytest.raises(tinygemma.UserError, match="recipe must be a Recipe .* got dict"):
+        train({"train": {"max_steps": 4}})
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again after a restart).
     losses = train_losses(out)

@@ -52,7 +52,14 @@ from tinygemma.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tinygemma.config import ModelConfig, Recipe, TrainConfig, check_block_size, saved_train_settings
+from tinygemma.config import (
+    ModelConfig,
+    Recipe,
+    TrainConfig,
+    check_block_size,
+    is_integer,
+    saved_train_settings,
+)
 from tinygemma.data import (
     Batches,
     data_differences,
@@ -121,6 +128,7 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
     (profiling.py). Returns a summary: final step, losses, best checkpoint.
     Under torchrun every process calls this; only rank 0 writes.
     """
+    check_train_arguments(recipe, resume, stop_at, profile)
     run = Trainer(recipe, resume, stop_at, quiet, profile)  # data, start, runtime, model, optimizer, logs
     try:
         if run.start == 0 and run.end > 0:
@@ -175,7 +183,6 @@ class Trainer:
         # some processes meet (a node with other data) must not go unsaid, nor one said only by a process 0 that
         # torchrun stops once the others have ended.
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
-        check_stop_at(stop_at)
         check_resume_schedule(saved_train, self.cfg, self.start)
         changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
         self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
@@ -617,10 +624,18 @@ EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})  # (and tinygemma's
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, EVAL_NAME, TRACKERS_STATE})
 
 
-def check_stop_at(stop_at: int | None) -> None:
-    """--stop-at names an optimizer step: 1 or more. One the run has already passed trains nothing."""
-    if stop_at is not None and stop_at < 1:
-        raise UserError(f"--stop-at (stop_at) must be an optimizer step of 1 or more, got {stop_at}")
+def check_train_arguments(recipe: Recipe, resume: bool, stop_at: int | None, profile: str | None) -> None:
+    """train()'s own arguments, which a notebook passes untyped. --stop-at names an optimizer step: 1 or more (one
+    the run has already passed trains nothing)."""
+    if not isinstance(recipe, Recipe):
+        raise UserError(f"recipe must be a Recipe (tinygemma.config.load_recipe makes one), got "
+                        f"{type(recipe).__name__}")
+    if not isinstance(resume, bool):
+        raise UserError(f"--resume (resume) must be True or False, got {resume!r}")
+    if stop_at is not None and not (is_integer(stop_at) and stop_at >= 1):
+        raise UserError(f"--stop-at (stop_at) must be an optimizer step of 1 or more, got {stop_at!r}")
+    if profile is not None and not isinstance(profile, str):
+        raise UserError(f"--profile (profile) must be text such as \"20:25\" (START:END), got {profile!r}")
 
 
 def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:

@@ -129,6 +129,16 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checkpoint not found" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    # From Python, a model object where its folder belongs (export(model, out) in a notebook) says how to save it,
+    # where it was a TypeError from Path().
+    from tinygemma.checkpoint import export
+
+    with pytest.raises(UserError, match="a checkpoint is given by its folder's path, got a Gemma3; a model in memory "
+                                        "is saved to one by tinygemma.checkpoint.save_model"):
+        export(Gemma3(small_config()), tmp_path / "out")
+    with pytest.raises(UserError, match="got a NoneType"):
+        tinygemma.load(None)
+    assert not (tmp_path / "out").exists()
 
 
 

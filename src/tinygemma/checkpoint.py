@@ -71,6 +71,9 @@ def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that `path` names: a run directory (its best checkpoint, else its last), a
     tinygemma checkpoint directory, or a transformers Gemma 3 directory."""
+    if not isinstance(path, (str, os.PathLike)):  # a notebook's export(model, ...): save_model writes one
+        raise UserError(f"a checkpoint is given by its folder's path, got a {type(path).__name__}; a model in "
+                        "memory is saved to one by tinygemma.checkpoint.save_model")
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")

@@ -1,6 +1,8 @@
 """Shared test fixtures: real TinyStories text and the offline GPT-2 vocabulary from ../shared."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,9 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Experiment trackers stay on this machine: wandb offline (its files under each run directory), trackio's store
 # in a temporary directory rather than the user's cache (read when trackio is first imported).
-os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", TRACKIO_DIR=tempfile.mkdtemp(prefix="tinygemma-trackio-"))
+TRACKIO_DIR = tempfile.mkdtemp(prefix="tinygemma-trackio-")
+atexit.register(shutil.rmtree, TRACKIO_DIR, ignore_errors=True)  # one per test process: none left in /tmp
+os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", TRACKIO_DIR=TRACKIO_DIR)
 for remote in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
     os.environ.pop(remote, None)
 # Two threads at most; under pytest-xdist (`-n N`) the cores are shared out among the N workers, so that

@@ -419,6 +419,19 @@ def test_cli_refuses_bad_settings_in_one_line(data_dir, tmp_path, capsys):
         assert message in err and "\n" not in err
 
 
+def test_on_a_terminal_the_log_lines_still_go_to_stdout_above_the_progress_bar(data_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """With stderr a terminal, the bar replaced the log lines: `train ... | tee train.log` kept no loss, lr, grad
+    norm, tok/s or MFU line, and the terminal showed only the bar's loss and tok/s. The lines are written in any
+    case, through the bar (which clears itself, writes them to stdout and redraws on stderr)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "run", "max_steps=4", "log_interval=2")))
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("step ") and "tok/s" in line]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and all("lr " in line for line in lines), captured.out
+    assert "4/4" in captured.err and "it/s" not in captured.out  # the bar is on stderr, and only there
+
+
 def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rate(data_dir, tmp_path,
                                                                                    monkeypatch, capsys):
     """The log line's tok/s is its interval's tokens over its wall-clock time: the steps' own time and the wait

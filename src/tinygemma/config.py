@@ -182,7 +182,7 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate every this many optimizer steps (and at step 0, at checkpoints, at the end)
     eval_batches: int = 10  # validation batches per evaluation, each of the global batch's size
     checkpoint_interval: int = 500  # save every this many optimizer steps (and at the end); 0 = only at the end
-    log_interval: int = 10  # a plain log line (and a metrics flush) every this many steps when not on a terminal
+    log_interval: int = 10  # a log line (and a metrics flush) every this many steps
     dtype: str = "auto"  # auto (bfloat16 on GPUs with native bf16, float16 + scaler on older ones; float32 elsewhere), float32, bfloat16, float16
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, false
     seed: int = 1337  # model initialisation and the training batches

@@ -455,7 +455,8 @@ class Trainer:
     def log(self, record: dict, read: bool = False) -> None:
         """Queue the step's record. Every log_interval steps and at this invocation's end, read the queued records
         (`read` reads them anyway: before an evaluation or a checkpoint), give this step's record the interval's
-        rate, MFU and peak memory, write them, and show a log line (or the progress bar's figures)."""
+        rate, MFU and peak memory, write them, and show a log line (on stdout, above the progress bar on a
+        terminal: `| tee train.log` keeps every line)."""
         self.pending.append(record)
         if self.progress:
             self.progress.update(1)
@@ -471,7 +472,7 @@ class Trainer:
         self.log_file.flush()
         if self.progress:
             self.progress.set_postfix_str(f"loss {record['train_loss']:.4f} | {rate:,.0f} tok/s")
-        elif not self.quiet:
+        if not self.quiet:  # above the bar on a terminal: the bar has no room for lr, grad norm or MFU
             eta = (self.cfg.max_steps - done) * self.tokens_per_step / rate
             self.say(log_line(record, self.cfg.max_steps, rate, eta, record.get("mfu")))
 

@@ -20,6 +20,7 @@ import tinygemma.report
 from tinygemma.cli import main
 from tinygemma.config import Recipe, load_recipe
 from tinygemma.devices import cpu_description
+from tinygemma.report import optimizer_description
 
 data_dir, straight_run, one_thread = test_train.data_dir, test_train.straight_run, test_train.one_thread
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,13 @@ def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_r
     assert f"| {evaluation['val_loss']:.4f} | {evaluation['val_bpb']:.4f} |" in text
     assert "\n> Once upon a time" in text  # a sample, generated from the exported files
     assert json.loads((straight_run / "config.json").read_text())["run"]["hardware"] in text
+    # An AdamW run's card names no Muon learning rate (it said "(Muon 0.04)" whatever the optimizer)
+    assert "| optimizer | adamw, learning rate 0.01, cosine schedule to 0.001, 4 warmup steps |" in text
+    assert optimizer_description({"optimizer": "muon", "learning_rate": 0.003, "muon_learning_rate": 0.04,
+                                  "lr_schedule": "wsd", "cooldown_fraction": 0.4, "min_lr": 3e-4,
+                                  "warmup_steps": 100}) == (
+        "muon, Muon 0.04 for the matrices, AdamW 0.003 for the rest, wsd schedule to 0.0003 over the last 0.4 of the "
+        "steps, 100 warmup steps")
 
     # The card's loading code runs as written, with transformers, on the exported directory.
     code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)

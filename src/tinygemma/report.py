@@ -360,15 +360,23 @@ def training_section(known: dict) -> list[str]:
             ("tokens", f"{tokens:,} ({state['step']:,} optimizer steps)" if tokens else UNKNOWN),
             ("batch", f"{train.get('batch_size', 0) * train.get('grad_accum_steps', 0):,} sequences of "
                       f"{train.get('block_size', 0):,} tokens per step"),
-            ("optimizer", f"{train.get('optimizer')}, learning rate {train.get('learning_rate')} (Muon "
-                          f"{train.get('muon_learning_rate')}), {train.get('lr_schedule')} schedule to "
-                          f"{train.get('min_lr')}, {train.get('warmup_steps')} warmup steps"),
+            ("optimizer", optimizer_description(train)),
             *machine_rows(run)]
     if state.get("elapsed_s"):
         rows.append(("training time", f"{format_duration(state['elapsed_s'])} of optimizer steps"))
     return [*table(rows), "Reproduce (on the data prepared in `data.dir`, with `train.out` set to a new folder):", "",
             "```bash", reproduce_command(recipe), "```", "",
             *details("The whole recipe", "json", json.dumps(recipe, indent=2))]
+
+
+def optimizer_description(train: dict) -> str:
+    """The optimizer and schedule as the card states them: Muon's rate only where Muon trained the matrices."""
+    muon = train.get("optimizer") == "muon"
+    rates = (f"Muon {train.get('muon_learning_rate')} for the matrices, AdamW {train.get('learning_rate')} for the "
+             "rest" if muon else f"learning rate {train.get('learning_rate')}")
+    cooldown = f" over the last {train.get('cooldown_fraction')} of the steps" if train.get("lr_schedule") == "wsd" else ""
+    return (f"{train.get('optimizer')}, {rates}, {train.get('lr_schedule')} schedule to {train.get('min_lr')}"
+            f"{cooldown}, {train.get('warmup_steps')} warmup steps")
 
 
 def evaluation_section(known: dict) -> list[str]:

@@ -96,13 +96,45 @@ def test_the_report_counts_the_parameters_the_model_card_and_readme_count(data_d
     assert f"| parameters | {recorded:,} |" in (out / "report.md").read_text()
 
 
-def test_the_report_gives_mfu_at_the_average_rate():
-    """A log line's record holds its interval's rate and the MFU at that rate: at the run's average rate, MFU
-    scales with it."""
-    records = [{"step": 1, "tokens_per_s": 100.0, "mfu": 0.10}, {"step": 2, "tokens_per_s": 200.0, "mfu": 0.20}]
-    rows = dict(tinygemma.report.training_rows({}, records, {"tokens": 1000, "elapsed_s": 20.0, "step": 2}))
-    assert rows["throughput"] == "50 tokens/s (average)"
-    assert rows["MFU"] == "5.0% (at the average throughput)"
+def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_it_was_trained(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """The report's one command trained the final settings throughout, so a run resumed with a lower learning
+    rate was not reproduced by it; and its MFU and hardware were the last invocation's, over the whole run's
+    time. The trainer state now records each invocation: the report gives one command per part (which do
+    reproduce the run's losses), the MFU over each part's own peak, and each part's machine."""
+    import tinygemma.train as train_module
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_module, "peak_flops", lambda device: 1e9)  # a made-up peak, so that MFU is known
+    test_train.run(data_dir, out, "max_steps=12", "checkpoint_interval=4", stop_at=4)
+    monkeypatch.setattr(train_module, "peak_flops", lambda device: 4e9)  # "another GPU" from step 5
+    test_train.run(data_dir, out, "max_steps=12", "checkpoint_interval=4", "learning_rate=5e-3", resume=True)
+    state = json.loads((out / "checkpoints" / "step_000012" / "trainer_state.json").read_text())
+    parts = state["invocations"]
+    assert [p["steps"] for p in parts] == [[0, 4], [4, 12]]
+    assert parts[0]["changed"] == {} and parts[1]["changed"] == {"learning_rate": [0.01, 0.005]}
+    assert sum(p["elapsed_s"] for p in parts) == pytest.approx(state["elapsed_s"])
+    assert [p["peak_flop_s"] / p["elapsed_s"] for p in parts] == pytest.approx([1e9, 4e9])
+    text = (out / "report.md").read_text()
+    mfu = sum(p["flops"] for p in parts) / sum(p["peak_flop_s"] for p in parts)
+    assert f"| MFU | {100 * mfu:.1f}% (over the optimizer steps' time) |" in text
+
+    # The commands, run as written into another folder, train the same losses.
+    assert "its settings changed on resume (at step 4, learning_rate 0.01 -> 0.005)" in text
+    commands = [line for line in text.splitlines() if line.startswith("tinygemma train")]
+    assert len(commands) == 2 and commands[0].endswith(" --stop-at 4")
+    again = tmp_path / "again"
+    for command in commands:
+        words = [{str(out): str(again), f"train.out={out}": f"train.out={again}"}.get(w, w) for w in shlex.split(command)]
+        assert main(words[1:]) == 0
+    capsys.readouterr()
+    assert test_train.train_losses(again) == test_train.train_losses(out)
+
+    # A run moved to other hardware lists each part's machine.
+    rows = dict(tinygemma.report.machine_rows({}, {"invocations": [
+        {"steps": [0, 4], "hardware": "1 x H100", "precision": "bfloat16"},
+        {"steps": [4, 12], "hardware": "8 x H100", "precision": "bfloat16"}]}))
+    assert rows["hardware and precision"] == "steps 1 to 4: 1 x H100, bfloat16; steps 5 to 12: 8 x H100, bfloat16"
 
 
 def test_the_commit_is_unknown_outside_a_git_checkout_of_tinygemma(tmp_path, monkeypatch):
@@ -112,7 +144,7 @@ def test_the_commit_is_unknown_outside_a_git_checkout_of_tinygemma(tmp_path, mon
     assert tinygemma.report.source_commit() is None  # no repository at all
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     assert tinygemma.report.source_commit() is None  # a repository around an installed copy is not its source
-    assert dict(tinygemma.report.machine_rows({"commit": None}))["commit"] == "unknown"
+    assert dict(tinygemma.report.machine_rows({"commit": None}, {}))["commit"] == "unknown"
 
 
 def card(path: Path):

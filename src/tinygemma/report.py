@@ -57,8 +57,11 @@ def environment(device: torch.device, world_size: int) -> dict:
     software = {"python": platform.python_version(), "torch": torch.__version__, "tinygemma": tinygemma.__version__}
     if device.type == "cuda":
         software["cuda"] = torch.version.cuda
-    return {"hardware": f"{world_size} x {device_description(device)}", "software": software,
-            "commit": source_commit()}
+    return {"hardware": hardware(device, world_size), "software": software, "commit": source_commit()}
+
+
+def hardware(device: torch.device, world_size: int) -> str:
+    return f"{world_size} x {device_description(device)}"
 
 
 def source_commit() -> str | None:
@@ -101,6 +104,28 @@ def reproduce_command(recipe: dict) -> str:
     return " ".join(["tinygemma train", *(f"--set {shlex.quote(s)}" for s in sets)])
 
 
+def reproduce_block(recipe: dict, state: dict, intro: str) -> list[str]:
+    """`intro`, then the command that reproduces the run; where a resume changed settings (a lower learning rate
+    after a spike), one command for each part, each --stop-at where the next changed them."""
+    changes = [(p["steps"][0], p["changed"]) for p in state.get("invocations") or [] if p.get("changed")]
+    if not changes:
+        return [f"{intro}:", "", "```bash", reproduce_command(recipe), "```", ""]
+    first = {**recipe, "train": dict(recipe.get("train") or {})}
+    for _, changed in reversed(changes):  # the settings before the first change
+        first["train"].update({name: was for name, (was, _) in changed.items()})
+    out = shlex.quote(str(first["train"].get("out", Recipe.out)))
+    commands = [f"{reproduce_command(first)} --stop-at {changes[0][0]}"]
+    for k, (_, changed) in enumerate(changes):
+        sets = " ".join(f"--set {shlex.quote(f'train.{name}={as_text(now)}')}" for name, (_, now) in changed.items())
+        until = f" --stop-at {changes[k + 1][0]}" if k + 1 < len(changes) else ""
+        commands.append(f"tinygemma train --out {out} --resume {sets}{until}")
+    told = "; ".join(f"at step {step:,}, " + ", ".join(f"{name} {as_text(was)} -> {as_text(now)}"
+                                                        for name, (was, now) in changed.items())
+                     for step, changed in changes)
+    return [f"{intro}, in parts, as it was trained: its settings changed on resume ({told}):", "", "```bash",
+            *commands, "```", ""]
+
+
 def as_text(value) -> str:
     """A setting's value as --set reads it: none, true/false, a TOML array, or the number or string itself."""
     if value is None:
@@ -135,12 +160,12 @@ def render_report(run_dir: Path) -> str:
     lines = [f"# tinygemma run `{run_dir.name}`", "",
              f"Step {steps:,} of {config['train']['max_steps']:,}"
              + (f", checkpoint `checkpoints/{last['dir']}`" if last else ", no checkpoint yet") + ".", ""]
-    lines += ["## Recipe", "", "Reproduce it (on the data prepared in `data.dir`, with `train.out` set to a new "
-              "folder: the one named holds this run; losses do not depend on the number of processes):", "",
-              "```bash", reproduce_command(recipe), "```", "",
+    lines += ["## Recipe", "", *reproduce_block(recipe, state, "Reproduce it (on the data prepared in `data.dir`, "
+                                                 "with `train.out` set to a new folder: the one named holds this run; "
+                                                 "losses do not depend on the number of processes)"),
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
-    lines += ["## Machine", "", *table(machine_rows(run))]
-    lines += ["## Training", "", *table(training_rows(run, records, state))]
+    lines += ["## Machine", "", *table(machine_rows(run, state))]
+    lines += ["## Training", "", *table(training_rows(run, state))]
     lines += ["## Validation", "", *validation_table(records, last, best, evaluation)]
     if (run_dir / "loss.png").exists():
         lines += ["![train and validation loss against tokens](loss.png)", ""]
@@ -152,15 +177,23 @@ def render_report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def machine_rows(run: dict) -> list[tuple[str, str]]:
+def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
+    """This invocation's machine (config.json's), or every machine of a run moved between them on resume."""
     software = run.get("software") or {}
-    return [("hardware", run.get("hardware") or UNKNOWN),
-            ("precision", f"{run.get('dtype', UNKNOWN)} on {run.get('world_size', '?')} process(es)"),
+    parts = state.get("invocations") or []
+    if len({(p.get("hardware"), p.get("precision")) for p in parts}) > 1:
+        machines = [("hardware and precision", "; ".join(
+            f"steps {a + 1:,} to {b:,}: {p.get('hardware') or UNKNOWN}, {p.get('precision') or UNKNOWN}"
+            for p in parts for a, b in [p["steps"]]))]
+    else:
+        machines = [("hardware", run.get("hardware") or UNKNOWN),
+                    ("precision", f"{run.get('dtype', UNKNOWN)} on {run.get('world_size', '?')} process(es)")]
+    return [*machines,
             ("software", ", ".join(f"{k} {v}" for k, v in software.items()) or UNKNOWN),
             ("commit", run.get("commit") or UNKNOWN)]
 
 
-def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str, str]]:
+def training_rows(run: dict, state: dict) -> list[tuple[str, str]]:
     """Parameters, tokens, time, throughput and MFU from the run's records."""
     tokens, seconds = state.get("tokens", 0), state.get("elapsed_s", 0.0)
     rate = tokens / seconds if seconds else None
@@ -170,10 +203,12 @@ def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str
             ("training time", f"{format_duration(seconds)} ({seconds:,.1f} s of optimizer steps, summed over "
                               "invocations; evaluations and checkpoints not counted)"),
             ("throughput", f"{rate:,.0f} tokens/s (average)" if rate else UNKNOWN)]
-    # A log line's record holds its interval's rate and the MFU at it: their ratio gives the MFU at any rate.
-    ratio = next((r["mfu"] / r["tokens_per_s"] for r in reversed(records) if r.get("mfu") and r.get("tokens_per_s")),
-                 None)
-    rows.append(("MFU", f"{100 * ratio * rate:.1f}% (at the average throughput)" if ratio and rate
+    # The FLOPs of every invocation over the peak FLOPs its time allowed on its own machine and processes: a run
+    # moved from one GPU to eight, or to another GPU, is counted on each.
+    parts = state.get("invocations") or []
+    known = parts and all(p.get("peak_flop_s") for p in parts)
+    rows.append(("MFU", f"{100 * sum(p['flops'] for p in parts) / sum(p['peak_flop_s'] for p in parts):.1f}% "
+                        "(over the optimizer steps' time)" if known
                  else "not known (no peak figure for this hardware)"))
     skipped = state.get("skipped_steps")
     if skipped:
@@ -361,11 +396,11 @@ def training_section(known: dict) -> list[str]:
             ("batch", f"{train.get('batch_size', 0) * train.get('grad_accum_steps', 0):,} sequences of "
                       f"{train.get('block_size', 0):,} tokens per step"),
             ("optimizer", optimizer_description(train)),
-            *machine_rows(run)]
+            *machine_rows(run, state)]
     if state.get("elapsed_s"):
         rows.append(("training time", f"{format_duration(state['elapsed_s'])} of optimizer steps"))
-    return [*table(rows), "Reproduce (on the data prepared in `data.dir`, with `train.out` set to a new folder):", "",
-            "```bash", reproduce_command(recipe), "```", "",
+    return [*table(rows), *reproduce_block(recipe, state, "Reproduce (on the data prepared in `data.dir`, with "
+                                           "`train.out` set to a new folder)"),
             *details("The whole recipe", "json", json.dumps(recipe, indent=2))]
 
 

@@ -105,7 +105,7 @@ from tinygemma.parallelize import (
     wrap_model,
 )
 from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
-from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
+from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, hardware, write_report
 from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
@@ -190,6 +190,9 @@ class Trainer:
         weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
+        # The run's earlier invocations (machine, time, settings changed), for the report; this one joins them.
+        self.history, self.changes = earlier_invocations(state), settings_changes(saved_train, self.cfg)
+        self.start_elapsed = self.elapsed
         self.train_loss = self.last_val = None
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
         self.window = [0, 0.0]  # tokens and seconds of the steps since the last log line (for its rate)
@@ -507,6 +510,16 @@ class Trainer:
                          f"bpb {result['val_bpb']:.4f}")
         return result
 
+    def invocation(self, step: int) -> dict:
+        """This invocation's part of the run up to `step`: its steps, time, machine and precision, its FLOPs and
+        the peak FLOPs its time allowed (None where the peak is unknown), and the settings it changed."""
+        seconds, rt = self.elapsed - self.start_elapsed, self.rt
+        return {"steps": [self.start, step], "elapsed_s": seconds, "hardware": hardware(rt.device, rt.world_size),
+                "precision": dtype_name(rt.dtype),
+                "flops": (step - self.start) * self.tokens_per_step * self.flops_per_token,
+                "peak_flop_s": seconds * self.peak * rt.world_size if self.peak else None,
+                "changed": self.changes}
+
     def checkpoint(self, step: int) -> None:
         """Weights, optimizer, and everything exact resume needs, as checkpoints/step_NNNNNN (every rank calls)."""
         cfg, val_loss = self.cfg, self.last_val["val_loss"]
@@ -528,6 +541,7 @@ class Trainer:
             "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "precision": dtype_name(self.rt.dtype),  # what dtype resolved to (auto: by device), for a resume's warning
             "config": self.recipe.to_dict(),
+            "invocations": [*self.history, self.invocation(step)],
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data_dir, val_loss, is_best,
@@ -585,6 +599,16 @@ class Trainer:
             "checkpoint": str(self.run_dir / "checkpoints" / final["dir"]) if final else None,
             "skipped_steps": self.skipped, "elapsed_s": self.elapsed,
         }
+
+
+def earlier_invocations(state: dict) -> list[dict]:
+    """The invocations a checkpoint's state records; a checkpoint written before they were recorded stands for
+    one whose machine is unknown."""
+    if isinstance(state.get("invocations"), list):
+        return state["invocations"]
+    step = state.get("step", 0)
+    return [{"steps": [0, step], "elapsed_s": state.get("elapsed_s", 0.0), "hardware": None, "precision": None,
+             "flops": None, "peak_flop_s": None, "changed": {}}] if step else []
 
 
 def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig) -> tuple[int, int]:
@@ -680,6 +704,16 @@ STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend"
                  "eval_batches")  # the validation set that best.json compares against the earlier losses
 
 
+def settings_changes(saved: dict | None, cfg: TrainConfig) -> dict[str, list]:
+    """The step settings a resume changes, {name: [the run's value, this invocation's]}."""
+    if not saved:
+        return {}
+    saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
+    unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
+    return {name: [saved[name], current[name]] for name in STEP_SETTINGS
+            if name in saved and saved[name] != current[name] and name not in unused}
+
+
 def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_at: int | None) -> str | None:
     """Refuse a resume that changes the run's batches (its windows and token counts would no longer be one run's;
     the micro-batch split and the process count may change, they change no number). Returns a warning naming
@@ -695,9 +729,7 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
         raise UserError(f"the run's batches cannot change on resume ({', '.join(moved)}; the global batch is "
                         "batch_size x grad_accum_steps): resume with the run's own settings, or start a new run "
                         "with another --out")
-    unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
-    changed = [f"{name} {saved[name]} -> {current[name]}" for name in STEP_SETTINGS
-               if name in saved and saved[name] != current[name] and name not in unused]
+    changed = [f"{name} {was} -> {now}" for name, (was, now) in settings_changes(saved, cfg).items()]
     if not changed:
         return None
     if step >= cfg.max_steps or (stop_at is not None and stop_at <= step):  # nothing is trained now: the run (and

@@ -621,26 +621,34 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def source_commit(assets: Path) -> str:
-    """This tree's commit (git describe), or, where the tree came without .git (a device machine gets a copy of
-    the working tree), the one --make-assets recorded in the assets, said so, and said to be stale when the
-    source has changed since (--make-assets was not run again before the device run); "unknown" without
-    either."""
+def git_commit() -> str | None:
+    """This tree's commit as git describes it, or None (no git, no .git, or a slow git: never a stop)."""
     try:
         described = subprocess.run(["git", "describe", "--always", "--dirty=, with uncommitted changes"], cwd=ROOT,
                                    capture_output=True, text=True, timeout=10)
-        if described.returncode == 0 and described.stdout.strip():
-            return described.stdout.strip()
-    except (OSError, subprocess.SubprocessError):  # no git, or a slow one: the assets' record, never a stop
-        pass
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else None
+
+
+def source_commit(assets: Path) -> str:
+    """The commit --make-assets recorded in the assets where this source is still the one it fingerprinted (a
+    device machine gets a copy of the working tree, with no .git or with a .git copied when the session began,
+    older than the tree), else git's own answer, else the record said to be stale (--make-assets was not run
+    again before the device run); "unknown" without either."""
     try:
-        commit, _, fingerprint = (assets / COMMIT_FILE).read_text().strip().partition("\n")
+        recorded, _, fingerprint = (assets / COMMIT_FILE).read_text().strip().partition("\n")
     except OSError:
-        return "unknown"
-    if fingerprint.strip() != source_fingerprint():
-        return (f"unknown: the source has changed since --make-assets recorded {commit} (this copy has no .git; "
+        recorded = fingerprint = None
+    if recorded and fingerprint.strip() == source_fingerprint():
+        return f"{recorded} (as recorded by --make-assets for this very source)"
+    described = git_commit()
+    if described:
+        return described
+    if recorded:
+        return (f"unknown: the source has changed since --make-assets recorded {recorded} (this copy has no .git; "
                 "run --make-assets again before the device run)")
-    return f"{commit} (as recorded by --make-assets; this copy has no .git)"
+    return "unknown"
 
 
 def environment(plan: Plan, assets: Path = DEFAULT_ASSETS) -> tuple[list[str], dict]:
@@ -721,8 +729,7 @@ def make_assets(shared: Path, assets: Path) -> int:
     for name in ("train.txt", "valid.txt"):
         shutil.copyfile(stories / name, assets / "tinystories" / name)
     shutil.copytree(cache, assets / "tiktoken_cache", dirs_exist_ok=True)
-    commit = source_commit(Path(tempfile.gettempdir()) / "no-assets")  # git's own answer, never an older record
-    (assets / COMMIT_FILE).write_text(f"{commit}\n{source_fingerprint()}\n")
+    (assets / COMMIT_FILE).write_text(f"{git_commit() or 'unknown'}\n{source_fingerprint()}\n")
     size = sum(p.stat().st_size for p in assets.rglob("*") if p.is_file())
     print(f"wrote {assets} ({size / 1e6:.1f} MB)")
     return 0

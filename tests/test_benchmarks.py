@@ -96,7 +96,7 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         assert (assets / "tinystories" / name).read_bytes() == (STORIES / name).read_bytes()
     assert {p.name for p in (assets / "tiktoken_cache").iterdir()} == {p.name for p in (SHARED / "tiktoken_cache").iterdir()}
     # For a copy without .git: this commit, and this source's fingerprint (a later change shows as stale).
-    assert (assets / suite.COMMIT_FILE).read_text().split() == [*suite.source_commit(tmp_path).split(),
+    assert (assets / suite.COMMIT_FILE).read_text().split() == [*suite.git_commit().split(),
                                                                 suite.source_fingerprint()]
 
     real = suite.GPU_SUMMARY.read_bytes() if suite.GPU_SUMMARY.exists() else None
@@ -688,7 +688,8 @@ def test_gpu_suite_survives_its_own_mistakes_in_a_step(tmp_path, monkeypatch):
 
 
 def test_gpu_suite_names_the_commit_from_the_assets_without_git(tmp_path, monkeypatch):
-    """A device machine gets a copy of the working tree, maybe without .git: the commit --make-assets recorded."""
+    """A device machine gets a copy of the working tree, without .git or with an older one: the commit
+    --make-assets recorded for this source."""
     suite = load_script("gpu_suite")
     real = suite.source_commit(tmp_path)
     assert real != "unknown" and "recorded" not in real  # this checkout: git's own answer
@@ -696,10 +697,15 @@ def test_gpu_suite_names_the_commit_from_the_assets_without_git(tmp_path, monkey
     def no_git(*args, **kwargs):
         raise subprocess.TimeoutExpired("git", 10)  # a slow git is no stop either
 
+    # A .git copied when the session began, older than the tree the device got: the record of this very source
+    # wins (the H200 run at be7628d reported the session's first commit "with uncommitted changes").
+    (tmp_path / suite.COMMIT_FILE).write_text(f"abc1234\n{suite.source_fingerprint()}\n")
+    assert suite.source_commit(tmp_path) == "abc1234 (as recorded by --make-assets for this very source)"
     monkeypatch.setattr(suite.subprocess, "run", no_git)
+    (tmp_path / suite.COMMIT_FILE).unlink()
     assert suite.source_commit(tmp_path) == "unknown"
     (tmp_path / suite.COMMIT_FILE).write_text(f"abc1234\n{suite.source_fingerprint()}\n")
-    assert suite.source_commit(tmp_path) == "abc1234 (as recorded by --make-assets; this copy has no .git)"
+    assert suite.source_commit(tmp_path) == "abc1234 (as recorded by --make-assets for this very source)"
     # Assets made before the source changed (--make-assets not run again): the record is not this source's.
     monkeypatch.setattr(suite, "SOURCE_GLOBS", ("pyproject.toml",))
     assert suite.source_commit(tmp_path).startswith("unknown: the source has changed since --make-assets "

@@ -138,6 +138,19 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
         export(Gemma3(small_config()), tmp_path / "out")
     with pytest.raises(UserError, match="got a NoneType"):
         tinygemma.load(None)
+    # A device or dtype given as torch takes them is checked as a name is: torch.device("meta") was accepted, an
+    # index without an accelerator a RuntimeError traceback
+    ckpt = tmp_path / "ckpt"
+    save_model(Gemma3(small_config()), ckpt)
+    cases = [(torch.device("meta"), "unknown device 'meta'")]
+    if not torch.cuda.is_available():
+        cases += [(0, "unknown device 0|sees no CUDA GPU"), (torch.device("cuda", 3), "sees no CUDA GPU")]
+    for device, message in cases:
+        with pytest.raises(UserError, match=message):
+            tinygemma.load(ckpt, device=device)
+    with pytest.raises(UserError, match="a model's dtype is a floating-point one"):
+        tinygemma.load(ckpt, dtype=torch.int64)
+    assert tinygemma.load(ckpt, device=torch.device("cpu")).embed_tokens.weight.device.type == "cpu"
     assert not (tmp_path / "out").exists()
 
 

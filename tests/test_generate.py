@@ -180,8 +180,11 @@ def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model
     """From Python: a 1-d tensor, a list or float ids say what generate takes; a tokenizer with more ids than the
     model has rows is refused as the command line refuses it (it was an IndexError from the embedding)."""
     for ids in (torch.tensor([1, 2, 3]), [[1, 2, 3]], torch.tensor([[1.0, 2.0]])):
-        with pytest.raises(UserError, match=r"\[batch, tokens\] tensor of token ids"):
+        with pytest.raises(UserError, match=r"\[batch, tokens\] tensor of integer token ids"):
             generate(model, ids, 2)
+    # int32 ids (torch.from_numpy of an int32 array) are ids: refused since bf2845d, which a review caught
+    assert generate(model, torch.tensor([[1, 2]], dtype=torch.int32), 2, temperature=0).tolist() == generate(
+        model, torch.tensor([[1, 2]]), 2, temperature=0).tolist()
     with pytest.raises(UserError, match="do not belong together"):
         generate_text(tiny_model(vocab_size=512), tokenizer, PROMPT, 2)
 

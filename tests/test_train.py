@@ -389,6 +389,17 @@ def test_a_torchrun_environment_that_is_not_torchrun_s_is_one_line(data_dir, tmp
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("rank", ["x", "1"])
+def test_a_stray_rank_outside_torchrun_changes_nothing(data_dir, tmp_path, monkeypatch, capsys, rank):
+    """A RANK left exported without WORLD_SIZE: "x" trained the whole run, then ended in int()'s traceback; "1"
+    dropped the summary line. Outside torchrun the process is process 0, whatever RANK says."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", *[a for s in tiny_settings(data_dir, tmp_path / "r", "max_steps=2", "warmup_steps=1")
+                                                for a in ("--set", s)]]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2  # the summary
+
+
 def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_path):
     out = tmp_path / "recompute"
     run(data_dir, out, "activation_checkpointing=true", stop_at=3)

@@ -26,7 +26,7 @@ import torch
 
 from tinygemma.config import ModelConfig
 from tinygemma.data import is_prepared_dataset
-from tinygemma.devices import pick_device, pick_dtype
+from tinygemma.devices import as_device, pick_dtype
 from tinygemma.errors import UserError
 from tinygemma.files import (
     atomic_path,
@@ -127,8 +127,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     """A Gemma3 in eval mode from a run directory, a tinygemma checkpoint, or a transformers Gemma 3 directory.
     `device` and `dtype` as load_model takes them ("auto", "cuda", "bf16", ...) or torch's; None keeps the
     stored dtype on the CPU. Both are resolved (and refused) before anything is read."""
-    if isinstance(device, str):
-        device = pick_device(device)
+    if device is not None:
+        device = as_device(device)
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise UserError(f"a model's dtype is a floating-point one (float32, bfloat16, float16), got {dtype}")
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, torch.device("cpu" if device is None else device))  # (device 0 is cuda:0)
     directory = resolve_checkpoint(path)

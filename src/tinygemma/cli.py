@@ -44,6 +44,7 @@ from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.pipeline import run, where_and_next
 from tinygemma.report import write_model_card
+from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
 from tinygemma.train import train
 
@@ -237,7 +238,7 @@ def _train_main(args) -> int:
     else:
         recipe = load_recipe(args.config, overrides + args.set)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_rank() == 0:
         print(json.dumps(summary))
     return 0
 
@@ -258,7 +259,7 @@ def add_run(subparsers) -> None:
 def _run_main(args) -> int:
     recipe = load_recipe(args.recipe, args.set)  # refuses a recipe that is missing, a folder, not TOML
     run(recipe)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 evaluated, sampled and wrote
+    if env_rank() == 0:  # under torchrun, process 0 evaluated, sampled and wrote
         print(where_and_next(recipe, args.recipe, args.set), flush=True)
     return 0
 

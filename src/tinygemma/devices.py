@@ -30,6 +30,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def as_device(device) -> torch.device:
+    """A device as torch takes it (a name, an index, a torch.device), checked as `pick_device` checks a name."""
+    if isinstance(device, str):
+        return pick_device(device)
+    try:
+        name = str(torch.device(device))
+    except (RuntimeError, TypeError):  # torch.device(0) without an accelerator, or no device at all
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    return pick_device(name)
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slowly."""
     try:

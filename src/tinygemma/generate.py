@@ -69,11 +69,13 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+    integers = (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8)  # what the embedding would index
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in integers:
         got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
                else type(input_ids).__name__)
-        raise UserError(f"input_ids must be a [batch, tokens] tensor of token ids (torch.long), got {got}; "
-                        "one prompt is torch.tensor([ids])")
+        raise UserError(f"input_ids must be a [batch, tokens] tensor of integer token ids, got {got}; one prompt "
+                        "is torch.tensor([ids])")
+    input_ids = input_ids.long()  # (torch.from_numpy of int32 ids, say)
     B, T = input_ids.shape
     if T == 0:
         raise UserError("the prompt must hold at least one token")

@@ -405,8 +405,8 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     assert main(["train", "--out", str(switch), "--resume", "--set", "lr_schedule=cosine", "--stop-at", "5"]) == 0
     assert "other than the run's: lr_schedule wsd -> cosine; the steps from here" in capsys.readouterr().err
     assert main(["train", "--out", str(cosine), "--resume", "--set", "learning_rate=5e-3", "--stop-at", "3"]) == 0
-    assert "the run is at step 9 of 20 with settings other than its own: learning_rate 0.01 -> 0.005; --stop-at 3 " \
-           "trains no step, so they change nothing" in capsys.readouterr().err
+    assert "the run is at step 9 of 20 with settings other than its own: learning_rate 0.01 -> 0.005; --stop-at " \
+           "(stop_at) 3 trains no step, so they change nothing" in capsys.readouterr().err  # the notebook's name too
     with pytest.raises(tinygemma.UserError, match="cosine schedule's learning rates depend on max_steps"):
         run(data_dir, cosine, "max_steps=30", "lr_schedule=cosine", resume=True)
 

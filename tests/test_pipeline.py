@@ -180,6 +180,25 @@ def test_a_bpe_that_stops_short_of_its_vocabulary_is_still_the_recipe_s(tmp_path
     assert "prepared data found" in capsys.readouterr().err
 
 
+def test_one_path_given_from_python_as_data_source_is_one_source(tmp_path, stories_dir, capsys):
+    """recipe.data.source = "train.txt" from a notebook: the log named its letters, and the second run of the
+    recipe refused the data the first had prepared, as prepared "from other data". A list that is not of paths is
+    refused in one line."""
+    from tinygemma.pipeline import prepare_if_missing
+
+    recipe = load_recipe(None, [f"data.dir={tmp_path / 'data'}", "data.limit=30", "data.tokenizer=bpe",
+                                "data.vocab_size=300"])
+    recipe.data.source, recipe.data.val_source = str(stories_dir / "train.txt"), stories_dir / "valid.txt"
+    prepare_if_missing(recipe)
+    assert f"preparing {stories_dir / 'train.txt'} into" in capsys.readouterr().err
+    prepare_if_missing(recipe)
+    assert "prepared data found" in capsys.readouterr().err
+    recipe.data.source = [1, 2]
+    with pytest.raises(tinygemma.UserError, match=r"data.source must be a list of story files \(or one path\), "
+                                                  r"got \[1, 2\]"):
+        prepare_if_missing(recipe)
+
+
 def test_run_continues_an_interrupted_run(tmp_path, stories_dir, capsys):
     from tinygemma.config import load_recipe
     from tinygemma.pipeline import prepare_if_missing

@@ -257,7 +257,14 @@ class DataConfig:
 
     def validate(self) -> None:
         """[data]'s own mistakes, named as the recipe's settings, before `tinygemma run` prepares anything. Not
-        checked when a run's saved recipe is read: `train` reads only data.dir."""
+        checked when a run's saved recipe is read: `train` reads only data.dir. One path given from Python as a
+        source (recipe.data.source = "stories.txt") becomes a list of one, as prepare() takes it."""
+        for name in ("source", "val_source"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                setattr(self, name, [str(value)])
+            elif not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
+                raise UserError(f"data.{name} must be a list of story files (or one path), got {value!r}")
         for name, minimum in (("limit", 1), ("vocab_size", 257)):  # a BPE holds the 256 bytes and end-of-text
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):

@@ -768,6 +768,7 @@ def data_differences(want: DataConfig, data: PreparedData) -> list[str]:
     """How the prepared `data` differs from what a recipe's [data] `want` would prepare, as "what: recorded, asked"
     phrases (none: the same). Sources match as written or as resolved paths; the tokenizer by kind, a
     tokenizer.json by its contents, a trained BPE by its vocabulary size (the recipe's, or prepare's default)."""
+    want.validate()  # (one path given from Python as data.source: a list of one, not of its letters)
     meta = data.meta
     recorded = meta.get("source") or {}
     differences = []

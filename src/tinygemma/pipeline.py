@@ -44,6 +44,7 @@ def prepare_if_missing(recipe: Recipe) -> None:
     """Prepare the recipe's data into data.dir, unless it is there already: prepared from the same stories with the
     same tokenizer (a directory prepared from others is refused, never trained on in the recipe's name)."""
     data_dir = Path(recipe.data.dir)
+    recipe.data.validate()
     if (data_dir / META_NAME).exists():
         data = open_prepared(data_dir)  # validated: a truncated or foreign directory stops here
         differences = data_differences(recipe.data, data)

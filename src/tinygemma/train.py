@@ -734,7 +734,7 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
         return None
     if step >= cfg.max_steps or (stop_at is not None and stop_at <= step):  # nothing is trained now: the run (and
         # its config.json) keeps the values its steps had
-        why = "no step is left to train" if step >= cfg.max_steps else f"--stop-at {stop_at} trains no step"
+        why = "no step is left to train" if step >= cfg.max_steps else f"--stop-at (stop_at) {stop_at} trains no step"
         return (f"the run is at step {step} of {cfg.max_steps} with settings other than its own: "
                 f"{', '.join(changed)}; {why}, so they change nothing")
     later = ("; best.json will compare validation losses of other windows than the earlier ones"

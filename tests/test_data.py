@@ -325,13 +325,42 @@ def test_prepare_takes_one_path_as_one_source(stories_dir, tmp_path):
     ({"tokenizer": None}, "--tokenizer (tokenizer) must be gpt2, bpe, a path to a tokenizer.json or a Tokenizer"),
     ({"limit": 0}, "--limit (limit) must be a positive integer, got 0"),
     ({"workers": 1.5}, "--workers (workers) must be a positive integer, got 1.5"),
+    ({"sources": 123}, "--source (sources) must be story files: a path or a list of paths, got 123"),
+    ({"sources": [None]}, "--source (sources) must be story files: a path or a list of paths, got [None]"),
+    ({"val_sources": [5]}, "--val-source (val_sources) must be story files: a path or a list of paths, got [5]"),
 ])
 def test_prepare_from_python_refuses_bad_arguments_by_their_names(kwargs, message, stories_dir, tmp_path):
     """A notebook's prepare(vocab_size="300") ended in a TypeError traceback, and the refusals named only the
     command's flags: each is now a UserError naming the argument beside its flag, and nothing is written."""
     with pytest.raises(UserError, match=re.escape(message)):
-        prepare(tmp_path / "out", sources=stories_dir / "train.txt", progress=False, **kwargs)
+        prepare(tmp_path / "out", **{"sources": stories_dir / "train.txt", "progress": False, **kwargs})
     assert not (tmp_path / "out").exists()
+
+
+def die(stories):
+    os._exit(1)  # as the kernel's out-of-memory killer ends a worker
+
+
+def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys):
+    """A null text in JSON Lines is skipped, as a parquet file's or the hub's null is (it stopped prepare); an
+    upper-case extension is its format (".TXT" was unknown); a meta.json nested past Python's stack is not a
+    dataset (a RecursionError traceback); a tokenizing worker killed from outside is one line (a
+    BrokenProcessPool traceback)."""
+    nulls = tmp_path / "nul.jsonl"
+    nulls.write_text('{"text": "Tom ran."}\n{"text": null}\n{"story": "Ann sat."}\n', encoding="utf-8")
+    upper = write_txt(tmp_path / "Stories.TXT", ["Tom ran.", "Ann sat."])
+    for source in (nulls, upper):
+        meta = prepare(tmp_path / source.stem, sources=source, val_sources=upper, tokenizer="gpt2", workers=1,
+                       progress=False)
+        assert meta["splits"]["train"]["documents"] == 2
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert not is_prepared_dataset(deep)
+    monkeypatch.setattr(data, "_encode_batch", die)  # forked workers find it by name
+    status, err = _fail(capsys, "--out", tmp_path / "killed", "--source", stories_dir / "train.txt", "--workers", "2")
+    assert status == 2 and len(err) == 1 and "a tokenizing worker process died" in err[0], err
+    assert not (tmp_path / "killed").exists()
 
 
 def test_prepare_writes_only_where_a_dataset_belongs(stories_dir, tmp_path, capsys):

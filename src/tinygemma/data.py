@@ -24,6 +24,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +76,9 @@ _SEPARATOR = re.compile(r"^[^\S\n]*" + re.escape(EOT_TOKEN) + r"[^\S\n]*$", re.M
 
 
 def _clean(stories: Iterable) -> Iterator[str]:
-    """A story is its text with surrounding whitespace stripped; empty ones are dropped."""
+    """A story is its text with surrounding whitespace stripped; empty ones (and null records) are dropped."""
     for story in stories:
-        story = story.strip()
+        story = story.strip() if story is not None else ""
         if story:
             yield story
 
@@ -117,7 +118,9 @@ def _txt_stories(path: Path) -> Iterator[str]:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _record_text(record, where: str) -> str:
+def _record_text(record, where: str) -> str | None:
+    """The story of a JSON record; None (skipped by _clean, as a parquet file's or the hub's null is) where its
+    text or story is null."""
     if isinstance(record, dict):
         for field in ("text", "story"):
             if isinstance(record.get(field), str):
@@ -126,6 +129,8 @@ def _record_text(record, where: str) -> str:
                     raise UserError(f"{where}: its {field} holds a lone surrogate (a \\ud800-\\udfff escape), "
                                     "which is not text any tokenizer takes")
                 return text
+        if any(field in record and record[field] is None for field in ("text", "story")):
+            return None
     raise UserError(f"{where}: expected an object with a 'text' or 'story' string")
 
 
@@ -253,10 +258,11 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
     if not path.exists():
         raise UserError(f"source not found: {path}")
     readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".json": _json_stories, ".parquet": _parquet_stories}
-    if path.suffix not in readers:
+    suffix = path.suffix.lower()  # (Stories.TXT)
+    if suffix not in readers:
         raise UserError(f"{path}: unknown source format {path.suffix or '(no extension)'!r}; use "
                         f"{', '.join(TEXT_FORMATS)}, or a directory written by datasets' save_to_disk")
-    return {"train": lambda: readers[path.suffix](path)}
+    return {"train": lambda: readers[suffix](path)}
 
 
 @contextlib.contextmanager
@@ -431,14 +437,18 @@ class _Workers:
                 yield (*_encode_batch(batch), len(batch))
             return
         pending = deque()
-        for batch in batches:
-            pending.append((self.pool.submit(_encode_batch, batch), len(batch)))
-            if len(pending) >= 2 * self.workers:
+        try:
+            for batch in batches:
+                pending.append((self.pool.submit(_encode_batch, batch), len(batch)))
+                if len(pending) >= 2 * self.workers:
+                    result, n = pending.popleft()
+                    yield (*result.result(), n)
+            while pending:
                 result, n = pending.popleft()
                 yield (*result.result(), n)
-        while pending:
-            result, n = pending.popleft()
-            yield (*result.result(), n)
+        except BrokenProcessPool:  # a worker killed from outside: the kernel's out-of-memory killer, most likely
+            raise UserError(f"a tokenizing worker process died (killed from outside, perhaps for lack of memory); "
+                            f"run again with fewer --workers (workers) than {self.workers}") from None
 
     def close(self) -> None:
         """The workers go: batches not yet handed to them are dropped, the few they hold (a CHUNK_CHARS of stories
@@ -512,6 +522,10 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     out_dir = Path(out_dir)
     # One path is one source (a string is no list of one-letter sources)
     sources, val_sources = ([s] if isinstance(s, (str, os.PathLike)) else s for s in (sources, val_sources))
+    for flag, name, paths in (("--source", "sources", sources), ("--val-source", "val_sources", val_sources)):
+        if paths is not None and not (isinstance(paths, (list, tuple))
+                                      and all(isinstance(p, (str, os.PathLike)) for p in paths)):
+            raise UserError(f"{flag} ({name}) must be story files: a path or a list of paths, got {paths!r}")
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     cores = available_cpus()

@@ -344,7 +344,7 @@ def peek_json(path: str | Path) -> dict:
     telling what a folder holds, where a bad file simply means "not that"."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # (JSON nested past Python's stack)
         return {}
     return obj if isinstance(obj, dict) else {}
 

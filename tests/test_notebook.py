@@ -26,6 +26,22 @@ def test_committed_notebook_has_no_outputs():
         assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
 
 
+def test_a_mistyped_stories_path_stops_the_settings_cell(tmp_path, monkeypatch):
+    """TINYGEMMA_STORIES naming nothing (a typo) fell back to the Hugging Face hub without a word: online a
+    student trained on other stories than asked, offline met a hub error pointing away from the typo."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    settings = next(cell.source for cell in nb.cells if cell.cell_type == "code" and "TINYGEMMA_STORIES" in cell.source)
+    monkeypatch.setenv("TINYGEMMA_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("TINYGEMMA_STORIES", str(tmp_path / "trian.txt"))
+    with pytest.raises(SystemExit, match=f"TINYGEMMA_STORIES={tmp_path / 'trian.txt'} does not exist"):
+        exec(settings, {})
+    (tmp_path / "train.txt").write_text("Once upon a time.\n")
+    monkeypatch.setenv("TINYGEMMA_STORIES", str(tmp_path / "train.txt"))
+    names = {}
+    exec(settings, names)
+    assert names["SOURCE"] == str(tmp_path / "train.txt")
+
+
 def test_notebook_runs_top_to_bottom(tmp_path, stories_dir):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")

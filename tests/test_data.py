@@ -341,6 +341,25 @@ def die(stories):
     os._exit(1)  # as the kernel's out-of-memory killer ends a worker
 
 
+def test_a_bad_later_or_validation_source_is_refused_before_any_tokenizing(stories_dir, tmp_path, monkeypatch):
+    """A second source or a validation source that is not JSON (or a parquet file without a text column) was
+    found only after every story before it was tokenized, and after BPE training: minutes of the full corpus.
+    Every local source's first story is read before anything else."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not JSON\n", encoding="utf-8")
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("work started before every source was read")
+
+    monkeypatch.setattr(data, "_tokenize_to_file", too_late)
+    monkeypatch.setattr(data, "train_bpe", too_late)
+    for kwargs in ({"sources": [stories_dir / "train.txt", bad]},
+                   {"sources": stories_dir / "train.txt", "val_sources": bad}):
+        with pytest.raises(UserError, match="bad.jsonl line 1 is not JSON"):
+            prepare(tmp_path / "out", tokenizer="bpe", vocab_size=300, workers=1, progress=False, **kwargs)
+        assert not (tmp_path / "out").exists()
+
+
 def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys):
     """A null text in JSON Lines is skipped, as a parquet file's or the hub's null is (it stopped prepare); an
     upper-case extension is its format (".TXT" was unknown); a meta.json nested past Python's stack is not a
@@ -353,6 +372,11 @@ def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys
         meta = prepare(tmp_path / source.stem, sources=source, val_sources=upper, tokenizer="gpt2", workers=1,
                        progress=False)
         assert meta["splits"]["train"]["documents"] == 2
+    # A bad byte in JSON Lines is named by its own line (it said "after line 190" of line 201: decoding ran ahead)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b"".join(b'{"text": "Tom ran %d."}\n' % i for i in range(200)) + '{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin.jsonl line 201 is not UTF-8 text \(invalid continuation byte\)"):
+        prepare(tmp_path / "latin", sources=latin, val_sources=upper, workers=1, progress=False)
     deep = tmp_path / "deep"
     deep.mkdir()
     (deep / "meta.json").write_text("[" * 100_000 + "]" * 100_000)

@@ -135,14 +135,15 @@ def _record_text(record, where: str) -> str | None:
 
 
 def _jsonl_stories(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, "rb") as f:  # decoded a line at a time: a bad byte is named by its own line
         line_number = 0
         try:
-            for line_number, line in enumerate(f, 1):
+            for line_number, raw in enumerate(f, 1):
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # -sig: a byte-order mark
                 if line.strip():
                     yield from _clean([_record_text(json.loads(line), f"{path} line {line_number}")])
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text (after line {line_number})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} line {line_number} is not UTF-8 text ({e.reason})") from None
         except ValueError as e:  # JSONDecodeError, or a number past Python's 4,300 digits
             raise UserError(f"{path} line {line_number} is not JSON ({getattr(e, 'msg', e)})") from None
         except RecursionError:
@@ -637,9 +638,11 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
     of training stories set aside for it, or None). Every source is opened before anything is written: a missing
     file fails here, with no output."""
     train_splits = [_open_source(s, limit, progress) for s in (sources or [None])]
+    val_splits = [_open_source(s) for s in val_sources or []]
+    for splits in [*(train_splits if sources else []), *val_splits]:  # (the hub's are read as they stream)
+        _read_first_story(splits)
     train = _chain([_training_stories(s, splits) for s, splits in zip(sources or [None], train_splits)])
     if val_sources:
-        val_splits = [_open_source(s) for s in val_sources]
         val = _chain([splits["validation"] if "validation" in splits else splits["train"] for splits in val_splits])
         val_from = [str(s) for s in val_sources]
     elif val_fraction is None and all("validation" in splits for splits in train_splits):
@@ -656,6 +659,16 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
         "val": (lambda: _select(train(), carve, True, limit)) if val is None else val,
     }
     return split_stories, val_from, carve
+
+
+def _read_first_story(splits: dict[str, Stories]) -> None:
+    """Read the first story of each of a local source's splits now: a parquet file or datasets folder without a
+    text column, or a file that is not JSON or UTF-8 from its start, is refused before anything is tokenized (it
+    was found after the sources before it, and after BPE training)."""
+    for stories in splits.values():
+        stream = stories()
+        next(stream, None)
+        stream.close()
 
 
 def is_prepared_dataset(path: str | Path) -> bool:

@@ -113,7 +113,9 @@ def trackio_scalars(name: str) -> dict[int, dict[str, float]]:
 
     scalars = {}
     for row in SQLiteStorage.get_logs(tinygemma.trackers.PROJECT, name):
-        scalars.setdefault(row["step"], {}).update({k: v for k, v in row.items() if "/" in k})
+        values, seen = {k: v for k, v in row.items() if "/" in k}, scalars.setdefault(row["step"], {})
+        assert not set(values) & set(seen), f"step {row['step']} holds {sorted(set(values) & set(seen))} twice"
+        seen.update(values)  # (a step's train and val scalars may come in rows of their own)
     return scalars
 
 

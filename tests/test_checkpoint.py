@@ -7,6 +7,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import SafetensorError
@@ -148,8 +149,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     for device, message in cases:
         with pytest.raises(UserError, match=message):
             tinygemma.load(ckpt, device=device)
-    with pytest.raises(UserError, match="a model's dtype is a floating-point one"):
-        tinygemma.load(ckpt, dtype=torch.int64)
+    for dtype in (torch.int64, np.float32, 5):  # (np.float32 and 5 were torch's .to() traceback)
+        with pytest.raises(UserError, match="a model's dtype is a floating-point one"):
+            tinygemma.load(ckpt, dtype=dtype)
     assert tinygemma.load(ckpt, device=torch.device("cpu")).embed_tokens.weight.device.type == "cpu"
     assert not (tmp_path / "out").exists()
 

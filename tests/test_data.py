@@ -337,6 +337,13 @@ def test_prepare_from_python_refuses_bad_arguments_by_their_names(kwargs, messag
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_takes_numpy_numbers(stories_dir, tmp_path):
+    """limit=np.int64(50) was refused as "not a positive integer", where train and generate take numpy's."""
+    meta = prepare(tmp_path / "np", sources=stories_dir / "train.txt", limit=np.int64(50), val_fraction=np.float32(0.1),
+                   workers=np.int64(1), progress=False)
+    assert meta["splits"]["train"]["documents"] == 50 and meta["splits"]["val"]["documents"] == 5
+
+
 def die(stories):
     os._exit(1)  # as the kernel's out-of-memory killer ends a worker
 
@@ -664,6 +671,26 @@ def test_the_global_batch_is_the_same_windows_whatever_the_processes_and_micro_b
     # Two processes, 8 sequences a pass: each pass is its two micro-steps of the interleaved layout.
     two = batch_windows(tokens, settings, 2, 8)
     assert two[1][0] == one[1] + one[3]
+
+
+def test_every_process_refuses_a_bad_id_in_any_process_share():
+    """Under torchrun a corrupt id in process 1's windows was refused by process 1 alone, while process 0 waited
+    in a collective (a traceback there, or the NCCL timeout): every process checks the step's whole global batch."""
+    import torch
+
+    from tinygemma.config import TrainConfig
+    from tinygemma.runtime import Runtime
+
+    cfg = TrainConfig(batch_size=4, grad_accum_steps=2, block_size=8, seed=11)
+    tokens = np.arange(5000, dtype=np.uint16) % 100
+    starts = data.window_starts(11, 3, len(tokens), 8, 8)
+    rank0 = data.Batches(tokens, cfg, Runtime(torch.device("cpu"), torch.float32, rank=0, world_size=2), 4, 100)
+    theirs = [s for i, s in enumerate(starts) if i not in set(rank0.rows)]
+    mine = {t for i in rank0.rows for t in range(starts[i], starts[i] + 9)}
+    bad = next(t for s in theirs for t in range(s, s + 9) if t not in mine)  # in process 1's windows only
+    tokens[bad] = 100
+    with pytest.raises(UserError, match="the tokens hold id 100, outside the model's 100 ids"):
+        rank0.get(3, 0)
 
 
 def test_processes_need_only_divide_the_global_batch_not_the_accumulation():

@@ -96,6 +96,7 @@ def test_bad_evaluate_arguments():
     ((np.arange(10, dtype=np.uint16), 4, 2, 5.5), "max_tokens must be an integer >= 2 (one to read, one to predict), "
                                                    "got 5.5"),
     ((np.ones((3, 4), dtype=np.int64), 4), "tokens must be a 1-D sequence of token ids, got 2 dimensions"),
+    (([[1, 2, 3], [4, 5, 6]], 2), "tokens must be a 1-D sequence of token ids, got 2 dimensions"),
     ((np.array([1.5, 2.0, 3.0, 4.0]), 2), "token ids must be integers, got float64 values"),
     ((np.array([1, -1, 3, 4]), 2), "the tokens hold id -1, outside the model's 300 ids (0 to 299)"),
 ])

@@ -182,9 +182,11 @@ def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model
     for ids in (torch.tensor([1, 2, 3]), [[1, 2, 3]], torch.tensor([[1.0, 2.0]])):
         with pytest.raises(UserError, match=r"\[batch, tokens\] tensor of integer token ids"):
             generate(model, ids, 2)
-    # int32 ids (torch.from_numpy of an int32 array) are ids: refused since bf2845d, which a review caught
-    assert generate(model, torch.tensor([[1, 2]], dtype=torch.int32), 2, temperature=0).tolist() == generate(
-        model, torch.tensor([[1, 2]]), 2, temperature=0).tolist()
+    # int32 ids (torch.from_numpy of an int32 array) and uint16 ones (a token file's) are ids: refused since
+    # bf2845d, which a review caught
+    for dtype in (torch.int32, torch.uint16):
+        assert generate(model, torch.tensor([[1, 2]], dtype=dtype), 2, temperature=0).tolist() == generate(
+            model, torch.tensor([[1, 2]]), 2, temperature=0).tolist()
     with pytest.raises(UserError, match="do not belong together"):
         generate_text(tiny_model(vocab_size=512), tokenizer, PROMPT, 2)
 

@@ -193,6 +193,9 @@ def test_one_path_given_from_python_as_data_source_is_one_source(tmp_path, stori
     assert f"preparing {stories_dir / 'train.txt'} into" in capsys.readouterr().err
     prepare_if_missing(recipe)
     assert "prepared data found" in capsys.readouterr().err
+    recipe.data.source = [stories_dir / "train.txt"]  # a list of Paths: strings in the recipe (JSON) too
+    prepare_if_missing(recipe)
+    assert recipe.data.source == [str(stories_dir / "train.txt")] and "prepared data found" in capsys.readouterr().err
     recipe.data.source = [1, 2]
     with pytest.raises(tinygemma.UserError, match=r"data.source must be a list of story files \(or one path\), "
                                                   r"got \[1, 2\]"):

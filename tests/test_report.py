@@ -130,6 +130,12 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     capsys.readouterr()
     assert test_train.train_losses(again) == test_train.train_losses(out)
 
+    # Checkpoints written before invocations were recorded: the MFU at the average rate, from the log lines'
+    # records (it said "not known" for such a run)
+    records = [{"step": 1, "tokens_per_s": 100.0, "mfu": 0.10}, {"step": 2, "tokens_per_s": 200.0, "mfu": 0.20}]
+    rows = dict(tinygemma.report.training_rows({}, records, {"tokens": 1000, "elapsed_s": 20.0, "step": 2}))
+    assert rows["MFU"] == "5.0% (at the average throughput, on the last machine's peak)"
+
     # A run moved to other hardware lists each part's machine.
     rows = dict(tinygemma.report.machine_rows({}, {"invocations": [
         {"steps": [0, 4], "hardware": "1 x H100", "precision": "bfloat16"},

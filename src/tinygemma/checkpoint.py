@@ -129,8 +129,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     stored dtype on the CPU. Both are resolved (and refused) before anything is read."""
     if device is not None:
         device = as_device(device)
-    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
-        raise UserError(f"a model's dtype is a floating-point one (float32, bfloat16, float16), got {dtype}")
+    if dtype is not None and not isinstance(dtype, str) and not (isinstance(dtype, torch.dtype)
+                                                                  and dtype.is_floating_point):
+        raise UserError(f"a model's dtype is a floating-point one (float32, bfloat16, float16), got {dtype!r}")
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, torch.device("cpu" if device is None else device))  # (device 0 is cuda:0)
     directory = resolve_checkpoint(path)

@@ -262,9 +262,10 @@ class DataConfig:
         for name in ("source", "val_source"):
             value = getattr(self, name)
             if isinstance(value, (str, os.PathLike)):
-                setattr(self, name, [str(value)])
-            elif not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
+                value = [value]
+            if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
                 raise UserError(f"data.{name} must be a list of story files (or one path), got {value!r}")
+            setattr(self, name, [str(v) for v in value])  # (Paths too: the recipe is written as JSON)
         for name, minimum in (("limit", 1), ("vocab_size", 257)):  # a BPE holds the 256 bytes and end-of-text
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):

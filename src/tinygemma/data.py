@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma.config import DataConfig, TrainConfig
+from tinygemma.config import DataConfig, TrainConfig, is_integer, is_real
 from tinygemma.errors import UserError, describe
 from tinygemma.files import (
     atomic_path,
@@ -529,6 +529,9 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
             raise UserError(f"{flag} ({name}) must be story files: a path or a list of paths, got {paths!r}")
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
+    # numpy's numbers are numbers, but meta.json is JSON: Python's own from here
+    limit, workers, vocab_size = (None if v is None else int(v) for v in (limit, workers, vocab_size))
+    val_fraction = None if val_fraction is None else float(val_fraction)
     cores = available_cpus()
     if workers > cores:  # each is a process: --workers 100000 forked until memory ran out
         print(f"tinygemma: warning: --workers (workers) {workers} is more than the {cores} cores this process may use; "
@@ -610,7 +613,7 @@ def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, l
     if val_fraction is not None:
         if val_sources:
             raise UserError("give either --val-source (val_sources) or --val-fraction (val_fraction), not both")
-        if not (isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool) and 0 < val_fraction < 1):
+        if not (is_real(val_fraction) and 0 < val_fraction < 1):
             raise UserError(f"--val-fraction (val_fraction) must be a number between 0 and 1, got {val_fraction!r}")
     if vocab_size is not None and tokenizer != "bpe":
         raise UserError("--vocab-size (vocab_size) applies only to --tokenizer bpe (other tokenizers have their own "
@@ -639,8 +642,9 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
     file fails here, with no output."""
     train_splits = [_open_source(s, limit, progress) for s in (sources or [None])]
     val_splits = [_open_source(s) for s in val_sources or []]
-    for splits in [*(train_splits if sources else []), *val_splits]:  # (the hub's are read as they stream)
-        _read_first_story(splits)
+    for source, splits in [*zip(sources or [], train_splits), *zip(val_sources or [], val_splits)]:
+        if Path(source).suffix.lower() != ".json":  # (a JSON array is parsed whole to yield its first story)
+            _read_first_story(splits)
     train = _chain([_training_stories(s, splits) for s, splits in zip(sources or [None], train_splits)])
     if val_sources:
         val = _chain([splits["validation"] if "validation" in splits else splits["train"] for splits in val_splits])
@@ -702,7 +706,7 @@ def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
 
 def _check_positive_int(value, name: str) -> None:
     """`name` is prepare's argument; the message names its flag too."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not (is_integer(value) and value >= 1):
         raise UserError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
 
 
@@ -874,6 +878,8 @@ class Batches:
         if step != self._step:
             self._step = step
             self._starts = window_starts(cfg.seed, step, len(self.tokens), cfg.block_size, self.global_batch)
+            if rt.world_size > 1:  # every process refuses a bad id in any process's share: none waits for the others
+                check_windows(self.tokens, self._starts, cfg.block_size, self.vocab_size)
         rows = self.rows[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
         return to_device(windows(self.tokens, self._starts[rows], cfg.block_size, self.vocab_size), rt)
 
@@ -924,6 +930,12 @@ def windows(tokens: np.ndarray, starts, block_size: int, vocab_size: int) -> tor
     rows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
     check_token_ids(rows, vocab_size)
     return torch.from_numpy(rows)
+
+
+def check_windows(tokens: np.ndarray, starts, block_size: int, vocab_size: int, chunk: int = 1024) -> None:
+    """check_token_ids over the windows at `starts`, `chunk` windows at a time (memory stays bounded)."""
+    for i in range(0, len(starts), chunk):
+        windows(tokens, starts[i : i + chunk], block_size, vocab_size)
 
 
 def check_token_ids(rows: np.ndarray, vocab_size: int) -> None:

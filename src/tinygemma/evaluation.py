@@ -57,8 +57,9 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     None without it. See `nats_and_bytes` for the definitions.
     """
     check_evaluation(block_size, batch_size, max_tokens)
-    if getattr(tokens, "ndim", 1) != 1:
-        raise UserError(f"tokens must be a 1-D sequence of token ids, got {tokens.ndim} dimensions")
+    dimensions = tokens.ndim if hasattr(tokens, "ndim") else np.ndim(tokens)  # (a memmap is not read whole)
+    if dimensions != 1:
+        raise UserError(f"tokens must be a 1-D sequence of token ids, got {dimensions} dimensions")
     n = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
     if n < 2:
         raise UserError(f"{n} tokens to evaluate: at least 2 are needed (one to read, one to predict)")

@@ -69,8 +69,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    integers = (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8)  # what the embedding would index
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in integers:
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
+            or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):  # any integers (uint16: a token file's)
         got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
                else type(input_ids).__name__)
         raise UserError(f"input_ids must be a [batch, tokens] tensor of integer token ids, got {got}; one prompt "
@@ -127,7 +127,7 @@ def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temper
              generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor."""
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
-    return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
+    return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)  # (uint16 ids do not promote)
 
 
 # ------------------------------------------------------------------ text

@@ -165,7 +165,7 @@ def render_report(run_dir: Path) -> str:
                                                  "losses do not depend on the number of processes)"),
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run, state))]
-    lines += ["## Training", "", *table(training_rows(run, state))]
+    lines += ["## Training", "", *table(training_rows(run, records, state))]
     lines += ["## Validation", "", *validation_table(records, last, best, evaluation)]
     if (run_dir / "loss.png").exists():
         lines += ["![train and validation loss against tokens](loss.png)", ""]
@@ -193,7 +193,7 @@ def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
             ("commit", run.get("commit") or UNKNOWN)]
 
 
-def training_rows(run: dict, state: dict) -> list[tuple[str, str]]:
+def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str, str]]:
     """Parameters, tokens, time, throughput and MFU from the run's records."""
     tokens, seconds = state.get("tokens", 0), state.get("elapsed_s", 0.0)
     rate = tokens / seconds if seconds else None
@@ -206,10 +206,18 @@ def training_rows(run: dict, state: dict) -> list[tuple[str, str]]:
     # The FLOPs of every invocation over the peak FLOPs its time allowed on its own machine and processes: a run
     # moved from one GPU to eight, or to another GPU, is counted on each.
     parts = state.get("invocations") or []
-    known = parts and all(p.get("peak_flop_s") for p in parts)
-    rows.append(("MFU", f"{100 * sum(p['flops'] for p in parts) / sum(p['peak_flop_s'] for p in parts):.1f}% "
-                        "(over the optimizer steps' time)" if known
-                 else "not known (no peak figure for this hardware)"))
+    # Steps checkpointed before invocations were recorded: a log line's record holds its interval's rate and the
+    # MFU at it, whose ratio gives the MFU at the average rate (on the last invocation's machine).
+    ratio = next((r["mfu"] / r["tokens_per_s"] for r in reversed(records) if r.get("mfu") and r.get("tokens_per_s")),
+                 None)
+    if parts and all(p.get("peak_flop_s") for p in parts):
+        mfu = f"{100 * sum(p['flops'] for p in parts) / sum(p['peak_flop_s'] for p in parts):.1f}% (over the " \
+              "optimizer steps' time)"
+    elif ratio and rate:
+        mfu = f"{100 * ratio * rate:.1f}% (at the average throughput, on the last machine's peak)"
+    else:
+        mfu = "not known (no peak figure for this hardware)"
+    rows.append(("MFU", mfu))
     skipped = state.get("skipped_steps")
     if skipped:
         rows.append(("skipped steps", f"{skipped} (non-finite loss or gradient, or a float16 overflow that the loss "

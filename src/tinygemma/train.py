@@ -62,6 +62,7 @@ from tinygemma.config import (
 )
 from tinygemma.data import (
     Batches,
+    check_windows,
     data_differences,
     is_prepared_dataset,
     micro_batch_sizes,
@@ -236,6 +237,8 @@ class Trainer:
         # eval_batches global batches: the same windows whatever the split into micro-steps and processes.
         self.val_starts = validation_starts(len(self.val_tokens), cfg.block_size,
                                             cfg.eval_batches * self.batches.global_batch)
+        # Every process checks every validation window once, not only its share: all refuse a bad id together
+        check_windows(self.val_tokens, self.val_starts, cfg.block_size, self.model_config.vocab_size)
         vocab = self.model_config.vocab_size
         self.token_bytes = torch.from_numpy(token_byte_lengths(self.data.tokenizer(), vocab)).to(rt.device)
         self.tokens_per_step = self.batches.global_batch * cfg.block_size

@@ -259,13 +259,9 @@ class DataConfig:
         """[data]'s own mistakes, named as the recipe's settings, before `tinygemma run` prepares anything. Not
         checked when a run's saved recipe is read: `train` reads only data.dir. One path given from Python as a
         source (recipe.data.source = "stories.txt") becomes a list of one, as prepare() takes it."""
-        for name in ("source", "val_source"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                value = [value]
-            if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
-                raise UserError(f"data.{name} must be a list of story files (or one path), got {value!r}")
-            setattr(self, name, [str(v) for v in value])  # (Paths too: the recipe is written as JSON)
+        for name in ("source", "val_source"):  # (Paths as strings too: the recipe is written as JSON)
+            setattr(self, name, story_paths(getattr(self, name), f"data.{name} must be a list of story files (or "
+                                                                 "one path)"))
         for name, minimum in (("limit", 1), ("vocab_size", 257)):  # a BPE holds the 256 bytes and end-of-text
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
@@ -536,6 +532,16 @@ def check_block_size(block_size: int, model_config: ModelConfig) -> None:
     if block_size > model_config.max_position_embeddings:
         raise UserError(f"train.block_size {block_size} exceeds model.max_position_embeddings "
                         f"{model_config.max_position_embeddings}")
+
+
+def story_paths(value, refusal: str) -> list[str]:
+    """Story sources given as one path or a list of paths (str or PathLike), as a list of strings: one path is one
+    source, not its letters. Anything else is refused as "`refusal`, got VALUE"."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
+        raise UserError(f"{refusal}, got {value!r}")
+    return [str(v) for v in value]
 
 
 def is_integer(value) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma.config import DataConfig, TrainConfig, is_integer, is_real
+from tinygemma.config import DataConfig, TrainConfig, is_integer, is_real, story_paths
 from tinygemma.errors import UserError, describe
 from tinygemma.files import (
     atomic_path,
@@ -522,11 +522,11 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     """
     out_dir = Path(out_dir)
     # One path is one source (a string is no list of one-letter sources)
-    sources, val_sources = ([s] if isinstance(s, (str, os.PathLike)) else s for s in (sources, val_sources))
-    for flag, name, paths in (("--source", "sources", sources), ("--val-source", "val_sources", val_sources)):
-        if paths is not None and not (isinstance(paths, (list, tuple))
-                                      and all(isinstance(p, (str, os.PathLike)) for p in paths)):
-            raise UserError(f"{flag} ({name}) must be story files: a path or a list of paths, got {paths!r}")
+    refusal = "must be story files: a path or a list of paths"  # (None: the hub, or the sources' own split)
+    if sources is not None:
+        sources = story_paths(sources, f"--source (sources) {refusal}")
+    if val_sources is not None:
+        val_sources = story_paths(val_sources, f"--val-source (val_sources) {refusal}")
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     # numpy's numbers are numbers, but meta.json is JSON: Python's own from here

@@ -178,6 +178,52 @@ def test_rope_frequencies_stay_float32_in_a_bfloat16_model(tmp_path):
     assert late < 1.5 * early, (early, late)  # rounded to bf16: 2x (0.021 against 0.010); kept float32: 0.85x
 
 
+def test_tabulated_rope_computes_the_same_function():
+    """tabulate_rope (which training calls with its block size) keeps cos and sin in buffers: the same logits,
+    bit for bit, within the table and past it (positions computed as before), in float32 and bfloat16; the
+    tables stay float32 and their length through .to(), and are not saved with the weights."""
+    config = small_config(sliding_window=8)
+    plain, _ = make_pair(config, seed=3)
+    tabulated, _ = make_pair(config, seed=3)
+    tabulated.tabulate_rope(24)
+    assert "rope_table_" + SLIDING not in tabulated.state_dict()
+    x = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for T in (24, 17, 40):  # the block, a shorter one, one past the table
+            assert torch.equal(tabulated(x[:, :T]), plain(x[:, :T])), T
+        cache_plain, cache_tab = plain.new_cache(2, 40), tabulated.new_cache(2, 40)
+        for start, end in ((0, 20), *((i, i + 1) for i in range(20, 40))):  # a prompt, then steps into and past it
+            assert torch.equal(tabulated.trunk(x[:, start:end], cache_tab, start),
+                               plain.trunk(x[:, start:end], cache_plain, start)), start
+        plain.to(torch.bfloat16), tabulated.to(torch.bfloat16)
+        table = getattr(tabulated, "rope_table_" + GLOBAL)
+        assert table.dtype == torch.float32 and table.shape == (2, 24, config.head_dim)
+        assert torch.equal(tabulated(x[:, :24]), plain(x[:, :24]))
+
+
+def test_compiled_training_forward_reads_the_rope_table():
+    """What the table is for: in the graph torch.compile traces for a training forward, cos and sin are not
+    computed (inductor would fuse them into every layer's kernel, computing them per element of q and k)."""
+    config = small_config(sliding_window=8)
+    model, _ = make_pair(config)
+    x = torch.randint(0, config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+
+    def traced_ops(model) -> set[str]:
+        ops = set()
+
+        def backend(gm, example_inputs):
+            ops.update(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend)(x, x)
+        return ops
+
+    assert any("cos" in op for op in traced_ops(model))  # computed in the forward: the check can see it
+    model.tabulate_rope(24)
+    assert not any("cos" in op or "sin" in op for op in traced_ops(model))
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_attention_gets_one_dtype_under_autocast(backend, monkeypatch):
     """Under bf16 autocast the residual stream is float32, and so are the RoPE tables: q and k must still reach

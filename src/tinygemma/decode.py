@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygemma.config import GLOBAL, SLIDING
-from tinygemma.model import Gemma3, KVCache, RMSNorm, rms_norm, rope_cos_sin
+from tinygemma.model import Gemma3, KVCache, RMSNorm, rms_norm
 
 
 class DecodePlan:
@@ -49,11 +49,10 @@ class DecodePlan:
     @staticmethod
     def rope_tables(model: Gemma3, max_len: int) -> dict:
         """cos, sin and sin with the first half negated, [max_len, head_dim], for each kind of layer: the values
-        `rope_cos_sin` gives position by position, so that a step only looks them up."""
-        dtype, positions = model.embed_tokens.weight.dtype, torch.arange(max_len, device=model.embed_tokens.weight.device)
+        `Gemma3.rope` gives position by position, so that a step only looks them up."""
         tables = {}
-        for kind, inv_freq in ((SLIDING, model.inv_freq_local), (GLOBAL, model.inv_freq_global)):
-            cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+        for kind in (SLIDING, GLOBAL):
+            cos, sin = model.rope(kind, 0, max_len, model.embed_tokens.weight.dtype)
             half = sin.shape[-1] // 2
             tables[kind] = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
         return tables

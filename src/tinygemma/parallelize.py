@@ -44,6 +44,7 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         raw.load_state_dict(weights, strict=True)
     raw.to(rt.device)
+    raw.tabulate_rope(cfg.block_size)  # read by the (compiled) forward, not recomputed in each layer
     raw.attention_backend = choose_attention_backend(cfg, model_config, rt)[0]
     raw.loss_chunk_size, raw.loss_full_logits, _ = choose_loss_head(cfg, rt)
     set_kv_layouts(raw, choose_kv_layouts(raw, cfg, rt))

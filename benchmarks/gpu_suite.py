@@ -596,7 +596,7 @@ def loss_head(plan: Plan, env: dict, work: Path) -> Result:
     """Chunked against whole logits, with peak memory: the bound that `loss_head = "auto"` takes on this device."""
     lines, result, seconds, output = benchmark(
         plan, env, work, "loss_head", "loss_head", plan.loss_head_args,
-        "the final norm, the tied head and the cross-entropy, forward and backward, alone; the two heads in turn "
+        "the final norm, the tied head and the cross-entropy, forward and backward, alone; the heads in turn "
         "on the same inputs.")
     if result is None:
         return Result(STEP_TITLES[4], False, lines, seconds)
@@ -605,6 +605,10 @@ def loss_head(plan: Plan, env: dict, work: Path) -> Result:
     lines += ["", f"The full head was the faster up to **{bound:,} logits per micro-batch** (0: at no size measured): "
                   f"the bound for `AUTO_FULL_LOSS_LOGITS[\"{plan.device}\"]` in parallelize.py, with its memory above"
                   + (", from the rows measured before it stopped." if result.get("partial") else ".")]
+    gains = [f"{r['fusible_vs_in_place']:.2f}x at {r['rows']:,} rows" for r in result["results"] if "fusible_vs_in_place" in r]
+    if gains:
+        lines += ["", "The chunked head's fusible form (what torch.compile traces now) against its in-place form "
+                      f"(what it traced before): {', '.join(gains)} (> 1: the fusible form is faster)."]
     keep = ("dtype", "compile", "chunk_size", "padded_vocab_size", "results", "full_faster_up_to_logits", "complete")
     return Result(STEP_TITLES[4], not result.get("partial"), lines, seconds,
                   {"loss_head": {k: result[k] for k in keep}}, cut=bool(result.get("cut")))

@@ -7,7 +7,10 @@ RMSNorm of the hidden states h [rows, d_model], the tied head's logits, the mean
 the gradients of h, the norm's gain and the head. `chunked` takes loss.LOSS_CHUNK_SIZE rows of logits at a time
 (loss_chunk_size = 8192, the model's default); `full` makes the whole [rows, vocabulary] float32 logits and
 calls F.cross_entropy on them (loss_chunk_size = 0), which torch.compile fuses with the head's product.
---compile compiles both, as the trainer compiles the model on CUDA; on a CPU the trainer runs eagerly.
+--compile compiles both, as the trainer compiles the model on CUDA; on a CPU the trainer runs eagerly. Compiled,
+a third contender, `in-place`, is the chunked head with each chunk in the in-place form that eager mode runs
+(loss._chunk_loss_in_place) traced instead of the fusible one (loss._chunk_loss_fusible): what the fusible
+form gains under torch.compile.
 
 The contenders take turns on the same inputs (common.time_interleaved; median of --steps after one untimed
 step); their losses must agree. Peak memory (CUDA): the most allocated during a pass above what the inputs and
@@ -30,12 +33,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside thi
 from common import device_description, time_interleaved  # noqa: E402
 
 from tinygemma import ModelConfig  # noqa: E402
+from tinygemma import loss as loss_module  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.loss import LOSS_CHUNK_SIZE, cross_entropy_from_hidden  # noqa: E402
 from tinygemma.model import RMSNorm  # noqa: E402
 
 HEADS = {"chunked": LOSS_CHUNK_SIZE, "full": 0}  # name -> loss_chunk_size
 LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+def in_place_form(run):
+    """`run` (a compiled chunked head) with loss._chunk_loss_in_place traced where torch.compile takes the fusible
+    form. Dynamo guards on the function it traced, so each form keeps its own compiled graph."""
+    def call(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        fusible = loss_module._chunk_loss_fusible
+        loss_module._chunk_loss_fusible = loss_module._chunk_loss_in_place
+        try:
+            return run(h, targets)
+        finally:
+            loss_module._chunk_loss_fusible = fusible
+    return call
 
 
 class Head(torch.nn.Module):
@@ -55,8 +72,10 @@ def measure(config: ModelConfig, rows: int, dtype: torch.dtype, device: torch.de
             steps: int) -> dict:
     """Both heads at one row count: median ms per pass, peak memory, and the losses they agree on."""
     torch.manual_seed(0)
-    heads = {name: Head(config, chunk).to(device) for name, chunk in HEADS.items()}
-    heads["full"].load_state_dict(heads["chunked"].state_dict())
+    names = [*HEADS, "in-place"] if compile_ else list(HEADS)
+    heads = {name: Head(config, HEADS.get(name, LOSS_CHUNK_SIZE)).to(device) for name in names}
+    for name in names[1:]:
+        heads[name].load_state_dict(heads["chunked"].state_dict())
     h = torch.randn(rows, config.d_model, device=device, requires_grad=True)
     targets = torch.randint(0, config.vocab_size, (rows,), device=device)
     cuda = device.type == "cuda"
@@ -82,22 +101,26 @@ def measure(config: ModelConfig, rows: int, dtype: torch.dtype, device: torch.de
 
     torch._dynamo.reset()  # each row count's two graphs fresh: dynamo keeps at most 8 per function
     runs = {name: torch.compile(head, dynamic=False) if compile_ else head for name, head in heads.items()}
-    passes = [lambda name=name: one_pass(name, runs[name]) for name in HEADS]
+    if compile_:
+        runs["in-place"] = in_place_form(runs["in-place"])
+    passes = [lambda name=name: one_pass(name, runs[name]) for name in names]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
         seconds, losses = time_interleaved(passes, steps, sync)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"rows": rows, "logits": rows * config.padded_vocab_size, "out_of_memory": True}
-    losses = dict(zip(HEADS, (loss.item() for loss in losses)))
-    spread = abs(losses["full"] - losses["chunked"]) / abs(losses["chunked"])
+    losses = dict(zip(names, (loss.item() for loss in losses)))
+    spread = max(abs(loss - losses["chunked"]) for loss in losses.values()) / abs(losses["chunked"])
     if spread > LOSS_RTOL[dtype]:
         raise SystemExit(f"loss_head: error: the heads' losses differ by {spread:.1e} at {rows} rows: {losses}")
     row = {"rows": rows, "logits": rows * config.padded_vocab_size, "loss": losses["chunked"]}
-    for name, s in zip(HEADS, seconds):
+    for name, s in zip(names, seconds):
         row[name] = {"ms": 1000 * s, "tokens_per_s": rows / s,
                      "peak_memory_gib": peaks[name] / 2**30 if name in peaks else None}
     row["full_vs_chunked"] = row["chunked"]["ms"] / row["full"]["ms"]  # > 1: the full head is faster
+    if compile_:
+        row["fusible_vs_in_place"] = row["in-place"]["ms"] / row["chunked"]["ms"]  # > 1: the fusible form is faster
     return row
 
 
@@ -113,17 +136,23 @@ def full_faster_up_to(results: list[dict]) -> int:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| rows | logits | chunked | full | full vs chunked | peak memory (chunked / full) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    """The heads' times per row count; compiled, also the chunked head's in-place form and what the fusible gains."""
+    in_place = any("in-place" in r for r in results)
+    extra = " chunked, in-place form | fusible vs in-place |" if in_place else ""
+    lines = ["| rows | logits | chunked | full | full vs chunked | peak memory (chunked / full) |" + extra,
+             "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if in_place else "")]
     for r in results:
         if r.get("out_of_memory"):
-            lines.append(f"| {r['rows']:,} | {r['logits'] / 1e6:,.1f}M | out of memory | | | |")
+            lines.append(f"| {r['rows']:,} | {r['logits'] / 1e6:,.1f}M | out of memory | | | |" + (" | |" if in_place else ""))
             continue
         c, f = r["chunked"], r["full"]
         memory = ("-" if c["peak_memory_gib"] is None
                   else f"{c['peak_memory_gib']:.2f} / {f['peak_memory_gib']:.2f} GiB")
-        lines.append(f"| {r['rows']:,} | {r['logits'] / 1e6:,.1f}M | {c['ms']:,.2f} ms | {f['ms']:,.2f} ms "
-                     f"| {r['full_vs_chunked']:.2f}x | {memory} |")
+        line = (f"| {r['rows']:,} | {r['logits'] / 1e6:,.1f}M | {c['ms']:,.2f} ms | {f['ms']:,.2f} ms "
+                f"| {r['full_vs_chunked']:.2f}x | {memory} |")
+        if in_place:
+            line += f" {r['in-place']['ms']:,.2f} ms | {r['fusible_vs_in_place']:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -135,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", default="1024,4096", help="comma-separated rows (tokens) per micro-batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile both heads (the trainer does on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the heads (the trainer does on CUDA); adds the in-place form")
     p.add_argument("--steps", type=int, default=5, help="timed passes per head")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--json", help="write the figures here too")

@@ -538,6 +538,30 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     assert not result.ok and not result.cut and result.data["loss_head"]["results"] == written["results"]
 
 
+def test_loss_head_compiled_times_the_in_place_form_too(tmp_path, capsys, monkeypatch):
+    """Compiled (as the GPU suite runs it), the loss-head benchmark also times the chunked head with the in-place
+    form traced, and checks its loss against the others: what the fusible form gains, in the table and in the
+    suite's report."""
+    head, suite = load_script("loss_head"), load_script("gpu_suite")
+    out = tmp_path / "head.json"
+    result = head.main(["--preset", "gemma3-tiny", "--vocab-size", "512", "--d-model", "64", "--rows", "64",
+                        "--steps", "1", "--device", "cpu", "--threads", "1", "--compile", "--json", str(out)])
+    row = result["results"][0]
+    assert row["in-place"]["ms"] > 0 and row["fusible_vs_in_place"] == row["in-place"]["ms"] / row["chunked"]["ms"]
+    assert "| chunked, in-place form | fusible vs in-place |" in result["table"]
+    assert "in-place form" in capsys.readouterr().out
+
+    def fake_run(cmd, env, timeout):  # the suite's step, given that run's JSON
+        Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
+        return 0, "64 rows done", 30.0
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    work = tmp_path / "work"
+    work.mkdir()
+    lines = "\n".join(suite.loss_head(suite.Plan("cuda", False), {}, work).lines)
+    assert f"against its in-place form (what it traced before): {row['fusible_vs_in_place']:.2f}x at 64 rows" in lines
+
+
 def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
     """Every command failing (here: made to fail) gives a report that says FAIL for each step, with the output."""
     suite = load_script("gpu_suite")

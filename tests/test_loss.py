@@ -52,6 +52,76 @@ def test_model_loss_and_gradients_equal_the_plain_cross_entropy(chunk_size):
     assert torch.allclose(per_token, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,autocast", [("inductor", False), ("aot_eager", True)])
+def test_compiled_chunked_loss_takes_the_fusible_form_with_the_same_result(backend, autocast, monkeypatch):
+    """Under torch.compile each chunk takes loss._chunk_loss_fusible (elementwise expressions that inductor fuses,
+    where eager mode takes the in-place form): the same loss and gradients as eager mode, vocabulary padding
+    and ignored targets included; under bfloat16 autocast, the same bfloat16 roundings."""
+    from tinygemma import loss as loss_module
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 32, generator=g)
+    w = torch.randn(768, 32, generator=g) * 0.2  # 700 ids, padded to 768 rows
+    targets = torch.randint(0, 700, (300,), generator=g)
+    targets[::7] = -100
+
+    def loss_and_grads(fn):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(hh, ww, targets)
+        loss.backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    def head(hh, ww, t):
+        return cross_entropy_from_hidden(hh, ww, t, chunk_size=64, vocab_size=700)
+
+    torch._dynamo.reset()
+    eager = loss_and_grads(head)
+
+    def in_place(*args):
+        raise AssertionError("the compiled graph took the in-place form")
+
+    monkeypatch.setattr(loss_module, "_chunk_loss_in_place", in_place)
+    compiled = loss_and_grads(torch.compile(head, backend=backend, fullgraph=True))
+    tolerance = dict(rtol=1e-2, atol=1e-4) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled, eager):
+        assert torch.allclose(got, want, **tolerance), (got - want).abs().max()
+    assert torch.allclose(eager[0], F.cross_entropy(h @ w[:700].t(), targets), rtol=1e-2 if autocast else 1e-5)
+
+
+def test_inductor_writes_no_float32_logits_for_the_fusible_form(monkeypatch):
+    """The point of the fusible form: compiled under bfloat16 autocast (the trainer on a GPU), inductor's code for
+    the chunked head allocates no float32 [rows, vocabulary] buffer, where the in-place form's has three (its
+    logits and softmax written out and read back). Read from the code inductor generates for this CPU; its
+    scheduler makes the same fusion decisions for GPU kernels."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from tinygemma import loss as loss_module
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 64, generator=g, requires_grad=True)
+    w = (torch.randn(1024, 64, generator=g) * 0.1).requires_grad_()
+    targets = torch.randint(0, 1000, (512,), generator=g)
+
+    def float32_logit_buffers() -> int:
+        torch._dynamo.reset()
+        head = torch.compile(lambda h, w, t: cross_entropy_from_hidden(h, w, t, chunk_size=256, vocab_size=1000))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = head(h, w, targets)
+            loss.backward()
+
+        _, code = run_and_get_code(step)
+        return len(re.findall(r"empty_strided\w*\(\(256, 1024\), \(1024, 1\), torch\.float32", "\n".join(code)))
+
+    assert float32_logit_buffers() == 0
+    monkeypatch.setattr(loss_module, "_chunk_loss_fusible", loss_module._chunk_loss_in_place)
+    assert float32_logit_buffers() >= 2  # the in-place form's: the check sees such buffers where they are
+
+
 def test_chunked_loss_under_bfloat16_autocast_keeps_float32_gradients():
     torch.manual_seed(0)
     model = Gemma3(tiny())

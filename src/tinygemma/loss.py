@@ -38,25 +38,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gradient_precision = torch.autocast(device, enabled=False) if fp16 else contextlib.nullcontext()
         if fp16:
             grad_dtype = torch.float32
+        # d(loss)/d(logits) is cast once to what the products below take: under bfloat16 autocast each product
+        # would cast it again, a pass over [rows, vocab] each.
+        autocast_bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        dlogits_dtype = torch.bfloat16 if autocast_bf16 else grad_dtype
         # Kept in that precision until backward has scaled them: under FSDP2's float16 parameters h and W are
         # float16 themselves, and their unscaled gradients (about softmax / tokens) would round to zero there.
         grad_h = torch.empty_like(h, dtype=grad_dtype if fp16 else h.dtype)
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        # The compiled form (below) in eager mode would make several [rows, vocab] temporaries; the in-place one
+        # under torch.compile makes inductor write the float32 softmax out before its scatter and read it back.
+        chunk_loss = _chunk_loss_fusible if torch.compiler.is_compiling() else _chunk_loss_in_place
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = masked_logits(hc, weight, vocab_size)  # padding columns at -inf: no probability, no gradient
             valid = tc != -100
-            safe_t = tc.clamp(min=0)
-            target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()  # unnormalised softmax, in place of the logits
-            sum_exp = probs.sum(dim=-1, keepdim=True)
-            loss += ((sum_exp.log() + row_max).squeeze(1) - target_logits).mul_(valid).sum()
-            weight_per_row = valid / n_valid  # each valid row's share of the mean; 0 for ignored rows
-            probs.mul_(weight_per_row[:, None] / sum_exp)  # d(mean loss) / d(logits) = softmax - one-hot ...
-            probs[torch.arange(len(tc), device=tc.device), safe_t] -= weight_per_row  # ... times the share
-            dlogits = probs.to(grad_dtype)
+            # each valid row's share of the mean; 0 for ignored rows
+            summed_loss, dlogits = chunk_loss(hc, weight, tc.clamp(min=0), valid, valid / n_valid, vocab_size)
+            loss += summed_loss
+            dlogits = dlogits.to(dlogits_dtype)
             with gradient_precision:
                 grad_h[start : start + chunk_size] = (dlogits @ weight.to(grad_dtype)).to(grad_h.dtype)
                 chunk_grad_w = (dlogits.t() @ hc.to(grad_dtype)).float()
@@ -79,6 +79,37 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h.mul_(grad_loss).to(ctx.dtypes[0]), grad_w.mul_(grad_loss).to(ctx.dtypes[1]),
                 None, None, None)
+
+
+def _chunk_loss_in_place(hc, weight, targets, valid, weight_per_row, vocab_size):
+    """(the chunk's summed loss, d(mean loss)/d(logits) in float32): the softmax in place of the logits, one
+    [rows, vocab] tensor; for eager mode."""
+    logits = masked_logits(hc, weight, vocab_size)  # padding columns at -inf: no probability, no gradient
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()  # unnormalised softmax, in place of the logits
+    sum_exp = probs.sum(dim=-1, keepdim=True)
+    summed_loss = ((sum_exp.log() + row_max).squeeze(1) - target_logits).mul_(valid).sum()
+    probs.mul_(weight_per_row[:, None] / sum_exp)  # d(mean loss) / d(logits) = softmax - one-hot ...
+    probs[torch.arange(len(targets), device=targets.device), targets] -= weight_per_row  # ... times the share
+    return summed_loss, probs
+
+
+def _chunk_loss_fusible(hc, weight, targets, valid, weight_per_row, vocab_size):
+    """What _chunk_loss_in_place computes, as pure elementwise expressions and reductions of the head's product,
+    which inductor fuses: one kernel reads the product for the log-sum-exp, one reads it again and writes the
+    gradient in the dtype the next products take (bfloat16 under autocast). Nothing [rows, vocab] in float32
+    need be written to memory, where the in-place form's scatter makes inductor write the float32 softmax and
+    read it back (at 65,536 rows of GPT-2's padded vocabulary, 13 GB each way)."""
+    product = hc @ weight.t()
+    columns = torch.arange(product.shape[1], device=product.device)
+    logits = product.float().masked_fill(columns >= vocab_size, float("-inf"))
+    log_sum_exp = torch.logsumexp(logits, dim=-1)
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    summed_loss = ((log_sum_exp - target_logits) * valid).sum()
+    one_hot = columns == targets[:, None]
+    dlogits = ((logits - log_sum_exp[:, None]).exp() - one_hot.float()) * weight_per_row[:, None]
+    return summed_loss, dlogits
 
 
 def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

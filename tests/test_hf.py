@@ -227,6 +227,14 @@ def test_a_chat_starts_with_the_bos_a_prompt_starts_with(tmp_path, capsys):
         chat = chat if isinstance(chat, list) else chat["input_ids"]
         assert chat == [*prefix, 3, 4, 5, 6]  # tinygemma's prompt ids: <bos> (and more), the text, no </s>
         assert hf_tokenizer("Once upon a time").input_ids == [*prefix, 3, 4, 5, 6, *suffix]
+        # The card names the tokenizer's kind (it said "byte-level BPE" of every tokenizer.json), and its snippet,
+        # run, gives the prompt without the </s> (it fed the end-of-story token to generate).
+        card = (out / "README.md").read_text()
+        assert "| vocabulary | 7 tokens, WordLevel (tokenizer.json) |" in card
+        (snippet,) = [line for line in card.splitlines() if line.startswith("ids = tokenizer(")]
+        scope = {"tokenizer": hf_tokenizer}
+        exec(snippet, scope)
+        assert scope["ids"][0].tolist() == [*prefix, 3, 4, 5, 6]
 
 
 def test_special_tokens_past_the_models_rows_do_not_refuse_it(tmp_path):

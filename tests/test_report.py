@@ -143,6 +143,28 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     assert rows["hardware and precision"] == "steps 1 to 4: 1 x H100, bfloat16; steps 5 to 12: 8 x H100, bfloat16"
 
 
+def test_a_checkpoint_from_before_the_schedules_end_is_reproduced_to_its_step(data_dir, tmp_path, capsys):
+    """A run stopped midway (or exported at an earlier checkpoint) was reproduced by a command that trained the
+    whole schedule, a different model. The command now stops where the checkpoint did, and the table says the
+    schedule was not finished."""
+    out = tmp_path / "run"
+    test_train.run(data_dir, out, "max_steps=12", "checkpoint_interval=4", stop_at=4)
+    assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "(4 of the schedule's 12 optimizer steps: a checkpoint from before its end)" in card
+    text = (out / "report.md").read_text()
+    assert [line for line in card.splitlines() if line.startswith("tinygemma train")] == \
+        [line for line in text.splitlines() if line.startswith("tinygemma train")]
+    (command,) = [line for line in text.splitlines() if line.startswith("tinygemma train")]
+    assert command.endswith(" --stop-at 4")
+    again = tmp_path / "again"
+    assert main([w.replace(f"train.out={out}", f"train.out={again}") for w in shlex.split(command)][1:]) == 0
+    capsys.readouterr()
+    assert test_train.train_losses(again) == test_train.train_losses(out)
+    assert ((again / "checkpoints" / "step_000004" / "model.safetensors").read_bytes()
+            == (out / "checkpoints" / "step_000004" / "model.safetensors").read_bytes())
+
+
 def test_the_commit_is_unknown_outside_a_git_checkout_of_tinygemma(tmp_path, monkeypatch):
     installed = tmp_path / "site-packages" / "tinygemma"
     installed.mkdir(parents=True)

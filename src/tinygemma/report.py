@@ -42,7 +42,7 @@ from tinygemma.files import atomic_write_text, read_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.hf import model_config_from_hf
 from tinygemma.metrics import format_duration, read_records
-from tinygemma.tokenizer import TOKENIZER_FILE
+from tinygemma.tokenizer import TOKENIZER_FILE, Tokenizer
 
 REPORT_NAME = "report.md"
 EVAL_NAME = "eval.json"  # written by `tinygemma run`: the best checkpoint on the whole validation split, samples
@@ -108,8 +108,11 @@ def reproduce_block(recipe: dict, state: dict, intro: str) -> list[str]:
     """`intro`, then the command that reproduces the run; where a resume changed settings (a lower learning rate
     after a spike), one command for each part, each --stop-at where the next changed them."""
     changes = [(p["steps"][0], p["changed"]) for p in state.get("invocations") or [] if p.get("changed")]
+    # A checkpoint before the schedule's end (a run stopped midway, an earlier best): trained to it, not past it
+    # (--stop-at keeps the schedule).
+    stop = f" --stop-at {state['step']}" if stopped_early(recipe, state) else ""
     if not changes:
-        return [f"{intro}:", "", "```bash", reproduce_command(recipe), "```", ""]
+        return [f"{intro}:", "", "```bash", reproduce_command(recipe) + stop, "```", ""]
     first = {**recipe, "train": dict(recipe.get("train") or {})}
     for _, changed in reversed(changes):  # the settings before the first change
         first["train"].update({name: was for name, (was, _) in changed.items()})
@@ -117,13 +120,19 @@ def reproduce_block(recipe: dict, state: dict, intro: str) -> list[str]:
     commands = [f"{reproduce_command(first)} --stop-at {changes[0][0]}"]
     for k, (_, changed) in enumerate(changes):
         sets = " ".join(f"--set {shlex.quote(f'train.{name}={as_text(now)}')}" for name, (_, now) in changed.items())
-        until = f" --stop-at {changes[k + 1][0]}" if k + 1 < len(changes) else ""
+        until = f" --stop-at {changes[k + 1][0]}" if k + 1 < len(changes) else stop
         commands.append(f"tinygemma train --out {out} --resume {sets}{until}")
     told = "; ".join(f"at step {step:,}, " + ", ".join(f"{name} {as_text(was)} -> {as_text(now)}"
                                                         for name, (was, now) in changed.items())
                      for step, changed in changes)
     return [f"{intro}, in parts, as it was trained: its settings changed on resume ({told}):", "", "```bash",
             *commands, "```", ""]
+
+
+def stopped_early(recipe: dict, state: dict) -> bool:
+    """Whether the checkpoint is from before the end of its schedule (train.max_steps)."""
+    max_steps = (recipe.get("train") or {}).get("max_steps")
+    return isinstance(state.get("step"), int) and isinstance(max_steps, int) and state["step"] < max_steps
 
 
 def as_text(value) -> str:
@@ -296,17 +305,18 @@ def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = No
     name = Path(name or out)
     known = export_records(ckpt)
     config = model_config_from_hf(read_json(out / "config.json", "config.json"))
+    tokenizer = exported_tokenizer(out)
     where = repo_id or str(name)
     recipe = known["recipe"]
     generate = GenerateConfig(**recipe["generate"]) if recipe else GenerateConfig()
     text = "\n".join([
         "---", card_header(known).rstrip("\n"), "---", "",
         f"# {repo_id or name.name}", "", card_summary(known, config), "",
-        "## Model", "", *table(model_rows(config, known, exported_tokenizer(out))),
+        "## Model", "", *table(model_rows(config, known, tokenizer)),
         "## Training", "", *training_section(known),
         "## Evaluation", "", *evaluation_section(known),
         "## Samples", "", *samples_section(out, generate),
-        "## How to use", "", *usage_section(where, generate),
+        "## How to use", "", *usage_section(where, generate, tokenizer),
     ])
     atomic_write_text(out / CARD_NAME, text)
     return out / CARD_NAME
@@ -361,23 +371,20 @@ def card_summary(known: dict, config: ModelConfig) -> str:
             "(TinyStories is CDLA-Sharing-1.0) before publishing.")
 
 
-def exported_tokenizer(out: Path) -> str | None:
-    """The kind of tokenizer an export holds ("gpt2" or "tokenizer.json"), or None when it holds none."""
+def exported_tokenizer(out: Path) -> Tokenizer | None:
+    """The tokenizer an export holds, or None when it holds none."""
     if not (out / TOKENIZER_FILE).exists():
         return None
     try:
-        return "gpt2" if checkpoint_tokenizer(out).identity == "gpt2" else "tokenizer.json"
+        return checkpoint_tokenizer(out)
     except UserError:
         return None
 
 
-def model_rows(config: ModelConfig, known: dict, exported: str | None = None) -> list[tuple[str, str]]:
-    """The card's Model table; `exported`: the kind of tokenizer the export holds, where the checkpoint records
-    none (one saved by the Python API, exported with --tokenizer)."""
-    spec = known["meta"].get("tokenizer") or {}
-    kind = spec.get("kind") or (exported if known["meta"] else None)
-    tokenizer = {"gpt2": "GPT-2's BPE (tiktoken)", "tokenizer.json": "byte-level BPE (tokenizer.json)"}.get(
-        kind, "the directory's tokenizer.json" if not known["meta"] else UNKNOWN)
+def model_rows(config: ModelConfig, known: dict, exported: Tokenizer | None = None) -> list[tuple[str, str]]:
+    """The card's Model table; `exported`: the tokenizer the export holds, described from its own file."""
+    recorded = (known["meta"].get("tokenizer") or {}).get("kind")
+    tokenizer = ("GPT-2's BPE (tiktoken)" if recorded == "gpt2" else exported.description if exported else UNKNOWN)
     trained_context = (known["recipe"].get("train") or {}).get("block_size") if known["recipe"] else None
     sliding = sum(t == "sliding_attention" for t in config.layer_types)
     return [
@@ -400,7 +407,9 @@ def training_section(known: dict) -> list[str]:
         return ["Unknown: the export's source records no training.", ""]
     train, tokens = recipe.get("train", {}), state.get("tokens")
     rows = [("data", data_description(run)),
-            ("tokens", f"{tokens:,} ({state['step']:,} optimizer steps)" if tokens else UNKNOWN),
+            ("tokens", (f"{tokens:,} ({state['step']:,} of the schedule's {train['max_steps']:,} optimizer steps: "
+                        "a checkpoint from before its end)" if stopped_early(recipe, state)
+                        else f"{tokens:,} ({state['step']:,} optimizer steps)") if tokens else UNKNOWN),
             ("batch", f"{train.get('batch_size', 0) * train.get('grad_accum_steps', 0):,} sequences of "
                       f"{train.get('block_size', 0):,} tokens per step"),
             ("optimizer", optimizer_description(train)),
@@ -469,8 +478,12 @@ def samples_section(out: Path, g: GenerateConfig) -> list[str]:
     return lines
 
 
-def usage_section(where: str, g: GenerateConfig) -> list[str]:
+def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = None) -> list[str]:
     prompt = g.prompts[0] if g.prompts else "Once upon a time"
+    # A tokenizer.json whose post-processor ends every text (T5's </s>): the model read that only where a story
+    # ended, so the prompt goes without it.
+    drop_suffix = (f"[:, :-{len(tokenizer.text_suffix)}]  # without the {tokenizer.decode(tokenizer.text_suffix)!r} "
+                   "the tokenizer ends every text with" if tokenizer and tokenizer.text_suffix else "")
     if g.temperature == 0:  # greedy: transformers refuses a temperature of 0 with sampling on
         options = "do_sample=False"
     else:
@@ -480,7 +493,7 @@ def usage_section(where: str, g: GenerateConfig) -> list[str]:
     return ["With transformers:", "", "```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM", "",
             f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
             f"model = Gemma3ForCausalLM.from_pretrained({where!r})",
-            f"ids = tokenizer({prompt!r}, return_tensors=\"pt\").input_ids",
+            f"ids = tokenizer({prompt!r}, return_tensors=\"pt\").input_ids{drop_suffix}",
             f"out = model.generate(ids, max_new_tokens=100, {options})",
             "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", "",
             "With tinygemma, from a local copy of this directory:", "", "```bash",

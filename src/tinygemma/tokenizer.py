@@ -36,6 +36,7 @@ class Tokenizer:
     eot_id: int  # written after every story
     eot_token: str
     identity: str  # equal for tokenizers with the same vocabulary
+    description: str  # what kind of tokenizer it is, in words (a model card's)
 
     prompt_prefix: tuple[int, ...] = ()  # ids a prompt starts with: the beginning-of-sequence token, if any
     text_suffix: tuple[int, ...] = ()  # ids the tokenizer.json's post-processor ends a text with (never added)
@@ -138,6 +139,7 @@ class GPT2Tokenizer(Tokenizer):
     """GPT-2's BPE: 50,257 tokens, `<|endoftext|>` = 50256, exactly as tiktoken encodes it."""
 
     identity = "gpt2"
+    description = "GPT-2's BPE (tiktoken)"
     eot_token = EOT_TOKEN
 
     def __init__(self):
@@ -283,6 +285,14 @@ class HFTokenizer(Tokenizer):
     @property
     def model_vocab_size(self) -> int:
         return self._model_vocab_size
+
+    @property
+    def description(self) -> str:
+        """"byte-level BPE (tokenizer.json)", "Unigram (tokenizer.json)", ...: its model's type, from the file."""
+        if self.identity == "gpt2":
+            return "GPT-2's BPE (tokenizer.json)"
+        kind = (json.loads(self.content).get("model") or {}).get("type") or "tokenizer"
+        return f"{'byte-level ' if _decodes_byte_level(self.content) else ''}{kind} (tokenizer.json)"
 
     @property
     def bos_token(self) -> str:

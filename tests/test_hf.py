@@ -148,6 +148,14 @@ def test_a_checkpoint_without_a_tokenizer_is_exported_with_the_one_named(tmp_pat
                  "gpt2"]) == 0
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 50256
+    # The bare export given a tokenizer in turn: generation_config.json's null ids are filled as config.json's
+    # (they stayed null, so transformers' generate never stopped at end-of-text).
+    assert main(["export", "--ckpt", str(tmp_path / "bare"), "--out", str(tmp_path / "named"), "--tokenizer",
+                 "gpt2"]) == 0
+    named = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "named")
+    capsys.readouterr()  # the export's note, transformers' progress bar
+    assert named.generation_config.eos_token_id == named.config.eos_token_id == 50256
+    assert named.generation_config.pad_token_id == named.config.pad_token_id == 50256
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tokenizer.encode("Once upon a time", add_special_tokens=False) == [7454, 2402, 257, 640]
     small = Gemma3(small_config())

@@ -26,7 +26,7 @@ import torch
 from test_tokenizer import ODD_TEXT, read_stories
 
 from tinygemma import Gemma3
-from tinygemma.checkpoint import checkpoint_tokenizer, load_model, save_model
+from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint, save_model
 from tinygemma.cli import main
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
@@ -205,6 +205,18 @@ def train_run(directory, data, settings):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
     return train_run(tmp_path_factory.mktemp("gguf") / "tiny", data_dir, TINY)
+
+
+def test_the_gguf_is_named_after_its_run(tiny_run, small_ckpt, tmp_path):
+    """general.name (what LM Studio shows) names the run and its step; it was the step folder alone, the same
+    for every run. A folder outside a run is named by itself."""
+    def name(source) -> str:
+        field = gguf.GGUFReader(export_gguf(source, tmp_path / "m.gguf", "f16")["path"]).fields["general.name"]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    step = resolve_checkpoint(tiny_run).name
+    assert step.startswith("step_") and name(tiny_run) == f"tinygemma tiny {step}"
+    assert name(small_ckpt) == "tinygemma ckpt"
 
 
 def test_tiny_greedy_text_matches_tinygemma_generate(tiny_run, stories_dir, tmp_path, llama_cpp, capsys):

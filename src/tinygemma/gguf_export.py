@@ -99,6 +99,13 @@ def _refuse(why: str):
                     "tokenizer.json)")
 
 
+def model_name(src: Path) -> str:
+    """general.name (what LM Studio and llama.cpp's server show): a run's checkpoint by its run's folder and step
+    ("tinygemma my-run step_000030"; the step folder alone named every run alike), else the folder's name."""
+    src = src.resolve()
+    return f"tinygemma {src.parent.parent.name} {src.name}" if src.parent.name == "checkpoints" else f"tinygemma {src.name}"
+
+
 def check_byte_level_bpe(spec: dict) -> None:
     """Refuse a tokenizer.json that llama.cpp's "gpt2" BPE with the "gpt-2" pre-tokenizer would split otherwise."""
     model = spec.get("model") or {}
@@ -244,7 +251,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     with atomic_path(out) as tmp, write_errors(out):  # a full disk: one line naming the file; the old one stays
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
-            writer.add_name(f"tinygemma {src.resolve().name}")
+            writer.add_name(model_name(src))
             writer.add_file_type(int(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]]))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _write_hyperparameters(writer, config)

@@ -289,12 +289,13 @@ def test_run_refuses_other_data_for_an_existing_run_before_preparing_it(tmp_path
 
 def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_path, stories_dir, capsys):
     """What would stop a run after its data is prepared (a block past the model's positions, a micro-batch size
-    that does not divide the batch, data.dir in train.out's folder) or after it is trained (an empty prompt, too many new tokens, a seed past
+    that does not divide the batch, flex attention off CUDA, data.dir in train.out's folder) or after it is trained (an empty prompt, too many new tokens, a seed past
     64 bits, a prompt too long for them in the data's tokens) is refused in one line, before that work."""
     recipe_file = tmp_path / "tiny.toml"
     recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
     for overrides, phrase in [(["train.block_size=4096"], "train.block_size 4096 exceeds"),
                               (["train.micro_batch_size=3"], "train.micro_batch_size (3) must divide"),
+                              (["train.attention_backend=flex"], "flex needs a CUDA GPU"),  # on this CPU
                               (['generate.prompts=["Once", ""]'], "generate.prompts holds ''"),
                               (["generate.max_new_tokens=2048"], "generate.max_new_tokens 2048 leaves no room"),
                               (["generate.seed=100000000000000000000"], "seed must be an integer from 0"),

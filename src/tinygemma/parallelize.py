@@ -184,15 +184,21 @@ def grad_scaler(rt: Runtime, fsdp: bool):
 FLEX_MIN_SHARED_MEMORY = 160 * 1024
 
 
+def check_attention_backend(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> None:
+    """Refuse flex attention where it cannot train: off CUDA, for a block longer than the window (shorter ones
+    take plain causal SDPA whatever is asked). `tinygemma run` checks it before preparing the data."""
+    if cfg.attention_backend == "flex" and cfg.block_size > model_config.sliding_window and device.type != "cuda":
+        raise UserError("train.attention_backend = flex needs a CUDA GPU (PyTorch has no flex_attention backward "
+                        "elsewhere); use auto or sdpa")
+
+
 def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Runtime) -> tuple[str, str]:
     """(backend, why) for the sliding layers: "flex" (flex_attention, work proportional to the window) or
     "sdpa" (SDPA with the window as a mask). `auto` takes flex on GPUs where its kernels compile."""
+    check_attention_backend(cfg, model_config, rt.device)
     if cfg.block_size <= model_config.sliding_window:
         return "sdpa", f"the block ({cfg.block_size}) fits in the window, so every layer is plainly causal"
     if cfg.attention_backend == "flex":
-        if not rt.is_cuda:
-            raise UserError("train.attention_backend = flex needs a CUDA GPU (PyTorch has no flex_attention "
-                            "backward elsewhere); use auto or sdpa")
         return "flex", "asked for"
     if cfg.attention_backend == "sdpa":
         return "sdpa", "asked for"

@@ -29,6 +29,7 @@ from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, peek_json
 from tinygemma.generate import generate_text, prompt_ids
+from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
@@ -115,11 +116,13 @@ def check_run_data(recipe: Recipe) -> None:
 
 def check_training_settings(recipe: Recipe) -> None:
     """What training would refuse whatever the data: a micro-batch size that does not divide a process's share,
-    a logger not installed; and the recipe's own [data] and [generate] settings. Checked before the data is
+    a logger not installed, flex attention off CUDA; and the recipe's own [data] and [generate] settings. Checked before the data is
     prepared (for the workshop recipe, all of TinyStories)."""
     recipe.check_for_run()
     require_loggers(recipe.train.loggers)
-    requested_micro_batch_size(recipe.train, env_world_size(), pick_device(recipe.train.device).type)
+    device = pick_device(recipe.train.device)
+    requested_micro_batch_size(recipe.train, env_world_size(), device.type)
+    check_attention_backend(recipe.train, recipe.model_config(), device)
 
 
 def check_prompts(recipe: Recipe) -> None:

@@ -189,6 +189,19 @@ def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the
     assert last_step(default) == 6
 
 
+def test_a_model_llama_cpp_cannot_run_is_said_as_training_starts(data_dir, tmp_path, capsys):
+    """model.head_dim set without the query_pre_attn_scalar the preset pairs with it: the GGUF export refused the
+    model only once it was trained. A new run now says so first, with the setting that keeps it exportable;
+    a model llama.cpp runs, and a resume, say nothing."""
+    settings = ("model.query_pre_attn_scalar=32", "max_steps=4", "warmup_steps=1", "checkpoint_interval=2")
+    run(data_dir, tmp_path / "run", *settings, stop_at=2)
+    err = capsys.readouterr().err
+    assert err.count("llama.cpp cannot run this model") == 1 and "set model.query_pre_attn_scalar=16" in err
+    run(data_dir, tmp_path / "run", *settings, resume=True)
+    run(data_dir, tmp_path / "fine", "max_steps=1", "warmup_steps=1")
+    assert "llama.cpp" not in capsys.readouterr().err
+
+
 def test_the_update_takes_the_clipped_gradient_and_the_log_the_norm_before(data_dir, tmp_path, monkeypatch):
     """grad_clip bounds the whole (accumulated) gradient's norm when the optimizer steps; metrics.jsonl's grad_norm
     is the norm before clipping; grad_clip = 0 clips nothing."""

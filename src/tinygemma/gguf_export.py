@@ -79,15 +79,23 @@ def attention_scale_dim(config: ModelConfig) -> int:
     return config.d_model // config.n_heads if config.n_layers == 62 else config.head_dim
 
 
-def check_llama_cpp_model(config: ModelConfig) -> None:
-    """Refuse a model that llama.cpp's gemma3 would compute differently."""
+def llama_cpp_refusal(config: ModelConfig) -> str | None:
+    """Why llama.cpp's gemma3 would compute this model differently (None: it would not)."""
     scale_dim = attention_scale_dim(config)
     if config.query_pre_attn_scalar != scale_dim:
-        raise UserError(f"llama.cpp cannot run this model: it has query_pre_attn_scalar "
-                        f"{config.query_pre_attn_scalar:g}, but llama.cpp's gemma3 reads no such setting and "
-                        f"scales queries by 1/sqrt({scale_dim}) for a model of {config.n_layers} layers")
+        return (f"llama.cpp cannot run this model: it has query_pre_attn_scalar {config.query_pre_attn_scalar:g}, "
+                f"but llama.cpp's gemma3 reads no such setting and scales queries by 1/sqrt({scale_dim}) for a "
+                f"model of {config.n_layers} layers")
     if config.n_layers > MAX_LAYERS:
-        raise UserError(f"llama.cpp cannot run this model: it has {config.n_layers} layers, llama.cpp at most {MAX_LAYERS}")
+        return f"llama.cpp cannot run this model: it has {config.n_layers} layers, llama.cpp at most {MAX_LAYERS}"
+    return None
+
+
+def check_llama_cpp_model(config: ModelConfig) -> None:
+    """Refuse a model that llama.cpp's gemma3 would compute differently."""
+    why = llama_cpp_refusal(config)
+    if why:
+        raise UserError(why)
 
 
 # ------------------------------------------------------------------ the tokenizer as llama.cpp's BPE

@@ -84,6 +84,7 @@ from tinygemma.files import (
     read_safetensors,
     remove_temporaries,
 )
+from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
 from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
 from tinygemma.model import checked_state
@@ -202,6 +203,8 @@ class Trainer:
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
         if changed and self.rt.is_main:
             print(f"tinygemma: warning: {changed}", file=sys.stderr, flush=True)
+        if self.start == 0 and self.rt.is_main:
+            warn_if_not_for_llama_cpp(self.model_config)
         was, now = state.get("precision"), dtype_name(self.rt.dtype)
         same_setting = (saved_train or {}).get("dtype") == self.cfg.dtype  # (else named among `changed`)
         if was and was != now and same_setting and self.start < self.end and self.rt.is_main:
@@ -744,6 +747,17 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
              if any(c.startswith("eval_batches ") for c in changed) else "")
     return (f"resuming at step {step} with settings other than the run's: {', '.join(changed)}; the steps from "
             f"here take the new values{later}")
+
+
+def warn_if_not_for_llama_cpp(config: ModelConfig) -> None:
+    """Said as a run starts, not only by the GGUF export at its end: a model llama.cpp cannot run (a head_dim
+    set without the query_pre_attn_scalar the preset pairs with it, say)."""
+    why = llama_cpp_refusal(config)
+    if why:
+        fix = (f"; set model.query_pre_attn_scalar={attention_scale_dim(config)} for one it can"
+               if config.query_pre_attn_scalar != attention_scale_dim(config) else "")
+        print(f"tinygemma: warning: {why}, so `tinygemma export --format gguf` will refuse it (the transformers "
+              f"export takes it){fix}", file=sys.stderr, flush=True)
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:

@@ -176,7 +176,8 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
         "all but the first)")
     metrics = evaluate(model, data.split("val"), block_size=recipe.train.block_size,
                        batch_size=recipe.train.batch_size,
-                       token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size))
+                       token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
+                       progress=sys.stderr.isatty())  # minutes on a CPU for the hub's split; a log gets no frames
     print(json.dumps({"eval": metrics}), flush=True)
 
     g = recipe.generate

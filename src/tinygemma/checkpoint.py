@@ -230,12 +230,12 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
             copied = []  # the named tokenizer's files, not a part of the source's, nor a tokenizer.json it cannot read
         source_config = peek_json(src / "config.json")
         special = {key: source_config.get(key) for key in SPECIAL_IDS}
-        if own is not None and all(value is None for value in special.values()):
-            special = special_ids(own)
         generation = peek_json(src / "generation_config.json") or special
-        # Ids the source's generation_config.json leaves null (a folder exported without a tokenizer, now given
-        # one) are config.json's: transformers' generate reads them there, and would never stop at end-of-text.
-        generation = {**generation, **{k: v for k, v in special.items() if v is not None and generation.get(k) is None}}
+        if own is not None and all(value is None for value in special.values()):
+            # A folder exported without a tokenizer, now given one: its ids, in generation_config.json too where
+            # that left them null (transformers' generate reads them there, and would never stop at end-of-text).
+            special = special_ids(own)
+            generation = {**generation, **{k: v for k, v in special.items() if generation.get(k) is None}}
     else:
         copied = []
         own = checkpoint_tokenizer(src, tokenizer) if tokenizer or meta.get("tokenizer") else None

@@ -194,6 +194,8 @@ def test_ddp_is_compiled_around_the_wrapper(tmp_path):
         raw, model = build_model(config, cfg_with(compile="true", block_size=32), rt, None)
         assert isinstance(model, DistributedDataParallel) and model.module is raw
         assert model._compiled_call_impl is not None and raw._compiled_call_impl is None
+        # Its buffers (constants, the RoPE tables among them) are not broadcast from process 0 before each forward.
+        assert not model.broadcast_buffers and raw.rope_table_sliding_attention.shape[1] == 32
     finally:
         dist.destroy_process_group()
 

@@ -71,7 +71,10 @@ def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.is_cuda else None)
+        # No buffer broadcast before each forward: the model's buffers are constants every process makes alike
+        # (reset_buffers), and the RoPE tables alone would be 128 MiB a step at 32,768 positions.
+        ddp = DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.is_cuda else None,
+                                      broadcast_buffers=False)
         if compile_:
             # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
             # buckets, so their all-reduces overlap the rest of backward.

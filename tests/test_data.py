@@ -384,6 +384,12 @@ def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys
     latin.write_bytes(b"".join(b'{"text": "Tom ran %d."}\n' % i for i in range(200)) + '{"text": "café"}\n'.encode("latin-1"))
     with pytest.raises(UserError, match=r"latin.jsonl line 201 is not UTF-8 text \(invalid continuation byte\)"):
         prepare(tmp_path / "latin", sources=latin, val_sources=upper, workers=1, progress=False)
+    # ... and in text, by its line and byte in the file (it named none), past the reader's first block
+    head = b"".join(b"Tom ran %d.\n" % i for i in range(200_000))
+    (tmp_path / "latin.txt").write_bytes(head + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=rf"latin.txt is not UTF-8 text \(invalid continuation byte at line "
+                                        rf"200,001, byte {len(head) + 3:,}\)"):
+        prepare(tmp_path / "latin-txt", sources=tmp_path / "latin.txt", val_sources=upper, workers=1, progress=False)
     deep = tmp_path / "deep"
     deep.mkdir()
     (deep / "meta.json").write_text("[" * 100_000 + "]" * 100_000)

@@ -11,6 +11,7 @@ a new or empty folder, a dataset it prepared before (which it replaces), or what
 
 from __future__ import annotations
 
+import codecs
 import concurrent.futures
 import contextlib
 import errno
@@ -83,6 +84,24 @@ def _clean(stories: Iterable) -> Iterator[str]:
             yield story
 
 
+def _first_bad_byte(path: Path) -> str:
+    """Where a file first stops being UTF-8, as "line L, byte B" (B counted from 0 in the file): the text reader's
+    error counts within its own buffer, which names no place in the file."""
+    decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        # the last block empty: a file that ends inside a character
+        for block in itertools.chain(iter(lambda: f.read(1 << 20), b""), [b""]):
+            pending = len(decoder.getstate()[0])  # a character's first bytes, held over from the block before
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                lines = line + block[: max(e.start - pending, 0)].count(b"\n")
+                return f"line {lines:,}, byte {offset + e.start - pending:,}"
+            line += block.count(b"\n")
+            offset += len(block)
+    return f"byte {offset:,}"
+
+
 def _txt_stories(path: Path) -> Iterator[str]:
     # Read in large blocks, splitting each on the separator lines up to its last newline (a separator line is
     # never cut in two), and keeping what is unfinished (the story, the last line) as pieces: a long story, or a
@@ -95,7 +114,7 @@ def _txt_stories(path: Path) -> Iterator[str]:
             try:
                 block = f.read(READ_CHARS)
             except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
+                raise UserError(f"{path} is not UTF-8 text ({e.reason} at {_first_bad_byte(path)})") from None
             if "\0" in block:
                 raise UserError(f"{path} is not UTF-8 text (it holds NUL bytes)")
             if not block:  # the last line has no newline, and may be a separator still

@@ -247,7 +247,8 @@ def test_checkpoint_files_of_another_run_or_a_lost_pointer_are_refused_in_one_li
     assert (ckpt / "trainer_state.json").exists()
     (base / "checkpoints" / "last.json").write_text('{"dir": "step_000002"}')  # no step: its trainer state's
     with pytest.raises(tinygemma.UserError, match=r"already holds a run \(last checkpoint: step_000002\); pass --resume "
-                                                 r"\(resume=True from Python\)"):
+                                                 r"\(resume=True from Python\) to continue it, or choose another "
+                                                 r"--out \(train.out\)"):  # (a recipe's name for it too)
         run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd")
     assert run(data_dir, base, "max_steps=4", "checkpoint_interval=2", "optimizer=muon", "lr_schedule=wsd",
                resume=True)["step"] == 4

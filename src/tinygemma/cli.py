@@ -234,7 +234,7 @@ def _train_main(args) -> int:
         # Every saved model field is an override: another preset would change nothing but the run's label.
         if had is not None and recipe.model_preset != had:
             raise UserError(f"{out} holds a run of model preset {had}; a resume continues its model, so the "
-                            f"preset cannot become {recipe.model_preset} (start a new run in another --out)")
+                            f"preset cannot become {recipe.model_preset} (start a new run in another --out, train.out)")
     else:
         recipe = load_recipe(args.config, overrides + args.set)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)

@@ -682,7 +682,7 @@ def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
     if trained != now:
         raise UserError(f"{data_dir} was prepared with tokenizer {now}, but the run was trained with {trained}"
                         + elsewhere + "; resume it on data prepared with its own tokenizer, or start a new run with "
-                        "another --out")
+                        "another --out (train.out)")
     saved = state.get("data") or {}
     counts = {split: len(data.split(split)) for split in ("train", "val")}
     moved = [f"{split} {saved[f'{split}_tokens']:,} -> {n:,} tokens" for split, n in counts.items()
@@ -692,7 +692,7 @@ def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
     if moved:
         raise UserError(f"{data_dir} holds other data than the run was trained on{elsewhere} ({', '.join(moved)}): "
                         "resume it on its own data (the same data.dir, prepared as before), or start a new run with "
-                        "another --out")
+                        "another --out (train.out)")
 
 
 def batch_stream(train: dict) -> dict:
@@ -734,7 +734,7 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
     if moved:
         raise UserError(f"the run's batches cannot change on resume ({', '.join(moved)}; the global batch is "
                         "batch_size x grad_accum_steps): resume with the run's own settings, or start a new run "
-                        "with another --out")
+                        "with another --out (train.out)")
     changed = [f"{name} {was} -> {now}" for name, (was, now) in settings_changes(saved, cfg).items()]
     if not changed:
         return None
@@ -790,7 +790,7 @@ def find_start(run_dir: Path, last: dict | None, resume: bool, data, data_dir: P
     cannot hold a larger one's tokens), and the data is what to name then."""
     if last and not resume:
         raise UserError(f"{run_dir} already holds a run (last checkpoint: {last['dir']}); pass --resume "
-                        "(resume=True from Python) to continue it, or choose another --out")
+                        "(resume=True from Python) to continue it, or choose another --out (train.out)")
     if last is None:
         return None, {}
     ckpt_dir = run_dir / "checkpoints" / last["dir"]

@@ -89,11 +89,13 @@ def test_compiled_chunked_loss_takes_the_fusible_form_with_the_same_result(backe
     assert torch.allclose(eager[0], F.cross_entropy(h @ w[:700].t(), targets), rtol=1e-2 if autocast else 1e-5)
 
 
-def test_inductor_writes_no_float32_logits_for_the_fusible_form(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_inductor_writes_no_float32_logits_for_the_fusible_form(device, monkeypatch):
     """The point of the fusible form: compiled under bfloat16 autocast (the trainer on a GPU), inductor's code for
     the chunked head allocates no float32 [rows, vocabulary] buffer, where the in-place form's has three (its
-    logits and softmax written out and read back). Read from the code inductor generates for this CPU; its
-    scheduler makes the same fusion decisions for GPU kernels."""
+    logits and softmax written out and read back). Read from the code inductor generates: C++ for a CPU, Triton
+    kernels for a GPU."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -101,16 +103,16 @@ def test_inductor_writes_no_float32_logits_for_the_fusible_form(monkeypatch):
     from tinygemma import loss as loss_module
 
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(512, 64, generator=g, requires_grad=True)
-    w = (torch.randn(1024, 64, generator=g) * 0.1).requires_grad_()
-    targets = torch.randint(0, 1000, (512,), generator=g)
+    h = torch.randn(512, 64, generator=g).to(device).requires_grad_()
+    w = (torch.randn(1024, 64, generator=g) * 0.1).to(device).requires_grad_()
+    targets = torch.randint(0, 1000, (512,), generator=g).to(device)
 
     def float32_logit_buffers() -> int:
         torch._dynamo.reset()
         head = torch.compile(lambda h, w, t: cross_entropy_from_hidden(h, w, t, chunk_size=256, vocab_size=1000))
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = head(h, w, targets)
             loss.backward()
 

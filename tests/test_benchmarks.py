@@ -156,14 +156,16 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
 
     # 6. The cuda marker selects the CUDA tests of the files that hold them, and without a GPU every one is
     # skipped: each by name. They run in the order that puts the ones never run on a GPU before the long ones.
-    assert "`python -m pytest -v -m cuda -p no:cacheprovider tests/test_optim.py tests/test_cuda.py`" in text
+    assert ("`python -m pytest -v -m cuda -p no:cacheprovider tests/test_loss.py tests/test_optim.py "
+            "tests/test_cuda.py`") in text
     skipped = re.search(r"Result: \*\*(\d+) skipped, \d+ deselected in [\d.]+s", text)  # test_optim's others
     assert skipped and int(skipped.group(1)) >= 8, text
     outcomes = summary["cuda_test_outcomes"]
     assert len(outcomes) == int(skipped.group(1)) and set(outcomes.values()) == {"SKIPPED"}
     names = list(outcomes)
-    assert names[0].startswith("tests/test_optim.py::test_compiled_backend_on_cuda")
-    assert names[1].startswith("tests/test_cuda.py::test_training_attention_runs_a_fused_sdpa_kernel")
+    assert names[0] == "tests/test_loss.py::test_inductor_writes_no_float32_logits_for_the_fusible_form[cuda]"
+    assert names[1].startswith("tests/test_optim.py::test_compiled_backend_on_cuda")
+    assert names[2].startswith("tests/test_cuda.py::test_training_attention_runs_a_fused_sdpa_kernel")
     assert names[-1].startswith("tests/test_cuda.py::test_torchrun_reproduces_one_process")
 
     # 3-5. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.

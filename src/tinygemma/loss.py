@@ -53,8 +53,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
             valid = tc != -100
-            # each valid row's share of the mean; 0 for ignored rows
-            summed_loss, dlogits = chunk_loss(hc, weight, tc.clamp(min=0), valid, valid / n_valid, vocab_size)
+            share = valid / n_valid  # each valid row's share of the mean; 0 for ignored rows
+            summed_loss, dlogits = chunk_loss(hc, weight, tc.clamp(min=0), valid, share, vocab_size)
             loss += summed_loss
             dlogits = dlogits.to(dlogits_dtype)
             with gradient_precision:

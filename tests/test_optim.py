@@ -306,6 +306,13 @@ def test_muon_backend_setting_overrides_the_devices_choice(monkeypatch):
     for backend in ("compiled", "bfloat16", "float32"):
         assert configure_optimizer(model, load_recipe(None, [f"muon_backend={backend}"]).train, CPU).backend == backend
     assert configure_optimizer(model, load_recipe(None, []).train, CPU).backend == muon_backend(torch.device("cpu"))
+    # The first log line's reason is the setting where the user chose float32, not auto's "no native bf16 here"
+    asked = describe_optimizer(configure_optimizer(model, load_recipe(None, ["muon_backend=float32"]).train, CPU))
+    assert asked == "Muon (own float32 Newton-Schulz: train.muon_backend = float32) + AdamW"
+    monkeypatch.setattr(optim, "muon_backend", lambda device: "float32")  # auto's choice, on a CPU without bf16
+    chosen = describe_optimizer(configure_optimizer(model, load_recipe(None, []).train, CPU))
+    assert chosen == "Muon (own float32 Newton-Schulz: no native bf16 here, or no torch.optim.Muon) + AdamW"
+    monkeypatch.undo()
     with pytest.raises(UserError, match="train.muon_backend must be one of auto, torch, compiled, bfloat16, float32"):
         load_recipe(None, ["muon_backend=fast"])
     monkeypatch.delattr(torch.optim, "Muon", raising=False)  # torch < 2.9

@@ -177,7 +177,10 @@ def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
     if backend == "torch" and not hasattr(torch.optim, "Muon"):
         raise UserError(f"train.muon_backend = torch needs torch.optim.Muon (PyTorch 2.9 or newer); this is "
                         f"{torch.__version__}: choose compiled, bfloat16 or float32, or auto")
-    return MuonAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, backend=backend)
+    optimizer = MuonAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                          backend=backend)
+    optimizer.backend_asked = cfg.muon_backend != "auto"  # (describe_optimizer gives auto's reasons only to auto)
+    return optimizer
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) -> str:
@@ -194,7 +197,9 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
         return "Muon (own batched bfloat16 Newton-Schulz) + AdamW"
     if optimizer.backend == "compiled":
         return "Muon (own bfloat16 Newton-Schulz, one torch.compile'd update per shape group) + AdamW"
-    return "Muon (own float32 Newton-Schulz: no native bf16 here, or no torch.optim.Muon) + AdamW"
+    why = ("train.muon_backend = float32" if getattr(optimizer, "backend_asked", False)
+           else "no native bf16 here, or no torch.optim.Muon")
+    return f"Muon (own float32 Newton-Schulz: {why}) + AdamW"
 
 
 def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -571,22 +571,28 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
 
 def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
     """AdamW against each Muon backend: the step's figures that choose Muon's backend on this device."""
-    lines, result, seconds, output = benchmark(
+    lines, result, seconds, _ = benchmark(
         plan, env, work, "optimizer_step", "optimizer_step", plan.optimizer_args,
         "`optimizer.step()` alone on the model's parameters, median of the timed rounds, contenders in turn.")
     if result is None:
         return Result(STEP_TITLES[3], False, lines, seconds)
-    lines += [line for line in output.splitlines() if line.startswith("|")]
     ms = result["ms_per_step"]
+    reference = ms.get("adamw") or next(iter(ms.values()), None)
+    lines += ["| contender | ms per step | vs adamw |", "|---|---:|---:|",
+              *(f"| {name} | {t:,.2f} | {t / reference:.2f}x |" for name, t in ms.items())]
+    if result.get("not_measured"):  # a run stopped while the compiled backend compiled keeps the others
+        lines += ["", f"Not measured before it stopped: {', '.join(result['not_measured'])}."]
     muons = {name: t for name, t in ms.items() if name.startswith("muon-")}
     fastest = min(muons, key=muons.get) if muons else None
     if fastest:
         lines += ["", f"Fastest Muon backend here: **{fastest}** ({muons[fastest]:,.2f} ms a step"
-                      + (f", {ms['adamw']:,.2f} ms for AdamW" if "adamw" in ms else "") + "); `optim.muon_backend` "
-                      "chooses the CUDA default."]
+                      + (f", {ms['adamw']:,.2f} ms for AdamW" if "adamw" in ms else "") + ")"
+                      + (" of those measured" if result.get("not_measured") else "")
+                      + "; `optim.muon_backend` chooses the CUDA default."]
     summary = {"ms_per_step": ms, "first_step_relative_difference": result["first_step_relative_difference"],
-               "fastest_muon": fastest}
-    return Result(STEP_TITLES[3], True, lines, seconds, {"optimizer_step": summary})
+               "fastest_muon": fastest, "not_measured": result.get("not_measured", [])}
+    return Result(STEP_TITLES[3], not result.get("partial"), lines, seconds, {"optimizer_step": summary},
+                  cut=bool(result.get("cut")))
 
 
 # ------------------------------------------------------------------ 6. the loss head

@@ -675,6 +675,38 @@ def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, caps
     # The untimed rounds it names are the ones it ran: --warmup 3 runs 3 untimed and 2 timed steps (the check's
     # step counts as one; --warmup 0 still runs the check's and time_interleaved's).
     assert result["warmup"] == 2 and "median of 1 rounds after 2 untimed" in table
+    assert result["complete"] and result["not_measured"] == []
+
+    # Stopped while muon-compiled compiles (the acceptance run's deadline): the others' figures are written
+    # first, and the suite's report keeps them, naming what was not measured.
+    real_build = bench.build
+
+    def deadline_at_compiled(name, *args):
+        if name == "muon-compiled":
+            raise KeyboardInterrupt
+        return real_build(name, *args)
+
+    monkeypatch.setattr(bench, "build", deadline_at_compiled)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--vocab-size", "512", "--n-layers", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
+                    "--contenders", "adamw,muon-float32,muon-bfloat16,muon-compiled", "--json", str(out)])
+    stopped = json.loads(out.read_text())
+    assert not stopped["complete"] and stopped["not_measured"] == ["muon-compiled"]
+    assert list(stopped["ms_per_step"]) == ["adamw", "muon-float32", "muon-bfloat16"]
+    suite = load_script("gpu_suite")
+
+    def stopped_run(cmd, env, timeout):
+        Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
+        return 124, "(stopped after 40 s)", 40.0
+
+    monkeypatch.setattr(suite, "run", stopped_run)
+    (work := tmp_path / "work").mkdir()
+    step = suite.optimizer_step(suite.Plan("cuda", False), {}, work)
+    text = "\n".join(step.lines)
+    assert not step.ok and step.cut and "Not measured before it stopped: muon-compiled." in text
+    assert f"| muon-bfloat16 | {stopped['ms_per_step']['muon-bfloat16']:,.2f} |" in text
+    assert step.data["optimizer_step"]["fastest_muon"] in ("muon-float32", "muon-bfloat16")
+    monkeypatch.setattr(bench, "build", real_build)
     calls = []
     step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or step(self, *a, **k))

@@ -388,7 +388,7 @@ def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys
     head = b"".join(b"Tom ran %d.\n" % i for i in range(200_000))
     (tmp_path / "latin.txt").write_bytes(head + "caf\u00e9\n".encode("latin-1"))
     with pytest.raises(UserError, match=rf"latin.txt is not UTF-8 text \(invalid continuation byte at line "
-                                        rf"200,001, byte {len(head) + 3:,}\)"):
+                                        rf"200,001, byte {len(head) + 3:,} of the file\)"):
         prepare(tmp_path / "latin-txt", sources=tmp_path / "latin.txt", val_sources=upper, workers=1, progress=False)
     deep = tmp_path / "deep"
     deep.mkdir()

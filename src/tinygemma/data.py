@@ -85,7 +85,7 @@ def _clean(stories: Iterable) -> Iterator[str]:
 
 
 def _first_bad_byte(path: Path) -> str:
-    """Where a file first stops being UTF-8, as "line L, byte B" (B counted from 0 in the file): the text reader's
+    """Where a file first stops being UTF-8, as "line L, byte B of the file" (B counted from 0): the text reader's
     error counts within its own buffer, which names no place in the file."""
     decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
     with open(path, "rb") as f:
@@ -96,10 +96,10 @@ def _first_bad_byte(path: Path) -> str:
                 decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 lines = line + block[: max(e.start - pending, 0)].count(b"\n")
-                return f"line {lines:,}, byte {offset + e.start - pending:,}"
+                return f"line {lines:,}, byte {offset + e.start - pending:,} of the file"
             line += block.count(b"\n")
             offset += len(block)
-    return f"byte {offset:,}"
+    return f"byte {offset:,} of the file"
 
 
 def _txt_stories(path: Path) -> Iterator[str]:

@@ -552,6 +552,16 @@ def test_loss_head_compiled_times_the_in_place_form_too(tmp_path, capsys, monkey
     assert row["in-place"]["ms"] > 0 and row["fusible_vs_in_place"] == row["in-place"]["ms"] / row["chunked"]["ms"]
     assert "| chunked, in-place form | fusible vs in-place |" in result["table"]
     assert "in-place form" in capsys.readouterr().out
+    # The in-place contender really traces the in-place form: one that computes another loss is caught by the
+    # benchmark's agreement check (a wrapper that traced the fusible form again timed the same form twice).
+    from tinygemma import loss as loss_module
+
+    in_place = loss_module._chunk_loss_in_place
+    monkeypatch.setattr(loss_module, "_chunk_loss_in_place", lambda *args: (2 * in_place(*args)[0], in_place(*args)[1]))
+    with pytest.raises(SystemExit, match="the heads' losses differ"):
+        head.main(["--preset", "gemma3-tiny", "--vocab-size", "512", "--d-model", "64", "--rows", "64", "--steps", "1",
+                   "--device", "cpu", "--threads", "1", "--compile"])
+    monkeypatch.undo()
 
     def fake_run(cmd, env, timeout):  # the suite's step, given that run's JSON
         Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())

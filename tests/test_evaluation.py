@@ -159,6 +159,12 @@ def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64",
                  "--max-tokens", "300"]) == 0
     assert json.loads(capsys.readouterr().out) == {**result, "dtype": "float32"}
+    # --dtype bfloat16 is what it evaluates in (a test of float32 and auto alone passed with the flag ignored)
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64",
+                 "--max-tokens", "300", "--dtype", "bfloat16"]) == 0
+    in_bf16 = json.loads(capsys.readouterr().out)
+    assert in_bf16["dtype"] == "bfloat16" and in_bf16["loss"] != result["loss"]
+    assert in_bf16["loss"] == pytest.approx(result["loss"], rel=2e-2)
     # The whole split: every byte of its stories but those of the first token, which nothing predicts.
     direct = evaluate(load(ckpt), tokens, 64, token_bytes=lengths)
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--dtype",

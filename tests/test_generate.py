@@ -343,10 +343,38 @@ def test_cli_in_a_real_process_streams_to_stdout(ckpt, model, tokenizer):
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1
 
 
+def test_generate_writes_each_piece_while_it_still_samples(ckpt, monkeypatch):
+    """Streaming: the prompt is on stdout before the first token is sampled, and text before the last one is (a
+    test of the whole output alone passed with everything written at the end)."""
+    import io
+
+    import tinygemma.generate as generate_module
+
+    sampled, writes = [], []
+    sample = generate_module.sample_next_token
+    monkeypatch.setattr(generate_module, "sample_next_token", lambda *a, **k: sampled.append(1) or sample(*a, **k))
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append((len(sampled), text))
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0",
+                 "--dtype", "float32"]) == 0
+    assert writes[0] == (0, PROMPT) and len(sampled) == 8
+    assert any(0 < n < 8 and text.strip() for n, text in writes[1:]), writes
+
+
 def test_bf16_generation_runs(ckpt, capsys):
+    """--dtype is the precision the model is loaded and run in, as the log line says (a test of the output alone
+    passed with the flag ignored)."""
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "4",
                  "--temperature", "0", "--dtype", "bfloat16"]) == 0
-    assert capsys.readouterr().out.startswith(PROMPT)
+    out, err = capsys.readouterr()
+    assert out.startswith(PROMPT) and "bfloat16, cpu) and tokenizer" in err
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "1", "--dtype", "fp8"]) == 2
+    assert "fp8" in capsys.readouterr().err
 
 
 def test_speed_benchmark_runs_and_both_sides_agree():

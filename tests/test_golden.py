@@ -2,8 +2,8 @@
 
 Any change to the model, the loss, the optimizer, the schedule or the batches moves these numbers; a refactor
 must not. float32 matrix products round differently on different CPU kernels (AVX2, AVX-512), so the numbers are
-recorded per ATen CPU capability: on a recorded one they must agree to 1e-6, elsewhere to 1e-4 (still far tighter
-than any real change, which moves step-30 losses by 1e-2 or more). `TINYGEMMA_RECORD_GOLDEN=1` records them.
+recorded per ATen CPU capability (AVX2 and AVX512 so far): on a recorded one they must agree to 1e-6, elsewhere to
+1e-5 (AVX2's and AVX-512's records differ by 5e-7 at most; a real change moves step-30 losses by 1e-2 or more). `TINYGEMMA_RECORD_GOLDEN=1` records them.
 """
 
 import json
@@ -54,6 +54,6 @@ def test_losses_match_the_golden_record(golden_run):
     assert recorded, f"no golden record at {GOLDEN}"
     assert len(golden_run["train_loss"]) == 30 and len(golden_run["val_loss"]) == 3  # steps 0, 15, 30
     assert golden_run["train_loss"][-1] < golden_run["train_loss"][0] - 1.0  # it learns, not just repeats
-    reference, tolerance = (recorded[capability], 1e-6) if capability in recorded else (next(iter(recorded.values())), 1e-4)
+    reference, tolerance = (recorded[capability], 1e-6) if capability in recorded else (next(iter(recorded.values())), 1e-5)
     for key in ("train_loss", "val_loss"):
         assert golden_run[key] == pytest.approx(reference[key], abs=tolerance, rel=0), key

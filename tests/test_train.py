@@ -413,9 +413,19 @@ def test_a_stray_rank_outside_torchrun_changes_nothing(data_dir, tmp_path, monke
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2  # the summary
 
 
-def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_path):
+def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_path, monkeypatch):
+    """The same losses, and the blocks really recomputed: each block's MLP runs twice with gradients on per
+    micro-step, once in the forward and once in backward (equal losses alone passed with the setting ignored)."""
+    from tinygemma.model import MLP
+
+    calls = []
+    forward = MLP.forward
+    monkeypatch.setattr(MLP, "forward", lambda self, x: calls.append(torch.is_grad_enabled()) or forward(self, x))
+    run(data_dir, tmp_path / "plain", stop_at=3)
+    plain, calls[:] = sum(calls), []
     out = tmp_path / "recompute"
     run(data_dir, out, "activation_checkpointing=true", stop_at=3)
+    assert plain > 0 and sum(calls) == 2 * plain
     assert [train_losses(out)[s] for s in (1, 2, 3)] == [train_losses(straight_run)[s] for s in (1, 2, 3)]
 
 

@@ -252,7 +252,8 @@ def test_a_model_with_few_positions_exports_with_shorter_samples(straight_run, t
     assert "\n> Once upon a time" in text
     assert f"(at most {48 - prompt_tokens} new tokens: the prompt and they fill the model's 48 positions)" in text
     long = "Once upon a time " * 20
-    lines = tinygemma.report.samples_section(tmp_path / "hf", GenerateConfig(prompts=[long, "Tom"]))
+    lines = tinygemma.report.samples_section(tmp_path / "hf", GenerateConfig(prompts=[long, "Tom"]),
+                                             tinygemma.report.exported_tokenizer(tmp_path / "hf"))
     assert any(line.startswith(f"Not generated from {long!r}: the prompt's ") for line in lines)
     assert any(line.startswith("> Tom") for line in lines)
 

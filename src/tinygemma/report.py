@@ -42,7 +42,7 @@ from tinygemma.files import atomic_write_text, read_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.hf import model_config_from_hf
 from tinygemma.metrics import format_duration, read_records
-from tinygemma.tokenizer import TOKENIZER_FILE, Tokenizer
+from tinygemma.tokenizer import TOKENIZER_FILE, GPT2Tokenizer, Tokenizer
 
 REPORT_NAME = "report.md"
 EVAL_NAME = "eval.json"  # written by `tinygemma run`: the best checkpoint on the whole validation split, samples
@@ -315,7 +315,7 @@ def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = No
         "## Model", "", *table(model_rows(config, known, tokenizer)),
         "## Training", "", *training_section(known),
         "## Evaluation", "", *evaluation_section(known),
-        "## Samples", "", *samples_section(out, generate),
+        "## Samples", "", *samples_section(out, generate, tokenizer),
         "## How to use", "", *usage_section(where, generate, tokenizer),
     ])
     atomic_write_text(out / CARD_NAME, text)
@@ -384,7 +384,7 @@ def exported_tokenizer(out: Path) -> Tokenizer | None:
 def model_rows(config: ModelConfig, known: dict, exported: Tokenizer | None = None) -> list[tuple[str, str]]:
     """The card's Model table; `exported`: the tokenizer the export holds, described from its own file."""
     recorded = (known["meta"].get("tokenizer") or {}).get("kind")
-    tokenizer = ("GPT-2's BPE (tiktoken)" if recorded == "gpt2" else exported.description if exported else UNKNOWN)
+    tokenizer = GPT2Tokenizer.description if recorded == "gpt2" else exported.description if exported else UNKNOWN
     trained_context = (known["recipe"].get("train") or {}).get("block_size") if known["recipe"] else None
     sliding = sum(t == "sliding_attention" for t in config.layer_types)
     return [
@@ -452,11 +452,10 @@ def evaluation_section(known: dict) -> list[str]:
             "tokenizers compare.", ""]
 
 
-def samples_section(out: Path, g: GenerateConfig) -> list[str]:
-    """Samples generated now, from the exported files (so they are what a downloader gets)."""
-    try:
-        tokenizer = checkpoint_tokenizer(out)
-    except UserError:
+def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -> list[str]:
+    """Samples generated now, from the exported files (so they are what a downloader gets); `tokenizer` is the
+    export's own (exported_tokenizer)."""
+    if tokenizer is None:
         return ["Unknown: the export holds no tokenizer.", ""]
     device = pick_device("auto")
     model = load_model(out, tokenizer, dtype="auto" if device.type == "cuda" else "float32", device=str(device))

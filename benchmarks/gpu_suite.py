@@ -577,9 +577,7 @@ def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
     if result is None:
         return Result(STEP_TITLES[3], False, lines, seconds)
     ms = result["ms_per_step"]
-    reference = ms.get("adamw") or next(iter(ms.values()), None)
-    lines += ["| contender | ms per step | vs adamw |", "|---|---:|---:|",
-              *(f"| {name} | {t:,.2f} | {t / reference:.2f}x |" for name, t in ms.items())]
+    lines += result["table"].splitlines()
     if result.get("not_measured"):  # a run stopped while the compiled backend compiled keeps the others
         lines += ["", f"Not measured before it stopped: {', '.join(result['not_measured'])}."]
     muons = {name: t for name, t in ms.items() if name.startswith("muon-")}

@@ -57,6 +57,13 @@ def build(name: str, model: torch.nn.Module, device: torch.device) -> torch.opti
     return optimizer
 
 
+def markdown_table(median: dict[str, float]) -> str:
+    """Each contender's median step in ms, and against AdamW's (the first contender's without it)."""
+    reference = median.get("adamw", next(iter(median.values()), None))
+    return "\n".join(["| contender | ms per step | vs adamw |", "|---|---:|---:|",
+                      *(f"| {name} | {1000 * t:,.2f} | {t / reference:.2f}x |" for name, t in median.items())])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-tiny")
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__, "steps": args.steps, "warmup": untimed, "untimed_rounds": rounds,
                 "ms_per_step": {n: 1000 * m for n, m in median.items()}, "first_step_relative_difference": rel,
                 "complete": complete, "not_measured": [n for n in names if n not in median],
+                "table": markdown_table(median),
             })
 
     # The compiled backend last, after the others' figures are written: its compilation can take a minute on a
@@ -144,13 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if (rel := agreement()) is None:
             return 1
         median = timed(names)  # all of them again, in turn: the figures of one timing
-    reference = median.get("adamw", next(iter(median.values())))
     print(f"{args.preset} ({params:,} parameters), {device_description(device)}, torch {torch.__version__}; "
           f"optimizer.step() alone, median of {args.steps} rounds after "
           + (f"{untimed} to {max(rounds.values())}" if later and eager else f"{untimed}") + " untimed")
-    print("| contender | ms per step | vs adamw |\n|---|---:|---:|")
-    for name in names:
-        print(f"| {name} | {1000 * median[name]:,.2f} | {median[name] / reference:.2f}x |")
+    print(markdown_table(median))
     write(median, rel, complete=True)
     return 0
 

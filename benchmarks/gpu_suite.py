@@ -99,6 +99,7 @@ TRAINER_STEPS, LOG_INTERVAL = 15, 5  # steady state: the 10 steps (1.3M tokens) 
 # torch.profiler (`tinygemma train --profile`: a few seconds a run for the profiler's start and the trace's export).
 PROFILED_STEPS, PROFILED_OPTIMIZERS = 1, ("adamw",)
 PROFILE_ROWS = 15  # rows of each run's operator table in the report
+PROFILE_KERNELS, PROFILE_KERNEL_CHARS = 20, 90  # rows of its kernel table, and the characters of a kernel's name
 ADAMW_SETTINGS = ("learning_rate=1e-3", "min_lr=1e-4")  # Muon's recipe rate (4e-3) is too high for AdamW at 270M
 MIN_VAL_DROP = 1.0  # nats: each run's validation loss must fall at least this much from step 0 to its end
 # Issue 19's goals for the trainer's rows: MFU of at least MFU_GOAL in every row (MFU_MOONSHOT the moonshot), and
@@ -337,18 +338,30 @@ def trainer_row(out: Path, block: int, optimizer: str, plan: Plan, output: str) 
             "profile": json.loads(profile.read_text()) if profile.exists() else None}
 
 
-def profile_lines(out: Path, block: int, optimizer: str) -> list[str]:
-    """A run's profile in the report: the summary's device lines and the top of its operator table."""
+def profile_lines(out: Path, block: int, optimizer: str, profile: dict | None) -> list[str]:
+    """A run's profile in the report: the summary's device lines, the top of its operator table, and on a GPU the
+    kernels that took the most device time (`profile`, its row's profile.json: `top_kernels`; the operator table
+    mixes aten operators with the kernels they launch, and names inductor's fused kernels only among them)."""
     summary = out / "profile" / "summary.txt"
     if not summary.exists():
         return [f"Block {block}, {optimizer}: no profile was written."]
     head, _, table = summary.read_text().partition("\n\n")
+    table = table.split("\n\nkernels by device time\n", 1)[0]  # the operators' table alone
     _, *table_lines = table.strip().splitlines()  # "operators sorted by ...", a blank line, the table
     table_lines = [line for line in table_lines if line.strip()]
     top, rest = table_lines[:PROFILE_ROWS + 3], table_lines[PROFILE_ROWS + 3:]  # 3: the header and its rules
     closing = [line for line in rest if line.startswith(("-", "Self "))]  # the closing rule, "Self CPU time total"
-    return [f"Block {block}, {optimizer}:", "", *[f"- {line}" for line in head.strip().splitlines()], "", "```",
-            *top, *closing, "```"]
+    lines = [f"Block {block}, {optimizer}:", "", *[f"- {line}" for line in head.strip().splitlines()], "", "```",
+             *top, *closing, "```"]
+    kernels = ((profile or {}).get("device_activity") or {}).get("top_kernels")
+    if kernels:
+        lines += ["", f"The {min(len(kernels), PROFILE_KERNELS)} kernels that took the most device time (the "
+                  f"summary's `profile.device_activity.top_kernels` names {len(kernels)}):", "",
+                  "| share | total | calls | kind | kernel |",
+                  "|---:|---:|---:|---|---|"]
+        lines += [f"| {k['share']:.1%} | {k['total_us'] / 1e3:.2f} ms | {k['calls']} | {k['kind']} "
+                  f"| `{k['name'][:PROFILE_KERNEL_CHARS].replace('|', '/')}` |" for k in kernels[:PROFILE_KERNELS]]
+    return lines
 
 
 def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
@@ -402,7 +415,8 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda res
         # has its figures in metrics.jsonl already: its row is kept, and its failure said above.
         if (out / "config.json").exists() and (out / "metrics.jsonl").exists():
             rows.append({**trainer_row(out, block, optimizer, plan, output), "command": n})
-            profiles += ["", *profile_lines(out, block, optimizer)] if optimizer in PROFILED_OPTIMIZERS else []
+            profiles += (["", *profile_lines(out, block, optimizer, rows[-1]["profile"])]
+                         if optimizer in PROFILED_OPTIMIZERS else [])
             first, last = rows[-1]["val_loss_first"], rows[-1]["val_loss_last"]
             if code == 0 and (rows[-1]["tokens_per_s"] is None or first is None or not last < first - MIN_VAL_DROP):
                 failures.append(f"block {block} {optimizer}: no steady state, or the validation loss fell less "

@@ -782,3 +782,46 @@ def test_gpu_suite_names_the_commit_from_the_assets_without_git(tmp_path, monkey
                                                     "recorded abc1234")
     (tmp_path / suite.COMMIT_FILE).write_text("abc1234\n")  # an older record, without a fingerprint
     assert "has changed since" in suite.source_commit(tmp_path)
+
+
+def test_gpu_suite_reports_a_gpu_profiles_operators_and_its_longest_kernels(tmp_path):
+    """A CUDA run's profile, as StepProfiler writes it (its profiler stood in for: a CPU records no kernels), in the
+    report: the top of the operator table in a code block, then the kernels that took the most device time, as a
+    table read from profile.json, not from the summary's own kernel section."""
+    from tinygemma.profiling import TOP_KERNELS, StepProfiler
+
+    suite = load_script("gpu_suite")
+    operators = ["-" * 20, "Name  Self CUDA", "-" * 20, *[f"aten::op{i}  {100 - i}ms" for i in range(40)], "-" * 20,
+                 "Self CPU time total: 1s", "Self CUDA time total: 2s"]
+    events = [{"ph": "X", "cat": "kernel", "name": f"triton_poi_fused_{i}", "ts": 10 * i, "dur": 100 - i}
+              for i in range(40)]
+    events.append({"ph": "X", "cat": "kernel", "name": "nvjet_sm90_gemm|" + "x" * 200, "ts": 500, "dur": 1000})
+
+    class FakeProfiler:
+        def export_chrome_trace(self, path):
+            Path(path).write_text(json.dumps({"traceEvents": events}))
+
+        def key_averages(self):
+            return argparse.Namespace(table=lambda sort_by, row_limit: "\n".join(operators))
+
+    out = tmp_path / "run"
+    profiler = StepProfiler(3, 3, out / "profile", torch.device("cuda"))
+    profiler.profiler = FakeProfiler()
+    profiler.write(wall_s=0.01)
+    summary = (out / "profile" / "summary.txt").read_text()
+    assert "\n\nkernels by device time\n" in summary and "triton_poi_fused_39" not in summary  # past TOP_KERNELS
+    profile = json.loads((out / "profile" / "profile.json").read_text())
+    lines = suite.profile_lines(out, 128, "adamw", profile)
+    text = "\n".join(lines)
+    block = text[text.index("```"):text.rindex("```")]
+    assert "aten::op14" in block and "aten::op15" not in block and "Self CUDA time total: 2s" in block
+    assert "kernels by device time" not in text and "share  total ms" not in text  # the summary's own kernel table
+    table = lines[lines.index("| share | total | calls | kind | kernel |"):]
+    assert len(table) == 2 + suite.PROFILE_KERNELS
+    assert f"the summary's `profile.device_activity.top_kernels` names {TOP_KERNELS}" in text
+    total = sum(e["dur"] for e in events)
+    assert table[2] == f"| {1000 / total:.1%} | 1.00 ms | 1 | matmul | `nvjet_sm90_gemm/{'x' * 74}` |"
+    assert table[3].startswith(f"| {100 / total:.1%} | 0.10 ms | 1 | fused pointwise and reductions | "
+                               "`triton_poi_fused_0` |")
+    # A CPU run's profile (no device figures) has no kernel table.
+    assert "| share |" not in "\n".join(suite.profile_lines(out, 128, "adamw", {"device_activity": None}))

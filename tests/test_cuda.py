@@ -167,7 +167,12 @@ def test_a_cuda_profile_says_how_busy_the_gpu_was_and_on_what(data_dir, tmp_path
     shares = activity["share_by_kind"]
     assert sum(shares.values()) == pytest.approx(1.0) and shares.get("matmul", 0) > 0
     assert shares.get("attention", 0) > 0, shares
-    assert (out / "profile" / "summary.txt").read_text().splitlines()[1].startswith("device busy ")
+    top = activity["top_kernels"]
+    assert top and [k["total_us"] for k in top] == sorted((k["total_us"] for k in top), reverse=True)
+    assert {k["kind"] for k in top} >= {"matmul", "attention"}
+    assert sum(k["calls"] for k in top if k["kind"] != "copies and fills") <= activity["kernels"]
+    summary = (out / "profile" / "summary.txt").read_text()
+    assert summary.splitlines()[1].startswith("device busy ") and "\n\nkernels by device time\n" in summary
 
 
 # ------------------------------------------------------------------ compiled against eager

@@ -6,7 +6,7 @@ can be worked out on paper.
 
 import pytest
 
-from tinygemma.profiling import describe_activity, device_activity, kernel_kind
+from tinygemma.profiling import TOP_KERNELS, describe_activity, device_activity, kernel_kind, kernel_table
 
 
 def kernel(name, ts, dur, cat="kernel"):
@@ -61,6 +61,29 @@ def test_busy_time_counts_overlapping_kernels_once_and_shares_add_up():
     assert list(shares) == ["matmul", "attention", "fused pointwise and reductions", "copies and fills"]
     text = describe_activity(activity)
     assert text.startswith("device busy 55.0% of the 0.001 s") and "matmul 50.0%, attention 25.0%" in text
+
+
+def test_the_top_kernels_are_tallied_by_name_longest_first_and_capped():
+    events = [kernel("nvjet_gemm", 0, 300), kernel("triton_poi_fused_mul_0", 300, 100),
+              kernel("nvjet_gemm", 400, 200), kernel("triton_tem_fused_0", 600, 250),
+              kernel("Memcpy HtoD", 850, 50, "gpu_memcpy"), kernel("x" * 500, 900, 10)]  # a C++ template's length
+    events += [kernel(f"triton_poi_fused_{i}", 1000 + i, 1) for i in range(TOP_KERNELS)]  # the tail, cut off
+    activity = device_activity(events, wall_s=0.002)
+    top = activity["top_kernels"]
+    total = 300 + 100 + 200 + 250 + 50 + 10 + TOP_KERNELS
+    assert len(top) == TOP_KERNELS
+    assert top[:5] == [
+        {"name": "nvjet_gemm", "kind": "matmul", "calls": 2, "total_us": 500.0, "share": pytest.approx(500 / total)},
+        {"name": "triton_tem_fused_0", "kind": "attention", "calls": 1, "total_us": 250.0,
+         "share": pytest.approx(250 / total)},
+        {"name": "triton_poi_fused_mul_0", "kind": "fused pointwise and reductions", "calls": 1, "total_us": 100.0,
+         "share": pytest.approx(100 / total)},
+        {"name": "Memcpy HtoD", "kind": "copies and fills", "calls": 1, "total_us": 50.0,
+         "share": pytest.approx(50 / total)},
+        {"name": "x" * 160, "kind": "other", "calls": 1, "total_us": 10.0, "share": pytest.approx(10 / total)}]
+    table = kernel_table(activity).splitlines()
+    assert len(table) == 1 + TOP_KERNELS and table[0].split() == ["share", "total", "ms", "calls", "kind", "kernel"]
+    assert table[1].split() == [f"{500 / total:.1%}", "0.500", "2", "matmul", "nvjet_gemm"]
 
 
 def test_a_trace_without_device_events_has_no_device_figures():

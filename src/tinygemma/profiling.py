@@ -4,7 +4,8 @@ The steps START to END (1-based, inclusive, as the log counts them) run under to
 RUN/profile/ holds
     trace.json     a Chrome trace: open it in https://ui.perfetto.dev or chrome://tracing
     summary.txt    the operators' table, sorted by their own time on the device (CUDA) or the CPU elsewhere;
-                   on CUDA it opens with how busy the GPU was and on what kinds of kernel (`device_activity`)
+                   on CUDA it opens with how busy the GPU was and on what kinds of kernel (`device_activity`),
+                   and ends with the kernels that took the most device time, by name (`top_kernels`)
     profile.json   those figures for programs (benchmarks/gpu_suite.py reads them)
 
 The busy fraction answers the first question about a slow GPU step: is the GPU waiting for the host (launches,
@@ -25,6 +26,8 @@ from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text
 
 SUMMARY_ROWS = 60
+TOP_KERNELS = 30  # the kernels named in profile.json and summary.txt, by summed device time
+KERNEL_NAME_CHARS = 160  # C++ template names run to thousands of characters
 PROFILE_FILES = frozenset({"trace.json", "profile.json", "summary.txt"})  # what RUN/profile/ holds
 
 # What a kernel is, by its name in the trace: the first pattern that matches (case-insensitive) wins, so the order
@@ -56,23 +59,32 @@ def device_activity(trace_events: list[dict], wall_s: float) -> dict | None:
     the device-side events' intervals (kernels on several streams count once while they overlap) over the wall
     time; the kernels' count and mean length (many short kernels: launch-bound); and each kind's share of the
     summed device time. None when the trace has no device events (a CPU run)."""
-    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_kind(e.get("name", ""), e["cat"]))
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_kind(e.get("name", ""), e["cat"]),
+                    e.get("name", ""))
                    for e in trace_events
                    if e.get("cat") in DEVICE_CATEGORIES and e.get("ph", "X") == "X" and "ts" in e)
     if not spans:
         return None
     busy_us, reach = 0.0, float("-inf")
     by_kind: dict[str, float] = {}
-    for start, end, kind in spans:
+    by_name: dict[tuple[str, str], list[float]] = {}  # (name, kind): [calls, summed us]
+    for start, end, kind, name in spans:
         busy_us += max(0.0, end - max(start, reach))
         reach = max(reach, end)
         by_kind[kind] = by_kind.get(kind, 0.0) + (end - start)
+        tally = by_name.setdefault((name, kind), [0, 0.0])
+        tally[0] += 1
+        tally[1] += end - start
     total_us = sum(by_kind.values())
-    kernels = [end - start for start, end, kind in spans if kind != "copies and fills"]
+    kernels = [end - start for start, end, kind, _ in spans if kind != "copies and fills"]
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
     return {"wall_s": wall_s, "busy_s": busy_us / 1e6, "busy": min(1.0, busy_us / 1e6 / wall_s) if wall_s > 0 else None,
             "kernels": len(kernels), "mean_kernel_us": sum(kernels) / len(kernels) if kernels else 0.0,
             "share_by_kind": {kind: t / total_us if total_us else 0.0
-                              for kind, t in sorted(by_kind.items(), key=lambda item: -item[1])}}
+                              for kind, t in sorted(by_kind.items(), key=lambda item: -item[1])},
+            "top_kernels": [{"name": name[:KERNEL_NAME_CHARS], "kind": kind, "calls": calls, "total_us": us,
+                             "share": us / total_us if total_us else 0.0}
+                            for (name, kind), (calls, us) in top]}
 
 
 def describe_activity(activity: dict) -> str:
@@ -83,6 +95,14 @@ def describe_activity(activity: dict) -> str:
     return (f"device busy {busy} of the {activity['wall_s']:.3f} s the steps took ({activity['busy_s']:.3f} s with "
             f"a kernel or copy running; {activity['kernels']:,} kernels, {activity['mean_kernel_us']:.1f} us on "
             f"average)\ndevice time by kind of kernel (by name): {shares}")
+
+
+def kernel_table(activity: dict) -> str:
+    """`top_kernels` as a table for summary.txt, the longest first."""
+    rows = [f"{'share':>6}  {'total ms':>9}  {'calls':>6}  {'kind':<38}  kernel"]
+    rows += [f"{k['share']:>6.1%}  {k['total_us'] / 1e3:>9.3f}  {k['calls']:>6}  {k['kind']:<38}  {k['name']}"
+             for k in activity["top_kernels"]]
+    return "\n".join(rows)
 
 
 def parse_profile_range(spec: str) -> tuple[int, int]:
@@ -155,4 +175,6 @@ class StepProfiler:
         atomic_write_json(self.directory / "profile.json",
                           {"first_step": self.first, "last_step": self.last, "device": str(self.device),
                            "wall_s": wall_s, "device_activity": activity})
-        atomic_write_text(self.directory / "summary.txt", f"{header}\n\noperators sorted by {sort_by}\n\n{table}\n")
+        kernels = f"\n\nkernels by device time\n\n{kernel_table(activity)}" if activity else ""
+        atomic_write_text(self.directory / "summary.txt",
+                          f"{header}\n\noperators sorted by {sort_by}\n\n{table}{kernels}\n")

@@ -98,6 +98,11 @@ TRAINER_STEPS, LOG_INTERVAL = 15, 5  # steady state: the 10 steps (1.3M tokens) 
 # Every run then trains PROFILED_STEPS more steps, left out of the rates; in the runs of PROFILED_OPTIMIZERS under
 # torch.profiler (`tinygemma train --profile`: a few seconds a run for the profiler's start and the trace's export).
 PROFILED_STEPS, PROFILED_OPTIMIZERS = 1, ("adamw",)
+# The Muon runs' backend, by block (absent: `auto`, the device's default, torch.optim.Muon on CUDA). A Muon step
+# does the same work at either block (the same matrices, 131,072 tokens a step), so with the compiled backend at
+# block 128 and the default at 1,024, each Muon row against its block's AdamW row prices one backend inside the
+# real trainer: what chooses Muon's CUDA default if the optimizer-step benchmark (step 4) is cut short again.
+MUON_BACKENDS = {128: "compiled"}
 PROFILE_ROWS = 15  # rows of each run's operator table in the report
 PROFILE_KERNELS, PROFILE_KERNEL_CHARS = 20, 90  # rows of its kernel table, and the characters of a kernel's name
 ADAMW_SETTINGS = ("learning_rate=1e-3", "min_lr=1e-4")  # Muon's recipe rate (4e-3) is too high for AdamW at 270M
@@ -133,6 +138,7 @@ class Plan:
     dtype: str = "bfloat16"
     tests: tuple = ()  # the test files, in order (default: cuda_test_files())
     trainer_runs: list = field(default_factory=lambda: list(TRAINER_RUNS))
+    muon_backends: dict = field(default_factory=lambda: dict(MUON_BACKENDS))  # block: the Muon run's backend
     trainer_steps: int = TRAINER_STEPS
     log_interval: int = LOG_INTERVAL
     limit: int | None = None  # prepare's --limit (stories)
@@ -164,6 +170,7 @@ class Plan:
         every section of the report and the summary, none of the figures."""
         return cls(device, True, preset="gemma3-tiny", dtype="float32",
                    trainer_runs=[(32, 4, 2, "adamw"), (80, 2, 2, "muon")], trainer_steps=8, log_interval=2,
+                   muon_backends={80: "float32"},  # eager: inductor would take minutes on a CPU
                    limit=400, train_extra=("learning_rate=3e-3", "min_lr=3e-4", "muon_learning_rate=0.02"),
                    workshop_steps=(1, 1),
                    generation_args=("--dtype", "fp32", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1",
@@ -312,7 +319,9 @@ def trainer_command(plan: Plan, data: Path, out: Path, block: int, batch: int, a
                 f"grad_accum_steps={accum}", "micro_batch_size=auto", f"optimizer={optimizer}",
                 f"max_steps={plan.trainer_steps + PROFILED_STEPS}", f"warmup_steps={max(1, plan.trainer_steps // 4)}",
                 "eval_interval=0", "eval_batches=1", "checkpoint_interval=0", f"log_interval={plan.log_interval}",
-                "model.vocab_pad_multiple=128", *(ADAMW_SETTINGS if optimizer == "adamw" else ()), *plan.train_extra]
+                "model.vocab_pad_multiple=128", *(ADAMW_SETTINGS if optimizer == "adamw" else ()),
+                *([f"muon_backend={plan.muon_backends[block]}"] if optimizer == "muon" and block in plan.muon_backends
+                  else []), *plan.train_extra]
     profile = (["--profile", f"{plan.trainer_steps + 1}:{plan.trainer_steps + PROFILED_STEPS}"]
                if optimizer in PROFILED_OPTIMIZERS else [])  # every run trains those steps: one schedule for all
     return [sys.executable, "-m", "tinygemma", "train", "--data", str(data), "--out", str(out), "--model",
@@ -322,13 +331,16 @@ def trainer_command(plan: Plan, data: Path, out: Path, block: int, batch: int, a
 def trainer_row(out: Path, block: int, optimizer: str, plan: Plan, output: str) -> dict:
     """One run's row of the summary, from its config.json and metrics.jsonl, the optimizer its log names, and its
     profile (profile/profile.json: the device's busy fraction and time by kind of kernel)."""
-    run_info = json.loads((out / "config.json").read_text())["run"]
+    config = json.loads((out / "config.json").read_text())
+    run_info = config["run"]
     records = read_records(out / "metrics.jsonl")
     figures = steady_state(records, plan.log_interval, run_info["tokens_per_step"], until=plan.trainer_steps) or {}
     profile = out / "profile" / "profile.json"
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     described = re.search(r"; ([^;]+), (?:wsd|cosine) schedule;", output)
-    return {"block_size": block, "optimizer": optimizer, "micro_batch_size": run_info.get("micro_batch_size"),
+    return {"block_size": block, "optimizer": optimizer,
+            "muon_backend": config["train"]["muon_backend"] if optimizer == "muon" else None,
+            "micro_batch_size": run_info.get("micro_batch_size"),
             "tokens_per_s": figures.get("tokens_per_s"), "mfu": figures.get("mfu"),
             "peak_memory_gib": figures.get("peak_memory_gib"), "global_batch": run_info["global_batch"],
             "passes_per_step": run_info.get("passes_per_step"), "tokens_per_step": run_info["tokens_per_step"],
@@ -364,6 +376,12 @@ def profile_lines(out: Path, block: int, optimizer: str, profile: dict | None) -
     return lines
 
 
+def optimizer_cell(row: dict) -> str:
+    """"muon (compiled)" where the run asked for a Muon backend, the optimizer's name otherwise."""
+    backend = row.get("muon_backend")
+    return f"{row['optimizer']} ({backend})" if backend and backend != "auto" else row["optimizer"]
+
+
 def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
     lines = [f"`tinygemma train` of `{plan.preset}` in {plan.dtype}, `micro_batch_size=auto`, {plan.trainer_steps} "
              f"optimizer steps a run. Steady state over the steps after the first log interval ({plan.log_interval} "
@@ -380,7 +398,7 @@ def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         activity = (r.get("profile") or {}).get("device_activity") or {}
-        lines.append(f"| {r['block_size']} | {r['optimizer']} | {r['global_batch']} | {figure(r['micro_batch_size'])} "
+        lines.append(f"| {r['block_size']} | {optimizer_cell(r)} | {r['global_batch']} | {figure(r['micro_batch_size'])} "
                      f"| {figure(r['passes_per_step'])} | {figure(r['tokens_per_s'])} | {figure(r['mfu'], '.1%')} "
                      f"| {figure(r['peak_memory_gib'], '.2f', ' GiB')} | {figure(activity.get('busy'), '.1%')} "
                      f"| {figure(activity.get('share_by_kind', {}).get('matmul'), '.1%')} "
@@ -475,7 +493,10 @@ def speed_goals(rows: list[dict], runs: list[tuple]) -> tuple[dict, list[str]]:
     def verdict(met):
         return "not measured" if met is None else "**met**" if met else "**NOT met**"
 
-    costs = ", ".join(f"block {b}: {figure(c, '+.1%')}" for b, c in muon_cost.items()) or "no rows"
+    backends = {r["block_size"]: r["muon_backend"] for r in rows
+                if r["optimizer"] == "muon" and r.get("muon_backend") not in (None, "auto")}
+    costs = ", ".join(f"block {b}{f' (Muon {backends[b]})' if b in backends else ''}: {figure(c, '+.1%')}"
+                      for b, c in muon_cost.items()) or "no rows"
     lines = [f"Goals (issue 19): MFU of at least {MFU_GOAL:.0%} in every row: {verdict(mfu_met)} (lowest "
              f"{figure(goals['lowest_mfu'], '.1%')} of {len(got_mfus)} measured row(s) of {len(planned)}; the moonshot, {MFU_MOONSHOT:.0%}: {verdict(goals['moonshot_met'])}). "
              f"A Muon step at most {MUON_MAX_COST:.0%} slower than an AdamW step at the same block: "

@@ -129,7 +129,11 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         assert r["mfu"] is None and r["peak_memory_gib"] is None  # CUDA's figures only
         vals = [x["val_loss"] for x in records if "val_loss" in x]
         assert (r["val_loss_first"], r["val_loss_last"]) == (vals[0], vals[-1]) and vals[-1] < vals[0] - 1.0
-        assert f"| {r['block_size']} | {r['optimizer']} | {r['global_batch']} | {r['micro_batch_size']} |" in text
+        # The Muon run takes the plan's backend for its block (the GPU plan: compiled at 128, the default at 1,024).
+        backend = {"adamw": None, "muon": "float32"}[r["optimizer"]]
+        assert r["muon_backend"] == backend and config["train"]["muon_backend"] == (backend or "auto")
+        cell = f"{r['optimizer']} ({backend})" if backend else r["optimizer"]
+        assert f"| {r['block_size']} | {cell} | {r['global_batch']} | {r['micro_batch_size']} |" in text
         # The AdamW run's profiled step: its profile.json in the row, its summary's top in the report (a CPU has
         # no GPU figures); the Muon run trains that step unprofiled.
         if r["optimizer"] == "adamw":
@@ -242,16 +246,18 @@ def test_gpu_suite_judges_issue_19s_goals_on_every_planned_row():
     (step time: the inverse of tokens/s). A run that failed leaves its goal unmeasured, never met."""
     suite = load_script("gpu_suite")
 
-    def row(block, optimizer, rate, mfu):
-        return {"block_size": block, "optimizer": optimizer, "tokens_per_s": rate, "mfu": mfu}
+    def row(block, optimizer, rate, mfu, backend=None):
+        return {"block_size": block, "optimizer": optimizer, "tokens_per_s": rate, "mfu": mfu, "muon_backend": backend}
 
-    rows = [row(128, "adamw", 420_000, 0.41), row(128, "muon", 404_000, 0.395),
-            row(1024, "muon", 400_000, 0.45), row(1024, "adamw", 440_000, 0.50)]
+    # The GPU plan's Muon runs: the compiled backend at block 128, the device's default (auto) at 1,024.
+    rows = [row(128, "adamw", 420_000, 0.41), row(128, "muon", 404_000, 0.395, "compiled"),
+            row(1024, "muon", 400_000, 0.45, "auto"), row(1024, "adamw", 440_000, 0.50)]
     goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
     assert goals["lowest_mfu"] == 0.395 and goals["mfu_met"] is False and goals["moonshot_met"] is False
     assert goals["muon_cost"] == pytest.approx({"128": 420 / 404 - 1, "1024": 0.10})
     assert goals["muon_met"] is False  # +4.0% at block 128, +10.0% at 1024
-    assert "every row: **NOT met** (lowest 39.5%" in lines[0] and "block 128: +4.0%, block 1024: +10.0%" in lines[0]
+    assert "every row: **NOT met** (lowest 39.5%" in lines[0]
+    assert "block 128 (Muon compiled): +4.0%, block 1024: +10.0%" in lines[0]
     rows[1]["mfu"], rows[2]["tokens_per_s"] = 0.40, 430_000
     goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
     assert goals["mfu_met"] is True and goals["muon_met"] is True and "**met**" in lines[0]
@@ -262,6 +268,21 @@ def test_gpu_suite_judges_issue_19s_goals_on_every_planned_row():
     rows[1]["mfu"] = 0.30  # one measured row below the goal: not met, whatever the missing row would say
     goals, lines = suite.speed_goals(rows[:3], suite.TRAINER_RUNS)
     assert goals["mfu_met"] is False and goals["lowest_mfu"] == 0.30 and "every row: **NOT met**" in lines[0]
+
+
+def test_gpu_suite_prices_each_muon_backend_against_adamw_at_its_block():
+    """The GPU plan's Muon runs: the compiled backend at block 128, the CUDA default at 1,024 (a Muon step costs
+    the same at either block), each against its block's AdamW run; the AdamW runs name no backend."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    backends = {}
+    for block, batch, accum, optimizer in plan.trainer_runs:
+        cmd = suite.trainer_command(plan, Path("data"), Path("out"), block, batch, accum, optimizer)
+        backends[block, optimizer] = [a for a in cmd if a.startswith("muon_backend=")]
+    assert backends == {(128, "adamw"): [], (128, "muon"): ["muon_backend=compiled"], (1024, "adamw"): [],
+                        (1024, "muon"): []}
+    assert suite.optimizer_cell({"optimizer": "muon", "muon_backend": "compiled"}) == "muon (compiled)"
+    assert suite.optimizer_cell({"optimizer": "muon", "muon_backend": "auto"}) == "muon"
 
 
 def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():
@@ -464,7 +485,8 @@ def synthetic_run(out: Path, steps: int = 8, rate: float = 1000.0) -> None:
     """A trainer run's config.json and metrics.jsonl as the trainer writes them, log lines every 2 steps."""
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"run": {"tokens_per_step": 100, "global_batch": 4,
-                                                         "micro_batch_size": 4, "passes_per_step": 1}}))
+                                                         "micro_batch_size": 4, "passes_per_step": 1},
+                                                 "train": {"muon_backend": "auto"}}))
     records = [{"step": 0, "tokens": 0, "val_loss": 10.0}]
     records += [{"step": n, "tokens": 100 * n, "train_loss": 5.0, "tokens_per_s": rate} for n in range(2, steps + 1, 2)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

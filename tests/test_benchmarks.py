@@ -511,8 +511,8 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     monkeypatch.setattr(suite, "run", fake_run)
     progress = []
     result = suite.trainer(plan, {}, work, tmp_path / "assets", progress=progress.append)
-    assert [(r["block_size"], r["optimizer"]) for r in result.data["trainer"]] == [(128, "adamw"), (128, "muon"),
-                                                                                  (1024, "adamw"), (1024, "muon")]
+    assert [(r["block_size"], r["optimizer"]) for r in result.data["trainer"]] == [(128, "adamw"), (1024, "adamw"),
+                                                                                  (128, "muon"), (1024, "muon")]
     assert result.data["trainer"][0]["tokens_per_s"] == pytest.approx(1000.0) and not result.ok and not result.partial
     assert "Failed: block 128 adamw: exit status 124 (command 2)" in "\n".join(result.lines)
     assert [len(r.data["trainer"]) for r in progress] == [1, 2, 3] and all(r.partial for r in progress)

@@ -592,12 +592,19 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
         "the two alternating.")
     if result is None:
         return Result(STEP_TITLES[2], False, lines, seconds)
-    lines += [f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens, {result['dtype']}:", "",
-              "| batch | tinygemma | transformers | speed-up | same tokens |", "|---:|---:|---:|---:|---|"]
+    graphs = any("cuda_graph_speedup" in r for r in result["results"])  # on CUDA: one CUDA graph a token
+    lines += [f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens, {result['dtype']}"
+              + (" (tinygemma replays one CUDA graph a token; \"kernel by kernel\": its steps launched one kernel "
+                 "at a time, `cuda_graph=False`)" if graphs else "") + ":", "",
+              "| batch | tinygemma | transformers | speed-up | same tokens |"
+              + (" tinygemma kernel by kernel | CUDA graph's gain |" if graphs else ""),
+              "|---:|---:|---:|---:|---|" + ("---:|---:|" if graphs else "")]
     for r in result["results"]:
         same = "all" if r["same_tokens"] else f"first {r['equal_leading_tokens']}"
         lines.append(f"| {r['batch_size']} | {r['tinygemma_tokens_per_s']:,.1f} tokens/s | "
-                     f"{r['transformers_tokens_per_s']:,.1f} tokens/s | {r['speedup']:.2f}x | {same} |")
+                     f"{r['transformers_tokens_per_s']:,.1f} tokens/s | {r['speedup']:.2f}x | {same} |"
+                     + (f" {figure(r.get('kernel_by_kernel_tokens_per_s'), ',.1f', ' tokens/s')} | "
+                        f"{figure(r.get('cuda_graph_speedup'), '.2f', 'x')} |" if graphs else ""))
     keep = ("dtype", "prompt_tokens", "new_tokens", "repeats", "results")
     return Result(STEP_TITLES[2], True, lines, seconds, {"generation": {k: result[k] for k in keep}})
 

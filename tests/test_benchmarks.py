@@ -847,3 +847,23 @@ def test_gpu_suite_reports_a_gpu_profiles_operators_and_its_longest_kernels(tmp_
                                "`triton_poi_fused_0` |")
     # A CPU run's profile (no device figures) has no kernel table.
     assert "| share |" not in "\n".join(suite.profile_lines(out, 128, "adamw", {"device_activity": None}))
+
+
+def test_gpu_suite_reports_the_cuda_graphs_gain_beside_transformers(tmp_path, monkeypatch):
+    """generate_speed.py on CUDA times a third contender, tinygemma's steps kernel by kernel: the report's
+    generation table gains its rate and the graph's gain; off CUDA (no such figures) the table keeps five columns."""
+    suite = load_script("gpu_suite")
+    row = {"batch_size": 1, "tinygemma_tokens_per_s": 900.0, "transformers_tokens_per_s": 50.0, "speedup": 18.0,
+           "same_tokens": False, "equal_leading_tokens": 29}
+    result = {"prompt_tokens": 16, "new_tokens": 48, "dtype": "bfloat16", "repeats": 2,
+              "results": [{**row, "kernel_by_kernel_tokens_per_s": 60.0, "cuda_graph_speedup": 15.0}]}
+    monkeypatch.setattr(suite, "benchmark", lambda *a: (["intro"], result, 3.0, None))
+    got = suite.generation(suite.Plan("cuda", False), {}, tmp_path)
+    assert got.ok and got.data["generation"]["results"] == result["results"]
+    assert "| batch | tinygemma | transformers | speed-up | same tokens | tinygemma kernel by kernel | CUDA graph's " \
+           "gain |" in got.lines
+    assert "| 1 | 900.0 tokens/s | 50.0 tokens/s | 18.00x | first 29 | 60.0 tokens/s | 15.00x |" in got.lines
+    result["results"] = [row]
+    got = suite.generation(suite.Plan("cpu", True), {}, tmp_path)
+    assert "| batch | tinygemma | transformers | speed-up | same tokens |" in got.lines
+    assert "| 1 | 900.0 tokens/s | 50.0 tokens/s | 18.00x | first 29 |" in got.lines

@@ -77,6 +77,51 @@ def batch(vocab: int, batch_size: int, block: int, seed: int = 1):
     return window[:, :-1], window[:, 1:]
 
 
+# ------------------------------------------------------------------ generation: one CUDA graph a token
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_decoding_gives_the_tokens_of_kernel_by_kernel_steps(dtype, exact_float32, monkeypatch):
+    """generate on CUDA replays one captured step a token (decode.GraphedStep), the position a device tensor:
+    greedy and seeded-sampled tokens exactly as the same step launched kernel by kernel, for several prompts, well
+    past the sliding window (a ring of 32 slots, come round twice); in float32 also as the steps at int positions
+    and the model's own forward."""
+    from tinygemma import decode
+    from tinygemma import generate as generate_module
+
+    model = fresh_model(small(sliding_window=32), seed=4).to(dtype).eval()
+    prompts = torch.randint(0, 512, (3, 7), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    replays = []
+    real_call = decode.GraphedStep.__call__
+    monkeypatch.setattr(decode.GraphedStep, "__call__", lambda self, *a: replays.append(1) or real_call(self, *a))
+
+    class KernelByKernel:  # the step GraphedStep captures, at the same device position, launched eagerly
+        def __init__(self, plan, model, cache, batch_size, rope):
+            self.step = lambda token, pos: plan.step(model, token, cache, torch.tensor(pos, device=CUDA), rope)
+
+        def __call__(self, token, pos):
+            return self.step(token, pos)
+
+    def seeded():
+        return [torch.Generator(device=CUDA).manual_seed(100 + i) for i in range(3)]
+
+    graphed = generate_module.generate(model, prompts, 80, temperature=0)
+    assert len(replays) == 79  # every step after the prompt's
+    sampled = generate_module.generate(model, prompts, 40, temperature=1.0, top_k=50, generator=seeded())
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_module, "GraphedStep", KernelByKernel)
+        assert torch.equal(graphed, generate_module.generate(model, prompts, 80, temperature=0))
+        assert torch.equal(sampled, generate_module.generate(model, prompts, 40, temperature=1.0, top_k=50,
+                                                             generator=seeded()))
+    count = len(replays)
+    stepped = generate_module.generate(model, prompts, 80, temperature=0, cuda_graph=False)  # at int positions
+    assert len(replays) == count
+    monkeypatch.setattr(generate_module, "decode_plan", lambda m: None)  # the model's own forward
+    forward = generate_module.generate(model, prompts, 80, temperature=0)
+    if dtype == torch.float32:  # (bf16's rounding of a longer softmax row may flip a near tie, and all after it)
+        assert torch.equal(graphed, stepped) and torch.equal(graphed, forward)
+
+
 # ------------------------------------------------------------------ attention kernels
 
 

@@ -1,4 +1,4 @@
-"""The CPU decode plan computes what the model computes: against transformers, against the module path, in
+"""The decode plan computes what the model computes: against transformers, against the module path, in
 float32 and packed bfloat16, and never from stale weights."""
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 from tinygemma import generate as generate_module
 from tinygemma.decode import forget_decode_plan
 from tinygemma.generate import generate, last_logits
+from tinygemma.model import KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,3 +123,50 @@ def test_a_plan_sees_writes_through_data_and_leaves_the_model_copyable():
     with torch.inference_mode():
         frozen = tiny_model(seed=5, vocab_size=512)
         assert torch.equal(generate(frozen, prompt, 12, temperature=0), generate(other, prompt, 12, temperature=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_at_a_device_position_is_the_step_at_an_int_one(dtype):
+    """The step a CUDA graph replays (GraphedStep) takes its position as a 0-d tensor, writes the cache through
+    it and attends to every slot with the unwritten ones masked: the same logits and cache as the step at an int
+    position, which attends only to the written slots (to rounding: softmax sums a longer row), past the sliding
+    window's ring included."""
+    config = small_config(n_heads=4, n_kv_heads=2, head_dim=16, sliding_window=8, sliding_window_pattern=3)
+    model, _ = make_pair(config, seed=11)
+    model = model.to(dtype)
+    plan = generate_module.decode_plan(model, pack=False)
+    tokens = torch.randint(0, config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(6))
+    rope = plan.rope_tables(model, tokens.shape[1])
+    caches = [model.new_cache(2, tokens.shape[1]) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            last_logits(model, tokens[:, :5], cache, 0)
+        for pos in range(5, tokens.shape[1]):  # 3 rings of 8 slots
+            at_int = plan.step(model, tokens[:, pos : pos + 1], caches[0], pos, rope)
+            at_tensor = plan.step(model, tokens[:, pos : pos + 1], caches[1], torch.tensor(pos), rope)
+            assert (at_int - at_tensor).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.05)
+            assert torch.equal(at_int.argmax(-1), at_tensor.argmax(-1))
+    for one, other in zip(*caches):  # (the first layer's exactly: the rest read attention's rounding)
+        for a, b in ((one.k, other.k), (one.v, other.v)):
+            assert (a.float() - b.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.05)
+    assert torch.equal(caches[0][0].k, caches[1][0].k) and torch.equal(caches[0][0].v, caches[1][0].v)
+
+
+def test_a_kv_cache_written_at_a_device_position_masks_what_is_not_written_yet():
+    cache = KVCache(1, 4, 1, 2, torch.float32, "cpu")
+    for pos in range(6):
+        new = torch.full((1, 1, 1, 2), float(pos))
+        k, v, written = cache.decode_at(new, new + 100, torch.tensor(pos))
+        assert k is cache.k and v is cache.v
+        assert written.tolist() == [slot <= pos for slot in range(4)]  # a ring of 4: full from position 3
+        assert cache.k[0, 0, pos % 4].tolist() == [pos, pos] and cache.v[0, 0, pos % 4].tolist() == [pos + 100] * 2
+    assert cache.k[0, 0, :, 0].tolist() == [4, 5, 2, 3]  # positions 4 and 5 came round over 0 and 1
+
+
+def test_generation_off_cuda_captures_no_cuda_graph(monkeypatch):
+    from tinygemma import decode
+
+    monkeypatch.setattr(generate_module, "GraphedStep", lambda *a: pytest.fail("a CUDA graph on a CPU"))
+    model = tiny_model(seed=3, vocab_size=512)
+    generate(model, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
+    assert decode.decode_plan(model, pack=False) is not None

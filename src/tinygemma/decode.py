@@ -1,10 +1,12 @@
-"""The CPU decode plan: one generation step of a Gemma3 for a single new token, in fewer and larger operations.
+"""The decode plan: one generation step of a Gemma3 for a single new token, in fewer and larger operations.
 
-The model's own forward computes the same function (tests compare them); this plan exists for speed on CPUs,
-where a decode step is a matrix-vector product per weight plus many small operations. Its one dependency on
-PyTorch internals, oneDNN's packed linear weights through `torch.ops.mkldnn`, sits behind the two functions under
-"oneDNN" at the bottom: if a torch release removes them, `onednn_linear_available` turns False and decoding falls back to
-the model's forward, with the same tokens.
+The model's own forward computes the same function (tests compare them); this plan exists for speed. A decode
+step is a matrix-vector product per weight plus many small operations. On CPUs the plan multiplies by weights
+that oneDNN packed. Its one dependency on PyTorch internals, oneDNN's packed linear weights through
+`torch.ops.mkldnn`, sits behind the two functions under "oneDNN" at the bottom: if a torch release removes them,
+`onednn_linear_available` turns False and decoding falls back to the model's forward, with the same tokens. On
+CUDA a step is a few hundred tiny kernels, each launched by Python in more time than it runs: `GraphedStep`
+captures the plan's step once as a CUDA graph and replays it for each token, one launch a token.
 """
 
 from __future__ import annotations
@@ -58,30 +60,37 @@ class DecodePlan:
         return tables
 
     @torch.no_grad()
-    def step(self, model: Gemma3, token: torch.Tensor, cache: list[KVCache], pos: int, rope: dict) -> torch.Tensor:
+    def step(self, model: Gemma3, token: torch.Tensor, cache: list[KVCache], pos: int | torch.Tensor,
+             rope: dict) -> torch.Tensor:
         """Float32 logits [B, vocab] of the token [B, 1] at position `pos`: the arithmetic of `trunk`, the final
-        norm and the head (the same operations on the same values), in fewer, larger operations."""
+        norm and the head (the same operations on the same values), in fewer, larger operations. `pos` may be
+        a 0-d tensor on the device instead of an int: the step then reads no value on the host, and attends to
+        every cache slot with those not yet written masked out, so that a CUDA graph can replay it (`GraphedStep`)."""
         c, linear = model.config, self.linear
         B, H, KV, hd, eps = token.shape[0], c.n_heads, c.n_kv_heads, c.head_dim, c.rms_norm_eps
         h = model.embed_tokens(token)
         h = h * model.embed_scale.to(h.dtype)
-        cos_sin = {kind: (cos[pos : pos + 1], sin[pos : pos + 1]) for kind, (cos, sin) in rope.items()}
+        at = pos.view(1) if isinstance(pos, torch.Tensor) else slice(pos, pos + 1)
+        cos_sin = {kind: (cos[at], sin[at]) for kind, (cos, sin) in rope.items()}
         for kind, layer, kv, weights in zip(c.layer_types, model.layers, cache, self.layers):
             input_gain, qkv_w, qk_gain, o_w, post_attn_gain, pre_ffw_gain, gate_up_w, down_w, post_ffw_gain = weights
             qkv = linear(rms_norm(h, input_gain, eps), qkv_w)  # [B, 1, (H + 2 KV) hd]
             qk = rms_norm(qkv[..., : (H + KV) * hd].view(B, H + KV, 1, hd), qk_gain, eps)
             cos, sin = cos_sin[kind]
             qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin  # apply_rope, with rotate_half's sign folded into sin
-            k, v = kv.decode(qk[:, H:], qkv[..., (H + KV) * hd :].view(B, KV, 1, hd), pos)
-            y = decode_attention(qk[:, :H], k, v, layer.self_attn.scale)
+            k, v = qk[:, H:], qkv[..., (H + KV) * hd :].view(B, KV, 1, hd)
+            k, v, written = kv.decode_at(k, v, pos) if isinstance(pos, torch.Tensor) else (*kv.decode(k, v, pos), None)
+            y = decode_attention(qk[:, :H], k, v, layer.self_attn.scale, written)
             h = h + rms_norm(linear(y.view(B, 1, H * hd), o_w), post_attn_gain, eps)
             gate, up = linear(rms_norm(h, pre_ffw_gain, eps), gate_up_w).chunk(2, dim=-1)
             h = h + rms_norm(linear(F.gelu(gate, approximate="tanh") * up, down_w), post_ffw_gain, eps)
         return linear(rms_norm(h[:, -1], self.final_gain, eps), self.head)[..., : c.vocab_size].float()
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one new query per sequence, q [B, H, 1, hd], to the cached k, v [B, KV, n, hd], in float32.
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     written: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new query per sequence, q [B, H, 1, hd], to the cached k, v [B, KV, n, hd], in float32;
+    only to the slots where `written` [n] is true, if given.
 
     Each K/V head serves its group of query heads as one matrix product (no copy of K or V). For a single
     query, SDPA's CPU kernel is several times slower than these two products (450 against 120 us at 512
@@ -90,7 +99,42 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     B, H, _, hd = q.shape
     KV = k.shape[1]
     scores = torch.matmul(q.reshape(B, KV, H // KV, hd).float(), k.float().transpose(-1, -2)).mul_(scale)
+    if written is not None:
+        scores.masked_fill_(~written, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype).view(B, H, 1, hd)
+
+
+class GraphedStep:
+    """`DecodePlan.step` captured once as a CUDA graph, then replayed for each new token: the same kernels on the
+    same values, without Python launching each one. The token and its position are copied into the graph's
+    own input tensors (the position as a device tensor: `step` then reads nothing on the host); the logits
+    come back in the graph's output tensor, valid until the next call.
+
+    Make it before the prompt fills `cache`: capturing needs one run of the step beforehand (PyTorch's advice:
+    lazy initialisation, such as cuBLAS's workspace, must not happen inside a capture), and that run writes
+    position 0's slot of every layer's cache, which the prompt then overwrites.
+    """
+
+    def __init__(self, plan: DecodePlan, model: Gemma3, cache: list[KVCache], batch_size: int, rope: dict):
+        device = model.embed_tokens.weight.device
+        with torch.cuda.device(device):
+            self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                plan.step(model, self.token, cache, self.pos, rope)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = plan.step(model, self.token, cache, self.pos, rope)
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Float32 logits [B, vocab] of `token` [B, 1] at position `pos`, as `plan.step` gives them."""
+        self.token.copy_(token)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.logits
 
 
 def gain(norm: RMSNorm) -> torch.Tensor:
@@ -103,9 +147,9 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key
 
 def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     """The `DecodePlan` of a float32 model on a CPU with oneDNN, or a bfloat16 one on a CPU that computes in
-    bfloat16 natively, its weights packed by oneDNN; None anywhere else (decoding then runs the model's own
-    forward). `pack=False` builds a plan of plain stacked weights for any model, which the tests use to check
-    the plan's arithmetic apart from oneDNN.
+    bfloat16 natively, its weights packed by oneDNN; of any model on CUDA, its weights plain (for `GraphedStep`);
+    None anywhere else (decoding then runs the model's own forward). `pack=False` builds a plan of plain stacked
+    weights for any model, which the tests use to check the plan's arithmetic apart from oneDNN.
 
     A decode step is one matrix-vector product per weight, which should run at memory bandwidth; ATen's plain
     paths for it do not (the packed layout is the one torch.compile's weight freezing uses for CPU linears;
@@ -120,8 +164,9 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     `forget_decode_plan(model)` frees them (they also go with the model).
     """
     if pack is None:
-        pack = onednn_linear_available(next(model.parameters()))
-        if not pack:
+        weight = next(model.parameters())
+        pack = onednn_linear_available(weight)
+        if not pack and weight.device.type != "cuda":
             return None
     params = list(model.parameters())
     if any(p.is_inference() for p in params):

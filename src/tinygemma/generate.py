@@ -1,7 +1,8 @@
 """Generation: sampling, the decoding loop with a KV cache, and text streamed as the tokens come.
 
-`generate_stream` yields one token per sequence per step; on CPUs it runs the steps through the decode plan
-(decode.py) where one can be built, else through the model's own forward. `generate_text` turns that into text
+`generate_stream` yields one token per sequence per step; it runs the steps through the decode plan
+(decode.py) where one can be built (CPUs with oneDNN; on CUDA, replayed as a CUDA graph), else through the
+model's own forward. `generate_text` turns that into text
 with a tokenizer, as `tinygemma generate` and `tinygemma run` print it.
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from tinygemma.config import check_sampling, is_integer
-from tinygemma.decode import decode_plan
+from tinygemma.decode import GraphedStep, decode_plan
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3, check_tokenizer_fits
 
@@ -61,12 +62,13 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                     generator: torch.Generator | list[torch.Generator] | None = None,
-                    vocab_size: int | None = None) -> Iterator[torch.Tensor]:
+                    vocab_size: int | None = None, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
     receiving `eos_id`). `temperature=0` is greedy. `vocab_size` (the tokenizer's) keeps the tokens sampled
-    below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say).
+    below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside
+    autocast, the steps after the prompt replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
@@ -92,8 +94,11 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) else None
     cache = model.new_cache(B, T + max_new_tokens, dtype=dtype)
     plan = decode_plan(model) if dtype is None else None
+    graphed = None
     if plan is not None:
         rope = plan.rope_tables(model, T + max_new_tokens)
+        if cuda_graph and input_ids.device.type == "cuda" and max_new_tokens > 1:
+            graphed = GraphedStep(plan, model, cache, B, rope)  # before the prompt fills the cache (see there)
     logits = last_logits(model, input_ids, cache, 0)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
@@ -109,10 +114,12 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
         yield token
         if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             return
-        if plan is None:
-            logits = last_logits(model, token[:, None], cache, T + step)
-        else:
+        if graphed is not None:
+            logits = graphed(token[:, None], T + step)
+        elif plan is not None:
             logits = plan.step(model, token[:, None], cache, T + step, rope)
+        else:
+            logits = last_logits(model, token[:, None], cache, T + step)
 
 
 def last_logits(model: Gemma3, input_ids, cache, start_pos):
@@ -124,9 +131,11 @@ def last_logits(model: Gemma3, input_ids, cache, start_pos):
 @torch.no_grad()
 def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             cuda_graph: bool = True) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor."""
-    new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
+    new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
+                               cuda_graph=cuda_graph))
     return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)  # (uint16 ids do not promote)
 
 

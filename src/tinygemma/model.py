@@ -128,6 +128,15 @@ class KVCache:
         n = min(pos + 1, self.size)
         return self.k[:, :, :n], self.v[:, :, :n]
 
+    def decode_at(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """`decode` with the position as a 0-d tensor on the cache's device, its value never read by the host (a
+        CUDA graph replays the step at every position): every slot is returned, with a boolean [size] mask of
+        those that hold positions up to `pos` (in a ring, all of them once it has come round)."""
+        slot = (pos % self.size).view(1)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return self.k, self.v, torch.arange(self.size, device=self.k.device) <= pos
+
 
 class Attention(nn.Module):
     """Multi-query attention (n_kv_heads=1) with QK-norm and RoPE; sliding-window or global."""

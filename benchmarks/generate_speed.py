@@ -97,12 +97,17 @@ def main(argv=None) -> dict:
     result = {
         "preset": args.preset, "dtype": dtype_name(dtype), "device": device_description(device),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "results": [measure(model, hf, int(b), args) for b in args.batch_sizes.split(",") if b],
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "complete": False, "results": [],
     }
+    for b in args.batch_sizes.split(","):
+        if b:
+            result["results"].append(measure(model, hf, int(b), args))
+            if args.json:  # after each batch size: a run stopped at the GPU suite's deadline keeps those done
+                atomic_write_json(args.json, result)  # a kill mid-write leaves no half file for the suite to read
+    result["complete"] = True
     print(json.dumps(result, indent=2))
     if args.json:
-        atomic_write_json(args.json, result)  # a kill mid-write leaves no half file for the suite to read
+        atomic_write_json(args.json, result)
     return result
 
 

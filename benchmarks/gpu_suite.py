@@ -589,7 +589,7 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
     lines, result, seconds, _ = benchmark(
         plan, env, work, "generation", "generate_speed", plan.generation_args,
         "greedy decoding of random prompts, the same weights in both, prefill included; median of the timed runs, "
-        "the two alternating.")
+        "the contenders alternating.")
     if result is None:
         return Result(STEP_TITLES[2], False, lines, seconds)
     graphs = any("cuda_graph_speedup" in r for r in result["results"])  # on CUDA: one CUDA graph a token
@@ -606,7 +606,8 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
                      + (f" {figure(r.get('kernel_by_kernel_tokens_per_s'), ',.1f', ' tokens/s')} | "
                         f"{figure(r.get('cuda_graph_speedup'), '.2f', 'x')} |" if graphs else ""))
     keep = ("dtype", "prompt_tokens", "new_tokens", "repeats", "results")
-    return Result(STEP_TITLES[2], True, lines, seconds, {"generation": {k: result[k] for k in keep}})
+    return Result(STEP_TITLES[2], not result.get("partial"), lines, seconds,
+                  {"generation": {k: result[k] for k in keep}}, cut=bool(result.get("cut")))
 
 
 # ------------------------------------------------------------------ 5. the optimizer step

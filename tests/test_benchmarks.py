@@ -867,3 +867,31 @@ def test_gpu_suite_reports_the_cuda_graphs_gain_beside_transformers(tmp_path, mo
     got = suite.generation(suite.Plan("cpu", True), {}, tmp_path)
     assert "| batch | tinygemma | transformers | speed-up | same tokens |" in got.lines
     assert "| 1 | 900.0 tokens/s | 50.0 tokens/s | 18.00x | first 29 |" in got.lines
+    # Stopped at its deadline after batch 1 (generate_speed.py writes its JSON after each batch size): the rows
+    # it wrote, the step cut, not failed.
+    result.update(partial=True, cut=True)
+    got = suite.generation(suite.Plan("cuda", False), {}, tmp_path)
+    assert not got.ok and got.cut and got.data["generation"]["results"] == [row]
+
+
+def test_generate_speed_writes_its_json_after_each_batch_size(tmp_path, monkeypatch):
+    """A run stopped after its first batch size leaves that row, marked incomplete, for the GPU suite."""
+    bench = load_script("generate_speed")
+    out, calls = tmp_path / "generation.json", []
+
+    def measure(model, hf, batch_size, args):
+        if calls:
+            raise KeyboardInterrupt  # the suite's deadline, during the second batch size
+        calls.append(batch_size)
+        return {"batch_size": batch_size}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--batch-sizes", "1,32", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["complete"] is False and written["results"] == [{"batch_size": 1}]
+    calls.clear()
+    monkeypatch.setattr(bench, "measure", lambda model, hf, batch_size, args: {"batch_size": batch_size})
+    bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--batch-sizes", "1,32", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["complete"] is True and [r["batch_size"] for r in written["results"]] == [1, 32]

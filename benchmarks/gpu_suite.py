@@ -82,6 +82,7 @@ from common import cpu_description  # noqa: E402
 
 from tinygemma.files import atomic_write_json, atomic_write_text  # noqa: E402
 from tinygemma.metrics import read_records  # noqa: E402
+from tinygemma.profiling import short_kernel_name  # noqa: E402
 
 DEFAULT_ASSETS = ROOT / ".device" / "assets"
 COMMIT_FILE = "COMMIT"  # in the assets: the commit --make-assets saw and the source's fingerprint then, for a
@@ -373,7 +374,7 @@ def profile_lines(out: Path, block: int, optimizer: str, profile: dict | None) -
                   "| share | total | calls | kind | kernel |",
                   "|---:|---:|---:|---|---|"]
         lines += [f"| {k['share']:.1%} | {k['total_us'] / 1e3:.2f} ms | {k['calls']} | {k['kind']} "
-                  f"| `{k['name'][:PROFILE_KERNEL_CHARS].replace('|', '/')}` |" for k in kernels[:PROFILE_KERNELS]]
+                  f"| `{short_kernel_name(k['name'], PROFILE_KERNEL_CHARS).replace('|', '/')}` |" for k in kernels[:PROFILE_KERNELS]]
     return lines
 
 

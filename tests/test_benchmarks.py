@@ -842,7 +842,8 @@ def test_gpu_suite_reports_a_gpu_profiles_operators_and_its_longest_kernels(tmp_
     assert len(table) == 2 + suite.PROFILE_KERNELS
     assert f"the summary's `profile.device_activity.top_kernels` names {TOP_KERNELS}" in text
     total = sum(e["dur"] for e in events)
-    assert table[2] == f"| {1000 / total:.1%} | 1.00 ms | 1 | matmul | `nvjet_sm90_gemm/{'x' * 74}` |"
+    assert table[2] == f"| {1000 / total:.1%} | 1.00 ms | 1 | matmul | `nvjet_sm90_gemm/{'x' * 29}\u2026{'x' * 44}` |"
+    assert profile["device_activity"]["top_kernels"][0]["name"] == "nvjet_sm90_gemm|" + "x" * 200  # whole
     assert table[3].startswith(f"| {100 / total:.1%} | 0.10 ms | 1 | fused pointwise and reductions | "
                                "`triton_poi_fused_0` |")
     # A CPU run's profile (no device figures) has no kernel table.

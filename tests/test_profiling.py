@@ -6,7 +6,15 @@ can be worked out on paper.
 
 import pytest
 
-from tinygemma.profiling import TOP_KERNELS, describe_activity, device_activity, kernel_kind, kernel_table
+from tinygemma.profiling import (
+    KERNEL_NAME_CHARS,
+    TOP_KERNELS,
+    describe_activity,
+    device_activity,
+    kernel_kind,
+    kernel_table,
+    short_kernel_name,
+)
 
 
 def kernel(name, ts, dur, cat="kernel"):
@@ -26,6 +34,9 @@ def kernel(name, ts, dur, cat="kernel"):
     ("triton_tem_fused_0", "attention"),  # flex attention's template
     ("triton_tem_fused_addmm_3", "matmul"),  # a matmul template (max-autotune)
     ("triton_tem_fused__to_copy_mm_0", "matmul"),  # one with an epilogue fused in
+    ("triton_tem_fused_mm_mul_0", "matmul"),  # inductor sorts the fused ops' names: the epilogue's may follow
+    ("triton_tem_fused_addmm_gelu_1", "matmul"),
+    ("triton_tem_fused_bmm_mul_2", "matmul"),
     ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3", "fused pointwise and reductions"),
     ("triton_poi_fused_gelu_mul_7", "fused pointwise and reductions"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
@@ -66,7 +77,7 @@ def test_busy_time_counts_overlapping_kernels_once_and_shares_add_up():
 def test_the_top_kernels_are_tallied_by_name_longest_first_and_capped():
     events = [kernel("nvjet_gemm", 0, 300), kernel("triton_poi_fused_mul_0", 300, 100),
               kernel("nvjet_gemm", 400, 200), kernel("triton_tem_fused_0", 600, 250),
-              kernel("Memcpy HtoD", 850, 50, "gpu_memcpy"), kernel("x" * 500, 900, 10)]  # a C++ template's length
+              kernel("Memcpy HtoD", 850, 50, "gpu_memcpy"), kernel("x" * 500, 900, 10)]  # a C++ template's length: kept whole
     events += [kernel(f"triton_poi_fused_{i}", 1000 + i, 1) for i in range(TOP_KERNELS)]  # the tail, cut off
     activity = device_activity(events, wall_s=0.002)
     top = activity["top_kernels"]
@@ -80,7 +91,7 @@ def test_the_top_kernels_are_tallied_by_name_longest_first_and_capped():
          "share": pytest.approx(100 / total)},
         {"name": "Memcpy HtoD", "kind": "copies and fills", "calls": 1, "total_us": 50.0,
          "share": pytest.approx(50 / total)},
-        {"name": "x" * 160, "kind": "other", "calls": 1, "total_us": 10.0, "share": pytest.approx(10 / total)}]
+        {"name": "x" * 500, "kind": "other", "calls": 1, "total_us": 10.0, "share": pytest.approx(10 / total)}]
     table = kernel_table(activity).splitlines()
     assert len(table) == 1 + TOP_KERNELS and table[0].split() == ["share", "total", "ms", "calls", "kind", "kernel"]
     assert table[1].split() == [f"{500 / total:.1%}", "0.500", "2", "matmul", "nvjet_gemm"]
@@ -88,3 +99,18 @@ def test_the_top_kernels_are_tallied_by_name_longest_first_and_capped():
 
 def test_a_trace_without_device_events_has_no_device_figures():
     assert device_activity([{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}], 1.0) is None
+
+
+def test_long_kernel_names_keep_the_part_where_they_differ():
+    """ATen's templated kernels differ far into their names (the functor): shortened, two stay two."""
+    head = "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::" * 3
+    plus, times = head + "BinaryOpScalarFunctor<float, std::plus<float>>", head + "BinaryOpScalarFunctor<float, std::multiplies<float>>"
+    for chars in (KERNEL_NAME_CHARS, 90):
+        short = {short_kernel_name(plus, chars), short_kernel_name(times, chars)}
+        assert len(short) == 2 and all(len(name) == chars for name in short)
+        assert short_kernel_name(plus, chars).endswith("std::plus<float>>")
+    assert short_kernel_name("nvjet_gemm", 90) == "nvjet_gemm"
+    activity = device_activity([kernel(plus, 0, 10), kernel(times, 10, 20)], wall_s=1e-4)
+    assert [k["name"] for k in activity["top_kernels"]] == [times, plus]  # whole in profile.json
+    rows = kernel_table(activity).splitlines()[1:]
+    assert "std::multiplies<float>>" in rows[0] and "std::plus<float>>" in rows[1]

@@ -27,7 +27,7 @@ from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text
 
 SUMMARY_ROWS = 60
 TOP_KERNELS = 30  # the kernels named in profile.json and summary.txt, by summed device time
-KERNEL_NAME_CHARS = 160  # C++ template names run to thousands of characters
+KERNEL_NAME_CHARS = 160  # summary.txt's width for a name (profile.json keeps it whole; see short_kernel_name)
 PROFILE_FILES = frozenset({"trace.json", "profile.json", "summary.txt"})  # what RUN/profile/ holds
 
 # What a kernel is, by its name in the trace: the first pattern that matches (case-insensitive) wins, so the order
@@ -37,7 +37,7 @@ PROFILE_FILES = frozenset({"trace.json", "profile.json", "summary.txt"})  # what
 # attention is matched before cuBLAS's and CUTLASS's matrix products (gemm/nvjet/xmma/cutlass). Fused AdamW,
 # gradient clipping's norm and the foreach updates are multi_tensor_apply kernels.
 KERNEL_KINDS = (
-    ("matmul", r"^triton_tem_fused_(\w+_)?(mm|addmm|bmm)_\d+$"),  # after its fused epilogue's ops, if any
+    ("matmul", r"^triton_tem_fused_(\w+_)?(mm|addmm|bmm)_(\w+_)?\d+$"),  # among its epilogue's ops, sorted by name
     ("fused pointwise and reductions", r"^triton_(poi|red|per|for)_"),
     ("attention", r"flash_fwd|flash_bwd|pytorch_flash|fmha|_sdpa_|attention|^triton_tem_"),
     ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|wgmma|s16816|s1688"),
@@ -82,7 +82,7 @@ def device_activity(trace_events: list[dict], wall_s: float) -> dict | None:
             "kernels": len(kernels), "mean_kernel_us": sum(kernels) / len(kernels) if kernels else 0.0,
             "share_by_kind": {kind: t / total_us if total_us else 0.0
                               for kind, t in sorted(by_kind.items(), key=lambda item: -item[1])},
-            "top_kernels": [{"name": name[:KERNEL_NAME_CHARS], "kind": kind, "calls": calls, "total_us": us,
+            "top_kernels": [{"name": name, "kind": kind, "calls": calls, "total_us": us,
                              "share": us / total_us if total_us else 0.0}
                             for (name, kind), (calls, us) in top]}
 
@@ -97,11 +97,21 @@ def describe_activity(activity: dict) -> str:
             f"average)\ndevice time by kind of kernel (by name): {shares}")
 
 
+def short_kernel_name(name: str, chars: int) -> str:
+    """A kernel's name in at most `chars` characters. C++ template names run to thousands, and two of ATen's
+    kernels often differ only far into theirs (the functor: std::plus or std::multiplies), so a long name keeps
+    its head and its tail around an ellipsis."""
+    if len(name) <= chars:
+        return name
+    tail = (chars - 1) // 2
+    return f"{name[:chars - 1 - tail]}\u2026{name[-tail:]}"
+
+
 def kernel_table(activity: dict) -> str:
     """`top_kernels` as a table for summary.txt, the longest first."""
     rows = [f"{'share':>6}  {'total ms':>9}  {'calls':>6}  {'kind':<38}  kernel"]
-    rows += [f"{k['share']:>6.1%}  {k['total_us'] / 1e3:>9.3f}  {k['calls']:>6}  {k['kind']:<38}  {k['name']}"
-             for k in activity["top_kernels"]]
+    rows += [f"{k['share']:>6.1%}  {k['total_us'] / 1e3:>9.3f}  {k['calls']:>6}  {k['kind']:<38}  "
+             f"{short_kernel_name(k['name'], KERNEL_NAME_CHARS)}" for k in activity["top_kernels"]]
     return "\n".join(rows)
 
 

@@ -7,12 +7,46 @@ different CPUs.
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 # The machine's description lives with the device choice, so that run reports name the machine the same way.
 from tinygemma.devices import CPU_FLAGS, cpu_description, device_description  # noqa: E402, F401 (re-exported)
+from tinygemma.errors import UserError
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of steps, tokens, rows), refused in argparse's one line."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of integers >= 1 (batch sizes, row counts), at least one."""
+    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return values
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A benchmark run as a script: what tinygemma refuses (an unknown preset or dtype, a device not there) ends
+    in one line on stderr and exit status 2, as tinygemma's commands do; an int that main returns is the exit
+    status."""
+    try:
+        result = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 def time_interleaved(fns: list[Callable], repeats: int, sync: Callable[[], None] = lambda: None):

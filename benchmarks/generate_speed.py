@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import device_description, time_interleaved  # noqa: E402
+from common import device_description, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
-from tinygemma.devices import dtype_name, parse_dtype
+from tinygemma.devices import dtype_name, parse_dtype, pick_device
 from tinygemma.files import atomic_write_json
 from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
@@ -78,17 +78,17 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp32, the same for both models")
     p.add_argument("--device", default="cpu", help="cpu, or cuda")
-    p.add_argument("--batch-sizes", default="1", help="comma-separated prompts per batch, e.g. 1,32")
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-sizes", type=positive_ints, default=[1], help="comma-separated prompts per batch, e.g. 1,32")
+    p.add_argument("--prompt-tokens", type=positive_int, default=16)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype, device = parse_dtype(args.dtype), torch.device(args.device)
+    dtype, device = parse_dtype(args.dtype), pick_device(args.device)
 
     torch.manual_seed(args.seed)
     model = Gemma3(ModelConfig.preset(args.preset)).eval().to(dtype)
@@ -99,11 +99,10 @@ def main(argv=None) -> dict:
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "complete": False, "results": [],
     }
-    for b in args.batch_sizes.split(","):
-        if b:
-            result["results"].append(measure(model, hf, int(b), args))
-            if args.json:  # after each batch size: a run stopped at the GPU suite's deadline keeps those done
-                atomic_write_json(args.json, result)  # a kill mid-write leaves no half file for the suite to read
+    for b in args.batch_sizes:
+        result["results"].append(measure(model, hf, b, args))
+        if args.json:  # after each batch size: a run stopped at the GPU suite's deadline keeps those done
+            atomic_write_json(args.json, result)  # a kill mid-write leaves no half file for the suite to read
     result["complete"] = True
     print(json.dumps(result, indent=2))
     if args.json:
@@ -112,4 +111,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

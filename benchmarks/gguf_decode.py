@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import cpu_description, time_interleaved  # noqa: E402
+from common import cpu_description, positive_int, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import load, save_model
 from tinygemma.devices import dtype_name, pick_device, pick_dtype
+from tinygemma.files import atomic_write_json
 from tinygemma.generate import generate
 from tinygemma.gguf_export import GGUF_DTYPES, export_gguf
 from tinygemma.tokenizer import load_tokenizer
@@ -75,7 +76,14 @@ def start_contender(kind: str, path: Path, dtype: str, threads: int, prompt: lis
     ours, theirs = ctx.Pipe()
     process = ctx.Process(target=_serve, args=(kind, str(path), dtype, threads, prompt, n, theirs), daemon=True)
     process.start()
-    assert ours.recv() == "ready"
+    theirs.close()  # the child's end: held here too, a child that dies would never close the pipe to this side
+    try:
+        ready = ours.recv()
+    except EOFError:  # it died while loading (its traceback is on stderr, which it shares)
+        ready = None
+    if ready != "ready":
+        process.join()
+        raise SystemExit(f"gguf_decode: the {kind} contender failed to start (exit status {process.exitcode})")
 
     def run() -> list[int]:
         ours.send(True)
@@ -89,16 +97,19 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--dtypes", default="q8_0,f16", help=f"GGUF files to time, of {', '.join(GGUF_DTYPES)}")
     p.add_argument("--tinygemma-dtype", default="auto", help="auto (what `tinygemma generate` picks), float32, bfloat16")
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads, the same for both")
+    p.add_argument("--prompt-tokens", type=positive_int, default=16)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="CPU threads, the same for both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
+    timed = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not timed or set(timed) - set(GGUF_DTYPES):
+        p.error(f"--dtypes: {', '.join(sorted(set(timed) - set(GGUF_DTYPES))) or 'none given'}; choose from "
+                f"{', '.join(GGUF_DTYPES)}")
     import llama_cpp
 
-    timed = args.dtypes.split(",")
     tokenizer = load_tokenizer("gpt2")
     torch.manual_seed(args.seed)
     model = Gemma3(ModelConfig.preset(args.preset, vocab_size=tokenizer.vocab_size)).eval()
@@ -131,9 +142,9 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(Path(args.json), result)  # a kill mid-write leaves no half file
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

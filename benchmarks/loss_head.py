@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 
-from common import device_description, time_interleaved  # noqa: E402
+from common import device_description, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import ModelConfig  # noqa: E402
 from tinygemma import loss as loss_module  # noqa: E402
+from tinygemma.devices import pick_device  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.loss import LOSS_CHUNK_SIZE, cross_entropy_from_hidden  # noqa: E402
 from tinygemma.model import RMSNorm  # noqa: E402
@@ -161,21 +162,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="gemma3-270m-gpt2")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary")
     p.add_argument("--d-model", type=int, help="override the preset's width (a smaller smoke run)")
-    p.add_argument("--rows", default="1024,4096", help="comma-separated rows (tokens) per micro-batch")
+    p.add_argument("--rows", type=positive_ints, default=[1024, 4096],
+                   help="comma-separated rows (tokens) per micro-batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the heads (the trainer does on CUDA); adds the in-place form")
-    p.add_argument("--steps", type=int, default=5, help="timed passes per head")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed passes per head")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = pick_device(args.device), getattr(torch, args.dtype)
     overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("d_model", args.d_model)) if v}
     overrides["vocab_pad_multiple"] = 128 if device.type == "cuda" else 1
     config = ModelConfig.preset(args.preset, **overrides)
-    results, sizes = [], [int(r) for r in args.rows.split(",") if r]
+    results, sizes = [], args.rows
 
     def summary() -> dict:
         return {
@@ -201,4 +203,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

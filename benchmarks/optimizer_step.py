@@ -35,10 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 
-from common import device_description, time_interleaved  # noqa: E402
+from common import device_description, positive_int, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.config import load_recipe  # noqa: E402
+from tinygemma.devices import pick_device  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.optim import MUON_BACKENDS, MuonAdamW, configure_optimizer, muon_parameters  # noqa: E402
 from tinygemma.runtime import Runtime  # noqa: E402
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layers", type=int, help="override the preset's layer count (a smaller smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--contenders", default="adamw,muon-torch,muon-float32,muon-bfloat16,muon-compiled")
-    p.add_argument("--steps", type=int, default=20, help="timed rounds")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (at least 2)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     names = [n for n in args.contenders.split(",") if n]
     if "muon-torch" in names and not hasattr(torch.optim, "Muon"):
         print("optimizer_step: muon-torch skipped: this torch has no torch.optim.Muon", file=sys.stderr)
@@ -125,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                 return None
         return rel
 
-    def write(median: dict[str, float], rel: dict[str, float], complete: bool) -> None:
+    def write(median: dict[str, float], rel: dict[str, float], complete: bool, untimed_rounds: dict) -> None:
         if args.json:
             atomic_write_json(args.json, {  # a kill mid-write leaves no half file for the suite to read
                 "command": "python benchmarks/optimizer_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "preset": args.preset, "parameters": params, "device": device_description(device),
-                "torch": torch.__version__, "steps": args.steps, "warmup": untimed, "untimed_rounds": rounds,
+                "torch": torch.__version__, "steps": args.steps, "warmup": untimed, "untimed_rounds": untimed_rounds,
                 "ms_per_step": {n: 1000 * m for n, m in median.items()}, "first_step_relative_difference": rel,
                 "complete": complete, "not_measured": [n for n in names if n not in median],
                 "table": markdown_table(median),
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     median = timed(eager) if eager else {}
     if later:
-        write(median, rel, complete=False)
+        write(median, rel, complete=False, untimed_rounds={n: untimed for n in median})
         start(later)
         if (rel := agreement()) is None:
             return 1
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
           f"optimizer.step() alone, median of {args.steps} rounds after "
           + (f"{untimed} to {max(rounds.values())}" if later and eager else f"{untimed}") + " untimed")
     print(markdown_table(median))
-    write(median, rel, complete=True)
+    write(median, rel, complete=True, untimed_rounds=rounds)
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

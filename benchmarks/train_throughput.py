@@ -50,16 +50,18 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workshop_model beside this file
 
-from common import device_description  # noqa: E402
+from common import device_description, positive_int, run_script  # noqa: E402
 from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
+from tinygemma.devices import pick_device  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
 
 CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop")
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
+COMPILED = " (compile)"  # a compiled contender's label: its name and this
 
 # The workshop loop's optimizer and clipping, used by every contender.
 LEARNING_RATE, BETAS, WEIGHT_DECAY, ADAM_EPS = 1e-4, (0.9, 0.95), 0.1, 1e-9
@@ -122,7 +124,7 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
     for full_name in names:
         name = full_name.removesuffix("+compile")
         compiled = full_name.endswith("+compile") or (compile and name == "tinygemma")
-        label = name + (" (compile)" if compiled else "")
+        label = name + (COMPILED if compiled else "")
         if name == "tinygemma":
             model = Gemma3(config)
             model.load_state_dict(reference.state_dict())
@@ -201,9 +203,9 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-270m-gpt2")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--grad-accum", type=int, default=1, help="forward/backward passes per optimizer step")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="forward/backward passes per optimizer step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (at least 1)")
@@ -221,12 +223,20 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be >= 1 (step 0 is the loss check and is never timed)")
+    if args.isolate < 0:
+        p.error(f"--isolate: expected a number of rounds >= 0 (0: one process), got {args.isolate}")
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    unknown = [n for n in names if n.removesuffix("+compile") not in CONTENDERS]
+    if unknown or not names:
+        p.error(f"--contenders: {', '.join(unknown) or 'none given'}; choose from {', '.join(CONTENDERS)}, each "
+                "optionally with +compile")
+    # An unknown preset or a device not there: one line (UserError), before any process starts.
+    ModelConfig.preset(args.preset)
+    device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                         else "cpu" if args.device == "auto" else args.device)
     if args.isolate:
         return run_isolated(args, argv, names)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # as tensors name it: the block mask's cache key
     dtype = getattr(torch, args.dtype)
@@ -294,9 +304,13 @@ def add_ratios(rows: list[dict], rounds: list[list[tuple[float, ...]]]) -> None:
     """Each row's speed against transformers': the ratio of the median step times, and the median over rounds
     of the ratio of each round's median step times. A round's contenders ran back to back, so load that drifts
     over the run cancels out of the paired ratio, where it does not between two medians. `rounds[i]` holds
-    the step times of round i, one tuple per step with one time per row."""
-    ref = next((i for i, r in enumerate(rows) if r["contender"] == REFERENCE), None)
+    the step times of round i, one tuple per step with one time per row. A compiled row is compared with
+    compiled transformers where that ran too (like with like), else with transformers eager."""
+    index = {r["contender"]: i for i, r in enumerate(rows)}
     for i, r in enumerate(rows):
+        compiled = r["contender"].endswith(COMPILED)
+        ref = index.get(REFERENCE + COMPILED) if compiled else None
+        ref = index.get(REFERENCE) if ref is None else ref
         if ref is None:
             r["ratio_vs_transformers"] = r["paired_ratio_vs_transformers"] = None
             continue
@@ -343,8 +357,10 @@ def run_isolated(args, argv, names: list[str]) -> dict:
         for r in range(args.isolate):
             for name in names:
                 out = os.path.join(tmp, f"{r}-{name}.json")
-                subprocess.run([sys.executable, os.path.abspath(__file__), *common, "--contenders", name,
-                                "--json", out], check=True, stdout=subprocess.DEVNULL)
+                child_run = subprocess.run([sys.executable, os.path.abspath(__file__), *common, "--contenders",
+                                            name, "--json", out], stdout=subprocess.DEVNULL)
+                if child_run.returncode != 0:  # it said why on stderr, which it shares with this process
+                    raise SystemExit(f"--isolate: the {name} process failed (exit status {child_run.returncode})")
                 with open(out, encoding="utf-8") as f:
                     child = json.load(f)
                 runs[name].append(child["results"][0])
@@ -364,4 +380,4 @@ def run_isolated(args, argv, names: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -56,6 +57,57 @@ def test_train_throughput_smoke(tmp_path, capsys):
            "| peak memory |" in table
     for name in rows:
         assert f"| {name} |" in table
+
+
+def test_a_compiled_contender_is_compared_with_compiled_transformers():
+    """Like with like: tinygemma (compile) against transformers (compile) where both ran, else against
+    transformers eager; an eager row always against transformers eager."""
+    train_throughput = load_script("train_throughput")
+
+    def rows(*names):
+        return [{"contender": n, "step_time_s": t} for n, t in zip(names, (1.0, 2.0, 4.0, 8.0))]
+
+    both = rows("tinygemma (compile)", "transformers (compile)", "tinygemma", "transformers")
+    train_throughput.add_ratios(both, [[(1.0, 2.0, 4.0, 8.0)]])
+    ratios = {r["contender"]: (r["ratio_vs_transformers"], r["paired_ratio_vs_transformers"]) for r in both}
+    assert ratios == {"tinygemma (compile)": (2.0, 2.0), "transformers (compile)": (1.0, 1.0),
+                      "tinygemma": (2.0, 2.0), "transformers": (1.0, 1.0)}
+    compiled_only = rows("tinygemma (compile)", "transformers")
+    train_throughput.add_ratios(compiled_only, [[(1.0, 2.0)]])
+    assert compiled_only[0]["ratio_vs_transformers"] == 2.0  # against eager transformers, the only one
+    alone = rows("tinygemma", "transformers (compile)")
+    train_throughput.add_ratios(alone, [[(1.0, 2.0)]])
+    assert alone[0]["ratio_vs_transformers"] is None  # an eager row has no eager transformers to compare with
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("train_throughput", ["--preset", "bogus"], "unknown model preset 'bogus'"),
+    ("train_throughput", ["--contenders", ""], "--contenders: none given"),
+    ("train_throughput", ["--contenders", "tinygemma,bogus"], "--contenders: bogus"),
+    ("train_throughput", ["--batch-size", "0"], "--batch-size: expected a whole number >= 1, got '0'"),
+    ("train_throughput", ["--grad-accum", "0"], "--grad-accum"),
+    ("train_throughput", ["--device", "cuda", "--preset", "gemma3-tiny"], "no CUDA GPU"),
+    ("train_throughput", ["--isolate", "1", "--contenders", "workshop", "--preset", "gemma3-tiny", "--device",
+                          "cuda"], "no CUDA GPU"),
+    ("generate_speed", ["--dtype", "bogus"], "bogus"),
+    ("generate_speed", ["--batch-sizes", "x"], "--batch-sizes"),
+    ("generate_speed", ["--device", "cuda"], "no CUDA GPU"),
+    ("optimizer_step", ["--steps", "0"], "--steps"),
+    ("loss_head", ["--steps", "0"], "--steps"),
+    ("loss_head", ["--rows", "10k"], "--rows"),
+    ("gguf_decode", ["--dtypes", "q4_0"], "--dtypes"),
+])
+def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says):
+    """Run as scripts, as a user runs them: a bad argument is one line on stderr and a non-zero exit, never a
+    traceback (a CUDA request here: this machine has no GPU, the test's premise)."""
+    if torch.cuda.is_available():
+        pytest.skip("the refusals of --device cuda need a machine without a GPU")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("usage:")
+             and not line.startswith(" ")]  # argparse's usage lines come before its one error line
+    assert len(lines) == 1 and says in lines[0], proc.stderr
 
 
 def test_resident_memory_counts_buffers_too():
@@ -169,7 +221,9 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     names = list(outcomes)
     assert names[0] == "tests/test_loss.py::test_inductor_writes_no_float32_logits_for_the_fusible_form[cuda]"
     assert names[1].startswith("tests/test_optim.py::test_compiled_backend_on_cuda")
-    assert names[2].startswith("tests/test_cuda.py::test_training_attention_runs_a_fused_sdpa_kernel")
+    assert [name.partition("[")[0] for name in names[2:4]] == [
+        "tests/test_cuda.py::test_cuda_graph_decoding_gives_the_tokens_of_kernel_by_kernel_steps"] * 2  # never run
+    assert names[4].startswith("tests/test_cuda.py::test_training_attention_runs_a_fused_sdpa_kernel")
     assert names[-1].startswith("tests/test_cuda.py::test_torchrun_reproduces_one_process")
 
     # 3-5. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.
@@ -896,3 +950,14 @@ def test_generate_speed_writes_its_json_after_each_batch_size(tmp_path, monkeypa
     bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--batch-sizes", "1,32", "--json", str(out)])
     written = json.loads(out.read_text())
     assert written["complete"] is True and [r["batch_size"] for r in written["results"]] == [1, 32]
+
+
+def test_gguf_decode_says_so_when_a_contender_dies_while_loading(tmp_path):
+    """A contender whose process fails to load (here: no such GGUF file) ends the benchmark with one line, where
+    the parent once waited forever on a pipe whose child end it still held."""
+    pytest.importorskip("llama_cpp")
+    bench = load_script("gguf_decode")
+    started = time.perf_counter()
+    with pytest.raises(SystemExit, match="the llama.cpp contender failed to start"):
+        bench.start_contender("llama.cpp", tmp_path / "missing.gguf", "", 1, [1, 2], 2)
+    assert time.perf_counter() - started < 100

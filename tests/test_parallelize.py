@@ -2,6 +2,7 @@
 attention backend, DDP and FSDP2 wrapping, the float16 scaler, and the vocabulary padding on CUDA."""
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -191,7 +192,9 @@ def test_ddp_is_compiled_around_the_wrapper(tmp_path):
     try:
         config = tiny()
         rt = Runtime(torch.device("cpu"), torch.float32, world_size=2)  # build_model wraps; the group has one
-        raw, model = build_model(config, cfg_with(compile="true", block_size=32), rt, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # torch 2.13 deprecated broadcast_buffers: no warning
+            raw, model = build_model(config, cfg_with(compile="true", block_size=32), rt, None)
         assert isinstance(model, DistributedDataParallel) and model.module is raw
         assert model._compiled_call_impl is not None and raw._compiled_call_impl is None
         # Its buffers (constants, the RoPE tables among them) are not broadcast from process 0 before each forward.

@@ -4,6 +4,7 @@ torch.compile, and DDP or FSDP2 under torchrun (the model file knows nothing of 
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +73,11 @@ def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
         from torch.nn.parallel import DistributedDataParallel
 
         # No buffer broadcast before each forward: the model's buffers are constants every process makes alike
-        # (reset_buffers), and the RoPE tables alone would be 128 MiB a step at 32,768 positions.
+        # (reset_buffers), and the RoPE tables alone would be 128 MiB a step at 32,768 positions. Torch 2.13
+        # renamed the switch (the old name warns; the new one still broadcasts them once, at the start).
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         ddp = DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.is_cuda else None,
-                                      broadcast_buffers=False)
+                                      **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
         if compile_:
             # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
             # buckets, so their all-reduces overlap the rest of backward.

@@ -127,6 +127,19 @@ def test_nonfinite_loss_can_be_skipped_and_counted(nan_at_step, data_dir, tmp_pa
     assert math.isfinite(summary["val_loss"])  # the model was not poisoned
 
 
+def test_a_skipped_last_step_leaves_the_printed_summary_strict_json(nan_at_step, data_dir, tmp_path, capsys):
+    """`tinygemma train` prints its summary as one line of JSON; the last step skipped as non-finite made its
+    train_loss NaN there, which strict readers (jq's --seq, JavaScript, Go) refuse: it is null, as in
+    metrics.jsonl."""
+    nan_at_step["at"] = 4
+    settings = tiny_settings(data_dir, tmp_path / "skiplast", "max_steps=4", "on_nonfinite=skip")
+    assert tinygemma.cli.main(["train", *[a for s in settings for a in ("--set", s)]]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the summary line"))
+    assert summary["step"] == 4 and summary["skipped_steps"] == 1 and summary["train_loss"] is None
+    assert math.isfinite(summary["val_loss"])
+
+
 def test_float16_overflows_the_scaler_skips_are_counted_and_said(data_dir, tmp_path, monkeypatch, capsys):
     """A loss scale far too large (2**22) overflows the float16 gradients of the first steps: the scaler skips
     their updates and lowers the scale, which the run counts as skipped steps and says in its log line (they

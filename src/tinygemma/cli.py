@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import select
@@ -42,6 +41,7 @@ from tinygemma.files import read_json, signal_handler
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
+from tinygemma.metrics import strict_json
 from tinygemma.pipeline import run, where_and_next
 from tinygemma.report import write_model_card
 from tinygemma.runtime import env_rank
@@ -239,7 +239,7 @@ def _train_main(args) -> int:
         recipe = load_recipe(args.config, overrides + args.set)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if env_rank() == 0:
-        print(json.dumps(summary))
+        print(strict_json(summary))  # (a last step skipped as non-finite: its train_loss null, not NaN)
     return 0
 
 
@@ -339,7 +339,7 @@ def _eval_main(args) -> int:
     print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
     result.update(split=args.split, block_size=block_size,
                   dtype=dtype_name(model.embed_tokens.weight.dtype))
-    print(json.dumps(result))
+    print(strict_json(result))
     return 0
 
 

@@ -69,11 +69,22 @@ class MetricsLog:
             self.written = len(self.records)
 
 
+def strict_json(value) -> str:
+    """`value` in strict JSON (jq, pandas, JavaScript's JSON.parse, Go): a non-finite number, at any depth (the loss
+    of a skipped or stopping step, the evaluation of a model whose weights overflowed), is written as null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return json.dumps(finite(value), allow_nan=False)
+
+
 def record_line(record: dict) -> str:
-    """One line of metrics.jsonl, in strict JSON (jq, pandas, JavaScript): a non-finite number (the loss of the step
-    that stopped a run) is written as null, which read_records reads back as NaN."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                       for k, v in record.items()}, allow_nan=False) + "\n"
+    """One line of metrics.jsonl, in strict JSON: a non-finite number (the loss of the step that stopped a run) is
+    written as null, which read_records reads back as NaN."""
+    return strict_json(record) + "\n"
 
 
 def read_records(path: Path) -> list[dict]:

@@ -8,7 +8,6 @@ them in RUN/eval.json and write RUN/report.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, peek_json
 from tinygemma.generate import generate_text, prompt_ids
+from tinygemma.metrics import strict_json
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
@@ -178,7 +178,7 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
                        batch_size=recipe.train.batch_size,
                        token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
                        progress=sys.stderr.isatty())  # minutes on a CPU for the hub's split; a log gets no frames
-    print(json.dumps({"eval": metrics}), flush=True)
+    print(strict_json({"eval": metrics}), flush=True)
 
     g = recipe.generate
     samples = []

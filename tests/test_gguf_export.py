@@ -380,6 +380,17 @@ def test_existing_file_is_replaced_atomically(small_ckpt, tmp_path, capsys, monk
     assert out.read_bytes()[:4] == b"GGUF" and sorted(tmp_path.iterdir()) == [out]
 
 
+def test_an_out_ending_in_gguf_means_the_gguf_format(small_ckpt, tmp_path, capsys):
+    """`export --out model.gguf` without --format writes the GGUF file (it once wrote a transformers folder of that
+    name, which llama.cpp then could not open); --format hf with such a name is refused in one line."""
+    out = tmp_path / "model.GGUF"
+    assert main(["export", "--ckpt", str(small_ckpt), "--out", str(out)]) == 0
+    assert out.is_file() and out.read_bytes()[:4] == b"GGUF" and "llama-completion -m" in capsys.readouterr().out
+    code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "hf", "--out", tmp_path / "other.gguf"], capsys)
+    assert code == 2 and "names a .gguf file, but --format hf writes a transformers directory" in err
+    assert not (tmp_path / "other.gguf").exists()
+
+
 def test_an_existing_file_that_is_not_gguf_is_never_replaced(small_ckpt, tmp_path, capsys):
     """A run's config.json, a dataset's token file, anything but an earlier GGUF file: refused in one line."""
     for name, content in (("config.json", b'{"train": {}}'), ("train.bin", b"\x01\x00" * 8), ("empty", b"")):

@@ -421,8 +421,8 @@ def add_export(subparsers) -> None:
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory, or transformers directory")
     p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors, tokenizer "
                    "files and the model card README.md (hf), or the .gguf file to write (gguf)")
-    p.add_argument("--format", default="hf", help="hf (a transformers directory; the default) or gguf (one file "
-                   "for llama.cpp: llama-cli, llama-server, LM Studio)")
+    p.add_argument("--format", default=None, help="hf (a transformers directory) or gguf (one file for llama.cpp: "
+                   "llama-cli, llama-server, LM Studio); default: gguf where --out ends in .gguf, else hf")
     p.add_argument("--dtype", default=None, help=f"gguf only: the weights as {', '.join(GGUF_DTYPES)} "
                    f"(default {DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU)")
     p.add_argument("--tokenizer", default=None, help="gpt2 or a tokenizer.json path, for a checkpoint that records "
@@ -433,6 +433,12 @@ def add_export(subparsers) -> None:
 
 
 def _export_main(args) -> int:
+    gguf_name = str(args.out).lower().endswith(".gguf")
+    if args.format is None:
+        args.format = "gguf" if gguf_name else "hf"
+    elif args.format == "hf" and gguf_name:  # a folder named .gguf would reach llama.cpp as a missing file
+        raise UserError(f"--out {args.out} names a .gguf file, but --format hf writes a transformers directory; "
+                        "use --format gguf, or another --out")
     if args.push_to_hub and args.format != "hf":
         raise UserError("--push-to-hub uploads an hf export's directory; use it with --format hf")
     # Before the export: the name goes into its model card (the title, from_pretrained's argument).

@@ -180,7 +180,7 @@ def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_d
     assert run(data_dir, out, "max_steps=12", "checkpoint_interval=5", resume=True)["step"] == 12
 
 
-def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_path, monkeypatch):
+def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "corrupt"
     run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
     ckpt = out / "checkpoints" / "step_000002"
@@ -193,6 +193,10 @@ def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_
     optimizer.write_bytes(good)
     with pytest.raises(tinygemma.UserError, match="differs from the configured one in d_model"):
         run(data_dir, out, "max_steps=4", "checkpoint_interval=2", "model.d_model=32", resume=True)
+    # The CLI resumes from the run's config.json, whose layer_types follow its n_layers: a new count is said as
+    # the model's difference, not as layer_types' length, a setting the user never gave.
+    code = tinygemma.cli.main(["train", "--out", str(out), "--resume", "--set", "model.n_layers=1"])
+    assert code == 2 and "differs from the configured one in layer_types, n_layers" in capsys.readouterr().err
 
     def unpickle(*args, **kwargs):
         raise AssertionError("resume unpickled something")

@@ -229,6 +229,13 @@ def _train_main(args) -> int:
         resolved.pop("run", None)
         if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
             resolved["train"] = saved_train_settings(resolved.get("train", {}))
+        # The saved layer_types follow the run's n_layers and sliding_window_pattern: with either of those set
+        # anew they would refuse the count ("layer_types has 6 entries for 4 layers"), a setting the user never
+        # gave; derived again, the checkpoint's comparison says what the resume would change.
+        keys = {item.partition("=")[0].strip() for item in overrides + args.set}
+        if (isinstance(resolved.get("model"), dict) and "model.layer_types" not in keys
+                and keys & {"model.n_layers", "model.sliding_window_pattern"}):
+            resolved["model"].pop("layer_types", None)
         recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), overrides + args.set)
         had = resolved.get("model", {}).get("preset") if isinstance(resolved.get("model"), dict) else None
         # Every saved model field is an override: another preset would change nothing but the run's label.

@@ -187,6 +187,9 @@ CASES = [
                                                  "--tokenizer", "{root}/bpe/tokenizer.json"], "is not the tokenizer"),
     ("eval-truncated-tokens", ["eval", "--ckpt", "{root}/run", "--data", "{root}/truncated"], "truncated"),
     ("eval-missing-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/nowhere"], "not a prepared dataset"),
+    # The run folder given for its data: not "run prepare --out" there, which would refuse the run's folder.
+    ("eval-run-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/run"],
+     "is a training run, not a prepared dataset: give the folder its data was prepared in, "),
     ("eval-story-file-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/stories.txt"],
      "tokenize it first with `tinygemma prepare --source"),
     ("export-given-another-tokenizer", ["export", "--ckpt", "{root}/run", "--out", "{root}/new", "--tokenizer",

@@ -14,10 +14,11 @@ from safetensors import SafetensorError
 
 import tinygemma
 from tinygemma import Gemma3, UserError, files
-from tinygemma.checkpoint import is_training_run, save_model
+from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import pick_device, pick_dtype
+from tinygemma.files import is_training_run
 from tinygemma.hf import is_hf_export
 
 transformers = pytest.importorskip("transformers")

@@ -35,6 +35,7 @@ from tinygemma.files import (
     check_output_folder,
     check_unlocked,
     fsync_dir,
+    is_training_run,
     others_than,
     peek_json,
     read_json,
@@ -143,16 +144,6 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
         model = load_hf(directory)
     model.to(device=device, dtype=dtype)
     return model.eval()
-
-
-def is_training_run(path: str | Path) -> bool:
-    """Whether `path` is a folder holding a training run: its checkpoints/, its metrics.jsonl, or the resolved recipe
-    that training writes as its config.json (sections such as train and model, where a transformers config.json
-    has a model_type)."""
-    path = Path(path)
-    config = peek_json(path / "config.json")
-    return ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists()
-            or ("train" in config and "model_type" not in config))
 
 
 def check_export_out(out: str | Path, src: Path) -> Path:

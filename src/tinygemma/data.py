@@ -38,6 +38,7 @@ from tinygemma.files import (
     atomic_path,
     atomic_write_json,
     check_output_folder,
+    is_training_run,
     locked_folder,
     others_than,
     peek_json,
@@ -778,6 +779,11 @@ def open_prepared(directory: str | Path) -> PreparedData:
         raise UserError(f"{directory} is a file, not a prepared dataset: tokenize it first with `tinygemma prepare "
                         f"--source {directory} --out DIR`, then pass DIR")
     if not (directory / META_NAME).exists():
+        if is_training_run(directory):  # the run folder given for its data: prepare would refuse it
+            data = peek_json(directory / "config.json").get("data")
+            where = data.get("dir") if isinstance(data, dict) else None
+            raise UserError(f"{directory} is a training run, not a prepared dataset: give the folder its data was "
+                            "prepared in" + (f", {where} (its config.json's data.dir)" if where else ""))
         raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (run `tinygemma prepare --out "
                         f"{directory}`; an interrupted run leaves none)")
     meta = read_json(directory / META_NAME, "dataset metadata")

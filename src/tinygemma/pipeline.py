@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tinygemma.checkpoint import checkpoint_tokenizer, is_training_run, load_model, resolve_checkpoint
+from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
 from tinygemma.config import Recipe
 from tinygemma.data import (
     META_NAME,
@@ -26,7 +26,7 @@ from tinygemma.data import (
 from tinygemma.devices import evaluation_dtype, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
-from tinygemma.files import atomic_write_json, check_unlocked, peek_json
+from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.metrics import strict_json
 from tinygemma.parallelize import check_attention_backend

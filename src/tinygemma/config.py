@@ -283,7 +283,7 @@ class GenerateConfig:
     temperature: float = 0.8  # softmax temperature; 0 = greedy
     top_k: int | None = 200  # sample among the k most likely tokens; none (or 0) = all
     top_p: float | None = None  # nucleus sampling threshold in (0, 1]; none = off
-    seed: int = 1337  # sampling seed
+    seed: int = 1337  # sampling seed: prompt i (from 0) samples with seed + i
 
 
 @dataclass

@@ -51,6 +51,7 @@ from common import cpu_description  # noqa: E402
 
 from tinygemma.config import load_recipe  # noqa: E402
 from tinygemma.data import prepare  # noqa: E402
+from tinygemma.files import atomic_write_json, atomic_write_text  # noqa: E402
 from tinygemma.metrics import read_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def run_one(job: dict) -> dict:
               "step_ms": 1e3 * statistics.median(r["tokens"] / r["step"] / r["tokens_per_s"]
                                                  for r in steps if "tokens_per_s" in r),
               "train_s": summary["elapsed_s"], "wall_s": wall}
-    (out / "summary.json").write_text(json.dumps(result))
+    atomic_write_json(out / "summary.json", result)  # the mark of a finished run: never half written
     print(f"  {job['contender']} {job['value']} seed {job['seed']}: val loss {result['val_loss']:.4f}, "
           f"bpb {result['val_bpb']:.4f}, {result['step_ms']:.0f} ms/step, {wall:.0f} s", file=sys.stderr, flush=True)
     return result
@@ -124,7 +125,7 @@ def whole_split(run: Path, data: Path, threads: int, max_tokens: int | None = No
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
             cli(["eval", "--ckpt", str(final), "--data", str(data), "--device", "cpu", "--dtype", "float32",
                  "--batch-size", "16", *(["--max-tokens", str(max_tokens)] if max_tokens else [])])
-        cached.write_text(printed.getvalue().strip().splitlines()[-1])
+        atomic_write_text(cached, printed.getvalue().strip().splitlines()[-1])
     return json.loads(cached.read_text())
 
 
@@ -249,8 +250,9 @@ def main(argv=None) -> dict:
                     *(job("adamw", v, seeds[0]) for v in grids["adamw"]), job("workshop", None, seeds[0])],
                    args.jobs, args.report_only)
     short = None
-    if args.short_fraction:  # wsd's own measure: the best Muon value in a run *planned* for fewer tokens
-        value, _ = sweep_decision([r for r in runs if r["contender"] == "muon"], False)
+    muon_runs = [r for r in runs if r["contender"] == "muon"]  # (none yet: a --report-only of a run cut short)
+    if args.short_fraction and muon_runs:  # wsd's own measure: the best Muon value in a run *planned* for fewer tokens
+        value, _ = sweep_decision(muon_runs, False)
         short_steps = max(1, round(args.short_fraction * steps))
         plan = job("muon", value, seeds[0])
         plan.update(contender="muon-short", out=str(run_dir(work, f"muon-short{args.short_fraction:g}", value, seeds[0])),
@@ -262,6 +264,10 @@ def main(argv=None) -> dict:
         more = []
         for contender in list(pending):
             sweep = [r for r in runs if r["contender"] == contender and r["seed"] == seeds[0]]
+            if not sweep:  # --report-only before any of this sweep's runs finished
+                best[contender] = None
+                pending.remove(contender)
+                continue
             value, beyond = sweep_decision(sweep, extended[contender] < args.extend)
             if beyond:
                 extended[contender] += 1
@@ -276,6 +282,8 @@ def main(argv=None) -> dict:
     finals = {}
     for contender in ("workshop", "adamw", "muon"):
         chosen = [r for r in runs if r["contender"] == contender and (contender == "workshop" or r["value"] == best[contender])]
+        if not chosen:  # --report-only: not run yet (the report names it)
+            continue
         finals[contender] = {
             "value": None if contender == "workshop" else best[contender], "seeds": [r["seed"] for r in chosen],
             "val_loss": statistics.mean(r["val_loss"] for r in chosen),
@@ -287,6 +295,8 @@ def main(argv=None) -> dict:
                                              args.val_max_tokens) for r in chosen],
             "curve": mean_curve(chosen),
         }
+    if not finals:
+        raise SystemExit(f"recipe_efficiency: no finished run in {work / 'runs'} to report")
     winner = min(finals, key=lambda c: finals[c]["val_loss"])
     for row in finals.values():
         reached = interpolate_tokens(finals[winner]["curve"], row["val_loss"])
@@ -306,10 +316,10 @@ def main(argv=None) -> dict:
               "timing_ms_per_step_by_threads": timing, "cpu": cpu_description(), "torch": torch.__version__,
               "jobs": args.jobs, "threads": args.threads, "command": "python benchmarks/recipe_efficiency.py "
               + " ".join(argv if argv is not None else sys.argv[1:])}
-    (work / "results.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(work / "results.json", result)
     plot(result, work / "recipe_efficiency.png")
     block = markdown(result)
-    (work / "results.md").write_text(block)
+    atomic_write_text(work / "results.md", block)
     print(block)
     return result
 
@@ -336,9 +346,10 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     f, budget = result["finals"], result["budget_tokens"]
+    best = {c: "not run yet" if v is None else f"lr {v:g}" for c, v in result["best"].items()}
     lines = [f"Budget {budget:,} training tokens per run ({result['steps']} steps of {result['tokens_per_step']:,}); "
-             f"seeds {', '.join(map(str, result['seeds']))}; best of the sweeps: AdamW lr {result['best']['adamw']:g}, "
-             f"Muon lr {result['best']['muon']:g}. CPU: {result['cpu']}; torch {result['torch']}; "
+             f"seeds {', '.join(map(str, result['seeds']))}; best of the sweeps: AdamW {best['adamw']}, "
+             f"Muon {best['muon']}. CPU: {result['cpu']}; torch {result['torch']}; "
              f"{result['jobs']} run(s) at once, {result['threads']} thread(s) each.", "",
              f"| contender | final val loss (per seed) | bits/byte | whole validation split: loss, bits/byte | "
              f"tokens {result['winner']} needed to reach it | ms/step (in the runs) |",
@@ -356,6 +367,7 @@ def markdown(result: dict) -> str:
                 f" ({whole[0]['tokens']:,} tokens)")
         lines.append(f"| {label} | {row['val_loss']:.4f} ({seeds}) | {row['val_bpb']:.4f} | {full} | {reach} | "
                      f"{row['step_ms']:.0f} |")
+    lines += [f"| {name} | not run yet | | | | |" for name in ("workshop", "adamw", "muon") if name not in f]
     short = result.get("short")
     if short:
         verdict = ", ".join(f"{'below' if below else 'above'} {c}'s final {f[c]['val_loss']:.4f}"

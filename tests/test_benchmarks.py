@@ -736,6 +736,21 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     cut = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
     assert cut["finals"]["workshop"]["seeds"] == [1337] and cut["finals"]["muon"] == result["finals"]["muon"]
     assert "| workshop (1 of 2 seeds) |" in capsys.readouterr().out
+    # Cut shorter still: the workshop not run at all, then the Muon sweep not finished either. The report says
+    # what is missing, where it once failed on an empty mean or minimum.
+    (tmp_path / "runs" / "workshop-seed1337" / "summary.json").unlink()
+    cut = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
+    assert "workshop" not in cut["finals"] and cut["finals"]["adamw"] == result["finals"]["adamw"]
+    assert "| workshop | not run yet |" in capsys.readouterr().out
+    for summary in (tmp_path / "runs").glob("muon*/summary.json"):
+        summary.unlink()
+    cut = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
+    assert set(cut["finals"]) == {"adamw"} and cut["short"] is None and cut["best"]["muon"] is None
+    assert "Muon not run yet" in capsys.readouterr().out
+    for summary in (tmp_path / "runs").glob("*/summary.json"):
+        summary.unlink()
+    with pytest.raises(SystemExit, match="no finished run in"):
+        recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
 
 
 def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, capsys, monkeypatch):

@@ -170,3 +170,19 @@ def test_generation_off_cuda_captures_no_cuda_graph(monkeypatch):
     model = tiny_model(seed=3, vocab_size=512)
     generate(model, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
     assert decode.decode_plan(model, pack=False) is not None
+
+
+def test_a_cuda_graph_that_cannot_be_captured_falls_back_to_the_steps_with_a_warning(monkeypatch):
+    """Where capturing fails (an operation some PyTorch or driver cannot capture), decoding goes on kernel by
+    kernel, the failure said in one warning, not a traceback."""
+    from tinygemma import decode
+
+    def cannot(*args):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(generate_module, "GraphedStep", cannot)
+    model = tiny_model(seed=3, vocab_size=512)
+    plan = decode.decode_plan(model, pack=False)
+    with pytest.warns(RuntimeWarning, match="decoding without a CUDA graph.*operation not permitted when stream "
+                      "is capturing$"):
+        assert generate_module.graphed_step(plan, model, model.new_cache(1, 4), 1, {}) is None

@@ -117,6 +117,8 @@ class GraphedStep:
 
     def __init__(self, plan: DecodePlan, model: Gemma3, cache: list[KVCache], batch_size: int, rope: dict):
         device = model.embed_tokens.weight.device
+        # The graph reads these tensors' memory at every replay but holds no reference to them: this does.
+        self.reads = (plan, model, cache, rope)
         with torch.cuda.device(device):
             self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.pos = torch.zeros((), dtype=torch.long, device=device)

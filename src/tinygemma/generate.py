@@ -8,6 +8,7 @@ with a tokenizer, as `tinygemma generate` and `tinygemma run` print it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -98,7 +99,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     if plan is not None:
         rope = plan.rope_tables(model, T + max_new_tokens)
         if cuda_graph and input_ids.device.type == "cuda" and max_new_tokens > 1:
-            graphed = GraphedStep(plan, model, cache, B, rope)  # before the prompt fills the cache (see there)
+            graphed = graphed_step(plan, model, cache, B, rope)  # before the prompt fills the cache (see there)
     logits = last_logits(model, input_ids, cache, 0)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
@@ -120,6 +121,19 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             logits = plan.step(model, token[:, None], cache, T + step, rope)
         else:
             logits = last_logits(model, token[:, None], cache, T + step)
+
+
+def graphed_step(plan, model: Gemma3, cache, batch_size: int, rope: dict) -> GraphedStep | None:
+    """The decode step as a CUDA graph; None, said in one warning, where capturing it fails (an operation this
+    PyTorch or driver cannot capture): decoding then launches the same step kernel by kernel, with the same
+    tokens, only slower. The failed capture's run wrote only the cache slots that the prompt overwrites next."""
+    try:
+        return GraphedStep(plan, model, cache, batch_size, rope)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"decoding without a CUDA graph, kernel by kernel (slower, the same tokens): capturing the "
+                      f"step failed: {first}", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def last_logits(model: Gemma3, input_ids, cache, start_pos):

@@ -349,7 +349,6 @@ def peek_json(path: str | Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-
 def is_training_run(path: str | Path) -> bool:
     """Whether `path` is a folder holding a training run: its checkpoints/, its metrics.jsonl, or the resolved recipe
     that training writes as its config.json (sections such as train and model, where a transformers config.json
@@ -358,6 +357,7 @@ def is_training_run(path: str | Path) -> bool:
     config = peek_json(path / "config.json")
     return ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists()
             or ("train" in config and "model_type" not in config))
+
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a truncated or corrupt file is a UserError, never a crash."""

@@ -2,8 +2,8 @@
 
 `generate_stream` yields one token per sequence per step; it runs the steps through the decode plan
 (decode.py) where one can be built (CPUs with oneDNN; on CUDA, replayed as a CUDA graph), else through the
-model's own forward. `generate_text` turns that into text
-with a tokenizer, as `tinygemma generate` and `tinygemma run` print it.
+model's own forward. `generate_text` turns that into text with a tokenizer, as `tinygemma generate` and
+`tinygemma run` print it.
 """
 
 from __future__ import annotations

@@ -143,6 +143,40 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     assert rows["hardware and precision"] == "steps 1 to 4: 1 x H100, bfloat16; steps 5 to 12: 8 x H100, bfloat16"
 
 
+def test_the_machine_and_mfu_rows_are_the_checkpoints_own_parts_not_config_json():
+    """config.json's `run` is the newest invocation's, which may have trained none of a checkpoint's steps (the
+    best one from before a resume on a bf16 machine; a checkpoint copied out of its run): the rows come from the
+    parts the trainer state records. A part whose hardware has no peak leaves the MFU to the parts that have one."""
+    newest = {"hardware": "1 x NVIDIA H100", "dtype": "bfloat16", "world_size": 1, "commit": "bbb",
+              "software": {"torch": "2.12"}}
+    part = {"steps": [0, 20], "hardware": "2 x AMD EPYC", "precision": "float32", "world_size": 2, "commit": "aaa",
+            "software": {"torch": "2.11"}, "flops": 4e12, "peak_flop_s": None, "elapsed_s": 10.0}
+    rows = dict(tinygemma.report.machine_rows(newest, {"invocations": [part]}))
+    assert rows == {"hardware": "2 x AMD EPYC", "precision": "float32 on 2 process(es)", "software": "torch 2.11",
+                    "commit": "aaa"}
+    assert dict(tinygemma.report.machine_rows({}, {"invocations": [part]}))["commit"] == "aaa"  # copied out
+    later = {**part, "steps": [20, 40], "commit": "bbb", "software": {"torch": "2.12"}, "flops": 6e12,
+             "peak_flop_s": 3e13}
+    rows = dict(tinygemma.report.machine_rows(newest, {"invocations": [part, later]}))
+    assert rows["commit"] == "steps 1 to 20: aaa; steps 21 to 40: bbb"
+    assert rows["software"] == "steps 1 to 20: torch 2.11; steps 21 to 40: torch 2.12"
+    assert rows["hardware"] == "2 x AMD EPYC" and rows["precision"] == "float32 on 2 process(es)"
+    # Parts recorded before software, commit and world_size were: config.json's software and commit, the process
+    # count from the hardware.
+    old = {k: v for k, v in part.items() if k not in ("commit", "software", "world_size")}
+    rows = dict(tinygemma.report.machine_rows(newest, {"invocations": [old]}))
+    assert rows["precision"] == "float32 on 2 process(es)" and rows["commit"] == "bbb"
+    # MFU: over the part with a peak only, said so; never the last log line's MFU at the average rate.
+    records = [{"step": 40, "tokens_per_s": 100.0, "mfu": 0.5}]
+    state = {"tokens": 1000, "elapsed_s": 20.0, "step": 40, "invocations": [part, later]}
+    mfu = dict(tinygemma.report.training_rows({}, records, state))["MFU"]
+    assert mfu == "20.0% (over the optimizer steps' time, of steps 21 to 40 only: the other steps' hardware has no " \
+                  "peak figure)"
+    state["invocations"] = [part]
+    assert dict(tinygemma.report.training_rows({}, records, state))["MFU"] == \
+        "not known (no peak figure for this hardware)"
+
+
 def test_a_checkpoint_from_before_the_schedules_end_is_reproduced_to_its_step(data_dir, tmp_path, capsys):
     """A run stopped midway (or exported at an earlier checkpoint) was reproduced by a command that trained the
     whole schedule, a different model. The command now stops where the checkpoint did, and the table says the

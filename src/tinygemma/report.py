@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -187,19 +188,44 @@ def render_report(run_dir: Path) -> str:
 
 
 def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
-    """This invocation's machine (config.json's), or every machine of a run moved between them on resume."""
-    software = run.get("software") or {}
+    """The machines, precision, software and commit that trained the checkpoint's steps, from the parts its
+    trainer state records (one per invocation): config.json's `run` is the newest invocation's, which may have
+    trained none of them (a best checkpoint from before a resume, an attempt that failed). Where no part records
+    a figure (a checkpoint from before they did), config.json's."""
     parts = state.get("invocations") or []
-    if len({(p.get("hardware"), p.get("precision")) for p in parts}) > 1:
-        machines = [("hardware and precision", "; ".join(
-            f"steps {a + 1:,} to {b:,}: {p.get('hardware') or UNKNOWN}, {p.get('precision') or UNKNOWN}"
-            for p in parts for a, b in [p["steps"]]))]
+
+    def per_part(name: str, value) -> tuple[str, str]:
+        """One row: the parts' common value, or each part's."""
+        values = [value(p) or UNKNOWN for p in parts]
+        if len(set(values)) == 1:
+            return name, values[0]
+        return name, "; ".join(f"steps {p['steps'][0] + 1:,} to {p['steps'][1]:,}: {v}" for p, v in zip(parts, values))
+
+    def versions(software: dict | None) -> str | None:
+        return ", ".join(f"{k} {v}" for k, v in software.items()) if software else None
+
+    def precision(dtype, world_size) -> str:
+        return f"{dtype or UNKNOWN} on {world_size or '?'} process(es)"
+
+    def processes(part: dict):  # (a part recorded before its world_size: the count its hardware starts with)
+        count = re.match(r"(\d+) x ", part.get("hardware") or "")
+        return part.get("world_size") or (count and count[1])
+
+    if any(p.get("hardware") for p in parts):
+        if len({(p.get("hardware"), p.get("precision")) for p in parts}) > 1:
+            machines = [("hardware and precision", "; ".join(
+                f"steps {a + 1:,} to {b:,}: {p.get('hardware') or UNKNOWN}, {p.get('precision') or UNKNOWN}"
+                for p in parts for a, b in [p["steps"]]))]
+        else:
+            machines = [per_part("hardware", lambda p: p.get("hardware")),
+                        per_part("precision", lambda p: precision(p.get("precision"), processes(p)))]
     else:
         machines = [("hardware", run.get("hardware") or UNKNOWN),
-                    ("precision", f"{run.get('dtype', UNKNOWN)} on {run.get('world_size', '?')} process(es)")]
-    return [*machines,
-            ("software", ", ".join(f"{k} {v}" for k, v in software.items()) or UNKNOWN),
-            ("commit", run.get("commit") or UNKNOWN)]
+                    ("precision", precision(run.get("dtype"), run.get("world_size")))]
+    if any("commit" in p for p in parts):  # recorded per part (the earlier ones may not have been)
+        return [*machines, per_part("software", lambda p: versions(p.get("software"))),
+                per_part("commit", lambda p: p.get("commit"))]
+    return [*machines, ("software", versions(run.get("software")) or UNKNOWN), ("commit", run.get("commit") or UNKNOWN)]
 
 
 def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str, str]]:
@@ -219,10 +245,13 @@ def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str
     # MFU at it, whose ratio gives the MFU at the average rate (on the last invocation's machine).
     ratio = next((r["mfu"] / r["tokens_per_s"] for r in reversed(records) if r.get("mfu") and r.get("tokens_per_s")),
                  None)
-    if parts and all(p.get("peak_flop_s") for p in parts):
-        mfu = f"{100 * sum(p['flops'] for p in parts) / sum(p['peak_flop_s'] for p in parts):.1f}% (over the " \
-              "optimizer steps' time)"
-    elif ratio and rate:
+    known = [p for p in parts if p.get("peak_flop_s")]
+    if known:
+        mfu = f"{100 * sum(p['flops'] for p in known) / sum(p['peak_flop_s'] for p in known):.1f}% (over the " \
+              "optimizer steps' time" + ("" if len(known) == len(parts) else ", of steps " + ", ".join(
+                  f"{p['steps'][0] + 1:,} to {p['steps'][1]:,}" for p in known) + " only: the other steps' "
+                  "hardware has no peak figure") + ")"
+    elif ratio and rate and not any(p.get("hardware") for p in parts):  # only steps from before invocations
         mfu = f"{100 * ratio * rate:.1f}% (at the average throughput, on the last machine's peak)"
     else:
         mfu = "not known (no peak figure for this hardware)"

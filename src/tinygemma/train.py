@@ -107,7 +107,7 @@ from tinygemma.parallelize import (
     wrap_model,
 )
 from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
-from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, hardware, write_report
+from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
 from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
@@ -246,6 +246,7 @@ class Trainer:
         self.token_bytes = torch.from_numpy(token_byte_lengths(self.data.tokenizer(), vocab)).to(rt.device)
         self.tokens_per_step = self.batches.global_batch * cfg.block_size
         self.flops_per_token, self.peak = self.model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
+        self.machine = environment(rt.device, rt.world_size)  # hardware, software, commit: config.json's, each part's
         self.tokenizer = {**self.data.meta["tokenizer"], "eot_id": self.data.eot_id}
         if rt.is_main:
             self.open_logs()
@@ -319,7 +320,7 @@ class Trainer:
                            "data_source": self.data.meta.get("source"),
                            "data_documents": {split: self.data.meta["splits"][split].get("documents")
                                               for split in ("train", "val")},
-                           **environment(rt.device, rt.world_size)}
+                           **self.machine}
         return resolved
 
     def say_start(self, compiled: bool) -> None:
@@ -517,11 +518,13 @@ class Trainer:
         return result
 
     def invocation(self, step: int) -> dict:
-        """This invocation's part of the run up to `step`: its steps, time, machine and precision, its FLOPs and
-        the peak FLOPs its time allowed (None where the peak is unknown), and the settings it changed."""
+        """This invocation's part of the run up to `step`: its steps, time, machine, software, commit and
+        precision, its FLOPs and the peak FLOPs its time allowed (None where the peak is unknown), and the settings
+        it changed."""
         seconds, rt = self.elapsed - self.start_elapsed, self.rt
-        return {"steps": [self.start, step], "elapsed_s": seconds, "hardware": hardware(rt.device, rt.world_size),
-                "precision": dtype_name(rt.dtype),
+        return {"steps": [self.start, step], "elapsed_s": seconds, "hardware": self.machine["hardware"],
+                "software": self.machine["software"], "commit": self.machine["commit"],
+                "world_size": rt.world_size, "precision": dtype_name(rt.dtype),
                 "flops": (step - self.start) * self.tokens_per_step * self.flops_per_token,
                 "peak_flop_s": seconds * self.peak * rt.world_size if self.peak else None,
                 "changed": self.changes}

@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-tokens", type=positive_int, default=16)
     p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--repeats", type=positive_int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)

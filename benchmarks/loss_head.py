@@ -160,15 +160,15 @@ def markdown_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-270m-gpt2")
-    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary")
-    p.add_argument("--d-model", type=int, help="override the preset's width (a smaller smoke run)")
+    p.add_argument("--vocab-size", type=positive_int, help="override the preset's vocabulary")
+    p.add_argument("--d-model", type=positive_int, help="override the preset's width (a smaller smoke run)")
     p.add_argument("--rows", type=positive_ints, default=[1024, 4096],
                    help="comma-separated rows (tokens) per micro-batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the heads (the trainer does on CUDA); adds the in-place form")
     p.add_argument("--steps", type=positive_int, default=5, help="timed passes per head")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:

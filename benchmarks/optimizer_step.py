@@ -68,13 +68,13 @@ def markdown_table(median: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     p.add_argument("--preset", default="gemma3-tiny")
-    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary (e.g. 4096 for cpu-demo's BPE)")
-    p.add_argument("--n-layers", type=int, help="override the preset's layer count (a smaller smoke run)")
+    p.add_argument("--vocab-size", type=positive_int, help="override the preset's vocabulary (e.g. 4096 for cpu-demo's BPE)")
+    p.add_argument("--n-layers", type=positive_int, help="override the preset's layer count (a smaller smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--contenders", default="adamw,muon-torch,muon-float32,muon-bfloat16,muon-compiled")
     p.add_argument("--steps", type=positive_int, default=20, help="timed rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (at least 2)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:

@@ -223,6 +223,8 @@ def main(argv=None) -> dict:
 
     work = Path(args.out)
     data = work / "data-bpe4096"
+    if args.report_only and not (data / "meta.json").exists():  # "run nothing": not even the data
+        raise SystemExit(f"recipe_efficiency: no finished run in {work / 'runs'} to report")
     if not (data / "meta.json").exists():
         prepare(data, sources=[STORIES / "train.txt"], val_sources=[STORIES / "valid.txt"], tokenizer="bpe",
                 vocab_size=4096, limit=args.limit, workers=1, progress=False)
@@ -304,8 +306,12 @@ def main(argv=None) -> dict:
         row["winner_fraction_of_tokens"] = None if reached is None else reached / (steps * tokens_per_step)
 
     timing_threads = [int(t) for t in (args.timing_threads or str(args.threads)).split(",")]
-    timing = {t: time_optimizers(args.timing_steps, t, [*common, "optimizer=adamw", *args.set], vocab_size)
-              for t in (timing_threads if args.timing_steps else [])}
+    if args.report_only:  # "run nothing": the timings an earlier invocation measured, if any
+        earlier = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
+        timing = {int(t): v for t, v in earlier.get("timing_ms_per_step_by_threads", {}).items()}
+    else:
+        timing = {t: time_optimizers(args.timing_steps, t, [*common, "optimizer=adamw", *args.set], vocab_size)
+                  for t in (timing_threads if args.timing_steps else [])}
     torch.set_num_threads(args.threads)
     if short is not None:
         short = {**short, "fraction_of_budget": short["tokens"] / (steps * tokens_per_step),

@@ -190,6 +190,11 @@ CASES = [
     # The run folder given for its data: not "run prepare --out" there, which would refuse the run's folder.
     ("eval-run-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/run"],
      "is a training run, not a prepared dataset: give the folder its data was prepared in, "),
+    # A checkpoint's folder, or an export: not prepare's to fill either.
+    ("eval-checkpoint-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/other"],
+     "is not a prepared dataset (no meta.json) and holds other files; give the folder that `tinygemma prepare"),
+    ("eval-export-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/hf"],
+     "is not a prepared dataset (no meta.json) and holds other files"),
     ("eval-story-file-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/stories.txt"],
      "tokenize it first with `tinygemma prepare --source"),
     ("export-given-another-tokenizer", ["export", "--ckpt", "{root}/run", "--out", "{root}/new", "--tokenizer",

@@ -92,6 +92,10 @@ def test_a_compiled_contender_is_compared_with_compiled_transformers():
     ("generate_speed", ["--dtype", "bogus"], "bogus"),
     ("generate_speed", ["--batch-sizes", "x"], "--batch-sizes"),
     ("generate_speed", ["--device", "cuda"], "no CUDA GPU"),
+    ("generate_speed", ["--threads", "-1"], "--threads"),
+    ("optimizer_step", ["--threads", "-2"], "--threads"),
+    ("optimizer_step", ["--vocab-size", "0"], "--vocab-size"),
+    ("loss_head", ["--d-model", "0"], "--d-model"),
     ("optimizer_step", ["--steps", "0"], "--steps"),
     ("loss_head", ["--steps", "0"], "--steps"),
     ("loss_head", ["--rows", "10k"], "--rows"),
@@ -730,8 +734,9 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     assert "median, 1 thread(s): adamw" in out and "median, 2 thread(s): adamw" in out
     assert "in a run planned for 640 tokens (62% of the budget; same warmup; seed 1337)" in out
     # --report-only trains nothing: the same report from the finished runs, or what is there of a cut-short one
-    again = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
+    again = recipe_efficiency.main(argv + ["--report-only"])  # (its optimizers not timed again: the earlier figures)
     assert again["finals"] == result["finals"] and len(again["runs"]) == len(runs)
+    assert again["timing_ms_per_step_by_threads"] == result["timing_ms_per_step_by_threads"]
     (tmp_path / "runs" / "workshop-seed1338" / "summary.json").unlink()
     cut = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
     assert cut["finals"]["workshop"]["seeds"] == [1337] and cut["finals"]["muon"] == result["finals"]["muon"]
@@ -751,6 +756,10 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
         summary.unlink()
     with pytest.raises(SystemExit, match="no finished run in"):
         recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit, match="no finished run in"):  # and no data prepared for it
+        recipe_efficiency.main(["--out", str(empty), "--report-only"])
+    assert not empty.exists()
 
 
 def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, capsys, monkeypatch):

@@ -930,3 +930,17 @@ def test_hub_data_with_validation_set_aside_is_not_the_default_recipes():
     assert data_differences(DataConfig(), hub_data("set aside from the training source", 0.05)) == [
         "validation: 0.05 of the stories, the recipe asks for the source's validation split or 0.05 of its stories "
         "(no data.val_source)"]
+
+
+def test_a_run_folder_given_for_data_names_its_data_dir_as_recorded(tmp_path):
+    """A run's config.json holds data.dir as typed: a relative one is said to be from where it was trained."""
+    from tinygemma.data import open_prepared
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for recorded, said in (("data", "data (its config.json's data.dir, from where it was trained)"),
+                           (str(tmp_path / "data"), f"{tmp_path / 'data'} (its config.json's data.dir)")):
+        (run / "config.json").write_text(json.dumps({"train": {}, "data": {"dir": recorded}}))
+        with pytest.raises(UserError, match=re.escape(f"is a training run, not a prepared dataset: give the folder "
+                                                      f"its data was prepared in, {said}")):
+            open_prepared(run)

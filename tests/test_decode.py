@@ -1,6 +1,8 @@
 """The decode plan computes what the model computes: against transformers, against the module path, in
 float32 and packed bfloat16, and never from stale weights."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -169,7 +171,11 @@ def test_generation_off_cuda_captures_no_cuda_graph(monkeypatch):
     monkeypatch.setattr(generate_module, "GraphedStep", lambda *a: pytest.fail("a CUDA graph on a CPU"))
     model = tiny_model(seed=3, vocab_size=512)
     generate(model, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
-    assert decode.decode_plan(model, pack=False) is not None
+    # Off CUDA, a plan needs oneDNN: without it decoding runs the model's own forward (a CUDA model gets a plain
+    # plan for its graph instead).
+    monkeypatch.setattr(decode, "onednn_linear_available", lambda weight: False)
+    decode.forget_decode_plan(model)
+    assert decode.decode_plan(model) is None
 
 
 def test_a_cuda_graph_that_cannot_be_captured_falls_back_to_the_steps_with_a_warning(monkeypatch):
@@ -186,3 +192,49 @@ def test_a_cuda_graph_that_cannot_be_captured_falls_back_to_the_steps_with_a_war
     with pytest.warns(RuntimeWarning, match="decoding without a CUDA graph.*operation not permitted when stream "
                       "is capturing$"):
         assert generate_module.graphed_step(plan, model, model.new_cache(1, 4), 1, {}) is None
+
+
+def test_graphed_step_warms_up_then_captures_on_the_models_own_gpu_without_emptying_its_memory(monkeypatch):
+    """GraphedStep's order of CUDA calls, with torch.cuda stood in for (no GPU here; tests/test_cuda.py replays a
+    real graph): a side stream of the model's device, one warm-up run of the step there, the capture begun and
+    ended on that stream, no device-wide synchronisation and no emptying of torch's memory cache (which
+    torch.cuda.graph does at every call); then each call copies the token and position in and replays."""
+    from tinygemma import decode
+
+    calls, streams = [], []
+
+    class Stream:
+        def __init__(self, device=None):
+            streams.append(device)
+
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class Graph:
+        def capture_begin(self, capture_error_mode="global"):
+            calls.append(f"begin ({capture_error_mode})")
+
+        def capture_end(self):
+            calls.append("end")
+
+        def replay(self):
+            calls.append("replay")
+
+    model = tiny_model(seed=3, vocab_size=512)
+    plan = decode.decode_plan(model, pack=False)
+    real_step = plan.step
+    monkeypatch.setattr(plan, "step", lambda *a: calls.append("step") or real_step(*a))
+    for name, stand_in in (("device", lambda d: contextlib.nullcontext()), ("Stream", Stream),
+                           ("current_stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
+                           ("CUDAGraph", Graph), ("synchronize", lambda *a: calls.append("synchronize")),
+                           ("empty_cache", lambda: calls.append("empty_cache"))):
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    cache = model.new_cache(2, 20)
+    graphed = decode.GraphedStep(plan, model, cache, 2, plan.rope_tables(model, 20))
+    assert calls == ["wait", "step", "begin (thread_local)", "step", "end", "wait"]
+    assert set(streams) == {model.embed_tokens.weight.device}
+    assert cache[0].k[:, :, 0].abs().sum() > 0  # the warm-up wrote position 0's slot: the prompt comes after
+    calls.clear()
+    logits = graphed(torch.tensor([[5], [7]]), 3)
+    assert calls == ["replay"] and logits is graphed.logits
+    assert graphed.token.tolist() == [[5], [7]] and graphed.pos.item() == 3

@@ -386,6 +386,8 @@ def test_an_out_ending_in_gguf_means_the_gguf_format(small_ckpt, tmp_path, capsy
     out = tmp_path / "model.GGUF"
     assert main(["export", "--ckpt", str(small_ckpt), "--out", str(out)]) == 0
     assert out.is_file() and out.read_bytes()[:4] == b"GGUF" and "llama-completion -m" in capsys.readouterr().out
+    assert main(["export", "--ckpt", str(small_ckpt), "--out", str(out) + "/"]) == 0  # (tab completion's slash)
+    assert out.is_file()
     code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "hf", "--out", tmp_path / "other.gguf"], capsys)
     assert code == 2 and "names a .gguf file, but --format hf writes a transformers directory" in err
     assert not (tmp_path / "other.gguf").exists()

@@ -110,6 +110,7 @@ def test_long_kernel_names_keep_the_part_where_they_differ():
         assert len(short) == 2 and all(len(name) == chars for name in short)
         assert short_kernel_name(plus, chars).endswith("std::plus<float>>")
     assert short_kernel_name("nvjet_gemm", 90) == "nvjet_gemm"
+    assert [short_kernel_name("abcdefgh", n) for n in (1, 2, 3)] == ["\u2026", "a\u2026", "a\u2026h"]
     activity = device_activity([kernel(plus, 0, 10), kernel(times, 10, 20)], wall_s=1e-4)
     assert [k["name"] for k in activity["top_kernels"]] == [times, plus]  # whole in profile.json
     rows = kernel_table(activity).splitlines()[1:]

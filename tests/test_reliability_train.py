@@ -197,6 +197,12 @@ def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_
     # the model's difference, not as layer_types' length, a setting the user never gave.
     code = tinygemma.cli.main(["train", "--out", str(out), "--resume", "--set", "model.n_layers=1"])
     assert code == 2 and "differs from the configured one in layer_types, n_layers" in capsys.readouterr().err
+    # The run's own count, given again, keeps its layer_types: here its own list, not the pattern's.
+    custom = tmp_path / "custom"
+    run(data_dir, custom, "max_steps=4", "checkpoint_interval=2", "model.layer_types=full_attention,sliding_attention",
+        stop_at=2)
+    code = tinygemma.cli.main(["train", "--out", str(custom), "--resume", "--stop-at", "4", "--set", "model.n_layers=2"])
+    assert code == 0, capsys.readouterr().err
 
     def unpickle(*args, **kwargs):
         raise AssertionError("resume unpickled something")

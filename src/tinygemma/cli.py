@@ -230,12 +230,15 @@ def _train_main(args) -> int:
         if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
             resolved["train"] = saved_train_settings(resolved.get("train", {}))
         # The saved layer_types follow the run's n_layers and sliding_window_pattern: with either of those set
-        # anew they would refuse the count ("layer_types has 6 entries for 4 layers"), a setting the user never
-        # gave; derived again, the checkpoint's comparison says what the resume would change.
-        keys = {item.partition("=")[0].strip() for item in overrides + args.set}
-        if (isinstance(resolved.get("model"), dict) and "model.layer_types" not in keys
-                and keys & {"model.n_layers", "model.sliding_window_pattern"}):
-            resolved["model"].pop("layer_types", None)
+        # to another value they would refuse the count ("layer_types has 6 entries for 4 layers"), a setting the
+        # user never gave; derived again, the checkpoint's comparison says what the resume would change.
+        given = dict(item.partition("=")[::2] for item in overrides + args.set)
+        given = {key.strip(): value.strip() for key, value in given.items()}
+        model = resolved.get("model") if isinstance(resolved.get("model"), dict) else {}
+        if "model.layer_types" not in given and any(
+                f"model.{name}" in given and given[f"model.{name}"] != str(model.get(name))
+                for name in ("n_layers", "sliding_window_pattern")):
+            model.pop("layer_types", None)
         recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), overrides + args.set)
         had = resolved.get("model", {}).get("preset") if isinstance(resolved.get("model"), dict) else None
         # Every saved model field is an override: another preset would change nothing but the run's label.
@@ -440,7 +443,7 @@ def add_export(subparsers) -> None:
 
 
 def _export_main(args) -> int:
-    gguf_name = str(args.out).lower().endswith(".gguf")
+    gguf_name = Path(args.out).suffix.lower() == ".gguf"  # (a trailing slash too: model.gguf/)
     if args.format is None:
         args.format = "gguf" if gguf_name else "hf"
     elif args.format == "hf" and gguf_name:  # a folder named .gguf would reach llama.cpp as a missing file

@@ -713,15 +713,21 @@ def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
     it replaced them, which its marker names as prepare's); any other folder (a transformers export, a training run,
     nanoGPT's train.bin and val.bin, a lone tokenizer.json) would lose its files to it."""
     out_dir = check_output_folder(out_dir, "the dataset", flag)
-    if not out_dir.exists() or is_prepared_dataset(out_dir):
-        return
-    interrupted = (out_dir / INCOMPLETE_NAME).is_file()
-    others = others_than(out_dir, PREPARED_FILES | {INCOMPLETE_NAME} if interrupted else frozenset(),
-                         temporaries_of=PREPARED_FILES)
+    others = files_not_prepares(out_dir)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserError(f"{flag} {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "
                         "a new or empty folder, or into an earlier prepared dataset to replace it")
+
+
+def files_not_prepares(folder: Path) -> list[str]:
+    """The names in `folder` that prepare would neither write nor replace: none in a new or empty folder, a dataset
+    it prepared, or what an interrupted prepare left (its temporaries, or files its marker names as its own)."""
+    if not folder.is_dir() or is_prepared_dataset(folder):
+        return []
+    interrupted = (folder / INCOMPLETE_NAME).is_file()
+    return others_than(folder, PREPARED_FILES | {INCOMPLETE_NAME} if interrupted else frozenset(),
+                       temporaries_of=PREPARED_FILES)
 
 
 def _check_positive_int(value, name: str) -> None:
@@ -782,8 +788,14 @@ def open_prepared(directory: str | Path) -> PreparedData:
         if is_training_run(directory):  # the run folder given for its data: prepare would refuse it
             data = peek_json(directory / "config.json").get("data")
             where = data.get("dir") if isinstance(data, dict) else None
+            relative = where is not None and not Path(where).is_absolute()
             raise UserError(f"{directory} is a training run, not a prepared dataset: give the folder its data was "
-                            "prepared in" + (f", {where} (its config.json's data.dir)" if where else ""))
+                            "prepared in" + (f", {where} (its config.json's data.dir"
+                                             + (", from where it was trained" if relative else "") + ")"
+                                             if where else ""))
+        if files_not_prepares(directory):  # a checkpoint, an export, anything else: not prepare's to fill
+            raise UserError(f"{directory} is not a prepared dataset (no {META_NAME}) and holds other files; give "
+                            "the folder that `tinygemma prepare --out` wrote")
         raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (run `tinygemma prepare --out "
                         f"{directory}`; an interrupted run leaves none)")
     meta = read_json(directory / META_NAME, "dataset metadata")

@@ -11,6 +11,7 @@ captures the plan's step once as a CUDA graph and replays it for each token, one
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -112,7 +113,10 @@ class GraphedStep:
 
     Make it before the prompt fills `cache`: capturing needs one run of the step beforehand (PyTorch's advice:
     lazy initialisation, such as cuBLAS's workspace, must not happen inside a capture), and that run writes
-    position 0's slot of every layer's cache, which the prompt then overwrites.
+    position 0's slot of every layer's cache, which the prompt then overwrites. Both run on a side stream of the
+    model's own GPU. The capture is begun and ended directly: `torch.cuda.graph` would also synchronise the
+    device and empty torch's memory cache at each call (each `generate`), and captures on one stream made on the
+    device of the process's first capture, whatever GPU the model is on.
     """
 
     def __init__(self, plan: DecodePlan, model: Gemma3, cache: list[KVCache], batch_size: int, rope: dict):
@@ -124,12 +128,18 @@ class GraphedStep:
             self.pos = torch.zeros((), dtype=torch.long, device=device)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
+            self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(side):
                 plan.step(model, self.token, cache, self.pos, rope)
+                self.graph.capture_begin(capture_error_mode="thread_local")  # other threads' CUDA calls are theirs
+                try:
+                    self.logits = plan.step(model, self.token, cache, self.pos, rope)
+                except BaseException:
+                    with contextlib.suppress(RuntimeError):  # (the capture is invalid already: its own error)
+                        self.graph.capture_end()
+                    raise
+                self.graph.capture_end()
             torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = plan.step(model, self.token, cache, self.pos, rope)
 
     def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Float32 logits [B, vocab] of `token` [B, 1] at position `pos`, as `plan.step` gives them."""

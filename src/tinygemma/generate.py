@@ -213,11 +213,12 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
 
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  num_samples: int = 1, on_text=None) -> tuple[list[str], int]:
+                  num_samples: int = 1, on_text=None, cuda_graph: bool = True) -> tuple[list[str], int]:
     """The prompt's continuations (without the prompt), one per sample, each ending at end of text or after
     `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text included).
     `on_text(sample, text)` receives each piece of text as soon as it is complete. Sample i is drawn from seed
-    `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`.
+    `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`. `cuda_graph`: as
+    generate_stream's.
     """
     if not (is_integer(num_samples) and num_samples >= 1):
         raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}")
@@ -242,7 +243,8 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                 on_text(i, piece)
 
     for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
-                                  generator=generator, vocab_size=tokenizer.model_vocab_size):
+                                  generator=generator, vocab_size=tokenizer.model_vocab_size,
+                                  cuda_graph=cuda_graph):
         for i, token in enumerate(tokens.tolist()):
             if finished[i]:
                 continue

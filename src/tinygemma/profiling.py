@@ -104,7 +104,7 @@ def short_kernel_name(name: str, chars: int) -> str:
     if len(name) <= chars:
         return name
     tail = (chars - 1) // 2
-    return f"{name[:chars - 1 - tail]}\u2026{name[-tail:]}"
+    return f"{name[:chars - 1 - tail]}\u2026{name[len(name) - tail:]}"
 
 
 def kernel_table(activity: dict) -> str:

@@ -143,6 +143,25 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     assert rows["hardware and precision"] == "steps 1 to 4: 1 x H100, bfloat16; steps 5 to 12: 8 x H100, bfloat16"
 
 
+def test_a_run_on_given_data_records_and_reproduces_only_its_data_dir(data_dir, tmp_path, capsys):
+    """`train --config RECIPE --data DIR`: the recipe file's [data] section (another tokenizer, vocabulary and
+    limit) was never used, yet the checkpoint recorded it, so the Reproduce command and the card's recipe named
+    data the run never saw. They hold data.dir alone, as config.json does."""
+    out = tmp_path / "run"
+    sets = [a for s in test_train.tiny_settings(data_dir, out, "max_steps=2", "warmup_steps=1", "eval_interval=2")[2:]
+            for a in ("--set", s)]
+    assert main(["train", "--config", str(ROOT / "configs" / "cpu-demo.toml"), "--data", str(data_dir),
+                 "--out", str(out), *sets]) == 0
+    capsys.readouterr()
+    state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["config"]["data"] == {"dir": str(data_dir)}
+    command = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("tinygemma train"))
+    assert [s for s in shlex.split(command) if s.startswith("data.")] == [f"data.dir={data_dir}"]
+    assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert '"tokenizer": "bpe"' not in card and f"--set data.dir={data_dir}" in card
+
+
 def test_the_machine_and_mfu_rows_are_the_checkpoints_own_parts_not_config_json():
     """config.json's `run` is the newest invocation's, which may have trained none of a checkpoint's steps (the
     best one from before a resume on a bf16 machine; a checkpoint copied out of its run): the rows come from the

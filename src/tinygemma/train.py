@@ -247,6 +247,7 @@ class Trainer:
         self.tokens_per_step = self.batches.global_batch * cfg.block_size
         self.flops_per_token, self.peak = self.model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
         self.machine = environment(rt.device, rt.world_size)  # hardware, software, commit: config.json's, each part's
+        self.made_data: bool | None = None  # recipe_made_data(), asked once
         self.tokenizer = {**self.data.meta["tokenizer"], "eot_id": self.data.eot_id}
         if rt.is_main:
             self.open_logs()
@@ -266,6 +267,17 @@ class Trainer:
             return not data_differences(self.recipe.data, self.data)
         except UserError:  # its tokenizer.json is gone
             return False
+
+    def recorded_recipe(self) -> dict:
+        """The recipe as config.json and each checkpoint record it: `train --data DIR` keeps only data.dir, since
+        the recipe's other [data] fields (its defaults, or a recipe file's unused section) say nothing true of the
+        data, and a Reproduce command built from them would prepare other data."""
+        recipe = self.recipe.to_dict()
+        if self.made_data is None:
+            self.made_data = self.recipe_made_data()
+        if not self.made_data:
+            recipe["data"] = {"dir": self.recipe.data.dir}
+        return recipe
 
     def open_logs(self) -> None:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
@@ -306,9 +318,7 @@ class Trainer:
     def resolved_config(self) -> dict:
         """What config.json records: the resolved recipe, the run's own model, and how this invocation runs it."""
         cfg, rt = self.cfg, self.rt
-        resolved = self.recipe.to_dict()
-        if not self.recipe_made_data():  # `train --data DIR`: the recipe's other [data] fields say nothing true
-            resolved["data"] = {"dir": self.recipe.data.dir}
+        resolved = self.recorded_recipe()
         resolved["model"] = {"preset": self.recipe.model_preset, **self.model_config.to_dict()}
         resolved["run"] = {"world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
@@ -549,7 +559,7 @@ class Trainer:
                         if (digest := self.data.digest(split))}},
             "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "precision": dtype_name(self.rt.dtype),  # what dtype resolved to (auto: by device), for a resume's warning
-            "config": self.recipe.to_dict(),
+            "config": self.recorded_recipe(),
             "invocations": [*self.history, self.invocation(step)],
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}

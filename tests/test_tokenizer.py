@@ -170,13 +170,15 @@ def test_tokenizers_pickle_for_workers(bpe):
     assert isinstance(pickle.loads(pickle.dumps(bpe)), HFTokenizer)
 
 
+@pytest.mark.parametrize("pieces_special", [False, True], ids=["pieces", "pieces-marked-special"])
 @pytest.mark.parametrize("layout", ["gemma", "llama"])
-def test_byte_lengths_of_sentencepiece_style_tokenizers(layout, stories_dir):
+def test_byte_lengths_of_sentencepiece_style_tokenizers(layout, pieces_special, stories_dir):
     """Bits per byte divides by the bytes the tokens stand for. For SentencePiece's kind (Gemma 3's tokenizer.json,
     Llama's) a byte-fallback piece <0xHH> is one byte (alone it decodes to U+FFFD, three), and a word's leading
     space counts where Llama's decoder strips a text's first one: the tokens of a text add up to its bytes (Llama's
     one more: its normalizer puts a space before each text). Counted alone they were 71 bytes against 37 here,
-    and 19% short over real stories with Llama's layout."""
+    and 19% short over real stories with Llama's layout. A file that marks its byte pieces special (as a
+    BpeTrainer given them among special_tokens writes it) counts them too: they were once 0 bytes."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, normalizers, trainers
 
@@ -195,9 +197,10 @@ def test_byte_lengths_of_sentencepiece_style_tokenizers(layout, stories_dir):
     backend.train_from_iterator(stories, trainers.BpeTrainer(vocab_size=1200, special_tokens=specials,
                                                              limit_alphabet=60, show_progress=False))
     spec = json.loads(backend.to_str())
-    for added in spec["added_tokens"]:  # the byte pieces are vocabulary, not special tokens, in such files
-        added["special"] = not added["content"].startswith("<0x")
-    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["special"]]
+    if not pieces_special:  # the byte pieces are vocabulary, not special tokens, in Gemma's and Llama's files
+        for added in spec["added_tokens"]:
+            added["special"] = not added["content"].startswith("<0x")
+        spec["added_tokens"] = [a for a in spec["added_tokens"] if a["special"]]
     tokenizer = HFTokenizer(json.dumps(spec))
     lengths = token_byte_lengths(tokenizer, tokenizer.vocab_size)
     prefix = 1 if layout == "llama" else 0
@@ -297,3 +300,51 @@ def test_a_tokenizer_json_that_drops_a_whole_text_is_one_line(tmp_path):
     for encode in (lambda: tok.encode("Once upon a time"), lambda: tok.encode_batch(["a story", "Once upon"])):
         with pytest.raises(UserError, match="encodes the text starting '(Once upon a time|a story)' as no tokens"):
             encode()
+
+
+def test_gpt2s_vocabulary_that_splits_or_changes_text_otherwise_is_not_gpt2(r50k):
+    """GPT-2's ids in a tokenizer.json that puts a space before each text, or lowercases it, encode other ids
+    for the same text: such a file is its own tokenizer, never taken for gpt2, whose
+    checkpoints and data it would then pass for."""
+    spec = json.loads(gpt2_as_tokenizers(r50k).to_str())
+    assert HFTokenizer(json.dumps(spec)).identity == "gpt2"
+    prefixed = {**spec, "pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}}
+    lowered = {**spec, "normalizer": {"type": "Lowercase"}}
+    for other in (prefixed, lowered):  # (identified by its file's sha256)
+        tokenizer = HFTokenizer(json.dumps(other))
+        assert tokenizer.identity != "gpt2" and tokenizer.identity.startswith("tokenizer.json:")
+        assert "GPT-2" not in tokenizer.description
+
+
+def test_a_byte_level_bpe_without_the_byte_alphabet_is_said_at_prepare_and_refused_for_gguf(tmp_path, capsys):
+    """A byte-level BPE trained without initial_alphabet lacks the bytes it never saw and has no unknown token:
+    its encoder silently drops every character holding one ("naïve" becomes "nave"). prepare warns; the GGUF
+    export refuses it (llama.cpp would split such text otherwise)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from tinygemma.data import prepare
+    from tinygemma.gguf_export import check_byte_level_bpe
+    from tinygemma.tokenizer import missing_bytes
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    stories = ["Tom saw a big dog. The dog ran.", "Lily had a red ball and a cat."] * 20
+    backend.train_from_iterator(stories, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT],
+                                                             show_progress=False))
+    spec = json.loads(backend.to_str())
+    assert 200 < missing_bytes(spec) < 256
+    assert "ï" not in HFTokenizer(backend.to_str()).decode(HFTokenizer(backend.to_str()).encode("a naïve cat"))
+    (tmp_path / "tokenizer.json").write_text(backend.to_str())
+    (tmp_path / "stories.txt").write_text(f"\n{EOT}\n".join(stories))
+    prepare(tmp_path / "data", sources=[str(tmp_path / "stories.txt")], tokenizer=str(tmp_path / "tokenizer.json"),
+            progress=False)
+    assert f"lacks {missing_bytes(spec)} of the 256 bytes" in capsys.readouterr().err
+    with pytest.raises(UserError, match=f"lacks {missing_bytes(spec)} of the 256 bytes"):
+        check_byte_level_bpe(spec)
+    whole = Backend(models.BPE())  # with the alphabet: nothing lacking, nothing said
+    whole.pre_tokenizer, whole.decoder = backend.pre_tokenizer, backend.decoder
+    whole.train_from_iterator(stories, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT], show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert missing_bytes(json.loads(whole.to_str())) == 0

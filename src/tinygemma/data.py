@@ -51,8 +51,10 @@ from tinygemma.runtime import Runtime
 from tinygemma.tokenizer import (
     EOT_TOKEN,
     TOKENIZER_FILE,
+    HFTokenizer,
     Tokenizer,
     load_tokenizer,
+    missing_bytes,
     tokenizer_from_spec,
     train_bpe,
 )
@@ -650,6 +652,12 @@ def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, l
             raise UserError(f"--tokenizer (tokenizer) must be gpt2, bpe, a path to a tokenizer.json or a Tokenizer, "
                             f"got {tokenizer!r}")
         tokenizer = load_tokenizer(tokenizer)
+    lacking = missing_bytes(json.loads(tokenizer.backend.to_str())) if isinstance(tokenizer, HFTokenizer) else 0
+    if lacking:
+        print(f"tinygemma: warning: the tokenizer's byte-level vocabulary lacks {lacking} of the 256 bytes: its "
+              "encoder silently drops every character holding one (accents, emoji), so the prepared text loses "
+              "them; a BPE trained with tokenizers needs initial_alphabet=pre_tokenizers.ByteLevel.alphabet()",
+              file=sys.stderr, flush=True)
     return tokenizer, vocab_size
 
 

@@ -23,7 +23,7 @@ from tinygemma.errors import UserError
 from tinygemma.files import atomic_path, check_output_path, remove_temporaries, write_errors
 from tinygemma.hf import hf_state
 from tinygemma.model import check_tokenizer_fits
-from tinygemma.tokenizer import Tokenizer
+from tinygemma.tokenizer import Tokenizer, missing_bytes, splits_as_gpt2
 
 # --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
 GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -34,8 +34,6 @@ DEFAULT_GGUF_DTYPE = "q8_0"
 
 ARCH = "gemma3"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use
-GPT2_SPLIT = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-BYTE_LEVEL_DEFAULTS = {"add_prefix_space": True, "use_regex": True}  # what the tokenizers library reads for a missing key
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
@@ -121,15 +119,17 @@ def check_byte_level_bpe(spec: dict) -> None:
         _refuse(f"it is a {model.get('type')} model, not BPE")
     if spec.get("normalizer"):
         _refuse(f"it normalizes text first ({spec['normalizer'].get('type')})")
-    pre = spec.get("pre_tokenizer") or {}
-    read = {**BYTE_LEVEL_DEFAULTS, **pre} if pre.get("type") == "ByteLevel" else pre  # files older than a key lack it
-    if {key: read.get(key) for key in GPT2_SPLIT} != GPT2_SPLIT:
-        _refuse(f"its pre-tokenizer is {json.dumps(pre)[:120]}, not GPT-2's byte-level split")
+    if not splits_as_gpt2(spec):  # (its normalizer refused above)
+        _refuse(f"its pre-tokenizer is {json.dumps(spec.get('pre_tokenizer'))[:120]}, not GPT-2's byte-level split")
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         _refuse("its decoder is not byte-level")
     for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges"):
         if model.get(option):
             _refuse(f"its BPE sets {option}")
+    lacking = missing_bytes(spec)
+    if lacking:  # its encoder drops text with those bytes; llama.cpp would split around them otherwise
+        _refuse(f"its vocabulary lacks {lacking} of the 256 bytes' characters (a BPE trained without the whole byte "
+                "alphabet: tokenizers' BpeTrainer needs initial_alphabet=pre_tokenizers.ByteLevel.alphabet())")
     if not model.get("merges"):  # gguf writes no empty list, and llama.cpp refuses a file without the key
         _refuse("its BPE has no merges (a vocabulary of single bytes, such as a BPE of 257 tokens), and llama.cpp "
                 "loads none without them; prepare with --vocab-size 258 or more")

@@ -227,6 +227,29 @@ def _gpt2_vocabulary() -> dict[str, int]:
     return {**vocab, EOT_TOKEN: encoding.eot_token}
 
 
+# GPT-2's split before its BPE, as a tokenizer.json's pre_tokenizer writes it, and what the tokenizers library
+# reads for a ByteLevel key that a file (an older one) lacks.
+GPT2_SPLIT = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+BYTE_LEVEL_DEFAULTS = {"add_prefix_space": True, "use_regex": True}
+
+
+def splits_as_gpt2(spec: dict) -> bool:
+    """Whether a tokenizer.json (parsed) changes no text and splits it as GPT-2 does before its BPE."""
+    pre = spec.get("pre_tokenizer") or {}
+    read = {**BYTE_LEVEL_DEFAULTS, **pre} if pre.get("type") == "ByteLevel" else pre
+    return not spec.get("normalizer") and {key: read.get(key) for key in GPT2_SPLIT} == GPT2_SPLIT
+
+
+def missing_bytes(spec: dict) -> int:
+    """How many of the 256 bytes a byte-level BPE's vocabulary has no token for (0 for other models): a BPE trained
+    without the whole byte alphabet, whose encoder silently drops any character holding one of them."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or '"ByteLevel"' not in json.dumps(spec.get("decoder")):
+        return 0
+    vocab = model.get("vocab") or {}
+    return sum(ch not in vocab for ch in _bytes_to_unicode().values())
+
+
 def _decodes_byte_level(content: str) -> bool:
     """Whether a tokenizer.json decodes byte-level: each byte of text written as one printable character."""
     return '"ByteLevel"' in json.dumps(json.loads(content).get("decoder"))
@@ -237,7 +260,9 @@ def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
     where GPT-2's ranks cannot be had (offline without tiktoken's cache)."""
     if len(vocab) != 50257 or vocab.get(EOT_TOKEN) != 50256:  # the quick no for every other vocabulary
         return False
-    if not _decodes_byte_level(content):
+    # GPT-2's ids, but text changed (a lowercasing normalizer) or split otherwise (a prefix space) before them:
+    # another tokenizer, which would feed a GPT-2 model splits it never saw.
+    if not _decodes_byte_level(content) or not splits_as_gpt2(json.loads(content)):
         return False
     try:
         return vocab == _gpt2_vocabulary()
@@ -455,11 +480,13 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
         return lengths
     backend = tokenizer.backend
     added = backend.get_added_tokens_decoder()
-    special = {i for i, t in added.items() if t.special}
     content = backend.to_str()
     byte_level = _decodes_byte_level(content)
     model = json.loads(content).get("model") or {}
     byte_fallback = bool(model.get("byte_fallback"))
+    # (byte-fallback pieces <0xHH> stand for text bytes even where the file marks them special, as a BpeTrainer
+    # given them as special_tokens does)
+    special = {i for i, t in added.items() if t.special and not (byte_fallback and _BYTE_TOKEN.fullmatch(t.content))}
     ids = [i for i in range(min(vocab_size, backend.get_vocab_size(with_added_tokens=True)))
            if i not in special and backend.id_to_token(i) is not None]
     if byte_level:  # a byte-level BPE writes each byte as one printable character; an added token is its text

@@ -140,6 +140,25 @@ def test_a_skipped_last_step_leaves_the_printed_summary_strict_json(nan_at_step,
     assert math.isfinite(summary["val_loss"])
 
 
+def test_a_failed_resume_leaves_the_next_resume_its_checkpoints_recipe(data_dir, tmp_path, capsys):
+    """A resume attempt writes config.json when it starts; one that diverged (a learning rate of 1e30) before any
+    checkpoint left its settings there, and a plain --resume took them up again. --resume reads the last
+    checkpoint's recipe: the run goes on as it was trained."""
+    out = tmp_path / "run"
+    settings = [a for s in tiny_settings(data_dir, out, "max_steps=6", "checkpoint_interval=2") for a in ("--set", s)]
+    assert tinygemma.cli.main(["train", *settings, "--stop-at", "2"]) == 0
+    code = tinygemma.cli.main(["train", "--out", str(out), "--resume", "--set", "learning_rate=1e30"])
+    assert code != 0 and "non-finite" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 1e30
+    assert tinygemma.cli.main(["train", "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "1e+30" not in err and "learning_rate" not in err
+    assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 1e-2
+    straight = tmp_path / "straight"
+    run(data_dir, straight, "max_steps=6", "checkpoint_interval=2")
+    assert train_losses(out) == train_losses(straight)
+
+
 def test_float16_overflows_the_scaler_skips_are_counted_and_said(data_dir, tmp_path, monkeypatch, capsys):
     """A loss scale far too large (2**22) overflows the float16 gradients of the first steps: the scaler skips
     their updates and lowers the scale, which the run counts as skipped steps and says in its log line (they

@@ -17,7 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from tinygemma.checkpoint import checkpoint_tokenizer, export, load_model, trained_block_size
+from tinygemma.checkpoint import (
+    STATE_NAME,
+    checkpoint_pointer,
+    checkpoint_tokenizer,
+    export,
+    load_model,
+    trained_block_size,
+)
 from tinygemma.config import (
     GenerateConfig,
     Recipe,
@@ -37,7 +44,7 @@ from tinygemma.data import (
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
 from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
-from tinygemma.files import read_json, signal_handler
+from tinygemma.files import peek_json, read_json, signal_handler
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
@@ -227,6 +234,12 @@ def _train_main(args) -> int:
     if args.resume and args.config is None and out and saved.exists():
         resolved = read_json(saved, "run config")
         resolved.pop("run", None)
+        # The recipe the last checkpoint was trained with: config.json is the newest invocation's, which may have
+        # failed before writing any (a learning rate that diverged would otherwise come back with every --resume).
+        last = checkpoint_pointer(Path(out))
+        recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
+        if isinstance(recorded, dict) and recorded:
+            resolved = {**recorded, "model": resolved.get("model", recorded.get("model"))}  # (the same model)
         if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
             resolved["train"] = saved_train_settings(resolved.get("train", {}))
         # The saved layer_types follow the run's n_layers and sliding_window_pattern: with either of those set

@@ -147,6 +147,10 @@ def test_a_failed_resume_leaves_the_next_resume_its_checkpoints_recipe(data_dir,
     out = tmp_path / "run"
     settings = [a for s in tiny_settings(data_dir, out, "max_steps=6", "checkpoint_interval=2") for a in ("--set", s)]
     assert tinygemma.cli.main(["train", *settings, "--stop-at", "2"]) == 0
+    copied = tmp_path / "copied"  # its checkpoints alone, config.json lost: their recipe, not the built-in one
+    shutil.copytree(out / "checkpoints", copied / "checkpoints")
+    assert tinygemma.cli.main(["train", "--out", str(copied), "--resume", "--stop-at", "4"]) == 0
+    assert json.loads((copied / "config.json").read_text())["train"]["max_steps"] == 6
     code = tinygemma.cli.main(["train", "--out", str(out), "--resume", "--set", "learning_rate=1e30"])
     assert code != 0 and "non-finite" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 1e30

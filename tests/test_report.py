@@ -160,6 +160,13 @@ def test_a_run_on_given_data_records_and_reproduces_only_its_data_dir(data_dir, 
     assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
     card = (tmp_path / "hf" / "README.md").read_text()
     assert '"tokenizer": "bpe"' not in card and f"--set data.dir={data_dir}" in card
+    # A checkpoint written before: its state's recipe kept the unused [data] fields; read beside a config.json
+    # whose data is data.dir alone, it reproduces only data.dir too.
+    old = {"train": {"max_steps": 2}, "data": {"dir": "d", "tokenizer": "bpe", "vocab_size": 4096, "limit": 5000}}
+    assert tinygemma.report.recorded_recipe({"config": old}, {"data": {"dir": "d"}}) == {
+        "train": {"max_steps": 2}, "data": {"dir": "d"}}
+    made = {"dir": "d", "tokenizer": "bpe", "vocab_size": 4096}  # a run whose recipe prepared its data: kept
+    assert tinygemma.report.recorded_recipe({"config": {**old, "data": made}}, {"data": made})["data"] == made
 
 
 def test_the_machine_and_mfu_rows_are_the_checkpoints_own_parts_not_config_json():

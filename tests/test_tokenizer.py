@@ -338,6 +338,10 @@ def test_a_byte_level_bpe_without_the_byte_alphabet_is_said_at_prepare_and_refus
     assert "ï" not in HFTokenizer(backend.to_str()).decode(HFTokenizer(backend.to_str()).encode("a naïve cat"))
     (tmp_path / "tokenizer.json").write_text(backend.to_str())
     (tmp_path / "stories.txt").write_text(f"\n{EOT}\n".join(stories))
+    for source, out in ((tmp_path / "nowhere.txt", tmp_path / "fresh"), (tmp_path / "stories.txt", tmp_path)):
+        with pytest.raises(UserError):  # a refusal is its one line: the warning waits for every check
+            prepare(out, sources=[str(source)], tokenizer=str(tmp_path / "tokenizer.json"), progress=False)
+        assert capsys.readouterr().err == ""
     prepare(tmp_path / "data", sources=[str(tmp_path / "stories.txt")], tokenizer=str(tmp_path / "tokenizer.json"),
             progress=False)
     assert f"lacks {missing_bytes(spec)} of the 256 bytes" in capsys.readouterr().err

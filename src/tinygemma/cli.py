@@ -231,14 +231,16 @@ def _train_main(args) -> int:
         if key == "train.out":
             out = value.strip()
     saved = Path(out) / "config.json"
-    if args.resume and args.config is None and out and saved.exists():
-        resolved = read_json(saved, "run config")
+    # The recipe the last checkpoint was trained with: config.json is the newest invocation's, which may have
+    # failed before writing any (a learning rate that diverged would otherwise come back with every --resume),
+    # or be missing (a run's checkpoints/ copied alone).
+    last = checkpoint_pointer(Path(out)) if args.resume and args.config is None and out else None
+    recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
+    recorded = recorded if isinstance(recorded, dict) and recorded else None
+    if args.resume and args.config is None and out and (saved.exists() or recorded):
+        resolved = read_json(saved, "run config") if saved.exists() else {}
         resolved.pop("run", None)
-        # The recipe the last checkpoint was trained with: config.json is the newest invocation's, which may have
-        # failed before writing any (a learning rate that diverged would otherwise come back with every --resume).
-        last = checkpoint_pointer(Path(out))
-        recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
-        if isinstance(recorded, dict) and recorded:
+        if recorded:
             resolved = {**recorded, "model": resolved.get("model", recorded.get("model"))}  # (the same model)
         if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
             resolved["train"] = saved_train_settings(resolved.get("train", {}))

@@ -554,23 +554,30 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     # numpy's numbers are numbers, but meta.json is JSON: Python's own from here
     limit, workers, vocab_size = (None if v is None else int(v) for v in (limit, workers, vocab_size))
     val_fraction = None if val_fraction is None else float(val_fraction)
-    cores = available_cpus()
+    cores, notes = available_cpus(), []  # warnings, said once every input is checked (a refusal stays one line)
     if workers > cores:  # each is a process: --workers 100000 forked until memory ran out
-        print(f"tinygemma: warning: --workers (workers) {workers} is more than the {cores} cores this process may use; "
-              f"using {cores}", file=sys.stderr, flush=True)
+        notes.append(f"--workers (workers) {workers} is more than the {cores} cores this process may use; using "
+                     f"{cores}")
         workers = cores
+    lacking = missing_bytes(json.loads(tokenizer.backend.to_str())) if isinstance(tokenizer, HFTokenizer) else 0
+    if lacking:
+        notes.append(f"the tokenizer's byte-level vocabulary lacks {lacking} of the 256 bytes: its encoder silently "
+                     "drops every character holding one (accents, emoji), so the prepared text loses them; a BPE "
+                     "trained with tokenizers needs initial_alphabet=pre_tokenizers.ByteLevel.alphabet()")
     check_prepare_out(out_dir)
     # One prepare writes a folder at a time: a second one (two `tinygemma run`s of one fresh recipe) is refused in
     # one line instead of deleting the first one's temporaries and racing it to meta.json. A failed prepare leaves
     # no folder it made.
     with locked_folder(out_dir, "a dataset", check=lambda: check_prepare_out(out_dir)):
         return _prepare_into(out_dir, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
-                             progress)
+                             progress, notes)
 
 
 def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
-                  progress) -> dict:
+                  progress, notes: list[str] = ()) -> dict:
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
+    for note in notes:  # the sources found too: nothing refused
+        print(f"tinygemma: warning: {note}", file=sys.stderr, flush=True)
 
     if tokenizer == "bpe":
         stories = split_stories["train"]()
@@ -652,12 +659,6 @@ def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, l
             raise UserError(f"--tokenizer (tokenizer) must be gpt2, bpe, a path to a tokenizer.json or a Tokenizer, "
                             f"got {tokenizer!r}")
         tokenizer = load_tokenizer(tokenizer)
-    lacking = missing_bytes(json.loads(tokenizer.backend.to_str())) if isinstance(tokenizer, HFTokenizer) else 0
-    if lacking:
-        print(f"tinygemma: warning: the tokenizer's byte-level vocabulary lacks {lacking} of the 256 bytes: its "
-              "encoder silently drops every character holding one (accents, emoji), so the prepared text loses "
-              "them; a BPE trained with tokenizers needs initial_alphabet=pre_tokenizers.ByteLevel.alphabet()",
-              file=sys.stderr, flush=True)
     return tokenizer, vocab_size
 
 
@@ -789,9 +790,12 @@ class PreparedData:
 def open_prepared(directory: str | Path) -> PreparedData:
     """The dataset `prepare` wrote to `directory`; anything missing, truncated or malformed is a UserError."""
     directory = Path(directory)
-    if directory.is_file():  # a story file given where its tokens belong
+    if directory.is_file() and directory.suffix.lower() in TEXT_FORMATS:  # a story file given where its tokens belong
         raise UserError(f"{directory} is a file, not a prepared dataset: tokenize it first with `tinygemma prepare "
                         f"--source {directory} --out DIR`, then pass DIR")
+    if directory.is_file():  # a GGUF file, weights, anything else
+        raise UserError(f"{directory} is a file, not a prepared dataset; give the folder that `tinygemma prepare "
+                        "--out` wrote")
     if not (directory / META_NAME).exists():
         if is_training_run(directory):  # the run folder given for its data: prepare would refuse it
             data = peek_json(directory / "config.json").get("data")

@@ -87,6 +87,17 @@ def source_commit() -> str | None:
 # ------------------------------------------------------------------ the recipe, and the command that reproduces it
 
 
+def recorded_recipe(state: dict, config: dict) -> dict:
+    """The recipe a checkpoint was trained with (its state's; else config.json's). A checkpoint written before
+    runs on given data (`train --data DIR`) recorded data.dir alone kept the recipe's unused [data] fields: where
+    config.json's data is data.dir alone, so is the recipe's, and its Reproduce command names no other data."""
+    recipe = state.get("config") or {k: v for k, v in config.items() if k != "run"}
+    data = config.get("data")
+    if isinstance(data, dict) and set(data) == {"dir"} and isinstance(recipe.get("data"), dict):
+        recipe = {**recipe, "data": {"dir": recipe["data"].get("dir", data["dir"])}}
+    return recipe
+
+
 def reproduce_command(recipe: dict) -> str:
     """`tinygemma train --set ...` with every setting of `recipe` (Recipe.to_dict()) that differs from the
     built-in defaults, in the form --set reads back: the same recipe, whatever file it first came from."""
@@ -165,7 +176,7 @@ def render_report(run_dir: Path) -> str:
     last, best = checkpoint_pointer(run_dir), checkpoint_pointer(run_dir, "best")
     state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
     evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
-    recipe = state.get("config") or {k: v for k, v in config.items() if k != "run"}
+    recipe = recorded_recipe(state, config)
     steps = state.get("step", 0)
     lines = [f"# tinygemma run `{run_dir.name}`", "",
              f"Step {steps:,} of {config['train']['max_steps']:,}"
@@ -360,7 +371,7 @@ def export_records(ckpt: str | Path) -> dict:
     state = read_json(src / STATE_NAME, "trainer state") if meta and (src / STATE_NAME).exists() else {}
     run_dir = src.parent.parent if meta and src.parent.name == "checkpoints" else None
     config = read_json(run_dir / "config.json", "run config") if run_dir and (run_dir / "config.json").exists() else {}
-    recipe = state.get("config") or {k: v for k, v in config.items() if k != "run"}
+    recipe = recorded_recipe(state, config)
     evaluation, records = {}, read_records(run_dir / "metrics.jsonl") if run_dir else []
     if run_dir and (run_dir / EVAL_NAME).exists():
         evaluation = read_json(run_dir / EVAL_NAME, "evaluation")

@@ -195,6 +195,8 @@ CASES = [
      "is not a prepared dataset (no meta.json) and holds other files; give the folder that `tinygemma prepare"),
     ("eval-export-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/hf"],
      "is not a prepared dataset (no meta.json) and holds other files"),
+    ("eval-meta-json-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/data/meta.json"],
+     "is a file of a prepared dataset; give its folder, "),
     ("eval-weights-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/hf/model.safetensors"],
      "is a file, not a prepared dataset; give the folder that `tinygemma prepare --out` wrote"),
     ("eval-story-file-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/stories.txt"],

@@ -167,6 +167,11 @@ def test_a_run_on_given_data_records_and_reproduces_only_its_data_dir(data_dir, 
         "train": {"max_steps": 2}, "data": {"dir": "d"}}
     made = {"dir": "d", "tokenizer": "bpe", "vocab_size": 4096}  # a run whose recipe prepared its data: kept
     assert tinygemma.report.recorded_recipe({"config": {**old, "data": made}}, {"data": made})["data"] == made
+    # A newer state says itself: config.json may be a later attempt's (one on other data that failed before its
+    # first checkpoint), and the checkpoint's recipe-made data stays whole.
+    newer = {"config": {**old, "data": made}, "config_data": "as trained"}
+    assert tinygemma.report.recorded_recipe(newer, {"data": {"dir": "d"}})["data"] == made
+    assert state["config_data"] == "as trained"
 
 
 def test_the_machine_and_mfu_rows_are_the_checkpoints_own_parts_not_config_json():

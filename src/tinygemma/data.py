@@ -790,6 +790,8 @@ class PreparedData:
 def open_prepared(directory: str | Path) -> PreparedData:
     """The dataset `prepare` wrote to `directory`; anything missing, truncated or malformed is a UserError."""
     directory = Path(directory)
+    if directory.is_file() and (directory.parent / META_NAME).is_file():  # meta.json, train.bin: one of its files
+        raise UserError(f"{directory} is a file of a prepared dataset; give its folder, {directory.parent}")
     if directory.is_file() and directory.suffix.lower() in TEXT_FORMATS:  # a story file given where its tokens belong
         raise UserError(f"{directory} is a file, not a prepared dataset: tokenize it first with `tinygemma prepare "
                         f"--source {directory} --out DIR`, then pass DIR")

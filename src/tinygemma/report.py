@@ -89,11 +89,13 @@ def source_commit() -> str | None:
 
 def recorded_recipe(state: dict, config: dict) -> dict:
     """The recipe a checkpoint was trained with (its state's; else config.json's). A checkpoint written before
-    runs on given data (`train --data DIR`) recorded data.dir alone kept the recipe's unused [data] fields: where
-    config.json's data is data.dir alone, so is the recipe's, and its Reproduce command names no other data."""
+    runs on given data (`train --data DIR`) recorded data.dir alone (its state has no `config_data`) kept the
+    recipe's unused [data] fields: where config.json's data is data.dir alone, so is the recipe's, and its
+    Reproduce command names no other data. A newer state says it itself (config.json may be a later attempt's)."""
     recipe = state.get("config") or {k: v for k, v in config.items() if k != "run"}
     data = config.get("data")
-    if isinstance(data, dict) and set(data) == {"dir"} and isinstance(recipe.get("data"), dict):
+    if ("config_data" not in state and isinstance(data, dict) and set(data) == {"dir"}
+            and isinstance(recipe.get("data"), dict)):
         recipe = {**recipe, "data": {"dir": recipe["data"].get("dir", data["dir"])}}
     return recipe
 

@@ -560,6 +560,7 @@ class Trainer:
             "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "precision": dtype_name(self.rt.dtype),  # what dtype resolved to (auto: by device), for a resume's warning
             "config": self.recorded_recipe(),
+            "config_data": "as trained",  # its [data] is data.dir alone where the recipe did not make the data
             "invocations": [*self.history, self.invocation(step)],
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}

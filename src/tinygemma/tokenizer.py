@@ -244,15 +244,15 @@ def missing_bytes(spec: dict) -> int:
     """How many of the 256 bytes a byte-level BPE's vocabulary has no token for (0 for other models): a BPE trained
     without the whole byte alphabet, whose encoder silently drops any character holding one of them."""
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or '"ByteLevel"' not in json.dumps(spec.get("decoder")):
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not _decodes_byte_level(spec):
         return 0
     vocab = model.get("vocab") or {}
     return sum(ch not in vocab for ch in _bytes_to_unicode().values())
 
 
-def _decodes_byte_level(content: str) -> bool:
-    """Whether a tokenizer.json decodes byte-level: each byte of text written as one printable character."""
-    return '"ByteLevel"' in json.dumps(json.loads(content).get("decoder"))
+def _decodes_byte_level(spec: dict) -> bool:
+    """Whether a tokenizer.json (parsed) decodes byte-level: each byte of text written as one printable character."""
+    return '"ByteLevel"' in json.dumps(spec.get("decoder"))
 
 
 def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
@@ -262,7 +262,8 @@ def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
         return False
     # GPT-2's ids, but text changed (a lowercasing normalizer) or split otherwise (a prefix space) before them:
     # another tokenizer, which would feed a GPT-2 model splits it never saw.
-    if not _decodes_byte_level(content) or not splits_as_gpt2(json.loads(content)):
+    spec = json.loads(content)
+    if not _decodes_byte_level(spec) or not splits_as_gpt2(spec):
         return False
     try:
         return vocab == _gpt2_vocabulary()
@@ -316,8 +317,9 @@ class HFTokenizer(Tokenizer):
         """"byte-level BPE (tokenizer.json)", "Unigram (tokenizer.json)", ...: its model's type, from the file."""
         if self.identity == "gpt2":
             return "GPT-2's BPE (tokenizer.json)"
-        kind = (json.loads(self.content).get("model") or {}).get("type") or "tokenizer"
-        return f"{'byte-level ' if _decodes_byte_level(self.content) else ''}{kind} (tokenizer.json)"
+        spec = json.loads(self.content)
+        kind = (spec.get("model") or {}).get("type") or "tokenizer"
+        return f"{'byte-level ' if _decodes_byte_level(spec) else ''}{kind} (tokenizer.json)"
 
     @property
     def bos_token(self) -> str:
@@ -480,9 +482,9 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
         return lengths
     backend = tokenizer.backend
     added = backend.get_added_tokens_decoder()
-    content = backend.to_str()
-    byte_level = _decodes_byte_level(content)
-    model = json.loads(content).get("model") or {}
+    spec = json.loads(backend.to_str())
+    byte_level = _decodes_byte_level(spec)
+    model = spec.get("model") or {}
     byte_fallback = bool(model.get("byte_fallback"))
     # (byte-fallback pieces <0xHH> stand for text bytes even where the file marks them special, as a BpeTrainer
     # given them as special_tokens does)

@@ -234,10 +234,11 @@ def _train_main(args) -> int:
     # The recipe the last checkpoint was trained with: config.json is the newest invocation's, which may have
     # failed before writing any (a learning rate that diverged would otherwise come back with every --resume),
     # or be missing (a run's checkpoints/ copied alone).
-    last = checkpoint_pointer(Path(out)) if args.resume and args.config is None and out else None
+    from_run = bool(args.resume and args.config is None and out)  # (a recipe file given is followed instead)
+    last = checkpoint_pointer(Path(out)) if from_run else None
     recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
     recorded = recorded if isinstance(recorded, dict) and recorded else None
-    if args.resume and args.config is None and out and (saved.exists() or recorded):
+    if from_run and (saved.exists() or recorded):
         resolved = read_json(saved, "run config") if saved.exists() else {}
         resolved.pop("run", None)
         if recorded:

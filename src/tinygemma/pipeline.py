@@ -116,8 +116,8 @@ def check_run_data(recipe: Recipe) -> None:
 
 def check_training_settings(recipe: Recipe) -> None:
     """What training would refuse whatever the data: a micro-batch size that does not divide a process's share,
-    a logger not installed, flex attention off CUDA; and the recipe's own [data] and [generate] settings. Checked before the data is
-    prepared (for the workshop recipe, all of TinyStories)."""
+    a logger not installed, flex attention off CUDA; and the recipe's own [data] and [generate] settings. Checked
+    before the data is prepared (for the workshop recipe, all of TinyStories)."""
     recipe.check_for_run()
     require_loggers(recipe.train.loggers)
     device = pick_device(recipe.train.device)

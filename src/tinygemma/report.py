@@ -225,10 +225,9 @@ def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
         return part.get("world_size") or (count and count[1])
 
     if any(p.get("hardware") for p in parts):
-        if len({(p.get("hardware"), p.get("precision")) for p in parts}) > 1:
-            machines = [("hardware and precision", "; ".join(
-                f"steps {a + 1:,} to {b:,}: {p.get('hardware') or UNKNOWN}, {p.get('precision') or UNKNOWN}"
-                for p in parts for a, b in [p["steps"]]))]
+        if len({(p.get("hardware"), p.get("precision")) for p in parts}) > 1:  # a run moved between machines
+            machines = [per_part("hardware and precision",
+                                 lambda p: f"{p.get('hardware') or UNKNOWN}, {p.get('precision') or UNKNOWN}")]
         else:
             machines = [per_part("hardware", lambda p: p.get("hardware")),
                         per_part("precision", lambda p: precision(p.get("precision"), processes(p)))]

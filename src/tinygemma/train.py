@@ -26,6 +26,7 @@ purges TensorBoard's events past it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import shutil
@@ -247,7 +248,6 @@ class Trainer:
         self.tokens_per_step = self.batches.global_batch * cfg.block_size
         self.flops_per_token, self.peak = self.model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
         self.machine = environment(rt.device, rt.world_size)  # hardware, software, commit: config.json's, each part's
-        self.made_data: bool | None = None  # recipe_made_data(), asked once
         self.tokenizer = {**self.data.meta["tokenizer"], "eot_id": self.data.eot_id}
         if rt.is_main:
             self.open_logs()
@@ -261,8 +261,10 @@ class Trainer:
         """Whether micro_batch_size was probed (auto on CUDA) rather than given or kept at batch_size."""
         return self.cfg.micro_batch_size == "auto" and self.rt.is_cuda
 
+    @functools.cached_property
     def recipe_made_data(self) -> bool:
-        """Whether the recipe's [data] would prepare the data this run trains on (as `tinygemma run` did)."""
+        """Whether the recipe's [data] would prepare the data this run trains on (as `tinygemma run` did); asked
+        once, by the process that writes config.json and the checkpoints' state."""
         try:
             return not data_differences(self.recipe.data, self.data)
         except UserError:  # its tokenizer.json is gone
@@ -273,9 +275,7 @@ class Trainer:
         the recipe's other [data] fields (its defaults, or a recipe file's unused section) say nothing true of the
         data, and a Reproduce command built from them would prepare other data."""
         recipe = self.recipe.to_dict()
-        if self.made_data is None:
-            self.made_data = self.recipe_made_data()
-        if not self.made_data:
+        if not self.recipe_made_data:
             recipe["data"] = {"dir": self.recipe.data.dir}
         return recipe
 

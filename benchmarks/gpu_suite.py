@@ -40,10 +40,11 @@ falls) step 1's four runs now check.
 
 The exit status is 0 when every step passed, 1 otherwise. The report and the summary are written at the start,
 after each trainer run and after each step, so a suite stopped from outside still leaves what it measured
-(marked INCOMPLETE); a command stopped at its step's deadline is killed with its whole process group (torchrun's
-workers, compile workers), and what it had written is kept: a trainer run's steady-state figures, the loss
-head's rows. A step so stopped with nothing failed (the CUDA tests' tail, the loss head's second size) makes the
-verdict INCOMPLETE, not FAIL (the exit status is still 1; the summary lists it in `stopped_at_deadline`). `--budget` (default
+(marked INCOMPLETE); a command stopped at its step's deadline is killed with its whole process group and every
+process descended from it (torchrun's workers, in sessions of their own; compile workers), and what it had
+written is kept: a trainer run's steady-state figures, the loss head's rows. A step so stopped with nothing
+failed (a trainer run, the CUDA tests' tail, the loss head's second size, a command never started for want of
+time) makes the verdict INCOMPLETE, not FAIL (the exit status is still 1; the summary lists it in `stopped_at_deadline`). `--budget` (default
 570 s) stops a step's commands once its share of the budget is spent (STEP_SHARES). The summary
 (`--summary`) is benchmarks/results/gpu_latest.json by default on a GPU, which every full GPU run replaces, and
 the report's name with .json for a --quick run (on a CPU, or a smoke run on a GPU), which never writes the GPU's
@@ -57,6 +58,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -118,11 +120,11 @@ MFU_GOAL, MFU_MOONSHOT, MUON_MAX_COST = 0.40, 0.50, 0.05
 # the fraction of it by which each step must be done (its commands are stopped there; a step that ends early leaves its time to the next). Planned
 # from the first H100 run's timings, in seconds of 570: the trainer's four runs by 305 (compiling the 270M took
 # tens of seconds a process there; each block's second run finds the graphs in inductor's cache; the AdamW runs'
-# profiled steps add a few seconds each), then windows of at least 35 s each, so that a trainer step that runs to
+# profiled steps add a few seconds each), then windows of at least 34 s each, so that a trainer step that runs to
 # its deadline still leaves every later step more than MIN_COMMAND_SECONDS: the workshop by 345, generation by
 # 379, the optimizer step by 422, the loss head (two row counts, two compiled heads each) by 462, and the CUDA
 # tests last, by 570: at least 108 s and whatever the steps before left (65 s for 7 tests on that run, two of
-# which failed before compiling; 14 now, several compiling small models, so their time is the least known).
+# which failed before compiling; 26 now, several compiling small models, so their time is the least known).
 TOTAL_SECONDS = 570
 STEP_SHARES = {"trainer": 0.535, "workshop": 0.605, "generation": 0.665, "optimizer_step": 0.74, "loss_head": 0.81,
                "tests": 1.0}
@@ -204,10 +206,11 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     if timeout <= 0:
         return 124, "(not started: its step's share of --budget was spent)", 0.0
     start = time.perf_counter()
-    # Its own session: at the deadline the whole group goes (torchrun's workers, inductor's compile workers), so
+    # Its own session: at the deadline the whole group goes, and whatever descends from it (kill_group), so
     # nothing left running holds the GPU while the next steps measure.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    # Decoded leniently: a command killed amid a multi-byte character must not cost its step all of its output.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            encoding="utf-8", errors="replace", start_new_session=True, preexec_fn=die_with_parent)
     try:
         output, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
@@ -242,10 +245,31 @@ def stop_on_signal(signum, frame) -> None:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # gone already
-        pass
+    """SIGKILL the command's process group and every process descended from it, also those in sessions of their
+    own: torchrun starts its workers with start_new_session, out of reach of the group's kill."""
+    stray = descendants(proc.pid)  # before the kill: orphans are given to init, no longer found as descendants
+    for kill, pid in ((os.killpg, proc.pid), *((os.kill, p) for p in stray)):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # gone already
+            pass
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes descended from `pid`, from /proc's parent links (Linux; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # after "pid (command name)": state, ppid, ...
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # a process that ended while read
+            continue
+    found, queue = [], [pid]
+    while queue:
+        below = children.get(queue.pop(), [])
+        found += below
+        queue += below
+    return found
 
 
 def shown(cmd: list[str]) -> str:
@@ -264,7 +288,8 @@ def tail(output: str, lines: int = 40) -> list[str]:
 
 def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, intro: str):
     """benchmarks/SCRIPT.py on the plan's preset and device, writing --json work/STEP.json, stopped at STEP's share
-    of the budget: (the report's lines so far, its JSON or None on failure, seconds, its output)."""
+    of the budget: (the report's lines so far, its JSON or None on failure, seconds, whether it was stopped at that
+    deadline or never started for want of time: a step with nothing failed, INCOMPLETE)."""
     out = work / f"{step}.json"
     out.unlink(missing_ok=True)  # a reused --work: no earlier run's figures read as this one's
     cmd = [sys.executable, f"benchmarks/{script}.py", "--preset", plan.preset, "--device", plan.device, *args,
@@ -280,7 +305,7 @@ def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, i
     if code != 0 and result is not None:
         result["partial"], result["cut"] = True, code == 124  # cut: stopped at its deadline, not failed
         lines += [f"Stopped (exit status {code}) before it finished: the figures below are the ones it wrote.", ""]
-    return (lines if code == 0 else lines + tail(output, 25)), result, seconds, output
+    return (lines if code == 0 else lines + tail(output, 25)), result, seconds, code == 124
 
 
 def figure(value, spec: str = ",.0f", suffix: str = "") -> str:
@@ -338,7 +363,7 @@ def trainer_row(out: Path, block: int, optimizer: str, plan: Plan, output: str) 
     records = read_records(out / "metrics.jsonl")
     figures = steady_state(records, plan.log_interval, run_info["tokens_per_step"], until=plan.trainer_steps) or {}
     profile = out / "profile" / "profile.json"
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     described = re.search(r"; ([^;]+), (?:wsd|cosine) schedule;", output)
     return {"block_size": block, "optimizer": optimizer,
             "muon_backend": config["train"]["muon_backend"] if optimizer == "muon" else None,
@@ -346,8 +371,9 @@ def trainer_row(out: Path, block: int, optimizer: str, plan: Plan, output: str) 
             "tokens_per_s": figures.get("tokens_per_s"), "mfu": figures.get("mfu"),
             "peak_memory_gib": figures.get("peak_memory_gib"), "global_batch": run_info["global_batch"],
             "passes_per_step": run_info.get("passes_per_step"), "tokens_per_step": run_info["tokens_per_step"],
-            "steps_measured": figures.get("steps_measured", 0), "val_loss_first": vals[0] if vals else None,
-            "val_loss_last": vals[-1] if vals else None,
+            "steps_measured": figures.get("steps_measured", 0), "val_loss_first": vals[0][1] if vals else None,
+            # None where no evaluation followed step 0's (a run stopped before its end): not "the loss stayed"
+            "val_loss_last": vals[-1][1] if len(vals) > 1 and vals[-1][0] > vals[0][0] else None,
             "optimizer_detail": described.group(1) if described else None, "kv_layout": run_info.get("kv_layout"),
             "profile": json.loads(profile.read_text()) if profile.exists() else None}
 
@@ -384,6 +410,15 @@ def optimizer_cell(row: dict) -> str:
     return f"{row['optimizer']} ({backend})" if backend and backend != "auto" else row["optimizer"]
 
 
+def measured_note(plan: Plan, row: dict) -> str:
+    """" (stopped: 4 of 10 steps)" after the tokens/s of a run stopped before its last measured step: a rate, but
+    over fewer steps than planned (those after the first log interval)."""
+    planned = plan.trainer_steps - plan.log_interval
+    if row.get("stopped_at_deadline") and row["tokens_per_s"] is not None and row["steps_measured"] < planned:
+        return f" (stopped: {row['steps_measured']} of {planned} steps)"
+    return ""
+
+
 def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
     lines = [f"`tinygemma train` of `{plan.preset}` in {plan.dtype}, `micro_batch_size=auto`, {plan.trainer_steps} "
              f"optimizer steps a run. Steady state over the steps after the first log interval ({plan.log_interval} "
@@ -401,7 +436,8 @@ def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
     for r in rows:
         activity = (r.get("profile") or {}).get("device_activity") or {}
         lines.append(f"| {r['block_size']} | {optimizer_cell(r)} | {r['global_batch']} | {figure(r['micro_batch_size'])} "
-                     f"| {figure(r['passes_per_step'])} | {figure(r['tokens_per_s'])} | {figure(r['mfu'], '.1%')} "
+                     f"| {figure(r['passes_per_step'])} | {figure(r['tokens_per_s'])}{measured_note(plan, r)} "
+                     f"| {figure(r['mfu'], '.1%')} "
                      f"| {figure(r['peak_memory_gib'], '.2f', ' GiB')} | {figure(activity.get('busy'), '.1%')} "
                      f"| {figure(activity.get('share_by_kind', {}).get('matmul'), '.1%')} "
                      f"| {figure(r['val_loss_first'], '.4f')} -> {figure(r['val_loss_last'], '.4f')} | {r['command']} |")
@@ -420,8 +456,8 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda res
     code, output, seconds = run(prepare, env, timeout=plan.seconds_left(300, share))
     commands = [f"1. `{shown(prepare)}` ({seconds:.0f} s)"]
     if code != 0:
-        return Result(STEP_TITLES[0], False, commands + tail(output), time.perf_counter() - start)
-    rows, failures, profiles = [], [], []
+        return Result(STEP_TITLES[0], False, commands + tail(output), time.perf_counter() - start, cut=code == 124)
+    rows, failures, stopped, profiles = [], [], [], []
     for n, (block, batch, accum, optimizer) in enumerate(plan.trainer_runs, start=2):
         out = work / f"run-{block}-{optimizer}"
         shutil.rmtree(out, ignore_errors=True)  # a reused --work: no earlier run's rows read as this one's
@@ -429,12 +465,15 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda res
         code, output, seconds = run(cmd, env, timeout=plan.seconds_left(240, share))
         commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
         if code != 0:
-            failures.append(f"block {block} {optimizer}: exit status {code} (command {n})")
+            # Stopped at the step's deadline (or never started) is not a failure: the verdict reads INCOMPLETE.
+            (stopped if code == 124 else failures).append(f"block {block} {optimizer}: exit status {code} "
+                                                          f"(command {n})")
             commands += ["", *tail(output, 25), ""]
-        # A run stopped after its measured steps (in the profiled step, the final evaluation or the checkpoint)
-        # has its figures in metrics.jsonl already: its row is kept, and its failure said above.
+        # A run stopped at its deadline keeps the figures its metrics.jsonl holds already (all of them, if it
+        # was stopped in the profiled step, the final evaluation or the checkpoint): its row is kept and marked.
         if (out / "config.json").exists() and (out / "metrics.jsonl").exists():
-            rows.append({**trainer_row(out, block, optimizer, plan, output), "command": n})
+            rows.append({**trainer_row(out, block, optimizer, plan, output), "command": n,
+                         "stopped_at_deadline": code == 124})
             profiles += (["", *profile_lines(out, block, optimizer, rows[-1]["profile"])]
                          if optimizer in PROFILED_OPTIMIZERS else [])
             first, last = rows[-1]["val_loss_first"], rows[-1]["val_loss_last"]
@@ -442,27 +481,30 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda res
                 failures.append(f"block {block} {optimizer}: no steady state, or the validation loss fell less "
                                 f"than {MIN_VAL_DROP} nat (command {n})")
         if n - 1 < len(plan.trainer_runs):
-            progress(trainer_result(plan, rows, failures, commands, profiles, start, runs_done=n - 1))
-    return trainer_result(plan, rows, failures, commands, profiles, start)
+            progress(trainer_result(plan, rows, failures, stopped, commands, profiles, start, runs_done=n - 1))
+    return trainer_result(plan, rows, failures, stopped, commands, profiles, start)
 
 
-def trainer_result(plan: Plan, rows: list[dict], failures: list[str], commands: list[str], profiles: list[str],
-                   start: float, runs_done: int | None = None) -> Result:
-    """The step's Result from the runs so far; `runs_done`: a partial one, while runs remain."""
+def trainer_result(plan: Plan, rows: list[dict], failures: list[str], stopped: list[str], commands: list[str],
+                   profiles: list[str], start: float, runs_done: int | None = None) -> Result:
+    """The step's Result from the runs so far (`stopped`: those stopped at the step's deadline, or never started
+    for want of time); `runs_done`: a partial one, while runs remain."""
     goals, goal_lines = speed_goals(rows, plan.trainer_runs)
     lines = [*trainer_table(plan, rows), "", *goal_lines, "", f"Criterion: each run's validation loss falls at least "
              f"{MIN_VAL_DROP} nat from step 0 to its end: **{'met' if rows and not failures else 'NOT met'}**.", "",
              "Commands:", "", *commands]
     if failures:
         lines += ["", "Failed: " + "; ".join(failures)]
+    if stopped:
+        lines += ["", "Stopped at the step's deadline: " + "; ".join(stopped)]
     if profiles:
         lines += ["", "### Where the time goes", *profiles]
     partial = runs_done is not None
     if partial:
         lines = [f"Still running: {runs_done} of {len(plan.trainer_runs)} runs done.", "", *lines]
-    ok = not failures and len(rows) == len(plan.trainer_runs)
+    ok = not failures and not stopped and len(rows) == len(plan.trainer_runs)
     return Result(STEP_TITLES[0], ok, lines, time.perf_counter() - start, {"trainer": list(rows), "goals": goals},
-                  partial=partial)
+                  partial=partial, cut=bool(stopped) and not failures)
 
 
 def speed_goals(rows: list[dict], runs: list[tuple]) -> tuple[dict, list[str]]:
@@ -514,13 +556,13 @@ def workshop(plan: Plan, env: dict, work: Path, trainer_rows: list[dict]) -> Res
     block, batch, accum = plan.workshop_shape
     args = ("--dtype", plan.dtype, "--contenders", "workshop", "--batch-size", str(batch), "--block-size", str(block),
             "--grad-accum", str(accum), "--warmup", str(plan.workshop_steps[0]), "--steps", str(plan.workshop_steps[1]))
-    lines, result, seconds, _ = benchmark(
+    lines, result, seconds, stopped = benchmark(
         plan, env, work, "workshop", "train_throughput", args,
         f"the workshop notebook's model (benchmarks/workshop_model.py, weights in {plan.dtype}: bf16 in the notebook) "
         f"and its loop, {accum} micro-steps of {batch} x {block} tokens (each loss / {accum}) then clipping and "
         f"AdamW; median of {plan.workshop_steps[1]} timed optimizer steps after {plan.workshop_steps[0]} warm-up.")
     if result is None:
-        return Result(STEP_TITLES[1], False, lines, seconds)
+        return Result(STEP_TITLES[1], False, lines, seconds, cut=stopped)
     rate = result["results"][0]["tokens_per_s"]
     ours = {r["optimizer"]: r["tokens_per_s"] for r in trainer_rows if r["block_size"] == block and r["tokens_per_s"]}
     speedup = {name: ours[name] / rate for name in ("adamw", "muon") if name in ours}
@@ -549,14 +591,16 @@ def cuda_tests(plan: Plan, env: dict) -> Result:
     code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, STEP_SHARES["tests"]))
     outcomes = test_outcomes(output)
     summary = pytest_summary(output)
-    if summary is None:  # stopped before pytest's closing line: what its -v lines said
+    if summary is None:  # stopped, or crashed, before pytest's closing line: what its -v lines said
         tally = ", ".join(f"{sum(v == o for v in outcomes.values())} {o.lower()}" for o in sorted(set(outcomes.values())))
-        summary = f"stopped at the step's deadline after {len(outcomes)} test(s)" + (f": {tally}" if tally else "")
+        ended = ("stopped at the step's deadline" if code == 124
+                 else f"ended without pytest's closing line (exit status {code})")  # a crash: a segfault, an abort
+        summary = f"{ended} after {len(outcomes)} test(s)" + (f": {tally}" if tally else "")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
     # On a GPU some test must really run; on a CPU (--quick) they are all skipped, and must be.
     ran = counts.get("passed", 0) > 0 if plan.device != "cpu" else counts.get("skipped", 0) > 0
     lines = [f"Command: `{shown(cmd)}`", "", f"Result: **{summary}** (exit status {code}, {seconds:.0f} s)", ""]
-    cut = code == 124 and ran and pytest_summary(output) is None and not {"FAILED", "ERROR"} & set(outcomes.values())
+    cut = code == 124 and pytest_summary(output) is None and not {"FAILED", "ERROR"} & set(outcomes.values())
     return Result(STEP_TITLES[5], code == 0 and ran, lines + tail(output), seconds,
                   {"cuda_tests": summary, "cuda_test_outcomes": outcomes}, cut=cut)
 
@@ -587,12 +631,12 @@ def test_outcomes(output: str) -> dict[str, str]:
 
 
 def generation(plan: Plan, env: dict, work: Path) -> Result:
-    lines, result, seconds, _ = benchmark(
+    lines, result, seconds, stopped = benchmark(
         plan, env, work, "generation", "generate_speed", plan.generation_args,
         "greedy decoding of random prompts, the same weights in both, prefill included; median of the timed runs, "
         "the contenders alternating.")
     if result is None:
-        return Result(STEP_TITLES[2], False, lines, seconds)
+        return Result(STEP_TITLES[2], False, lines, seconds, cut=stopped)
     graphs = any("cuda_graph_speedup" in r for r in result["results"])  # on CUDA: one CUDA graph a token
     lines += [f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens, {result['dtype']}"
               + (" (tinygemma replays one CUDA graph a token; \"kernel by kernel\": its steps launched one kernel "
@@ -616,11 +660,11 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
 
 def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
     """AdamW against each Muon backend: the step's figures that choose Muon's backend on this device."""
-    lines, result, seconds, _ = benchmark(
+    lines, result, seconds, stopped = benchmark(
         plan, env, work, "optimizer_step", "optimizer_step", plan.optimizer_args,
         "`optimizer.step()` alone on the model's parameters, median of the timed rounds, contenders in turn.")
     if result is None:
-        return Result(STEP_TITLES[3], False, lines, seconds)
+        return Result(STEP_TITLES[3], False, lines, seconds, cut=stopped)
     ms = result["ms_per_step"]
     lines += result["table"].splitlines()
     if result.get("not_measured"):  # a run stopped while the compiled backend compiled keeps the others
@@ -643,12 +687,12 @@ def optimizer_step(plan: Plan, env: dict, work: Path) -> Result:
 
 def loss_head(plan: Plan, env: dict, work: Path) -> Result:
     """Chunked against whole logits, with peak memory: the bound that `loss_head = "auto"` takes on this device."""
-    lines, result, seconds, output = benchmark(
+    lines, result, seconds, stopped = benchmark(
         plan, env, work, "loss_head", "loss_head", plan.loss_head_args,
         "the final norm, the tied head and the cross-entropy, forward and backward, alone; the heads in turn "
         "on the same inputs.")
     if result is None:
-        return Result(STEP_TITLES[4], False, lines, seconds)
+        return Result(STEP_TITLES[4], False, lines, seconds, cut=stopped)
     lines += result["table"].splitlines()
     bound = result["full_faster_up_to_logits"]
     lines += ["", f"The full head was the faster up to **{bound:,} logits per micro-batch** (0: at no size measured): "
@@ -804,6 +848,17 @@ def refusal(args, device: str, assets: Path, report: Path, summary: Path) -> str
         return "--device cuda, but PyTorch sees no CUDA GPU"
     if device == "cpu" and not args.quick:
         return "no GPU here; `--device cpu --quick` runs the smoke version"
+    if not math.isfinite(args.budget) or args.budget < MIN_COMMAND_SECONDS:
+        return f"--budget must be at least {MIN_COMMAND_SECONDS} seconds, not {args.budget:g}"
+    for option, path, folder in (("--report", report, False), ("--summary", summary, False),
+                                 ("--work", Path(args.work) if args.work else None, True)):
+        if path is None:
+            continue
+        if path.exists() and path.is_dir() != folder:
+            return f"{option} {path} is {'a folder' if path.is_dir() else 'a file'}"
+        in_file = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+        if in_file:
+            return f"{option} {path}: {in_file} is a file"
     if args.quick and {report.resolve(), summary.resolve()} & {GPU_SUMMARY, GPU_SUMMARY.with_suffix(".md")}:
         return (f"a --quick run does not write {GPU_SUMMARY.relative_to(ROOT)} or its report (toy figures); give "
                 "--report and --summary elsewhere")

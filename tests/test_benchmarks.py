@@ -252,6 +252,17 @@ def test_gpu_suite_refuses_missing_assets_a_cpu_without_quick_and_the_gpu_summar
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(tmp_path), "--report", str(report)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--make-assets" in err and "\n" not in err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    for args, says in ((["--budget", "-5"], "--budget must be at least 30 seconds, not -5"),
+                       (["--budget", "nan"], "--budget must be at least"),
+                       (["--work", str(a_file)], f"--work {a_file} is a file"),
+                       (["--report", str(a_file / "x.md")], f"--report {a_file / 'x.md'}: {a_file} is a file"),
+                       (["--summary", str(tmp_path)], f"--summary {tmp_path} is a folder")):
+        assert suite.main(["--device", "cpu", "--quick", "--assets", str(tmp_path), "--report", str(report),
+                           *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err and a_file.read_text() == "kept"
     assert suite.main(["--device", "cpu", "--assets", str(tmp_path), "--report", str(report)]) == 2
     assert "--quick" in capsys.readouterr().err
     assets = fake_assets(tmp_path / "assets")
@@ -265,12 +276,13 @@ def test_gpu_suite_quick_writes_beside_not_over_the_gpu_results(tmp_path, monkey
     """A --quick smoke run on a GPU writes gpu_report.*, not the GPU's gpu_latest.* (toy figures at the path
     issue 19 names); only a full run writes those by default."""
     suite = load_script("gpu_suite")
-    quick, full = (argparse.Namespace(quick=q, report=None, summary=None) for q in (True, False))
+    quick, full = (argparse.Namespace(quick=q, report=None, summary=None, budget=suite.TOTAL_SECONDS, work=None)
+                   for q in (True, False))
     assert suite.output_paths(quick) == (Path("gpu_report.md"), Path("gpu_report.json"))
     assert suite.output_paths(full) == (suite.GPU_SUMMARY.with_suffix(".md"), suite.GPU_SUMMARY)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assets = fake_assets(tmp_path / "assets")
-    asked = argparse.Namespace(quick=True, report=None, summary=str(suite.GPU_SUMMARY), assets=str(assets))
+    asked = argparse.Namespace(**{**vars(quick), "summary": str(suite.GPU_SUMMARY)})
     assert "a --quick run does not write" in suite.refusal(asked, "cuda", assets, *suite.output_paths(asked))
     assert suite.refusal(quick, "cuda", assets, *suite.output_paths(quick)) is None
 
@@ -415,8 +427,9 @@ def process_ended(status: Path) -> bool:
 
 
 def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path, monkeypatch):
-    """A command stopped at its deadline goes with everything it started (torchrun's workers, compile workers),
-    so nothing left behind holds the GPU while the next steps measure; its output so far is kept."""
+    """A command stopped at its deadline goes with everything it started (torchrun's workers in their own
+    sessions, compile workers), so nothing left behind holds the GPU while the next steps measure; its output so
+    far is kept."""
     import os
 
     suite = load_script("gpu_suite")
@@ -432,13 +445,29 @@ def test_gpu_suite_kills_a_stopped_command_with_its_whole_process_group(tmp_path
         time.sleep(0.05)
     assert process_ended(status)
 
-    # A process that left the group (its own session) and holds the output open does not hang the suite.
+    # A child in a session of its own, as torchrun starts its workers, is out of the group's reach: killed too.
+    worker = tmp_path / "worker.pid"
+    code, output, seconds = suite.run(["bash", "-c", f"setsid sleep 300 & echo $! > {worker}; echo started; wait"],
+                                      dict(os.environ), timeout=2)
+    status = Path(f"/proc/{worker.read_text().strip()}/status")
+    deadline = time.monotonic() + 10
+    while not process_ended(status) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert code == 124 and "(stopped after 2 s)" in output and process_ended(status)
+
+    # A process no longer descended from the command (orphaned before the deadline) that holds the output open
+    # does not hang the suite.
     escaped = tmp_path / "escaped.pid"
     monkeypatch.setattr(suite, "OUTPUT_GRACE_SECONDS", 1)
-    code, output, seconds = suite.run(["bash", "-c", f"setsid sleep 300 & echo $! > {escaped}; echo started; wait"],
-                                      dict(os.environ), timeout=2)
+    code, output, seconds = suite.run(["bash", "-c", f"(setsid sleep 300 & echo $! > {escaped}); echo started; "
+                                                     "sleep 300"], dict(os.environ), timeout=2)
     os.kill(int(escaped.read_text()), 9)
     assert code == 124 and "(stopped after 2 s)" in output and seconds < 30
+
+    # Output cut amid a multi-byte character (or any byte that is not UTF-8) keeps the rest of the output.
+    code, output, _ = suite.run([sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'PASSED \\xe2\\x80')"],
+                                dict(os.environ), timeout=30)
+    assert code == 0 and output.startswith("PASSED ")
 
 
 def test_gpu_suite_stopped_from_outside_takes_its_command_with_it(tmp_path):
@@ -490,6 +519,9 @@ def test_gpu_suite_never_reads_an_earlier_runs_figures_from_a_reused_work_folder
     monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, "(stopped after 40 s)", 40.0))
     result = suite.loss_head(plan, {}, work)
     assert not result.ok and result.data == {} and not (work / "loss_head.json").exists()
+    assert result.cut  # stopped before it wrote anything, nothing failed: INCOMPLETE, not FAIL
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (1, "Traceback", 4.0))
+    assert not suite.loss_head(plan, {}, work).cut
 
 
 def test_gpu_suite_verdict_tells_a_step_cut_at_its_deadline_from_a_failed_one(tmp_path):
@@ -533,26 +565,32 @@ def test_gpu_suite_reads_pytests_closing_line_and_each_tests_outcome(monkeypatch
     monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, passing + "\n(stopped after 108 s)", 108.0))
     result = suite.cuda_tests(plan, {})
     assert not result.ok and result.cut  # cut short with nothing failed: the suite's verdict says INCOMPLETE
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (-11, passing, 50.0))  # a segfault, not the deadline
+    result = suite.cuda_tests(plan, {})
+    assert not result.ok and not result.cut
+    assert result.data["cuda_tests"] == "ended without pytest's closing line (exit status -11) after 2 test(s): 2 passed"
     monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (0, head.replace("FAILED", "PASSED") + closing.replace(
         "1 failed, 1 passed", "2 passed"), 187.0))
     result = suite.cuda_tests(plan, {})
     assert result.ok and result.data["cuda_tests"].startswith("2 passed, 362 deselected in 187.21s")
 
 
-def synthetic_run(out: Path, steps: int = 8, rate: float = 1000.0) -> None:
-    """A trainer run's config.json and metrics.jsonl as the trainer writes them, log lines every 2 steps."""
+def synthetic_run(out: Path, steps: int = 8, rate: float = 1000.0, final_val: float | None = None) -> None:
+    """A trainer run's config.json and metrics.jsonl as the trainer writes them, log lines every 2 steps; with
+    `final_val`, the evaluation at the end of a run that finished."""
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"run": {"tokens_per_step": 100, "global_batch": 4,
                                                          "micro_batch_size": 4, "passes_per_step": 1},
                                                  "train": {"muon_backend": "auto"}}))
     records = [{"step": 0, "tokens": 0, "val_loss": 10.0}]
     records += [{"step": n, "tokens": 100 * n, "train_loss": 5.0, "tokens_per_s": rate} for n in range(2, steps + 1, 2)]
+    records += [{"step": steps, "tokens": 100 * steps, "val_loss": final_val}] if final_val is not None else []
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypatch):
-    """A trainer run stopped at its deadline after its measured steps (in the profiled step, the last evaluation
-    or the checkpoint) keeps its row, marked failed; the report and summary are written after each run, the step
+    """A trainer run stopped at its deadline keeps the figures it had logged, its row marked stopped (the step
+    INCOMPLETE, not failed); the report and summary are written after each run, the step
     still running. The loss head's benchmark writes its JSON after each row, and a stopped one keeps its rows."""
     suite = load_script("gpu_suite")
     plan, work = suite.Plan("cuda", False), tmp_path / "work"
@@ -563,8 +601,11 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
         if "prepare" in cmd:
             return 0, "prepared", 1.0
         out = Path(cmd[cmd.index("--out") + 1])
-        synthetic_run(out)
-        return (124, "(stopped after 240 s)", 240.0) if out.name == "run-128-adamw" else (0, "trained", 60.0)
+        if out.name == "run-128-adamw":  # stopped after its log lines, before its last evaluation
+            synthetic_run(out)
+            return 124, "(stopped after 240 s)", 240.0
+        synthetic_run(out, final_val=4.0)
+        return 0, "trained", 60.0
 
     monkeypatch.setattr(suite, "run", fake_run)
     progress = []
@@ -572,7 +613,13 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     assert [(r["block_size"], r["optimizer"]) for r in result.data["trainer"]] == [(128, "adamw"), (1024, "adamw"),
                                                                                   (128, "muon"), (1024, "muon")]
     assert result.data["trainer"][0]["tokens_per_s"] == pytest.approx(1000.0) and not result.ok and not result.partial
-    assert "Failed: block 128 adamw: exit status 124 (command 2)" in "\n".join(result.lines)
+    # Stopped at the deadline is not a failure (INCOMPLETE); the row says over how few steps its rate was taken,
+    # and leaves the final validation loss empty where no evaluation followed step 0's
+    assert result.cut and "Failed:" not in "\n".join(result.lines)
+    assert "Stopped at the step's deadline: block 128 adamw: exit status 124 (command 2)" in "\n".join(result.lines)
+    assert [r["stopped_at_deadline"] for r in result.data["trainer"]] == [True, False, False, False]
+    assert result.data["trainer"][0]["val_loss_first"] == 10.0 and result.data["trainer"][0]["val_loss_last"] is None
+    assert "| 1,000 (stopped: 2 of 10 steps) |" in "\n".join(result.lines)
     assert [len(r.data["trainer"]) for r in progress] == [1, 2, 3] and all(r.partial for r in progress)
     assert "Still running: 3 of 4 runs done." in progress[-1].lines
 

@@ -305,6 +305,84 @@ def test_checkpoint_files_of_another_run_or_a_lost_pointer_are_refused_in_one_li
     assert tinygemma.checkpoint.checkpoint_pointer(base)["step"] == 4
 
 
+def test_a_damaged_trainer_state_is_refused_in_one_line_and_never_restarts_the_run(data_dir, tmp_path, capsys):
+    """A trainer state without its step (or of another step, or of no tinygemma format) was read as a fresh start:
+    the run trained again from step 0 and pruned its only checkpoint. One without its random generators' states,
+    or with a damaged one, and an optimizer state with damaged metadata, ended in a traceback. Each is now one line,
+    the run folder left as it was."""
+    out = tmp_path / "damaged"
+    settings = ("max_steps=4", "checkpoint_interval=2")
+    run(data_dir, out, *settings, stop_at=2)
+    ckpt = out / "checkpoints" / "step_000002"
+    state_file, optimizer_file = ckpt / "trainer_state.json", ckpt / "optimizer.safetensors"
+    good_state_bytes, good_optimizer = state_file.read_bytes(), optimizer_file.read_bytes()
+    good_state = json.loads(good_state_bytes)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def refused(match: str) -> None:
+        snapshot = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        code = tinygemma.cli.main(["train", "--resume", *[a for s in tiny_settings(data_dir, out, *settings)
+                                                          for a in ("--set", s)]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and match in err, err
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+    for damaged, match in (({k: v for k, v in good_state.items() if k != "step"}, "is the state of step None, where "
+                                                                                  "its pointer names step 2"),
+                           ({**good_state, "step": 1}, "is the state of step 1, where its pointer names step 2"),
+                           ({**good_state, "format": "other"}, "is not a tinygemma trainer state"),
+                           ({}, "is not a tinygemma trainer state"),
+                           ({k: v for k, v in good_state.items() if k != "rng"}, "holds no random generators' states"),
+                           ({**good_state, "rng": {**good_state["rng"], "torch": "AAAA"}},
+                            "holds a damaged random generator state (RuntimeError"),
+                           ({**good_state, "rng": {**good_state["rng"], "numpy": 3}},
+                            "holds a damaged random generator state (TypeError")):
+        state_file.write_text(json.dumps(damaged))
+        refused(match)
+    state_file.write_bytes(good_state_bytes)
+
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(optimizer_file)
+    for metadata, match in (({"format": "tinygemma-optimizer"}, "metadata is damaged (KeyError: 'param_groups')"),
+                            ({"format": "tinygemma-optimizer", "param_groups": "[", "scalars": "{}"},
+                             "metadata is damaged (JSONDecodeError")):
+        save_file(tensors, optimizer_file, metadata=metadata)
+        refused(match)
+    optimizer_file.write_bytes(good_optimizer)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run(data_dir, out, *settings, resume=True)["step"] == 4
+
+
+def test_a_pointer_written_by_hand_keeps_its_checkpoint_from_pruning(data_dir, tmp_path, capsys):
+    """`{"dir": "step_000002/"}` (a path typed with tab-completion), which the readers accept, made pruning delete
+    the very checkpoint it names: pointers are read as a folder name of checkpoints/ wherever they are read, and one
+    naming a folder elsewhere is refused in one line. An export, which needs only the weights, is not stopped by
+    an unreadable trainer state (it only feeds the model card)."""
+    out = tmp_path / "pointer"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    ckpts = out / "checkpoints"
+    (ckpts / "best.json").unlink()
+    (ckpts / "last.json").write_text('{"dir": "step_000002/", "step": 2}')
+    tinygemma.checkpoint.prune_checkpoints(ckpts)
+    assert (ckpts / "step_000002" / "trainer_state.json").exists()
+    assert tinygemma.checkpoint.resolve_checkpoint(out) == ckpts / "step_000002"
+    assert tinygemma.checkpoint.checkpoint_pointer(out)["dir"] == "step_000002"
+    for named in ("../pointer", ".", "step_000002/../../x"):
+        (ckpts / "last.json").write_text(json.dumps({"dir": named, "step": 2}))
+        code = tinygemma.cli.main(["export", "--ckpt", str(out), "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"names no folder of {ckpts} (its dir is {named!r}" in err, err
+        with pytest.raises(tinygemma.UserError, match="names no folder of"):
+            tinygemma.checkpoint.prune_checkpoints(ckpts)
+        assert (ckpts / "step_000002" / "trainer_state.json").exists()
+    (ckpts / "last.json").write_text('{"dir": "step_000002", "step": 2}')
+
+    (ckpts / "step_000002" / "trainer_state.json").write_text("")
+    code = tinygemma.cli.main(["export", "--ckpt", str(out), "--out", str(tmp_path / "hf")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
 def test_under_torchrun_a_non_finite_stop_is_said_alike_by_every_process(data_dir, tmp_path):
     """Process 1's loss is NaN at step 7, after the checkpoint of step 5: the all-reduced figures stop both
     processes, and each says so in the same words, naming the last good checkpoint (process 1's left it out).

@@ -14,6 +14,7 @@ the adapter in hf.py.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import random
@@ -88,9 +89,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for name in ("best", "last"):
         pointer = ckpts / f"{name}.json"
         if pointer.exists():
-            named = read_json(pointer, "checkpoint pointer").get("dir")
-            if not isinstance(named, str) or not named:
-                raise UserError(f"checkpoint pointer {pointer} names no checkpoint folder (its dir is {named!r})")
+            named = pointer_dir(pointer)
             if (ckpts / named / META_NAME).exists():
                 return ckpts / named
             dangling.append(f"checkpoints/{name}.json names {named}, which holds no {META_NAME}")
@@ -326,15 +325,25 @@ def load_model(ckpt: str | Path, tokenizer, dtype: str = "auto", device: str = "
 # ------------------------------------------------------------------ run checkpoints: save, resume, pointers, pruning
 
 
+def pointer_dir(pointer: Path) -> str:
+    """The checkpoint folder that a pointer (checkpoints/last.json or best.json) names, as the name of a folder
+    of checkpoints/ ("step_000010/", written by hand, is "step_000010"): the one spelling that pruning keeps."""
+    named = read_json(pointer, "checkpoint pointer").get("dir")
+    name = os.path.normpath(named) if isinstance(named, str) and named else None
+    if name is None or name == ".." or Path(name).name != name:  # a path elsewhere, or "." (the folder itself)
+        raise UserError(f"checkpoint pointer {pointer} names no folder of {pointer.parent} (its dir is {named!r}; "
+                        "a checkpoint's folder name, such as \"step_000010\", is expected)")
+    return name
+
+
 def checkpoint_pointer(run_dir: Path, name: str = "last") -> dict | None:
     """checkpoints/last.json (or best.json) if it names a complete checkpoint, else None."""
     pointer = run_dir / "checkpoints" / f"{name}.json"
     if not pointer.exists():
         return None
-    info = read_json(pointer, "checkpoint pointer")
-    info["dir"] = str(info.get("dir", ""))
+    info = {**read_json(pointer, "checkpoint pointer"), "dir": pointer_dir(pointer)}
     directory = run_dir / "checkpoints" / info["dir"]
-    if not info["dir"] or not (directory / STATE_NAME).exists():
+    if not (directory / STATE_NAME).exists():
         raise UserError(f"{pointer} names {directory}, which is not a complete checkpoint")
     if not isinstance(info.get("step"), int) or isinstance(info["step"], bool):  # a pointer written by hand
         info["step"] = read_json(directory / STATE_NAME, "trainer state").get("step")
@@ -357,6 +366,25 @@ def last_checkpoint(run_dir: Path) -> dict | None:
                             "one to resume from: put it back (a JSON object {\"dir\": \"step_NNNNNN\", \"step\": N}), "
                             "or remove the folder to train from scratch")
     return last
+
+
+TRAINER_STATE_FORMAT = "tinygemma-trainer-state"
+
+
+def read_trainer_state(ckpt_dir: Path, step: int) -> dict:
+    """The trainer state of the checkpoint in `ckpt_dir`, which its pointer says is of `step`: refused in one line
+    unless it is a trainer state of that step with the random generators' states, never read as a fresh start
+    (which would train from step 0 and prune the checkpoint)."""
+    path = ckpt_dir / STATE_NAME
+    state = read_json(path, "trainer state")
+    if state.get("format") != TRAINER_STATE_FORMAT:
+        raise UserError(f"{path} is not a tinygemma trainer state (its format is {state.get('format')!r})")
+    if state.get("step") != step or isinstance(state.get("step"), bool):
+        raise UserError(f"{path} is the state of step {state.get('step')!r}, where its pointer names step {step}: "
+                        "a damaged or hand-edited checkpoint; resume from an intact one")
+    if not isinstance(state.get("rng"), dict):
+        raise UserError(f"{path} holds no random generators' states (rng): a damaged or hand-edited checkpoint")
+    return state
 
 
 def checkpoint_bytes(model: Gemma3) -> int:
@@ -445,7 +473,7 @@ def prune_checkpoints(ckpts: Path) -> None:
     keep = set()
     for name in ("last", "best"):
         if (ckpts / f"{name}.json").exists():
-            keep.add(read_json(ckpts / f"{name}.json", "checkpoint pointer").get("dir"))
+            keep.add(pointer_dir(ckpts / f"{name}.json"))
     for path in ckpts.iterdir():
         if path.is_dir() and path.name not in keep and (path.name.startswith("step_") or path.name.startswith(".tmp-")):
             shutil.rmtree(path, ignore_errors=True)
@@ -476,8 +504,14 @@ def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
         metadata = f.metadata() or {}
     if metadata.get("format") != "tinygemma-optimizer":
         raise UserError(f"{path} is not a tinygemma optimizer state")
+    try:
+        groups, scalars = json.loads(metadata["param_groups"]), json.loads(metadata.get("scalars", "{}"))
+        if not isinstance(groups, list) or not isinstance(scalars, dict):
+            raise ValueError("param_groups must be a list, scalars an object")
+    except (KeyError, ValueError) as e:  # (json's errors are ValueErrors)
+        raise UserError(f"{path}'s metadata is damaged ({type(e).__name__}: {e})") from None
     state: dict = {}
-    for key, value in {**tensors, **json.loads(metadata.get("scalars", "{}"))}.items():
+    for key, value in {**tensors, **scalars}.items():
         param, _, name = key.rpartition("/")
         state.setdefault(param, {})[name] = value
     shapes = {name: tuple(p.shape) for name, p in raw.named_parameters()}  # (a DTensor's: the whole tensor's)
@@ -489,7 +523,6 @@ def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
                             + (f"it holds {param}, which the model has not" if param not in shapes else
                                f"its {wrong} of {param} has shape {tuple(values[wrong].shape)}, the parameter "
                                f"{shapes[param]}"))
-    groups = json.loads(metadata["param_groups"])
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         set_optimizer_state_dict(raw, optimizer, {"state": state, "param_groups": groups},
@@ -518,7 +551,16 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, source: Path | str = "the trainer state") -> None:
+    """Restore the generators rng_state() saved; a damaged state is refused in one line naming `source`."""
+    try:
+        restore_rng_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error) as e:
+        raise UserError(f"{source} holds a damaged random generator state ({type(e).__name__}: {e}); resume "
+                        "from an intact checkpoint") from None
+
+
+def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(decode_bytes(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([decode_bytes(s) for s in state["cuda"]])

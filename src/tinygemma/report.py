@@ -39,7 +39,7 @@ from tinygemma.config import (
 from tinygemma.data import HUB_DATASET
 from tinygemma.devices import device_description, pick_device
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_write_text, read_json
+from tinygemma.files import atomic_write_text, peek_json, read_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.hf import model_config_from_hf
 from tinygemma.metrics import format_duration, read_records
@@ -366,18 +366,18 @@ def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = No
 def export_records(ckpt: str | Path) -> dict:
     """What the records of the checkpoint an export comes from say: its metadata and trainer state (a tinygemma
     checkpoint), and its run's config.json, metrics.jsonl and eval.json (a checkpoint inside its run directory).
-    Whatever is missing stays empty."""
+    Whatever is missing or unreadable stays empty: they make the model card, which must not stop an export of
+    intact weights."""
     src = resolve_checkpoint(ckpt)
     meta = read_checkpoint_meta(src)
-    state = read_json(src / STATE_NAME, "trainer state") if meta and (src / STATE_NAME).exists() else {}
+    state = peek_json(src / STATE_NAME) if meta else {}
     run_dir = src.parent.parent if meta and src.parent.name == "checkpoints" else None
-    config = read_json(run_dir / "config.json", "run config") if run_dir and (run_dir / "config.json").exists() else {}
+    config = peek_json(run_dir / "config.json") if run_dir else {}
     recipe = recorded_recipe(state, config)
-    evaluation, records = {}, read_records(run_dir / "metrics.jsonl") if run_dir else []
-    if run_dir and (run_dir / EVAL_NAME).exists():
-        evaluation = read_json(run_dir / EVAL_NAME, "evaluation")
-        if evaluation.get("checkpoint") != src.name:  # the whole-split evaluation of another checkpoint
-            evaluation = {}
+    records = read_records(run_dir / "metrics.jsonl") if run_dir else []
+    evaluation = peek_json(run_dir / EVAL_NAME) if run_dir else {}
+    if evaluation.get("checkpoint") != src.name:  # the whole-split evaluation of another checkpoint
+        evaluation = {}
     step = state.get("step", meta.get("step"))
     during = next((r for r in records if "val_loss" in r and r["step"] == step), None)
     return {"source": src, "meta": meta, "state": state, "run": config.get("run", {}), "recipe": recipe,

@@ -41,12 +41,14 @@ from tinygemma.checkpoint import (
     META_NAME,
     OPTIMIZER_NAME,
     STATE_NAME,
+    TRAINER_STATE_FORMAT,
     WEIGHTS_NAME,
     checkpoint_pointer,
     checkpoint_tokenizer,
     last_checkpoint,
     load_optimizer,
     prune_checkpoints,
+    read_trainer_state,
     restore_best_pointer,
     rng_state,
     save_checkpoint,
@@ -235,7 +237,7 @@ class Trainer:
             load_optimizer(ckpt_dir / OPTIMIZER_NAME, self.raw, self.optimizer)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"], ckpt_dir / STATE_NAME)
 
         self.batches = Batches(self.train_tokens, cfg, rt, self.micro_batch_size, self.model_config.vocab_size)
         # eval_batches global batches: the same windows whatever the split into micro-steps and processes.
@@ -549,7 +551,7 @@ class Trainer:
         if is_best:
             self.best_val, self.best_step = val_loss, step
         state = {
-            "format": "tinygemma-trainer-state", "step": step, "tokens": step * self.tokens_per_step,
+            "format": TRAINER_STATE_FORMAT, "step": step, "tokens": step * self.tokens_per_step,
             "best_val_loss": self.best_val, "best_step": self.best_step, "skipped_steps": self.skipped,
             "elapsed_s": self.elapsed,
             "data": {"sampler": "random windows, a pure function of (seed, step)", "seed": cfg.seed,
@@ -808,7 +810,7 @@ def find_start(run_dir: Path, last: dict | None, resume: bool, data, data_dir: P
     if last is None:
         return None, {}
     ckpt_dir = run_dir / "checkpoints" / last["dir"]
-    state = read_json(ckpt_dir / STATE_NAME, "trainer state")
+    state = read_trainer_state(ckpt_dir, last["step"])
     check_same_data(ckpt_dir, state, data, data_dir)
     return ckpt_dir, state
 

@@ -139,6 +139,28 @@ def test_save_hf_loads_in_transformers(kind, bpe, tmp_path, stories_dir):
     assert len(hf) == tok.vocab_size
 
 
+def test_identity_survives_a_transformers_resave_and_tells_other_ids_apart(bpe, tmp_path):
+    """transformers' save_pretrained rewrites tokenizer.json with a post-processor that adds nothing: other bytes,
+    the same ids. Its identity (which decides whether data and a checkpoint go together) is the original's; a
+    changed vocabulary, or a post-processor that puts a <bos> before prompts, is another identity."""
+    transformers = pytest.importorskip("transformers")
+    bpe.save_hf(tmp_path / "export")
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export")).save_pretrained(str(tmp_path / "resaved"))
+    resaved = load_tokenizer(tmp_path / "resaved")
+    assert resaved.sha256 != bpe.sha256 and resaved.identity == bpe.identity
+    spec = json.loads(bpe.content)
+    vocab = spec["model"]["vocab"]
+    first, second = (next(t for t, i in vocab.items() if i == n) for n in (300, 301))
+    vocab[first], vocab[second] = 301, 300  # two tokens' ids swapped: the same tokens, other ids
+    assert HFTokenizer(json.dumps(spec)).identity != bpe.identity
+    spec = json.loads(bpe.content)
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": EOT, "type_id": 0}},
+                                                                       {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                              "special_tokens": {EOT: {"id": EOT, "ids": [bpe.eot_id], "tokens": [EOT]}}}
+    assert HFTokenizer(json.dumps(spec)).identity != bpe.identity
+
+
 def test_save_hf_names_the_tokenizers_own_unknown_token(tmp_path):
     """WordPiece's [UNK] and a Unigram's <unk> are the export's unknown token; it named end-of-text, so transformers
     read every unknown token as end-of-text. A byte-level BPE has none: end-of-text, GPT-2's convention."""

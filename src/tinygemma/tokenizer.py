@@ -35,7 +35,7 @@ class Tokenizer:
     vocab_size: int  # one more than the largest id the tokenizer can produce
     eot_id: int  # written after every story
     eot_token: str
-    identity: str  # equal for tokenizers with the same vocabulary
+    identity: str  # equal for tokenizers whose ids mean the same text (the same vocabulary and rules)
     description: str  # what kind of tokenizer it is, in words (a model card's)
 
     prompt_prefix: tuple[int, ...] = ()  # ids a prompt starts with: the beginning-of-sequence token, if any
@@ -306,7 +306,18 @@ class HFTokenizer(Tokenizer):
         self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
         # ids mean the same text, so data and checkpoints made with either go together.
-        self.identity = "gpt2" if _is_gpt2_vocabulary(vocab, content) else f"tokenizer.json:{self.sha256}"
+        self.identity = "gpt2" if _is_gpt2_vocabulary(vocab, content) else f"tokenizer.json:{self._ids_digest()}"
+
+    def _ids_digest(self) -> str:
+        """A digest of what decides the ids and their text: the file as the installed `tokenizers` writes it back
+        (one spelling of each setting, whatever wrote the file), less its padding, truncation and post-processor,
+        plus the ids that post-processor puts around a prompt. transformers' save_pretrained rewrites the file
+        with a post-processor that adds nothing, which changes no id: the same identity."""
+        canonical = json.loads(self.backend.to_str())
+        for key in ("version", "truncation", "padding", "post_processor"):
+            canonical.pop(key, None)
+        canonical["prompt_affixes"] = [list(self.prompt_prefix), list(self.text_suffix)]
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
 
     @property
     def model_vocab_size(self) -> int:

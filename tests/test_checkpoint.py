@@ -162,6 +162,30 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
 # ------------------------------------------------------------------ where an export may write, and how
 
 
+def test_weights_of_a_dtype_the_model_cannot_take_are_refused_in_one_line(checkpoint, tmp_path, capsys):
+    """An integer tensor in a checkpoint ended in load_state_dict's traceback; fp8 weights loaded and went on into
+    an export that transformers cannot open. Each is refused naming the tensor; float64 weights load as float32."""
+    from safetensors.torch import load_file, save_file
+
+    model, path = checkpoint
+    weights = load_file(path / "model.safetensors")
+    for dtype, says in ((torch.int32, "model.norm.weight is int32"),
+                        (torch.float8_e4m3fn, "model.norm.weight is float8_e4m3fn")):
+        broken = tmp_path / f"broken_{dtype}".replace("torch.", "")
+        shutil.copytree(path, broken)
+        save_file({**weights, "norm.weight": weights["norm.weight"].to(dtype)}, broken / "model.safetensors")
+        code = main(["export", "--ckpt", str(broken), "--out", str(tmp_path / "hf")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and says.replace("model.", "") in err, err
+        assert "float32, bfloat16 or float16" in err and not (tmp_path / "hf").exists()
+    wide = tmp_path / "float64"
+    shutil.copytree(path, wide)
+    save_file({k: v.double() for k, v in weights.items()}, wide / "model.safetensors")
+    loaded = tinygemma.load(wide)
+    assert loaded.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(loaded.norm.weight, model.norm.weight)
+
+
 def test_export_files_get_the_permissions_open_gives(checkpoint, tmp_path, capsys):
     """Others (another user, a container) can read an export: 0666 less the umask, as open() would make them."""
     _, path = checkpoint

@@ -17,9 +17,9 @@ from tinygemma.evaluation import evaluate
 GPT2_SPEC = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
 
 
-def small_model(vocab_size: int = 50257, seed: int = 0) -> Gemma3:
+def small_model(vocab_size: int = 50257, seed: int = 0, **overrides) -> Gemma3:
     config = ModelConfig.preset("gemma3-tiny", vocab_size=vocab_size, d_model=64, n_layers=2,
-                                sliding_window_pattern=2, mlp_dim=128, sliding_window=8)
+                                sliding_window_pattern=2, mlp_dim=128, sliding_window=8, **overrides)
     torch.manual_seed(seed)
     return Gemma3(config).eval()
 
@@ -204,6 +204,14 @@ def test_eval_of_an_export_takes_the_block_size_it_was_trained_at(gpt2_data, tmp
     for source, block_size in (("again", 48), ("hf", 512)):
         assert main(["eval", "--ckpt", str(tmp_path / source), "--data", str(gpt2_data), "--max-tokens", "600"]) == 0
         assert json.loads(capsys.readouterr().out)["block_size"] == block_size
+    # A model with fewer positions than that default (a notebook's save_model, no block size recorded) takes its
+    # own count, where it was refused for a --block-size never given; given, a longer one is still refused.
+    short = small_model(max_position_embeddings=64)
+    save_model(short, tmp_path / "short", {"tokenizer": GPT2_SPEC})
+    assert main(["eval", "--ckpt", str(tmp_path / "short"), "--data", str(gpt2_data), "--max-tokens", "300"]) == 0
+    assert json.loads(capsys.readouterr().out)["block_size"] == 64
+    assert main(["eval", "--ckpt", str(tmp_path / "short"), "--data", str(gpt2_data), "--block-size", "65"]) == 2
+    assert "--block-size 65 exceeds the model's max_position_embeddings (64)" in capsys.readouterr().err
 
 
 def test_eval_refuses_data_from_another_tokenizer(ckpt, stories_file, tmp_path, capsys):

@@ -351,6 +351,8 @@ def _eval_main(args) -> int:
                         f"uses {tokenizer.identity}: its token ids mean other text to this model. Prepare the "
                         "data with the checkpoint's tokenizer.")
     model = load_model(args.ckpt, tokenizer, evaluation_dtype(args.dtype, pick_device(args.device)), args.device)
+    if args.block_size is None:  # the default, not the user's: no longer than the model's positions
+        block_size = min(block_size, model.config.max_position_embeddings)
     if block_size > model.config.max_position_embeddings:
         raise UserError(f"--block-size {block_size} exceeds the model's max_position_embeddings "
                         f"({model.config.max_position_embeddings}): it has no positions beyond those")

@@ -442,4 +442,12 @@ def checked_state(config: ModelConfig, state: dict[str, torch.Tensor], source="c
             state[name] = tensor
         if tuple(tensor.shape) != tuple(param.shape):
             raise UserError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}")
+        if tensor.dtype == torch.float64:  # a weight the model takes in float32 (or casts to its dtype anyway)
+            state[name] = tensor.float()
+        elif tensor.dtype not in WEIGHT_DTYPES:  # integers cannot train; fp8 would go on into an export
+            raise UserError(f"{source}: {name} is {str(tensor.dtype).removeprefix('torch.')}; the model takes "
+                            "float32, bfloat16 or float16 weights")
     return state
+
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

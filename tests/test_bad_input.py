@@ -163,14 +163,17 @@ CASES = [
      + ["--set", "device=cuda"], "no CUDA GPU"),
     ("generate-absent-cuda", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--device", "cuda"],
      "no CUDA GPU"),
+    # An empty path (an unset shell variable: --out "$RUN") read as the current folder, or let a default stand in
+    ("train-empty-out-set", ["train", "--set", "out="], "train.out is empty: it must name the run's folder"),
+    ("train-empty-data-set", ["train", "--set", "data.dir= "], "data.dir is empty: it must name the prepared data"),
     ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/nowhere", "--prompt", "Once"], "not found"),
     ("generate-negative-temperature", ["generate", "--ckpt", "{root}/run", "--prompt", "Once",
-                                       "--temperature", "-1"], "temperature"),
+                                       "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     ("generate-top-p-above-one", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-p", "1.5"],
-     "top_p"),
-    ("generate-top-k-negative", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-k", "-1"], "top_k"),
+     "--top-p must be a number in (0, 1]"),
+    ("generate-top-k-negative", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-k", "-1"], "--top-k must be an integer >= 1"),
     ("generate-negative-length", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
-                                  "-3"], "max_new_tokens"),
+                                  "-3"], "--max-new-tokens must be an integer >= 0"),
     ("generate-past-the-positions", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
                                      "100000000"], "max_position_embeddings"),
     ("generate-zero-samples", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--num-samples", "0"],
@@ -254,7 +257,7 @@ def test_bad_input_in_a_real_process(world):
                              "--prompt", "Once", "--top-p", "2"], capture_output=True, text=True, env=env)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "top_p" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "--top-p must be" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_reader_that_leaves_the_pipe_stops_the_command_quietly(world):
@@ -512,7 +515,13 @@ def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_p
 
 @pytest.mark.parametrize("argv,words", [(["eval", "--ckpt", "x"], "required: --data"),
                                         (["train", "--max-steps", "abc"], "invalid int value"),
-                                        (["frob"], "invalid choice")])
+                                        (["frob"], "invalid choice"),
+                                        # an empty path (an unset variable: --out "$RUN") read as the current folder
+                                        (["train", "--out", ""], "argument --out: is empty: give a path or a name"),
+                                        (["prepare", "--out", ""], "argument --out: is empty"),
+                                        (["eval", "--ckpt", "x", "--data", ""], "argument --data: is empty"),
+                                        (["export", "--ckpt", "x", "--out", " "], "argument --out: is empty"),
+                                        (["run", ""], "argument recipe: is empty")])
 def test_a_command_line_argparse_refuses_is_one_line_too(argv, words, capsys):
     """A missing or ill-typed argument: argparse's refusal, in one line naming --help, and exit status 2."""
     with pytest.raises(SystemExit) as stopped:

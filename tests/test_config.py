@@ -152,6 +152,8 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
     ("seed=18446744073709551616", "train.seed must be at most 18,446,744,073,709,551,615 (64 bits)"),  # a traceback
     ("eval_batches=1000000000000", "train.eval_batches must be at most 1,048,576"),  # was out of memory, exit 1
+    ("generate.temperature=-1", "generate.temperature must be a finite number >= 0, got -1.0"),
+    ("generate.top_k=-5", "generate.top_k must be an integer >= 1 (0 or none: no top-k filter), got -5"),
 ])
 def test_bad_settings_are_refused_by_name(setting, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -162,8 +164,8 @@ def test_bad_settings_are_refused_by_name(setting, message):
     ("data.limit=0", "data.limit must be an integer >= 1 or none, got 0"),
     ("data.vocab_size=100", "data.vocab_size must be an integer >= 257"),
     ("data.vocab_size=4096", "data.vocab_size (4096) applies only to data.tokenizer = bpe; gpt2 has its own"),
-    ("generate.seed=-1", "seed must be an integer from 0"),
-    ("generate.seed=9223372036854775808", "seed must be an integer from 0 to 9,223,372,036,854,775,807 (a 64-bit seed), got "
+    ("generate.seed=-1", "generate.seed must be an integer from 0"),  # named apart from train.seed
+    ("generate.seed=9223372036854775808", "generate.seed must be an integer from 0 to 9,223,372,036,854,775,807 (a 64-bit seed), got "
                                           "9223372036854775808"),  # read exactly, not through a float
     ('generate.prompts=["Once", ""]', "generate.prompts holds ''"),
     ("generate.max_new_tokens=32768", "generate.max_new_tokens 32768 leaves no room for a prompt"),
@@ -204,6 +206,12 @@ def test_a_huge_integer_setting_is_read_exactly():
     assert load_recipe(None, ["generate.seed=9223372036854775807"]).generate.seed == 2**63 - 1
     assert load_recipe(None, ["seed=18446744073709551615"]).train.seed == 2**64 - 1  # torch and numpy take it
     assert load_recipe(None, ["batch_size=1e2", "max_steps=4_000"]).train.batch_size == 100
+    # A whole number written in a float's form is read exactly too, not rounded through a float
+    assert load_recipe(None, ["seed=12345678901234567.0"]).train.seed == 12345678901234567
+    assert load_recipe(None, ["seed=1.8446744073709551615e19"]).train.seed == 2**64 - 1
+    for text in ("seed=1.5", "seed=nan", "seed=inf", "seed=1e"):
+        with pytest.raises(UserError, match="train.seed must be an integer"):
+            load_recipe(None, [text])
 
 
 def test_bad_recipe_files_are_refused(tmp_path):

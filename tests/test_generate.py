@@ -195,7 +195,7 @@ def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model
     ({"temperature": "0.7"}, "temperature must be a finite number >= 0, got '0.7'"),
     ({"max_new_tokens": "5"}, "max_new_tokens must be an integer >= 0, got '5'"),
     ({"max_new_tokens": 5.0}, "max_new_tokens must be an integer >= 0, got 5.0"),
-    ({"top_k": 5.0}, "top_k must be an integer >= 1, got 5.0"),
+    ({"top_k": 5.0}, "top_k must be an integer >= 1 (0 or none: no top-k filter), got 5.0"),
     ({"top_p": "0.9"}, "top_p must be a number in (0, 1], got '0.9'"),
     ({"eos_id": "2"}, "eos_id must be one of the model's 50,257 token ids, got '2'"),
     ({"eos_id": 50257}, "eos_id must be one of the model's 50,257 token ids, got 50257"),
@@ -296,12 +296,12 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--temperature", "-1"], "temperature"),
-    (["--top-p", "0"], "top_p"),
-    (["--top-p", "1.01"], "top_p"),
-    (["--top-k", "-1"], "top_k"),
+    (["--top-p", "0"], "--top-p must be"),
+    (["--top-p", "1.01"], "--top-p must be"),
+    (["--top-k", "-1"], "--top-k must be an integer >= 1 (0 or none: no top-k filter)"),
     (["--seed", "100000000000000000000000"], "seed"),  # past torch's 64-bit seed: refused before the prompt prints
     (["--seed", "-1"], "seed"),
-    (["--max-new-tokens", "-3"], "max_new_tokens"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be"),
     (["--num-samples", "0"], "num-samples"),
     (["--prompt", ""], "prompt"),
     (["--tokenizer", "bpe"], "give the tokenizer.json it wrote"),  # prepare's name, not a file

@@ -154,16 +154,16 @@ def _reader_left(stream) -> bool:
 
 def add_prepare(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="tokenize TinyStories into memory-mapped train.bin / val.bin")
-    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin, meta.json and (bpe or a tokenizer.json) tokenizer.json")
-    p.add_argument("--source", action="append", metavar="SRC",
+    p.add_argument("--out", required=True, type=named, help="directory to write train.bin, val.bin, meta.json and (bpe or a tokenizer.json) tokenizer.json")
+    p.add_argument("--source", action="append", metavar="SRC", type=named,
                    help=f"training stories: .txt (stories separated by a line {EOT_TOKEN}), .jsonl/.json "
                         "(a text or story field), .parquet (a text column), or a datasets save_to_disk "
                         f"directory; repeatable (default: {HUB_DATASET} from the Hugging Face hub)")
-    p.add_argument("--val-source", action="append", metavar="SRC", help="validation stories, same formats")
+    p.add_argument("--val-source", action="append", metavar="SRC", type=named, help="validation stories, same formats")
     p.add_argument("--val-fraction", type=float, metavar="F",
                    help=f"set aside this fraction of whole training stories for validation (default "
                         f"{DEFAULT_VAL_FRACTION} when the source has no validation split)")
-    p.add_argument("--tokenizer", default="gpt2", metavar="NAME",
+    p.add_argument("--tokenizer", default="gpt2", metavar="NAME", type=named,
                    help="gpt2 (default), bpe (trained on the training stories), or a path to a tokenizer.json")
     p.add_argument("--vocab-size", type=int, metavar="N",
                    help=f"vocabulary of --tokenizer bpe (default {DEFAULT_BPE_VOCAB_SIZE})")
@@ -196,10 +196,10 @@ def add_train(subparsers) -> None:
                     "process is lost, torchrun restarts them all, and --resume continues from the last checkpoint "
                     "(the first start, with no checkpoint yet, is a fresh run). The variable works around "
                     "pytorch/pytorch#135712, which can make a restart fail to connect.")
-    p.add_argument("--data", help="prepared data directory (train.bin, val.bin, meta.json); default: the recipe's data.dir")
-    p.add_argument("--out", help="run directory to write; default: the recipe's train.out")
-    p.add_argument("--model", help="model preset (gemma3-270m, gemma3-270m-gpt2, gemma3-tiny); default: the recipe's")
-    p.add_argument("--config", help="recipe file (TOML), e.g. configs/workshop.toml; default: the built-in recipe")
+    p.add_argument("--data", type=named, help="prepared data directory (train.bin, val.bin, meta.json); default: the recipe's data.dir")
+    p.add_argument("--out", type=named, help="run directory to write; default: the recipe's train.out")
+    p.add_argument("--model", type=named, help="model preset (gemma3-270m, gemma3-270m-gpt2, gemma3-tiny); default: the recipe's")
+    p.add_argument("--config", type=named, help="recipe file (TOML), e.g. configs/workshop.toml; default: the built-in recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting: train.FIELD=V (or just FIELD=V), model.FIELD=V, data.FIELD=V; "
                         f"{LIST_HELP}; repeatable")
@@ -219,14 +219,14 @@ def add_train(subparsers) -> None:
 def _train_main(args) -> int:
     flags = {"model.preset": ("--model", args.model), "data.dir": ("--data", args.data),
              "train.out": ("--out", args.out), "train.max_steps": ("--max-steps", args.max_steps)}
-    overrides = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None and value != ""]
+    overrides = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None]
     # The run folder, however it is given: --out, --set out= (as the run report spells it), or else the built-in
     # recipe's (a recipe file given by --config names its own, and --resume then follows the file).
     out = args.out or Recipe.out
     for item in args.set:  # the same setting from a flag and from --set: which was meant is not ours to guess
         key, _, value = item.partition("=")
         key = key.strip() if "." in key else f"train.{key.strip()}"
-        if key in flags and flags[key][1] not in (None, ""):
+        if key in flags and flags[key][1] is not None:
             raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
         if key == "train.out":
             out = value.strip()
@@ -275,7 +275,7 @@ def _train_main(args) -> int:
 def add_run(subparsers) -> None:
     p = subparsers.add_parser(
         "run", help="the main job: prepare (if needed), train (resuming), evaluate and sample, from one recipe")
-    p.add_argument("recipe", help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
+    p.add_argument("recipe", type=named, help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. data.source=path/to/stories.txt, "
                         f"train.max_steps=100, model.n_layers=4; {LIST_HELP}; repeatable")
@@ -301,7 +301,7 @@ SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are severa
 def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                   prompts=args.num_samples)  # seed + i for sample i
+                   prompts=args.num_samples, prefix="--")  # seed + i for sample i
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if not args.prompt:
@@ -383,14 +383,22 @@ def _note_text_suffix(tokenizer, out) -> None:
 
 def _add_model_arguments(p, auto_dtype: str = "bfloat16 where the device computes in it natively, else "
                                                "float32") -> None:
-    p.add_argument("--ckpt", required=True,
+    p.add_argument("--ckpt", required=True, type=named,
                    help="run directory (its best checkpoint, else its last), checkpoint directory, or transformers "
                         "Gemma 3 directory")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer", default=None, type=named,
                    help="gpt2 or a tokenizer.json path (default: the checkpoint's own, or the transformers "
                         "directory's tokenizer.json)")
     p.add_argument("--dtype", default="auto", help=f"auto ({auto_dtype}), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
+
+
+def named(text: str) -> str:
+    """A path or a name given on the command line, never empty: "" (an unset shell variable, `--out "$RUN"`)
+    would read as the current folder, or let a default take its place."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a path or a name")
+    return text
 
 
 def _top_k(text: str) -> int | None:
@@ -431,7 +439,7 @@ def add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="next-token loss, perplexity and bits per byte on prepared data")
     _add_model_arguments(p, "bfloat16 on a GPU that computes in it, else float32: the numbers of `tinygemma run`'s "
                             "final evaluation")
-    p.add_argument("--data", required=True, help="directory written by `tinygemma prepare`")
+    p.add_argument("--data", required=True, type=named, help="directory written by `tinygemma prepare`")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"tokens predicted per window (default: the training block size, else {DEFAULT_EVAL_BLOCK_SIZE})")
@@ -446,14 +454,14 @@ def add_eval(subparsers) -> None:
 def add_export(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory, or as "
                               "one GGUF file for llama.cpp")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory, or transformers directory")
-    p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors, tokenizer "
+    p.add_argument("--ckpt", required=True, type=named, help="run directory, checkpoint directory, or transformers directory")
+    p.add_argument("--out", required=True, type=named, help="directory to write config.json, model.safetensors, tokenizer "
                    "files and the model card README.md (hf), or the .gguf file to write (gguf)")
     p.add_argument("--format", default=None, help="hf (a transformers directory) or gguf (one file for llama.cpp: "
                    "llama-cli, llama-server, LM Studio); default: gguf where --out ends in .gguf, else hf")
     p.add_argument("--dtype", default=None, help=f"gguf only: the weights as {', '.join(GGUF_DTYPES)} "
                    f"(default {DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU)")
-    p.add_argument("--tokenizer", default=None, help="gpt2 or a tokenizer.json path, for a checkpoint that records "
+    p.add_argument("--tokenizer", default=None, type=named, help="gpt2 or a tokenizer.json path, for a checkpoint that records "
                    "none of its own (one saved by the Python API); refused if it has another")
     p.add_argument("--push-to-hub", metavar="REPO", help="hf only: then upload the directory, model card included, "
                    "to the Hugging Face hub as REPO (user/name; needs huggingface_hub and a login)")

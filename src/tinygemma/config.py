@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import numbers
 import os
@@ -179,7 +180,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     adam_eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    eval_interval: int = 250  # evaluate every this many optimizer steps (and at step 0, at checkpoints, at the end)
+    eval_interval: int = 250  # evaluate every this many optimizer steps, and at step 0, at checkpoints, at the end (0: only then)
     eval_batches: int = 10  # validation batches per evaluation, each of the global batch's size
     checkpoint_interval: int = 500  # save every this many optimizer steps (and at the end); 0 = only at the end
     log_interval: int = 10  # a log line (and a metrics flush) every this many steps
@@ -342,7 +343,7 @@ class Recipe:
         # An unknown preset or impossible model field fails here, before any data is read; so does a block too long.
         check_block_size(self.train.block_size, self.model_config())
         g = self.generate  # and bad sampling settings before hours of training, not after
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p)
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, prefix="generate.")
         return self
 
     def check_for_run(self) -> None:
@@ -351,7 +352,7 @@ class Recipe:
         model's positions for new tokens). A saved run's recipe is read without these: they never stop a resume."""
         self.data.validate()
         g = self.generate
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts))
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
         for prompt in g.prompts:
             if not isinstance(prompt, str) or not prompt:
                 raise UserError(f"generate.prompts holds {prompt!r}: each prompt must be some text to continue")
@@ -395,8 +396,13 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
     return recipe._validated()
 
 
+NAMED_SETTINGS = {"model.preset": "a model preset", "train.out": "the run's folder", "data.dir": "the prepared data's folder"}
+
+
 def _set_field(recipe: Recipe, section: str, name: str, value, from_text: bool) -> None:
     key = f"{section}.{name}"
+    if key in NAMED_SETTINGS and isinstance(value, str) and not value.strip():  # "" would read as the current folder
+        raise UserError(f"{key} is empty: it must name {NAMED_SETTINGS[key]}")
     if section == "model":
         if name == "preset":
             recipe.model_preset = _coerce(value, str, key, from_text)
@@ -462,8 +468,10 @@ def _coerce(value, tp, key: str, from_text: bool):
                 try:
                     return int(value.replace("_", ""))  # exactly, however large (a seed of 64 bits)
                 except ValueError:
-                    number = float(value.replace("_", ""))  # 1e4 and 4096.0 are whole numbers too
-                if not number.is_integer():
+                    # 1e4 and 4096.0 are whole numbers too, read exactly (through a float, a 17-digit seed
+                    # would change silently)
+                    number = decimal.Decimal(value.replace("_", ""))
+                if not number.is_finite() or number != number.to_integral_value():
                     raise ValueError
                 return int(number)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -483,7 +491,7 @@ def _coerce(value, tp, key: str, from_text: bool):
             if not isinstance(value, str):
                 raise ValueError
             return value
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, decimal.InvalidOperation):
         pass
     else:
         raise AssertionError(f"no coercion for {key}: {tp}")
@@ -572,16 +580,21 @@ MAX_TRAIN_SEED = 2**64 - 1  # torch.manual_seed and numpy's default_rng([seed, s
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                   seed: int | None = None, prompts: int = 1) -> None:
-    """Refuse sampling settings that cannot work: in one line, before a model is loaded or trained."""
+                   seed: int | None = None, prompts: int = 1, prefix: str = "") -> None:
+    """Refuse sampling settings that cannot work: in one line, before a model is loaded or trained. Each is
+    named as the user gave it: `prefix` "generate." (a recipe's [generate], apart from train.seed), "--" (the
+    generate command's options), "" (the Python arguments)."""
+    def name(setting: str) -> str:
+        return prefix + (setting.replace("_", "-") if prefix == "--" else setting)
+
     if seed is not None and not (is_integer(seed) and 0 <= seed <= MAX_SEED - max(prompts - 1, 0)):
-        raise UserError(f"seed must be an integer from 0 to {MAX_SEED - max(prompts - 1, 0):,} (a 64-bit seed), "
-                        f"got {seed!r}")
+        raise UserError(f"{name('seed')} must be an integer from 0 to {MAX_SEED - max(prompts - 1, 0):,} (a 64-bit "
+                        f"seed), got {seed!r}")
     if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
-        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise UserError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
     if not (is_real(temperature) and temperature >= 0 and not math.isinf(temperature)):
-        raise UserError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise UserError(f"{name('temperature')} must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and not (is_integer(top_k) and top_k >= 1):
-        raise UserError(f"top_k must be an integer >= 1, got {top_k!r}")
+        raise UserError(f"{name('top_k')} must be an integer >= 1 (0 or none: no top-k filter), got {top_k!r}")
     if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
-        raise UserError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        raise UserError(f"{name('top_p')} must be a number in (0, 1], got {top_p!r}")

@@ -129,8 +129,11 @@ def test_each_source_format(stories_dir, valid, tmp_path):
 
     parquet = tmp_path / "s.parquet"
     pq.write_table(pa.table({"text": stories}), parquet, row_group_size=16)
+    categorical = tmp_path / "categorical.parquet"  # pandas' Categorical text: dictionary-encoded strings
+    pq.write_table(pa.table({"text": pa.array(stories).dictionary_encode()}), categorical)
     halves = [write_txt(tmp_path / "a.txt", stories[:25]), write_txt(tmp_path / "b.txt", stories[25:])]
-    for name, sources in (("jsonl", [jsonl]), ("json", [as_json]), ("parquet", [parquet]), ("halves", halves)):
+    for name, sources in (("jsonl", [jsonl]), ("json", [as_json]), ("parquet", [parquet]),
+                          ("categorical", [categorical]), ("halves", halves)):
         prepared = open_prepared(_prepared(tmp_path / name, sources, valid))
         assert prepared.meta["splits"] == expected.meta["splits"], name
         assert np.array_equal(prepared.split("train"), expected.split("train")), name
@@ -308,6 +311,21 @@ def test_cli_writes_a_dataset(stories_dir, tmp_path, capsys):
     assert open_prepared(tmp_path).meta["splits"]["val"]["documents"] == 12
 
 
+def test_cli_takes_several_sources_after_one_flag(stories_dir, tmp_path, capsys):
+    """`--source data/*.json` (the shell's expansion: several paths after one flag) was refused as unrecognized
+    arguments; it reads them in the order given, as repeated flags do."""
+    stories = read_stories(stories_dir / "train.txt", 40)
+    parts = [write_txt(tmp_path / f"{i}.txt", stories[i * 10:(i + 1) * 10]) for i in range(4)]
+    valid = str(stories_dir / "valid.txt")
+    assert main(["prepare", "--out", str(tmp_path / "one"), "--source", *map(str, parts), "--val-source", valid,
+                 "--no-progress", "--workers", "1"]) == 0
+    assert main(["prepare", "--out", str(tmp_path / "many"), "--source", str(parts[0]), "--source",
+                 *map(str, parts[1:]), "--val-source", valid, "--no-progress", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert documents(open_prepared(tmp_path / "one"), "train") == stories
+    assert np.array_equal(open_prepared(tmp_path / "one").split("train"), open_prepared(tmp_path / "many").split("train"))
+
+
 def test_prepare_takes_one_path_as_one_source(stories_dir, tmp_path):
     """From Python, sources="train.txt" (or a Path) is that file, as sources=["train.txt"] is: not the letters."""
     listed = prepare(tmp_path / "listed", sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"],
@@ -329,12 +347,42 @@ def test_prepare_takes_one_path_as_one_source(stories_dir, tmp_path):
     ({"sources": 123}, "--source (sources) must be story files: a path or a list of paths, got 123"),
     ({"sources": [None]}, "--source (sources) must be story files: a path or a list of paths, got [None]"),
     ({"val_sources": [5]}, "--val-source (val_sources) must be story files: a path or a list of paths, got [5]"),
+    # a pattern that matched no file: never the hub's whole dataset (or a fraction set aside) in its place
+    ({"sources": []}, "--source (sources) is an empty list: give story files, or None for the hub's TinyStories"),
+    ({"val_sources": ()}, "--val-source (val_sources) is an empty list: give story files, or None for the "
+                          "training source's own split"),
 ])
 def test_prepare_from_python_refuses_bad_arguments_by_their_names(kwargs, message, stories_dir, tmp_path):
     """A notebook's prepare(vocab_size="300") ended in a TypeError traceback, and the refusals named only the
     command's flags: each is now a UserError naming the argument beside its flag, and nothing is written."""
     with pytest.raises(UserError, match=re.escape(message)):
         prepare(tmp_path / "out", **{"sources": stories_dir / "train.txt", "progress": False, **kwargs})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_txt_with_its_separators_written_inline_is_said_once(stories_dir, tmp_path, capsys):
+    """`"".join(s + "<|endoftext|>" for s in stories)`, a common way to write such a file, is one story holding
+    the marker as text (a separator is a line of its own): said once, though a BPE's training reads it twice."""
+    stories = read_stories(stories_dir / "train.txt", 30)
+    joined = tmp_path / "joined.txt"
+    joined.write_text("".join(f"{s}{EOT}" for s in stories), encoding="utf-8")
+    meta = prepare(tmp_path / "out", sources=joined, val_sources=stories_dir / "valid.txt", tokenizer="bpe",
+                   vocab_size=300, workers=1, progress=False)
+    assert meta["splits"]["train"]["documents"] == 1
+    err = capsys.readouterr().err
+    assert err.count(f"{joined}: 1 story holds {EOT} inside a line, read as text; stories are separated by a line "
+                     f"holding only {EOT}") == 1, err
+    prepare(tmp_path / "fine", sources=stories_dir / "valid.txt", limit=20, workers=1, progress=False)
+    assert "inside a line" not in capsys.readouterr().err
+
+
+def test_the_training_file_as_validation_source_is_refused(stories_dir, tmp_path):
+    """The same file as --source and --val-source made validation the training stories, without a word."""
+    train, link = stories_dir / "train.txt", tmp_path / "link.txt"
+    link.symlink_to(train)  # another spelling of the same file
+    for val_sources in (train, [stories_dir / "valid.txt", link]):
+        with pytest.raises(UserError, match="is both a training and a validation source"):
+            prepare(tmp_path / "out", sources=train, val_sources=val_sources, progress=False, workers=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -376,8 +424,9 @@ def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys
     nulls = tmp_path / "nul.jsonl"
     nulls.write_text('{"text": "Tom ran."}\n{"text": null}\n{"story": "Ann sat."}\n', encoding="utf-8")
     upper = write_txt(tmp_path / "Stories.TXT", ["Tom ran.", "Ann sat."])
+    upper_val = write_txt(tmp_path / "Valid.TXT", ["Tom sat.", "Ann ran."])
     for source in (nulls, upper):
-        meta = prepare(tmp_path / source.stem, sources=source, val_sources=upper, tokenizer="gpt2", workers=1,
+        meta = prepare(tmp_path / source.stem, sources=source, val_sources=upper_val, tokenizer="gpt2", workers=1,
                        progress=False)
         assert meta["splits"]["train"]["documents"] == 2
     # A bad byte in JSON Lines is named by its own line (it said "after line 190" of line 201: decoding ran ahead)
@@ -546,6 +595,20 @@ def test_prepare_checks_its_folder_again_once_locked(stories_dir, tmp_path, monk
     with pytest.raises(UserError, match="is not a prepared dataset and holds other files"):
         prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+
+def test_a_dataset_whose_meta_json_is_damaged_is_named_as_such(stories_dir, tmp_path):
+    """A dataset copied short (its meta.json truncated) was refused as holding "other files", prepare's own: the
+    refusal now says what is wrong with it, and what to delete; nothing is written over it."""
+    out = tmp_path / "out"
+    prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
+    (out / "meta.json").write_text('{"format": ')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=r"holds a meta.json that is not a readable one of prepare's \(meta.json, "
+                                        r"train.bin, val.bin\): a damaged copy of a dataset, or another tool's files; "
+                                        r"delete the folder \(or its meta.json\)"):
+        prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_a_byte_order_mark_is_not_text(tmp_path):

@@ -330,8 +330,9 @@ def test_data_prepared_with_a_bos_tokenizer_starts_each_story_as_a_prompt_starts
     from tinygemma.tokenizer import load_tokenizer
 
     path = gemma_like_tokenizer(tmp_path / "tokenizer.json")
-    (tmp_path / "stories.txt").write_text("Once upon a time\n<|endoftext|>\na time\n", encoding="utf-8")
-    prepare(tmp_path / "data", sources=[str(tmp_path / "stories.txt")], val_sources=[str(tmp_path / "stories.txt")],
+    for name in ("stories.txt", "valid.txt"):
+        (tmp_path / name).write_text("Once upon a time\n<|endoftext|>\na time\n", encoding="utf-8")
+    prepare(tmp_path / "data", sources=[str(tmp_path / "stories.txt")], val_sources=[str(tmp_path / "valid.txt")],
             tokenizer=path, progress=False, workers=1)
     assert open_prepared(tmp_path / "data").split("train").tolist() == [2, 3, 4, 5, 6, 1, 2, 5, 6, 1]
     # <bos> as the last id, past the words and end-of-text: a model needs its row too.

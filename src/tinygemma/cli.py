@@ -155,11 +155,13 @@ def _reader_left(stream) -> bool:
 def add_prepare(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="tokenize TinyStories into memory-mapped train.bin / val.bin")
     p.add_argument("--out", required=True, type=named, help="directory to write train.bin, val.bin, meta.json and (bpe or a tokenizer.json) tokenizer.json")
-    p.add_argument("--source", action="append", metavar="SRC", type=named,
+    p.add_argument("--source", action="extend", nargs="+", metavar="SRC", type=named,
                    help=f"training stories: .txt (stories separated by a line {EOT_TOKEN}), .jsonl/.json "
                         "(a text or story field), .parquet (a text column), or a datasets save_to_disk "
-                        f"directory; repeatable (default: {HUB_DATASET} from the Hugging Face hub)")
-    p.add_argument("--val-source", action="append", metavar="SRC", type=named, help="validation stories, same formats")
+                        f"directory; several (a shell pattern: --source data/*.json) or repeated, read in the order "
+                        f"given (default: {HUB_DATASET} from the Hugging Face hub)")
+    p.add_argument("--val-source", action="extend", nargs="+", metavar="SRC", type=named,
+                   help="validation stories, same formats")
     p.add_argument("--val-fraction", type=float, metavar="F",
                    help=f"set aside this fraction of whole training stories for validation (default "
                         f"{DEFAULT_VAL_FRACTION} when the source has no validation split)")

@@ -105,7 +105,24 @@ def _first_bad_byte(path: Path) -> str:
     return f"byte {offset:,} of the file"
 
 
+_INLINE_SEPARATORS_SAID: set[str] = set()  # the .txt files warned of (once a process: they are read more than once)
+
+
 def _txt_stories(path: Path) -> Iterator[str]:
+    """A .txt file's stories, separated by lines holding only <|endoftext|>. One written inline (a story, then the
+    marker on the same line) is one story holding the marker as text: said once, when the file has been read."""
+    inline = 0
+    for story in _txt_file_stories(path):
+        inline += EOT_TOKEN in story
+        yield story
+    if inline and str(path) not in _INLINE_SEPARATORS_SAID:
+        _INLINE_SEPARATORS_SAID.add(str(path))
+        print(f"tinygemma: warning: {path}: {inline:,} stor{'y holds' if inline == 1 else 'ies hold'} "
+              f"{EOT_TOKEN} inside a line, read as text; stories are separated by a line holding only {EOT_TOKEN}",
+              file=sys.stderr, flush=True)
+
+
+def _txt_file_stories(path: Path) -> Iterator[str]:
     # Read in large blocks, splitting each on the separator lines up to its last newline (a separator line is
     # never cut in two), and keeping what is unfinished (the story, the last line) as pieces: a long story, or a
     # file with no separator or no newline at all, is read in time and memory proportional to it, not its square.
@@ -191,6 +208,7 @@ def _json_stories(path: Path) -> Iterator[str]:
 
 
 def _parquet_stories(path: Path) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -200,7 +218,9 @@ def _parquet_stories(path: Path) -> Iterator[str]:
     column = next((c for c in ("text", "story") if c in file.schema_arrow.names), None)
     if column is None:
         raise UserError(f"{path} has no 'text' column (columns: {', '.join(file.schema_arrow.names)})")
-    kind = str(file.schema_arrow.field(column).type)
+    kind = file.schema_arrow.field(column).type
+    # pandas' Categorical text is written dictionary-encoded: text still, each value read as its string
+    kind = str(kind.value_type if pa.types.is_dictionary(kind) else kind)
     if kind not in TEXT_TYPES:
         raise UserError(f"{path}: its '{column}' column holds {kind}, not text")
     batches = file.iter_batches(batch_size=4096, columns=[column])
@@ -549,6 +569,10 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         sources = story_paths(sources, f"--source (sources) {refusal}")
     if val_sources is not None:
         val_sources = story_paths(val_sources, f"--val-source (val_sources) {refusal}")
+    for given, name, none_means in ((sources, "--source (sources)", "the hub's TinyStories"),
+                                    (val_sources, "--val-source (val_sources)", "the training source's own split")):
+        if given == []:  # (a pattern that matched no file): never the hub's whole dataset in its place
+            raise UserError(f"{name} is an empty list: give story files, or None for {none_means}")
     workers = available_cpus() if workers is None else workers
     tokenizer, vocab_size = _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers)
     # numpy's numbers are numbers, but meta.json is JSON: Python's own from here
@@ -671,6 +695,11 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
     file fails here, with no output."""
     train_splits = [_open_source(s, limit, progress) for s in (sources or [None])]
     val_splits = [_open_source(s) for s in val_sources or []]
+    training_files = {Path(s).resolve() for s in sources or []}
+    for source, splits in zip(val_sources or [], val_splits):
+        if "validation" not in splits and Path(source).resolve() in training_files:
+            raise UserError(f"{source} is both a training and a validation source: the validation loss would "
+                            "measure stories the model trains on (leave --val-source out to set a fraction aside)")
     for source, splits in [*zip(sources or [], train_splits), *zip(val_sources or [], val_splits)]:
         if Path(source).suffix.lower() != ".json":  # (a JSON array is parsed whole to yield its first story)
             _read_first_story(splits)
@@ -725,6 +754,10 @@ def check_prepare_out(out_dir: str | Path, flag: str = "--out") -> None:
     others = files_not_prepares(out_dir)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        if META_NAME in others and set(others) <= PREPARED_FILES:  # a dataset whose meta.json is damaged or another's
+            raise UserError(f"{flag} {out_dir} holds a meta.json that is not a readable one of prepare's ({shown}): "
+                            "a damaged copy of a dataset, or another tool's files; delete the folder (or its "
+                            f"{META_NAME}) to prepare into it again, or prepare into a new folder")
         raise UserError(f"{flag} {out_dir} is not a prepared dataset and holds other files ({shown}); prepare into "
                         "a new or empty folder, or into an earlier prepared dataset to replace it")
 

@@ -383,13 +383,14 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     run(data_dir, out, "max_steps=20", stop_at=14)
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cooldown of the run began at step 12" in err and "\n" not in err
+    assert ("cooldown of the run began after step 12 (step 13 took the first lower rate); extend a wsd run from a "
+            "checkpoint at step 12 or earlier") in err and "\n" not in err
     # Before the cooldown: a max_steps that moves it before the run's step, or another warmup, is refused for what
     # it is (both were said to be a cooldown that had begun).
     early = tmp_path / "early"
     run(data_dir, early, "max_steps=20", stop_at=10)
     for more, says in [(["--max-steps", "15"], "train.max_steps cannot change from 20 to 15 at step 10: the wsd "
-                                               "cooldown would then begin at step 9"),
+                                               "cooldown would then begin after step 9"),
                        (["--max-steps", "30", "--set", "warmup_steps=5"], "the learning-rate schedule of the run (wsd; "
                                                                           "lr_schedule, warmup_steps, cooldown_fraction) "
                                                                           "cannot change at step 10")]:

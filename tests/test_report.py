@@ -269,8 +269,13 @@ def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_r
     assert optimizer_description({"optimizer": "muon", "learning_rate": 0.003, "muon_learning_rate": 0.04,
                                   "lr_schedule": "wsd", "cooldown_fraction": 0.4, "min_lr": 3e-4,
                                   "warmup_steps": 100}) == (
-        "muon, Muon 0.04 for the matrices, AdamW 0.003 for the rest, wsd schedule to 0.0003 over the last 0.4 of the "
-        "steps, 100 warmup steps")
+        "muon, Muon 0.04 for the matrices, AdamW 0.003 for the rest, wsd schedule to 0.0003 (AdamW) and 0.004 (Muon) "
+        "over the last 0.4 of the steps, 100 warmup steps")  # each rate ends at min_lr / learning_rate of its peak
+    assert optimizer_description({"optimizer": "muon", "learning_rate": 0.003, "muon_learning_rate": 0.04,
+                                  "lr_schedule": "wsd", "cooldown_fraction": 0.0, "min_lr": 3e-4,
+                                  "warmup_steps": 100}) == (
+        "muon, Muon 0.04 for the matrices, AdamW 0.003 for the rest, wsd schedule with no cooldown (the rates end "
+        "at their peak), 100 warmup steps")
 
     # The card's loading code runs as written, with transformers, on the exported directory.
     code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)

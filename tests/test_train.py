@@ -785,6 +785,23 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     assert (out / "config.json").read_bytes() == saved
 
 
+def test_settings_the_runs_optimizer_never_reads_are_no_change_on_resume():
+    """Muon's rate and backend in an AdamW run were warned of as taking effect on resume, and recorded as a change
+    (the report split the run's reproduction at it): AdamW never reads them. Under Muon they are changes."""
+    import dataclasses
+
+    from tinygemma.config import TrainConfig
+    from tinygemma.train import settings_changes
+
+    muon_settings = {"muon_learning_rate": 0.01, "muon_backend": "bfloat16"}
+    saved = dataclasses.asdict(TrainConfig(optimizer="adamw"))
+    assert settings_changes(saved, TrainConfig(optimizer="adamw", **muon_settings)) == {}
+    assert settings_changes(saved, TrainConfig(optimizer="adamw", min_lr=1e-5)) == {"min_lr": [4e-4, 1e-5]}
+    saved = dataclasses.asdict(TrainConfig(optimizer="muon"))
+    assert settings_changes(saved, TrainConfig(optimizer="muon", **muon_settings)) == {
+        "muon_learning_rate": [0.04, 0.01], "muon_backend": ["auto", "bfloat16"]}
+
+
 def test_resume_in_another_precision_of_the_same_dtype_setting_is_warned_of(data_dir, tmp_path, capsys):
     """dtype = "auto" resolves by device: a run started on a CPU (float32) and resumed on a GPU
     (bfloat16) changed precision without a word, the setting being the same. The checkpoint records what the

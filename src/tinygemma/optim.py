@@ -111,10 +111,12 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
                         "already taken")
     if cfg.lr_schedule == "wsd":
         began = cooldown_start(planned)
+        # Steps counted as the log counts them: "step N" is the N-th, whose checkpoint is at step N
         raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
-                        + (f"the wsd cooldown of the run began at step {began}; extend a wsd run before its "
-                           "cooldown starts" if began < step else
-                           f"the wsd cooldown would then begin at step {cooldown_start(cfg)}, before this one, "
+                        + (f"the wsd cooldown of the run began after step {began} (step {began + 1} took the first "
+                           f"lower rate); extend a wsd run from a checkpoint at step {began} or earlier"
+                           if began < step else
+                           f"the wsd cooldown would then begin after step {cooldown_start(cfg)}, before this one, "
                            "changing rates already taken"))
     raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
                     "the cosine schedule's learning rates depend on max_steps; use lr_schedule=wsd for runs that "

@@ -465,11 +465,18 @@ def training_section(known: dict) -> list[str]:
 def optimizer_description(train: dict) -> str:
     """The optimizer and schedule as the card states them: Muon's rate only where Muon trained the matrices."""
     muon = train.get("optimizer") == "muon"
-    rates = (f"Muon {train.get('muon_learning_rate')} for the matrices, AdamW {train.get('learning_rate')} for the "
-             "rest" if muon else f"learning rate {train.get('learning_rate')}")
-    cooldown = f" over the last {train.get('cooldown_fraction')} of the steps" if train.get("lr_schedule") == "wsd" else ""
-    return (f"{train.get('optimizer')}, {rates}, {train.get('lr_schedule')} schedule to {train.get('min_lr')}"
-            f"{cooldown}, {train.get('warmup_steps')} warmup steps")
+    lr, min_lr, muon_lr = (train.get(k) for k in ("learning_rate", "min_lr", "muon_learning_rate"))
+    rates = (f"Muon {muon_lr} for the matrices, AdamW {lr} for the rest" if muon else f"learning rate {lr}")
+    # Every rate ends at the same fraction of its peak (min_lr / learning_rate): Muon's at its own
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, min_lr, muon_lr)) and lr
+    end = f"{min_lr} (AdamW) and {min_lr / lr * muon_lr:.3g} (Muon)" if muon and numbers else f"{min_lr}"
+    if train.get("lr_schedule") == "wsd" and train.get("cooldown_fraction") == 0:
+        decay = "wsd schedule with no cooldown (the rates end at their peak)"
+    elif train.get("lr_schedule") == "wsd":
+        decay = f"wsd schedule to {end} over the last {train.get('cooldown_fraction')} of the steps"
+    else:
+        decay = f"{train.get('lr_schedule')} schedule to {end}"
+    return f"{train.get('optimizer')}, {rates}, {decay}, {train.get('warmup_steps')} warmup steps"
 
 
 def evaluation_section(known: dict) -> list[str]:

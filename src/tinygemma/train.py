@@ -732,6 +732,8 @@ def settings_changes(saved: dict | None, cfg: TrainConfig) -> dict[str, list]:
         return {}
     saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
     unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
+    if cfg.optimizer == "adamw":  # (a change of optimizer itself is refused: check_resume_schedule)
+        unused |= {"muon_learning_rate", "muon_backend"}
     return {name: [saved[name], current[name]] for name in STEP_SETTINGS
             if name in saved and saved[name] != current[name] and name not in unused}
 

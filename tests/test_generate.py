@@ -263,6 +263,34 @@ def test_text_stream_never_breaks_a_character(tokenizer):
     assert stream.flush() == "\ufffd"
 
 
+def test_text_stream_of_byte_fallback_pieces_is_what_decode_gives(tmp_path):
+    """A byte-fallback tokenizer (SentencePiece's, Gemma's) decodes a run of <0xHH> pieces together, and a run
+    that is not UTF-8 becomes U+FFFD for each of its bytes, those of a character already complete included: the
+    stream printed "Ø" and then the wrong count of U+FFFD. It now waits for a run's end, and whatever ids come,
+    what it prints is tokenizer.decode of them all."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models
+
+    from tinygemma.tokenizer import HFTokenizer
+
+    vocab = {"<|endoftext|>": 0, "a": 1, **{f"<0x{i:02X}>": 2 + i for i in range(256)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = HFTokenizer(backend.to_str())
+    assert len(tokenizer.byte_fallback_ids) == 256 and 1 not in tokenizer.byte_fallback_ids
+
+    def streamed(ids: list[int]) -> str:
+        stream = TextStream(tokenizer, context=[1])
+        return "".join(stream.push(i) for i in ids) + stream.flush()
+
+    assert streamed([2 + 0xC3, 2 + 0x98, 2 + 0xF0]) == tokenizer.decode([1, 2 + 0xC3, 2 + 0x98, 2 + 0xF0])[1:]
+    rng = random.Random(0)
+    for _ in range(300):  # runs of bytes, valid UTF-8 or not, between other tokens
+        ids = [rng.choice([1, 2 + rng.choice([0x41, 0xC3, 0x98, 0xE6, 0x97, 0xA5, 0xF0, 0x9F])]) for _ in range(12)]
+        assert streamed(ids) == tokenizer.decode([1, *ids])[1:], ids
+
+
 # ------------------------------------------------------------------ command line
 
 

@@ -8,6 +8,7 @@ model's own forward. `generate_text` turns that into text with a tokenizer, as `
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -161,9 +162,11 @@ class TextStream:
 
     A token may end in the middle of a multi-byte character (GPT-2's byte-level BPE splits emoji and accented
     letters), so text is released only once it decodes without a trailing U+FFFD replacement character; the
-    rest waits for the next token. A few tokens of context before the new ones are decoded with them, so that
-    tokenizers whose decoding depends on the neighbours (SentencePiece's leading spaces) come out right.
-    Decoding stays O(1) per token, not O(length).
+    rest waits for the next token. A byte-fallback tokenizer's <0xHH> pieces are decoded as a run, all of whose
+    bytes become U+FFFD when the run is not UTF-8: text ending in such a run waits until a token of another kind
+    ends it. A few tokens of context before the new ones are decoded with them, so that tokenizers whose
+    decoding depends on the neighbours (SentencePiece's leading spaces) come out right. What is released is
+    tokenizer.decode of all the ids, piece by piece. Decoding stays O(1) per token, not O(length).
     """
 
     def __init__(self, tokenizer, context: list[int] = (), context_tokens: int = 5):
@@ -182,11 +185,16 @@ class TextStream:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
+        if len(self.ids) == self.read_offset:
+            return ""
+        if not final and self.ids[-1] in getattr(self.tokenizer, "byte_fallback_ids", ()):
+            return ""  # a run of byte pieces, which a later one may still make invalid as a whole
         done = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         text = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(self.ids) == self.read_offset or (text.endswith("\ufffd") and not final):
+        if text.endswith("\ufffd") and not final:
             return ""
-        new = text[len(done) :]
+        # A decoder that rewrote text already released (none known when runs are waited for): the new part only
+        new = text[len(done) :] if text.startswith(done) else text[len(os.path.commonprefix([done, text])) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return new
 

@@ -51,6 +51,8 @@ class Tokenizer:
     def bos_token(self) -> str:
         return self.eot_token
 
+    byte_fallback_ids: frozenset[int] = frozenset()  # ids of <0xHH> pieces, decoded as a run (HFTokenizer's)
+
     @property
     def model_vocab_size(self) -> int:
         """The fewest embedding rows a model needs for this tokenizer: its text's ids, end-of-text and the ids a
@@ -322,6 +324,16 @@ class HFTokenizer(Tokenizer):
     @property
     def model_vocab_size(self) -> int:
         return self._model_vocab_size
+
+    @functools.cached_property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """The ids of a byte-fallback model's <0xHH> pieces (SentencePiece's, Llama's, Gemma's): its decoder reads
+        a run of them together, and a run that is not UTF-8 becomes U+FFFD for each of its bytes, so text made of
+        them is final only once a token of another kind follows."""
+        if not (json.loads(self.content).get("model") or {}).get("byte_fallback"):
+            return frozenset()
+        return frozenset(i for token, i in self.backend.get_vocab(with_added_tokens=True).items()
+                         if _BYTE_TOKEN.fullmatch(token))
 
     @property
     def description(self) -> str:

@@ -164,6 +164,10 @@ CASES = [
     ("generate-absent-cuda", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--device", "cuda"],
      "no CUDA GPU"),
     # An empty path (an unset shell variable: --out "$RUN") read as the current folder, or let a default stand in
+    # A recipe's data not yet prepared: `prepare --out DIR`, which the plain refusal suggests, ignores its [data]
+    ("train-recipe-data-unprepared", ["train", "--config", "{repo}/configs/cpu-demo.toml", "--set",
+                                      "data.dir={root}/new", "--set", "out={root}/new-run"],
+     "is not prepared yet: `tinygemma run {repo}/configs/cpu-demo.toml` prepares it as the recipe's [data] asks"),
     ("train-empty-out-set", ["train", "--set", "out="], "train.out is empty: it must name the run's folder"),
     ("train-empty-data-set", ["train", "--set", "data.dir= "], "data.dir is empty: it must name the prepared data"),
     ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/nowhere", "--prompt", "Once"], "not found"),
@@ -245,6 +249,7 @@ def test_bad_input_is_one_clear_line(world, capsys, case_id, argv, words):
     assert code != 0, f"{case_id}: exit status 0"
     assert "Traceback" not in err
     assert len(lines) == 1 and " error: " in lines[0], f"{case_id}: stderr was {err!r}"
+    words = words.replace("{root}", str(world)).replace("{repo}", str(REPO))
     assert words in lines[0], f"{case_id}: {lines[0]!r} does not mention {words!r}"
     assert snapshot(world) == before, f"{case_id}: existing outputs changed"
     assert not (world / "new").exists(), f"{case_id}: left a partial output"

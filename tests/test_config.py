@@ -97,6 +97,22 @@ def test_overrides_are_typed_from_the_fields():
     assert recipe.model_config(vocab_size=512).d_model == 64
 
 
+def test_other_spellings_of_dtype_and_compile_are_the_same_settings():
+    """generate and eval take --dtype bf16, and booleans take yes/on: train.dtype and train.compile refused them."""
+    recipe = load_recipe(None, ["dtype=bf16", "compile=on"])
+    assert (recipe.train.dtype, recipe.train.compile) == ("bfloat16", "true")  # recorded as the canonical value
+    assert load_recipe(None, ["dtype=FP16", "compile=no"]).train.compile == "false"
+
+
+def test_the_version_is_one_flag_away(capsys):
+    from tinygemma import __version__
+    from tinygemma.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0 and capsys.readouterr().out == f"tinygemma {__version__}\n"
+
+
 def test_a_recipe_round_trips_through_its_dict():
     recipe = load_recipe(CONFIGS / "cpu-demo.toml", ["model.n_layers=3", "model.layer_types=[\"full_attention\", "
                                                       "\"sliding_attention\", \"full_attention\"]"])

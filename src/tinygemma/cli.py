@@ -69,11 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinygemma",
         description="Pre-train Gemma 3 270M from scratch on TinyStories.",
     )
+    parser.add_argument("--version", action="version", version=f"tinygemma {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for add in (add_prepare, add_train, add_run, add_generate, add_eval, add_export):  # the order of --help
         add(subparsers)
     return parser
+
+
+def installed_version() -> str:
+    """The installed package's version (pyproject.toml's), as pip knows it."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("tinygemma")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH=src) without installing
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,6 +276,11 @@ def _train_main(args) -> int:
                             f"preset cannot become {recipe.model_preset} (start a new run in another --out, train.out)")
     else:
         recipe = load_recipe(args.config, overrides + args.set)
+        data_dir = Path(recipe.data.dir)
+        if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):
+            # `prepare --out DIR` (what a missing dataset's refusal suggests) would ignore the recipe's [data]
+            raise UserError(f"{data_dir} (the recipe's data.dir) is not prepared yet: `tinygemma run {args.config}` "
+                            "prepares it as the recipe's [data] asks, then trains")
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if env_rank() == 0:
         print(strict_json(summary))  # (a last step skipped as non-finite: its train_loss null, not NaN)

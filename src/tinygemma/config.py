@@ -158,6 +158,11 @@ def saved_train_settings(train: dict) -> dict:
     return {**LEGACY_TRAIN, **train}
 
 
+# Other spellings of some train settings' values, taken as the canonical one (recorded so)
+OTHER_SPELLINGS = {"dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
+                   "compile": {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}}
+
+
 @dataclass
 class TrainConfig:
     """The training loop. The defaults are a sound recipe for the 270M model on one GPU: 131,072 tokens per
@@ -203,6 +208,10 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.micro_batch_size, int) and not isinstance(self.micro_batch_size, bool):
             self.micro_batch_size = str(self.micro_batch_size)
+        for name, spellings in OTHER_SPELLINGS.items():  # generate's --dtype bf16, a boolean's yes: the same here
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in spellings:
+                setattr(self, name, spellings[value.lower()])
         self.validate()
 
     def validate(self) -> None:

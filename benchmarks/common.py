@@ -49,6 +49,15 @@ def run_script(main: Callable[[], object]) -> None:
     sys.exit(result if isinstance(result, int) else 0)
 
 
+def device_sync(device) -> Callable[[], None]:
+    """What waits for `device`'s queued work before a clock reading: torch.cuda.synchronize of that GPU (a bare
+    synchronize() waits for the current one, not --device cuda:1's), nothing elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
 def time_interleaved(fns: list[Callable], repeats: int, sync: Callable[[], None] = lambda: None):
     """Median seconds of each function over `repeats` runs, after one warm-up run each (first-call allocations
     and kernel selection are not counted), and each function's last result. The runs alternate (A, B, A, B, ...)

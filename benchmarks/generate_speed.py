@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import device_description, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
+from common import device_description, device_sync, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.devices import dtype_name, parse_dtype, pick_device
@@ -55,7 +55,7 @@ def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
         return generate(model, prompt, n, temperature=0, cuda_graph=False)
 
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = device_sync(device)
     times, outs = time_interleaved([ours, theirs, *([kernel_by_kernel] if cuda else [])], args.repeats, sync)
     same = (outs[0][:, args.prompt_tokens:] == outs[1][:, args.prompt_tokens:]).all(dim=0).cpu()
     result = {

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 
-from common import device_description, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
+from common import device_description, device_sync, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import ModelConfig  # noqa: E402
 from tinygemma import loss as loss_module  # noqa: E402
@@ -105,7 +105,7 @@ def measure(config: ModelConfig, rows: int, dtype: torch.dtype, device: torch.de
     if compile_:
         runs["in-place"] = in_place_form(runs["in-place"])
     passes = [lambda name=name: one_pass(name, runs[name]) for name in names]
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = device_sync(device)
     try:
         seconds, losses = time_interleaved(passes, steps, sync)
     except torch.cuda.OutOfMemoryError:

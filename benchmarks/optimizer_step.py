@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 
-from common import device_description, positive_int, run_script, time_interleaved  # noqa: E402
+from common import device_description, device_sync, positive_int, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.config import load_recipe  # noqa: E402
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     muon_names = muon_parameters(base)  # only Muon's matrices: AdamW's embedding would dominate the norm
     before = dict(base.named_parameters())
     untimed = max(2, args.warmup)  # the agreement check's round, and time_interleaved's own last one
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
 
     def start(group: list[str]) -> None:
         """Build the group's optimizers and take one step each (muon-compiled compiles here), recording how far

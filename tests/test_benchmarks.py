@@ -114,6 +114,20 @@ def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says):
     assert len(lines) == 1 and says in lines[0], proc.stderr
 
 
+def test_timing_waits_for_the_gpu_it_was_asked_for(monkeypatch):
+    """loss_head, optimizer_step and generate_speed synchronized the current GPU, not --device cuda:1's, so their
+    figures there timed only the kernel launches."""
+    common = load_script("common")
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    common.device_sync("cuda:1")()
+    common.device_sync(torch.device("cpu"))()
+    assert waited == [torch.device("cuda", 1)]
+    for script in ("loss_head", "optimizer_step", "generate_speed"):
+        source = (BENCHMARKS / f"{script}.py").read_text()
+        assert "sync = device_sync(device)" in source and "torch.cuda.synchronize if" not in source, script
+
+
 def test_resident_memory_counts_buffers_too():
     """The workshop model's RoPE tables (buffers, 128 MiB at its size) are resident before a step as its weights
     are: left out, its peak memory read 128 MiB low."""

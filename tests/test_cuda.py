@@ -107,6 +107,8 @@ def test_cuda_graph_decoding_gives_the_tokens_of_kernel_by_kernel_steps(dtype, e
 
     graphed = generate_module.generate(model, prompts, 80, temperature=0)
     assert len(replays) == 79  # every step after the prompt's
+    # A prompt made on the host (torch.tensor([ids]), as the README writes one) was a device-mismatch traceback
+    assert torch.equal(generate_module.generate(model, prompts.cpu(), 80, temperature=0), graphed)
     sampled = generate_module.generate(model, prompts, 40, temperature=1.0, top_k=50, generator=seeded())
     with monkeypatch.context() as patch:
         patch.setattr(generate_module, "GraphedStep", KernelByKernel)

@@ -226,6 +226,33 @@ def test_flex_attention_is_compiled_once_and_never_inside_a_traced_graph():
         model_module._compiled_flex_attention = first
 
 
+def test_each_trained_model_gets_a_flex_kernel_with_graphs_of_its_own(monkeypatch):
+    """Eager flex attention on a GPU (the auto micro-batch probe; compile=false) went through one compiled function
+    for the whole process, whose 8 graphs (one per shape) a notebook's runs used up, each probing a few sizes;
+    past them it ran the unfused reference, quadratic in memory, and the probe chose far smaller micro-batches.
+    init_model gives each model a copy of its own (its own code object, where dynamo keeps the graphs), and
+    eager attention on a GPU takes its model's copy."""
+    import tinygemma.model as model_module
+    import tinygemma.parallelize as parallelize_module
+
+    monkeypatch.setattr(parallelize_module, "choose_attention_backend", lambda cfg, config, rt: ("flex", "asked"))
+    cfg = load_recipe(None, ["block_size=48"]).train
+    models = [parallelize_module.init_model(tiny(), cfg, CPU, None) for _ in range(2)]
+    kernels = [{id(layer.self_attn.flex_kernel) for layer in model.layers} for model in models]
+    assert all(len(k) == 1 for k in kernels) and kernels[0] != kernels[1]  # one per model, shared by its layers
+    codes = [model.layers[0].self_attn.flex_kernel._torchdynamo_orig_callable.__code__ for model in models]
+    # (equal code objects, but dynamo keeps its graphs on each object itself)
+    assert codes[0] is not codes[1] and all(code is not model_module.flex_attention.__code__ for code in codes)
+
+    calls = []
+    owner = types.SimpleNamespace(flex_kernel=lambda *args, **kwargs: calls.append("own") or "own result")
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))  # a stand-in: only its device is read
+    assert model_module._flex_attention(on_gpu, None, None, None, 1.0, True, owner) == "own result"
+    monkeypatch.setattr(model_module, "compiled_flex_attention", lambda: lambda *args, **kwargs: "shared result")
+    assert model_module._flex_attention(on_gpu, None, None, None, 1.0, True) == "shared result"  # a bare model's
+    assert calls == ["own"]
+
+
 def test_vocabulary_is_padded_to_128_on_cuda_unless_the_recipe_says(monkeypatch, tmp_path):
     import tinygemma.train as train_module
 

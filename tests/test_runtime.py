@@ -87,6 +87,16 @@ def test_closing_the_runtime_gives_back_the_float32_matmul_precision(monkeypatch
         real(before)
 
 
+def test_closing_the_runtime_gives_back_the_current_gpu(monkeypatch):
+    """A run on cuda:1 made it the current GPU for good: a notebook's next run with device="cuda" (or "auto") went
+    to cuda:1, and so did any later .cuda(). close() makes the GPU current before it current again."""
+    cuda = FakeCuda(monkeypatch, native_bf16=True)
+    rt = runtime.setup_runtime("cuda:1", "auto")
+    assert cuda.current == 1
+    rt.close()
+    assert cuda.current == 0 and runtime.setup_runtime("cuda", "auto").device == torch.device("cuda", 0)
+
+
 def test_under_torchrun_each_process_takes_its_local_rank(monkeypatch):
     FakeCuda(monkeypatch, native_bf16=True, device_count=4)
     assert runtime.cuda_device(torch.device("cuda"), world_size=4, local_rank=3) == torch.device("cuda", 3)

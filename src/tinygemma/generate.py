@@ -79,7 +79,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                else type(input_ids).__name__)
         raise UserError(f"input_ids must be a [batch, tokens] tensor of integer token ids, got {got}; one prompt "
                         "is torch.tensor([ids])")
-    input_ids = input_ids.long()  # (torch.from_numpy of int32 ids, say)
+    # (torch.from_numpy of int32 ids, say), on the model's device: torch.tensor([ids]) is the host's
+    input_ids = input_ids.to(model.embed_tokens.weight.device).long()
     B, T = input_ids.shape
     if T == 0:
         raise UserError("the prompt must hold at least one token")
@@ -148,10 +149,12 @@ def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temper
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | list[torch.Generator] | None = None,
              cuda_graph: bool = True) -> torch.Tensor:
-    """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor."""
+    """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
+    device."""
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
                                cuda_graph=cuda_graph))
-    return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)  # (uint16 ids do not promote)
+    prompt = input_ids.to(model.embed_tokens.weight.device).long()  # (uint16 ids do not promote)
+    return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 
 
 # ------------------------------------------------------------------ text

@@ -7,6 +7,7 @@ say "as transformers" where a line exists only for that.
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -24,27 +25,37 @@ except ImportError:  # pragma: no cover
 _compiled_flex_attention = None
 
 
-def compiled_flex_attention():
-    """flex_attention compiled into a fused kernel, made once. Call it outside traced code (training's setup
-    does): made inside a graph that dynamo traces, the module global would be written back uncompiled, and
-    later eager calls would run the unfused reference, with memory quadratic in the block."""
+def compiled_flex_attention(fresh: bool = False):
+    """flex_attention compiled into a fused kernel: the process's one, made once, or with `fresh` a copy with
+    graphs of its own, for one model (init_model gives each trained model one: dynamo keeps a function's graphs
+    with its code object, at most 8, one per shape; a shared one ran out of them over a notebook's runs, each
+    probing a few micro-batch sizes, and past them ran the unfused reference, whose memory, quadratic in the block,
+    made the probe choose far smaller micro-batches). Call it outside traced code (training's setup does): made
+    inside a graph that dynamo traces, the module global would be written back uncompiled, and later eager calls
+    would run the unfused reference."""
     global _compiled_flex_attention
     if flex_attention is None:
         raise UserError("attention_backend 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
+    if fresh:
+        fn = flex_attention
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                  fn.__closure__)
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        return torch.compile(copy, dynamic=False)
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention
 
 
-def _flex_attention(q, k, v, block_mask, scale, enable_gqa):
+def _flex_attention(q, k, v, block_mask, scale, enable_gqa, owner=None):
     """flex_attention: inside a compiled model, traced as it is (the model's compiler fuses it); eagerly on a
-    GPU, through `compiled_flex_attention`; elsewhere (CPU: forward only) the uncompiled reference
-    implementation, which serves to check the block mask."""
+    GPU, through `owner.flex_kernel` (the attention module's, set by init_model), else `compiled_flex_attention`;
+    elsewhere (CPU: forward only) the uncompiled reference implementation, which serves to check the block mask."""
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
     if q.device.type == "cuda":
-        return compiled_flex_attention()(q, k, v, **kwargs)
+        return (getattr(owner, "flex_kernel", None) or compiled_flex_attention())(q, k, v, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(q, k, v, **kwargs)
@@ -161,6 +172,7 @@ class Attention(nn.Module):
         # the memory-efficient kernel does not (through PyTorch 2.11 at least), and where flash does not run (a
         # T4, a V100, float32, a mask) SDPA would fall back to its unfused math kernel.
         self.kv_layout = "shared"
+        self.flex_kernel = None  # flex_attention compiled for this model, where training made one (init_model)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
@@ -185,7 +197,7 @@ class Attention(nn.Module):
         # One K/V head serves all query heads without being copied (enable_gqa), where the kernel allows it.
         gqa = self.n_kv_heads != self.n_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
-            y = _flex_attention(q, k, v, mask, self.scale, gqa)
+            y = _flex_attention(q, k, v, mask, self.scale, gqa, self)
         else:
             if gqa and self.kv_layout != "shared":  # every query head's K/V, for a kernel that takes no sharing
                 k = kv_for_every_head(k, self.n_heads, self.kv_layout)

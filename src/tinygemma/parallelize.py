@@ -52,7 +52,9 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
     if raw.attention_backend == "flex":
         # Built here, before compiling, so the compiled graph only reads them.
         raw.sliding_block_mask(cfg.block_size, rt.device)
-        compiled_flex_attention()
+        kernel = compiled_flex_attention(fresh=True)  # this model's shapes alone: within dynamo's 8 graphs
+        for layer in raw.layers:
+            layer.self_attn.flex_kernel = kernel
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(raw)
     return raw

@@ -26,6 +26,7 @@ class Runtime:
     world_size: int = 1
     owns_process_group: bool = False
     matmul_precision: str | None = None  # torch's float32 matmul precision before this set it: close() restores it
+    previous_cuda_device: int | None = None  # the current GPU before this set it (cuda:N): close() restores it
 
     @property
     def is_main(self) -> bool:
@@ -41,10 +42,13 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def close(self) -> None:
-        """Undo what setup_runtime changed in this process: TF32 stays off a notebook's later float32 work, and
-        the process group this runtime started ends."""
+        """Undo what setup_runtime changed in this process: TF32 stays off a notebook's later float32 work, a
+        later device="cuda" is the GPU it was (not this run's cuda:1), and the process group this runtime started
+        ends."""
         if self.matmul_precision is not None:
             torch.set_float32_matmul_precision(self.matmul_precision)
+        if self.previous_cuda_device is not None:
+            torch.cuda.set_device(torch.device("cuda", self.previous_cuda_device))
         if self.owns_process_group:
             dist.destroy_process_group()
 
@@ -58,9 +62,10 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     device = pick_device(device_name)
     if device.type == "mps" and world_size > 1:
         raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
-    before = None  # the matmul precision a CUDA run changes, for close()
+    before = previous_device = None  # the matmul precision and the current GPU a CUDA run changes, for close()
     if device.type == "cuda":
         device = cuda_device(device, world_size, local_rank)
+        previous_device = torch.cuda.current_device()
         torch.cuda.set_device(device)  # before anything asks "the current GPU" a question
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
@@ -73,7 +78,7 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         owns = True
-    return Runtime(device, dtype, rank, local_rank, world_size, owns, before)
+    return Runtime(device, dtype, rank, local_rank, world_size, owns, before, previous_device)
 
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

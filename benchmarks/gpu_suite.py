@@ -490,9 +490,13 @@ def trainer_result(plan: Plan, rows: list[dict], failures: list[str], stopped: l
     """The step's Result from the runs so far (`stopped`: those stopped at the step's deadline, or never started
     for want of time); `runs_done`: a partial one, while runs remain."""
     goals, goal_lines = speed_goals(rows, plan.trainer_runs)
+    # Met only when every planned run ended and its loss fell; a run stopped (or never started) is not judged
+    unjudged = len(plan.trainer_runs) - sum(not r.get("stopped_at_deadline") for r in rows)
+    judged = ("NOT met" if failures else "met" if not unjudged else
+              f"not judged yet ({runs_done} of {len(plan.trainer_runs)} runs done)" if runs_done is not None else
+              f"not judged for {unjudged} run(s), stopped at the step's deadline or never started")
     lines = [*trainer_table(plan, rows), "", *goal_lines, "", f"Criterion: each run's validation loss falls at least "
-             f"{MIN_VAL_DROP} nat from step 0 to its end: **{'met' if rows and not failures else 'NOT met'}**.", "",
-             "Commands:", "", *commands]
+             f"{MIN_VAL_DROP} nat from step 0 to its end: **{judged}**.", "", "Commands:", "", *commands]
     if failures:
         lines += ["", "Failed: " + "; ".join(failures)]
     if stopped:

@@ -167,7 +167,8 @@ CASES = [
     # A recipe's data not yet prepared: `prepare --out DIR`, which the plain refusal suggests, ignores its [data]
     ("train-recipe-data-unprepared", ["train", "--config", "{repo}/configs/cpu-demo.toml", "--set",
                                       "data.dir={root}/new", "--set", "out={root}/new-run"],
-     "is not prepared yet: `tinygemma run {repo}/configs/cpu-demo.toml` prepares it as the recipe's [data] asks"),
+     "{root}/new (data.dir) is not prepared yet: `tinygemma run {repo}/configs/cpu-demo.toml --set "
+     "data.dir={root}/new --set out={root}/new-run` prepares it as the recipe's [data] asks, then trains"),
     ("train-empty-out-set", ["train", "--set", "out="], "train.out is empty: it must name the run's folder"),
     ("train-empty-data-set", ["train", "--set", "data.dir= "], "data.dir is empty: it must name the prepared data"),
     ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/nowhere", "--prompt", "Once"], "not found"),

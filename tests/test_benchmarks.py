@@ -634,8 +634,11 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     assert [r["stopped_at_deadline"] for r in result.data["trainer"]] == [True, False, False, False]
     assert result.data["trainer"][0]["val_loss_first"] == 10.0 and result.data["trainer"][0]["val_loss_last"] is None
     assert "| 1,000 (stopped: 2 of 10 steps) |" in "\n".join(result.lines)
+    assert ("falls at least 1.0 nat from step 0 to its end: **not judged for 1 run(s), stopped at the step's "
+            "deadline or never started**") in "\n".join(result.lines)  # (it read "met": its end was never measured)
     assert [len(r.data["trainer"]) for r in progress] == [1, 2, 3] and all(r.partial for r in progress)
     assert "Still running: 3 of 4 runs done." in progress[-1].lines
+    assert "**not judged yet (3 of 4 runs done)**" in "\n".join(progress[-1].lines)
 
     report, summary = tmp_path / "report.md", tmp_path / "summary.json"
     suite.write_report(report, plan, [], "", [], [progress[0]], 30.0)

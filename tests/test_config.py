@@ -225,8 +225,11 @@ def test_a_huge_integer_setting_is_read_exactly():
     # A whole number written in a float's form is read exactly too, not rounded through a float
     assert load_recipe(None, ["seed=12345678901234567.0"]).train.seed == 12345678901234567
     assert load_recipe(None, ["seed=1.8446744073709551615e19"]).train.seed == 2**64 - 1
-    for text in ("seed=1.5", "seed=nan", "seed=inf", "seed=1e"):
+    for text in ("seed=1.5", "seed=nan", "seed=inf", "seed=1e", "seed=1e500000000"):  # (the last: not built)
         with pytest.raises(UserError, match="train.seed must be an integer"):
+            load_recipe(None, [text])
+    for text in ("max_steps=1e30", "max_steps=1" + "0" * 400, "eval_interval=1e13"):  # a float's overflow later
+        with pytest.raises(UserError, match=r"must be at most 1,000,000,000,000, got"):
             load_recipe(None, [text])
 
 

@@ -195,7 +195,8 @@ def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model
     ({"temperature": "0.7"}, "temperature must be a finite number >= 0, got '0.7'"),
     ({"max_new_tokens": "5"}, "max_new_tokens must be an integer >= 0, got '5'"),
     ({"max_new_tokens": 5.0}, "max_new_tokens must be an integer >= 0, got 5.0"),
-    ({"top_k": 5.0}, "top_k must be an integer >= 1 (0 or none: no top-k filter), got 5.0"),
+    ({"top_k": 5.0}, "top_k must be an integer >= 1, got 5.0"),
+    ({"top_k": 0}, "top_k must be an integer >= 1, got 0"),  # (None is the Python argument's "off")
     ({"top_p": "0.9"}, "top_p must be a number in (0, 1], got '0.9'"),
     ({"eos_id": "2"}, "eos_id must be one of the model's 50,257 token ids, got '2'"),
     ({"eos_id": 50257}, "eos_id must be one of the model's 50,257 token ids, got 50257"),

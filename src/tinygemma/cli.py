@@ -278,9 +278,12 @@ def _train_main(args) -> int:
         recipe = load_recipe(args.config, overrides + args.set)
         data_dir = Path(recipe.data.dir)
         if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):
-            # `prepare --out DIR` (what a missing dataset's refusal suggests) would ignore the recipe's [data]
-            raise UserError(f"{data_dir} (the recipe's data.dir) is not prepared yet: `tinygemma run {args.config}` "
-                            "prepares it as the recipe's [data] asks, then trains")
+            # `prepare --out DIR` (what a missing dataset's refusal suggests) would ignore the recipe's [data];
+            # `run` with the same settings prepares it, then trains the same run
+            command = shlex.join(["tinygemma", "run", args.config,
+                                  *(part for item in overrides + args.set for part in ("--set", item))])
+            raise UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the recipe's "
+                            "[data] asks, then trains")
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if env_rank() == 0:
         print(strict_json(summary))  # (a last step skipped as non-finite: its train_loss null, not NaN)

@@ -224,6 +224,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "eval_batches"):  # far past any memory; quick to list
             if getattr(self, name) > MAX_BATCH:
                 raise UserError(f"train.{name} must be at most {MAX_BATCH:,}, got {getattr(self, name):,}")
+        for name in ("max_steps", "warmup_steps", "eval_interval", "checkpoint_interval", "log_interval"):
+            if getattr(self, name) > MAX_STEPS:  # past any run; a 400-digit count ended in a float's overflow
+                raise UserError(f"train.{name} must be at most {MAX_STEPS:,}, got {getattr(self, name):,}")
         for name in ("learning_rate", "adam_eps", "muon_learning_rate"):  # the optimizers' float32 arithmetic
             _check_number(self, name, lambda v: 0 < v <= FLOAT32_MAX, "a positive number within float32's range")
         for name in ("min_lr", "weight_decay", "grad_clip"):
@@ -480,7 +483,8 @@ def _coerce(value, tp, key: str, from_text: bool):
                     # 1e4 and 4096.0 are whole numbers too, read exactly (through a float, a 17-digit seed
                     # would change silently)
                     number = decimal.Decimal(value.replace("_", ""))
-                if not number.is_finite() or number != number.to_integral_value():
+                # (past any setting's range, 1e500000000 would be built digit by digit: refused as it is)
+                if not number.is_finite() or number.adjusted() > 30 or number != number.to_integral_value():
                     raise ValueError
                 return int(number)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -542,6 +546,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 MUON_BACKENDS = ("torch", "compiled", "bfloat16", "float32")  # optim.MuonAdamW's; the config sits below optim
 MAX_VOCAB_PAD_MULTIPLE = 1 << 16  # model.vocab_pad_multiple
 MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches
+MAX_STEPS = 10**12  # optimizer steps: a trillion, past any run (the ETA of 1e30 steps was 10^29 hours)
 
 
 def check_block_size(block_size: int, model_config: ModelConfig) -> None:
@@ -604,6 +609,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     if not (is_real(temperature) and temperature >= 0 and not math.isinf(temperature)):
         raise UserError(f"{name('temperature')} must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and not (is_integer(top_k) and top_k >= 1):
-        raise UserError(f"{name('top_k')} must be an integer >= 1 (0 or none: no top-k filter), got {top_k!r}")
+        off = " (0 or none: no top-k filter)" if prefix else ""  # (the Python argument's off is None alone)
+        raise UserError(f"{name('top_k')} must be an integer >= 1{off}, got {top_k!r}")
     if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
         raise UserError(f"{name('top_p')} must be a number in (0, 1], got {top_p!r}")

@@ -1,9 +1,11 @@
-"""Which device and which number format: one chooser for training, evaluation and generation."""
+"""Which device and which number format: one chooser for training, evaluation and generation; and torch.compile
+of a function whose compiled graphs are its own."""
 
 from __future__ import annotations
 
 import os
 import platform
+import types
 from pathlib import Path
 
 import torch
@@ -125,3 +127,12 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_description()}, {torch.get_num_threads()} threads"
+
+
+def compiled_copy(fn, **options):
+    """torch.compile of a copy of `fn` with a code object of its own. Dynamo keeps a function's graphs with its code
+    object, at most 8 (one per shape): compiled once for the whole process, a function used by several models (a
+    notebook's sweep) runs out of them, and past them runs uncompiled (or raises, under fullgraph=True)."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return torch.compile(copy, **options)

@@ -7,7 +7,6 @@ say "as transformers" where a line exists only for that.
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
+from tinygemma.devices import compiled_copy
 from tinygemma.errors import UserError
 from tinygemma.loss import LOSS_CHUNK_SIZE, cross_entropy_from_hidden, token_cross_entropy
 
@@ -37,11 +37,7 @@ def compiled_flex_attention(fresh: bool = False):
     if flex_attention is None:
         raise UserError("attention_backend 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
     if fresh:
-        fn = flex_attention
-        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                  fn.__closure__)
-        copy.__kwdefaults__ = fn.__kwdefaults__
-        return torch.compile(copy, dynamic=False)
+        return compiled_copy(flex_attention, dynamic=False)
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention

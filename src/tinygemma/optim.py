@@ -22,12 +22,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import types
 
 import torch
 
 from tinygemma.config import MUON_BACKENDS, TrainConfig, saved_train_settings
-from tinygemma.devices import cpu_has_bf16, cuda_has_bf16
+from tinygemma.devices import compiled_copy, cpu_has_bf16, cuda_has_bf16
 from tinygemma.errors import UserError
 
 # Muon's settings, fixed rather than configurable (see README, "Optimizers and schedules"):
@@ -284,9 +283,7 @@ def compiled_muon_shape_group():
     recompile limit of 8 graphs per function (past it, under fullgraph=True, dynamo raises). Dynamo keeps a
     function's graphs with its code object, so each optimizer compiles a copy of its own: one shared by the
     process failed at the third model of a notebook's sweep. (A graph seen before comes from inductor's cache.)"""
-    fn = muon_shape_group
-    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return torch.compile(fresh, backend=MUON_COMPILER, dynamic=False, fullgraph=True)
+    return compiled_copy(muon_shape_group, backend=MUON_COMPILER, dynamic=False, fullgraph=True)
 
 
 class MuonAdamW(torch.optim.Optimizer):

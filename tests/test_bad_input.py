@@ -169,6 +169,13 @@ CASES = [
                                       "data.dir={root}/new", "--set", "out={root}/new-run"],
      "{root}/new (data.dir) is not prepared yet: `tinygemma run {repo}/configs/cpu-demo.toml --set "
      "data.dir={root}/new --set out={root}/new-run` prepares it as the recipe's [data] asks, then trains"),
+    ("prepare-tokenizer-file-missing", ["prepare", "--out", "{root}/new", "--source", "{root}/stories.txt",
+                                        "--tokenizer", "{root}/nowhere/tokenizer.json"],
+     "tokenizer file not found: {root}/nowhere/tokenizer.json"),  # not "unknown tokenizer", naming what was given
+    ("train-data-with-a-space", ["train", "--data", "{root}/new dir", "--out", "{root}/new-run"],
+     "(run `tinygemma prepare --out '{root}/new dir'`;"),  # a command that pastes whole
+    ("run-empty-source-path", ["run", "{repo}/configs/cpu-demo.toml", "--set", 'data.source=[""]', "--set",
+                               "data.dir={root}/new", "--set", "out={root}/new-run"], "an empty path"),
     ("train-empty-out-set", ["train", "--set", "out="], "train.out is empty: it must name the run's folder"),
     ("train-empty-data-set", ["train", "--set", "data.dir= "], "data.dir is empty: it must name the prepared data"),
     ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/nowhere", "--prompt", "Once"], "not found"),

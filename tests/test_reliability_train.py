@@ -366,6 +366,8 @@ def test_a_pointer_written_by_hand_keeps_its_checkpoint_from_pruning(data_dir, t
     tinygemma.checkpoint.prune_checkpoints(ckpts)
     assert (ckpts / "step_000002" / "trainer_state.json").exists()
     assert tinygemma.checkpoint.resolve_checkpoint(out) == ckpts / "step_000002"
+    # the run's checkpoints folder, given for the run (it said "no checkpoints/last.json" beside its last.json)
+    assert tinygemma.checkpoint.resolve_checkpoint(ckpts) == ckpts / "step_000002"
     assert tinygemma.checkpoint.checkpoint_pointer(out)["dir"] == "step_000002"
     for named in ("../pointer", ".", "step_000002/../../x"):
         (ckpts / "last.json").write_text(json.dumps({"dir": named, "step": 2}))
@@ -398,6 +400,23 @@ def test_under_torchrun_a_non_finite_stop_is_said_alike_by_every_process(data_di
     assert all(line == lines[0] for line in lines) and len(lines) <= 2
     assert lines[0].startswith("tinygemma train: error: non-finite loss at step 7") and \
         "the last good checkpoint is step 5" in lines[0]
+    assert last_checkpoint(out)["step"] == 5
+
+
+def test_under_torchrun_a_process_stopped_by_its_own_error_takes_the_others_without_a_traceback(data_dir, tmp_path):
+    """Process 1 runs out of memory (its one-line error); process 0, waiting in the step's collective, died of
+    gloo's "Connection closed by peer" in a 24-line traceback that buried it. It now says in one line that another
+    process stopped (unless torchrun's SIGTERM ends it first, silently)."""
+    out = tmp_path / "oom"
+    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 1, "oom": 6}]), "TINYGEMMA_FAULT_LOG": str(tmp_path / "log"),
+           "TINYGEMMA_FAULT_RUN": str(out)}
+    proc = torchrun(out, data_dir, "--stop-at", "10", settings=test_train.TWO_PROCESS_SETTINGS,
+                    entry=[str(ROOT / "tests" / "torchrun_faults.py")], env=env)
+    assert proc.returncode != 0
+    assert "tinygemma train: error: out of memory (CUDA out of memory (injected))" in proc.stderr, \
+        test_train.torchrun_failure(proc)
+    worker_tracebacks = [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
+    assert not worker_tracebacks, test_train.torchrun_failure(proc)
     assert last_checkpoint(out)["step"] == 5
 
 

@@ -5,7 +5,8 @@ product code.
 TINYGEMMA_FAULTS is a JSON list indexed by torchrun's attempt (TORCHELASTIC_RESTART_COUNT): null (no fault), or
 {"rank": R, "step": S}: process R dies as it begins optimizer step S (0-based), or
 {"rank": R, "save": N}: process R dies on its N-th safetensors write of the attempt (inside a checkpoint), or
-{"rank": R, "nan": S}: process R's training loss is NaN at optimizer step S (0-based); it lives on.
+{"rank": R, "nan": S}: process R's training loss is NaN at optimizer step S (0-based); it lives on, or
+{"rank": R, "oom": S}: process R runs out of memory as it begins optimizer step S (a one-line error of its own).
 At the start of every attempt, rank 0 appends to TINYGEMMA_FAULT_LOG what it finds in the run directory
 TINYGEMMA_FAULT_RUN: the last checkpoint's step, whether that checkpoint loads, and half-written checkpoints.
 """
@@ -15,6 +16,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+import torch
 
 import tinygemma
 import tinygemma.checkpoint
@@ -28,6 +31,15 @@ def die() -> None:
 
 
 def inject(fault: dict) -> None:
+    if "oom" in fault:
+        step = tinygemma.train.Trainer.step
+
+        def failing_step(self, s):
+            if s == fault["oom"]:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return step(self, s)
+
+        tinygemma.train.Trainer.step = failing_step
     if "step" in fault:
         step = tinygemma.train.Trainer.step
 

@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinygemma {args.command}: {stop_word(e)}", file=sys.stderr)
         return exit_status(e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and under_torchrun() and PEER_LOST.search(str(e)):
+            # Waiting in a collective when another process stopped (its own error, in one line, is above it):
+            # gloo's and NCCL's tracebacks buried that line
+            print(f"tinygemma {args.command}: error: another process of this torchrun job stopped (its error is "
+                  "above); stopping too", file=sys.stderr)
+            return 1
         if not isinstance(e, MemoryError) and not OUT_OF_MEMORY.search(str(e)):
             raise
         cause = (str(e).strip().splitlines() or ["MemoryError"])[0][:200]
@@ -141,6 +147,9 @@ def interrupts_once():
 
 # CUDA's "CUDA out of memory", the CPU allocator's "can't allocate memory", MPS's "MPS backend out of memory"
 OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
+# A collective's error when another process of the job is gone (gloo's, NCCL's)
+PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|remote process exited|"
+                       r"NCCL communicator was aborted|Socket Timeout", re.IGNORECASE)
 # How --set reads a list: a prompt containing a comma stays one prompt.
 LIST_HELP = """a list as a,b or '["a", "b"]' (generate.prompts=TEXT is one prompt, commas and all)"""
 TRAINING_MEMORY_ADVICE = ("set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size, or choose a "

@@ -563,6 +563,8 @@ def story_paths(value, refusal: str) -> list[str]:
         value = [value]
     if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
         raise UserError(f"{refusal}, got {value!r}")
+    if any(not str(v).strip() for v in value):  # "" would be read as the current folder
+        raise UserError(f"{refusal}, got {value!r}: an empty path")
     return [str(v) for v in value]
 
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 from collections import deque
@@ -844,7 +845,7 @@ def open_prepared(directory: str | Path) -> PreparedData:
             raise UserError(f"{directory} is not a prepared dataset (no {META_NAME}) and holds other files; give "
                             "the folder that `tinygemma prepare --out` wrote")
         raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (run `tinygemma prepare --out "
-                        f"{directory}`; an interrupted run leaves none)")
+                        f"{shlex.quote(str(directory))}`; an interrupted run leaves none)")
     meta = read_json(directory / META_NAME, "dataset metadata")
     where = directory / META_NAME
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

@@ -132,7 +132,7 @@ def restart_warning(env) -> str | None:
     each attempt a fresh store."""
     if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
         return ("tinygemma: warning: torchrun shares its rendezvous store with the processes it restarts, which can "
-                "make a restart fail to connect (pytorch/pytorch#135712); run torchrun with "
+                "make a restart fail to connect or hang (pytorch/pytorch#135712); run torchrun with "
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment")
     return None
 

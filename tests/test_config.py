@@ -104,6 +104,20 @@ def test_other_spellings_of_dtype_and_compile_are_the_same_settings():
     assert load_recipe(None, ["dtype=FP16", "compile=no"]).train.compile == "false"
 
 
+def test_story_paths_take_a_path_likes_path_and_refuse_empty_ones(tmp_path):
+    """os.DirEntry (from os.scandir) is path-like, but its str() is its repr: the source was "<DirEntry 'a.txt'>";
+    an empty path would be read as the current folder."""
+    import os
+
+    from tinygemma.config import story_paths
+
+    (tmp_path / "a.txt").write_text("Once.")
+    assert story_paths(list(os.scandir(tmp_path)), "x") == [str(tmp_path / "a.txt")]
+    for empty in ([""], [" "], ["a.txt", ""]):
+        with pytest.raises(UserError, match="an empty path"):
+            story_paths(empty, "data.source must be story files")
+
+
 def test_the_version_is_one_flag_away(capsys):
     from tinygemma import __version__
     from tinygemma.cli import main

@@ -653,7 +653,7 @@ def test_interrupted_prepare_with_workers_says_one_line(stories_dir, tmp_path):
     """Ctrl-C reaches the whole foreground group, workers included: the parent says one line and exits 130, no
     worker prints a traceback, and the half-written output goes."""
     big = tmp_path / "big.txt"
-    big.write_text((stories_dir / "train.txt").read_text(encoding="utf-8") * 24, encoding="utf-8")
+    big.write_text((stories_dir / "train.txt").read_text(encoding="utf-8") * 48, encoding="utf-8")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
 

@@ -353,7 +353,7 @@ def test_a_damaged_trainer_state_is_refused_in_one_line_and_never_restarts_the_r
     assert run(data_dir, out, *settings, resume=True)["step"] == 4
 
 
-def test_a_pointer_written_by_hand_keeps_its_checkpoint_from_pruning(data_dir, tmp_path, capsys):
+def test_a_pointer_written_by_hand_keeps_its_checkpoint_from_pruning(data_dir, tmp_path, capsys, monkeypatch):
     """`{"dir": "step_000002/"}` (a path typed with tab-completion), which the readers accept, made pruning delete
     the very checkpoint it names: pointers are read as a folder name of checkpoints/ wherever they are read, and one
     naming a folder elsewhere is refused in one line. An export, which needs only the weights, is not stopped by
@@ -368,6 +368,9 @@ def test_a_pointer_written_by_hand_keeps_its_checkpoint_from_pruning(data_dir, t
     assert tinygemma.checkpoint.resolve_checkpoint(out) == ckpts / "step_000002"
     # the run's checkpoints folder, given for the run (it said "no checkpoints/last.json" beside its last.json)
     assert tinygemma.checkpoint.resolve_checkpoint(ckpts) == ckpts / "step_000002"
+    monkeypatch.chdir(ckpts)  # `--ckpt .` from inside it
+    assert tinygemma.checkpoint.resolve_checkpoint(".").resolve() == (ckpts / "step_000002").resolve()
+    monkeypatch.chdir(tmp_path)
     assert tinygemma.checkpoint.checkpoint_pointer(out)["dir"] == "step_000002"
     for named in ("../pointer", ".", "step_000002/../../x"):
         (ckpts / "last.json").write_text(json.dumps({"dir": named, "step": 2}))

@@ -83,8 +83,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{path} is a file; give the checkpoint or run directory that holds it")
     if (path / META_NAME).exists():
         return path
-    if path.name == "checkpoints" and (path / "last.json").exists():  # a run's checkpoints folder: the run's
-        path = path.parent
+    if path.resolve().name == "checkpoints" and (path / "last.json").exists():  # a run's checkpoints/: the run's
+        path = path.resolve().parent  # (resolved: `--ckpt .` from inside it)
     # A run directory (its config.json is the run's recipe, not a transformers config): follow its pointers.
     ckpts = path / "checkpoints"
     dangling = []

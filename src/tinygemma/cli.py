@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, MemoryError) and under_torchrun() and PEER_LOST.search(str(e)):
             # Waiting in a collective when another process stopped (its own error, in one line, is above it):
             # gloo's and NCCL's tracebacks buried that line
-            print(f"tinygemma {args.command}: error: another process of this torchrun job stopped (its error is "
-                  "above); stopping too", file=sys.stderr)
+            print(f"tinygemma {args.command}: error: another process of this torchrun job stopped or became "
+                  f"unreachable (its own error, if it could say one, is above); stopping too "
+                  f"({str(e).strip().splitlines()[0][:200]})", file=sys.stderr)
             return 1
         if not isinstance(e, MemoryError) and not OUT_OF_MEMORY.search(str(e)):
             raise

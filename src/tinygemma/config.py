@@ -563,9 +563,11 @@ def story_paths(value, refusal: str) -> list[str]:
         value = [value]
     if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
         raise UserError(f"{refusal}, got {value!r}")
-    if any(not str(v).strip() for v in value):  # "" would be read as the current folder
-        raise UserError(f"{refusal}, got {value!r}: an empty path")
-    return [str(v) for v in value]
+    paths = [os.fspath(v) for v in value]  # (a PathLike's path, not its str(): os.DirEntry's is its repr)
+    if any(not isinstance(v, str) or not v.strip() for v in paths):  # "" would be read as the current folder
+        raise UserError(f"{refusal}, got {value!r}: an empty path" if all(isinstance(v, str) for v in paths)
+                        else f"{refusal}, got {value!r}")
+    return paths
 
 
 def is_integer(value) -> bool:

@@ -467,7 +467,8 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
         raise UserError("bpe names the tokenizer that prepare trains on the stories; here give the tokenizer.json "
                         "it wrote (in the prepared data's folder), or gpt2")
     elif not path.exists() and (path.suffix == ".json" or len(path.parts) > 1):  # meant as a file
-        raise UserError(f"tokenizer file not found: {path}")
+        raise UserError(f"tokenizer file not found: {path} (a tokenizer is gpt2, bpe, or a path to a "
+                        "tokenizer.json; names on the Hugging Face hub are not loaded)")
     elif not path.exists():
         raise UserError(f"unknown tokenizer {str(name_or_path)!r}: use gpt2, bpe (prepare trains it), "
                         "or a path to a tokenizer.json")

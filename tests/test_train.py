@@ -144,7 +144,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_text(data_dir, stories_dir, tmp_p
         assert lengths[data.eot_id] == 0
 
 
-def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path, capsys):
     out = tmp_path / "resumed"
     first = run(data_dir, out, stop_at=20)
     assert first["step"] == 20 and last_step(out) == 20
@@ -158,8 +158,11 @@ def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path
         path.parent.mkdir(exist_ok=True)
         path.write_text("killed")
     # The command line resumes from the run's own config.json, with nothing but --out.
+    capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert last_step(out) == 40
+    tokens = 40 * json.loads((out / "config.json").read_text())["run"]["tokens_per_step"]
+    assert f"of 40 ({tokens:,} tokens in all)" in capsys.readouterr().out  # a small run's read "0.0M"
     assert train_losses(out) == train_losses(straight_run)  # exactly, step for step
     assert val_losses(out) == val_losses(straight_run)
     assert not any(path.exists() for path in left) and (out / ".notes.txt.0a1b2c3d.tmp").exists()

@@ -338,9 +338,10 @@ class Trainer:
     def say_start(self, compiled: bool) -> None:
         """The first log line (what trains, how, on what), and the progress bar on a terminal."""
         cfg, rt, start = self.cfg, self.rt, self.start
+        total = cfg.max_steps * self.tokens_per_step  # (a small run's 40,960 read "0.0M")
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
-              f"of {cfg.max_steps} ({cfg.max_steps * self.tokens_per_step / 1e6:,.1f}M tokens in all) in "
+              f"of {cfg.max_steps} ({f'{total / 1e6:,.1f}M' if total >= 1e6 else f'{total:,}'} tokens in all) in "
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer, self.fsdp)}, {cfg.lr_schedule} schedule; "

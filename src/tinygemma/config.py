@@ -564,9 +564,10 @@ def story_paths(value, refusal: str) -> list[str]:
     if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)):
         raise UserError(f"{refusal}, got {value!r}")
     paths = [os.fspath(v) for v in value]  # (a PathLike's path, not its str(): os.DirEntry's is its repr)
-    if any(not isinstance(v, str) or not v.strip() for v in paths):  # "" would be read as the current folder
-        raise UserError(f"{refusal}, got {value!r}: an empty path" if all(isinstance(v, str) for v in paths)
-                        else f"{refusal}, got {value!r}")
+    if not all(isinstance(v, str) for v in paths):  # a path-like of bytes
+        raise UserError(f"{refusal}, got {value!r}")
+    if any(not v.strip() for v in paths):  # "" would be read as the current folder
+        raise UserError(f"{refusal}, got {value!r}: an empty path")
     return paths
 
 

@@ -584,7 +584,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         notes.append(f"--workers (workers) {workers} is more than the {cores} cores this process may use; using "
                      f"{cores}")
         workers = cores
-    lacking = missing_bytes(json.loads(tokenizer.content)) if isinstance(tokenizer, HFTokenizer) else 0
+    lacking = missing_bytes(tokenizer.parsed) if isinstance(tokenizer, HFTokenizer) else 0
     if lacking:
         notes.append(f"the tokenizer's byte-level vocabulary lacks {lacking} of the 256 bytes: its encoder silently "
                      "drops every character holding one (accents, emoji), so the prepared text loses them; a BPE "

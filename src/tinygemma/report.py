@@ -34,6 +34,7 @@ from tinygemma.config import (
     ModelConfig,
     Recipe,
     TrainConfig,
+    is_real,
     saved_train_settings,
 )
 from tinygemma.data import HUB_DATASET
@@ -468,7 +469,7 @@ def optimizer_description(train: dict) -> str:
     lr, min_lr, muon_lr = (train.get(k) for k in ("learning_rate", "min_lr", "muon_learning_rate"))
     rates = (f"Muon {muon_lr} for the matrices, AdamW {lr} for the rest" if muon else f"learning rate {lr}")
     # Every rate ends at the same fraction of its peak (min_lr / learning_rate): Muon's at its own
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, min_lr, muon_lr)) and lr
+    numbers = all(is_real(v) for v in (lr, min_lr, muon_lr)) and lr
     end = f"{min_lr} (AdamW) and {min_lr / lr * muon_lr:.3g} (Muon)" if muon and numbers else f"{min_lr}"
     if train.get("lr_schedule") == "wsd" and train.get("cooldown_fraction") == 0:
         decay = "wsd schedule with no cooldown (the rates end at their peak)"

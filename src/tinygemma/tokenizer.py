@@ -326,11 +326,16 @@ class HFTokenizer(Tokenizer):
         return self._model_vocab_size
 
     @functools.cached_property
+    def parsed(self) -> dict:
+        """The file's JSON, parsed once (Gemma 3's tokenizer.json is 33 MB): read it, never change it."""
+        return json.loads(self.content)
+
+    @functools.cached_property
     def byte_fallback_ids(self) -> frozenset[int]:
         """The ids of a byte-fallback model's <0xHH> pieces (SentencePiece's, Llama's, Gemma's): its decoder reads
         a run of them together, and a run that is not UTF-8 becomes U+FFFD for each of its bytes, so text made of
         them is final only once a token of another kind follows."""
-        if not (json.loads(self.content).get("model") or {}).get("byte_fallback"):
+        if not (self.parsed.get("model") or {}).get("byte_fallback"):
             return frozenset()
         return frozenset(i for token, i in self.backend.get_vocab(with_added_tokens=True).items()
                          if _BYTE_TOKEN.fullmatch(token))
@@ -340,9 +345,8 @@ class HFTokenizer(Tokenizer):
         """"byte-level BPE (tokenizer.json)", "Unigram (tokenizer.json)", ...: its model's type, from the file."""
         if self.identity == "gpt2":
             return "GPT-2's BPE (tokenizer.json)"
-        spec = json.loads(self.content)
-        kind = (spec.get("model") or {}).get("type") or "tokenizer"
-        return f"{'byte-level ' if _decodes_byte_level(spec) else ''}{kind} (tokenizer.json)"
+        kind = (self.parsed.get("model") or {}).get("type") or "tokenizer"
+        return f"{'byte-level ' if _decodes_byte_level(self.parsed) else ''}{kind} (tokenizer.json)"
 
     @property
     def bos_token(self) -> str:
@@ -352,7 +356,7 @@ class HFTokenizer(Tokenizer):
     def unk_token(self) -> str:
         """The file's own unknown token where its model has one (WordPiece's [UNK], a Unigram's <unk>): naming
         end-of-text instead, the export's tokenizer read every unknown token as end-of-text."""
-        model = json.loads(self.content).get("model") or {}
+        model = self.parsed.get("model") or {}
         unk = model.get("unk_token")
         if model.get("type") == "Unigram" and isinstance(model.get("unk_id"), int):
             unk = self.backend.id_to_token(model["unk_id"])

@@ -236,7 +236,13 @@ def to_transformers(model: Gemma3, attn_implementation: str = "sdpa"):
                            f"unexpected {unexpected}")
     hf.tie_weights()
     weight = model.embed_tokens.weight
-    return hf.to(device=weight.device, dtype=weight.dtype).eval()
+    # RoPE's inverse frequencies stay float32, as from_pretrained in a half dtype keeps them (a plain .to() rounds).
+    rope = {name: buffer for name, buffer in hf.named_buffers() if name.endswith("inv_freq")}
+    hf = hf.to(device=weight.device, dtype=weight.dtype).eval()
+    for name, buffer in rope.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(hf.get_submodule(owner), leaf, buffer.to(weight.device))
+    return hf
 
 
 def load_hf(directory: str | Path) -> Gemma3:

@@ -291,6 +291,16 @@ def test_text_stream_of_byte_fallback_pieces_is_what_decode_gives(tmp_path):
         ids = [rng.choice([1, 2 + rng.choice([0x41, 0xC3, 0x98, 0xE6, 0x97, 0xA5, 0xF0, 0x9F])]) for _ in range(12)]
         assert streamed(ids) == tokenizer.decode([1, *ids])[1:], ids
 
+    # A prompt ending in a run longer than the stream's context window ("日本": six byte pieces), which the reply
+    # continues ("語"): the context decoded with the new ids starts at the run's start, not inside it, where the
+    # run read as invalid and the reply came out as U+FFFD.
+    def pieces(text: str) -> list[int]:
+        return [1 if ch == "a" else 2 + b for ch in text for b in ch.encode("utf-8")]
+
+    prompt, reply = pieces("a日本"), pieces("語a")
+    stream = TextStream(tokenizer, context=prompt)
+    assert "".join(stream.push(i) for i in reply) + stream.flush() == "語a"
+
 
 # ------------------------------------------------------------------ command line
 

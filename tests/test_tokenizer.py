@@ -103,6 +103,25 @@ def test_eot_of_a_tokenizer_json(tmp_path):
         load_tokenizer(_word_level(tmp_path, ["<unk>", "hello"]))
 
 
+def test_an_end_of_text_added_but_not_special_is_refused(tmp_path):
+    """An added token not marked special is split out of any text, encode_special_tokens or not: a story's own
+    "<|endoftext|>" would become a false story boundary (and count 13 bytes in bits per byte). One line."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "once": 1}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_tokens([AddedToken("<|endoftext|>", special=False)])
+    assert backend.encode("once <|endoftext|>").ids == [1, 2]  # what it would do to a story
+    path = tmp_path / "tokenizer.json"
+    path.write_text(backend.to_str())
+    with pytest.raises(UserError, match=r"end-of-text token '<\|endoftext\|>' is not marked special.*special=True"):
+        load_tokenizer(path)
+    backend.add_special_tokens(["<|endoftext|>"])  # the same token, now special: read as text in stories
+    path.write_text(backend.to_str())
+    tok = load_tokenizer(path)
+    assert tok.eot_id == 2 and tok.eot_id not in tok.encode("once <|endoftext|>")
+
+
 def test_bad_tokenizer_names_and_files(tmp_path):
     with pytest.raises(UserError, match="unknown tokenizer 'gpt3'"):
         load_tokenizer("gpt3")

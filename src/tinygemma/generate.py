@@ -176,6 +176,9 @@ class TextStream:
         self.tokenizer = tokenizer
         self.ids = list(context)
         self.prefix_offset = max(0, len(self.ids) - context_tokens)  # start of the context decoded with new ids
+        pieces = getattr(tokenizer, "byte_fallback_ids", frozenset())
+        while 0 < self.prefix_offset and {self.ids[self.prefix_offset - 1], self.ids[self.prefix_offset]} <= pieces:
+            self.prefix_offset -= 1  # never inside a run of byte pieces, which decodes whole or as U+FFFD
         self.read_offset = len(self.ids)  # ids before this are already released
 
     def push(self, token_id: int) -> str:

@@ -302,8 +302,13 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(vocab.values()) + 1
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
+        added = self.backend.get_added_tokens_decoder()
+        if self.eot_id in added and not added[self.eot_id].special:
+            raise UserError(f"{where}: its end-of-text token {self.eot_token!r} is not marked special, so a story's "
+                            f"own {self.eot_token!r} would be read as it; add it with special=True "
+                            "(tokenizers' add_special_tokens)")
         self.prompt_prefix, self.text_suffix = self._post_processor_parts()
-        special = {i for i, added in self.backend.get_added_tokens_decoder().items() if added.special}
+        special = {i for i, token in added.items() if token.special}
         text_ids = [i for i in vocab.values() if i not in special]
         self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its

@@ -150,6 +150,10 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     assert load_recipe(None, ["model.vocab_size=1024"]).model_config(vocab_size=512).vocab_size == 1024
     with pytest.raises(UserError, match="cannot hold the data's tokens"):
         load_recipe(None, ["model.vocab_size=256"]).model_config(vocab_size=512)
+    # Special ids past the text's (Gemma 3's <image_soft_token>) need no row: gemma-3-270m's shape is allowed
+    assert load_recipe(None, ["model.vocab_size=511"]).model_config(512, needed=511).vocab_size == 511
+    with pytest.raises(UserError, match="text and end-of-text take 511 ids"):
+        load_recipe(None, ["model.vocab_size=510"]).model_config(512, needed=511)
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -10,6 +10,7 @@ from test_model import tiny  # noqa: E402
 
 from tinygemma import Gemma3, UserError
 from tinygemma.config import GLOBAL, SLIDING, load_recipe
+from tinygemma.data import PreparedData
 from tinygemma.parallelize import (
     PROBE_MEMORY_FRACTION,
     build_model,
@@ -257,12 +258,13 @@ def test_vocabulary_is_padded_to_128_on_cuda_unless_the_recipe_says(monkeypatch,
     import tinygemma.train as train_module
 
     recipe = load_recipe(None, ["model.preset=gemma3-tiny"])
+    gpt2 = PreparedData(tmp_path, {"vocab_size": 50_257, "tokenizer": {"kind": "gpt2"}})
     monkeypatch.setattr(train_module, "pick_device", lambda name: torch.device("cpu"))
-    assert run_model_config(recipe, 50_257, tmp_path, None).vocab_pad_multiple == 1
+    assert run_model_config(recipe, gpt2, tmp_path, None).vocab_pad_multiple == 1
     monkeypatch.setattr(train_module, "pick_device", lambda name: torch.device("cuda", 0))
-    assert run_model_config(recipe, 50_257, tmp_path, None).padded_vocab_size == 50_304
+    assert run_model_config(recipe, gpt2, tmp_path, None).padded_vocab_size == 50_304
     explicit = load_recipe(None, ["model.preset=gemma3-tiny", "model.vocab_pad_multiple=1"])
-    assert run_model_config(explicit, 50_257, tmp_path, None).vocab_pad_multiple == 1
+    assert run_model_config(explicit, gpt2, tmp_path, None).vocab_pad_multiple == 1
 
 
 def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(monkeypatch):

@@ -432,6 +432,24 @@ def test_activation_checkpointing_changes_no_number(straight_run, data_dir, tmp_
     assert [train_losses(out)[s] for s in (1, 2, 3)] == [train_losses(straight_run)[s] for s in (1, 2, 3)]
 
 
+def test_a_special_token_past_the_text_needs_no_model_row(data_dir, tmp_path, stories_dir):
+    """Gemma 3's tokenizer.json holds <image_soft_token> past gemma-3-270m's rows; a run on data it prepared may
+    have that shape (train refused what generate, eval and export accept), and the data's ids are still checked."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    backend.add_special_tokens(["<image_soft_token>"])
+    (tmp_path / "tokenizer.json").write_text(backend.to_str())
+    data = tmp_path / "data"
+    prepare(data, sources=[stories_dir / "train.txt"], tokenizer=str(tmp_path / "tokenizer.json"), limit=300,
+            val_fraction=0.1, workers=1, progress=False)
+    assert open_prepared(data).vocab_size == 513 and open_prepared(data).tokenizer().model_vocab_size == 512
+    run(data, tmp_path / "run", "model.vocab_size=512", "max_steps=2", "warmup_steps=0")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["vocab_size"] == 512
+    with pytest.raises(tinygemma.UserError, match="cannot hold the data's tokens"):
+        run(data, tmp_path / "small", "model.vocab_size=511", "max_steps=2", "warmup_steps=0")
+
+
 def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):
     with pytest.raises(tinygemma.UserError, match="cannot hold the data's tokens"):
         run(data_dir, tmp_path / "a", "model.vocab_size=100")

@@ -310,14 +310,18 @@ class Recipe:
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     out: str = "runs/tinystories"  # [train] out: the run directory
 
-    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
-        """The model: the preset with the overrides; `vocab_size` (the data's) replaces the preset's unless
-        the recipe sets model.vocab_size itself, which must then hold every token of the data."""
+    def model_config(self, vocab_size: int | None = None, needed: int | None = None) -> ModelConfig:
+        """The model: the preset with the overrides; `vocab_size` (the data's tokenizer's) replaces the preset's
+        unless the recipe sets model.vocab_size itself, which must then hold `needed` rows (default vocab_size):
+        the ids of the data's text and end-of-text, its tokenizer's model_vocab_size. Special ids past those
+        (Gemma 3's <image_soft_token>, past gemma-3-270m's 262,144 rows) never occur in stories."""
         overrides = dict(self.model_overrides)
         if vocab_size is not None:
-            if overrides.get("vocab_size", vocab_size) < vocab_size:
+            needed = vocab_size if needed is None else needed
+            if overrides.get("vocab_size", vocab_size) < needed:
                 raise UserError(f"model.vocab_size {overrides['vocab_size']} cannot hold the data's tokens "
-                                f"(its tokenizer has {vocab_size}); remove the override or raise it")
+                                f"(its tokenizer's text and end-of-text take {needed} ids); remove the override "
+                                "or raise it")
             overrides.setdefault("vocab_size", vocab_size)
         return ModelConfig.preset(self.model_preset, **overrides)
 

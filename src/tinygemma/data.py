@@ -27,7 +27,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -794,6 +794,7 @@ class PreparedData:
 
     directory: Path
     meta: dict
+    _tokenizer: Tokenizer | None = field(default=None, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
@@ -813,7 +814,10 @@ class PreparedData:
         return np.memmap(self.directory / self.meta["splits"][name]["file"], dtype=self.dtype, mode="r")
 
     def tokenizer(self) -> Tokenizer:
-        return tokenizer_from_spec(self.meta["tokenizer"], self.directory)
+        """Its tokenizer, loaded once (Gemma 3's tokenizer.json takes seconds to parse)."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_from_spec(self.meta["tokenizer"], self.directory)
+        return self._tokenizer
 
     def digest(self, name: str) -> str | None:
         """The split's tokens' BLAKE2b digest as prepare wrote them (None for data prepared before it recorded one)."""

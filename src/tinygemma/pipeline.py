@@ -129,7 +129,8 @@ def check_prompts(recipe: Recipe) -> None:
     """The recipe's prompts in the data's tokens: each must encode to some, and fit with generate.max_new_tokens
     in the model's positions. Checked once the data (its tokenizer) is there, before training, not after it."""
     data = open_prepared(recipe.data.dir)
-    tokenizer, config = data.tokenizer(), recipe.model_config(data.vocab_size)
+    tokenizer = data.tokenizer()
+    config = recipe.model_config(data.vocab_size, tokenizer.model_vocab_size)
     for prompt in recipe.generate.prompts:
         try:
             prompt_ids(config, tokenizer, prompt, recipe.generate.max_new_tokens)

@@ -179,7 +179,7 @@ class Trainer:
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = last_checkpoint(self.run_dir)
         ckpt_dir, state = find_start(self.run_dir, last, resume, self.data, self.data_dir)
-        self.model_config = run_model_config(recipe, self.data.vocab_size, self.run_dir, last)
+        self.model_config = run_model_config(recipe, self.data, self.run_dir, last)
         self.start = state.get("step", 0)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
@@ -787,11 +787,11 @@ def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, tr
                             f"window of block_size + 1 = {cfg.block_size + 1}")
 
 
-def run_model_config(recipe: Recipe, vocab_size: int, run_dir: Path, last: dict | None) -> ModelConfig:
-    """The recipe's model for this data. Unless the recipe says otherwise, the vocabulary is padded to a
-    multiple of 128 on CUDA (tensor-core-friendly matrix shapes; no logit changes, the export drops it), and a
-    resumed run keeps the padding it was trained with."""
-    config = recipe.model_config(vocab_size=vocab_size)
+def run_model_config(recipe: Recipe, data, run_dir: Path, last: dict | None) -> ModelConfig:
+    """The recipe's model for this data (PreparedData). Unless the recipe says otherwise, the vocabulary is
+    padded to a multiple of 128 on CUDA (tensor-core-friendly matrix shapes; no logit changes, the export drops
+    it), and a resumed run keeps the padding it was trained with."""
+    config = recipe.model_config(data.vocab_size, data.tokenizer().model_vocab_size)
     if "vocab_pad_multiple" in recipe.model_overrides:
         return config
     if last is not None:

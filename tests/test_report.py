@@ -248,7 +248,7 @@ def card(path: Path):
 
 def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_run, stories_dir, tmp_path,
                                                                       capsys):
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     hf = tmp_path / "hf"
     assert main(["export", "--ckpt", str(straight_run), "--out", str(hf)]) == 0
     model_card = card(hf)  # huggingface_hub's own parser reads the header
@@ -291,7 +291,13 @@ def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_r
     assert bare_card.data.license == "other" and bare_card.data.datasets is None
     assert "Unknown: the export's source records no training." in bare_card.text
     assert "Unknown: no evaluation was recorded for this checkpoint." in bare_card.text
-    assert "| context | unknown (training) |" in bare_card.text
+    # ... but a tinygemma export's weights record the block size it was trained at, as eval reads it
+    assert "| context | trained on 32 tokens |" in bare_card.text
+    foreign = tmp_path / "foreign"  # saved by transformers itself: no record of a block size
+    transformers.AutoModelForCausalLM.from_pretrained(hf).save_pretrained(foreign)
+    assert main(["export", "--ckpt", str(foreign), "--out", str(tmp_path / "foreign-hf"), "--tokenizer",
+                 str(hf / "tokenizer.json")]) == 0
+    assert "| context | unknown (training) |" in card(tmp_path / "foreign-hf").text
 
     # A model saved by the Python API records no tokenizer and no training: exported with --tokenizer, its card
     # names the tokenizer exported (it said unknown) and does not claim the training it cannot describe.

@@ -152,7 +152,7 @@ OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE
 PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|remote process exited|"
                        r"NCCL communicator was aborted|Socket Timeout", re.IGNORECASE)
 # How --set reads a list: a prompt containing a comma stays one prompt.
-LIST_HELP = """a list as a,b or '["a", "b"]' (generate.prompts=TEXT is one prompt, commas and all)"""
+LIST_HELP = """a list as a,b or '["a", "b"]' (generate.prompts=TEXT is one prompt, commas and all; nothing after = is none)"""
 TRAINING_MEMORY_ADVICE = ("set train.micro_batch_size lower (or to auto, on CUDA), or train.block_size, or choose a "
                           "smaller model")
 MEMORY_ADVICE = {"generate": "ask for fewer --num-samples or --max-new-tokens", "eval": "use a smaller --batch-size",

@@ -42,7 +42,7 @@ from tinygemma.devices import device_description, pick_device
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_write_text, peek_json, read_json
 from tinygemma.generate import generate_text, prompt_ids
-from tinygemma.hf import model_config_from_hf
+from tinygemma.hf import exported_block_size, model_config_from_hf
 from tinygemma.metrics import format_duration, read_records
 from tinygemma.tokenizer import TOKENIZER_FILE, GPT2Tokenizer, Tokenizer
 
@@ -427,7 +427,8 @@ def model_rows(config: ModelConfig, known: dict, exported: Tokenizer | None = No
     """The card's Model table; `exported`: the tokenizer the export holds, described from its own file."""
     recorded = (known["meta"].get("tokenizer") or {}).get("kind")
     tokenizer = GPT2Tokenizer.description if recorded == "gpt2" else exported.description if exported else UNKNOWN
-    trained_context = (known["recipe"].get("train") or {}).get("block_size") if known["recipe"] else None
+    trained_context = ((known["recipe"].get("train") or {}).get("block_size") if known["recipe"]
+                       else exported_block_size(known["source"]))  # a tinygemma export's weights record it
     sliding = sum(t == "sliding_attention" for t in config.layer_types)
     return [
         ("architecture", "Gemma 3 (text): RMSNorm before and after attention and MLP, GeGLU MLP, RoPE, "

@@ -191,6 +191,16 @@ def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model
         generate_text(tiny_model(vocab_size=512), tokenizer, PROMPT, 2)
 
 
+def test_a_prompt_that_is_not_utf8_is_one_line(ckpt, model, tokenizer, capsys):
+    """A byte that is not UTF-8 in --prompt reaches Python as a lone surrogate (\\udcff): GPT-2's tokenizer went on
+    from U+FFFD, a tokenizer.json's raised a TypeError; both are refused, naming the character."""
+    with pytest.raises(UserError, match=r"not UTF-8 text.*character 5"):
+        generate_text(model, tokenizer, "Once \udcff upon", 2)
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "Once \udcff upon", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8 text" in err
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": "0.7"}, "temperature must be a finite number >= 0, got '0.7'"),
     ({"max_new_tokens": "5"}, "max_new_tokens must be an integer >= 0, got '5'"),

@@ -51,6 +51,7 @@ from tinygemma.files import (
 from tinygemma.runtime import Runtime
 from tinygemma.tokenizer import (
     EOT_TOKEN,
+    LONE_SURROGATE,
     TOKENIZER_FILE,
     HFTokenizer,
     Tokenizer,
@@ -155,9 +156,6 @@ def _txt_file_stories(path: Path) -> Iterator[str]:
                 story = [last]
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _record_text(record, where: str) -> str | None:
     """The story of a JSON record; None (skipped by _clean, as a parquet file's or the hub's null is) where its
     text or story is null."""
@@ -165,7 +163,7 @@ def _record_text(record, where: str) -> str | None:
         for field in ("text", "story"):
             if isinstance(record.get(field), str):
                 text = record[field]
-                if _SURROGATE.search(text):  # JSON's \udc00 escapes decode to what no UTF-8 text holds
+                if LONE_SURROGATE.search(text):  # JSON's \udc00 escapes decode to what no UTF-8 text holds
                     raise UserError(f"{where}: its {field} holds a lone surrogate (a \\ud800-\\udfff escape), "
                                     "which is not text any tokenizer takes")
                 return text

@@ -18,6 +18,7 @@ from tinygemma.config import check_sampling, is_integer
 from tinygemma.decode import GraphedStep, decode_plan
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3, check_tokenizer_fits
+from tinygemma.tokenizer import LONE_SURROGATE
 
 # ------------------------------------------------------------------ sampling
 
@@ -213,6 +214,9 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
                         "once per prompt")
     if not prompt:
         raise UserError("the prompt is empty; give some text to continue")
+    if bad := LONE_SURROGATE.search(prompt):
+        raise UserError(f"the prompt is not UTF-8 text: {bad.group()!r} at character {bad.start()} (a byte "
+                        "that is not UTF-8 on the command line reads as \\udc80-\\udcff); give it in UTF-8")
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")

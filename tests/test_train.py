@@ -168,6 +168,28 @@ def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path
     assert not any(path.exists() for path in left) and (out / ".notes.txt.0a1b2c3d.tmp").exists()
 
 
+def test_train_checks_the_data_and_sampling_settings_it_is_given(data_dir, tmp_path, capsys, stories_dir):
+    """`train --set data.limit=100` trained on data.dir as prepared, whatever the setting said, and recorded it;
+    `--set generate.seed=-1` was recorded for the run's samples and model card. Both are refused in one line
+    before anything is written. [data] settings that describe the prepared data (the model card's Reproduce
+    command gives them) are taken."""
+    args = ["train", *(a for s in tiny_settings(data_dir, tmp_path / "run", "max_steps=2", "warmup_steps=0")
+                       for a in ("--set", s))]
+    for bad, phrase in [("data.limit=100", "limit: 600, the recipe asks for 100"),
+                        ("data.tokenizer=gpt2", "tokenizer: "),
+                        ("generate.seed=-1", "generate.seed must be an integer from 0")]:
+        assert main([*args, "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and phrase in err, err
+    assert not (tmp_path / "run").exists()
+    data = tmp_path / "data"  # prepared as a recipe's [data] can say (the fixture's 0.1 of the stories it cannot)
+    prepare(data, sources=[stories_dir / "train.txt"], tokenizer="bpe", vocab_size=300, limit=300, workers=1,
+            progress=False)
+    same = [f"data.dir={data}", f"data.source={stories_dir / 'train.txt'}", "data.limit=300", "data.tokenizer=bpe",
+            "data.vocab_size=300"]
+    assert main([*args, *(a for s in same for a in ("--set", s))]) == 0
+
+
 def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the_preset(data_dir, tmp_path, capsys,
                                                                                         monkeypatch):
     """`--set train.out=RUN` (as the run report spells it) resumes from RUN's config.json as --out does (the

@@ -49,7 +49,7 @@ from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.metrics import strict_json
-from tinygemma.pipeline import run, where_and_next
+from tinygemma.pipeline import check_given_settings, run, where_and_next
 from tinygemma.report import write_model_card
 from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
@@ -294,6 +294,7 @@ def _train_main(args) -> int:
                                   *(part for item in overrides + args.set for part in ("--set", item))])
             raise UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the recipe's "
                             "[data] asks, then trains")
+    check_given_settings(recipe, overrides + args.set)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if env_rank() == 0:
         print(strict_json(summary))  # (a last step skipped as non-finite: its train_loss null, not NaN)

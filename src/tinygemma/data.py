@@ -286,10 +286,8 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
         return {split: (lambda split=split: _streamed_stories(dataset[split], f"{HUB_DATASET} {split}",
                                                               limit if split == "train" else None, progress))
                 for split in ("train", "validation") if split in dataset}
-    path = Path(source)
+    path = check_source(source)
     if path.is_dir():
-        if not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            raise UserError(f"{path} is a directory but not a dataset written by datasets' save_to_disk")
         import datasets
 
         try:
@@ -297,14 +295,24 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
         except Exception as e:
             raise UserError(f"{path} is not a readable datasets directory ({describe(e)})") from None
         return _dataset_splits(dataset, str(path))
+    readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".json": _json_stories, ".parquet": _parquet_stories}
+    return {"train": lambda: readers[path.suffix.lower()](path)}
+
+
+def check_source(source) -> Path:
+    """A local source as a Path, refused in one line where it is missing, a folder that datasets' save_to_disk
+    did not write, or of a format prepare does not read: what `tinygemma run` checks before it says it prepares."""
+    path = Path(source)
+    if path.is_dir():
+        if not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            raise UserError(f"{path} is a directory but not a dataset written by datasets' save_to_disk")
+        return path
     if not path.exists():
         raise UserError(f"source not found: {path}")
-    readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".json": _json_stories, ".parquet": _parquet_stories}
-    suffix = path.suffix.lower()  # (Stories.TXT)
-    if suffix not in readers:
+    if path.suffix.lower() not in TEXT_FORMATS:  # (Stories.TXT)
         raise UserError(f"{path}: unknown source format {path.suffix or '(no extension)'!r}; use "
                         f"{', '.join(TEXT_FORMATS)}, or a directory written by datasets' save_to_disk")
-    return {"train": lambda: readers[suffix](path)}
+    return path
 
 
 @contextlib.contextmanager

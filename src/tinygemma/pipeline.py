@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
-from tinygemma.config import Recipe
+from tinygemma.config import Recipe, check_sampling
 from tinygemma.data import (
     META_NAME,
     check_prepare_out,
+    check_source,
     data_differences,
     open_prepared,
     prepare,
@@ -57,6 +58,8 @@ def prepare_if_missing(recipe: Recipe) -> None:
         log(f"prepared data found in {data_dir} ({data.meta['splits']['train']['tokens']:,} training tokens); "
             "delete it to prepare again")
         return
+    for path in (*recipe.data.source, *recipe.data.val_source):
+        check_source(path)  # its refusal the only line, not one after the next
     source = ", ".join(recipe.data.source) or "the Hugging Face hub (roneneldan/TinyStories)"
     log(f"preparing {source} into {data_dir} with the {recipe.data.tokenizer} tokenizer")
     prepare(data_dir, sources=recipe.data.source or None, val_sources=recipe.data.val_source or None,
@@ -80,6 +83,22 @@ def check_outputs(recipe: Recipe) -> None:
 
 
 RUN_DATA_SETTINGS = ("source", "val_source", "tokenizer", "vocab_size", "limit")  # [data] that makes its tokens
+
+
+def check_given_settings(recipe: Recipe, given: list[str]) -> None:
+    """What `train` is given on its command line (`given`: KEY=VALUE items) but does not use itself, checked as
+    `run` checks it: [generate]'s settings, recorded for the run's samples and model card, and [data]'s beyond
+    data.dir, which must describe the data there (train trains on data.dir as prepared, and records them)."""
+    keys = {item.partition("=")[0].strip() for item in given}
+    if any(key.startswith("generate.") for key in keys):
+        g = recipe.generate
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
+    if keys & {f"data.{name}" for name in ("source", "val_source", "limit", "tokenizer", "vocab_size")}:
+        differences = data_differences(recipe.data, open_prepared(recipe.data.dir))
+        if differences:
+            raise UserError(f"{recipe.data.dir} (data.dir) holds other data than the [data] settings given say "
+                            f"({'; '.join(differences)}); train trains on data.dir as prepared: drop those "
+                            "settings, or let `tinygemma run` prepare the data they ask for")
 
 
 def check_run_data(recipe: Recipe) -> None:

@@ -352,6 +352,7 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
     (["--seed", "-1"], "seed"),
     (["--max-new-tokens", "-3"], "--max-new-tokens must be"),
     (["--num-samples", "0"], "num-samples"),
+    (["--num-samples", "100000000"], "--num-samples must be at most 65,536"),  # a generator each: killed, silent
     (["--prompt", ""], "prompt"),
     (["--tokenizer", "bpe"], "give the tokenizer.json it wrote"),  # prepare's name, not a file
 ])

@@ -45,7 +45,7 @@ from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
 from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import peek_json, read_json, signal_handler
-from tinygemma.generate import generate_text, prompt_ids
+from tinygemma.generate import check_num_samples, generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.metrics import strict_json
@@ -334,8 +334,7 @@ def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                    prompts=args.num_samples, prefix="--")  # seed + i for sample i
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_num_samples(args.num_samples, "--num-samples")
     if not args.prompt:
         raise UserError("--prompt is empty; give some text to continue")
     started = time.perf_counter()

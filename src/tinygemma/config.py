@@ -43,6 +43,8 @@ class ModelConfig:
     vocab_pad_multiple: int = 1  # pad embedding rows to a multiple of this (128 is faster on GPUs); 1 = off
 
     def __post_init__(self):
+        if isinstance(self.n_layers, int) and self.n_layers > MAX_LAYERS:  # before a layer_types of that length
+            raise UserError(f"model.n_layers must be at most {MAX_LAYERS:,}, got {self.n_layers:,}")
         if self.layer_types is None:
             if self.sliding_window_pattern < 1:
                 raise UserError(f"sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
@@ -549,6 +551,7 @@ def _parse_text_list(text: str) -> list[str]:
 FLOAT32_MAX = 3.4028234663852886e38
 MUON_BACKENDS = ("torch", "compiled", "bfloat16", "float32")  # optim.MuonAdamW's; the config sits below optim
 MAX_VOCAB_PAD_MULTIPLE = 1 << 16  # model.vocab_pad_multiple
+MAX_LAYERS = 1 << 10  # model.n_layers: 16x Gemma 3 27B's 62 (the model is built a module at a time)
 MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches
 MAX_STEPS = 10**12  # optimizer steps: a trillion, past any run (the ETA of 1e30 steps was 10^29 hours)
 

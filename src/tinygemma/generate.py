@@ -229,6 +229,19 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
     return ids
 
 
+# One batch of samples: each has its own generator and text stream, made before the batch's tensors, so that a
+# count past memory was killed silently instead of refused.
+MAX_SAMPLES = 1 << 16
+
+
+def check_num_samples(num_samples, name: str) -> None:
+    if not (is_integer(num_samples) and num_samples >= 1):
+        raise UserError(f"{name} must be an integer >= 1, got {num_samples!r}")
+    if num_samples > MAX_SAMPLES:
+        raise UserError(f"{name} must be at most {MAX_SAMPLES:,} (one batch; call again for more), got "
+                        f"{num_samples:,}")
+
+
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, on_text=None, cuda_graph: bool = True) -> tuple[list[str], int]:
@@ -238,8 +251,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`. `cuda_graph`: as
     generate_stream's.
     """
-    if not (is_integer(num_samples) and num_samples >= 1):
-        raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    check_num_samples(num_samples, "num_samples")
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples)
     check_tokenizer_fits(tokenizer, model)
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)

@@ -327,6 +327,23 @@ def test_cli_prints_prompt_and_continuation_only(ckpt, model, tokenizer, capsys)
     assert capsys.readouterr().out == out  # greedy: the same text again
 
 
+def test_cli_continues_each_prompt_given(ckpt, capsys):
+    """--prompt given twice kept the last one alone, silently. Each is now continued in turn, with the same
+    settings and seed (its text is what it gives alone), separated as samples are; an empty one is refused."""
+    def alone(prompt: str, *extra: str) -> str:
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt", prompt, "--max-new-tokens", "5", "--seed", "7",
+                     *extra]) == 0
+        return capsys.readouterr().out
+
+    first, second = alone(PROMPT), alone("Tom had a dog")
+    assert alone(PROMPT, "--prompt", "Tom had a dog") == first[:-1] + "\n---\n" + second
+    pair = alone(PROMPT, "--prompt", "Tom had a dog", "--num-samples", "2").split("\n---\n")
+    assert len(pair) == 4 and [p[:len(PROMPT)] for p in pair[:2]] == [PROMPT] * 2 and pair[2].startswith("Tom")
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--prompt", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prompt is empty" in err
+
+
 def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
     # A run directory: checkpoints/last.json points at the checkpoint, as training writes it.
     run = tmp_path / "run"

@@ -335,20 +335,33 @@ def _generate_main(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                    prompts=args.num_samples, prefix="--")  # seed + i for sample i
     check_num_samples(args.num_samples, "--num-samples")
-    if not args.prompt:
+    if not all(args.prompt):
         raise UserError("--prompt is empty; give some text to continue")
     started = time.perf_counter()
     tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
-    prompt_ids(model.config, tokenizer, args.prompt, args.max_new_tokens)  # its refusal is then the only line
+    for prompt in args.prompt:
+        prompt_ids(model.config, tokenizer, prompt, args.max_new_tokens)  # its refusal is then the only line
     weight = model.embed_tokens.weight
     print(f"loaded {args.ckpt} ({model.num_params() / 1e6:.1f}M parameters, "
           f"{dtype_name(weight.dtype)}, {weight.device}) and tokenizer "
           f"{tokenizer.identity} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     out = sys.stdout
+    started, n_tokens = time.perf_counter(), 0
+    for i, prompt in enumerate(args.prompt):  # each with the same settings and seed: the text it gives alone
+        if i:
+            out.write(SAMPLE_SEPARATOR[1:])  # (after the previous prompt's newline)
+        n_tokens += _continue_prompt(model, tokenizer, prompt, args, out)
+    seconds = time.perf_counter() - started
+    print(f"{n_tokens} new tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
 
+
+def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
+    """Print the prompt's continuations (one streamed as it comes, several each whole, separated), then a newline;
+    return the new tokens."""
     if args.num_samples == 1:  # stream: each piece of text is printed as soon as it is complete
-        out.write(args.prompt)
+        out.write(prompt)
         out.flush()
 
         def on_text(_, piece):
@@ -356,17 +369,14 @@ def _generate_main(args) -> int:
             out.flush()
     else:  # a batch of samples advances together; print each whole, one after another
         on_text = None
-    started = time.perf_counter()
-    texts, n_tokens = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+    texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
                                     args.top_k, args.top_p, args.seed, args.num_samples, on_text)
-    seconds = time.perf_counter() - started
     if args.num_samples == 1:
         out.write("\n")
     else:
-        out.write(SAMPLE_SEPARATOR.join(args.prompt + text for text in texts) + "\n")
+        out.write(SAMPLE_SEPARATOR.join(prompt + text for text in texts) + "\n")
     out.flush()
-    print(f"{n_tokens} new tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
-    return 0
+    return n_tokens
 
 
 def _eval_main(args) -> int:
@@ -446,7 +456,8 @@ def add_generate(subparsers) -> None:
     defaults = GenerateConfig()  # the recipe's [generate] defaults
     p = subparsers.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
     _add_model_arguments(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="text to continue; repeatable: each prompt in turn, with the same settings and seed")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help=f"stop after this many new tokens, or at end of text (default {defaults.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=defaults.temperature,

@@ -214,6 +214,33 @@ def test_eval_of_an_export_takes_the_block_size_it_was_trained_at(gpt2_data, tmp
     assert "--block-size 65 exceeds the model's max_position_embeddings (64)" in capsys.readouterr().err
 
 
+def test_eval_of_a_story_file_reads_it_in_the_checkpoints_tokens(ckpt, stories_file, capsys):
+    """`eval --data stories.txt` evaluates the whole file, read as prepare reads it (each story then end-of-text),
+    in the checkpoint's own tokens. It was refused with advice to prepare it, which gave GPT-2's tokens whatever
+    the checkpoint's tokenizer (a BPE run's eval then refused them), and a short file no validation split."""
+    from tinygemma import load
+    from tinygemma.data import read_stories
+    from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
+
+    gpt2 = load_tokenizer("gpt2")
+    ids = [i for story in read_stories(stories_file) for i in (*gpt2.encode(story), gpt2.eot_id)]
+    lengths = token_byte_lengths(gpt2, 50257)
+    direct = evaluate(load(ckpt), np.array(ids), 64, token_bytes=lengths)
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file), "--block-size", "64",
+                 "--dtype", "float32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == len(ids) - 1 and result["split"] == "the whole file"
+    assert result["bytes"] == sum(len(s.encode("utf-8")) for s in read_stories(stories_file)) - lengths[ids[0]]
+    assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file), "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--split" in err
+    (stories_file.parent / "empty.jsonl").write_text("")
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file.parent / "empty.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no stories" in err
+
+
 def test_eval_refuses_data_from_another_tokenizer(ckpt, stories_file, tmp_path, capsys):
     from tinygemma.data import prepare
 

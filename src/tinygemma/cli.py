@@ -38,8 +38,11 @@ from tinygemma.data import (
     DEFAULT_VAL_FRACTION,
     HUB_DATASET,
     SPLITS,
+    TEXT_FORMATS,
+    encode_stories,
     open_prepared,
     prepare,
+    read_stories,
 )
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
 from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
@@ -383,14 +386,23 @@ def _eval_main(args) -> int:
     block_size = args.block_size if args.block_size is not None else (trained_block_size(args.ckpt)
                                                                       or DEFAULT_EVAL_BLOCK_SIZE)
     check_evaluation(block_size, args.batch_size, args.max_tokens)  # before the (slow) model load
-    data = open_prepared(args.data)
-    tokens = data.split(args.split)
+    story_file = Path(args.data).is_file() and Path(args.data).suffix.lower() in TEXT_FORMATS
+    if story_file and args.split != "val":
+        raise UserError(f"--split {args.split} names a split of prepared data; the story file {args.data} is "
+                        "evaluated whole")
+    data = None if story_file else open_prepared(args.data)
     tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
-    data_tokenizer = data.tokenizer()
+    if story_file:  # read as prepare reads it, in the checkpoint's own tokens
+        stories = read_stories(args.data)
+        if not stories:
+            raise UserError(f"{args.data} holds no stories to evaluate")
+        tokens, data_tokenizer = encode_stories(stories, tokenizer)[0], tokenizer
+    else:
+        tokens, data_tokenizer = data.split(args.split), data.tokenizer()
     if data_tokenizer.identity != tokenizer.identity:
         raise UserError(f"{args.data} was prepared with tokenizer {data_tokenizer.identity}, but the checkpoint "
                         f"uses {tokenizer.identity}: its token ids mean other text to this model. Prepare the "
-                        "data with the checkpoint's tokenizer.")
+                        "data with the checkpoint's tokenizer, or give the story file itself.")
     model = load_model(args.ckpt, tokenizer, evaluation_dtype(args.dtype, pick_device(args.device)), args.device)
     if args.block_size is None:  # the default, not the user's: no longer than the model's positions
         block_size = min(block_size, model.config.max_position_embeddings)
@@ -406,7 +418,7 @@ def _eval_main(args) -> int:
                       progress=sys.stderr.isatty())  # a log file got one frame per batch
     seconds = time.perf_counter() - started
     print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
-    result.update(split=args.split, block_size=block_size,
+    result.update(split="the whole file" if story_file else args.split, block_size=block_size,
                   dtype=dtype_name(model.embed_tokens.weight.dtype))
     print(strict_json(result))
     return 0
@@ -481,7 +493,9 @@ def add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="next-token loss, perplexity and bits per byte on prepared data")
     _add_model_arguments(p, "bfloat16 on a GPU that computes in it, else float32: the numbers of `tinygemma run`'s "
                             "final evaluation")
-    p.add_argument("--data", required=True, type=named, help="directory written by `tinygemma prepare`")
+    p.add_argument("--data", required=True, type=named,
+                   help="directory written by `tinygemma prepare`, or a story file (.txt, .jsonl, .json, "
+                        ".parquet), evaluated whole in the checkpoint's own tokens")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"tokens predicted per window (default: the training block size, else {DEFAULT_EVAL_BLOCK_SIZE})")

@@ -439,9 +439,13 @@ def _end_with_parent() -> None:
 
 
 def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int]:
-    """One worker task: the stories' ids, each followed by the end-of-text id (and preceded by the ids the
+    """One worker task: encode_stories with the worker's tokenizer."""
+    return encode_stories(stories, _worker_tokenizer)
+
+
+def encode_stories(stories: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The stories' ids as prepare writes them, each followed by the end-of-text id (and preceded by the ids the
     tokenizer starts a text with: Gemma's <bos>, as a prompt starts with it), and their UTF-8 bytes."""
-    tokenizer = _worker_tokenizer
     eot = np.array([tokenizer.eot_id], dtype=np.uint32)
     prefix = np.array(tokenizer.prompt_prefix, dtype=np.uint32)
     pieces = []

@@ -354,7 +354,7 @@ def test_bad_input_is_one_line(small_ckpt, tmp_path, capsys, args, words):
 
 def test_format_and_dtype_are_checked(small_ckpt, tmp_path, capsys):
     assert run_cli(["export", "--ckpt", small_ckpt, "--out", tmp_path / "hf", "--format", "onnx"], capsys)[0] == 2
-    code, err = run_cli(["export", "--ckpt", small_ckpt, "--out", tmp_path / "hf", "--dtype", "f16"], capsys)
+    code, err = run_cli(["export", "--ckpt", small_ckpt, "--out", tmp_path / "hf", "--dtype", "q8_0"], capsys)
     assert code == 2 and "--format gguf" in err and not (tmp_path / "hf").exists()
 
 

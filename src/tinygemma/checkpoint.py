@@ -200,7 +200,7 @@ SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
-           finish: Callable[[Path], None] | None = None) -> Path:
+           finish: Callable[[Path], None] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write a transformers Gemma3ForCausalLM directory (config.json, model.safetensors, generation_config.json
     and the tokenizer's files). The tokenizer is the checkpoint's own (a transformers directory's files are
     copied as they are), or `tokenizer` ("gpt2" or a tokenizer.json path) where it has none; a model saved
@@ -208,7 +208,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     before the first file is written: a refused export leaves --out as it was. The files are written whole
     into a staging folder inside --out, `finish(folder)` adds its own (the model card), and they then replace
     --out's together: an export that fails or is stopped leaves an earlier export in --out as it was, never the new
-    config.json beside the old weights or the old model card beside the new model."""
+    config.json beside the old weights or the old model card beside the new model. `dtype`: the weights' (the
+    checkpoint's by default); float16 refuses a weight past its range."""
     src = resolve_checkpoint(ckpt)
     out = check_export_out(out, src)  # before the (slow) model load, as is a prepare or export writing it now
     if out.exists():
@@ -232,7 +233,12 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
         copied = []
         own = checkpoint_tokenizer(src, tokenizer) if tokenizer or meta.get("tokenizer") else None
         special = generation = special_ids(own)
-    model = load(src)
+    model = load(src, dtype=dtype)
+    if dtype is torch.float16:
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise UserError(f"{name} holds values past float16's range (65,504): export it in bfloat16 or "
+                                "float32")
     if own is not None:
         check_tokenizer_fits(own, model)
     hf_config(model.config)  # what transformers could not load is refused here, before any folder is made

@@ -44,7 +44,7 @@ from tinygemma.data import (
     prepare,
     read_stories,
 )
-from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
+from tinygemma.devices import dtype_name, evaluation_dtype, parse_dtype, pick_device
 from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import peek_json, read_json, signal_handler
@@ -515,8 +515,9 @@ def add_export(subparsers) -> None:
                    "files and the model card README.md (hf), or the .gguf file to write (gguf)")
     p.add_argument("--format", default=None, help="hf (a transformers directory) or gguf (one file for llama.cpp: "
                    "llama-cli, llama-server, LM Studio); default: gguf where --out ends in .gguf, else hf")
-    p.add_argument("--dtype", default=None, help=f"gguf only: the weights as {', '.join(GGUF_DTYPES)} "
-                   f"(default {DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU)")
+    p.add_argument("--dtype", default=None, help=f"the weights: gguf as {', '.join(GGUF_DTYPES)} (default "
+                   f"{DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU); hf as float32, "
+                   "bfloat16 (bf16: half the size, as google/gemma-3-270m) or float16 (default: the checkpoint's)")
     p.add_argument("--tokenizer", default=None, type=named, help="gpt2 or a tokenizer.json path, for a checkpoint that records "
                    "none of its own (one saved by the Python API); refused if it has another")
     p.add_argument("--push-to-hub", metavar="REPO", help="hf only: then upload the directory, model card included, "
@@ -549,9 +550,14 @@ def _export_main(args) -> int:
         return 0
     if args.format != "hf":
         raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")
-    if args.dtype is not None:
-        raise UserError("--dtype applies to --format gguf; an hf export keeps the checkpoint's dtype")
-    out = export(args.ckpt, args.out, args.tokenizer,
+    dtype = None
+    if args.dtype is not None:  # (gguf's spellings of the same types too)
+        try:
+            dtype = parse_dtype({"f32": "float32", "f16": "float16"}.get(args.dtype, args.dtype))
+        except UserError:
+            raise UserError(f"--dtype {args.dtype} is not an hf export's: choose float32, bfloat16 or float16 "
+                            f"({', '.join(GGUF_DTYPES)} are --format gguf's)") from None
+    out = export(args.ckpt, args.out, args.tokenizer, dtype=dtype,
                  finish=lambda folder: write_model_card(args.ckpt, folder, args.push_to_hub, name=args.out))
     if not (out / TOKENIZER_FILE).exists():
         print(f"note: {args.ckpt} records no tokenizer, so {out} holds none: AutoTokenizer cannot load it; export "

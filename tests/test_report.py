@@ -370,6 +370,14 @@ def test_push_to_hub_uploads_the_exported_folder(straight_run, tmp_path, monkeyp
              "README.md", "config.json", "model.safetensors"]
     assert list(filter_repo_objects(names, ignore_patterns=calls[1][1]["ignore_patterns"])) == names[3:]
     assert "uploaded" in capsys.readouterr().out
+    assert not calls[0][2].get("private")  # the hub's default (public) unless asked
+    calls.clear()
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(out), "--push-to-hub", "someone/tiny",
+                 "--private"]) == 0
+    assert calls[0][2]["private"] is True  # a new repository is private (an existing one keeps its visibility)
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(out), "--private"]) == 2
+    assert "--private" in capsys.readouterr().err
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
     assert main(["export", "--ckpt", str(straight_run), "--out", str(tmp_path / "again"), "--push-to-hub",

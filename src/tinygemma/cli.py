@@ -522,6 +522,8 @@ def add_export(subparsers) -> None:
                    "none of its own (one saved by the Python API); refused if it has another")
     p.add_argument("--push-to-hub", metavar="REPO", help="hf only: then upload the directory, model card included, "
                    "to the Hugging Face hub as REPO (user/name; needs huggingface_hub and a login)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private (an "
+                   "existing one keeps its visibility)")
     p.set_defaults(func=_export_main)
 
 
@@ -532,6 +534,8 @@ def _export_main(args) -> int:
     elif args.format == "hf" and gguf_name:  # a folder named .gguf would reach llama.cpp as a missing file
         raise UserError(f"--out {args.out} names a .gguf file, but --format hf writes a transformers directory; "
                         "use --format gguf, or another --out")
+    if args.private and not args.push_to_hub:
+        raise UserError("--private applies to the repository --push-to-hub creates; give --push-to-hub REPO too")
     if args.push_to_hub and args.format != "hf":
         raise UserError("--push-to-hub uploads an hf export's directory; use it with --format hf")
     # Before the export: the name goes into its model card (the title, from_pretrained's argument).
@@ -568,5 +572,5 @@ def _export_main(args) -> int:
             _note_text_suffix(checkpoint_tokenizer(out), out)
     print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
     if args.push_to_hub:
-        print(f"uploaded {out} to {push_to_hub(out, args.push_to_hub)}")
+        print(f"uploaded {out} to {push_to_hub(out, args.push_to_hub, args.private)}")
     return 0

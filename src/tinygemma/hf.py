@@ -322,17 +322,18 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, blo
 NOT_UPLOADED = [LOCK_NAME, f"{STAGE_PREFIX}*", ".*.tmp"]
 
 
-def push_to_hub(folder: str | Path, repo_id: str) -> str:
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload an exported directory to the Hugging Face hub as the model repository `repo_id` (created if it does
-    not exist), with the token of `hf auth login` or HF_TOKEN; return the repository's URL. A thin call into
-    huggingface_hub, which is not exercised against the real hub by the tests."""
+    not exist: `private`, or with the hub's default visibility), with the token of `hf auth login` or HF_TOKEN;
+    return the repository's URL. A thin call into huggingface_hub, which is not exercised against the real hub by
+    the tests."""
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise UserError('--push-to-hub needs huggingface_hub: pip install "tinygemma[hub]"') from None
     api = HfApi()
     try:
-        url = api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        url = api.create_repo(repo_id, repo_type="model", exist_ok=True, **({"private": True} if private else {}))
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                           commit_message="Upload a model exported by tinygemma",
                           ignore_patterns=NOT_UPLOADED)

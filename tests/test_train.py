@@ -472,6 +472,23 @@ def test_a_special_token_past_the_text_needs_no_model_row(data_dir, tmp_path, st
         run(data, tmp_path / "small", "model.vocab_size=511", "max_steps=2", "warmup_steps=0")
 
 
+def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path):
+    """keep_checkpoints = N keeps the newest N checkpoints (and the best, wherever it is), for eval, generate and
+    export of the run at several points; 1 (the default) the last alone. A resume with fewer prunes at its start."""
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    settings = ["max_steps=14", "warmup_steps=2", "checkpoint_interval=2", "eval_interval=2"]
+    run(data_dir, out, *settings, "keep_checkpoints=3", stop_at=12)
+    best = json.loads((ckpts / "best.json").read_text())["dir"]
+    newest = {"step_000008", "step_000010", "step_000012"}
+    assert sorted(p.name for p in ckpts.glob("step_*")) == sorted(newest | {best})
+    assert tinygemma.load(ckpts / "step_000008").config.n_layers == 2  # each a whole checkpoint
+    run(data_dir, out, *settings, "keep_checkpoints=1", resume=True)
+    best = json.loads((ckpts / "best.json").read_text())["dir"]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == sorted({best, "step_000014"})
+    with pytest.raises(tinygemma.UserError, match="train.keep_checkpoints must be an integer >= 1"):
+        run(data_dir, tmp_path / "none", "keep_checkpoints=0")
+
+
 def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):
     with pytest.raises(tinygemma.UserError, match="cannot hold the data's tokens"):
         run(data_dir, tmp_path / "a", "model.vocab_size=100")

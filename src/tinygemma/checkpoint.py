@@ -403,10 +403,10 @@ def checkpoint_bytes(model: Gemma3) -> int:
 
 
 def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict, data_dir: Path,
-                    val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool) -> None:
+                    val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool, keep: int = 1) -> None:
     """Write checkpoints/step_NNNNNN/ into a temporary directory, rename it into place, then switch last.json
-    (and best.json) to it; finally delete the checkpoints that neither pointer names. Every rank calls this
-    (FSDP gathers the shards); rank 0 writes."""
+    (and best.json) to it; finally delete the checkpoints but the best and the newest `keep`. Every rank calls
+    this (FSDP gathers the shards); rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -456,7 +456,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     atomic_write_json(ckpts / "last.json", pointer)
     if is_best:
         atomic_write_json(ckpts / "best.json", pointer)
-    prune_checkpoints(ckpts)
+    prune_checkpoints(ckpts, keep)
 
 
 POINTER_FILES = frozenset({"last.json", "best.json"})
@@ -474,14 +474,20 @@ def restore_best_pointer(ckpts: Path, best_step: int | None, best_val: float) ->
         atomic_write_json(ckpts / "best.json", {"dir": name, "step": best_step, "val_loss": best_val})
 
 
-def prune_checkpoints(ckpts: Path) -> None:
-    """Delete step directories that neither last.json nor best.json names, leftover temporary ones, and the
-    temporaries of pointers whose writing was killed."""
+def prune_checkpoints(ckpts: Path, newest: int = 1) -> None:
+    """Delete the step directories but the one best.json names and the `newest` complete ones up to the one
+    last.json names (one past it was left by a crash before last.json named it), leftover temporary ones, and
+    the temporaries of pointers whose writing was killed."""
     remove_temporaries(ckpts, POINTER_FILES)
     keep = set()
     for name in ("last", "best"):
         if (ckpts / f"{name}.json").exists():
             keep.add(pointer_dir(ckpts / f"{name}.json"))
+    last = peek_json(ckpts / "last.json").get("step")
+    if newest > 1 and isinstance(last, int):
+        complete = {int(p.name[5:]): p.name for p in ckpts.glob("step_*")
+                    if p.name[5:].isdigit() and (p / STATE_NAME).exists()}  # by number: step_1000000 is newest
+        keep.update(complete[step] for step in sorted(s for s in complete if s <= last)[-newest:])
     for path in ckpts.iterdir():
         if path.is_dir() and path.name not in keep and (path.name.startswith("step_") or path.name.startswith(".tmp-")):
             shutil.rmtree(path, ignore_errors=True)

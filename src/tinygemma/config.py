@@ -190,6 +190,7 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate every this many optimizer steps, and at step 0, at checkpoints, at the end (0: only then)
     eval_batches: int = 10  # validation batches per evaluation, each of the global batch's size
     checkpoint_interval: int = 500  # save every this many optimizer steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 1  # the newest checkpoints kept, besides the best: 1 keeps the last alone
     log_interval: int = 10  # a log line (and a metrics flush) every this many steps
     dtype: str = "auto"  # auto (bfloat16 on GPUs with native bf16, float16 + scaler on older ones; float32 elsewhere), float32, bfloat16, float16
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, false
@@ -217,7 +218,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("batch_size", "block_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval"):
+        for name in ("batch_size", "block_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval",
+                     "keep_checkpoints"):
             _check_int(self, name, minimum=1)
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
             _check_int(self, name, minimum=0)
@@ -226,7 +228,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "eval_batches"):  # far past any memory; quick to list
             if getattr(self, name) > MAX_BATCH:
                 raise UserError(f"train.{name} must be at most {MAX_BATCH:,}, got {getattr(self, name):,}")
-        for name in ("max_steps", "warmup_steps", "eval_interval", "checkpoint_interval", "log_interval"):
+        for name in ("max_steps", "warmup_steps", "eval_interval", "checkpoint_interval", "log_interval",
+                     "keep_checkpoints"):
             if getattr(self, name) > MAX_STEPS:  # past any run; a 400-digit count ended in a float's overflow
                 raise UserError(f"train.{name} must be at most {MAX_STEPS:,}, got {getattr(self, name):,}")
         for name in ("learning_rate", "adam_eps", "muon_learning_rate"):  # the optimizers' float32 arithmetic

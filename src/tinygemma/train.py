@@ -294,7 +294,7 @@ class Trainer:
         remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
             restore_best_pointer(run_dir / "checkpoints", self.best_step, self.best_val)
-            prune_checkpoints(run_dir / "checkpoints")
+            prune_checkpoints(run_dir / "checkpoints", self.cfg.keep_checkpoints)
         resolved = self.resolved_config()
         # Nothing to train (a finished run, run again): config.json keeps the settings its steps were trained with.
         kept = peek_json(run_dir / "config.json") if start >= self.end else {}
@@ -568,7 +568,7 @@ class Trainer:
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data_dir, val_loss, is_best,
-                        self.rt, self.fsdp)
+                        self.rt, self.fsdp, cfg.keep_checkpoints)
         if self.rt.is_main:
             try:
                 write_report(self.run_dir)

@@ -472,6 +472,30 @@ def test_a_special_token_past_the_text_needs_no_model_row(data_dir, tmp_path, st
         run(data, tmp_path / "small", "model.vocab_size=511", "max_steps=2", "warmup_steps=0")
 
 
+def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_path, capsys):
+    """sample_interval = N continues [generate]'s prompts every N steps (rank 0), printed and kept in
+    metrics.jsonl, with their own seeded generators: the training numbers stay those of a run without them.
+    Prompts that cannot be sampled are refused before training; so is FSDP's sharded model."""
+    out = tmp_path / "run"
+    recipe = load_recipe(None, tiny_settings(data_dir, out, "sample_interval=20", "generate.max_new_tokens=6",
+                                             'generate.prompts=["Once upon a time", "Tom had"]'))
+    train(recipe, quiet=False)
+    printed = capsys.readouterr().out
+    samples = [r for r in metrics(out) if "samples" in r]
+    assert [r["step"] for r in samples] == [20, 40] and all(len(r["samples"]) == 2 for r in samples)
+    assert samples[-1]["samples"][0] in printed and "step 40 sample 1: Once upon a time" in printed
+    assert train_losses(out) == train_losses(straight_run) and val_losses(out) == val_losses(straight_run)
+    again = tmp_path / "again"  # the same seeds: the same stories
+    train(load_recipe(None, tiny_settings(data_dir, again, "sample_interval=20", "generate.max_new_tokens=6",
+                                          'generate.prompts=["Once upon a time", "Tom had"]')), quiet=True)
+    assert [r for r in metrics(again) if "samples" in r] == samples
+    with pytest.raises(tinygemma.UserError, match="generate.prompts"):
+        run(data_dir, tmp_path / "bad", "sample_interval=20", "generate.max_new_tokens=4000")
+    with pytest.raises(tinygemma.UserError, match="sample_interval"):
+        run(data_dir, tmp_path / "bad", "sample_interval=-1")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path):
     """keep_checkpoints = N keeps the newest N checkpoints (and the best, wherever it is), for eval, generate and
     export of the run at several points; 1 (the default) the last alone. A resume with fewer prunes at its start."""

@@ -192,6 +192,7 @@ class TrainConfig:
     checkpoint_interval: int = 500  # save every this many optimizer steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 1  # the newest checkpoints kept, besides the best: 1 keeps the last alone
     log_interval: int = 10  # a log line (and a metrics flush) every this many steps
+    sample_interval: int = 0  # continue [generate]'s prompts every this many steps, printed and in metrics.jsonl; 0 = never
     dtype: str = "auto"  # auto (bfloat16 on GPUs with native bf16, float16 + scaler on older ones; float32 elsewhere), float32, bfloat16, float16
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, false
     seed: int = 1337  # model initialisation and the training batches
@@ -221,7 +222,7 @@ class TrainConfig:
         for name in ("batch_size", "block_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval",
                      "keep_checkpoints"):
             _check_int(self, name, minimum=1)
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed", "sample_interval"):
             _check_int(self, name, minimum=0)
         if self.seed > MAX_TRAIN_SEED:
             raise UserError(f"train.seed must be at most {MAX_TRAIN_SEED:,} (64 bits), got {self.seed:,}")
@@ -229,7 +230,7 @@ class TrainConfig:
             if getattr(self, name) > MAX_BATCH:
                 raise UserError(f"train.{name} must be at most {MAX_BATCH:,}, got {getattr(self, name):,}")
         for name in ("max_steps", "warmup_steps", "eval_interval", "checkpoint_interval", "log_interval",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "sample_interval"):
             if getattr(self, name) > MAX_STEPS:  # past any run; a 400-digit count ended in a float's overflow
                 raise UserError(f"train.{name} must be at most {MAX_STEPS:,}, got {getattr(self, name):,}")
         for name in ("learning_rate", "adam_eps", "muon_learning_rate"):  # the optimizers' float32 arithmetic

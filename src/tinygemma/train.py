@@ -59,6 +59,7 @@ from tinygemma.config import (
     Recipe,
     TrainConfig,
     check_block_size,
+    check_sampling,
     is_integer,
     saved_train_settings,
 )
@@ -87,6 +88,7 @@ from tinygemma.files import (
     read_safetensors,
     remove_temporaries,
 )
+from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
 from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
@@ -140,10 +142,12 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
             run.evaluate(0)
         for step in range(run.start, run.end):
             record = run.step(step)  # the passes' forward and backward, then one optimizer step (or a skip)
-            evaluate, checkpoint = run.due(step + 1)
-            run.log(record, read=evaluate or checkpoint)  # the device's figures are read before either
+            evaluate, checkpoint, sample = run.due(step + 1)
+            run.log(record, read=evaluate or checkpoint or sample)  # the device's figures are read before these
             if evaluate:
                 run.evaluate(step + 1)  # every checkpoint has a validation loss, so best.json means something
+            if sample:
+                run.sample(step + 1)
             if checkpoint:
                 run.checkpoint(step + 1)
         if run.rt.world_size > 1:
@@ -191,6 +195,9 @@ class Trainer:
         check_resume_schedule(saved_train, self.cfg, self.start)
         changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
         self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
+        self.generate = recipe.generate
+        if self.cfg.sample_interval:
+            check_sampled_prompts(recipe, self.model_config, self.data.tokenizer())
         self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
         weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -410,13 +417,14 @@ class Trainer:
             self.window = [self.window[0] + self.tokens_per_step, self.window[1] + step_time]
         return record
 
-    def due(self, done: int) -> tuple[bool, bool]:
-        """(evaluate, checkpoint) after optimizer step `done`: evaluations at every eval_interval, at checkpoints
-        and at the end of the schedule; checkpoints at every checkpoint_interval and at this invocation's end."""
+    def due(self, done: int) -> tuple[bool, bool, bool]:
+        """(evaluate, checkpoint, sample) after optimizer step `done`: evaluations at every eval_interval, at
+        checkpoints and at the end of the schedule; checkpoints at every checkpoint_interval and at this
+        invocation's end; samples at every sample_interval."""
         cfg = self.cfg
         checkpoint = done == self.end or bool(cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
         evaluate = done == cfg.max_steps or checkpoint or bool(cfg.eval_interval and done % cfg.eval_interval == 0)
-        return evaluate, checkpoint
+        return evaluate, checkpoint, bool(cfg.sample_interval and done % cfg.sample_interval == 0)
 
     def read(self) -> tuple[list[dict], dict | None]:
         """The pending records, with their loss, gradient norm and finiteness brought from the device in one
@@ -529,6 +537,23 @@ class Trainer:
                 self.say(f"step {step}: val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | "
                          f"bpb {result['val_bpb']:.4f}")
         return result
+
+    def sample(self, step: int) -> None:
+        """[generate]'s prompts continued by the model at `step` (process 0), prompt i from seed + i as `run`'s
+        samples, printed and kept in metrics.jsonl. Their own generators leave the training's random state as it
+        was; the decoding's time is outside the steps' rate."""
+        if not self.rt.is_main:
+            return
+        g, tokenizer = self.generate, self.data.tokenizer()
+        with self.rt.autocast():
+            texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, g.temperature, g.top_k,
+                                            g.top_p, g.seed + i, cuda_graph=False)[0][0]
+                     for i, prompt in enumerate(g.prompts)]
+        self.log_file.append({"step": step, "samples": texts})
+        self.log_file.flush()
+        if not self.quiet:
+            for i, text in enumerate(texts):
+                self.say(f"step {step} sample {i + 1}: {text}")
 
     def invocation(self, step: int) -> dict:
         """This invocation's part of the run up to `step`: its steps, time, machine, software, commit and
@@ -684,6 +709,21 @@ def check_train_arguments(recipe: Recipe, resume: bool, stop_at: int | None, pro
         raise UserError(f"--stop-at (stop_at) must be an optimizer step of 1 or more, got {stop_at!r}")
     if profile is not None and not isinstance(profile, str):
         raise UserError(f"--profile (profile) must be text such as \"20:25\" (START:END), got {profile!r}")
+
+
+def check_sampled_prompts(recipe: Recipe, model_config: ModelConfig, tokenizer) -> None:
+    """What train.sample_interval samples, refused before training as `run` refuses its prompts: each must encode
+    and fit the model's positions with generate.max_new_tokens; and the whole model must be on process 0."""
+    if recipe.train.distributed == "fsdp" and env_world_size() > 1:
+        raise UserError("train.sample_interval samples the whole model on process 0, which FSDP shards over the "
+                        "processes: sample after training (tinygemma generate), or train with distributed = ddp")
+    g = recipe.generate
+    check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
+    for prompt in g.prompts:
+        try:
+            prompt_ids(model_config, tokenizer, prompt, g.max_new_tokens)
+        except UserError as e:
+            raise UserError(f"generate.prompts (train.sample_interval samples them): {e}") from None
 
 
 def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:

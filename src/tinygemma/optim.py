@@ -138,17 +138,15 @@ MUON_COMPILER = "inductor"
 
 
 def muon_backend(device: torch.device) -> str:
-    """"torch": torch.optim.Muon's iteration, in bfloat16, where the device computes in bfloat16 natively (CUDA
-    with bf16, CPUs with AVX-512 BF16 or AMX). "float32": our own iteration in float32 elsewhere, where emulated
-    bfloat16 made a gemma3-tiny step 2.3-3x slower than AdamW's (BENCHMARKS.md); also where torch (< 2.9) has no Muon.
-    "compiled" (one torch.compile'd bfloat16 update per group of same-shape matrices) is no default yet: CUDA
-    keeps "torch" until benchmarks/optimizer_step.py, in the GPU acceptance run, has timed the two there."""
-    if not hasattr(torch.optim, "Muon"):
-        return "float32"
-    if device.type == "cuda":
-        return "torch" if cuda_has_bf16(device) else "float32"
-    if device.type == "cpu":
-        return "torch" if cpu_has_bf16() else "float32"
+    """The Muon iteration `muon_backend = "auto"` runs on `device`, by measurement (benchmarks/optimizer_step.py,
+    BENCHMARKS.md). A CPU with AVX-512 BF16 (or AMX): "bfloat16", our batched bfloat16 iteration, 1.7x faster than
+    torch.optim.Muon's one matrix at a time there. CUDA with bf16: "torch" (torch.optim.Muon's bfloat16
+    iteration) until the GPU acceptance run has timed it against "compiled". Elsewhere "float32": emulated
+    bfloat16 made a gemma3-tiny step 2.3-3x slower than AdamW's on an AVX2 CPU."""
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bfloat16"
+    if device.type == "cuda" and cuda_has_bf16(device) and hasattr(torch.optim, "Muon"):
+        return "torch"
     return "float32"
 
 

@@ -214,8 +214,8 @@ CASES = [
      "is a file of a prepared dataset; give its folder, "),
     ("eval-weights-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/hf/model.safetensors"],
      "is a file, not a prepared dataset; give the folder that `tinygemma prepare --out` wrote"),
-    ("eval-story-file-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/stories.txt"],
-     "tokenize it first with `tinygemma prepare --source"),
+    ("train-story-file-as-data", ["train", "--data", "{root}/stories.txt", "--out", "{root}/new"],
+     "tokenize it first with `tinygemma prepare --source"),  # (eval reads it: test_evaluation.py)
     ("export-given-another-tokenizer", ["export", "--ckpt", "{root}/run", "--out", "{root}/new", "--tokenizer",
                                         "{root}/bpe/tokenizer.json"], "is not the tokenizer"),
     ("export-gguf-given-another-tokenizer", ["export", "--ckpt", "{root}/run", "--format", "gguf", "--out",

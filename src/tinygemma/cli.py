@@ -38,8 +38,8 @@ from tinygemma.data import (
     DEFAULT_VAL_FRACTION,
     HUB_DATASET,
     SPLITS,
-    TEXT_FORMATS,
     encode_stories,
+    is_story_file,
     open_prepared,
     prepare,
     read_stories,
@@ -386,7 +386,7 @@ def _eval_main(args) -> int:
     block_size = args.block_size if args.block_size is not None else (trained_block_size(args.ckpt)
                                                                       or DEFAULT_EVAL_BLOCK_SIZE)
     check_evaluation(block_size, args.batch_size, args.max_tokens)  # before the (slow) model load
-    story_file = Path(args.data).is_file() and Path(args.data).suffix.lower() in TEXT_FORMATS
+    story_file = is_story_file(args.data)
     if story_file and args.split != "val":
         raise UserError(f"--split {args.split} names a split of prepared data; the story file {args.data} is "
                         "evaluated whole")

@@ -835,12 +835,20 @@ class PreparedData:
         return value if isinstance(value, str) else None
 
 
+def is_story_file(path: str | Path) -> bool:
+    """Whether `path` is a file of stories prepare reads (.txt, .jsonl, .json, .parquet), not one of a prepared
+    dataset's own files (its meta.json)."""
+    path = Path(path)
+    return (path.is_file() and path.suffix.lower() in TEXT_FORMATS
+            and not (path.parent / META_NAME).is_file())
+
+
 def open_prepared(directory: str | Path) -> PreparedData:
     """The dataset `prepare` wrote to `directory`; anything missing, truncated or malformed is a UserError."""
     directory = Path(directory)
     if directory.is_file() and (directory.parent / META_NAME).is_file():  # meta.json, train.bin: one of its files
         raise UserError(f"{directory} is a file of a prepared dataset; give its folder, {directory.parent}")
-    if directory.is_file() and directory.suffix.lower() in TEXT_FORMATS:  # a story file given where its tokens belong
+    if is_story_file(directory):  # a story file given where its tokens belong
         raise UserError(f"{directory} is a file, not a prepared dataset: tokenize it first with `tinygemma prepare "
                         f"--source {directory} --out DIR`, then pass DIR")
     if directory.is_file():  # a GGUF file, weights, anything else

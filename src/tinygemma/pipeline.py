@@ -28,14 +28,14 @@ from tinygemma.devices import evaluation_dtype, pick_device
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
-from tinygemma.generate import generate_text, prompt_ids
+from tinygemma.generate import generate_text
 from tinygemma.metrics import strict_json
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.trackers import require_loggers
-from tinygemma.train import check_run_out, train
+from tinygemma.train import check_prompts_fit, check_run_out, train
 
 
 def log(message: str) -> None:
@@ -149,12 +149,7 @@ def check_prompts(recipe: Recipe) -> None:
     in the model's positions. Checked once the data (its tokenizer) is there, before training, not after it."""
     data = open_prepared(recipe.data.dir)
     tokenizer = data.tokenizer()
-    config = recipe.model_config(data.vocab_size, tokenizer.model_vocab_size)
-    for prompt in recipe.generate.prompts:
-        try:
-            prompt_ids(config, tokenizer, prompt, recipe.generate.max_new_tokens)
-        except UserError as e:
-            raise UserError(f"generate.prompts: {e}") from None
+    check_prompts_fit(recipe, recipe.model_config(data.vocab_size, tokenizer.model_vocab_size), tokenizer)
 
 
 def run(recipe: Recipe) -> dict:

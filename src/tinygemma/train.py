@@ -711,19 +711,25 @@ def check_train_arguments(recipe: Recipe, resume: bool, stop_at: int | None, pro
         raise UserError(f"--profile (profile) must be text such as \"20:25\" (START:END), got {profile!r}")
 
 
+def check_prompts_fit(recipe: Recipe, model_config: ModelConfig, tokenizer, why: str = "") -> None:
+    """The recipe's prompts in the data's tokens, before training, not after it: each must encode to some, and
+    fit with generate.max_new_tokens in the model's positions. `why`: what samples them, for the message."""
+    for prompt in recipe.generate.prompts:
+        try:
+            prompt_ids(model_config, tokenizer, prompt, recipe.generate.max_new_tokens)
+        except UserError as e:
+            raise UserError(f"generate.prompts{why}: {e}") from None
+
+
 def check_sampled_prompts(recipe: Recipe, model_config: ModelConfig, tokenizer) -> None:
-    """What train.sample_interval samples, refused before training as `run` refuses its prompts: each must encode
-    and fit the model's positions with generate.max_new_tokens; and the whole model must be on process 0."""
+    """What train.sample_interval samples, refused before training as `run` refuses its prompts; and the whole
+    model must be on process 0."""
     if recipe.train.distributed == "fsdp" and env_world_size() > 1:
         raise UserError("train.sample_interval samples the whole model on process 0, which FSDP shards over the "
                         "processes: sample after training (tinygemma generate), or train with distributed = ddp")
     g = recipe.generate
     check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
-    for prompt in g.prompts:
-        try:
-            prompt_ids(model_config, tokenizer, prompt, g.max_new_tokens)
-        except UserError as e:
-            raise UserError(f"generate.prompts (train.sample_interval samples them): {e}") from None
+    check_prompts_fit(recipe, model_config, tokenizer, " (train.sample_interval samples them)")
 
 
 def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:

@@ -490,7 +490,8 @@ def add_generate(subparsers) -> None:
 
 
 def add_eval(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="next-token loss, perplexity and bits per byte on prepared data")
+    p = subparsers.add_parser("eval", help="next-token loss, perplexity and bits per byte on prepared data or a "
+                              "story file")
     _add_model_arguments(p, "bfloat16 on a GPU that computes in it, else float32: the numbers of `tinygemma run`'s "
                             "final evaluation")
     p.add_argument("--data", required=True, type=named,

@@ -489,6 +489,13 @@ def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_pa
     train(load_recipe(None, tiny_settings(data_dir, again, "sample_interval=20", "generate.max_new_tokens=6",
                                           'generate.prompts=["Once upon a time", "Tom had"]')), quiet=True)
     assert [r for r in metrics(again) if "samples" in r] == samples
+    resumed = tmp_path / "resumed"  # cut at step 20 and resumed: the samples before the checkpoint stay
+    settings = tiny_settings(data_dir, resumed, "sample_interval=20", "generate.max_new_tokens=6",
+                             'generate.prompts=["Once upon a time", "Tom had"]')
+    train(load_recipe(None, settings), stop_at=20, quiet=True)
+    train(load_recipe(None, settings), resume=True, quiet=True)
+    train(load_recipe(None, settings), resume=True, quiet=True)  # a finished run, run again: nothing lost
+    assert [r for r in metrics(resumed) if "samples" in r] == samples
     with pytest.raises(tinygemma.UserError, match="generate.prompts"):
         run(data_dir, tmp_path / "bad", "sample_interval=20", "generate.max_new_tokens=4000")
     with pytest.raises(tinygemma.UserError, match="sample_interval"):
@@ -496,7 +503,7 @@ def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_pa
     assert not (tmp_path / "bad").exists()
 
 
-def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path):
+def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path, capsys):
     """keep_checkpoints = N keeps the newest N checkpoints (and the best, wherever it is), for eval, generate and
     export of the run at several points; 1 (the default) the last alone. A resume with fewer prunes at its start."""
     out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -509,6 +516,13 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path):
     run(data_dir, out, *settings, "keep_checkpoints=1", resume=True)
     best = json.loads((ckpts / "best.json").read_text())["dir"]
     assert sorted(p.name for p in ckpts.glob("step_*")) == sorted({best, "step_000014"})
+    assert "keep_checkpoints 3 -> 1" in capsys.readouterr().err  # said, not silent
+    # A finished run run again with a lower keep_checkpoints (a recipe's default) trains nothing: deletes nothing
+    again = tmp_path / "again"
+    run(data_dir, again, *settings, "keep_checkpoints=3")
+    kept = sorted(p.name for p in (again / "checkpoints").glob("step_*"))
+    run(data_dir, again, *settings, resume=True)
+    assert sorted(p.name for p in (again / "checkpoints").glob("step_*")) == kept and len(kept) >= 3
     with pytest.raises(tinygemma.UserError, match="train.keep_checkpoints must be an integer >= 1"):
         run(data_dir, tmp_path / "none", "keep_checkpoints=0")
 

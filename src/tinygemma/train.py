@@ -213,6 +213,12 @@ class Trainer:
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
         if changed and self.rt.is_main:
             print(f"tinygemma: warning: {changed}", file=sys.stderr, flush=True)
+        # Checkpoints kept: an invocation that trains nothing (a finished run, run again) deletes none the run kept
+        kept, keep = (saved_train or {}).get("keep_checkpoints", 1), self.cfg.keep_checkpoints
+        self.start_keep = keep if self.start < self.end else max(kept, keep)
+        if self.start_keep < kept and self.rt.is_main:
+            print(f"tinygemma: warning: keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest "
+                  f"{keep} (and the best) are deleted now", file=sys.stderr, flush=True)
         if self.start == 0 and self.rt.is_main:
             warn_if_not_for_llama_cpp(self.model_config)
         was, now = state.get("precision"), dtype_name(self.rt.dtype)
@@ -301,7 +307,7 @@ class Trainer:
         remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
             restore_best_pointer(run_dir / "checkpoints", self.best_step, self.best_val)
-            prune_checkpoints(run_dir / "checkpoints", self.cfg.keep_checkpoints)
+            prune_checkpoints(run_dir / "checkpoints", self.start_keep)
         resolved = self.resolved_config()
         # Nothing to train (a finished run, run again): config.json keeps the settings its steps were trained with.
         kept = peek_json(run_dir / "config.json") if start >= self.end else {}
@@ -545,11 +551,13 @@ class Trainer:
         if not self.rt.is_main:
             return
         g, tokenizer = self.generate, self.data.tokenizer()
+        if not g.prompts:  # (generate.prompts= : none)
+            return
         with self.rt.autocast():
             texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, g.temperature, g.top_k,
                                             g.top_p, g.seed + i, cuda_graph=False)[0][0]
                      for i, prompt in enumerate(g.prompts)]
-        self.log_file.append({"step": step, "samples": texts})
+        self.log_file.append({"step": step, "tokens": step * self.tokens_per_step, "samples": texts})
         self.log_file.flush()
         if not self.quiet:
             for i, text in enumerate(texts):

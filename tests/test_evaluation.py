@@ -235,6 +235,15 @@ def test_eval_of_a_story_file_reads_it_in_the_checkpoints_tokens(ckpt, stories_f
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file), "--split", "train"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--split" in err
+    # A mistyped name is not found (it was told to prepare a dataset under that name); a meta.json beside the
+    # stories that is not a prepared dataset's (no tokenizer.json, a foreign file) leaves them stories
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file.parent / "missing.txt")]) == 2
+    assert "story file not found" in capsys.readouterr().err
+    (stories_file.parent / "meta.json").write_text('{"author": "me"}')
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file), "--block-size", "64",
+                 "--dtype", "float32"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    (stories_file.parent / "meta.json").unlink()
     (stories_file.parent / "empty.jsonl").write_text("")
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file.parent / "empty.jsonl")]) == 2
     err = capsys.readouterr().err

@@ -387,6 +387,8 @@ def _eval_main(args) -> int:
                                                                       or DEFAULT_EVAL_BLOCK_SIZE)
     check_evaluation(block_size, args.batch_size, args.max_tokens)  # before the (slow) model load
     story_file = is_story_file(args.data)
+    if story_file and not Path(args.data).exists():
+        raise UserError(f"story file not found: {args.data}")
     if story_file and args.split != "val":
         raise UserError(f"--split {args.split} names a split of prepared data; the story file {args.data} is "
                         "evaluated whole")

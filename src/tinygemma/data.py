@@ -836,11 +836,11 @@ class PreparedData:
 
 
 def is_story_file(path: str | Path) -> bool:
-    """Whether `path` is a file of stories prepare reads (.txt, .jsonl, .json, .parquet), not one of a prepared
-    dataset's own files (its meta.json)."""
+    """Whether `path` names a file of stories prepare reads (.txt, .jsonl, .json, .parquet; it may be missing), not
+    one of a prepared dataset's own (its meta.json or tokenizer.json)."""
     path = Path(path)
-    return (path.is_file() and path.suffix.lower() in TEXT_FORMATS
-            and not (path.parent / META_NAME).is_file())
+    own = path.name in (META_NAME, TOKENIZER_FILE) and (path.parent / META_NAME).is_file()
+    return path.suffix.lower() in TEXT_FORMATS and not path.is_dir() and not own
 
 
 def open_prepared(directory: str | Path) -> PreparedData:
@@ -848,7 +848,7 @@ def open_prepared(directory: str | Path) -> PreparedData:
     directory = Path(directory)
     if directory.is_file() and (directory.parent / META_NAME).is_file():  # meta.json, train.bin: one of its files
         raise UserError(f"{directory} is a file of a prepared dataset; give its folder, {directory.parent}")
-    if is_story_file(directory):  # a story file given where its tokens belong
+    if directory.is_file() and is_story_file(directory):  # a story file given where its tokens belong
         raise UserError(f"{directory} is a file, not a prepared dataset: tokenize it first with `tinygemma prepare "
                         f"--source {directory} --out DIR`, then pass DIR")
     if directory.is_file():  # a GGUF file, weights, anything else

@@ -246,6 +246,22 @@ def card(path: Path):
     return ModelCard.load(path / "README.md")
 
 
+def test_a_recorded_sampling_setting_that_is_refused_never_stops_an_export(straight_run, tmp_path, capsys):
+    """A run trained before train checked [generate] may record a seed of -1: its card says the samples were not
+    generated, and the export goes on (it stopped with the seed's refusal)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())["dir"]
+    state_file = run / "checkpoints" / best / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["generate"]["seed"] = -1
+    state_file.write_text(json.dumps(state))
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "Not generated from 'Once upon a time': seed must be an integer from 0" in card(tmp_path / "hf").text
+
+
 def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_run, stories_dir, tmp_path,
                                                                       capsys):
     transformers = pytest.importorskip("transformers")

@@ -177,10 +177,17 @@ def test_train_checks_the_data_and_sampling_settings_it_is_given(data_dir, tmp_p
                        for a in ("--set", s))]
     for bad, phrase in [("data.limit=100", "limit: 600, the recipe asks for 100"),
                         ("data.tokenizer=gpt2", "tokenizer: "),
-                        ("generate.seed=-1", "generate.seed must be an integer from 0")]:
+                        ("generate.seed=-1", "generate.seed must be an integer from 0"),
+                        ('generate.prompts=["Once", ""]', "generate.prompts holds ''"),
+                        ("generate.max_new_tokens=100000", "leaves no room for a prompt"),
+                        ("generate.prompts=Once \udcff", "not UTF-8 text")]:  # (export's card then failed)
         assert main([*args, "--set", bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and phrase in err, err
+    recipe = tmp_path / "bad.toml"  # a recipe file's [generate], as run checks it
+    recipe.write_text("[generate]\nseed = -1\n")
+    assert main(["train", "--config", str(recipe), *args[1:]]) == 2
+    assert "generate.seed must be an integer from 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     data = tmp_path / "data"  # prepared as a recipe's [data] can say (the fixture's 0.1 of the stories it cannot)
     prepare(data, sources=[stories_dir / "train.txt"], tokenizer="bpe", vocab_size=300, limit=300, workers=1,

@@ -373,6 +373,11 @@ class Recipe:
         [data]'s settings, and prompts that can be sampled (each some text, a seed within 64 bits, room in the
         model's positions for new tokens). A saved run's recipe is read without these: they never stop a resume."""
         self.data.validate()
+        self.check_generate()
+
+    def check_generate(self) -> None:
+        """[generate]'s prompts can be sampled: each some text, a seed within 64 bits, room in the model's
+        positions for new tokens (`run`'s samples, train's sample_interval, an export's model card)."""
         g = self.generate
         check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
         for prompt in g.prompts:

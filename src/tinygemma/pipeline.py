@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint
-from tinygemma.config import Recipe, check_sampling
+from tinygemma.config import Recipe
 from tinygemma.data import (
     META_NAME,
     check_prepare_out,
@@ -85,14 +85,15 @@ def check_outputs(recipe: Recipe) -> None:
 RUN_DATA_SETTINGS = ("source", "val_source", "tokenizer", "vocab_size", "limit")  # [data] that makes its tokens
 
 
-def check_given_settings(recipe: Recipe, given: list[str]) -> None:
-    """What `train` is given on its command line (`given`: KEY=VALUE items) but does not use itself, checked as
-    `run` checks it: [generate]'s settings, recorded for the run's samples and model card, and [data]'s beyond
-    data.dir, which must describe the data there (train trains on data.dir as prepared, and records them)."""
+def check_given_settings(recipe: Recipe, given: list[str], recipe_file: bool = False) -> None:
+    """What `train` is given (`given`: its --set KEY=VALUE items; `recipe_file`: a recipe file's settings too) but
+    does not use itself, checked as `run` checks it: [generate]'s settings, recorded for the run's samples and
+    model card, and [data]'s beyond data.dir, which must describe the data there (train trains on data.dir as
+    prepared, and records them)."""
     keys = {item.partition("=")[0].strip() for item in given}
-    if any(key.startswith("generate.") for key in keys):
-        g = recipe.generate
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
+    if recipe_file or any(key.startswith("generate.") for key in keys):
+        recipe.check_generate()
+        check_prompts(recipe)  # in the data's tokens (not UTF-8, too long)
     if keys & {f"data.{name}" for name in ("source", "val_source", "limit", "tokenizer", "vocab_size")}:
         differences = data_differences(recipe.data, open_prepared(recipe.data.dir))
         if differences:

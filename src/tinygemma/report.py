@@ -514,13 +514,13 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
     for i, prompt in enumerate(g.prompts):
         # As many new tokens as the recipe asks and the model's positions leave room for (a model trained with
         # max_position_embeddings = block_size has fewer than a prompt and 200): the card never stops an export.
-        try:
+        try:  # (a run trained before train checked its [generate], with a seed of -1, say: refused here)
             room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0))
+            texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
+                                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
         except UserError as e:
             lines += [f"Not generated from {prompt!r}: {e}.", ""]
             continue
-        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
-                                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
         lines += [quote(prompt + texts[0]), ""]
         if room < g.max_new_tokens:
             lines += [f"(at most {room} new tokens: the prompt and they fill the model's {positions} positions)", ""]

@@ -202,17 +202,20 @@ def test_one_path_given_from_python_as_data_source_is_one_source(tmp_path, stori
         prepare_if_missing(recipe)
 
 
-@pytest.mark.parametrize("source", ["missing.txt", "folder", "stories.csv"])
-def test_a_source_run_cannot_read_is_the_only_line(tmp_path, stories_dir, capsys, source):
-    """A missing or unreadable data.source was said after "preparing ... into ...": two lines. It is now refused
-    before that line, and nothing is prepared."""
+@pytest.mark.parametrize("setting, name", [("data.source", "missing.txt"), ("data.source", "folder"),
+                                           ("data.source", "stories.csv"), ("data.tokenizer", "missing.json"),
+                                           ("data.tokenizer", "stories.csv")])
+def test_a_source_or_tokenizer_run_cannot_read_is_the_only_line(tmp_path, stories_dir, capsys, setting, name):
+    """A missing or unreadable data.source or data.tokenizer was said after "preparing ... into ...": two lines.
+    It is now refused before that line, and nothing is prepared."""
     (tmp_path / "folder").mkdir()
     (tmp_path / "stories.csv").write_text("text\nOnce\n")
     recipe_file = tmp_path / "tiny.toml"
     recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
-    assert main(["run", str(recipe_file), "--set", f"data.source={tmp_path / source}"]) == 2
+    extra = ["--set", "data.vocab_size=none"] if setting == "data.tokenizer" else []
+    assert main(["run", str(recipe_file), "--set", f"{setting}={tmp_path / name}", *extra]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(tmp_path / source) in err, err
+    assert err.count("\n") == 1 and str(tmp_path / name) in err, err
     assert not (tmp_path / "data").exists()
 
 

@@ -33,7 +33,7 @@ from tinygemma.metrics import strict_json
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
-from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
 from tinygemma.train import check_prompts_fit, check_run_out, train
 
@@ -58,12 +58,15 @@ def prepare_if_missing(recipe: Recipe) -> None:
         log(f"prepared data found in {data_dir} ({data.meta['splits']['train']['tokens']:,} training tokens); "
             "delete it to prepare again")
         return
+    # Refusals of the sources and of a tokenizer file are the only line, not one after the next
     for path in (*recipe.data.source, *recipe.data.val_source):
-        check_source(path)  # its refusal the only line, not one after the next
+        check_source(path)
+    name = recipe.data.tokenizer
+    tokenizer = name if name in ("gpt2", "bpe") else load_tokenizer(name)  # (read once: prepare takes it)
     source = ", ".join(recipe.data.source) or "the Hugging Face hub (roneneldan/TinyStories)"
-    log(f"preparing {source} into {data_dir} with the {recipe.data.tokenizer} tokenizer")
+    log(f"preparing {source} into {data_dir} with the {name} tokenizer")
     prepare(data_dir, sources=recipe.data.source or None, val_sources=recipe.data.val_source or None,
-            tokenizer=recipe.data.tokenizer, vocab_size=recipe.data.vocab_size, limit=recipe.data.limit)
+            tokenizer=tokenizer, vocab_size=recipe.data.vocab_size, limit=recipe.data.limit)
 
 
 def check_outputs(recipe: Recipe) -> None:

@@ -160,6 +160,22 @@ def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_th
         assert board[step] == pytest.approx(scalars, rel=1e-6), step
 
 
+def test_samples_during_training_reach_tensorboard_and_wandb_as_text(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "sampled"
+    run(data_dir, out, *SHORT, "loggers=tensorboard,wandb", "sample_interval=6", "generate.max_new_tokens=4")
+    samples = {r["step"]: r["samples"][0] for r in metrics(out) if "samples" in r}
+    assert sorted(samples) == [6, 12]
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    board = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/1/text_summary")}
+    assert board == samples
+    (history,) = [segment["history"] for segment in wandb_run(out)]
+    sampled = [step for step in sorted(history) if any(key.startswith("samples/1/") for key in history[step])]
+    assert sampled == [6, 12]  # (an html file each, named in the history by its path and digest)
+
+
 def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(data_dir, tmp_path, monkeypatch):
     """wandb and trackio write in batches, so a kill loses their last records from before the checkpoint (a kill
     -9 left wandb without steps 0-6): the resume sends them again from metrics.jsonl. loss.png, drawn at the last

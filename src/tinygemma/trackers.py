@@ -22,6 +22,7 @@ resume).
 from __future__ import annotations
 
 import contextlib
+import html
 import importlib.util
 import json
 import os
@@ -85,6 +86,10 @@ class Trackers:
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._each("log", scalars, step)
 
+    def text(self, key: str, value: str, step: int) -> None:
+        """A text at `step` (a sample story), where the tracker shows texts: TensorBoard's and wandb's."""
+        self._each("text", key, value, step)
+
     def flush(self) -> None:
         self._each("flush")
 
@@ -138,6 +143,9 @@ class TensorBoard:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
 
+    def text(self, key: str, value: str, step: int) -> None:
+        self.writer.add_text(key, value, step)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -170,6 +178,12 @@ class Wandb:
     def log(self, scalars: dict[str, float], step: int) -> None:
         if step >= self.first_step:
             self.run.log(scalars, step=step)
+
+    def text(self, key: str, value: str, step: int) -> None:
+        import wandb
+
+        if step >= self.first_step:
+            self.run.log({key: wandb.Html(f"<pre>{html.escape(value)}</pre>")}, step=step)
 
     def backfill(self, records: list[dict]) -> None:
         for record in records:
@@ -206,6 +220,9 @@ class Trackio:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
+
+    def text(self, key: str, value: str, step: int) -> None:
+        pass  # trackio's dashboard shows scalars; the samples are in metrics.jsonl
 
     def backfill(self, records: list[dict]) -> None:
         from trackio.sqlite_storage import SQLiteStorage

@@ -559,6 +559,9 @@ class Trainer:
                      for i, prompt in enumerate(g.prompts)]
         self.log_file.append({"step": step, "tokens": step * self.tokens_per_step, "samples": texts})
         self.log_file.flush()
+        for i, text in enumerate(texts):
+            self.writer.text(f"samples/{i + 1}", text, step)
+        self.writer.flush()
         if not self.quiet:
             for i, text in enumerate(texts):
                 self.say(f"step {step} sample {i + 1}: {text}")

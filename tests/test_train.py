@@ -503,8 +503,11 @@ def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_pa
     train(load_recipe(None, settings), resume=True, quiet=True)
     train(load_recipe(None, settings), resume=True, quiet=True)  # a finished run, run again: nothing lost
     assert [r for r in metrics(resumed) if "samples" in r] == samples
-    with pytest.raises(tinygemma.UserError, match="generate.prompts"):
+    with pytest.raises(tinygemma.UserError, match="generate.max_new_tokens 4000 leaves no room"):
         run(data_dir, tmp_path / "bad", "sample_interval=20", "generate.max_new_tokens=4000")
+    with pytest.raises(tinygemma.UserError, match=r"generate.prompts \(train.sample_interval samples them\)"):
+        run(data_dir, tmp_path / "bad", "sample_interval=20", "generate.max_new_tokens=2040",
+            "generate.prompts=" + "Once upon a time " * 20)  # past the 2,048 positions with its tokens
     with pytest.raises(tinygemma.UserError, match="sample_interval"):
         run(data_dir, tmp_path / "bad", "sample_interval=-1")
     assert not (tmp_path / "bad").exists()

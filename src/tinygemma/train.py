@@ -59,7 +59,6 @@ from tinygemma.config import (
     Recipe,
     TrainConfig,
     check_block_size,
-    check_sampling,
     is_integer,
     saved_train_settings,
 )
@@ -738,8 +737,7 @@ def check_sampled_prompts(recipe: Recipe, model_config: ModelConfig, tokenizer) 
     if recipe.train.distributed == "fsdp" and env_world_size() > 1:
         raise UserError("train.sample_interval samples the whole model on process 0, which FSDP shards over the "
                         "processes: sample after training (tinygemma generate), or train with distributed = ddp")
-    g = recipe.generate
-    check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
+    recipe.check_generate()
     check_prompts_fit(recipe, model_config, tokenizer, " (train.sample_interval samples them)")
 
 

@@ -492,6 +492,8 @@ def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_pa
     assert [r["step"] for r in samples] == [20, 40] and all(len(r["samples"]) == 2 for r in samples)
     assert samples[-1]["samples"][0] in printed and "step 40 sample 1: Once upon a time" in printed
     assert train_losses(out) == train_losses(straight_run) and val_losses(out) == val_losses(straight_run)
+    report = (out / "report.md").read_text()  # the newest samples, on the run's page
+    assert "While training, at step 40 (train.sample_interval)" in report and samples[-1]["samples"][1] in report
     again = tmp_path / "again"  # the same seeds: the same stories
     train(load_recipe(None, tiny_settings(data_dir, again, "sample_interval=20", "generate.max_new_tokens=6",
                                           'generate.prompts=["Once upon a time", "Tom had"]')), quiet=True)

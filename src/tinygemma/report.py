@@ -198,6 +198,11 @@ def render_report(run_dir: Path) -> str:
                   f"{sampling(evaluation.get('generate', {}))}.", ""]
         for sample in evaluation["samples"]:
             lines += [quote(sample), ""]
+    elif sampled := [r for r in records if r.get("samples")]:  # train.sample_interval's, the newest
+        lines += ["## Samples", "", f"While training, at step {sampled[-1]['step']:,} (train.sample_interval), "
+                  f"{sampling(recipe.get('generate') or {})}.", ""]
+        for sample in sampled[-1]["samples"]:
+            lines += [quote(sample), ""]
     return "\n".join(lines)
 
 

@@ -260,6 +260,10 @@ def test_a_recorded_sampling_setting_that_is_refused_never_stops_an_export(strai
     state_file.write_text(json.dumps(state))
     assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert "Not generated from 'Once upon a time': seed must be an integer from 0" in card(tmp_path / "hf").text
+    state["config"]["generate"].update(seed=1, prompts=[])  # no prompts: no samples, said so
+    state_file.write_text(json.dumps(state))
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "None: the recipe's generate.prompts is empty." in card(tmp_path / "hf").text
 
 
 def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_run, stories_dir, tmp_path,

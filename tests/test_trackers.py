@@ -170,7 +170,8 @@ def test_samples_during_training_reach_tensorboard_and_wandb_as_text(data_dir, t
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     board = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/1/text_summary")}
-    assert board == samples
+    # (an indented code block, so that Markdown leaves the story as it is)
+    assert board == {step: "".join(f"    {line}\n" for line in text.split("\n")) for step, text in samples.items()}
     (history,) = [segment["history"] for segment in wandb_run(out)]
     sampled = [step for step in sorted(history) if any(key.startswith("samples/1/") for key in history[step])]
     assert sampled == [6, 12]  # (an html file each, named in the history by its path and digest)

@@ -89,10 +89,11 @@ RUN_DATA_SETTINGS = ("source", "val_source", "tokenizer", "vocab_size", "limit")
 
 
 def check_given_settings(recipe: Recipe, given: list[str], recipe_file: bool = False) -> None:
-    """What `train` is given (`given`: its --set KEY=VALUE items; `recipe_file`: a recipe file's settings too) but
-    does not use itself, checked as `run` checks it: [generate]'s settings, recorded for the run's samples and
-    model card, and [data]'s beyond data.dir, which must describe the data there (train trains on data.dir as
-    prepared, and records them)."""
+    """What `train` is given but does not use itself, checked as `run` checks it: [generate]'s settings (from
+    --set, `given`'s KEY=VALUE items, or from a recipe file, `recipe_file`), recorded for the run's samples and
+    model card; and --set's [data] settings beyond data.dir, which must describe the data there (train trains on
+    data.dir as prepared, and records them). A recipe file's own [data] is not compared: train records data.dir
+    alone for a run on data it did not make."""
     keys = {item.partition("=")[0].strip() for item in given}
     if recipe_file or any(key.startswith("generate.") for key in keys):
         recipe.check_generate()

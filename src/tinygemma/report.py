@@ -512,6 +512,8 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
     export's own (exported_tokenizer)."""
     if tokenizer is None:
         return ["Unknown: the export holds no tokenizer.", ""]
+    if not g.prompts:
+        return ["None: the recipe's generate.prompts is empty.", ""]
     device = pick_device("auto")
     model = load_model(out, tokenizer, dtype="auto" if device.type == "cuda" else "float32", device=str(device))
     lines = [f"Generated at export by tinygemma from these files: {sampling(dataclasses.asdict(g))}.", ""]

@@ -144,7 +144,9 @@ class TensorBoard:
             self.writer.add_scalar(key, value, step)
 
     def text(self, key: str, value: str, step: int) -> None:
-        self.writer.add_text(key, value, step)
+        # As an indented code block: TensorBoard renders text as Markdown (a story's *word* in italics, its lines
+        # run together)
+        self.writer.add_text(key, "".join(f"    {line}\n" for line in value.split("\n")), step)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -479,6 +479,23 @@ def test_a_special_token_past_the_text_needs_no_model_row(data_dir, tmp_path, st
         run(data, tmp_path / "small", "model.vocab_size=511", "max_steps=2", "warmup_steps=0")
 
 
+def test_samples_keep_no_weight_copy_and_the_api_checks_generate_as_the_cli(data_dir, tmp_path, monkeypatch):
+    """A sample made a decode plan (a copy of every linear weight, for a float32 model) that stayed cached through
+    the steps after it; it is dropped once the samples are made. train() from Python refuses the [generate] that
+    the command line refuses (a seed of -1 was trained and recorded, for the model card to stumble on)."""
+    import tinygemma.decode as decode
+    import tinygemma.train as train_module
+
+    held, step = [], train_module.Trainer.step
+    monkeypatch.setattr(train_module.Trainer, "step",
+                        lambda self, s: held.append(self.raw in decode._PLANS) or step(self, s))
+    run(data_dir, tmp_path / "run", "max_steps=8", "sample_interval=2", "generate.max_new_tokens=3")
+    assert len(held) == 8 and not any(held)
+    with pytest.raises(tinygemma.UserError, match="generate.seed must be an integer from 0"):
+        run(data_dir, tmp_path / "bad", "generate.seed=-1")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_path, capsys):
     """sample_interval = N continues [generate]'s prompts every N steps (rank 0), printed and kept in
     metrics.jsonl, with their own seeded generators: the training numbers stay those of a run without them.

@@ -297,7 +297,7 @@ def _train_main(args) -> int:
                                   *(part for item in overrides + args.set for part in ("--set", item))])
             raise UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the recipe's "
                             "[data] asks, then trains")
-    check_given_settings(recipe, overrides + args.set, recipe_file=args.config is not None)
+    check_given_settings(recipe, overrides + args.set)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if env_rank() == 0:
         print(strict_json(summary))  # (a last step skipped as non-finite: its train_loss null, not NaN)

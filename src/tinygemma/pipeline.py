@@ -35,7 +35,7 @@ from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
-from tinygemma.train import check_prompts_fit, check_run_out, train
+from tinygemma.train import check_run_out, train
 
 
 def log(message: str) -> None:
@@ -88,16 +88,12 @@ def check_outputs(recipe: Recipe) -> None:
 RUN_DATA_SETTINGS = ("source", "val_source", "tokenizer", "vocab_size", "limit")  # [data] that makes its tokens
 
 
-def check_given_settings(recipe: Recipe, given: list[str], recipe_file: bool = False) -> None:
-    """What `train` is given but does not use itself, checked as `run` checks it: [generate]'s settings (from
-    --set, `given`'s KEY=VALUE items, or from a recipe file, `recipe_file`), recorded for the run's samples and
-    model card; and --set's [data] settings beyond data.dir, which must describe the data there (train trains on
-    data.dir as prepared, and records them). A recipe file's own [data] is not compared: train records data.dir
-    alone for a run on data it did not make."""
+def check_given_settings(recipe: Recipe, given: list[str]) -> None:
+    """--set's [data] settings beyond data.dir (`given`: KEY=VALUE items), which `train` records but does not use:
+    they must describe the data there, as `run` checks them (train trains on data.dir as prepared). A recipe
+    file's own [data] is not compared: train records data.dir alone for a run on data it did not make. ([generate]
+    is the trainer's to check: train.check_generate_settings.)"""
     keys = {item.partition("=")[0].strip() for item in given}
-    if recipe_file or any(key.startswith("generate.") for key in keys):
-        recipe.check_generate()
-        check_prompts(recipe)  # in the data's tokens (not UTF-8, too long)
     if keys & {f"data.{name}" for name in ("source", "val_source", "limit", "tokenizer", "vocab_size")}:
         differences = data_differences(recipe.data, open_prepared(recipe.data.dir))
         if differences:
@@ -149,14 +145,6 @@ def check_training_settings(recipe: Recipe) -> None:
     check_attention_backend(recipe.train, recipe.model_config(), device)
 
 
-def check_prompts(recipe: Recipe) -> None:
-    """The recipe's prompts in the data's tokens: each must encode to some, and fit with generate.max_new_tokens
-    in the model's positions. Checked once the data (its tokenizer) is there, before training, not after it."""
-    data = open_prepared(recipe.data.dir)
-    tokenizer = data.tokenizer()
-    check_prompts_fit(recipe, recipe.model_config(data.vocab_size, tokenizer.model_vocab_size), tokenizer)
-
-
 def run(recipe: Recipe) -> dict:
     """Run the recipe end to end; return {"train": summary, "eval": metrics, "samples": [...]}.
 
@@ -166,8 +154,7 @@ def run(recipe: Recipe) -> dict:
     def before_training() -> None:
         check_outputs(recipe)
         check_training_settings(recipe)
-        prepare_if_missing(recipe)
-        check_prompts(recipe)
+        prepare_if_missing(recipe)  # (the trainer checks the prompts in the data's tokens, before it trains)
         log(f"training into {recipe.out} (resumes from its last checkpoint if it has one)")
 
     if env_world_size() == 1:

@@ -73,6 +73,7 @@ from tinygemma.data import (
     requested_micro_batch_size,
     validation_starts,
 )
+from tinygemma.decode import forget_decode_plan
 from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError, describe, exit_status
 from tinygemma.evaluation import evaluate_windows
@@ -195,8 +196,9 @@ class Trainer:
         changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
         self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
         self.generate = recipe.generate
-        if self.cfg.sample_interval:
-            check_sampled_prompts(recipe, self.model_config, self.data.tokenizer())
+        if not state or self.cfg.sample_interval or state.get("config", {}).get("generate") != dataclasses.asdict(
+                recipe.generate):  # new to the run (recorded for its samples and model card), or sampled now
+            check_generate_settings(recipe, self.model_config, self.data.tokenizer())
         self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
         weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -552,10 +554,13 @@ class Trainer:
         g, tokenizer = self.generate, self.data.tokenizer()
         if not g.prompts:  # (generate.prompts= : none)
             return
-        with self.rt.autocast():
-            texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, g.temperature, g.top_k,
-                                            g.top_p, g.seed + i, cuda_graph=False)[0][0]
-                     for i, prompt in enumerate(g.prompts)]
+        try:
+            with self.rt.autocast():
+                texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, g.temperature,
+                                                g.top_k, g.top_p, g.seed + i, cuda_graph=False)[0][0]
+                         for i, prompt in enumerate(g.prompts)]
+        finally:
+            forget_decode_plan(self.raw)  # its copy of the weights, stale at the next step, not kept through them
         self.log_file.append({"step": step, "tokens": step * self.tokens_per_step, "samples": texts})
         self.log_file.flush()
         for i, text in enumerate(texts):
@@ -731,14 +736,15 @@ def check_prompts_fit(recipe: Recipe, model_config: ModelConfig, tokenizer, why:
             raise UserError(f"generate.prompts{why}: {e}") from None
 
 
-def check_sampled_prompts(recipe: Recipe, model_config: ModelConfig, tokenizer) -> None:
-    """What train.sample_interval samples, refused before training as `run` refuses its prompts; and the whole
-    model must be on process 0."""
-    if recipe.train.distributed == "fsdp" and env_world_size() > 1:
+def check_generate_settings(recipe: Recipe, model_config: ModelConfig, tokenizer) -> None:
+    """[generate] as `run` checks it, before training: its settings, and its prompts in the data's tokens.
+    train.sample_interval samples them with the whole model on process 0, which FSDP shards."""
+    sampling = recipe.train.sample_interval
+    if sampling and recipe.train.distributed == "fsdp" and env_world_size() > 1:
         raise UserError("train.sample_interval samples the whole model on process 0, which FSDP shards over the "
                         "processes: sample after training (tinygemma generate), or train with distributed = ddp")
     recipe.check_generate()
-    check_prompts_fit(recipe, model_config, tokenizer, " (train.sample_interval samples them)")
+    check_prompts_fit(recipe, model_config, tokenizer, " (train.sample_interval samples them)" if sampling else "")
 
 
 def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:

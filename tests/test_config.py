@@ -180,6 +180,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("activation_checkpointing=sometimes", "train.activation_checkpointing must be true or false"),
     ("model.preset=gemma9", "unknown model preset 'gemma9'"),
     ("model.n_kv_heads=3", "n_heads (4) must be a multiple of n_kv_heads (3)"),
+    ("model.sliding_window_pattern=0", "model.sliding_window_pattern must be >= 1, got 0"),  # named as set
     ("model.d_model=big", "model.d_model must be an integer"),
     ("model.vocab_pad_multiple=1000000000000", "model.vocab_pad_multiple must be at most 65,536"),  # out of memory
     ("model.n_layers=1e9", "model.n_layers must be at most 1,024"),  # built one module at a time: ran for minutes

@@ -47,7 +47,7 @@ class ModelConfig:
             raise UserError(f"model.n_layers must be at most {MAX_LAYERS:,}, got {self.n_layers:,}")
         if self.layer_types is None:
             if self.sliding_window_pattern < 1:
-                raise UserError(f"sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
+                raise UserError(f"model.sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
             self.layer_types = _pattern_layers(self.sliding_window_pattern, self.n_layers)
         else:
             self.layer_types = tuple(self.layer_types)

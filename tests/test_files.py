@@ -41,6 +41,22 @@ def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def test_an_interrupt_as_the_temporary_is_made_leaves_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C just after atomic_path had made its temporary, before the block that removes it on failure began,
+    left it behind (an interrupted prepare kept its folder for a .train.bin.*.tmp: a flaky CI run)."""
+    close = os.close
+
+    def interrupted(fd):
+        close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_path(tmp_path / "train.bin") as tmp:
+            tmp.write_bytes(b"never")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
 def test_atomic_files_get_the_permissions_open_gives(tmp_path, mask):
     with umask(mask):

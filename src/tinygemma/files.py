@@ -18,7 +18,7 @@ import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -63,18 +63,10 @@ def write_errors(path: str | Path):
         raise error from None
 
 
-def _new_temporary(path: Path) -> Path:
-    """A new empty file beside `path`, created with mode 0666 as open() creates files, so that the kernel applies the
-    umask (and a default ACL) itself: no umask is read, since os.umask reads it only by setting it, process-wide,
-    which races with other threads. (tempfile.mkstemp would create it 0600 whatever the umask.)"""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+def _temporary_names(path: Path) -> Iterator[Path]:
+    """Names for a new temporary beside `path`, to be created with O_EXCL (atomic_path)."""
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(tmp, flags, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
+        yield path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
@@ -88,16 +80,24 @@ def atomic_path(path: str | Path):
     own, as open() keeps them. Failures to create, sync or rename the file are a WriteError naming `path`; the
     block's own are its own.
     """
-    path = Path(path)
-    with write_errors(path):
-        if path.parent.exists() and not path.parent.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path.parent))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _new_temporary(path)
-        # open(path, "w") keeps an existing file's permissions: so does replacing it (a file its owner made 0600
-        # stays 0600); a new file gets the temporary's, 0666 less the umask.
-        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
-    try:
+    path, tmp = Path(path), None
+    try:  # from before the temporary exists: a Ctrl-C just after it is made still removes it
+        with write_errors(path):
+            if path.parent.exists() and not path.parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path.parent))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Created with mode 0666 as open() creates files, so that the kernel applies the umask (and a default
+            # ACL) itself: os.umask reads it only by setting it, process-wide, which races with other threads.
+            # (tempfile.mkstemp would create it 0600 whatever the umask.)
+            for tmp in _temporary_names(path):
+                try:
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+                    break
+                except FileExistsError:
+                    tmp = None  # another's
+            # open(path, "w") keeps an existing file's permissions: so does replacing it (a file its owner made 0600
+            # stays 0600); a new file gets the temporary's, 0666 less the umask.
+            mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
         yield tmp
         with write_errors(path):
             with open(tmp, "rb+") as f:
@@ -107,7 +107,8 @@ def atomic_path(path: str | Path):
             os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def temporary_target(name: str) -> str | None:

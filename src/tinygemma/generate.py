@@ -177,8 +177,8 @@ class TextStream:
         self.tokenizer = tokenizer
         self.ids = list(context)
         self.prefix_offset = max(0, len(self.ids) - context_tokens)  # start of the context decoded with new ids
-        pieces = getattr(tokenizer, "byte_fallback_ids", frozenset())
-        while 0 < self.prefix_offset and {self.ids[self.prefix_offset - 1], self.ids[self.prefix_offset]} <= pieces:
+        self.pieces = getattr(tokenizer, "byte_fallback_ids", frozenset())  # (a tokenizer-like object may lack it)
+        while 0 < self.prefix_offset and {self.ids[self.prefix_offset - 1], self.ids[self.prefix_offset]} <= self.pieces:
             self.prefix_offset -= 1  # never inside a run of byte pieces, which decodes whole or as U+FFFD
         self.read_offset = len(self.ids)  # ids before this are already released
 
@@ -194,7 +194,7 @@ class TextStream:
     def _release(self, final: bool) -> str:
         if len(self.ids) == self.read_offset:
             return ""
-        if not final and self.ids[-1] in getattr(self.tokenizer, "byte_fallback_ids", ()):
+        if not final and self.ids[-1] in self.pieces:
             return ""  # a run of byte pieces, which a later one may still make invalid as a whole
         done = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         text = self.tokenizer.decode(self.ids[self.prefix_offset :])

@@ -726,25 +726,21 @@ def check_train_arguments(recipe: Recipe, resume: bool, stop_at: int | None, pro
         raise UserError(f"--profile (profile) must be text such as \"20:25\" (START:END), got {profile!r}")
 
 
-def check_prompts_fit(recipe: Recipe, model_config: ModelConfig, tokenizer, why: str = "") -> None:
-    """The recipe's prompts in the data's tokens, before training, not after it: each must encode to some, and
-    fit with generate.max_new_tokens in the model's positions. `why`: what samples them, for the message."""
-    for prompt in recipe.generate.prompts:
-        try:
-            prompt_ids(model_config, tokenizer, prompt, recipe.generate.max_new_tokens)
-        except UserError as e:
-            raise UserError(f"generate.prompts{why}: {e}") from None
-
-
 def check_generate_settings(recipe: Recipe, model_config: ModelConfig, tokenizer) -> None:
-    """[generate] as `run` checks it, before training: its settings, and its prompts in the data's tokens.
-    train.sample_interval samples them with the whole model on process 0, which FSDP shards."""
+    """[generate] as `run` checks it, before training: its settings, and its prompts in the data's tokens (each
+    must encode to some, and fit with generate.max_new_tokens in the model's positions). train.sample_interval
+    samples them with the whole model on process 0, which FSDP shards."""
     sampling = recipe.train.sample_interval
     if sampling and recipe.train.distributed == "fsdp" and env_world_size() > 1:
         raise UserError("train.sample_interval samples the whole model on process 0, which FSDP shards over the "
                         "processes: sample after training (tinygemma generate), or train with distributed = ddp")
     recipe.check_generate()
-    check_prompts_fit(recipe, model_config, tokenizer, " (train.sample_interval samples them)" if sampling else "")
+    for prompt in recipe.generate.prompts:
+        try:
+            prompt_ids(model_config, tokenizer, prompt, recipe.generate.max_new_tokens)
+        except UserError as e:
+            why = " (train.sample_interval samples them)" if sampling else ""
+            raise UserError(f"generate.prompts{why}: {e}") from None
 
 
 def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:

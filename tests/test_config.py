@@ -47,7 +47,8 @@ def test_every_field_of_a_recipe_file_is_commented_with_its_default(name):
     recipe = load_recipe(CONFIGS / name)
     for section, values in recipe.to_dict().items():  # and the file sets every train field explicitly
         if section == "train":
-            missing = [k for k in values if not re.search(rf"^{k} = ", text, re.MULTILINE)]
+            missing = [k for k in values  # (one left none: commented out, as TOML has no none)
+                       if not re.search(rf"^{'(# )?' if values[k] is None else ''}{k} = ", text, re.MULTILINE)]
             assert not missing, f"{name} leaves train fields to their defaults: {missing}"
         elif section != "model":  # a preset, and what the recipe overrides of it
             # [data] and [generate] list every field too, those left unset (TOML has no none) commented out.
@@ -65,11 +66,12 @@ def test_the_bracketed_train_defaults_are_the_real_defaults(name):
     defaults = load_recipe(None).to_dict()["train"]
     section = (CONFIGS / name).read_text().split("[train]")[1].split("\n[")[0]
     checked = 0
-    for key, shown in re.findall(r"^(\w+) = .*\[(\[[^\]]*\]|[^\]]*)\]$", section, re.MULTILINE):  # [x] or [[a, b]]
+    for key, shown in re.findall(r"^(?:# )?(\w+) = .*\[(\[[^\]]*\]|[^\]]*)\]$", section,
+                                 re.MULTILINE):  # [x] or [[a, b]]; a setting left none is commented out
         try:
             value = tomllib.loads(f"v = {shown}")["v"]
         except tomllib.TOMLDecodeError:
-            value = shown  # a bare word: auto, ddp, runs/tinystories
+            value = None if shown == "none" else shown  # a bare word: auto, ddp, runs/tinystories
         assert value == defaults[key], f"{name}: {key} says its default is [{shown}], it is {defaults[key]!r}"
         checked += 1
     assert checked == len(defaults)

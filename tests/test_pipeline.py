@@ -306,7 +306,8 @@ def test_run_refuses_other_data_for_an_existing_run_before_preparing_it(tmp_path
 
 def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_path, stories_dir, capsys):
     """What would stop a run after its data is prepared (a block past the model's positions, a micro-batch size
-    that does not divide the batch, flex attention off CUDA, data.dir in train.out's folder) or after it is trained (an empty prompt, too many new tokens, a seed past
+    that does not divide the batch, flex attention off CUDA, data.dir in train.out's folder, initial weights that
+    are not there) or after it is trained (an empty prompt, too many new tokens, a seed past
     64 bits, a prompt too long for them in the data's tokens) is refused in one line, before that work."""
     recipe_file = tmp_path / "tiny.toml"
     recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
@@ -318,7 +319,9 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
                               (["generate.seed=100000000000000000000"], "generate.seed must be an integer from 0"),
                               ([f"data.dir={tmp_path}/run", f"train.out={tmp_path}/data/../run"],
                                f"data.dir {tmp_path}/run is train.out itself"),
-                              ([f"data.dir={tmp_path}/run/data"], f"data.dir {tmp_path}/run/data is inside train.out")]:
+                              ([f"data.dir={tmp_path}/run/data"], f"data.dir {tmp_path}/run/data is inside train.out"),
+                              ([f"train.init_from={tmp_path}/base"], f"train.init_from {tmp_path}/base: checkpoint not "
+                                                                     "found")]:
         assert main(["run", str(recipe_file), *(arg for o in overrides for arg in ("--set", o))]) == 2, overrides
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and phrase in err, (overrides, err)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 import tinygemma
 from tinygemma.cli import main
-from tinygemma.config import load_recipe
+from tinygemma.config import TrainConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.train import train
@@ -567,6 +567,77 @@ def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):
     with pytest.raises(tinygemma.UserError, match="not a prepared dataset"):
         run(tmp_path, tmp_path / "d")
     assert not (tmp_path / "a").exists()  # refused before writing anything
+
+
+def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_dir, tmp_path, capsys):
+    """train.init_from: a new run starts from another's weights (a run folder: its best checkpoint; or that run's
+    transformers export), with its own optimizer and schedule; the vocabulary padding of either side (a CUDA run's
+    128) is no obstacle; a resume reads its own checkpoint, and needs the source no more."""
+    best = json.loads((straight_run / "checkpoints" / "best.json").read_text())["step"]
+    out = tmp_path / "from_run"
+    run(data_dir, out, "max_steps=4", f"init_from={straight_run}")
+    assert val_losses(out)[0] == val_losses(straight_run)[best]  # the same weights on the same windows, exactly
+    lrs = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
+    assert lrs[1] == next(r["lr"] for r in metrics(straight_run) if r.get("step") == 1)  # the warmup's first rate
+    assert json.loads((out / "config.json").read_text())["train"]["init_from"] == str(straight_run)
+    assert f"| initial weights | `{straight_run}` (train.init_from)" in (out / "report.md").read_text()
+
+    export = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(export)]) == 0
+    padded = tmp_path / "padded"
+    run(data_dir, padded, "max_steps=4", f"init_from={export}", "model.vocab_pad_multiple=128", stop_at=2)
+    assert val_losses(padded)[0] == pytest.approx(val_losses(straight_run)[best], rel=1e-6)
+    assert json.loads((padded / "config.json").read_text())["model"]["vocab_pad_multiple"] == 128
+    capsys.readouterr()
+    assert main(["train", "--out", str(padded), "--resume", "--set", f"init_from={straight_run}"]) == 2
+    assert "train.init_from cannot change on resume" in capsys.readouterr().err
+    export.rename(tmp_path / "gone")
+    assert main(["train", "--out", str(padded), "--resume"]) == 0 and last_step(padded) == 4
+    unpadded = tmp_path / "unpadded"  # from the padded run's rows back to the vocabulary's own
+    run(data_dir, unpadded, "max_steps=1", "warmup_steps=0", f"init_from={padded}")
+    padded_best = json.loads((padded / "checkpoints" / "best.json").read_text())["step"]
+    assert val_losses(unpadded)[0] == pytest.approx(val_losses(padded)[padded_best], rel=1e-6)
+
+
+def test_init_from_a_transformers_folder_as_google_ships_gemma_3_270m(straight_run, stories_dir, tmp_path):
+    """A folder transformers' save_pretrained wrote, whose tokenizer.json holds a special token past the model's
+    rows (gemma-3-270m: <image_soft_token> at 262,144 of 262,144 rows): refused until the model's vocab_size is
+    set to the weights' own, then trained on from those exact weights."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from tinygemma.hf import to_transformers
+
+    folder = tmp_path / "gemma"
+    to_transformers(tinygemma.load(straight_run)).save_pretrained(folder)
+    tokenizer = Tokenizer.from_file(str(next((straight_run / "checkpoints").glob("step_*/tokenizer.json"))))
+    tokenizer.add_special_tokens([AddedToken("<image_soft_token>", special=True)])  # id 512
+    tokenizer.save(str(folder / "tokenizer.json"))
+    data = tmp_path / "data"
+    prepare(data, sources=[stories_dir / "train.txt"], tokenizer=str(folder / "tokenizer.json"), limit=600,
+            val_fraction=0.1, workers=1, progress=False)  # the straight run's stories, in the same ids
+    with pytest.raises(tinygemma.UserError, match=r"\(vocab_size 512 where the recipe has 513\): configure its "
+                                                  r"model: --set model.vocab_size=512$"):
+        run(data, tmp_path / "r", "max_steps=1", "warmup_steps=0", f"init_from={folder}")
+    run(data, tmp_path / "r", "max_steps=1", "warmup_steps=0", f"init_from={folder}", "model.vocab_size=512")
+    best = json.loads((straight_run / "checkpoints" / "best.json").read_text())["step"]
+    assert val_losses(tmp_path / "r")[0] == pytest.approx(val_losses(straight_run)[best], rel=1e-6)
+
+
+def test_init_from_refuses_weights_the_run_cannot_take(straight_run, data_dir, stories_dir, tmp_path):
+    """Another model or another tokenizer is refused before anything is written, naming what to set."""
+    with pytest.raises(tinygemma.UserError, match="checkpoint not found"):
+        run(data_dir, tmp_path / "a", f"init_from={tmp_path / 'none'}")
+    with pytest.raises(tinygemma.UserError, match=r"n_layers 2 where the recipe has 3\): configure its model: "
+                                                  r"--set model.n_layers=2$"):
+        run(data_dir, tmp_path / "a", f"init_from={straight_run}", "model.n_layers=3")
+    other = tmp_path / "other_bpe"  # as many tokens (512), learnt from other stories: other ids
+    prepare(other, sources=[stories_dir / "valid.txt"], tokenizer="bpe", vocab_size=512, limit=200,
+            val_fraction=0.1, workers=1, progress=False)
+    with pytest.raises(tinygemma.UserError, match="its token ids would mean other text"):
+        run(other, tmp_path / "a", f"init_from={straight_run}")
+    with pytest.raises(tinygemma.UserError, match="train.init_from must name"):
+        TrainConfig(init_from=" ")  # (--set init_from= is none)
+    assert not (tmp_path / "a").exists()
 
 
 def test_cli_refuses_bad_settings_in_one_line(data_dir, tmp_path, capsys):

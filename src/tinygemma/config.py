@@ -196,6 +196,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 on GPUs with native bf16, float16 + scaler on older ones; float32 elsewhere), float32, bfloat16, float16
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, false
     seed: int = 1337  # model initialisation and the training batches
+    init_from: str | None = None  # start a new run from these weights (a run, a checkpoint, or a transformers Gemma 3 folder, e.g. google/gemma-3-270m downloaded) with a fresh optimizer and schedule; none = random initialisation
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of each block and the model)
     attention_backend: str = "auto"  # sliding layers longer than the window: flex (flex_attention, CUDA), sdpa (a mask), auto
@@ -247,6 +248,9 @@ class TrainConfig:
             raise UserError(f"train.warmup_steps ({self.warmup_steps}) must not exceed train.max_steps ({self.max_steps})")
         if self.micro_batch_size != "auto" and not (whole_number(str(self.micro_batch_size)) or 0) > 0:
             raise UserError(f"train.micro_batch_size must be auto or a positive integer, got {self.micro_batch_size!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise UserError(f"train.init_from must name a run, checkpoint or transformers folder, or be none; got "
+                            f"{self.init_from!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),

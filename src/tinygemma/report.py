@@ -189,7 +189,7 @@ def render_report(run_dir: Path) -> str:
                                                  "losses do not depend on the number of processes)"),
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run, state))]
-    lines += ["## Training", "", *table(training_rows(run, records, state))]
+    lines += ["## Training", "", *table([*start_rows(recipe), *training_rows(run, records, state)])]
     lines += ["## Validation", "", *validation_table(records, last, best, evaluation)]
     if (run_dir / "loss.png").exists():
         lines += ["![train and validation loss against tokens](loss.png)", ""]
@@ -244,6 +244,12 @@ def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
         return [*machines, per_part("software", lambda p: versions(p.get("software"))),
                 per_part("commit", lambda p: p.get("commit"))]
     return [*machines, ("software", versions(run.get("software")) or UNKNOWN), ("commit", run.get("commit") or UNKNOWN)]
+
+
+def start_rows(recipe: dict) -> list[tuple[str, str]]:
+    """Where a run's weights started, if not from a random initialisation (train.init_from)."""
+    source = (recipe.get("train") or {}).get("init_from")
+    return [("initial weights", f"`{source}` (train.init_from), trained on from there")] if source else []
 
 
 def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str, str]]:
@@ -412,10 +418,12 @@ def card_summary(known: dict, config: ModelConfig) -> str:
         return (f"{size}, exported by tinygemma from a transformers directory. That directory records neither "
                 "how the model was trained nor how it scores, so those are unknown here; the license field says "
                 "`other` because the weights' license is unknown to tinygemma: set it before publishing.")
-    how = ("pre-trained from scratch by tinygemma on the data below" if known["recipe"] else
+    source = (known["recipe"].get("train") or {}).get("init_from")
+    how = (f"trained by tinygemma on the data below, starting from the weights of `{source}`" if source else
+           "pre-trained from scratch by tinygemma on the data below" if known["recipe"] else
            "saved by tinygemma's Python API, which records no training: how it was trained is unknown here")
-    return (f"{size}, {how}. The license field is tinygemma's own (Apache-2.0): check it against your data's terms "
-            "(TinyStories is CDLA-Sharing-1.0) before publishing.")
+    terms = "your data's terms (TinyStories is CDLA-Sharing-1.0)" + (" and those weights' license" if source else "")
+    return f"{size}, {how}. The license field is tinygemma's own (Apache-2.0): check it against {terms} before publishing."
 
 
 def exported_tokenizer(out: Path) -> Tokenizer | None:
@@ -454,7 +462,7 @@ def training_section(known: dict) -> list[str]:
     if not recipe:
         return ["Unknown: the export's source records no training.", ""]
     train, tokens = recipe.get("train", {}), state.get("tokens")
-    rows = [("data", data_description(run)),
+    rows = [("data", data_description(run)), *start_rows(recipe),
             ("tokens", (f"{tokens:,} ({state['step']:,} of the schedule's {train['max_steps']:,} optimizer steps: "
                         "a checkpoint from before its end)" if stopped_early(recipe, state)
                         else f"{tokens:,} ({state['step']:,} optimizer steps)") if tokens else UNKNOWN),

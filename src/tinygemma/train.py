@@ -49,10 +49,14 @@ from tinygemma.checkpoint import (
     load_optimizer,
     prune_checkpoints,
     read_trainer_state,
+    resolve_checkpoint,
     restore_best_pointer,
     rng_state,
     save_checkpoint,
     set_rng_state,
+)
+from tinygemma.checkpoint import (
+    load as load_checkpoint,
 )
 from tinygemma.config import (
     ModelConfig,
@@ -92,7 +96,7 @@ from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
 from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
-from tinygemma.model import checked_state
+from tinygemma.model import checked_state, model_state
 from tinygemma.optim import (
     check_resume_schedule,
     configure_optimizer,
@@ -200,7 +204,11 @@ class Trainer:
                 recipe.generate):  # new to the run (recorded for its samples and model card), or sampled now
             check_generate_settings(recipe, self.model_config, self.data.tokenizer())
         self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
-        weights = resumed_weights(ckpt_dir, self.model_config)
+        self.init_source = None  # the checkpoint a fresh run with train.init_from starts from
+        if ckpt_dir is None and self.cfg.init_from:
+            self.init_source, weights = initial_weights(self.cfg.init_from, self.model_config, self.data)
+        else:
+            weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         # The run's earlier invocations (machine, time, settings changed), for the report; this one joins them.
@@ -359,6 +367,7 @@ class Trainer:
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer, self.fsdp)}, {cfg.lr_schedule} schedule; "
+              f"{f'weights from {self.init_source}; ' if self.init_source else ''}"
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
               f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
               f"{'; torch.compile: the first step compiles the model (a minute or more)' if compiled else ''}",
@@ -811,6 +820,11 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
         raise UserError(f"the run's batches cannot change on resume ({', '.join(moved)}; the global batch is "
                         "batch_size x grad_accum_steps): resume with the run's own settings, or start a new run "
                         "with another --out (train.out)")
+    if saved.get("init_from") != cfg.init_from:  # (a run from before the setting started from random weights)
+        raise UserError(f"train.init_from cannot change on resume ({saved.get('init_from') or 'none'} -> "
+                        f"{cfg.init_from or 'none'}): it only says where a new run's weights come from, and "
+                        "this run's own checkpoints hold its weights now; resume with the run's own value, or start a new run with another --out "
+                        "(train.out)")
     changed = [f"{name} {was} -> {now}" for name, (was, now) in settings_changes(saved, cfg).items()]
     if not changed:
         return None
@@ -873,6 +887,51 @@ def find_start(run_dir: Path, last: dict | None, resume: bool, data, data_dir: P
     state = read_trainer_state(ckpt_dir, last["step"])
     check_same_data(ckpt_dir, state, data, data_dir)
     return ckpt_dir, state
+
+
+# Model settings whose value only initialises weights, or pads the vocabulary: init_from's weights replace them.
+INITIAL_ONLY = ("init_std", "vocab_pad_multiple")
+
+
+def init_checkpoint(source: str) -> Path:
+    """The checkpoint directory train.init_from names, or a UserError naming the setting."""
+    try:
+        return resolve_checkpoint(source)
+    except UserError as e:
+        raise UserError(f"train.init_from {source}: {e}") from None
+
+
+def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[Path, dict]:
+    """(the checkpoint directory, its weights as the configured model takes them) for train.init_from: a run (its
+    best checkpoint, else its last), a checkpoint, or a transformers Gemma 3 folder. Its tokenizer must be the
+    data's (its ids would mean other text), and its model the configured one but for INITIAL_ONLY (a fine-tune of
+    google/gemma-3-270m configures the gemma3-270m preset); anything else is refused, naming the settings to give."""
+    where = f"train.init_from {source}"
+    directory = init_checkpoint(source)
+    try:
+        theirs = checkpoint_tokenizer(directory)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    ours = data.tokenizer()
+    if theirs.identity != ours.identity:
+        raise UserError(f"{where} was trained with tokenizer {theirs.identity}, but the data is tokenized with "
+                        f"{ours.identity}: its token ids would mean other text; prepare the data with its tokenizer")
+    model = load_checkpoint(directory)
+    have, want = model.config.to_dict(), model_config.to_dict()
+    differ = [name for name in want if name not in INITIAL_ONLY and have.get(name) != want[name]]
+    if "layer_types" in differ and dataclasses.replace(model.config, layer_types=None) == model.config:
+        differ.remove("layer_types")  # its pattern and layer count say them: the settings to give are those
+    if differ:
+        sets = " ".join(f"--set model.{name}={','.join(have[name]) if name == 'layer_types' else have[name]}"
+                        for name in differ)
+        raise UserError(f"{where} holds another model than the configured one ("
+                        + ", ".join(f"{name} {have[name]} where the recipe has {want[name]}" for name in differ)
+                        + f"): configure its model: {sets}")
+    state = model_state(model)
+    for name in ("embed_tokens.weight", "lm_head.weight"):  # its vocabulary padding, if any, goes
+        if name in state:
+            state[name] = state[name][:model.config.vocab_size]
+    return directory, checked_state(model_config, state, where)
 
 
 def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | None:

@@ -496,6 +496,24 @@ def test_samples_keep_no_weight_copy_and_the_api_checks_generate_as_the_cli(data
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_checks_a_recipe_changed_after_it_was_made_and_leaves_it_as_it_was(data_dir, tmp_path):
+    """A notebook sets fields on a Recipe after load_recipe checked it: max_steps below the warmup trained a run
+    whose report, export and resume then failed; a Path as train.out ended in a JSON TypeError; a prompt given as
+    a string was sampled a character at a time. train() takes a checked copy, and the recipe stays as set."""
+    recipe = load_recipe(None, tiny_settings(data_dir, tmp_path / "a", "max_steps=4", "warmup_steps=2"))
+    recipe.train.max_steps = 1
+    with pytest.raises(tinygemma.UserError, match=r"train.warmup_steps \(2\) must not exceed train.max_steps \(1\)"):
+        train(recipe, quiet=True)
+    assert not (tmp_path / "a").exists()
+    recipe.train.max_steps, recipe.out, recipe.data.dir = 4, tmp_path / "a", Path(data_dir)
+    recipe.generate.prompts = "Once upon"
+    recipe.train.sample_interval, recipe.generate.max_new_tokens = 4, 3
+    assert train(recipe, quiet=True)["step"] == 4
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["out"] == str(tmp_path / "a")
+    assert len(next(r["samples"] for r in metrics(tmp_path / "a") if "samples" in r)) == 1  # one prompt
+    assert recipe.generate.prompts == "Once upon" and isinstance(recipe.out, Path)  # the caller's, untouched
+
+
 def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_path, capsys):
     """sample_interval = N continues [generate]'s prompts every N steps (rank 0), printed and kept in
     metrics.jsonl, with their own seeded generators: the training numbers stay those of a run without them.

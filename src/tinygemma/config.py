@@ -393,6 +393,15 @@ class Recipe:
                             f"model's {positions} positions (max_position_embeddings)")
 
 
+def checked_recipe(recipe: Recipe) -> Recipe:
+    """A checked copy of `recipe`: what training and `run` take, since a notebook may set fields on a Recipe after
+    it was made (recipe.train.max_steps = 20 below its warmup, recipe.out = Path(...)); `recipe` is left as it was."""
+    if not isinstance(recipe, Recipe):
+        raise UserError(f"recipe must be a Recipe (tinygemma.config.load_recipe makes one), got "
+                        f"{type(recipe).__name__}")
+    return Recipe.from_dict(recipe.to_dict(), source="the recipe")
+
+
 def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A recipe from a TOML file (or the defaults), then `section.field=value` overrides; a bare `field=value`
     means `train.field`. Unknown sections or fields and ill-typed values are UserErrors naming them."""
@@ -481,8 +490,12 @@ def _coerce(value, tp, key: str, from_text: bool):
         if origin in (list, tuple):
             if from_text:
                 value = _parse_prompts(value) if key == "generate.prompts" else _parse_text_list(value)
-            if isinstance(value, str):
+            if isinstance(value, (str, os.PathLike)):
                 value = [value]
+            if isinstance(value, tuple):  # (from Python)
+                value = list(value)
+            if isinstance(value, list):  # a notebook's Path objects, as their text
+                value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return tuple(value) if origin is tuple else list(value)
@@ -516,6 +529,8 @@ def _coerce(value, tp, key: str, from_text: bool):
                 raise ValueError
             return float(value)
         if tp is str:
+            if isinstance(value, os.PathLike):  # train.out = Path("runs/x") from Python
+                value = os.fspath(value)
             if isinstance(value, bool):
                 return "true" if value else "false"
             if isinstance(value, int):  # micro_batch_size = 64 in a recipe file

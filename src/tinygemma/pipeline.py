@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, last_checkpoint, load_model, resolve_checkpoint
-from tinygemma.config import Recipe
+from tinygemma.config import Recipe, checked_recipe
 from tinygemma.data import (
     META_NAME,
     check_prepare_out,
@@ -153,6 +153,8 @@ def run(recipe: Recipe) -> dict:
     Under torchrun (`torchrun --nproc-per-node N -m tinygemma run RECIPE`), process 0 checks the outputs and
     prepares the data while the others wait; all train; process 0 alone then evaluates, samples and writes (the
     others return {"train": summary}). Across machines, data.dir must then be one folder that all of them see."""
+    recipe = checked_recipe(recipe)
+
     def before_training() -> None:
         check_outputs(recipe)
         check_training_settings(recipe)

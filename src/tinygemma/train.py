@@ -63,6 +63,7 @@ from tinygemma.config import (
     Recipe,
     TrainConfig,
     check_block_size,
+    checked_recipe,
     is_integer,
     saved_train_settings,
 )
@@ -139,7 +140,8 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
     (profiling.py). Returns a summary: final step, losses, best checkpoint.
     Under torchrun every process calls this; only rank 0 writes.
     """
-    check_train_arguments(recipe, resume, stop_at, profile)
+    recipe = checked_recipe(recipe)
+    check_train_arguments(resume, stop_at, profile)
     run = Trainer(recipe, resume, stop_at, quiet, profile)  # data, start, runtime, model, optimizer, logs
     try:
         if run.start == 0 and run.end > 0:
@@ -721,12 +723,9 @@ EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})  # (and tinygemma's
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, EVAL_NAME, TRACKERS_STATE})
 
 
-def check_train_arguments(recipe: Recipe, resume: bool, stop_at: int | None, profile: str | None) -> None:
-    """train()'s own arguments, which a notebook passes untyped. --stop-at names an optimizer step: 1 or more (one
-    the run has already passed trains nothing)."""
-    if not isinstance(recipe, Recipe):
-        raise UserError(f"recipe must be a Recipe (tinygemma.config.load_recipe makes one), got "
-                        f"{type(recipe).__name__}")
+def check_train_arguments(resume: bool, stop_at: int | None, profile: str | None) -> None:
+    """train()'s own arguments beside the recipe, which a notebook passes untyped. --stop-at names an optimizer
+    step: 1 or more (one the run has already passed trains nothing)."""
     if not isinstance(resume, bool):
         raise UserError(f"--resume (resume) must be True or False, got {resume!r}")
     if stop_at is not None and not (is_integer(stop_at) and stop_at >= 1):

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 
 import tinygemma
 from tinygemma import Gemma3, UserError, files
-from tinygemma.checkpoint import save_model
+from tinygemma.checkpoint import export, save_model
 from tinygemma.cli import main
 from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import pick_device, pick_dtype
@@ -51,6 +51,41 @@ def test_save_and_load_round_trip(checkpoint):
     assert tinygemma.load(path, dtype="bf16", device="cpu").embed_tokens.weight.dtype == torch.bfloat16
     with pytest.raises(UserError, match="unknown device 'gpu'"):
         tinygemma.load(path, device="gpu")
+
+
+def test_save_model_never_writes_over_a_run_a_dataset_or_a_transformers_model(checkpoint, tmp_path):
+    """save_model into a run folder hid its best checkpoint behind the new checkpoint.json, and into an export
+    replaced its weights under the old config.json: refused, each folder as it was. Its own folder, or one
+    holding only the tokenizer.json saved first, it may write again."""
+    model, path = checkpoint
+    export(path, tmp_path / "hf")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {}, "model": {}, "data": {}}))
+    (run / "metrics.jsonl").write_text("")
+    folders = {"hf": "holds a transformers model", "run": "is a training run"}
+    for name, message in folders.items():
+        before = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+        with pytest.raises(UserError, match=message):
+            save_model(model, tmp_path / name)
+        assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == before
+    save_model(model, path, {"step": 8})  # its own checkpoint, saved again
+    assert json.loads((path / "checkpoint.json").read_text())["step"] == 8
+
+
+def test_a_config_changed_after_it_was_made_is_refused_not_built(tmp_path):
+    """n_layers set on a config whose layer types were derived built the old number of layers, and saved a
+    checkpoint no load could read; an odd head_dim failed in RoPE at the first forward."""
+    config = small_config()
+    config.n_layers = config.n_layers + 1
+    with pytest.raises(UserError, match="layer_types has"):
+        Gemma3(config)
+    config = small_config()
+    model = Gemma3(config)
+    config.head_dim = 33
+    with pytest.raises(UserError, match="head_dim must be even"):
+        save_model(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
 
 class Exploit:
@@ -133,7 +168,6 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "out").exists()
     # From Python, a model object where its folder belongs (export(model, out) in a notebook) says how to save it,
     # where it was a TypeError from Path().
-    from tinygemma.checkpoint import export
 
     with pytest.raises(UserError, match="a checkpoint is given by its folder's path, got a Gemma3; a model in memory "
                                         "is saved to one by tinygemma.checkpoint.save_model"):

@@ -505,6 +505,24 @@ def test_q8_0_rows_that_are_not_blocks_are_said_to_fall_back(bpe, tmp_path, caps
     assert export_gguf(tmp_path / "ckpt", tmp_path / "f16.gguf", "f16")["matrices_as_f16"] == 0
 
 
+def test_f16_refuses_weights_past_its_range_and_keeps_the_old_file(bpe, tmp_path, capsys):
+    """f16 (and q8_0's f16 fall-back) would write a weight past 65,504 as inf: refused in one line, naming it,
+    with the file already there kept; bf16 takes it."""
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=bpe.vocab_size, n_layers=1, d_model=40)
+    model = Gemma3(config)
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = 70_000.0
+    save_model(model, tmp_path / "ckpt", {"tokenizer": bpe.save(tmp_path / "ckpt")})
+    (tmp_path / "m.gguf").write_bytes(b"GGUF an earlier export")
+    for dtype in ("f16", "q8_0"):  # (40-wide rows: q8_0 falls back to f16)
+        assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
+                     "--dtype", dtype]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "layers.0.mlp.up_proj.weight" in err, err
+        assert "65,504" in err and (tmp_path / "m.gguf").read_bytes() == b"GGUF an earlier export"
+    assert export_gguf(tmp_path / "ckpt", tmp_path / "b.gguf", "bf16")["dtype"] == "bf16"
+
+
 def test_a_chat_with_a_bos_tokenizers_gguf_starts_with_bos(bpe, tmp_path, llama_cpp):
     """A tokenizer whose post-processor starts a text with <bos> (Gemma's): a completion prompt gets it from
     llama.cpp (add_bos), and a chat through the file's template gets it from the template, which llama-cpp-python

@@ -83,6 +83,10 @@ def test_an_hf_export_in_float16_refuses_weights_past_its_range(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "layers.0.mlp.up_proj.weight" in err and "65,504" in err
     assert not (tmp_path / "hf").exists()
+    for dtype in ("float16", torch.float16):  # from Python, the dtype's name as its object
+        with pytest.raises(tinygemma.UserError, match="past float16's range"):
+            export(tmp_path / "ckpt", tmp_path / "hf", dtype=dtype)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_export_of_padded_vocabulary_has_real_shapes(tmp_path):

@@ -64,10 +64,26 @@ def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -
     Each file is written atomically; callers that need the whole directory to switch at once (training)
     write into a fresh directory and rename it.
     """
-    directory = Path(directory)
+    directory = check_model_out(directory)
+    model.config.validate()  # (a config changed after the model was built is refused, not saved)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model_state(model), directory / WEIGHTS_NAME, metadata={"format": CHECKPOINT_FORMAT})
     atomic_write_json(directory / META_NAME, {"format": CHECKPOINT_FORMAT, "model": model.config.to_dict(), **(meta or {})})
+
+
+def check_model_out(directory: str | Path) -> Path:
+    """save_model's folder: new, or one that is no training run, prepared dataset or transformers model (each
+    would be damaged, a run's best checkpoint hidden behind the new checkpoint.json)."""
+    directory = check_output_folder(directory, "the model", flag="save_model's directory")
+    if is_training_run(directory):
+        raise UserError(f"{directory} is a training run: save the model into a folder of its own")
+    if is_prepared_dataset(directory):
+        raise UserError(f"{directory} is a prepared dataset: save the model into a folder of its own")
+    if not (directory / META_NAME).exists() and any((directory / name).exists()
+                                                    for name in ("config.json", WEIGHTS_NAME)):
+        raise UserError(f"{directory} holds a transformers model (its config.json or {WEIGHTS_NAME}), which saving "
+                        "would replace: save the model into a folder of its own")
+    return directory
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -234,7 +250,7 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
         own = checkpoint_tokenizer(src, tokenizer) if tokenizer or meta.get("tokenizer") else None
         special = generation = special_ids(own)
     model = load(src, dtype=dtype)
-    if dtype is torch.float16:
+    if model.embed_tokens.weight.dtype == torch.float16:  # (given as torch.float16 or "float16", or stored so)
         for name, p in model.named_parameters():
             if not torch.isfinite(p).all():
                 raise UserError(f"{name} holds values past float16's range (65,504): export it in bfloat16 or "

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.errors import UserError
@@ -232,6 +234,11 @@ def _write_tensors(writer, model, dtype: str) -> int:
             qtype = gguf.GGMLQuantizationType.F32
         elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
             qtype, fell_back = gguf.GGMLQuantizationType.F16, fell_back + 1
+        with np.errstate(over="ignore"):
+            overflows = qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(data.astype(np.float16)).all()
+        if overflows:
+            raise UserError(f"{hf_name} holds values past float16's range (65,504), which f16 writes as inf: "
+                            "export it with --dtype bf16 or f32")
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     return fell_back
 

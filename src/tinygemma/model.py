@@ -252,6 +252,7 @@ class Block(nn.Module):
 class Gemma3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config.validate()  # a config whose fields were set after it was made (layer_types no longer the layers')
         self.config = config
         V = config.padded_vocab_size
         self.embed_tokens = nn.Embedding(V, config.d_model)

@@ -88,6 +88,8 @@ def test_bad_evaluate_arguments():
     tokens[7] = 300
     with pytest.raises(UserError, match=r"the tokens hold id 300, outside the model's 300 ids \(0 to 299\): the token file is corrupt"):
         evaluate(model, tokens, 4)
+    with pytest.raises(UserError, match=r"token_bytes must give the bytes of each of the model's 300 ids"):
+        evaluate(model, np.zeros(10, dtype=np.uint16), 4, token_bytes=np.ones(100, dtype=np.int64))  # (IndexError)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -212,6 +212,7 @@ def test_a_prompt_that_is_not_utf8_is_one_line(ckpt, model, tokenizer, capsys):
     ({"eos_id": 50257}, "eos_id must be one of the model's 50,257 token ids, got 50257"),
     ({"input_ids": torch.tensor([[1, 50257]])}, "input_ids hold id 50257, outside the model's 50,257 ids (0 to 50,256)"),
     ({"input_ids": torch.tensor([[-1, 2]])}, "input_ids hold id -1, outside the model's 50,257 ids (0 to 50,256)"),
+    ({"generator": [torch.Generator()] * 2}, "generator holds 2 generators for 1 sequences"),  # one per row
 ])
 def test_generate_from_python_refuses_arguments_of_the_wrong_kind_in_one_line(model, kwargs, message):
     """A notebook's generate(model, ids, "5") or temperature="0.7" ended in a TypeError deep in the comparison or in

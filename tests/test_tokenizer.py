@@ -133,6 +133,11 @@ def test_bad_tokenizer_names_and_files(tmp_path):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match="not UTF-8"):
         load_tokenizer(tmp_path / "binary.json")
+    gpt2 = load_tokenizer("gpt2")
+    assert load_tokenizer(gpt2) is gpt2  # a loaded tokenizer, as prepare takes one
+    with pytest.raises(UserError, match="a tokenizer is gpt2, a tokenizer.json's path or a loaded Tokenizer, got "
+                                        "NoneType"):
+        load_tokenizer(None)
 
 
 def test_gpt2_as_tokenizers_matches_tiktoken(stories_dir, r50k):

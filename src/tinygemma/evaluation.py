@@ -66,6 +66,10 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     device = device or model.embed_tokens.weight.device
     token_bytes = torch.zeros(model.config.vocab_size, dtype=torch.int64) if token_bytes is None else token_bytes
     token_bytes = torch.as_tensor(token_bytes).to(device)
+    if token_bytes.dim() != 1 or len(token_bytes) < model.config.vocab_size:
+        raise UserError(f"token_bytes must give the bytes of each of the model's {model.config.vocab_size:,} ids "
+                        f"(token_byte_lengths(tokenizer, model.config.vocab_size)), got shape "
+                        f"{tuple(token_bytes.shape)}")
     was_training = model.training
     model.eval()
     predicted = n - 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -466,8 +467,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
 # ------------------------------------------------------------------ loading
 
 
-def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
-    """"gpt2", or a tokenizer.json (or a directory holding one)."""
+def load_tokenizer(name_or_path: str | Path | Tokenizer) -> Tokenizer:
+    """"gpt2", or a tokenizer.json (or a directory holding one); a Tokenizer already loaded is itself."""
+    if isinstance(name_or_path, Tokenizer):
+        return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UserError(f"a tokenizer is gpt2, a tokenizer.json's path or a loaded Tokenizer, got "
+                        f"{type(name_or_path).__name__}")
     if str(name_or_path) == "gpt2":
         return GPT2Tokenizer()
     path = Path(name_or_path)

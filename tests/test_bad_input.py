@@ -263,6 +263,31 @@ def test_bad_input_is_one_clear_line(world, capsys, case_id, argv, words):
     assert not (world / "new").exists(), f"{case_id}: left a partial output"
 
 
+def test_commands_torchrun_does_not_share_out_are_refused_under_it(world, tmp_path, capsys, monkeypatch):
+    """eval, generate, export and prepare started once per GPU each did the whole work on the first GPU, writing the
+    same files at once: refused in one line under torchrun with more than one process; one process, or a stray
+    WORLD_SIZE outside torchrun, changes nothing."""
+    torchrun = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x",
+                "MASTER_ADDR": "localhost", "MASTER_PORT": "29599"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    for argv in (["eval", "--ckpt", str(world / "run"), "--data", str(world / "data")],
+                 ["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "2"],
+                 ["export", "--ckpt", str(world / "run"), "--out", str(tmp_path / "hf")],
+                 ["prepare", "--source", str(world / "stories.txt"), "--out", str(tmp_path / "data")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"tinygemma {argv[0]}: error: {argv[0]} runs in one process, not one per GPU: run it without " \
+                      "torchrun (train and run are the commands that share their work among torchrun's processes)"
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+
+
 def test_bad_input_in_a_real_process(world):
     """The same through the installed entry point: exit status 2, one stderr line, nothing on stdout."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

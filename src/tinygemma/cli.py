@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_one_process(args.command)
         with interrupts_once():
             result = args.func(args)
     except UserError as e:
@@ -132,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
               .rstrip("; "), file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+def check_one_process(command: str) -> None:
+    """Only train and run share their work among torchrun's processes: the other commands, started once per GPU,
+    each did the whole of it on the first GPU, writing the same files at once."""
+    try:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return  # (a stray WORLD_SIZE outside torchrun means nothing to these commands)
+    if command not in ("train", "run") and under_torchrun() and processes > 1:
+        raise UserError(f"{command} runs in one process, not one per GPU: run it without torchrun (train and run "
+                        "are the commands that share their work among torchrun's processes)")
 
 
 @contextlib.contextmanager

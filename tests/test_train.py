@@ -597,8 +597,13 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
     assert val_losses(out)[0] == val_losses(straight_run)[best]  # the same weights on the same windows, exactly
     lrs = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
     assert lrs[1] == next(r["lr"] for r in metrics(straight_run) if r.get("step") == 1)  # the warmup's first rate
-    assert json.loads((out / "config.json").read_text())["train"]["init_from"] == str(straight_run)
-    assert f"| initial weights | `{straight_run}` (train.init_from)" in (out / "report.md").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["init_from"] == str(straight_run)  # as given, and the checkpoint it resolved to then,
+    source = str((straight_run / "checkpoints" / f"step_{best:06d}").resolve())  # which the report names (the
+    assert config["run"]["init_checkpoint"] == {"dir": source, "step": best}  # run's best may move on)
+    report = (out / "report.md").read_text()
+    assert f"| initial weights | `{source}` (train.init_from, step {best}), trained on from there |" in report
+    assert f"--set train.init_from={source} " in report  # the Reproduce command
 
     export = tmp_path / "hf"
     assert main(["export", "--ckpt", str(straight_run), "--out", str(export)]) == 0
@@ -611,6 +616,7 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
     assert "train.init_from cannot change on resume" in capsys.readouterr().err
     export.rename(tmp_path / "gone")
     assert main(["train", "--out", str(padded), "--resume"]) == 0 and last_step(padded) == 4
+    assert f"| initial weights | `{export.resolve()}` (train.init_from)" in (padded / "report.md").read_text()
     unpadded = tmp_path / "unpadded"  # from the padded run's rows back to the vocabulary's own
     run(data_dir, unpadded, "max_steps=1", "warmup_steps=0", f"init_from={padded}")
     padded_best = json.loads((padded / "checkpoints" / "best.json").read_text())["step"]

@@ -98,7 +98,16 @@ def recorded_recipe(state: dict, config: dict) -> dict:
     if ("config_data" not in state and isinstance(data, dict) and set(data) == {"dir"}
             and isinstance(recipe.get("data"), dict)):
         recipe = {**recipe, "data": {"dir": recipe["data"].get("dir", data["dir"])}}
+    start = initial_checkpoint(state, config)
+    if start and isinstance(recipe.get("train"), dict) and recipe["train"].get("init_from"):
+        # the checkpoint it started from, not the run folder named (whose best may since have moved on)
+        recipe = {**recipe, "train": {**recipe["train"], "init_from": start["dir"]}}
     return recipe
+
+
+def initial_checkpoint(state: dict, config: dict) -> dict | None:
+    """{"dir", "step"} of the checkpoint train.init_from resolved to as the run started, if it had one."""
+    return state.get("init_checkpoint") or (config.get("run") or {}).get("init_checkpoint")
 
 
 def reproduce_command(recipe: dict) -> str:
@@ -189,7 +198,8 @@ def render_report(run_dir: Path) -> str:
                                                  "losses do not depend on the number of processes)"),
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run, state))]
-    lines += ["## Training", "", *table([*start_rows(recipe), *training_rows(run, records, state)])]
+    lines += ["## Training", "", *table([*start_rows(recipe, initial_checkpoint(state, config)),
+                                          *training_rows(run, records, state)])]
     lines += ["## Validation", "", *validation_table(records, last, best, evaluation)]
     if (run_dir / "loss.png").exists():
         lines += ["![train and validation loss against tokens](loss.png)", ""]
@@ -246,10 +256,14 @@ def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
     return [*machines, ("software", versions(run.get("software")) or UNKNOWN), ("commit", run.get("commit") or UNKNOWN)]
 
 
-def start_rows(recipe: dict) -> list[tuple[str, str]]:
-    """Where a run's weights started, if not from a random initialisation (train.init_from)."""
+def start_rows(recipe: dict, start: dict | None) -> list[tuple[str, str]]:
+    """Where a run's weights started (recorded_recipe's init_from, the checkpoint `start`), if not from a random
+    initialisation."""
     source = (recipe.get("train") or {}).get("init_from")
-    return [("initial weights", f"`{source}` (train.init_from), trained on from there")] if source else []
+    if not source:
+        return []
+    step = f", step {start['step']:,}" if start and isinstance(start.get("step"), int) else ""
+    return [("initial weights", f"`{source}` (train.init_from{step}), trained on from there")]
 
 
 def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str, str]]:
@@ -462,7 +476,7 @@ def training_section(known: dict) -> list[str]:
     if not recipe:
         return ["Unknown: the export's source records no training.", ""]
     train, tokens = recipe.get("train", {}), state.get("tokens")
-    rows = [("data", data_description(run)), *start_rows(recipe),
+    rows = [("data", data_description(run)), *start_rows(recipe, initial_checkpoint(known["state"], {"run": run})),
             ("tokens", (f"{tokens:,} ({state['step']:,} of the schedule's {train['max_steps']:,} optimizer steps: "
                         "a checkpoint from before its end)" if stopped_early(recipe, state)
                         else f"{tokens:,} ({state['step']:,} optimizer steps)") if tokens else UNKNOWN),

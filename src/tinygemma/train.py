@@ -48,6 +48,7 @@ from tinygemma.checkpoint import (
     last_checkpoint,
     load_optimizer,
     prune_checkpoints,
+    read_checkpoint_meta,
     read_trainer_state,
     resolve_checkpoint,
     restore_best_pointer,
@@ -206,9 +207,12 @@ class Trainer:
                 recipe.generate):  # new to the run (recorded for its samples and model card), or sampled now
             check_generate_settings(recipe, self.model_config, self.data.tokenizer())
         self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
-        self.init_source = None  # the checkpoint a fresh run with train.init_from starts from
+        # The checkpoint train.init_from resolved to when the run started (a run folder's best moves on): recorded
+        # in config.json and each checkpoint's state, for the report and its Reproduce command.
+        self.init_checkpoint = state.get("init_checkpoint")
         if ckpt_dir is None and self.cfg.init_from:
-            self.init_source, weights = initial_weights(self.cfg.init_from, self.model_config, self.data)
+            source, weights = initial_weights(self.cfg.init_from, self.model_config, self.data)
+            self.init_checkpoint = {"dir": str(source.resolve()), "step": read_checkpoint_meta(source).get("step")}
         else:
             weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -346,7 +350,8 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         resolved = self.recorded_recipe()
         resolved["model"] = {"preset": self.recipe.model_preset, **self.model_config.to_dict()}
-        resolved["run"] = {"world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
+        resolved["run"] = {**({"init_checkpoint": self.init_checkpoint} if self.init_checkpoint else {}),
+                           "world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
                            "parameters": self.model_config.num_params(), "tokenizer": self.tokenizer,
@@ -363,13 +368,14 @@ class Trainer:
         """The first log line (what trains, how, on what), and the progress bar on a terminal."""
         cfg, rt, start = self.cfg, self.rt, self.start
         total = cfg.max_steps * self.tokens_per_step  # (a small run's 40,960 read "0.0M")
+        initial = f"weights from {self.init_checkpoint['dir']}; " if self.init_checkpoint and start == 0 else ""
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
               f"of {cfg.max_steps} ({f'{total / 1e6:,.1f}M' if total >= 1e6 else f'{total:,}'} tokens in all) in "
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer, self.fsdp)}, {cfg.lr_schedule} schedule; "
-              f"{f'weights from {self.init_source}; ' if self.init_source else ''}"
+              f"{initial}"
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
               f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
               f"{'; torch.compile: the first step compiles the model (a minute or more)' if compiled else ''}",
@@ -616,6 +622,7 @@ class Trainer:
             "config": self.recorded_recipe(),
             "config_data": "as trained",  # its [data] is data.dir alone where the recipe did not make the data
             "invocations": [*self.history, self.invocation(step)],
+            **({"init_checkpoint": self.init_checkpoint} if self.init_checkpoint else {}),
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data_dir, val_loss, is_best,

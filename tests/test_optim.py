@@ -373,8 +373,41 @@ def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
     assert not any(k.startswith("layers.0.mlp.up_proj.weight/exp_avg") for k in keys)
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 0
     assert train_losses(out) == train_losses(straight)  # exactly
+    # A run whose cooldown is over extends from a checkpoint it kept from before it, into a new folder (hard
+    # links), exactly as well; the run itself stays as it was.
+    done = tmp_path / "done"
+    run(data_dir, done, "max_steps=20", "checkpoint_interval=5", "keep_checkpoints=4")
+    before = {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    fork = tmp_path / "fork"
+    assert main(["train", "--resume-from", str(done / "checkpoints" / "step_000010"), "--out", str(fork),
+                 "--max-steps", "30"]) == 0
+    assert train_losses(fork) == train_losses(straight) and val_losses(fork)[30] == val_losses(straight)[30]
+    assert {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
     assert val_losses(out) == val_losses(straight)
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 30
+
+
+def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp_path, capsys):
+    """--resume-from takes a run's checkpoint and a new or empty --out; a fork its resume then refuses (another
+    global batch) is removed again, and the run it came from is as it was."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=4", "checkpoint_interval=2", "keep_checkpoints=2")
+    step2 = source / "checkpoints" / "step_000002"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for argv, says in [
+        (["--resume-from", str(step2)], "--resume-from continues a run in a new folder: name it with --out"),
+        (["--resume-from", str(source), "--out", str(tmp_path / "f")], "is not a checkpoint of a training run"),
+        (["--resume-from", str(step2), "--out", str(tmp_path / "full")], "is not empty"),
+        (["--resume-from", str(step2), "--out", str(tmp_path / "f"), "--set", "batch_size=4"],
+         "the run's batches cannot change on resume"),
+    ]:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert says in err[-1], (argv, err)
+    assert not (tmp_path / "f").exists() and [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in (source / "checkpoints").iterdir()) == [
+        "best.json", "last.json", "step_000002", "step_000004"]
 
 
 def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsys):
@@ -384,8 +417,9 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     run(data_dir, out, "max_steps=20", stop_at=14)
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 2
     err = capsys.readouterr().err.strip()
-    assert ("cooldown of the run began after step 12 (step 13 took the first lower rate); extend a wsd run from a "
-            "checkpoint at step 12 or earlier") in err and "\n" not in err
+    assert ("cooldown of the run began after step 12 (step 13 took the first lower rate); extend it from a "
+            "checkpoint at step 12 or earlier into a new folder: tinygemma train --resume-from "
+            "RUN/checkpoints/step_NNNNNN --out NEW --max-steps 30") in err and "\n" not in err
     # Before the cooldown: a max_steps that moves it before the run's step, or another warmup, is refused for what
     # it is (both were said to be a cooldown that had begun).
     early = tmp_path / "early"

@@ -392,6 +392,58 @@ def last_checkpoint(run_dir: Path) -> dict | None:
     return last
 
 
+def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
+    """Make `out` (a new or empty folder) the run that `checkpoint` (RUN/checkpoints/step_NNNNNN) belongs to, as it
+    was at that checkpoint: the run's config.json and metrics.jsonl (a resume cuts it back to the step), and the
+    checkpoint as its last one, with its best where that is an earlier checkpoint still kept. A resume of `out`
+    then continues exactly as the run would have from there (a wsd run extended from before its cooldown, say),
+    and the run itself is left as it was. The checkpoints' files are hard links where the filesystem allows (a
+    checkpoint's files are never written again), else copies. Returns {"dir", "step"} of the checkpoint."""
+    src = Path(checkpoint)
+    where = f"--resume-from {src}"
+    if not (src / STATE_NAME).is_file():
+        raise UserError(f"{where} is not a checkpoint of a training run (a run's checkpoints/step_NNNNNN, holding "
+                        f"{STATE_NAME})")
+    run = src.resolve().parent.parent
+    if src.resolve().parent.name != "checkpoints" or not (run / "config.json").is_file():
+        raise UserError(f"{where} is not in a run's checkpoints/ folder beside its config.json, which a new run "
+                        "continued from it needs")
+    step = read_json(src / STATE_NAME, "trainer state").get("step")
+    state = read_trainer_state(src, step if isinstance(step, int) and not isinstance(step, bool) else -1)
+    out = check_output_folder(out, "the run")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
+                        "leaving the run it comes from as it was")
+    made = not out.exists()
+    ckpts = out / "checkpoints"
+    try:
+        ckpts.mkdir(parents=True)
+        for name in ("config.json", "metrics.jsonl"):
+            if (run / name).is_file():
+                with atomic_path(out / name) as tmp:
+                    shutil.copyfile(run / name, tmp)
+        best = state.get("best_step")
+        kept = [src.resolve()] + ([run / "checkpoints" / f"step_{best:06d}"] if isinstance(best, int) and best != step
+                                  and (run / "checkpoints" / f"step_{best:06d}" / STATE_NAME).is_file() else [])
+        for folder in kept:
+            stage = ckpts / f".tmp-{folder.name}"
+            stage.mkdir()
+            for file in folder.iterdir():
+                if file.is_file():
+                    try:
+                        os.link(file, stage / file.name)
+                    except OSError:  # another filesystem, or one without hard links
+                        shutil.copyfile(file, stage / file.name)
+            stage.rename(ckpts / folder.name)
+        atomic_write_json(ckpts / "last.json", {"dir": src.resolve().name, "step": step})
+    except BaseException:
+        shutil.rmtree(out if made else ckpts, ignore_errors=True)
+        for name in ("config.json", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        raise
+    return {"dir": src.resolve().name, "step": step}
+
+
 TRAINER_STATE_FORMAT = "tinygemma-trainer-state"
 
 

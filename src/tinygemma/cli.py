@@ -13,6 +13,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from tinygemma.checkpoint import (
     checkpoint_pointer,
     checkpoint_tokenizer,
     export,
+    fork_run,
+    last_checkpoint,
     load_model,
     trained_block_size,
 )
@@ -54,7 +57,7 @@ from tinygemma.hf import push_to_hub
 from tinygemma.metrics import strict_json
 from tinygemma.pipeline import check_given_settings, run, where_and_next
 from tinygemma.report import write_model_card
-from tinygemma.runtime import env_rank
+from tinygemma.runtime import env_rank, env_world_size
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
 from tinygemma.train import train
 
@@ -248,6 +251,11 @@ def add_train(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
                    "its saved recipe unless --config is given; a run with no checkpoint yet (or no run at all) "
                    "starts fresh, so the same command both starts a run and continues it after a crash")
+    p.add_argument("--resume-from", type=named, metavar="CKPT",
+                   help="continue a run from one of its checkpoints (RUN/checkpoints/step_NNNNNN, kept with "
+                        "keep_checkpoints) in the new folder --out, exactly as it would have gone on from there, "
+                        "leaving the run itself as it was: a wsd run extended from before its cooldown (--max-steps), "
+                        "a branch with another learning rate")
     p.add_argument("--profile", metavar="START:END",
                    help="profile optimizer steps START to END with torch.profiler (on rank 0): RUN/profile/trace.json "
                         "(open in ui.perfetto.dev) and summary.txt (operators by device time on CUDA, CPU time "
@@ -269,6 +277,31 @@ def _train_main(args) -> int:
             raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
         if key == "train.out":
             out = value.strip()
+    forked = fork_from(args, out) if args.resume_from else None
+    try:
+        return _train_run(args, out, overrides)
+    except BaseException:
+        if forked and (last_checkpoint(Path(out)) or {}).get("step") == forked["step"]:  # nothing trained since
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def fork_from(args, out: str) -> dict:
+    """--resume-from: `out` made the run of that checkpoint, as it was then (checkpoint.fork_run), and resumed."""
+    if args.out is None:
+        raise UserError("--resume-from continues a run in a new folder: name it with --out")
+    if env_world_size() > 1:
+        raise UserError(f"--resume-from makes --out in one process: run `tinygemma train --resume-from "
+                        f"{args.resume_from} --out {args.out} --stop-at 1` first (it trains nothing), then torchrun "
+                        "with --resume")
+    forked = fork_run(args.resume_from, out)
+    print(f"tinygemma train: {out} continues the run of {args.resume_from} from its step {forked['step']}",
+          file=sys.stderr, flush=True)
+    args.resume = True
+    return forked
+
+
+def _train_run(args, out: str, overrides: list[str]) -> int:
     saved = Path(out) / "config.json"
     # The recipe the last checkpoint was trained with: config.json is the newest invocation's, which may have
     # failed before writing any (a learning rate that diverged would otherwise come back with every --resume),

@@ -113,7 +113,9 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
         # Steps counted as the log counts them: "step N" is the N-th, whose checkpoint is at step N
         raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
                         + (f"the wsd cooldown of the run began after step {began} (step {began + 1} took the first "
-                           f"lower rate); extend a wsd run from a checkpoint at step {began} or earlier"
+                           f"lower rate); extend it from a checkpoint at step {began} or earlier into a new folder: "
+                           f"tinygemma train --resume-from RUN/checkpoints/step_NNNNNN --out NEW --max-steps "
+                           f"{cfg.max_steps} (a run keeps its newest keep_checkpoints checkpoints)"
                            if began < step else
                            f"the wsd cooldown would then begin after step {cooldown_start(cfg)}, before this one, "
                            "changing rates already taken"))

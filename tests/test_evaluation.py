@@ -1,4 +1,4 @@
-"""Evaluation: loss over non-overlapping windows, perplexity = exp(loss), bits per byte, and the eval command."""
+"""Evaluation: loss over non-overlapping (or strided) windows, perplexity = exp(loss), bits per byte, and the eval command."""
 
 import json
 import math
@@ -74,6 +74,34 @@ def test_windows_cover_every_prediction_once():
         whole = torch.from_numpy(tokens.astype(np.int64))[None]
         plain = model(whole[:, :-1], whole[:, 1:]).item()
     assert evaluate(model, tokens, block_size=1000)["loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_a_stride_scores_each_prediction_once_with_the_context_it_promises():
+    """--stride S: overlapping windows of B tokens whose ends advance by S, each scoring its last S predictions:
+    the first B predictions read what precedes them, every later one exactly the B tokens before it (computed
+    here one prediction at a time); S = B is the non-overlapping evaluation, to the bit."""
+    from tinygemma.evaluation import window_batches
+
+    for predicted, B, S, batch in [(59, 16, 4, 3), (59, 16, 16, 8), (16, 16, 5, 2), (7, 16, 3, 1), (100, 10, 1, 7)]:
+        scored = []
+        for starts, length, k in window_batches(predicted, B, S, batch):
+            assert len(starts) <= batch and length <= B and 1 <= k <= length
+            scored += [p for s in starts for p in range(s + length - k, s + length)]
+        assert scored == list(range(predicted))  # every prediction once, in order
+    model = small_model(vocab_size=300, seed=1)
+    tokens = np.random.default_rng(0).integers(0, 300, size=60).astype(np.uint16)  # 59 predictions
+    B, nats = 16, 0.0
+    with torch.no_grad():
+        for j in range(1, 60):  # the prediction of token j, from the (at most) B tokens before it
+            context = torch.from_numpy(tokens[max(0, j - B) : j].astype(np.int64))[None]
+            nats -= torch.log_softmax(model(context)[0, -1].float(), -1)[int(tokens[j])].item()
+    for batch_size in (1, 4):
+        result = evaluate(model, tokens, block_size=B, batch_size=batch_size, stride=1, token_bytes=np.full(300, 4))
+        assert result["tokens"] == 59 and result["bytes"] == 59 * 4
+        assert result["loss"] == pytest.approx(nats / 59, rel=1e-5)
+    assert evaluate(model, tokens, B, stride=B) == evaluate(model, tokens, B)
+    with pytest.raises(UserError, match=r"stride must be an integer from 1 to block_size \(16\), got 17"):
+        evaluate(model, tokens, B, stride=17)
 
 
 def test_bad_evaluate_arguments():
@@ -175,6 +203,15 @@ def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
     assert whole["tokens"] == len(tokens) - 1
     assert whole["bytes"] == val["bytes"] - lengths[int(tokens[0])]
     assert whole["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    # --stride: overlapping windows, each prediction past the first window with at least 48 tokens of context
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--stride", "16",
+                 "--max-tokens", "300", "--dtype", "float32"]) == 0
+    strided = json.loads(capsys.readouterr().out)
+    assert strided["stride"] == 16 and strided["tokens"] == 299 and strided["bytes"] == result["bytes"]
+    assert strided["loss"] == pytest.approx(evaluate(load(ckpt), tokens, 64, max_tokens=300, stride=16)["loss"],
+                                            rel=1e-6)
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--stride", "65"]) == 2
+    assert "stride must be an integer from 1 to block_size (64), got 65" in capsys.readouterr().err
     assert whole["bits_per_byte"] == pytest.approx(direct["bits_per_byte"], rel=1e-6)
     # Bits per byte is below loss / ln 2 x tokens / bytes: end-of-text predictions are outside both sums.
     assert whole["bits_per_byte"] < whole["loss"] / math.log(2) * whole["tokens"] / whole["bytes"]

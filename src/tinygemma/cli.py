@@ -431,7 +431,7 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
 def _eval_main(args) -> int:
     block_size = args.block_size if args.block_size is not None else (trained_block_size(args.ckpt)
                                                                       or DEFAULT_EVAL_BLOCK_SIZE)
-    check_evaluation(block_size, args.batch_size, args.max_tokens)  # before the (slow) model load
+    check_evaluation(block_size, args.batch_size, args.max_tokens, args.stride)  # before the (slow) model load
     story_file = is_story_file(args.data)
     if story_file and not Path(args.data).exists():
         raise UserError(f"story file not found: {args.data}")
@@ -463,11 +463,11 @@ def _eval_main(args) -> int:
     started = time.perf_counter()
     result = evaluate(model, tokens, block_size, args.batch_size, args.max_tokens,
                       token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-                      progress=sys.stderr.isatty())  # a log file got one frame per batch
+                      progress=sys.stderr.isatty(), stride=args.stride)  # (a log file got one frame per batch)
     seconds = time.perf_counter() - started
     print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
     result.update(split="the whole file" if story_file else args.split, block_size=block_size,
-                  dtype=dtype_name(model.embed_tokens.weight.dtype))
+                  **({"stride": args.stride} if args.stride else {}), dtype=dtype_name(model.embed_tokens.weight.dtype))
     print(strict_json(result))
     return 0
 
@@ -550,6 +550,11 @@ def add_eval(subparsers) -> None:
                    help=f"tokens predicted per window (default: the training block size, else {DEFAULT_EVAL_BLOCK_SIZE})")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the split's first N tokens")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="overlapping windows whose ends advance by this many tokens, each scoring only those: every "
+                        "prediction past the first window then reads at least block size - stride tokens of context, "
+                        "for block size / stride times the work (default: the block size, windows that do not "
+                        "overlap)")
     p.set_defaults(func=_eval_main)
 
 

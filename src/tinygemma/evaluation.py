@@ -34,9 +34,11 @@ def summarize(sums: torch.Tensor) -> dict:
             "tokens": int(predicted), "bytes": int(nbytes)}
 
 
-def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None) -> None:
+def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None, stride: int | None = None) -> None:
     if not (is_integer(block_size) and block_size >= 1):
         raise UserError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if stride is not None and not (is_integer(stride) and 1 <= stride <= block_size):
+        raise UserError(f"stride must be an integer from 1 to block_size ({block_size}), got {stride!r}")
     if not (is_integer(batch_size) and batch_size >= 1):
         raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if max_tokens is not None and not (is_integer(max_tokens) and max_tokens >= 2):
@@ -45,18 +47,21 @@ def check_evaluation(block_size: int, batch_size: int, max_tokens: int | None) -
 
 @torch.no_grad()
 def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_tokens: int | None = None,
-             device=None, token_bytes=None, progress: bool = False) -> dict:
+             device=None, token_bytes=None, progress: bool = False, stride: int | None = None) -> dict:
     """Loss, perplexity and bits per byte over `tokens` (a 1-D array of ids: a numpy memmap is read a batch at a
     time, so memory stays bounded) or over its first `max_tokens`.
 
     The tokens are cut into non-overlapping windows of `block_size` predictions: window w reads tokens
     [w*B, (w+1)*B) and predicts [w*B + 1, (w+1)*B + 1), so every token but the first is predicted exactly once,
-    with between 0 and B-1 tokens of context; the last window may be shorter.
+    with between 0 and B-1 tokens of context; the last window may be shorter. With a `stride` S below B, the
+    windows overlap (as transformers' perplexity guide does it): each reads the B tokens before its last prediction
+    and scores only its last S (the first window all of its own), so every prediction but the first B has at
+    least B - S tokens of context, for B / S times the work.
 
     `token_bytes` (tokenizer.token_byte_lengths) gives the UTF-8 bytes each id stands for; bits per byte is
     None without it. See `nats_and_bytes` for the definitions.
     """
-    check_evaluation(block_size, batch_size, max_tokens)
+    check_evaluation(block_size, batch_size, max_tokens, stride)
     dimensions = tokens.ndim if hasattr(tokens, "ndim") else np.ndim(tokens)  # (a memmap is not read whole)
     if dimensions != 1:
         raise UserError(f"tokens must be a 1-D sequence of token ids, got {dimensions} dimensions")
@@ -73,26 +78,43 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     was_training = model.training
     model.eval()
     predicted = n - 1
-    starts = list(range(0, predicted, block_size))
-    full = [s for s in starts if s + block_size <= predicted]
-    tail = [s for s in starts if s + block_size > predicted]
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     try:
         from tqdm import tqdm
 
         with tqdm(total=predicted, unit="tok", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
-            batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
-            for batch in batches:
-                length = min(block_size, predicted - batch[0])  # block_size except for the tail window
-                rows = np.stack([np.asarray(tokens[s : s + length + 1]) for s in batch])
+            for starts, length, scored in window_batches(predicted, block_size, stride or block_size, batch_size):
+                rows = np.stack([np.asarray(tokens[s : s + length + 1]) for s in starts])
                 check_token_ids(rows, model.config.vocab_size)
                 window = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
                 x, y = window[:, :-1], window[:, 1:]
-                sums += nats_and_bytes(model(x, y, reduction="none"), y, token_bytes)
-                bar.update(len(batch) * length)
+                nats = model(x, y, reduction="none").reshape(len(starts), length)
+                sums += nats_and_bytes(nats[:, length - scored :], y[:, length - scored :], token_bytes)
+                bar.update(len(starts) * scored)
     finally:
         model.train(was_training)
     return summarize(sums)
+
+
+def window_batches(predicted: int, block_size: int, stride: int, batch_size: int):
+    """(window starts, window length, predictions scored at each window's end) of `evaluate`'s batches: windows
+    of at most block_size predictions whose ends advance by `stride` (the last one's to the last prediction),
+    each scoring the predictions since the previous end (without overlap, stride = block_size, all of its own);
+    windows alike in length and score go together."""
+    windows, end = [], 0
+    while end < predicted:
+        new_end = min(end + (block_size if end == 0 else stride), predicted)
+        start = end if stride == block_size else max(0, new_end - block_size)  # (the tail: short, or with context)
+        windows.append((start, new_end - start, new_end - end))
+        end = new_end
+    i = 0
+    while i < len(windows):
+        _, length, scored = windows[i]
+        j = i
+        while j < len(windows) and j - i < batch_size and windows[j][1:] == (length, scored):
+            j += 1
+        yield [w[0] for w in windows[i:j]], length, scored
+        i = j
 
 
 # ------------------------------------------------------------------ training's validation windows

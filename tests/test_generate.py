@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_model import make_pair, small_config  # noqa: E402
 
-from tinygemma import Gemma3, ModelConfig, UserError
+from tinygemma import Gemma3, ModelConfig, UserError, load
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.files import atomic_write_json
@@ -345,7 +345,7 @@ def test_cli_continues_each_prompt_given(ckpt, capsys):
     assert err.count("\n") == 1 and "--prompt is empty" in err
 
 
-def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
+def test_cli_seeded_samples_and_run_directory(ckpt, tokenizer, tmp_path, capsys):
     # A run directory: checkpoints/last.json points at the checkpoint, as training writes it.
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -359,6 +359,12 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
     assert len(samples) == 3 and all(s.startswith(PROMPT) for s in samples)
     assert main(args) == 0
     assert capsys.readouterr().out == out
+    # --repetition-penalty: the same seeded samples with the penalty as generate_text gives them from Python
+    assert main([*args, "--repetition-penalty", "1.3", "--dtype", "float32"]) == 0
+    penalized = capsys.readouterr().out[:-1].split("\n---\n")
+    texts, _ = generate_text(load(ckpt), tokenizer, PROMPT, 6, 1.0, 50, 0.9, 3, num_samples=3,
+                             repetition_penalty=1.3)
+    assert penalized == [PROMPT + t for t in texts]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -369,6 +375,7 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tmp_path, capsys):
     (["--seed", "100000000000000000000000"], "seed"),  # past torch's 64-bit seed: refused before the prompt prints
     (["--seed", "-1"], "seed"),
     (["--max-new-tokens", "-3"], "--max-new-tokens must be"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a positive, finite number (1: none), got 0.0"),
     (["--num-samples", "0"], "num-samples"),
     (["--num-samples", "100000000"], "--num-samples must be at most 65,536"),  # a generator each: killed, silent
     (["--prompt", ""], "prompt"),
@@ -477,6 +484,25 @@ def test_greedy_generate_matches_transformers_and_no_cache_loop():
         for _ in range(n_new):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(ours, seq)
+
+
+def test_repetition_penalty_is_transformers_own():
+    """repetition_penalty: greedy tokens are transformers' generate's with the same penalty, and the penalty changes
+    them (a random model repeats itself); 1 changes nothing; a penalty that is not positive is refused."""
+    config = small_config()
+    model, hf = make_pair(config, seed=5)
+    prompt = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    n_new = 2 * config.sliding_window
+    ours = generate(model, prompt, n_new, temperature=0, repetition_penalty=1.5)
+    theirs = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new, repetition_penalty=1.5,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+    plain = generate(model, prompt, n_new, temperature=0)
+    assert not torch.equal(ours, plain) and torch.equal(generate(model, prompt, n_new, temperature=0,
+                                                                 repetition_penalty=1.0), plain)
+    for bad in (0, -1.2, float("inf"), "1.3"):
+        with pytest.raises(UserError, match="repetition_penalty must be a positive, finite number"):
+            generate(model, prompt, 2, repetition_penalty=bad)
 
 
 def test_generate_with_prompt_longer_than_window():

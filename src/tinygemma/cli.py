@@ -382,7 +382,8 @@ SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are severa
 def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                   prompts=args.num_samples, prefix="--")  # seed + i for sample i
+                   prompts=args.num_samples, prefix="--",
+                   repetition_penalty=args.repetition_penalty)  # seed + i for sample i
     check_num_samples(args.num_samples, "--num-samples")
     if not all(args.prompt):
         raise UserError("--prompt is empty; give some text to continue")
@@ -419,7 +420,8 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
     else:  # a batch of samples advances together; print each whole, one after another
         on_text = None
     texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
-                                    args.top_k, args.top_p, args.seed, args.num_samples, on_text)
+                                    args.top_k, args.top_p, args.seed, args.num_samples, on_text,
+                                    repetition_penalty=args.repetition_penalty)
     if args.num_samples == 1:
         out.write("\n")
     else:
@@ -528,6 +530,10 @@ def add_generate(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=defaults.top_p,
                    help="nucleus sampling: only the most likely tokens whose probabilities add up to p, in (0, 1] "
                         f"(default {defaults.top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                   help="divide the logit of each token already in the text by this (multiply it, if negative), "
+                        "as transformers' repetition_penalty: 1.1 to 1.3 curb a small model's loops; 1 is none "
+                        f"(default {defaults.repetition_penalty:g})")
     p.add_argument("--seed", type=int, default=defaults.seed,
                    help=f"sampling seed: the same seed gives the same text; sample i of --num-samples is the one "
                    f"seed + i gives alone (default {defaults.seed})")

@@ -307,6 +307,7 @@ class GenerateConfig:
     top_k: int | None = 200  # sample among the k most likely tokens; none (or 0) = all
     top_p: float | None = None  # nucleus sampling threshold in (0, 1]; none = off
     seed: int = 1337  # sampling seed: prompt i (from 0) samples with seed + i
+    repetition_penalty: float = 1.0  # a token already in the text has its logit divided by this (multiplied, if negative), as transformers' repetition_penalty; 1 = none
 
 
 @dataclass
@@ -369,7 +370,8 @@ class Recipe:
         # An unknown preset or impossible model field fails here, before any data is read; so does a block too long.
         check_block_size(self.train.block_size, self.model_config())
         g = self.generate  # and bad sampling settings before hours of training, not after
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, prefix="generate.")
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, prefix="generate.",
+                       repetition_penalty=g.repetition_penalty)
         return self
 
     def check_for_run(self) -> None:
@@ -383,7 +385,8 @@ class Recipe:
         """[generate]'s prompts can be sampled: each some text, a seed within 64 bits, room in the model's
         positions for new tokens (`run`'s samples, train's sample_interval, an export's model card)."""
         g = self.generate
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.")
+        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.",
+                       repetition_penalty=g.repetition_penalty)
         for prompt in g.prompts:
             if not isinstance(prompt, str) or not prompt:
                 raise UserError(f"generate.prompts holds {prompt!r}: each prompt must be some text to continue")
@@ -634,7 +637,7 @@ MAX_TRAIN_SEED = 2**64 - 1  # torch.manual_seed and numpy's default_rng([seed, s
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                   seed: int | None = None, prompts: int = 1, prefix: str = "") -> None:
+                   seed: int | None = None, prompts: int = 1, prefix: str = "", repetition_penalty: float = 1.0) -> None:
     """Refuse sampling settings that cannot work: in one line, before a model is loaded or trained. Each is
     named as the user gave it: `prefix` "generate." (a recipe's [generate], apart from train.seed), "--" (the
     generate command's options), "" (the Python arguments)."""
@@ -653,3 +656,6 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"{name('top_k')} must be an integer >= 1{off}, got {top_k!r}")
     if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
         raise UserError(f"{name('top_p')} must be a number in (0, 1], got {top_p!r}")
+    if not (is_real(repetition_penalty) and 0 < repetition_penalty < math.inf):
+        raise UserError(f"{name('repetition_penalty')} must be a positive, finite number (1: none), got "
+                        f"{repetition_penalty!r}")

@@ -41,6 +41,12 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition_penalty (CTRL's): the logit of a token already in the row's text (`seen`, [B, V]
+    booleans) divided by `penalty`, or multiplied where it is negative, so that it becomes less likely."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None,
                       generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
@@ -65,15 +71,17 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                     generator: torch.Generator | list[torch.Generator] | None = None,
-                    vocab_size: int | None = None, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
+                    vocab_size: int | None = None, cuda_graph: bool = True,
+                    repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
-    receiving `eos_id`). `temperature=0` is greedy. `vocab_size` (the tokenizer's) keeps the tokens sampled
+    receiving `eos_id`). `temperature=0` is greedy; `repetition_penalty` (penalize_repeats) applies first, to
+    the tokens of the prompt and of the text so far, as in transformers. `vocab_size` (the tokenizer's) keeps the tokens sampled
     below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside
     autocast, the steps after the prompt replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty)
     if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
             or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):  # any integers (uint16: a token file's)
         got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
@@ -108,13 +116,20 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             graphed = graphed_step(plan, model, cache, B, rope)  # before the prompt fills the cache (see there)
     logits = last_logits(model, input_ids, cache, 0)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    seen = None  # the tokens of each row's text, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=input_ids.device).scatter_(1, input_ids, True)
     for step in range(max_new_tokens):
         if not bool(torch.isfinite(logits).all()):  # sampling would raise deep in torch, argmax print nonsense
             computes_in = dtype or model.embed_tokens.weight.dtype
             why = ("float16 overflowed; try --dtype bfloat16 or float32" if computes_in == torch.float16
                    else "are its weights all finite?")
             raise UserError(f"the model's logits hold NaN or inf at new token {step + 1}: {why}")
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
         token = sample_next_token(logits[:, :vocab_size], temperature, top_k, top_p, generator)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
@@ -152,11 +167,11 @@ def last_logits(model: Gemma3, input_ids, cache, start_pos):
 def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | list[torch.Generator] | None = None,
-             cuda_graph: bool = True) -> torch.Tensor:
+             cuda_graph: bool = True, repetition_penalty: float = 1.0) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
     device."""
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
-                               cuda_graph=cuda_graph))
+                               cuda_graph=cuda_graph, repetition_penalty=repetition_penalty))
     prompt = input_ids.to(model.embed_tokens.weight.device).long()  # (uint16 ids do not promote)
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 
@@ -247,7 +262,8 @@ def check_num_samples(num_samples, name: str) -> None:
 
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  num_samples: int = 1, on_text=None, cuda_graph: bool = True) -> tuple[list[str], int]:
+                  num_samples: int = 1, on_text=None, cuda_graph: bool = True,
+                  repetition_penalty: float = 1.0) -> tuple[list[str], int]:
     """The prompt's continuations (without the prompt), one per sample, each ending at end of text or after
     `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text included).
     `on_text(sample, text)` receives each piece of text as soon as it is complete. Sample i is drawn from seed
@@ -255,7 +271,8 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     generate_stream's.
     """
     check_num_samples(num_samples, "num_samples")
-    check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples,
+                   repetition_penalty=repetition_penalty)
     check_tokenizer_fits(tokenizer, model)
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
     device = model.embed_tokens.weight.device
@@ -277,7 +294,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
 
     for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
                                   generator=generator, vocab_size=tokenizer.model_vocab_size,
-                                  cuda_graph=cuda_graph):
+                                  cuda_graph=cuda_graph, repetition_penalty=repetition_penalty):
         for i, token in enumerate(tokens.tolist()):
             if finished[i]:
                 continue

@@ -195,7 +195,8 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     samples = []
     for i, prompt in enumerate(g.prompts):
         texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens,
-                                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i)
+                                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i,
+                                 repetition_penalty=g.repetition_penalty)
         samples.append(prompt + texts[0])
         print(f"\n--- sample {i + 1}: {prompt!r}\n{prompt}{texts[0]}", flush=True)
     # Recorded for report.md, and for the model card of this checkpoint's export (its whole-split evaluation).

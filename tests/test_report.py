@@ -101,18 +101,21 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     """The report's one command trained the final settings throughout, so a run resumed with a lower learning
     rate was not reproduced by it; and its MFU and hardware were the last invocation's, over the whole run's
     time. The trainer state now records each invocation: the report gives one command per part (which do
-    reproduce the run's losses), the MFU over each part's own peak, and each part's machine."""
+    reproduce the run's losses, and its evaluations where a resume changed eval_interval), the MFU over each part's
+    own peak, and each part's machine."""
     import tinygemma.train as train_module
 
     out = tmp_path / "run"
     monkeypatch.setattr(train_module, "peak_flops", lambda device: 1e9)  # a made-up peak, so that MFU is known
     test_train.run(data_dir, out, "max_steps=12", "checkpoint_interval=4", stop_at=4)
     monkeypatch.setattr(train_module, "peak_flops", lambda device: 4e9)  # "another GPU" from step 5
-    test_train.run(data_dir, out, "max_steps=12", "checkpoint_interval=4", "learning_rate=5e-3", resume=True)
+    test_train.run(data_dir, out, "max_steps=12", "checkpoint_interval=4", "learning_rate=5e-3", "eval_interval=3",
+                   resume=True)
     state = json.loads((out / "checkpoints" / "step_000012" / "trainer_state.json").read_text())
     parts = state["invocations"]
     assert [p["steps"] for p in parts] == [[0, 4], [4, 12]]
-    assert parts[0]["changed"] == {} and parts[1]["changed"] == {"learning_rate": [0.01, 0.005]}
+    assert parts[0]["changed"] == {} and parts[1]["changed"] == {"learning_rate": [0.01, 0.005],
+                                                                  "eval_interval": [10, 3]}
     assert sum(p["elapsed_s"] for p in parts) == pytest.approx(state["elapsed_s"])
     assert [p["peak_flop_s"] / p["elapsed_s"] for p in parts] == pytest.approx([1e9, 4e9])
     text = (out / "report.md").read_text()
@@ -120,7 +123,7 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     assert f"| MFU | {100 * mfu:.1f}% (over the optimizer steps' time) |" in text
 
     # The commands, run as written into another folder, train the same losses.
-    assert "its settings changed on resume (at step 4, learning_rate 0.01 -> 0.005)" in text
+    assert "its settings changed on resume (at step 4, learning_rate 0.01 -> 0.005, eval_interval 10 -> 3)" in text
     commands = [line for line in text.splitlines() if line.startswith("tinygemma train")]
     assert len(commands) == 2 and commands[0].endswith(" --stop-at 4")
     again = tmp_path / "again"
@@ -129,6 +132,7 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
         assert main(words[1:]) == 0
     capsys.readouterr()
     assert test_train.train_losses(again) == test_train.train_losses(out)
+    assert test_train.val_losses(again) == test_train.val_losses(out)  # evaluated at the same steps, too
 
     # Checkpoints written before invocations were recorded: the MFU at the average rate, from the log lines'
     # records (it said "not known" for such a run)
@@ -226,6 +230,7 @@ def test_a_checkpoint_from_before_the_schedules_end_is_reproduced_to_its_step(da
     assert main([w.replace(f"train.out={out}", f"train.out={again}") for w in shlex.split(command)][1:]) == 0
     capsys.readouterr()
     assert test_train.train_losses(again) == test_train.train_losses(out)
+    assert test_train.val_losses(again) == test_train.val_losses(out)  # evaluated at the same steps, too
     assert ((again / "checkpoints" / "step_000004" / "model.safetensors").read_bytes()
             == (out / "checkpoints" / "step_000004" / "model.safetensors").read_bytes())
 

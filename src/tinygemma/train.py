@@ -218,7 +218,8 @@ class Trainer:
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         # The run's earlier invocations (machine, time, settings changed), for the report; this one joins them.
-        self.history, self.changes = earlier_invocations(state), settings_changes(saved_train, self.cfg)
+        self.history = earlier_invocations(state)
+        self.changes = settings_changes(saved_train, self.cfg, STEP_SETTINGS + RECORD_SETTINGS)
         self.start_elapsed = self.elapsed
         self.train_loss = self.last_val = None
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
@@ -800,15 +801,20 @@ STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend"
                  "eval_batches")  # the validation set that best.json compares against the earlier losses
 
 
-def settings_changes(saved: dict | None, cfg: TrainConfig) -> dict[str, list]:
-    """The step settings a resume changes, {name: [the run's value, this invocation's]}."""
+# Settings that change what a run records (its evaluations, samples, checkpoints and log lines), not its losses:
+# kept among an invocation's changes, so that the report's Reproduce commands make the same records.
+RECORD_SETTINGS = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "sample_interval")
+
+
+def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...] = STEP_SETTINGS) -> dict[str, list]:
+    """The settings of `names` (the step settings) a resume changes, {name: [the run's value, this invocation's]}."""
     if not saved:
         return {}
     saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
     unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
     if cfg.optimizer == "adamw":  # (a change of optimizer itself is refused: check_resume_schedule)
         unused |= {"muon_learning_rate", "muon_backend"}
-    return {name: [saved[name], current[name]] for name in STEP_SETTINGS
+    return {name: [saved[name], current[name]] for name in names
             if name in saved and saved[name] != current[name] and name not in unused}
 
 

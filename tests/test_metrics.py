@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tinygemma.metrics import MetricsLog, peak_flops, read_records
+from tinygemma.metrics import MetricsLog, format_duration, peak_flops, read_records
 
 
 def lines(path) -> list[dict]:
@@ -69,3 +69,9 @@ def test_mfu_peaks_match_the_gpu_by_name_longest_names_first(name, peak, monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0)) == peak
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_durations_round_to_the_second_as_the_seconds_beside_them():
+    """The report's "training time 0m15s (16.0 s ...)": 15.97 s truncated where the figure beside it rounds."""
+    assert [format_duration(s) for s in (15.97, 15.4, 59.6, 3599.6, 3600 * 25 + 61)] == [
+        "0m16s", "0m15s", "1m00s", "1h00m", "25h01m"]

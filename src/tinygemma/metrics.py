@@ -131,6 +131,6 @@ def log_line(record: dict, max_steps: int, throughput: float, eta: float, mfu: f
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
+    seconds = round(seconds)  # (15.97 s is 0m16s, as the "16.0 s" beside it in the report)
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

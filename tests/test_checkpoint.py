@@ -63,12 +63,20 @@ def test_save_model_never_writes_over_a_run_a_dataset_or_a_transformers_model(ch
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"train": {}, "model": {}, "data": {}}))
     (run / "metrics.jsonl").write_text("")
-    folders = {"hf": "holds a transformers model", "run": "is a training run"}
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_000001" / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step_000001", "step": 1}))
+    folders = {"hf": "holds a transformers model", "run": "is a training run",  # and its checkpoints, a new one too
+               "run/checkpoints": "is a training run or one of its checkpoints",
+               "run/checkpoints/step_000001": "is a training run or one of its checkpoints"}
+    with pytest.raises(UserError, match="is a training run or one of its checkpoints"):
+        save_model(model, run / "checkpoints" / "step_000002")
+    assert not (run / "checkpoints" / "step_000002").exists()
     for name, message in folders.items():
-        before = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+        before = {p: p.read_bytes() for p in (tmp_path / name).rglob("*") if p.is_file()}
         with pytest.raises(UserError, match=message):
             save_model(model, tmp_path / name)
-        assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == before
+        assert {p: p.read_bytes() for p in (tmp_path / name).rglob("*") if p.is_file()} == before
     save_model(model, path, {"step": 8})  # its own checkpoint, saved again
     assert json.loads((path / "checkpoint.json").read_text())["step"] == 8
 

@@ -213,6 +213,8 @@ def test_a_prompt_that_is_not_utf8_is_one_line(ckpt, model, tokenizer, capsys):
     ({"input_ids": torch.tensor([[1, 50257]])}, "input_ids hold id 50257, outside the model's 50,257 ids (0 to 50,256)"),
     ({"input_ids": torch.tensor([[-1, 2]])}, "input_ids hold id -1, outside the model's 50,257 ids (0 to 50,256)"),
     ({"generator": [torch.Generator()] * 2}, "generator holds 2 generators for 1 sequences"),  # one per row
+    ({"generator": 5}, "generator must be a torch.Generator, or a list of one per row of input_ids, got 5"),
+    ({"generator": [1]}, "generator must be a torch.Generator, or a list of one per row of input_ids, got [1]"),
 ])
 def test_generate_from_python_refuses_arguments_of_the_wrong_kind_in_one_line(model, kwargs, message):
     """A notebook's generate(model, ids, "5") or temperature="0.7" ended in a TypeError deep in the comparison or in
@@ -220,8 +222,9 @@ def test_generate_from_python_refuses_arguments_of_the_wrong_kind_in_one_line(mo
     args = {"input_ids": torch.tensor([[1, 2, 3]]), "max_new_tokens": 2, **kwargs}
     with pytest.raises(UserError, match=re.escape(message)):
         generate(model, **args)
-    # numpy's integers are integers
+    # numpy's integers are integers; a tuple of generators is a list of them
     assert generate(model, torch.tensor([[1, 2]]), np.int64(2), top_k=np.int64(3)).shape == (1, 4)
+    assert generate(model, torch.tensor([[1, 2]]), 2, generator=(torch.Generator(),)).shape == (1, 4)
 
 
 def test_non_finite_logits_are_one_line_not_a_traceback_or_nonsense(tmp_path, capsys):

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 import tinygemma
+from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import TrainConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
@@ -604,13 +605,15 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
     report = (out / "report.md").read_text()
     assert f"| initial weights | `{source}` (train.init_from, step {best}), trained on from there |" in report
     assert f"--set train.init_from={source} " in report  # the Reproduce command
+    assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "card")]) == 0  # those weights' license
+    assert "license: other" in (tmp_path / "card" / "README.md").read_text()  # (google/gemma-3-270m's is Gemma's)
 
     export = tmp_path / "hf"
     assert main(["export", "--ckpt", str(straight_run), "--out", str(export)]) == 0
     padded = tmp_path / "padded"
-    run(data_dir, padded, "max_steps=4", f"init_from={export}", "model.vocab_pad_multiple=128", stop_at=2)
+    run(data_dir, padded, "max_steps=4", f"init_from={export}", "model.vocab_pad_multiple=100", stop_at=2)  # 600 rows
     assert val_losses(padded)[0] == pytest.approx(val_losses(straight_run)[best], rel=1e-6)
-    assert json.loads((padded / "config.json").read_text())["model"]["vocab_pad_multiple"] == 128
+    assert json.loads((padded / "config.json").read_text())["model"]["vocab_pad_multiple"] == 100
     capsys.readouterr()
     assert main(["train", "--out", str(padded), "--resume", "--set", f"init_from={straight_run}"]) == 2
     assert "train.init_from cannot change on resume" in capsys.readouterr().err
@@ -661,6 +664,15 @@ def test_init_from_refuses_weights_the_run_cannot_take(straight_run, data_dir, s
         run(other, tmp_path / "a", f"init_from={straight_run}")
     with pytest.raises(tinygemma.UserError, match="train.init_from must name"):
         TrainConfig(init_from=" ")  # (--set init_from= is none)
+    model = tinygemma.load(straight_run)
+    save_model(model, tmp_path / "bare")  # no tokenizer: which ids its weights learnt is not known
+    with pytest.raises(tinygemma.UserError, match="copy the tokenizer.json they were trained with into"):
+        run(data_dir, tmp_path / "a", f"init_from={tmp_path / 'bare'}")
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    save_model(model, tmp_path / "nan", {"tokenizer": open_prepared(data_dir).tokenizer().save(tmp_path / "nan")})
+    with pytest.raises(tinygemma.UserError, match="its layers.0.mlp.up_proj.weight holds NaN or inf"):
+        run(data_dir, tmp_path / "a", f"init_from={tmp_path / 'nan'}")
     assert not (tmp_path / "a").exists()
 
 

@@ -59,13 +59,16 @@ STATE_NAME = "trainer_state.json"
 
 
 def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -> None:
-    """Write `model.safetensors` and `checkpoint.json` (the model config plus `meta`) into `directory`.
-
-    Each file is written atomically; callers that need the whole directory to switch at once (training)
-    write into a fresh directory and rename it.
-    """
+    """Write `model.safetensors` and `checkpoint.json` (the model config plus `meta`) into `directory`, a new
+    folder or one that nothing else lives in (check_model_out). Each file is written atomically."""
     directory = check_model_out(directory)
     model.config.validate()  # (a config changed after the model was built is refused, not saved)
+    write_model(model, directory, meta)
+
+
+def write_model(model: Gemma3, directory: Path, meta: dict | None = None) -> None:
+    """save_model's files, unchecked: training writes them into the staging folder of a checkpoint, which it then
+    renames into place whole."""
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model_state(model), directory / WEIGHTS_NAME, metadata={"format": CHECKPOINT_FORMAT})
     atomic_write_json(directory / META_NAME, {"format": CHECKPOINT_FORMAT, "model": model.config.to_dict(), **(meta or {})})
@@ -75,8 +78,12 @@ def check_model_out(directory: str | Path) -> Path:
     """save_model's folder: new, or one that is no training run, prepared dataset or transformers model (each
     would be damaged, a run's best checkpoint hidden behind the new checkpoint.json)."""
     directory = check_output_folder(directory, "the model", flag="save_model's directory")
-    if is_training_run(directory):
-        raise UserError(f"{directory} is a training run: save the model into a folder of its own")
+    resolved = directory.resolve()
+    if (is_training_run(directory) or (directory / STATE_NAME).exists()  # a run, or one of its checkpoints
+            or resolved.name == "checkpoints" and is_training_run(resolved.parent)
+            or resolved.parent.name == "checkpoints" and is_training_run(resolved.parent.parent)):
+        raise UserError(f"{directory} is a training run or one of its checkpoints: save the model into a folder of "
+                        "its own")
     if is_prepared_dataset(directory):
         raise UserError(f"{directory} is a prepared dataset: save the model into a folder of its own")
     if not (directory / META_NAME).exists() and any((directory / name).exists()
@@ -504,7 +511,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, tmp, meta)
+        write_model(model, tmp, meta)
         save_optimizer(optimizer_state, tmp / OPTIMIZER_NAME)
         tokenizer_file = meta.get("tokenizer", {}).get("file")
         if tokenizer_file:  # a checkpoint carries its tokenizer, so it stands alone

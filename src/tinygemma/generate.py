@@ -100,6 +100,12 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                         f"{vocab - 1:,}): were they made by another tokenizer?")
     if eos_id is not None and not (is_integer(eos_id) and 0 <= eos_id < vocab):
         raise UserError(f"eos_id must be one of the model's {vocab:,} token ids, got {eos_id!r}")
+    if isinstance(generator, tuple):
+        generator = list(generator)
+    if not (generator is None or isinstance(generator, torch.Generator) or isinstance(generator, list) and all(
+            isinstance(g, torch.Generator) for g in generator)):
+        raise UserError(f"generator must be a torch.Generator, or a list of one per row of input_ids, got "
+                        f"{generator!r}")
     if isinstance(generator, list) and len(generator) != B:
         raise UserError(f"generator holds {len(generator)} generators for {B} sequences: give one per row of "
                         "input_ids, or a single one")

@@ -120,7 +120,7 @@ from tinygemma.parallelize import (
 from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
 from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
 from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, setup_runtime
-from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.tokenizer import TOKENIZER_FILE, token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
 
@@ -924,6 +924,9 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[Path,
     google/gemma-3-270m configures the gemma3-270m preset); anything else is refused, naming the settings to give."""
     where = f"train.init_from {source}"
     directory = init_checkpoint(source)
+    if not read_checkpoint_meta(directory).get("tokenizer") and not (directory / TOKENIZER_FILE).exists():
+        raise UserError(f"{where} records no tokenizer and holds no {TOKENIZER_FILE}, so nothing says which token "
+                        f"ids its weights learnt: copy the {TOKENIZER_FILE} they were trained with into {directory}")
     try:
         theirs = checkpoint_tokenizer(directory)
     except UserError as e:
@@ -944,6 +947,9 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[Path,
                         + ", ".join(f"{name} {have[name]} where the recipe has {want[name]}" for name in differ)
                         + f"): configure its model: {sets}")
     state = model_state(model)
+    broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
+    if broken:  # (it would stop at the first step, blaming the learning rate)
+        raise UserError(f"{where}: its {broken} holds NaN or inf; start from finite weights")
     for name in ("embed_tokens.weight", "lm_head.weight"):  # its vocabulary padding, if any, goes
         if name in state:
             state[name] = state[name][:model.config.vocab_size]

@@ -329,11 +329,8 @@ class Trainer:
         kept = peek_json(run_dir / "config.json") if start >= self.end else {}
         # The trackers first: one that cannot start stops the run before config.json is written, and a folder
         # made for the run goes again (it held only the trackers' first files).
-        # A run with nothing left to train reopens no wandb or trackio run (each would be resumed, and marked
-        # finished again, for no step); TensorBoard's local files still take what a kill cost them (backfill).
-        loggers = cfg.loggers if start < self.end else [name for name in cfg.loggers if name == "tensorboard"]
         try:
-            self.writer = Trackers(loggers, run_dir, kept or resolved, start)
+            self.writer = Trackers(cfg.loggers, run_dir, kept or resolved, start)
         except BaseException:
             if made:
                 shutil.rmtree(run_dir, ignore_errors=True)

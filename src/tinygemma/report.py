@@ -422,7 +422,7 @@ def card_header(known: dict) -> str:
     trained = bool(known["meta"])
     from_hub = (known["run"].get("data_source") or {}).get("train") == f"hf:{HUB_DATASET}"
     # Weights trained on from others' (train.init_from: google/gemma-3-270m's, say) keep those weights' license
-    initialised = bool((known["recipe"].get("train") or {}).get("init_from"))
+    initialised = bool(((known.get("recipe") or {}).get("train") or {}).get("init_from"))
     return ModelCardData(
         license="apache-2.0" if trained and not initialised else "other", datasets=[HUB_DATASET] if from_hub else None, language=["en"],
         library_name="transformers", pipeline_tag="text-generation",

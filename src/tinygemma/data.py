@@ -73,7 +73,6 @@ DEFAULT_BPE_VOCAB_SIZE = 8192
 MAX_VOCAB_SIZE = 262_208
 CHUNK_CHARS = 1 << 21  # text per worker task: large enough to amortise the hand-off, small enough to stream
 READ_CHARS = 1 << 22  # text read from a .txt file at a time
-TEXT_FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 
 # A line holding only <|endoftext|>: the separator of the dataset's own text files.
 _SEPARATOR = re.compile(r"^[^\S\n]*" + re.escape(EOT_TOKEN) + r"[^\S\n]*$", re.MULTILINE)
@@ -233,6 +232,11 @@ def _parquet_stories(path: Path) -> Iterator[str]:
         yield from _clean(s for s in _texts(batch.column(0).to_pylist, str(path)) if s is not None)
 
 
+# The story files prepare reads, by extension (a datasets save_to_disk folder besides)
+STORY_READERS = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".json": _json_stories, ".parquet": _parquet_stories}
+TEXT_FORMATS = tuple(STORY_READERS)
+
+
 def _texts(convert: Callable[[], list], where: str) -> list:
     """A batch of a text column as Python strings: bytes that are not UTF-8 (a column declared text, written
     without Arrow's checks) are the source's fault, in one line."""
@@ -295,8 +299,7 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
         except Exception as e:
             raise UserError(f"{path} is not a readable datasets directory ({describe(e)})") from None
         return _dataset_splits(dataset, str(path))
-    readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".json": _json_stories, ".parquet": _parquet_stories}
-    return {"train": lambda: readers[path.suffix.lower()](path)}
+    return {"train": lambda: STORY_READERS[path.suffix.lower()](path)}
 
 
 def check_source(source) -> Path:

@@ -388,26 +388,43 @@ def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
 
 
 def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp_path, capsys):
-    """--resume-from takes a run's checkpoint and a new or empty --out; a fork its resume then refuses (another
-    global batch) is removed again, and the run it came from is as it was."""
+    """--resume-from takes a checkpoint (in its run, or copied alone) and a new or empty --out outside any run; a
+    fork its resume then refuses (another global batch) is removed again, an empty folder given kept, and the run
+    it came from is as it was. A fork that trains, even to a divergence, keeps its records."""
+    import shutil
+
     source = tmp_path / "source"
     run(data_dir, source, "max_steps=4", "checkpoint_interval=2", "keep_checkpoints=2")
     step2 = source / "checkpoints" / "step_000002"
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
+    (tmp_path / "empty").mkdir()
     for argv, says in [
         (["--resume-from", str(step2)], "--resume-from continues a run in a new folder: name it with --out"),
         (["--resume-from", str(source), "--out", str(tmp_path / "f")], "is not a checkpoint of a training run"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "full")], "is not empty"),
+        (["--resume-from", str(step2), "--out", str(step2 / "branch")], "is inside the run it continues"),
+        (["--resume-from", str(step2), "--out", str(source / "branch")], "is inside the run it continues"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "f"), "--set", "batch_size=4"],
+         "the run's batches cannot change on resume"),
+        (["--resume-from", str(step2), "--out", str(tmp_path / "empty"), "--set", "batch_size=4"],
          "the run's batches cannot change on resume"),
     ]:
         assert main(["train", *argv]) == 2, argv
-        err = capsys.readouterr().err.strip().splitlines()
-        assert says in err[-1], (argv, err)
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err, (argv, err)
     assert not (tmp_path / "f").exists() and [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
     assert sorted(p.name for p in (source / "checkpoints").iterdir()) == [
         "best.json", "last.json", "step_000002", "step_000004"]
+    assert not any(p.name == "branch" for p in source.rglob("*"))
+    # A checkpoint copied alone, and --out given by --set as a run's Reproduce command gives it
+    shutil.copytree(step2, tmp_path / "alone")
+    assert main(["train", "--resume-from", str(tmp_path / "alone"), "--set", f"train.out={tmp_path / 'b'}"]) == 0
+    assert train_losses(tmp_path / "b") == {s: v for s, v in train_losses(source).items() if s > 2}
+    # A branch that diverges keeps what it recorded (nothing is deleted once training opened it)
+    assert main(["train", "--resume-from", str(step2), "--out", str(tmp_path / "d"), "--set", "learning_rate=1e9"]) == 2
+    assert "non-finite" in capsys.readouterr().err and (tmp_path / "d" / "metrics.jsonl").exists()
 
 
 def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsys):
@@ -418,7 +435,8 @@ def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsy
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "30"]) == 2
     err = capsys.readouterr().err.strip()
     assert ("cooldown of the run began after step 12 (step 13 took the first lower rate); extend it from a "
-            "checkpoint at step 12 or earlier into a new folder: tinygemma train --resume-from "
+            "checkpoint of step 12 or earlier, if the run kept one (it keeps its best and its newest "
+            "keep_checkpoints, 1 by default), into a new folder: tinygemma train --resume-from "
             "RUN/checkpoints/step_NNNNNN --out NEW --max-steps 30") in err and "\n" not in err
     # Before the cooldown: a max_steps that moves it before the run's step, or another warmup, is refused for what
     # it is (both were said to be a cooldown that had begun).

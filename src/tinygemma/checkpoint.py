@@ -400,38 +400,40 @@ def last_checkpoint(run_dir: Path) -> dict | None:
 
 
 def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
-    """Make `out` (a new or empty folder) the run that `checkpoint` (RUN/checkpoints/step_NNNNNN) belongs to, as it
-    was at that checkpoint: the run's config.json and metrics.jsonl (a resume cuts it back to the step), and the
-    checkpoint as its last one, with its best where that is an earlier checkpoint still kept. A resume of `out`
-    then continues exactly as the run would have from there (a wsd run extended from before its cooldown, say),
-    and the run itself is left as it was. The checkpoints' files are hard links where the filesystem allows (a
-    checkpoint's files are never written again), else copies. Returns {"dir", "step"} of the checkpoint."""
+    """Make `out` (a new or empty folder, in no run) the run that `checkpoint` (RUN/checkpoints/step_NNNNNN, or
+    such a folder copied alone) belongs to, as it was at that checkpoint: the run's config.json and metrics.jsonl
+    where it has them (a resume cuts the records back to the step), and the checkpoint as its last one, with its
+    best where that is an earlier checkpoint still kept. A resume of `out` then continues exactly as the run would
+    have from there (a wsd run extended from before its cooldown, say), and the run itself is left as it was. The
+    checkpoints' files are hard links where the filesystem allows (a checkpoint's files are never written again),
+    else copies. Returns {"dir", "step"} of the checkpoint, and what remove_fork needs."""
     src = Path(checkpoint)
-    where = f"--resume-from {src}"
     if not (src / STATE_NAME).is_file():
-        raise UserError(f"{where} is not a checkpoint of a training run (a run's checkpoints/step_NNNNNN, holding "
-                        f"{STATE_NAME})")
-    run = src.resolve().parent.parent
-    if src.resolve().parent.name != "checkpoints" or not (run / "config.json").is_file():
-        raise UserError(f"{where} is not in a run's checkpoints/ folder beside its config.json, which a new run "
-                        "continued from it needs")
+        raise UserError(f"--resume-from {src} is not a checkpoint of a training run (a run's "
+                        f"checkpoints/step_NNNNNN, holding {STATE_NAME})")
     step = read_json(src / STATE_NAME, "trainer state").get("step")
     state = read_trainer_state(src, step if isinstance(step, int) and not isinstance(step, bool) else -1)
+    run = src.resolve().parent.parent if src.resolve().parent.name == "checkpoints" else None
     out = check_output_folder(out, "the run")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
                         "leaving the run it comes from as it was")
+    for folder in (out.resolve(), *out.resolve().parents):  # pruning would delete a fork kept in a checkpoint
+        if folder == src.resolve() or folder == run or folder.name == "checkpoints" and is_training_run(folder.parent):
+            raise UserError(f"--out {out} is inside {'the run it continues' if folder in (src.resolve(), run) else 'a run'}"
+                            ": give the new run a folder of its own, beside it")
     made = not out.exists()
     ckpts = out / "checkpoints"
     try:
         ckpts.mkdir(parents=True)
         for name in ("config.json", "metrics.jsonl"):
-            if (run / name).is_file():
+            if run is not None and (run / name).is_file():
                 with atomic_path(out / name) as tmp:
                     shutil.copyfile(run / name, tmp)
         best = state.get("best_step")
-        kept = [src.resolve()] + ([run / "checkpoints" / f"step_{best:06d}"] if isinstance(best, int) and best != step
-                                  and (run / "checkpoints" / f"step_{best:06d}" / STATE_NAME).is_file() else [])
+        kept = [src.resolve()]
+        if run is not None and isinstance(best, int) and best != step:
+            kept += [folder for folder in [run / "checkpoints" / f"step_{best:06d}"] if (folder / STATE_NAME).is_file()]
         for folder in kept:
             stage = ckpts / f".tmp-{folder.name}"
             stage.mkdir()
@@ -444,11 +446,30 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
             stage.rename(ckpts / folder.name)
         atomic_write_json(ckpts / "last.json", {"dir": src.resolve().name, "step": step})
     except BaseException:
-        shutil.rmtree(out if made else ckpts, ignore_errors=True)
-        for name in ("config.json", "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
+        remove_fork(out, {"made": made})
         raise
-    return {"dir": src.resolve().name, "step": step}
+    config = out / "config.json"
+    return {"dir": src.resolve().name, "step": step, "made": made,
+            "config": config.stat().st_ino if config.exists() else None}
+
+
+def fork_started(out: Path, fork: dict) -> bool:
+    """Whether training has opened the fork `out` as its run (written its config.json anew), after which what it
+    holds is the run's (its records of a divergence, say), not only fork_run's copies."""
+    config = out / "config.json"
+    return (config.stat().st_ino if config.exists() else None) != fork["config"]
+
+
+def remove_fork(out: Path, fork: dict) -> None:
+    """What fork_run made: `out` itself if it made it, else what it put into the empty folder it was given."""
+    if fork["made"]:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir() if out.is_dir() else ():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 TRAINER_STATE_FORMAT = "tinygemma-trainer-state"

@@ -13,7 +13,6 @@ import os
 import re
 import select
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ from tinygemma.checkpoint import (
     checkpoint_tokenizer,
     export,
     fork_run,
-    last_checkpoint,
+    fork_started,
     load_model,
+    remove_fork,
     trained_block_size,
 )
 from tinygemma.config import (
@@ -269,34 +269,32 @@ def _train_main(args) -> int:
     overrides = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None]
     # The run folder, however it is given: --out, --set out= (as the run report spells it), or else the built-in
     # recipe's (a recipe file given by --config names its own, and --resume then follows the file).
-    out = args.out or Recipe.out
+    out, given = args.out or Recipe.out, args.out is not None
     for item in args.set:  # the same setting from a flag and from --set: which was meant is not ours to guess
         key, _, value = item.partition("=")
         key = key.strip() if "." in key else f"train.{key.strip()}"
         if key in flags and flags[key][1] is not None:
             raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
         if key == "train.out":
-            out = value.strip()
-    forked = fork_from(args, out) if args.resume_from else None
+            out, given = value.strip(), True
+    forked = fork_from(args, out, given) if args.resume_from else None
     try:
         return _train_run(args, out, overrides)
     except BaseException:
-        if forked and (last_checkpoint(Path(out)) or {}).get("step") == forked["step"]:  # nothing trained since
-            shutil.rmtree(out, ignore_errors=True)
+        if forked and not fork_started(Path(out), forked):  # refused before training opened it: as it was
+            remove_fork(Path(out), forked)
         raise
 
 
-def fork_from(args, out: str) -> dict:
+def fork_from(args, out: str, given: bool) -> dict:
     """--resume-from: `out` made the run of that checkpoint, as it was then (checkpoint.fork_run), and resumed."""
-    if args.out is None:
+    if not given:
         raise UserError("--resume-from continues a run in a new folder: name it with --out")
     if env_world_size() > 1:
         raise UserError(f"--resume-from makes --out in one process: run `tinygemma train --resume-from "
-                        f"{args.resume_from} --out {args.out} --stop-at 1` first (it trains nothing), then torchrun "
+                        f"{args.resume_from} --out {out} --stop-at 1` first (it trains nothing), then torchrun "
                         "with --resume")
     forked = fork_run(args.resume_from, out)
-    print(f"tinygemma train: {out} continues the run of {args.resume_from} from its step {forked['step']}",
-          file=sys.stderr, flush=True)
     args.resume = True
     return forked
 

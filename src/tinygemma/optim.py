@@ -113,9 +113,10 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
         # Steps counted as the log counts them: "step N" is the N-th, whose checkpoint is at step N
         raise UserError(f"train.max_steps cannot change from {planned.max_steps} to {cfg.max_steps} at step {step}: "
                         + (f"the wsd cooldown of the run began after step {began} (step {began + 1} took the first "
-                           f"lower rate); extend it from a checkpoint at step {began} or earlier into a new folder: "
+                           f"lower rate); extend it from a checkpoint of step {began} or earlier, if the run kept one (it "
+                           f"keeps its best and its newest keep_checkpoints, 1 by default), into a new folder: "
                            f"tinygemma train --resume-from RUN/checkpoints/step_NNNNNN --out NEW --max-steps "
-                           f"{cfg.max_steps} (a run keeps its newest keep_checkpoints checkpoints)"
+                           f"{cfg.max_steps}"
                            if began < step else
                            f"the wsd cooldown would then begin after step {cooldown_start(cfg)}, before this one, "
                            "changing rates already taken"))

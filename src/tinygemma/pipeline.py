@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tinygemma.checkpoint import checkpoint_tokenizer, last_checkpoint, load_model, resolve_checkpoint
-from tinygemma.config import Recipe, checked_recipe
+from tinygemma.config import GenerateConfig, Recipe, checked_recipe
 from tinygemma.data import (
     META_NAME,
     check_prepare_out,
@@ -207,6 +207,16 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     return {"eval": metrics, "samples": samples}
 
 
+def sampling_flags(g: GenerateConfig) -> str:
+    """generate's options for the recipe's sampling settings where they differ from generate's defaults (the
+    built-in [generate]): with them, and --seed, generate draws the run's own samples."""
+    default = GenerateConfig()
+    flags = [(f"--{name.replace('_', '-')}", getattr(g, name)) for name in ("temperature", "top_k", "top_p",
+                                                                           "repetition_penalty")
+             if getattr(g, name) != getattr(default, name)]
+    return "".join(f" {flag} {'none' if value is None else value}" for flag, value in flags)
+
+
 def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> str:
     """The closing lines of `tinygemma run`: where the run's files are, and the commands a user wants next."""
     out, q = Path(recipe.out), shlex.quote
@@ -228,6 +238,7 @@ def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> st
           else []),
         f"export         tinygemma export --ckpt {run_dir} --out {q(str(Path('hf') / out.name))}",
         "--- next",
-        f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)} --max-new-tokens 200",
+        f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)} --max-new-tokens 200"
+        f"{sampling_flags(recipe.generate)}",
         f"train longer   {rerun}",
     ])

@@ -79,6 +79,8 @@ def test_save_model_never_writes_over_a_run_a_dataset_or_a_transformers_model(ch
         assert {p: p.read_bytes() for p in (tmp_path / name).rglob("*") if p.is_file()} == before
     save_model(model, path, {"step": 8})  # its own checkpoint, saved again
     assert json.loads((path / "checkpoint.json").read_text())["step"] == 8
+    for name in ("mine", "mine_v2"):  # a user's own folder named checkpoints is no run's
+        save_model(model, tmp_path / "project" / "checkpoints" / name)
 
 
 def test_a_config_changed_after_it_was_made_is_refused_not_built(tmp_path):

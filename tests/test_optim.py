@@ -403,8 +403,8 @@ def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp
         (["--resume-from", str(step2)], "--resume-from continues a run in a new folder: name it with --out"),
         (["--resume-from", str(source), "--out", str(tmp_path / "f")], "is not a checkpoint of a training run"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "full")], "is not empty"),
-        (["--resume-from", str(step2), "--out", str(step2 / "branch")], "is inside the run it continues"),
-        (["--resume-from", str(step2), "--out", str(source / "branch")], "is inside the run it continues"),
+        (["--resume-from", str(step2), "--out", str(step2 / "branch")], "is inside a run's checkpoints"),
+        (["--resume-from", str(step2), "--out", str(source / "checkpoints" / "b")], "is inside a run's checkpoints"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "f"), "--set", "batch_size=4"],
          "the run's batches cannot change on resume"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "empty"), "--set", "batch_size=4"],
@@ -418,10 +418,19 @@ def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp
     assert sorted(p.name for p in (source / "checkpoints").iterdir()) == [
         "best.json", "last.json", "step_000002", "step_000004"]
     assert not any(p.name == "branch" for p in source.rglob("*"))
-    # A checkpoint copied alone, and --out given by --set as a run's Reproduce command gives it
-    shutil.copytree(step2, tmp_path / "alone")
-    assert main(["train", "--resume-from", str(tmp_path / "alone"), "--set", f"train.out={tmp_path / 'b'}"]) == 0
-    assert train_losses(tmp_path / "b") == {s: v for s, v in train_losses(source).items() if s > 2}
+    # A checkpoint copied alone (named as training names it, so pruning counts it), and --out given by --set as
+    # a run's Reproduce command gives it; a run's own checkpoints/ is no place for a run, a folder of that name is
+    shutil.copytree(step2, tmp_path / "home" / "checkpoints" / "alone")
+    assert main(["train", "--resume-from", str(tmp_path / "home" / "checkpoints" / "alone"), "--set",
+                 f"train.out={tmp_path / 'home' / 'b'}"]) == 0
+    assert train_losses(tmp_path / "home" / "b") == {s: v for s, v in train_losses(source).items() if s > 2}
+    assert sorted(p.name for p in (tmp_path / "home" / "b" / "checkpoints").iterdir()) == [
+        "best.json", "last.json", "step_000002", "step_000004"]  # (keep_checkpoints = 2)
+    assert main(["train", "--out", str(source / "checkpoints" / "run"), "--resume"]) == 2
+    assert "is inside a run's checkpoints (which that run prunes)" in capsys.readouterr().err
+    # From Python: train(recipe, resume_from=...)
+    run(data_dir, tmp_path / "py", "max_steps=4", "checkpoint_interval=2", "keep_checkpoints=2", resume_from=step2)
+    assert train_losses(tmp_path / "py") == train_losses(source)
     # A branch that diverges keeps what it recorded (nothing is deleted once training opened it)
     assert main(["train", "--resume-from", str(step2), "--out", str(tmp_path / "d"), "--set", "learning_rate=1e9"]) == 2
     assert "non-finite" in capsys.readouterr().err and (tmp_path / "d" / "metrics.jsonl").exists()

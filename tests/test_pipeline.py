@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import tinygemma
+from tinygemma import Gemma3, ModelConfig
+from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
 
@@ -313,6 +315,8 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
     64 bits, a prompt too long for them in the data's tokens) is refused in one line, before that work."""
     recipe_file = tmp_path / "tiny.toml"
     recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    save_model(Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, d_model=16, n_layers=1, head_dim=8,
+                                         mlp_dim=32)), tmp_path / "other")  # known before the data is prepared
     for overrides, phrase in [(["train.block_size=4096"], "train.block_size 4096 exceeds"),
                               (["train.micro_batch_size=3"], "train.micro_batch_size (3) must divide"),
                               (["train.attention_backend=flex"], "flex needs a CUDA GPU"),  # on this CPU
@@ -323,7 +327,9 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
                                f"data.dir {tmp_path}/run is train.out itself"),
                               ([f"data.dir={tmp_path}/run/data"], f"data.dir {tmp_path}/run/data is inside train.out"),
                               ([f"train.init_from={tmp_path}/base"], f"train.init_from {tmp_path}/base: checkpoint not "
-                                                                     "found")]:
+                                                                     "found"),
+                              ([f"train.init_from={tmp_path}/other"], f"train.init_from {tmp_path}/other holds another "
+                                                                      "model than the configured one (d_model 16")]:
         assert main(["run", str(recipe_file), *(arg for o in overrides for arg in ("--set", o))]) == 2, overrides
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and phrase in err, (overrides, err)

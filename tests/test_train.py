@@ -606,7 +606,8 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
     assert f"| initial weights | `{source}` (train.init_from, step {best}), trained on from there |" in report
     assert f"--set train.init_from={source} " in report  # the Reproduce command
     assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "card")]) == 0  # those weights' license
-    assert "license: other" in (tmp_path / "card" / "README.md").read_text()  # (google/gemma-3-270m's is Gemma's)
+    card = (tmp_path / "card" / "README.md").read_text()  # (google/gemma-3-270m's is Gemma's)
+    assert "license: other" in card and "The license field says `other`: set it to those weights' license" in card
 
     export = tmp_path / "hf"
     assert main(["export", "--ckpt", str(straight_run), "--out", str(export)]) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import random
@@ -36,6 +37,7 @@ from tinygemma.files import (
     check_output_folder,
     check_unlocked,
     fsync_dir,
+    in_run_checkpoints,
     is_training_run,
     others_than,
     peek_json,
@@ -44,7 +46,15 @@ from tinygemma.files import (
     remove_temporaries,
     staged_folder,
 )
-from tinygemma.hf import exported_block_size, hf_config, is_hf_export, load_hf, save_hf, written_by_tinygemma
+from tinygemma.hf import (
+    exported_block_size,
+    hf_config,
+    is_hf_export,
+    load_hf,
+    model_config_from_hf,
+    save_hf,
+    written_by_tinygemma,
+)
 from tinygemma.model import Gemma3, check_tokenizer_fits, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
 from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
@@ -59,8 +69,9 @@ STATE_NAME = "trainer_state.json"
 
 
 def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -> None:
-    """Write `model.safetensors` and `checkpoint.json` (the model config plus `meta`) into `directory`, a new
-    folder or one that nothing else lives in (check_model_out). Each file is written atomically."""
+    """Write `model.safetensors` and `checkpoint.json` (the model config plus `meta`) into `directory`: a folder
+    that is no run, checkpoint, prepared dataset or transformers model (check_model_out). Each file is written
+    atomically."""
     directory = check_model_out(directory)
     model.config.validate()  # (a config changed after the model was built is refused, not saved)
     write_model(model, directory, meta)
@@ -78,10 +89,7 @@ def check_model_out(directory: str | Path) -> Path:
     """save_model's folder: new, or one that is no training run, prepared dataset or transformers model (each
     would be damaged, a run's best checkpoint hidden behind the new checkpoint.json)."""
     directory = check_output_folder(directory, "the model", flag="save_model's directory")
-    resolved = directory.resolve()
-    if (is_training_run(directory) or (directory / STATE_NAME).exists()  # a run, or one of its checkpoints
-            or resolved.name == "checkpoints" and is_training_run(resolved.parent)
-            or resolved.parent.name == "checkpoints" and is_training_run(resolved.parent.parent)):
+    if is_training_run(directory) or (directory / STATE_NAME).exists() or in_run_checkpoints(directory):
         raise UserError(f"{directory} is a training run or one of its checkpoints: save the model into a folder of "
                         "its own")
     if is_prepared_dataset(directory):
@@ -137,6 +145,14 @@ def read_checkpoint_meta(path: str | Path) -> dict:
             raise UserError(f"{directory / META_NAME} is not a tinygemma checkpoint")
         return meta
     return {}
+
+
+def stored_model_config(directory: Path) -> ModelConfig:
+    """The model config of a resolved checkpoint directory (resolve_checkpoint), its weights unread."""
+    meta = read_checkpoint_meta(directory)
+    if meta:
+        return ModelConfig.from_dict(meta["model"])
+    return model_config_from_hf(read_json(directory / "config.json", "config.json"))
 
 
 def trained_block_size(path: str | Path) -> int | None:
@@ -413,15 +429,15 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
                         f"checkpoints/step_NNNNNN, holding {STATE_NAME})")
     step = read_json(src / STATE_NAME, "trainer state").get("step")
     state = read_trainer_state(src, step if isinstance(step, int) and not isinstance(step, bool) else -1)
-    run = src.resolve().parent.parent if src.resolve().parent.name == "checkpoints" else None
+    ckpts_of = in_run_checkpoints(src)  # the run it belongs to, if it was not copied out alone
+    run = ckpts_of.parent if ckpts_of is not None and ckpts_of == src.resolve().parent else None
     out = check_output_folder(out, "the run")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
                         "leaving the run it comes from as it was")
-    for folder in (out.resolve(), *out.resolve().parents):  # pruning would delete a fork kept in a checkpoint
-        if folder == src.resolve() or folder == run or folder.name == "checkpoints" and is_training_run(folder.parent):
-            raise UserError(f"--out {out} is inside {'the run it continues' if folder in (src.resolve(), run) else 'a run'}"
-                            ": give the new run a folder of its own, beside it")
+    if in_run_checkpoints(out) or src.resolve() in (out.resolve(), *out.resolve().parents):
+        raise UserError(f"--out {out} is inside a run's checkpoints (which the run prunes): give the new run a "
+                        "folder of its own")
     made = not out.exists()
     ckpts = out / "checkpoints"
     try:
@@ -431,11 +447,12 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
                 with atomic_path(out / name) as tmp:
                     shutil.copyfile(run / name, tmp)
         best = state.get("best_step")
-        kept = [src.resolve()]
-        if run is not None and isinstance(best, int) and best != step:
-            kept += [folder for folder in [run / "checkpoints" / f"step_{best:06d}"] if (folder / STATE_NAME).is_file()]
-        for folder in kept:
-            stage = ckpts / f".tmp-{folder.name}"
+        kept = {step: src.resolve()}  # named as training names them, which pruning counts (a copy's name may differ)
+        if run is not None and isinstance(best, int) and best != step \
+                and (run / "checkpoints" / f"step_{best:06d}" / STATE_NAME).is_file():
+            kept[best] = run / "checkpoints" / f"step_{best:06d}"
+        for number, folder in kept.items():
+            stage = ckpts / f".tmp-step_{number:06d}"
             stage.mkdir()
             for file in folder.iterdir():
                 if file.is_file():
@@ -443,14 +460,26 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
                         os.link(file, stage / file.name)
                     except OSError:  # another filesystem, or one without hard links
                         shutil.copyfile(file, stage / file.name)
-            stage.rename(ckpts / folder.name)
-        atomic_write_json(ckpts / "last.json", {"dir": src.resolve().name, "step": step})
+            stage.rename(ckpts / f"step_{number:06d}")
+        atomic_write_json(ckpts / "last.json", {"dir": f"step_{step:06d}", "step": step})
     except BaseException:
         remove_fork(out, {"made": made})
         raise
     config = out / "config.json"
-    return {"dir": src.resolve().name, "step": step, "made": made,
+    return {"dir": f"step_{step:06d}", "step": step, "made": made,
             "config": config.stat().st_ino if config.exists() else None}
+
+
+@contextlib.contextmanager
+def forked_run(checkpoint: str | Path, out: str | Path):
+    """fork_run, undone where what follows fails before training opened the fork (a resume it refuses)."""
+    fork = fork_run(checkpoint, out)
+    try:
+        yield fork
+    except BaseException:
+        if not fork_started(Path(out), fork):
+            remove_fork(Path(out), fork)
+        raise
 
 
 def fork_started(out: Path, fork: dict) -> bool:

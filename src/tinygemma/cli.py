@@ -22,10 +22,8 @@ from tinygemma.checkpoint import (
     checkpoint_pointer,
     checkpoint_tokenizer,
     export,
-    fork_run,
-    fork_started,
+    forked_run,
     load_model,
-    remove_fork,
     trained_block_size,
 )
 from tinygemma.config import (
@@ -57,9 +55,9 @@ from tinygemma.hf import push_to_hub
 from tinygemma.metrics import strict_json
 from tinygemma.pipeline import check_given_settings, run, where_and_next
 from tinygemma.report import write_model_card
-from tinygemma.runtime import env_rank, env_world_size
+from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
-from tinygemma.train import train
+from tinygemma.train import check_fork_processes, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -277,26 +275,14 @@ def _train_main(args) -> int:
             raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
         if key == "train.out":
             out, given = value.strip(), True
-    forked = fork_from(args, out, given) if args.resume_from else None
-    try:
+    if not args.resume_from:
         return _train_run(args, out, overrides)
-    except BaseException:
-        if forked and not fork_started(Path(out), forked):  # refused before training opened it: as it was
-            remove_fork(Path(out), forked)
-        raise
-
-
-def fork_from(args, out: str, given: bool) -> dict:
-    """--resume-from: `out` made the run of that checkpoint, as it was then (checkpoint.fork_run), and resumed."""
     if not given:
         raise UserError("--resume-from continues a run in a new folder: name it with --out")
-    if env_world_size() > 1:
-        raise UserError(f"--resume-from makes --out in one process: run `tinygemma train --resume-from "
-                        f"{args.resume_from} --out {out} --stop-at 1` first (it trains nothing), then torchrun "
-                        "with --resume")
-    forked = fork_run(args.resume_from, out)
-    args.resume = True
-    return forked
+    check_fork_processes(args.resume_from, out)
+    with forked_run(args.resume_from, out):  # the recipe then read from the fork, as --resume reads a run's
+        args.resume = True
+        return _train_run(args, out, overrides)
 
 
 def _train_run(args, out: str, overrides: list[str]) -> int:

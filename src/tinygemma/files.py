@@ -360,6 +360,19 @@ def is_training_run(path: str | Path) -> bool:
             or ("train" in config and "model_type" not in config))
 
 
+def in_run_checkpoints(path: str | Path) -> Path | None:
+    """The checkpoints/ folder of a run that `path` is or lies in, if any: the run prunes what is in there, so no
+    other output may live there. A run is known by its checkpoints/last.json or its recipe's config.json (not by
+    a folder named checkpoints alone: a user's own may hold saved models)."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if folder.name == "checkpoints":
+            config = peek_json(folder.parent / "config.json")
+            if (folder / "last.json").exists() or ("train" in config and "model_type" not in config):
+                return folder
+    return None
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a truncated or corrupt file is a UserError, never a crash."""
     try:

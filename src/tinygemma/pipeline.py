@@ -12,7 +12,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from tinygemma.checkpoint import checkpoint_tokenizer, last_checkpoint, load_model, resolve_checkpoint
+from tinygemma.checkpoint import (
+    checkpoint_tokenizer,
+    last_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    stored_model_config,
+)
 from tinygemma.config import GenerateConfig, Recipe, checked_recipe
 from tinygemma.data import (
     META_NAME,
@@ -35,7 +41,7 @@ from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
-from tinygemma.train import check_run_out, init_checkpoint, train
+from tinygemma.train import check_initial_model, check_run_out, init_checkpoint, train
 
 
 def log(message: str) -> None:
@@ -143,8 +149,9 @@ def check_training_settings(recipe: Recipe) -> None:
     device = pick_device(recipe.train.device)
     requested_micro_batch_size(recipe.train, env_world_size(), device.type)
     check_attention_backend(recipe.train, recipe.model_config(), device)
-    if recipe.train.init_from and last_checkpoint(Path(recipe.out)) is None:  # a new run: its weights exist
-        init_checkpoint(recipe.train.init_from)
+    if recipe.train.init_from and last_checkpoint(Path(recipe.out)) is None:  # a new run: its weights, their model
+        have = stored_model_config(init_checkpoint(recipe.train.init_from))  # (the data's vocabulary: theirs, here)
+        check_initial_model(recipe.train.init_from, have, recipe.model_config(have.vocab_size))
 
 
 def run(recipe: Recipe) -> dict:

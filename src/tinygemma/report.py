@@ -440,8 +440,11 @@ def card_summary(known: dict, config: ModelConfig) -> str:
     how = (f"trained by tinygemma on the data below, starting from the weights of `{source}`" if source else
            "pre-trained from scratch by tinygemma on the data below" if known["recipe"] else
            "saved by tinygemma's Python API, which records no training: how it was trained is unknown here")
-    terms = "your data's terms (TinyStories is CDLA-Sharing-1.0)" + (" and those weights' license" if source else "")
-    return f"{size}, {how}. The license field is tinygemma's own (Apache-2.0): check it against {terms} before publishing."
+    if source:
+        return (f"{size}, {how}. The license field says `other`: set it to those weights' license (google/gemma-3-270m's "
+                "is Gemma's), checked against your data's terms (TinyStories is CDLA-Sharing-1.0), before publishing.")
+    return (f"{size}, {how}. The license field is tinygemma's own (Apache-2.0): check it against your data's terms "
+            "(TinyStories is CDLA-Sharing-1.0) before publishing.")
 
 
 def exported_tokenizer(out: Path) -> Tokenizer | None:

@@ -45,6 +45,7 @@ from tinygemma.checkpoint import (
     WEIGHTS_NAME,
     checkpoint_pointer,
     checkpoint_tokenizer,
+    forked_run,
     last_checkpoint,
     load_optimizer,
     prune_checkpoints,
@@ -55,6 +56,7 @@ from tinygemma.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    stored_model_config,
 )
 from tinygemma.checkpoint import (
     load as load_checkpoint,
@@ -87,6 +89,7 @@ from tinygemma.files import (
     FolderLock,
     atomic_write_json,
     check_output_folder,
+    in_run_checkpoints,
     is_training_run,
     others_than,
     peek_json,
@@ -132,17 +135,22 @@ class NonFiniteError(UserError):
 
 
 def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quiet: bool = False,
-          profile: str | None = None) -> dict:
+          profile: str | None = None, resume_from: str | None = None) -> dict:
     """Train `recipe.model_config()` on the prepared data in `recipe.data.dir`, writing the run to `recipe.out`.
 
     `resume` continues from the run directory's last checkpoint (a fresh start if it has none). `stop_at`
     ends this invocation after that optimizer step, with a checkpoint, without changing the schedule (which
     always runs to `max_steps`). `profile` ("START:END") profiles those optimizer steps into RUN/profile/
-    (profiling.py). Returns a summary: final step, losses, best checkpoint.
-    Under torchrun every process calls this; only rank 0 writes.
+    (profiling.py). `resume_from` (a run's checkpoint folder) first makes `recipe.out`, a new folder, the run of
+    that checkpoint as it was then (checkpoint.fork_run), and resumes it. Returns a summary: final step, losses,
+    best checkpoint. Under torchrun every process calls this; only rank 0 writes.
     """
     recipe = checked_recipe(recipe)
     check_train_arguments(resume, stop_at, profile)
+    if resume_from is not None:
+        check_fork_processes(resume_from, recipe.out)
+        with forked_run(resume_from, recipe.out):
+            return train(recipe, True, stop_at, quiet, profile)
     run = Trainer(recipe, resume, stop_at, quiet, profile)  # data, start, runtime, model, optimizer, logs
     try:
         if run.start == 0 and run.end > 0:
@@ -209,10 +217,9 @@ class Trainer:
         self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
         # The checkpoint train.init_from resolved to when the run started (a run folder's best moves on): recorded
         # in config.json and each checkpoint's state, for the report and its Reproduce command.
-        self.init_checkpoint = state.get("init_checkpoint")
+        self.init_record = state.get("init_checkpoint")
         if ckpt_dir is None and self.cfg.init_from:
-            source, weights = initial_weights(self.cfg.init_from, self.model_config, self.data)
-            self.init_checkpoint = {"dir": str(source.resolve()), "step": read_checkpoint_meta(source).get("step")}
+            self.init_record, weights = initial_weights(self.cfg.init_from, self.model_config, self.data)
         else:
             weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -351,7 +358,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         resolved = self.recorded_recipe()
         resolved["model"] = {"preset": self.recipe.model_preset, **self.model_config.to_dict()}
-        resolved["run"] = {**({"init_checkpoint": self.init_checkpoint} if self.init_checkpoint else {}),
+        resolved["run"] = {**({"init_checkpoint": self.init_record} if self.init_record else {}),
                            "world_size": rt.world_size, "device": str(rt.device), "dtype": dtype_name(rt.dtype),
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
@@ -369,7 +376,7 @@ class Trainer:
         """The first log line (what trains, how, on what), and the progress bar on a terminal."""
         cfg, rt, start = self.cfg, self.rt, self.start
         total = cfg.max_steps * self.tokens_per_step  # (a small run's 40,960 read "0.0M")
-        initial = f"weights from {self.init_checkpoint['dir']}; " if self.init_checkpoint and start == 0 else ""
+        initial = f"weights from {self.init_record['dir']}; " if self.init_record and start == 0 else ""
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
               f"of {cfg.max_steps} ({f'{total / 1e6:,.1f}M' if total >= 1e6 else f'{total:,}'} tokens in all) in "
@@ -624,7 +631,7 @@ class Trainer:
             "config": self.recorded_recipe(),
             "config_data": "as trained",  # its [data] is data.dir alone where the recipe did not make the data
             "invocations": [*self.history, self.invocation(step)],
-            **({"init_checkpoint": self.init_checkpoint} if self.init_checkpoint else {}),
+            **({"init_checkpoint": self.init_record} if self.init_record else {}),
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data_dir, val_loss, is_best,
@@ -714,6 +721,9 @@ def check_run_out(out: str, flag: str = "--out") -> Path:
     training run (its own, continued or started again after a crash before its first checkpoint). A transformers
     export, a prepared dataset or any other folder would lose its config.json, report.md or loss.png."""
     path = check_output_folder(out, "the run", flag)
+    if in_run_checkpoints(path):
+        raise UserError(f"{flag} {path} is inside a run's checkpoints (which that run prunes): give the run a folder "
+                        "of its own")
     if not path.exists():
         return path
     if is_training_run(path) or not others_than(path, EARLY_RUN_FILES, {"config.json"}):
@@ -730,6 +740,14 @@ def check_run_out(out: str, flag: str = "--out") -> Path:
 EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})  # (and tinygemma's lock file: others_than)
 # The files a run's folder holds that are written whole and renamed into place (train, run and eval).
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, EVAL_NAME, TRACKERS_STATE})
+
+
+def check_fork_processes(checkpoint, out) -> None:
+    """A fork is made by one process, before any trains it."""
+    if env_world_size() > 1:
+        raise UserError(f"--resume-from (resume_from) makes the run's folder in one process: run `tinygemma train "
+                        f"--resume-from {checkpoint} --out {out} --stop-at 1` first (it trains nothing), then torchrun "
+                        "with --resume")
 
 
 def check_train_arguments(resume: bool, stop_at: int | None, profile: str | None) -> None:
@@ -914,14 +932,29 @@ def init_checkpoint(source: str) -> Path:
         raise UserError(f"train.init_from {source}: {e}") from None
 
 
-def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[Path, dict]:
-    """(the checkpoint directory, its weights as the configured model takes them) for train.init_from: a run (its
-    best checkpoint, else its last), a checkpoint, or a transformers Gemma 3 folder. Its tokenizer must be the
-    data's (its ids would mean other text), and its model the configured one but for INITIAL_ONLY (a fine-tune of
-    google/gemma-3-270m configures the gemma3-270m preset); anything else is refused, naming the settings to give."""
+def check_initial_model(source: str, have: ModelConfig, want: ModelConfig) -> None:
+    """train.init_from's model `have` must be the configured one, `want`, but for INITIAL_ONLY (a fine-tune of
+    google/gemma-3-270m configures the gemma3-270m preset): refused otherwise, naming the settings to give."""
+    have_d, want_d = have.to_dict(), want.to_dict()
+    differ = [name for name in want_d if name not in INITIAL_ONLY and have_d.get(name) != want_d[name]]
+    if "layer_types" in differ and dataclasses.replace(have, layer_types=None) == have:
+        differ.remove("layer_types")  # its pattern and layer count say them: the settings to give are those
+    if differ:
+        sets = " ".join(f"--set model.{name}={','.join(have_d[name]) if name == 'layer_types' else have_d[name]}"
+                        for name in differ)
+        raise UserError(f"train.init_from {source} holds another model than the configured one ("
+                        + ", ".join(f"{name} {have_d[name]} where the recipe has {want_d[name]}" for name in differ)
+                        + f"): configure its model: {sets}")
+
+
+def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict, dict]:
+    """({"dir", "step"} of the checkpoint, its weights as the configured model takes them) for train.init_from: a
+    run (its best checkpoint, else its last), a checkpoint, or a transformers Gemma 3 folder. Its tokenizer must
+    be the data's (its ids would mean other text), and its model the configured one (check_initial_model)."""
     where = f"train.init_from {source}"
     directory = init_checkpoint(source)
-    if not read_checkpoint_meta(directory).get("tokenizer") and not (directory / TOKENIZER_FILE).exists():
+    meta = read_checkpoint_meta(directory)
+    if not meta.get("tokenizer") and not (directory / TOKENIZER_FILE).exists():
         raise UserError(f"{where} records no tokenizer and holds no {TOKENIZER_FILE}, so nothing says which token "
                         f"ids its weights learnt: copy the {TOKENIZER_FILE} they were trained with into {directory}")
     try:
@@ -932,17 +965,8 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[Path,
     if theirs.identity != ours.identity:
         raise UserError(f"{where} was trained with tokenizer {theirs.identity}, but the data is tokenized with "
                         f"{ours.identity}: its token ids would mean other text; prepare the data with its tokenizer")
+    check_initial_model(source, stored_model_config(directory), model_config)  # before the weights are read
     model = load_checkpoint(directory)
-    have, want = model.config.to_dict(), model_config.to_dict()
-    differ = [name for name in want if name not in INITIAL_ONLY and have.get(name) != want[name]]
-    if "layer_types" in differ and dataclasses.replace(model.config, layer_types=None) == model.config:
-        differ.remove("layer_types")  # its pattern and layer count say them: the settings to give are those
-    if differ:
-        sets = " ".join(f"--set model.{name}={','.join(have[name]) if name == 'layer_types' else have[name]}"
-                        for name in differ)
-        raise UserError(f"{where} holds another model than the configured one ("
-                        + ", ".join(f"{name} {have[name]} where the recipe has {want[name]}" for name in differ)
-                        + f"): configure its model: {sets}")
     state = model_state(model)
     broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
     if broken:  # (it would stop at the first step, blaming the learning rate)
@@ -950,7 +974,8 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[Path,
     for name in ("embed_tokens.weight", "lm_head.weight"):  # its vocabulary padding, if any, goes
         if name in state:
             state[name] = state[name][:model.config.vocab_size]
-    return directory, checked_state(model_config, state, where)
+    record = {"dir": str(directory.resolve()), "step": meta.get("step")}
+    return record, checked_state(model_config, state, where)
 
 
 def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | None:

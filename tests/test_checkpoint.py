@@ -67,9 +67,9 @@ def test_save_model_never_writes_over_a_run_a_dataset_or_a_transformers_model(ch
     (run / "checkpoints" / "step_000001" / "trainer_state.json").write_text("{}")
     (run / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step_000001", "step": 1}))
     folders = {"hf": "holds a transformers model", "run": "is a training run",  # and its checkpoints, a new one too
-               "run/checkpoints": "is a training run or one of its checkpoints",
-               "run/checkpoints/step_000001": "is a training run or one of its checkpoints"}
-    with pytest.raises(UserError, match="is a training run or one of its checkpoints"):
+               "run/checkpoints": r"a run's checkpoints \(which that run prunes\)",
+               "run/checkpoints/step_000001": r"a run's checkpoints \(which that run prunes\)"}
+    with pytest.raises(UserError, match=r"a run's checkpoints \(which that run prunes\)"):
         save_model(model, run / "checkpoints" / "step_000002")
     assert not (run / "checkpoints" / "step_000002").exists()
     for name, message in folders.items():

@@ -286,3 +286,24 @@ def test_data_tokenizer_is_named_text_or_a_path():
     for empty in ("", "  ", None):
         with pytest.raises(UserError, match="data.tokenizer must name a tokenizer"):
             DataConfig(tokenizer=empty).validate()
+
+
+def test_a_damaged_model_record_is_one_line():
+    """A checkpoint.json whose model table was damaged or hand-edited ended in a TypeError traceback (now on run's
+    early check of train.init_from too)."""
+    from tinygemma import ModelConfig, UserError
+
+    for record, message in ((None, "a model config is a table of fields, got NoneType"),
+                            ([1], "a model config is a table of fields, got list"),
+                            ({"layer_types": 5}, "a model config holds a value of the wrong type")):
+        with pytest.raises(UserError, match=message):
+            ModelConfig.from_dict(record)
+
+
+def test_the_closing_story_command_gives_the_recipes_sampling_settings():
+    from tinygemma.config import GenerateConfig
+    from tinygemma.pipeline import sampling_flags
+
+    assert sampling_flags(GenerateConfig()) == ""
+    assert sampling_flags(GenerateConfig(top_k=None, top_p=0.9, seed=42, repetition_penalty=1.2)) == (
+        " --top-k none --top-p 0.9 --repetition-penalty 1.2 --seed 42")

@@ -403,8 +403,8 @@ def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp
         (["--resume-from", str(step2)], "--resume-from continues a run in a new folder: name it with --out"),
         (["--resume-from", str(source), "--out", str(tmp_path / "f")], "is not a checkpoint of a training run"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "full")], "is not empty"),
-        (["--resume-from", str(step2), "--out", str(step2 / "branch")], "is inside a run's checkpoints"),
-        (["--resume-from", str(step2), "--out", str(source / "checkpoints" / "b")], "is inside a run's checkpoints"),
+        (["--resume-from", str(step2), "--out", str(step2 / "branch")], "a run's checkpoints (which that run prunes)"),
+        (["--resume-from", str(step2), "--out", str(source / "checkpoints" / "b")], "a run's checkpoints (which that run prunes)"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "f"), "--set", "batch_size=4"],
          "the run's batches cannot change on resume"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "empty"), "--set", "batch_size=4"],
@@ -427,10 +427,20 @@ def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp
     assert sorted(p.name for p in (tmp_path / "home" / "b" / "checkpoints").iterdir()) == [
         "best.json", "last.json", "step_000002", "step_000004"]  # (keep_checkpoints = 2)
     assert main(["train", "--out", str(source / "checkpoints" / "run"), "--resume"]) == 2
-    assert "is inside a run's checkpoints (which that run prunes)" in capsys.readouterr().err
-    # From Python: train(recipe, resume_from=...)
+    assert "a run's checkpoints (which that run prunes)" in capsys.readouterr().err
+    # From Python: train(recipe, resume_from=...), a value of another kind refused in one line
     run(data_dir, tmp_path / "py", "max_steps=4", "checkpoint_interval=2", "keep_checkpoints=2", resume_from=step2)
     assert train_losses(tmp_path / "py") == train_losses(source)
+    for bad in (5, "", True):
+        with pytest.raises(UserError, match="resume_from must name a run's checkpoint folder"):
+            run(data_dir, tmp_path / "bad", resume_from=bad)
+    # No output of any command goes where the run's pruning would delete it
+    for argv in (["export", "--ckpt", str(source), "--out", str(source / "checkpoints" / "step_hf")],
+                 ["export", "--ckpt", str(source), "--out", str(step2 / "m.gguf")],
+                 ["prepare", "--source", str(ROOT / "README.md"), "--out", str(source / "checkpoints" / "step_d")]):
+        assert main(argv) == 2, argv
+        assert "a run's checkpoints (which that run prunes)" in capsys.readouterr().err
+    assert not any(p.name in ("step_hf", "m.gguf", "step_d") for p in source.rglob("*"))
     # A branch that diverges keeps what it recorded (nothing is deleted once training opened it)
     assert main(["train", "--resume-from", str(step2), "--out", str(tmp_path / "d"), "--set", "learning_rate=1e9"]) == 2
     assert "non-finite" in capsys.readouterr().err and (tmp_path / "d" / "metrics.jsonl").exists()

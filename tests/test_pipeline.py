@@ -15,6 +15,7 @@ from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
+from tinygemma.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -317,6 +318,10 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
     recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
     save_model(Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, d_model=16, n_layers=1, head_dim=8,
                                          mlp_dim=32)), tmp_path / "other")  # known before the data is prepared
+    # the recipe's model on GPT-2's 50,257 ids, but another tokenizer's: refused before GPT-2 data is prepared
+    bpe = train_bpe(["Once upon a time there was a cat."] * 4, 300)  # (any tokenizer but GPT-2's)
+    save_model(Gemma3(load_recipe(str(recipe_file)).model_config(50257)), tmp_path / "gpt2size",
+               {"tokenizer": bpe.save(tmp_path / "gpt2size")})
     for overrides, phrase in [(["train.block_size=4096"], "train.block_size 4096 exceeds"),
                               (["train.micro_batch_size=3"], "train.micro_batch_size (3) must divide"),
                               (["train.attention_backend=flex"], "flex needs a CUDA GPU"),  # on this CPU
@@ -329,7 +334,9 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
                               ([f"train.init_from={tmp_path}/base"], f"train.init_from {tmp_path}/base: checkpoint not "
                                                                      "found"),
                               ([f"train.init_from={tmp_path}/other"], f"train.init_from {tmp_path}/other holds another "
-                                                                      "model than the configured one (d_model 16")]:
+                                                                      "model than the configured one (d_model 16"),
+                              ([f"train.init_from={tmp_path}/gpt2size", "data.tokenizer=gpt2", "data.vocab_size=none"],
+                               "but the data is tokenized with gpt2")]:
         assert main(["run", str(recipe_file), *(arg for o in overrides for arg in ("--set", o))]) == 2, overrides
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and phrase in err, (overrides, err)

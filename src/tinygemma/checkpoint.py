@@ -89,7 +89,7 @@ def check_model_out(directory: str | Path) -> Path:
     """save_model's folder: new, or one that is no training run, prepared dataset or transformers model (each
     would be damaged, a run's best checkpoint hidden behind the new checkpoint.json)."""
     directory = check_output_folder(directory, "the model", flag="save_model's directory")
-    if is_training_run(directory) or (directory / STATE_NAME).exists() or in_run_checkpoints(directory):
+    if is_training_run(directory) or (directory / STATE_NAME).exists():  # (inside a run's checkpoints/: above)
         raise UserError(f"{directory} is a training run or one of its checkpoints: save the model into a folder of "
                         "its own")
     if is_prepared_dataset(directory):
@@ -435,9 +435,8 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
                         "leaving the run it comes from as it was")
-    if in_run_checkpoints(out) or src.resolve() in (out.resolve(), *out.resolve().parents):
-        raise UserError(f"--out {out} is inside a run's checkpoints (which the run prunes): give the new run a "
-                        "folder of its own")
+    if src.resolve() in (out.resolve(), *out.resolve().parents):  # (a run's checkpoints/: check_output_folder's)
+        raise UserError(f"--out {out} is inside the checkpoint it continues: give the new run a folder of its own")
     made = not out.exists()
     ckpts = out / "checkpoints"
     try:
@@ -517,6 +516,10 @@ def read_trainer_state(ckpt_dir: Path, step: int) -> dict:
                         "a damaged or hand-edited checkpoint; resume from an intact one")
     if not isinstance(state.get("rng"), dict):
         raise UserError(f"{path} holds no random generators' states (rng): a damaged or hand-edited checkpoint")
+    best = state.get("best_step")
+    if best is not None and not (isinstance(best, int) and not isinstance(best, bool) and 0 <= best <= step):
+        raise UserError(f"{path} names best step {best!r}, not one of the run's steps to {step}: a damaged or "
+                        "hand-edited checkpoint")
     return state
 
 

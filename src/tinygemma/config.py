@@ -100,11 +100,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise UserError(f"a model config is a table of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:  # a layer_types of 5, a list of numbers: a damaged or hand-edited record
+            raise UserError(f"a model config holds a value of the wrong type ({e})") from None
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters of the model (without vocabulary padding), counted from the shapes alone."""

@@ -273,13 +273,18 @@ def is_lock_file(path: Path) -> bool:
 
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     """`path` as a Path, refused in one line when no file can be made there because a folder above it is a file
-    (rather than the OSError "Not a directory" that writing would meet)."""
+    (rather than the OSError "Not a directory" that writing would meet), or when it lies in a run's checkpoints/,
+    whose pruning would delete it (in_run_checkpoints)."""
     path = Path(path)
     for parent in path.parents:  # nearest first
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
             break
+    ckpts = in_run_checkpoints(path)
+    if ckpts is not None:
+        raise UserError(f"{flag} {path} is inside {ckpts}, a run's checkpoints (which that run prunes): give it a "
+                        "place of its own")
     return path
 
 

@@ -41,7 +41,13 @@ from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
-from tinygemma.train import check_initial_model, check_run_out, init_checkpoint, train
+from tinygemma.train import (
+    check_initial_model,
+    check_initial_tokenizer,
+    check_run_out,
+    init_checkpoint,
+    train,
+)
 
 
 def log(message: str) -> None:
@@ -150,8 +156,13 @@ def check_training_settings(recipe: Recipe) -> None:
     requested_micro_batch_size(recipe.train, env_world_size(), device.type)
     check_attention_backend(recipe.train, recipe.model_config(), device)
     if recipe.train.init_from and last_checkpoint(Path(recipe.out)) is None:  # a new run: its weights, their model
-        have = stored_model_config(init_checkpoint(recipe.train.init_from))  # (the data's vocabulary: theirs, here)
+        directory = init_checkpoint(recipe.train.init_from)
+        have = stored_model_config(directory)  # (the data's vocabulary: theirs, here)
         check_initial_model(recipe.train.init_from, have, recipe.model_config(have.vocab_size))
+        data_dir, name = Path(recipe.data.dir), recipe.data.tokenizer
+        if (data_dir / META_NAME).exists() or name != "bpe":  # the data's tokenizer, known before preparing it
+            ours = open_prepared(data_dir).tokenizer() if (data_dir / META_NAME).exists() else load_tokenizer(name)
+            check_initial_tokenizer(recipe.train.init_from, directory, ours)
 
 
 def run(recipe: Recipe) -> dict:
@@ -216,10 +227,10 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
 
 def sampling_flags(g: GenerateConfig) -> str:
     """generate's options for the recipe's sampling settings where they differ from generate's defaults (the
-    built-in [generate]): with them, and --seed, generate draws the run's own samples."""
+    built-in [generate]): with them, generate draws the run's own first sample."""
     default = GenerateConfig()
     flags = [(f"--{name.replace('_', '-')}", getattr(g, name)) for name in ("temperature", "top_k", "top_p",
-                                                                           "repetition_penalty")
+                                                                           "repetition_penalty", "seed")
              if getattr(g, name) != getattr(default, name)]
     return "".join(f" {flag} {'none' if value is None else value}" for flag, value in flags)
 

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import gc
 import math
+import os
 import shutil
 import sys
 import time
@@ -89,7 +90,6 @@ from tinygemma.files import (
     FolderLock,
     atomic_write_json,
     check_output_folder,
-    in_run_checkpoints,
     is_training_run,
     others_than,
     peek_json,
@@ -148,6 +148,9 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
     recipe = checked_recipe(recipe)
     check_train_arguments(resume, stop_at, profile)
     if resume_from is not None:
+        if not isinstance(resume_from, (str, os.PathLike)) or not str(resume_from).strip():
+            raise UserError(f"resume_from must name a run's checkpoint folder (RUN/checkpoints/step_NNNNNN), got "
+                            f"{resume_from!r}")
         check_fork_processes(resume_from, recipe.out)
         with forked_run(resume_from, recipe.out):
             return train(recipe, True, stop_at, quiet, profile)
@@ -720,10 +723,7 @@ def check_run_out(out: str, flag: str = "--out") -> Path:
     """The run directory, refused in one line unless training may write there: a new or empty folder, or a
     training run (its own, continued or started again after a crash before its first checkpoint). A transformers
     export, a prepared dataset or any other folder would lose its config.json, report.md or loss.png."""
-    path = check_output_folder(out, "the run", flag)
-    if in_run_checkpoints(path):
-        raise UserError(f"{flag} {path} is inside a run's checkpoints (which that run prunes): give the run a folder "
-                        "of its own")
+    path = check_output_folder(out, "the run", flag)  # (never inside a run's checkpoints/)
     if not path.exists():
         return path
     if is_training_run(path) or not others_than(path, EARLY_RUN_FILES, {"config.json"}):
@@ -947,6 +947,22 @@ def check_initial_model(source: str, have: ModelConfig, want: ModelConfig) -> No
                         + f"): configure its model: {sets}")
 
 
+def check_initial_tokenizer(source: str, directory: Path, ours) -> None:
+    """train.init_from's checkpoint (`directory`) must have been trained with the data's tokenizer, `ours`: other
+    ids would mean other text to its weights."""
+    where = f"train.init_from {source}"
+    if not read_checkpoint_meta(directory).get("tokenizer") and not (directory / TOKENIZER_FILE).exists():
+        raise UserError(f"{where} records no tokenizer and holds no {TOKENIZER_FILE}, so nothing says which token "
+                        f"ids its weights learnt: copy the {TOKENIZER_FILE} they were trained with into {directory}")
+    try:
+        theirs = checkpoint_tokenizer(directory)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if theirs.identity != ours.identity:
+        raise UserError(f"{where} was trained with tokenizer {theirs.identity}, but the data is tokenized with "
+                        f"{ours.identity}: its token ids would mean other text; prepare the data with its tokenizer")
+
+
 def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict, dict]:
     """({"dir", "step"} of the checkpoint, its weights as the configured model takes them) for train.init_from: a
     run (its best checkpoint, else its last), a checkpoint, or a transformers Gemma 3 folder. Its tokenizer must
@@ -954,17 +970,7 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict,
     where = f"train.init_from {source}"
     directory = init_checkpoint(source)
     meta = read_checkpoint_meta(directory)
-    if not meta.get("tokenizer") and not (directory / TOKENIZER_FILE).exists():
-        raise UserError(f"{where} records no tokenizer and holds no {TOKENIZER_FILE}, so nothing says which token "
-                        f"ids its weights learnt: copy the {TOKENIZER_FILE} they were trained with into {directory}")
-    try:
-        theirs = checkpoint_tokenizer(directory)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    ours = data.tokenizer()
-    if theirs.identity != ours.identity:
-        raise UserError(f"{where} was trained with tokenizer {theirs.identity}, but the data is tokenized with "
-                        f"{ours.identity}: its token ids would mean other text; prepare the data with its tokenizer")
+    check_initial_tokenizer(source, directory, data.tokenizer())
     check_initial_model(source, stored_model_config(directory), model_config)  # before the weights are read
     model = load_checkpoint(directory)
     state = model_state(model)

@@ -360,9 +360,14 @@ def is_training_run(path: str | Path) -> bool:
     that training writes as its config.json (sections such as train and model, where a transformers config.json
     has a model_type)."""
     path = Path(path)
+    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists() or holds_run_recipe(path)
+
+
+def holds_run_recipe(path: Path) -> bool:
+    """Whether `path`'s config.json is a training run's recipe (sections such as train), not a transformers
+    config.json (which has a model_type)."""
     config = peek_json(path / "config.json")
-    return ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists()
-            or ("train" in config and "model_type" not in config))
+    return "train" in config and "model_type" not in config
 
 
 def in_run_checkpoints(path: str | Path) -> Path | None:
@@ -371,10 +376,8 @@ def in_run_checkpoints(path: str | Path) -> Path | None:
     a folder named checkpoints alone: a user's own may hold saved models)."""
     path = Path(path).resolve()
     for folder in (path, *path.parents):
-        if folder.name == "checkpoints":
-            config = peek_json(folder.parent / "config.json")
-            if (folder / "last.json").exists() or ("train" in config and "model_type" not in config):
-                return folder
+        if folder.name == "checkpoints" and ((folder / "last.json").exists() or holds_run_recipe(folder.parent)):
+            return folder
     return None
 
 

@@ -295,7 +295,9 @@ def test_a_damaged_model_record_is_one_line():
 
     for record, message in ((None, "a model config is a table of fields, got NoneType"),
                             ([1], "a model config is a table of fields, got list"),
-                            ({"layer_types": 5}, "a model config holds a value of the wrong type")):
+                            ({"layer_types": 5}, "a model config holds a value of the wrong type"),
+                            ({"tie_embeddings": "false"}, "model.tie_embeddings must be true or false"),
+                            ({"sliding_window_pattern": 2.5}, "model.sliding_window_pattern must be a positive integer")):
         with pytest.raises(UserError, match=message):
             ModelConfig.from_dict(record)
 

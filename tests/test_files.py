@@ -299,3 +299,20 @@ def test_a_failed_write_into_new_nested_folders_leaves_none_of_them(tmp_path):
         with staged_folder(tmp_path / "new" / ".." / "mine" / "c", frozenset({"x.txt"}), "an export"):
             raise OSError("disk gone")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "mine"] and not any((tmp_path / "mine").iterdir())
+
+
+def test_no_output_goes_inside_a_runs_checkpoints_even_through_a_link(tmp_path):
+    """A run's checkpoints/ is pruned, so nothing else may be written there; a run known by its recipe or
+    last.json, not a user's own folder of that name; the guard holds where checkpoints/ links to a bigger disk."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {}}))
+    (tmp_path / "disk" / "ck").mkdir(parents=True)
+    (tmp_path / "disk" / "ck" / "last.json").write_text(json.dumps({"dir": "step_000001", "step": 1}))
+    (run / "checkpoints").symlink_to(tmp_path / "disk" / "ck")
+    for inside in (run / "checkpoints" / "hf", run / "checkpoints" / "step_000001" / "m.gguf"):
+        with pytest.raises(files.UserError, match="a run's checkpoints \\(which that run prunes\\)"):
+            files.check_output_path(inside)
+    (tmp_path / "mine" / "checkpoints").mkdir(parents=True)
+    for fine in (run / "hf", tmp_path / "mine" / "checkpoints" / "model"):
+        assert files.check_output_path(fine) == fine

@@ -348,6 +348,10 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "generate.prompts: the prompt's" in err and "shorten the prompt" not in err, err
     assert (tmp_path / "data" / "meta.json").exists() and not (tmp_path / "run").exists()
+    # data.dir prepared with another tokenizer than the recipe now asks: that is the refusal, not init_from's
+    assert main(["run", str(recipe_file), "--set", f"train.init_from={tmp_path}/gpt2size", "--set",
+                 "data.tokenizer=gpt2", "--set", "data.vocab_size=none"]) == 2
+    assert "was prepared from other data than the recipe's [data] asks for" in capsys.readouterr().err
 
 
 def test_run_continues_a_run_started_by_train_on_the_data_it_trained_on(tmp_path, stories_dir, capsys):

@@ -338,7 +338,9 @@ def test_a_damaged_trainer_state_is_refused_in_one_line_and_never_restarts_the_r
                            ({**good_state, "rng": {**good_state["rng"], "numpy": 3}},
                             "holds a damaged random generator state (TypeError"),
                            ({**good_state, "best_step": "x"}, "names best step 'x', not one of the run's steps to 2"),
-                           ({**good_state, "best_step": 9}, "names best step 9, not one of the run's steps to 2")):
+                           ({**good_state, "best_step": 9}, "names best step 9, not one of the run's steps to 2"),
+                           ({**good_state, "best_val_loss": "x"}, "holds best validation loss 'x' for best step"),
+                           ({**good_state, "best_val_loss": None}, "holds best validation loss None for best step")):
         state_file.write_text(json.dumps(damaged))
         refused(match)
     state_file.write_bytes(good_state_bytes)

@@ -1,6 +1,7 @@
 """Training on real stories with a tiny Gemma 3: the loss falls, resume is exact, the global batch alone decides
 the numbers (accumulation, processes), bf16 autocast keeps float32 master weights, the run directory is complete."""
 
+import dataclasses
 import json
 import math
 import os
@@ -649,6 +650,19 @@ def test_init_from_a_transformers_folder_as_google_ships_gemma_3_270m(straight_r
     run(data, tmp_path / "r", "max_steps=1", "warmup_steps=0", f"init_from={folder}", "model.vocab_size=512")
     best = json.loads((straight_run / "checkpoints" / "best.json").read_text())["step"]
     assert val_losses(tmp_path / "r")[0] == pytest.approx(val_losses(straight_run)[best], rel=1e-6)
+
+
+def test_init_from_compares_the_layers_not_the_pattern_an_export_wrote_for_them():
+    """An export of a model with fewer layers than its pattern writes the least pattern that gives its layers (3
+    for two sliding layers): the same layers, so no difference to refuse."""
+    from tinygemma.train import check_initial_model
+
+    want = tinygemma.ModelConfig.preset("gemma3-tiny", n_layers=2, sliding_window_pattern=6)
+    have = dataclasses.replace(want, sliding_window_pattern=3)
+    assert have.layer_types == want.layer_types
+    check_initial_model("hf", have, want)  # no refusal
+    with pytest.raises(tinygemma.UserError, match="sliding_window_pattern 2 where the recipe has 6"):
+        check_initial_model("hf", dataclasses.replace(want, sliding_window_pattern=2, layer_types=None), want)
 
 
 def test_init_from_refuses_weights_the_run_cannot_take(straight_run, data_dir, stories_dir, tmp_path):

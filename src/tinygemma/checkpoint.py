@@ -17,6 +17,7 @@ import base64
 import binascii
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -519,6 +520,11 @@ def read_trainer_state(ckpt_dir: Path, step: int) -> dict:
     best = state.get("best_step")
     if best is not None and not (isinstance(best, int) and not isinstance(best, bool) and 0 <= best <= step):
         raise UserError(f"{path} names best step {best!r}, not one of the run's steps to {step}: a damaged or "
+                        "hand-edited checkpoint")
+    loss = state.get("best_val_loss", math.inf)
+    if not (isinstance(loss, (int, float)) and not isinstance(loss, bool) and not math.isnan(loss)
+            and (best is None) == (loss == math.inf)):
+        raise UserError(f"{path} holds best validation loss {loss!r} for best step {best!r}: a damaged or "
                         "hand-edited checkpoint")
     return state
 

@@ -59,6 +59,12 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if not isinstance(self.sliding_window_pattern, int) or isinstance(self.sliding_window_pattern, bool) \
+                or self.sliding_window_pattern < 1:
+            raise UserError(f"model.sliding_window_pattern must be a positive integer, got "
+                            f"{self.sliding_window_pattern!r}")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:

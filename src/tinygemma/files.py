@@ -374,8 +374,8 @@ def in_run_checkpoints(path: str | Path) -> Path | None:
     """The checkpoints/ folder of a run that `path` is or lies in, if any: the run prunes what is in there, so no
     other output may live there. A run is known by its checkpoints/last.json or its recipe's config.json (not by
     a folder named checkpoints alone: a user's own may hold saved models)."""
-    path = Path(path).resolve()
-    for folder in (path, *path.parents):
+    given, resolved = Path(os.path.abspath(path)), Path(path).resolve()  # (a checkpoints/ linked to a bigger disk)
+    for folder in (given, *given.parents, resolved, *resolved.parents):
         if folder.name == "checkpoints" and ((folder / "last.json").exists() or holds_run_recipe(folder.parent)):
             return folder
     return None

@@ -158,7 +158,7 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
     try:
         n_layers = d["num_hidden_layers"]
         # Without layer_types, transformers derives the layers from this key alone (its "_" twin is only recorded).
-        pattern = d.get("sliding_window_pattern", 6)
+        pattern = d.get("sliding_window_pattern") or 6  # (null in some configs: the layer types say it)
         return ModelConfig(
             vocab_size=d["vocab_size"],
             d_model=d["hidden_size"],

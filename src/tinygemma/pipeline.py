@@ -160,8 +160,11 @@ def check_training_settings(recipe: Recipe) -> None:
         have = stored_model_config(directory)  # (the data's vocabulary: theirs, here)
         check_initial_model(recipe.train.init_from, have, recipe.model_config(have.vocab_size))
         data_dir, name = Path(recipe.data.dir), recipe.data.tokenizer
-        if (data_dir / META_NAME).exists() or name != "bpe":  # the data's tokenizer, known before preparing it
-            ours = open_prepared(data_dir).tokenizer() if (data_dir / META_NAME).exists() else load_tokenizer(name)
+        prepared = open_prepared(data_dir) if (data_dir / META_NAME).exists() else None
+        if prepared is not None and data_differences(recipe.data, prepared):
+            return  # other data than the recipe's: prepare_if_missing says so
+        if prepared is not None or name != "bpe":  # the data's tokenizer, known before preparing it
+            ours = prepared.tokenizer() if prepared is not None else load_tokenizer(name)
             check_initial_tokenizer(recipe.train.init_from, directory, ours)
 
 

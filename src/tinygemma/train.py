@@ -939,6 +939,8 @@ def check_initial_model(source: str, have: ModelConfig, want: ModelConfig) -> No
     differ = [name for name in want_d if name not in INITIAL_ONLY and have_d.get(name) != want_d[name]]
     if "layer_types" in differ and dataclasses.replace(have, layer_types=None) == have:
         differ.remove("layer_types")  # its pattern and layer count say them: the settings to give are those
+    if "sliding_window_pattern" in differ and have.layer_types == want.layer_types:
+        differ.remove("sliding_window_pattern")  # (the pattern an export writes for fewer layers than it: no change)
     if differ:
         sets = " ".join(f"--set model.{name}={','.join(have_d[name]) if name == 'layer_types' else have_d[name]}"
                         for name in differ)

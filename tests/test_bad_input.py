@@ -280,6 +280,10 @@ def test_commands_torchrun_does_not_share_out_are_refused_under_it(world, tmp_pa
         assert err == f"tinygemma {argv[0]}: error: {argv[0]} runs in one process, not one per GPU: run it without " \
                       "torchrun (train and run are the commands that share their work among torchrun's processes)"
     assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("RANK", "1")  # the other processes refuse too, silently: the line is said once
+    assert main(["eval", "--ckpt", str(world / "run"), "--data", str(world / "data")]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
     monkeypatch.setenv("WORLD_SIZE", "2")

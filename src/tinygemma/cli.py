@@ -144,8 +144,10 @@ def check_one_process(command: str) -> None:
     except ValueError:
         return  # (a stray WORLD_SIZE outside torchrun means nothing to these commands)
     if command not in ("train", "run") and under_torchrun() and processes > 1:
-        raise UserError(f"{command} runs in one process, not one per GPU: run it without torchrun (train and run "
-                        "are the commands that share their work among torchrun's processes)")
+        error = UserError(f"{command} runs in one process, not one per GPU: run it without torchrun (train and run "
+                          "are the commands that share their work among torchrun's processes)")
+        error.shown_by_rank_0 = os.environ.get("RANK", "0") != "0"  # said once, not once a process
+        raise error
 
 
 @contextlib.contextmanager

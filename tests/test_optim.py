@@ -387,7 +387,7 @@ def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 30
 
 
-def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp_path, capsys):
+def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp_path, capsys, monkeypatch):
     """--resume-from takes a checkpoint (in its run, or copied alone) and a new or empty --out outside any run; a
     fork its resume then refuses (another global batch) is removed again, an empty folder given kept, and the run
     it came from is as it was. A fork that trains, even to a divergence, keeps its records."""
@@ -444,6 +444,16 @@ def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp
     # A branch that diverges keeps what it recorded (nothing is deleted once training opened it)
     assert main(["train", "--resume-from", str(step2), "--out", str(tmp_path / "d"), "--set", "learning_rate=1e9"]) == 2
     assert "non-finite" in capsys.readouterr().err and (tmp_path / "d" / "metrics.jsonl").exists()
+    # Under torchrun the fork is made in one process first: said once, by process 0
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29599",
+                        "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(name, value)
+    for rank, said in (("1", ""), ("0", "makes the run's folder in one process")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--resume-from", str(step2), "--out", str(tmp_path / "t")]) == 2
+        err = capsys.readouterr().err
+        assert (said in err and err.count("\n") == 1) if said else err == "", err
+    assert not (tmp_path / "t").exists()
 
 
 def test_extension_after_the_cooldown_began_is_refused(data_dir, tmp_path, capsys):

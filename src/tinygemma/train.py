@@ -745,9 +745,11 @@ RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, 
 def check_fork_processes(checkpoint, out) -> None:
     """A fork is made by one process, before any trains it."""
     if env_world_size() > 1:
-        raise UserError(f"--resume-from (resume_from) makes the run's folder in one process: run `tinygemma train "
-                        f"--resume-from {checkpoint} --out {out} --stop-at 1` first (it trains nothing), then torchrun "
-                        "with --resume")
+        error = UserError(f"--resume-from (resume_from) makes the run's folder in one process: run `tinygemma train "
+                          f"--resume-from {checkpoint} --out {out} --stop-at 1` first (it trains nothing), then "
+                          "torchrun with --resume")
+        error.shown_by_rank_0 = env_rank() != 0  # said once, not once a process
+        raise error
 
 
 def check_train_arguments(resume: bool, stop_at: int | None, profile: str | None) -> None:

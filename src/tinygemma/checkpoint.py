@@ -416,6 +416,11 @@ def last_checkpoint(run_dir: Path) -> dict | None:
     return last
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder of a run's checkpoint of `step` in its checkpoints/: step_NNNNNN, which pruning counts."""
+    return f"step_{step:06d}"
+
+
 def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     """Make `out` (a new or empty folder, in no run) the run that `checkpoint` (RUN/checkpoints/step_NNNNNN, or
     such a folder copied alone) belongs to, as it was at that checkpoint: the run's config.json and metrics.jsonl
@@ -449,10 +454,10 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
         best = state.get("best_step")
         kept = {step: src.resolve()}  # named as training names them, which pruning counts (a copy's name may differ)
         if run is not None and isinstance(best, int) and best != step \
-                and (run / "checkpoints" / f"step_{best:06d}" / STATE_NAME).is_file():
-            kept[best] = run / "checkpoints" / f"step_{best:06d}"
+                and (run / "checkpoints" / checkpoint_name(best) / STATE_NAME).is_file():
+            kept[best] = run / "checkpoints" / checkpoint_name(best)
         for number, folder in kept.items():
-            stage = ckpts / f".tmp-step_{number:06d}"
+            stage = ckpts / f".tmp-{checkpoint_name(number)}"
             stage.mkdir()
             for file in folder.iterdir():
                 if file.is_file():
@@ -460,13 +465,13 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
                         os.link(file, stage / file.name)
                     except OSError:  # another filesystem, or one without hard links
                         shutil.copyfile(file, stage / file.name)
-            stage.rename(ckpts / f"step_{number:06d}")
-        atomic_write_json(ckpts / "last.json", {"dir": f"step_{step:06d}", "step": step})
+            stage.rename(ckpts / checkpoint_name(number))
+        atomic_write_json(ckpts / "last.json", {"dir": checkpoint_name(step), "step": step})
     except BaseException:
         remove_fork(out, {"made": made})
         raise
     config = out / "config.json"
-    return {"dir": f"step_{step:06d}", "step": step, "made": made,
+    return {"dir": checkpoint_name(step), "step": step, "made": made,
             "config": config.stat().st_ino if config.exists() else None}
 
 
@@ -547,7 +552,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
         get_optimizer_state_dict,
     )
 
-    ckpts, name = run_dir / "checkpoints", f"step_{step:06d}"
+    ckpts, name = run_dir / "checkpoints", checkpoint_name(step)
     message = None
     if rt.is_main:
         ckpts.mkdir(parents=True, exist_ok=True)
@@ -603,7 +608,7 @@ def restore_best_pointer(ckpts: Path, best_step: int | None, best_val: float) ->
     best once last.json moved on."""
     if best_step is None:
         return
-    name = f"step_{best_step:06d}"
+    name = checkpoint_name(best_step)
     if (ckpts / name / STATE_NAME).exists() and peek_json(ckpts / "best.json").get("dir") != name:
         atomic_write_json(ckpts / "best.json", {"dir": name, "step": best_step, "val_loss": best_val})
 

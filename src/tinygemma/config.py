@@ -46,12 +46,18 @@ class ModelConfig:
         if isinstance(self.n_layers, int) and self.n_layers > MAX_LAYERS:  # before a layer_types of that length
             raise UserError(f"model.n_layers must be at most {MAX_LAYERS:,}, got {self.n_layers:,}")
         if self.layer_types is None:
-            if self.sliding_window_pattern < 1:
-                raise UserError(f"model.sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
+            self.check_pattern()  # (before the layers are derived from it)
             self.layer_types = _pattern_layers(self.sliding_window_pattern, self.n_layers)
         else:
             self.layer_types = tuple(self.layer_types)
         self.validate()
+
+    def check_pattern(self) -> None:
+        pattern = self.sliding_window_pattern
+        if not isinstance(pattern, int) or isinstance(pattern, bool):
+            raise UserError(f"model.sliding_window_pattern must be a positive integer, got {pattern!r}")
+        if pattern < 1:
+            raise UserError(f"model.sliding_window_pattern must be >= 1, got {pattern}")
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
@@ -61,10 +67,7 @@ class ModelConfig:
                 raise UserError(f"model.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
-        if not isinstance(self.sliding_window_pattern, int) or isinstance(self.sliding_window_pattern, bool) \
-                or self.sliding_window_pattern < 1:
-            raise UserError(f"model.sliding_window_pattern must be a positive integer, got "
-                            f"{self.sliding_window_pattern!r}")
+        self.check_pattern()
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:

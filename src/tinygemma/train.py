@@ -856,8 +856,8 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
     if saved.get("init_from") != cfg.init_from:  # (a run from before the setting started from random weights)
         raise UserError(f"train.init_from cannot change on resume ({saved.get('init_from') or 'none'} -> "
                         f"{cfg.init_from or 'none'}): it only says where a new run's weights come from, and "
-                        "this run's own checkpoints hold its weights now; resume with the run's own value, or start a new run with another --out "
-                        "(train.out)")
+                        "this run's own checkpoints hold its weights now; resume with the run's own value, or start "
+                        "a new run with another --out (train.out)")
     changed = [f"{name} {was} -> {now}" for name, (was, now) in settings_changes(saved, cfg).items()]
     if not changed:
         return None

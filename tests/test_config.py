@@ -309,3 +309,13 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings():
     assert sampling_flags(GenerateConfig()) == ""
     assert sampling_flags(GenerateConfig(top_k=None, top_p=0.9, seed=42, repetition_penalty=1.2)) == (
         " --top-k none --top-p 0.9 --repetition-penalty 1.2 --seed 42")
+    # The recipe's sample length too (cpu-demo's 100), not generate's default 200.
+    assert sampling_flags(GenerateConfig(max_new_tokens=100)) == " --max-new-tokens 100"
+    from tinygemma.config import load_recipe
+    from tinygemma.pipeline import where_and_next
+
+    recipe = load_recipe("configs/cpu-demo.toml")
+    story = [line for line in where_and_next(recipe, "configs/cpu-demo.toml", []).splitlines()
+             if line.startswith("a story")]
+    assert story and f"--max-new-tokens {recipe.generate.max_new_tokens} " in story[0] + " "
+    assert story[0].count("--max-new-tokens") == 1

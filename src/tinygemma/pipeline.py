@@ -232,8 +232,8 @@ def sampling_flags(g: GenerateConfig) -> str:
     """generate's options for the recipe's sampling settings where they differ from generate's defaults (the
     built-in [generate]): with them, generate draws the run's own first sample."""
     default = GenerateConfig()
-    flags = [(f"--{name.replace('_', '-')}", getattr(g, name)) for name in ("temperature", "top_k", "top_p",
-                                                                           "repetition_penalty", "seed")
+    flags = [(f"--{name.replace('_', '-')}", getattr(g, name))
+             for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
              if getattr(g, name) != getattr(default, name)]
     return "".join(f" {flag} {'none' if value is None else value}" for flag, value in flags)
 
@@ -259,7 +259,7 @@ def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> st
           else []),
         f"export         tinygemma export --ckpt {run_dir} --out {q(str(Path('hf') / out.name))}",
         "--- next",
-        f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)} --max-new-tokens 200"
+        f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)}"
         f"{sampling_flags(recipe.generate)}",
         f"train longer   {rerun}",
     ])

@@ -1,5 +1,6 @@
 """Recipes: TOML files and --set overrides become typed dataclasses; anything unknown or impossible is refused by name."""
 
+import dataclasses
 import json
 import math
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tinygemma import UserError
-from tinygemma.config import ModelConfig, Recipe, TrainConfig, load_recipe
+from tinygemma.config import DataConfig, ModelConfig, Recipe, TrainConfig, load_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -201,6 +202,7 @@ def test_bad_settings_are_refused_by_name(setting, message):
 @pytest.mark.parametrize("setting, message", [
     ("data.limit=0", "data.limit must be an integer >= 1 or none, got 0"),
     ("data.vocab_size=100", "data.vocab_size must be an integer >= 257"),
+    ("data.vocab_size=300000", "data.vocab_size must be at most 262,208"),  # named as set, not as prepare's flag
     ("data.vocab_size=4096", "data.vocab_size (4096) applies only to data.tokenizer = bpe; gpt2 has its own"),
     ("generate.seed=-1", "generate.seed must be an integer from 0"),  # named apart from train.seed
     ("generate.seed=9223372036854775808", "generate.seed must be an integer from 0 to 9,223,372,036,854,775,807 (a 64-bit seed), got "
@@ -319,3 +321,20 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings():
              if line.startswith("a story")]
     assert story and f"--max-new-tokens {recipe.generate.max_new_tokens} " in story[0] + " "
     assert story[0].count("--max-new-tokens") == 1
+
+
+def test_numpy_integers_and_floats_from_a_notebook_are_taken_as_pythons():
+    """np.int64 from a notebook's arithmetic: accepted everywhere an int is, and stored as Python's, since
+    config.json is written as JSON; a numpy float too. A float where an integer belongs is still refused."""
+    import numpy as np
+
+    model = ModelConfig.preset("gemma3-tiny", n_layers=np.int64(6), sliding_window_pattern=np.int32(3))
+    train = TrainConfig(batch_size=np.int64(8), learning_rate=np.float32(5e-4), micro_batch_size=np.int64(4))
+    data = DataConfig(limit=np.int64(5))
+    data.validate()
+    assert model.layer_types.count("full_attention") == 2
+    assert type(model.n_layers) is int and type(train.batch_size) is int and type(data.limit) is int
+    assert type(train.learning_rate) is float and train.micro_batch_size == "4"
+    json.dumps([dataclasses.asdict(model), dataclasses.asdict(train), dataclasses.asdict(data)])
+    with pytest.raises(UserError, match="train.batch_size must be an integer >= 1, got np.float64"):
+        TrainConfig(batch_size=np.float64(8))

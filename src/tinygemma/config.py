@@ -53,18 +53,14 @@ class ModelConfig:
         self.validate()
 
     def check_pattern(self) -> None:
-        pattern = self.sliding_window_pattern
-        if not isinstance(pattern, int) or isinstance(pattern, bool):
-            raise UserError(f"model.sliding_window_pattern must be a positive integer, got {pattern!r}")
-        if pattern < 1:
-            raise UserError(f"model.sliding_window_pattern must be >= 1, got {pattern}")
+        check_int(self, "sliding_window_pattern", None, "model", "a positive integer")
+        if self.sliding_window_pattern < 1:
+            raise UserError(f"model.sliding_window_pattern must be >= 1, got {self.sliding_window_pattern}")
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
                      "sliding_window", "vocab_pad_multiple", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+            check_int(self, name, 1, "model", "a positive integer")
         if not isinstance(self.tie_embeddings, bool):
             raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         self.check_pattern()
@@ -225,8 +221,8 @@ class TrainConfig:
     loggers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard, wandb, trackio
 
     def __post_init__(self):
-        if isinstance(self.micro_batch_size, int) and not isinstance(self.micro_batch_size, bool):
-            self.micro_batch_size = str(self.micro_batch_size)
+        if is_integer(self.micro_batch_size):
+            self.micro_batch_size = str(int(self.micro_batch_size))
         for name, spellings in OTHER_SPELLINGS.items():  # generate's --dtype bf16, a boolean's yes: the same here
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() in spellings:
@@ -236,9 +232,9 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("batch_size", "block_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval",
                      "keep_checkpoints"):
-            _check_int(self, name, minimum=1)
+            check_int(self, name, 1)
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed", "sample_interval"):
-            _check_int(self, name, minimum=0)
+            check_int(self, name, 0)
         if self.seed > MAX_TRAIN_SEED:
             raise UserError(f"train.seed must be at most {MAX_TRAIN_SEED:,} (64 bits), got {self.seed:,}")
         for name in ("batch_size", "grad_accum_steps", "eval_batches"):  # far past any memory; quick to list
@@ -300,9 +296,11 @@ class DataConfig:
             setattr(self, name, story_paths(getattr(self, name), f"data.{name} must be a list of story files (or "
                                                                  "one path)"))
         for name, minimum in (("limit", 1), ("vocab_size", 257)):  # a BPE holds the 256 bytes and end-of-text
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-                raise UserError(f"data.{name} must be an integer >= {minimum} or none, got {value!r}")
+            if getattr(self, name) is not None:
+                check_int(self, name, minimum, "data", f"an integer >= {minimum} or none")
+        if self.vocab_size is not None and self.vocab_size > MAX_VOCAB_SIZE:
+            raise UserError(f"data.vocab_size must be at most {MAX_VOCAB_SIZE:,} (the model's largest embedding), "
+                            f"got {self.vocab_size:,}")
         if not isinstance(self.tokenizer, (str, os.PathLike)) or not str(self.tokenizer).strip():  # a Path: the API
             raise UserError(f"data.tokenizer must name a tokenizer: gpt2, bpe or a tokenizer.json path, got "
                             f"{self.tokenizer!r}")
@@ -633,17 +631,26 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_int(obj, name: str, minimum: int) -> None:
+def check_int(obj, name: str, minimum: int | None, section: str = "train", what: str | None = None) -> None:
+    """The setting `section.name` of `obj` must be an integer >= `minimum` (None: any); numpy's integers, from a
+    notebook, become Python's, as config.json is written as JSON."""
     value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UserError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
+    if not is_integer(value) or minimum is not None and value < minimum:
+        raise UserError(f"{section}.{name} must be {what or f'an integer >= {minimum}'}, got {value!r}")
+    setattr(obj, name, int(value))
 
 
 def _check_number(obj, name: str, ok, what: str, section: str = "train") -> None:
     value = getattr(obj, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or not ok(value):
+    if not is_real(value) or value != value or not ok(value):
         raise UserError(f"{section}.{name} must be {what}, got {value!r}")
+    if not isinstance(value, int):
+        setattr(obj, name, float(value))  # numpy's float32 too (config.json is JSON)
 
+
+# Largest vocabulary we prepare data for: Gemma 3's largest embedding table (262,208 rows). Gemma 3's own
+# tokenizer.json (ids up to 262,144, <image_soft_token>) fits.
+MAX_VOCAB_SIZE = 262_208
 
 # torch.Generator.manual_seed takes a 64-bit seed; a run's prompt i samples with seed + i.
 MAX_SEED = 2**63 - 1

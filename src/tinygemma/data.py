@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma.config import DataConfig, TrainConfig, is_integer, is_real, story_paths
+from tinygemma.config import MAX_VOCAB_SIZE, DataConfig, TrainConfig, is_integer, is_real, story_paths
 from tinygemma.errors import UserError, describe
 from tinygemma.files import (
     atomic_path,
@@ -68,9 +68,6 @@ SPLITS = ("train", "val")
 HUB_DATASET = "roneneldan/TinyStories"
 DEFAULT_VAL_FRACTION = 0.05  # of the stories, when the source has no validation split of its own
 DEFAULT_BPE_VOCAB_SIZE = 8192
-# Largest vocabulary we prepare data for: Gemma 3's largest embedding table (262,208 rows). Gemma 3's own
-# tokenizer.json (ids up to 262,144, <image_soft_token>) fits.
-MAX_VOCAB_SIZE = 262_208
 CHUNK_CHARS = 1 << 21  # text per worker task: large enough to amortise the hand-off, small enough to stream
 READ_CHARS = 1 << 22  # text read from a .txt file at a time
 

@@ -1034,9 +1034,9 @@ def requested_micro_batch_size(cfg: TrainConfig, world_size: int, device_type: s
 
 def windows(tokens: np.ndarray, starts, block_size: int, vocab_size: int) -> torch.Tensor:
     """The windows of block_size + 1 tokens at `starts`, their ids checked against the model's `vocab_size`."""
-    rows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
-    check_token_ids(rows, vocab_size)
-    return torch.from_numpy(rows)
+    rows = np.stack([np.asarray(tokens[s : s + block_size + 1]) for s in starts])  # (a tensor's or a list's too)
+    check_token_ids(rows, vocab_size)  # (before the cast: float ids are refused, not truncated)
+    return torch.from_numpy(rows.astype(np.int64))
 
 
 def check_windows(tokens: np.ndarray, starts, block_size: int, vocab_size: int, chunk: int = 1024) -> None:

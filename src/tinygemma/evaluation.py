@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tinygemma.config import is_integer
-from tinygemma.data import check_token_ids, to_device, windows
+from tinygemma.data import to_device, windows
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3
 from tinygemma.runtime import Runtime, all_reduce_sum
@@ -84,9 +84,7 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
 
         with tqdm(total=predicted, unit="tok", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
             for starts, length, scored in window_batches(predicted, block_size, stride or block_size, batch_size):
-                rows = np.stack([np.asarray(tokens[s : s + length + 1]) for s in starts])
-                check_token_ids(rows, model.config.vocab_size)
-                window = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
+                window = windows(tokens, starts, length, model.config.vocab_size).to(device, non_blocking=True)
                 x, y = window[:, :-1], window[:, 1:]
                 nats = model(x, y, reduction="none").reshape(len(starts), length)
                 sums += nats_and_bytes(nats[:, length - scored :], y[:, length - scored :], token_bytes)

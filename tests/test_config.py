@@ -338,3 +338,19 @@ def test_numpy_integers_and_floats_from_a_notebook_are_taken_as_pythons():
     json.dumps([dataclasses.asdict(model), dataclasses.asdict(train), dataclasses.asdict(data)])
     with pytest.raises(UserError, match="train.batch_size must be an integer >= 1, got np.float64"):
         TrainConfig(batch_size=np.float64(8))
+
+
+def test_set_items_are_read_one_way_everywhere():
+    """--set KEY=VALUE: a bare key is train's, spaces around either side are dropped; the run's closing "train
+    longer" command replaces the run's own max_steps and out however they were spelled."""
+    from tinygemma.config import parse_override
+    from tinygemma.pipeline import where_and_next
+
+    assert parse_override(" max_steps = 5 ") == ("train.max_steps", "5")
+    assert parse_override("model.n_layers=2") == ("model.n_layers", "2")
+    with pytest.raises(UserError, match="--set expects KEY=VALUE, got 'max_steps'"):
+        parse_override("max_steps")
+    recipe = load_recipe("configs/cpu-demo.toml")
+    longer = [line for line in where_and_next(recipe, "r.toml", ["max_steps=5", " out = x", "model.n_layers=2"])
+              .splitlines() if line.startswith("train longer")][0]
+    assert "max_steps=5" not in longer and "out = x" not in longer and "--set model.n_layers=2" in longer

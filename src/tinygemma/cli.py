@@ -32,6 +32,7 @@ from tinygemma.config import (
     apply_overrides,
     check_sampling,
     load_recipe,
+    parse_override,
     saved_train_settings,
 )
 from tinygemma.data import (
@@ -271,12 +272,11 @@ def _train_main(args) -> int:
     # recipe's (a recipe file given by --config names its own, and --resume then follows the file).
     out, given = args.out or Recipe.out, args.out is not None
     for item in args.set:  # the same setting from a flag and from --set: which was meant is not ours to guess
-        key, _, value = item.partition("=")
-        key = key.strip() if "." in key else f"train.{key.strip()}"
+        key, value = parse_override(item)
         if key in flags and flags[key][1] is not None:
             raise UserError(f"{flags[key][0]} and --set {item} both set {key}; give it once")
         if key == "train.out":
-            out, given = value.strip(), True
+            out, given = value, True
     if not args.resume_from:
         return _train_run(args, out, overrides)
     if not given:
@@ -306,8 +306,7 @@ def _train_run(args, out: str, overrides: list[str]) -> int:
         # The saved layer_types follow the run's n_layers and sliding_window_pattern: with either of those set
         # to another value they would refuse the count ("layer_types has 6 entries for 4 layers"), a setting the
         # user never gave; derived again, the checkpoint's comparison says what the resume would change.
-        given = dict(item.partition("=")[::2] for item in overrides + args.set)
-        given = {key.strip(): value.strip() for key, value in given.items()}
+        given = dict(parse_override(item) for item in overrides + args.set)
         model = resolved.get("model") if isinstance(resolved.get("model"), dict) else {}
         if "model.layer_types" not in given and any(
                 f"model.{name}" in given and given[f"model.{name}"] != str(model.get(name))

@@ -441,13 +441,20 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return apply_overrides(recipe, overrides)
 
 
+def parse_override(item: str) -> tuple[str, str]:
+    """--set's KEY=VALUE as ("section.name", value): a bare name is train's (--set max_steps=100)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+    key = key.strip()
+    return (key if "." in key else f"train.{key}"), value.strip()
+
+
 def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        section, dot, name = key.strip().rpartition(".")
-        _set_field(recipe, section if dot else "train", name, value.strip(), from_text=True)
+        key, value = parse_override(item)
+        section, _, name = key.rpartition(".")
+        _set_field(recipe, section, name, value, from_text=True)
     return recipe._validated()
 
 

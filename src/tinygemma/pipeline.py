@@ -19,7 +19,7 @@ from tinygemma.checkpoint import (
     resolve_checkpoint,
     stored_model_config,
 )
-from tinygemma.config import GenerateConfig, Recipe, checked_recipe
+from tinygemma.config import GenerateConfig, Recipe, checked_recipe, parse_override
 from tinygemma.data import (
     META_NAME,
     check_prepare_out,
@@ -105,8 +105,8 @@ def check_given_settings(recipe: Recipe, given: list[str]) -> None:
     they must describe the data there, as `run` checks them (train trains on data.dir as prepared). A recipe
     file's own [data] is not compared: train records data.dir alone for a run on data it did not make. ([generate]
     is the trainer's to check: train.check_generate_settings.)"""
-    keys = {item.partition("=")[0].strip() for item in given}
-    if keys & {f"data.{name}" for name in ("source", "val_source", "limit", "tokenizer", "vocab_size")}:
+    keys = {parse_override(item)[0] for item in given}
+    if keys & {f"data.{name}" for name in RUN_DATA_SETTINGS}:
         differences = data_differences(recipe.data, open_prepared(recipe.data.dir))
         if differences:
             raise UserError(f"{recipe.data.dir} (data.dir) holds other data than the [data] settings given say "
@@ -247,7 +247,7 @@ def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> st
     # cannot be stretched (a wsd run can be, with train --resume --max-steps, before its cooldown). The prepared
     # data is reused.
     longer = 4 * recipe.train.max_steps
-    kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("train.max_steps", "max_steps", "train.out", "out")]
+    kept = [o for o in overrides if parse_override(o)[0] not in ("train.max_steps", "train.out")]
     rerun = " ".join(["tinygemma run", q(recipe_file), *(f"--set {q(o)}" for o in kept),
                       f"--set train.max_steps={longer}", f"--set {q(f'train.out={out}-{longer}')}"])
     return "\n".join([

@@ -223,6 +223,20 @@ def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the
     assert last_step(default) == 6
 
 
+def test_python_resumes_a_run_from_its_saved_recipe(data_dir, tmp_path):
+    """train(saved_recipe(RUN), resume=True): what `train --resume --out RUN` does, from a notebook whose kernel
+    restarted and lost its Recipe; --set items apply on top. A folder holding no run gives None."""
+    from tinygemma.train import saved_recipe
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=6", stop_at=2)
+    assert saved_recipe(tmp_path / "nothing") is None
+    recipe = saved_recipe(out, ["log_interval=3"])
+    assert recipe.model_preset == "gemma3-tiny" and recipe.train.max_steps == 6 and recipe.train.log_interval == 3
+    assert recipe.model_overrides["d_model"] == 64 and Path(recipe.out) == out
+    assert train(recipe, resume=True, quiet=True)["step"] == 6
+
+
 def test_a_model_llama_cpp_cannot_run_is_said_as_training_starts(data_dir, tmp_path, capsys):
     """model.head_dim set without the query_pre_attn_scalar the preset pairs with it: the GGUF export refused the
     model only once it was trained. A new run now says so first, with the setting that keeps it exportable;

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 from tinygemma.checkpoint import (
-    STATE_NAME,
-    checkpoint_pointer,
     checkpoint_tokenizer,
     export,
     forked_run,
@@ -29,11 +27,9 @@ from tinygemma.checkpoint import (
 from tinygemma.config import (
     GenerateConfig,
     Recipe,
-    apply_overrides,
     check_sampling,
     load_recipe,
     parse_override,
-    saved_train_settings,
 )
 from tinygemma.data import (
     DEFAULT_BPE_VOCAB_SIZE,
@@ -49,7 +45,7 @@ from tinygemma.data import (
 from tinygemma.devices import dtype_name, evaluation_dtype, parse_dtype, pick_device
 from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
-from tinygemma.files import peek_json, read_json, signal_handler
+from tinygemma.files import signal_handler
 from tinygemma.generate import check_num_samples, generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
@@ -58,7 +54,7 @@ from tinygemma.pipeline import check_given_settings, run, where_and_next
 from tinygemma.report import write_model_card
 from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
-from tinygemma.train import check_fork_processes, train
+from tinygemma.train import check_fork_processes, saved_recipe, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -288,37 +284,9 @@ def _train_main(args) -> int:
 
 
 def _train_run(args, out: str, overrides: list[str]) -> int:
-    saved = Path(out) / "config.json"
-    # The recipe the last checkpoint was trained with: config.json is the newest invocation's, which may have
-    # failed before writing any (a learning rate that diverged would otherwise come back with every --resume),
-    # or be missing (a run's checkpoints/ copied alone).
-    from_run = bool(args.resume and args.config is None and out)  # (a recipe file given is followed instead)
-    last = checkpoint_pointer(Path(out)) if from_run else None
-    recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
-    recorded = recorded if isinstance(recorded, dict) and recorded else None
-    if from_run and (saved.exists() or recorded):
-        resolved = read_json(saved, "run config") if saved.exists() else {}
-        resolved.pop("run", None)
-        if recorded:
-            resolved = {**recorded, "model": resolved.get("model", recorded.get("model"))}  # (the same model)
-        if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
-            resolved["train"] = saved_train_settings(resolved.get("train", {}))
-        # The saved layer_types follow the run's n_layers and sliding_window_pattern: with either of those set
-        # to another value they would refuse the count ("layer_types has 6 entries for 4 layers"), a setting the
-        # user never gave; derived again, the checkpoint's comparison says what the resume would change.
-        given = dict(parse_override(item) for item in overrides + args.set)
-        model = resolved.get("model") if isinstance(resolved.get("model"), dict) else {}
-        if "model.layer_types" not in given and any(
-                f"model.{name}" in given and given[f"model.{name}"] != str(model.get(name))
-                for name in ("n_layers", "sliding_window_pattern")):
-            model.pop("layer_types", None)
-        recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), overrides + args.set)
-        had = resolved.get("model", {}).get("preset") if isinstance(resolved.get("model"), dict) else None
-        # Every saved model field is an override: another preset would change nothing but the run's label.
-        if had is not None and recipe.model_preset != had:
-            raise UserError(f"{out} holds a run of model preset {had}; a resume continues its model, so the "
-                            f"preset cannot become {recipe.model_preset} (start a new run in another --out, train.out)")
-    else:
+    # --resume continues the recipe the run was trained with (a recipe file given is followed instead)
+    recipe = saved_recipe(out, overrides + args.set) if args.resume and args.config is None and out else None
+    if recipe is None:
         recipe = load_recipe(args.config, overrides + args.set)
         data_dir = Path(recipe.data.dir)
         if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):

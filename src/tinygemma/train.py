@@ -66,9 +66,11 @@ from tinygemma.config import (
     ModelConfig,
     Recipe,
     TrainConfig,
+    apply_overrides,
     check_block_size,
     checked_recipe,
     is_integer,
+    parse_override,
     saved_train_settings,
 )
 from tinygemma.data import (
@@ -175,6 +177,42 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
         raise
     run.close(exit_code=0)
     return run.summary()
+
+
+def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | None:
+    """The recipe the run in `out` was last trained with, `overrides` (--set's KEY=VALUE items) applied: what
+    `tinygemma train --resume --out RUN` continues, and `train(saved_recipe(RUN), resume=True)` from Python. The
+    last checkpoint's recorded recipe decides, since config.json is the newest invocation's, which may have
+    failed before writing any (a learning rate that diverged would otherwise come back with every resume), or be
+    missing (a run's checkpoints/ copied alone). None where `out` records no recipe."""
+    saved = Path(out) / "config.json"
+    last = checkpoint_pointer(Path(out))
+    recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
+    recorded = recorded if isinstance(recorded, dict) and recorded else None
+    if not (saved.exists() or recorded):
+        return None
+    resolved = read_json(saved, "run config") if saved.exists() else {}
+    resolved.pop("run", None)
+    if recorded:
+        resolved = {**recorded, "model": resolved.get("model", recorded.get("model"))}  # (the same model)
+    if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
+        resolved["train"] = saved_train_settings(resolved.get("train", {}))
+    # The saved layer_types follow the run's n_layers and sliding_window_pattern: with either of those set to
+    # another value they would refuse the count ("layer_types has 6 entries for 4 layers"), a setting the user
+    # never gave; derived again, the checkpoint's comparison says what the resume would change.
+    given = dict(parse_override(item) for item in overrides)
+    model = resolved.get("model") if isinstance(resolved.get("model"), dict) else {}
+    if "model.layer_types" not in given and any(
+            f"model.{name}" in given and given[f"model.{name}"] != str(model.get(name))
+            for name in ("n_layers", "sliding_window_pattern")):
+        model.pop("layer_types", None)
+    recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), list(overrides))
+    had = model.get("preset")
+    # Every saved model field is an override: another preset would change nothing but the run's label.
+    if had is not None and recipe.model_preset != had:
+        raise UserError(f"{out} holds a run of model preset {had}; a resume continues its model, so the preset "
+                        f"cannot become {recipe.model_preset} (start a new run in another --out, train.out)")
+    return recipe
 
 
 class Trainer:

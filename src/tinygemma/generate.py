@@ -82,33 +82,9 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     autocast, the steps after the prompt replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty)
-    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
-            or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):  # any integers (uint16: a token file's)
-        got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
-               else type(input_ids).__name__)
-        raise UserError(f"input_ids must be a [batch, tokens] tensor of integer token ids, got {got}; one prompt "
-                        "is torch.tensor([ids])")
-    # (torch.from_numpy of int32 ids, say), on the model's device: torch.tensor([ids]) is the host's
-    input_ids = input_ids.to(model.embed_tokens.weight.device).long()
+    input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)
     B, T = input_ids.shape
-    if T == 0:
-        raise UserError("the prompt must hold at least one token")
     vocab = model.config.vocab_size
-    low, high = (int(v) for v in input_ids.aminmax())  # one wait for the device, before the first token
-    if low < 0 or high >= vocab:
-        raise UserError(f"input_ids hold id {low if low < 0 else high}, outside the model's {vocab:,} ids (0 to "
-                        f"{vocab - 1:,}): were they made by another tokenizer?")
-    if eos_id is not None and not (is_integer(eos_id) and 0 <= eos_id < vocab):
-        raise UserError(f"eos_id must be one of the model's {vocab:,} token ids, got {eos_id!r}")
-    if isinstance(generator, tuple):
-        generator = list(generator)
-    if not (generator is None or isinstance(generator, torch.Generator) or isinstance(generator, list) and all(
-            isinstance(g, torch.Generator) for g in generator)):
-        raise UserError(f"generator must be a torch.Generator, or a list of one per row of input_ids, got "
-                        f"{generator!r}")
-    if isinstance(generator, list) and len(generator) != B:
-        raise UserError(f"generator holds {len(generator)} generators for {B} sequences: give one per row of "
-                        "input_ids, or a single one")
     if max_new_tokens == 0:
         return
     # The cache holds the dtype that the model computes in (autocast's, if active).
@@ -148,6 +124,38 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             logits = plan.step(model, token[:, None], cache, T + step, rope)
         else:
             logits = last_logits(model, token[:, None], cache, T + step)
+
+
+def checked_inputs(model: Gemma3, input_ids, eos_id, generator) -> tuple[torch.Tensor, object]:
+    """generate_stream's prompt ids (as int64 on the model's device), eos_id and generator(s), refused in one line
+    where they cannot work."""
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
+            or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):  # any integers (uint16: a token file's)
+        got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise UserError(f"input_ids must be a [batch, tokens] tensor of integer token ids, got {got}; one prompt "
+                        "is torch.tensor([ids])")
+    # (torch.from_numpy of int32 ids, say), on the model's device: torch.tensor([ids]) is the host's
+    input_ids = input_ids.to(model.embed_tokens.weight.device).long()
+    if input_ids.shape[1] == 0:
+        raise UserError("the prompt must hold at least one token")
+    vocab = model.config.vocab_size
+    low, high = (int(v) for v in input_ids.aminmax())  # one wait for the device, before the first token
+    if low < 0 or high >= vocab:
+        raise UserError(f"input_ids hold id {low if low < 0 else high}, outside the model's {vocab:,} ids (0 to "
+                        f"{vocab - 1:,}): were they made by another tokenizer?")
+    if eos_id is not None and not (is_integer(eos_id) and 0 <= eos_id < vocab):
+        raise UserError(f"eos_id must be one of the model's {vocab:,} token ids, got {eos_id!r}")
+    if isinstance(generator, tuple):
+        generator = list(generator)
+    if not (generator is None or isinstance(generator, torch.Generator) or isinstance(generator, list) and all(
+            isinstance(g, torch.Generator) for g in generator)):
+        raise UserError(f"generator must be a torch.Generator, or a list of one per row of input_ids, got "
+                        f"{generator!r}")
+    if isinstance(generator, list) and len(generator) != len(input_ids):
+        raise UserError(f"generator holds {len(generator)} generators for {len(input_ids)} sequences: give one per "
+                        "row of input_ids, or a single one")
+    return input_ids, generator
 
 
 def graphed_step(plan, model: Gemma3, cache, batch_size: int, rope: dict) -> GraphedStep | None:

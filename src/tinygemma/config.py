@@ -38,7 +38,7 @@ class ModelConfig:
     query_pre_attn_scalar: float = 256.0  # queries are scaled by query_pre_attn_scalar ** -0.5
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = True  # output head shares the token embedding matrix
-    max_position_embeddings: int = 32_768  # recorded for export; RoPE itself has no hard limit
+    max_position_embeddings: int = 32_768  # the longest context: train, eval and generate's commands refuse more (RoPE itself could go on)
     init_std: float = 0.02  # normal init of every linear and embedding weight (Gemma's initializer_range)
     vocab_pad_multiple: int = 1  # pad embedding rows to a multiple of this (128 is faster on GPUs); 1 = off
 

@@ -253,7 +253,7 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
     if not ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")
     ids = [*tokenizer.prompt_prefix, *ids]  # a Gemma tokenizer's <bos>, as transformers' tokenizer(prompt) adds it
-    limit = config.max_position_embeddings  # also bounds the KV cache, which holds every position
+    limit = config.max_position_embeddings  # the KV cache is then at most this long too
     if len(ids) + max_new_tokens > limit:
         fix = "shorten the prompt" if len(ids) >= limit else "ask for fewer new tokens"
         raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones exceed the model's "

@@ -187,6 +187,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     return model.eval()
 
 
+# ------------------------------------------------------------------ export: a checkpoint as a transformers folder
+
+
 def check_export_out(out: str | Path, src: Path) -> Path:
     """The --out of an hf export, refused in one line unless the export is the only thing it can replace: a new or
     empty folder, or an earlier export (see hf.is_hf_export), never the checkpoint itself, a training run (its

@@ -143,6 +143,15 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path):
     with pytest.raises(WriteError, match="Not a directory"):  # writing there without the check
         atomic_write_text(tmp_path / "metrics.jsonl" / "x.json", "{}")
 
+    # A link to nowhere, as the folder itself or above it: mkdir said only "File exists".
+    (tmp_path / "out").symlink_to(tmp_path / "gone" / "x")
+    (tmp_path / "up").symlink_to(tmp_path / "gone")
+    for path in (tmp_path / "out", tmp_path / "up" / "run"):
+        with pytest.raises(UserError, match=r"is a link to .*gone.*, which does not exist"):
+            check_output_path(path)
+    (tmp_path / "gone").mkdir()
+    assert check_output_path(tmp_path / "up" / "run") == tmp_path / "up" / "run"
+
 
 def test_temporary_names_are_recognised(tmp_path, monkeypatch):
     seen = []

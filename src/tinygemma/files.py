@@ -273,9 +273,13 @@ def is_lock_file(path: Path) -> bool:
 
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     """`path` as a Path, refused in one line when no file can be made there because a folder above it is a file
-    (rather than the OSError "Not a directory" that writing would meet), or when it lies in a run's checkpoints/,
+    (rather than the OSError "Not a directory" that writing would meet) or it is a link to nothing, or when it lies in a run's checkpoints/,
     whose pruning would delete it (in_run_checkpoints)."""
     path = Path(path)
+    for link in (path, *path.parents):  # a link to nowhere: mkdir would say only "File exists"
+        if link.is_symlink() and not link.exists():
+            raise UserError(f"{flag} {path}: {link} is a link to {os.readlink(link)}, which does not exist: create "
+                            "what it points to, or give another place")
     for parent in path.parents:  # nearest first
         if parent.exists():
             if not parent.is_dir():

@@ -4,7 +4,8 @@ The model's own forward computes the same function (tests compare them); this pl
 step is a matrix-vector product per weight plus many small operations. On CPUs the plan multiplies by weights
 that oneDNN packed. Its one dependency on PyTorch internals, oneDNN's packed linear weights through
 `torch.ops.mkldnn`, sits behind the two functions under "oneDNN" at the bottom: if a torch release removes them,
-`onednn_linear_available` turns False and decoding falls back to the model's forward, with the same tokens. On
+`onednn_linear_available` turns False and decoding falls back to the model's forward, with the same tokens (in
+float32; in bfloat16, up to rounding at near-ties). On
 CUDA a step is a few hundred tiny kernels, each launched by Python in more time than it runs: `GraphedStep`
 captures the plan's step once as a CUDA graph and replays it for each token, one launch a token.
 """
@@ -165,7 +166,7 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
 
     A decode step is one matrix-vector product per weight, which should run at memory bandwidth; ATen's plain
     paths for it do not (the packed layout is the one torch.compile's weight freezing uses for CPU linears;
-    with it 270M decodes 1.5x faster in float32, 1.6x in bfloat16, with the same tokens), and the rest of a
+    with it 270M decodes 1.5x faster in float32, 1.6x in bfloat16, with the same float32 tokens), and the rest of a
     step is the dispatch of small operations, which the plan halves. Building a plan copies the weights (0.15
     to 0.3 s for 270M), so it is kept for the model's next call, keyed on each parameter's storage and in-place
     version counter (an optimizer step, load_state_dict or .to() changes them) and on sixteen values strided

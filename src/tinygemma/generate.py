@@ -281,8 +281,9 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     """The prompt's continuations (without the prompt), one per sample, each ending at end of text or after
     `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text included).
     `on_text(sample, text)` receives each piece of text as soon as it is complete. Sample i is drawn from seed
-    `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`. `cuda_graph`: as
-    generate_stream's.
+    `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`, up to the rounding of
+    a batched matrix product (a float32 logit may differ by about 1e-6 from one row's, flipping a near-tie).
+    `cuda_graph`: as generate_stream's.
     """
     check_num_samples(num_samples, "num_samples")
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples,

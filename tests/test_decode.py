@@ -35,7 +35,7 @@ def test_decode_plan_matches_transformers(overrides, monkeypatch):
     prompt = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
     n_new = 3 * config.sliding_window
     ours = generate(model, prompt, n_new, temperature=0)
-    theirs = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
                          pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours, theirs)
 

@@ -477,7 +477,7 @@ def test_greedy_generate_matches_transformers_and_no_cache_loop():
     prompt = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     n_new = 4 * config.sliding_window  # well past the window, so the ring cache wraps around several times
     ours = generate(model, prompt, n_new, temperature=0)
-    theirs = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
                          pad_token_id=0, eos_token_id=None)
     assert ours.shape == (2, 7 + n_new)
     assert torch.equal(ours, theirs)
@@ -497,7 +497,7 @@ def test_repetition_penalty_is_transformers_own():
     prompt = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     n_new = 2 * config.sliding_window
     ours = generate(model, prompt, n_new, temperature=0, repetition_penalty=1.5)
-    theirs = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new, repetition_penalty=1.5,
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new, repetition_penalty=1.5,
                          pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours, theirs)
     plain = generate(model, prompt, n_new, temperature=0)

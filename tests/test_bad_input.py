@@ -442,6 +442,12 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
                                                      "time.sleep(5)")
     result = subprocess.run([sys.executable, "-c", term], capture_output=True, text=True, env=env)
     assert (result.returncode, result.stdout, result.stderr) == (143, "", "tinygemma: terminated\n")
+    # A SIGTERM after that Ctrl-C, as Python shuts down: it ended the process by SIGTERM (the shell's 143) after
+    # the line that said "interrupted".
+    then_term = ("import atexit, os, signal, time\n"
+                 "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.5)))\n") + script
+    result = subprocess.run([sys.executable, "-c", then_term], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too
 
@@ -518,6 +524,25 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_a_ctrl_c_amid_the_workers_start_is
                         *small_prepare(tmp_path / "twice", stories_dir, workers=2), timeout=120)
     assert (twice.returncode, twice.stderr) == (143, "tinygemma prepare: terminated\n"), twice.stderr
     assert not (tmp_path / "twice").exists()
+
+
+def test_sigterm_and_ctrl_c_together_are_one_line(tmp_path, stories_dir):
+    """A SIGTERM and a Ctrl-C that arrive together (a supervisor's stop while the user presses Ctrl-C) are both
+    pending when Python next runs its handlers: the first one's handler held the other off with SIG_IGN, and
+    Python printed "OSError: Signal 15 ignored due to race condition" with a traceback. Planted: both sent
+    while blocked, then let through at once."""
+    both = ("import os, signal, time, tinygemma.data\n"
+            "def planted(*args, **kwargs):\n"
+            "    signals = {signal.SIGINT, signal.SIGTERM}\n"
+            "    signal.pthread_sigmask(signal.SIG_BLOCK, signals)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)\n"
+            "    time.sleep(5)\n"
+            "tinygemma.data._tokenize_to_file = planted\n")
+    stopped = entry_point(both, *small_prepare(tmp_path / "new" / "d", stories_dir))
+    assert (stopped.returncode, stopped.stderr) == (130, "tinygemma prepare: interrupted\n"), stopped.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_gpt2_runs_export_goes_with_gpt2_data_and_the_given_tokenizer_if_it_is_its_own(world, capsys):

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from tinygemma.errors import exit_status, interrupt, stop_word, under_torchrun  # light: no torch
+from tinygemma.errors import exit_status, held_off, interrupt, stop_word, under_torchrun  # light: no torch
 
 
 def main() -> int:
@@ -20,8 +20,11 @@ def main() -> int:
         from tinygemma.cli import main as cli_main
 
         status = cli_main()
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # (a Ctrl-C while importing: Python's own handler raised it)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, held_off)
         print(f"tinygemma: {stop_word(e)}", file=sys.stderr)
+        _done.append(exit_status(e))  # a later signal, while Python shuts down, leaves this status
         return exit_status(e)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: _end(status))

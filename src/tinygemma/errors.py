@@ -25,8 +25,14 @@ def interrupt(signum, frame) -> None:
     signals off, so that a second one cannot cut the clean-up short (a Ctrl-C pressed twice left a prepare
     waiting forever on workers never told to stop)."""
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, held_off)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def held_off(signum, frame) -> None:
+    """A signal during the clean-up of an earlier one: nothing. (Not SIG_IGN: a signal already pending when the
+    first one's handler ran then met SIG_IGN, and Python printed "OSError: Signal 15 ignored due to race
+    condition" with a traceback; SIGTERM and Ctrl-C together did that.)"""
 
 
 def under_torchrun(environ=None) -> bool:

@@ -193,6 +193,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("eval_batches=1000000000000", "train.eval_batches must be at most 1,048,576"),  # was out of memory, exit 1
     ("generate.temperature=-1", "generate.temperature must be a finite number >= 0, got -1.0"),
     ("generate.top_k=-5", "generate.top_k must be an integer >= 1 (0 or none: no top-k filter), got -5"),
+    ("generate.min_p=2", "generate.min_p must be a number in [0, 1] (0 or none: off), got 2.0"),
 ])
 def test_bad_settings_are_refused_by_name(setting, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -313,6 +314,7 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings():
         " --top-k none --top-p 0.9 --repetition-penalty 1.2 --seed 42")
     # The recipe's sample length too (cpu-demo's 100), not generate's default 200.
     assert sampling_flags(GenerateConfig(max_new_tokens=100)) == " --max-new-tokens 100"
+    assert sampling_flags(GenerateConfig(min_p=0.05)) == " --min-p 0.05"
     from tinygemma.config import load_recipe
     from tinygemma.pipeline import where_and_next
 

@@ -110,6 +110,32 @@ def test_top_k_then_top_p():
     assert kept(filter_logits(logits, top_k=3, top_p=0.99)) == [1, 2, 3]
 
 
+def test_min_p_is_transformers_own_after_top_k_and_top_p():
+    """min_p keeps the tokens at least min_p x the most likely one's probability, after top-k and top-p: the same
+    tokens as transformers' warpers in their own order (temperature, top-k, top-p, min-p), on random logits."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
+    assert kept(filter_logits(logits, min_p=0.5)) == [1, 3]  # 0.3 >= 0.25 > 0.15
+    assert kept(filter_logits(logits, top_k=3, top_p=0.99, min_p=0.61)) == [1]  # 0.3 < 0.61 x 0.5 (both / 0.95)
+    assert kept(filter_logits(logits, top_k=3, top_p=0.99, min_p=0.59)) == [1, 3]
+    assert kept(filter_logits(logits, min_p=1.0)) == [1] and kept(filter_logits(logits, min_p=0)) == [0, 1, 2, 3]
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 500, generator=g) * 3
+    for temperature, top_k, top_p, min_p in ((1.0, None, None, 0.1), (0.7, 50, None, 0.05), (1.3, 100, 0.9, 0.2)):
+        ours = filter_logits(scores / temperature, top_k, top_p, min_p)
+        theirs = TemperatureLogitsWarper(temperature)(None, scores)
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        if top_p:
+            theirs = TopPLogitsWarper(top_p)(None, theirs)
+        theirs = MinPLogitsWarper(min_p)(None, theirs)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    # Sampled at min_p = 1, only the most likely token is left: the greedy tokens.
+    logits = torch.randn(8, 500, generator=g)
+    assert torch.equal(sample_next_token(logits, 1.0, generator=g, min_p=1.0), logits.argmax(-1))
+
+
 def test_sampling_draws_only_from_the_filtered_tokens():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(2000, 4)
     g = torch.Generator().manual_seed(0)
@@ -166,6 +192,7 @@ def test_max_new_tokens_zero(model, tokenizer):
 
 @pytest.mark.parametrize("kwargs", [
     {"temperature": -0.5}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0},
+    {"min_p": -0.1}, {"min_p": 1.5}, {"min_p": "0.1"},
     {"max_new_tokens": -1}, {"num_samples": 0}, {"prompt": ""},
     {"num_samples": "2", "seed": 1}, {"prompt": ["Once", "Hi"]}, {"prompt": 5},  # TypeErrors from Python before
     {"max_new_tokens": 2048},  # past the model's max_position_embeddings (2048) with the prompt
@@ -379,6 +406,7 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tokenizer, tmp_path, capsys)
     (["--seed", "-1"], "seed"),
     (["--max-new-tokens", "-3"], "--max-new-tokens must be"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be a positive, finite number (1: none), got 0.0"),
+    (["--min-p", "2"], "--min-p must be a number in [0, 1] (0 or none: off), got 2.0"),
     (["--num-samples", "0"], "num-samples"),
     (["--num-samples", "100000000"], "--num-samples must be at most 65,536"),  # a generator each: killed, silent
     (["--prompt", ""], "prompt"),

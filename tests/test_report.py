@@ -424,3 +424,10 @@ def test_the_cards_transformers_snippet_of_a_greedy_recipe_does_not_sample():
     # (checked against transformers 5.24's logits processors: TopKLogitsWarper with top_k left out, none with 0).
     top_p_only = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.8, top_k=None, top_p=0.9)))
     assert "do_sample=True, temperature=0.8, top_k=0, top_p=0.9)" in top_p_only
+    min_p = GenerateConfig(temperature=0.8, top_k=None, min_p=0.05)  # transformers' generate takes min_p
+    assert "do_sample=True, temperature=0.8, top_k=0, min_p=0.05)" in "\n".join(usage_section("user/model", min_p))
+    import dataclasses
+
+    from tinygemma.report import sampling
+
+    assert "min-p 0.05" in sampling(dataclasses.asdict(min_p))

@@ -336,7 +336,7 @@ def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                    prompts=args.num_samples, prefix="--",
-                   repetition_penalty=args.repetition_penalty)  # seed + i for sample i
+                   repetition_penalty=args.repetition_penalty, min_p=args.min_p)  # seed + i for sample i
     check_num_samples(args.num_samples, "--num-samples")
     if not all(args.prompt):
         raise UserError("--prompt is empty; give some text to continue")
@@ -374,7 +374,7 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
         on_text = None
     texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
                                     args.top_k, args.top_p, args.seed, args.num_samples, on_text,
-                                    repetition_penalty=args.repetition_penalty)
+                                    repetition_penalty=args.repetition_penalty, min_p=args.min_p)
     if args.num_samples == 1:
         out.write("\n")
     else:
@@ -483,6 +483,9 @@ def add_generate(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=defaults.top_p,
                    help="nucleus sampling: only the most likely tokens whose probabilities add up to p, in (0, 1] "
                         f"(default {defaults.top_p})")
+    p.add_argument("--min-p", type=float, default=defaults.min_p,
+                   help="keep only the tokens at least p times as likely as the most likely one, in [0, 1], as "
+                        f"transformers' and llama.cpp's min_p (0.05 to 0.1 are usual); 0 is none (default {defaults.min_p})")
     p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
                    help="divide the logit of each token already in the text by this (multiply it, if negative), "
                         "as transformers' repetition_penalty: 1.1 to 1.3 curb a small model's loops; 1 is none "

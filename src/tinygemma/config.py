@@ -318,8 +318,14 @@ class GenerateConfig:
     temperature: float = 0.8  # softmax temperature; 0 = greedy
     top_k: int | None = 200  # sample among the k most likely tokens; none (or 0) = all
     top_p: float | None = None  # nucleus sampling threshold in (0, 1]; none = off
+    min_p: float | None = None  # keep only tokens at least this fraction of the most likely one's probability, in [0, 1], as transformers' and llama.cpp's min_p; none (or 0) = off
     seed: int = 1337  # sampling seed: prompt i (from 0) samples with seed + i
     repetition_penalty: float = 1.0  # a token already in the text has its logit divided by this (multiplied, if negative), as transformers' repetition_penalty; 1 = none
+
+    def sampling(self) -> dict:
+        """The sampling settings, as generate_text's (and check_sampling's) keyword arguments."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty}
 
 
 @dataclass
@@ -382,8 +388,7 @@ class Recipe:
         # An unknown preset or impossible model field fails here, before any data is read; so does a block too long.
         check_block_size(self.train.block_size, self.model_config())
         g = self.generate  # and bad sampling settings before hours of training, not after
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, prefix="generate.",
-                       repetition_penalty=g.repetition_penalty)
+        check_sampling(g.max_new_tokens, prefix="generate.", **g.sampling())
         return self
 
     def check_for_run(self) -> None:
@@ -397,8 +402,7 @@ class Recipe:
         """[generate]'s prompts can be sampled: each some text, a seed within 64 bits, room in the model's
         positions for new tokens (`run`'s samples, train's sample_interval, an export's model card)."""
         g = self.generate
-        check_sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed, len(g.prompts), prefix="generate.",
-                       repetition_penalty=g.repetition_penalty)
+        check_sampling(g.max_new_tokens, seed=g.seed, prompts=len(g.prompts), prefix="generate.", **g.sampling())
         for prompt in g.prompts:
             if not isinstance(prompt, str) or not prompt:
                 raise UserError(f"generate.prompts holds {prompt!r}: each prompt must be some text to continue")
@@ -664,8 +668,9 @@ MAX_SEED = 2**63 - 1
 MAX_TRAIN_SEED = 2**64 - 1  # torch.manual_seed and numpy's default_rng([seed, step]) take any 64-bit seed
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                   seed: int | None = None, prompts: int = 1, prefix: str = "", repetition_penalty: float = 1.0) -> None:
+def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None, prompts: int = 1, prefix: str = "", repetition_penalty: float = 1.0,
+                   min_p: float | None = None) -> None:
     """Refuse sampling settings that cannot work: in one line, before a model is loaded or trained. Each is
     named as the user gave it: `prefix` "generate." (a recipe's [generate], apart from train.seed), "--" (the
     generate command's options), "" (the Python arguments)."""
@@ -684,6 +689,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"{name('top_k')} must be an integer >= 1{off}, got {top_k!r}")
     if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
         raise UserError(f"{name('top_p')} must be a number in (0, 1], got {top_p!r}")
+    if min_p is not None and not (is_real(min_p) and 0 <= min_p <= 1):
+        raise UserError(f"{name('min_p')} must be a number in [0, 1] (0 or none: off), got {min_p!r}")
     if not (is_real(repetition_penalty) and 0 < repetition_penalty < math.inf):
         raise UserError(f"{name('repetition_penalty')} must be a positive, finite number (1: none), got "
                         f"{repetition_penalty!r}")

@@ -23,9 +23,11 @@ from tinygemma.tokenizer import LONE_SURROGATE
 # ------------------------------------------------------------------ sampling
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top k, then outside the nucleus: the smallest set of most likely
-    tokens whose probability reaches top_p (the token that crosses top_p is kept)."""
+    tokens whose probability reaches top_p (the token that crosses top_p is kept), then every logit whose
+    probability is below min_p x the most likely token's (transformers' order and its min_p)."""
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -38,6 +40,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         outside[..., 0] = False  # the most likely token always stays (a top_p below float32's least rounds to 0)
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    if min_p:
+        probs = logits.softmax(dim=-1)  # (the most likely token is never below min_p <= 1 times itself)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return logits
 
 
@@ -49,7 +54,8 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None,
-                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+                      generator: torch.Generator | list[torch.Generator] | None = None,
+                      min_p: float | None = None) -> torch.Tensor:
     """One token id per row of `logits` [B, V]; temperature 0 is greedy. `generator` may be one per row: each row
     is then drawn from its own, so that a row's tokens do not depend on how many rows there are."""
     if temperature == 0:
@@ -57,7 +63,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     # The largest logit is 0 before the division: a tiny temperature sends the others to -inf, never inf - inf.
     logits = logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
-    logits = filter_logits(logits, top_k, top_p)
+    logits = filter_logits(logits, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
     if isinstance(generator, list):
         return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
@@ -72,16 +78,16 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                     generator: torch.Generator | list[torch.Generator] | None = None,
                     vocab_size: int | None = None, cuda_graph: bool = True,
-                    repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
+                    repetition_penalty: float = 1.0, min_p: float | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
-    receiving `eos_id`). `temperature=0` is greedy; `repetition_penalty` (penalize_repeats) applies first, to
+    receiving `eos_id`). `temperature=0` is greedy; top_k, top_p and min_p filter as filter_logits; `repetition_penalty` (penalize_repeats) applies first, to
     the tokens of the prompt and of the text so far, as in transformers. `vocab_size` (the tokenizer's) keeps the tokens sampled
     below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside
     autocast, the steps after the prompt replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)
     B, T = input_ids.shape
     vocab = model.config.vocab_size
@@ -109,7 +115,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             raise UserError(f"the model's logits hold NaN or inf at new token {step + 1}: {why}")
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
-        token = sample_next_token(logits[:, :vocab_size], temperature, top_k, top_p, generator)
+        token = sample_next_token(logits[:, :vocab_size], temperature, top_k, top_p, generator, min_p)
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         if eos_id is not None:
@@ -181,11 +187,11 @@ def last_logits(model: Gemma3, input_ids, cache, start_pos):
 def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | list[torch.Generator] | None = None,
-             cuda_graph: bool = True, repetition_penalty: float = 1.0) -> torch.Tensor:
+             cuda_graph: bool = True, repetition_penalty: float = 1.0, min_p: float | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
     device."""
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
-                               cuda_graph=cuda_graph, repetition_penalty=repetition_penalty))
+                               cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p))
     prompt = input_ids.to(model.embed_tokens.weight.device).long()  # (uint16 ids do not promote)
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 
@@ -277,7 +283,7 @@ def check_num_samples(num_samples, name: str) -> None:
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, on_text=None, cuda_graph: bool = True,
-                  repetition_penalty: float = 1.0) -> tuple[list[str], int]:
+                  repetition_penalty: float = 1.0, min_p: float | None = None) -> tuple[list[str], int]:
     """The prompt's continuations (without the prompt), one per sample, each ending at end of text or after
     `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text included).
     `on_text(sample, text)` receives each piece of text as soon as it is complete. Sample i is drawn from seed
@@ -287,7 +293,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     """
     check_num_samples(num_samples, "num_samples")
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples,
-                   repetition_penalty=repetition_penalty)
+                   repetition_penalty=repetition_penalty, min_p=min_p)
     check_tokenizer_fits(tokenizer, model)
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
     device = model.embed_tokens.weight.device
@@ -309,7 +315,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
 
     for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
                                   generator=generator, vocab_size=tokenizer.model_vocab_size,
-                                  cuda_graph=cuda_graph, repetition_penalty=repetition_penalty):
+                                  cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p):
         for i, token in enumerate(tokens.tolist()):
             if finished[i]:
                 continue

@@ -215,9 +215,8 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     g = recipe.generate
     samples = []
     for i, prompt in enumerate(g.prompts):
-        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens,
-                                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i,
-                                 repetition_penalty=g.repetition_penalty)
+        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
+                                 **g.sampling())
         samples.append(prompt + texts[0])
         print(f"\n--- sample {i + 1}: {prompt!r}\n{prompt}{texts[0]}", flush=True)
     # Recorded for report.md, and for the model card of this checkpoint's export (its whole-split evaluation).
@@ -233,7 +232,7 @@ def sampling_flags(g: GenerateConfig) -> str:
     built-in [generate]): with them, generate draws the run's own first sample."""
     default = GenerateConfig()
     flags = [(f"--{name.replace('_', '-')}", getattr(g, name))
-             for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+             for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
              if getattr(g, name) != getattr(default, name)]
     return "".join(f" {flag} {'none' if value is None else value}" for flag, value in flags)
 

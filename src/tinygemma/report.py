@@ -355,7 +355,8 @@ def quote(text: str) -> str:
 def sampling(g: dict) -> str:
     """The sampling settings of `g` (GenerateConfig as a dict), in words."""
     settings = [f"temperature {g.get('temperature')}"]
-    settings += [f"{name} {g[key]}" for key, name in (("top_k", "top-k"), ("top_p", "top-p")) if g.get(key)]
+    settings += [f"{name} {g[key]}" for key, name in (("top_k", "top-k"), ("top_p", "top-p"), ("min_p", "min-p"))
+                 if g.get(key)]
     if g.get("repetition_penalty", 1.0) != 1.0:
         settings.append(f"repetition penalty {g['repetition_penalty']}")
     return ", ".join(settings + [f"seed {g.get('seed')}", f"at most {g.get('max_new_tokens')} new tokens"])
@@ -553,8 +554,7 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         try:  # (a run trained before train checked its [generate], with a seed of -1, say: refused here)
             room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0))
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
-                                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed + i,
-                                     repetition_penalty=g.repetition_penalty)
+                                     seed=g.seed + i, **g.sampling())
         except UserError as e:
             lines += [f"Not generated from {prompt!r}: {e}.", ""]
             continue
@@ -575,7 +575,7 @@ def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = N
     else:
         # top_k=0 said outright: transformers' generate otherwise filters to its own default, 50
         options = f"do_sample=True, temperature={g.temperature}, top_k={g.top_k or 0}" + (
-            f", top_p={g.top_p}" if g.top_p else "")
+            f", top_p={g.top_p}" if g.top_p else "") + (f", min_p={g.min_p}" if g.min_p else "")
     if g.repetition_penalty != 1.0:
         options += f", repetition_penalty={g.repetition_penalty}"
     return ["With transformers:", "", "```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM", "",

@@ -622,9 +622,8 @@ class Trainer:
             return
         try:
             with self.rt.autocast():
-                texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, g.temperature,
-                                                g.top_k, g.top_p, g.seed + i, cuda_graph=False,
-                                                repetition_penalty=g.repetition_penalty)[0][0]
+                texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, seed=g.seed + i,
+                                                cuda_graph=False, **g.sampling())[0][0]
                          for i, prompt in enumerate(g.prompts)]
         finally:
             forget_decode_plan(self.raw)  # its copy of the weights, stale at the next step, not kept through them

@@ -325,6 +325,21 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings():
     assert story[0].count("--max-new-tokens") == 1
 
 
+def test_the_closing_story_command_samples_where_run_did(monkeypatch):
+    """run samples a CPU run in float32; generate's --dtype auto takes bfloat16 on a CPU that computes in it
+    natively, which rounds otherwise and gives other text: the command then says --dtype float32."""
+    import torch
+
+    import tinygemma.devices as devices
+    import tinygemma.pipeline as pipeline
+
+    recipe = load_recipe(None, ["device=cpu", "dtype=float32"])
+    monkeypatch.setattr(pipeline, "pick_device", lambda name: torch.device("cpu"))  # (a GPU machine's auto too)
+    for native, flags in ((True, " --dtype float32"), (False, "")):
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda native=native: native)
+        assert pipeline.place_flags(recipe) == flags
+
+
 def test_numpy_integers_and_floats_from_a_notebook_are_taken_as_pythons():
     """np.int64 from a notebook's arithmetic: accepted everywhere an int is, and stored as Python's, since
     config.json is written as JSON; a numpy float too. A float where an integer belongs is still refused."""

@@ -105,9 +105,11 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     for sample in recorded["samples"]:
         assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) in card
     capsys.readouterr()
-    # with the recipe's sampling settings (its top-k 20, not generate's 200): the run's first sample again
+    # with the recipe's sampling settings (its top-k 20, not generate's 200; its 12 new tokens, not 200) and the
+    # dtype it sampled in (float32, where generate's auto would take a CPU's native bfloat16): the run's first
+    # sample again, as printed
     assert " --top-k 20" in lines["a story"] and " --temperature" not in lines["a story"]
-    assert main(shlex.split(lines["a story"])[1:] + ["--max-new-tokens", "12", "--dtype", "float32"]) == 0
+    assert main(shlex.split(lines["a story"])[1:]) == 0
     assert capsys.readouterr().out == recorded["samples"][0] + "\n"
     longer = shlex.split(lines["train longer"])
     assert longer[:3] == ["tinygemma", "run", str(recipe)] and longer[3:5] == override

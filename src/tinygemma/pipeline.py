@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
+
 from tinygemma.checkpoint import (
     checkpoint_tokenizer,
     last_checkpoint,
@@ -30,7 +32,7 @@ from tinygemma.data import (
     requested_micro_batch_size,
     same_sources,
 )
-from tinygemma.devices import evaluation_dtype, pick_device
+from tinygemma.devices import dtype_name, evaluation_dtype, pick_device, pick_dtype
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
@@ -198,10 +200,8 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     """The trained run's best checkpoint on the whole validation split and the recipe's prompts, printed and
     recorded in RUN/eval.json and RUN/report.md; returns {"eval": metrics, "samples": [...]}."""
     tokenizer = checkpoint_tokenizer(recipe.out)
-    device = pick_device(recipe.train.device)
-    # A run trained in float32 is evaluated in it; "auto" is bfloat16 on a GPU that computes in it
-    precision = "float32" if recipe.train.dtype == "float32" else "auto"
-    model = load_model(recipe.out, tokenizer, dtype=evaluation_dtype(precision, device), device=str(device))
+    device, dtype = sampling_place(recipe)
+    model = load_model(recipe.out, tokenizer, dtype=dtype, device=str(device))
     data = open_prepared(recipe.data.dir)
     val = data.meta["splits"]["val"]
     log(f"evaluating the best checkpoint on the whole validation split ({val['tokens'] - 1:,} tokens predicted: "
@@ -225,6 +225,23 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
                                                     "samples": samples, "generate": dataclasses.asdict(g)})
     write_report(recipe.out)
     return {"eval": metrics, "samples": samples}
+
+
+def sampling_place(recipe: Recipe) -> tuple[torch.device, str]:
+    """Where `run` evaluates and samples the trained run: the recipe's device, and the dtype it trained in where
+    that is float32, else "auto" as evaluation takes it (bfloat16 on a GPU that computes in it, float32 on CPUs)."""
+    device = pick_device(recipe.train.device)
+    return device, evaluation_dtype("float32" if recipe.train.dtype == "float32" else "auto", device)
+
+
+def place_flags(recipe: Recipe) -> str:
+    """generate's --device and --dtype where its "auto" would choose otherwise than `run` sampled (on a CPU with
+    native bfloat16, generate's auto is bfloat16, `run`'s float32): other rounding, other text."""
+    device, dtype = sampling_place(recipe)
+    flags = "" if device == pick_device("auto") else f" --device {device}"
+    if pick_dtype(dtype, device) != pick_dtype("auto", device):
+        flags += f" --dtype {dtype_name(pick_dtype(dtype, device))}"
+    return flags
 
 
 def sampling_flags(g: GenerateConfig) -> str:
@@ -259,6 +276,6 @@ def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> st
         f"export         tinygemma export --ckpt {run_dir} --out {q(str(Path('hf') / out.name))}",
         "--- next",
         f"a story        tinygemma generate --ckpt {run_dir} --prompt {q(prompt)}"
-        f"{sampling_flags(recipe.generate)}",
+        f"{sampling_flags(recipe.generate)}{place_flags(recipe)}",
         f"train longer   {rerun}",
     ])

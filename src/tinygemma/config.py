@@ -9,6 +9,11 @@ import numbers
 import os
 from dataclasses import dataclass
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 from tinygemma.errors import UserError, whole_number
 
 SLIDING = "sliding_attention"  # transformers' names for the two layer kinds, so config.json round-trips
@@ -428,10 +433,6 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         recipe = Recipe()
     else:
         try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        try:
             with open(path, "rb") as f:
                 recipe = Recipe.from_dict(tomllib.load(f), source=str(path))
         except FileNotFoundError:
@@ -503,71 +504,19 @@ def _coerce(value, tp, key: str, from_text: bool):
     import types
     import typing
 
-    args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
-        if from_text and value.lower() in ("none", "null", ""):
+        # TOML has no null: a recipe file writes "none", as its comments say; on the command line, nothing is none
+        nothing = ("none", "null", "") if from_text else ("none", "null")
+        if value is None or isinstance(value, str) and value.lower() in nothing:
             return None
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None  # TOML has no null: a recipe file writes "none", as its comments say
-        tp = next(a for a in args if a is not type(None))
-        args = typing.get_args(tp)
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
     origin = typing.get_origin(tp)
+    read = _read_list if origin in (list, tuple) else _READERS[tp]
     try:
-        if origin in (list, tuple):
-            if from_text:
-                value = _parse_prompts(value) if key == "generate.prompts" else _parse_text_list(value)
-            if isinstance(value, (str, os.PathLike)):
-                value = [value]
-            if isinstance(value, tuple):  # (from Python)
-                value = list(value)
-            if isinstance(value, list):  # a notebook's Path objects, as their text
-                value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError
-            return tuple(value) if origin is tuple else list(value)
-        if tp is bool:
-            if from_text:
-                table = {"true": True, "1": True, "yes": True, "on": True,
-                         "false": False, "0": False, "no": False, "off": False}
-                return table[value.lower()]
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if tp is int:
-            if from_text:
-                try:
-                    return int(value.replace("_", ""))  # exactly, however large (a seed of 64 bits)
-                except ValueError:
-                    # 1e4 and 4096.0 are whole numbers too, read exactly (through a float, a 17-digit seed
-                    # would change silently)
-                    number = decimal.Decimal(value.replace("_", ""))
-                # (past any setting's range, 1e500000000 would be built digit by digit: refused as it is)
-                if not number.is_finite() or number.adjusted() > 30 or number != number.to_integral_value():
-                    raise ValueError
-                return int(number)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError
-            return value
-        if tp is float:
-            if from_text:
-                value = float(value.replace("_", ""))
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            if isinstance(value, os.PathLike):  # train.out = Path("runs/x") from Python
-                value = os.fspath(value)
-            if isinstance(value, bool):
-                return "true" if value else "false"
-            if isinstance(value, int):  # micro_batch_size = 64 in a recipe file
-                return str(value)
-            if not isinstance(value, str):
-                raise ValueError
-            return value
+        value = read(value, from_text, key)
+        return tuple(value) if origin is tuple else value
     except (ValueError, KeyError, TypeError, decimal.InvalidOperation):
         pass
-    else:
-        raise AssertionError(f"no coercion for {key}: {tp}")
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list of strings")
     if key == "train.micro_batch_size":  # a str field for "auto", whose numbers are whole ones (4.0 said "a string")
         expected = "auto or a positive integer"
@@ -575,6 +524,74 @@ def _coerce(value, tp, key: str, from_text: bool):
     raise UserError(f"{key} must be {expected}, got {value!r}"
                     + (" (a quoted string in the recipe file: numbers and true/false go without quotes)"
                        if quoted else ""))
+
+
+# Each reader takes a TOML value, or a command-line string when `from_text`, and raises ValueError (KeyError,
+# TypeError) for a value that is not of its type; _coerce then names the setting and the type.
+
+
+def _read_list(value, from_text: bool, key: str) -> list[str]:
+    if from_text:
+        value = _parse_prompts(value) if key == "generate.prompts" else _parse_text_list(value)
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    if isinstance(value, tuple):  # (from Python)
+        value = list(value)
+    if isinstance(value, list):  # a notebook's Path objects, as their text
+        value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError
+    return value
+
+
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _read_bool(value, from_text: bool, key: str) -> bool:
+    if from_text:
+        return BOOLEAN_WORDS[value.lower()]
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def _read_int(value, from_text: bool, key: str) -> int:
+    if not from_text:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError
+        return value
+    try:
+        return int(value.replace("_", ""))  # exactly, however large (a seed of 64 bits)
+    except ValueError:
+        # 1e4 and 4096.0 are whole numbers too, read exactly (through a float, a 17-digit seed would change silently)
+        number = decimal.Decimal(value.replace("_", ""))
+    # (past any setting's range, 1e500000000 would be built digit by digit: refused as it is)
+    if not number.is_finite() or number.adjusted() > 30 or number != number.to_integral_value():
+        raise ValueError
+    return int(number)
+
+
+def _read_float(value, from_text: bool, key: str) -> float:
+    if from_text:
+        value = float(value.replace("_", ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ValueError
+    return float(value)
+
+
+def _read_str(value, from_text: bool, key: str) -> str:
+    if isinstance(value, os.PathLike):  # train.out = Path("runs/x") from Python
+        value = os.fspath(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):  # micro_batch_size = 64 in a recipe file
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+_READERS = {bool: _read_bool, int: _read_int, float: _read_float, str: _read_str}
 
 
 def _parse_prompts(text: str) -> list[str]:
@@ -591,10 +608,6 @@ def _parse_prompts(text: str) -> list[str]:
 def _parse_text_list(text: str) -> list[str]:
     """A command-line list: a TOML array (`["a", "b"]`) or comma-separated words (`a,b`)."""
     if text.startswith("["):
-        try:
-            import tomllib
-        except ModuleNotFoundError:
-            import tomli as tomllib
         try:
             return tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:

@@ -15,7 +15,14 @@ from tinygemma import Gemma3, ModelConfig, UserError, load
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.files import atomic_write_json
-from tinygemma.generate import TextStream, filter_logits, generate, generate_text, sample_next_token
+from tinygemma.generate import (
+    TextStream,
+    filter_logits,
+    generate,
+    generate_stream,
+    generate_text,
+    sample_next_token,
+)
 from tinygemma.tokenizer import GPT2Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,6 +279,27 @@ def test_non_finite_logits_are_one_line_not_a_traceback_or_nonsense(tmp_path, ca
     assert torch.isfinite(generate(big, torch.tensor([[1, 2]]), 2, temperature=0)).all()
     with pytest.raises(UserError, match="float16 overflowed; try --dtype bfloat16 or float32"):
         generate(big.half(), torch.tensor([[1, 2]]), 2, temperature=0)
+    # generate() checks once, after the last token (sampled from NaN probabilities, torch would refuse, and CUDA
+    # stop at a device-side assert): the same refusal, for greedy and sampled tokens, with or without end of text.
+    broken.eval()
+    for kwargs in ({"temperature": 0}, {"temperature": 1.0, "top_p": 0.9}, {"eos_id": 5}):
+        with pytest.raises(UserError, match="the model's logits hold NaN or inf while generating: are its weights"):
+            generate(broken, torch.tensor([[1, 2], [3, 4]]), 3, **kwargs)
+
+
+def test_generate_waits_for_the_device_only_after_the_last_token(model, monkeypatch):
+    """Without end of text, generate() reads nothing back from the device between tokens (on a GPU the host then
+    queues the steps while the device runs them): one wait, for the non-finite check, after the last token;
+    generate_stream, whose consumer reads each token anyway, checks each before it is drawn."""
+    waits = []
+    real = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: waits.append(1) or real(self))
+    ids = torch.tensor([[1, 2, 3]])
+    out = generate(model, ids, 8, temperature=0)
+    assert len(waits) == 1
+    waits.clear()
+    streamed = torch.stack(list(generate_stream(model, ids, 8, temperature=0)), dim=1)
+    assert len(waits) == 8 and torch.equal(out[:, 3:], streamed)
 
 
 def test_the_readmes_python_example_runs(ckpt, capsys):

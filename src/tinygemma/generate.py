@@ -78,7 +78,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                     generator: torch.Generator | list[torch.Generator] | None = None,
                     vocab_size: int | None = None, cuda_graph: bool = True,
-                    repetition_penalty: float = 1.0, min_p: float | None = None) -> Iterator[torch.Tensor]:
+                    repetition_penalty: float = 1.0, min_p: float | None = None,
+                    check_each_token: bool = True) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
@@ -86,6 +87,9 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     the tokens of the prompt and of the text so far, as in transformers. `vocab_size` (the tokenizer's) keeps the tokens sampled
     below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside
     autocast, the steps after the prompt replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
+    Logits that are not finite are refused (UserError) before the token they would give: a wait for the device
+    each token, which a consumer of the tokens waits for anyway; `check_each_token=False` (generate's) checks once
+    after the last token instead, so that the host queues the steps while the device runs them.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)
@@ -107,12 +111,15 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     seen = None  # the tokens of each row's text, for the repetition penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=input_ids.device).scatter_(1, input_ids, True)
+    broken = torch.zeros((), dtype=torch.bool, device=input_ids.device)  # logits not finite, at any step so far
     for step in range(max_new_tokens):
-        if not bool(torch.isfinite(logits).all()):  # sampling would raise deep in torch, argmax print nonsense
-            computes_in = dtype or model.embed_tokens.weight.dtype
-            why = ("float16 overflowed; try --dtype bfloat16 or float32" if computes_in == torch.float16
-                   else "are its weights all finite?")
-            raise UserError(f"the model's logits hold NaN or inf at new token {step + 1}: {why}")
+        finite = torch.isfinite(logits)
+        if check_each_token:
+            if not bool(finite.all()):  # sampling would raise deep in torch, argmax print nonsense
+                raise NonFiniteLogits(model, dtype, f"at new token {step + 1}")
+        else:  # (sampling NaN probabilities would stop CUDA at a device-side assert: what is drawn is discarded)
+            broken |= ~finite.all()
+            logits = torch.where(finite, logits, 0.0)
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
         token = sample_next_token(logits[:, :vocab_size], temperature, top_k, top_p, generator, min_p)
@@ -123,6 +130,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             finished |= token == eos_id
         yield token
         if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+            if not check_each_token and bool(broken):
+                raise NonFiniteLogits(model, dtype, "while generating")
             return
         if graphed is not None:
             logits = graphed(token[:, None], T + step)
@@ -130,6 +139,16 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             logits = plan.step(model, token[:, None], cache, T + step, rope)
         else:
             logits = last_logits(model, token[:, None], cache, T + step)
+
+
+class NonFiniteLogits(UserError):
+    """The model's logits hold NaN or inf (NaN weights, or float16's overflow): no token can be drawn from them."""
+
+    def __init__(self, model: Gemma3, dtype: torch.dtype | None, when: str):
+        computes_in = dtype or model.embed_tokens.weight.dtype
+        why = ("float16 overflowed; try --dtype bfloat16 or float32" if computes_in == torch.float16
+               else "are its weights all finite?")
+        super().__init__(f"the model's logits hold NaN or inf {when}: {why}")
 
 
 def checked_inputs(model: Gemma3, input_ids, eos_id, generator) -> tuple[torch.Tensor, object]:
@@ -189,9 +208,11 @@ def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temper
              generator: torch.Generator | list[torch.Generator] | None = None,
              cuda_graph: bool = True, repetition_penalty: float = 1.0, min_p: float | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
-    device."""
+    device. Without `eos_id` the host never waits for the device between tokens: logits that are not finite are
+    refused after the last one."""
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
-                               cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p))
+                               cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
+                               check_each_token=False))  # no wait for the device between tokens
     prompt = input_ids.to(model.embed_tokens.weight.device).long()  # (uint16 ids do not promote)
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 

@@ -160,6 +160,24 @@ def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_th
         assert board[step] == pytest.approx(scalars, rel=1e-6), step
 
 
+def test_tensorboard_of_a_fork_or_added_on_resume_holds_the_steps_before_too(data_dir, tmp_path):
+    """A fork (--resume-from copies config.json and metrics.jsonl, not tb/) and tensorboard added to
+    train.loggers on resume: TensorBoard began at the checkpoint, where wandb and trackio got the whole history."""
+    from tinygemma.config import load_recipe
+    from tinygemma.train import train
+
+    out, fork = tmp_path / "run", tmp_path / "fork"
+    run(data_dir, out, *SHORT, "loggers=wandb", stop_at=6)
+    train(load_recipe(None, tiny_settings(data_dir, fork, *SHORT, "loggers=tensorboard")),
+          resume_from=out / "checkpoints" / "step_000006", quiet=True)
+    run(data_dir, out, *SHORT, "loggers=tensorboard,wandb", resume=True)
+    for folder in (out, fork):
+        want, board = expected_scalars(folder), tensorboard_scalars(folder)
+        assert sorted(board) == sorted(want) == list(range(13))
+        for step, scalars in want.items():
+            assert board[step] == pytest.approx(scalars, rel=1e-6), (folder.name, step)
+
+
 def test_samples_during_training_reach_tensorboard_and_wandb_as_text(data_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

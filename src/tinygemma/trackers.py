@@ -14,7 +14,8 @@ kill can lose their last records from before the checkpoint: a resume sends them
 (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
 the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then holds
 the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is sent
-the scalars (by step and name) its store lacks. Steps redone after the checkpoint are logged again: wandb keeps
+the scalars (by step and name) its store lacks; TensorBoard, the steps up to the checkpoint where its folder holds
+no events (a fork made by --resume-from, or tensorboard added to train.loggers on resume). Steps redone after the checkpoint are logged again: wandb keeps
 the first copy and trackio both (a resume is exact, so they have the same losses, unless a setting changed on
 resume).
 """
@@ -130,6 +131,9 @@ class TensorBoard:
     name, resume_id = "tensorboard", None
 
     def __init__(self, run_dir: Path, config: dict, start: int, saved):
+        # No events yet on a resume: a fork (--resume-from copies the records, not tb/) or tensorboard newly added
+        # to train.loggers; backfill then writes the steps before the checkpoint, as wandb and trackio get them.
+        self.empty = not any((run_dir / "tb").glob("events.out.tfevents.*"))
         try:  # installed but broken (a protobuf it cannot use, ...) is one line, as a failed start is
             from torch.utils.tensorboard import SummaryWriter
 
@@ -152,7 +156,10 @@ class TensorBoard:
         self.writer.flush()
 
     def backfill(self, records: list[dict]) -> None:
-        pass  # flushed at every evaluation, so before every checkpoint
+        if self.empty:  # else it holds them: flushed at every evaluation, so before every checkpoint
+            for record in records:
+                self.log(record_scalars(record), record["step"])
+            self.flush()
 
     def close(self, exit_code: int) -> None:
         self.writer.close()

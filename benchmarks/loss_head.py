@@ -70,10 +70,10 @@ class Head(torch.nn.Module):
 
 
 def measure(config: ModelConfig, rows: int, dtype: torch.dtype, device: torch.device, compile_: bool,
-            steps: int) -> dict:
+            steps: int, in_place: bool = True) -> dict:
     """Both heads at one row count: median ms per pass, peak memory, and the losses they agree on."""
     torch.manual_seed(0)
-    names = [*HEADS, "in-place"] if compile_ else list(HEADS)
+    names = [*HEADS, "in-place"] if compile_ and in_place else list(HEADS)
     heads = {name: Head(config, HEADS.get(name, LOSS_CHUNK_SIZE)).to(device) for name in names}
     for name in names[1:]:
         heads[name].load_state_dict(heads["chunked"].state_dict())
@@ -102,7 +102,7 @@ def measure(config: ModelConfig, rows: int, dtype: torch.dtype, device: torch.de
 
     torch._dynamo.reset()  # each row count's two graphs fresh: dynamo keeps at most 8 per function
     runs = {name: torch.compile(head, dynamic=False) if compile_ else head for name, head in heads.items()}
-    if compile_:
+    if "in-place" in runs:
         runs["in-place"] = in_place_form(runs["in-place"])
     passes = [lambda name=name: one_pass(name, runs[name]) for name in names]
     sync = device_sync(device)
@@ -120,7 +120,7 @@ def measure(config: ModelConfig, rows: int, dtype: torch.dtype, device: torch.de
         row[name] = {"ms": 1000 * s, "tokens_per_s": rows / s,
                      "peak_memory_gib": peaks[name] / 2**30 if name in peaks else None}
     row["full_vs_chunked"] = row["chunked"]["ms"] / row["full"]["ms"]  # > 1: the full head is faster
-    if compile_:
+    if "in-place" in runs:
         row["fusible_vs_in_place"] = row["in-place"]["ms"] / row["chunked"]["ms"]  # > 1: the fusible form is faster
     return row
 
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the heads (the trainer does on CUDA); adds the in-place form")
+    p.add_argument("--no-in-place", action="store_true",
+                   help="compiled, time only the two heads, not also the in-place form (a compile fewer per row count)")
     p.add_argument("--steps", type=positive_int, default=5, help="timed passes per head")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--json", help="write the figures here too")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     for rows in sizes:
-        results.append(measure(config, rows, dtype, device, args.compile, args.steps))
+        results.append(measure(config, rows, dtype, device, args.compile, args.steps, not args.no_in_place))
         print(f"{rows} rows done", file=sys.stderr, flush=True)
         if args.json:  # after every row: a run stopped at a deadline keeps the rows it measured ("complete": false)
             atomic_write_json(Path(args.json), summary())

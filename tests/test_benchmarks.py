@@ -352,6 +352,9 @@ def test_gpu_suite_judges_issue_19s_goals_on_every_planned_row():
     rows[1]["mfu"] = 0.30  # one measured row below the goal: not met, whatever the missing row would say
     goals, lines = suite.speed_goals(rows[:3], suite.TRAINER_RUNS)
     assert goals["mfu_met"] is False and goals["lowest_mfu"] == 0.30 and "every row: **NOT met**" in lines[0]
+    rows[1]["tokens_per_s"] = 380_000  # Muon +10.5% at block 128, block 1024 unmeasured: not met, either
+    goals, lines = suite.speed_goals(rows[:3], suite.TRAINER_RUNS)
+    assert goals["muon_met"] is False and "same block: **NOT met** (block 128" in lines[0]
 
 
 def test_gpu_suite_prices_each_muon_backend_against_adamw_at_its_block():
@@ -378,6 +381,7 @@ def test_gpu_suite_stops_each_step_at_its_share_of_the_budget():
     assert plan.seconds_left(400, 0.9) == pytest.approx(40, abs=1)
     assert plan.seconds_left(400, 0.75) == 0  # 25 s left in its share: too little to start a command
     assert plan.seconds_left(400, 0.35) == 0  # its share is spent
+    assert plan.seconds_left(400, 0.95, suite.MIN_TRAINER_SECONDS) == 0  # 45 s: too few to compile the 270M
     code, output, seconds = suite.run(["false"], {}, timeout=0.0)  # a command given no time is not started
     assert (code, seconds) == (124, 0.0) and "not started" in output
     shares = list(suite.STEP_SHARES.values())
@@ -946,6 +950,24 @@ def test_gpu_suite_names_the_commit_from_the_assets_without_git(tmp_path, monkey
                                                     "recorded abc1234")
     (tmp_path / suite.COMMIT_FILE).write_text("abc1234\n")  # an older record, without a fingerprint
     assert "has changed since" in suite.source_commit(tmp_path)
+    # With an older .git there (the device's copy of the session's first one): still stale, git's answer a hint.
+    monkeypatch.setattr(suite, "git_commit", lambda: "f2f2f86, with uncommitted changes")
+    assert suite.source_commit(tmp_path) == (
+        "unknown: the source has changed since --make-assets recorded abc1234 (run --make-assets again before the "
+        "device run; this copy's git says f2f2f86, with uncommitted changes)")
+
+
+def test_gpu_suite_make_assets_into_a_file_is_one_line_and_a_second_copy_works(tmp_path, capsys):
+    suite = load_script("gpu_suite")
+    (tmp_path / "afile").write_text("x")
+    assert suite.main(["--make-assets", str(SHARED), "--assets", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu_suite: error: could not write the assets into") and err.count("\n") == 1
+    assets = tmp_path / "assets"
+    assert suite.main(["--make-assets", str(SHARED), "--assets", str(assets)]) == 0
+    for path in [assets / "tiktoken_cache", *(assets / "tiktoken_cache").rglob("*")]:  # ../shared's read-only modes
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    assert suite.main(["--make-assets", str(SHARED), "--assets", str(assets)]) == 0  # (again before each device run)
 
 
 def test_gpu_suite_reports_a_gpu_profiles_operators_and_its_longest_kernels(tmp_path):

@@ -133,6 +133,12 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     capsys.readouterr()
     assert test_train.train_losses(again) == test_train.train_losses(out)
     assert test_train.val_losses(again) == test_train.val_losses(out)  # evaluated at the same steps, too
+    # The model card's training table says the optimizer row holds the last settings, and what changed.
+    assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "card")]) == 0
+    card = (tmp_path / "card" / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| optimizer |"))
+    assert "learning rate 0.005" in row and "(the last settings; they changed on resume: at step 4, learning_rate " \
+        "0.01 -> 0.005, eval_interval 10 -> 3)" in row
 
     # Checkpoints written before invocations were recorded: the MFU at the average rate, from the log lines'
     # records (it said "not known" for such a run)

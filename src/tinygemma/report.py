@@ -131,7 +131,7 @@ def reproduce_command(recipe: dict) -> str:
 def reproduce_block(recipe: dict, state: dict, intro: str) -> list[str]:
     """`intro`, then the command that reproduces the run; where a resume changed settings (a lower learning rate
     after a spike), one command for each part, each --stop-at where the next changed them."""
-    changes = [(p["steps"][0], p["changed"]) for p in state.get("invocations") or [] if p.get("changed")]
+    changes = resume_changes(state)
     # A checkpoint before the schedule's end (a run stopped midway, an earlier best): trained to it, not past it
     # (--stop-at keeps the schedule).
     stop = f" --stop-at {state['step']}" if stopped_early(recipe, state) else ""
@@ -146,11 +146,19 @@ def reproduce_block(recipe: dict, state: dict, intro: str) -> list[str]:
         sets = " ".join(f"--set {shlex.quote(f'train.{name}={as_text(now)}')}" for name, (_, now) in changed.items())
         until = f" --stop-at {changes[k + 1][0]}" if k + 1 < len(changes) else stop
         commands.append(f"tinygemma train --out {out} --resume {sets}{until}")
-    told = "; ".join(f"at step {step:,}, " + ", ".join(f"{name} {as_text(was)} -> {as_text(now)}"
-                                                        for name, (was, now) in changed.items())
+    return [f"{intro}, in parts, as it was trained: its settings changed on resume ({changes_told(changes)}):", "",
+            "```bash", *commands, "```", ""]
+
+
+def resume_changes(state: dict) -> list[tuple[int, dict]]:
+    """(first step, {setting: (was, now)}) of each invocation that changed settings on resume."""
+    return [(p["steps"][0], p["changed"]) for p in state.get("invocations") or [] if p.get("changed")]
+
+
+def changes_told(changes: list[tuple[int, dict]]) -> str:
+    return "; ".join(f"at step {step:,}, " + ", ".join(f"{name} {as_text(was)} -> {as_text(now)}"
+                                                      for name, (was, now) in changed.items())
                      for step, changed in changes)
-    return [f"{intro}, in parts, as it was trained: its settings changed on resume ({told}):", "", "```bash",
-            *commands, "```", ""]
 
 
 def stopped_early(recipe: dict, state: dict) -> bool:
@@ -490,7 +498,9 @@ def training_section(known: dict) -> list[str]:
                         else f"{tokens:,} ({state['step']:,} optimizer steps)") if tokens else UNKNOWN),
             ("batch", f"{train.get('batch_size', 0) * train.get('grad_accum_steps', 0):,} sequences of "
                       f"{train.get('block_size', 0):,} tokens per step"),
-            ("optimizer", optimizer_description(train)),
+            ("optimizer", optimizer_description(train) + (f" (the last settings; they changed on resume: "
+                                                          f"{changes_told(resume_changes(state))})"
+                                                          if resume_changes(state) else "")),
             *machine_rows(run, state)]
     if state.get("elapsed_s"):
         rows.append(("training time", f"{format_duration(state['elapsed_s'])} of optimizer steps"))

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -957,7 +958,7 @@ def test_gpu_suite_names_the_commit_from_the_assets_without_git(tmp_path, monkey
         "device run; this copy's git says f2f2f86, with uncommitted changes)")
 
 
-def test_gpu_suite_make_assets_into_a_file_is_one_line_and_a_second_copy_works(tmp_path, capsys):
+def test_gpu_suite_make_assets_into_a_file_is_one_line_and_a_second_copy_works(tmp_path, capsys, monkeypatch):
     suite = load_script("gpu_suite")
     (tmp_path / "afile").write_text("x")
     assert suite.main(["--make-assets", str(SHARED), "--assets", str(tmp_path / "afile")]) == 2
@@ -967,6 +968,14 @@ def test_gpu_suite_make_assets_into_a_file_is_one_line_and_a_second_copy_works(t
     assert suite.main(["--make-assets", str(SHARED), "--assets", str(assets)]) == 0
     for path in [assets / "tiktoken_cache", *(assets / "tiktoken_cache").rglob("*")]:  # ../shared's read-only modes
         path.chmod(0o555 if path.is_dir() else 0o444)
+    real = shutil.copyfile
+
+    def as_a_user(src, dst, *args, **kwargs):  # root writes through read-only modes; a user does not
+        if Path(dst).exists() and not Path(dst).stat().st_mode & 0o200:
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", as_a_user)
     assert suite.main(["--make-assets", str(SHARED), "--assets", str(assets)]) == 0  # (again before each device run)
 
 

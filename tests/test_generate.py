@@ -301,6 +301,17 @@ def test_generate_waits_for_the_device_only_after_the_last_token(model, monkeypa
     streamed = torch.stack(list(generate_stream(model, ids, 8, temperature=0)), dim=1)
     assert len(waits) == 8 and torch.equal(out[:, 3:], streamed)
 
+    # Sampling neither: torch.multinomial read two checks back to the host for every draw (per row, with a
+    # generator each). Counted as the profiler sees reads of a device value: as many for 16 tokens as for 4.
+    def reads(tokens: int, **kwargs) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), tokens, **kwargs)
+        return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+
+    for kwargs in ({"temperature": 0}, {"temperature": 1.0},
+                   {"temperature": 0.8, "top_k": 20, "generator": [torch.Generator().manual_seed(i) for i in (0, 1)]}):
+        assert reads(4, **kwargs) == reads(16, **kwargs) <= 4, kwargs
+
 
 def test_the_readmes_python_example_runs(ckpt, capsys):
     """README's Python block as written, at gemma3-tiny's size, on a saved checkpoint for runs/cpu-demo (no

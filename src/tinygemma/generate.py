@@ -65,9 +65,14 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     logits = filter_logits(logits, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
+    # torch.multinomial(probs, 1)'s own draw, the same tokens for the same generator: the largest probs / q for q
+    # exponential(1), which picks each token with its probability. Drawn here, without multinomial's checks of the
+    # probabilities, each a wait for the device on a GPU (twice a token, or per row with a generator each).
     if isinstance(generator, list):
-        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        q = torch.stack([torch.empty_like(row).exponential_(1, generator=g) for row, g in zip(probs, generator)])
+    else:
+        q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1)
 
 
 # ------------------------------------------------------------------ the generation loop
@@ -117,7 +122,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
         if check_each_token:
             if not bool(finite.all()):  # sampling would raise deep in torch, argmax print nonsense
                 raise NonFiniteLogits(model, dtype, f"at new token {step + 1}")
-        else:  # (sampling NaN probabilities would stop CUDA at a device-side assert: what is drawn is discarded)
+        else:  # (what is drawn from them is discarded: zeroed, they draw uniformly, without NaN's errors)
             broken |= ~finite.all()
             logits = torch.where(finite, logits, 0.0)
         if seen is not None:

@@ -355,6 +355,15 @@ def test_numpy_integers_and_floats_from_a_notebook_are_taken_as_pythons():
     json.dumps([dataclasses.asdict(model), dataclasses.asdict(train), dataclasses.asdict(data)])
     with pytest.raises(UserError, match="train.batch_size must be an integer >= 1, got np.float64"):
         TrainConfig(batch_size=np.float64(8))
+    # Set on a recipe afterwards, as a notebook does: train() and run() read it through checked_recipe.
+    from tinygemma.config import GenerateConfig, checked_recipe
+
+    recipe = load_recipe(None)
+    recipe.train.batch_size, recipe.train.learning_rate = np.int64(8), np.float32(1e-3)
+    recipe.model_overrides["n_layers"], recipe.generate = np.int64(4), GenerateConfig(seed=np.int64(3))
+    checked = checked_recipe(recipe)
+    assert (checked.train.batch_size, checked.model_overrides["n_layers"], checked.generate.seed) == (8, 4, 3)
+    assert type(checked.train.learning_rate) is float
 
 
 def test_set_items_are_read_one_way_everywhere():

@@ -20,6 +20,7 @@ from tinygemma.files import (
     atomic_save_safetensors,
     atomic_write_json,
     atomic_write_text,
+    check_output_folder,
     check_output_path,
     read_safetensors,
     remove_temporaries,
@@ -143,12 +144,14 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path):
     with pytest.raises(WriteError, match="Not a directory"):  # writing there without the check
         atomic_write_text(tmp_path / "metrics.jsonl" / "x.json", "{}")
 
-    # A link to nowhere, as the folder itself or above it: mkdir said only "File exists".
+    # A link to nowhere, as an output folder or above any output: mkdir said only "File exists". A file's own
+    # path may be one: the file replaces the link (a GGUF export's --out).
     (tmp_path / "out").symlink_to(tmp_path / "gone" / "x")
     (tmp_path / "up").symlink_to(tmp_path / "gone")
-    for path in (tmp_path / "out", tmp_path / "up" / "run"):
+    for check, path in ((check_output_folder, tmp_path / "out"), (check_output_path, tmp_path / "up" / "run")):
         with pytest.raises(UserError, match=r"is a link to .*gone.*, which does not exist"):
-            check_output_path(path)
+            check(path, *(["the run"] if check is check_output_folder else []))
+    assert check_output_path(tmp_path / "out") == tmp_path / "out"
     (tmp_path / "gone").mkdir()
     assert check_output_path(tmp_path / "up" / "run") == tmp_path / "up" / "run"
 

@@ -612,6 +612,10 @@ def test_top_k_0_or_none_samples_among_all_tokens(ckpt, capsys):
         outs[k] = capsys.readouterr().out
     assert outs["0"] == outs["none"] == outs[str(GPT2_SPEC["vocab_size"])]  # no filter = k of the whole vocabulary
     assert outs["0"] != outs["1"]  # where top-k 1 would have been greedy
+    # --top-p none and --min-p none (their recipes' none) are no filter too, as 1 and 0 are
+    for flags in (["--top-p", "none", "--min-p", "none"], ["--top-p", "1", "--min-p", "0"]):
+        assert main([*base, "--top-k", "0", *flags]) == 0
+        assert capsys.readouterr().out == outs["0"]
 
 
 @pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-300])

@@ -170,6 +170,11 @@ def test_tensorboard_of_a_fork_or_added_on_resume_holds_the_steps_before_too(dat
     run(data_dir, out, *SHORT, "loggers=wandb", stop_at=6)
     train(load_recipe(None, tiny_settings(data_dir, fork, *SHORT, "loggers=tensorboard")),
           resume_from=out / "checkpoints" / "step_000006", quiet=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    failed = SummaryWriter(str(out / "tb"))  # what a resume whose other logger failed to start left: no scalars
+    failed.add_text("config", "{}", 6)
+    failed.close()
     run(data_dir, out, *SHORT, "loggers=tensorboard,wandb", resume=True)
     for folder in (out, fork):
         want, board = expected_scalars(folder), tensorboard_scalars(folder)

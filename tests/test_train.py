@@ -234,7 +234,11 @@ def test_python_resumes_a_run_from_its_saved_recipe(data_dir, tmp_path):
     recipe = saved_recipe(out, ["log_interval=3"])
     assert recipe.model_preset == "gemma3-tiny" and recipe.train.max_steps == 6 and recipe.train.log_interval == 3
     assert recipe.model_overrides["d_model"] == 64 and Path(recipe.out) == out
-    assert train(recipe, resume=True, quiet=True)["step"] == 6
+    # The folder given, not the one its records name: a run moved (or copied to branch it) resumes where it is.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert Path(saved_recipe(moved).out) == moved and train(saved_recipe(moved), resume=True, quiet=True)["step"] == 6
+    assert not out.exists()
 
 
 def test_a_model_llama_cpp_cannot_run_is_said_as_training_starts(data_dir, tmp_path, capsys):

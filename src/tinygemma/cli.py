@@ -467,6 +467,16 @@ def _top_k(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a whole number, 0 or none, got {text!r}") from None
 
 
+def _optional_number(text: str) -> float | None:
+    """--top-p, --min-p: a number, or none for no such filter (the recipe's none)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
 def add_generate(subparsers) -> None:
     defaults = GenerateConfig()  # the recipe's [generate] defaults
     p = subparsers.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
@@ -480,12 +490,14 @@ def add_generate(subparsers) -> None:
     p.add_argument("--top-k", type=_top_k, default=defaults.top_k,
                    help=f"sample only among the k most likely tokens; 0 or none: among all of them, as with "
                         f"--top-p alone (default {defaults.top_k})")
-    p.add_argument("--top-p", type=float, default=defaults.top_p,
+    p.add_argument("--top-p", type=_optional_number, default=defaults.top_p,
                    help="nucleus sampling: only the most likely tokens whose probabilities add up to p, in (0, 1] "
                         f"(default {defaults.top_p})")
-    p.add_argument("--min-p", type=float, default=defaults.min_p,
-                   help="keep only the tokens at least p times as likely as the most likely one, in [0, 1], as "
-                        f"transformers' and llama.cpp's min_p (0.05 to 0.1 are usual); 0 is none (default {defaults.min_p})")
+    p.add_argument("--min-p", type=_optional_number, default=defaults.min_p,
+                   help="keep only the tokens at least p times as likely as the most likely one, in [0, 1], after "
+                        "the temperature, top-k and top-p, as transformers' min_p (llama.cpp's min_p has the same "
+                        "threshold, but applies the temperature after it); 0 or none is none (default "
+                        f"{defaults.min_p})")
     p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
                    help="divide the logit of each token already in the text by this (multiply it, if negative), "
                         "as transformers' repetition_penalty: 1.1 to 1.3 curb a small model's loops; 1 is none "

@@ -323,7 +323,7 @@ class GenerateConfig:
     temperature: float = 0.8  # softmax temperature; 0 = greedy
     top_k: int | None = 200  # sample among the k most likely tokens; none (or 0) = all
     top_p: float | None = None  # nucleus sampling threshold in (0, 1]; none = off
-    min_p: float | None = None  # keep only tokens at least this fraction of the most likely one's probability, in [0, 1], as transformers' and llama.cpp's min_p; none (or 0) = off
+    min_p: float | None = None  # keep only tokens at least this fraction of the most likely one's probability, in [0, 1], after temperature, top-k and top-p, as transformers' min_p; none (or 0) = off
     seed: int = 1337  # sampling seed: prompt i (from 0) samples with seed + i
     repetition_penalty: float = 1.0  # a token already in the text has its logit divided by this (multiplied, if negative), as transformers' repetition_penalty; 1 = none
 
@@ -557,9 +557,9 @@ def _read_bool(value, from_text: bool, key: str) -> bool:
 
 def _read_int(value, from_text: bool, key: str) -> int:
     if not from_text:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):  # (numpy's too, from a notebook)
             raise ValueError
-        return value
+        return int(value)
     try:
         return int(value.replace("_", ""))  # exactly, however large (a seed of 64 bits)
     except ValueError:
@@ -574,7 +574,7 @@ def _read_int(value, from_text: bool, key: str) -> int:
 def _read_float(value, from_text: bool, key: str) -> float:
     if from_text:
         value = float(value.replace("_", ""))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+    if not is_real(value) or value != value or abs(value) == float("inf"):  # (numpy's too)
         raise ValueError
     return float(value)
 
@@ -584,8 +584,8 @@ def _read_str(value, from_text: bool, key: str) -> str:
         value = os.fspath(value)
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):  # micro_batch_size = 64 in a recipe file
-        return str(value)
+    if is_integer(value):  # micro_batch_size = 64 in a recipe file
+        return str(int(value))
     if not isinstance(value, str):
         raise ValueError
     return value

@@ -273,13 +273,11 @@ def is_lock_file(path: Path) -> bool:
 
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     """`path` as a Path, refused in one line when no file can be made there because a folder above it is a file
-    (rather than the OSError "Not a directory" that writing would meet) or it is a link to nothing, or when it lies in a run's checkpoints/,
+    (rather than the OSError "Not a directory" that writing would meet) or links to nothing, or when it lies in a run's checkpoints/,
     whose pruning would delete it (in_run_checkpoints)."""
     path = Path(path)
-    for link in (path, *path.parents):  # a link to nowhere: mkdir would say only "File exists"
-        if link.is_symlink() and not link.exists():
-            raise UserError(f"{flag} {path}: {link} is a link to {os.readlink(link)}, which does not exist: create "
-                            "what it points to, or give another place")
+    for link in path.parents:  # a folder above that links to nowhere: mkdir would say only "File exists"
+        check_not_dangling(link, path, flag)
     for parent in path.parents:  # nearest first
         if parent.exists():
             if not parent.is_dir():
@@ -292,11 +290,18 @@ def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def check_not_dangling(link: Path, path: Path, flag: str) -> None:
+    if link.is_symlink() and not link.exists():
+        raise UserError(f"{flag} {path}: {link} is a link to {os.readlink(link)}, which does not exist: create that "
+                        "folder, or give another place")
+
+
 def check_output_folder(path: str | Path, what: str, flag: str = "--out") -> Path:
     """`path` as a Path for a command that fills a folder with `what`: refused in one line, naming `flag` (the
     option or setting that gave it), when it or a folder above it is a file. Whether an existing folder is the
     command's to fill is the command's own question."""
     path = check_output_path(path, flag)
+    check_not_dangling(path, path, flag)  # (a file's path may: the file replaces the link)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file; give the folder to write {what} into")
     return path

@@ -94,7 +94,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     autocast, the steps after the prompt replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
     Logits that are not finite are refused (UserError) before the token they would give: a wait for the device
     each token, which a consumer of the tokens waits for anyway; `check_each_token=False` (generate's) checks once
-    after the last token instead, so that the host queues the steps while the device runs them.
+    after the last token instead, so that the host queues the steps while the device runs them (a consumer that
+    stops early then gets no check: the tokens it took may come from logits that were not finite).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)

@@ -150,6 +150,19 @@ def reproduce_block(recipe: dict, state: dict, intro: str) -> list[str]:
             "```bash", *commands, "```", ""]
 
 
+# The settings the card's optimizer row states (a change of the others, an interval say, is no change of it)
+OPTIMIZER_SETTINGS = ("optimizer", "learning_rate", "min_lr", "muon_learning_rate", "lr_schedule", "warmup_steps",
+                      "cooldown_fraction")
+
+
+def optimizer_changes(state: dict) -> str:
+    """What the optimizer row adds where a resume changed what it states: that it gives the last settings."""
+    changes = [(step, {name: c for name, c in changed.items() if name in OPTIMIZER_SETTINGS})
+               for step, changed in resume_changes(state)]
+    changes = [(step, changed) for step, changed in changes if changed]
+    return f" (the last settings; they changed on resume: {changes_told(changes)})" if changes else ""
+
+
 def resume_changes(state: dict) -> list[tuple[int, dict]]:
     """(first step, {setting: (was, now)}) of each invocation that changed settings on resume."""
     return [(p["steps"][0], p["changed"]) for p in state.get("invocations") or [] if p.get("changed")]
@@ -498,9 +511,7 @@ def training_section(known: dict) -> list[str]:
                         else f"{tokens:,} ({state['step']:,} optimizer steps)") if tokens else UNKNOWN),
             ("batch", f"{train.get('batch_size', 0) * train.get('grad_accum_steps', 0):,} sequences of "
                       f"{train.get('block_size', 0):,} tokens per step"),
-            ("optimizer", optimizer_description(train) + (f" (the last settings; they changed on resume: "
-                                                          f"{changes_told(resume_changes(state))})"
-                                                          if resume_changes(state) else "")),
+            ("optimizer", optimizer_description(train) + optimizer_changes(state)),
             *machine_rows(run, state)]
     if state.get("elapsed_s"):
         rows.append(("training time", f"{format_duration(state['elapsed_s'])} of optimizer steps"))

@@ -131,9 +131,10 @@ class TensorBoard:
     name, resume_id = "tensorboard", None
 
     def __init__(self, run_dir: Path, config: dict, start: int, saved):
-        # No events yet on a resume: a fork (--resume-from copies the records, not tb/) or tensorboard newly added
-        # to train.loggers; backfill then writes the steps before the checkpoint, as wandb and trackio get them.
-        self.empty = not any((run_dir / "tb").glob("events.out.tfevents.*"))
+        # No scalars yet on a resume: a fork (--resume-from copies the records, not tb/) or tensorboard newly added
+        # to train.loggers (a start that failed may have left an events file with the config alone); backfill then
+        # writes the steps before the checkpoint, as wandb and trackio get them.
+        self.empty = not holds_scalars(run_dir / "tb")
         try:  # installed but broken (a protobuf it cannot use, ...) is one line, as a failed start is
             from torch.utils.tensorboard import SummaryWriter
 
@@ -163,6 +164,21 @@ class TensorBoard:
 
     def close(self, exit_code: int) -> None:
         self.writer.close()
+
+
+def holds_scalars(folder: Path) -> bool:
+    """Whether an events file in `folder` holds a scalar, read up to the first one found; an unreadable file
+    is taken to hold some (its steps are not written twice)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                if any(value.tag.startswith(("train/", "val/")) for value in event.summary.value):
+                    return True
+        except Exception:
+            return True
+    return False
 
 
 class Wandb:

@@ -206,7 +206,8 @@ def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | N
             f"model.{name}" in given and given[f"model.{name}"] != str(model.get(name))
             for name in ("n_layers", "sliding_window_pattern")):
         model.pop("layer_types", None)
-    recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), list(overrides))
+    # The folder given, not the one its records name (a run moved, or copied to branch it, would resume another)
+    recipe = apply_overrides(Recipe.from_dict(resolved, source=str(saved)), [f"train.out={out}", *overrides])
     had = model.get("preset")
     # Every saved model field is an override: another preset would change nothing but the run's label.
     if had is not None and recipe.model_preset != had:

@@ -143,6 +143,22 @@ def test_min_p_is_transformers_own_after_top_k_and_top_p():
     assert torch.equal(sample_next_token(logits, 1.0, generator=g, min_p=1.0), logits.argmax(-1))
 
 
+def test_the_racing_draw_is_multinomials_own():
+    """Sampling draws as torch.multinomial does one sample (the largest probs / exponential(1)) without its checks,
+    which read the device back; MPS takes multinomial itself. The same tokens for the same generators, one or a
+    generator per row, over filtered (zero) probabilities too."""
+    from tinygemma.generate import draw_multinomial, draw_racing
+
+    probs = (torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 2).softmax(-1)
+    probs[:, ::3] = 0
+    for _ in range(20):
+        one = [torch.Generator().manual_seed(7) for _ in range(2)]
+        rows = [[torch.Generator().manual_seed(i) for i in range(6)] for _ in range(2)]
+        assert torch.equal(draw_racing(probs, one[0]), draw_multinomial(probs, one[1]))
+        assert torch.equal(draw_racing(probs, rows[0]), draw_multinomial(probs, rows[1]))
+        probs = probs.roll(1, dims=-1)
+
+
 def test_sampling_draws_only_from_the_filtered_tokens():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(2000, 4)
     g = torch.Generator().manual_seed(0)

@@ -65,9 +65,22 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     logits = filter_logits(logits, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
-    # torch.multinomial(probs, 1)'s own draw, the same tokens for the same generator: the largest probs / q for q
-    # exponential(1), which picks each token with its probability. Drawn here, without multinomial's checks of the
-    # probabilities, each a wait for the device on a GPU (twice a token, or per row with a generator each).
+    # multinomial's own draw, without its checks of the probabilities: each a wait for the device on a GPU (twice
+    # a token, or per row with a generator each). On other devices (MPS: memory shared with the host, and its own
+    # multinomial), multinomial itself.
+    return (draw_racing if probs.device.type in ("cpu", "cuda") else draw_multinomial)(probs, generator)
+
+
+def draw_multinomial(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row of `probs` [B, V], by torch.multinomial (a generator each, for a list of them)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def draw_racing(probs: torch.Tensor, generator) -> torch.Tensor:
+    """draw_multinomial's tokens for the same generators, as torch.multinomial draws one sample: the largest
+    probs / q, for q exponential(1), which picks each token with its probability."""
     if isinstance(generator, list):
         q = torch.stack([torch.empty_like(row).exponential_(1, generator=g) for row, g in zip(probs, generator)])
     else:

@@ -101,10 +101,11 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
-    receiving `eos_id`). `temperature=0` is greedy; top_k, top_p and min_p filter as filter_logits; `repetition_penalty` (penalize_repeats) applies first, to
-    the tokens of the prompt and of the text so far, as in transformers. `vocab_size` (the tokenizer's) keeps the tokens sampled
-    below it, where the model has more ids than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside
-    autocast, the steps after the prompt replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
+    receiving `eos_id`). `temperature=0` is greedy; top_k, top_p and min_p filter as filter_logits;
+    `repetition_penalty` (penalize_repeats) applies first, to the tokens of the prompt and of the text so far, as in
+    transformers. `vocab_size` (the tokenizer's) keeps the tokens sampled below it, where the model has more ids
+    than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside autocast, the steps after the prompt
+    replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
     Logits that are not finite are refused (UserError) before the token they would give: a wait for the device
     each token, which a consumer of the tokens waits for anyway; `check_each_token=False` (generate's) checks once
     after the last token instead, so that the host queues the steps while the device runs them (a consumer that

@@ -202,6 +202,52 @@ def test_datasets_on_disk_and_the_hub_path(stories_dir, valid, tmp_path, monkeyp
         prepare(tmp_path / "none", sources=[val_only], workers=1, progress=False)
     assert not (tmp_path / "none").exists()
 
+    # Mixed: a source with a validation split and one without. 5% of all is set aside, the split unused: said.
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        meta = prepare(tmp_path / "mixed", sources=[saved, stories_dir / "valid.txt"], limit=60, workers=1,
+                       progress=False)
+    assert meta["source"]["val"] == "set aside from the training source"
+    assert f"warning: the validation split of {saved} is unused: the other sources have none" in said.getvalue()
+
+    # A .json in JSON Lines layout, as Dataset.to_json writes by default: read as .jsonl (it was "not JSON").
+    lines = tmp_path / "exported.json"
+    datasets.Dataset.from_dict({"text": train}).to_json(str(lines))
+    prepare(tmp_path / "lines", sources=[lines], val_sources=[stories_dir / "valid.txt"], workers=1, progress=False)
+    assert documents(open_prepared(tmp_path / "lines"), "train") == train
+
+
+def test_the_same_training_source_twice_is_refused(stories_dir, tmp_path):
+    """Given twice (a shell pattern and the file again), a source's stories set aside for validation were trained
+    on through the other copy."""
+    link = tmp_path / "link.txt"
+    link.symlink_to(stories_dir / "valid.txt")
+    with pytest.raises(UserError, match="is given twice as a training source"):
+        prepare(tmp_path / "out", sources=[stories_dir / "valid.txt", link], progress=False, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_as_a_tokenizer_json_is_gpt2_for_a_recipe(stories_dir, tmp_path):
+    """GPT-2's vocabulary saved as a tokenizer.json (a transformers export's) goes with gpt2 data and back; a
+    recipe asking for one found the other refused as "tokenizer: gpt2, the recipe asks for gpt2"."""
+    from tinygemma.config import DataConfig
+    from tinygemma.data import data_differences
+    from tinygemma.tokenizer import load_tokenizer
+
+    saved = tmp_path / "gpt2.json"
+    saved.write_text(load_tokenizer("gpt2").hf_json())
+    source = [str(stories_dir / "valid.txt")]
+    for tokenizer, asked in (("gpt2", str(saved)), (str(saved), "gpt2")):
+        prepare(tmp_path / tokenizer.replace("/", "_"), sources=source, tokenizer=tokenizer, limit=30, workers=1,
+                progress=False)
+        prepared = open_prepared(tmp_path / tokenizer.replace("/", "_"))
+        assert data_differences(DataConfig(source=source, limit=30, tokenizer=asked), prepared) == []
+    assert data_differences(DataConfig(source=source, limit=30, tokenizer="bpe"), open_prepared(tmp_path / "gpt2")) == [
+        "tokenizer: gpt2, the recipe asks for bpe"]
+
 
 def test_hub_with_a_limit_streams_only_the_first_stories(stories_dir, valid, r50k, tmp_path, monkeypatch, capsys):
     datasets = pytest.importorskip("datasets")

@@ -192,6 +192,9 @@ def _json_stories(path: Path) -> Iterator[str]:
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and isinstance(json.loads(e.doc[: e.pos]), dict):  # JSON Lines in a .json:
+            yield from _jsonl_stories(path)  # what datasets' Dataset.to_json writes by default
+            return
         raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
     except ValueError as e:  # a number past Python's 4,300 digits
         raise UserError(f"{path} is not JSON that Python reads ({e})") from None
@@ -610,7 +613,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
 
 def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
                   progress, notes: list[str] = ()) -> dict:
-    split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress)
+    notes = list(notes)
+    split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress, notes)
     for note in notes:  # the sources found too: nothing refused
         print(f"tinygemma: warning: {note}", file=sys.stderr, flush=True)
 
@@ -700,10 +704,16 @@ def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, l
 SPLIT_UNUSED = " (its validation split unused)"  # meta's source.val where --val-fraction passed a split over
 
 
-def _open_splits(sources, val_sources, val_fraction, limit, progress):
+def _open_splits(sources, val_sources, val_fraction, limit, progress, notes: list[str]):
     """({"train": stories, "val": stories} as re-readable streams, where validation comes from, and the fraction
     of training stories set aside for it, or None). Every source is opened before anything is written: a missing
-    file fails here, with no output."""
+    file fails here, with no output. What is worth a warning goes into `notes`."""
+    seen = set()
+    for source in sources or []:  # (a shell pattern and the same file again, say)
+        if Path(source).resolve() in seen:
+            raise UserError(f"{source} is given twice as a training source: its stories would be trained on twice, "
+                            "and those set aside for validation trained on through the other copy")
+        seen.add(Path(source).resolve())
     train_splits = [_open_source(s, limit, progress) for s in (sources or [None])]
     val_splits = [_open_source(s) for s in val_sources or []]
     training_files = {Path(s).resolve() for s in sources or []}
@@ -723,6 +733,10 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress):
         val_from = "the training source's validation split"
     else:
         unused = val_fraction is not None and all("validation" in splits for splits in train_splits)
+        dropped = [str(s) for s, splits in zip(sources or [], train_splits) if "validation" in splits]
+        if dropped and not unused:  # (recorded as before: the recipe that made it would make it so again)
+            notes.append(f"the validation split of {', '.join(dropped)} is unused: the other sources have none, so "
+                         f"validation is {val_fraction or DEFAULT_VAL_FRACTION:g} of all the training stories")
         val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
         val = None
         val_from = "set aside from the training source" + (SPLIT_UNUSED if unused else "")
@@ -932,17 +946,17 @@ def data_differences(want: DataConfig, data: PreparedData) -> list[str]:
         differences.append(f"limit: {recorded.get('limit')}, the recipe asks for {want.limit}")
     spec = meta.get("tokenizer") or {}
     kind = spec.get("kind")
-    if want.tokenizer == "gpt2" or kind == "gpt2":
-        if kind != want.tokenizer:
-            differences.append(f"tokenizer: {data.tokenizer().identity if kind != 'gpt2' else 'gpt2'}, the recipe "
-                               f"asks for {want.tokenizer}")
+    if want.tokenizer == "gpt2" and kind == "gpt2":
+        pass
+    elif want.tokenizer == "bpe" and kind == "gpt2":
+        differences.append("tokenizer: gpt2, the recipe asks for bpe")
     elif want.tokenizer == "bpe":
         vocab_size = want.vocab_size or DEFAULT_BPE_VOCAB_SIZE
         # What prepare was asked for (a BPE trained on few stories can stop short of it), else what it has.
         asked = recorded.get("bpe_vocab_size", data.vocab_size)
         if asked != vocab_size:
             differences.append(f"vocabulary: a BPE of {asked:,}, the recipe asks for a BPE of {vocab_size:,}")
-    elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:
+    elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:  # (GPT-2's as a tokenizer.json is gpt2)
         differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for {want.tokenizer}")
     return differences
 

@@ -4,6 +4,7 @@ existing output left exactly as it was. One table, one test per row."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -531,12 +532,13 @@ def test_sigterm_and_ctrl_c_together_are_one_line(tmp_path, stories_dir):
     pending when Python next runs its handlers: the first one's handler held the other off with SIG_IGN, and
     Python printed "OSError: Signal 15 ignored due to race condition" with a traceback. Planted: both sent
     while blocked, then let through at once."""
-    both = ("import os, signal, time, tinygemma.data\n"
+    # (sent to this thread, which blocks them: sent to the process, another thread, torch's, took them at once)
+    both = ("import os, signal, threading, time, tinygemma.data\n"
             "def planted(*args, **kwargs):\n"
             "    signals = {signal.SIGINT, signal.SIGTERM}\n"
             "    signal.pthread_sigmask(signal.SIG_BLOCK, signals)\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+            "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)\n"
             "    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)\n"
             "    time.sleep(5)\n"
             "tinygemma.data._tokenize_to_file = planted\n")
@@ -595,3 +597,61 @@ def test_a_command_line_argparse_refuses_is_one_line_too(argv, words, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.count("\n") == 1 and words in err and "--help" in err, err
+
+
+def test_what_a_fuzz_review_found_from_python_and_the_command_line(world, tmp_path, capsys):
+    """A save_model whose meta JSON cannot hold wrote new weights beside the old checkpoint.json (a traceback, and
+    a checkpoint that no longer loaded), and meta could replace the model's config; paths of the wrong type were
+    TypeErrors (load_recipe(5) opened file descriptor 5); generate_text took no tokenizer name; a huge
+    model.vocab_size was killed for memory; a recipe with a byte-order mark was 'not valid TOML';
+    --push-to-hub "" exported without uploading; a GGUF export to a link replaced the link; a --resume-from
+    refusal named the fork's deleted copy."""
+    import datetime
+
+    import tinygemma
+    from tinygemma import UserError
+    from tinygemma.checkpoint import save_model
+    from tinygemma.config import ModelConfig
+    from tinygemma.generate import generate_text
+    from tinygemma.train import saved_recipe
+
+    model = tinygemma.load(world / "run")
+    save_model(model, tmp_path / "saved", meta={"note": "v1"})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    for meta, says in (({"when": datetime.date(2026, 1, 1)}, "meta must hold what JSON can"),
+                       ({"model": 5}, "meta may not set model"), ([1], "meta must be a dict")):
+        with pytest.raises(UserError, match=says):
+            save_model(model, tmp_path / "saved", meta=meta)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()} == before
+    for call, says in ((lambda: prepare(5, sources=[world / "stories.txt"]), "must be a path, got 5"),
+                       (lambda: export(world / "run", None), "must be a path, got None"),
+                       (lambda: load_recipe(5), "a recipe is given by its file's path, got 5"),
+                       (lambda: saved_recipe(None), "saved_recipe takes a run's folder, got None"),
+                       (lambda: generate_text(model, tokenizer=object(), prompt="Once"), "must be tinygemma's"),
+                       (lambda: generate_text(model, "gpt2", "Once", 2, on_text=5), "on_text must be a function"),
+                       (lambda: ModelConfig.preset("gemma3-tiny", vocab_size=99_999_999), "at most 262,208")):
+        with pytest.raises(UserError, match=re.escape(says)):
+            call()
+    assert len(generate_text(model, "gpt2", "Once", 3, temperature=0)[0][0]) > 0  # a tokenizer's name is taken
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes("\ufeff[train]\nmax_steps = 700\n".encode())
+    assert load_recipe(bom).train.max_steps == 700
+
+    hf = ["export", "--ckpt", str(world / "run"), "--out", str(tmp_path / "hf")]
+    assert main([*hf, "--push-to-hub", ""]) == 2
+    assert "--push-to-hub is empty" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "current.gguf").symlink_to(tmp_path / "models" / "v1.gguf")
+    from tinygemma.gguf_export import check_gguf_arguments
+
+    assert check_gguf_arguments(tmp_path / "current.gguf", "f32") == tmp_path / "models" / "v1.gguf"  # written there
+
+    broken = tmp_path / "broken"  # a checkpoint copied out of its run, its weights truncated
+    source = world / "run" / "checkpoints" / json.loads((world / "run" / "checkpoints" / "last.json").read_text())["dir"]
+    broken.mkdir()
+    for f in source.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:100])
+    assert main(["train", "--data", str(world / "data"), "--out", str(tmp_path / "fork"), "--resume-from", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'model.safetensors'} is not a readable safetensors file" in err and not (tmp_path / "fork").exists()

@@ -75,6 +75,15 @@ def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -
     atomically."""
     directory = check_model_out(directory)
     model.config.validate()  # (a config changed after the model was built is refused, not saved)
+    if meta is not None and not isinstance(meta, dict):
+        raise UserError(f"meta must be a dict of what checkpoint.json records beside the model, got {meta!r}")
+    taken = sorted({"format", "model"} & set(meta or {}))
+    if taken:  # (they replaced the model's own config: a checkpoint that never loads)
+        raise UserError(f"meta may not set {', '.join(taken)}: checkpoint.json records them itself")
+    try:  # before any file is written: a value JSON cannot hold left new weights beside the old checkpoint.json
+        json.dumps(meta or {}, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"meta must hold what JSON can (strings, numbers, lists, dicts): {e}") from None
     write_model(model, directory, meta)
 
 
@@ -475,7 +484,8 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
         raise
     config = out / "config.json"
     return {"dir": checkpoint_name(step), "step": step, "made": made,
-            "config": config.stat().st_ino if config.exists() else None}
+            "config": config.stat().st_ino if config.exists() else None,
+            "copies": {str(ckpts / checkpoint_name(number)): str(folder) for number, folder in kept.items()}}
 
 
 @contextlib.contextmanager
@@ -484,9 +494,14 @@ def forked_run(checkpoint: str | Path, out: str | Path):
     fork = fork_run(checkpoint, out)
     try:
         yield fork
-    except BaseException:
+    except BaseException as e:
         if not fork_started(Path(out), fork):
             remove_fork(Path(out), fork)
+            if isinstance(e, UserError) and e.args and isinstance(e.args[0], str):  # the copy is gone: name the source
+                message = e.args[0]
+                for copy, source in fork["copies"].items():
+                    message = message.replace(copy, source)
+                e.args = (message, *e.args[1:])
         raise
 
 

@@ -562,6 +562,8 @@ def _export_main(args) -> int:
     elif args.format == "hf" and gguf_name:  # a folder named .gguf would reach llama.cpp as a missing file
         raise UserError(f"--out {args.out} names a .gguf file, but --format hf writes a transformers directory; "
                         "use --format gguf, or another --out")
+    if args.push_to_hub is not None and not args.push_to_hub.strip():  # (an unset $REPO: exported, never uploaded)
+        raise UserError("--push-to-hub is empty: give the repository as USER/NAME")
     if args.private and not args.push_to_hub:
         raise UserError("--private applies to the repository --push-to-hub creates; give --push-to-hub REPO too")
     if args.push_to_hub and args.format != "hf":
@@ -587,7 +589,7 @@ def _export_main(args) -> int:
         try:
             dtype = parse_dtype({"f32": "float32", "f16": "float16"}.get(args.dtype, args.dtype))
         except UserError:
-            raise UserError(f"--dtype {args.dtype} is not an hf export's: choose float32, bfloat16 or float16 "
+            raise UserError(f"--dtype {args.dtype!r} is not an hf export's: choose float32, bfloat16 or float16 "
                             f"({', '.join(GGUF_DTYPES)} are --format gguf's)") from None
     out = export(args.ckpt, args.out, args.tokenizer, dtype=dtype,
                  finish=lambda folder: write_model_card(args.ckpt, folder, args.push_to_hub, name=args.out))

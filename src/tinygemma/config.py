@@ -66,6 +66,9 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
                      "sliding_window", "vocab_pad_multiple", "max_position_embeddings"):
             check_int(self, name, 1, "model", "a positive integer")
+        if self.vocab_size > MAX_VOCAB_SIZE:  # (99,999,999 rows: the process was killed for memory, no word said)
+            raise UserError(f"model.vocab_size must be at most {MAX_VOCAB_SIZE:,} (Gemma 3's largest embedding), got "
+                            f"{self.vocab_size:,}")
         if not isinstance(self.tie_embeddings, bool):
             raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         self.check_pattern()
@@ -431,10 +434,12 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     means `train.field`. Unknown sections or fields and ill-typed values are UserErrors naming them."""
     if path is None:
         recipe = Recipe()
+    elif not isinstance(path, (str, os.PathLike)):  # (open(5) would read file descriptor 5)
+        raise UserError(f"a recipe is given by its file's path, got {path!r}")
     else:
         try:
-            with open(path, "rb") as f:
-                recipe = Recipe.from_dict(tomllib.load(f), source=str(path))
+            with open(path, "rb") as f:  # (utf-8-sig: a byte-order mark, as Windows' Notepad writes, is no TOML)
+                recipe = Recipe.from_dict(tomllib.loads(f.read().decode("utf-8-sig")), source=str(path))
         except FileNotFoundError:
             raise UserError(f"recipe not found: {path}") from None
         except IsADirectoryError:

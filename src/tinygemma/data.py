@@ -39,6 +39,7 @@ from tinygemma.files import (
     atomic_path,
     atomic_write_json,
     check_output_folder,
+    check_output_path,
     is_training_run,
     locked_folder,
     others_than,
@@ -576,7 +577,7 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         path, or a Tokenizer.
     limit: keep only the first `limit` training stories. workers: processes (default: the cores this process may use).
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output_path(out_dir)  # (a path: prepare(5) is refused in one line; the rest in check_prepare_out)
     # One path is one source (a string is no list of one-letter sources)
     refusal = "must be story files: a path or a list of paths"  # (None: the hub, or the sources' own split)
     if sources is not None:

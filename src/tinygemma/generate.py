@@ -18,7 +18,7 @@ from tinygemma.config import check_sampling, is_integer
 from tinygemma.decode import GraphedStep, decode_plan
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3, check_tokenizer_fits
-from tinygemma.tokenizer import LONE_SURROGATE
+from tinygemma.tokenizer import LONE_SURROGATE, load_tokenizer
 
 # ------------------------------------------------------------------ sampling
 
@@ -335,6 +335,10 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     check_num_samples(num_samples, "num_samples")
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples,
                    repetition_penalty=repetition_penalty, min_p=min_p)
+    if isinstance(tokenizer, (str, os.PathLike)):  # a name or a tokenizer.json, as --tokenizer takes them
+        tokenizer = load_tokenizer(tokenizer)
+    if on_text is not None and not callable(on_text):
+        raise UserError(f"on_text must be a function of (sample, text), got {on_text!r}")
     check_tokenizer_fits(tokenizer, model)
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
     device = model.embed_tokens.weight.device

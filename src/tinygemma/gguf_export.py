@@ -15,6 +15,7 @@ reads no query_pre_attn_scalar, and its BPE splits text only in the ways it name
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,8 @@ def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
     if dtype not in GGUF_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r} for gguf; choose {', '.join(GGUF_DTYPES)}")
     out = check_output_path(out)
+    if out.is_symlink():  # the file it links to is the one written (renamed over, the link would become a file)
+        out = check_output_path(Path(os.path.realpath(out)))
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the .gguf file to write")
     if not out.parent.is_dir():

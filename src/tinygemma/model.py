@@ -17,6 +17,7 @@ from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.devices import compiled_copy
 from tinygemma.errors import UserError
 from tinygemma.loss import LOSS_CHUNK_SIZE, cross_entropy_from_hidden, token_cross_entropy
+from tinygemma.tokenizer import Tokenizer
 
 try:  # flex attention: sliding-window layers that do work proportional to the window (torch >= 2.5)
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -398,6 +399,9 @@ class Gemma3(nn.Module):
 
 def check_tokenizer_fits(tokenizer, model: Gemma3) -> None:
     """Refuse a tokenizer whose ids (those of its text, end-of-text and <bos>) the model has no rows for."""
+    if not isinstance(tokenizer, Tokenizer):  # (a transformers tokenizer, say)
+        raise UserError(f"the tokenizer must be tinygemma's (tinygemma.tokenizer.load_tokenizer: gpt2, or a "
+                        f"tokenizer.json), got a {type(tokenizer).__name__}")
     if tokenizer.model_vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.model_vocab_size:,} tokens, more "
                         f"than the model's {model.config.vocab_size:,}: they do not belong together")

@@ -185,6 +185,8 @@ def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | N
     last checkpoint's recorded recipe decides, since config.json is the newest invocation's, which may have
     failed before writing any (a learning rate that diverged would otherwise come back with every resume), or be
     missing (a run's checkpoints/ copied alone). None where `out` records no recipe."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise UserError(f"saved_recipe takes a run's folder, got {out!r}")
     saved = Path(out) / "config.json"
     last = checkpoint_pointer(Path(out))
     recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None

@@ -193,14 +193,17 @@ def _json_stories(path: Path) -> Iterator[str]:
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and isinstance(json.loads(e.doc[: e.pos]), dict):  # JSON Lines in a .json:
-            yield from _jsonl_stories(path)  # what datasets' Dataset.to_json writes by default
-            return
-        raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+        # JSON Lines in a .json (what datasets' Dataset.to_json writes by default): read as a .jsonl, below
+        if not (e.msg == "Extra data" and isinstance(json.loads(e.doc[: e.pos]), dict)):
+            raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+        records = None
     except ValueError as e:  # a number past Python's 4,300 digits
         raise UserError(f"{path} is not JSON that Python reads ({e})") from None
     except RecursionError:
         raise UserError(f"{path} is JSON nested too deeply to read") from None
+    if records is None:
+        yield from _jsonl_stories(path)
+        return
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON array of objects with a 'text' or 'story' field")
     yield from _clean(_record_text(record, f"{path} item {i}") for i, record in enumerate(records))

@@ -196,12 +196,12 @@ def _json_stories(path: Path) -> Iterator[str]:
         # JSON Lines in a .json (what datasets' Dataset.to_json writes by default): read as a .jsonl, below
         if not (e.msg == "Extra data" and isinstance(json.loads(e.doc[: e.pos]), dict)):
             raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
-        records = None
+        records = _jsonl_stories
     except ValueError as e:  # a number past Python's 4,300 digits
         raise UserError(f"{path} is not JSON that Python reads ({e})") from None
     except RecursionError:
         raise UserError(f"{path} is JSON nested too deeply to read") from None
-    if records is None:
+    if records is _jsonl_stories:
         yield from _jsonl_stories(path)
         return
     if not isinstance(records, list):

@@ -612,6 +612,7 @@ def test_what_a_fuzz_review_found_from_python_and_the_command_line(world, tmp_pa
     from tinygemma import UserError
     from tinygemma.checkpoint import save_model
     from tinygemma.config import ModelConfig
+    from tinygemma.evaluation import evaluate
     from tinygemma.generate import generate_text
     from tinygemma.train import saved_recipe
 
@@ -629,7 +630,9 @@ def test_what_a_fuzz_review_found_from_python_and_the_command_line(world, tmp_pa
                        (lambda: saved_recipe(None), "saved_recipe takes a run's folder, got None"),
                        (lambda: generate_text(model, tokenizer=object(), prompt="Once"), "must be tinygemma's"),
                        (lambda: generate_text(model, "gpt2", "Once", 2, on_text=5), "on_text must be a function"),
-                       (lambda: ModelConfig.preset("gemma3-tiny", vocab_size=99_999_999), "at most 262,208")):
+                       (lambda: ModelConfig.preset("gemma3-tiny", vocab_size=99_999_999), "at most 262,208"),
+                       (lambda: save_model("model", tmp_path / "m"), "save_model takes a Gemma3 and a folder, got a str"),
+                       (lambda: evaluate(None, [1, 2, 3], 2), "evaluate takes a Gemma3")):
         with pytest.raises(UserError, match=re.escape(says)):
             call()
     assert len(generate_text(model, "gpt2", "Once", 3, temperature=0)[0][0]) > 0  # a tokenizer's name is taken

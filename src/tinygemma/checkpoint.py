@@ -73,6 +73,8 @@ def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -
     """Write `model.safetensors` and `checkpoint.json` (the model config plus `meta`) into `directory`: a folder
     that is no run, checkpoint, prepared dataset or transformers model (check_model_out). Each file is written
     atomically."""
+    if not isinstance(model, Gemma3):
+        raise UserError(f"save_model takes a Gemma3 and a folder, got a {type(model).__name__} as the model")
     directory = check_model_out(directory)
     model.config.validate()  # (a config changed after the model was built is refused, not saved)
     if meta is not None and not isinstance(meta, dict):

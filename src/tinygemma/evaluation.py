@@ -62,6 +62,8 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     None without it. See `nats_and_bytes` for the definitions.
     """
     check_evaluation(block_size, batch_size, max_tokens, stride)
+    if not isinstance(model, Gemma3):
+        raise UserError(f"evaluate takes a Gemma3 (tinygemma.load(path) gives one), got a {type(model).__name__}")
     dimensions = tokens.ndim if hasattr(tokens, "ndim") else np.ndim(tokens)  # (a memmap is not read whole)
     if dimensions != 1:
         raise UserError(f"tokens must be a 1-D sequence of token ids, got {dimensions} dimensions")

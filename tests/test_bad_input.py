@@ -630,7 +630,9 @@ def test_what_a_fuzz_review_found_from_python_and_the_command_line(world, tmp_pa
                        (lambda: saved_recipe(None), "saved_recipe takes a run's folder, got None"),
                        (lambda: generate_text(model, tokenizer=object(), prompt="Once"), "must be tinygemma's"),
                        (lambda: generate_text(model, "gpt2", "Once", 2, on_text=5), "on_text must be a function"),
-                       (lambda: ModelConfig.preset("gemma3-tiny", vocab_size=99_999_999), "at most 262,208"),
+                       (lambda: ModelConfig.preset("gemma3-tiny", vocab_size=99_999_999), "at most 4,194,304"),
+                       (lambda: save_model(model, tmp_path / "m", meta={"tokenizer": "gpt2"}),
+                        "meta's tokenizer must be a dict"),
                        (lambda: save_model("model", tmp_path / "m"), "save_model takes a Gemma3 and a folder, got a str"),
                        (lambda: evaluate(None, [1, 2, 3], 2), "evaluate takes a Gemma3")):
         with pytest.raises(UserError, match=re.escape(says)):
@@ -658,3 +660,12 @@ def test_what_a_fuzz_review_found_from_python_and_the_command_line(world, tmp_pa
     assert main(["train", "--data", str(world / "data"), "--out", str(tmp_path / "fork"), "--resume-from", str(broken)]) == 2
     err = capsys.readouterr().err
     assert f"{broken / 'model.safetensors'} is not a readable safetensors file" in err and not (tmp_path / "fork").exists()
+    import shutil
+
+    copied = tmp_path / "copied"  # a whole run whose config.json is damaged: the source's is named
+    shutil.copytree(world / "run", copied)
+    (copied / "config.json").write_text("{not json")
+    assert main(["train", "--data", str(world / "data"), "--out", str(tmp_path / "fork"), "--resume-from",
+                 str(copied / "checkpoints" / source.name)]) == 2
+    err = capsys.readouterr().err
+    assert f"{copied / 'config.json'} is not valid JSON" in err and not (tmp_path / "fork").exists(), err

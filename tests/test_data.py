@@ -213,11 +213,14 @@ def test_datasets_on_disk_and_the_hub_path(stories_dir, valid, tmp_path, monkeyp
     assert meta["source"]["val"] == "set aside from the training source"
     assert f"warning: the validation split of {saved} is unused: the other sources have none" in said.getvalue()
 
-    # A .json in JSON Lines layout, as Dataset.to_json writes by default: read as .jsonl (it was "not JSON").
-    lines = tmp_path / "exported.json"
-    datasets.Dataset.from_dict({"text": train}).to_json(str(lines))
-    prepare(tmp_path / "lines", sources=[lines], val_sources=[stories_dir / "valid.txt"], workers=1, progress=False)
-    assert documents(open_prepared(tmp_path / "lines"), "train") == train
+    # A .json in JSON Lines layout, as Dataset.to_json writes by default: read as .jsonl (it was "not JSON"),
+    # one row too (a lone object).
+    for rows in (train, train[:1]):
+        lines = tmp_path / f"exported{len(rows)}.json"
+        datasets.Dataset.from_dict({"text": rows}).to_json(str(lines))
+        prepare(tmp_path / f"lines{len(rows)}", sources=[lines], val_sources=[stories_dir / "valid.txt"], workers=1,
+                progress=False)
+        assert documents(open_prepared(tmp_path / f"lines{len(rows)}"), "train") == rows
 
 
 def test_the_same_training_source_twice_is_refused(stories_dir, tmp_path):
@@ -225,9 +228,13 @@ def test_the_same_training_source_twice_is_refused(stories_dir, tmp_path):
     on through the other copy."""
     link = tmp_path / "link.txt"
     link.symlink_to(stories_dir / "valid.txt")
-    with pytest.raises(UserError, match="is given twice as a training source"):
+    with pytest.raises(UserError, match=f"{link} and {stories_dir / 'valid.txt'} are the same training source"):
         prepare(tmp_path / "out", sources=[stories_dir / "valid.txt", link], progress=False, workers=1)
     assert not (tmp_path / "out").exists()
+    # With validation from elsewhere nothing is set aside: a source given twice is trained on twice, as asked.
+    once, twice = (prepare(tmp_path / name, sources=[link] * n, val_sources=[stories_dir / "train.txt"], progress=False,
+                           workers=1)["splits"]["train"]["documents"] for name, n in (("once", 1), ("twice", 2)))
+    assert twice == 2 * once
 
 
 def test_gpt2_as_a_tokenizer_json_is_gpt2_for_a_recipe(stories_dir, tmp_path):

@@ -82,6 +82,10 @@ def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -
     taken = sorted({"format", "model"} & set(meta or {}))
     if taken:  # (they replaced the model's own config: a checkpoint that never loads)
         raise UserError(f"meta may not set {', '.join(taken)}: checkpoint.json records them itself")
+    for key in ("tokenizer", "train"):  # read back as tables (a tokenizer's spec, the training recipe)
+        if key in (meta or {}) and not isinstance(meta[key], dict):
+            raise UserError(f"meta's {key} must be a dict, as loading reads it (the tokenizer's spec, the training "
+                            f"recipe), got {meta[key]!r}")
     try:  # before any file is written: a value JSON cannot hold left new weights beside the old checkpoint.json
         json.dumps(meta or {}, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -487,7 +491,9 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     config = out / "config.json"
     return {"dir": checkpoint_name(step), "step": step, "made": made,
             "config": config.stat().st_ino if config.exists() else None,
-            "copies": {str(ckpts / checkpoint_name(number)): str(folder) for number, folder in kept.items()}}
+            "copies": {**{str(ckpts / checkpoint_name(number)): str(folder) for number, folder in kept.items()},
+                       **{str(out / name): str(run / name) for name in ("config.json", "metrics.jsonl")
+                          if run is not None}}}
 
 
 @contextlib.contextmanager

@@ -66,9 +66,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
                      "sliding_window", "vocab_pad_multiple", "max_position_embeddings"):
             check_int(self, name, 1, "model", "a positive integer")
-        if self.vocab_size > MAX_VOCAB_SIZE:  # (99,999,999 rows: the process was killed for memory, no word said)
-            raise UserError(f"model.vocab_size must be at most {MAX_VOCAB_SIZE:,} (Gemma 3's largest embedding), got "
-                            f"{self.vocab_size:,}")
+        if self.vocab_size > MAX_MODEL_VOCAB_SIZE:  # (99,999,999 rows: killed for memory, no word said)
+            raise UserError(f"model.vocab_size must be at most {MAX_MODEL_VOCAB_SIZE:,}, got {self.vocab_size:,}")
         if not isinstance(self.tie_embeddings, bool):
             raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         self.check_pattern()
@@ -680,6 +679,8 @@ def _check_number(obj, name: str, ok, what: str, section: str = "train") -> None
 # Largest vocabulary we prepare data for: Gemma 3's largest embedding table (262,208 rows). Gemma 3's own
 # tokenizer.json (ids up to 262,144, <image_soft_token>) fits.
 MAX_VOCAB_SIZE = 262_208
+# A model's: room for a Gemma 3 whose embedding grew with added tokens; far beyond it, gigabytes of rows for nothing.
+MAX_MODEL_VOCAB_SIZE = 2**22
 
 # torch.Generator.manual_seed takes a 64-bit seed; a run's prompt i samples with seed + i.
 MAX_SEED = 2**63 - 1

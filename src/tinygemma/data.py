@@ -169,6 +169,16 @@ def _record_text(record, where: str) -> str | None:
     raise UserError(f"{where}: expected an object with a 'text' or 'story' string")
 
 
+def _first_character(path: Path) -> str:
+    """The first character of a text file that is not whitespace (nor a byte-order mark); "" if none."""
+    with open(path, "rb") as f:
+        while chunk := f.read(4096):
+            text = chunk.lstrip(b" \t\r\n").removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+            if text:
+                return text[:1].decode("latin-1")
+    return ""
+
+
 def _jsonl_stories(path: Path) -> Iterator[str]:
     with open(path, "rb") as f:  # decoded a line at a time: a bad byte is named by its own line
         line_number = 0
@@ -188,22 +198,19 @@ def _jsonl_stories(path: Path) -> Iterator[str]:
 def _json_stories(path: Path) -> Iterator[str]:
     # One file of the dataset's TinyStories_all_data archive is a JSON array of {"story": ...}, ~100 MB. A JSON
     # array is read whole (JSON Lines streams): for corpora larger than memory, use .jsonl, .txt or .parquet.
+    if _first_character(path) == "{":  # JSON Lines in a .json (datasets' Dataset.to_json writes them): streamed
+        yield from _jsonl_stories(path)
+        return
     try:
         records = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        # JSON Lines in a .json (what datasets' Dataset.to_json writes by default): read as a .jsonl, below
-        if not (e.msg == "Extra data" and isinstance(json.loads(e.doc[: e.pos]), dict)):
-            raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
-        records = _jsonl_stories
+        raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
     except ValueError as e:  # a number past Python's 4,300 digits
         raise UserError(f"{path} is not JSON that Python reads ({e})") from None
     except RecursionError:
         raise UserError(f"{path} is JSON nested too deeply to read") from None
-    if records is _jsonl_stories:
-        yield from _jsonl_stories(path)
-        return
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON array of objects with a 'text' or 'story' field")
     yield from _clean(_record_text(record, f"{path} item {i}") for i, record in enumerate(records))
@@ -712,12 +719,15 @@ def _open_splits(sources, val_sources, val_fraction, limit, progress, notes: lis
     """({"train": stories, "val": stories} as re-readable streams, where validation comes from, and the fraction
     of training stories set aside for it, or None). Every source is opened before anything is written: a missing
     file fails here, with no output. What is worth a warning goes into `notes`."""
-    seen = set()
-    for source in sources or []:  # (a shell pattern and the same file again, say)
-        if Path(source).resolve() in seen:
-            raise UserError(f"{source} is given twice as a training source: its stories would be trained on twice, "
-                            "and those set aside for validation trained on through the other copy")
-        seen.add(Path(source).resolve())
+    if not val_sources:  # validation carved from the sources (or their splits): one given twice leaks into training
+        seen = {}
+        for i, source in enumerate(sources or []):  # (a shell pattern and the same file again, say)
+            with contextlib.suppress(OSError, ValueError):  # (an unreadable path is refused by _open_source)
+                first, same = seen.setdefault(Path(source).resolve(), (i, source))
+                if first != i:
+                    raise UserError(f"{source} and {same} are the same training source, given twice: the stories "
+                                    "set aside from one for validation would be trained on through the other (give "
+                                    "--val-source to repeat a source on purpose)")
     train_splits = [_open_source(s, limit, progress) for s in (sources or [None])]
     val_splits = [_open_source(s) for s in val_sources or []]
     training_files = {Path(s).resolve() for s in sources or []}

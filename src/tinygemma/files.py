@@ -272,9 +272,9 @@ def is_lock_file(path: Path) -> bool:
 
 
 def check_output_path(path: str | Path, flag: str = "--out") -> Path:
-    """`path` as a Path, refused in one line when no file can be made there because a folder above it is a file
-    (rather than the OSError "Not a directory" that writing would meet) or links to nothing, or when it lies in a run's checkpoints/,
-    whose pruning would delete it (in_run_checkpoints)."""
+    """`path` as a Path, refused in one line when it is no path, when no file can be made there because a folder
+    above it is a file (rather than the OSError "Not a directory" that writing would meet) or links to nothing, or
+    when it lies in a run's checkpoints/, whose pruning would delete it (in_run_checkpoints)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # (from Python: prepare(5, ...))
         raise UserError(f"{flag} must be a path, got {path!r}")
     path = Path(path)

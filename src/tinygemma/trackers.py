@@ -14,10 +14,10 @@ kill can lose their last records from before the checkpoint: a resume sends them
 (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
 the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then holds
 the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is sent
-the scalars (by step and name) its store lacks; TensorBoard, the steps up to the checkpoint where its folder holds
-no events (a fork made by --resume-from, or tensorboard added to train.loggers on resume). Steps redone after the checkpoint are logged again: wandb keeps
-the first copy and trackio both (a resume is exact, so they have the same losses, unless a setting changed on
-resume).
+the scalars (by step and name) its store lacks; TensorBoard, the steps up to the checkpoint where its events hold no
+scalar (a fork made by --resume-from, or tensorboard added to train.loggers on resume). Steps redone after the
+checkpoint are logged again: wandb keeps the first copy and trackio both (a resume is exact, so they have the same
+losses, unless a setting changed on resume).
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class TensorBoard:
         # No scalars yet on a resume: a fork (--resume-from copies the records, not tb/) or tensorboard newly added
         # to train.loggers (a start that failed may have left an events file with the config alone); backfill then
         # writes the steps before the checkpoint, as wandb and trackio get them.
-        self.empty = not holds_scalars(run_dir / "tb")
+        self.empty = bool(start) and not holds_scalars(run_dir / "tb")  # (backfill is a resume's alone)
         try:  # installed but broken (a protobuf it cannot use, ...) is one line, as a failed start is
             from torch.utils.tensorboard import SummaryWriter
 

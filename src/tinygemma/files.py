@@ -278,9 +278,8 @@ def check_output_path(path: str | Path, flag: str = "--out") -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # (from Python: prepare(5, ...))
         raise UserError(f"{flag} must be a path, got {path!r}")
     path = Path(path)
-    for link in path.parents:  # a folder above that links to nowhere: mkdir would say only "File exists"
-        check_not_dangling(link, path, flag)
-    for parent in path.parents:  # nearest first
+    for parent in path.parents:  # nearest first, up to the first that exists (a link to nowhere does not)
+        check_not_dangling(parent, path, flag)  # (mkdir would say only "File exists")
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag} {path}: {parent} is a file, not a folder")

@@ -77,17 +77,18 @@ def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -
         raise UserError(f"save_model takes a Gemma3 and a folder, got a {type(model).__name__} as the model")
     directory = check_model_out(directory)
     model.config.validate()  # (a config changed after the model was built is refused, not saved)
-    if meta is not None and not isinstance(meta, dict):
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
         raise UserError(f"meta must be a dict of what checkpoint.json records beside the model, got {meta!r}")
-    taken = sorted({"format", "model"} & set(meta or {}))
+    taken = sorted({"format", "model"} & set(meta))
     if taken:  # (they replaced the model's own config: a checkpoint that never loads)
         raise UserError(f"meta may not set {', '.join(taken)}: checkpoint.json records them itself")
     for key in ("tokenizer", "train"):  # read back as tables (a tokenizer's spec, the training recipe)
-        if key in (meta or {}) and not isinstance(meta[key], dict):
+        if key in meta and not isinstance(meta[key], dict):
             raise UserError(f"meta's {key} must be a dict, as loading reads it (the tokenizer's spec, the training "
                             f"recipe), got {meta[key]!r}")
     try:  # before any file is written: a value JSON cannot hold left new weights beside the old checkpoint.json
-        json.dumps(meta or {}, allow_nan=False)
+        json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise UserError(f"meta must hold what JSON can (strings, numbers, lists, dicts): {e}") from None
     write_model(model, directory, meta)

@@ -11,11 +11,13 @@ import pytest
 import torch
 from test_model import make_pair, small_config  # noqa: E402
 
+import tinygemma.generate
 from tinygemma import Gemma3, ModelConfig, UserError, load
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.files import atomic_write_json
 from tinygemma.generate import (
+    StopText,
     TextStream,
     filter_logits,
     generate,
@@ -207,6 +209,71 @@ def test_stops_at_end_of_text(model, tokenizer):
     # A batch: each sample stops on its own.
     texts, _ = generate_text(model, ends_early, PROMPT, 12, temperature=0, num_samples=2)
     assert texts == [tokenizer.decode(tokens[:stop])] * 2
+
+
+def test_stop_text_releases_all_before_the_first_stop_string_and_nothing_after():
+    """Against str.find on the whole text: random pieces over a small alphabet, so that stop strings are often
+    split between pieces and their starts often occur without the rest."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(list("abc"), rng.integers(0, 30)))
+        stops = ["".join(rng.choice(list("abc"), rng.integers(1, 5))) for _ in range(rng.integers(1, 3))]
+        cuts = sorted(rng.integers(0, len(text) + 1, rng.integers(0, 8)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+        expected = text[: min(found)] if found else text
+        stopper, released, stopped = StopText(stops), "", False
+        for piece in pieces:
+            out, stopped = stopper.push(piece)
+            released += out
+            assert expected.startswith(released)  # never text at or past a stop string
+            if stopped:
+                break
+        if not stopped:
+            released += stopper.flush()
+        assert (released, stopped) == (expected, bool(found)), (text, stops, pieces)
+
+
+def test_stop_strings_end_each_sample_and_generation(model, tokenizer, monkeypatch):
+    """The text ends before the stop string; the count ends at the token that completed it; each sample of a
+    batch stops on its own, as the sample alone would; once all have stopped, no more tokens are made."""
+    prompt_ids = tokenizer.encode(PROMPT)
+    tokens = generate(model, torch.tensor([prompt_ids]), 12, temperature=0)[0, len(prompt_ids):].tolist()
+    full = tokenizer.decode(tokens)
+    # A stop string spanning tokens 4 and 5 (the end of one, the start of the next): held, then dropped.
+    start = len(tokenizer.decode(tokens[:4])) - 1
+    stop = full[start : start + 2]
+    assert full.find(stop) == start, "the stop string must first occur there"
+    pieces = []
+    text, n_new = generate_text(model, tokenizer, PROMPT, 12, temperature=0, stop=["never in it", stop],
+                                on_text=lambda i, piece: pieces.append(piece))
+    assert text == [full[:start]] and "".join(pieces) == full[:start]
+    assert n_new == 5
+    assert generate_text(model, tokenizer, PROMPT, 12, temperature=0, stop=stop) == (text, n_new)  # one str
+    assert generate_text(model, tokenizer, PROMPT, 12, temperature=0, stop="never in it") == ([full], 12)
+    # A batch of sampled texts: each is its seed's text alone, cut at its own first stop string.
+    alone = [generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=3 + i)[0][0] for i in range(3)]
+    cut = "e"
+    assert sum(cut in a for a in alone) >= 2
+    texts, _ = generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=3, num_samples=3, stop=cut)
+    assert texts == [a.split(cut)[0] for a in alone]
+    # The steps the model takes: none after the stop string (the 5th token) when the only sample has stopped.
+    steps = []
+
+    def counted(*args, **kwargs):
+        for tokens in generate_stream(*args, **kwargs):
+            steps.append(tokens)
+            yield tokens
+
+    monkeypatch.setattr(tinygemma.generate, "generate_stream", counted)
+    generate_text(model, tokenizer, PROMPT, 12, temperature=0, stop=stop)
+    assert len(steps) == 5
+
+
+@pytest.mark.parametrize("stop", ["", [""], ["a", 5], 5, "\udc80"])
+def test_bad_stop_strings_are_user_errors(model, tokenizer, stop):
+    with pytest.raises(UserError, match="stop"):
+        generate_text(model, tokenizer, PROMPT, 4, stop=stop)
 
 
 def test_max_new_tokens_zero(model, tokenizer):
@@ -466,12 +533,24 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tokenizer, tmp_path, capsys)
     (["--num-samples", "100000000"], "--num-samples must be at most 65,536"),  # a generator each: killed, silent
     (["--prompt", ""], "prompt"),
     (["--tokenizer", "bpe"], "give the tokenizer.json it wrote"),  # prepare's name, not a file
+    (["--stop", "x", "--stop", ""], "--stop must be text"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(ckpt, capsys, extra, message):
     args = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, *extra]
     assert main(args) == 2
     out, err = capsys.readouterr()
     assert out == "" and message in err and err.count("\n") == 1
+
+
+def test_cli_stop_ends_the_printed_text_before_it(ckpt, model, tokenizer, capsys):
+    full = greedy(model, tokenizer, 10)
+    stop = full[3:6]
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "10", "--temperature", "0",
+            "--dtype", "float32", "--stop", "never in it", "--stop", stop]
+    assert main(args) == 0
+    assert capsys.readouterr().out == PROMPT + full[: full.find(stop)] + "\n"
+    assert main([*args, "--num-samples", "2"]) == 0
+    assert capsys.readouterr().out == "\n---\n".join([PROMPT + full[: full.find(stop)]] * 2) + "\n"
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

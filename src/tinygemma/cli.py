@@ -46,7 +46,7 @@ from tinygemma.devices import dtype_name, evaluation_dtype, parse_dtype, pick_de
 from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import signal_handler
-from tinygemma.generate import check_num_samples, generate_text, prompt_ids
+from tinygemma.generate import check_num_samples, check_stop, generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.metrics import strict_json
@@ -338,6 +338,7 @@ def _generate_main(args) -> int:
                    prompts=args.num_samples, prefix="--",
                    repetition_penalty=args.repetition_penalty, min_p=args.min_p)  # seed + i for sample i
     check_num_samples(args.num_samples, "--num-samples")
+    check_stop(args.stop, "--stop")
     if not all(args.prompt):
         raise UserError("--prompt is empty; give some text to continue")
     started = time.perf_counter()
@@ -374,7 +375,8 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
         on_text = None
     texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
                                     args.top_k, args.top_p, args.seed, args.num_samples, on_text,
-                                    repetition_penalty=args.repetition_penalty, min_p=args.min_p)
+                                    repetition_penalty=args.repetition_penalty, min_p=args.min_p,
+                                    stop=args.stop)
     if args.num_samples == 1:
         out.write("\n")
     else:
@@ -505,6 +507,9 @@ def add_generate(subparsers) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed,
                    help=f"sampling seed: the same seed gives the same text; sample i of --num-samples is the one "
                    f"seed + i gives alone (default {defaults.seed})")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the continuation before this text, which is not printed (as llama.cpp's server and "
+                        "OpenAI's API); repeatable: the first met ends it; e.g. --stop $'\\n\\n' for one paragraph")
     p.add_argument("--num-samples", type=int, default=1,
                    help="continuations generated together in one batch; printed one after another, separated "
                         "by a line '---' (only a single sample is streamed)")

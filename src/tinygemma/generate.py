@@ -285,6 +285,48 @@ class TextStream:
         return new
 
 
+class StopText:
+    """Ends a text at the first of some stop strings, as text arrives piece by piece.
+
+    push(piece) gives the text that can be released now, and whether a stop string was met; the stop string and
+    whatever follows it are never released. Text that may be the start of a stop string (the longest end of the
+    text so far that begins one) is held back until the next piece says whether it is; flush() releases it at the
+    end. A stop string can then only start inside what is held, so each piece is searched with the held text
+    alone: O(held + piece) per token, not O(length).
+    """
+
+    def __init__(self, stops):
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        text = self.held + piece
+        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if found:
+            self.held = ""
+            return text[: min(found)], True
+        keep = max((n for stop in self.stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                    if text.endswith(stop[:n])), default=0)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+def check_stop(stop, name: str = "stop") -> tuple[str, ...]:
+    """Stop strings as a tuple: each some text; one string alone is taken as one stop string."""
+    stops = (stop,) if isinstance(stop, str) else stop
+    if stops is None:
+        return ()
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise UserError(f"{name} must be text, or a list of texts, none of them empty, got {stop!r}")
+    if bad := next((s for s in stops if LONE_SURROGATE.search(s)), None):
+        raise UserError(f"{name} {bad!r} is not UTF-8 text; give it in UTF-8")
+    return tuple(stops)
+
+
 def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     """The prompt's token ids, refused in one line when there are none or when they and `max_new_tokens` would
     pass the model's positions."""
@@ -324,15 +366,19 @@ def check_num_samples(num_samples, name: str) -> None:
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, on_text=None, cuda_graph: bool = True,
-                  repetition_penalty: float = 1.0, min_p: float | None = None) -> tuple[list[str], int]:
-    """The prompt's continuations (without the prompt), one per sample, each ending at end of text or after
-    `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text included).
-    `on_text(sample, text)` receives each piece of text as soon as it is complete. Sample i is drawn from seed
+                  repetition_penalty: float = 1.0, min_p: float | None = None,
+                  stop: str | list[str] = ()) -> tuple[list[str], int]:
+    """The prompt's continuations (without the prompt), one per sample, each ending at end of text, before the
+    first of the `stop` strings (which is left out, as in llama.cpp's server and OpenAI's API) or after
+    `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text and the token
+    that completed a stop string included). `on_text(sample, text)` receives each piece of text as soon as it is
+    complete (and known not to begin a stop string). Sample i is drawn from seed
     `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`, up to the rounding of
     a batched matrix product (a float32 logit may differ by about 1e-6 from one row's, flipping a near-tie).
     `cuda_graph`: as generate_stream's.
     """
     check_num_samples(num_samples, "num_samples")
+    stops = check_stop(stop)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples,
                    repetition_penalty=repetition_penalty, min_p=min_p)
     if isinstance(tokenizer, (str, os.PathLike)):  # a name or a tokenizer.json, as --tokenizer takes them
@@ -348,11 +394,16 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
         generator = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
     eot = tokenizer.eot_id
     streams = [TextStream(tokenizer, context=ids) for _ in range(num_samples)]
+    stoppers = [StopText(stops) for _ in range(num_samples)]
     texts = [""] * num_samples
     finished = [False] * num_samples
     new_tokens = 0
 
-    def emit(i: int, piece: str) -> None:
+    def emit(i: int, piece: str, last: bool = False) -> None:
+        piece, finished[i] = stoppers[i].push(piece)
+        if last and not finished[i]:
+            piece += stoppers[i].flush()
+            finished[i] = True
         if piece:
             texts[i] += piece
             if on_text is not None:
@@ -366,11 +417,12 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                 continue
             new_tokens += 1
             if token == eot:
-                finished[i] = True
-                emit(i, streams[i].flush())
+                emit(i, streams[i].flush(), last=True)
             else:
                 emit(i, streams[i].push(token))
+        if all(finished):  # (each at end of text, or at a stop string: the rows the device still runs are not read)
+            break
     for i in range(num_samples):
         if not finished[i]:
-            emit(i, streams[i].flush())
+            emit(i, streams[i].flush(), last=True)
     return texts, new_tokens

@@ -206,9 +206,32 @@ def test_stops_at_end_of_text(model, tokenizer):
     # Without it, all 12 tokens.
     text, n_new = generate_text(model, tokenizer, PROMPT, 12, temperature=0)
     assert text == [tokenizer.decode(tokens)] and n_new == 12
-    # A batch: each sample stops on its own.
+    # A batch of greedy rows, alike (rows that end apart: the test below).
     texts, _ = generate_text(model, ends_early, PROMPT, 12, temperature=0, num_samples=2)
     assert texts == [tokenizer.decode(tokens[:stop])] * 2
+
+
+def test_each_sample_of_a_batch_stops_at_its_own_end_of_text(model, tokenizer):
+    """Two sampled rows, end of text set to a token the first draws early and the second never: the first ends
+    there (then end of text to the end of the tensor), the second runs to max_new_tokens."""
+    ids = torch.tensor([tokenizer.encode(PROMPT)] * 2)
+    T = ids.shape[1]
+
+    def seeded(seed):
+        return [torch.Generator().manual_seed(seed + i) for i in range(2)]
+
+    for seed in range(100):  # the first seed whose rows give such a token
+        rows = generate(model, ids, 12, temperature=1.0, generator=seeded(seed))[:, T:].tolist()
+        stop = next((i for i in range(2, 8) if rows[0][i] not in rows[0][:i] + rows[1]), None)
+        if stop is not None:
+            break
+    eos = rows[0][stop]
+    out = generate(model, ids, 12, temperature=1.0, eos_id=eos, generator=seeded(seed))[:, T:].tolist()
+    assert out[0] == rows[0][: stop + 1] + [eos] * (11 - stop) and out[1] == rows[1]
+    ends_early = GPT2Tokenizer()
+    ends_early.eot_id = eos
+    texts, n_new = generate_text(model, ends_early, PROMPT, 12, temperature=1.0, seed=seed, num_samples=2)
+    assert texts == [tokenizer.decode(rows[0][:stop]), tokenizer.decode(rows[1])] and n_new == stop + 1 + 12
 
 
 def test_stop_text_releases_all_before_the_first_stop_string_and_nothing_after():

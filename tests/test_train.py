@@ -17,10 +17,13 @@ import torch
 from safetensors import safe_open
 
 import tinygemma
+import tinygemma.train
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import TrainConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
+from tinygemma.evaluation import evaluate_windows
+from tinygemma.optim import learning_rate
 from tinygemma.tokenizer import token_byte_lengths
 from tinygemma.train import train
 
@@ -100,6 +103,12 @@ def test_validation_loss_falls_and_run_directory_is_complete(straight_run, data_
         rate = {"tokens_per_s"} if r["step"] % 10 == 0 else set()
         assert set(r) == {"step", "train_loss", "lr", "grad_norm", "tokens", *rate}
         assert r["tokens"] == r["step"] * 8 * 32
+    # The logged rate (metrics.jsonl, the trackers' train/lr) is the schedule's at the step taken: warmup over 4
+    # steps from 1e-2 / 4, then the cosine from 1e-2 down to min_lr 1e-3 at the last step.
+    cfg = load_recipe(None, tiny_settings(data_dir, straight_run)).train
+    assert [r["lr"] for r in steps] == pytest.approx([learning_rate(s, cfg) for s in range(40)], rel=1e-12)
+    assert steps[0]["lr"] == pytest.approx(1e-2 / 4) and steps[3]["lr"] == pytest.approx(1e-2)
+    assert steps[-1]["lr"] == pytest.approx(1e-3, rel=1e-3)
     assert all(math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in records if "val_loss" in r)
 
     config = json.loads((straight_run / "config.json").read_text())
@@ -130,6 +139,28 @@ def test_load_accepts_the_run_directory(straight_run):
     by_run, by_dir = tinygemma.load(straight_run), tinygemma.load(straight_run / "checkpoints" / best)
     for name, tensor in by_dir.state_dict().items():
         assert torch.equal(by_run.state_dict()[name], tensor)
+
+
+def test_best_json_names_the_checkpoint_of_the_lowest_validation_loss(data_dir, tmp_path, monkeypatch):
+    """A validation loss that falls, then rises: best.json (what load, generate, eval and export read from a run
+    folder) names the lowest one's checkpoint, not the last, and keep_checkpoints=1 keeps it beside the last."""
+    scripted = iter([9.0, 5.0, 3.0, 4.0])  # steps 0, 10, 20, 30
+
+    def evaluate(*args, **kwargs):
+        return {**evaluate_windows(*args, **kwargs), "val_loss": next(scripted)}
+
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows", evaluate)
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=30", "checkpoint_interval=10", "keep_checkpoints=1")
+    assert val_losses(out) == {0: 9.0, 10: 5.0, 20: 3.0, 30: 4.0}
+    ckpts = out / "checkpoints"
+    best = json.loads((ckpts / "best.json").read_text())
+    assert (best["dir"], best["step"]) == ("step_000020", 20)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.json", "last.json", "step_000020", "step_000030"]
+    by_run, best_model, last_model = (tinygemma.load(p) for p in (out, ckpts / "step_000020", ckpts / "step_000030"))
+    for name, tensor in by_run.state_dict().items():
+        assert torch.equal(tensor, best_model.state_dict()[name])
+    assert any(not torch.equal(t, last_model.state_dict()[n]) for n, t in by_run.state_dict().items())
 
 
 def test_bits_per_byte_counts_the_bytes_of_the_text(data_dir, stories_dir, tmp_path):

@@ -513,6 +513,30 @@ def test_cosine_reaches_min_lr_at_the_last_step_and_leaves_the_peak_after_the_wa
     assert all(a > b for a, b in zip(lrs[9:], lrs[10:]))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # the notebook's order: a scheduler step per micro-step
+def test_the_workshop_recipe_s_schedule_is_the_notebook_s_in_optimizer_steps():
+    """configs/workshop.toml counts in optimizer steps what the notebook counted in micro-steps: the notebook's own
+    schedulers (LinearLR, then CosineAnnealingLR, stepped every one of its 150,000 micro-steps of 32 a step), with
+    the recipe's min_lr for the notebook's 5e-4, give the rates of the same 4,688 updates after the warmup."""
+    cfg = load_recipe(str(ROOT / "configs" / "workshop.toml")).train
+    micro_steps, accumulation, warmup = 150_000, 32, 1_000
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=micro_steps - warmup, eta_min=cfg.min_lr),
+    ], milestones=[warmup])
+    notebook = []  # the rate of each update, as the notebook's loop took it
+    for micro_step in range(micro_steps):
+        if (micro_step + 1) % accumulation == 0 or micro_step + 1 == micro_steps:
+            notebook.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert len(notebook) == cfg.max_steps == 4688
+    ours = [learning_rate(step, cfg) for step in range(cfg.max_steps)]
+    after = cfg.warmup_steps
+    assert max(abs(a - b) for a, b in zip(notebook[after:], ours[after:])) < 2e-8
+    assert notebook[0] == pytest.approx(3.54e-5) and ours[0] == pytest.approx(1e-4 / 31)  # the recipe's comments
+
+
 def test_bad_optimizer_and_schedule_settings_are_refused_in_one_line(data_dir, tmp_path, capsys):
     for setting, message in [("optimizer=sgd", "train.optimizer must be one of adamw, muon"),
                              ("lr_schedule=linear", "train.lr_schedule must be one of cosine, wsd"),

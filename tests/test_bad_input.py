@@ -143,6 +143,10 @@ CASES = [
     ("train-learning-rate-past-float32", ["train", "--data", "{root}/data", "--out", "{root}/new", "--model",
                                           "gemma3-tiny", "--max-steps", "1", "--set", "learning_rate=1e300"]
      + RUN_ARGS, "train.learning_rate must be a positive number within float32's range"),
+    ("train-adamw-first-step-past-float32", ["train", "--data", "{root}/data", "--out", "{root}/new", "--model",
+                                             "gemma3-tiny", "--max-steps", "1", "--set", "learning_rate=1e38"]
+     + RUN_ARGS, "train.learning_rate / (1 - train.beta1) (AdamW's first step size) must be within float32's range, "
+                 "got 1e+38 / (1 - 0.9)"),  # a traceback from AdamW's step, and a run folder left behind
     ("generate-device-not-ours", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--device", "meta"],
      "unknown device 'meta'"),
     ("eval-device-not-ours", ["eval", "--ckpt", "{root}/run", "--data", "{root}/data", "--device", "cpu:1"],

@@ -258,6 +258,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             _check_number(self, name, lambda v: 0 <= v < 1, "a number in [0, 1)")
         _check_number(self, "cooldown_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        if self.learning_rate / (1 - self.beta1) > FLOAT32_MAX:  # AdamW's first step, bias-corrected
+            raise UserError(f"train.learning_rate / (1 - train.beta1) (AdamW's first step size) must be within "
+                            f"float32's range, got {self.learning_rate} / (1 - {self.beta1})")
         if self.min_lr > self.learning_rate:
             raise UserError(f"train.min_lr ({self.min_lr}) must not exceed train.learning_rate ({self.learning_rate}); "
                             f"set min_lr too, e.g. a tenth of the peak: --set min_lr={self.learning_rate / 10:g}")

@@ -190,8 +190,12 @@ def test_resume_reproduces_an_uninterrupted_run(straight_run, data_dir, tmp_path
     for path in [*left, out / ".notes.txt.0a1b2c3d.tmp"]:
         path.parent.mkdir(exist_ok=True)
         path.write_text("killed")
-    # The command line resumes from the run's own config.json, with nothing but --out.
+    # A --stop-at the run has passed trains nothing, and the first line says so (it read "steps 20 to 20").
     capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--stop-at", "12"]) == 0
+    assert "no step (the run is at step 20 of 40, which --stop-at does not pass)" in capsys.readouterr().out
+    assert last_step(out) == 20
+    # The command line resumes from the run's own config.json, with nothing but --out.
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert last_step(out) == 40
     tokens = 40 * json.loads((out / "config.json").read_text())["run"]["tokens_per_step"]

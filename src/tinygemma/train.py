@@ -421,9 +421,10 @@ class Trainer:
         cfg, rt, start = self.cfg, self.rt, self.start
         total = cfg.max_steps * self.tokens_per_step  # (a small run's 40,960 read "0.0M")
         initial = f"weights from {self.init_record['dir']}; " if self.init_record and start == 0 else ""
+        steps = (f"steps {start} to {self.end} of {cfg.max_steps}" if self.end > start or start == cfg.max_steps
+                 else f"no step (the run is at step {start} of {cfg.max_steps}, which --stop-at does not pass)")
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
-              f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, steps {start} to {self.end} "
-              f"of {cfg.max_steps} ({f'{total / 1e6:,.1f}M' if total >= 1e6 else f'{total:,}'} tokens in all) in "
+              f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, {steps} ({f'{total / 1e6:,.1f}M' if total >= 1e6 else f'{total:,}'} tokens in all) in "
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
               f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer, self.fsdp)}, {cfg.lr_schedule} schedule; "

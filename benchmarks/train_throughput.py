@@ -7,7 +7,10 @@ Contenders, all on the same device, from the same initial weights, on the same b
   NAME+compile        any of these through torch.compile, e.g. tinygemma+compile,transformers+compile
   workshop            the workshop notebook's model style (benchmarks/workshop_model.py): manual attention with
                       repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
-                      workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps
+                      workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps;
+                      its head tied as the preset's, so that every contender trains the same function
+  workshop-untied     the same with the notebook's own separate output head (164.6M parameters at 270M, where
+                      tied is 132.5M), starting as a copy of the embedding: the notebook's code as it trained
 
 A step is forward with loss, backward, gradient clipping at 0.5 and AdamW (the workshop loop's settings), then
 `zero_grad(set_to_none=True)`; with --grad-accum N, N forward and backward passes (each loss / N, as the workshop
@@ -31,7 +34,7 @@ process-wide peak alone would count the others' weights too.
     python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --block-size 1024 --attention flex \
         --contenders tinygemma+compile,transformers+compile
     python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --batch-size 32 --grad-accum 32 \
-        --contenders workshop                                       # the workshop notebook's own loop
+        --contenders workshop-untied                                # the workshop notebook's own loop
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
 
-CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop")
+CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop", "workshop-untied")
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
 COMPILED = " (compile)"  # a compiled contender's label: its name and this
 
@@ -140,8 +143,8 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
             # HF shifts `labels` itself; `shift_labels` hands it the targets already aligned with x, as ours.
             contenders.append(Contender(label, model, lambda x, y, m=run: m(
                 input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, dtype == torch.bfloat16))
-        elif name == "workshop" and not compiled:
-            model = Gemma3Model(workshop_config(config, dtype))  # bfloat16 weights under --dtype bfloat16
+        elif name in ("workshop", "workshop-untied") and not compiled:  # bfloat16 weights under --dtype bfloat16
+            model = Gemma3Model(workshop_config(config, dtype, tied=False if name == "workshop-untied" else None))
             load_tinygemma_weights(model, reference.state_dict()).to(device)
             contenders.append(Contender(name, model, lambda x, y, m=model: m(x, y)[1],
                                         dtype == torch.bfloat16 and device.type == "cuda"))  # nullcontext on CPU

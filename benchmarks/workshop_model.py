@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from tinygemma.config import ModelConfig
 
 
-def workshop_config(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The workshop's config dict (GEMMA3_CONFIG_270M's keys) for a tinygemma ModelConfig."""
+def workshop_config(config: ModelConfig, dtype: torch.dtype = torch.bfloat16, tied: bool | None = None) -> dict:
+    """The workshop's config dict (GEMMA3_CONFIG_270M's keys) for a tinygemma ModelConfig; `tied` False gives the
+    notebook's own separate output head (default: the config's tie_embeddings)."""
     return {
         "vocab_size": config.vocab_size,
         "context_length": config.max_position_embeddings,
@@ -39,7 +40,7 @@ def workshop_config(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) ->
         "layer_types": list(config.layer_types),
         "dtype": dtype,
         "query_pre_attn_scalar": config.query_pre_attn_scalar,
-        "tie_embeddings": config.tie_embeddings,  # the workshop trained an untied head; we follow the preset
+        "tie_embeddings": config.tie_embeddings if tied is None else tied,  # the notebook's head was untied
     }
 
 
@@ -286,6 +287,8 @@ def load_tinygemma_weights(model: Gemma3Model, state: dict[str, torch.Tensor]) -
     vocab_size = model.cfg["vocab_size"]
     mapped = {workshop_name(k): v[:vocab_size] if k in WORKSHOP_MODEL_NAMES and v.dim() == 2 else v
               for k, v in state.items()}  # vocabulary padding rows, if any, are not part of the function
+    if not model.cfg["tie_embeddings"] and "out_head.weight" not in mapped:  # a tied model's: its own copy, so that
+        mapped["out_head.weight"] = mapped["tok_emb.weight"].clone()  # step 0 computes the same function
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     tied = {"out_head.weight"} if model.cfg["tie_embeddings"] else set()  # set through the embedding
     if unexpected or set(missing) - tied:

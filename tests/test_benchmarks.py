@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import SHARED, STORIES
 
+from tinygemma.config import ModelConfig
+
 pytest.importorskip("transformers")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -127,6 +129,22 @@ def test_timing_waits_for_the_gpu_it_was_asked_for(monkeypatch):
     for script in ("loss_head", "optimizer_step", "generate_speed"):
         source = (BENCHMARKS / f"{script}.py").read_text()
         assert "sync = device_sync(device)" in source and "torch.cuda.synchronize if" not in source, script
+
+
+def test_the_workshop_contender_untied_is_the_notebook_s_head(capsys):
+    """workshop-untied trains a separate output head (the notebook's), the same function at step 0; workshop keeps
+    the preset's tied one, so that every contender trains the same weights."""
+    train_throughput = load_script("train_throughput")
+    config = ModelConfig.preset("gemma3-tiny")
+    tied, untied = train_throughput.build_contenders(["workshop", "workshop-untied"], config, torch.float32,
+                                                     torch.device("cpu"), False, 0)
+    count = {c.name: sum(p.numel() for p in c.model.parameters()) for c in (tied, untied)}
+    assert count == {"workshop": config.num_params(),
+                     "workshop-untied": ModelConfig.preset("gemma3-tiny", tie_embeddings=False).num_params()}
+    assert untied.model.out_head.weight.data_ptr() != untied.model.tok_emb.weight.data_ptr()
+    x = torch.randint(0, config.vocab_size, (1, 17))
+    losses = [c.step(x[:, :-1], x[:, 1:], 1) for c in (tied, untied)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_resident_memory_counts_buffers_too():

@@ -2,13 +2,17 @@
 the checkpoint once, atomically; a line torn by a crash is skipped by readers and dropped by the next resume. And
 MFU's peak per GPU."""
 
+import errno
 import json
 import os
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 
-from tinygemma.metrics import MetricsLog, format_duration, peak_flops, read_records
+import tinygemma.metrics
+from tinygemma.files import WriteError
+from tinygemma.metrics import MetricsLog, format_duration, peak_flops, plot_losses, read_records
 
 
 def lines(path) -> list[dict]:
@@ -33,6 +37,28 @@ def test_a_flush_writes_only_the_new_records(tmp_path):
     assert lines(path) == [{"step": 1, "marker": True}, {"step": 2, "train_loss": 2.5}, {"step": 3, "train_loss": 2.0}]
     assert os.stat(path).st_ino == inode  # the same file, appended to, not replaced
     assert [r["step"] for r in log.records] == [1, 2, 3]  # loss.png still draws from all of them
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk says it: no file named
+
+
+def test_a_full_disk_names_the_log_or_the_plot_it_could_not_write(tmp_path, monkeypatch):
+    """A full disk while appending to metrics.jsonl or drawing loss.png said only "[Errno 28] No space left on
+    device"; the line names the file, and the plot already there stays whole."""
+    log, plot = tmp_path / "metrics.jsonl", tmp_path / "loss.png"
+    records = [{"step": 1, "tokens": 10, "train_loss": 3.0}]
+    plot_losses(records, plot)
+    drawn = plot.read_bytes()
+    monkeypatch.setattr(Figure, "savefig", no_space)
+    with pytest.raises(WriteError, match=f"could not write {plot} \\(No space left on device\\); the disk may be full"):
+        plot_losses(records, plot)
+    assert plot.read_bytes() == drawn and list(tmp_path.iterdir()) == [plot]
+    metrics = MetricsLog(log)
+    metrics.append(records[0])
+    monkeypatch.setattr(tinygemma.metrics, "open", no_space, raising=False)
+    with pytest.raises(WriteError, match=f"could not write {log} \\(No space left on device\\); the disk may be full"):
+        metrics.flush()
 
 
 def test_resume_cuts_back_to_the_checkpoint_once_and_skips_a_torn_line(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tinygemma.files import atomic_path, atomic_write_text
+from tinygemma.files import atomic_path, atomic_write_text, write_errors
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), for MFU, matched as parts of the device's
 # name, first match first (so "L40S" before "L40" before "L4"). The T4 has no bf16: its fp16 peak, the dtype it
@@ -64,7 +64,7 @@ class MetricsLog:
     def flush(self) -> None:
         new = self.records[self.written:]
         if new:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with write_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join(map(record_line, new)))
             self.written = len(self.records)
 
@@ -116,7 +116,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, write_errors(path):
         fig.savefig(tmp, format="png", dpi=100)
 
 

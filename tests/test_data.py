@@ -702,6 +702,31 @@ def test_killed_prepare_takes_its_workers_with_it(stories_dir, tmp_path):
     assert not any(map(alive, workers))
 
 
+def test_no_file_descriptors_left_for_the_workers_is_one_line_not_a_hang(stories_dir, tmp_path):
+    """Under a low limit on open files (ulimit -n), the worker pool failed part-way through starting: the error
+    was printed, then the process waited forever at exit on the worker it had started. Each limit from too low to
+    enough ends promptly: one line and exit status 1 (with no folder left), or the data written."""
+    import resource
+
+    env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
+    said = set()
+    for limit in range(11, 19):
+        out = tmp_path / f"limit{limit}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "tinygemma", "prepare", "--out", str(out), "--source",
+             str(stories_dir / "train.txt"), "--limit", "100", "--workers", "2", "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=60,
+            preexec_fn=lambda n=limit: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
+        if proc.returncode == 0:
+            assert is_prepared_dataset(out)
+            continue
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, (limit, proc.stderr)
+        assert "Too many open files" in proc.stderr and not out.exists()
+        said.add("could not start 2 tokenizing worker processes" in proc.stderr)
+    if len(os.sched_getaffinity(0)) >= 2:  # (on one core prepare takes one worker, in process)
+        assert True in said, "no limit met the pool's start: widen the range"
+
+
 def test_interrupted_prepare_with_workers_says_one_line(stories_dir, tmp_path):
     """Ctrl-C reaches the whole foreground group, workers included: the parent says one line and exits 130, no
     worker prints a traceback, and the half-written output goes."""

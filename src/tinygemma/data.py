@@ -492,8 +492,16 @@ class _Workers:
             try:
                 with signals_held():
                     self.pool.submit(int).result()
-            except BaseException:
+            except BaseException as e:
+                started = list((self.pool._processes or {}).values())
                 self.close()
+                for process in started:  # a pool that failed part-way through starting (no file descriptors left)
+                    process.kill()  # never tells those it started to stop, and the exit waited on them forever
+                    process.join()  # (SIGKILL: one caught amid its fork has the parent's SIGTERM handler still)
+                if isinstance(e, OSError):
+                    raise OSError(e.errno, f"could not start {workers} tokenizing worker processes ({e.strerror or e}); "
+                                  "run with fewer --workers (workers), or raise the limit on open files (ulimit -n)"
+                                  ) from None
                 raise
         else:
             _init_worker(tokenizer)

@@ -3,8 +3,11 @@ the same steps as metrics.jsonl and the resolved recipe as config, read back fro
 resumed run continues the same tracker runs; bad loggers stop the run before training, in one line; a tracker that
 fails mid-run is dropped with one warning and training goes on."""
 
+import errno
 import json
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +255,29 @@ def test_a_backfill_that_fails_is_a_warning_and_the_tracker_stays(tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "trackio could not be sent again what a kill cost it" in err
     assert Broken.logged == [2]
+
+
+def test_tensorboard_s_writer_thread_prints_no_traceback_of_its_own(tmp_path, capsys, monkeypatch):
+    """A full disk under TensorBoard's event file: its writing thread printed a 35-line traceback before the
+    main thread's flush raised the same error, which the run says in one line. The thread is quiet now."""
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's own, as the CLI has it
+    tracker = tinygemma.trackers.TensorBoard(tmp_path, {}, 0, None)
+    record_writer = tracker.writer._get_file_writer().event_writer._async_writer._writer
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    record_writer.write = full
+    tracker.log({"train/loss": 1.5}, 1)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(100):  # (until the thread has met the failure)
+            tracker.flush()
+            time.sleep(0.01)
+    assert capsys.readouterr().err == ""
+    other = threading.Thread(target=lambda: 1 / 0)  # any other thread's failure is printed as before
+    other.start()
+    other.join()
+    assert "ZeroDivisionError" in capsys.readouterr().err
 
 
 def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning(data_dir, tmp_path, monkeypatch, capsys):

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from tinygemma.errors import UserError, describe
@@ -127,6 +128,23 @@ def startup_error(name: str, error: Exception) -> UserError:
                      "train.loggers")
 
 
+def quiet_event_writer_threads() -> None:
+    """Have threading.excepthook leave TensorBoard's event-writing thread to its writer: the thread keeps its
+    failure (a full disk, a run folder deleted) and the next write or flush raises it again in the main thread,
+    where it is said in one line; printed by the thread too, it came first as a 35-line traceback. Other
+    threads' failures go to the hook there was."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_event_writers", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.quiet_event_writers = True
+    threading.excepthook = hook
+
+
 class TensorBoard:
     name, resume_id = "tensorboard", None
 
@@ -138,6 +156,7 @@ class TensorBoard:
         try:  # installed but broken (a protobuf it cannot use, ...) is one line, as a failed start is
             from torch.utils.tensorboard import SummaryWriter
 
+            quiet_event_writer_threads()
             # Hide events past the checkpoint (the lost work); a fresh start hides every earlier event.
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
         except Exception as e:

@@ -26,6 +26,7 @@ import tinygemma.cli
 import tinygemma.files
 import tinygemma.metrics
 import tinygemma.train
+from tinygemma.files import WriteError
 from tinygemma.model import Gemma3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_d
         return usage(10**12, 10**12, 10**12 if calls["n"] == 1 else 1000)  # room for the first checkpoint only
 
     monkeypatch.setattr(tinygemma.checkpoint.shutil, "disk_usage", disk_usage)
-    with pytest.raises(tinygemma.UserError, match="not enough free disk.*step 10.*step 5 is intact"):
+    with pytest.raises(WriteError, match="not enough free disk.*step 10.*step 5 is intact"):  # exit status 1
         run(data_dir, out, "max_steps=12", "checkpoint_interval=5")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]
     monkeypatch.undo()

@@ -346,10 +346,23 @@ def test_a_tracker_installed_broken_or_with_a_store_it_cannot_write_stops_the_st
     from trackio.sqlite_storage import SQLiteStorage
     monkeypatch.setattr(SQLiteStorage, "get_project_db_path", staticmethod(lambda project: Path("/proc/no/store.db")))
     settings = tiny_settings(data_dir, tmp_path / "b", "loggers=trackio")
-    assert main(["train", *[a for s in settings for a in ("--set", s)]]) == 2
+    assert main(["train", *[a for s in settings for a in ("--set", s)]]) == 1  # the machine's failure, not input
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "trackio could not start (" in err and "/proc/no" in err
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+    # A full disk as TensorBoard starts: exit status 1 (it was 2, bad input's), one line.
+    import torch.utils.tensorboard
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", full)
+    settings = tiny_settings(data_dir, tmp_path / "c", "loggers=tensorboard")
+    assert main(["train", *[a for s in settings for a in ("--set", s)]]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("tinygemma train: error: tensorboard could not start (OSError: [Errno 28] No space left on "
+                   "device); fix it, or leave tensorboard out of train.loggers")
 
 
 def test_wandb_marks_a_failed_or_interrupted_run_as_failed(data_dir, tmp_path, monkeypatch):

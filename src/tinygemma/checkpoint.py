@@ -32,6 +32,7 @@ from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import as_device, pick_dtype
 from tinygemma.errors import UserError
 from tinygemma.files import (
+    WriteError,
     atomic_path,
     atomic_save_safetensors,
     atomic_write_json,
@@ -589,7 +590,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
             message = (f"not enough free disk in {ckpts} for the checkpoint of step {step}: it needs about "
                        f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free; nothing was written"
                        + (f", and the checkpoint of step {previous['step']} is intact" if previous else ""))
-    raise_on_all_ranks(message, rt)
+    raise_on_all_ranks(message, rt, kind=WriteError)  # the machine's failure, not the input's (exit status 1)
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer_state = get_optimizer_state_dict(raw, optimizer, options=full)

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         os.close(null)
         return 141  # 128 + SIGPIPE, what a shell reports for a program a closed pipe stopped
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
-        print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "shown_by_rank_0", False):
+            print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(f"tinygemma {args.command}: {stop_word(e)}", file=sys.stderr)

@@ -159,15 +159,16 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
-def raise_on_all_ranks(message: str | None, rt: Runtime, group=None) -> None:
-    """Raise UserError(message) on every rank if rank 0 has a message, so no rank waits on a collective forever.
-    The other ranks' error is marked `shown_by_rank_0`: the command line prints it once, not once a process."""
+def raise_on_all_ranks(message: str | None, rt: Runtime, group=None, kind: type[Exception] = UserError) -> None:
+    """Raise kind(message) (UserError: bad input; an OSError: the machine's failure) on every rank if rank 0 has a
+    message, so no rank waits on a collective forever. The other ranks' error is marked `shown_by_rank_0`: the
+    command line prints it once, not once a process."""
     if rt.world_size > 1:
         box = [message]
         dist.broadcast_object_list(box, src=0, group=group)
         message = box[0]
     if message:
-        error = UserError(message)
+        error = kind(message)
         error.shown_by_rank_0 = not rt.is_main
         raise error
 

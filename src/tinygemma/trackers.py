@@ -122,10 +122,12 @@ class Trackers:
                       file=sys.stderr, flush=True)
 
 
-def startup_error(name: str, error: Exception) -> UserError:
+def startup_error(name: str, error: Exception) -> Exception:
+    """A UserError, or an OSError where the machine failed (a full disk, no network): exit status 2 or 1."""
     # Three lines: a settings validation error names the setting and its allowed values on its second and third.
-    return UserError(f"{name} could not start ({describe(error, lines=3)}); fix it, or leave {name} out of "
-                     "train.loggers")
+    kind = OSError if isinstance(error, OSError) else UserError
+    return kind(f"{name} could not start ({describe(error, lines=3)}); fix it, or leave {name} out of "
+                "train.loggers")
 
 
 def quiet_event_writer_threads() -> None:

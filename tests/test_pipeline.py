@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tinygemma
 from tinygemma import Gemma3, ModelConfig
@@ -417,3 +418,72 @@ def test_the_final_evaluation_keeps_a_float32_runs_precision(monkeypatch):
         with pytest.raises(Loaded) as caught:
             pipeline.evaluate_and_sample(load_recipe(None, [f"dtype={dtype}"]))
         assert caught.value.args == (loaded,)
+
+
+# ------------------------------------------------------------------ --dry-run
+
+
+def test_dry_run_prints_the_workshop_recipe_s_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """The workshop's numbers, as its recipe's comments and the README give them, from the recipe alone: no
+    data prepared, no run folder, no tiktoken download (the gpt2 vocabulary's size is known)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-cache"))
+    assert main(["run", str(ROOT / "configs" / "workshop.toml"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    assert printed["recipe"] == load_recipe(ROOT / "configs" / "workshop.toml").to_dict()
+    plan = printed["plan"]
+    assert plan["model"] == {"preset": "gemma3-270m-gpt2", "vocab_size": 50_257, "vocab_size_from": "the gpt2 tokenizer",
+                             "parameters": 132_490_496, "flops_per_token": ModelConfig.preset(
+                                 "gemma3-270m-gpt2").flops_per_token(128)}
+    assert plan["batch"] == {"sequences_per_step": 1024, "block_size": 128, "tokens_per_step": 131_072}
+    assert (plan["steps"], plan["tokens"]) == (4688, 614_465_536)
+    assert plan["learning_rates"] == {"adamw": {"first_step": pytest.approx(1e-4 / 31), "peak": 1e-4,
+                                                "last_step": pytest.approx(1e-5)}}
+    assert plan["checkpoints"]["count"] == 10  # every 500 steps, and the last (4,688)
+    assert plan["evaluations"] == {"count": 48, "tokens_each": 4 * 131_072}  # step 0, every 100, the last
+    assert err.count("\n") == 1 and "614,465,536 tokens" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("eval_interval, checkpoint_interval, max_steps",
+                         [(3, 3, 6), (4, 6, 25), (0, 5, 12), (7, 0, 20), (0, 0, 9), (5, 10, 10), (1, 3, 7)])
+def test_dry_run_counts_the_evaluations_and_checkpoints_a_run_makes(tmp_path, stories_dir, capsys, eval_interval,
+                                                                   checkpoint_interval, max_steps):
+    """Against the run itself: its metrics.jsonl's evaluations and the checkpoints it wrote (keep_checkpoints
+    large enough to keep them all)."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    settings = [f"train.eval_interval={eval_interval}", f"train.checkpoint_interval={checkpoint_interval}",
+                f"train.max_steps={max_steps}", "train.warmup_steps=1", "train.keep_checkpoints=100",
+                "generate.prompts="]
+    args = ["run", str(recipe), *(part for s in settings for part in ("--set", s))]
+    assert main([*args, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    assert plan["model"]["vocab_size_from"] == "data.vocab_size, the BPE prepare trains"
+    assert main(args) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert plan["evaluations"]["count"] == sum("val_loss" in r for r in records)
+    assert plan["checkpoints"]["count"] == len(list((tmp_path / "run" / "checkpoints").glob("step_*")))
+    # Once the data is prepared, the plan takes its vocabulary (the BPE may stop short of data.vocab_size)
+    assert main([*args, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["model"]["vocab_size_from"] == f"the prepared data in {tmp_path / 'data'}"
+    assert plan["model"]["vocab_size"] == json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"]
+
+
+def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_refusal(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A GPU recipe's plan on a laptop: printed, then training's refusal in one line and exit status 2; and train
+    --dry-run of a recipe whose data is not prepared yet is its plan, not the refusal to train."""
+    monkeypatch.chdir(tmp_path)
+    if not torch.cuda.is_available():
+        assert main(["run", str(ROOT / "configs" / "speedrun.toml"), "--dry-run", "--set", "train.device=cuda"]) == 2
+        out, err = capsys.readouterr()
+        assert json.loads(out)["plan"]["optimizer"] == "muon"
+        assert err.splitlines()[1:] == ["tinygemma run: error: device cuda was asked for, but PyTorch sees no CUDA GPU"]
+    assert main(["train", "--config", str(ROOT / "configs" / "cpu-demo.toml"), "--dry-run", "--max-steps", "77"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["steps"] == 77
+    assert list(tmp_path.iterdir()) == []

@@ -50,7 +50,15 @@ from tinygemma.generate import check_num_samples, check_stop, generate_text, pro
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import push_to_hub
 from tinygemma.metrics import strict_json
-from tinygemma.pipeline import check_given_settings, run, where_and_next
+from tinygemma.pipeline import (
+    check_given_settings,
+    check_outputs,
+    check_training_settings,
+    recipe_plan,
+    run,
+    say_plan,
+    where_and_next,
+)
 from tinygemma.report import write_model_card
 from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
@@ -254,6 +262,7 @@ def add_train(subparsers) -> None:
                         "keep_checkpoints) in the new folder --out, exactly as it would have gone on from there, "
                         "leaving the run itself as it was: a wsd run extended from before its cooldown (--max-steps), "
                         "a branch with another learning rate")
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     p.add_argument("--profile", metavar="START:END",
                    help="profile optimizer steps START to END with torch.profiler (on rank 0): RUN/profile/trace.json "
                         "(open in ui.perfetto.dev) and summary.txt (operators by device time on CUDA, CPU time "
@@ -290,7 +299,8 @@ def _train_run(args, out: str, overrides: list[str]) -> int:
     if recipe is None:
         recipe = load_recipe(args.config, overrides + args.set)
         data_dir = Path(recipe.data.dir)
-        if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):
+        if (args.config and args.data is None and not args.dry_run
+                and not (data_dir.is_dir() and any(data_dir.iterdir()))):
             # `prepare --out DIR` (what a missing dataset's refusal suggests) would ignore the recipe's [data];
             # `run` with the same settings prepares it, then trains the same run
             command = shlex.join(["tinygemma", "run", args.config,
@@ -298,6 +308,8 @@ def _train_run(args, out: str, overrides: list[str]) -> int:
             raise UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the recipe's "
                             "[data] asks, then trains")
     check_given_settings(recipe, overrides + args.set)
+    if args.dry_run:
+        return _print_plan(recipe)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if env_rank() == 0:
         print(strict_json(summary))  # (a last step skipped as non-finite: its train_loss null, not NaN)
@@ -314,11 +326,30 @@ def add_run(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. data.source=path/to/stories.txt, "
                         f"train.max_steps=100, model.n_layers=4; {LIST_HELP}; repeatable")
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     p.set_defaults(func=_run_main)
+
+
+DRY_RUN_HELP = ("print the recipe resolved, with what it trains (parameters, tokens, FLOPs, learning rates, "
+                "evaluations, checkpoints), as JSON, then check it as training would on this machine (exit status "
+                "2 if refused); nothing is prepared, trained or written")
+
+
+def _print_plan(recipe, *checks) -> int:
+    """--dry-run: the resolved recipe and its plan as JSON on stdout, the plan in one line on stderr; then what
+    training would refuse on this machine (a GPU recipe on a laptop: its plan, then the refusal, exit status 2)."""
+    plan = recipe_plan(recipe)
+    print(strict_json({"recipe": recipe.to_dict(), "plan": plan}, indent=2), flush=True)
+    print(say_plan(plan), file=sys.stderr, flush=True)
+    for check in (*checks, check_training_settings):
+        check(recipe)
+    return 0
 
 
 def _run_main(args) -> int:
     recipe = load_recipe(args.recipe, args.set)  # refuses a recipe that is missing, a folder, not TOML
+    if args.dry_run:
+        return _print_plan(recipe, check_outputs)
     run(recipe)
     if env_rank() == 0:  # under torchrun, process 0 evaluated, sampled and wrote
         print(where_and_next(recipe, args.recipe, args.set), flush=True)

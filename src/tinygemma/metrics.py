@@ -69,7 +69,7 @@ class MetricsLog:
             self.written = len(self.records)
 
 
-def strict_json(value) -> str:
+def strict_json(value, indent: int | None = None) -> str:
     """`value` in strict JSON (jq, pandas, JavaScript's JSON.parse, Go): a non-finite number, at any depth (the loss
     of a skipped or stopping step, the evaluation of a model whose weights overflowed), is written as null."""
     def finite(v):
@@ -78,7 +78,7 @@ def strict_json(value) -> str:
         if isinstance(v, dict):
             return {k: finite(x) for k, x in v.items()}
         return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
-    return json.dumps(finite(value), allow_nan=False)
+    return json.dumps(finite(value), allow_nan=False, indent=indent)
 
 
 def record_line(record: dict) -> str:

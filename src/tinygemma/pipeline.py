@@ -8,6 +8,7 @@ them in RUN/eval.json and write RUN/report.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ from tinygemma.metrics import strict_json
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
-from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
+from tinygemma.tokenizer import GPT2_VOCAB_SIZE, load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
 from tinygemma.train import (
     check_initial_model,
@@ -146,6 +147,70 @@ def check_run_data(recipe: Recipe) -> None:
     if moved:
         raise UserError(f"train.out {recipe.out} holds a run trained on other [data] ({'; '.join(moved)}): continue "
                         "it with the [data] it was trained on, or set train.out to a new folder for this data")
+
+
+def recipe_plan(recipe: Recipe) -> dict:
+    """What the recipe trains, computed from its settings alone (`train --dry-run`, `run --dry-run`): the model,
+    the batch, tokens and FLOPs, the learning rates, how many evaluations and checkpoints. The vocabulary is the
+    prepared data's where data.dir holds it, else its tokenizer's where that is known before preparing (gpt2, a
+    tokenizer.json, bpe's data.vocab_size). Nothing is read but these, nothing is written."""
+    from tinygemma.checkpoint import checkpoint_bytes
+    from tinygemma.model import Gemma3
+    from tinygemma.optim import cooldown_start, schedule
+
+    recipe = checked_recipe(recipe)
+    t, vocab_size, vocab_from = recipe.train, *plan_vocab_size(recipe)
+    config = recipe.model_config(vocab_size)
+    with torch.device("meta"):  # shapes only
+        checkpoint_size = checkpoint_bytes(Gemma3(config))
+    sequences = t.batch_size * t.grad_accum_steps
+    tokens_per_step = sequences * t.block_size
+
+    def multiples(*intervals: int) -> int:  # steps in 1..max_steps that are a multiple of any interval (or the last)
+        every = [i for i in intervals if i]
+        union = sum(t.max_steps // i for i in every) - (t.max_steps // math.lcm(*every) if len(every) == 2 else 0)
+        return union + (not any(t.max_steps % i == 0 for i in every))
+
+    peaks = {"adamw": t.learning_rate, **({"muon": t.muon_learning_rate} if t.optimizer == "muon" else {})}
+    return {
+        "model": {"preset": recipe.model_preset, "vocab_size": vocab_size, "vocab_size_from": vocab_from,
+                  "parameters": config.num_params(), "flops_per_token": config.flops_per_token(t.block_size)},
+        "batch": {"sequences_per_step": sequences, "block_size": t.block_size, "tokens_per_step": tokens_per_step},
+        "steps": t.max_steps, "tokens": t.max_steps * tokens_per_step,
+        "flops": t.max_steps * tokens_per_step * config.flops_per_token(t.block_size),
+        "optimizer": t.optimizer,
+        "schedule": {"kind": t.lr_schedule, "warmup_steps": t.warmup_steps,
+                     **({"cooldown_from_step": cooldown_start(t)} if t.lr_schedule == "wsd" else {})},
+        "learning_rates": {name: {"first_step": peak * schedule(0, t), "peak": peak,
+                                  "last_step": peak * schedule(t.max_steps - 1, t)} for name, peak in peaks.items()},
+        "evaluations": {"count": 1 + multiples(t.eval_interval, t.checkpoint_interval),  # and at step 0
+                        "tokens_each": t.eval_batches * tokens_per_step},
+        "checkpoints": {"count": multiples(t.checkpoint_interval), "bytes_each_at_most": checkpoint_size},
+    }
+
+
+def plan_vocab_size(recipe: Recipe) -> tuple[int, str]:
+    """The vocabulary a run of the recipe would have, and where it comes from."""
+    data_dir, name = Path(recipe.data.dir), recipe.data.tokenizer
+    if (data_dir / META_NAME).exists():
+        return open_prepared(data_dir).vocab_size, f"the prepared data in {data_dir}"
+    if name == "gpt2":
+        return GPT2_VOCAB_SIZE, "the gpt2 tokenizer"
+    if name == "bpe":
+        return recipe.data.vocab_size, "data.vocab_size, the BPE prepare trains"
+    return load_tokenizer(name).vocab_size, name
+
+
+def say_plan(plan: dict) -> str:
+    """The plan in one line."""
+    m, lr, t = plan["model"], plan["learning_rates"], plan["schedule"]
+    rates = "; ".join(f"{name} {r['first_step']:.3g} -> {r['peak']:.3g} -> {r['last_step']:.3g}" for name, r in lr.items())
+    return (f"{m['preset']} ({m['parameters']:,} parameters, vocabulary {m['vocab_size']:,} from {m['vocab_size_from']}): "
+            f"{plan['steps']:,} steps x {plan['batch']['tokens_per_step']:,} tokens = {plan['tokens']:,} tokens, "
+            f"{plan['flops']:.3g} FLOP; {plan['optimizer']}, {t['kind']} schedule, warmup {t['warmup_steps']} steps, "
+            f"learning rate {rates}; evaluations: {plan['evaluations']['count']:,} of "
+            f"{plan['evaluations']['tokens_each']:,} tokens; checkpoints: {plan['checkpoints']['count']:,} of at most "
+            f"{plan['checkpoints']['bytes_each_at_most'] / 2**30:.2f} GiB")
 
 
 def check_training_settings(recipe: Recipe) -> None:

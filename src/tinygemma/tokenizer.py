@@ -22,6 +22,7 @@ from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_write_json, atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
+GPT2_VOCAB_SIZE = 50_257  # r50k_base: 50,256 ranks and <|endoftext|>
 # The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Gemma, Llama 2, Llama 3).
 EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>")
 TOKENIZER_FILE = "tokenizer.json"
@@ -264,7 +265,7 @@ def _decodes_byte_level(spec: dict) -> bool:
 def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
     """Whether a tokenizer.json's vocabulary (with its added tokens) and byte-level decoding are GPT-2's. False
     where GPT-2's ranks cannot be had (offline without tiktoken's cache)."""
-    if len(vocab) != 50257 or vocab.get(EOT_TOKEN) != 50256:  # the quick no for every other vocabulary
+    if len(vocab) != GPT2_VOCAB_SIZE or vocab.get(EOT_TOKEN) != GPT2_VOCAB_SIZE - 1:  # the quick no for the others
         return False
     # GPT-2's ids, but text changed (a lowercasing normalizer) or split otherwise (a prefix space) before them:
     # another tokenizer, which would feed a GPT-2 model splits it never saw.

@@ -16,6 +16,7 @@ from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
+from tinygemma.runtime import TORCHRUN_VARIABLES
 from tinygemma.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,3 +488,9 @@ def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_
     assert main(["train", "--config", str(ROOT / "configs" / "cpu-demo.toml"), "--dry-run", "--max-steps", "77"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["steps"] == 77
     assert list(tmp_path.iterdir()) == []
+    # Under torchrun, process 0 alone prints it.
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", str(ROOT / "configs" / "workshop.toml"), "--dry-run"]) == 0
+    assert capsys.readouterr() == ("", "")

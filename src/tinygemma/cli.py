@@ -339,8 +339,9 @@ def _print_plan(recipe, *checks) -> int:
     """--dry-run: the resolved recipe and its plan as JSON on stdout, the plan in one line on stderr; then what
     training would refuse on this machine (a GPU recipe on a laptop: its plan, then the refusal, exit status 2)."""
     plan = recipe_plan(recipe)
-    print(strict_json({"recipe": recipe.to_dict(), "plan": plan}, indent=2), flush=True)
-    print(say_plan(plan), file=sys.stderr, flush=True)
+    if env_rank() == 0:  # (under torchrun, once)
+        print(strict_json({"recipe": recipe.to_dict(), "plan": plan}, indent=2), flush=True)
+        print(say_plan(plan), file=sys.stderr, flush=True)
     for check in (*checks, check_training_settings):
         check(recipe)
     return 0

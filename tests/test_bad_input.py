@@ -147,6 +147,10 @@ CASES = [
                                              "gemma3-tiny", "--max-steps", "1", "--set", "learning_rate=1e38"]
      + RUN_ARGS, "train.learning_rate / (1 - train.beta1) (AdamW's first step size) must be within float32's range, "
                  "got 1e+38 / (1 - 0.9)"),  # a traceback from AdamW's step, and a run folder left behind
+    ("train-muon-step-past-float32", ["train", "--data", "{root}/data", "--out", "{root}/new", "--model",
+                                      "gemma3-tiny", "--max-steps", "1", "--set", "optimizer=muon", "--set",
+                                      "muon_learning_rate=2.5e38", "--set", "warmup_steps=0"] + RUN_ARGS,
+     "train.muon_learning_rate x 2 (Muon's step on this model's tallest matrices) must be within float32's range"),
     ("generate-device-not-ours", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--device", "meta"],
      "unknown device 'meta'"),
     ("eval-device-not-ours", ["eval", "--ckpt", "{root}/run", "--data", "{root}/data", "--device", "cpu:1"],

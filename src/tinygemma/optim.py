@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from tinygemma.config import MUON_BACKENDS, TrainConfig, saved_train_settings
+from tinygemma.config import FLOAT32_MAX, MUON_BACKENDS, TrainConfig, saved_train_settings
 from tinygemma.devices import compiled_copy, cpu_has_bf16, cuda_has_bf16
 from tinygemma.errors import UserError
 
@@ -167,6 +167,10 @@ def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                  fused=True if rt.device.type == "cuda" else None)
     muon = muon_parameters(model)
+    scale = max((muon_lr_scale(p.shape) for n, p in named if n in muon), default=1.0)
+    if cfg.muon_learning_rate * scale > FLOAT32_MAX:  # (the AdamW part's bound is TrainConfig.validate's)
+        raise UserError(f"train.muon_learning_rate x {scale:.3g} (Muon's step on this model's tallest matrices) must "
+                        f"be within float32's range, got {cfg.muon_learning_rate}")
     groups = [
         # Muon without weight decay: decoupled decay scales with the learning rate, and Muon's is ~10x AdamW's.
         {"params": [p for n, p in named if n in muon], "muon": True, "peak_lr": cfg.muon_learning_rate,

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 import tinygemma
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
+from tinygemma.data import DEFAULT_BPE_VOCAB_SIZE
 from tinygemma.runtime import TORCHRUN_VARIABLES
 from tinygemma.tokenizer import train_bpe
 
@@ -439,40 +441,64 @@ def test_dry_run_prints_the_workshop_recipe_s_plan_and_writes_nothing(tmp_path, 
                                  "gemma3-270m-gpt2").flops_per_token(128)}
     assert plan["batch"] == {"sequences_per_step": 1024, "block_size": 128, "tokens_per_step": 131_072}
     assert (plan["steps"], plan["tokens"]) == (4688, 614_465_536)
-    assert plan["learning_rates"] == {"adamw": {"first_step": pytest.approx(1e-4 / 31), "peak": 1e-4,
+    assert plan["learning_rates"] == {"adamw": {"first_step": pytest.approx(1e-4 / 31), "highest": 1e-4,
                                                 "last_step": pytest.approx(1e-5)}}
+    assert plan["this_invocation"] == {"from_step": 0, "to_step": 4688}
     assert plan["checkpoints"]["count"] == 10  # every 500 steps, and the last (4,688)
     assert plan["evaluations"] == {"count": 48, "tokens_each": 4 * 131_072}  # step 0, every 100, the last
     assert err.count("\n") == 1 and "614,465,536 tokens" in err
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("eval_interval, checkpoint_interval, max_steps",
-                         [(3, 3, 6), (4, 6, 25), (0, 5, 12), (7, 0, 20), (0, 0, 9), (5, 10, 10), (1, 3, 7)])
-def test_dry_run_counts_the_evaluations_and_checkpoints_a_run_makes(tmp_path, stories_dir, capsys, eval_interval,
-                                                                   checkpoint_interval, max_steps):
-    """Against the run itself: its metrics.jsonl's evaluations and the checkpoints it wrote (keep_checkpoints
-    large enough to keep them all)."""
+@pytest.mark.parametrize("eval_interval, checkpoint_interval, max_steps, schedule", [
+    (3, 3, 6, ["optimizer=adamw", "lr_schedule=cosine", "warmup_steps=1"]),
+    (4, 6, 25, ["optimizer=muon", "lr_schedule=wsd", "warmup_steps=0"]),
+    (0, 5, 12, ["optimizer=adamw", "lr_schedule=cosine", "warmup_steps=0"]),  # the peak itself never taken
+    (7, 0, 20, ["optimizer=muon", "lr_schedule=wsd", "warmup_steps=0", "cooldown_fraction=1"]),
+    (0, 0, 9, ["optimizer=adamw", "lr_schedule=wsd", "warmup_steps=9"]),
+    (5, 10, 10, ["optimizer=muon", "lr_schedule=cosine", "warmup_steps=3"]),
+    (1, 3, 7, ["optimizer=adamw", "lr_schedule=wsd", "warmup_steps=2", "cooldown_fraction=0"]),
+])
+def test_dry_run_plans_what_the_run_then_does(tmp_path, stories_dir, capsys, eval_interval, checkpoint_interval,
+                                             max_steps, schedule):
+    """Against the run itself: its parameters and FLOPs (config.json), tokens and learning rates (metrics.jsonl),
+    evaluations, and the checkpoints it wrote (keep_checkpoints large enough to keep them all) and their size."""
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
     settings = [f"train.eval_interval={eval_interval}", f"train.checkpoint_interval={checkpoint_interval}",
-                f"train.max_steps={max_steps}", "train.warmup_steps=1", "train.keep_checkpoints=100",
-                "generate.prompts="]
+                f"train.max_steps={max_steps}", "train.keep_checkpoints=100", "generate.prompts=",
+                *(f"train.{s}" for s in schedule)]
     args = ["run", str(recipe), *(part for s in settings for part in ("--set", s))]
     assert main([*args, "--dry-run"]) == 0
-    plan = json.loads(capsys.readouterr().out)["plan"]
+    before = json.loads(capsys.readouterr().out)["plan"]
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
-    assert plan["model"]["vocab_size_from"] == "data.vocab_size, the BPE prepare trains"
+    assert before["model"]["vocab_size_from"] == "data.vocab_size, the BPE prepare trains (at most)"
     assert main(args) == 0
     capsys.readouterr()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert plan["evaluations"]["count"] == sum("val_loss" in r for r in records)
-    assert plan["checkpoints"]["count"] == len(list((tmp_path / "run" / "checkpoints").glob("step_*")))
-    # Once the data is prepared, the plan takes its vocabulary (the BPE may stop short of data.vocab_size)
+    # Once the data is prepared, the plan is the trainer's own (the BPE may stop short of data.vocab_size)
     assert main([*args, "--dry-run"]) == 0
-    plan = json.loads(capsys.readouterr().out)["plan"]
+    out, err = capsys.readouterr()
+    plan = json.loads(out)["plan"]
     assert plan["model"]["vocab_size_from"] == f"the prepared data in {tmp_path / 'data'}"
     assert plan["model"]["vocab_size"] == json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"]
+    assert plan["this_invocation"] == {"from_step": max_steps, "to_step": max_steps}  # the run is finished
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert plan["model"]["parameters"] == config["run"]["parameters"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train_loss" in r]
+    assert plan["tokens"] == steps[-1]["tokens"] and len(steps) == plan["steps"]
+    for name, rates in plan["learning_rates"].items():
+        scale = rates["highest"] / max(r["lr"] for r in steps)  # (the logs give AdamW's rate; Muon's is its multiple)
+        assert rates["first_step"] == pytest.approx(steps[0]["lr"] * scale)
+        assert rates["last_step"] == pytest.approx(steps[-1]["lr"] * scale)
+        t = config["train"]
+        assert scale == pytest.approx(1.0 if name == "adamw" else t["muon_learning_rate"] / t["learning_rate"])
+    assert plan["evaluations"]["count"] == sum("val_loss" in r for r in records)
+    written = sorted((run / "checkpoints").glob("step_*"))
+    assert plan["checkpoints"]["count"] == len(written)
+    assert all(sum(f.stat().st_size for f in c.iterdir()) <= plan["checkpoints"]["bytes_each_at_most"]
+               for c in written)
 
 
 def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_refusal(tmp_path, capsys,
@@ -485,8 +511,11 @@ def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_
         out, err = capsys.readouterr()
         assert json.loads(out)["plan"]["optimizer"] == "muon"
         assert err.splitlines()[1:] == ["tinygemma run: error: device cuda was asked for, but PyTorch sees no CUDA GPU"]
-    assert main(["train", "--config", str(ROOT / "configs" / "cpu-demo.toml"), "--dry-run", "--max-steps", "77"]) == 0
-    assert json.loads(capsys.readouterr().out)["plan"]["steps"] == 77
+    assert main(["train", "--config", str(ROOT / "configs" / "cpu-demo.toml"), "--dry-run", "--max-steps", "77"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["plan"]["steps"] == 77
+    assert err.splitlines()[1].startswith("tinygemma train: error: data/tinystories-cpu (data.dir) is not prepared "
+                                          "yet: `tinygemma run")
     assert list(tmp_path.iterdir()) == []
     # Under torchrun, process 0 alone prints it.
     for name in TORCHRUN_VARIABLES:
@@ -494,3 +523,50 @@ def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", str(ROOT / "configs" / "workshop.toml"), "--dry-run"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, stories_dir, capsys):
+    """What the run or train would refuse, the dry run refuses (after the recipe's plan): another model for an
+    existing run, data prepared from other stories, a --stop-at of 0, a fork (which writes a folder). A tokenizer
+    whose special tokens pass its text's ids (Gemma's) takes a model.vocab_size of its text's ids, as training
+    does; a BPE of no set size plans prepare's default."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    assert main(["run", str(recipe), "--set", "generate.prompts="]) == 0
+    capsys.readouterr()
+    run, data = tmp_path / "run", tmp_path / "data"
+    files = sorted(tmp_path.rglob("*"))
+
+    def refused(*args: str) -> str:
+        assert main([*args, "--dry-run"]) == 2
+        out, err = capsys.readouterr()
+        assert json.loads(out)["plan"] and err.count("\n") == 2  # the plan, its line, then the refusal's
+        return err.splitlines()[1]
+
+    assert "differs from the configured one in d_model" in refused("run", str(recipe), "--set", "model.d_model=16")
+    assert "was prepared from other data than the recipe's [data]" in refused(
+        "run", str(recipe), "--set", "data.tokenizer=gpt2", "--set", "data.vocab_size=none", "--set",
+        f"train.out={tmp_path / 'other'}")
+    assert "--stop-at (stop_at) must be" in refused("train", "--out", str(run), "--resume", "--stop-at", "0")
+    assert main(["train", "--resume-from", str(run / "checkpoints" / "step_000006"), "--out", str(tmp_path / "fork"),
+                 "--dry-run"]) == 2
+    assert "--dry-run does not fork a run" in capsys.readouterr().err
+    # This invocation's steps: a new run stopped at 3, the finished one none
+    assert main(["train", "--config", str(recipe), "--set", f"train.out={tmp_path / 'new'}", "--stop-at", "3",
+                 "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["this_invocation"] == {"from_step": 0, "to_step": 3}
+    assert main(["train", "--out", str(run), "--resume", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["this_invocation"] == {"from_step": 6, "to_step": 6}
+    assert sorted(tmp_path.rglob("*")) == files  # nothing written, anywhere
+
+    tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
+    text_ids = tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens(["<image_soft_token>"])  # past the text's ids, as in Gemma 3's tokenizer
+    tokenizer.save(str(tmp_path / "special.json"))
+    assert main(["run", str(recipe), "--dry-run", "--set", f"data.tokenizer={tmp_path / 'special.json'}",
+                 "--set", "data.vocab_size=none", "--set", f"data.dir={tmp_path / 'new-data'}",
+                 "--set", f"model.vocab_size={text_ids}", "--set", f"train.out={tmp_path / 'other'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["model"]["vocab_size"] == text_ids
+    assert main(["run", str(recipe), "--dry-run", "--set", "data.vocab_size=none", "--set",
+                 f"data.dir={tmp_path / 'new-data'}", "--set", f"train.out={tmp_path / 'other'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["model"]["vocab_size"] == DEFAULT_BPE_VOCAB_SIZE

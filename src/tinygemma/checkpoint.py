@@ -562,11 +562,13 @@ def read_trainer_state(ckpt_dir: Path, step: int) -> dict:
     return state
 
 
-def checkpoint_bytes(model: Gemma3) -> int:
-    """What a checkpoint takes on disk: the weights, AdamW's two moments, and a margin."""
+def checkpoint_bytes(model: Gemma3, tokenizer_file: Path | None = None) -> int:
+    """At most what a checkpoint takes on disk: the weights, AdamW's two moments (Muon keeps fewer), the copy of
+    the run's tokenizer file, and a margin."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 2 * sum(p.numel() * 4 for p in model.parameters())
-    return int(1.05 * (weights + moments)) + (16 << 20)
+    tokenizer = tokenizer_file.stat().st_size if tokenizer_file is not None and tokenizer_file.is_file() else 0
+    return int(1.05 * (weights + moments)) + tokenizer + (16 << 20)
 
 
 def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict, data_dir: Path,
@@ -584,7 +586,9 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     message = None
     if rt.is_main:
         ckpts.mkdir(parents=True, exist_ok=True)
-        need, free = checkpoint_bytes(raw), shutil.disk_usage(ckpts).free
+        tokenizer_file = meta.get("tokenizer", {}).get("file")
+        need = checkpoint_bytes(raw, data_dir / tokenizer_file if tokenizer_file else None)
+        free = shutil.disk_usage(ckpts).free
         if free < need:
             previous = checkpoint_pointer(run_dir)
             message = (f"not enough free disk in {ckpts} for the checkpoint of step {step}: it needs about "

@@ -54,6 +54,7 @@ from tinygemma.pipeline import (
     check_given_settings,
     check_outputs,
     check_training_settings,
+    prepared_data,
     recipe_plan,
     run,
     say_plan,
@@ -62,7 +63,7 @@ from tinygemma.pipeline import (
 from tinygemma.report import write_model_card
 from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
-from tinygemma.train import check_fork_processes, saved_recipe, train
+from tinygemma.train import check_fork_processes, check_run, saved_recipe, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -285,6 +286,10 @@ def _train_main(args) -> int:
             out, given = value, True
     if not args.resume_from:
         return _train_run(args, out, overrides)
+    if args.dry_run:  # (a fork is made before its recipe can be read)
+        raise UserError(f"--dry-run does not fork a run: see what the fork would train with `tinygemma train --out "
+                        f"SOURCE_RUN --resume --dry-run` and the settings you would give, SOURCE_RUN being the run "
+                        f"{args.resume_from} belongs to")
     if not given:
         raise UserError("--resume-from continues a run in a new folder: name it with --out")
     check_fork_processes(args.resume_from, out)
@@ -296,20 +301,28 @@ def _train_main(args) -> int:
 def _train_run(args, out: str, overrides: list[str]) -> int:
     # --resume continues the recipe the run was trained with (a recipe file given is followed instead)
     recipe = saved_recipe(out, overrides + args.set) if args.resume and args.config is None and out else None
+    unprepared = None
     if recipe is None:
         recipe = load_recipe(args.config, overrides + args.set)
         data_dir = Path(recipe.data.dir)
-        if (args.config and args.data is None and not args.dry_run
-                and not (data_dir.is_dir() and any(data_dir.iterdir()))):
+        if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):
             # `prepare --out DIR` (what a missing dataset's refusal suggests) would ignore the recipe's [data];
             # `run` with the same settings prepares it, then trains the same run
             command = shlex.join(["tinygemma", "run", args.config,
                                   *(part for item in overrides + args.set for part in ("--set", item))])
-            raise UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the recipe's "
-                            "[data] asks, then trains")
+            unprepared = UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the "
+                                   "recipe's [data] asks, then trains")
+    if unprepared and not args.dry_run:
+        raise unprepared
     check_given_settings(recipe, overrides + args.set)
     if args.dry_run:
-        return _print_plan(recipe)
+        def check():  # what train would refuse, then what it finds
+            check_training_settings(recipe)
+            if unprepared:
+                raise unprepared
+            return check_run(recipe, args.resume, args.stop_at, args.profile)
+
+        return _print_plan(recipe, check)
     summary = train(recipe, resume=args.resume, stop_at=args.stop_at, profile=args.profile)
     if env_rank() == 0:
         print(strict_json(summary))  # (a last step skipped as non-finite: its train_loss null, not NaN)
@@ -335,22 +348,36 @@ DRY_RUN_HELP = ("print the recipe resolved, with what it trains (parameters, tok
                 "2 if refused); nothing is prepared, trained or written")
 
 
-def _print_plan(recipe, *checks) -> int:
-    """--dry-run: the resolved recipe and its plan as JSON on stdout, the plan in one line on stderr; then what
-    training would refuse on this machine (a GPU recipe on a laptop: its plan, then the refusal, exit status 2)."""
-    plan = recipe_plan(recipe)
-    if env_rank() == 0:  # (under torchrun, once)
-        print(strict_json({"recipe": recipe.to_dict(), "plan": plan}, indent=2), flush=True)
-        print(say_plan(plan), file=sys.stderr, flush=True)
-    for check in (*checks, check_training_settings):
-        check(recipe)
+def _print_plan(recipe, check) -> int:
+    """--dry-run: the resolved recipe and its plan as JSON on stdout, the plan in one line on stderr. `check()`
+    makes training's own checks and returns train.check_run's findings (None where the data is not prepared
+    yet); where training would refuse (a GPU recipe on a laptop), the recipe's plan comes first, then the
+    refusal (exit status 2)."""
+    def say(plan: dict) -> None:
+        if env_rank() == 0:  # (under torchrun, once)
+            print(strict_json({"recipe": recipe.to_dict(), "plan": plan}, indent=2), flush=True)
+            print(say_plan(plan), file=sys.stderr, flush=True)
+
+    try:
+        checked = check()
+    except UserError:
+        say(recipe_plan(recipe))
+        raise
+    say(recipe_plan(recipe, checked))
+    if checked and checked["warning"] and env_rank() == 0:  # (a resume with changed settings: as train says it)
+        print(f"tinygemma: warning: {checked['warning']}", file=sys.stderr, flush=True)
     return 0
 
 
 def _run_main(args) -> int:
     recipe = load_recipe(args.recipe, args.set)  # refuses a recipe that is missing, a folder, not TOML
     if args.dry_run:
-        return _print_plan(recipe, check_outputs)
+        def check():  # run's own checks before it prepares, then (with the data there) training's
+            check_outputs(recipe)
+            check_training_settings(recipe)
+            return check_run(recipe, resume=True) if prepared_data(recipe) is not None else None
+
+        return _print_plan(recipe, check)
     run(recipe)
     if env_rank() == 0:  # under torchrun, process 0 evaluated, sampled and wrote
         print(where_and_next(recipe, args.recipe, args.set), flush=True)

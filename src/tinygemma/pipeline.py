@@ -24,6 +24,7 @@ from tinygemma.checkpoint import (
 )
 from tinygemma.config import GenerateConfig, Recipe, checked_recipe, parse_override
 from tinygemma.data import (
+    DEFAULT_BPE_VOCAB_SIZE,
     META_NAME,
     check_prepare_out,
     check_source,
@@ -42,7 +43,7 @@ from tinygemma.metrics import strict_json
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
-from tinygemma.tokenizer import GPT2_VOCAB_SIZE, load_tokenizer, token_byte_lengths
+from tinygemma.tokenizer import GPT2_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
 from tinygemma.train import (
     check_initial_model,
@@ -60,16 +61,8 @@ def log(message: str) -> None:
 def prepare_if_missing(recipe: Recipe) -> None:
     """Prepare the recipe's data into data.dir, unless it is there already: prepared from the same stories with the
     same tokenizer (a directory prepared from others is refused, never trained on in the recipe's name)."""
-    data_dir = Path(recipe.data.dir)
-    recipe.data.validate()
-    if (data_dir / META_NAME).exists():
-        data = open_prepared(data_dir)  # validated: a truncated or foreign directory stops here
-        differences = data_differences(recipe.data, data)
-        if differences:
-            raise UserError(f"{data_dir} was prepared from other data than the recipe's [data] asks for "
-                            f"({'; '.join(differences)}): set data.dir to another folder to prepare it there, "
-                            "delete this one to prepare it again, or give [data] the settings it was prepared "
-                            "with (--set data.source=..., data.tokenizer=..., data.limit=...)")
+    data_dir, data = Path(recipe.data.dir), prepared_data(recipe)
+    if data is not None:
         log(f"prepared data found in {data_dir} ({data.meta['splits']['train']['tokens']:,} training tokens); "
             "delete it to prepare again")
         return
@@ -149,20 +142,26 @@ def check_run_data(recipe: Recipe) -> None:
                         "it with the [data] it was trained on, or set train.out to a new folder for this data")
 
 
-def recipe_plan(recipe: Recipe) -> dict:
-    """What the recipe trains, computed from its settings alone (`train --dry-run`, `run --dry-run`): the model,
-    the batch, tokens and FLOPs, the learning rates, how many evaluations and checkpoints. The vocabulary is the
-    prepared data's where data.dir holds it, else its tokenizer's where that is known before preparing (gpt2, a
-    tokenizer.json, bpe's data.vocab_size). Nothing is read but these, nothing is written."""
+def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
+    """What the recipe trains (`train --dry-run`, `run --dry-run`): the model, the batch, the steps, tokens and
+    FLOPs, the learning rates, how many evaluations and checkpoints. `checked`: what train.check_run found (the
+    model for the prepared data, the steps this invocation trains); without it (data not prepared yet), the
+    vocabulary is the tokenizer's where that is known before preparing (gpt2, a tokenizer.json, bpe's
+    data.vocab_size). Nothing is written."""
     from tinygemma.checkpoint import checkpoint_bytes
     from tinygemma.model import Gemma3
     from tinygemma.optim import cooldown_start, schedule
 
-    recipe = checked_recipe(recipe)
-    t, vocab_size, vocab_from = recipe.train, *plan_vocab_size(recipe)
-    config = recipe.model_config(vocab_size)
+    t, data_dir = recipe.train, Path(recipe.data.dir)
+    if checked is not None:
+        config, vocab_from = checked["model"], f"the prepared data in {data_dir}"
+        start, end = checked["start"], checked["end"]
+    else:
+        vocab_size, needed, vocab_from = plan_vocab_size(recipe)
+        config, start, end = recipe.model_config(vocab_size, needed), 0, t.max_steps
+    tokenizer_file = data_dir / TOKENIZER_FILE if checked is not None else None
     with torch.device("meta"):  # shapes only
-        checkpoint_size = checkpoint_bytes(Gemma3(config))
+        checkpoint_size = checkpoint_bytes(Gemma3(config), tokenizer_file)
     sequences = t.batch_size * t.grad_accum_steps
     tokens_per_step = sequences * t.block_size
 
@@ -171,46 +170,73 @@ def recipe_plan(recipe: Recipe) -> dict:
         union = sum(t.max_steps // i for i in every) - (t.max_steps // math.lcm(*every) if len(every) == 2 else 0)
         return union + (not any(t.max_steps % i == 0 for i in every))
 
+    # The highest rate is the warmup's last step's, or the first after it (a warmup of 0 never reaches the peak)
+    top = max(schedule(s, t) for s in {0, max(t.warmup_steps - 1, 0), min(t.warmup_steps, t.max_steps - 1)})
     peaks = {"adamw": t.learning_rate, **({"muon": t.muon_learning_rate} if t.optimizer == "muon" else {})}
+    checkpoints = multiples(t.checkpoint_interval)
     return {
-        "model": {"preset": recipe.model_preset, "vocab_size": vocab_size, "vocab_size_from": vocab_from,
+        "model": {"preset": recipe.model_preset, "vocab_size": config.vocab_size, "vocab_size_from": vocab_from,
                   "parameters": config.num_params(), "flops_per_token": config.flops_per_token(t.block_size)},
         "batch": {"sequences_per_step": sequences, "block_size": t.block_size, "tokens_per_step": tokens_per_step},
         "steps": t.max_steps, "tokens": t.max_steps * tokens_per_step,
         "flops": t.max_steps * tokens_per_step * config.flops_per_token(t.block_size),
+        "this_invocation": {"from_step": start, "to_step": end},
         "optimizer": t.optimizer,
         "schedule": {"kind": t.lr_schedule, "warmup_steps": t.warmup_steps,
                      **({"cooldown_from_step": cooldown_start(t)} if t.lr_schedule == "wsd" else {})},
-        "learning_rates": {name: {"first_step": peak * schedule(0, t), "peak": peak,
+        "learning_rates": {name: {"first_step": peak * schedule(0, t), "highest": peak * top,
                                   "last_step": peak * schedule(t.max_steps - 1, t)} for name, peak in peaks.items()},
         "evaluations": {"count": 1 + multiples(t.eval_interval, t.checkpoint_interval),  # and at step 0
                         "tokens_each": t.eval_batches * tokens_per_step},
-        "checkpoints": {"count": multiples(t.checkpoint_interval), "bytes_each_at_most": checkpoint_size},
+        "checkpoints": {"count": checkpoints, "bytes_each_at_most": checkpoint_size,
+                        "on_disk_at_most": min(checkpoints, t.keep_checkpoints + 1)},  # the newest, and the best
     }
 
 
-def plan_vocab_size(recipe: Recipe) -> tuple[int, str]:
-    """The vocabulary a run of the recipe would have, and where it comes from."""
-    data_dir, name = Path(recipe.data.dir), recipe.data.tokenizer
-    if (data_dir / META_NAME).exists():
-        return open_prepared(data_dir).vocab_size, f"the prepared data in {data_dir}"
+def plan_vocab_size(recipe: Recipe) -> tuple[int, int, str]:
+    """Before the data is prepared: the vocabulary a run of the recipe would have, the ids its text and end of text
+    take (model.vocab_size may not be below them), and where they come from."""
+    name = recipe.data.tokenizer
     if name == "gpt2":
-        return GPT2_VOCAB_SIZE, "the gpt2 tokenizer"
+        return GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE, "the gpt2 tokenizer"
     if name == "bpe":
-        return recipe.data.vocab_size, "data.vocab_size, the BPE prepare trains"
-    return load_tokenizer(name).vocab_size, name
+        size = recipe.data.vocab_size or DEFAULT_BPE_VOCAB_SIZE
+        return size, size, "data.vocab_size, the BPE prepare trains (at most)"
+    tokenizer = load_tokenizer(name)
+    return tokenizer.vocab_size, tokenizer.model_vocab_size, name
 
 
 def say_plan(plan: dict) -> str:
     """The plan in one line."""
     m, lr, t = plan["model"], plan["learning_rates"], plan["schedule"]
-    rates = "; ".join(f"{name} {r['first_step']:.3g} -> {r['peak']:.3g} -> {r['last_step']:.3g}" for name, r in lr.items())
+    rates = "; ".join(f"{name} {r['first_step']:.3g} -> {r['highest']:.3g} -> {r['last_step']:.3g}"
+                      for name, r in lr.items())
+    now = plan["this_invocation"]
+    steps = ("" if (now["from_step"], now["to_step"]) == (0, plan["steps"])
+             else f" (this invocation: steps {now['from_step']:,} to {now['to_step']:,})")
     return (f"{m['preset']} ({m['parameters']:,} parameters, vocabulary {m['vocab_size']:,} from {m['vocab_size_from']}): "
             f"{plan['steps']:,} steps x {plan['batch']['tokens_per_step']:,} tokens = {plan['tokens']:,} tokens, "
-            f"{plan['flops']:.3g} FLOP; {plan['optimizer']}, {t['kind']} schedule, warmup {t['warmup_steps']} steps, "
-            f"learning rate {rates}; evaluations: {plan['evaluations']['count']:,} of "
+            f"{plan['flops']:.3g} FLOP{steps}; {plan['optimizer']}, {t['kind']} schedule, warmup "
+            f"{t['warmup_steps']} steps, learning rate {rates}; evaluations: {plan['evaluations']['count']:,} of "
             f"{plan['evaluations']['tokens_each']:,} tokens; checkpoints: {plan['checkpoints']['count']:,} of at most "
             f"{plan['checkpoints']['bytes_each_at_most'] / 2**30:.2f} GiB")
+
+
+def prepared_data(recipe: Recipe):
+    """The recipe's prepared data in data.dir, or None where it is not prepared yet; refused where it was prepared
+    from other data than the recipe's [data] asks for (never trained on in the recipe's name)."""
+    data_dir = Path(recipe.data.dir)
+    recipe.data.validate()
+    if not (data_dir / META_NAME).exists():
+        return None
+    data = open_prepared(data_dir)  # validated: a truncated or foreign directory stops here
+    differences = data_differences(recipe.data, data)
+    if differences:
+        raise UserError(f"{data_dir} was prepared from other data than the recipe's [data] asks for "
+                        f"({'; '.join(differences)}): set data.dir to another folder to prepare it there, "
+                        "delete this one to prepare it again, or give [data] the settings it was prepared "
+                        "with (--set data.source=..., data.tokenizer=..., data.limit=...)")
+    return data
 
 
 def check_training_settings(recipe: Recipe) -> None:

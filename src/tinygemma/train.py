@@ -179,6 +179,16 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
     return run.summary()
 
 
+def check_run(recipe: Recipe, resume: bool = False, stop_at: int | None = None, profile: str | None = None) -> dict:
+    """What train(recipe, resume, stop_at, profile) would do, found by its own start's checks (the data, the run
+    folder and its checkpoint, the settings), without training, locking or writing anything: the model, and the
+    steps this invocation would train, start to end; `warning`: what a resume with changed settings would say."""
+    recipe = checked_recipe(recipe)
+    check_train_arguments(resume, stop_at, profile)
+    run = Trainer(recipe, resume, stop_at, quiet=True, profile=profile, check_only=True)
+    return {"model": run.model_config, "start": run.start, "end": run.end, "warning": run.changed}
+
+
 def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | None:
     """The recipe the run in `out` was last trained with, `overrides` (--set's KEY=VALUE items) applied: what
     `tinygemma train --resume --out RUN` continues, and `train(saved_recipe(RUN), resume=True)` from Python. The
@@ -221,20 +231,23 @@ def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | N
 class Trainer:
     """The state of one run and the steps of its loop; see `train` for the order they run in."""
 
-    def __init__(self, recipe: Recipe, resume: bool, stop_at: int | None, quiet: bool, profile: str | None = None):
+    def __init__(self, recipe: Recipe, resume: bool, stop_at: int | None, quiet: bool, profile: str | None = None,
+                 check_only: bool = False):
+        """`check_only`: the start's checks and no more (check_run's): no lock, weights, runtime or file."""
         self.recipe, self.cfg, self.quiet = recipe, recipe.train, quiet
         require_loggers(self.cfg.loggers)  # a tracker not installed stops every process here, before any work
         self.run_dir, self.data_dir = check_run_out(recipe.out), Path(recipe.data.dir)
         # Process 0 writes the run: it holds the run folder's lock from before it reads a checkpoint (a folder made
         # now is locked once open_logs makes it); a second writer is refused in one line.
-        self.lock = FolderLock(self.run_dir, "a run") if env_rank() == 0 else None
+        self.lock = FolderLock(self.run_dir, "a run") if env_rank() == 0 and not check_only else None
         try:
-            self.start_run(recipe, resume, stop_at, profile)
+            self.start_run(recipe, resume, stop_at, profile, check_only)
         except BaseException:
             self.unlock()
             raise
 
-    def start_run(self, recipe: Recipe, resume: bool, stop_at: int | None, profile: str | None) -> None:
+    def start_run(self, recipe: Recipe, resume: bool, stop_at: int | None, profile: str | None,
+                  check_only: bool = False) -> None:
         """The data, the start (a checkpoint or none), the settings' checks, the runtime, then build()."""
         if self.lock and is_training_run(self.run_dir):  # other folders are refused below, or locked once a run
             self.lock.acquire()
@@ -259,6 +272,10 @@ class Trainer:
                 recipe.generate):  # new to the run (recorded for its samples and model card), or sampled now
             check_generate_settings(recipe, self.model_config, self.data.tokenizer())
         self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
+        if check_only:
+            self.changed = changed
+            check_resumed_model(ckpt_dir, self.model_config)
+            return
         # The checkpoint train.init_from resolved to when the run started (a run folder's best moves on): recorded
         # in config.json and each checkpoint's state, for the report and its Reproduce command.
         self.init_record = state.get("init_checkpoint")
@@ -1034,9 +1051,16 @@ def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | 
     run."""
     if ckpt_dir is None:
         return None
+    check_resumed_model(ckpt_dir, model_config)
+    return checked_state(model_config, read_safetensors(ckpt_dir / WEIGHTS_NAME), str(ckpt_dir))
+
+
+def check_resumed_model(ckpt_dir: Path | None, model_config: ModelConfig) -> None:
+    """Refuse a resume whose configured model is not the checkpoint's (recorded in its checkpoint.json)."""
+    if ckpt_dir is None:
+        return
     saved = read_json(ckpt_dir / META_NAME, "checkpoint metadata")["model"]
     if saved != model_config.to_dict():
         changed = sorted(k for k in saved if saved[k] != model_config.to_dict().get(k))
         raise UserError(f"the model of {ckpt_dir} differs from the configured one in {', '.join(changed)}; "
                         "resume with the run's own model settings")
-    return checked_state(model_config, read_safetensors(ckpt_dir / WEIGHTS_NAME), str(ckpt_dir))

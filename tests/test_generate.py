@@ -234,17 +234,26 @@ def test_each_sample_of_a_batch_stops_at_its_own_end_of_text(model, tokenizer):
     assert texts == [tokenizer.decode(rows[0][:stop]), tokenizer.decode(rows[1])] and n_new == stop + 1 + 12
 
 
-def test_stop_text_releases_all_before_the_first_stop_string_and_nothing_after():
-    """Against str.find on the whole text: random pieces over a small alphabet, so that stop strings are often
-    split between pieces and their starts often occur without the rest."""
+def test_stop_text_releases_all_before_the_first_stop_string_met_and_nothing_after():
+    """Against str.find on the text so far, after each piece: the text ends at the first stop string met as it
+    grows (several met by one piece: the earliest), as llama.cpp's server stops. Random pieces over a small
+    alphabet, so that stop strings are often split between pieces, their starts often occur without the rest,
+    and one stop string often lies inside another (["abc", "b"]: pieces "a", "b" meet "b" first)."""
     rng = np.random.default_rng(0)
-    for _ in range(2000):
+    overlapping = 0
+    for _ in range(3000):
         text = "".join(rng.choice(list("abc"), rng.integers(0, 30)))
-        stops = ["".join(rng.choice(list("abc"), rng.integers(1, 5))) for _ in range(rng.integers(1, 3))]
+        stops = ["".join(rng.choice(list("abc"), rng.integers(1, 5))) for _ in range(rng.integers(1, 4))]
         cuts = sorted(rng.integers(0, len(text) + 1, rng.integers(0, 8)))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-        found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
-        expected = text[: min(found)] if found else text
+        expected, met, so_far = text, False, ""
+        for piece in pieces:
+            so_far += piece
+            found = [i for i in (so_far.find(stop) for stop in stops) if i >= 0]
+            if found:
+                expected, met = so_far[: min(found)], True
+                break
+        overlapping += met and expected != text[: min(i for i in (text.find(s) for s in stops) if i >= 0)]
         stopper, released, stopped = StopText(stops), "", False
         for piece in pieces:
             out, stopped = stopper.push(piece)
@@ -254,7 +263,12 @@ def test_stop_text_releases_all_before_the_first_stop_string_and_nothing_after()
                 break
         if not stopped:
             released += stopper.flush()
-        assert (released, stopped) == (expected, bool(found)), (text, stops, pieces)
+        assert (released, stopped) == (expected, met), (text, stops, pieces)
+    assert overlapping > 0  # cases where the piece boundaries decide were drawn (and the three below)
+    assert StopText(["abc", "b"]).push("a") == ("", False)
+    stopper = StopText(["abc", "b"])
+    assert [stopper.push(piece) for piece in ("a", "b")] == [("", False), ("a", True)]
+    assert StopText(["abc", "b"]).push("abc") == ("", True)  # both met at once: the earliest
 
 
 def test_stop_strings_end_each_sample_and_generation(model, tokenizer, monkeypatch):

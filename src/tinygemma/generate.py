@@ -286,7 +286,8 @@ class TextStream:
 
 
 class StopText:
-    """Ends a text at the first of some stop strings, as text arrives piece by piece.
+    """Ends a text at the first of some stop strings met as text arrives piece by piece (several met by one piece:
+    the one that starts first), as llama.cpp's server stops: with "abc" and "b", pieces "a", "b" end at "b".
 
     push(piece) gives the text that can be released now, and whether a stop string was met; the stop string and
     whatever follows it are never released. Text that may be the start of a stop string (the longest end of the

@@ -499,7 +499,7 @@ def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys
     assert not is_prepared_dataset(deep)
     monkeypatch.setattr(data, "_encode_batch", die)  # forked workers find it by name
     status, err = _fail(capsys, "--out", tmp_path / "killed", "--source", stories_dir / "train.txt", "--workers", "2")
-    assert status == 2 and len(err) == 1 and "a tokenizing worker process died" in err[0], err
+    assert status == 1 and len(err) == 1 and "a tokenizing worker process died" in err[0], err  # the machine's
     assert not (tmp_path / "killed").exists()
 
 
@@ -1035,10 +1035,17 @@ def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, c
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 2
+    assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 1  # the network's
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot load roneneldan/TinyStories" in err and "Retrying" not in err
     assert hub_logging.get_verbosity() == level  # the library's own setting again afterwards
+
+    def missing(name, streaming):  # not the network's failure: the name's (bad input, exit status 2)
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 2
+    assert "cannot load roneneldan/TinyStories" in capsys.readouterr().err
 
     def lost_while_streaming():  # the connection goes after the first story of a streamed split
         yield {"text": "Once upon a time."}
@@ -1050,7 +1057,7 @@ def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, c
             return lost_while_streaming()
 
     monkeypatch.setattr(datasets, "load_dataset", lambda name, streaming: {"train": Streamed()})
-    assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 2
+    assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "failed after 1 stories" in err and "Retrying" not in err
 

@@ -328,3 +328,25 @@ def test_no_output_goes_inside_a_runs_checkpoints_even_through_a_link(tmp_path):
     (tmp_path / "mine" / "checkpoints").mkdir(parents=True)
     for fine in (run / "hf", tmp_path / "mine" / "checkpoints" / "model"):
         assert files.check_output_path(fine) == fine
+
+
+def test_a_machine_or_network_failure_is_told_from_bad_input():
+    """Exit status 1 (the machine's or the network's failure) or 2 (the input's), whatever library raised it:
+    errors.failure's choice, which prepare's hub download, tiktoken's vocabulary, the trackers and the hub upload
+    take."""
+    import errno
+
+    import httpx
+    import requests
+
+    from tinygemma.errors import UserError, failure, machine_failure
+
+    machine = [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EACCES, "Permission denied"),
+               OSError(errno.EMFILE, "Too many open files"), ConnectionError("reset"), TimeoutError(),
+               requests.exceptions.ConnectionError("unreachable"), requests.exceptions.ReadTimeout("slow"),
+               httpx.ConnectError("refused"), httpx.ReadTimeout("slow")]
+    inputs = [FileNotFoundError(errno.ENOENT, "No such file"), IsADirectoryError(errno.EISDIR, "Is a directory"),
+              ValueError("bad name"), KeyError("text"), OSError("no errno")]
+    assert [machine_failure(e) for e in machine] == [True] * len(machine)
+    assert [machine_failure(e) for e in inputs] == [False] * len(inputs)
+    assert type(failure("x", machine[0])) is OSError and type(failure("x", inputs[0])) is UserError

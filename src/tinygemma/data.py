@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from tinygemma.config import MAX_VOCAB_SIZE, DataConfig, TrainConfig, is_integer, is_real, story_paths
-from tinygemma.errors import UserError, describe
+from tinygemma.errors import UserError, describe, failure
 from tinygemma.files import (
     atomic_path,
     atomic_write_json,
@@ -291,9 +291,9 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
             with _hub_errors_only():
                 dataset = datasets.load_dataset(HUB_DATASET, streaming=limit is not None)
         except Exception as e:
-            raise UserError(f"cannot load {HUB_DATASET} from the Hugging Face hub ({describe(e)}); give local "
-                            "story files: --source FILE to tinygemma prepare, --set data.source=FILE to tinygemma "
-                            "run") from None
+            raise failure(f"cannot load {HUB_DATASET} from the Hugging Face hub ({describe(e)}); give local "
+                          "story files: --source FILE to tinygemma prepare, --set data.source=FILE to tinygemma "
+                          "run", e) from None
         if limit is None:
             return _dataset_splits(dataset, HUB_DATASET)
         if "train" not in dataset:
@@ -355,7 +355,7 @@ def _streamed_stories(dataset, where: str, total: int | None, progress: bool) ->
                 with _hub_errors_only():  # a connection lost while streaming: one line, not five retries
                     record = next(records, None)
             except Exception as e:
-                raise UserError(f"reading {where} failed after {read:,} stories ({describe(e)})") from None
+                raise failure(f"reading {where} failed after {read:,} stories ({describe(e)})", e) from None
             if record is None:
                 return
             read += 1
@@ -523,8 +523,8 @@ class _Workers:
                 result, n = pending.popleft()
                 yield (*result.result(), n)
         except BrokenProcessPool:  # a worker killed from outside: the kernel's out-of-memory killer, most likely
-            raise UserError(f"a tokenizing worker process died (killed from outside, perhaps for lack of memory); "
-                            f"run again with fewer --workers (workers) than {self.workers}") from None
+            raise OSError(f"a tokenizing worker process died (killed from outside, perhaps for lack of memory); "
+                          f"run again with fewer --workers (workers) than {self.workers}") from None
 
     def close(self) -> None:
         """The workers go: batches not yet handed to them are dropped, the few they hold (a CHUNK_CHARS of stories

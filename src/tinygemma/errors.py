@@ -2,15 +2,40 @@
 command, with the signal handler that raises them (imported before torch, by __main__).
 
 Anything raised as `UserError` is printed by the CLI as a single line on stderr, with exit status 2 and no
-traceback. Everything else is a bug in tinygemma and keeps its traceback.
+traceback; an OSError (the machine's or the network's failure) as one line with exit status 1. Everything else
+is a bug in tinygemma and keeps its traceback.
 """
 
+import errno
 import os
 import signal
 
 
 class UserError(Exception):
     """Bad input: a missing or corrupt file, an impossible configuration, a mismatched tokenizer, ..."""
+
+
+# The machine's failures, not the input's: a full disk or quota, no permission, a read-only filesystem, out of file
+# descriptors or memory, an I/O error. (A file not found, and other OSErrors, are the input's.)
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE,
+                            errno.ENFILE, errno.ENOMEM, errno.EIO})
+# The network's failures, by the names the libraries give them (Python's, requests', httpx's, whose classes share
+# no base): no connection, a timeout, a transport that broke.
+NETWORK_ERRORS = frozenset({"ConnectionError", "ConnectError", "TimeoutError", "Timeout", "TimeoutException",
+                            "TransportError"})
+
+
+def machine_failure(error: BaseException) -> bool:
+    """Whether `error` is the machine's or the network's failure rather than a problem with the input."""
+    if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
+        return True
+    return any(kind.__name__ in NETWORK_ERRORS for kind in type(error).__mro__)
+
+
+def failure(message: str, cause: BaseException) -> Exception:
+    """The error that says `message` about `cause`: an OSError where the machine or the network failed (a full
+    disk, no connection: exit status 1), else a UserError (bad input: exit status 2)."""
+    return (OSError if machine_failure(cause) else UserError)(message)
 
 
 class Terminated(KeyboardInterrupt):

@@ -15,7 +15,7 @@ import torch
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig
 from tinygemma.devices import dtype_name
-from tinygemma.errors import UserError, describe, whole_number
+from tinygemma.errors import UserError, describe, failure, whole_number
 from tinygemma.files import (
     LOCK_NAME,
     STAGE_PREFIX,
@@ -338,5 +338,5 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
                           commit_message="Upload a model exported by tinygemma",
                           ignore_patterns=NOT_UPLOADED)
     except Exception as e:  # network, authentication, a bad repository name: one line, whatever the cause
-        raise UserError(f"could not upload {folder} to the hub as {repo_id} ({describe(e)})") from None
+        raise failure(f"could not upload {folder} to the hub as {repo_id} ({describe(e)})", e) from None
     return str(url)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygemma.errors import UserError, describe
+from tinygemma.errors import UserError, describe, failure
 from tinygemma.files import atomic_write_json, atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
@@ -138,8 +138,8 @@ def _gpt2_encoding():
         try:
             return tiktoken.get_encoding("r50k_base")
         except Exception as e:
-            raise UserError(f"cannot load the GPT-2 vocabulary through tiktoken ({type(e).__name__}); offline, "
-                            "point TIKTOKEN_CACHE_DIR at a directory holding the r50k_base file") from None
+            raise failure(f"cannot load the GPT-2 vocabulary through tiktoken ({type(e).__name__}); offline, "
+                          "point TIKTOKEN_CACHE_DIR at a directory holding the r50k_base file", e) from None
 
 
 class GPT2Tokenizer(Tokenizer):

@@ -31,7 +31,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tinygemma.errors import UserError, describe
+from tinygemma.errors import UserError, describe, failure
 from tinygemma.files import atomic_write_json, read_json
 
 STATE_NAME = "trackers.json"
@@ -125,9 +125,8 @@ class Trackers:
 def startup_error(name: str, error: Exception) -> Exception:
     """A UserError, or an OSError where the machine failed (a full disk, no network): exit status 2 or 1."""
     # Three lines: a settings validation error names the setting and its allowed values on its second and third.
-    kind = OSError if isinstance(error, OSError) else UserError
-    return kind(f"{name} could not start ({describe(error, lines=3)}); fix it, or leave {name} out of "
-                "train.loggers")
+    return failure(f"{name} could not start ({describe(error, lines=3)}); fix it, or leave {name} out of "
+                   "train.loggers", error)
 
 
 def quiet_event_writer_threads() -> None:

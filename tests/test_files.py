@@ -344,7 +344,8 @@ def test_a_machine_or_network_failure_is_told_from_bad_input():
     machine = [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EACCES, "Permission denied"),
                OSError(errno.EMFILE, "Too many open files"), ConnectionError("reset"), TimeoutError(),
                requests.exceptions.ConnectionError("unreachable"), requests.exceptions.ReadTimeout("slow"),
-               httpx.ConnectError("refused"), httpx.ReadTimeout("slow")]
+               httpx.ConnectError("refused"), httpx.ReadTimeout("slow"),
+               pytest.importorskip("wandb").errors.CommError("could not reach api.wandb.ai")]
     inputs = [FileNotFoundError(errno.ENOENT, "No such file"), IsADirectoryError(errno.EISDIR, "Is a directory"),
               ValueError("bad name"), KeyError("text"), OSError("no errno")]
     assert [machine_failure(e) for e in machine] == [True] * len(machine)

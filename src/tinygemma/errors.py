@@ -19,10 +19,10 @@ class UserError(Exception):
 # descriptors or memory, an I/O error. (A file not found, and other OSErrors, are the input's.)
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE,
                             errno.ENFILE, errno.ENOMEM, errno.EIO})
-# The network's failures, by the names the libraries give them (Python's, requests', httpx's, whose classes share
-# no base): no connection, a timeout, a transport that broke.
+# The network's failures, by the names the libraries give them (Python's, requests', httpx's, wandb's, whose
+# classes share no base): no connection, a timeout, a transport that broke, wandb's server out of reach.
 NETWORK_ERRORS = frozenset({"ConnectionError", "ConnectError", "TimeoutError", "Timeout", "TimeoutException",
-                            "TransportError"})
+                            "TransportError", "CommError"})
 
 
 def machine_failure(error: BaseException) -> bool:

@@ -485,15 +485,15 @@ class _Workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             # Not multiprocessing.Pool: its terminate() after a worker's exception, with tasks still in flight,
             # can hang forever (python/cpython#96995, #78178); this pool shuts down after what is running.
-            self.pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker,
-                                                               initargs=(tokenizer, True))
             # The workers start now, with Ctrl-C held back until they have: one that lands in the parent amid a
             # fork (in CPython's after-fork callbacks) is printed as ignored and lost, and prepare went on to exit 0.
             try:
+                self.pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker,
+                                                                   initargs=(tokenizer, True))
                 with signals_held():
                     self.pool.submit(int).result()
             except BaseException as e:
-                started = list((self.pool._processes or {}).values())
+                started = list((self.pool._processes or {}).values()) if self.pool else []
                 self.close()
                 for process in started:  # a pool that failed part-way through starting (no file descriptors left)
                     process.kill()  # never tells those it started to stop, and the exit waited on them forever

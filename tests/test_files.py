@@ -347,7 +347,8 @@ def test_a_machine_or_network_failure_is_told_from_bad_input():
                httpx.ConnectError("refused"), httpx.ReadTimeout("slow"),
                pytest.importorskip("wandb").errors.CommError("could not reach api.wandb.ai")]
     inputs = [FileNotFoundError(errno.ENOENT, "No such file"), IsADirectoryError(errno.EISDIR, "Is a directory"),
-              ValueError("bad name"), KeyError("text"), OSError("no errno")]
+              ValueError("bad name"), KeyError("text"), OSError("no errno"),
+              pytest.importorskip("wandb").errors.AuthenticationError("WANDB_API_KEY invalid")]
     assert [machine_failure(e) for e in machine] == [True] * len(machine)
     assert [machine_failure(e) for e in inputs] == [False] * len(inputs)
     assert type(failure("x", machine[0])) is OSError and type(failure("x", inputs[0])) is UserError

@@ -130,10 +130,10 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     assert out2.split("--- sample 1")[1] == out.split("--- sample 1")[1]
 
 
-def torchrun_run(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+def torchrun_run(recipe: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node 2 -m tinygemma run RECIPE --set ...` with 2 gloo processes."""
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT / "src")}
+           "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygemma",
            "run", str(recipe), *[a for o in overrides for a in ("--set", o)]]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -171,6 +171,12 @@ def test_run_under_torchrun_prepares_once_trains_everywhere_and_reports_once(tmp
     assert refused.returncode != 0
     assert refused.stderr.count("tinygemma run: error: ") == 1
     assert "holds a run trained on other [data] (limit: 300, the recipe asks for 200)" in refused.stderr
+    # So does the network's failure there (the hub out of reach): one line, not gloo's words from process 1
+    failed = torchrun_run(recipe, "data.source=", f"data.dir={tmp_path / 'data2'}", f"train.out={tmp_path / 'run2'}",
+                          env={"HF_HUB_OFFLINE": "1"})
+    assert failed.returncode != 0
+    assert failed.stderr.count("error: ") == 1, failed.stderr[-2000:]
+    assert "tinygemma run: error: cannot load roneneldan/TinyStories from the Hugging Face hub" in failed.stderr
 
 
 def test_a_bpe_that_stops_short_of_its_vocabulary_is_still_the_recipe_s(tmp_path, stories_dir, capsys):

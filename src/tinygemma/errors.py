@@ -29,7 +29,10 @@ def machine_failure(error: BaseException) -> bool:
     """Whether `error` is the machine's or the network's failure rather than a problem with the input."""
     if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
         return True
-    return any(kind.__name__ in NETWORK_ERRORS for kind in type(error).__mro__)
+    names = [kind.__name__ for kind in type(error).__mro__]
+    if any("Authentication" in name for name in names):  # (wandb's bad API key is a CommError too): the input's
+        return False
+    return any(name in NETWORK_ERRORS for name in names)
 
 
 def failure(message: str, cause: BaseException) -> Exception:

@@ -164,9 +164,11 @@ def raise_on_all_ranks(message: str | None, rt: Runtime, group=None, kind: type[
     message, so no rank waits on a collective forever. The other ranks' error is marked `shown_by_rank_0`: the
     command line prints it once, not once a process."""
     if rt.world_size > 1:
-        box = [message]
+        box = [message, kind is UserError]
         dist.broadcast_object_list(box, src=0, group=group)
         message = box[0]
+        if not rt.is_main:  # (its line is rank 0's to print; the kind gives every process the same exit status)
+            kind = UserError if box[1] else OSError
     if message:
         error = kind(message)
         error.shown_by_rank_0 = not rt.is_main
@@ -174,8 +176,8 @@ def raise_on_all_ranks(message: str | None, rt: Runtime, group=None, kind: type[
 
 
 def main_process_first(work: Callable[[], None], rt: Runtime, timeout=datetime.timedelta(days=1)) -> None:
-    """Run `work` on rank 0 alone while the other processes wait for it, then raise a UserError it raised on every
-    process. They wait on a gloo group of their own, with `timeout`: work such as preparing a dataset can outlast
+    """Run `work` on rank 0 alone while the other processes wait for it, then raise a UserError (or OSError: the
+    machine's or the network's failure) it raised on every process. They wait on a gloo group of their own, with `timeout`: work such as preparing a dataset can outlast
     the process group's own timeout (10 minutes under NCCL). Any other exception ends rank 0, and torchrun then
     stops the rest."""
     if rt.world_size == 1:
@@ -183,12 +185,12 @@ def main_process_first(work: Callable[[], None], rt: Runtime, timeout=datetime.t
         return
     group = dist.new_group(backend="gloo", timeout=timeout)  # every process, before rank 0 starts the work
     try:
-        message = None
+        message, kind = None, UserError
         if rt.is_main:
             try:
                 work()
-            except UserError as e:
-                message = str(e)
-        raise_on_all_ranks(message, rt, group)
+            except (UserError, OSError) as e:
+                message, kind = str(e), type(e)
+        raise_on_all_ranks(message, rt, group, kind)
     finally:
         dist.destroy_process_group(group)

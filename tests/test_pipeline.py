@@ -18,6 +18,7 @@ from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
 from tinygemma.data import DEFAULT_BPE_VOCAB_SIZE
+from tinygemma.files import FolderLock
 from tinygemma.runtime import TORCHRUN_VARIABLES
 from tinygemma.tokenizer import train_bpe
 
@@ -564,6 +565,35 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
     assert main(["train", "--out", str(run), "--resume", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["this_invocation"] == {"from_step": 6, "to_step": 6}
     assert sorted(tmp_path.rglob("*")) == files  # nothing written, anywhere
+    # Muon's step past float32 on the tallest matrices: refused by the dry run, and by run before it prepares
+    assert "muon_learning_rate x" in refused("train", "--out", str(run), "--resume", "--set",
+                                             "optimizer=muon", "--set", "muon_learning_rate=3e38")
+    assert main(["run", str(recipe), "--set", f"data.dir={tmp_path / 'data-m'}", "--set", "train.optimizer=muon",
+                 "--set", "train.muon_learning_rate=3e38", "--set", f"train.out={tmp_path / 'run-m'}"]) == 2
+    assert "muon_learning_rate x" in capsys.readouterr().err and not (tmp_path / "data-m").exists()
+    # A refusal before training's checks still plans the prepared data's vocabulary, not data.vocab_size's
+    if not torch.cuda.is_available():
+        other = ["--set", "train.device=cuda", "--set", "data.vocab_size=999", "--set", f"train.out={tmp_path / 'o'}"]
+        assert "no CUDA GPU" in refused("run", str(recipe), *other)
+        assert main(["run", str(recipe), *other, "--dry-run"]) == 2
+        plan = json.loads(capsys.readouterr().out)["plan"]
+        assert plan["model"]["vocab_size"] == json.loads((data / "meta.json").read_text())["vocab_size"] != 999
+    # A run another process is writing is refused, as train refuses it; a resume that would delete checkpoints
+    # says so, and deletes none
+    lock = FolderLock(run, "a run")
+    lock.acquire()
+    try:
+        assert "another process" in refused("train", "--out", str(run), "--resume")
+    finally:
+        lock.release(remove=True)
+    assert main(["train", "--config", str(recipe), "--set", f"train.out={tmp_path / 'kept'}", "--set",
+                 "train.checkpoint_interval=1", "--set", "train.keep_checkpoints=3", "--stop-at", "4"]) == 0
+    capsys.readouterr()
+    kept = sorted((tmp_path / "kept" / "checkpoints").iterdir())
+    assert main(["train", "--out", str(tmp_path / "kept"), "--resume", "--set", "keep_checkpoints=1", "--stop-at",
+                 "5", "--dry-run"]) == 0
+    assert "warning: keep_checkpoints 3 -> 1: the run's checkpoints past the newest 1" in capsys.readouterr().err
+    assert sorted((tmp_path / "kept" / "checkpoints").iterdir()) == kept
 
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     text_ids = tokenizer.get_vocab_size()
@@ -576,3 +606,6 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
     assert main(["run", str(recipe), "--dry-run", "--set", "data.vocab_size=none", "--set",
                  f"data.dir={tmp_path / 'new-data'}", "--set", f"train.out={tmp_path / 'other'}"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["model"]["vocab_size"] == DEFAULT_BPE_VOCAB_SIZE
+    assert "source not found" in refused("run", str(recipe), "--set", f"data.source={tmp_path / 'gone.txt'}",
+                                         "--set", f"data.dir={tmp_path / 'new-data'}", "--set",
+                                         f"train.out={tmp_path / 'other'}")

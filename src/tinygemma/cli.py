@@ -54,6 +54,7 @@ from tinygemma.pipeline import (
     check_given_settings,
     check_outputs,
     check_training_settings,
+    data_to_prepare,
     prepared_data,
     recipe_plan,
     run,
@@ -360,12 +361,16 @@ def _print_plan(recipe, check) -> int:
 
     try:
         checked = check()
-    except UserError:
-        say(recipe_plan(recipe))
+    except UserError as refusal:
+        try:
+            plan = recipe_plan(recipe)
+        except UserError:  # (the recipe's plan refused on its own: the training's refusal says more)
+            raise refusal from None
+        say(plan)
         raise
     say(recipe_plan(recipe, checked))
-    if checked and checked["warning"] and env_rank() == 0:  # (a resume with changed settings: as train says it)
-        print(f"tinygemma: warning: {checked['warning']}", file=sys.stderr, flush=True)
+    for warning in checked["warnings"] if checked and env_rank() == 0 else ():  # (as train's start says them)
+        print(f"tinygemma: warning: {warning}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -375,7 +380,10 @@ def _run_main(args) -> int:
         def check():  # run's own checks before it prepares, then (with the data there) training's
             check_outputs(recipe)
             check_training_settings(recipe)
-            return check_run(recipe, resume=True) if prepared_data(recipe) is not None else None
+            if prepared_data(recipe) is None:
+                data_to_prepare(recipe)  # (the sources and tokenizer prepare would read)
+                return None
+            return check_run(recipe, resume=True)
 
         return _print_plan(recipe, check)
     run(recipe)

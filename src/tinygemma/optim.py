@@ -135,6 +135,23 @@ def muon_parameters(model) -> set[str]:
             if p.requires_grad and p.dim() == 2 and name.startswith("layers.")}
 
 
+def check_muon_rate(cfg: TrainConfig, model_config) -> None:
+    """Refuse a muon_learning_rate whose step overflows float32 on the model's tallest matrices (Muon scales its
+    rate by sqrt(rows / cols)): found from the model's shapes alone, before any data is prepared or weight made.
+    (The AdamW part's bound is TrainConfig.validate's.)"""
+    if cfg.optimizer != "muon":
+        return
+    from tinygemma.model import Gemma3
+
+    with torch.device("meta"):  # shapes only
+        model = Gemma3(model_config)
+    shapes = dict(model.named_parameters())
+    scale = max((muon_lr_scale(shapes[name].shape) for name in muon_parameters(model)), default=1.0)
+    if cfg.muon_learning_rate * scale > FLOAT32_MAX:
+        raise UserError(f"train.muon_learning_rate x {scale:.3g} (Muon's step on this model's tallest matrices) must "
+                        f"be within float32's range, got {cfg.muon_learning_rate}")
+
+
 # torch.compile's backend for the "compiled" Muon backend. The CPU tests put "aot_eager" here: the same traced
 # graph, without inductor's code generation, which takes minutes on a CPU.
 MUON_COMPILER = "inductor"
@@ -167,10 +184,7 @@ def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                  fused=True if rt.device.type == "cuda" else None)
     muon = muon_parameters(model)
-    scale = max((muon_lr_scale(p.shape) for n, p in named if n in muon), default=1.0)
-    if cfg.muon_learning_rate * scale > FLOAT32_MAX:  # (the AdamW part's bound is TrainConfig.validate's)
-        raise UserError(f"train.muon_learning_rate x {scale:.3g} (Muon's step on this model's tallest matrices) must "
-                        f"be within float32's range, got {cfg.muon_learning_rate}")
+    check_muon_rate(cfg, model.config)
     groups = [
         # Muon without weight decay: decoupled decay scales with the learning rate, and Muon's is ~10x AdamW's.
         {"params": [p for n, p in named if n in muon], "muon": True, "peak_lr": cfg.muon_learning_rate,

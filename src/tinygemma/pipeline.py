@@ -40,6 +40,7 @@ from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
 from tinygemma.generate import generate_text
 from tinygemma.metrics import strict_json
+from tinygemma.optim import check_muon_rate
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
@@ -66,15 +67,21 @@ def prepare_if_missing(recipe: Recipe) -> None:
         log(f"prepared data found in {data_dir} ({data.meta['splits']['train']['tokens']:,} training tokens); "
             "delete it to prepare again")
         return
-    # Refusals of the sources and of a tokenizer file are the only line, not one after the next
-    for path in (*recipe.data.source, *recipe.data.val_source):
-        check_source(path)
+    tokenizer = data_to_prepare(recipe)  # (its refusals are the only line, not one after the next)
     name = recipe.data.tokenizer
-    tokenizer = name if name in ("gpt2", "bpe") else load_tokenizer(name)  # (read once: prepare takes it)
     source = ", ".join(recipe.data.source) or "the Hugging Face hub (roneneldan/TinyStories)"
     log(f"preparing {source} into {data_dir} with the {name} tokenizer")
     prepare(data_dir, sources=recipe.data.source or None, val_sources=recipe.data.val_source or None,
             tokenizer=tokenizer, vocab_size=recipe.data.vocab_size, limit=recipe.data.limit)
+
+
+def data_to_prepare(recipe: Recipe):
+    """The recipe's sources checked (each there and readable) and its tokenizer: gpt2 or bpe by name, a
+    tokenizer.json loaded (read once: prepare takes it)."""
+    for path in (*recipe.data.source, *recipe.data.val_source):
+        check_source(path)
+    name = recipe.data.tokenizer
+    return name if name in ("gpt2", "bpe") else load_tokenizer(name)
 
 
 def check_outputs(recipe: Recipe) -> None:
@@ -152,6 +159,7 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
     from tinygemma.model import Gemma3
     from tinygemma.optim import cooldown_start, schedule
 
+    recipe = checked_recipe(recipe)  # (from Python, a recipe changed after it was made)
     t, data_dir = recipe.train, Path(recipe.data.dir)
     if checked is not None:
         config, vocab_from = checked["model"], f"the prepared data in {data_dir}"
@@ -175,7 +183,8 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
     peaks = {"adamw": t.learning_rate, **({"muon": t.muon_learning_rate} if t.optimizer == "muon" else {})}
     checkpoints = multiples(t.checkpoint_interval)
     return {
-        "model": {"preset": recipe.model_preset, "vocab_size": config.vocab_size, "vocab_size_from": vocab_from,
+        "model": {"preset": recipe.model_preset, "vocab_size": config.vocab_size,
+                  "vocab_size_from": "model.vocab_size" if "vocab_size" in recipe.model_overrides else vocab_from,
                   "parameters": config.num_params(), "flops_per_token": config.flops_per_token(t.block_size)},
         "batch": {"sequences_per_step": sequences, "block_size": t.block_size, "tokens_per_step": tokens_per_step},
         "steps": t.max_steps, "tokens": t.max_steps * tokens_per_step,
@@ -194,9 +203,13 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
 
 
 def plan_vocab_size(recipe: Recipe) -> tuple[int, int, str]:
-    """Before the data is prepared: the vocabulary a run of the recipe would have, the ids its text and end of text
-    take (model.vocab_size may not be below them), and where they come from."""
-    name = recipe.data.tokenizer
+    """Without training's checks: the vocabulary a run of the recipe would have, the ids its text and end of text
+    take (model.vocab_size may not be below them), and where they come from: the prepared data, else the
+    tokenizer."""
+    name, data_dir = recipe.data.tokenizer, Path(recipe.data.dir)
+    if (data_dir / META_NAME).exists():  # (a dry run refused before training's checks: the data's all the same)
+        data = open_prepared(data_dir)
+        return data.vocab_size, data.tokenizer().model_vocab_size, f"the prepared data in {data_dir}"
     if name == "gpt2":
         return GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE, "the gpt2 tokenizer"
     if name == "bpe":
@@ -248,6 +261,7 @@ def check_training_settings(recipe: Recipe) -> None:
     device = pick_device(recipe.train.device)
     requested_micro_batch_size(recipe.train, env_world_size(), device.type)
     check_attention_backend(recipe.train, recipe.model_config(), device)
+    check_muon_rate(recipe.train, recipe.model_config())
     if recipe.train.init_from and last_checkpoint(Path(recipe.out)) is None:  # a new run: its weights, their model
         directory = init_checkpoint(recipe.train.init_from)
         have = stored_model_config(directory)  # (the data's vocabulary: theirs, here)

@@ -92,6 +92,7 @@ from tinygemma.files import (
     FolderLock,
     atomic_write_json,
     check_output_folder,
+    check_unlocked,
     is_training_run,
     others_than,
     peek_json,
@@ -105,6 +106,7 @@ from tinygemma.hf import is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
 from tinygemma.model import checked_state, model_state
 from tinygemma.optim import (
+    check_muon_rate,
     check_resume_schedule,
     configure_optimizer,
     describe_optimizer,
@@ -182,11 +184,12 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, quie
 def check_run(recipe: Recipe, resume: bool = False, stop_at: int | None = None, profile: str | None = None) -> dict:
     """What train(recipe, resume, stop_at, profile) would do, found by its own start's checks (the data, the run
     folder and its checkpoint, the settings), without training, locking or writing anything: the model, and the
-    steps this invocation would train, start to end; `warning`: what a resume with changed settings would say."""
+    steps this invocation would train, start to end; `warnings`: what its start would warn of (changed settings,
+    checkpoints it would delete)."""
     recipe = checked_recipe(recipe)
     check_train_arguments(resume, stop_at, profile)
     run = Trainer(recipe, resume, stop_at, quiet=True, profile=profile, check_only=True)
-    return {"model": run.model_config, "start": run.start, "end": run.end, "warning": run.changed}
+    return {"model": run.model_config, "start": run.start, "end": run.end, "warnings": run.warnings}
 
 
 def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | None:
@@ -240,6 +243,8 @@ class Trainer:
         # Process 0 writes the run: it holds the run folder's lock from before it reads a checkpoint (a folder made
         # now is locked once open_logs makes it); a second writer is refused in one line.
         self.lock = FolderLock(self.run_dir, "a run") if env_rank() == 0 and not check_only else None
+        if check_only and env_rank() == 0 and is_training_run(self.run_dir):
+            check_unlocked(self.run_dir, "a run")  # (the lock taken and let go at once)
         try:
             self.start_run(recipe, resume, stop_at, profile, check_only)
         except BaseException:
@@ -272,8 +277,15 @@ class Trainer:
                 recipe.generate):  # new to the run (recorded for its samples and model card), or sampled now
             check_generate_settings(recipe, self.model_config, self.data.tokenizer())
         self.micro_batch_size = requested_micro_batch_size(self.cfg, env_world_size(), pick_device(self.cfg.device).type)
+        check_muon_rate(self.cfg, self.model_config)
+        # Checkpoints kept: an invocation that trains nothing (a finished run, run again) deletes none the run kept
+        kept, keep = (saved_train or {}).get("keep_checkpoints", 1), self.cfg.keep_checkpoints
+        self.start_keep = keep if self.start < self.end else max(kept, keep)
+        self.warnings = [changed] if changed else []
+        if self.start_keep < kept:
+            self.warnings.append(f"keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest {keep} "
+                                 "(and the best) are deleted now")
         if check_only:
-            self.changed = changed
             check_resumed_model(ckpt_dir, self.model_config)
             return
         # The checkpoint train.init_from resolved to when the run started (a run folder's best moves on): recorded
@@ -295,14 +307,8 @@ class Trainer:
         self.first_step_s = 0.0  # this invocation's first step's host time (compilation), kept out of the window
         self.log_file = self.writer = self.progress = self.profiler = None
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
-        if changed and self.rt.is_main:
-            print(f"tinygemma: warning: {changed}", file=sys.stderr, flush=True)
-        # Checkpoints kept: an invocation that trains nothing (a finished run, run again) deletes none the run kept
-        kept, keep = (saved_train or {}).get("keep_checkpoints", 1), self.cfg.keep_checkpoints
-        self.start_keep = keep if self.start < self.end else max(kept, keep)
-        if self.start_keep < kept and self.rt.is_main:
-            print(f"tinygemma: warning: keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest "
-                  f"{keep} (and the best) are deleted now", file=sys.stderr, flush=True)
+        for warning in self.warnings if self.rt.is_main else ():
+            print(f"tinygemma: warning: {warning}", file=sys.stderr, flush=True)
         if self.start == 0 and self.rt.is_main:
             warn_if_not_for_llama_cpp(self.model_config)
         was, now = state.get("precision"), dtype_name(self.rt.dtype)

@@ -503,6 +503,11 @@ def test_q8_0_rows_that_are_not_blocks_are_said_to_fall_back(bpe, tmp_path, caps
     assert "token_embd.weight" in as_f16 and "Q8_0" in types.values()  # 40-wide rows fall back; 128-wide do not
     assert f"note: {len(as_f16)} matrices have rows" in err
     assert export_gguf(tmp_path / "ckpt", tmp_path / "f16.gguf", "f16")["matrices_as_f16"] == 0
+    # The hf export's names of the types are taken too (--dtype float16 was "unknown --dtype 'float16' for gguf")
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "float16.gguf"), "--dtype",
+                 "float16"]) == 0
+    assert (tmp_path / "float16.gguf").read_bytes() == (tmp_path / "f16.gguf").read_bytes()
+    assert export_gguf(tmp_path / "ckpt", tmp_path / "b.gguf", "bfloat16")["dtype"] == "bf16"
 
 
 def test_f16_refuses_weights_past_its_range_and_keeps_the_old_file(bpe, tmp_path, capsys):

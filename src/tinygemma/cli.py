@@ -616,8 +616,8 @@ def add_export(subparsers) -> None:
                    "files and the model card README.md (hf), or the .gguf file to write (gguf)")
     p.add_argument("--format", default=None, help="hf (a transformers directory) or gguf (one file for llama.cpp: "
                    "llama-cli, llama-server, LM Studio); default: gguf where --out ends in .gguf, else hf")
-    p.add_argument("--dtype", default=None, help=f"the weights: gguf as {', '.join(GGUF_DTYPES)} (default "
-                   f"{DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU); hf as float32, "
+    p.add_argument("--dtype", default=None, help=f"the weights: gguf as {', '.join(GGUF_DTYPES)} (or float32, float16, "
+                   f"bfloat16; default {DEFAULT_GGUF_DTYPE}: a quarter of f32's size, and the fastest on a CPU); hf as float32, "
                    "bfloat16 (bf16: half the size, as google/gemma-3-270m) or float16 (default: the checkpoint's)")
     p.add_argument("--tokenizer", default=None, type=named, help="gpt2 or a tokenizer.json path, for a checkpoint that records "
                    "none of its own (one saved by the Python API); refused if it has another")

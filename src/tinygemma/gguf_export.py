@@ -31,6 +31,9 @@ from tinygemma.tokenizer import Tokenizer, missing_bytes, splits_as_gpt2
 # --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
 GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
                "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+# The names the hf export (and torch) give the same types, taken here too
+GGUF_DTYPE_SPELLINGS = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
+                        "bfloat16": "bf16"}
 # The file people run: a quarter of f32's size, half of f16's, and the fastest to decode on a CPU, while its next
 # token agrees with f32's almost everywhere (BENCHMARKS.md, "llama.cpp decoding").
 DEFAULT_GGUF_DTYPE = "q8_0"
@@ -50,10 +53,15 @@ def is_gguf_file(path: str | Path) -> bool:
         return False
 
 
+def gguf_dtype(name: str) -> str:
+    """--dtype as a GGUF_DTYPES key: f32, f16, bf16, q8_0, or the hf export's float32, float16, bfloat16."""
+    return GGUF_DTYPE_SPELLINGS.get(name.lower(), name.lower()) if isinstance(name, str) else name
+
+
 def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
     """The output file, after checking what needs no model: the dtype, a folder to write into, and that the file is
     new or an earlier GGUF file (never a run's config.json or a dataset's token file)."""
-    if dtype not in GGUF_DTYPES:
+    if gguf_dtype(dtype) not in GGUF_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r} for gguf; choose {', '.join(GGUF_DTYPES)}")
     out = check_output_path(out)
     if out.is_symlink():  # the file it links to is the one written (renamed over, the link would become a file)
@@ -252,7 +260,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     atomically, with its own tokenizer or, where it records none, `tokenizer` (checkpoint_tokenizer); return
     what was written: its path, dtype, size in bytes, vocabulary, whether the model has Gemma 3's layout
     of sliding layers (`has_gemma_layout`), and how many q8_0 matrices were written as f16 (`matrices_as_f16`)."""
-    out = check_gguf_arguments(out, dtype)
+    out, dtype = check_gguf_arguments(out, dtype), gguf_dtype(dtype)
     src = resolve_checkpoint(ckpt)
     tokenizer = checkpoint_tokenizer(src, tokenizer)  # a wrong --tokenizer is named whether gguf is installed or not
     spec = json.loads(tokenizer.hf_json())

@@ -52,10 +52,8 @@ from tinygemma.hf import push_to_hub
 from tinygemma.metrics import strict_json
 from tinygemma.pipeline import (
     check_given_settings,
-    check_outputs,
+    check_run_recipe,
     check_training_settings,
-    data_to_prepare,
-    prepared_data,
     recipe_plan,
     run,
     say_plan,
@@ -377,15 +375,7 @@ def _print_plan(recipe, check) -> int:
 def _run_main(args) -> int:
     recipe = load_recipe(args.recipe, args.set)  # refuses a recipe that is missing, a folder, not TOML
     if args.dry_run:
-        def check():  # run's own checks before it prepares, then (with the data there) training's
-            check_outputs(recipe)
-            check_training_settings(recipe)
-            if prepared_data(recipe) is None:
-                data_to_prepare(recipe)  # (the sources and tokenizer prepare would read)
-                return None
-            return check_run(recipe, resume=True)
-
-        return _print_plan(recipe, check)
+        return _print_plan(recipe, lambda: check_run_recipe(recipe))
     run(recipe)
     if env_rank() == 0:  # under torchrun, process 0 evaluated, sampled and wrote
         print(where_and_next(recipe, args.recipe, args.set), flush=True)

@@ -49,6 +49,7 @@ from tinygemma.trackers import require_loggers
 from tinygemma.train import (
     check_initial_model,
     check_initial_tokenizer,
+    check_run,
     check_run_out,
     init_checkpoint,
     train,
@@ -147,6 +148,18 @@ def check_run_data(recipe: Recipe) -> None:
     if moved:
         raise UserError(f"train.out {recipe.out} holds a run trained on other [data] ({'; '.join(moved)}): continue "
                         "it with the [data] it was trained on, or set train.out to a new folder for this data")
+
+
+def check_run_recipe(recipe: Recipe) -> dict | None:
+    """What `run` checks before it prepares, then, with the data there, what training checks as it starts
+    (train.check_run's findings; None where the data is not prepared yet): `run --dry-run`. Nothing is written."""
+    recipe = checked_recipe(recipe)
+    check_outputs(recipe)
+    check_training_settings(recipe)
+    if prepared_data(recipe) is None:
+        data_to_prepare(recipe)  # (the sources and tokenizer prepare would read)
+        return None
+    return check_run(recipe, resume=True)
 
 
 def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:

@@ -183,8 +183,7 @@ def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
         ]
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                  fused=True if rt.device.type == "cuda" else None)
-    muon = muon_parameters(model)
-    check_muon_rate(cfg, model.config)
+    muon = muon_parameters(model)  # (its rate's float32 bound: check_muon_rate, as training starts)
     groups = [
         # Muon without weight decay: decoupled decay scales with the learning rate, and Muon's is ~10x AdamW's.
         {"params": [p for n, p in named if n in muon], "muon": True, "peak_lr": cfg.muon_learning_rate,

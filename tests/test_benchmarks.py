@@ -143,7 +143,7 @@ def test_the_workshop_contender_untied_is_the_notebook_s_head(capsys):
                      "workshop-untied": ModelConfig.preset("gemma3-tiny", tie_embeddings=False).num_params()}
     assert untied.model.out_head.weight.data_ptr() != untied.model.tok_emb.weight.data_ptr()
     x = torch.randint(0, config.vocab_size, (1, 17))
-    losses = [c.step(x[:, :-1], x[:, 1:], 1) for c in (tied, untied)]
+    losses = [c.step(x[:, :-1], x[:, 1:], 1).item() for c in (tied, untied)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 

@@ -235,8 +235,13 @@ def test_check_unlocked_refuses_a_held_folder_and_leaves_no_lock_file_of_its_own
     with pytest.raises(UserError, match=r"is a dataset another process is writing"):
         check_unlocked(tmp_path, "an export")
     holder.release()  # its file stays, as a killed holder's would
+    lock = tmp_path / ".lock"
+    os.utime(lock, (1_000_000_000, 1_000_000_000))
+    before = lock.read_bytes()
     check_unlocked(tmp_path, "an export")
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+    # Read only: the lock file is not rewritten (it named the probe's pid, a dry run's, and its time changed)
+    assert lock.read_bytes() == before and lock.stat().st_mtime == 1_000_000_000
 
 
 def test_a_refusal_names_what_the_holder_writes(tmp_path):

@@ -51,7 +51,8 @@ def test_export_loads_in_transformers_with_same_logits(checkpoint, tmp_path):
         assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("float16", torch.float16)])
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("float16", torch.float16),
+                                                 ("BF16", torch.bfloat16), ("half", torch.float16)])
 def test_an_hf_export_in_half_precision(checkpoint, tmp_path, capsys, dtype, torch_dtype):
     """`export --dtype bf16` (or float16) writes half the bytes, as google/gemma-3-270m is published: every weight
     in that dtype, config.json's dtype said, and transformers' logits are tinygemma's in that dtype, bit for bit
@@ -62,7 +63,7 @@ def test_an_hf_export_in_half_precision(checkpoint, tmp_path, capsys, dtype, tor
     model, path = checkpoint
     assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "hf"), "--dtype", dtype]) == 0
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
-        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16" if dtype == "bf16" else "F16"}
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16" if "bf" in dtype.lower() else "F16"}
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert torch_dtype is getattr(torch, config.get("dtype") or config["torch_dtype"])
     hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch_dtype, attn_implementation="sdpa")
@@ -71,7 +72,8 @@ def test_an_hf_export_in_half_precision(checkpoint, tmp_path, capsys, dtype, tor
         assert torch.equal(hf(x).logits, tinygemma.load(path, dtype=torch_dtype)(x))
     capsys.readouterr()
     assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "q"), "--dtype", "q8_0"]) == 2
-    assert "q8_0" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    err = capsys.readouterr().err
+    assert "(q8_0 is --format gguf's)" in err and not (tmp_path / "q").exists()
 
 
 def test_an_hf_export_in_float16_refuses_weights_past_its_range(tmp_path, capsys):

@@ -563,7 +563,9 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
                  "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["this_invocation"] == {"from_step": 0, "to_step": 3}
     assert main(["train", "--out", str(run), "--resume", "--dry-run"]) == 0
-    assert json.loads(capsys.readouterr().out)["plan"]["this_invocation"] == {"from_step": 6, "to_step": 6}
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["this_invocation"] == {"from_step": 6, "to_step": 6}
+    assert plan["model"]["vocab_size_from"] == f"the prepared data in {data}"  # (a resume's recipe holds it too)
     assert sorted(tmp_path.rglob("*")) == files  # nothing written, anywhere
     # Muon's step past float32 on the tallest matrices: refused by the dry run, and by run before it prepares
     assert "muon_learning_rate x" in refused("train", "--out", str(run), "--resume", "--set",
@@ -602,7 +604,8 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
     assert main(["run", str(recipe), "--dry-run", "--set", f"data.tokenizer={tmp_path / 'special.json'}",
                  "--set", "data.vocab_size=none", "--set", f"data.dir={tmp_path / 'new-data'}",
                  "--set", f"model.vocab_size={text_ids}", "--set", f"train.out={tmp_path / 'other'}"]) == 0
-    assert json.loads(capsys.readouterr().out)["plan"]["model"]["vocab_size"] == text_ids
+    model = json.loads(capsys.readouterr().out)["plan"]["model"]
+    assert (model["vocab_size"], model["vocab_size_from"]) == (text_ids, "model.vocab_size")
     assert main(["run", str(recipe), "--dry-run", "--set", "data.vocab_size=none", "--set",
                  f"data.dir={tmp_path / 'new-data'}", "--set", f"train.out={tmp_path / 'other'}"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["model"]["vocab_size"] == DEFAULT_BPE_VOCAB_SIZE

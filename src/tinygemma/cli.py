@@ -650,10 +650,11 @@ def _export_main(args) -> int:
     dtype = None
     if args.dtype is not None:  # (gguf's spellings of the same types too)
         try:
-            dtype = parse_dtype({"f32": "float32", "f16": "float16"}.get(args.dtype, args.dtype))
+            dtype = parse_dtype(args.dtype)
         except UserError:
+            gguf_only = ", ".join(name for name in GGUF_DTYPES if name not in ("f32", "f16", "bf16"))
             raise UserError(f"--dtype {args.dtype!r} is not an hf export's: choose float32, bfloat16 or float16 "
-                            f"({', '.join(GGUF_DTYPES)} are --format gguf's)") from None
+                            f"({gguf_only} is --format gguf's)") from None
     out = export(args.ckpt, args.out, args.tokenizer, dtype=dtype,
                  finish=lambda folder: write_model_card(args.ckpt, folder, args.push_to_hub, name=args.out))
     if not (out / TOKENIZER_FILE).exists():

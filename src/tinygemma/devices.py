@@ -93,11 +93,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
+    """A dtype by any of its usual names, in any case: float32 (fp32, f32), bfloat16 (bf16), float16 (fp16, f16,
+    half), as GGUF's --dtype takes them too."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
+             "half": torch.float16}
+    key = name.lower() if isinstance(name, str) else name
+    if key not in table:
         raise UserError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
-    return table[name]
+    return table[key]
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones that change our CPU figures

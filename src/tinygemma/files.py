@@ -433,16 +433,13 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = LOCK_TEXT.fullmatch(os.read(fd, 64).strip() + b"\n")
+                held = held_by_another(fd, e, self.folder, self.what)
                 os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                if held is None:
                     if not existed:  # a filesystem without locks (some network mounts): go on unlocked, leaving
                         path.unlink(missing_ok=True)  # no file behind
                     return
-                pid, what = (holder.group(1).decode(), (holder.group(2) or b"").decode()) if holder else ("", "")
-                raise UserError(f"{self.folder} is {what or self.what} another process is writing"
-                                + (f" (pid {pid})" if pid else "")
-                                + "; wait for it to finish, or stop it, then run this again") from None
+                raise held from None
             if _same_file(fd, path):
                 break
             os.close(fd)  # a holder removed the file as it let go (release(remove=True)): lock the one there now
@@ -467,14 +464,38 @@ class FolderLock:
             self.fd = None
 
 
+def held_by_another(fd: int, error: OSError, folder: Path, what: str) -> UserError | None:
+    """The refusal to give when flock on the lock file `fd` failed with `error` because another process holds it
+    (naming its pid and kind, which the file holds); None where it failed otherwise (no locks on this filesystem)."""
+    if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        return None
+    holder = LOCK_TEXT.fullmatch(os.pread(fd, 64, 0).strip() + b"\n")
+    pid, kind = (holder.group(1).decode(), (holder.group(2) or b"").decode()) if holder else ("", "")
+    return UserError(f"{folder} is {kind or what} another process is writing" + (f" (pid {pid})" if pid else "")
+                     + "; wait for it to finish, or stop it, then run this again")
+
+
 def check_unlocked(folder: str | Path, what: str) -> None:
     """Refuse in one line, now rather than after slow work, a folder that another process is writing (its
-    FolderLock held); the lock is taken and let go at once, and a lock file made for it removed again."""
-    folder = Path(folder)
-    existed = (folder / LOCK_NAME).exists()
-    probe = FolderLock(folder, what)
-    probe.acquire()
-    probe.release(remove=not existed)
+    FolderLock held). Read-only: an existing lock file is opened for reading and probed with a shared lock, which
+    a writer's exclusive one refuses; nothing is written (a dry run's folder stays as it was), and a lock file
+    that is not there is held by no one."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # none there (or not ours to read): nothing to probe
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        held = held_by_another(fd, e, Path(folder), what)
+        if held is not None:
+            raise held from None
+    finally:
+        os.close(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -175,11 +175,13 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
     recipe = checked_recipe(recipe)  # (from Python, a recipe changed after it was made)
     t, data_dir = recipe.train, Path(recipe.data.dir)
     if checked is not None:
-        config, vocab_from = checked["model"], f"the prepared data in {data_dir}"
+        config, vocab_size, vocab_from = checked["model"], checked["data_vocab_size"], f"the prepared data in {data_dir}"
         start, end = checked["start"], checked["end"]
     else:
         vocab_size, needed, vocab_from = plan_vocab_size(recipe)
         config, start, end = recipe.model_config(vocab_size, needed), 0, t.max_steps
+    if config.vocab_size != vocab_size:  # set larger (a resume's saved recipe holds the data's own: not this)
+        vocab_from = "model.vocab_size"
     tokenizer_file = data_dir / TOKENIZER_FILE if checked is not None else None
     with torch.device("meta"):  # shapes only
         checkpoint_size = checkpoint_bytes(Gemma3(config), tokenizer_file)
@@ -196,8 +198,7 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
     peaks = {"adamw": t.learning_rate, **({"muon": t.muon_learning_rate} if t.optimizer == "muon" else {})}
     checkpoints = multiples(t.checkpoint_interval)
     return {
-        "model": {"preset": recipe.model_preset, "vocab_size": config.vocab_size,
-                  "vocab_size_from": "model.vocab_size" if "vocab_size" in recipe.model_overrides else vocab_from,
+        "model": {"preset": recipe.model_preset, "vocab_size": config.vocab_size, "vocab_size_from": vocab_from,
                   "parameters": config.num_params(), "flops_per_token": config.flops_per_token(t.block_size)},
         "batch": {"sequences_per_step": sequences, "block_size": t.block_size, "tokens_per_step": tokens_per_step},
         "steps": t.max_steps, "tokens": t.max_steps * tokens_per_step,

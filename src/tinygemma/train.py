@@ -189,7 +189,8 @@ def check_run(recipe: Recipe, resume: bool = False, stop_at: int | None = None, 
     recipe = checked_recipe(recipe)
     check_train_arguments(resume, stop_at, profile)
     run = Trainer(recipe, resume, stop_at, quiet=True, profile=profile, check_only=True)
-    return {"model": run.model_config, "start": run.start, "end": run.end, "warnings": run.warnings}
+    return {"model": run.model_config, "data_vocab_size": run.data.vocab_size, "start": run.start, "end": run.end,
+            "warnings": run.warnings}
 
 
 def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | None:

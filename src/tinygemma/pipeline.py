@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tinygemma.checkpoint import (
+    checkpoint_bytes,
     checkpoint_tokenizer,
     last_checkpoint,
     load_model,
@@ -40,7 +41,8 @@ from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
 from tinygemma.generate import generate_text
 from tinygemma.metrics import strict_json
-from tinygemma.optim import check_muon_rate
+from tinygemma.model import Gemma3
+from tinygemma.optim import check_muon_rate, cooldown_start, schedule
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
 from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
@@ -168,10 +170,6 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
     model for the prepared data, the steps this invocation trains); without it (data not prepared yet), the
     vocabulary is the tokenizer's where that is known before preparing (gpt2, a tokenizer.json, bpe's
     data.vocab_size). Nothing is written."""
-    from tinygemma.checkpoint import checkpoint_bytes
-    from tinygemma.model import Gemma3
-    from tinygemma.optim import cooldown_start, schedule
-
     recipe = checked_recipe(recipe)  # (from Python, a recipe changed after it was made)
     t, data_dir = recipe.train, Path(recipe.data.dir)
     if checked is not None:

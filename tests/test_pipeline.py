@@ -596,6 +596,11 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
                  "5", "--dry-run"]) == 0
     assert "warning: keep_checkpoints 3 -> 1: the run's checkpoints past the newest 1" in capsys.readouterr().err
     assert sorted((tmp_path / "kept" / "checkpoints").iterdir()) == kept
+    # A checkpoint cut short is refused as the resume refuses it, from its header alone
+    last = json.loads((tmp_path / "kept" / "checkpoints" / "last.json").read_text())["dir"]
+    weights = tmp_path / "kept" / "checkpoints" / last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert "is not a readable safetensors file" in refused("train", "--out", str(tmp_path / "kept"), "--resume")
 
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     text_ids = tokenizer.get_vocab_size()

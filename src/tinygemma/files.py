@@ -391,10 +391,22 @@ def in_run_checkpoints(path: str | Path) -> Path | None:
     return None
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; a truncated or corrupt file is a UserError, never a crash."""
+# safetensors' dtype names (a header's), as torch's
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | Path, header_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or corrupt file is a UserError, never a crash.
+    `header_only`: the tensors as meta tensors of their shapes and dtypes (an unknown dtype as uint8), read from
+    the header alone, which safetensors checks against the file's length (a truncated file is refused)."""
     try:
         with safe_open(str(path), framework="pt") as f:
+            if header_only:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                       dtype=SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
+                        for k in f.keys()}  # noqa: SIM118
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except FileNotFoundError:
         raise UserError(f"weights not found: {path}") from None

@@ -288,6 +288,10 @@ class Trainer:
                                  "(and the best) are deleted now")
         if check_only:
             check_resumed_model(ckpt_dir, self.model_config)
+            if ckpt_dir is not None:  # its files whole, its weights the model's: from their headers alone
+                header = read_safetensors(ckpt_dir / WEIGHTS_NAME, header_only=True)
+                checked_state(self.model_config, header, str(ckpt_dir))
+                read_safetensors(ckpt_dir / OPTIMIZER_NAME, header_only=True)
             return
         # The checkpoint train.init_from resolved to when the run started (a run folder's best moves on): recorded
         # in config.json and each checkpoint's state, for the report and its Reproduce command.

@@ -583,10 +583,10 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     )
 
     ckpts, name = run_dir / "checkpoints", checkpoint_name(step)
+    tokenizer_file = meta.get("tokenizer", {}).get("file")  # a checkpoint carries its tokenizer, so it stands alone
     message = None
     if rt.is_main:
         ckpts.mkdir(parents=True, exist_ok=True)
-        tokenizer_file = meta.get("tokenizer", {}).get("file")
         need = checkpoint_bytes(raw, data_dir / tokenizer_file if tokenizer_file else None)
         free = shutil.disk_usage(ckpts).free
         if free < need:
@@ -609,8 +609,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     try:
         write_model(model, tmp, meta)
         save_optimizer(optimizer_state, tmp / OPTIMIZER_NAME)
-        tokenizer_file = meta.get("tokenizer", {}).get("file")
-        if tokenizer_file:  # a checkpoint carries its tokenizer, so it stands alone
+        if tokenizer_file:
             with atomic_path(tmp / tokenizer_file) as t:
                 shutil.copyfile(data_dir / tokenizer_file, t)
         atomic_write_json(tmp / STATE_NAME, state)  # written last: its presence marks a complete checkpoint

@@ -177,9 +177,9 @@ def raise_on_all_ranks(message: str | None, rt: Runtime, group=None, kind: type[
 
 def main_process_first(work: Callable[[], None], rt: Runtime, timeout=datetime.timedelta(days=1)) -> None:
     """Run `work` on rank 0 alone while the other processes wait for it, then raise a UserError (or OSError: the
-    machine's or the network's failure) it raised on every process. They wait on a gloo group of their own, with `timeout`: work such as preparing a dataset can outlast
-    the process group's own timeout (10 minutes under NCCL). Any other exception ends rank 0, and torchrun then
-    stops the rest."""
+    machine's or the network's failure) it raised on every process. They wait on a gloo group of their own, with
+    `timeout`: work such as preparing a dataset can outlast the process group's own timeout (10 minutes under
+    NCCL). Any other exception ends rank 0, and torchrun then stops the rest."""
     if rt.world_size == 1:
         work()
         return

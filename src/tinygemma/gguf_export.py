@@ -19,9 +19,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
+from tinygemma.devices import parse_dtype
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_path, check_output_path, remove_temporaries, write_errors
 from tinygemma.hf import hf_state
@@ -31,9 +33,8 @@ from tinygemma.tokenizer import Tokenizer, missing_bytes, splits_as_gpt2
 # --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
 GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
                "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
-# The names the hf export (and torch) give the same types, taken here too
-GGUF_DTYPE_SPELLINGS = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
-                        "bfloat16": "bf16"}
+# The same types by the names the hf export takes (devices.parse_dtype's: float16, half, BF16, ...)
+GGUF_OF_TORCH = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # The file people run: a quarter of f32's size, half of f16's, and the fastest to decode on a CPU, while its next
 # token agrees with f32's almost everywhere (BENCHMARKS.md, "llama.cpp decoding").
 DEFAULT_GGUF_DTYPE = "q8_0"
@@ -54,8 +55,14 @@ def is_gguf_file(path: str | Path) -> bool:
 
 
 def gguf_dtype(name: str) -> str:
-    """--dtype as a GGUF_DTYPES key: f32, f16, bf16, q8_0, or the hf export's float32, float16, bfloat16."""
-    return GGUF_DTYPE_SPELLINGS.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    """--dtype as a GGUF_DTYPES key: f32, f16, bf16, q8_0 (in any case), or a name the hf export takes for one of
+    the first three; anything else as it is (refused by check_gguf_arguments)."""
+    if not isinstance(name, str) or name.lower() in GGUF_DTYPES:
+        return name.lower() if isinstance(name, str) else name
+    try:
+        return GGUF_OF_TORCH[parse_dtype(name)]
+    except UserError:
+        return name
 
 
 def check_gguf_arguments(out: str | Path, dtype: str) -> Path:

@@ -348,6 +348,7 @@ def test_a_machine_or_network_failure_is_told_from_bad_input():
 
     machine = [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EACCES, "Permission denied"),
                OSError(errno.EMFILE, "Too many open files"), ConnectionError("reset"), TimeoutError(),
+               OSError(errno.ENETUNREACH, "Network is unreachable"), OSError(errno.EHOSTUNREACH, "No route to host"),
                requests.exceptions.ConnectionError("unreachable"), requests.exceptions.ReadTimeout("slow"),
                httpx.ConnectError("refused"), httpx.ReadTimeout("slow"),
                pytest.importorskip("wandb").errors.CommError("could not reach api.wandb.ai")]

@@ -16,9 +16,11 @@ class UserError(Exception):
 
 
 # The machine's failures, not the input's: a full disk or quota, no permission, a read-only filesystem, out of file
-# descriptors or memory, an I/O error. (A file not found, and other OSErrors, are the input's.)
+# descriptors or memory, an I/O error, no route to the network (a socket's plain OSError, which no library
+# wrapped). (A file not found, and other OSErrors, are the input's.)
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE,
-                            errno.ENFILE, errno.ENOMEM, errno.EIO})
+                            errno.ENFILE, errno.ENOMEM, errno.EIO, errno.ENETUNREACH, errno.ENETDOWN,
+                            errno.EHOSTUNREACH, errno.EHOSTDOWN})
 # The network's failures, by the names the libraries give them (Python's, requests', httpx's, wandb's, whose
 # classes share no base): no connection, a timeout, a transport that broke, wandb's server out of reach.
 NETWORK_ERRORS = frozenset({"ConnectionError", "ConnectError", "TimeoutError", "Timeout", "TimeoutException",

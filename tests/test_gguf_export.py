@@ -358,6 +358,48 @@ def test_format_and_dtype_are_checked(small_ckpt, tmp_path, capsys):
     assert code == 2 and "--format gguf" in err and not (tmp_path / "hf").exists()
 
 
+def test_push_to_hub_uploads_the_gguf_file(small_ckpt, tmp_path, capsys, monkeypatch):
+    """The upload itself cannot be tested here (no hub): huggingface_hub's calls are replaced by recorders. The
+    file goes up as itself under its own name (not its folder, which may hold anything), and the line printed
+    says how llama.cpp runs it from the hub."""
+    import huggingface_hub
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_file(self, **kwargs):
+        calls.append(("upload_file", kwargs, Path(kwargs["path_or_fileobj"]).read_bytes()))
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs))
+
+    for name, recorder in [("create_repo", create_repo), ("upload_file", upload_file),
+                           ("upload_folder", upload_folder)]:
+        monkeypatch.setattr(huggingface_hub.HfApi, name, recorder)
+    (tmp_path / "other.txt").write_text("not for the hub")
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "--ckpt", str(small_ckpt), "--out", str(out), "--push-to-hub", "someone/tiny-gguf",
+                 "--private"]) == 0
+    assert [c[0] for c in calls] == ["create_repo", "upload_file"]
+    assert calls[0][1] == "someone/tiny-gguf" and calls[0][2] == {"repo_type": "model", "exist_ok": True,
+                                                                 "private": True}
+    upload = calls[1][1]
+    assert upload["repo_id"] == "someone/tiny-gguf" and upload["repo_type"] == "model"
+    assert upload["path_in_repo"] == "tiny.gguf" and calls[1][2] == out.read_bytes()
+    printed = capsys.readouterr().out
+    assert "uploaded" in printed and "--hf-repo someone/tiny-gguf --hf-file tiny.gguf" in printed
+
+    def unreachable(self, *args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    code, err = run_cli(["export", "--ckpt", small_ckpt, "--out", out, "--push-to-hub", "someone/tiny-gguf"], capsys)
+    assert code == 1 and "could not upload" in err and out.exists()  # the machine's failure; the file stays
+
+
 def test_gguf_package_missing_is_one_line(small_ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails as if it were not installed
     code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "gguf", "--out", tmp_path / "m.gguf"], capsys)

@@ -611,8 +611,9 @@ def add_export(subparsers) -> None:
                    "bfloat16 (bf16: half the size, as google/gemma-3-270m) or float16 (default: the checkpoint's)")
     p.add_argument("--tokenizer", default=None, type=named, help="gpt2 or a tokenizer.json path, for a checkpoint that records "
                    "none of its own (one saved by the Python API); refused if it has another")
-    p.add_argument("--push-to-hub", metavar="REPO", help="hf only: then upload the directory, model card included, "
-                   "to the Hugging Face hub as REPO (user/name; needs huggingface_hub and a login)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the export to the Hugging Face hub as REPO "
+                   "(user/name; needs huggingface_hub and a login): hf's directory, model card included, or the GGUF "
+                   "file, which llama.cpp then runs with --hf-repo REPO --hf-file NAME.gguf")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private (an "
                    "existing one keeps its visibility)")
     p.set_defaults(func=_export_main)
@@ -629,8 +630,6 @@ def _export_main(args) -> int:
         raise UserError("--push-to-hub is empty: give the repository as USER/NAME")
     if args.private and not args.push_to_hub:
         raise UserError("--private applies to the repository --push-to-hub creates; give --push-to-hub REPO too")
-    if args.push_to_hub and args.format != "hf":
-        raise UserError("--push-to-hub uploads an hf export's directory; use it with --format hf")
     # Before the export: the name goes into its model card (the title, from_pretrained's argument).
     if args.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push_to_hub):
         raise UserError(f"--push-to-hub takes the repository as USER/NAME (or ORG/NAME), not {args.push_to_hub!r}")
@@ -644,6 +643,10 @@ def _export_main(args) -> int:
         if not info["gemma_layout"]:
             print("note: this model's sliding layers or their RoPE base differ from Gemma 3's; llama.cpp reads them "
                   "from the file, but older llama.cpp builds and Ollama assume Gemma 3's", file=sys.stderr)
+        if args.push_to_hub:
+            url = push_to_hub(info["path"], args.push_to_hub, args.private)
+            print(f"uploaded {info['path']} to {url}; run it from there with: llama-completion --hf-repo "
+                  f"{args.push_to_hub} --hf-file {shlex.quote(Path(info['path']).name)} -no-cnv -p 'Once upon a time'")
         return 0
     if args.format != "hf":
         raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")

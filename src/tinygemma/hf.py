@@ -322,21 +322,26 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, blo
 NOT_UPLOADED = [LOCK_NAME, f"{STAGE_PREFIX}*", ".*.tmp"]
 
 
-def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload an exported directory to the Hugging Face hub as the model repository `repo_id` (created if it does
-    not exist: `private`, or with the hub's default visibility), with the token of `hf auth login` or HF_TOKEN;
-    return the repository's URL. A thin call into huggingface_hub, which is not exercised against the real hub by
-    the tests."""
+def push_to_hub(path: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an export to the Hugging Face hub as the model repository `repo_id` (created if it does not exist:
+    `private`, or with the hub's default visibility), with the token of `hf auth login` or HF_TOKEN; return the
+    repository's URL. An hf export's directory is uploaded whole (but for tinygemma's own files in it), a GGUF
+    file as one file of that name at the repository's top, beside whatever the repository holds. A thin call into
+    huggingface_hub, which is not exercised against the real hub by the tests."""
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise UserError('--push-to-hub needs huggingface_hub: pip install "tinygemma[hub]"') from None
-    api = HfApi()
+    path, api = Path(path), HfApi()
     try:
         url = api.create_repo(repo_id, repo_type="model", exist_ok=True, **({"private": True} if private else {}))
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          commit_message="Upload a model exported by tinygemma",
-                          ignore_patterns=NOT_UPLOADED)
+        if path.is_file():
+            api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="model",
+                            commit_message=f"Upload {path.name}, a GGUF file exported by tinygemma")
+        else:
+            api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model",
+                              commit_message="Upload a model exported by tinygemma",
+                              ignore_patterns=NOT_UPLOADED)
     except Exception as e:  # network, authentication, a bad repository name: one line, whatever the cause
-        raise failure(f"could not upload {folder} to the hub as {repo_id} ({describe(e)})", e) from None
+        raise failure(f"could not upload {path} to the hub as {repo_id} ({describe(e)})", e) from None
     return str(url)

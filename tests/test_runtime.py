@@ -97,6 +97,25 @@ def test_closing_the_runtime_gives_back_the_current_gpu(monkeypatch):
     assert cuda.current == 0 and runtime.setup_runtime("cuda", "auto").device == torch.device("cuda", 0)
 
 
+def test_a_torchrun_process_keeps_its_own_gpu_to_the_end(monkeypatch):
+    """Under torchrun, close() made every process's GPU 0 current again (each opening a CUDA context on GPU 0,
+    about 0.5 GiB), and before its process group ended. A process of a torchrun keeps its own GPU: nothing to give
+    back."""
+    import torch.distributed as dist
+
+    cuda = FakeCuda(monkeypatch, native_bf16=True, device_count=4)
+    for key, value in dict(WORLD_SIZE="4", RANK="3", LOCAL_RANK="3", MASTER_ADDR="localhost",
+                           MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: None)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: cuda.log.append(("destroy", cuda.current)))
+    rt = runtime.setup_runtime("cuda", "auto")
+    assert rt.device == torch.device("cuda", 3) and rt.owns_process_group
+    rt.close()
+    assert [entry for entry in cuda.log if entry[0] != "is_bf16_supported"] == [("set_device", 3), ("destroy", 3)]
+
+
 def test_under_torchrun_each_process_takes_its_local_rank(monkeypatch):
     FakeCuda(monkeypatch, native_bf16=True, device_count=4)
     assert runtime.cuda_device(torch.device("cuda"), world_size=4, local_rank=3) == torch.device("cuda", 3)

@@ -47,10 +47,10 @@ class Runtime:
         ends."""
         if self.matmul_precision is not None:
             torch.set_float32_matmul_precision(self.matmul_precision)
-        if self.previous_cuda_device is not None:
-            torch.cuda.set_device(torch.device("cuda", self.previous_cuda_device))
         if self.owns_process_group:
             dist.destroy_process_group()
+        if self.previous_cuda_device is not None:
+            torch.cuda.set_device(torch.device("cuda", self.previous_cuda_device))
 
 
 def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtime:
@@ -65,7 +65,10 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     before = previous_device = None  # the matmul precision and the current GPU a CUDA run changes, for close()
     if device.type == "cuda":
         device = cuda_device(device, world_size, local_rank)
-        previous_device = torch.cuda.current_device()
+        # One process (a notebook's run on cuda:1) gives its GPU back at close(); a torchrun process keeps its own
+        # to the end: setting GPU 0 current again would open a CUDA context there, one per process.
+        if world_size == 1 and torch.cuda.current_device() != device.index:
+            previous_device = torch.cuda.current_device()
         torch.cuda.set_device(device)  # before anything asks "the current GPU" a question
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast

@@ -31,6 +31,7 @@ from tinygemma.optim import (
     muon_parameters,
     orthogonalize,
     orthogonalize_all,
+    schedule,
     set_learning_rates,
 )
 from tinygemma.train import train
@@ -342,7 +343,7 @@ def test_wsd_values_at_the_boundaries():
     muon_cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=100",
                                   "lr_schedule=wsd", "optimizer=muon", "muon_learning_rate=0.02"]).train
     optimizer = configure_optimizer(model, muon_cfg, CPU)
-    assert set_learning_rates(optimizer, 79, muon_cfg) == pytest.approx(5.5e-4)
+    assert set_learning_rates(optimizer, 79, muon_cfg) == pytest.approx({"lr": 5.5e-4, "lr_muon": 0.011})
     assert {g["muon"]: g["lr"] for g in optimizer.param_groups} == pytest.approx({True: 0.011, False: 5.5e-4})
 
 
@@ -364,6 +365,14 @@ def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
     cooldown at step 12) gives, step for step, the losses of a run planned for 30 from the start."""
     straight = tmp_path / "straight"
     run(data_dir, straight, "max_steps=30")
+    # Both rates are logged (a sweep of muon_learning_rate showed the same AdamW lr in every run): each the
+    # schedule's shape from its own peak (metrics.jsonl, the trackers' train/lr and train/lr_muon).
+    cfg = load_recipe(None, tiny_settings(data_dir, straight, "optimizer=muon", "muon_learning_rate=0.05",
+                                          "lr_schedule=wsd", "max_steps=30")).train
+    steps = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "train_loss" in r]
+    assert [r["lr_muon"] for r in steps] == pytest.approx([0.05 * schedule(s, cfg) for s in range(30)], rel=1e-12)
+    assert [r["lr"] for r in steps] == pytest.approx([1e-2 * schedule(s, cfg) for s in range(30)], rel=1e-12)
     out = tmp_path / "extended"
     run(data_dir, out, "max_steps=20", stop_at=10)
     with safe_open(str(out / "checkpoints" / "step_000010" / "optimizer.safetensors"), framework="pt") as f:

@@ -90,12 +90,14 @@ def wandb_run(run_dir: Path) -> list[dict]:
 
 def expected_scalars(run_dir: Path) -> dict[int, dict[str, float]]:
     """metrics.jsonl as the scalars every tracker must hold: {step: {"train/loss": ..., "val/bpb": ...}}."""
-    names = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-             "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
-             "val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb"}
+    names = {"train_loss": "train/loss", "lr": "train/lr", "lr_muon": "train/lr_muon", "grad_norm": "train/grad_norm",
+             "tokens": "train/tokens", "tokens_per_s": "train/tokens_per_s", "elapsed_s": "train/elapsed_s",
+             "mfu": "train/mfu", "val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb"}
     scalars = {}
     for record in metrics(run_dir):
-        scalars.setdefault(record["step"], {}).update({names[k]: v for k, v in record.items() if k in names})
+        step_record = "train_loss" in record  # (an evaluation's record holds tokens too: not a train/ scalar)
+        scalars.setdefault(record["step"], {}).update({names[k]: v for k, v in record.items()
+                                                       if k in names and (step_record or k != "tokens")})
     return scalars
 
 
@@ -134,8 +136,9 @@ def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_th
     assert json.loads((out / "trackers.json").read_text()) == ids  # the same tracker runs, not new ones
 
     want = expected_scalars(out)
-    assert sorted(want) == list(range(13)) and set(want[6]) == {"train/loss", "train/lr", "train/grad_norm",
-                                                               "train/tokens_per_s", "val/loss", "val/ppl", "val/bpb"}
+    assert sorted(want) == list(range(13)) and set(want[6]) == {
+        "train/loss", "train/lr", "train/grad_norm", "train/tokens", "train/tokens_per_s", "train/elapsed_s",
+        "val/loss", "val/ppl", "val/bpb"}
     config = json.loads((out / "config.json").read_text())
 
     first, second = wandb_run(out)  # one offline directory per invocation, both the same wandb run
@@ -218,8 +221,8 @@ def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(
             (step < 3 or step == 6 and "val/loss" not in scalars) and trackio_log(self, scalars, step)))
         run(data_dir, out, *SHORT, loggers, stop_at=6)
     ids = json.loads((out / "trackers.json").read_text())
-    assert set(trackio_scalars(ids["trackio"])[6]) == {"train/loss", "train/lr", "train/grad_norm",
-                                                       "train/tokens_per_s"}
+    assert set(trackio_scalars(ids["trackio"])[6]) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens",
+                                                       "train/tokens_per_s", "train/elapsed_s"}
     at_checkpoint = (out / "loss.png").read_bytes()
     lost = [{**record, "step": step, "tokens": 2 * record["tokens"]}  # steps past the checkpoint, then the kill
             for step, record in zip((7, 8, 9), (r for r in metrics(out) if "train_loss" in r))]
@@ -396,9 +399,11 @@ def test_trackers_keep_the_order_given_and_open_each_once(data_dir, tmp_path):
 
 
 def test_scalars_carry_mfu_when_the_record_has_it():
-    record = {"step": 3, "train_loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens": 96, "tokens_per_s": 1e4,
-              "mfu": 0.25}
-    assert tinygemma.trackers.train_scalars(record) == {"train/loss": 2.5, "train/lr": 1e-3, "train/grad_norm": 0.5,
-                                                        "train/tokens_per_s": 1e4, "train/mfu": 0.25}
+    record = {"step": 3, "train_loss": 2.5, "lr": 1e-3, "lr_muon": 1e-2, "grad_norm": 0.5, "tokens": 96,
+              "tokens_per_s": 1e4, "elapsed_s": 2.0, "mfu": 0.25, "finite": True}
+    assert tinygemma.trackers.train_scalars(record) == {
+        "train/loss": 2.5, "train/lr": 1e-3, "train/lr_muon": 1e-2, "train/grad_norm": 0.5, "train/tokens": 96,
+        "train/tokens_per_s": 1e4, "train/elapsed_s": 2.0, "train/mfu": 0.25}
+    assert tinygemma.trackers.train_scalars({"step": 4, "tokens": 128, "val_loss": 2.0}) == {}  # an evaluation's
     assert tinygemma.trackers.val_scalars({"val_loss": 2.0, "val_ppl": 7.4, "val_bpb": 1.1}) == {
         "val/loss": 2.0, "val/ppl": 7.4, "val/bpb": 1.1}

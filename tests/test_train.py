@@ -100,9 +100,12 @@ def test_validation_loss_falls_and_run_directory_is_complete(straight_run, data_
     steps = [r for r in records if "train_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 41))
     for r in steps:  # the log lines' records (every 10th step) add their interval's rate; no mfu on CPU
-        rate = {"tokens_per_s"} if r["step"] % 10 == 0 else set()
-        assert set(r) == {"step", "train_loss", "lr", "grad_norm", "tokens", *rate}
+        rate = {"tokens_per_s", "elapsed_s"} if r["step"] % 10 == 0 else set()
+        assert set(r) == {"step", "train_loss", "lr", "grad_norm", "tokens", *rate}  # no lr_muon under AdamW
         assert r["tokens"] == r["step"] * 8 * 32
+    times = [r["elapsed_s"] for r in steps if "elapsed_s" in r]  # the training time so far, as the state's at the end
+    state = json.loads((straight_run / "checkpoints" / "step_000040" / "trainer_state.json").read_text())
+    assert 0 < times[0] < times[1] < times[2] < times[3] == pytest.approx(state["elapsed_s"], abs=0.05)
     # The logged rate (metrics.jsonl, the trackers' train/lr) is the schedule's at the step taken: warmup over 4
     # steps from 1e-2 / 4, then the cosine from 1e-2 down to min_lr 1e-3 at the last step.
     cfg = load_recipe(None, tiny_settings(data_dir, straight_run)).train
@@ -815,6 +818,37 @@ def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rat
         assert record["mfu"] == pytest.approx(flops_per_token * record["tokens_per_s"] / 1e9, rel=1e-9)
         assert float(line.split("mfu ")[1].split("%")[0]) == pytest.approx(100 * record["mfu"], abs=0.051)
     assert 3 * 0.3 < summary["elapsed_s"] < wall  # the three reads' waits, and no more than the whole run
+
+
+def test_the_eta_counts_evaluations_and_ends_with_this_invocation(data_dir, tmp_path, monkeypatch, capsys):
+    """The log line's ETA was the schedule's steps left at the interval's rate: it left out evaluations (here one
+    made 1.5 s long) and checkpoints, and under --stop-at it counted to max_steps, not to where this invocation
+    stops. It is now the steps left to this invocation's end at the time each step has taken since the first,
+    evaluations included."""
+    import tinygemma.train as train_module
+
+    real, calls = train_module.evaluate_windows, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # step 2's evaluation (step 0's is before the ETA's clock starts)
+            time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_windows", evaluate)
+
+    def etas(name, *settings, **kwargs) -> dict[int, int]:
+        train(load_recipe(None, tiny_settings(data_dir, tmp_path / name, *settings)), **kwargs)
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "eta " in line]
+        minutes_seconds = [line.rsplit("eta ", 1)[1].split("m") for line in lines]
+        return {int(line.split()[1].split("/")[0]): 60 * int(m) + int(sec.rstrip("s"))
+                for line, (m, sec) in zip(lines, minutes_seconds)}
+
+    eta = etas("slow-eval", "max_steps=8", "eval_interval=2", "log_interval=4", "checkpoint_interval=0")
+    assert eta[4] >= 1, eta  # 4 steps left at >= 1.5 s / 3 steps each; the steps alone take milliseconds
+    calls.clear()
+    eta = etas("stopped", "max_steps=100000", "eval_interval=0", "log_interval=2", "checkpoint_interval=0", stop_at=2)
+    assert eta == {2: 0}  # this invocation ends at step 2, not at the schedule's 100,000
 
 
 def test_a_micro_batch_size_splits_the_step_without_changing_its_numbers(straight_run, data_dir, tmp_path):

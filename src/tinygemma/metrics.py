@@ -126,7 +126,8 @@ def log_line(record: dict, max_steps: int, throughput: float, eta: float, mfu: f
     mfu = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
     skipped = (" (float16 overflow: update skipped, loss scale lowered)" if record.get("overflow")
                else " (skipped)" if record.get("skipped") else "")
-    return (f"step {record['step']}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+    muon = f" (muon {record['lr_muon']:.2e})" if "lr_muon" in record else ""
+    return (f"step {record['step']}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e}{muon} | "
             f"grad norm {record['grad_norm']:.3f}{skipped} | {throughput:,.0f} tok/s{mfu} | eta {format_duration(eta)}")
 
 

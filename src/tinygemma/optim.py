@@ -71,13 +71,17 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * schedule(step, cfg)
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> dict[str, float]:
     """Each group's rate for this step: its peak (learning_rate, or muon_learning_rate) times schedule(step).
-    Returns AdamW's, for the logs."""
+    Returns the rates for the logs: "lr", AdamW's, and under Muon "lr_muon", its matrices' (before Muon's
+    per-shape scale), which a sweep of muon_learning_rate changes and "lr" does not."""
     factor = schedule(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * factor
-    return cfg.learning_rate * factor
+    rates = {"lr": cfg.learning_rate * factor}
+    if any(group.get("muon") for group in optimizer.param_groups):
+        rates["lr_muon"] = cfg.muon_learning_rate * factor
+    return rates
 
 
 def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> None:

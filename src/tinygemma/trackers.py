@@ -49,8 +49,11 @@ def require_loggers(names: list[str]) -> None:
 
 
 def train_scalars(record: dict) -> dict[str, float]:
-    """An optimizer step's record (metrics.jsonl) as the trackers' scalars."""
-    keys = ("train_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+    """An optimizer step's record (metrics.jsonl) as the trackers' scalars; none of any other record (an
+    evaluation's or the samples' also hold "tokens")."""
+    if "train_loss" not in record:
+        return {}
+    keys = ("train_loss", "lr", "lr_muon", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "mfu")
     return {f"train/{key.removeprefix('train_')}": record[key] for key in keys if key in record}
 
 

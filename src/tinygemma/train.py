@@ -310,6 +310,7 @@ class Trainer:
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
         self.window = [0, 0.0]  # tokens and seconds of the steps since the last log line (for its rate)
         self.first_step_s = 0.0  # this invocation's first step's host time (compilation), kept out of the window
+        self.after_first_step = 0.0  # when that first step ended
         self.log_file = self.writer = self.progress = self.profiler = None
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
         for warning in self.warnings if self.rt.is_main else ():
@@ -479,7 +480,7 @@ class Trainer:
         t0 = time.perf_counter()  # the profiler's waits and writing count as the step's: the log's rate is wall-clock
         if self.profiler:
             self.profiler.begin(step)
-        lr = set_learning_rates(optimizer, step, cfg)
+        rates = set_learning_rates(optimizer, step, cfg)
         loss_sum = torch.zeros((), device=rt.device)
         x, y = self.next_batch
         passes = self.batches.micro_steps  # this process's share of the global batch, micro_batch_size at a time
@@ -503,7 +504,7 @@ class Trainer:
         loss = all_reduce_sum(loss_sum / passes, rt) / rt.world_size
         # fp16's scaler expects an occasional overflow and skips that step itself; anything else is divergence.
         finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        record = {"step": step + 1, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step + 1, "train_loss": loss, **rates, "grad_norm": grad_norm,
                   "tokens": (step + 1) * self.tokens_per_step, "finite": finite}
         if cfg.on_nonfinite == "skip" and not finite.item():  # the one per-step synchronisation, under skip only
             self.skipped += 1
@@ -518,6 +519,7 @@ class Trainer:
         self.elapsed += step_time
         if step == self.start:  # left out of the log line's rate (compilation), unless a line has nothing else
             self.first_step_s = step_time
+            self.after_first_step = time.perf_counter()  # the ETA's clock
         else:
             self.window = [self.window[0] + self.tokens_per_step, self.window[1] + step_time]
         return record
@@ -609,18 +611,30 @@ class Trainer:
         if self.progress:
             self.progress.set_postfix_str(f"loss {record['train_loss']:.4f} | {rate:,.0f} tok/s")
         if not self.quiet:  # above the bar on a terminal: the bar has no room for lr, grad norm or MFU
-            eta = (self.cfg.max_steps - done) * self.tokens_per_step / rate
-            self.say(log_line(record, self.cfg.max_steps, rate, eta, record.get("mfu")))
+            self.say(log_line(record, self.cfg.max_steps, rate, self.eta(done, rate), record.get("mfu")))
+
+    def eta(self, done: int, rate: float) -> float:
+        """Seconds until this invocation's last step (its end: --stop-at's, not the schedule's): the steps left at
+        the wall-clock time each has taken since the first (compiling) one, evaluations, samples and checkpoints
+        included; before a second step, at the interval's rate."""
+        after_first = done - self.start - 1
+        if after_first > 0:
+            per_step = (time.perf_counter() - self.after_first_step) / after_first
+        else:
+            per_step = self.tokens_per_step / rate
+        return (self.end - done) * per_step
 
     def interval_rate(self, record: dict) -> float:
         """The log interval's tokens over its wall-clock time (its steps and the wait at its reads; not this
-        invocation's first step, which compiles, unless the interval holds no other), into `record` with its MFU
-        and, on CUDA, the peak memory so far. A single step's host time says nothing on a GPU: the host does not
-        wait for it."""
+        invocation's first step, which compiles, unless the interval holds no other), into `record` with its MFU,
+        the run's training time so far (all invocations' steps and reads, not evaluations or checkpoints: loss
+        against time, across runs) and, on CUDA, the peak memory so far. A single step's host time says nothing
+        on a GPU: the host does not wait for it."""
         tokens, seconds = self.window
         rate = tokens / seconds if tokens else self.tokens_per_step / (self.first_step_s + seconds)
         self.window = [0, 0.0]
         record["tokens_per_s"] = rate
+        record["elapsed_s"] = self.elapsed  # the run's training time so far, as trainer_state.json's
         if self.peak:
             record["mfu"] = self.mfu(rate)
         if self.rt.is_cuda:

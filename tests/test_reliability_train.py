@@ -204,6 +204,34 @@ def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_d
     assert run(data_dir, out, "max_steps=12", "checkpoint_interval=5", resume=True)["step"] == 12
 
 
+def test_a_prepare_into_the_data_folder_mid_run_leaves_the_checkpoints_whole(data_dir, tmp_path, monkeypatch):
+    """Each checkpoint copied tokenizer.json from the data folder as it was then: a `prepare` into that folder
+    while the run trained (another vocabulary) gave every later checkpoint the new tokenizer beside weights trained
+    with the old one and a record of the old one's digest, so generate, eval, export and --resume refused the run
+    (and pruning had deleted the good checkpoints). A checkpoint carries the tokenizer the run loaded at its start."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    original = (data / "tokenizer.json").read_bytes()
+    real = tinygemma.train.Trainer.checkpoint
+
+    def checkpoint(self, step):
+        if step == 4:  # another tokenizer lands in the data folder between two checkpoints
+            (data / "tokenizer.json").write_text(json.dumps({**json.loads(original), "normalizer": None,
+                                                             "added_tokens": []}))
+        return real(self, step)
+
+    monkeypatch.setattr(tinygemma.train.Trainer, "checkpoint", checkpoint)
+    out = tmp_path / "run"
+    run(data, out, "max_steps=8", "checkpoint_interval=2", "keep_checkpoints=1", stop_at=6)
+    monkeypatch.undo()
+    (data / "tokenizer.json").write_bytes(original)  # (so the resume below reads the run's own data)
+    final = out / "checkpoints" / "step_000006"
+    assert (final / "tokenizer.json").read_bytes() == original
+    tinygemma.load(final)  # the checkpoint's tokenizer matches its record: loads and exports as any other
+    assert tinygemma.cli.main(["export", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
+    assert run(data, out, "max_steps=8", "checkpoint_interval=2", resume=True)["step"] == 8
+
+
 def test_checkpoints_hold_no_pickles_and_corrupt_state_is_refused(data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "corrupt"
     run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)

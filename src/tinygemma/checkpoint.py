@@ -59,7 +59,7 @@ from tinygemma.hf import (
 )
 from tinygemma.model import Gemma3, check_tokenizer_fits, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
-from tinygemma.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_from_spec
+from tinygemma.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_spec
 
 CHECKPOINT_FORMAT = "tinygemma"
 WEIGHTS_NAME = "model.safetensors"
@@ -562,20 +562,22 @@ def read_trainer_state(ckpt_dir: Path, step: int) -> dict:
     return state
 
 
-def checkpoint_bytes(model: Gemma3, tokenizer_file: Path | None = None) -> int:
+def checkpoint_bytes(model: Gemma3, tokenizer_bytes: int = 0) -> int:
     """At most what a checkpoint takes on disk: the weights, AdamW's two moments (Muon keeps fewer), the copy of
-    the run's tokenizer file, and a margin."""
+    the run's tokenizer file (`tokenizer_bytes`), and a margin."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 2 * sum(p.numel() * 4 for p in model.parameters())
-    tokenizer = tokenizer_file.stat().st_size if tokenizer_file is not None and tokenizer_file.is_file() else 0
-    return int(1.05 * (weights + moments)) + tokenizer + (16 << 20)
+    return int(1.05 * (weights + moments)) + tokenizer_bytes + (16 << 20)
 
 
-def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict, data_dir: Path,
-                    val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool, keep: int = 1) -> None:
+def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict,
+                    tokenizer: Tokenizer, val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool,
+                    keep: int = 1) -> None:
     """Write checkpoints/step_NNNNNN/ into a temporary directory, rename it into place, then switch last.json
     (and best.json) to it; finally delete the checkpoints but the best and the newest `keep`. Every rank calls
-    this (FSDP gathers the shards); rank 0 writes."""
+    this (FSDP gathers the shards); rank 0 writes. A tokenizer.json run carries its tokenizer's file as the run
+    loaded it at its start (`tokenizer`, checked against the data's record then): not the data folder's file as it
+    is now, which a `prepare` into that folder may have replaced meanwhile."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -587,7 +589,8 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     message = None
     if rt.is_main:
         ckpts.mkdir(parents=True, exist_ok=True)
-        need = checkpoint_bytes(raw, data_dir / tokenizer_file if tokenizer_file else None)
+        tokenizer_text = tokenizer.hf_json().encode("utf-8") if tokenizer_file else b""
+        need = checkpoint_bytes(raw, len(tokenizer_text))
         free = shutil.disk_usage(ckpts).free
         if free < need:
             previous = checkpoint_pointer(run_dir)
@@ -611,7 +614,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
         save_optimizer(optimizer_state, tmp / OPTIMIZER_NAME)
         if tokenizer_file:
             with atomic_path(tmp / tokenizer_file) as t:
-                shutil.copyfile(data_dir / tokenizer_file, t)
+                t.write_bytes(tokenizer_text)
         atomic_write_json(tmp / STATE_NAME, state)  # written last: its presence marks a complete checkpoint
         fsync_dir(tmp)
         final = ckpts / name

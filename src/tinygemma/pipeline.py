@@ -182,7 +182,8 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
         vocab_from = "model.vocab_size"
     tokenizer_file = data_dir / TOKENIZER_FILE if checked is not None else None
     with torch.device("meta"):  # shapes only
-        checkpoint_size = checkpoint_bytes(Gemma3(config), tokenizer_file)
+        checkpoint_size = checkpoint_bytes(Gemma3(config), tokenizer_file.stat().st_size
+                                           if tokenizer_file is not None and tokenizer_file.is_file() else 0)
     sequences = t.batch_size * t.grad_accum_steps
     tokens_per_step = sequences * t.block_size
 

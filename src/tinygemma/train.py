@@ -720,8 +720,8 @@ class Trainer:
             **({"init_checkpoint": self.init_record} if self.init_record else {}),
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}
-        save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data_dir, val_loss, is_best,
-                        self.rt, self.fsdp, cfg.keep_checkpoints)
+        save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data.tokenizer(), val_loss,
+                        is_best, self.rt, self.fsdp, cfg.keep_checkpoints)
         if self.rt.is_main:
             try:
                 write_report(self.run_dir)

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -437,3 +438,53 @@ def test_the_cards_transformers_snippet_of_a_greedy_recipe_does_not_sample():
     from tinygemma.report import sampling
 
     assert "min-p 0.05" in sampling(dataclasses.asdict(min_p))
+
+
+def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_dir, tmp_path, capsys):
+    """`tinygemma compare`: each run's row names the settings in which the runs differ, its steps, tokens and
+    validation losses from its own records (the whole split's from eval.json); runs whose sampled validation
+    losses came from other windows (another global batch) get the note that says to compare the whole split."""
+    other = tmp_path / "other"
+    test_train.run(data_dir, other, "learning_rate=5e-3", "batch_size=4", "max_steps=10")
+    copy = tmp_path / "copy"
+    shutil.copytree(straight_run, copy)
+    (copy / "eval.json").write_text(json.dumps({"checkpoint": "step_000040",
+                                                "eval": {"loss": 4.25, "bits_per_byte": 1.5, "tokens": 999}}))
+    plot = tmp_path / "compare.png"
+    assert main(["compare", str(copy), str(other), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip(" |").split(" | ")
+            for line in out.splitlines() if line.startswith(f"| {tmp_path}")}
+    straight_vals = {r["step"]: r["val_loss"] for r in test_train.metrics(straight_run) if "val_loss" in r}
+    other_vals = {r["step"]: r["val_loss"] for r in test_train.metrics(other) if "val_loss" in r}
+    best = min(straight_vals, key=straight_vals.get)
+    assert rows[str(copy)][1:] == [
+        "train.batch_size=8, train.learning_rate=0.01, train.max_steps=40", "40", f"{40 * 8 * 32:,}",
+        rows[str(copy)][4], rows[str(copy)][5], f"{straight_vals[40]:.4f} (step 40)",
+        f"{straight_vals[best]:.4f} (step {best})", "4.2500", "1.5000"]
+    assert rows[str(other)][1:4] == ["train.batch_size=4, train.learning_rate=0.005, train.max_steps=10", "10",
+                                     f"{10 * 4 * 32:,}"]
+    assert rows[str(other)][6] == f"{other_vals[10]:.4f} (step 10)" and rows[str(other)][8:] == ["-", "-"]
+    assert "scored on different windows" in out  # eval_batches x a global batch of 8, and of 4
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same run twice over (another folder): nothing differs, and the windows are the same.
+    assert main(["compare", str(copy), str(straight_run)]) == 0
+    out = capsys.readouterr().out
+    assert f"| {straight_run} | - | 40 |" in out and "different windows" not in out
+
+
+@pytest.mark.parametrize("args,words", [
+    (["{tmp}"], "is not a training run"),
+    (["{run}", "{run}"], "is given twice"),
+    (["{run}", "--plot", "{tmp}/plot.txt"], "give a .png file"),
+    (["{run}", "--plot", "{tmp}/missing/plot.png"], "does not exist"),
+    (["{run}", "--plot", "{tmp}/notes.png"], "is not a PNG image"),
+], ids=["not-a-run", "twice", "not-png", "missing-folder", "other-file"])
+def test_compare_refuses_bad_input_in_one_line_and_writes_nothing(straight_run, tmp_path, capsys, args, words):
+    (tmp_path / "notes.png").write_text("my notes")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(straight_run)) for a in args]
+    assert main(["compare", *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert (tmp_path / "notes.png").read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.png"]

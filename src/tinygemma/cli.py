@@ -59,7 +59,7 @@ from tinygemma.pipeline import (
     say_plan,
     where_and_next,
 )
-from tinygemma.report import write_model_card
+from tinygemma.report import compare_runs, write_model_card
 from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
 from tinygemma.train import check_fork_processes, check_run, saved_recipe, train
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tinygemma {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for add in (add_prepare, add_train, add_run, add_generate, add_eval, add_export):  # the order of --help
+    for add in (add_prepare, add_train, add_run, add_generate, add_eval, add_export, add_compare):  # --help's order
         add(subparsers)
     return parser
 
@@ -593,6 +593,25 @@ def add_eval(subparsers) -> None:
                         "for block size / stride times the work (default: the block size, windows that do not "
                         "overlap)")
     p.set_defaults(func=_eval_main)
+
+
+# ------------------------------------------------------------------ compare
+
+
+def add_compare(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="several training runs side by side: the settings they differ in, "
+                              "their tokens, time and validation losses")
+    p.add_argument("runs", nargs="+", metavar="RUN", type=named, help="run directories (train's --out)")
+    p.add_argument("--plot", default=None, type=named, metavar="FILE.png",
+                   help="also draw their validation loss against tokens into this PNG")
+    p.set_defaults(func=_compare_main)
+
+
+def _compare_main(args) -> int:
+    print(compare_runs(args.runs, args.plot))
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
 
 
 # ------------------------------------------------------------------ export

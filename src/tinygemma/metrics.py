@@ -116,6 +116,28 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+def plot_validation(runs: dict[str, list[dict]], path: Path) -> None:
+    """Several runs' validation loss against tokens seen, one line each (`tinygemma compare --plot`)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for name, records in runs.items():
+        val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), label=name, marker="o", markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("validation loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically (a full disk: one line naming the file)."""
     with atomic_path(path) as tmp, write_errors(path):
         fig.savefig(tmp, format="png", dpi=100)
 

@@ -40,10 +40,10 @@ from tinygemma.config import (
 from tinygemma.data import HUB_DATASET
 from tinygemma.devices import device_description, pick_device
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_write_text, peek_json, read_json
+from tinygemma.files import atomic_write_text, check_output_path, is_training_run, peek_json, read_json
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.hf import exported_block_size, model_config_from_hf
-from tinygemma.metrics import format_duration, read_records
+from tinygemma.metrics import format_duration, plot_validation, read_records
 from tinygemma.tokenizer import TOKENIZER_FILE, GPT2Tokenizer, Tokenizer
 
 REPORT_NAME = "report.md"
@@ -607,3 +607,97 @@ def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = N
             "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", "",
             "With tinygemma, from a local copy of this directory:", "", "```bash",
             f"tinygemma generate --ckpt DIR --prompt {shlex.quote(prompt)}", "```", ""]
+
+
+# ------------------------------------------------------------------ several runs side by side
+
+COMPARED_SECTIONS = ("data", "model", "train")  # the recipe's settings whose differences the table names
+NOT_COMPARED = {"train.out"}  # where each run is, which always differs
+
+
+def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> str:
+    """Several training runs side by side, as a markdown table: the settings in which they differ, then each one's
+    steps, tokens, training time, throughput and validation losses (the last and best sampled, and the whole
+    split's where `tinygemma run` evaluated it), with a note where their sampled validation losses were scored on
+    different windows. `plot`: their validation loss against tokens, in one PNG."""
+    plot = check_plot_path(plot) if plot is not None else None
+    runs = {}
+    for given in run_dirs:
+        run_dir = Path(given)
+        if not is_training_run(run_dir) or not (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} is not a training run (no config.json of tinygemma's): compare takes "
+                            "the folders train writes")
+        name = str(given)
+        if name in runs:
+            raise UserError(f"{name} is given twice")
+        runs[name] = compared_run(run_dir)
+    settings = {name: flat_settings(run["config"]) for name, run in runs.items()}
+    keys = sorted({key for flat in settings.values() for key in flat} - NOT_COMPARED)
+    differ = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in settings.values()}) > 1]
+    rows = []
+    for name, run in runs.items():
+        state, records, evaluation = run["state"], run["records"], run["evaluation"]
+        evals = {r["step"]: r for r in records if "val_loss" in r}
+        last = max(evals) if evals else None
+        best = min(evals, key=lambda step: evals[step]["val_loss"]) if evals else None
+        tokens, seconds = state.get("tokens", 0), state.get("elapsed_s", 0.0)
+        whole = evaluation.get("eval") or {}
+        rows.append((
+            name, ", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ) or "-",
+            f"{state.get('step', 0):,}", f"{tokens:,}", format_duration(seconds) if seconds else "-",
+            f"{tokens / seconds:,.0f}" if seconds else "-",
+            f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
+            f"{evals[best]['val_loss']:.4f} (step {best:,})" if evals else "-",
+            f"{whole['loss']:.4f}" if whole else "-",
+            f"{whole['bits_per_byte']:.4f}" if whole.get("bits_per_byte") is not None else "-"))
+    lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
+                         "val loss (best)", "whole split loss", "bits per byte"))
+    samples = {validation_sample(run["config"]) for run in runs.values()}
+    if len(samples) > 1:
+        lines.append("The sampled validation losses (last, best) were scored on different windows (other data, "
+                     "block size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` "
+                     "writes to eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.")
+        lines.append("")
+    if plot is not None:
+        plot_validation({name: run["records"] for name, run in runs.items()}, Path(plot))
+    return "\n".join(lines)
+
+
+def check_plot_path(plot: str | Path) -> Path:
+    """--plot's file, refused in one line unless it is a new .png in a folder that exists, or an earlier PNG (never
+    a run's or anyone's other file)."""
+    plot = check_output_path(plot, "--plot")
+    if plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {plot}: give a .png file to write")
+    if plot.is_dir():
+        raise UserError(f"--plot {plot} is a directory; give the .png file to write")
+    if not plot.parent.is_dir():
+        raise UserError(f"--plot {plot}: the folder {plot.parent} does not exist")
+    if plot.exists():
+        with open(plot, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise UserError(f"--plot {plot} exists and is not a PNG image; choose a new file name")
+    return plot
+
+
+def compared_run(run_dir: Path) -> dict:
+    """What compare_runs reads of a run: its config.json, records, last checkpoint's state and eval.json."""
+    config = read_json(run_dir / "config.json", "run config")
+    last = checkpoint_pointer(run_dir)
+    state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
+    evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
+    return {"config": config, "state": state, "records": read_records(run_dir / "metrics.jsonl"),
+            "evaluation": evaluation}
+
+
+def flat_settings(config: dict) -> dict:
+    """config.json's recipe settings as {"section.key": value}."""
+    return {f"{section}.{key}": value for section in COMPARED_SECTIONS
+            for key, value in (config.get(section) or {}).items()}
+
+
+def validation_sample(config: dict) -> str:
+    """What decides the windows of a run's sampled validation losses: its data, block size and window count."""
+    train, run = config.get("train") or {}, config.get("run") or {}
+    windows = (train.get("eval_batches") or 0) * (run.get("global_batch") or 0)
+    return json.dumps([(config.get("data") or {}).get("dir"), train.get("block_size"), windows])

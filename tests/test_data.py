@@ -297,6 +297,13 @@ def test_bpe_prepare(stories_dir, valid, tmp_path):
     assert int(np.asarray(prepared.split("train")).max()) < 600
 
 
+def test_token_files_switch_to_uint32_exactly_past_65536_ids():
+    """uint16 holds ids 0 to 65535: a vocabulary of 65,536 fits, one of 65,537 (id 65536 would wrap to 0) does not."""
+    from tinygemma.data import dtype_for
+
+    assert dtype_for(65_536) == np.uint16 and dtype_for(65_537) == np.uint32 and dtype_for(50_257) == np.uint16
+
+
 def test_gemma_size_vocabulary_is_uint32(tmp_path, stories_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -47,7 +47,8 @@ def test_decode_plan_matches_transformers(overrides, monkeypatch):
         for pos in range(5, ours.shape[1]):
             logits = plan.step(model, ours[:, pos : pos + 1], cache, pos, rope)
             expected = model(ours[:, : pos + 1])[:, -1]
-            assert (logits - expected).abs().max().item() <= 1e-4
+            # (1e-6 apart in float32; a GELU without its tanh approximation is 1e-4 apart, with the same tokens)
+            assert (logits - expected).abs().max().item() <= 1e-5
 
 
 def test_greedy_generate_is_the_same_with_and_without_a_decode_plan(monkeypatch):

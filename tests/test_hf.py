@@ -538,6 +538,30 @@ def test_configs_are_read_as_transformers_reads_them(tmp_path):
         assert (hf(x).logits - loaded(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("setting,value,words", [
+    ("final_logit_softcapping", 30.0, "sets final_logit_softcapping"),
+    ("attn_logit_softcapping", 50.0, "sets attn_logit_softcapping"),
+    ("use_bidirectional_attention", True, "use_bidirectional_attention (an encoder variant)"),
+    ("attention_bias", True, "sets attention_bias"),
+    ("hidden_activation", "gelu", "has hidden_activation 'gelu'"),
+], ids=["final-softcap", "attention-softcap", "bidirectional", "attention-bias", "activation"])
+def test_a_config_computing_other_than_gemma_3_is_refused_in_one_line(tmp_path, capsys, setting, value, words):
+    """transformers' gemma3_text takes these settings (Gemma 2's softcapping, EmbeddingGemma's bidirectional
+    attention, ...); tinygemma's model computes none of them, so loading one must refuse, not compute another
+    function. The settings as exported (their Gemma 3 values) load."""
+    save_model(Gemma3(small_config()), tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert setting not in config or not config[setting] or config[setting] == "gelu_pytorch_tanh"
+    tinygemma.load(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, setting: value}))
+    with pytest.raises(tinygemma.UserError, match=re.escape(words)):
+        tinygemma.load(tmp_path / "hf")
+    assert main(["export", "--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
 def test_a_gemma_style_tokenizer_is_exported_with_its_own_bos(tmp_path):
     """Gemma's tokenizer.json starts every text with <bos>: the export names <bos> as the beginning of sequence
     (it named <eos>, so transformers' generate from nothing started from <eos>); eos and pad stay end-of-text."""

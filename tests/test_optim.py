@@ -347,6 +347,30 @@ def test_wsd_values_at_the_boundaries():
     assert {g["muon"]: g["lr"] for g in optimizer.param_groups} == pytest.approx({True: 0.011, False: 5.5e-4})
 
 
+def test_a_cooldown_longer_than_the_steps_after_the_warmup_starts_when_the_warmup_ends():
+    """wsd with cooldown_fraction 0.8 of 20 steps and a warmup of 10: the cooldown would start at step 4, inside
+    the warmup; it starts at step 10, after the warmup has reached the peak."""
+    cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=20",
+                             "lr_schedule=wsd", "cooldown_fraction=0.8"]).train
+    assert cooldown_start(cfg) == 10
+    assert schedule(9, cfg) == 1.0 and learning_rate(19, cfg) == pytest.approx(1e-4)
+    rates = [learning_rate(s, cfg) for s in range(20)]
+    assert rates[:10] == sorted(rates[:10]) and rates[9:] == sorted(rates[9:], reverse=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_recipes_adam_settings_reach_every_adamw_group(optimizer):
+    """adam_eps, betas and weight_decay as the recipe sets them (not their defaults) in each AdamW group; decay on
+    the 2-D weights only."""
+    cfg = load_recipe(None, [f"optimizer={optimizer}", "adam_eps=1e-6", "beta1=0.8", "beta2=0.99",
+                             "weight_decay=0.05"]).train
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, n_layers=1))
+    groups = [g for g in configure_optimizer(model, cfg, CPU).param_groups if not g.get("muon")]
+    assert groups and all(g["eps"] == 1e-6 and tuple(g["betas"]) == (0.8, 0.99) for g in groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]
+    assert all((g["weight_decay"] > 0) == all(p.dim() == 2 for p in g["params"]) for g in groups)
+
+
 def test_a_short_wsd_run_still_ends_at_min_lr():
     """A cooldown fraction that rounds to no step (0.4 of 1, 0.2 of 2) still gives the run's last step min_lr;
     a fraction of 0 keeps the plateau to the end, as asked."""

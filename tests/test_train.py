@@ -820,6 +820,25 @@ def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rat
     assert 3 * 0.3 < summary["elapsed_s"] < wall  # the three reads' waits, and no more than the whole run
 
 
+def test_the_logged_validation_loss_and_bits_per_byte_are_their_definitions(straight_run, data_dir):
+    """Step 40's val_loss and val_bpb, recomputed here from the step-40 checkpoint: eval_batches (4) global batches
+    (8) of 32-token windows spread evenly over the validation split, each window's 32 next-token losses; bits per
+    byte the losses of the tokens that stand for text (not end-of-text) over the UTF-8 bytes of those tokens."""
+    data = open_prepared(data_dir)
+    val = np.asarray(data.split("val")).astype(np.int64)
+    starts = np.linspace(0, len(val) - 32 - 1, 4 * 8).round().astype(np.int64)
+    model = tinygemma.load(straight_run / "checkpoints" / "step_000040").float()
+    x = torch.from_numpy(np.stack([val[s : s + 32] for s in starts]))
+    y = torch.from_numpy(np.stack([val[s + 1 : s + 33] for s in starts]))
+    with torch.no_grad():
+        nats = torch.nn.functional.cross_entropy(model(x).double().transpose(1, 2), y, reduction="none")
+    text_bytes = torch.from_numpy(token_byte_lengths(data.tokenizer(), 512))[y].double()
+    bpb = (nats * (text_bytes > 0)).sum() / math.log(2) / text_bytes.sum()
+    logged = next(r for r in metrics(straight_run) if r["step"] == 40 and "val_loss" in r)
+    assert logged["val_loss"] == pytest.approx(nats.mean().item(), rel=1e-6)
+    assert logged["val_bpb"] == pytest.approx(bpb.item(), rel=1e-6)
+
+
 def test_the_eta_counts_evaluations_and_ends_with_this_invocation(data_dir, tmp_path, monkeypatch, capsys):
     """The log line's ETA was the schedule's steps left at the interval's rate: it left out evaluations (here one
     made 1.5 s long) and checkpoints, and under --stop-at it counted to max_steps, not to where this invocation

@@ -398,6 +398,11 @@ def test_push_to_hub_uploads_the_gguf_file(small_ckpt, tmp_path, capsys, monkeyp
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
     code, err = run_cli(["export", "--ckpt", small_ckpt, "--out", out, "--push-to-hub", "someone/tiny-gguf"], capsys)
     assert code == 1 and "could not upload" in err and out.exists()  # the machine's failure; the file stays
+    # Without huggingface_hub: refused before the export, which only it would upload (nothing written).
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    code, err = run_cli(["export", "--ckpt", small_ckpt, "--out", tmp_path / "new.gguf", "--push-to-hub", "a/b"],
+                        capsys)
+    assert code == 2 and 'pip install "tinygemma[hub]"' in err and not (tmp_path / "new.gguf").exists()
 
 
 def test_gguf_package_missing_is_one_line(small_ckpt, tmp_path, capsys, monkeypatch):

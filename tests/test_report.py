@@ -5,6 +5,7 @@ is read by huggingface_hub, its code runs with transformers, and what no record 
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -461,16 +462,42 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert rows[str(copy)][1:] == [
         "train.batch_size=8, train.learning_rate=0.01, train.max_steps=40", "40", f"{40 * 8 * 32:,}",
         rows[str(copy)][4], rows[str(copy)][5], f"{straight_vals[40]:.4f} (step 40)",
-        f"{straight_vals[best]:.4f} (step {best})", "4.2500", "1.5000"]
+        f"{straight_vals[best]:.4f} (step {best})", "4.2500 (step 40)", "1.5000"]
     assert rows[str(other)][1:4] == ["train.batch_size=4, train.learning_rate=0.005, train.max_steps=10", "10",
                                      f"{10 * 4 * 32:,}"]
     assert rows[str(other)][6] == f"{other_vals[10]:.4f} (step 10)" and rows[str(other)][8:] == ["-", "-"]
     assert "scored on different windows" in out  # eval_batches x a global batch of 8, and of 4
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The same run twice over (another folder): nothing differs, and the windows are the same.
+    # The same run twice over (another folder), its data named by an absolute path in one and a relative one in
+    # the other: nothing differs, and the windows are the same.
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["dir"] = os.path.relpath(config["data"]["dir"])
+    (copy / "config.json").write_text(json.dumps(config))
     assert main(["compare", str(copy), str(straight_run)]) == 0
     out = capsys.readouterr().out
     assert f"| {straight_run} | - | 40 |" in out and "different windows" not in out
+    # Other data (another tokenizer) under the same folder name: named as a difference, with the windows' note.
+    config["run"]["tokenizer"]["sha256"] = "0123456789abcdef" * 4
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(copy), str(straight_run)]) == 0
+    out = capsys.readouterr().out
+    assert "| data=" in out and "tokenizer tokenizer.json 01234567" in out and "different windows" in out
+
+
+def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_path, capsys):
+    """A run with steps past its last checkpoint (training, or killed; here with none yet): its row is its newest
+    records' step, tokens and training time (log-line records carry elapsed_s), not the checkpoint's (here 0)
+    beside a newer validation loss."""
+    live = tmp_path / "live"
+    shutil.copytree(straight_run, live)
+    shutil.rmtree(live / "checkpoints")  # as if it had written none yet
+    with open(live / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe not a record\n")  # a damaged line: skipped
+    assert main(["compare", str(live)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {live}"))
+    cells = row.strip(" |").split(" | ")
+    record = next(r for r in test_train.metrics(straight_run) if r["step"] == 40 and "train_loss" in r)
+    assert cells[2:4] == ["40", f"{40 * 8 * 32:,}"] and cells[5] == f"{record['tokens'] / record['elapsed_s']:,.0f}"
 
 
 @pytest.mark.parametrize("args,words", [
@@ -479,12 +506,30 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     (["{run}", "--plot", "{tmp}/plot.txt"], "give a .png file"),
     (["{run}", "--plot", "{tmp}/missing/plot.png"], "does not exist"),
     (["{run}", "--plot", "{tmp}/notes.png"], "is not a PNG image"),
-], ids=["not-a-run", "twice", "not-png", "missing-folder", "other-file"])
+    (["{run}", "--plot", "{run}/loss.png"], "a run or a dataset of tinygemma's"),
+    (["{run}", "{run}/"], "is given twice"),
+], ids=["not-a-run", "twice", "not-png", "missing-folder", "other-file", "a-runs-plot", "twice-with-a-slash"])
 def test_compare_refuses_bad_input_in_one_line_and_writes_nothing(straight_run, tmp_path, capsys, args, words):
     (tmp_path / "notes.png").write_text("my notes")
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(straight_run)) for a in args]
+    plot = (straight_run / "loss.png").read_bytes()
     assert main(["compare", *argv]) == 2
+    assert (straight_run / "loss.png").read_bytes() == plot
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
     assert (tmp_path / "notes.png").read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == [
         "notes.png"]
+
+
+def test_compare_refuses_a_plot_of_nothing_and_a_config_that_is_not_a_runs(straight_run, tmp_path, capsys):
+    young = tmp_path / "young"  # a run whose records hold no validation yet
+    young.mkdir()
+    (young / "config.json").write_text((straight_run / "config.json").read_text())
+    assert main(["compare", str(young), "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to plot" in err and err.count("\n") == 1 and not (tmp_path / "p.png").exists()
+    config = json.loads((straight_run / "config.json").read_text())
+    (young / "config.json").write_text(json.dumps({**config, "data": ["a", "list"]}))
+    assert main(["compare", str(young)]) == 2
+    err = capsys.readouterr().err
+    assert "sections are not tables" in err and err.count("\n") == 1

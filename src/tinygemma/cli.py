@@ -48,7 +48,7 @@ from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import signal_handler
 from tinygemma.generate import check_num_samples, check_stop, generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
-from tinygemma.hf import push_to_hub
+from tinygemma.hf import hub_api, push_to_hub
 from tinygemma.metrics import strict_json
 from tinygemma.pipeline import (
     check_given_settings,
@@ -652,6 +652,8 @@ def _export_main(args) -> int:
     # Before the export: the name goes into its model card (the title, from_pretrained's argument).
     if args.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push_to_hub):
         raise UserError(f"--push-to-hub takes the repository as USER/NAME (or ORG/NAME), not {args.push_to_hub!r}")
+    if args.push_to_hub:
+        hub_api()  # installed, before an export that only it would upload
     if args.format == "gguf":
         info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE, args.tokenizer)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "

@@ -322,17 +322,23 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, blo
 NOT_UPLOADED = [LOCK_NAME, f"{STAGE_PREFIX}*", ".*.tmp"]
 
 
+def hub_api():
+    """huggingface_hub's HfApi class, or the one line that says how to install it (checked before an export that
+    will be uploaded, so that a missing package costs no export)."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError('--push-to-hub needs huggingface_hub: pip install "tinygemma[hub]"') from None
+    return HfApi
+
+
 def push_to_hub(path: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload an export to the Hugging Face hub as the model repository `repo_id` (created if it does not exist:
     `private`, or with the hub's default visibility), with the token of `hf auth login` or HF_TOKEN; return the
     repository's URL. An hf export's directory is uploaded whole (but for tinygemma's own files in it), a GGUF
     file as one file of that name at the repository's top, beside whatever the repository holds. A thin call into
     huggingface_hub, which is not exercised against the real hub by the tests."""
-    try:
-        from huggingface_hub import HfApi
-    except ImportError:
-        raise UserError('--push-to-hub needs huggingface_hub: pip install "tinygemma[hub]"') from None
-    path, api = Path(path), HfApi()
+    path, api = Path(path), hub_api()()
     try:
         url = api.create_repo(repo_id, repo_type="model", exist_ok=True, **({"private": True} if private else {}))
         if path.is_file():

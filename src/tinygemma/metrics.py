@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tinygemma.errors import UserError
 from tinygemma.files import atomic_path, atomic_write_text, write_errors
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), for MFU, matched as parts of the device's
@@ -92,7 +93,7 @@ def read_records(path: Path) -> list[dict]:
     record of the trainer's (without a step and tokens: a line added by hand); null is NaN."""
     records = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # (a damaged line: skipped)
             with contextlib.suppress(json.JSONDecodeError):
                 record = json.loads(line)
                 if isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("step", "tokens")):
@@ -120,15 +121,18 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 
 def plot_validation(runs: dict[str, list[dict]], path: Path) -> None:
-    """Several runs' validation loss against tokens seen, one line each (`tinygemma compare --plot`)."""
+    """Several runs' validation loss against tokens seen, one line each (`tinygemma compare --plot`): past the ten
+    colours of matplotlib's cycle, the lines are dashed, then dotted."""
     from matplotlib.figure import Figure
 
+    curves = {name: [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r] for name, records in runs.items()}
+    if not any(curves.values()):
+        raise UserError("none of these runs has recorded a validation loss yet: nothing to plot")
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    for name, records in runs.items():
-        val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    for i, (name, val) in enumerate(curves.items()):
         if val:
-            ax.plot(*zip(*val), label=name, marker="o", markersize=3)
+            ax.plot(*zip(*val), label=name, marker="o", markersize=3, linestyle=("-", "--", ":", "-.")[i // 10 % 4])
     ax.set_xlabel("tokens")
     ax.set_ylabel("validation loss (nats per token)")
     ax.grid(alpha=0.3)

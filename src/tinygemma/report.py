@@ -37,7 +37,7 @@ from tinygemma.config import (
     is_real,
     saved_train_settings,
 )
-from tinygemma.data import HUB_DATASET
+from tinygemma.data import HUB_DATASET, META_NAME
 from tinygemma.devices import device_description, pick_device
 from tinygemma.errors import UserError
 from tinygemma.files import atomic_write_text, check_output_path, is_training_run, peek_json, read_json
@@ -611,44 +611,46 @@ def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = N
 
 # ------------------------------------------------------------------ several runs side by side
 
-COMPARED_SECTIONS = ("data", "model", "train")  # the recipe's settings whose differences the table names
+COMPARED_SECTIONS = ("model", "train")  # the recipe's settings whose differences the table names, and "data"
 NOT_COMPARED = {"train.out"}  # where each run is, which always differs
 
 
 def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> str:
-    """Several training runs side by side, as a markdown table: the settings in which they differ, then each one's
-    steps, tokens, training time, throughput and validation losses (the last and best sampled, and the whole
-    split's where `tinygemma run` evaluated it), with a note where their sampled validation losses were scored on
-    different windows. `plot`: their validation loss against tokens, in one PNG."""
+    """Several training runs side by side, as a markdown table: the settings in which they differ (the data by
+    what was prepared, not by its folder's name), then each one's steps, tokens, training time and throughput
+    (its newest records'), its validation losses (the last and best sampled, and the whole split's where
+    `tinygemma run` evaluated a checkpoint, named), with a note where their sampled validation losses were scored
+    on different windows. `plot`: their validation loss against tokens, in one PNG."""
     plot = check_plot_path(plot) if plot is not None else None
-    runs = {}
+    runs, seen = {}, {}
     for given in run_dirs:
         run_dir = Path(given)
         if not is_training_run(run_dir) or not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a training run (no config.json of tinygemma's): compare takes "
                             "the folders train writes")
-        name = str(given)
-        if name in runs:
-            raise UserError(f"{name} is given twice")
-        runs[name] = compared_run(run_dir)
+        if run_dir.resolve() in seen:
+            raise UserError(f"{given} is given twice (as {seen[run_dir.resolve()]} too)")
+        seen[run_dir.resolve()] = given
+        runs[str(given)] = compared_run(run_dir)
     settings = {name: flat_settings(run["config"]) for name, run in runs.items()}
     keys = sorted({key for flat in settings.values() for key in flat} - NOT_COMPARED)
     differ = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in settings.values()}) > 1]
     rows = []
     for name, run in runs.items():
-        state, records, evaluation = run["state"], run["records"], run["evaluation"]
+        records, whole = run["records"], run["evaluation"].get("eval") or {}
         evals = {r["step"]: r for r in records if "val_loss" in r}
         last = max(evals) if evals else None
         best = min(evals, key=lambda step: evals[step]["val_loss"]) if evals else None
-        tokens, seconds = state.get("tokens", 0), state.get("elapsed_s", 0.0)
-        whole = evaluation.get("eval") or {}
+        newest = run["newest"]
+        timed = newest.get("elapsed_s")
+        scored = checkpoint_step(run["evaluation"].get("checkpoint"))
         rows.append((
             name, ", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ) or "-",
-            f"{state.get('step', 0):,}", f"{tokens:,}", format_duration(seconds) if seconds else "-",
-            f"{tokens / seconds:,.0f}" if seconds else "-",
+            f"{newest['step']:,}", f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
+            f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
             f"{evals[best]['val_loss']:.4f} (step {best:,})" if evals else "-",
-            f"{whole['loss']:.4f}" if whole else "-",
+            f"{whole['loss']:.4f}" + (f" (step {scored:,})" if scored is not None else "") if whole else "-",
             f"{whole['bits_per_byte']:.4f}" if whole.get("bits_per_byte") is not None else "-"))
     lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
                          "val loss (best)", "whole split loss", "bits per byte"))
@@ -659,13 +661,13 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
                      "writes to eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.")
         lines.append("")
     if plot is not None:
-        plot_validation({name: run["records"] for name, run in runs.items()}, Path(plot))
+        plot_validation({name: run["records"] for name, run in runs.items()}, plot)
     return "\n".join(lines)
 
 
 def check_plot_path(plot: str | Path) -> Path:
-    """--plot's file, refused in one line unless it is a new .png in a folder that exists, or an earlier PNG (never
-    a run's or anyone's other file)."""
+    """--plot's file, refused in one line unless it is a new .png in a folder that exists, or an earlier PNG, and
+    outside any run (whose loss.png it could replace) or dataset."""
     plot = check_output_path(plot, "--plot")
     if plot.suffix.lower() != ".png":
         raise UserError(f"--plot {plot}: give a .png file to write")
@@ -673,6 +675,9 @@ def check_plot_path(plot: str | Path) -> Path:
         raise UserError(f"--plot {plot} is a directory; give the .png file to write")
     if not plot.parent.is_dir():
         raise UserError(f"--plot {plot}: the folder {plot.parent} does not exist")
+    if is_training_run(plot.parent) or (plot.parent / META_NAME).exists():
+        raise UserError(f"--plot {plot} is inside {plot.parent}, a run or a dataset of tinygemma's: give it a "
+                        "place of its own")
     if plot.exists():
         with open(plot, "rb") as f:
             if f.read(8) != b"\x89PNG\r\n\x1a\n":
@@ -681,23 +686,54 @@ def check_plot_path(plot: str | Path) -> Path:
 
 
 def compared_run(run_dir: Path) -> dict:
-    """What compare_runs reads of a run: its config.json, records, last checkpoint's state and eval.json."""
+    """What compare_runs reads of a run: its config.json, records and eval.json, and its newest step ("newest":
+    step, tokens, and the training time to the newest record that holds one, with the tokens by then), from its
+    records (a run still training has steps past its last checkpoint) or its last checkpoint's state."""
     config = read_json(run_dir / "config.json", "run config")
+    if not all(isinstance(config.get(section, {}), dict) for section in (*COMPARED_SECTIONS, "data", "run")):
+        raise UserError(f"{run_dir / 'config.json'} is not a run's config.json (its sections are not tables)")
     last = checkpoint_pointer(run_dir)
     state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
+    records = read_records(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "train_loss" in r]
+    newest = {"step": state.get("step", 0), "tokens": state.get("tokens", 0), "elapsed_s": state.get("elapsed_s"),
+              "timed_tokens": state.get("tokens", 0)}
+    if steps and steps[-1]["step"] > newest["step"]:
+        newest.update(step=steps[-1]["step"], tokens=steps[-1]["tokens"])
+        timed = [r for r in steps if r.get("elapsed_s") and r["step"] > state.get("step", 0)]
+        if timed:
+            newest.update(elapsed_s=timed[-1]["elapsed_s"], timed_tokens=timed[-1]["tokens"])
     evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
-    return {"config": config, "state": state, "records": read_records(run_dir / "metrics.jsonl"),
-            "evaluation": evaluation}
+    return {"config": config, "records": records, "evaluation": evaluation, "newest": newest}
+
+
+def checkpoint_step(name) -> int | None:
+    """The step of a checkpoint folder's name (step_000040: 40), if it is one."""
+    match = re.fullmatch(r"step_(\d+)", name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
 
 
 def flat_settings(config: dict) -> dict:
-    """config.json's recipe settings as {"section.key": value}."""
-    return {f"{section}.{key}": value for section in COMPARED_SECTIONS
+    """config.json's model and train settings as {"section.key": value}, and "data": what was prepared (the
+    tokenizer, the stories), whichever folder holds it and whichever command (train or run) recorded it."""
+    flat = {f"{section}.{key}": value for section in COMPARED_SECTIONS
             for key, value in (config.get(section) or {}).items()}
+    flat["data"] = data_identity(config)
+    return flat
+
+
+def data_identity(config: dict) -> str:
+    """The prepared data a run trained on, as its config.json's run section records it: the stories' source and
+    count, and the tokenizer (its digest, where it has a file)."""
+    run = config.get("run") or {}
+    tokenizer = run.get("tokenizer") or {}
+    digest = tokenizer.get("sha256")
+    return (f"{data_description(run)}, tokenizer {tokenizer.get('kind', UNKNOWN)}"
+            + (f" {digest[:8]}" if isinstance(digest, str) else ""))
 
 
 def validation_sample(config: dict) -> str:
     """What decides the windows of a run's sampled validation losses: its data, block size and window count."""
     train, run = config.get("train") or {}, config.get("run") or {}
     windows = (train.get("eval_batches") or 0) * (run.get("global_batch") or 0)
-    return json.dumps([(config.get("data") or {}).get("dir"), train.get("block_size"), windows])
+    return json.dumps([data_identity(config), run.get("data_documents"), train.get("block_size"), windows])

@@ -256,6 +256,37 @@ def test_gpt2_as_a_tokenizer_json_is_gpt2_for_a_recipe(stories_dir, tmp_path):
         "tokenizer: gpt2, the recipe asks for bpe"]
 
 
+def test_data_differences_of_a_bpe_need_no_gpt2_ranks_and_name_an_old_bpes_size(stories_dir, tmp_path, monkeypatch):
+    """A recipe whose data.tokenizer is the default gpt2 (train --data DIR of a BPE run) was compared by loading
+    GPT-2's ranks through tiktoken: offline without its cache, train and --resume of a BPE run failed naming
+    GPT-2, which the run never used. And data prepared before meta.json recorded the BPE size asked for, whose BPE
+    stopped short of it, was "other [data]" for the recipe that made it, with no word of the way on."""
+    import tinygemma.data as data_module
+    from tinygemma.config import DataConfig
+
+    source = [str(stories_dir / "valid.txt")]
+    prepare(tmp_path / "bpe", sources=source, tokenizer="bpe", vocab_size=4096, limit=30, workers=1, progress=False)
+    prepared = open_prepared(tmp_path / "bpe")
+    assert prepared.vocab_size < 4096  # 30 stories: the BPE stopped short
+
+    def offline(name):
+        raise OSError("cannot load the GPT-2 vocabulary through tiktoken (ConnectionError)")
+
+    monkeypatch.setattr(data_module, "load_tokenizer", offline)
+    assert data_module.data_differences(DataConfig(source=source, limit=30), prepared) == [
+        f"tokenizer: {prepared.tokenizer().identity}, the recipe asks for gpt2"]
+    recipe = DataConfig(source=source, limit=30, tokenizer="bpe", vocab_size=4096)
+    assert data_module.data_differences(recipe, prepared) == []
+    meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
+    del meta["source"]["bpe_vocab_size"]  # as prepared by a tinygemma before 2026-12-02
+    (tmp_path / "bpe" / "meta.json").write_text(json.dumps(meta))
+    [why] = data_module.data_differences(recipe, open_prepared(tmp_path / "bpe"))
+    assert why.startswith(f"vocabulary: a BPE of {prepared.vocab_size:,}, the recipe asks for a BPE of 4,096")
+    assert f"set data.vocab_size = {prepared.vocab_size}" in why
+    assert data_module.data_differences(DataConfig(source=source, limit=30, tokenizer="bpe",
+                                                   vocab_size=prepared.vocab_size), open_prepared(tmp_path / "bpe")) == []
+
+
 def test_hub_with_a_limit_streams_only_the_first_stories(stories_dir, valid, r50k, tmp_path, monkeypatch, capsys):
     datasets = pytest.importorskip("datasets")
     train = read_stories(stories_dir / "train.txt", 400)

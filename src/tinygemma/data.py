@@ -977,8 +977,14 @@ def data_differences(want: DataConfig, data: PreparedData) -> list[str]:
         # What prepare was asked for (a BPE trained on few stories can stop short of it), else what it has.
         asked = recorded.get("bpe_vocab_size", data.vocab_size)
         if asked != vocab_size:
-            differences.append(f"vocabulary: a BPE of {asked:,}, the recipe asks for a BPE of {vocab_size:,}")
-    elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:  # (GPT-2's as a tokenizer.json is gpt2)
+            older = ("" if "bpe_vocab_size" in recorded else
+                     f" (prepared by a tinygemma that did not record the size asked for, where a BPE trained on few "
+                     f"stories stops short of it: if this recipe prepared it, set data.vocab_size = {asked})")
+            differences.append(f"vocabulary: a BPE of {asked:,}, the recipe asks for a BPE of {vocab_size:,}{older}")
+    elif want.tokenizer == "gpt2":  # data of a tokenizer.json: GPT-2's own as a file is gpt2 (no ranks loaded:
+        if data.tokenizer().identity != "gpt2":  # an offline train --data of a BPE run asked the network for them)
+            differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for gpt2")
+    elif load_tokenizer(want.tokenizer).identity != data.tokenizer().identity:
         differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for {want.tokenizer}")
     return differences
 

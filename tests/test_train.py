@@ -839,6 +839,30 @@ def test_the_logged_validation_loss_and_bits_per_byte_are_their_definitions(stra
     assert logged["val_bpb"] == pytest.approx(bpb.item(), rel=1e-6)
 
 
+def test_resuming_a_run_an_older_schedule_trained_says_so(data_dir, tmp_path, capsys):
+    """Before 2026-12-03 the cosine decay (and wsd's cooldown) ran one step earlier, and no checkpoint records
+    which schedule it took: resuming such a run went on with this version's rates in silence. The rate logged at
+    the checkpoint's step tells: where it is not this version's, the resume says so (and so does --dry-run)."""
+    out = tmp_path / "run"
+    run(data_dir, out, stop_at=30)
+    run(data_dir, out, resume=True, stop_at=35)  # this version's own run: no such warning
+    assert "older tinygemma" not in capsys.readouterr().err
+    cfg = load_recipe(None, tiny_settings(data_dir, out)).train
+    floor = cfg.min_lr / cfg.learning_rate
+    old = cfg.learning_rate * (floor + 0.5 * (1 + math.cos(math.pi * (34 - 4) / (40 - 4))) * (1 - floor))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    at = next(i for i, r in enumerate(records) if r["step"] == 35 and "lr" in r)
+    assert records[at]["lr"] == learning_rate(34, cfg) != pytest.approx(old, rel=1e-6)
+    lines[at] = json.dumps({**records[at], "lr": old})  # as the schedule before 2026-12-03 logged step 35
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["train", "--out", str(out), "--resume", "--dry-run"]) == 0
+    assert "learning rate logged at step 35" in capsys.readouterr().err
+    run(data_dir, out, resume=True)
+    err = capsys.readouterr().err
+    assert "learning rate logged at step 35" in err and "older tinygemma" in err and last_step(out) == 40
+
+
 def test_the_eta_counts_evaluations_and_ends_with_this_invocation(data_dir, tmp_path, monkeypatch, capsys):
     """The log line's ETA was the schedule's steps left at the interval's rate: it left out evaluations (here one
     made 1.5 s long) and checkpoints, and under --stop-at it counted to max_steps, not to where this invocation

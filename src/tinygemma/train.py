@@ -103,13 +103,14 @@ from tinygemma.files import (
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
 from tinygemma.hf import is_hf_export
-from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses
+from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses, read_records
 from tinygemma.model import checked_state, model_state
 from tinygemma.optim import (
     check_muon_rate,
     check_resume_schedule,
     configure_optimizer,
     describe_optimizer,
+    learning_rate,
     set_learning_rates,
 )
 from tinygemma.parallelize import (
@@ -282,7 +283,8 @@ class Trainer:
         # Checkpoints kept: an invocation that trains nothing (a finished run, run again) deletes none the run kept
         kept, keep = (saved_train or {}).get("keep_checkpoints", 1), self.cfg.keep_checkpoints
         self.start_keep = keep if self.start < self.end else max(kept, keep)
-        self.warnings = [changed] if changed else []
+        older = check_logged_schedule(self.run_dir, saved_train, self.start)
+        self.warnings = [warning for warning in (older, changed) if warning]
         if self.start_keep < kept:
             self.warnings.append(f"keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest {keep} "
                                  "(and the best) are deleted now")
@@ -953,6 +955,32 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
              if any(c.startswith("eval_batches ") for c in changed) else "")
     return (f"resuming at step {step} with settings other than the run's: {', '.join(changed)}; the steps from "
             f"here take the new values{later}")
+
+
+def check_logged_schedule(run_dir: Path, saved: dict | None, step: int) -> str | None:
+    """A warning where the learning rate logged at the resumed checkpoint's step (metrics.jsonl) is not the one
+    this tinygemma's schedule gives there with the settings that step was trained with: a run trained by a
+    tinygemma from before 2026-12-03, whose cosine decay and wsd cooldown ran one step earlier (no checkpoint
+    records which schedule it took). Its steps from here take this version's rates. None where the rate is this
+    version's, or not logged."""
+    if not saved or step == 0:
+        return None
+    record = next((r for r in reversed(read_records(run_dir / "metrics.jsonl"))
+                   if r["step"] == step and isinstance(r.get("lr"), float)), None)
+    if record is None:
+        return None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        planned = TrainConfig(**{k: v for k, v in saved_train_settings(saved).items() if k in known})
+    except (UserError, TypeError):  # (settings this version refuses are refused with their own words elsewhere)
+        return None
+    expected = learning_rate(step - 1, planned)
+    if math.isclose(record["lr"], expected, rel_tol=1e-9):
+        return None
+    return (f"the learning rate logged at step {step} ({record['lr']:.6g}) is not the one this tinygemma's schedule "
+            f"gives there ({expected:.6g}): an older tinygemma trained the run (before 2026-12-03 the decay ran one "
+            "step earlier); the steps from here take this version's rates, so the run is neither version's "
+            "uninterrupted run (resume it with the tinygemma that trained it for that)")
 
 
 def warn_if_not_for_llama_cpp(config: ModelConfig) -> None:

@@ -726,7 +726,7 @@ def data_identity(config: dict) -> str:
     """The prepared data a run trained on, as its config.json's run section records it: the stories' source and
     count, and the tokenizer (its digest, where it has a file)."""
     run = config.get("run") or {}
-    tokenizer = run.get("tokenizer") or {}
+    tokenizer = run.get("tokenizer") if isinstance(run.get("tokenizer"), dict) else {}
     digest = tokenizer.get("sha256")
     return (f"{data_description(run)}, tokenizer {tokenizer.get('kind', UNKNOWN)}"
             + (f" {digest[:8]}" if isinstance(digest, str) else ""))

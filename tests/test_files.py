@@ -358,3 +358,27 @@ def test_a_machine_or_network_failure_is_told_from_bad_input():
     assert [machine_failure(e) for e in machine] == [True] * len(machine)
     assert [machine_failure(e) for e in inputs] == [False] * len(inputs)
     assert type(failure("x", machine[0])) is OSError and type(failure("x", inputs[0])) is UserError
+
+
+def test_an_atomic_write_is_synced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """Durability, not only atomicity: the new file's data reach the disk before the rename makes it the file,
+    and the folder's entry after (a power cut otherwise can leave the new name on an empty file)."""
+    import tinygemma.files as files_module
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else None))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files_module.os, "fsync", fsync)
+    monkeypatch.setattr(files_module.os, "replace", replace)
+    files_module.atomic_write_text(tmp_path / "a.txt", "hello")
+    assert (tmp_path / "a.txt").read_text() == "hello"
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    if events[0][1] is not None:
+        assert [events[0][1], events[2][1]] == [False, True]  # the file's data, then the folder's

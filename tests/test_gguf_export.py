@@ -219,6 +219,22 @@ def test_the_gguf_is_named_after_its_run(tiny_run, small_ckpt, tmp_path):
     assert name(small_ckpt) == "tinygemma ckpt"
 
 
+def test_the_gguf_records_the_context_length_and_the_special_ids(small_ckpt, tmp_path):
+    """What llama.cpp takes its defaults from, read back from the file: the context (llama-server's and
+    llama-cli's default n_ctx) is the model's max_position_embeddings, and end of text is the eos, eot and pad id
+    (llama.cpp stops there)."""
+    reader = gguf.GGUFReader(export_gguf(small_ckpt, tmp_path / "m.gguf", "f32")["path"])
+
+    def value(key):
+        field = reader.fields[key]
+        return field.parts[field.data[0]][0]
+
+    tokenizer = checkpoint_tokenizer(small_ckpt)
+    config, eot = load_model(small_ckpt, tokenizer, "float32", "cpu").config, tokenizer.eot_id
+    assert value("gemma3.context_length") == config.max_position_embeddings
+    assert [value(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "padding")] == [eot] * 3
+
+
 def test_tiny_greedy_text_matches_tinygemma_generate(tiny_run, stories_dir, tmp_path, llama_cpp, capsys):
     export_cli(tiny_run, tmp_path / "tiny.gguf", "f32", capsys)
     tokenizer = checkpoint_tokenizer(tiny_run)
@@ -550,6 +566,10 @@ def test_q8_0_rows_that_are_not_blocks_are_said_to_fall_back(bpe, tmp_path, caps
     assert "token_embd.weight" in as_f16 and "Q8_0" in types.values()  # 40-wide rows fall back; 128-wide do not
     assert f"note: {len(as_f16)} matrices have rows" in err
     assert export_gguf(tmp_path / "ckpt", tmp_path / "f16.gguf", "f16")["matrices_as_f16"] == 0
+    # 96 values a row are three blocks of 32 (not a multiple of 64): q8_0 throughout.
+    wide = ModelConfig.preset("gemma3-tiny", vocab_size=bpe.vocab_size, n_layers=1, d_model=96, mlp_dim=160)
+    save_model(Gemma3(wide), tmp_path / "ckpt96", {"tokenizer": bpe.save(tmp_path / "ckpt96")})
+    assert export_gguf(tmp_path / "ckpt96", tmp_path / "q96.gguf", "q8_0")["matrices_as_f16"] == 0
     # The hf export's names of the types are taken too (--dtype float16 was "unknown --dtype 'float16' for gguf")
     assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "float16.gguf"), "--dtype",
                  "float16"]) == 0

@@ -120,6 +120,10 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
                                                                   "eval_interval": [10, 3]}
     assert sum(p["elapsed_s"] for p in parts) == pytest.approx(state["elapsed_s"])
     assert [p["peak_flop_s"] / p["elapsed_s"] for p in parts] == pytest.approx([1e9, 4e9])
+    config = json.loads((out / "config.json").read_text())
+    flops_per_token = tinygemma.ModelConfig(**{k: v for k, v in config["model"].items() if k != "preset"}
+                                            ).flops_per_token(32)
+    assert [p["flops"] for p in parts] == [4 * 256 * flops_per_token, 8 * 256 * flops_per_token]  # each part's own
     text = (out / "report.md").read_text()
     mfu = sum(p["flops"] for p in parts) / sum(p["peak_flop_s"] for p in parts)
     assert f"| MFU | {100 * mfu:.1f}% (over the optimizer steps' time) |" in text
@@ -441,6 +445,18 @@ def test_the_cards_transformers_snippet_of_a_greedy_recipe_does_not_sample():
     assert "min-p 0.05" in sampling(dataclasses.asdict(min_p))
 
 
+def test_the_cards_model_rows_count_each_kind_of_layer():
+    """The 270M preset: 18 layers, 15 of them sliding over 512 tokens, 3 global; four query heads over one
+    key/value head of 256."""
+    from tinygemma.config import ModelConfig
+
+    config = ModelConfig.preset("gemma3-270m-gpt2")
+    rows = dict(tinygemma.report.model_rows(config, {"meta": {"tokenizer": {"kind": "gpt2"}}, "recipe": {},
+                                                     "source": "."}))
+    assert rows["layers"] == "18 (15 sliding-window of 512 tokens, 3 global)"
+    assert rows["width"] == "d_model 640, MLP 2048, 4 query heads and 1 key/value head(s) of 256"
+
+
 def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_dir, tmp_path, capsys):
     """`tinygemma compare`: each run's row names the settings in which the runs differ, its steps, tokens and
     validation losses from its own records (the whole split's from eval.json); runs whose sampled validation
@@ -459,9 +475,11 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     straight_vals = {r["step"]: r["val_loss"] for r in test_train.metrics(straight_run) if "val_loss" in r}
     other_vals = {r["step"]: r["val_loss"] for r in test_train.metrics(other) if "val_loss" in r}
     best = min(straight_vals, key=straight_vals.get)
+    state = json.loads((straight_run / "checkpoints" / "step_000040" / "trainer_state.json").read_text())
     assert rows[str(copy)][1:] == [
         "train.batch_size=8, train.learning_rate=0.01, train.max_steps=40", "40", f"{40 * 8 * 32:,}",
-        rows[str(copy)][4], rows[str(copy)][5], f"{straight_vals[40]:.4f} (step 40)",
+        tinygemma.metrics.format_duration(state["elapsed_s"]), f"{state['tokens'] / state['elapsed_s']:,.0f}",
+        f"{straight_vals[40]:.4f} (step 40)",
         f"{straight_vals[best]:.4f} (step {best})", "4.2500 (step 40)", "1.5000"]
     assert rows[str(other)][1:4] == ["train.batch_size=4, train.learning_rate=0.005, train.max_steps=10", "10",
                                      f"{10 * 4 * 32:,}"]

@@ -585,6 +585,13 @@ def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_pa
     assert [r["step"] for r in samples] == [20, 40] and all(len(r["samples"]) == 2 for r in samples)
     assert samples[-1]["samples"][0] in printed and "step 40 sample 1: Once upon a time" in printed
     assert train_losses(out) == train_losses(straight_run) and val_losses(out) == val_losses(straight_run)
+    # Prompt i from seed + i, as `run` samples: step 40's are generate_text's from the step-40 checkpoint.
+    from tinygemma.generate import generate_text
+
+    model, g = tinygemma.load(out / "checkpoints" / "step_000040"), recipe.generate
+    assert samples[-1]["samples"] == [prompt + generate_text(model, open_prepared(data_dir).tokenizer(), prompt,
+                                                             6, seed=g.seed + i, **g.sampling())[0][0]
+                                      for i, prompt in enumerate(g.prompts)]
     report = (out / "report.md").read_text()  # the newest samples, on the run's page
     assert "While training, at step 40 (train.sample_interval)" in report and samples[-1]["samples"][1] in report
     again = tmp_path / "again"  # the same seeds: the same stories
@@ -1149,7 +1156,7 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     assert ("tinygemma: warning: resuming at step 4 with settings other than the run's: learning_rate 0.01 -> 0.005, "
             "grad_clip 1.0 -> 0.5, eval_batches 4 -> 2; the steps from here take the new values; best.json will "
             "compare validation losses of other windows than the earlier ones") in err
-    records = [r for r in metrics(out) if "train_loss" in r]
+    records = [r for r in metrics(out) if "train_loss" in r or "val_loss" in r]  # steps' and evaluations'
     assert [r["tokens"] for r in records] == [256 * r["step"] for r in records]  # 8 x 32 tokens a step, throughout
 
     # The run finished: another rate (a recipe edited, then `tinygemma run` again) trains no step, so it changes
@@ -1162,6 +1169,27 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     assert ("tinygemma: warning: the run is at step 6 of 6 with settings other than its own: learning_rate 0.005 -> "
             "0.003; no step is left to train, so they change nothing") in err, err
     assert (out / "config.json").read_bytes() == saved
+
+
+@pytest.mark.parametrize("name,value", [
+    ("learning_rate", 5e-3), ("min_lr", 1e-5), ("muon_learning_rate", 0.01), ("muon_backend", "bfloat16"),
+    ("weight_decay", 0.05), ("beta1", 0.8), ("beta2", 0.99), ("adam_eps", 1e-6), ("grad_clip", 0.5),
+    ("dtype", "bfloat16"), ("on_nonfinite", "skip"), ("activation_checkpointing", True), ("warmup_steps", 3),
+    ("cooldown_fraction", 0.3), ("eval_batches", 2),
+])
+def test_every_setting_that_changes_the_steps_to_come_is_a_named_change_on_resume(name, value):
+    """Each setting a resume may change and that changes the steps still to come is named in the resume's warning
+    and in the invocation's record of changes (the report splits the run's reproduction there): one left out
+    would make report.md's commands silently train other steps."""
+    import dataclasses
+
+    from tinygemma.train import check_resume_settings, settings_changes
+
+    cfg = load_recipe(None, ["optimizer=muon", "lr_schedule=wsd", "max_steps=100", "warmup_steps=5"]).train
+    saved = dataclasses.asdict(cfg)
+    changed = dataclasses.replace(cfg, **{name: value})
+    assert settings_changes(saved, changed) == {name: [saved[name], value]}
+    assert f"{name} {saved[name]} -> {value}" in check_resume_settings(saved, changed, 10, None)
 
 
 def test_settings_the_runs_optimizer_never_reads_are_no_change_on_resume():

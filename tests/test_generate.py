@@ -734,34 +734,6 @@ def test_generate_stops_at_eos_and_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_generate_with_eos_reads_the_device_every_few_tokens_not_each(monkeypatch):
-    """generate(eos_id=...) read whether every sequence had ended after each token, a wait for the GPU each time:
-    the host could not queue the next step while the device ran this one. It reads every EOS_CHECK_EVERY tokens
-    and cuts the steps past the one that ended the last sequence (above: the same tensor as stopping there)."""
-    config = small_config()
-    model, _ = make_pair(config, seed=7)
-    prompt = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
-    greedy = generate(model, prompt, 24, temperature=0)
-    never = next(i for i in range(config.vocab_size) if i not in greedy[:, 5:].tolist()[0] + greedy[:, 5:].tolist()[1])
-    reads, real_bool = [], torch.Tensor.__bool__
-
-    def counted(tensor):
-        reads.append(tensor.shape)
-        return real_bool(tensor)
-
-    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
-    assert torch.equal(generate(model, prompt, 24, temperature=0, eos_id=never), greedy)
-    monkeypatch.undo()
-    assert len(reads) <= 4  # after tokens 8 and 16 (EOS_CHECK_EVERY), and whether the logits were finite
-    # An end of text drawn at the 10th token, past the first read: the tensor ends where the last sequence ended,
-    # each sequence after its own end of text holding end of text.
-    eos, new = greedy[1, 5 + 9].item(), greedy[:, 5:].tolist()
-    ends = [row.index(eos) if eos in row else None for row in new]
-    n = 24 if None in ends else max(ends) + 1
-    expected = [row[:n] if end is None else row[: end + 1] + [eos] * (n - end - 1) for row, end in zip(new, ends)]
-    assert generate(model, prompt, 24, temperature=0, eos_id=eos)[:, 5:].tolist() == expected
-
-
 def test_top_k_0_or_none_samples_among_all_tokens(ckpt, capsys):
     """The recipe's top_k = none on the command line: --top-k 0 (or none) turns the filter off."""
     base = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "12", "--temperature", "3",

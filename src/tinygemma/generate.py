@@ -97,7 +97,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                     generator: torch.Generator | list[torch.Generator] | None = None,
                     vocab_size: int | None = None, cuda_graph: bool = True,
                     repetition_penalty: float = 1.0, min_p: float | None = None,
-                    check_each_token: bool = True, eos_check_every: int = 1) -> Iterator[torch.Tensor]:
+                    check_each_token: bool = True) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
@@ -110,8 +110,6 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     each token, which a consumer of the tokens waits for anyway; `check_each_token=False` (generate's) checks once
     after the last token instead, so that the host queues the steps while the device runs them (a consumer that
     stops early then gets no check: the tokens it took may come from logits that were not finite).
-    `eos_check_every` N reads whether every sequence has finished only every N tokens (a wait for the device
-    each time): up to N - 1 steps more may follow the one that finished the last, each giving `eos_id` to all.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)
@@ -151,8 +149,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
         yield token
-        if step == max_new_tokens - 1 or (eos_id is not None and (step + 1) % eos_check_every == 0
-                                          and bool(finished.all())):
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             if not check_each_token and bool(broken):
                 raise NonFiniteLogits(model, dtype, "while generating")
             return
@@ -231,22 +228,13 @@ def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temper
              generator: torch.Generator | list[torch.Generator] | None = None,
              cuda_graph: bool = True, repetition_penalty: float = 1.0, min_p: float | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
-    device: n stops at the token that finished the last sequence, if `eos_id` is given. The host waits for the
-    device only every EOS_CHECK_EVERY tokens (whether all have finished) and after the last (whether the logits
-    were finite), so that it queues the steps while the device runs them."""
+    device. Without `eos_id` the host never waits for the device between tokens: logits that are not finite are
+    refused after the last one."""
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
                                cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
-                               check_each_token=False, eos_check_every=EOS_CHECK_EVERY))
+                               check_each_token=False))  # no wait for the device between tokens
     prompt = input_ids.to(model.embed_tokens.weight.device).long()  # (uint16 ids do not promote)
-    if eos_id is not None and new:  # the steps past the one that finished every sequence: eos_id's alone, cut
-        new = torch.stack(new, dim=1)
-        finished = (new == eos_id).cummax(dim=1).values.all(dim=0)  # [n]: every sequence finished by this step
-        n = int(finished.int().argmax()) + 1 if bool(finished.any()) else new.shape[1]
-        return torch.cat([prompt, new[:, :n]], dim=1)
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
-
-
-EOS_CHECK_EVERY = 8  # generate's tokens between its reads of whether every sequence has ended
 
 
 # ------------------------------------------------------------------ text

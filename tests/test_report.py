@@ -503,19 +503,32 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
 
 
 def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_path, capsys):
-    """A run with steps past its last checkpoint (training, or killed; here with none yet): its row is its newest
-    records' step, tokens and training time (log-line records carry elapsed_s), not the checkpoint's (here 0)
-    beside a newer validation loss."""
+    """A run with steps past its last checkpoint (here none yet): while it trains (its lock held), its row is its
+    newest records' step, tokens and training time (log-line records carry elapsed_s), not the checkpoint's (here
+    0) beside a newer validation loss; once it has stopped (a crash, a kill), those steps are lost, and the row
+    says so beside the checkpoint's step."""
+    from tinygemma.files import FolderLock
+
     live = tmp_path / "live"
     shutil.copytree(straight_run, live)
     shutil.rmtree(live / "checkpoints")  # as if it had written none yet
     with open(live / "metrics.jsonl", "ab") as f:
         f.write(b"\xff\xfe not a record\n")  # a damaged line: skipped
-    assert main(["compare", str(live)]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {live}"))
-    cells = row.strip(" |").split(" | ")
+
+    def row() -> list[str]:
+        assert main(["compare", str(live)]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {live}"))
+        return line.strip(" |").split(" | ")
+
+    lock = FolderLock(live, "a run")
+    lock.acquire()
+    try:
+        cells = row()
+    finally:
+        lock.release()
     record = next(r for r in test_train.metrics(straight_run) if r["step"] == 40 and "train_loss" in r)
     assert cells[2:4] == ["40", f"{40 * 8 * 32:,}"] and cells[5] == f"{record['tokens'] / record['elapsed_s']:,.0f}"
+    assert row()[2:4] == ["0 (40 logged, lost past the checkpoint)", "0"]
 
 
 @pytest.mark.parametrize("args,words", [
@@ -526,7 +539,9 @@ def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_p
     (["{run}", "--plot", "{tmp}/notes.png"], "is not a PNG image"),
     (["{run}", "--plot", "{run}/loss.png"], "a run or a dataset of tinygemma's"),
     (["{run}", "{run}/"], "is given twice"),
-], ids=["not-a-run", "twice", "not-png", "missing-folder", "other-file", "a-runs-plot", "twice-with-a-slash"])
+    (["{run}", "--plot", "{run}/tb/plot.png"], "a run or a dataset of tinygemma's"),
+], ids=["not-a-run", "twice", "not-png", "missing-folder", "other-file", "a-runs-plot", "twice-with-a-slash",
+        "inside-a-run"])
 def test_compare_refuses_bad_input_in_one_line_and_writes_nothing(straight_run, tmp_path, capsys, args, words):
     (tmp_path / "notes.png").write_text("my notes")
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(straight_run)) for a in args]
@@ -551,3 +566,22 @@ def test_compare_refuses_a_plot_of_nothing_and_a_config_that_is_not_a_runs(strai
     assert main(["compare", str(young)]) == 2
     err = capsys.readouterr().err
     assert "sections are not tables" in err and err.count("\n") == 1
+    # Hand-edited records of the data (not tables) read as unknown, not as a traceback.
+    for key, value in (("data_source", ["x"]), ("data_documents", 5), ("tokenizer", "gpt2")):
+        (young / "config.json").write_text(json.dumps({**config, "run": {**config["run"], key: value}}))
+        assert main(["compare", str(young), str(straight_run)]) == 0
+        capsys.readouterr()
+
+
+def test_compare_names_the_data_folder_of_runs_recorded_before_their_data_was(straight_run, tmp_path, capsys):
+    """config.json's run section has recorded the data's stories and tokenizer since 2026-12-02; runs from before
+    differ by their data folders' names, as they did."""
+    config = json.loads((straight_run / "config.json").read_text())
+    older = {k: v for k, v in config["run"].items() if k not in ("data_source", "data_documents", "tokenizer")}
+    for name, folder in (("a", "data/gpt2"), ("b", "data/bpe")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "run": older,
+                                                                 "data": {**config["data"], "dir": folder}}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "| data=the folder data/gpt2 |" in out and "| data=the folder data/bpe |" in out and "different windows" in out

@@ -40,7 +40,14 @@ from tinygemma.config import (
 from tinygemma.data import HUB_DATASET, META_NAME
 from tinygemma.devices import device_description, pick_device
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_write_text, check_output_path, is_training_run, peek_json, read_json
+from tinygemma.files import (
+    atomic_write_text,
+    check_output_path,
+    check_unlocked,
+    is_training_run,
+    peek_json,
+    read_json,
+)
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.hf import exported_block_size, model_config_from_hf
 from tinygemma.metrics import format_duration, plot_validation, read_records
@@ -340,13 +347,14 @@ def validation_table(records: list[dict], last: dict | None, best: dict | None, 
 
 def data_description(run: dict) -> str:
     """Where the training stories came from, as the prepared data's meta.json says (recorded in config.json)."""
-    source = run.get("data_source") or {}
+    source = run.get("data_source") if isinstance(run.get("data_source"), dict) else {}
     train = source.get("train")
     if not train:
         return UNKNOWN
     where = (f"[{HUB_DATASET}](https://huggingface.co/datasets/{HUB_DATASET}) from the Hugging Face hub"
              if train == f"hf:{HUB_DATASET}" else ", ".join(f"`{s}`" for s in train))
-    documents = (run.get("data_documents") or {}).get("train")  # what was trained on; the limit is only a bound
+    documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("train")
+    # (what was trained on; the limit is only a bound)
     limit = source.get("limit")
     if documents:
         return where + f", {documents:,} training stories" + (f" (limit {limit:,})" if limit else "")
@@ -646,7 +654,8 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
         scored = checkpoint_step(run["evaluation"].get("checkpoint"))
         rows.append((
             name, ", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ) or "-",
-            f"{newest['step']:,}", f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
+            f"{newest['step']:,}" + (f" ({newest['lost']:,} logged, lost past the checkpoint)" if newest["lost"] else
+                                     ""), f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
             f"{evals[best]['val_loss']:.4f} (step {best:,})" if evals else "-",
@@ -675,9 +684,10 @@ def check_plot_path(plot: str | Path) -> Path:
         raise UserError(f"--plot {plot} is a directory; give the .png file to write")
     if not plot.parent.is_dir():
         raise UserError(f"--plot {plot}: the folder {plot.parent} does not exist")
-    if is_training_run(plot.parent) or (plot.parent / META_NAME).exists():
-        raise UserError(f"--plot {plot} is inside {plot.parent}, a run or a dataset of tinygemma's: give it a "
-                        "place of its own")
+    for folder in plot.resolve().parents:  # (a run's tb/ too)
+        if is_training_run(folder) or (folder / META_NAME).exists():
+            raise UserError(f"--plot {plot} is inside {folder}, a run or a dataset of tinygemma's: give it a "
+                            "place of its own")
     if plot.exists():
         with open(plot, "rb") as f:
             if f.read(8) != b"\x89PNG\r\n\x1a\n":
@@ -697,14 +707,25 @@ def compared_run(run_dir: Path) -> dict:
     records = read_records(run_dir / "metrics.jsonl")
     steps = [r for r in records if "train_loss" in r]
     newest = {"step": state.get("step", 0), "tokens": state.get("tokens", 0), "elapsed_s": state.get("elapsed_s"),
-              "timed_tokens": state.get("tokens", 0)}
-    if steps and steps[-1]["step"] > newest["step"]:
+              "timed_tokens": state.get("tokens", 0), "lost": None}
+    if steps and steps[-1]["step"] > newest["step"] and not training_now(run_dir):
+        newest["lost"] = steps[-1]["step"]  # a run that stopped (a crash, a kill) past its last checkpoint
+    elif steps and steps[-1]["step"] > newest["step"]:  # a run training now: where it is
         newest.update(step=steps[-1]["step"], tokens=steps[-1]["tokens"])
         timed = [r for r in steps if r.get("elapsed_s") and r["step"] > state.get("step", 0)]
         if timed:
             newest.update(elapsed_s=timed[-1]["elapsed_s"], timed_tokens=timed[-1]["tokens"])
     evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
     return {"config": config, "records": records, "evaluation": evaluation, "newest": newest}
+
+
+def training_now(run_dir: Path) -> bool:
+    """Whether a process holds the run's lock (trains it now), probed without writing anything."""
+    try:
+        check_unlocked(run_dir, "the run")
+    except UserError:
+        return True
+    return False
 
 
 def checkpoint_step(name) -> int | None:
@@ -727,6 +748,8 @@ def data_identity(config: dict) -> str:
     count, and the tokenizer (its digest, where it has a file)."""
     run = config.get("run") or {}
     tokenizer = run.get("tokenizer") if isinstance(run.get("tokenizer"), dict) else {}
+    if not tokenizer and not run.get("data_source"):  # a run recorded before 2026-12-02: its data's folder
+        return f"the folder {as_text((config.get('data') or {}).get('dir'))}"
     digest = tokenizer.get("sha256")
     return (f"{data_description(run)}, tokenizer {tokenizer.get('kind', UNKNOWN)}"
             + (f" {digest[:8]}" if isinstance(digest, str) else ""))

@@ -380,3 +380,19 @@ def test_set_items_are_read_one_way_everywhere():
     longer = [line for line in where_and_next(recipe, "r.toml", ["max_steps=5", " out = x", "model.n_layers=2"])
               .splitlines() if line.startswith("train longer")][0]
     assert "max_steps=5" not in longer and "out = x" not in longer and "--set model.n_layers=2" in longer
+
+
+def test_config_bounds_at_their_edges():
+    """A flat learning rate (min_lr = learning_rate) is a schedule, not an error; a block of exactly the model's
+    positions is accepted and one more refused; nothing after = is none for a setting that takes none."""
+    from tinygemma.config import ModelConfig, check_block_size
+
+    assert load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-3"]).train.min_lr == 1e-3
+    with pytest.raises(UserError, match="min_lr"):
+        load_recipe(None, ["learning_rate=1e-3", "min_lr=1.1e-3"])
+    config = ModelConfig.preset("gemma3-tiny")
+    check_block_size(config.max_position_embeddings, config)
+    with pytest.raises(UserError, match="exceeds model.max_position_embeddings"):
+        check_block_size(config.max_position_embeddings + 1, config)
+    recipe = load_recipe(None, ["generate.top_p=", "init_from=", "data.vocab_size="])
+    assert (recipe.generate.top_p, recipe.train.init_from, recipe.data.vocab_size) == (None, None, None)

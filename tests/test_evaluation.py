@@ -167,7 +167,7 @@ def ckpt(tmp_path_factory):
     return directory
 
 
-def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
+def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys, monkeypatch):
     from tinygemma import load
     from tinygemma.data import open_prepared
     from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
@@ -184,6 +184,16 @@ def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys):
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert result["bytes"] == lengths[tokens[1:300].astype(np.int64)].sum()  # the bytes of the tokens predicted
     assert "evaluated" in err and "tok/s" not in err and "\r" not in err  # no progress frames in a log file
+    # --batch-size is the windows per forward pass (a smaller one is the advice for out of memory)
+    import tinygemma.cli as cli
+
+    seen, real = [], cli.evaluate
+    monkeypatch.setattr(cli, "evaluate", lambda model, tokens, block, batch, *a, **k: seen.append(batch) or real(
+        model, tokens, block, batch, *a, **k))
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--max-tokens", "300",
+                 "--dtype", "float32", "--batch-size", "3"]) == 0
+    assert seen == [3] and json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result["loss"], rel=1e-6)
+    monkeypatch.undo()
     # --dtype auto on a CPU is float32 (bf16 where the CPU computes in it natively gave other numbers than the
     # run's own evaluations, which eval reproduces)
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64",

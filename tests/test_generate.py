@@ -556,6 +556,32 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tokenizer, tmp_path, capsys)
     assert penalized == [PROMPT + t for t in texts]
 
 
+def test_every_sampling_flag_reaches_generate_text(ckpt, capsys, monkeypatch):
+    """Each of generate's sampling flags is the setting generate_text is called with (--top-p 0.9 with --top-k 50
+    drew the same tiny samples with the flag dropped, and --min-p was only ever tested off)."""
+    import inspect
+
+    import tinygemma.cli as cli
+
+    calls, real = [], cli.generate_text
+
+    def recorded(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate_text", recorded)
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "1.5",
+                 "--top-k", "40", "--top-p", "0.85", "--min-p", "0.02", "--repetition-penalty", "1.2", "--seed", "11",
+                 "--num-samples", "2", "--stop", "xyz"]) == 0
+    capsys.readouterr()
+    [call] = calls
+    assert {name: call[name] for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                                          "repetition_penalty", "seed", "num_samples")} == {
+        "max_new_tokens": 3, "temperature": 1.5, "top_k": 40, "top_p": 0.85, "min_p": 0.02,
+        "repetition_penalty": 1.2, "seed": 11, "num_samples": 2}
+    assert tuple(call["stop"]) == ("xyz",)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "0"], "--top-p must be"),

@@ -329,3 +329,15 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     with pytest.raises(UserError, match=r"not even 64 sequence\(s\)"):
         probe_micro_batch_size(model, cfg, CPU, [128, 64])
     assert memory.tried == [] and memory.fraction == 0.5
+
+
+@pytest.mark.parametrize("setting, cuda, cpu", [("auto", True, False), ("true", True, True), ("false", False, False)])
+def test_compile_auto_compiles_on_cuda_alone(setting, cuda, cpu):
+    """The default (auto) trains compiled on a GPU and eagerly elsewhere; true and false everywhere. (The GPU
+    suite's runs set compile themselves: a default that stopped compiling on CUDA would pass them.)"""
+    from tinygemma.parallelize import compiles
+
+    cfg = load_recipe(None, [f"compile={setting}"]).train
+    assert compiles(cfg, Runtime(torch.device("cuda", 0), torch.bfloat16)) is cuda
+    assert compiles(cfg, Runtime(torch.device("cpu"), torch.float32)) is cpu
+    assert load_recipe(None, []).train.compile == "auto"

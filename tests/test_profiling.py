@@ -115,3 +115,9 @@ def test_long_kernel_names_keep_the_part_where_they_differ():
     assert [k["name"] for k in activity["top_kernels"]] == [times, plus]  # whole in profile.json
     rows = kernel_table(activity).splitlines()[1:]
     assert "std::multiplies<float>>" in rows[0] and "std::plus<float>>" in rows[1]
+
+
+def test_a_profile_range_of_one_step_is_that_step():
+    from tinygemma.profiling import parse_profile_range
+
+    assert parse_profile_range("3") == (3, 3) and parse_profile_range("2:5") == (2, 5)

@@ -1012,6 +1012,11 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
     assert any(name.startswith("aten::mm") for name in names)  # the model's matrix products were traced
     summary = (out / "profile" / "summary.txt").read_text()
     assert "optimizer steps 2 to 3 on cpu" in summary and "Self CPU" in summary and "aten::" in summary
+    assert "operators sorted by self_cpu_time_total" in summary  # each operator's own time, not its callees'
+    rows = [re.split(r"\s{2,}", line.strip()) for line in summary.splitlines() if line.strip().endswith(tuple("0123456789"))
+            and "%" in line]
+    shares = [float(row[1].rstrip("%")) for row in rows]  # the Self CPU % column, row by row
+    assert len(shares) > 3 and shares == sorted(shares, reverse=True)
     figures = json.loads((out / "profile" / "profile.json").read_text())
     assert figures["first_step"] == 2 and figures["last_step"] == 3 and figures["wall_s"] > 0
     assert figures["device_activity"] is None and "device busy" not in summary  # a CPU has no kernels to count

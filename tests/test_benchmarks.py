@@ -103,6 +103,8 @@ def test_a_compiled_contender_is_compared_with_compiled_transformers():
     ("loss_head", ["--steps", "0"], "--steps"),
     ("loss_head", ["--rows", "10k"], "--rows"),
     ("gguf_decode", ["--dtypes", "q4_0"], "--dtypes"),
+    ("split_noise", ["--batch", "3"], "--batch must be even"),
+    ("split_noise", ["--steps", "0"], "--steps"),
 ])
 def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says):
     """Run as scripts, as a user runs them: a bad argument is one line on stderr and a non-zero exit, never a
@@ -115,6 +117,19 @@ def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("usage:")
              and not line.startswith(" ")]  # argparse's usage lines come before its one error line
     assert len(lines) == 1 and says in lines[0], proc.stderr
+
+
+def test_split_noise_trains_each_optimizer_in_one_pass_and_in_two(tmp_path):
+    """benchmarks/split_noise.py at toy size: both optimizers, and AdamW's float32 runs all but equal (the README's
+    noise floor comes from its full run)."""
+    out = tmp_path / "noise.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "split_noise.py"), "--steps", "3", "--stories", "150",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["optimizers"]) == {"adamw", "muon"} and result["steps"] == 3
+    assert result["optimizers"]["adamw"]["max_train_loss_difference"] < 1e-4 and "adamw:" in proc.stdout
 
 
 def test_timing_waits_for_the_gpu_it_was_asked_for(monkeypatch):

@@ -84,6 +84,13 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, cfg: TrainCo
     return rates
 
 
+def taken_settings(saved: dict) -> TrainConfig:
+    """A run's recorded [train] settings (a checkpoint's, as saved_train_settings reads them) as the TrainConfig
+    its steps were taken with; settings this version does not know are left out."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved_train_settings(saved).items() if k in known})
+
+
 def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> None:
     """Refuse a resume whose settings change learning rates already taken. Under wsd the rate before the
     cooldown does not depend on max_steps, so raising (or lowering) it before the cooldown has started continues
@@ -92,9 +99,7 @@ def check_resume_schedule(saved: dict | None, cfg: TrainConfig, step: int) -> No
         raise UserError(f"the run is at step {step}, past train.max_steps = {cfg.max_steps}")
     if not saved:
         return
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = saved_train_settings(saved)
-    planned = TrainConfig(**{k: v for k, v in saved.items() if k in known})  # the schedule the run took
+    planned = taken_settings(saved)  # the schedule the run took
     if planned.optimizer != cfg.optimizer:
         raise UserError(f"train.optimizer cannot change from {planned.optimizer} to {cfg.optimizer} "
                         f"on resume: the checkpoint holds the state of {planned.optimizer}")

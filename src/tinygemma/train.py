@@ -112,6 +112,7 @@ from tinygemma.optim import (
     describe_optimizer,
     learning_rate,
     set_learning_rates,
+    taken_settings,
 )
 from tinygemma.parallelize import (
     choose_attention_backend,
@@ -246,7 +247,7 @@ class Trainer:
         # now is locked once open_logs makes it); a second writer is refused in one line.
         self.lock = FolderLock(self.run_dir, "a run") if env_rank() == 0 and not check_only else None
         if check_only and env_rank() == 0 and is_training_run(self.run_dir):
-            check_unlocked(self.run_dir, "a run")  # (the lock taken and let go at once)
+            check_unlocked(self.run_dir, "a run")  # (probed read-only: the lock file is never written)
         try:
             self.start_run(recipe, resume, stop_at, profile, check_only)
         except BaseException:
@@ -283,7 +284,8 @@ class Trainer:
         # Checkpoints kept: an invocation that trains nothing (a finished run, run again) deletes none the run kept
         kept, keep = (saved_train or {}).get("keep_checkpoints", 1), self.cfg.keep_checkpoints
         self.start_keep = keep if self.start < self.end else max(kept, keep)
-        older = check_logged_schedule(self.run_dir, saved_train, self.start)
+        # (said by process 0 alone: the others need not each read the run's whole metrics.jsonl)
+        older = check_logged_schedule(self.run_dir, saved_train, self.start) if env_rank() == 0 else None
         self.warnings = [warning for warning in (older, changed) if warning]
         if self.start_keep < kept:
             self.warnings.append(f"keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest {keep} "
@@ -969,9 +971,8 @@ def check_logged_schedule(run_dir: Path, saved: dict | None, step: int) -> str |
                    if r["step"] == step and isinstance(r.get("lr"), float)), None)
     if record is None:
         return None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        planned = TrainConfig(**{k: v for k, v in saved_train_settings(saved).items() if k in known})
+        planned = taken_settings(saved)
     except (UserError, TypeError):  # (settings this version refuses are refused with their own words elsewhere)
         return None
     expected = learning_rate(step - 1, planned)

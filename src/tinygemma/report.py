@@ -708,9 +708,10 @@ def compared_run(run_dir: Path) -> dict:
     steps = [r for r in records if "train_loss" in r]
     newest = {"step": state.get("step", 0), "tokens": state.get("tokens", 0), "elapsed_s": state.get("elapsed_s"),
               "timed_tokens": state.get("tokens", 0), "lost": None}
-    if steps and steps[-1]["step"] > newest["step"] and not training_now(run_dir):
+    past = bool(steps) and steps[-1]["step"] > newest["step"]  # steps past the last checkpoint
+    if past and not training_now(run_dir):
         newest["lost"] = steps[-1]["step"]  # a run that stopped (a crash, a kill) past its last checkpoint
-    elif steps and steps[-1]["step"] > newest["step"]:  # a run training now: where it is
+    elif past:  # a run training now: where it is
         newest.update(step=steps[-1]["step"], tokens=steps[-1]["tokens"])
         timed = [r for r in steps if r.get("elapsed_s") and r["step"] > state.get("step", 0)]
         if timed:

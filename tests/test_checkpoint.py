@@ -408,3 +408,18 @@ def test_a_checkpoint_whose_tokenizer_file_is_gone_takes_only_that_tokenizer(che
     gpt2_spec = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
     save_model(model, tmp_path / "gpt2", {"tokenizer": gpt2_spec})
     assert checkpoint_tokenizer(tmp_path / "gpt2", "gpt2").identity == "gpt2"
+
+
+def test_pruning_orders_checkpoints_by_step_number_not_name(tmp_path):
+    """keep_checkpoints keeps the newest by number (step_1000000 after step_999999, though it sorts first as a
+    name), never one past last.json's, and deletes step_ folders whose name is not a step."""
+    from tinygemma.checkpoint import STATE_NAME, checkpoint_step, prune_checkpoints
+    ckpts = tmp_path / "checkpoints"
+    for name in ("step_999998", "step_999999", "step_1000000", "step_1000001", "step_x12"):
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / STATE_NAME).write_text("{}")
+    (ckpts / "last.json").write_text(json.dumps({"dir": "step_1000000", "step": 1_000_000}))
+    prune_checkpoints(ckpts, newest=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.json", "step_1000000", "step_999999"]
+    assert [checkpoint_step(n) for n in ("step_000040", "step_40x", "step_", "steps_1", None)] == [40, None, None,
+                                                                                                  None, None]

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -647,6 +648,12 @@ def restore_best_pointer(ckpts: Path, best_step: int | None, best_val: float) ->
         atomic_write_json(ckpts / "best.json", {"dir": name, "step": best_step, "val_loss": best_val})
 
 
+def checkpoint_step(name) -> int | None:
+    """The step of a checkpoint folder's name (step_000040: 40), if it is one."""
+    match = re.fullmatch(r"step_([0-9]+)", name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
+
+
 def prune_checkpoints(ckpts: Path, newest: int = 1) -> None:
     """Delete the step directories but the one best.json names and the `newest` complete ones up to the one
     last.json names (one past it was left by a crash before last.json named it), leftover temporary ones, and
@@ -658,8 +665,8 @@ def prune_checkpoints(ckpts: Path, newest: int = 1) -> None:
             keep.add(pointer_dir(ckpts / f"{name}.json"))
     last = peek_json(ckpts / "last.json").get("step")
     if newest > 1 and isinstance(last, int):
-        complete = {int(p.name[5:]): p.name for p in ckpts.glob("step_*")
-                    if p.name[5:].isdigit() and (p / STATE_NAME).exists()}  # by number: step_1000000 is newest
+        complete = {checkpoint_step(p.name): p.name for p in ckpts.glob("step_*")
+                    if checkpoint_step(p.name) is not None and (p / STATE_NAME).exists()}  # step_1000000 is newest
         keep.update(complete[step] for step in sorted(s for s in complete if s <= last)[-newest:])
     for path in ckpts.iterdir():
         if path.is_dir() and path.name not in keep and (path.name.startswith("step_") or path.name.startswith(".tmp-")):

@@ -23,6 +23,7 @@ import tinygemma
 from tinygemma.checkpoint import (
     STATE_NAME,
     checkpoint_pointer,
+    checkpoint_step,
     checkpoint_tokenizer,
     load_model,
     read_checkpoint_meta,
@@ -727,12 +728,6 @@ def training_now(run_dir: Path) -> bool:
     except UserError:
         return True
     return False
-
-
-def checkpoint_step(name) -> int | None:
-    """The step of a checkpoint folder's name (step_000040: 40), if it is one."""
-    match = re.fullmatch(r"step_(\d+)", name) if isinstance(name, str) else None
-    return int(match.group(1)) if match else None
 
 
 def flat_settings(config: dict) -> dict:

@@ -275,7 +275,7 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     (a size too large fails in the allocator, with the rest of the GPU free); the process's own cap comes back
     after, also when nothing fits. With no size that fits, one line says what to do."""
     total, per_sequence = 1000, 7  # a pass of n sequences peaks at 7 n bytes of a 1,000-byte "GPU"
-    memory = types.SimpleNamespace(peak=0, resets=0, tried=[], fraction=1.0, caps=[])
+    memory = types.SimpleNamespace(peak=0, resets=0, tried=[], fraction=1.0, caps=[], others=0, reserved=30)
 
     def set_fraction(fraction, device=None):
         memory.fraction = fraction
@@ -291,6 +291,8 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
              "synchronize": synchronize, "reset_peak_memory_stats": reset_peak_memory_stats,
              "max_memory_allocated": lambda device=None: memory.peak, "empty_cache": lambda: None,
              "get_per_process_memory_fraction": lambda device=None: memory.fraction,
+             "mem_get_info": lambda device=None: (total - memory.others - memory.reserved, total),
+             "memory_reserved": lambda device=None: memory.reserved,
              "set_per_process_memory_fraction": set_fraction}
     for name, fake in fakes.items():
         monkeypatch.setattr(torch.cuda, name, fake)
@@ -329,6 +331,14 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     with pytest.raises(UserError, match=r"not even 64 sequence\(s\)"):
         probe_micro_batch_size(model, cfg, CPU, [128, 64])
     assert memory.tried == [] and memory.fraction == 0.5
+    # Other processes hold 450 bytes (a notebook's kernel after training): the bound is 850 - 450, so 64 sequences
+    # (448 bytes), which fit an idle GPU, are too many; and where nothing fits, the line says who holds the memory.
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    memory.tried.clear()
+    memory.fraction, memory.others = 1.0, 450
+    assert probe_micro_batch_size(model, cfg, CPU, [64, 32, 16]) == 32 and memory.tried == [64, 32]
+    with pytest.raises(UserError, match=r"\(0\.0 of its 0\.0 GiB are held by other processes: end them"):
+        probe_micro_batch_size(model, cfg, CPU, [128, 64])
 
 
 @pytest.mark.parametrize("setting, cuda, cpu", [("auto", True, False), ("true", True, True), ("false", False, False)])

@@ -1263,3 +1263,17 @@ def test_train_refuses_an_out_that_holds_something_else(data_dir, tmp_path, caps
     (crashed / "tb").mkdir(parents=True)
     (crashed / ".config.json.0a1b2c3d.tmp").write_text("{")
     assert run(data_dir, crashed, "max_steps=4")["step"] == 4
+
+
+@pytest.mark.parametrize("is_cuda", [True, False])
+def test_release_gives_a_gpus_cached_memory_back_to_other_processes(monkeypatch, is_cuda):
+    """After train() returns in a notebook, a `!tinygemma run` cell's process finds the GPU's memory free: the
+    run's caching-allocator reserve is emptied (on CUDA only; elsewhere there is none)."""
+    from types import SimpleNamespace
+
+    from tinygemma.train import Trainer
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    trainer = SimpleNamespace(rt=SimpleNamespace(is_cuda=is_cuda), model=object(), raw=object())
+    Trainer.release(trainer)
+    assert trainer.model is None and trainer.raw is None and emptied == ([True] if is_cuda else [])

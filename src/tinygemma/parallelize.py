@@ -97,7 +97,8 @@ PROBE_MEMORY_FRACTION = 0.85
 
 def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: list[int]) -> int:
     """`micro_batch_size = auto` on CUDA: the largest of `sizes` (largest first) whose forward and backward pass,
-    under the run's autocast, peaks below PROBE_MEMORY_FRACTION of the GPU's memory.
+    under the run's autocast, peaks below PROBE_MEMORY_FRACTION of the GPU's memory less what other processes
+    hold of it.
 
     Probed on `raw` before compiling and wrapping, eagerly (compiling the model for each size would take
     minutes; compiled code needs no more memory than eager), on token ids of zeros, so no random state is
@@ -110,7 +111,12 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     CUDA's libraries take outside the allocator (cuBLAS workspaces, kernels loaded for the first backward) could
     then fail as an unrecoverable CUDA error. The cap the process had is restored afterwards.
     """
-    limit = PROBE_MEMORY_FRACTION * torch.cuda.get_device_properties(rt.device).total_memory
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(rt.device)
+    # What other processes hold (a notebook's kernel that trained before, another run; and this process's CUDA
+    # context) is not this one's to take: the headroom is kept below what is left.
+    others = max(0, total - free - torch.cuda.memory_reserved(rt.device))
+    limit = PROBE_MEMORY_FRACTION * total - others
 
     def fits(size: int) -> bool:
         try:  # under the cap even the token ids may not fit (a GPU nearly full already): that too is "no"
@@ -142,8 +148,10 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
 
         dist.all_reduce(size, op=dist.ReduceOp.MIN)
     if not size:  # on every process, so none waits in a collective
+        held = (f" ({others / 2**30:.1f} of its {total / 2**30:.1f} GiB are held by other processes: end them, or "
+                f"free a notebook's GPU memory with torch.cuda.empty_cache())" if others > 0.1 * total else "")
         raise UserError(f"not even {sizes[-1]} sequence(s) of block_size {cfg.block_size} fit in this GPU's memory "
-                        "for a forward and backward pass; lower train.block_size, or set "
+                        f"for a forward and backward pass{held}; lower train.block_size, or set "
                         "train.activation_checkpointing=true")
     return int(size)
 

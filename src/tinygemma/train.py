@@ -763,9 +763,12 @@ class Trainer:
         this run (libraries' caught exceptions keep frames that hold it in reference cycles). DDP's reducer and
         FSDP's parameters hold the process group: freed at interpreter shutdown instead, gloo's worker threads can
         no longer take the GIL and the process aborts ("terminate called without an active exception") after a
-        finished run. In a notebook, the GPU's memory comes back when train() returns."""
+        finished run. In a notebook, the GPU's memory comes back when train() returns, also to other processes
+        (a `!tinygemma run` cell after it): the caching allocator's reserve is emptied."""
         self.model = self.raw = self.optimizer = self.scaler = self.next_batch = None
         gc.collect()
+        if self.rt.is_cuda:
+            torch.cuda.empty_cache()
 
     def summary(self) -> dict:
         final, best = checkpoint_pointer(self.run_dir), checkpoint_pointer(self.run_dir, "best")

@@ -187,6 +187,24 @@ def test_float16_overflows_the_scaler_skips_are_counted_and_said(data_dir, tmp_p
     assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
 
 
+def test_float16_overflows_and_skipped_nonfinite_losses_are_numbered_in_step_order(nan_at_step, data_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Under float16 with on_nonfinite = skip, a non-finite loss (seen as the step runs) and the scaler's overflows
+    (seen when the records are read, at the log interval) are both skipped steps: skipped_steps counts them in
+    step order (the loss's skip was numbered first, ahead of earlier overflows)."""
+    monkeypatch.setattr(tinygemma.train, "grad_scaler", lambda rt, fsdp: torch.amp.GradScaler(
+        rt.device.type, init_scale=2.0**40, enabled=rt.dtype == torch.float16))
+    nan_at_step["at"] = 3  # after the first overflowed steps (a scale of 2**40 takes several to come down)
+    out = tmp_path / "mixed"
+    summary = run(data_dir, out, "max_steps=6", "dtype=float16", "on_nonfinite=skip", "log_interval=6")
+    records = [r for r in tinygemma.metrics.read_records(out / "metrics.jsonl") if "train_loss" in r]
+    skipped = [(r["step"], r["skipped_steps"]) for r in records if r.get("skipped")]
+    overflowed = [r["step"] for r in records if r.get("overflow")]
+    assert overflowed[:2] == [1, 2] and 3 not in overflowed and len(skipped) == summary["skipped_steps"] >= 3
+    assert [n for _, n in skipped] == list(range(1, len(skipped) + 1)) and [s for s, _ in skipped] == sorted(
+        s for s, _ in skipped)
+
+
 def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "disk"
     usage = namedtuple("usage", "total used free")

@@ -330,7 +330,8 @@ def describe_kv_layouts(layouts: dict[str, str]) -> str:
 # whole 131,072-token step in one pass. From benchmarks/loss_head.py (BENCHMARKS.md, "Loss head"): on a CPU
 # (eager, float32, as the trainer runs there) the chunked head was the faster at every size measured, so no
 # bound; no GPU has measured the two heads yet, so CUDA keeps the chunked head it had until one does
-# (benchmarks/gpu_suite.py measures them, compiled, and reports the bound to put here).
+# (benchmarks/gpu_suite.py measures them, compiled, and reports the bound to put here; then choose_loss_head's
+# words for a device without a bound change too).
 AUTO_FULL_LOSS_LOGITS = {"cpu": 0, "cuda": 0}
 
 
@@ -344,7 +345,8 @@ def choose_loss_head(cfg: TrainConfig, rt: Runtime) -> tuple[int, int, str]:
         return LOSS_CHUNK_SIZE, 0, "chunked, asked for"
     limit = AUTO_FULL_LOSS_LOGITS.get(rt.device.type, 0)
     if not limit:
-        return LOSS_CHUNK_SIZE, 0, f"chunked: the faster or only measured head on {rt.device.type}"
+        measured = "the faster one on a CPU" if rt.device.type == "cpu" else f"the two not yet measured on {rt.device.type}"
+        return LOSS_CHUNK_SIZE, 0, f"chunked ({measured})"
     return LOSS_CHUNK_SIZE, limit, f"full up to {limit:,} logits per micro-batch, chunked above"
 
 

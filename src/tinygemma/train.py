@@ -511,8 +511,7 @@ class Trainer:
         record = {"step": step + 1, "train_loss": loss, **rates, "grad_norm": grad_norm,
                   "tokens": (step + 1) * self.tokens_per_step, "finite": finite}
         if cfg.on_nonfinite == "skip" and not finite.item():  # the one per-step synchronisation, under skip only
-            self.skipped += 1
-            record.update(skipped=True, skipped_steps=self.skipped)
+            record["skipped"] = True  # numbered in read(), in step order with float16's overflows
         else:
             scaler.step(optimizer)  # under "stop" a non-finite step is caught at the next read, before any save
         scaler.update()  # also after a skip: unscale_ has run, and the fp16 scale backs off from an overflow
@@ -556,8 +555,10 @@ class Trainer:
             del record["finite"]
             if self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(norm):
                 # float16: the scaler skipped the update of this overflowed step and lowered its scale
+                record.update(skipped=True, overflow=True)
+            if record.get("skipped"):
                 self.skipped += 1
-                record.update(skipped=True, skipped_steps=self.skipped, overflow=True)
+                record["skipped_steps"] = self.skipped
         self.train_loss = pending[-1]["train_loss"]
         first_bad = next((i for i, v in enumerate(values) if not v[2]), None)
         if first_bad is None or self.cfg.on_nonfinite != "stop":

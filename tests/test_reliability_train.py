@@ -205,6 +205,36 @@ def test_float16_overflows_and_skipped_nonfinite_losses_are_numbered_in_step_ord
         s for s, _ in skipped)
 
 
+def test_float16_gradients_that_overflow_at_every_scale_stop_the_run(data_dir, tmp_path, monkeypatch):
+    """Under float16 a step whose loss is finite and gradients are not is the scaler's overflow, skipped; gradients
+    that are never finite (here NaN from sqrt at 0) were skipped for ever, the scale halving towards zero and the
+    run training nothing. Below a loss scale of 1 it stops as a non-finite step does, saving nothing; a
+    checkpoint written before stays the last good one."""
+    forward = Gemma3.forward
+    state = {"poison": False}
+
+    def patched(self, input_ids, targets=None, reduction="mean"):
+        loss = forward(self, input_ids, targets, reduction)
+        if targets is not None and self.training and state["poison"]:
+            loss = loss + (self.norm.weight.sum() * 0).abs().sqrt()  # + 0, with a NaN gradient
+        return loss
+
+    monkeypatch.setattr(Gemma3, "forward", patched)
+    out = tmp_path / "fp16"
+    run(data_dir, out, "max_steps=40", "dtype=float16", "checkpoint_interval=2", stop_at=2)
+    state["poison"] = True
+    with pytest.raises(tinygemma.train.NonFiniteError,
+                       match=r"float16 gradients overflowed at every loss scale down to 0\.25 \(step 20, loss \d.*"
+                             r"last good checkpoint is step 18\. .*bfloat16 or float32"):
+        run(data_dir, out, "max_steps=40", "dtype=float16", "checkpoint_interval=2", "log_interval=40", resume=True)
+    # 2**16 halved at each step from 3 on: 1 after step 18 (still saved), 0.5 after 19, and the read before step
+    # 20's checkpoint stops the run (the log interval's read would have come at step 40)
+    assert last_checkpoint(out)["step"] == 18
+    records = [r for r in tinygemma.metrics.read_records(out / "metrics.jsonl") if "train_loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 21)) and all(r.get("overflow") for r in records[2:])
+    assert records[-1]["loss_scale"] == 0.25 and records[-1]["nonfinite"] and "loss_scale" not in records[-2]
+
+
 def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "disk"
     usage = namedtuple("usage", "total used free")

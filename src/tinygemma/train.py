@@ -136,6 +136,11 @@ from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_sca
 # ------------------------------------------------------------------ the loop
 
 
+# float16's loss scale below which a run under on_nonfinite = "stop" stops: gradients that overflow even unscaled
+# (DeepSpeed's min_loss_scale; GradScaler starts at 2**16 and halves at each overflow)
+MIN_LOSS_SCALE = 1.0
+
+
 class NonFiniteError(UserError):
     """A NaN or infinite loss or gradient norm (the run stops; the last good checkpoint stays as it was)."""
 
@@ -561,6 +566,13 @@ class Trainer:
                 record["skipped_steps"] = self.skipped
         self.train_loss = pending[-1]["train_loss"]
         first_bad = next((i for i, v in enumerate(values) if not v[2]), None)
+        if first_bad is None and self.cfg.on_nonfinite == "stop" and any(r.get("overflow") for r in pending):
+            # float16: gradients that overflow whatever the scale would be skipped for ever, the scale halving to
+            # zero; below MIN_LOSS_SCALE the gradients exceed float16 at their true size: the run has diverged
+            scale = self.scaler.get_scale()
+            if scale < MIN_LOSS_SCALE:
+                first_bad = max(i for i, r in enumerate(pending) if r.get("overflow"))
+                pending[first_bad]["loss_scale"] = scale
         if first_bad is None or self.cfg.on_nonfinite != "stop":
             return pending, None
         pending[first_bad]["nonfinite"] = True
@@ -580,6 +592,10 @@ class Trainer:
         if self.rt.is_main:
             self.log_file.flush()
         loss, norm = record["train_loss"], record["grad_norm"]
+        if "loss_scale" in record:
+            raise NonFiniteError(f"float16 gradients overflowed at every loss scale down to {record['loss_scale']:g} "
+                                 f"(step {record['step']}, loss {loss}); stopped without saving{self.last_good()}. "
+                                 "Lower train.learning_rate, or train in bfloat16 or float32 (train.dtype)")
         raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
                              f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
                              f"{self.last_good()}. Lower train.learning_rate, or pass --set on_nonfinite=skip to "

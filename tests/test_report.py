@@ -499,7 +499,8 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     (copy / "config.json").write_text(json.dumps(config))
     assert main(["compare", str(copy), str(straight_run)]) == 0
     out = capsys.readouterr().out
-    assert "| data=" in out and "tokenizer tokenizer.json 01234567" in out and "different windows" in out
+    assert "| data=" in out and "tokenizer tokenizer.json 01234567" in out and "different windows" not in out
+    assert "validated on different data (another validation split or tokenizer): neither" in out
 
 
 def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_path, capsys):
@@ -585,3 +586,88 @@ def test_compare_names_the_data_folder_of_runs_recorded_before_their_data_was(st
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "| data=the folder data/gpt2 |" in out and "| data=the folder data/bpe |" in out and "different windows" in out
+
+
+def test_compare_names_changes_made_on_resume_and_other_validation_data(straight_run, data_dir, tmp_path, capsys):
+    """A learning rate changed on resume is named in the run's row (config.json holds the last settings alone,
+    so a run at 5e-3 throughout and one changed to it at step 4 showed nothing between them); another validation
+    split, or other stories under the same file names (their tokens' digests differ), is a data difference, and
+    the note says that no validation loss of theirs compares."""
+    changed, steady = tmp_path / "changed", tmp_path / "steady"
+    test_train.run(data_dir, changed, "max_steps=8", stop_at=4)
+    test_train.run(data_dir, changed, "max_steps=8", "learning_rate=5e-3", resume=True)
+    test_train.run(data_dir, steady, "max_steps=8", "learning_rate=5e-3")
+    assert main(["compare", str(steady), str(changed)]) == 0
+    out = capsys.readouterr().out
+    assert f"| {steady} | - | 8 |" in out
+    assert f"| {changed} | changed on resume: at step 4, learning_rate 0.01 -> 0.005 | 8 |" in out
+    # Other validation stories under the same file names and counts: told apart by the tokens' digests.
+    other = tmp_path / "other_val"
+    shutil.copytree(steady, other)
+    state_file = other / "checkpoints" / "step_000008" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["data"]["val_blake2b"] = "f" * 32
+    state_file.write_text(json.dumps(state))
+
+    def compared() -> str:
+        assert main(["compare", str(steady), str(other)]) == 0
+        return capsys.readouterr().out
+
+    out = compared()
+    train_digest = state["data"]["train_blake2b"][:8]
+    assert f"; tokens: train {train_digest}, validation ffffffff | 8 |" in out and f"| {other} | data=" in out
+    assert "validated on different data" in out and "different windows" not in out
+    # The same tokens from stories named another way (a relative path, a copy of the file): the same data.
+    config = json.loads((other / "config.json").read_text())
+    config["run"]["data_source"]["train"] = ["stories.txt"]
+    (other / "config.json").write_text(json.dumps(config))
+    state["data"]["val_blake2b"] = json.loads(
+        (steady / "checkpoints" / "step_000008" / "trainer_state.json").read_text())["data"]["val_blake2b"]
+    state_file.write_text(json.dumps(state))
+    out = compared()
+    assert f"| {other} | - | 8 |" in out and "different data" not in out and "different windows" not in out
+    # A run without the digests (trained before they were recorded): compared by its stories' sources and counts,
+    # the validation split's among them.
+    del state["data"]["val_blake2b"], state["data"]["train_blake2b"]
+    state_file.write_text(json.dumps(state))
+    config["run"]["data_source"]["train"] = json.loads((steady / "config.json").read_text())["run"]["data_source"][
+        "train"]
+    config["run"]["data_source"].update(val=["va.txt"], val_fraction=None)
+    config["run"]["data_documents"]["val"] = 58
+    (other / "config.json").write_text(json.dumps(config))
+    out = compared()
+    assert "; validation: `va.txt`, 58 stories; tokenizer" in out and "tokens: train" not in out
+    assert "validated on different data" in out
+
+
+def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_path, capsys):
+    """The best validation loss is of a step the run trained (step 0 is the weights it started from, under
+    train.init_from another run's, which best.json never names), and of a stopped run, one that a checkpoint
+    holds: the validations past its last checkpoint are of weights that were lost."""
+    branch = tmp_path / "branch"
+    shutil.copytree(straight_run, branch)
+    records = test_train.metrics(branch)
+    for record in records:
+        if record.get("step") == 0 and "val_loss" in record:
+            record["val_loss"] = 0.5  # as if it started from better weights than it ended with
+    (branch / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    best = min((s for s in vals if s > 0), key=vals.get)
+
+    def cells(run) -> list[str]:
+        assert main(["compare", str(run)]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {run}"))
+        return line.strip(" |").split(" | ")
+
+    assert cells(branch)[7] == f"{vals[best]:.4f} (step {best})"
+    # Killed after step 40 with its last checkpoint at step 20: the validations at 30 and 40 are not kept.
+    shutil.copytree(branch / "checkpoints" / "step_000040", branch / "checkpoints" / "step_000020")
+    state = json.loads((branch / "checkpoints" / "step_000020" / "trainer_state.json").read_text())
+    (branch / "checkpoints" / "step_000020" / "trainer_state.json").write_text(json.dumps(
+        {**state, "step": 20, "tokens": 20 * 8 * 32}))
+    shutil.rmtree(branch / "checkpoints" / "step_000040")
+    (branch / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step_000020", "step": 20}))
+    row = cells(branch)
+    assert row[2] == "20 (40 logged, lost past the checkpoint)" and row[6] == f"{vals[20]:.4f} (step 20)"
+    kept = min((10, 20), key=vals.get)
+    assert row[7] == f"{vals[kept]:.4f} (step {kept})"

@@ -642,19 +642,30 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
         seen[run_dir.resolve()] = given
         runs[str(given)] = compared_run(run_dir)
     settings = {name: flat_settings(run["config"]) for name, run in runs.items()}
+    # The tokens' digests (meta.json's, in the trainer state since 2026-12-03) tell the data apart by what was
+    # prepared: not by the stories' file names as typed, nor by their counts. Compared where every run has them.
+    by_tokens = all(all(run["digests"]) for run in runs.values())
+    data = {name: compared_data(run, by_tokens) for name, run in runs.items()}
+    if len({(train, val) for train, val, _ in data.values()}) > 1:
+        for name, (_, _, text) in data.items():
+            settings[name]["data"] = text
     keys = sorted({key for flat in settings.values() for key in flat} - NOT_COMPARED)
     differ = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in settings.values()}) > 1]
     rows = []
     for name, run in runs.items():
-        records, whole = run["records"], run["evaluation"].get("eval") or {}
+        records, whole, newest = run["records"], run["evaluation"].get("eval") or {}, run["newest"]
         evals = {r["step"]: r for r in records if "val_loss" in r}
         last = max(evals) if evals else None
-        best = min(evals, key=lambda step: evals[step]["val_loss"]) if evals else None
-        newest = run["newest"]
+        # the best as best.json's: of what this run trained (step 0 is the weights it started from; under
+        # train.init_from, another run's)
+        trained = [step for step in evals if step > 0] or list(evals)
+        best = min(trained, key=lambda step: evals[step]["val_loss"]) if evals else None
         timed = newest.get("elapsed_s")
         scored = checkpoint_step(run["evaluation"].get("checkpoint"))
         rows.append((
-            name, ", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ) or "-",
+            name, "; ".join(filter(None, (", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ),
+                                          run["changes"] and "changed on resume: " + changes_told(run["changes"]))))
+            or "-",
             f"{newest['step']:,}" + (f" ({newest['lost']:,} logged, lost past the checkpoint)" if newest["lost"] else
                                      ""), f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
@@ -664,8 +675,13 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
             f"{whole['bits_per_byte']:.4f}" if whole.get("bits_per_byte") is not None else "-"))
     lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
                          "val loss (best)", "whole split loss", "bits per byte"))
-    samples = {validation_sample(run["config"]) for run in runs.values()}
-    if len(samples) > 1:
+    samples = {validation_sample(run["config"], data[name][1]) for name, run in runs.items()}
+    if len({val for _, val, _ in data.values()} - {None}) > 1:
+        lines.append("The runs were validated on different data (another validation split or tokenizer): neither "
+                     "their sampled nor their whole split's losses compare. Score them on one dataset: "
+                     "`tinygemma eval --ckpt RUN --data DATA` (a tokenizer like the runs').")
+        lines.append("")
+    elif len(samples) > 1:
         lines.append("The sampled validation losses (last, best) were scored on different windows (other data, "
                      "block size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` "
                      "writes to eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.")
@@ -712,13 +728,18 @@ def compared_run(run_dir: Path) -> dict:
     past = bool(steps) and steps[-1]["step"] > newest["step"]  # steps past the last checkpoint
     if past and not training_now(run_dir):
         newest["lost"] = steps[-1]["step"]  # a run that stopped (a crash, a kill) past its last checkpoint
+        # its records past the checkpoint are of weights no one has (a resume cuts them): left out of the
+        # validation losses and the plot, as the run's own loss.png leaves them out
+        records = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= newest["step"]]
     elif past:  # a run training now: where it is
         newest.update(step=steps[-1]["step"], tokens=steps[-1]["tokens"])
         timed = [r for r in steps if r.get("elapsed_s") and r["step"] > state.get("step", 0)]
         if timed:
             newest.update(elapsed_s=timed[-1]["elapsed_s"], timed_tokens=timed[-1]["tokens"])
     evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
-    return {"config": config, "records": records, "evaluation": evaluation, "newest": newest}
+    return {"config": config, "records": records, "evaluation": evaluation, "newest": newest,
+            "changes": resume_changes(state),
+            "digests": tuple((state.get("data") or {}).get(f"{split}_blake2b") for split in ("train", "val"))}
 
 
 def training_now(run_dir: Path) -> bool:
@@ -731,12 +752,24 @@ def training_now(run_dir: Path) -> bool:
 
 
 def flat_settings(config: dict) -> dict:
-    """config.json's model and train settings as {"section.key": value}, and "data": what was prepared (the
-    tokenizer, the stories), whichever folder holds it and whichever command (train or run) recorded it."""
-    flat = {f"{section}.{key}": value for section in COMPARED_SECTIONS
+    """config.json's model and train settings as {"section.key": value}."""
+    return {f"{section}.{key}": value for section in COMPARED_SECTIONS
             for key, value in (config.get(section) or {}).items()}
-    flat["data"] = data_identity(config)
-    return flat
+
+
+def compared_data(run: dict, by_tokens: bool) -> tuple[str, str | None, str]:
+    """(what a run trained on, what it was validated on, how to name its data) for compare: by the tokenizer and
+    the splits' token digests where `by_tokens`, else by the stories' sources and counts and the tokenizer (None
+    for the validation of a run recorded before 2026-12-02: its data's folder is all it says)."""
+    config = run["config"]
+    text = data_identity(config)
+    if not by_tokens:
+        return text, validation_data(config), text
+    tokenizer = (config.get("run") or {}).get("tokenizer")
+    tokenizer = [tokenizer.get("kind"), tokenizer.get("sha256")] if isinstance(tokenizer, dict) else [None]
+    train, val = run["digests"]
+    return (json.dumps([*tokenizer, train]), json.dumps([*tokenizer, val]),
+            f"{text}; tokens: train {train:.8}, validation {val:.8}")
 
 
 def data_identity(config: dict) -> str:
@@ -747,12 +780,35 @@ def data_identity(config: dict) -> str:
     if not tokenizer and not run.get("data_source"):  # a run recorded before 2026-12-02: its data's folder
         return f"the folder {as_text((config.get('data') or {}).get('dir'))}"
     digest = tokenizer.get("sha256")
-    return (f"{data_description(run)}, tokenizer {tokenizer.get('kind', UNKNOWN)}"
-            + (f" {digest[:8]}" if isinstance(digest, str) else ""))
+    return (f"{data_description(run)}; validation: {validation_description(run)}; tokenizer "
+            f"{tokenizer.get('kind', UNKNOWN)}" + (f" {digest[:8]}" if isinstance(digest, str) else ""))
 
 
-def validation_sample(config: dict) -> str:
-    """What decides the windows of a run's sampled validation losses: its data, block size and window count."""
+def validation_description(run: dict) -> str:
+    """Where the validation stories came from (another file, the hub's split, set aside from the training
+    stories: what share) and how many, as meta.json says."""
+    source = run.get("data_source") if isinstance(run.get("data_source"), dict) else {}
+    val = source.get("val")
+    where = ", ".join(f"`{s}`" for s in val) if isinstance(val, list) else val or UNKNOWN
+    if source.get("val_fraction"):
+        where += f" (a {source['val_fraction']:g} share)"
+    documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("val")
+    return where + (f", {documents:,} stories" if isinstance(documents, int) else "")
+
+
+def validation_data(config: dict) -> str | None:
+    """What a run's validation losses were scored on: the validation split (its source and stories) and the
+    tokenizer; None for runs recorded before 2026-12-02 (their data's folder alone says nothing of it)."""
+    run = config.get("run") or {}
+    tokenizer = run.get("tokenizer") if isinstance(run.get("tokenizer"), dict) else {}
+    if not tokenizer and not run.get("data_source"):
+        return None
+    return json.dumps([validation_description(run), tokenizer.get("kind"), tokenizer.get("sha256")])
+
+
+def validation_sample(config: dict, validation: str | None) -> str:
+    """What decides the windows of a run's sampled validation losses: its validation data (compared_data's, or
+    where that is unknown, its data's folder), block size and window count."""
     train, run = config.get("train") or {}, config.get("run") or {}
     windows = (train.get("eval_batches") or 0) * (run.get("global_batch") or 0)
-    return json.dumps([data_identity(config), run.get("data_documents"), train.get("block_size"), windows])
+    return json.dumps([validation or data_identity(config), train.get("block_size"), windows])

@@ -1,8 +1,9 @@
 """Experiment trackers: TensorBoard, Weights & Biases and trackio, behind one fan-out the training loop calls.
 
 `train.loggers` names them (default ["tensorboard"]). Each gets the same scalars at the same steps (train/loss,
-train/lr, train/grad_norm, train/tokens_per_s, train/mfu where the peak is known; val/loss, val/ppl, val/bpb) and
-the resolved recipe as the run's config. Only rank 0 opens them.
+train/lr, train/lr_muon under Muon, train/grad_norm, train/tokens, train/elapsed_s, train/tokens_per_s, train/mfu
+where the peak is known; val/loss, val/ppl, val/bpb) and the resolved recipe as the run's config. Only rank 0
+opens them.
 
 Start-up is strict: an unknown name, a tracker that is not installed (one line with the install command), or one
 that fails to start stops the run before any training. Later, a tracker that fails never stops training: it is

@@ -423,3 +423,16 @@ def test_pruning_orders_checkpoints_by_step_number_not_name(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.json", "step_1000000", "step_999999"]
     assert [checkpoint_step(n) for n in ("step_000040", "step_40x", "step_", "steps_1", None)] == [40, None, None,
                                                                                                   None, None]
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "Once"], ["eval", "--data", "{tmp}"], ["export", "--out", "{tmp}/hf"]])
+def test_a_gguf_file_given_as_a_checkpoint_is_named_as_one(tmp_path, capsys, command):
+    """`--ckpt model.gguf` (an export's file, in no checkpoint folder) was told to give 'the checkpoint or run
+    directory that holds it'; it is named as a GGUF file, which llama.cpp runs, with what to give instead."""
+    gguf = tmp_path / "model-q8_0.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    assert main([args[0], "--ckpt", str(gguf), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a GGUF file, which llama.cpp runs and tinygemma does not load" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-q8_0.gguf"]

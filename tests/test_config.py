@@ -209,7 +209,7 @@ def test_bad_settings_are_refused_by_name(setting, message):
     ("generate.seed=9223372036854775808", "generate.seed must be an integer from 0 to 9,223,372,036,854,775,807 (a 64-bit seed), got "
                                           "9223372036854775808"),  # read exactly, not through a float
     ('generate.prompts=["Once", ""]', "generate.prompts holds ''"),
-    ("generate.max_new_tokens=32768", "generate.max_new_tokens 32768 leaves no room for a prompt"),
+    ("generate.max_new_tokens=32769", "generate.max_new_tokens 32769 leaves no room for a prompt"),
 ])
 def test_what_only_run_needs_is_refused_by_name_before_it_starts(setting, message):
     """[data] and the prompts' settings: `tinygemma run` refuses them before it prepares or trains; a run's saved

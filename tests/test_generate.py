@@ -797,3 +797,21 @@ def test_a_model_with_more_ids_than_its_tokenizer_samples_only_the_tokenizers():
     assert n > 0 and len(texts) == 4
     ids = generate(model, torch.tensor([tokenizer.encode(PROMPT)]), 30, temperature=0)[0].tolist()
     assert max(ids) >= tokenizer.vocab_size  # without the tokenizer's limit the model does pick them
+
+
+def test_a_prompt_that_fills_the_positions_still_gets_one_new_token(tokenizer):
+    """The last new token is never fed back: a prompt of max_position_embeddings tokens gets one new token (as
+    transformers' generate gives it), where it was refused as exceeding the positions; one more is refused."""
+    from tinygemma.generate import prompt_ids
+
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=50257, max_position_embeddings=16)
+
+    def words(n: int) -> str:  # n GPT-2 tokens
+        return "a" + " a" * (n - 1)
+
+    assert len(prompt_ids(config, tokenizer, words(16), 1)) == 16
+    assert len(prompt_ids(config, tokenizer, words(10), 7)) == 10  # 10 + 6 fed back = 16
+    assert len(prompt_ids(config, tokenizer, words(16), 0)) == 16
+    for n, new, fix in ((16, 2, "shorten the prompt"), (10, 8, "ask for fewer new tokens"), (17, 0, "shorten the prompt")):
+        with pytest.raises(UserError, match=f"need more than the model's 16 positions.*; {fix}"):
+            prompt_ids(config, tokenizer, words(n), new)

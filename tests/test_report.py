@@ -363,12 +363,21 @@ def test_a_model_with_few_positions_exports_with_shorter_samples(straight_run, t
     prompt_tokens = len(tokenizer.encode("Once upon a time"))
     text = card(tmp_path / "hf").text
     assert "\n> Once upon a time" in text
-    assert f"(at most {48 - prompt_tokens} new tokens: the prompt and they fill the model's 48 positions)" in text
+    assert (f"(at most {48 - prompt_tokens + 1} new tokens: the prompt and they fill the model's 48 positions, the "
+            "last new token taking none)") in text
     long = "Once upon a time " * 20
     lines = tinygemma.report.samples_section(tmp_path / "hf", GenerateConfig(prompts=[long, "Tom"]),
                                              tinygemma.report.exported_tokenizer(tmp_path / "hf"))
     assert any(line.startswith(f"Not generated from {long!r}: the prompt's ") for line in lines)
-    assert any(line.startswith("> Tom") for line in lines)
+    # prompt i is sampled with seed + i, and the card says so: the settings it states reproduce every sample
+    assert "seed 1337 for the first prompt, one more for each next, at most 200 new tokens." in lines[0]
+    from tinygemma.generate import generate_text
+
+    g = GenerateConfig()
+    room = 48 - len(tokenizer.encode("Tom")) + 1
+    tom = generate_text(tinygemma.load(tmp_path / "hf"), tokenizer, "Tom", max_new_tokens=room, seed=1338,
+                        **g.sampling())[0][0]
+    assert ("> Tom" + tom).replace("\n", "\n> ") in lines
 
 
 def test_a_card_names_the_hub_dataset_the_run_was_prepared_from():

@@ -41,6 +41,7 @@ from tinygemma.files import (
     check_unlocked,
     fsync_dir,
     in_run_checkpoints,
+    is_gguf_file,
     is_training_run,
     others_than,
     peek_json,
@@ -129,6 +130,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
+    if path.is_file() and is_gguf_file(path):
+        raise UserError(f"{path} is a GGUF file, which llama.cpp runs and tinygemma does not load: give the run, "
+                        "checkpoint or transformers export it was made from")
     if path.is_file():
         raise UserError(f"{path} is a file; give the checkpoint or run directory that holds it")
     if (path / META_NAME).exists():

@@ -417,7 +417,7 @@ class Recipe:
             if not isinstance(prompt, str) or not prompt:
                 raise UserError(f"generate.prompts holds {prompt!r}: each prompt must be some text to continue")
         positions = self.model_config().max_position_embeddings
-        if g.prompts and g.max_new_tokens >= positions:
+        if g.prompts and g.max_new_tokens > positions:  # a one-token prompt and positions - 1 fed back
             raise UserError(f"generate.max_new_tokens {g.max_new_tokens} leaves no room for a prompt in the "
                             f"model's {positions} positions (max_position_embeddings)")
 

@@ -343,11 +343,13 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
     if not ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")
     ids = [*tokenizer.prompt_prefix, *ids]  # a Gemma tokenizer's <bos>, as transformers' tokenizer(prompt) adds it
-    limit = config.max_position_embeddings  # the KV cache is then at most this long too
-    if len(ids) + max_new_tokens > limit:
+    limit = config.max_position_embeddings
+    # The model reads the prompt and every new token but the last (which nothing follows): a prompt that fills
+    # the positions still gets one new token, as transformers' generate gives it.
+    if len(ids) + max(max_new_tokens - 1, 0) > limit:
         fix = "shorten the prompt" if len(ids) >= limit else "ask for fewer new tokens"
-        raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones exceed the model's "
-                        f"{limit} positions (max_position_embeddings); {fix}")
+        raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones need more than the "
+                        f"model's {limit} positions (max_position_embeddings; the last new token takes none); {fix}")
     return ids
 
 

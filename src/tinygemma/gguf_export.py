@@ -25,7 +25,7 @@ from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.devices import parse_dtype
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_path, check_output_path, remove_temporaries, write_errors
+from tinygemma.files import atomic_path, check_output_path, is_gguf_file, remove_temporaries, write_errors
 from tinygemma.hf import hf_state
 from tinygemma.model import check_tokenizer_fits
 from tinygemma.tokenizer import Tokenizer, missing_bytes, splits_as_gpt2
@@ -42,16 +42,6 @@ DEFAULT_GGUF_DTYPE = "q8_0"
 ARCH = "gemma3"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
-GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
-
-
-def is_gguf_file(path: str | Path) -> bool:
-    """Whether `path` is a file that starts as a GGUF file does (what an export may replace)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def gguf_dtype(name: str) -> str:

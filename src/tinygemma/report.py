@@ -576,13 +576,16 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         return ["None: the recipe's generate.prompts is empty.", ""]
     device = pick_device("auto")
     model = load_model(out, tokenizer, dtype="auto" if device.type == "cuda" else "float32", device=str(device))
-    lines = [f"Generated at export by tinygemma from these files: {sampling(dataclasses.asdict(g))}.", ""]
+    settings = dataclasses.asdict(g)
+    if len(g.prompts) > 1:  # (as `tinygemma run` samples them)
+        settings["seed"] = f"{g.seed} for the first prompt, one more for each next"
+    lines = [f"Generated at export by tinygemma from these files: {sampling(settings)}.", ""]
     positions = model.config.max_position_embeddings
     for i, prompt in enumerate(g.prompts):
         # As many new tokens as the recipe asks and the model's positions leave room for (a model trained with
         # max_position_embeddings = block_size has fewer than a prompt and 200): the card never stops an export.
         try:  # (a run trained before train checked its [generate], with a seed of -1, say: refused here)
-            room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0))
+            room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0)) + 1  # (prompt_ids' count)
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
                                      seed=g.seed + i, **g.sampling())
         except UserError as e:
@@ -590,7 +593,8 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
             continue
         lines += [quote(prompt + texts[0]), ""]
         if room < g.max_new_tokens:
-            lines += [f"(at most {room} new tokens: the prompt and they fill the model's {positions} positions)", ""]
+            lines += [f"(at most {room} new tokens: the prompt and they fill the model's {positions} positions, the "
+                      "last new token taking none)", ""]
     return lines
 
 

@@ -658,8 +658,16 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
     128) is no obstacle; a resume reads its own checkpoint, and needs the source no more."""
     best = json.loads((straight_run / "checkpoints" / "best.json").read_text())["step"]
     out = tmp_path / "from_run"
+    capsys.readouterr()
     run(data_dir, out, "max_steps=4", f"init_from={straight_run}")
     assert val_losses(out)[0] == val_losses(straight_run)[best]  # the same weights on the same windows, exactly
+    # The same data and seed: its first steps draw the windows the weights learned first; said, with the way out
+    err = capsys.readouterr().err
+    assert (f"warning: train.init_from: its weights trained {best:,} steps on this data with seed 1234, and "
+            "windows depend on the seed and step alone: this run's steps 1 to 4 draw the windows those weights "
+            "learned first, again. Set another train.seed") in err
+    run(data_dir, tmp_path / "reseeded", "max_steps=1", "warmup_steps=0", "seed=7", f"init_from={straight_run}")
+    assert "learned first" not in capsys.readouterr().err
     lrs = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
     assert lrs[1] == next(r["lr"] for r in metrics(straight_run) if r.get("step") == 1)  # the warmup's first rate
     config = json.loads((out / "config.json").read_text())

@@ -307,6 +307,7 @@ class Trainer:
         self.init_record = state.get("init_checkpoint")
         if ckpt_dir is None and self.cfg.init_from:
             self.init_record, weights = initial_weights(self.cfg.init_from, self.model_config, self.data)
+            self.warnings += filter(None, [repeated_windows(self.init_record, self.cfg, self.data)])
         else:
             weights = resumed_weights(ckpt_dir, self.model_config)
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
@@ -1118,6 +1119,21 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict,
             state[name] = state[name][:model.config.vocab_size]
     record = {"dir": str(directory.resolve()), "step": meta.get("step")}
     return record, checked_state(model_config, state, where)
+
+
+def repeated_windows(record: dict, cfg: TrainConfig, data) -> str | None:
+    """The warning for train.init_from weights that trained on this data with this seed: windows are a pure
+    function of (seed, step), so the new run's first steps draw the very windows its weights learned first."""
+    saved = peek_json(Path(record["dir"]) / STATE_NAME)  # (none: a transformers folder, or unreadable)
+    trained = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    step, digest = saved.get("step"), data.digest("train")
+    if not (is_integer(step) and step > 0 and trained.get("seed") == cfg.seed and digest
+            and trained.get("train_blake2b") == digest):
+        return None
+    return (f"train.init_from: its weights trained {step:,} steps on this data with seed {cfg.seed}, and windows "
+            f"depend on the seed and step alone: this run's steps 1 to {min(step, cfg.max_steps):,} draw the windows "
+            "those weights learned first, again. Set another train.seed for other windows, or continue that run "
+            "with --resume-from (its optimizer and schedule too)")
 
 
 def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -1163,6 +1164,11 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "batch_size=4", "grad_accum_steps=2", resume=True,
         stop_at=4)
     assert "warning" not in capsys.readouterr().err
+    # unwarned, but recorded (float summation differs): the report's Reproduce commands split the steps alike
+    state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert state["invocations"][-1]["changed"] == {"batch_size": [8, 4], "grad_accum_steps": [1, 2]}
+    assert ("tinygemma train --out " + shlex.quote(str(out)) + " --resume --set train.batch_size=4 --set "
+            "train.grad_accum_steps=2 --stop-at 4") in (out / "report.md").read_text()
     run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "learning_rate=5e-3", "grad_clip=0.5",
         "eval_batches=2", resume=True)
     err = capsys.readouterr().err  # eval_batches: the validation set best.json compares earlier losses with

@@ -314,7 +314,7 @@ class Trainer:
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         # The run's earlier invocations (machine, time, settings changed), for the report; this one joins them.
         self.history = earlier_invocations(state)
-        self.changes = settings_changes(saved_train, self.cfg, STEP_SETTINGS + RECORD_SETTINGS)
+        self.changes = settings_changes(saved_train, self.cfg, STEP_SETTINGS + RECORD_SETTINGS + SPLIT_SETTINGS)
         self.start_elapsed = self.elapsed
         self.train_loss = self.last_val = None
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device
@@ -932,6 +932,10 @@ STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend"
 # Settings that change what a run records (its evaluations, samples, checkpoints and log lines), not its losses:
 # kept among an invocation's changes, so that the report's Reproduce commands make the same records.
 RECORD_SETTINGS = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "sample_interval")
+# Another split of the same global batch: the same windows and math, float summation aside (which training
+# amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the Reproduce
+# commands split the steps as they were split.
+SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size")
 
 
 def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...] = STEP_SETTINGS) -> dict[str, list]:

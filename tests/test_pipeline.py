@@ -339,7 +339,7 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
                               (["train.micro_batch_size=3"], "train.micro_batch_size (3) must divide"),
                               (["train.attention_backend=flex"], "flex needs a CUDA GPU"),  # on this CPU
                               (['generate.prompts=["Once", ""]'], "generate.prompts holds ''"),
-                              (["generate.max_new_tokens=2048"], "generate.max_new_tokens 2048 leaves no room"),
+                              (["generate.max_new_tokens=2049"], "generate.max_new_tokens 2049 leaves no room"),
                               (["generate.seed=100000000000000000000"], "generate.seed must be an integer from 0"),
                               ([f"data.dir={tmp_path}/run", f"train.out={tmp_path}/data/../run"],
                                f"data.dir {tmp_path}/run is train.out itself"),

@@ -677,3 +677,34 @@ def test_what_a_fuzz_review_found_from_python_and_the_command_line(world, tmp_pa
                  str(copied / "checkpoints" / source.name)]) == 2
     err = capsys.readouterr().err
     assert f"{copied / 'config.json'} is not valid JSON" in err and not (tmp_path / "fork").exists(), err
+
+
+TINY_RUN = ["--set", "model.preset=gemma3-tiny", "--set", "model.d_model=32", "--set", "model.n_layers=2", "--set",
+            "model.head_dim=8", "--set", "model.mlp_dim=64", "--set", "model.sliding_window=8", "--set",
+            "batch_size=2", "--set", "block_size=16", "--set", "max_steps=1", "--set", "warmup_steps=0", "--set",
+            "device=cpu", "--set", "compile=false"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"source": "x"}, "is malformed: it lacks or mangles"),
+    ({"eot_id": 99999}, "eot_id (an id below vocab_size)"),
+    ({"vocab_size": "eot+1"}, "cannot hold its tokenizer's 300 ids: its meta.json is damaged or hand-edited"),
+], ids=["source-not-a-table", "eot-outside-the-vocabulary", "vocabulary-below-the-tokenizers"])
+def test_a_hand_edited_meta_json_is_one_line_for_train_and_eval(world, tmp_path, capsys, edit, words):
+    """meta.json values of the right JSON but the wrong meaning were a traceback (a KeyError inside the message
+    for another model.vocab_size, an AttributeError reading the sources) or accepted by eval."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("meta.json", "train.bin", "val.bin", "tokenizer.json"):
+        (data / name).write_bytes((world / "bpe" / name).read_bytes())
+    meta = json.loads((data / "meta.json").read_text())
+    meta.update({k: meta["eot_id"] + 1 if v == "eot+1" else v for k, v in edit.items()})
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY_RUN]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "run").exists()
+    if "vocab_size" not in edit:  # (eval takes the checkpoint's model; its embedding holds the ids)
+        assert main(["eval", "--ckpt", str(world / "run"), "--data", str(data)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err

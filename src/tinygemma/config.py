@@ -357,6 +357,9 @@ class Recipe:
         overrides = dict(self.model_overrides)
         if vocab_size is not None:
             needed = vocab_size if needed is None else needed
+            if "vocab_size" not in overrides and vocab_size < needed:  # (prepare writes the tokenizer's own)
+                raise UserError(f"the data's vocab_size {vocab_size} cannot hold its tokenizer's {needed} ids: its "
+                                "meta.json is damaged or hand-edited; prepare the data again")
             if overrides.get("vocab_size", vocab_size) < needed:
                 raise UserError(f"model.vocab_size {overrides['vocab_size']} cannot hold the data's tokens "
                                 f"(its tokenizer's text and end-of-text take {needed} ids); remove the override "

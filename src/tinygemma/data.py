@@ -915,6 +915,8 @@ def open_prepared(directory: str | Path) -> PreparedData:
         for key in ("vocab_size", "eot_id"):
             if not isinstance(meta[key], int) or meta[key] < 0:
                 raise ValueError
+        if meta["eot_id"] >= meta["vocab_size"] or not isinstance(meta.get("source", {}), dict):
+            raise ValueError
         for split in SPLITS:
             info = meta["splits"][split]
             for key in ("documents", "tokens", "bytes"):
@@ -928,8 +930,8 @@ def open_prepared(directory: str | Path) -> PreparedData:
                                 f"records {info['tokens']:,} {dtype.name} tokens ({expected:,} bytes): "
                                 "truncated or not from this run; prepare the data again")
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{where} is malformed: it lacks or mangles tokenizer, vocab_size, eot_id, dtype or "
-                        "splits (train/val with file, documents, tokens, bytes)") from None
+        raise UserError(f"{where} is malformed: it lacks or mangles tokenizer, vocab_size, eot_id (an id below "
+                        "vocab_size), dtype, source or splits (train/val with file, documents, tokens, bytes)") from None
     return PreparedData(directory, meta)
 
 

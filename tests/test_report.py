@@ -680,3 +680,33 @@ def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_pat
     assert row[2] == "20 (40 logged, lost past the checkpoint)" and row[6] == f"{vals[20]:.4f} (step 20)"
     kept = min((10, 20), key=vals.get)
     assert row[7] == f"{vals[kept]:.4f} (step {kept})"
+
+
+@pytest.mark.parametrize("file, edit", [
+    ("eval.json", {"eval": 5}),
+    ("eval.json", {"eval": {"loss": "a"}}),
+    ("state", {"step": "x"}),
+    ("state", {"elapsed_s": "x"}),
+    ("state", {"invocations": [1]}),
+    ("state", {"data": "x"}),
+], ids=["eval-not-a-table", "eval-loss-text", "step-text", "elapsed-text", "invocations-of-numbers", "data-text"])
+def test_compare_names_a_hand_edited_file_in_one_line(straight_run, tmp_path, capsys, file, edit):
+    """Valid JSON of the wrong types in a run's eval.json or trainer state was a traceback: one line naming the
+    file; a metrics.jsonl line whose figures are not numbers is no record of the trainer's, skipped."""
+    run = tmp_path / "edited"
+    shutil.copytree(straight_run, run)
+    path = run / "eval.json" if file == "eval.json" else run / "checkpoints" / "step_000040" / "trainer_state.json"
+    before = json.loads(path.read_text()) if path.exists() else {"checkpoint": "step_000040"}
+    path.write_text(json.dumps({**before, **edit}))
+    assert main(["compare", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is damaged or hand-edited" in err, err
+
+
+def test_a_records_line_whose_figures_are_not_numbers_is_skipped(straight_run, tmp_path, capsys):
+    run = tmp_path / "edited"
+    shutil.copytree(straight_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 41, "tokens": 5, "val_loss": "y"}) + "\n")
+    assert all(r["step"] <= 40 for r in tinygemma.metrics.read_records(run / "metrics.jsonl"))
+    assert main(["compare", str(run), "--plot", str(tmp_path / "p.png")]) == 0

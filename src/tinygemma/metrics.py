@@ -88,15 +88,27 @@ def record_line(record: dict) -> str:
     return strict_json(record) + "\n"
 
 
+# A record's figures, numbers (or null) wherever present: a line whose are not is no record of the trainer's.
+NUMERIC_FIELDS = ("train_loss", "val_loss", "val_bpb", "lr", "lr_muon", "grad_norm", "elapsed_s", "tokens_per_s",
+                  "mfu")
+
+
+def is_record(record) -> bool:
+    """Whether a metrics.jsonl line's JSON is one of the trainer's records: an integer step and tokens, and
+    numbers (or null) as its figures."""
+    return (isinstance(record, dict) and all(type(record.get(k)) is int for k in ("step", "tokens"))
+            and all(record[k] is None or type(record[k]) in (int, float) for k in NUMERIC_FIELDS if k in record))
+
+
 def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl (none if it is missing), skipping a line torn by a crash and one that is no
-    record of the trainer's (without a step and tokens: a line added by hand); null is NaN."""
+    record of the trainer's (is_record's: a line added or edited by hand); null is NaN."""
     records = []
     if path.exists():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # (a damaged line: skipped)
             with contextlib.suppress(json.JSONDecodeError):
                 record = json.loads(line)
-                if isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("step", "tokens")):
+                if is_record(record):
                     records.append({k: math.nan if v is None else v for k, v in record.items()})
     return records
 

@@ -35,6 +35,7 @@ from tinygemma.config import (
     ModelConfig,
     Recipe,
     TrainConfig,
+    is_integer,
     is_real,
     saved_train_settings,
 )
@@ -217,6 +218,11 @@ def render_report(run_dir: Path) -> str:
     last, best = checkpoint_pointer(run_dir), checkpoint_pointer(run_dir, "best")
     state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
     evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
+    whole = evaluation.get("eval", {})
+    if not (isinstance(whole, dict) and all(is_real(whole[k]) for k in ("loss", "bits_per_byte") if whole.get(k)
+                                            is not None) and (not whole or "loss" in whole)):
+        raise UserError(f"{run_dir / EVAL_NAME} is damaged or hand-edited: its eval is not the loss and bits per "
+                        "byte `tinygemma run` writes")
     recipe = recorded_recipe(state, config)
     steps = state.get("step", 0)
     lines = [f"# tinygemma run `{run_dir.name}`", "",
@@ -725,6 +731,13 @@ def compared_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir / 'config.json'} is not a run's config.json (its sections are not tables)")
     last = checkpoint_pointer(run_dir)
     state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
+    if not (all(is_integer(state.get(key, 0)) for key in ("step", "tokens"))
+            and (state.get("elapsed_s") is None or is_real(state["elapsed_s"]))
+            and isinstance(state.get("data", {}), dict) and isinstance(state.get("invocations", []), list)
+            and all(isinstance(part, dict) and is_integer((part.get("steps") or [0])[0])
+                    and isinstance(part.get("changed") or {}, dict) for part in state.get("invocations", []))):
+        raise UserError(f"{run_dir / 'checkpoints' / last['dir'] / STATE_NAME} is damaged or hand-edited: its step, "
+                        "tokens, elapsed_s, data or invocations are not what training writes")
     records = read_records(run_dir / "metrics.jsonl")
     steps = [r for r in records if "train_loss" in r]
     newest = {"step": state.get("step", 0), "tokens": state.get("tokens", 0), "elapsed_s": state.get("elapsed_s"),
@@ -741,6 +754,11 @@ def compared_run(run_dir: Path) -> dict:
         if timed:
             newest.update(elapsed_s=timed[-1]["elapsed_s"], timed_tokens=timed[-1]["tokens"])
     evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
+    whole = evaluation.get("eval", {})
+    if not (isinstance(whole, dict) and all(is_real(whole[k]) for k in ("loss", "bits_per_byte") if whole.get(k)
+                                            is not None) and (not whole or "loss" in whole)):
+        raise UserError(f"{run_dir / EVAL_NAME} is damaged or hand-edited: its eval is not the loss and bits per "
+                        "byte `tinygemma run` writes")
     return {"config": config, "records": records, "evaluation": evaluation, "newest": newest,
             "changes": resume_changes(state),
             "digests": tuple((state.get("data") or {}).get(f"{split}_blake2b") for split in ("train", "val"))}

@@ -710,3 +710,21 @@ def test_the_run_lock_is_let_go_whatever_stops_the_run(data_dir, tmp_path, monke
     with pytest.raises(tinygemma.UserError, match="wandb could not start"):
         run(data_dir, empty, "max_steps=10")
     assert list(empty.iterdir()) == []  # no .lock left for prepare or export to count as a stranger
+
+
+@pytest.mark.parametrize("edit", [{"data": "x"}, {"config": "x"}, {"elapsed_s": "x"}, {"skipped_steps": None},
+                                  {"invocations": [1]}, {"tokens": "x"}],
+                         ids=["data", "config", "elapsed", "skipped", "invocations", "tokens"])
+def test_a_resume_refuses_a_trainer_state_of_other_kinds_in_one_line(data_dir, tmp_path, capsys, edit):
+    """A trainer state whose values are valid JSON of other kinds than training writes was a traceback (some
+    after a step had trained) or accepted: one line, the run as it was."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    path = out / "checkpoints" / "step_000002" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert tinygemma.cli.main(["train", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a damaged or hand-edited checkpoint" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files

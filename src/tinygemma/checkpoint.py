@@ -564,6 +564,13 @@ def read_trainer_state(ckpt_dir: Path, step: int) -> dict:
             and (best is None) == (loss == math.inf)):
         raise UserError(f"{path} holds best validation loss {loss!r} for best step {best!r}: a damaged or "
                         "hand-edited checkpoint")
+    kinds = {"data": dict, "config": dict, "invocations": list, "elapsed_s": (int, float), "skipped_steps": int,
+             "tokens": int}
+    wrong = [key for key, kind in kinds.items() if key in state and (not isinstance(state[key], kind)
+                                                                    or isinstance(state[key], bool))]
+    if wrong or not all(isinstance(part, dict) for part in state.get("invocations", [])):
+        raise UserError(f"{path} holds {', '.join(wrong) or 'invocations'} of another kind than training writes: a "
+                        "damaged or hand-edited checkpoint; resume from an intact one")
     return state
 
 

@@ -121,3 +121,19 @@ def test_a_profile_range_of_one_step_is_that_step():
     from tinygemma.profiling import parse_profile_range
 
     assert parse_profile_range("3") == (3, 3) and parse_profile_range("2:5") == (2, 5)
+
+
+def test_a_profile_of_an_invocation_that_trains_nothing_says_so():
+    """A finished run, or --stop-at at the run's step: the refusal said "trains optimizer steps 7 to 6"."""
+    from tinygemma.config import TrainConfig
+    from tinygemma.errors import UserError
+    from tinygemma.train import check_profile_range
+
+    cfg = TrainConfig(max_steps=6, warmup_steps=0)
+    with pytest.raises(UserError, match=r"^--profile 7:8: this invocation trains no step \(the run is at step 6 and "
+                                        r"its schedule ends there, max_steps 6\); profile a run with steps to train$"):
+        check_profile_range("7:8", 6, 6, cfg)
+    with pytest.raises(UserError, match=r"--profile 4:4: this invocation trains no step \(the run is at step 3 and "
+                                        r"--stop-at ends it at step 3\)"):
+        check_profile_range("4:4", 3, 3, cfg)
+    assert check_profile_range("4:4", 3, 4, cfg) == (4, 4)

@@ -816,6 +816,10 @@ def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig) -> tu
     """--profile's steps, which must lie among the steps this invocation trains (start + 1 to end), with no
     evaluation or checkpoint between them (its time and operators would be counted as the steps')."""
     first, last = parse_profile_range(spec)
+    if start >= end:
+        raise UserError(f"--profile {spec}: this invocation trains no step (the run is at step {start} and "
+                        + (f"its schedule ends there, max_steps {cfg.max_steps})" if start >= cfg.max_steps else
+                           f"--stop-at ends it at step {end})") + "; profile a run with steps to train")
     if first <= start or last > end:
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")

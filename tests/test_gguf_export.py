@@ -659,3 +659,10 @@ def test_llama_cpps_builtin_template_matcher_does_not_know_the_story_template(ll
     assert llama_cpp.llama_chat_apply_template(CHAT_TEMPLATE.encode(), messages, 1, True, buffer, 1024) < 0
     chatml = b"{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     assert llama_cpp.llama_chat_apply_template(chatml, messages, 1, True, buffer, 1024) > 0  # the call itself works
+
+
+def test_gguf_dtypes_are_taken_in_any_case():
+    from tinygemma.gguf_export import gguf_dtype
+
+    assert [gguf_dtype(name) for name in ("Q8_0", "q8_0", "F16", "BF16", "f32")] == ["q8_0", "q8_0", "f16", "bf16",
+                                                                                  "f32"]

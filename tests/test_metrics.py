@@ -101,3 +101,10 @@ def test_durations_round_to_the_second_as_the_seconds_beside_them():
     """The report's "training time 0m15s (16.0 s ...)": 15.97 s truncated where the figure beside it rounds."""
     assert [format_duration(s) for s in (15.97, 15.4, 59.6, 3599.6, 3600 * 25 + 61)] == [
         "0m16s", "0m15s", "1m00s", "1h00m", "25h01m"]
+
+
+def test_the_log_line_gives_muons_rate_beside_adamws_under_muon_alone():
+    record = {"step": 3, "train_loss": 2.5, "lr": 1e-3, "grad_norm": 0.5}
+    line = tinygemma.metrics.log_line({**record, "lr_muon": 2e-2}, 10, 1000.0, 5.0)
+    assert "| lr 1.00e-03 (muon 2.00e-02) | grad norm 0.500 |" in line
+    assert "muon" not in tinygemma.metrics.log_line(record, 10, 1000.0, 5.0)

@@ -539,6 +539,18 @@ def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_p
     record = next(r for r in test_train.metrics(straight_run) if r["step"] == 40 and "train_loss" in r)
     assert cells[2:4] == ["40", f"{40 * 8 * 32:,}"] and cells[5] == f"{record['tokens'] / record['elapsed_s']:,.0f}"
     assert row()[2:4] == ["0 (40 logged, lost past the checkpoint)", "0"]
+    # Its records end off a log step (13; the last with a training time is step 10's): the rate is step 10's
+    # tokens over step 10's time, not step 13's tokens over it.
+    lines = (live / "metrics.jsonl").read_bytes().splitlines()[:-1]  # (without the damaged line)
+    (live / "metrics.jsonl").write_bytes(b"\n".join(line for line in lines if json.loads(line)["step"] <= 13) + b"\n")
+    lock.acquire()
+    try:
+        cells = row()
+    finally:
+        lock.release()
+    timed = next(r for r in test_train.metrics(straight_run) if r["step"] == 10 and "elapsed_s" in r)
+    assert "elapsed_s" not in next(r for r in test_train.metrics(straight_run) if r["step"] == 13)
+    assert cells[2:4] == ["13", f"{13 * 8 * 32:,}"] and cells[5] == f"{timed['tokens'] / timed['elapsed_s']:,.0f}"
 
 
 @pytest.mark.parametrize("args,words", [
@@ -659,8 +671,10 @@ def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_pat
     for record in records:
         if record.get("step") == 0 and "val_loss" in record:
             record["val_loss"] = 0.5  # as if it started from better weights than it ended with
+        if record.get("step") == 10 and "val_loss" in record:
+            record["val_loss"] = None  # NaN, as a diverged evaluation is written: no best
     (branch / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    vals = {r["step"]: r["val_loss"] for r in records if r.get("val_loss") is not None}
     best = min((s for s in vals if s > 0), key=vals.get)
 
     def cells(run) -> list[str]:
@@ -678,8 +692,7 @@ def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_pat
     (branch / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step_000020", "step": 20}))
     row = cells(branch)
     assert row[2] == "20 (40 logged, lost past the checkpoint)" and row[6] == f"{vals[20]:.4f} (step 20)"
-    kept = min((10, 20), key=vals.get)
-    assert row[7] == f"{vals[kept]:.4f} (step {kept})"
+    assert row[7] == f"{vals[20]:.4f} (step 20)"  # (step 10's is NaN)
 
 
 @pytest.mark.parametrize("file, edit", [
@@ -710,3 +723,36 @@ def test_a_records_line_whose_figures_are_not_numbers_is_skipped(straight_run, t
         f.write(json.dumps({"step": 41, "tokens": 5, "val_loss": "y"}) + "\n")
     assert all(r["step"] <= 40 for r in tinygemma.metrics.read_records(run / "metrics.jsonl"))
     assert main(["compare", str(run), "--plot", str(tmp_path / "p.png")]) == 0
+
+
+def test_compare_edges_of_plots_inputs_and_windows(straight_run, data_dir, tmp_path, capsys):
+    """A young run (no validation yet) beside a finished one is plotted (the finished one's line); --plot takes
+    .PNG in any case and says where it wrote on stderr (stdout is the table alone); a directory, a dataset's
+    folder and a transformers export are refused in one line; runs that differ in block size alone get the
+    windows' note; a run section that is not a table is refused."""
+    young = tmp_path / "young"
+    young.mkdir()
+    (young / "config.json").write_text((straight_run / "config.json").read_text())
+    plot = tmp_path / "P.PNG"
+    assert main(["compare", str(straight_run), str(young), "--plot", str(plot)]) == 0
+    out, err = capsys.readouterr()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and err == f"wrote {plot}\n"
+    assert all(line.startswith("|") for line in out.strip().splitlines()), out
+    (tmp_path / "folder.png").mkdir()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}))
+    for args, words in (([str(straight_run), "--plot", str(tmp_path / "folder.png")], "is a directory; give the .png"),
+                        ([str(straight_run), "--plot", str(data_dir / "plot.png")], "a run or a dataset of tinygemma's"),
+                        ([str(straight_run), str(hf)], "is not a training run")):
+        assert main(["compare", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert not (data_dir / "plot.png").exists()
+    config = json.loads((straight_run / "config.json").read_text())
+    (young / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "block_size": 16}}))
+    assert main(["compare", str(straight_run), str(young)]) == 0
+    assert "scored on different windows" in capsys.readouterr().out
+    (young / "config.json").write_text(json.dumps({**config, "run": ["x"]}))
+    assert main(["compare", str(young)]) == 2
+    assert "sections are not tables" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import re
 import shlex
@@ -668,8 +669,9 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
         last = max(evals) if evals else None
         # the best as best.json's: of what this run trained (step 0 is the weights it started from; under
         # train.init_from, another run's)
-        trained = [step for step in evals if step > 0] or list(evals)
-        best = min(trained, key=lambda step: evals[step]["val_loss"]) if evals else None
+        trained = [s for s in evals if s > 0 and math.isfinite(evals[s]["val_loss"])] or [
+            s for s in evals if math.isfinite(evals[s]["val_loss"])]  # (NaN, a diverged step's, orders nothing)
+        best = min(trained, key=lambda step: evals[step]["val_loss"]) if trained else None
         timed = newest.get("elapsed_s")
         scored = checkpoint_step(run["evaluation"].get("checkpoint"))
         rows.append((
@@ -680,7 +682,7 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
                                      ""), f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
-            f"{evals[best]['val_loss']:.4f} (step {best:,})" if evals else "-",
+            f"{evals[best]['val_loss']:.4f} (step {best:,})" if best is not None else "-",
             f"{whole['loss']:.4f}" + (f" (step {scored:,})" if scored is not None else "") if whole else "-",
             f"{whole['bits_per_byte']:.4f}" if whole.get("bits_per_byte") is not None else "-"))
     lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",

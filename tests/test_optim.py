@@ -416,6 +416,12 @@ def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
                  "--max-steps", "30"]) == 0
     assert train_losses(fork) == train_losses(straight) and val_losses(fork)[30] == val_losses(straight)[30]
     assert {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
+    # The fork says where it came from (its folder alone did not): its invocation, and its report.
+    source = str((done / "checkpoints" / "step_000010").resolve())
+    state = json.loads((fork / "checkpoints" / "step_000030" / "trainer_state.json").read_text())
+    assert [part.get("forked_from") for part in state["invocations"]] == [None, {"dir": source, "step": 10}]
+    assert f"| continued from | `{source}` (--resume-from): steps 1 to 10 were trained there |" in (
+        fork / "report.md").read_text()
     assert val_losses(out) == val_losses(straight)
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 30
 

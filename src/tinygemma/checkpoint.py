@@ -491,7 +491,10 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
                     except OSError:  # another filesystem, or one without hard links
                         shutil.copyfile(file, stage / file.name)
             stage.rename(ckpts / checkpoint_name(number))
-        atomic_write_json(ckpts / "last.json", {"dir": checkpoint_name(step), "step": step})
+        # (where it came from, which the fork's resume records in its part of the run: the checkpoint's own
+        # files are the source's, hard links, never written)
+        atomic_write_json(ckpts / "last.json", {"dir": checkpoint_name(step), "step": step,
+                                                "forked_from": {"dir": str(src.resolve()), "step": step}})
     except BaseException:
         remove_fork(out, {"made": made})
         raise

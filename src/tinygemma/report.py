@@ -234,7 +234,7 @@ def render_report(run_dir: Path) -> str:
                                                  "losses do not depend on the number of processes)"),
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run, state))]
-    lines += ["## Training", "", *table([*start_rows(recipe, initial_checkpoint(state, config)),
+    lines += ["## Training", "", *table([*start_rows(recipe, initial_checkpoint(state, config), state),
                                           *training_rows(run, records, state)])]
     lines += ["## Validation", "", *validation_table(records, last, best, evaluation)]
     if (run_dir / "loss.png").exists():
@@ -292,14 +292,20 @@ def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
     return [*machines, ("software", versions(run.get("software")) or UNKNOWN), ("commit", run.get("commit") or UNKNOWN)]
 
 
-def start_rows(recipe: dict, start: dict | None) -> list[tuple[str, str]]:
+def start_rows(recipe: dict, start: dict | None, state: dict) -> list[tuple[str, str]]:
     """Where a run's weights started (recorded_recipe's init_from, the checkpoint `start`), if not from a random
-    initialisation."""
+    initialisation, and the checkpoints of other runs --resume-from continued (the trainer state's parts)."""
+    rows = []
     source = (recipe.get("train") or {}).get("init_from")
-    if not source:
-        return []
-    step = f", step {start['step']:,}" if start and isinstance(start.get("step"), int) else ""
-    return [("initial weights", f"`{source}` (train.init_from{step}), trained on from there")]
+    if source:
+        step = f", step {start['step']:,}" if start and isinstance(start.get("step"), int) else ""
+        rows.append(("initial weights", f"`{source}` (train.init_from{step}), trained on from there"))
+    for part in state.get("invocations") or []:
+        fork = part.get("forked_from") if isinstance(part, dict) else None
+        if isinstance(fork, dict) and is_integer(fork.get("step")):
+            rows.append(("continued from", f"`{fork.get('dir')}` (--resume-from): steps 1 to {fork['step']:,} "
+                                           "were trained there"))
+    return rows
 
 
 def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str, str]]:
@@ -521,7 +527,7 @@ def training_section(known: dict) -> list[str]:
     if not recipe:
         return ["Unknown: the export's source records no training.", ""]
     train, tokens = recipe.get("train", {}), state.get("tokens")
-    rows = [("data", data_description(run)), *start_rows(recipe, initial_checkpoint(known["state"], {"run": run})),
+    rows = [("data", data_description(run)), *start_rows(recipe, initial_checkpoint(state, {"run": run}), state),
             ("tokens", (f"{tokens:,} ({state['step']:,} of the schedule's {train['max_steps']:,} optimizer steps: "
                         "a checkpoint from before its end)" if stopped_early(recipe, state)
                         else f"{tokens:,} ({state['step']:,} optimizer steps)") if tokens else UNKNOWN),

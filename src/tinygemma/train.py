@@ -268,6 +268,8 @@ class Trainer:
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = last_checkpoint(self.run_dir)
         ckpt_dir, state = find_start(self.run_dir, last, resume, self.data, self.data_dir)
+        # A fork's first resume (--resume-from's last.json): its part of the run says which checkpoint it continued
+        self.forked_from = last.get("forked_from") if last and isinstance(last.get("forked_from"), dict) else None
         self.model_config = run_model_config(recipe, self.data, self.run_dir, last)
         self.start = state.get("step", 0)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
@@ -714,7 +716,7 @@ class Trainer:
                 "world_size": rt.world_size, "precision": dtype_name(rt.dtype),
                 "flops": (step - self.start) * self.tokens_per_step * self.flops_per_token,
                 "peak_flop_s": seconds * self.peak * rt.world_size if self.peak else None,
-                "changed": self.changes}
+                "changed": self.changes, **({"forked_from": self.forked_from} if self.forked_from else {})}
 
     def checkpoint(self, step: int) -> None:
         """Weights, optimizer, and everything exact resume needs, as checkpoints/step_NNNNNN (every rank calls)."""

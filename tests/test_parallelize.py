@@ -316,11 +316,14 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     assert memory.caps == [PROBE_MEMORY_FRACTION] * 3 and memory.fraction == 1.0  # capped while probing, then not
     memory.tried.clear()
     memory.caps.clear()
-    memory.fraction = 0.5  # the process's own, lower cap: kept while probing, and still there after a refusal
+    memory.fraction = 0.5  # the process's own, lower cap: the bound is 85% of it, and it is there after a refusal
     with pytest.raises(UserError, match=r"not even 128 sequence\(s\) of block_size 8 fit") as error:
         probe_micro_batch_size(model, cfg, CPU, [512, 256, 128])
     assert memory.tried == [512, 256, 128] and "activation_checkpointing=true" in str(error.value)
-    assert memory.caps == [0.5] * 3 and memory.fraction == 0.5
+    assert memory.caps == [0.425] * 3 and memory.fraction == 0.5
+    memory.tried.clear()
+    assert probe_micro_batch_size(model, cfg, CPU, [64, 32]) == 32  # 448 bytes: past 85% of the process's 500
+    assert memory.fraction == 0.5
     # A GPU so full that under the cap not even the token ids fit: the same refusal, not an out-of-memory crash.
     real_zeros = torch.zeros
 
@@ -339,7 +342,9 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     monkeypatch.setattr(torch, "zeros", real_zeros)
     memory.tried.clear()
     memory.fraction, memory.others = 1.0, 450
+    memory.caps.clear()
     assert probe_micro_batch_size(model, cfg, CPU, [64, 32, 16]) == 32 and memory.tried == [64, 32]
+    assert memory.caps == [0.4, 0.4]  # the allocator capped at the bound: a size too large fails in it
     with pytest.raises(UserError, match=r"\(0\.0 of its 0\.0 GiB are held by other processes: end them"):
         probe_micro_batch_size(model, cfg, CPU, [128, 64])
 

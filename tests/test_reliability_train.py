@@ -224,7 +224,8 @@ def test_float16_gradients_that_overflow_at_every_scale_stop_the_run(data_dir, t
     run(data_dir, out, "max_steps=40", "dtype=float16", "checkpoint_interval=2", stop_at=2)
     state["poison"] = True
     with pytest.raises(tinygemma.train.NonFiniteError,
-                       match=r"float16 gradients overflowed at every loss scale down to 0\.25 \(step 20, loss \d.*"
+                       match=r"float16 gradients overflowed at every loss scale tried, which fell to 0\.25 \(step 20, "
+                             r"loss \d.*"
                              r"last good checkpoint is step 18\. .*bfloat16 or float32"):
         run(data_dir, out, "max_steps=40", "dtype=float16", "checkpoint_interval=2", "log_interval=40", resume=True)
     # 2**16 halved at each step from 3 on: 1 after step 18 (still saved), 0.5 after 19, and the read before step
@@ -233,6 +234,14 @@ def test_float16_gradients_that_overflow_at_every_scale_stop_the_run(data_dir, t
     records = [r for r in tinygemma.metrics.read_records(out / "metrics.jsonl") if "train_loss" in r]
     assert [r["step"] for r in records] == list(range(1, 21)) and all(r.get("overflow") for r in records[2:])
     assert records[-1]["loss_scale"] == 0.25 and records[-1]["nonfinite"] and "loss_scale" not in records[-2]
+    # Under "skip" too (it skips a step; at a scale of 0 the next finite step's gradients would be NaN, applied)
+    skip = tmp_path / "skip"
+    state["poison"] = False
+    run(data_dir, skip, "max_steps=40", "dtype=float16", "checkpoint_interval=2", stop_at=2)
+    state["poison"] = True
+    with pytest.raises(tinygemma.train.NonFiniteError, match=r"which fell to 0\.25 \(step 20, "):
+        run(data_dir, skip, "max_steps=40", "dtype=float16", "checkpoint_interval=2", "on_nonfinite=skip",
+            resume=True)
 
 
 def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -1310,3 +1310,19 @@ def test_an_older_schedules_rate_is_told_on_the_workshops_long_schedule(tmp_path
         (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": step, "tokens": 1, "lr": logged}) + "\n")
         warning = check_logged_schedule(tmp_path, saved, step)
         assert (warning is not None and "an older tinygemma trained the run" in warning) == warned, warning
+
+
+def test_release_outlives_a_cuda_error_raised_again_by_empty_cache(monkeypatch):
+    """After a sticky CUDA error (an illegal memory access) every CUDA call raises it again: release's
+    empty_cache must not replace the error that ended the run, nor keep close() from ending the runtime."""
+    from types import SimpleNamespace
+
+    from tinygemma.train import Trainer
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", broken)
+    trainer = SimpleNamespace(rt=SimpleNamespace(is_cuda=True), model=object())
+    Trainer.release(trainer)
+    assert trainer.model is None

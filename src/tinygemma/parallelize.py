@@ -106,7 +106,7 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     more) is compiled eagerly, once per size tried: two or three sizes at the 270M's shapes, within dynamo's 8.
     Under torchrun every process takes the smallest of the processes' choices.
 
-    While it probes, the caching allocator is capped at that fraction, so a size too large fails as a clean
+    While it probes, the caching allocator is capped at that bound, so a size too large fails as a clean
     out-of-memory error with the rest of the GPU still free, rather than by filling the device: memory that
     CUDA's libraries take outside the allocator (cuBLAS workspaces, kernels loaded for the first backward) could
     then fail as an unrecoverable CUDA error. The cap the process had is restored afterwards.
@@ -114,9 +114,11 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(rt.device)
     # What other processes hold (a notebook's kernel that trained before, another run; and this process's CUDA
-    # context) is not this one's to take: the headroom is kept below what is left.
+    # context) is not this one's to take: the headroom is kept below what is left, and below the process's own
+    # cap (torch.cuda.get_per_process_memory_fraction is recent; without it the process had none: 1.0).
     others = max(0, total - free - torch.cuda.memory_reserved(rt.device))
-    limit = PROBE_MEMORY_FRACTION * total - others
+    previous = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(rt.device)
+    limit = min(PROBE_MEMORY_FRACTION * total - others, PROBE_MEMORY_FRACTION * previous * total)
 
     def fits(size: int) -> bool:
         try:  # under the cap even the token ids may not fit (a GPU nearly full already): that too is "no"
@@ -134,9 +136,7 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
             raw.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
-    # torch.cuda.get_per_process_memory_fraction is recent; without it the process had no cap of its own (1.0)
-    previous = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(rt.device)
-    torch.cuda.set_per_process_memory_fraction(min(previous, PROBE_MEMORY_FRACTION), rt.device)
+    torch.cuda.set_per_process_memory_fraction(min(previous, max(limit, 0) / total), rt.device)
     try:
         chosen = next((size for size in sizes if fits(size)), 0)
     finally:

@@ -25,6 +25,7 @@ purges TensorBoard's events past it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -136,7 +137,7 @@ from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_sca
 # ------------------------------------------------------------------ the loop
 
 
-# float16's loss scale below which a run under on_nonfinite = "stop" stops: gradients that overflow even unscaled
+# float16's loss scale below which a run stops, under either on_nonfinite: gradients that overflow even unscaled
 # (DeepSpeed's min_loss_scale; GradScaler starts at 2**16 and halves at each overflow)
 MIN_LOSS_SCALE = 1.0
 
@@ -568,15 +569,17 @@ class Trainer:
                 self.skipped += 1
                 record["skipped_steps"] = self.skipped
         self.train_loss = pending[-1]["train_loss"]
-        first_bad = next((i for i, v in enumerate(values) if not v[2]), None)
-        if first_bad is None and self.cfg.on_nonfinite == "stop" and any(r.get("overflow") for r in pending):
+        stop = self.cfg.on_nonfinite == "stop"
+        first_bad = next((i for i, v in enumerate(values) if not v[2]), None) if stop else None
+        if first_bad is None and any(r.get("overflow") for r in pending):
             # float16: gradients that overflow whatever the scale would be skipped for ever, the scale halving to
-            # zero; below MIN_LOSS_SCALE the gradients exceed float16 at their true size: the run has diverged
+            # zero (where, under "skip", the next finite step's unscaled gradients are NaN); below MIN_LOSS_SCALE
+            # they exceed float16 at their true size: the run has diverged, whatever on_nonfinite says
             scale = self.scaler.get_scale()
             if scale < MIN_LOSS_SCALE:
                 first_bad = max(i for i, r in enumerate(pending) if r.get("overflow"))
                 pending[first_bad]["loss_scale"] = scale
-        if first_bad is None or self.cfg.on_nonfinite != "stop":
+        if first_bad is None:
             return pending, None
         pending[first_bad]["nonfinite"] = True
         return pending[: first_bad + 1], pending[first_bad]
@@ -596,9 +599,10 @@ class Trainer:
             self.log_file.flush()
         loss, norm = record["train_loss"], record["grad_norm"]
         if "loss_scale" in record:
-            raise NonFiniteError(f"float16 gradients overflowed at every loss scale down to {record['loss_scale']:g} "
-                                 f"(step {record['step']}, loss {loss}); stopped without saving{self.last_good()}. "
-                                 "Lower train.learning_rate, or train in bfloat16 or float32 (train.dtype)")
+            raise NonFiniteError(f"float16 gradients overflowed at every loss scale tried, which fell to "
+                                 f"{record['loss_scale']:g} (step {record['step']}, loss {loss}); stopped without "
+                                 f"saving{self.last_good()}. Lower train.learning_rate, or train in bfloat16 or "
+                                 "float32 (train.dtype)")
         raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
                              f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
                              f"{self.last_good()}. Lower train.learning_rate, or pass --set on_nonfinite=skip to "
@@ -788,7 +792,8 @@ class Trainer:
         self.model = self.raw = self.optimizer = self.scaler = self.next_batch = None
         gc.collect()
         if self.rt.is_cuda:
-            torch.cuda.empty_cache()
+            with contextlib.suppress(RuntimeError):  # (a CUDA error that ended the run is raised again here)
+                torch.cuda.empty_cache()
 
     def summary(self) -> dict:
         final, best = checkpoint_pointer(self.run_dir), checkpoint_pointer(self.run_dir, "best")

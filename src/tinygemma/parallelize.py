@@ -149,7 +149,8 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
         dist.all_reduce(size, op=dist.ReduceOp.MIN)
     if not size:  # on every process, so none waits in a collective
         held = (f" ({others / 2**30:.1f} of its {total / 2**30:.1f} GiB are held by other processes: end them, or "
-                f"free a notebook's GPU memory with torch.cuda.empty_cache())" if others > 0.1 * total else "")
+                "in a notebook let go of its models on the GPU, then torch.cuda.empty_cache())" if others > 0.1 * total
+                else "")
         raise UserError(f"not even {sizes[-1]} sequence(s) of block_size {cfg.block_size} fit in this GPU's memory "
                         f"for a forward and backward pass{held}; lower train.block_size, or set "
                         "train.activation_checkpointing=true")

@@ -689,7 +689,10 @@ TINY_RUN = ["--set", "model.preset=gemma3-tiny", "--set", "model.d_model=32", "-
     ({"source": "x"}, "is malformed: it lacks or mangles"),
     ({"eot_id": 99999}, "eot_id (an id below vocab_size)"),
     ({"vocab_size": "eot+1"}, "cannot hold its tokenizer's 300 ids: its meta.json is damaged or hand-edited"),
-], ids=["source-not-a-table", "eot-outside-the-vocabulary", "vocabulary-below-the-tokenizers"])
+    ({"vocab_size": 299}, "cannot hold its tokenizer's 300 ids: its meta.json is damaged or hand-edited"),
+    ({"eot_id": "vocab"}, "eot_id (an id below vocab_size)"),
+], ids=["source-not-a-table", "eot-outside-the-vocabulary", "vocabulary-below-the-tokenizers", "one-id-short",
+        "eot-at-the-vocabulary-size"])
 def test_a_hand_edited_meta_json_is_one_line_for_train_and_eval(world, tmp_path, capsys, edit, words):
     """meta.json values of the right JSON but the wrong meaning were a traceback (a KeyError inside the message
     for another model.vocab_size, an AttributeError reading the sources) or accepted by eval."""
@@ -698,7 +701,8 @@ def test_a_hand_edited_meta_json_is_one_line_for_train_and_eval(world, tmp_path,
     for name in ("meta.json", "train.bin", "val.bin", "tokenizer.json"):
         (data / name).write_bytes((world / "bpe" / name).read_bytes())
     meta = json.loads((data / "meta.json").read_text())
-    meta.update({k: meta["eot_id"] + 1 if v == "eot+1" else v for k, v in edit.items()})
+    meta.update({k: {"eot+1": meta["eot_id"] + 1, "vocab": meta["vocab_size"]}.get(v, v) if isinstance(v, str) and
+                 v in ("eot+1", "vocab") else v for k, v in edit.items()})
     (data / "meta.json").write_text(json.dumps(meta))
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY_RUN]) == 2
     err = capsys.readouterr().err

@@ -342,6 +342,9 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     monkeypatch.setattr(torch, "zeros", real_zeros)
     memory.tried.clear()
     memory.fraction, memory.others = 1.0, 450
+    memory.others, memory.reserved, memory.tried = 0, 500, []  # this process's own reserve is its own to use
+    assert probe_micro_batch_size(model, cfg, CPU, [64, 32]) == 64 and memory.tried == [64]
+    memory.others, memory.reserved, memory.tried = 450, 30, []
     memory.caps.clear()
     assert probe_micro_batch_size(model, cfg, CPU, [64, 32, 16]) == 32 and memory.tried == [64, 32]
     assert memory.caps == [0.4, 0.4]  # the allocator capped at the bound: a size too large fails in it

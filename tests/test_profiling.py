@@ -134,6 +134,6 @@ def test_a_profile_of_an_invocation_that_trains_nothing_says_so():
                                         r"its schedule ends there, max_steps 6\); profile a run with steps to train$"):
         check_profile_range("7:8", 6, 6, cfg)
     with pytest.raises(UserError, match=r"--profile 4:4: this invocation trains no step \(the run is at step 3 and "
-                                        r"--stop-at ends it at step 3\)"):
+                                        r"--stop-at is not past that step\)"):
         check_profile_range("4:4", 3, 3, cfg)
     assert check_profile_range("4:4", 3, 4, cfg) == (4, 4)

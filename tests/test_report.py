@@ -509,7 +509,8 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert main(["compare", str(copy), str(straight_run)]) == 0
     out = capsys.readouterr().out
     assert "| data=" in out and "tokenizer tokenizer.json 01234567" in out and "different windows" not in out
-    assert "validated on different data (another validation split or tokenizer): neither" in out
+    assert "; validation: set aside from the training source (a 0.1 share), 66 stories; tokenizer" in out
+    assert "tokenizers differ: their losses per token do not compare, their bits per byte do" in out
 
 
 def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_path, capsys):
@@ -637,7 +638,7 @@ def test_compare_names_changes_made_on_resume_and_other_validation_data(straight
     out = compared()
     train_digest = state["data"]["train_blake2b"][:8]
     assert f"; tokens: train {train_digest}, validation ffffffff | 8 |" in out and f"| {other} | data=" in out
-    assert "validated on different data" in out and "different windows" not in out
+    assert "validated on different stories (their validation tokens differ)" in out and "different windows" not in out
     # The same tokens from stories named another way (a relative path, a copy of the file): the same data.
     config = json.loads((other / "config.json").read_text())
     config["run"]["data_source"]["train"] = ["stories.txt"]
@@ -646,7 +647,7 @@ def test_compare_names_changes_made_on_resume_and_other_validation_data(straight
         (steady / "checkpoints" / "step_000008" / "trainer_state.json").read_text())["data"]["val_blake2b"]
     state_file.write_text(json.dumps(state))
     out = compared()
-    assert f"| {other} | - | 8 |" in out and "different data" not in out and "different windows" not in out
+    assert f"| {other} | - | 8 |" in out and "different stories" not in out and "different windows" not in out
     # A run without the digests (trained before they were recorded): compared by its stories' sources and counts,
     # the validation split's among them.
     del state["data"]["val_blake2b"], state["data"]["train_blake2b"]
@@ -658,7 +659,8 @@ def test_compare_names_changes_made_on_resume_and_other_validation_data(straight
     (other / "config.json").write_text(json.dumps(config))
     out = compared()
     assert "; validation: `va.txt`, 58 stories; tokenizer" in out and "tokens: train" not in out
-    assert "validated on different data" in out
+    # (without digests, a difference of names is no proof of other stories: the milder note on windows)
+    assert "different stories" not in out and "scored on different windows" in out
 
 
 def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_path, capsys):
@@ -683,6 +685,11 @@ def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_pat
         return line.strip(" |").split(" | ")
 
     assert cells(branch)[7] == f"{vals[best]:.4f} (step {best})"
+    young = tmp_path / "young"  # validated at step 0 alone (stopped before its first evaluation): that is its best
+    young.mkdir()
+    shutil.copy(straight_run / "config.json", young / "config.json")
+    (young / "metrics.jsonl").write_text(json.dumps(next(r for r in records if "val_loss" in r)) + "\n")
+    assert cells(young)[6:8] == ["0.5000 (step 0)", "0.5000 (step 0)"]
     # Killed after step 40 with its last checkpoint at step 20: the validations at 30 and 40 are not kept.
     shutil.copytree(branch / "checkpoints" / "step_000040", branch / "checkpoints" / "step_000020")
     state = json.loads((branch / "checkpoints" / "step_000020" / "trainer_state.json").read_text())
@@ -702,7 +709,13 @@ def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_pat
     ("state", {"elapsed_s": "x"}),
     ("state", {"invocations": [1]}),
     ("state", {"data": "x"}),
-], ids=["eval-not-a-table", "eval-loss-text", "step-text", "elapsed-text", "invocations-of-numbers", "data-text"])
+    ("eval.json", {"eval": {"loss": 3.0}}),
+    ("state", {"invocations": [{"steps": [0, 40], "changed": {"learning_rate": 1}}]}),
+    ("state", {"invocations": [{"changed": {"learning_rate": [0.01, 0.005]}}]}),
+    ("state", {"invocations": [{"steps": ["x"], "changed": {"learning_rate": [0.01, 0.005]}}]}),
+    ("eval.json", {"eval": {"loss": None}}),
+], ids=["eval-not-a-table", "eval-loss-text", "step-text", "elapsed-text", "invocations-of-numbers", "data-text",
+        "eval-without-tokens", "a-change-not-a-pair", "a-change-without-steps", "steps-of-text", "eval-null-alone"])
 def test_compare_names_a_hand_edited_file_in_one_line(straight_run, tmp_path, capsys, file, edit):
     """Valid JSON of the wrong types in a run's eval.json or trainer state was a traceback: one line naming the
     file; a metrics.jsonl line whose figures are not numbers is no record of the trainer's, skipped."""
@@ -756,3 +769,30 @@ def test_compare_edges_of_plots_inputs_and_windows(straight_run, data_dir, tmp_p
     (young / "config.json").write_text(json.dumps({**config, "run": ["x"]}))
     assert main(["compare", str(young)]) == 2
     assert "sections are not tables" in capsys.readouterr().err
+
+
+def test_a_nan_whole_split_loss_and_odd_digests_are_shown_not_a_traceback(straight_run, tmp_path, capsys):
+    """eval.json writes a NaN loss (weights that overflowed) as null: compare and report.md show it as nan; token
+    digests that are not text are as good as none."""
+    from tinygemma.metrics import strict_json
+
+    run = tmp_path / "nan"
+    shutil.copytree(straight_run, run)
+    (run / "eval.json").write_text(strict_json({"checkpoint": "step_000040", "split": "val",
+                                                "eval": {"loss": float("nan"), "bits_per_byte": None, "tokens": 99}}))
+    state_file = run / "checkpoints" / "step_000040" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "data": {**state["data"], "train_blake2b": 5}}))
+    assert main(["compare", str(run), str(straight_run)]) == 0
+    assert " | nan (step 40) | - |" in capsys.readouterr().out
+    assert "| whole validation split (99 tokens), checkpoint `step_000040` | nan | unknown |" in \
+        tinygemma.report.render_report(run)
+
+
+def test_sampling_says_each_prompts_seed():
+    from tinygemma.report import sampling
+
+    one = {"temperature": 0.8, "top_k": 50, "seed": 1337, "max_new_tokens": 9, "prompts": ["Once"]}
+    assert sampling(one) == "temperature 0.8, top-k 50, seed 1337, at most 9 new tokens"
+    assert sampling({**one, "prompts": ["Once", "Tom"]}) == ("temperature 0.8, top-k 50, seed 1337 for the first "
+                                                             "prompt, one more for each next, at most 9 new tokens")

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -653,7 +654,7 @@ def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):
     assert not (tmp_path / "a").exists()  # refused before writing anything
 
 
-def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_dir, tmp_path, capsys):
+def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_dir, stories_dir, tmp_path, capsys):
     """train.init_from: a new run starts from another's weights (a run folder: its best checkpoint; or that run's
     transformers export), with its own optimizer and schedule; the vocabulary padding of either side (a CUDA run's
     128) is no obstacle; a resume reads its own checkpoint, and needs the source no more."""
@@ -668,6 +669,12 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
             "windows depend on the seed and step alone: this run's steps 1 to 4 draw the windows those weights "
             "learned first, again. Set another train.seed") in err
     run(data_dir, tmp_path / "reseeded", "max_steps=1", "warmup_steps=0", "seed=7", f"init_from={straight_run}")
+    assert "learned first" not in capsys.readouterr().err
+    other = tmp_path / "other_data"  # the same seed on other stories: other windows, nothing to warn of
+    prepare(other, sources=[stories_dir / "valid.txt"], tokenizer=str(data_dir / "tokenizer.json"), limit=300,
+            val_fraction=0.1, workers=1, progress=False)
+    train(load_recipe(None, tiny_settings(other, tmp_path / "elsewhere", "max_steps=1", "warmup_steps=0",
+                                          f"init_from={straight_run}")), quiet=True)
     assert "learned first" not in capsys.readouterr().err
     lrs = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
     assert lrs[1] == next(r["lr"] for r in metrics(straight_run) if r.get("step") == 1)  # the warmup's first rate
@@ -1167,6 +1174,13 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     # unwarned, but recorded (float summation differs): the report's Reproduce commands split the steps alike
     state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
     assert state["invocations"][-1]["changed"] == {"batch_size": [8, 4], "grad_accum_steps": [1, 2]}
+    split = tmp_path / "split"  # (a copy: the run goes on below)
+    shutil.copytree(out, split)
+    run(data_dir, split, "max_steps=6", "checkpoint_interval=2", "batch_size=4", "grad_accum_steps=2",
+        "micro_batch_size=2", resume=True, stop_at=5)
+    state = json.loads((split / "checkpoints" / "step_000005" / "trainer_state.json").read_text())
+    assert state["invocations"][-1]["changed"] == {"micro_batch_size": ["auto", "2"]}
+    capsys.readouterr()
     assert ("tinygemma train --out " + shlex.quote(str(out)) + " --resume --set train.batch_size=4 --set "
             "train.grad_accum_steps=2 --stop-at 4") in (out / "report.md").read_text()
     run(data_dir, out, "max_steps=6", "checkpoint_interval=2", "learning_rate=5e-3", "grad_clip=0.5",

@@ -218,12 +218,7 @@ def render_report(run_dir: Path) -> str:
     records = read_records(run_dir / "metrics.jsonl")
     last, best = checkpoint_pointer(run_dir), checkpoint_pointer(run_dir, "best")
     state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
-    evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
-    whole = evaluation.get("eval", {})
-    if not (isinstance(whole, dict) and all(is_real(whole[k]) for k in ("loss", "bits_per_byte") if whole.get(k)
-                                            is not None) and (not whole or "loss" in whole)):
-        raise UserError(f"{run_dir / EVAL_NAME} is damaged or hand-edited: its eval is not the loss and bits per "
-                        "byte `tinygemma run` writes")
+    evaluation = read_evaluation(run_dir)
     recipe = recorded_recipe(state, config)
     steps = state.get("step", 0)
     lines = [f"# tinygemma run `{run_dir.name}`", "",
@@ -343,6 +338,21 @@ def training_rows(run: dict, records: list[dict], state: dict) -> list[tuple[str
     return rows
 
 
+def read_evaluation(run_dir: Path) -> dict:
+    """RUN/eval.json, `tinygemma run`'s evaluation of a checkpoint on the whole validation split ({} if none):
+    refused in one line unless its eval holds a loss (a number, or null for NaN), bits per byte (the same, or
+    none) and the tokens scored, and it names the checkpoint."""
+    path = run_dir / EVAL_NAME
+    evaluation = read_json(path, "evaluation") if path.exists() else {}
+    whole = evaluation.get("eval")
+    if evaluation and not (isinstance(whole, dict) and "loss" in whole and is_integer(whole.get("tokens"))
+                           and all(whole.get(k) is None or is_real(whole[k]) for k in ("loss", "bits_per_byte"))
+                           and isinstance(evaluation.get("checkpoint"), str)):
+        raise UserError(f"{path} is damaged or hand-edited: it is not the checkpoint, loss, bits per byte and "
+                        "tokens `tinygemma run` writes")
+    return evaluation
+
+
 def validation_table(records: list[dict], last: dict | None, best: dict | None, evaluation: dict) -> list[str]:
     evals = {r["step"]: r for r in records if "val_loss" in r}
     rows = []
@@ -375,8 +385,9 @@ def data_description(run: dict) -> str:
     return where + (f", at most the first {limit:,} stories" if limit else "")
 
 
-def val_cells(loss: float, bpb: float | None) -> tuple[str, str]:
-    return f"{loss:.4f}", f"{bpb:.4f}" if bpb is not None else UNKNOWN
+def val_cells(loss: float | None, bpb: float | None) -> tuple[str, str]:
+    """A loss and bits per byte as the tables show them (eval.json's null, a NaN: "nan")."""
+    return (f"{loss:.4f}" if loss is not None else "nan"), f"{bpb:.4f}" if bpb is not None else UNKNOWN
 
 
 # ------------------------------------------------------------------ markdown pieces
@@ -402,7 +413,8 @@ def sampling(g: dict) -> str:
                  if g.get(key)]
     if g.get("repetition_penalty", 1.0) != 1.0:
         settings.append(f"repetition penalty {g['repetition_penalty']}")
-    return ", ".join(settings + [f"seed {g.get('seed')}", f"at most {g.get('max_new_tokens')} new tokens"])
+    each = " for the first prompt, one more for each next" if len(g.get("prompts") or []) > 1 else ""  # (as sampled)
+    return ", ".join(settings + [f"seed {g.get('seed')}{each}", f"at most {g.get('max_new_tokens')} new tokens"])
 
 
 # ------------------------------------------------------------------ the model card of an export
@@ -589,10 +601,7 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         return ["None: the recipe's generate.prompts is empty.", ""]
     device = pick_device("auto")
     model = load_model(out, tokenizer, dtype="auto" if device.type == "cuda" else "float32", device=str(device))
-    settings = dataclasses.asdict(g)
-    if len(g.prompts) > 1:  # (as `tinygemma run` samples them)
-        settings["seed"] = f"{g.seed} for the first prompt, one more for each next"
-    lines = [f"Generated at export by tinygemma from these files: {sampling(settings)}.", ""]
+    lines = [f"Generated at export by tinygemma from these files: {sampling(dataclasses.asdict(g))}.", ""]
     positions = model.config.max_position_embeddings
     for i, prompt in enumerate(g.prompts):
         # As many new tokens as the recipe asks and the model's positions leave room for (a model trained with
@@ -689,21 +698,24 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
             f"{evals[best]['val_loss']:.4f} (step {best:,})" if best is not None else "-",
-            f"{whole['loss']:.4f}" + (f" (step {scored:,})" if scored is not None else "") if whole else "-",
+            val_cells(whole["loss"], None)[0] + (f" (step {scored:,})" if scored is not None else "") if whole else "-",
             f"{whole['bits_per_byte']:.4f}" if whole.get("bits_per_byte") is not None else "-"))
     lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
                          "val loss (best)", "whole split loss", "bits per byte"))
     samples = {validation_sample(run["config"], data[name][1]) for name, run in runs.items()}
-    if len({val for _, val, _ in data.values()} - {None}) > 1:
-        lines.append("The runs were validated on different data (another validation split or tokenizer): neither "
-                     "their sampled nor their whole split's losses compare. Score them on one dataset: "
-                     "`tinygemma eval --ckpt RUN --data DATA` (a tokenizer like the runs').")
-        lines.append("")
+    tokenizers = {json.dumps((run["config"].get("run") or {}).get("tokenizer"), sort_keys=True) for run in runs.values()}
+    if len(tokenizers) > 1:
+        lines += ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
+                  "same stories: `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story file in "
+                  "its own tokens.", ""]
+    elif len({val for _, val, _ in data.values()}) > 1:  # (by their tokens: else all None)
+        lines += ["The runs were validated on different stories (their validation tokens differ): neither their "
+                  "sampled nor their whole split's losses compare. Score them on the same stories: `tinygemma eval "
+                  "--ckpt RUN --data DATA` (one dataset, or one story file, for every run).", ""]
     elif len(samples) > 1:
-        lines.append("The sampled validation losses (last, best) were scored on different windows (other data, "
-                     "block size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` "
-                     "writes to eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.")
-        lines.append("")
+        lines += ["The sampled validation losses (last, best) were scored on different windows (other data, block "
+                  "size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` writes to "
+                  "eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.", ""]
     if plot is not None:
         plot_validation({name: run["records"] for name, run in runs.items()}, plot)
     return "\n".join(lines)
@@ -742,8 +754,11 @@ def compared_run(run_dir: Path) -> dict:
     if not (all(is_integer(state.get(key, 0)) for key in ("step", "tokens"))
             and (state.get("elapsed_s") is None or is_real(state["elapsed_s"]))
             and isinstance(state.get("data", {}), dict) and isinstance(state.get("invocations", []), list)
-            and all(isinstance(part, dict) and is_integer((part.get("steps") or [0])[0])
-                    and isinstance(part.get("changed") or {}, dict) for part in state.get("invocations", []))):
+            and all(isinstance(part, dict) and isinstance(part.get("changed") or {}, dict)
+                    and (not part.get("changed") or isinstance(part.get("steps"), list) and part["steps"]
+                         and is_integer(part["steps"][0]))
+                    and all(isinstance(c, list) and len(c) == 2 for c in (part.get("changed") or {}).values())
+                    for part in state.get("invocations", []))):
         raise UserError(f"{run_dir / 'checkpoints' / last['dir'] / STATE_NAME} is damaged or hand-edited: its step, "
                         "tokens, elapsed_s, data or invocations are not what training writes")
     records = read_records(run_dir / "metrics.jsonl")
@@ -761,15 +776,11 @@ def compared_run(run_dir: Path) -> dict:
         timed = [r for r in steps if r.get("elapsed_s") and r["step"] > state.get("step", 0)]
         if timed:
             newest.update(elapsed_s=timed[-1]["elapsed_s"], timed_tokens=timed[-1]["tokens"])
-    evaluation = read_json(run_dir / EVAL_NAME, "evaluation") if (run_dir / EVAL_NAME).exists() else {}
-    whole = evaluation.get("eval", {})
-    if not (isinstance(whole, dict) and all(is_real(whole[k]) for k in ("loss", "bits_per_byte") if whole.get(k)
-                                            is not None) and (not whole or "loss" in whole)):
-        raise UserError(f"{run_dir / EVAL_NAME} is damaged or hand-edited: its eval is not the loss and bits per "
-                        "byte `tinygemma run` writes")
+    evaluation = read_evaluation(run_dir)
     return {"config": config, "records": records, "evaluation": evaluation, "newest": newest,
             "changes": resume_changes(state),
-            "digests": tuple((state.get("data") or {}).get(f"{split}_blake2b") for split in ("train", "val"))}
+            "digests": tuple(digest if isinstance(digest := (state.get("data") or {}).get(f"{split}_blake2b"), str)
+                             else None for split in ("train", "val"))}
 
 
 def training_now(run_dir: Path) -> bool:
@@ -789,12 +800,12 @@ def flat_settings(config: dict) -> dict:
 
 def compared_data(run: dict, by_tokens: bool) -> tuple[str, str | None, str]:
     """(what a run trained on, what it was validated on, how to name its data) for compare: by the tokenizer and
-    the splits' token digests where `by_tokens`, else by the stories' sources and counts and the tokenizer (None
-    for the validation of a run recorded before 2026-12-02: its data's folder is all it says)."""
+    the splits' token digests where `by_tokens`, else by the stories' sources and counts and the tokenizer (and
+    what it was validated on unknown: None)."""
     config = run["config"]
     text = data_identity(config)
-    if not by_tokens:
-        return text, validation_data(config), text
+    if not by_tokens:  # (how a source was spelled, or another file of the same stories, must not say "other data")
+        return text, None, text
     tokenizer = (config.get("run") or {}).get("tokenizer")
     tokenizer = [tokenizer.get("kind"), tokenizer.get("sha256")] if isinstance(tokenizer, dict) else [None]
     train, val = run["digests"]
@@ -824,16 +835,6 @@ def validation_description(run: dict) -> str:
         where += f" (a {source['val_fraction']:g} share)"
     documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("val")
     return where + (f", {documents:,} stories" if isinstance(documents, int) else "")
-
-
-def validation_data(config: dict) -> str | None:
-    """What a run's validation losses were scored on: the validation split (its source and stories) and the
-    tokenizer; None for runs recorded before 2026-12-02 (their data's folder alone says nothing of it)."""
-    run = config.get("run") or {}
-    tokenizer = run.get("tokenizer") if isinstance(run.get("tokenizer"), dict) else {}
-    if not tokenizer and not run.get("data_source"):
-        return None
-    return json.dumps([validation_description(run), tokenizer.get("kind"), tokenizer.get("sha256")])
 
 
 def validation_sample(config: dict, validation: str | None) -> str:

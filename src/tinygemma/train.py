@@ -826,7 +826,7 @@ def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig) -> tu
     if start >= end:
         raise UserError(f"--profile {spec}: this invocation trains no step (the run is at step {start} and "
                         + (f"its schedule ends there, max_steps {cfg.max_steps})" if start >= cfg.max_steps else
-                           f"--stop-at ends it at step {end})") + "; profile a run with steps to train")
+                           "--stop-at is not past that step)") + "; profile a run with steps to train")
     if first <= start or last > end:
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")

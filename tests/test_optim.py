@@ -384,7 +384,7 @@ def test_a_short_wsd_run_still_ends_at_min_lr():
     assert cooldown_start(flat) == 5 and learning_rate(4, flat) == 1e-3
 
 
-def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
+def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path, monkeypatch):
     """A Muon + wsd run interrupted at step 10 of a planned 20 and resumed with max_steps raised to 30 (before the
     cooldown at step 12) gives, step for step, the losses of a run planned for 30 from the start."""
     straight = tmp_path / "straight"
@@ -422,6 +422,16 @@ def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path):
     assert [part.get("forked_from") for part in state["invocations"]] == [None, {"dir": source, "step": 10}]
     assert f"| continued from | `{source}` (--resume-from): steps 1 to 10 were trained there |" in (
         fork / "report.md").read_text()
+    assert main(["export", "--ckpt", str(fork), "--out", str(tmp_path / "fork_hf")]) == 0  # and so does its card
+    assert f"| continued from | `{source}` (--resume-from)" in (tmp_path / "fork_hf" / "README.md").read_text()
+    # A fork of the fork, named by a relative path: recorded whole, each part with the steps it trained.
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume-from", "fork/checkpoints/step_000020", "--out", "fork2", "--max-steps", "30",
+                 "--stop-at", "22"]) == 0
+    report = (tmp_path / "fork2" / "report.md").read_text()
+    assert f"| continued from | `{source}` (--resume-from): steps 1 to 10 were trained there |" in report
+    assert (f"| continued from | `{(fork / 'checkpoints' / 'step_000020').resolve()}` (--resume-from): steps 11 to "
+            "20 were trained there |") in report
     assert val_losses(out) == val_losses(straight)
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 30
 

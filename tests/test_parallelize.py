@@ -280,7 +280,8 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     total, per_sequence = 1000, 7  # a pass of n sequences peaks at 7 n bytes of a 1,000-byte "GPU"
     memory = types.SimpleNamespace(peak=0, resets=0, tried=[], fraction=1.0, caps=[], others=0, reserved=30)
 
-    def set_fraction(fraction, device=None):
+    def set_fraction(fraction, device=None):  # (torch refuses a fraction outside 0 to 1)
+        assert isinstance(fraction, float) and 0 <= fraction <= 1, fraction
         memory.fraction = fraction
 
     def synchronize(device=None):  # where a real GPU would raise an out-of-memory error asynchronously
@@ -348,6 +349,10 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
     memory.caps.clear()
     assert probe_micro_batch_size(model, cfg, CPU, [64, 32, 16]) == 32 and memory.tried == [64, 32]
     assert memory.caps == [0.4, 0.4]  # the allocator capped at the bound: a size too large fails in it
+    memory.others, memory.tried = 900, []  # others hold more than the bound: nothing fits, said in one line
+    with pytest.raises(UserError, match="held by other processes"):
+        probe_micro_batch_size(model, cfg, CPU, [64, 32])
+    assert memory.caps[-1] == 0.0 and memory.fraction == 1.0
     with pytest.raises(UserError, match=r"\(0\.0 of its 0\.0 GiB are held by other processes: end them"):
         probe_micro_batch_size(model, cfg, CPU, [128, 64])
 

@@ -531,24 +531,23 @@ def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_p
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {live}"))
         return line.strip(" |").split(" | ")
 
-    lock = FolderLock(live, "a run")
-    lock.acquire()
-    try:
-        cells = row()
-    finally:
-        lock.release()
+    def row_while_training() -> list[str]:
+        lock = FolderLock(live, "a run")
+        lock.acquire()
+        try:
+            return row()
+        finally:
+            lock.release()
+
+    cells = row_while_training()
     record = next(r for r in test_train.metrics(straight_run) if r["step"] == 40 and "train_loss" in r)
     assert cells[2:4] == ["40", f"{40 * 8 * 32:,}"] and cells[5] == f"{record['tokens'] / record['elapsed_s']:,.0f}"
-    assert row()[2:4] == ["0 (40 logged, lost past the checkpoint)", "0"]
+    assert row()[2:4] == ["0 (40 logged, lost: no checkpoint written)", "0"]
     # Its records end off a log step (13; the last with a training time is step 10's): the rate is step 10's
     # tokens over step 10's time, not step 13's tokens over it.
     lines = (live / "metrics.jsonl").read_bytes().splitlines()[:-1]  # (without the damaged line)
     (live / "metrics.jsonl").write_bytes(b"\n".join(line for line in lines if json.loads(line)["step"] <= 13) + b"\n")
-    lock.acquire()
-    try:
-        cells = row()
-    finally:
-        lock.release()
+    cells = row_while_training()
     timed = next(r for r in test_train.metrics(straight_run) if r["step"] == 10 and "elapsed_s" in r)
     assert "elapsed_s" not in next(r for r in test_train.metrics(straight_run) if r["step"] == 13)
     assert cells[2:4] == ["13", f"{13 * 8 * 32:,}"] and cells[5] == f"{timed['tokens'] / timed['elapsed_s']:,.0f}"
@@ -600,7 +599,8 @@ def test_compare_names_the_data_folder_of_runs_recorded_before_their_data_was(st
     """config.json's run section has recorded the data's stories and tokenizer since 2026-12-02; runs from before
     differ by their data folders' names, as they did."""
     config = json.loads((straight_run / "config.json").read_text())
-    older = {k: v for k, v in config["run"].items() if k not in ("data_source", "data_documents", "tokenizer")}
+    older = {k: v for k, v in config["run"].items() if k not in ("data_source", "data_documents", "tokenizer",
+                                                                 "data_blake2b")}
     for name, folder in (("a", "data/gpt2"), ("b", "data/bpe")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({**config, "run": older,
@@ -626,6 +626,11 @@ def test_compare_names_changes_made_on_resume_and_other_validation_data(straight
     # Other validation stories under the same file names and counts: told apart by the tokens' digests.
     other = tmp_path / "other_val"
     shutil.copytree(steady, other)
+    config = json.loads((other / "config.json").read_text())
+    assert config["run"]["data_blake2b"] == {split: json.loads((data_dir / "meta.json").read_text())["splits"][split][
+        "blake2b"] for split in ("train", "val")}  # recorded as a run starts (a run with no checkpoint has them)
+    del config["run"]["data_blake2b"]  # (as runs recorded before 2026-12-05: their checkpoints' states have them)
+    (other / "config.json").write_text(json.dumps(config))
     state_file = other / "checkpoints" / "step_000008" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["data"]["val_blake2b"] = "f" * 32
@@ -659,8 +664,19 @@ def test_compare_names_changes_made_on_resume_and_other_validation_data(straight
     (other / "config.json").write_text(json.dumps(config))
     out = compared()
     assert "; validation: `va.txt`, 58 stories; tokenizer" in out and "tokens: train" not in out
-    # (without digests, a difference of names is no proof of other stories: the milder note on windows)
+    assert "validated on different stories" in out  # 58 stories, and 66: other stories, whatever their names
+    # (without digests, a difference of names alone is no proof of other stories: the milder note on windows)
+    config["run"]["data_documents"]["val"] = 66
+    (other / "config.json").write_text(json.dumps(config))
+    out = compared()
     assert "different stories" not in out and "scored on different windows" in out
+    # A run with no checkpoint yet (killed before its first) is compared by the digests its config.json records.
+    young = tmp_path / "young"
+    shutil.copytree(steady, young)
+    shutil.rmtree(young / "checkpoints")
+    assert main(["compare", str(steady), str(young)]) == 0
+    out = capsys.readouterr().out
+    assert f"| {young} | - | 0 (8 logged, lost: no checkpoint written) |" in out and "different" not in out
 
 
 def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_path, capsys):
@@ -714,8 +730,12 @@ def test_compares_best_is_of_what_the_run_trained_and_kept(straight_run, tmp_pat
     ("state", {"invocations": [{"changed": {"learning_rate": [0.01, 0.005]}}]}),
     ("state", {"invocations": [{"steps": ["x"], "changed": {"learning_rate": [0.01, 0.005]}}]}),
     ("eval.json", {"eval": {"loss": None}}),
+    ("eval.json", {"eval": {"tokens": 5}}),
+    ("eval.json", {"eval": {"loss": 3.0, "tokens": 5, "bits_per_byte": "x"}}),
+    ("state", {"invocations": [{"steps": [], "changed": {"learning_rate": [0.01, 0.005]}}]}),
 ], ids=["eval-not-a-table", "eval-loss-text", "step-text", "elapsed-text", "invocations-of-numbers", "data-text",
-        "eval-without-tokens", "a-change-not-a-pair", "a-change-without-steps", "steps-of-text", "eval-null-alone"])
+        "eval-without-tokens", "a-change-not-a-pair", "a-change-without-steps", "steps-of-text", "eval-null-alone",
+        "eval-without-loss", "bits-per-byte-text", "steps-empty"])
 def test_compare_names_a_hand_edited_file_in_one_line(straight_run, tmp_path, capsys, file, edit):
     """Valid JSON of the wrong types in a run's eval.json or trainer state was a traceback: one line naming the
     file; a metrics.jsonl line whose figures are not numbers is no record of the trainer's, skipped."""
@@ -796,3 +816,45 @@ def test_sampling_says_each_prompts_seed():
     assert sampling(one) == "temperature 0.8, top-k 50, seed 1337, at most 9 new tokens"
     assert sampling({**one, "prompts": ["Once", "Tom"]}) == ("temperature 0.8, top-k 50, seed 1337 for the first "
                                                              "prompt, one more for each next, at most 9 new tokens")
+
+
+def test_compare_takes_the_settings_of_the_weights_it_shows(straight_run, data_dir, tmp_path, capsys):
+    """config.json is the newest attempt's: one killed before its first checkpoint (another learning rate) made
+    the run look trained at that rate. A stopped run is compared by its checkpoint's recipe; a run training now by
+    config.json, what differs from its checkpoint's recipe a change at the checkpoint's step. Branches of one run
+    (train.init_from) are told apart by the checkpoint each started from, not the folder named."""
+    from tinygemma.files import FolderLock
+
+    attempt = tmp_path / "attempt"
+    shutil.copytree(straight_run, attempt)
+    config = json.loads((attempt / "config.json").read_text())
+    (attempt / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "learning_rate": 1e-3}}))
+    assert main(["compare", str(straight_run), str(attempt)]) == 0
+    assert f"| {attempt} | - | 40 |" in capsys.readouterr().out
+    lock = FolderLock(attempt, "a run")
+    lock.acquire()
+    try:
+        assert main(["compare", str(straight_run), str(attempt)]) == 0
+    finally:
+        lock.release()
+    out = capsys.readouterr().out
+    assert f"| {attempt} | train.learning_rate=0.001; changed on resume: at step 40, learning_rate 0.01 -> 0.001 |" in out
+    source = tmp_path / "source"
+    test_train.run(data_dir, source, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    first = tmp_path / "first"
+    test_train.run(data_dir, first, "max_steps=1", "warmup_steps=0", f"init_from={source}")
+    test_train.run(data_dir, source, "max_steps=4", "checkpoint_interval=2", resume=True)
+    second = tmp_path / "second"
+    test_train.run(data_dir, second, "max_steps=1", "warmup_steps=0", f"init_from={source}")
+    assert main(["compare", str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    assert f"| {first} | train.init_from={(source / 'checkpoints' / 'step_000002').resolve()} |" in out
+    assert f"| {second} | train.init_from={(source / 'checkpoints' / 'step_000004').resolve()} |" in out
+
+
+def test_report_md_refuses_an_eval_json_without_its_checkpoint_in_one_line(straight_run, tmp_path):
+    run = tmp_path / "edited"
+    shutil.copytree(straight_run, run)
+    (run / "eval.json").write_text(json.dumps({"eval": {"loss": 3.0, "tokens": 5}}))
+    with pytest.raises(tinygemma.UserError, match="eval.json is damaged or hand-edited"):
+        tinygemma.report.render_report(run)

@@ -295,11 +295,13 @@ def start_rows(recipe: dict, start: dict | None, state: dict) -> list[tuple[str,
     if source:
         step = f", step {start['step']:,}" if start and isinstance(start.get("step"), int) else ""
         rows.append(("initial weights", f"`{source}` (train.init_from{step}), trained on from there"))
+    start = 0
     for part in state.get("invocations") or []:
         fork = part.get("forked_from") if isinstance(part, dict) else None
-        if isinstance(fork, dict) and is_integer(fork.get("step")):
-            rows.append(("continued from", f"`{fork.get('dir')}` (--resume-from): steps 1 to {fork['step']:,} "
-                                           "were trained there"))
+        if isinstance(fork, dict) and is_integer(fork.get("step")) and isinstance(fork.get("dir"), str):
+            trained = f"steps {start + 1:,} to {fork['step']:,}" if fork["step"] > start else "no step"
+            rows.append(("continued from", f"`{fork['dir']}` (--resume-from): {trained} were trained there"))
+            start = fork["step"]
     return rows
 
 
@@ -459,7 +461,10 @@ def export_records(ckpt: str | Path) -> dict:
     config = peek_json(run_dir / "config.json") if run_dir else {}
     recipe = recorded_recipe(state, config)
     records = read_records(run_dir / "metrics.jsonl") if run_dir else []
-    evaluation = peek_json(run_dir / EVAL_NAME) if run_dir else {}
+    try:  # (a damaged or hand-edited eval.json is no evaluation of these weights, and no reason to stop)
+        evaluation = read_evaluation(run_dir) if run_dir else {}
+    except UserError:
+        evaluation = {}
     if evaluation.get("checkpoint") != src.name:  # the whole-split evaluation of another checkpoint
         evaluation = {}
     step = state.get("step", meta.get("step"))
@@ -586,8 +591,7 @@ def evaluation_section(known: dict) -> list[str]:
         return ["Unknown: no evaluation was recorded for this checkpoint. Measure one with "
                 "`tinygemma eval --ckpt DIR --data PREPARED_DATA`.", ""]
     return [f"Next-token loss on {where}:", "",
-            *table([(f"{loss:.4f}", f"{bpb:.4f}" if bpb is not None else UNKNOWN)], ("loss (nats per token)",
-                                                                                       "bits per byte")),
+            *table([val_cells(loss, bpb)], ("loss (nats per token)", "bits per byte")),
             "Bits per byte divide the loss by the UTF-8 bytes of the text, so that models with different "
             "tokenizers compare.", ""]
 
@@ -693,8 +697,10 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
             name, "; ".join(filter(None, (", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ),
                                           run["changes"] and "changed on resume: " + changes_told(run["changes"]))))
             or "-",
-            f"{newest['step']:,}" + (f" ({newest['lost']:,} logged, lost past the checkpoint)" if newest["lost"] else
-                                     ""), f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
+            f"{newest['step']:,}" + ((f" ({newest['lost']:,} logged, lost past the checkpoint)" if run["checkpointed"]
+                                      else f" ({newest['lost']:,} logged, lost: no checkpoint written)")
+                                     if newest["lost"] else ""), f"{newest['tokens']:,}",
+            format_duration(timed) if timed else "-",
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
             f"{evals[best]['val_loss']:.4f} (step {best:,})" if best is not None else "-",
@@ -702,13 +708,14 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
             f"{whole['bits_per_byte']:.4f}" if whole.get("bits_per_byte") is not None else "-"))
     lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
                          "val loss (best)", "whole split loss", "bits per byte"))
-    samples = {validation_sample(run["config"], data[name][1]) for name, run in runs.items()}
-    tokenizers = {json.dumps((run["config"].get("run") or {}).get("tokenizer"), sort_keys=True) for run in runs.values()}
+    samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
+    tokenizers = {json.dumps(tokenizer, sort_keys=True) for run in runs.values()  # (of runs that record theirs)
+                  if isinstance(tokenizer := (run["config"].get("run") or {}).get("tokenizer"), dict)}
     if len(tokenizers) > 1:
         lines += ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
                   "same stories: `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story file in "
                   "its own tokens.", ""]
-    elif len({val for _, val, _ in data.values()}) > 1:  # (by their tokens: else all None)
+    elif len({val for _, val, _ in data.values()} - {None}) > 1:  # (by their tokens, else their story counts)
         lines += ["The runs were validated on different stories (their validation tokens differ): neither their "
                   "sampled nor their whole split's losses compare. Score them on the same stories: `tinygemma eval "
                   "--ckpt RUN --data DATA` (one dataset, or one story file, for every run).", ""]
@@ -777,10 +784,22 @@ def compared_run(run_dir: Path) -> dict:
         if timed:
             newest.update(elapsed_s=timed[-1]["elapsed_s"], timed_tokens=timed[-1]["tokens"])
     evaluation = read_evaluation(run_dir)
-    return {"config": config, "records": records, "evaluation": evaluation, "newest": newest,
-            "changes": resume_changes(state),
-            "digests": tuple(digest if isinstance(digest := (state.get("data") or {}).get(f"{split}_blake2b"), str)
-                             else None for split in ("train", "val"))}
+    # The settings of the weights shown: the checkpoint's recipe (config.json is the newest attempt's, which may
+    # have failed before its first checkpoint); of a run training now, config.json's, what its checkpoint's
+    # recipe differs in being a change on resume at the checkpoint's step, not yet in its state.
+    # (the model is config.json's, resolved whole, which no resume changes)
+    recipe, changes = {**recorded_recipe(state, config), "model": config.get("model")}, resume_changes(state)
+    if training_now(run_dir) and state.get("config"):
+        was, recipe = recipe.get("train") or {}, {**recorded_recipe({}, config), "model": config.get("model")}
+        pending = {key: [was.get(key), value] for key, value in (recipe.get("train") or {}).items()
+                   if key not in ("out", "max_steps") and was.get(key) != value}
+        changes = [*changes, *([(state.get("step", 0), pending)] if pending else [])]
+    recorded = (config.get("run") or {}).get("data_blake2b") or {}
+    digests = tuple(digest if isinstance(digest := (recorded if isinstance(recorded, dict) else {}).get(split)
+                                         or (state.get("data") or {}).get(f"{split}_blake2b"), str) else None
+                    for split in ("train", "val"))
+    return {"config": {**recipe, "run": config.get("run") or {}}, "records": records, "evaluation": evaluation,
+            "newest": newest, "changes": changes, "digests": digests, "checkpointed": last is not None}
 
 
 def training_now(run_dir: Path) -> bool:
@@ -804,8 +823,11 @@ def compared_data(run: dict, by_tokens: bool) -> tuple[str, str | None, str]:
     what it was validated on unknown: None)."""
     config = run["config"]
     text = data_identity(config)
-    if not by_tokens:  # (how a source was spelled, or another file of the same stories, must not say "other data")
-        return text, None, text
+    if not by_tokens:  # how a source was spelled, or another file of the same stories, must not say "other data";
+        # validation splits of other sizes are other stories, though
+        documents = (config.get("run") or {}).get("data_documents")
+        val = documents.get("val") if isinstance(documents, dict) else None
+        return text, json.dumps(val) if is_integer(val) else None, text
     tokenizer = (config.get("run") or {}).get("tokenizer")
     tokenizer = [tokenizer.get("kind"), tokenizer.get("sha256")] if isinstance(tokenizer, dict) else [None]
     train, val = run["digests"]

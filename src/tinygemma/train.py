@@ -269,8 +269,7 @@ class Trainer:
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = last_checkpoint(self.run_dir)
         ckpt_dir, state = find_start(self.run_dir, last, resume, self.data, self.data_dir)
-        # A fork's first resume (--resume-from's last.json): its part of the run says which checkpoint it continued
-        self.forked_from = last.get("forked_from") if last and isinstance(last.get("forked_from"), dict) else None
+        self.forked_from = fork_source(last)  # (this invocation's part of the run names it)
         self.model_config = run_model_config(recipe, self.data, self.run_dir, last)
         self.start = state.get("step", 0)
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
@@ -453,6 +452,7 @@ class Trainer:
                            "loss_head": self.loss_head,
                            "compiled": compiles(cfg, rt),
                            "data_source": self.data.meta.get("source"),
+                           "data_blake2b": {split: self.data.digest(split) for split in ("train", "val")},
                            "data_documents": {split: self.data.meta["splits"][split].get("documents")
                                               for split in ("train", "val")},
                            **self.machine}
@@ -1134,6 +1134,13 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict,
             state[name] = state[name][:model.config.vocab_size]
     record = {"dir": str(directory.resolve()), "step": meta.get("step")}
     return record, checked_state(model_config, state, where)
+
+
+def fork_source(last: dict | None) -> dict | None:
+    """{"dir", "step"} of the checkpoint a --resume-from fork continued, which its last.json names until the
+    fork's first checkpoint: its first resume's part of the run records it (report.md's "continued from")."""
+    fork = (last or {}).get("forked_from")
+    return fork if isinstance(fork, dict) and is_integer(fork.get("step")) and isinstance(fork.get("dir"), str) else None
 
 
 def repeated_windows(record: dict, cfg: TrainConfig, data) -> str | None:

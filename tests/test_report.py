@@ -858,3 +858,21 @@ def test_report_md_refuses_an_eval_json_without_its_checkpoint_in_one_line(strai
     (run / "eval.json").write_text(json.dumps({"eval": {"loss": 3.0, "tokens": 5}}))
     with pytest.raises(tinygemma.UserError, match="eval.json is damaged or hand-edited"):
         tinygemma.report.render_report(run)
+
+
+def test_export_of_a_run_whose_whole_split_loss_is_nan_writes_its_card(straight_run, tmp_path):
+    """eval.json's null loss (a NaN evaluation) stopped the export with a traceback: the card says nan; an
+    eval.json damaged by hand is no evaluation of the weights, and no reason to stop an export either."""
+    from tinygemma.metrics import strict_json
+
+    pytest.importorskip("transformers")
+    run = tmp_path / "nan"
+    shutil.copytree(straight_run, run)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())["dir"]
+    (run / "eval.json").write_text(strict_json({"checkpoint": best, "split": "val",
+                                                "eval": {"loss": float("nan"), "bits_per_byte": None, "tokens": 99}}))
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "| nan | unknown |" in (tmp_path / "hf" / "README.md").read_text()
+    (run / "eval.json").write_text(json.dumps({"checkpoint": best, "eval": 5}))
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf2")]) == 0
+    assert "whole validation split" not in (tmp_path / "hf2" / "README.md").read_text()

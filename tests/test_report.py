@@ -804,8 +804,8 @@ def test_a_nan_whole_split_loss_and_odd_digests_are_shown_not_a_traceback(straig
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "data": {**state["data"], "train_blake2b": 5}}))
     assert main(["compare", str(run), str(straight_run)]) == 0
-    assert " | nan (step 40) | - |" in capsys.readouterr().out
-    assert "| whole validation split (99 tokens), checkpoint `step_000040` | nan | unknown |" in \
+    assert " | nan (step 40) | nan |" in capsys.readouterr().out
+    assert "| whole validation split (99 tokens), checkpoint `step_000040` | nan | nan |" in \
         tinygemma.report.render_report(run)
 
 
@@ -831,14 +831,17 @@ def test_compare_takes_the_settings_of_the_weights_it_shows(straight_run, data_d
     (attempt / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "learning_rate": 1e-3}}))
     assert main(["compare", str(straight_run), str(attempt)]) == 0
     assert f"| {attempt} | - | 40 |" in capsys.readouterr().out
+    config = json.loads((attempt / "config.json").read_text())  # (and its trackers, which change no number)
+    (attempt / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "loggers": ["wandb"]}}))
     lock = FolderLock(attempt, "a run")
     lock.acquire()
     try:
         assert main(["compare", str(straight_run), str(attempt)]) == 0
     finally:
         lock.release()
-    out = capsys.readouterr().out
-    assert f"| {attempt} | train.learning_rate=0.001; changed on resume: at step 40, learning_rate 0.01 -> 0.001 |" in out
+    out = capsys.readouterr().out  # the changes training will record at its next checkpoint, no others
+    assert (f"| {attempt} | train.learning_rate=0.001, train.loggers=[\"wandb\"]; changed on resume: at step 40, "
+            "learning_rate 0.01 -> 0.001 |") in out
     source = tmp_path / "source"
     test_train.run(data_dir, source, "max_steps=4", "checkpoint_interval=2", stop_at=2)
     first = tmp_path / "first"
@@ -872,7 +875,18 @@ def test_export_of_a_run_whose_whole_split_loss_is_nan_writes_its_card(straight_
     (run / "eval.json").write_text(strict_json({"checkpoint": best, "split": "val",
                                                 "eval": {"loss": float("nan"), "bits_per_byte": None, "tokens": 99}}))
     assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
-    assert "| nan | unknown |" in (tmp_path / "hf" / "README.md").read_text()
+    assert "| nan | nan |" in (tmp_path / "hf" / "README.md").read_text()
     (run / "eval.json").write_text(json.dumps({"checkpoint": best, "eval": 5}))
     assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf2")]) == 0
     assert "whole validation split" not in (tmp_path / "hf2" / "README.md").read_text()
+
+
+def test_a_fork_that_has_trained_no_step_names_its_source(straight_run, tmp_path):
+    """A --resume-from fork stopped before its first checkpoint (or of a finished run): its last.json names the
+    checkpoint it continued, which report.md's "continued from" row gives until the fork's own parts record it."""
+    from tinygemma.checkpoint import fork_run
+
+    source = straight_run / "checkpoints" / "step_000040"
+    fork_run(source, tmp_path / "fork")
+    assert (f"| continued from | `{source.resolve()}` (--resume-from): steps 1 to 40 were trained there |"
+            in tinygemma.report.render_report(tmp_path / "fork"))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma.config import ModelConfig
+from tinygemma.config import ModelConfig, is_integer
 from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import as_device, pick_dtype
 from tinygemma.errors import UserError
@@ -439,6 +439,13 @@ def last_checkpoint(run_dir: Path) -> dict | None:
                             "one to resume from: put it back (a JSON object {\"dir\": \"step_NNNNNN\", \"step\": N}), "
                             "or remove the folder to train from scratch")
     return last
+
+
+def fork_source(last: dict | None) -> dict | None:
+    """{"dir", "step"} of the checkpoint a --resume-from fork continued, which its last.json names until the
+    fork's first checkpoint: its first resume's part of the run records it (report.md's "continued from")."""
+    fork = (last or {}).get("forked_from")
+    return fork if isinstance(fork, dict) and is_integer(fork.get("step")) and isinstance(fork.get("dir"), str) else None
 
 
 def checkpoint_name(step: int) -> str:

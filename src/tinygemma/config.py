@@ -177,6 +177,36 @@ def saved_train_settings(train: dict) -> dict:
     return {**LEGACY_TRAIN, **train}
 
 
+# Settings that change the numbers of the steps still to come, and that a resume may change on purpose (a lower
+# peak after a loss spike): said in a warning, since a notebook or recipe edited between sessions does it too.
+STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend", "weight_decay", "beta1", "beta2", "adam_eps",
+                 "grad_clip", "dtype", "on_nonfinite", "activation_checkpointing",
+                 "lr_schedule", "warmup_steps", "cooldown_fraction",  # where no rate taken changes (else refused)
+                 "eval_batches")  # the validation set that best.json compares against the earlier losses
+
+
+# Settings that change what a run records (its evaluations, samples, checkpoints and log lines), not its losses:
+# kept among an invocation's changes, so that the report's Reproduce commands make the same records.
+RECORD_SETTINGS = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "sample_interval")
+# Another split of the same global batch: the same windows and math, float summation aside (which training
+# amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the Reproduce
+# commands split the steps as they were split.
+SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size")
+
+
+def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...] = STEP_SETTINGS) -> dict[str, list]:
+    """The settings of `names` (the step settings) a resume changes, {name: [the run's value, this invocation's]}
+    (`saved`: the run's recorded [train]); settings the run's optimizer or schedule does not use are no change."""
+    if not saved:
+        return {}
+    saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
+    unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
+    if cfg.optimizer == "adamw":  # (a change of optimizer itself is refused: check_resume_schedule)
+        unused |= {"muon_learning_rate", "muon_backend"}
+    return {name: [saved[name], current[name]] for name in names
+            if name in saved and saved[name] != current[name] and name not in unused}
+
+
 # Other spellings of some train settings' values, taken as the canonical one (recorded so)
 OTHER_SPELLINGS = {"dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
                    "compile": {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}}

@@ -26,11 +26,15 @@ from tinygemma.checkpoint import (
     checkpoint_pointer,
     checkpoint_step,
     checkpoint_tokenizer,
+    fork_source,
     load_model,
     read_checkpoint_meta,
     resolve_checkpoint,
 )
 from tinygemma.config import (
+    RECORD_SETTINGS,
+    SPLIT_SETTINGS,
+    STEP_SETTINGS,
     DataConfig,
     GenerateConfig,
     ModelConfig,
@@ -39,6 +43,7 @@ from tinygemma.config import (
     is_integer,
     is_real,
     saved_train_settings,
+    settings_changes,
 )
 from tinygemma.data import HUB_DATASET, META_NAME
 from tinygemma.devices import device_description, pick_device
@@ -229,7 +234,7 @@ def render_report(run_dir: Path) -> str:
                                                  "losses do not depend on the number of processes)"),
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run, state))]
-    lines += ["## Training", "", *table([*start_rows(recipe, initial_checkpoint(state, config), state),
+    lines += ["## Training", "", *table([*start_rows(recipe, initial_checkpoint(state, config), state, last),
                                           *training_rows(run, records, state)])]
     lines += ["## Validation", "", *validation_table(records, last, best, evaluation)]
     if (run_dir / "loss.png").exists():
@@ -287,20 +292,21 @@ def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
     return [*machines, ("software", versions(run.get("software")) or UNKNOWN), ("commit", run.get("commit") or UNKNOWN)]
 
 
-def start_rows(recipe: dict, start: dict | None, state: dict) -> list[tuple[str, str]]:
+def start_rows(recipe: dict, start: dict | None, state: dict, last: dict | None = None) -> list[tuple[str, str]]:
     """Where a run's weights started (recorded_recipe's init_from, the checkpoint `start`), if not from a random
-    initialisation, and the checkpoints of other runs --resume-from continued (the trainer state's parts)."""
+    initialisation, and the checkpoints of other runs --resume-from continued (the trainer state's parts; a fork
+    that has written no checkpoint of its own yet: its last.json, `last`)."""
     rows = []
     source = (recipe.get("train") or {}).get("init_from")
     if source:
         step = f", step {start['step']:,}" if start and isinstance(start.get("step"), int) else ""
         rows.append(("initial weights", f"`{source}` (train.init_from{step}), trained on from there"))
     start = 0
-    for part in state.get("invocations") or []:
-        fork = part.get("forked_from") if isinstance(part, dict) else None
-        if isinstance(fork, dict) and is_integer(fork.get("step")) and isinstance(fork.get("dir"), str):
-            trained = f"steps {start + 1:,} to {fork['step']:,}" if fork["step"] > start else "no step"
-            rows.append(("continued from", f"`{fork['dir']}` (--resume-from): {trained} were trained there"))
+    parts = [part for part in state.get("invocations") or [] if isinstance(part, dict)]
+    for fork in [*(fork_source(part) for part in parts), fork_source(last)]:
+        if fork is not None and fork["step"] >= start:
+            trained = f"steps {start + 1:,} to {fork['step']:,} were" if fork["step"] > start else "no step was"
+            rows.append(("continued from", f"`{fork['dir']}` (--resume-from): {trained} trained there"))
             start = fork["step"]
     return rows
 
@@ -388,8 +394,11 @@ def data_description(run: dict) -> str:
 
 
 def val_cells(loss: float | None, bpb: float | None) -> tuple[str, str]:
-    """A loss and bits per byte as the tables show them (eval.json's null, a NaN: "nan")."""
-    return (f"{loss:.4f}" if loss is not None else "nan"), f"{bpb:.4f}" if bpb is not None else UNKNOWN
+    """A loss and bits per byte as the tables show them (eval.json's null, a NaN: "nan", and so are its bits
+    per byte)."""
+    if loss is None or math.isnan(loss):
+        return "nan", "nan"
+    return f"{loss:.4f}", f"{bpb:.4f}" if bpb is not None else UNKNOWN
 
 
 # ------------------------------------------------------------------ markdown pieces
@@ -705,7 +714,7 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
             f"{evals[best]['val_loss']:.4f} (step {best:,})" if best is not None else "-",
             val_cells(whole["loss"], None)[0] + (f" (step {scored:,})" if scored is not None else "") if whole else "-",
-            f"{whole['bits_per_byte']:.4f}" if whole.get("bits_per_byte") is not None else "-"))
+            val_cells(whole["loss"], whole.get("bits_per_byte"))[1].replace(UNKNOWN, "-") if whole else "-"))
     lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
                          "val loss (best)", "whole split loss", "bits per byte"))
     samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
@@ -791,8 +800,12 @@ def compared_run(run_dir: Path) -> dict:
     recipe, changes = {**recorded_recipe(state, config), "model": config.get("model")}, resume_changes(state)
     if training_now(run_dir) and state.get("config"):
         was, recipe = recipe.get("train") or {}, {**recorded_recipe({}, config), "model": config.get("model")}
-        pending = {key: [was.get(key), value] for key, value in (recipe.get("train") or {}).items()
-                   if key not in ("out", "max_steps") and was.get(key) != value}
+        try:  # (what training will record as this invocation's changes, at its first checkpoint)
+            now = TrainConfig(**{key: value for key, value in (recipe.get("train") or {}).items()
+                                 if key in TrainConfig.__dataclass_fields__})  # (train.out is the recipe's)
+            pending = settings_changes(was, now, STEP_SETTINGS + RECORD_SETTINGS + SPLIT_SETTINGS)
+        except (TypeError, UserError):  # a config.json of another version's settings
+            pending = {}
         changes = [*changes, *([(state.get("step", 0), pending)] if pending else [])]
     recorded = (config.get("run") or {}).get("data_blake2b") or {}
     digests = tuple(digest if isinstance(digest := (recorded if isinstance(recorded, dict) else {}).get(split)

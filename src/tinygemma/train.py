@@ -47,6 +47,7 @@ from tinygemma.checkpoint import (
     WEIGHTS_NAME,
     checkpoint_pointer,
     checkpoint_tokenizer,
+    fork_source,
     forked_run,
     last_checkpoint,
     load_optimizer,
@@ -64,6 +65,9 @@ from tinygemma.checkpoint import (
     load as load_checkpoint,
 )
 from tinygemma.config import (
+    RECORD_SETTINGS,
+    SPLIT_SETTINGS,
+    STEP_SETTINGS,
     ModelConfig,
     Recipe,
     TrainConfig,
@@ -73,6 +77,7 @@ from tinygemma.config import (
     is_integer,
     parse_override,
     saved_train_settings,
+    settings_changes,
 )
 from tinygemma.data import (
     Batches,
@@ -932,35 +937,6 @@ def batch_stream(train: dict) -> dict:
             "global batch": train["batch_size"] * train["grad_accum_steps"]}
 
 
-# Settings that change the numbers of the steps still to come, and that a resume may change on purpose (a lower
-# peak after a loss spike): said in a warning, since a notebook or recipe edited between sessions does it too.
-STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend", "weight_decay", "beta1", "beta2", "adam_eps",
-                 "grad_clip", "dtype", "on_nonfinite", "activation_checkpointing",
-                 "lr_schedule", "warmup_steps", "cooldown_fraction",  # where no rate taken changes (else refused)
-                 "eval_batches")  # the validation set that best.json compares against the earlier losses
-
-
-# Settings that change what a run records (its evaluations, samples, checkpoints and log lines), not its losses:
-# kept among an invocation's changes, so that the report's Reproduce commands make the same records.
-RECORD_SETTINGS = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "sample_interval")
-# Another split of the same global batch: the same windows and math, float summation aside (which training
-# amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the Reproduce
-# commands split the steps as they were split.
-SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size")
-
-
-def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...] = STEP_SETTINGS) -> dict[str, list]:
-    """The settings of `names` (the step settings) a resume changes, {name: [the run's value, this invocation's]}."""
-    if not saved:
-        return {}
-    saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
-    unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
-    if cfg.optimizer == "adamw":  # (a change of optimizer itself is refused: check_resume_schedule)
-        unused |= {"muon_learning_rate", "muon_backend"}
-    return {name: [saved[name], current[name]] for name in names
-            if name in saved and saved[name] != current[name] and name not in unused}
-
-
 def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_at: int | None) -> str | None:
     """Refuse a resume that changes the run's batches (its windows and token counts would no longer be one run's;
     the micro-batch split and the process count may change, they change no number). Returns a warning naming
@@ -1134,13 +1110,6 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict,
             state[name] = state[name][:model.config.vocab_size]
     record = {"dir": str(directory.resolve()), "step": meta.get("step")}
     return record, checked_state(model_config, state, where)
-
-
-def fork_source(last: dict | None) -> dict | None:
-    """{"dir", "step"} of the checkpoint a --resume-from fork continued, which its last.json names until the
-    fork's first checkpoint: its first resume's part of the run records it (report.md's "continued from")."""
-    fork = (last or {}).get("forked_from")
-    return fork if isinstance(fork, dict) and is_integer(fork.get("step")) and isinstance(fork.get("dir"), str) else None
 
 
 def repeated_windows(record: dict, cfg: TrainConfig, data) -> str | None:

@@ -664,11 +664,11 @@ NOT_COMPARED = {"train.out"}  # where each run is, which always differs
 
 
 def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> str:
-    """Several training runs side by side, as a markdown table: the settings in which they differ (the data by
-    what was prepared, not by its folder's name), then each one's steps, tokens, training time and throughput
-    (its newest records'), its validation losses (the last and best sampled, and the whole split's where
-    `tinygemma run` evaluated a checkpoint, named), with a note where their sampled validation losses were scored
-    on different windows. `plot`: their validation loss against tokens, in one PNG."""
+    """Several training runs side by side, as a markdown table: the settings in which they differ (those of the
+    weights shown; the data by what was prepared, not by its folder's name), then each one's steps, tokens,
+    training time and throughput (its newest records'), its validation losses (the last and best sampled, and the
+    whole split's where `tinygemma run` evaluated a checkpoint, named), with a note where their losses do not
+    compare as they stand (comparison_note). `plot`: their validation loss against tokens, in one PNG."""
     plot = check_plot_path(plot) if plot is not None else None
     runs, seen = {}, {}
     for given in run_dirs:
@@ -681,8 +681,8 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
         seen[run_dir.resolve()] = given
         runs[str(given)] = compared_run(run_dir)
     settings = {name: flat_settings(run["config"]) for name, run in runs.items()}
-    # The tokens' digests (meta.json's, in the trainer state since 2026-12-03) tell the data apart by what was
-    # prepared: not by the stories' file names as typed, nor by their counts. Compared where every run has them.
+    # The tokens' digests (meta.json's, recorded since 2026-12-03) tell the data apart by what was prepared: not
+    # by the stories' file names as typed, nor by their counts. Compared where every run has them.
     by_tokens = all(all(run["digests"]) for run in runs.values())
     data = {name: compared_data(run, by_tokens) for name, run in runs.items()}
     if len({(train, val) for train, val, _ in data.values()}) > 1:
@@ -690,51 +690,60 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
             settings[name]["data"] = text
     keys = sorted({key for flat in settings.values() for key in flat} - NOT_COMPARED)
     differ = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in settings.values()}) > 1]
-    rows = []
-    for name, run in runs.items():
-        records, whole, newest = run["records"], run["evaluation"].get("eval") or {}, run["newest"]
-        evals = {r["step"]: r for r in records if "val_loss" in r}
-        last = max(evals) if evals else None
-        # the best as best.json's: of what this run trained (step 0 is the weights it started from; under
-        # train.init_from, another run's)
-        trained = [s for s in evals if s > 0 and math.isfinite(evals[s]["val_loss"])] or [
-            s for s in evals if math.isfinite(evals[s]["val_loss"])]  # (NaN, a diverged step's, orders nothing)
-        best = min(trained, key=lambda step: evals[step]["val_loss"]) if trained else None
-        timed = newest.get("elapsed_s")
-        scored = checkpoint_step(run["evaluation"].get("checkpoint"))
-        rows.append((
-            name, "; ".join(filter(None, (", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ),
-                                          run["changes"] and "changed on resume: " + changes_told(run["changes"]))))
-            or "-",
-            f"{newest['step']:,}" + ((f" ({newest['lost']:,} logged, lost past the checkpoint)" if run["checkpointed"]
-                                      else f" ({newest['lost']:,} logged, lost: no checkpoint written)")
-                                     if newest["lost"] else ""), f"{newest['tokens']:,}",
-            format_duration(timed) if timed else "-",
+    rows = [compared_row(name, run, ", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ))
+            for name, run in runs.items()]
+    lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
+                         "val loss (best)", "whole split loss", "bits per byte"))
+    lines += comparison_note(runs, data, by_tokens)
+    if plot is not None:
+        plot_validation({name: run["records"] for name, run in runs.items()}, plot)
+    return "\n".join(lines)
+
+
+def compared_row(name: str, run: dict, differs: str) -> tuple[str, ...]:
+    """compare's row of one run (compared_run's), `differs` its settings that differ from the others'."""
+    records, whole, newest = run["records"], run["evaluation"].get("eval") or {}, run["newest"]
+    evals = {r["step"]: r for r in records if "val_loss" in r}
+    last = max(evals) if evals else None
+    # the best as best.json's: of what this run trained (step 0 is the weights it started from; under
+    # train.init_from, another run's); NaN, a diverged step's, orders nothing
+    trained = [s for s in evals if s > 0 and math.isfinite(evals[s]["val_loss"])] or [
+        s for s in evals if math.isfinite(evals[s]["val_loss"])]
+    best = min(trained, key=lambda step: evals[step]["val_loss"]) if trained else None
+    timed = newest.get("elapsed_s")
+    scored = checkpoint_step(run["evaluation"].get("checkpoint"))
+    lost = ("" if not newest["lost"] else f" ({newest['lost']:,} logged, lost past the checkpoint)"
+            if run["checkpointed"] else f" ({newest['lost']:,} logged, lost: no checkpoint written)")
+    return (name, "; ".join(filter(None, (differs, run["changes"] and "changed on resume: "
+                                          + changes_told(run["changes"])))) or "-",
+            f"{newest['step']:,}{lost}", f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
             f"{evals[best]['val_loss']:.4f} (step {best:,})" if best is not None else "-",
             val_cells(whole["loss"], None)[0] + (f" (step {scored:,})" if scored is not None else "") if whole else "-",
-            val_cells(whole["loss"], whole.get("bits_per_byte"))[1].replace(UNKNOWN, "-") if whole else "-"))
-    lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
-                         "val loss (best)", "whole split loss", "bits per byte"))
-    samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
+            val_cells(whole["loss"], whole.get("bits_per_byte"))[1].replace(UNKNOWN, "-") if whole else "-")
+
+
+def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
+    """What compare says under its table, the first that holds: the runs' tokenizers differ (bits per byte
+    compare, losses per token do not), their validation stories differ (by their tokens, or without digests by
+    their counts: no validation loss compares), or only their sampled windows do (the whole split's compare)."""
     tokenizers = {json.dumps(tokenizer, sort_keys=True) for run in runs.values()  # (of runs that record theirs)
                   if isinstance(tokenizer := (run["config"].get("run") or {}).get("tokenizer"), dict)}
+    samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
     if len(tokenizers) > 1:
-        lines += ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
-                  "same stories: `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story file in "
-                  "its own tokens.", ""]
-    elif len({val for _, val, _ in data.values()} - {None}) > 1:  # (by their tokens, else their story counts)
-        lines += ["The runs were validated on different stories (their validation tokens differ): neither their "
-                  "sampled nor their whole split's losses compare. Score them on the same stories: `tinygemma eval "
-                  "--ckpt RUN --data DATA` (one dataset, or one story file, for every run).", ""]
-    elif len(samples) > 1:
-        lines += ["The sampled validation losses (last, best) were scored on different windows (other data, block "
-                  "size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` writes to "
-                  "eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.", ""]
-    if plot is not None:
-        plot_validation({name: run["records"] for name, run in runs.items()}, plot)
-    return "\n".join(lines)
+        return ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
+                "same stories: `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story file in "
+                "its own tokens.", ""]
+    if len({val for _, val, _ in data.values()} - {None}) > 1:
+        return ["The runs were validated on different stories: neither their sampled nor their whole split's losses "
+                "compare. Score them on the same stories: `tinygemma eval --ckpt RUN --data DATA` (one dataset, or "
+                "one story file, for every run).", ""]
+    if len(samples) > 1:
+        return ["The sampled validation losses (last, best) were scored on different windows (other data, block "
+                "size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` writes to "
+                "eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.", ""]
+    return []
 
 
 def check_plot_path(plot: str | Path) -> Path:

@@ -617,3 +617,27 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
     assert "source not found" in refused("run", str(recipe), "--set", f"data.source={tmp_path / 'gone.txt'}",
                                          "--set", f"data.dir={tmp_path / 'new-data'}", "--set",
                                          f"train.out={tmp_path / 'other'}")
+
+
+def test_run_keeps_the_evaluation_of_weights_that_cannot_be_sampled(tmp_path, stories_dir, capsys, monkeypatch):
+    """Weights whose logits are not finite (a float16 overflow, a NaN) were evaluated on the whole split, minutes
+    long, then failed at the first sample before eval.json was written: the evaluation is recorded (and
+    report.md), then the run fails in one line as before."""
+    import tinygemma.pipeline
+    from tinygemma.generate import NonFiniteLogits
+
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2"]) == 0
+    (tmp_path / "run" / "eval.json").unlink()
+    capsys.readouterr()
+
+    def broken(model, *args, **kwargs):
+        raise NonFiniteLogits(model, None, "at new token 1")
+
+    monkeypatch.setattr(tinygemma.pipeline, "generate_text", broken)
+    assert main(["run", str(recipe_file), "--set", "generate.max_new_tokens=2"]) != 0
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("tinygemma run: error: the model's logits hold NaN or inf")
+    recorded = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert recorded["samples"] == [] and recorded["eval"]["tokens"] > 0

@@ -39,7 +39,7 @@ from tinygemma.devices import dtype_name, evaluation_dtype, pick_device, pick_dt
 from tinygemma.errors import UserError
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
-from tinygemma.generate import generate_text
+from tinygemma.generate import NonFiniteLogits, generate_text
 from tinygemma.metrics import strict_json
 from tinygemma.model import Gemma3
 from tinygemma.optim import check_muon_rate, cooldown_start, schedule
@@ -331,10 +331,14 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     print(strict_json({"eval": metrics}), flush=True)
 
     g = recipe.generate
-    samples = []
+    samples, broken = [], None
     for i, prompt in enumerate(g.prompts):
-        texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
-                                 **g.sampling())
+        try:
+            texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
+                                     **g.sampling())
+        except NonFiniteLogits as e:  # (weights that are not finite: their evaluation, minutes long, is kept)
+            broken = e
+            break
         samples.append(prompt + texts[0])
         print(f"\n--- sample {i + 1}: {prompt!r}\n{prompt}{texts[0]}", flush=True)
     # Recorded for report.md, and for the model card of this checkpoint's export (its whole-split evaluation).
@@ -342,6 +346,8 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     atomic_write_json(Path(recipe.out) / EVAL_NAME, {"checkpoint": checkpoint, "split": "val", "eval": metrics,
                                                     "samples": samples, "generate": dataclasses.asdict(g)})
     write_report(recipe.out)
+    if broken is not None:
+        raise broken
     return {"eval": metrics, "samples": samples}
 
 

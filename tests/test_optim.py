@@ -430,6 +430,12 @@ def test_muon_state_round_trips_and_resume_is_exact(data_dir, tmp_path, monkeypa
                  "--stop-at", "22"]) == 0
     report = (tmp_path / "fork2" / "report.md").read_text()
     assert f"| continued from | `{source}` (--resume-from): steps 1 to 10 were trained there |" in report
+    # A fork of fork2's own copy of its first checkpoint: continued from the original (the copy trained nothing)
+    assert main(["train", "--resume-from", "fork2/checkpoints/step_000020", "--out", "fork3", "--max-steps", "30",
+                 "--stop-at", "21"]) == 0
+    report = (tmp_path / "fork3" / "report.md").read_text()
+    assert (f"| continued from | `{(fork / 'checkpoints' / 'step_000020').resolve()}` (--resume-from): steps 11 to "
+            "20 were trained there |") in report and report.count("| continued from |") == 2
     assert (f"| continued from | `{(fork / 'checkpoints' / 'step_000020').resolve()}` (--resume-from): steps 11 to "
             "20 were trained there |") in report
     assert val_losses(out) == val_losses(straight)

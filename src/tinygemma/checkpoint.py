@@ -448,6 +448,20 @@ def fork_source(last: dict | None) -> dict | None:
     return fork if isinstance(fork, dict) and is_integer(fork.get("step")) and isinstance(fork.get("dir"), str) else None
 
 
+def fork_origin(src: Path, run: Path | None, step: int) -> dict:
+    """{"dir", "step"} of the checkpoint a fork of `src` (of step `step`, in `run`) continues: `src` itself, or
+    where `run` is a fork and `src` the checkpoint it was made of (its own copy, never trained there), that
+    fork's source, so that no run is said to have trained steps it only copied."""
+    if run is not None:
+        last = peek_json(run / "checkpoints" / "last.json")
+        state = peek_json(run / "checkpoints" / str(last.get("dir")) / STATE_NAME) if last.get("dir") else {}
+        parts = state.get("invocations") if isinstance(state.get("invocations"), list) else []
+        for fork in (fork_source(last), *(fork_source(part) for part in parts if isinstance(part, dict))):
+            if fork is not None and fork["step"] == step:
+                return fork
+    return {"dir": str(src.resolve()), "step": step}
+
+
 def checkpoint_name(step: int) -> str:
     """The folder of a run's checkpoint of `step` in its checkpoints/: step_NNNNNN, which pruning counts."""
     return f"step_{step:06d}"
@@ -501,7 +515,7 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
         # (where it came from, which the fork's resume records in its part of the run: the checkpoint's own
         # files are the source's, hard links, never written)
         atomic_write_json(ckpts / "last.json", {"dir": checkpoint_name(step), "step": step,
-                                                "forked_from": {"dir": str(src.resolve()), "step": step}})
+                                                "forked_from": fork_origin(src, run, step)})
     except BaseException:
         remove_fork(out, {"made": made})
         raise

@@ -1340,3 +1340,22 @@ def test_release_outlives_a_cuda_error_raised_again_by_empty_cache(monkeypatch):
     trainer = SimpleNamespace(rt=SimpleNamespace(is_cuda=True), model=object())
     Trainer.release(trainer)
     assert trainer.model is None
+
+
+def test_train_gives_a_notebook_its_random_generators_back(straight_run, data_dir, tmp_path):
+    """train seeds torch's generator (the model's initialisation) and a resume restores the checkpoint's
+    generators: the caller's came back as the run's, whatever seed a notebook had set."""
+    import random
+
+    shutil.copytree(straight_run, tmp_path / "finished")  # (a copy: the fixture stays as it is)
+    for resume, out in ((False, tmp_path / "fresh"), (True, tmp_path / "finished")):
+        torch.manual_seed(5)
+        np.random.seed(6)
+        random.seed(7)
+        expected = (torch.rand(3), np.random.rand(2), random.random())
+        torch.manual_seed(5)
+        np.random.seed(6)
+        random.seed(7)
+        run(data_dir, out, "max_steps=2", "warmup_steps=0") if not resume else run(data_dir, out, resume=True)
+        got = (torch.rand(3), np.random.rand(2), random.random())
+        assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]

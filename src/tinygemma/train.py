@@ -31,11 +31,13 @@ import functools
 import gc
 import math
 import os
+import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -330,6 +332,7 @@ class Trainer:
         self.after_first_step = 0.0  # when that first step ended
         self.log_file = self.writer = self.progress = self.profiler = None
         self.rt = setup_runtime(self.cfg.device, self.cfg.dtype)
+        self.caller_random = random_state(self.rt)  # (the run seeds torch's generator: a notebook gets its own back)
         for warning in self.warnings if self.rt.is_main else ():
             print(f"tinygemma: warning: {warning}", file=sys.stderr, flush=True)
         if self.start == 0 and self.rt.is_main:
@@ -781,6 +784,8 @@ class Trainer:
             self.release()
         finally:
             self.unlock()  # else the notebook's next train() of this run is refused until the kernel restarts
+            if getattr(self, "caller_random", None):
+                restore_random_state(self.caller_random, self.rt)
         self.rt.close()
 
     def unlock(self) -> None:
@@ -1110,6 +1115,23 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict,
             state[name] = state[name][:model.config.vocab_size]
     record = {"dir": str(directory.resolve()), "step": meta.get("step")}
     return record, checked_state(model_config, state, where)
+
+
+def random_state(rt) -> tuple:
+    """The generators a run sets (torch's, on the host and the run's GPU; numpy's and Python's, on resume), as
+    the caller had them."""
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(rt.device) if rt.is_cuda else None,
+            np.random.get_state(), random.getstate())
+
+
+def restore_random_state(saved: tuple, rt) -> None:
+    cpu, cuda, numpy_state, python_state = saved
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        with contextlib.suppress(RuntimeError):  # (a CUDA error that ended the run is raised again here)
+            torch.cuda.set_rng_state(cuda, rt.device)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
 
 
 def repeated_windows(record: dict, cfg: TrainConfig, data) -> str | None:

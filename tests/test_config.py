@@ -396,3 +396,12 @@ def test_config_bounds_at_their_edges():
         check_block_size(config.max_position_embeddings + 1, config)
     recipe = load_recipe(None, ["generate.top_p=", "init_from=", "data.vocab_size="])
     assert (recipe.generate.top_p, recipe.train.init_from, recipe.data.vocab_size) == (None, None, None)
+
+
+def test_a_recipe_section_replaced_by_a_dict_is_one_line():
+    from tinygemma.config import checked_recipe
+
+    recipe = load_recipe(None)
+    recipe.train = {"max_steps": 3}
+    with pytest.raises(UserError, match=r"recipe.train must be a TrainConfig, got dict: set its fields instead"):
+        checked_recipe(recipe)

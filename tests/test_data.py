@@ -1132,3 +1132,12 @@ def test_a_run_folder_given_for_data_names_its_data_dir_as_recorded(tmp_path):
         with pytest.raises(UserError, match=re.escape(f"is a training run, not a prepared dataset: give the folder "
                                                       f"its data was prepared in, {said}")):
             open_prepared(run)
+
+
+def test_a_list_given_as_one_story_source_is_one_line():
+    """read_stories(["stories.txt"]) (a list, as prepare's sources=[...] takes) was a TypeError from Path()."""
+    from tinygemma import UserError
+    from tinygemma.data import read_stories
+
+    with pytest.raises(UserError, match=r"a story source is one file or datasets folder \(a str or Path\), got list"):
+        read_stories(["stories.txt"], limit=3)

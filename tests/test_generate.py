@@ -815,3 +815,9 @@ def test_a_prompt_that_fills_the_positions_still_gets_one_new_token(tokenizer):
     for n, new, fix in ((16, 2, "shorten the prompt"), (10, 8, "ask for fewer new tokens"), (17, 0, "shorten the prompt")):
         with pytest.raises(UserError, match=f"need more than the model's 16 positions.*; {fix}"):
             prompt_ids(config, tokenizer, words(n), new)
+
+
+def test_a_numpy_seed_is_a_seed(model, tokenizer):
+    """seed=np.int64(1) (a notebook's loop over np.arange) failed in torch.Generator.manual_seed."""
+    assert generate_text(model, tokenizer, PROMPT, 4, temperature=1.0, seed=np.int64(1))[0] == generate_text(
+        model, tokenizer, PROMPT, 4, temperature=1.0, seed=1)[0]

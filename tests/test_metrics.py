@@ -108,3 +108,10 @@ def test_the_log_line_gives_muons_rate_beside_adamws_under_muon_alone():
     line = tinygemma.metrics.log_line({**record, "lr_muon": 2e-2}, 10, 1000.0, 5.0)
     assert "| lr 1.00e-03 (muon 2.00e-02) | grad norm 0.500 |" in line
     assert "muon" not in tinygemma.metrics.log_line(record, 10, 1000.0, 5.0)
+
+
+def test_read_records_takes_a_str_path_or_a_run_folder(tmp_path):
+    """As every other function of the Python API that takes a path (a notebook's 'runs/a/metrics.jsonl')."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "train_loss": 2.0}) + "\n")
+    assert read_records(str(tmp_path / "metrics.jsonl")) == read_records(tmp_path) == [
+        {"step": 1, "tokens": 8, "train_loss": 2.0}]

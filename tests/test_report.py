@@ -890,3 +890,8 @@ def test_a_fork_that_has_trained_no_step_names_its_source(straight_run, tmp_path
     fork_run(source, tmp_path / "fork")
     assert (f"| continued from | `{source.resolve()}` (--resume-from): steps 1 to 40 were trained there |"
             in tinygemma.report.render_report(tmp_path / "fork"))
+
+
+def test_compare_runs_takes_one_run_given_alone(straight_run):
+    """compare_runs("runs/a") went through the path's letters ("r is not a training run")."""
+    assert f"| {straight_run} | - | 40 |" in tinygemma.report.compare_runs(str(straight_run))

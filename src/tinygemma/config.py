@@ -461,6 +461,10 @@ def checked_recipe(recipe: Recipe) -> Recipe:
     if not isinstance(recipe, Recipe):
         raise UserError(f"recipe must be a Recipe (tinygemma.config.load_recipe makes one), got "
                         f"{type(recipe).__name__}")
+    for name, kind in (("data", DataConfig), ("train", TrainConfig), ("generate", GenerateConfig)):
+        if not isinstance(getattr(recipe, name), kind):  # (a notebook's recipe.train = dict(...))
+            raise UserError(f"recipe.{name} must be a {kind.__name__}, got {type(getattr(recipe, name)).__name__}: set "
+                            f"its fields instead (recipe.{name}.FIELD = VALUE)")
     return Recipe.from_dict(recipe.to_dict(), source="the recipe")
 
 

@@ -316,6 +316,8 @@ def _open_source(source: str | None, limit: int | None = None, progress: bool = 
 def check_source(source) -> Path:
     """A local source as a Path, refused in one line where it is missing, a folder that datasets' save_to_disk
     did not write, or of a format prepare does not read: what `tinygemma run` checks before it says it prepares."""
+    if not isinstance(source, (str, os.PathLike)):  # (a list, as prepare's sources=[...])
+        raise UserError(f"a story source is one file or datasets folder (a str or Path), got {type(source).__name__}")
     path = Path(source)
     if path.is_dir():
         if not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):

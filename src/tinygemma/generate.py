@@ -394,7 +394,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     input_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = None
     if seed is not None:
-        generator = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
+        generator = [torch.Generator(device=device).manual_seed(int(seed) + i) for i in range(num_samples)]  # (numpy's)
     eot = tokenizer.eot_id
     streams = [TextStream(tokenizer, context=ids) for _ in range(num_samples)]
     stoppers = [StopText(stops) for _ in range(num_samples)]

@@ -100,9 +100,12 @@ def is_record(record) -> bool:
             and all(record[k] is None or type(record[k]) in (int, float) for k in NUMERIC_FIELDS if k in record))
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (none if it is missing), skipping a line torn by a crash and one that is no
-    record of the trainer's (is_record's: a line added or edited by hand); null is NaN."""
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, or a run folder's (none if it is missing), skipping a line torn by a crash
+    and one that is no record of the trainer's (is_record's: a line added or edited by hand); null is NaN."""
+    path = Path(path)
+    if path.is_dir():  # a run's folder: its records
+        path = path / "metrics.jsonl"
     records = []
     if path.exists():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # (a damaged line: skipped)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -671,7 +672,7 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
     compare as they stand (comparison_note). `plot`: their validation loss against tokens, in one PNG."""
     plot = check_plot_path(plot) if plot is not None else None
     runs, seen = {}, {}
-    for given in run_dirs:
+    for given in [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs:  # (one run: a list of one)
         run_dir = Path(given)
         if not is_training_run(run_dir) or not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a training run (no config.json of tinygemma's): compare takes "

@@ -282,9 +282,8 @@ class Trainer:
         saved_train = state.get("config", {}).get("train")  # the run's [train] settings, as it last ran
         # A --stop-at the run has passed trains nothing (the notebook's loop of chunks, run again, does that)
         self.end = max(self.start, min(self.cfg.max_steps, stop_at)) if stop_at is not None else self.cfg.max_steps
-        # Under torchrun every process says a refusal of these, before any process group exists: one that only
-        # some processes meet (a node with other data) must not go unsaid, nor one said only by a process 0 that
-        # torchrun stops once the others have ended.
+        # Under torchrun every process says a refusal of these, before any process group exists: one that only some
+        # meet (a node with other data) must not go unsaid, nor one said by a process 0 torchrun stops first.
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         check_resume_schedule(saved_train, self.cfg, self.start)
         changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)

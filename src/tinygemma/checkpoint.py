@@ -588,14 +588,28 @@ def read_trainer_state(ckpt_dir: Path, step: int) -> dict:
             and (best is None) == (loss == math.inf)):
         raise UserError(f"{path} holds best validation loss {loss!r} for best step {best!r}: a damaged or "
                         "hand-edited checkpoint")
-    kinds = {"data": dict, "config": dict, "invocations": list, "elapsed_s": (int, float), "skipped_steps": int,
-             "tokens": int}
+    if wrong := state_kinds_wrong(state):
+        raise UserError(f"{path} holds {', '.join(wrong)} of another kind than training writes: a damaged or "
+                        "hand-edited checkpoint; resume from an intact one")
+    return state
+
+
+def state_kinds_wrong(state: dict) -> list[str]:
+    """The fields of a trainer state that hold another kind of value than training writes (a hand-edited or
+    damaged file): what a resume and compare refuse in one line rather than fail on later. An invocation's
+    changes are {setting: [was, now]} of a part whose steps it names."""
+    kinds = {"step": int, "tokens": int, "skipped_steps": int, "elapsed_s": (int, float), "data": dict,
+             "config": dict, "invocations": list}
     wrong = [key for key, kind in kinds.items() if key in state and (not isinstance(state[key], kind)
                                                                     or isinstance(state[key], bool))]
-    if wrong or not all(isinstance(part, dict) for part in state.get("invocations", [])):
-        raise UserError(f"{path} holds {', '.join(wrong) or 'invocations'} of another kind than training writes: a "
-                        "damaged or hand-edited checkpoint; resume from an intact one")
-    return state
+    parts = state["invocations"] if isinstance(state.get("invocations"), list) else []
+    if not all(isinstance(part, dict) and isinstance(part.get("changed") or {}, dict)
+               and (not part.get("changed") or isinstance(part.get("steps"), list) and part["steps"]
+                    and is_integer(part["steps"][0]))
+               and all(isinstance(c, list) and len(c) == 2 for c in (part.get("changed") or {}).values())
+               for part in parts):
+        wrong.append("invocations")
+    return wrong
 
 
 def checkpoint_bytes(model: Gemma3, tokenizer_bytes: int = 0) -> int:

@@ -31,6 +31,7 @@ from tinygemma.checkpoint import (
     load_model,
     read_checkpoint_meta,
     resolve_checkpoint,
+    state_kinds_wrong,
 )
 from tinygemma.config import (
     RECORD_SETTINGS,
@@ -777,16 +778,9 @@ def compared_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir / 'config.json'} is not a run's config.json (its sections are not tables)")
     last = checkpoint_pointer(run_dir)
     state = read_json(run_dir / "checkpoints" / last["dir"] / STATE_NAME, "trainer state") if last else {}
-    if not (all(is_integer(state.get(key, 0)) for key in ("step", "tokens"))
-            and (state.get("elapsed_s") is None or is_real(state["elapsed_s"]))
-            and isinstance(state.get("data", {}), dict) and isinstance(state.get("invocations", []), list)
-            and all(isinstance(part, dict) and isinstance(part.get("changed") or {}, dict)
-                    and (not part.get("changed") or isinstance(part.get("steps"), list) and part["steps"]
-                         and is_integer(part["steps"][0]))
-                    and all(isinstance(c, list) and len(c) == 2 for c in (part.get("changed") or {}).values())
-                    for part in state.get("invocations", []))):
-        raise UserError(f"{run_dir / 'checkpoints' / last['dir'] / STATE_NAME} is damaged or hand-edited: its step, "
-                        "tokens, elapsed_s, data or invocations are not what training writes")
+    if wrong := state_kinds_wrong(state):
+        raise UserError(f"{run_dir / 'checkpoints' / last['dir'] / STATE_NAME} is damaged or hand-edited: its "
+                        f"{', '.join(wrong)} are not what training writes")
     records = read_records(run_dir / "metrics.jsonl")
     steps = [r for r in records if "train_loss" in r]
     newest = {"step": state.get("step", 0), "tokens": state.get("tokens", 0), "elapsed_s": state.get("elapsed_s"),

@@ -398,3 +398,52 @@ def test_a_byte_level_bpe_without_the_byte_alphabet_is_said_at_prepare_and_refus
     whole.train_from_iterator(stories, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT], show_progress=False,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     assert missing_bytes(json.loads(whole.to_str())) == 0
+
+
+def test_a_unigram_reads_no_special_token_out_of_a_story(tmp_path):
+    """A Unigram model holds its special pieces in its own vocabulary, scored as its likeliest (tokenizers'
+    UnigramTrainer writes 0.0; T5's </s> too), and read "<eos>" in a story as the end-of-text id: prepare wrote
+    an end-of-text mid-story (3 in 2 stories). They are read as text now; text without them is unchanged."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    pieces = [("<unk>", 0.0), ("<eos>", 0.0), ("▁", -2.0), ("<", -3.0), (">", -3.0), ("e", -3.0), ("o", -3.0),
+              ("s", -3.0), ("▁the", -2.5), ("▁cat", -2.5), ("c", -4.0), ("a", -4.0), ("t", -4.0), ("h", -4.0)]
+    unigram = Backend(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    unigram.add_special_tokens(["<unk>", "<eos>"])
+    raw = Backend.from_str(unigram.to_str())
+    raw.encode_special_tokens = True
+    assert 1 in raw.encode("the cat <eos>").ids  # what the tokenizer itself does
+    tok = HFTokenizer(unigram.to_str())
+    assert tok.eot_id == 1
+    for text in ("the cat <eos> the cat", "<eos>the<eos>", "the<eos>"):
+        ids = tok.encode(text)
+        assert tok.eot_id not in ids and tok.decode(ids).replace(" ", "") == text.replace(" ", "")
+        assert tok.encode_batch([text, "the cat"]) == [ids, raw.encode("the cat").ids]
+    assert tok.encode("the cat") == raw.encode("the cat").ids  # no special text: the file's own pieces
+
+    words = Backend(models.BPE({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}, [("a", "b")]))
+    words.add_special_tokens(["ab", "<|endoftext|>"])  # a BPE whose merge makes a special token: said
+    with pytest.raises(UserError, match="reads its special token 'ab' out of the text starting 'aab'"):
+        HFTokenizer(words.to_str()).encode("aab")
+    assert HFTokenizer(words.to_str()).encode("ba") == [1, 0]
+
+
+def test_a_post_processor_id_outside_the_vocabulary_is_refused(tmp_path):
+    """A post-processor whose <bos> was id 70000 in a vocabulary of 278: prepare wrote 4464 (70000 in uint16) before
+    each story, and generation fed 70000 to a model of 70,001 rows."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, processors
+
+    backend = Backend(models.WordLevel({"<unk>": 0, "<|endoftext|>": 1, "hello": 2}, unk_token="<unk>"))
+    backend.add_special_tokens(["<|endoftext|>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 70000)])
+    backend.save(str(tmp_path / "pp.json"))
+    with pytest.raises(UserError, match="pp.json: its post-processor puts id 70000 around a text, an id its "
+                                        "vocabulary does not hold"):
+        load_tokenizer(tmp_path / "pp.json")
+    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                           special_tokens=[("<|endoftext|>", 1)])
+    assert HFTokenizer(backend.to_str()).prompt_prefix == (1,)

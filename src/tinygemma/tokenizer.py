@@ -281,6 +281,16 @@ def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
 # ------------------------------------------------------------------ any tokenizer.json
 
 
+def _read_stories(backend):
+    """`backend`, set to read stories: ordinary text ("<|endoftext|>" in a story is just text), whole (never cut
+    or padded by the file's own settings: transformers, too, applies them only when a call asks). The file itself
+    is kept as it is, for its digest and the export."""
+    backend.encode_special_tokens = True
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer.json: ours trained by `train_bpe`, Gemma 3's own, or any other."""
 
@@ -292,11 +302,7 @@ class HFTokenizer(Tokenizer):
             self.backend = Backend.from_str(content)
         except Exception as e:
             raise UserError(f"{where} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
-        self.backend.encode_special_tokens = True  # ordinary text: "<|endoftext|>" in a story is just text
-        # Whole stories, never cut or padded by the file's own settings (transformers, too, applies them only
-        # when a call asks); the file itself is kept as it is, for its digest and the export.
-        self.backend.no_truncation()
-        self.backend.no_padding()
+        _read_stories(self.backend)
         self.content = content
         self.path = path
         self.sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
@@ -313,12 +319,59 @@ class HFTokenizer(Tokenizer):
                             f"own {self.eot_token!r} would be read as it; add it with special=True "
                             "(tokenizers' add_special_tokens)")
         self.prompt_prefix, self.text_suffix = self._post_processor_parts()
+        held = set(vocab.values())
+        for i in (*self.prompt_prefix, *self.text_suffix):
+            if i not in held:  # (prepare's token files are sized by the vocabulary: 70000 became 4464 in uint16)
+                raise UserError(f"{where}: its post-processor puts id {i} around a text, an id its vocabulary does "
+                                "not hold")
         special = {i for i, token in added.items() if token.special}
+        self._special_ids = frozenset(special)
         text_ids = [i for i in vocab.values() if i not in special]
         self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
         # ids mean the same text, so data and checkpoints made with either go together.
         self.identity = "gpt2" if _is_gpt2_vocabulary(vocab, content) else f"tokenizer.json:{self._ids_digest()}"
+
+    @functools.cached_property
+    def _text_specials(self) -> frozenset[int]:
+        """The special tokens the model's own vocabulary holds, other than its unknown piece and its byte pieces
+        (both stand for text): a Unigram model (T5's, ALBERT's, tokenizers' UnigramTrainer's) scores its `</s>` and
+        `<eos>` as its likeliest pieces and reads them out of ordinary text, which encode_special_tokens does not
+        stop (it stops only the added tokens' matcher)."""
+        own = self.backend.get_vocab(with_added_tokens=False)
+        if self._is_unigram:  # (its unknown piece is an id in the file, not a token the bindings name)
+            unknown = (self.parsed.get("model") or {}).get("unk_id")
+        else:
+            unknown = own.get(getattr(self.backend.model, "unk_token", None) or "")
+        return frozenset((set(own.values()) & self._special_ids) - {unknown} - self.byte_fallback_ids)
+
+    @property
+    def _is_unigram(self) -> bool:
+        return type(self.backend.model).__name__ == "Unigram"
+
+    @functools.cached_property
+    def _text_backend(self):
+        """For a text in which the model read a special token: the same Unigram model with those pieces renamed to
+        what no text holds (their scores, and so every other piece's odds and the unknown piece's, unchanged)."""
+        if not self._is_unigram:
+            return None
+        spec = json.loads(self.content)
+        model = spec["model"]
+        for i in self._text_specials:
+            model["vocab"][i][0] = f"\uffff\x00tinygemma:special:{i}"  # (U+FFFF: a noncharacter)
+        return _read_stories(type(self.backend).from_str(json.dumps(spec)))
+
+    def _as_text(self, text: str, ids: list[int]) -> list[int]:
+        """`ids`, with no special token the model read out of the text itself (see _specials_in_model)."""
+        if self._text_specials.isdisjoint(ids):
+            return ids
+        if self._text_backend is not None:
+            ids = self._text_backend.encode(text, add_special_tokens=False).ids
+        read = [i for i in ids if i in self._text_specials]
+        if read:
+            raise UserError(f"the tokenizer {self.identity} reads its special token "
+                            f"{self.backend.id_to_token(read[0])!r} out of the text starting {text[:40]!r}")
+        return ids
 
     def _ids_digest(self) -> str:
         """A digest of what decides the ids and their text: the file as the installed `tokenizers` writes it back
@@ -405,14 +458,14 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # a tokenizer.json that cannot encode every text: a WordLevel with no [UNK], ...
             raise UserError(f"the tokenizer {self.identity} cannot encode the text starting {text[:40]!r} "
                             f"({describe(e)})") from None
-        return self._kept(text, ids)
+        return self._kept(text, self._as_text(text, ids))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         try:
             batch = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
         except Exception as e:
             raise UserError(f"the tokenizer {self.identity} cannot encode these texts ({describe(e)})") from None
-        return [self._kept(text, ids) for text, ids in zip(texts, batch)]
+        return [self._kept(text, self._as_text(text, ids)) for text, ids in zip(texts, batch)]
 
     def _kept(self, text: str, ids: list[int]) -> list[int]:
         """`ids`, unless the tokenizer dropped all of a text its normalizer keeps: a model without byte fallback

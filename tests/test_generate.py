@@ -517,6 +517,32 @@ def test_cli_prints_prompt_and_continuation_only(ckpt, model, tokenizer, capsys)
     assert capsys.readouterr().out == out  # greedy: the same text again
 
 
+def test_cli_writes_what_stdouts_encoding_lacks_as_question_marks(ckpt, model, tokenizer):
+    """stdout in ASCII (Windows redirected to a cp1252 file, for an emoji): the prompt's é failed in a traceback
+    before any text; now the text comes, what the encoding lacks as "?"."""
+    prompt = "Once upon a café"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-m", "tinygemma", "generate", "--ckpt", str(ckpt), "--prompt", prompt,
+                           "--max-new-tokens", "5", "--temperature", "0", "--dtype", "float32"],
+                          capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    expected = prompt + generate_text(model, tokenizer, prompt, 5, temperature=0)[0][0] + "\n"
+    assert done.stdout.decode("ascii") == expected.encode("ascii", "replace").decode("ascii")
+    assert "Traceback" not in done.stderr.decode()
+
+
+def test_generate_refuses_an_empty_batch_and_positions_past_the_models(model):
+    """From Python, as the text path and the command line refuse them: an empty batch was a RuntimeError from
+    aminmax, and a prompt plus new tokens past max_position_embeddings ran on positions never trained."""
+    with pytest.raises(UserError, match="no prompt"):
+        generate(model, torch.zeros(0, 3, dtype=torch.long), 3)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(UserError, match=f"the prompt's {limit - 2} tokens plus 4 new ones need more than the "
+                                        f"model's {limit} positions"):
+        generate(model, torch.ones(1, limit - 2, dtype=torch.long), 4, temperature=0)
+    assert generate(model, torch.ones(1, limit - 2, dtype=torch.long), 3, temperature=0).shape == (1, limit + 1)
+
+
 def test_cli_continues_each_prompt_given(ckpt, capsys):
     """--prompt given twice kept the last one alone, silently. Each is now continued in turn, with the same
     settings and seed (its text is what it gives alone), separated as samples are; an empty one is refused."""

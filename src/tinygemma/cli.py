@@ -99,6 +99,10 @@ def installed_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        # Text stdout's encoding lacks (a story's é or emoji on Windows redirected to a cp1252 file) is written as
+        # "?", not a traceback in the middle of it; PYTHONUTF8=1 writes it all.
+        sys.stdout.reconfigure(errors="replace")
     try:
         check_one_process(args.command)
         with interrupts_once():

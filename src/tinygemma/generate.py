@@ -114,6 +114,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)
     B, T = input_ids.shape
+    check_positions(model.config, T, max_new_tokens)
     vocab = model.config.vocab_size
     if max_new_tokens == 0:
         return
@@ -182,6 +183,8 @@ def checked_inputs(model: Gemma3, input_ids, eos_id, generator) -> tuple[torch.T
                         "is torch.tensor([ids])")
     # (torch.from_numpy of int32 ids, say), on the model's device: torch.tensor([ids]) is the host's
     input_ids = input_ids.to(model.embed_tokens.weight.device).long()
+    if input_ids.shape[0] == 0:
+        raise UserError("input_ids hold no prompt (a batch of 0 rows)")
     if input_ids.shape[1] == 0:
         raise UserError("the prompt must hold at least one token")
     vocab = model.config.vocab_size
@@ -343,14 +346,19 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
     if not ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")
     ids = [*tokenizer.prompt_prefix, *ids]  # a Gemma tokenizer's <bos>, as transformers' tokenizer(prompt) adds it
-    limit = config.max_position_embeddings
-    # The model reads the prompt and every new token but the last (which nothing follows): a prompt that fills
-    # the positions still gets one new token, as transformers' generate gives it.
-    if len(ids) + max(max_new_tokens - 1, 0) > limit:
-        fix = "shorten the prompt" if len(ids) >= limit else "ask for fewer new tokens"
-        raise UserError(f"the prompt's {len(ids)} tokens plus {max_new_tokens} new ones need more than the "
-                        f"model's {limit} positions (max_position_embeddings; the last new token takes none); {fix}")
+    check_positions(config, len(ids), max_new_tokens)
     return ids
+
+
+def check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuses a prompt and new tokens past the model's positions, which it never trained (transformers' generate
+    runs on there without a word). The model reads the prompt and every new token but the last (which nothing
+    follows): a prompt that fills the positions still gets one new token, as transformers' generate gives it."""
+    limit = config.max_position_embeddings
+    if prompt_tokens + max(max_new_tokens - 1, 0) > limit:
+        fix = "shorten the prompt" if prompt_tokens >= limit else "ask for fewer new tokens"
+        raise UserError(f"the prompt's {prompt_tokens} tokens plus {max_new_tokens} new ones need more than the "
+                        f"model's {limit} positions (max_position_embeddings; the last new token takes none); {fix}")
 
 
 # One batch of samples: each has its own generator and text stream, made before the batch's tensors, so that a

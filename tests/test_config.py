@@ -105,6 +105,27 @@ def test_other_spellings_of_dtype_and_compile_are_the_same_settings():
     recipe = load_recipe(None, ["dtype=bf16", "compile=on"])
     assert (recipe.train.dtype, recipe.train.compile) == ("bfloat16", "true")  # recorded as the canonical value
     assert load_recipe(None, ["dtype=FP16", "compile=no"]).train.compile == "false"
+    # Python's spelling of a boolean, and any case of a choice (compile=True was refused beside
+    # activation_checkpointing=True, dtype=Float32 beside dtype=BF16)
+    recipe = load_recipe(None, ["compile=True", "dtype=Float32", "device=CPU", "optimizer=AdamW", "lr_schedule=WSD"])
+    assert (recipe.train.compile, recipe.train.dtype, recipe.train.device, recipe.train.optimizer,
+            recipe.train.lr_schedule) == ("true", "float32", "cpu", "adamw", "wsd")
+    with pytest.raises(UserError, match="train.compile must be one of auto, true, false; got 'maybe'"):
+        load_recipe(None, ["compile=Maybe"])
+
+
+def test_a_whole_number_written_as_a_float_in_a_recipe_file_is_that_integer(tmp_path):
+    """TOML has no exponent integers: max_steps = 1e4 in a file was refused, where --set max_steps=1e4 gave 10,000.
+    A fraction, or a float past exact integers, is still refused."""
+    path = tmp_path / "r.toml"
+    path.write_text("[train]\nmax_steps = 1e4\nbatch_size = 8.0\n")
+    recipe = load_recipe(path, [])
+    assert (recipe.train.max_steps, recipe.train.batch_size) == (10_000, 8)
+    assert type(recipe.train.max_steps) is int
+    for bad in ("2.5", "1e300", "nan"):
+        path.write_text(f"[train]\nmax_steps = {bad}\n")
+        with pytest.raises(UserError, match="train.max_steps must be an integer"):
+            load_recipe(path, [])
 
 
 def test_story_paths_take_a_path_likes_path_and_refuse_empty_ones(tmp_path):

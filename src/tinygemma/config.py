@@ -163,6 +163,7 @@ PRESETS: dict[str, dict] = {
 # ------------------------------------------------------------------ training and recipes
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MUON_BACKENDS = ("torch", "compiled", "bfloat16", "float32")  # optim.MuonAdamW's; the config sits below optim
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOGGERS = ("tensorboard", "wandb", "trackio")  # experiment trackers (trackers.py); wandb and trackio are extras
 
@@ -210,6 +211,12 @@ def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...
 # Other spellings of some train settings' values, taken as the canonical one (recorded so)
 OTHER_SPELLINGS = {"dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
                    "compile": {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}}
+
+# The train settings that name one of a few values, in their canonical spelling
+TRAIN_CHOICES = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
+                 "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex"),
+                 "loss_head": ("auto", "chunked", "full"), "muon_backend": ("auto", *MUON_BACKENDS),
+                 "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
 
 
 @dataclass
@@ -260,10 +267,10 @@ class TrainConfig:
     def __post_init__(self):
         if is_integer(self.micro_batch_size):
             self.micro_batch_size = str(int(self.micro_batch_size))
-        for name, spellings in OTHER_SPELLINGS.items():  # generate's --dtype bf16, a boolean's yes: the same here
+        for name in (*TRAIN_CHOICES, "device"):  # any case; generate's --dtype bf16, a boolean's yes: the same here
             value = getattr(self, name)
-            if isinstance(value, str) and value.lower() in spellings:
-                setattr(self, name, spellings[value.lower()])
+            if isinstance(value, str):
+                setattr(self, name, OTHER_SPELLINGS.get(name, {}).get(value.lower(), value.lower()))
         self.validate()
 
     def validate(self) -> None:
@@ -303,11 +310,7 @@ class TrainConfig:
                             f"{self.init_from!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise UserError(f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
-        choices = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp"),
-                   "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex"),
-                   "loss_head": ("auto", "chunked", "full"), "muon_backend": ("auto", *MUON_BACKENDS),
-                   "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
-        for name, allowed in choices.items():
+        for name, allowed in TRAIN_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         unknown = [name for name in self.loggers if name not in LOGGERS]
@@ -601,6 +604,8 @@ def _read_bool(value, from_text: bool, key: str) -> bool:
 
 def _read_int(value, from_text: bool, key: str) -> int:
     if not from_text:
+        if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # TOML's 1e4, exact
+            return int(value)
         if not is_integer(value):  # (numpy's too, from a notebook)
             raise ValueError
         return int(value)
@@ -660,7 +665,6 @@ def _parse_text_list(text: str) -> list[str]:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
-MUON_BACKENDS = ("torch", "compiled", "bfloat16", "float32")  # optim.MuonAdamW's; the config sits below optim
 MAX_VOCAB_PAD_MULTIPLE = 1 << 16  # model.vocab_pad_multiple
 MAX_LAYERS = 1 << 10  # model.n_layers: 16x Gemma 3 27B's 62 (the model is built a module at a time)
 MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches

@@ -80,9 +80,9 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
-    if (out / "summary.json").exists():  # done by an earlier invocation: reuse (the benchmark can be resumed)
-        return json.loads((out / "summary.json").read_text())
-    if out.exists():
+    if done := finished(job):  # by an earlier invocation: reuse (the benchmark can be resumed)
+        return done
+    if out.exists():  # (cut short, or run with other settings: another budget, --set, --evals)
         import shutil
 
         shutil.rmtree(out)
@@ -103,6 +103,14 @@ def run_one(job: dict) -> dict:
     print(f"  {job['contender']} {job['value']} seed {job['seed']}: val loss {result['val_loss']:.4f}, "
           f"bpb {result['val_bpb']:.4f}, {result['step_ms']:.0f} ms/step, {wall:.0f} s", file=sys.stderr, flush=True)
     return result
+
+
+def finished(job: dict) -> dict | None:
+    """The job's summary, where an earlier invocation finished it with the very same settings."""
+    path = Path(job["out"]) / "summary.json"
+    if path.exists() and (summary := json.loads(path.read_text()))["settings"] == job["settings"]:
+        return summary
+    return None
 
 
 def run_dir(work: Path, contender: str, value: float | None, seed: int) -> Path:
@@ -131,7 +139,7 @@ def whole_split(run: Path, data: Path, threads: int, max_tokens: int | None = No
 
 def run_all(jobs: list[dict], workers: int, report_only: bool = False) -> list[dict]:
     if report_only:  # only the runs already finished (a benchmark cut short still reports what it has)
-        return [json.loads(f.read_text()) for j in jobs if (f := Path(j["out"]) / "summary.json").exists()]
+        return [done for j in jobs if (done := finished(j))]
     if workers <= 1:
         return [run_one(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:
@@ -225,7 +233,13 @@ def main(argv=None) -> dict:
     data = work / "data-bpe4096"
     if args.report_only and not (data / "meta.json").exists():  # "run nothing": not even the data
         raise SystemExit(f"recipe_efficiency: no finished run in {work / 'runs'} to report")
-    if not (data / "meta.json").exists():
+    if (data / "meta.json").exists():  # its stories, and so every run on it, are another --limit's
+        held = json.loads((data / "meta.json").read_text())["source"]["limit"]
+        if held != args.limit:
+            raise SystemExit(f"recipe_efficiency: {data} holds {f'the first {held:,}' if held else 'all the'} "
+                             f"training stories, and --limit asks for {f'{args.limit:,}' if args.limit else 'all'}: "
+                             "give another --out")
+    else:
         prepare(data, sources=[STORIES / "train.txt"], val_sources=[STORIES / "valid.txt"], tokenizer="bpe",
                 vocab_size=4096, limit=args.limit, workers=1, progress=False)
     vocab_size = json.loads((data / "meta.json").read_text())["vocab_size"]

@@ -839,6 +839,14 @@ def test_recipe_efficiency_smoke(tmp_path, capsys):
     again = recipe_efficiency.main(argv + ["--report-only"])  # (its optimizers not timed again: the earlier figures)
     assert again["finals"] == result["finals"] and len(again["runs"]) == len(runs)
     assert again["timing_ms_per_step_by_threads"] == result["timing_ms_per_step_by_threads"]
+    # Runs of other settings are not this invocation's: another budget reported the 8-step runs as 16-step ones,
+    # and another --limit trained on the 300 stories prepared before
+    other = [a if a != "1024" else "2048" for a in argv]
+    with pytest.raises(SystemExit, match="no finished run in"):
+        recipe_efficiency.main(other + ["--report-only", "--timing-steps", "0"])
+    with pytest.raises(SystemExit, match="holds the first 300 training stories, and --limit asks for 200: give "
+                                         "another --out"):
+        recipe_efficiency.main([a if a != "300" else "200" for a in argv] + ["--timing-steps", "0"])
     (tmp_path / "runs" / "workshop-seed1338" / "summary.json").unlink()
     cut = recipe_efficiency.main(argv + ["--report-only", "--timing-steps", "0"])
     assert cut["finals"]["workshop"]["seeds"] == [1337] and cut["finals"]["muon"] == result["finals"]["muon"]

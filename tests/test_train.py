@@ -1177,9 +1177,10 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     split = tmp_path / "split"  # (a copy: the run goes on below)
     shutil.copytree(out, split)
     run(data_dir, split, "max_steps=6", "checkpoint_interval=2", "batch_size=4", "grad_accum_steps=2",
-        "micro_batch_size=2", resume=True, stop_at=5)
+        "micro_batch_size=2", "distributed=fsdp", resume=True, stop_at=5)
     state = json.loads((split / "checkpoints" / "step_000005" / "trainer_state.json").read_text())
-    assert state["invocations"][-1]["changed"] == {"micro_batch_size": ["auto", "2"]}
+    # (DDP to FSDP2 under torchrun rounds bf16 otherwise: its steps, too, are told apart)
+    assert state["invocations"][-1]["changed"] == {"micro_batch_size": ["auto", "2"], "distributed": ["ddp", "fsdp"]}
     capsys.readouterr()
     assert ("tinygemma train --out " + shlex.quote(str(out)) + " --resume --set train.batch_size=4 --set "
             "train.grad_accum_steps=2 --stop-at 4") in (out / "report.md").read_text()

@@ -189,10 +189,11 @@ STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend"
 # Settings that change what a run records (its evaluations, samples, checkpoints and log lines), not its losses:
 # kept among an invocation's changes, so that the report's Reproduce commands make the same records.
 RECORD_SETTINGS = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "sample_interval")
-# Another split of the same global batch: the same windows and math, float summation aside (which training
-# amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the Reproduce
-# commands split the steps as they were split.
-SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size")
+# Another split of the same global batch, or of the model across processes (DDP's replicas or FSDP2's shards,
+# whose low-precision reductions round otherwise): the same windows and math, float summation aside (which
+# training amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the
+# Reproduce commands split the steps as they were split.
+SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size", "distributed")
 
 
 def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...] = STEP_SETTINGS) -> dict[str, list]:

@@ -233,7 +233,7 @@ def render_report(run_dir: Path) -> str:
              + (f", checkpoint `checkpoints/{last['dir']}`" if last else ", no checkpoint yet") + ".", ""]
     lines += ["## Recipe", "", *reproduce_block(recipe, state, "Reproduce it (on the data prepared in `data.dir`, "
                                                  "with `train.out` set to a new folder: the one named holds this run; "
-                                                 "losses do not depend on the number of processes)"),
+                                                 "the number of processes changes losses only by float rounding)"),
               *details("The resolved recipe (config.json)", "json", json.dumps(config, indent=2))]
     lines += ["## Machine", "", *table(machine_rows(run, state))]
     lines += ["## Training", "", *table([*start_rows(recipe, initial_checkpoint(state, config), state, last),

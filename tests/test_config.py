@@ -419,10 +419,20 @@ def test_config_bounds_at_their_edges():
     assert (recipe.generate.top_p, recipe.train.init_from, recipe.data.vocab_size) == (None, None, None)
 
 
-def test_a_recipe_section_replaced_by_a_dict_is_one_line():
+@pytest.mark.parametrize("section", ["data", "train", "generate"])
+def test_a_recipe_section_replaced_by_a_dict_is_one_line(section):
     from tinygemma.config import checked_recipe
 
     recipe = load_recipe(None)
-    recipe.train = {"max_steps": 3}
-    with pytest.raises(UserError, match=r"recipe.train must be a TrainConfig, got dict: set its fields instead"):
+    setattr(recipe, section, {"max_steps": 3})
+    kind = {"data": "DataConfig", "train": "TrainConfig", "generate": "GenerateConfig"}[section]
+    with pytest.raises(UserError, match=rf"recipe.{section} must be a {kind}, got dict: set its fields instead"):
         checked_recipe(recipe)
+
+
+def test_new_tokens_may_fill_every_position_after_a_one_token_prompt():
+    """The last new token takes no position: a one-token prompt leaves room for max_position_embeddings of them."""
+    positions = load_recipe(None).model_config().max_position_embeddings
+    load_recipe(None, [f"generate.max_new_tokens={positions}"]).check_generate()
+    with pytest.raises(UserError, match=f"generate.max_new_tokens {positions + 1} leaves no room"):
+        load_recipe(None, [f"generate.max_new_tokens={positions + 1}"]).check_generate()

@@ -702,6 +702,17 @@ def test_a_dataset_whose_meta_json_is_damaged_is_named_as_such(stories_dir, tmp_
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_dataset_prepared_before_sources_were_recorded_opens(stories_dir, tmp_path):
+    """meta.json's source is optional (datasets prepared before it was recorded): such a dataset opens."""
+    out = tmp_path / "out"
+    prepare(out, sources=[stories_dir / "valid.txt"], limit=20, workers=1, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["source"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    opened = data.open_prepared(out)
+    assert opened.meta["vocab_size"] == meta["vocab_size"] and len(opened.split("train")) == meta["splits"]["train"]["tokens"]
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     """Files saved by Windows editors start with a byte-order mark: it is not the first story's text (in .txt it
     became three tokens of it) nor a JSON error (.jsonl and .json refused it)."""

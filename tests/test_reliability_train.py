@@ -723,8 +723,11 @@ def test_the_run_lock_is_let_go_whatever_stops_the_run(data_dir, tmp_path, monke
 
 @pytest.mark.parametrize("edit", [{"data": "x"}, {"config": "x"}, {"elapsed_s": "x"}, {"skipped_steps": None},
                                   {"invocations": [1]}, {"tokens": "x"},
-                                  {"invocations": [{"steps": [0, 2], "changed": {"learning_rate": 1}}]}],
-                         ids=["data", "config", "elapsed", "skipped", "invocations", "tokens", "a-change-not-a-pair"])
+                                  {"invocations": [{"steps": [0, 2], "changed": {"learning_rate": 1}}]},
+                                  {"invocations": [{"steps": [0, 2], "changed": {"learning_rate": [1, 2, 3]}}]},
+                                  {"invocations": [{"steps": ["x", 2], "changed": {}}]}, {"skipped_steps": True}],
+                         ids=["data", "config", "elapsed", "skipped", "invocations", "tokens", "a-change-not-a-pair",
+                              "a-change-of-three", "a-step-not-a-number", "skipped-true"])
 def test_a_resume_refuses_a_trainer_state_of_other_kinds_in_one_line(data_dir, tmp_path, capsys, edit):
     """A trainer state whose values are valid JSON of other kinds than training writes was a traceback (some
     after a step had trained) or accepted: one line, the run as it was."""

@@ -670,6 +670,10 @@ def test_compare_names_changes_made_on_resume_and_other_validation_data(straight
     (other / "config.json").write_text(json.dumps(config))
     out = compared()
     assert "different stories" not in out and "scored on different windows" in out
+    del config["run"]["data_documents"]  # (recorded before story counts were): an unknown count is no difference
+    (other / "config.json").write_text(json.dumps(config))
+    out = compared()
+    assert "different stories" not in out and "scored on different windows" in out
     # A run with no checkpoint yet (killed before its first) is compared by the digests its config.json records.
     young = tmp_path / "young"
     shutil.copytree(steady, young)
@@ -895,3 +899,4 @@ def test_a_fork_that_has_trained_no_step_names_its_source(straight_run, tmp_path
 def test_compare_runs_takes_one_run_given_alone(straight_run):
     """compare_runs("runs/a") went through the path's letters ("r is not a training run")."""
     assert f"| {straight_run} | - | 40 |" in tinygemma.report.compare_runs(str(straight_run))
+    assert f"| {straight_run} | - | 40 |" in tinygemma.report.compare_runs(Path(straight_run))

@@ -603,13 +603,21 @@ def state_kinds_wrong(state: dict) -> list[str]:
     wrong = [key for key, kind in kinds.items() if key in state and (not isinstance(state[key], kind)
                                                                     or isinstance(state[key], bool))]
     parts = state["invocations"] if isinstance(state.get("invocations"), list) else []
-    if not all(isinstance(part, dict) and isinstance(part.get("changed") or {}, dict)
-               and (not part.get("changed") or isinstance(part.get("steps"), list) and part["steps"]
-                    and is_integer(part["steps"][0]))
-               and all(isinstance(c, list) and len(c) == 2 for c in (part.get("changed") or {}).values())
-               for part in parts):
+    if not all(map(part_of_a_run, parts)):
         wrong.append("invocations")
     return wrong
+
+
+def part_of_a_run(part) -> bool:
+    """Whether an invocation's record (a trainer state's part) is of the kinds training writes: its steps [from,
+    to], and its changes {setting: [was, now]}, which name the step they took effect at."""
+    if not isinstance(part, dict):
+        return False
+    steps, changed = part.get("steps"), part.get("changed") or {}
+    if steps is None:
+        return not changed
+    return (isinstance(steps, list) and len(steps) == 2 and all(map(is_integer, steps)) and isinstance(changed, dict)
+            and all(isinstance(c, list) and len(c) == 2 for c in changed.values()))
 
 
 def checkpoint_bytes(model: Gemma3, tokenizer_bytes: int = 0) -> int:

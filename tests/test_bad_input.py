@@ -48,6 +48,7 @@ def world(tmp_path_factory, stories_dir):
     long_number = '{"text": "a story", "id": ' + "9" * 5000 + "}"  # past Python's 4,300 digits of int()
     (root / "long_number.jsonl").write_text('{"text": "a story"}\n' + long_number + "\n")
     (root / "long_number.json").write_text(f"[{long_number}]")
+    (root / "one_object.json").write_text('{\n  "text": "Once upon a time."\n}\n')  # pretty-printed, one story
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -99,6 +100,9 @@ CASES = [
      "line 2 is not JSON (Exceeds the limit (4300 digits)"),
     ("prepare-json-number-too-long", ["prepare", "--out", "{root}/data", "--source", "{root}/long_number.json"],
      "is not JSON that Python reads (Exceeds the limit (4300 digits)"),
+    ("prepare-json-one-object-over-lines", ["prepare", "--out", "{root}/data", "--source", "{root}/one_object.json"],
+     "line 1 is not JSON (Expecting property name enclosed in double quotes): a .json file of stories holds a JSON "
+     "array of objects"),
     ("prepare-parquet-numbers", ["prepare", "--out", "{root}/data", "--source", "{root}/numbers.parquet"],
      "'text' column holds int64, not text"),
     ("prepare-dataset-numbers", ["prepare", "--out", "{root}/data", "--source", "{root}/numbers_ds"],

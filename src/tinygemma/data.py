@@ -199,7 +199,13 @@ def _json_stories(path: Path) -> Iterator[str]:
     # One file of the dataset's TinyStories_all_data archive is a JSON array of {"story": ...}, ~100 MB. A JSON
     # array is read whole (JSON Lines streams): for corpora larger than memory, use .jsonl, .txt or .parquet.
     if _first_character(path) == "{":  # JSON Lines in a .json (datasets' Dataset.to_json writes them): streamed
-        yield from _jsonl_stories(path)
+        try:
+            yield from _jsonl_stories(path)
+        except UserError as e:  # (line 1 "{" of one object spread over lines: what is wrong is the file's layout)
+            if " line 1 is not JSON " in str(e):
+                raise UserError(f"{e}: a .json file of stories holds a JSON array of objects ([{{\"text\": ...}}, "
+                                "...]) or one object per line (JSON Lines)") from None
+            raise
         return
     try:
         records = json.loads(path.read_text(encoding="utf-8-sig"))

@@ -66,7 +66,9 @@ def test_resume_cuts_back_to_the_checkpoint_once_and_skips_a_torn_line(tmp_path)
     records = [{"step": 0, "tokens": 0, "val_loss": 6.0},
                *({"step": s, "tokens": 8 * s, "train_loss": 6.0 - s} for s in range(1, 6)),
                {"step": 4, "tokens": 32, "val_loss": 4.5}]
-    by_hand = ['{"val_loss": 1.0}', '{"step": "3", "tokens": 24, "train_loss": 1.0}', "[1, 2]"]  # no trainer's
+    by_hand = ['{"val_loss": 1.0}', '{"step": "3", "tokens": 24, "train_loss": 1.0}', "[1, 2]",  # no trainer's
+               '{"step": true, "tokens": 24, "train_loss": 1.0}', '{"step": 3, "tokens": 24, "train_loss": true}',
+               '{"step": 3, "tokens": 24, "train_loss": "1.0"}']
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n".join(by_hand) + "\n"
                     + '{"step": 6, "train_lo')  # killed mid-write
     assert read_records(path) == records  # readers skip the torn line, and lines by hand that the plot and

@@ -244,6 +244,28 @@ def test_float16_gradients_that_overflow_at_every_scale_stop_the_run(data_dir, t
             "log_interval=1", resume=True)
 
 
+def test_float16_a_nonfinite_loss_among_overflows_stops_at_the_loss(nan_at_step, data_dir, tmp_path, monkeypatch):
+    """Under on_nonfinite = stop, a NaN loss read in the same window as overflows that took the scale below 1: the
+    run stops at the NaN step, as it would without them, keeping no record past it (the loss scale's stop is for
+    runs that have no other non-finite step)."""
+    monkeypatch.setattr(tinygemma.train, "grad_scaler", lambda rt, fsdp: torch.amp.GradScaler(
+        rt.device.type, init_scale=0.5, enabled=rt.dtype == torch.float16))
+    forward = Gemma3.forward  # (nan_at_step's)
+
+    def overflowing(self, input_ids, targets=None, reduction="mean"):  # NaN gradients, a finite loss: overflows
+        loss = forward(self, input_ids, targets, reduction)
+        return loss + (self.norm.weight.sum() * 0).abs().sqrt() if targets is not None and self.training else loss
+
+    monkeypatch.setattr(Gemma3, "forward", overflowing)
+    nan_at_step["at"] = 3
+    out = tmp_path / "run"
+    with pytest.raises(tinygemma.train.NonFiniteError, match=r"non-finite loss at step 3 "):
+        run(data_dir, out, "max_steps=6", "dtype=float16", "log_interval=6")
+    records = [r for r in tinygemma.metrics.read_records(out / "metrics.jsonl") if "train_loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["nonfinite"]
+    assert not any("loss_scale" in r for r in records)
+
+
 def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "disk"
     usage = namedtuple("usage", "total used free")

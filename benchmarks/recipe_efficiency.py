@@ -120,7 +120,7 @@ def run_dir(work: Path, contender: str, value: float | None, seed: int) -> Path:
 def whole_split(run: Path, data: Path, threads: int, max_tokens: int | None = None) -> dict:
     """The run's final model on the whole validation split, by `tinygemma eval` (cached in the run directory):
     the figures the README's results table gives, where the runs' own evaluations use a fixed subset."""
-    cached = run / "whole_validation.json"
+    cached = run / f"whole_validation{f'_max{max_tokens}' if max_tokens else ''}.json"  # (a smoke test's cap apart)
     if not cached.exists():
         import contextlib
         import io

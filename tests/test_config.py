@@ -436,3 +436,15 @@ def test_new_tokens_may_fill_every_position_after_a_one_token_prompt():
     load_recipe(None, [f"generate.max_new_tokens={positions}"]).check_generate()
     with pytest.raises(UserError, match=f"generate.max_new_tokens {positions + 1} leaves no room"):
         load_recipe(None, [f"generate.max_new_tokens={positions + 1}"]).check_generate()
+
+
+def test_a_switch_between_ddp_and_fsdp_is_a_change_where_processes_share_the_steps():
+    """DDP to FSDP2 under torchrun rounds bf16 otherwise: a resume records it, so that the report's Reproduce
+    commands split the steps alike; on one process (or a count not known) `distributed` does nothing."""
+    from tinygemma.config import CHANGE_SETTINGS, TrainConfig, settings_changes
+
+    saved = dataclasses.asdict(TrainConfig())
+    now = TrainConfig(distributed="fsdp", compile=True)  # (compile=True from Python, as from a recipe file)
+    assert now.compile == "true"
+    assert settings_changes(saved, now, CHANGE_SETTINGS, 2) == {"distributed": ["ddp", "fsdp"]}
+    assert settings_changes(saved, now, CHANGE_SETTINGS, 1) == {}

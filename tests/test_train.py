@@ -1179,8 +1179,8 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     run(data_dir, split, "max_steps=6", "checkpoint_interval=2", "batch_size=4", "grad_accum_steps=2",
         "micro_batch_size=2", "distributed=fsdp", resume=True, stop_at=5)
     state = json.loads((split / "checkpoints" / "step_000005" / "trainer_state.json").read_text())
-    # (DDP to FSDP2 under torchrun rounds bf16 otherwise: its steps, too, are told apart)
-    assert state["invocations"][-1]["changed"] == {"micro_batch_size": ["auto", "2"], "distributed": ["ddp", "fsdp"]}
+    # (distributed: no change on one process; test_config has it under torchrun)
+    assert state["invocations"][-1]["changed"] == {"micro_batch_size": ["auto", "2"]}
     capsys.readouterr()
     assert ("tinygemma train --out " + shlex.quote(str(out)) + " --resume --set train.batch_size=4 --set "
             "train.grad_accum_steps=2 --stop-at 4") in (out / "report.md").read_text()

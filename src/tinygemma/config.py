@@ -194,15 +194,21 @@ RECORD_SETTINGS = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "
 # training amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the
 # Reproduce commands split the steps as they were split.
 SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size", "distributed")
+# All that an invocation records among its changes
+CHANGE_SETTINGS = STEP_SETTINGS + RECORD_SETTINGS + SPLIT_SETTINGS
 
 
-def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...] = STEP_SETTINGS) -> dict[str, list]:
+def settings_changes(saved: dict | None, cfg: TrainConfig, names: tuple[str, ...] = STEP_SETTINGS,
+                     processes: int | None = None) -> dict[str, list]:
     """The settings of `names` (the step settings) a resume changes, {name: [the run's value, this invocation's]}
-    (`saved`: the run's recorded [train]); settings the run's optimizer or schedule does not use are no change."""
+    (`saved`: the run's recorded [train]); settings the run's optimizer or schedule does not use are no change,
+    nor `distributed` on the one process (`processes`) that trains the steps to come."""
     if not saved:
         return {}
     saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
     unused = {"cooldown_fraction"} if cfg.lr_schedule != "wsd" else set()  # cosine has no cooldown
+    if processes == 1:
+        unused.add("distributed")
     if cfg.optimizer == "adamw":  # (a change of optimizer itself is refused: check_resume_schedule)
         unused |= {"muon_learning_rate", "muon_backend"}
     return {name: [saved[name], current[name]] for name in names
@@ -268,6 +274,8 @@ class TrainConfig:
     def __post_init__(self):
         if is_integer(self.micro_batch_size):
             self.micro_batch_size = str(int(self.micro_batch_size))
+        if isinstance(self.compile, bool):  # (from Python: compile=True)
+            self.compile = str(self.compile).lower()
         for name in (*TRAIN_CHOICES, "device"):  # any case; generate's --dtype bf16, a boolean's yes: the same here
             value = getattr(self, name)
             if isinstance(value, str):

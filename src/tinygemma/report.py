@@ -34,9 +34,7 @@ from tinygemma.checkpoint import (
     state_kinds_wrong,
 )
 from tinygemma.config import (
-    RECORD_SETTINGS,
-    SPLIT_SETTINGS,
-    STEP_SETTINGS,
+    CHANGE_SETTINGS,
     DataConfig,
     GenerateConfig,
     ModelConfig,
@@ -807,7 +805,7 @@ def compared_run(run_dir: Path) -> dict:
         try:  # (what training will record as this invocation's changes, at its first checkpoint)
             now = TrainConfig(**{key: value for key, value in (recipe.get("train") or {}).items()
                                  if key in TrainConfig.__dataclass_fields__})  # (train.out is the recipe's)
-            pending = settings_changes(was, now, STEP_SETTINGS + RECORD_SETTINGS + SPLIT_SETTINGS)
+            pending = settings_changes(was, now, CHANGE_SETTINGS, (config.get("run") or {}).get("world_size"))
         except (TypeError, UserError):  # a config.json of another version's settings
             pending = {}
         changes = [*changes, *([(state.get("step", 0), pending)] if pending else [])]

@@ -67,9 +67,7 @@ from tinygemma.checkpoint import (
     load as load_checkpoint,
 )
 from tinygemma.config import (
-    RECORD_SETTINGS,
-    SPLIT_SETTINGS,
-    STEP_SETTINGS,
+    CHANGE_SETTINGS,
     ModelConfig,
     Recipe,
     TrainConfig,
@@ -322,7 +320,7 @@ class Trainer:
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         # The run's earlier invocations (machine, time, settings changed), for the report; this one joins them.
         self.history = earlier_invocations(state)
-        self.changes = settings_changes(saved_train, self.cfg, STEP_SETTINGS + RECORD_SETTINGS + SPLIT_SETTINGS)
+        self.changes = settings_changes(saved_train, self.cfg, CHANGE_SETTINGS, env_world_size())
         self.start_elapsed = self.elapsed
         self.train_loss = self.last_val = None
         self.pending: list[dict] = []  # step records whose loss and gradient norm are still on the device

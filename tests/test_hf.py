@@ -145,6 +145,18 @@ def test_the_exported_period_matches_the_layers_or_is_left_out():
     assert irregular["layer_types"][0] == "full_attention"
 
 
+def test_an_export_whose_layers_repeat_no_period_says_which_transformers_read_it(tmp_path, capsys):
+    """Without a period, transformers before 4.53 (the project takes 4.50 and newer) read its default every-6th
+    global layout: all 4 layers of full, sliding, sliding, full loaded as sliding, logits 0.88 off, silently."""
+    from tinygemma.config import GLOBAL, SLIDING
+
+    torch.manual_seed(0)
+    save_model(Gemma3(small_config(n_layers=4, layer_types=[GLOBAL, SLIDING, SLIDING, GLOBAL])), tmp_path / "ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    assert ("note: this model's sliding and global layers repeat no period, which only config.json's layer_types can "
+            "say: transformers 4.53 and newer read it, older versions") in capsys.readouterr().err
+
+
 def test_export_writes_the_checkpoints_tokenizer(tmp_path):
     from tinygemma.tokenizer import load_tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinygemma import generate as generate_module
-from tinygemma.decode import forget_decode_plan
+from tinygemma.decode import decode_plan, forget_decode_plan
 from tinygemma.generate import generate, last_logits
 from tinygemma.model import KVCache
 
@@ -239,3 +239,14 @@ def test_graphed_step_warms_up_then_captures_on_the_models_own_gpu_without_empty
     logits = graphed(torch.tensor([[5], [7]]), 3)
     assert calls == ["replay"] and logits is graphed.logits
     assert graphed.token.tolist() == [[5], [7]] and graphed.pos.item() == 3
+
+
+def test_a_write_through_data_to_half_of_a_weight_renews_the_plan():
+    """The staleness probe samples across each weight, not its first value only: an EMA of half the rows through
+    .data (no version counter sees it) renews the plan, which would otherwise decode with the old weights."""
+    model = tiny_model(seed=4, vocab_size=512)
+    plan = decode_plan(model, pack=False)
+    assert decode_plan(model, pack=False) is plan
+    weight = model.layers[0].mlp.down_proj.weight
+    weight.data[weight.shape[0] // 2:] *= 2
+    assert decode_plan(model, pack=False) is not plan

@@ -350,3 +350,12 @@ def test_the_sums_of_a_batch_make_no_call_that_waits_for_a_gpu():
                                                              "masked_select") or "boolean mask" in op]
     assert not waits and "aten.index" in calls.ops, calls.ops  # token_bytes[targets]: an index by ids, no wait
     assert sums.tolist() == [math.inf, 6.0, 1.0 + 2.0 + 0.5 + 4.0, 1 + 2 + 3 + 1]
+
+
+def test_max_tokens_beyond_the_data_evaluates_all_of_it():
+    """`eval --max-tokens 1000000` on a short file: the whole of it, as without the cap."""
+    torch.manual_seed(0)
+    model = Gemma3(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                               mlp_dim=64, sliding_window=8, query_pre_attn_scalar=16.0))
+    tokens = torch.randint(0, 64, (101,)).numpy()
+    assert evaluate(model, tokens, 16, max_tokens=10_000) == evaluate(model, tokens, 16)

@@ -179,7 +179,8 @@ def test_chunked_loss_with_float16_weights_scales_before_it_rounds():
     others[targets] = False  # rows no target names: only the softmax part, the smallest gradients
     for got in (plain_w, grad_w):  # both within float16's noise of the reference (rounded first: 3e-2 off)
         assert (got - exact_w)[others].norm() / exact_w[others].norm() < 3e-3
-    assert (grad_h - exact_h).norm() / exact_h.norm() < 3e-3  # rounded first: 1e-2
+    assert (grad_h - exact_h).norm() / exact_h.norm() < 1e-3  # rounded first: 1.8e-3, and 295 of them zero
+    assert not (grad_h == 0).any()
     assert (grad_w[others] == 0).sum() <= (plain_w[others] == 0).sum() + 8
 
 

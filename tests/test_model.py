@@ -363,3 +363,13 @@ def test_flops_per_token_is_what_a_training_step_computes(chunk_size):
         beyond_window = 12 * config.n_heads * config.head_dim * (T - config.sliding_window) * n_sliding * B * T
         assert counter.get_total_flops() == config.flops_per_token(T) * B * T + beyond_window
         model.zero_grad()
+
+
+def test_a_sequence_one_longer_than_the_window_slides():
+    """T = sliding_window + 1, the shortest sequence whose last query must not see the first key (a prompt of that
+    length, a block of it): transformers' logits, where the plain causal mask would see one key too many."""
+    config = small_config()
+    model, hf = make_pair(config)
+    x = torch.randint(0, config.vocab_size, (2, config.sliding_window + 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4

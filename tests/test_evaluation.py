@@ -359,3 +359,41 @@ def test_max_tokens_beyond_the_data_evaluates_all_of_it():
                                mlp_dim=64, sliding_window=8, query_pre_attn_scalar=16.0))
     tokens = torch.randint(0, 64, (101,)).numpy()
     assert evaluate(model, tokens, 16, max_tokens=10_000) == evaluate(model, tokens, 16)
+
+
+def test_evaluation_on_a_device_without_float64_sums_each_batch_in_float32_and_the_total_on_the_host(monkeypatch):
+    """Apple's MPS has no float64 (a TypeError): training's step-0 evaluation, and `tinygemma eval`, failed there at
+    their float64 sums on the device. On such a device (the CPU standing in for it) no operator makes a float64
+    tensor but the host's total and its additions, and the figures are those of float64 sums."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import tinygemma.evaluation as evaluation
+    from tinygemma.runtime import Runtime
+
+    class Float64(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                self.ops.add(func.overloadpacket.__name__)
+            return out
+
+    torch.manual_seed(0)
+    model = Gemma3(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                               mlp_dim=64, sliding_window=8, query_pre_attn_scalar=16.0))
+    tokens = torch.randint(0, 64, (301,)).numpy()
+    token_bytes = torch.arange(64) % 3
+    starts = np.arange(0, 280, 20)
+    cpu = Runtime(torch.device("cpu"), torch.float32)
+    exact = evaluate(model, tokens, 16, batch_size=4, token_bytes=token_bytes)
+    exact_windows = evaluation.evaluate_windows(model, tokens, starts, token_bytes, 4, 16, cpu)
+    monkeypatch.setattr(evaluation, "float64_on", lambda device: False)
+    with Float64() as mode:
+        figures = evaluate(model, tokens, 16, batch_size=4, token_bytes=token_bytes)
+        windows = evaluation.evaluate_windows(model, tokens, starts, token_bytes, 4, 16, cpu)
+    assert mode.ops <= {"zeros", "add_"}, mode.ops
+    for got, want in ((figures, exact), (windows, exact_windows)):
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)

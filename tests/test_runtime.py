@@ -201,3 +201,20 @@ def test_any_process_torchrun_started_asks_to_die_with_it(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     runtime.setup_runtime("cpu", "float32")
     assert called == [True]
+
+
+def test_an_apple_gpu_is_named_as_such_and_waited_for(monkeypatch):
+    """An MPS run recorded the Mac's CPU as its hardware (a CPU run on the same Mac read the same), and --profile
+    waited only for CUDA, so an MPS profile timed the work queued, not done."""
+    from tinygemma import devices
+
+    mps = torch.device("mps")
+    assert devices.device_description(mps).startswith("Apple GPU (MPS), beside ")
+    assert devices.device_description(mps) != devices.device_description(torch.device("cpu"))
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append("cuda"))
+    for device in ("mps", "cpu", "cuda"):
+        devices.synchronize(torch.device(device))
+    assert waited == ["mps", "cuda"]
+    assert not devices.float64_on(mps) and devices.float64_on(torch.device("cuda"))

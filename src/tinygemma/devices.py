@@ -130,7 +130,22 @@ def device_description(device: torch.device) -> str:
     """The GPU's name, or the CPU's description with the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":  # (its CPU would read as a CPU run's)
+        return f"Apple GPU (MPS), beside {cpu_description()}"
     return f"{cpu_description()}, {torch.get_num_threads()} threads"
+
+
+def float64_on(device: torch.device) -> bool:
+    """Whether `device` computes in float64: Apple's MPS has none (a TypeError names it)."""
+    return device.type != "mps"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU's: CUDA's or Apple's)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def compiled_copy(fn, **options):

@@ -10,20 +10,29 @@ import torch
 
 from tinygemma.config import is_integer
 from tinygemma.data import to_device, windows
+from tinygemma.devices import float64_on
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3
 from tinygemma.runtime import Runtime, all_reduce_sum
 
 
 def nats_and_bytes(nats: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
-    """The four sums evaluation adds up, float64: nats of every prediction, predictions, nats of the predictions
-    that stand for text, and the UTF-8 bytes those stand for (`token_bytes[id]`, 0 for end-of-text and other
-    special tokens). Loss is the first over the second; bits per byte the third / ln 2 over the fourth (as
-    nanochat), so models with different tokenizers compare. Training's evaluation uses it too."""
-    nats, nbytes = nats.reshape(-1).double(), token_bytes[targets.reshape(-1)].double()
+    """The four sums evaluation adds up, float64 (float32 on MPS, which has no float64: `sums_on` adds a batch's
+    up on the host): nats of every prediction, predictions, nats of the predictions that stand for text, and the
+    UTF-8 bytes those stand for (`token_bytes[id]`, 0 for end-of-text and other special tokens). Loss is the first
+    over the second; bits per byte the third / ln 2 over the fourth (as nanochat), so models with different
+    tokenizers compare. Training's evaluation uses it too."""
+    dtype = torch.float64 if float64_on(nats.device) else torch.float32
+    nats, nbytes = nats.reshape(-1).to(dtype), token_bytes[targets.reshape(-1)].to(dtype)
     # No boolean indexing and no number copied in: on a GPU either waits for the device (nonzero, a blocking copy)
     count = torch.full((), nats.numel(), dtype=nats.dtype, device=nats.device)
     return torch.stack([nats.sum(), count, torch.where(nbytes > 0, nats, 0.0).sum(), nbytes.sum()])
+
+
+def sums_on(device: torch.device) -> torch.Tensor:
+    """The float64 total of nats_and_bytes' sums: on `device`, so that adding a batch's makes the host wait for
+    nothing; on the host for MPS, which has no float64 (there host and GPU share memory)."""
+    return torch.zeros(4, dtype=torch.float64, device=device if float64_on(device) else "cpu")
 
 
 def summarize(sums: torch.Tensor) -> dict:
@@ -80,7 +89,7 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     was_training = model.training
     model.eval()
     predicted = n - 1
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = sums_on(device)
     try:
         from tqdm import tqdm
 
@@ -89,7 +98,7 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
                 window = windows(tokens, starts, length, model.config.vocab_size).to(device, non_blocking=True)
                 x, y = window[:, :-1], window[:, 1:]
                 nats = model(x, y, reduction="none").reshape(len(starts), length)
-                sums += nats_and_bytes(nats[:, length - scored :], y[:, length - scored :], token_bytes)
+                sums += nats_and_bytes(nats[:, length - scored :], y[:, length - scored :], token_bytes).to(sums.device)
                 bar.update(len(starts) * scored)
     finally:
         model.train(was_training)
@@ -126,13 +135,13 @@ def evaluate_windows(raw: Gemma3, val: np.ndarray, starts: np.ndarray, token_byt
     """Loss, perplexity and bits per byte on the fixed validation windows, split over the processes; the same
     definitions as `tinygemma eval` (nats_and_bytes). Training's evaluation."""
     raw.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
+    sums = sums_on(rt.device)
     batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
     for batch in batches[rt.rank :: rt.world_size]:
         x, y = to_device(windows(val, batch, block_size, raw.config.vocab_size), rt)
         with rt.autocast():
             nats = raw(x, y, reduction="none")
-        sums += nats_and_bytes(nats, y, token_bytes)
+        sums += nats_and_bytes(nats, y, token_bytes).to(sums.device)
     raw.train()
     if hasattr(raw, "reshard"):  # FSDP2's root keeps its parameters gathered after a forward with no backward
         raw.reshard()

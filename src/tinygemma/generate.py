@@ -16,6 +16,7 @@ import torch
 
 from tinygemma.config import check_sampling, is_integer
 from tinygemma.decode import GraphedStep, decode_plan
+from tinygemma.devices import float64_on
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3, check_tokenizer_fits
 from tinygemma.tokenizer import LONE_SURROGATE, load_tokenizer
@@ -34,7 +35,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         # float32's running sum over 50k-262k tokens drifts by ~1e-5 and moves the nucleus' edge (MPS has no float64)
-        probs = sorted_logits.to(torch.float64 if logits.device.type != "mps" else torch.float32).softmax(dim=-1)
+        probs = sorted_logits.to(torch.float64 if float64_on(logits.device) else torch.float32).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
         outside = mass_before >= top_p
         outside[..., 0] = False  # the most likely token always stays (a top_p below float32's least rounds to 0)

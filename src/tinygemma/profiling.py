@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tinygemma.devices import synchronize
 from tinygemma.errors import UserError, describe
 from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text
 
@@ -162,8 +163,7 @@ class StepProfiler:
         self.profiler = None
 
     def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def abandon(self) -> None:
         """Stop profiling without writing (the run ended inside the profiled steps)."""

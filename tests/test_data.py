@@ -1052,12 +1052,19 @@ def test_text_that_is_not_utf8_in_a_parquet_column_is_one_line(tmp_path):
         data.read_stories(tmp_path / "bad.parquet")
 
 
-def test_workers_default_to_the_cores_this_process_may_use(monkeypatch):
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch, tmp_path):
     """Under taskset or a container's CPU set, one tokenizer process per usable core, not per core of the host."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
     assert data.available_cpus() == 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(data, "CPU_QUOTA_FILE", Path("/nonexistent/cpu.max"))
     assert data.available_cpus() == (os.cpu_count() or 1)
+    # docker --cpus 1.5 on a larger host: two tokenizer processes, not one per host core
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    for quota, cores in (("150000 100000", 2), ("max 100000", 64), ("50000 100000", 1), ("junk", 64)):
+        (tmp_path / "cpu.max").write_text(quota + "\n")
+        monkeypatch.setattr(data, "CPU_QUOTA_FILE", tmp_path / "cpu.max")
+        assert data.available_cpus() == cores, quota
 
 
 def test_more_workers_than_cores_are_the_cores(stories_dir, tmp_path, monkeypatch, capsys):

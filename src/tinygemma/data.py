@@ -567,12 +567,22 @@ def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, tar
     return {**counts, "blake2b": digest.hexdigest()}
 
 
+# A cgroup v2 container's CPU quota, "QUOTA PERIOD" or "max PERIOD" (docker --cpus, a Kubernetes CPU limit)
+CPU_QUOTA_FILE = Path("/sys/fs/cgroup/cpu.max")
+
+
 def available_cpus() -> int:
-    """The cores this process may run on (a container's or taskset's share), not the machine's."""
+    """The cores this process may run on (a taskset's or container's CPU set, within a container's CPU quota), not
+    the machine's."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CPU_QUOTA_FILE.read_text().split()[:2]
+        return min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2, or no quota ("max")
+        return cores
 
 
 def _write_all(f, data: memoryview) -> int:

@@ -438,7 +438,7 @@ class Trainer:
         self.log_file = MetricsLog.resume(metrics, start) if start else MetricsLog(metrics)
         if start and self.log_file.records:  # what a kill cost the trackers; a plot that still showed lost work
             self.writer.backfill(self.log_file.records, start)
-            plot_losses(self.log_file.records, run_dir / "loss.png")
+            self.plot()
         if self.quiet:
             return
         self.say_start(resolved["run"]["compiled"])
@@ -684,7 +684,7 @@ class Trainer:
             self.log_file.flush()
             self.writer.log(val_scalars(result), step)
             self.writer.flush()
-            plot_losses(self.log_file.records, self.run_dir / "loss.png")
+            self.plot()
             if not self.quiet:
                 self.say(f"step {step}: val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | "
                          f"bpb {result['val_bpb']:.4f}")
@@ -761,6 +761,15 @@ class Trainer:
             except Exception as e:  # the report is a convenience: it never stops training, nor leaves ranks waiting
                 print(f"tinygemma: warning: report.md not written ({describe(e)}); training goes on",
                       file=sys.stderr, flush=True)
+
+    def plot(self) -> None:
+        """loss.png, a view of metrics.jsonl: never what stops training (on Windows, an image viewer holding the file
+        refuses its replacement)."""
+        try:
+            plot_losses(self.log_file.records, self.run_dir / "loss.png")
+        except Exception as e:
+            print(f"tinygemma: warning: loss.png not written ({describe(e)}); training goes on", file=sys.stderr,
+                  flush=True)
 
     def say(self, text: str) -> None:
         if self.progress:

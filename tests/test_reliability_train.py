@@ -763,3 +763,58 @@ def test_a_resume_refuses_a_trainer_state_of_other_kinds_in_one_line(data_dir, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a damaged or hand-edited checkpoint" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+class NanGradient(torch.autograd.Function):
+    """The loss as it is, its gradient NaN: a finite loss whose backward diverged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.fixture
+def nan_gradient_at_step(monkeypatch):
+    """Make the gradients NaN, the loss finite, at one optimizer step (one forward a step, as nan_at_step)."""
+    state = {"calls": 0, "at": None}
+    forward = Gemma3.forward
+
+    def patched(self, input_ids, targets=None, reduction="mean"):
+        loss = forward(self, input_ids, targets, reduction)
+        if targets is not None and self.training:
+            state["calls"] += 1
+            if state["calls"] == state["at"]:
+                return NanGradient.apply(loss)
+        return loss
+
+    monkeypatch.setattr(Gemma3, "forward", patched)
+    return state
+
+
+def test_a_finite_loss_with_nonfinite_gradients_is_stopped_or_skipped_at_its_step(nan_gradient_at_step, data_dir,
+                                                                                 tmp_path):
+    """Every other non-finite test makes the loss NaN: gradients that diverge under a finite loss (float32) are the
+    step's too, named as the gradient norm's under stop, skipped under skip; never applied to the weights."""
+    nan_gradient_at_step["at"] = 3
+    with pytest.raises(tinygemma.train.NonFiniteError, match="non-finite gradient norm at step 3"):
+        run(data_dir, tmp_path / "stop", "max_steps=6")
+    nan_gradient_at_step.update(calls=0)
+    summary = run(data_dir, tmp_path / "skip", "max_steps=6", "on_nonfinite=skip")
+    assert summary["skipped_steps"] == 1 and math.isfinite(summary["val_loss"])
+
+
+def test_float16_logs_and_clips_the_unscaled_gradient_norm(data_dir, tmp_path):
+    """The norm float16 logs and clips is the true gradients', as float32's, not the loss scale's 65,536 times it
+    (clipped so, every update would be that much too small)."""
+    settings = ["max_steps=4", "log_interval=1", "grad_clip=1.0"]
+    norms = {}
+    for dtype in ("float32", "float16"):
+        run(data_dir, tmp_path / dtype, *settings, f"dtype={dtype}")
+        norms[dtype] = [r["grad_norm"] for r in tinygemma.metrics.read_records(tmp_path / dtype / "metrics.jsonl")
+                        if "train_loss" in r]
+    assert all(map(math.isfinite, norms["float16"]))
+    assert abs(norms["float16"][0] - norms["float32"][0]) < 0.05 * norms["float32"][0], norms

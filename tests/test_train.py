@@ -1377,3 +1377,111 @@ def test_a_loss_plot_or_report_that_cannot_be_written_never_stops_training(data_
     assert "warning: loss.png not written (PermissionError: " in err and "training goes on" in err
     assert "warning: report.md not written (PermissionError: " in err
     assert last_step(out) == 4 and [r["step"] for r in metrics(out) if "val_loss" in r] == [0, 2, 4]
+
+
+# ------------------------------------------------------------------ the loop's bookkeeping (mutation round 11)
+
+
+def test_a_stop_at_checkpoints_there_and_never_trains_past_the_schedule(data_dir, tmp_path):
+    """--stop-at between checkpoint intervals ends with a checkpoint at that step (the notebook's chunks lost each
+    chunk otherwise); past max_steps it ends with the schedule."""
+    assert run(data_dir, tmp_path / "a", "max_steps=10", "checkpoint_interval=20", stop_at=3)["step"] == 3
+    assert last_step(tmp_path / "a") == 3
+    assert run(data_dir, tmp_path / "b", "max_steps=6", stop_at=9)["step"] == 6 and last_step(tmp_path / "b") == 6
+
+
+def test_every_checkpoint_holds_the_validation_loss_of_its_own_step(data_dir, tmp_path):
+    """A checkpoint between evaluations evaluates at its step: best.json (what tinygemma.load(RUN) reads) compares
+    the losses of the weights each checkpoint holds."""
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=10", "checkpoint_interval=5", "eval_interval=7", "keep_checkpoints=5")
+    vals = {r["step"]: r["val_loss"] for r in metrics(out) if "val_loss" in r}
+    assert set(vals) == {0, 5, 7, 10}
+    assert json.loads((out / "checkpoints" / "last.json").read_text())["val_loss"] == vals[10]
+
+
+def test_keep_checkpoints_two_keeps_the_two_newest_and_the_best(data_dir, tmp_path):
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=8", "checkpoint_interval=2", "keep_checkpoints=2")
+    kept = {p.name for p in (out / "checkpoints").iterdir() if p.is_dir()}
+    best = json.loads((out / "checkpoints" / "best.json").read_text())["dir"]
+    assert {"step_000006", "step_000008"} <= kept <= {"step_000006", "step_000008", best}
+
+
+def test_a_resumes_parts_add_up_to_the_run(data_dir, tmp_path):
+    """Each invocation's FLOPs and time are its own steps' (report.md's MFU adds them), the trainer state's elapsed
+    time the run's, all invocations'."""
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=3", stop_at=3)
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=3", resume=True)
+    state = json.loads((out / "checkpoints" / "step_000006" / "trainer_state.json").read_text())
+    parts = state["invocations"]
+    assert [p["steps"] for p in parts] == [[0, 3], [3, 6]] and parts[0]["flops"] == parts[1]["flops"] > 0
+    assert state["elapsed_s"] == pytest.approx(sum(p["elapsed_s"] for p in parts))
+
+
+def test_a_resume_keeps_the_best_of_the_steps_before_it(data_dir, tmp_path, monkeypatch):
+    """Worse validation losses after a resume leave best.json at the earlier checkpoint."""
+    out = tmp_path / "r"
+    settings = ["max_steps=6", "checkpoint_interval=3", "keep_checkpoints=3"]
+    run(data_dir, out, *settings, stop_at=3)
+
+    def worse(*args, **kwargs):
+        result = evaluate_windows(*args, **kwargs)
+        return {**result, "val_loss": result["val_loss"] + 10.0}
+
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows", worse)
+    assert run(data_dir, out, *settings, resume=True)["best_step"] == 3
+    assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 3
+
+
+def test_a_resume_updates_with_the_new_optimizer_settings(data_dir, tmp_path, monkeypatch):
+    """A resume that changes beta1 and weight_decay (named among its changes) trains with them, not with the
+    checkpoint's optimizer state's (the learning rate, set every step, hid it)."""
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=3", stop_at=3)
+    made, real = [], tinygemma.train.configure_optimizer
+    monkeypatch.setattr(tinygemma.train, "configure_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    run(data_dir, out, "max_steps=6", "checkpoint_interval=3", "beta1=0.8", "weight_decay=0.05", resume=True)
+    groups = made[-1].param_groups
+    assert all(g["betas"][0] == 0.8 for g in groups) and max(g["weight_decay"] for g in groups) == 0.05
+
+
+def eta_seconds(out: str, step: int) -> int:
+    line = next(line for line in out.splitlines() if line.startswith(f"step {step}/") and "eta " in line)
+    minutes, seconds = line.rsplit("eta ", 1)[1].split("m")
+    return 60 * int(minutes) + int(seconds.rstrip("s"))
+
+
+def test_the_eta_divides_by_the_steps_since_an_invocations_first(data_dir, tmp_path, monkeypatch, capsys):
+    """The ETA is the time since this invocation's first step (compilation left out) over the steps since: 3 steps
+    that took 6 s (a slow evaluation) leave 4 more at 8 s; a resumed invocation's clock starts at its own first
+    step (from step 0's, it read the machine's uptime)."""
+    settings = ["max_steps=8", "log_interval=2", "checkpoint_interval=2", "eval_interval=0"]
+    run(data_dir, tmp_path / "r", *settings, stop_at=2)
+    capsys.readouterr()
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "r", *settings)), resume=True)
+    assert eta_seconds(capsys.readouterr().out, 6) < 60
+    calls = []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(6)
+        return evaluate_windows(*args, **kwargs)
+
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows", slow)
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "slow", "max_steps=8", "eval_interval=2",
+                                          "log_interval=4", "checkpoint_interval=0")))
+    assert eta_seconds(capsys.readouterr().out, 4) >= 7
+
+
+def test_a_one_step_invocation_is_evaluated_before_it_and_reports_its_last_loss(data_dir, tmp_path):
+    """The step-0 validation is recorded for a run of one step too; the summary's train_loss is the last step's,
+    not the first of the last log interval's."""
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=4", "warmup_steps=0", stop_at=1)
+    assert 0 in [r["step"] for r in metrics(out) if "val_loss" in r]
+    summary = run(data_dir, tmp_path / "s", "max_steps=8", "log_interval=4")
+    losses = [r["train_loss"] for r in metrics(tmp_path / "s") if "train_loss" in r]
+    assert summary["train_loss"] == losses[-1] != losses[-4]

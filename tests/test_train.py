@@ -1485,3 +1485,14 @@ def test_a_one_step_invocation_is_evaluated_before_it_and_reports_its_last_loss(
     summary = run(data_dir, tmp_path / "s", "max_steps=8", "log_interval=4")
     losses = [r["train_loss"] for r in metrics(tmp_path / "s") if "train_loss" in r]
     assert summary["train_loss"] == losses[-1] != losses[-4]
+
+
+def test_a_profile_holds_no_sample_either():
+    """A sample generated inside the profiled steps was counted as theirs (4x the steps' time, the generation's
+    operators in their table), where an evaluation or a checkpoint there is refused."""
+    from tinygemma.train import check_profile_range
+
+    cfg = TrainConfig(max_steps=8, warmup_steps=1, eval_interval=0, checkpoint_interval=0, sample_interval=4)
+    with pytest.raises(tinygemma.UserError, match="--profile 3:6: a sample comes after step 4, inside the profiled"):
+        check_profile_range("3:6", 0, 8, cfg)
+    assert check_profile_range("5:8", 0, 8, cfg) == (5, 8)

@@ -837,7 +837,7 @@ def earlier_invocations(state: dict) -> list[dict]:
 
 def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig) -> tuple[int, int]:
     """--profile's steps, which must lie among the steps this invocation trains (start + 1 to end), with no
-    evaluation or checkpoint between them (its time and operators would be counted as the steps')."""
+    evaluation, checkpoint or sample between them (its time and operators would be counted as the steps')."""
     first, last = parse_profile_range(spec)
     if start >= end:
         raise UserError(f"--profile {spec}: this invocation trains no step (the run is at step {start} and "
@@ -847,7 +847,8 @@ def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig) -> tu
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")
     for done in range(first, last):
-        for name, interval in (("an evaluation", cfg.eval_interval), ("a checkpoint", cfg.checkpoint_interval)):
+        for name, interval in (("an evaluation", cfg.eval_interval), ("a checkpoint", cfg.checkpoint_interval),
+                               ("a sample", cfg.sample_interval)):
             if interval and done % interval == 0:
                 raise UserError(f"--profile {spec}: {name} comes after step {done}, inside the profiled steps, and "
                                 "its time would be counted as theirs; profile steps between two evaluations")

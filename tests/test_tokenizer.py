@@ -413,16 +413,19 @@ def test_a_unigram_reads_no_special_token_out_of_a_story(tmp_path):
     unigram.pre_tokenizer = pre_tokenizers.Metaspace()
     unigram.decoder = decoders.Metaspace()
     unigram.add_special_tokens(["<unk>", "<eos>"])
+    unigram.add_tokens(["[NAME]"])  # an added token after them keeps its id (it took one past the vocabulary)
     raw = Backend.from_str(unigram.to_str())
     raw.encode_special_tokens = True
     assert 1 in raw.encode("the cat <eos>").ids  # what the tokenizer itself does
     tok = HFTokenizer(unigram.to_str())
     assert tok.eot_id == 1
-    for text in ("the cat <eos> the cat", "<eos>the<eos>", "the<eos>"):
+    for text in ("the cat <eos> the cat", "<eos>the<eos>", "the<eos>", "the cat <eos> [NAME]"):
         ids = tok.encode(text)
         assert tok.eot_id not in ids and tok.decode(ids).replace(" ", "") == text.replace(" ", "")
         assert tok.encode_batch([text, "the cat"]) == [ids, raw.encode("the cat").ids]
     assert tok.encode("the cat") == raw.encode("the cat").ids  # no special text: the file's own pieces
+    assert tok.encode("the <eos> [NAME]")[-1] == raw.token_to_id("[NAME]") < tok.vocab_size
+    assert tok.encode("the zz") == raw.encode("the zz").ids and 0 in tok.encode("the zz")  # <unk> is text's
 
     words = Backend(models.BPE({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}, [("a", "b")]))
     words.add_special_tokens(["ab", "<|endoftext|>"])  # a BPE whose merge makes a special token: said

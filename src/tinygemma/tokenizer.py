@@ -356,9 +356,12 @@ class HFTokenizer(Tokenizer):
         if not self._is_unigram:
             return None
         spec = json.loads(self.content)
-        model = spec["model"]
-        for i in self._text_specials:
-            model["vocab"][i][0] = f"\uffff\x00tinygemma:special:{i}"  # (U+FFFF: a noncharacter)
+        renamed = {i: f"\uffff\x00tinygemma:special:{i}" for i in self._text_specials}  # (U+FFFF: a noncharacter)
+        for i, name in renamed.items():
+            spec["model"]["vocab"][i][0] = name
+        for token in spec.get("added_tokens") or []:  # (else each would take a new id, and every later one's move)
+            if token.get("id") in renamed:
+                token["content"] = renamed[token["id"]]
         return _read_stories(type(self.backend).from_str(json.dumps(spec)))
 
     def _as_text(self, text: str, ids: list[int]) -> list[int]:

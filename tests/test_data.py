@@ -1159,3 +1159,46 @@ def test_a_list_given_as_one_story_source_is_one_line():
 
     with pytest.raises(UserError, match=r"a story source is one file or datasets folder \(a str or Path\), got list"):
         read_stories(["stories.txt"], limit=3)
+
+
+# ------------------------------------------------------------------ pinned by mutation round 10
+
+
+def test_windows_reach_the_last_target_and_differ_by_step():
+    """Training's windows start anywhere the last of their block_size + 1 tokens fits (the split's last token is a
+    target), a pure function of (seed, step) that changes with the step; validation's span the split to its end."""
+    starts = np.concatenate([data.window_starts(0, step, 12, 10, 64) for step in range(20)])
+    assert starts.min() == 0 and starts.max() == 12 - 10 - 1
+    assert not np.array_equal(data.window_starts(0, 1, 1000, 10, 8), data.window_starts(0, 2, 1000, 10, 8))
+    assert np.array_equal(data.window_starts(0, 1, 1000, 10, 8), data.window_starts(0, 1, 1000, 10, 8))
+    starts = data.validation_starts(100, 10, 5)
+    assert starts[0] == 0 and starts[-1] == 100 - 10 - 1
+
+
+def test_story_files_read_as_written(tmp_path):
+    """An indented separator line still separates; a record with both fields is read from "text"; a source more or
+    less is other data (`tinygemma run` would train on data prepared from fewer files)."""
+    path = tmp_path / "s.txt"
+    path.write_text("one\n  <|endoftext|>\ntwo\n\t<|endoftext|>  \nthree\n")
+    assert data.read_stories(path) == ["one", "two", "three"]
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"text": "the text", "story": "the story"}) + "\n")
+    assert data.read_stories(path) == ["the text"]
+    assert not data.same_sources(["a.txt"], ["a.txt", "b.txt"]) and not data.same_sources(["a.txt", "b.txt"], ["a.txt"])
+    assert data.same_sources(["a.txt"], [str(Path("a.txt").resolve())])
+
+
+def test_prepare_refuses_a_vocabulary_below_the_bytes_and_no_validation(tmp_path):
+    source = tmp_path / "s.txt"
+    source.write_text("\n<|endoftext|>\n".join(f"story {i} of a cat." for i in range(40)))
+    with pytest.raises(UserError, match="at least 257"):
+        prepare(tmp_path / "d", sources=[source], tokenizer="bpe", vocab_size=256, workers=1, progress=False)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        prepare(tmp_path / "d", sources=[source], val_fraction=0, workers=1, progress=False)
+    prepare(tmp_path / "d", sources=[source], workers=1, progress=False)  # a meta.json with an empty split: damaged
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    meta["splits"]["val"].update(documents=0, tokens=0, bytes=0)
+    (tmp_path / "d" / "val.bin").write_bytes(b"")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="malformed"):
+        open_prepared(tmp_path / "d")

@@ -450,3 +450,24 @@ def test_a_post_processor_id_outside_the_vocabulary_is_refused(tmp_path):
     backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
                                                            special_tokens=[("<|endoftext|>", 1)])
     assert HFTokenizer(backend.to_str()).prompt_prefix == (1,)
+
+
+def test_byte_lengths_and_vocabulary_size_of_a_sentencepiece_style_file():
+    """Bits per byte divides by UTF-8 bytes: a piece "▁é" stands for 3 (a space and a 2-byte é), not 2 characters;
+    end-of-text for none. A file whose ids skip some has a vocabulary up to its largest id."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from tinygemma.tokenizer import token_byte_lengths
+
+    pieces = [("<unk>", 0.0), ("<eos>", 0.0), ("▁", -2.0), ("a", -3.0), ("▁é", -2.0), ("▁the", -2.5)]
+    unigram = Backend(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    unigram.add_special_tokens(["<unk>", "<eos>"])
+    tok = HFTokenizer(unigram.to_str())
+    lengths = token_byte_lengths(tok, tok.vocab_size)
+    assert lengths[4] == 3 and lengths[1] == 0
+    words = Backend(models.WordLevel({"<unk>": 0, "<|endoftext|>": 5, "x": 2}, unk_token="<unk>"))
+    words.add_special_tokens(["<|endoftext|>"])
+    assert HFTokenizer(words.to_str()).vocab_size == 6

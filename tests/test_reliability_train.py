@@ -78,9 +78,9 @@ def test_kill_9_at_random_moments_then_resume_reaches_the_end_with_the_same_loss
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
-@pytest.fixture
-def nan_at_step(monkeypatch):
-    """Make the training loss NaN at one optimizer step (batch size 8, no accumulation: one call per step)."""
+def poisoned_step(monkeypatch, poison) -> dict:
+    """Make the training loss poison(loss) at one optimizer step, state["at"] (batch size 8, no accumulation: one
+    call per step); returns that state."""
     state = {"calls": 0, "at": None}
     forward = Gemma3.forward
 
@@ -89,11 +89,35 @@ def nan_at_step(monkeypatch):
         if targets is not None and self.training:
             state["calls"] += 1
             if state["calls"] == state["at"]:
-                return loss * float("nan")
+                return poison(loss)
         return loss
 
     monkeypatch.setattr(Gemma3, "forward", patched)
     return state
+
+
+class NanGradient(torch.autograd.Function):
+    """The loss as it is, its gradient NaN: a finite loss whose backward diverged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.fixture
+def nan_at_step(monkeypatch):
+    """The training loss NaN at one optimizer step."""
+    return poisoned_step(monkeypatch, lambda loss: loss * float("nan"))
+
+
+@pytest.fixture
+def nan_gradient_at_step(monkeypatch):
+    """The gradients NaN, the loss finite, at one optimizer step."""
+    return poisoned_step(monkeypatch, NanGradient.apply)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing(nan_at_step, data_dir, tmp_path, monkeypatch):
@@ -764,35 +788,6 @@ def test_a_resume_refuses_a_trainer_state_of_other_kinds_in_one_line(data_dir, t
     assert err.count("\n") == 1 and "a damaged or hand-edited checkpoint" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
-
-class NanGradient(torch.autograd.Function):
-    """The loss as it is, its gradient NaN: a finite loss whose backward diverged."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-@pytest.fixture
-def nan_gradient_at_step(monkeypatch):
-    """Make the gradients NaN, the loss finite, at one optimizer step (one forward a step, as nan_at_step)."""
-    state = {"calls": 0, "at": None}
-    forward = Gemma3.forward
-
-    def patched(self, input_ids, targets=None, reduction="mean"):
-        loss = forward(self, input_ids, targets, reduction)
-        if targets is not None and self.training:
-            state["calls"] += 1
-            if state["calls"] == state["at"]:
-                return NanGradient.apply(loss)
-        return loss
-
-    monkeypatch.setattr(Gemma3, "forward", patched)
-    return state
 
 
 def test_a_finite_loss_with_nonfinite_gradients_is_stopped_or_skipped_at_its_step(nan_gradient_at_step, data_dir,

@@ -1058,12 +1058,19 @@ def test_workers_default_to_the_cores_this_process_may_use(monkeypatch, tmp_path
     assert data.available_cpus() == 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(data, "CPU_QUOTA_FILE", Path("/nonexistent/cpu.max"))
+    monkeypatch.setattr(data, "CPU_QUOTA_V1", (Path("/nonexistent/q"), Path("/nonexistent/p")))
     assert data.available_cpus() == (os.cpu_count() or 1)
     # docker --cpus 1.5 on a larger host: two tokenizer processes, not one per host core
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     for quota, cores in (("150000 100000", 2), ("max 100000", 64), ("50000 100000", 1), ("junk", 64)):
         (tmp_path / "cpu.max").write_text(quota + "\n")
         monkeypatch.setattr(data, "CPU_QUOTA_FILE", tmp_path / "cpu.max")
+        assert data.available_cpus() == cores, quota
+    monkeypatch.setattr(data, "CPU_QUOTA_FILE", Path("/nonexistent/cpu.max"))  # cgroup v1: two files
+    monkeypatch.setattr(data, "CPU_QUOTA_V1", (tmp_path / "quota", tmp_path / "period"))
+    for quota, cores in (("250000", 3), ("-1", 64)):
+        (tmp_path / "quota").write_text(quota + "\n")
+        (tmp_path / "period").write_text("100000\n")
         assert data.available_cpus() == cores, quota
 
 

@@ -395,5 +395,9 @@ def test_evaluation_on_a_device_without_float64_sums_each_batch_in_float32_and_t
         figures = evaluate(model, tokens, 16, batch_size=4, token_bytes=token_bytes)
         windows = evaluation.evaluate_windows(model, tokens, starts, token_bytes, 4, 16, cpu)
     assert mode.ops <= {"zeros", "add_"}, mode.ops
+    monkeypatch.undo()
+    assert evaluation.sums_on(torch.device("mps")).device.type == "cpu"  # (where a real MPS device would fail)
+    assert evaluation.sums_on(torch.device("cpu")).dtype == torch.float64
+    assert evaluate(model, tokens, 16, batch_size=4, token_bytes=token_bytes, device="cpu") == exact  # a str too
     for got, want in ((figures, exact), (windows, exact_windows)):
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)

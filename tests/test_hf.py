@@ -152,9 +152,14 @@ def test_an_export_whose_layers_repeat_no_period_says_which_transformers_read_it
 
     torch.manual_seed(0)
     save_model(Gemma3(small_config(n_layers=4, layer_types=[GLOBAL, SLIDING, SLIDING, GLOBAL])), tmp_path / "ckpt")
+    said = ("note: this model's sliding and global layers repeat no period, which only config.json's layer_types can "
+            "say: transformers 4.53 and newer read it, older versions")
     assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
-    assert ("note: this model's sliding and global layers repeat no period, which only config.json's layer_types can "
-            "say: transformers 4.53 and newer read it, older versions") in capsys.readouterr().err
+    assert capsys.readouterr().err.count(said) == 1
+    assert "With transformers 4.53 or newer (this model's sliding and global layers repeat no period" in (
+        tmp_path / "hf" / "README.md").read_text()  # the model card, for whoever downloads it
+    export(tmp_path / "ckpt", tmp_path / "py")  # the Python API's (the notebook's) export says it too
+    assert said in capsys.readouterr().err
 
 
 def test_export_writes_the_checkpoints_tokenizer(tmp_path):

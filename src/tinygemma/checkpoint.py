@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from tinygemma.files import (
     staged_folder,
 )
 from tinygemma.hf import (
+    NEEDS_LAYER_TYPES,
     exported_block_size,
     hf_config,
     is_hf_export,
@@ -317,6 +319,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
                 shutil.copyfile(src / name, tmp)
         if finish is not None:
             finish(stage)
+    if model.config.layer_pattern is None:
+        print(f"note: {NEEDS_LAYER_TYPES}", file=sys.stderr)
     return out
 
 

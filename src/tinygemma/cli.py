@@ -45,7 +45,7 @@ from tinygemma.data import (
 from tinygemma.devices import dtype_name, evaluation_dtype, parse_dtype, pick_device
 from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
 from tinygemma.evaluation import check_evaluation, evaluate
-from tinygemma.files import read_json, signal_handler
+from tinygemma.files import signal_handler
 from tinygemma.generate import check_num_samples, check_stop, generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import hub_api, push_to_hub
@@ -692,10 +692,6 @@ def _export_main(args) -> int:
     else:
         with contextlib.suppress(UserError):  # a note only: never the failure of an export that is written
             _note_text_suffix(checkpoint_tokenizer(out), out)
-    if "sliding_window_pattern" not in read_json(out / "config.json", "the export's config.json"):
-        print("note: this model's sliding and global layers repeat no period, which only config.json's layer_types "
-              "can say: transformers 4.53 and newer read it, older versions load the model with other layers "
-              "sliding (wrong logits, no error)", file=sys.stderr)
     print(f"exported {args.ckpt} to {out} (load with Gemma3ForCausalLM.from_pretrained({str(out)!r}))")
     if args.push_to_hub:
         print(f"uploaded {out} to {push_to_hub(out, args.push_to_hub, args.private)}")

@@ -567,8 +567,10 @@ def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, tar
     return {**counts, "blake2b": digest.hexdigest()}
 
 
-# A cgroup v2 container's CPU quota, "QUOTA PERIOD" or "max PERIOD" (docker --cpus, a Kubernetes CPU limit)
+# A container's CPU quota (docker --cpus, a Kubernetes CPU limit): cgroup v2's "QUOTA PERIOD" or "max PERIOD", else
+# cgroup v1's quota (-1: none) and period, each in a file of its own
 CPU_QUOTA_FILE = Path("/sys/fs/cgroup/cpu.max")
+CPU_QUOTA_V1 = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
 
 
 def available_cpus() -> int:
@@ -578,11 +580,14 @@ def available_cpus() -> int:
         cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    try:
-        quota, period = CPU_QUOTA_FILE.read_text().split()[:2]
-        return min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2, or no quota ("max")
-        return cores
+    for read in (lambda: CPU_QUOTA_FILE.read_text().split()[:2], lambda: [f.read_text() for f in CPU_QUOTA_V1]):
+        try:
+            quota, period = map(int, read())
+        except (OSError, ValueError):  # not this cgroup version, or no quota ("max")
+            continue
+        if quota > 0 and period > 0:  # (v1's -1: none)
+            return min(cores, max(1, math.ceil(quota / period)))
+    return cores
 
 
 def _write_all(f, data: memoryview) -> int:

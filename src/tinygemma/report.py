@@ -57,7 +57,7 @@ from tinygemma.files import (
     read_json,
 )
 from tinygemma.generate import generate_text, prompt_ids
-from tinygemma.hf import exported_block_size, model_config_from_hf
+from tinygemma.hf import NEEDS_LAYER_TYPES, exported_block_size, model_config_from_hf
 from tinygemma.metrics import format_duration, plot_validation, read_records
 from tinygemma.tokenizer import TOKENIZER_FILE, GPT2Tokenizer, Tokenizer
 
@@ -452,7 +452,7 @@ def write_model_card(ckpt: str | Path, out: str | Path, repo_id: str | None = No
         "## Training", "", *training_section(known),
         "## Evaluation", "", *evaluation_section(known),
         "## Samples", "", *samples_section(out, generate, tokenizer),
-        "## How to use", "", *usage_section(where, generate, tokenizer),
+        "## How to use", "", *usage_section(where, generate, tokenizer, config),
     ])
     atomic_write_text(out / CARD_NAME, text)
     return out / CARD_NAME
@@ -633,7 +633,8 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
     return lines
 
 
-def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = None) -> list[str]:
+def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = None,
+                  config: ModelConfig | None = None) -> list[str]:
     prompt = g.prompts[0] if g.prompts else "Once upon a time"
     # A tokenizer.json whose post-processor ends every text (T5's </s>): the model read that only where a story
     # ended, so the prompt goes without it.
@@ -647,7 +648,8 @@ def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = N
             f", top_p={g.top_p}" if g.top_p else "") + (f", min_p={g.min_p}" if g.min_p else "")
     if g.repetition_penalty != 1.0:
         options += f", repetition_penalty={g.repetition_penalty}"
-    return ["With transformers:", "", "```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM", "",
+    needs = f" 4.53 or newer ({NEEDS_LAYER_TYPES})" if config is not None and config.layer_pattern is None else ""
+    return [f"With transformers{needs}:", "", "```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM", "",
             f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
             f"model = Gemma3ForCausalLM.from_pretrained({where!r})",
             f"ids = tokenizer({prompt!r}, return_tensors=\"pt\").input_ids{drop_suffix}",

@@ -847,11 +847,13 @@ def check_profile_range(spec: str, start: int, end: int, cfg: TrainConfig) -> tu
         raise UserError(f"--profile {spec}: this invocation trains optimizer steps {start + 1} to {end}; profile "
                         "steps among those (past the first few, once compilation is done)")
     for done in range(first, last):
-        for name, interval in (("an evaluation", cfg.eval_interval), ("a checkpoint", cfg.checkpoint_interval),
-                               ("a sample", cfg.sample_interval)):
+        for name, setting in (("an evaluation", "eval_interval"), ("a checkpoint", "checkpoint_interval"),
+                              ("a sample", "sample_interval")):
+            interval = getattr(cfg, setting)
             if interval and done % interval == 0:
-                raise UserError(f"--profile {spec}: {name} comes after step {done}, inside the profiled steps, and "
-                                "its time would be counted as theirs; profile steps between two evaluations")
+                raise UserError(f"--profile {spec}: {name} comes after step {done} (train.{setting} {interval}), "
+                                "inside the profiled steps, and its time would be counted as theirs; profile steps "
+                                "between two of them")
     return first, last
 
 

@@ -365,7 +365,7 @@ class HFTokenizer(Tokenizer):
         return _read_stories(type(self.backend).from_str(json.dumps(spec)))
 
     def _as_text(self, text: str, ids: list[int]) -> list[int]:
-        """`ids`, with no special token the model read out of the text itself (see _specials_in_model)."""
+        """`ids`, with no special token the model read out of the text itself (see _text_specials)."""
         if self._text_specials.isdisjoint(ids):
             return ids
         if self._text_backend is not None:

@@ -847,3 +847,77 @@ def test_a_numpy_seed_is_a_seed(model, tokenizer):
     """seed=np.int64(1) (a notebook's loop over np.arange) failed in torch.Generator.manual_seed."""
     assert generate_text(model, tokenizer, PROMPT, 4, temperature=1.0, seed=np.int64(1))[0] == generate_text(
         model, tokenizer, PROMPT, 4, temperature=1.0, seed=1)[0]
+
+
+# ------------------------------------------------------------------ pinned by mutation round 12
+
+
+def test_sampling_filters_and_the_tiniest_temperature_at_their_edges():
+    """top_p reached exactly keeps no more tokens (transformers' rule: uniform quarters, 0.5 keeps two); a temperature
+    of 1e-40 over logits past 4 is greedy (the largest logit is subtracted before dividing, else inf and NaN); the
+    most samples allowed are allowed."""
+    from tinygemma.generate import MAX_SAMPLES, check_num_samples
+
+    assert len(kept(filter_logits(torch.zeros(4), top_p=0.5))) == 2
+    assert len(kept(filter_logits(torch.zeros(2), top_p=0.5))) == 1
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert sample_next_token(torch.tensor([[1.0, 6.0, 5.0, -6.0]]), 1e-40, generator=generator).tolist() == [1]
+    check_num_samples(MAX_SAMPLES, "num_samples")
+    with pytest.raises(UserError, match="at most 65,536"):
+        check_num_samples(MAX_SAMPLES + 1, "num_samples")
+
+
+def test_non_finite_logits_under_the_multinomial_draw_are_the_one_line_refusal(monkeypatch):
+    """MPS draws with torch.multinomial, which raises on NaN probabilities: the refusal is still one line."""
+    monkeypatch.setattr(tinygemma.generate, "draw_racing", tinygemma.generate.draw_multinomial)
+    broken = tiny_model()
+    with torch.no_grad():
+        broken.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="while generating"):
+        generate(broken, torch.tensor([[1, 2]]), 3, temperature=1.0)
+
+
+def test_text_stream_decodes_a_bounded_window_per_token():
+    """O(1) per token, as TextStream promises: a few tokens of context and the new one, never the whole text."""
+    tokenizer = GPT2Tokenizer()
+    longest, decode = [], tokenizer.decode
+    tokenizer.decode = lambda ids: (longest.append(len(ids)), decode(ids))[1]
+    ids = tokenizer.encode(" Tom saw a dog and said hello." * 20)
+    stream = TextStream(tokenizer, context=tokenizer.encode("Once upon a time"))
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == decode(ids)
+    assert max(longest) <= 12
+
+
+def test_a_prompt_whose_bos_passes_the_positions_is_refused_up_front(tmp_path):
+    """The positions are counted with the <bos> a Gemma tokenizer puts first (the recipe's up-front check of the
+    prompts, which a run passed to fail only at its samples)."""
+    from test_hf import gemma_like_tokenizer
+
+    from tinygemma.generate import prompt_ids
+    from tinygemma.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(gemma_like_tokenizer(tmp_path / "tokenizer.json"))
+    config = small_config(max_position_embeddings=4)
+    assert prompt_ids(config, tokenizer, "Once upon a", 1) == [2, 3, 4, 5]  # 4 with <bos>: fills the positions
+    with pytest.raises(UserError, match="positions"):
+        prompt_ids(config, tokenizer, "Once upon a time", 1)
+
+
+def test_samples_text_is_flushed_at_the_end_and_each_piece_streams_to_its_own_sample(monkeypatch):
+    """A sample that stops at max_new_tokens inside a character keeps what was held back (a byte-fallback
+    tokenizer's last whole characters, GPT-2's U+FFFD); on_text gets each sample's pieces under its own index."""
+    tokenizer = GPT2Tokenizer()
+    got = {}
+    texts, _ = generate_text(tiny_model(), tokenizer, "Once upon a time", 8, temperature=1.0, seed=0, num_samples=3,
+                             on_text=lambda i, piece: got.setdefault(i, []).append(piece))
+    assert ["".join(got.get(i, [])) for i in range(3)] == texts and len(set(texts)) > 1
+    emoji, real = tokenizer.encode(" 🦖"), tinygemma.generate.generate_stream
+
+    def scripted(model, input_ids, max_new_tokens, *args, **kwargs):
+        for step, _ in zip(range(max_new_tokens), real(model, input_ids, max_new_tokens, *args, **kwargs)):
+            yield torch.tensor([emoji[step]] * len(input_ids))
+
+    monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
+    texts, n = generate_text(tiny_model(), tokenizer, "Once", len(emoji) - 1, temperature=0)
+    assert n == len(emoji) - 1 and texts == [tokenizer.decode(emoji[:-1])] and texts[0].endswith("\ufffd")

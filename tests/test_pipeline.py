@@ -641,3 +641,41 @@ def test_run_keeps_the_evaluation_of_weights_that_cannot_be_sampled(tmp_path, st
     assert err.strip().splitlines()[-1].startswith("tinygemma run: error: the model's logits hold NaN or inf")
     recorded = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert recorded["samples"] == [] and recorded["eval"]["tokens"] > 0
+
+
+# ------------------------------------------------------------------ pinned by mutation round 12
+
+FAST = ["--set", "generate.max_new_tokens=2", "--set", "train.max_steps=2", "--set", "train.eval_interval=2",
+        "--set", "train.checkpoint_interval=2"]
+
+
+def test_a_run_whose_data_folder_is_gone_or_broken_continues_on_its_recorded_data(tmp_path, stories_dir, capsys):
+    """Without its prepared data (deleted, or its meta.json broken), a run is judged by the [data] it recorded: the
+    same stories named another way, a recorded [data] from before a setting existed, and a new data.dir all go on."""
+    import shutil
+
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    assert main(["run", str(recipe_file), *FAST]) == 0
+    capsys.readouterr()
+    (tmp_path / "data" / "meta.json").write_text("{broken")
+    assert main(["run", str(recipe_file), "--dry-run", *FAST, "--set", f"data.dir={tmp_path / 'again'}"]) == 0, \
+        capsys.readouterr().err
+    shutil.rmtree(tmp_path / "data")
+    same = stories_dir / ".." / stories_dir.name / "train.txt"
+    assert main(["run", str(recipe_file), "--dry-run", *FAST, "--set", f"data.source={same}"]) == 0, \
+        capsys.readouterr().err
+    config = tmp_path / "run" / "config.json"
+    recorded = json.loads(config.read_text())
+    del recorded["data"]["val_source"]
+    config.write_text(json.dumps(recorded))
+    assert main(["run", str(recipe_file), "--dry-run", *FAST]) == 0, capsys.readouterr().err
+
+
+def test_a_dry_run_refuses_a_data_dir_that_prepare_would_damage(tmp_path, stories_dir, capsys):
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    assert main(["run", str(recipe_file), "--dry-run"]) == 2
+    assert "data.dir" in capsys.readouterr().err

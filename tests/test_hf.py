@@ -43,6 +43,8 @@ def test_export_loads_in_transformers_with_same_logits(checkpoint, tmp_path):
     assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0
     assert config["rope_parameters"]["full_attention"]["rope_theta"] == 1_000_000.0
     assert config["tie_word_embeddings"] is True
+    card = (tmp_path / "hf" / "README.md").read_text()  # a periodic layout: any transformers from 4.50 reads it
+    assert "With transformers:" in card and "4.53" not in card
     hf, info = transformers.Gemma3ForCausalLM.from_pretrained(
         tmp_path / "hf", output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

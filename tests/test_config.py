@@ -448,3 +448,19 @@ def test_a_switch_between_ddp_and_fsdp_is_a_change_where_processes_share_the_ste
     assert now.compile == "true"
     assert settings_changes(saved, now, CHANGE_SETTINGS, 2) == {"distributed": ["ddp", "fsdp"]}
     assert settings_changes(saved, now, CHANGE_SETTINGS, 1) == {}
+
+
+def test_commands_printed_for_pasting_are_quoted_for_the_users_shell(monkeypatch):
+    """On Windows, cmd.exe (Anaconda Prompt) splits a single-quoted prompt ("unrecognized arguments: upon a time'"):
+    the commands tinygemma prints for pasting are double-quoted there, which PowerShell reads too; POSIX elsewhere."""
+    from tinygemma import errors
+    from tinygemma.pipeline import where_and_next
+
+    recipe = load_recipe("configs/cpu-demo.toml")
+    assert errors.shell_quote("Once upon a time") == "'Once upon a time'"
+    posix = where_and_next(recipe, "configs/cpu-demo.toml", ["max_steps=5"])
+    assert "--prompt 'Once upon a time'" in posix
+    monkeypatch.setattr(errors, "WINDOWS", True)
+    assert errors.shell_quote("Once upon a time") == '"Once upon a time"' and errors.shell_quote("runs\\a") == "runs\\a"
+    windows = where_and_next(recipe, "configs/cpu-demo.toml", ["max_steps=5"])
+    assert "--prompt \"Once upon a time\"" in windows and "'" not in windows

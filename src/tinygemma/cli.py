@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import select
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,15 @@ from tinygemma.data import (
     read_stories,
 )
 from tinygemma.devices import dtype_name, evaluation_dtype, parse_dtype, pick_device
-from tinygemma.errors import UserError, exit_status, interrupt, stop_word, under_torchrun
+from tinygemma.errors import (
+    UserError,
+    exit_status,
+    interrupt,
+    shell_join,
+    shell_quote,
+    stop_word,
+    under_torchrun,
+)
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import signal_handler
 from tinygemma.generate import check_num_samples, check_stop, generate_text, prompt_ids
@@ -311,7 +318,7 @@ def _train_run(args, out: str, overrides: list[str]) -> int:
         if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):
             # `prepare --out DIR` (what a missing dataset's refusal suggests) would ignore the recipe's [data];
             # `run` with the same settings prepares it, then trains the same run
-            command = shlex.join(["tinygemma", "run", args.config,
+            command = shell_join(["tinygemma", "run", args.config,
                                   *(part for item in overrides + args.set for part in ("--set", item))])
             unprepared = UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the "
                                    "recipe's [data] asks, then trains")
@@ -661,7 +668,7 @@ def _export_main(args) -> int:
     if args.format == "gguf":
         info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE, args.tokenizer)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
-              f"with: llama-completion -m {shlex.quote(str(info['path']))} -no-cnv -p 'Once upon a time'")
+              f"with: llama-completion -m {shell_quote(str(info['path']))} -no-cnv -p {shell_quote('Once upon a time')}")
         if info["matrices_as_f16"]:
             print(f"note: {info['matrices_as_f16']} matrices have rows that are not a multiple of 32 values (q8_0's "
                   "block) and were written as f16, as llama.cpp's own converter does", file=sys.stderr)
@@ -671,7 +678,8 @@ def _export_main(args) -> int:
         if args.push_to_hub:
             url = push_to_hub(info["path"], args.push_to_hub, args.private)
             print(f"uploaded {info['path']} to {url}; run it from there with: llama-completion --hf-repo "
-                  f"{args.push_to_hub} --hf-file {shlex.quote(Path(info['path']).name)} -no-cnv -p 'Once upon a time'")
+                  f"{args.push_to_hub} --hf-file {shell_quote(Path(info['path']).name)} -no-cnv -p "
+                  f"{shell_quote('Once upon a time')}")
         return 0
     if args.format != "hf":
         raise UserError(f"unknown --format {args.format!r}; choose hf or gguf")

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import shlex
 import signal
 import sys
 from collections import deque
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from tinygemma.config import MAX_VOCAB_SIZE, DataConfig, TrainConfig, is_integer, is_real, story_paths
-from tinygemma.errors import UserError, describe, failure
+from tinygemma.errors import UserError, describe, failure, shell_quote
 from tinygemma.files import (
     atomic_path,
     atomic_write_json,
@@ -926,7 +925,7 @@ def open_prepared(directory: str | Path) -> PreparedData:
             raise UserError(f"{directory} is not a prepared dataset (no {META_NAME}) and holds other files; give "
                             "the folder that `tinygemma prepare --out` wrote")
         raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (run `tinygemma prepare --out "
-                        f"{shlex.quote(str(directory))}`; an interrupted run leaves none)")
+                        f"{shell_quote(str(directory))}`; an interrupted run leaves none)")
     meta = read_json(directory / META_NAME, "dataset metadata")
     where = directory / META_NAME
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

@@ -8,11 +8,26 @@ is a bug in tinygemma and keeps its traceback.
 
 import errno
 import os
+import shlex
 import signal
+import subprocess
 
 
 class UserError(Exception):
     """Bad input: a missing or corrupt file, an impossible configuration, a mismatched tokenizer, ..."""
+
+
+WINDOWS = os.name == "nt"
+
+
+def shell_quote(text: str) -> str:
+    """`text` as one argument of a command printed for the user to paste into their shell: POSIX quoting, or on
+    Windows double quotes, which cmd.exe (Anaconda Prompt) and PowerShell both read (cmd.exe splits '...')."""
+    return subprocess.list2cmdline([text]) if WINDOWS else shlex.quote(text)
+
+
+def shell_join(parts: list[str]) -> str:
+    return " ".join(map(shell_quote, parts))
 
 
 # The machine's failures, not the input's: a full disk or quota, no permission, a read-only filesystem, out of file

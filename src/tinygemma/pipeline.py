@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from tinygemma.data import (
     same_sources,
 )
 from tinygemma.devices import dtype_name, evaluation_dtype, pick_device, pick_dtype
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, shell_quote
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
 from tinygemma.generate import NonFiniteLogits, generate_text
@@ -380,7 +379,7 @@ def sampling_flags(g: GenerateConfig) -> str:
 
 def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> str:
     """The closing lines of `tinygemma run`: where the run's files are, and the commands a user wants next."""
-    out, q = Path(recipe.out), shlex.quote
+    out, q = Path(recipe.out), shell_quote
     run_dir = q(str(out))
     prompt = recipe.generate.prompts[0] if recipe.generate.prompts else "Once upon a time"
     # A longer run goes to a new directory: a finished run has taken its whole schedule, cooldown included, so it

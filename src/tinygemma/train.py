@@ -756,19 +756,19 @@ class Trainer:
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data.tokenizer(), val_loss,
                         is_best, self.rt, self.fsdp, cfg.keep_checkpoints)
         if self.rt.is_main:
-            try:
-                write_report(self.run_dir)
-            except Exception as e:  # the report is a convenience: it never stops training, nor leaves ranks waiting
-                print(f"tinygemma: warning: report.md not written ({describe(e)}); training goes on",
-                      file=sys.stderr, flush=True)
+            self.write_view("report.md", lambda: write_report(self.run_dir))
 
     def plot(self) -> None:
-        """loss.png, a view of metrics.jsonl: never what stops training (on Windows, an image viewer holding the file
-        refuses its replacement)."""
+        self.write_view("loss.png", lambda: plot_losses(self.log_file.records, self.run_dir / "loss.png"))
+
+    @staticmethod
+    def write_view(name: str, write) -> None:
+        """Write a view of the run's records (report.md, loss.png): a convenience that never stops training, nor
+        leaves ranks waiting (on Windows, an image viewer holding loss.png refuses its replacement)."""
         try:
-            plot_losses(self.log_file.records, self.run_dir / "loss.png")
+            write()
         except Exception as e:
-            print(f"tinygemma: warning: loss.png not written ({describe(e)}); training goes on", file=sys.stderr,
+            print(f"tinygemma: warning: {name} not written ({describe(e)}); training goes on", file=sys.stderr,
                   flush=True)
 
     def say(self, text: str) -> None:

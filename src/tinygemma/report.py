@@ -716,14 +716,15 @@ def compared_row(name: str, run: dict, differs: str) -> tuple[str, ...]:
     scored = checkpoint_step(run["evaluation"].get("checkpoint"))
     lost = ("" if not newest["lost"] else f" ({newest['lost']:,} logged, lost past the checkpoint)"
             if run["checkpointed"] else f" ({newest['lost']:,} logged, lost: no checkpoint written)")
+    whole_loss, whole_bpb = val_cells(whole["loss"], whole.get("bits_per_byte")) if whole else ("-", UNKNOWN)
     return (name, "; ".join(filter(None, (differs, run["changes"] and "changed on resume: "
                                           + changes_told(run["changes"])))) or "-",
             f"{newest['step']:,}{lost}", f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
             f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
             f"{evals[best]['val_loss']:.4f} (step {best:,})" if best is not None else "-",
-            val_cells(whole["loss"], None)[0] + (f" (step {scored:,})" if scored is not None else "") if whole else "-",
-            val_cells(whole["loss"], whole.get("bits_per_byte"))[1].replace(UNKNOWN, "-") if whole else "-")
+            whole_loss + (f" (step {scored:,})" if scored is not None and whole else ""),
+            whole_bpb.replace(UNKNOWN, "-"))
 
 
 def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
@@ -811,10 +812,11 @@ def compared_run(run_dir: Path) -> dict:
         except (TypeError, UserError):  # a config.json of another version's settings
             pending = {}
         changes = [*changes, *([(state.get("step", 0), pending)] if pending else [])]
-    recorded = (config.get("run") or {}).get("data_blake2b") or {}
-    digests = tuple(digest if isinstance(digest := (recorded if isinstance(recorded, dict) else {}).get(split)
-                                         or (state.get("data") or {}).get(f"{split}_blake2b"), str) else None
-                    for split in ("train", "val"))
+    # the tokens' digests: recorded as the run started (config.json), or by its checkpoint (older runs)
+    recorded = (config.get("run") or {}).get("data_blake2b")
+    recorded, checkpointed = recorded if isinstance(recorded, dict) else {}, state.get("data") or {}
+    digests = tuple(digest if isinstance(digest := recorded.get(split) or checkpointed.get(f"{split}_blake2b"), str)
+                    else None for split in ("train", "val"))
     return {"config": {**recipe, "run": config.get("run") or {}}, "records": records, "evaluation": evaluation,
             "newest": newest, "changes": changes, "digests": digests, "checkpointed": last is not None}
 

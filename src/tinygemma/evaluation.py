@@ -10,7 +10,7 @@ import torch
 
 from tinygemma.config import is_integer
 from tinygemma.data import to_device, windows
-from tinygemma.devices import float64_on
+from tinygemma.devices import as_device, float64_on
 from tinygemma.errors import UserError
 from tinygemma.model import Gemma3
 from tinygemma.runtime import Runtime, all_reduce_sum
@@ -79,7 +79,7 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
     n = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
     if n < 2:
         raise UserError(f"{n} tokens to evaluate: at least 2 are needed (one to read, one to predict)")
-    device = torch.device(device) if device is not None else model.embed_tokens.weight.device
+    device = as_device(device) if device is not None else model.embed_tokens.weight.device
     token_bytes = torch.zeros(model.config.vocab_size, dtype=torch.int64) if token_bytes is None else token_bytes
     token_bytes = torch.as_tensor(token_bytes).to(device)
     if token_bytes.dim() != 1 or len(token_bytes) < model.config.vocab_size:

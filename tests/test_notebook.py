@@ -1,7 +1,11 @@
 """The workshop notebook, executed top to bottom by a real Jupyter kernel, as a student runs it."""
 
+import ast
 import os
+import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,50 @@ def test_a_mistyped_stories_path_stops_the_settings_cell(tmp_path, monkeypatch):
     names = {}
     exec(settings, names)
     assert names["SOURCE"] == str(tmp_path / "train.txt")
+
+
+def python_of(cell_source: str) -> str:
+    """A code cell as plain Python: its shell lines (`!pip ...`, with their continuation lines) become `pass`."""
+    lines, continued = [], False
+    for line in cell_source.splitlines():
+        first = not continued and line.lstrip().startswith("!")
+        shell = continued or first
+        continued = shell and line.rstrip().endswith("\\")
+        lines.append(re.match(r"\s*", line).group() + "pass" if first else "" if shell else line)
+    return "\n".join(lines)
+
+
+def test_each_cell_imports_what_it_uses():
+    """After a restart (a Colab disconnect) a student reruns the settings cell and the cell they were at, not the
+    pictures between: the train cell drew its plot with the `plt` of the sliding-window picture's cell, and the
+    export cell called `tinygemma.load` imported three sections before, both a NameError then."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    trees = [ast.parse(python_of(cell.source)) for cell in nb.cells if cell.cell_type == "code"]
+    imported = [{(alias.asname or alias.name).split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names} for tree in trees]
+    anywhere = set().union(*imported)
+    for tree, own in zip(trees, imported, strict=True):
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        assert (used & anywhere) <= own, (sorted((used & anywhere) - own), ast.unparse(tree)[:200])
+
+
+def test_colab_work_folder_does_not_depend_on_the_working_folder(tmp_path, monkeypatch):
+    """The install cell changes into the checkout's notebooks/; a restarted runtime starts in /content, and a
+    student who skips the install cell (the package is installed) got a relative WORK elsewhere: the data
+    prepared again and the run started over at step 0 instead of resuming."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    settings = next(cell.source for cell in nb.cells if cell.cell_type == "code" and "TINYGEMMA_STORIES" in cell.source)
+    monkeypatch.delenv("TINYGEMMA_WORKDIR", raising=False)
+    monkeypatch.delenv("TINYGEMMA_STORIES", raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    runs = []
+    for folder in (tmp_path / "content", tmp_path / "content" / "tinygemma-src" / "notebooks"):
+        folder.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(folder)
+        names = {}
+        exec(settings, names)
+        runs.append(names["RUN"])
+    assert runs[0] == runs[1] and runs[0].is_absolute(), runs
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, stories_dir):

@@ -10,6 +10,7 @@ import pytest
 
 from tinygemma import UserError
 from tinygemma.config import DataConfig, ModelConfig, Recipe, TrainConfig, load_recipe
+from tinygemma.optim import cooldown_start
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -112,6 +113,17 @@ def test_other_spellings_of_dtype_and_compile_are_the_same_settings():
             recipe.train.lr_schedule) == ("true", "float32", "cpu", "adamw", "wsd")
     with pytest.raises(UserError, match="train.compile must be one of auto, true, false; got 'maybe'"):
         load_recipe(None, ["compile=Maybe"])
+
+
+def test_the_speedrun_keeps_a_checkpoint_from_which_it_extends():
+    """The speedrun's loss target is unmeasured, so a run may end short of it; a wsd run extends only from a
+    checkpoint before its cooldown, and the recipe (checkpoints every 500 steps, the newest alone kept) had
+    deleted step 1000 once 1500 was written: extending it meant training again from step 0."""
+    t = load_recipe(CONFIGS / "speedrun.toml").train
+    assert t.lr_schedule == "wsd"
+    written = sorted({*range(t.checkpoint_interval, t.max_steps, t.checkpoint_interval), t.max_steps})
+    kept_at_the_end = written[-t.keep_checkpoints:]  # besides the best, which may be any
+    assert cooldown_start(t) in kept_at_the_end, (cooldown_start(t), kept_at_the_end)
 
 
 def test_a_whole_number_written_as_a_float_in_a_recipe_file_is_that_integer(tmp_path):

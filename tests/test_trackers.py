@@ -206,6 +206,30 @@ def test_samples_during_training_reach_tensorboard_and_wandb_as_text(data_dir, t
     assert sampled == [6, 12]  # (an html file each, named in the history by its path and digest)
 
 
+def test_a_resume_sends_the_samples_before_the_checkpoint_again_too(data_dir, tmp_path):
+    """README: offline, the newest offline-run folder holds the whole history. The resume re-sent the scalars
+    alone, so it lacked the sample stories from before the checkpoint; a fork's TensorBoard lacked them too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tinygemma.config import load_recipe
+    from tinygemma.train import train
+
+    out, fork = tmp_path / "run", tmp_path / "fork"
+    sampled = ("sample_interval=3", "generate.max_new_tokens=4")
+    run(data_dir, out, *SHORT, "loggers=wandb", *sampled, stop_at=6)
+    train(load_recipe(None, tiny_settings(data_dir, fork, *SHORT, "loggers=tensorboard", *sampled)),
+          resume_from=out / "checkpoints" / "step_000006", quiet=True)
+    run(data_dir, out, *SHORT, "loggers=wandb", *sampled, resume=True)
+    samples = {r["step"]: r["samples"][0] for r in metrics(out) if "samples" in r}
+    assert sorted(samples) == [3, 6, 9, 12]
+    newest = wandb_run(out)[-1]["history"]
+    assert [step for step in sorted(newest) if any(key.startswith("samples/1/") for key in newest[step])] == [3, 6, 9, 12]
+    events = EventAccumulator(str(fork / "tb"))
+    events.Reload()
+    board = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/1/text_summary")}
+    assert board == {step: "".join(f"    {line}\n" for line in text.split("\n")) for step, text in samples.items()}
+
+
 def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(data_dir, tmp_path, monkeypatch):
     """wandb and trackio write in batches, so a kill loses their last records from before the checkpoint (a kill
     -9 left wandb without steps 0-6): the resume sends them again from metrics.jsonl. loss.png, drawn at the last

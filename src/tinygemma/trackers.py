@@ -68,6 +68,20 @@ def record_scalars(record: dict) -> dict[str, float]:
     return {**train_scalars(record), **val_scalars({k: v for k, v in record.items() if k.startswith("val_")})}
 
 
+def sample_key(index: int) -> str:
+    """The trackers' name of the sample story of the generate section's `index`-th prompt (from 0)."""
+    return f"samples/{index + 1}"
+
+
+def replay(tracker, records: list[dict]) -> None:
+    """Send `tracker` what metrics.jsonl's `records` hold: their scalars, and their sample stories as texts."""
+    for record in records:
+        if scalars := record_scalars(record):
+            tracker.log(scalars, record["step"])
+        for i, text in enumerate(record.get("samples", ())):
+            tracker.text(sample_key(i), text, record["step"])
+
+
 class Trackers:
     """The run's trackers, as one: `log(scalars, step)`, `flush()`, `close()`."""
 
@@ -95,6 +109,11 @@ class Trackers:
     def text(self, key: str, value: str, step: int) -> None:
         """A text at `step` (a sample story), where the tracker shows texts: TensorBoard's and wandb's."""
         self._each("text", key, value, step)
+
+    def samples(self, texts: list[str], step: int) -> None:
+        """The sample stories of the generate section's prompts, at `step`."""
+        for i, text in enumerate(texts):
+            self.text(sample_key(i), text, step)
 
     def flush(self) -> None:
         self._each("flush")
@@ -182,8 +201,7 @@ class TensorBoard:
 
     def backfill(self, records: list[dict]) -> None:
         if self.empty:  # else it holds them: flushed at every evaluation, so before every checkpoint
-            for record in records:
-                self.log(record_scalars(record), record["step"])
+            replay(self, records)
             self.flush()
 
     def close(self, exit_code: int) -> None:
@@ -235,9 +253,7 @@ class Wandb:
             self.run.log({key: wandb.Html(f"<pre>{html.escape(value)}</pre>")}, step=step)
 
     def backfill(self, records: list[dict]) -> None:
-        for record in records:
-            if scalars := record_scalars(record):
-                self.log(scalars, record["step"])
+        replay(self, records)  # offline, the newest offline-run folder then holds the whole history, samples too
 
     def flush(self) -> None:
         pass  # wandb sends in the background

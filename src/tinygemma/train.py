@@ -708,8 +708,7 @@ class Trainer:
             forget_decode_plan(self.raw)  # its copy of the weights, stale at the next step, not kept through them
         self.log_file.append({"step": step, "tokens": step * self.tokens_per_step, "samples": texts})
         self.log_file.flush()
-        for i, text in enumerate(texts):
-            self.writer.text(f"samples/{i + 1}", text, step)
+        self.writer.samples(texts, step)
         self.writer.flush()
         if not self.quiet:
             for i, text in enumerate(texts):

@@ -5,6 +5,7 @@ fails mid-run is dropped with one warning and training goes on."""
 
 import errno
 import json
+import shutil
 import struct
 import threading
 import time
@@ -261,6 +262,43 @@ def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(
     assert trackio_scalars(ids["trackio"]) == want
     first, second = wandb_run(out)
     assert sorted(first["history"]) == [0, 1, 2] and second["history"] == want
+
+
+def tensorboard_shown(run_dir: Path) -> dict[str, dict[int, float]]:
+    """The scalars `tensorboard --logdir` shows: its own loader (the Rust data server) reads the events files in
+    name order and ignores purge_step; a point at a step its tag has passed drops that tag's points from that
+    step on (checked against the server itself)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    shown = {}
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag.startswith(("train/", "val/")):
+                    points = shown.setdefault(value.tag, {})
+                    for step in [s for s in points if s >= event.step]:
+                        del points[step]
+                    points[event.step] = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
+    return shown
+
+
+def test_tensorboard_s_own_loader_drops_the_lost_work_when_the_resume_evaluates_on_other_steps(data_dir, tmp_path):
+    """A kill after step 9's evaluation, the checkpoint at 6, and a resume evaluating every 5 steps: tensorboard
+    --logdir ignores purge_step, and showed the lost step 9's validation between 6 and the new 10."""
+    out = tmp_path / "killed"
+    run(data_dir, out, *SHORT, "loggers=tensorboard", "keep_checkpoints=2", stop_at=9)
+    checkpoints = out / "checkpoints"  # the kill: step 9's checkpoint never written
+    shutil.rmtree(checkpoints / "step_000009")
+    for pointer in ("last.json", "best.json"):
+        (checkpoints / pointer).write_text(json.dumps({"dir": "step_000006", "step": 6, "val_loss": None}))
+    assert 9 in tensorboard_shown(out)["val/loss"]
+    run(data_dir, out, *SHORT, "loggers=tensorboard", "eval_interval=5", resume=True)
+    want = expected_scalars(out)
+    assert sorted(step for step, scalars in want.items() if "val/loss" in scalars) == [0, 3, 6, 10, 12]
+    shown = tensorboard_shown(out)
+    assert {tag: sorted(points) for tag, points in shown.items()} == {
+        tag: sorted(step for step, scalars in want.items() if tag in scalars) for tag in shown}
+    assert shown["val/loss"] == pytest.approx({step: want[step]["val/loss"] for step in shown["val/loss"]})
 
 
 def test_a_backfill_that_fails_is_a_warning_and_the_tracker_stays(tmp_path, capsys):

@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 
 from tinygemma.errors import UserError, describe, failure
-from tinygemma.files import atomic_write_json, read_json
+from tinygemma.files import atomic_path, atomic_write_json, read_json
 
 STATE_NAME = "trackers.json"
 PROJECT = "tinygemma"  # the wandb project (unless WANDB_PROJECT says otherwise) and the trackio project
@@ -181,7 +181,9 @@ class TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
 
             quiet_event_writer_threads()
-            # Hide events past the checkpoint (the lost work); a fresh start hides every earlier event.
+            if start:
+                drop_events_past(run_dir / "tb", start)  # the lost work, for `tensorboard --logdir`
+            # Hide events past the checkpoint from readers that honour it; a fresh start hides every earlier event.
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
         except Exception as e:
             raise startup_error("tensorboard", e) from None
@@ -206,6 +208,29 @@ class TensorBoard:
 
     def close(self, exit_code: int) -> None:
         self.writer.close()
+
+
+def drop_events_past(folder: Path, step: int) -> None:
+    """Rewrite the events files in `folder` without their events past `step`: the work a kill lost after the
+    checkpoint the run resumes from. purge_step hides them from tensorboard's Python reader only; `tensorboard
+    --logdir`'s own loader ignores it, and showed the lost steps wherever the resumed ones did not fall on the
+    same steps (a resume with a new eval_interval). Files holding none are left as they were; an unreadable one
+    too (its events are not ours to lose)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        try:
+            records = list(RawEventFileLoader(str(path)).Load())
+            kept = [record for record in records if Event.FromString(record).step <= step]
+        except Exception:
+            continue
+        if len(kept) < len(records):
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                writer = RecordWriter(f)
+                for record in kept:
+                    writer.write(record)
 
 
 def holds_scalars(folder: Path) -> bool:

@@ -377,7 +377,8 @@ def test_a_model_with_few_positions_exports_with_shorter_samples(straight_run, t
     room = 48 - len(tokenizer.encode("Tom")) + 1
     tom = generate_text(tinygemma.load(tmp_path / "hf"), tokenizer, "Tom", max_new_tokens=room, seed=1338,
                         **g.sampling())[0][0]
-    assert ("> Tom" + tom).replace("\n", "\n> ") in lines
+    # (quoted as report.md quotes: a line at each of str.splitlines' breaks, a form feed among them)
+    assert tinygemma.report.quote("Tom" + tom) in lines
 
 
 def test_a_card_names_the_hub_dataset_the_run_was_prepared_from():
@@ -900,3 +901,99 @@ def test_compare_runs_takes_one_run_given_alone(straight_run):
     """compare_runs("runs/a") went through the path's letters ("r is not a training run")."""
     assert f"| {straight_run} | - | 40 |" in tinygemma.report.compare_runs(str(straight_run))
     assert f"| {straight_run} | - | 40 |" in tinygemma.report.compare_runs(Path(straight_run))
+
+
+# ------------------------------------------------------------------ mutation round 13: report.md's parts
+
+def mutation_recipe(**train):
+    return {"model": {"preset": "gemma3-tiny"}, "data": {}, "train": {"max_steps": 12, "warmup_steps": 2, "min_lr": 0.0001, "learning_rate": 0.002, **train},
+            "generate": {}}
+
+
+def test_reproduce_block_starts_from_the_settings_before_the_first_of_several_changes():
+    """Two resumes that changed the learning rate (0.02 -> 0.005 at step 4, 0.005 -> 0.002 at step 8): the first
+    command trains at 0.02, the rate of the steps before the first change, not the second change's 0.005."""
+    state = {"step": 12, "invocations": [
+        {"steps": [0, 4]},
+        {"steps": [4, 8], "changed": {"learning_rate": [0.02, 0.005]}},
+        {"steps": [8, 12], "changed": {"learning_rate": [0.005, 0.002]}}]}
+    lines = tinygemma.report.reproduce_block(mutation_recipe(), state, "Reproduce")
+    commands = [line for line in lines if line.startswith("tinygemma train")]
+    assert len(commands) == 3
+    assert "--set train.learning_rate=0.02 " in commands[0] and commands[0].endswith("--stop-at 4")
+    assert "train.learning_rate=0.005 --stop-at 8" in commands[1]
+    assert commands[2].endswith("--set train.learning_rate=0.002")
+
+
+def test_reproduce_block_in_parts_of_a_checkpoint_before_the_schedules_end_stops_at_its_step():
+    """A run changed on resume and checkpointed at step 10 of 12: its last command stops at 10 (--stop-at keeps
+    the schedule), as the single command of an unchanged run does."""
+    state = {"step": 10, "invocations": [
+        {"steps": [0, 4]}, {"steps": [4, 10], "changed": {"learning_rate": [0.02, 0.002]}}]}
+    commands = [line for line in tinygemma.report.reproduce_block(mutation_recipe(), state, "Reproduce")
+                if line.startswith("tinygemma train")]
+    assert commands[-1].endswith("--stop-at 10"), commands
+
+
+def test_reproduce_command_names_a_vocab_size_that_equals_the_presets():
+    """A recipe that set model.vocab_size (to the preset's own 262,144, say, on GPT-2 data) is reproduced with it:
+    without it train sizes the vocabulary from the data's tokenizer, another model."""
+    recipe = mutation_recipe()
+    recipe["model"] = {"preset": "gemma3-270m", "vocab_size": 262_144}
+    assert "--set model.vocab_size=262144" in tinygemma.report.reproduce_command(recipe)
+
+
+def test_a_fork_of_a_step_0_checkpoint_is_named():
+    """--resume-from a run's step-0 checkpoint: the "continued from" row names it (no step was trained there)."""
+    state = {"step": 5, "invocations": [{"steps": [0, 5], "forked_from": {"dir": "/runs/a/checkpoints/step_000000",
+                                                                         "step": 0}}]}
+    rows = tinygemma.report.start_rows({"train": {}}, None, state)
+    assert rows == [("continued from", "`/runs/a/checkpoints/step_000000` (--resume-from): no step was trained there")]
+
+
+def test_the_mfu_of_steps_from_before_invocations_is_at_the_last_machines_peak():
+    """A run checkpointed before invocations were recorded, whose log lines moved to another machine (another
+    peak): its MFU is the average rate at the last record's ratio of MFU to rate, not the first's."""
+    records = [{"step": 10, "mfu": 0.2, "tokens_per_s": 1000.0}, {"step": 20, "mfu": 0.1, "tokens_per_s": 1000.0}]
+    rows = dict(tinygemma.report.training_rows({}, records, {"step": 20, "tokens": 20_000, "elapsed_s": 10.0}))
+    assert rows["MFU"].startswith("20.0% (at the average throughput")  # 0.1 / 1000 x 2000 tokens/s
+
+
+def test_the_validation_tables_best_row_is_best_jsons_checkpoint():
+    """last.json at step 20 (a loss spike), best.json at step 10: the best row is step 10's loss, not the last's."""
+    records = [{"step": 10, "val_loss": 2.0, "val_bpb": 1.0}, {"step": 20, "val_loss": 3.0, "val_bpb": 1.5}]
+    lines = tinygemma.report.validation_table(records, {"dir": "step_000020", "step": 20},
+                                              {"dir": "step_000010", "step": 10}, {})
+    assert "| final: step 20 | 3.0000 | 1.5000 |" in lines and "| best: step 10 | 2.0000 | 1.0000 |" in lines
+
+
+def test_val_cells_of_a_nan_loss_without_bits_per_byte():
+    assert tinygemma.report.val_cells(float("nan"), None) == ("nan", "nan")
+
+
+def test_the_reports_samples_are_the_newest_sampled_while_training(tmp_path):
+    """Samples taken at steps 5 and 10 (train.sample_interval), no eval.json: the report quotes step 10's."""
+    (tmp_path / "config.json").write_text(json.dumps({**mutation_recipe(), "run": {}}))
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step, text in ((5, "Once upon a old"), (10, "Once upon a new")):
+            f.write(json.dumps({"step": step, "tokens": step * 64, "samples": [text]}) + "\n")
+    report = tinygemma.report.render_report(tmp_path)
+    assert "While training, at step 10 (train.sample_interval)" in report
+    assert "> Once upon a new" in report and "Once upon a old" not in report
+
+
+def test_sampling_names_a_repetition_penalty():
+    words = tinygemma.report.sampling({"temperature": 0.8, "repetition_penalty": 1.3, "seed": 7, "max_new_tokens": 5})
+    assert words == "temperature 0.8, repetition penalty 1.3, seed 7, at most 5 new tokens"
+
+
+def test_the_recipe_names_the_checkpoint_init_from_resolved_to():
+    state = {"config": mutation_recipe(init_from="runs/a")}
+    config = {"run": {"init_checkpoint": {"dir": "/abs/runs/a/checkpoints/step_000040", "step": 40}}}
+    assert tinygemma.report.recorded_recipe(state, config)["train"]["init_from"] == "/abs/runs/a/checkpoints/step_000040"
+
+
+def test_the_precision_row_counts_the_processes_of_a_part_recorded_before_its_world_size():
+    state = {"invocations": [{"steps": [0, 10], "hardware": "2 x NVIDIA H100", "precision": "bfloat16"}]}
+    rows = dict(tinygemma.report.machine_rows({}, state))
+    assert rows["precision"] == "bfloat16 on 2 process(es)"

@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from tinygemma import UserError
-from tinygemma.config import DataConfig, ModelConfig, Recipe, TrainConfig, load_recipe
+from tinygemma.config import (
+    CHANGE_SETTINGS,
+    MAX_SEED,
+    DataConfig,
+    ModelConfig,
+    Recipe,
+    TrainConfig,
+    check_sampling,
+    load_recipe,
+    settings_changes,
+)
 from tinygemma.optim import cooldown_start
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -476,3 +486,105 @@ def test_commands_printed_for_pasting_are_quoted_for_the_users_shell(monkeypatch
     assert errors.shell_quote("Once upon a time") == '"Once upon a time"' and errors.shell_quote("runs\\a") == "runs\\a"
     windows = where_and_next(recipe, "configs/cpu-demo.toml", ["max_steps=5"])
     assert "--prompt \"Once upon a time\"" in windows and "'" not in windows
+
+
+# ------------------------------------------------------------------ mutation round 14
+
+def test_a_resume_s_changes_name_the_cooldown_of_wsd_and_muon_s_rate_and_the_micro_batch():  # c02, c03, c05
+    saved = {"lr_schedule": "wsd", "optimizer": "muon", "cooldown_fraction": 0.4, "muon_learning_rate": 0.04,
+             "micro_batch_size": "auto"}
+    cfg = TrainConfig(cooldown_fraction=0.2, muon_learning_rate=0.02, micro_batch_size="4")
+    changes = settings_changes(saved, cfg, CHANGE_SETTINGS)
+    assert changes["cooldown_fraction"] == [0.4, 0.2]
+    assert changes["muon_learning_rate"] == [0.04, 0.02]
+    assert changes["micro_batch_size"] == ["auto", "4"]
+
+
+def test_compile_off_is_false():  # c06
+    assert TrainConfig(compile="off").compile == "false"
+    assert load_recipe(None, ["compile=off"]).train.compile == "false"
+
+
+def test_warmup_may_last_the_whole_run_and_cooldown_may_be_none():  # c08, c12
+    assert TrainConfig(max_steps=10, warmup_steps=10).warmup_steps == 10
+    assert TrainConfig(cooldown_fraction=0).cooldown_fraction == 0
+
+
+@pytest.mark.parametrize("value", ["0", "abc"])
+def test_a_micro_batch_size_of_zero_or_a_word_is_refused(value):  # c10
+    with pytest.raises(UserError, match="micro_batch_size"):
+        TrainConfig(micro_batch_size=value)
+
+
+def test_only_cuda_takes_a_device_index():  # c11
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    with pytest.raises(UserError, match="train.device"):
+        TrainConfig(device="cpu:1")
+
+
+def test_data_settings_refused_before_run_prepares():  # c15, c16, c28
+    with pytest.raises(UserError, match="data.vocab_size"):
+        DataConfig(tokenizer="bpe", vocab_size=256).validate()
+    with pytest.raises(UserError, match="applies only to data.tokenizer = bpe"):
+        DataConfig(tokenizer="gpt2", vocab_size=4096).validate()
+    with pytest.raises(UserError, match="an empty path"):
+        DataConfig(source=["  "]).validate()
+
+
+def test_generate_may_fill_every_position_but_the_prompt_s():  # c18
+    recipe = load_recipe(None, ["model.preset=gemma3-tiny", "model.max_position_embeddings=64", "block_size=64",
+                                "generate.max_new_tokens=64"])
+    recipe.check_generate()
+    recipe.generate.max_new_tokens = 65
+    with pytest.raises(UserError, match="max_new_tokens"):
+        recipe.check_generate()
+
+
+def test_a_blank_out_in_a_recipe_file_is_refused():  # c20
+    with pytest.raises(UserError, match="train.out is empty"):
+        Recipe.from_dict({"train": {"out": "   "}})
+
+
+def test_a_toml_boolean_for_compile_is_its_word():  # c24
+    assert Recipe.from_dict({"train": {"compile": True}}).train.compile == "true"
+    assert Recipe.from_dict({"train": {"compile": False}}).train.compile == "false"
+
+
+def test_set_loggers_to_nothing_turns_the_trackers_off():  # c26
+    assert load_recipe(None, ["loggers="]).train.loggers == []
+    assert load_recipe(None, ["loggers=tensorboard,"]).train.loggers == ["tensorboard"]
+
+
+def test_the_seed_of_the_last_prompt_fits_64_bits():  # c29
+    check_sampling(10, seed=MAX_SEED - 1, prompts=2)
+    with pytest.raises(UserError, match="seed"):
+        check_sampling(10, seed=MAX_SEED, prompts=2)
+
+
+def test_min_p_zero_is_off_not_refused():  # c30
+    check_sampling(10, min_p=0.0, prefix="--")
+
+
+def test_a_recipe_with_a_byte_order_mark_is_read(tmp_path):  # c31
+    path = tmp_path / "r.toml"
+    path.write_bytes(b"\xef\xbb\xbf[train]\nmax_steps = 7\nwarmup_steps = 0\n")
+    assert load_recipe(path).train.max_steps == 7
+
+
+def test_a_superscript_micro_batch_is_one_line():  # e03
+    with pytest.raises(UserError, match="micro_batch_size"):
+        TrainConfig(micro_batch_size="²")
+
+
+def test_the_commands_printed_for_the_user_are_quoted():  # e04
+    from tinygemma.errors import shell_join
+    assert shell_join(["tinygemma", "run", "my recipe.toml", "--set", "generate.prompts=Once upon"]) == \
+        "tinygemma run 'my recipe.toml' --set 'generate.prompts=Once upon'"
+
+
+def test_a_setting_given_by_a_flag_and_by_set_is_refused(tmp_path, capsys):  # l04
+    from tinygemma.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--max-steps", "10", "--set", "max_steps=20", "--dry-run"]) == 2
+    assert "--max-steps and --set max_steps=20 both set train.max_steps; give it once" in capsys.readouterr().err
+    assert not out.exists()

@@ -382,3 +382,44 @@ def test_an_atomic_write_is_synced_before_its_rename_and_its_folder_after(tmp_pa
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
     if events[0][1] is not None:
         assert [events[0][1], events[2][1]] == [False, True]  # the file's data, then the folder's
+
+
+# ------------------------------------------------------------------ mutation round 14
+
+def test_a_lock_file_naming_its_holder_is_a_lock_file(tmp_path):  # f04
+    from tinygemma.files import FolderLock, is_lock_file, others_than
+    lock = FolderLock(tmp_path, "a training run")
+    lock.acquire()
+    try:
+        assert is_lock_file(tmp_path / ".lock")  # "PID a training run\n": over 16 bytes
+        assert others_than(tmp_path, set()) == []
+    finally:
+        lock.release()
+
+
+def test_a_staging_folder_is_another_s_unless_the_command_stages(tmp_path):  # f03
+    from tinygemma.files import STAGE_PREFIX, others_than
+    (tmp_path / f"{STAGE_PREFIX}abc").mkdir()
+    assert others_than(tmp_path, set()) == [f"{STAGE_PREFIX}abc"]
+    assert others_than(tmp_path, set(), stages=True) == []
+
+
+def test_read_json_of_a_list_is_one_line(tmp_path):  # f06
+    from tinygemma.files import read_json
+    (tmp_path / "x.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="does not hold a JSON object"):
+        read_json(tmp_path / "x.json")
+
+
+def test_a_staged_folder_keeps_the_mode_of_the_files_it_replaces(tmp_path):  # f12
+    import os
+    import stat
+
+    from tinygemma.files import staged_folder
+    (tmp_path / "a.txt").write_text("old")
+    os.chmod(tmp_path / "a.txt", 0o600)
+    with staged_folder(tmp_path, frozenset({"a.txt"}), "an export") as stage:
+        (stage / "a.txt").write_text("new")
+        os.chmod(stage / "a.txt", 0o644)
+    assert (tmp_path / "a.txt").read_text() == "new"
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o600

@@ -666,3 +666,52 @@ def test_gguf_dtypes_are_taken_in_any_case():
 
     assert [gguf_dtype(name) for name in ("Q8_0", "q8_0", "F16", "BF16", "f32")] == ["q8_0", "q8_0", "f16", "bf16",
                                                                                   "f32"]
+
+
+# ------------------------------------------------------------------ mutation round 15
+
+def test_llama_cpp_refusal_knows_27bs_scale_and_the_layer_limit():
+    """llama.cpp scales a 62-layer gemma3's queries by 1/sqrt(d_model / n_heads) (kills G12: head_dim always),
+    and takes at most 512 layers (kills G13: the limit off by one)."""
+    from tinygemma.config import ModelConfig
+    from tinygemma.gguf_export import llama_cpp_refusal
+
+    like_27b = dict(n_layers=62, d_model=5376, n_heads=32, n_kv_heads=16, head_dim=128, vocab_size=512, mlp_dim=64)
+    assert "1/sqrt(168)" in llama_cpp_refusal(ModelConfig(**like_27b, query_pre_attn_scalar=128.0))
+    assert llama_cpp_refusal(ModelConfig(**like_27b, query_pre_attn_scalar=168.0)) is None
+    deep = dict(vocab_size=512, d_model=64, n_heads=4, head_dim=16, query_pre_attn_scalar=16.0, mlp_dim=64)
+    assert llama_cpp_refusal(ModelConfig(n_layers=512, **deep)) is None
+    assert "513 layers" in llama_cpp_refusal(ModelConfig(n_layers=513, **deep))
+
+
+def test_gemma_layout_needs_gemmas_local_rope_base():
+    """Older llama.cpp builds assume a sliding RoPE base of 10,000 (kills G14: the base not checked)."""
+    from tinygemma.config import ModelConfig
+    from tinygemma.gguf_export import has_gemma_layout
+
+    assert has_gemma_layout(ModelConfig(n_layers=6))
+    assert not has_gemma_layout(ModelConfig(n_layers=6, rope_local_base=777.0))
+
+
+def test_the_gguf_records_every_hyperparameter_as_the_model_has_it(bpe, tmp_path):
+    """Every hyper-parameter llama.cpp reads, read back from the file, with values that differ from llama.cpp's
+    defaults (kills G05: rms_norm_eps written as 1e-6; G03: no key_length, which llama.cpp then takes as
+    d_model / n_heads, 16 here; and any other key written from the wrong field)."""
+    import gguf
+
+    model, path = small_export(bpe, tmp_path, n_layers=3, head_dim=32, query_pre_attn_scalar=32, rms_norm_eps=1e-5,
+                               sliding_window_pattern=3, rope_local_base=777.0, rope_global_base=99_999.0)
+    reader = gguf.GGUFReader(path)
+
+    def value(key):
+        field = reader.fields[f"gemma3.{key}"]
+        return [v.item() for part in (field.parts[i] for i in field.data) for v in part]
+
+    c = model.config
+    assert value("context_length") == [c.max_position_embeddings] and value("block_count") == [3]
+    assert value("embedding_length") == [c.d_model] and value("feed_forward_length") == [c.mlp_dim]
+    assert value("attention.head_count") == [c.n_heads] and value("attention.head_count_kv") == [c.n_kv_heads]
+    assert value("attention.key_length") == value("attention.value_length") == [32]
+    assert abs(value("attention.layer_norm_rms_epsilon")[0] - 1e-5) < 1e-10
+    assert value("attention.sliding_window") == [c.sliding_window]
+    assert value("rope.freq_base") == [99_999.0] and value("rope.freq_base_swa") == [777.0]

@@ -680,3 +680,68 @@ def test_an_export_rechecks_its_folder_once_locked_and_swaps_config_json_last(tm
     assert main(["export", "--ckpt", str(tmp_path / "two"), "--out", str(out)]) == 2
     assert "holds a model that is not an earlier export" in capsys.readouterr().err
     assert (out / ".lock").read_text() == "important notes of the user's\n"
+
+
+# ------------------------------------------------------------------ mutation round 15
+
+def test_the_4x_rope_keys_name_the_same_bases_as_rope_parameters():
+    """transformers 4.x reads rope_theta / rope_local_base_freq and not rope_parameters: an export must say the
+    same bases in both forms (kills H02: rope_local_base_freq written from the global base)."""
+    from tinygemma.hf import hf_config, model_config_from_hf
+
+    d = hf_config(small_config(rope_local_base=777.0, rope_global_base=99_999.0))
+    assert d["rope_parameters"]["sliding_attention"]["rope_theta"] == d["rope_local_base_freq"] == 777.0
+    assert d["rope_parameters"]["full_attention"]["rope_theta"] == d["rope_theta"] == 99_999.0
+    d.pop("rope_parameters")  # as a 4.x reader sees the file
+    back = model_config_from_hf(d)
+    assert (back.rope_local_base, back.rope_global_base) == (777.0, 99_999.0)
+
+
+def test_the_init_std_survives_an_export_round_trip():
+    """config.json's initializer_range is the model's init_std (kills H05: written as 0.02 always)."""
+    from tinygemma.hf import hf_config, model_config_from_hf
+
+    config = small_config(init_std=0.05)
+    assert model_config_from_hf(hf_config(config)).init_std == 0.05
+
+
+def test_a_config_without_optional_keys_reads_as_transformers_reads_it():
+    """A config.json that leaves keys out gets transformers' Gemma3TextConfig defaults (kills H07: head_dim
+    defaulting to d_model / n_heads; H08: tie_word_embeddings defaulting to False; H16, H19, H20: other defaults).
+    num_key_value_heads defaulted to the head count, where transformers' is 4: a folder without it was refused
+    (its key/value weights' shapes) where transformers loaded it."""
+    import transformers
+
+    from tinygemma.hf import model_config_from_hf
+
+    required = dict(vocab_size=512, hidden_size=64, num_hidden_layers=6, num_attention_heads=8, intermediate_size=128)
+    ours = model_config_from_hf({"model_type": "gemma3_text", **required})
+    theirs = transformers.Gemma3TextConfig(**required)
+    assert ours.head_dim == theirs.head_dim and ours.tie_embeddings == theirs.tie_word_embeddings
+    assert ours.n_kv_heads == theirs.num_key_value_heads == 4
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.sliding_window == theirs.sliding_window and ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.query_pre_attn_scalar == theirs.query_pre_attn_scalar
+    assert list(ours.layer_types) == list(theirs.layer_types)
+    # head_dim given, query_pre_attn_scalar not: transformers' 256, not head_dim (kills H16)
+    ours = model_config_from_hf({"model_type": "gemma3_text", **required, "head_dim": 32})
+    assert ours.query_pre_attn_scalar == transformers.Gemma3TextConfig(**required, head_dim=32).query_pre_attn_scalar
+
+
+def test_an_untied_padded_model_exports_with_the_same_logits(tmp_path):
+    """An untied head, with a padded vocabulary, through the hf export (kills H06: tie_word_embeddings always
+    true, which makes transformers ignore lm_head; H11: the head's padding rows not dropped)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = Gemma3(small_config(tie_embeddings=False, vocab_size=500, vocab_pad_multiple=128)).eval()
+    save_model(model, tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    # transformers 5 unties a file holding both matrices anyway; 4.x ties them by this flag (H06 passes the logits)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    hf, info = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
+                                                              attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    x = torch.randint(0, 500, (1, 40))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)[..., :500]).abs().max().item() <= 1e-4

@@ -171,7 +171,7 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
             d_model=d["hidden_size"],
             n_layers=n_layers,
             n_heads=d["num_attention_heads"],
-            n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            n_kv_heads=d.get("num_key_value_heads", 4),  # transformers' default, as below: not the head count
             head_dim=d.get("head_dim", 256),
             mlp_dim=d["intermediate_size"],
             sliding_window=4096 if d.get("sliding_window") is None else d["sliding_window"],  # 0: refused

@@ -485,9 +485,10 @@ def test_model_llama_cpp_cannot_run_is_refused(bpe, tmp_path, capsys):
     (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
     (lambda s: s["model"].update(byte_fallback=True), "byte_fallback"),
     (lambda s: s["model"].update(type="WordPiece"), "WordPiece"),
-    (lambda s: s["added_tokens"].append({"id": 512, "content": "Lily", "special": False}), "'Lily'"),
+    (lambda s: s["added_tokens"].append({"id": 512, "content": "Lily", "special": False, "lstrip": True}),
+     "'Lily' sets lstrip"),
     (lambda s: s["model"].update(merges=[]), "no merges"),  # a 257-token BPE: exported, then llama.cpp refused it
-], ids=["normalizer", "prefix-space", "whitespace-split", "byte-fallback", "wordpiece", "plain-added-token",
+], ids=["normalizer", "prefix-space", "whitespace-split", "byte-fallback", "wordpiece", "stripping-added-token",
         "no-merges"])
 def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(bpe, change, words):
     spec = json.loads(bpe.hf_json())
@@ -533,6 +534,24 @@ def test_special_tokens_past_the_models_rows_are_left_out(bpe, tmp_path, llama_c
     assert len(tokens.data) == bpe.vocab_size
     with open_llama(llama_cpp, path) as llm:
         assert llm.tokenize(b"Once upon a time", add_bos=False, special=False) == bpe.encode("Once upon a time")
+
+
+def test_added_tokens_that_are_not_special_are_matched_in_text_by_llama_cpp_too(bpe, tmp_path, llama_cpp):
+    """`tokenizer.add_tokens(["Lily"])` (special=False) makes a token matched wherever its text appears; the
+    export refused it, though llama.cpp's user-defined tokens are read the same way."""
+    spec = json.loads(bpe.hf_json())
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
+    spec["added_tokens"] += [{"id": bpe.vocab_size, "content": "Lily", **plain},
+                             {"id": bpe.vocab_size + 1, "content": "[CLS]", **plain}]
+    tokenizer = HFTokenizer(json.dumps(spec))
+    _, path = small_export(tokenizer, tmp_path, n_layers=1, vocab_size=bpe.vocab_size + 2)
+    texts = ["Lily went home.", "Lilypad aLily LilyLily", " Lily's [CLS][CLS] day", *ODD_TEXT]
+    assert bpe.vocab_size in tokenizer.encode(texts[0]) and bpe.vocab_size + 1 in tokenizer.encode(texts[2])
+    with open_llama(llama_cpp, path, vocab_only=True) as llm:
+        for text in texts:
+            ids = tokenizer.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+            assert llm.detokenize(ids).decode() == tokenizer.decode(ids) == text
 
 
 def test_a_killed_exports_temporary_is_removed(small_ckpt, tmp_path, capsys):

@@ -143,15 +143,16 @@ def check_byte_level_bpe(spec: dict) -> None:
     if not model.get("merges"):  # gguf writes no empty list, and llama.cpp refuses a file without the key
         _refuse("its BPE has no merges (a vocabulary of single bytes, such as a BPE of 257 tokens), and llama.cpp "
                 "loads none without them; prepare with --vocab-size 258 or more")
-    for added in spec.get("added_tokens") or []:
-        if not added.get("special"):
-            _refuse(f"its added token {added.get('content')!r} is not a special token")
+    for added in spec.get("added_tokens") or []:  # matched in text where not special: llama.cpp's user-defined
+        option = next((o for o in ("single_word", "lstrip", "rstrip") if added.get(o)), None)
+        if option and not added.get("special"):  # (a special token's spelling in text is text to tinygemma)
+            _refuse(f"its added token {added.get('content')!r} sets {option}, which llama.cpp does not read")
 
 
 def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """A tokenizer.json (`spec`, parsed) as llama.cpp reads it: each id's token (`vocab_size` of them, the model's
-    rows), its token type (gguf.TokenType: special tokens are control tokens, ids the tokenizer lacks unused
-    fillers) and the merges in priority order, as "left right"."""
+    rows), its token type (gguf.TokenType: special tokens are control tokens, other added tokens (matched in
+    text) user-defined ones, ids the tokenizer lacks unused fillers) and the merges in priority order, as "left right"."""
     gguf = gguf_module()
     check_byte_level_bpe(spec)
     # Special tokens past the model's rows (Gemma 3's <image_soft_token>) are never encoded from text nor sampled:
@@ -167,7 +168,7 @@ def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[i
         tokens[i] = token
     for token in added:
         tokens[token["id"]] = token["content"]
-        types[token["id"]] = int(gguf.TokenType.CONTROL)
+        types[token["id"]] = int(gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED)
     for i, token in enumerate(tokens):
         if token is None:  # an id the model has and the tokenizer never produces
             tokens[i], types[i] = f"[PAD{i}]", int(gguf.TokenType.UNUSED)

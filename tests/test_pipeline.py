@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -596,6 +597,20 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
                  "5", "--dry-run"]) == 0
     assert "warning: keep_checkpoints 3 -> 1: the run's checkpoints past the newest 1" in capsys.readouterr().err
     assert sorted((tmp_path / "kept" / "checkpoints").iterdir()) == kept
+    # A resume with a new rate: the plan's schedule is the new settings' from step 1, which no step took before
+    # the resume; its own steps' rates apart, as the resume then logs them
+    shutil.copytree(tmp_path / "kept", tmp_path / "kept-lr")
+    changed = ["train", "--out", str(tmp_path / "kept-lr"), "--resume", "--set", "learning_rate=1e-3"]
+    assert main([*changed, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    rates = json.loads(out)["plan"]["learning_rates"]["adamw"]
+    assert "(steps 5 to 6: " in err
+    assert main(changed) == 0
+    records = [json.loads(line) for line in (tmp_path / "kept-lr" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in records if "train_loss" in r and r["step"] > 4]
+    assert rates["this_invocation"] == pytest.approx([logged[0], logged[-1]]) and len(logged) == 2
+    assert rates["this_invocation"][0] != rates["first_step"]
+    capsys.readouterr()
     # A checkpoint cut short is refused as the resume refuses it, from its header alone
     last = json.loads((tmp_path / "kept" / "checkpoints" / "last.json").read_text())["dir"]
     weights = tmp_path / "kept" / "checkpoints" / last / "model.safetensors"

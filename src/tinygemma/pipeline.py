@@ -205,8 +205,11 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
         "optimizer": t.optimizer,
         "schedule": {"kind": t.lr_schedule, "warmup_steps": t.warmup_steps,
                      **({"cooldown_from_step": cooldown_start(t)} if t.lr_schedule == "wsd" else {})},
+        # The schedule of these settings; a resume's own steps also apart, where a changed rate makes them differ
         "learning_rates": {name: {"first_step": peak * schedule(0, t), "highest": peak * top,
-                                  "last_step": peak * schedule(t.max_steps - 1, t)} for name, peak in peaks.items()},
+                                  "last_step": peak * schedule(t.max_steps - 1, t),
+                                  **({"this_invocation": [peak * schedule(start, t), peak * schedule(end - 1, t)]}
+                                     if 0 < start < end else {})} for name, peak in peaks.items()},
         "evaluations": {"count": 1 + multiples(t.eval_interval, t.checkpoint_interval),  # and at step 0
                         "tokens_each": t.eval_batches * tokens_per_step},
         "checkpoints": {"count": checkpoints, "bytes_each_at_most": checkpoint_size,
@@ -233,10 +236,11 @@ def plan_vocab_size(recipe: Recipe) -> tuple[int, int, str]:
 
 def say_plan(plan: dict) -> str:
     """The plan in one line."""
-    m, lr, t = plan["model"], plan["learning_rates"], plan["schedule"]
+    m, lr, t, now = plan["model"], plan["learning_rates"], plan["schedule"], plan["this_invocation"]
     rates = "; ".join(f"{name} {r['first_step']:.3g} -> {r['highest']:.3g} -> {r['last_step']:.3g}"
-                      for name, r in lr.items())
-    now = plan["this_invocation"]
+                      + (" (steps {:,} to {:,}: {:.3g} -> {:.3g})".format(now["from_step"] + 1, now["to_step"],
+                                                                         *r["this_invocation"])
+                         if "this_invocation" in r else "") for name, r in lr.items())
     steps = ("" if (now["from_step"], now["to_step"]) == (0, plan["steps"])
              else f" (this invocation: steps {now['from_step']:,} to {now['to_step']:,})")
     return (f"{m['preset']} ({m['parameters']:,} parameters, vocabulary {m['vocab_size']:,} from {m['vocab_size_from']}): "

@@ -4,7 +4,9 @@ MFU's peak per GPU."""
 
 import errno
 import json
+import math
 import os
+import types
 
 import pytest
 import torch
@@ -117,3 +119,62 @@ def test_read_records_takes_a_str_path_or_a_run_folder(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "train_loss": 2.0}) + "\n")
     assert read_records(str(tmp_path / "metrics.jsonl")) == read_records(tmp_path) == [
         {"step": 1, "tokens": 8, "train_loss": 2.0}]
+
+
+# ------------------------------------------------------------------ mutation round 16
+
+def test_strict_json_writes_non_finite_numbers_as_null_inside_tuples_too():  # kills m07
+    from tinygemma.metrics import strict_json
+    assert json.loads(strict_json({"a": (math.nan, 1.0), "b": [(math.inf,)]})) == {"a": [None, 1.0], "b": [[None]]}
+
+
+def _captured_plots(monkeypatch):
+    from matplotlib.axes import Axes
+    calls = []
+    original = Axes.plot
+    def plot(self, *args, **kwargs):
+        calls.append((list(args[0]), list(args[1]), kwargs))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(Axes, "plot", plot)
+    return calls
+
+
+def test_loss_png_plots_both_curves_against_tokens(tmp_path, monkeypatch):  # kills m11
+    from tinygemma.metrics import plot_losses
+    calls = _captured_plots(monkeypatch)
+    records = [{"step": 1, "tokens": 256, "train_loss": 3.0}, {"step": 2, "tokens": 512, "train_loss": 2.5},
+               {"step": 2, "tokens": 512, "val_loss": 2.7}]
+    plot_losses(records, tmp_path / "loss.png")
+    assert [(c[0], c[1]) for c in calls] == [([256, 512], [3.0, 2.5]), ([512], [2.7])]
+
+
+def test_compare_plots_ten_solid_lines_before_dashed_ones(tmp_path, monkeypatch):  # kills m12
+    from tinygemma.metrics import plot_validation
+    calls = _captured_plots(monkeypatch)
+    runs = {f"run{i}": [{"step": 1, "tokens": 8, "val_loss": 3.0 + i}] for i in range(12)}
+    plot_validation(runs, tmp_path / "compare.png")
+    assert [c[2]["linestyle"] for c in calls] == ["-"] * 10 + ["--"] * 2
+
+
+def test_the_log_line_tells_a_skipped_step_from_a_float16_overflow():  # kills m13
+    from tinygemma.metrics import log_line
+    record = {"step": 3, "train_loss": 2.5, "lr": 1e-3, "grad_norm": math.nan}
+    skipped = log_line({**record, "skipped": True}, 10, 1000.0, 5.0)
+    assert "(skipped)" in skipped and "float16" not in skipped
+    assert "(float16 overflow: update skipped, loss scale lowered)" in log_line(
+        {**record, "skipped": True, "overflow": True}, 10, 1000.0, 5.0)
+
+
+def test_mfu_divides_by_every_processes_peak():  # kills m17 (MFU world_size times too high under torchrun)
+    from tinygemma.train import Trainer
+    trainer = types.SimpleNamespace(flops_per_token=6e6, peak=1e12, rt=types.SimpleNamespace(world_size=4))
+    assert Trainer.mfu(trainer, 1e5) == pytest.approx(6e6 * 1e5 / 4e12)
+
+
+def test_a_log_interval_of_the_first_step_alone_counts_its_read_wait():  # kills m20
+    from tinygemma.train import Trainer
+    trainer = types.SimpleNamespace(window=[0, 0.5], first_step_s=1.5, tokens_per_step=1000, elapsed=2.0, peak=None,
+                                    rt=types.SimpleNamespace(is_cuda=False))
+    record = {}
+    assert Trainer.interval_rate(trainer, record) == pytest.approx(500.0)  # 1000 tokens over 1.5 + 0.5 s
+    assert record["tokens_per_s"] == pytest.approx(500.0) and trainer.window == [0, 0.0]

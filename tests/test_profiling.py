@@ -4,7 +4,10 @@ A real CUDA trace is checked in tests/test_cuda.py; here, traces written by hand
 can be worked out on paper.
 """
 
+import json
+
 import pytest
+import torch
 
 from tinygemma.profiling import (
     KERNEL_NAME_CHARS,
@@ -137,3 +140,68 @@ def test_a_profile_of_an_invocation_that_trains_nothing_says_so():
                                         r"--stop-at is not past that step\)"):
         check_profile_range("4:4", 3, 3, cfg)
     assert check_profile_range("4:4", 3, 4, cfg) == (4, 4)
+
+
+# ------------------------------------------------------------------ mutation round 16
+
+class FakeProfile:
+    def __init__(self, log, events=()):
+        self.log, self.events = log, list(events)
+    def __enter__(self):
+        self.log.append("enter")
+    def __exit__(self, *exc):
+        self.log.append("exit")
+    def export_chrome_trace(self, path):
+        with open(path, "w") as f:
+            json.dump({"traceEvents": self.events}, f)
+    def key_averages(self):
+        log = self.log
+        class Averages:
+            def table(self, sort_by, row_limit):
+                log.append(("sort_by", sort_by))
+                return "TABLE"
+        return Averages()
+
+
+def test_the_profiler_runs_over_exactly_the_steps_asked_for(tmp_path, monkeypatch):  # kills m41
+    from tinygemma.profiling import StepProfiler
+    log = []
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kwargs: FakeProfile(log))
+    profiler = StepProfiler(2, 3, tmp_path / "profile", torch.device("cpu"))
+    profiled = []
+    for step in range(5):  # 0-based, as the loop counts: steps 2 and 3 are indices 1 and 2
+        profiler.begin(step)
+        if profiler.profiler is not None:
+            profiled.append(step + 1)
+        profiler.end(step)
+    assert profiled == [2, 3] and log.count("enter") == log.count("exit") == 1
+    assert (tmp_path / "profile" / "summary.txt").read_text().startswith("torch.profiler: optimizer steps 2 to 3")
+    one = StepProfiler(4, 4, tmp_path / "one", torch.device("cpu"))
+    for step in range(5):
+        one.begin(step)
+        one.end(step)
+    assert (tmp_path / "one" / "summary.txt").exists()
+
+
+def test_a_gpu_profiles_operators_are_sorted_by_device_time(tmp_path):  # kills m44
+    from tinygemma.profiling import StepProfiler
+    log = []
+    events = [{"cat": "kernel", "name": "ampere_sgemm_128x64", "ph": "X", "ts": 0, "dur": 500}]
+    profiler = StepProfiler(2, 3, tmp_path, torch.device("cuda", 0))
+    profiler.profiler = FakeProfile(log, events)
+    profiler.write(0.001)
+    assert ("sort_by", "self_device_time_total") in log
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "operators sorted by self_device_time_total" in summary and "device busy 50.0%" in summary
+
+
+def test_a_kernel_name_of_exactly_the_width_is_kept_whole():  # kills m45
+    from tinygemma.profiling import short_kernel_name
+    assert short_kernel_name("k" * 160, 160) == "k" * 160
+    assert short_kernel_name("k" * 161, 160) != "k" * 161
+
+
+def test_the_busy_fraction_never_exceeds_one():  # kills m47
+    from tinygemma.profiling import device_activity
+    activity = device_activity([{"cat": "kernel", "name": "gemm", "ph": "X", "ts": 0, "dur": 1_200_000}], 1.0)
+    assert activity["busy"] == 1.0 and activity["busy_s"] == pytest.approx(1.2)

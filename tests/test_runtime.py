@@ -218,3 +218,104 @@ def test_an_apple_gpu_is_named_as_such_and_waited_for(monkeypatch):
         devices.synchronize(torch.device(device))
     assert waited == ["mps", "cuda"]
     assert not devices.float64_on(mps) and devices.float64_on(torch.device("cuda"))
+
+
+# ------------------------------------------------------------------ mutation round 16
+
+TORCHRUN = {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+
+
+def test_world_size_zero_is_refused():  # kills m24 (WORLD_SIZE=0 ran with world_size 0: losses divided by 0)
+    from tinygemma import UserError
+    from tinygemma.runtime import env_world_size
+    with pytest.raises(UserError, match="WORLD_SIZE must be a positive integer"):
+        env_world_size({"WORLD_SIZE": "0"})
+
+
+def test_a_rank_equal_to_the_world_size_is_refused():  # kills m25
+    from tinygemma import UserError
+    from tinygemma.runtime import env_world_size
+    env = {**TORCHRUN, "WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}
+    with pytest.raises(UserError, match="RANK must be a whole number below WORLD_SIZE"):
+        env_world_size(env)
+    assert env_world_size({**env, "RANK": "1"}) == 2
+
+
+def test_a_local_rank_equal_to_the_gpu_count_is_refused(monkeypatch):  # kills m27
+    from tinygemma import UserError, runtime
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="LOCAL_RANK 2, but 2 GPUs are visible"):
+        runtime.cuda_device(torch.device("cuda"), world_size=3, local_rank=2)
+
+
+def test_a_single_processs_error_is_its_own_to_print():  # kills m28 (a full disk at a checkpoint printed nothing)
+    from tinygemma import UserError
+    from tinygemma.runtime import Runtime, raise_on_all_ranks
+    with pytest.raises(OSError) as error:
+        raise_on_all_ranks("could not write x", Runtime(torch.device("cpu"), torch.float32), kind=OSError)
+    assert error.value.shown_by_rank_0 is False
+    with pytest.raises(UserError) as error:
+        raise_on_all_ranks("bad", Runtime(torch.device("cpu"), torch.float32))
+    assert error.value.shown_by_rank_0 is False
+
+
+def test_a_gpu_index_equal_to_the_gpu_count_is_refused(monkeypatch):  # kills m32
+    from tinygemma import UserError
+    from tinygemma.devices import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="sees 2 CUDA GPU"):
+        pick_device("cuda:2")
+
+
+def test_a_cpu_without_any_listed_flag_says_so_once(monkeypatch):  # kills m37
+    from pathlib import Path
+
+    from tinygemma import devices
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    text = devices.cpu_description()
+    assert "(none of avx2, avx512f, avx512_bf16, amx_bf16)," in text and "; no " not in text
+
+
+def _main_process_first_worker(rank, store, results):
+    import datetime
+
+    import torch.distributed as dist
+
+    from tinygemma.runtime import Runtime, main_process_first
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    rt = Runtime(torch.device("cpu"), torch.float32, rank, rank, 2)
+    def work():
+        raise OSError(28, "No space left on device")
+    try:
+        main_process_first(work, rt, timeout=datetime.timedelta(seconds=20))
+        outcome = "no error"
+    except OSError as e:
+        outcome = f"OSError shown_by_rank_0={getattr(e, 'shown_by_rank_0', None)}"
+    except Exception as e:  # the other rank left waiting: a timeout
+        outcome = type(e).__name__
+    (results / f"rank{rank}").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_a_machine_error_in_rank_0s_work_is_raised_on_every_rank(tmp_path):  # kills m29
+    import torch.multiprocessing as mp
+    mp.spawn(_main_process_first_worker, args=(str(tmp_path / "store"), tmp_path), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == "OSError shown_by_rank_0=False"
+    assert (tmp_path / "rank1").read_text() == "OSError shown_by_rank_0=True"
+
+
+def test_a_restart_count_alone_is_no_shared_store():  # kills m52
+    from tinygemma.runtime import restart_warning
+    assert restart_warning({"TORCHELASTIC_MAX_RESTARTS": "3"}) is None  # TORCHELASTIC_USE_AGENT_STORE unset
+
+
+def test_auto_loads_an_apple_gpus_model_in_float32():  # kills m57 (pick_dtype needs no MPS for this answer)
+    from tinygemma.devices import pick_dtype
+    assert pick_dtype("auto", torch.device("mps")) == torch.float32
+
+
+def test_load_and_evaluate_take_auto_as_their_device():  # kills m58 (tinygemma.load(path, device="auto"))
+    from tinygemma.devices import as_device, pick_device
+    assert as_device("auto") == pick_device("auto")
+    assert as_device(torch.device("cpu")) == torch.device("cpu")

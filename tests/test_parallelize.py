@@ -367,3 +367,42 @@ def test_compile_auto_compiles_on_cuda_alone(setting, cuda, cpu):
     assert compiles(cfg, Runtime(torch.device("cuda", 0), torch.bfloat16)) is cuda
     assert compiles(cfg, Runtime(torch.device("cpu"), torch.float32)) is cpu
     assert load_recipe(None, []).train.compile == "auto"
+
+
+def test_gradient_sync_reduces_on_the_last_micro_step_alone():
+    """DDP: no_sync() on every pass but the last (whose backward all-reduces); FSDP2: the reduction switched off
+    for those passes and on again for the last, every step. Kills: an all-reduce on every micro-step (numbers alike,
+    one all-reduce of all gradients per pass instead of one per step), a switch-off never undone, inversions."""
+    import contextlib
+
+    from tinygemma.parallelize import gradient_sync
+
+    class FakeDDP:
+        def __init__(self):
+            self.entered = 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.entered += 1
+            yield
+
+    ddp = FakeDDP()
+    for _step in range(2):
+        for micro in range(3):
+            with gradient_sync(ddp, micro == 2):
+                pass
+    assert ddp.entered == 4  # passes 0 and 1 of each of the 2 steps
+
+    class FakeFSDP:
+        def __init__(self):
+            self.calls = []
+
+        def set_requires_gradient_sync(self, flag):
+            self.calls.append(flag)
+
+    fsdp = FakeFSDP()
+    for _step in range(2):
+        for micro in range(3):
+            with gradient_sync(fsdp, micro == 2):
+                assert fsdp.calls[-1] == (micro == 2)  # as the backward of this pass runs
+    assert fsdp.calls == [False, False, True] * 2

@@ -319,3 +319,28 @@ def test_load_and_evaluate_take_auto_as_their_device():  # kills m58 (tinygemma.
     from tinygemma.devices import as_device, pick_device
     assert as_device("auto") == pick_device("auto")
     assert as_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_raise_on_all_ranks_gives_the_other_processes_rank_0s_kind_of_error(tmp_path):
+    """A process other than 0 raises what rank 0 raises in kind: an OSError (the machine's failure, exit status
+    1) stays one on every process, so torchrun's workers all end with the same status; a UserError (exit
+    status 2) stays a UserError. A one-process gloo group stands in for torchrun's: this process is rank 0 of
+    the group (the broadcast's source) posing as process 1 of two (kills: every other process's error made a
+    UserError whatever rank 0's kind)."""
+    import torch.distributed as dist
+
+    from tinygemma.errors import UserError
+    from tinygemma.runtime import Runtime, raise_on_all_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        process_1 = Runtime(torch.device("cpu"), torch.float32, rank=1, world_size=2)
+        with pytest.raises(OSError, match="disk full") as raised:
+            raise_on_all_ranks("disk full", process_1, kind=OSError)
+        assert not isinstance(raised.value, UserError) and raised.value.shown_by_rank_0
+        with pytest.raises(UserError, match="bad input") as raised:
+            raise_on_all_ranks("bad input", process_1)
+        assert raised.value.shown_by_rank_0
+        raise_on_all_ranks(None, process_1)  # nothing said: nothing raised
+    finally:
+        dist.destroy_process_group()

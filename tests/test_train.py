@@ -63,6 +63,10 @@ def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in metrics(run_dir) if "train_loss" in r}
 
 
+def grad_norms(run_dir) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in metrics(run_dir) if "grad_norm" in r}
+
+
 def val_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in metrics(run_dir) if "val_loss" in r}
 
@@ -408,11 +412,20 @@ def two_process_run(tmp_path_factory, data_dir) -> Path:
 def test_two_processes_reproduce_one(one_process_run, two_process_run, data_dir, tmp_path, distributed):
     """torchrun, 2 gloo processes x 1 micro-step x 4 sequences = the global batch of 8 that one process makes in 2
     micro-steps: the same losses and validation losses, the same tokens per step, with DDP and with FSDP2 (whose
-    checkpoint is gathered from the shards)."""
+    checkpoint is gathered from the shards). FSDP2's run is DDP's to step 5, resumed under FSDP2 to 10, in passes of
+    2 sequences: its reduction switched off for a process's first pass and on for its last (a switch never undone
+    reduced no gradient after step 1), the whole optimizer state given back to the shards (left whole, the first
+    step failed), and the switch recorded among the resume's changes."""
     out = two_process_run if distributed == "ddp" else tmp_path / distributed
     if distributed != "ddp":
-        proc = torchrun(out, data_dir, "--stop-at", "10", distributed=distributed)
-        assert proc.returncode == 0, torchrun_failure(proc)
+        for args, wrap in ((["--stop-at", "5"], "ddp"), (["--resume", "--stop-at", "10"], distributed)):
+            proc = torchrun(out, data_dir, *args, distributed=wrap, settings=["micro_batch_size=2"])
+            assert proc.returncode == 0, torchrun_failure(proc)
+        state = json.loads((out / "checkpoints" / "step_000010" / "trainer_state.json").read_text())
+        assert state["invocations"][-1]["changed"] == {"distributed": ["ddp", distributed]}
+        assert json.loads((out / "config.json").read_text())["run"]["passes_per_step"] == 2
+        grads, single = (grad_norms(run_dir) for run_dir in (out, one_process_run))
+        assert [grads[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=1e-4)
     config, single = json.loads((out / "config.json").read_text()), json.loads((one_process_run / "config.json").read_text())
     assert config["run"]["world_size"] == 2 and single["run"]["world_size"] == 1
     assert config["run"]["global_batch"] == single["run"]["global_batch"] == 8
@@ -424,6 +437,48 @@ def test_two_processes_reproduce_one(one_process_run, two_process_run, data_dir,
     assert val_losses(out)[10] == pytest.approx(val_losses(one_process_run)[10], rel=1e-5)
     assert val_losses(out)[0] == pytest.approx(val_losses(one_process_run)[0], rel=1e-5)  # the same windows
     tinygemma.load(out)  # a whole model, whatever the sharding
+
+
+ROLES_ENTRY = """
+import sys, time
+import tinygemma.checkpoint, tinygemma.train
+from tinygemma.config import load_recipe
+from tinygemma.runtime import env_rank
+from tinygemma.train import train
+
+write_json, write_report = tinygemma.checkpoint.atomic_write_json, tinygemma.train.write_report
+
+def slow_last_json(path, obj):  # process 0 is slow to name the final checkpoint
+    if path.name == "last.json" and obj.get("step") == 4:
+        time.sleep(3)
+    return write_json(path, obj)
+
+def counted_report(run_dir):
+    print(f"report.md written by rank {env_rank()}", flush=True)
+    return write_report(run_dir)
+
+tinygemma.checkpoint.atomic_write_json, tinygemma.train.write_report = slow_last_json, counted_report
+summary = train(load_recipe(None, sys.argv[1:]), quiet=True, stop_at=4)
+print(f"rank {env_rank()}: step {summary['step']} checkpoint {summary['checkpoint']}", flush=True)
+"""
+
+
+def test_under_torchrun_process_0_writes_and_every_process_returns_the_last_checkpoint(data_dir, tmp_path):
+    """train() returns, on every process, the summary of the checkpoint process 0 has just written: the closing
+    barrier holds the others until its last.json names it (without it, process 1 returned step 2's). report.md,
+    rewritten at each checkpoint, is process 0's alone to write (not one file from two processes at once)."""
+    entry, out = tmp_path / "entry.py", tmp_path / "run"
+    entry.write_text(ROLES_ENTRY)
+    settings = tiny_settings(data_dir, out, *SHARED_BATCH, "checkpoint_interval=2", "distributed=ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(entry),
+           *settings]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, torchrun_failure(proc)
+    for rank in (0, 1):
+        assert f"rank {rank}: step 4 checkpoint {out / 'checkpoints' / 'step_000004'}" in proc.stdout, proc.stdout
+    writers = [line for line in proc.stdout.splitlines() if line.startswith("report.md written by")]
+    assert writers == ["report.md written by rank 0"] * 2, proc.stdout  # checkpoints at steps 2 and 4
 
 
 def test_fsdp_in_float16_agrees_with_one_process(data_dir, tmp_path):

@@ -1125,3 +1125,236 @@ def test_gguf_decode_says_so_when_a_contender_dies_while_loading(tmp_path):
     with pytest.raises(SystemExit, match="the llama.cpp contender failed to start"):
         bench.start_contender("llama.cpp", tmp_path / "missing.gguf", "", 1, [1, 2], 2)
     assert time.perf_counter() - started < 100
+
+
+# ------------------------------------------------------------------ mutation round 18: the GPU suite's arithmetic
+
+def test_gpu_suite_moonshot_is_judged_at_50_percent_not_the_40_percent_goal():
+    """Every planned row measured at 45% MFU: the 40% goal is met, the 50% moonshot is not."""
+    suite = load_script("gpu_suite")
+    rows = [{"block_size": b, "optimizer": o, "tokens_per_s": 400_000, "mfu": 0.45, "muon_backend": None}
+            for b, _, _, o in suite.TRAINER_RUNS]
+    goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
+    assert goals["mfu_met"] is True and goals["moonshot_met"] is False
+    assert "the moonshot, 50%: **NOT met**" in lines[0]
+    for r in rows:
+        r["mfu"] = 0.52
+    goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
+    assert goals["moonshot_met"] is True and "the moonshot, 50%: **met**" in lines[0]
+    rows[0]["mfu"] = 0.45  # one row under 50% (the others above): not met
+    goals, _ = suite.speed_goals(rows, suite.TRAINER_RUNS)
+    assert goals["moonshot_met"] is False and goals["mfu_met"] is True
+    # A planned row missing (a failed run) and one measured row under 50%: the moonshot is known NOT met, while
+    # the 40% goal, every measured row above it, is not measured.
+    goals, _ = suite.speed_goals(rows[:3], suite.TRAINER_RUNS)
+    assert goals["moonshot_met"] is False and goals["mfu_met"] is None
+
+
+def test_gpu_suite_workshop_speedup_is_against_the_trainer_row_at_the_workshop_block(tmp_path, monkeypatch):
+    """The GPU plan has AdamW and Muon rows at blocks 128 and 1024; the workshop's code runs at block 128, so the
+    speedups divide the block-128 rows' rates by the workshop's, never block 1024's."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    seen = {}
+
+    def benchmark(plan_, env, work, step, script, args, intro):
+        seen["args"], seen["intro"] = list(args), intro
+        return ["intro"], {"results": [{"tokens_per_s": 100_000.0}]}, 5.0, False
+
+    monkeypatch.setattr(suite, "benchmark", benchmark)
+    rows = [{"block_size": 128, "optimizer": "adamw", "tokens_per_s": 400_000.0},
+            {"block_size": 1024, "optimizer": "adamw", "tokens_per_s": 300_000.0},
+            {"block_size": 128, "optimizer": "muon", "tokens_per_s": 350_000.0},
+            {"block_size": 1024, "optimizer": "muon", "tokens_per_s": 250_000.0}]
+    got = suite.workshop(plan, {}, tmp_path, rows)
+    w = got.data["workshop"]
+    assert (w["block_size"], w["batch_size"], w["grad_accum"]) == (128, 32, 32)
+    assert w["tokens_per_s"] == 100_000.0
+    assert w["speedup"] == pytest.approx(4.0) and w["speedup_muon"] == pytest.approx(3.5)
+    assert any("4.00x as fast as the workshop's code" in line and "3.50x" in line for line in got.lines)
+    # The workshop's loop is timed at the recipe's shape: 1 warm-up step, then the median of 2 timed steps.
+    args = seen["args"]
+    shape = {k: args[args.index(k) + 1] for k in ("--batch-size", "--block-size", "--grad-accum", "--warmup",
+                                                 "--steps", "--dtype")}
+    assert shape == {"--batch-size": "32", "--block-size": "128", "--grad-accum": "32", "--warmup": "1",
+                     "--steps": "2", "--dtype": "bfloat16"}
+    assert "median of 2 timed optimizer steps after 1 warm-up" in seen["intro"]
+
+
+def gpu_plan_run(out: Path, rates: dict, mfu_per_rate: float = 1e-6, tokens_per_step: int = 131_072) -> None:
+    """A GPU plan's trainer run as the trainer writes it: log lines at steps 5, 10, 15 and at the end, 16 (the
+    profiled step), each with its interval's rate, MFU at that rate and peak memory so far; evaluations at 0 and 16."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({
+        "run": {"tokens_per_step": tokens_per_step, "global_batch": 1024, "micro_batch_size": 512,
+                "passes_per_step": 2, "kv_layout": {"sliding_attention": "shared"}},
+        "train": {"muon_backend": "auto", "micro_batch_size": "auto", "batch_size": 32}}))
+    records = [{"step": 0, "tokens": 0, "val_loss": 10.9}]
+    for step in range(1, 17):
+        record = {"step": step, "tokens": step * tokens_per_step, "train_loss": 5.0}
+        if step in rates:
+            record.update(tokens_per_s=rates[step], mfu=rates[step] * mfu_per_rate, peak_memory_gib=50 + step / 10)
+        records.append(record)
+    records.append({"step": 16, "tokens": 16 * tokens_per_step, "val_loss": 6.0})
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_gpu_suite_trainer_row_leaves_out_the_compiling_interval_and_the_profiled_step(tmp_path):
+    """The GPU plan's row: the steady state of steps 6-15 (intervals at 400k and 200k tokens/s: 266,667, not
+    their mean), not the compiling interval (steps 1-5) nor the profiled step 16 (slow under the profiler, and
+    at a peak of its own); the micro-batch auto chose, from config.json's run section."""
+    suite = load_script("gpu_suite")
+    plan, out = suite.Plan("cuda", False), tmp_path / "run-128-adamw"
+    gpu_plan_run(out, {5: 1_000.0, 10: 400_000.0, 15: 200_000.0, 16: 10_000.0})
+    row = suite.trainer_row(out, 128, "adamw", plan, "")
+    seconds = 5 * 131_072 / 400_000 + 5 * 131_072 / 200_000
+    assert row["steps_measured"] == 10
+    assert row["tokens_per_s"] == pytest.approx(10 * 131_072 / seconds)
+    assert row["mfu"] == pytest.approx(row["tokens_per_s"] * 1e-6)
+    assert row["peak_memory_gib"] == pytest.approx(51.5)  # at step 15, not the profiled step's 51.6
+    assert row["micro_batch_size"] == 512 and row["passes_per_step"] == 2 and row["global_batch"] == 1024
+    assert (row["val_loss_first"], row["val_loss_last"]) == (10.9, 6.0)
+    assert row["muon_backend"] is None and row["tokens_per_step"] == 131_072
+
+
+def test_gpu_suite_trainer_commands_are_the_workshop_recipe_and_its_block_1024_twin():
+    """131,072 tokens an optimizer step at either block, micro_batch_size=auto, bf16, TRAINER_STEPS measured
+    steps then PROFILED_STEPS more (profiled in the AdamW runs), logging every LOG_INTERVAL."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    for block, batch, accum, optimizer in plan.trainer_runs:
+        assert batch * accum * block == 131_072
+        cmd = suite.trainer_command(plan, Path("data"), Path("out"), block, batch, accum, optimizer)
+        settings = dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "--set")
+        assert {k: settings[k] for k in ("device", "dtype", "batch_size", "block_size", "grad_accum_steps",
+                                         "micro_batch_size", "optimizer", "max_steps", "log_interval",
+                                         "eval_interval", "checkpoint_interval")} == {
+            "device": "cuda", "dtype": "bfloat16", "batch_size": str(batch), "block_size": str(block),
+            "grad_accum_steps": str(accum), "micro_batch_size": "auto", "optimizer": optimizer, "max_steps": "16",
+            "log_interval": "5", "eval_interval": "0", "checkpoint_interval": "0"}
+        profiled = cmd[cmd.index("--profile") + 1] if "--profile" in cmd else None
+        assert profiled == ("16:16" if optimizer == "adamw" else None)
+
+
+def test_generate_speed_counts_every_sequences_tokens_and_compares_median_times(monkeypatch):
+    """tokens/s = batch x new tokens / the median time; speed-up = transformers' time / tinygemma's; on CUDA the
+    graph's gain = the kernel-by-kernel time / the graph's. (Times faked: 0.5 s ours, 2 s theirs, 1.5 s kernel by
+    kernel.)"""
+    import types
+
+    bench = load_script("generate_speed")
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1)
+    config = types.SimpleNamespace(vocab_size=50)
+
+    def fake_model(device):
+        weight = types.SimpleNamespace(device=torch.device(device))
+        return types.SimpleNamespace(config=config, embed_tokens=types.SimpleNamespace(weight=weight))
+
+    def tokens(batch):
+        return torch.zeros(batch, 10, dtype=torch.long)
+
+    monkeypatch.setattr(bench, "device_sync", lambda device: (lambda: None))
+    monkeypatch.setattr(bench, "time_interleaved",
+                        lambda fns, repeats, sync: ([0.5, 2.0, 1.5][:len(fns)], [tokens(8)] * len(fns)))
+    r = bench.measure(fake_model("cpu"), None, 8, args)
+    assert r["tinygemma_tokens_per_s"] == pytest.approx(8 * 6 / 0.5)
+    assert r["transformers_tokens_per_s"] == pytest.approx(8 * 6 / 2.0)
+    assert r["speedup"] == pytest.approx(4.0) and r["same_tokens"] and r["equal_leading_tokens"] == 6
+
+    class Prompt:  # the prompt "moved to CUDA" without a GPU
+        def to(self, device):
+            return tokens(8)[:, :4]
+
+    fake_torch = types.SimpleNamespace(Generator=torch.Generator, randint=lambda *a, **k: Prompt(),
+                                       no_grad=torch.no_grad)
+    monkeypatch.setattr(bench, "torch", fake_torch)
+    r = bench.measure(fake_model("cuda"), None, 8, args)
+    assert r["kernel_by_kernel_tokens_per_s"] == pytest.approx(8 * 6 / 1.5)
+    assert r["cuda_graph_speedup"] == pytest.approx(3.0)
+
+
+def test_time_interleaved_reports_the_median_of_the_timed_runs(monkeypatch):
+    """Each function's median over `repeats` timed runs, the warm-up run not among them."""
+    common = load_script("common")
+    durations = iter([100.0, 100.0] + [1.0, 10.0, 3.0, 30.0, 2.0, 20.0])  # warm-ups, then A, B, A, B, A, B
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(durations)
+        return clock[0]
+
+    times, outs = common.time_interleaved([fn, fn], 3)
+    assert times == [pytest.approx(2.0), pytest.approx(20.0)]
+
+
+def test_optimizer_step_table_and_the_suites_fastest_muon(tmp_path, monkeypatch):
+    """The table's "vs adamw" is each step's time over AdamW's; the suite names the Muon backend with the least
+    ms a step the fastest."""
+    bench = load_script("optimizer_step")
+    table = bench.markdown_table({"adamw": 0.002, "muon-torch": 0.003, "muon-compiled": 0.0025})
+    assert "| adamw | 2.00 | 1.00x |" in table and "| muon-torch | 3.00 | 1.50x |" in table
+    assert "| muon-compiled | 2.50 | 1.25x |" in table
+    suite = load_script("gpu_suite")
+    result = {"ms_per_step": {"adamw": 2.0, "muon-torch": 3.0, "muon-compiled": 2.5, "muon-float32": 9.0},
+              "table": table, "first_step_relative_difference": {}, "complete": True}
+    monkeypatch.setattr(suite, "benchmark", lambda *a: (["intro"], result, 3.0, False))
+    got = suite.optimizer_step(suite.Plan("cuda", False), {}, tmp_path)
+    assert got.data["optimizer_step"]["fastest_muon"] == "muon-compiled"
+    assert any("Fastest Muon backend here: **muon-compiled** (2.50 ms a step, 2.00 ms for AdamW)" in line
+               for line in got.lines)
+
+
+def test_loss_head_bound_is_the_largest_size_up_to_which_full_was_faster_at_every_size():
+    """From the smallest size up, whatever order the rows were measured in (the GPU plan measures 65,536 rows
+    first); a tie is not faster; full_vs_chunked > 1 means the full head is faster."""
+    head = load_script("loss_head")
+
+    def row(rows, ratio):
+        return {"rows": rows, "logits": rows * 10, "full_vs_chunked": ratio}
+
+    assert head.full_faster_up_to([row(65536, 1.2), row(16384, 0.9)]) == 0
+    assert head.full_faster_up_to([row(65536, 0.9), row(16384, 1.2)]) == 163_840
+    assert head.full_faster_up_to([row(65536, 1.1), row(16384, 1.2)]) == 655_360
+    assert head.full_faster_up_to([row(16384, 1.0)]) == 0
+    assert head.full_faster_up_to([row(16384, 1.2), {"rows": 65536, "logits": 655_360, "out_of_memory": True}]) \
+        == 163_840
+
+
+def test_loss_head_measure_says_the_full_head_is_faster_when_it_takes_less_time(monkeypatch):
+    """full_vs_chunked = the chunked head's ms over the full head's (> 1: full faster); tokens/s = rows / s."""
+    head = load_script("loss_head")
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=512, d_model=64)
+    real = head.time_interleaved
+
+    def timed(passes, steps, sync):
+        _, losses = real(passes, 1, sync)
+        return [0.004, 0.001][:len(passes)], losses  # chunked 4 ms, full 1 ms
+
+    monkeypatch.setattr(head, "time_interleaved", timed)
+    r = head.measure(config, 64, torch.float32, torch.device("cpu"), False, 1)
+    assert r["chunked"]["ms"] == pytest.approx(4.0) and r["full"]["ms"] == pytest.approx(1.0)
+    assert r["full_vs_chunked"] == pytest.approx(4.0) and r["full"]["tokens_per_s"] == pytest.approx(64_000)
+
+
+def test_gpu_suite_each_benchmark_and_trainer_run_stops_at_its_steps_share(tmp_path, monkeypatch):
+    """The benchmarks' commands get at most their step's share of the budget (not 150 s whatever the clock says),
+    and a trainer run is not started with less than MIN_TRAINER_SECONDS left in the trainer's share (it could not
+    even compile the 270M); the whole budget fits the device's 10-minute command with half a minute to spare."""
+    suite = load_script("gpu_suite")
+    assert suite.TOTAL_SECONDS + suite.OUTPUT_GRACE_SECONDS <= 600 - 20
+    plan = suite.Plan("cuda", False)
+    timeouts = []
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (timeouts.append(timeout), (124, "", 0.0))[1])
+    # 60 s before generation's share ends (0.75 x 570 = 427.5 s): its command gets 60 s, not 150
+    plan.started = suite.time.perf_counter() - (suite.STEP_SHARES["generation"] * plan.budget - 60)
+    suite.generation(plan, {}, tmp_path)
+    assert timeouts[-1] == pytest.approx(60, abs=2)
+    # 45 s before the trainer's share ends: prepare may start (>= 30 s), a trainer run may not (< 60 s)
+    plan.started = suite.time.perf_counter() - (suite.STEP_SHARES["trainer"] * plan.budget - 45)
+    timeouts.clear()
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (timeouts.append(timeout),
+                                                                 (0 if "prepare" in cmd else 124, "", 0.0))[1])
+    (tmp_path / "assets").mkdir()
+    suite.trainer(plan, {}, tmp_path, tmp_path / "assets")
+    assert timeouts[0] == pytest.approx(45, abs=2) and timeouts[1:] == [0.0] * len(plan.trainer_runs)

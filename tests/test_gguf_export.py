@@ -554,6 +554,25 @@ def test_added_tokens_that_are_not_special_are_matched_in_text_by_llama_cpp_too(
             assert llm.detokenize(ids).decode() == tokenizer.decode(ids) == text
 
 
+@pytest.mark.parametrize("added, words", [
+    ([("Lily", True), ("lyons", True)], "'Lily' and 'lyons' overlap"),  # "Lilyons": Lily+ons, or Li+lyons
+    ([("Zorbax", True), ("bax", False)], "two passes"),  # "Zorbax": tokenizers matches "bax" first
+    ([("Zoë", True)], "'Zoë' decodes as 'Zo\ufffd'"),  # ë as one byte: printed otherwise than llama.cpp's
+])
+def test_added_tokens_llama_cpp_would_match_or_print_otherwise_are_refused(bpe, added, words):
+    spec = json.loads(bpe.hf_json())
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "special": False}
+    spec["added_tokens"] += [{"id": bpe.vocab_size + i, "content": text, "normalized": normalized, **plain}
+                             for i, (text, normalized) in enumerate(added)]
+    with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer") as raised:
+        check_byte_level_bpe(spec)
+    assert words in str(raised.value)
+    spec["added_tokens"] = spec["added_tokens"][:-len(added)] + [  # a plain prefix is matched alike: exported
+        {"id": bpe.vocab_size, "content": "Tim", "normalized": True, **plain},
+        {"id": bpe.vocab_size + 1, "content": "Timmy", "normalized": True, **plain}]
+    check_byte_level_bpe(spec)
+
+
 def test_a_killed_exports_temporary_is_removed(small_ckpt, tmp_path, capsys):
     """A SIGKILL between writing and renaming leaves `.NAME.xxxxxxxx.tmp`, as large as the file: the next export
     of that name removes it; another file's temporary stays."""

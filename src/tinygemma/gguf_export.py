@@ -28,7 +28,7 @@ from tinygemma.errors import UserError
 from tinygemma.files import atomic_path, check_output_path, is_gguf_file, remove_temporaries, write_errors
 from tinygemma.hf import hf_state
 from tinygemma.model import check_tokenizer_fits
-from tinygemma.tokenizer import Tokenizer, missing_bytes, splits_as_gpt2
+from tinygemma.tokenizer import HFTokenizer, Tokenizer, missing_bytes, splits_as_gpt2
 
 # --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
 GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -143,10 +143,34 @@ def check_byte_level_bpe(spec: dict) -> None:
     if not model.get("merges"):  # gguf writes no empty list, and llama.cpp refuses a file without the key
         _refuse("its BPE has no merges (a vocabulary of single bytes, such as a BPE of 257 tokens), and llama.cpp "
                 "loads none without them; prepare with --vocab-size 258 or more")
-    for added in spec.get("added_tokens") or []:  # matched in text where not special: llama.cpp's user-defined
+    check_plain_added_tokens(spec, [added for added in spec.get("added_tokens") or [] if not added.get("special")])
+
+
+def check_plain_added_tokens(spec: dict, plain: list[dict]) -> None:
+    """Refuse non-special added tokens (matched wherever their text appears; a special token's spelling in text is
+    text to tinygemma) that llama.cpp's user-defined tokens would match or print otherwise: it reads no
+    strip or single-word option, matches the longest token first across the whole text where tokenizers takes
+    the leftmost (two tokens where one's end is the other's start: "Lily" and "lyons" in "Lilyons") and matches
+    all in one pass where tokenizers matches the unnormalized ones first, and prints a token's text where
+    tinygemma decodes it byte by byte ("Zoë")."""
+    for added in plain:
         option = next((o for o in ("single_word", "lstrip", "rstrip") if added.get(o)), None)
-        if option and not added.get("special"):  # (a special token's spelling in text is text to tinygemma)
-            _refuse(f"its added token {added.get('content')!r} sets {option}, which llama.cpp does not read")
+        if option:
+            _refuse(f"its added token {added['content']!r} sets {option}, which llama.cpp does not read")
+    if len({bool(added.get("normalized", True)) for added in plain}) > 1:
+        _refuse("its added tokens are matched in two passes (some normalized, some not), llama.cpp's in one")
+    texts = [added["content"] for added in plain]
+    for a in texts:
+        for b in texts:
+            if a != b and any(a.endswith(b[:n]) for n in range(1, min(len(a), len(b)))):
+                _refuse(f"its added tokens {a!r} and {b!r} overlap ({a!r} ends as {b!r} starts), and llama.cpp "
+                        "matches the longer first where tinygemma matches the leftmost")
+    if plain:
+        tokenizer = HFTokenizer(json.dumps(spec))
+        for added in plain:
+            if (decoded := tokenizer.decode([added["id"]])) != added["content"]:
+                _refuse(f"its added token {added['content']!r} decodes as {decoded!r} in tinygemma, as its own text "
+                        "in llama.cpp")
 
 
 def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:

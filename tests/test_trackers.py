@@ -301,6 +301,24 @@ def test_tensorboard_s_own_loader_drops_the_lost_work_when_the_resume_evaluates_
     assert shown["val/loss"] == pytest.approx({step: want[step]["val/loss"] for step in shown["val/loss"]})
 
 
+def test_tensorboard_holding_only_lost_work_is_backfilled_once_that_is_cut(data_dir, tmp_path):
+    """tensorboard added to train.loggers on a resume that a kill then cut short: tb/ holds the lost steps past
+    the checkpoint alone. Cut, it holds none, so the next resume writes the steps before the checkpoint (it had
+    judged tb/ by what it held before the cut, and wrote none)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "loggers=", stop_at=6)
+    lost = SummaryWriter(str(out / "tb"))
+    for step in (7, 8):
+        lost.add_scalar("train/loss", 9.0, step)
+    lost.close()
+    run(data_dir, out, *SHORT, "loggers=tensorboard", resume=True)
+    assert sorted(tensorboard_scalars(out)) == sorted(expected_scalars(out)) == list(range(13))
+    assert tensorboard_shown(out)["train/loss"] == pytest.approx(
+        {step: scalars["train/loss"] for step, scalars in expected_scalars(out).items() if "train/loss" in scalars})
+
+
 def test_a_backfill_that_fails_is_a_warning_and_the_tracker_stays(tmp_path, capsys):
     """trackio's backfill reads its store's API: if that changed (or the file is locked), the resumed run still
     logs its new steps to it."""

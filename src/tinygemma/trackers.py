@@ -176,7 +176,6 @@ class TensorBoard:
         # No scalars yet on a resume: a fork (--resume-from copies the records, not tb/) or tensorboard newly added
         # to train.loggers (a start that failed may have left an events file with the config alone); backfill then
         # writes the steps before the checkpoint, as wandb and trackio get them.
-        self.empty = bool(start) and not holds_scalars(run_dir / "tb")  # (backfill is a resume's alone)
         try:  # installed but broken (a protobuf it cannot use, ...) is one line, as a failed start is
             from torch.utils.tensorboard import SummaryWriter
 
@@ -187,6 +186,7 @@ class TensorBoard:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
         except Exception as e:
             raise startup_error("tensorboard", e) from None
+        self.empty = bool(start) and not holds_scalars(run_dir / "tb")  # (backfill is a resume's alone)
         self.writer.add_text("config", f"```json\n{json.dumps(config, indent=2)}\n```", start)
 
     def log(self, scalars: dict[str, float], step: int) -> None:

@@ -813,3 +813,33 @@ def test_float16_logs_and_clips_the_unscaled_gradient_norm(data_dir, tmp_path):
                         if "train_loss" in r]
     assert all(map(math.isfinite, norms["float16"]))
     assert abs(norms["float16"][0] - norms["float32"][0]) < 0.05 * norms["float32"][0], norms
+
+
+# ------------------------------------------------------------------ mutation round 19: the trainer, second pass
+
+def test_float16_a_scale_below_one_stops_the_run_though_the_read_ends_on_a_finite_step(data_dir, tmp_path,
+                                                                                    monkeypatch):
+    """The loss scale fell below 1 at an overflow (step 19) and step 20 fits float16 again: the read
+    before step 20's checkpoint still stops the run at step 19, as a read at every step would (the outcome must
+    not depend on where the reads fall)."""
+    from tinygemma.model import Gemma3
+
+    forward = Gemma3.forward
+    state = {"poison": False, "calls": 0}
+
+    def patched(self, input_ids, targets=None, reduction="mean"):
+        loss = forward(self, input_ids, targets, reduction)
+        if targets is not None and self.training and state["poison"]:
+            state["calls"] += 1
+            if state["calls"] <= 17:  # steps 3 to 19: NaN gradients, the scale halving from 2**16 to 0.5
+                loss = loss + (self.norm.weight.sum() * 0).abs().sqrt()
+        return loss
+
+    monkeypatch.setattr(Gemma3, "forward", patched)
+    out = tmp_path / "fp16"
+    run(data_dir, out, "max_steps=40", "dtype=float16", "checkpoint_interval=2", stop_at=2)
+    state["poison"] = True
+    with pytest.raises(tinygemma.train.NonFiniteError, match=r"which fell to 0\.5 \(step 19, "):
+        run(data_dir, out, "max_steps=40", "dtype=float16", "checkpoint_interval=2", "log_interval=40",
+            resume=True, stop_at=20)
+    assert json.loads((out / "checkpoints" / "last.json").read_text())["step"] == 18

@@ -27,7 +27,7 @@ from tinygemma.data import open_prepared, prepare
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.optim import learning_rate
 from tinygemma.tokenizer import token_byte_lengths
-from tinygemma.train import train
+from tinygemma.train import check_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -444,7 +444,7 @@ import sys, time
 import tinygemma.checkpoint, tinygemma.train
 from tinygemma.config import load_recipe
 from tinygemma.runtime import env_rank
-from tinygemma.train import train
+from tinygemma.train import check_run, train
 
 write_json, write_report = tinygemma.checkpoint.atomic_write_json, tinygemma.train.write_report
 
@@ -1556,3 +1556,104 @@ def test_a_profile_holds_no_sample_either():
                                                   r"4\), inside the profiled steps.*profile steps between two of them"):
         check_profile_range("3:6", 0, 8, cfg)
     assert check_profile_range("5:8", 0, 8, cfg) == (5, 8)
+
+
+# ------------------------------------------------------------------ mutation round 19: the trainer, second pass
+
+def test_a_sample_between_log_lines_comes_after_the_steps_it_samples(data_dir, tmp_path):
+    """sample_interval reads the queued steps before sampling: metrics.jsonl stays in step order, and a
+    non-finite step is stopped before its weights are sampled."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "sample_interval=3", "generate.max_new_tokens=2", "generate.prompts=Tom had")
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == sorted(steps), steps
+
+
+def test_check_run_of_a_stop_at_the_run_has_passed_trains_no_step(data_dir, tmp_path):
+    """--stop-at behind the run trains nothing: check_run (--dry-run) says steps 4 to 4, not 4 to 2."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=8", stop_at=4)
+    checked = check_run(load_recipe(None, tiny_settings(data_dir, out, "max_steps=8")), resume=True, stop_at=2)
+    assert (checked["start"], checked["end"]) == (4, 4)
+
+
+def test_a_stop_at_the_runs_own_step_says_the_changed_settings_change_nothing(data_dir, tmp_path):
+    """--stop-at N on a run at step N trains no step: a changed setting is said to change nothing."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=8", stop_at=4)
+    checked = check_run(load_recipe(None, tiny_settings(data_dir, out, "max_steps=8", "learning_rate=5e-3")),
+                        resume=True, stop_at=4)
+    assert any("trains no step, so they change nothing" in w for w in checked["warnings"]), checked["warnings"]
+
+
+def test_resume_on_other_validation_tokens_is_refused(data_dir, tmp_path):
+    """The validation split is the run's too (best.json compares its losses): other val tokens, as many
+    of them, are refused on resume as other train tokens are."""
+    import hashlib
+    import shutil
+
+    import numpy as np
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", stop_at=2)
+    other = tmp_path / "other_val"
+    shutil.copytree(data_dir, other)
+    meta = json.loads((other / "meta.json").read_text())
+    tokens = np.fromfile(other / "val.bin", dtype=np.uint16)[::-1].copy()
+    tokens.tofile(other / "val.bin")
+    meta["splits"]["val"]["blake2b"] = hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(tinygemma.UserError, match=r"holds other data .*val: as many tokens, but other ones"):
+        run(other, out, "max_steps=4", resume=True)
+
+
+def test_init_from_takes_a_run_of_another_init_std(data_dir, tmp_path):
+    """init_std only initialises weights: init_from's weights replace them, so it may differ."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=2", "warmup_steps=1")
+    summary = run(data_dir, tmp_path / "new", "max_steps=2", "warmup_steps=1", f"init_from={source}",
+                  "model.init_std=0.05")
+    assert summary["step"] == 2
+
+
+def test_a_run_trained_with_a_padded_vocabulary_resumes_without_the_setting(data_dir, tmp_path):
+    """A run keeps the vocabulary padding it was trained with (a GPU's 128, resumed on a CPU), unless
+    the recipe sets it: resume reads it from the checkpoint."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "model.vocab_pad_multiple=128", stop_at=2)
+    assert run(data_dir, out, "max_steps=4", resume=True)["step"] == 4
+
+
+def test_a_profile_of_a_step_the_run_has_already_trained_is_refused(data_dir, tmp_path):
+    """A resumed run at step 4 trains steps 5 on: --profile 4:6 names a step it never takes."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=8", stop_at=4)
+    with pytest.raises(tinygemma.UserError, match="trains optimizer steps 5 to 8"):
+        check_run(load_recipe(None, tiny_settings(data_dir, out, "max_steps=8")), resume=True, profile="4:6")
+
+
+def test_a_resume_checks_generate_settings_it_records_anew(data_dir, tmp_path):
+    """[generate] changed on resume is recorded for the run's samples and model card: checked as a new
+    run's, even without train.sample_interval."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", stop_at=2)
+    with pytest.raises(tinygemma.UserError, match="generate.max_new_tokens 4000 leaves no room"):
+        run(data_dir, out, "max_steps=4", "generate.max_new_tokens=4000", resume=True)
+
+
+def test_micro_batch_size_auto_on_a_cpu_is_not_said_to_be_probed(data_dir, tmp_path, capsys):
+    """auto off CUDA keeps batch_size without probing: the first log line does not say it fits a GPU."""
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "run", "max_steps=1", "warmup_steps=0",
+                                          "micro_batch_size=auto")), quiet=False)
+    said = capsys.readouterr().out
+    assert "8 sequences per process" in said and "fits this GPU" not in said
+
+
+def test_check_run_says_the_init_from_repeated_windows_warning_train_says(data_dir, tmp_path):
+    """check_run's `warnings` are 'what its start would warn of': train's start warns that init_from weights
+    trained on this data with this seed draw the same windows again; --dry-run must say it too."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=2", "warmup_steps=1")
+    recipe = load_recipe(None, tiny_settings(data_dir, tmp_path / "new", "max_steps=2", "warmup_steps=1",
+                                             f"init_from={source}"))
+    assert any("draw the windows those weights learned first" in w for w in check_run(recipe)["warnings"])

@@ -301,21 +301,18 @@ class Trainer:
         if self.start_keep < kept:
             self.warnings.append(f"keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest {keep} "
                                  "(and the best) are deleted now")
-        if check_only:
-            check_resumed_model(ckpt_dir, self.model_config)
-            if ckpt_dir is not None:  # its files whole, its weights the model's: from their headers alone
-                header = read_safetensors(ckpt_dir / WEIGHTS_NAME, header_only=True)
-                checked_state(self.model_config, header, str(ckpt_dir))
-                read_safetensors(ckpt_dir / OPTIMIZER_NAME, header_only=True)
-            return
         # The checkpoint train.init_from resolved to when the run started (a run folder's best moves on): recorded
         # in config.json and each checkpoint's state, for the report and its Reproduce command.
-        self.init_record = state.get("init_checkpoint")
-        if ckpt_dir is None and self.cfg.init_from:
-            self.init_record, weights = initial_weights(self.cfg.init_from, self.model_config, self.data)
+        initial = ckpt_dir is None and self.cfg.init_from
+        self.init_record = (initial_checkpoint(self.cfg.init_from, self.model_config, self.data) if initial
+                            else state.get("init_checkpoint"))
+        if initial:
             self.warnings += filter(None, [repeated_windows(self.init_record, self.cfg, self.data)])
-        else:
-            weights = resumed_weights(ckpt_dir, self.model_config)
+        if check_only:
+            check_resumed_files(ckpt_dir, self.model_config)
+            return
+        weights = (initial_weights(self.cfg.init_from, self.init_record, self.model_config) if initial
+                   else resumed_weights(ckpt_dir, self.model_config))
         self.best_val, self.best_step = state.get("best_val_loss", float("inf")), state.get("best_step")
         self.skipped, self.elapsed = state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
         # The run's earlier invocations (machine, time, settings changed), for the report; this one joins them.
@@ -1104,16 +1101,22 @@ def check_initial_tokenizer(source: str, directory: Path, ours) -> None:
                         f"{ours.identity}: its token ids would mean other text; prepare the data with its tokenizer")
 
 
-def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict, dict]:
-    """({"dir", "step"} of the checkpoint, its weights as the configured model takes them) for train.init_from: a
-    run (its best checkpoint, else its last), a checkpoint, or a transformers Gemma 3 folder. Its tokenizer must
-    be the data's (its ids would mean other text), and its model the configured one (check_initial_model)."""
-    where = f"train.init_from {source}"
+def initial_checkpoint(source: str, model_config: ModelConfig, data) -> dict:
+    """{"dir", "step"} of the checkpoint train.init_from names: a run (its best checkpoint, else its last), a
+    checkpoint, or a transformers Gemma 3 folder. Its tokenizer must be the data's (its ids would mean other
+    text), and its model the configured one (check_initial_model): from its files, before any weight is read."""
     directory = init_checkpoint(source)
     meta = read_checkpoint_meta(directory)
     check_initial_tokenizer(source, directory, data.tokenizer())
-    check_initial_model(source, stored_model_config(directory), model_config)  # before the weights are read
-    model = load_checkpoint(directory)
+    check_initial_model(source, stored_model_config(directory), model_config)
+    return {"dir": str(directory.resolve()), "step": meta.get("step")}
+
+
+def initial_weights(source: str, record: dict, model_config: ModelConfig) -> dict:
+    """The weights of train.init_from's checkpoint (`record`, initial_checkpoint's) as the configured model
+    takes them."""
+    where = f"train.init_from {source}"
+    model = load_checkpoint(Path(record["dir"]))
     state = model_state(model)
     broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
     if broken:  # (it would stop at the first step, blaming the learning rate)
@@ -1121,8 +1124,7 @@ def initial_weights(source: str, model_config: ModelConfig, data) -> tuple[dict,
     for name in ("embed_tokens.weight", "lm_head.weight"):  # its vocabulary padding, if any, goes
         if name in state:
             state[name] = state[name][:model.config.vocab_size]
-    record = {"dir": str(directory.resolve()), "step": meta.get("step")}
-    return record, checked_state(model_config, state, where)
+    return checked_state(model_config, state, where)
 
 
 def random_state(rt) -> tuple:
@@ -1164,6 +1166,15 @@ def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | 
         return None
     check_resumed_model(ckpt_dir, model_config)
     return checked_state(model_config, read_safetensors(ckpt_dir / WEIGHTS_NAME), str(ckpt_dir))
+
+
+def check_resumed_files(ckpt_dir: Path | None, model_config: ModelConfig) -> None:
+    """What the dry run checks of the checkpoint a run resumes from: its model the configured one, its files whole
+    and its weights the model's, from their headers alone."""
+    check_resumed_model(ckpt_dir, model_config)
+    if ckpt_dir is not None:
+        checked_state(model_config, read_safetensors(ckpt_dir / WEIGHTS_NAME, header_only=True), str(ckpt_dir))
+        read_safetensors(ckpt_dir / OPTIMIZER_NAME, header_only=True)
 
 
 def check_resumed_model(ckpt_dir: Path | None, model_config: ModelConfig) -> None:

@@ -1209,3 +1209,159 @@ def test_prepare_refuses_a_vocabulary_below_the_bytes_and_no_validation(tmp_path
     (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="malformed"):
         open_prepared(tmp_path / "d")
+
+
+# ------------------------------------------------------------------ mutation round 20: data preparation, second pass
+
+def test_a_bad_byte_after_a_character_cut_by_the_block_is_placed_exactly(tmp_path):
+    """_first_bad_byte reads 1 MiB blocks; a character cut by the block's end is held over (`pending`), and the
+    error's start counts those held bytes: the line and byte named must not count them twice."""
+    head = b"a" * ((1 << 20) - 2) + "\u20ac".encode()  # the euro's 3 bytes: 2 in the first block, 1 in the next
+    path = tmp_path / "cut.txt"
+    path.write_bytes(head + b"\nx\n" + b"\xe9\n")  # latin-1 e-acute on line 3, at byte len(head) + 3
+    with pytest.raises(UserError, match=rf"invalid continuation byte at line 3, byte {len(head) + 3:,} of the file"):
+        data.read_stories(path)
+
+
+def test_a_utf16_text_file_without_a_byte_order_mark_is_refused(tmp_path):
+    """ASCII as UTF-16 is valid UTF-8 holding a NUL after every character: refused, never tokenized as stories."""
+    path = tmp_path / "utf16.txt"
+    path.write_bytes(f"Tom ran.\n{EOT}\nAnn sat.\n{EOT}\n".encode("utf-16-le"))
+    with pytest.raises(UserError, match="utf16.txt is not UTF-8 text \\(it holds NUL bytes\\)"):
+        data.read_stories(path)
+
+
+def test_json_lines_in_a_json_file_that_starts_with_a_bom(tmp_path):
+    """datasets' to_json writes JSON Lines into a .json; saved again by a Windows editor it starts with a BOM: still
+    JSON Lines (streamed), not a JSON array that fails with "Extra data"."""
+    path = tmp_path / "stories.json"
+    path.write_text('\ufeff{"text": "Once upon a time."}\n{"text": "The end."}\n', encoding="utf-8")
+    assert data.read_stories(path) == ["Once upon a time.", "The end."]
+
+
+def test_a_json_object_spread_over_lines_is_named_as_the_files_layout(tmp_path):
+    """A pretty-printed object in a .json is read as JSON Lines and fails on line 1: the refusal says what a .json
+    of stories holds, not only that line 1 is not JSON."""
+    path = tmp_path / "pretty.json"
+    path.write_text('{\n  "text": "Once upon a time."\n}\n')
+    with pytest.raises(UserError, match=r"pretty.json line 1 is not JSON .*: a \.json file of stories holds a JSON "
+                                        r"array of objects .* or one object per line \(JSON Lines\)"):
+        data.read_stories(path)
+
+
+def test_a_parquet_story_column_is_read(tmp_path):
+    """The archive's field is "story": a parquet file whose text column is named so is read, as JSON's is."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "stories.parquet"
+    pq.write_table(pa.table({"story": ["Once upon a time.", None, "The end."], "n": [1, 2, 3]}), path)
+    assert data.read_stories(path) == ["Once upon a time.", "The end."]
+
+
+def test_large_string_text_columns_are_text(tmp_path):
+    """Arrow's large_string (what polars and pandas' pyarrow strings write) is text, in parquet and in datasets."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "large.parquet"
+    pq.write_table(pa.table({"text": pa.array(["Once upon a time.", "The end."], pa.large_string())}), path)
+    assert data.read_stories(path) == ["Once upon a time.", "The end."]
+
+
+def test_a_saved_dataset_with_a_story_column_is_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"story": ["Once upon a time.", "The end."]}).save_to_disk(str(tmp_path / "ds"))
+    assert data.read_stories(tmp_path / "ds") == ["Once upon a time.", "The end."]
+
+
+def test_a_cpu_quota_above_the_cores_is_the_cores(monkeypatch, tmp_path):
+    """docker --cpus 8 on a container pinned to 2 cores (--cpuset-cpus 0,1): 2 workers, not 8 processes on 2 cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    (tmp_path / "cpu.max").write_text("800000 100000\n")
+    monkeypatch.setattr(data, "CPU_QUOTA_FILE", tmp_path / "cpu.max")
+    assert data.available_cpus() == 2
+
+
+def test_a_datasets_folder_with_both_splits_may_be_its_own_validation_source(tmp_path):
+    """--source DS --val-source DS, DS a DatasetDict with train and validation splits: the validation stories are
+    its validation split, no leak, so it is not refused as "both a training and a validation source"."""
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["Tom ran.", "Ann sat."]}),
+                          "validation": datasets.Dataset.from_dict({"text": ["Tom sat."]})}).save_to_disk(
+        str(tmp_path / "ds"))
+    meta = prepare(tmp_path / "d", sources=tmp_path / "ds", val_sources=tmp_path / "ds", workers=1, progress=False)
+    assert meta["splits"]["train"]["documents"] == 2 and meta["splits"]["val"]["documents"] == 1
+
+
+def test_a_later_parquet_source_without_text_is_refused_before_bpe_training(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    good = write_txt(tmp_path / "good.txt", ["Tom ran.", "Ann sat."])
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"summary": ["x"]}), bad)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a BPE was trained before the bad source was refused")
+
+    monkeypatch.setattr(data, "train_bpe", no_training)
+    with pytest.raises(UserError, match="bad.parquet has no 'text' column"):
+        prepare(tmp_path / "out", sources=[good, bad], tokenizer="bpe", vocab_size=300, workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_open_prepared_refuses_a_meta_json_whose_files_still_fit(tmp_path):
+    """Malformed meta.json that the token files' sizes cannot expose: a 16-bit dtype that is not uint16 (int16 ids
+    above 32767 read negative), an end-of-text id outside the vocabulary, a split of no stories, a source that is
+    no object (data_differences' .get() on it was a traceback)."""
+    train = write_txt(tmp_path / "train.txt", ["Tom ran.", "Ann sat."])
+    val = write_txt(tmp_path / "val.txt", ["Tom sat."])
+    meta = prepare(tmp_path / "d", sources=train, val_sources=val, workers=1, progress=False)
+    open_prepared(tmp_path / "d")
+    bad_val = {**meta["splits"]["val"], "documents": 0}
+    for broken in ({**meta, "dtype": "int16"}, {**meta, "dtype": "float16"}, {**meta, "eot_id": meta["vocab_size"]},
+                   {**meta, "splits": {**meta["splits"], "val": bad_val}}, {**meta, "source": ["train.txt"]}):
+        (tmp_path / "d" / "meta.json").write_text(json.dumps(broken))
+        with pytest.raises(UserError, match="meta.json is malformed"):
+            open_prepared(tmp_path / "d")
+
+
+def test_a_digest_that_is_not_a_string_is_none(tmp_path):
+    """A meta.json's blake2b that is not a string (hand-edited, another tool's) is no digest: a resume skips the check
+    rather than comparing a checkpoint's digest to a number."""
+    train = write_txt(tmp_path / "train.txt", ["Tom ran.", "Ann sat."])
+    meta = prepare(tmp_path / "d", sources=train, val_sources=write_txt(tmp_path / "v.txt", ["Tom sat."]), workers=1,
+                   progress=False)
+    assert open_prepared(tmp_path / "d").digest("train") == meta["splits"]["train"]["blake2b"]
+    meta["splits"]["train"]["blake2b"] = 12345
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    assert open_prepared(tmp_path / "d").digest("train") is None
+
+
+def test_a_prepared_datasets_own_json_files_are_not_story_files(tmp_path):
+    """`tinygemma eval --data DIR/meta.json` is the dataset's folder given wrongly, not a story file to tokenize."""
+    (tmp_path / "d").mkdir()
+    for name in ("meta.json", "tokenizer.json"):
+        (tmp_path / "d" / name).write_text("{}")
+    assert not data.is_story_file(tmp_path / "d" / "meta.json")
+    assert not data.is_story_file(tmp_path / "d" / "tokenizer.json")
+    assert data.is_story_file(tmp_path / "d" / "stories.json") and data.is_story_file(tmp_path / "tokenizer.json")
+
+
+def test_a_vocabulary_of_exactly_the_largest_embedding_is_taken():
+    from tinygemma.config import MAX_VOCAB_SIZE
+
+    data._check_vocab_size(MAX_VOCAB_SIZE, "tokenizer x")
+    with pytest.raises(UserError, match="more than the model's largest embedding"):
+        data._check_vocab_size(MAX_VOCAB_SIZE + 1, "tokenizer x")
+
+
+def test_one_worker_more_than_the_cores_is_the_cores(tmp_path, monkeypatch, capsys):
+    """The cap on --workers is exact: cores + 1 workers are the cores, said, as 100,000 are."""
+    monkeypatch.setattr(data, "available_cpus", lambda: 2)
+    started = []
+    workers = data._Workers
+    monkeypatch.setattr(data, "_Workers", lambda tokenizer, n: started.append(n) or workers(tokenizer, min(n, 2)))
+    train = write_txt(tmp_path / "train.txt", ["Tom ran.", "Ann sat."])
+    prepare(tmp_path / "d", sources=train, val_sources=write_txt(tmp_path / "v.txt", ["Tom sat."]), workers=3,
+            progress=False)
+    assert started == [2]
+    assert "--workers (workers) 3 is more than the 2 cores this process may use; using 2" in capsys.readouterr().err

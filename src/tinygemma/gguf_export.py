@@ -151,18 +151,21 @@ def check_plain_added_tokens(spec: dict, plain: list[dict]) -> None:
     text to tinygemma) that llama.cpp's user-defined tokens would match or print otherwise: it reads no
     strip or single-word option, matches the longest token first across the whole text where tokenizers takes
     the leftmost (two tokens where one's end is the other's start: "Lily" and "lyons" in "Lilyons") and matches
-    all in one pass where tokenizers matches the unnormalized ones first, and prints a token's text where
+    all in one pass where tokenizers matches the unnormalized ones first ("bax" inside "Zorbax"), and prints a token's text where
     tinygemma decodes it byte by byte ("Zoë")."""
     for added in plain:
         option = next((o for o in ("single_word", "lstrip", "rstrip") if added.get(o)), None)
         if option:
             _refuse(f"its added token {added['content']!r} sets {option}, which llama.cpp does not read")
-    if len({bool(added.get("normalized", True)) for added in plain}) > 1:
-        _refuse("its added tokens are matched in two passes (some normalized, some not), llama.cpp's in one")
+    unnormalized = [added["content"] for added in plain if not added.get("normalized", True)]
+    for inner in unnormalized:  # matched before the normalized ones, even inside one
+        if outer := next((a["content"] for a in plain if a.get("normalized", True) and inner in a["content"]), None):
+            _refuse(f"its added token {inner!r}, unnormalized, is matched inside {outer!r} before it, where llama.cpp "
+                    f"matches {outer!r}")
     texts = [added["content"] for added in plain]
-    for a in texts:
+    for a in texts:  # a starting first, b after it: the leftmost is a, llama.cpp's longest b (a tie: either)
         for b in texts:
-            if a != b and any(a.endswith(b[:n]) for n in range(1, min(len(a), len(b)))):
+            if a != b and len(b) >= len(a) and any(a.endswith(b[:n]) for n in range(1, len(a))):
                 _refuse(f"its added tokens {a!r} and {b!r} overlap ({a!r} ends as {b!r} starts), and llama.cpp "
                         "matches the longer first where tinygemma matches the leftmost")
     if plain:

@@ -148,11 +148,11 @@ def check_byte_level_bpe(spec: dict) -> None:
 
 def check_plain_added_tokens(spec: dict, plain: list[dict]) -> None:
     """Refuse non-special added tokens (matched wherever their text appears; a special token's spelling in text is
-    text to tinygemma) that llama.cpp's user-defined tokens would match or print otherwise: it reads no
-    strip or single-word option, matches the longest token first across the whole text where tokenizers takes
-    the leftmost (two tokens where one's end is the other's start: "Lily" and "lyons" in "Lilyons") and matches
-    all in one pass where tokenizers matches the unnormalized ones first ("bax" inside "Zorbax"), and prints a token's text where
-    tinygemma decodes it byte by byte ("Zoë")."""
+    text to tinygemma) that llama.cpp's user-defined tokens would match or print otherwise: it reads no strip or
+    single-word option; it matches the longest token first across the whole text where tokenizers takes the
+    leftmost (one token ending as another, at least as long, starts: "Lily" and "lyons" in "Lilyons"); it matches
+    all in one pass where tokenizers matches the unnormalized ones first ("bax" inside "Zorbax"); and it prints a
+    token's text where tinygemma decodes it byte by byte ("Zoë")."""
     for added in plain:
         option = next((o for o in ("single_word", "lstrip", "rstrip") if added.get(o)), None)
         if option:
@@ -179,7 +179,8 @@ def check_plain_added_tokens(spec: dict, plain: list[dict]) -> None:
 def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """A tokenizer.json (`spec`, parsed) as llama.cpp reads it: each id's token (`vocab_size` of them, the model's
     rows), its token type (gguf.TokenType: special tokens are control tokens, other added tokens (matched in
-    text) user-defined ones, ids the tokenizer lacks unused fillers) and the merges in priority order, as "left right"."""
+    text) user-defined ones, ids the tokenizer lacks unused fillers) and the merges in priority order, as
+    "left right"."""
     gguf = gguf_module()
     check_byte_level_bpe(spec)
     # Special tokens past the model's rows (Gemma 3's <image_soft_token>) are never encoded from text nor sampled:

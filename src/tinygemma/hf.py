@@ -125,9 +125,9 @@ def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None
 
 # Said of a model whose layers repeat no period: transformers before 4.53 reads the layout from
 # sliding_window_pattern alone (and its default, every 6th layer global, where the file has none)
-NEEDS_LAYER_TYPES = ("this model's sliding and global layers repeat no period, which only config.json's layer_types can say: "
-                     "transformers 4.53 and newer read it, older versions load the model with other layers sliding "
-                     "(wrong logits, no error)")
+NEEDS_LAYER_TYPES = ("this model's sliding and global layers repeat no period, which only config.json's layer_types "
+                     "can say: transformers 4.53 and newer read it, older versions load the model with other layers "
+                     "sliding (wrong logits, no error)")
 
 
 def model_config_from_hf(d: dict) -> ModelConfig:

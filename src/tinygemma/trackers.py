@@ -106,14 +106,11 @@ class Trackers:
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._each("log", scalars, step)
 
-    def text(self, key: str, value: str, step: int) -> None:
-        """A text at `step` (a sample story), where the tracker shows texts: TensorBoard's and wandb's."""
-        self._each("text", key, value, step)
-
     def samples(self, texts: list[str], step: int) -> None:
-        """The sample stories of the generate section's prompts, at `step`."""
+        """The sample stories of the generate section's prompts, at `step`, where the tracker shows texts:
+        TensorBoard's and wandb's."""
         for i, text in enumerate(texts):
-            self.text(sample_key(i), text, step)
+            self._each("text", sample_key(i), text, step)
 
     def flush(self) -> None:
         self._each("flush")

@@ -114,6 +114,25 @@ def tensorboard_scalars(run_dir: Path) -> dict[int, dict[str, float]]:
     return scalars
 
 
+def tensorboard_samples(run_dir: Path) -> dict[int, str]:
+    """The first prompt's sample stories TensorBoard holds, {step: text}, as the run wrote them: an indented code
+    block, so that Markdown leaves the story as it is."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/1/text_summary")}
+
+
+def as_tensorboard_text(story: str) -> str:
+    return "".join(f"    {line}\n" for line in story.split("\n"))
+
+
+def wandb_sampled_steps(history: dict) -> list[int]:
+    """The steps of a wandb history that hold the first prompt's sample (an html file each, named by its path)."""
+    return [step for step in sorted(history) if any(key.startswith("samples/1/") for key in history[step])]
+
+
 def trackio_scalars(name: str) -> dict[int, dict[str, float]]:
     from trackio.sqlite_storage import SQLiteStorage
 
@@ -191,26 +210,19 @@ def test_tensorboard_of_a_fork_or_added_on_resume_holds_the_steps_before_too(dat
 
 
 def test_samples_during_training_reach_tensorboard_and_wandb_as_text(data_dir, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "sampled"
     run(data_dir, out, *SHORT, "loggers=tensorboard,wandb", "sample_interval=6", "generate.max_new_tokens=4")
     samples = {r["step"]: r["samples"][0] for r in metrics(out) if "samples" in r}
     assert sorted(samples) == [6, 12]
-    events = EventAccumulator(str(out / "tb"))
-    events.Reload()
-    board = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/1/text_summary")}
-    # (an indented code block, so that Markdown leaves the story as it is)
-    assert board == {step: "".join(f"    {line}\n" for line in text.split("\n")) for step, text in samples.items()}
+    assert tensorboard_samples(out) == {step: as_tensorboard_text(text) for step, text in samples.items()}
     (history,) = [segment["history"] for segment in wandb_run(out)]
-    sampled = [step for step in sorted(history) if any(key.startswith("samples/1/") for key in history[step])]
-    assert sampled == [6, 12]  # (an html file each, named in the history by its path and digest)
+    assert wandb_sampled_steps(history) == [6, 12]
 
 
 def test_a_resume_sends_the_samples_before_the_checkpoint_again_too(data_dir, tmp_path):
     """README: offline, the newest offline-run folder holds the whole history. The resume re-sent the scalars
     alone, so it lacked the sample stories from before the checkpoint; a fork's TensorBoard lacked them too."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tinygemma.config import load_recipe
     from tinygemma.train import train
@@ -223,12 +235,8 @@ def test_a_resume_sends_the_samples_before_the_checkpoint_again_too(data_dir, tm
     run(data_dir, out, *SHORT, "loggers=wandb", *sampled, resume=True)
     samples = {r["step"]: r["samples"][0] for r in metrics(out) if "samples" in r}
     assert sorted(samples) == [3, 6, 9, 12]
-    newest = wandb_run(out)[-1]["history"]
-    assert [step for step in sorted(newest) if any(key.startswith("samples/1/") for key in newest[step])] == [3, 6, 9, 12]
-    events = EventAccumulator(str(fork / "tb"))
-    events.Reload()
-    board = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/1/text_summary")}
-    assert board == {step: "".join(f"    {line}\n" for line in text.split("\n")) for step, text in samples.items()}
+    assert wandb_sampled_steps(wandb_run(out)[-1]["history"]) == [3, 6, 9, 12]
+    assert tensorboard_samples(fork) == {step: as_tensorboard_text(text) for step, text in samples.items()}
 
 
 def test_a_resume_sends_the_trackers_what_a_kill_cost_them_and_redraws_the_plot(data_dir, tmp_path, monkeypatch):

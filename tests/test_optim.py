@@ -672,3 +672,100 @@ def test_a_run_written_before_the_optimizer_fields_resumes_as_it_was_trained(dat
     check_resume_schedule(saved, cosine, 50)  # the schedule it took: cosine
     with pytest.raises(UserError, match="optimizer cannot change from adamw to muon"):
         check_resume_schedule(saved, dataclasses.replace(cosine, optimizer="muon"), 50)
+
+
+def test_adamw_decays_every_matrix_and_the_embedding_and_no_gain():
+    """optimizer = adamw (the workshop's): weight decay on every 2-D weight (embedding and all projections), none on
+    the norm gains. Kills the decayed group losing its matrices (p.dim() > 2: no decay anywhere, silently)."""
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, n_layers=2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = load_recipe(None, ["optimizer=adamw", "weight_decay=0.05"]).train
+    optimizer = configure_optimizer(model, cfg, CPU)
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert "embed_tokens.weight" in decayed and "layers.0.mlp.down_proj.weight" in decayed
+
+
+@pytest.mark.parametrize("setting, kwarg", [("adam_eps=1e-3", "eps"), ("beta1=0.5", "betas"), ("beta2=0.6", "betas")])
+def test_muon_s_adamw_part_steps_with_the_recipes_adam_settings(setting, kwarg):
+    """Under optimizer = muon the embedding and gains step with the recipe's adam_eps and betas, exactly as
+    torch.optim.AdamW given them: not only stored in the groups (test_the_recipes_adam_settings_reach_every_adamw_group)
+    but used by MuonAdamW._adamw. Kills eps or betas hard-coded to their defaults in _adamw."""
+    cfg = load_recipe(None, ["optimizer=muon", "weight_decay=0.1", "learning_rate=1e-2", setting]).train
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=64, n_layers=1))
+    optimizer = configure_optimizer(model, cfg, CPU)
+    params = [p for g in optimizer.param_groups if not g["muon"] for p in g["params"]]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = torch.optim.AdamW([{"params": [r for r, p in zip(ref, params) if p.dim() == 2], "weight_decay": 0.1},
+                                   {"params": [r for r, p in zip(ref, params) if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, r in zip(params, ref):
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3  # small gradients: eps matters
+            r.grad = p.grad.clone()
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"]
+        optimizer.step()
+        reference.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_cooldown_fraction_is_rounded_not_truncated():
+    """0.29 of 100 steps is 28.999999999999996 in floating point: the cooldown is the last 29 steps (round), not 28
+    (int); 0.4 of 7 is 2.8: the last 3. Kills round() turned into int()."""
+    for fraction, max_steps, start in ((0.29, 100, 71), (0.4, 7, 4)):
+        cfg = load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=0", f"max_steps={max_steps}",
+                                 "lr_schedule=wsd", f"cooldown_fraction={fraction}"]).train
+        assert cooldown_start(cfg) == start
+        assert learning_rate(start - 1, cfg) == 1e-3 and learning_rate(start, cfg) < 1e-3
+
+
+def test_adamw_is_fused_on_cuda_and_left_to_torch_elsewhere(monkeypatch):
+    """optimizer = adamw asks torch for the fused kernel on CUDA (one launch for all parameters) and leaves the
+    choice to torch elsewhere. Kills fused=None everywhere (GPU runs silently on the slower foreach path)."""
+    seen = []
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            seen.append(kwargs.get("fused"))
+            super().__init__(params, **{**kwargs, "fused": None})
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=64, n_layers=1))
+    cfg = load_recipe(None, ["optimizer=adamw"]).train
+    configure_optimizer(model, cfg, SimpleNamespace(device=torch.device("cuda", 0)))
+    configure_optimizer(model, cfg, CPU)
+    assert seen == [True, None]
+
+
+def test_the_sharded_start_line_names_the_float32_iteration_where_it_runs():
+    """Under FSDP2 with muon_backend = float32 the start line says float32, not bfloat16 (kills the sharded branch
+    naming bfloat16 whatever the backend)."""
+    p = [torch.nn.Parameter(torch.randn(8, 8))]
+    for backend, word in (("float32", "float32"), ("bfloat16", "bfloat16"), ("torch", "bfloat16"), ("compiled", "bfloat16")):
+        optimizer = MuonAdamW([{"params": p, "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8, backend=backend)
+        assert describe_optimizer(optimizer, sharded=True) == (
+            f"Muon (own batched {word} Newton-Schulz on each FSDP2 matrix gathered whole) + AdamW")
+
+
+def test_a_zero_update_orthogonalizes_to_zero_not_nan():
+    """A matrix whose momentum is all zeros (a gradient of zeros at the first step) gives a zero update, as
+    torch.optim.Muon's clamped norm does: not NaN weights. Kills the NS_EPS clamp removed."""
+    for shape in ((8, 8), (16, 4), (2, 8, 8)):
+        for dtype in (torch.float32, torch.bfloat16):
+            out = orthogonalize(torch.zeros(shape), dtype)
+            assert torch.equal(out, torch.zeros(shape, dtype=dtype))
+
+
+def test_auto_takes_the_float32_iteration_on_a_gpu_without_native_bf16(monkeypatch):
+    """A T4 (Colab's free GPU; sm75, no native bf16) with torch.optim.Muon present: auto is float32, not torch's
+    bfloat16 iteration. Kills the cuda_has_bf16 condition dropped from muon_backend."""
+    import tinygemma.optim as optim
+
+    monkeypatch.setattr(torch.optim, "Muon", object, raising=False)
+    monkeypatch.setattr(optim, "cuda_has_bf16", lambda device: False)
+    assert optim.muon_backend(torch.device("cuda", 0)) == "float32"
+    monkeypatch.setattr(optim, "cuda_has_bf16", lambda device: True)
+    assert optim.muon_backend(torch.device("cuda", 0)) == "torch"

@@ -9,11 +9,12 @@ import torch
 from test_model import tiny  # noqa: E402
 
 from tinygemma import Gemma3, UserError
-from tinygemma.config import GLOBAL, SLIDING, load_recipe
+from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
 from tinygemma.data import PreparedData
 from tinygemma.parallelize import (
     PROBE_MEMORY_FRACTION,
     build_model,
+    check_attention_backend,
     choose_attention_backend,
     choose_loss_head,
     fsdp_options,
@@ -406,3 +407,42 @@ def test_gradient_sync_reduces_on_the_last_micro_step_alone():
             with gradient_sync(fsdp, micro == 2):
                 assert fsdp.calls[-1] == (micro == 2)  # as the backward of this pass runs
     assert fsdp.calls == [False, False, True] * 2
+
+
+def test_under_torchrun_every_process_takes_the_smallest_probed_micro_batch(monkeypatch):
+    """micro_batch_size = auto under torchrun: this process fits 64 but another only 32 (it has less free memory):
+    both take 32, the MIN of the choices (MAX would let the other process run out of memory at its first step).
+    CUDA's memory calls and the all-reduce are faked."""
+    import torch.distributed as dist
+
+    peak = types.SimpleNamespace(value=0)
+    fakes = {"empty_cache": lambda: None, "mem_get_info": lambda device=None: (1000, 1000),
+             "memory_reserved": lambda device=None: 0, "get_per_process_memory_fraction": lambda device=None: 1.0,
+             "set_per_process_memory_fraction": lambda fraction, device=None: None,
+             "reset_peak_memory_stats": lambda device=None: None, "synchronize": lambda device=None: None,
+             "max_memory_allocated": lambda device=None: peak.value}
+    for name, fake in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    other = torch.tensor(32)  # the other process's choice
+
+    def all_reduce(tensor, op):
+        tensor.copy_(torch.minimum(tensor, other) if op == dist.ReduceOp.MIN else torch.maximum(tensor, other))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=64, n_layers=1))
+    model.register_forward_hook(lambda module, args, output: setattr(peak, "value", 7 * args[0].shape[0]))
+    cfg = load_recipe(None, ["block_size=8"]).train
+    rt = Runtime(torch.device("cpu"), torch.float32, world_size=2)
+    assert probe_micro_batch_size(model, cfg, rt, [64, 32]) == 32  # 64 fits here (448 <= 850), not there
+
+
+def test_flex_asked_for_a_block_within_the_window_is_not_refused_off_cuda():
+    """attention_backend = flex with a block no longer than the sliding window: every layer is plainly causal, so a
+    CPU trains it with SDPA (the docstring's "whatever is asked"); only a longer block is refused off CUDA. Kills
+    the block_size > sliding_window condition dropped from check_attention_backend."""
+    mc = ModelConfig.preset("gemma3-tiny", vocab_size=64, n_layers=1)
+    short = load_recipe(None, ["attention_backend=flex", f"block_size={mc.sliding_window}"]).train
+    check_attention_backend(short, mc, torch.device("cpu"))  # no refusal
+    long = load_recipe(None, ["attention_backend=flex", f"block_size={mc.sliding_window + 1}"]).train
+    with pytest.raises(UserError, match="flex needs a CUDA GPU"):
+        check_attention_backend(long, mc, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """Our checkpoint format, Hugging Face import (`tinygemma.load`) and export (`tinygemma export`)."""
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -14,7 +15,16 @@ from safetensors import SafetensorError
 
 import tinygemma
 from tinygemma import Gemma3, UserError, files
-from tinygemma.checkpoint import export, save_model
+from tinygemma.checkpoint import (
+    TRAINER_STATE_FORMAT,
+    checkpoint_pointer,
+    export,
+    last_checkpoint,
+    prune_checkpoints,
+    read_trainer_state,
+    save_model,
+    state_kinds_wrong,
+)
 from tinygemma.cli import main
 from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import pick_device, pick_dtype
@@ -436,3 +446,91 @@ def test_a_gguf_file_given_as_a_checkpoint_is_named_as_one(tmp_path, capsys, com
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a GGUF file, which llama.cpp runs and tinygemma does not load" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-q8_0.gguf"]
+
+
+def _complete(ckpts, step):
+    folder = ckpts / f"step_{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_pruning_removes_a_staging_folder_left_by_a_kill(tmp_path):
+    """A .tmp-step_NNNNNN left by a kill mid-write (of a step the run never reaches again: a resume with another
+    checkpoint_interval) is deleted by the next pruning, not left to fill the disk (m04)."""
+    ckpts = tmp_path / "checkpoints"
+    _complete(ckpts, 2)
+    (ckpts / "last.json").write_text(json.dumps({"dir": "step_000002", "step": 2}))
+    stale = ckpts / ".tmp-step_000005"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    prune_checkpoints(ckpts, 1)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.json", "step_000002"]
+
+
+def test_two_complete_checkpoints_without_last_json_are_refused_not_started_over(tmp_path):
+    """No last.json and no best.json, but two complete checkpoints (keep_checkpoints >= 2): last.json was lost,
+    and a fresh start would prune both; refused (m06)."""
+    ckpts = tmp_path / "checkpoints"
+    _complete(ckpts, 2)
+    _complete(ckpts, 4)
+    with pytest.raises(UserError, match="but no last.json"):
+        last_checkpoint(tmp_path)
+    (ckpts / "step_000002").rename(tmp_path / "gone")  # one alone: a first checkpoint not yet named, fine
+    assert last_checkpoint(tmp_path) is None
+
+
+def _state(tmp_path, **edit):
+    state = {"format": TRAINER_STATE_FORMAT, "step": 4, "rng": {}, "best_step": 2, "best_val_loss": 3.5, **edit}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    return tmp_path
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"best_step": None, "best_val_loss": 3.5}, "holds best validation loss 3.5 for best step None"),   # m08
+    ({"best_step": 2, "best_val_loss": math.inf}, "holds best validation loss inf for best step 2"),  # m08
+    ({"best_step": -1}, "names best step -1, not one of the run's steps to 4"),                        # m09
+])
+def test_a_trainer_state_whose_best_step_and_loss_disagree_is_refused(tmp_path, edit, match):
+    with pytest.raises(UserError, match=match):
+        read_trainer_state(_state(tmp_path, **edit), 4)
+    assert read_trainer_state(_state(tmp_path), 4)["best_step"] == 2  # the intact state is read
+
+
+def test_an_invocation_whose_steps_are_no_pair_is_of_another_kind():
+    """report.md and compare read an invocation's steps as [from, to]; three numbers are refused (m10)."""
+    assert state_kinds_wrong({"invocations": [{"steps": [0, 2, 4], "changed": {}}]}) == ["invocations"]
+    assert state_kinds_wrong({"invocations": [{"steps": [0], "changed": {}}]}) == ["invocations"]
+    assert state_kinds_wrong({"invocations": [{"steps": [0, 2], "changed": {}}]}) == []
+
+
+def test_a_pointer_written_by_hand_without_its_step_takes_the_trainer_states(tmp_path):
+    """last.json put back by hand as {"dir": "step_000002"}: its step is read from the checkpoint's trainer state
+    (m20)."""
+    ckpts = tmp_path / "checkpoints"
+    _complete(ckpts, 2)
+    (ckpts / "last.json").write_text(json.dumps({"dir": "step_000002"}))
+    assert checkpoint_pointer(tmp_path)["step"] == 2
+    (ckpts / "last.json").write_text(json.dumps({"dir": "step_000002", "step": "2"}))
+    assert checkpoint_pointer(tmp_path)["step"] == 2
+
+
+def test_save_model_refuses_a_training_checkpoint_copied_out_of_its_run(tmp_path):
+    """A run's checkpoint copied alone (for --resume-from) holds trainer_state.json and optimizer.safetensors:
+    save_model into it would put new weights beside the old optimizer state and trainer state (m24)."""
+    model = tinygemma.Gemma3(small_config())
+    folder = tmp_path / "step_000010"
+    save_model(model, folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"format": TRAINER_STATE_FORMAT, "step": 10}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match="is a training run or one of its checkpoints"):
+        save_model(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_checkpoint_json_without_its_model_is_refused_in_one_line(tmp_path):
+    """checkpoint.json of tinygemma's format but without "model" (hand-edited, damaged) was a KeyError (m25)."""
+    save_model(tinygemma.Gemma3(small_config()), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "checkpoint.json").write_text(json.dumps({"format": "tinygemma"}))
+    with pytest.raises(UserError, match="is not a tinygemma checkpoint"):
+        tinygemma.load(tmp_path / "ckpt")

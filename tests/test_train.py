@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import tinygemma
 import tinygemma.train
-from tinygemma.checkpoint import save_model
+from tinygemma.checkpoint import fork_run, save_model
 from tinygemma.cli import main
 from tinygemma.config import TrainConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
@@ -1654,3 +1654,19 @@ def test_check_run_says_the_init_from_repeated_windows_warning_train_says(data_d
     recipe = load_recipe(None, tiny_settings(data_dir, tmp_path / "new", "max_steps=2", "warmup_steps=1",
                                              f"init_from={source}"))
     assert any("draw the windows those weights learned first" in w for w in check_run(recipe)["warnings"])
+
+
+def test_a_fork_keeps_its_sources_earlier_best_checkpoint(data_dir, tmp_path, monkeypatch):
+    """--resume-from of a checkpoint whose best is an earlier kept checkpoint carries that best into the fork, so the
+    fork's best.json (restored on its resume) names a checkpoint it holds, and load/eval/export of the fork read the
+    best, not the last (m28)."""
+    out = tmp_path / "r"
+    settings = ["max_steps=9", "checkpoint_interval=3", "keep_checkpoints=3"]
+    run(data_dir, out, *settings, stop_at=3)
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows",
+                        lambda *a, **k: {**(r := evaluate_windows(*a, **k)), "val_loss": r["val_loss"] + 10.0})
+    run(data_dir, out, *settings, stop_at=6, resume=True)
+    assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 3
+    fork = tmp_path / "fork"
+    fork_run(out / "checkpoints" / "step_000006", fork)
+    assert sorted(p.name for p in (fork / "checkpoints").glob("step_*")) == ["step_000003", "step_000006"]

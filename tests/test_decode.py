@@ -250,3 +250,19 @@ def test_a_write_through_data_to_half_of_a_weight_renews_the_plan():
     weight = model.layers[0].mlp.down_proj.weight
     weight.data[weight.shape[0] // 2:] *= 2
     assert decode_plan(model, pack=False) is not plan
+
+
+def test_an_in_place_write_the_probe_does_not_sample_renews_the_plan():
+    """The plan is keyed on each parameter's version counter: an in-place write (a notebook's `w[i] += x`, an
+    optimizer's, copy_) renews it even where it changes none of the sixteen values the probe samples."""
+    model = tiny_model()
+    weight = model.layers[0].self_attn.q_proj.weight
+    assert weight.numel() // 16 > 1  # index 1 is not among the probe's values
+    plan = decode_plan(model, pack=False)
+    assert decode_plan(model, pack=False) is plan  # kept while nothing changed
+    with torch.no_grad():
+        weight.view(-1)[1] += 1.0
+    renewed = decode_plan(model, pack=False)
+    assert renewed is not plan
+    q_rows = weight.shape[0]
+    assert torch.equal(renewed.layers[0][1][:q_rows], weight)  # its stacked q, k, v weights are the new ones

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_model import make_pair, small_config  # noqa: E402
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 import tinygemma.generate
 from tinygemma import Gemma3, ModelConfig, UserError, load
@@ -25,7 +26,7 @@ from tinygemma.generate import (
     generate_text,
     sample_next_token,
 )
-from tinygemma.tokenizer import GPT2Tokenizer
+from tinygemma.tokenizer import GPT2Tokenizer, HFTokenizer, load_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_SPEC = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
@@ -921,3 +922,84 @@ def test_samples_text_is_flushed_at_the_end_and_each_piece_streams_to_its_own_sa
     monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
     texts, n = generate_text(tiny_model(), tokenizer, "Once", len(emoji) - 1, temperature=0)
     assert n == len(emoji) - 1 and texts == [tokenizer.decode(emoji[:-1])] and texts[0].endswith("\ufffd")
+
+
+def test_a_top_p_below_float32s_least_keeps_the_most_likely_token_where_masses_are_float32(monkeypatch):
+    """On MPS (no float64) the nucleus is summed in float32, against which top_p = 1e-300 rounds to 0: every
+    token was cut. On the CPU the existing test runs in float64, where 1e-300 does not round, so it never
+    exercised the guard; here the float32 path is forced."""
+    monkeypatch.setattr(tinygemma.generate, "float64_on", lambda device: False)
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
+    assert kept(filter_logits(logits[0], top_p=1e-300)) == [1]
+    assert tinygemma.generate.sample_next_token(logits, temperature=1.0, top_p=1e-300).tolist() == [1]
+
+
+def test_an_end_of_text_of_id_0_stops_generation():
+    """A tokenizer trained by tinygemma (train_bpe: <|endoftext|> is its first special token) has eot_id 0: eos_id 0
+    is one of the model's ids like any other, and generation stops at it."""
+    tokenizer = train_bpe(["Once upon a time there was a little dog. It was happy."] * 20, 300)
+    assert tokenizer.eot_id == 0
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    prompt = torch.tensor([tokenizer.encode("Once upon a time")])
+    T = prompt.shape[1]
+    greedy = generate(model, prompt, 5, temperature=0)[0, T:].tolist()
+    made = greedy.index(0) + 1 if 0 in greedy else 5  # up to and with the first end of text
+    assert generate(model, prompt, 5, temperature=0, eos_id=0)[0, T:].tolist() == greedy[:made]
+    assert generate_text(model, tokenizer, "Once upon a time", 5, temperature=0)[1] == made
+
+
+def test_a_samples_text_starts_with_the_space_a_sentencepiece_decoder_gives_it_after_the_prompt(tmp_path, monkeypatch):
+    """A Metaspace (SentencePiece, Gemma) decoder drops the leading space of the first piece it decodes: the
+    continuation's first word is decoded after the prompt's last tokens, so that "Once upon" goes on " a time",
+    not "a time" (which the CLI prints as "Once upona time")."""
+    words = ["<eos>", "\u2581Once", "\u2581upon", "\u2581a", "\u2581time"]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    backend.add_special_tokens([AddedToken("<eos>", special=True)])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    (tmp_path / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    assert tokenizer.encode("Once upon") == [1, 2] and tokenizer.decode([3]) == "a"
+
+    def scripted(model, input_ids, max_new_tokens, *args, **kwargs):  # these new tokens, whatever the model
+        for token in [3, 4][:max_new_tokens]:
+            yield torch.tensor([token] * len(input_ids))
+
+    monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
+    pieces = []
+    texts, n = generate_text(tiny_model(vocab_size=5), tokenizer, "Once upon", 2, temperature=0,
+                             on_text=lambda i, piece: pieces.append(piece))
+    assert texts == [" a time"] and "".join(pieces) == " a time" and n == 2
+
+
+def test_a_run_of_byte_pieces_just_before_end_of_text_is_kept(monkeypatch):
+    """A byte-fallback tokenizer's (Gemma's) run of <0xHH> pieces is held until a token of another kind ends it:
+    when that token is end of text, the run (here "é", valid UTF-8) is still part of the sample's text."""
+    vocab = {"<|endoftext|>": 0, "a": 1, **{f"<0x{i:02X}>": 2 + i for i in range(256)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = HFTokenizer(backend.to_str())
+    reply = [1, *(2 + b for b in "é".encode()), 0]  # a, é as two byte pieces, end of text
+
+    def scripted(model, input_ids, max_new_tokens, *args, **kwargs):  # these new tokens, whatever the model
+        for token in reply[:max_new_tokens]:
+            yield torch.tensor([token] * len(input_ids))
+
+    monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
+    pieces = []
+    texts, n = generate_text(tiny_model(vocab_size=258), tokenizer, "a", 10, temperature=0,
+                             on_text=lambda i, piece: pieces.append(piece))
+    assert texts == ["a\u00e9"] and "".join(pieces) == "a\u00e9" and n == 4
+
+
+def test_generation_under_autocast_caches_and_computes_in_the_autocast_dtype(monkeypatch):
+    """Training's samples run under its autocast (rt.autocast(): bfloat16 on a GPU, or --set dtype=bfloat16 on a
+    CPU): the KV cache holds the autocast dtype and the steps run the model's forward under it; the decode plan,
+    which multiplies by its own float32 copies of the weights whatever autocast says, is not built."""
+    model = tiny_model()
+    caches, new_cache = [], model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
+    monkeypatch.setattr(tinygemma.generate, "decode_plan", lambda *a, **k: pytest.fail("a decode plan under autocast"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0)
+    assert out.shape == (1, 7) and all(layer.k.dtype == torch.bfloat16 for layer in caches[0])

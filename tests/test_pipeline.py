@@ -18,7 +18,7 @@ from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
-from tinygemma.data import DEFAULT_BPE_VOCAB_SIZE
+from tinygemma.data import DEFAULT_BPE_VOCAB_SIZE, prepare
 from tinygemma.files import FolderLock
 from tinygemma.runtime import TORCHRUN_VARIABLES
 from tinygemma.tokenizer import train_bpe
@@ -281,8 +281,6 @@ def test_run_refuses_data_prepared_from_other_stories_or_with_another_tokenizer(
             prepare_if_missing(load_recipe(str(recipe_file), [override, *more]))
     # Validation the recipe did not ask for (it names no data.val_source): other stories, or another share of them
     # set aside, which leaves other training tokens too.
-    from tinygemma.data import prepare
-
     for name, kwargs, phrase in [("val-files", {"val_sources": [stories_dir / "valid.txt"]}, f"{stories_dir}/valid.txt"),
                                  ("val-half", {"val_fraction": 0.5}, "0.5 of the stories")]:
         prepare(tmp_path / name, sources=[stories_dir / "train.txt"], tokenizer="bpe", vocab_size=400, limit=300,
@@ -694,3 +692,37 @@ def test_a_dry_run_refuses_a_data_dir_that_prepare_would_damage(tmp_path, storie
     (tmp_path / "data" / "notes.txt").write_text("mine")
     assert main(["run", str(recipe_file), "--dry-run"]) == 2
     assert "data.dir" in capsys.readouterr().err
+
+
+def test_dry_run_of_a_new_bpe_recipe_plans_its_data_vocab_size_and_the_checkpoints_kept(tmp_path, stories_dir,
+                                                                                        capsys):
+    """Before anything is prepared, a BPE recipe plans its model with data.vocab_size (not prepare's default) and
+    the checkpoints on disk as the run writes them (not keep_checkpoints + 1 however few):
+    RECIPE's BPE of 400 tokens plans a model of 400 rows, and 6 steps checkpointed every 3 keep 2, not 101."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    assert main(["run", str(recipe), "--set", "train.keep_checkpoints=100", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert (plan["model"]["vocab_size"], plan["model"]["vocab_size_from"]) == (
+        400, "data.vocab_size, the BPE prepare trains (at most)")
+    assert plan["checkpoints"]["count"] == 2 and plan["checkpoints"]["on_disk_at_most"] == 2
+    assert not (tmp_path / "data").exists()
+
+
+def test_dry_run_line_says_the_checkpoint_size_in_gib_and_this_invocation_s_steps(tmp_path, stories_dir, capsys):
+    """The plan's one line matches its JSON: the checkpoint's size in GiB, and this invocation's steps."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    assert main(["run", str(ROOT / "configs" / "workshop.toml"), "--dry-run", "--set", f"train.out={tmp_path}/w",
+                 "--set", f"data.dir={tmp_path}/wd"]) == 0
+    out, err = capsys.readouterr()
+    size = json.loads(out)["plan"]["checkpoints"]["bytes_each_at_most"]
+    assert size > 2**28 and f"of at most {size / 2**30:.2f} GiB" in err
+    prepare(tmp_path / "data", sources=[stories_dir / "train.txt"], tokenizer="gpt2", limit=100, workers=1,
+            progress=False)
+    assert main(["train", "--config", str(recipe), "--set", f"data.dir={tmp_path / 'data'}", "--set",
+                 "data.tokenizer=gpt2", "--set", "data.vocab_size=none", "--set", "data.limit=100",
+                 "--stop-at", "3", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["plan"]["this_invocation"] == {"from_step": 0, "to_step": 3}
+    assert " (this invocation: steps 0 to 3)" in err

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import tiktoken
+from tokenizers import AddedToken, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
 
 from tinygemma.errors import UserError
 from tinygemma.tokenizer import (
@@ -471,3 +473,92 @@ def test_byte_lengths_and_vocabulary_size_of_a_sentencepiece_style_file():
     words = Backend(models.WordLevel({"<unk>": 0, "<|endoftext|>": 5, "x": 2}, unk_token="<unk>"))
     words.add_special_tokens(["<|endoftext|>"])
     assert HFTokenizer(words.to_str()).vocab_size == 6
+
+
+def gemma_like(tmp_path=None, suffix=False):
+    """A tokenizer.json laid out as Gemma 3's: <pad> 0, <eos> 1, <bos> a special token past the text's ids that the
+    post-processor puts before every text (and, with `suffix`, a </s> after it as T5's does)."""
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "once": 3, "upon": 4, "a": 5, "time": 6, ",": 7, ".": 8,
+             "<bos>": 9, "</s>": 10}
+    backend = Backend(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<pad>", "<eos>", "<unk>", "<bos>", "</s>"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A </s>" if suffix else "<bos> $A", special_tokens=[("<bos>", 9), ("</s>", 10)])
+    return HFTokenizer(backend.to_str())
+
+
+def test_a_gemma_style_exports_tokenizer_config_names_its_bos_and_pads_with_end_of_text(tmp_path):
+    """The hf export's
+    tokenizer_config.json of a tokenizer whose prompts start with <bos> names <bos> as bos_token (its chat
+    template starts with {{ bos_token }}) and pads with end-of-text, generation_config.json's pad id."""
+    tok = gemma_like()
+    assert tok.prompt_prefix == (9,) and tok.bos_token == "<bos>"
+    tok.save_hf(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<bos>", "<eos>", "<eos>")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = hf.apply_chat_template([{"role": "user", "content": "once upon a time"}], tokenize=False)
+    assert text == "<bos>once upon a time" and hf(text, add_special_tokens=False)["input_ids"] == [9, 3, 4, 5, 6]
+
+
+def test_model_vocab_size_holds_the_bos_a_prompt_starts_with():
+    """<bos> (id 9) is special and past the text's ids, but
+    every prompt starts with it, so the model needs its row; the </s> past it (never encoded) needs none."""
+    tok = gemma_like()
+    assert tok.vocab_size == 11 and tok.model_vocab_size == 10
+
+
+def test_the_ids_a_post_processor_ends_a_text_with_are_known():
+    """A T5-style post-processor's </s> after the text is what the hf export
+    notes and the model card's snippet drops (report.py, cli._note_text_suffix); the prefix alone is not all."""
+    tok = gemma_like(suffix=True)
+    assert (tok.prompt_prefix, tok.text_suffix) == ((9,), (10,))
+    assert tok.identity != gemma_like().identity  # other ids around a prompt: another tokenizer
+
+
+def test_a_missing_tokenizer_file_is_said_as_a_file_not_found():
+    """`--tokenizer tok.json` or
+    `--tokenizer mine/tok` missing was called an unknown tokenizer name, not a file that is not there."""
+    for name in ("no-such-tokenizer.json", "no-such-folder/tok"):
+        with pytest.raises(UserError, match="tokenizer file not found"):
+            load_tokenizer(name)
+    with pytest.raises(UserError, match="unknown tokenizer 'gtp2'"):
+        load_tokenizer("gtp2")
+
+
+def test_gpt2s_tokenizer_json_written_without_use_regex_is_gpt2(tmp_path):
+    """GPT-2's tokenizer.json
+    as older tokenizers wrote it, with no use_regex key (openai-community/gpt2's own file), splits as GPT-2 does:
+    it is GPT-2's tokenizer, whose data and checkpoints go with tiktoken's."""
+    spec = json.loads(GPT2Tokenizer().hf_json())
+    spec["pre_tokenizer"].pop("use_regex")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert load_tokenizer(tmp_path).identity == "gpt2"
+
+
+def test_gpt2s_vocabulary_decoded_otherwise_is_not_gpt2(tmp_path):
+    """GPT-2's ids and split but no ByteLevel decoder
+    decode "ĠOnce" for " Once": not GPT-2's text, so not GPT-2's tokenizer."""
+    spec = json.loads(GPT2Tokenizer().hf_json())
+    spec["decoder"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(tmp_path)
+    assert tok.decode(tok.encode(" Once")) != " Once" and tok.identity != "gpt2"
+
+
+def test_gpt2s_tokenizer_json_is_described_as_gpt2s():
+    """The model card's words for a GPT-2 tokenizer.json (a transformers export of a GPT-2 run)."""
+    assert HFTokenizer(GPT2Tokenizer().hf_json()).description == "GPT-2's BPE (tokenizer.json)"
+
+
+def test_added_tokens_not_marked_special_are_text_the_model_needs_rows_for(bpe):
+    """An added token that is not special is encoded out of text
+    (here past the BPE's ids), so the model's rows must hold it; a special one past them needs none."""
+    backend = Backend.from_str(bpe.backend.to_str())
+    backend.add_tokens([AddedToken("dragonfly", special=False)])
+    backend.add_special_tokens(["<image_soft_token>"])
+    tok = HFTokenizer(backend.to_str())
+    ids = tok.encode("a dragonfly")
+    assert max(ids) == bpe.vocab_size and tok.model_vocab_size == bpe.vocab_size + 1 == tok.vocab_size - 1

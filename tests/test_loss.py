@@ -233,3 +233,67 @@ def test_the_model_takes_the_plain_loss_up_to_its_bound_of_logits(monkeypatch):
     assert abs(chunked - full) < 1e-5
     for name, grad in chunked_grads.items():
         assert torch.allclose(grad, full_grads[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("chunk_size", [64, None])
+def test_chunked_loss_of_large_logits_stays_finite(chunk_size):
+    """Logits in the hundreds (float32's exp overflows past 88): the chunked loss and its gradients still equal
+    F.cross_entropy's, as a max-subtracted softmax gives."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(300, 32, generator=g) * 40).requires_grad_()
+    w = (torch.randn(700, 32, generator=g)).requires_grad_()
+    targets = torch.randint(0, 700, (300,), generator=g)
+    plain = F.cross_entropy(h @ w.t(), targets)
+    plain.backward()
+    grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    chunked = cross_entropy_from_hidden(h, w, targets, chunk_size=chunk_size)
+    chunked.backward()
+    assert torch.isfinite(chunked) and abs(chunked.item() - plain.item()) < 1e-3 * plain.item()
+    assert torch.allclose(h.grad, grads[0], atol=1e-5) and torch.allclose(w.grad, grads[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no-grad"])
+def test_a_batch_whose_targets_are_all_ignored_has_loss_zero_not_nan(grad):
+    """Every target -100 (a micro-batch that a masked fine-tune leaves without a scored token): the chunked loss
+    is 0 with zero gradients, never nan (a nan would poison the whole accumulated step)."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny())
+    x = torch.randint(0, 500, (2, 17))
+    ignored = torch.full((2, 16), -100)
+    with torch.set_grad_enabled(grad):
+        loss = model(x[:, :-1], ignored)
+    assert loss.item() == 0.0
+    if grad:
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters())
+
+
+def test_eager_mode_takes_the_in_place_chunk_loss(monkeypatch):
+    """Outside torch.compile each chunk takes the in-place form (one [rows, vocab] tensor); the fusible form,
+    meant for inductor, would make several [rows, vocab] float32 temporaries in eager mode."""
+    from tinygemma import loss as loss_module
+
+    def fusible(*args):
+        raise AssertionError("eager mode took the fusible form")
+
+    monkeypatch.setattr(loss_module, "_chunk_loss_fusible", fusible)
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(100, 16, requires_grad=True)
+    cross_entropy_from_hidden(h, w, torch.randint(0, 100, (64,)), chunk_size=16).backward()
+
+
+def test_a_last_chunk_of_one_row_is_counted():
+    """Rows one more than a multiple of the chunk size: the last chunk holds a single row, whose loss and
+    gradients count as the others'."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(129, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (129,), generator=g)
+    F.cross_entropy(h @ w.t(), targets).backward()
+    plain = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss = cross_entropy_from_hidden(h, w, targets, chunk_size=64)
+    loss.backward()
+    assert abs(loss.item() - F.cross_entropy(h @ w.t(), targets).item()) < 1e-5
+    assert torch.allclose(h.grad, plain[0], atol=1e-6) and torch.allclose(w.grad, plain[1], atol=1e-6)

@@ -2,13 +2,21 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tinygemma
-from tinygemma import Gemma3, ModelConfig
+from tinygemma import Gemma3, ModelConfig, UserError
 from tinygemma.config import GLOBAL, SLIDING
 from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
-from tinygemma.model import kv_for_every_head, model_from_state, model_state, sliding_window_mask
+from tinygemma.model import (
+    check_tokenizer_fits,
+    kv_for_every_head,
+    model_from_state,
+    model_state,
+    sliding_window_mask,
+)
+from tinygemma.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -373,3 +381,104 @@ def test_a_sequence_one_longer_than_the_window_slides():
     x = torch.randint(0, config.vocab_size, (2, config.sliding_window + 1), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_the_configs_rms_norm_eps_reaches_every_norm():
+    """model.rms_norm_eps (exported to transformers and GGUF) is the eps every norm uses, QK-norm included: a
+    model with a large eps still gives transformers' logits."""
+    config = small_config(rms_norm_eps=0.5)
+    model, hf = make_pair(config)
+    x = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_init_std_sets_every_weights_scale(tie):
+    """model.init_std (Gemma's initializer_range) is the std of every linear and embedding weight, the token
+    embedding of an untied model included."""
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=4096, d_model=256, mlp_dim=1024, init_std=0.05, tie_embeddings=tie))
+    for name in ("embed_tokens.weight", "lm_head.weight", "layers.0.mlp.up_proj.weight",
+                 "layers.0.self_attn.q_proj.weight"):
+        std = model.get_parameter(name).std().item()
+        assert abs(std - 0.05) < 2.5e-3, (name, std)
+
+
+def test_per_token_nats_of_a_padded_vocabulary_give_no_mass_to_the_padding():
+    """reduction="none" (what evaluation reads) of a model with vocabulary padding: the padding rows take no
+    probability, as with reduction="mean" and the logits; freshly initialised padding rows are not zero."""
+    torch.manual_seed(0)
+    padded = Gemma3(tiny(vocab_pad_multiple=128)).eval()  # 500 ids, 512 rows, the 12 padding rows random
+    assert padded.embed_tokens.weight[500:].abs().sum() > 0
+    x = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        nats = padded(x[:, :-1], x[:, 1:], reduction="none")
+        reference = F.cross_entropy(padded(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+        assert torch.allclose(nats, reference, atol=1e-5)
+        assert abs(nats.mean().item() - padded(x[:, :-1], x[:, 1:]).item()) < 1e-5
+
+
+def test_an_untied_head_is_padded_with_the_embedding():
+    """Loading unpadded weights of an untied model into a config with vocabulary padding (init_from, an HF folder)
+    pads the output head as well as the embedding: the same logits, not a refusal of lm_head's shape."""
+    torch.manual_seed(0)
+    plain = Gemma3(tiny(tie_embeddings=False)).eval()
+    padded = model_from_state(tiny(tie_embeddings=False, vocab_pad_multiple=128), model_state(plain)).eval()
+    assert padded.lm_head.weight.shape[0] == 512 and not padded.lm_head.weight[500:].any()
+    x = torch.randint(0, 500, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(padded(x), plain(x))
+
+
+def test_a_tokenizer_whose_ids_reach_the_vocabulary_padding_is_refused():
+    """The padding rows are no tokens (their logits are -inf): a tokenizer with ids past vocab_size is refused
+    even where they would fall inside the padded rows (GPT-2's 50,257 ids, a 50,200-id model padded to 50,304)."""
+    with torch.device("meta"):
+        model = Gemma3(tiny(vocab_size=50_200, vocab_pad_multiple=128))
+    assert model.config.padded_vocab_size >= 50_257
+    with pytest.raises(UserError, match="do not belong together"):
+        check_tokenizer_fits(load_tokenizer("gpt2"), model)
+
+
+def test_flops_per_token_follows_the_layer_types():
+    """Only global layers attend the whole block: 12 x heads x head_dim x the keys past the window, per global
+    layer, whatever the position of the global layers (here the first of three) and none for an all-sliding model."""
+    for layer_types in ((GLOBAL, SLIDING, SLIDING), (SLIDING, SLIDING, SLIDING)):
+        c = tiny(n_layers=3, layer_types=layer_types)
+        W = c.sliding_window
+        extra = 12 * c.n_heads * c.head_dim * 2 * W * layer_types.count(GLOBAL)
+        assert c.flops_per_token(3 * W) - c.flops_per_token(W) == extra, layer_types
+
+
+def test_flex_attention_takes_the_query_pre_attn_scalar():
+    """flex_attention scales by query_pre_attn_scalar ** -0.5 as SDPA does, where it differs from head_dim ** -0.5
+    (every preset has them equal, so the existing flex test cannot tell)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    model = Gemma3(tiny(sliding_window=8, query_pre_attn_scalar=40.0)).eval()
+    x = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        reference = model(x)
+        model.attention_backend = "flex"
+        flex = model(x)
+    assert (flex - reference).abs().max().item() < 1e-5
+
+
+def test_flops_per_token_counts_the_real_vocabulary_of_a_padded_one():
+    """The head's share is 6 x vocab_size x d_model, vocabulary padding or not (the existing counter test uses a
+    vocabulary with no padding)."""
+    plain, padded = tiny(), tiny(vocab_pad_multiple=128)
+    assert padded.padded_vocab_size == 512
+    assert padded.flops_per_token(64) == plain.flops_per_token(64)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_num_params_without_embeddings(tie):
+    """num_params(embeddings=False): the parameters less the token embedding, and less the head when untied (a
+    tied head counted once, so subtracted once)."""
+    config = small_config(tie_embeddings=tie)
+    model = Gemma3(config)
+    assert model.num_params(embeddings=False) == config.num_params(embeddings=False)
+    assert model.num_params(embeddings=False) == sum(
+        p.numel() for n, p in model.named_parameters() if n not in ("embed_tokens.weight", "lm_head.weight"))

@@ -327,6 +327,59 @@ def test_tensorboard_holding_only_lost_work_is_backfilled_once_that_is_cut(data_
         {step: scalars["train/loss"] for step, scalars in expected_scalars(out).items() if "train/loss" in scalars})
 
 
+def tensorboard_points(run_dir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every scalar and sample event in tb/'s files, repeats included."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [(value.tag, event.step) for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load() for value in event.summary.value
+            if value.tag.startswith(("train/", "val/", "samples/"))]
+
+
+def assert_tensorboard_shows_the_records(run_dir: Path) -> None:
+    """What `tensorboard --logdir` shows is metrics.jsonl's history, each point once."""
+    want, shown = expected_scalars(run_dir), tensorboard_shown(run_dir)
+    assert {tag: sorted(points) for tag, points in shown.items()} == {
+        tag: sorted(step for step, scalars in want.items() if tag in scalars) for tag in shown}
+    assert sorted(shown) == sorted({tag for scalars in want.values() for tag in scalars})
+    for tag, points in shown.items():
+        assert points == pytest.approx({step: want[step][tag] for step in points}), tag
+    points = tensorboard_points(run_dir)
+    assert len(points) == len(set(points))
+
+
+def test_steps_trained_with_tensorboard_off_reach_it_when_it_is_on_again(data_dir, tmp_path):
+    """loggers= for one invocation (steps 7-9), tensorboard again for the next: the resume wrote only what tb/
+    lacked when it held nothing at all, so steps 7-9 were missing for good. Written again in step order: `tensorboard
+    --logdir` takes a step after a later one of its tag as a restart and drops the later points."""
+    out = tmp_path / "run"
+    sampled = ("sample_interval=3", "generate.max_new_tokens=4")
+    run(data_dir, out, *SHORT, *sampled, stop_at=6)
+    run(data_dir, out, *SHORT, *sampled, "loggers=", resume=True, stop_at=9)
+    run(data_dir, out, *SHORT, *sampled, resume=True)
+    assert sorted(expected_scalars(out)) == list(range(13))
+    assert_tensorboard_shows_the_records(out)
+    samples = {r["step"]: r["samples"][0] for r in metrics(out) if "samples" in r}
+    assert sorted(samples) == [3, 6, 9, 12]
+    assert tensorboard_samples(out) == {step: as_tensorboard_text(text) for step, text in samples.items()}
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "tb").iterdir()}
+    run(data_dir, out, *SHORT, *sampled, resume=True)  # finished, holding everything: nothing written again
+    assert {p: p.stat().st_mtime_ns for p in (out / "tb").iterdir() if p in mtimes} == mtimes
+    assert_tensorboard_shows_the_records(out)
+
+
+def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_keeps_no_event_of_the_killed_attempt(
+        data_dir, tmp_path):
+    """A kill before the first checkpoint, then the run started again at step 0 (with another learning rate): tb/
+    kept the killed attempt's events beside the new ones, steps 0-5 twice, and the old curve shown."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, stop_at=5)
+    shutil.rmtree(out / "checkpoints")  # what a kill before step 6's checkpoint leaves: records, tb/, no checkpoint
+    run(data_dir, out, *SHORT, "learning_rate=0.002", resume=True)
+    assert sorted(expected_scalars(out)) == list(range(13))
+    assert_tensorboard_shows_the_records(out)
+
+
 def test_a_backfill_that_fails_is_a_warning_and_the_tracker_stays(tmp_path, capsys):
     """trackio's backfill reads its store's API: if that changed (or the file is locked), the resumed run still
     logs its new steps to it."""

@@ -10,13 +10,15 @@ that fails to start stops the run before any training. Later, a tracker that fai
 dropped with one warning and the run goes on. A run that fails or is interrupted is finished as failed in wandb.
 
 Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the
-same tracker run. TensorBoard drops its events past the checkpoint. wandb and trackio write in batches, so a
+same tracker run. TensorBoard's events past the checkpoint are cut from its files (a fresh start cuts all of an
+earlier attempt's: a run killed before its first checkpoint). wandb and trackio write in batches, so a
 kill can lose their last records from before the checkpoint: a resume sends them again from metrics.jsonl
 (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
 the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then holds
 the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is sent
-the scalars (by step and name) its store lacks; TensorBoard, the steps up to the checkpoint where its events hold no
-scalar (a fork made by --resume-from, or tensorboard added to train.loggers on resume). Steps redone after the
+the scalars (by step and name) its store lacks; TensorBoard, every step up to the checkpoint again, in order,
+where its events lack any scalar or sample of them (a fork made by --resume-from; tensorboard added to
+train.loggers on resume, or left out of it for some invocations). Steps redone after the
 checkpoint are logged again: wandb keeps the first copy and trackio both (a resume is exact, so they have the same
 losses, unless a setting changed on resume).
 """
@@ -170,20 +172,19 @@ class TensorBoard:
     name, resume_id = "tensorboard", None
 
     def __init__(self, run_dir: Path, config: dict, start: int, saved):
-        # No scalars yet on a resume: a fork (--resume-from copies the records, not tb/) or tensorboard newly added
-        # to train.loggers (a start that failed may have left an events file with the config alone); backfill then
-        # writes the steps before the checkpoint, as wandb and trackio get them.
+        # tensorboard --logdir's own loader ignores purge_step: the events it must not show are cut from the files.
+        # A resume cuts the lost work past the checkpoint; a fresh start (a run killed before its first checkpoint,
+        # started again) every event of the earlier attempt, as metrics.jsonl loses its records.
         try:  # installed but broken (a protobuf it cannot use, ...) is one line, as a failed start is
             from torch.utils.tensorboard import SummaryWriter
 
             quiet_event_writer_threads()
-            if start:
-                drop_events_past(run_dir / "tb", start)  # the lost work, for `tensorboard --logdir`
+            self.folder = run_dir / "tb"
+            self.held = cut_events(self.folder, lambda event: event.step <= start if start else False)
             # Hide events past the checkpoint from readers that honour it; a fresh start hides every earlier event.
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
+            self.writer = SummaryWriter(str(self.folder), purge_step=start + 1 if start else 0)
         except Exception as e:
             raise startup_error("tensorboard", e) from None
-        self.empty = bool(start) and not holds_scalars(run_dir / "tb")  # (backfill is a resume's alone)
         self.writer.add_text("config", f"```json\n{json.dumps(config, indent=2)}\n```", start)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
@@ -199,50 +200,60 @@ class TensorBoard:
         self.writer.flush()
 
     def backfill(self, records: list[dict]) -> None:
-        if self.empty:  # else it holds them: flushed at every evaluation, so before every checkpoint
-            replay(self, records)
-            self.flush()
+        """Where the events lack any scalar or sample of the records up to the checkpoint (a fork: --resume-from
+        copies the records, not tb/; tensorboard added to train.loggers on a resume, or off for some invocations),
+        they are written again, all of them: tensorboard --logdir takes a step written after a later one of its
+        tag as a restart and drops that tag's later points, so the steps must come in order. The events files
+        keep everything else (the configs); the writer starts a new one. An unreadable file: nothing is written
+        (what it holds is unknown)."""
+        wanted = {(record["step"], tag) for record in records for tag in [
+            *record_scalars(record), *map(sample_key, range(len(record.get("samples", ()))))]}
+        if self.held is None or wanted <= self.held:  # flushed at every evaluation, so before every checkpoint
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        cut_events(self.folder, lambda event: not any(map(is_tracked, event.summary.value)))
+        self.writer = SummaryWriter(str(self.folder))
+        replay(self, records)
+        self.flush()
 
     def close(self, exit_code: int) -> None:
         self.writer.close()
 
 
-def drop_events_past(folder: Path, step: int) -> None:
-    """Rewrite the events files in `folder` without their events past `step`: the work a kill lost after the
-    checkpoint the run resumes from. purge_step hides them from tensorboard's Python reader only; `tensorboard
-    --logdir`'s own loader ignores it, and showed the lost steps wherever the resumed ones did not fall on the
-    same steps (a resume with a new eval_interval). Files holding none are left as they were; an unreadable one
-    too (its events are not ours to lose)."""
+def is_tracked(value) -> bool:
+    """Whether an events file's summary value is one of the run's scalars or sample stories."""
+    return value.tag.startswith(("train/", "val/", "samples/"))
+
+
+def cut_events(folder: Path, keep) -> set[tuple[int, str]] | None:
+    """Rewrite each events file in `folder` with the events `keep(event)` accepts (atomically; a file left
+    with none is deleted), and return the (step, name) of the scalars and sample stories kept, or None if a file
+    could not be read (it is left as it was: its events are not ours to lose)."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
+    held: set[tuple[int, str]] | None = set()
     for path in sorted(folder.glob("events.out.tfevents.*")):
         try:
-            records = list(RawEventFileLoader(str(path)).Load())
-            kept = [record for record in records if Event.FromString(record).step <= step]
+            records = [(record, Event.FromString(record)) for record in RawEventFileLoader(str(path)).Load()]
         except Exception:
+            held = None
             continue
-        if len(kept) < len(records):
+        kept = [(record, event) for record, event in records if keep(event)]
+        if held is not None:
+            held |= {(event.step, value.tag.removesuffix("/text_summary")) for _, event in kept
+                     for value in event.summary.value if is_tracked(value)}
+        if not kept:
+            path.unlink()
+        elif len(kept) < len(records):
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 writer = RecordWriter(f)
-                for record in kept:
+                for record, _ in kept:
                     writer.write(record)
-
-
-def holds_scalars(folder: Path) -> bool:
-    """Whether an events file in `folder` holds a scalar, read up to the first one found; an unreadable file
-    is taken to hold some (its steps are not written twice)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        try:
-            for event in EventFileLoader(str(path)).Load():
-                if any(value.tag.startswith(("train/", "val/")) for value in event.summary.value):
-                    return True
-        except Exception:
-            return True
-    return False
+    return held
 
 
 class Wandb:

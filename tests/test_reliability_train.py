@@ -625,6 +625,27 @@ def test_a_best_pointer_left_behind_by_a_kill_is_restored_on_resume(data_dir, tm
     assert tinygemma.checkpoint.resolve_checkpoint(out) == ckpts / "step_000020"
 
 
+def test_a_ctrl_c_as_a_checkpoint_is_renamed_into_place_takes_effect_once_last_json_names_it(data_dir, tmp_path,
+                                                                                               monkeypatch):
+    """A Ctrl-C between the rename of step 10's folder and last.json's switch to it left a whole checkpoint that no
+    pointer named: the resume trained its steps again. It now takes effect once last.json (and best.json) name it."""
+    out = tmp_path / "run"
+    real = os.rename
+
+    def interrupted_after(src, dst):
+        real(src, dst)
+        if Path(dst).name == "step_000010":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(tinygemma.checkpoint.os, "rename", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_dir, out, "max_steps=20", "checkpoint_interval=5")
+    monkeypatch.undo()
+    assert last_checkpoint(out)["step"] == 10
+    assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 10
+    assert run(data_dir, out, "max_steps=20", "checkpoint_interval=5", resume=True)["step"] == 20
+
+
 def test_resume_on_other_data_with_the_same_tokenizer_is_refused(data_dir, stories_dir, tmp_path):
     """Other tokens with the run's own tokenizer (another data.dir, or the folder prepared again with another
     limit) change every window to come and the validation set best.json compares: refused, as other batches are."""

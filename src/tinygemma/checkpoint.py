@@ -49,6 +49,7 @@ from tinygemma.files import (
     read_json,
     read_safetensors,
     remove_temporaries,
+    signals_held,
     staged_folder,
 )
 from tinygemma.hf import (
@@ -682,15 +683,18 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
         final = ckpts / name
         if final.exists():  # left by a crash after its rename but before last.json named it: never referenced
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(ckpts)
+        # Renamed and named together: a Ctrl-C between the two left a whole checkpoint no pointer named (its steps
+        # trained again on resume). The signal takes effect once last.json names it.
+        with signals_held():
+            os.rename(tmp, final)
+            fsync_dir(ckpts)
+            pointer = {"dir": name, "step": step, "val_loss": val_loss}
+            atomic_write_json(ckpts / "last.json", pointer)
+            if is_best:
+                atomic_write_json(ckpts / "best.json", pointer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = {"dir": name, "step": step, "val_loss": val_loss}
-    atomic_write_json(ckpts / "last.json", pointer)
-    if is_best:
-        atomic_write_json(ckpts / "best.json", pointer)
     prune_checkpoints(ckpts, keep)
 
 

@@ -934,18 +934,26 @@ def test_a_top_p_below_float32s_least_keeps_the_most_likely_token_where_masses_a
     assert tinygemma.generate.sample_next_token(logits, temperature=1.0, top_p=1e-300).tolist() == [1]
 
 
-def test_an_end_of_text_of_id_0_stops_generation():
+def test_an_end_of_text_of_id_0_stops_generation(monkeypatch):
     """A tokenizer trained by tinygemma (train_bpe: <|endoftext|> is its first special token) has eot_id 0: eos_id 0
-    is one of the model's ids like any other, and generation stops at it."""
+    is one of the model's ids like any other, and generation stops at it (the tokens drawn are scripted, so that a
+    0 comes second)."""
     tokenizer = train_bpe(["Once upon a time there was a little dog. It was happy."] * 20, 300)
     assert tokenizer.eot_id == 0
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     prompt = torch.tensor([tokenizer.encode("Once upon a time")])
     T = prompt.shape[1]
-    greedy = generate(model, prompt, 5, temperature=0)[0, T:].tolist()
-    made = greedy.index(0) + 1 if 0 in greedy else 5  # up to and with the first end of text
-    assert generate(model, prompt, 5, temperature=0, eos_id=0)[0, T:].tolist() == greedy[:made]
-    assert generate_text(model, tokenizer, "Once upon a time", 5, temperature=0)[1] == made
+
+    def scripted():
+        tokens = iter([5, 0, 7, 8, 9])
+        return lambda logits, *args: torch.full((logits.shape[0],), next(tokens), dtype=torch.long)
+
+    monkeypatch.setattr(tinygemma.generate, "sample_next_token", scripted())
+    assert generate(model, prompt, 5, temperature=0)[0, T:].tolist() == [5, 0, 7, 8, 9]
+    monkeypatch.setattr(tinygemma.generate, "sample_next_token", scripted())
+    assert generate(model, prompt, 5, temperature=0, eos_id=0)[0, T:].tolist() == [5, 0]
+    monkeypatch.setattr(tinygemma.generate, "sample_next_token", scripted())
+    assert generate_text(model, tokenizer, "Once upon a time", 5, temperature=0)[1] == 2
 
 
 def test_a_samples_text_starts_with_the_space_a_sentencepiece_decoder_gives_it_after_the_prompt(tmp_path, monkeypatch):

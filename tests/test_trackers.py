@@ -362,21 +362,40 @@ def test_steps_trained_with_tensorboard_off_reach_it_when_it_is_on_again(data_di
     samples = {r["step"]: r["samples"][0] for r in metrics(out) if "samples" in r}
     assert sorted(samples) == [3, 6, 9, 12]
     assert tensorboard_samples(out) == {step: as_tensorboard_text(text) for step, text in samples.items()}
+    assert len(list((out / "tb").iterdir())) == 2  # one events file per invocation that ran tensorboard
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "tb").iterdir()}
     run(data_dir, out, *SHORT, *sampled, resume=True)  # finished, holding everything: nothing written again
     assert {p: p.stat().st_mtime_ns for p in (out / "tb").iterdir() if p in mtimes} == mtimes
     assert_tensorboard_shows_the_records(out)
 
 
+@pytest.mark.parametrize("loggers", ["tensorboard", ""])
 def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_keeps_no_event_of_the_killed_attempt(
-        data_dir, tmp_path):
-    """A kill before the first checkpoint, then the run started again at step 0 (with another learning rate): tb/
-    kept the killed attempt's events beside the new ones, steps 0-5 twice, and the old curve shown."""
+        data_dir, tmp_path, loggers):
+    """A kill before the first checkpoint, then the run started again at step 0 (with another learning rate), with
+    tensorboard or without it until its next resume: tb/ kept the killed attempt's events beside the new ones (steps
+    0-6 twice, and the old curve shown), or in place of those the restart did not write."""
     out = tmp_path / "run"
-    run(data_dir, out, *SHORT, stop_at=5)
-    shutil.rmtree(out / "checkpoints")  # what a kill before step 6's checkpoint leaves: records, tb/, no checkpoint
+    run(data_dir, out, *SHORT, stop_at=6)
+    shutil.rmtree(out / "checkpoints")  # what a kill as step 6's checkpoint was written leaves: records, tb/
+    run(data_dir, out, *SHORT, "learning_rate=0.002", f"loggers={loggers}", resume=True, stop_at=6)
     run(data_dir, out, *SHORT, "learning_rate=0.002", resume=True)
     assert sorted(expected_scalars(out)) == list(range(13))
+    assert_tensorboard_shows_the_records(out)
+
+
+def test_points_tb_holds_that_the_records_lack_are_cut_on_resume(data_dir, tmp_path):
+    """tb/ of a version that left the lost work in its files (purge_step alone): a point at a step the records
+    never had (a lost evaluation between two of the resumed run's) stayed drawn, whatever the later resumes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT)
+    old = SummaryWriter(str(out / "tb"))
+    old.add_scalar("val/loss", 99.0, 5)
+    old.close()
+    assert tensorboard_shown(out)["val/loss"][5] == 99.0
+    run(data_dir, out, *SHORT, resume=True)  # finished: trains nothing, but tb/ is the run's again
     assert_tensorboard_shows_the_records(out)
 
 

@@ -10,14 +10,15 @@ that fails to start stops the run before any training. Later, a tracker that fai
 dropped with one warning and the run goes on. A run that fails or is interrupted is finished as failed in wandb.
 
 Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the
-same tracker run. TensorBoard's events past the checkpoint are cut from its files (a fresh start cuts all of an
-earlier attempt's: a run killed before its first checkpoint). wandb and trackio write in batches, so a
+same tracker run. TensorBoard's events past the checkpoint are cut from its files, whichever trackers the resume
+runs (a fresh start cuts all of an earlier attempt's: a run killed before its first checkpoint). wandb and trackio
+write in batches, so a
 kill can lose their last records from before the checkpoint: a resume sends them again from metrics.jsonl
 (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
 the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then holds
 the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is sent
 the scalars (by step and name) its store lacks; TensorBoard, every step up to the checkpoint again, in order,
-where its events lack any scalar or sample of them (a fork made by --resume-from; tensorboard added to
+where its events' scalars and samples are not those steps' (a fork made by --resume-from; tensorboard added to
 train.loggers on resume, or left out of it for some invocations). Steps redone after the
 checkpoint are logged again: wandb keeps the first copy and trackio both (a resume is exact, so they have the same
 losses, unless a setting changed on resume).
@@ -100,6 +101,9 @@ class Trackers:
                 with contextlib.suppress(Exception):
                     tracker.close(1)  # another failed to start: this run failed too
             raise
+        if "tensorboard" not in names:  # tb/ kept as metrics.jsonl is, whichever trackers an invocation runs
+            with contextlib.suppress(ImportError):
+                cut_events(event_files(run_dir / "tb"), events_kept(start))
         self.trackers = opened
         ids = {t.name: t.resume_id for t in opened if t.resume_id is not None}
         if ids or path.exists():
@@ -179,10 +183,11 @@ class TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
 
             quiet_event_writer_threads()
-            self.folder = run_dir / "tb"
-            self.held = cut_events(self.folder, lambda event: event.step <= start if start else False)
+            folder = run_dir / "tb"
+            self.held = cut_events(event_files(folder), events_kept(start))
+            self.earlier = event_files(folder)  # (the writer's own file is never rewritten while it is open)
             # Hide events past the checkpoint from readers that honour it; a fresh start hides every earlier event.
-            self.writer = SummaryWriter(str(self.folder), purge_step=start + 1 if start else 0)
+            self.writer = SummaryWriter(str(folder), purge_step=start + 1 if start else 0)
         except Exception as e:
             raise startup_error("tensorboard", e) from None
         self.writer.add_text("config", f"```json\n{json.dumps(config, indent=2)}\n```", start)
@@ -200,21 +205,17 @@ class TensorBoard:
         self.writer.flush()
 
     def backfill(self, records: list[dict]) -> None:
-        """Where the events lack any scalar or sample of the records up to the checkpoint (a fork: --resume-from
-        copies the records, not tb/; tensorboard added to train.loggers on a resume, or off for some invocations),
-        they are written again, all of them: tensorboard --logdir takes a step written after a later one of its
-        tag as a restart and drops that tag's later points, so the steps must come in order. The events files
-        keep everything else (the configs); the writer starts a new one. An unreadable file: nothing is written
-        (what it holds is unknown)."""
+        """Where the events up to the checkpoint are not the records' (a fork: --resume-from copies the records,
+        not tb/; tensorboard added to train.loggers on a resume, or off for some invocations; tb/ of a version
+        that kept lost work), all of them are written again, in order: tensorboard --logdir takes a step written
+        after a later one of its tag as a restart and drops that tag's later points. The earlier files keep their
+        other events (the configs); the steps go into this invocation's file, after its start. With a file that
+        cannot be read, nothing is written (what it holds is unknown)."""
         wanted = {(record["step"], tag) for record in records for tag in [
             *record_scalars(record), *map(sample_key, range(len(record.get("samples", ()))))]}
-        if self.held is None or wanted <= self.held:  # flushed at every evaluation, so before every checkpoint
+        if self.held is None or wanted == self.held:  # flushed at every evaluation, so before every checkpoint
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer.close()
-        cut_events(self.folder, lambda event: not any(map(is_tracked, event.summary.value)))
-        self.writer = SummaryWriter(str(self.folder))
+        cut_events(self.earlier, lambda event: not any(map(is_tracked, event.summary.value)))
         replay(self, records)
         self.flush()
 
@@ -227,16 +228,25 @@ def is_tracked(value) -> bool:
     return value.tag.startswith(("train/", "val/", "samples/"))
 
 
-def cut_events(folder: Path, keep) -> set[tuple[int, str]] | None:
-    """Rewrite each events file in `folder` with the events `keep(event)` accepts (atomically; a file left
-    with none is deleted), and return the (step, name) of the scalars and sample stories kept, or None if a file
-    could not be read (it is left as it was: its events are not ours to lose)."""
+def event_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("events.out.tfevents.*"))
+
+
+def events_kept(start: int):
+    """Which events a start at step `start` keeps: a resume's up to its checkpoint, a fresh start's none."""
+    return (lambda event: event.step <= start) if start else (lambda event: False)
+
+
+def cut_events(files: list[Path], keep) -> set[tuple[int, str]] | None:
+    """Rewrite each events file of `files` with the events `keep(event)` accepts (atomically; a file left with
+    none is deleted), and return the (step, name) of the scalars and sample stories kept, or None if a file could
+    not be read (it is left as it was: its events are not ours to lose)."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     held: set[tuple[int, str]] | None = set()
-    for path in sorted(folder.glob("events.out.tfevents.*")):
+    for path in files:
         try:
             records = [(record, Event.FromString(record)) for record in RawEventFileLoader(str(path)).Load()]
         except Exception:

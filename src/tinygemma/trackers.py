@@ -241,6 +241,8 @@ def cut_events(files: list[Path], keep) -> set[tuple[int, str]] | None:
     """Rewrite each events file of `files` with the events `keep(event)` accepts (atomically; a file left with
     none is deleted), and return the (step, name) of the scalars and sample stories kept, or None if a file could
     not be read (it is left as it was: its events are not ours to lose)."""
+    if not files:
+        return set()
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter

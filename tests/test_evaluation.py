@@ -401,3 +401,109 @@ def test_evaluation_on_a_device_without_float64_sums_each_batch_in_float32_and_t
     assert evaluate(model, tokens, 16, batch_size=4, token_bytes=token_bytes, device="cpu") == exact  # a str too
     for got, want in ((figures, exact), (windows, exact_windows)):
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)
+
+
+def test_an_evaluation_whose_loss_overflows_exp_still_reports():
+    """A diverged model's validation (mean nats past 709): perplexity is a huge number, not an OverflowError that
+    ends training at its periodic evaluation."""
+    from tinygemma.evaluation import summarize
+
+    result = summarize(torch.tensor([1000.0 * 8, 8, 1000.0 * 8, 32], dtype=torch.float64))
+    assert result["loss"] == 1000.0 and result["perplexity"] > 1e300 and result["tokens"] == 8
+    assert summarize(torch.tensor([math.inf, 8, 0.0, 0.0], dtype=torch.float64))["bits_per_byte"] is None
+
+
+def test_a_stride_of_zero_is_refused_before_the_model_loads():
+    from tinygemma.evaluation import check_evaluation
+
+    with pytest.raises(UserError, match=r"stride must be an integer from 1 to block_size \(16\), got 0"):
+        check_evaluation(16, 8, None, 0)
+
+
+def test_max_tokens_of_one_is_refused_before_the_model_loads():
+    from tinygemma.evaluation import check_evaluation
+
+    with pytest.raises(UserError, match=r"max_tokens must be an integer >= 2"):
+        check_evaluation(16, 8, 1)
+
+
+def test_evaluate_gives_back_the_models_mode():
+    model, tokens = small_model(300), np.arange(20, dtype=np.uint16)
+    model.eval()
+    evaluate(model, tokens, 4)
+    assert not model.training
+    model.train()
+    evaluate(model, tokens, 4)
+    assert model.training
+
+
+def test_validation_windows_are_split_between_the_processes(tmp_path, monkeypatch):
+    """Under torchrun each process evaluates its own share of the validation batches, together all of them once
+    (every process evaluating all of them gave the same figures for world_size times the work). A one-process
+    gloo group stands in for torchrun's, this process posing as process 0 and then 1 of two."""
+    import torch.distributed as dist
+
+    import tinygemma.evaluation as evaluation
+    from tinygemma.runtime import Runtime
+
+    model = small_model(300)
+    tokens = np.random.default_rng(0).integers(0, 300, size=400).astype(np.uint16)
+    starts, token_bytes = np.arange(0, 320, 20), torch.full((300,), 2)  # 16 windows: 4 batches of 4
+    read, real = [], evaluation.windows
+    monkeypatch.setattr(evaluation, "windows", lambda t, s, *a: (read.append([int(x) for x in s]), real(t, s, *a))[1])
+    whole = evaluation.evaluate_windows(model, tokens, starts, token_bytes, 4, 16, Runtime(torch.device("cpu"), torch.float32))
+    assert sorted(sum(read, [])) == starts.tolist()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shares = []
+        for rank in (0, 1):
+            read.clear()
+            evaluation.evaluate_windows(model, tokens, starts, token_bytes, 4, 16,
+                                        Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=2))
+            shares.append(sum(read, []))
+    finally:
+        dist.destroy_process_group()
+    assert len(shares[0]) == len(shares[1]) == 8 and sorted(shares[0] + shares[1]) == starts.tolist()
+    assert math.isfinite(whole["val_loss"])
+
+
+def test_byte_lengths_longer_than_the_models_ids_are_taken():
+    """token_bytes names at least the model's ids; a longer table (a tokenizer's whole, the model trained on its
+    first ids) is read only where the model's ids reach, as the documentation of the refusal says."""
+    model, tokens = small_model(300), np.arange(20, dtype=np.uint16)
+    longer = evaluate(model, tokens, 4, token_bytes=np.full(310, 2))
+    assert longer == evaluate(model, tokens, 4, token_bytes=np.full(300, 2)) and longer["bytes"] == 38
+
+
+def test_validation_runs_in_the_runtimes_autocast(monkeypatch):
+    """tests/test_evaluation.py (small_model). Training's evaluation computes in the precision training does
+    (rt.autocast()), as `tinygemma eval` of its checkpoint in that dtype does."""
+    import tinygemma.evaluation as evaluation
+    from tinygemma.runtime import Runtime
+
+    model = small_model(300)
+    tokens = np.random.default_rng(0).integers(0, 300, size=200).astype(np.uint16)
+    seen, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (seen.append(torch.get_autocast_dtype("cpu")
+                                                                       if torch.is_autocast_enabled("cpu") else None),
+                                                           forward(*a, **k))[1])
+    evaluation.evaluate_windows(model, tokens, np.arange(0, 160, 20), torch.full((300,), 2), 4, 16,
+                                Runtime(torch.device("cpu"), torch.bfloat16))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+
+
+def test_validation_with_one_window_a_batch_reads_every_window(monkeypatch):
+    """tests/test_evaluation.py (small_model). micro_batch_size 1: each window its own batch, all of them read."""
+    import tinygemma.evaluation as evaluation
+    from tinygemma.runtime import Runtime
+
+    model = small_model(300)
+    tokens = np.random.default_rng(0).integers(0, 300, size=200).astype(np.uint16)
+    read, real = [], evaluation.windows
+    monkeypatch.setattr(evaluation, "windows", lambda t, s, *a: (read.append([int(x) for x in s]), real(t, s, *a))[1])
+    starts = np.arange(0, 140, 20)
+    for batch_size in (1, 2, 3):
+        read.clear()
+        evaluation.evaluate_windows(model, tokens, starts, torch.full((300,), 2), batch_size, 16,
+                                    Runtime(torch.device("cpu"), torch.float32))
+        assert sum(read, []) == starts.tolist(), batch_size

@@ -225,14 +225,14 @@ def test_an_apple_gpu_is_named_as_such_and_waited_for(monkeypatch):
 TORCHRUN = {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
 
 
-def test_world_size_zero_is_refused():  # kills m24 (WORLD_SIZE=0 ran with world_size 0: losses divided by 0)
+def test_world_size_zero_is_refused():
     from tinygemma import UserError
     from tinygemma.runtime import env_world_size
     with pytest.raises(UserError, match="WORLD_SIZE must be a positive integer"):
         env_world_size({"WORLD_SIZE": "0"})
 
 
-def test_a_rank_equal_to_the_world_size_is_refused():  # kills m25
+def test_a_rank_equal_to_the_world_size_is_refused():
     from tinygemma import UserError
     from tinygemma.runtime import env_world_size
     env = {**TORCHRUN, "WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}
@@ -241,14 +241,14 @@ def test_a_rank_equal_to_the_world_size_is_refused():  # kills m25
     assert env_world_size({**env, "RANK": "1"}) == 2
 
 
-def test_a_local_rank_equal_to_the_gpu_count_is_refused(monkeypatch):  # kills m27
+def test_a_local_rank_equal_to_the_gpu_count_is_refused(monkeypatch):
     from tinygemma import UserError, runtime
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="LOCAL_RANK 2, but 2 GPUs are visible"):
         runtime.cuda_device(torch.device("cuda"), world_size=3, local_rank=2)
 
 
-def test_a_single_processs_error_is_its_own_to_print():  # kills m28 (a full disk at a checkpoint printed nothing)
+def test_a_single_processs_error_is_its_own_to_print():
     from tinygemma import UserError
     from tinygemma.runtime import Runtime, raise_on_all_ranks
     with pytest.raises(OSError) as error:
@@ -259,7 +259,7 @@ def test_a_single_processs_error_is_its_own_to_print():  # kills m28 (a full dis
     assert error.value.shown_by_rank_0 is False
 
 
-def test_a_gpu_index_equal_to_the_gpu_count_is_refused(monkeypatch):  # kills m32
+def test_a_gpu_index_equal_to_the_gpu_count_is_refused(monkeypatch):
     from tinygemma import UserError
     from tinygemma.devices import pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -268,7 +268,7 @@ def test_a_gpu_index_equal_to_the_gpu_count_is_refused(monkeypatch):  # kills m3
         pick_device("cuda:2")
 
 
-def test_a_cpu_without_any_listed_flag_says_so_once(monkeypatch):  # kills m37
+def test_a_cpu_without_any_listed_flag_says_so_once(monkeypatch):
     from pathlib import Path
 
     from tinygemma import devices
@@ -298,24 +298,24 @@ def _main_process_first_worker(rank, store, results):
     dist.destroy_process_group()
 
 
-def test_a_machine_error_in_rank_0s_work_is_raised_on_every_rank(tmp_path):  # kills m29
+def test_a_machine_error_in_rank_0s_work_is_raised_on_every_rank(tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_main_process_first_worker, args=(str(tmp_path / "store"), tmp_path), nprocs=2, join=True)
     assert (tmp_path / "rank0").read_text() == "OSError shown_by_rank_0=False"
     assert (tmp_path / "rank1").read_text() == "OSError shown_by_rank_0=True"
 
 
-def test_a_restart_count_alone_is_no_shared_store():  # kills m52
+def test_a_restart_count_alone_is_no_shared_store():
     from tinygemma.runtime import restart_warning
     assert restart_warning({"TORCHELASTIC_MAX_RESTARTS": "3"}) is None  # TORCHELASTIC_USE_AGENT_STORE unset
 
 
-def test_auto_loads_an_apple_gpus_model_in_float32():  # kills m57 (pick_dtype needs no MPS for this answer)
+def test_auto_loads_an_apple_gpus_model_in_float32():
     from tinygemma.devices import pick_dtype
     assert pick_dtype("auto", torch.device("mps")) == torch.float32
 
 
-def test_load_and_evaluate_take_auto_as_their_device():  # kills m58 (tinygemma.load(path, device="auto"))
+def test_load_and_evaluate_take_auto_as_their_device():
     from tinygemma.devices import as_device, pick_device
     assert as_device("auto") == pick_device("auto")
     assert as_device(torch.device("cpu")) == torch.device("cpu")
@@ -344,3 +344,145 @@ def test_raise_on_all_ranks_gives_the_other_processes_rank_0s_kind_of_error(tmp_
         raise_on_all_ranks(None, process_1)  # nothing said: nothing raised
     finally:
         dist.destroy_process_group()
+
+
+def test_a_process_group_already_started_is_joined_not_started_again(tmp_path, monkeypatch):
+    """`tinygemma run` under torchrun starts the process group (pipeline.run_recipe), then train() sets up its
+    runtime again: it joins that group and does not own it (init_process_group twice is a ValueError)."""
+    import torch.distributed as dist
+
+    from tinygemma.runtime import setup_runtime
+
+    for name, value in {**TORCHRUN, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rt = setup_runtime("cpu", "float32")
+        assert rt.world_size == 2 and not rt.owns_process_group
+        rt.close()
+        assert dist.is_initialized()  # (not its to end)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_empty_torchrun_variable_is_a_missing_one():
+    from tinygemma.runtime import env_world_size
+
+    with pytest.raises(UserError, match="WORLD_SIZE is 2 but MASTER_ADDR is not set"):
+        env_world_size({**TORCHRUN, "MASTER_ADDR": "", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+
+
+def test_a_local_rank_that_is_no_number_is_one_line():
+    from tinygemma.runtime import env_world_size
+
+    for local_rank in ("x", "2"):
+        with pytest.raises(UserError, match=rf"LOCAL_RANK must be a whole number below WORLD_SIZE \(2\), got '{local_rank}'"):
+            env_world_size({**TORCHRUN, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": local_rank})
+
+
+def test_a_rank_left_in_a_single_processs_environment_is_rank_0():
+    """RANK exported in a shell (or a scheduler's), no WORLD_SIZE: one process, which is rank 0 and prints eval's
+    and run's results; under torchrun a RANK that is no number is refused in one line."""
+    from tinygemma.runtime import env_rank
+
+    assert env_rank({"RANK": "3"}) == 0
+    with pytest.raises(UserError, match="RANK must be a whole number"):
+        env_rank({**TORCHRUN, "WORLD_SIZE": "2", "RANK": "x", "LOCAL_RANK": "0"})
+
+
+def test_under_torchrun_a_device_naming_the_processs_own_gpu_is_taken(monkeypatch):
+    from tinygemma.runtime import cuda_device
+
+    FakeCuda(monkeypatch, native_bf16=True, device_count=2)
+    assert cuda_device(torch.device("cuda", 1), 2, 1) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="would put two processes on one GPU"):
+        cuda_device(torch.device("cuda", 0), 2, 1)
+
+
+def test_rank_0_raises_its_own_kind_of_machine_error(tmp_path):
+    import torch.distributed as dist
+
+    from tinygemma.runtime import Runtime, raise_on_all_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(FileNotFoundError, match="no such file") as raised:
+            raise_on_all_ranks("no such file", Runtime(torch.device("cpu"), torch.float32, rank=0, world_size=2),
+                               kind=FileNotFoundError)
+        assert not raised.value.shown_by_rank_0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_devices_by_name(monkeypatch):
+    from tinygemma import devices
+
+    assert devices.pick_device("cpu:0") == torch.device("cpu", 0)  # the CPU's one index
+    with pytest.raises(UserError, match="unknown device 'cpu:1'"):
+        devices.pick_device("cpu:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device cuda was asked for, but PyTorch sees no CUDA GPU"):
+        devices.pick_device("cuda")
+    assert devices.parse_dtype("BF16") == torch.bfloat16 and devices.parse_dtype("Half") == torch.float16
+
+
+def test_a_cpu_with_either_bfloat16_flag_computes_in_it(monkeypatch):
+    """Cooper Lake and Zen 4 have AVX-512 BF16 without AMX, Sapphire Rapids both: either is native bfloat16, which
+    `generate` on such a CPU loads its model in."""
+    from tinygemma import devices
+
+    class Cpuinfo:
+        flags = ""
+
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            return f"flags\t: fpu avx2 {Cpuinfo.flags}\n"
+
+    monkeypatch.setattr(devices, "Path", Cpuinfo)
+    for flags, native in (("", False), ("avx512_bf16", True), ("amx_bf16", True), ("avx512_bf16 amx_bf16", True)):
+        Cpuinfo.flags = flags
+        assert devices.cpu_has_bf16() == native, flags
+        assert devices.pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_an_evaluation_asked_for_in_a_dtype_gets_it_on_a_cpu():
+    from tinygemma.devices import evaluation_dtype
+
+    assert evaluation_dtype("auto", torch.device("cpu")) == "float32"
+    assert evaluation_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+    assert evaluation_dtype("auto", torch.device("cuda", 0)) == "auto"
+
+
+def test_a_runtimes_autocast_is_its_dtypes():
+    """tests/test_runtime.py. float32: no autocast; bfloat16 and float16 (with the scaler): autocast in it."""
+    from tinygemma.runtime import Runtime
+
+    with Runtime(torch.device("cpu"), torch.float32).autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    for dtype in (torch.bfloat16, torch.float16):
+        with Runtime(torch.device("cpu"), dtype).autocast():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+
+
+def test_a_sum_over_two_processes_is_reduced(monkeypatch):
+    """tests/test_runtime.py. Every world size above 1 adds up the processes' sums (validation's, the loss's)."""
+    import tinygemma.runtime as runtime_module
+    from tinygemma.runtime import Runtime, all_reduce_sum
+
+    reduced = []
+    monkeypatch.setattr(runtime_module.dist, "all_reduce", lambda t, op=None: reduced.append(t.clone()))
+    for world_size in (1, 2, 4):
+        all_reduce_sum(torch.ones(4), Runtime(torch.device("cpu"), torch.float32, world_size=world_size))
+    assert len(reduced) == 2
+
+
+def test_a_gpus_bfloat16_is_asked_of_that_gpu(monkeypatch):
+    """tests/test_runtime.py (FakeCuda). `generate --device cuda:1` on a machine whose GPU 0 is current: the
+    question goes to GPU 1 (an A100 beside a T4 answers for itself)."""
+    from tinygemma.devices import cuda_has_bf16
+
+    cuda = FakeCuda(monkeypatch, native_bf16=True)
+    cuda_has_bf16(torch.device("cuda", 1))
+    assert cuda.log == [("is_bf16_supported", 1)] and cuda.current == 0

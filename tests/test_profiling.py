@@ -205,3 +205,60 @@ def test_the_busy_fraction_never_exceeds_one():  # kills m47
     from tinygemma.profiling import device_activity
     activity = device_activity([{"cat": "kernel", "name": "gemm", "ph": "X", "ts": 0, "dur": 1_200_000}], 1.0)
     assert activity["busy"] == 1.0 and activity["busy_s"] == pytest.approx(1.2)
+
+
+def test_busy_time_counts_a_kernel_inside_a_longer_one_once():
+    """A short kernel on another stream inside a long one must not end the covered reach: the kernel
+    after it, still inside the long one, adds no busy time."""
+    from tinygemma.profiling import device_activity
+
+    def kernel(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    activity = device_activity([kernel("nvjet_gemm", 0, 1000), kernel("nccl_allreduce", 100, 100),
+                                kernel("triton_poi_fused_0", 300, 100)], wall_s=0.002)
+    assert activity["busy_s"] == pytest.approx(1000e-6) and activity["busy"] == pytest.approx(0.5)
+
+
+def test_the_profiled_wall_time_is_the_steps_own_between_two_synchronisations(tmp_path, monkeypatch):
+    """On a GPU the device is synchronised before the profiler starts and before it stops,
+    and the clock runs from after the first to before the profiler's own teardown."""
+    import tinygemma.profiling
+    from tinygemma.profiling import StepProfiler
+
+    log = []
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kwargs: FakeProfile(log))
+    monkeypatch.setattr(tinygemma.profiling, "synchronize", lambda device: log.append("synchronize"))
+    clock = iter(range(100))
+    monkeypatch.setattr(tinygemma.profiling.time, "perf_counter", lambda: log.append("clock") or next(clock))
+    monkeypatch.setattr(StepProfiler, "write", lambda self, wall_s: log.append(("write", wall_s)))
+    profiler = StepProfiler(2, 3, tmp_path, torch.device("cuda", 0))
+    for step in range(4):
+        profiler.begin(step)
+        profiler.end(step)
+    assert log == ["synchronize", "enter", "clock", "synchronize", "clock", "exit", ("write", 1)]
+
+
+def test_a_one_step_profile_names_its_step_once(tmp_path, monkeypatch):
+    """The summary of --profile 4 says "optimizer steps 4", not "4 to 4"."""
+    from tinygemma.profiling import StepProfiler
+
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kwargs: FakeProfile([]))
+    profiler = StepProfiler(4, 4, tmp_path, torch.device("cpu"))
+    for step in range(5):
+        profiler.begin(step)
+        profiler.end(step)
+    assert (tmp_path / "summary.txt").read_text().startswith("torch.profiler: optimizer steps 4 on cpu, ")
+
+
+def test_a_run_stopped_inside_the_profiled_steps_stops_the_profiler(tmp_path, monkeypatch):
+    """Abandon() exits torch.profiler (else it goes on recording every later op of the process, and the
+    notebook's next profiled train() meets a profiler still running) and writes nothing."""
+    from tinygemma.profiling import StepProfiler
+
+    log = []
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kwargs: FakeProfile(log))
+    profiler = StepProfiler(2, 3, tmp_path / "profile", torch.device("cpu"))
+    profiler.begin(1)
+    profiler.abandon()
+    assert log == ["enter", "exit"] and profiler.profiler is None and not (tmp_path / "profile").exists()

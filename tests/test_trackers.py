@@ -567,3 +567,120 @@ def test_scalars_carry_mfu_when_the_record_has_it():
     assert tinygemma.trackers.train_scalars({"step": 4, "tokens": 128, "val_loss": 2.0}) == {}  # an evaluation's
     assert tinygemma.trackers.val_scalars({"val_loss": 2.0, "val_ppl": 7.4, "val_bpb": 1.1}) == {
         "val/loss": 2.0, "val/ppl": 7.4, "val/bpb": 1.1}
+
+
+def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_begins_new_tracker_runs(data_dir, tmp_path):
+    """The killed attempt's wandb run (other losses at steps 0-5) is not continued by the fresh start."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "loggers=wandb", stop_at=2)
+    killed = json.loads((out / "trackers.json").read_text())["wandb"]
+    shutil.rmtree(out / "checkpoints")  # a kill before the first checkpoint
+    run(data_dir, out, *SHORT, "max_steps=2", "loggers=wandb", "learning_rate=0.002", resume=True)
+    fresh = json.loads((out / "trackers.json").read_text())["wandb"]
+    assert fresh != killed
+    assert [segment["id"] for segment in wandb_run(out)] == [killed, fresh]
+
+
+def test_a_fresh_start_without_wandb_forgets_the_killed_attempt_s_wandb_run(data_dir, tmp_path):
+    """Trackers.json of a killed attempt is emptied by a fresh start that opens no tracker with an id, so
+    a later resume with wandb begins a new wandb run rather than continuing the killed attempt's."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "loggers=wandb", stop_at=2)
+    shutil.rmtree(out / "checkpoints")
+    run(data_dir, out, *SHORT, "loggers=tensorboard", stop_at=2, resume=True)  # starts at 0 again
+    assert json.loads((out / "trackers.json").read_text()) == {}
+
+
+def test_an_invocation_without_a_tracker_keeps_its_run_id_for_the_next(data_dir, tmp_path):
+    """Loggers=tensorboard for one invocation, wandb again for the next: the same wandb run continues."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "loggers=wandb", stop_at=6)
+    ids = json.loads((out / "trackers.json").read_text())
+    run(data_dir, out, *SHORT, "loggers=tensorboard", stop_at=9, resume=True)
+    assert json.loads((out / "trackers.json").read_text()) == ids
+
+
+def test_a_failed_start_of_another_tracker_marks_the_resumed_wandb_run_failed(data_dir, tmp_path, monkeypatch):
+    """Wandb opened, then trackio fails to start: the wandb run is finished as failed (exit 1), not 0."""
+    from tinygemma.cli import main
+
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "loggers=wandb", stop_at=2)
+    trackio = pytest.importorskip("trackio")
+
+    def init(**kwargs):
+        raise RuntimeError("trackio broke")
+
+    monkeypatch.setattr(trackio, "init", init)
+    settings = tiny_settings(data_dir, out, *SHORT, "loggers=wandb,trackio")
+    assert main(["train", "--resume", *[a for s in settings for a in ("--set", s)]]) == 2  # a UserError
+    exits = [[r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] for records in wandb_logs(out)]
+    assert exits == [[0], [1]]
+
+
+def test_wandb_shows_a_sample_with_markup_as_text(monkeypatch):
+    """A story holding <, > or & is shown as written, not taken as HTML."""
+    logged = []
+
+    class FakeRun:
+        def log(self, data, step):
+            logged.append((data, step))
+
+    tracker = object.__new__(tinygemma.trackers.Wandb)
+    tracker.run, tracker.first_step = FakeRun(), 0
+    tracker.text("samples/1", "Tom said <b>hi</b> & left", 3)
+    ((data, step),) = logged
+    assert step == 3 and data["samples/1"].html.endswith("<pre>Tom said &lt;b&gt;hi&lt;/b&gt; &amp; left</pre>")
+
+
+def config_steps(run_dir):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return sorted(event.step for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+                  for event in EventFileLoader(str(path)).Load() for value in event.summary.value
+                  if value.tag == "config/text_summary")
+
+
+def test_a_resume_that_writes_tensorboard_s_history_again_keeps_its_config_text(data_dir, tmp_path):
+    """Tensorboard added on a resume at step 6: its history is written again, and the config it runs
+    with is still there, at the step it starts from."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "loggers=wandb", stop_at=6)
+    run(data_dir, out, *SHORT, "loggers=tensorboard", resume=True, stop_at=9)
+    assert sorted(tensorboard_scalars(out)) == list(range(10))
+    assert config_steps(out) == [6]
+
+
+def test_samples_of_every_prompt_are_written_again_to_a_fork_s_tensorboard(data_dir, tmp_path):
+    """The second prompt's stories before the checkpoint reach a fork's TensorBoard too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tinygemma.config import load_recipe
+    from tinygemma.train import train
+
+    out, fork = tmp_path / "run", tmp_path / "fork"
+    sampled = ("sample_interval=3", "generate.max_new_tokens=4", 'generate.prompts=["Once upon a time", "Tom"]')
+    run(data_dir, out, *SHORT, "loggers=", *sampled, stop_at=6)
+    train(load_recipe(None, tiny_settings(data_dir, fork, *SHORT, "loggers=tensorboard", *sampled)),
+          resume_from=out / "checkpoints" / "step_000006", quiet=True, stop_at=6)
+    events = EventAccumulator(str(fork / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Tensors("samples/2/text_summary")] == [3, 6]
+
+
+def test_an_events_file_tinygemma_cannot_read_is_left_and_nothing_is_written_again(data_dir, tmp_path):
+    """An events file whose records do not parse: what it holds is unknown, so the resume writes no step
+    before the checkpoint again (which could repeat what it holds) and leaves the file as it was."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "loggers=", stop_at=6)
+    (out / "tb").mkdir()
+    bad = out / "tb" / "events.out.tfevents.0000000001.host.1.0"
+    with open(bad, "wb") as f:
+        RecordWriter(f).write(b"\xff" * 16)  # framed as a record, but no Event
+    before = bad.read_bytes()
+    run(data_dir, out, *SHORT, "loggers=tensorboard", resume=True, stop_at=9)
+    assert bad.read_bytes() == before
+    bad.unlink()
+    assert sorted({step for _, step in tensorboard_points(out)}) == [7, 8, 9]

@@ -399,6 +399,25 @@ def test_points_tb_holds_that_the_records_lack_are_cut_on_resume(data_dir, tmp_p
     assert_tensorboard_shows_the_records(out)
 
 
+def test_an_events_file_damaged_mid_way_is_left_as_it_was(data_dir, tmp_path):
+    """tensorboard's reader stops silently at a damaged record: the events after it were taken for none, and the
+    file rewritten without them. Only a torn last record (a kill mid-write) is taken as the file's end."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, stop_at=6)
+    (events,) = (out / "tb").iterdir()
+    damaged = bytearray(events.read_bytes())
+    damaged[len(damaged) * 3 // 4] ^= 0xFF  # a record among the scalars
+    events.write_bytes(bytes(damaged))
+    run(data_dir, out, *SHORT, resume=True, stop_at=9)
+    assert events.read_bytes() == damaged
+    torn = tmp_path / "torn"
+    run(data_dir, torn, *SHORT, stop_at=6)
+    (events,) = (torn / "tb").iterdir()
+    events.write_bytes(events.read_bytes()[:-5])  # the last record cut short
+    run(data_dir, torn, *SHORT, resume=True)
+    assert_tensorboard_shows_the_records(torn)
+
+
 def test_a_backfill_that_fails_is_a_warning_and_the_tracker_stays(tmp_path, capsys):
     """trackio's backfill reads its store's API: if that changed (or the file is locked), the resumed run still
     logs its new steps to it."""

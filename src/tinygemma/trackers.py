@@ -250,7 +250,9 @@ def cut_events(files: list[Path], keep) -> set[tuple[int, str]] | None:
     held: set[tuple[int, str]] | None = set()
     for path in files:
         try:
-            records = [(record, Event.FromString(record)) for record in RawEventFileLoader(str(path)).Load()]
+            raw = list(RawEventFileLoader(str(path)).Load())
+            check_read_whole(path, raw)
+            records = [(record, Event.FromString(record)) for record in raw]
         except Exception:
             held = None
             continue
@@ -266,6 +268,19 @@ def cut_events(files: list[Path], keep) -> set[tuple[int, str]] | None:
                 for record, _ in kept:
                     writer.write(record)
     return held
+
+
+def check_read_whole(path: Path, records: list[bytes]) -> None:
+    """Raise if tensorboard's reader stopped before the end of the events file at `path` for another reason than
+    a torn last record (a kill mid-write): it stops silently at a damaged one, and the events after it are not
+    ours to drop. A record is framed by 16 bytes (its length, the CRCs of both) around its data."""
+    read, size = sum(len(record) + 16 for record in records), path.stat().st_size
+    if read < size:
+        with open(path, "rb") as f:
+            f.seek(read)
+            length = f.read(8)
+        if len(length) == 8 and read + 16 + int.from_bytes(length, "little") <= size:
+            raise ValueError(f"{path} cannot be read past byte {read}")
 
 
 class Wandb:

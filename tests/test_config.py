@@ -588,3 +588,192 @@ def test_a_setting_given_by_a_flag_and_by_set_is_refused(tmp_path, capsys):  # l
     assert main(["train", "--out", str(out), "--max-steps", "10", "--set", "max_steps=20", "--dry-run"]) == 2
     assert "--max-steps and --set max_steps=20 both set train.max_steps; give it once" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_presets_are_the_sizes_the_readme_names():
+    from tinygemma.config import GLOBAL, SLIDING
+
+    gpt2 = ModelConfig.preset("gemma3-270m-gpt2")
+    assert gpt2.vocab_size == 50_257 and gpt2.num_params() == 132_490_496
+    tiny = ModelConfig.preset("gemma3-tiny")
+    assert (tiny.vocab_size, tiny.d_model, tiny.n_layers, tiny.n_heads, tiny.n_kv_heads, tiny.head_dim,
+            tiny.mlp_dim) == (50_257, 128, 6, 4, 1, 32, 512)
+    assert (tiny.sliding_window, tiny.query_pre_attn_scalar, tiny.max_position_embeddings) == (64, 32.0, 2048)
+    assert tiny.layer_types == (SLIDING,) * 5 + (GLOBAL,)  # "6 layers so that the last one is global"
+    assert tiny.num_params() == 7_861_888  # README: `gemma3-tiny` | 50,257 | 7,861,888
+
+
+def test_a_model_with_fewer_layers_than_its_period_has_that_period():
+    """Every layer sliding (a 5-layer model of period 6, a 3-layer tiny) repeats the period n_layers + 1: the HF
+    export writes it as sliding_window_pattern, and no "repeat no period" note is printed."""
+    assert ModelConfig.preset("gemma3-tiny", n_layers=5).layer_pattern == 6
+    assert ModelConfig.preset("gemma3-tiny", n_layers=3).layer_pattern == 4
+    assert ModelConfig.preset("gemma3-tiny", n_layers=1).layer_pattern == 2
+    irregular = ("full_attention", "sliding_attention", "full_attention", "full_attention")
+    assert ModelConfig.preset("gemma3-tiny", n_layers=4, layer_types=irregular).layer_pattern is None
+
+
+def test_model_bounds_at_their_edges():
+    """Each bound is "at most N": N itself is taken, N + 1 refused."""
+    from tinygemma.config import MAX_LAYERS, MAX_MODEL_VOCAB_SIZE, MAX_VOCAB_PAD_MULTIPLE
+
+    assert ModelConfig.preset("gemma3-tiny", n_layers=MAX_LAYERS).n_layers == 1024
+    with pytest.raises(UserError, match="model.n_layers must be at most 1,024, got 1,025"):
+        ModelConfig.preset("gemma3-tiny", n_layers=MAX_LAYERS + 1)
+    assert ModelConfig.preset("gemma3-tiny", vocab_size=MAX_MODEL_VOCAB_SIZE).vocab_size == 2**22
+    with pytest.raises(UserError, match="model.vocab_size must be at most 4,194,304, got 4,194,305"):
+        load_recipe(None, ["model.vocab_size=4194305"])
+    assert ModelConfig.preset("gemma3-tiny", vocab_pad_multiple=MAX_VOCAB_PAD_MULTIPLE).padded_vocab_size == 65_536
+    with pytest.raises(UserError, match="model.vocab_pad_multiple must be at most 65,536"):
+        ModelConfig.preset("gemma3-tiny", vocab_pad_multiple=MAX_VOCAB_PAD_MULTIPLE + 1)
+
+
+@pytest.mark.parametrize("field", ["rms_norm_eps", "rope_local_base", "rope_global_base", "query_pre_attn_scalar",
+                                   "init_std"])
+def test_model_floats_of_zero_are_refused(field):
+    """A query_pre_attn_scalar of 0 scales the queries by 0 ** -0.5 (inf: NaN logits); init_std 0 makes every weight
+    zero; a RoPE base of 0 has no frequencies: "a positive, finite number" excludes 0."""
+    with pytest.raises(UserError, match=f"model.{field} must be a positive, finite number, got 0"):
+        load_recipe(None, ["model.preset=gemma3-tiny", f"model.{field}=0"])
+
+
+def test_layer_types_of_another_kind_are_refused():
+    """transformers' other attention kinds (Llama 4's chunked_attention) have no implementation here: they would
+    have been read as sliding layers."""
+    with pytest.raises(UserError, match=re.escape("model.layer_types may hold only 'sliding_attention' and "
+                                                  "'full_attention', not ['chunked_attention']")):
+        ModelConfig.preset("gemma3-tiny", n_layers=2, layer_types=["sliding_attention", "chunked_attention"])
+
+
+def test_a_model_read_from_its_record_keeps_its_period():
+    """config.json's layer_types is a JSON list: read back, it is the tuple the pattern derives, so that the HF
+    export still writes sliding_window_pattern (transformers < 4.53) and prints no "repeat no period" note."""
+    import json
+
+    config = ModelConfig.preset("gemma3-tiny", n_layers=12)
+    again = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again.layer_pattern == 6
+    assert isinstance(again.layer_types, tuple) and again == config
+
+
+def test_no_prompts_need_no_room_for_new_tokens():
+    """generate.prompts= (no samples) with a long max_new_tokens samples nothing: nothing to refuse."""
+    recipe = load_recipe(None, ["model.preset=gemma3-tiny", "generate.prompts=", "generate.max_new_tokens=4096"])
+    recipe.check_for_run()
+    with pytest.raises(UserError, match="generate.max_new_tokens 4096 leaves no room"):
+        load_recipe(None, ["model.preset=gemma3-tiny", "generate.max_new_tokens=4096"]).check_for_run()
+
+
+def test_an_empty_data_dir_is_refused():
+    """--set data.dir= would prepare into, and train from, the current folder."""
+    with pytest.raises(UserError, match="data.dir is empty: it must name the prepared data's folder"):
+        load_recipe(None, ["data.dir="])
+
+
+def test_null_in_a_recipe_file_is_none(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[data]\nlimit = "null"\n[generate]\ntop_p = "NULL"\n')
+    recipe = load_recipe(path)
+    assert recipe.data.limit is None and recipe.generate.top_p is None
+
+
+def test_a_float_integer_past_a_float_s_precision_in_a_recipe_file_is_refused(tmp_path):
+    """seed = 12345678901234567.0 is read by TOML as the float 12345678901234568.0: taken, the run's seed would
+    silently be another than the file says."""
+    path = tmp_path / "recipe.toml"
+    path.write_text("[train]\nseed = 12345678901234567.0\n")
+    with pytest.raises(UserError, match="train.seed must be an integer"):
+        load_recipe(path)
+    path.write_text("[train]\nseed = 9007199254740992.0\n")  # 2**53: still exact
+    assert load_recipe(path).train.seed == 2**53
+
+
+def test_an_integer_micro_batch_in_a_recipe_file_is_taken(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text("[train]\nmicro_batch_size = 4\n")
+    assert load_recipe(path).train.micro_batch_size == "4"
+
+
+def test_a_boolean_setting_takes_any_case():
+    recipe = load_recipe(None, ["activation_checkpointing=True", "model.tie_embeddings=FALSE"])
+    assert recipe.train.activation_checkpointing is True and recipe.model_overrides["tie_embeddings"] is False
+
+
+def test_a_tuple_of_paths_or_loggers_set_from_python_is_a_list():
+    from tinygemma.config import checked_recipe
+
+    recipe = load_recipe(None)
+    recipe.train.loggers, recipe.data.source = ("tensorboard",), ("a.txt", "b.txt")
+    checked = checked_recipe(recipe)
+    assert checked.train.loggers == ["tensorboard"] and checked.data.source == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("grad_accum_steps=1048577", "train.grad_accum_steps must be at most 1,048,576"),
+    ("sample_interval=1000000000001", "train.sample_interval must be at most 1,000,000,000,000"),
+    ("keep_checkpoints=0", "train.keep_checkpoints must be an integer >= 1"),
+    ("log_interval=0", "train.log_interval must be an integer >= 1"),
+    ("loggers=tensorbord", "train.loggers may name tensorboard, wandb, trackio; got 'tensorbord'"),
+    ("generate.top_p=0", "generate.top_p must be a number in (0, 1], got 0.0"),
+    ("generate.repetition_penalty=0", "generate.repetition_penalty must be a positive, finite number"),
+])
+def test_more_bad_settings_are_refused_by_name(setting, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(None, [setting])
+
+
+def test_adamw_s_first_step_must_fit_float32():
+    with pytest.raises(UserError, match=re.escape("train.learning_rate / (1 - train.beta1) (AdamW's first step size) "
+                                                  "must be within float32's range")):
+        load_recipe(None, ["learning_rate=1e38", "min_lr=0", "beta1=0.99"])
+
+
+def test_a_blank_init_from_in_a_recipe_file_is_refused(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[train]\ninit_from = "   "\n')
+    with pytest.raises(UserError, match="train.init_from must name a run, checkpoint or transformers folder"):
+        load_recipe(path)
+
+
+def test_data_vocab_size_at_its_edge():
+    from tinygemma.config import MAX_VOCAB_SIZE
+
+    DataConfig(tokenizer="bpe", vocab_size=MAX_VOCAB_SIZE).validate()
+    with pytest.raises(UserError, match=r"data.vocab_size must be at most 262,208 \(.*\), got 262,209"):
+        DataConfig(tokenizer="bpe", vocab_size=MAX_VOCAB_SIZE + 1).validate()
+
+
+def test_a_resume_s_changes_name_eval_batches_and_sample_interval():
+    saved = dataclasses.asdict(TrainConfig())
+    now = TrainConfig(eval_batches=20, sample_interval=100)
+    assert settings_changes(saved, now) == {"eval_batches": [10, 20]}  # a warned step setting
+    assert settings_changes(saved, now, CHANGE_SETTINGS) == {"eval_batches": [10, 20], "sample_interval": [0, 100]}
+
+
+def test_a_run_from_before_the_schedule_setting_was_cosine():
+    """A run recorded before lr_schedule existed trained with cosine: resumed under today's wsd default, that is a
+    change (and refused or warned as one), not silently the same schedule."""
+    saved = {k: v for k, v in dataclasses.asdict(TrainConfig(optimizer="adamw")).items() if k != "lr_schedule"}
+    assert settings_changes(saved, TrainConfig(optimizer="adamw")) == {"lr_schedule": ["cosine", "wsd"]}
+    assert settings_changes(saved, TrainConfig(optimizer="adamw", lr_schedule="cosine")) == {}
+
+
+def test_fp32_and_compiled_are_settings_too():
+    recipe = load_recipe(None, ["dtype=fp32", "muon_backend=compiled"])
+    assert (recipe.train.dtype, recipe.train.muon_backend) == ("float32", "compiled")
+
+
+def test_greedy_no_new_tokens_and_seed_0_are_sound_sampling():
+    recipe = load_recipe(None, ["generate.temperature=0", "generate.max_new_tokens=0", "generate.seed=0"])
+    recipe.check_for_run()
+    assert (recipe.generate.temperature, recipe.generate.max_new_tokens, recipe.generate.seed) == (0.0, 0, 0)
+    check_sampling(0, temperature=0, seed=0)
+
+
+def test_a_path_like_of_bytes_is_refused_as_a_source():
+    class BytesPath:
+        def __fspath__(self):
+            return b"stories.txt"
+
+    with pytest.raises(UserError, match="data.source must be a list of story files"):
+        DataConfig(source=[BytesPath()]).validate()

@@ -756,3 +756,68 @@ def test_the_gguf_records_every_hyperparameter_as_the_model_has_it(bpe, tmp_path
     assert abs(value("attention.layer_norm_rms_epsilon")[0] - 1e-5) < 1e-10
     assert value("attention.sliding_window") == [c.sliding_window]
     assert value("rope.freq_base") == [99_999.0] and value("rope.freq_base_swa") == [777.0]
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda s: s.update(decoder={"type": "BPEDecoder", "suffix": "</w>"}), "decoder is not byte-level"),
+    (lambda s: s.update(decoder=None), "decoder is not byte-level"),
+    (lambda s: s["model"].update(ignore_merges=True), "ignore_merges"),
+], ids=["bpe-decoder", "no-decoder", "ignore-merges"])
+def test_tokenizers_llama_cpp_would_decode_or_merge_otherwise_are_refused(bpe, change, words):
+    """A tokenizer.json decoded otherwise than byte-level or whose BPE
+    takes whole words from the vocabulary before merging: llama.cpp's
+    gpt2 BPE would print or split its text otherwise."""
+    spec = json.loads(bpe.hf_json())
+    change(spec)
+    with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer") as raised:
+        check_byte_level_bpe(spec)
+    assert words in str(raised.value)
+
+
+def test_a_vocabulary_without_every_bytes_character_is_refused(bpe):
+    """A BPE trained without the whole byte alphabet drops text with the missing bytes, where llama.cpp splits
+    around them."""
+    spec = json.loads(bpe.hf_json())
+    byte_char = "\u0100"  # GPT-2's byte-level character for byte 0, in every byte-level vocabulary
+    assert byte_char in spec["model"]["vocab"]
+    del spec["model"]["vocab"][byte_char]
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"]
+                               if byte_char not in (m if isinstance(m, str) else " ".join(m))]
+    with pytest.raises(UserError, match="of the 256 bytes' characters"):
+        check_byte_level_bpe(spec)
+
+
+@pytest.mark.parametrize("added, words", [
+    ([("Lily", True, {"single_word": True})], "'Lily' sets single_word"),
+    ([("Lily", True, {}), ("lyon", True, {})], "'Lily' and 'lyon' overlap"),  # same length
+    ([("Tom", True, {}), ("mask", True, {})], "'Tom' and 'mask' overlap"),  # one letter
+], ids=["single-word", "same-length-overlap", "one-letter-overlap"])
+def test_more_added_tokens_llama_cpp_would_match_otherwise_are_refused(bpe, added, words):
+    """llama.cpp reads no single_word; it matches the longer of two overlapping tokens first, and either of two
+    as long ("Lilyon": Lily+on or Li+lyon), and an overlap of one letter is one ("Tomask": Tom+ask or To+mask)."""
+    spec = json.loads(bpe.hf_json())
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "special": False}
+    spec["added_tokens"] += [{"id": bpe.vocab_size + i, "content": text, "normalized": normalized, **plain, **extra}
+                             for i, (text, normalized, extra) in enumerate(added)]
+    with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer") as raised:
+        check_byte_level_bpe(spec)
+    assert words in str(raised.value)
+
+
+def test_ids_the_tokenizer_lacks_are_unused_fillers(bpe, tmp_path):
+    """A model with more rows than the tokenizer has ids: the rows past it are llama.cpp's UNUSED tokens (never
+    printed), the tokenizer's own NORMAL or CONTROL."""
+    _, path = small_export(bpe, tmp_path, n_layers=1, vocab_size=bpe.vocab_size + 3)
+    reader = gguf.GGUFReader(path)
+    field = reader.fields["tokenizer.ggml.token_type"]
+    types = [int(field.parts[i][0]) for i in field.data]
+    assert types[bpe.vocab_size:] == [int(gguf.TokenType.UNUSED)] * 3
+    assert types[bpe.eot_id] == int(gguf.TokenType.CONTROL) and types[bpe.vocab_size - 1] == int(gguf.TokenType.NORMAL)
+
+
+def test_q8_0_rows_of_a_half_block_fall_back_too(bpe, tmp_path):
+    """A 48-wide model: 48 is a multiple of 16 but not of q8_0's 32-value blocks, so its matrices fall back to
+    f16."""
+    _, path = small_export(bpe, tmp_path, dtype="q8_0", n_layers=1, d_model=48, n_heads=3, n_kv_heads=1)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"

@@ -745,3 +745,111 @@ def test_an_untied_padded_model_exports_with_the_same_logits(tmp_path):
     x = torch.randint(0, 500, (1, 40))
     with torch.no_grad():
         assert (hf(x).logits - model(x)[..., :500]).abs().max().item() <= 1e-4
+
+
+def test_a_null_sliding_window_pattern_beside_layer_types_loads():
+    """Some transformers configs hold "sliding_window_pattern": null beside layer_types; the layer types say the
+    layout."""
+    from tinygemma.config import GLOBAL, SLIDING
+    from tinygemma.hf import model_config_from_hf
+
+    required = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=8, intermediate_size=128)
+    layers = [SLIDING, GLOBAL, SLIDING, GLOBAL]
+    config = model_config_from_hf({"model_type": "gemma3_text", **required, "sliding_window_pattern": None,
+                                   "layer_types": layers})
+    assert list(config.layer_types) == layers
+
+
+def test_a_config_without_rope_keys_has_transformers_default_bases():
+    """No rope_parameters, rope_theta nor rope_local_base_freq: transformers' bases, 10,000 sliding and 1,000,000
+    global."""
+    import transformers
+
+    from tinygemma.hf import model_config_from_hf
+
+    required = dict(vocab_size=512, hidden_size=64, num_hidden_layers=6, num_attention_heads=8, intermediate_size=128)
+    ours = model_config_from_hf({"model_type": "gemma3_text", **required})
+    theirs = transformers.Gemma3TextConfig(**required).rope_parameters
+    assert ours.rope_local_base == theirs["sliding_attention"]["rope_theta"] == 10_000.0
+    assert ours.rope_global_base == theirs["full_attention"]["rope_theta"] == 1_000_000.0
+
+
+def test_rope_scaling_on_sliding_layers_or_under_the_4x_key_is_refused():
+    """RoPE scaling is refused wherever a config says it: on the sliding layers' table of rope_parameters
+    and under transformers 4.x's rope_scaling, as Gemma 3 4B's
+    config.json holds it."""
+    import pytest
+
+    import tinygemma
+    from tinygemma.hf import model_config_from_hf
+
+    required = dict(model_type="gemma3_text", vocab_size=512, hidden_size=64, num_hidden_layers=6,
+                    num_attention_heads=8, intermediate_size=128)
+    sliding = {"sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10_000.0},
+               "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}
+    with pytest.raises(tinygemma.UserError, match="'linear' RoPE scaling on sliding_attention layers"):
+        model_config_from_hf({**required, "rope_parameters": sliding})
+    with pytest.raises(tinygemma.UserError, match="uses RoPE scaling"):
+        model_config_from_hf({**required, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0})
+    model_config_from_hf({**required, "rope_scaling": None})  # as an export writes it
+
+
+def test_a_multimodal_gemma_3_config_is_named_as_such():
+    """google/gemma-3-4b's config.json (model_type gemma3, its text model under text_config) is refused with the
+    reason and the model to take instead."""
+    import pytest
+
+    import tinygemma
+    from tinygemma.hf import model_config_from_hf
+
+    with pytest.raises(tinygemma.UserError, match="multimodal Gemma 3 checkpoint.*gemma3_text"):
+        model_config_from_hf({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}})
+
+
+def test_both_dtype_keys_say_the_exported_dtype():
+    """transformers before 4.56 reads torch_dtype (dtype="auto" loads in it), 5 reads dtype: a bf16 export says
+    bfloat16 under both."""
+    from tinygemma.hf import hf_config
+
+    config = hf_config(small_config(), torch_dtype="bfloat16")
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+
+
+def test_the_context_length_survives_an_export_round_trip():
+    """config.json's max_position_embeddings is the model's."""
+    from tinygemma.hf import hf_config, model_config_from_hf
+
+    config = small_config(max_position_embeddings=1_000)
+    assert hf_config(config)["max_position_embeddings"] == 1_000
+    assert model_config_from_hf(hf_config(config)).max_position_embeddings == 1_000
+
+
+def test_only_a_tinygemma_export_says_its_trained_block_size(tmp_path):
+    """The block size an export records is read from tinygemma's own exports only."""
+    from safetensors.torch import save_file
+
+    from tinygemma.hf import exported_block_size
+
+    weights = {"w": torch.zeros(2)}
+    (tmp_path / "ours").mkdir(), (tmp_path / "theirs").mkdir()
+    save_file(weights, str(tmp_path / "ours" / "model.safetensors"),
+              metadata={"format": "pt", "exporter": "tinygemma", "train_block_size": "64"})
+    save_file(weights, str(tmp_path / "theirs" / "model.safetensors"),
+              metadata={"format": "pt", "train_block_size": "64"})
+    assert exported_block_size(tmp_path / "ours") == 64
+    assert exported_block_size(tmp_path / "theirs") is None
+
+
+def test_the_transformers_reference_keeps_rope_frequencies_in_float32():
+    """to_transformers in a half dtype keeps RoPE's inverse frequencies float32, as from_pretrained does (kills
+    H26: rounded to bf16 by .to(), so the reference that tests and benchmarks compare against computed other
+    logits than the exported model loads with)."""
+    from tinygemma.hf import to_transformers
+
+    torch.manual_seed(0)
+    model = Gemma3(small_config()).to(torch.bfloat16).eval()
+    hf = to_transformers(model)
+    buffers = {name: b for name, b in hf.named_buffers() if name.endswith("inv_freq")}
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16

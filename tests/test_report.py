@@ -997,3 +997,24 @@ def test_the_precision_row_counts_the_processes_of_a_part_recorded_before_its_wo
     state = {"invocations": [{"steps": [0, 10], "hardware": "2 x NVIDIA H100", "precision": "bfloat16"}]}
     rows = dict(tinygemma.report.machine_rows({}, state))
     assert rows["precision"] == "bfloat16 on 2 process(es)"
+
+
+def test_a_repository_not_asked_private_gets_the_hubs_default_visibility(tmp_path, monkeypatch):
+    """Without --private, create_repo is given no `private` at all, so an organisation whose repositories are
+    private by default keeps them so."""
+    import tinygemma.hf as hf_module
+
+    calls = []
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(kwargs)
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(hf_module, "hub_api", lambda: Api)
+    hf_module.push_to_hub(tmp_path, "me/model")
+    hf_module.push_to_hub(tmp_path, "me/model", private=True)
+    assert "private" not in calls[0] and calls[1]["private"] is True

@@ -1018,3 +1018,111 @@ def test_a_repository_not_asked_private_gets_the_hubs_default_visibility(tmp_pat
     hf_module.push_to_hub(tmp_path, "me/model")
     hf_module.push_to_hub(tmp_path, "me/model", private=True)
     assert "private" not in calls[0] and calls[1]["private"] is True
+
+
+def test_a_fork_of_a_fork_names_the_steps_each_run_trained():
+    """C forked from B's step 8, B from A's step 4 (C's state, as train records it): A trained steps 1 to 4, B
+    steps 5 to 8; without `start = fork["step"]` B was said to have trained steps 1 to 8."""
+    state = {"step": 12, "invocations": [
+        {"steps": [0, 4]},
+        {"steps": [4, 8], "forked_from": {"dir": "/runs/a/checkpoints/step_000004", "step": 4}},
+        {"steps": [8, 12], "forked_from": {"dir": "/runs/b/checkpoints/step_000008", "step": 8}}]}
+    assert tinygemma.report.start_rows({"train": {}}, None, state) == [
+        ("continued from", "`/runs/a/checkpoints/step_000004` (--resume-from): steps 1 to 4 were trained there"),
+        ("continued from", "`/runs/b/checkpoints/step_000008` (--resume-from): steps 5 to 8 were trained there")]
+
+
+def test_the_card_of_weights_trained_on_from_others_says_license_other():
+    """train.init_from (google/gemma-3-270m's weights, say): the card's header says `license: other`, as its
+    summary asks the user to set those weights' license; tinygemma's own Apache-2.0 is for weights trained from
+    scratch."""
+    pytest.importorskip("huggingface_hub")
+    scratch = {"meta": {"step": 40}, "run": {}, "recipe": mutation_recipe()}
+    initialised = {**scratch, "recipe": mutation_recipe(init_from="/runs/a/checkpoints/step_000040")}
+    assert "license: apache-2.0" in tinygemma.report.card_header(scratch)
+    assert "license: other" in tinygemma.report.card_header(initialised)
+    assert "The license field says `other`: set it to those weights' license" in tinygemma.report.card_summary(
+        initialised, tinygemma.ModelConfig.preset("gemma3-tiny", vocab_size=512))
+    assert "The license field is tinygemma's own (Apache-2.0)" in tinygemma.report.card_summary(
+        scratch, tinygemma.ModelConfig.preset("gemma3-tiny", vocab_size=512))
+
+
+def test_the_card_leaves_out_the_whole_split_evaluation_of_another_checkpoint(straight_run, tmp_path):
+    """eval.json scored step 20 (an earlier best); the card of step 40 must not give step 20's loss as its own."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    (run / "eval.json").write_text(json.dumps({"checkpoint": "step_000020",
+                                               "eval": {"loss": 4.25, "bits_per_byte": 1.5, "tokens": 999}}))
+    assert tinygemma.report.export_records(run / "checkpoints" / "step_000040")["evaluation"] is None
+    (run / "eval.json").write_text(json.dumps({"checkpoint": "step_000040",
+                                               "eval": {"loss": 4.25, "bits_per_byte": 1.5, "tokens": 999}}))
+    assert tinygemma.report.export_records(run / "checkpoints" / "step_000040")["evaluation"]["loss"] == 4.25
+
+
+def test_a_sample_given_exactly_the_room_left_is_not_said_to_be_shortened(straight_run, tmp_path):
+    """generate.max_new_tokens equal to the room the positions leave: the sample is as long as asked, and the card
+    must not add "(at most N new tokens: ...)"; one more token asked, and it does."""
+    pytest.importorskip("transformers")
+    from tinygemma.checkpoint import checkpoint_tokenizer, save_model
+    from tinygemma.config import GenerateConfig, ModelConfig
+
+    tokenizer = checkpoint_tokenizer(straight_run)
+    model = tinygemma.Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=512, max_position_embeddings=48))
+    save_model(model, tmp_path / "api", {"tokenizer": tokenizer.save(tmp_path / "api")})
+    assert main(["export", "--ckpt", str(tmp_path / "api"), "--out", str(tmp_path / "hf")]) == 0
+    room = 48 - len(tokenizer.encode("Tom")) + 1
+    exported = tinygemma.report.exported_tokenizer(tmp_path / "hf")
+    for asked, told in ((room, False), (room + 1, True)):
+        lines = tinygemma.report.samples_section(tmp_path / "hf", GenerateConfig(prompts=["Tom"], max_new_tokens=asked),
+                                                 exported)
+        assert any(line.startswith(f"(at most {room} new tokens") for line in lines) is told, (asked, lines)
+
+
+def test_the_initial_weights_row_names_the_step_init_from_resolved_to():
+    """report.md's and the card's "initial weights" row says which checkpoint (step) train.init_from resolved to."""
+    start = {"dir": "/runs/a/checkpoints/step_000040", "step": 40}
+    rows = tinygemma.report.start_rows({"train": {"init_from": start["dir"]}}, start, {})
+    assert rows == [("initial weights", "`/runs/a/checkpoints/step_000040` (train.init_from, step 40), trained on "
+                                        "from there")]
+
+
+def test_the_cards_batch_row_is_the_global_batch():
+    """batch_size 4 x grad_accum_steps 8: the card's batch row says 32 sequences a step, not 4."""
+    known = {"recipe": mutation_recipe(batch_size=4, grad_accum_steps=8, block_size=32), "run": {},
+             "state": {"step": 12, "tokens": 12 * 32 * 32}}
+    assert "| batch | 32 sequences of 32 tokens per step |" in tinygemma.report.training_section(known)
+
+
+def test_sampling_names_a_repetition_penalty_below_one():
+    """A penalty in (0, 1) (train accepts any positive one: it favours repeats) is a setting of the samples too."""
+    words = tinygemma.report.sampling({"temperature": 0.8, "repetition_penalty": 0.8, "seed": 7, "max_new_tokens": 5})
+    assert words == "temperature 0.8, repetition penalty 0.8, seed 7, at most 5 new tokens"
+
+
+def test_data_prepared_without_a_recorded_source_is_named_by_its_tokenizer_not_its_folder():
+    """A run that recorded its tokenizer but whose data's meta.json has no source (prepared by an older version):
+    compare names its data by the tokenizer, not by the folder as typed."""
+    config = {"run": {"tokenizer": {"kind": "gpt2"}}, "data": {"dir": "d"}}
+    assert tinygemma.report.data_identity(config) == "unknown; validation: unknown; tokenizer gpt2"
+
+
+def test_a_checkpoint_copied_out_of_its_run_names_the_checkpoint_init_from_resolved_to():
+    """The trainer state records the checkpoint train.init_from resolved to; a checkpoint copied out of its run (no
+    config.json beside it) must still name it, with its step, not the folder the recipe named."""
+    start = {"dir": "/abs/runs/a/checkpoints/step_000040", "step": 40}
+    state = {"config": mutation_recipe(init_from="runs/a"), "init_checkpoint": start}
+    assert tinygemma.report.initial_checkpoint(state, {}) == start
+    assert tinygemma.report.recorded_recipe(state, {})["train"]["init_from"] == start["dir"]
+
+
+def test_the_reproduce_command_of_a_recipe_from_before_optimizer_and_schedule_fields_names_adamw_and_cosine():
+    """A checkpoint recorded before train.optimizer and train.lr_schedule existed trained with AdamW and cosine;
+    today's defaults are muon and wsd, so its Reproduce command must name them."""
+    command = tinygemma.report.reproduce_command(mutation_recipe())  # (no optimizer, no lr_schedule recorded)
+    assert "--set train.optimizer=adamw" in command and "--set train.lr_schedule=cosine" in command
+
+
+def test_the_cards_training_table_gives_the_training_time():
+    """The card's training table gives the training time."""
+    known = {"recipe": mutation_recipe(), "run": {}, "state": {"step": 12, "tokens": 3072, "elapsed_s": 65.0}}
+    assert "| training time | 1m05s of optimizer steps |" in tinygemma.report.training_section(known)

@@ -285,7 +285,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     """Write `ckpt` (a run, checkpoint or transformers directory) as one GGUF file for llama.cpp, replacing `out`
     atomically, with its own tokenizer or, where it records none, `tokenizer` (checkpoint_tokenizer); return
     what was written: its path, dtype, size in bytes, vocabulary, whether the model has Gemma 3's layout
-    of sliding layers (`has_gemma_layout`), and how many q8_0 matrices were written as f16 (`matrices_as_f16`)."""
+    of sliding layers (`gemma_layout`), and how many q8_0 matrices were written as f16 (`matrices_as_f16`)."""
     out, dtype = check_gguf_arguments(out, dtype), gguf_dtype(dtype)
     src = resolve_checkpoint(ckpt)
     tokenizer = checkpoint_tokenizer(src, tokenizer)  # a wrong --tokenizer is named whether gguf is installed or not

@@ -384,38 +384,79 @@ def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_keeps_no_e
     assert_tensorboard_shows_the_records(out)
 
 
-def test_points_tb_holds_that_the_records_lack_are_cut_on_resume(data_dir, tmp_path):
-    """tb/ of a version that left the lost work in its files (purge_step alone): a point at a step the records
-    never had (a lost evaluation between two of the resumed run's) stayed drawn, whatever the later resumes."""
+@pytest.mark.parametrize("tag, step", [("val/loss", 5), ("train/loss", 3), ("train/loss", 13)])
+def test_points_tb_holds_that_are_not_the_records_are_cut_on_resume(data_dir, tmp_path, tag, step):
+    """tb/ of a version that left the lost work in its files (purge_step alone), or of an attempt that ran other
+    settings: a point at a step the records never had (a lost evaluation between two of the resumed run's), or
+    another value at one of their steps, stayed drawn, whatever the later resumes; one past the checkpoint too."""
     from torch.utils.tensorboard import SummaryWriter
 
     out = tmp_path / "run"
-    run(data_dir, out, *SHORT)
+    run(data_dir, out, *SHORT, "max_steps=14", stop_at=12)
     old = SummaryWriter(str(out / "tb"))
-    old.add_scalar("val/loss", 99.0, 5)
+    old.add_scalar(tag, 99.0, step)
     old.close()
-    assert tensorboard_shown(out)["val/loss"][5] == 99.0
-    run(data_dir, out, *SHORT, resume=True)  # finished: trains nothing, but tb/ is the run's again
+    assert 99.0 in tensorboard_shown(out)[tag].values()
+    run(data_dir, out, *SHORT, "max_steps=14", resume=True, stop_at=12)  # trains nothing, but tb/ is the run's again
     assert_tensorboard_shows_the_records(out)
 
 
-def test_an_events_file_damaged_mid_way_is_left_as_it_was(data_dir, tmp_path):
+def test_a_broken_tensorboard_stops_no_run_that_leaves_it_out(data_dir, tmp_path, monkeypatch, capsys):
+    """tensorboard installed but broken (a protobuf it cannot use): the error says to leave it out of
+    train.loggers, and a run that does so must not need it to cut tb/ back to its checkpoint."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, stop_at=6)
+
+    def broken(*args):
+        raise TypeError("Descriptors cannot be created directly")
+
+    monkeypatch.setattr(tinygemma.trackers, "cut_events", broken)
+    capsys.readouterr()
+    assert run(data_dir, out, *SHORT, "loggers=", resume=True)["step"] == 12
+    assert (f"tinygemma: warning: {out / 'tb'} was left as it was (TypeError: Descriptors cannot be created "
+            "directly)") in capsys.readouterr().err
+
+
+def record_offsets(path: Path) -> list[int]:
+    """Where each record of an events file starts (8 bytes of length, 4 of its CRC, the data, 4 of the data's)."""
+    data, offsets, at = path.read_bytes(), [], 0
+    while at + 8 <= len(data):
+        offsets.append(at)
+        at += 16 + struct.unpack("<Q", data[at : at + 8])[0]
+    return offsets
+
+
+@pytest.mark.parametrize("where", ["data", "length"])
+def test_an_events_file_damaged_mid_way_is_left_as_it_was(data_dir, tmp_path, capsys, where):
     """tensorboard's reader stops silently at a damaged record: the events after it were taken for none, and the
-    file rewritten without them. Only a torn last record (a kill mid-write) is taken as the file's end."""
+    file rewritten without them; a damaged length was taken for a torn last record."""
     out = tmp_path / "run"
     run(data_dir, out, *SHORT, stop_at=6)
     (events,) = (out / "tb").iterdir()
     damaged = bytearray(events.read_bytes())
-    damaged[len(damaged) * 3 // 4] ^= 0xFF  # a record among the scalars
+    at = record_offsets(events)[len(record_offsets(events)) * 3 // 4]  # a record among the scalars
+    damaged[at + 20 if where == "data" else at + 5] ^= 0x40
     events.write_bytes(bytes(damaged))
+    capsys.readouterr()
     run(data_dir, out, *SHORT, resume=True, stop_at=9)
     assert events.read_bytes() == damaged
-    torn = tmp_path / "torn"
-    run(data_dir, torn, *SHORT, stop_at=6)
-    (events,) = (torn / "tb").iterdir()
-    events.write_bytes(events.read_bytes()[:-5])  # the last record cut short
-    run(data_dir, torn, *SHORT, resume=True)
-    assert_tensorboard_shows_the_records(torn)
+    assert f"tinygemma: warning: {events} cannot be read whole" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tail", ["torn", "zeros"])
+def test_an_events_file_ending_in_a_torn_record_or_zeros_is_cut_back_to_the_checkpoint(data_dir, tmp_path, tail):
+    """A kill mid-write tears the last record; a crash can leave zeros after it: the file's records before it are
+    read, and the lost work past the checkpoint cut (zeros were taken for damage: nothing was cut, ever)."""
+    out = tmp_path / "run"
+    run(data_dir, out, *SHORT, "keep_checkpoints=2", stop_at=9)
+    checkpoints = out / "checkpoints"  # the kill: step 9's checkpoint never written
+    shutil.rmtree(checkpoints / "step_000009")
+    for pointer in ("last.json", "best.json"):
+        (checkpoints / pointer).write_text(json.dumps({"dir": "step_000006", "step": 6, "val_loss": None}))
+    (events,) = (out / "tb").iterdir()
+    events.write_bytes(events.read_bytes()[:-5] if tail == "torn" else events.read_bytes() + bytes(4096))
+    run(data_dir, out, *SHORT, "keep_checkpoints=2", "eval_interval=5", resume=True)
+    assert_tensorboard_shows_the_records(out)
 
 
 def test_a_backfill_that_fails_is_a_warning_and_the_tracker_stays(tmp_path, capsys):

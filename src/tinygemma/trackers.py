@@ -30,10 +30,14 @@ import contextlib
 import html
 import importlib.util
 import json
+import math
 import os
+import struct
 import sys
 import threading
 from pathlib import Path
+
+import numpy as np
 
 from tinygemma.errors import UserError, describe, failure
 from tinygemma.files import atomic_path, atomic_write_json, read_json
@@ -102,8 +106,11 @@ class Trackers:
                     tracker.close(1)  # another failed to start: this run failed too
             raise
         if "tensorboard" not in names:  # tb/ kept as metrics.jsonl is, whichever trackers an invocation runs
-            with contextlib.suppress(ImportError):
-                cut_events(event_files(run_dir / "tb"), events_kept(start))
+            try:
+                cut_to_start(run_dir / "tb", start)
+            except Exception as e:  # (tensorboard not installed, or broken: this run does not need it)
+                print(f"tinygemma: warning: {run_dir / 'tb'} was left as it was ({describe(e)}): TensorBoard may "
+                      "show steps past the checkpoint there", file=sys.stderr, flush=True)
         self.trackers = opened
         ids = {t.name: t.resume_id for t in opened if t.resume_id is not None}
         if ids or path.exists():
@@ -184,7 +191,7 @@ class TensorBoard:
 
             quiet_event_writer_threads()
             folder = run_dir / "tb"
-            self.held = cut_events(event_files(folder), events_kept(start))
+            self.held = cut_to_start(folder, start)
             self.earlier = event_files(folder)  # (the writer's own file is never rewritten while it is open)
             # Hide events past the checkpoint from readers that honour it; a fresh start hides every earlier event.
             self.writer = SummaryWriter(str(folder), purge_step=start + 1 if start else 0)
@@ -199,7 +206,7 @@ class TensorBoard:
     def text(self, key: str, value: str, step: int) -> None:
         # As an indented code block: TensorBoard renders text as Markdown (a story's *word* in italics, its lines
         # run together)
-        self.writer.add_text(key, "".join(f"    {line}\n" for line in value.split("\n")), step)
+        self.writer.add_text(key, markdown_block(value), step)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -211,8 +218,11 @@ class TensorBoard:
         after a later one of its tag as a restart and drops that tag's later points. The earlier files keep their
         other events (the configs); the steps go into this invocation's file, after its start. With a file that
         cannot be read, nothing is written (what it holds is unknown)."""
-        wanted = {(record["step"], tag) for record in records for tag in [
-            *record_scalars(record), *map(sample_key, range(len(record.get("samples", ()))))]}
+        wanted = {}
+        for record in records:
+            wanted |= {(record["step"], tag): point(value) for tag, value in record_scalars(record).items()}
+            wanted |= {(record["step"], sample_key(i)): markdown_block(text)
+                       for i, text in enumerate(record.get("samples", ()))}
         if self.held is None or wanted == self.held:  # flushed at every evaluation, so before every checkpoint
             return
         cut_events(self.earlier, lambda event: not any(map(is_tracked, event.summary.value)))
@@ -221,6 +231,28 @@ class TensorBoard:
 
     def close(self, exit_code: int) -> None:
         self.writer.close()
+
+
+def markdown_block(text: str) -> str:
+    """A sample story as TensorBoard gets it: an indented code block (TensorBoard renders text as Markdown: a
+    story's *word* in italics, its lines run together)."""
+    return "".join(f"    {line}\n" for line in text.split("\n"))
+
+
+def point(value) -> float | str:
+    """A scalar as an events file holds it (float32), NaN equal to NaN."""
+    value = float(np.float32(value))
+    return "nan" if math.isnan(value) else value
+
+
+def held_point(value) -> float | str | None:
+    """What an events file's summary value holds: its scalar (as `point`) or its text."""
+    if value.WhichOneof("value") == "simple_value":
+        return point(value.simple_value)
+    tensor = value.tensor
+    if tensor.string_val:
+        return tensor.string_val[0].decode("utf-8", "replace")
+    return point(tensor.float_val[0]) if tensor.float_val else None
 
 
 def is_tracked(value) -> bool:
@@ -232,34 +264,43 @@ def event_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("events.out.tfevents.*"))
 
 
-def events_kept(start: int):
-    """Which events a start at step `start` keeps: a resume's up to its checkpoint, a fresh start's none."""
-    return (lambda event: event.step <= start) if start else (lambda event: False)
+def cut_to_start(folder: Path, start: int) -> dict | None:
+    """tb/ as a start at step `start` keeps it (cut_events): a resume's events up to its checkpoint; a fresh start
+    (a run killed before its first checkpoint, started again) none, as metrics.jsonl loses its records."""
+    if start:
+        return cut_events(event_files(folder), lambda event: event.step <= start)
+    for path in event_files(folder):
+        path.unlink()
+    return {}
 
 
-def cut_events(files: list[Path], keep) -> set[tuple[int, str]] | None:
+def cut_events(files: list[Path], keep) -> dict[tuple[int, str], float | str | None] | None:
     """Rewrite each events file of `files` with the events `keep(event)` accepts (atomically; a file left with
-    none is deleted), and return the (step, name) of the scalars and sample stories kept, or None if a file could
-    not be read (it is left as it was: its events are not ours to lose)."""
+    none is deleted), and return the scalars and sample stories kept, {(step, name): value} (None for a point held
+    twice), or None if a file could not be read whole (it is left as it was, with a warning: its events are not
+    ours to lose)."""
     if not files:
-        return set()
+        return {}
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    held: set[tuple[int, str]] | None = set()
+    held: dict | None = {}
     for path in files:
         try:
             raw = list(RawEventFileLoader(str(path)).Load())
             check_read_whole(path, raw)
             records = [(record, Event.FromString(record)) for record in raw]
-        except Exception:
+        except Exception as e:
+            print(f"tinygemma: warning: {path} cannot be read whole ({describe(e)}): it is left as it was, and "
+                  "TensorBoard's steps are not written again", file=sys.stderr, flush=True)
             held = None
             continue
         kept = [(record, event) for record, event in records if keep(event)]
-        if held is not None:
-            held |= {(event.step, value.tag.removesuffix("/text_summary")) for _, event in kept
-                     for value in event.summary.value if is_tracked(value)}
+        for _, event in kept if held is not None else ():
+            for value in filter(is_tracked, event.summary.value):
+                key = event.step, value.tag.removesuffix("/text_summary")
+                held[key] = None if key in held else held_point(value)  # (a point held twice is no record's)
         if not kept:
             path.unlink()
         elif len(kept) < len(records):
@@ -272,15 +313,23 @@ def cut_events(files: list[Path], keep) -> set[tuple[int, str]] | None:
 
 def check_read_whole(path: Path, records: list[bytes]) -> None:
     """Raise if tensorboard's reader stopped before the end of the events file at `path` for another reason than
-    a torn last record (a kill mid-write): it stops silently at a damaged one, and the events after it are not
-    ours to drop. A record is framed by 16 bytes (its length, the CRCs of both) around its data."""
+    a torn last record (a kill mid-write; zeros a crash left after it): it stops silently at a damaged one, and
+    the events after it are not ours to drop. A record is its length (8 bytes) and the length's masked CRC (4),
+    its data, and the data's CRC (4)."""
+    from tensorboard.summary.writer.record_writer import masked_crc32c
+
     read, size = sum(len(record) + 16 for record in records), path.stat().st_size
-    if read < size:
-        with open(path, "rb") as f:
-            f.seek(read)
-            length = f.read(8)
-        if len(length) == 8 and read + 16 + int.from_bytes(length, "little") <= size:
-            raise ValueError(f"{path} cannot be read past byte {read}")
+    if read >= size:
+        return
+    with open(path, "rb") as f:
+        f.seek(read)
+        header = f.read(12)
+        zeros = not header.strip(b"\0") and not any(chunk.strip(b"\0") for chunk in iter(lambda: f.read(1 << 20), b""))
+    if len(header) < 12 or zeros:
+        return
+    length, crc = struct.unpack("<QI", header)
+    if masked_crc32c(header[:8]) != crc or read + 16 + length <= size:
+        raise ValueError(f"a damaged record at byte {read} of {size}")
 
 
 class Wandb:

@@ -716,3 +716,31 @@ def test_a_hand_edited_meta_json_is_one_line_for_train_and_eval(world, tmp_path,
         assert main(["eval", "--ckpt", str(world / "run"), "--data", str(data)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
+
+
+def test_running_out_of_memory_in_eval_says_to_lower_the_batch_size(world, capsys, monkeypatch):
+    """eval's out of memory is one line naming its own flag to lower, as generate's and train's do."""
+    import tinygemma.cli as cli
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(cli, "evaluate", oom)
+    assert main(["eval", "--ckpt", str(world / "run"), "--data", str(world / "data"), "--max-tokens", "100"]) == 1
+    assert capsys.readouterr().err == ("tinygemma eval: error: out of memory (CUDA out of memory. Tried to allocate "
+                                       "2.00 GiB.); use a smaller --batch-size\n")
+
+
+def test_push_to_hub_takes_only_user_slash_name_before_anything_is_exported(world, tmp_path, capsys, monkeypatch):
+    """A URL, a path of three parts or a name with a space is refused in one line before the export (the name goes
+    into the model card), not after an export that the hub then refuses."""
+    import tinygemma.cli as cli
+
+    uploads = []
+    monkeypatch.setattr(cli, "push_to_hub", lambda *args: uploads.append(args) or "https://huggingface.co/x")
+    for repo in ("https://huggingface.co/user/name", "user/name/extra", "user/my model"):
+        assert main(["export", "--ckpt", str(world / "run"), "--out", str(tmp_path / "new"),
+                     "--push-to-hub", repo]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "takes the repository as USER/NAME" in err, err
+        assert not (tmp_path / "new").exists() and not uploads

@@ -507,3 +507,16 @@ def test_validation_with_one_window_a_batch_reads_every_window(monkeypatch):
         evaluation.evaluate_windows(model, tokens, starts, torch.full((300,), 2), batch_size, 16,
                                     Runtime(torch.device("cpu"), torch.float32))
         assert sum(read, []) == starts.tolist(), batch_size
+
+
+def test_eval_reads_eight_windows_a_pass_when_no_batch_size_is_given(ckpt, gpt2_data, capsys, monkeypatch):
+    """--batch-size's default is the 8 its help promises (and the number the out-of-memory advice lowers)."""
+    import tinygemma.cli as cli
+
+    seen, real = [], cli.evaluate
+    monkeypatch.setattr(cli, "evaluate", lambda model, tokens, block, batch, *a, **k: seen.append(batch) or real(
+        model, tokens, block, batch, *a, **k))
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--max-tokens", "300",
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert seen == [8]

@@ -1011,3 +1011,13 @@ def test_generation_under_autocast_caches_and_computes_in_the_autocast_dtype(mon
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0)
     assert out.shape == (1, 7) and all(layer.k.dtype == torch.bfloat16 for layer in caches[0])
+
+
+def test_cli_top_k_zero_means_no_top_k_filter_as_none_does(ckpt, capsys):
+    """--top-k 0 is documented as none (no top-k filter): it samples as --top-k none does, never a refusal."""
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "4", "--temperature", "1.0",
+            "--seed", "5", "--dtype", "float32"]
+    assert main([*args, "--top-k", "none"]) == 0
+    none = capsys.readouterr().out
+    assert main([*args, "--top-k", "0"]) == 0
+    assert capsys.readouterr().out == none

@@ -821,3 +821,15 @@ def test_q8_0_rows_of_a_half_block_fall_back_too(bpe, tmp_path):
     _, path = small_export(bpe, tmp_path, dtype="q8_0", n_layers=1, d_model=48, n_heads=3, n_kv_heads=1)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["token_embd.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"
+
+
+def test_an_export_whose_sliding_layers_differ_from_gemmas_says_older_builds_assume_them(bpe, tmp_path, capsys):
+    """A model whose local RoPE base is not Gemma 3's exports with a note on stderr; Gemma 3's own layout with none."""
+    for name, overrides in (("gemma", {}), ("other", {"rope_local_base": 777.0})):
+        config = ModelConfig.preset("gemma3-tiny", vocab_size=bpe.vocab_size, d_model=32, head_dim=16,
+                                    query_pre_attn_scalar=16, mlp_dim=64, n_heads=2, sliding_window=16, **overrides)
+        save_model(Gemma3(config), tmp_path / name, {"tokenizer": bpe.save(tmp_path / name)})
+        assert main(["export", "--ckpt", str(tmp_path / name), "--out", str(tmp_path / f"{name}.gguf")]) == 0
+        out, err = capsys.readouterr()
+        assert "llama-completion -m" in out
+        assert ("older llama.cpp builds and Ollama assume Gemma 3's" in err) is bool(overrides), err

@@ -1670,3 +1670,15 @@ def test_a_fork_keeps_its_sources_earlier_best_checkpoint(data_dir, tmp_path, mo
     fork = tmp_path / "fork"
     fork_run(out / "checkpoints" / "step_000006", fork)
     assert sorted(p.name for p in (fork / "checkpoints").glob("step_*")) == ["step_000003", "step_000006"]
+
+
+def test_resume_with_a_recipe_file_follows_the_file_not_the_saved_recipe(data_dir, tmp_path, capsys):
+    """--resume continues with the run's saved recipe unless --config is given: a recipe file given is followed."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=6", stop_at=2)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[generate]\nmax_new_tokens = 7\n")
+    sets = [part for item in tiny_settings(data_dir, out, "max_steps=6") for part in ("--set", item)]
+    capsys.readouterr()
+    assert main(["train", "--resume", "--config", str(recipe), *sets, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"]["generate"]["max_new_tokens"] == 7

@@ -1358,3 +1358,178 @@ def test_gpu_suite_each_benchmark_and_trainer_run_stops_at_its_steps_share(tmp_p
     (tmp_path / "assets").mkdir()
     suite.trainer(plan, {}, tmp_path, tmp_path / "assets")
     assert timeouts[0] == pytest.approx(45, abs=2) and timeouts[1:] == [0.0] * len(plan.trainer_runs)
+
+
+def test_time_interleaved_takes_the_median_not_the_mean(monkeypatch):
+    """Three timed runs of 1, 2 and 9 s: the figure is 2 s (the median), not 4 s (the mean), so one run slowed by
+    another process does not move it."""
+    common = load_script("common")
+    durations = iter([100.0, 1.0, 2.0, 9.0])  # the warm-up, then three timed runs
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(durations)
+        return clock[0]
+
+    times, _ = common.time_interleaved([fn], 3)
+    assert times == [pytest.approx(2.0)]
+
+
+def test_time_interleaved_waits_for_the_device_before_each_clock_reading(monkeypatch):
+    """On CUDA a clock read without a synchronize before it times only the kernel launches: each timed run is
+    sync, clock, run, sync, clock."""
+    common = load_script("common")
+    events = []
+    monkeypatch.setattr(common.time, "perf_counter", lambda: events.append("clock") or 0.0)
+    common.time_interleaved([lambda: events.append("run")], 2, sync=lambda: events.append("sync"))
+    assert events == ["run"] + ["sync", "clock", "run", "sync", "clock"] * 2
+
+
+def test_a_contender_step_is_the_workshop_loops_step(monkeypatch):
+    """N passes of loss / N (one pass's gradient, accumulated), one clipping at 0.5, AdamW, the gradients then
+    set to None: the loop every contender runs, so that the ratios measure the models, not the loop."""
+    train_throughput = load_script("train_throughput")
+    model = torch.nn.Linear(4, 1, bias=False)
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        seen.append((params[0].grad.clone(), max_norm))
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    contender = train_throughput.Contender("t", model, lambda x, y: model(x).mean(), autocast=False)
+    contender.step(torch.ones(2, 4), None, grad_accum=3)
+    assert len(seen) == 1 and seen[0][1] == 0.5
+    assert torch.allclose(seen[0][0], torch.ones(1, 4))  # three passes of loss / 3: one pass's gradient
+    assert model.weight.grad is None
+
+
+def test_build_contenders_gives_each_its_precision_attention_and_compilation():
+    """Under --dtype bfloat16 tinygemma and transformers keep float32 weights under autocast, the workshop model
+    holds bfloat16 weights (its autocast CUDA's only, as in the notebook); transformers-eager is eager attention;
+    --compile compiles tinygemma alone."""
+    train_throughput = load_script("train_throughput")
+    config = ModelConfig.preset("gemma3-tiny")
+    contenders = train_throughput.build_contenders(["tinygemma", "transformers", "transformers-eager", "workshop"],
+                                                   config, torch.bfloat16, torch.device("cpu"), True, 0)
+    by = {c.name: c for c in contenders}
+    assert list(by) == ["tinygemma (compile)", "transformers", "transformers-eager", "workshop"]
+    assert [c.autocast for c in contenders] == [True, True, True, False]
+    assert by["transformers"].model.config._attn_implementation == "sdpa"
+    assert by["transformers-eager"].model.config._attn_implementation == "eager"
+    assert by["tinygemma (compile)"].model.embed_tokens.weight.dtype == torch.float32
+    assert by["transformers"].model.model.embed_tokens.weight.dtype == torch.float32
+    assert by["workshop"].model.tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_check_losses_refuses_a_float32_spread_and_warns_of_a_bfloat16_one(capsys):
+    """float32 step-0 losses 2e-4 apart (relative) are not the same function: refused; within 1e-4 they pass.
+    In bfloat16 a spread over 2e-2 is reported and the run goes on."""
+    train_throughput = load_script("train_throughput")
+    assert train_throughput.check_losses({"a": 10.0, "b": 10.0005}, torch.float32) == pytest.approx(5e-5)
+    with pytest.raises(SystemExit, match="do not compute the same function"):
+        train_throughput.check_losses({"a": 10.0, "b": 10.002}, torch.float32)
+    assert train_throughput.check_losses({"a": 10.0, "b": 10.5}, torch.bfloat16) == pytest.approx(0.05)
+    assert "warning: step-0 losses differ" in capsys.readouterr().err
+
+
+def test_train_throughput_peak_is_the_dtypes_and_none_for_parts_without_a_known_one(monkeypatch):
+    """bf16: the trainer's table; float32: 67 TFLOP/s on an H100 or H200 SXM, none claimed for PCIe or NVL parts
+    (lower clocks and power) nor for a chip not in the table, nor on a CPU."""
+    train_throughput = load_script("train_throughput")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(train_throughput, "trainer_peak_flops", lambda device: 989e12)
+    for name, float32_peak in (("NVIDIA H100 80GB HBM3", 67e12), ("NVIDIA H200", 67e12), ("NVIDIA H100 PCIe", None),
+                               ("NVIDIA H100 NVL", None), ("NVIDIA A100-SXM4-80GB", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert train_throughput.peak_flops(cuda, torch.float32) == float32_peak, name
+        assert train_throughput.peak_flops(cuda, torch.bfloat16) == 989e12, name
+    assert train_throughput.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_train_throughput_row_is_the_median_step_and_the_mfu_of_its_tokens():
+    """Step times of 1, 2 and 9 s: the figure is the 2 s median (not the 4 s mean); MFU = FLOPs a token x the
+    step's tokens / the step's time / the peak."""
+    train_throughput = load_script("train_throughput")
+    row = train_throughput.result_row("x", [1.0, 2.0, 9.0], [5.0, 4.0], 1000, 6e6, 1e12)
+    assert row["step_time_s"] == 2.0 and row["tokens_per_s"] == 500.0 and row["loss_step0"] == 5.0
+    assert row["mfu"] == pytest.approx(6e6 * 1000 / 2.0 / 1e12)
+    assert train_throughput.result_row("x", [1.0], [5.0], 1000, 6e6, None)["mfu"] is None
+
+
+def test_resident_memory_counts_the_optimizer_state_and_a_tied_weight_once():
+    """After a step AdamW holds two moments a weight (and its step count); a weight shared by two layers, as a tied
+    head shares the embedding, is resident once."""
+    train_throughput = load_script("train_throughput")
+    model = torch.nn.Module()
+    model.a, model.b = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+    model.b.weight = model.a.weight
+    contender = train_throughput.Contender("t", model, lambda x, y: model.b(model.a(x)).sum(), autocast=False)
+    assert train_throughput.resident_bytes(contender) == 16 * 4
+    contender.step(torch.ones(1, 4), None)
+    step = contender.optimizer.state[model.a.weight]["step"]
+    assert train_throughput.resident_bytes(contender) == 3 * 16 * 4 + step.numel() * step.element_size()
+
+
+def test_train_throughput_counts_every_accumulated_passs_tokens(capsys):
+    """--grad-accum 2: a step is two batches' tokens, so tokens/s = batch x block x 2 / the step's time (the GPU
+    suite's workshop figure runs 32 passes a step)."""
+    train_throughput = load_script("train_throughput")
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16",
+                                    "--grad-accum", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                                    "--contenders", "tinygemma"])
+    row = result["results"][0]
+    assert result["grad_accum"] == 2 and row["tokens_per_s"] == pytest.approx(1 * 16 * 2 / row["step_time_s"])
+
+
+def test_train_throughput_isolated_children_run_the_parents_settings(monkeypatch, capsys):
+    """--isolate: each child process is started with the parent's shape (--grad-accum included), precision,
+    attention and --compile, and the parent's tokens/s is its tokens over the median of the children's steps."""
+    import subprocess
+
+    train_throughput = load_script("train_throughput")
+    commands = []
+
+    def fake_run(cmd, stdout=None):
+        commands.append(cmd)
+        label = cmd[cmd.index("--contenders") + 1].replace("+compile", " (compile)")
+        Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({
+            "device": "cpu", "flops_per_token": 1.0, "peak_flops": None, "results": [
+                {"contender": label, "step_time_s": 2.0, "step_times_s": [1.0, 2.0, 9.0], "losses": [5.0, 4.0],
+                 "loss_step0": 5.0, "peak_memory_bytes": None}]}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--device", "cpu", "--batch-size", "2",
+                                    "--block-size", "16", "--grad-accum", "4", "--steps", "3", "--dtype", "bfloat16",
+                                    "--attention", "flex", "--compile", "--isolate", "1",
+                                    "--contenders", "tinygemma,transformers"])
+    assert len(commands) == 2
+    for cmd in commands:
+        settings = {a: cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a.startswith("--")}
+        assert {k: settings[k] for k in ("--batch-size", "--block-size", "--grad-accum", "--steps", "--dtype",
+                                         "--attention")} == {"--batch-size": "2", "--block-size": "16",
+                                                             "--grad-accum": "4", "--steps": "3",
+                                                             "--dtype": "bfloat16", "--attention": "flex"}
+        assert "--compile" in cmd
+    for row in result["results"]:
+        assert row["tokens_per_s"] == pytest.approx(2 * 16 * 4 / 2.0)
+
+
+def test_workshop_feed_forward_is_tinygemmas_tanh_geglu():
+    """The workshop model's GeGLU is tinygemma's (tanh GELU) on inputs large enough to tell it from exact GELU:
+    at a fresh model's scale the step-0 loss check cannot (they differ by O(x^3) near 0)."""
+    workshop_model = load_script("workshop_model")
+    from tinygemma.model import MLP
+
+    config = ModelConfig.preset("gemma3-tiny")
+    ours = MLP(config)
+    theirs = workshop_model.FeedForward(workshop_model.workshop_config(config, torch.float32))
+    theirs.load_state_dict({"fc1.weight": ours.gate_proj.weight, "fc2.weight": ours.up_proj.weight,
+                            "fc3.weight": ours.down_proj.weight})
+    x = 30 * torch.randn(4, config.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-6)

@@ -423,3 +423,177 @@ def test_a_staged_folder_keeps_the_mode_of_the_files_it_replaces(tmp_path):  # f
         os.chmod(stage / "a.txt", 0o644)
     assert (tmp_path / "a.txt").read_text() == "new"
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o600
+
+
+def test_a_full_quota_says_the_disk_may_be_full_too(tmp_path):
+    """A write refused by a disk quota (EDQUOT, as on a shared cluster's home) is a full disk for the user."""
+    import errno
+
+    from tinygemma.files import WriteError, write_errors
+
+    with pytest.raises(WriteError) as raised:
+        with write_errors(tmp_path / "model.safetensors"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert str(raised.value).endswith("(Disk quota exceeded); the disk may be full")
+
+
+def test_a_long_library_error_is_cut_to_one_short_line(tmp_path, monkeypatch):
+    """safetensors' own errors can carry a long first line: the WriteError keeps at most 200 of its characters."""
+    from safetensors import SafetensorError
+
+    from tinygemma.files import WriteError, write_errors
+
+    with pytest.raises(WriteError) as raised:
+        with write_errors(tmp_path / "model.safetensors"):
+            raise SafetensorError("Error while serializing: " + "x" * 5000)
+    message = str(raised.value)
+    assert message.startswith(f"could not write {tmp_path / 'model.safetensors'} (Error while serializing: ")
+    assert len(message) < 200 + len(str(tmp_path)) + 60 and "\n" not in message
+
+
+def test_no_free_temporary_name_leaves_the_others_temporaries_alone(tmp_path, monkeypatch):
+    """When every temporary name is taken, the write fails in one line and deletes none of the files that held
+    those names (another writer's temporaries)."""
+    from tinygemma.files import WriteError, atomic_write_text
+
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: "0a1b2c3d")
+    theirs = tmp_path / ".a.txt.0a1b2c3d.tmp"
+    theirs.write_text("another writer's")
+    with pytest.raises(WriteError, match="no free temporary name"):
+        atomic_write_text(tmp_path / "a.txt", "mine")
+    assert theirs.read_text() == "another writer's" and not (tmp_path / "a.txt").exists()
+
+
+def test_a_users_dotted_tmp_file_is_no_temporary_and_stays(tmp_path):
+    """Only atomic_path's (and mkstemp's) names, 8 characters between the dots: a user's
+    .config.json.backup.tmp beside an export is no temporary of config.json, and is not removed."""
+    assert temporary_target(".config.json.backup.tmp") is None
+    (tmp_path / ".config.json.backup.tmp").write_text("mine")
+    remove_temporaries(tmp_path, {"config.json"})
+    assert [p.name for p in tmp_path.iterdir()] == [".config.json.backup.tmp"]
+
+
+def test_a_failed_write_in_a_staged_folder_names_the_file_it_was_to_become(tmp_path):
+    """A full disk while an export writes its weights names --out's model.safetensors, not the hidden staging
+    folder's (which is gone by the time the user reads the line), and keeps the cause's errno."""
+    import errno
+
+    from tinygemma.files import staged_folder, write_errors
+
+    out = tmp_path / "hf"
+    with pytest.raises(WriteError) as raised:
+        with staged_folder(out, frozenset({"model.safetensors"}), "an export") as stage:
+            with write_errors(stage / "model.safetensors"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(raised.value) == f"could not write {out / 'model.safetensors'} (No space left on device); the disk may be full"
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_temporaries_of_the_files_a_command_replaces_are_not_anothers(tmp_path):
+    """A folder holding only what a write killed at its start left (a temporary of an export's weights, of a
+    prepare's train.bin) is the command's to write into again; a temporary of any other file is someone's."""
+    from tinygemma.files import others_than
+
+    (tmp_path / ".model.safetensors.0a1b2c3d.tmp").write_bytes(b"\0" * 100)
+    assert others_than(tmp_path, set(), {"model.safetensors"}) == []
+    assert others_than(tmp_path, set()) == [".model.safetensors.0a1b2c3d.tmp"]
+
+
+def test_an_empty_output_path_is_refused_not_taken_for_the_current_folder(tmp_path):
+    """An empty or blank path (out="" from Python, an unset variable) is no path: Path("") is the current folder."""
+    for empty in ("", "   "):
+        with pytest.raises(UserError, match="--out must be a path"):
+            check_output_path(empty)
+        with pytest.raises(UserError, match="--out must be a path"):
+            check_output_folder(empty, "the export")
+
+
+def test_an_output_folder_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*notes.txt is a file; give the folder to write the run into"):
+        check_output_folder(tmp_path / "notes.txt", "the run")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_with_a_metrics_log_alone_is_a_training_run(tmp_path):
+    from tinygemma.files import is_training_run
+
+    assert not is_training_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert is_training_run(tmp_path)
+
+
+def test_an_output_through_a_link_to_a_runs_checkpoints_is_refused(tmp_path):
+    """A link elsewhere (latest -> run/checkpoints) names no checkpoints/ folder itself: what it resolves to does,
+    and that run would prune an export written there."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {}}))
+    (tmp_path / "latest").symlink_to(run / "checkpoints")
+    with pytest.raises(UserError, match="a run's checkpoints \\(which that run prunes\\)"):
+        check_output_path(tmp_path / "latest" / "hf")
+
+
+def test_an_exports_lock_file_is_a_lock_file_and_its_refusal_names_the_holder(tmp_path):
+    from tinygemma.files import FolderLock, is_lock_file, others_than
+
+    holder = FolderLock(tmp_path, "an export")
+    holder.acquire()
+    try:
+        assert is_lock_file(tmp_path / ".lock") and others_than(tmp_path, set()) == []
+        with pytest.raises(UserError, match=rf"is an export another process is writing \(pid {os.getpid()}\)"):
+            FolderLock(tmp_path, "a run").acquire()
+    finally:
+        holder.release()
+
+
+def test_a_lock_file_left_by_a_longer_named_holder_is_rewritten_whole(tmp_path):
+    """The file a killed holder left stays; the next holder's shorter line replaces it rather than overwriting
+    its start (a tail of the old line would make it no lock file, and its refusal name no pid)."""
+    from tinygemma.files import FolderLock, is_lock_file
+
+    (tmp_path / ".lock").write_text("4194304 a training run\n")
+    lock = FolderLock(tmp_path, "a run")
+    lock.acquire()
+    try:
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} a run\n" and is_lock_file(tmp_path / ".lock")
+    finally:
+        lock.release()
+
+
+def test_a_probe_beside_another_probe_is_not_refused(tmp_path):
+    """check_unlocked probes with a shared lock: two dry runs probing a folder at once do not refuse each other,
+    while a writer's exclusive lock is refused."""
+    import fcntl
+
+    from tinygemma.files import check_unlocked
+
+    (tmp_path / ".lock").write_text("")
+    fd = os.open(tmp_path / ".lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another probe, at this moment
+        check_unlocked(tmp_path, "a run")
+    finally:
+        os.close(fd)
+
+
+def test_a_read_only_filesystem_is_the_machines_failure_and_interrupts_keep_the_shells_statuses():
+    """A read-only filesystem (a full /tmp remounted read-only, a container's image) is exit status 1, like a full
+    disk; Ctrl-C ends with 130 and SIGTERM with 143, as the shell reports a process those signals stopped."""
+    import errno
+
+    from tinygemma.errors import Terminated, exit_status, failure, machine_failure
+
+    assert machine_failure(OSError(errno.EROFS, "Read-only file system"))
+    assert type(failure("x", OSError(errno.EROFS, "Read-only file system"))) is OSError
+    assert (exit_status(KeyboardInterrupt()), exit_status(Terminated())) == (130, 143)
+
+
+def test_describe_keeps_the_lines_asked_for_where_a_validation_error_names_what_is_wrong():
+    """A tracker's failure (describe(error, lines=3)): pydantic names the bad field on the second line and the
+    reason on the third; describe joins the first non-empty lines asked for."""
+    from tinygemma.errors import describe
+
+    error = ValueError("1 validation error for Settings\n\n  project\n    Input should be a valid string\nmore")
+    assert describe(error, lines=3) == "ValueError: 1 validation error for Settings; project; Input should be a valid string"
+    assert describe(error) == "ValueError: 1 validation error for Settings" and describe(KeyError()) == "KeyError"

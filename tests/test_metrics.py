@@ -178,3 +178,24 @@ def test_a_log_interval_of_the_first_step_alone_counts_its_read_wait():  # kills
     record = {}
     assert Trainer.interval_rate(trainer, record) == pytest.approx(500.0)  # 1000 tokens over 1.5 + 0.5 s
     assert record["tokens_per_s"] == pytest.approx(500.0) and trainer.window == [0, 0.0]
+
+
+def test_a_damaged_line_that_is_not_utf8_is_skipped_not_a_crash(tmp_path):
+    """A damaged metrics.jsonl (a disk error, a line saved by an editor in Latin-1) is read as the docstring
+    says: the bad line skipped, by the readers and by a resume, not a UnicodeDecodeError's traceback."""
+    path = tmp_path / "metrics.jsonl"
+    good = {"step": 1, "tokens": 8, "train_loss": 2.0}
+    path.write_bytes((json.dumps(good) + "\n").encode() + '{"step": 2, "note": "café"}\n'.encode("latin-1"))
+    assert read_records(path) == [good]
+    assert MetricsLog.resume(path, 2).records == [good] and lines(path) == [good]
+
+
+def test_null_figures_are_read_back_as_nan(tmp_path):
+    """A non-finite loss is written as null (strict JSON) and read back as NaN, a float the plot and report take."""
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.append({"step": 1, "tokens": 8, "train_loss": math.inf, "grad_norm": math.nan})
+    log.flush()
+    assert lines(path) == [{"step": 1, "tokens": 8, "train_loss": None, "grad_norm": None}]
+    (record,) = read_records(path)
+    assert math.isnan(record["train_loss"]) and math.isnan(record["grad_norm"])

@@ -597,3 +597,18 @@ def test_describe_keeps_the_lines_asked_for_where_a_validation_error_names_what_
     error = ValueError("1 validation error for Settings\n\n  project\n    Input should be a valid string\nmore")
     assert describe(error, lines=3) == "ValueError: 1 validation error for Settings; project; Input should be a valid string"
     assert describe(error) == "ValueError: 1 validation error for Settings" and describe(KeyError()) == "KeyError"
+
+
+def test_a_signal_handler_installed_outside_python_gives_way_to_the_default_not_to_ours(monkeypatch):
+    """signal.signal returns None for a handler installed outside Python, which cannot be put back: the block's
+    handler stayed installed for good, and every later Ctrl-C or SIGTERM was swallowed."""
+    import signal
+
+    from tinygemma.files import signal_handler
+
+    calls = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: calls.append((signum, handler)))  # returns None
+    ours = lambda signum, frame: None  # noqa: E731
+    with signal_handler(ours):
+        assert calls == [(signal.SIGINT, ours), (signal.SIGTERM, ours)]
+    assert calls[2:] == [(signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL)]

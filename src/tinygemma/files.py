@@ -241,9 +241,8 @@ def signal_handler(handler):
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            if handler is not None:  # (None: a handler installed outside Python, which cannot be put back)
-                signal.signal(s, handler)
+        for s, handler in previous.items():  # (None: a handler installed outside Python, which cannot be put
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # back: the default, not ours kept)
 
 
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset(),

@@ -262,3 +262,16 @@ def test_a_run_stopped_inside_the_profiled_steps_stops_the_profiler(tmp_path, mo
     profiler.begin(1)
     profiler.abandon()
     assert log == ["enter", "exit"] and profiler.profiler is None and not (tmp_path / "profile").exists()
+
+
+def test_a_profile_that_ends_one_step_past_the_invocation_is_refused():
+    """--profile 3:5 on an invocation that trains steps 1 to 4 would never reach its last step (no profile is
+    written): refused like any range past the end."""
+    from tinygemma.config import TrainConfig
+    from tinygemma.errors import UserError
+    from tinygemma.train import check_profile_range
+
+    cfg = TrainConfig(max_steps=8, warmup_steps=0, eval_interval=0, checkpoint_interval=0)
+    with pytest.raises(UserError, match="trains optimizer steps 1 to 4"):
+        check_profile_range("3:5", 0, 4, cfg)
+    assert check_profile_range("3:4", 0, 4, cfg) == (3, 4)

@@ -864,3 +864,18 @@ def test_float16_a_scale_below_one_stops_the_run_though_the_read_ends_on_a_finit
         run(data_dir, out, "max_steps=40", "dtype=float16", "checkpoint_interval=2", "log_interval=40",
             resume=True, stop_at=20)
     assert json.loads((out / "checkpoints" / "last.json").read_text())["step"] == 18
+
+
+def test_resume_on_more_tokens_of_the_same_tokenizer_names_the_counts(data_dir, stories_dir, tmp_path):
+    """The folder prepared again with a higher limit holds more tokens: refused naming both counts, not said to
+    hold "as many tokens, but other ones"."""
+    from tinygemma.data import prepare
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "warmup_steps=1", stop_at=1)
+    more = tmp_path / "more"
+    prepare(more, sources=[stories_dir / "train.txt"], tokenizer=str(data_dir / "tokenizer.json"), limit=700,
+            val_fraction=0.1, workers=1, progress=False)
+    with pytest.raises(tinygemma.UserError, match=r"holds other data .*\(train [\d,]+ -> [\d,]+ tokens") as refused:
+        run(more, out, "max_steps=4", "warmup_steps=1", resume=True)
+    assert "as many tokens" not in str(refused.value)

@@ -1682,3 +1682,98 @@ def test_resume_with_a_recipe_file_follows_the_file_not_the_saved_recipe(data_di
     capsys.readouterr()
     assert main(["train", "--resume", "--config", str(recipe), *sets, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["recipe"]["generate"]["max_new_tokens"] == 7
+
+
+def test_a_tokenizer_refusal_on_the_runs_own_data_dir_names_no_other_folder(data_dir, stories_dir, tmp_path):
+    """Data prepared again in the run's own data.dir with another tokenizer is refused; the refusal names another
+    folder ("(on DIR)") only where the run was trained on another one."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    out = tmp_path / "run"
+    run(data, out, "max_steps=2", "warmup_steps=1", stop_at=1)
+    shutil.rmtree(data)
+    prepare(data, sources=[stories_dir / "valid.txt"], tokenizer="bpe", vocab_size=512, limit=200,
+            val_fraction=0.1, workers=1, progress=False)  # as many tokens (512), other ids
+    with pytest.raises(tinygemma.UserError, match="but the run was trained with") as refused:
+        run(data, out, "max_steps=2", "warmup_steps=1", resume=True)
+    assert "(on " not in str(refused.value), str(refused.value)
+
+
+def test_samples_during_training_on_one_process_are_not_refused_under_distributed_fsdp(data_dir, tmp_path):
+    """distributed = fsdp shards nothing on one process, so sample_interval's whole-model samples are fine there
+    (only under torchrun with FSDP are they refused)."""
+    out = tmp_path / "r"
+    summary = run(data_dir, out, "max_steps=1", "warmup_steps=0", "distributed=fsdp", "sample_interval=1",
+                  "generate.max_new_tokens=2", "generate.prompts=Tom had")
+    assert summary["step"] == 1 and any("samples" in r for r in metrics(out))
+
+
+def test_a_finished_run_run_again_says_its_steps_not_a_stop_at(data_dir, tmp_path, capsys):
+    """A finished run, run again, trains nothing: its first line says steps 2 to 2 of 2, not that --stop-at
+    (never given) does not pass its step."""
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=2", "warmup_steps=1")
+    capsys.readouterr()
+    train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=2", "warmup_steps=1")), resume=True)
+    said = capsys.readouterr().out
+    assert "steps 2 to 2 of 2" in said and "--stop-at" not in said, said
+
+
+def test_a_resumed_init_from_run_does_not_say_its_weights_come_from_the_source(data_dir, tmp_path, capsys):
+    """The first line names train.init_from's weights where the run starts from them (step 0); a resume
+    continues from its own checkpoint, and says nothing of the source."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=2", "warmup_steps=1")
+    settings = tiny_settings(data_dir, tmp_path / "new", "max_steps=4", "warmup_steps=1", f"init_from={source}")
+    capsys.readouterr()
+    train(load_recipe(None, settings), stop_at=2)
+    assert "weights from " in capsys.readouterr().out
+    train(load_recipe(None, settings), resume=True)
+    assert "weights from " not in capsys.readouterr().out
+
+
+def test_the_logged_training_time_runs_on_across_a_resume(data_dir, tmp_path):
+    """metrics.jsonl's elapsed_s is the run's training time so far, all invocations' (loss against time,
+    across resumes), as trainer_state.json's: it never goes back at a resume."""
+    out = tmp_path / "r"
+    settings = ["max_steps=6", "checkpoint_interval=3", "log_interval=1"]
+    run(data_dir, out, *settings, stop_at=3)
+    before = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())["elapsed_s"]
+    run(data_dir, out, *settings, resume=True)
+    logged = {r["step"]: r["elapsed_s"] for r in metrics(out) if "elapsed_s" in r}
+    assert logged[4] >= before > 0
+    assert [logged[s] for s in sorted(logged)] == sorted(logged.values())
+
+
+def test_the_eta_at_an_invocations_second_step_is_its_wall_clock_since_the_first(data_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """One step after the first (compiling) one, the ETA already takes the wall-clock time since it, evaluations
+    included: a 6 s evaluation after step 1 leaves 6 more steps at 6 s or more each, not at the steps' own rate."""
+    calls, clock, real_clock = [], [0.0], time.perf_counter
+
+    def slow(*args, **kwargs):  # 6 s on the clock, at once
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after step 1 (the first is step 0's)
+            clock[0] += 6
+        return evaluate_windows(*args, **kwargs)
+
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows", slow)
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + clock[0])
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "r", "max_steps=8", "eval_interval=1",
+                                          "log_interval=2", "checkpoint_interval=0")))
+    assert eta_seconds(capsys.readouterr().out, 2) >= 30
+
+
+def test_a_resumed_init_from_run_keeps_the_checkpoint_it_started_from(data_dir, tmp_path):
+    """The checkpoint train.init_from resolved to at the run's start (a run folder's best moves on) stays in
+    config.json and every later checkpoint's state after a resume: the report's Reproduce command starts from it."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=2", "warmup_steps=1")
+    out = tmp_path / "new"
+    settings = ["max_steps=4", "warmup_steps=1", "checkpoint_interval=2", f"init_from={source}"]
+    run(data_dir, out, *settings, stop_at=2)
+    started = json.loads((out / "config.json").read_text())["run"]["init_checkpoint"]
+    run(data_dir, out, *settings, resume=True)
+    assert json.loads((out / "config.json").read_text())["run"].get("init_checkpoint") == started
+    state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert state.get("init_checkpoint") == started

@@ -288,8 +288,10 @@ def test_python_resumes_a_run_from_its_saved_recipe(data_dir, tmp_path):
 def test_a_model_llama_cpp_cannot_run_is_said_as_training_starts(data_dir, tmp_path, capsys):
     """model.head_dim set without the query_pre_attn_scalar the preset pairs with it: the GGUF export refused the
     model only once it was trained. A new run now says so first, with the setting that keeps it exportable;
-    a model llama.cpp runs, and a resume, say nothing."""
+    a model llama.cpp runs, and a resume, say nothing. The dry run warns as the start does."""
     settings = ("model.query_pre_attn_scalar=32", "max_steps=4", "warmup_steps=1", "checkpoint_interval=2")
+    recipe = load_recipe(None, tiny_settings(data_dir, tmp_path / "run", *settings))
+    assert any("llama.cpp cannot run this model" in warning for warning in check_run(recipe)["warnings"])
     run(data_dir, tmp_path / "run", *settings, stop_at=2)
     err = capsys.readouterr().err
     assert err.count("llama.cpp cannot run this model") == 1 and "set model.query_pre_attn_scalar=16" in err

@@ -297,7 +297,8 @@ class Trainer:
         self.start_keep = keep if self.start < self.end else max(kept, keep)
         # (said by process 0 alone: the others need not each read the run's whole metrics.jsonl)
         older = check_logged_schedule(self.run_dir, saved_train, self.start) if env_rank() == 0 else None
-        self.warnings = [warning for warning in (older, changed) if warning]
+        unexportable = not_for_llama_cpp(self.model_config) if self.start == 0 else None
+        self.warnings = [warning for warning in (older, changed, unexportable) if warning]
         if self.start_keep < kept:
             self.warnings.append(f"keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest {keep} "
                                  "(and the best) are deleted now")
@@ -329,8 +330,6 @@ class Trainer:
         self.caller_random = random_state(self.rt)  # (the run seeds torch's generator: a notebook gets its own back)
         for warning in self.warnings if self.rt.is_main else ():
             print(f"tinygemma: warning: {warning}", file=sys.stderr, flush=True)
-        if self.start == 0 and self.rt.is_main:
-            warn_if_not_for_llama_cpp(self.model_config)
         was, now = state.get("precision"), dtype_name(self.rt.dtype)
         same_setting = (saved_train or {}).get("dtype") == self.cfg.dtype  # (else named among `changed`)
         if was and was != now and same_setting and self.start < self.end and self.rt.is_main:
@@ -1006,15 +1005,15 @@ def check_logged_schedule(run_dir: Path, saved: dict | None, step: int) -> str |
             "uninterrupted run (resume it with the tinygemma that trained it for that)")
 
 
-def warn_if_not_for_llama_cpp(config: ModelConfig) -> None:
-    """Said as a run starts, not only by the GGUF export at its end: a model llama.cpp cannot run (a head_dim
-    set without the query_pre_attn_scalar the preset pairs with it, say)."""
+def not_for_llama_cpp(config: ModelConfig) -> str | None:
+    """Said as a run starts (and by its dry run), not only by the GGUF export at its end: a model llama.cpp cannot
+    run (a head_dim set without the query_pre_attn_scalar the preset pairs with it, say)."""
     why = llama_cpp_refusal(config)
-    if why:
-        fix = (f"; set model.query_pre_attn_scalar={attention_scale_dim(config)} for one it can"
-               if config.query_pre_attn_scalar != attention_scale_dim(config) else "")
-        print(f"tinygemma: warning: {why}, so `tinygemma export --format gguf` will refuse it (the transformers "
-              f"export takes it){fix}", file=sys.stderr, flush=True)
+    if not why:
+        return None
+    fix = (f"; set model.query_pre_attn_scalar={attention_scale_dim(config)} for one it can"
+           if config.query_pre_attn_scalar != attention_scale_dim(config) else "")
+    return f"{why}, so `tinygemma export --format gguf` will refuse it (the transformers export takes it){fix}"
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:

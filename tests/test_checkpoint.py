@@ -22,6 +22,7 @@ from tinygemma.checkpoint import (
     last_checkpoint,
     prune_checkpoints,
     read_trainer_state,
+    resolve_checkpoint,
     save_model,
     state_kinds_wrong,
 )
@@ -534,3 +535,71 @@ def test_a_checkpoint_json_without_its_model_is_refused_in_one_line(tmp_path):
     (tmp_path / "ckpt" / "checkpoint.json").write_text(json.dumps({"format": "tinygemma"}))
     with pytest.raises(UserError, match="is not a tinygemma checkpoint"):
         tinygemma.load(tmp_path / "ckpt")
+
+
+def test_a_run_whose_pointers_name_gone_checkpoints_says_so_beside_its_recipe(tmp_path):
+    """A run (its recipe as config.json) whose last.json names a checkpoint folder removed by hand is named as
+    such, not as a run that wrote no checkpoint yet."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"max_steps": 10}, "model": {"preset": "gemma3-tiny"}}))
+    (run / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step_000010", "step": 10}))
+    with pytest.raises(UserError, match="checkpoints/last.json names step_000010, which holds no checkpoint.json"):
+        tinygemma.load(run)
+
+
+def test_a_best_pointer_naming_a_folder_without_weights_falls_back_to_the_last_checkpoint(checkpoint, tmp_path):
+    """best.json naming a folder that holds no checkpoint.json (a damaged or half-removed checkpoint) is passed
+    over for last.json's complete one, as a best.json naming a gone folder is."""
+    model, path = checkpoint
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(path, ckpts / "step_000010")
+    (ckpts / "step_000005").mkdir()
+    (ckpts / "step_000005" / "trainer_state.json").write_text("{}")
+    (ckpts / "best.json").write_text(json.dumps({"dir": "step_000005", "step": 5}))
+    (ckpts / "last.json").write_text(json.dumps({"dir": "step_000010", "step": 10}))
+    assert resolve_checkpoint(tmp_path / "run") == ckpts / "step_000010"
+    loaded = tinygemma.load(tmp_path / "run")
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)
+
+
+def test_an_export_into_the_export_it_is_made_from_is_refused(checkpoint, tmp_path, capsys):
+    """An earlier export given as both --ckpt and --out is refused before anything is read or written: exporting
+    it into itself would rewrite, in place, the very folder it reads (its files and model card replaced)."""
+    _, path = checkpoint
+    assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    assert main(["export", "--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path / "hf" / ".")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out must differ from the checkpoint directory" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+
+def test_an_earlier_export_holding_a_file_of_someone_else_is_not_exported_into(checkpoint, tmp_path, capsys):
+    """An earlier export to which someone added a file of their own (notes, a key) is no longer only an export:
+    exporting into it (and --push-to-hub uploading the folder, their file with it) is refused, the file kept."""
+    _, path = checkpoint
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "files an export does not write" in err, err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_export_whose_config_json_was_replaced_by_another_models_is_not_exported_into(checkpoint, tmp_path,
+                                                                                          capsys):
+    """Our marked weights beside a config.json of another model (not gemma3_text) are no export of ours: the
+    folder is refused, its config.json kept."""
+    _, path = checkpoint
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
+    (out / "config.json").write_text('{"model_type": "llama"}')
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 2
+    assert "not an earlier export" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == '{"model_type": "llama"}'

@@ -853,3 +853,29 @@ def test_the_transformers_reference_keeps_rope_frequencies_in_float32():
     buffers = {name: b for name, b in hf.named_buffers() if name.endswith("inv_freq")}
     assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_bare_export_given_a_tokenizer_keeps_the_generation_settings_it_set(tmp_path):
+    """A bare export (no tokenizer) whose generation_config.json sets an id of its own (its owner's stop token)
+    exported again with --tokenizer: only the ids left null are filled with the tokenizer's."""
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=2))
+    save_model(model, tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "bare")
+    generation = json.loads((tmp_path / "bare" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] is None
+    (tmp_path / "bare" / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 13}))
+    export(tmp_path / "bare", tmp_path / "named", tokenizer="gpt2")
+    named = json.loads((tmp_path / "named" / "generation_config.json").read_text())
+    assert named["eos_token_id"] == 13  # its own, kept
+    assert named["bos_token_id"] == named["pad_token_id"] == 50256  # the nulls, filled
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["eos_token_id"] == 50256
+
+
+def test_the_python_export_refuses_a_tokenizer_larger_than_the_model(tmp_path):
+    """export() from Python (no model card, whose samples the CLI's refusal came from) refuses a tokenizer with
+    more ids than the model has rows, before anything is written."""
+    save_model(Gemma3(small_config()), tmp_path / "small")
+    with pytest.raises(tinygemma.UserError, match="more than the model's 512"):
+        export(tmp_path / "small", tmp_path / "new", tokenizer="gpt2")
+    assert not (tmp_path / "new").exists()

@@ -5,6 +5,7 @@ fails mid-run is dropped with one warning and training goes on."""
 
 import errno
 import json
+import math
 import shutil
 import struct
 import threading
@@ -417,6 +418,17 @@ def test_a_broken_tensorboard_stops_no_run_that_leaves_it_out(data_dir, tmp_path
             "directly)") in capsys.readouterr().err
 
 
+def test_points_compare_as_the_events_file_and_metrics_jsonl_hold_them(recwarn):
+    """metrics.jsonl writes every non-finite number as null (NaN when read back), where tb/ keeps an infinite
+    gradient norm (a float16 overflow's) as inf: a plain resume then rewrote tb/ each time. A perplexity past float32's
+    range (a diverged run's) is inf in tb/, and its cast printed numpy's warning."""
+    from tinygemma.trackers import point
+
+    assert point(float("inf")) == point(float("nan")) == point(-float("inf")) == point(1e307) == point(math.nan)
+    assert point(2**53 + 1) == point(float(2**53)) and point(0.1) != point(0.1000001)
+    assert not recwarn.list
+
+
 def record_offsets(path: Path) -> list[int]:
     """Where each record of an events file starts (8 bytes of length, 4 of its CRC, the data, 4 of the data's)."""
     data, offsets, at = path.read_bytes(), [], 0
@@ -443,7 +455,7 @@ def test_an_events_file_damaged_mid_way_is_left_as_it_was(data_dir, tmp_path, ca
     assert f"tinygemma: warning: {events} cannot be read whole" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tail", ["torn", "zeros"])
+@pytest.mark.parametrize("tail", ["torn", "zeros", "torn, then zeros"])
 def test_an_events_file_ending_in_a_torn_record_or_zeros_is_cut_back_to_the_checkpoint(data_dir, tmp_path, tail):
     """A kill mid-write tears the last record; a crash can leave zeros after it: the file's records before it are
     read, and the lost work past the checkpoint cut (zeros were taken for damage: nothing was cut, ever)."""
@@ -454,7 +466,9 @@ def test_an_events_file_ending_in_a_torn_record_or_zeros_is_cut_back_to_the_chec
     for pointer in ("last.json", "best.json"):
         (checkpoints / pointer).write_text(json.dumps({"dir": "step_000006", "step": 6, "val_loss": None}))
     (events,) = (out / "tb").iterdir()
-    events.write_bytes(events.read_bytes()[:-5] if tail == "torn" else events.read_bytes() + bytes(4096))
+    whole = events.read_bytes()
+    events.write_bytes({"torn": whole[:-5], "zeros": whole + bytes(4096),  # (a page that never reached the disk:)
+                        "torn, then zeros": whole[:-20] + bytes(4096)}[tail])
     run(data_dir, out, *SHORT, "keep_checkpoints=2", "eval_interval=5", resume=True)
     assert_tensorboard_shows_the_records(out)
 

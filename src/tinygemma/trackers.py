@@ -240,9 +240,11 @@ def markdown_block(text: str) -> str:
 
 
 def point(value) -> float | str:
-    """A scalar as an events file holds it (float32), NaN equal to NaN."""
-    value = float(np.float32(value))
-    return "nan" if math.isnan(value) else value
+    """A scalar as an events file holds it (float32); every non-finite one alike (metrics.jsonl writes them all as
+    null, read back as NaN)."""
+    with np.errstate(over="ignore"):  # (a diverged run's perplexity past float32's range)
+        value = float(np.float32(value))
+    return value if math.isfinite(value) else "non-finite"
 
 
 def held_point(value) -> float | str | None:
@@ -318,18 +320,15 @@ def check_read_whole(path: Path, records: list[bytes]) -> None:
     its data, and the data's CRC (4)."""
     from tensorboard.summary.writer.record_writer import masked_crc32c
 
-    read, size = sum(len(record) + 16 for record in records), path.stat().st_size
-    if read >= size:
-        return
+    read = sum(len(record) + 16 for record in records)
     with open(path, "rb") as f:
         f.seek(read)
-        header = f.read(12)
-        zeros = not header.strip(b"\0") and not any(chunk.strip(b"\0") for chunk in iter(lambda: f.read(1 << 20), b""))
-    if len(header) < 12 or zeros:
+        rest = f.read().rstrip(b"\0")
+    if len(rest) < 12:  # (nothing left, or part of a header)
         return
-    length, crc = struct.unpack("<QI", header)
-    if masked_crc32c(header[:8]) != crc or read + 16 + length <= size:
-        raise ValueError(f"a damaged record at byte {read} of {size}")
+    length, crc = struct.unpack("<QI", rest[:12])
+    if masked_crc32c(rest[:8]) != crc or 16 + length <= len(rest):
+        raise ValueError(f"a damaged record at byte {read} of {path.stat().st_size}")
 
 
 class Wandb:

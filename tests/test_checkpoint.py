@@ -577,16 +577,21 @@ def test_an_export_into_the_export_it_is_made_from_is_refused(checkpoint, tmp_pa
     assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
 
 
+def export_again(checkpoint, out: Path, capsys, change) -> str:
+    """Export `checkpoint` to `out`, `change()` the export, and export again: refused (exit 2); its stderr."""
+    _, path = checkpoint
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
+    change()
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 2
+    return capsys.readouterr().err
+
+
 def test_an_earlier_export_holding_a_file_of_someone_else_is_not_exported_into(checkpoint, tmp_path, capsys):
     """An earlier export to which someone added a file of their own (notes, a key) is no longer only an export:
     exporting into it (and --push-to-hub uploading the folder, their file with it) is refused, the file kept."""
-    _, path = checkpoint
     out = tmp_path / "hf"
-    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
-    (out / "notes.txt").write_text("mine")
-    capsys.readouterr()
-    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
+    err = export_again(checkpoint, out, capsys, lambda: (out / "notes.txt").write_text("mine"))
     assert err.count("\n") == 1 and "files an export does not write" in err, err
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -595,11 +600,7 @@ def test_an_export_whose_config_json_was_replaced_by_another_models_is_not_expor
                                                                                           capsys):
     """Our marked weights beside a config.json of another model (not gemma3_text) are no export of ours: the
     folder is refused, its config.json kept."""
-    _, path = checkpoint
     out = tmp_path / "hf"
-    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
-    (out / "config.json").write_text('{"model_type": "llama"}')
-    capsys.readouterr()
-    assert main(["export", "--ckpt", str(path), "--out", str(out)]) == 2
-    assert "not an earlier export" in capsys.readouterr().err
+    assert "not an earlier export" in export_again(
+        checkpoint, out, capsys, lambda: (out / "config.json").write_text('{"model_type": "llama"}'))
     assert (out / "config.json").read_text() == '{"model_type": "llama"}'

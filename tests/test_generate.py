@@ -956,6 +956,20 @@ def test_an_end_of_text_of_id_0_stops_generation(monkeypatch):
     assert generate_text(model, tokenizer, "Once upon a time", 5, temperature=0)[1] == 2
 
 
+def scripted_text(monkeypatch, tokenizer, prompt: str, tokens: list[int], max_new_tokens: int):
+    """generate_text's texts, the pieces it streamed and the tokens it counted, where the model draws `tokens`
+    whatever it computes."""
+    def scripted(model, input_ids, max_new_tokens, *args, **kwargs):
+        for token in tokens[:max_new_tokens]:
+            yield torch.tensor([token] * len(input_ids))
+
+    monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
+    pieces = []
+    texts, n = generate_text(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, prompt, max_new_tokens,
+                             temperature=0, on_text=lambda i, piece: pieces.append(piece))
+    return texts, "".join(pieces), n
+
+
 def test_a_samples_text_starts_with_the_space_a_sentencepiece_decoder_gives_it_after_the_prompt(tmp_path, monkeypatch):
     """A Metaspace (SentencePiece, Gemma) decoder drops the leading space of the first piece it decodes: the
     continuation's first word is decoded after the prompt's last tokens, so that "Once upon" goes on " a time",
@@ -969,15 +983,7 @@ def test_a_samples_text_starts_with_the_space_a_sentencepiece_decoder_gives_it_a
     tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
     assert tokenizer.encode("Once upon") == [1, 2] and tokenizer.decode([3]) == "a"
 
-    def scripted(model, input_ids, max_new_tokens, *args, **kwargs):  # these new tokens, whatever the model
-        for token in [3, 4][:max_new_tokens]:
-            yield torch.tensor([token] * len(input_ids))
-
-    monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
-    pieces = []
-    texts, n = generate_text(tiny_model(vocab_size=5), tokenizer, "Once upon", 2, temperature=0,
-                             on_text=lambda i, piece: pieces.append(piece))
-    assert texts == [" a time"] and "".join(pieces) == " a time" and n == 2
+    assert scripted_text(monkeypatch, tokenizer, "Once upon", [3, 4], 2) == ([" a time"], " a time", 2)
 
 
 def test_a_run_of_byte_pieces_just_before_end_of_text_is_kept(monkeypatch):
@@ -988,16 +994,7 @@ def test_a_run_of_byte_pieces_just_before_end_of_text_is_kept(monkeypatch):
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     tokenizer = HFTokenizer(backend.to_str())
     reply = [1, *(2 + b for b in "é".encode()), 0]  # a, é as two byte pieces, end of text
-
-    def scripted(model, input_ids, max_new_tokens, *args, **kwargs):  # these new tokens, whatever the model
-        for token in reply[:max_new_tokens]:
-            yield torch.tensor([token] * len(input_ids))
-
-    monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
-    pieces = []
-    texts, n = generate_text(tiny_model(vocab_size=258), tokenizer, "a", 10, temperature=0,
-                             on_text=lambda i, piece: pieces.append(piece))
-    assert texts == ["a\u00e9"] and "".join(pieces) == "a\u00e9" and n == 4
+    assert scripted_text(monkeypatch, tokenizer, "a", reply, 10) == (["a\u00e9"], "a\u00e9", 4)
 
 
 def test_generation_under_autocast_caches_and_computes_in_the_autocast_dtype(monkeypatch):

@@ -1510,6 +1510,25 @@ def eta_seconds(out: str, step: int) -> int:
     return 60 * int(minutes) + int(seconds.rstrip("s"))
 
 
+def eta_after_a_slow_second_evaluation(data_dir, out, monkeypatch, capsys, eval_interval: int,
+                                       log_interval: int) -> float:
+    """The ETA of the first log line of an 8-step run whose second evaluation (the first is step 0's) takes 6 s on
+    the clock, at once."""
+    calls, clock, real_clock = [], [0.0], time.perf_counter
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            clock[0] += 6
+        return evaluate_windows(*args, **kwargs)
+
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows", slow)
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + clock[0])
+    train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=8", f"eval_interval={eval_interval}",
+                                          f"log_interval={log_interval}", "checkpoint_interval=0")))
+    return eta_seconds(capsys.readouterr().out, log_interval)
+
+
 def test_the_eta_divides_by_the_steps_since_an_invocations_first(data_dir, tmp_path, monkeypatch, capsys):
     """The ETA is the time since this invocation's first step (compilation left out) over the steps since: 3 steps
     that took 6 s (a slow evaluation) leave 4 more at 8 s; a resumed invocation's clock starts at its own first
@@ -1519,19 +1538,7 @@ def test_the_eta_divides_by_the_steps_since_an_invocations_first(data_dir, tmp_p
     capsys.readouterr()
     train(load_recipe(None, tiny_settings(data_dir, tmp_path / "r", *settings)), resume=True)
     assert eta_seconds(capsys.readouterr().out, 6) < 60
-    calls, clock, real_clock = [], [0.0], time.perf_counter
-
-    def slow(*args, **kwargs):  # 6 s on the clock, at once
-        calls.append(1)
-        if len(calls) == 2:
-            clock[0] += 6
-        return evaluate_windows(*args, **kwargs)
-
-    monkeypatch.setattr(tinygemma.train, "evaluate_windows", slow)
-    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + clock[0])
-    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "slow", "max_steps=8", "eval_interval=2",
-                                          "log_interval=4", "checkpoint_interval=0")))
-    assert eta_seconds(capsys.readouterr().out, 4) >= 7
+    assert eta_after_a_slow_second_evaluation(data_dir, tmp_path / "slow", monkeypatch, capsys, 2, 4) >= 7
 
 
 def test_a_one_step_invocation_is_evaluated_before_it_and_reports_its_last_loss(data_dir, tmp_path):
@@ -1751,19 +1758,7 @@ def test_the_eta_at_an_invocations_second_step_is_its_wall_clock_since_the_first
                                                                                  capsys):
     """One step after the first (compiling) one, the ETA already takes the wall-clock time since it, evaluations
     included: a 6 s evaluation after step 1 leaves 6 more steps at 6 s or more each, not at the steps' own rate."""
-    calls, clock, real_clock = [], [0.0], time.perf_counter
-
-    def slow(*args, **kwargs):  # 6 s on the clock, at once
-        calls.append(1)
-        if len(calls) == 2:  # the evaluation after step 1 (the first is step 0's)
-            clock[0] += 6
-        return evaluate_windows(*args, **kwargs)
-
-    monkeypatch.setattr(tinygemma.train, "evaluate_windows", slow)
-    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + clock[0])
-    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "r", "max_steps=8", "eval_interval=1",
-                                          "log_interval=2", "checkpoint_interval=0")))
-    assert eta_seconds(capsys.readouterr().out, 2) >= 30
+    assert eta_after_a_slow_second_evaluation(data_dir, tmp_path / "r", monkeypatch, capsys, 1, 2) >= 30
 
 
 def test_a_resumed_init_from_run_keeps_the_checkpoint_it_started_from(data_dir, tmp_path):

@@ -12,9 +12,8 @@ dropped with one warning and the run goes on. A run that fails or is interrupted
 Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the
 same tracker run. TensorBoard's events past the checkpoint are cut from its files, whichever trackers the resume
 runs (a fresh start cuts all of an earlier attempt's: a run killed before its first checkpoint). wandb and trackio
-write in batches, so a
-kill can lose their last records from before the checkpoint: a resume sends them again from metrics.jsonl
-(`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
+write in batches, so a kill can lose their last records from before the checkpoint: a resume sends them again from
+metrics.jsonl (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
 the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then holds
 the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is sent
 the scalars (by step and name) its store lacks; TensorBoard, every step up to the checkpoint again, in order,
@@ -204,8 +203,6 @@ class TensorBoard:
             self.writer.add_scalar(key, value, step)
 
     def text(self, key: str, value: str, step: int) -> None:
-        # As an indented code block: TensorBoard renders text as Markdown (a story's *word* in italics, its lines
-        # run together)
         self.writer.add_text(key, markdown_block(value), step)
 
     def flush(self) -> None:

@@ -9,18 +9,18 @@ Start-up is strict: an unknown name, a tracker that is not installed (one line w
 that fails to start stops the run before any training. Later, a tracker that fails never stops training: it is
 dropped with one warning and the run goes on. A run that fails or is interrupted is finished as failed in wandb.
 
-Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the
-same tracker run. TensorBoard's events past the checkpoint are cut from its files, whichever trackers the resume
-runs (a fresh start cuts all of an earlier attempt's: a run killed before its first checkpoint). wandb and trackio
-write in batches, so a kill can lose their last records from before the checkpoint: a resume sends them again from
-metrics.jsonl (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing says what
-the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then holds
-the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is sent
-the scalars (by step and name) its store lacks; TensorBoard, every step up to the checkpoint again, in order,
+Resume: RUN/trackers.json keeps each tracker's run id (wandb) or name (trackio), so a resumed run continues the same
+tracker run. TensorBoard's events past the checkpoint are cut from its files, whichever trackers the resume runs (a
+fresh start cuts all of an earlier attempt's: a run killed before its first checkpoint). wandb and trackio write in
+batches, so a kill can lose their last records from before the checkpoint: a resume sends them again from
+metrics.jsonl (`backfill`). Online, wandb is sent the steps from the last its server holds; offline, where nothing
+says what the earlier invocation's file kept, every step up to the checkpoint again (the newest offline folder then
+holds the whole history; how `wandb sync` joins a resumed run's folders varies with wandb's version). trackio is
+sent the scalars (by step and name) its store lacks; TensorBoard, every step up to the checkpoint again, in order,
 where its events' scalars and samples are not those steps' (a fork made by --resume-from; tensorboard added to
-train.loggers on resume, or left out of it for some invocations). Steps redone after the
-checkpoint are logged again: wandb keeps the first copy and trackio both (a resume is exact, so they have the same
-losses, unless a setting changed on resume).
+train.loggers on resume, or left out of it for some invocations). Steps redone after the checkpoint are logged
+again: wandb keeps the first copy and trackio both (a resume is exact, so they have the same losses, unless a
+setting changed on resume).
 """
 
 from __future__ import annotations

@@ -599,9 +599,10 @@ def test_describe_keeps_the_lines_asked_for_where_a_validation_error_names_what_
     assert describe(error) == "ValueError: 1 validation error for Settings" and describe(KeyError()) == "KeyError"
 
 
-def test_a_signal_handler_installed_outside_python_gives_way_to_the_default_not_to_ours(monkeypatch):
+def test_a_signal_handler_installed_outside_python_gives_way_to_pythons_own_not_to_ours(monkeypatch):
     """signal.signal returns None for a handler installed outside Python, which cannot be put back: the block's
-    handler stayed installed for good, and every later Ctrl-C or SIGTERM was swallowed."""
+    handler stayed installed for good, and every later Ctrl-C or SIGTERM was swallowed. Python's own come back:
+    Ctrl-C raises KeyboardInterrupt (the clean-up runs), SIGTERM ends the process."""
     import signal
 
     from tinygemma.files import signal_handler
@@ -611,4 +612,4 @@ def test_a_signal_handler_installed_outside_python_gives_way_to_the_default_not_
     ours = lambda signum, frame: None  # noqa: E731
     with signal_handler(ours):
         assert calls == [(signal.SIGINT, ours), (signal.SIGTERM, ours)]
-    assert calls[2:] == [(signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL)]
+    assert calls[2:] == [(signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)]

@@ -229,6 +229,10 @@ def signals_held():
             signal.raise_signal(s)  # the loop: a SIGTERM that came with it goes first
 
 
+# What Python itself does on these signals: Ctrl-C raises KeyboardInterrupt (so clean-up runs), SIGTERM ends it.
+PYTHONS_OWN = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
 @contextlib.contextmanager
 def signal_handler(handler):
     """`handler` for SIGINT and SIGTERM while the block runs, then the handlers there were; outside the main
@@ -241,8 +245,8 @@ def signal_handler(handler):
     try:
         yield
     finally:
-        for s, handler in previous.items():  # (None: a handler installed outside Python, which cannot be put
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # back: the default, not ours kept)
+        for s, handler in previous.items():  # (None: one installed outside Python, which cannot be put back:
+            signal.signal(s, PYTHONS_OWN[s] if handler is None else handler)  # Python's own then, not ours kept)
 
 
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset(),

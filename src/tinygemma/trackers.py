@@ -215,11 +215,8 @@ class TensorBoard:
         after a later one of its tag as a restart and drops that tag's later points. The earlier files keep their
         other events (the configs); the steps go into this invocation's file, after its start. With a file that
         cannot be read, nothing is written (what it holds is unknown)."""
-        wanted = {}
-        for record in records:
-            wanted |= {(record["step"], tag): point(value) for tag, value in record_scalars(record).items()}
-            wanted |= {(record["step"], sample_key(i)): markdown_block(text)
-                       for i, text in enumerate(record.get("samples", ()))}
+        wanted = Points()
+        replay(wanted, records)
         if self.held is None or wanted == self.held:  # flushed at every evaluation, so before every checkpoint
             return
         cut_events(self.earlier, lambda event: not any(map(is_tracked, event.summary.value)))
@@ -228,6 +225,17 @@ class TensorBoard:
 
     def close(self, exit_code: int) -> None:
         self.writer.close()
+
+
+class Points(dict):
+    """What a tracker sent (`replay`'s) would put in an events file: {(step, name): value}, as cut_events reads
+    them back."""
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.update({(step, key): point(value) for key, value in scalars.items()})
+
+    def text(self, key: str, value: str, step: int) -> None:
+        self[step, key] = markdown_block(value)
 
 
 def markdown_block(text: str) -> str:

@@ -757,15 +757,3 @@ def test_a_zero_update_orthogonalizes_to_zero_not_nan():
         for dtype in (torch.float32, torch.bfloat16):
             out = orthogonalize(torch.zeros(shape), dtype)
             assert torch.equal(out, torch.zeros(shape, dtype=dtype))
-
-
-def test_auto_takes_the_float32_iteration_on_a_gpu_without_native_bf16(monkeypatch):
-    """A T4 (Colab's free GPU; sm75, no native bf16) with torch.optim.Muon present: auto is float32, not torch's
-    bfloat16 iteration. Kills the cuda_has_bf16 condition dropped from muon_backend."""
-    import tinygemma.optim as optim
-
-    monkeypatch.setattr(torch.optim, "Muon", object, raising=False)
-    monkeypatch.setattr(optim, "cuda_has_bf16", lambda device: False)
-    assert optim.muon_backend(torch.device("cuda", 0)) == "float32"
-    monkeypatch.setattr(optim, "cuda_has_bf16", lambda device: True)
-    assert optim.muon_backend(torch.device("cuda", 0)) == "torch"

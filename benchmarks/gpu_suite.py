@@ -5,6 +5,7 @@ offline, on one GPU, into one markdown report and one machine-readable summary.
     python benchmarks/gpu_suite.py --make-assets ../shared            # once: stories + GPT-2 vocabulary -> .device/assets
     PYTHONPATH=src python benchmarks/gpu_suite.py --report $OUT/gpu_latest.md --summary $OUT/gpu_latest.json
     PYTHONPATH=src python benchmarks/gpu_suite.py --device cpu --quick     # the same steps at toy size on a CPU
+    PYTHONPATH=src python benchmarks/gpu_suite.py --steps trainer,tests --runs 128-adamw,128-muon   # some of it
 
 The run needs no network and no `datasets`: the stories and tiktoken's GPT-2 ranks come from the assets folder
 (`--assets`, default .device/assets: tinystories/train.txt, tinystories/valid.txt, tiktoken_cache/), which
@@ -38,6 +39,13 @@ throughput table (train_throughput.py eager and compiled at blocks 128 and 1024,
 figures stand in BENCHMARKS.md), and the 3-minute training on real stories, whose criterion (the validation loss
 falls) step 1's four runs now check.
 
+`--steps` (of trainer, workshop, generation, optimizer_step, loss_head, tests) and `--runs` (the trainer's, as
+BLOCK-OPTIMIZER) run part of it, the chosen steps sharing the whole budget in STEP_SHARES' proportions: all of it
+does not fit one 10-minute command on an H100, where a trainer run took 160 s (2026-12-05), so a later GPU
+session measures what an earlier one left. Such a run's figures go to gpu_report.{md,json} unless named. Each
+trainer run's output lines are kept timed from its start (the report's folded block, the row's `timeline`):
+where its minutes went, from startup and compilation to the checkpoint.
+
 The exit status is 0 when every step passed, 1 otherwise. The report and the summary are written at the start,
 after each trainer run and after each step, so a suite stopped from outside still leaves what it measured
 (marked INCOMPLETE); a command stopped at its step's deadline is killed with its whole process group and every
@@ -68,6 +76,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -102,12 +111,13 @@ TRAINER_STEPS, LOG_INTERVAL = 15, 5  # steady state: the 10 steps (1.3M tokens) 
 # Every run then trains PROFILED_STEPS more steps, left out of the rates; in the runs of PROFILED_OPTIMIZERS under
 # torch.profiler (`tinygemma train --profile`: a few seconds a run for the profiler's start and the trace's export).
 PROFILED_STEPS, PROFILED_OPTIMIZERS = 1, ("adamw",)
-# The Muon runs' backend, by block (absent: `auto`, the device's default, torch.optim.Muon on CUDA). A Muon step
+# The Muon runs' backend, by block (absent: `auto`, the device's default, our bfloat16 iteration on CUDA). A Muon step
 # does the same work at either block (the same matrices, 131,072 tokens a step), so with the compiled backend at
 # block 128 and the default at 1,024, each Muon row against its block's AdamW row prices one backend inside the
 # real trainer: what chooses Muon's CUDA default if the optimizer-step benchmark (step 4) is cut short again.
 MUON_BACKENDS = {128: "compiled"}
 PROFILE_ROWS = 15  # rows of each run's operator table in the report
+TIMELINE_LINES, TIMELINE_CHARS = 40, 160  # of a trainer run's output, timed, in the report and its row
 PROFILE_KERNELS, PROFILE_KERNEL_CHARS = 20, 90  # rows of its kernel table, and the characters of a kernel's name
 ADAMW_SETTINGS = ("learning_rate=1e-3", "min_lr=1e-4")  # Muon's recipe rate (4e-3) is too high for AdamW at 270M
 MIN_VAL_DROP = 1.0  # nats: each run's validation loss must fall at least this much from step 0 to its end
@@ -125,7 +135,10 @@ MFU_GOAL, MFU_MOONSHOT, MUON_MAX_COST = 0.40, 0.50, 0.05
 # its deadline still leaves every later step more than MIN_COMMAND_SECONDS: the workshop by 393, generation by
 # 427, the optimizer step (its eager backends first) by 462, the loss head (two row counts, two compiled heads
 # each) by 496, and the CUDA tests last, by 570: at least 74 s and whatever the steps before left (the H200 ran 21
-# in about 180 s; the ones that never ran on a GPU come first, and each test's outcome is kept).
+# in about 180 s; the ones that never ran on a GPU come first, and each test's outcome is kept). On the H100
+# (2026-12-05) a trainer run took 160-165 s, so the trainer's share held the two AdamW runs, and the optimizer
+# step, the loss head and the tests were stopped at their deadlines: the whole suite needs about two commands
+# there, which --steps and --runs split.
 TOTAL_SECONDS = 570
 STEP_SHARES = {"trainer": 0.63, "workshop": 0.69, "generation": 0.75, "optimizer_step": 0.81, "loss_head": 0.87,
                "tests": 1.0}
@@ -157,6 +170,19 @@ class Plan:
     loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--no-in-place", "--rows", "65536,16384")
     budget: float = TOTAL_SECONDS  # the whole suite's aim in seconds (--budget)
     started: float = field(default_factory=time.perf_counter)  # main() sets it to when the script was imported
+    steps: tuple = tuple(STEP_SHARES)  # the steps run (--steps), in STEP_SHARES' order
+
+    def share(self, step: str) -> float:
+        """The fraction of the budget by which `step` must be done: STEP_SHARES' widths of the steps run, scaled
+        to fill the budget (all six: STEP_SHARES itself)."""
+        names = list(STEP_SHARES)
+        width = {name: STEP_SHARES[name] - (STEP_SHARES[names[i - 1]] if i else 0.0) for i, name in enumerate(names)}
+        run = [name for name in names if name in self.steps]
+        return sum(width[name] for name in run[:run.index(step) + 1]) / sum(width[name] for name in run)
+
+    def select_runs(self, names: list[str]) -> None:
+        """Keep the trainer runs named BLOCK-OPTIMIZER (--runs), in the plan's order."""
+        self.trainer_runs = [r for r in self.trainer_runs if f"{r[0]}-{r[3]}" in names]
 
     def seconds_left(self, limit: float, share: float = 1.0, at_least: float = MIN_COMMAND_SECONDS) -> float:
         """A command's timeout: at most `limit`, and no later than `share` of the budget after the suite started,
@@ -203,8 +229,10 @@ class Result:
                 else "FAILED")
 
 
-def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
-    """Run `cmd` from the source root; (exit status, stdout and stderr together, seconds). A timeout is status 124."""
+def run(cmd: list[str], env: dict, timeout: float, timeline: list | None = None) -> tuple[int, str, float]:
+    """Run `cmd` from the source root; (exit status, stdout and stderr together, seconds). A timeout is status 124.
+    `timeline` (a list) gets (seconds since the start, line) for each line of output as it came: where a
+    command's time went, from its own messages."""
     if timeout <= 0:
         return 124, "(not started: its step's share of --budget was spent)", 0.0
     start = time.perf_counter()
@@ -213,20 +241,32 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     # Decoded leniently: a command killed amid a multi-byte character must not cost its step all of its output.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             encoding="utf-8", errors="replace", start_new_session=True, preexec_fn=die_with_parent)
+    lines: list[str] = []
+
+    def read() -> None:  # a thread: the output pipe's lines, timed as they come, until every holder closes it
+        for line in proc.stdout:
+            lines.append(line)
+            if timeline is not None:
+                timeline.append((time.perf_counter() - start, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
+        # A process descended from the command may still hold the output open: it has the rest of the time
+        reader.join(max(0.0, start + timeout - time.perf_counter()))
+        if reader.is_alive():
+            raise subprocess.TimeoutExpired(cmd, timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        try:
-            output, _ = proc.communicate(timeout=OUTPUT_GRACE_SECONDS)
-        except subprocess.TimeoutExpired as e:  # a process outside the group still holds the output pipe open
-            output = e.output.decode("utf-8", "replace") if isinstance(e.output, bytes) else e.output
-        code, output = 124, (output or "") + f"\n(stopped after {timeout:.0f} s)"
+        reader.join(OUTPUT_GRACE_SECONDS)  # a process outside the group may hold the pipe open: not for longer
+        code = 124
+        lines.append(f"\n(stopped after {timeout:.0f} s)")
     except BaseException:  # the suite itself stopped (Ctrl-C): its command goes with it
         kill_group(proc)
         raise
-    return code, output, time.perf_counter() - start
+    return code, "".join(lines), time.perf_counter() - start
 
 
 def die_with_parent() -> None:
@@ -279,6 +319,14 @@ def shown(cmd: list[str]) -> str:
     return shlex.join(["python" if c == sys.executable else c for c in cmd])
 
 
+def timeline_lines(timeline: list[tuple[float, str]]) -> list[str]:
+    """A command's output lines, each after the seconds since its start when it came (startup, compilation,
+    evaluations, the profiled step and the checkpoint stand out between the log lines), folded in the report."""
+    text = "\n".join(f"{t:6.1f} s  {line[:TIMELINE_CHARS]}" for t, line in timeline[:TIMELINE_LINES])
+    return ["", "<details><summary>output, each line after the seconds since the command started</summary>", "",
+            "```text", text, "```", "", "</details>", ""]
+
+
 def tail(output: str, lines: int = 40) -> list[str]:
     text = "\n".join(output.rstrip().splitlines()[-lines:])
     return ["<details><summary>output (last lines)</summary>", "", "```text", text, "```", "", "</details>"]
@@ -296,7 +344,7 @@ def benchmark(plan: Plan, env: dict, work: Path, step: str, script: str, args, i
     out.unlink(missing_ok=True)  # a reused --work: no earlier run's figures read as this one's
     cmd = [sys.executable, f"benchmarks/{script}.py", "--preset", plan.preset, "--device", plan.device, *args,
            "--json", str(out)]
-    code, output, seconds = run(cmd, env, plan.seconds_left(150, STEP_SHARES[step]))
+    code, output, seconds = run(cmd, env, plan.seconds_left(150, plan.share(step)))
     try:
         result = json.loads(out.read_text()) if out.exists() else None
     except (OSError, ValueError):  # unreadable: the step fails with the command's output, the suite goes on
@@ -450,7 +498,7 @@ def trainer_table(plan: Plan, rows: list[dict]) -> list[str]:
 
 def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda result: None) -> Result:
     """The four runs; after each, `progress` gets the step's Result so far (partial), to be written at once."""
-    start, share, data = time.perf_counter(), STEP_SHARES["trainer"], work / "data"
+    start, share, data = time.perf_counter(), plan.share("trainer"), work / "data"
     prepare = [sys.executable, "-m", "tinygemma", "prepare", "--out", str(data), "--tokenizer", "gpt2",
                "--source", str(assets / "tinystories" / "train.txt"),
                "--val-source", str(assets / "tinystories" / "valid.txt"), "--no-progress"]
@@ -466,8 +514,10 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda res
         cmd = trainer_command(plan, data, out, block, batch, accum, optimizer)
         # (at toy size, --quick, a run takes seconds)
         at_least = MIN_COMMAND_SECONDS if plan.quick else MIN_TRAINER_SECONDS
-        code, output, seconds = run(cmd, env, timeout=plan.seconds_left(240, share, at_least))
+        timeline: list[tuple[float, str]] = []
+        code, output, seconds = run(cmd, env, timeout=plan.seconds_left(240, share, at_least), timeline=timeline)
         commands.append(f"{n}. `{shown(cmd)}` ({seconds:.0f} s)")
+        commands += timeline_lines(timeline) if code == 0 else []
         if code != 0:
             # Stopped at the step's deadline (or never started) is not a failure: the verdict reads INCOMPLETE.
             (stopped if code == 124 else failures).append(f"block {block} {optimizer}: exit status {code} "
@@ -477,7 +527,8 @@ def trainer(plan: Plan, env: dict, work: Path, assets: Path, progress=lambda res
         # was stopped in the profiled step, the final evaluation or the checkpoint): its row is kept and marked.
         if (out / "config.json").exists() and (out / "metrics.jsonl").exists():
             rows.append({**trainer_row(out, block, optimizer, plan, output), "command": n,
-                         "stopped_at_deadline": code == 124})
+                         "stopped_at_deadline": code == 124,
+                         "timeline": [[round(t, 1), line[:TIMELINE_CHARS]] for t, line in timeline[:TIMELINE_LINES]]})
             profiles += (["", *profile_lines(out, block, optimizer, rows[-1]["profile"])]
                          if optimizer in PROFILED_OPTIMIZERS else [])
             first, last = rows[-1]["val_loss_first"], rows[-1]["val_loss_last"]
@@ -600,7 +651,7 @@ def cuda_tests(plan: Plan, env: dict) -> Result:
     # -v: a line per test as it ends, so a run stopped at the step's deadline still says which tests passed
     cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider",
            *(plan.tests or cuda_test_files())]
-    code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, STEP_SHARES["tests"]))
+    code, output, seconds = run(cmd, env, timeout=plan.seconds_left(400, plan.share("tests")))
     outcomes = test_outcomes(output)
     summary = pytest_summary(output)
     if summary is None:  # stopped, or crashed, before pytest's closing line: what its -v lines said
@@ -786,7 +837,12 @@ def environment(plan: Plan, assets: Path = DEFAULT_ASSETS) -> tuple[list[str], d
 
 
 STEP_TITLES = ("1. Trainer", "2. The workshop's code", "3. Generation", "4. Optimizer step", "5. Loss head",
-               "6. CUDA tests")
+               "6. CUDA tests")  # in STEP_SHARES' order
+
+
+def step_titles(plan: Plan, chosen: bool = True) -> list[str]:
+    """The titles of the steps this run takes (--steps), or of those it leaves out."""
+    return [title for name, title in zip(STEP_SHARES, STEP_TITLES) if (name in plan.steps) == chosen]
 
 
 def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine: list[str], results: list[Result],
@@ -794,13 +850,15 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine
     """The report of the steps run so far (the last may be partial: a step still running): written at the start,
     during the trainer and after each step, so a suite stopped from outside (a machine's time limit) still leaves
     what it measured, marked INCOMPLETE."""
-    pending = STEP_TITLES[len(results):]
+    pending = step_titles(plan)[len(results):]
     finished = [r for r in results if not r.partial]
     verdict = ("FAIL" if not all(r.ok or r.cut for r in finished) else "INCOMPLETE"
                if pending or len(finished) < len(results) or any(r.cut for r in finished) else "PASS")
     states = [f"{r.title.split('. ', 1)[1]} {r.state}" for r in results]
+    left_out = [title.split(". ", 1)[1] for title in step_titles(plan, chosen=False)]
     lines = ["# GPU acceptance run" + (" (--quick smoke run, not a GPU result)" if plan.quick else ""), "",
-             f"**{verdict}**: " + (", ".join(states) or "no step finished yet") + f"; {total / 60:.1f} minutes in all.",
+             f"**{verdict}**: " + (", ".join(states) or "no step finished yet") + f"; {total / 60:.1f} minutes in all"
+             + (f"; left out (--steps): {', '.join(left_out)}" if left_out else "") + ".",
              "",
              f"Suite: `python benchmarks/gpu_suite.py {shlex.join(argv)}`. Every command below ran from the "
              f"source tree's root with `{env_line}`.", "", *machine]
@@ -808,6 +866,8 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine
         lines += ["", f"## {r.title}", "", *r.lines, "", f"({r.seconds:.0f} s)"]
     for title in pending:
         lines += ["", f"## {title}", "", "Not reached: the suite was still running, or was stopped, before this step."]
+    for title in step_titles(plan, chosen=False):
+        lines += ["", f"## {title}", "", "Left out of this run (`--steps`)."]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -818,7 +878,9 @@ def write_summary(path: Path, plan: Plan, info: dict, results: list[Result], tot
     cut = [r.title.split(". ", 1)[1] for r in finished if r.cut]  # (not ok in "steps": they did not finish)
     summary = {**info, "quick": plan.quick, "complete": len(finished) == len(STEP_TITLES) and not cut,
                "seconds": round(total), "budget_s": plan.budget,
-               "steps": {r.title.split(". ", 1)[1]: r.ok for r in finished}, "stopped_at_deadline": cut}
+               "steps": {r.title.split(". ", 1)[1]: r.ok for r in finished}, "stopped_at_deadline": cut,
+               "steps_left_out": [t.split(". ", 1)[1] for t in step_titles(plan, chosen=False)],
+               "trainer_runs": [f"{r[0]}-{r[3]}" for r in plan.trainer_runs]}
     for r in results:
         summary.update(r.data)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -852,10 +914,11 @@ def make_assets(shared: Path, assets: Path) -> int:
 
 def output_paths(args) -> tuple[Path, Path]:
     """(report, summary): by default benchmarks/results/gpu_latest.md and .json for a full run (on a GPU);
-    for a --quick one (on a CPU, or a smoke run on a GPU) gpu_report.md and gpu_report.json in the working
-    folder."""
-    report = Path(args.report or ("gpu_report.md" if args.quick else GPU_SUMMARY.with_suffix(".md")))
-    return report, Path(args.summary or (report.with_suffix(".json") if args.quick else GPU_SUMMARY))
+    for a --quick one (on a CPU, or a smoke run on a GPU), or one of some steps or runs (--steps, --runs),
+    gpu_report.md and gpu_report.json in the working folder."""
+    part = args.quick or args.steps is not None or args.runs is not None  # never the whole suite's figures
+    report = Path(args.report or ("gpu_report.md" if part else GPU_SUMMARY.with_suffix(".md")))
+    return report, Path(args.summary or (report.with_suffix(".json") if part else GPU_SUMMARY))
 
 
 def refusal(args, device: str, assets: Path, report: Path, summary: Path) -> str | None:
@@ -884,6 +947,23 @@ def refusal(args, device: str, assets: Path, report: Path, summary: Path) -> str
         if not needed.exists():
             return (f"{needed} not found; build the assets with "
                     f"`python benchmarks/gpu_suite.py --make-assets ../shared --assets {args.assets}`")
+    return None
+
+
+def choose_steps(plan: Plan, steps: str | None, runs: str | None) -> str | None:
+    """--steps and --runs into `plan`; why they cannot be taken (one line), or None."""
+    if steps is not None:
+        names = steps.split(",")
+        unknown = [name for name in names if name not in STEP_SHARES]
+        if unknown or not steps:
+            return f"--steps {steps!r}: each must be one of {', '.join(STEP_SHARES)}"
+        plan.steps = tuple(name for name in STEP_SHARES if name in names)
+    if runs is not None:
+        planned = [f"{r[0]}-{r[3]}" for r in plan.trainer_runs]
+        unknown = [name for name in runs.split(",") if name not in planned]
+        if unknown or not runs:
+            return f"--runs {runs!r}: each must be one of {', '.join(planned)}"
+        plan.select_runs(runs.split(","))
     return None
 
 
@@ -919,6 +999,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=TOTAL_SECONDS, metavar="SECONDS",
                    help=f"the whole suite's aim (default {TOTAL_SECONDS}): each step's commands stop at its share")
     p.add_argument("--work", help="folder for the prepared data and the runs (default: a temporary folder)")
+    p.add_argument("--steps", help=f"the steps to run, comma-separated, of {','.join(STEP_SHARES)} (default: all); "
+                                   "the budget is shared among them")
+    p.add_argument("--runs", help="the trainer's runs to make, comma-separated BLOCK-OPTIMIZER "
+                                  f"(default: {','.join(f'{r[0]}-{r[3]}' for r in TRAINER_RUNS)})")
     args = p.parse_args(argv)
     assets = Path(args.assets).resolve()
     if args.make_assets:
@@ -934,6 +1018,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = Plan.quick_cpu(device) if args.quick else Plan(device, False)
     plan.budget = args.budget
+    error = choose_steps(plan, args.steps, args.runs)
+    if error:
+        print(f"gpu_suite: error: {error}", file=sys.stderr)
+        return 2
     plan.started = IMPORTED if run_as_script else time.perf_counter()  # tests call main() long after the import
 
     extra = {"TIKTOKEN_CACHE_DIR": str(assets / "tiktoken_cache"), "HF_HUB_OFFLINE": "1",
@@ -963,13 +1051,15 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(args.work).resolve() if args.work else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
             partials: list[Result] = []  # the trainer's step so far, kept if the suite's own code fails in it
-            done(guarded(0, trainer, plan, env, work, assets, partials=partials,
-                         progress=lambda partial: (partials.append(partial), write([partial]))))
-            done(guarded(1, workshop, plan, env, work, results[0].data.get("trainer", [])))
-            done(guarded(2, generation, plan, env, work))
-            done(guarded(3, optimizer_step, plan, env, work))
-            done(guarded(4, loss_head, plan, env, work))
-            done(guarded(5, cuda_tests, plan, env))
+            if "trainer" in plan.steps:
+                done(guarded(0, trainer, plan, env, work, assets, partials=partials,
+                             progress=lambda partial: (partials.append(partial), write([partial]))))
+            trainer_rows = results[0].data.get("trainer", []) if "trainer" in plan.steps else []
+            for index, name, step, args in ((1, "workshop", workshop, (trainer_rows,)), (2, "generation", generation, ()),
+                                            (3, "optimizer_step", optimizer_step, ()), (4, "loss_head", loss_head, ()),
+                                            (5, "tests", cuda_tests, None)):
+                if name in plan.steps:
+                    done(guarded(index, step, plan, env) if args is None else guarded(index, step, plan, env, work, *args))
     finally:
         for signum, handler in previous.items():  # main() called from Python (the tests): theirs again
             signal.signal(signum, handler)

@@ -233,6 +233,12 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         assert r["mfu"] is None and r["peak_memory_gib"] is None  # CUDA's figures only
         vals = [x["val_loss"] for x in records if "val_loss" in x]
         assert (r["val_loss_first"], r["val_loss_last"]) == (vals[0], vals[-1]) and vals[-1] < vals[0] - 1.0
+        # Its output, each line timed from the command's start: the first line names what trains, step 0's
+        # evaluation comes before the first log line, the times only grow.
+        times, said = [t for t, _ in r["timeline"]], [line for _, line in r["timeline"]]
+        assert said[0].startswith("training ") and said[1].startswith(f"step 0: val loss {vals[0]:.4f} |")
+        assert times == sorted(times) and 0 < times[0] and any(line.startswith("step 8/9 | loss") for line in said)
+        assert f"{times[0]:6.1f} s  {said[0][:suite.TIMELINE_CHARS]}" in text
         # The Muon run takes the plan's backend for its block (the GPU plan: compiled at 128, the default at 1,024).
         backend = {"adamw": None, "muon": "float32"}[r["optimizer"]]
         assert r["muon_backend"] == backend and config["train"]["muon_backend"] == (backend or "auto")
@@ -324,7 +330,7 @@ def test_gpu_suite_quick_writes_beside_not_over_the_gpu_results(tmp_path, monkey
     """A --quick smoke run on a GPU writes gpu_report.*, not the GPU's gpu_latest.* (toy figures at the path
     issue 19 names); only a full run writes those by default."""
     suite = load_script("gpu_suite")
-    quick, full = (argparse.Namespace(quick=q, report=None, summary=None, budget=suite.TOTAL_SECONDS, work=None)
+    quick, full = (argparse.Namespace(quick=q, report=None, summary=None, budget=suite.TOTAL_SECONDS, work=None, steps=None, runs=None)
                    for q in (True, False))
     assert suite.output_paths(quick) == (Path("gpu_report.md"), Path("gpu_report.json"))
     assert suite.output_paths(full) == (suite.GPU_SUMMARY.with_suffix(".md"), suite.GPU_SUMMARY)
@@ -562,17 +568,17 @@ def test_gpu_suite_never_reads_an_earlier_runs_figures_from_a_reused_work_folder
     (work / "loss_head.json").write_text(json.dumps({"complete": False, "results": [{"rows": 1}], "table": "|",
                                                      "full_faster_up_to_logits": 1}))
 
-    def fails(cmd, env, timeout):
+    def fails(cmd, env, timeout, timeline=None):
         return (0, "prepared", 1.0) if "prepare" in cmd else (2, "refused", 1.0)
 
     monkeypatch.setattr(suite, "run", fails)
     result = suite.trainer(plan, {}, work, tmp_path / "assets")
     assert result.data["trainer"] == [] and not result.ok
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, "(stopped after 40 s)", 40.0))
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (124, "(stopped after 40 s)", 40.0))
     result = suite.loss_head(plan, {}, work)
     assert not result.ok and result.data == {} and not (work / "loss_head.json").exists()
     assert result.cut  # stopped before it wrote anything, nothing failed: INCOMPLETE, not FAIL
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (1, "Traceback", 4.0))
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (1, "Traceback", 4.0))
     assert not suite.loss_head(plan, {}, work).cut
 
 
@@ -609,19 +615,19 @@ def test_gpu_suite_reads_pytests_closing_line_and_each_tests_outcome(monkeypatch
     assert suite.test_outcomes(head) == {"tests/test_cuda.py::test_inductor_matches_eager": "PASSED",
                                          "tests/test_cuda.py::test_bf16_step[fp16]": "FAILED"}
     plan = suite.Plan("cuda", False)
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, head + "\n(stopped after 108 s)", 108.0))
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (124, head + "\n(stopped after 108 s)", 108.0))
     result = suite.cuda_tests(plan, {})
     assert not result.ok and result.data["cuda_tests"] == "stopped at the step's deadline after 2 test(s): 1 failed, 1 passed"
     assert result.data["cuda_test_outcomes"] == suite.test_outcomes(head) and not result.cut  # a failure: FAIL
     passing = head.replace("FAILED", "PASSED")
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (124, passing + "\n(stopped after 108 s)", 108.0))
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (124, passing + "\n(stopped after 108 s)", 108.0))
     result = suite.cuda_tests(plan, {})
     assert not result.ok and result.cut  # cut short with nothing failed: the suite's verdict says INCOMPLETE
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (-11, passing, 50.0))  # a segfault, not the deadline
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (-11, passing, 50.0))  # a segfault, not the deadline
     result = suite.cuda_tests(plan, {})
     assert not result.ok and not result.cut
     assert result.data["cuda_tests"] == "ended without pytest's closing line (exit status -11) after 2 test(s): 2 passed"
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (0, head.replace("FAILED", "PASSED") + closing.replace(
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (0, head.replace("FAILED", "PASSED") + closing.replace(
         "1 failed, 1 passed", "2 passed"), 187.0))
     result = suite.cuda_tests(plan, {})
     assert result.ok and result.data["cuda_tests"].startswith("2 passed, 362 deselected in 187.21s")
@@ -649,7 +655,7 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     work.mkdir()
     (tmp_path / "assets" / "tinystories").mkdir(parents=True)
 
-    def fake_run(cmd, env, timeout):
+    def fake_run(cmd, env, timeout, timeline=None):
         if "prepare" in cmd:
             return 0, "prepared", 1.0
         out = Path(cmd[cmd.index("--out") + 1])
@@ -702,7 +708,7 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     written = json.loads(out.read_text())
     assert not written["complete"] and [r["rows"] for r in written["results"]] == [64] and calls == [64, 256]
 
-    def stopped_after_one_row(cmd, env, timeout):  # the command writes its JSON (as above), then is stopped
+    def stopped_after_one_row(cmd, env, timeout, timeline=None):  # the command writes its JSON (as above), then is stopped
         Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
         return 124, "64 rows done\n(stopped after 40 s)", 40.0
 
@@ -713,7 +719,7 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
     assert "Stopped (exit status 124) before it finished" in text and written["table"] in text
     assert "from the rows measured before it stopped" in text
 
-    def crashed_after_one_row(cmd, env, timeout):  # the same rows written, then a crash: a failure, not a cut
+    def crashed_after_one_row(cmd, env, timeout, timeline=None):  # the same rows written, then a crash: a failure, not a cut
         Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
         return 1, "64 rows done\nRuntimeError: CUDA error", 30.0
 
@@ -745,7 +751,7 @@ def test_loss_head_compiled_times_the_in_place_form_too(tmp_path, capsys, monkey
                    "--device", "cpu", "--threads", "1", "--compile"])
     monkeypatch.undo()
 
-    def fake_run(cmd, env, timeout):  # the suite's step, given that run's JSON
+    def fake_run(cmd, env, timeout, timeline=None):  # the suite's step, given that run's JSON
         Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
         return 0, "64 rows done", 30.0
 
@@ -761,7 +767,7 @@ def test_gpu_suite_reports_failures_and_exits_1(tmp_path, monkeypatch):
     suite = load_script("gpu_suite")
     assets = fake_assets(tmp_path / "assets")
     ran = []
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: ran.append(cmd) or (3, "the planted failure", 0.5))
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: ran.append(cmd) or (3, "the planted failure", 0.5))
     report = tmp_path / "report.md"
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
                        "--work", str(tmp_path / "work")]) == 1
@@ -921,7 +927,7 @@ def test_optimizer_step_times_every_backend_and_checks_they_agree(tmp_path, caps
     assert list(stopped["ms_per_step"]) == ["adamw", "muon-float32", "muon-bfloat16"]
     suite = load_script("gpu_suite")
 
-    def stopped_run(cmd, env, timeout):
+    def stopped_run(cmd, env, timeout, timeline=None):
         Path(cmd[cmd.index("--json") + 1]).write_bytes(out.read_bytes())
         return 124, "(stopped after 40 s)", 40.0
 
@@ -962,7 +968,7 @@ def test_gpu_suite_survives_its_own_mistakes_in_a_step(tmp_path, monkeypatch):
     plan = suite.Plan.quick_cpu("cpu")
     half = tmp_path / "generation.json"
 
-    def half_written(cmd, env, timeout):
+    def half_written(cmd, env, timeout, timeline=None):
         half.write_text('{"results": [')  # a kill in the middle of a non-atomic write
         return 1, "killed", 1.0
 
@@ -1345,7 +1351,7 @@ def test_gpu_suite_each_benchmark_and_trainer_run_stops_at_its_steps_share(tmp_p
     assert suite.TOTAL_SECONDS + suite.OUTPUT_GRACE_SECONDS <= 600 - 20
     plan = suite.Plan("cuda", False)
     timeouts = []
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (timeouts.append(timeout), (124, "", 0.0))[1])
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (timeouts.append(timeout), (124, "", 0.0))[1])
     # 60 s before generation's share ends (0.75 x 570 = 427.5 s): its command gets 60 s, not 150
     plan.started = suite.time.perf_counter() - (suite.STEP_SHARES["generation"] * plan.budget - 60)
     suite.generation(plan, {}, tmp_path)
@@ -1353,7 +1359,7 @@ def test_gpu_suite_each_benchmark_and_trainer_run_stops_at_its_steps_share(tmp_p
     # 45 s before the trainer's share ends: prepare may start (>= 30 s), a trainer run may not (< 60 s)
     plan.started = suite.time.perf_counter() - (suite.STEP_SHARES["trainer"] * plan.budget - 45)
     timeouts.clear()
-    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout: (timeouts.append(timeout),
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (timeouts.append(timeout),
                                                                  (0 if "prepare" in cmd else 124, "", 0.0))[1])
     (tmp_path / "assets").mkdir()
     suite.trainer(plan, {}, tmp_path, tmp_path / "assets")
@@ -1533,3 +1539,49 @@ def test_workshop_feed_forward_is_tinygemmas_tanh_geglu():
     x = 30 * torch.randn(4, config.d_model, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_suite_runs_the_steps_and_trainer_runs_asked_for_sharing_the_budget_among_them(tmp_path):
+    """--steps and --runs: a GPU session can measure what an earlier one ran out of time for (the H100's run of
+    2026-12-05 fitted two of the trainer's four runs). The chosen steps share the whole budget in STEP_SHARES'
+    proportions; the rest are reported as left out, the summary is not complete, and by default the figures go
+    to gpu_report.*, never over the whole suite's gpu_latest.*. Names not planned are refused in one line."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    assert [plan.share(name) for name in suite.STEP_SHARES] == pytest.approx(list(suite.STEP_SHARES.values()))
+    assert suite.choose_steps(plan, "tests,trainer", "1024-muon,128-muon") is None
+    assert plan.steps == ("trainer", "tests") and [(r[0], r[3]) for r in plan.trainer_runs] == [(128, "muon"),
+                                                                                                (1024, "muon")]
+    trainer_width, tests_width = suite.STEP_SHARES["trainer"], 1.0 - suite.STEP_SHARES["loss_head"]
+    assert plan.share("trainer") == pytest.approx(trainer_width / (trainer_width + tests_width))
+    assert plan.share("tests") == pytest.approx(1.0)
+    for steps, runs, wrong in (("trainer,speed", None, "--steps 'trainer,speed'"), ("", None, "--steps ''"),
+                               (None, "128-lion", "--runs '128-lion'")):
+        assert suite.choose_steps(suite.Plan("cuda", False), steps, runs).startswith(wrong)
+    args = argparse.Namespace(report=None, summary=None, quick=False, steps="tests", runs=None)
+    assert suite.output_paths(args) == (Path("gpu_report.md"), Path("gpu_report.json"))
+    args.steps = None
+    assert suite.output_paths(args) == (suite.GPU_SUMMARY.with_suffix(".md"), suite.GPU_SUMMARY)
+
+    assets, report = tmp_path / "assets", tmp_path / "report.md"
+    assert suite.main(["--make-assets", str(SHARED), "--assets", str(assets)]) == 0
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
+                       "--steps", "generation"]) == 0
+    text, summary = report.read_text(), json.loads(report.with_suffix(".json").read_text())
+    assert ("**PASS**: Generation passed; " in text and "left out (--steps): Trainer, The workshop's code, "
+            "Optimizer step, Loss head, CUDA tests." in text)
+    assert text.count("Left out of this run (`--steps`).") == 5 and "## 3. Generation\n\nCommand:" in text
+    assert summary["steps"] == {"Generation": True} and not summary["complete"] and "generation" in summary
+    assert summary["steps_left_out"] == ["Trainer", "The workshop's code", "Optimizer step", "Loss head", "CUDA tests"]
+    assert "trainer" not in summary and "workshop" not in summary
+
+
+def test_gpu_suite_times_each_line_of_a_commands_output():
+    """run's timeline: each output line with the seconds since the command started, as it came (a trainer run's
+    startup, compilation and evaluations show between its lines); the output itself is as before."""
+    suite = load_script("gpu_suite")
+    timeline = []
+    code, output, seconds = suite.run(["bash", "-c", "echo first; sleep 1; echo second"], dict(os.environ),
+                                      timeout=30, timeline=timeline)
+    assert (code, output) == (0, "first\nsecond\n") and [line for _, line in timeline] == ["first", "second"]
+    assert 0 < timeline[0][0] < timeline[1][0] <= seconds and timeline[1][0] - timeline[0][0] >= 0.9

@@ -235,7 +235,8 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
         assert (r["val_loss_first"], r["val_loss_last"]) == (vals[0], vals[-1]) and vals[-1] < vals[0] - 1.0
         # Its output, each line timed from the command's start: the first line names what trains, step 0's
         # evaluation comes before the first log line, the times only grow.
-        times, said = [t for t, _ in r["timeline"]], [line for _, line in r["timeline"]]
+        timeline = summary["trainer_timelines"][f"{r['block_size']}-{r['optimizer']}"]
+        times, said = [t for t, _ in timeline], [line for _, line in timeline]
         assert said[0].startswith("training ") and said[1].startswith(f"step 0: val loss {vals[0]:.4f} |")
         assert times == sorted(times) and 0 < times[0] and any(line.startswith("step 8/9 | loss") for line in said)
         assert f"{times[0]:6.1f} s  {said[0][:suite.TIMELINE_CHARS]}" in text
@@ -373,7 +374,7 @@ def test_gpu_suite_judges_issue_19s_goals_on_every_planned_row():
     def row(block, optimizer, rate, mfu, backend=None):
         return {"block_size": block, "optimizer": optimizer, "tokens_per_s": rate, "mfu": mfu, "muon_backend": backend}
 
-    # The GPU plan's Muon runs: the compiled backend at block 128, the device's default (auto) at 1,024.
+    # A Muon run each with the compiled backend and the device's default (auto).
     rows = [row(128, "adamw", 420_000, 0.41), row(128, "muon", 404_000, 0.395, "compiled"),
             row(1024, "muon", 400_000, 0.45, "auto"), row(1024, "adamw", 440_000, 0.50)]
     goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
@@ -398,16 +399,17 @@ def test_gpu_suite_judges_issue_19s_goals_on_every_planned_row():
 
 
 def test_gpu_suite_prices_each_muon_backend_against_adamw_at_its_block():
-    """The GPU plan's Muon runs: the compiled backend at block 128, the CUDA default at 1,024 (a Muon step costs
-    the same at either block), each against its block's AdamW run; the AdamW runs name no backend."""
+    """The GPU plan's Muon runs: the CUDA default at block 128 (the workshop's shape, where issue 19 judges Muon's
+    cost), the compiled backend at 1,024 (a Muon step costs the same at either block), each against its block's
+    AdamW run; the AdamW runs name no backend."""
     suite = load_script("gpu_suite")
     plan = suite.Plan("cuda", False)
     backends = {}
     for block, batch, accum, optimizer in plan.trainer_runs:
         cmd = suite.trainer_command(plan, Path("data"), Path("out"), block, batch, accum, optimizer)
         backends[block, optimizer] = [a for a in cmd if a.startswith("muon_backend=")]
-    assert backends == {(128, "adamw"): [], (128, "muon"): ["muon_backend=compiled"], (1024, "adamw"): [],
-                        (1024, "muon"): []}
+    assert backends == {(128, "adamw"): [], (128, "muon"): [], (1024, "adamw"): [],
+                        (1024, "muon"): ["muon_backend=compiled"]}
     assert suite.optimizer_cell({"optimizer": "muon", "muon_backend": "compiled"}) == "muon (compiled)"
     assert suite.optimizer_cell({"optimizer": "muon", "muon_backend": "auto"}) == "muon"
 
@@ -1550,8 +1552,15 @@ def test_gpu_suite_runs_the_steps_and_trainer_runs_asked_for_sharing_the_budget_
     plan = suite.Plan("cuda", False)
     assert [plan.share(name) for name in suite.STEP_SHARES] == pytest.approx(list(suite.STEP_SHARES.values()))
     assert suite.choose_steps(plan, "tests,trainer", "1024-muon,128-muon") is None
-    assert plan.steps == ("trainer", "tests") and [(r[0], r[3]) for r in plan.trainer_runs] == [(128, "muon"),
-                                                                                                (1024, "muon")]
+    assert plan.steps == ("trainer", "tests") and [(r[0], r[3]) for r in plan.runs_made()] == [(128, "muon"),
+                                                                                               (1024, "muon")]
+    # The runs left out still count: issue 19's goals are judged against all four (here: not measured), and the
+    # workshop's code runs at the workshop's shape, not the first chosen run's.
+    assert suite.left_out(plan)[1] == ["128-adamw", "1024-adamw"] and plan.workshop_shape == (128, 32, 32)
+    muon_rows = [{"block_size": b, "optimizer": "muon", "tokens_per_s": 4e5, "mfu": 0.45, "muon_backend": None}
+                 for b in (128, 1024)]
+    goals, _ = suite.speed_goals(muon_rows, plan.trainer_runs)
+    assert goals["mfu_met"] is None and goals["mfu_rows_planned"] == 4 and goals["muon_met"] is None
     trainer_width, tests_width = suite.STEP_SHARES["trainer"], 1.0 - suite.STEP_SHARES["loss_head"]
     assert plan.share("trainer") == pytest.approx(trainer_width / (trainer_width + tests_width))
     assert plan.share("tests") == pytest.approx(1.0)
@@ -1573,7 +1582,15 @@ def test_gpu_suite_runs_the_steps_and_trainer_runs_asked_for_sharing_the_budget_
     assert text.count("Left out of this run (`--steps`).") == 5 and "## 3. Generation\n\nCommand:" in text
     assert summary["steps"] == {"Generation": True} and not summary["complete"] and "generation" in summary
     assert summary["steps_left_out"] == ["Trainer", "The workshop's code", "Optimizer step", "Loss head", "CUDA tests"]
-    assert "trainer" not in summary and "workshop" not in summary
+    assert "trainer" not in summary and "workshop" not in summary and summary["trainer_runs_left_out"] == []
+
+    # A trainer run left out: the summary is not complete, and the verdict names it.
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
+                       "--steps", "trainer", "--runs", "80-muon"]) == 0
+    text, summary = report.read_text(), json.loads(report.with_suffix(".json").read_text())
+    assert "; the trainer's runs left out (--runs): 32-adamw." in text.splitlines()[2]
+    assert summary["trainer_runs_left_out"] == ["32-adamw"] and not summary["complete"]
+    assert [(r["block_size"], r["optimizer"]) for r in summary["trainer"]] == [(80, "muon")]
 
 
 def test_gpu_suite_times_each_line_of_a_commands_output():
@@ -1585,3 +1602,35 @@ def test_gpu_suite_times_each_line_of_a_commands_output():
                                       timeout=30, timeline=timeline)
     assert (code, output) == (0, "first\nsecond\n") and [line for _, line in timeline] == ["first", "second"]
     assert 0 < timeline[0][0] < timeline[1][0] <= seconds and timeline[1][0] - timeline[0][0] >= 0.9
+
+
+def test_gpu_suite_keeps_the_timed_output_of_a_trainer_run_stopped_before_its_first_record(tmp_path, monkeypatch):
+    """A run stopped at its deadline while it compiled (no config.json, no metrics.jsonl, so no row) is the one
+    whose timed output says most: it is in the report and in the step's `trainer_timelines`."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    plan.runs = ("128-adamw",)
+
+    def compiling(cmd, env, timeout, timeline=None):
+        if "prepare" in cmd:
+            return 0, "", 1.0
+        timeline += [(3.2, "training 268,098,176 parameters ..."), (151.0, "step 0: val loss 10.9153 | ppl 55100")]
+        return 124, "training ...\nstep 0: val loss 10.9153\n(stopped after 240 s)", 240.0
+
+    monkeypatch.setattr(suite, "run", compiling)
+    (tmp_path / "assets").mkdir()
+    result = suite.trainer(plan, {}, tmp_path, tmp_path / "assets")
+    assert result.cut and result.data["trainer"] == []
+    assert result.data["trainer_timelines"] == {"128-adamw": [[3.2, "training 268,098,176 parameters ..."],
+                                                              [151.0, "step 0: val loss 10.9153 | ppl 55100"]]}
+    assert "   3.2 s  training 268,098,176 parameters ...\n 151.0 s  step 0: val loss" in "\n".join(result.lines)
+
+
+def test_gpu_suite_keeps_the_unended_last_line_of_a_command_stopped_with_its_pipe_held(monkeypatch):
+    """A command stopped at its deadline while a process outside its group holds the output open: the line it was
+    writing (no newline yet) is kept, as what it last said."""
+    suite = load_script("gpu_suite")
+    monkeypatch.setattr(suite, "OUTPUT_GRACE_SECONDS", 1)
+    code, output, seconds = suite.run(["bash", "-c", "(setsid sleep 20 &); echo 'step 5/16'; printf 'saving ...'; "
+                                                     "sleep 300"], dict(os.environ), timeout=3)
+    assert code == 124 and output == "step 5/16\nsaving ...\n(stopped after 3 s)" and seconds < 30

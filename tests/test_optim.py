@@ -312,7 +312,7 @@ def test_muon_backend_setting_overrides_the_devices_choice(monkeypatch):
     assert asked == "Muon (own float32 Newton-Schulz: train.muon_backend = float32) + AdamW"
     monkeypatch.setattr(optim, "muon_backend", lambda device: "float32")  # auto's choice, on a CPU without bf16
     chosen = describe_optimizer(configure_optimizer(model, load_recipe(None, []).train, CPU))
-    assert chosen == "Muon (own float32 Newton-Schulz: no native bf16 here, or no torch.optim.Muon) + AdamW"
+    assert chosen == "Muon (own float32 Newton-Schulz: no native bf16 on this device) + AdamW"
     monkeypatch.undo()
     with pytest.raises(UserError, match="train.muon_backend must be one of auto, torch, compiled, bfloat16, float32"):
         load_recipe(None, ["muon_backend=fast"])

@@ -224,7 +224,7 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
     if optimizer.backend == "compiled":
         return "Muon (own bfloat16 Newton-Schulz, one torch.compile'd update per shape group) + AdamW"
     why = ("train.muon_backend = float32" if getattr(optimizer, "backend_asked", False)
-           else "no native bf16 here, or no torch.optim.Muon")
+           else "no native bf16 on this device")
     return f"Muon (own float32 Newton-Schulz: {why}) + AdamW"
 
 

@@ -1774,3 +1774,29 @@ def test_a_resumed_init_from_run_keeps_the_checkpoint_it_started_from(data_dir, 
     assert json.loads((out / "config.json").read_text())["run"].get("init_checkpoint") == started
     state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
     assert state.get("init_checkpoint") == started
+
+
+def test_a_fork_made_without_training_keeps_its_own_settings_for_the_resume_that_trains_it(data_dir, tmp_path,
+                                                                                          capsys):
+    """The torchrun fork path (README, "Several GPUs"): `--resume-from CK --stop-at STEP` in one process trains
+    nothing, then `--resume` trains the fork. Its own settings (a longer schedule, another learning rate) are
+    recorded by the first and taken by the second, which trains exactly what a fork trained at once does."""
+    from tinygemma.train import saved_recipe
+
+    source = tmp_path / "source"
+    run(data_dir, source, "lr_schedule=wsd", "max_steps=20", "checkpoint_interval=4", stop_at=4)
+    checkpoint = source / "checkpoints" / "step_000004"
+    fork = ("lr_schedule=wsd", "max_steps=12", "learning_rate=5e-3", "checkpoint_interval=4")
+    run(data_dir, tmp_path / "at_once", *fork, resume_from=checkpoint)
+    capsys.readouterr()
+    run(data_dir, tmp_path / "two_steps", *fork, resume_from=checkpoint, stop_at=4)
+    assert ("the fork is at step 4 of 12 with settings other than its source's: max_steps 20 -> 12, learning_rate "
+            "0.01 -> 0.005; --stop-at (stop_at) 4 trains no step now: its config.json records them, and --resume "
+            "trains with them") in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "two_steps" / "config.json").read_text())["train"]
+    assert (recorded["max_steps"], recorded["learning_rate"]) == (12, 5e-3)
+    recipe = saved_recipe(tmp_path / "two_steps")
+    assert (recipe.train.max_steps, recipe.train.learning_rate) == (12, 5e-3)
+    train(recipe, resume=True, quiet=True)
+    assert last_step(tmp_path / "two_steps") == 12
+    assert train_losses(tmp_path / "two_steps") == train_losses(tmp_path / "at_once")

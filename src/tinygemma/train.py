@@ -211,12 +211,14 @@ def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | N
     `tinygemma train --resume --out RUN` continues, and `train(saved_recipe(RUN), resume=True)` from Python. The
     last checkpoint's recorded recipe decides, since config.json is the newest invocation's, which may have
     failed before writing any (a learning rate that diverged would otherwise come back with every resume), or be
-    missing (a run's checkpoints/ copied alone). None where `out` records no recipe."""
+    missing (a run's checkpoints/ copied alone); except in a --resume-from fork not yet trained, whose checkpoint
+    is its source's copy, and whose own settings its config.json holds. None where `out` records no recipe."""
     if not isinstance(out, (str, os.PathLike)):
         raise UserError(f"saved_recipe takes a run's folder, got {out!r}")
     saved = Path(out) / "config.json"
     last = checkpoint_pointer(Path(out))
-    recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
+    own = last and not fork_source(last)  # (a fork's last checkpoint, before its first, is its source's copy)
+    recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if own else None
     recorded = recorded if isinstance(recorded, dict) and recorded else None
     if not (saved.exists() or recorded):
         return None
@@ -284,7 +286,7 @@ class Trainer:
         # meet (a node with other data) must not go unsaid, nor one said by a process 0 torchrun stops first.
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         check_resume_schedule(saved_train, self.cfg, self.start)
-        changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at)
+        changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at, bool(self.forked_from))
         self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
         self.generate = recipe.generate
         if not state or self.cfg.sample_interval or state.get("config", {}).get("generate") != dataclasses.asdict(
@@ -419,7 +421,8 @@ class Trainer:
             prune_checkpoints(run_dir / "checkpoints", self.start_keep)
         resolved = self.resolved_config()
         # Nothing to train (a finished run, run again): config.json keeps the settings its steps were trained with.
-        kept = peek_json(run_dir / "config.json") if start >= self.end else {}
+        # A fork not yet trained has no steps of its own: it takes this invocation's, for its --resume.
+        kept = peek_json(run_dir / "config.json") if start >= self.end and not self.forked_from else {}
         # The trackers first: one that cannot start stops the run before config.json is written, and a folder
         # made for the run goes again (it held only the trackers' first files).
         try:
@@ -946,12 +949,14 @@ def batch_stream(train: dict) -> dict:
             "global batch": train["batch_size"] * train["grad_accum_steps"]}
 
 
-def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_at: int | None) -> str | None:
+def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_at: int | None,
+                          forked: bool = False) -> str | None:
     """Refuse a resume that changes the run's batches (its windows and token counts would no longer be one run's;
     the micro-batch split and the process count may change, they change no number). Returns a warning naming
     the settings that change the steps still to come, or that change nothing when this invocation trains no step
-    (the run finished, or --stop-at is behind it); else None. The schedule's own settings and the optimizer are
-    check_resume_schedule's."""
+    (the run finished, or --stop-at is behind it), unless the run is a fork not yet trained (`forked`): its
+    settings are recorded for the --resume that trains it. Else None. The schedule's own settings and the
+    optimizer are check_resume_schedule's."""
     if not saved:
         return None
     saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
@@ -967,11 +972,16 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
                         "this run's own checkpoints hold its weights now; resume with the run's own value, or start "
                         "a new run with another --out (train.out)")
     changed = [f"{name} {was} -> {now}" for name, (was, now) in settings_changes(saved, cfg).items()]
+    if forked and saved.get("max_steps") != cfg.max_steps:  # a fork's own length (a run's is the schedule's check)
+        changed.insert(0, f"max_steps {saved.get('max_steps')} -> {cfg.max_steps}")
     if not changed:
         return None
     if step >= cfg.max_steps or (stop_at is not None and stop_at <= step):  # nothing is trained now: the run (and
         # its config.json) keeps the values its steps had
         why = "no step is left to train" if step >= cfg.max_steps else f"--stop-at (stop_at) {stop_at} trains no step"
+        if forked:  # (the torchrun fork: made in one process, trained by the --resume)
+            return (f"the fork is at step {step} of {cfg.max_steps} with settings other than its source's: "
+                    f"{', '.join(changed)}; {why} now: its config.json records them, and --resume trains with them")
         return (f"the run is at step {step} of {cfg.max_steps} with settings other than its own: "
                 f"{', '.join(changed)}; {why}, so they change nothing")
     later = ("; best.json will compare validation losses of other windows than the earlier ones"

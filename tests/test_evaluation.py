@@ -280,7 +280,12 @@ def test_eval_of_a_story_file_reads_it_in_the_checkpoints_tokens(ckpt, stories_f
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == len(ids) - 1 and result["split"] == "the whole file"
     assert result["bytes"] == sum(len(s.encode("utf-8")) for s in read_stories(stories_file)) - lengths[ids[0]]
-    assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6) and "max_tokens" not in result
+    # --max-tokens cuts it short: the result says so, not "the whole file"
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file), "--block-size", "64",
+                 "--dtype", "float32", "--max-tokens", "100"]) == 0
+    cut_short = json.loads(capsys.readouterr().out)
+    assert (cut_short["split"], cut_short["max_tokens"], cut_short["tokens"]) == ("the file's first 100 tokens", 100, 99)
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(stories_file), "--split", "train"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--split" in err

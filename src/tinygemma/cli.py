@@ -492,7 +492,10 @@ def _eval_main(args) -> int:
                       progress=sys.stderr.isatty(), stride=args.stride)  # (a log file got one frame per batch)
     seconds = time.perf_counter() - started
     print(f"evaluated {result['tokens']:,} tokens in {seconds:.1f}s", file=sys.stderr)
-    result.update(split="the whole file" if story_file else args.split, block_size=block_size,
+    cut = args.max_tokens is not None and args.max_tokens < len(tokens)  # (--max-tokens: the first N tokens)
+    whole = "the whole file" if not cut else f"the file's first {args.max_tokens:,} tokens"
+    result.update(split=whole if story_file else args.split, block_size=block_size,
+                  **({"max_tokens": args.max_tokens} if cut else {}),
                   **({"stride": args.stride} if args.stride else {}), dtype=dtype_name(model.embed_tokens.weight.dtype))
     print(strict_json(result))
     return 0

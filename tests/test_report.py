@@ -1126,3 +1126,17 @@ def test_the_cards_training_table_gives_the_training_time():
     """The card's training table gives the training time."""
     known = {"recipe": mutation_recipe(), "run": {}, "state": {"step": 12, "tokens": 3072, "elapsed_s": 65.0}}
     assert "| training time | 1m05s of optimizer steps |" in tinygemma.report.training_section(known)
+
+
+def test_the_card_of_a_best_checkpoint_copied_out_of_its_run_gives_the_loss_its_state_records(straight_run, tmp_path):
+    """A checkpoint copied out of its run has no metrics.jsonl beside it, but its trainer state records its own
+    validation loss where it was the run's best: the card gives that, not "no evaluation was recorded"."""
+    last = json.loads((straight_run / "checkpoints" / "last.json").read_text())["dir"]
+    state = json.loads((straight_run / "checkpoints" / last / "trainer_state.json").read_text())
+    assert state["best_step"] == state["step"]  # the straight run's last checkpoint is its best
+    shutil.copytree(straight_run / "checkpoints" / last, tmp_path / "alone")
+    during = tinygemma.report.export_records(tmp_path / "alone")["during_training"]
+    assert during == {"step": state["step"], "val_loss": state["best_val_loss"]}
+    state["best_step"] = state["step"] - 20  # an earlier best: its loss is not this checkpoint's
+    (tmp_path / "alone" / "trainer_state.json").write_text(json.dumps(state))
+    assert tinygemma.report.export_records(tmp_path / "alone")["during_training"] is None

@@ -478,6 +478,8 @@ def export_records(ckpt: str | Path) -> dict:
         evaluation = {}
     step = state.get("step", meta.get("step"))
     during = next((r for r in records if "val_loss" in r and r["step"] == step), None)
+    if during is None and state.get("best_step") == step and is_real(state.get("best_val_loss")):
+        during = {"step": step, "val_loss": state["best_val_loss"]}  # (copied out of its run: its state's own)
     return {"source": src, "meta": meta, "state": state, "run": config.get("run", {}), "recipe": recipe,
             "evaluation": evaluation.get("eval"), "during_training": during, "step": step}
 

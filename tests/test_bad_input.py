@@ -602,7 +602,14 @@ def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_p
                                         (["prepare", "--out", ""], "argument --out: is empty"),
                                         (["eval", "--ckpt", "x", "--data", ""], "argument --data: is empty"),
                                         (["export", "--ckpt", "x", "--out", " "], "argument --out: is empty"),
-                                        (["run", ""], "argument recipe: is empty")])
+                                        (["run", ""], "argument recipe: is empty"),
+                                        # a misspelled option is named, by its command, not called a missing one
+                                        (["generate", "--ckpt", "x", "--promt", "hi"],
+                                         "tinygemma generate: error: unrecognized arguments: --promt (see tinygemma "
+                                         "generate --help)"),
+                                        (["generate", "--ckpt", "x", "--prompt", "hi", "--tmperature", "0"],
+                                         "tinygemma generate: error: unrecognized arguments: --tmperature 0 (see"),
+                                        (["generate", "--ckpt", "x"], "required: --prompt (see tinygemma generate")])
 def test_a_command_line_argparse_refuses_is_one_line_too(argv, words, capsys):
     """A missing or ill-typed argument: argparse's refusal, in one line naming --help, and exit status 2."""
     with pytest.raises(SystemExit) as stopped:

@@ -74,10 +74,25 @@ from tinygemma.train import check_fork_processes, check_run, saved_recipe, train
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose refusal of the command line (a missing or ill-typed argument) is one line, as
-    every other refusal here, rather than the usage block and then the error."""
+    every other refusal here, rather than the usage block and then the error. A misspelled option is named as
+    such by the subcommand's parser, also where argparse would first call a required one missing (`--promt`
+    for `--prompt`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
+        unknown = [arg for arg in getattr(self, "given", []) if arg.startswith("-") and not self.knows(arg)]
+        if message.startswith("the following arguments are required") and unknown:
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def knows(self, arg: str) -> bool:
+        """Whether `arg` (an option, or a negative number) is one this parser takes: an option it has, or any
+        abbreviation of one (argparse's own)."""
+        name = arg.split("=", 1)[0]
+        return name == "-" or name[1:2].isdigit() or any(option.startswith(name) for option in self._option_string_actions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for add in (add_prepare, add_train, add_run, add_generate, add_eval, add_export, add_compare):  # --help's order
         add(subparsers)
+    parser.commands = subparsers.choices  # (a command's own parser refuses what it does not take)
     return parser
 
 
@@ -105,7 +121,9 @@ def installed_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         # Text stdout's encoding lacks (a story's é or emoji on Windows redirected to a cp1252 file) is written as
         # "?", not a traceback in the middle of it; PYTHONUTF8=1 writes it all.

@@ -212,18 +212,19 @@ def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | N
     last checkpoint's recorded recipe decides, since config.json is the newest invocation's, which may have
     failed before writing any (a learning rate that diverged would otherwise come back with every resume), or be
     missing (a run's checkpoints/ copied alone); except in a --resume-from fork not yet trained, whose checkpoint
-    is its source's copy, and whose own settings its config.json holds. None where `out` records no recipe."""
+    is its source's copy: once an invocation of the fork has written its config.json (naming the fork's source),
+    that holds the fork's own settings. None where `out` records no recipe."""
     if not isinstance(out, (str, os.PathLike)):
         raise UserError(f"saved_recipe takes a run's folder, got {out!r}")
     saved = Path(out) / "config.json"
     last = checkpoint_pointer(Path(out))
-    own = last and not fork_source(last)  # (a fork's last checkpoint, before its first, is its source's copy)
-    recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if own else None
-    recorded = recorded if isinstance(recorded, dict) and recorded else None
+    resolved = read_json(saved, "run config") if saved.exists() else {}
+    run = resolved.pop("run", None)
+    forks = fork_source(last) is not None and isinstance(run, dict) and run.get("forked_from") == fork_source(last)
+    recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
+    recorded = recorded if isinstance(recorded, dict) and recorded and not forks else None
     if not (saved.exists() or recorded):
         return None
-    resolved = read_json(saved, "run config") if saved.exists() else {}
-    resolved.pop("run", None)
     if recorded:
         resolved = {**recorded, "model": resolved.get("model", recorded.get("model"))}  # (the same model)
     if isinstance(resolved.get("train", {}), dict):  # else from_dict says what is wrong with it
@@ -452,6 +453,7 @@ class Trainer:
                            "global_batch": self.batches.global_batch, "tokens_per_step": self.tokens_per_step,
                            "micro_batch_size": self.micro_batch_size, "passes_per_step": self.batches.micro_steps,
                            "parameters": self.model_config.num_params(), "tokenizer": self.tokenizer,
+                           **({"forked_from": self.forked_from} if self.forked_from else {}),  # (saved_recipe)
                            "attention_backend": self.attention[0], "kv_layout": kv_layouts(self.raw),
                            "loss_head": self.loss_head,
                            "compiled": compiles(cfg, rt),

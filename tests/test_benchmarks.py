@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -1634,3 +1635,169 @@ def test_gpu_suite_keeps_the_unended_last_line_of_a_command_stopped_with_its_pip
     code, output, seconds = suite.run(["bash", "-c", "(setsid sleep 20 &); echo 'step 5/16'; printf 'saving ...'; "
                                                      "sleep 300"], dict(os.environ), timeout=3)
     assert code == 124 and output == "step 5/16\nsaving ...\n(stopped after 3 s)" and seconds < 30
+
+
+def test_generate_speed_times_each_contender_as_itself_and_compares_every_sequence(monkeypatch):
+    """On CUDA: tinygemma greedy with its CUDA graph (0.5 s), transformers greedy for exactly n tokens (2 s),
+    tinygemma kernel by kernel (1.5 s), each figure from its own contender's time. The tokens agree only
+    where every sequence of the batch agrees, counted from the first new token: the second sequence here parts
+    ways at its third new token, so 2 leading tokens agree and the batch's tokens are not the same."""
+    bench = load_script("generate_speed")
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1)
+    ours = torch.zeros(2, 10, dtype=torch.long)
+    theirs = ours.clone()
+    theirs[1, 4 + 2] = 7
+    calls = []
+
+    def fake_generate(model, prompt, n, temperature=1.0, cuda_graph=True, **kwargs):
+        calls.append({"who": "tinygemma", "n": n, "temperature": temperature, "cuda_graph": cuda_graph})
+        return ours
+
+    class HF:
+        def generate(self, prompt, **kwargs):
+            calls.append({"who": "transformers", **kwargs})
+            return theirs
+
+    seconds = {("tinygemma", True): 0.5, ("transformers", None): 2.0, ("tinygemma", False): 1.5}
+
+    def time_interleaved(fns, repeats, sync):  # each function's time is the time of whatever it ran
+        times, outs = [], []
+        for fn in fns:
+            outs.append(fn())
+            times.append(seconds[calls[-1]["who"], calls[-1].get("cuda_graph")])
+        return times, outs
+
+    class Prompt:  # the prompt "moved to CUDA" without a GPU
+        def to(self, device):
+            return ours[:, :4]
+
+    monkeypatch.setattr(bench, "generate", fake_generate)
+    monkeypatch.setattr(bench, "time_interleaved", time_interleaved)
+    monkeypatch.setattr(bench, "device_sync", lambda device: (lambda: None))
+    monkeypatch.setattr(bench, "torch", types.SimpleNamespace(Generator=torch.Generator, no_grad=torch.no_grad,
+                                                              randint=lambda *a, **k: Prompt()))
+    weight = types.SimpleNamespace(device=torch.device("cuda"))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=50),
+                                  embed_tokens=types.SimpleNamespace(weight=weight))
+    r = bench.measure(model, HF(), 2, args)
+    assert r["speedup"] == pytest.approx(4.0) and r["cuda_graph_speedup"] == pytest.approx(3.0)
+    assert r["tinygemma_tokens_per_s"] == pytest.approx(2 * 6 / 0.5)
+    assert r["kernel_by_kernel_tokens_per_s"] == pytest.approx(2 * 6 / 1.5)
+    assert r["same_tokens"] is False and r["equal_leading_tokens"] == 2
+    ours_calls = [c for c in calls if c["who"] == "tinygemma"]
+    assert all(c["temperature"] == 0 and c["n"] == 6 for c in ours_calls)  # greedy, like transformers'
+    assert sorted(c["cuda_graph"] for c in ours_calls) == [False, True]
+    hf_call = next(c for c in calls if c["who"] == "transformers")
+    assert hf_call["max_new_tokens"] == hf_call["min_new_tokens"] == 6 and hf_call["do_sample"] is False
+
+
+def test_generate_speed_runs_transformers_with_its_sdpa_attention(monkeypatch):
+    """transformers decodes with SDPA (its default on torch), not its slower eager attention: a speed-up
+    against eager attention would flatter tinygemma."""
+    bench = load_script("generate_speed")
+    seen = []
+    monkeypatch.setattr(bench, "measure", lambda model, hf, batch_size, args:
+                        seen.append(hf.config._attn_implementation) or {"batch_size": batch_size})
+    bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--batch-sizes", "1", "--new-tokens", "2"])
+    assert seen == ["sdpa"]
+
+
+def test_optimizer_step_refuses_a_muon_backend_whose_first_step_differs(tmp_path, capsys, monkeypatch):
+    """A Muon backend whose first step moves the matrices 20% further than the first backend's is refused
+    (exit status 1, no figures written), before anything is timed: its timing would not be Muon's."""
+    bench = load_script("optimizer_step")
+    real_build = bench.build
+
+    def build(name, model, device):
+        optimizer = real_build(name, model, device)
+        if name == "muon-bfloat16":
+            for group in optimizer.param_groups:
+                if group.get("muon"):
+                    group["lr"] *= 1.2
+        return optimizer
+
+    monkeypatch.setattr(bench, "build", build)
+    out = tmp_path / "optimizer_step.json"
+    assert bench.main(["--vocab-size", "512", "--n-layers", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                       "--contenders", "adamw,muon-float32,muon-bfloat16", "--json", str(out)]) == 1
+    assert "muon-bfloat16's first step differs from muon-float32's by 20" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_optimizer_step_table_is_against_adamw_wherever_it_stands():
+    """`--contenders muon-float32,adamw`: the "vs adamw" column is still against AdamW's step, not the first
+    contender's."""
+    bench = load_script("optimizer_step")
+    table = bench.markdown_table({"muon-float32": 0.004, "adamw": 0.002})
+    assert "| muon-float32 | 4.00 | 2.00x |" in table and "| adamw | 2.00 | 1.00x |" in table
+
+
+def test_loss_head_peak_memory_is_the_timed_passes_most_above_what_came_before(monkeypatch):
+    """On CUDA (faked here) each head's peak is the largest of its timed passes' peaks above the memory
+    allocated before the pass, in GiB: not the compiling warm-up's, not the last pass's, not counting the
+    inputs; the table shows chunked / full. The row's logits count the padded vocabulary, as the model's
+    full-head bound does (rows x the head's rows)."""
+    head = load_script("loss_head")
+    gib = 2**30
+    before = 0.5 * gib
+    peaks = [10 * gib, 10 * gib,  # each pass's peak: the warm-ups, chunked then full (compiling),
+             1.5 * gib, 3.5 * gib, 1.0 * gib, 3.0 * gib]  # then chunked, full, chunked, full
+    passes = []  # each pass starts with its reset of the peak
+    fake_cuda = types.SimpleNamespace(reset_peak_memory_stats=lambda device: passes.append(device),
+                                      memory_allocated=lambda device: before,
+                                      max_memory_allocated=lambda device: peaks[len(passes) - 1],
+                                      OutOfMemoryError=torch.cuda.OutOfMemoryError)
+    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    fake_torch.cuda, fake_torch._dynamo = fake_cuda, torch._dynamo
+    fake_torch.randn = lambda *a, device=None, **k: torch.randn(*a, **k)
+    fake_torch.randint = lambda *a, device=None, **k: torch.randint(*a, **k)
+    fake_torch.autocast = lambda device_type, **k: torch.autocast("cpu", **k)
+    monkeypatch.setattr(head, "torch", fake_torch)
+    monkeypatch.setattr(head.Head, "to", lambda self, device: self)
+    monkeypatch.setattr(head, "device_sync", lambda device: (lambda: None))
+    config = ModelConfig.preset("gemma3-tiny", vocab_size=500, d_model=64, vocab_pad_multiple=128)
+    r = head.measure(config, 64, torch.float32, torch.device("cuda"), False, 2)
+    assert r["chunked"]["peak_memory_gib"] == pytest.approx(1.0)
+    assert r["full"]["peak_memory_gib"] == pytest.approx(3.0)
+    assert r["logits"] == 64 * 512
+    assert "| 1.00 / 3.00 GiB |" in head.markdown_table([r])
+
+
+def test_loss_head_on_a_cpu_measures_the_unpadded_head(tmp_path):
+    """Off CUDA the trainer does not pad the vocabulary, and neither does the benchmark."""
+    head = load_script("loss_head")
+    result = head.main(["--preset", "gemma3-tiny", "--vocab-size", "500", "--d-model", "32", "--rows", "32",
+                        "--steps", "1", "--device", "cpu", "--threads", "1"])
+    assert result["padded_vocab_size"] == 500 and result["results"][0]["logits"] == 32 * 500
+
+
+def test_gpu_suite_reads_the_last_closing_line_not_one_in_a_failed_tests_output():
+    """A failed test's captured output (printed before pytest's own closing line) may hold a closing line of
+    a pytest it ran; the summary is pytest's own, the last one."""
+    suite = load_script("gpu_suite")
+    output = ("tests/test_cuda.py::test_a FAILED                                      [ 50%]\n"
+              "tests/test_cuda.py::test_b PASSED                                      [100%]\n"
+              "=================================== FAILURES ===================================\n"
+              "----------------------------- Captured stdout call -----------------------------\n"
+              "============================== 3 passed in 1.00s ===============================\n"
+              "=================== 1 failed, 1 passed, 362 deselected in 9.00s ===================\n")
+    assert suite.pytest_summary(output) == "1 failed, 1 passed, 362 deselected in 9.00s"
+
+
+def test_gpu_suite_keeps_a_tests_teardown_error_after_its_pass():
+    """pytest -v prints a test that passed and then failed in its teardown twice, PASSED then ERROR: its
+    outcome is the ERROR."""
+    suite = load_script("gpu_suite")
+    output = ("tests/test_cuda.py::test_a PASSED                                      [100%]\n"
+              "tests/test_cuda.py::test_a ERROR                                       [100%]\n")
+    assert suite.test_outcomes(output) == {"tests/test_cuda.py::test_a": "ERROR"}
+
+
+def test_gpu_suite_cuda_tests_on_a_gpu_fail_when_every_test_was_skipped(monkeypatch):
+    """On a GPU some CUDA test must really run: every one skipped (a GPU the tests do not see) is a failure,
+    not a pass."""
+    suite = load_script("gpu_suite")
+    output = ("tests/test_cuda.py::test_a SKIPPED (no CUDA)                           [100%]\n"
+              "=============== 1 skipped, 362 deselected in 2.00s ===============\n")
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (0, output, 2.0))
+    assert not suite.cuda_tests(suite.Plan("cuda", False), {}).ok

@@ -604,3 +604,66 @@ def test_an_export_whose_config_json_was_replaced_by_another_models_is_not_expor
     assert "not an earlier export" in export_again(
         checkpoint, out, capsys, lambda: (out / "config.json").write_text('{"model_type": "llama"}'))
     assert (out / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+def test_save_model_refuses_a_prepared_dataset_and_leaves_it_as_it_was(checkpoint, tmp_path):
+    """save_model into a folder of `tinygemma prepare` would put a checkpoint beside its token files: refused in one
+    line, the dataset as it was."""
+    from tinygemma.data import prepare
+
+    model, _ = checkpoint
+    for name in ("stories.txt", "valid.txt"):
+        (tmp_path / name).write_text("Once upon a time\n<|endoftext|>\nThe end\n", encoding="utf-8")
+    data = tmp_path / "data"
+    prepare(data, sources=[str(tmp_path / "stories.txt")], val_sources=[str(tmp_path / "valid.txt")],
+            tokenizer="gpt2", progress=False, workers=1)
+    assert is_prepared_dataset(data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(UserError, match="is a prepared dataset"):
+        save_model(model, data)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
+def test_a_gpt2_checkpoint_whose_gpt2_cannot_be_read_takes_no_other_vocabulary_of_its_size(checkpoint, tmp_path,
+                                                                                         monkeypatch):
+    """A checkpoint that records GPT-2, where GPT-2's ranks cannot be read (offline, no cache): --tokenizer must
+    still be GPT-2's vocabulary; another tokenizer.json of GPT-2's 50,257 tokens is refused (its ids mean other
+    text)."""
+    from tinygemma import checkpoint as checkpoint_module
+    from tinygemma.checkpoint import checkpoint_tokenizer
+
+    def unreadable(spec, base_dir="."):
+        raise UserError("could not load GPT-2's ranks (offline)")
+
+    model, _ = checkpoint
+    save_model(model, tmp_path / "gpt2", {"tokenizer": {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}})
+    other = tmp_path / "other.json"
+    other.write_text(word_tokenizer(*(f"w{i}" for i in range(50256))), encoding="utf-8")  # 50,257 tokens
+    monkeypatch.setattr(checkpoint_module, "tokenizer_from_spec", unreadable)
+    with pytest.raises(UserError, match="is not the tokenizer .* was made with \\(GPT-2's"):
+        checkpoint_tokenizer(tmp_path / "gpt2", str(other))
+
+
+def test_a_tokenizer_spec_without_a_sha256_takes_a_given_tokenizer_of_its_size(checkpoint, tmp_path):
+    """A tokenizer.json spec that records no sha256 (written by hand; tokenizer_from_spec accepts it), its file
+    gone: --tokenizer of the recorded size is taken, not a KeyError."""
+    from tinygemma.checkpoint import checkpoint_tokenizer
+
+    model, _ = checkpoint
+    given = tmp_path / "given.json"
+    given.write_text(word_tokenizer("cat", "dog", "sun"), encoding="utf-8")
+    save_model(model, tmp_path / "ckpt", {"tokenizer": {"kind": "tokenizer.json", "file": "tokenizer.json",
+                                                        "vocab_size": 4, "eot_id": 0}})
+    assert checkpoint_tokenizer(tmp_path / "ckpt", str(given)).vocab_size == 4
+
+
+def test_a_gpt2_tokenizer_json_whose_file_is_gone_takes_gpt2(checkpoint, tmp_path):
+    """A checkpoint trained with GPT-2's vocabulary as a tokenizer.json (its own sha256), the file gone:
+    --tokenizer gpt2 is the same vocabulary and is taken."""
+    from tinygemma.checkpoint import checkpoint_tokenizer
+
+    model, _ = checkpoint
+    spec = {"kind": "tokenizer.json", "file": "tokenizer.json", "sha256": "0" * 64, "vocab_size": 50257,
+            "eot_id": 50256}
+    save_model(model, tmp_path / "ckpt", {"tokenizer": spec})
+    assert checkpoint_tokenizer(tmp_path / "ckpt", "gpt2").identity == "gpt2"

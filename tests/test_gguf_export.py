@@ -833,3 +833,17 @@ def test_an_export_whose_sliding_layers_differ_from_gemmas_says_older_builds_ass
         out, err = capsys.readouterr()
         assert "llama-completion -m" in out
         assert ("older llama.cpp builds and Ollama assume Gemma 3's" in err) is bool(overrides), err
+
+
+def test_the_gguf_of_a_run_given_as_dot_is_named_after_its_run(tiny_run, small_ckpt, tmp_path, monkeypatch):
+    """`export --ckpt .` from inside the run (or the checkpoint folder) names the run and its step, as its path
+    does: not an empty name."""
+    def name(source) -> str:
+        field = gguf.GGUFReader(export_gguf(source, tmp_path / "m.gguf", "f16")["path"]).fields["general.name"]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    step = resolve_checkpoint(tiny_run).name
+    monkeypatch.chdir(tiny_run)
+    assert name(".") == f"tinygemma tiny {step}"
+    monkeypatch.chdir(small_ckpt)
+    assert name(".") == "tinygemma ckpt"

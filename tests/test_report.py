@@ -1140,3 +1140,19 @@ def test_the_card_of_a_best_checkpoint_copied_out_of_its_run_gives_the_loss_its_
     state["best_step"] = state["step"] - 20  # an earlier best: its loss is not this checkpoint's
     (tmp_path / "alone" / "trainer_state.json").write_text(json.dumps(state))
     assert tinygemma.report.export_records(tmp_path / "alone")["during_training"] is None
+
+
+def test_the_cards_title_is_the_hub_repository_it_is_pushed_to(straight_run, tmp_path, monkeypatch, capsys):
+    """The card's title names what the model is loaded by: the repository of --push-to-hub (the hub page's own
+    heading), else the exported folder (never the staging folder it was written in)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kwargs: None)
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(tmp_path / "hf")]) == 0
+    assert "\n# hf\n" in card(tmp_path / "hf").text
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(tmp_path / "hub"), "--push-to-hub",
+                 "someone/tiny"]) == 0
+    text = card(tmp_path / "hub").text
+    assert "\n# someone/tiny\n" in text and "# hub" not in text

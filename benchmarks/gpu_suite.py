@@ -20,14 +20,15 @@ source tree's root, and the report gives each figure with the command that produ
    then trains PROFILED_STEPS more steps, outside the measured ones, under `--profile` in the AdamW runs: how
    busy the GPU was and on what kinds of kernel, with the top of the operators' table, in the report. Issue 19's speed
    goals (MFU_GOAL in every run, Muon at most MUON_MAX_COST slower than AdamW) are judged in the report;
-2. the workshop notebook's own code on the same GPU (benchmarks/train_throughput.py --contenders workshop: its
-   model with bf16 weights and its loop of 32 micro-steps of 32 x 128 per AdamW step), against step 1's
+2. the workshop notebook's own code on the same GPU (benchmarks/train_throughput.py --contenders workshop-untied:
+   its model, with its own untied output head, with bf16 weights and its loop of 32 micro-steps of 32 x 128 per AdamW step), against step 1's
    block-128 AdamW row: "tinygemma trains the workshop recipe N x as fast as the workshop's code";
 3. generation (benchmarks/generate_speed.py): tinygemma's generate against transformers', batch 1 and 32;
 4. the optimizer step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py): what chooses
    Muon's CUDA backend (optim.muon_backend);
-5. the loss head alone, chunked against whole logits, compiled, at 65,536 rows (the micro-batch auto takes at
-   both blocks, by the eager activations' 1 MB a token) then 16,384, with peak memory (benchmarks/loss_head.py):
+5. the loss head alone, chunked against whole logits, compiled, at 32,768 rows (the pass auto took at both blocks
+   on the H100), 65,536 (the H200's; measured on the H100 already) then 16,384, with peak memory
+   (benchmarks/loss_head.py):
    what chooses `loss_head = "auto"` on CUDA (parallelize.AUTO_FULL_LOSS_LOGITS);
 6. the CUDA tests: `python -m pytest -v -m cuda` on the files that hold them (cuda_test_files: test_cuda.py's
    long ones last, and in it those that never ran on a GPU first), last, with whatever time the steps before left:
@@ -43,7 +44,8 @@ falls) step 1's four runs now check.
 BLOCK-OPTIMIZER) run part of it, the chosen steps sharing the whole budget in STEP_SHARES' proportions: all of it
 does not fit one 10-minute command on an H100, where a trainer run took 160 s (2026-12-05), so a later GPU
 session measures what an earlier one left. Such a run's figures go to gpu_report.{md,json} unless named. Each
-trainer run's output lines are kept timed from its start (the report's folded block, the row's `timeline`):
+trainer run's output lines are kept timed from its start (the report's folded block, the summary's
+`trainer_timelines`):
 where its minutes went, from startup and compilation to the checkpoint.
 
 The exit status is 0 when every step passed, 1 otherwise. The report and the summary are written at the start,
@@ -167,9 +169,10 @@ class Plan:
     workshop_steps: tuple = (1, 2)  # warm-up, timed optimizer steps of the workshop's loop
     generation_args: tuple = ("--dtype", "bf16", "--batch-sizes", "1,32", "--new-tokens", "48", "--repeats", "2")
     optimizer_args: tuple = ("--steps", "10", "--warmup", "2")  # besides preset, device and --json
-    # The rows of the passes micro_batch_size=auto chooses: 512 of 128 or 64 of 1,024 (an eager pass of the 270M
-    # takes about 1 MB a token, so 131,072 tokens do not fit 85% of 80 or 141 GB), and a smaller GPU's
-    loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--no-in-place", "--rows", "65536,16384")
+    # The rows of the passes micro_batch_size=auto chose: 32,768 on the H100 (256 of 128 or 32 of 1,024), first;
+    # 65,536 on the H200 (512 or 64: an eager pass of the 270M takes about 1 MB a token, so 131,072 tokens do not
+    # fit 85% of 80 or 141 GB), which the H100 measured too; and a smaller GPU's
+    loss_head_args: tuple = ("--dtype", "bfloat16", "--compile", "--no-in-place", "--rows", "32768,65536,16384")
     budget: float = TOTAL_SECONDS  # the whole suite's aim in seconds (--budget)
     started: float = field(default_factory=time.perf_counter)  # main() sets it to when the script was imported
     steps: tuple = tuple(STEP_SHARES)  # the steps run (--steps), in STEP_SHARES' order
@@ -1018,10 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
     run_as_script = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
-    p.add_argument("--report", help="the markdown report (default: benchmarks/results/gpu_latest.md on a GPU, "
-                                    "gpu_report.md on a CPU)")
-    p.add_argument("--summary", help="the JSON summary (default: benchmarks/results/gpu_latest.json on a GPU, the "
-                                     "report's name with .json on a CPU)")
+    p.add_argument("--report", help="the markdown report (default: benchmarks/results/gpu_latest.md for the whole "
+                                    "suite on a GPU; gpu_report.md for --quick, --steps or --runs, or on a CPU)")
+    p.add_argument("--summary", help="the JSON summary (default: benchmarks/results/gpu_latest.json for the whole "
+                                     "suite on a GPU; else the report's name with .json)")
     p.add_argument("--assets", default=str(DEFAULT_ASSETS),
                    help="folder with tinystories/train.txt, tinystories/valid.txt, tiktoken_cache/")
     p.add_argument("--make-assets", metavar="SHARED", help="fill --assets from SHARED (a checkout's ../shared), then stop")

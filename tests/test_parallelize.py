@@ -154,8 +154,8 @@ def test_loss_head_choice_is_applied_to_the_model(monkeypatch):
 
     assert choose_loss_head(cfg_with(loss_head="full"), CPU)[:2] == (0, 0)
     assert choose_loss_head(cfg_with(loss_head="chunked"), GPU)[:2] == (8192, 0)
-    # the first log line says why: no GPU has measured the two heads (it said "the faster or only measured")
-    assert choose_loss_head(cfg_with(), GPU)[2] == "chunked (the two not yet measured on cuda)"
+    # the first log line says why: the measurement that chose it on each device
+    assert choose_loss_head(cfg_with(), GPU)[2] == "chunked (the faster one on an H100 at 65,536 rows)"
     assert choose_loss_head(cfg_with(), CPU)[2] == "chunked (the faster one on a CPU)"
     monkeypatch.setattr(parallelize, "AUTO_FULL_LOSS_LOGITS", {"cuda": 2**28})
     assert choose_loss_head(cfg_with(), CPU)[:2] == (8192, 0)  # a device with no measured bound

@@ -330,9 +330,9 @@ def describe_kv_layouts(layouts: dict[str, str]) -> str:
 # cost 8 bytes a logit: 1.5 GiB for 32 x 128 tokens of GPT-2's vocabulary (padded to 50,304), 49 GiB for a
 # whole 131,072-token step in one pass. From benchmarks/loss_head.py (BENCHMARKS.md, "Loss head"): on a CPU
 # (eager, float32, as the trainer runs there) the chunked head was the faster at every size measured, so no
-# bound; no GPU has measured the two heads yet, so CUDA keeps the chunked head it had until one does
-# (benchmarks/gpu_suite.py measures them, compiled, and reports the bound to put here; then choose_loss_head's
-# words for a device without a bound change too).
+# bound; on an H100 (2026-12-05, compiled, bfloat16) the chunked head was the faster at 65,536 rows (29.6 against
+# 32.0 ms, and 7.5 against 18.6 GiB), so none on CUDA either; smaller micro-batches there are unmeasured
+# (benchmarks/gpu_suite.py's loss-head step measures 16,384 rows too, and reports the bound to put here).
 AUTO_FULL_LOSS_LOGITS = {"cpu": 0, "cuda": 0}
 
 
@@ -346,7 +346,8 @@ def choose_loss_head(cfg: TrainConfig, rt: Runtime) -> tuple[int, int, str]:
         return LOSS_CHUNK_SIZE, 0, "chunked, asked for"
     limit = AUTO_FULL_LOSS_LOGITS.get(rt.device.type, 0)
     if not limit:
-        measured = "the faster one on a CPU" if rt.device.type == "cpu" else f"the two not yet measured on {rt.device.type}"
+        measured = {"cpu": "the faster one on a CPU", "cuda": "the faster one on an H100 at 65,536 rows"}.get(
+            rt.device.type, f"the two not yet measured on {rt.device.type}")
         return LOSS_CHUNK_SIZE, 0, f"chunked ({measured})"
     return LOSS_CHUNK_SIZE, limit, f"full up to {limit:,} logits per micro-batch, chunked above"
 

@@ -609,7 +609,12 @@ def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_p
                                          "generate --help)"),
                                         (["generate", "--ckpt", "x", "--prompt", "hi", "--tmperature", "0"],
                                          "tinygemma generate: error: unrecognized arguments: --tmperature 0 (see"),
-                                        (["generate", "--ckpt", "x"], "required: --prompt (see tinygemma generate")])
+                                        (["generate", "--ckpt", "x"], "required: --prompt (see tinygemma generate"),
+                                        # values argparse takes as values, not options: the missing one is named
+                                        (["generate", "--prompt", "- Hello, said Tom", "--max-new-tokens", "3"],
+                                         "required: --ckpt (see"),
+                                        (["generate", "--ckpt", "x", "--temperature", "-.5"], "required: --prompt"),
+                                        (["generate", "--ckpt", "x", "--", "--promt"], "required: --prompt")])
 def test_a_command_line_argparse_refuses_is_one_line_too(argv, words, capsys):
     """A missing or ill-typed argument: argparse's refusal, in one line naming --help, and exit status 2."""
     with pytest.raises(SystemExit) as stopped:

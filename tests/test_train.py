@@ -1800,3 +1800,20 @@ def test_a_fork_made_without_training_keeps_its_own_settings_for_the_resume_that
     train(recipe, resume=True, quiet=True)
     assert last_step(tmp_path / "two_steps") == 12
     assert train_losses(tmp_path / "two_steps") == train_losses(tmp_path / "at_once")
+
+    # A fork of a fork not yet trained: the first fork's pending settings are its own, not the second's, which
+    # takes the checkpoint's recorded ones (the source's) and those given now.
+    pending = tmp_path / "pending"
+    run(data_dir, pending, "lr_schedule=wsd", "max_steps=20", "learning_rate=5e-3", "checkpoint_interval=4",
+        resume_from=checkpoint, stop_at=4)
+    assert saved_recipe(pending).train.learning_rate == 5e-3
+    fork_run(pending / "checkpoints" / "step_000004", tmp_path / "again")  # what `train --resume-from` reads
+    assert saved_recipe(tmp_path / "again").train.learning_rate == 1e-2
+    # A fork of a finished run trains no step whatever it is given: its settings change nothing, and are not kept.
+    finished = tmp_path / "finished"
+    run(data_dir, finished, "lr_schedule=wsd", "max_steps=8", "checkpoint_interval=4")
+    capsys.readouterr()
+    run(data_dir, tmp_path / "late", "lr_schedule=wsd", "max_steps=8", "checkpoint_interval=4", "eval_batches=3",
+        resume_from=finished / "checkpoints" / "step_000008")
+    assert "eval_batches 4 -> 3; no step is left to train, so they change nothing" in capsys.readouterr().err
+    assert json.loads((tmp_path / "late" / "config.json").read_text())["train"]["eval_batches"] == 4

@@ -502,6 +502,10 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
             if run is not None and (run / name).is_file():
                 with atomic_path(out / name) as tmp:
                     shutil.copyfile(run / name, tmp)
+                    config = peek_json(tmp) if name == "config.json" else {}
+                    if isinstance(config.get("run"), dict) and config["run"].pop("forked_from", None) is not None:
+                        # (a fork not yet trained, forked again: its pending settings are its own, not this fork's)
+                        Path(tmp).write_text(json.dumps(config, indent=2) + "\n")
         best = state.get("best_step")
         kept = {step: src.resolve()}  # named as training names them, which pruning counts (a copy's name may differ)
         if run is not None and isinstance(best, int) and best != step \

@@ -83,16 +83,19 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
-        unknown = [arg for arg in getattr(self, "given", []) if arg.startswith("-") and not self.knows(arg)]
+        unknown = self.unknown_options()
         if message.startswith("the following arguments are required") and unknown:
             message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    def knows(self, arg: str) -> bool:
-        """Whether `arg` (an option, or a negative number) is one this parser takes: an option it has, or any
-        abbreviation of one (argparse's own)."""
-        name = arg.split("=", 1)[0]
-        return name == "-" or name[1:2].isdigit() or any(option.startswith(name) for option in self._option_string_actions)
+    def unknown_options(self) -> list[str]:
+        """The items given that argparse reads as options (not "-", a negative number, text with a space, or
+        anything after "--") and that are none of this parser's, nor an abbreviation of one."""
+        given = getattr(self, "given", [])
+        given = given[:given.index("--")] if "--" in given else given
+        return [arg for arg in given if arg.startswith("-") and arg != "-" and " " not in arg
+                and not re.fullmatch(r"-\d+|-\d*\.\d+", arg)
+                and not any(option.startswith(arg.split("=", 1)[0]) for option in self._option_string_actions)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -423,7 +423,8 @@ class Trainer:
         resolved = self.resolved_config()
         # Nothing to train (a finished run, run again): config.json keeps the settings its steps were trained with.
         # A fork not yet trained has no steps of its own: it takes this invocation's, for its --resume.
-        kept = peek_json(run_dir / "config.json") if start >= self.end and not self.forked_from else {}
+        pending = self.forked_from and start < cfg.max_steps  # (a fork of a finished run can train no step)
+        kept = peek_json(run_dir / "config.json") if start >= self.end and not pending else {}
         # The trackers first: one that cannot start stops the run before config.json is written, and a folder
         # made for the run goes again (it held only the trackers' first files).
         try:
@@ -981,7 +982,7 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
     if step >= cfg.max_steps or (stop_at is not None and stop_at <= step):  # nothing is trained now: the run (and
         # its config.json) keeps the values its steps had
         why = "no step is left to train" if step >= cfg.max_steps else f"--stop-at (stop_at) {stop_at} trains no step"
-        if forked:  # (the torchrun fork: made in one process, trained by the --resume)
+        if forked and step < cfg.max_steps:  # (the torchrun fork: made in one process, trained by the --resume)
             return (f"the fork is at step {step} of {cfg.max_steps} with settings other than its source's: "
                     f"{', '.join(changed)}; {why} now: its config.json records them, and --resume trains with them")
         return (f"the run is at step {step} of {cfg.max_steps} with settings other than its own: "

@@ -207,7 +207,7 @@ def tiny_run(tmp_path_factory, data_dir):
     return train_run(tmp_path_factory.mktemp("gguf") / "tiny", data_dir, TINY)
 
 
-def test_the_gguf_is_named_after_its_run(tiny_run, small_ckpt, tmp_path):
+def test_the_gguf_is_named_after_its_run(tiny_run, small_ckpt, tmp_path, monkeypatch):
     """general.name (what LM Studio shows) names the run and its step; it was the step folder alone, the same
     for every run. A folder outside a run is named by itself."""
     def name(source) -> str:
@@ -217,6 +217,11 @@ def test_the_gguf_is_named_after_its_run(tiny_run, small_ckpt, tmp_path):
     step = resolve_checkpoint(tiny_run).name
     assert step.startswith("step_") and name(tiny_run) == f"tinygemma tiny {step}"
     assert name(small_ckpt) == "tinygemma ckpt"
+    # `export --ckpt .` from inside the run (or the checkpoint folder) names them as their paths do
+    monkeypatch.chdir(tiny_run)
+    assert name(".") == f"tinygemma tiny {step}"
+    monkeypatch.chdir(small_ckpt)
+    assert name(".") == "tinygemma ckpt"
 
 
 def test_the_gguf_records_the_context_length_and_the_special_ids(small_ckpt, tmp_path):
@@ -833,17 +838,3 @@ def test_an_export_whose_sliding_layers_differ_from_gemmas_says_older_builds_ass
         out, err = capsys.readouterr()
         assert "llama-completion -m" in out
         assert ("older llama.cpp builds and Ollama assume Gemma 3's" in err) is bool(overrides), err
-
-
-def test_the_gguf_of_a_run_given_as_dot_is_named_after_its_run(tiny_run, small_ckpt, tmp_path, monkeypatch):
-    """`export --ckpt .` from inside the run (or the checkpoint folder) names the run and its step, as its path
-    does: not an empty name."""
-    def name(source) -> str:
-        field = gguf.GGUFReader(export_gguf(source, tmp_path / "m.gguf", "f16")["path"]).fields["general.name"]
-        return bytes(field.parts[field.data[0]]).decode()
-
-    step = resolve_checkpoint(tiny_run).name
-    monkeypatch.chdir(tiny_run)
-    assert name(".") == f"tinygemma tiny {step}"
-    monkeypatch.chdir(small_ckpt)
-    assert name(".") == "tinygemma ckpt"

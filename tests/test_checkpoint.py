@@ -667,3 +667,13 @@ def test_a_gpt2_tokenizer_json_whose_file_is_gone_takes_gpt2(checkpoint, tmp_pat
             "eot_id": 50256}
     save_model(model, tmp_path / "ckpt", {"tokenizer": spec})
     assert checkpoint_tokenizer(tmp_path / "ckpt", "gpt2").identity == "gpt2"
+
+
+def test_a_last_json_whose_fork_record_is_malformed_names_no_source():
+    """fork_source reads a hand-edited last.json's forked_from only when it is {"dir": text, "step": integer}."""
+    from tinygemma.checkpoint import fork_source
+
+    assert fork_source({"forked_from": {"dir": "r/checkpoints/step_000002", "step": 2}}) == {
+        "dir": "r/checkpoints/step_000002", "step": 2}
+    for bad in ({"dir": None, "step": 2}, {"dir": "x", "step": "2"}, {"dir": "x", "step": True}, {"dir": "x"}, "x"):
+        assert fork_source({"forked_from": bad}) is None

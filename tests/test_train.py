@@ -1679,6 +1679,10 @@ def test_a_fork_keeps_its_sources_earlier_best_checkpoint(data_dir, tmp_path, mo
     fork = tmp_path / "fork"
     fork_run(out / "checkpoints" / "step_000006", fork)
     assert sorted(p.name for p in (fork / "checkpoints").glob("step_*")) == ["step_000003", "step_000006"]
+    # that best's folder deleted by hand: the fork holds the checkpoint it continues, not a crash on the missing one
+    shutil.rmtree(out / "checkpoints" / "step_000003")
+    fork_run(out / "checkpoints" / "step_000006", tmp_path / "fork2")
+    assert sorted(p.name for p in (tmp_path / "fork2" / "checkpoints").glob("step_*")) == ["step_000006"]
 
 
 def test_resume_with_a_recipe_file_follows_the_file_not_the_saved_recipe(data_dir, tmp_path, capsys):
@@ -1817,3 +1821,27 @@ def test_a_fork_made_without_training_keeps_its_own_settings_for_the_resume_that
         resume_from=finished / "checkpoints" / "step_000008")
     assert "eval_batches 4 -> 3; no step is left to train, so they change nothing" in capsys.readouterr().err
     assert json.loads((tmp_path / "late" / "config.json").read_text())["train"]["eval_batches"] == 4
+
+
+def test_a_run_from_random_weights_cannot_take_an_init_from_on_resume(data_dir, tmp_path):
+    """A resume that names init_from for a run that started from random weights is refused like any other change
+    of it: recorded, it would say the run's weights came from that checkpoint (its report's Reproduce command)."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=2", "warmup_steps=1")
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=4", "warmup_steps=1", stop_at=2)
+    with pytest.raises(tinygemma.UserError, match="train.init_from cannot change on resume \\(none -> "):
+        run(data_dir, out, "max_steps=4", "warmup_steps=1", f"init_from={source}", resume=True)
+
+
+def test_a_fork_of_a_run_whose_checkpoints_folder_is_a_link_copies_its_records(data_dir, tmp_path):
+    """A run whose checkpoints/ is a link to another disk (which in_run_checkpoints follows): --resume-from one of
+    its checkpoints still makes the fork of that run, with its config.json and metrics.jsonl."""
+    out = tmp_path / "r"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", "keep_checkpoints=2")
+    disk = tmp_path / "bigdisk"
+    shutil.move(str(out / "checkpoints"), str(disk))
+    (out / "checkpoints").symlink_to(disk, target_is_directory=True)
+    fork = tmp_path / "fork"
+    fork_run(out / "checkpoints" / "step_000002", fork)
+    assert (fork / "config.json").is_file() and (fork / "metrics.jsonl").is_file()

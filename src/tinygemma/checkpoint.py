@@ -487,7 +487,8 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     step = read_json(src / STATE_NAME, "trainer state").get("step")
     state = read_trainer_state(src, step if isinstance(step, int) and not isinstance(step, bool) else -1)
     ckpts_of = in_run_checkpoints(src)  # the run it belongs to, if it was not copied out alone
-    run = ckpts_of.parent if ckpts_of is not None and ckpts_of == src.resolve().parent else None
+    # (its checkpoints/ may be a link to a bigger disk: compared where both lead)
+    run = ckpts_of.parent if ckpts_of is not None and ckpts_of.resolve() == src.resolve().parent else None
     out = check_output_folder(out, "the run")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "

@@ -475,7 +475,7 @@ class Trainer:
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, {steps} ({f'{total / 1e6:,.1f}M' if total >= 1e6 else f'{total:,}'} tokens in all) in "
               f"{self.batches.micro_steps} pass(es) of {self.micro_batch_size} sequences per process"
-              f"{' (micro_batch_size auto: the largest that fits this GPU)' if self.probed else ''}; "
+              f"{' (micro_batch_size auto: the largest whose eager pass fits this GPU)' if self.probed else ''}; "
               f"{describe_optimizer(self.optimizer, self.fsdp)}, {cfg.lr_schedule} schedule; "
               f"{initial}"
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"

@@ -1801,6 +1801,14 @@ def test_a_fork_made_without_training_keeps_its_own_settings_for_the_resume_that
     assert (recorded["max_steps"], recorded["learning_rate"]) == (12, 5e-3)
     recipe = saved_recipe(tmp_path / "two_steps")
     assert (recipe.train.max_steps, recipe.train.learning_rate) == (12, 5e-3)
+    # A --resume given other settings (README's torchrun line gives --config, which replaces the saved recipe) is
+    # warned that the fork's own are replaced, even where they are its source's.
+    other = load_recipe(None, tiny_settings(data_dir, tmp_path / "two_steps", "lr_schedule=wsd", "max_steps=20",
+                                            "checkpoint_interval=4"))
+    assert ("resuming the fork at step 4 with settings other than those it recorded when it was made: max_steps "
+            "12 -> 20, learning_rate 0.005 -> 0.01; the steps from here take this invocation's") in " ".join(
+        check_run(other, resume=True)["warnings"])
+    assert not any("recorded when it was made" in w for w in check_run(recipe, resume=True)["warnings"])
     train(recipe, resume=True, quiet=True)
     assert last_step(tmp_path / "two_steps") == 12
     assert train_losses(tmp_path / "two_steps") == train_losses(tmp_path / "at_once")

@@ -219,8 +219,8 @@ def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | N
     saved = Path(out) / "config.json"
     last = checkpoint_pointer(Path(out))
     resolved = read_json(saved, "run config") if saved.exists() else {}
-    run = resolved.pop("run", None)
-    forks = fork_source(last) is not None and isinstance(run, dict) and run.get("forked_from") == fork_source(last)
+    resolved.pop("run", None)
+    forks = pending_fork_settings(Path(out), fork_source(last)) is not None
     recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
     recorded = recorded if isinstance(recorded, dict) and recorded and not forks else None
     if not (saved.exists() or recorded):
@@ -287,7 +287,8 @@ class Trainer:
         # meet (a node with other data) must not go unsaid, nor one said by a process 0 torchrun stops first.
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         check_resume_schedule(saved_train, self.cfg, self.start)
-        changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at, bool(self.forked_from))
+        changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at, bool(self.forked_from),
+                                        pending_fork_settings(self.run_dir, self.forked_from))
         self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
         self.generate = recipe.generate
         if not state or self.cfg.sample_interval or state.get("config", {}).get("generate") != dataclasses.asdict(
@@ -952,14 +953,33 @@ def batch_stream(train: dict) -> dict:
             "global batch": train["batch_size"] * train["grad_accum_steps"]}
 
 
+def pending_fork_settings(run_dir: Path, forked_from: dict | None) -> dict | None:
+    """The [train] settings a fork not yet trained (its last checkpoint the copy of `forked_from`) recorded in its
+    config.json for the --resume that trains it, where an invocation of the fork wrote it (naming that source):
+    not the source's copy. Else None."""
+    config = peek_json(run_dir / "config.json") if forked_from else {}
+    run, train = config.get("run"), config.get("train")
+    ours = isinstance(run, dict) and run.get("forked_from") == forked_from and isinstance(train, dict)
+    return saved_train_settings(train) if ours else None
+
+
+def named_changes(saved: dict, cfg: TrainConfig, length: bool) -> list[str]:
+    """settings_changes as "name was -> now", with max_steps first where `length` (a fork's own length; a run's is
+    the schedule's check)."""
+    changed = [f"{name} {was} -> {now}" for name, (was, now) in settings_changes(saved, cfg).items()]
+    return ([f"max_steps {saved.get('max_steps')} -> {cfg.max_steps}"] if length and saved.get("max_steps") !=
+            cfg.max_steps else []) + changed
+
+
 def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_at: int | None,
-                          forked: bool = False) -> str | None:
+                          forked: bool = False, pending: dict | None = None) -> str | None:
     """Refuse a resume that changes the run's batches (its windows and token counts would no longer be one run's;
     the micro-batch split and the process count may change, they change no number). Returns a warning naming
     the settings that change the steps still to come, or that change nothing when this invocation trains no step
     (the run finished, or --stop-at is behind it), unless the run is a fork not yet trained (`forked`): its
-    settings are recorded for the --resume that trains it. Else None. The schedule's own settings and the
-    optimizer are check_resume_schedule's."""
+    settings are recorded for the --resume that trains it, which is warned where it trains with others
+    (`pending`: those recorded; a --config file given to that --resume replaces them). Else None. The schedule's
+    own settings and the optimizer are check_resume_schedule's."""
     if not saved:
         return None
     saved, current = saved_train_settings(saved), dataclasses.asdict(cfg)
@@ -974,12 +994,16 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
                         f"{cfg.init_from or 'none'}): it only says where a new run's weights come from, and "
                         "this run's own checkpoints hold its weights now; resume with the run's own value, or start "
                         "a new run with another --out (train.out)")
-    changed = [f"{name} {was} -> {now}" for name, (was, now) in settings_changes(saved, cfg).items()]
-    if forked and saved.get("max_steps") != cfg.max_steps:  # a fork's own length (a run's is the schedule's check)
-        changed.insert(0, f"max_steps {saved.get('max_steps')} -> {cfg.max_steps}")
+    trains = step < cfg.max_steps and (stop_at is None or stop_at > step)
+    replaced = named_changes(pending, cfg, True) if pending is not None and trains else []
+    if replaced:
+        return (f"resuming the fork at step {step} with settings other than those it recorded when it was made: "
+                f"{', '.join(replaced)}; the steps from here take this invocation's (a --config file given to "
+                "--resume replaces the fork's: leave it out to train with them)")
+    changed = named_changes(saved, cfg, forked)
     if not changed:
         return None
-    if step >= cfg.max_steps or (stop_at is not None and stop_at <= step):  # nothing is trained now: the run (and
+    if not trains:  # nothing is trained now: the run (and
         # its config.json) keeps the values its steps had
         why = "no step is left to train" if step >= cfg.max_steps else f"--stop-at (stop_at) {stop_at} trains no step"
         if forked and step < cfg.max_steps:  # (the torchrun fork: made in one process, trained by the --resume)

@@ -756,3 +756,14 @@ def test_push_to_hub_takes_only_user_slash_name_before_anything_is_exported(worl
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "takes the repository as USER/NAME" in err, err
         assert not (tmp_path / "new").exists() and not uploads
+
+
+@pytest.mark.parametrize("argv", [["generate", "--ck", "x"], ["generate", "--ckpt=x"],
+                                  ["generate", "--ckpt", "x", "--max-new=3"]])
+def test_an_abbreviated_or_joined_option_is_not_called_unrecognized_when_a_required_one_is_missing(argv, capsys):
+    """argparse takes `--ck` (an abbreviation) and `--ckpt=x` (option=value): the missing --prompt is named, not
+    an option that was given rightly."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "required: --prompt" in err and "unrecognized" not in err, err

@@ -1603,6 +1603,11 @@ def test_gpu_suite_times_each_line_of_a_commands_output():
                                       timeout=30, timeline=timeline)
     assert (code, output) == (0, "first\nsecond\n") and [line for _, line in timeline] == ["first", "second"]
     assert 0 < timeline[0][0] < timeline[1][0] <= seconds and timeline[1][0] - timeline[0][0] >= 0.9
+    timeline = []  # a last line without its newline (what a stopped run was last printing) is timed too
+    code, output, _ = suite.run(["bash", "-c", "echo 'step 5/16'; printf 'saving ...'"], dict(os.environ),
+                                timeout=30, timeline=timeline)
+    assert (code, output) == (0, "step 5/16\nsaving ...")
+    assert [line for _, line in timeline] == ["step 5/16", "saving ..."]
 
 
 def test_gpu_suite_keeps_the_timed_output_of_a_trainer_run_stopped_before_its_first_record(tmp_path, monkeypatch):
@@ -1801,3 +1806,94 @@ def test_gpu_suite_cuda_tests_on_a_gpu_fail_when_every_test_was_skipped(monkeypa
               "=============== 1 skipped, 362 deselected in 2.00s ===============\n")
     monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (0, output, 2.0))
     assert not suite.cuda_tests(suite.Plan("cuda", False), {}).ok
+
+
+def test_gpu_suite_a_run_of_some_trainer_runs_writes_beside_the_whole_suites_results():
+    """--runs alone is a part of the suite too: its figures go to gpu_report.*, never over gpu_latest.*."""
+    suite = load_script("gpu_suite")
+    args = argparse.Namespace(report=None, summary=None, quick=False, steps=None, runs="128-muon,1024-muon")
+    assert suite.output_paths(args) == (Path("gpu_report.md"), Path("gpu_report.json"))
+
+
+def test_gpu_suite_names_no_trainer_run_left_out_where_the_trainer_is_not_run():
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    assert suite.choose_steps(plan, "generation", "128-adamw") is None
+    assert suite.left_out(plan) == (["Trainer", "The workshop's code", "Optimizer step", "Loss head", "CUDA tests"],
+                                    [])
+
+
+def test_gpu_suite_a_chosen_steps_commands_stop_at_its_share_of_the_chosen_steps(tmp_path, monkeypatch):
+    """--steps generation,tests: generation's command stops at its width's part of the whole budget
+    (0.06 / (0.06 + 0.13) of it), not at its place in the whole suite's shares (0.75)."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    plan.budget = 300
+    assert suite.choose_steps(plan, "generation,tests", None) is None
+    timeouts = []
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (timeouts.append(timeout),
+                                                                                 (124, "", 0.0))[1])
+    plan.started = time.perf_counter()
+    suite.generation(plan, {}, tmp_path)
+    assert timeouts[-1] == pytest.approx(plan.share("generation") * 300, abs=2) and timeouts[-1] < 100
+
+
+def test_gpu_suite_the_trainer_alone_has_the_whole_budget(tmp_path, monkeypatch):
+    """--steps trainer (the H100's first session): its runs may go on to the end of the budget, not stop at the
+    trainer's 63% of a whole suite."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    assert suite.choose_steps(plan, "trainer", "128-adamw") is None
+    timeouts = []
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (timeouts.append(timeout),
+                                                                 (0 if "prepare" in cmd else 124, "", 0.0))[1])
+    plan.started = time.perf_counter() - (suite.STEP_SHARES["trainer"] * plan.budget - 45)
+    (tmp_path / "assets").mkdir()
+    suite.trainer(plan, {}, tmp_path, tmp_path / "assets")
+    assert timeouts[1] == pytest.approx(240, abs=2), timeouts
+
+
+def test_gpu_suite_a_command_whose_descendant_holds_its_output_is_stopped_with_it(tmp_path):
+    """The command exits, a process it started (in its group) keeps the output open: at the deadline the group
+    is killed and the command reads as stopped (124), leaving nothing running on the GPU for the next step."""
+    suite = load_script("gpu_suite")
+    pid_file = tmp_path / "pid"
+    code, output, seconds = suite.run(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; echo started"],
+                                      dict(os.environ), timeout=3)
+    assert code == 124 and output.startswith("started\n") and seconds < 20
+    status = Path(f"/proc/{int(pid_file.read_text())}/status")
+    deadline = time.time() + 5
+    while status.exists() and "\tZ" not in status.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not status.exists() or "\tZ" in status.read_text(), "the descendant still runs"
+
+
+def test_gpu_suite_every_step_run_but_a_trainer_run_left_out_is_not_complete(tmp_path):
+    """--runs 128-adamw with all six steps: every step finishes, but three of the trainer's runs were not made, so
+    the summary is not the whole suite's (complete: false)."""
+    import json
+
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    assert suite.choose_steps(plan, None, "128-adamw") is None
+    results = [suite.Result(title, True, [], 1.0) for title in suite.STEP_TITLES]
+    suite.write_summary(tmp_path / "s.json", plan, {}, results, 10.0)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert sorted(summary["trainer_runs_left_out"]) == ["1024-adamw", "1024-muon", "128-muon"]
+    assert summary["complete"] is False
+
+
+def test_gpu_suite_a_commands_output_written_by_a_process_it_left_is_waited_for_within_its_time():
+    """The command exits while a process it started still writes (for a second) to its output: that has the rest
+    of the command's time, and the command's own exit status stands."""
+    suite = load_script("gpu_suite")
+    code, output, seconds = suite.run(["bash", "-c", "(sleep 1; echo late) & echo early"], dict(os.environ),
+                                      timeout=30)
+    assert (code, output) == (0, "early\nlate\n") and seconds < 20
+
+
+def test_gpu_suite_a_trainer_runs_timed_output_in_the_report_is_its_first_lines_only():
+    suite = load_script("gpu_suite")
+    block = suite.timeline_lines([(float(i), f"line {i}") for i in range(100)])
+    text = "\n".join(block)
+    assert "line 39" in text and "line 40" not in text and text.count(" s  line ") == suite.TIMELINE_LINES

@@ -1853,3 +1853,37 @@ def test_a_fork_of_a_run_whose_checkpoints_folder_is_a_link_copies_its_records(d
     fork = tmp_path / "fork"
     fork_run(out / "checkpoints" / "step_000002", fork)
     assert (fork / "config.json").is_file() and (fork / "metrics.jsonl").is_file()
+
+
+def test_a_stop_at_the_runs_own_step_keeps_the_runs_config_json(data_dir, tmp_path, capsys):
+    """--stop-at N on a run (not a fork) at step N trains no step: its config.json keeps the values its steps
+    were trained with, not the changed ones said to change nothing."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=8", stop_at=4)
+    capsys.readouterr()
+    run(data_dir, out, "max_steps=8", "learning_rate=5e-3", resume=True, stop_at=4)
+    assert "trains no step, so they change nothing" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 1e-2
+
+
+def test_a_longer_schedule_on_resume_is_not_called_a_changed_setting(data_dir, tmp_path):
+    """max_steps is the schedule's own setting (check_resume_schedule's): a run extended on resume is not warned
+    that its settings differ from the run's."""
+    out = tmp_path / "run"
+    run(data_dir, out, "lr_schedule=wsd", "max_steps=8", stop_at=4)
+    checked = check_run(load_recipe(None, tiny_settings(data_dir, out, "lr_schedule=wsd", "max_steps=12")),
+                        resume=True)
+    assert not any("max_steps 8 -> 12" in w for w in checked["warnings"]), checked["warnings"]
+
+
+def test_saved_recipe_of_a_run_not_forked_is_its_last_checkpoints_not_a_failed_invocations(data_dir, tmp_path):
+    """An invocation that wrote config.json and then failed before its first checkpoint (a diverged learning
+    rate): the run's --resume takes the settings its last checkpoint was trained with."""
+    from tinygemma.train import saved_recipe
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=8", "checkpoint_interval=4", stop_at=4)
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["learning_rate"] = 5e-3  # what the failed invocation recorded
+    (out / "config.json").write_text(json.dumps(config))
+    assert saved_recipe(out).train.learning_rate == 1e-2

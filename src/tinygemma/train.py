@@ -219,8 +219,8 @@ def saved_recipe(out, overrides: list[str] | tuple[str, ...] = ()) -> Recipe | N
     saved = Path(out) / "config.json"
     last = checkpoint_pointer(Path(out))
     resolved = read_json(saved, "run config") if saved.exists() else {}
+    forks = pending_fork_settings(resolved, fork_source(last)) is not None  # (config.json read once)
     resolved.pop("run", None)
-    forks = pending_fork_settings(Path(out), fork_source(last)) is not None
     recorded = peek_json(Path(out) / "checkpoints" / last["dir"] / STATE_NAME).get("config") if last else None
     recorded = recorded if isinstance(recorded, dict) and recorded and not forks else None
     if not (saved.exists() or recorded):
@@ -287,8 +287,10 @@ class Trainer:
         # meet (a node with other data) must not go unsaid, nor one said by a process 0 torchrun stops first.
         check_shapes(self.cfg, self.model_config, self.data_dir, self.train_tokens, self.val_tokens)
         check_resume_schedule(saved_train, self.cfg, self.start)
+        fork_settings = (pending_fork_settings(peek_json(self.run_dir / "config.json"), self.forked_from)
+                         if self.forked_from else None)  # (config.json read only for a fork not yet trained)
         changed = check_resume_settings(saved_train, self.cfg, self.start, stop_at, bool(self.forked_from),
-                                        pending_fork_settings(self.run_dir, self.forked_from))
+                                        fork_settings)
         self.profile_steps = check_profile_range(profile, self.start, self.end, self.cfg) if profile else None
         self.generate = recipe.generate
         if not state or self.cfg.sample_interval or state.get("config", {}).get("generate") != dataclasses.asdict(
@@ -953,13 +955,12 @@ def batch_stream(train: dict) -> dict:
             "global batch": train["batch_size"] * train["grad_accum_steps"]}
 
 
-def pending_fork_settings(run_dir: Path, forked_from: dict | None) -> dict | None:
-    """The [train] settings a fork not yet trained (its last checkpoint the copy of `forked_from`) recorded in its
-    config.json for the --resume that trains it, where an invocation of the fork wrote it (naming that source):
-    not the source's copy. Else None."""
-    config = peek_json(run_dir / "config.json") if forked_from else {}
+def pending_fork_settings(config: dict, forked_from: dict | None) -> dict | None:
+    """The [train] settings a fork not yet trained (its last checkpoint the copy of `forked_from`) recorded in
+    `config` (its config.json) for the --resume that trains it, where an invocation of the fork wrote it (naming
+    that source): not the source's copy. Else None."""
     run, train = config.get("run"), config.get("train")
-    ours = isinstance(run, dict) and run.get("forked_from") == forked_from and isinstance(train, dict)
+    ours = forked_from and isinstance(run, dict) and run.get("forked_from") == forked_from and isinstance(train, dict)
     return saved_train_settings(train) if ours else None
 
 

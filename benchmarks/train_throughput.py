@@ -2,9 +2,14 @@
 
 Contenders, all on the same device, from the same initial weights, on the same batch:
   tinygemma           `Gemma3(config)(x, targets)`
+  tinygemma-bf16stream  the same with its residual stream in bfloat16 under autocast (`Gemma3.residual_dtype`),
+                      as a model with bf16 weights has it: the memory-bound norms and residual adds read and
+                      write half the bytes (issue 19's lever at block 128). Under --dtype float32, tinygemma
   transformers        `Gemma3ForCausalLM` with SDPA attention (its default), `labels=` its own loss
   transformers-eager  the same with eager attention (optional)
   NAME+compile        any of these through torch.compile, e.g. tinygemma+compile,transformers+compile
+  NAME+tuned          the same with inductor's coordinate-descent tuning of its kernels' block sizes, as
+                      modded-nanogpt compiles (a longer compile; issue 19's lever for the norms and GeGLU)
   workshop            the workshop notebook's model style (benchmarks/workshop_model.py): manual attention with
                       repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
                       workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps;
@@ -62,9 +67,11 @@ from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
 
-CONTENDERS = ("tinygemma", "transformers", "transformers-eager", "workshop", "workshop-untied")
+CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "transformers", "transformers-eager", "workshop", "workshop-untied")
+# How a contender is compiled, by its name's suffix: torch.compile's inductor options.
+COMPILE_SUFFIXES = {"+compile": {}, "+tuned": {"coordinate_descent_tuning": True}}
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
-COMPILED = " (compile)"  # a compiled contender's label: its name and this
+COMPILED = " (compile"  # a compiled contender's label: its name and this, then ")" or ", tuned)"
 
 # The workshop loop's optimizer and clipping, used by every contender.
 LEARNING_RATE, BETAS, WEIGHT_DECAY, ADAM_EPS = 1e-4, (0.9, 0.95), 0.1, 1e-9
@@ -125,21 +132,25 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
     randomize_norms(reference, seed)
     contenders = []
     for full_name in names:
-        name = full_name.removesuffix("+compile")
-        compiled = full_name.endswith("+compile") or (compile and name == "tinygemma")
-        label = name + (COMPILED if compiled else "")
-        if name == "tinygemma":
+        name, options = split_name(full_name)
+        if options is None and compile and name == "tinygemma":
+            options = {}
+        compiled = options is not None
+        label = name + (f"{COMPILED}{', tuned' if options else ''})" if compiled else "")
+        if name.startswith("tinygemma"):
             model = Gemma3(config)
             model.load_state_dict(reference.state_dict())
             model.to(device)
             model.attention_backend = attention
+            if name == "tinygemma-bf16stream":
+                model.residual_dtype = torch.bfloat16
             if attention == "flex" and block_size > config.sliding_window:
                 model.sliding_block_mask(block_size, device)  # built before compiling, as training does
-            run = torch.compile(model) if compiled else model
+            run = torch.compile(model, options=options or None) if compiled else model
             contenders.append(Contender(label, model, lambda x, y, m=run: m(x, y), dtype == torch.bfloat16))
         elif name.startswith("transformers"):
             model = transformers_twin(reference, "eager" if name.endswith("eager") else "sdpa").to(device)
-            run = torch.compile(model) if compiled else model
+            run = torch.compile(model, options=options or None) if compiled else model
             # HF shifts `labels` itself; `shift_labels` hands it the targets already aligned with x, as ours.
             contenders.append(Contender(label, model, lambda x, y, m=run: m(
                 input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, dtype == torch.bfloat16))
@@ -150,8 +161,16 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
                                         dtype == torch.bfloat16 and device.type == "cuda"))  # nullcontext on CPU
         else:
             raise SystemExit(f"unknown contender {full_name!r}; choose from {', '.join(CONTENDERS)} "
-                             "(tinygemma and transformers also as NAME+compile)")
+                             "(tinygemma and transformers also as NAME+compile or NAME+tuned)")
     return contenders
+
+
+def split_name(full_name: str) -> tuple[str, dict | None]:
+    """A contender's name and its compile options (None: eager), from its suffix."""
+    for suffix, options in COMPILE_SUFFIXES.items():
+        if full_name.endswith(suffix):
+            return full_name.removesuffix(suffix), options
+    return full_name, None
 
 
 def check_losses(losses: dict[str, float], dtype: torch.dtype) -> float:
@@ -229,10 +248,10 @@ def main(argv=None) -> dict:
     if args.isolate < 0:
         p.error(f"--isolate: expected a number of rounds >= 0 (0: one process), got {args.isolate}")
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
-    unknown = [n for n in names if n.removesuffix("+compile") not in CONTENDERS]
+    unknown = [n for n in names if split_name(n)[0] not in CONTENDERS]
     if unknown or not names:
         p.error(f"--contenders: {', '.join(unknown) or 'none given'}; choose from {', '.join(CONTENDERS)}, each "
-                "optionally with +compile")
+                "optionally with +compile or +tuned")
     # An unknown preset or a device not there: one line (UserError), before any process starts.
     ModelConfig.preset(args.preset)
     device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -311,8 +330,8 @@ def add_ratios(rows: list[dict], rounds: list[list[tuple[float, ...]]]) -> None:
     compiled transformers where that ran too (like with like), else with transformers eager."""
     index = {r["contender"]: i for i, r in enumerate(rows)}
     for i, r in enumerate(rows):
-        compiled = r["contender"].endswith(COMPILED)
-        ref = index.get(REFERENCE + COMPILED) if compiled else None
+        compiled = COMPILED in r["contender"]
+        ref = index.get(f"{REFERENCE}{COMPILED})") if compiled else None
         ref = index.get(REFERENCE) if ref is None else ref
         if ref is None:
             r["ratio_vs_transformers"] = r["paired_ratio_vs_transformers"] = None

@@ -79,15 +79,34 @@ def test_a_compiled_contender_is_compared_with_compiled_transformers():
     compiled_only = rows("tinygemma (compile)", "transformers")
     train_throughput.add_ratios(compiled_only, [[(1.0, 2.0)]])
     assert compiled_only[0]["ratio_vs_transformers"] == 2.0  # against eager transformers, the only one
+    tuned = rows("tinygemma (compile, tuned)", "transformers (compile)", "transformers")
+    train_throughput.add_ratios(tuned, [[(1.0, 2.0, 4.0)]])
+    assert tuned[0]["ratio_vs_transformers"] == 2.0  # compiled too: against compiled transformers
     alone = rows("tinygemma", "transformers (compile)")
     train_throughput.add_ratios(alone, [[(1.0, 2.0)]])
     assert alone[0]["ratio_vs_transformers"] is None  # an eager row has no eager transformers to compare with
+
+
+def test_issue_19s_lever_contenders(monkeypatch):
+    """tinygemma-bf16stream is tinygemma with a bfloat16 residual stream; NAME+tuned compiles with inductor's
+    coordinate-descent tuning, NAME+compile without options; each labelled so."""
+    train_throughput = load_script("train_throughput")
+    compiled = []
+    monkeypatch.setattr(train_throughput.torch, "compile", lambda model, options=None: compiled.append(options) or model)
+    names = ["tinygemma", "tinygemma-bf16stream+tuned", "tinygemma+compile", "transformers+tuned"]
+    contenders = train_throughput.build_contenders(names, ModelConfig.preset("gemma3-tiny"), torch.bfloat16,
+                                                   torch.device("cpu"), False, 0)
+    assert [c.name for c in contenders] == ["tinygemma", "tinygemma-bf16stream (compile, tuned)",
+                                            "tinygemma (compile)", "transformers (compile, tuned)"]
+    assert [c.model.residual_dtype for c in contenders[:3]] == [None, torch.bfloat16, None]
+    assert compiled == [{"coordinate_descent_tuning": True}, None, {"coordinate_descent_tuning": True}]
 
 
 @pytest.mark.parametrize("script, args, says", [
     ("train_throughput", ["--preset", "bogus"], "unknown model preset 'bogus'"),
     ("train_throughput", ["--contenders", ""], "--contenders: none given"),
     ("train_throughput", ["--contenders", "tinygemma,bogus"], "--contenders: bogus"),
+    ("train_throughput", ["--contenders", "workshop+fast"], "--contenders: workshop+fast; choose from"),
     ("train_throughput", ["--batch-size", "0"], "--batch-size: expected a whole number >= 1, got '0'"),
     ("train_throughput", ["--grad-accum", "0"], "--grad-accum"),
     ("train_throughput", ["--device", "cuda", "--preset", "gemma3-tiny"], "no CUDA GPU"),

@@ -482,3 +482,47 @@ def test_num_params_without_embeddings(tie):
     assert model.num_params(embeddings=False) == config.num_params(embeddings=False)
     assert model.num_params(embeddings=False) == sum(
         p.numel() for n, p in model.named_parameters() if n not in ("embed_tokens.weight", "lm_head.weight"))
+
+
+def test_bfloat16_residual_stream_under_autocast(monkeypatch):
+    """residual_dtype: under autocast, every layer's output is in that dtype (float32 without it), the RoPE
+    tables stay float32, the loss and gradients stay those of the float32 stream within bf16's rounding, the
+    compiled model agrees with the eager one; and without autocast the knob changes nothing (a float32 model
+    would otherwise meet bf16 inputs)."""
+    import tinygemma.model as model_module
+
+    torch.manual_seed(0)
+    model = Gemma3(tiny())
+    randomize_norms(model)
+    x = torch.randint(0, 500, (2, 41))  # past the window of 16
+    outputs, rope_dtypes = [], []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    apply_rope = model_module.apply_rope
+    monkeypatch.setattr(model_module, "apply_rope", lambda t, cos, sin: rope_dtypes.append(cos.dtype) or apply_rope(t, cos, sin))
+
+    def loss_and_grads(autocast=True, run=model):
+        model.zero_grad(set_to_none=True)
+        outputs.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = run(x[:, :-1], x[:, 1:])
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    float32_loss, float32_grads = loss_and_grads()
+    assert outputs == [torch.float32] * model.config.n_layers
+    plain_loss, _ = loss_and_grads(autocast=False)
+    model.residual_dtype = torch.bfloat16
+    rope_dtypes.clear()
+    loss, grads = loss_and_grads()
+    assert outputs == [torch.bfloat16] * model.config.n_layers
+    assert set(rope_dtypes) == {torch.float32}
+    assert loss != float32_loss and loss == pytest.approx(float32_loss, rel=1e-2)
+    for name, grad in grads.items():
+        cosine = F.cosine_similarity(grad.flatten(), float32_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, name
+    assert loss_and_grads(autocast=False)[0] == plain_loss
+    assert outputs == [torch.float32] * model.config.n_layers
+    compiled_loss, _ = loss_and_grads(run=torch.compile(model, backend="aot_eager"))
+    assert compiled_loss == pytest.approx(loss, rel=1e-3)
+    assert outputs == [torch.bfloat16] * model.config.n_layers

@@ -274,6 +274,11 @@ class Gemma3(nn.Module):
         # "sdpa" (a boolean mask for sliding layers longer than the window) or "flex" (flex_attention with a
         # block mask: work proportional to the window; for GPUs). Either computes the same function.
         self.attention_backend = "sdpa"
+        # Under autocast, the hidden states between layers (the residual stream) in this dtype; None: the
+        # embedding's, float32 with float32 weights. bfloat16 halves the bytes of the memory-bound norms and
+        # residual adds (a model with bf16 weights, or FSDP2 gathering them in bf16, has it so anyway). Not
+        # architecture: a speed knob, measured by benchmarks/train_throughput.py's tinygemma-bf16stream.
+        self.residual_dtype: torch.dtype | None = None
         self._block_masks: dict = {}
 
     def reset_buffers(self, device=None):
@@ -356,6 +361,8 @@ class Gemma3(nn.Module):
         h = self.embed_tokens(input_ids)
         h = h * self.embed_scale.to(h.dtype)
         rope = {kind: self.rope(kind, start_pos, start_pos + T, h.dtype) for kind in (SLIDING, GLOBAL)}
+        if self.residual_dtype is not None and torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.residual_dtype)  # after the RoPE tables, which stay float32 under autocast
         # Masks, built once per forward and shared by the layers of each kind. None means plain causal:
         # a window at least as long as the sequence is the causal mask itself, the common case in training.
         masks = {SLIDING: None, GLOBAL: None}

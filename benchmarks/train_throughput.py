@@ -10,6 +10,9 @@ Contenders, all on the same device, from the same initial weights, on the same b
   NAME+compile        any of these through torch.compile, e.g. tinygemma+compile,transformers+compile
   NAME+tuned          the same with inductor's coordinate-descent tuning of its kernels' block sizes, as
                       modded-nanogpt compiles (a longer compile; issue 19's lever for the norms and GeGLU)
+  NAME+autotune       the same with inductor's max_autotune (mode max-autotune-no-cudagraphs): Triton templates
+                      timed against cuBLAS for each product, and flex_attention's kernels' block sizes timed at
+                      this head size (issue 19's lever at block 1024); minutes more of compiling
   workshop            the workshop notebook's model style (benchmarks/workshop_model.py): manual attention with
                       repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
                       workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps;
@@ -69,9 +72,9 @@ from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
 
 CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "transformers", "transformers-eager", "workshop", "workshop-untied")
 # How a contender is compiled, by its name's suffix: torch.compile's inductor options.
-COMPILE_SUFFIXES = {"+compile": {}, "+tuned": {"coordinate_descent_tuning": True}}
+COMPILE_SUFFIXES = {"+compile": {}, "+tuned": {"coordinate_descent_tuning": True}, "+autotune": {"max_autotune": True}}
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
-COMPILED = " (compile"  # a compiled contender's label: its name and this, then ")" or ", tuned)"
+COMPILED = " (compile"  # a compiled contender's label: its name and this, then ")" or the suffix, as ", tuned)"
 
 # The workshop loop's optimizer and clipping, used by every contender.
 LEARNING_RATE, BETAS, WEIGHT_DECAY, ADAM_EPS = 1e-4, (0.9, 0.95), 0.1, 1e-9
@@ -132,11 +135,11 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
     randomize_norms(reference, seed)
     contenders = []
     for full_name in names:
-        name, options = split_name(full_name)
+        name, suffix, options = split_name(full_name)
         if options is None and compile and name == "tinygemma":
             options = {}
         compiled = options is not None
-        label = name + (f"{COMPILED}{', tuned' if options else ''})" if compiled else "")
+        label = name + (f"{COMPILED}{', ' + suffix.lstrip('+') if options else ''})" if compiled else "")
         if name.startswith("tinygemma"):
             model = Gemma3(config)
             model.load_state_dict(reference.state_dict())
@@ -161,16 +164,16 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
                                         dtype == torch.bfloat16 and device.type == "cuda"))  # nullcontext on CPU
         else:
             raise SystemExit(f"unknown contender {full_name!r}; choose from {', '.join(CONTENDERS)} "
-                             "(tinygemma and transformers also as NAME+compile or NAME+tuned)")
+                             "(tinygemma and transformers also as NAME+compile, NAME+tuned or NAME+autotune)")
     return contenders
 
 
-def split_name(full_name: str) -> tuple[str, dict | None]:
-    """A contender's name and its compile options (None: eager), from its suffix."""
+def split_name(full_name: str) -> tuple[str, str, dict | None]:
+    """A contender's name, its suffix and its compile options (None: eager)."""
     for suffix, options in COMPILE_SUFFIXES.items():
         if full_name.endswith(suffix):
-            return full_name.removesuffix(suffix), options
-    return full_name, None
+            return full_name.removesuffix(suffix), suffix, options
+    return full_name, "", None
 
 
 def check_losses(losses: dict[str, float], dtype: torch.dtype) -> float:
@@ -251,7 +254,7 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if split_name(n)[0] not in CONTENDERS]
     if unknown or not names:
         p.error(f"--contenders: {', '.join(unknown) or 'none given'}; choose from {', '.join(CONTENDERS)}, each "
-                "optionally with +compile or +tuned")
+                "optionally with +compile, +tuned or +autotune")
     # An unknown preset or a device not there: one line (UserError), before any process starts.
     ModelConfig.preset(args.preset)
     device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available()

@@ -89,17 +89,17 @@ def test_a_compiled_contender_is_compared_with_compiled_transformers():
 
 def test_issue_19s_lever_contenders(monkeypatch):
     """tinygemma-bf16stream is tinygemma with a bfloat16 residual stream; NAME+tuned compiles with inductor's
-    coordinate-descent tuning, NAME+compile without options; each labelled so."""
+    coordinate-descent tuning, NAME+autotune with max_autotune, NAME+compile without options; each labelled so."""
     train_throughput = load_script("train_throughput")
     compiled = []
     monkeypatch.setattr(train_throughput.torch, "compile", lambda model, options=None: compiled.append(options) or model)
-    names = ["tinygemma", "tinygemma-bf16stream+tuned", "tinygemma+compile", "transformers+tuned"]
+    names = ["tinygemma", "tinygemma-bf16stream+tuned", "tinygemma+compile", "transformers+autotune"]
     contenders = train_throughput.build_contenders(names, ModelConfig.preset("gemma3-tiny"), torch.bfloat16,
                                                    torch.device("cpu"), False, 0)
     assert [c.name for c in contenders] == ["tinygemma", "tinygemma-bf16stream (compile, tuned)",
-                                            "tinygemma (compile)", "transformers (compile, tuned)"]
+                                            "tinygemma (compile)", "transformers (compile, autotune)"]
     assert [c.model.residual_dtype for c in contenders[:3]] == [None, torch.bfloat16, None]
-    assert compiled == [{"coordinate_descent_tuning": True}, None, {"coordinate_descent_tuning": True}]
+    assert compiled == [{"coordinate_descent_tuning": True}, None, {"max_autotune": True}]
 
 
 @pytest.mark.parametrize("script, args, says", [

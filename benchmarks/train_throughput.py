@@ -13,6 +13,9 @@ Contenders, all on the same device, from the same initial weights, on the same b
   NAME+autotune       the same with inductor's max_autotune (mode max-autotune-no-cudagraphs): Triton templates
                       timed against cuBLAS for each product, and flex_attention's kernels' block sizes timed at
                       this head size (issue 19's lever at block 1024); minutes more of compiling
+  NAME+regional       each decoder layer compiled on its own (`layer.compile()`, as torchtitan and our FSDP2 path
+                      do), the embedding and loss head left eager: layers alike share one compiled graph, so it
+                      compiles in a fraction of the time; whether the steady step loses speed is what to measure
   workshop            the workshop notebook's model style (benchmarks/workshop_model.py): manual attention with
                       repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
                       workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps;
@@ -72,7 +75,8 @@ from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
 
 CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "transformers", "transformers-eager", "workshop", "workshop-untied")
 # How a contender is compiled, by its name's suffix: torch.compile's inductor options.
-COMPILE_SUFFIXES = {"+compile": {}, "+tuned": {"coordinate_descent_tuning": True}, "+autotune": {"max_autotune": True}}
+COMPILE_SUFFIXES = {"+compile": {}, "+tuned": {"coordinate_descent_tuning": True}, "+autotune": {"max_autotune": True},
+                    "+regional": {}}
 REFERENCE = "transformers"  # ratios are against transformers with SDPA, its default attention
 COMPILED = " (compile"  # a compiled contender's label: its name and this, then ")" or the suffix, as ", tuned)"
 
@@ -139,7 +143,8 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
         if options is None and compile and name == "tinygemma":
             options = {}
         compiled = options is not None
-        label = name + (f"{COMPILED}{', ' + suffix.lstrip('+') if options else ''})" if compiled else "")
+        label = name + (f"{COMPILED}{', ' + suffix.lstrip('+') if suffix not in ('', '+compile') else ''})"
+                        if compiled else "")
         if name.startswith("tinygemma"):
             model = Gemma3(config)
             model.load_state_dict(reference.state_dict())
@@ -149,11 +154,11 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
                 model.residual_dtype = torch.bfloat16
             if attention == "flex" and block_size > config.sliding_window:
                 model.sliding_block_mask(block_size, device)  # built before compiling, as training does
-            run = torch.compile(model, options=options or None) if compiled else model
+            run = compiled_model(model, model.layers, suffix, options)
             contenders.append(Contender(label, model, lambda x, y, m=run: m(x, y), dtype == torch.bfloat16))
         elif name.startswith("transformers"):
             model = transformers_twin(reference, "eager" if name.endswith("eager") else "sdpa").to(device)
-            run = torch.compile(model, options=options or None) if compiled else model
+            run = compiled_model(model, model.model.layers, suffix, options)
             # HF shifts `labels` itself; `shift_labels` hands it the targets already aligned with x, as ours.
             contenders.append(Contender(label, model, lambda x, y, m=run: m(
                 input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, dtype == torch.bfloat16))
@@ -164,8 +169,20 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
                                         dtype == torch.bfloat16 and device.type == "cuda"))  # nullcontext on CPU
         else:
             raise SystemExit(f"unknown contender {full_name!r}; choose from {', '.join(CONTENDERS)} "
-                             "(tinygemma and transformers also as NAME+compile, NAME+tuned or NAME+autotune)")
+                             "(tinygemma and transformers also as NAME+compile, +tuned, +autotune or +regional)")
     return contenders
+
+
+def compiled_model(model: nn.Module, layers: nn.ModuleList, suffix: str, options: dict | None) -> nn.Module:
+    """What a contender calls: `model` itself (eager, or with each of `layers` compiled in place under
+    +regional), or `model` through torch.compile with `options`."""
+    if options is None:
+        return model
+    if suffix == "+regional":
+        for layer in layers:
+            layer.compile()
+        return model
+    return torch.compile(model, options=options or None)
 
 
 def split_name(full_name: str) -> tuple[str, str, dict | None]:
@@ -214,14 +231,15 @@ def gib(n_bytes: float | None) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| contender | tokens/s | step time (median) | MFU | vs transformers | paired | loss at step 0 "
-             "| peak memory |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak memory | first step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         ratio, paired = ("-" if r[key] is None else f"{r[key]:.2f}x"
                          for key in ("ratio_vs_transformers", "paired_ratio_vs_transformers"))
         lines.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {1000 * r['step_time_s']:,.0f} ms | {mfu} "
-                     f"| {ratio} | {paired} | {r['loss_step0']:.5f} | {gib(r.get('peak_memory_bytes'))} |")
+                     f"| {ratio} | {paired} | {r['loss_step0']:.5f} | {gib(r.get('peak_memory_bytes'))} "
+                     f"| {'-' if r.get('first_step_s') is None else format(r['first_step_s'], '.1f') + ' s'} |")
     return "\n".join(lines)
 
 
@@ -254,7 +272,7 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if split_name(n)[0] not in CONTENDERS]
     if unknown or not names:
         p.error(f"--contenders: {', '.join(unknown) or 'none given'}; choose from {', '.join(CONTENDERS)}, each "
-                "optionally with +compile, +tuned or +autotune")
+                "optionally with +compile, +tuned, +autotune or +regional")
     # An unknown preset or a device not there: one line (UserError), before any process starts.
     ModelConfig.preset(args.preset)
     device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -279,6 +297,7 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize(device)
 
     times = {c.name: [] for c in contenders}
+    firsts = {}  # the first step's time: compiling, for a compiled contender
     losses = {c.name: [] for c in contenders}
     peaks = {c.name: [] for c in contenders}
     for r in range(args.warmup + args.steps):
@@ -292,6 +311,7 @@ def main(argv=None) -> dict:
             sync()
             elapsed = time.perf_counter() - start
             losses[c.name].append(loss.item())
+            firsts.setdefault(c.name, elapsed)
             if r >= args.warmup:
                 times[c.name].append(elapsed)
                 if device.type == "cuda":
@@ -307,21 +327,22 @@ def main(argv=None) -> dict:
     peak = peak_flops(device, dtype)
     flops_per_token = config.flops_per_token(args.block_size)
     rows = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak,
-                       max(peaks[c.name], default=None)) for c in contenders]
+                       max(peaks[c.name], default=None), firsts[c.name]) for c in contenders]
     add_ratios(rows, [[t] for t in zip(*(r["step_times_s"] for r in rows))])
     return report(args, argv, rows, device_description(device), flops_per_token, peak, spread,
                   f"median of {args.steps} steps after {args.warmup} warm-up, interleaved in one process")
 
 
 def result_row(contender: str, step_times: list[float], losses: list[float], tokens: int,
-               flops_per_token: float, peak: float | None, peak_memory: int | None = None) -> dict:
+               flops_per_token: float, peak: float | None, peak_memory: int | None = None,
+               first_step: float | None = None) -> dict:
     """One contender's figures from its timed step times (median) and its losses (step 0 first); peak memory
-    in bytes (CUDA only, see the module's docstring)."""
+    in bytes (CUDA only, see the module's docstring); the first step's seconds (compiling, where it compiles)."""
     step_time = statistics.median(step_times)
     return {
         "contender": contender, "tokens_per_s": tokens / step_time, "step_time_s": step_time,
         "step_times_s": step_times, "mfu": flops_per_token * tokens / step_time / peak if peak else None,
-        "loss_step0": losses[0], "losses": losses, "peak_memory_bytes": peak_memory,
+        "loss_step0": losses[0], "losses": losses, "peak_memory_bytes": peak_memory, "first_step_s": first_step,
     }
 
 
@@ -397,7 +418,7 @@ def run_isolated(args, argv, names: list[str]) -> dict:
     rows = [result_row(runs[name][0]["contender"], [t for run in runs[name] for t in run["step_times_s"]],
                        runs[name][0]["losses"], tokens, flops_per_token, peak,
                        max((run["peak_memory_bytes"] for run in runs[name] if run["peak_memory_bytes"]),
-                           default=None)) for name in names]
+                           default=None), runs[name][0]["first_step_s"]) for name in names]
     rounds = [list(zip(*(runs[name][r]["step_times_s"] for name in names))) for r in range(args.isolate)]
     add_ratios(rows, rounds)
     return report(args, argv, rows, child["device"], flops_per_token, peak, spread, f"{args.isolate} rounds of {args.steps} steps after {args.warmup} warm-up, "

@@ -58,7 +58,7 @@ def test_train_throughput_smoke(tmp_path, capsys):
 
     table = capsys.readouterr().out
     assert "| contender | tokens/s | step time (median) | MFU | vs transformers | paired | loss at step 0 " \
-           "| peak memory |" in table
+           "| peak memory | first step |" in table
     for name in rows:
         assert f"| {name} |" in table
 
@@ -89,17 +89,36 @@ def test_a_compiled_contender_is_compared_with_compiled_transformers():
 
 def test_issue_19s_lever_contenders(monkeypatch):
     """tinygemma-bf16stream is tinygemma with a bfloat16 residual stream; NAME+tuned compiles with inductor's
-    coordinate-descent tuning, NAME+autotune with max_autotune, NAME+compile without options; each labelled so."""
+    coordinate-descent tuning, NAME+autotune with max_autotune, NAME+compile without options, NAME+regional each
+    layer on its own; each labelled so."""
     train_throughput = load_script("train_throughput")
     compiled = []
-    monkeypatch.setattr(train_throughput.torch, "compile", lambda model, options=None: compiled.append(options) or model)
-    names = ["tinygemma", "tinygemma-bf16stream+tuned", "tinygemma+compile", "transformers+autotune"]
+    monkeypatch.setattr(train_throughput.torch, "compile",
+                        lambda fn, options=None: compiled.append((type(fn).__name__, options)) or fn)
+    names = ["tinygemma", "tinygemma-bf16stream+tuned", "tinygemma+compile", "transformers+autotune",
+             "tinygemma+regional"]
     contenders = train_throughput.build_contenders(names, ModelConfig.preset("gemma3-tiny"), torch.bfloat16,
                                                    torch.device("cpu"), False, 0)
     assert [c.name for c in contenders] == ["tinygemma", "tinygemma-bf16stream (compile, tuned)",
-                                            "tinygemma (compile)", "transformers (compile, autotune)"]
+                                            "tinygemma (compile)", "transformers (compile, autotune)",
+                                            "tinygemma (compile, regional)"]
     assert [c.model.residual_dtype for c in contenders[:3]] == [None, torch.bfloat16, None]
-    assert compiled == [{"coordinate_descent_tuning": True}, None, {"max_autotune": True}]
+    layers = contenders[-1].model.layers  # compiled in place, each on its own (Module.compile), the model not
+    assert compiled == [("Gemma3", {"coordinate_descent_tuning": True}), ("Gemma3", None),
+                        ("Gemma3ForCausalLM", {"max_autotune": True})] + [("method", None)] * len(layers)
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+
+
+def test_the_first_step_is_reported_apart(monkeypatch, capsys):
+    """The first step (a compiled contender's compiling) is timed on its own, never among the timed steps."""
+    train_throughput = load_script("train_throughput")
+    clock = iter([0.0, 5.0, 10.0, 11.0])  # each step reads the clock at its start and at its end
+    monkeypatch.setattr(train_throughput.time, "perf_counter", lambda: next(clock))
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16",
+                                    "--steps", "1", "--warmup", "1", "--device", "cpu", "--contenders", "tinygemma"])
+    row = result["results"][0]
+    assert (row["first_step_s"], row["step_times_s"]) == (5.0, [1.0])
+    assert "| 5.0 s |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script, args, says", [

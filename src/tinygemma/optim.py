@@ -170,7 +170,7 @@ def muon_backend(device: torch.device) -> str:
     """The Muon iteration `muon_backend = "auto"` runs on `device`, by measurement (benchmarks/optimizer_step.py,
     BENCHMARKS.md): "bfloat16", our batched bfloat16 iteration, where the device computes in bfloat16 natively. On
     a CPU with AVX-512 BF16 (or AMX) it is 1.7x faster than torch.optim.Muon's one matrix at a time; on an H100
-    (2026-12-05, the 270M's matrices) 4.4x (11.2 ms a step against 50.0; AdamW's, 2.0). Elsewhere "float32":
+    (2026-12-05, the 270M's matrices) 4.4x (11.2 ms a step against 49.9; AdamW's, 2.0). Elsewhere "float32":
     emulated bfloat16 made a gemma3-tiny step 2.3-3x slower than AdamW's on an AVX2 CPU."""
     if (device.type == "cpu" and cpu_has_bf16()) or (device.type == "cuda" and cuda_has_bf16(device)):
         return "bfloat16"

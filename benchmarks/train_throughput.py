@@ -4,7 +4,8 @@ Contenders, all on the same device, from the same initial weights, on the same b
   tinygemma           `Gemma3(config)(x, targets)`
   tinygemma-bf16stream  the same with its residual stream in bfloat16 under autocast (`Gemma3.residual_dtype`),
                       as a model with bf16 weights has it: the memory-bound norms and residual adds read and
-                      write half the bytes (issue 19's lever at block 128). Under --dtype float32, tinygemma
+                      write half the bytes (issue 19's lever at block 128). Under --dtype float32 it is
+                      tinygemma itself
   transformers        `Gemma3ForCausalLM` with SDPA attention (its default), `labels=` its own loss
   transformers-eager  the same with eager attention (optional)
   NAME+compile        any of these through torch.compile, e.g. tinygemma+compile,transformers+compile
@@ -143,8 +144,8 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
         if options is None and compile and name == "tinygemma":
             options = {}
         compiled = options is not None
-        label = name + (f"{COMPILED}{', ' + suffix.lstrip('+') if suffix not in ('', '+compile') else ''})"
-                        if compiled else "")
+        how = "" if suffix in ("", "+compile") else ", " + suffix.removeprefix("+")  # ", tuned"
+        label = name + (f"{COMPILED}{how})" if compiled else "")
         if name.startswith("tinygemma"):
             model = Gemma3(config)
             model.load_state_dict(reference.state_dict())

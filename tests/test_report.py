@@ -1059,6 +1059,24 @@ def test_the_card_leaves_out_the_whole_split_evaluation_of_another_checkpoint(st
     assert tinygemma.report.export_records(run / "checkpoints" / "step_000040")["evaluation"]["loss"] == 4.25
 
 
+@pytest.mark.parametrize("where, given", [("run/checkpoints", "step_000040"), ("run/checkpoints/step_000040", "."),
+                                          ("run/checkpoints/step_000040", "../step_000040")])
+def test_a_checkpoint_named_from_within_its_run_keeps_its_runs_records(straight_run, tmp_path, monkeypatch, where,
+                                                                       given):
+    """`export --ckpt step_000040` from inside checkpoints/ (or `--ckpt .` from the step's folder) reads the
+    run's config.json, metrics.jsonl and eval.json as the same checkpoint named from outside does."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    (run / "eval.json").write_text(json.dumps({"checkpoint": "step_000040",
+                                               "eval": {"loss": 4.25, "bits_per_byte": 1.5, "tokens": 999}}))
+    outside = tinygemma.report.export_records(run / "checkpoints" / "step_000040")
+    monkeypatch.chdir(tmp_path / where)
+    inside = tinygemma.report.export_records(given)
+    assert inside["evaluation"] == outside["evaluation"] == {"loss": 4.25, "bits_per_byte": 1.5, "tokens": 999}
+    assert inside["run"] == outside["run"] and inside["run"]
+    assert inside["during_training"] == outside["during_training"] and inside["during_training"]
+
+
 def test_a_sample_given_exactly_the_room_left_is_not_said_to_be_shortened(straight_run, tmp_path):
     """generate.max_new_tokens equal to the room the positions leave: the sample is as long as asked, and the card
     must not add "(at most N new tokens: ...)"; one more token asked, and it does."""

@@ -463,7 +463,9 @@ def export_records(ckpt: str | Path) -> dict:
     checkpoint), and its run's config.json, metrics.jsonl and eval.json (a checkpoint inside its run directory).
     Whatever is missing or unreadable stays empty: they make the model card, which must not stop an export of
     intact weights."""
-    src = resolve_checkpoint(ckpt)
+    # Named from inside its run (`step_000040`, `.`) the path's own parts do not show the run: made absolute (not
+    # resolved, so a checkpoints/ linked to another disk still leads to its run).
+    src = Path(os.path.abspath(resolve_checkpoint(ckpt)))
     meta = read_checkpoint_meta(src)
     state = peek_json(src / STATE_NAME) if meta else {}
     run_dir = src.parent.parent if meta and src.parent.name == "checkpoints" else None

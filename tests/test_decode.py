@@ -266,3 +266,35 @@ def test_an_in_place_write_the_probe_does_not_sample_renews_the_plan():
     assert renewed is not plan
     q_rows = weight.shape[0]
     assert torch.equal(renewed.layers[0][1][:q_rows], weight)  # its stacked q, k, v weights are the new ones
+
+
+def test_a_plain_plan_asked_for_after_a_packed_one_is_plain():
+    # decode.py:187 key without `pack`: decode_plan(model, pack=False) after decode_plan(model) (oneDNN-packed)
+    # handed back the packed plan, not the plain stacked weights the caller asked for
+    import torch.nn.functional as F
+
+    model = tiny_model(vocab_size=64)
+    if decode_plan(model) is None:
+        pytest.skip("no oneDNN here: no packed plan")
+    assert decode_plan(model, pack=False).linear is F.linear
+    forget_decode_plan(model)
+
+
+def test_a_plan_step_gives_logits_of_the_vocabulary_not_of_its_padding():
+    # decode.py:89 dropping `[..., : c.vocab_size]`: with a padded head (vocab 100 padded to 128) the step returned
+    # [B, 128] logits, padding included, against the documented [B, vocab] of the model's own forward
+    from tinygemma import Gemma3, ModelConfig
+
+    torch.manual_seed(0)
+    model = Gemma3(ModelConfig(vocab_size=100, vocab_pad_multiple=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                               head_dim=16, mlp_dim=64, sliding_window=8, query_pre_attn_scalar=16.0)).eval()
+    assert model.config.padded_vocab_size == 128
+    plan = decode_plan(model, pack=False)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        full = model(tokens)[:, -1].float()
+        for pos in range(4):
+            logits = plan.step(model, tokens[:, pos : pos + 1], cache, pos, plan.rope_tables(model, 8))
+    assert logits.shape == (1, 100)
+    assert torch.allclose(logits, full, atol=1e-4)

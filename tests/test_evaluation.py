@@ -525,3 +525,32 @@ def test_eval_reads_eight_windows_a_pass_when_no_batch_size_is_given(ckpt, gpt2_
                  "--dtype", "float32"]) == 0
     capsys.readouterr()
     assert seen == [8]
+
+
+def test_strided_evaluation_scores_the_whole_first_window_at_once():
+    # evaluation.py:115 `(block_size if end == 0 else stride)` -> `stride`: the first window is all of its own
+    # (block_size predictions in one forward), the later ones advance by the stride
+    from tinygemma.evaluation import window_batches
+
+    assert list(window_batches(10, 4, 2, 8)) == [([0], 4, 4), ([2, 4, 6], 4, 2)]
+
+
+def test_token_bytes_of_the_wrong_shape_is_refused_in_one_line():
+    # evaluation.py:85 dropping `token_bytes.dim() != 1`: a [vocab, 2] table got past the check into a raw torch error
+    model = small_model(vocab_size=64)
+    tokens = np.arange(40) % 64
+    with pytest.raises(UserError, match="token_bytes must give"):
+        evaluate(model, tokens, block_size=8, token_bytes=torch.ones(64, 2, dtype=torch.int64))
+
+
+def test_validation_without_byte_counts_gives_nan_bits_per_byte_not_none():
+    # evaluation.py:150: no text bytes (special tokens only) -> val_bpb NaN (a number for metrics.jsonl), never None
+    from tinygemma.evaluation import evaluate_windows
+    from tinygemma.runtime import Runtime
+
+    model = small_model(vocab_size=64)
+    tokens = (np.arange(100) % 64).astype(np.uint16)
+    result = evaluate_windows(model, tokens, np.arange(0, 64, 16), torch.zeros(64, dtype=torch.int64), 2, 8,
+                              Runtime(torch.device("cpu"), torch.float32))
+    assert math.isfinite(result["val_loss"])
+    assert isinstance(result["val_bpb"], float) and math.isnan(result["val_bpb"])

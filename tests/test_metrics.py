@@ -14,7 +14,15 @@ from matplotlib.figure import Figure
 
 import tinygemma.metrics
 from tinygemma.files import WriteError
-from tinygemma.metrics import MetricsLog, format_duration, peak_flops, plot_losses, read_records
+from tinygemma.metrics import (
+    MetricsLog,
+    format_duration,
+    log_line,
+    peak_flops,
+    plot_losses,
+    plot_validation,
+    read_records,
+)
 
 
 def lines(path) -> list[dict]:
@@ -199,3 +207,18 @@ def test_null_figures_are_read_back_as_nan(tmp_path):
     assert lines(path) == [{"step": 1, "tokens": 8, "train_loss": None, "grad_norm": None}]
     (record,) = read_records(path)
     assert math.isnan(record["train_loss"]) and math.isnan(record["grad_norm"])
+
+
+def test_compare_plot_draws_runs_with_validation_beside_one_without(tmp_path):
+    # metrics.py:144 `if not any(curves.values())` -> `all`: one run without a validation loss yet must not stop
+    # the plot of the others (only "none of these runs" refuses)
+    path = tmp_path / "cmp.png"
+    plot_validation({"a": [{"step": 10, "tokens": 100, "val_loss": 3.0}, {"step": 20, "tokens": 200, "val_loss": 2.5}],
+                     "b": [{"step": 10, "tokens": 100, "train_loss": 4.0}]}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_log_line_gives_muons_rate_even_where_adamws_is_zero():
+    # metrics.py:170: the Muon rate is shown whenever the record has one (AdamW's lr may be 0 at the schedule's end)
+    record = {"step": 5, "train_loss": 2.0, "lr": 0.0, "lr_muon": 0.02, "grad_norm": 1.0}
+    assert "(muon 2.00e-02)" in log_line(record, 10, 1000.0, 5.0)

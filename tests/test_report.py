@@ -1174,3 +1174,15 @@ def test_the_cards_title_is_the_hub_repository_it_is_pushed_to(straight_run, tmp
                  "someone/tiny"]) == 0
     text = card(tmp_path / "hub").text
     assert "\n# someone/tiny\n" in text and "# hub" not in text
+
+
+def test_the_cards_transformers_snippet_keeps_the_recipes_repetition_penalty():
+    # report.py:651 dropping the repetition_penalty option: the card's snippet sampled without the penalty the
+    # recipe (and the card's own samples) used
+    from tinygemma.config import GenerateConfig
+    from tinygemma.report import usage_section
+
+    text = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.8, top_k=50, repetition_penalty=1.3)))
+    assert "do_sample=True, temperature=0.8, top_k=50, repetition_penalty=1.3)" in text
+    greedy = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.0, repetition_penalty=1.3)))
+    assert "do_sample=False, repetition_penalty=1.3)" in greedy

@@ -11,9 +11,10 @@ Contenders, all on the same device, from the same initial weights, on the same b
   NAME+compile        any of these through torch.compile, e.g. tinygemma+compile,transformers+compile
   NAME+tuned          the same with inductor's coordinate-descent tuning of its kernels' block sizes, as
                       modded-nanogpt compiles (a longer compile; issue 19's lever for the norms and GeGLU)
-  NAME+autotune       the same with inductor's max_autotune (mode max-autotune-no-cudagraphs): Triton templates
-                      timed against cuBLAS for each product, and flex_attention's kernels' block sizes timed at
-                      this head size (issue 19's lever at block 1024); minutes more of compiling
+  NAME+autotune       the same with inductor's max_autotune option alone (the mode max-autotune-no-cudagraphs
+                      adds coordinate-descent tuning, +tuned's): Triton templates timed against cuBLAS for each
+                      product, and flex_attention's kernels' block sizes timed at this head size (issue 19's
+                      lever at block 1024); minutes more of compiling
   NAME+regional       each decoder layer compiled on its own (`layer.compile()`, as torchtitan and our FSDP2 path
                       do), the embedding and loss head left eager: layers alike share one compiled graph, so it
                       compiles in a fraction of the time; whether the steady step loses speed is what to measure
@@ -141,7 +142,7 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
     contenders = []
     for full_name in names:
         name, suffix, options = split_name(full_name)
-        if options is None and compile and name == "tinygemma":
+        if options is None and compile and name.startswith("tinygemma"):
             options = {}
         compiled = options is not None
         how = "" if suffix in ("", "+compile") else ", " + suffix.removeprefix("+")  # ", tuned"
@@ -184,6 +185,14 @@ def compiled_model(model: nn.Module, layers: nn.ModuleList, suffix: str, options
             layer.compile()
         return model
     return torch.compile(model, options=options or None)
+
+
+def warm_compiler(device: torch.device) -> None:
+    """Compile something trivial first, so that inductor's one-time start-up (its imports, its compiler's first
+    run, on CUDA its pool of compile workers) falls on no contender's first step: the first step's figure is
+    then that contender's own compiling. (Kernels inductor cached on disk from an earlier run still load rather
+    than compile: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 makes every contender compile cold.)"""
+    torch.compile(lambda t: (t * 2).sum())(torch.ones(8, device=device))
 
 
 def split_name(full_name: str) -> tuple[str, str, dict | None]:
@@ -254,7 +263,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (at least 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile tinygemma (only tinygemma)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tinygemma contenders (only them)")
     p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
                    help="tinygemma's attention backend (flex_attention needs CUDA for backward)")
     p.add_argument("--contenders", default="tinygemma,transformers,workshop",
@@ -287,6 +296,9 @@ def main(argv=None) -> dict:
     config = ModelConfig.preset(args.preset)
     contenders = build_contenders(names, config, dtype, device, args.compile, args.seed, args.attention,
                                   args.block_size)
+
+    if any(COMPILED in c.name for c in contenders):
+        warm_compiler(device)
 
     # One fixed batch for every contender and every step: throughput does not depend on the token values.
     g = torch.Generator().manual_seed(args.seed)
@@ -352,12 +364,14 @@ def add_ratios(rows: list[dict], rounds: list[list[tuple[float, ...]]]) -> None:
     of the ratio of each round's median step times. A round's contenders ran back to back, so load that drifts
     over the run cancels out of the paired ratio, where it does not between two medians. `rounds[i]` holds
     the step times of round i, one tuple per step with one time per row. A compiled row is compared with
-    compiled transformers where that ran too (like with like), else with transformers eager."""
+    transformers compiled the same way where that ran too (like with like), else with transformers plainly
+    compiled, else eager."""
     index = {r["contender"]: i for i, r in enumerate(rows)}
     for i, r in enumerate(rows):
-        compiled = COMPILED in r["contender"]
-        ref = index.get(f"{REFERENCE}{COMPILED})") if compiled else None
-        ref = index.get(REFERENCE) if ref is None else ref
+        how = r["contender"][r["contender"].find(COMPILED):] if COMPILED in r["contender"] else ""
+        # compiled alike ("transformers (compile, tuned)"), else plainly compiled, else eager
+        labels = [REFERENCE + how, f"{REFERENCE}{COMPILED})", REFERENCE] if how else [REFERENCE]
+        ref = next((index[label] for label in labels if label in index), None)
         if ref is None:
             r["ratio_vs_transformers"] = r["paired_ratio_vs_transformers"] = None
             continue

@@ -82,6 +82,9 @@ def test_a_compiled_contender_is_compared_with_compiled_transformers():
     tuned = rows("tinygemma (compile, tuned)", "transformers (compile)", "transformers")
     train_throughput.add_ratios(tuned, [[(1.0, 2.0, 4.0)]])
     assert tuned[0]["ratio_vs_transformers"] == 2.0  # compiled too: against compiled transformers
+    alike = rows("tinygemma (compile, tuned)", "transformers (compile)", "transformers (compile, tuned)")
+    train_throughput.add_ratios(alike, [[(1.0, 2.0, 4.0)]])
+    assert alike[0]["ratio_vs_transformers"] == 4.0  # compiled the same way, where that ran
     alone = rows("tinygemma", "transformers (compile)")
     train_throughput.add_ratios(alone, [[(1.0, 2.0)]])
     assert alone[0]["ratio_vs_transformers"] is None  # an eager row has no eager transformers to compare with
@@ -107,6 +110,24 @@ def test_issue_19s_lever_contenders(monkeypatch):
     assert compiled == [("Gemma3", {"coordinate_descent_tuning": True}), ("Gemma3", None),
                         ("Gemma3ForCausalLM", {"max_autotune": True})] + [("method", None)] * len(layers)
     assert all(layer._compiled_call_impl is not None for layer in layers)
+    both = train_throughput.build_contenders(["tinygemma", "tinygemma-bf16stream"], ModelConfig.preset("gemma3-tiny"),
+                                             torch.bfloat16, torch.device("cpu"), True, 0)  # --compile
+    assert [c.name for c in both] == ["tinygemma (compile)", "tinygemma-bf16stream (compile)"]
+
+
+@pytest.mark.parametrize("contenders, warmed", [("tinygemma", False), ("tinygemma,tinygemma+tuned", True)])
+def test_the_compiler_starts_before_any_contender_is_timed(monkeypatch, contenders, warmed):
+    """inductor's one-time start-up is paid before the first step of any contender, where one compiles (else
+    the first compiled contender's first step would carry it), and not at all where none does."""
+    train_throughput = load_script("train_throughput")
+    events = []
+    monkeypatch.setattr(train_throughput.torch, "compile", lambda fn, options=None: fn)  # (eager: quick)
+    monkeypatch.setattr(train_throughput, "warm_compiler", lambda device: events.append("warm"))
+    step = train_throughput.Contender.step
+    monkeypatch.setattr(train_throughput.Contender, "step", lambda self, *a: events.append("step") or step(self, *a))
+    train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16", "--steps", "1",
+                           "--warmup", "1", "--device", "cpu", "--contenders", contenders])
+    assert events[:2] == (["warm", "step"] if warmed else ["step", "step"]) and events.count("warm") == warmed
 
 
 def test_the_first_step_is_reported_apart(monkeypatch, capsys):

@@ -464,7 +464,8 @@ def export_records(ckpt: str | Path) -> dict:
     Whatever is missing or unreadable stays empty: they make the model card, which must not stop an export of
     intact weights."""
     # Named from inside its run (`step_000040`, `.`) the path's own parts do not show the run: made absolute (not
-    # resolved, so a checkpoints/ linked to another disk still leads to its run).
+    # resolved, so a checkpoints/ linked to another disk, named through the link, still leads to its run; from
+    # inside such a link the working directory is the other disk's, and the card goes without the run's records).
     src = Path(os.path.abspath(resolve_checkpoint(ckpt)))
     meta = read_checkpoint_meta(src)
     state = peek_json(src / STATE_NAME) if meta else {}

@@ -121,7 +121,7 @@ def test_other_spellings_of_dtype_and_compile_are_the_same_settings():
     recipe = load_recipe(None, ["compile=True", "dtype=Float32", "device=CPU", "optimizer=AdamW", "lr_schedule=WSD"])
     assert (recipe.train.compile, recipe.train.dtype, recipe.train.device, recipe.train.optimizer,
             recipe.train.lr_schedule) == ("true", "float32", "cpu", "adamw", "wsd")
-    with pytest.raises(UserError, match="train.compile must be one of auto, true, false; got 'maybe'"):
+    with pytest.raises(UserError, match="train.compile must be one of auto, true, regional, false; got 'maybe'"):
         load_recipe(None, ["compile=Maybe"])
 
 
@@ -220,7 +220,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("grad_clip=-1", "train.grad_clip must be a number >= 0"),
     ("dtype=fp8", "train.dtype must be one of auto, float32, bfloat16, float16"),
     ("device=tpu", "train.device must be one of auto, cpu, cuda, mps"),
-    ("compile=maybe", "train.compile must be one of auto, true, false"),
+    ("compile=maybe", "train.compile must be one of auto, true, regional, false"),
     ("distributed=zero3", "train.distributed must be one of ddp, fsdp"),
     ("loss_head=fused", "train.loss_head must be one of auto, chunked, full"),
     ("activation_checkpointing=sometimes", "train.activation_checkpointing must be true or false"),

@@ -208,6 +208,25 @@ def test_ddp_is_compiled_around_the_wrapper(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_regional_compiling_compiles_each_layer_and_nothing_around_them(tmp_path, world_size):
+    """compile = regional: every decoder layer compiled in place, the model itself (and, under torchrun, DDP's
+    wrapper) not; the loss is the eager model's."""
+    import torch.distributed as dist
+
+    if world_size > 1:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        rt = Runtime(torch.device("cpu"), torch.float32, world_size=world_size)
+        raw, model = build_model(tiny(), cfg_with(compile="regional", block_size=32), rt, None)
+        assert all(block._compiled_call_impl is not None for block in raw.layers)
+        assert raw._compiled_call_impl is None and getattr(model, "_compiled_call_impl", None) is None
+        assert (model is raw) == (world_size == 1)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
 def test_flex_attention_is_compiled_once_and_never_inside_a_traced_graph():
     """compiled_flex_attention makes its function once; a compiled model traces flex_attention as it is and
     builds nothing (a function made inside a trace would be written back uncompiled), with SDPA's numbers."""
@@ -358,7 +377,8 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
         probe_micro_batch_size(model, cfg, CPU, [128, 64])
 
 
-@pytest.mark.parametrize("setting, cuda, cpu", [("auto", True, False), ("true", True, True), ("false", False, False)])
+@pytest.mark.parametrize("setting, cuda, cpu", [("auto", True, False), ("true", True, True), ("regional", True, True),
+                                               ("false", False, False)])
 def test_compile_auto_compiles_on_cuda_alone(setting, cuda, cpu):
     """The default (auto) trains compiled on a GPU and eagerly elsewhere; true and false everywhere. (The GPU
     suite's runs set compile themselves: a default that stopped compiling on CUDA would pass them.)"""

@@ -1161,6 +1161,41 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
     assert after_step[9] > after_step[4] > after_step[1]
 
 
+def test_a_regionally_compiled_run_trains_the_eager_runs_losses_with_a_few_graphs(data_dir, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """compile = regional: each layer compiled on its own. Its graphs (counted by a backend that runs them
+    eagerly) are made by step 0's evaluation and the first step, at most one per kind of layer and grad mode,
+    and never again; the losses are the eager run's; the first log line says what compiles."""
+    import torch.nn as nn
+
+    import tinygemma.train as train_module
+    from tinygemma.model import Block
+
+    graphs, after_step, real_step = [], {}, train_module.Trainer.step
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    def step(self, step):
+        record = real_step(self, step)
+        after_step[step + 1] = len(graphs)
+        return record
+
+    monkeypatch.setattr(Block, "compile", lambda self, **kwargs: nn.Module.compile(self, backend=counting_backend))
+    monkeypatch.setattr(train_module.Trainer, "step", step)
+    settings = ["batch_size=6", "micro_batch_size=3", "max_steps=6", "log_interval=3", "eval_interval=3",
+                "checkpoint_interval=3", "eval_batches=1"]
+    torch._dynamo.reset()
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "regional", "compile=regional", *settings)))
+    torch._dynamo.reset()
+    assert 2 <= after_step[1] <= 4 and set(after_step.values()) == {after_step[1]}, graphs
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("; torch.compile: the first step compiles each layer (regional)")
+    run(data_dir, tmp_path / "eager", *settings)
+    assert train_losses(tmp_path / "regional") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
+
+
 def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_dir, stories_dir, tmp_path, capsys):
     """A resumed run continues only on data of the tokenizer it was trained with: another BPE of the same 512 ids
     (trained on other stories) would give each id a second meaning, so it is refused, naming both. --stop-at must

@@ -61,16 +61,28 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
 
 
 def compiles(cfg: TrainConfig, rt: Runtime) -> bool:
-    """Whether training runs the model through torch.compile: `compile = true`, or `auto` on CUDA."""
-    return cfg.compile == "true" or (cfg.compile == "auto" and rt.is_cuda)
+    """Whether training runs the model through torch.compile: `compile = true` or `regional`, or `auto` on CUDA."""
+    return cfg.compile in ("true", "regional") or (cfg.compile == "auto" and rt.is_cuda)
+
+
+def compile_layers(raw: Gemma3) -> None:
+    """`compile = regional`: each decoder layer compiled on its own, in place (the embedding and the loss head stay
+    eager), as torchtitan compiles. The layers alike share one graph (one for the sliding layers, one for the
+    global), so the first step compiles in a fraction of the whole model's time (BENCHMARKS.md, the GPU plan,
+    measured on a CPU). What it costs a GPU's step is not measured yet."""
+    for block in raw.layers:
+        block.compile()
 
 
 def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
     """What the loop calls: `raw` compiled (in place), or wrapped by DDP, or sharded by FSDP2 (in place)."""
     compile_ = compiles(cfg, rt)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
-        apply_fsdp(raw, rt, compile_)
+        apply_fsdp(raw, rt, compile_)  # (compiled a block at a time, whether true or regional)
         return raw
+    if compile_ and cfg.compile == "regional":
+        compile_layers(raw)
+        compile_ = False  # nothing more to compile: DDP then wraps the model with its layers compiled
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -483,7 +483,8 @@ class Trainer:
               f"{initial}"
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
               f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
-              f"{'; torch.compile: the first step compiles the model (a minute or more)' if compiled else ''}",
+              f"{'; torch.compile: the first step compiles ' if compiled else ''}"
+              f"{('each layer (regional)' if cfg.compile == 'regional' else 'the model (a minute or more)') if compiled else ''}",
               flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm

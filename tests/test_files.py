@@ -2,6 +2,7 @@
 kept), and output paths under a file refused in one line."""
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -613,3 +614,82 @@ def test_a_signal_handler_installed_outside_python_gives_way_to_pythons_own_not_
     with signal_handler(ours):
         assert calls == [(signal.SIGINT, ours), (signal.SIGTERM, ours)]
     assert calls[2:] == [(signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)]
+
+
+def test_a_disk_full_errno_says_the_disk_may_be_full_whatever_its_words():
+    """A full disk is named by its errno, whatever the words of its message (here another language's)."""
+    with pytest.raises(WriteError) as raised:
+        with files.write_errors("/somewhere/out.bin"):
+            raise OSError(errno.ENOSPC, "Plus d'espace disponible sur le peripherique")
+    assert str(raised.value) == ("could not write /somewhere/out.bin (Plus d'espace disponible sur le peripherique); "
+                                 "the disk may be full")
+
+
+def test_a_many_line_cause_is_named_by_its_first_line(tmp_path):
+    """A cause of several lines is named by its first."""
+    with pytest.raises(WriteError) as raised:
+        with files.write_errors(tmp_path / "m.safetensors"):
+            raise SafetensorError("Error while serializing: I/O error\ncaused by: something deeper")
+    assert str(raised.value) == f"could not write {tmp_path / 'm.safetensors'} (Error while serializing: I/O error)"
+
+
+def test_a_staged_folder_removes_its_own_files_the_block_did_not_write(tmp_path):
+    """A staged folder removes its own files that the block did not write again: an export without a tokenizer into
+    an earlier export with one would otherwise keep the old tokenizer.json beside the new model."""
+    from tinygemma.files import staged_folder
+
+    for name, text in (("a.txt", "old"), ("b.txt", "old"), ("user.txt", "mine")):
+        (tmp_path / name).write_text(text)
+    with staged_folder(tmp_path, frozenset({"a.txt", "b.txt"}), "an export") as stage:
+        (stage / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "user.txt"]
+    assert (tmp_path / "a.txt").read_text() == "new"
+
+
+def test_two_metadata_keys_are_written_in_key_order(tmp_path):
+    """An export's metadata without a trained block size has two keys (format, exporter); its bytes must not depend
+    on safetensors' hash order."""
+    path = tmp_path / "m.safetensors"
+    for _ in range(16):
+        atomic_save_safetensors({"w": torch.zeros(1)}, path, metadata={"zz": "1", "aa": "2"})
+        raw = path.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        assert list(json.loads(raw[8:8 + size])["__metadata__"]) == ["aa", "zz"]
+
+
+def test_a_transformers_config_is_no_run_recipe_even_with_a_train_key(tmp_path):
+    """A transformers config.json is no run's recipe, even with a "train" key."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "train": {"note": "x"}}))
+    assert not files.is_training_run(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"train": {}, "model": {}}))
+    assert files.is_training_run(tmp_path)
+
+
+def test_a_link_named_as_a_staging_folder_is_not_taken_for_one(tmp_path):
+    """A link named as a staging folder, to a user's folder, is not taken for a killed staging folder."""
+    from tinygemma.files import others_than
+
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tinygemma-staged.abcd1234").symlink_to(tmp_path / "elsewhere")
+    (out / ".tinygemma-staged.real0001").mkdir()
+    assert others_than(out, set(), stages=True) == [".tinygemma-staged.abcd1234"]
+
+
+def test_an_empty_lock_file_is_tinygemmas(tmp_path):
+    """A writer killed between creating .lock and writing its pid
+    leaves it empty; the folder is still the command's own."""
+    (tmp_path / ".lock").write_bytes(b"")
+    assert files.others_than(tmp_path, set()) == []
+    (tmp_path / ".lock").write_text("user notes\n")
+    assert files.others_than(tmp_path, set()) == [".lock"]
+
+
+def test_a_header_gives_each_tensor_its_shape_and_dtype(tmp_path):
+    """A header read alone gives each tensor its own shape and dtype."""
+    atomic_save_safetensors({"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.zeros(4, dtype=torch.int64)},
+                            tmp_path / "m.safetensors")
+    header = read_safetensors(tmp_path / "m.safetensors", header_only=True)
+    assert {k: (v.dtype, tuple(v.shape), v.device.type) for k, v in header.items()} == {
+        "a": (torch.bfloat16, (2, 3), "meta"), "b": (torch.int64, (4,), "meta")}

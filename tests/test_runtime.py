@@ -487,3 +487,68 @@ def test_a_gpus_bfloat16_is_asked_of_that_gpu(monkeypatch):
     cuda = FakeCuda(monkeypatch, native_bf16=True)
     cuda_has_bf16(torch.device("cuda", 1))
     assert cuda.log == [("is_bf16_supported", 1)] and cuda.current == 0
+
+
+def test_torchrun_on_an_apple_gpu_is_refused_in_one_line(monkeypatch):
+    """torchrun on an Apple GPU is refused in one line: no process group is started on MPS."""
+    import torch.distributed as dist
+
+    started = []
+    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(runtime, "pick_device", lambda name: torch.device("mps"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: started.append(kwargs))
+    with pytest.raises(UserError, match="multi-process training runs on CUDA .NCCL. or CPU .gloo., not MPS"):
+        runtime.setup_runtime("mps", "auto")
+    assert started == []
+
+
+def test_only_rank_0_warns_of_torchruns_shared_store(monkeypatch, capsys):
+    """torchrun's shared rendezvous store is warned of once a job (by rank 0), not once a process."""
+    import torch.distributed as dist
+
+    for key, value in dict(WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1",
+                           TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_MAX_RESTARTS="3").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: None)
+    said = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        runtime.setup_runtime("cpu", "auto")
+        said.append(capsys.readouterr().err)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in said[0] and said[1] == ""
+
+
+def test_an_apple_gpu_asked_for_without_mps_is_one_line(monkeypatch):
+    """An Apple GPU (mps) asked for on a machine without it (Linux, Colab)
+    is refused at once, not by a later traceback from the first tensor moved there."""
+    from tinygemma.devices import pick_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device mps was asked for, but this PyTorch has no MPS backend"):
+        pick_device("mps")
+
+
+def test_no_device_at_all_is_one_line():
+    """A device that is no device at all (load(..., device=1.5) from Python) is one line, not a TypeError."""
+    from tinygemma.devices import as_device
+
+    with pytest.raises(UserError, match="unknown device"):
+        as_device(1.5)
+
+
+def test_a_compiled_copy_keeps_the_keyword_only_defaults():
+    """A compiled copy keeps the function's keyword-only defaults: flex_attention has one (return_aux=None), and
+    without it every fresh flex kernel (one per trained model) failed with "missing 1 required keyword-only
+    argument"."""
+    from tinygemma.devices import compiled_copy
+
+    def scaled(x, *, by=3.0):
+        return x * by
+
+    assert compiled_copy(scaled, backend="eager")(torch.ones(2)).tolist() == [3.0, 3.0]

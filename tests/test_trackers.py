@@ -4,6 +4,7 @@ resumed run continues the same tracker runs; bad loggers stop the run before tra
 fails mid-run is dropped with one warning and training goes on."""
 
 import errno
+import io
 import json
 import math
 import shutil
@@ -758,3 +759,80 @@ def test_an_events_file_tinygemma_cannot_read_is_left_and_nothing_is_written_aga
     assert bad.read_bytes() == before
     bad.unlink()
     assert sorted({step for _, step in tensorboard_points(out)}) == [7, 8, 9]
+
+
+def _records(*payloads: bytes) -> bytes:
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buffer = io.BytesIO()
+    writer = RecordWriter(buffer)
+    for payload in payloads:
+        writer.write(payload)
+    return buffer.getvalue()
+
+
+def test_a_torn_header_of_eight_to_eleven_bytes_is_a_torn_record(tmp_path):
+    """A kill after 10 bytes of the last record's header is a
+    torn record (cut back to the checkpoint), not damage that leaves the file and its lost work as they were."""
+    path = tmp_path / "events.out.tfevents.1"
+    path.write_bytes(_records(b"first", b"second")[:len(_records(b"first")) + 10])
+    tinygemma.trackers.check_read_whole(path, [b"first"])  # raises nothing
+
+
+def test_a_whole_last_record_that_the_reader_refused_is_damage(tmp_path):
+    """The last record there whole but its data's CRC
+    wrong (a bit flipped on disk) is damage, not a torn write: its event is not ours to cut."""
+    path = tmp_path / "events.out.tfevents.1"
+    damaged = bytearray(_records(b"first", b"second"))
+    damaged[-6] ^= 0x40  # in the last record's data
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="a damaged record at byte"):
+        tinygemma.trackers.check_read_whole(path, [b"first"])
+
+
+def test_sample_stories_are_among_the_points_an_events_file_holds(tmp_path):
+    """A resume compares tb/'s points with
+    metrics.jsonl's, samples included; without them every resume of a run with samples rewrote tb/ and a fork's
+    tb/ kept the parent's sample texts beside the ones written again."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("train/loss", 1.5, 3)
+    writer.add_text("samples/1", tinygemma.trackers.markdown_block("Once upon a time"), 3)
+    writer.add_text("config", "{}", 0)
+    writer.close()
+    held = tinygemma.trackers.cut_events(tinygemma.trackers.event_files(tmp_path), lambda event: True)
+    assert held == {(3, "train/loss"): 1.5, (3, "samples/1"): "    Once upon a time\n"}
+
+
+def test_a_point_held_twice_is_no_records(tmp_path):
+    """tb/ holding a step twice (a fork's copied
+    events and its own) must not compare equal to metrics.jsonl's once, or the duplicate is never cut."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name in ("a", "b"):
+        writer = SummaryWriter(str(tmp_path), filename_suffix=name)
+        writer.add_scalar("train/loss", 1.5, 3)
+        writer.close()
+    files = tinygemma.trackers.event_files(tmp_path)
+    assert len(files) == 2
+    assert tinygemma.trackers.cut_events(files, lambda event: True) == {(3, "train/loss"): None}
+
+
+def test_a_resumed_tensorboard_keeps_the_checkpoints_own_step_for_readers_that_purge(tmp_path):
+    """TensorBoard's EventAccumulator (purge_orphaned_data,
+    its default) drops every point at or past purge_step; the checkpoint's own step (its val/loss) must stay."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = SummaryWriter(str(tmp_path / "tb"))
+    for step in range(1, 9):
+        first.add_scalar("train/loss", 10.0 - step, step)
+    first.close()
+    tracker = tinygemma.trackers.TensorBoard(tmp_path, {}, 5, None)  # a resume from the checkpoint at step 5
+    tracker.log({"train/loss": 4.5}, 6)
+    tracker.close(0)
+    reader = EventAccumulator(str(tmp_path / "tb"))
+    reader.Reload()
+    assert [(e.step, e.value) for e in reader.Scalars("train/loss")] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0),
+                                                                        (5, 5.0), (6, 4.5)]

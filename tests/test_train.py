@@ -1113,17 +1113,14 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
         assert message in err and "\n" not in err and not (tmp_path / "bad").exists()
 
 
-def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(data_dir, tmp_path, monkeypatch,
-                                                                              capsys):
-    """A recompilation inside the steady state would cost a GPU run its speed without a word (each one minutes of
-    inductor, then maybe a graph that lost its static shapes). With compile=true, dynamo's graphs are counted (a
-    counting backend that runs them eagerly, where the GPU's is inductor): the evaluation at step 0 compiles its
-    graph and the first step training's (two passes of 3 sequences); later steps, evaluations and checkpoints
-    compile nothing more. A control that changes a guarded attribute every step shows the count would grow."""
+def count_graphs(monkeypatch, compiled_class) -> tuple[list, dict]:
+    """Modules of `compiled_class` (Gemma3 under compile=true, Block under regional) compiled by a backend that
+    counts dynamo's graphs and runs them eagerly (where a GPU's is inductor): (graphs, after_step), the graphs'
+    sizes and how many there were at each step's end. A Trainer whose `churn` is set changes a value the graph
+    depends on every step: the control that shows a recompiling run would be seen."""
     import torch.nn as nn
 
     import tinygemma.train as train_module
-    from tinygemma.model import Gemma3
 
     graphs, after_step, real_step = [], {}, train_module.Trainer.step
 
@@ -1133,17 +1130,31 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
 
     def step(self, step):
         if self.churn:
-            self.raw.loss_chunk_size = 64 + step  # the control: a value the graph depends on, changed every step
+            self.raw.loss_chunk_size = 64 + step
         record = real_step(self, step)
         after_step[step + 1] = len(graphs)
         return record
 
-    monkeypatch.setattr(Gemma3, "compile", lambda self, **kwargs: nn.Module.compile(self, backend=counting_backend))
+    monkeypatch.setattr(compiled_class, "compile", lambda self, **kw: nn.Module.compile(self, backend=counting_backend))
     monkeypatch.setattr(train_module.Trainer, "step", step)
-    settings = ["compile=true", "batch_size=6", "micro_batch_size=3", "max_steps=9", "log_interval=3",
-                "eval_interval=3", "checkpoint_interval=3", "eval_batches=1"]
     monkeypatch.setattr(train_module.Trainer, "churn", False, raising=False)
     torch._dynamo.reset()  # no graph of an earlier test's model may serve this one's
+    return graphs, after_step
+
+
+def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(data_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A recompilation inside the steady state would cost a GPU run its speed without a word (each one minutes of
+    inductor, then maybe a graph that lost its static shapes). With compile=true, dynamo's graphs are counted:
+    the evaluation at step 0 compiles its graph and the first step training's (two passes of 3 sequences); later
+    steps, evaluations and checkpoints compile nothing more. A control that changes a guarded attribute every step
+    shows the count would grow."""
+    import tinygemma.train as train_module
+    from tinygemma.model import Gemma3
+
+    graphs, after_step = count_graphs(monkeypatch, Gemma3)
+    settings = ["compile=true", "batch_size=6", "micro_batch_size=3", "max_steps=9", "log_interval=3",
+                "eval_interval=3", "checkpoint_interval=3", "eval_batches=1"]
     train(load_recipe(None, tiny_settings(data_dir, tmp_path / "compiled", *settings)))
     assert after_step == dict.fromkeys(range(1, 10), 2), graphs  # evaluation's graph and training's, no more
     assert sorted(train_losses(tmp_path / "compiled")) == list(range(1, 10))
@@ -1163,30 +1174,14 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
 
 def test_a_regionally_compiled_run_trains_the_eager_runs_losses_with_a_few_graphs(data_dir, tmp_path, monkeypatch,
                                                                                   capsys):
-    """compile = regional: each layer compiled on its own. Its graphs (counted by a backend that runs them
-    eagerly) are made by step 0's evaluation and the first step, at most one per kind of layer and grad mode,
-    and never again; the losses are the eager run's; the first log line says what compiles."""
-    import torch.nn as nn
-
-    import tinygemma.train as train_module
+    """compile = regional: each layer compiled on its own. Its graphs are made by step 0's evaluation and the
+    first step, at most one per kind of layer and grad mode, and never again; the losses are the eager run's;
+    the first log line says what compiles."""
     from tinygemma.model import Block
 
-    graphs, after_step, real_step = [], {}, train_module.Trainer.step
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(len(gm.graph.nodes))
-        return gm.forward
-
-    def step(self, step):
-        record = real_step(self, step)
-        after_step[step + 1] = len(graphs)
-        return record
-
-    monkeypatch.setattr(Block, "compile", lambda self, **kwargs: nn.Module.compile(self, backend=counting_backend))
-    monkeypatch.setattr(train_module.Trainer, "step", step)
+    graphs, after_step = count_graphs(monkeypatch, Block)
     settings = ["batch_size=6", "micro_batch_size=3", "max_steps=6", "log_interval=3", "eval_interval=3",
                 "checkpoint_interval=3", "eval_batches=1"]
-    torch._dynamo.reset()
     train(load_recipe(None, tiny_settings(data_dir, tmp_path / "regional", "compile=regional", *settings)))
     torch._dynamo.reset()
     assert 2 <= after_step[1] <= 4 and set(after_step.values()) == {after_step[1]}, graphs

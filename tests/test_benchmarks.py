@@ -1567,7 +1567,7 @@ def test_train_throughput_isolated_children_run_the_parents_settings(monkeypatch
         Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({
             "device": "cpu", "flops_per_token": 1.0, "peak_flops": None, "results": [
                 {"contender": label, "step_time_s": 2.0, "step_times_s": [1.0, 2.0, 9.0], "losses": [5.0, 4.0],
-                 "loss_step0": 5.0, "peak_memory_bytes": None}]}))
+                 "loss_step0": 5.0, "peak_memory_bytes": None, "first_step_s": 30.0}]}))
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
@@ -1585,6 +1585,7 @@ def test_train_throughput_isolated_children_run_the_parents_settings(monkeypatch
         assert "--compile" in cmd
     for row in result["results"]:
         assert row["tokens_per_s"] == pytest.approx(2 * 16 * 4 / 2.0)
+        assert row["first_step_s"] == 30.0  # the first child's own
 
 
 def test_workshop_feed_forward_is_tinygemmas_tanh_geglu():

@@ -74,6 +74,7 @@ from tinygemma.devices import pick_device  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
+from tinygemma.parallelize import compile_layers  # noqa: E402
 
 CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "transformers", "transformers-eager", "workshop", "workshop-untied")
 # How a contender is compiled, by its name's suffix: torch.compile's inductor options.
@@ -181,8 +182,7 @@ def compiled_model(model: nn.Module, layers: nn.ModuleList, suffix: str, options
     if options is None:
         return model
     if suffix == "+regional":
-        for layer in layers:
-            layer.compile()
+        compile_layers(layers)  # as the trainer's compile = regional
         return model
     return torch.compile(model, options=options or None)
 

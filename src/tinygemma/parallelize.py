@@ -65,12 +65,13 @@ def compiles(cfg: TrainConfig, rt: Runtime) -> bool:
     return cfg.compile in ("true", "regional") or (cfg.compile == "auto" and rt.is_cuda)
 
 
-def compile_layers(raw: Gemma3) -> None:
-    """`compile = regional`: each decoder layer compiled on its own, in place (the embedding and the loss head stay
-    eager), as torchtitan compiles. The layers alike share one graph (one for the sliding layers, one for the
+def compile_layers(layers) -> None:
+    """`compile = regional`: each decoder layer of `layers` (a model's ModuleList; benchmarks/train_throughput.py
+    gives transformers' too) compiled on its own, in place (the embedding and the loss head stay eager), as
+    torchtitan compiles. The layers alike share one graph (one for the sliding layers, one for the
     global), so the first step compiles in a fraction of the whole model's time (BENCHMARKS.md, the GPU plan,
     measured on a CPU). What it costs a GPU's step is not measured yet."""
-    for block in raw.layers:
+    for block in layers:
         block.compile()
 
 
@@ -81,7 +82,7 @@ def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
         apply_fsdp(raw, rt, compile_)  # (compiled a block at a time, whether true or regional)
         return raw
     if compile_ and cfg.compile == "regional":
-        compile_layers(raw)
+        compile_layers(raw.layers)
         compile_ = False  # nothing more to compile: DDP then wraps the model with its layers compiled
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel

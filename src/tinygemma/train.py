@@ -473,6 +473,7 @@ class Trainer:
         cfg, rt, start = self.cfg, self.rt, self.start
         total = cfg.max_steps * self.tokens_per_step  # (a small run's 40,960 read "0.0M")
         initial = f"weights from {self.init_record['dir']}; " if self.init_record and start == 0 else ""
+        compiling = "each layer (regional)" if cfg.compile == "regional" else "the model (a minute or more)"
         steps = (f"steps {start} to {self.end} of {cfg.max_steps}" if self.end > start or start == cfg.max_steps
                  else f"no step (the run is at step {start} of {cfg.max_steps}, which --stop-at does not pass)")
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
@@ -483,8 +484,7 @@ class Trainer:
               f"{initial}"
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
               f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
-              f"{'; torch.compile: the first step compiles ' if compiled else ''}"
-              f"{('each layer (regional)' if cfg.compile == 'regional' else 'the model (a minute or more)') if compiled else ''}",
+              f"{'; torch.compile: the first step compiles ' + compiling if compiled else ''}",
               flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm

@@ -297,3 +297,28 @@ def test_a_last_chunk_of_one_row_is_counted():
     loss.backward()
     assert abs(loss.item() - F.cross_entropy(h @ w.t(), targets).item()) < 1e-5
     assert torch.allclose(h.grad, plain[0], atol=1e-6) and torch.allclose(w.grad, plain[1], atol=1e-6)
+
+
+def test_a_head_trained_alone_takes_the_chunked_loss():
+    """Hidden states without gradient (a frozen body, a head trained alone) and a head that wants one: the chunked
+    loss, which never keeps the [tokens, vocab] logits for backward, not the plain autograd path that keeps them."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 32, generator=g)  # no gradient wanted
+    w = (torch.randn(700, 32, generator=g) * 0.2).requires_grad_()
+    targets = torch.randint(0, 700, (300,), generator=g)
+    F.cross_entropy(h @ w.t(), targets).backward()
+    want, w.grad = w.grad.clone(), None
+    loss = cross_entropy_from_hidden(h, w, targets, chunk_size=64)
+    assert type(loss.grad_fn).__name__ == "_ChunkedLinearCrossEntropyBackward"
+    loss.backward()
+    assert torch.allclose(w.grad, want, atol=1e-6)
+
+
+def test_a_batch_of_no_rows_has_loss_zero_and_zero_gradients():
+    """No rows at all (an empty micro-batch): loss 0, and zero gradients of the head's shape, not a crash."""
+    h = torch.zeros(0, 32, requires_grad=True)
+    w = torch.randn(700, 32, requires_grad=True)
+    loss = cross_entropy_from_hidden(h, w, torch.zeros(0, dtype=torch.long), chunk_size=64)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert w.grad.shape == w.shape and not w.grad.any() and h.grad.shape == (0, 32)

@@ -757,3 +757,18 @@ def test_a_zero_update_orthogonalizes_to_zero_not_nan():
         for dtype in (torch.float32, torch.bfloat16):
             out = orthogonalize(torch.zeros(shape), dtype)
             assert torch.equal(out, torch.zeros(shape, dtype=dtype))
+
+
+def test_a_wsd_run_extends_from_the_checkpoint_of_its_cooldowns_start():
+    """The refusal of a late extension says "extend it from a checkpoint of step {began} or earlier": the checkpoint
+    of step cooldown_start itself has taken only peak rates (its next step, not yet taken, is the first lower one),
+    so its extension must be allowed; only rates already taken count, never the next step's."""
+    saved = load_recipe(None, ["max_steps=20", "warmup_steps=2", "optimizer=adamw", "lr_schedule=wsd",
+                               "cooldown_fraction=0.4"]).train
+    as_dict = dataclasses.asdict(saved)
+    began = cooldown_start(saved)
+    assert began == 12
+    longer = dataclasses.replace(saved, max_steps=30)
+    check_resume_schedule(as_dict, longer, began)  # steps 0..11 all at the peak: the same in the longer run
+    with pytest.raises(UserError, match="cooldown of the run began after step 12"):
+        check_resume_schedule(as_dict, longer, began + 1)

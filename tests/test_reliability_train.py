@@ -879,3 +879,15 @@ def test_resume_on_more_tokens_of_the_same_tokenizer_names_the_counts(data_dir, 
     with pytest.raises(tinygemma.UserError, match=r"holds other data .*\(train [\d,]+ -> [\d,]+ tokens") as refused:
         run(more, out, "max_steps=4", "warmup_steps=1", resume=True)
     assert "as many tokens" not in str(refused.value)
+
+
+def test_the_free_disk_a_checkpoint_is_checked_for_covers_its_weights_and_adamw_state(data_dir, tmp_path):
+    """save_checkpoint refuses before writing when the disk lacks checkpoint_bytes: an estimate below what an
+    AdamW checkpoint takes lets a nearly full disk fail halfway through the write instead."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=5", "checkpoint_interval=5", "optimizer=adamw")
+    folder = out / "checkpoints" / "step_000005"
+    written = sum((folder / name).stat().st_size for name in ("model.safetensors", "optimizer.safetensors"))
+    model = tinygemma.load(folder)
+    margin = 16 << 20  # checkpoint_bytes's fixed margin, left out: the tiny model's files are far smaller
+    assert tinygemma.checkpoint.checkpoint_bytes(model) - margin >= written

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import tinygemma
 import tinygemma.train
-from tinygemma.checkpoint import fork_run, save_model
+from tinygemma.checkpoint import checkpoint_pointer, fork_run, save_model
 from tinygemma.cli import main
 from tinygemma.config import TrainConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
@@ -1917,3 +1917,23 @@ def test_saved_recipe_of_a_run_not_forked_is_its_last_checkpoints_not_a_failed_i
     config["train"]["learning_rate"] = 5e-3  # what the failed invocation recorded
     (out / "config.json").write_text(json.dumps(config))
     assert saved_recipe(out).train.learning_rate == 1e-2
+
+
+def test_a_fork_without_its_sources_best_never_points_best_json_at_a_missing_checkpoint(data_dir, tmp_path,
+                                                                                           monkeypatch):
+    """A fork of a checkpoint whose run's best checkpoint is gone (or a checkpoint copied out alone) holds no best
+    checkpoint: its resume must not point best.json at the trainer state's best_step, which it does not hold
+    (checkpoint_pointer, report.md, `tinygemma report` would then refuse the run)."""
+    out = tmp_path / "r"
+    settings = ["max_steps=9", "checkpoint_interval=3", "keep_checkpoints=3"]
+    run(data_dir, out, *settings, stop_at=3)
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows",
+                        lambda *a, **k: {**(r := evaluate_windows(*a, **k)), "val_loss": r["val_loss"] + 10.0})
+    run(data_dir, out, *settings, stop_at=6, resume=True)
+    shutil.rmtree(out / "checkpoints" / "step_000003")  # the best, gone
+    fork = tmp_path / "fork"
+    fork_run(out / "checkpoints" / "step_000006", fork)
+    run(data_dir, fork, *settings, stop_at=7, resume=True)  # worse again: the state's best stays step 3
+    best = checkpoint_pointer(fork, "best")  # (raised "... names .../step_000003, which is not a complete checkpoint")
+    assert best is None or (fork / "checkpoints" / best["dir"] / "trainer_state.json").exists()
+    assert tinygemma.load(fork) is not None

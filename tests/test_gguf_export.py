@@ -32,7 +32,13 @@ from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
 from tinygemma.errors import UserError
 from tinygemma.generate import generate_stream
-from tinygemma.gguf_export import GGUF_DTYPES, check_byte_level_bpe, export_gguf, has_gemma_layout
+from tinygemma.gguf_export import (
+    GGUF_DTYPES,
+    check_byte_level_bpe,
+    export_gguf,
+    has_gemma_layout,
+    llama_cpp_vocabulary,
+)
 from tinygemma.tokenizer import EOT_TOKEN, HFTokenizer, load_tokenizer, train_bpe
 from tinygemma.train import train
 
@@ -838,3 +844,72 @@ def test_an_export_whose_sliding_layers_differ_from_gemmas_says_older_builds_ass
         out, err = capsys.readouterr()
         assert "llama-completion -m" in out
         assert ("older llama.cpp builds and Ollama assume Gemma 3's" in err) is bool(overrides), err
+
+
+def test_a_half_precision_hf_export_exports_to_gguf_as_its_checkpoint_does(tmp_path, stories_dir):
+    """`export --dtype bf16` / `--dtype float16` folders (as google/gemma-3-270m is published) export to GGUF:
+    their weights are read as float32 first (numpy has no bfloat16; float16 data tagged F32 is not F32), and give
+    the tensors the checkpoint itself gives in that dtype."""
+
+
+    bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
+    small_export(bpe, tmp_path, n_layers=1)
+    ckpt = tmp_path / "ckpt"
+    for hf_dtype, gguf_dtype in (("bf16", "bf16"), ("float16", "f16")):
+        assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / hf_dtype), "--dtype", hf_dtype]) == 0
+        files = [export_gguf(src, tmp_path / f"{name}-{hf_dtype}.gguf", gguf_dtype)["path"]
+                 for name, src in (("ckpt", ckpt), ("hf", tmp_path / hf_dtype))]
+        readers = [gguf.GGUFReader(path) for path in files]
+        kinds = [{x.name: x.tensor_type.name for x in r.tensors} for r in readers]
+        assert kinds[0] == kinds[1]
+        tensors = [{x.name: np.asarray(x.data) for x in r.tensors} for r in readers]
+        assert tensors[0].keys() == tensors[1].keys()
+        # matrices: the same rounding either way; norm gains (float32 1 + w): w as rounded to the half dtype
+        differ = [name for name in tensors[0] if not np.array_equal(tensors[0][name], tensors[1][name])]
+        assert all(name.endswith("norm.weight") for name in differ), differ
+        assert all(np.allclose(tensors[0][name], tensors[1][name], rtol=1e-2, atol=1e-2) for name in differ)
+
+
+def test_bpe_options_llama_cpp_does_not_read_are_refused(stories_dir):
+    """BPE-dropout (merges skipped at random as text is encoded) and WordPiece-style sub-word markers change how
+    tokenizers splits or decodes text; llama.cpp's gpt2 BPE reads none of them."""
+
+
+
+    bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
+    check_byte_level_bpe(json.loads(bpe.hf_json()))  # as it is: exported
+    for option, value in (("dropout", 0.1), ("continuing_subword_prefix", "##"), ("end_of_word_suffix", "</w>")):
+        spec = json.loads(bpe.hf_json())
+        spec["model"][option] = value
+        with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer") as raised:
+            check_byte_level_bpe(spec)
+        assert f"its BPE sets {option}" in str(raised.value)
+
+
+def test_an_added_token_that_strips_on_its_right_is_refused(stories_dir):
+    """An added token with rstrip swallows the spaces after it in tokenizers; llama.cpp reads no such option."""
+
+
+
+    bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
+    spec = json.loads(bpe.hf_json())
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
+    spec["added_tokens"].append({"id": bpe.vocab_size, "content": "Lily", **plain})
+    check_byte_level_bpe(spec)  # without the option: exported
+    spec["added_tokens"][-1]["rstrip"] = True
+    with pytest.raises(UserError, match="'Lily' sets rstrip"):
+        check_byte_level_bpe(spec)
+
+
+def test_a_vocabulary_with_an_empty_token_is_refused(stories_dir):
+    """llama.cpp finds tokens by their text: a token of no text at all is refused, as two of the same text are."""
+
+
+
+    bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
+    spec = json.loads(bpe.hf_json())
+    tokens, _, _ = llama_cpp_vocabulary(spec, bpe.vocab_size)  # as it is: every token has a text
+    assert all(tokens)
+    spec["model"]["vocab"][""] = bpe.vocab_size
+    with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer.*are both ''"):
+        llama_cpp_vocabulary(spec, bpe.vocab_size + 1)

@@ -13,7 +13,7 @@ from tinygemma import Gemma3
 from tinygemma.checkpoint import export, save_model
 from tinygemma.cli import main
 from tinygemma.files import read_safetensors
-from tinygemma.hf import from_hf_name, to_hf_name
+from tinygemma.hf import from_hf_name, hf_config, model_config_from_hf, to_hf_name
 
 transformers = pytest.importorskip("transformers")
 
@@ -879,3 +879,28 @@ def test_the_python_export_refuses_a_tokenizer_larger_than_the_model(tmp_path):
     with pytest.raises(tinygemma.UserError, match="more than the model's 512"):
         export(tmp_path / "small", tmp_path / "new", tokenizer="gpt2")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_config_without_initializer_range_has_transformers_default_init_std():
+    """A config.json without initializer_range reads as transformers reads it (its 0.02), so that an export of
+    the loaded model writes back the value transformers had, not another."""
+
+
+    required = dict(vocab_size=512, hidden_size=64, num_hidden_layers=6, num_attention_heads=8, intermediate_size=128)
+    ours = model_config_from_hf({"model_type": "gemma3_text", **required})
+    theirs = transformers.Gemma3TextConfig(**required)
+    assert ours.init_std == theirs.initializer_range == 0.02
+    assert hf_config(ours)["initializer_range"] == theirs.initializer_range
+
+
+def test_a_transformers_folder_of_pt_weights_alone_is_refused_as_pickled(tmp_path):
+    """A folder whose weights are only a pickled .pt file (consolidated.pt, model.pt) is named as pickled weights,
+    which tinygemma never unpickles, not as a folder without weights."""
+
+
+    save_model(Gemma3(small_config()), tmp_path / "ckpt")
+    export(tmp_path / "ckpt", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1)}, tmp_path / "hf" / "model.pt")
+    with pytest.raises(tinygemma.UserError, match="holds only pickled weights"):
+        tinygemma.load(tmp_path / "hf")

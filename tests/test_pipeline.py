@@ -726,3 +726,22 @@ def test_dry_run_line_says_the_checkpoint_size_in_gib_and_this_invocation_s_step
     out, err = capsys.readouterr()
     assert json.loads(out)["plan"]["this_invocation"] == {"from_step": 0, "to_step": 3}
     assert " (this invocation: steps 0 to 3)" in err
+
+
+def test_a_run_that_holds_its_prepared_data_continues_with_it(tmp_path, stories_dir, capsys):
+    """data.dir inside train.out is refused for a new run (its folder must hold nothing else), but a run already
+    trained there may keep its prepared data inside its own folder: `run` goes on with it."""
+
+
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    quick = ["--set", "train.max_steps=2", "--set", "train.eval_interval=0", "--set", "train.checkpoint_interval=0",
+             "--set", "generate.prompts="]
+    assert main(["run", str(recipe), *quick]) == 0
+    shutil.move(tmp_path / "data", tmp_path / "run" / "data")  # the run's data, kept beside its checkpoints
+    capsys.readouterr()
+    inside = ["--set", f"data.dir={tmp_path / 'run' / 'data'}"]
+    assert main(["run", str(recipe), *quick, *inside, "--dry-run"]) == 0, capsys.readouterr().err
+    assert main(["run", str(recipe), *quick, *inside]) == 0, capsys.readouterr().err
+    assert "inside train.out" not in capsys.readouterr().err

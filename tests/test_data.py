@@ -603,7 +603,6 @@ def test_a_prepare_stopped_while_replacing_a_dataset_is_finished_by_the_next(sto
 
 class FailingTokenizer(GPT2Tokenizer):
     """GPT-2, except that a worker fails on the story that mentions the needle."""
-
     def encode_to_numpy(self, text):
         if "needle" in text:
             raise RuntimeError("worker failed on purpose")
@@ -1365,3 +1364,33 @@ def test_one_worker_more_than_the_cores_is_the_cores(tmp_path, monkeypatch, caps
             progress=False)
     assert started == [2]
     assert "--workers (workers) 3 is more than the 2 cores this process may use; using 2" in capsys.readouterr().err
+
+
+def test_too_few_stories_to_set_validation_aside_says_how_to_fix_it(stories_dir, tmp_path):
+    """5 stories at the default fraction 0.05 set none aside: the refusal names the cause and the remedies, not
+    just an empty validation corpus the user never gave."""
+    with pytest.raises(UserError) as caught:
+        prepare(tmp_path / "out", sources=[stories_dir / "train.txt"], limit=5, workers=1, progress=False)
+    message = str(caught.value)
+    assert "no val stories" in message
+    assert "too few stories to set some aside" in message and "--val-source" in message
+    # A validation source that is truly empty is not told to set stories aside
+    empty = write_txt(tmp_path / "empty.txt", ["", "  "])
+    with pytest.raises(UserError) as caught:
+        prepare(tmp_path / "out2", sources=[stories_dir / "train.txt"], val_sources=[empty], limit=5, workers=1,
+                progress=False)
+    assert "no val stories" in str(caught.value) and "set some aside" not in str(caught.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_val_source_and_val_fraction_together_are_refused(stories_dir, tmp_path, capsys):
+    """Both given, the fraction was silently ignored: validation came from --val-source, and meta.json recorded no
+    fraction, the user's --val-fraction 0.2 lost without a word."""
+    with pytest.raises(UserError, match="give either --val-source \\(val_sources\\) or --val-fraction"):
+        prepare(tmp_path / "api", sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"],
+                val_fraction=0.2, limit=20, workers=1, progress=False)
+    assert main(["prepare", "--out", str(tmp_path / "cli"), "--source", str(stories_dir / "train.txt"),
+                 "--val-source", str(stories_dir / "valid.txt"), "--val-fraction", "0.2", "--limit", "20",
+                 "--workers", "1", "--no-progress"]) == 2
+    assert "give either --val-source" in capsys.readouterr().err
+    assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()

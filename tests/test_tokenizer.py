@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import tiktoken
-from tokenizers import AddedToken, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from tinygemma.errors import UserError
@@ -14,6 +14,8 @@ from tinygemma.tokenizer import (
     HFTokenizer,
     gpt2_as_tokenizers,
     load_tokenizer,
+    missing_bytes,
+    token_byte_lengths,
     tokenizer_from_spec,
     train_bpe,
 )
@@ -562,3 +564,76 @@ def test_added_tokens_not_marked_special_are_text_the_model_needs_rows_for(bpe):
     tok = HFTokenizer(backend.to_str())
     ids = tok.encode("a dragonfly")
     assert max(ids) == bpe.vocab_size and tok.model_vocab_size == bpe.vocab_size + 1 == tok.vocab_size - 1
+
+
+def test_a_spec_whose_vocab_size_or_eot_id_differs_from_its_tokenizer_is_refused(tmp_path):
+    spec = GPT2Tokenizer().spec()
+    assert tokenizer_from_spec(spec, tmp_path).vocab_size == 50_257
+    with pytest.raises(UserError, match="has vocab_size 50257, the spec records 50000"):
+        tokenizer_from_spec({**spec, "vocab_size": 50_000}, tmp_path)
+    with pytest.raises(UserError, match="has eot_id 50256, the spec records 0"):
+        tokenizer_from_spec({**spec, "eot_id": 0}, tmp_path)
+    # A tokenizer.json spec that records no sha256 (written by hand) is still held to its sizes
+    bpe = train_bpe(["Once upon a time there was a cat.", "The end of the story."] * 20, vocab_size=300)
+    saved = {key: value for key, value in bpe.save(tmp_path).items() if key != "sha256"}
+    assert tokenizer_from_spec(saved, tmp_path).identity == bpe.identity
+    with pytest.raises(UserError, match=f"has eot_id {bpe.eot_id}, the spec records {bpe.eot_id + 1}"):
+        tokenizer_from_spec({**saved, "eot_id": bpe.eot_id + 1}, tmp_path)
+
+
+def test_a_byte_level_bpe_with_byte_fallback_lacks_no_byte(tmp_path):
+    """A byte-level BPE whose model falls back to <0xHH> pieces drops no character its vocabulary lacks: it is not
+    the BPE trained without the byte alphabet that prepare warns of (and the GGUF export refuses)."""
+
+
+    vocab = {EOT: 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}}
+    for ch in "abcdefghijklmnopqrstuvwxyz\u0120":  # a few of the byte-level alphabet's 256 characters only
+        vocab.setdefault(ch, len(vocab))
+    backend = Backend(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.ByteLevel()])
+    backend.add_special_tokens([AddedToken(EOT, special=True)])
+    tok = HFTokenizer(backend.to_str())
+    text = "a café! 1 😀"
+    assert tok.decode(tok.encode(text)) == text  # nothing dropped: the bytes it lacks come back as <0xHH>
+    assert missing_bytes(tok.parsed) == 0
+
+
+def test_save_hf_decodes_spaces_before_punctuation_exactly(tmp_path):
+    """transformers' clean-up of tokenization spaces rewrites " ," as "," and " ." as "." (transformers 5 skips it
+    only for BPE models): the exported tokenizer's decode must give the text tinygemma's decode gives."""
+    transformers = pytest.importorskip("transformers")
+
+
+    words = ["<unk>", EOT, "Hi", ",", "you", ".", "Tom", "'s", "dog", "!"]
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([EOT])
+    tok = HFTokenizer(backend.to_str())
+    tok.save_hf(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tok.encode("Hi , you . Tom 's dog !")
+    assert tok.decode(ids) == "Hi , you . Tom 's dog !"
+    assert hf.decode(ids) == tok.decode(ids)
+
+
+def test_byte_lengths_of_a_tokenizer_json_for_fewer_rows_than_its_vocabulary():
+    """A table for a model of fewer rows than the tokenizer's ids (trained on its first ids, as GPT-2's table
+    allows) is the full table's first rows: it ended in an IndexError for a tokenizer.json."""
+    bpe = train_bpe(["Once upon a time there was a little cat.", "The end of the story."] * 20, vocab_size=300)
+    full = token_byte_lengths(bpe, bpe.vocab_size)
+    assert np.array_equal(token_byte_lengths(bpe, 280), full[:280])
+    assert np.array_equal(token_byte_lengths(GPT2Tokenizer(), 1000), token_byte_lengths(GPT2Tokenizer(), 50257)[:1000])
+
+
+def test_model_vocab_size_holds_an_end_of_text_past_the_texts_ids():
+    """End-of-text is special and, in GPT-2's tokenizer.json and many others, the last id: every story ends with it,
+    so the model needs its row (without it a model of 50,256 rows met id 50,256 in every window)."""
+
+
+    backend = Backend(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+    backend.add_special_tokens([EOT])
+    tok = HFTokenizer(backend.to_str())
+    assert (tok.eot_id, tok.vocab_size, tok.model_vocab_size) == (3, 4, 4)
+    gpt2_file = HFTokenizer(GPT2Tokenizer().hf_json())
+    assert (gpt2_file.eot_id, gpt2_file.model_vocab_size) == (50_256, 50_257)

@@ -770,3 +770,11 @@ def test_a_path_like_of_bytes_is_refused_as_a_source():
 
     with pytest.raises(UserError, match="data.source must be a list of story files"):
         DataConfig(source=[BytesPath()]).validate()
+
+
+def test_cooldown_fraction_is_no_change_to_a_cosine_run():
+    saved = dataclasses.asdict(TrainConfig(lr_schedule="cosine"))
+    assert settings_changes(saved, TrainConfig(lr_schedule="cosine", cooldown_fraction=0.3)) == {}
+    saved = dataclasses.asdict(TrainConfig(lr_schedule="wsd"))  # wsd reads it: a change
+    assert settings_changes(saved, TrainConfig(lr_schedule="wsd", cooldown_fraction=0.3)) == {
+        "cooldown_fraction": [0.4, 0.3]}

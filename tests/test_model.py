@@ -526,3 +526,58 @@ def test_bfloat16_residual_stream_under_autocast(monkeypatch):
     compiled_loss, _ = loss_and_grads(run=torch.compile(model, backend="aot_eager"))
     assert compiled_loss == pytest.approx(loss, rel=1e-3)
     assert outputs == [torch.bfloat16] * model.config.n_layers
+
+
+def test_several_tokens_after_the_prompt_are_refused_not_attended_without_the_cache():
+    """The cache takes a whole prompt at start_pos 0, then one token at a time: a later step of several tokens
+    would neither be stored nor see the cached keys (causal attention over itself alone), silently wrong."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny()).eval()
+    ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(1, 32)
+    with torch.no_grad():
+        model.trunk(ids, cache, 0)
+        with pytest.raises(ValueError, match="one token at a time"):
+            model.trunk(ids[:, :3], cache, 8)
+
+
+def test_an_unknown_reduction_is_refused_not_taken_as_the_mean():
+    torch.manual_seed(0)
+    model = Gemma3(tiny()).eval()
+    ids = torch.randint(0, 500, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mean = model(ids, ids)
+        assert torch.allclose(model(ids, ids, reduction="none").mean(), mean, atol=1e-5)
+        with pytest.raises(ValueError, match="reduction must be"):
+            model(ids, ids, reduction="sum")
+
+
+def test_a_state_with_an_unexpected_tensor_is_refused_not_half_loaded():
+    config = tiny()
+    torch.manual_seed(0)
+    state = model_state(Gemma3(config))
+    state["layers.0.self_attn.q_proj.bias"] = torch.zeros(64)  # a model with attention biases
+    with pytest.raises(UserError, match=r"unexpected \['layers.0.self_attn.q_proj.bias'\]"):
+        model_from_state(config, state)
+
+
+def test_a_sliding_cache_shorter_than_the_window_takes_only_max_len_slots():
+    config = tiny(sliding_window=16)
+    with torch.device("meta"):
+        model = Gemma3(config)
+    cache = model.new_cache(batch_size=1, max_len=8, device=torch.device("cpu"))
+    assert [c.k.shape[2] for c in cache] == [8] * config.n_layers
+    assert [c.v.shape[2] for c in cache] == [8] * config.n_layers
+
+
+def test_a_tied_head_saved_anyway_is_dropped_not_refused():
+    config = tiny()
+    torch.manual_seed(0)
+    model = Gemma3(config).eval()
+    state = dict(model.state_dict())  # state_dict() lists the tied head under lm_head.weight too
+    assert "lm_head.weight" in state
+    loaded = model_from_state(config, state).eval()
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))

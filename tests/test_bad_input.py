@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tinygemma.cli as cli
 from tinygemma.checkpoint import export
 from tinygemma.cli import main
 from tinygemma.config import load_recipe
@@ -767,3 +768,45 @@ def test_an_abbreviated_or_joined_option_is_not_called_unrecognized_when_a_requi
         main(argv)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "required: --prompt" in err and "unrecognized" not in err, err
+
+
+def test_a_python_memory_error_is_one_line_too(capsys, monkeypatch):
+    """numpy's or Python's own MemoryError (whose text names no "out of memory", often none at all) is the one-line out-of-memory refusal,
+    exit status 1, not a traceback."""
+    def numpy_allocation(args):
+        raise MemoryError("Unable to allocate 3.20 GiB for an array with shape (429496730,) and data type int64")
+
+    monkeypatch.setattr(cli, "_train_main", numpy_allocation)
+    assert main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tinygemma train: error: out of memory (Unable to allocate 3.20 GiB") and err.count("\n") == 1
+
+    def bare(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(cli, "_train_main", bare)
+    assert main(["train"]) == 1
+    assert capsys.readouterr().err.startswith("tinygemma train: error: out of memory (MemoryError); set ")
+
+
+def test_a_lost_peer_is_one_line_under_torchrun_and_a_bug_elsewhere(capsys, monkeypatch):
+    """Under torchrun, gloo's
+    "Connection closed by peer" while another process stopped is one line, exit status 1; outside torchrun the
+    same RuntimeError is nobody's peer and stays a traceback (the one-line text would blame a torchrun job that
+    does not exist)."""
+    def lost(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:41234\nmore")
+
+    monkeypatch.setattr(cli, "_train_main", lost)
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main(["train"])
+    capsys.readouterr()
+    for name, value in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tinygemma train: error: another process of this torchrun job "
+                                                   "stopped or became unreachable") and "Connection closed by peer" in err

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tinygemma import Gemma3, ModelConfig, UserError, load
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
+from tinygemma.data import read_stories
 from tinygemma.evaluation import evaluate
 
 GPT2_SPEC = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
@@ -554,3 +555,17 @@ def test_validation_without_byte_counts_gives_nan_bits_per_byte_not_none():
                               Runtime(torch.device("cpu"), torch.float32))
     assert math.isfinite(result["val_loss"])
     assert isinstance(result["val_bpb"], float) and math.isnan(result["val_bpb"])
+
+
+def test_max_tokens_of_exactly_the_files_length_is_the_whole_file(ckpt, stories_file, capsys):
+    """--max-tokens equal to the file's token count evaluates all of it, and the result says "the whole file" with no max_tokens, as without the cap."""
+    from tinygemma.tokenizer import load_tokenizer
+
+    gpt2 = load_tokenizer("gpt2")
+    n = sum(len(gpt2.encode(story)) + 1 for story in read_stories(stories_file))
+    argv = ["eval", "--ckpt", str(ckpt), "--data", str(stories_file), "--block-size", "8", "--dtype", "float32"]
+    assert main(argv) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--max-tokens", str(n)]) == 0
+    capped = json.loads(capsys.readouterr().out)
+    assert capped == whole and capped["split"] == "the whole file" and capped["tokens"] == n - 1

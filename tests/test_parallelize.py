@@ -466,3 +466,41 @@ def test_flex_asked_for_a_block_within_the_window_is_not_refused_off_cuda():
     long = load_recipe(None, ["attention_backend=flex", f"block_size={mc.sliding_window + 1}"]).train
     with pytest.raises(UserError, match="flex needs a CUDA GPU"):
         check_attention_backend(long, mc, torch.device("cpu"))
+
+
+def test_a_gpu_30_percent_held_by_others_says_so_when_nothing_fits(monkeypatch):
+    """Other processes hold 30% of the GPU (a notebook's earlier model) and nothing fits: the refusal says who
+    holds the memory (any share over a tenth, not only a majority)."""
+    peak = types.SimpleNamespace(value=0)
+    fakes = {"empty_cache": lambda: None, "mem_get_info": lambda device=None: (700, 1000),  # 300 held by others
+             "memory_reserved": lambda device=None: 0, "get_per_process_memory_fraction": lambda device=None: 1.0,
+             "set_per_process_memory_fraction": lambda fraction, device=None: None,
+             "reset_peak_memory_stats": lambda device=None: None, "synchronize": lambda device=None: None,
+             "max_memory_allocated": lambda device=None: peak.value}
+    for name, fake in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    model = Gemma3(tiny())
+    model.register_forward_hook(lambda module, args, output: setattr(peak, "value", 20 * args[0].shape[0]))
+    cfg = load_recipe(None, ["block_size=8"]).train
+    with pytest.raises(UserError, match=r"held by other processes"):  # bound 850 - 300 = 550 < 640
+        probe_micro_batch_size(model, cfg, CPU, [64, 32])
+
+
+def test_fsdp_compiles_each_block_inside_its_shard(tmp_path):
+    """compile = true (or auto on CUDA) with distributed = fsdp compiles each block inside its shard, not
+    silently none; the root is sharded and left uncompiled."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from tinygemma.parallelize import apply_fsdp
+
+
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        raw = Gemma3(tiny())
+        apply_fsdp(raw, Runtime(torch.device("cpu"), torch.float32, world_size=1), True)
+        assert all(isinstance(b, FSDPModule) and b._compiled_call_impl is not None for b in raw.layers)
+        assert isinstance(raw, FSDPModule) and raw._compiled_call_impl is None
+    finally:
+        dist.destroy_process_group()

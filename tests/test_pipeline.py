@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 import tinygemma
+import tinygemma.cli as cli
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
@@ -745,3 +746,21 @@ def test_a_run_that_holds_its_prepared_data_continues_with_it(tmp_path, stories_
     assert main(["run", str(recipe), *quick, *inside, "--dry-run"]) == 0, capsys.readouterr().err
     assert main(["run", str(recipe), *quick, *inside]) == 0, capsys.readouterr().err
     assert "inside train.out" not in capsys.readouterr().err
+
+
+def test_a_dry_run_s_warnings_are_said_once_under_torchrun(capsys, monkeypatch):
+    """Under torchrun the plan is printed by process 0 alone, and so are the warnings train.check_run found; every other process says nothing."""
+    monkeypatch.setattr(cli, "recipe_plan", lambda recipe, checked=None: {"steps": 1})
+    monkeypatch.setattr(cli, "say_plan", lambda plan: "the plan")
+    recipe = load_recipe(None, [])
+    check = lambda: {"warnings": ["train.init_from: its weights trained 5 steps on this data"]}  # noqa: E731
+    for name, value in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "RANK": "1",
+                        "MASTER_ADDR": "localhost", "MASTER_PORT": "29599"}.items():
+        monkeypatch.setenv(name, value)
+    assert cli._print_plan(recipe, check) == 0
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli._print_plan(recipe, check) == 0
+    out, err = capsys.readouterr()
+    assert err == "the plan\ntinygemma: warning: train.init_from: its weights trained 5 steps on this data\n"

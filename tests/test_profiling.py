@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
+import tinygemma.profiling
 from tinygemma.profiling import (
     KERNEL_NAME_CHARS,
     TOP_KERNELS,
+    StepProfiler,
     describe_activity,
     device_activity,
     kernel_kind,
@@ -275,3 +277,47 @@ def test_a_profile_that_ends_one_step_past_the_invocation_is_refused():
     with pytest.raises(UserError, match="trains optimizer steps 1 to 4"):
         check_profile_range("3:5", 0, 4, cfg)
     assert check_profile_range("3:4", 0, 4, cfg) == (3, 4)
+
+
+def test_a_cuda_profile_records_the_device_side(tmp_path, monkeypatch):
+    """On a GPU the profiler records the device side too, or profile.json's device_activity is None and
+    summary.txt's device-time column all zeros (tests/test_cuda.py sees it on a GPU; this, on any machine)."""
+    asked = []
+
+    class Recorder:
+        def __init__(self, activities):
+            asked.extend(activities)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(torch.profiler, "profile", lambda activities, **kwargs: Recorder(activities))
+    monkeypatch.setattr(tinygemma.profiling, "synchronize", lambda device: None)
+    profiler = StepProfiler(1, 2, tmp_path, torch.device("cuda", 0))
+    profiler.begin(0)
+    profiler.abandon()
+    assert set(asked) == {torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA}
+    asked.clear()
+    cpu = StepProfiler(1, 2, tmp_path, torch.device("cpu"))
+    cpu.begin(0)
+    cpu.abandon()
+    assert asked == [torch.profiler.ProfilerActivity.CPU]
+
+
+def test_only_complete_device_events_are_counted():
+    """A device-category event that is not a complete ("X") event -- a flow or instant marker, with no
+    duration -- is neither a kernel nor busy time."""
+    events = [{"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 0, "dur": 100},
+              {"ph": "f", "cat": "kernel", "name": "nvjet_gemm", "ts": 50},
+              {"ph": "i", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 60}]
+    activity = device_activity(events, wall_s=1e-3)
+    assert activity["kernels"] == 1 and activity["mean_kernel_us"] == pytest.approx(100.0)
+    assert activity["top_kernels"][0]["calls"] == 1 and list(activity["share_by_kind"]) == ["matmul"]
+
+
+def test_kernel_kinds_ignore_the_case_of_a_name():
+    """ROCm's Composable Kernel names its attention kernels `FmhaFwdKernel` (torch.cuda on an AMD GPU): still
+    attention, not "other"."""
+    assert kernel_kind("void ck_tile::kentry<256, 2, ck_tile::FmhaFwdKernel<ck_tile::BlockFmhaPipelineQRKSVS<>>>") \
+        == "attention"

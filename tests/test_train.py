@@ -27,7 +27,15 @@ from tinygemma.data import open_prepared, prepare
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.optim import learning_rate
 from tinygemma.tokenizer import token_byte_lengths
-from tinygemma.train import check_run, train
+from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
+from tinygemma.train import (
+    check_fork_processes,
+    check_initial_model,
+    check_resume_settings,
+    check_run,
+    check_shapes,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1937,3 +1945,170 @@ def test_a_fork_without_its_sources_best_never_points_best_json_at_a_missing_che
     best = checkpoint_pointer(fork, "best")  # (raised "... names .../step_000003, which is not a complete checkpoint")
     assert best is None or (fork / "checkpoints" / best["dir"] / "trainer_state.json").exists()
     assert tinygemma.load(fork) is not None
+
+
+def test_a_later_validation_loss_equal_to_the_best_leaves_best_json_at_the_first(data_dir, tmp_path, monkeypatch):
+    """best.json names the checkpoint that first reached the lowest validation loss: a later checkpoint that only
+    equals it (a plateau, a learning rate of 0) is no better, and tinygemma.load(RUN) keeps the earlier one."""
+    scripted = iter([9.0, 3.0, 3.0, 3.0])  # steps 0, 10, 20, 30
+
+    def evaluate(*args, **kwargs):
+        return {**evaluate_windows(*args, **kwargs), "val_loss": next(scripted)}
+
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows", evaluate)
+    out = tmp_path / "run"
+    summary = run(data_dir, out, "max_steps=30", "checkpoint_interval=10", "keep_checkpoints=1")
+    assert val_losses(out) == {0: 9.0, 10: 3.0, 20: 3.0, 30: 3.0}
+    ckpts = out / "checkpoints"
+    best = json.loads((ckpts / "best.json").read_text())
+    assert (best["dir"], best["step"]) == ("step_000010", 10)
+    assert summary["best_step"] == 10
+    state = json.loads((ckpts / "step_000030" / "trainer_state.json").read_text())
+    assert state["best_step"] == 10
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.json", "last.json", "step_000010", "step_000030"]
+
+
+def test_a_log_line_of_the_first_step_alone_counts_the_reads_wait(data_dir, tmp_path, monkeypatch):
+    """A log line whose interval holds only this invocation's first step (log_interval=1) takes its rate over the
+    step's time and the wait for the device at its read (here 0.3 s), not over the step's host time alone."""
+    real_read, tolist, reading = tinygemma.train.Trainer.read, torch.Tensor.tolist, []
+
+    def read(self):
+        reading.append(True)
+        try:
+            return real_read(self)
+        finally:
+            reading.pop()
+
+    def slow_tolist(tensor):
+        if reading:
+            time.sleep(0.3)
+        return tolist(tensor)
+
+    monkeypatch.setattr(tinygemma.train.Trainer, "read", read)
+    monkeypatch.setattr(torch.Tensor, "tolist", slow_tolist)
+    out = tmp_path / "run"
+    train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=2", "warmup_steps=1", "log_interval=1",
+                                          "eval_interval=100")), quiet=True)
+    records = [r for r in metrics(out) if "train_loss" in r]
+    assert [r["step"] for r in records] == [1, 2] and all("tokens_per_s" in r for r in records)
+    assert records[0]["tokens_per_s"] < 256 / 0.3  # the first step's line: its read's wait is in its time
+
+
+def test_a_changed_dtype_on_resume_is_said_once_as_a_changed_setting(data_dir, tmp_path, capsys):
+    """A resume with another train.dtype is named among the changed settings; the precision warning, which is for
+    the same setting resolving to another precision (auto on another device), does not say it a second time."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    capsys.readouterr()
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", "dtype=bfloat16", resume=True)
+    err = capsys.readouterr().err
+    assert "dtype float32 -> bfloat16" in err
+    assert "where the steps before it computed in" not in err
+
+
+def test_a_resume_on_data_prepared_before_digests_were_recorded_is_not_refused(data_dir, tmp_path):
+    """A checkpoint records the data's digests; the same data whose meta.json records none (prepared by a
+    tinygemma from before they were recorded) has nothing to compare them with and resumes."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    out = tmp_path / "run"
+    run(data, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["data"]["train_blake2b"] and state["data"]["val_blake2b"]
+    meta = json.loads((data / "meta.json").read_text())
+    for split in meta["splits"].values():
+        split.pop("blake2b", None)
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert run(data, out, "max_steps=4", "checkpoint_interval=2", resume=True)["step"] == 4
+
+
+def test_init_from_refuses_weights_of_other_layer_types_than_their_pattern():
+    """Weights whose own layer_types list (not their pattern's) puts the global layer elsewhere are another model:
+    refused, naming layer_types, where the configured model has the pattern's layers."""
+
+
+    want = tinygemma.ModelConfig.preset("gemma3-tiny", n_layers=2, sliding_window_pattern=2)
+    have = tinygemma.ModelConfig.preset("gemma3-tiny", n_layers=2, sliding_window_pattern=2,
+                                        layer_types=["full_attention", "sliding_attention"])
+    assert have.layer_types != want.layer_types and dataclasses.replace(have, layer_types=None) != have
+    with pytest.raises(tinygemma.UserError, match=re.escape("layer_types ['full_attention', 'sliding_attention'] where the "
+                                                            "recipe has ['sliding_attention', 'full_attention']")):
+        check_initial_model("run", have, want)
+
+
+def test_a_split_of_exactly_block_size_tokens_is_refused_as_shorter_than_one_window():
+    """A window is block_size + 1 tokens (the inputs and their shifted targets): a split of block_size tokens holds
+    none, and the start says so in one line (not a crash when the first batch is drawn)."""
+
+
+    cfg = TrainConfig(block_size=32)
+    model = tinygemma.ModelConfig.preset("gemma3-tiny", n_layers=2, sliding_window_pattern=2)
+    check_shapes(cfg, model, Path("data"), np.zeros(33, np.uint16), np.zeros(33, np.uint16))  # one window each
+    with pytest.raises(tinygemma.UserError, match="the val split of data holds 32 tokens, fewer than one window of "
+                                                  "block_size \\+ 1 = 33"):
+        check_shapes(cfg, model, Path("data"), np.zeros(33, np.uint16), np.zeros(32, np.uint16))
+
+
+def test_a_vocabulary_padding_the_recipe_sets_is_the_runs_on_a_cpu(data_dir, tmp_path):
+    """model.vocab_pad_multiple given is the run's on any device (a CPU's default is 1): config.json and the
+    checkpoint's model record it, and the embedding has the padded rows."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=2", "warmup_steps=1", "model.vocab_pad_multiple=96")
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_pad_multiple"] == 96
+    model = tinygemma.load(out / "checkpoints" / "step_000002")
+    assert model.config.vocab_pad_multiple == 96
+    assert model.state_dict()["embed_tokens.weight"].shape[0] == 576  # 512 padded to a multiple of 96
+
+
+def test_check_run_refuses_a_resume_whose_optimizer_file_is_truncated(data_dir, tmp_path):
+    """The dry run checks the files the resume reads from their headers: a truncated optimizer.safetensors is
+    refused as the resume itself refuses it, not said to be fine."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    recipe = load_recipe(None, tiny_settings(data_dir, out, "max_steps=4", "checkpoint_interval=2"))
+    assert check_run(recipe, resume=True)["start"] == 2
+    optimizer = out / "checkpoints" / "step_000002" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:40])  # its header cut off
+    with pytest.raises(tinygemma.UserError, match="not a readable safetensors file"):
+        check_run(recipe, resume=True)
+
+
+def test_a_run_whose_start_failed_after_its_trackers_files_starts_again(data_dir, tmp_path):
+    """A folder that holds only what training writes before config.json (the trackers' tb/ and trackers.json: a
+    tracker that could not start, a full disk) is a run whose start failed, and training starts in it again."""
+    out = tmp_path / "run"
+    (out / "tb").mkdir(parents=True)
+    (out / TRACKERS_STATE).write_text("{}")
+    assert run(data_dir, out, "max_steps=2", "warmup_steps=1")["step"] == 2
+    assert (out / "config.json").exists()
+
+
+def test_a_fork_not_trained_now_is_not_said_to_take_new_settings_for_the_steps_from_here():
+    """A fork not yet trained, run again with --stop-at at its step (it trains nothing), with settings other than
+    the ones it recorded: no step takes them now, so the warning is the one that says so, not 'the steps from here
+    take this invocation's'."""
+
+
+    def settings(rate):
+        return TrainConfig(max_steps=8, warmup_steps=1, learning_rate=rate)
+
+    source, recorded, now = settings(1e-2), settings(5e-3), settings(3e-3)
+    trains = check_resume_settings(dataclasses.asdict(source), now, 2, None, True, dataclasses.asdict(recorded))
+    assert trains.startswith("resuming the fork at step 2 with settings other than those it recorded")
+    idle = check_resume_settings(dataclasses.asdict(source), now, 2, 2, True, dataclasses.asdict(recorded))
+    assert idle.startswith("the fork is at step 2 of 8 with settings other than its source's: learning_rate")
+    assert "--stop-at (stop_at) 2 trains no step now" in idle
+
+
+def test_a_fork_under_torchrun_is_refused_by_process_0_in_words(monkeypatch):
+    """--resume-from under torchrun is refused by every process; process 0 says it (the others' refusal is
+    marked as said by process 0), so the user reads it once, not never."""
+    monkeypatch.setattr(tinygemma.train, "env_world_size", lambda: 2)
+    said = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(tinygemma.train, "env_rank", lambda rank=rank: rank)
+        with pytest.raises(tinygemma.UserError, match="makes the run's folder in one process") as refused:
+            check_fork_processes("src/checkpoints/step_000002", "fork")
+        said[rank] = getattr(refused.value, "shown_by_rank_0", False)
+    assert said == {0: False, 1: True}

@@ -806,18 +806,25 @@ def test_open_prepared_refuses_corrupt_data(stories_dir, tmp_path):
     open_prepared(tmp_path)
 
     train = tmp_path / "train.bin"
-    train.write_bytes(train.read_bytes()[:-2])
+    whole = train.read_bytes()
+    train.write_bytes(whole[:-2])
     with pytest.raises(UserError, match="train.bin"):
         open_prepared(tmp_path)
     train.unlink()
     with pytest.raises(UserError, match="train.bin is missing"):
         open_prepared(tmp_path)
+    train.write_bytes(whole)  # whole again: each refusal below is meta.json's own, not the missing file's
+    open_prepared(tmp_path)
 
-    for broken in ("{truncated", json.dumps({**meta, "format": "nanogpt"}), json.dumps({**meta, "dtype": "int8"}),
-                   json.dumps({k: v for k, v in meta.items() if k != "splits"})):
+    for broken, words in (("{truncated", "meta.json"),
+                          (json.dumps({**meta, "format": "nanogpt"}), "is not tinygemma-tokens version 1 data"),
+                          (json.dumps({**meta, "version": 2}), "is not tinygemma-tokens version 1 data"),
+                          (json.dumps({**meta, "dtype": "int8"}), "meta.json is malformed"),
+                          (json.dumps({k: v for k, v in meta.items() if k != "splits"}), "meta.json is malformed")):
         (tmp_path / "meta.json").write_text(broken)
-        with pytest.raises(UserError, match="meta.json"):
+        with pytest.raises(UserError, match=words) as refused:
             open_prepared(tmp_path)
+        assert "train.bin is" not in str(refused.value), str(refused.value)
     with pytest.raises(UserError, match="not a prepared dataset"):
         open_prepared(tmp_path / "nowhere")
 

@@ -395,14 +395,19 @@ def test_the_configs_rms_norm_eps_reaches_every_norm():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_init_std_sets_every_weights_scale(tie):
-    """model.init_std (Gemma's initializer_range) is the std of every linear and embedding weight, the token
-    embedding of an untied model included."""
+    """model.init_std (Gemma's initializer_range) is the std of every linear and embedding weight, in every layer,
+    the token embedding of an untied model included."""
     torch.manual_seed(0)
     model = Gemma3(small_config(vocab_size=4096, d_model=256, mlp_dim=1024, init_std=0.05, tie_embeddings=tie))
-    for name in ("embed_tokens.weight", "lm_head.weight", "layers.0.mlp.up_proj.weight",
-                 "layers.0.self_attn.q_proj.weight"):
-        std = model.get_parameter(name).std().item()
-        assert abs(std - 0.05) < 2.5e-3, (name, std)
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            seen.add(name.rsplit(".", 1)[-1])
+            std = module.weight.std().item()
+            assert abs(std - 0.05) < 2.5e-3, (name, std)
+            assert abs(module.weight.mean().item()) < 2.5e-3, name
+    expected = {"embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert seen >= expected | (set() if tie else {"lm_head"}), seen
 
 
 def test_per_token_nats_of_a_padded_vocabulary_give_no_mass_to_the_padding():

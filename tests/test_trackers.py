@@ -771,11 +771,13 @@ def _records(*payloads: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_torn_header_of_eight_to_eleven_bytes_is_a_torn_record(tmp_path):
-    """A kill after 10 bytes of the last record's header is a
-    torn record (cut back to the checkpoint), not damage that leaves the file and its lost work as they were."""
+@pytest.mark.parametrize("cut", range(8, 12))
+def test_a_torn_header_of_eight_to_eleven_bytes_is_a_torn_record(tmp_path, cut):
+    """A kill after 8 to 11 bytes of the last record's 12-byte header (its length whole, its CRC not) is a torn
+    record (cut back to the checkpoint), not damage that leaves the file and its lost work as they were."""
     path = tmp_path / "events.out.tfevents.1"
-    path.write_bytes(_records(b"first", b"second")[:len(_records(b"first")) + 10])
+    whole, first = _records(b"first", b"second"), _records(b"first")
+    path.write_bytes(whole[:len(first) + cut])
     tinygemma.trackers.check_read_whole(path, [b"first"])  # raises nothing
 
 

@@ -1609,8 +1609,13 @@ def test_a_sample_between_log_lines_comes_after_the_steps_it_samples(data_dir, t
     non-finite step is stopped before its weights are sampled."""
     out = tmp_path / "run"
     run(data_dir, out, "max_steps=4", "sample_interval=3", "generate.max_new_tokens=2", "generate.prompts=Tom had")
-    steps = [r["step"] for r in metrics(out)]
+    records = metrics(out)
+    steps = [r["step"] for r in records]
     assert steps == sorted(steps), steps
+    sampled = [i for i, r in enumerate(records) if "samples" in r]
+    assert [records[i]["step"] for i in sampled] == [3], records  # one sample, at step 3 of 4
+    before = [r["step"] for r in records[:sampled[0]] if "train_loss" in r]
+    assert before == [1, 2, 3], before  # the steps it samples were written before it
 
 
 def test_check_run_of_a_stop_at_the_run_has_passed_trains_no_step(data_dir, tmp_path):

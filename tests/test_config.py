@@ -355,7 +355,7 @@ def test_a_damaged_model_record_is_one_line():
             ModelConfig.from_dict(record)
 
 
-def test_the_closing_story_command_gives_the_recipes_sampling_settings():
+def test_the_closing_story_command_gives_the_recipes_sampling_settings(monkeypatch):
     from tinygemma.config import GenerateConfig
     from tinygemma.pipeline import sampling_flags
 
@@ -368,6 +368,7 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings():
     from tinygemma.config import load_recipe
     from tinygemma.pipeline import where_and_next
 
+    monkeypatch.chdir(CONFIGS.parent)  # the recipe named as a user names it, from the checkout's root
     recipe = load_recipe("configs/cpu-demo.toml")
     story = [line for line in where_and_next(recipe, "configs/cpu-demo.toml", []).splitlines()
              if line.startswith("a story")]
@@ -426,7 +427,7 @@ def test_set_items_are_read_one_way_everywhere():
     assert parse_override("model.n_layers=2") == ("model.n_layers", "2")
     with pytest.raises(UserError, match="--set expects KEY=VALUE, got 'max_steps'"):
         parse_override("max_steps")
-    recipe = load_recipe("configs/cpu-demo.toml")
+    recipe = load_recipe(CONFIGS / "cpu-demo.toml")  # (its path is not printed here)
     longer = [line for line in where_and_next(recipe, "r.toml", ["max_steps=5", " out = x", "model.n_layers=2"])
               .splitlines() if line.startswith("train longer")][0]
     assert "max_steps=5" not in longer and "out = x" not in longer and "--set model.n_layers=2" in longer
@@ -485,6 +486,7 @@ def test_commands_printed_for_pasting_are_quoted_for_the_users_shell(monkeypatch
     from tinygemma import errors
     from tinygemma.pipeline import where_and_next
 
+    monkeypatch.chdir(CONFIGS.parent)
     recipe = load_recipe("configs/cpu-demo.toml")
     assert errors.shell_quote("Once upon a time") == "'Once upon a time'"
     posix = where_and_next(recipe, "configs/cpu-demo.toml", ["max_steps=5"])

@@ -58,6 +58,20 @@ def fake_gpu(monkeypatch, name: str, shared_kb: int):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
 
 
+def fake_gpu_memory(monkeypatch, free: int) -> types.SimpleNamespace:
+    """torch.cuda's memory calls for a 1,000-byte "GPU" with `free` bytes free and nothing reserved; a pass's peak
+    is what the returned namespace's `value` is set to (by a forward hook)."""
+    peak = types.SimpleNamespace(value=0)
+    fakes = {"empty_cache": lambda: None, "mem_get_info": lambda device=None: (free, 1000),
+             "memory_reserved": lambda device=None: 0, "get_per_process_memory_fraction": lambda device=None: 1.0,
+             "set_per_process_memory_fraction": lambda fraction, device=None: None,
+             "reset_peak_memory_stats": lambda device=None: None, "synchronize": lambda device=None: None,
+             "max_memory_allocated": lambda device=None: peak.value}
+    for name, fake in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    return peak
+
+
 def test_attention_backend_choice(monkeypatch):
     model = tiny()  # window 16
     assert choose_attention_backend(cfg_with(block_size=16), model, GPU)[0] == "sdpa"  # the window never binds
@@ -435,14 +449,7 @@ def test_under_torchrun_every_process_takes_the_smallest_probed_micro_batch(monk
     CUDA's memory calls and the all-reduce are faked."""
     import torch.distributed as dist
 
-    peak = types.SimpleNamespace(value=0)
-    fakes = {"empty_cache": lambda: None, "mem_get_info": lambda device=None: (1000, 1000),
-             "memory_reserved": lambda device=None: 0, "get_per_process_memory_fraction": lambda device=None: 1.0,
-             "set_per_process_memory_fraction": lambda fraction, device=None: None,
-             "reset_peak_memory_stats": lambda device=None: None, "synchronize": lambda device=None: None,
-             "max_memory_allocated": lambda device=None: peak.value}
-    for name, fake in fakes.items():
-        monkeypatch.setattr(torch.cuda, name, fake)
+    peak = fake_gpu_memory(monkeypatch, free=1000)
     other = torch.tensor(32)  # the other process's choice
 
     def all_reduce(tensor, op):
@@ -471,14 +478,7 @@ def test_flex_asked_for_a_block_within_the_window_is_not_refused_off_cuda():
 def test_a_gpu_30_percent_held_by_others_says_so_when_nothing_fits(monkeypatch):
     """Other processes hold 30% of the GPU (a notebook's earlier model) and nothing fits: the refusal says who
     holds the memory (any share over a tenth, not only a majority)."""
-    peak = types.SimpleNamespace(value=0)
-    fakes = {"empty_cache": lambda: None, "mem_get_info": lambda device=None: (700, 1000),  # 300 held by others
-             "memory_reserved": lambda device=None: 0, "get_per_process_memory_fraction": lambda device=None: 1.0,
-             "set_per_process_memory_fraction": lambda fraction, device=None: None,
-             "reset_peak_memory_stats": lambda device=None: None, "synchronize": lambda device=None: None,
-             "max_memory_allocated": lambda device=None: peak.value}
-    for name, fake in fakes.items():
-        monkeypatch.setattr(torch.cuda, name, fake)
+    peak = fake_gpu_memory(monkeypatch, free=700)  # 300 of 1,000 held by others
     model = Gemma3(tiny())
     model.register_forward_hook(lambda module, args, output: setattr(peak, "value", 20 * args[0].shape[0]))
     cfg = load_recipe(None, ["block_size=8"]).train

@@ -158,15 +158,17 @@ def test_load_accepts_the_run_directory(straight_run):
         assert torch.equal(by_run.state_dict()[name], tensor)
 
 
+def script_val_losses(monkeypatch, losses: list[float]) -> None:
+    """The trainer's evaluations (each computed as ever) report these validation losses, in turn."""
+    scripted = iter(losses)
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows",
+                        lambda *a, **k: {**evaluate_windows(*a, **k), "val_loss": next(scripted)})
+
+
 def test_best_json_names_the_checkpoint_of_the_lowest_validation_loss(data_dir, tmp_path, monkeypatch):
     """A validation loss that falls, then rises: best.json (what load, generate, eval and export read from a run
     folder) names the lowest one's checkpoint, not the last, and keep_checkpoints=1 keeps it beside the last."""
-    scripted = iter([9.0, 5.0, 3.0, 4.0])  # steps 0, 10, 20, 30
-
-    def evaluate(*args, **kwargs):
-        return {**evaluate_windows(*args, **kwargs), "val_loss": next(scripted)}
-
-    monkeypatch.setattr(tinygemma.train, "evaluate_windows", evaluate)
+    script_val_losses(monkeypatch, [9.0, 5.0, 3.0, 4.0])  # steps 0, 10, 20, 30
     out = tmp_path / "run"
     run(data_dir, out, "max_steps=30", "checkpoint_interval=10", "keep_checkpoints=1")
     assert val_losses(out) == {0: 9.0, 10: 5.0, 20: 3.0, 30: 4.0}
@@ -856,17 +858,9 @@ def test_on_a_terminal_the_log_lines_still_go_to_stdout_above_the_progress_bar(d
     assert "4/4" in captured.err and "it/s" not in captured.out  # the bar is on stderr, and only there
 
 
-def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rate(data_dir, tmp_path,
-                                                                                   monkeypatch, capsys):
-    """The log line's tok/s is its interval's tokens over its wall-clock time: the steps' own time and the wait
-    for the device at the read (here made 0.3 s long, as a GPU the host waits for), leaving out this invocation's
-    first step (which compiles) unless the line holds nothing else. That rate and the MFU at it go into the
-    line's record; the steps between lines get no rate (one step's host time says nothing on a GPU), and the
-    waits count in elapsed_s."""
-    import tinygemma.train as train_module
-
-    monkeypatch.setattr(train_module, "peak_flops", lambda device: 1e9)  # a made-up peak, so that MFU is shown
-    real_read, tolist, reading = train_module.Trainer.read, torch.Tensor.tolist, []
+def slow_reads(monkeypatch, seconds: float) -> None:
+    """The trainer's reads of its on-device figures take `seconds` longer, as a GPU's wait at the read would."""
+    real_read, tolist, reading = tinygemma.train.Trainer.read, torch.Tensor.tolist, []
 
     def read(self):
         reading.append(True)
@@ -877,11 +871,22 @@ def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rat
 
     def slow_tolist(tensor):
         if reading:
-            time.sleep(0.3)
+            time.sleep(seconds)
         return tolist(tensor)
 
-    monkeypatch.setattr(train_module.Trainer, "read", read)
+    monkeypatch.setattr(tinygemma.train.Trainer, "read", read)
     monkeypatch.setattr(torch.Tensor, "tolist", slow_tolist)
+
+
+def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rate(data_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """The log line's tok/s is its interval's tokens over its wall-clock time: the steps' own time and the wait
+    for the device at the read (here made 0.3 s long, as a GPU the host waits for), leaving out this invocation's
+    first step (which compiles) unless the line holds nothing else. That rate and the MFU at it go into the
+    line's record; the steps between lines get no rate (one step's host time says nothing on a GPU), and the
+    waits count in elapsed_s."""
+    monkeypatch.setattr(tinygemma.train, "peak_flops", lambda device: 1e9)  # a made-up peak, so that MFU is shown
+    slow_reads(monkeypatch, 0.3)
     out = tmp_path / "run"
     started = time.perf_counter()
     summary = train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=5", "warmup_steps=1",
@@ -1708,16 +1713,24 @@ def test_check_run_says_the_init_from_repeated_windows_warning_train_says(data_d
     assert any("draw the windows those weights learned first" in w for w in check_run(recipe)["warnings"])
 
 
+FORK_SETTINGS = ["max_steps=9", "checkpoint_interval=3", "keep_checkpoints=3"]
+
+
+def train_to_step_6_with_best_at_3(data_dir, out, monkeypatch) -> None:
+    """A run (FORK_SETTINGS) checkpointed at steps 3 and 6, whose later validation losses are worse: its best
+    checkpoint is step 3's, an earlier one than its last. Its evaluations from step 3 on stay 10 nats worse."""
+    run(data_dir, out, *FORK_SETTINGS, stop_at=3)
+    monkeypatch.setattr(tinygemma.train, "evaluate_windows",
+                        lambda *a, **k: {**(r := evaluate_windows(*a, **k)), "val_loss": r["val_loss"] + 10.0})
+    run(data_dir, out, *FORK_SETTINGS, stop_at=6, resume=True)
+
+
 def test_a_fork_keeps_its_sources_earlier_best_checkpoint(data_dir, tmp_path, monkeypatch):
     """--resume-from of a checkpoint whose best is an earlier kept checkpoint carries that best into the fork, so the
     fork's best.json (restored on its resume) names a checkpoint it holds, and load/eval/export of the fork read the
     best, not the last (m28)."""
     out = tmp_path / "r"
-    settings = ["max_steps=9", "checkpoint_interval=3", "keep_checkpoints=3"]
-    run(data_dir, out, *settings, stop_at=3)
-    monkeypatch.setattr(tinygemma.train, "evaluate_windows",
-                        lambda *a, **k: {**(r := evaluate_windows(*a, **k)), "val_loss": r["val_loss"] + 10.0})
-    run(data_dir, out, *settings, stop_at=6, resume=True)
+    train_to_step_6_with_best_at_3(data_dir, out, monkeypatch)
     assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 3
     fork = tmp_path / "fork"
     fork_run(out / "checkpoints" / "step_000006", fork)
@@ -1938,15 +1951,11 @@ def test_a_fork_without_its_sources_best_never_points_best_json_at_a_missing_che
     checkpoint: its resume must not point best.json at the trainer state's best_step, which it does not hold
     (checkpoint_pointer, report.md, `tinygemma report` would then refuse the run)."""
     out = tmp_path / "r"
-    settings = ["max_steps=9", "checkpoint_interval=3", "keep_checkpoints=3"]
-    run(data_dir, out, *settings, stop_at=3)
-    monkeypatch.setattr(tinygemma.train, "evaluate_windows",
-                        lambda *a, **k: {**(r := evaluate_windows(*a, **k)), "val_loss": r["val_loss"] + 10.0})
-    run(data_dir, out, *settings, stop_at=6, resume=True)
+    train_to_step_6_with_best_at_3(data_dir, out, monkeypatch)
     shutil.rmtree(out / "checkpoints" / "step_000003")  # the best, gone
     fork = tmp_path / "fork"
     fork_run(out / "checkpoints" / "step_000006", fork)
-    run(data_dir, fork, *settings, stop_at=7, resume=True)  # worse again: the state's best stays step 3
+    run(data_dir, fork, *FORK_SETTINGS, stop_at=7, resume=True)  # worse again: the state's best stays step 3
     best = checkpoint_pointer(fork, "best")  # (raised "... names .../step_000003, which is not a complete checkpoint")
     assert best is None or (fork / "checkpoints" / best["dir"] / "trainer_state.json").exists()
     assert tinygemma.load(fork) is not None
@@ -1955,12 +1964,7 @@ def test_a_fork_without_its_sources_best_never_points_best_json_at_a_missing_che
 def test_a_later_validation_loss_equal_to_the_best_leaves_best_json_at_the_first(data_dir, tmp_path, monkeypatch):
     """best.json names the checkpoint that first reached the lowest validation loss: a later checkpoint that only
     equals it (a plateau, a learning rate of 0) is no better, and tinygemma.load(RUN) keeps the earlier one."""
-    scripted = iter([9.0, 3.0, 3.0, 3.0])  # steps 0, 10, 20, 30
-
-    def evaluate(*args, **kwargs):
-        return {**evaluate_windows(*args, **kwargs), "val_loss": next(scripted)}
-
-    monkeypatch.setattr(tinygemma.train, "evaluate_windows", evaluate)
+    script_val_losses(monkeypatch, [9.0, 3.0, 3.0, 3.0])  # steps 0, 10, 20, 30
     out = tmp_path / "run"
     summary = run(data_dir, out, "max_steps=30", "checkpoint_interval=10", "keep_checkpoints=1")
     assert val_losses(out) == {0: 9.0, 10: 3.0, 20: 3.0, 30: 3.0}
@@ -1976,22 +1980,7 @@ def test_a_later_validation_loss_equal_to_the_best_leaves_best_json_at_the_first
 def test_a_log_line_of_the_first_step_alone_counts_the_reads_wait(data_dir, tmp_path, monkeypatch):
     """A log line whose interval holds only this invocation's first step (log_interval=1) takes its rate over the
     step's time and the wait for the device at its read (here 0.3 s), not over the step's host time alone."""
-    real_read, tolist, reading = tinygemma.train.Trainer.read, torch.Tensor.tolist, []
-
-    def read(self):
-        reading.append(True)
-        try:
-            return real_read(self)
-        finally:
-            reading.pop()
-
-    def slow_tolist(tensor):
-        if reading:
-            time.sleep(0.3)
-        return tolist(tensor)
-
-    monkeypatch.setattr(tinygemma.train.Trainer, "read", read)
-    monkeypatch.setattr(torch.Tensor, "tolist", slow_tolist)
+    slow_reads(monkeypatch, 0.3)
     out = tmp_path / "run"
     train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=2", "warmup_steps=1", "log_interval=1",
                                           "eval_interval=100")), quiet=True)

@@ -780,3 +780,10 @@ def test_cooldown_fraction_is_no_change_to_a_cosine_run():
     saved = dataclasses.asdict(TrainConfig(lr_schedule="wsd"))  # wsd reads it: a change
     assert settings_changes(saved, TrainConfig(lr_schedule="wsd", cooldown_fraction=0.3)) == {
         "cooldown_fraction": [0.4, 0.3]}
+
+
+def test_an_infinite_temperature_is_refused():
+    with pytest.raises(UserError, match=r"temperature must be a finite number >= 0, got inf"):
+        check_sampling(10, temperature=float("inf"))
+    with pytest.raises(UserError, match=r"--temperature must be a finite number >= 0, got inf"):
+        check_sampling(10, temperature=float("inf"), prefix="--")

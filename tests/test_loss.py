@@ -9,8 +9,17 @@ from tinygemma import Gemma3
 from tinygemma.loss import cross_entropy_from_hidden
 
 
+def logit_rows(monkeypatch) -> list:
+    """The rows of each block of logits the loss computes (loss.masked_logits), in turn."""
+    from tinygemma import loss as loss_module
+
+    rows, real = [], loss_module.masked_logits
+    monkeypatch.setattr(loss_module, "masked_logits", lambda h, w, v: rows.append(h.shape[0]) or real(h, w, v))
+    return rows
+
+
 @pytest.mark.parametrize("chunk_size", [64, 300, None], ids=["5-chunks", "one-exact-chunk", "unchunked"])
-def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size):
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size, monkeypatch):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 32, generator=g, requires_grad=True)
     w = (torch.randn(700, 32, generator=g) * 0.2).requires_grad_()
@@ -25,12 +34,14 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size):
     assert abs(chunked.item() - plain.item()) < 1e-5
     assert torch.allclose(h.grad, 3 * grads[0], atol=1e-6)
     assert torch.allclose(w.grad, 3 * grads[1], atol=1e-6)
-    with torch.no_grad():  # evaluation takes the no-gradient chunked path
+    rows = logit_rows(monkeypatch)
+    with torch.no_grad():  # evaluation takes the no-gradient chunked path: chunk_size rows of logits at a time
         assert abs(cross_entropy_from_hidden(h, w, targets, chunk_size).item() - plain.item()) < 1e-5
+    assert sum(rows) == 300 and max(rows) == (chunk_size or 300)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 50])  # 50: 256 positions in 6 chunks, the last one short
-def test_model_loss_and_gradients_equal_the_plain_cross_entropy(chunk_size):
+def test_model_loss_and_gradients_equal_the_plain_cross_entropy(chunk_size, monkeypatch):
     torch.manual_seed(0)
     model = Gemma3(tiny())
     x = torch.randint(0, 500, (4, 65))
@@ -45,8 +56,11 @@ def test_model_loss_and_gradients_equal_the_plain_cross_entropy(chunk_size):
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, grads[name], atol=1e-6), name
     # Per-position nats (evaluation's reduction="none"), chunked, against the full logits.
+    rows = logit_rows(monkeypatch)
     with torch.no_grad():
         per_token = model(x[:, :-1], x[:, 1:], reduction="none")
+    assert sum(rows) == 256 and max(rows) == (chunk_size or 256)  # 256 positions, chunk_size rows at a time
+    with torch.no_grad():
         reference = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
     assert per_token.shape == (4, 64)
     assert torch.allclose(per_token, reference, atol=1e-5)

@@ -248,21 +248,24 @@ def test_attention_gets_one_dtype_under_autocast(backend, monkeypatch):
     attention in v's dtype, with SDPA and with flex_attention (which refuses a mix on several torch releases)."""
     import tinygemma.model as model_module
 
-    seen = []
+    seen = {"sdpa": [], "flex": []}
 
-    def record(q, k, v, *args, **kwargs):
-        seen.append((q.dtype, k.dtype, v.dtype))
-        return torch.zeros_like(q)
+    def recorder(kind):
+        def record(q, k, v, *args, **kwargs):
+            seen[kind].append((q.dtype, k.dtype, v.dtype))
+            return torch.zeros_like(q)
+        return record
 
-    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", record)
-    monkeypatch.setattr(model_module, "_flex_attention", record)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recorder("sdpa"))
+    monkeypatch.setattr(model_module, "_flex_attention", recorder("flex"))
     model = Gemma3(small_config())
     model.attention_backend = backend
     x = torch.randint(0, 512, (1, 2 * model.config.sliding_window))  # longer than the window: flex really runs
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
-    assert len(seen) == model.config.n_layers
-    assert set(seen) == {(torch.bfloat16,) * 3}
+    sliding, n = model.config.layer_types.count(SLIDING), model.config.n_layers
+    assert (len(seen["flex"]), len(seen["sdpa"])) == ((sliding, n - sliding) if backend == "flex" else (0, n))
+    assert set(seen["flex"] + seen["sdpa"]) == {(torch.bfloat16,) * 3}
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2])
@@ -336,15 +339,28 @@ def test_vocabulary_padding_changes_no_logits_or_loss():
         assert not grad[500:].any()
 
 
-def test_flex_attention_equals_reference_sliding_mask():
+def spy_flex(monkeypatch) -> list:
+    """The calls that reach flex_attention (model._flex_attention), each passed through: a "flex" that fell back
+    to SDPA would compare SDPA with itself."""
+    import tinygemma.model as model_module
+
+    calls, real = [], model_module._flex_attention
+    monkeypatch.setattr(model_module, "_flex_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_flex_attention_equals_reference_sliding_mask(monkeypatch):
     pytest.importorskip("torch.nn.attention.flex_attention")
     torch.manual_seed(0)
     model = Gemma3(tiny(sliding_window=8)).eval()
     x = torch.randint(0, 500, (2, 40))  # 5 windows long, so the block mask really slides
+    calls = spy_flex(monkeypatch)
     with torch.no_grad():
         reference = model(x)
+        assert calls == []  # SDPA's path
         model.attention_backend = "flex"
         flex = model(x)
+    assert len(calls) == model.config.layer_types.count(SLIDING) > 0  # flex ran, once per sliding layer
     assert (flex - reference).abs().max().item() < 1e-5
 
 
@@ -456,17 +472,19 @@ def test_flops_per_token_follows_the_layer_types():
         assert c.flops_per_token(3 * W) - c.flops_per_token(W) == extra, layer_types
 
 
-def test_flex_attention_takes_the_query_pre_attn_scalar():
+def test_flex_attention_takes_the_query_pre_attn_scalar(monkeypatch):
     """flex_attention scales by query_pre_attn_scalar ** -0.5 as SDPA does, where it differs from head_dim ** -0.5
     (every preset has them equal, so the existing flex test cannot tell)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     torch.manual_seed(0)
     model = Gemma3(tiny(sliding_window=8, query_pre_attn_scalar=40.0)).eval()
     x = torch.randint(0, 500, (2, 40))
+    calls = spy_flex(monkeypatch)
     with torch.no_grad():
         reference = model(x)
         model.attention_backend = "flex"
         flex = model(x)
+    assert len(calls) == model.config.layer_types.count(SLIDING) > 0
     assert (flex - reference).abs().max().item() < 1e-5
 
 

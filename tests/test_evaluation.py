@@ -569,3 +569,13 @@ def test_max_tokens_of_exactly_the_files_length_is_the_whole_file(ckpt, stories_
     assert main([*argv, "--max-tokens", str(n)]) == 0
     capped = json.loads(capsys.readouterr().out)
     assert capped == whole and capped["split"] == "the whole file" and capped["tokens"] == n - 1
+
+
+def test_evaluate_refuses_a_single_id_in_one_line():
+    """A 0-d array, tensor or int of one id (tokens[0] where tokens was meant) is no 1-D sequence: a UserError
+    naming its 0 dimensions, not len()'s TypeError traceback."""
+
+
+    for tokens in (np.array(5), np.int64(5), torch.tensor(5)):
+        with pytest.raises(UserError, match=r"tokens must be a 1-D sequence of token ids, got 0 dimensions"):
+            evaluate(small_model(300), tokens, 4)

@@ -222,3 +222,16 @@ def test_the_log_line_gives_muons_rate_even_where_adamws_is_zero():
     # metrics.py:170: the Muon rate is shown whenever the record has one (AdamW's lr may be 0 at the schedule's end)
     record = {"step": 5, "train_loss": 2.0, "lr": 0.0, "lr_muon": 0.02, "grad_norm": 1.0}
     assert "(muon 2.00e-02)" in log_line(record, 10, 1000.0, 5.0)
+
+
+def test_a_hand_edited_figure_that_is_no_number_makes_the_line_no_record(tmp_path):
+    """Every figure the trainer writes (is_record's NUMERIC_FIELDS: mfu included, which report.md divides by
+    tokens_per_s) must be a number or null: a line with text in any one of them is skipped, not read as a record
+    whose figure then crashes report.md's MFU row with a TypeError."""
+    good = {"step": 10, "tokens": 80, "train_loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "elapsed_s": 2.0,
+            "tokens_per_s": 40.0, "mfu": 0.1}
+    fields = ("train_loss", "val_loss", "val_bpb", "lr", "lr_muon", "grad_norm", "elapsed_s", "tokens_per_s", "mfu")
+    for field in fields:
+        path = tmp_path / f"{field}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "step": 11, field: "12%"}) + "\n")
+        assert read_records(path) == [good], field

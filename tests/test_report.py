@@ -22,7 +22,9 @@ import tinygemma.report
 from tinygemma.cli import main
 from tinygemma.config import Recipe, load_recipe
 from tinygemma.devices import cpu_description
-from tinygemma.report import optimizer_description
+from tinygemma.files import FolderLock
+from tinygemma.metrics import format_duration
+from tinygemma.report import optimizer_description, validation_description
 
 data_dir, straight_run, one_thread = test_train.data_dir, test_train.straight_run, test_train.one_thread
 ROOT = Path(__file__).resolve().parents[1]
@@ -1186,3 +1188,44 @@ def test_the_cards_transformers_snippet_keeps_the_recipes_repetition_penalty():
     assert "do_sample=True, temperature=0.8, top_k=50, repetition_penalty=1.3)" in text
     greedy = "\n".join(usage_section("user/model", GenerateConfig(temperature=0.0, repetition_penalty=1.3)))
     assert "do_sample=False, repetition_penalty=1.3)" in greedy
+
+
+def test_compare_of_a_run_training_now_keeps_its_checkpoints_time_when_no_later_record_holds_one(
+        straight_run, tmp_path, capsys):
+    """A run training now whose checkpoint (step 40) is off a log step and whose records past it hold no
+    training time (flushed by an evaluation before the next log line): its time and rate are the checkpoint's,
+    not those of the last log line at or before the checkpoint (step 10 here: 2,560 tokens in half the
+    time, a rate half the true one), which is older than the weights."""
+    live = tmp_path / "live"
+    shutil.copytree(straight_run, live)
+    records = [json.loads(line) for line in (live / "metrics.jsonl").read_text().splitlines()]
+    state = json.loads((live / "checkpoints" / "step_000040" / "trainer_state.json").read_text())
+    for r in records:  # only step 10 was a log step (at half the checkpoint's time: slow first steps)
+        if r["step"] > 10:
+            r.pop("elapsed_s", None), r.pop("tokens_per_s", None)
+        elif "elapsed_s" in r:
+            r["elapsed_s"] = state["elapsed_s"] / 2
+    step40 = next(r for r in records if r["step"] == 40 and "train_loss" in r)
+    records += [{**step40, "step": s, "tokens": s * 8 * 32} for s in (41, 42, 43)]  # past the checkpoint, untimed
+    (live / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    lock = FolderLock(live, "a run")
+    lock.acquire()
+    try:
+        assert main(["compare", str(live)]) == 0
+    finally:
+        lock.release()
+    cells = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {live}")).strip(
+        " |").split(" | ")
+    assert cells[2:4] == ["43", f"{43 * 8 * 32:,}"]
+    assert cells[4] == format_duration(state["elapsed_s"])
+    assert cells[5] == f"{state['tokens'] / state['elapsed_s']:,.0f}"
+
+
+def test_validation_description_names_only_a_whole_number_of_stories():
+    """meta.json's validation story count, recorded in config.json: 0 is said; a count that is no integer (a
+    hand-edited "66") is left out rather than crashing compare with a ValueError from the thousands format."""
+    source = {"data_source": {"val": ["valid.txt"]}}
+    assert validation_description({**source, "data_documents": {"val": 0}}) == "`valid.txt`, 0 stories"
+    assert validation_description({**source, "data_documents": {"val": "66"}}) == "`valid.txt`"
+    assert validation_description({**source, "data_documents": {"val": 6600}}) == "`valid.txt`, 6,600 stories"

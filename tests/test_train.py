@@ -2106,3 +2106,86 @@ def test_a_fork_under_torchrun_is_refused_by_process_0_in_words(monkeypatch):
             check_fork_processes("src/checkpoints/step_000002", "fork")
         said[rank] = getattr(refused.value, "shown_by_rank_0", False)
     assert said == {0: False, 1: True}
+
+
+def test_validation_records_count_the_tokens_of_their_own_step(data_dir, tmp_path):
+    """A validation or sample record's `tokens` are those trained up to its step (step 0: none), as the train
+    records' (loss.png and the trackers plot validation against them)."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "warmup_steps=1", "eval_interval=2", "checkpoint_interval=0",
+        "sample_interval=2", "generate.max_new_tokens=2")
+    per_step = json.loads((out / "config.json").read_text())["run"]["tokens_per_step"]
+    vals = [r for r in metrics(out) if "val_loss" in r]
+    assert [r["step"] for r in vals] == [0, 2, 4]
+    assert [r["tokens"] for r in vals] == [0, 2 * per_step, 4 * per_step]
+    samples = [r for r in metrics(out) if "samples" in r]
+    assert [(r["step"], r["tokens"]) for r in samples] == [(2, 2 * per_step), (4, 4 * per_step)]
+
+
+def test_metrics_jsonl_is_written_at_each_log_line_not_only_at_evaluations(data_dir, tmp_path, monkeypatch):
+    """log_interval is "a log line (and a metrics flush) every this many steps": a run's metrics.jsonl holds each
+    logged step's record before the next step, not only once an evaluation or checkpoint comes."""
+    out, seen, step = tmp_path / "run", [], tinygemma.train.Trainer.step
+
+    def counting(self, s):
+        path = out / "metrics.jsonl"
+        seen.append(sum(1 for line in path.read_text().splitlines() if '"train_loss"' in line))
+        return step(self, s)
+
+    monkeypatch.setattr(tinygemma.train.Trainer, "step", counting)
+    run(data_dir, out, "max_steps=5", "warmup_steps=1", "log_interval=1", "eval_interval=0",
+        "checkpoint_interval=0")
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_samples_with_no_prompts_record_nothing(data_dir, tmp_path):
+    """generate.prompts= (none) with a sample_interval samples nothing: no empty `samples` record."""
+    out = tmp_path / "run"
+    summary = run(data_dir, out, "max_steps=4", "warmup_steps=1", "sample_interval=2", "generate.prompts=")
+    assert summary["step"] == 4 and any("val_loss" in r for r in metrics(out))
+    assert not any("samples" in r for r in metrics(out))
+
+
+def test_the_trainer_state_names_the_step_its_next_batch_is_drawn_from(data_dir, tmp_path):
+    """trainer_state.json's data.next_step is the (0-based) step whose windows the resume draws next: the
+    checkpoint's own step number, since step N's batch is drawn by Batches.get(N - 1)."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "warmup_steps=1", stop_at=2)
+    state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data"]["next_step"] == 2
+
+
+def test_the_eta_of_an_invocations_first_step_alone_is_the_steps_left_at_that_steps_time(data_dir, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """Before a second step the ETA is the steps left at the first step's rate: a first step of 2 s or more
+    leaves 3 more at 2 s or more each (not tokens_per_step / rate inverted, which read 0m01s)."""
+
+
+    rates = tinygemma.train.set_learning_rates
+
+    def slow_first(optimizer, step, cfg):
+        if step == 0:
+            time.sleep(2.0)  # inside the step's clock
+        return rates(optimizer, step, cfg)
+
+    monkeypatch.setattr(tinygemma.train, "set_learning_rates", slow_first)
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "r", "max_steps=4", "warmup_steps=1", "log_interval=1",
+                                          "eval_interval=0", "checkpoint_interval=0")))
+    assert eta_seconds(capsys.readouterr().out, 1) >= 5
+
+
+def test_a_run_stopped_inside_its_profiled_steps_leaves_no_profiler_running(data_dir, tmp_path, monkeypatch):
+    """A run that stops inside --profile's steps stops its torch profiler: the caller (a notebook) is not left
+    profiling every operator it runs after."""
+    step = tinygemma.train.Trainer.step
+
+    def stopping(self, s):
+        if s == 2:
+            raise RuntimeError("stopped inside the profiled steps")
+        return step(self, s)
+
+    monkeypatch.setattr(tinygemma.train.Trainer, "step", stopping)
+    with pytest.raises(RuntimeError, match="inside the profiled steps"):
+        run(data_dir, tmp_path / "r", "max_steps=6", "warmup_steps=1", "eval_interval=0", "checkpoint_interval=0",
+            profile="2:4")
+    assert not torch.autograd.profiler._is_profiler_enabled

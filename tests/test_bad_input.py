@@ -771,8 +771,8 @@ def test_an_abbreviated_or_joined_option_is_not_called_unrecognized_when_a_requi
 
 
 def test_a_python_memory_error_is_one_line_too(capsys, monkeypatch):
-    """numpy's or Python's own MemoryError (whose text names no "out of memory", often none at all) is the one-line out-of-memory refusal,
-    exit status 1, not a traceback."""
+    """numpy's or Python's own MemoryError (whose text names no "out of memory", often none at all) is the
+    one-line out-of-memory refusal, exit status 1, not a traceback."""
     def numpy_allocation(args):
         raise MemoryError("Unable to allocate 3.20 GiB for an array with shape (429496730,) and data type int64")
 
@@ -790,10 +790,9 @@ def test_a_python_memory_error_is_one_line_too(capsys, monkeypatch):
 
 
 def test_a_lost_peer_is_one_line_under_torchrun_and_a_bug_elsewhere(capsys, monkeypatch):
-    """Under torchrun, gloo's
-    "Connection closed by peer" while another process stopped is one line, exit status 1; outside torchrun the
-    same RuntimeError is nobody's peer and stays a traceback (the one-line text would blame a torchrun job that
-    does not exist)."""
+    """Under torchrun, gloo's "Connection closed by peer" while another process stopped is one line, exit status
+    1; outside torchrun the same RuntimeError is nobody's peer and stays a traceback (the one-line text would
+    blame a torchrun job that does not exist)."""
     def lost(args):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                            "[127.0.0.1]:41234\nmore")

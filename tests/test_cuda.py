@@ -283,8 +283,9 @@ def test_flex_attention_equals_sdpa_forward_and_backward_at_270m_shapes(monkeypa
 
 def train_steps(dtype: torch.dtype, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor], dict]:
     """`steps` AdamW steps of the same model on the same batches: the losses, the first step's (unscaled)
-    gradients, and how far each parameter moved (the norm of its change). fp16 through a GradScaler, as training does; GPT-2's 50,257-token vocabulary, where at
-    initialisation each softmax gradient (about 1 / (vocab x tokens)) is below float16's smallest subnormal."""
+    gradients, and how far each parameter moved (the norm of its change). fp16 through a GradScaler, as training
+    does; GPT-2's 50,257-token vocabulary, where at initialisation each softmax gradient (about 1 / (vocab x
+    tokens)) is below float16's smallest subnormal."""
     model = fresh_model(small(vocab_size=50_257))
     start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)

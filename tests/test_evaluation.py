@@ -558,7 +558,8 @@ def test_validation_without_byte_counts_gives_nan_bits_per_byte_not_none():
 
 
 def test_max_tokens_of_exactly_the_files_length_is_the_whole_file(ckpt, stories_file, capsys):
-    """--max-tokens equal to the file's token count evaluates all of it, and the result says "the whole file" with no max_tokens, as without the cap."""
+    """--max-tokens equal to the file's token count evaluates all of it, and the result says "the whole file"
+    with no max_tokens, as without the cap."""
     from tinygemma.tokenizer import load_tokenizer
 
     gpt2 = load_tokenizer("gpt2")
@@ -574,8 +575,6 @@ def test_max_tokens_of_exactly_the_files_length_is_the_whole_file(ckpt, stories_
 def test_evaluate_refuses_a_single_id_in_one_line():
     """A 0-d array, tensor or int of one id (tokens[0] where tokens was meant) is no 1-D sequence: a UserError
     naming its 0 dimensions, not len()'s TypeError traceback."""
-
-
     for tokens in (np.array(5), np.int64(5), torch.tensor(5)):
         with pytest.raises(UserError, match=r"tokens must be a 1-D sequence of token ids, got 0 dimensions"):
             evaluate(small_model(300), tokens, 4)

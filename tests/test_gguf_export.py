@@ -850,8 +850,6 @@ def test_a_half_precision_hf_export_exports_to_gguf_as_its_checkpoint_does(tmp_p
     """`export --dtype bf16` / `--dtype float16` folders (as google/gemma-3-270m is published) export to GGUF:
     their weights are read as float32 first (numpy has no bfloat16; float16 data tagged F32 is not F32), and give
     the tensors the checkpoint itself gives in that dtype."""
-
-
     bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
     small_export(bpe, tmp_path, n_layers=1)
     ckpt = tmp_path / "ckpt"
@@ -873,9 +871,6 @@ def test_a_half_precision_hf_export_exports_to_gguf_as_its_checkpoint_does(tmp_p
 def test_bpe_options_llama_cpp_does_not_read_are_refused(stories_dir):
     """BPE-dropout (merges skipped at random as text is encoded) and WordPiece-style sub-word markers change how
     tokenizers splits or decodes text; llama.cpp's gpt2 BPE reads none of them."""
-
-
-
     bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
     check_byte_level_bpe(json.loads(bpe.hf_json()))  # as it is: exported
     for option, value in (("dropout", 0.1), ("continuing_subword_prefix", "##"), ("end_of_word_suffix", "</w>")):
@@ -903,9 +898,6 @@ def test_an_added_token_that_strips_on_its_right_is_refused(stories_dir):
 
 def test_a_vocabulary_with_an_empty_token_is_refused(stories_dir):
     """llama.cpp finds tokens by their text: a token of no text at all is refused, as two of the same text are."""
-
-
-
     bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
     spec = json.loads(bpe.hf_json())
     tokens, _, _ = llama_cpp_vocabulary(spec, bpe.vocab_size)  # as it is: every token has a text

@@ -884,8 +884,6 @@ def test_the_python_export_refuses_a_tokenizer_larger_than_the_model(tmp_path):
 def test_a_config_without_initializer_range_has_transformers_default_init_std():
     """A config.json without initializer_range reads as transformers reads it (its 0.02), so that an export of
     the loaded model writes back the value transformers had, not another."""
-
-
     required = dict(vocab_size=512, hidden_size=64, num_hidden_layers=6, num_attention_heads=8, intermediate_size=128)
     ours = model_config_from_hf({"model_type": "gemma3_text", **required})
     theirs = transformers.Gemma3TextConfig(**required)
@@ -896,8 +894,6 @@ def test_a_config_without_initializer_range_has_transformers_default_init_std():
 def test_a_transformers_folder_of_pt_weights_alone_is_refused_as_pickled(tmp_path):
     """A folder whose weights are only a pickled .pt file (consolidated.pt, model.pt) is named as pickled weights,
     which tinygemma never unpickles, not as a folder without weights."""
-
-
     save_model(Gemma3(small_config()), tmp_path / "ckpt")
     export(tmp_path / "ckpt", tmp_path / "hf")
     (tmp_path / "hf" / "model.safetensors").unlink()

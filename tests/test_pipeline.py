@@ -732,9 +732,6 @@ def test_dry_run_line_says_the_checkpoint_size_in_gib_and_this_invocation_s_step
 def test_a_run_that_holds_its_prepared_data_continues_with_it(tmp_path, stories_dir, capsys):
     """data.dir inside train.out is refused for a new run (its folder must hold nothing else), but a run already
     trained there may keep its prepared data inside its own folder: `run` goes on with it."""
-
-
-
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
     quick = ["--set", "train.max_steps=2", "--set", "train.eval_interval=0", "--set", "train.checkpoint_interval=0",
@@ -749,7 +746,8 @@ def test_a_run_that_holds_its_prepared_data_continues_with_it(tmp_path, stories_
 
 
 def test_a_dry_run_s_warnings_are_said_once_under_torchrun(capsys, monkeypatch):
-    """Under torchrun the plan is printed by process 0 alone, and so are the warnings train.check_run found; every other process says nothing."""
+    """Under torchrun the plan is printed by process 0 alone, and so are the warnings train.check_run found;
+    every other process says nothing."""
     monkeypatch.setattr(cli, "recipe_plan", lambda recipe, checked=None: {"steps": 1})
     monkeypatch.setattr(cli, "say_plan", lambda plan: "the plan")
     recipe = load_recipe(None, [])

@@ -584,8 +584,6 @@ def test_a_spec_whose_vocab_size_or_eot_id_differs_from_its_tokenizer_is_refused
 def test_a_byte_level_bpe_with_byte_fallback_lacks_no_byte(tmp_path):
     """A byte-level BPE whose model falls back to <0xHH> pieces drops no character its vocabulary lacks: it is not
     the BPE trained without the byte alphabet that prepare warns of (and the GGUF export refuses)."""
-
-
     vocab = {EOT: 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}}
     for ch in "abcdefghijklmnopqrstuvwxyz\u0120":  # a few of the byte-level alphabet's 256 characters only
         vocab.setdefault(ch, len(vocab))
@@ -629,8 +627,6 @@ def test_byte_lengths_of_a_tokenizer_json_for_fewer_rows_than_its_vocabulary():
 def test_model_vocab_size_holds_an_end_of_text_past_the_texts_ids():
     """End-of-text is special and, in GPT-2's tokenizer.json and many others, the last id: every story ends with it,
     so the model needs its row (without it a model of 50,256 rows met id 50,256 in every window)."""
-
-
     backend = Backend(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
     backend.add_special_tokens([EOT])
     tok = HFTokenizer(backend.to_str())

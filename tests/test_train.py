@@ -2020,8 +2020,6 @@ def test_a_resume_on_data_prepared_before_digests_were_recorded_is_not_refused(d
 def test_init_from_refuses_weights_of_other_layer_types_than_their_pattern():
     """Weights whose own layer_types list (not their pattern's) puts the global layer elsewhere are another model:
     refused, naming layer_types, where the configured model has the pattern's layers."""
-
-
     want = tinygemma.ModelConfig.preset("gemma3-tiny", n_layers=2, sliding_window_pattern=2)
     have = tinygemma.ModelConfig.preset("gemma3-tiny", n_layers=2, sliding_window_pattern=2,
                                         layer_types=["full_attention", "sliding_attention"])
@@ -2034,8 +2032,6 @@ def test_init_from_refuses_weights_of_other_layer_types_than_their_pattern():
 def test_a_split_of_exactly_block_size_tokens_is_refused_as_shorter_than_one_window():
     """A window is block_size + 1 tokens (the inputs and their shifted targets): a split of block_size tokens holds
     none, and the start says so in one line (not a crash when the first batch is drawn)."""
-
-
     cfg = TrainConfig(block_size=32)
     model = tinygemma.ModelConfig.preset("gemma3-tiny", n_layers=2, sliding_window_pattern=2)
     check_shapes(cfg, model, Path("data"), np.zeros(33, np.uint16), np.zeros(33, np.uint16))  # one window each
@@ -2082,8 +2078,6 @@ def test_a_fork_not_trained_now_is_not_said_to_take_new_settings_for_the_steps_f
     """A fork not yet trained, run again with --stop-at at its step (it trains nothing), with settings other than
     the ones it recorded: no step takes them now, so the warning is the one that says so, not 'the steps from here
     take this invocation's'."""
-
-
     def settings(rate):
         return TrainConfig(max_steps=8, warmup_steps=1, learning_rate=rate)
 
@@ -2159,8 +2153,6 @@ def test_the_eta_of_an_invocations_first_step_alone_is_the_steps_left_at_that_st
                                                                                          monkeypatch, capsys):
     """Before a second step the ETA is the steps left at the first step's rate: a first step of 2 s or more
     leaves 3 more at 2 s or more each (not tokens_per_step / rate inverted, which read 0m01s)."""
-
-
     rates = tinygemma.train.set_learning_rates
 
     def slow_first(optimizer, step, cfg):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import random
 import shutil
 import stat
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 import tinygemma
 from tinygemma import Gemma3, UserError, files
@@ -20,10 +23,14 @@ from tinygemma.checkpoint import (
     checkpoint_pointer,
     export,
     last_checkpoint,
+    load_optimizer,
     prune_checkpoints,
     read_trainer_state,
     resolve_checkpoint,
+    rng_state,
     save_model,
+    save_optimizer,
+    set_rng_state,
     state_kinds_wrong,
 )
 from tinygemma.cli import main
@@ -677,3 +684,64 @@ def test_a_last_json_whose_fork_record_is_malformed_names_no_source():
         "dir": "r/checkpoints/step_000002", "step": 2}
     for bad in ({"dir": None, "step": 2}, {"dir": "x", "step": "2"}, {"dir": "x", "step": True}, {"dir": "x"}, "x"):
         assert fork_source({"forked_from": bad}) is None
+
+
+def test_a_saved_rng_state_restores_torchs_numpys_and_pythons_generators():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    np.random.standard_normal()  # (numpy keeps a cached gaussian: part of its state)
+    saved = json.loads(json.dumps(rng_state()))  # as trainer_state.json holds it
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(), torch.rand(1).item())
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    set_rng_state(saved)
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+            torch.rand(1).item()) == expected
+
+
+def test_a_safetensors_file_not_written_as_an_optimizer_state_is_refused_as_one(tmp_path):
+    torch.manual_seed(0)
+    model = Gemma3(small_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 512, (1, 8))).float().sum().backward()
+    optimizer.step()
+    save_optimizer(get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True)),
+                   tmp_path / "optimizer.safetensors")
+    with safe_open(str(tmp_path / "optimizer.safetensors"), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={**metadata, "format": "pt"})
+    load_optimizer(tmp_path / "optimizer.safetensors", model, optimizer)  # its own: loads
+    with pytest.raises(UserError, match="is not a tinygemma optimizer state"):
+        load_optimizer(tmp_path / "other.safetensors", model, optimizer)
+
+
+def test_exporting_a_transformers_directory_copies_its_tokenizer_files_and_adds_none(checkpoint, tmp_path):
+    _, path = checkpoint
+    source = tmp_path / "source"
+    assert main(["export", "--ckpt", str(path), "--out", str(source)]) == 0
+    (source / "tokenizer.json").write_text(word_tokenizer("the"))  # its tokenizer.json alone, no tokenizer_config.json
+    assert not (source / "tokenizer_config.json").exists()
+    out = export(source, tmp_path / "out")
+    assert (out / "tokenizer.json").read_text() == word_tokenizer("the")
+    assert not (out / "tokenizer_config.json").exists()  # none of tinygemma's own beside the copied file
+
+
+def test_a_runs_checkpoints_folder_resolves_to_its_checkpoint(checkpoint, tmp_path, monkeypatch):
+
+
+    _, path = checkpoint
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {}}))
+    shutil.copytree(path, run / "checkpoints" / "step_000007")
+    (run / "checkpoints" / "last.json").write_text(json.dumps({"dir": "step_000007", "step": 7}))
+    assert resolve_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_000007"
+    monkeypatch.chdir(run / "checkpoints")  # `--ckpt .` from inside it
+    assert resolve_checkpoint(".").resolve() == (run / "checkpoints" / "step_000007").resolve()
+    assert tinygemma.load(".").config == tinygemma.load(path).config
+
+
+def test_save_model_refuses_a_meta_value_json_cannot_hold_before_writing(tmp_path):
+    torch.manual_seed(0)
+    model = Gemma3(small_config())
+    with pytest.raises(UserError, match="meta must hold what JSON can"):
+        save_model(model, tmp_path / "ckpt", {"val_loss": float("nan")})  # NaN is no JSON: other readers refuse it
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())

@@ -278,7 +278,9 @@ def test_data_differences_of_a_bpe_need_no_gpt2_ranks_and_name_an_old_bpes_size(
     recipe = DataConfig(source=source, limit=30, tokenizer="bpe", vocab_size=4096)
     assert data_module.data_differences(recipe, prepared) == []
     meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
-    del meta["source"]["bpe_vocab_size"]  # as prepared by a tinygemma before 2026-12-02
+    del meta["source"]["bpe_vocab_size"]  # as prepared by a tinygemma before 2026-12-02 (which wrote no digests)
+    for split in meta["splits"].values():
+        del split["blake2b"]
     (tmp_path / "bpe" / "meta.json").write_text(json.dumps(meta))
     [why] = data_module.data_differences(recipe, open_prepared(tmp_path / "bpe"))
     assert why.startswith(f"vocabulary: a BPE of {prepared.vocab_size:,}, the recipe asks for a BPE of 4,096")
@@ -1405,3 +1407,22 @@ def test_val_source_and_val_fraction_together_are_refused(stories_dir, tmp_path,
                  "--workers", "1", "--no-progress"]) == 2
     assert "give either --val-source" in capsys.readouterr().err
     assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()
+
+
+def test_a_recipes_bpe_is_not_met_by_data_of_a_given_tokenizer_json(stories_dir, tmp_path):
+    """A recipe asking for a BPE trained on its stories, against data prepared from the same stories with a
+    tokenizer.json of the same size trained on other text: another tokenizer (the recipe's own prepare makes a
+    different one), so `run` must not train on it as the recipe's data."""
+    from tinygemma.config import DataConfig
+    from tinygemma.data import data_differences
+
+    stories, other = stories_dir / "train.txt", stories_dir / "valid.txt"
+    prepare(tmp_path / "other", sources=[other], tokenizer="bpe", vocab_size=300, limit=60, workers=1, progress=False)
+    given = tmp_path / "other" / "tokenizer.json"
+    prepare(tmp_path / "given", sources=[stories], tokenizer=str(given), limit=60, workers=1, progress=False)
+    want = DataConfig(source=[str(stories)], tokenizer="bpe", vocab_size=300, limit=60)
+    assert data_differences(want, open_prepared(tmp_path / "given")) == [
+        f"tokenizer: {open_prepared(tmp_path / 'given').tokenizer().identity}, the recipe asks for a BPE trained on "
+        "its stories"]
+    prepare(tmp_path / "own", sources=[stories], tokenizer="bpe", vocab_size=300, limit=60, workers=1, progress=False)
+    assert data_differences(want, open_prepared(tmp_path / "own")) == []  # the recipe's own: the same

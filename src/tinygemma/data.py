@@ -996,6 +996,10 @@ def data_differences(want: DataConfig, data: PreparedData) -> list[str]:
         pass
     elif want.tokenizer == "bpe" and kind == "gpt2":
         differences.append("tokenizer: gpt2, the recipe asks for bpe")
+    elif want.tokenizer == "bpe" and "bpe_vocab_size" not in recorded and data.digest("train") is not None:
+        # prepare has recorded the size asked of every BPE it trained since before it recorded digests: this data's
+        # tokenizer.json was given, not trained on these stories (the recipe's would be another, whatever its size)
+        differences.append(f"tokenizer: {data.tokenizer().identity}, the recipe asks for a BPE trained on its stories")
     elif want.tokenizer == "bpe":
         vocab_size = want.vocab_size or DEFAULT_BPE_VOCAB_SIZE
         # What prepare was asked for (a BPE trained on few stories can stop short of it), else what it has.

@@ -1,6 +1,7 @@
 """`tinygemma prepare` on real TinyStories: exact round trips, tiktoken's counts, every source format, bad input,
 and interrupted runs that must never look finished."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,7 +20,8 @@ import tiktoken
 
 from tinygemma import data
 from tinygemma.cli import main
-from tinygemma.data import is_prepared_dataset, open_prepared, prepare
+from tinygemma.config import DataConfig
+from tinygemma.data import data_differences, is_prepared_dataset, open_prepared, prepare
 from tinygemma.errors import UserError
 from tinygemma.tokenizer import GPT2Tokenizer
 
@@ -1413,9 +1415,6 @@ def test_a_recipes_bpe_is_not_met_by_data_of_a_given_tokenizer_json(stories_dir,
     """A recipe asking for a BPE trained on its stories, against data prepared from the same stories with a
     tokenizer.json of the same size trained on other text: another tokenizer (the recipe's own prepare makes a
     different one), so `run` must not train on it as the recipe's data."""
-    from tinygemma.config import DataConfig
-    from tinygemma.data import data_differences
-
     stories, other = stories_dir / "train.txt", stories_dir / "valid.txt"
     prepare(tmp_path / "other", sources=[other], tokenizer="bpe", vocab_size=300, limit=60, workers=1, progress=False)
     given = tmp_path / "other" / "tokenizer.json"
@@ -1426,3 +1425,105 @@ def test_a_recipes_bpe_is_not_met_by_data_of_a_given_tokenizer_json(stories_dir,
         "its stories"]
     prepare(tmp_path / "own", sources=[stories], tokenizer="bpe", vocab_size=300, limit=60, workers=1, progress=False)
     assert data_differences(want, open_prepared(tmp_path / "own")) == []  # the recipe's own: the same
+
+
+def test_a_parquet_file_with_text_and_story_columns_is_read_from_text(tmp_path):
+    """As a JSON record with both fields is read from "text", so is a parquet file with both columns."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "both.parquet"
+    pq.write_table(pa.table({"story": ["the story", "another story"], "text": ["the text", "another text"]}), path)
+    assert data.read_stories(path) == ["the text", "another text"]
+
+
+def test_a_saved_dataset_with_text_and_story_columns_is_read_from_text(tmp_path):
+    """As a JSON record and a parquet file with both are read from "text", so is a datasets folder."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"story": ["the story", "another story"], "text": ["the text", "another text"]}
+                               ).save_to_disk(str(tmp_path / "ds"))
+    assert data.read_stories(tmp_path / "ds") == ["the text", "another text"]
+
+
+def test_an_upper_case_extension_picks_its_own_reader(tmp_path):
+    """check_source takes STORIES.JSONL (the extension's case ignored): it is read as JSON Lines, each record's text,
+    not as a .txt of one story holding the JSON."""
+    path = tmp_path / "STORIES.JSONL"
+    path.write_text('{"text": "Tom ran."}\n{"text": "Ann sat."}\n', encoding="utf-8")
+    assert data.read_stories(path) == ["Tom ran.", "Ann sat."]
+
+
+def test_json_lines_in_a_json_file_after_a_bom_and_blank_lines(tmp_path):
+    """A .json of JSON Lines that starts with a byte-order mark and then blank lines (or more than one read's worth
+    of them) is still JSON Lines, streamed, not a JSON array that fails with "Extra data"."""
+    for name, head in (("bom_blank.json", "\ufeff\n\n"), ("long_blank.json", "\n" * 5000)):
+        path = tmp_path / name
+        path.write_text(head + '{"text": "Once upon a time."}\n{"text": "The end."}\n', encoding="utf-8")
+        assert data.read_stories(path) == ["Once upon a time.", "The end."]
+
+
+def test_only_a_trained_bpe_records_the_vocabulary_size_asked_for(tmp_path):
+    """meta.json's source.bpe_vocab_size is the size a BPE was asked for; data of any other tokenizer has none (a
+    null there reads as "a BPE of None" to data_differences)."""
+    source = tmp_path / "s.txt"
+    source.write_text("".join(f"Story {i}: the cat sat on a mat.\n{EOT}\n" for i in range(40)), encoding="utf-8")
+    meta = prepare(tmp_path / "gpt2", sources=[source], workers=1, progress=False)
+    assert "bpe_vocab_size" not in meta["source"]
+    assert "bpe_vocab_size" not in json.loads((tmp_path / "gpt2" / "meta.json").read_text())["source"]
+    meta = prepare(tmp_path / "bpe", sources=[source], tokenizer="bpe", vocab_size=300, workers=1, progress=False)
+    assert meta["source"]["bpe_vocab_size"] == 300
+
+
+def test_the_sources_are_recorded_in_the_order_given(tmp_path):
+    """meta.json's source.train lists the sources as given (they are read in that order): the recipe that prepared
+    the data, sources not in sorted order, finds it its own."""
+    sources = []
+    for name in ("zoo.txt", "ant.txt"):
+        path = tmp_path / name
+        path.write_text("".join(f"{name} story {i}.\n{EOT}\n" for i in range(30)), encoding="utf-8")
+        sources.append(str(path))
+    meta = prepare(tmp_path / "d", sources=sources, workers=1, progress=False)
+    assert meta["source"]["train"] == sources
+    assert data_differences(DataConfig(source=sources), open_prepared(tmp_path / "d")) == []
+
+
+def test_a_mixed_sources_unused_split_names_the_fraction_asked_for(tmp_path):
+    """--val-fraction 0.2 over a DatasetDict with a validation split and a .txt without: the split is unused, said
+    with the fraction asked for, and meta.json does not call it unused by --val-fraction alone."""
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [f"Tom ran {i}." for i in range(20)]}),
+                          "validation": datasets.Dataset.from_dict({"text": ["Tom sat."]})}).save_to_disk(str(saved))
+    txt = tmp_path / "s.txt"
+    txt.write_text("".join(f"Ann sat {i}.\n{EOT}\n" for i in range(20)), encoding="utf-8")
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        meta = prepare(tmp_path / "d", sources=[saved, txt], val_fraction=0.2, workers=1, progress=False)
+    assert f"the validation split of {saved} is unused: the other sources have none, so validation is 0.2 of all" in (
+        said.getvalue())
+    assert meta["source"]["val"] == "set aside from the training source" and meta["splits"]["val"]["documents"] == 8
+
+
+def test_validation_sources_are_recorded_as_a_list_the_recipe_matches(tmp_path):
+    """meta.json's source.val lists every --val-source, as given: the recipe with that data.val_source finds the data
+    its own (a lone string, or only the first file, reads as other validation data)."""
+    paths = {}
+    for name in ("s.txt", "v1.txt", "v2.txt"):
+        paths[name] = tmp_path / name
+        paths[name].write_text("".join(f"{name} story {i}.\n{EOT}\n" for i in range(10)), encoding="utf-8")
+    val = [str(paths["v1.txt"]), str(paths["v2.txt"])]
+    meta = prepare(tmp_path / "d", sources=[paths["s.txt"]], val_sources=val, workers=1, progress=False)
+    assert meta["source"]["val"] == val and meta["splits"]["val"]["documents"] == 20
+    assert data_differences(DataConfig(source=[str(paths["s.txt"])], val_source=val), open_prepared(tmp_path / "d")) == []
+
+
+def test_a_streamed_validation_split_has_no_total_of_the_training_limit(tmp_path, monkeypatch, capsys):
+    """--limit counts training stories: the streamed validation split's progress is not shown out of it ("3/4")."""
+    datasets = pytest.importorskip("datasets")
+    splits = {"train": [{"text": f"Tom ran {i}."} for i in range(6)],
+              "validation": [{"text": f"Ann sat {i}."} for i in range(3)]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, streaming: splits)
+    prepare(tmp_path / "d", limit=4, workers=1, progress=True)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any("reading roneneldan/TinyStories train" in line and "4/4" in line for line in lines)
+    val = [line for line in lines if "reading roneneldan/TinyStories validation" in line]
+    assert val and not any("/4" in line for line in val)

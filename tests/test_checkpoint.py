@@ -725,8 +725,6 @@ def test_exporting_a_transformers_directory_copies_its_tokenizer_files_and_adds_
 
 
 def test_a_runs_checkpoints_folder_resolves_to_its_checkpoint(checkpoint, tmp_path, monkeypatch):
-
-
     _, path = checkpoint
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -245,10 +245,9 @@ def test_flex_attention_equals_sdpa_forward_and_backward_at_270m_shapes(monkeypa
     In bf16, each backend's loss and gradients are compared with float32 SDPA: flex may be no further from it
     than twice SDPA's own bf16 error (plus a little), so a wrong block mask or a wrong gradient fails. flex's kernel
     must really run, once per sliding layer (a "flex" that fell back to SDPA would compare SDPA with itself)."""
-    import tinygemma.model as model_module
+    from test_model import spy_flex
 
-    flex_calls, real_flex = [], model_module._flex_attention
-    monkeypatch.setattr(model_module, "_flex_attention", lambda *a, **k: flex_calls.append(1) or real_flex(*a, **k))
+    flex_calls = spy_flex(monkeypatch)
     config = ModelConfig.preset("gemma3-270m", vocab_size=512, n_layers=2, sliding_window_pattern=2)
     assert config.head_dim == 256 and config.sliding_window == 512
     model = fresh_model(config)

@@ -607,6 +607,7 @@ def test_a_prepare_stopped_while_replacing_a_dataset_is_finished_by_the_next(sto
 
 class FailingTokenizer(GPT2Tokenizer):
     """GPT-2, except that a worker fails on the story that mentions the needle."""
+
     def encode_to_numpy(self, text):
         if "needle" in text:
             raise RuntimeError("worker failed on purpose")

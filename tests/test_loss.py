@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from test_model import tiny  # noqa: E402
 
 from tinygemma import Gemma3
-from tinygemma.loss import cross_entropy_from_hidden
+from tinygemma.loss import cross_entropy_from_hidden, token_cross_entropy
 
 
 def logit_rows(monkeypatch) -> list:
@@ -328,11 +328,48 @@ def test_a_head_trained_alone_takes_the_chunked_loss():
     assert torch.allclose(w.grad, want, atol=1e-6)
 
 
-def test_a_batch_of_no_rows_has_loss_zero_and_zero_gradients():
+@pytest.mark.parametrize("chunk_size", [64, None])
+def test_a_batch_of_no_rows_has_loss_zero_and_zero_gradients(chunk_size):
     """No rows at all (an empty micro-batch): loss 0, and zero gradients of the head's shape, not a crash."""
     h = torch.zeros(0, 32, requires_grad=True)
     w = torch.randn(700, 32, requires_grad=True)
-    loss = cross_entropy_from_hidden(h, w, torch.zeros(0, dtype=torch.long), chunk_size=64)
+    loss = cross_entropy_from_hidden(h, w, torch.zeros(0, dtype=torch.long), chunk_size=chunk_size)
     loss.backward()
     assert loss.item() == 0.0
     assert w.grad.shape == w.shape and not w.grad.any() and h.grad.shape == (0, 32)
+
+
+@pytest.mark.parametrize("chunk_size", [64, None, 0])
+def test_padding_rows_of_the_head_get_no_probability_and_no_gradient(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(150, 16, generator=g, requires_grad=True)
+    w = (torch.randn(768, 16, generator=g) * 0.5).requires_grad_()  # 700 ids, padded to 768 rows
+    targets = torch.randint(0, 700, (150,), generator=g)
+    targets[::7] = -100
+    F.cross_entropy(h @ w[:700].t(), targets).backward()
+    want_h, want_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss = cross_entropy_from_hidden(h, w, targets, chunk_size=chunk_size, vocab_size=700)
+    loss.backward()
+    plain = F.cross_entropy(h @ w[:700].t(), targets).item()
+    assert abs(loss.item() - plain) < 1e-5
+    assert torch.allclose(h.grad, want_h, atol=1e-6) and torch.allclose(w.grad, want_w, atol=1e-6)
+    assert not w.grad[700:].any()  # padding rows: no gradient
+    with torch.no_grad():
+        assert abs(cross_entropy_from_hidden(h, w, targets, chunk_size, 700).item() - plain) < 1e-5
+        per_token = token_cross_entropy(h, w, targets, chunk_size, 700)
+        reference = F.cross_entropy(h @ w[:700].t(), targets, reduction="none")
+    assert torch.allclose(per_token, reference, atol=1e-5)
+
+
+def test_bfloat16_hidden_states_and_head_without_autocast():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(96, 16, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(200, 16, generator=g) * 0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, 200, (96,), generator=g)
+    loss = cross_entropy_from_hidden(h, w, targets, chunk_size=32)
+    loss.backward()
+    plain = F.cross_entropy((h.float() @ w.float().t()), targets)
+    assert abs(loss.item() - plain.item()) < 2e-2
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert torch.isfinite(h.grad.float()).all() and torch.isfinite(w.grad.float()).all()

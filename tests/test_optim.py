@@ -631,6 +631,9 @@ def test_resume_refuses_a_changed_schedule_or_optimizer_and_a_step_past_the_end(
     saved = load_recipe(None, ["max_steps=100", "warmup_steps=10", "optimizer=adamw", "lr_schedule=cosine"]).train
     as_dict = dataclasses.asdict(saved)
     check_resume_schedule(as_dict, saved, 50)  # unchanged: fine
+    check_resume_schedule(as_dict, saved, 100)  # a finished run, at its last step: not past its end
+    with pytest.raises(UserError, match="past train.max_steps"):
+        check_resume_schedule(as_dict, saved, 101)
     with pytest.raises(UserError, match="schedule of the run"):  # cosine run resumed as wsd: rates already taken move
         check_resume_schedule(as_dict, dataclasses.replace(saved, lr_schedule="wsd"), 50)
     with pytest.raises(UserError, match="schedule of the run \\(cosine"):  # resumed as wsd with a new length
@@ -772,3 +775,64 @@ def test_a_wsd_run_extends_from_the_checkpoint_of_its_cooldowns_start():
     check_resume_schedule(as_dict, longer, began)  # steps 0..11 all at the peak: the same in the longer run
     with pytest.raises(UserError, match="cooldown of the run began after step 12"):
         check_resume_schedule(as_dict, longer, began + 1)
+
+
+@pytest.mark.parametrize("backend", ["float32", "bfloat16", "compiled", "torch"])
+def test_muon_s_weight_decay_scales_the_matrices(backend, traced_muon):
+    if backend == "torch" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((16, 8), (8, 8))]
+    start = [p.detach().clone() for p in params]
+    optimizer = MuonAdamW([{"params": params, "muon": True, "weight_decay": 0.1}], lr=0.5, betas=(0.9, 0.95),
+                          eps=1e-8, backend=backend)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, p0 in zip(params, start):
+        torch.testing.assert_close(p.detach(), p0 * (1 - 0.5 * 0.1))
+
+
+@pytest.mark.parametrize("backend", ["float32", "bfloat16", "compiled"])
+def test_muon_skips_matrices_without_a_gradient(backend, traced_muon):
+    g = torch.Generator().manual_seed(0)
+    stepped, idle = torch.nn.Parameter(torch.randn(8, 8, generator=g)), torch.nn.Parameter(torch.randn(8, 8, generator=g))
+    lonely = torch.nn.Parameter(torch.randn(4, 4, generator=g))
+    optimizer = MuonAdamW([{"params": [stepped, idle], "muon": True}, {"params": [lonely], "muon": True}],
+                          lr=0.02, betas=(0.9, 0.95), eps=1e-8, backend=backend)
+    before = idle.detach().clone(), lonely.detach().clone(), stepped.detach().clone()
+    stepped.grad = torch.randn(8, 8, generator=g)
+    optimizer.step()
+    assert torch.equal(idle, before[0]) and torch.equal(lonely, before[1]) and not torch.equal(stepped, before[2])
+    assert idle not in optimizer.state and lonely not in optimizer.state
+
+
+def test_adamw_part_skips_parameters_without_a_gradient():
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    optimizer = MuonAdamW([{"params": [a, b], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    before = b.detach().clone()
+    a.grad = torch.ones_like(a)
+    optimizer.step()
+    assert torch.equal(b, before) and b not in optimizer.state
+
+
+def test_step_returns_the_closure_s_loss():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = MuonAdamW([{"params": [p], "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert loss is not None and torch.is_tensor(loss) and loss.item() > 0
+
+
+def test_muon_adamw_refuses_an_unknown_backend_and_a_non_matrix():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="unknown Muon backend"):
+        MuonAdamW([{"params": [p], "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8, backend="fast")
+    with pytest.raises(ValueError, match="only 2-D"):
+        MuonAdamW([{"params": [torch.nn.Parameter(torch.randn(4))], "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8)

@@ -244,6 +244,11 @@ def test_the_gguf_records_the_context_length_and_the_special_ids(small_ckpt, tmp
     config, eot = load_model(small_ckpt, tokenizer, "float32", "cpu").config, tokenizer.eot_id
     assert value("gemma3.context_length") == config.max_position_embeddings
     assert [value(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "padding")] == [eot] * 3
+    # no bos of its own: llama.cpp puts nothing before or after a prompt; the type named is the type written
+    assert [value("tokenizer.ggml.add_bos_token"), value("tokenizer.ggml.add_eos_token")] == [False, False]
+    assert value("general.file_type") == int(gguf.LlamaFileType.ALL_F32)
+    template = reader.fields["tokenizer.chat_template"]  # llama-server's chat would fall back to ChatML
+    assert bytes(template.parts[template.data[0]]).decode() == tokenizer.chat_template()
 
 
 def test_tiny_greedy_text_matches_tinygemma_generate(tiny_run, stories_dir, tmp_path, llama_cpp, capsys):
@@ -767,6 +772,7 @@ def test_the_gguf_records_every_hyperparameter_as_the_model_has_it(bpe, tmp_path
     assert abs(value("attention.layer_norm_rms_epsilon")[0] - 1e-5) < 1e-10
     assert value("attention.sliding_window") == [c.sliding_window]
     assert value("rope.freq_base") == [99_999.0] and value("rope.freq_base_swa") == [777.0]
+    assert value("attention.sliding_window_pattern") == [t == SLIDING for t in c.layer_types] == [True, True, False]
 
 
 @pytest.mark.parametrize("change,words", [
@@ -905,3 +911,43 @@ def test_a_vocabulary_with_an_empty_token_is_refused(stories_dir):
     spec["model"]["vocab"][""] = bpe.vocab_size
     with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer.*are both ''"):
         llama_cpp_vocabulary(spec, bpe.vocab_size + 1)
+
+
+def test_a_special_token_just_past_the_models_rows_is_left_out_of_the_vocabulary(bpe):
+    spec = json.loads(bpe.hf_json())
+    spec["added_tokens"].append({"id": bpe.vocab_size, "content": "<image_soft_token>", "single_word": False, "lstrip": False, "rstrip": False,
+                                  "normalized": True, "special": True})
+    tokens, types, _ = llama_cpp_vocabulary(spec, bpe.vocab_size)
+    assert len(tokens) == len(types) == bpe.vocab_size and "<image_soft_token>" not in tokens
+
+
+def test_a_tokenizer_one_id_larger_than_the_model_is_refused_in_words(bpe):
+    spec = json.loads(bpe.hf_json())
+    with pytest.raises(UserError, match="do not belong together"):
+        llama_cpp_vocabulary(spec, bpe.vocab_size - 1)
+
+
+def test_plain_added_tokens_are_user_defined_and_special_ones_control(bpe):
+    spec = json.loads(bpe.hf_json())
+    spec["added_tokens"].append({"id": bpe.vocab_size, "content": "Lily", "single_word": False, "lstrip": False, "rstrip": False,
+                                  "normalized": True, "special": False})
+    _, types, _ = llama_cpp_vocabulary(spec, bpe.vocab_size + 1)
+    assert types[bpe.vocab_size] == int(gguf.TokenType.USER_DEFINED)
+    assert types[bpe.eot_id] == int(gguf.TokenType.CONTROL)
+
+
+def test_merges_are_written_in_priority_order_as_left_space_right(bpe):
+    spec = json.loads(bpe.hf_json())
+    _, _, merges = llama_cpp_vocabulary(spec, bpe.vocab_size)
+    expected = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    assert merges == expected and len(merges) > 0
+
+
+def test_norm_gains_are_written_as_one_plus_w(small_ckpt):
+    """Gemma's norms scale by 1 + w; llama.cpp's by the tensor as it is: the file holds 1 + w (small_export drew
+    the gains away from zero)."""
+    tokenizer = checkpoint_tokenizer(small_ckpt)
+    model = load_model(small_ckpt, tokenizer, "float32", "cpu")
+    tensors = {t.name: t.data for t in gguf.GGUFReader(small_ckpt.parent / "model.gguf").tensors}
+    assert np.allclose(tensors["output_norm.weight"], model.norm.weight.detach().numpy() + 1.0)
+    assert np.allclose(tensors["blk.0.attn_q_norm.weight"], model.layers[0].self_attn.q_norm.weight.detach().numpy() + 1.0)

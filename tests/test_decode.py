@@ -298,3 +298,72 @@ def test_a_plan_step_gives_logits_of_the_vocabulary_not_of_its_padding():
             logits = plan.step(model, tokens[:, pos : pos + 1], cache, pos, plan.rope_tables(model, 8))
     assert logits.shape == (1, 100)
     assert torch.allclose(logits, full, atol=1e-4)
+
+
+def test_a_graphed_step_whose_capture_fails_ends_the_capture_and_raises(monkeypatch):
+    from tinygemma import decode
+
+    calls = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class Graph:
+        def capture_begin(self, capture_error_mode="global"):
+            calls.append("begin")
+
+        def capture_end(self):
+            calls.append("end")
+            raise RuntimeError("the capture is invalidated")  # as CUDA says of a broken capture
+
+    model = tiny_model(seed=3, vocab_size=512)
+    plan = decode.decode_plan(model, pack=False)
+    real_step = plan.step
+
+    def step(*args):
+        calls.append("step")
+        if "begin" in calls:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_step(*args)
+
+    monkeypatch.setattr(plan, "step", step)
+    for name, stand_in in (("device", lambda d: contextlib.nullcontext()), ("Stream", Stream),
+                           ("current_stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
+                           ("CUDAGraph", Graph)):
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    with pytest.raises(RuntimeError, match="operation not permitted"):  # the step's own error, not capture_end's
+        decode.GraphedStep(plan, model, model.new_cache(1, 8), 1, plan.rope_tables(model, 8))
+    assert calls == ["wait", "step", "begin", "step", "end"]
+
+
+def test_a_plan_is_kept_for_a_model_with_parameters_of_fewer_than_sixteen_values():
+    model = tiny_model(vocab_size=512, head_dim=8, n_heads=2, n_kv_heads=1, query_pre_attn_scalar=8.0)
+    assert model.layers[0].self_attn.q_norm.weight.numel() < 16
+    plan = decode_plan(model, pack=False)
+    assert decode_plan(model, pack=False) is plan
+    with torch.no_grad():
+        model.layers[0].self_attn.q_norm.weight.data[3] += 1.0  # through .data: seen by the probe alone
+    assert decode_plan(model, pack=False) is not plan
+
+
+def test_onednn_packs_float32_on_a_cpu_and_bfloat16_only_where_the_cpu_computes_in_it(monkeypatch):
+    from tinygemma import decode
+
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise")):
+        pytest.skip("no oneDNN in this torch")
+    model = tiny_model(seed=1, vocab_size=512)
+    assert decode.onednn_linear_available(model.lm_head.weight)
+    plan = decode.decode_plan(model)
+    assert plan is not None and plan.linear is decode.onednn_linear
+    assert not decode.onednn_linear_available(torch.zeros(4, 4, dtype=torch.float16))
+    monkeypatch.setattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not decode.onednn_linear_available(torch.zeros(4, 4, dtype=torch.bfloat16))
+    monkeypatch.setattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert decode.onednn_linear_available(torch.zeros(4, 4, dtype=torch.bfloat16))
+    decode.forget_decode_plan(model)

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer as Backend
 
 from tinygemma.errors import UserError
 from tinygemma.tokenizer import (
+    CHAT_TEMPLATE,
     GPT2Tokenizer,
     HFTokenizer,
     gpt2_as_tokenizers,
@@ -477,7 +478,7 @@ def test_byte_lengths_and_vocabulary_size_of_a_sentencepiece_style_file():
     assert HFTokenizer(words.to_str()).vocab_size == 6
 
 
-def gemma_like(tmp_path=None, suffix=False):
+def gemma_like(tmp_path=None, suffix=False, single=None):
     """A tokenizer.json laid out as Gemma 3's: <pad> 0, <eos> 1, <bos> a special token past the text's ids that the
     post-processor puts before every text (and, with `suffix`, a </s> after it as T5's does)."""
     words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "once": 3, "upon": 4, "a": 5, "time": 6, ",": 7, ".": 8,
@@ -486,7 +487,7 @@ def gemma_like(tmp_path=None, suffix=False):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.add_special_tokens(["<pad>", "<eos>", "<unk>", "<bos>", "</s>"])
     backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A </s>" if suffix else "<bos> $A", special_tokens=[("<bos>", 9), ("</s>", 10)])
+        single=single or ("<bos> $A </s>" if suffix else "<bos> $A"), special_tokens=[("<bos>", 9), ("</s>", 10)])
     return HFTokenizer(backend.to_str())
 
 
@@ -499,6 +500,7 @@ def test_a_gemma_style_exports_tokenizer_config_names_its_bos_and_pads_with_end_
     tok.save_hf(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<bos>", "<eos>", "<eos>")
+    assert config["padding_side"] == "left"  # a batch of prompts: each one's continuation follows its text
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     text = hf.apply_chat_template([{"role": "user", "content": "once upon a time"}], tokenize=False)
@@ -633,3 +635,58 @@ def test_model_vocab_size_holds_an_end_of_text_past_the_texts_ids():
     assert (tok.eot_id, tok.vocab_size, tok.model_vocab_size) == (3, 4, 4)
     gpt2_file = HFTokenizer(GPT2Tokenizer().hf_json())
     assert (gpt2_file.eot_id, gpt2_file.model_vocab_size) == (50_256, 50_257)
+
+
+def test_a_chat_template_holds_every_id_a_prompt_starts_with():
+    tok = gemma_like(single="<bos> </s> $A")
+    assert tok.prompt_prefix == (9, 10)
+    assert tok.chat_template() == "{{ bos_token }}{% raw %}</s>{% endraw %}" + CHAT_TEMPLATE
+    assert gemma_like().chat_template() == "{{ bos_token }}" + CHAT_TEMPLATE
+
+
+def test_a_bpe_that_is_not_byte_level_lacks_no_byte():
+    vocab = {"<unk>": 0, EOT: 1, "▁": 2, "a": 3, "b": 4, "▁a": 5}
+    backend = Backend(models.BPE(vocab=vocab, merges=[("▁", "a")], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.add_special_tokens([EOT])
+    assert missing_bytes(json.loads(backend.to_str())) == 0
+
+
+def test_a_saved_tokenizer_json_spec_names_the_copy_in_its_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    train_bpe(["Once upon a time there was a cat.", "The end."] * 10, vocab_size=280).save(tmp_path / "a")
+    tok = load_tokenizer(tmp_path / "a" / "tokenizer.json")
+    spec = tok.save(tmp_path / "b")
+    assert spec["file"] == "tokenizer.json" and (tmp_path / "b" / "tokenizer.json").exists()
+    (tmp_path / "a" / "tokenizer.json").unlink()  # the copy alone is what the spec needs
+    assert tokenizer_from_spec(spec, tmp_path / "b").identity == tok.identity
+
+
+def test_gpt2s_end_of_text_stands_for_no_bytes():
+    tok = GPT2Tokenizer()
+    lengths = token_byte_lengths(tok, tok.vocab_size)
+    assert lengths[tok.eot_id] == 0
+    assert lengths[tok.encode(" Once")[0]] == 5 and np.all(lengths[:tok.eot_id] > 0)
+
+
+def test_saving_over_another_tokenizer_json_writes_this_one(tmp_path):
+    texts = ["Once upon a time there was a cat.", "The end."] * 10
+    (tmp_path / "mine").mkdir()
+    train_bpe(texts, vocab_size=280).save(tmp_path / "mine")
+    train_bpe(texts, vocab_size=300).save(tmp_path / "out")  # another tokenizer already in the folder
+    mine = load_tokenizer(tmp_path / "mine")
+    spec = mine.save(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_text(encoding="utf-8") == mine.content
+    assert tokenizer_from_spec(spec, tmp_path / "out").identity == mine.identity
+    assert mine.save(tmp_path / "mine")["sha256"] == mine.sha256  # its own file: kept as it is
+
+
+def test_a_tokenizer_without_byte_fallback_has_no_byte_pieces():
+    vocab = {"<unk>": 0, EOT: 1, "<0x41>": 2, "hello": 3}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([EOT])
+    tok = HFTokenizer(backend.to_str())
+    assert tok.encode("<0x41> hello") == [2, 3]
+    assert tok.byte_fallback_ids == frozenset()

@@ -20,6 +20,7 @@ from tinygemma.files import atomic_write_json
 from tinygemma.generate import (
     StopText,
     TextStream,
+    check_stop,
     filter_logits,
     generate,
     generate_stream,
@@ -334,7 +335,7 @@ def test_bad_arguments_are_user_errors(model, tokenizer, kwargs):
 def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model, tokenizer):
     """From Python: a 1-d tensor, a list or float ids say what generate takes; a tokenizer with more ids than the
     model has rows is refused as the command line refuses it (it was an IndexError from the embedding)."""
-    for ids in (torch.tensor([1, 2, 3]), [[1, 2, 3]], torch.tensor([[1.0, 2.0]])):
+    for ids in (torch.tensor([1, 2, 3]), [[1, 2, 3]], torch.tensor([[1.0, 2.0]]), torch.tensor([[True, False]])):
         with pytest.raises(UserError, match=r"\[batch, tokens\] tensor of integer token ids"):
             generate(model, ids, 2)
     # int32 ids (torch.from_numpy of an int32 array) and uint16 ones (a token file's) are ids: refused since
@@ -1018,3 +1019,36 @@ def test_cli_top_k_zero_means_no_top_k_filter_as_none_does(ckpt, capsys):
     none = capsys.readouterr().out
     assert main([*args, "--top-k", "0"]) == 0
     assert capsys.readouterr().out == none
+
+
+def test_the_padding_rows_of_a_padded_vocabulary_are_never_drawn():
+    model = tiny_model(vocab_size=500, vocab_pad_multiple=128)
+    assert model.embed_tokens.weight.shape[0] == 512
+    with torch.no_grad():  # tied head: the padding rows made the likeliest by far
+        model.embed_tokens.weight[500:] = torch.randn(12, model.config.d_model,
+                                                      generator=torch.Generator().manual_seed(0)) * 50
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy = generate(model, prompt, 4, temperature=0)[0, 3:]
+    sampled = generate(model, prompt, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))[0, 3:]
+    assert greedy.max().item() < 500 and sampled.max().item() < 500
+
+
+def test_zero_samples_is_refused_by_name(model, tokenizer):
+    with pytest.raises(UserError, match=r"num_samples must be an integer >= 1, got 0"):
+        generate_text(model, tokenizer, PROMPT, 4, num_samples=0)
+
+
+def test_text_held_as_a_stop_strings_start_is_kept_at_end_of_text(model, tokenizer, monkeypatch):
+    ids = tokenizer.encode(" Tom sa")
+
+    def scripted(model, input_ids, max_new_tokens, *args, **kwargs):
+        for token in [*ids, tokenizer.eot_id]:
+            yield torch.tensor([token] * len(input_ids))
+
+    monkeypatch.setattr(tinygemma.generate, "generate_stream", scripted)
+    texts, n = generate_text(model, tokenizer, "Once", 10, temperature=0, stop="saw")
+    assert texts == [" Tom sa"] and n == len(ids) + 1
+
+
+def test_stop_none_is_no_stop_string():
+    assert check_stop(None) == ()

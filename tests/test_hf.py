@@ -900,3 +900,22 @@ def test_a_transformers_folder_of_pt_weights_alone_is_refused_as_pickled(tmp_pat
     torch.save({"w": torch.zeros(1)}, tmp_path / "hf" / "model.pt")
     with pytest.raises(tinygemma.UserError, match="holds only pickled weights"):
         tinygemma.load(tmp_path / "hf")
+
+
+def test_a_shard_index_listing_no_files_is_refused(tmp_path):
+    from tinygemma.hf import read_hf_weights
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(tinygemma.UserError, match="lists no weight files"):
+        read_hf_weights(tmp_path)
+
+
+def test_the_transformers_reference_refuses_a_missing_weight(monkeypatch):
+    pytest.importorskip("transformers")
+    from tinygemma.hf import to_transformers
+
+    real = tinygemma.hf.hf_state
+    monkeypatch.setattr(tinygemma.hf, "hf_state",
+                        lambda model: {k: v for k, v in real(model).items() if k != "model.norm.weight"})
+    with pytest.raises(RuntimeError, match="does not take these weights"):
+        to_transformers(Gemma3(small_config()))

@@ -625,6 +625,13 @@ def test_dry_run_makes_training_s_own_checks_and_writes_nothing(tmp_path, storie
                  "--set", f"model.vocab_size={text_ids}", "--set", f"train.out={tmp_path / 'other'}"]) == 0
     model = json.loads(capsys.readouterr().out)["plan"]["model"]
     assert (model["vocab_size"], model["vocab_size_from"]) == (text_ids, "model.vocab_size")
+    if not torch.cuda.is_available():  # data prepared with it, and a refusal before training's checks: the same
+        prepare(tmp_path / "special-data", [stories_dir / "train.txt"], tokenizer=str(tmp_path / "special.json"),
+                limit=300, workers=1, progress=False)
+        assert "no CUDA GPU" in refused("run", str(recipe), "--set", f"data.tokenizer={tmp_path / 'special.json'}",
+                                        "--set", "data.vocab_size=none", "--set", f"data.dir={tmp_path / 'special-data'}",
+                                        "--set", f"model.vocab_size={text_ids}", "--set", "train.device=cuda",
+                                        "--set", f"train.out={tmp_path / 'other'}")
     assert main(["run", str(recipe), "--dry-run", "--set", "data.vocab_size=none", "--set",
                  f"data.dir={tmp_path / 'new-data'}", "--set", f"train.out={tmp_path / 'other'}"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["model"]["vocab_size"] == DEFAULT_BPE_VOCAB_SIZE

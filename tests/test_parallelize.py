@@ -8,15 +8,19 @@ import pytest
 import torch
 from test_model import tiny  # noqa: E402
 
+import tinygemma.parallelize as parallelize
 from tinygemma import Gemma3, UserError
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
 from tinygemma.data import PreparedData
 from tinygemma.parallelize import (
+    FLEX_MIN_SHARED_MEMORY,
     PROBE_MEMORY_FRACTION,
     build_model,
     check_attention_backend,
     choose_attention_backend,
+    choose_kv_layouts,
     choose_loss_head,
+    first_fused_kv_layout,
     fsdp_options,
     grad_scaler,
     probe_micro_batch_size,
@@ -504,3 +508,96 @@ def test_fsdp_compiles_each_block_inside_its_shard(tmp_path):
         assert isinstance(raw, FSDPModule) and raw._compiled_call_impl is None
     finally:
         dist.destroy_process_group()
+
+
+def test_a_tied_model_takes_the_embedding_of_its_weights():
+    source = Gemma3(tiny())
+    weights = {k: v.clone() for k, v in source.state_dict().items()}
+    weights["lm_head.weight"] = torch.zeros_like(weights["embed_tokens.weight"])  # a stale head saved beside it
+    raw, _ = build_model(tiny(), cfg_with(compile="false", seed=123), CPU, weights)
+    assert torch.equal(raw.embed_tokens.weight, source.embed_tokens.weight)
+    assert raw.lm_head.weight is raw.embed_tokens.weight
+    del weights["lm_head.weight"]  # the head left out: loads, tied
+    raw, _ = build_model(tiny(), cfg_with(compile="false", seed=123), CPU, weights)
+    assert torch.equal(raw.lm_head.weight, source.embed_tokens.weight)
+
+
+def test_weights_that_do_not_match_the_model_are_refused():
+    weights = dict(Gemma3(tiny()).state_dict())
+    del weights["layers.0.self_attn.q_proj.weight"]
+    with pytest.raises(RuntimeError, match="q_proj"):
+        build_model(tiny(), cfg_with(compile="false"), CPU, weights)
+    weights = dict(Gemma3(tiny()).state_dict(), stray=torch.zeros(1))
+    with pytest.raises(RuntimeError, match="stray"):
+        build_model(tiny(), cfg_with(compile="false"), CPU, weights)
+
+
+def test_activation_checkpointing_wraps_every_block(monkeypatch):
+    import torch.utils.checkpoint as checkpoint_module
+
+    calls = []
+    real = checkpoint_module.checkpoint
+    monkeypatch.setattr(checkpoint_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    raw, model = build_model(tiny(), cfg_with(compile="false", activation_checkpointing="true", block_size=32), CPU, None)
+    x = torch.randint(0, 500, (1, 33))
+    model(x[:, :-1], x[:, 1:]).backward()
+    assert len(calls) == len(raw.layers)
+    calls.clear()
+    raw, model = build_model(tiny(), cfg_with(compile="false", block_size=32), CPU, None)
+    model(x[:, :-1], x[:, 1:])
+    assert calls == []
+
+
+def test_compile_true_on_one_process_compiles_the_model_in_place():
+    raw, model = build_model(tiny(), cfg_with(compile="true", block_size=32), CPU, None)
+    assert model is raw and raw._compiled_call_impl is not None
+    raw, model = build_model(tiny(), cfg_with(compile="false", block_size=32), CPU, None)
+    assert raw._compiled_call_impl is None
+
+
+def test_a_peak_exactly_at_the_bound_fits(monkeypatch):
+    peak = fake_gpu_memory(monkeypatch, free=1000)
+    model = Gemma3(tiny())
+    model.register_forward_hook(lambda module, args, output: setattr(peak, "value", 850 if args[0].shape[0] == 2 else 900))
+    assert probe_micro_batch_size(model, cfg_with(block_size=8), CPU, [4, 2, 1]) == 2  # 850 = 0.85 x 1000
+
+
+def test_flex_at_exactly_the_shared_memory_it_needs(monkeypatch):
+    fake_gpu(monkeypatch, "edge GPU", FLEX_MIN_SHARED_MEMORY // 1024)
+    assert choose_attention_backend(cfg_with(block_size=64), tiny(), GPU)[0] == "flex"
+
+
+def test_multi_head_attention_asks_no_fused_kernel(monkeypatch):
+    asked = []
+    monkeypatch.setattr(parallelize, "sdpa_fused_kernel_runs", lambda *args: asked.append(args) or True)
+    gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), dtype=torch.float16)
+    raw = Gemma3(tiny(n_kv_heads=4))
+    raw.attention_backend = "sdpa"
+    assert choose_kv_layouts(raw, cfg_with(block_size=64), gpu) == {SLIDING: "shared", GLOBAL: "shared"}
+    assert asked == []
+
+
+def test_only_shared_heads_are_probed_with_enable_gqa():
+    q, kv = torch.empty(1, 4, 8, 16), torch.empty(1, 1, 8, 16)
+
+    def no_gqa_kernel(q, k, v, mask, enable_gqa):  # equal heads only, and refuses enable_gqa
+        return k.shape[1] == q.shape[1] and not enable_gqa
+
+    assert first_fused_kv_layout(q, kv, None, no_gqa_kernel) == "expanded"
+    assert first_fused_kv_layout(q, kv, torch.ones(8, 8, dtype=torch.bool), no_gqa_kernel) == "repeated"
+
+
+def test_ddp_on_a_gpu_is_given_the_process_device(monkeypatch):
+    import torch.nn.parallel
+
+    made = []
+
+    class FakeDDP:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            made.append((device_ids, broadcast_buffers))
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    raw = Gemma3(tiny())
+    parallelize.wrap_model(raw, cfg_with(compile="false"), Runtime(torch.device("cuda", 1), torch.bfloat16, world_size=2))
+    parallelize.wrap_model(raw, cfg_with(compile="false"), Runtime(torch.device("cpu"), torch.float32, world_size=2))
+    assert made == [([1], False), (None, False)]

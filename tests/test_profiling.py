@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tinygemma.profiling
+from tinygemma.errors import UserError
 from tinygemma.profiling import (
     KERNEL_NAME_CHARS,
     TOP_KERNELS,
@@ -126,6 +127,8 @@ def test_a_profile_range_of_one_step_is_that_step():
     from tinygemma.profiling import parse_profile_range
 
     assert parse_profile_range("3") == (3, 3) and parse_profile_range("2:5") == (2, 5)
+    with pytest.raises(UserError, match="START:END"):  # its end left out: refused, not taken as step 3
+        parse_profile_range("3:")
 
 
 def test_a_profile_of_an_invocation_that_trains_nothing_says_so():
@@ -321,3 +324,39 @@ def test_kernel_kinds_ignore_the_case_of_a_name():
     attention, not "other"."""
     assert kernel_kind("void ck_tile::kentry<256, 2, ck_tile::FmhaFwdKernel<ck_tile::BlockFmhaPipelineQRKSVS<>>>") \
         == "attention"
+
+
+def test_device_events_without_a_timestamp_are_skipped():
+    activity = device_activity([kernel("nvjet_gemm", 0, 100), {"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "dur": 50}],
+                               wall_s=1e-3)
+    assert activity["kernels"] == 1 and activity["busy_s"] == pytest.approx(100e-6)
+
+
+def test_device_events_without_a_phase_are_complete_events():
+    activity = device_activity([{"cat": "kernel", "name": "nvjet_gemm", "ts": 0, "dur": 100}], wall_s=1e-3)
+    assert activity is not None and activity["kernels"] == 1
+
+
+def test_shares_of_a_microsecond_of_device_time():
+    activity = device_activity([kernel("nvjet_gemm", 0, 0.5), kernel("triton_poi_fused_0", 1, 0.5)], wall_s=1e-3)
+    assert activity["share_by_kind"] == pytest.approx({"matmul": 0.5, "fused pointwise and reductions": 0.5})
+
+
+def test_a_profile_that_cannot_be_written_for_a_disk_error_is_a_warning(tmp_path, monkeypatch, capsys):
+    class Profile:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kwargs: Profile())
+
+    def full_disk(self, wall_s):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StepProfiler, "write", full_disk)
+    profiler = StepProfiler(1, 1, tmp_path, torch.device("cpu"))
+    profiler.begin(0)
+    profiler.end(0)  # no exception
+    assert "was not written" in capsys.readouterr().err and profiler.profiler is None

@@ -196,6 +196,9 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     assert load_recipe(None, ["model.vocab_size=1024"]).model_config(vocab_size=512).vocab_size == 1024
     with pytest.raises(UserError, match="cannot hold the data's tokens"):
         load_recipe(None, ["model.vocab_size=256"]).model_config(vocab_size=512)
+    assert Recipe().model_config(vocab_size=100, needed=100).vocab_size == 100
+    with pytest.raises(UserError, match="cannot hold its tokenizer's 100 ids"):  # data one id short of its tokenizer
+        Recipe().model_config(vocab_size=99, needed=100)
     # Special ids past the text's (Gemma 3's <image_soft_token>) need no row: gemma-3-270m's shape is allowed
     assert load_recipe(None, ["model.vocab_size=511"]).model_config(512, needed=511).vocab_size == 511
     with pytest.raises(UserError, match="text and end-of-text take 511 ids"):
@@ -234,7 +237,7 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
     ("seed=18446744073709551616", "train.seed must be at most 18,446,744,073,709,551,615 (64 bits)"),  # a traceback
     ("eval_batches=1000000000000", "train.eval_batches must be at most 1,048,576"),  # was out of memory, exit 1
-    ("generate.temperature=-1", "generate.temperature must be a finite number >= 0, got -1.0"),
+    ("generate.temperature=-0.5", "generate.temperature must be a finite number >= 0, got -0.5"),
     ("generate.top_k=-5", "generate.top_k must be an integer >= 1 (0 or none: no top-k filter), got -5"),
     ("generate.min_p=2", "generate.min_p must be a number in [0, 1] (0 or none: off), got 2.0"),
     ("grad_accum_steps=1048577", "train.grad_accum_steps must be at most 1,048,576"),
@@ -244,6 +247,11 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("loggers=tensorbord", "train.loggers may name tensorboard, wandb, trackio; got 'tensorbord'"),
     ("generate.top_p=0", "generate.top_p must be a number in (0, 1], got 0.0"),
     ("generate.repetition_penalty=0", "generate.repetition_penalty must be a positive, finite number"),
+    *((f"{name}=-1", f"train.{name} must be an integer >= 0, got -1")
+      for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed", "sample_interval")),
+    ("adam_eps=1e39", "train.adam_eps must be a positive number within float32's range"),
+    ("muon_learning_rate=1e39", "train.muon_learning_rate must be a positive number within float32's range"),
+    ("cooldown_fraction=1.5", "train.cooldown_fraction must be a number in [0, 1], got 1.5"),
 ])
 def test_bad_settings_are_refused_by_name(setting, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -436,7 +444,7 @@ def test_set_items_are_read_one_way_everywhere():
 def test_config_bounds_at_their_edges():
     """A flat learning rate (min_lr = learning_rate) is a schedule, not an error; a block of exactly the model's
     positions is accepted and one more refused; nothing after = is none for a setting that takes none."""
-    from tinygemma.config import ModelConfig, check_block_size
+    from tinygemma.config import MAX_BATCH, check_block_size
 
     assert load_recipe(None, ["learning_rate=1e-3", "min_lr=1e-3"]).train.min_lr == 1e-3
     with pytest.raises(UserError, match="min_lr"):
@@ -447,6 +455,18 @@ def test_config_bounds_at_their_edges():
         check_block_size(config.max_position_embeddings + 1, config)
     recipe = load_recipe(None, ["generate.top_p=", "init_from=", "data.vocab_size="])
     assert (recipe.generate.top_p, recipe.train.init_from, recipe.data.vocab_size) == (None, None, None)
+    for name in ("batch_size", "grad_accum_steps", "eval_batches"):  # the largest is taken, one more refused
+        assert getattr(load_recipe(None, [f"{name}={MAX_BATCH}"]).train, name) == MAX_BATCH
+        with pytest.raises(UserError, match=f"train.{name} must be at most"):
+            load_recipe(None, [f"{name}={MAX_BATCH + 1}"])
+    assert load_recipe(None, ["max_steps=10", "warmup_steps=10"]).train.warmup_steps == 10
+    with pytest.raises(UserError, match=re.escape("warmup_steps (11) must not exceed train.max_steps (10)")):
+        load_recipe(None, ["max_steps=10", "warmup_steps=11"])
+    assert load_recipe(None, ["cooldown_fraction=1"]).train.cooldown_fraction == 1.0
+    # the vocabulary padded to the next multiple, not one more
+    assert [ModelConfig.preset("gemma3-tiny", vocab_size=v, vocab_pad_multiple=128).padded_vocab_size
+            for v in (256, 257)] == [256, 384]
+    assert ModelConfig.preset("gemma3-tiny", vocab_size=500).padded_vocab_size == 500  # multiple 1: off
 
 
 @pytest.mark.parametrize("section", ["data", "train", "generate"])
@@ -787,3 +807,10 @@ def test_an_infinite_temperature_is_refused():
         check_sampling(10, temperature=float("inf"))
     with pytest.raises(UserError, match=r"--temperature must be a finite number >= 0, got inf"):
         check_sampling(10, temperature=float("inf"), prefix="--")
+
+
+def test_a_top_k_of_zero_from_python_is_refused():
+    """From Python, top_k's "off" is None alone (a recipe file's 0 reads as none)."""
+    check_sampling(10, top_k=1)
+    with pytest.raises(UserError, match="top_k must be an integer >= 1"):
+        check_sampling(10, top_k=0)

@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import tinygemma
+import tinygemma.model as model_module
 from tinygemma import Gemma3, ModelConfig, UserError
 from tinygemma.config import GLOBAL, SLIDING
 from tinygemma.generate import generate
 from tinygemma.hf import to_transformers
 from tinygemma.model import (
+    KVCache,
     check_tokenizer_fits,
     kv_for_every_head,
     model_from_state,
@@ -246,8 +248,6 @@ def test_compiled_training_forward_reads_the_rope_table():
 def test_attention_gets_one_dtype_under_autocast(backend, monkeypatch):
     """Under bf16 autocast the residual stream is float32, and so are the RoPE tables: q and k must still reach
     attention in v's dtype, with SDPA and with flex_attention (which refuses a mix on several torch releases)."""
-    import tinygemma.model as model_module
-
     seen = {"sdpa": [], "flex": []}
 
     def recorder(kind):
@@ -604,3 +604,102 @@ def test_a_tied_head_saved_anyway_is_dropped_not_refused():
     ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.mark.parametrize("prompt", [4, 21])  # 21 = 16 + 5: past the window, the ring's slots start mid-way
+def test_cached_decoding_gives_the_full_forwards_hidden_states(prompt):
+    """A prompt prefilled into the cache, then one token at a time past the sliding window of 16: each step's
+    hidden state is the full forward's at that position."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny()).eval()
+    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model.trunk(ids)
+        cache = model.new_cache(1, 32)
+        steps = [model.trunk(ids[:, :prompt], cache, 0)[:, -1]]
+        for pos in range(prompt, 30):
+            steps.append(model.trunk(ids[:, pos : pos + 1], cache, pos)[:, -1])
+    assert torch.allclose(torch.stack(steps, 1), full[:, prompt - 1 :], atol=1e-4)
+
+
+def test_decode_at_masks_in_every_slot_up_to_the_position():
+    cache = KVCache(1, 4, 1, 2, torch.float32, "cpu")
+    k = torch.ones(1, 1, 1, 2)
+    for pos, expected in [(0, [1, 0, 0, 0]), (2, [1, 1, 1, 0]), (3, [1, 1, 1, 1]), (6, [1, 1, 1, 1])]:
+        keys, _, mask = cache.decode_at(k * (pos + 1), k, torch.tensor(pos))
+        assert mask.tolist() == [bool(e) for e in expected], pos
+        assert keys[0, 0, pos % 4, 0].item() == pos + 1
+
+
+def test_a_micro_batch_of_exactly_loss_full_logits_takes_the_full_head(monkeypatch):
+    seen = []
+    real = model_module.cross_entropy_from_hidden
+
+    def spy(h, weight, targets, chunk_size, V):
+        seen.append(chunk_size)
+        return real(h, weight, targets, chunk_size, V)
+
+    monkeypatch.setattr(model_module, "cross_entropy_from_hidden", spy)
+    torch.manual_seed(0)
+    model = Gemma3(tiny()).eval()
+    ids = torch.randint(0, 500, (2, 8), generator=torch.Generator().manual_seed(1))
+    model.loss_chunk_size = 4
+    model.loss_full_logits = 2 * 8 * 500  # rows x padded vocabulary, exactly
+    with torch.no_grad():
+        model(ids, ids)
+        model.loss_full_logits -= 1
+        model(ids, ids)
+    assert seen == [0, 4]
+
+
+def test_a_tokenizer_that_fills_the_vocabulary_exactly_fits():
+    tokenizer = load_tokenizer("gpt2")
+    with torch.device("meta"):
+        exact = Gemma3(tiny(vocab_size=tokenizer.model_vocab_size))
+        short = Gemma3(tiny(vocab_size=tokenizer.model_vocab_size - 1))
+    check_tokenizer_fits(tokenizer, exact)
+    with pytest.raises(UserError, match="they do not belong together"):
+        check_tokenizer_fits(tokenizer, short)
+
+
+def test_model_state_of_a_tied_model_stores_the_head_once():
+    torch.manual_seed(0)
+    assert "lm_head.weight" not in model_state(Gemma3(tiny()))
+    assert "lm_head.weight" in model_state(Gemma3(tiny(tie_embeddings=False)))
+
+
+def test_a_float64_state_loads_as_float32():
+    torch.manual_seed(0)
+    model = Gemma3(tiny()).eval()
+    state = {k: v.double() for k, v in model_state(model).items()}
+    loaded = model_from_state(tiny(), state).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_padded_models_own_state_loads_back():
+    torch.manual_seed(0)
+    config = tiny(vocab_pad_multiple=128)
+    model = Gemma3(config).eval()
+    loaded = model_from_state(config, model_state(model)).eval()
+    assert loaded.embed_tokens.weight.shape[0] == 512
+    ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_the_cache_takes_the_models_dtype():
+    model = Gemma3(tiny()).to(torch.bfloat16)
+    assert {c.k.dtype for c in model.new_cache(1, 8)} == {torch.bfloat16}
+    assert {c.v.dtype for c in model.new_cache(1, 8)} == {torch.bfloat16}
+    assert {c.k.dtype for c in model.new_cache(1, 8, dtype=torch.float32)} == {torch.float32}
+
+
+def test_an_integer_state_is_refused():
+    torch.manual_seed(0)
+    state = model_state(Gemma3(tiny()))
+    state["norm.weight"] = state["norm.weight"].long()
+    with pytest.raises(UserError, match="norm.weight is int64; the model takes float32, bfloat16 or float16"):
+        model_from_state(tiny(), state)

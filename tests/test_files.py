@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from tinygemma import files
 from tinygemma.errors import UserError
 from tinygemma.files import (
+    FolderLock,
     WriteError,
     atomic_path,
     atomic_save_safetensors,
@@ -23,8 +24,10 @@ from tinygemma.files import (
     atomic_write_text,
     check_output_folder,
     check_output_path,
+    is_gguf_file,
     read_safetensors,
     remove_temporaries,
+    sorted_metadata,
     temporary_target,
 )
 
@@ -598,6 +601,8 @@ def test_describe_keeps_the_lines_asked_for_where_a_validation_error_names_what_
     error = ValueError("1 validation error for Settings\n\n  project\n    Input should be a valid string\nmore")
     assert describe(error, lines=3) == "ValueError: 1 validation error for Settings; project; Input should be a valid string"
     assert describe(error) == "ValueError: 1 validation error for Settings" and describe(KeyError()) == "KeyError"
+    long_lines = ValueError("a" * 150 + "\n" + "b" * 150)  # cut at 200 characters a line asked for, not 200 in all
+    assert describe(long_lines, lines=2) == "ValueError: " + "a" * 150 + "; " + "b" * 150
 
 
 def test_a_signal_handler_installed_outside_python_gives_way_to_pythons_own_not_to_ours(monkeypatch):
@@ -693,3 +698,67 @@ def test_a_header_gives_each_tensor_its_shape_and_dtype(tmp_path):
     header = read_safetensors(tmp_path / "m.safetensors", header_only=True)
     assert {k: (v.dtype, tuple(v.shape), v.device.type) for k, v in header.items()} == {
         "a": (torch.bfloat16, (2, 3), "meta"), "b": (torch.int64, (4,), "meta")}
+
+
+def test_a_staged_folder_renames_its_first_file_first_and_its_last_file_last(tmp_path, monkeypatch):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("old")
+    order = []
+    replace = os.replace
+
+    def recording(src, dst):
+        order.append(os.path.basename(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", recording)
+    own = frozenset({"config.json", "model.safetensors", "README.md"})
+    with files.staged_folder(folder, own, "an export", first="model.safetensors", last="config.json") as stage:
+        for name in ("README.md", "config.json", "model.safetensors"):
+            (stage / name).write_text(name)
+    assert order[0] == "model.safetensors" and order[-1] == "config.json"
+    assert (folder / "config.json").read_text() == "config.json"
+
+
+def test_a_header_whose_json_would_grow_is_left_as_it_is(tmp_path):
+    header = b'{"__metadata__":{"b":"1","a":"2"},"n":1E5}'  # Python re-spells 1E5 as 100000.0: longer
+    path = tmp_path / "w.safetensors"
+    data = len(header).to_bytes(8, "little") + header + b"\x00" * 8
+    path.write_bytes(data)
+    sorted_metadata(path)
+    assert path.read_bytes() == data
+
+
+def test_a_runs_checkpoints_known_by_last_json_alone_are_refused_as_an_output(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.json").write_text(json.dumps({"dir": "step_000001"}))
+    with pytest.raises(UserError, match="a run's checkpoints"):
+        check_output_path(ckpts / "model.gguf")
+
+
+def test_a_header_only_read_gives_an_unknown_dtype_as_uint8(tmp_path):
+    path = tmp_path / "w.safetensors"
+    files.atomic_save_safetensors({"w": torch.zeros(2, 3, dtype=torch.float8_e4m3fn)}, path)
+    tensors = read_safetensors(path, header_only=True)
+    assert tensors["w"].dtype == torch.uint8 and tuple(tensors["w"].shape) == (2, 3)
+
+
+def test_acquiring_a_lock_already_held_is_nothing(tmp_path):
+    lock = FolderLock(tmp_path, "a training run")
+    lock.acquire()
+    try:
+        fd = lock.fd
+        lock.acquire()  # the mutant opens the file again and is refused by its own lock
+        assert lock.fd == fd
+    finally:
+        lock.release(remove=True)
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_gguf_file_is_told_by_its_magic(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    (tmp_path / "b.gguf").write_bytes(b"not a gguf")
+    assert is_gguf_file(tmp_path / "a.gguf")
+    assert not is_gguf_file(tmp_path / "b.gguf")
+    assert not is_gguf_file(tmp_path / "missing.gguf")

@@ -12,6 +12,7 @@ import torch
 import tinygemma.runtime as runtime
 from tinygemma import UserError
 from tinygemma.devices import autocast_dtype, pick_dtype
+from tinygemma.errors import under_torchrun, whole_number
 
 
 class FakeCuda:
@@ -552,3 +553,17 @@ def test_a_compiled_copy_keeps_the_keyword_only_defaults():
         return x * by
 
     assert compiled_copy(scaled, backend="eager")(torch.ones(2)).tolist() == [3.0, 3.0]
+
+
+def test_torchrun_is_known_by_its_run_id_alone():
+    assert under_torchrun({"TORCHELASTIC_RUN_ID": "x"})
+    assert not under_torchrun({})
+
+
+def test_a_whole_number_is_ascii_digits_only():
+    assert whole_number("12") == 12
+    assert whole_number("\u0664") is None  # Arabic-Indic four: int() takes it
+    assert whole_number("\u00b2") is None  # superscript two: int() raises
+    with pytest.raises(UserError, match="RANK must be a whole number"):
+        runtime.env_world_size({"WORLD_SIZE": "2", "RANK": "\u0660", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
+                        "MASTER_PORT": "1"})

@@ -1957,3 +1957,34 @@ def test_gpu_suite_a_trainer_runs_timed_output_in_the_report_is_its_first_lines_
     block = suite.timeline_lines([(float(i), f"line {i}") for i in range(100)])
     text = "\n".join(block)
     assert "line 39" in text and "line 40" not in text and text.count(" s  line ") == suite.TIMELINE_LINES
+
+
+def test_positive_int_refuses_zero_and_negatives_and_takes_one():
+    common = load_script("common")
+    for text in ("0", "-3", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number >= 1"):
+            common.positive_int(text)
+    assert common.positive_int("1") == 1
+
+
+def test_positive_ints_skips_empty_parts_but_refuses_no_number_at_all():
+    common = load_script("common")
+    assert common.positive_ints("1, 32,,64,") == [1, 32, 64]
+    for text in ("", ",", " , "):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated whole numbers"):
+            common.positive_ints(text)
+
+
+def test_run_script_exits_2_on_a_refusal_and_with_an_int_that_main_returns(capsys):
+    from tinygemma.errors import UserError
+
+    common = load_script("common")
+
+    def refused():
+        raise UserError("unknown preset 'x'")
+
+    for main, status in ((refused, 2), (lambda: 1, 1), (lambda: {"complete": True}, 0), (lambda: 0, 0)):
+        with pytest.raises(SystemExit) as exited:
+            common.run_script(main)
+        assert exited.value.code == status
+    assert capsys.readouterr().err == "error: unknown preset 'x'\n"

@@ -838,3 +838,79 @@ def test_a_resumed_tensorboard_keeps_the_checkpoints_own_step_for_readers_that_p
     reader.Reload()
     assert [(e.step, e.value) for e in reader.Scalars("train/loss")] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0),
                                                                         (5, 5.0), (6, 4.5)]
+
+
+def test_a_scalar_held_as_a_tensor_is_read_back_as_its_value(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("train/loss", 1.5, 3, new_style=True)
+    writer.close()
+    held = tinygemma.trackers.cut_events(tinygemma.trackers.event_files(tmp_path), lambda event: True)
+    assert held == {(3, "train/loss"): 1.5}
+
+
+@pytest.mark.parametrize("method", ["log", "text"])
+def test_wandb_logs_the_first_step_it_does_not_hold_and_skips_those_below(method):
+    logged = []
+
+    class FakeRun:
+        def log(self, data, step):
+            logged.append(step)
+
+    tracker = object.__new__(tinygemma.trackers.Wandb)
+    tracker.run, tracker.first_step = FakeRun(), 5
+    for step in (4, 5, 6):
+        if method == "log":
+            tracker.log({"train/loss": 1.0}, step)
+        else:
+            tracker.text("samples/1", "Once upon a time", step)
+    assert logged == [5, 6]
+
+
+def test_every_line_of_a_sample_story_is_indented_for_tensorboard():
+    assert tinygemma.trackers.markdown_block("Once upon a time.\n\nThe *end*.") == (
+        "    Once upon a time.\n    \n    The *end*.\n")
+
+
+def test_an_events_file_left_with_no_event_is_deleted(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("train/loss", 1.5, 3)
+    writer.close()
+    files = tinygemma.trackers.event_files(tmp_path)
+    assert len(files) == 1
+    assert tinygemma.trackers.cut_events(files, lambda event: False) == {}
+    assert tinygemma.trackers.event_files(tmp_path) == []
+
+
+def test_a_fresh_tensorboard_start_deletes_the_earlier_attempts_events_files(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tb"), filename_suffix=".killed")
+    writer.add_scalar("train/loss", 9.0, 4)
+    writer.close()
+    tracker = tinygemma.trackers.TensorBoard(tmp_path, {}, 0, None)
+    tracker.close(0)
+    files = tinygemma.trackers.event_files(tmp_path / "tb")
+    assert len(files) == 1 and not files[0].name.endswith(".killed")
+    assert tinygemma.trackers.cut_events(files, lambda event: True) == {}
+
+
+def test_a_backfill_sends_the_records_up_to_and_including_the_checkpoint_step(tmp_path):
+    class Recording:
+        name, resume_id = "recording", None
+
+        def __init__(self):
+            self.records = None
+
+        def backfill(self, records):
+            self.records = records
+
+    trackers = tinygemma.trackers.Trackers([], tmp_path, {}, 0)
+    tracker = Recording()
+    trackers.trackers = [tracker]
+    records = [{"step": s, "tokens": 8 * s, "train_loss": 2.0} for s in (1, 2, 3, 4)] + [{"step": 3, "val_loss": 1.9}]
+    trackers.backfill(records, 3)
+    assert [r["step"] for r in tracker.records] == [1, 2, 3, 3]

@@ -602,7 +602,7 @@ def add_generate(subparsers) -> None:
                    f"seed + i gives alone (default {defaults.seed})")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the continuation before this text, which is not printed (as llama.cpp's server and "
-                        "OpenAI's API); repeatable: the first met ends it; e.g. --stop $'\\n\\n' for one paragraph")
+                        "OpenAI's API); repeatable: the first met ends it; e.g. --stop $'\\n' for one paragraph")
     p.add_argument("--num-samples", type=int, default=1,
                    help="continuations generated together in one batch; printed one after another, separated "
                         "by a line '---' (only a single sample is streamed)")

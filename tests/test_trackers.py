@@ -693,8 +693,8 @@ def test_a_failed_start_of_another_tracker_marks_the_resumed_wandb_run_failed(da
     assert exits == [[0], [1]]
 
 
-def test_wandb_shows_a_sample_with_markup_as_text(monkeypatch):
-    """A story holding <, > or & is shown as written, not taken as HTML."""
+def wandb_to_a_list(first_step: int) -> tuple[tinygemma.trackers.Wandb, list]:
+    """A Wandb tracker whose run (wandb's, faked) appends each (data, step) it is given to the returned list."""
     logged = []
 
     class FakeRun:
@@ -702,7 +702,13 @@ def test_wandb_shows_a_sample_with_markup_as_text(monkeypatch):
             logged.append((data, step))
 
     tracker = object.__new__(tinygemma.trackers.Wandb)
-    tracker.run, tracker.first_step = FakeRun(), 0
+    tracker.run, tracker.first_step = FakeRun(), first_step
+    return tracker, logged
+
+
+def test_wandb_shows_a_sample_with_markup_as_text(monkeypatch):
+    """A story holding <, > or & is shown as written, not taken as HTML."""
+    tracker, logged = wandb_to_a_list(0)
     tracker.text("samples/1", "Tom said <b>hi</b> & left", 3)
     ((data, step),) = logged
     assert step == 3 and data["samples/1"].html.endswith("<pre>Tom said &lt;b&gt;hi&lt;/b&gt; &amp; left</pre>")
@@ -852,20 +858,14 @@ def test_a_scalar_held_as_a_tensor_is_read_back_as_its_value(tmp_path):
 
 @pytest.mark.parametrize("method", ["log", "text"])
 def test_wandb_logs_the_first_step_it_does_not_hold_and_skips_those_below(method):
-    logged = []
-
-    class FakeRun:
-        def log(self, data, step):
-            logged.append(step)
-
-    tracker = object.__new__(tinygemma.trackers.Wandb)
-    tracker.run, tracker.first_step = FakeRun(), 5
+    """A resumed wandb run's first_step is the next step it takes: that step is logged, those below not."""
+    tracker, logged = wandb_to_a_list(5)
     for step in (4, 5, 6):
         if method == "log":
             tracker.log({"train/loss": 1.0}, step)
         else:
             tracker.text("samples/1", "Once upon a time", step)
-    assert logged == [5, 6]
+    assert [step for _, step in logged] == [5, 6]
 
 
 def test_every_line_of_a_sample_story_is_indented_for_tensorboard():

@@ -195,14 +195,11 @@ def test_a_cuda_graph_that_cannot_be_captured_falls_back_to_the_steps_with_a_war
         assert generate_module.graphed_step(plan, model, model.new_cache(1, 4), 1, {}) is None
 
 
-def test_graphed_step_warms_up_then_captures_on_the_models_own_gpu_without_emptying_its_memory(monkeypatch):
-    """GraphedStep's order of CUDA calls, with torch.cuda stood in for (no GPU here; tests/test_cuda.py replays a
-    real graph): a side stream of the model's device, one warm-up run of the step there, the capture begun and
-    ended on that stream, no device-wide synchronisation and no emptying of torch's memory cache (which
-    torch.cuda.graph does at every call); then each call copies the token and position in and replays."""
-    from tinygemma import decode
-
-    calls, streams = [], []
+def stand_in_cuda_graphs(monkeypatch, calls: list, capture_error: Exception | None = None) -> list:
+    """torch.cuda's streams and graphs stood in for (no GPU here), each call recorded in `calls`; capture_end raises
+    `capture_error` where one is given (CUDA's word for a broken capture). Returns the devices streams were made
+    for."""
+    streams = []
 
     class Stream:
         def __init__(self, device=None):
@@ -217,19 +214,33 @@ def test_graphed_step_warms_up_then_captures_on_the_models_own_gpu_without_empty
 
         def capture_end(self):
             calls.append("end")
+            if capture_error is not None:
+                raise capture_error
 
         def replay(self):
             calls.append("replay")
 
-    model = tiny_model(seed=3, vocab_size=512)
-    plan = decode.decode_plan(model, pack=False)
-    real_step = plan.step
-    monkeypatch.setattr(plan, "step", lambda *a: calls.append("step") or real_step(*a))
     for name, stand_in in (("device", lambda d: contextlib.nullcontext()), ("Stream", Stream),
                            ("current_stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
                            ("CUDAGraph", Graph), ("synchronize", lambda *a: calls.append("synchronize")),
                            ("empty_cache", lambda: calls.append("empty_cache"))):
         monkeypatch.setattr(torch.cuda, name, stand_in)
+    return streams
+
+
+def test_graphed_step_warms_up_then_captures_on_the_models_own_gpu_without_emptying_its_memory(monkeypatch):
+    """GraphedStep's order of CUDA calls, with torch.cuda stood in for (no GPU here; tests/test_cuda.py replays a
+    real graph): a side stream of the model's device, one warm-up run of the step there, the capture begun and
+    ended on that stream, no device-wide synchronisation and no emptying of torch's memory cache (which
+    torch.cuda.graph does at every call); then each call copies the token and position in and replays."""
+    from tinygemma import decode
+
+    calls = []
+    streams = stand_in_cuda_graphs(monkeypatch, calls)
+    model = tiny_model(seed=3, vocab_size=512)
+    plan = decode.decode_plan(model, pack=False)
+    real_step = plan.step
+    monkeypatch.setattr(plan, "step", lambda *a: calls.append("step") or real_step(*a))
     cache = model.new_cache(2, 20)
     graphed = decode.GraphedStep(plan, model, cache, 2, plan.rope_tables(model, 20))
     assert calls == ["wait", "step", "begin (thread_local)", "step", "end", "wait"]
@@ -301,43 +312,26 @@ def test_a_plan_step_gives_logits_of_the_vocabulary_not_of_its_padding():
 
 
 def test_a_graphed_step_whose_capture_fails_ends_the_capture_and_raises(monkeypatch):
+    """A step that fails during the capture: the capture is ended (else the side stream stays capturing and every
+    later CUDA call on it fails), and the step's own error is raised, not capture_end's."""
     from tinygemma import decode
 
     calls = []
-
-    class Stream:
-        def __init__(self, device=None):
-            pass
-
-        def wait_stream(self, other):
-            calls.append("wait")
-
-    class Graph:
-        def capture_begin(self, capture_error_mode="global"):
-            calls.append("begin")
-
-        def capture_end(self):
-            calls.append("end")
-            raise RuntimeError("the capture is invalidated")  # as CUDA says of a broken capture
-
+    stand_in_cuda_graphs(monkeypatch, calls, capture_error=RuntimeError("the capture is invalidated"))
     model = tiny_model(seed=3, vocab_size=512)
     plan = decode.decode_plan(model, pack=False)
     real_step = plan.step
 
     def step(*args):
         calls.append("step")
-        if "begin" in calls:
+        if "begin (thread_local)" in calls:
             raise RuntimeError("operation not permitted when stream is capturing")
         return real_step(*args)
 
     monkeypatch.setattr(plan, "step", step)
-    for name, stand_in in (("device", lambda d: contextlib.nullcontext()), ("Stream", Stream),
-                           ("current_stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
-                           ("CUDAGraph", Graph)):
-        monkeypatch.setattr(torch.cuda, name, stand_in)
-    with pytest.raises(RuntimeError, match="operation not permitted"):  # the step's own error, not capture_end's
+    with pytest.raises(RuntimeError, match="operation not permitted"):
         decode.GraphedStep(plan, model, model.new_cache(1, 8), 1, plan.rope_tables(model, 8))
-    assert calls == ["wait", "step", "begin", "step", "end"]
+    assert calls == ["wait", "step", "begin (thread_local)", "step", "end"]
 
 
 def test_a_plan_is_kept_for_a_model_with_parameters_of_fewer_than_sixteen_values():

@@ -913,24 +913,25 @@ def test_a_vocabulary_with_an_empty_token_is_refused(stories_dir):
         llama_cpp_vocabulary(spec, bpe.vocab_size + 1)
 
 
+def added_token(token_id: int, content: str, special: bool) -> dict:
+    """An added token as tokenizer.json writes one, matched as llama.cpp matches it (no word or strip rules)."""
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": True, "special": special}
+
+
 def test_a_special_token_just_past_the_models_rows_is_left_out_of_the_vocabulary(bpe):
     spec = json.loads(bpe.hf_json())
-    spec["added_tokens"].append({"id": bpe.vocab_size, "content": "<image_soft_token>", "single_word": False, "lstrip": False, "rstrip": False,
-                                  "normalized": True, "special": True})
+    spec["added_tokens"].append(added_token(bpe.vocab_size, "<image_soft_token>", special=True))
     tokens, types, _ = llama_cpp_vocabulary(spec, bpe.vocab_size)
     assert len(tokens) == len(types) == bpe.vocab_size and "<image_soft_token>" not in tokens
-
-
-def test_a_tokenizer_one_id_larger_than_the_model_is_refused_in_words(bpe):
-    spec = json.loads(bpe.hf_json())
-    with pytest.raises(UserError, match="do not belong together"):
-        llama_cpp_vocabulary(spec, bpe.vocab_size - 1)
+    with pytest.raises(UserError, match="do not belong together"):  # a tokenizer one id larger than the model
+        llama_cpp_vocabulary(json.loads(bpe.hf_json()), bpe.vocab_size - 1)
 
 
 def test_plain_added_tokens_are_user_defined_and_special_ones_control(bpe):
+    """llama.cpp matches a USER_DEFINED token in text; a CONTROL one never."""
     spec = json.loads(bpe.hf_json())
-    spec["added_tokens"].append({"id": bpe.vocab_size, "content": "Lily", "single_word": False, "lstrip": False, "rstrip": False,
-                                  "normalized": True, "special": False})
+    spec["added_tokens"].append(added_token(bpe.vocab_size, "Lily", special=False))
     _, types, _ = llama_cpp_vocabulary(spec, bpe.vocab_size + 1)
     assert types[bpe.vocab_size] == int(gguf.TokenType.USER_DEFINED)
     assert types[bpe.eot_id] == int(gguf.TokenType.CONTROL)

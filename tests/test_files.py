@@ -749,7 +749,7 @@ def test_acquiring_a_lock_already_held_is_nothing(tmp_path):
     lock.acquire()
     try:
         fd = lock.fd
-        lock.acquire()  # the mutant opens the file again and is refused by its own lock
+        lock.acquire()  # the lock it holds, kept (opening the file again, it would be refused by its own lock)
         assert lock.fd == fd
     finally:
         lock.release(remove=True)

@@ -816,12 +816,8 @@ def test_sample_stories_are_among_the_points_an_events_file_holds(tmp_path):
 def test_a_point_held_twice_is_no_records(tmp_path):
     """tb/ holding a step twice (a fork's copied
     events and its own) must not compare equal to metrics.jsonl's once, or the duplicate is never cut."""
-    from torch.utils.tensorboard import SummaryWriter
-
     for name in ("a", "b"):
-        writer = SummaryWriter(str(tmp_path), filename_suffix=name)
-        writer.add_scalar("train/loss", 1.5, 3)
-        writer.close()
+        write_loss(tmp_path, 3, 1.5, filename_suffix=name)
     files = tinygemma.trackers.event_files(tmp_path)
     assert len(files) == 2
     assert tinygemma.trackers.cut_events(files, lambda event: True) == {(3, "train/loss"): None}
@@ -846,12 +842,18 @@ def test_a_resumed_tensorboard_keeps_the_checkpoints_own_step_for_readers_that_p
                                                                         (5, 5.0), (6, 4.5)]
 
 
-def test_a_scalar_held_as_a_tensor_is_read_back_as_its_value(tmp_path):
+def write_loss(folder, step: int, value: float, filename_suffix: str = "", new_style: bool = False) -> None:
+    """An events file in `folder` holding one train/loss point (new_style: as a tensor, TensorBoard's newer form)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(tmp_path))
-    writer.add_scalar("train/loss", 1.5, 3, new_style=True)
+    writer = SummaryWriter(str(folder), filename_suffix=filename_suffix)
+    writer.add_scalar("train/loss", value, step, new_style=new_style)
     writer.close()
+
+
+def test_a_scalar_held_as_a_tensor_is_read_back_as_its_value(tmp_path):
+    """Or a resume takes tb/ for not the records' and writes it again each time."""
+    write_loss(tmp_path, 3, 1.5, new_style=True)
     held = tinygemma.trackers.cut_events(tinygemma.trackers.event_files(tmp_path), lambda event: True)
     assert held == {(3, "train/loss"): 1.5}
 
@@ -874,11 +876,7 @@ def test_every_line_of_a_sample_story_is_indented_for_tensorboard():
 
 
 def test_an_events_file_left_with_no_event_is_deleted(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tmp_path))
-    writer.add_scalar("train/loss", 1.5, 3)
-    writer.close()
+    write_loss(tmp_path, 3, 1.5)
     files = tinygemma.trackers.event_files(tmp_path)
     assert len(files) == 1
     assert tinygemma.trackers.cut_events(files, lambda event: False) == {}
@@ -886,11 +884,8 @@ def test_an_events_file_left_with_no_event_is_deleted(tmp_path):
 
 
 def test_a_fresh_tensorboard_start_deletes_the_earlier_attempts_events_files(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tmp_path / "tb"), filename_suffix=".killed")
-    writer.add_scalar("train/loss", 9.0, 4)
-    writer.close()
+    """`tensorboard --logdir` ignores purge_step: a killed attempt's events files would show beside the new ones."""
+    write_loss(tmp_path / "tb", 4, 9.0, filename_suffix=".killed")
     tracker = tinygemma.trackers.TensorBoard(tmp_path, {}, 0, None)
     tracker.close(0)
     files = tinygemma.trackers.event_files(tmp_path / "tb")

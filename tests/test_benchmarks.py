@@ -1553,24 +1553,35 @@ def test_train_throughput_counts_every_accumulated_passs_tokens(capsys):
     assert result["grad_accum"] == 2 and row["tokens_per_s"] == pytest.approx(1 * 16 * 2 / row["step_time_s"])
 
 
-def test_train_throughput_isolated_children_run_the_parents_settings(monkeypatch, capsys):
-    """--isolate: each child process is started with the parent's shape (--grad-accum included), precision,
-    attention and --compile, and the parent's tokens/s is its tokens over the median of the children's steps."""
-    import subprocess
+TINY_THROUGHPUT = ["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16", "--device", "cpu",
+                   "--contenders", "tinygemma"]
 
-    train_throughput = load_script("train_throughput")
+
+def fake_isolated_children(monkeypatch, result_of) -> list:
+    """subprocess.run faked for --isolate: each child writes its JSON, whose one result is a plain row updated with
+    result_of(contender, round) (two contenders a round); returns the commands run."""
     commands = []
 
     def fake_run(cmd, stdout=None):
         commands.append(cmd)
-        label = cmd[cmd.index("--contenders") + 1].replace("+compile", " (compile)")
+        contender, r = cmd[cmd.index("--contenders") + 1], (len(commands) - 1) // 2
+        row = {"contender": contender.replace("+compile", " (compile)"), "step_time_s": 2.0, "step_times_s": [2.0],
+               "losses": [5.0, 4.0], "loss_step0": 5.0, "peak_memory_bytes": None, "first_step_s": 3.0,
+               **result_of(contender, r)}
         Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({
-            "device": "cpu", "flops_per_token": 1.0, "peak_flops": None, "results": [
-                {"contender": label, "step_time_s": 2.0, "step_times_s": [1.0, 2.0, 9.0], "losses": [5.0, 4.0],
-                 "loss_step0": 5.0, "peak_memory_bytes": None, "first_step_s": 30.0}]}))
+            "device": "cpu", "flops_per_token": 1.0, "peak_flops": None, "results": [row]}))
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
+    return commands
+
+
+def test_train_throughput_isolated_children_run_the_parents_settings(monkeypatch, capsys):
+    """--isolate: each child process is started with the parent's shape (--grad-accum included), precision,
+    attention and --compile, and the parent's tokens/s is its tokens over the median of the children's steps."""
+    train_throughput = load_script("train_throughput")
+    commands = fake_isolated_children(monkeypatch, lambda contender, r: {"step_times_s": [1.0, 2.0, 9.0],
+                                                                         "first_step_s": 30.0})
     result = train_throughput.main(["--preset", "gemma3-tiny", "--device", "cpu", "--batch-size", "2",
                                     "--block-size", "16", "--grad-accum", "4", "--steps", "3", "--dtype", "bfloat16",
                                     "--attention", "flex", "--compile", "--isolate", "1",
@@ -1988,3 +1999,177 @@ def test_run_script_exits_2_on_a_refusal_and_with_an_int_that_main_returns(capsy
             common.run_script(main)
         assert exited.value.code == status
     assert capsys.readouterr().err == "error: unknown preset 'x'\n"
+
+
+def test_check_losses_accepts_a_float32_spread_of_exactly_its_tolerance(capsys):
+    train_throughput = load_script("train_throughput")
+    # (10001 - 10000) / 10000 is exactly the double 1e-4: within the tolerance, not over it
+    assert train_throughput.check_losses({"a": 10000.0, "b": 10001.0}, torch.float32) == 1e-4
+    assert train_throughput.check_losses({"a": 100.0, "b": 102.0}, torch.bfloat16) == 2e-2
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--warmup", "--steps"])
+def test_train_throughput_refuses_no_warmup_or_no_timed_steps(option):
+    train_throughput = load_script("train_throughput")
+    settings = {"--warmup": "1", "--steps": "1", option: "0"}
+    with pytest.raises(SystemExit, match="--warmup and --steps must be >= 1"):
+        train_throughput.main([*TINY_THROUGHPUT, *(a for kv in settings.items() for a in kv)])
+
+
+def test_gpu_suite_budget_of_exactly_its_minimum_is_taken_and_an_infinite_one_refused(tmp_path):
+    suite = load_script("gpu_suite")
+    assets = fake_assets(tmp_path / "assets")
+    args = argparse.Namespace(quick=True, report=str(tmp_path / "r.md"), summary=None, work=None, steps=None,
+                              runs=None, assets=str(assets), budget=float(suite.MIN_COMMAND_SECONDS))
+    assert suite.refusal(args, "cpu", assets, *suite.output_paths(args)) is None
+    for budget in (float("inf"), float("nan")):
+        args.budget = budget
+        assert "--budget must be at least" in suite.refusal(args, "cpu", assets, *suite.output_paths(args))
+
+
+def test_gpu_suite_quick_refuses_the_gpu_report_as_its_report(tmp_path):
+    suite = load_script("gpu_suite")
+    assets = fake_assets(tmp_path / "assets")
+    args = argparse.Namespace(quick=True, report=str(suite.GPU_SUMMARY.with_suffix(".md")),
+                              summary=str(tmp_path / "s.json"), work=None, steps=None, runs=None,
+                              assets=str(assets), budget=float(suite.TOTAL_SECONDS))
+    assert "a --quick run does not write" in suite.refusal(args, "cpu", assets, *suite.output_paths(args))
+
+
+def test_train_throughput_refuses_a_negative_isolate(capsys):
+    train_throughput = load_script("train_throughput")
+    with pytest.raises(SystemExit) as refused:
+        train_throughput.main([*TINY_THROUGHPUT, "--steps", "1", "--warmup", "1", "--isolate", "-1"])
+    assert refused.value.code == 2 and "--isolate: expected a number of rounds >= 0" in capsys.readouterr().err
+
+
+def test_train_throughput_isolated_children_get_the_seed_and_the_largest_peak_is_kept(monkeypatch, capsys):
+    train_throughput = load_script("train_throughput")
+    peaks = [100, 300, 200]  # a round's; its losses and first step its own too
+    commands = fake_isolated_children(monkeypatch, lambda contender, r: {
+        "losses": [5.0 + r, 4.0], "loss_step0": 5.0 + r, "peak_memory_bytes": peaks[r], "first_step_s": 3.0 + r})
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--device", "cpu", "--steps", "1", "--seed", "7",
+                                    "--isolate", "3", "--contenders", "tinygemma,transformers"])
+    assert len(commands) == 6
+    assert all(cmd[cmd.index("--seed") + 1] == "7" for cmd in commands)
+    assert [row["peak_memory_bytes"] for row in result["results"]] == [300, 300]
+    # the first round's own first step (compiling) and step-0 loss, as the loss check reads them
+    assert [(row["first_step_s"], row["loss_step0"]) for row in result["results"]] == [(3.0, 5.0), (3.0, 5.0)]
+
+
+def test_gpu_suite_starts_a_command_with_exactly_its_minimum_left(monkeypatch):
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False, budget=100.0, started=0.0)
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: 100.0 - suite.MIN_COMMAND_SECONDS)
+    assert plan.seconds_left(400) == suite.MIN_COMMAND_SECONDS
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: 100.0 - suite.MIN_COMMAND_SECONDS + 0.5)
+    assert plan.seconds_left(400) == 0.0
+
+
+def test_train_throughput_table_shows_mfu_as_a_percentage_and_memory_in_gib():
+    train_throughput = load_script("train_throughput")
+    row = {"contender": "tinygemma", "tokens_per_s": 1000.0, "step_time_s": 0.5, "mfu": 0.425,
+           "ratio_vs_transformers": 1.5, "paired_ratio_vs_transformers": 1.25, "loss_step0": 10.0,
+           "peak_memory_bytes": 3 * 2**30, "first_step_s": 2.0}
+    line = train_throughput.markdown_table([row]).splitlines()[-1]
+    assert line == "| tinygemma | 1,000 | 500 ms | 42.5% | 1.50x | 1.25x | 10.00000 | 3.00 GiB | 2.0 s |"
+    assert train_throughput.gib(None) == "-"
+
+
+def test_gpu_suite_steady_state_claims_no_mfu_when_an_interval_has_none():
+    suite = load_script("gpu_suite")
+    records = [{"step": 5, "tokens_per_s": 100.0, "mfu": 0.1}, {"step": 10, "tokens_per_s": 1000.0, "mfu": 0.4},
+               {"step": 15, "tokens_per_s": 1000.0}]  # the last log line holds no MFU (no known peak)
+    figures = suite.steady_state(records, log_interval=5, tokens_per_step=100)
+    assert figures["tokens_per_s"] == pytest.approx(1000.0) and figures["mfu"] is None
+
+
+def test_resident_memory_counts_two_parameters_over_the_same_memory_once():
+    train_throughput = load_script("train_throughput")
+    model = torch.nn.Module()
+    model.a = torch.nn.Linear(4, 4, bias=False)
+    model.b = torch.nn.Linear(4, 4, bias=False)
+    model.b.weight = torch.nn.Parameter(model.a.weight.data)  # another Parameter, the same storage
+    contender = train_throughput.Contender("t", model, lambda x, y: model.b(model.a(x)).sum(), autocast=False)
+    assert train_throughput.resident_bytes(contender) == 16 * 4
+
+
+def test_gpu_suite_cuda_tests_on_a_cpu_fail_when_none_was_skipped(monkeypatch):
+    suite = load_script("gpu_suite")
+    output = ("tests/test_cuda.py::test_a PASSED                           [100%]\n"
+              "=============== 1 passed, 362 deselected in 2.00s ===============\n")
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (0, output, 2.0))
+    assert not suite.cuda_tests(suite.Plan("cpu", True), {}).ok
+    skipped = output.replace("PASSED", "SKIPPED (no CUDA)").replace("1 passed", "1 skipped")
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (0, skipped, 2.0))
+    assert suite.cuda_tests(suite.Plan("cpu", True), {}).ok
+
+
+def test_gpu_suite_trainer_command_warms_up_at_least_one_step():
+    suite = load_script("gpu_suite")
+    for steps, warmup in ((2, 1), (3, 1), (8, 2)):
+        plan = suite.Plan("cpu", True, trainer_steps=steps)
+        cmd = suite.trainer_command(plan, Path("data"), Path("out"), 32, 4, 2, "adamw")
+        assert f"warmup_steps={warmup}" in cmd
+
+
+def test_gpu_suite_trainer_row_has_no_last_loss_without_an_evaluation_after_step_0(tmp_path):
+    suite = load_script("gpu_suite")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"run": {"tokens_per_step": 100, "global_batch": 4,
+                                                         "micro_batch_size": 4, "passes_per_step": 1},
+                                                 "train": {"muon_backend": "auto"}}))
+    records = [{"step": 0, "tokens": 0, "val_loss": 10.0}, {"step": 0, "tokens": 0, "val_loss": 10.0},
+               {"step": 2, "tokens": 200, "train_loss": 5.0, "tokens_per_s": 1000.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = suite.trainer_row(out, 32, "adamw", suite.Plan("cpu", True), "")
+    assert (row["val_loss_first"], row["val_loss_last"]) == (10.0, None)
+
+
+def test_train_throughput_takes_contenders_with_spaces_around_the_commas(monkeypatch):
+    train_throughput = load_script("train_throughput")
+    taken = []
+
+    def build(names, *args, **kwargs):
+        taken.append(names)
+        raise SystemExit("built")
+
+    monkeypatch.setattr(train_throughput, "build_contenders", build)
+    with pytest.raises(SystemExit, match="built"):
+        train_throughput.main(["--preset", "gemma3-tiny", "--device", "cpu", "--contenders", " tinygemma , workshop,"])
+    assert taken == [["tinygemma", "workshop"]]
+
+
+def test_train_throughput_isolated_paired_ratio_pairs_each_rounds_own_times(monkeypatch, capsys):
+    train_throughput = load_script("train_throughput")
+    times = {"tinygemma": [1.0, 1.0, 1.0], "transformers": [2.0, 4.0, 4.0]}  # per round
+    fake_isolated_children(monkeypatch, lambda contender, r: {"step_time_s": times[contender][r],
+                                                              "step_times_s": [times[contender][r]]})
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--device", "cpu", "--steps", "1", "--isolate", "3",
+                                    "--contenders", "tinygemma,transformers"])
+    tinygemma = result["results"][0]
+    assert tinygemma["paired_ratio_vs_transformers"] == 4.0  # rounds' ratios 2, 4, 4: their median
+    assert tinygemma["ratio_vs_transformers"] == 4.0  # medians 1 and 4
+
+
+def test_gpu_suite_moonshot_is_met_at_exactly_50_percent():
+    suite = load_script("gpu_suite")
+    runs = [(128, 32, 32, "adamw"), (128, 32, 32, "muon")]
+    rows = [{"block_size": 128, "optimizer": o, "tokens_per_s": 1000.0, "mfu": suite.MFU_MOONSHOT, "muon_backend": None}
+            for o in ("adamw", "muon")]
+    goals, _ = suite.speed_goals(rows, runs)
+    assert goals["moonshot_met"] is True and goals["mfu_met"] is True
+
+
+def test_gpu_suite_muon_exactly_5_percent_slower_meets_its_goal():
+    """A Muon step exactly 5% longer than AdamW's is at most 5% slower: met (105,000 / 100,000 - 1 is a hair over
+    0.05 in floating point, which judged it NOT met)."""
+    suite = load_script("gpu_suite")
+    rows = [{"block_size": b, "optimizer": o, "tokens_per_s": 105_000.0 if o == "adamw" else 100_000.0,
+             "mfu": 0.45, "muon_backend": None} for b, _, _, o in suite.TRAINER_RUNS]
+    goals, lines = suite.speed_goals(rows, suite.TRAINER_RUNS)
+    assert goals["muon_met"] is True and set(goals["muon_cost"].values()) == {0.05}
+    rows[2]["tokens_per_s"] = 99_900.0  # block 128's Muon run: just over
+    assert suite.speed_goals(rows, suite.TRAINER_RUNS)[0]["muon_met"] is False

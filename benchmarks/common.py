@@ -18,15 +18,22 @@ from tinygemma.devices import CPU_FLAGS, cpu_description, device_description  # 
 from tinygemma.errors import UserError
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of steps, tokens, rows), refused in argparse's one line."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+def whole_number_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, refused in argparse's one line."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number_at_least(1)  # a count of steps, tokens, rows
+non_negative_int = whole_number_at_least(0)  # a count where 0 means none
 
 
 def positive_ints(text: str) -> list[int]:

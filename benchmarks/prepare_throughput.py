@@ -31,7 +31,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import cpu_description  # noqa: E402
+from common import cpu_description, positive_int, run_script  # noqa: E402
 
 from tinygemma.data import available_cpus, open_prepared, prepare  # noqa: E402
 from tinygemma.tokenizer import GPT2Tokenizer  # noqa: E402
@@ -71,12 +71,12 @@ def ours(text_file: Path, workers: int, out: Path) -> tuple[float, np.ndarray]:
     return time.perf_counter() - started, np.asarray(open_prepared(out).split("train"))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=available_cpus())
-    parser.add_argument("--repeat", type=int, default=16, help="copies of train.txt to tokenize")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the best counts")
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=positive_int, default=available_cpus())
+    parser.add_argument("--repeat", type=positive_int, default=16, help="copies of train.txt to tokenize")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="alternating runs of each; the best counts")
+    args = parser.parse_args(argv)
 
     import datasets
 
@@ -107,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

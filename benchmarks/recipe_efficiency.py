@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import cpu_description  # noqa: E402
+from common import cpu_description, non_negative_int, positive_int, positive_ints, run_script  # noqa: E402
 
 from tinygemma.config import load_recipe  # noqa: E402
 from tinygemma.data import prepare  # noqa: E402
@@ -206,26 +206,26 @@ def time_optimizers(steps: int, threads: int, settings: list[str], vocab_size: i
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/recipe_efficiency", help="work directory: data, runs, results")
-    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run (the budget)")
+    p.add_argument("--tokens", type=positive_int, default=2_000_000, help="training tokens per run (the budget)")
     p.add_argument("--adamw-lrs", default="4e-3,8e-3,1.6e-2,3.2e-2", help="AdamW learning rates to sweep")
     p.add_argument("--muon-lrs", default="0.02,0.04,0.08,0.16", help="Muon learning rates to sweep")
-    p.add_argument("--seeds", default="1337,1338", help="seeds; sweeps use the first")
-    p.add_argument("--evals", type=int, default=8, help="evaluations per run (after step 0)")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches of 16 windows per evaluation")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--timing-threads", help="thread counts to time the optimizers at, e.g. 1,2 (default: --threads)")
-    p.add_argument("--timing-steps", type=int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
-    p.add_argument("--extend", type=int, default=1,
+    p.add_argument("--seeds", type=positive_ints, default=[1337, 1338], help="seeds, 1337,1338 by default; sweeps use the first")
+    p.add_argument("--evals", type=positive_int, default=8, help="evaluations per run (after step 0)")
+    p.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches of 16 windows per evaluation")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (processes)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per run")
+    p.add_argument("--timing-threads", type=positive_ints, help="thread counts to time the optimizers at, e.g. 1,2 (default: --threads)")
+    p.add_argument("--timing-steps", type=non_negative_int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
+    p.add_argument("--extend", type=non_negative_int, default=1,
                    help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
-    p.add_argument("--val-max-tokens", type=int,
+    p.add_argument("--val-max-tokens", type=positive_int,
                    help="cap the final models' evaluation on the validation split (smoke tests; default: all of it)")
     p.add_argument("--short-fraction", type=float, default=0.6,
                    help="also run the best Muon value planned for this fraction of the budget (0 = skip): under "
                         "wsd a shorter plan cools down sooner, so the long run's curve overstates the tokens needed")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: report the runs already finished in --out (fewer seeds where some are missing)")
-    p.add_argument("--limit", type=int, help="use only the first N training stories (smoke tests)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N training stories (smoke tests)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra setting for every run")
     args = p.parse_args(argv)
 
@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
     steps = max(1, -(-args.tokens // tokens_per_step))  # at least the budget
     common = [*COMMON, f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}",
               f"eval_interval={max(1, steps // args.evals)}", f"eval_batches={args.eval_batches}"]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     grids = {"adamw": sorted(float(v) for v in args.adamw_lrs.split(",")),
              "muon": sorted(float(v) for v in args.muon_lrs.split(","))}
     settings_for = {"workshop": lambda _: WORKSHOP, "adamw": adamw_recipe, "muon": muon_recipe}
@@ -319,7 +319,7 @@ def main(argv=None) -> dict:
         row["winner_tokens_to_reach"] = reached
         row["winner_fraction_of_tokens"] = None if reached is None else reached / (steps * tokens_per_step)
 
-    timing_threads = [int(t) for t in (args.timing_threads or str(args.threads)).split(",")]
+    timing_threads = args.timing_threads or [args.threads]
     if args.report_only:  # "run nothing": the timings an earlier invocation measured, if any
         earlier = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
         timing = {int(t): v for t, v in earlier.get("timing_ms_per_step_by_threads", {}).items()}
@@ -408,4 +408,4 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -209,13 +209,17 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=positive_int, default=2_000_000, help="training tokens per run (the budget)")
     p.add_argument("--adamw-lrs", default="4e-3,8e-3,1.6e-2,3.2e-2", help="AdamW learning rates to sweep")
     p.add_argument("--muon-lrs", default="0.02,0.04,0.08,0.16", help="Muon learning rates to sweep")
-    p.add_argument("--seeds", type=positive_ints, default=[1337, 1338], help="seeds, 1337,1338 by default; sweeps use the first")
+    p.add_argument("--seeds", type=positive_ints, default=[1337, 1338],
+                   help="seeds, 1337,1338 by default; sweeps use the first")
     p.add_argument("--evals", type=positive_int, default=8, help="evaluations per run (after step 0)")
-    p.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches of 16 windows per evaluation")
+    p.add_argument("--eval-batches", type=positive_int, default=8,
+                   help="validation batches of 16 windows per evaluation")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (processes)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads per run")
-    p.add_argument("--timing-threads", type=positive_ints, help="thread counts to time the optimizers at, e.g. 1,2 (default: --threads)")
-    p.add_argument("--timing-steps", type=non_negative_int, default=5, help="interleaved timing steps per optimizer (0 = skip)")
+    p.add_argument("--timing-threads", type=positive_ints,
+                   help="thread counts to time the optimizers at, e.g. 1,2 (default: --threads)")
+    p.add_argument("--timing-steps", type=non_negative_int, default=5,
+                   help="interleaved timing steps per optimizer (0 = skip)")
     p.add_argument("--extend", type=non_negative_int, default=1,
                    help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
     p.add_argument("--val-max-tokens", type=positive_int,

@@ -2367,6 +2367,8 @@ def test_prepare_throughput_runs_both_pipelines_and_checks_their_tokens_agree(tm
     one round: both pipelines' tokens identical, one end-of-text token per story, and the speed-up the workshop's
     best time over ours."""
     pytest.importorskip("datasets")
+    # datasets' map(num_proc=...) replaces os.environ with a copy: the original object comes back after the test
+    monkeypatch.setattr(os, "environ", os.environ)
     bench = load_script("prepare_throughput")
     stories = tmp_path / "stories"
     stories.mkdir()

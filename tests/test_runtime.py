@@ -567,3 +567,12 @@ def test_a_whole_number_is_ascii_digits_only():
     with pytest.raises(UserError, match="RANK must be a whole number"):
         runtime.env_world_size({"WORLD_SIZE": "2", "RANK": "\u0660", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
                         "MASTER_PORT": "1"})
+
+
+def test_the_torchrun_environment_is_read_from_os_environ_as_it_is_at_the_call(monkeypatch):
+    """A library may put another object in os.environ's place (datasets' map(num_proc=...) puts a deep copy
+    there): what torchrun set is read from os.environ as it is then, not from the object it was at import (the
+    world size read 1 and every process took itself for process 0)."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    os.environ.update({**TORCHRUN, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+    assert runtime.env_world_size() == 2 and runtime.env_rank() == 1

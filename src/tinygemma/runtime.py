@@ -87,10 +87,12 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def env_world_size(env=os.environ) -> int:
+def env_world_size(env=None) -> int:
     """The number of processes torchrun started (WORLD_SIZE; 1 without it), refused in one line when it is not a
     positive integer, or when WORLD_SIZE > 1 comes without the rest of torchrun's environment (a WORLD_SIZE left
-    exported in a shell, not torchrun: init_process_group would fail with a traceback)."""
+    exported in a shell, not torchrun: init_process_group would fail with a traceback). `env`: os.environ as it is
+    at the call (a library may replace it: datasets' map(num_proc=...) puts a copy in its place)."""
+    env = os.environ if env is None else env
     text = env.get("WORLD_SIZE", "1")
     try:
         world_size = int(text)
@@ -110,8 +112,9 @@ def env_world_size(env=os.environ) -> int:
     return world_size
 
 
-def env_rank(env=os.environ) -> int:
+def env_rank(env=None) -> int:
     """This process's rank under torchrun (RANK, checked as env_world_size checks it); 0 in a single process."""
+    env = os.environ if env is None else env
     return int(env["RANK"]) if env_world_size(env) > 1 else 0
 
 

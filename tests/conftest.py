@@ -47,3 +47,37 @@ def stories_dir() -> Path:
     """../shared/data/tinystories: train.txt, v2_train.txt, valid.txt (see its README)."""
     assert (STORIES / "train.txt").exists(), f"real TinyStories samples expected at {STORIES}"
     return STORIES
+
+
+def _process_settings() -> dict:
+    """Process-wide settings a test file must leave as it found them: xdist hands a worker's files out in an
+    order that varies, so one left changed reaches whichever files follow, only sometimes."""
+    import torch.distributed as dist
+
+    return {"torch threads": torch.get_num_threads(), "torch interop threads": torch.get_num_interop_threads(),
+            "default dtype": torch.get_default_dtype(), "float32 matmul precision": torch.get_float32_matmul_precision(),
+            "grad enabled": torch.is_grad_enabled(),
+            "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+            "process group": dist.is_available() and dist.is_initialized(), "cwd": os.getcwd(),
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")}
+
+
+_SETTINGS = _process_settings()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _file_leaves_process_settings_alone():
+    yield
+    changed = {k: (v, now) for k, v in _SETTINGS.items() if (now := _process_settings()[k]) != v}
+    if changed:  # put back what can be, so that the files after this one are not blamed for it as well
+        torch.set_num_threads(_SETTINGS["torch threads"])
+        torch.set_default_dtype(_SETTINGS["default dtype"])
+        torch.set_float32_matmul_precision(_SETTINGS["float32 matmul precision"])
+        torch.set_grad_enabled(_SETTINGS["grad enabled"])
+        torch.use_deterministic_algorithms(_SETTINGS["deterministic algorithms"])
+        os.chdir(_SETTINGS["cwd"])
+        if _SETTINGS["TOKENIZERS_PARALLELISM"] is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = _SETTINGS["TOKENIZERS_PARALLELISM"]
+    assert not changed, f"this file changed process-wide settings (before, after): {changed}"

@@ -86,8 +86,12 @@ def test_workers_give_identical_files(stories_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "available_cpus", lambda: 2)  # two processes, however many cores run the tests
     args = dict(sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"], limit=600,
                 progress=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     prepare(tmp_path / "one", workers=1, **args)
     prepare(tmp_path / "two", workers=2, **args)
+    # Set while the workers fork (tokenizers would warn in each), then taken away: left set, it turned off
+    # tokenizers' threads for the rest of the caller's process (a notebook's BPE training).
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 

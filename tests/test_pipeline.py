@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 import tinygemma
 import tinygemma.cli as cli
+import tinygemma.tokenizer
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
@@ -436,8 +437,13 @@ def test_the_final_evaluation_keeps_a_float32_runs_precision(monkeypatch):
 def test_dry_run_prints_the_workshop_recipe_s_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """The workshop's numbers, as its recipe's comments and the README give them, from the recipe alone: no
     data prepared, no run folder, no tiktoken download (the gpt2 vocabulary's size is known)."""
+    def loaded():
+        raise AssertionError("the dry run loaded the GPT-2 vocabulary")
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-cache"))
+    # The vocabulary is cached once loaded: an earlier test in this process may have loaded it already.
+    monkeypatch.setattr(tinygemma.tokenizer, "_gpt2_encoding", loaded)
     assert main(["run", str(ROOT / "configs" / "workshop.toml"), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     printed = json.loads(out)

@@ -1,6 +1,7 @@
 """Training on real stories with a tiny Gemma 3: the loss falls, resume is exact, the global batch alone decides
 the numbers (accumulation, processes), bf16 autocast keeps float32 master weights, the run directory is complete."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -79,13 +80,22 @@ def val_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in metrics(run_dir) if "val_loss" in r}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread per process: the CPUs are shared, and oversubscribed threads make tiny steps 100x slower."""
+@contextlib.contextmanager
+def one_thread_only():
+    """One thread per process: the CPUs are shared, and oversubscribed threads make tiny steps 100x slower. The
+    count is put back after: the files that follow in this process keep conftest's."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with one_thread_only():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +111,8 @@ def data_dir(tmp_path_factory, stories_dir) -> Path:
 def straight_run(tmp_path_factory, data_dir) -> Path:
     """40 uninterrupted steps: the reference that resume, processes and kills must reproduce."""
     out = tmp_path_factory.mktemp("runs") / "straight"
-    torch.set_num_threads(1)
-    run(data_dir, out)
+    with one_thread_only():
+        run(data_dir, out)
     return out
 
 
@@ -394,8 +404,8 @@ def torchrun(out, data_dir, *args, distributed="ddp", nproc=2, settings=(), entr
 def one_process_run(tmp_path_factory, data_dir) -> Path:
     """The shared-batch recipe in one process, 30 steps: what two processes, and resumes across, must give."""
     out = tmp_path_factory.mktemp("runs") / "one-process"
-    torch.set_num_threads(1)
-    run(data_dir, out, *SHARED_BATCH, stop_at=30)
+    with one_thread_only():
+        run(data_dir, out, *SHARED_BATCH, stop_at=30)
     return out
 
 

@@ -489,6 +489,9 @@ class _Workers:
         self.pool = None
         if workers > 1:
             # The processes are the parallelism; without this, `tokenizers` warns in every forked worker.
+            # Set while the workers fork, then as it was: left set, it turned off `tokenizers`' threads for the
+            # rest of the caller's process (a notebook's later BPE training and encode_batch ran on one thread).
+            parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             # Not multiprocessing.Pool: its terminate() after a worker's exception, with tasks still in flight,
             # can hang forever (python/cpython#96995, #78178); this pool shuts down after what is running.
@@ -510,6 +513,9 @@ class _Workers:
                                   "run with fewer --workers (workers), or raise the limit on open files (ulimit -n)"
                                   ) from None
                 raise
+            finally:
+                if parallelism is None:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             _init_worker(tokenizer)
 

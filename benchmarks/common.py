@@ -8,6 +8,7 @@ different CPUs.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable
 # The machine's description lives with the device choice, so that run reports name the machine the same way.
 from tinygemma.devices import CPU_FLAGS, cpu_description, device_description  # noqa: E402, F401 (re-exported)
 from tinygemma.errors import UserError
+from tinygemma.files import WriteError, check_output_path
 
 
 def whole_number_at_least(minimum: int) -> Callable[[str], int]:
@@ -44,13 +46,54 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def positive_floats(text: str) -> list[float]:
+    """An argparse type: a comma-separated list of finite numbers > 0 (learning rates), at least one; empty parts
+    skipped, as positive_ints does."""
+    def parse(part: str) -> float:
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+        return value
+
+    values = [parse(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return values
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (nan and inf refused: a plan's steps are rounded from it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a path a results file can be written to (not a folder, no file among the folders above
+    it), refused before the measurement whose figures it is to keep."""
+    try:
+        path = check_output_path(text, "the file")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the file to write")
+    return text
+
+
 def run_script(main: Callable[[], object]) -> None:
     """A benchmark run as a script: what tinygemma refuses (an unknown preset or dtype, a device not there) ends
     in one line on stderr and exit status 2, as tinygemma's commands do; an int that main returns is the exit
     status."""
     try:
         result = main()
-    except UserError as e:
+    except (UserError, WriteError) as e:  # WriteError: a full disk, after the measurement
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)

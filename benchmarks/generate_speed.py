@@ -27,7 +27,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import device_description, device_sync, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    device_description,
+    device_sync,
+    output_file,
+    positive_int,
+    positive_ints,
+    run_script,
+    time_interleaved,
+)
 
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.devices import dtype_name, parse_dtype, pick_device
@@ -84,7 +92,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--json", type=output_file, help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

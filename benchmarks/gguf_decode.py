@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import cpu_description, positive_int, run_script, time_interleaved  # noqa: E402
+from common import cpu_description, output_file, positive_int, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.checkpoint import load, save_model
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="CPU threads, the same for both")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--json", type=output_file, default=None, help="also write the result here")
     args = p.parse_args(argv)
     timed = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not timed or set(timed) - set(GGUF_DTYPES):

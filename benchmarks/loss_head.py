@@ -30,7 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 
-from common import device_description, device_sync, positive_int, positive_ints, run_script, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    device_description,
+    device_sync,
+    output_file,
+    positive_int,
+    positive_ints,
+    run_script,
+    time_interleaved,
+)
 
 from tinygemma import ModelConfig  # noqa: E402
 from tinygemma import loss as loss_module  # noqa: E402
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="compiled, time only the two heads, not also the in-place form (a compile fewer per row count)")
     p.add_argument("--steps", type=positive_int, default=5, help="timed passes per head")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
-    p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--json", type=output_file, help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

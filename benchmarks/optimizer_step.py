@@ -7,9 +7,11 @@ same fixed gradients for every contender.
 Contenders (each with its own copy of the weights and its own state, taking turns round by round):
   adamw           torch.optim.AdamW as `optimizer = "adamw"` builds it (fused on CUDA)
   muon-torch      MuonAdamW, Muon through torch.optim.Muon's functional form: bf16, one matrix at a time
-                  (the default where the device computes bf16 natively); needs torch >= 2.9
-  muon-float32    MuonAdamW, our iteration in float32, same-shape matrices batched (the default elsewhere)
-  muon-bfloat16   MuonAdamW, our batched iteration in bf16 (no default chooses it yet: this measures it)
+                  (no default chooses it since 2026-12-05); needs torch >= 2.9
+  muon-float32    MuonAdamW, our iteration in float32, same-shape matrices batched (the default where the
+                  device has no native bf16)
+  muon-bfloat16   MuonAdamW, our batched iteration in bf16 (the default where the device computes bf16
+                  natively: optim.muon_backend)
   muon-compiled   MuonAdamW, our bf16 update torch.compile'd, one graph per group of same-shape matrices, the
                   learning rate a device tensor (no default chooses it yet: this measures it; its compilation
                   falls in the untimed first step)
@@ -35,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 
-from common import device_description, device_sync, positive_int, run_script, time_interleaved  # noqa: E402
+from common import device_description, device_sync, output_file, positive_int, run_script, time_interleaved  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
 from tinygemma.config import load_recipe  # noqa: E402
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=positive_int, default=20, help="timed rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (at least 2)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
-    p.add_argument("--json", help="write the figures here too")
+    p.add_argument("--json", type=output_file, help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,7 +47,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import cpu_description, non_negative_int, positive_int, positive_ints, run_script  # noqa: E402
+from common import (  # noqa: E402
+    cpu_description,
+    fraction,
+    non_negative_int,
+    positive_floats,
+    positive_int,
+    positive_ints,
+    run_script,
+)
 
 from tinygemma.config import load_recipe  # noqa: E402
 from tinygemma.data import prepare  # noqa: E402
@@ -207,8 +215,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/recipe_efficiency", help="work directory: data, runs, results")
     p.add_argument("--tokens", type=positive_int, default=2_000_000, help="training tokens per run (the budget)")
-    p.add_argument("--adamw-lrs", default="4e-3,8e-3,1.6e-2,3.2e-2", help="AdamW learning rates to sweep")
-    p.add_argument("--muon-lrs", default="0.02,0.04,0.08,0.16", help="Muon learning rates to sweep")
+    p.add_argument("--adamw-lrs", type=positive_floats, default="4e-3,8e-3,1.6e-2,3.2e-2",
+                   help="AdamW learning rates to sweep")
+    p.add_argument("--muon-lrs", type=positive_floats, default="0.02,0.04,0.08,0.16", help="Muon learning rates to sweep")
     p.add_argument("--seeds", type=positive_ints, default=[1337, 1338],
                    help="seeds, 1337,1338 by default; sweeps use the first")
     p.add_argument("--evals", type=positive_int, default=8, help="evaluations per run (after step 0)")
@@ -224,7 +233,7 @@ def main(argv=None) -> dict:
                    help="times a sweep whose best value is on its edge is extended by a factor of 2 (0 = never)")
     p.add_argument("--val-max-tokens", type=positive_int,
                    help="cap the final models' evaluation on the validation split (smoke tests; default: all of it)")
-    p.add_argument("--short-fraction", type=float, default=0.6,
+    p.add_argument("--short-fraction", type=fraction, default=0.6,
                    help="also run the best Muon value planned for this fraction of the budget (0 = skip): under "
                         "wsd a shorter plan cools down sooner, so the long run's curve overstates the tokens needed")
     p.add_argument("--report-only", action="store_true",
@@ -253,8 +262,7 @@ def main(argv=None) -> dict:
     common = [*COMMON, f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}",
               f"eval_interval={max(1, steps // args.evals)}", f"eval_batches={args.eval_batches}"]
     seeds = args.seeds
-    grids = {"adamw": sorted(float(v) for v in args.adamw_lrs.split(",")),
-             "muon": sorted(float(v) for v in args.muon_lrs.split(","))}
+    grids = {"adamw": sorted(args.adamw_lrs), "muon": sorted(args.muon_lrs)}
     settings_for = {"workshop": lambda _: WORKSHOP, "adamw": adamw_recipe, "muon": muon_recipe}
 
     def job(contender: str, value: float | None, seed: int) -> dict:

@@ -12,7 +12,6 @@ train and validation losses came. A difference between two runs of settings smal
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,10 +22,11 @@ SHARED = Path(os.environ.get("TINYGEMMA_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
-from common import cpu_description, positive_int, run_script  # noqa: E402
+from common import cpu_description, output_file, positive_int, run_script  # noqa: E402
 
 from tinygemma.config import load_recipe  # noqa: E402
 from tinygemma.data import prepare  # noqa: E402
+from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.metrics import read_records  # noqa: E402
 from tinygemma.train import train  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> dict:
     p.add_argument("--steps", type=positive_int, default=30, help="optimizer steps per run (default 30)")
     p.add_argument("--stories", type=positive_int, default=3000, help="stories to prepare (default 3000)")
     p.add_argument("--batch", type=positive_int, default=8, help="sequences per step, an even number (default 8)")
-    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--json", type=output_file, metavar="OUT", help="also write the results as JSON to OUT")
     args = p.parse_args()
     if args.batch % 2:
         p.error(f"--batch must be even (one pass of it against two of half), got {args.batch}")
@@ -78,7 +78,7 @@ def main() -> dict:
         print(f"  {optimizer}: train losses at most {r['max_train_loss_difference']:.2g} apart, final validation "
               f"{r['final_val_loss_difference']:.2g} apart (of {r['final_val_loss']:.4f})")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_json(args.json, results)
     return results
 
 

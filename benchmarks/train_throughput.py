@@ -66,7 +66,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workshop_model beside this file
 
-from common import device_description, positive_int, run_script  # noqa: E402
+from common import device_description, non_negative_int, output_file, positive_int, run_script  # noqa: E402
 from workshop_model import Gemma3Model, load_tinygemma_weights, workshop_config  # noqa: E402
 
 from tinygemma import Gemma3, ModelConfig  # noqa: E402
@@ -260,8 +260,9 @@ def main(argv=None) -> dict:
     p.add_argument("--block-size", type=positive_int, default=128)
     p.add_argument("--grad-accum", type=positive_int, default=1, help="forward/backward passes per optimizer step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per contender (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (at least 1)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per contender (the median is reported)")
+    p.add_argument("--warmup", type=positive_int, default=1,
+                   help="untimed steps per contender first (at least 1: step 0 checks the losses, never timed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the tinygemma contenders (only them)")
     p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
@@ -269,15 +270,11 @@ def main(argv=None) -> dict:
     p.add_argument("--contenders", default="tinygemma,transformers,workshop",
                    help=f"comma-separated, from {', '.join(CONTENDERS)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
-    p.add_argument("--isolate", type=int, metavar="ROUNDS", default=0,
+    p.add_argument("--json", type=output_file, metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--isolate", type=non_negative_int, metavar="ROUNDS", default=0,
                    help="run each contender alone in its own process, the processes taking turns for ROUNDS "
                         "rounds (each of --warmup + --steps steps), instead of all in one process")
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        raise SystemExit("--warmup and --steps must be >= 1 (step 0 is the loss check and is never timed)")
-    if args.isolate < 0:
-        p.error(f"--isolate: expected a number of rounds >= 0 (0: one process), got {args.isolate}")
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     unknown = [n for n in names if split_name(n)[0] not in CONTENDERS]
     if unknown or not names:

@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from tinygemma.config import FLOAT32_MAX
+
 # The machine's description lives with the device choice, so that run reports name the machine the same way.
 from tinygemma.devices import CPU_FLAGS, cpu_description, device_description  # noqa: E402, F401 (re-exported)
 from tinygemma.errors import UserError
@@ -47,14 +49,14 @@ def positive_ints(text: str) -> list[int]:
 
 
 def positive_floats(text: str) -> list[float]:
-    """An argparse type: a comma-separated list of finite numbers > 0 (learning rates), at least one; empty parts
-    skipped, as positive_ints does."""
+    """An argparse type: a comma-separated list of numbers > 0 and within float32's range (learning rates), at
+    least one; empty parts skipped, as positive_ints does."""
     def parse(part: str) -> float:
         try:
             value = float(part)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and value > 0):
+        if not 0 < value <= FLOAT32_MAX:  # train's own bound (nan fails it too), else refused after the data step
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
         return value
 

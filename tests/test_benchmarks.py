@@ -2024,7 +2024,13 @@ def test_positive_ints_skips_empty_parts_but_refuses_no_number_at_all():
     common = load_script("common")
     assert common.positive_ints("1, 32,,64,") == [1, 32, 64]
     assert common.positive_floats("4e-3, 0.5,,2,") == [4e-3, 0.5, 2.0]
+    for text in ("0", "1e-3,0", "inf", "1e39"):  # 1e39: past float32, which train refuses after the data step
+        with pytest.raises(argparse.ArgumentTypeError, match="numbers > 0"):
+            common.positive_floats(text)
     assert [common.fraction(text) for text in ("0", "0.6", "1")] == [0, 0.6, 1]  # 0: no short run
+    for text in ("x", "0,6"):  # a decimal comma is no number, not a fraction of 0
+        with pytest.raises(argparse.ArgumentTypeError, match="a number from 0 to 1"):
+            common.fraction(text)
     for text in ("", ",", " , "):
         with pytest.raises(argparse.ArgumentTypeError, match="comma-separated whole numbers"):
             common.positive_ints(text)

@@ -89,11 +89,28 @@ def test_workers_give_identical_files(stories_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     prepare(tmp_path / "one", workers=1, **args)
     prepare(tmp_path / "two", workers=2, **args)
-    # Set while the workers fork (tokenizers would warn in each), then taken away: left set, it turned off
-    # tokenizers' threads for the rest of the caller's process (a notebook's BPE training).
+    # Set while the workers fork (test below), then taken away: left set, it turned off tokenizers' threads for
+    # the rest of the caller's process (a notebook's BPE training).
     assert "TOKENIZERS_PARALLELISM" not in os.environ
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+@pytest.mark.parametrize("before", [None, "true"])
+def test_workers_fork_with_tokenizers_parallelism_off_and_give_the_caller_s_setting_back(monkeypatch, before):
+    """tokenizers < 0.23 warns in each worker forked after its threads ran, unless the variable is off at the fork;
+    after it, the caller's own setting (or none) is back."""
+    if before is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
+    workers = data._Workers(GPT2Tokenizer(), 2)
+    try:
+        assert os.environ.get("TOKENIZERS_PARALLELISM") == before
+        seen = {workers.pool.submit(os.getenv, "TOKENIZERS_PARALLELISM").result() for _ in range(8)}
+    finally:
+        workers.close()
+    assert seen == {before or "false"}  # every worker forked with it set
 
 
 def test_val_fraction_sets_aside_whole_stories(stories_dir, tmp_path):

@@ -13,13 +13,18 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from tinygemma.config import FLOAT32_MAX
+# This source tree's tinygemma, whatever is installed: a device machine has none, and a script run there without
+# PYTHONPATH=src must measure this checkout all the same (each script imports common before tinygemma).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tinygemma.config import FLOAT32_MAX  # noqa: E402
 
 # The machine's description lives with the device choice, so that run reports name the machine the same way.
 from tinygemma.devices import CPU_FLAGS, cpu_description, device_description  # noqa: E402, F401 (re-exported)
-from tinygemma.errors import UserError
-from tinygemma.files import WriteError, check_output_path
+from tinygemma.errors import UserError  # noqa: E402
+from tinygemma.files import WriteError, check_output_path  # noqa: E402
 
 
 def whole_number_at_least(minimum: int) -> Callable[[str], int]:

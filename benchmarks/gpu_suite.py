@@ -88,9 +88,7 @@ from pathlib import Path
 IMPORTED = time.perf_counter()  # the suite's clock starts here, before torch's import: the device's limit counts it
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # this source tree's tinygemma, whatever is installed
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file (it puts src/ first)
 
 from common import cpu_description  # noqa: E402
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYGEMMA_SHARED", ROOT.parent / "shared"))
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file (it puts src/ first)
 
 from common import cpu_description, output_file, positive_int, run_script  # noqa: E402
 

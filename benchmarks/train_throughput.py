@@ -281,16 +281,18 @@ def main(argv=None) -> dict:
         p.error(f"--contenders: {', '.join(unknown) or 'none given'}; choose from {', '.join(CONTENDERS)}, each "
                 "optionally with +compile, +tuned, +autotune or +regional")
     # An unknown preset or a device not there: one line (UserError), before any process starts.
-    ModelConfig.preset(args.preset)
+    config = ModelConfig.preset(args.preset)
     device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available()
                          else "cpu" if args.device == "auto" else args.device)
+    if args.attention == "flex" and device.type != "cuda" and args.block_size > config.sliding_window:
+        p.error("--attention flex needs a CUDA GPU for a block longer than the sliding window (PyTorch has no "
+                "flex_attention backward elsewhere); use --attention sdpa")
     if args.isolate:
         return run_isolated(args, argv, names)
 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # as tensors name it: the block mask's cache key
     dtype = getattr(torch, args.dtype)
-    config = ModelConfig.preset(args.preset)
     contenders = build_contenders(names, config, dtype, device, args.compile, args.seed, args.attention,
                                   args.block_size)
 

@@ -162,6 +162,9 @@ def test_the_first_step_is_reported_apart(monkeypatch, capsys):
     ("train_throughput", ["--warmup", "0"], "--warmup: expected a whole number >= 1, got '0'"),  # step 0: the loss check
     ("train_throughput", ["--steps", "0"], "--steps: expected a whole number >= 1, got '0'"),
     ("train_throughput", ["--isolate", "-1"], "--isolate: expected a whole number >= 0, got '-1'"),
+    # after compiling every contender: no flex_attention backward off CUDA (the block-1024 lever's form)
+    ("train_throughput", ["--preset", "gemma3-tiny", "--device", "cpu", "--attention", "flex", "--block-size", "128"],
+     "--attention flex needs a CUDA GPU"),
     ("train_throughput", ["--device", "cuda", "--preset", "gemma3-tiny"], "no CUDA GPU"),
     ("train_throughput", ["--isolate", "1", "--contenders", "workshop", "--preset", "gemma3-tiny", "--device",
                           "cuda"], "no CUDA GPU"),
@@ -211,6 +214,18 @@ def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("usage:")
              and not line.startswith(" ")]  # argparse's usage lines come before its one error line
     assert len(lines) == 1 and says in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train_throughput", "gpu_suite", "optimizer_step"])
+def test_benchmark_scripts_run_this_tree_s_tinygemma_without_pythonpath(tmp_path, script):
+    """A device machine has no tinygemma installed, and its commands may lack PYTHONPATH=src (the first H100
+    session's did): each script puts this tree's src/ first. A stand-in installed package that fails to import
+    plays the missing (or another) tinygemma."""
+    (tmp_path / "tinygemma").mkdir()
+    (tmp_path / "tinygemma" / "__init__.py").write_text("raise ImportError('not this tree\\'s tinygemma')\n")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
 
 
 def test_split_noise_trains_each_optimizer_in_one_pass_and_in_two(tmp_path):

@@ -312,7 +312,18 @@ def main(argv=None) -> dict:
     firsts = {}  # the first step's time: compiling, for a compiled contender
     losses = {c.name: [] for c in contenders}
     peaks = {c.name: [] for c in contenders}
+    tokens = args.batch_size * args.block_size * args.grad_accum
+    peak = peak_flops(device, dtype)
+    flops_per_token = config.flops_per_token(args.block_size)
+
+    def rows() -> list[dict]:
+        table = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak,
+                            max(peaks[c.name], default=None), firsts[c.name]) for c in contenders]
+        add_ratios(table, [[t] for t in zip(*(r["step_times_s"] for r in table))])
+        return table
+
     for r in range(args.warmup + args.steps):
+        step_times = []
         for c in contenders:  # interleaved: A, B, C, A, B, C, ...
             sync()
             if device.type == "cuda":
@@ -322,6 +333,7 @@ def main(argv=None) -> dict:
             loss = c.step(x, y, args.grad_accum)
             sync()
             elapsed = time.perf_counter() - start
+            step_times.append(elapsed)
             losses[c.name].append(loss.item())
             firsts.setdefault(c.name, elapsed)
             if r >= args.warmup:
@@ -332,16 +344,15 @@ def main(argv=None) -> dict:
         if r == 0:
             spread = check_losses({name: v[0] for name, v in losses.items()}, dtype)
         status = "warm-up" if r < args.warmup else "timed"
+        # each step's seconds too (the first round's: compiling), so that a run stopped from outside has said them
         print(f"round {r + 1}/{args.warmup + args.steps} ({status}): "
-              + ", ".join(f"{c.name} {losses[c.name][-1]:.4f}" for c in contenders), file=sys.stderr, flush=True)
+              + ", ".join(f"{c.name} {losses[c.name][-1]:.4f} in {t:.3f} s" for c, t in zip(contenders, step_times)),
+              file=sys.stderr, flush=True)
+        if args.json and args.warmup <= r < args.warmup + args.steps - 1:  # the figures so far, for a stopped run
+            atomic_write_json(args.json, result_of(args, argv, rows(), device_description(device), flops_per_token,
+                                                   peak, spread, complete=False))
 
-    tokens = args.batch_size * args.block_size * args.grad_accum
-    peak = peak_flops(device, dtype)
-    flops_per_token = config.flops_per_token(args.block_size)
-    rows = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak,
-                       max(peaks[c.name], default=None), firsts[c.name]) for c in contenders]
-    add_ratios(rows, [[t] for t in zip(*(r["step_times_s"] for r in rows))])
-    return report(args, argv, rows, device_description(device), flops_per_token, peak, spread,
+    return report(args, argv, rows(), device_description(device), flops_per_token, peak, spread,
                   f"median of {args.steps} steps after {args.warmup} warm-up, interleaved in one process")
 
 
@@ -380,17 +391,23 @@ def add_ratios(rows: list[dict], rounds: list[list[tuple[float, ...]]]) -> None:
             for rnd in rounds)
 
 
-def report(args, argv, rows: list[dict], device: str, flops_per_token: float, peak, spread: float,
-           how: str) -> dict:
-    result = {
+def result_of(args, argv, rows: list[dict], device: str, flops_per_token: float, peak, spread: float,
+              complete: bool = True) -> dict:
+    """The JSON's figures; `complete` false while timed rounds are still to come (their medians so far)."""
+    return {
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "preset": args.preset, "batch_size": args.batch_size, "block_size": args.block_size,
         "grad_accum": args.grad_accum, "dtype": args.dtype,
         "steps": args.steps, "warmup": args.warmup, "isolate": args.isolate, "compile": args.compile,
         "attention": args.attention,
         "device": device, "torch": torch.__version__, "flops_per_token": flops_per_token, "peak_flops": peak,
-        "step0_loss_spread": spread, "results": rows,
+        "step0_loss_spread": spread, "complete": complete, "results": rows,
     }
+
+
+def report(args, argv, rows: list[dict], device: str, flops_per_token: float, peak, spread: float,
+           how: str) -> dict:
+    result = result_of(args, argv, rows, device, flops_per_token, peak, spread)
     print(f"{args.preset}, batch {args.batch_size} x block {args.block_size} x {args.grad_accum} pass(es), "
           f"{args.dtype}, {device}, "
           f"torch {torch.__version__}; {how}")

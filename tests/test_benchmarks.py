@@ -281,6 +281,36 @@ def test_resident_memory_counts_buffers_too():
     assert train_throughput.resident_bytes(contender) == (16 + 4 + 1000) * 4  # weight, bias, buffer; no state yet
 
 
+def test_train_throughput_stopped_midway_has_said_and_kept_its_steps_so_far(tmp_path, monkeypatch, capsys):
+    """A device command's timeout stops a lever run wherever it is: each round's step times are on stderr (the
+    first round's: compiling), and the JSON holds the timed rounds so far, marked incomplete."""
+    train_throughput = load_script("train_throughput")
+    build, calls = train_throughput.build_contenders, []
+
+    def stopped_at_round_4(*args):
+        contenders = build(*args)
+        for c in contenders:
+            def step(x, y, accum, step=c.step):
+                calls.append(1)
+                if len(calls) == 4:
+                    raise KeyboardInterrupt  # as the timeout's signal would
+                return step(x, y, accum)
+            c.step = step
+        return contenders
+
+    monkeypatch.setattr(train_throughput, "build_contenders", stopped_at_round_4)
+    out = tmp_path / "levers.json"
+    with pytest.raises(KeyboardInterrupt):
+        train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16", "--steps", "4",
+                               "--warmup", "1", "--device", "cpu", "--contenders", "tinygemma", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and len(saved["results"][0]["step_times_s"]) == 2  # timed rounds 2 and 3
+    assert saved["results"][0]["tokens_per_s"] > 0 and saved["results"][0]["first_step_s"] > 0
+    rounds = re.findall(r"round (\d)/5 \((warm-up|timed)\): tinygemma \d+\.\d{4} in (\d+\.\d{3}) s", capsys.readouterr().err)
+    assert [r[:2] for r in rounds] == [("1", "warm-up"), ("2", "timed"), ("3", "timed")]
+    assert float(rounds[0][2]) == pytest.approx(saved["results"][0]["first_step_s"], abs=5e-4)
+
+
 def test_train_throughput_isolated_runs_each_contender_in_its_own_process(capsys):
     """--isolate: one process per contender and round; their step times gathered, losses still checked equal."""
     train_throughput = load_script("train_throughput")

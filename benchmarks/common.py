@@ -53,14 +53,19 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def number_or_nan(text: str) -> float:
+    """float(text), or nan for text that is no number: a bound then refuses both alike."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def positive_floats(text: str) -> list[float]:
     """An argparse type: a comma-separated list of numbers > 0 and within float32's range (learning rates), at
     least one; empty parts skipped, as positive_ints does."""
     def parse(part: str) -> float:
-        try:
-            value = float(part)
-        except ValueError:
-            value = math.nan
+        value = number_or_nan(part)
         if not 0 < value <= FLOAT32_MAX:  # train's own bound (nan fails it too), else refused after the data step
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
         return value
@@ -73,10 +78,7 @@ def positive_floats(text: str) -> list[float]:
 
 def fraction(text: str) -> float:
     """An argparse type: a number from 0 to 1 (nan and inf refused: a plan's steps are rounded from it)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = number_or_nan(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
     return value

@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=positive_int, default=2_000_000, help="training tokens per run (the budget)")
     p.add_argument("--adamw-lrs", type=positive_floats, default="4e-3,8e-3,1.6e-2,3.2e-2",
                    help="AdamW learning rates to sweep")
-    p.add_argument("--muon-lrs", type=positive_floats, default="0.02,0.04,0.08,0.16", help="Muon learning rates to sweep")
+    p.add_argument("--muon-lrs", type=positive_floats, default="0.02,0.04,0.08,0.16",
+                   help="Muon learning rates to sweep")
     p.add_argument("--seeds", type=positive_ints, default=[1337, 1338],
                    help="seeds, 1337,1338 by default; sweeps use the first")
     p.add_argument("--evals", type=positive_int, default=8, help="evaluations per run (after step 0)")

@@ -27,6 +27,8 @@ for remote in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
 # workers' OpenMP threads do not spin against each other on a small machine.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
+if _workers > 1:  # likewise tokenizers' thread pool, one thread per core in every worker otherwise
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist (the GPU image) pytest must still start

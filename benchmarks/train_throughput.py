@@ -74,7 +74,7 @@ from tinygemma.devices import pick_device  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
-from tinygemma.parallelize import compile_layers  # noqa: E402
+from tinygemma.parallelize import compile_layers, flex_cannot_train  # noqa: E402
 
 CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "transformers", "transformers-eager", "workshop", "workshop-untied")
 # How a contender is compiled, by its name's suffix: torch.compile's inductor options.
@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
     config = ModelConfig.preset(args.preset)
     device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available()
                          else "cpu" if args.device == "auto" else args.device)
-    if args.attention == "flex" and device.type != "cuda" and args.block_size > config.sliding_window:
+    if args.attention == "flex" and flex_cannot_train(args.block_size, config, device):
         p.error("--attention flex needs a CUDA GPU for a block longer than the sliding window (PyTorch has no "
                 "flex_attention backward elsewhere); use --attention sdpa")
     if args.isolate:
@@ -315,6 +315,7 @@ def main(argv=None) -> dict:
     tokens = args.batch_size * args.block_size * args.grad_accum
     peak = peak_flops(device, dtype)
     flops_per_token = config.flops_per_token(args.block_size)
+    described = device_description(device)  # once: on a CPU it reads /proc/cpuinfo
 
     def rows() -> list[dict]:
         table = [result_row(c.name, times[c.name], losses[c.name], tokens, flops_per_token, peak,
@@ -349,10 +350,10 @@ def main(argv=None) -> dict:
               + ", ".join(f"{c.name} {losses[c.name][-1]:.4f} in {t:.3f} s" for c, t in zip(contenders, step_times)),
               file=sys.stderr, flush=True)
         if args.json and args.warmup <= r < args.warmup + args.steps - 1:  # the figures so far, for a stopped run
-            atomic_write_json(args.json, result_of(args, argv, rows(), device_description(device), flops_per_token,
-                                                   peak, spread, complete=False))
+            atomic_write_json(args.json, result_of(args, argv, rows(), described, flops_per_token, peak, spread,
+                                                   complete=False))
 
-    return report(args, argv, rows(), device_description(device), flops_per_token, peak, spread,
+    return report(args, argv, rows(), described, flops_per_token, peak, spread,
                   f"median of {args.steps} steps after {args.warmup} warm-up, interleaved in one process")
 
 

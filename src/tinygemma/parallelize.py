@@ -214,10 +214,16 @@ def grad_scaler(rt: Runtime, fsdp: bool):
 FLEX_MIN_SHARED_MEMORY = 160 * 1024
 
 
+def flex_cannot_train(block_size: int, model_config: ModelConfig, device: torch.device) -> bool:
+    """Whether flex attention asked for could not train here: off CUDA (PyTorch has no flex_attention backward
+    elsewhere), for a block longer than the window (shorter ones take plain causal SDPA whatever is asked)."""
+    return block_size > model_config.sliding_window and device.type != "cuda"
+
+
 def check_attention_backend(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> None:
-    """Refuse flex attention where it cannot train: off CUDA, for a block longer than the window (shorter ones
-    take plain causal SDPA whatever is asked). `tinygemma run` checks it before preparing the data."""
-    if cfg.attention_backend == "flex" and cfg.block_size > model_config.sliding_window and device.type != "cuda":
+    """Refuse flex attention where it cannot train (flex_cannot_train). `tinygemma run` checks it before preparing
+    the data."""
+    if cfg.attention_backend == "flex" and flex_cannot_train(cfg.block_size, model_config, device):
         raise UserError("train.attention_backend = flex needs a CUDA GPU (PyTorch has no flex_attention backward "
                         "elsewhere); use auto or sdpa")
 

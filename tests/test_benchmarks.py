@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -203,17 +204,35 @@ def test_the_first_step_is_reported_apart(monkeypatch, capsys):
     ("prepare_throughput", ["--rounds", "0"], "--rounds: expected a whole number >= 1, got '0'"),
     ("prepare_throughput", ["--workers", "-2"], "--workers: expected a whole number >= 1, got '-2'"),
 ])
-def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says):
-    """Run as scripts, as a user runs them: a bad argument is one line on stderr and a non-zero exit, never a
-    traceback (a CUDA request here: this machine has no GPU, the test's premise)."""
+def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says, monkeypatch, capsys):
+    """Run as `python script.py` runs them (runpy, as __main__, in this process: a process each cost 2.5 s of
+    torch's import, 41 times): a bad argument is one line on stderr and a non-zero exit, never an exception (a
+    CUDA request here: this machine has no GPU, the test's premise). The next test runs two in real processes."""
+    if torch.cuda.is_available():
+        pytest.skip("the refusals of --device cuda need a machine without a GPU")
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / f"{script}.py"), *args])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
+    assert_one_line_refusal(stopped.value.code, capsys.readouterr().err, says)
+
+
+def assert_one_line_refusal(code, stderr: str, says: str):
+    assert code not in (0, None) and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("usage:")
+             and not line.startswith(" ")]  # argparse's usage lines come before its one error line
+    assert len(lines) == 1 and says in lines[0], stderr
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("train_throughput", ["--preset", "bogus"], "unknown model preset 'bogus'"),  # tinygemma's refusal, run_script's line
+    ("recipe_efficiency", ["--adamw-lrs", "1e-3,x"], "--adamw-lrs: expected comma-separated numbers > 0"),  # argparse's
+])
+def test_benchmark_scripts_refuse_bad_arguments_in_a_real_process(script, args, says):
     if torch.cuda.is_available():
         pytest.skip("the refusals of --device cuda need a machine without a GPU")
     proc = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")})
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("usage:")
-             and not line.startswith(" ")]  # argparse's usage lines come before its one error line
-    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert_one_line_refusal(proc.returncode, proc.stderr, says)
 
 
 @pytest.mark.parametrize("script", ["train_throughput", "gpu_suite", "optimizer_step"])

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -603,12 +604,20 @@ def test_bad_optimizer_and_schedule_settings_are_refused_in_one_line(data_dir, t
     assert not (tmp_path / "r").exists()
 
 
+@pytest.fixture(scope="module")
+def muon_single_run(tmp_path_factory, data_dir) -> Path:
+    """6 Muon steps in one process: what DDP and FSDP2 must both give (made once for the two)."""
+    single = tmp_path_factory.mktemp("runs") / "muon-single"
+    with test_train.one_thread_only():
+        run(data_dir, single, stop_at=6)
+    return single
+
+
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_processes_reproduce_one_with_muon(data_dir, tmp_path, distributed):
+def test_two_processes_reproduce_one_with_muon(muon_single_run, data_dir, tmp_path, distributed):
     """torchrun, 2 gloo processes, each 1 micro-step of 4 of the global batch of 8: the same Muon losses as one
     process; under FSDP2 each sharded matrix is gathered whole for the Newton-Schulz iteration."""
-    single = tmp_path / "single"
-    run(data_dir, single, stop_at=6)
+    single = muon_single_run
     out = tmp_path / distributed
     settings = tiny_settings(data_dir, out, "optimizer=muon", "muon_learning_rate=0.05", "lr_schedule=wsd",
                              "checkpoint_interval=0", "batch_size=4", "grad_accum_steps=2", f"distributed={distributed}")

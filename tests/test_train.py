@@ -423,9 +423,10 @@ TWO_PROCESS_SETTINGS = ["checkpoint_interval=5"]  # checkpoints change no number
 @pytest.fixture(scope="session")
 def two_process_run(tmp_path_factory, data_dir) -> Path:
     """The shared-batch recipe under torchrun, 2 processes (DDP), 15 uninterrupted steps: what one process gives,
-    and what a run whose processes are killed and restarted must give (test_reliability_train.py)."""
+    and what a run whose processes are killed and restarted must give (test_reliability_train.py). Its checkpoints
+    are all kept: FSDP2's run forks the one of step 5 (the restart test keeps its own run's default pruning)."""
     out = tmp_path_factory.mktemp("runs") / "two-processes"
-    proc = torchrun(out, data_dir, "--stop-at", "15", settings=TWO_PROCESS_SETTINGS)
+    proc = torchrun(out, data_dir, "--stop-at", "15", settings=[*TWO_PROCESS_SETTINGS, "keep_checkpoints=3"])
     assert proc.returncode == 0, torchrun_failure(proc)
     return out
 
@@ -434,17 +435,22 @@ def two_process_run(tmp_path_factory, data_dir) -> Path:
 def test_two_processes_reproduce_one(one_process_run, two_process_run, data_dir, tmp_path, distributed):
     """torchrun, 2 gloo processes x 1 micro-step x 4 sequences = the global batch of 8 that one process makes in 2
     micro-steps: the same losses and validation losses, the same tokens per step, with DDP and with FSDP2 (whose
-    checkpoint is gathered from the shards). FSDP2's run is DDP's to step 5, resumed under FSDP2 to 10, in passes of
-    2 sequences: its reduction switched off for a process's first pass and on for its last (a switch never undone
-    reduced no gradient after step 1), the whole optimizer state given back to the shards (left whole, the first
-    step failed), and the switch recorded among the resume's changes."""
+    checkpoint is gathered from the shards). FSDP2's run is DDP's to step 5 (two_process_run's checkpoint, forked
+    in this process as README's torchrun fork path does: one torchrun launch less), resumed under FSDP2 to 10, in
+    passes of 2 sequences: its reduction switched off for a process's first pass and on for its last (a switch
+    never undone reduced no gradient after step 1), the whole optimizer state given back to the shards (left whole,
+    the first step failed), and the switch recorded among the resume's changes."""
     out = two_process_run if distributed == "ddp" else tmp_path / distributed
     if distributed != "ddp":
-        for args, wrap in ((["--stop-at", "5"], "ddp"), (["--resume", "--stop-at", "10"], distributed)):
-            proc = torchrun(out, data_dir, *args, distributed=wrap, settings=["micro_batch_size=2"])
-            assert proc.returncode == 0, torchrun_failure(proc)
+        settings = [*TWO_PROCESS_SETTINGS, "keep_checkpoints=3", "micro_batch_size=2"]
+        run(data_dir, out, *SHARED_BATCH, *settings, resume_from=two_process_run / "checkpoints" / "step_000005",
+            stop_at=5)  # trains nothing: the fork is made
+        proc = torchrun(out, data_dir, "--resume", "--stop-at", "10", distributed=distributed, settings=settings)
+        assert proc.returncode == 0, torchrun_failure(proc)
         state = json.loads((out / "checkpoints" / "step_000010" / "trainer_state.json").read_text())
-        assert state["invocations"][-1]["changed"] == {"distributed": ["ddp", distributed]}
+        # (two_process_run split its steps in passes of 4)
+        assert state["invocations"][-1]["changed"] == {"distributed": ["ddp", distributed],
+                                                       "micro_batch_size": ["auto", "2"]}
         assert json.loads((out / "config.json").read_text())["run"]["passes_per_step"] == 2
         grads, single = (grad_norms(run_dir) for run_dir in (out, one_process_run))
         assert [grads[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=1e-4)

@@ -5,6 +5,7 @@ a run's throughput from its records as the trainer writes them; recipe_efficienc
 import argparse
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -204,16 +206,23 @@ def test_the_first_step_is_reported_apart(monkeypatch, capsys):
     ("prepare_throughput", ["--rounds", "0"], "--rounds: expected a whole number >= 1, got '0'"),
     ("prepare_throughput", ["--workers", "-2"], "--workers: expected a whole number >= 1, got '-2'"),
 ])
-def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says, monkeypatch, capsys):
+def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says, monkeypatch, capfd, caplog):
     """Run as `python script.py` runs them (runpy, as __main__, in this process: a process each cost 2.5 s of
     torch's import, 41 times): a bad argument is one line on stderr and a non-zero exit, never an exception (a
-    CUDA request here: this machine has no GPU, the test's premise). The next test runs two in real processes."""
+    CUDA request here: this machine has no GPU, the test's premise). The next test runs two in real processes.
+    What pytest would catch and a real process would print, a warning or a logged message, counts as a line too."""
     if torch.cuda.is_available():
         pytest.skip("the refusals of --device cuda need a machine without a GPU")
     monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / f"{script}.py"), *args])
-    with pytest.raises(SystemExit) as stopped:
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as stopped:
+        warnings.simplefilter("always")
         runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
-    assert_one_line_refusal(stopped.value.code, capsys.readouterr().err, says)
+    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, hidden)]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not shown and not logged, (shown, logged)  # a real process prints each of these on stderr
+    assert_one_line_refusal(stopped.value.code, capfd.readouterr().err, says)
 
 
 def assert_one_line_refusal(code, stderr: str, says: str):

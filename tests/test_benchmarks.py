@@ -147,7 +147,8 @@ def test_the_first_step_is_reported_apart(monkeypatch, capsys):
     """The first step (a compiled contender's compiling) is timed on its own, never among the timed steps."""
     train_throughput = load_script("train_throughput")
     clock = iter([0.0, 5.0, 10.0, 11.0])  # each step reads the clock at its start and at its end
-    monkeypatch.setattr(train_throughput.time, "perf_counter", lambda: next(clock))
+    # the script's own clock only: time.perf_counter itself, replaced, ended anything else reading it with StopIteration
+    monkeypatch.setattr(train_throughput, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     result = train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16",
                                     "--steps", "1", "--warmup", "1", "--device", "cpu", "--contenders", "tinygemma"])
     row = result["results"][0]

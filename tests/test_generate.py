@@ -435,6 +435,73 @@ def test_generate_waits_for_the_device_only_after_the_last_token(model, monkeypa
         assert reads(4, **kwargs) == reads(16, **kwargs) <= 4, kwargs
 
 
+
+def test_generate_with_end_of_text_waits_every_few_tokens_and_returns_the_tokens_of_a_wait_per_token(monkeypatch):
+    """With eos_id, generate() learns whether every row has ended only every SYNC_EVERY tokens (on a GPU the host
+    queues the steps between), then drops the steps it ran past the end: the tensor is the one a stream read
+    token by token gives, whichever step the last row ends at (before, at and after a wait; never); and no more
+    steps are run than up to the first wait after the end."""
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=8, n_layers=2, sliding_window_pattern=2)).eval()  # ids met often
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+
+    def rows(seed: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed * 2 + i) for i in range(2)]
+
+    draws, sample = [], tinygemma.generate.sample_next_token
+    monkeypatch.setattr(tinygemma.generate, "sample_next_token", lambda *args: draws.append(1) or sample(*args))
+    ends, every = set(), tinygemma.generate.SYNC_EVERY
+    for seed, eos in [(seed, eos) for seed in range(4) for eos in range(8)]:
+        per_token = generate_stream(model, ids, 24, temperature=1.0, eos_id=eos, generator=rows(seed))
+        expected = torch.cat([ids] + [t[:, None] for t in per_token], dim=1)
+        draws.clear()
+        assert torch.equal(generate(model, ids, 24, temperature=1.0, eos_id=eos, generator=rows(seed)), expected)
+        end = expected.shape[1] - 3
+        assert len(draws) == min(24, -(-end // every) * every), (end, len(draws))
+        ends.add(end)
+    assert {2, 7, 8, 9, 24} <= ends, sorted(ends)  # (new tokens: the 8th is a wait's; 24, no end met)
+
+    greedy = generate(model, ids, 32, temperature=0)[:, 3:]
+    unmet = next(i for i in range(8) if not (greedy == i).any())
+
+    def reads(tokens: int) -> int:  # reads of a device value, as the profiler sees them
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            assert torch.equal(generate(model, ids, tokens, temperature=0, eos_id=unmet)[:, 3:], greedy[:, :tokens])
+        return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+
+    assert reads(32) - reads(16) <= 2 * 16 // tinygemma.generate.SYNC_EVERY  # (per token: 16)
+
+
+def test_generate_text_reading_every_few_tokens_gives_the_same_texts(model, tokenizer, monkeypatch):
+    """On a GPU generate_text reads the tokens every SYNC_EVERY steps, not each: the same texts, pieces and count
+    of new tokens, with samples ending at end of text, at stop strings and at max_new_tokens; and logits that are
+    not finite are refused before any text from them is handed out."""
+    ids = torch.tensor([tokenizer.encode(PROMPT)] * 3)
+    drawn = generate(model, ids, 20, temperature=1.0, top_k=3,
+                     generator=[torch.Generator().manual_seed(4 + i) for i in range(3)])  # generate_text's draws
+    ends_early = GPT2Tokenizer()
+    ends_early.eot_id = int(drawn[0, ids.shape[1] + 5])  # sample 0 ends by its 6th token
+    runs = {}
+    for every in (1, 3, 8):
+        monkeypatch.setattr(tinygemma.generate, "reads_every", lambda device, every=every: every)
+        for case, (tok, kwargs) in {"end": (ends_early, {}), "stop": (ends_early, {"stop": [" a", "."]}),
+                                    "plain": (tokenizer, {})}.items():
+            pieces = []
+            texts, n = generate_text(model, tok, PROMPT, 20, temperature=1.0, top_k=3, seed=4,
+                                     num_samples=3, on_text=lambda i, piece, out=pieces: out.append((i, piece)), **kwargs)
+            runs.setdefault(case, []).append((texts, n, pieces))
+    for case, (first, *others) in runs.items():
+        assert all(other == first for other in others), case
+    assert [runs[case][0][1] for case in runs] == [6 + 20 + 20, 6 + 7 + 20, 60]  # (the new tokens made)
+    broken = tiny_model()
+    with torch.no_grad():
+        broken.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    pieces = []  # (reads_every: 8, as on a GPU)
+    with pytest.raises(UserError, match="the model's logits hold NaN or inf while generating"):
+        generate_text(broken, tokenizer, PROMPT, 20, on_text=lambda i, piece: pieces.append(piece))
+    assert pieces == []
+
+
 def test_the_readmes_python_example_runs(ckpt, capsys):
     """README's Python block as written, at gemma3-tiny's size, on a saved checkpoint for runs/cpu-demo (no
     google/gemma-3-270m here): it once used names it never defined."""

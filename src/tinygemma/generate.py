@@ -91,6 +91,8 @@ def draw_racing(probs: torch.Tensor, generator) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the generation loop
 
+SYNC_EVERY = 8  # tokens that generate, and generate_text on a GPU, queue between waits for the device
+
 
 @torch.no_grad()
 def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -98,7 +100,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                     generator: torch.Generator | list[torch.Generator] | None = None,
                     vocab_size: int | None = None, cuda_graph: bool = True,
                     repetition_penalty: float = 1.0, min_p: float | None = None,
-                    check_each_token: bool = True) -> Iterator[torch.Tensor]:
+                    sync_every: int | None = 1) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
@@ -107,12 +109,17 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     transformers. `vocab_size` (the tokenizer's) keeps the tokens sampled below it, where the model has more ids
     than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside autocast, the steps after the prompt
     replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
-    Logits that are not finite are refused (UserError) before the token they would give: a wait for the device
-    each token, which a consumer of the tokens waits for anyway; `check_each_token=False` (generate's) checks once
-    after the last token instead, so that the host queues the steps while the device runs them (a consumer that
-    stops early then gets no check: the tokens it took may come from logits that were not finite).
+    The host waits for the device only at every `sync_every`-th token (None: at none) and at the last. At a wait
+    it refuses logits that were not finite at any step so far (UserError, before yielding that wait's token), and
+    stops if every sequence has produced `eos_id` (a finished row yields `eos_id`: a consumer may get a few steps
+    of `eos_id` in every row). The default 1 checks each token's logits before the draw: a consumer that reads
+    each token waits for the device anyway. A larger one lets the host queue the steps while the device runs them
+    (generate's, and generate_text's on a GPU); a consumer that reads the tokens only at the waits never reads one
+    drawn from logits that were not finite.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
+    if not (sync_every is None or is_integer(sync_every) and sync_every >= 1):
+        raise UserError(f"sync_every must be an integer >= 1 or None, got {sync_every!r}")
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)
     B, T = input_ids.shape
     check_positions(model.config, T, max_new_tokens)
@@ -136,7 +143,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     broken = torch.zeros((), dtype=torch.bool, device=input_ids.device)  # logits not finite, at any step so far
     for step in range(max_new_tokens):
         finite = torch.isfinite(logits)
-        if check_each_token:
+        if sync_every == 1:
             if not bool(finite.all()):  # sampling would raise deep in torch, argmax print nonsense
                 raise NonFiniteLogits(model, dtype, f"at new token {step + 1}")
         else:  # (what is drawn from them is discarded: zeroed, they draw uniformly, without NaN's errors)
@@ -150,10 +157,13 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
-        yield token
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
-            if not check_each_token and bool(broken):
+        stop = False
+        if step == max_new_tokens - 1 or sync_every is not None and (step + 1) % sync_every == 0:  # the waits
+            if sync_every != 1 and bool(broken):
                 raise NonFiniteLogits(model, dtype, "while generating")
+            stop = step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all()))
+        yield token
+        if stop:
             return
         if graphed is not None:
             logits = graphed(token[:, None], T + step)
@@ -232,11 +242,17 @@ def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temper
              generator: torch.Generator | list[torch.Generator] | None = None,
              cuda_graph: bool = True, repetition_penalty: float = 1.0, min_p: float | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
-    device. Without `eos_id` the host never waits for the device between tokens: logits that are not finite are
-    refused after the last one."""
+    device, n ending where the last sequence to produce `eos_id` produced it. With `eos_id`, the host waits for the
+    device every SYNC_EVERY tokens, to learn whether every sequence has ended (without, only after the last): the
+    steps run past that end are dropped, though a generator has drawn for them. Logits that are not finite are
+    refused at the next wait."""
+    every = SYNC_EVERY if eos_id is not None else None
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
                                cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
-                               check_each_token=False))  # no wait for the device between tokens
+                               sync_every=every))
+    if eos_id is not None and new:  # steps made after every row had ended: all eos_id, left out
+        ended = (torch.stack(new, dim=1) == eos_id).cummax(dim=1).values.all(dim=0)  # [n], False then True
+        new = new[: len(new) - max(int(ended.sum()) - 1, 0)]
     prompt = input_ids.to(model.embed_tokens.weight.device).long()  # (uint16 ids do not promote)
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 
@@ -375,6 +391,12 @@ def check_num_samples(num_samples, name: str) -> None:
                         f"{num_samples:,}")
 
 
+def reads_every(device: torch.device) -> int:
+    """How many tokens generate_text takes from the stream between reads of them: each on a CPU (whose steps do
+    not run ahead of the host), SYNC_EVERY on a GPU (whose steps the host queues meanwhile)."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
+
+
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, on_text=None, cuda_graph: bool = True,
@@ -421,19 +443,32 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
             if on_text is not None:
                 on_text(i, piece)
 
+    def read(steps: list[torch.Tensor]) -> None:
+        nonlocal new_tokens
+        for tokens in torch.stack(steps).tolist():
+            for i, token in enumerate(tokens):
+                if finished[i]:
+                    continue
+                new_tokens += 1
+                if token == eot:
+                    emit(i, streams[i].flush(), last=True)
+                else:
+                    emit(i, streams[i].push(token))
+
+    every = reads_every(device)
+    steps = []
     for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
                                   generator=generator, vocab_size=tokenizer.model_vocab_size,
-                                  cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p):
-        for i, token in enumerate(tokens.tolist()):
-            if finished[i]:
-                continue
-            new_tokens += 1
-            if token == eot:
-                emit(i, streams[i].flush(), last=True)
-            else:
-                emit(i, streams[i].push(token))
-        if all(finished):  # (each at end of text, or at a stop string: the rows the device still runs are not read)
-            break
+                                  cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
+                                  sync_every=every):
+        steps.append(tokens)
+        if len(steps) == every:
+            read(steps)
+            steps = []
+            if all(finished):  # (each at end of text, or at a stop string: the rows the device still runs are unread)
+                break
+    if steps:
+        read(steps)
     for i in range(num_samples):
         if not finished[i]:
             emit(i, streams[i].flush(), last=True)

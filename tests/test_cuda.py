@@ -124,6 +124,36 @@ def test_cuda_graph_decoding_gives_the_tokens_of_kernel_by_kernel_steps(dtype, e
         assert torch.equal(graphed, stepped) and torch.equal(graphed, forward)
 
 
+
+def test_generate_with_end_of_text_waits_every_few_tokens_on_cuda(monkeypatch):
+    """On a GPU, generate(eos_id=...) and generate_text read the device every SYNC_EVERY tokens, not each (the
+    host queues the graphed steps between): the tokens of a stream read token by token, the texts of
+    generate_text reading each token, and reads of a device value (the profiler's) grow by at most two a wait."""
+    from tinygemma import generate as generate_module
+    from tinygemma.tokenizer import GPT2Tokenizer
+
+    model = fresh_model(small(), seed=4).to(torch.bfloat16).eval()
+    prompts = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    greedy = generate_module.generate(model, prompts, 40, temperature=0)
+    for eos in (int(greedy[0, 7 + 3]), int(greedy[1, 7 + 12]), next(i for i in range(512) if not (greedy == i).any())):
+        streamed = list(generate_module.generate_stream(model, prompts, 40, temperature=0, eos_id=eos))
+        expected = torch.cat([prompts] + [t[:, None] for t in streamed], dim=1)
+        assert torch.equal(generate_module.generate(model, prompts, 40, temperature=0, eos_id=eos), expected)
+
+    def reads(tokens: int) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            generate_module.generate(model, prompts, tokens, temperature=0, eos_id=eos)  # (eos: an id never met)
+        return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+
+    assert reads(40) - reads(24) <= 2 * 16 // generate_module.SYNC_EVERY
+    tokenizer = GPT2Tokenizer()
+    gpt2_model = fresh_model(small(vocab_size=tokenizer.model_vocab_size), seed=4).eval()
+    texts = generate_module.generate_text(gpt2_model, tokenizer, "Once upon a time", 30, top_k=3, seed=1,
+                                          num_samples=2, stop=["."])
+    monkeypatch.setattr(generate_module, "reads_every", lambda device: 1)
+    assert generate_module.generate_text(gpt2_model, tokenizer, "Once upon a time", 30, top_k=3, seed=1,
+                                         num_samples=2, stop=["."]) == texts
+
 # ------------------------------------------------------------------ attention kernels
 
 

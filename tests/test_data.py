@@ -933,6 +933,39 @@ def test_every_process_refuses_a_bad_id_in_any_process_share():
         rank0.get(3, 0)
 
 
+def test_one_batches_object_draws_each_steps_own_windows():
+    """train.py keeps one Batches for the run: each step's passes are that step's windows (a step's windows are
+    read once and kept for its passes; a cache never refreshed trained the first step's windows throughout)."""
+    import torch
+
+    from tinygemma.config import TrainConfig
+    from tinygemma.runtime import Runtime
+
+    tokens = np.arange(5000, dtype=np.uint16)
+    cfg = TrainConfig(batch_size=4, grad_accum_steps=2, block_size=8, seed=11)
+    batches = data.Batches(tokens, cfg, Runtime(torch.device("cpu"), torch.float32), 4, vocab_size=5000)
+    for step in (3, 4, 4, 7):
+        starts = data.window_starts(11, step, len(tokens), 8, 8)
+        for micro in range(batches.micro_steps):
+            x, y = batches.get(step, micro)
+            want = torch.from_numpy(np.stack([tokens[s : s + 9] for s in starts[micro * 4 : micro * 4 + 4]]))
+            assert torch.equal(x, want[:, :-1].long()) and torch.equal(y, want[:, 1:].long())
+
+
+def test_check_windows_checks_every_window_of_every_chunk():
+    """The up-front check reads the windows 1,024 at a time: a corrupt id in the last window of a chunk is
+    refused too (more windows than one chunk: a global batch of 32 x 64, or the validation windows)."""
+    tokens = np.zeros(2048 * 10, dtype=np.uint16)
+    starts = np.arange(2048) * 10  # window w holds tokens [10 w, 10 w + 10)
+    for window in (1023, 1024, 2047):
+        tokens[:] = 0
+        tokens[starts[window] + 9] = 100  # its last token, a target only
+        with pytest.raises(UserError, match="the tokens hold id 100, outside the model's 100 ids"):
+            data.check_windows(tokens, starts, 9, 100)
+    tokens[:] = 0
+    data.check_windows(tokens, starts, 9, 100)
+
+
 def test_processes_need_only_divide_the_global_batch_not_the_accumulation():
     """batch_size 6 x grad_accum_steps 2 on 4 processes (2 does not divide by 4; the global 12 does): each process
     trains 3 of the 12 windows, every window once, as on one process."""

@@ -102,6 +102,22 @@ def test_decode_plan_is_reused_but_never_stale():
     assert torch.equal(after, generate(model, prompt, 12, temperature=0))  # ...exactly as a fresh plan
 
 
+def test_a_stale_plan_is_freed_before_its_replacement_is_built(monkeypatch):
+    """A plan holds a copy of every linear weight (about 1 GB for 270M in float32): renewed after the weights
+    changed, the stale one is let go first, so a renewal never holds two."""
+    from tinygemma import decode
+
+    model = tiny_model()
+    decode.decode_plan(model, pack=False)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    held = []
+    build = decode._build_plan
+    monkeypatch.setattr(decode, "_build_plan", lambda m, pack: held.append(m in decode._PLANS) or build(m, pack))
+    decode.decode_plan(model, pack=False)
+    assert held == [False]
+
+
 def test_a_plan_sees_writes_through_data_and_leaves_the_model_copyable():
     """Writes through .data (an EMA's p.data.mul_, a copy from another model) bump no version counter: the plan
     kept from before decoded with the old weights after a prefill with the new ones. The kept plan made the model

@@ -826,6 +826,15 @@ def test_repetition_penalty_is_transformers_own():
     for bad in (0, -1.2, float("inf"), "1.3"):
         with pytest.raises(UserError, match="repetition_penalty must be a positive, finite number"):
             generate(model, prompt, 2, repetition_penalty=bad)
+    # Negative logits too (greedy tokens never show them: a sampled seen token with a negative logit must become
+    # less likely, multiplied by the penalty, not divided)
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits, ids = torch.tensor([[2.0, -2.0, 0.5, -0.5, 1.0]]), torch.tensor([[0, 1, 3]])
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
+    ours = tinygemma.generate.penalize_repeats(logits, seen, 1.5)
+    assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(1.5)(ids, logits.clone()))
+    assert torch.equal(ours, torch.tensor([[2.0 / 1.5, -3.0, 0.5, -0.75, 1.0]]))
 
 
 def test_generate_with_prompt_longer_than_window():

@@ -154,6 +154,9 @@ def test_loss_png_plots_both_curves_against_tokens(tmp_path, monkeypatch):  # ki
                {"step": 2, "tokens": 512, "val_loss": 2.7}]
     plot_losses(records, tmp_path / "loss.png")
     assert [(c[0], c[1]) for c in calls] == [([256, 512], [3.0, 2.5]), ([512], [2.7])]
+    calls.clear()  # before the first evaluation (or in a run without one): the training curve alone
+    plot_losses(records[:2], tmp_path / "loss.png")
+    assert [(c[0], c[1]) for c in calls] == [([256, 512], [3.0, 2.5])]
 
 
 def test_compare_plots_ten_solid_lines_before_dashed_ones(tmp_path, monkeypatch):  # kills m12

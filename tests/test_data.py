@@ -113,6 +113,31 @@ def test_workers_fork_with_tokenizers_parallelism_off_and_give_the_caller_s_sett
     assert seen == {before or "false"}  # every worker forked with it set
 
 
+def test_workers_read_only_a_few_batches_ahead_and_give_them_back_in_order():
+    """At most 2 x workers batches in flight: the corpus is not read ahead into memory (the whole of TinyStories,
+    tokenized, before the first write), and the results come in the batches' order."""
+    batches = [[f"Story {i}: the cat sat."] * (1 + i % 3) for i in range(20)]
+    drawn = []
+
+    def reading():
+        for batch in batches:
+            drawn.append(1)
+            yield batch
+
+    workers = data._Workers(GPT2Tokenizer(), 2)
+    try:
+        ahead, results = [], []
+        for ids, nbytes, documents in workers.map(reading()):
+            ahead.append(len(drawn) - len(results))
+            results.append((ids.tolist(), nbytes, documents))
+    finally:
+        workers.close()
+    assert max(ahead) <= 4 and ahead[0] == 4
+    inline = data._Workers(GPT2Tokenizer(), 1)  # one worker: in this process, one batch at a time
+    assert results == [(ids.tolist(), nbytes, documents) for ids, nbytes, documents in inline.map(iter(batches))]
+    assert [documents for *_, documents in results] == [len(b) for b in batches]
+
+
 def test_val_fraction_sets_aside_whole_stories(stories_dir, tmp_path):
     stories = read_stories(stories_dir / "train.txt")
     meta = prepare(tmp_path, sources=[stories_dir / "train.txt"], val_fraction=0.1, limit=300, workers=1,

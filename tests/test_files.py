@@ -762,3 +762,19 @@ def test_a_gguf_file_is_told_by_its_magic(tmp_path):
     assert is_gguf_file(tmp_path / "a.gguf")
     assert not is_gguf_file(tmp_path / "b.gguf")
     assert not is_gguf_file(tmp_path / "missing.gguf")
+
+
+def test_a_json_file_holding_no_object_is_nothing_to_the_folder_checks(tmp_path):
+    """peek_json gives {} for JSON that is not an object (an array, a number, a string): a config.json or
+    meta.json holding one makes its folder "not that" to every check that reads it, never an AttributeError."""
+    from tinygemma.data import is_prepared_dataset
+    from tinygemma.hf import is_hf_export
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for text in ('["train"]', "[1, 2]", "5", '"text"'):
+        (tmp_path / "config.json").write_text(text)
+        (tmp_path / "meta.json").write_text(text)
+        assert files.peek_json(tmp_path / "config.json") == {}, text
+        assert not files.holds_run_recipe(tmp_path), text
+        assert not is_hf_export(tmp_path), text
+        assert not is_prepared_dataset(tmp_path), text

@@ -952,3 +952,16 @@ def test_norm_gains_are_written_as_one_plus_w(small_ckpt):
     tensors = {t.name: t.data for t in gguf.GGUFReader(small_ckpt.parent / "model.gguf").tensors}
     assert np.allclose(tensors["output_norm.weight"], model.norm.weight.detach().numpy() + 1.0)
     assert np.allclose(tensors["blk.0.attn_q_norm.weight"], model.layers[0].self_attn.q_norm.weight.detach().numpy() + 1.0)
+
+
+
+def test_a_merge_whose_token_holds_a_space_is_refused():
+    """llama.cpp splits each merge at its first space: a hand-made tokenizer.json's merge of "a b" and "c" would
+    be read back as "a" and "b c". Refused in one line, not written."""
+    spec = json.loads(train_bpe(["Once upon a time there was a cat."] * 4, 300).hf_json())
+    vocab = spec["model"]["vocab"]
+    for token in ("a b", "c", "a bc"):
+        vocab.setdefault(token, len(vocab))
+    spec["model"]["merges"] = [*spec["model"]["merges"], ["a b", "c"]]
+    with pytest.raises(UserError, match="its merge .* holds a space, which llama.cpp reads as the separator"):
+        llama_cpp_vocabulary(spec, len(vocab))

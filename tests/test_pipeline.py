@@ -368,6 +368,20 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
     assert "was prepared from other data than the recipe's [data] asks for" in capsys.readouterr().err
 
 
+
+def test_a_run_with_checkpoints_is_not_refused_for_a_base_checkpoint_gone_since(tmp_path, monkeypatch):
+    """train.init_from is read only by a new run: one that has checkpoints continues from its own, so the base
+    checkpoint it was fine-tuned from may have been moved or deleted since."""
+    from tinygemma import pipeline
+
+    recipe = load_recipe(None, [f"train.out={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}",
+                                f"train.init_from={tmp_path / 'base-deleted'}", "train.device=cpu"])
+    monkeypatch.setattr(pipeline, "last_checkpoint", lambda out: tmp_path / "run" / "checkpoints" / "step_000010")
+    pipeline.check_training_settings(recipe)  # no refusal: the run continues from its own checkpoint
+    monkeypatch.setattr(pipeline, "last_checkpoint", lambda out: None)  # a new run: its base must be there
+    with pytest.raises(tinygemma.UserError, match="train.init_from .*base-deleted: checkpoint not found"):
+        pipeline.check_training_settings(recipe)
+
 def test_run_continues_a_run_started_by_train_on_the_data_it_trained_on(tmp_path, stories_dir, capsys):
     """`tinygemma train --data DIR` records [data] as DIR alone (its recipe's other [data] fields never made DIR):
     `tinygemma run` with the [data] that prepared DIR continues it (every [data] was refused: the recorded

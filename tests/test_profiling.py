@@ -103,6 +103,13 @@ def test_the_top_kernels_are_tallied_by_name_longest_first_and_capped():
     assert table[1].split() == [f"{500 / total:.1%}", "0.500", "2", "matmul", "nvjet_gemm"]
 
 
+def test_shares_of_no_device_time_are_zero_everywhere():
+    """Kernels that all last 0 us (a trace's rounding): every share is 0, the kernels' as the kinds'."""
+    activity = device_activity([kernel("nvjet_gemm", 0, 0), kernel("triton_poi_fused_0", 1, 0)], wall_s=1e-3)
+    assert set(activity["share_by_kind"].values()) == {0.0}
+    assert [k["share"] for k in activity["top_kernels"]] == [0.0, 0.0]
+
+
 def test_a_trace_without_device_events_has_no_device_figures():
     assert device_activity([{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}], 1.0) is None
 

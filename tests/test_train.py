@@ -707,6 +707,10 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path, caps
     newest = {"step_000008", "step_000010", "step_000012"}
     assert sorted(p.name for p in ckpts.glob("step_*")) == sorted(newest | {best})
     assert tinygemma.load(ckpts / "step_000008").config.n_layers == 2  # each a whole checkpoint
+    # At its start: a resume that fails before its first checkpoint (its first update blows up) has pruned
+    with pytest.raises(tinygemma.UserError, match="non-finite"):
+        run(data_dir, out, *settings, "keep_checkpoints=2", "learning_rate=1e9", "min_lr=1e8", resume=True)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == sorted({"step_000010", "step_000012", best})
     run(data_dir, out, *settings, "keep_checkpoints=1", resume=True)
     best = json.loads((ckpts / "best.json").read_text())["dir"]
     assert sorted(p.name for p in ckpts.glob("step_*")) == sorted({best, "step_000014"})
@@ -715,8 +719,11 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path, caps
     again = tmp_path / "again"
     run(data_dir, again, *settings, "keep_checkpoints=3")
     kept = sorted(p.name for p in (again / "checkpoints").glob("step_*"))
-    run(data_dir, again, *settings, resume=True)
-    assert sorted(p.name for p in (again / "checkpoints").glob("step_*")) == kept and len(kept) >= 3
+    capsys.readouterr()
+    for stop_at in (None, 4):  # (finished; a --stop-at passed long ago)
+        run(data_dir, again, *settings, resume=True, stop_at=stop_at)
+        assert sorted(p.name for p in (again / "checkpoints").glob("step_*")) == kept and len(kept) >= 3
+        assert "deleted now" not in capsys.readouterr().err  # nor said to be
     with pytest.raises(tinygemma.UserError, match="train.keep_checkpoints must be an integer >= 1"):
         run(data_dir, tmp_path / "none", "keep_checkpoints=0")
 

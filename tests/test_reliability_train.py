@@ -600,7 +600,6 @@ def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_loss
     assert {s: h["train/loss"] for s, h in last["history"].items() if "train/loss" in h} == train_losses(out)
 
 
-
 def test_a_checkpoint_write_that_fails_midway_leaves_no_staging_folder(data_dir, tmp_path, monkeypatch):
     """A full disk while step 10's optimizer state is written: the half-written .tmp-step_000010 (its weights
     already in it) goes with the error, not left on the disk that just ran out; step 5 stays the checkpoint."""
@@ -617,6 +616,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_no_staging_folder(data_dir,
     with pytest.raises(OSError, match="No space left"):
         run(data_dir, out, "max_steps=10", "checkpoint_interval=5")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]
+
 
 def test_a_best_pointer_left_behind_by_a_kill_is_restored_on_resume(data_dir, tmp_path, monkeypatch):
     """last.json switches before best.json: a full disk (or a kill) between the two left best.json naming an older

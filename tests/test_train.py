@@ -711,6 +711,7 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path, caps
     with pytest.raises(tinygemma.UserError, match="non-finite"):
         run(data_dir, out, *settings, "keep_checkpoints=1", "learning_rate=1e9", "min_lr=1e8", resume=True)
     assert sorted(p.name for p in ckpts.glob("step_*")) == sorted({"step_000012", best})
+    assert "are deleted now" in capsys.readouterr().err
     run(data_dir, out, *settings, "keep_checkpoints=1", resume=True)
     best = json.loads((ckpts / "best.json").read_text())["dir"]
     assert sorted(p.name for p in ckpts.glob("step_*")) == sorted({best, "step_000014"})

@@ -124,7 +124,6 @@ def test_cuda_graph_decoding_gives_the_tokens_of_kernel_by_kernel_steps(dtype, e
         assert torch.equal(graphed, stepped) and torch.equal(graphed, forward)
 
 
-
 def test_generate_with_end_of_text_waits_every_few_tokens_on_cuda(monkeypatch):
     """On a GPU, generate(eos_id=...) and generate_text read the device every SYNC_EVERY tokens, not each (the
     host queues the graphed steps between): the tokens of a stream read token by token, the texts of
@@ -153,6 +152,7 @@ def test_generate_with_end_of_text_waits_every_few_tokens_on_cuda(monkeypatch):
     monkeypatch.setattr(generate_module, "reads_every", lambda device: 1)
     assert generate_module.generate_text(gpt2_model, tokenizer, "Once upon a time", 30, top_k=3, seed=1,
                                          num_samples=2, stop=["."]) == texts
+
 
 # ------------------------------------------------------------------ attention kernels
 

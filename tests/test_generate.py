@@ -435,7 +435,6 @@ def test_generate_waits_for_the_device_only_after_the_last_token(model, monkeypa
         assert reads(4, **kwargs) == reads(16, **kwargs) <= 4, kwargs
 
 
-
 def test_generate_with_end_of_text_waits_every_few_tokens_and_returns_the_tokens_of_a_wait_per_token(monkeypatch):
     """With eos_id, generate() learns whether every row has ended only every SYNC_EVERY tokens (on a GPU the host
     queues the steps between), then drops the steps it ran past the end: the tensor is the one a stream read

@@ -954,7 +954,6 @@ def test_norm_gains_are_written_as_one_plus_w(small_ckpt):
     assert np.allclose(tensors["blk.0.attn_q_norm.weight"], model.layers[0].self_attn.q_norm.weight.detach().numpy() + 1.0)
 
 
-
 def test_a_merge_whose_token_holds_a_space_is_refused():
     """llama.cpp splits each merge at its first space: a hand-made tokenizer.json's merge of "a b" and "c" would
     be read back as "a" and "b c". Refused in one line, not written."""

@@ -368,7 +368,6 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
     assert "was prepared from other data than the recipe's [data] asks for" in capsys.readouterr().err
 
 
-
 def test_a_run_with_checkpoints_is_not_refused_for_a_base_checkpoint_gone_since(tmp_path, monkeypatch):
     """train.init_from is read only by a new run: one that has checkpoints continues from its own, so the base
     checkpoint it was fine-tuned from may have been moved or deleted since."""
@@ -381,6 +380,7 @@ def test_a_run_with_checkpoints_is_not_refused_for_a_base_checkpoint_gone_since(
     monkeypatch.setattr(pipeline, "last_checkpoint", lambda out: None)  # a new run: its base must be there
     with pytest.raises(tinygemma.UserError, match="train.init_from .*base-deleted: checkpoint not found"):
         pipeline.check_training_settings(recipe)
+
 
 def test_run_continues_a_run_started_by_train_on_the_data_it_trained_on(tmp_path, stories_dir, capsys):
     """`tinygemma train --data DIR` records [data] as DIR alone (its recipe's other [data] fields never made DIR):

@@ -501,6 +501,42 @@ def test_generate_text_reading_every_few_tokens_gives_the_same_texts(model, toke
     assert pieces == []
 
 
+def nan_after(model: Gemma3, token_id: int) -> Gemma3:
+    """The model's logits turn NaN once `token_id` has been fed back to it (as float16 may overflow on what
+    follows one token); the caller turns the decode plan off, so that the embedding module runs."""
+    def hook(module, inputs, out):
+        return torch.where((inputs[0] == token_id)[..., None], torch.full_like(out, float("nan")), out)
+
+    model.embed_tokens.register_forward_hook(hook)
+    return model
+
+
+def test_logits_that_turn_non_finite_after_every_row_has_ended_are_never_refused(monkeypatch):
+    """Reading every few tokens, generate and generate_text run a few steps past the end (every row's end of
+    text, every sample's stop string): logits that are not finite there are never read, so never refused; a
+    reading of each token returns, and so do they, with the same tokens and texts."""
+    monkeypatch.setattr(tinygemma.generate, "decode_plan", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=8, n_layers=2, sliding_window_pattern=2)).eval()
+    ids = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    eos = int(generate(model, ids, 1, temperature=0)[0, 3])  # every row's first new token
+    assert eos not in ids[0].tolist()
+    nan_after(model, eos)
+    streamed = list(generate_stream(model, ids, 12, temperature=0, eos_id=eos))  # (sync_every 1)
+    assert torch.equal(generate(model, ids, 12, temperature=0, eos_id=eos), torch.cat([ids, streamed[0][:, None]], 1))
+    assert len(streamed) == 1
+    tokenizer, gpt2_model = GPT2Tokenizer(), tiny_model()
+    third = int(generate(gpt2_model, torch.tensor([tokenizer.encode(PROMPT)]), 3, temperature=0)[0, -1])
+    nan_after(gpt2_model, third)
+    results = {}
+    for every in (1, 8):
+        monkeypatch.setattr(tinygemma.generate, "reads_every", lambda device, every=every: every)
+        results[every] = generate_text(gpt2_model, tokenizer, PROMPT, 12, temperature=0,
+                                       stop=[tokenizer.decode([third])])
+    assert results[8] == results[1] and results[1][1] == 3
+    with pytest.raises(UserError, match="while generating"):  # a sample still running reads them: refused
+        generate_text(gpt2_model, tokenizer, PROMPT, 12, temperature=0)
+
 def test_the_readmes_python_example_runs(ckpt, capsys):
     """README's Python block as written, at gemma3-tiny's size, on a saved checkpoint for runs/cpu-demo (no
     google/gemma-3-270m here): it once used names it never defined."""

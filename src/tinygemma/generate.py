@@ -141,13 +141,16 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=input_ids.device).scatter_(1, input_ids, True)
     broken = torch.zeros((), dtype=torch.bool, device=input_ids.device)  # logits not finite, at any step so far
+    first_broken = torch.zeros((), dtype=torch.long, device=input_ids.device)  # the step where they first were
     for step in range(max_new_tokens):
         finite = torch.isfinite(logits)
         if sync_every == 1:
             if not bool(finite.all()):  # sampling would raise deep in torch, argmax print nonsense
                 raise NonFiniteLogits(model, dtype, f"at new token {step + 1}")
         else:  # (what is drawn from them is discarded: zeroed, they draw uniformly, without NaN's errors)
-            broken |= ~finite.all()
+            fine = finite.all() if eos_id is None else finite.all() | finished.all()  # (past every row's end: unread)
+            first_broken = torch.where(broken | fine, first_broken, step)
+            broken |= ~fine
             logits = torch.where(finite, logits, 0.0)
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
@@ -160,7 +163,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
         stop = False
         if step == max_new_tokens - 1 or sync_every is not None and (step + 1) % sync_every == 0:  # the waits
             if sync_every != 1 and bool(broken):
-                raise NonFiniteLogits(model, dtype, "while generating")
+                raise NonFiniteLogits(model, dtype, "while generating", step=int(first_broken))
             stop = step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all()))
         yield token
         if stop:
@@ -176,7 +179,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
 class NonFiniteLogits(UserError):
     """The model's logits hold NaN or inf (NaN weights, or float16's overflow): no token can be drawn from them."""
 
-    def __init__(self, model: Gemma3, dtype: torch.dtype | None, when: str):
+    def __init__(self, model: Gemma3, dtype: torch.dtype | None, when: str, step: int | None = None):
+        self.step = step  # (sync_every > 1: the first step, from 0, whose logits were not finite)
         computes_in = dtype or model.embed_tokens.weight.dtype
         why = ("float16 overflowed; try --dtype bfloat16 or float32" if computes_in == torch.float16
                else "are its weights all finite?")
@@ -456,17 +460,24 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                     emit(i, streams[i].push(token))
 
     every = reads_every(device)
-    steps = []
-    for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
-                                  generator=generator, vocab_size=tokenizer.model_vocab_size,
-                                  cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
-                                  sync_every=every):
-        steps.append(tokens)
-        if len(steps) == every:
-            read(steps)
-            steps = []
-            if all(finished):  # (each at end of text, or at a stop string: the rows the device still runs are unread)
-                break
+    steps, done = [], 0
+    try:
+        for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
+                                      generator=generator, vocab_size=tokenizer.model_vocab_size,
+                                      cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
+                                      sync_every=every):
+            steps.append(tokens)
+            if len(steps) == every:
+                read(steps)
+                steps, done = [], done + every
+                if all(finished):  # (at end of text or a stop string each: the rows the device still runs are unread)
+                    break
+    except NonFiniteLogits as e:  # the steps before the first broken one, as a reading of each token has them
+        if e.step is not None and e.step > done:
+            read(steps[: e.step - done])
+        if not all(finished):
+            raise
+        steps = []
     if steps:
         read(steps)
     for i in range(num_samples):

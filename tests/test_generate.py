@@ -534,8 +534,11 @@ def test_logits_that_turn_non_finite_after_every_row_has_ended_are_never_refused
         results[every] = generate_text(gpt2_model, tokenizer, PROMPT, 12, temperature=0,
                                        stop=[tokenizer.decode([third])])
     assert results[8] == results[1] and results[1][1] == 3
-    with pytest.raises(UserError, match="while generating"):  # a sample still running reads them: refused
-        generate_text(gpt2_model, tokenizer, PROMPT, 12, temperature=0)
+    # A sample still running reads them: refused, even where the token drawn from them (greedy over the zeroed
+    # logits: id 0) would end the sample
+    for stop in ([], [tokenizer.decode([0])]):
+        with pytest.raises(UserError, match="while generating"):
+            generate_text(gpt2_model, tokenizer, PROMPT, 12, temperature=0, stop=stop)
 
 def test_the_readmes_python_example_runs(ckpt, capsys):
     """README's Python block as written, at gemma3-tiny's size, on a saved checkpoint for runs/cpu-demo (no

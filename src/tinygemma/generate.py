@@ -110,12 +110,13 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     than its tokenizer (model.vocab_size rounded up, say). On CUDA, outside autocast, the steps after the prompt
     replay one CUDA graph (`cuda_graph=False`: launched one kernel at a time).
     The host waits for the device only at every `sync_every`-th token (None: at none) and at the last. At a wait
-    it refuses logits that were not finite at any step so far (UserError, before yielding that wait's token), and
-    stops if every sequence has produced `eos_id` (a finished row yields `eos_id`: a consumer may get a few steps
-    of `eos_id` in every row). The default 1 checks each token's logits before the draw: a consumer that reads
-    each token waits for the device anyway. A larger one lets the host queue the steps while the device runs them
-    (generate's, and generate_text's on a GPU); a consumer that reads the tokens only at the waits never reads one
-    drawn from logits that were not finite.
+    it refuses logits that were not finite at any step so far before every sequence had produced `eos_id`
+    (UserError, before yielding that wait's token; its `step` is the first such step), and stops if every sequence
+    has produced `eos_id` (a finished row yields `eos_id`: a consumer may get a few steps of `eos_id` in every
+    row). The default 1 checks each token's logits before the draw: a consumer that reads each token waits for the
+    device anyway. A larger one lets the host queue the steps while the device runs them (generate's, and
+    generate_text's on a GPU); a consumer that reads the tokens only at the waits never reads one drawn from
+    logits that were not finite.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     if not (sync_every is None or is_integer(sync_every) and sync_every >= 1):

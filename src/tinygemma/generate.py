@@ -402,6 +402,31 @@ def reads_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else SYNC_EVERY
 
 
+def read_in_groups(stream: Iterator[torch.Tensor], every: int, read, finished: list[bool]) -> None:
+    """Hand `read` the tokens of `stream` (made with sync_every=every) `every` steps at a time, as the stream has
+    waited for the device, until every sample is `finished` (at end of text or a stop string: the rows the device
+    still runs are never read). Logits that were not finite are refused only where a sample still running would
+    read a token drawn from them: the steps before the first such step are read first, as a reading of each token
+    reads them."""
+    steps, done = [], 0
+    try:
+        for tokens in stream:
+            steps.append(tokens)
+            if len(steps) == every:
+                read(steps)
+                steps, done = [], done + every
+                if all(finished):
+                    return
+    except NonFiniteLogits as e:
+        if e.step is not None and e.step > done:
+            read(steps[: e.step - done])
+        if not all(finished):
+            raise
+        return
+    if steps:
+        read(steps)
+
+
 def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, on_text=None, cuda_graph: bool = True,
@@ -461,26 +486,10 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                     emit(i, streams[i].push(token))
 
     every = reads_every(device)
-    steps, done = [], 0
-    try:
-        for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
-                                      generator=generator, vocab_size=tokenizer.model_vocab_size,
-                                      cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
-                                      sync_every=every):
-            steps.append(tokens)
-            if len(steps) == every:
-                read(steps)
-                steps, done = [], done + every
-                if all(finished):  # (at end of text or a stop string each: the rows the device still runs are unread)
-                    break
-    except NonFiniteLogits as e:  # the steps before the first broken one, as a reading of each token has them
-        if e.step is not None and e.step > done:
-            read(steps[: e.step - done])
-        if not all(finished):
-            raise
-        steps = []
-    if steps:
-        read(steps)
+    read_in_groups(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
+                                   generator=generator, vocab_size=tokenizer.model_vocab_size, cuda_graph=cuda_graph,
+                                   repetition_penalty=repetition_penalty, min_p=min_p, sync_every=every),
+                   every, read, finished)
     for i in range(num_samples):
         if not finished[i]:
             emit(i, streams[i].flush(), last=True)

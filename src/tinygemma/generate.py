@@ -141,8 +141,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     seen = None  # the tokens of each row's text, for the repetition penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=input_ids.device).scatter_(1, input_ids, True)
-    broken = torch.zeros((), dtype=torch.bool, device=input_ids.device)  # logits not finite, at any step so far
-    first_broken = torch.zeros((), dtype=torch.long, device=input_ids.device)  # the step where they first were
+    # The first step whose logits were not finite (before every row had ended), -1 while none was
+    first_bad = torch.full((), -1, dtype=torch.long, device=input_ids.device)
     for step in range(max_new_tokens):
         finite = torch.isfinite(logits)
         if sync_every == 1:
@@ -150,8 +150,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                 raise NonFiniteLogits(model, dtype, f"at new token {step + 1}")
         else:  # (what is drawn from them is discarded: zeroed, they draw uniformly, without NaN's errors)
             fine = finite.all() if eos_id is None else finite.all() | finished.all()  # (past every row's end: unread)
-            first_broken = torch.where(broken | fine, first_broken, step)
-            broken |= ~fine
+            first_bad = torch.where(fine | (first_bad >= 0), first_bad, step)
             logits = torch.where(finite, logits, 0.0)
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
@@ -163,8 +162,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
             finished |= token == eos_id
         stop = False
         if step == max_new_tokens - 1 or sync_every is not None and (step + 1) % sync_every == 0:  # the waits
-            if sync_every != 1 and bool(broken):
-                raise NonFiniteLogits(model, dtype, "while generating", step=int(first_broken))
+            if sync_every != 1 and bool(first_bad >= 0):
+                raise NonFiniteLogits(model, dtype, "while generating", step=int(first_bad))
             stop = step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all()))
         yield token
         if stop:

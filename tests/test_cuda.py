@@ -128,6 +128,8 @@ def test_generate_with_end_of_text_waits_every_few_tokens_on_cuda(monkeypatch):
     """On a GPU, generate(eos_id=...) and generate_text read the device every SYNC_EVERY tokens, not each (the
     host queues the graphed steps between): the tokens of a stream read token by token, the texts of
     generate_text reading each token, and reads of a device value (the profiler's) grow by at most two a wait."""
+    from test_generate import device_reads
+
     from tinygemma import generate as generate_module
     from tinygemma.tokenizer import GPT2Tokenizer
 
@@ -139,10 +141,8 @@ def test_generate_with_end_of_text_waits_every_few_tokens_on_cuda(monkeypatch):
         expected = torch.cat([prompts] + [t[:, None] for t in streamed], dim=1)
         assert torch.equal(generate_module.generate(model, prompts, 40, temperature=0, eos_id=eos), expected)
 
-    def reads(tokens: int) -> int:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            generate_module.generate(model, prompts, tokens, temperature=0, eos_id=eos)  # (eos: an id never met)
-        return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+    def reads(tokens: int) -> int:  # (eos: an id never met)
+        return device_reads(lambda: generate_module.generate(model, prompts, tokens, temperature=0, eos_id=eos))
 
     assert reads(40) - reads(24) <= 2 * 16 // generate_module.SYNC_EVERY
     tokenizer = GPT2Tokenizer()

@@ -409,6 +409,13 @@ def test_non_finite_logits_are_one_line_not_a_traceback_or_nonsense(tmp_path, ca
             generate(broken, torch.tensor([[1, 2], [3, 4]]), 3, **kwargs)
 
 
+def device_reads(call) -> int:
+    """How many times `call()` reads a device value back to the host (an item, a bool), as the profiler sees it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        call()
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+
+
 def test_generate_waits_for_the_device_only_after_the_last_token(model, monkeypatch):
     """Without end of text, generate() reads nothing back from the device between tokens (on a GPU the host then
     queues the steps while the device runs them): one wait, for the non-finite check, after the last token;
@@ -426,9 +433,7 @@ def test_generate_waits_for_the_device_only_after_the_last_token(model, monkeypa
     # Sampling neither: torch.multinomial read two checks back to the host for every draw (per row, with a
     # generator each). Counted as the profiler sees reads of a device value: as many for 16 tokens as for 4.
     def reads(tokens: int, **kwargs) -> int:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), tokens, **kwargs)
-        return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+        return device_reads(lambda: generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), tokens, **kwargs))
 
     for kwargs in ({"temperature": 0}, {"temperature": 1.0},
                    {"temperature": 0.8, "top_k": 20, "generator": [torch.Generator().manual_seed(i) for i in (0, 1)]}):
@@ -463,10 +468,11 @@ def test_generate_with_end_of_text_waits_every_few_tokens_and_returns_the_tokens
     greedy = generate(model, ids, 32, temperature=0)[:, 3:]
     unmet = next(i for i in range(8) if not (greedy == i).any())
 
-    def reads(tokens: int) -> int:  # reads of a device value, as the profiler sees them
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            assert torch.equal(generate(model, ids, tokens, temperature=0, eos_id=unmet)[:, 3:], greedy[:, :tokens])
-        return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+    def reads(tokens: int) -> int:
+        out = []
+        count = device_reads(lambda: out.append(generate(model, ids, tokens, temperature=0, eos_id=unmet)))
+        assert torch.equal(out[0][:, 3:], greedy[:, :tokens])
+        return count
 
     assert reads(32) - reads(16) <= 2 * 16 // tinygemma.generate.SYNC_EVERY  # (per token: 16)
 
@@ -539,6 +545,7 @@ def test_logits_that_turn_non_finite_after_every_row_has_ended_are_never_refused
     for stop in ([], [tokenizer.decode([0])]):
         with pytest.raises(UserError, match="while generating"):
             generate_text(gpt2_model, tokenizer, PROMPT, 12, temperature=0, stop=stop)
+
 
 def test_the_readmes_python_example_runs(ckpt, capsys):
     """README's Python block as written, at gemma3-tiny's size, on a saved checkpoint for runs/cpu-demo (no

@@ -9,11 +9,16 @@ kept for the model's later calls, as a user's repeated `generate` calls keep it.
 shared, so load from other processes shows up as noise; alternating spreads it over both. tokens/s counts the
 new tokens of every sequence in the batch. On CUDA tinygemma replays one CUDA graph a token (captured in each
 call, the capture timed); a third contender there, `generate(..., cuda_graph=False)`, launches the same steps
-kernel by kernel, so the graph's own gain is measured in the same run.
+kernel by kernel, so the graph's own gain is measured in the same run. With `--eos-id`, two more contenders
+decode with that end-of-text id: `generate(..., eos_id=...)`, whose host waits for the device every SYNC_EVERY
+tokens to learn whether every sequence has ended, against the same stream waiting each token (`generate_stream`'s
+`sync_every=1`, as transformers' `generate` does), so the gain of not waiting is measured in the same run (an
+id the random model never produces keeps every sequence running to the end; the result says if one did).
 
     python benchmarks/generate_speed.py --dtype bf16            # the issue's target: >= 1.5x, aiming at 2x
     python benchmarks/generate_speed.py --dtype fp32 --new-tokens 64
     python benchmarks/generate_speed.py --device cuda --dtype bf16 --batch-sizes 1,32 --json generation.json
+    python benchmarks/generate_speed.py --device cuda --dtype bf16 --batch-sizes 1,32 --eos-id 50256
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from common import (  # noqa: E402
 from tinygemma import Gemma3, ModelConfig
 from tinygemma.devices import dtype_name, parse_dtype, pick_device
 from tinygemma.files import atomic_write_json
-from tinygemma.generate import generate
+from tinygemma.generate import SYNC_EVERY, generate, generate_stream
 from tinygemma.hf import to_transformers
 
 
@@ -62,22 +67,45 @@ def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
     def kernel_by_kernel():
         return generate(model, prompt, n, temperature=0, cuda_graph=False)
 
+    def with_end():  # the host waits every SYNC_EVERY tokens
+        return generate(model, prompt, n, temperature=0, eos_id=args.eos_id)
+
+    def each_token():  # the host waits each token, to check its logits and whether every sequence has ended
+        steps = generate_stream(model, prompt, n, temperature=0, eos_id=args.eos_id, sync_every=1)
+        return torch.cat([prompt] + [t[:, None] for t in steps], dim=1)
+
     cuda = device.type == "cuda"
-    sync = device_sync(device)
-    times, outs = time_interleaved([ours, theirs, *([kernel_by_kernel] if cuda else [])], args.repeats, sync)
-    same = (outs[0][:, args.prompt_tokens:] == outs[1][:, args.prompt_tokens:]).all(dim=0).cpu()
+    contenders = {"ours": ours, "theirs": theirs}
+    if cuda:
+        contenders["kernel_by_kernel"] = kernel_by_kernel
+    if args.eos_id is not None:
+        contenders.update(with_end=with_end, each_token=each_token)
+    times, outs = time_interleaved(list(contenders.values()), args.repeats, device_sync(device))
+    times, outs = dict(zip(contenders, times)), dict(zip(contenders, outs))
+    same = (outs["ours"][:, args.prompt_tokens:] == outs["theirs"][:, args.prompt_tokens:]).all(dim=0).cpu()
     result = {
         "batch_size": batch_size,
-        "tinygemma_tokens_per_s": round(batch_size * n / times[0], 2),
-        "transformers_tokens_per_s": round(batch_size * n / times[1], 2),
-        "speedup": round(times[1] / times[0], 2),
+        "tinygemma_tokens_per_s": round(batch_size * n / times["ours"], 2),
+        "transformers_tokens_per_s": round(batch_size * n / times["theirs"], 2),
+        "speedup": round(times["theirs"] / times["ours"], 2),
         # In bf16 two correct implementations may round differently and part ways at a near-tie; the count of
         # leading positions where every sequence agrees shows where.
         "same_tokens": bool(same.all()), "equal_leading_tokens": int(same.long().cumprod(0).sum()),
     }
     if cuda:  # the CUDA graph's own gain: the same steps at int positions, launched kernel by kernel
-        result["kernel_by_kernel_tokens_per_s"] = round(batch_size * n / times[2], 2)
-        result["cuda_graph_speedup"] = round(times[2] / times[0], 2)
+        result["kernel_by_kernel_tokens_per_s"] = round(batch_size * n / times["kernel_by_kernel"], 2)
+        result["cuda_graph_speedup"] = round(times["kernel_by_kernel"] / times["ours"], 2)
+    if args.eos_id is not None:  # tokens/s of the steps each made (both stop where the last sequence ended)
+        new_ids = outs["with_end"][:, args.prompt_tokens:]
+        result.update({
+            "end_of_text_id": args.eos_id, "end_of_text_met": bool((new_ids == args.eos_id).any()),
+            "waits_every": SYNC_EVERY,
+            "same_tokens_either_way": bool(torch.equal(outs["with_end"], outs["each_token"])),
+            "waiting_every_tokens_per_s": round(new_ids.numel() / times["with_end"], 2),
+            "waiting_each_tokens_per_s": round(
+                batch_size * (outs["each_token"].shape[1] - args.prompt_tokens) / times["each_token"], 2),
+            "not_waiting_gain": round(times["each_token"] / times["with_end"], 2),
+        })
     return result
 
 
@@ -92,6 +120,9 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="also time decoding that stops at this end-of-text id: waiting for the device every "
+                        f"{SYNC_EVERY} tokens (generate's) against each token")
     p.add_argument("--json", type=output_file, help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:

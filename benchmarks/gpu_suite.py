@@ -165,7 +165,10 @@ class Plan:
     limit: int | None = None  # prepare's --limit (stories)
     train_extra: tuple = ()
     workshop_steps: tuple = (1, 2)  # warm-up, timed optimizer steps of the workshop's loop
-    generation_args: tuple = ("--dtype", "bf16", "--batch-sizes", "1,32", "--new-tokens", "48", "--repeats", "2")
+    # (50256: GPT-2's end of text, which the random model is not expected to produce: the end-of-text contenders
+    # then decode all 48 tokens, and the report says if one did not)
+    generation_args: tuple = ("--dtype", "bf16", "--batch-sizes", "1,32", "--new-tokens", "48", "--repeats", "2",
+                              "--eos-id", "50256")
     optimizer_args: tuple = ("--steps", "10", "--warmup", "2")  # besides preset, device and --json
     # The rows of the passes micro_batch_size=auto chose: 32,768 on the H100 (256 of 128 or 32 of 1,024), first;
     # 65,536 on the H200 (512 or 64: an eager pass of the 270M takes about 1 MB a token, so 131,072 tokens do not
@@ -211,7 +214,7 @@ class Plan:
                    limit=400, train_extra=("learning_rate=3e-3", "min_lr=3e-4", "muon_learning_rate=0.02"),
                    workshop_steps=(1, 1),
                    generation_args=("--dtype", "fp32", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1",
-                                    "--threads", "1"),
+                                    "--threads", "1", "--eos-id", "50256"),
                    optimizer_args=("--vocab-size", "512", "--n-layers", "2", "--steps", "1", "--warmup", "0",
                                    "--threads", "1", "--contenders", "adamw,muon-float32"),
                    loss_head_args=("--vocab-size", "512", "--d-model", "64", "--rows", "64,256", "--steps", "1",
@@ -733,9 +736,27 @@ def generation(plan: Plan, env: dict, work: Path) -> Result:
                      f"{r['transformers_tokens_per_s']:,.1f} tokens/s | {r['speedup']:.2f}x | {same} |"
                      + (f" {figure(r.get('kernel_by_kernel_tokens_per_s'), ',.1f', ' tokens/s')} | "
                         f"{figure(r.get('cuda_graph_speedup'), '.2f', 'x')} |" if graphs else ""))
+    lines += end_of_text_lines(result["results"])
     keep = ("dtype", "prompt_tokens", "new_tokens", "repeats", "results")
     return Result(STEP_TITLES[2], not result.get("partial"), lines, seconds,
                   {"generation": {k: result[k] for k in keep}}, cut=bool(result.get("cut")))
+
+
+def end_of_text_lines(results: list[dict]) -> list[str]:
+    """The table of decoding with an end-of-text id (generate_speed.py's --eos-id): the host waiting for the device
+    every few tokens (generate's) against each token; none where the run had no such contenders."""
+    rows = [r for r in results if "not_waiting_gain" in r]
+    if not rows:
+        return []
+    lines = ["", f"With end of text (id {rows[0]['end_of_text_id']}), the host waiting for the device every "
+             f"{rows[0]['waits_every']} tokens (generate's) or each token (as transformers' generate):", "",
+             "| batch | every few tokens | each token | gain | same tokens | a sequence ended |",
+             "|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch_size']} | {r['waiting_every_tokens_per_s']:,.1f} tokens/s | "
+                     f"{r['waiting_each_tokens_per_s']:,.1f} tokens/s | {r['not_waiting_gain']:.2f}x | "
+                     f"{'yes' if r['same_tokens_either_way'] else 'NO'} | {'yes' if r['end_of_text_met'] else 'no'} |")
+    return lines
 
 
 # ------------------------------------------------------------------ 5. the optimizer step

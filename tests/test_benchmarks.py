@@ -23,6 +23,7 @@ import torch
 from conftest import SHARED, STORIES
 
 from tinygemma.config import ModelConfig
+from tinygemma.model import Gemma3
 
 pytest.importorskip("transformers")
 
@@ -460,6 +461,8 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     assert [r["batch_size"] for r in generation["results"]] == [1, 2]
     for r in generation["results"]:
         assert f"| {r['batch_size']} | {r['tinygemma_tokens_per_s']:,.1f} tokens/s |" in text
+        assert r["end_of_text_id"] == 50256 and r["same_tokens_either_way"]  # the quick plan's --eos-id
+        assert f"| {r['batch_size']} | {r['waiting_every_tokens_per_s']:,.1f} tokens/s |" in text
     optimizer = json.loads((work / "optimizer_step.json").read_text())
     assert summary["optimizer_step"]["ms_per_step"] == optimizer["ms_per_step"]
     for name, ms in optimizer["ms_per_step"].items():
@@ -1261,6 +1264,7 @@ def test_gpu_suite_reports_the_cuda_graphs_gain_beside_transformers(tmp_path, mo
     assert "| batch | tinygemma | transformers | speed-up | same tokens | tinygemma kernel by kernel | CUDA graph's " \
            "gain |" in got.lines
     assert "| 1 | 900.0 tokens/s | 50.0 tokens/s | 18.00x | first 29 | 60.0 tokens/s | 15.00x |" in got.lines
+    assert not any("end of text" in line for line in got.lines)  # no --eos-id contenders: no such table
     result["results"] = [row]
     got = suite.generation(suite.Plan("cpu", True), {}, tmp_path)
     assert "| batch | tinygemma | transformers | speed-up | same tokens |" in got.lines
@@ -1270,6 +1274,27 @@ def test_gpu_suite_reports_the_cuda_graphs_gain_beside_transformers(tmp_path, mo
     result.update(partial=True, cut=True)
     got = suite.generation(suite.Plan("cuda", False), {}, tmp_path)
     assert not got.ok and got.cut and got.data["generation"]["results"] == [row]
+
+
+def test_gpu_suite_reports_decoding_with_end_of_text_waiting_every_few_tokens_against_each(tmp_path, monkeypatch):
+    """generate_speed.py's --eos-id contenders: a second table, a row per batch size, the gain of waiting for the
+    device every few tokens; a sequence that met the id, or tokens that differ, are said."""
+    suite = load_script("gpu_suite")
+    row = {"batch_size": 1, "tinygemma_tokens_per_s": 900.0, "transformers_tokens_per_s": 50.0, "speedup": 18.0,
+           "same_tokens": True, "equal_leading_tokens": 48}
+    ends = {"end_of_text_id": 50256, "waits_every": 8, "end_of_text_met": False, "same_tokens_either_way": True,
+            "waiting_every_tokens_per_s": 800.0, "waiting_each_tokens_per_s": 400.0, "not_waiting_gain": 2.0}
+    result = {"prompt_tokens": 16, "new_tokens": 48, "dtype": "bfloat16", "repeats": 2,
+              "results": [{**row, **ends}, {**row, **ends, "batch_size": 32, "end_of_text_met": True,
+                                              "same_tokens_either_way": False, "waiting_every_tokens_per_s": 9000.5,
+                                              "waiting_each_tokens_per_s": 8000.0, "not_waiting_gain": 1.125}]}
+    monkeypatch.setattr(suite, "benchmark", lambda *a: (["intro"], result, 3.0, None))
+    got = suite.generation(suite.Plan("cpu", True), {}, tmp_path)
+    assert got.ok and got.data["generation"]["results"] == result["results"]
+    at = got.lines.index("| batch | every few tokens | each token | gain | same tokens | a sequence ended |")
+    assert "(id 50256)" in got.lines[at - 2] and "every 8 tokens" in got.lines[at - 2]
+    assert got.lines[at + 2:] == ["| 1 | 800.0 tokens/s | 400.0 tokens/s | 2.00x | yes | no |",
+                                  "| 32 | 9,000.5 tokens/s | 8,000.0 tokens/s | 1.12x | NO | yes |"]
 
 
 def test_generate_speed_writes_its_json_after_each_batch_size(tmp_path, monkeypatch):
@@ -1422,7 +1447,7 @@ def test_generate_speed_counts_every_sequences_tokens_and_compares_median_times(
     import types
 
     bench = load_script("generate_speed")
-    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1)
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None)
     config = types.SimpleNamespace(vocab_size=50)
 
     def fake_model(device):
@@ -1450,6 +1475,40 @@ def test_generate_speed_counts_every_sequences_tokens_and_compares_median_times(
     r = bench.measure(fake_model("cuda"), None, 8, args)
     assert r["kernel_by_kernel_tokens_per_s"] == pytest.approx(8 * 6 / 1.5)
     assert r["cuda_graph_speedup"] == pytest.approx(3.0)
+    assert "not_waiting_gain" not in r
+
+
+def test_generate_speed_times_end_of_text_waiting_every_few_tokens_against_each(monkeypatch):
+    """With --eos-id, two contenders after the others: generate's (waiting every SYNC_EVERY tokens) and the stream
+    waiting each token; each one's tokens/s counts the tokens it made, the gain is the ratio of their times, and
+    whether the id was met and whether both made the same tokens come from their outputs. (Times faked.)"""
+    import types
+
+    bench = load_script("generate_speed")
+    torch.manual_seed(0)
+    model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=64, n_layers=2)).eval()
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None)
+    made = {}
+
+    def faked(fns, repeats, sync):  # ours, theirs (transformers: not called), with end, each token
+        outs = [fns[0](), None, *(fn() for fn in fns[2:])]
+        made.update(with_end=outs[2], each=outs[3])
+        if extra:
+            outs[3] = torch.cat([outs[3], torch.full((3, 1), args.eos_id)], dim=1)  # a stream one token longer
+        return [0.5, 2.0, 0.25, 1.0][:len(fns)], [outs[0], outs[0], *outs[2:]]
+
+    monkeypatch.setattr(bench, "time_interleaved", faked)
+    # (seed 0: greedy rows 0 0 0 0 0 61 / 12 12 12 12 37 34 / 50 55 55 58 58 58 without an end: 12 is met, 63 not)
+    for eos_id, extra, met in ((63, False, False), (12, False, True), (12, True, True)):
+        args.eos_id = eos_id
+        r = bench.measure(model, None, 3, args)
+        assert r["waits_every"] == bench.SYNC_EVERY == 8 and r["end_of_text_id"] == eos_id
+        new = made["with_end"][:, 4:]
+        assert r["end_of_text_met"] is met and bool((new == eos_id).any()) is met
+        assert r["waiting_every_tokens_per_s"] == pytest.approx(new.numel() / 0.25)
+        assert r["waiting_each_tokens_per_s"] == pytest.approx((made["each"].shape[1] - 4 + extra) * 3 / 1.0)
+        assert r["not_waiting_gain"] == pytest.approx(4.0) and r["same_tokens_either_way"] == (not extra)
+
 
 
 def test_time_interleaved_reports_the_median_of_the_timed_runs(monkeypatch):
@@ -1826,7 +1885,7 @@ def test_generate_speed_times_each_contender_as_itself_and_compares_every_sequen
     where every sequence of the batch agrees, counted from the first new token: the second sequence here parts
     ways at its third new token, so 2 leading tokens agree and the batch's tokens are not the same."""
     bench = load_script("generate_speed")
-    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1)
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None)
     ours = torch.zeros(2, 10, dtype=torch.long)
     theirs = ours.clone()
     theirs[1, 4 + 2] = 7

@@ -23,7 +23,8 @@ source tree's root, and the report gives each figure with the command that produ
 2. the workshop notebook's own code on the same GPU (benchmarks/train_throughput.py --contenders workshop-untied:
    its model, with its own untied output head, with bf16 weights and its loop of 32 micro-steps of 32 x 128 per AdamW step), against step 1's
    block-128 AdamW row: "tinygemma trains the workshop recipe N x as fast as the workshop's code";
-3. generation (benchmarks/generate_speed.py): tinygemma's generate against transformers', batch 1 and 32;
+3. generation (benchmarks/generate_speed.py): tinygemma's generate against transformers', batch 1 and 32; and
+   with an end-of-text id, the host waiting for the device every 8 tokens (generate's) against each token;
 4. the optimizer step alone, AdamW against each Muon backend (benchmarks/optimizer_step.py): what chooses
    Muon's CUDA backend (optim.muon_backend);
 5. the loss head alone, chunked against whole logits, compiled, at 32,768 rows (the pass auto took at both blocks

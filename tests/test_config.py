@@ -373,6 +373,7 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings(monkeypat
     # The recipe's sample length too (cpu-demo's 100), not generate's default 200.
     assert sampling_flags(GenerateConfig(max_new_tokens=100)) == " --max-new-tokens 100"
     assert sampling_flags(GenerateConfig(min_p=0.05)) == " --min-p 0.05"
+    assert sampling_flags(GenerateConfig(stop=["\n", "The end"])) == " --stop '\n' --stop 'The end'"
     from tinygemma.config import load_recipe
     from tinygemma.pipeline import where_and_next
 
@@ -382,6 +383,28 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings(monkeypat
              if line.startswith("a story")]
     assert story and f"--max-new-tokens {recipe.generate.max_new_tokens} " in story[0] + " "
     assert story[0].count("--max-new-tokens") == 1
+
+
+def test_a_recipes_stop_texts_are_read_as_its_prompts_and_refused_before_anything_runs(tmp_path):
+    """generate.stop: none by default; one text (a TOML string, or --set's text, its commas its own) or a TOML
+    array. An empty one, or one that is not UTF-8 (a byte that is not, in --set's argument), is refused as the
+    recipe is read; a prompt that is not UTF-8, before `run` prepares or trains anything."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[generate]\nstop = "\\n"\n')
+    assert load_recipe(None).generate.stop == []
+    assert load_recipe(str(recipe)).generate.stop == ["\n"]
+    assert load_recipe(str(recipe), ["generate.stop="]).generate.stop == []
+    assert load_recipe(None, ["generate.stop=, or ."]).generate.stop == [", or ."]
+    assert load_recipe(None, ['generate.stop=["\\n\\n", "The end"]']).generate.stop == ["\n\n", "The end"]
+    for setting, message in (('generate.stop=["a", ""]', "generate.stop must be text, or a list of texts, none "
+                                                          "of them empty"),
+                             ("generate.stop=a\udcff", r"generate.stop 'a\\udcff' is not UTF-8 text"),
+                             ("generate.stop=[1]", "generate.stop must be a list of strings")):
+        with pytest.raises(UserError, match=message):
+            load_recipe(None, [setting])
+    prompts = load_recipe(None, ["generate.prompts=Once\udcff"])
+    with pytest.raises(UserError, match=r"generate.prompts holds 'Once\\udcff', which is not UTF-8 text"):
+        prompts.check_for_run()
 
 
 def test_the_closing_story_command_samples_where_run_did(monkeypatch):

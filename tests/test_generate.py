@@ -16,11 +16,11 @@ import tinygemma.generate
 from tinygemma import Gemma3, ModelConfig, UserError, load
 from tinygemma.checkpoint import save_model
 from tinygemma.cli import main
+from tinygemma.config import check_stop
 from tinygemma.files import atomic_write_json
 from tinygemma.generate import (
     StopText,
     TextStream,
-    check_stop,
     filter_logits,
     generate,
     generate_stream,

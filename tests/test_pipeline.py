@@ -71,7 +71,9 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the suggested export goes to hf/ under the working directory
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
-    override = ["--set", "generate.top_k=20"]  # the recipe's own value, so the samples stay comparable
+    # top_k: the recipe's own value, so the samples stay comparable; stop texts, met in every sample's first few
+    # characters: run's samples, the report's, the card's and the closing command's end before them
+    override = ["--set", "generate.top_k=20", "--set", 'generate.stop=["a", "e"]']
     assert main(["run", str(recipe), *override]) == 0
     out, err = capsys.readouterr()
     assert "preparing" in err and "training into" in err
@@ -101,9 +103,10 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     assert recorded["eval"] == evaluation and len(recorded["samples"]) == 2
     assert (f"| whole validation split ({evaluation['tokens']:,} tokens), checkpoint `{recorded['checkpoint']}` | "
             f"{evaluation['loss']:.4f} | {evaluation['bits_per_byte']:.4f} |") in report
-    for i, sample in enumerate(recorded["samples"]):
+    for i, (sample, prompt) in enumerate(zip(recorded["samples"], ["Once upon a time", "Tom had a dog"])):
         assert f"--- sample {i + 1}: " in out and f"\n{sample}\n" in out  # what was printed
-        assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) in report
+        assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) + "\n\n" in report + "\n"
+        assert sample.startswith(prompt) and not {"a", "e"} & set(sample[len(prompt):])  # ended before a stop
     assert main(shlex.split(lines["export"])[1:]) == 0 and (tmp_path / "hf" / "run" / "model.safetensors").exists()
     # Its model card: the whole-split evaluation of this checkpoint, and samples generated from the exported
     # files with the recipe's settings: the run's own samples again.
@@ -111,7 +114,7 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     assert f"the whole validation split ({evaluation['tokens']:,} tokens), by `tinygemma run`" in card
     assert f"| {evaluation['loss']:.4f} | {evaluation['bits_per_byte']:.4f} |" in card
     for sample in recorded["samples"]:
-        assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) in card
+        assert "\n".join("> " + line if line else ">" for line in sample.splitlines()) + "\n\n" in card + "\n"
     capsys.readouterr()
     # with the recipe's sampling settings (its top-k 20, not generate's 200; its 12 new tokens, not 200) and the
     # dtype it sampled in (float32, where generate's auto would take a CPU's native bfloat16): the run's first
@@ -119,8 +122,14 @@ def test_run_end_to_end_and_again(tmp_path, stories_dir, capsys, monkeypatch):
     assert " --top-k 20" in lines["a story"] and " --temperature" not in lines["a story"]
     assert main(shlex.split(lines["a story"])[1:]) == 0
     assert capsys.readouterr().out == recorded["samples"][0] + "\n"
+    story = shlex.split(lines["a story"])[1:]
+    stops = [i for i, word in enumerate(story) if word == "--stop"]
+    assert [story[i + 1] for i in stops] == ["a", "e"]  # without them, the text goes on past the first stop
+    assert main([word for i, word in enumerate(story) if i not in stops and i - 1 not in stops]) == 0
+    whole = capsys.readouterr().out
+    assert whole.startswith(recorded["samples"][0]) and whole[len(recorded["samples"][0])] in "ae"
     longer = shlex.split(lines["train longer"])
-    assert longer[:3] == ["tinygemma", "run", str(recipe)] and longer[3:5] == override
+    assert longer[:3] == ["tinygemma", "run", str(recipe)] and longer[3:7] == override
     again = load_recipe(longer[2], [x for x in longer[3:] if x != "--set"])
     assert (again.train.max_steps, again.out, again.data) == (24, f"{run_dir}-24", load_recipe(str(recipe)).data)
 

@@ -989,6 +989,12 @@ def test_sampling_names_a_repetition_penalty():
     assert words == "temperature 0.8, repetition penalty 1.3, seed 7, at most 5 new tokens"
 
 
+def test_sampling_names_the_stop_texts():
+    words = tinygemma.report.sampling({"temperature": 0.8, "seed": 7, "max_new_tokens": 5, "stop": ["\n", "The end"]})
+    assert words == "temperature 0.8, seed 7, at most 5 new tokens, ending before '\\n' or 'The end'"
+    assert "ending" not in tinygemma.report.sampling({"temperature": 0.8, "seed": 7, "max_new_tokens": 5, "stop": []})
+
+
 def test_the_recipe_names_the_checkpoint_init_from_resolved_to():
     state = {"config": mutation_recipe(init_from="runs/a")}
     config = {"run": {"init_checkpoint": {"dir": "/abs/runs/a/checkpoints/step_000040", "step": 40}}}

@@ -27,6 +27,7 @@ from tinygemma.config import (
     GenerateConfig,
     Recipe,
     check_sampling,
+    check_stop,
     load_recipe,
     parse_override,
 )
@@ -53,7 +54,7 @@ from tinygemma.errors import (
 )
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import signal_handler
-from tinygemma.generate import check_num_samples, check_stop, generate_text, prompt_ids
+from tinygemma.generate import check_num_samples, generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import hub_api, push_to_hub
 from tinygemma.metrics import strict_json

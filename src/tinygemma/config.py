@@ -15,7 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from tinygemma.errors import UserError, whole_number
+from tinygemma.errors import LONE_SURROGATE, UserError, whole_number
 
 SLIDING = "sliding_attention"  # transformers' names for the two layer kinds, so config.json round-trips
 GLOBAL = "full_attention"
@@ -374,6 +374,7 @@ class GenerateConfig:
     min_p: float | None = None  # keep only tokens at least this fraction of the most likely one's probability, in [0, 1], after temperature, top-k and top-p, as transformers' min_p; none (or 0) = off
     seed: int = 1337  # sampling seed: prompt i (from 0) samples with seed + i
     repetition_penalty: float = 1.0  # a token already in the text has its logit divided by this (multiplied, if negative), as transformers' repetition_penalty; 1 = none
+    stop: list[str] = dataclasses.field(default_factory=list)  # end each sample before the first of these texts it meets, which is not kept (generate's --stop); [] = none, only end of text and max_new_tokens
 
     def sampling(self) -> dict:
         """The sampling settings, as generate_text's (and check_sampling's) keyword arguments."""
@@ -445,6 +446,7 @@ class Recipe:
         check_block_size(self.train.block_size, self.model_config())
         g = self.generate  # and bad sampling settings before hours of training, not after
         check_sampling(g.max_new_tokens, prefix="generate.", **g.sampling())
+        check_stop(g.stop, "generate.stop")
         return self
 
     def check_for_run(self) -> None:
@@ -462,6 +464,8 @@ class Recipe:
         for prompt in g.prompts:
             if not isinstance(prompt, str) or not prompt:
                 raise UserError(f"generate.prompts holds {prompt!r}: each prompt must be some text to continue")
+            if LONE_SURROGATE.search(prompt):  # (a byte that is not UTF-8 in --set's argument)
+                raise UserError(f"generate.prompts holds {prompt!r}, which is not UTF-8 text; give it in UTF-8")
         positions = self.model_config().max_position_embeddings
         if g.prompts and g.max_new_tokens > positions:  # a one-token prompt and positions - 1 fed back
             raise UserError(f"generate.max_new_tokens {g.max_new_tokens} leaves no room for a prompt in the "
@@ -590,7 +594,7 @@ def _coerce(value, tp, key: str, from_text: bool):
 
 def _read_list(value, from_text: bool, key: str) -> list[str]:
     if from_text:
-        value = _parse_prompts(value) if key == "generate.prompts" else _parse_text_list(value)
+        value = _parse_prompts(value) if key in ("generate.prompts", "generate.stop") else _parse_text_list(value)
     if isinstance(value, (str, os.PathLike)):
         value = [value]
     if isinstance(value, tuple):  # (from Python)
@@ -655,8 +659,8 @@ _READERS = {bool: _read_bool, int: _read_int, float: _read_float, str: _read_str
 
 
 def _parse_prompts(text: str) -> list[str]:
-    """--set generate.prompts=TEXT: a TOML array of prompts, or else one prompt, its commas and brackets its own;
-    nothing at all is no prompt."""
+    """--set generate.prompts=TEXT (or generate.stop=TEXT): a TOML array of prompts, or else one prompt, its commas
+    and brackets its own; nothing at all is no prompt."""
     if not text:
         return []
     try:
@@ -740,6 +744,18 @@ MAX_MODEL_VOCAB_SIZE = 2**22
 # torch.Generator.manual_seed takes a 64-bit seed; a run's prompt i samples with seed + i.
 MAX_SEED = 2**63 - 1
 MAX_TRAIN_SEED = 2**64 - 1  # torch.manual_seed and numpy's default_rng([seed, step]) take any 64-bit seed
+
+
+def check_stop(stop, name: str = "stop") -> tuple[str, ...]:
+    """Stop strings as a tuple: each some text; one string alone is taken as one stop string."""
+    stops = (stop,) if isinstance(stop, str) else stop
+    if stops is None:
+        return ()
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise UserError(f"{name} must be text, or a list of texts, none of them empty, got {stop!r}")
+    if bad := next((s for s in stops if LONE_SURROGATE.search(s)), None):
+        raise UserError(f"{name} {bad!r} is not UTF-8 text; give it in UTF-8")
+    return tuple(stops)
 
 
 def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tinygemma.config import MAX_VOCAB_SIZE, DataConfig, TrainConfig, is_integer, is_real, story_paths
-from tinygemma.errors import UserError, describe, failure, shell_quote
+from tinygemma.errors import LONE_SURROGATE, UserError, describe, failure, shell_quote
 from tinygemma.files import (
     atomic_path,
     atomic_write_json,
@@ -51,7 +51,6 @@ from tinygemma.files import (
 from tinygemma.runtime import Runtime
 from tinygemma.tokenizer import (
     EOT_TOKEN,
-    LONE_SURROGATE,
     TOKENIZER_FILE,
     HFTokenizer,
     Tokenizer,

@@ -8,6 +8,7 @@ is a bug in tinygemma and keeps its traceback.
 
 import errno
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -18,6 +19,9 @@ class UserError(Exception):
 
 
 WINDOWS = os.name == "nt"
+# What no UTF-8 text holds: a JSON \udc00 escape, or a byte that is not UTF-8 in a command line's argument
+# (Python reads it as \udc80-\udcff). No tokenizer takes it: tiktoken's goes on from U+FFFD, tokenizers' raises.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def shell_quote(text: str) -> str:

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import torch
 
-from tinygemma.config import check_sampling, is_integer
+from tinygemma.config import check_sampling, check_stop, is_integer
 from tinygemma.decode import GraphedStep, decode_plan
 from tinygemma.devices import float64_on
-from tinygemma.errors import UserError
+from tinygemma.errors import LONE_SURROGATE, UserError
 from tinygemma.model import Gemma3, check_tokenizer_fits
-from tinygemma.tokenizer import LONE_SURROGATE, load_tokenizer
+from tinygemma.tokenizer import load_tokenizer
 
 # ------------------------------------------------------------------ sampling
 
@@ -338,18 +338,6 @@ class StopText:
     def flush(self) -> str:
         text, self.held = self.held, ""
         return text
-
-
-def check_stop(stop, name: str = "stop") -> tuple[str, ...]:
-    """Stop strings as a tuple: each some text; one string alone is taken as one stop string."""
-    stops = (stop,) if isinstance(stop, str) else stop
-    if stops is None:
-        return ()
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-        raise UserError(f"{name} must be text, or a list of texts, none of them empty, got {stop!r}")
-    if bad := next((s for s in stops if LONE_SURROGATE.search(s)), None):
-        raise UserError(f"{name} {bad!r} is not UTF-8 text; give it in UTF-8")
-    return tuple(stops)
 
 
 def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:

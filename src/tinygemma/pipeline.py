@@ -338,7 +338,7 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     for i, prompt in enumerate(g.prompts):
         try:
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
-                                     **g.sampling())
+                                     stop=g.stop, **g.sampling())
         except NonFiniteLogits as e:  # (weights that are not finite: their evaluation, minutes long, is kept)
             broken = e
             break
@@ -378,6 +378,7 @@ def sampling_flags(g: GenerateConfig) -> str:
     flags = [(f"--{name.replace('_', '-')}", getattr(g, name))
              for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
              if getattr(g, name) != getattr(default, name)]
+    flags += [("--stop", shell_quote(stop)) for stop in g.stop]
     return "".join(f" {flag} {'none' if value is None else value}" for flag, value in flags)
 
 

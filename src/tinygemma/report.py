@@ -425,7 +425,10 @@ def sampling(g: dict) -> str:
     if g.get("repetition_penalty", 1.0) != 1.0:
         settings.append(f"repetition penalty {g['repetition_penalty']}")
     each = " for the first prompt, one more for each next" if len(g.get("prompts") or []) > 1 else ""  # (as sampled)
-    return ", ".join(settings + [f"seed {g.get('seed')}{each}", f"at most {g.get('max_new_tokens')} new tokens"])
+    settings += [f"seed {g.get('seed')}{each}", f"at most {g.get('max_new_tokens')} new tokens"]
+    if g.get("stop"):
+        settings.append("ending before " + " or ".join(map(repr, g["stop"])))
+    return ", ".join(settings)
 
 
 # ------------------------------------------------------------------ the model card of an export
@@ -627,7 +630,7 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         try:  # (a run trained before train checked its [generate], with a seed of -1, say: refused here)
             room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0)) + 1  # (prompt_ids' count)
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
-                                     seed=g.seed + i, **g.sampling())
+                                     seed=g.seed + i, stop=g.stop, **g.sampling())
         except UserError as e:
             lines += [f"Not generated from {prompt!r}: {e}.", ""]
             continue

@@ -26,9 +26,6 @@ GPT2_VOCAB_SIZE = 50_257  # r50k_base: 50,256 ranks and <|endoftext|>
 # The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Gemma, Llama 2, Llama 3).
 EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>")
 TOKENIZER_FILE = "tokenizer.json"
-# What no UTF-8 text holds: a JSON \udc00 escape, or a byte that is not UTF-8 in a command line's argument
-# (Python reads it as \udc80-\udcff). No tokenizer takes it: tiktoken's goes on from U+FFFD, tokenizers' raises.
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # A story model has no chat format: a chat front end (transformers' apply_chat_template, llama-server's web page,
 # LM Studio) sends the messages' text as it is, and the model continues it. Both exports carry it.
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"

@@ -76,13 +76,16 @@ def test_the_report_is_the_runs_records(straight_run, stories_dir):
 
 
 def test_the_reproduce_command_reads_back_prompts_outside_ascii():
-    """A prompt with an emoji: JSON's \\ud83d surrogate escapes are no TOML, so --set refused the command."""
+    """A prompt with an emoji: JSON's \\ud83d surrogate escapes are no TOML, so --set refused the command. Stop
+    texts come back as they were too: a newline, a comma, brackets, quotes."""
     from tinygemma.report import reproduce_command
 
-    recipe = load_recipe(None, ['generate.prompts=["Le café 😀", "Tom, un chien"]'])
+    stop = ["\n", "a,b", "[x]", '"q"']
+    recipe = load_recipe(None, ['generate.prompts=["Le café 😀", "Tom, un chien"]', f"generate.stop={json.dumps(stop)}"])
     command = shlex.split(reproduce_command(recipe.to_dict()))
     sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
     assert load_recipe(None, sets).generate.prompts == ["Le café 😀", "Tom, un chien"]
+    assert recipe.generate.stop == load_recipe(None, sets).generate.stop == stop
 
 
 def test_the_report_counts_the_parameters_the_model_card_and_readme_count(data_dir, tmp_path):

@@ -80,7 +80,8 @@ def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
         contenders["kernel_by_kernel"] = kernel_by_kernel
     if args.eos_id is not None:
         contenders.update(with_end=with_end, each_token=each_token)
-    times, outs = time_interleaved(list(contenders.values()), args.repeats, device_sync(device))
+    sync = device_sync(device)
+    times, outs = time_interleaved(list(contenders.values()), args.repeats, sync)
     times, outs = dict(zip(contenders, times)), dict(zip(contenders, outs))
     same = (outs["ours"][:, args.prompt_tokens:] == outs["theirs"][:, args.prompt_tokens:]).all(dim=0).cpu()
     result = {

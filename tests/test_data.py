@@ -448,8 +448,12 @@ def test_bad_input_is_one_line_and_no_output(case, stories_dir, tmp_path, capsys
 def test_cli_writes_a_dataset(stories_dir, tmp_path, capsys):
     assert main(["prepare", "--out", str(tmp_path), "--source", str(stories_dir / "train.txt"), "--limit", "50",
                  "--val-fraction", "0.2", "--workers", "2", "--no-progress"]) == 0
-    assert "train: 50 stories" in capsys.readouterr().out
-    assert open_prepared(tmp_path).meta["splits"]["val"]["documents"] == 12
+    out = capsys.readouterr().out
+    splits = open_prepared(tmp_path).meta["splits"]
+    assert splits["val"]["documents"] == 12
+    for split in ("train", "val"):  # each split's summary line, with its own counts
+        assert f"\n{split}: {splits[split]['documents']:,} stories, {splits[split]['tokens']:,} tokens" in "\n" + out
+    assert "train: 50 stories" in out
 
 
 def test_cli_takes_several_sources_after_one_flag(stories_dir, tmp_path, capsys):

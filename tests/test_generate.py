@@ -729,6 +729,9 @@ def test_every_sampling_flag_reaches_generate_text(ckpt, capsys, monkeypatch):
     (["--top-k", "-1"], "--top-k must be an integer >= 1 (0 or none: no top-k filter)"),
     (["--seed", "100000000000000000000000"], "seed"),  # past torch's 64-bit seed: refused before the prompt prints
     (["--seed", "-1"], "seed"),
+    # the last sample's seed, seed + 1, past 64 bits: refused before the model loads, as the option
+    (["--seed", "9223372036854775807", "--num-samples", "2"], "--seed must be an integer from 0 to "
+                                                              "9,223,372,036,854,775,806"),
     (["--max-new-tokens", "-3"], "--max-new-tokens must be"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be a positive, finite number (1: none), got 0.0"),
     (["--min-p", "2"], "--min-p must be a number in [0, 1] (0 or none: off), got 2.0"),

@@ -498,8 +498,6 @@ def test_fsdp_compiles_each_block_inside_its_shard(tmp_path):
 
     from tinygemma.parallelize import apply_fsdp
 
-
-
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         raw = Gemma3(tiny())
@@ -508,6 +506,20 @@ def test_fsdp_compiles_each_block_inside_its_shard(tmp_path):
         assert isinstance(raw, FSDPModule) and raw._compiled_call_impl is None
     finally:
         dist.destroy_process_group()
+
+
+def test_distributed_fsdp_under_torchrun_shards_the_model_in_place_whatever_it_compiles(monkeypatch):
+    """distributed = fsdp on several processes shards the model itself (apply_fsdp, which compiles a block at a
+    time), never a DDP wrapper: that gives the same losses, but every process would hold the whole model, its
+    gradients and the optimizer's state, which is what fsdp is chosen to avoid."""
+    sharded = []
+    monkeypatch.setattr(parallelize, "apply_fsdp",
+                        lambda raw, rt, compile_: sharded.append((raw, rt.world_size, compile_)))
+    raw, rt = Gemma3(tiny()), Runtime(torch.device("cpu"), torch.float32, world_size=2)
+    for setting, compiled in (("false", False), ("true", True), ("regional", True)):
+        assert parallelize.wrap_model(raw, cfg_with(compile=setting, distributed="fsdp"), rt) is raw
+        assert sharded == [(raw, 2, compiled)]
+        sharded.clear()
 
 
 def test_a_tied_model_takes_the_embedding_of_its_weights():

@@ -279,6 +279,19 @@ def test_a_cpu_without_any_listed_flag_says_so_once(monkeypatch):
     assert "(none of avx2, avx512f, avx512_bf16, amx_bf16)," in text and "; no " not in text
 
 
+def test_the_cpu_description_names_the_model_where_platform_gives_only_the_architecture(monkeypatch):
+    """Linux's platform.processor() is "": the name is /proc/cpuinfo's model name, not "x86_64", in every report
+    and benchmark figure."""
+    import platform
+    from pathlib import Path
+
+    from tinygemma import devices
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "model name\t: Old CPU\nflags\t\t: fpu avx2\n")
+    assert devices.cpu_description().startswith("Old CPU (avx2; no avx512f, avx512_bf16, amx_bf16), ")
+
+
 def _main_process_first_worker(rank, store, results):
     import datetime
 
@@ -458,11 +471,16 @@ def test_an_evaluation_asked_for_in_a_dtype_gets_it_on_a_cpu():
 
 
 def test_a_runtimes_autocast_is_its_dtypes():
-    """tests/test_runtime.py. float32: no autocast; bfloat16 and float16 (with the scaler): autocast in it."""
+    """tests/test_runtime.py. float32: no autocast, not entered at all (torch.autocast in float32 turns itself off
+    on a CPU, warning into every float32 run); bfloat16 and float16 (with the scaler): autocast in it."""
+    import warnings
+
     from tinygemma.runtime import Runtime
 
-    with Runtime(torch.device("cpu"), torch.float32).autocast():
-        assert not torch.is_autocast_enabled("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "In CPU autocast, but the target dtype is not supported"
+        with Runtime(torch.device("cpu"), torch.float32).autocast():
+            assert not torch.is_autocast_enabled("cpu")
     for dtype in (torch.bfloat16, torch.float16):
         with Runtime(torch.device("cpu"), dtype).autocast():
             assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype

@@ -24,7 +24,7 @@ from tinygemma.config import FLOAT32_MAX  # noqa: E402
 # The machine's description lives with the device choice, so that run reports name the machine the same way.
 from tinygemma.devices import CPU_FLAGS, cpu_description, device_description  # noqa: E402, F401 (re-exported)
 from tinygemma.errors import UserError  # noqa: E402
-from tinygemma.files import WriteError, check_output_path  # noqa: E402
+from tinygemma.files import check_output_path  # noqa: E402
 
 
 def whole_number_at_least(minimum: int) -> Callable[[str], int]:
@@ -98,13 +98,17 @@ def output_file(text: str) -> str:
 
 def run_script(main: Callable[[], object]) -> None:
     """A benchmark run as a script: what tinygemma refuses (an unknown preset or dtype, a device not there) ends
-    in one line on stderr and exit status 2, as tinygemma's commands do; an int that main returns is the exit
-    status."""
+    in one line on stderr and exit status 2, and the machine's failure (a full disk, after the measurement; a
+    file that cannot be read) in one line and exit status 1, as tinygemma's commands do; an int that main
+    returns is the exit status."""
     try:
         result = main()
-    except (UserError, WriteError) as e:  # WriteError: a full disk, after the measurement
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # (WriteError among them: it names the file and the cause)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -2170,7 +2170,9 @@ def test_positive_ints_skips_empty_parts_but_refuses_no_number_at_all():
             common.positive_ints(text)
 
 
-def test_run_script_exits_2_on_a_refusal_and_with_an_int_that_main_returns(capsys):
+def test_run_script_exits_2_on_a_refusal_1_on_the_machines_failure_and_with_an_int_that_main_returns(capsys):
+    """As tinygemma's commands: what it refuses, exit status 2; an OSError (a full disk after the measurement, a
+    file that cannot be read), 1; each in one line."""
     from tinygemma.errors import UserError
     from tinygemma.files import WriteError
 
@@ -2182,13 +2184,17 @@ def test_run_script_exits_2_on_a_refusal_and_with_an_int_that_main_returns(capsy
     def disk_full():  # the figures measured, then written
         raise WriteError("could not write r.json: No space left on device")
 
-    for main, status in ((refused, 2), (disk_full, 2), (lambda: 1, 1), (lambda: {"complete": True}, 0),
-                         (lambda: 0, 0)):
+    def unreadable():
+        raise PermissionError(13, "Permission denied", "r.json")
+
+    for main, status in ((refused, 2), (disk_full, 1), (unreadable, 1), (lambda: 1, 1),
+                         (lambda: {"complete": True}, 0), (lambda: 0, 0)):
         with pytest.raises(SystemExit) as exited:
             common.run_script(main)
         assert exited.value.code == status
     assert capsys.readouterr().err == ("error: unknown preset 'x'\n"
-                                       "error: could not write r.json: No space left on device\n")
+                                       "error: could not write r.json: No space left on device\n"
+                                       "error: [Errno 13] Permission denied: 'r.json'\n")
 
 
 def test_check_losses_accepts_a_float32_spread_of_exactly_its_tolerance(capsys):

@@ -1488,18 +1488,27 @@ def test_generate_speed_times_end_of_text_waiting_every_few_tokens_against_each(
     torch.manual_seed(0)
     model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=64, n_layers=2)).eval()
     args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None)
-    made = {}
+    made, longer, waits = {}, [False], []
+    stream = bench.generate_stream  # (generate's own stream is its module's: not this one)
+    monkeypatch.setattr(bench, "generate_stream", lambda *a, **k: waits.append(k["sync_every"]) or stream(*a, **k))
 
-    def faked(fns, repeats, sync):  # ours, theirs (transformers: not called), with end, each token
-        outs = [fns[0](), None, *(fn() for fn in fns[2:])]
-        made.update(with_end=outs[2], each=outs[3])
-        if extra:
-            outs[3] = torch.cat([outs[3], torch.full((3, 1), args.eos_id)], dim=1)  # a stream one token longer
+    def faked(fns, repeats, sync):  # ours, theirs (transformers: not called), then with end and each token
+        outs = [fns[0](), None]
+        for fn, waited in zip(fns[2:], ([], [1])):  # generate's, then the stream waiting each token
+            waits.clear()
+            outs.append(fn())
+            assert waits == waited
+        made.update(zip(("ours", "theirs", "with_end", "each"), outs))
+        if longer[0]:  # the each-token stream one token longer
+            outs[3] = torch.cat([outs[3], torch.full((3, 1), args.eos_id)], dim=1)
         return [0.5, 2.0, 0.25, 1.0][:len(fns)], [outs[0], outs[0], *outs[2:]]
 
     monkeypatch.setattr(bench, "time_interleaved", faked)
-    # (seed 0: greedy rows 0 0 0 0 0 61 / 12 12 12 12 37 34 / 50 55 55 58 58 58 without an end: 12 is met, 63 not)
-    for eos_id, extra, met in ((63, False, False), (12, False, True), (12, True, True)):
+    assert "end_of_text_id" not in bench.measure(model, None, 3, args)  # no --eos-id: no such contenders
+    greedy = made["ours"][:, 4:].flatten().tolist()  # the tokens without an end: one met, one never
+    for eos_id, extra, met in ((min(set(range(64)) - set(greedy)), False, False), (greedy[0], False, True),
+                               (greedy[0], True, True)):
+        longer[0] = extra
         args.eos_id = eos_id
         r = bench.measure(model, None, 3, args)
         assert r["waits_every"] == bench.SYNC_EVERY == 8 and r["end_of_text_id"] == eos_id

@@ -311,33 +311,36 @@ def test_resident_memory_counts_buffers_too():
     assert train_throughput.resident_bytes(contender) == (16 + 4 + 1000) * 4  # weight, bias, buffer; no state yet
 
 
-def test_train_throughput_stopped_midway_has_said_and_kept_its_steps_so_far(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stopped_at", [3, 4])
+def test_train_throughput_stopped_midway_has_said_and_kept_its_steps_so_far(tmp_path, monkeypatch, capsys,
+                                                                            stopped_at):
     """A device command's timeout stops a lever run wherever it is: each round's step times are on stderr (the
-    first round's: compiling), and the JSON holds the timed rounds so far, marked incomplete."""
+    first round's: compiling), and the JSON holds the timed rounds so far, marked incomplete (from the first
+    timed round's end: one warm-up round, then rounds 2, 3, ...)."""
     train_throughput = load_script("train_throughput")
     build, calls = train_throughput.build_contenders, []
 
-    def stopped_at_round_4(*args):
+    def stopped_at_round(*args):
         contenders = build(*args)
         for c in contenders:
             def step(x, y, accum, step=c.step):
                 calls.append(1)
-                if len(calls) == 4:
+                if len(calls) == stopped_at:
                     raise KeyboardInterrupt  # as the timeout's signal would
                 return step(x, y, accum)
             c.step = step
         return contenders
 
-    monkeypatch.setattr(train_throughput, "build_contenders", stopped_at_round_4)
+    monkeypatch.setattr(train_throughput, "build_contenders", stopped_at_round)
     out = tmp_path / "levers.json"
     with pytest.raises(KeyboardInterrupt):
         train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16", "--steps", "4",
                                "--warmup", "1", "--device", "cpu", "--contenders", "tinygemma", "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["complete"] is False and len(saved["results"][0]["step_times_s"]) == 2  # timed rounds 2 and 3
+    assert saved["complete"] is False and len(saved["results"][0]["step_times_s"]) == stopped_at - 2  # 2, ...
     assert saved["results"][0]["tokens_per_s"] > 0 and saved["results"][0]["first_step_s"] > 0
     rounds = re.findall(r"round (\d)/5 \((warm-up|timed)\): tinygemma \d+\.\d{4} in (\d+\.\d{3}) s", capsys.readouterr().err)
-    assert [r[:2] for r in rounds] == [("1", "warm-up"), ("2", "timed"), ("3", "timed")]
+    assert [r[:2] for r in rounds] == [("1", "warm-up"), ("2", "timed"), ("3", "timed")][:stopped_at - 1]
     assert float(rounds[0][2]) == pytest.approx(saved["results"][0]["first_step_s"], abs=5e-4)
 
 
@@ -912,12 +915,13 @@ def test_loss_head_compiled_times_the_in_place_form_too(tmp_path, capsys, monkey
                         "--steps", "1", "--device", "cpu", "--threads", "1", "--compile", "--json", str(out)])
     row = result["results"][0]
     assert row["in-place"]["ms"] > 0 and row["fusible_vs_in_place"] == row["in-place"]["ms"] / row["chunked"]["ms"]
+    from tinygemma import loss as loss_module
+
+    assert loss_module._chunk_loss_fusible.__name__ == "_chunk_loss_fusible"  # put back after each in-place pass
     assert "| chunked, in-place form | fusible vs in-place |" in result["table"]
     assert "in-place form" in capsys.readouterr().out
     # The in-place contender really traces the in-place form: one that computes another loss is caught by the
     # benchmark's agreement check (a wrapper that traced the fusible form again timed the same form twice).
-    from tinygemma import loss as loss_module
-
     in_place = loss_module._chunk_loss_in_place
     monkeypatch.setattr(loss_module, "_chunk_loss_in_place", lambda *args: (2 * in_place(*args)[0], in_place(*args)[1]))
     with pytest.raises(SystemExit, match="the heads' losses differ"):
@@ -1517,6 +1521,12 @@ def test_generate_speed_times_end_of_text_waiting_every_few_tokens_against_each(
         assert r["waiting_every_tokens_per_s"] == pytest.approx(new.numel() / 0.25)
         assert r["waiting_each_tokens_per_s"] == pytest.approx((made["each"].shape[1] - 4 + extra) * 3 / 1.0)
         assert r["not_waiting_gain"] == pytest.approx(4.0) and r["same_tokens_either_way"] == (not extra)
+    # One sequence (the first prompt's), ended by its first token: generate stops at its first wait, and its
+    # tokens/s counts the tokens it made, not --new-tokens
+    args.eos_id, longer[0] = greedy[0], False
+    r = bench.measure(model, None, 1, args)
+    made_tokens = made["with_end"].shape[1] - 4
+    assert made_tokens < 6 and r["waiting_every_tokens_per_s"] == pytest.approx(made_tokens / 0.25)
 
 
 
@@ -1758,16 +1768,16 @@ def test_train_throughput_isolated_children_run_the_parents_settings(monkeypatch
     commands = fake_isolated_children(monkeypatch, lambda contender, r: {"step_times_s": [1.0, 2.0, 9.0],
                                                                          "first_step_s": 30.0})
     result = train_throughput.main(["--preset", "gemma3-tiny", "--device", "cpu", "--batch-size", "2",
-                                    "--block-size", "16", "--grad-accum", "4", "--steps", "3", "--dtype", "bfloat16",
-                                    "--attention", "flex", "--compile", "--isolate", "1",
+                                    "--block-size", "16", "--grad-accum", "4", "--steps", "3", "--warmup", "3",
+                                    "--dtype", "bfloat16", "--attention", "flex", "--compile", "--isolate", "1",
                                     "--contenders", "tinygemma,transformers"])
     assert len(commands) == 2
-    for cmd in commands:
+    for cmd in commands:  # (without --device a "cpu" run's children took a GPU where there was one)
         settings = {a: cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a.startswith("--")}
-        assert {k: settings[k] for k in ("--batch-size", "--block-size", "--grad-accum", "--steps", "--dtype",
-                                         "--attention")} == {"--batch-size": "2", "--block-size": "16",
-                                                             "--grad-accum": "4", "--steps": "3",
-                                                             "--dtype": "bfloat16", "--attention": "flex"}
+        assert {k: settings.get(k) for k in ("--batch-size", "--block-size", "--grad-accum", "--steps", "--warmup",
+                                             "--dtype", "--attention", "--device", "--preset")} == {
+            "--batch-size": "2", "--block-size": "16", "--grad-accum": "4", "--steps": "3", "--warmup": "3",
+            "--dtype": "bfloat16", "--attention": "flex", "--device": "cpu", "--preset": "gemma3-tiny"}
         assert "--compile" in cmd
     for row in result["results"]:
         assert row["tokens_per_s"] == pytest.approx(2 * 16 * 4 / 2.0)
@@ -2330,6 +2340,23 @@ def test_train_throughput_takes_contenders_with_spaces_around_the_commas(monkeyp
     with pytest.raises(SystemExit, match="built"):
         train_throughput.main(["--preset", "gemma3-tiny", "--device", "cpu", "--contenders", " tinygemma , workshop,"])
     assert taken == [["tinygemma", "workshop"]]
+
+
+def test_train_throughput_paired_ratio_pairs_each_interleaved_rounds_own_times(monkeypatch):
+    """In one process too: "paired" is the median of each round's ratio (transformers' step over ours), where the
+    plain ratio divides the medians. (Clock faked: a warm-up round, then 3 timed rounds of ours, theirs.)"""
+    train_throughput = load_script("train_throughput")
+    durations = [5.0, 5.0, 1.0, 3.0, 2.0, 6.0, 3.0, 1.0]
+    readings = [t for i, d in enumerate(durations) for t in (sum(durations[:i]), sum(durations[:i + 1]))]
+    clock = iter(readings)
+    monkeypatch.setattr(train_throughput, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    result = train_throughput.main(["--preset", "gemma3-tiny", "--batch-size", "1", "--block-size", "16",
+                                    "--steps", "3", "--warmup", "1", "--device", "cpu",
+                                    "--contenders", "tinygemma,transformers"])
+    ours = result["results"][0]
+    assert ours["contender"] == "tinygemma" and ours["step_times_s"] == [1.0, 2.0, 3.0]
+    assert ours["ratio_vs_transformers"] == pytest.approx(3.0 / 2.0)  # medians 3 and 2
+    assert ours["paired_ratio_vs_transformers"] == pytest.approx(3.0)  # rounds' ratios 3, 3, 1/3: their median
 
 
 def test_train_throughput_isolated_paired_ratio_pairs_each_rounds_own_times(monkeypatch, capsys):

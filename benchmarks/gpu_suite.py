@@ -665,7 +665,9 @@ def workshop(plan: Plan, env: dict, work: Path, trainer_rows: list[dict]) -> Res
                      + (f"; with Muon, the recipe's default, {speedup['muon']:.2f}x." if "muon" in speedup else "."))
     else:
         lines.append(f"No trainer row at block {block} with AdamW to compare with (step 1).")
-    return Result(STEP_TITLES[1], True, lines, seconds, {"workshop": summary})
+    # (stopped at its deadline after a timed round: train_throughput.py's figures so far, the step cut short)
+    return Result(STEP_TITLES[1], not result.get("partial"), lines, seconds, {"workshop": summary},
+                  cut=bool(result.get("cut")))
 
 
 # ------------------------------------------------------------------ 3. the CUDA tests

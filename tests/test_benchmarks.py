@@ -759,6 +759,82 @@ def test_gpu_suite_never_reads_an_earlier_runs_figures_from_a_reused_work_folder
     assert not suite.loss_head(plan, {}, work).cut
 
 
+def test_gpu_suite_fails_a_run_whose_loss_fell_less_than_a_nat(tmp_path, monkeypatch):
+    """A run that finished with its validation loss 0.5 nat under step 0's (MIN_VAL_DROP is 1.0) fails the step:
+    any fall would pass a run that barely trained."""
+    suite = load_script("gpu_suite")
+    plan, result = fake_trainer(suite, monkeypatch, tmp_path, lambda name: (0, 9.5 if name == "run-128-adamw" else 4.0))
+    text = "\n".join(result.lines)
+    assert not result.ok and not result.cut and "**NOT met**" in text
+    assert "Failed: block 128 adamw: no steady state, or the validation loss fell less than 1.0 nat" in text
+
+
+def test_gpu_suite_a_failed_trainer_run_is_not_one_stopped_at_its_deadline(tmp_path, monkeypatch):
+    """A run that failed (exit status 1) is no run stopped at its deadline: its row does not say so, the step fails,
+    and beside another run stopped at its deadline the verdict is FAIL, not INCOMPLETE."""
+    suite = load_script("gpu_suite")
+    outcomes = {"run-128-adamw": (1, None), "run-1024-adamw": (124, None)}
+    plan, result = fake_trainer(suite, monkeypatch, tmp_path, lambda name: outcomes.get(name, (0, 4.0)))
+    assert [r["stopped_at_deadline"] for r in result.data["trainer"]] == [False, True, False, False]
+    rows = [line for line in result.lines if line.startswith(("| 128 | ", "| 1024 | "))]  # the runs' order
+    assert "(stopped:" not in rows[0] and "(stopped: 2 of 10 steps)" in rows[1]
+    assert not result.ok and not result.cut
+    report = tmp_path / "report.md"
+    suite.write_report(report, plan, [], "", [], [result], 60.0)
+    assert report.read_text().splitlines()[2].startswith("**FAIL**: Trainer FAILED")
+    suite.write_summary(tmp_path / "summary.json", plan, {}, [result], 60.0)
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_at_deadline"] == []
+
+
+def test_gpu_suite_a_run_stopped_after_all_its_measured_steps_is_not_said_to_be_short():
+    """Stopped in the profiled step, the final evaluation or the checkpoint, a run's rate covers all its measured
+    steps: no "(stopped: 10 of 10 steps)"."""
+    suite = load_script("gpu_suite")
+    plan = suite.Plan("cuda", False)
+    planned = plan.trainer_steps - plan.log_interval
+    row = {"stopped_at_deadline": True, "tokens_per_s": 1000.0, "steps_measured": planned}
+    assert suite.measured_note(plan, row) == ""
+    assert suite.measured_note(plan, {**row, "steps_measured": planned - 1}) == (
+        f" (stopped: {planned - 1} of {planned} steps)")
+
+
+def test_gpu_suite_every_command_stopped_at_its_deadline_is_incomplete_and_exits_1(tmp_path, monkeypatch):
+    """Every command stopped at its deadline (prepare's included): each step INCOMPLETE, none FAILED, and the exit
+    status 1, as for any run that did not pass."""
+    suite = load_script("gpu_suite")
+    assets = fake_assets(tmp_path / "assets")
+    monkeypatch.setattr(suite, "run", lambda cmd, env, timeout, timeline=None: (124, "(stopped after 1 s)", 1.0))
+    report = tmp_path / "report.md"
+    assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
+                       "--work", str(tmp_path / "work")]) == 1
+    titles = ["Trainer", "The workshop's code", "Generation", "Optimizer step", "Loss head", "CUDA tests"]
+    assert "**INCOMPLETE**: " + ", ".join(f"{t} stopped at its deadline" for t in titles) in report.read_text()
+    summary = json.loads(report.with_suffix(".json").read_text())
+    assert summary["stopped_at_deadline"] == titles and not summary["complete"]
+
+
+@pytest.mark.parametrize("code, output, written", [
+    (1, "Traceback (most recent call last):\nRuntimeError: the planted failure", {"complete": True}),
+    (124, "(stopped after 34 s)", {"complete": False}),  # after a timed round, at the step's deadline
+])
+def test_gpu_suite_the_workshop_step_passes_only_on_a_finished_commands_figures(tmp_path, monkeypatch, code, output,
+                                                                                 written):
+    """The workshop's command failed after writing its JSON: the step fails, the figures unused. Stopped at its
+    deadline after a timed round (train_throughput.py writes its JSON as it goes): the step is cut short
+    (INCOMPLETE), where it read "passed" and the whole run PASS."""
+    suite = load_script("gpu_suite")
+
+    def fake_run(cmd, env, timeout, timeline=None):
+        Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({**written, "results": [{"tokens_per_s": 1000.0}]}))
+        return code, output, 5.0
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    rows = [{"block_size": 128, "optimizer": "adamw", "tokens_per_s": 4000.0}]
+    result = suite.workshop(suite.Plan("cuda", False), {}, tmp_path, rows)
+    assert not result.ok and result.cut == (code == 124)
+    assert ("workshop" in result.data) == (code == 124) and output.splitlines()[-1] in "\n".join(result.lines)
+
+
 def test_gpu_suite_verdict_tells_a_step_cut_at_its_deadline_from_a_failed_one(tmp_path):
     """A step stopped at its deadline with nothing failed (the CUDA tests' tail, the loss head's second size) makes
     the run INCOMPLETE, not FAIL; a failed step still fails it."""
@@ -823,11 +899,9 @@ def synthetic_run(out: Path, steps: int = 8, rate: float = 1000.0, final_val: fl
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypatch):
-    """A trainer run stopped at its deadline keeps the figures it had logged, its row marked stopped (the step
-    INCOMPLETE, not failed); the report and summary are written after each run, the step
-    still running. The loss head's benchmark writes its JSON after each row, and a stopped one keeps its rows."""
-    suite = load_script("gpu_suite")
+def fake_trainer(suite, monkeypatch, tmp_path, outcome, **kwargs):
+    """suite.trainer on the GPU plan, its commands faked: outcome(run name) gives the run's (exit status, final
+    validation loss or None: stopped before it); each run leaves synthetic_run's records. (plan, Result)."""
     plan, work = suite.Plan("cuda", False), tmp_path / "work"
     work.mkdir()
     (tmp_path / "assets" / "tinystories").mkdir(parents=True)
@@ -836,15 +910,23 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
         if "prepare" in cmd:
             return 0, "prepared", 1.0
         out = Path(cmd[cmd.index("--out") + 1])
-        if out.name == "run-128-adamw":  # stopped after its log lines, before its last evaluation
-            synthetic_run(out)
-            return 124, "(stopped after 240 s)", 240.0
-        synthetic_run(out, final_val=4.0)
-        return 0, "trained", 60.0
+        code, final_val = outcome(out.name)
+        synthetic_run(out, final_val=final_val)
+        return code, "trained" if code == 0 else f"(exit status {code})", 60.0
 
     monkeypatch.setattr(suite, "run", fake_run)
+    return plan, suite.trainer(plan, {}, work, tmp_path / "assets", **kwargs)
+
+
+def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypatch):
+    """A trainer run stopped at its deadline keeps the figures it had logged, its row marked stopped (the step
+    INCOMPLETE, not failed); the report and summary are written after each run, the step
+    still running. The loss head's benchmark writes its JSON after each row, and a stopped one keeps its rows."""
+    suite = load_script("gpu_suite")
     progress = []
-    result = suite.trainer(plan, {}, work, tmp_path / "assets", progress=progress.append)
+    # run-128-adamw stopped after its log lines, before its last evaluation
+    plan, result = fake_trainer(suite, monkeypatch, tmp_path, lambda name: (124, None) if name == "run-128-adamw"
+                                else (0, 4.0), progress=progress.append)
     assert [(r["block_size"], r["optimizer"]) for r in result.data["trainer"]] == [(128, "adamw"), (1024, "adamw"),
                                                                                   (128, "muon"), (1024, "muon")]
     assert result.data["trainer"][0]["tokens_per_s"] == pytest.approx(1000.0) and not result.ok and not result.partial
@@ -890,7 +972,7 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
         return 124, "64 rows done\n(stopped after 40 s)", 40.0
 
     monkeypatch.setattr(suite, "run", stopped_after_one_row)
-    result = suite.loss_head(plan, {}, work)
+    result = suite.loss_head(plan, {}, tmp_path / "work")
     text = "\n".join(result.lines)
     assert not result.ok and result.cut and result.data["loss_head"]["results"] == written["results"]
     assert "Stopped (exit status 124) before it finished" in text and written["table"] in text
@@ -901,7 +983,7 @@ def test_gpu_suite_keeps_what_a_stopped_command_had_measured(tmp_path, monkeypat
         return 1, "64 rows done\nRuntimeError: CUDA error", 30.0
 
     monkeypatch.setattr(suite, "run", crashed_after_one_row)
-    result = suite.loss_head(plan, {}, work)
+    result = suite.loss_head(plan, {}, tmp_path / "work")
     assert not result.ok and not result.cut and result.data["loss_head"]["results"] == written["results"]
 
 

@@ -1611,7 +1611,6 @@ def test_generate_speed_times_end_of_text_waiting_every_few_tokens_against_each(
     assert made_tokens < 6 and r["waiting_every_tokens_per_s"] == pytest.approx(made_tokens / 0.25)
 
 
-
 def test_time_interleaved_reports_the_median_of_the_timed_runs(monkeypatch):
     """Each function's median over `repeats` timed runs, the warm-up run not among them."""
     common = load_script("common")

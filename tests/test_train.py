@@ -688,9 +688,9 @@ def test_samples_during_training_change_no_number(data_dir, straight_run, tmp_pa
     train(load_recipe(None, settings), resume=True, quiet=True)  # a finished run, run again: nothing lost
     assert [r for r in metrics(resumed) if "samples" in r] == samples
     # generate.stop: each sample ends before the first stop text it meets; the text before it is the same. (Two
-    # characters from the first sample, met there: what the others end at, if anything, is read off their own text.)
+    # characters from the longer sample, met there: what the other ends at, if anything, is read off its own text.)
     ends = [sample[len(prompt):] for sample, prompt in zip(samples[0]["samples"], recipe.generate.prompts)]
-    stop = ends[0][1:3]
+    stop = max(ends, key=len)[1:3]
     assert len(stop) == 2
     settings = tiny_settings(data_dir, tmp_path / "stopped", "sample_interval=20", "generate.max_new_tokens=6",
                              'generate.prompts=["Once upon a time", "Tom had"]', f"generate.stop={stop}")

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -374,6 +375,11 @@ def test_the_closing_story_command_gives_the_recipes_sampling_settings(monkeypat
     assert sampling_flags(GenerateConfig(max_new_tokens=100)) == " --max-new-tokens 100"
     assert sampling_flags(GenerateConfig(min_p=0.05)) == " --min-p 0.05"
     assert sampling_flags(GenerateConfig(stop=["\n", "The end"])) == " --stop '\n' --stop 'The end'"
+    from tinygemma.cli import build_parser
+
+    for stop in ("---", "-e", "\n"):  # a text that starts with "-" as --stop=TEXT: argparse took it for a flag
+        words = shlex.split(sampling_flags(GenerateConfig(stop=[stop])))
+        assert build_parser().parse_args(["generate", "--ckpt", "run", "--prompt", "Once", *words]).stop == [stop]
     from tinygemma.config import load_recipe
     from tinygemma.pipeline import where_and_next
 
@@ -396,6 +402,8 @@ def test_a_recipes_stop_texts_are_read_as_its_prompts_and_refused_before_anythin
     assert load_recipe(str(recipe), ["generate.stop="]).generate.stop == []
     assert load_recipe(None, ["generate.stop=, or ."]).generate.stop == [", or ."]
     assert load_recipe(None, ['generate.stop=["\\n\\n", "The end"]']).generate.stop == ["\n\n", "The end"]
+    for text in ("\n", "\n\n", " The end", " "):  # one text as it is given: --set strips no stop text
+        assert load_recipe(None, [f"generate.stop={text}"]).generate.stop == [text]
     for setting, message in (('generate.stop=["a", ""]', "generate.stop must be text, or a list of texts, none "
                                                           "of them empty"),
                              ("generate.stop=a\udcff", r"generate.stop 'a\\udcff' is not UTF-8 text"),

@@ -513,7 +513,9 @@ def parse_override(item: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise UserError(f"--set expects KEY=VALUE, got {item!r}")
     key = key.strip()
-    return (key if "." in key else f"train.{key}"), value.strip()
+    key = key if "." in key else f"train.{key}"
+    # a stop text is taken as it is: a newline (one paragraph) or a leading space is the text itself
+    return key, (value if key == "generate.stop" else value.strip())
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:

@@ -378,8 +378,10 @@ def sampling_flags(g: GenerateConfig) -> str:
     flags = [(f"--{name.replace('_', '-')}", getattr(g, name))
              for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
              if getattr(g, name) != getattr(default, name)]
-    flags += [("--stop", shell_quote(stop)) for stop in g.stop]
-    return "".join(f" {flag} {'none' if value is None else value}" for flag, value in flags)
+    text = "".join(f" {flag} {'none' if value is None else value}" for flag, value in flags)
+    # --stop=TEXT where TEXT starts with "-": argparse takes `--stop ---` for a flag without its value
+    stops = [shell_quote("--stop=" + stop) if stop.startswith("-") else f"--stop {shell_quote(stop)}" for stop in g.stop]
+    return text + "".join(f" {stop}" for stop in stops)
 
 
 def where_and_next(recipe: Recipe, recipe_file: str, overrides: list[str]) -> str:

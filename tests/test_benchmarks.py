@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import SHARED, STORIES
 
-from tinygemma.config import ModelConfig
+from tinygemma.config import ModelConfig, load_recipe
 from tinygemma.model import Gemma3
 
 pytest.importorskip("transformers")
@@ -184,6 +184,7 @@ def test_the_first_step_is_reported_apart(monkeypatch, capsys):
     ("loss_head", ["--steps", "0"], "--steps"),
     ("loss_head", ["--rows", "10k"], "--rows"),
     ("gguf_decode", ["--dtypes", "q4_0"], "--dtypes"),
+    ("gguf_decode", ["--dtypes", ","], "--dtypes: none given"),  # no GGUF at all: nothing to compare with
     ("split_noise", ["--batch", "3"], "--batch must be even"),
     ("split_noise", ["--steps", "0"], "--steps"),
     # a count that divided by zero after training a BPE on all of train.txt, no seed, a negative count
@@ -1415,6 +1416,34 @@ def test_gguf_decode_says_so_when_a_contender_dies_while_loading(tmp_path):
     with pytest.raises(SystemExit, match="the llama.cpp contender failed to start"):
         bench.start_contender("llama.cpp", tmp_path / "missing.gguf", "", 1, [1, 2], 2)
     assert time.perf_counter() - started < 100
+
+
+def test_gguf_decode_figures_are_each_contenders_own(monkeypatch):
+    """tokens/s from each contender's own median time, and the speed-up llama.cpp's rate over ours (the export
+    real, the contenders' processes and times faked: tinygemma 2 s, q8_0 0.5 s, f16 1 s for 4 tokens)."""
+    pytest.importorskip("llama_cpp")
+    bench = load_script("gguf_decode")
+    started = []
+
+    class Process:
+        def join(self):
+            pass
+
+    class Connection:
+        def send(self, message):
+            pass
+
+    def start_contender(kind, path, dtype, threads, prompt, n):
+        started.append(kind)
+        return Process(), Connection(), lambda: [0] * n
+
+    monkeypatch.setattr(bench, "start_contender", start_contender)
+    monkeypatch.setattr(bench, "time_interleaved", lambda fns, repeats: ([2.0, 0.5, 1.0], [fn() for fn in fns]))
+    result = bench.main(["--preset", "gemma3-tiny", "--dtypes", "q8_0,f16", "--new-tokens", "4", "--repeats", "1",
+                         "--threads", "1"])
+    assert started == ["tinygemma", "llama.cpp", "llama.cpp"]
+    assert result["tinygemma_tokens_per_s"] == 2.0 and result["llama_cpp_tokens_per_s"] == {"q8_0": 8.0, "f16": 4.0}
+    assert result["speedup_vs_tinygemma"] == {"q8_0": 4.0, "f16": 2.0}
 
 
 # ------------------------------------------------------------------ mutation round 18: the GPU suite's arithmetic
@@ -2650,8 +2679,8 @@ def test_recipe_efficiency_budget_is_rounded_up_to_whole_steps(tmp_path, capsys)
 
 def test_prepare_throughput_runs_both_pipelines_and_checks_their_tokens_agree(tmp_path, monkeypatch, capsys):
     """benchmarks/prepare_throughput.py on a few stories (a folder of its own as the shared data), one worker,
-    one round: both pipelines' tokens identical, one end-of-text token per story, and the speed-up the workshop's
-    best time over ours."""
+    two rounds: both pipelines' tokens identical, one end-of-text token per story, and the speed-up the workshop's
+    best time over ours (6 then 5 s against 2 then 4 s: 2.5x). Tokens that differ are refused."""
     pytest.importorskip("datasets")
     # datasets' map(num_proc=...) sets TOKENIZERS_PARALLELISM=false in os.environ, then puts a copy in its place:
     # the original object comes back after the test, as it was (monkeypatch takes back what it set)
@@ -2665,13 +2694,40 @@ def test_prepare_throughput_runs_both_pipelines_and_checks_their_tokens_agree(tm
     (stories / "train.txt").write_text(text, encoding="utf-8")
     (stories / "valid.txt").write_text(f"A short valid story.\n{eot}\n", encoding="utf-8")
     monkeypatch.setattr(bench, "STORIES", stories)
-    times = {"workshop": 5.0, "tinygemma": 2.0}
+    workshop_times, our_times = iter([6.0, 5.0]), iter([2.0, 4.0])
     real_workshop, real_ours = bench.workshop, bench.ours
-    monkeypatch.setattr(bench, "workshop", lambda *a: (times["workshop"], real_workshop(*a)[1]))
-    monkeypatch.setattr(bench, "ours", lambda *a: (times["tinygemma"], real_ours(*a)[1]))
-    bench.main(["--workers", "1", "--repeat", "2", "--rounds", "1"])
+    monkeypatch.setattr(bench, "workshop", lambda *a: (next(workshop_times), real_workshop(*a)[1]))
+    monkeypatch.setattr(bench, "ours", lambda *a: (next(our_times), real_ours(*a)[1]))
+    bench.main(["--workers", "1", "--repeat", "2", "--rounds", "2"])
     out = capsys.readouterr().out
     assert out.startswith("24 stories,") and "tokens identical" in out and "speed-up: 2.50x" in out
+
+    def one_token_off(*args):
+        seconds, tokens = real_workshop(*args)
+        tokens = tokens.copy()
+        tokens[3] += 1
+        return seconds, tokens
+
+    monkeypatch.setattr(bench, "workshop", one_token_off)
+    monkeypatch.setattr(bench, "ours", real_ours)
+    with pytest.raises(AssertionError, match="tokens differ"):
+        bench.main(["--workers", "1", "--repeat", "1", "--rounds", "1"])
+
+
+def test_recipe_efficiency_recipes_are_the_documented_ones():
+    """The module docstring's recipes: AdamW cosine to lr / 10; Muon wsd (cooldown 0.4) with its AdamW part at a
+    tenth of Muon's rate, down to a tenth of that; the workshop's AdamW 1e-4 to 1e-5, eps 1e-9, clip 0.5."""
+    bench = load_script("recipe_efficiency")
+    adamw = load_recipe(None, bench.adamw_recipe(8e-3)).train
+    assert (adamw.optimizer, adamw.lr_schedule, adamw.grad_clip) == ("adamw", "cosine", 1.0)
+    assert adamw.learning_rate == pytest.approx(8e-3) and adamw.min_lr == pytest.approx(8e-4)
+    muon = load_recipe(None, bench.muon_recipe(0.04)).train
+    assert (muon.optimizer, muon.lr_schedule, muon.cooldown_fraction, muon.grad_clip) == ("muon", "wsd", 0.4, 1.0)
+    assert muon.muon_learning_rate == pytest.approx(0.04) and muon.learning_rate == pytest.approx(4e-3)
+    assert muon.min_lr == pytest.approx(4e-4)
+    workshop = load_recipe(None, bench.WORKSHOP).train
+    assert (workshop.learning_rate, workshop.min_lr) == pytest.approx((1e-4, 1e-5))
+    assert workshop.adam_eps == pytest.approx(1e-9) and workshop.grad_clip == 0.5
 
 
 def test_recipe_efficiency_short_muon_run_beats_the_finals_it_ends_below(tmp_path, monkeypatch):

@@ -27,7 +27,6 @@ from tinygemma.config import (
     GenerateConfig,
     Recipe,
     check_sampling,
-    check_stop,
     load_recipe,
     parse_override,
 )
@@ -427,9 +426,8 @@ def _generate_main(args) -> int:
     # Every argument is checked before the (slow) model load.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                    prompts=args.num_samples, prefix="--",
-                   repetition_penalty=args.repetition_penalty, min_p=args.min_p)  # seed + i for sample i
+                   repetition_penalty=args.repetition_penalty, min_p=args.min_p, stop=args.stop)  # seed + i: sample i
     check_num_samples(args.num_samples, "--num-samples")
-    check_stop(args.stop, "--stop")
     if not all(args.prompt):
         raise UserError("--prompt is empty; give some text to continue")
     started = time.perf_counter()

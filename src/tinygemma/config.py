@@ -377,9 +377,9 @@ class GenerateConfig:
     stop: list[str] = dataclasses.field(default_factory=list)  # end each sample before the first of these texts it meets, which is not kept (generate's --stop); [] = none, only end of text and max_new_tokens
 
     def sampling(self) -> dict:
-        """The sampling settings, as generate_text's (and check_sampling's) keyword arguments."""
+        """The sampling settings and stop texts, as generate_text's (and check_sampling's) keyword arguments."""
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
-                "repetition_penalty": self.repetition_penalty}
+                "repetition_penalty": self.repetition_penalty, "stop": self.stop}
 
 
 @dataclass
@@ -446,7 +446,6 @@ class Recipe:
         check_block_size(self.train.block_size, self.model_config())
         g = self.generate  # and bad sampling settings before hours of training, not after
         check_sampling(g.max_new_tokens, prefix="generate.", **g.sampling())
-        check_stop(g.stop, "generate.stop")
         return self
 
     def check_for_run(self) -> None:
@@ -762,10 +761,10 @@ def check_stop(stop, name: str = "stop") -> tuple[str, ...]:
 
 def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                    seed: int | None = None, prompts: int = 1, prefix: str = "", repetition_penalty: float = 1.0,
-                   min_p: float | None = None) -> None:
-    """Refuse sampling settings that cannot work: in one line, before a model is loaded or trained. Each is
-    named as the user gave it: `prefix` "generate." (a recipe's [generate], apart from train.seed), "--" (the
-    generate command's options), "" (the Python arguments)."""
+                   min_p: float | None = None, stop=None) -> None:
+    """Refuse sampling settings (and stop texts, as check_stop) that cannot work: in one line, before a model is
+    loaded or trained. Each is named as the user gave it: `prefix` "generate." (a recipe's [generate], apart from
+    train.seed), "--" (the generate command's options), "" (the Python arguments)."""
     def name(setting: str) -> str:
         return prefix + (setting.replace("_", "-") if prefix == "--" else setting)
 
@@ -786,3 +785,4 @@ def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | N
     if not (is_real(repetition_penalty) and 0 < repetition_penalty < math.inf):
         raise UserError(f"{name('repetition_penalty')} must be a positive, finite number (1: none), got "
                         f"{repetition_penalty!r}")
+    check_stop(stop, name("stop"))

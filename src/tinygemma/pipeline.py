@@ -338,7 +338,7 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     for i, prompt in enumerate(g.prompts):
         try:
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
-                                     stop=g.stop, **g.sampling())
+                                     **g.sampling())
         except NonFiniteLogits as e:  # (weights that are not finite: their evaluation, minutes long, is kept)
             broken = e
             break

@@ -630,7 +630,7 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         try:  # (a run trained before train checked its [generate], with a seed of -1, say: refused here)
             room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0)) + 1  # (prompt_ids' count)
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
-                                     seed=g.seed + i, stop=g.stop, **g.sampling())
+                                     seed=g.seed + i, **g.sampling())
         except UserError as e:
             lines += [f"Not generated from {prompt!r}: {e}.", ""]
             continue

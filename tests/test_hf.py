@@ -320,6 +320,47 @@ def test_special_tokens_past_the_models_rows_do_not_refuse_it(tmp_path):
         load_model(tmp_path / "ckpt", more, "float32", "cpu")
 
 
+def test_the_cards_transformers_snippet_ends_before_the_recipes_stop_texts(tmp_path):
+    """The card's transformers snippet, run as printed on the export, passes the recipe's stop texts as
+    `stop_strings` (generation ends at the first met) and prints the text cut before it, as tinygemma's samples
+    are: the greedy text without them, up to the earlier of two stop texts read off that text."""
+    import contextlib
+    import io
+
+    from tinygemma.config import GenerateConfig
+    from tinygemma.report import usage_section
+    from tinygemma.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = Gemma3(small_config(vocab_size=50_257, d_model=32, head_dim=8, mlp_dim=32, n_layers=2))
+    save_model(model, tmp_path / "ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--tokenizer",
+                 "gpt2"]) == 0
+    tokenizer = load_tokenizer("gpt2")
+
+    def snippet_prints(stop: list[str]) -> tuple[str, int]:
+        """What the snippet prints, and the tokens it generated."""
+        card = "\n".join(usage_section(str(tmp_path / "hf"), GenerateConfig(temperature=0.0, stop=stop), tokenizer))
+        code = card.split("```python\n")[1].split("```")[0]
+        scope, printed = {}, io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(code, scope)
+        return printed.getvalue(), scope["out"].shape[1] - scope["ids"].shape[1]
+
+    prompt = GenerateConfig().prompts[0]
+    whole, n_whole = snippet_prints([])
+    assert whole.startswith(prompt)
+    text = whole[len(prompt):].rstrip("\n")
+    letters = [i for i, c in enumerate(text) if c.isascii() and c.isalnum()]  # a letter of the first half, one later
+    early, late = letters[len(letters) // 4], letters[-1]
+    stop = [text[late], text[early]]
+    cut = text[:min(text.index(text[late]), text.index(text[early]))]
+    assert len(cut) < len(text) // 2
+    stopped, n_stopped = snippet_prints(stop)
+    assert "stop_strings=stop" in "\n".join(usage_section("m", GenerateConfig(stop=stop)))
+    assert stopped == prompt + cut + "\n" and n_stopped < n_whole  # ended by transformers, not only cut
+
+
 def test_a_transformers_directory_exports_with_its_ids_template_and_nothing_stale(tmp_path, capsys):
     """Exporting a transformers directory keeps its special ids and generation settings whether or not it has
     tokenizer files, and copies transformers 5's chat_template.jinja; an export into an earlier one leaves no

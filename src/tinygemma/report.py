@@ -661,10 +661,21 @@ def usage_section(where: str, g: GenerateConfig, tokenizer: Tokenizer | None = N
             f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
             f"model = Gemma3ForCausalLM.from_pretrained({where!r})",
             f"ids = tokenizer({prompt!r}, return_tensors=\"pt\").input_ids{drop_suffix}",
-            f"out = model.generate(ids, max_new_tokens=100, {options})",
-            "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", "",
+            *generate_lines(prompt, options, g.stop), "```", "",
             "With tinygemma, from a local copy of this directory:", "", "```bash",
             f"tinygemma generate --ckpt DIR --prompt {shlex.quote(prompt)}", "```", ""]
+
+
+def generate_lines(prompt: str, options: str, stop: list[str]) -> list[str]:
+    """The snippet's generate and print. With stop texts, transformers' `stop_strings` end the generation at the
+    first, and the text is cut before it, as tinygemma's samples are (transformers keeps it)."""
+    if not stop:
+        return [f"out = model.generate(ids, max_new_tokens=100, {options})",
+                "print(tokenizer.decode(out[0], skip_special_tokens=True))"]
+    return [f"stop = {list(stop)!r}  # the recipe's stop texts: the text ends before the first",
+            f"out = model.generate(ids, max_new_tokens=100, {options}, stop_strings=stop, tokenizer=tokenizer)",
+            "text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)",
+            f"print({prompt!r} + min((text.split(s)[0] for s in stop), key=len))"]
 
 
 # ------------------------------------------------------------------ several runs side by side

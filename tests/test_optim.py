@@ -31,7 +31,7 @@ from tinygemma.optim import (
     muon_backend,
     muon_parameters,
     orthogonalize,
-    orthogonalize_all,
+    orthogonalize_groups,
     schedule,
     set_learning_rates,
 )
@@ -111,12 +111,22 @@ def test_own_muon_matches_torch_muon():
 
 
 def test_batched_iteration_equals_one_matrix_at_a_time():
-    """orthogonalize_all stacks same-shape matrices into one batched iteration: each result is that matrix's own
-    (each normalized by its own norm, tall ones turned wide), in the input's order, and nearly orthogonal."""
+    """orthogonalize_groups stacks same-shape matrices into one batched iteration: each result is that matrix's
+    own (each normalized by its own norm, tall ones turned wide), named by its index, in the dtype asked for, and
+    nearly orthogonal."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(64, 16), (16, 64), (64, 16), (32, 32), (16, 64), (8, 64)]
     updates = [torch.randn(s, generator=gen) * scale for s, scale in zip(shapes, (1, 10, 0.01, 3, 1, 100))]
-    batched = orthogonalize_all(updates, torch.float32)
+    groups = list(orthogonalize_groups(updates, torch.float32))
+    assert [indices for indices, _ in groups] == [[0, 2], [1, 4], [3], [5]]
+    batched = [None] * len(updates)
+    for indices, done in groups:
+        assert done.dtype == torch.float32 and done.shape == (len(indices), *updates[indices[0]].shape)
+        for j, i in enumerate(indices):
+            batched[i] = done[j]
+    for indices, done in orthogonalize_groups(updates, torch.bfloat16, torch.float32):  # iterated in bf16
+        assert done.dtype == torch.float32
+        assert torch.equal(done, orthogonalize(torch.stack([updates[i] for i in indices]), torch.bfloat16).float())
     for u, b in zip(updates, batched):
         one = orthogonalize(u, torch.float32)
         assert b.shape == u.shape and torch.allclose(b, one, atol=1e-5, rtol=1e-5)

@@ -256,15 +256,14 @@ def shape_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
     return list(by_shape.values())
 
 
-def orthogonalize_all(updates: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """`orthogonalize` of each matrix, the matrices of one shape stacked into one batched iteration: a few large
-    products instead of one small product per matrix (gemma3-tiny's are 128 wide), which threads use better."""
-    out: list[torch.Tensor] = [None] * len(updates)  # type: ignore[list-item]
+def orthogonalize_groups(updates: list[torch.Tensor], dtype: torch.dtype, out_dtype: torch.dtype | None = None):
+    """(indices, results) for each shape group of `updates`: `orthogonalize` of each matrix, the matrices of one
+    shape stacked into one batched iteration (a few large products instead of one small product per matrix:
+    gemma3-tiny's are 128 wide, which threads use better), the results a stack in `out_dtype` (default `dtype`),
+    cast at once."""
     for indices in shape_groups(updates):
         done = orthogonalize(torch.stack([updates[i] for i in indices]), dtype)
-        for j, i in enumerate(indices):
-            out[i] = done[j]
-    return out
+        yield indices, done.to(out_dtype or dtype)
 
 
 def muon_lr_scale(shape: torch.Size) -> float:
@@ -317,7 +316,7 @@ class MuonAdamW(torch.optim.Optimizer):
     Muon (per matrix W with gradient G): B <- momentum B + (1 - momentum) G; U = Nesterov's G + momentum (B - G);
     W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(U). This is torch.optim.Muon's update; the "torch"
     backend calls its functional form (bfloat16 iteration, one matrix at a time), "float32" and "bfloat16" run
-    `orthogonalize_all` (same-shape matrices batched) in that precision, and "compiled" runs the bfloat16
+    `orthogonalize_groups` (same-shape matrices batched) in that precision, and "compiled" runs the bfloat16
     update of each shape group as one compiled graph (`muon_shape_group`). `muon_backend` chooses the default by
     device; "torch" and "compiled" are there to be chosen, and measured (benchmarks/optimizer_step.py).
     AdamW: torch.optim.AdamW's update, through its functional form (bias-corrected moments, decoupled decay).
@@ -380,20 +379,22 @@ class MuonAdamW(torch.optim.Optimizer):
                  nesterov=group["nesterov"], ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_steps=NS_STEPS,
                  adjust_lr_fn="original", has_complex=False)
             return
+        if not params:
+            return
+        # Each elementwise pass is one multi-tensor kernel over all the matrices (on a GPU, where one kernel a
+        # matrix was about 5 launches x 126 matrices a step at 270M), with the arithmetic of one a matrix.
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        # FSDP2: the iteration needs the whole matrix; every rank gathers and orthogonalizes the same one
+        updates = [u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates]
         dtype = torch.float32 if self.backend == "float32" else torch.bfloat16
-        updates = []
-        for p, buf in zip(params, bufs):
-            buf.lerp_(p.grad, 1 - momentum)
-            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            # FSDP2: the iteration needs the whole matrix; every rank gathers and orthogonalizes the same one
-            updates.append(update.full_tensor() if hasattr(update, "full_tensor") else update)
-        for p, update in zip(params, orthogonalize_all(updates, dtype)):
-            if hasattr(p, "full_tensor"):  # keep this rank's shard of the result: no scatter from rank 0
-                update = local_shard_of(update.to(p.dtype), p)
-            else:
-                update = update.to(p.dtype)
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * muon_lr_scale(p.shape))
+        torch._foreach_mul_(params, 1 - lr * wd)
+        for indices, done in orthogonalize_groups(updates, dtype, params[0].dtype):
+            mine = [params[i] for i in indices]
+            if hasattr(mine[0], "full_tensor"):  # keep this rank's shard of the result: no scatter from rank 0
+                done = [local_shard_of(update, p) for update, p in zip(done, mine)]
+            torch._foreach_add_(mine, list(done), alpha=-lr * muon_lr_scale(mine[0].shape))
 
     def hyperparameters(self, device: torch.device, *values: float) -> tuple[torch.Tensor, ...]:
         """`values` in 0-d float32 tensors on `device`, kept from step to step and refilled in place: on a GPU a

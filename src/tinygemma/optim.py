@@ -389,7 +389,8 @@ class MuonAdamW(torch.optim.Optimizer):
         # FSDP2: the iteration needs the whole matrix; every rank gathers and orthogonalizes the same one
         updates = [u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates]
         dtype = torch.float32 if self.backend == "float32" else torch.bfloat16
-        torch._foreach_mul_(params, 1 - lr * wd)
+        if wd:  # (Muon's groups take none by default: a pass over every matrix saved)
+            torch._foreach_mul_(params, 1 - lr * wd)
         for indices, done in orthogonalize_groups(updates, dtype, params[0].dtype):
             mine = [params[i] for i in indices]
             if hasattr(mine[0], "full_tensor"):  # keep this rank's shard of the result: no scatter from rank 0

@@ -124,9 +124,12 @@ def test_batched_iteration_equals_one_matrix_at_a_time():
         assert done.dtype == torch.float32 and done.shape == (len(indices), *updates[indices[0]].shape)
         for j, i in enumerate(indices):
             batched[i] = done[j]
-    for indices, done in orthogonalize_groups(updates, torch.bfloat16, torch.float32):  # iterated in bf16
+    for indices, done in orthogonalize_groups(updates, torch.bfloat16):  # iterated in bf16, given back in float32
         assert done.dtype == torch.float32
         assert torch.equal(done, orthogonalize(torch.stack([updates[i] for i in indices]), torch.bfloat16).float())
+    mixed = [updates[0], updates[2].to(torch.bfloat16)]  # one shape, two dtypes: two groups, each its own dtype
+    assert [(i, done.dtype) for i, done in orthogonalize_groups(mixed, torch.float32)] == [
+        ([0], torch.float32), ([1], torch.bfloat16)]
     for u, b in zip(updates, batched):
         one = orthogonalize(u, torch.float32)
         assert b.shape == u.shape and torch.allclose(b, one, atol=1e-5, rtol=1e-5)
@@ -209,6 +212,15 @@ def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tm
     if torch_2_6:
         monkeypatch.setattr(dtensor, "distribute_tensor", lambda tensor, device_mesh, placements:
                             distribute_tensor(tensor, device_mesh, placements))
+        # nor a sharding rule for the out-of-place foreach lerp (2.6 to 2.11 have the in-place one only)
+        foreach_lerp = torch._foreach_lerp
+
+        def lerp_of_plain_tensors(tensors, *args):
+            if any(hasattr(t, "full_tensor") for t in tensors):
+                raise NotImplementedError("Operator aten._foreach_lerp.Scalar does not have a sharding strategy")
+            return foreach_lerp(tensors, *args)
+
+        monkeypatch.setattr(torch, "_foreach_lerp", lerp_of_plain_tensors)
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
@@ -230,6 +242,26 @@ def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tm
             torch.testing.assert_close(p.full_tensor(), b, rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["float32", "bfloat16"])
+def test_muons_decay_of_half_precision_matrices_multiplies_by_the_float_factor(backend, dtype):
+    """Weight decay W <- W (1 - lr wd) of bfloat16 or float16 matrices, as `W.mul_(1 - lr wd)` computes it: on a
+    CPU a foreach multiply rounds the factor to the matrices' dtype first (0.99752 to 0.99609375 in bfloat16),
+    so a decay of lr x wd below about 0.002 vanished. (A zero gradient: the step is the decay alone.)"""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in ((64, 16), (16, 64), (64, 16))]
+    lr, wd = 0.0248, 0.1
+    expected = [p.detach().clone().mul_(1 - lr * wd) for p in params]
+    assert not torch.equal(expected[0], params[0].detach())
+    optimizer = MuonAdamW([{"params": params, "muon": True, "weight_decay": wd}], lr=lr, betas=(0.9, 0.95),
+                          eps=1e-8, backend=backend)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, e in zip(params, expected):
+        assert torch.equal(p.detach(), e)
 
 
 def test_compiled_backend_trains_and_resumes_exactly(traced_muon, data_dir, tmp_path, monkeypatch):

@@ -249,21 +249,21 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def shape_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
-    """The indices of `tensors`, grouped by shape (in order of first appearance)."""
+    """The indices of `tensors`, grouped by shape and dtype (in order of first appearance): each group stacks."""
     by_shape: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
-        by_shape.setdefault(tuple(t.shape), []).append(i)
+        by_shape.setdefault((tuple(t.shape), t.dtype), []).append(i)
     return list(by_shape.values())
 
 
-def orthogonalize_groups(updates: list[torch.Tensor], dtype: torch.dtype, out_dtype: torch.dtype | None = None):
-    """(indices, results) for each shape group of `updates`: `orthogonalize` of each matrix, the matrices of one
-    shape stacked into one batched iteration (a few large products instead of one small product per matrix:
-    gemma3-tiny's are 128 wide, which threads use better), the results a stack in `out_dtype` (default `dtype`),
-    cast at once."""
+def orthogonalize_groups(updates: list[torch.Tensor], dtype: torch.dtype):
+    """(indices, results) for each shape group of `updates`: `orthogonalize` of each matrix in `dtype`, the
+    matrices of one shape stacked into one batched iteration (a few large products instead of one small product
+    per matrix: gemma3-tiny's are 128 wide, which threads use better), the results a stack in the updates' own
+    dtype, cast at once."""
     for indices in shape_groups(updates):
         done = orthogonalize(torch.stack([updates[i] for i in indices]), dtype)
-        yield indices, done.to(out_dtype or dtype)
+        yield indices, done.to(updates[indices[0]].dtype)
 
 
 def muon_lr_scale(shape: torch.Size) -> float:
@@ -385,13 +385,17 @@ class MuonAdamW(torch.optim.Optimizer):
         # matrix was about 5 launches x 126 matrices a step at 270M), with the arithmetic of one a matrix.
         grads = [p.grad for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        updates = bufs
+        if group["nesterov"]:  # (FSDP2: DTensor has no out-of-place foreach lerp before torch 2.13; in place, it has)
+            updates = [g.lerp(b, momentum) for g, b in zip(grads, bufs)] if sharded else torch._foreach_lerp(
+                grads, bufs, momentum)
         # FSDP2: the iteration needs the whole matrix; every rank gathers and orthogonalizes the same one
         updates = [u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates]
         dtype = torch.float32 if self.backend == "float32" else torch.bfloat16
-        if wd:  # (Muon's groups take none by default: a pass over every matrix saved)
-            torch._foreach_mul_(params, 1 - lr * wd)
-        for indices, done in orthogonalize_groups(updates, dtype, params[0].dtype):
+        if wd:  # (the trainer's Muon groups take none) one matrix at a time: a CPU's foreach multiply rounds the
+            for p in params:  # factor to a bfloat16 or float16 matrix's dtype first
+                p.mul_(1 - lr * wd)
+        for indices, done in orthogonalize_groups(updates, dtype):
             mine = [params[i] for i in indices]
             if hasattr(mine[0], "full_tensor"):  # keep this rank's shard of the result: no scatter from rank 0
                 done = [local_shard_of(update, p) for update, p in zip(done, mine)]

@@ -386,7 +386,7 @@ class MuonAdamW(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         updates = bufs
-        if group["nesterov"]:  # (FSDP2: DTensor has no out-of-place foreach lerp before torch 2.13; in place, it has)
+        if group["nesterov"]:  # (FSDP2: torch 2.6 to 2.11's DTensor shards the in-place foreach lerp, not this one)
             updates = [g.lerp(b, momentum) for g, b in zip(grads, bufs)] if sharded else torch._foreach_lerp(
                 grads, bufs, momentum)
         # FSDP2: the iteration needs the whole matrix; every rank gathers and orthogonalizes the same one

@@ -112,8 +112,8 @@ def test_own_muon_matches_torch_muon():
 
 def test_batched_iteration_equals_one_matrix_at_a_time():
     """orthogonalize_groups stacks same-shape matrices into one batched iteration: each result is that matrix's
-    own (each normalized by its own norm, tall ones turned wide), named by its index, in the dtype asked for, and
-    nearly orthogonal."""
+    own (each normalized by its own norm, tall ones turned wide), named by its index, iterated in the dtype asked
+    for and given back in its own (matrices of one shape and two dtypes are two groups), and nearly orthogonal."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(64, 16), (16, 64), (64, 16), (32, 32), (16, 64), (8, 64)]
     updates = [torch.randn(s, generator=gen) * scale for s, scale in zip(shapes, (1, 10, 0.01, 3, 1, 100))]
@@ -203,7 +203,8 @@ def test_compiled_backend_serves_any_number_of_models_in_one_process(traced_muon
 def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tmp_path, monkeypatch, torch_2_6):
     """FSDP2's DTensors (here sharded over a one-process gloo group): the "compiled" backend gathers each whole and
     takes the "bfloat16" backend's batched iteration, as "torch" does: the same update as "bfloat16" on plain
-    matrices. Also with PyTorch 2.6's distribute_tensor, which has no src_data_rank (passing it raised)."""
+    matrices. Also with PyTorch 2.6's distribute_tensor, which has no src_data_rank (passing it raised), and its
+    DTensor, which (to 2.11) has no rule for the out-of-place foreach lerp (Nesterov's blend of all matrices)."""
     import torch.distributed as dist
     import torch.distributed.tensor as dtensor
     from torch.distributed.device_mesh import init_device_mesh
@@ -212,7 +213,6 @@ def test_compiled_backend_takes_sharded_matrices_like_the_others(traced_muon, tm
     if torch_2_6:
         monkeypatch.setattr(dtensor, "distribute_tensor", lambda tensor, device_mesh, placements:
                             distribute_tensor(tensor, device_mesh, placements))
-        # nor a sharding rule for the out-of-place foreach lerp (2.6 to 2.11 have the in-place one only)
         foreach_lerp = torch._foreach_lerp
 
         def lerp_of_plain_tensors(tensors, *args):

@@ -655,7 +655,7 @@ def muon_single_run(tmp_path_factory, data_dir) -> Path:
     return single
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+@pytest.mark.parametrize("distributed", ["ddp", pytest.param("fsdp", marks=test_train.NEEDS_CPU_FSDP)])
 def test_two_processes_reproduce_one_with_muon(muon_single_run, data_dir, tmp_path, distributed):
     """torchrun, 2 gloo processes, each 1 micro-step of 4 of the global batch of 8: the same Muon losses as one
     process; under FSDP2 each sharded matrix is gathered whole for the Newton-Schulz iteration."""

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from test_model import tiny  # noqa: E402
+from test_train import NEEDS_CPU_FSDP
 
 import tinygemma.parallelize as parallelize
 from tinygemma import Gemma3, UserError
@@ -490,6 +491,7 @@ def test_a_gpu_30_percent_held_by_others_says_so_when_nothing_fits(monkeypatch):
         probe_micro_batch_size(model, cfg, CPU, [64, 32])
 
 
+@NEEDS_CPU_FSDP
 def test_fsdp_compiles_each_block_inside_its_shard(tmp_path):
     """compile = true (or auto on CUDA) with distributed = fsdp compiles each block inside its shard, not
     silently none; the root is sharded and left uncompiled."""
@@ -506,6 +508,19 @@ def test_fsdp_compiles_each_block_inside_its_shard(tmp_path):
         assert isinstance(raw, FSDPModule) and raw._compiled_call_impl is None
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_on_a_cpu_that_torch_cannot_shard_on_is_refused_in_one_line(monkeypatch):
+    """torch 2.6's FSDP2 stops a CPU run at its first forward (its CPU streams record no events): training
+    refuses distributed = fsdp there in one line before any collective, naming the way out; on CUDA it shards."""
+    from tinygemma.parallelize import apply_fsdp, fsdp_runs_on
+
+    monkeypatch.setattr(torch.cpu, "Stream", type("Stream", (), {}))  # torch 2.6's: no record_event
+    assert not fsdp_runs_on(torch.device("cpu")) and fsdp_runs_on(torch.device("cuda", 0))
+    with pytest.raises(UserError, match=r"^distributed = fsdp on a CPU needs torch 2\.7 or later .*distributed = ddp"
+                       ) as refused:
+        apply_fsdp(Gemma3(tiny()), Runtime(torch.device("cpu"), torch.float32, world_size=2), False)
+    assert "\n" not in str(refused.value)
 
 
 def test_distributed_fsdp_under_torchrun_shards_the_model_in_place_whatever_it_compiles(monkeypatch):

@@ -176,6 +176,9 @@ def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if not fsdp_runs_on(rt.device):  # (every process decides alike, before any collective)
+        raise UserError(f"distributed = fsdp on a CPU needs torch 2.7 or later (torch {torch.__version__}'s FSDP2 "
+                        "calls what its CPU streams lack): train with distributed = ddp, or upgrade torch")
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
     kwargs = fsdp_options(rt.dtype)
     for block in raw.layers:
@@ -183,6 +186,12 @@ def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool) -> None:
             block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(raw, mesh=mesh, **kwargs)
+
+
+def fsdp_runs_on(device: torch.device) -> bool:
+    """Whether FSDP2 can shard on `device`'s kind: on a CPU from torch 2.7, whose CPU streams record events (as
+    no-ops) for fully_shard's all-gathers; torch 2.6's stop at the first forward with an AttributeError."""
+    return device.type != "cpu" or hasattr(torch.cpu.Stream, "record_event")
 
 
 def fsdp_options(dtype: torch.dtype) -> dict:

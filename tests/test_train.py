@@ -1143,6 +1143,7 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
     assert figures["first_step"] == 2 and figures["last_step"] == 3 and figures["wall_s"] > 0
     assert figures["device_activity"] is None and "device busy" not in summary  # a CPU has no kernels to count
     assert not [p for p in (out / "profile").iterdir() if p.name.startswith(".")]  # no temporary files left
+
     # A profile that cannot be written is a warning: the run trains on and ends as it would have.
     def broken(*args):
         raise ValueError("no trace")

@@ -22,6 +22,7 @@ from tinygemma.checkpoint import (
     TRAINER_STATE_FORMAT,
     checkpoint_pointer,
     export,
+    forget_saved_models,
     last_checkpoint,
     load_optimizer,
     prune_checkpoints,
@@ -743,3 +744,31 @@ def test_save_model_refuses_a_meta_value_json_cannot_hold_before_writing(tmp_pat
     with pytest.raises(UserError, match="meta must hold what JSON can"):
         save_model(model, tmp_path / "ckpt", {"val_loss": float("nan")})  # NaN is no JSON: other readers refuse it
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_the_models_torch_2_6s_state_dict_cache_holds_are_forgotten(monkeypatch):
+    """torch 2.6 keeps every model given to its distributed state_dict functions, a key of an unbounded
+    lru_cache (pytorch#149100): forget_saved_models (each run's release) lets them go; where the cache is gone
+    (torch 2.7 on) it does nothing."""
+    import functools
+    import gc
+    import weakref
+
+    import torch.distributed.checkpoint.state_dict as state_dict
+
+    @functools.lru_cache(maxsize=None)
+    def cached_get_fqns(model, name):  # torch 2.6's _get_fqns, as it holds its arguments
+        return {name}
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(state_dict, "_get_fqns", cached_get_fqns)
+    cached_get_fqns(model, "weight")
+    held = weakref.ref(model)
+    del model
+    gc.collect()
+    assert held() is not None  # (the cache holds it)
+    forget_saved_models()
+    assert held() is None
+    monkeypatch.setattr(state_dict, "_get_fqns", lambda model, name: {name})  # no cache: nothing to clear
+    forget_saved_models()
+

@@ -638,6 +638,16 @@ def checkpoint_bytes(model: Gemma3, tokenizer_bytes: int = 0) -> int:
     return int(1.05 * (weights + moments)) + tokenizer_bytes + (16 << 20)
 
 
+def forget_saved_models() -> None:
+    """torch 2.6 caches distributed state_dict's parameter names per (model, name) in an unbounded lru_cache
+    (pytorch#149100; gone from 2.7), so every model saved or resumed here stayed in memory for good, each run's in
+    a notebook. Forget them (a no-op where the cache is gone)."""
+    module = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    cache_clear = getattr(getattr(module, "_get_fqns", None), "cache_clear", None)
+    if cache_clear is not None:
+        cache_clear()
+
+
 def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict,
                     tokenizer: Tokenizer, val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool,
                     keep: int = 1) -> None:

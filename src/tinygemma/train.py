@@ -49,6 +49,7 @@ from tinygemma.checkpoint import (
     WEIGHTS_NAME,
     checkpoint_pointer,
     checkpoint_tokenizer,
+    forget_saved_models,
     fork_source,
     forked_run,
     last_checkpoint,
@@ -811,6 +812,7 @@ class Trainer:
         finished run. In a notebook, the GPU's memory comes back when train() returns, also to other processes
         (a `!tinygemma run` cell after it): the caching allocator's reserve is emptied."""
         self.model = self.raw = self.optimizer = self.scaler = self.next_batch = None
+        forget_saved_models()
         gc.collect()
         if self.rt.is_cuda:
             with contextlib.suppress(RuntimeError):  # (a CUDA error that ended the run is raised again here)

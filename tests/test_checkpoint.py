@@ -756,7 +756,7 @@ def test_the_models_torch_2_6s_state_dict_cache_holds_are_forgotten(monkeypatch)
 
     import torch.distributed.checkpoint.state_dict as state_dict
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def cached_get_fqns(model, name):  # torch 2.6's _get_fqns, as it holds its arguments
         return {name}
 

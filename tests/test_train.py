@@ -1039,10 +1039,16 @@ def test_a_run_lets_its_model_and_optimizer_go_before_it_destroys_the_process_gr
     """close() frees the model and the optimizer itself, before destroy_process_group, even though the run is
     still held by reference cycles (the collector is off here): DDP's reducer holds the process group, and a group
     freed at interpreter shutdown aborted a finished two-process run ("terminate called without an active
-    exception"). Under world_size 1 the group is faked as owned, and its destruction recorded."""
+    exception"). Under world_size 1 the group is faked as owned, and its destruction recorded. torch 2.6's
+    state_dict cache of every model it saw (pytorch#149100) is put back, so that its clearing is checked too."""
     import dataclasses
+    import functools
     import gc
     import weakref
+
+    import torch.distributed.checkpoint.state_dict as state_dict
+
+    monkeypatch.setattr(state_dict, "_get_fqns", functools.cache(state_dict._get_fqns))
 
     import tinygemma.train as train_module
 

@@ -18,7 +18,7 @@ from tinygemma.hf import from_hf_name, hf_config, model_config_from_hf, to_hf_na
 transformers = pytest.importorskip("transformers")
 
 import test_checkpoint  # noqa: E402
-from test_model import make_pair, small_config  # noqa: E402
+from test_model import SAME_HALF_KERNELS, make_pair, small_config  # noqa: E402
 
 checkpoint = test_checkpoint.checkpoint  # a saved small model (a fixture)
 
@@ -71,7 +71,11 @@ def test_an_hf_export_in_half_precision(checkpoint, tmp_path, capsys, dtype, tor
     hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch_dtype, attn_implementation="sdpa")
     x = torch.randint(0, 512, (2, 3 * 16))
     with torch.no_grad():
-        assert torch.equal(hf(x).logits, tinygemma.load(path, dtype=torch_dtype)(x))
+        theirs, ours = hf(x).logits, tinygemma.load(path, dtype=torch_dtype)(x)
+    if SAME_HALF_KERNELS:
+        assert torch.equal(theirs, ours)
+    else:  # (torch 2.6: SDPA's math kernel for our shared K/V head, its fused one for transformers' repeated K/V)
+        assert (ours.float() - theirs.float()).abs().max() < 0.05 * theirs.float().abs().max()
     capsys.readouterr()
     assert main(["export", "--ckpt", str(path), "--out", str(tmp_path / "q"), "--dtype", "q8_0"]) == 2
     err = capsys.readouterr().err

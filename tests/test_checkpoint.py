@@ -220,8 +220,6 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "out").exists()
 
 
-
-
 # ------------------------------------------------------------------ where an export may write, and how
 
 
@@ -771,4 +769,3 @@ def test_the_models_torch_2_6s_state_dict_cache_holds_are_forgotten(monkeypatch)
     assert held() is None
     monkeypatch.setattr(state_dict, "_get_fqns", lambda model, name: {name})  # no cache: nothing to clear
     forget_saved_models()
-

@@ -1048,7 +1048,8 @@ def test_a_run_lets_its_model_and_optimizer_go_before_it_destroys_the_process_gr
 
     import torch.distributed.checkpoint.state_dict as state_dict
 
-    monkeypatch.setattr(state_dict, "_get_fqns", functools.cache(state_dict._get_fqns))
+    if not hasattr(state_dict._get_fqns, "cache_clear"):  # (torch 2.6's has its own)
+        monkeypatch.setattr(state_dict, "_get_fqns", functools.cache(state_dict._get_fqns))
 
     import tinygemma.train as train_module
 

@@ -61,7 +61,12 @@ def wandb_records(path: Path) -> list:
 def wandb_logs(run_dir: Path) -> list[list]:
     """The records of each offline run directory (one per invocation), in the order the invocations started: the
     folders are named by the second and the run id, so two started in one second are ordered by their run record's
-    start time (a log a kill cut before its run record counts as the earlier)."""
+    start time (a log a kill cut before its run record counts as the earlier).
+
+    wandb's service first: run.finish() returns once the run's exit is handled, but the service holds the log in
+    memory until it acts on finish's last message, which is not waited for (twice a test read a log too early: no
+    run record, no exit record). Its teardown waits for it to close every log; the next run starts another."""
+    wandb.teardown()
     logs = []
     for directory in (run_dir / "wandb").glob("offline-run-*"):
         (log,) = directory.glob("run-*.wandb")

@@ -154,6 +154,41 @@ def trackio_scalars(name: str) -> dict[int, dict[str, float]]:
 # ------------------------------------------------------------------ the tests
 
 
+def test_wandb_logs_are_read_only_once_wandb_s_service_has_written_them(tmp_path, monkeypatch):
+    """A service slow to act on finish's last message (here: paused for half a second just before it is sent, as
+    a loaded machine may leave it unscheduled) still writes the whole log before it is read: the run record, the
+    history and the exit record. Read as soon as finish returned, the log was its 7-byte header."""
+    import os
+    import signal
+
+    from wandb.sdk.lib.service import service_connection
+
+    inform_finish = service_connection.ServiceConnection.inform_finish
+
+    def late(self, run_id):
+        for stat in Path("/proc").glob("[0-9]*/stat"):  # the service: this process's child wandb-core
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            if "(wandb-core)" in text and int(text.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                os.kill(int(stat.parent.name), signal.SIGSTOP)
+                threading.Timer(0.5, os.kill, (int(stat.parent.name), signal.SIGCONT)).start()
+                paused.append(stat.parent.name)
+        inform_finish(self, run_id)
+
+    paused = []
+    monkeypatch.setattr(service_connection.ServiceConnection, "inform_finish", late)
+    run = wandb.init(project="p", mode="offline", dir=str(tmp_path), settings=wandb.Settings(silent=True))
+    for step in range(3):
+        run.log({"train/loss": 3.0 - step}, step=step)
+    run.finish(exit_code=1)
+    assert paused, "no wandb-core process of this one's to pause"
+    (records,) = wandb_logs(tmp_path)
+    kinds = [record.WhichOneof("record_type") for record in records]
+    assert "run" in kinds and kinds.count("history") == 3
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+
 def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_them(data_dir, tmp_path):
     out = tmp_path / "tracked"
     loggers = "loggers=tensorboard,wandb,trackio"

@@ -4,6 +4,7 @@ import atexit
 import gc
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -77,6 +78,17 @@ def _objects_before_this_test_frozen():
     makes is still collected."""
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _compiled_shapes_forgotten_after_this_test():
+    """Dynamo remembers, per code object, the shapes it compiled: a later compile of the same code (Gemma3.forward)
+    at other shapes traces them as symbolic sizes ("automatic dynamic"). One test's compile would then make the
+    next one's a dynamic-shape graph, several times slower to make and unlike the static one a training process
+    compiles. After each test that loaded dynamo, its graphs and that memory go."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module", autouse=True)

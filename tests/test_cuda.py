@@ -258,7 +258,6 @@ def test_a_cuda_profile_says_how_busy_the_gpu_was_and_on_what(data_dir, tmp_path
 @pytest.mark.parametrize("dtype,loss_rtol,grad_rtol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 5e-2)])
 def test_inductor_equals_eager(dtype, loss_rtol, grad_rtol, exact_float32):
     """torch.compile (inductor, the GPU's real backend) computes the same loss and gradients, sliding mask included."""
-    torch._dynamo.reset()
     model = fresh_model(small())
     x, y = batch(512, 4, 96)  # 3 windows long: the sliding mask is in the graph
     eager_loss, eager_grads = loss_and_grads(model, x, y, dtype)

@@ -89,7 +89,6 @@ def test_compiled_chunked_loss_takes_the_fusible_form_with_the_same_result(backe
     def head(hh, ww, t):
         return cross_entropy_from_hidden(hh, ww, t, chunk_size=64, vocab_size=700)
 
-    torch._dynamo.reset()
     eager = loss_and_grads(head)
 
     def in_place(*args):

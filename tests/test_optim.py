@@ -157,13 +157,10 @@ def muon(params, backend: str) -> MuonAdamW:
 @pytest.fixture
 def traced_muon(monkeypatch):
     """The "compiled" backend traced by aot_eager (dynamo and AOT autograd as inductor gets the graph, without
-    its C++ code generation); a fresh dynamo cache before and after, so graphs are counted from zero."""
+    its C++ code generation). Graphs are counted from zero: conftest empties dynamo's cache after each test."""
     import tinygemma.optim as optim
 
-    torch._dynamo.reset()
     monkeypatch.setattr(optim, "MUON_COMPILER", "aot_eager")
-    yield
-    torch._dynamo.reset()
 
 
 def test_compiled_backend_compiles_once_per_shape_group_whatever_the_learning_rate(traced_muon):
@@ -291,7 +288,6 @@ def test_compiled_backend_on_cuda_matches_bfloat16_and_never_waits_for_the_gpu()
     raises on one), so a trainer that does not wait each step keeps the GPU fed."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     base = Gemma3(ModelConfig.preset("gemma3-270m-gpt2"))
     names = muon_parameters(base)
@@ -321,7 +317,6 @@ def test_compiled_backend_on_cuda_matches_bfloat16_and_never_waits_for_the_gpu()
     moved = torch.cat([(b - p0).flatten() for b, p0 in zip(reference, start)]).norm()
     differ = torch.cat([(a - b).flatten() for a, b in zip(params, reference)]).norm()
     assert differ < 3e-2 * moved  # inductor keeps some bf16 intermediates in float32 (1.3% on a CPU)
-    torch._dynamo.reset()
 
 
 def test_adamw_part_matches_torch_adamw():

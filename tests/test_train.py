@@ -1198,7 +1198,6 @@ def count_graphs(monkeypatch, compiled_class) -> tuple[list, dict]:
     monkeypatch.setattr(compiled_class, "compile", lambda self, **kw: nn.Module.compile(self, backend=counting_backend))
     monkeypatch.setattr(train_module.Trainer, "step", step)
     monkeypatch.setattr(train_module.Trainer, "churn", False, raising=False)
-    torch._dynamo.reset()  # no graph of an earlier test's model may serve this one's
     return graphs, after_step
 
 

@@ -1234,16 +1234,19 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
 def test_a_regionally_compiled_run_trains_the_eager_runs_losses_with_a_few_graphs(data_dir, tmp_path, monkeypatch,
                                                                                   capsys):
     """compile = regional: each layer compiled on its own. Its graphs are made by step 0's evaluation and the
-    first step, at most one per kind of layer and grad mode, and never again; the losses are the eager run's;
-    the first log line says what compiles."""
+    first step, at most one per kind of layer and grad mode, and never again (the samples at step 3 decode
+    eagerly: the compiled layers would trace their shapes too); the losses are the eager run's; the first log
+    line says what compiles."""
     from tinygemma.model import Block
 
     graphs, after_step = count_graphs(monkeypatch, Block)
     settings = ["batch_size=6", "micro_batch_size=3", "max_steps=6", "log_interval=3", "eval_interval=3",
-                "checkpoint_interval=3", "eval_batches=1"]
+                "checkpoint_interval=3", "eval_batches=1", "sample_interval=3", "generate.max_new_tokens=4",
+                'generate.prompts=["Once upon a time", "Tom had a big red"]']
     train(load_recipe(None, tiny_settings(data_dir, tmp_path / "regional", "compile=regional", *settings)))
     torch._dynamo.reset()
     assert 2 <= after_step[1] <= 4 and set(after_step.values()) == {after_step[1]}, graphs
+    assert [r["step"] for r in metrics(tmp_path / "regional") if "samples" in r] == [3, 6]
     first = capsys.readouterr().out.splitlines()[0]
     assert first.endswith("; torch.compile: the first step compiles each layer (regional)")
     run(data_dir, tmp_path / "eager", *settings)

@@ -700,14 +700,16 @@ class Trainer:
     def sample(self, step: int) -> None:
         """[generate]'s prompts continued by the model at `step` (process 0), prompt i from seed + i as `run`'s
         samples, printed and kept in metrics.jsonl. Their own generators leave the training's random state as it
-        was; the decoding's time is outside the steps' rate."""
+        was; the decoding's time is outside the steps' rate. Decoded eagerly: under compile = regional the
+        layers' compiled code would otherwise trace the decoding's shapes too (new graphs at the first sample,
+        minutes of inductor on a GPU for a few stories), as the whole model's compiled forward never sees them."""
         if not self.rt.is_main:
             return
         g, tokenizer = self.generate, self.data.tokenizer()
         if not g.prompts:  # (generate.prompts= : none)
             return
         try:
-            with self.rt.autocast():
+            with self.rt.autocast(), torch.compiler.set_stance("force_eager"):
                 texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, seed=g.seed + i,
                                                 cuda_graph=False, **g.sampling())[0][0]
                          for i, prompt in enumerate(g.prompts)]

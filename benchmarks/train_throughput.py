@@ -15,9 +15,10 @@ Contenders, all on the same device, from the same initial weights, on the same b
                       adds coordinate-descent tuning, +tuned's): Triton templates timed against cuBLAS for each
                       product, and flex_attention's kernels' block sizes timed at this head size (issue 19's
                       lever at block 1024); minutes more of compiling
-  NAME+regional       each decoder layer compiled on its own (`layer.compile()`, as torchtitan and our FSDP2 path
-                      do), the embedding and loss head left eager: layers alike share one compiled graph, so it
-                      compiles in a fraction of the time; whether the steady step loses speed is what to measure
+  NAME+regional       each decoder layer compiled on its own (as the trainer's `compile = regional`, torchtitan
+                      and our FSDP2 path do), the embedding and loss head left eager: layers alike share one
+                      compiled graph, so it compiles in a fraction of the time; whether the steady step loses
+                      speed is what to measure
   workshop            the workshop notebook's model style (benchmarks/workshop_model.py): manual attention with
                       repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
                       workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps;
@@ -178,13 +179,13 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
 
 def compiled_model(model: nn.Module, layers: nn.ModuleList, suffix: str, options: dict | None) -> nn.Module:
     """What a contender calls: `model` itself (eager, or with each of `layers` compiled in place under
-    +regional), or `model` through torch.compile with `options`."""
+    +regional), or `model` through torch.compile with `options`, with static shapes as the trainer compiles."""
     if options is None:
         return model
     if suffix == "+regional":
         compile_layers(layers)  # as the trainer's compile = regional
         return model
-    return torch.compile(model, options=options or None)
+    return torch.compile(model, dynamic=False, options=options or None)
 
 
 def warm_compiler(device: torch.device) -> None:

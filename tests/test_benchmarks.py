@@ -107,11 +107,11 @@ def test_a_compiled_contender_is_compared_with_compiled_transformers():
 def test_issue_19s_lever_contenders(monkeypatch):
     """tinygemma-bf16stream is tinygemma with a bfloat16 residual stream; NAME+tuned compiles with inductor's
     coordinate-descent tuning, NAME+autotune with max_autotune, NAME+compile without options, NAME+regional each
-    layer on its own; each labelled so."""
+    layer on its own; each labelled so, and each with static shapes, as the trainer compiles."""
     train_throughput = load_script("train_throughput")
     compiled = []
-    monkeypatch.setattr(train_throughput.torch, "compile",
-                        lambda fn, options=None: compiled.append((type(fn).__name__, options)) or fn)
+    monkeypatch.setattr(train_throughput.torch, "compile", lambda fn, options=None, dynamic=None: compiled.append(
+        (type(fn).__name__, options, dynamic)) or fn)
     names = ["tinygemma", "tinygemma-bf16stream+tuned", "tinygemma+compile", "transformers+autotune",
              "tinygemma+regional"]
     contenders = train_throughput.build_contenders(names, ModelConfig.preset("gemma3-tiny"), torch.bfloat16,
@@ -121,8 +121,8 @@ def test_issue_19s_lever_contenders(monkeypatch):
                                             "tinygemma (compile, regional)"]
     assert [c.model.residual_dtype for c in contenders[:3]] == [None, torch.bfloat16, None]
     layers = contenders[-1].model.layers  # compiled in place, each on its own (Module.compile), the model not
-    assert compiled == [("Gemma3", {"coordinate_descent_tuning": True}), ("Gemma3", None),
-                        ("Gemma3ForCausalLM", {"max_autotune": True})] + [("method", None)] * len(layers)
+    assert compiled == [("Gemma3", {"coordinate_descent_tuning": True}, False), ("Gemma3", None, False),
+                        ("Gemma3ForCausalLM", {"max_autotune": True}, False)] + [("method", None, False)] * len(layers)
     assert all(layer._compiled_call_impl is not None for layer in layers)
     both = train_throughput.build_contenders(["tinygemma", "tinygemma-bf16stream"], ModelConfig.preset("gemma3-tiny"),
                                              torch.bfloat16, torch.device("cpu"), True, 0)  # --compile
@@ -135,7 +135,7 @@ def test_the_compiler_starts_before_any_contender_is_timed(monkeypatch, contende
     the first compiled contender's first step would carry it), and not at all where none does."""
     train_throughput = load_script("train_throughput")
     events = []
-    monkeypatch.setattr(train_throughput.torch, "compile", lambda fn, options=None: fn)  # (eager: quick)
+    monkeypatch.setattr(train_throughput.torch, "compile", lambda fn, **options: fn)  # (eager: quick)
     monkeypatch.setattr(train_throughput, "warm_compiler", lambda device: events.append("warm"))
     step = train_throughput.Contender.step
     monkeypatch.setattr(train_throughput.Contender, "step", lambda self, *a: events.append("step") or step(self, *a))

@@ -1174,10 +1174,11 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
 
 
 def count_graphs(monkeypatch, compiled_class) -> tuple[list, dict]:
-    """Modules of `compiled_class` (Gemma3 under compile=true, Block under regional) compiled by a backend that
-    counts dynamo's graphs and runs them eagerly (where a GPU's is inductor): (graphs, after_step), the graphs'
-    sizes and how many there were at each step's end. A Trainer whose `churn` is set changes a value the graph
-    depends on every step: the control that shows a recompiling run would be seen."""
+    """Modules of `compiled_class` (Gemma3 under compile=true, Block under regional) compiled, with the trainer's
+    options, by a backend that counts dynamo's graphs and runs them eagerly (where a GPU's is inductor):
+    (graphs, after_step), the graphs' (nodes, symbolic sizes among their inputs) and how many there were at each
+    step's end. A Trainer whose `churn` is set changes a value the graph depends on every step: the control that
+    shows a recompiling run would be seen."""
     import torch.nn as nn
 
     import tinygemma.train as train_module
@@ -1185,7 +1186,7 @@ def count_graphs(monkeypatch, compiled_class) -> tuple[list, dict]:
     graphs, after_step, real_step = [], {}, train_module.Trainer.step
 
     def counting_backend(gm, example_inputs):
-        graphs.append(len(gm.graph.nodes))
+        graphs.append((len(gm.graph.nodes), sum(isinstance(x, torch.SymInt) for x in example_inputs)))
         return gm.forward
 
     def step(self, step):
@@ -1195,7 +1196,8 @@ def count_graphs(monkeypatch, compiled_class) -> tuple[list, dict]:
         after_step[step + 1] = len(graphs)
         return record
 
-    monkeypatch.setattr(compiled_class, "compile", lambda self, **kw: nn.Module.compile(self, backend=counting_backend))
+    monkeypatch.setattr(compiled_class, "compile",
+                        lambda self, **kw: nn.Module.compile(self, **kw, backend=counting_backend))
     monkeypatch.setattr(train_module.Trainer, "step", step)
     monkeypatch.setattr(train_module.Trainer, "churn", False, raising=False)
     return graphs, after_step
@@ -1229,6 +1231,24 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
     run(data_dir, tmp_path / "churned", *settings)
     torch._dynamo.reset()
     assert after_step[9] > after_step[4] > after_step[1]
+
+
+@pytest.mark.parametrize("compile_", ["true", "regional"])
+def test_a_second_compiled_run_in_a_process_at_other_shapes_compiles_static_graphs(data_dir, tmp_path, monkeypatch,
+                                                                                   compile_):
+    """Dynamo remembers the shapes it compiled in a process: a notebook's second run at another block size would
+    otherwise be compiled with symbolic sizes (a slower graph on a GPU, said nowhere). Each run's graphs have
+    static shapes; the second run's are new graphs, not the first's."""
+    from tinygemma.model import Block, Gemma3
+
+    graphs, _ = count_graphs(monkeypatch, Gemma3 if compile_ == "true" else Block)
+    made = []
+    for i, block_size in enumerate((32, 24)):
+        run(data_dir, tmp_path / f"run{i}", f"compile={compile_}", f"block_size={block_size}", "batch_size=6",
+            "micro_batch_size=3", "max_steps=2", "warmup_steps=1", "eval_interval=2", "eval_batches=1",
+            "checkpoint_interval=0")
+        made.append(len(graphs) - sum(made))
+    assert made[0] >= 2 and made[1] == made[0] and all(symbolic == 0 for _, symbolic in graphs), graphs
 
 
 def test_a_regionally_compiled_run_trains_the_eager_runs_losses_with_a_few_graphs(data_dir, tmp_path, monkeypatch,

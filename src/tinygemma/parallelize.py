@@ -65,6 +65,14 @@ def compiles(cfg: TrainConfig, rt: Runtime) -> bool:
     return cfg.compile in ("true", "regional") or (cfg.compile == "auto" and rt.is_cuda)
 
 
+def compile_in_place(module: torch.nn.Module) -> None:
+    """torch.compile of `module` in place, with static shapes. Dynamo otherwise remembers, per code object, the
+    shapes it has compiled in this process, and compiles a later model's other shapes (a notebook's second run
+    at another block or micro-batch size) as symbolic sizes: a slower graph, said nowhere. A run's passes all
+    have one shape, so within a run this changes nothing."""
+    module.compile(dynamic=False)
+
+
 def compile_layers(layers) -> None:
     """`compile = regional`: each decoder layer of `layers` (a model's ModuleList; benchmarks/train_throughput.py
     gives transformers' too) compiled on its own, in place (the embedding and the loss head stay eager), as
@@ -72,7 +80,7 @@ def compile_layers(layers) -> None:
     global), so the first step compiles in a fraction of the whole model's time (BENCHMARKS.md, the GPU plan,
     measured on a CPU). What it costs a GPU's step is not measured yet."""
     for block in layers:
-        block.compile()
+        compile_in_place(block)
 
 
 def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
@@ -96,10 +104,10 @@ def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
         if compile_:
             # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
             # buckets, so their all-reduces overlap the rest of backward.
-            ddp.compile()
+            compile_in_place(ddp)
         return ddp
     if compile_:
-        raw.compile()  # in place, so parameter names stay those of the model
+        compile_in_place(raw)  # in place, so parameter names stay those of the model
     return raw
 
 
@@ -183,7 +191,7 @@ def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool) -> None:
     kwargs = fsdp_options(rt.dtype)
     for block in raw.layers:
         if compile_:
-            block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
+            compile_in_place(block)  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(raw, mesh=mesh, **kwargs)
 

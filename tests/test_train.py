@@ -1233,6 +1233,31 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
     assert after_step[9] > after_step[4] > after_step[1]
 
 
+def test_a_compiled_run_trained_in_chunks_in_one_process_compiles_once_and_lets_each_chunks_model_go(
+        data_dir, tmp_path, monkeypatch):
+    """The notebook trains in chunks, a train() call each in one Python process: the first chunk's graphs serve
+    the later chunks (dynamo keeps them; the model's weights are the graph's inputs), and each chunk's model,
+    with its weights, is freed when its train() returns (on a GPU, a model kept per chunk would fill it)."""
+    import gc
+    import weakref
+
+    from tinygemma.model import Gemma3
+
+    graphs, _ = count_graphs(monkeypatch, Gemma3)
+    models, counted = [], Gemma3.compile
+    monkeypatch.setattr(Gemma3, "compile", lambda self, **kw: models.append(weakref.ref(self)) or counted(self, **kw))
+    recipe = load_recipe(None, tiny_settings(data_dir, tmp_path / "run", "compile=true", "batch_size=6",
+                                             "micro_batch_size=3", "max_steps=6", "warmup_steps=1", "eval_interval=2",
+                                             "eval_batches=1", "checkpoint_interval=2"))
+    made = []
+    for stop_at in (2, 4, 6):
+        train(recipe, resume=True, stop_at=stop_at, quiet=True)
+        gc.collect()
+        made.append(len(graphs))
+        assert len(models) == stop_at // 2 and all(model() is None for model in models)
+    assert made == [2, 2, 2], graphs  # evaluation's graph and training's, in the first chunk alone
+
+
 @pytest.mark.parametrize("compile_", ["true", "regional"])
 def test_a_second_compiled_run_in_a_process_at_other_shapes_compiles_static_graphs(data_dir, tmp_path, monkeypatch,
                                                                                    compile_):

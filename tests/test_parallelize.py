@@ -529,7 +529,7 @@ def test_distributed_fsdp_under_torchrun_shards_the_model_in_place_whatever_it_c
     gradients and the optimizer's state, which is what fsdp is chosen to avoid."""
     sharded = []
     monkeypatch.setattr(parallelize, "apply_fsdp",
-                        lambda raw, rt, compile_: sharded.append((raw, rt.world_size, compile_)))
+                        lambda raw, rt, compile_, key: sharded.append((raw, rt.world_size, compile_)))
     raw, rt = Gemma3(tiny()), Runtime(torch.device("cpu"), torch.float32, world_size=2)
     for setting, compiled in (("false", False), ("true", True), ("regional", True)):
         assert parallelize.wrap_model(raw, cfg_with(compile=setting, distributed="fsdp"), rt) is raw
@@ -628,3 +628,27 @@ def test_ddp_on_a_gpu_is_given_the_process_device(monkeypatch):
     parallelize.wrap_model(raw, cfg_with(compile="false"), Runtime(torch.device("cuda", 1), torch.bfloat16, world_size=2))
     parallelize.wrap_model(raw, cfg_with(compile="false"), Runtime(torch.device("cpu"), torch.float32, world_size=2))
     assert made == [([1], False), (None, False)]
+
+
+def test_compiled_layers_keep_activation_checkpointing(monkeypatch):
+    """compile = regional puts each block's forward on a code object of its own (compile_in_place): under
+    activation checkpointing that forward is the checkpointing wrapper set on the block, so the compiled
+    graphs still checkpoint (a control without it: none does)."""
+    import torch.nn as nn
+
+    from tinygemma.model import Block
+
+    ops = set()
+
+    def backend(gm, example_inputs):
+        ops.update(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    monkeypatch.setattr(Block, "compile", lambda self, **kw: nn.Module.compile(self, **kw, backend=backend))
+    x = torch.randint(0, 500, (1, 33))
+    for checkpointing in ("true", "false"):
+        ops.clear()
+        raw, model = build_model(tiny(), cfg_with(compile="regional", activation_checkpointing=checkpointing,
+                                                  block_size=32), CPU, None)
+        model(x[:, :-1], x[:, 1:]).backward()
+        assert any("checkpoint" in op for op in ops) == (checkpointing == "true"), sorted(ops)

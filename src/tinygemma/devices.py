@@ -148,10 +148,17 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def function_copy(fn, code: types.CodeType | None = None):
+    """`fn` on a copy of its code object, or on `code` (one made from it): dynamo keeps a function's graphs with
+    its code object, so the copy's are its own."""
+    copy = types.FunctionType(code or fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
 def compiled_copy(fn, **options):
     """torch.compile of a copy of `fn` with a code object of its own. Dynamo keeps a function's graphs with its code
     object, at most 8 (one per shape): compiled once for the whole process, a function used by several models (a
     notebook's sweep) runs out of them, and past them runs uncompiled (or raises, under fullgraph=True)."""
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    return torch.compile(copy, **options)
+    return torch.compile(function_copy(fn), **options)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 
 import torch
 import torch.nn.functional as F
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig, TrainConfig
+from tinygemma.devices import function_copy
 from tinygemma.errors import UserError
 from tinygemma.loss import LOSS_CHUNK_SIZE
 from tinygemma.model import (
@@ -65,32 +67,44 @@ def compiles(cfg: TrainConfig, rt: Runtime) -> bool:
     return cfg.compile in ("true", "regional") or (cfg.compile == "auto" and rt.is_cuda)
 
 
-def compile_in_place(module: torch.nn.Module) -> None:
-    """torch.compile of `module` in place, with static shapes. Dynamo otherwise remembers, per code object, the
-    shapes it has compiled in this process, and compiles a later model's other shapes (a notebook's second run
-    at another block or micro-batch size) as symbolic sizes: a slower graph, said nowhere. A run's passes all
-    have one shape, so within a run this changes nothing."""
+# The compiled modules' forward code, copied once per (code object, graph key): see compile_in_place.
+_FORWARD_CODES: dict[tuple, types.CodeType] = {}
+
+
+def compile_in_place(module: torch.nn.Module, key: tuple = ()) -> None:
+    """torch.compile of `module` in place, with static shapes (a run's passes all have one), its forward on a copy
+    of its code made for `key`, what the graphs depend on besides the weights (wrap_model's). Dynamo keeps graphs
+    with a code object, at most 8, past which it runs the code uncompiled, and compiles a code object it has seen
+    at other shapes with symbolic sizes. So in one Python process (a notebook's) runs that differ in `key` each
+    get static graphs of their own, however many, and runs alike (a notebook's chunks of one run) share them."""
+    forward = module.forward
+    func = getattr(forward, "__func__", forward)  # a method, or a function set on it (activation checkpointing's)
+    copy = function_copy(func, _FORWARD_CODES.setdefault((func.__code__, key), func.__code__.replace()))
+    module.forward = types.MethodType(copy, forward.__self__) if func is not forward else copy
     module.compile(dynamic=False)
 
 
-def compile_layers(layers) -> None:
+def compile_layers(layers, key: tuple = ()) -> None:
     """`compile = regional`: each decoder layer of `layers` (a model's ModuleList; benchmarks/train_throughput.py
     gives transformers' too) compiled on its own, in place (the embedding and the loss head stay eager), as
     torchtitan compiles. The layers alike share one graph (one for the sliding layers, one for the
     global), so the first step compiles in a fraction of the whole model's time (BENCHMARKS.md, the GPU plan,
     measured on a CPU). What it costs a GPU's step is not measured yet."""
     for block in layers:
-        compile_in_place(block)
+        compile_in_place(block, key)
 
 
 def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
     """What the loop calls: `raw` compiled (in place), or wrapped by DDP, or sharded by FSDP2 (in place)."""
     compile_ = compiles(cfg, rt)
+    # What the compiled graphs depend on besides the weights: the model, the passes' shape, the traced choices.
+    key = (repr(raw.config), cfg.batch_size, cfg.micro_batch_size, cfg.block_size, cfg.dtype, cfg.attention_backend,
+           cfg.loss_head, cfg.activation_checkpointing, rt.world_size)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
-        apply_fsdp(raw, rt, compile_)  # (compiled a block at a time, whether true or regional)
+        apply_fsdp(raw, rt, compile_, key)  # (compiled a block at a time, whether true or regional)
         return raw
     if compile_ and cfg.compile == "regional":
-        compile_layers(raw.layers)
+        compile_layers(raw.layers, key)
         compile_ = False  # nothing more to compile: DDP then wraps the model with its layers compiled
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -104,10 +118,10 @@ def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
         if compile_:
             # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
             # buckets, so their all-reduces overlap the rest of backward.
-            compile_in_place(ddp)
+            compile_in_place(ddp, key)
         return ddp
     if compile_:
-        compile_in_place(raw)  # in place, so parameter names stay those of the model
+        compile_in_place(raw, key)  # in place, so parameter names stay those of the model
     return raw
 
 
@@ -178,7 +192,7 @@ def probe_micro_batch_size(raw: Gemma3, cfg: TrainConfig, rt: Runtime, sizes: li
     return int(size)
 
 
-def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool) -> None:
+def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool, key: tuple = ()) -> None:
     """FSDP2: each block, then the rest (embedding, tied head, final norm), sharded over the processes. Under
     autocast the weights are gathered in its dtype, not float32, and gradients reduced in float32."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -191,7 +205,7 @@ def apply_fsdp(raw: Gemma3, rt: Runtime, compile_: bool) -> None:
     kwargs = fsdp_options(rt.dtype)
     for block in raw.layers:
         if compile_:
-            compile_in_place(block)  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
+            compile_in_place(block, key)  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(raw, mesh=mesh, **kwargs)
 

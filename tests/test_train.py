@@ -1229,7 +1229,6 @@ def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(d
     monkeypatch.setattr(train_module.Trainer, "churn", True, raising=False)
     torch._dynamo.reset()
     run(data_dir, tmp_path / "churned", *settings)
-    torch._dynamo.reset()
     assert after_step[9] > after_step[4] > after_step[1]
 
 
@@ -1289,7 +1288,6 @@ def test_a_regionally_compiled_run_trains_the_eager_runs_losses_with_a_few_graph
                 "checkpoint_interval=3", "eval_batches=1", "sample_interval=3", "generate.max_new_tokens=4",
                 'generate.prompts=["Once upon a time", "Tom had a big red"]']
     train(load_recipe(None, tiny_settings(data_dir, tmp_path / "regional", "compile=regional", *settings)))
-    torch._dynamo.reset()
     assert 2 <= after_step[1] <= 4 and set(after_step.values()) == {after_step[1]}, graphs
     assert [r["step"] for r in metrics(tmp_path / "regional") if "samples" in r] == [3, 6]
     first = capsys.readouterr().out.splitlines()[0]

@@ -117,8 +117,9 @@ def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
                                       **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
         if compile_:
             # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
-            # buckets, so their all-reduces overlap the rest of backward.
-            compile_in_place(ddp, key)
+            # buckets, so their all-reduces overlap the rest of backward. (No key: dynamo starts tracing inside
+            # DDP's forward, at the model's, and a torchrun process trains one run.)
+            compile_in_place(ddp)
         return ddp
     if compile_:
         compile_in_place(raw, key)  # in place, so parameter names stay those of the model

@@ -701,8 +701,8 @@ class Trainer:
         """[generate]'s prompts continued by the model at `step` (process 0), prompt i from seed + i as `run`'s
         samples, printed and kept in metrics.jsonl. Their own generators leave the training's random state as it
         was; the decoding's time is outside the steps' rate. Decoded eagerly: under compile = regional the
-        layers' compiled code would otherwise trace the decoding's shapes too (new graphs at the first sample,
-        minutes of inductor on a GPU for a few stories), as the whole model's compiled forward never sees them."""
+        layers' compiled code would otherwise trace the decoding's shapes too (new graphs, compiled at the first
+        sample, for a few stories), as the whole model's compiled forward never sees them."""
         if not self.rt.is_main:
             return
         g, tokenizer = self.generate, self.data.tokenizer()

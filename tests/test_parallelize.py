@@ -652,3 +652,18 @@ def test_compiled_layers_keep_activation_checkpointing(monkeypatch):
                                                   block_size=32), CPU, None)
         model(x[:, :-1], x[:, 1:]).backward()
         assert any("checkpoint" in op for op in ops) == (checkpointing == "true"), sorted(ops)
+
+
+def test_compiled_runs_share_a_forward_code_object_when_their_graphs_would_be_alike():
+    """compile_in_place's key: the runs of one process whose passes differ in size (the trainer's micro-batch,
+    after its probe, not the recipe's `auto`) or in block size each get a forward code object of their own; runs
+    alike, and the chunks of one run, share one (so they share dynamo's graphs)."""
+    def forward_code(micro_batch_size, **fields):
+        raw = Gemma3(tiny())
+        parallelize.wrap_model(raw, cfg_with(compile="true", **fields), CPU, micro_batch_size)
+        assert raw._compiled_call_impl is not None and raw.forward.__self__ is raw
+        return raw.forward.__func__.__code__
+
+    first = forward_code(2, block_size=32)
+    assert forward_code(2, block_size=32) is first and first is not Gemma3.forward.__code__
+    assert forward_code(4, block_size=32) is not first and forward_code(2, block_size=16) is not first

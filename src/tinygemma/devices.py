@@ -149,11 +149,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def function_copy(fn, code: types.CodeType | None = None):
-    """`fn` on a copy of its code object, or on `code` (one made from it): dynamo keeps a function's graphs with
-    its code object, so the copy's are its own."""
+    """`fn` on a copy of its code object, or on `code` (one made from it), with its attributes (a decorator's
+    `__wrapped__`, dynamo's markers): dynamo keeps a function's graphs with its code object, so the copy's are its
+    own."""
     copy = types.FunctionType(code or fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                               fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    copy.__dict__.update(fn.__dict__)
     return copy
 
 

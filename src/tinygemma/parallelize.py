@@ -79,7 +79,9 @@ def compile_in_place(module: torch.nn.Module, key: tuple = ()) -> None:
     get static graphs of their own, however many, and runs alike (a notebook's chunks of one run) share them."""
     forward = module.forward
     func = getattr(forward, "__func__", forward)  # a method, or a function set on it (activation checkpointing's)
-    copy = function_copy(func, _FORWARD_CODES.setdefault((func.__code__, key), func.__code__.replace()))
+    # (Keyed by file too: code objects alike in all but their file compare equal.)
+    code = _FORWARD_CODES.setdefault((func.__code__, func.__code__.co_filename, key), func.__code__.replace())
+    copy = function_copy(func, code)
     module.forward = types.MethodType(copy, forward.__self__) if func is not forward else copy
     module.compile(dynamic=False)
 
@@ -94,12 +96,13 @@ def compile_layers(layers, key: tuple = ()) -> None:
         compile_in_place(block, key)
 
 
-def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime):
-    """What the loop calls: `raw` compiled (in place), or wrapped by DDP, or sharded by FSDP2 (in place)."""
+def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime, micro_batch_size: int | None = None):
+    """What the loop calls: `raw` compiled (in place), or wrapped by DDP, or sharded by FSDP2 (in place).
+    `micro_batch_size`: the passes' size where known (the trainer's, after its probe), for compile_in_place's key."""
     compile_ = compiles(cfg, rt)
     # What the compiled graphs depend on besides the weights: the model, the passes' shape, the traced choices.
-    key = (repr(raw.config), cfg.batch_size, cfg.micro_batch_size, cfg.block_size, cfg.dtype, cfg.attention_backend,
-           cfg.loss_head, cfg.activation_checkpointing, rt.world_size)
+    key = (repr(raw.config), micro_batch_size or cfg.micro_batch_size, cfg.block_size, cfg.dtype,
+           cfg.attention_backend, cfg.loss_head, cfg.activation_checkpointing, str(rt.device), rt.world_size)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
         apply_fsdp(raw, rt, compile_, key)  # (compiled a block at a time, whether true or regional)
         return raw

@@ -357,7 +357,7 @@ class Trainer:
         if self.micro_batch_size is None:  # auto on CUDA: the largest that fits, before compiling
             sizes = micro_batch_sizes(process_share(cfg, rt.world_size))
             self.micro_batch_size = probe_micro_batch_size(self.raw, cfg, rt, sizes)
-        self.model = wrap_model(self.raw, cfg, rt)
+        self.model = wrap_model(self.raw, cfg, rt, self.micro_batch_size)
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
         self.scaler = grad_scaler(rt, self.fsdp)
         self.attention = choose_attention_backend(cfg, self.model_config, rt)  # (backend, why), for the log

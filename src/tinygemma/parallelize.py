@@ -120,9 +120,10 @@ def wrap_model(raw: Gemma3, cfg: TrainConfig, rt: Runtime, micro_batch_size: int
                                       **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
         if compile_:
             # Compiled around DDP, as torchtitan orders it: DDP's graph optimizer splits the graph at its gradient
-            # buckets, so their all-reduces overlap the rest of backward. (No key: dynamo starts tracing inside
-            # DDP's forward, at the model's, and a torchrun process trains one run.)
-            compile_in_place(ddp)
+            # buckets, so their all-reduces overlap the rest of backward. Not compile_in_place: dynamo starts
+            # tracing inside DDP's forward, at the model's, so a copy of DDP's would key nothing (and a torchrun
+            # process trains one run).
+            ddp.compile(dynamic=False)
         return ddp
     if compile_:
         compile_in_place(raw, key)  # in place, so parameter names stay those of the model

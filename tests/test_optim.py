@@ -122,10 +122,13 @@ def test_batched_iteration_equals_one_matrix_at_a_time():
     batched = [None] * len(updates)
     for indices, done in groups:
         assert done.dtype == torch.float32 and done.shape == (len(indices), *updates[indices[0]].shape)
+        assert all(d.stride() == updates[i].stride() for d, i in zip(done, indices))
         for j, i in enumerate(indices):
             batched[i] = done[j]
     for indices, done in orthogonalize_groups(updates, torch.bfloat16):  # iterated in bf16, given back in float32
         assert done.dtype == torch.float32
+        # laid out as the matrices (tall ones too): the step's foreach add then stays one multi-tensor kernel
+        assert all(d.stride() == updates[i].stride() for d, i in zip(done, indices))
         assert torch.equal(done, orthogonalize(torch.stack([updates[i] for i in indices]), torch.bfloat16).float())
     mixed = [updates[0], updates[2].to(torch.bfloat16)]  # one shape, two dtypes: two groups, each its own dtype
     assert [(i, done.dtype) for i, done in orthogonalize_groups(mixed, torch.float32)] == [

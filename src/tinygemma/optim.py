@@ -260,10 +260,12 @@ def orthogonalize_groups(updates: list[torch.Tensor], dtype: torch.dtype):
     """(indices, results) for each shape group of `updates`: `orthogonalize` of each matrix in `dtype`, the
     matrices of one shape stacked into one batched iteration (a few large products instead of one small product
     per matrix: gemma3-tiny's are 128 wide, which threads use better), the results a stack in the updates' own
-    dtype, cast at once."""
+    dtype, cast at once, and laid out as the matrices are (a tall one's comes back transposed from the iteration:
+    a foreach add over parameters and results of unequal strides falls back to one kernel a matrix on a GPU)."""
     for indices in shape_groups(updates):
         done = orthogonalize(torch.stack([updates[i] for i in indices]), dtype)
-        yield indices, done.to(updates[indices[0]].dtype)
+        # (.contiguous(): a cast to the same dtype gives the stack back as it is, whatever memory_format asks)
+        yield indices, done.to(updates[indices[0]].dtype, memory_format=torch.contiguous_format).contiguous()
 
 
 def muon_lr_scale(shape: torch.Size) -> float:

@@ -650,6 +650,32 @@ def test_a_gpt2_checkpoint_whose_gpt2_cannot_be_read_takes_no_other_vocabulary_o
         checkpoint_tokenizer(tmp_path / "gpt2", str(other))
 
 
+def test_an_export_whose_tokenizer_json_is_gone_takes_only_its_own_tokenizer(checkpoint, tmp_path, capsys):
+    """An export records its tokenizer in its weights' header: with the export's tokenizer.json gone, a --tokenizer
+    of the same size but other words is refused, as for a run checkpoint whose file is gone; its own is taken,
+    and so is the same tokenizer written again (other bytes, the same ids); an export of the export keeps the
+    record."""
+    from tinygemma.checkpoint import checkpoint_tokenizer
+    from tinygemma.hf import TOKENIZER_KEY, exported_record
+
+    _, path = checkpoint
+    own, other, rewritten = tmp_path / "own.json", tmp_path / "other.json", tmp_path / "rewritten.json"
+    own.write_text(word_tokenizer("cat", "dog", "sun"), encoding="utf-8")
+    other.write_text(word_tokenizer("cat", "dog", "moon"), encoding="utf-8")  # 4 tokens too: other ids' text
+    rewritten.write_text(json.dumps(json.loads(own.read_text()), indent=1), encoding="utf-8")
+    out = export(path, tmp_path / "hf", tokenizer=str(own))
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="is not the tokenizer .* by its model.safetensors"):
+        checkpoint_tokenizer(out, str(other))
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(out), "--tokenizer", str(other), "--prompt", "cat"]) == 2
+    assert "is not the tokenizer" in capsys.readouterr().err
+    taken = [checkpoint_tokenizer(out, str(given)) for given in (own, rewritten)]  # neither refused
+    assert taken[0].sha256 != taken[1].sha256 and taken[0].identity == taken[1].identity
+    again = export(out, tmp_path / "again", tokenizer=str(own))
+    assert exported_record(again, TOKENIZER_KEY) == exported_record(out, TOKENIZER_KEY) != {}
+
+
 def test_a_tokenizer_spec_without_a_sha256_takes_a_given_tokenizer_of_its_size(checkpoint, tmp_path):
     """A tokenizer.json spec that records no sha256 (written by hand; tokenizer_from_spec accepts it), its file
     gone: --tokenizer of the recorded size is taken, not a KeyError."""

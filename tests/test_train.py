@@ -795,8 +795,11 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
     export = tmp_path / "hf"
     assert main(["export", "--ckpt", str(straight_run), "--out", str(export)]) == 0
     padded = tmp_path / "padded"
+    capsys.readouterr()
     run(data_dir, padded, "max_steps=4", f"init_from={export}", "model.vocab_pad_multiple=100", stop_at=2)  # 600 rows
     assert val_losses(padded)[0] == pytest.approx(val_losses(straight_run)[best], rel=1e-6)
+    # the export carries what decided its windows: the same warning as from its run
+    assert f"warning: train.init_from: its weights trained {best:,} steps on this data" in capsys.readouterr().err
     assert json.loads((padded / "config.json").read_text())["model"]["vocab_pad_multiple"] == 100
     capsys.readouterr()
     assert main(["train", "--out", str(padded), "--resume", "--set", f"init_from={straight_run}"]) == 2

@@ -54,7 +54,10 @@ from tinygemma.files import (
 )
 from tinygemma.hf import (
     NEEDS_LAYER_TYPES,
+    TOKENIZER_KEY,
+    TRAINED_KEY,
     exported_block_size,
+    exported_record,
     hf_config,
     is_hf_export,
     load_hf,
@@ -312,7 +315,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     hf_config(model.config)  # what transformers could not load is refused here, before any folder is made
     with staged_folder(out, EXPORT_FILES, "an export", check=lambda: check_export_out(out, src),
                        first="model.safetensors", last="config.json") as stage:
-        save_hf(model, stage, special, generation, block_size=trained_block_size(src))
+        records = {TOKENIZER_KEY: tokenizer_record(own), TRAINED_KEY: training_record(src)}
+        save_hf(model, stage, special, generation, block_size=trained_block_size(src), records=records)
         if own is not None and not copied:
             own.save_hf(stage)
         for name in copied:
@@ -323,6 +327,25 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     if model.config.layer_pattern is None:
         print(f"note: {NEEDS_LAYER_TYPES}", file=sys.stderr)
     return out
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What an export records of its tokenizer (hf.TOKENIZER_KEY): its spec, less the file's name, and its
+    identity (equal for a tokenizer.json that transformers wrote again: matches_spec); {} for none."""
+    if tokenizer is None:
+        return {}
+    return {**{key: value for key, value in tokenizer.spec().items() if key != "file"}, "identity": tokenizer.identity}
+
+
+def training_record(directory: Path) -> dict:
+    """What decided the windows a checkpoint's weights trained on: the step, the seed and the training tokens'
+    digest, from its trainer_state.json, or as a tinygemma export of a run records them (hf.TRAINED_KEY); {}
+    where neither says (another transformers model, a checkpoint written by hand)."""
+    saved = peek_json(directory / STATE_NAME)  # (none: a transformers folder, or unreadable)
+    if not isinstance(saved.get("data"), dict):
+        return exported_record(directory, TRAINED_KEY)
+    return {"step": saved.get("step"), "seed": saved["data"].get("seed"),
+            "train_blake2b": saved["data"].get("train_blake2b")}
 
 
 def _loads_tokenizer(directory: Path) -> bool:
@@ -351,6 +374,9 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
     refused where it has another vocabulary than the checkpoint's own: its ids would mean other text."""
     directory = resolve_checkpoint(ckpt)
     spec = read_checkpoint_meta(directory).get("tokenizer")
+    # A tinygemma export's record of its tokenizer: checked, as a run's spec is, only where its files are gone
+    recorded, where = (spec, "its checkpoint.json") if spec else (exported_record(directory, TOKENIZER_KEY),
+                                                                  "its model.safetensors")
     own = None
     try:
         if spec:
@@ -366,13 +392,14 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
                             "--tokenizer")
         return own
     given = load_tokenizer(tokenizer)
-    if own is None and spec and spec.get("vocab_size") not in (None, given.vocab_size):  # its file gone: the spec
+    if own is None and recorded and recorded.get("vocab_size") not in (None, given.vocab_size):  # its file gone
         raise UserError(f"--tokenizer {tokenizer} has {given.vocab_size:,} tokens, but {directory} was made with a "
-                        f"tokenizer of {spec['vocab_size']:,}: its token ids would mean other text")
-    if own is None and spec and not matches_spec(given, spec):  # the same size, but another vocabulary
-        recorded = "GPT-2's" if spec.get("kind") == "gpt2" else f"a tokenizer.json of sha256 {spec['sha256'][:12]}..."
+                        f"tokenizer of {recorded['vocab_size']:,}: its token ids would mean other text")
+    if own is None and recorded and not matches_spec(given, recorded):  # the same size, but another vocabulary
+        made = ("GPT-2's" if recorded.get("kind") == "gpt2"
+                else f"a tokenizer.json of sha256 {str(recorded.get('sha256'))[:12]}...")
         raise UserError(f"--tokenizer {tokenizer} ({given.identity}) is not the tokenizer {directory} was made "
-                        f"with ({recorded}, by its checkpoint.json): its token ids would mean other text")
+                        f"with ({made}, by {where}): its token ids would mean other text")
     if own is not None and given.identity != own.identity:
         raise UserError(f"--tokenizer {tokenizer} ({given.identity}) is not the tokenizer {directory} was made "
                         f"with ({own.identity}): its token ids would mean other text; leave --tokenizer out to "
@@ -384,9 +411,11 @@ def matches_spec(tokenizer, spec: dict) -> bool:
     """Whether `tokenizer` is the one a checkpoint's recorded spec names, where the spec's own file cannot be
     read: GPT-2 (tiktoken's, or a tokenizer.json of its vocabulary) for a gpt2 spec; for a tokenizer.json spec,
     the file of its sha256, or GPT-2's vocabulary where it holds GPT-2's number of tokens (a GPT-2 file written
-    another way)."""
+    another way); or, where the spec records it (an export's), the same identity (a file written again)."""
     if spec.get("kind") == "gpt2":
         return tokenizer.identity == "gpt2"
+    if spec.get("identity") and tokenizer.identity == spec["identity"]:
+        return True
     if not spec.get("sha256") or getattr(tokenizer, "sha256", None) == spec["sha256"]:
         return True
     return tokenizer.identity == "gpt2" and spec.get("vocab_size") == tokenizer.vocab_size

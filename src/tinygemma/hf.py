@@ -8,6 +8,7 @@ and such a directory can be uploaded to the hub.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -268,6 +269,11 @@ EXPORT_MARK = {"exporter": "tinygemma"}
 # Also in an export's header, where the checkpoint recorded it: the block size the model was trained at, which
 # `tinygemma eval` of the export then evaluates at by default, as it does the run itself.
 TRAINED_BLOCK_KEY = "train_block_size"
+# Records an export carries in its weights' header, as JSON: the tokenizer's spec (what its tokenizer.json was, so
+# that one given for it once the file is gone is checked as a run checkpoint's is) and what decided the windows its
+# weights trained on (so that train.init_from it warns as from its run: train.repeated_windows).
+TOKENIZER_KEY, TRAINED_KEY = "tokenizer", "trained"
+RECORD_KEYS = (TOKENIZER_KEY, TRAINED_KEY)
 
 
 def export_metadata(path: str | Path) -> dict:
@@ -298,6 +304,17 @@ def exported_block_size(path: str | Path) -> int | None:
     return number if (number := whole_number(value)) else None  # (0: none)
 
 
+def exported_record(path: str | Path, key: str) -> dict:
+    """One of the records (RECORD_KEYS) a tinygemma export of `path` carries in its weights' header (save_hf),
+    else {} (another transformers model, an export from before it was recorded, or an unreadable entry)."""
+    metadata = export_metadata(path)
+    try:
+        value = json.loads(metadata.get(key, "")) if _marked(metadata) else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def is_hf_export(path: str | Path) -> bool:
     """Whether `path` is a folder holding a transformers Gemma 3 text model as `save_hf` writes one: a config.json
     with model_type gemma3_text beside a model.safetensors. (A run's config.json is its recipe, with no
@@ -306,11 +323,13 @@ def is_hf_export(path: str | Path) -> bool:
     return (path / "model.safetensors").is_file() and peek_json(path / "config.json").get("model_type") == "gemma3_text"
 
 
-def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, block_size: int | None = None) -> None:
+def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, block_size: int | None = None,
+            records: dict | None = None) -> None:
     """config.json, generation_config.json and model.safetensors for `Gemma3ForCausalLM.from_pretrained`.
     `special` holds the bos/eos/pad token ids for config.json (end-of-text for all three in a TinyStories model:
     it has no other special token), `generation` generation_config.json's settings, `block_size` the training
-    block size (recorded in the weights' header as TRAINED_BLOCK_KEY, when known). The tokenizer's files are
+    block size (recorded in the weights' header as TRAINED_BLOCK_KEY, when known), `records` the RECORD_KEYS
+    entries known (as JSON in that header, which transformers ignores; exported_record). The tokenizer's files are
     the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is then
     still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
     out = Path(out)
@@ -319,7 +338,8 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, blo
                        pad_id=special.get("pad_token_id"), torch_dtype=dtype)  # may refuse: before any folder
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", config)
-    metadata = {"format": "pt", **EXPORT_MARK, **({TRAINED_BLOCK_KEY: str(block_size)} if block_size else {})}
+    metadata = {"format": "pt", **EXPORT_MARK, **({TRAINED_BLOCK_KEY: str(block_size)} if block_size else {}),
+                **{key: json.dumps(value, sort_keys=True) for key, value in (records or {}).items() if value}}
     atomic_save_safetensors(hf_state(model), out / "model.safetensors", metadata=metadata)
     atomic_write_json(out / "generation_config.json", generation)
 

@@ -63,6 +63,7 @@ from tinygemma.checkpoint import (
     save_checkpoint,
     set_rng_state,
     stored_model_config,
+    training_record,
 )
 from tinygemma.checkpoint import (
     load as load_checkpoint,
@@ -1189,9 +1190,8 @@ def restore_random_state(saved: tuple, rt) -> None:
 def repeated_windows(record: dict, cfg: TrainConfig, data) -> str | None:
     """The warning for train.init_from weights that trained on this data with this seed: windows are a pure
     function of (seed, step), so the new run's first steps draw the very windows its weights learned first."""
-    saved = peek_json(Path(record["dir"]) / STATE_NAME)  # (none: a transformers folder, or unreadable)
-    trained = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    step, digest = saved.get("step"), data.digest("train")
+    trained = training_record(Path(record["dir"]))
+    step, digest = trained.get("step"), data.digest("train")
     if not (is_integer(step) and step > 0 and trained.get("seed") == cfg.seed and digest
             and trained.get("train_blake2b") == digest):
         return None

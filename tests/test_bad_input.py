@@ -582,19 +582,29 @@ def test_a_gpt2_runs_export_goes_with_gpt2_data_and_the_given_tokenizer_if_it_is
 
 def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_path):
     """--tokenizer is what names the tokenizer where the checkpoint has none of its own (an export whose
-    tokenizer.json was left behind); without it, one line says to give one."""
+    tokenizer.json was left behind): the one its weights header records (GPT-2's here), or any where it records
+    none (an export from before it did, another transformers model); without it, one line says to give one."""
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     from tinygemma import UserError
     from tinygemma.checkpoint import checkpoint_tokenizer
+    from tinygemma.hf import TOKENIZER_KEY, export_metadata
 
     bare = tmp_path / "bare"
     shutil.copytree(world / "hf", bare)
     (bare / "tokenizer.json").unlink()
+    bpe = str(world / "bpe" / "tokenizer.json")
     assert checkpoint_tokenizer(bare, "gpt2").identity == "gpt2"
-    assert checkpoint_tokenizer(bare, str(world / "bpe" / "tokenizer.json")).identity.startswith("tokenizer.json:")
+    with pytest.raises(UserError, match="has 300 tokens, but .* was made with a tokenizer of 50,257"):
+        checkpoint_tokenizer(bare, bpe)
     with pytest.raises(UserError, match="name one with --tokenizer"):
         checkpoint_tokenizer(bare)
+    metadata = export_metadata(bare)
+    del metadata[TOKENIZER_KEY]
+    save_file(load_file(bare / "model.safetensors"), bare / "model.safetensors", metadata=metadata)
+    assert checkpoint_tokenizer(bare, bpe).identity.startswith("tokenizer.json:")
 
 
 @pytest.mark.parametrize("argv,words", [(["eval", "--ckpt", "x"], "required: --data"),

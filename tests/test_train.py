@@ -309,10 +309,11 @@ def test_python_resumes_a_run_from_its_saved_recipe(data_dir, tmp_path):
     assert not out.exists()
 
 
-def test_a_model_llama_cpp_cannot_run_is_said_as_training_starts(data_dir, tmp_path, capsys):
+def test_a_model_llama_cpp_or_transformers_cannot_run_is_said_as_training_starts(data_dir, tmp_path, capsys):
     """model.head_dim set without the query_pre_attn_scalar the preset pairs with it: the GGUF export refused the
     model only once it was trained. A new run now says so first, with the setting that keeps it exportable;
-    a model llama.cpp runs, and a resume, say nothing. The dry run warns as the start does."""
+    a model llama.cpp runs, and a resume, say nothing. The dry run warns as the start does. The same for a model
+    transformers refuses."""
     settings = ("model.query_pre_attn_scalar=32", "max_steps=4", "warmup_steps=1", "checkpoint_interval=2")
     recipe = load_recipe(None, tiny_settings(data_dir, tmp_path / "run", *settings))
     assert any("llama.cpp cannot run this model" in warning for warning in check_run(recipe)["warnings"])
@@ -322,6 +323,14 @@ def test_a_model_llama_cpp_cannot_run_is_said_as_training_starts(data_dir, tmp_p
     run(data_dir, tmp_path / "run", *settings, resume=True)
     run(data_dir, tmp_path / "fine", "max_steps=1", "warmup_steps=1")
     assert "llama.cpp" not in capsys.readouterr().err
+    # nor transformers: a d_model its heads do not divide (tinygemma's head_dim is free of it), said at the start
+    odd = ("model.d_model=60", "model.n_heads=7", "max_steps=1", "warmup_steps=1")
+    assert any("not a multiple of n_heads (7)" in warning
+               for warning in check_run(load_recipe(None, tiny_settings(data_dir, tmp_path / "odd", *odd)))["warnings"])
+    run(data_dir, tmp_path / "odd", *odd)
+    err = capsys.readouterr().err
+    assert "warning: model.d_model (60) is not a multiple of n_heads (7)" in err and "will refuse it" in err
+    assert main(["export", "--ckpt", str(tmp_path / "odd"), "--out", str(tmp_path / "odd_hf")]) == 2  # as it said
 
 
 def test_the_update_takes_the_clipped_gradient_and_the_log_the_norm_before(data_dir, tmp_path, monkeypatch):

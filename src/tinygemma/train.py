@@ -110,7 +110,7 @@ from tinygemma.files import (
 )
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
-from tinygemma.hf import is_hf_export
+from tinygemma.hf import hf_config, is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses, read_records
 from tinygemma.model import checked_state, model_state
 from tinygemma.optim import (
@@ -305,8 +305,8 @@ class Trainer:
         self.start_keep = keep if self.start < self.end else max(kept, keep)
         # (said by process 0 alone: the others need not each read the run's whole metrics.jsonl)
         older = check_logged_schedule(self.run_dir, saved_train, self.start) if env_rank() == 0 else None
-        unexportable = not_for_llama_cpp(self.model_config) if self.start == 0 else None
-        self.warnings = [warning for warning in (older, changed, unexportable) if warning]
+        unexportable = not_exportable(self.model_config) if self.start == 0 else []
+        self.warnings = [warning for warning in (older, changed, *unexportable) if warning]
         if self.start_keep < kept:
             self.warnings.append(f"keep_checkpoints {kept} -> {keep}: the run's checkpoints past the newest {keep} "
                                  "(and the best) are deleted now")
@@ -1049,15 +1049,22 @@ def check_logged_schedule(run_dir: Path, saved: dict | None, step: int) -> str |
             "uninterrupted run (resume it with the tinygemma that trained it for that)")
 
 
-def not_for_llama_cpp(config: ModelConfig) -> str | None:
-    """Said as a run starts (and by its dry run), not only by the GGUF export at its end: a model llama.cpp cannot
-    run (a head_dim set without the query_pre_attn_scalar the preset pairs with it, say)."""
+def not_exportable(config: ModelConfig) -> list[str]:
+    """Said as a run starts (and by its dry run), not only by an export at its end: a model transformers refuses
+    (hf_config's reasons: a d_model that n_heads does not divide, say), or one llama.cpp cannot run (a head_dim
+    set without the query_pre_attn_scalar the preset pairs with it)."""
+    try:
+        hf_config(config)
+        warnings = []
+    except UserError as e:
+        warnings = [f"{e}: `tinygemma export` will refuse it once it is trained"]
     why = llama_cpp_refusal(config)
-    if not why:
-        return None
-    fix = (f"; set model.query_pre_attn_scalar={attention_scale_dim(config)} for one it can"
-           if config.query_pre_attn_scalar != attention_scale_dim(config) else "")
-    return f"{why}, so `tinygemma export --format gguf` will refuse it (the transformers export takes it){fix}"
+    if why:
+        fix = (f"; set model.query_pre_attn_scalar={attention_scale_dim(config)} for one it can"
+               if config.query_pre_attn_scalar != attention_scale_dim(config) else "")
+        takes = "" if warnings else " (the transformers export takes it)"
+        warnings.append(f"{why}, so `tinygemma export --format gguf` will refuse it{takes}{fix}")
+    return warnings
 
 
 def check_shapes(cfg: TrainConfig, model_config: ModelConfig, data_dir: Path, train_tokens, val_tokens) -> None:

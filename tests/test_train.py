@@ -1335,6 +1335,13 @@ def test_resume_refuses_data_of_another_tokenizer_and_a_stop_at_below_one(data_d
     assert main(["train", "--out", str(out), "--resume", "--data", str(gpt2)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{gpt2} was prepared with tokenizer gpt2, but the run was trained with tokenizer.json:" in err, err
+    # The way out it names: its stories prepared again with the run's own tokenizer, then resumed exactly there
+    named = re.search(r"`tinygemma prepare --tokenizer (\S+)`", err).group(1)
+    again = tmp_path / "again"
+    prepare(again, sources=[stories_dir / "train.txt"], tokenizer=named, limit=600, val_fraction=0.1, workers=1,
+            progress=False)
+    copy = shutil.copytree(out, tmp_path / "copy")  # (this run is checked unchanged below)
+    assert main(["train", "--out", str(copy), "--resume", "--data", str(again)]) == 0 and last_step(copy) == 4
     with pytest.raises(tinygemma.UserError, match="--stop-at \\(stop_at\\) must be an optimizer step of 1 or more, got -3"):
         run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True, stop_at=-3)
     # From Python, arguments of the wrong type (a TypeError from min() before, or "yes" taken as True)

@@ -934,14 +934,16 @@ def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
     tokenizer (another data.dir, the folder prepared again with another limit) would change every window still to
     come and the validation set that best.json compares, so resume would no longer be exact. The token counts
     and the digests prepare recorded tell them apart (what was written before they were recorded is not checked)."""
-    trained = checkpoint_tokenizer(ckpt_dir).identity
-    now = data.tokenizer().identity
+    own = checkpoint_tokenizer(ckpt_dir)
+    trained, now = own.identity, data.tokenizer().identity
     before = (state.get("config") or {}).get("data", {}).get("dir")
     elsewhere = f" (on {before})" if before and Path(before) != data_dir else ""
     if trained != now:
+        name = "gpt2" if trained == "gpt2" else str(getattr(own, "path", None) or ckpt_dir / TOKENIZER_FILE)
         raise UserError(f"{data_dir} was prepared with tokenizer {now}, but the run was trained with {trained}"
-                        + elsewhere + "; resume it on data prepared with its own tokenizer, or start a new run with "
-                        "another --out (train.out)")
+                        + elsewhere + "; resume it on data prepared with its own tokenizer (its stories prepared "
+                        f"again into a new folder with `tinygemma prepare --tokenizer {name}`, then --data that "
+                        "folder), or start a new run with another --out (train.out)")
     saved = state.get("data") or {}
     counts = {split: len(data.split(split)) for split in ("train", "val")}
     moved = [f"{split} {saved[f'{split}_tokens']:,} -> {n:,} tokens" for split, n in counts.items()

@@ -1488,6 +1488,18 @@ def test_too_few_stories_to_set_validation_aside_says_how_to_fix_it(stories_dir,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+def test_a_bpe_is_not_trained_for_stories_that_leave_none_to_validate_on(stories_dir, tmp_path, monkeypatch):
+    """--tokenizer bpe on too few stories to set some aside: refused before the BPE is trained (minutes on the
+    whole corpus, thrown away), as an empty training corpus is."""
+    trained = []
+    monkeypatch.setattr(data, "train_bpe", lambda *args: trained.append(args))
+    for val_sources in (None, [write_txt(tmp_path / "empty.txt", [""])]):
+        with pytest.raises(UserError, match="no val stories"):
+            prepare(tmp_path / "out", sources=[stories_dir / "train.txt"], val_sources=val_sources, limit=5,
+                    tokenizer="bpe", vocab_size=300, workers=1, progress=False)
+    assert trained == [] and not (tmp_path / "out").exists()
+
+
 def test_val_source_and_val_fraction_together_are_refused(stories_dir, tmp_path, capsys):
     """Both given, the fraction was silently ignored: validation came from --val-source, and meta.json recorded no
     fraction, the user's --val-fraction 0.2 lost without a word."""

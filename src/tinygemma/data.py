@@ -669,6 +669,8 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
         first = next(stories, None)
         if first is None:  # said before a BPE of nothing is trained and warned of
             raise _no_stories("train", carve)
+        if next(split_stories["val"](), None) is None:  # nor one trained for stories leaving none to validate on
+            raise _no_stories("val", carve)
         tokenizer = train_bpe(itertools.chain([first], stories), vocab_size)
         if tokenizer.vocab_size < vocab_size:
             print(f"tinygemma: warning: the BPE has {tokenizer.vocab_size:,} tokens, not the {vocab_size:,} asked for: "

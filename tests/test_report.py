@@ -564,14 +564,19 @@ def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_p
     (["{run}", "{run}"], "is given twice"),
     (["{run}", "--plot", "{tmp}/plot.txt"], "give a .png file"),
     (["{run}", "--plot", "{tmp}/missing/plot.png"], "does not exist"),
-    (["{run}", "--plot", "{tmp}/notes.png"], "is not a PNG image"),
+    (["{run}", "--plot", "{tmp}/notes.png"], "is not a plot tinygemma wrote"),
+    (["{run}", "--plot", "{tmp}/photo.png"], "is not a plot tinygemma wrote"),
     (["{run}", "--plot", "{run}/loss.png"], "a run or a dataset of tinygemma's"),
     (["{run}", "{run}/"], "is given twice"),
     (["{run}", "--plot", "{run}/tb/plot.png"], "a run or a dataset of tinygemma's"),
-], ids=["not-a-run", "twice", "not-png", "missing-folder", "other-file", "a-runs-plot", "twice-with-a-slash",
-        "inside-a-run"])
+], ids=["not-a-run", "twice", "not-png", "missing-folder", "other-file", "a-photo", "a-runs-plot",
+        "twice-with-a-slash", "inside-a-run"])
 def test_compare_refuses_bad_input_in_one_line_and_writes_nothing(straight_run, tmp_path, capsys, args, words):
+    from PIL import Image
+
     (tmp_path / "notes.png").write_text("my notes")
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "photo.png")  # a PNG of someone else's
+    photo = (tmp_path / "photo.png").read_bytes()
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(straight_run)) for a in args]
     plot = (straight_run / "loss.png").read_bytes()
     assert main(["compare", *argv]) == 2
@@ -579,7 +584,7 @@ def test_compare_refuses_bad_input_in_one_line_and_writes_nothing(straight_run, 
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
     assert (tmp_path / "notes.png").read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "notes.png"]
+        "notes.png", "photo.png"] and (tmp_path / "photo.png").read_bytes() == photo
 
 
 def test_compare_refuses_a_plot_of_nothing_and_a_config_that_is_not_a_runs(straight_run, tmp_path, capsys):
@@ -781,6 +786,8 @@ def test_compare_edges_of_plots_inputs_and_windows(straight_run, data_dir, tmp_p
     out, err = capsys.readouterr()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and err == f"wrote {plot}\n"
     assert all(line.startswith("|") for line in out.strip().splitlines()), out
+    assert main(["compare", str(straight_run), "--plot", str(plot)]) == 0  # over its own earlier plot
+    assert capsys.readouterr().err == f"wrote {plot}\n"
     (tmp_path / "folder.png").mkdir()
     hf = tmp_path / "hf"
     hf.mkdir()

@@ -155,10 +155,26 @@ def plot_validation(runs: dict[str, list[dict]], path: Path) -> None:
     save_figure(fig, path)
 
 
+# The PNG's Software text of the plots tinygemma writes: `compare --plot` writes over such a file and no other PNG
+PLOT_SOFTWARE = "tinygemma"
+
+
 def save_figure(fig, path: Path) -> None:
-    """A matplotlib figure as a PNG, written atomically (a full disk: one line naming the file)."""
+    """A matplotlib figure as a PNG marked as tinygemma's (PLOT_SOFTWARE), written atomically (a full disk: one
+    line naming the file)."""
     with atomic_path(path) as tmp, write_errors(path):
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": PLOT_SOFTWARE})
+
+
+def is_own_plot(path: Path) -> bool:
+    """Whether `path` is a PNG that save_figure wrote (any other image, or no image, is not)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PLOT_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def log_line(record: dict, max_steps: int, throughput: float, eta: float, mfu: float | None = None) -> str:

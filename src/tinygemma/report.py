@@ -58,7 +58,7 @@ from tinygemma.files import (
 )
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.hf import NEEDS_LAYER_TYPES, exported_block_size, model_config_from_hf
-from tinygemma.metrics import format_duration, plot_validation, read_records
+from tinygemma.metrics import format_duration, is_own_plot, plot_validation, read_records
 from tinygemma.tokenizer import TOKENIZER_FILE, GPT2Tokenizer, Tokenizer
 
 REPORT_NAME = "report.md"
@@ -769,8 +769,9 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
 
 
 def check_plot_path(plot: str | Path) -> Path:
-    """--plot's file, refused in one line unless it is a new .png in a folder that exists, or an earlier PNG, and
-    outside any run (whose loss.png it could replace) or dataset."""
+    """--plot's file, refused in one line unless it is a new .png in a folder that exists, or an earlier plot of
+    tinygemma's (not a photo of the same name, nor a figure of another program), and outside any run (whose
+    loss.png it could replace) or dataset."""
     plot = check_output_path(plot, "--plot")
     if plot.suffix.lower() != ".png":
         raise UserError(f"--plot {plot}: give a .png file to write")
@@ -782,10 +783,8 @@ def check_plot_path(plot: str | Path) -> Path:
         if is_training_run(folder) or (folder / META_NAME).exists():
             raise UserError(f"--plot {plot} is inside {folder}, a run or a dataset of tinygemma's: give it a "
                             "place of its own")
-    if plot.exists():
-        with open(plot, "rb") as f:
-            if f.read(8) != b"\x89PNG\r\n\x1a\n":
-                raise UserError(f"--plot {plot} exists and is not a PNG image; choose a new file name")
+    if plot.exists() and not is_own_plot(plot):
+        raise UserError(f"--plot {plot} exists and is not a plot tinygemma wrote; choose a new file name")
     return plot
 
 

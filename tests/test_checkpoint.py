@@ -1,5 +1,6 @@
 """Our checkpoint format, Hugging Face import (`tinygemma.load`) and export (`tinygemma export`)."""
 
+import hashlib
 import json
 import math
 import os
@@ -672,8 +673,15 @@ def test_an_export_whose_tokenizer_json_is_gone_takes_only_its_own_tokenizer(che
     assert "is not the tokenizer" in capsys.readouterr().err
     taken = [checkpoint_tokenizer(out, str(given)) for given in (own, rewritten)]  # neither refused
     assert taken[0].sha256 != taken[1].sha256 and taken[0].identity == taken[1].identity
-    again = export(out, tmp_path / "again", tokenizer=str(own))
-    assert exported_record(again, TOKENIZER_KEY) == exported_record(out, TOKENIZER_KEY) != {}
+    for again in (export(out, tmp_path / "again", tokenizer=str(own)), export(out, tmp_path / "bare")):
+        assert exported_record(again, TOKENIZER_KEY) == exported_record(out, TOKENIZER_KEY) != {}
+    with pytest.raises(UserError, match="is not the tokenizer .* by its model.safetensors"):
+        checkpoint_tokenizer(tmp_path / "bare", str(other))  # exported without a tokenizer: its source's record
+    # A folder's own tokenizer.json is copied, whatever --tokenizer of its ids is given: the record is the copy's
+    full = export(path, tmp_path / "full", tokenizer=str(own))
+    copied = export(full, tmp_path / "copied", tokenizer=str(rewritten))
+    assert (copied / "tokenizer.json").read_bytes() == own.read_bytes()
+    assert exported_record(copied, TOKENIZER_KEY)["sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
 
 
 def test_a_tokenizer_spec_without_a_sha256_takes_a_given_tokenizer_of_its_size(checkpoint, tmp_path):

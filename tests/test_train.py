@@ -28,11 +28,12 @@ from tinygemma.data import open_prepared, prepare
 from tinygemma.evaluation import evaluate_windows
 from tinygemma.optim import learning_rate
 from tinygemma.parallelize import fsdp_runs_on
-from tinygemma.tokenizer import token_byte_lengths
+from tinygemma.tokenizer import load_tokenizer, token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.train import (
     check_fork_processes,
     check_initial_model,
+    check_initial_tokenizer,
     check_resume_settings,
     check_run,
     check_shapes,
@@ -329,8 +330,14 @@ def test_a_model_llama_cpp_or_transformers_cannot_run_is_said_as_training_starts
                for warning in check_run(load_recipe(None, tiny_settings(data_dir, tmp_path / "odd", *odd)))["warnings"])
     run(data_dir, tmp_path / "odd", *odd)
     err = capsys.readouterr().err
-    assert "warning: model.d_model (60) is not a multiple of n_heads (7)" in err and "will refuse it" in err
+    assert "warning: model.d_model (60) is not a multiple of n_heads (7)" in err
+    assert "(`tinygemma export` refuses it once it is trained; its --format gguf takes it)" in err
     assert main(["export", "--ckpt", str(tmp_path / "odd"), "--out", str(tmp_path / "odd_hf")]) == 2  # as it said
+    both = check_run(load_recipe(None, tiny_settings(data_dir, tmp_path / "both", *odd,
+                                                     "model.query_pre_attn_scalar=32")))["warnings"]
+    assert len(both) == 2 and both[0].startswith("model.d_model (60) is not a multiple of n_heads (7)")
+    assert both[1].startswith("llama.cpp cannot run this model")
+    assert not any("takes it" in w for w in both)  # neither export does
 
 
 def test_the_update_takes_the_clipped_gradient_and_the_log_the_norm_before(data_dir, tmp_path, monkeypatch):
@@ -803,6 +810,11 @@ def test_init_from_starts_a_new_run_from_a_run_or_its_export(straight_run, data_
 
     export = tmp_path / "hf"
     assert main(["export", "--ckpt", str(straight_run), "--out", str(export)]) == 0
+    bare = shutil.copytree(export, tmp_path / "bare")  # its tokenizer.json gone: the one its header records
+    (bare / "tokenizer.json").unlink()
+    check_initial_tokenizer(str(bare), bare, open_prepared(data_dir).tokenizer())  # the data's: taken
+    with pytest.raises(tinygemma.UserError, match="was trained with another tokenizer than the data's \\(gpt2\\)"):
+        check_initial_tokenizer(str(bare), bare, load_tokenizer("gpt2"))
     padded = tmp_path / "padded"
     capsys.readouterr()
     run(data_dir, padded, "max_steps=4", f"init_from={export}", "model.vocab_pad_multiple=100", stop_at=2)  # 600 rows

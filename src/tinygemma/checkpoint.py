@@ -315,7 +315,10 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     hf_config(model.config)  # what transformers could not load is refused here, before any folder is made
     with staged_folder(out, EXPORT_FILES, "an export", check=lambda: check_export_out(out, src),
                        first="model.safetensors", last="config.json") as stage:
-        records = {TOKENIZER_KEY: tokenizer_record(own), TRAINED_KEY: training_record(src)}
+        # (the tokenizer whose files go in: the source's copied, or `own`; a source with none keeps its record)
+        written = load_tokenizer(src) if tokenizer and TOKENIZER_FILE in copied else own
+        records = {TOKENIZER_KEY: tokenizer_record(written) or exported_record(src, TOKENIZER_KEY),
+                   TRAINED_KEY: training_record(src)}
         save_hf(model, stage, special, generation, block_size=trained_block_size(src), records=records)
         if own is not None and not copied:
             own.save_hf(stage)
@@ -396,7 +399,7 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
         raise UserError(f"--tokenizer {tokenizer} has {given.vocab_size:,} tokens, but {directory} was made with a "
                         f"tokenizer of {recorded['vocab_size']:,}: its token ids would mean other text")
     if own is None and recorded and not matches_spec(given, recorded):  # the same size, but another vocabulary
-        made = ("GPT-2's" if recorded.get("kind") == "gpt2"
+        made = ("GPT-2's" if "gpt2" in (recorded.get("kind"), recorded.get("identity"))
                 else f"a tokenizer.json of sha256 {str(recorded.get('sha256'))[:12]}...")
         raise UserError(f"--tokenizer {tokenizer} ({given.identity}) is not the tokenizer {directory} was made "
                         f"with ({made}, by {where}): its token ids would mean other text")

@@ -32,6 +32,7 @@ import gc
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -54,6 +55,7 @@ from tinygemma.checkpoint import (
     forked_run,
     last_checkpoint,
     load_optimizer,
+    matches_spec,
     prune_checkpoints,
     read_checkpoint_meta,
     read_trainer_state,
@@ -110,7 +112,7 @@ from tinygemma.files import (
 )
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
-from tinygemma.hf import hf_config, is_hf_export
+from tinygemma.hf import TOKENIZER_KEY, exported_record, hf_config, is_hf_export
 from tinygemma.metrics import MetricsLog, log_line, peak_flops, plot_losses, read_records
 from tinygemma.model import checked_state, model_state
 from tinygemma.optim import (
@@ -942,8 +944,8 @@ def check_same_data(ckpt_dir: Path, state: dict, data, data_dir: Path) -> None:
         name = "gpt2" if trained == "gpt2" else str(getattr(own, "path", None) or ckpt_dir / TOKENIZER_FILE)
         raise UserError(f"{data_dir} was prepared with tokenizer {now}, but the run was trained with {trained}"
                         + elsewhere + "; resume it on data prepared with its own tokenizer (its stories prepared "
-                        f"again into a new folder with `tinygemma prepare --tokenizer {name}`, then --data that "
-                        "folder), or start a new run with another --out (train.out)")
+                        f"again into a new folder with `tinygemma prepare --tokenizer {shlex.quote(name)}`, then "
+                        "--data that folder), or start a new run with another --out (train.out)")
     saved = state.get("data") or {}
     counts = {split: len(data.split(split)) for split in ("train", "val")}
     moved = [f"{split} {saved[f'{split}_tokens']:,} -> {n:,} tokens" for split, n in counts.items()
@@ -1055,12 +1057,13 @@ def not_exportable(config: ModelConfig) -> list[str]:
     """Said as a run starts (and by its dry run), not only by an export at its end: a model transformers refuses
     (hf_config's reasons: a d_model that n_heads does not divide, say), or one llama.cpp cannot run (a head_dim
     set without the query_pre_attn_scalar the preset pairs with it)."""
+    why = llama_cpp_refusal(config)
     try:
         hf_config(config)
         warnings = []
     except UserError as e:
-        warnings = [f"{e}: `tinygemma export` will refuse it once it is trained"]
-    why = llama_cpp_refusal(config)
+        warnings = [f"{e} (`tinygemma export` refuses it once it is trained"
+                    + ("" if why else "; its --format gguf takes it") + ")"]
     if why:
         fix = (f"; set model.query_pre_attn_scalar={attention_scale_dim(config)} for one it can"
                if config.query_pre_attn_scalar != attention_scale_dim(config) else "")
@@ -1142,6 +1145,13 @@ def check_initial_tokenizer(source: str, directory: Path, ours) -> None:
     ids would mean other text to its weights."""
     where = f"train.init_from {source}"
     if not read_checkpoint_meta(directory).get("tokenizer") and not (directory / TOKENIZER_FILE).exists():
+        recorded = exported_record(directory, TOKENIZER_KEY)  # an export's, its tokenizer.json gone
+        if recorded:
+            if not matches_spec(ours, recorded):
+                raise UserError(f"{where} was trained with another tokenizer than the data's ({ours.identity}), "
+                                "by its model.safetensors: its token ids would mean other text; prepare the data "
+                                "with its tokenizer")
+            return
         raise UserError(f"{where} records no tokenizer and holds no {TOKENIZER_FILE}, so nothing says which token "
                         f"ids its weights learnt: copy the {TOKENIZER_FILE} they were trained with into {directory}")
     try:

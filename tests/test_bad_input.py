@@ -579,7 +579,6 @@ def test_a_gpt2_runs_export_goes_with_gpt2_data_and_the_given_tokenizer_if_it_is
     assert losses == pytest.approx([losses[0]] * 4, rel=1e-5)
 
 
-
 def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_path):
     """--tokenizer is what names the tokenizer where the checkpoint has none of its own (an export whose
     tokenizer.json was left behind): the one its weights header records (GPT-2's here), or any where it records

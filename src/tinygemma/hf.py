@@ -273,7 +273,6 @@ TRAINED_BLOCK_KEY = "train_block_size"
 # that one given for it once the file is gone is checked as a run checkpoint's is) and what decided the windows its
 # weights trained on (so that train.init_from it warns as from its run: train.repeated_windows).
 TOKENIZER_KEY, TRAINED_KEY = "tokenizer", "trained"
-RECORD_KEYS = (TOKENIZER_KEY, TRAINED_KEY)
 
 
 def export_metadata(path: str | Path) -> dict:
@@ -305,7 +304,7 @@ def exported_block_size(path: str | Path) -> int | None:
 
 
 def exported_record(path: str | Path, key: str) -> dict:
-    """One of the records (RECORD_KEYS) a tinygemma export of `path` carries in its weights' header (save_hf),
+    """One of the records (TOKENIZER_KEY, TRAINED_KEY) a tinygemma export of `path` carries in its weights' header (save_hf),
     else {} (another transformers model, an export from before it was recorded, or an unreadable entry)."""
     metadata = export_metadata(path)
     try:
@@ -328,9 +327,9 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, blo
     """config.json, generation_config.json and model.safetensors for `Gemma3ForCausalLM.from_pretrained`.
     `special` holds the bos/eos/pad token ids for config.json (end-of-text for all three in a TinyStories model:
     it has no other special token), `generation` generation_config.json's settings, `block_size` the training
-    block size (recorded in the weights' header as TRAINED_BLOCK_KEY, when known), `records` the RECORD_KEYS
-    entries known (as JSON in that header, which transformers ignores; exported_record). The tokenizer's files are
-    the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is then
+    block size (recorded in the weights' header as TRAINED_BLOCK_KEY, when known), `records` the TOKENIZER_KEY and
+    TRAINED_KEY entries known (as JSON in that header, which transformers ignores; exported_record). The
+    tokenizer's files are the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is then
     still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
     out = Path(out)
     dtype = dtype_name(model.embed_tokens.weight.dtype)

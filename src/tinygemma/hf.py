@@ -329,8 +329,8 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, blo
     it has no other special token), `generation` generation_config.json's settings, `block_size` the training
     block size (recorded in the weights' header as TRAINED_BLOCK_KEY, when known), `records` the TOKENIZER_KEY and
     TRAINED_KEY entries known (as JSON in that header, which transformers ignores; exported_record). The
-    tokenizer's files are the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a full disk) is then
-    still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
+    tokenizer's files are the caller's (Tokenizer.save_hf). config.json comes first: an export stopped halfway (a
+    full disk) is then still recognisably one, and may be exported into again (checkpoint.check_export_out)."""
     out = Path(out)
     dtype = dtype_name(model.embed_tokens.weight.dtype)
     config = hf_config(model.config, bos_id=special.get("bos_token_id"), eos_id=special.get("eos_token_id"),

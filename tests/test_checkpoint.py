@@ -666,6 +666,10 @@ def test_an_export_whose_tokenizer_json_is_gone_takes_only_its_own_tokenizer(che
     rewritten.write_text(json.dumps(json.loads(own.read_text()), indent=1), encoding="utf-8")
     out = export(path, tmp_path / "hf", tokenizer=str(own))
     (out / "tokenizer.json").unlink()
+    sha = hashlib.sha256(own.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match=f"holds no tokenizer.json, and its model.safetensors records a tokenizer.json "
+                                        f"of sha256 {sha[:12]}\\.\\.\\.: name that file with --tokenizer"):
+        checkpoint_tokenizer(out)
     with pytest.raises(UserError, match="is not the tokenizer .* by its model.safetensors"):
         checkpoint_tokenizer(out, str(other))
     capsys.readouterr()

@@ -386,10 +386,15 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
             own = tokenizer_from_spec(spec, base_dir=directory)
         elif (directory / TOKENIZER_FILE).exists():
             own = load_tokenizer(directory)
+        elif "gpt2" in (recorded.get("kind"), recorded.get("identity")):  # an export's, its file gone: GPT-2's
+            own = load_tokenizer("gpt2")  # vocabulary needs no file of its own
     except UserError:
         if tokenizer is None:
             raise
     if tokenizer is None:
+        if own is None and recorded:
+            raise UserError(f"{directory} holds no {TOKENIZER_FILE}, and {where} records a tokenizer.json of sha256 "
+                            f"{str(recorded.get('sha256'))[:12]}...: name that file with --tokenizer")
         if own is None:
             raise UserError(f"{directory} records no tokenizer and holds no {TOKENIZER_FILE}; name one with "
                             "--tokenizer")

@@ -380,13 +380,14 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
     # A tinygemma export's record of its tokenizer: checked, as a run's spec is, only where its files are gone
     recorded, where = (spec, "its checkpoint.json") if spec else (exported_record(directory, TOKENIZER_KEY),
                                                                   "its model.safetensors")
+    gpt2 = "gpt2" in (recorded.get("kind"), recorded.get("identity")) if recorded else False
     own = None
     try:
         if spec:
             own = tokenizer_from_spec(spec, base_dir=directory)
         elif (directory / TOKENIZER_FILE).exists():
             own = load_tokenizer(directory)
-        elif "gpt2" in (recorded.get("kind"), recorded.get("identity")):  # an export's, its file gone: GPT-2's
+        elif gpt2:  # an export's record, its file gone: GPT-2's
             own = load_tokenizer("gpt2")  # vocabulary needs no file of its own
     except UserError:
         if tokenizer is None:
@@ -404,8 +405,7 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
         raise UserError(f"--tokenizer {tokenizer} has {given.vocab_size:,} tokens, but {directory} was made with a "
                         f"tokenizer of {recorded['vocab_size']:,}: its token ids would mean other text")
     if own is None and recorded and not matches_spec(given, recorded):  # the same size, but another vocabulary
-        made = ("GPT-2's" if "gpt2" in (recorded.get("kind"), recorded.get("identity"))
-                else f"a tokenizer.json of sha256 {str(recorded.get('sha256'))[:12]}...")
+        made = "GPT-2's" if gpt2 else f"a tokenizer.json of sha256 {str(recorded.get('sha256'))[:12]}..."
         raise UserError(f"--tokenizer {tokenizer} ({given.identity}) is not the tokenizer {directory} was made "
                         f"with ({made}, by {where}): its token ids would mean other text")
     if own is not None and given.identity != own.identity:

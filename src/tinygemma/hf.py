@@ -304,8 +304,9 @@ def exported_block_size(path: str | Path) -> int | None:
 
 
 def exported_record(path: str | Path, key: str) -> dict:
-    """One of the records (TOKENIZER_KEY, TRAINED_KEY) a tinygemma export of `path` carries in its weights' header (save_hf),
-    else {} (another transformers model, an export from before it was recorded, or an unreadable entry)."""
+    """One of the records (TOKENIZER_KEY, TRAINED_KEY) a tinygemma export of `path` carries in its weights'
+    header (save_hf), else {} (another transformers model, an export from before it was recorded, or an
+    unreadable entry)."""
     metadata = export_metadata(path)
     try:
         value = json.loads(metadata.get(key, "")) if _marked(metadata) else {}

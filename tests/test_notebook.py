@@ -1,6 +1,7 @@
 """The workshop notebook, executed top to bottom by a real Jupyter kernel, as a student runs it."""
 
 import ast
+import builtins
 import os
 import re
 import shutil
@@ -69,6 +70,60 @@ def test_each_cell_imports_what_it_uses():
     for tree, own in zip(trees, imported, strict=True):
         used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
         assert (used & anywhere) <= own, (sorted((used & anywhere) - own), ast.unparse(tree)[:200])
+
+
+def assigned_names(tree) -> set[str]:
+    """The names a cell binds: assignments, imports, functions, classes and their arguments, loop variables."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def test_each_cell_from_training_on_needs_only_the_settings_after_a_restart():
+    """After a restart a student runs the settings cell and the cell they were at. From training on, each cell
+    reads the run from disk itself: the evaluation cell used the data of section 2 and the model of the generate
+    cell, and the export cell the generate cell's prompt, a NameError after a restart (the export already
+    written)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    trees = [ast.parse(python_of(cell.source)) for cell in code]
+    settings = next(i for i, cell in enumerate(code) if "TINYGEMMA_STORIES" in cell.source)
+    given = assigned_names(trees[0]) | assigned_names(trees[settings]) | set(dir(builtins))
+    first = code.index(tagged(nb, "train"))
+    assert first > settings
+    for cell, tree in zip(code[first:], trees[first:], strict=True):
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        assert used <= given | assigned_names(tree), (sorted(used - given - assigned_names(tree)), cell.source[:80])
+
+
+def test_other_stories_are_prepared_anew_not_read_from_another_files_tokens(tmp_path, monkeypatch):
+    """The prepared data's folder was named by the tokenizer and the story limit alone: pointing
+    TINYGEMMA_STORIES at another file printed that file's first story, then trained on the first file's tokens
+    and resumed its run."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    settings = next(cell.source for cell in nb.cells if cell.cell_type == "code" and "TINYGEMMA_STORIES" in cell.source)
+    monkeypatch.setenv("TINYGEMMA_WORKDIR", str(tmp_path))
+    chosen = []
+    for name in ("a.txt", "b.txt", "a.txt"):
+        (tmp_path / name).write_text("Once upon a time.\n")
+        monkeypatch.setenv("TINYGEMMA_STORIES", str(tmp_path / name))
+        names = {}
+        exec(settings, names)
+        chosen.append((names["DATA"], names["RUN"]))
+    assert chosen[0] == chosen[2]  # the same file: the same data and run (a restart resumes)
+    assert chosen[0][0] != chosen[1][0] and chosen[0][1] != chosen[1][1]
+    monkeypatch.delenv("TINYGEMMA_STORIES")
+    names = {}
+    exec(settings, names)
+    assert names["DATA"] not in {data for data, _ in chosen}  # the hub's stories: a folder of their own
 
 
 def test_colab_work_folder_does_not_depend_on_the_working_folder(tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ Contenders (each with its own copy of the weights and its own state, taking turn
   adamw           torch.optim.AdamW as `optimizer = "adamw"` builds it (fused on CUDA)
   muon-torch      MuonAdamW, Muon through torch.optim.Muon's functional form: bf16, one matrix at a time
                   (no default chooses it since 2026-12-05); needs torch >= 2.9
-  muon-float32    MuonAdamW, our iteration in float32, same-shape matrices batched (the default where the
-                  device has no native bf16)
+  muon-float32    MuonAdamW, our iteration in float32, same-shape matrices batched (the default on a CPU
+                  without native bf16)
+  muon-float16    MuonAdamW, our batched iteration in float16 (the default on a GPU without bf16: a T4, a
+                  V100; not in the default contenders, which the lent H100/H200 run)
   muon-bfloat16   MuonAdamW, our batched iteration in bf16 (the default where the device computes bf16
                   natively: optim.muon_backend)
   muon-compiled   MuonAdamW, our bf16 update torch.compile'd, one graph per group of same-shape matrices, the

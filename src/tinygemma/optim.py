@@ -170,11 +170,14 @@ def muon_backend(device: torch.device) -> str:
     """The Muon iteration `muon_backend = "auto"` runs on `device`, by measurement (benchmarks/optimizer_step.py,
     BENCHMARKS.md): "bfloat16", our batched bfloat16 iteration, where the device computes in bfloat16 natively. On
     a CPU with AVX-512 BF16 (or AMX) it is 1.7x faster than torch.optim.Muon's one matrix at a time; on an H100
-    (2026-12-05, the 270M's matrices) 4.4x (11.2 ms a step against 49.9; AdamW's, 2.0). Elsewhere "float32":
-    emulated bfloat16 made a gemma3-tiny step 2.3-3x slower than AdamW's on an AVX2 CPU."""
+    (2026-12-05, the 270M's matrices) 4.4x (11.2 ms a step against 49.9; AdamW's, 2.0). "float16" on a GPU
+    without bfloat16 (a T4, a V100), whose tensor cores multiply float16 at 8x its float32 rate (by the cards'
+    specifications: no such GPU was measured here); it is the more precise of the two half precisions, and the
+    iteration's values stay inside its range. Elsewhere "float32": emulated bfloat16 made a gemma3-tiny step
+    2.3-3x slower than AdamW's on an AVX2 CPU."""
     if (device.type == "cpu" and cpu_has_bf16()) or (device.type == "cuda" and cuda_has_bf16(device)):
         return "bfloat16"
-    return "float32"
+    return "float16" if device.type == "cuda" else "float32"
 
 
 def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
@@ -202,7 +205,7 @@ def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:
     backend = muon_backend(rt.device) if cfg.muon_backend == "auto" else cfg.muon_backend
     if backend == "torch" and not hasattr(torch.optim, "Muon"):
         raise UserError(f"train.muon_backend = torch needs torch.optim.Muon (PyTorch 2.9 or newer); this is "
-                        f"{torch.__version__}: choose compiled, bfloat16 or float32, or auto")
+                        f"{torch.__version__}: choose compiled, bfloat16, float16 or float32, or auto")
     optimizer = MuonAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                           backend=backend)
     optimizer.backend_asked = cfg.muon_backend != "auto"  # (describe_optimizer gives auto's reasons only to auto)
@@ -215,12 +218,12 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
     if not isinstance(optimizer, MuonAdamW):
         return type(optimizer).__name__
     if sharded:
-        dtype = "float32" if optimizer.backend == "float32" else "bfloat16"
+        dtype = optimizer.backend if optimizer.backend in ("float32", "float16") else "bfloat16"
         return f"Muon (own batched {dtype} Newton-Schulz on each FSDP2 matrix gathered whole) + AdamW"
     if optimizer.backend == "torch":  # (also where muon_backend asks for it without native bf16: no claim of it)
         return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz, one matrix at a time) + AdamW"
-    if optimizer.backend == "bfloat16":
-        return "Muon (own batched bfloat16 Newton-Schulz) + AdamW"
+    if optimizer.backend in ("bfloat16", "float16"):
+        return f"Muon (own batched {optimizer.backend} Newton-Schulz) + AdamW"
     if optimizer.backend == "compiled":
         return "Muon (own bfloat16 Newton-Schulz, one torch.compile'd update per shape group) + AdamW"
     why = ("train.muon_backend = float32" if getattr(optimizer, "backend_asked", False)
@@ -233,6 +236,8 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (between roughly 0.7 and 1.2; exactness does not matter for training). Works on the wide orientation so the
     Gram matrix is the small one. `g` is one matrix or a stack of them (..., rows, cols), each done alone."""
     a, b, c = NS_COEFFICIENTS
+    if dtype == torch.float16:  # its range: 6e-5 to 65,504 (normal); scaled into it before the cast, in float32
+        g = g / torch.linalg.matrix_norm(g, keepdim=True, dtype=torch.float32).clamp(min=NS_EPS)
     x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
@@ -393,7 +398,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 grads, bufs, momentum)
         # FSDP2: the iteration needs the whole matrix; every rank gathers and orthogonalizes the same one
         updates = [u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates]
-        dtype = torch.float32 if self.backend == "float32" else torch.bfloat16
+        dtype = {"float32": torch.float32, "float16": torch.float16}.get(self.backend, torch.bfloat16)
         if wd:  # (the trainer's Muon groups take none) one matrix at a time: a CPU's foreach multiply rounds the
             for p in params:  # factor to a bfloat16 or float16 matrix's dtype first
                 p.mul_(1 - lr * wd)

@@ -61,6 +61,18 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
 
 
+def crashes_on_q8_0(llama_cpp) -> bool:
+    """A llama.cpp built with AMX (natively, on an Intel CPU that has it) ends the process with a segmentation
+    fault in its first q8_0 evaluation, of any model (ggml-org/llama.cpp#20824; seen with 0.3.36 on 2026-12-07,
+    for gemma3-tiny and the 270M's shape alike): such a test would take its pytest worker down with it. .ci/run
+    builds llama.cpp without native flags (AVX2, no AMX)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+AMX_SKIP = ("q8_0 not evaluated: this llama.cpp was built with AMX, which crashes on q8_0 files "
+            "(ggml-org/llama.cpp#20824); build it with CMAKE_ARGS=-DGGML_NATIVE=OFF, as .ci/run does")
+
+
 def open_llama(llama_cpp, path, **kwargs):
     """llama.cpp on the file, with tinygemma's thread count, closed when the block ends."""
     return contextlib.closing(llama_cpp.Llama(str(path), n_threads=torch.get_num_threads(), verbose=False, **kwargs))
@@ -318,15 +330,20 @@ def test_q8_0_picks_the_same_next_token_as_f32(tiny_run, data_dir, tmp_path, lla
         path = tmp_path / f"{dtype}.gguf"
         export_cli(tiny_run, path, dtype, capsys)
         sizes[dtype] = path.stat().st_size
+        if dtype == "q8_0" and crashes_on_q8_0(llama_cpp):
+            continue
         with open_llama(llama_cpp, path, n_ctx=512, n_batch=512, logits_all=True) as llm:
             llm.eval(tokens)
             choices[dtype] = np.array(llm.scores[: len(tokens)]).argmax(-1)
-    agreement = {dtype: float((choices[dtype] == choices["f32"]).mean()) for dtype in GGUF_DTYPES}
+    agreement = {dtype: float((choices[dtype] == choices["f32"]).mean()) for dtype in choices}
     print(f"\nnext-token agreement with f32 over {len(tokens)} held-out positions: {agreement}; "
           f"f32 with tinygemma: {(choices['f32'] == ours).mean():.4f}; file sizes: {sizes}")
     assert (choices["f32"] == ours).mean() >= 0.98
-    assert agreement["q8_0"] >= 0.95 and agreement["f16"] >= 0.95 and agreement["bf16"] >= 0.95
+    assert agreement["f16"] >= 0.95 and agreement["bf16"] >= 0.95
     assert sizes["q8_0"] < sizes["f16"] == sizes["bf16"] < sizes["f32"]
+    if "q8_0" not in choices:
+        pytest.skip(f"f32, f16 and bf16 checked; {AMX_SKIP}")
+    assert agreement["q8_0"] >= 0.95
 
 
 def test_decode_benchmark_runs(llama_cpp, capsys, monkeypatch):
@@ -334,9 +351,10 @@ def test_decode_benchmark_runs(llama_cpp, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the contenders' processes import it by name
     import gguf_decode
 
-    result = gguf_decode.main(["--preset", "gemma3-tiny", "--dtypes", "q8_0", "--new-tokens", "4", "--repeats", "1",
-                         "--threads", str(torch.get_num_threads())])
-    assert set(result["file_bytes"]) == set(GGUF_DTYPES) and result["llama_cpp_tokens_per_s"]["q8_0"] > 0
+    timed = "f16" if crashes_on_q8_0(llama_cpp) else "q8_0"  # (there q8_0's process would die: AMX_SKIP)
+    result = gguf_decode.main(["--preset", "gemma3-tiny", "--dtypes", timed, "--new-tokens", "4", "--repeats", "1",
+                               "--threads", str(torch.get_num_threads())])
+    assert set(result["file_bytes"]) == set(GGUF_DTYPES) and result["llama_cpp_tokens_per_s"][timed] > 0
     assert result["tinygemma_tokens_per_s"] > 0 and json.loads(capsys.readouterr().out) == result
 
 

@@ -136,14 +136,15 @@ def test_a_gpu_index_beyond_the_machine_is_one_clear_error(monkeypatch):
         pick_device("cuda:3")
 
 
-def test_muon_runs_its_float32_iteration_on_gpus_that_only_emulate_bfloat16(monkeypatch):
-    """A T4 (Colab's free GPU; sm75, no native bf16): auto is float32; a GPU with native bf16 takes our batched
-    bfloat16 iteration, the fastest the H100 measured (2026-12-05), whether or not torch has torch.optim.Muon."""
+def test_muon_runs_its_float16_iteration_on_gpus_that_only_emulate_bfloat16(monkeypatch):
+    """A T4 (Colab's free GPU; sm75, no native bf16): auto is float16, its tensor cores' half precision (it was
+    float32, at an eighth of their rate); a GPU with native bf16 takes our batched bfloat16 iteration, the fastest
+    the H100 measured (2026-12-05), whether or not torch has torch.optim.Muon."""
     from tinygemma.optim import muon_backend
 
     monkeypatch.delattr(torch.optim, "Muon", raising=False)
     FakeCuda(monkeypatch, native_bf16=False)
-    assert muon_backend(torch.device("cuda", 0)) == "float32"
+    assert muon_backend(torch.device("cuda", 0)) == "float16"
     FakeCuda(monkeypatch, native_bf16=True)
     assert muon_backend(torch.device("cuda", 0)) == "bfloat16"
 

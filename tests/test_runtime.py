@@ -19,8 +19,10 @@ class FakeCuda:
     """CUDA's answers for one machine: `native_bf16` False is a T4/V100, whose is_bf16_supported() says True
     only through emulation. Records the device current when each question is asked."""
 
-    def __init__(self, monkeypatch, native_bf16: bool, device_count: int = 2):
+    def __init__(self, monkeypatch, native_bf16: bool, device_count: int = 2, capability: tuple | None = None):
         self.current, self.log = 0, []
+        capability = capability or ((8, 0) if native_bf16 else (7, 5))  # an A100; a T4
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: device_count)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
@@ -138,13 +140,15 @@ def test_a_gpu_index_beyond_the_machine_is_one_clear_error(monkeypatch):
 
 def test_muon_runs_its_float16_iteration_on_gpus_that_only_emulate_bfloat16(monkeypatch):
     """A T4 (Colab's free GPU; sm75, no native bf16): auto is float16, its tensor cores' half precision (it was
-    float32, at an eighth of their rate); a GPU with native bf16 takes our batched bfloat16 iteration, the fastest
+    float32, at an eighth of their rate), but float32 on a GPU without tensor cores; a GPU with native bf16 takes our batched bfloat16 iteration, the fastest
     the H100 measured (2026-12-05), whether or not torch has torch.optim.Muon."""
     from tinygemma.optim import muon_backend
 
     monkeypatch.delattr(torch.optim, "Muon", raising=False)
     FakeCuda(monkeypatch, native_bf16=False)
     assert muon_backend(torch.device("cuda", 0)) == "float16"
+    FakeCuda(monkeypatch, native_bf16=False, capability=(6, 1))  # Pascal (a GTX 1080): float16 at 1/64 speed
+    assert muon_backend(torch.device("cuda", 0)) == "float32"
     FakeCuda(monkeypatch, native_bf16=True)
     assert muon_backend(torch.device("cuda", 0)) == "bfloat16"
 

@@ -59,6 +59,12 @@ def cuda_has_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def cuda_has_fp16_tensor_cores(device: torch.device) -> bool:
+    """Whether this GPU multiplies float16 matrices on tensor cores (Volta, compute capability 7.0, and later):
+    a T4 at 8x its float32 rate. Pascal's have none (a GTX 1080 computes float16 at 1/64 of its float32 rate)."""
+    return torch.cuda.get_device_capability(device) >= (7, 0)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype to load a model in for evaluation and generation: "auto" is bfloat16 where the device computes in
     it natively, else float32 (not float16: Gemma's activations can overflow it without training's scaler)."""

@@ -26,7 +26,7 @@ import math
 import torch
 
 from tinygemma.config import FLOAT32_MAX, MUON_BACKENDS, TrainConfig, saved_train_settings
-from tinygemma.devices import compiled_copy, cpu_has_bf16, cuda_has_bf16
+from tinygemma.devices import compiled_copy, cpu_has_bf16, cuda_has_bf16, cuda_has_fp16_tensor_cores
 from tinygemma.errors import UserError
 
 # Muon's settings, fixed rather than configurable (see README, "Optimizers and schedules"):
@@ -171,13 +171,13 @@ def muon_backend(device: torch.device) -> str:
     BENCHMARKS.md): "bfloat16", our batched bfloat16 iteration, where the device computes in bfloat16 natively. On
     a CPU with AVX-512 BF16 (or AMX) it is 1.7x faster than torch.optim.Muon's one matrix at a time; on an H100
     (2026-12-05, the 270M's matrices) 4.4x (11.2 ms a step against 49.9; AdamW's, 2.0). "float16" on a GPU
-    without bfloat16 (a T4, a V100), whose tensor cores multiply float16 at 8x its float32 rate (by the cards'
-    specifications: no such GPU was measured here); it is the more precise of the two half precisions, and the
-    iteration's values stay inside its range. Elsewhere "float32": emulated bfloat16 made a gemma3-tiny step
-    2.3-3x slower than AdamW's on an AVX2 CPU."""
+    without bfloat16 but with float16 tensor cores (a T4, a V100), which multiply it at 8x their float32 rate
+    (by the cards' specifications: no such GPU was measured here); it is the more precise of the two half
+    precisions, and the iteration's values stay inside its range. Elsewhere "float32" (an older GPU; a CPU
+    without AVX-512 BF16, where emulated bfloat16 made a gemma3-tiny step 2.3-3x slower than AdamW's)."""
     if (device.type == "cpu" and cpu_has_bf16()) or (device.type == "cuda" and cuda_has_bf16(device)):
         return "bfloat16"
-    return "float16" if device.type == "cuda" else "float32"
+    return "float16" if device.type == "cuda" and cuda_has_fp16_tensor_cores(device) else "float32"
 
 
 def configure_optimizer(model, cfg: TrainConfig, rt) -> torch.optim.Optimizer:

@@ -907,9 +907,6 @@ def test_bpe_options_llama_cpp_does_not_read_are_refused(stories_dir):
 
 def test_an_added_token_that_strips_on_its_right_is_refused(stories_dir):
     """An added token with rstrip swallows the spaces after it in tokenizers; llama.cpp reads no such option."""
-
-
-
     bpe = train_bpe(read_stories(stories_dir / "train.txt", 400), vocab_size=512)
     spec = json.loads(bpe.hf_json())
     plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}

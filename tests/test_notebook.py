@@ -221,4 +221,3 @@ def test_colab_install_cell_copies_a_folder_given_as_repo(tmp_path):
             with pytest.raises(nbclient.exceptions.CellExecutionError, match=error):
                 client.execute()
             assert not checkout.exists()
-

@@ -50,6 +50,30 @@ def test_compiled_model_agrees_without_graph_breaks(kv_layout):
     assert torch.allclose(model.layers[0].self_attn.q_proj.weight.grad, eager_grad, atol=1e-6)
 
 
+def test_a_compiled_training_graph_with_the_chunked_loss_head_is_cached_for_the_next_process(monkeypatch):
+    """The chunked loss head is a torch.autograd.Function, for which AOTAutograd's cache bypassed the whole
+    training graph: every process (a resumed run, a torchrun restart, a notebook restarted) traced it again. The
+    trainer's compile now lets the cache keep it: a second compile (dynamo's own cache emptied, as in a new
+    process) takes the graph from it, and nothing bypasses it."""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(functorch_config, "autograd_cache_allow_custom_autograd_functions", False)
+    torch.manual_seed(0)
+    x = torch.randint(0, 500, (2, 17))
+    seen = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        model = Gemma3(tiny(n_layers=1))
+        assert model.loss_chunk_size > 0 and model.loss_full_logits == 0  # the Function's head
+        parallelize.wrap_model(model, cfg_with(compile="true", block_size=16, batch_size=2), CPU)
+        model(x[:, :-1], x[:, 1:]).backward()
+        seen.append(dict(counters["aot_autograd"]))
+    assert not any("autograd_cache_bypass" in s for s in seen), seen
+    assert seen[1].get("autograd_cache_hit", 0) >= 1, seen
+
+
 def cfg_with(**fields):
     return load_recipe(None, [f"train.{k}={v}" for k, v in fields.items()]).train
 

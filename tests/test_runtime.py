@@ -305,6 +305,7 @@ def _main_process_first_worker(rank, store, results):
     from tinygemma.runtime import Runtime, main_process_first
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     rt = Runtime(torch.device("cpu"), torch.float32, rank, rank, 2)
+
     def work():
         raise OSError(28, "No space left on device")
     try:

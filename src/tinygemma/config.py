@@ -267,7 +267,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)
     optimizer: str = "muon"  # muon (Muon on the blocks' matrices, AdamW on the rest; see optim.py), or adamw
     muon_learning_rate: float = 0.04  # Muon's peak learning rate (optimizer = muon); learning_rate stays AdamW's
-    muon_backend: str = "auto"  # Muon's iteration: torch (torch.optim.Muon's, a matrix at a time), compiled (one compiled bfloat16 update per group of same-shape matrices), bfloat16, float16 or float32 (ours, batched, eager), auto (per device: bfloat16 where it is native, float16 on a GPU without it, else float32)
+    muon_backend: str = "auto"  # Muon's iteration: torch (torch.optim.Muon's, a matrix at a time), compiled (one compiled bfloat16 update per group of same-shape matrices), bfloat16, float16 or float32 (ours, batched, eager), auto (per device: bfloat16 where it is native, float16 on a GPU without it that has tensor cores, else float32)
     lr_schedule: str = "wsd"  # wsd (warmup, stable, linear decay), or cosine (decay to min_lr from the warmup on)
     cooldown_fraction: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
     loggers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard, wandb, trackio

@@ -164,5 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     write(median, rel, complete=True, untimed_rounds=rounds)
     return 0
 
+
 if __name__ == "__main__":
     run_script(main)

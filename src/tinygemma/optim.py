@@ -35,6 +35,9 @@ MUON_NESTEROV = True
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz coefficients of Keller Jordan's Muon
 NS_STEPS = 5
 NS_EPS = 1e-7
+# The precision of our own batched iteration, by backend; "torch" and "compiled" (and FSDP2's gathered matrices
+# under them) iterate in bfloat16.
+ITERATION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------ schedules
@@ -220,7 +223,7 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
     if not isinstance(optimizer, MuonAdamW):
         return type(optimizer).__name__
     if sharded:
-        dtype = optimizer.backend if optimizer.backend in ("float32", "float16") else "bfloat16"
+        dtype = optimizer.backend if optimizer.backend in ITERATION_DTYPES else "bfloat16"
         return f"Muon (own batched {dtype} Newton-Schulz on each FSDP2 matrix gathered whole) + AdamW"
     if optimizer.backend == "torch":  # (also where muon_backend asks for it without native bf16: no claim of it)
         return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz, one matrix at a time) + AdamW"
@@ -400,7 +403,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 grads, bufs, momentum)
         # FSDP2: the iteration needs the whole matrix; every rank gathers and orthogonalizes the same one
         updates = [u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates]
-        dtype = {"float32": torch.float32, "float16": torch.float16}.get(self.backend, torch.bfloat16)
+        dtype = ITERATION_DTYPES.get(self.backend, torch.bfloat16)
         if wd:  # (the trainer's Muon groups take none) one matrix at a time: a CPU's foreach multiply rounds the
             for p in params:  # factor to a bfloat16 or float16 matrix's dtype first
                 p.mul_(1 - lr * wd)

@@ -25,12 +25,13 @@ import test_train
 import torch
 from test_tokenizer import ODD_TEXT, read_stories
 
-from tinygemma import Gemma3
+from tinygemma import Gemma3, gguf_export
 from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint, save_model
 from tinygemma.cli import main
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
 from tinygemma.errors import UserError
+from tinygemma.files import is_gguf_file
 from tinygemma.generate import generate_stream
 from tinygemma.gguf_export import (
     GGUF_DTYPES,
@@ -392,14 +393,35 @@ def small_ckpt(tmp_path_factory, bpe):
 @pytest.mark.parametrize("args,words", [
     (["--ckpt", "{tmp}/nowhere", "--out", "{tmp}/m.gguf"], "checkpoint not found"),
     (["--ckpt", "{ckpt}", "--out", "{tmp}/m.gguf", "--dtype", "q4_k"], "unknown --dtype"),
-    (["--ckpt", "{ckpt}", "--out", "{tmp}/missing/m.gguf"], "does not exist"),
+    (["--ckpt", "{ckpt}", "--out", "{tmp}/taken/m.gguf"], "taken is a file, not a folder"),
     (["--ckpt", "{ckpt}", "--out", "{tmp}"], "is a directory"),
-], ids=["missing-checkpoint", "wrong-dtype", "out-in-missing-folder", "out-is-a-folder"])
+], ids=["missing-checkpoint", "wrong-dtype", "out-below-a-file", "out-is-a-folder"])
 def test_bad_input_is_one_line(small_ckpt, tmp_path, capsys, args, words):
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(small_ckpt)) for a in args]
+    (tmp_path / "taken").write_text("a file where a folder would be made")
     code, err = run_cli(["export", "--format", "gguf", *argv], capsys)
     assert code == 2 and words in err
     assert not list(tmp_path.rglob("*.gguf*"))
+
+
+def test_the_gguf_file_gets_new_folders_and_a_failed_export_leaves_none(small_ckpt, tmp_path, monkeypatch):
+    """As the Hugging Face export makes its --out folder, the GGUF export makes the folders above its file; where
+    the export fails, the folders it made (left empty) go, and a folder that was there stays."""
+    out = tmp_path / "exports" / "tiny" / "m.gguf"
+    assert main(["export", "--ckpt", str(small_ckpt), "--out", str(out), "--dtype", "f32"]) == 0
+    assert is_gguf_file(out)
+
+    def fail(*args):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(gguf_export, "_write_tokenizer", fail)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        export_gguf(small_ckpt, tmp_path / "new" / "deeper" / "m.gguf", "f32")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(RuntimeError, match="disk gone"):
+        export_gguf(small_ckpt, tmp_path / "exports" / "other" / "m.gguf", "f32")
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["tiny"]
+    assert is_gguf_file(out)
 
 
 def test_format_and_dtype_are_checked(small_ckpt, tmp_path, capsys):

@@ -179,11 +179,9 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
 
 
 @contextlib.contextmanager
-def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = lambda: None):
-    """`folder`, made if need be and locked while the block writes it (`what` names the writer in a second one's
-    refusal); `check()` runs once the lock is held, in case another command wrote the folder between the caller's
-    own check and the lock. The lock file goes with the lock, and the folders made here (`folder` and any missing
-    parents) that the block left empty (a failed write) are removed."""
+def made_folders(folder: str | Path):
+    """`folder`, made if need be with any missing parents; those of them the block left empty (a failed write) are
+    removed when it ends."""
     folder = Path(folder)
     # The folders mkdir will make, the deepest first; ".." taken lexically, so that none is a folder already there
     # (in new/../mine/c, c and new: never mine).
@@ -191,16 +189,28 @@ def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = l
             if not os.path.exists(p)]
     with write_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(folder, what)
     try:
-        lock.acquire()
-        check()
         yield folder
     finally:
-        lock.release(remove=True)
         with contextlib.suppress(OSError):
             for path in made:
                 path.rmdir()  # only if empty: the first folder that is not ends it
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = lambda: None):
+    """`folder`, made if need be and locked while the block writes it (`what` names the writer in a second one's
+    refusal); `check()` runs once the lock is held, in case another command wrote the folder between the caller's
+    own check and the lock. The lock file goes with the lock, and the folders made here (`folder` and any missing
+    parents) that the block left empty (a failed write) are removed."""
+    with made_folders(folder) as folder:
+        lock = FolderLock(folder, what)
+        try:
+            lock.acquire()
+            check()
+            yield folder
+        finally:
+            lock.release(remove=True)
 
 
 def remove_stages(folder: Path) -> None:

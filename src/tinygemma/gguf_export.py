@@ -25,7 +25,14 @@ from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
 from tinygemma.config import SLIDING, ModelConfig
 from tinygemma.devices import parse_dtype
 from tinygemma.errors import UserError
-from tinygemma.files import atomic_path, check_output_path, is_gguf_file, remove_temporaries, write_errors
+from tinygemma.files import (
+    atomic_path,
+    check_output_path,
+    is_gguf_file,
+    made_folders,
+    remove_temporaries,
+    write_errors,
+)
 from tinygemma.hf import hf_state
 from tinygemma.model import check_tokenizer_fits
 from tinygemma.tokenizer import HFTokenizer, Tokenizer, missing_bytes, splits_as_gpt2
@@ -56,8 +63,9 @@ def gguf_dtype(name: str) -> str:
 
 
 def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
-    """The output file, after checking what needs no model: the dtype, a folder to write into, and that the file is
-    new or an earlier GGUF file (never a run's config.json or a dataset's token file)."""
+    """The output file, after checking what needs no model: the dtype, a place to write it (its folder is made if
+    need be, as the Hugging Face export makes its own), and that the file is new or an earlier GGUF file (never a
+    run's config.json or a dataset's token file)."""
     if gguf_dtype(dtype) not in GGUF_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r} for gguf; choose {', '.join(GGUF_DTYPES)}")
     out = check_output_path(out)
@@ -65,8 +73,6 @@ def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
         out = check_output_path(Path(os.path.realpath(out)))
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the .gguf file to write")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
     if out.exists() and not is_gguf_file(out):
         raise UserError(f"--out {out} exists and is not a GGUF file; an export replaces only an earlier .gguf: "
                         "choose a new file name")
@@ -300,7 +306,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     check_tokenizer_fits(tokenizer, model)  # as every other command: the text's ids, end-of-text and <bos>
     check_llama_cpp_model(config)
     remove_temporaries(out.parent, {out.name})  # a killed export's temporary, as large as the file
-    with atomic_path(out) as tmp, write_errors(out):  # a full disk: one line naming the file; the old one stays
+    # A full disk: one line naming the file; the old one stays (and folders made for it, left empty, go).
+    with made_folders(out.parent), atomic_path(out) as tmp, write_errors(out):
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_name(model_name(src))

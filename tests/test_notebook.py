@@ -72,6 +72,28 @@ def test_each_cell_imports_what_it_uses():
         assert (used & anywhere) <= own, (sorted((used & anywhere) - own), ast.unparse(tree)[:200])
 
 
+def test_the_install_text_names_an_extra_that_brings_what_the_notebook_imports():
+    """Outside Colab a student installs what the install cell's text names: that extra, with the package's own
+    dependencies, must hold every third-party module a cell imports, Jupyter, and ipywidgets (for the training cell's
+    tqdm.auto bar: without it tqdm warns "IProgress not found" and prints a text bar)."""
+    import tomllib
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    extra = re.search(r'pip install -e "\.\[(\w+)\]"', nb.cells[1].source)
+    assert extra, nb.cells[1].source
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"][extra.group(1)]
+    installed = {re.split(r"[<>=~!;\[ ]", r, maxsplit=1)[0].lower().replace("-", "_") for r in requirements}
+    trees = [ast.parse(python_of(cell.source)) for cell in nb.cells if cell.cell_type == "code"]
+    imported = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+                for tree in trees for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names if not (isinstance(node, ast.ImportFrom) and node.level)}
+    # (google: Colab's own; IPython: the kernel's, which Jupyter brings)
+    third_party = imported - set(sys.stdlib_module_names) - {"tinygemma", "google", "IPython"}
+    assert third_party and third_party <= installed, sorted(third_party - installed)
+    assert {"ipywidgets", "jupyterlab"} <= installed, sorted(installed)
+
+
 def assigned_names(tree) -> set[str]:
     """The names a cell binds: assignments, imports, functions, classes and their arguments, loop variables."""
     names = set()

@@ -6,6 +6,9 @@ Contenders, all on the same device, from the same initial weights, on the same b
                       as a model with bf16 weights has it: the memory-bound norms and residual adds read and
                       write half the bytes (issue 19's lever at block 128). Under --dtype float32 it is
                       tinygemma itself
+  tinygemma-flash     tinygemma with its sliding layers through FlashAttention-2's own window
+                      (`attention_backend = "flash"`) whatever --attention says, for a block longer than the
+                      window on CUDA (issue 19's lever at block 1024, beside --attention flex's tinygemma)
   transformers        `Gemma3ForCausalLM` with SDPA attention (its default), `labels=` its own loss
   transformers-eager  the same with eager attention (optional)
   NAME+compile        any of these through torch.compile, e.g. tinygemma+compile,transformers+compile
@@ -75,9 +78,9 @@ from tinygemma.devices import pick_device  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
-from tinygemma.parallelize import compile_layers, flex_cannot_train  # noqa: E402
+from tinygemma.parallelize import CUDA_ONLY_ATTENTION, attention_cannot_train, compile_layers  # noqa: E402
 
-CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "transformers", "transformers-eager", "workshop", "workshop-untied")
+CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "tinygemma-flash", "transformers", "transformers-eager", "workshop", "workshop-untied")
 # How a contender is compiled, by its name's suffix: torch.compile's inductor options.
 COMPILE_SUFFIXES = {"+compile": {}, "+tuned": {"coordinate_descent_tuning": True}, "+autotune": {"max_autotune": True},
                     "+regional": {}}
@@ -153,7 +156,7 @@ def build_contenders(names: list[str], config: ModelConfig, dtype: torch.dtype, 
             model = Gemma3(config)
             model.load_state_dict(reference.state_dict())
             model.to(device)
-            model.attention_backend = attention
+            model.attention_backend = "flash" if name == "tinygemma-flash" else attention
             if name == "tinygemma-bf16stream":
                 model.residual_dtype = torch.bfloat16
             if attention == "flex" and block_size > config.sliding_window:
@@ -266,8 +269,9 @@ def main(argv=None) -> dict:
                    help="untimed steps per contender first (at least 1: step 0 checks the losses, never timed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the tinygemma contenders (only them)")
-    p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
-                   help="tinygemma's attention backend (flex_attention needs CUDA for backward)")
+    p.add_argument("--attention", choices=("sdpa", "flex", "flash"), default="sdpa",
+                   help="tinygemma's attention backend for sliding layers longer than the window (flex and flash "
+                        "need CUDA)")
     p.add_argument("--contenders", default="tinygemma,transformers,workshop",
                    help=f"comma-separated, from {', '.join(CONTENDERS)}")
     p.add_argument("--seed", type=int, default=0)
@@ -285,9 +289,13 @@ def main(argv=None) -> dict:
     config = ModelConfig.preset(args.preset)
     device = pick_device("cuda" if args.device == "auto" and torch.cuda.is_available()
                          else "cpu" if args.device == "auto" else args.device)
-    if args.attention == "flex" and flex_cannot_train(args.block_size, config, device):
-        p.error("--attention flex needs a CUDA GPU for a block longer than the sliding window (PyTorch has no "
-                "flex_attention backward elsewhere); use --attention sdpa")
+    asked = {args.attention: ("--attention " + args.attention, "use --attention sdpa")}
+    if any(split_name(n)[0] == "tinygemma-flash" for n in names):
+        asked["flash"] = ("tinygemma-flash", "leave it out")
+    for backend, (what, instead) in asked.items():
+        if attention_cannot_train(backend, args.block_size, config, device):
+            p.error(f"{what} needs a CUDA GPU for a block longer than the sliding window "
+                    f"({CUDA_ONLY_ATTENTION[backend]}); {instead}")
     if args.isolate:
         return run_isolated(args, argv, names)
 

@@ -107,3 +107,57 @@ def _file_leaves_process_settings_alone():
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = _SETTINGS["TOKENIZERS_PARALLELISM"]
     assert not changed, f"this file changed process-wide settings (before, after): {changed}"
+
+
+def flash_reference(q, k, v, scale, is_causal, left, right):
+    """FlashAttention-2's local attention as its documentation states it, on its [B, T, heads, D] layout: query i
+    sees keys i - left <= j <= i + right (a negative or absent bound: none), and j <= i when causal (T_q = T_k);
+    a K/V head serves n_heads // n_kv_heads query heads. (probabilities [B, H, T, T] in float32, q, k, v as
+    [B, H, T, D] in float32 with K/V repeated per query head)"""
+    H, KV, T = q.shape[2], k.shape[2], q.shape[1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    keep = (j <= i) if is_causal else torch.ones(T, T, dtype=torch.bool)
+    if left is not None and left >= 0:
+        keep &= j >= i - left
+    if right is not None and right >= 0 and not is_causal:
+        keep &= j <= i + right
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))
+    kf, vf = kf.repeat_interleave(H // KV, 1), vf.repeat_interleave(H // KV, 1)
+    probs = ((qf @ kf.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf")).softmax(-1)
+    return probs, qf, kf, vf
+
+
+@pytest.fixture
+def flash_stand_in():
+    """torch's FlashAttention-2 entry points (`aten::_flash_attention_forward` and its backward: CUDA kernels
+    only) given CPU kernels that compute what FlashAttention's documentation says, so that a CPU can check what
+    the model asks of them (layout, window bounds, the shared K/V head) under autograd and torch.compile. What
+    the real kernels compute is test_cuda.py's to check. Yields the calls' window sizes."""
+    calls = []
+
+    def forward(q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, scale=None,
+                window_size_left=None, window_size_right=None, *rest, **options):
+        assert q.dim() == 4 and q.shape[1] == max_q and k.shape[1] == max_k and cum_seq_q is None and not dropout_p
+        calls.append((window_size_left, window_size_right, is_causal))
+        probs, _, _, vf = flash_reference(q, k, v, scale, is_causal, window_size_left, window_size_right)
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])  # (read by nothing here)
+        # Laid out as FlashAttention lays them (torch.empty_like of the inputs), as inductor checks them to be
+        return (torch.empty_like(q).copy_((probs @ vf).transpose(1, 2)), lse, torch.zeros(2, dtype=torch.uint64),
+                torch.zeros((), dtype=torch.uint64), torch.empty(0, dtype=q.dtype))
+
+    def backward(grad_out, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, rng_state,
+                 unused, scale=None, window_size_left=None, window_size_right=None):
+        probs, qf, kf, vf = flash_reference(q, k, v, scale, is_causal, window_size_left, window_size_right)
+        do = grad_out.float().transpose(1, 2)
+        ds = probs * (do @ vf.transpose(-1, -2) - (do * (probs @ vf)).sum(-1, keepdim=True))
+        folded = [x.unflatten(1, (k.shape[2], -1)).sum(2) for x in (ds.transpose(-1, -2) @ qf * scale,
+                                                                   probs.transpose(-1, -2) @ do)]
+        return tuple(torch.empty_like(x).copy_(g.transpose(1, 2)) for g, x in zip((ds @ kf * scale, *folded), (q, k, v)))
+
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("_flash_attention_forward", forward, "CPU")
+    library.impl("_flash_attention_backward", backward, "CPU")
+    try:
+        yield calls
+    finally:
+        library._destroy()

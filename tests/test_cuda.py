@@ -269,14 +269,19 @@ def test_inductor_equals_eager(dtype, loss_rtol, grad_rtol, exact_float32):
 # ------------------------------------------------------------------ flex attention against SDPA
 
 
-def test_flex_attention_equals_sdpa_forward_and_backward_at_270m_shapes(monkeypatch):
+def test_flex_and_flash_attention_equal_sdpa_forward_and_backward_at_270m_shapes(monkeypatch):
     """Block 1024, head_dim 256, 4 query heads on 1 KV head, window 512: gemma3-270m's attention, two layers.
-    In bf16, each backend's loss and gradients are compared with float32 SDPA: flex may be no further from it
-    than twice SDPA's own bf16 error (plus a little), so a wrong block mask or a wrong gradient fails. flex's kernel
-    must really run, once per sliding layer (a "flex" that fell back to SDPA would compare SDPA with itself)."""
+    In bf16, each backend's loss and gradients are compared with float32 SDPA: flex and flash (FlashAttention-2's
+    own window) may be no further from it than twice SDPA's own bf16 error (plus a little), so a wrong window or a
+    wrong gradient fails. Each kernel must really run, once per sliding layer (a backend that fell back to SDPA
+    would compare SDPA with itself)."""
     from test_model import spy_flex
 
-    flex_calls = spy_flex(monkeypatch)
+    import tinygemma.model as model_module
+
+    flex_calls, flash_calls, real_flash = spy_flex(monkeypatch), [], model_module.flash_window_attention
+    monkeypatch.setattr(model_module, "flash_window_attention",
+                        lambda *a, **k: flash_calls.append(1) or real_flash(*a, **k))
     config = ModelConfig.preset("gemma3-270m", vocab_size=512, n_layers=2, sliding_window_pattern=2)
     assert config.head_dim == 256 and config.sliding_window == 512
     model = fresh_model(config)
@@ -291,19 +296,34 @@ def test_flex_attention_equals_sdpa_forward_and_backward_at_270m_shapes(monkeypa
     finally:
         torch.set_float32_matmul_precision(previous)
     results, calls = {}, {}
-    for backend in ("sdpa", "flex"):
+    for backend in ("sdpa", "flex", "flash"):
         model.attention_backend = backend
         flex_calls.clear()
+        flash_calls.clear()
         loss, grads = loss_and_grads(model, x, y, torch.bfloat16)
-        calls[backend] = len(flex_calls)
+        calls[backend] = (len(flex_calls), len(flash_calls))
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(x).float()
         results[backend] = (abs(loss - ref_loss) / ref_loss, relative_error(grads, ref_grads),
                             ((logits - ref_logits).norm() / ref_logits.norm()).item())
-    sdpa, flex = results["sdpa"], results["flex"]
-    assert calls == {"sdpa": 0, "flex": config.layer_types.count(SLIDING)} and calls["flex"] > 0
-    for what, s, f, floor in zip(("loss", "gradients", "logits"), sdpa, flex, (1e-3, 5e-3, 5e-3)):
-        assert f <= 2 * s + floor, f"flex's {what} are {f:.2e} from float32 SDPA's; bf16 SDPA's {s:.2e}"
+    sliding = config.layer_types.count(SLIDING)
+    assert calls == {"sdpa": (0, 0), "flex": (sliding, 0), "flash": (0, sliding)} and sliding > 0
+    for backend in ("flex", "flash"):
+        for what, s, f, floor in zip(("loss", "gradients", "logits"), results["sdpa"], results[backend],
+                                     (1e-3, 5e-3, 5e-3)):
+            assert f <= 2 * s + floor, f"{backend}'s {what} are {f:.2e} from float32 SDPA's; bf16 SDPA's {s:.2e}"
+
+
+def test_flash_attention_compiled_equals_eager():
+    """FlashAttention-2's window through inductor (its fallback kernel, as the trainer compiles it) gives eager's
+    loss and gradients, in bf16, at a block three windows long."""
+    model = fresh_model(small())
+    model.attention_backend = "flash"
+    x, y = batch(512, 4, 96)
+    eager_loss, eager_grads = loss_and_grads(model, x, y, torch.bfloat16)
+    compiled_loss, compiled_grads = loss_and_grads(model, x, y, torch.bfloat16, forward=torch.compile(model))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-2)
+    assert relative_error(compiled_grads, eager_grads) < 5e-2
 
 
 # ------------------------------------------------------------------ bf16 and fp16 steps against float32

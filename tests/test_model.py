@@ -387,6 +387,64 @@ def test_flex_attention_equals_reference_sliding_mask(monkeypatch):
     assert (flex - reference).abs().max().item() < 1e-5
 
 
+def loss_and_gradients(model, x):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, x)
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_flash_window_equals_the_sliding_mask_forward_and_backward(flash_stand_in, n_kv_heads):
+    """attention_backend "flash" hands each sliding layer's window to FlashAttention-2's own kernel: window_size_left
+    = window - 1 and right 0, causal, on its [B, T, heads, D] layout with the K/V heads shared, so that it keeps
+    i - window < j <= i (the stand-in computes what FlashAttention documents). Loss and every gradient equal the
+    boolean mask's, at a block neither a multiple of the window nor within it; global layers keep SDPA."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny(sliding_window=8, n_kv_heads=n_kv_heads))
+    randomize_norms(model)
+    x = torch.randint(0, 500, (2, 29))
+    reference = loss_and_gradients(model, x)
+    assert flash_stand_in == []  # the mask's path
+    model.attention_backend = "flash"
+    flash = loss_and_gradients(model, x)
+    assert flash_stand_in == [(7, 0, True)] * model.config.layer_types.count(SLIDING)
+    assert flash[0] == pytest.approx(reference[0], rel=1e-6)
+    for name, grad in reference[1].items():
+        assert torch.allclose(flash[1][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_flash_window_leaves_short_blocks_and_the_kv_cache_to_sdpa(flash_stand_in):
+    """Within the window every layer is plainly causal, and generation's cache keeps its own masks: neither
+    reaches FlashAttention's window, and the tokens are the mask's."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny(sliding_window=8)).eval()
+    prompt = torch.randint(0, 500, (1, 12))
+    expected = generate(model, prompt, max_new_tokens=6, temperature=0)
+    model.attention_backend = "flash"
+    with torch.no_grad():
+        model(prompt[:, :8])
+    assert torch.equal(generate(model, prompt, max_new_tokens=6, temperature=0), expected)
+    assert flash_stand_in == []
+
+
+def test_flash_window_compiles(flash_stand_in):
+    """Under torch.compile (inductor, the trainer's compiler) FlashAttention's window is traced as torch's own
+    operator, its backward included: the same loss and gradients as eager."""
+    torch.manual_seed(0)
+    model = Gemma3(tiny(sliding_window=8, n_layers=2, sliding_window_pattern=2))
+    randomize_norms(model)
+    model.attention_backend = "flash"
+    x = torch.randint(0, 500, (2, 24))
+    eager = loss_and_gradients(model, x)
+    loss, grads = loss_and_gradients(torch.compile(model, dynamic=False), x)
+    assert len(flash_stand_in) == 2  # eager once, and the compiled graph's own call
+    assert loss == pytest.approx(eager[0], rel=1e-5)
+    grads = {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}  # (the compiled wrapper's names)
+    for name, grad in eager[1].items():
+        assert torch.allclose(grads[name], grad, rtol=1e-3, atol=1e-5), name
+
+
 @pytest.mark.parametrize("chunk_size", [None, 0], ids=["chunked-loss", "plain-loss"])
 def test_flops_per_token_is_what_a_training_step_computes(chunk_size):
     """MFU's numerator, checked against torch's own FLOP counter over a real forward and backward with the loss:

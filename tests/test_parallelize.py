@@ -116,6 +116,48 @@ def test_attention_backend_choice(monkeypatch):
     assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flex"), model, GPU)[0] == "flex"
 
 
+def test_flash_attention_is_taken_where_asked_and_its_window_runs(monkeypatch):
+    """attention_backend = flash (FlashAttention-2's own window): refused off CUDA for a block longer than the
+    window, in one line naming the kernel's own refusal where its probe fails (a T4, float32), taken where the
+    probe passes; `auto` never takes it (unmeasured on a GPU so far)."""
+    model = tiny()  # window 16
+    with pytest.raises(UserError, match=r"flash needs a CUDA GPU \(FlashAttention-2's kernels are CUDA's\)"):
+        choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model, CPU)
+    assert choose_attention_backend(cfg_with(block_size=16, attention_backend="flash"), model, CPU)[0] == "sdpa"
+    probed = []
+    monkeypatch.setattr(parallelize, "flash_window_refusal", lambda *args: probed.append(args))
+    assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model, GPU) == (
+        "flash", "asked for")
+    assert probed == [(GPU.device, torch.bfloat16, 4, 1, 16, 16)]  # the run's dtype, heads, head size, window
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 227)
+    assert choose_attention_backend(cfg_with(block_size=64), model, GPU)[0] == "flex"
+    monkeypatch.setattr(parallelize, "flash_window_refusal", lambda *args: "FlashAttention only supports Ampere GPUs "
+                        "or newer.")
+    with pytest.raises(UserError, match=r"^train.attention_backend = flash: FlashAttention-2's window does not run "
+                       r"here in bfloat16 \(FlashAttention only supports Ampere GPUs or newer.\); use auto, flex or sdpa$"):
+        choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model, GPU)
+
+
+def test_the_flash_probe_runs_one_pass_of_the_window(flash_stand_in):
+    """flash_window_refusal runs one forward and backward of FlashAttention's window (None: it ran)."""
+    from tinygemma.parallelize import flash_window_refusal
+
+    flash_window_refusal.cache_clear()
+    assert flash_window_refusal(torch.device("cpu"), torch.float32, 4, 1, 16, 8) is None
+    flash_window_refusal.cache_clear()
+    assert flash_stand_in == [(7, 0, True)]
+
+
+def test_the_flash_probe_gives_the_kernels_refusal_in_one_line():
+    """Where the kernel refuses (here a CPU, which has none), the probe gives the first line of its message."""
+    from tinygemma.parallelize import flash_window_refusal
+
+    flash_window_refusal.cache_clear()
+    why = flash_window_refusal(torch.device("cpu"), torch.float32, 4, 1, 16, 8)
+    flash_window_refusal.cache_clear()
+    assert why and "\n" not in why and "_flash_attention_forward" in why, why
+
+
 def test_attention_backend_choice_where_torch_does_not_report_shared_memory(monkeypatch):
     """PyTorch 2.6's device properties lack shared_memory_per_block_optin: an H100 was then said to have 0 KB and
     never got flex. The compute capability's figure stands in for it."""
@@ -173,10 +215,11 @@ def test_kv_layout_is_the_first_that_a_fused_sdpa_kernel_takes(monkeypatch):
     assert choose_kv_layouts(raw, cfg_with(block_size=64), gpu) == {SLIDING: "repeated", GLOBAL: "shared"}
     assert asked[0] == (True, True, torch.float16, True) and all(dtype == torch.float16 for *_, dtype, _ in asked)
     assert choose_kv_layouts(raw, cfg_with(block_size=16), gpu) == {SLIDING: "shared", GLOBAL: "shared"}
-    raw.attention_backend = "flex"  # flex's sliding layers: no SDPA, nothing to choose
-    asked.clear()
-    assert choose_kv_layouts(raw, cfg_with(block_size=64), gpu) == {SLIDING: "shared", GLOBAL: "shared"}
-    assert asked == [(False, True, torch.float16, True)]  # the global layers' question only
+    for backend in ("flex", "flash"):  # their sliding layers: no SDPA, nothing to choose
+        raw.attention_backend = backend
+        asked.clear()
+        assert choose_kv_layouts(raw, cfg_with(block_size=64), gpu) == {SLIDING: "shared", GLOBAL: "shared"}
+        assert asked == [(False, True, torch.float16, True)]  # the global layers' question only
     assert choose_kv_layouts(Gemma3(tiny(n_kv_heads=4)), cfg_with(block_size=64), gpu) == {
         SLIDING: "shared", GLOBAL: "shared"}  # no K/V heads to share: plain multi-head attention
 

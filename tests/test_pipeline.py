@@ -348,6 +348,7 @@ def test_run_refuses_settings_before_preparing_and_prompts_before_training(tmp_p
     for overrides, phrase in [(["train.block_size=4096"], "train.block_size 4096 exceeds"),
                               (["train.micro_batch_size=3"], "train.micro_batch_size (3) must divide"),
                               (["train.attention_backend=flex"], "flex needs a CUDA GPU"),  # on this CPU
+                              (["train.attention_backend=flash"], "flash needs a CUDA GPU"),
                               (['generate.prompts=["Once", ""]'], "generate.prompts holds ''"),
                               (["generate.max_new_tokens=2049"], "generate.max_new_tokens 2049 leaves no room"),
                               (["generate.seed=100000000000000000000"], "generate.seed must be an integer from 0"),

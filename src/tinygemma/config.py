@@ -222,7 +222,7 @@ OTHER_SPELLINGS = {"dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "flo
 
 # The train settings that name one of a few values, in their canonical spelling
 TRAIN_CHOICES = {"dtype": DTYPES, "compile": ("auto", "true", "regional", "false"), "distributed": ("ddp", "fsdp"),
-                 "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex"),
+                 "on_nonfinite": ("stop", "skip"), "attention_backend": ("auto", "sdpa", "flex", "flash"),
                  "loss_head": ("auto", "chunked", "full"), "muon_backend": ("auto", *MUON_BACKENDS),
                  "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
 
@@ -261,7 +261,7 @@ class TrainConfig:
     init_from: str | None = None  # start a new run from these weights (a run, a checkpoint, or a transformers Gemma 3 folder, e.g. google/gemma-3-270m downloaded) with a fresh optimizer and schedule; none = random initialisation
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard of each block and the model)
-    attention_backend: str = "auto"  # sliding layers longer than the window: flex (flex_attention, CUDA), sdpa (a mask), auto
+    attention_backend: str = "auto"  # sliding layers longer than the window: flex (flex_attention, CUDA), flash (FlashAttention-2's own window, CUDA), sdpa (a mask), auto
     loss_head: str = "auto"  # the output head's cross-entropy: chunked (8,192 rows of logits at a time), full (F.cross_entropy on whole logits, fused by torch.compile), auto (per device, by measurement)
     activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (save nothing), or skip the step (counted)

@@ -104,6 +104,25 @@ def sliding_window_mask(q_len: int, kv_len: int, window: int, device) -> torch.T
     return (j <= i) & (j > i - window)
 
 
+class FlashWindow:
+    """A sliding layer's "mask" under attention_backend "flash": none at all, the window given to the kernel."""
+
+    def __init__(self, window: int):
+        self.window = window
+
+
+def flash_window_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """Causal attention within Gemma 3's window (i - window < j <= i) by FlashAttention-2's own local attention
+    (torch's `_flash_attention_forward`, CUDA only; its backward is FlashAttention's too): it keeps the window's
+    keys, i - window_size_left <= j <= i + window_size_right, with no mask to read. q [B, H, T, D] and k, v
+    [B, KV, T, D] (KV dividing H: FlashAttention reads a shared head itself); returns [B, H, T, D]."""
+    T = q.shape[2]
+    out = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, T, T, 0.0, True, False, scale=scale,
+        window_size_left=window - 1, window_size_right=0)[0]  # (the kernels take [B, T, heads, D])
+    return out.transpose(1, 2)
+
+
 class KVCache:
     """Keys and values of one layer for generation.
 
@@ -195,6 +214,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
             y = _flex_attention(q, k, v, mask, self.scale, gqa, self)
+        elif isinstance(mask, FlashWindow):
+            y = flash_window_attention(q, k, v, mask.window, self.scale)
         else:
             if gqa and self.kv_layout != "shared":  # every query head's K/V, for a kernel that takes no sharing
                 k = kv_for_every_head(k, self.n_heads, self.kv_layout)
@@ -271,8 +292,9 @@ class Gemma3(nn.Module):
         # Micro-batches of at most this many logits (rows x padded vocabulary) take the plain F.cross_entropy on
         # whole logits instead, whatever loss_chunk_size says; 0 = never. Set by parallelize.choose_loss_head.
         self.loss_full_logits = 0
-        # "sdpa" (a boolean mask for sliding layers longer than the window) or "flex" (flex_attention with a
-        # block mask: work proportional to the window; for GPUs). Either computes the same function.
+        # "sdpa" (a boolean mask for sliding layers longer than the window), "flex" (flex_attention with a
+        # block mask: work proportional to the window; for GPUs) or "flash" (FlashAttention-2's own window, no
+        # mask: CUDA only, flash_window_attention). Each computes the same function.
         self.attention_backend = "sdpa"
         # Under autocast, the hidden states between layers (the residual stream) in this dtype; None: the
         # embedding's, float32 with float32 weights. bfloat16 halves the bytes of the memory-bound norms and
@@ -369,6 +391,8 @@ class Gemma3(nn.Module):
         if T > self.config.sliding_window:
             if self.attention_backend == "flex" and cache is None:
                 masks[SLIDING] = self.sliding_block_mask(T, input_ids.device)
+            elif self.attention_backend == "flash" and cache is None:
+                masks[SLIDING] = FlashWindow(self.config.sliding_window)
             else:
                 masks[SLIDING] = sliding_window_mask(T, T, self.config.sliding_window, input_ids.device)
         for i, layer in enumerate(self.layers):

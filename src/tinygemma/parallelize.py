@@ -4,6 +4,7 @@ torch.compile, and DDP or FSDP2 under torchrun (the model file knows nothing of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 
@@ -18,6 +19,7 @@ from tinygemma.model import (
     KV_LAYOUTS,
     Gemma3,
     compiled_flex_attention,
+    flash_window_attention,
     kv_for_every_head,
     sliding_window_mask,
 )
@@ -266,30 +268,42 @@ def grad_scaler(rt: Runtime, fsdp: bool):
 FLEX_MIN_SHARED_MEMORY = 160 * 1024
 
 
-def flex_cannot_train(block_size: int, model_config: ModelConfig, device: torch.device) -> bool:
-    """Whether flex attention asked for could not train here: off CUDA (PyTorch has no flex_attention backward
-    elsewhere), for a block longer than the window (shorter ones take plain causal SDPA whatever is asked)."""
-    return block_size > model_config.sliding_window and device.type != "cuda"
+# The attention backends that train only on CUDA, and why.
+CUDA_ONLY_ATTENTION = {"flex": "PyTorch has no flex_attention backward elsewhere",
+                       "flash": "FlashAttention-2's kernels are CUDA's"}
+
+
+def attention_cannot_train(backend: str, block_size: int, model_config: ModelConfig, device: torch.device) -> bool:
+    """Whether attention `backend` asked for could not train here: flex or flash off CUDA, for a block longer than
+    the window (shorter ones take plain causal SDPA whatever is asked)."""
+    return backend in CUDA_ONLY_ATTENTION and block_size > model_config.sliding_window and device.type != "cuda"
 
 
 def check_attention_backend(cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> None:
-    """Refuse flex attention where it cannot train (flex_cannot_train). `tinygemma run` checks it before preparing
-    the data."""
-    if cfg.attention_backend == "flex" and flex_cannot_train(cfg.block_size, model_config, device):
-        raise UserError("train.attention_backend = flex needs a CUDA GPU (PyTorch has no flex_attention backward "
-                        "elsewhere); use auto or sdpa")
+    """Refuse flex or flash attention where it cannot train (attention_cannot_train). `tinygemma run` checks it
+    before preparing the data."""
+    backend = cfg.attention_backend
+    if attention_cannot_train(backend, cfg.block_size, model_config, device):
+        raise UserError(f"train.attention_backend = {backend} needs a CUDA GPU ({CUDA_ONLY_ATTENTION[backend]}); "
+                        "use auto or sdpa")
 
 
 def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Runtime) -> tuple[str, str]:
-    """(backend, why) for the sliding layers: "flex" (flex_attention, work proportional to the window) or
-    "sdpa" (SDPA with the window as a mask). `auto` takes flex on GPUs where its kernels compile."""
+    """(backend, why) for the sliding layers: "flex" (flex_attention, work proportional to the window), "flash"
+    (FlashAttention-2's own window; asked for only, where one pass of it runs) or "sdpa" (SDPA with the window as
+    a mask). `auto` takes flex on GPUs where its kernels compile."""
     check_attention_backend(cfg, model_config, rt.device)
     if cfg.block_size <= model_config.sliding_window:
         return "sdpa", f"the block ({cfg.block_size}) fits in the window, so every layer is plainly causal"
-    if cfg.attention_backend == "flex":
-        return "flex", "asked for"
-    if cfg.attention_backend == "sdpa":
-        return "sdpa", "asked for"
+    if cfg.attention_backend == "flash":
+        mc = model_config
+        refusal = flash_window_refusal(rt.device, rt.dtype, mc.n_heads, mc.n_kv_heads, mc.head_dim, mc.sliding_window)
+        if refusal:
+            raise UserError(f"train.attention_backend = flash: FlashAttention-2's window does not run here in "
+                            f"{str(rt.dtype).removeprefix('torch.')} ({refusal}); use auto, flex or sdpa")
+        return "flash", "asked for"
+    if cfg.attention_backend in ("flex", "sdpa"):
+        return cfg.attention_backend, "asked for"
     if not rt.is_cuda:
         return "sdpa", f"flex_attention trains on CUDA only, not {rt.device.type}"
     props = torch.cuda.get_device_properties(rt.device)
@@ -301,6 +315,23 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
         return "sdpa", (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
                         "flex_attention's backward at this head size")
     return "flex", f"{props.name}: flex_attention's fused kernels"
+
+
+@functools.cache
+def flash_window_refusal(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
+                         window: int) -> str | None:
+    """The first line of FlashAttention-2's refusal of one forward and backward pass of flash_window_attention at
+    these heads, head size and dtype on `device`, or None where it runs. (It takes bf16 and fp16 on sm80 and
+    newer, and head_dim 256's backward on sm80 and sm90 only; PyTorch's build of it decides: asked, not assumed.)"""
+    q = torch.zeros(1, n_heads, window + 1, head_dim, device=device, dtype=dtype, requires_grad=True)
+    kv = torch.zeros(1, n_kv_heads, window + 1, head_dim, device=device, dtype=dtype, requires_grad=True)
+    try:
+        flash_window_attention(q, kv, kv, window, 1.0).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError) as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
 
 
 # The most shared memory a block can opt into, by compute capability (CUDA C++ Programming Guide, "Technical
@@ -335,7 +366,7 @@ def choose_kv_layouts(raw: Gemma3, cfg: TrainConfig, rt: Runtime) -> dict[str, s
     q = torch.zeros(1, mc.n_heads, T, mc.head_dim, device=rt.device, dtype=dtype, requires_grad=True)
     kv = torch.zeros(1, mc.n_kv_heads, T, mc.head_dim, device=rt.device, dtype=dtype, requires_grad=True)
     masked = T > mc.sliding_window
-    if not (masked and raw.attention_backend == "flex"):  # flex's sliding layers take shared heads themselves
+    if not (masked and raw.attention_backend in ("flex", "flash")):  # (their sliding layers take shared heads)
         mask = sliding_window_mask(T, T, mc.sliding_window, rt.device) if masked else None
         layouts[SLIDING] = first_fused_kv_layout(q, kv, mask, sdpa_fused_kernel_runs)
     layouts[GLOBAL] = first_fused_kv_layout(q, kv, None, sdpa_fused_kernel_runs)

@@ -13,6 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 import tinygemma.metrics
+from tinygemma.errors import UserError
 from tinygemma.files import WriteError
 from tinygemma.metrics import (
     MetricsLog,
@@ -165,6 +166,28 @@ def test_compare_plots_ten_solid_lines_before_dashed_ones(tmp_path, monkeypatch)
     runs = {f"run{i}": [{"step": 1, "tokens": 8, "val_loss": 3.0 + i}] for i in range(12)}
     plot_validation(runs, tmp_path / "compare.png")
     assert [c[2]["linestyle"] for c in calls] == ["-"] * 10 + ["--"] * 2
+
+
+def test_compare_plots_bits_per_byte_where_the_tokenizers_differ(tmp_path, monkeypatch):
+    """Runs of other tokenizers compare by bits per byte alone: per_byte plots each run's val_bpb (a NaN, where a
+    tokenizer has no bytes to count, leaves a gap), says so on its axes, and refuses where no run has any."""
+    from matplotlib.axes import Axes
+
+    calls, labels = _captured_plots(monkeypatch), []
+    original = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, **kw: labels.append(text) or original(self, text, **kw))
+    runs = {"gpt2": [{"step": 0, "tokens": 0, "val_loss": 10.9, "val_bpb": 3.6},
+                     {"step": 9, "tokens": 90, "val_loss": 6.0, "val_bpb": math.nan}],
+            "bpe": [{"step": 9, "tokens": 120, "val_loss": 5.2, "val_bpb": 2.4}, {"step": 9, "tokens": 120}]}
+    plot_validation(runs, tmp_path / "compare.png", per_byte=True)
+    (xs, ys, _), bpe = calls
+    assert xs == [0, 90] and ys[0] == 3.6 and math.isnan(ys[1]) and bpe[:2] == ([120], [2.4])
+    assert labels == ["validation bits per byte (the runs' tokenizers differ)"]
+    plot_validation(runs, tmp_path / "compare.png")  # the same tokenizer: losses per token
+    assert [c[1] for c in calls[2:]] == [[10.9, 6.0], [5.2]]
+    without = {"gpt2": [{"step": 9, "tokens": 90, "val_loss": 6.0, "val_bpb": math.nan}], "bpe": runs["bpe"][1:]}
+    with pytest.raises(UserError, match="none of these runs has recorded bits per byte yet"):
+        plot_validation(without, tmp_path / "none.png", per_byte=True)
 
 
 def test_the_log_line_tells_a_skipped_step_from_a_float16_overflow():  # kills m13

@@ -517,6 +517,15 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert "| data=" in out and "tokenizer tokenizer.json 01234567" in out and "different windows" not in out
     assert "; validation: set aside from the training source (a 0.1 share), 66 stories; tokenizer" in out
     assert "tokenizers differ: their losses per token do not compare, their bits per byte do" in out
+    assert "validated on different stories" not in out  # the same stories, in other tokens
+    # Other validation stories too (fewer of them): that is said as well, not hidden by the tokenizers' note.
+    config["run"]["data_documents"]["val"] = 40
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(copy), str(straight_run)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers differ" in out and "validated on different stories too (set aside from the training source (a " \
+        "0.1 share), 40 stories; set aside from the training source (a 0.1 share), 66 stories): not even their bits " \
+        "per byte compare as they stand" in out
 
 
 def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_path, capsys):

@@ -135,21 +135,26 @@ def plot_losses(records: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_validation(runs: dict[str, list[dict]], path: Path) -> None:
+def plot_validation(runs: dict[str, list[dict]], path: Path, per_byte: bool = False) -> None:
     """Several runs' validation loss against tokens seen, one line each (`tinygemma compare --plot`): past the ten
-    colours of matplotlib's cycle, the lines are dashed, then dotted."""
+    colours of matplotlib's cycle, the lines are dashed, then dotted. `per_byte`: in bits per byte (`val_bpb`),
+    for runs whose tokenizers differ, whose losses per token do not compare (nor do their tokens, of other
+    lengths: the axis says so)."""
     from matplotlib.figure import Figure
 
-    curves = {name: [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r] for name, records in runs.items()}
-    if not any(curves.values()):
-        raise UserError("none of these runs has recorded a validation loss yet: nothing to plot")
+    key = "val_bpb" if per_byte else "val_loss"
+    curves = {name: [(r["tokens"], r[key]) for r in records if r.get(key) is not None] for name, records in runs.items()}
+    if not any(math.isfinite(value) for curve in curves.values() for _, value in curve):
+        raise UserError(f"none of these runs has recorded {'bits per byte' if per_byte else 'a validation loss'} "
+                        "yet: nothing to plot")
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     for i, (name, val) in enumerate(curves.items()):
         if val:
             ax.plot(*zip(*val), label=name, marker="o", markersize=3, linestyle=("-", "--", ":", "-.")[i // 10 % 4])
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("validation loss (nats per token)")
+    ax.set_xlabel("tokens (each run's own tokenizer's)" if per_byte else "tokens")
+    ax.set_ylabel("validation bits per byte (the runs' tokenizers differ)" if per_byte
+                  else "validation loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)

@@ -329,7 +329,7 @@ def flash_window_refusal(device: torch.device, dtype: torch.dtype, n_heads: int,
         flash_window_attention(q, kv, kv, window, 1.0).sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    except (RuntimeError, NotImplementedError) as e:
+    except (RuntimeError, NotImplementedError, TypeError) as e:  # (TypeError: a PyTorch without the window's keywords)
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
     return None
 

@@ -689,7 +689,8 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
     weights shown; the data by what was prepared, not by its folder's name), then each one's steps, tokens,
     training time and throughput (its newest records'), its validation losses (the last and best sampled, and the
     whole split's where `tinygemma run` evaluated a checkpoint, named), with a note where their losses do not
-    compare as they stand (comparison_note). `plot`: their validation loss against tokens, in one PNG."""
+    compare as they stand (comparison_note). `plot`: their validation loss against tokens, in one PNG (in bits
+    per byte where their tokenizers differ)."""
     plot = check_plot_path(plot) if plot is not None else None
     runs, seen = {}, {}
     for given in [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs:  # (one run: a list of one)
@@ -717,7 +718,7 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
                          "val loss (best)", "whole split loss", "bits per byte"))
     lines += comparison_note(runs, data, by_tokens)
     if plot is not None:
-        plot_validation({name: run["records"] for name, run in runs.items()}, plot)
+        plot_validation({name: run["records"] for name, run in runs.items()}, plot, per_byte=tokenizers_differ(runs))
     return "\n".join(lines)
 
 
@@ -748,15 +749,18 @@ def compared_row(name: str, run: dict, differs: str) -> tuple[str, ...]:
 
 def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
     """What compare says under its table, the first that holds: the runs' tokenizers differ (bits per byte
-    compare, losses per token do not), their validation stories differ (by their tokens, or without digests by
-    their counts: no validation loss compares), or only their sampled windows do (the whole split's compare)."""
-    tokenizers = {json.dumps(tokenizer, sort_keys=True) for run in runs.values()  # (of runs that record theirs)
-                  if isinstance(tokenizer := (run["config"].get("run") or {}).get("tokenizer"), dict)}
+    compare, losses per token do not; and if their validation stories differ too, by where they came from and
+    how many, that neither compares as it stands), their validation stories differ (by their tokens, or without
+    digests by their counts: no validation loss compares), or only their sampled windows do (the whole split's
+    compare)."""
     samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
-    if len(tokenizers) > 1:
+    if tokenizers_differ(runs):
+        stories = {validation_description(run["config"].get("run") or {}) for run in runs.values()}
+        also = (" They were validated on different stories too (" + "; ".join(sorted(stories)) + "): not even their "
+                "bits per byte compare as they stand." if len(stories) > 1 else "")
         return ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
-                "same stories: `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story file in "
-                "its own tokens.", ""]
+                f"same stories.{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
+                "file in its own tokens.", ""]
     if len({val for _, val, _ in data.values()} - {None}) > 1:
         return ["The runs were validated on different stories: neither their sampled nor their whole split's losses "
                 "compare. Score them on the same stories: `tinygemma eval --ckpt RUN --data DATA` (one dataset, or "
@@ -766,6 +770,12 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
                 "size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` writes to "
                 "eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.", ""]
     return []
+
+
+def tokenizers_differ(runs: dict) -> bool:
+    """Whether the compared runs (of those that record theirs) were trained with different tokenizers."""
+    return len({json.dumps(tokenizer, sort_keys=True) for run in runs.values()
+                if isinstance(tokenizer := (run["config"].get("run") or {}).get("tokenizer"), dict)}) > 1
 
 
 def check_plot_path(plot: str | Path) -> Path:

@@ -171,9 +171,11 @@ def test_the_first_step_is_reported_apart(monkeypatch, capsys):
     ("train_throughput", ["--preset", "gemma3-tiny", "--device", "cpu", "--attention", "flex", "--block-size", "128"],
      "--attention flex needs a CUDA GPU"),
     ("train_throughput", ["--preset", "gemma3-tiny", "--device", "cpu", "--attention", "flash", "--block-size", "128"],
-     "--attention flash needs a CUDA GPU (FlashAttention-2's kernels are CUDA's); use --attention sdpa"),
+     "--attention flash needs a CUDA GPU for a block longer than the sliding window (FlashAttention-2's kernels are "
+     "CUDA's); use --attention sdpa"),
     ("train_throughput", ["--preset", "gemma3-tiny", "--device", "cpu", "--contenders", "tinygemma,tinygemma-flash",
-                          "--block-size", "128"], "tinygemma-flash needs a CUDA GPU"),
+                          "--block-size", "128"], "tinygemma-flash needs a CUDA GPU for a block longer than the sliding "
+                                                  "window (FlashAttention-2's kernels are CUDA's); leave it out"),
     ("train_throughput", ["--device", "cuda", "--preset", "gemma3-tiny"], "no CUDA GPU"),
     ("train_throughput", ["--isolate", "1", "--contenders", "workshop", "--preset", "gemma3-tiny", "--device",
                           "cuda"], "no CUDA GPU"),

@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -40,6 +41,7 @@ from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import pick_device, pick_dtype
 from tinygemma.files import is_training_run
 from tinygemma.hf import is_hf_export
+from tinygemma.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -686,6 +688,47 @@ def test_an_export_whose_tokenizer_json_is_gone_takes_only_its_own_tokenizer(che
     copied = export(full, tmp_path / "copied", tokenizer=str(rewritten))
     assert (copied / "tokenizer.json").read_bytes() == own.read_bytes()
     assert exported_record(copied, TOKENIZER_KEY)["sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+
+
+def test_an_export_whose_tokenizer_json_was_replaced_by_another_is_refused(checkpoint, tmp_path, capsys):
+    """An export's tokenizer.json swapped for another tokenizer's (another size) is refused against the record in
+    its weights' header, by every command that reads it, in one line, where it generated and evaluated garbage;
+    the same tokenizer written again is taken, and so is the export's own named with --tokenizer."""
+    from tinygemma.checkpoint import checkpoint_tokenizer
+
+    _, path = checkpoint
+    own, other = tmp_path / "own.json", tmp_path / "other.json"
+    own.write_text(word_tokenizer("cat", "dog", "sun"), encoding="utf-8")
+    other.write_text(word_tokenizer("cat", "dog", "sun", "moon", "star"), encoding="utf-8")
+    out = export(path, tmp_path / "hf", tokenizer=str(own))
+    (out / "tokenizer.json").write_text(json.dumps(json.loads(own.read_text()), indent=1), encoding="utf-8")
+    assert checkpoint_tokenizer(out).identity == load_tokenizer(str(own)).identity  # written again: taken
+    shutil.copyfile(other, out / "tokenizer.json")
+    refusal = (re.escape(f"{out / 'tokenizer.json'} (tokenizer.json:") + "[0-9a-f]+" + re.escape(
+        f", 6 tokens) is not the tokenizer {out} was exported with (a tokenizer.json of 4 tokens, by its "
+        "model.safetensors)"))
+    with pytest.raises(UserError, match=refusal):
+        checkpoint_tokenizer(out)
+    for command in (["generate", "--ckpt", str(out), "--prompt", "cat"], ["export", "--ckpt", str(out), "--out",
+                                                                          str(tmp_path / "again")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not the tokenizer" in err, err
+    assert checkpoint_tokenizer(out, str(own)).identity == load_tokenizer(str(own)).identity
+
+
+def test_an_export_that_lost_its_gpt2_tokenizer_json_is_exported_with_gpt2s_again(tmp_path):
+    """A GPT-2 model's export without its tokenizer.json: every command reads GPT-2 from the header's record, and
+    so does an export of it, which writes GPT-2's tokenizer files (it wrote none, and said the record was none)."""
+    from tinygemma.checkpoint import checkpoint_tokenizer
+
+    model = Gemma3(small_config(vocab_size=50257, d_model=16, n_layers=1, mlp_dim=32))
+    save_model(model, tmp_path / "ckpt", {"tokenizer": {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}})
+    out = export(tmp_path / "ckpt", tmp_path / "hf")
+    (out / "tokenizer.json").unlink()
+    again = export(out, tmp_path / "again")
+    assert load_tokenizer(str(again / "tokenizer.json")).identity == "gpt2"
+    assert checkpoint_tokenizer(again).identity == "gpt2"
 
 
 def test_a_tokenizer_spec_without_a_sha256_takes_a_given_tokenizer_of_its_size(checkpoint, tmp_path):

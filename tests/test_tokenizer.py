@@ -321,6 +321,29 @@ def test_a_tokenizer_json_encodes_whole_stories_whatever_its_truncation_and_padd
         assert tok.content == path.read_text(encoding="utf-8")
 
 
+def test_a_tokenizer_json_with_bpe_dropout_is_refused_in_one_line(bpe, tmp_path, capsys):
+    """BPE dropout splits the same text into other tokens on each call (two prepares of the same stories gave
+    other digests, two evaluations other bits per byte, a greedy prompt other ids): refused where the file is
+    read, as the GGUF export refused it; a dropout of null or 0 is no dropout, and taken."""
+    from tinygemma.cli import main
+
+    spec = json.loads(bpe.content)
+    for dropout in (None, 0.0):
+        spec["model"]["dropout"] = dropout
+        (tmp_path / "fine.json").write_text(json.dumps(spec), encoding="utf-8")
+        assert load_tokenizer(tmp_path / "fine.json").encode("Once upon a time") == bpe.encode("Once upon a time")
+    spec["model"]["dropout"] = 0.3
+    (tmp_path / "dropout.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(UserError, match=r"dropout.json: its BPE model sets dropout \(0.3\), which splits the same "
+                                        r'text into other tokens on every call.*set "dropout" to null in it$'):
+        load_tokenizer(tmp_path / "dropout.json")
+    (tmp_path / "stories.txt").write_text("Once upon a time.\n<|endoftext|>\nThe end.\n", encoding="utf-8")
+    assert main(["prepare", "--source", str(tmp_path / "stories.txt"), "--tokenizer", str(tmp_path / "dropout.json"),
+                 "--out", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sets dropout" in err and not (tmp_path / "data").exists()
+
+
 def test_an_untrained_tokenizer_json_is_one_line(tmp_path):
     """A BPE saved before training has no vocabulary at all: named as lacking end-of-text (was max() of nothing)."""
     from tokenizers import Tokenizer as Backend

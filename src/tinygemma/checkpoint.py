@@ -289,8 +289,11 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
     if not meta:  # a transformers directory: its tokenizer files and special ids as they are
         copied = [name for name in HF_TOKENIZER_FILES if (src / name).exists()]
         has_own = TOKENIZER_FILE in copied
-        own = checkpoint_tokenizer(src, tokenizer) if has_own or tokenizer else None  # read, or refused, first
-        if tokenizer and not (has_own and _loads_tokenizer(src)):
+        # (read, or refused, first; a tinygemma export that lost its GPT-2 tokenizer.json gets GPT-2's again)
+        recorded = exported_record(src, TOKENIZER_KEY)
+        gpt2 = "gpt2" in (recorded.get("kind"), recorded.get("identity"))
+        own = checkpoint_tokenizer(src, tokenizer) if has_own or tokenizer or gpt2 else None
+        if own is not None and not (has_own and _loads_tokenizer(src)):
             copied = []  # the named tokenizer's files, not a part of the source's, nor a tokenizer.json it cannot read
         source_config = peek_json(src / "config.json")
         special = {key: source_config.get(key) for key in SPECIAL_IDS}
@@ -386,7 +389,7 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
         if spec:
             own = tokenizer_from_spec(spec, base_dir=directory)
         elif (directory / TOKENIZER_FILE).exists():
-            own = load_tokenizer(directory)
+            own = exported_with(load_tokenizer(directory), recorded, directory)
         elif gpt2:  # an export's record, its file gone: GPT-2's
             own = load_tokenizer("gpt2")  # vocabulary needs no file of its own
     except UserError:
@@ -413,6 +416,20 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
                         f"with ({own.identity}): its token ids would mean other text; leave --tokenizer out to "
                         "use the checkpoint's own")
     return given
+
+
+def exported_with(tokenizer, recorded: dict, directory: Path):
+    """A tinygemma export's tokenizer.json, refused where it is plainly not the tokenizer the export's weights
+    header records (`recorded`; {} for another transformers folder): another number of tokens, or GPT-2's
+    vocabulary against another's. (Finer differences are left alone: the recorded identity is a digest of the
+    file as the installed `tokenizers` writes it back, which another release may spell otherwise.)"""
+    size, gpt2 = recorded.get("vocab_size"), "gpt2" in (recorded.get("kind"), recorded.get("identity"))
+    if recorded and ((is_integer(size) and size != tokenizer.vocab_size) or gpt2 != (tokenizer.identity == "gpt2")):
+        made = "GPT-2's" if gpt2 else f"a tokenizer.json of {size:,} tokens" if is_integer(size) else "another"
+        raise UserError(f"{directory / TOKENIZER_FILE} ({tokenizer.identity}, {tokenizer.vocab_size:,} tokens) is not "
+                        f"the tokenizer {directory} was exported with ({made}, by its model.safetensors): its token ids "
+                        "would mean other text; put the export's own tokenizer.json back, or name it with --tokenizer")
+    return tokenizer
 
 
 def matches_spec(tokenizer, spec: dict) -> bool:

@@ -302,6 +302,11 @@ class HFTokenizer(Tokenizer):
         _read_stories(self.backend)
         self.content = content
         self.path = path
+        dropout = (self.parsed.get("model") or {}).get("dropout")
+        if isinstance(dropout, (int, float)) and dropout > 0:
+            raise UserError(f"{where}: its BPE model sets dropout ({dropout:g}), which splits the same text into "
+                            "other tokens on every call: prepared data, bits per byte and prompts would not repeat; "
+                            'set "dropout" to null in it')
         self.sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
         vocab = self.backend.get_vocab(with_added_tokens=True)
         eot = [token for token in EOT_CANDIDATES if token in vocab]

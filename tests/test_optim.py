@@ -566,9 +566,13 @@ def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp
     for name, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29599",
                         "TORCHELASTIC_RUN_ID": "x"}.items():
         monkeypatch.setenv(name, value)
-    for rank, said in (("1", ""), ("0", "makes the run's folder in one process")):
+    # (the command it names to make the fork first is the user's own, settings and all, with --stop-at 1)
+    first = (f"run `tinygemma train --resume-from {step2} --out {tmp_path / 't'} --set max_steps=9 --set "
+             "'generate.stop=The end' --stop-at 1` first")
+    for rank, said in (("1", ""), ("0", first)):
         monkeypatch.setenv("RANK", rank)
-        assert main(["train", "--resume-from", str(step2), "--out", str(tmp_path / "t")]) == 2
+        assert main(["train", "--resume-from", str(step2), "--out", str(tmp_path / "t"), "--set", "max_steps=9",
+                     "--set", "generate.stop=The end"]) == 2
         err = capsys.readouterr().err
         assert (said in err and err.count("\n") == 1) if said else err == "", err
     assert not (tmp_path / "t").exists()

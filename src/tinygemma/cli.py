@@ -125,6 +125,7 @@ def installed_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (a command to repeat names them)
     if unknown:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
@@ -323,7 +324,8 @@ def _train_main(args) -> int:
                         f"{args.resume_from} belongs to")
     if not given:
         raise UserError("--resume-from continues a run in a new folder: name it with --out")
-    check_fork_processes(args.resume_from, out)
+    # (under torchrun, the command that makes the fork first: the user's own, with their settings)
+    check_fork_processes(args.resume_from, out, " ".join(["tinygemma", *map(shell_quote, args.argv), "--stop-at", "1"]))
     with forked_run(args.resume_from, out):  # the recipe then read from the fork, as --resume reads a run's
         args.resume = True
         return _train_run(args, out, overrides)

@@ -892,12 +892,15 @@ EARLY_RUN_FILES = frozenset({"tb", "wandb", TRACKERS_STATE})  # (and tinygemma's
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "loss.png", REPORT_NAME, EVAL_NAME, TRACKERS_STATE})
 
 
-def check_fork_processes(checkpoint, out) -> None:
-    """A fork is made by one process, before any trains it."""
+def check_fork_processes(checkpoint, out, first: str | None = None) -> None:
+    """A fork is made by one process, before any trains it. `first`: the command that makes it, as the user gave
+    theirs with --stop-at 1 (the command line's own arguments: its settings are the fork's, which it records)."""
     if env_world_size() > 1:
-        error = UserError(f"--resume-from (resume_from) makes the run's folder in one process: run `tinygemma train "
-                          f"--resume-from {checkpoint} --out {out} --stop-at 1` first (it trains nothing), then "
-                          "torchrun with --resume")
+        command = first or f"tinygemma train --resume-from {checkpoint} --out {out} --stop-at 1"
+        settings = "" if first else " with the fork's settings"
+        error = UserError(f"--resume-from (resume_from) makes the run's folder in one process: run `{command}`"
+                          f"{settings} first (it trains nothing, and records its settings), then torchrun with "
+                          "--resume")
         error.shown_by_rank_0 = env_rank() != 0  # said once, not once a process
         raise error
 
@@ -1011,6 +1014,8 @@ def check_resume_settings(saved: dict | None, cfg: TrainConfig, step: int, stop_
         return (f"resuming the fork at step {step} with settings other than those it recorded when it was made: "
                 f"{', '.join(replaced)}; the steps from here take this invocation's (a --config file given to "
                 "--resume replaces the fork's: leave it out to train with them)")
+    if pending is not None and trains:  # the fork's own, as recorded (their change from its source said then)
+        return None
     changed = named_changes(saved, cfg, forked)
     if not changed:
         return None

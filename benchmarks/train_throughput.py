@@ -78,7 +78,12 @@ from tinygemma.devices import pick_device  # noqa: E402
 from tinygemma.files import atomic_write_json  # noqa: E402
 from tinygemma.hf import to_transformers  # noqa: E402
 from tinygemma.metrics import peak_flops as trainer_peak_flops  # noqa: E402
-from tinygemma.parallelize import CUDA_ONLY_ATTENTION, attention_cannot_train, compile_layers  # noqa: E402
+from tinygemma.parallelize import (  # noqa: E402
+    CUDA_ONLY_ATTENTION,
+    attention_cannot_train,
+    compile_layers,
+    flash_window_refusal,
+)
 
 CONTENDERS = ("tinygemma", "tinygemma-bf16stream", "tinygemma-flash", "transformers", "transformers-eager", "workshop", "workshop-untied")
 # How a contender is compiled, by its name's suffix: torch.compile's inductor options.
@@ -296,6 +301,10 @@ def main(argv=None) -> dict:
         if attention_cannot_train(backend, args.block_size, config, device):
             p.error(f"{what} needs a CUDA GPU for a block longer than the sliding window "
                     f"({CUDA_ONLY_ATTENTION[backend]}); {instead}")
+        refusal = backend == "flash" and args.block_size > config.sliding_window and flash_window_refusal(
+            device, getattr(torch, args.dtype), config.n_heads, config.n_kv_heads, config.head_dim, config.sliding_window)
+        if refusal:  # (as the trainer's start: float32, a GPU older than Ampere), before any contender compiles
+            p.error(f"{what}: FlashAttention-2's window does not run here ({refusal}); {instead}")
     if args.isolate:
         return run_isolated(args, argv, names)
 

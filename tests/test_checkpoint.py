@@ -717,9 +717,12 @@ def test_an_export_whose_tokenizer_json_was_replaced_by_another_is_refused(check
     assert checkpoint_tokenizer(out, str(own)).identity == load_tokenizer(str(own)).identity
 
 
-def test_an_export_that_lost_its_gpt2_tokenizer_json_is_exported_with_gpt2s_again(tmp_path):
+def test_an_export_that_lost_its_gpt2_tokenizer_json_is_exported_with_gpt2s_again(tmp_path, monkeypatch):
     """A GPT-2 model's export without its tokenizer.json: every command reads GPT-2 from the header's record, and
-    so does an export of it, which writes GPT-2's tokenizer files (it wrote none, and said the record was none)."""
+    so does an export of it, which writes GPT-2's tokenizer files (it wrote none, and said the record was none).
+    Offline, without GPT-2's ranks, an export's own GPT-2 tokenizer.json is still taken (it cannot be told to be
+    GPT-2's then, but it is the recorded size), and an export of one that lost it goes without, as before."""
+    import tinygemma.tokenizer as tokenizer_module
     from tinygemma.checkpoint import checkpoint_tokenizer
 
     model = Gemma3(small_config(vocab_size=50257, d_model=16, n_layers=1, mlp_dim=32))
@@ -729,6 +732,14 @@ def test_an_export_that_lost_its_gpt2_tokenizer_json_is_exported_with_gpt2s_agai
     again = export(out, tmp_path / "again")
     assert load_tokenizer(str(again / "tokenizer.json")).identity == "gpt2"
     assert checkpoint_tokenizer(again).identity == "gpt2"
+
+    def offline():
+        raise UserError("cannot load the GPT-2 vocabulary through tiktoken (offline)")
+
+    monkeypatch.setattr(tokenizer_module, "_gpt2_encoding", offline)
+    monkeypatch.setattr(tokenizer_module, "_gpt2_vocabulary", offline)
+    assert checkpoint_tokenizer(again).identity != "gpt2" and checkpoint_tokenizer(again).vocab_size == 50257
+    assert not (export(out, tmp_path / "bare") / "tokenizer.json").exists()
 
 
 def test_a_tokenizer_spec_without_a_sha256_takes_a_given_tokenizer_of_its_size(checkpoint, tmp_path):

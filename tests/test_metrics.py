@@ -185,6 +185,9 @@ def test_compare_plots_bits_per_byte_where_the_tokenizers_differ(tmp_path, monke
     assert labels == ["validation bits per byte (the runs' tokenizers differ)"]
     plot_validation(runs, tmp_path / "compare.png")  # the same tokenizer: losses per token
     assert [c[1] for c in calls[2:]] == [[10.9, 6.0], [5.2]]
+    diverged = {"a": [{"step": 1, "tokens": 8, "val_loss": math.nan}, {"step": 2, "tokens": 16, "val_loss": math.inf}]}
+    plot_validation(diverged, tmp_path / "diverged.png")  # losses recorded, none finite: a plot, not "none yet"
+    assert (tmp_path / "diverged.png").exists()
     without = {"gpt2": [{"step": 9, "tokens": 90, "val_loss": 6.0, "val_bpb": math.nan}], "bpe": runs["bpe"][1:]}
     with pytest.raises(UserError, match="none of these runs has recorded bits per byte yet"):
         plot_validation(without, tmp_path / "none.png", per_byte=True)

@@ -124,6 +124,9 @@ def test_flash_attention_is_taken_where_asked_and_its_window_runs(monkeypatch):
     with pytest.raises(UserError, match=r"flash needs a CUDA GPU \(FlashAttention-2's kernels are CUDA's\)"):
         choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model, CPU)
     assert choose_attention_backend(cfg_with(block_size=16, attention_backend="flash"), model, CPU)[0] == "sdpa"
+    with pytest.raises(UserError, match="flash needs train.dtype bfloat16 or float16 .FlashAttention-2 takes no "
+                                        "float32.; use auto, flex or sdpa"):  # before any data is prepared
+        check_attention_backend(cfg_with(block_size=64, attention_backend="flash", dtype="float32"), model, GPU.device)
     probed = []
     monkeypatch.setattr(parallelize, "flash_window_refusal", lambda *args: probed.append(args))
     assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model, GPU) == (
@@ -138,24 +141,36 @@ def test_flash_attention_is_taken_where_asked_and_its_window_runs(monkeypatch):
         choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model, GPU)
 
 
-def test_the_flash_probe_runs_one_pass_of_the_window(flash_stand_in):
-    """flash_window_refusal runs one forward and backward of FlashAttention's window (None: it ran)."""
-    from tinygemma.parallelize import flash_window_refusal
+def test_the_flash_probe_passes_a_kernel_that_keeps_the_window_and_refuses_one_that_ignores_it(flash_stand_in,
+                                                                                                 monkeypatch):
+    """flash_window_refusal runs one forward and backward of FlashAttention's window on inputs where only the
+    window tells right from wrong: the kernel as FlashAttention documents it passes (and is remembered); one that
+    runs but keeps every earlier key (a ROCm build that ignores the window) is refused, and not remembered."""
+    from tinygemma.parallelize import _FLASH_WINDOW_RUNS, flash_window_attention, flash_window_refusal
 
-    flash_window_refusal.cache_clear()
-    assert flash_window_refusal(torch.device("cpu"), torch.float32, 4, 1, 16, 8) is None
-    flash_window_refusal.cache_clear()
-    assert flash_stand_in == [(7, 0, True)]
+    cpu = torch.device("cpu")
+    _FLASH_WINDOW_RUNS.clear()
+    monkeypatch.setattr(parallelize, "flash_window_attention",
+                        lambda q, k, v, window, scale: flash_window_attention(q, k, v, 10**6, scale))  # plain causal
+    assert flash_window_refusal(cpu, torch.float32, 4, 1, 16, 8) == ("the kernel ran but ignored the window (the "
+                                                                    "last query read keys before it)")
+    assert not _FLASH_WINDOW_RUNS
+    monkeypatch.setattr(parallelize, "flash_window_attention", flash_window_attention)
+    assert flash_window_refusal(cpu, torch.float32, 4, 1, 16, 8) is None
+    assert flash_stand_in[-1] == (7, 0, True) and _FLASH_WINDOW_RUNS == {(cpu, torch.float32, 4, 1, 16, 8)}
+    calls = len(flash_stand_in)
+    assert flash_window_refusal(cpu, torch.float32, 4, 1, 16, 8) is None and len(flash_stand_in) == calls  # remembered
+    _FLASH_WINDOW_RUNS.clear()
 
 
 def test_the_flash_probe_gives_the_kernels_refusal_in_one_line():
     """Where the kernel refuses (here a CPU, which has none), the probe gives the first line of its message."""
-    from tinygemma.parallelize import flash_window_refusal
+    from tinygemma.parallelize import _FLASH_WINDOW_RUNS, flash_window_refusal
 
-    flash_window_refusal.cache_clear()
+    _FLASH_WINDOW_RUNS.clear()
     why = flash_window_refusal(torch.device("cpu"), torch.float32, 4, 1, 16, 8)
-    flash_window_refusal.cache_clear()
     assert why and "\n" not in why and "_flash_attention_forward" in why, why
+    assert not _FLASH_WINDOW_RUNS
 
 
 def test_attention_backend_choice_where_torch_does_not_report_shared_memory(monkeypatch):

@@ -526,6 +526,14 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert "tokenizers differ" in out and "validated on different stories too (set aside from the training source (a " \
         "0.1 share), 40 stories; set aside from the training source (a 0.1 share), 66 stories): not even their bits " \
         "per byte compare as they stand" in out
+    # A run that records no source (from before 2026-12-02) is not known to differ: not said to, though the other's
+    # stories are named and its own are "unknown"
+    config["run"]["data_documents"]["val"] = 66
+    del config["run"]["data_source"]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(copy), str(straight_run)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers differ" in out and "validated on different stories" not in out
 
 
 def test_compare_reads_a_run_still_training_from_its_records(straight_run, tmp_path, capsys):

@@ -292,7 +292,10 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
         # (read, or refused, first; a tinygemma export that lost its GPT-2 tokenizer.json gets GPT-2's again)
         recorded = exported_record(src, TOKENIZER_KEY)
         gpt2 = "gpt2" in (recorded.get("kind"), recorded.get("identity"))
-        own = checkpoint_tokenizer(src, tokenizer) if has_own or tokenizer or gpt2 else None
+        own = checkpoint_tokenizer(src, tokenizer) if has_own or tokenizer else None
+        if own is None and gpt2:  # (GPT-2's ranks out of reach offline: exported without, as the note then says)
+            with contextlib.suppress(UserError):
+                own = checkpoint_tokenizer(src)
         if own is not None and not (has_own and _loads_tokenizer(src)):
             copied = []  # the named tokenizer's files, not a part of the source's, nor a tokenizer.json it cannot read
         source_config = peek_json(src / "config.json")
@@ -420,15 +423,16 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
 
 def exported_with(tokenizer, recorded: dict, directory: Path):
     """A tinygemma export's tokenizer.json, refused where it is plainly not the tokenizer the export's weights
-    header records (`recorded`; {} for another transformers folder): another number of tokens, or GPT-2's
-    vocabulary against another's. (Finer differences are left alone: the recorded identity is a digest of the
-    file as the installed `tokenizers` writes it back, which another release may spell otherwise.)"""
-    size, gpt2 = recorded.get("vocab_size"), "gpt2" in (recorded.get("kind"), recorded.get("identity"))
-    if recorded and ((is_integer(size) and size != tokenizer.vocab_size) or gpt2 != (tokenizer.identity == "gpt2")):
-        made = "GPT-2's" if gpt2 else f"a tokenizer.json of {size:,} tokens" if is_integer(size) else "another"
+    header records (`recorded`; {} for another transformers folder): another number of tokens. (Nothing finer:
+    the recorded identity is a digest of the file as the installed `tokenizers` writes it back, which another
+    release may spell otherwise, and whether a file is GPT-2's depends on GPT-2's ranks being at hand.)"""
+    size = recorded.get("vocab_size")
+    if is_integer(size) and size != tokenizer.vocab_size:
+        made = "GPT-2's" if "gpt2" in (recorded.get("kind"), recorded.get("identity")) else "a tokenizer.json"
         raise UserError(f"{directory / TOKENIZER_FILE} ({tokenizer.identity}, {tokenizer.vocab_size:,} tokens) is not "
-                        f"the tokenizer {directory} was exported with ({made}, by its model.safetensors): its token ids "
-                        "would mean other text; put the export's own tokenizer.json back, or name it with --tokenizer")
+                        f"the tokenizer {directory} was exported with ({made} of {size:,} tokens, by its "
+                        "model.safetensors): its token ids would mean other text; put the export's own tokenizer.json "
+                        "back, or name it with --tokenizer")
     return tokenizer
 
 

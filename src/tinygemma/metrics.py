@@ -144,7 +144,7 @@ def plot_validation(runs: dict[str, list[dict]], path: Path, per_byte: bool = Fa
 
     key = "val_bpb" if per_byte else "val_loss"
     curves = {name: [(r["tokens"], r[key]) for r in records if r.get(key) is not None] for name, records in runs.items()}
-    if not any(math.isfinite(value) for curve in curves.values() for _, value in curve):
+    if not any(curves.values()) or (per_byte and not any(math.isfinite(v) for c in curves.values() for _, v in c)):
         raise UserError(f"none of these runs has recorded {'bits per byte' if per_byte else 'a validation loss'} "
                         "yet: nothing to plot")
     fig = Figure(figsize=(8, 5))

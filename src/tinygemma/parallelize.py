@@ -4,7 +4,6 @@ torch.compile, and DDP or FSDP2 under torchrun (the model file knows nothing of 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import types
 
@@ -286,6 +285,9 @@ def check_attention_backend(cfg: TrainConfig, model_config: ModelConfig, device:
     if attention_cannot_train(backend, cfg.block_size, model_config, device):
         raise UserError(f"train.attention_backend = {backend} needs a CUDA GPU ({CUDA_ONLY_ATTENTION[backend]}); "
                         "use auto or sdpa")
+    if backend == "flash" and cfg.block_size > model_config.sliding_window and cfg.dtype == "float32":
+        raise UserError("train.attention_backend = flash needs train.dtype bfloat16 or float16 (FlashAttention-2 "
+                        "takes no float32); use auto, flex or sdpa")
 
 
 def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Runtime) -> tuple[str, str]:
@@ -317,20 +319,35 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
     return "flex", f"{props.name}: flex_attention's fused kernels"
 
 
-@functools.cache
+# The (device, dtype, heads, K/V heads, head size, window) where flash_window_refusal's probe passed.
+_FLASH_WINDOW_RUNS: set = set()
+
+
 def flash_window_refusal(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
                          window: int) -> str | None:
-    """The first line of FlashAttention-2's refusal of one forward and backward pass of flash_window_attention at
-    these heads, head size and dtype on `device`, or None where it runs. (It takes bf16 and fp16 on sm80 and
-    newer, and head_dim 256's backward on sm80 and sm90 only; PyTorch's build of it decides: asked, not assumed.)"""
-    q = torch.zeros(1, n_heads, window + 1, head_dim, device=device, dtype=dtype, requires_grad=True)
-    kv = torch.zeros(1, n_kv_heads, window + 1, head_dim, device=device, dtype=dtype, requires_grad=True)
+    """Why FlashAttention-2's window cannot train here, in a line, or None: one forward and backward pass of
+    flash_window_attention at these heads, head size and dtype on `device`, on inputs where only the window tells
+    right from wrong (the last query's own window holds keys and values of zeros, the keys before it score high
+    and hold ones): a kernel that refuses (bf16 and fp16 only, sm80 and newer, head_dim 256's backward on sm80
+    and sm90) or that ignores the window (a ROCm build without it) is refused. A pass is remembered for the
+    process; a refusal is not (out of memory, say, may not last)."""
+    key = (device, dtype, n_heads, n_kv_heads, head_dim, window)
+    if key in _FLASH_WINDOW_RUNS:
+        return None
+    T = 2 * window
+    q = torch.ones(1, n_heads, T, head_dim, device=device, dtype=dtype, requires_grad=True)
+    early = (torch.arange(T, device=device) < window).to(dtype)[None, None, :, None]  # keys the last query must miss
+    k = (early * torch.ones(1, n_kv_heads, T, head_dim, device=device, dtype=dtype)).requires_grad_()
+    v = (early * torch.ones(1, n_kv_heads, T, head_dim, device=device, dtype=dtype)).requires_grad_()
     try:
-        flash_window_attention(q, kv, kv, window, 1.0).sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        out = flash_window_attention(q, k, v, window, 1.0)[:, :, -1]
+        out.float().sum().backward()
+        leaked = max(out.abs().max().item(), v.grad[:, :, :window].abs().max().item())
     except (RuntimeError, NotImplementedError, TypeError) as e:  # (TypeError: a PyTorch without the window's keywords)
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if leaked > 1e-3:
+        return "the kernel ran but ignored the window (the last query read keys before it)"
+    _FLASH_WINDOW_RUNS.add(key)
     return None
 
 

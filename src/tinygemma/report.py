@@ -755,9 +755,11 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
     compare)."""
     samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
     if tokenizers_differ(runs):
-        stories = {validation_description(run["config"].get("run") or {}) for run in runs.values()}
-        also = (" They were validated on different stories too (" + "; ".join(sorted(stories)) + "): not even their "
-                "bits per byte compare as they stand." if len(stories) > 1 else "")
+        stories = {validation_stories(run["config"]): validation_description(run["config"].get("run") or {})
+                   for run in runs.values()}
+        stories.pop(None, None)  # (a run that records no source: not known to differ)
+        also = (" They were validated on different stories too (" + "; ".join(sorted(set(stories.values()))) + "): not "
+                "even their bits per byte compare as they stand." if len(stories) > 1 else "")
         return ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
                 f"same stories.{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
                 "file in its own tokens.", ""]
@@ -770,6 +772,20 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
                 "size, or eval_batches x global batch): compare the whole split's, which `tinygemma run` writes to "
                 "eval.json and `tinygemma eval --ckpt RUN --data DATA` gives for any checkpoint.", ""]
     return []
+
+
+def validation_stories(config: dict) -> str | None:
+    """Which stories a run was validated on, whatever their tokens: their file (or the hub's split) and count,
+    or, set aside, the training stories' sources and limit, the share and the count; None where its config.json
+    records no source (a run from before 2026-12-02)."""
+    run = config.get("run") or {}
+    source = run.get("data_source")
+    if not isinstance(source, dict):
+        return None
+    aside = source.get("val_fraction")
+    documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("val")
+    return json.dumps([source.get("val"), aside, source.get("train") if aside else None,
+                       source.get("limit") if aside else None, documents])
 
 
 def tokenizers_differ(runs: dict) -> bool:

@@ -163,6 +163,27 @@ def test_the_flash_probe_passes_a_kernel_that_keeps_the_window_and_refuses_one_t
     _FLASH_WINDOW_RUNS.clear()
 
 
+def test_a_flash_refusal_on_one_process_is_every_process_refusal(monkeypatch):
+    """Under torchrun every process probes its own GPU; one that refuses (out of memory there, say) makes every
+    process refuse, naming it, with process 0 the one to print it, rather than the others going on to wait in a
+    collective for ever."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    model = tiny()
+    monkeypatch.setattr(parallelize, "flash_window_refusal", lambda *args: None)  # this process's GPU: fine
+    monkeypatch.setattr(dist, "all_gather_object", lambda said, mine: said.__setitem__(slice(None), [mine, "no memory"]))
+    for rank in (0, 1):
+        rt = dataclasses.replace(GPU, rank=rank, world_size=2)
+        with pytest.raises(UserError, match=r"window does not run here in bfloat16 \(process 1: no memory\)") as e:
+            choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model, rt)
+        assert getattr(e.value, "shown_by_rank_0", False) == (rank == 1)
+    monkeypatch.setattr(dist, "all_gather_object", lambda said, mine: said.__setitem__(slice(None), [mine, None]))
+    assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flash"), model,
+                                    dataclasses.replace(GPU, world_size=2))[0] == "flash"
+
+
 def test_the_flash_probe_gives_the_kernels_refusal_in_one_line():
     """Where the kernel refuses (here a CPU, which has none), the probe gives the first line of its message."""
     from tinygemma.parallelize import _FLASH_WINDOW_RUNS, flash_window_refusal

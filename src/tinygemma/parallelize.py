@@ -299,10 +299,13 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
         return "sdpa", f"the block ({cfg.block_size}) fits in the window, so every layer is plainly causal"
     if cfg.attention_backend == "flash":
         mc = model_config
-        refusal = flash_window_refusal(rt.device, rt.dtype, mc.n_heads, mc.n_kv_heads, mc.head_dim, mc.sliding_window)
+        refusal = agreed_refusal(flash_window_refusal(rt.device, rt.dtype, mc.n_heads, mc.n_kv_heads, mc.head_dim,
+                                                      mc.sliding_window), rt)
         if refusal:
-            raise UserError(f"train.attention_backend = flash: FlashAttention-2's window does not run here in "
-                            f"{str(rt.dtype).removeprefix('torch.')} ({refusal}); use auto, flex or sdpa")
+            error = UserError(f"train.attention_backend = flash: FlashAttention-2's window does not run here in "
+                              f"{str(rt.dtype).removeprefix('torch.')} ({refusal}); use auto, flex or sdpa")
+            error.shown_by_rank_0 = not rt.is_main  # (every process refuses: none waits in a collective)
+            raise error
         return "flash", "asked for"
     if cfg.attention_backend in ("flex", "sdpa"):
         return cfg.attention_backend, "asked for"
@@ -317,6 +320,18 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
         return "sdpa", (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
                         "flex_attention's backward at this head size")
     return "flex", f"{props.name}: flex_attention's fused kernels"
+
+
+def agreed_refusal(refusal: str | None, rt: Runtime) -> str | None:
+    """The first refusal any process met (naming the process, past process 0), on every process: under torchrun
+    one that went on where another refused would wait in its first collective for ever."""
+    if rt.world_size == 1:
+        return refusal
+    import torch.distributed as dist
+
+    said = [None] * rt.world_size
+    dist.all_gather_object(said, refusal)
+    return next((f"process {rank}: {why}" if rank else why for rank, why in enumerate(said) if why), None)
 
 
 # The (device, dtype, heads, K/V heads, head size, window) where flash_window_refusal's probe passed.

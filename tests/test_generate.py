@@ -391,7 +391,8 @@ def test_non_finite_logits_are_one_line_not_a_traceback_or_nonsense(tmp_path, ca
     save_model(broken, tmp_path, {"tokenizer": GPT2_SPEC})
     for extra in ([], ["--temperature", "0"]):
         assert main(["generate", "--ckpt", str(tmp_path), "--prompt", PROMPT, "--max-new-tokens", "3", *extra]) == 2
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
+        assert out == PROMPT + "\n"  # the streamed prompt ends its line: the refusal is not printed after it
         assert "Traceback" not in err and err.splitlines()[-1] == (  # after the "loaded ..." line
             "tinygemma generate: error: the model's logits hold NaN or inf at new token 1: are its weights all finite?")
     big = tiny_model()  # finite in float32 and bfloat16, past float16's 65,504
@@ -528,6 +529,15 @@ def nan_after(model: Gemma3, token_id: int) -> Gemma3:
 
     model.embed_tokens.register_forward_hook(hook)
     return model
+
+
+@pytest.mark.parametrize("model", [None, torch.nn.Linear(2, 2)], ids=["none", "another-module"])
+def test_a_model_that_is_no_gemma3_is_one_line(model, tokenizer):
+    """generate and generate_text given None or another library's module: a UserError naming what they take, not
+    an AttributeError from deep inside."""
+    for call in (lambda: generate(model, torch.tensor([[1, 2]]), 5), lambda: generate_text(model, tokenizer, "Once", 5)):
+        with pytest.raises(UserError, match=f"model must be a tinygemma Gemma3 .* got {type(model).__name__}$"):
+            call()
 
 
 def test_logits_that_turn_non_finite_after_every_row_has_ended_are_never_refused(monkeypatch):

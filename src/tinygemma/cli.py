@@ -464,10 +464,16 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
             out.flush()
     else:  # a batch of samples advances together; print each whole, one after another
         on_text = None
-    texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
-                                    args.top_k, args.top_p, args.seed, args.num_samples, on_text,
-                                    repetition_penalty=args.repetition_penalty, min_p=args.min_p,
-                                    stop=args.stop)
+    try:
+        texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
+                                        args.top_k, args.top_p, args.seed, args.num_samples, on_text,
+                                        repetition_penalty=args.repetition_penalty, min_p=args.min_p,
+                                        stop=args.stop)
+    except UserError:  # (non-finite logits): the text streamed so far ends its line before the refusal's
+        if args.num_samples == 1:
+            out.write("\n")
+            out.flush()
+        raise
     if args.num_samples == 1:
         out.write("\n")
     else:

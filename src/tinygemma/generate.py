@@ -187,9 +187,17 @@ class NonFiniteLogits(UserError):
         super().__init__(f"the model's logits hold NaN or inf {when}: {why}")
 
 
+def check_model(model) -> None:
+    """The model generate and generate_text take: a tinygemma Gemma3 (not None, not another library's module)."""
+    if not isinstance(model, Gemma3):
+        raise UserError(f"model must be a tinygemma Gemma3 (tinygemma.load(PATH) gives one), got "
+                        f"{type(model).__name__}")
+
+
 def checked_inputs(model: Gemma3, input_ids, eos_id, generator) -> tuple[torch.Tensor, object]:
     """generate_stream's prompt ids (as int64 on the model's device), eos_id and generator(s), refused in one line
     where they cannot work."""
+    check_model(model)
     if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
             or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):  # any integers (uint16: a token file's)
         got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
@@ -436,6 +444,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
         tokenizer = load_tokenizer(tokenizer)
     if on_text is not None and not callable(on_text):
         raise UserError(f"on_text must be a function of (sample, text), got {on_text!r}")
+    check_model(model)
     check_tokenizer_fits(tokenizer, model)
     ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
     device = model.embed_tokens.weight.device

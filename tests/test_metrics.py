@@ -141,6 +141,7 @@ def _captured_plots(monkeypatch):
     from matplotlib.axes import Axes
     calls = []
     original = Axes.plot
+
     def plot(self, *args, **kwargs):
         calls.append((list(args[0]), list(args[1]), kwargs))
         return original(self, *args, **kwargs)

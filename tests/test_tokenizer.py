@@ -627,7 +627,6 @@ def test_save_hf_decodes_spaces_before_punctuation_exactly(tmp_path):
     only for BPE models): the exported tokenizer's decode must give the text tinygemma's decode gives."""
     transformers = pytest.importorskip("transformers")
 
-
     words = ["<unk>", EOT, "Hi", ",", "you", ".", "Tom", "'s", "dog", "!"]
     backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

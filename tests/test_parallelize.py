@@ -150,14 +150,20 @@ def test_the_flash_probe_passes_a_kernel_that_keeps_the_window_and_refuses_one_t
 
     cpu = torch.device("cpu")
     _FLASH_WINDOW_RUNS.clear()
-    monkeypatch.setattr(parallelize, "flash_window_attention",
-                        lambda q, k, v, window, scale: flash_window_attention(q, k, v, 10**6, scale))  # plain causal
-    assert flash_window_refusal(cpu, torch.float32, 4, 1, 16, 8) == ("the kernel ran but ignored the window (the "
-                                                                    "last query read keys before it)")
+    wrong = {"ignored": lambda q, k, v, w, scale: flash_window_attention(q, k, v, 10**6, scale),  # plain causal
+             "a key too many": lambda q, k, v, w, scale: flash_window_attention(q, k, v, w + 1, scale),
+             "a key short": lambda q, k, v, w, scale: flash_window_attention(q, k, v, w - 1, scale),
+             "NaN": lambda q, k, v, w, scale: flash_window_attention(q, k, v, w, scale) * float("nan")}
+    for name, kernel in wrong.items():
+        monkeypatch.setattr(parallelize, "flash_window_attention", kernel)
+        for dtype, kv_heads in ((torch.float32, 1), (torch.bfloat16, 2)):
+            why = flash_window_refusal(cpu, dtype, 4, kv_heads, 16, 8)
+            assert why and why.startswith("the kernel ran but its window is not 8 keys"), (name, dtype, why)
     assert not _FLASH_WINDOW_RUNS
     monkeypatch.setattr(parallelize, "flash_window_attention", flash_window_attention)
+    assert flash_window_refusal(cpu, torch.bfloat16, 4, 2, 16, 8) is None  # (bfloat16, two K/V heads: a pass too)
     assert flash_window_refusal(cpu, torch.float32, 4, 1, 16, 8) is None
-    assert flash_stand_in[-1] == (7, 0, True) and _FLASH_WINDOW_RUNS == {(cpu, torch.float32, 4, 1, 16, 8)}
+    assert flash_stand_in[-1] == (7, 0, True) and (cpu, torch.float32, 4, 1, 16, 8) in _FLASH_WINDOW_RUNS
     calls = len(flash_stand_in)
     assert flash_window_refusal(cpu, torch.float32, 4, 1, 16, 8) is None and len(flash_stand_in) == calls  # remembered
     _FLASH_WINDOW_RUNS.clear()

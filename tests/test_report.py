@@ -523,9 +523,23 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     (copy / "config.json").write_text(json.dumps(config))
     assert main(["compare", str(copy), str(straight_run)]) == 0
     out = capsys.readouterr().out
-    assert "tokenizers differ" in out and "validated on different stories too (set aside from the training source (a " \
-        "0.1 share), 40 stories; set aside from the training source (a 0.1 share), 66 stories): not even their bits " \
-        "per byte compare as they stand" in out
+    from tinygemma.report import data_description
+
+    def told(count, run):  # (the training stories as the table's data column names them)
+        return f"set aside from the training source (a 0.1 share), {count} stories of {data_description(run)}"
+
+    straight = json.loads((straight_run / "config.json").read_text())["run"]
+    assert "tokenizers differ" in out and (f"validated on different stories too ({told(40, straight)}; "
+                                           f"{told(66, straight)}): not even their bits per byte compare as they "
+                                           "stand") in out
+    # The same share and count set aside from another training file: other stories, named by that file
+    config["run"]["data_documents"]["val"] = 66
+    config["run"]["data_source"]["train"] = ["elsewhere.txt"]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(copy), str(straight_run)]) == 0
+    out = capsys.readouterr().out
+    assert "`elsewhere.txt`" in told(66, config["run"]) and (
+        f"validated on different stories too ({told(66, straight)}; {told(66, config['run'])})") in out
     # A run that records no source (from before 2026-12-02) is not known to differ: not said to, though the other's
     # stories are named and its own are "unknown"
     config["run"]["data_documents"]["val"] = 66

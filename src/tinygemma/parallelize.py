@@ -341,27 +341,33 @@ _FLASH_WINDOW_RUNS: set = set()
 def flash_window_refusal(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
                          window: int) -> str | None:
     """Why FlashAttention-2's window cannot train here, in a line, or None: one forward and backward pass of
-    flash_window_attention at these heads, head size and dtype on `device`, on inputs where only the window tells
-    right from wrong (the last query's own window holds keys and values of zeros, the keys before it score high
-    and hold ones): a kernel that refuses (bf16 and fp16 only, sm80 and newer, head_dim 256's backward on sm80
-    and sm90) or that ignores the window (a ROCm build without it) is refused. A pass is remembered for the
-    process; a refusal is not (out of memory, say, may not last)."""
+    flash_window_attention at these heads, head size and dtype on `device`, on inputs where the window's edge
+    decides the last query's output. The keys before its window and the oldest key in it score high; the ones
+    before hold 1 in one channel of their values, the oldest in another, the rest 0: a right window reads the
+    second alone (forward and backward), one reaching a key too far or stopping a key short does not. A kernel
+    that refuses (bf16 and fp16 only, sm80 and newer, head_dim 256's backward on sm80 and sm90), ignores the
+    window (a ROCm build without it), or gives NaN is refused. A pass is remembered for the process; a refusal is
+    not (out of memory, say, may not last)."""
     key = (device, dtype, n_heads, n_kv_heads, head_dim, window)
     if key in _FLASH_WINDOW_RUNS:
         return None
-    T = 2 * window
-    q = torch.ones(1, n_heads, T, head_dim, device=device, dtype=dtype, requires_grad=True)
-    early = (torch.arange(T, device=device) < window).to(dtype)[None, None, :, None]  # keys the last query must miss
-    k = (early * torch.ones(1, n_kv_heads, T, head_dim, device=device, dtype=dtype)).requires_grad_()
-    v = (early * torch.ones(1, n_kv_heads, T, head_dim, device=device, dtype=dtype)).requires_grad_()
-    try:
-        out = flash_window_attention(q, k, v, window, 1.0)[:, :, -1]
-        out.float().sum().backward()
-        leaked = max(out.abs().max().item(), v.grad[:, :, :window].abs().max().item())
+    try:  # (making the inputs too: out of memory is a refusal, not a traceback)
+        position = torch.arange(2 * window, device=device)[:, None]
+        channel = torch.arange(head_dim, device=device)[None, :]
+        q = torch.ones(1, n_heads, 2 * window, head_dim, device=device, dtype=dtype, requires_grad=True)
+        k = (position <= window).to(dtype).expand(1, n_kv_heads, -1, head_dim).clone().requires_grad_()
+        v = (((position < window) & (channel == 0)) | ((position == window) & (channel == 1))).to(dtype).expand(
+            1, n_kv_heads, -1, -1).clone().requires_grad_()
+        out = flash_window_attention(q, k, v, window, 30.0 / head_dim)[:, :, -1].float()  # high scores: 30, else 0
+        out.sum().backward()
+        grad = v.grad.float()
+        before, before_grad, edge, edge_grad = (x.item() for x in (
+            out[..., 0].abs().max(), grad[:, :, :window].abs().max(), out[..., 1].min(), grad[:, :, window].min()))
     except (RuntimeError, NotImplementedError, TypeError) as e:  # (TypeError: a PyTorch without the window's keywords)
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if leaked > 1e-3:
-        return "the kernel ran but ignored the window (the last query read keys before it)"
+    if not (before <= 1e-3 and before_grad <= 1e-3 and edge >= 0.5 and edge_grad >= 0.5):  # (NaN fails each)
+        return (f"the kernel ran but its window is not {window} keys (the last query read {before:.3g} of the keys "
+                f"before it and {edge:.3g} of the oldest in it, where 0 and 1 were due)")
     _FLASH_WINDOW_RUNS.add(key)
     return None
 

@@ -755,7 +755,7 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
     compare)."""
     samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
     if tokenizers_differ(runs):
-        stories = {validation_stories(run["config"]): validation_description(run["config"].get("run") or {})
+        stories = {validation_stories(run["config"]): stories_told(run["config"].get("run") or {})
                    for run in runs.values()}
         stories.pop(None, None)  # (a run that records no source: not known to differ)
         also = (" They were validated on different stories too (" + "; ".join(sorted(set(stories.values()))) + "): not "
@@ -786,6 +786,14 @@ def validation_stories(config: dict) -> str | None:
     documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("val")
     return json.dumps([source.get("val"), aside, source.get("train") if aside else None,
                        source.get("limit") if aside else None, documents])
+
+
+def stories_told(run: dict) -> str:
+    """The validation stories as compare's note names them: where they came from and how many, and for stories
+    set aside from the training ones, those (validation_stories tells them apart by them too)."""
+    source = run.get("data_source") if isinstance(run.get("data_source"), dict) else {}
+    aside = f" of {data_description(run)}" if source.get("val_fraction") else ""
+    return validation_description(run) + aside
 
 
 def tokenizers_differ(runs: dict) -> bool:

@@ -291,7 +291,7 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
         has_own = TOKENIZER_FILE in copied
         # (read, or refused, first; a tinygemma export that lost its GPT-2 tokenizer.json gets GPT-2's again)
         recorded = exported_record(src, TOKENIZER_KEY)
-        gpt2 = "gpt2" in (recorded.get("kind"), recorded.get("identity"))
+        gpt2 = records_gpt2(recorded)
         own = checkpoint_tokenizer(src, tokenizer) if has_own or tokenizer else None
         if own is None and gpt2:  # (GPT-2's ranks out of reach offline: exported without, as the note then says)
             with contextlib.suppress(UserError):
@@ -386,7 +386,7 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
     # A tinygemma export's record of its tokenizer: checked, as a run's spec is, only where its files are gone
     recorded, where = (spec, "its checkpoint.json") if spec else (exported_record(directory, TOKENIZER_KEY),
                                                                   "its model.safetensors")
-    gpt2 = "gpt2" in (recorded.get("kind"), recorded.get("identity")) if recorded else False
+    gpt2 = records_gpt2(recorded)
     own = None
     try:
         if spec:
@@ -421,6 +421,11 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
     return given
 
 
+def records_gpt2(record: dict) -> bool:
+    """Whether a tokenizer record (a checkpoint's spec, an export's header entry; {} for none) names GPT-2's."""
+    return "gpt2" in (record.get("kind"), record.get("identity"))
+
+
 def exported_with(tokenizer, recorded: dict, directory: Path):
     """A tinygemma export's tokenizer.json, refused where it is plainly not the tokenizer the export's weights
     header records (`recorded`; {} for another transformers folder): another number of tokens. (Nothing finer:
@@ -428,7 +433,7 @@ def exported_with(tokenizer, recorded: dict, directory: Path):
     release may spell otherwise, and whether a file is GPT-2's depends on GPT-2's ranks being at hand.)"""
     size = recorded.get("vocab_size")
     if is_integer(size) and size != tokenizer.vocab_size:
-        made = "GPT-2's" if "gpt2" in (recorded.get("kind"), recorded.get("identity")) else "a tokenizer.json"
+        made = "GPT-2's" if records_gpt2(recorded) else "a tokenizer.json"
         raise UserError(f"{directory / TOKENIZER_FILE} ({tokenizer.identity}, {tokenizer.vocab_size:,} tokens) is not "
                         f"the tokenizer {directory} was exported with ({made} of {size:,} tokens, by its "
                         "model.safetensors): its token ids would mean other text; put the export's own tokenizer.json "

@@ -31,9 +31,10 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weight
     return raw, wrap_model(raw, cfg, rt)
 
 
-def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights: dict | None) -> Gemma3:
-    """The Gemma3 on the device, with its attention backend and activation checkpointing, not yet compiled or
-    wrapped.
+def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights: dict | None,
+               attention: str | None = None) -> Gemma3:
+    """The Gemma3 on the device, with its attention backend (`attention`, where the caller has chosen it with
+    choose_attention_backend already) and activation checkpointing, not yet compiled or wrapped.
 
     The model is initialised on the CPU in float32 from the seed, so every process and every device starts from
     the same weights; `weights` (a checkpoint's) replace them before any wrapping. Weights stay float32: autocast
@@ -49,7 +50,7 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
         raw.load_state_dict(weights, strict=True)
     raw.to(rt.device)
     raw.tabulate_rope(cfg.block_size)  # read by the (compiled) forward, not recomputed in each layer
-    raw.attention_backend = choose_attention_backend(cfg, model_config, rt)[0]
+    raw.attention_backend = attention or choose_attention_backend(cfg, model_config, rt)[0]
     raw.loss_chunk_size, raw.loss_full_logits, _ = choose_loss_head(cfg, rt)
     set_kv_layouts(raw, choose_kv_layouts(raw, cfg, rt))
     if raw.attention_backend == "flex":

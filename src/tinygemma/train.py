@@ -356,14 +356,15 @@ class Trainer:
         """On the runtime: the model, optimizer, scaler, batches and logs, restored from the checkpoint if any."""
         cfg, rt = self.cfg, self.rt
         self.fsdp = rt.world_size > 1 and cfg.distributed == "fsdp"
-        self.raw = init_model(self.model_config, cfg, rt, weights)
+        # (chosen once: flash's choice probes its kernel, and under torchrun gathers every process's verdict)
+        self.attention = choose_attention_backend(cfg, self.model_config, rt)  # (backend, why), for the log too
+        self.raw = init_model(self.model_config, cfg, rt, weights, self.attention[0])
         if self.micro_batch_size is None:  # auto on CUDA: the largest that fits, before compiling
             sizes = micro_batch_sizes(process_share(cfg, rt.world_size))
             self.micro_batch_size = probe_micro_batch_size(self.raw, cfg, rt, sizes)
         self.model = wrap_model(self.raw, cfg, rt, self.micro_batch_size)
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
         self.scaler = grad_scaler(rt, self.fsdp)
-        self.attention = choose_attention_backend(cfg, self.model_config, rt)  # (backend, why), for the log
         self.loss_head = choose_loss_head(cfg, rt)[2]  # what init_model set, and why, for the log
         if ckpt_dir is not None:
             load_optimizer(ckpt_dir / OPTIMIZER_NAME, self.raw, self.optimizer)

@@ -804,6 +804,30 @@ def test_a_safetensors_file_not_written_as_an_optimizer_state_is_refused_as_one(
         load_optimizer(tmp_path / "other.safetensors", model, optimizer)
 
 
+def test_an_optimizer_state_is_loaded_under_the_current_runs_fused_and_capturable(tmp_path):
+    """torch places each loaded step count by the loaded groups' `fused` and `capturable` (on the parameter's device
+    for either, else where it was read: the CPU). A CPU run's AdamW (neither) resumed on CUDA, whose AdamW is fused,
+    would keep its step counts on the CPU for the fused kernel: the groups torch loads carry the current run's."""
+    class Recording(torch.optim.AdamW):
+        def load_state_dict(self, state_dict):
+            self.loaded = [{k: g.get(k) for k in ("fused", "capturable", "lr")} for g in state_dict["param_groups"]]
+            super().load_state_dict(state_dict)
+
+    torch.manual_seed(0)
+    model = Gemma3(small_config())
+    saved = torch.optim.AdamW(model.parameters(), lr=1e-3)  # fused None, as a CPU run's
+    model(torch.randint(0, 512, (1, 8))).float().sum().backward()
+    saved.step()
+    save_optimizer(get_optimizer_state_dict(model, saved, options=StateDictOptions(full_state_dict=True)),
+                   tmp_path / "optimizer.safetensors")
+    model.zero_grad(set_to_none=True)  # (as a resumed run's model: torch's loading then makes the state first)
+    resumed = Recording(model.parameters(), lr=2e-3, fused=True)
+    load_optimizer(tmp_path / "optimizer.safetensors", model, resumed)
+    assert resumed.loaded == [{"fused": True, "capturable": False, "lr": 1e-3}]  # (the rate: restored after)
+    assert resumed.param_groups[0]["fused"] and resumed.param_groups[0]["lr"] == 2e-3
+    assert all(state["step"].item() == 1 for state in resumed.state.values())
+
+
 def test_exporting_a_transformers_directory_copies_its_tokenizer_files_and_adds_none(checkpoint, tmp_path):
     _, path = checkpoint
     source = tmp_path / "source"

@@ -116,6 +116,27 @@ def test_attention_backend_choice(monkeypatch):
     assert choose_attention_backend(cfg_with(block_size=64, attention_backend="flex"), model, GPU)[0] == "flex"
 
 
+def test_flex_asked_for_at_head_dim_256_is_refused_where_its_kernels_do_not_fit(monkeypatch):
+    """At the 270M's head_dim (256) flex_attention's kernels need more shared memory than an L4 or a T4 has: asked
+    for there, it is refused in one line, where Triton would stop the first step with OutOfResources. Where they
+    fit (an H100), where the GPU's shared memory is not known, at smaller heads, or where the block fits in the
+    window (plain causal attention), it is taken as asked."""
+    wide = tiny(head_dim=256, query_pre_attn_scalar=256.0)  # window 16
+    flex = cfg_with(block_size=64, attention_backend="flex")
+    fake_gpu(monkeypatch, "NVIDIA L4", 99)
+    with pytest.raises(UserError, match=r"^train.attention_backend = flex cannot train here: NVIDIA L4 has 99 KB of "
+                                        r"shared memory per block, too little .* \(head_dim 256; Triton would stop "
+                                        r"the first step with OutOfResources\); use auto or sdpa$"):
+        choose_attention_backend(flex, wide, GPU)
+    assert choose_attention_backend(cfg_with(block_size=64), wide, GPU)[0] == "sdpa"  # auto: SDPA there
+    assert choose_attention_backend(cfg_with(block_size=16, attention_backend="flex"), wide, GPU)[0] == "sdpa"
+    assert choose_attention_backend(flex, tiny(), GPU) == ("flex", "asked for")  # head_dim 16
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 227)
+    assert choose_attention_backend(flex, wide, GPU) == ("flex", "asked for")
+    fake_gpu(monkeypatch, "a GPU of unknown shared memory", 0)
+    assert choose_attention_backend(flex, wide, GPU) == ("flex", "asked for")
+
+
 def test_flash_attention_is_taken_where_asked_and_its_window_runs(monkeypatch):
     """attention_backend = flash (FlashAttention-2's own window): refused off CUDA for a block longer than the
     window, in one line naming the kernel's own refusal where its probe fails (a T4, float32), taken where the
@@ -507,11 +528,12 @@ def test_the_micro_batch_probe_takes_the_largest_size_under_its_memory_bound(mon
 
 @pytest.mark.parametrize("setting, cuda, cpu", [("auto", True, False), ("true", True, True), ("regional", True, True),
                                                ("false", False, False)])
-def test_compile_auto_compiles_on_cuda_alone(setting, cuda, cpu):
+def test_compile_auto_compiles_on_cuda_alone(setting, cuda, cpu, monkeypatch):
     """The default (auto) trains compiled on a GPU and eagerly elsewhere; true and false everywhere. (The GPU
     suite's runs set compile themselves: a default that stopped compiling on CUDA would pass them.)"""
     from tinygemma.parallelize import compiles
 
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cfg = load_recipe(None, [f"compile={setting}"]).train
     assert compiles(cfg, Runtime(torch.device("cuda", 0), torch.bfloat16)) is cuda
     assert compiles(cfg, Runtime(torch.device("cpu"), torch.float32)) is cpu
@@ -601,6 +623,39 @@ def test_a_gpu_30_percent_held_by_others_says_so_when_nothing_fits(monkeypatch):
 
 
 @NEEDS_CPU_FSDP
+def test_a_gpu_older_than_triton_trains_uncompiled_under_auto_and_refuses_what_asks_torch_compile(monkeypatch):
+    """Triton (inductor's GPU code) compiles for compute capability 7.0 and later: on a P100 (6.0, Kaggle's) `compile
+    = auto` trains eagerly, saying why in the first log line, and what asks torch.compile (compile = true or
+    regional, Muon's compiled backend) is refused in one line before the model is built, where inductor would
+    stop the first step with GPUTooOldForTriton. A T4 (7.5) compiles."""
+    from tinygemma.parallelize import check_compile, compiles
+
+    capability = [6, 0]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: tuple(capability))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    P100 = Runtime(torch.device("cuda", 0), torch.float16)
+    auto = cfg_with(compile="auto")
+    assert not compiles(auto, P100) and compiles(cfg_with(compile="true"), P100)
+    assert check_compile(auto, P100) == ("Tesla P100-PCIE-16GB is compute capability 6.0, and torch.compile's GPU "
+                                         "code (Triton) needs 7.0 or later")
+    assert check_compile(cfg_with(compile="false", optimizer="muon", muon_backend="float32"), P100) is not None
+    assert check_compile(cfg_with(optimizer="adamw", muon_backend="compiled"), P100) is not None  # (not Muon)
+    for setting in ("true", "regional"):
+        with pytest.raises(UserError, match=rf"^train.compile = {setting} cannot run on this GPU: Tesla P100-PCIE-16GB "
+                                            r"is compute capability 6\.0, .*; use train.compile = auto or false$"):
+            check_compile(cfg_with(compile=setting), P100)
+    with pytest.raises(UserError, match=r"^train.muon_backend = compiled cannot run on this GPU: .*; use another "
+                                        r"train.muon_backend \(auto, float32 or torch\)$"):
+        check_compile(cfg_with(optimizer="muon", muon_backend="compiled"), P100)
+    with pytest.raises(UserError, match=r"^train.compile = true and train.muon_backend = compiled cannot run .*; use "
+                                        r"train.compile = auto or false and another train.muon_backend"):
+        check_compile(cfg_with(compile="true", optimizer="muon", muon_backend="compiled"), P100)
+    capability[:] = [7, 5]  # a T4
+    assert compiles(auto, P100) and check_compile(cfg_with(compile="true", optimizer="muon", muon_backend="compiled"),
+                                                  P100) is None
+    assert check_compile(auto, CPU) is None and not compiles(auto, CPU)
+
+
 def test_fsdp_compiles_each_block_inside_its_shard(tmp_path):
     """compile = true (or auto on CUDA) with distributed = fsdp compiles each block inside its shard, not
     silently none; the root is sharded and left uncompiled."""

@@ -957,6 +957,7 @@ def test_log_lines_rate_is_the_intervals_wall_clock_and_their_mfu_is_at_that_rat
     wall = time.perf_counter() - started
     output = capsys.readouterr().out.splitlines()
     assert output[0].startswith("training ") and "torch.compile" not in output[0]  # eager, as a CPU runs by default
+    assert "not compiled" not in output[0]  # (said only where auto would compile but cannot: a Pascal GPU)
     assert json.loads((out / "config.json").read_text())["run"]["compiled"] is False
     lines = [line for line in output if line.startswith("step ") and "tok/s" in line]
     records = [r for r in metrics(out) if "train_loss" in r]
@@ -1225,6 +1226,29 @@ def count_graphs(monkeypatch, compiled_class) -> tuple[list, dict]:
     monkeypatch.setattr(train_module.Trainer, "step", step)
     monkeypatch.setattr(train_module.Trainer, "churn", False, raising=False)
     return graphs, after_step
+
+
+def test_the_first_log_line_says_why_a_gpu_trains_uncompiled(data_dir, tmp_path, monkeypatch, capsys):
+    """Where `compile = auto` cannot compile (a GPU older than Triton's: parallelize.check_compile, tested there),
+    the first log line says so, and config.json records the run as not compiled."""
+    checked = []
+
+    def pascal(cfg, rt):
+        checked.append(cfg.compile)
+        return "Tesla P100-PCIE-16GB is compute capability 6.0, and torch.compile's GPU code (Triton) needs 7.0"
+
+    monkeypatch.setattr(tinygemma.train, "check_compile", pascal)
+    out = tmp_path / "run"
+    train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=1", "warmup_steps=1", "eval_interval=100",
+                                          "compile=auto")))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert checked == ["auto"] and first.startswith("training ")
+    assert first.endswith("; not compiled: Tesla P100-PCIE-16GB is compute capability 6.0, and torch.compile's GPU "
+                          "code (Triton) needs 7.0")
+    assert json.loads((out / "config.json").read_text())["run"]["compiled"] is False
+    train(load_recipe(None, tiny_settings(data_dir, tmp_path / "off", "max_steps=1", "warmup_steps=1",
+                                          "eval_interval=100", "compile=false")))
+    assert "not compiled" not in capsys.readouterr().out.splitlines()[0]  # (asked for: nothing to explain)
 
 
 def test_a_compiled_run_compiles_nothing_new_once_it_has_trained_and_evaluated(data_dir, tmp_path, monkeypatch,

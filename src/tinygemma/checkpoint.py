@@ -861,6 +861,10 @@ def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
                                f"its {wrong} of {param} has shape {tuple(values[wrong].shape)}, the parameter "
                                f"{shapes[param]}"))
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    for group, settings in zip((g for g in groups if isinstance(g, dict)), current):
+        # torch places each step count by the loaded groups' fused and capturable: a CPU run's (neither) would
+        # leave them on the CPU, where a fused AdamW on CUDA takes them on the GPU
+        group.update({k: settings[k] for k in ("fused", "capturable") if k in settings})
     try:
         set_optimizer_state_dict(raw, optimizer, {"state": state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True))

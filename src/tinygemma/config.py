@@ -256,7 +256,7 @@ class TrainConfig:
     log_interval: int = 10  # a log line (and a metrics flush) every this many steps
     sample_interval: int = 0  # continue [generate]'s prompts every this many steps, printed and in metrics.jsonl; 0 = never
     dtype: str = "auto"  # auto (bfloat16 on GPUs with native bf16, float16 + scaler on older ones; float32 elsewhere), float32, bfloat16, float16
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, regional (each layer on its own: compiles several times faster; the step's speed on GPUs unmeasured), false
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA GPUs that Triton supports: compute capability 7.0 and later), true, regional (each layer on its own: compiles several times faster; the step's speed on GPUs unmeasured), false
     seed: int = 1337  # model initialisation and the training batches
     init_from: str | None = None  # start a new run from these weights (a run, a checkpoint, or a transformers Gemma 3 folder, e.g. google/gemma-3-270m downloaded) with a fresh optimizer and schedule; none = random initialisation
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps

@@ -65,6 +65,17 @@ def cuda_has_fp16_tensor_cores(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (7, 0)
 
 
+# Triton, which torch.compile's GPU code (inductor's) and flex_attention's kernels are written in, compiles for
+# compute capability 7.0 (Volta) and later: on a Pascal GPU (a P100, a GTX 10xx) inductor stops at the first
+# compiled call with GPUTooOldForTriton.
+TRITON_MIN_CAPABILITY = (7, 0)
+
+
+def inductor_runs_on(device: torch.device) -> bool:
+    """Whether torch.compile's inductor can compile for `device`: a CPU (C++ code), or a GPU that Triton supports."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype to load a model in for evaluation and generation: "auto" is bfloat16 where the device computes in
     it natively, else float32 (not float16: Gemma's activations can overflow it without training's scaler)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig, TrainConfig
-from tinygemma.devices import function_copy
+from tinygemma.devices import function_copy, inductor_runs_on
 from tinygemma.errors import UserError
 from tinygemma.loss import LOSS_CHUNK_SIZE
 from tinygemma.model import (
@@ -65,8 +65,26 @@ def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights
 
 
 def compiles(cfg: TrainConfig, rt: Runtime) -> bool:
-    """Whether training runs the model through torch.compile: `compile = true` or `regional`, or `auto` on CUDA."""
-    return cfg.compile in ("true", "regional") or (cfg.compile == "auto" and rt.is_cuda)
+    """Whether training runs the model through torch.compile: `compile = true` or `regional`, or `auto` on a CUDA
+    GPU that inductor compiles for (not a Pascal one: check_compile)."""
+    return cfg.compile in ("true", "regional") or (cfg.compile == "auto" and rt.is_cuda and inductor_runs_on(rt.device))
+
+
+def check_compile(cfg: TrainConfig, rt: Runtime) -> str | None:
+    """Refuse in one line what asks torch.compile for a GPU that Triton does not support (a P100, a GTX 10xx),
+    where inductor would stop the first step with a traceback: `compile = true` or `regional`, or Muon's
+    compiled backend. Returns why `compile = auto` leaves the model uncompiled there (None elsewhere)."""
+    if inductor_runs_on(rt.device):
+        return None
+    name, (major, minor) = torch.cuda.get_device_name(rt.device), torch.cuda.get_device_capability(rt.device)
+    why = f"{name} is compute capability {major}.{minor}, and torch.compile's GPU code (Triton) needs 7.0 or later"
+    asked = ([(f"train.compile = {cfg.compile}", "train.compile = auto or false")] if cfg.compile in ("true", "regional")
+             else []) + ([("train.muon_backend = compiled", "another train.muon_backend (auto, float32 or torch)")]
+                         if cfg.optimizer == "muon" and cfg.muon_backend == "compiled" else [])
+    if asked:
+        raise UserError(f"{' and '.join(a for a, _ in asked)} cannot run on this GPU: {why}; use "
+                        f"{' and '.join(fix for _, fix in asked)}")
+    return why
 
 
 # The compiled modules' forward code, copied once per (code object, graph key): see compile_in_place.
@@ -266,6 +284,7 @@ def grad_scaler(rt: Runtime, fsdp: bool):
 # 64 KB). `auto` takes flex only where both fit; kernel_options with smaller blocks would fit the others (not
 # run on those GPUs, so not set).
 FLEX_MIN_SHARED_MEMORY = 160 * 1024
+FLEX_SHARED_MEMORY_HEAD_DIM = 256  # the head size those figures are for
 
 
 # The attention backends that train only on CUDA, and why.
@@ -308,18 +327,25 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
             error.shown_by_rank_0 = not rt.is_main  # (every process refuses: none waits in a collective)
             raise error
         return "flash", "asked for"
-    if cfg.attention_backend in ("flex", "sdpa"):
-        return cfg.attention_backend, "asked for"
-    if not rt.is_cuda:
+    if cfg.attention_backend == "sdpa":
+        return "sdpa", "asked for"
+    if not rt.is_cuda:  # (flex asked for was refused above)
         return "sdpa", f"flex_attention trains on CUDA only, not {rt.device.type}"
     props = torch.cuda.get_device_properties(rt.device)
     shared = shared_memory_per_block(props)
+    too_little = (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
+                  "flex_attention's backward at this head size") if shared and shared < FLEX_MIN_SHARED_MEMORY else None
+    if cfg.attention_backend == "flex":
+        if too_little and model_config.head_dim >= FLEX_SHARED_MEMORY_HEAD_DIM:  # rather than Triton's traceback
+            raise UserError(f"train.attention_backend = flex cannot train here: {too_little} (head_dim "
+                            f"{model_config.head_dim}; Triton would stop the first step with OutOfResources); use "
+                            "auto or sdpa")
+        return "flex", "asked for"
     if shared is None:
         return "sdpa", (f"this PyTorch does not tell {props.name}'s shared memory per block, which flex_attention's "
                         "backward at this head size needs plenty of")
-    if shared < FLEX_MIN_SHARED_MEMORY:
-        return "sdpa", (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
-                        "flex_attention's backward at this head size")
+    if too_little:
+        return "sdpa", too_little
     return "flex", f"{props.name}: flex_attention's fused kernels"
 
 

@@ -125,6 +125,7 @@ from tinygemma.optim import (
     taken_settings,
 )
 from tinygemma.parallelize import (
+    check_compile,
     choose_attention_backend,
     choose_loss_head,
     compiles,
@@ -356,6 +357,7 @@ class Trainer:
         """On the runtime: the model, optimizer, scaler, batches and logs, restored from the checkpoint if any."""
         cfg, rt = self.cfg, self.rt
         self.fsdp = rt.world_size > 1 and cfg.distributed == "fsdp"
+        self.uncompiled_why = check_compile(cfg, rt)  # (a Pascal GPU: what asks torch.compile is refused)
         # (chosen once: flash's choice probes its kernel, and under torchrun gathers every process's verdict)
         self.attention = choose_attention_backend(cfg, self.model_config, rt)  # (backend, why), for the log too
         self.raw = init_model(self.model_config, cfg, rt, weights, self.attention[0])
@@ -489,7 +491,8 @@ class Trainer:
               f"{initial}"
               f"sliding-window attention: {self.attention[0]} ({self.attention[1]})"
               f"{describe_kv_layouts(kv_layouts(self.raw))}; loss head {self.loss_head}"
-              f"{'; torch.compile: the first step compiles ' + compiling if compiled else ''}",
+              f"{'; torch.compile: the first step compiles ' + compiling if compiled else ''}"
+              f"{'; not compiled: ' + self.uncompiled_why if self.uncompiled_why and cfg.compile == 'auto' else ''}",
               flush=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -622,7 +625,9 @@ class Trainer:
         raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
                              f"{record['step']} (loss {loss}, gradient norm {norm}); stopped without saving"
                              f"{self.last_good()}. Lower train.learning_rate, or pass --set on_nonfinite=skip to "
-                             "skip such steps")
+                             "skip such steps" + ("; a float16 forward pass can also overflow (float16 stops at "
+                                                  "65,504): train.dtype = float32 (or bfloat16, where the GPU has "
+                                                  "it) avoids that" if self.rt.dtype == torch.float16 else ""))
 
     def last_good(self) -> str:
         """"; the last good checkpoint is step N", or nothing: the same words from every process, each of which

@@ -131,6 +131,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing(nan_at_step, dat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "last.json", "step_000005"]
     # The loss stays on the device until the read before step 10's evaluation: steps 9 and 10 ran, but the run
     # stops there, records the steps up to the non-finite one, and saves nothing after it.
+
     def strict(line):  # jq, JavaScript and other strict JSON readers refuse NaN
         return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
     records = [r for r in map(strict, (out / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
@@ -830,7 +831,6 @@ def test_a_resume_refuses_a_trainer_state_of_other_kinds_in_one_line(data_dir, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a damaged or hand-edited checkpoint" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
-
 
 
 def test_a_finite_loss_with_nonfinite_gradients_is_stopped_or_skipped_at_its_step(nan_gradient_at_step, data_dir,

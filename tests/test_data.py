@@ -1473,12 +1473,24 @@ def test_one_worker_more_than_the_cores_is_the_cores(tmp_path, monkeypatch, caps
 
 def test_too_few_stories_to_set_validation_aside_says_how_to_fix_it(stories_dir, tmp_path):
     """5 stories at the default fraction 0.05 set none aside: the refusal names the cause and the remedies, not
-    just an empty validation corpus the user never gave."""
+    just an empty validation corpus the user never gave; where a limit is the cause, the limit that would set one
+    aside (story i is set aside where floor((i + 1) f) > floor(i f): the 20th at 0.05, the 4th at 0.3)."""
     with pytest.raises(UserError) as caught:
-        prepare(tmp_path / "out", sources=[stories_dir / "train.txt"], limit=5, workers=1, progress=False)
+        prepare(tmp_path / "out", sources=[write_txt(tmp_path / "five.txt", ["Tom ran."] * 5)], workers=1,
+                progress=False)
     message = str(caught.value)
     assert "no val stories" in message
-    assert "too few stories to set some aside" in message and "--val-source" in message
+    assert "too few stories to set some aside; give validation stories (--val-source, data.val_source)" in message
+    for limit, fraction, first in [(19, None, 20), (1, None, 20), (3, 0.3, 4)]:
+        with pytest.raises(UserError) as caught:
+            prepare(tmp_path / "out", sources=[stories_dir / "train.txt"], limit=limit, val_fraction=fraction,
+                    workers=1, progress=False)
+        assert str(caught.value) == (
+            f"no val stories: the validation corpus is empty (a limit of {limit} training stories sets none aside at "
+            f"a fraction of {fraction or 0.05:g}, whose first is story {first}: use a limit of {first} or more "
+            "(--limit, data.limit), or give validation stories (--val-source, data.val_source))")
+    prepare(tmp_path / "ok", sources=[stories_dir / "train.txt"], limit=20, workers=1, progress=False)
+    assert json.loads((tmp_path / "ok" / "meta.json").read_text())["splits"]["val"]["documents"] == 1
     # A validation source that is truly empty is not told to set stories aside
     empty = write_txt(tmp_path / "empty.txt", ["", "  "])
     with pytest.raises(UserError) as caught:
@@ -1486,6 +1498,19 @@ def test_too_few_stories_to_set_validation_aside_says_how_to_fix_it(stories_dir,
                 progress=False)
     assert "no val stories" in str(caught.value) and "set some aside" not in str(caught.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("val_lines", [[""], ["", "  "]], ids=["empty", "separators only"])
+def test_an_empty_validation_source_is_refused_before_the_training_stories_are_tokenized(stories_dir, tmp_path,
+                                                                                        monkeypatch, val_lines):
+    """Whatever the tokenizer: for the whole of TinyStories, minutes of tokenizing came before the refusal."""
+    started = []
+    monkeypatch.setattr(data, "_Workers", lambda *args: started.append(args))
+    for tokenizer in ("gpt2", "bpe"):
+        with pytest.raises(UserError, match="^no val stories: the validation corpus is empty$"):
+            prepare(tmp_path / "out", sources=[stories_dir / "train.txt"], tokenizer=tokenizer,
+                    val_sources=[write_txt(tmp_path / "empty.txt", val_lines)], workers=1, progress=False)
+    assert started == [] and not (tmp_path / "out").exists()
 
 
 def test_a_bpe_is_not_trained_for_stories_that_leave_none_to_validate_on(stories_dir, tmp_path, monkeypatch):

@@ -660,17 +660,22 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
 def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
                   progress, notes: list[str] = ()) -> dict:
     notes = list(notes)
+    # (taken before the sources are read; keyed by absolute path: a later run may start from another folder)
+    stamps = {str(Path(s).resolve()): source_stamp(s) for s in [*(sources or []), *(val_sources or [])]}
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress, notes)
     for note in notes:  # the sources found too: nothing refused
         print(f"tinygemma: warning: {note}", file=sys.stderr, flush=True)
 
-    if tokenizer == "bpe":
-        stories = split_stories["train"]()
-        first = next(stories, None)
-        if first is None:  # said before a BPE of nothing is trained and warned of
-            raise _no_stories("train", carve)
-        if next(split_stories["val"](), None) is None:  # nor one trained for stories leaving none to validate on
-            raise _no_stories("val", carve)
+    # Said before anything is tokenized (the whole training split, for an empty validation file) or a BPE trained
+    stories = split_stories["train"]()
+    first = next(stories, None)
+    if first is None:
+        raise _no_stories("train", carve, limit)
+    if next(split_stories["val"](), None) is None:
+        raise _no_stories("val", carve, limit)
+    if tokenizer != "bpe":
+        stories.close()  # (its file, or a hub stream, let go of: the tokenizing passes read the splits again)
+    else:
         tokenizer = train_bpe(itertools.chain([first], stories), vocab_size)
         if tokenizer.vocab_size < vocab_size:
             print(f"tinygemma: warning: the BPE has {tokenizer.vocab_size:,} tokens, not the {vocab_size:,} asked for: "
@@ -687,8 +692,8 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
             for split in SPLITS:
                 counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], out_dir / f"{split}.bin",
                                                   split, progress)
-                if not counts[split]["documents"]:
-                    raise _no_stories(split, carve)
+                if not counts[split]["documents"]:  # (a stream that gave its first story above and none now)
+                    raise _no_stories(split, carve, limit)
             # From here until meta.json is written the directory holds no dataset, old or new: the marker says
             # its files are prepare's, for the next prepare to replace (not someone's train.bin or tokenizer.json).
             (out_dir / INCOMPLETE_NAME).touch()
@@ -704,6 +709,7 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
             "source": {"train": [str(s) for s in sources] if sources else f"hf:{HUB_DATASET}", "val": val_from,
                        "val_fraction": carve, "limit": limit,
                        **({"bpe_vocab_size": vocab_size} if vocab_size is not None else {})},  # asked; may reach less
+            "source_stamps": stamps,
         }
         atomic_write_json(out_dir / META_NAME, meta)
         if meta["tokenizer"].get("file") != TOKENIZER_FILE:  # gpt2 over an earlier BPE dataset: its file is stale
@@ -714,11 +720,17 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     return meta
 
 
-def _no_stories(split: str, carve: float | None) -> UserError:
-    return UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} corpus is empty"
-                     + (" (too few stories to set some aside; use --val-source or more stories; a .txt file "
-                        f"separates its stories with lines holding only {EOT_TOKEN})" if split == "val" and carve
-                        else ""))
+def _no_stories(split: str, carve: float | None, limit: int | None) -> UserError:
+    """The refusal of an empty split; for validation set aside (a fraction `carve`), why none was and what to do."""
+    why = ""
+    if split == "val" and carve:
+        first = next(i for i in itertools.count() if math.floor((i + 1) * carve) > math.floor(i * carve))
+        why = (f" (a limit of {limit:,} training stories sets none aside at a fraction of {carve:g}, whose first is "
+               f"story {first + 1}: use a limit of {first + 1} or more (--limit, data.limit), or give validation "
+               "stories (--val-source, data.val_source))" if limit is not None and limit <= first else
+               " (too few stories to set some aside; give validation stories (--val-source, data.val_source) or "
+               f"more stories; a .txt file separates its stories with lines holding only {EOT_TOKEN})")
+    return UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} corpus is empty{why}")
 
 
 def _check_prepare_arguments(val_sources, val_fraction, tokenizer, vocab_size, limit, workers):
@@ -962,6 +974,27 @@ def open_prepared(directory: str | Path) -> PreparedData:
         raise UserError(f"{where} is malformed: it lacks or mangles tokenizer, vocab_size, eot_id (an id below "
                         "vocab_size), dtype, source or splits (train/val with file, documents, tokens, bytes)") from None
     return PreparedData(directory, meta)
+
+
+def source_stamp(source) -> list[int]:
+    """[bytes, latest modification in ns, files] of a local story source (a file, or a datasets folder's files):
+    what tells that it changed since it was prepared, as make tells it, without reading it again."""
+    path = Path(source)
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0), len(stats)]
+
+
+def changed_sources(data: PreparedData) -> list[str]:
+    """The local story sources `data` was prepared from that are there still but changed since (other bytes, or
+    written again: its meta.json's source_stamps); none for data prepared before they were recorded."""
+    stamps = data.meta.get("source_stamps")
+    changed = []
+    for source, stamp in (stamps.items() if isinstance(stamps, dict) else ()):
+        with contextlib.suppress(OSError):  # (gone, or unreadable now: nothing to compare; the data is what it is)
+            if Path(source).exists() and source_stamp(source) != stamp:
+                changed.append(source)
+    return changed
 
 
 def same_sources(had: list, asked: list) -> bool:

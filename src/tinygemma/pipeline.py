@@ -26,6 +26,7 @@ from tinygemma.config import GenerateConfig, Recipe, checked_recipe, parse_overr
 from tinygemma.data import (
     DEFAULT_BPE_VOCAB_SIZE,
     META_NAME,
+    changed_sources,
     check_prepare_out,
     check_source,
     data_differences,
@@ -253,7 +254,8 @@ def say_plan(plan: dict) -> str:
 
 def prepared_data(recipe: Recipe):
     """The recipe's prepared data in data.dir, or None where it is not prepared yet; refused where it was prepared
-    from other data than the recipe's [data] asks for (never trained on in the recipe's name)."""
+    from other data than the recipe's [data] asks for (never trained on in the recipe's name), or, for a new run,
+    from a local file that has changed since."""
     data_dir = Path(recipe.data.dir)
     recipe.data.validate()
     if not (data_dir / META_NAME).exists():
@@ -265,6 +267,11 @@ def prepared_data(recipe: Recipe):
                         f"({'; '.join(differences)}): set data.dir to another folder to prepare it there, "
                         "delete this one to prepare it again, or give [data] the settings it was prepared "
                         "with (--set data.source=..., data.tokenizer=..., data.limit=...)")
+    changed = changed_sources(data)
+    if changed and not is_training_run(recipe.out):  # (a run begun on it goes on with its data as prepared)
+        raise UserError(f"{data_dir} (data.dir) was prepared from {', '.join(changed)} as it was then, and that has "
+                        "changed since (its size or modification time): delete that folder to prepare the stories "
+                        "again, or set data.dir to another folder")
     return data
 
 

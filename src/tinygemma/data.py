@@ -660,9 +660,9 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
 def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
                   progress, notes: list[str] = ()) -> dict:
     notes = list(notes)
-    # (taken before the sources are read; keyed by absolute path: a later run may start from another folder)
-    stamps = {str(Path(s).resolve()): source_stamp(s) for s in [*(sources or []), *(val_sources or [])]}
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress, notes)
+    # (once the sources are found, before they are read; keyed by absolute path: a run may start in another folder)
+    stamps = {str(Path(s).resolve()): source_stamp(s) for s in [*(sources or []), *(val_sources or [])]}
     for note in notes:  # the sources found too: nothing refused
         print(f"tinygemma: warning: {note}", file=sys.stderr, flush=True)
 

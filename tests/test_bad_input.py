@@ -181,8 +181,8 @@ CASES = [
     # A recipe's data not yet prepared: `prepare --out DIR`, which the plain refusal suggests, ignores its [data]
     ("train-recipe-data-unprepared", ["train", "--config", "{repo}/configs/cpu-demo.toml", "--set",
                                       "data.dir={root}/new", "--set", "out={root}/new-run"],
-     "{root}/new (data.dir) is not prepared yet: `tinygemma run {repo}/configs/cpu-demo.toml --set "
-     "data.dir={root}/new --set out={root}/new-run` prepares it as the recipe's [data] asks, then trains"),
+     "{root}/new (data.dir) is not prepared yet: `tinygemma prepare --out {root}/new --tokenizer bpe --vocab-size "
+     "4096 --limit 5000` prepares it as the recipe's [data] asks; then run this command again"),
     ("prepare-tokenizer-file-missing", ["prepare", "--out", "{root}/new", "--source", "{root}/stories.txt",
                                         "--tokenizer", "{root}/nowhere/tokenizer.json"],
      "tokenizer file not found: {root}/nowhere/tokenizer.json"),  # not "unknown tokenizer", naming what was given

@@ -346,6 +346,27 @@ def test_data_prepared_from_a_file_changed_since_is_refused_for_a_new_run_not_fo
     assert main(["run", str(recipe_file), *new, "--dry-run"]) == 0
 
 
+@pytest.mark.parametrize("settings", [[], ["data.tokenizer=gpt2", "data.vocab_size=none",
+                                            "data.val_source=[\"{stories}/valid.txt\"]"]], ids=["bpe", "gpt2"])
+def test_train_config_on_unprepared_data_names_the_prepare_that_makes_it(tmp_path, stories_dir, capsys, settings):
+    """`train --config` on a data.dir not prepared yet names the `tinygemma prepare` of the recipe's [data] (a
+    `run` suggested before would have trained another run: without --stop-at, --profile or --resume). Pasted as
+    it is, that prepares the data the same command then trains on."""
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(RECIPE.format(root=tmp_path, stories=stories_dir))
+    command = ["train", "--config", str(recipe_file), "--stop-at", "2",
+               *(part for item in settings for part in ("--set", item.format(stories=stories_dir)))]
+    assert main(command) == 2
+    suggested = re.search(r"`(tinygemma prepare [^`]*)`", capsys.readouterr().err).group(1)
+    assert suggested == (f"tinygemma prepare --out {tmp_path}/data --source {stories_dir}/train.txt "
+                         + (f"--val-source {stories_dir}/valid.txt --limit 300" if settings else
+                            "--tokenizer bpe --vocab-size 400 --limit 300"))
+    assert main(shlex.split(suggested)[1:]) == 0
+    assert main(command) == 0
+    assert [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if "train_loss" in r] == [1, 2]
+
+
 def test_run_refuses_other_data_for_an_existing_run_before_preparing_it(tmp_path, stories_dir, capsys):
     """A run in train.out continues on its own [data]: another limit in a new data.dir (what the data.dir refusal
     advises) is refused naming the run, before the new data is prepared (training refused it only afterwards)."""

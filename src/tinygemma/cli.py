@@ -24,6 +24,7 @@ from tinygemma.checkpoint import (
     trained_block_size,
 )
 from tinygemma.config import (
+    DataConfig,
     GenerateConfig,
     Recipe,
     check_sampling,
@@ -331,6 +332,18 @@ def _train_main(args) -> int:
         return _train_run(args, out, overrides)
 
 
+def prepare_command(data: DataConfig) -> str:
+    """The `tinygemma prepare` that prepares what `data` (a recipe's [data]) asks for into its data.dir, as
+    `tinygemma run` would."""
+    return shell_join(["tinygemma", "prepare", "--out", data.dir,
+                       *(["--source", *data.source] if data.source else []),
+                       *(["--val-source", *data.val_source] if data.val_source else []),
+                       *(["--tokenizer", data.tokenizer] if data.tokenizer != "gpt2" else []),
+                       *(["--vocab-size", str(data.vocab_size or DEFAULT_BPE_VOCAB_SIZE)] if data.tokenizer == "bpe"
+                         else []),
+                       *(["--limit", str(data.limit)] if data.limit is not None else [])])
+
+
 def _train_run(args, out: str, overrides: list[str]) -> int:
     # --resume continues the recipe the run was trained with (a recipe file given is followed instead)
     recipe = saved_recipe(out, overrides + args.set) if args.resume and args.config is None and out else None
@@ -339,12 +352,9 @@ def _train_run(args, out: str, overrides: list[str]) -> int:
         recipe = load_recipe(args.config, overrides + args.set)
         data_dir = Path(recipe.data.dir)
         if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):
-            # `prepare --out DIR` (what a missing dataset's refusal suggests) would ignore the recipe's [data];
-            # `run` with the same settings prepares it, then trains the same run
-            command = shell_join(["tinygemma", "run", args.config,
-                                  *(part for item in overrides + args.set for part in ("--set", item))])
-            unprepared = UserError(f"{data_dir} (data.dir) is not prepared yet: `{command}` prepares it as the "
-                                   "recipe's [data] asks, then trains")
+            # (a bare `prepare --out DIR` would ignore the recipe's [data]; `run` would train another command's run)
+            unprepared = UserError(f"{data_dir} (data.dir) is not prepared yet: `{prepare_command(recipe.data)}` "
+                                   "prepares it as the recipe's [data] asks; then run this command again")
     if unprepared and not args.dry_run:
         raise unprepared
     check_given_settings(recipe, overrides + args.set)

@@ -1552,6 +1552,34 @@ def test_release_gives_a_gpus_cached_memory_back_to_other_processes(monkeypatch,
     assert trainer.model is None and trainer.raw is None and emptied == ([True] if is_cuda else [])
 
 
+def test_a_ctrl_c_during_releases_garbage_collection_is_not_lost(monkeypatch):
+    """A notebook's Stop (SIGINT) that lands while release() collects the run's garbage runs its handler inside
+    whatever Python code the collection runs (a weakref callback), where its KeyboardInterrupt is printed as
+    "Exception ignored" and dropped: the notebook's chunk loop then trained on. It is held until the collection
+    ends, then raised."""
+    import gc
+    import signal
+    import weakref
+    from types import SimpleNamespace
+
+    from tinygemma.train import Trainer
+
+    def collect_with_a_callback_interrupted(*args):
+        class Garbage:
+            pass
+
+        garbage = Garbage()
+        weakref.finalize(garbage, signal.raise_signal, signal.SIGINT)
+        del garbage  # its finalizer runs now: Python code, where the SIGINT's handler runs
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect_with_a_callback_interrupted)
+    trainer = SimpleNamespace(rt=SimpleNamespace(is_cuda=False), model=object())
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.release(trainer)
+    assert trainer.model is None
+
+
 def test_an_older_schedules_rate_is_told_on_the_workshops_long_schedule(tmp_path):
     """On the workshop recipe's 4,688-step cosine, a step's rate and its neighbour's differ by about 1e-3
     (relative): the comparison is exact up to float rounding, not within a tolerance that would take the older

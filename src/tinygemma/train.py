@@ -109,6 +109,7 @@ from tinygemma.files import (
     read_json,
     read_safetensors,
     remove_temporaries,
+    signals_held,
 )
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
@@ -824,7 +825,8 @@ class Trainer:
         (a `!tinygemma run` cell after it): the caching allocator's reserve is emptied."""
         self.model = self.raw = self.optimizer = self.scaler = self.next_batch = None
         forget_saved_models()
-        gc.collect()
+        with signals_held():  # a Ctrl-C (a notebook's Stop) landing in a weakref callback would be dropped there
+            gc.collect()
         if self.rt.is_cuda:
             with contextlib.suppress(RuntimeError):  # (a CUDA error that ended the run is raised again here)
                 torch.cuda.empty_cache()

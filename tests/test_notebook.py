@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -124,6 +125,83 @@ def test_each_cell_from_training_on_needs_only_the_settings_after_a_restart():
     for cell, tree in zip(code[first:], trees[first:], strict=True):
         used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
         assert used <= given | assigned_names(tree), (sorted(used - given - assigned_names(tree)), cell.source[:80])
+
+
+def test_the_prepare_cell_runs_after_a_restart_without_section_1():
+    """After a restart, the settings cell and the prepare cell: the prepare cell printed section 1's story, a
+    NameError once the data was prepared."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    settings = next(i for i, cell in enumerate(code) if "TINYGEMMA_STORIES" in cell.source)
+    prepare = next(cell for cell in code if "prepare(DATA" in cell.source)
+    tree = ast.parse(python_of(prepare.source))
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    given = assigned_names(ast.parse(python_of(code[settings].source))) | set(dir(builtins))
+    assert used <= given | assigned_names(tree), sorted(used - given - assigned_names(tree))
+
+
+def test_the_cells_after_training_leave_the_untrained_model_alone():
+    """Section 3's `model` is the untrained one, whose loss its cell prints beside ln(vocabulary): bound again to
+    the trained checkpoint by section 5, that cell run again printed the trained loss as the untrained one (and
+    on a GPU failed: the checkpoint's weights on the GPU, the window on the CPU). Only the workshop cell lets go
+    of it, to free the GPU."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    for cell in code[code.index(tagged(nb, "train")):]:
+        for node in ast.walk(ast.parse(python_of(cell.source))):
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "model" for t in node.targets):
+                assert isinstance(node.value, ast.Constant) and node.value.value is None, cell.source[:80]
+
+
+def test_another_vocabulary_is_prepared_anew(tmp_path, monkeypatch):
+    """Changing VOCAB_SIZE in the settings cell kept the data folder (named by tokenizer, source and limit) and its
+    4,096-token BPE: the run resumed on it. Another vocabulary names a folder of its own; the CPU's 4,096 keeps
+    the name data prepared before had (a run begun before then resumes)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    settings = next(cell.source for cell in nb.cells if cell.cell_type == "code" and "TINYGEMMA_STORIES" in cell.source)
+    monkeypatch.setenv("TINYGEMMA_WORKDIR", str(tmp_path))
+    monkeypatch.delenv("TINYGEMMA_STORIES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert '"gemma3-tiny", "bpe", 4096' in settings
+    chosen = {}
+    for vocab in (4096, 8192):
+        names = {}
+        exec(settings.replace('"gemma3-tiny", "bpe", 4096', f'"gemma3-tiny", "bpe", {vocab}'), names)
+        chosen[vocab] = names["DATA"], names["RUN"]
+    assert chosen[4096][0] == tmp_path / "data-hub-bpe-5000" and chosen[8192][0] == tmp_path / "data-hub-bpe-8192-5000"
+    assert chosen[4096][1] != chosen[8192][1]
+
+
+def test_the_training_cell_trains_only_the_chunks_past_the_runs_checkpoint(tmp_path, monkeypatch):
+    """Run again on a finished run, or after a disconnect at chunk k, the cell called train() for every chunk from
+    the first: each call loads the checkpoint and builds the model and the optimizer (for the 270M, 1.2 GB read,
+    from Drive with a frozen bar) to train nothing. It starts at the first chunk past the checkpoint."""
+    import json
+
+    import tinygemma.checkpoint
+    import tinygemma.train
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    calls = []
+
+    def fake_train(recipe, resume, stop_at, quiet):
+        calls.append(stop_at)
+        return {"step": stop_at, "val_loss": 3.0, "best_val_loss": 3.0, "best_step": stop_at, "tokens": 1,
+                "elapsed_s": 1.0}
+
+    monkeypatch.setattr(tinygemma.train, "train", fake_train)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 4.0}) + "\n")
+    settings = {"RUN": run, "DATA": tmp_path, "MODEL": "gemma3-tiny", "MAX_STEPS": 30, "BATCH_SIZE": 4,
+                "BLOCK_SIZE": 32, "GRAD_ACCUM": 1, "OPTIMIZER": "muon", "LR_SCHEDULE": "wsd", "LEARNING_RATE": 1e-3,
+                "MUON_LEARNING_RATE": 0.04}
+    for done, expected in [(None, list(range(3, 31, 3))), (12, [15, 18, 21, 24, 27, 30]), (30, [30])]:
+        monkeypatch.setattr(tinygemma.checkpoint, "checkpoint_pointer",
+                            lambda run_dir, name="last", done=done: None if done is None else {"step": done})
+        calls.clear()
+        exec(python_of(tagged(nb, "train").source), dict(settings))
+        assert calls == expected, done
 
 
 def test_other_stories_are_prepared_anew_not_read_from_another_files_tokens(tmp_path, monkeypatch):

@@ -760,6 +760,24 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(data_dir, tmp_path, caps
         run(data_dir, tmp_path / "none", "keep_checkpoints=0")
 
 
+def test_a_wsd_run_keeping_several_keeps_its_last_checkpoint_before_the_cooldown(data_dir, tmp_path):
+    """The speedrun keeps 3 so that a run found short at its end still extends from its last checkpoint before the
+    cooldown; a --stop-at checkpoint among the newest pushed that one out (14, 16, 20 kept of 4, 8, 12, 14, 16,
+    20, the cooldown starting after 12), and the run could no longer be extended. It is kept besides them."""
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    settings = ["max_steps=20", "warmup_steps=2", "checkpoint_interval=4", "eval_interval=4", "keep_checkpoints=3",
+                "lr_schedule=wsd", "cooldown_fraction=0.4"]
+    run(data_dir, out, *settings, stop_at=14)
+    run(data_dir, out, *settings, resume=True)
+    best = json.loads((ckpts / "best.json").read_text())["dir"]
+    assert best != "step_000012"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == sorted(
+        {"step_000012", "step_000014", "step_000016", "step_000020", best})
+    assert main(["train", "--resume-from", str(ckpts / "step_000012"), "--out", str(tmp_path / "longer"),
+                 "--max-steps", "30"]) == 0
+    assert last_step(tmp_path / "longer") == 30
+
+
 def test_data_and_model_mismatches_are_refused(data_dir, tmp_path):
     with pytest.raises(tinygemma.UserError, match="cannot hold the data's tokens"):
         run(data_dir, tmp_path / "a", "model.vocab_size=100")

@@ -713,9 +713,10 @@ def forget_saved_models() -> None:
 
 def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dict, meta: dict,
                     tokenizer: Tokenizer, val_loss: float | None, is_best: bool, rt: Runtime, fsdp: bool,
-                    keep: int = 1) -> None:
+                    keep: int = 1, keep_before: int | None = None) -> None:
     """Write checkpoints/step_NNNNNN/ into a temporary directory, rename it into place, then switch last.json
-    (and best.json) to it; finally delete the checkpoints but the best and the newest `keep`. Every rank calls
+    (and best.json) to it; finally delete the checkpoints but the best and the newest `keep` (and the newest at or
+    before `keep_before`: prune_checkpoints). Every rank calls
     this (FSDP gathers the shards); rank 0 writes. A tokenizer.json run carries its tokenizer's file as the run
     loaded it at its start (`tokenizer`, checked against the data's record then): not the data folder's file as it
     is now, which a `prepare` into that folder may have replaced meanwhile."""
@@ -773,7 +774,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_checkpoints(ckpts, keep)
+    prune_checkpoints(ckpts, keep, keep_before)
 
 
 POINTER_FILES = frozenset({"last.json", "best.json"})
@@ -797,20 +798,25 @@ def checkpoint_step(name) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def prune_checkpoints(ckpts: Path, newest: int = 1) -> None:
+def prune_checkpoints(ckpts: Path, newest: int = 1, before: int | None = None) -> None:
     """Delete the step directories but the one best.json names and the `newest` complete ones up to the one
-    last.json names (one past it was left by a crash before last.json named it), leftover temporary ones, and
-    the temporaries of pointers whose writing was killed."""
+    last.json names (one past it was left by a crash before last.json named it), and with `before` the newest
+    complete one at or before that step (a wsd run's last before its cooldown, which it extends from: a --stop-at
+    checkpoint among the newest would push it out); leftover temporary ones, and the temporaries of pointers whose
+    writing was killed."""
     remove_temporaries(ckpts, POINTER_FILES)
     keep = set()
     for name in ("last", "best"):
         if (ckpts / f"{name}.json").exists():
             keep.add(pointer_dir(ckpts / f"{name}.json"))
     last = peek_json(ckpts / "last.json").get("step")
-    if newest > 1 and isinstance(last, int):
+    if (newest > 1 or before is not None) and isinstance(last, int):
         complete = {checkpoint_step(p.name): p.name for p in ckpts.glob("step_*")
                     if checkpoint_step(p.name) is not None and (p / STATE_NAME).exists()}  # step_1000000 is newest
-        keep.update(complete[step] for step in sorted(s for s in complete if s <= last)[-newest:])
+        steps = sorted(s for s in complete if s <= last)
+        keep.update(complete[step] for step in steps[-newest:])
+        if before is not None:
+            keep.update(complete[step] for step in [s for s in steps if s <= before][-1:])
     for path in ckpts.iterdir():
         if path.is_dir() and path.name not in keep and (path.name.startswith("step_") or path.name.startswith(".tmp-")):
             shutil.rmtree(path, ignore_errors=True)

@@ -252,7 +252,7 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate every this many optimizer steps, and at step 0, at checkpoints, at the end (0: only then)
     eval_batches: int = 10  # validation batches per evaluation, each of the global batch's size
     checkpoint_interval: int = 500  # save every this many optimizer steps (and at the end); 0 = only at the end
-    keep_checkpoints: int = 1  # the newest checkpoints kept, besides the best: 1 keeps the last alone
+    keep_checkpoints: int = 1  # the newest checkpoints kept, besides the best (and under wsd, past 1, the last before the cooldown): 1 keeps the last alone
     log_interval: int = 10  # a log line (and a metrics flush) every this many steps
     sample_interval: int = 0  # continue [generate]'s prompts every this many steps, printed and in metrics.jsonl; 0 = never
     dtype: str = "auto"  # auto (bfloat16 on GPUs with native bf16, float16 + scaler on older ones; float32 elsewhere), float32, bfloat16, float16

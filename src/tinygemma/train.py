@@ -120,6 +120,7 @@ from tinygemma.optim import (
     check_muon_rate,
     check_resume_schedule,
     configure_optimizer,
+    cooldown_start,
     describe_optimizer,
     learning_rate,
     set_learning_rates,
@@ -430,7 +431,7 @@ class Trainer:
         remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
             restore_best_pointer(run_dir / "checkpoints", self.best_step, self.best_val)
-            prune_checkpoints(run_dir / "checkpoints", self.start_keep)
+            prune_checkpoints(run_dir / "checkpoints", self.start_keep, self.keep_before)
         resolved = self.resolved_config()
         # Nothing to train (a finished run, run again): config.json keeps the settings its steps were trained with.
         # A fork not yet trained has no steps of its own: it takes this invocation's, for its --resume.
@@ -772,7 +773,7 @@ class Trainer:
         }
         meta = {"tokenizer": self.tokenizer, "step": step, "train": dataclasses.asdict(cfg)}
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer, state, meta, self.data.tokenizer(), val_loss,
-                        is_best, self.rt, self.fsdp, cfg.keep_checkpoints)
+                        is_best, self.rt, self.fsdp, cfg.keep_checkpoints, self.keep_before)
         if self.rt.is_main:
             self.write_view("report.md", lambda: write_report(self.run_dir))
 
@@ -815,6 +816,12 @@ class Trainer:
     def unlock(self) -> None:
         if self.lock:  # a start that failed early leaves the folder as it was, for prepare or export
             self.lock.release(remove=self.lock.fd is not None and not is_training_run(self.run_dir))
+
+    @property
+    def keep_before(self) -> int | None:
+        """A wsd run that keeps several checkpoints also keeps its last before the cooldown, which it extends from
+        (prune_checkpoints)."""
+        return cooldown_start(self.cfg) if self.cfg.lr_schedule == "wsd" and self.cfg.keep_checkpoints > 1 else None
 
     def release(self) -> None:
         """Let the model, its wrappers, the optimizer and the batch go now, not whenever the garbage collector finds

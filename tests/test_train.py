@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -2090,6 +2091,40 @@ def test_a_run_from_random_weights_cannot_take_an_init_from_on_resume(data_dir, 
     run(data_dir, out, "max_steps=4", "warmup_steps=1", stop_at=2)
     with pytest.raises(tinygemma.UserError, match="train.init_from cannot change on resume \\(none -> "):
         run(data_dir, out, "max_steps=4", "warmup_steps=1", f"init_from={source}", resume=True)
+
+
+def test_a_fork_killed_while_it_is_made_is_refused_by_a_resume_and_made_again_by_its_retry(data_dir, tmp_path):
+    """SIGKILL (the OOM killer, a power loss) while --resume-from links or copies the checkpoint: the folder held
+    the source's config.json and metrics.jsonl and a partial checkpoint, so a retry was refused (--out not empty)
+    and `--resume` trained a new run from step 0 over the copied records. A marker names it a fork in the
+    making until last.json names its checkpoint: a resume refuses it in one line naming the command, and that
+    command makes the fork again."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=16", "checkpoint_interval=4", "keep_checkpoints=3")
+    checkpoint, fork = source / "checkpoints" / "step_000008", tmp_path / "fork"
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+links = []
+def link(*args):
+    links.append(args)
+    if len(links) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.link.__wrapped__(*args)
+link.__wrapped__ = os.link
+os.link = link
+from tinygemma.cli import main
+main(["train", "--resume-from", {str(checkpoint)!r}, "--out", {str(fork)!r}])
+"""], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (fork / "config.json").exists() and not (fork / "checkpoints" / "last.json").exists()
+    with pytest.raises(tinygemma.UserError) as refused:
+        run(data_dir, fork, "max_steps=16", resume=True)
+    assert str(refused.value) == (f"{fork} is a fork stopped while it was made (its checkpoint not all there): make "
+                                  f"it again with `tinygemma train --resume-from {checkpoint} --out {fork}` and the "
+                                  "settings you gave it, which takes the folder over")
+    assert main(["train", "--resume-from", str(checkpoint), "--out", str(fork)]) == 0
+    assert last_step(fork) == 16 and not (fork / ".fork-incomplete").exists()
+    assert train_losses(fork) == train_losses(source)  # the source's steps from 9 on, as the source trained them
 
 
 def test_a_fork_of_a_run_whose_checkpoints_folder_is_a_link_copies_its_records(data_dir, tmp_path):

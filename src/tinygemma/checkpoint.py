@@ -32,7 +32,7 @@ import torch
 from tinygemma.config import ModelConfig, is_integer
 from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import as_device, pick_dtype
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, shell_quote
 from tinygemma.files import (
     WriteError,
     atomic_path,
@@ -553,6 +553,8 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     # (its checkpoints/ may be a link to a bigger disk: compared where both lead)
     run = ckpts_of.parent if ckpts_of is not None and ckpts_of.resolve() == src.resolve().parent else None
     out = check_output_folder(out, "the run")
+    if (out / FORK_INCOMPLETE).is_file():  # a fork killed while it was made (SIGKILL, power): made again
+        remove_fork(out, {"made": False})
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
                         "leaving the run it comes from as it was")
@@ -562,6 +564,8 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     ckpts = out / "checkpoints"
     try:
         ckpts.mkdir(parents=True)
+        # Until last.json names the checkpoint the folder is no run (a resume of it would start afresh): said so
+        (out / FORK_INCOMPLETE).write_text(f"{src}\n")
         for name in ("config.json", "metrics.jsonl"):
             if run is not None and (run / name).is_file():
                 with atomic_path(out / name) as tmp:
@@ -589,6 +593,7 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
         # files are the source's, hard links, never written)
         atomic_write_json(ckpts / "last.json", {"dir": checkpoint_name(step), "step": step,
                                                 "forked_from": fork_origin(src, run, step)})
+        (out / FORK_INCOMPLETE).unlink()
     except BaseException:
         remove_fork(out, {"made": made})
         raise
@@ -598,6 +603,20 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
             "copies": {**{str(ckpts / checkpoint_name(number)): str(folder) for number, folder in kept.items()},
                        **{str(out / name): str(run / name) for name in ("config.json", "metrics.jsonl")
                           if run is not None}}}
+
+
+# In a folder --resume-from is making into a run until last.json names its checkpoint: the checkpoint's path.
+FORK_INCOMPLETE = ".fork-incomplete"
+
+
+def check_fork_complete(run_dir: Path) -> None:
+    """Refuse a folder whose fork was killed while it was made, in one line naming the command that makes it."""
+    marker = Path(run_dir) / FORK_INCOMPLETE
+    if marker.is_file():
+        source = marker.read_text(errors="replace").strip() or "CHECKPOINT"
+        raise UserError(f"{run_dir} is a fork stopped while it was made (its checkpoint not all there): make it "
+                        f"again with `tinygemma train --resume-from {shell_quote(source)} --out "
+                        f"{shell_quote(str(run_dir))}` and the settings you gave it, which takes the folder over")
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ from tinygemma.checkpoint import (
     STATE_NAME,
     TRAINER_STATE_FORMAT,
     WEIGHTS_NAME,
+    check_fork_complete,
     checkpoint_pointer,
     checkpoint_tokenizer,
     forget_saved_models,
@@ -1120,6 +1121,7 @@ def find_start(run_dir: Path, last: dict | None, resume: bool, data, data_dir: P
     that exists is only continued with `resume`, and only on data it may continue on (check_same_data), checked
     before the model is built: other data's vocabulary makes the model differ too (a run's saved vocab_size
     cannot hold a larger one's tokens), and the data is what to name then."""
+    check_fork_complete(run_dir)
     if last and not resume:
         raise UserError(f"{run_dir} already holds a run (last checkpoint: {last['dir']}); pass --resume "
                         "(resume=True from Python) to continue it, or choose another --out (train.out)")

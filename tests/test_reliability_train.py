@@ -811,6 +811,29 @@ def test_the_run_lock_is_let_go_whatever_stops_the_run(data_dir, tmp_path, monke
     assert list(empty.iterdir()) == []  # no .lock left for prepare or export to count as a stranger
 
 
+def test_a_resume_refuses_non_finite_weights_in_its_checkpoint_in_one_line(data_dir, tmp_path, capsys):
+    """Training never saves non-finite weights; a checkpoint that holds them (damaged since, hand-edited) was
+    resumed, and the run stopped at its first step on a non-finite loss, telling the user to lower the learning
+    rate, this damaged checkpoint named as the last good one. Refused in one line naming the file, nothing
+    written."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    path = out / "checkpoints" / "step_000002" / "model.safetensors"
+    tensors = load_file(str(path))
+    name = sorted(tensors)[-1]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert tinygemma.cli.main(["train", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"tinygemma train: error: {path} holds non-finite values ({name}): a damaged or hand-edited "
+                   "checkpoint; resume from another (--resume-from RUN/checkpoints/step_NNNNNN --out NEW)\n")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
 @pytest.mark.parametrize("edit", [{"data": "x"}, {"config": "x"}, {"elapsed_s": "x"}, {"skipped_steps": None},
                                   {"invocations": [1]}, {"tokens": "x"},
                                   {"invocations": [{"steps": [0, 2], "changed": {"learning_rate": 1}}]},

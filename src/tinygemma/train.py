@@ -1248,7 +1248,14 @@ def resumed_weights(ckpt_dir: Path | None, model_config: ModelConfig) -> dict | 
     if ckpt_dir is None:
         return None
     check_resumed_model(ckpt_dir, model_config)
-    return checked_state(model_config, read_safetensors(ckpt_dir / WEIGHTS_NAME), str(ckpt_dir))
+    weights = checked_state(model_config, read_safetensors(ckpt_dir / WEIGHTS_NAME), str(ckpt_dir))
+    # Training never saves non-finite weights (a non-finite step is never checkpointed): these were damaged since,
+    # and resumed would stop the run at its first step as a divergence of this checkpoint's "last good" weights.
+    damaged = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
+    if damaged:
+        raise UserError(f"{ckpt_dir / WEIGHTS_NAME} holds non-finite values ({damaged}): a damaged or hand-edited "
+                        "checkpoint; resume from another (--resume-from RUN/checkpoints/step_NNNNNN --out NEW)")
+    return weights
 
 
 def check_resumed_files(ckpt_dir: Path | None, model_config: ModelConfig) -> None:

@@ -96,6 +96,10 @@ def output_file(text: str) -> str:
     return text
 
 
+# Packages some benchmarks' contenders need that tinygemma's own install does not bring: what installs each.
+OPTIONAL_PACKAGES = {"llama_cpp": "llama-cpp-python", "gguf": '"tinygemma[gguf]"', "transformers": '"tinygemma[dev]"'}
+
+
 def run_script(main: Callable[[], object]) -> None:
     """A benchmark run as a script: what tinygemma refuses (an unknown preset or dtype, a device not there) ends
     in one line on stderr and exit status 2, and the machine's failure (a full disk, after the measurement; a
@@ -105,6 +109,12 @@ def run_script(main: Callable[[], object]) -> None:
         result = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as e:  # an optional package a contender or a step needs
+        if e.name not in OPTIONAL_PACKAGES:
+            raise
+        print(f"error: this needs {e.name}, which is not installed: pip install {OPTIONAL_PACKAGES[e.name]}",
+              file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # (WriteError among them: it names the file and the cause)
         print(f"error: {e}", file=sys.stderr)

@@ -2332,6 +2332,29 @@ def test_run_script_exits_2_on_a_refusal_1_on_the_machines_failure_and_with_an_i
                                        "error: [Errno 13] Permission denied: 'r.json'\n")
 
 
+def test_run_script_names_the_install_of_an_optional_package_a_benchmark_needs(capsys, monkeypatch):
+    """llama-cpp-python (gguf_decode.py), gguf, transformers (its contenders): not in tinygemma's own install; one
+    missing ended a benchmark in a traceback. One line naming what installs it, exit status 2; a module missing
+    that no extra brings (a bug) is raised as it is."""
+    common = load_script("common")
+
+    def needs(module):
+        def main():
+            __import__(module)
+        return main
+
+    for module, install in (("llama_cpp", "llama-cpp-python"), ("gguf", '"tinygemma[gguf]"'),
+                            ("transformers", '"tinygemma[dev]"')):
+        monkeypatch.setitem(sys.modules, module, None)  # (as if not installed: importing it raises)
+        with pytest.raises(SystemExit) as exited:
+            common.run_script(needs(module))
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == f"error: this needs {module}, which is not installed: pip install {install}\n"
+    monkeypatch.setitem(sys.modules, "no_such_tinygemma_helper", None)
+    with pytest.raises(ModuleNotFoundError):
+        common.run_script(needs("no_such_tinygemma_helper"))
+
+
 def test_check_losses_accepts_a_float32_spread_of_exactly_its_tolerance(capsys):
     train_throughput = load_script("train_throughput")
     # (10001 - 10000) / 10000 is exactly the double 1e-4: within the tolerance, not over it

@@ -612,8 +612,9 @@ def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_
     assert main(["train", "--config", str(ROOT / "configs" / "cpu-demo.toml"), "--dry-run", "--max-steps", "77"]) == 2
     out, err = capsys.readouterr()
     assert json.loads(out)["plan"]["steps"] == 77
-    assert err.splitlines()[1].startswith("tinygemma train: error: data/tinystories-cpu (data.dir) is not prepared "
-                                          "yet: `tinygemma run")
+    assert err.splitlines()[1] == ("tinygemma train: error: data/tinystories-cpu (data.dir) is not prepared yet: "
+                                   "`tinygemma prepare --out data/tinystories-cpu --tokenizer bpe --vocab-size 4096 "
+                                   "--limit 5000` prepares it as the recipe's [data] asks; then run this command again")
     assert list(tmp_path.iterdir()) == []
     # Under torchrun, process 0 alone prints it.
     for name in TORCHRUN_VARIABLES:

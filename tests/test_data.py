@@ -1481,14 +1481,14 @@ def test_too_few_stories_to_set_validation_aside_says_how_to_fix_it(stories_dir,
     message = str(caught.value)
     assert "no val stories" in message
     assert "too few stories to set some aside; give validation stories (--val-source, data.val_source)" in message
-    for limit, fraction, first in [(19, None, 20), (1, None, 20), (3, 0.3, 4)]:
+    for limit, fraction, first in [(19, None, 20), (1, None, 20), (3, 0.3, 4), (5, 1e-9, 1000000000)]:
         with pytest.raises(UserError) as caught:
             prepare(tmp_path / "out", sources=[stories_dir / "train.txt"], limit=limit, val_fraction=fraction,
                     workers=1, progress=False)
         assert str(caught.value) == (
             f"no val stories: the validation corpus is empty (a limit of {limit} training stories sets none aside at "
             f"a fraction of {fraction or 0.05:g}, whose first is story {first}: use a limit of {first} or more "
-            "(--limit, data.limit), or give validation stories (--val-source, data.val_source))")
+            "(--limit, data.limit) with that many stories, or give validation stories (--val-source, data.val_source))")
     prepare(tmp_path / "ok", sources=[stories_dir / "train.txt"], limit=20, workers=1, progress=False)
     assert json.loads((tmp_path / "ok" / "meta.json").read_text())["splits"]["val"]["documents"] == 1
     # A validation source that is truly empty is not told to set stories aside

@@ -720,14 +720,25 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     return meta
 
 
+def first_set_aside(fraction: float) -> int:
+    """The index of the first story _select sets aside at `fraction`: the least i with floor((i + 1) f) >= 1,
+    about 1/f - 1 (found from there, not by counting up to it: a fraction of 1e-9 is a billion stories)."""
+    first = max(0, math.ceil(1 / fraction) - 1)
+    while first > 0 and math.floor(first * fraction) >= 1:  # (float rounding either way)
+        first -= 1
+    while math.floor((first + 1) * fraction) < 1:
+        first += 1
+    return first
+
+
 def _no_stories(split: str, carve: float | None, limit: int | None) -> UserError:
     """The refusal of an empty split; for validation set aside (a fraction `carve`), why none was and what to do."""
     why = ""
     if split == "val" and carve:
-        first = next(i for i in itertools.count() if math.floor((i + 1) * carve) > math.floor(i * carve))
+        first = first_set_aside(carve)
         why = (f" (a limit of {limit:,} training stories sets none aside at a fraction of {carve:g}, whose first is "
-               f"story {first + 1}: use a limit of {first + 1} or more (--limit, data.limit), or give validation "
-               "stories (--val-source, data.val_source))" if limit is not None and limit <= first else
+               f"story {first + 1}: use a limit of {first + 1} or more (--limit, data.limit) with that many stories, "
+               "or give validation stories (--val-source, data.val_source))" if limit is not None and limit <= first else
                " (too few stories to set some aside; give validation stories (--val-source, data.val_source) or "
                f"more stories; a .txt file separates its stories with lines holding only {EOT_TOKEN})")
     return UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} corpus is empty{why}")

@@ -774,6 +774,10 @@ def test_a_wsd_run_keeping_several_keeps_its_last_checkpoint_before_the_cooldown
     assert best != "step_000012"
     assert sorted(p.name for p in ckpts.glob("step_*")) == sorted(
         {"step_000012", "step_000014", "step_000016", "step_000020", best})
+    kept = sorted(p.name for p in ckpts.glob("step_*"))
+    default = [setting for setting in settings if not setting.startswith("keep_checkpoints")]
+    run(data_dir, out, *default, resume=True)  # finished, run again with the default keep_checkpoints (1)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == kept  # deletes none the run kept
     assert main(["train", "--resume-from", str(ckpts / "step_000012"), "--out", str(tmp_path / "longer"),
                  "--max-steps", "30"]) == 0
     assert last_step(tmp_path / "longer") == 30

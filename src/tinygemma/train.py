@@ -821,8 +821,8 @@ class Trainer:
     @property
     def keep_before(self) -> int | None:
         """A wsd run that keeps several checkpoints also keeps its last before the cooldown, which it extends from
-        (prune_checkpoints)."""
-        return cooldown_start(self.cfg) if self.cfg.lr_schedule == "wsd" and self.cfg.keep_checkpoints > 1 else None
+        (prune_checkpoints): by start_keep, so that a finished run run again with fewer deletes none of them."""
+        return cooldown_start(self.cfg) if self.cfg.lr_schedule == "wsd" and self.start_keep > 1 else None
 
     def release(self) -> None:
         """Let the model, its wrappers, the optimizer and the batch go now, not whenever the garbage collector finds

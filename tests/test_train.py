@@ -1597,10 +1597,32 @@ def test_a_ctrl_c_during_releases_garbage_collection_is_not_lost(monkeypatch):
         return 0
 
     monkeypatch.setattr(gc, "collect", collect_with_a_callback_interrupted)
-    trainer = SimpleNamespace(rt=SimpleNamespace(is_cuda=False), model=object())
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    trainer = SimpleNamespace(rt=SimpleNamespace(is_cuda=True), model=object())
     with pytest.raises(KeyboardInterrupt):
         Trainer.release(trainer)
-    assert trainer.model is None
+    assert trainer.model is None and emptied == [True]  # the GPU's reserve given back before the interrupt
+
+
+def test_close_ends_the_runtime_even_when_a_held_ctrl_c_comes_out_of_release():
+    """The Ctrl-C release holds through its collection is raised as it ends: close still undoes the runtime's
+    settings (a notebook's TF32, its CUDA device, the process group) and lets go of the lock."""
+    from types import SimpleNamespace
+
+    from tinygemma.train import Trainer
+
+    done = []
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    trainer = SimpleNamespace(profiler=None, progress=None, writer=None, release=interrupted,
+                              unlock=lambda: done.append("unlocked"), caller_random=None,
+                              rt=SimpleNamespace(close=lambda: done.append("runtime closed")))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.close(trainer, 130)
+    assert done == ["unlocked", "runtime closed"]
 
 
 def test_an_older_schedules_rate_is_told_on_the_workshops_long_schedule(tmp_path):

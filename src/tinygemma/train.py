@@ -812,7 +812,7 @@ class Trainer:
             self.unlock()  # else the notebook's next train() of this run is refused until the kernel restarts
             if getattr(self, "caller_random", None):
                 restore_random_state(self.caller_random, self.rt)
-        self.rt.close()
+            self.rt.close()  # (also after a Ctrl-C held through release: a notebook's TF32 and device restored)
 
     def unlock(self) -> None:
         if self.lock:  # a start that failed early leaves the folder as it was, for prepare or export
@@ -835,9 +835,9 @@ class Trainer:
         forget_saved_models()
         with signals_held():  # a Ctrl-C (a notebook's Stop) landing in a weakref callback would be dropped there
             gc.collect()
-        if self.rt.is_cuda:
-            with contextlib.suppress(RuntimeError):  # (a CUDA error that ended the run is raised again here)
-                torch.cuda.empty_cache()
+            if self.rt.is_cuda:
+                with contextlib.suppress(RuntimeError):  # (a CUDA error that ended the run is raised again here)
+                    torch.cuda.empty_cache()
 
     def summary(self) -> dict:
         final, best = checkpoint_pointer(self.run_dir), checkpoint_pointer(self.run_dir, "best")

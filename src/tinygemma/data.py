@@ -988,17 +988,18 @@ def open_prepared(directory: str | Path) -> PreparedData:
 
 
 def source_stamp(source) -> list[int]:
-    """[bytes, latest modification in ns, files] of a local story source (a file, or a datasets folder's files):
-    what tells that it changed since it was prepared, as make tells it, without reading it again."""
+    """[bytes, files] of a local story source (a file, or a datasets folder's files less the caches its `map`
+    writes and hidden files): what tells that it holds other stories since it was prepared, without reading it
+    again. Not its modification time, which a `touch`, a copy or a sync changes with the same stories."""
     path = Path(source)
-    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
-    stats = [f.stat() for f in files]
-    return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0), len(stats)]
+    files = [f for f in path.rglob("*") if f.is_file() and not f.name.startswith(("cache-", "."))
+             and not any(part.startswith(".") for part in f.relative_to(path).parts)] if path.is_dir() else [path]
+    return [sum(f.stat().st_size for f in files), len(files)]
 
 
 def changed_sources(data: PreparedData) -> list[str]:
-    """The local story sources `data` was prepared from that are there still but changed since (other bytes, or
-    written again: its meta.json's source_stamps); none for data prepared before they were recorded."""
+    """The local story sources `data` was prepared from that are there still but hold other stories since (by
+    its meta.json's source_stamps); none for data prepared before they were recorded."""
     stamps = data.meta.get("source_stamps")
     changed = []
     for source, stamp in (stamps.items() if isinstance(stamps, dict) else ()):

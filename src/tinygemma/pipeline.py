@@ -45,7 +45,7 @@ from tinygemma.model import Gemma3
 from tinygemma.optim import check_muon_rate, cooldown_start, schedule
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
-from tinygemma.runtime import env_world_size, main_process_first, setup_runtime
+from tinygemma.runtime import env_rank, env_world_size, main_process_first, setup_runtime
 from tinygemma.tokenizer import GPT2_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
 from tinygemma.train import (
@@ -267,11 +267,12 @@ def prepared_data(recipe: Recipe):
                         f"({'; '.join(differences)}): set data.dir to another folder to prepare it there, "
                         "delete this one to prepare it again, or give [data] the settings it was prepared "
                         "with (--set data.source=..., data.tokenizer=..., data.limit=...)")
-    changed = changed_sources(data)
-    if changed and not is_training_run(recipe.out):  # (a run begun on it goes on with its data as prepared)
+    # (by process 0 alone, which prepared it: under torchrun another node's copy of a source is no matter)
+    changed = changed_sources(data) if env_rank() == 0 and not is_training_run(recipe.out) else []
+    if changed:  # (a run begun on it goes on with its data as prepared)
         raise UserError(f"{data_dir} (data.dir) was prepared from {', '.join(changed)} as it was then, and that has "
-                        "changed since (its size or modification time): delete that folder to prepare the stories "
-                        "again, or set data.dir to another folder")
+                        "changed since (its size): delete that folder to prepare the stories again, or set data.dir "
+                        "to another folder")
     return data
 
 

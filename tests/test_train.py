@@ -2143,6 +2143,16 @@ main(["train", "--resume-from", {str(checkpoint)!r}, "--out", {str(fork)!r}])
 """], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (fork / "config.json").exists() and not (fork / "checkpoints" / "last.json").exists()
+    marker = (fork / ".fork-incomplete").read_text()
+    assert marker.splitlines()[0] == str(checkpoint.resolve())
+    # While its maker runs (another fork into the same folder), the folder is not taken over
+    (fork / ".fork-incomplete").write_text(f"{checkpoint.resolve()}\n{os.getppid()}\n")
+    with pytest.raises(tinygemma.UserError, match=rf"^--out {fork} is being made into a fork by process "
+                                                  rf"{os.getppid()}: wait for it, or choose another --out$"):
+        tinygemma.checkpoint.fork_run(checkpoint, fork)
+    (fork / ".fork-incomplete").write_text(marker)
+    with pytest.raises(tinygemma.UserError, match="is inside --out"):  # (a retry would have emptied it first)
+        tinygemma.checkpoint.fork_run(source / "checkpoints" / "step_000012", source)
     with pytest.raises(tinygemma.UserError) as refused:
         run(data_dir, fork, "max_steps=16", resume=True)
     assert str(refused.value) == (f"{fork} is a fork stopped while it was made (its checkpoint not all there): make "

@@ -553,19 +553,27 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     # (its checkpoints/ may be a link to a bigger disk: compared where both lead)
     run = ckpts_of.parent if ckpts_of is not None and ckpts_of.resolve() == src.resolve().parent else None
     out = check_output_folder(out, "the run")
+    if src.resolve() in (out.resolve(), *out.resolve().parents):  # (a run's checkpoints/: check_output_folder's)
+        raise UserError(f"--out {out} is inside the checkpoint it continues: give the new run a folder of its own")
+    if out.resolve() in src.resolve().parents:
+        raise UserError(f"--resume-from {src} is inside --out {out}: give the new run a folder of its own")
     if (out / FORK_INCOMPLETE).is_file():  # a fork killed while it was made (SIGKILL, power): made again
+        maker = fork_maker(out)
+        if maker is not None:
+            raise UserError(f"--out {out} is being made into a fork by process {maker}: wait for it, or choose "
+                            "another --out")
         remove_fork(out, {"made": False})
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
                         "leaving the run it comes from as it was")
-    if src.resolve() in (out.resolve(), *out.resolve().parents):  # (a run's checkpoints/: check_output_folder's)
-        raise UserError(f"--out {out} is inside the checkpoint it continues: give the new run a folder of its own")
     made = not out.exists()
     ckpts = out / "checkpoints"
     try:
-        ckpts.mkdir(parents=True)
-        # Until last.json names the checkpoint the folder is no run (a resume of it would start afresh): said so
-        (out / FORK_INCOMPLETE).write_text(f"{src}\n")
+        out.mkdir(parents=True, exist_ok=True)
+        # Until last.json names the checkpoint the folder is no run (a resume of it would start afresh): said so,
+        # with what makes it and who is making it
+        (out / FORK_INCOMPLETE).write_text(f"{src.resolve()}\n{os.getpid()}\n")
+        ckpts.mkdir()
         for name in ("config.json", "metrics.jsonl"):
             if run is not None and (run / name).is_file():
                 with atomic_path(out / name) as tmp:
@@ -609,11 +617,26 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
 FORK_INCOMPLETE = ".fork-incomplete"
 
 
+def fork_maker(out: Path) -> int | None:
+    """The process making `out` into a fork, where it is still running (on this machine), else None."""
+    lines = (out / FORK_INCOMPLETE).read_text(errors="replace").splitlines()
+    pid = int(lines[1]) if len(lines) > 1 and lines[1].strip().isdigit() else None
+    if pid is None or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # (another user's process: running)
+        pass
+    return pid
+
+
 def check_fork_complete(run_dir: Path) -> None:
     """Refuse a folder whose fork was killed while it was made, in one line naming the command that makes it."""
     marker = Path(run_dir) / FORK_INCOMPLETE
     if marker.is_file():
-        source = marker.read_text(errors="replace").strip() or "CHECKPOINT"
+        source = next(iter(marker.read_text(errors="replace").splitlines()), "").strip() or "CHECKPOINT"
         raise UserError(f"{run_dir} is a fork stopped while it was made (its checkpoint not all there): make it "
                         f"again with `tinygemma train --resume-from {shell_quote(source)} --out "
                         f"{shell_quote(str(run_dir))}` and the settings you gave it, which takes the folder over")
@@ -648,8 +671,8 @@ def remove_fork(out: Path, fork: dict) -> None:
     if fork["made"]:
         shutil.rmtree(out, ignore_errors=True)
         return
-    for child in out.iterdir() if out.is_dir() else ():
-        if child.is_dir():
+    for child in sorted(out.iterdir(), key=lambda c: c.name == FORK_INCOMPLETE) if out.is_dir() else ():
+        if child.is_dir():  # (the fork's marker last: a kill meanwhile leaves a fork still marked incomplete)
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)

@@ -82,9 +82,11 @@ CPU = Runtime(torch.device("cpu"), torch.float32)
 GPU = Runtime(torch.device("cuda", 0), torch.bfloat16)  # a stand-in: nothing here touches the device
 
 
-def fake_gpu(monkeypatch, name: str, shared_kb: int):
-    props = types.SimpleNamespace(name=name, shared_memory_per_block_optin=shared_kb * 1024)
+def fake_gpu(monkeypatch, name: str, shared_kb: int, capability: tuple[int, int] = (9, 0)):
+    props = types.SimpleNamespace(name=name, shared_memory_per_block_optin=shared_kb * 1024, major=capability[0],
+                                  minor=capability[1])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
 
 
 def fake_gpu_memory(monkeypatch, free: int) -> types.SimpleNamespace:
@@ -135,6 +137,14 @@ def test_flex_asked_for_at_head_dim_256_is_refused_where_its_kernels_do_not_fit(
     assert choose_attention_backend(flex, wide, GPU) == ("flex", "asked for")
     fake_gpu(monkeypatch, "a GPU of unknown shared memory", 0)
     assert choose_attention_backend(flex, wide, GPU) == ("flex", "asked for")
+    fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", 48, (6, 0))  # older than Triton: whatever the head size
+    for model in (wide, tiny()):
+        with pytest.raises(UserError, match=r"^train.attention_backend = flex cannot train here: Tesla P100-PCIE-16GB "
+                                            r"is compute capability 6.0, and flex_attention's kernels \(Triton\) need "
+                                            r"7.0 or later; use auto or sdpa$") as refused:
+            choose_attention_backend(flex, model, GPU)
+        assert not getattr(refused.value, "shown_by_rank_0", False)  # (process 0 says it; the others not again)
+    assert choose_attention_backend(cfg_with(block_size=64), wide, GPU)[0] == "sdpa"  # auto
 
 
 def test_flash_attention_is_taken_where_asked_and_its_window_runs(monkeypatch):
@@ -650,6 +660,10 @@ def test_a_gpu_older_than_triton_trains_uncompiled_under_auto_and_refuses_what_a
     with pytest.raises(UserError, match=r"^train.compile = true and train.muon_backend = compiled cannot run .*; use "
                                         r"train.compile = auto or false and another train.muon_backend"):
         check_compile(cfg_with(compile="true", optimizer="muon", muon_backend="compiled"), P100)
+    for rank in (0, 1):  # under torchrun every process refuses alike: said once, by process 0
+        with pytest.raises(UserError) as refused:
+            check_compile(cfg_with(compile="true"), Runtime(torch.device("cuda", 0), torch.float16, rank=rank))
+        assert getattr(refused.value, "shown_by_rank_0", False) is (rank == 1)
     capability[:] = [7, 5]  # a T4
     assert compiles(auto, P100) and check_compile(cfg_with(compile="true", optimizer="muon", muon_backend="compiled"),
                                                   P100) is None

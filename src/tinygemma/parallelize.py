@@ -82,9 +82,16 @@ def check_compile(cfg: TrainConfig, rt: Runtime) -> str | None:
              else []) + ([("train.muon_backend = compiled", "another train.muon_backend (auto, float32 or torch)")]
                          if cfg.optimizer == "muon" and cfg.muon_backend == "compiled" else [])
     if asked:
-        raise UserError(f"{' and '.join(a for a, _ in asked)} cannot run on this GPU: {why}; use "
-                        f"{' and '.join(fix for _, fix in asked)}")
+        raise every_process(UserError(f"{' and '.join(a for a, _ in asked)} cannot run on this GPU: {why}; use "
+                                      f"{' and '.join(fix for _, fix in asked)}"), rt)
     return why
+
+
+def every_process(error: UserError, rt: Runtime) -> UserError:
+    """`error`, which every process raises alike (from the same settings and GPU kind), said once under torchrun:
+    by process 0."""
+    error.shown_by_rank_0 = not rt.is_main
+    return error
 
 
 # The compiled modules' forward code, copied once per (code object, graph key): see compile_in_place.
@@ -321,11 +328,10 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
         mc = model_config
         refusal = agreed_refusal(flash_window_refusal(rt.device, rt.dtype, mc.n_heads, mc.n_kv_heads, mc.head_dim,
                                                       mc.sliding_window), rt)
-        if refusal:
-            error = UserError(f"train.attention_backend = flash: FlashAttention-2's window does not run here in "
-                              f"{str(rt.dtype).removeprefix('torch.')} ({refusal}); use auto, flex or sdpa")
-            error.shown_by_rank_0 = not rt.is_main  # (every process refuses: none waits in a collective)
-            raise error
+        if refusal:  # (every process refuses: none waits in a collective)
+            raise every_process(UserError(f"train.attention_backend = flash: FlashAttention-2's window does not run "
+                                          f"here in {str(rt.dtype).removeprefix('torch.')} ({refusal}); use auto, "
+                                          "flex or sdpa"), rt)
         return "flash", "asked for"
     if cfg.attention_backend == "sdpa":
         return "sdpa", "asked for"
@@ -335,11 +341,15 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
     shared = shared_memory_per_block(props)
     too_little = (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
                   "flex_attention's backward at this head size") if shared and shared < FLEX_MIN_SHARED_MEMORY else None
-    if cfg.attention_backend == "flex":
-        if too_little and model_config.head_dim >= FLEX_SHARED_MEMORY_HEAD_DIM:  # rather than Triton's traceback
-            raise UserError(f"train.attention_backend = flex cannot train here: {too_little} (head_dim "
-                            f"{model_config.head_dim}; Triton would stop the first step with OutOfResources); use "
-                            "auto or sdpa")
+    if cfg.attention_backend == "flex":  # (refused where Triton would stop the first step with a traceback)
+        if not inductor_runs_on(rt.device):
+            raise every_process(UserError(f"train.attention_backend = flex cannot train here: {props.name} is "
+                                          f"compute capability {props.major}.{props.minor}, and flex_attention's "
+                                          "kernels (Triton) need 7.0 or later; use auto or sdpa"), rt)
+        if too_little and model_config.head_dim >= FLEX_SHARED_MEMORY_HEAD_DIM:
+            raise every_process(UserError(f"train.attention_backend = flex cannot train here: {too_little} (head_dim "
+                                          f"{model_config.head_dim}; Triton would stop the first step with "
+                                          "OutOfResources); use auto or sdpa"), rt)
         return "flex", "asked for"
     if shared is None:
         return "sdpa", (f"this PyTorch does not tell {props.name}'s shared memory per block, which flex_attention's "

@@ -164,12 +164,13 @@ def test_another_vocabulary_is_prepared_anew(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert '"gemma3-tiny", "bpe", 4096' in settings
     chosen = {}
-    for vocab in (4096, 8192):
+    for vocab in (4096, 8192, None):  # (None: prepare's default, 8,192, named apart from the 4,096 it is not)
         names = {}
         exec(settings.replace('"gemma3-tiny", "bpe", 4096', f'"gemma3-tiny", "bpe", {vocab}'), names)
         chosen[vocab] = names["DATA"], names["RUN"]
-    assert chosen[4096][0] == tmp_path / "data-hub-bpe-5000" and chosen[8192][0] == tmp_path / "data-hub-bpe-8192-5000"
-    assert chosen[4096][1] != chosen[8192][1]
+    assert [chosen[vocab][0].name for vocab in (4096, 8192, None)] == [
+        "data-hub-bpe-5000", "data-hub-bpe-8192-5000", "data-hub-bpe-default-5000"]
+    assert len({run for _, run in chosen.values()}) == 3
 
 
 def test_the_training_cell_trains_only_the_chunks_past_the_runs_checkpoint(tmp_path, monkeypatch):

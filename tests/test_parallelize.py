@@ -87,6 +87,7 @@ def fake_gpu(monkeypatch, name: str, shared_kb: int, capability: tuple[int, int]
                                   minor=capability[1])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
 def fake_gpu_memory(monkeypatch, free: int) -> types.SimpleNamespace:
@@ -140,8 +141,8 @@ def test_flex_asked_for_at_head_dim_256_is_refused_where_its_kernels_do_not_fit(
     fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", 48, (6, 0))  # older than Triton: whatever the head size
     for model in (wide, tiny()):
         with pytest.raises(UserError, match=r"^train.attention_backend = flex cannot train here: Tesla P100-PCIE-16GB "
-                                            r"is compute capability 6.0, and flex_attention's kernels \(Triton\) need "
-                                            r"7.0 or later; use auto or sdpa$") as refused:
+                                            r"is compute capability 6.0, and Triton \(torch.compile's GPU code, "
+                                            r"flex_attention's kernels\) needs 7.0 or later; use auto or sdpa$") as refused:
             choose_attention_backend(flex, model, GPU)
         assert not getattr(refused.value, "shown_by_rank_0", False)  # (process 0 says it; the others not again)
     assert choose_attention_backend(cfg_with(block_size=64), wide, GPU)[0] == "sdpa"  # auto
@@ -646,8 +647,8 @@ def test_a_gpu_older_than_triton_trains_uncompiled_under_auto_and_refuses_what_a
     P100 = Runtime(torch.device("cuda", 0), torch.float16)
     auto = cfg_with(compile="auto")
     assert not compiles(auto, P100) and compiles(cfg_with(compile="true"), P100)
-    assert check_compile(auto, P100) == ("Tesla P100-PCIE-16GB is compute capability 6.0, and torch.compile's GPU "
-                                         "code (Triton) needs 7.0 or later")
+    assert check_compile(auto, P100) == ("Tesla P100-PCIE-16GB is compute capability 6.0, and Triton (torch.compile's "
+                                         "GPU code, flex_attention's kernels) needs 7.0 or later")
     assert check_compile(cfg_with(compile="false", optimizer="muon", muon_backend="float32"), P100) is not None
     assert check_compile(cfg_with(optimizer="adamw", muon_backend="compiled"), P100) is not None  # (not Muon)
     for setting in ("true", "regional"):

@@ -74,10 +74,9 @@ def check_compile(cfg: TrainConfig, rt: Runtime) -> str | None:
     """Refuse in one line what asks torch.compile for a GPU that Triton does not support (a P100, a GTX 10xx),
     where inductor would stop the first step with a traceback: `compile = true` or `regional`, or Muon's
     compiled backend. Returns why `compile = auto` leaves the model uncompiled there (None elsewhere)."""
-    if inductor_runs_on(rt.device):
+    why = older_than_triton(rt.device)
+    if why is None:
         return None
-    name, (major, minor) = torch.cuda.get_device_name(rt.device), torch.cuda.get_device_capability(rt.device)
-    why = f"{name} is compute capability {major}.{minor}, and torch.compile's GPU code (Triton) needs 7.0 or later"
     asked = ([(f"train.compile = {cfg.compile}", "train.compile = auto or false")] if cfg.compile in ("true", "regional")
              else []) + ([("train.muon_backend = compiled", "another train.muon_backend (auto, float32 or torch)")]
                          if cfg.optimizer == "muon" and cfg.muon_backend == "compiled" else [])
@@ -85,6 +84,15 @@ def check_compile(cfg: TrainConfig, rt: Runtime) -> str | None:
         raise every_process(UserError(f"{' and '.join(a for a, _ in asked)} cannot run on this GPU: {why}; use "
                                       f"{' and '.join(fix for _, fix in asked)}"), rt)
     return why
+
+
+def older_than_triton(device: torch.device) -> str | None:
+    """Why Triton cannot compile for `device`, a GPU older than it supports; None where it can (or on a CPU)."""
+    if inductor_runs_on(device):
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"{torch.cuda.get_device_name(device)} is compute capability {major}.{minor}, and Triton (torch.compile's "
+            "GPU code, flex_attention's kernels) needs 7.0 or later")
 
 
 def every_process(error: UserError, rt: Runtime) -> UserError:
@@ -342,14 +350,12 @@ def choose_attention_backend(cfg: TrainConfig, model_config: ModelConfig, rt: Ru
     too_little = (f"{props.name} has {shared // 1024} KB of shared memory per block, too little for "
                   "flex_attention's backward at this head size") if shared and shared < FLEX_MIN_SHARED_MEMORY else None
     if cfg.attention_backend == "flex":  # (refused where Triton would stop the first step with a traceback)
-        if not inductor_runs_on(rt.device):
-            raise every_process(UserError(f"train.attention_backend = flex cannot train here: {props.name} is "
-                                          f"compute capability {props.major}.{props.minor}, and flex_attention's "
-                                          "kernels (Triton) need 7.0 or later; use auto or sdpa"), rt)
-        if too_little and model_config.head_dim >= FLEX_SHARED_MEMORY_HEAD_DIM:
-            raise every_process(UserError(f"train.attention_backend = flex cannot train here: {too_little} (head_dim "
-                                          f"{model_config.head_dim}; Triton would stop the first step with "
-                                          "OutOfResources); use auto or sdpa"), rt)
+        why = older_than_triton(rt.device) or (
+            f"{too_little} (head_dim {model_config.head_dim}; Triton would stop the first step with OutOfResources)"
+            if too_little and model_config.head_dim >= FLEX_SHARED_MEMORY_HEAD_DIM else None)
+        if why:
+            raise every_process(UserError(f"train.attention_backend = flex cannot train here: {why}; use auto or "
+                                          "sdpa"), rt)
         return "flex", "asked for"
     if shared is None:
         return "sdpa", (f"this PyTorch does not tell {props.name}'s shared memory per block, which flex_attention's "

@@ -804,6 +804,29 @@ def test_a_safetensors_file_not_written_as_an_optimizer_state_is_refused_as_one(
         load_optimizer(tmp_path / "other.safetensors", model, optimizer)
 
 
+def test_a_fork_marker_names_its_maker_only_where_that_is_a_process_still_running(tmp_path):
+    """A retry takes over a fork killed while it was made unless its maker still runs. A pid that is none (garbled,
+    0, whose signal goes to the process group, or 1, a container's first process, which a retry may see alive,
+    past any pid) counts as no maker, not a refusal for ever or a traceback."""
+    import subprocess
+    import sys
+
+    from tinygemma.checkpoint import FORK_INCOMPLETE, fork_maker
+
+    marker = tmp_path / FORK_INCOMPLETE
+    for pid in ("", "x", "0", "1", "99999999999999999999", "\u00b2", "-5", str(os.getpid())):
+        marker.write_text(f"/runs/a/checkpoints/step_000008\n{pid}\n")
+        assert fork_maker(tmp_path) is None, pid
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        marker.write_text(f"/runs/a/checkpoints/step_000008\n{alive.pid}\n")
+        assert fork_maker(tmp_path) == alive.pid
+    finally:
+        alive.kill()
+        alive.wait()
+    assert fork_maker(tmp_path) is None  # (it has ended)
+
+
 def test_an_optimizer_state_is_loaded_under_the_current_runs_fused_and_capturable(tmp_path):
     """torch places each loaded step count by the loaded groups' `fused` and `capturable` (on the parameter's device
     for either, else where it was read: the CPU). A CPU run's AdamW (neither) resumed on CUDA, whose AdamW is fused,

@@ -1489,6 +1489,12 @@ def test_too_few_stories_to_set_validation_aside_says_how_to_fix_it(stories_dir,
             f"no val stories: the validation corpus is empty (a limit of {limit} training stories sets none aside at "
             f"a fraction of {fraction or 0.05:g}, whose first is story {first}: use a limit of {first} or more "
             "(--limit, data.limit) with that many stories, or give validation stories (--val-source, data.val_source))")
+    started = time.perf_counter()
+    for fraction in (1e-30, 1e-310):  # (1e30 stories to its first: computed, not counted; past floats, a bound)
+        with pytest.raises(UserError, match=r"at a fraction of 1e-\d+, whose first is story \d{30,}: use a limit"):
+            prepare(tmp_path / "out", sources=[stories_dir / "train.txt"], limit=5, val_fraction=fraction, workers=1,
+                    progress=False)
+    assert time.perf_counter() - started < 30
     prepare(tmp_path / "ok", sources=[stories_dir / "train.txt"], limit=20, workers=1, progress=False)
     assert json.loads((tmp_path / "ok" / "meta.json").read_text())["splits"]["val"]["documents"] == 1
     # A validation source that is truly empty is not told to set stories aside
@@ -1525,6 +1531,23 @@ def test_a_source_stamp_tells_a_file_or_a_datasets_folder_changed_since(tmp_path
     assert source_stamp(folder) == [2, 2]
     (folder / "train/data-00001-of-00002.arrow").write_text("yy")
     assert source_stamp(folder) == [4, 3]
+
+
+def test_a_source_given_as_a_link_is_stamped_as_the_link_not_its_target(tmp_path):
+    """A recipe names stories.txt, a link; pointed at other stories since, the source has changed. Stamped by the
+    link's target's path, the data was reused (the link's new target unstamped), and an edit of the old target,
+    which no recipe names any more, refused it."""
+    from tinygemma.data import changed_sources
+
+    old, new = write_txt(tmp_path / "v1.txt", ["Tom ran."] * 30), write_txt(tmp_path / "v2.txt", ["Ann sat down."] * 30)
+    link = tmp_path / "stories.txt"
+    link.symlink_to(old)
+    prepare(tmp_path / "d", sources=[link], tokenizer="bpe", vocab_size=300, workers=1, progress=False)
+    data = open_prepared(tmp_path / "d")
+    assert list(data.meta["source_stamps"]) == [str(link)] and changed_sources(data) == []
+    link.unlink()
+    link.symlink_to(new)
+    assert changed_sources(data) == [str(link)]
 
 
 @pytest.mark.parametrize("val_lines", [[""], ["", "  "]], ids=["empty", "separators only"])

@@ -362,6 +362,10 @@ def test_train_config_on_unprepared_data_names_the_prepare_that_makes_it(tmp_pat
                             "--tokenizer bpe --vocab-size 400 --limit 300"))
     assert main(shlex.split(suggested)[1:]) == 0
     assert main(command) == 0
+    from tinygemma.cli import prepare_command
+    from tinygemma.config import DataConfig
+    assert prepare_command(DataConfig(dir="-d", source=["-a b.txt"], val_source=["v.txt"])) == (
+        "tinygemma prepare --out ./-d --source './-a b.txt' --val-source v.txt")  # (not read as options)
     assert [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
             if "train_loss" in r] == [1, 2]
 

@@ -1624,6 +1624,16 @@ def test_close_ends_the_runtime_even_when_a_held_ctrl_c_comes_out_of_release():
         Trainer.close(trainer, 130)
     assert done == ["unlocked", "runtime closed"]
 
+    def cuda_error_again():  # (after a CUDA error, every CUDA call raises it again)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    trainer.rt = SimpleNamespace(close=cuda_error_again)
+    with pytest.raises(KeyboardInterrupt):  # what ended the run, not the runtime's failing close in its place
+        Trainer.close(trainer, 130)
+    trainer.release = lambda: None
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # nothing under way: said
+        Trainer.close(trainer, 0)
+
 
 def test_an_older_schedules_rate_is_told_on_the_workshops_long_schedule(tmp_path):
     """On the workshop recipe's 4,688-step cosine, a step's rate and its neighbour's differ by about 1e-3
@@ -2148,11 +2158,16 @@ main(["train", "--resume-from", {str(checkpoint)!r}, "--out", {str(fork)!r}])
     # While its maker runs (another fork into the same folder), the folder is not taken over
     (fork / ".fork-incomplete").write_text(f"{checkpoint.resolve()}\n{os.getppid()}\n")
     with pytest.raises(tinygemma.UserError, match=rf"^--out {fork} is being made into a fork by process "
-                                                  rf"{os.getppid()}: wait for it, or choose another --out$"):
+                                                  rf"{os.getppid()}: wait for it, or choose another --out \(if no "
+                                                  r"fork is being made into it, delete the folder\)$"):
         tinygemma.checkpoint.fork_run(checkpoint, fork)
     (fork / ".fork-incomplete").write_text(marker)
-    with pytest.raises(tinygemma.UserError, match="is inside --out"):  # (a retry would have emptied it first)
+    # A checkpoint inside --out, marked as a fork in the making: refused before the takeover would empty it
+    (source / ".fork-incomplete").write_text(f"{checkpoint.resolve()}\n0\n")
+    with pytest.raises(tinygemma.UserError, match="is inside --out"):
         tinygemma.checkpoint.fork_run(source / "checkpoints" / "step_000012", source)
+    (source / ".fork-incomplete").unlink()
+    assert (source / "checkpoints" / "step_000012" / "trainer_state.json").exists()
     with pytest.raises(tinygemma.UserError) as refused:
         run(data_dir, fork, "max_steps=16", resume=True)
     assert str(refused.value) == (f"{fork} is a fork stopped while it was made (its checkpoint not all there): make "

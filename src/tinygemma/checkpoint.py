@@ -560,19 +560,22 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     if (out / FORK_INCOMPLETE).is_file():  # a fork killed while it was made (SIGKILL, power): made again
         maker = fork_maker(out)
         if maker is not None:
-            raise UserError(f"--out {out} is being made into a fork by process {maker}: wait for it, or choose "
-                            "another --out")
+            raise fork_in_making(out, f"process {maker}")
         remove_fork(out, {"made": False})
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
                         "leaving the run it comes from as it was")
     made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # Until last.json names the checkpoint the folder is no run (a resume of it would start afresh): said so,
+        # with what makes it and who is making it; made anew, or another fork began it meanwhile (its, not ours)
+        marker = os.open(out / FORK_INCOMPLETE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        raise fork_in_making(out, "another process") from None
+    with os.fdopen(marker, "w") as f:
+        f.write(f"{src.resolve()}\n{os.getpid()}\n")
     ckpts = out / "checkpoints"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        # Until last.json names the checkpoint the folder is no run (a resume of it would start afresh): said so,
-        # with what makes it and who is making it
-        (out / FORK_INCOMPLETE).write_text(f"{src.resolve()}\n{os.getpid()}\n")
         ckpts.mkdir()
         for name in ("config.json", "metrics.jsonl"):
             if run is not None and (run / name).is_file():
@@ -617,11 +620,18 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
 FORK_INCOMPLETE = ".fork-incomplete"
 
 
+def fork_in_making(out: Path, maker: str) -> UserError:
+    return UserError(f"--out {out} is being made into a fork by {maker}: wait for it, or choose another --out (if "
+                     "no fork is being made into it, delete the folder)")
+
+
 def fork_maker(out: Path) -> int | None:
-    """The process making `out` into a fork, where it is still running (on this machine), else None."""
+    """The process making `out` into a fork, where it is still running (on this machine), else None: a pid that
+    is not one (garbled, 0 or 1, a container's first process, which a retry may see alive) counts as none."""
     lines = (out / FORK_INCOMPLETE).read_text(errors="replace").splitlines()
-    pid = int(lines[1]) if len(lines) > 1 and lines[1].strip().isdigit() else None
-    if pid is None or pid == os.getpid():
+    text = lines[1].strip() if len(lines) > 1 else ""
+    pid = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
+    if pid is None or pid <= 1 or pid == os.getpid():
         return None
     try:
         os.kill(pid, 0)
@@ -667,15 +677,16 @@ def fork_started(out: Path, fork: dict) -> bool:
 
 
 def remove_fork(out: Path, fork: dict) -> None:
-    """What fork_run made: `out` itself if it made it, else what it put into the empty folder it was given."""
-    if fork["made"]:
-        shutil.rmtree(out, ignore_errors=True)
-        return
+    """What fork_run made: `out` itself if it made it, else what it put into the empty folder it was given. The
+    fork's marker goes last: a kill meanwhile leaves a fork still marked as in the making, which a retry takes over."""
     for child in sorted(out.iterdir(), key=lambda c: c.name == FORK_INCOMPLETE) if out.is_dir() else ():
-        if child.is_dir():  # (the fork's marker last: a kill meanwhile leaves a fork still marked incomplete)
+        if child.is_dir():
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+    if fork["made"]:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 TRAINER_STATE_FORMAT = "tinygemma-trainer-state"

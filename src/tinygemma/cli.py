@@ -335,9 +335,12 @@ def _train_main(args) -> int:
 def prepare_command(data: DataConfig) -> str:
     """The `tinygemma prepare` that prepares what `data` (a recipe's [data]) asks for into its data.dir, as
     `tinygemma run` would."""
-    return shell_join(["tinygemma", "prepare", "--out", data.dir,
-                       *(["--source", *data.source] if data.source else []),
-                       *(["--val-source", *data.val_source] if data.val_source else []),
+    def path(p: str) -> str:  # (one starting with "-" would read as an option)
+        return f"./{p}" if p.startswith("-") else p
+
+    return shell_join(["tinygemma", "prepare", "--out", path(data.dir),
+                       *(["--source", *map(path, data.source)] if data.source else []),
+                       *(["--val-source", *map(path, data.val_source)] if data.val_source else []),
                        *(["--tokenizer", data.tokenizer] if data.tokenizer != "gpt2" else []),
                        *(["--vocab-size", str(data.vocab_size or DEFAULT_BPE_VOCAB_SIZE)] if data.tokenizer == "bpe"
                          else []),

@@ -661,8 +661,9 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
                   progress, notes: list[str] = ()) -> dict:
     notes = list(notes)
     split_stories, val_from, carve = _open_splits(sources, val_sources, val_fraction, limit, progress, notes)
-    # (once the sources are found, before they are read; keyed by absolute path: a run may start in another folder)
-    stamps = {str(Path(s).resolve()): source_stamp(s) for s in [*(sources or []), *(val_sources or [])]}
+    # (once the sources are found, before they are read; keyed by absolute path, a run may start in another folder,
+    # the path as given: a link repointed at other stories is the source changed)
+    stamps = {os.path.abspath(s): source_stamp(s) for s in [*(sources or []), *(val_sources or [])]}
     for note in notes:  # the sources found too: nothing refused
         print(f"tinygemma: warning: {note}", file=sys.stderr, flush=True)
 
@@ -721,24 +722,28 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
 
 
 def first_set_aside(fraction: float) -> int:
-    """The index of the first story _select sets aside at `fraction`: the least i with floor((i + 1) f) >= 1,
-    about 1/f - 1 (found from there, not by counting up to it: a fraction of 1e-9 is a billion stories)."""
-    first = max(0, math.ceil(1 / fraction) - 1)
-    while first > 0 and math.floor(first * fraction) >= 1:  # (float rounding either way)
-        first -= 1
-    while math.floor((first + 1) * fraction) < 1:
-        first += 1
-    return first
+    """The index of the first story _select sets aside at `fraction`: the least i with floor((i + 1) f) >= 1 in
+    _select's own float arithmetic, found by bisection (a fraction of 1e-30 is 1e30 stories; past 2**1000, none
+    is ever set aside, and that bound is returned)."""
+    low, high = 0, 1  # floor(low f) < 1 <= floor(high f), for the count of stories high = i + 1
+    while math.floor(high * fraction) < 1:
+        if high > 2**1000:
+            return high - 1
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if math.floor(middle * fraction) >= 1 else (middle, high)
+    return high - 1
 
 
 def _no_stories(split: str, carve: float | None, limit: int | None) -> UserError:
     """The refusal of an empty split; for validation set aside (a fraction `carve`), why none was and what to do."""
     why = ""
     if split == "val" and carve:
-        first = first_set_aside(carve)
+        first = first_set_aside(carve) if limit is not None else None
         why = (f" (a limit of {limit:,} training stories sets none aside at a fraction of {carve:g}, whose first is "
                f"story {first + 1}: use a limit of {first + 1} or more (--limit, data.limit) with that many stories, "
-               "or give validation stories (--val-source, data.val_source))" if limit is not None and limit <= first else
+               "or give validation stories (--val-source, data.val_source))" if first is not None and limit <= first else
                " (too few stories to set some aside; give validation stories (--val-source, data.val_source) or "
                f"more stories; a .txt file separates its stories with lines holding only {EOT_TOKEN})")
     return UserError(f"no {split} stories: the {'validation' if split == 'val' else 'training'} corpus is empty{why}")

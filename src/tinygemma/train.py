@@ -800,6 +800,7 @@ class Trainer:
     def close(self, exit_code: int) -> None:
         """Stop the profiler, progress bar and trackers (told the run's `exit_code`), let go of the model and the
         run folder's lock, and undo the runtime's settings (the process group this run started, TF32)."""
+        failing = True
         try:
             if self.profiler:
                 self.profiler.abandon()  # a run stopped inside the profiled steps
@@ -808,11 +809,16 @@ class Trainer:
             if self.writer:
                 self.writer.close(exit_code)  # a tracker's upload: a second Ctrl-C may land here
             self.release()
+            failing = False
         finally:
             self.unlock()  # else the notebook's next train() of this run is refused until the kernel restarts
             if getattr(self, "caller_random", None):
                 restore_random_state(self.caller_random, self.rt)
-            self.rt.close()  # (also after a Ctrl-C held through release: a notebook's TF32 and device restored)
+            try:  # (also after a Ctrl-C held through release: a notebook's TF32 and device restored)
+                self.rt.close()
+            except RuntimeError:  # (a CUDA or NCCL error raised again: not in place of what is under way)
+                if not failing:
+                    raise
 
     def unlock(self) -> None:
         if self.lock:  # a start that failed early leaves the folder as it was, for prepare or export

@@ -377,15 +377,22 @@ def validation_table(records: list[dict], last: dict | None, best: dict | None, 
     return table(rows, ("", "loss", "bits per byte"))
 
 
+def run_record(run: dict, key: str) -> dict:
+    """A record of config.json's "run" (data_source, data_documents) where it is one, else {} (an older or damaged
+    config.json)."""
+    value = run.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def data_description(run: dict) -> str:
     """Where the training stories came from, as the prepared data's meta.json says (recorded in config.json)."""
-    source = run.get("data_source") if isinstance(run.get("data_source"), dict) else {}
+    source = run_record(run, "data_source")
     train = source.get("train")
     if not train:
         return UNKNOWN
     where = (f"[{HUB_DATASET}](https://huggingface.co/datasets/{HUB_DATASET}) from the Hugging Face hub"
              if train == f"hf:{HUB_DATASET}" else ", ".join(f"`{s}`" for s in train))
-    documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("train")
+    documents = run_record(run, "data_documents").get("train")
     # (what was trained on; the limit is only a bound)
     limit = source.get("limit")
     if documents:
@@ -783,7 +790,7 @@ def validation_stories(config: dict) -> str | None:
     if not isinstance(source, dict):
         return None
     aside = source.get("val_fraction")
-    documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("val")
+    documents = run_record(run, "data_documents").get("val")
     return json.dumps([source.get("val"), aside, source.get("train") if aside else None,
                        source.get("limit") if aside else None, documents])
 
@@ -791,7 +798,7 @@ def validation_stories(config: dict) -> str | None:
 def stories_told(run: dict) -> str:
     """The validation stories as compare's note names them: where they came from and how many, and for stories
     set aside from the training ones, those (validation_stories tells them apart by them too)."""
-    source = run.get("data_source") if isinstance(run.get("data_source"), dict) else {}
+    source = run_record(run, "data_source")
     aside = f" of {data_description(run)}" if source.get("val_fraction") else ""
     return validation_description(run) + aside
 
@@ -921,12 +928,12 @@ def data_identity(config: dict) -> str:
 def validation_description(run: dict) -> str:
     """Where the validation stories came from (another file, the hub's split, set aside from the training
     stories: what share) and how many, as meta.json says."""
-    source = run.get("data_source") if isinstance(run.get("data_source"), dict) else {}
+    source = run_record(run, "data_source")
     val = source.get("val")
     where = ", ".join(f"`{s}`" for s in val) if isinstance(val, list) else val or UNKNOWN
     if source.get("val_fraction"):
         where += f" (a {source['val_fraction']:g} share)"
-    documents = (run.get("data_documents") if isinstance(run.get("data_documents"), dict) else {}).get("val")
+    documents = run_record(run, "data_documents").get("val")
     return where + (f", {documents:,} stories" if isinstance(documents, int) else "")
 
 

@@ -1440,6 +1440,26 @@ def test_a_digest_that_is_not_a_string_is_none(tmp_path):
     assert open_prepared(tmp_path / "d").digest("train") is None
 
 
+def test_the_validation_stories_digest_is_their_text_whatever_the_tokenizer_or_file(tmp_path):
+    """meta.json's val text_blake2b is the validation stories' own: the same for gpt2 and a BPE, for a .txt and
+    the same stories as .jsonl, and another for other stories of the same count and size (what compare tells runs
+    of other tokenizers apart by; the tokens' digest differs with the tokenizer)."""
+    train = write_txt(tmp_path / "train.txt", ["Tom ran to the park.", "Ann sat on the mat.", "The dog ran."] * 4)
+    val = write_txt(tmp_path / "v.txt", ["Tom sat.", "Ann ran."])
+    jsonl = tmp_path / "v.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": story}) + "\n" for story in ("Tom sat.", "Ann ran.")))
+    other = write_txt(tmp_path / "w.txt", ["Tom ran.", "Ann sat."])
+    metas = [prepare(tmp_path / name, sources=train, val_sources=v, tokenizer=tokenizer, vocab_size=vocab, workers=1,
+                     progress=False)
+             for name, v, tokenizer, vocab in (("g", val, "gpt2", None), ("b", val, "bpe", 300), ("j", jsonl, "gpt2", None),
+                                               ("o", other, "gpt2", None))]
+    texts = [meta["splits"]["val"]["text_blake2b"] for meta in metas]
+    assert texts[0] == texts[1] == texts[2] != texts[3] and len(texts[0]) == 32
+    assert metas[0]["splits"]["val"]["blake2b"] != metas[1]["splits"]["val"]["blake2b"]  # other tokens
+    assert "text_blake2b" not in metas[0]["splits"]["train"]
+    assert open_prepared(tmp_path / "b").text_digest() == texts[0]
+
+
 def test_a_prepared_datasets_own_json_files_are_not_story_files(tmp_path):
     """`tinygemma eval --data DIR/meta.json` is the dataset's folder given wrongly, not a story file to tokenize."""
     (tmp_path / "d").mkdir()

@@ -518,6 +518,22 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert "; validation: set aside from the training source (a 0.1 share), 66 stories; tokenizer" in out
     assert "tokenizers differ: their losses per token do not compare, their bits per byte do" in out
     assert "validated on different stories" not in out  # the same stories, in other tokens
+    # Told apart by the stories' own digest, which prepare records: the same file named another way (absolute,
+    # relative) is the same stories, and other stories of the same name and count are not.
+    assert len(config["run"]["val_text_blake2b"]) == 32
+    config["run"]["data_source"]["train"] = [os.path.abspath(config["run"]["data_source"]["train"][0])]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(copy), str(straight_run)]) == 0
+    assert "validated on different stories" not in capsys.readouterr().out
+    config["run"]["data_source"] = json.loads((straight_run / "config.json").read_text())["run"]["data_source"]
+    config["run"]["val_text_blake2b"] = "0" * 32
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(copy), str(straight_run)]) == 0
+    out = capsys.readouterr().out
+    assert "validated on different stories too (set aside from the training source (a 0.1 share), 66 stories of " in out
+    assert "each, other stories by their text): not even their bits per byte compare" in out
+    # Runs on data prepared before the digest was recorded: told apart by where their stories came from.
+    del config["run"]["val_text_blake2b"]
     # Other validation stories too (fewer of them): that is said as well, not hidden by the tokenizers' note.
     config["run"]["data_documents"]["val"] = 40
     (copy / "config.json").write_text(json.dumps(config))

@@ -545,18 +545,30 @@ class _Workers:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _hashed(stories: Iterable[str], digest) -> Iterator[str]:
+    """`stories` as they are, each fed to `digest` as it passes (its UTF-8 bytes, after their count)."""
+    for story in stories:
+        data = story.encode("utf-8", "surrogatepass")  # (never raises here: a story the tokenizer refuses, it does)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+        yield story
+
+
 def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, target: Path, desc: str,
-                      progress: bool) -> dict:
+                      progress: bool, text_digest: bool = False) -> dict:
     """Tokenize `stories` into the file `path` (a temporary of `target`): failing writes name `target`, and only
-    they do (a source that fails to read is the source's own error)."""
+    they do (a source that fails to read is the source's own error). With `text_digest`, the counts hold the
+    stories' own digest too, whatever their tokens ("text_blake2b")."""
     from tqdm import tqdm
 
     counts = {"documents": 0, "tokens": 0, "bytes": 0}
     written, digest = 0, hashlib.blake2b(digest_size=16)  # the tokens' identity, for a resume's data check
+    text = hashlib.blake2b(digest_size=16)
     with write_errors(target):
         f = open(path, "wb", buffering=0)  # unbuffered (the writes are MBs): nothing left to fail at close
     with f, tqdm(desc=desc, unit="B", unit_scale=True, disable=not progress, delay=2) as bar:
-        for ids, nbytes, documents in workers.map(_batches(stories, CHUNK_CHARS)):
+        for ids, nbytes, documents in workers.map(_batches(_hashed(stories, text) if text_digest else stories,
+                                                           CHUNK_CHARS)):
             with write_errors(target):  # a full disk: one line naming the file
                 written += _write_all(f, memoryview(ids).cast("B"))
             digest.update(ids)
@@ -568,7 +580,7 @@ def _tokenize_to_file(stories: Iterable[str], workers: _Workers, path: Path, tar
             on_disk = os.fstat(f.fileno()).st_size
             if on_disk != written:
                 raise OSError(errno.EIO, f"{on_disk:,} bytes on disk, {written:,} written")
-    return {**counts, "blake2b": digest.hexdigest()}
+    return {**counts, "blake2b": digest.hexdigest(), **({"text_blake2b": text.hexdigest()} if text_digest else {})}
 
 
 # A container's CPU quota (docker --cpus, a Kubernetes CPU limit): cgroup v2's "QUOTA PERIOD" or "max PERIOD", else
@@ -691,8 +703,10 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
             tmp = {split: stack.enter_context(atomic_path(out_dir / f"{split}.bin")) for split in SPLITS}
             counts = {}
             for split in SPLITS:
+                # (the validation stories' own digest: what tells runs of other tokenizers validated on the same
+                # stories; the training split's would read GBs once more in this process)
                 counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], out_dir / f"{split}.bin",
-                                                  split, progress)
+                                                  split, progress, text_digest=split == "val")
                 if not counts[split]["documents"]:  # (a stream that gave its first story above and none now)
                     raise _no_stories(split, carve, limit)
             # From here until meta.json is written the directory holds no dataset, old or new: the marker says
@@ -925,6 +939,12 @@ class PreparedData:
     def digest(self, name: str) -> str | None:
         """The split's tokens' BLAKE2b digest as prepare wrote them (None for data prepared before it recorded one)."""
         value = self.meta["splits"][name].get("blake2b")
+        return value if isinstance(value, str) else None
+
+    def text_digest(self) -> str | None:
+        """The validation stories' BLAKE2b digest, whatever their tokens (None for data prepared before
+        2026-12-07)."""
+        value = self.meta["splits"]["val"].get("text_blake2b")
         return value if isinstance(value, str) else None
 
 

@@ -762,11 +762,14 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
     compare)."""
     samples = {validation_sample(run["config"], data[name][1] if by_tokens else None) for name, run in runs.items()}
     if tokenizers_differ(runs):
-        stories = {validation_stories(run["config"]): stories_told(run["config"].get("run") or {})
-                   for run in runs.values()}
+        configs = [run["config"] for run in runs.values()]
+        by_text = all(isinstance((config.get("run") or {}).get("val_text_blake2b"), str) for config in configs)
+        stories = {validation_stories(config, by_text): stories_told(config.get("run") or {}) for config in configs}
         stories.pop(None, None)  # (a run that records no source: not known to differ)
-        also = (" They were validated on different stories too (" + "; ".join(sorted(set(stories.values()))) + "): not "
-                "even their bits per byte compare as they stand." if len(stories) > 1 else "")
+        told = sorted(set(stories.values()))
+        told = "; ".join(told) if len(told) > 1 else f"{told[0]} each, other stories by their text" if told else ""
+        also = (f" They were validated on different stories too ({told}): not even their bits per byte compare as "
+                "they stand." if len(stories) > 1 else "")
         return ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
                 f"same stories.{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
                 "file in its own tokens.", ""]
@@ -781,11 +784,14 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
     return []
 
 
-def validation_stories(config: dict) -> str | None:
-    """Which stories a run was validated on, whatever their tokens: their file (or the hub's split) and count,
-    or, set aside, the training stories' sources and limit, the share and the count; None where its config.json
-    records no source (a run from before 2026-12-02)."""
+def validation_stories(config: dict, by_text: bool) -> str | None:
+    """Which stories a run was validated on, whatever their tokens: `by_text`, their digest (runs on data
+    prepared since 2026-12-07), else their file (or the hub's split) as named and count, or, set aside, the
+    training stories' sources and limit, the share and the count; None where its config.json records no source (a
+    run from before 2026-12-02)."""
     run = config.get("run") or {}
+    if by_text:
+        return run.get("val_text_blake2b")
     source = run.get("data_source")
     if not isinstance(source, dict):
         return None

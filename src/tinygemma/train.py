@@ -473,6 +473,7 @@ class Trainer:
                            "compiled": compiles(cfg, rt),
                            "data_source": self.data.meta.get("source"),
                            "data_blake2b": {split: self.data.digest(split) for split in ("train", "val")},
+                           "val_text_blake2b": self.data.text_digest(),
                            "data_documents": {split: self.data.meta["splits"][split].get("documents")
                                               for split in ("train", "val")},
                            **self.machine}

@@ -410,12 +410,16 @@ def test_evaluation_on_a_device_without_float64_sums_each_batch_in_float32_and_t
 
 
 def test_an_evaluation_whose_loss_overflows_exp_still_reports():
-    """A diverged model's validation (mean nats past 709): perplexity is a huge number, not an OverflowError that
-    ends training at its periodic evaluation."""
-    from tinygemma.evaluation import summarize
+    """A diverged model's validation (mean nats past 709): perplexity is inf (null in JSON), not an OverflowError
+    that ends training at its periodic evaluation, nor e**700 for every loss past it; the log line shows 3
+    figures of a huge one, not 300 digits."""
+    from tinygemma.evaluation import perplexity_text, summarize
 
     result = summarize(torch.tensor([1000.0 * 8, 8, 1000.0 * 8, 32], dtype=torch.float64))
-    assert result["loss"] == 1000.0 and result["perplexity"] > 1e300 and result["tokens"] == 8
+    assert result["loss"] == 1000.0 and result["perplexity"] == math.inf and result["tokens"] == 8
+    assert summarize(torch.tensor([709.0 * 8, 8, 0.0, 32], dtype=torch.float64))["perplexity"] == math.exp(709.0)
+    assert [perplexity_text(v) for v in (7.389, 999_999.0, math.exp(700.0), math.inf)] == [
+        "7.39", "999999.00", "1.01e+304", "inf"]
     assert summarize(torch.tensor([math.inf, 8, 0.0, 0.0], dtype=torch.float64))["bits_per_byte"] is None
 
 

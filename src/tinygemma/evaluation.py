@@ -35,10 +35,25 @@ def sums_on(device: torch.device) -> torch.Tensor:
     return torch.zeros(4, dtype=torch.float64, device=device if float64_on(device) else "cpu")
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), and inf past float64's range (a diverged run's mean nats past 709.78; what JSON writes as null),
+    not an OverflowError ending training at its evaluation, nor one number for every loss past it."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def perplexity_text(value: float) -> str:
+    """A perplexity as a log line shows it: 2 decimals, or 3 figures past a million (not a diverged run's 300
+    digits)."""
+    return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
+
+
 def summarize(sums: torch.Tensor) -> dict:
     nats, predicted, text_nats, nbytes = sums.tolist()
     loss = nats / predicted
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+    return {"loss": loss, "perplexity": perplexity(loss),
             "bits_per_byte": text_nats / math.log(2) / nbytes if nbytes else None,
             "tokens": int(predicted), "bytes": int(nbytes)}
 

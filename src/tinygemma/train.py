@@ -98,7 +98,7 @@ from tinygemma.data import (
 from tinygemma.decode import forget_decode_plan
 from tinygemma.devices import dtype_name, pick_device
 from tinygemma.errors import UserError, describe, exit_status
-from tinygemma.evaluation import evaluate_windows
+from tinygemma.evaluation import evaluate_windows, perplexity_text
 from tinygemma.files import (
     FolderLock,
     atomic_write_json,
@@ -706,7 +706,7 @@ class Trainer:
             self.writer.flush()
             self.plot()
             if not self.quiet:
-                self.say(f"step {step}: val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | "
+                self.say(f"step {step}: val loss {result['val_loss']:.4f} | ppl {perplexity_text(result['val_ppl'])} | "
                          f"bpb {result['val_bpb']:.4f}")
         return result
 

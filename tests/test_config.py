@@ -234,6 +234,10 @@ def test_vocabulary_comes_from_the_data_and_must_hold_it():
     ("model.d_model=big", "model.d_model must be an integer"),
     ("model.vocab_pad_multiple=1000000000000", "model.vocab_pad_multiple must be at most 65,536"),  # out of memory
     ("model.n_layers=1e9", "model.n_layers must be at most 1,024"),  # built one module at a time: ran for minutes
+    # a weight's size past int64: torch's traceback, in a dry run too
+    ("model.mlp_dim=9223372036854775808", "model.mlp_dim must be at most 1,048,576, got 9,223,372,036,854,775,808"),
+    ("model.d_model=1048577", "model.d_model must be at most 1,048,576"),
+    ("model.head_dim=1e20", "model.head_dim must be at most 1,048,576"),
     ("data.source=[1, 2]", "data.source must be a list of strings"),
     ("block_size=40000", "train.block_size 40000 exceeds model.max_position_embeddings 32768"),
     ("seed=18446744073709551616", "train.seed must be at most 18,446,744,073,709,551,615 (64 bits)"),  # a traceback

@@ -69,6 +69,9 @@ class ModelConfig:
             check_int(self, name, 1, "model", "a positive integer")
         if self.vocab_size > MAX_MODEL_VOCAB_SIZE:  # (99,999,999 rows: killed for memory, no word said)
             raise UserError(f"model.vocab_size must be at most {MAX_MODEL_VOCAB_SIZE:,}, got {self.vocab_size:,}")
+        for name in ("d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):  # (past int64 in a weight's size:
+            if getattr(self, name) > MAX_MODEL_DIM:  # torch's traceback, a dry run's too)
+                raise UserError(f"model.{name} must be at most {MAX_MODEL_DIM:,}, got {getattr(self, name):,}")
         if not isinstance(self.tie_embeddings, bool):
             raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         self.check_pattern()
@@ -683,6 +686,9 @@ def _parse_text_list(text: str) -> list[str]:
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_VOCAB_PAD_MULTIPLE = 1 << 16  # model.vocab_pad_multiple
 MAX_LAYERS = 1 << 10  # model.n_layers: 16x Gemma 3 27B's 62 (the model is built a module at a time)
+# model.d_model, n_heads, n_kv_heads, head_dim, mlp_dim: 48x Gemma 3 27B's MLP width; a weight of three (the query
+# projection's d_model x n_heads x head_dim) stays within int64
+MAX_MODEL_DIM = 1 << 20
 MAX_BATCH = 1 << 20  # train.batch_size, train.grad_accum_steps and train.eval_batches
 MAX_STEPS = 10**12  # optimizer steps: a trillion, past any run (the ETA of 1e30 steps was 10^29 hours)
 

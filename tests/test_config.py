@@ -283,6 +283,24 @@ def test_what_only_run_needs_is_refused_by_name_before_it_starts(setting, messag
     assert Recipe.from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
 
 
+@pytest.mark.parametrize("setting", ['[train]\nout = "runs/a\\u0000b"', '[data]\nsource = ["a.txt", "b\\u0000.txt"]',
+                                     '[data]\ndir = "d\\u0000"', '[train]\ninit_from = "\\u0000"',
+                                     '[data]\ntokenizer = "t\\u0000.json"'])
+def test_a_nul_character_in_a_path_setting_is_refused_by_name(tmp_path, capsys, setting):
+    """A TOML's "\\u0000" in a setting naming a file or folder: one line naming the setting (train.out's was
+    os.path's "embedded null byte" traceback, in a dry run too; data.dir's named a mangled path)."""
+    from tinygemma.cli import main
+
+    recipe = tmp_path / "nul.toml"
+    recipe.write_text(setting + "\n")
+    key = ".".join(part.strip("[]") for part in setting.split(" =")[0].split("\n"))
+    with pytest.raises(UserError, match=re.escape(f"{key} holds a NUL character, which no path can")):
+        load_recipe(recipe, [])
+    assert main(["train", "--config", str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NUL character" in err
+
+
 def test_a_prompt_with_commas_is_one_prompt_and_a_list_is_a_list():
     """--set generate.prompts=TEXT is one prompt, commas and all (it became two truncated prompts); a TOML
     array is a list of prompts; other lists still split on commas."""

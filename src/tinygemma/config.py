@@ -531,10 +531,18 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
 NAMED_SETTINGS = {"model.preset": "a model preset", "train.out": "the run's folder", "data.dir": "the prepared data's folder"}
 
 
+# The settings that name files or folders: a NUL character in one (a TOML's "\u0000") is no path the system
+# takes, and os.path's ValueError was a traceback
+PATH_SETTINGS = ("train.out", "train.init_from", "data.dir", "data.source", "data.val_source", "data.tokenizer")
+
+
 def _set_field(recipe: Recipe, section: str, name: str, value, from_text: bool) -> None:
     key = f"{section}.{name}"
     if key in NAMED_SETTINGS and isinstance(value, str) and not value.strip():  # "" would read as the current folder
         raise UserError(f"{key} is empty: it must name {NAMED_SETTINGS[key]}")
+    if key in PATH_SETTINGS and any("\0" in v for v in (value if isinstance(value, list) else [value])
+                                    if isinstance(v, str)):
+        raise UserError(f"{key} holds a NUL character, which no path can: {value!r}")
     if section == "model":
         if name == "preset":
             recipe.model_preset = _coerce(value, str, key, from_text)

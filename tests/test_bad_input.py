@@ -59,6 +59,7 @@ def world(tmp_path_factory, stories_dir):
     datasets.Dataset.from_dict({"text": list(range(10))}).save_to_disk(str(root / "numbers_ds"))
     (root / "broken_ds").mkdir()
     (root / "broken_ds" / "dataset_dict.json").write_text("{not json")
+    (root / "tokdir" / "tokenizer.json").mkdir(parents=True)  # a folder where the file should be
     # A tokenizer.json that cannot encode every text: a word-level vocabulary with no unknown token.
     words = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "Once": 1}))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -186,6 +187,9 @@ CASES = [
     ("prepare-tokenizer-file-missing", ["prepare", "--out", "{root}/new", "--source", "{root}/stories.txt",
                                         "--tokenizer", "{root}/nowhere/tokenizer.json"],
      "tokenizer file not found: {root}/nowhere/tokenizer.json"),  # not "unknown tokenizer", naming what was given
+    ("prepare-tokenizer-json-a-folder", ["prepare", "--out", "{root}/new", "--source", "{root}/stories.txt",
+                                         "--tokenizer", "{root}/tokdir"],
+     "{root}/tokdir/tokenizer.json is a folder, not a tokenizer.json"),  # was errno 21 and exit 1, a machine's
     ("train-data-with-a-space", ["train", "--data", "{root}/new dir", "--out", "{root}/new-run"],
      "(run `tinygemma prepare --out '{root}/new dir'`;"),  # a command that pastes whole
     ("run-empty-source-path", ["run", "{repo}/configs/cpu-demo.toml", "--set", 'data.source=[""]', "--set",

@@ -712,3 +712,20 @@ def test_a_tokenizer_without_byte_fallback_has_no_byte_pieces():
     tok = HFTokenizer(backend.to_str())
     assert tok.encode("<0x41> hello") == [2, 3]
     assert tok.byte_fallback_ids == frozenset()
+
+
+def test_a_tokenizer_json_with_a_byte_order_mark_is_the_same_tokenizer(tmp_path):
+    """A tokenizer.json saved with a UTF-8 byte-order mark (Windows Notepad's) was refused as "not a valid
+    tokenizer.json (expected value at line 1 column 1)", where recipes and story files read with one: it is the
+    file's text after the mark, the same tokenizer (sha256 and all) as without it, and its copy carries none."""
+    texts = ["Once upon a time there was a cat.", "The end."] * 10
+    (tmp_path / "plain").mkdir()
+    train_bpe(texts, vocab_size=280).save(tmp_path / "plain")
+    plain = load_tokenizer(tmp_path / "plain")
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain" / "tokenizer.json").read_bytes())
+    tok = load_tokenizer(marked)
+    assert (tok.identity, tok.sha256, tok.encode(texts[0])) == (plain.identity, plain.sha256, plain.encode(texts[0]))
+    spec = tok.save(tmp_path / "copy")
+    assert (tmp_path / "copy" / "tokenizer.json").read_bytes()[:1] == b"{"
+    assert tokenizer_from_spec(spec, tmp_path / "copy").sha256 == plain.sha256

@@ -449,10 +449,12 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
         path = Path(path)
-        try:
-            content = path.read_text(encoding="utf-8")
+        try:  # (a byte-order mark, Windows Notepad's, is no part of the JSON: the tokenizer, its copies and sha256
+            content = path.read_text(encoding="utf-8-sig")  # are the file's text after it, as recipes and stories)
         except FileNotFoundError:
             raise UserError(f"tokenizer file not found: {path}") from None
+        except IsADirectoryError:  # (bad input, not a failing machine's exit status 1)
+            raise UserError(f"{path} is a folder, not a tokenizer.json") from None
         except UnicodeDecodeError:
             raise UserError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
         return cls(content, path)

@@ -222,6 +222,32 @@ def test_a_flash_refusal_on_one_process_is_every_process_refusal(monkeypatch):
                                     dataclasses.replace(GPU, world_size=2))[0] == "flash"
 
 
+def test_processes_whose_machines_chose_otherwise_under_auto_are_refused_alike(monkeypatch):
+    """Under torchrun each process resolves auto from its own machine: a node without bf16 beside one with it ran
+    another Muon iteration (or float16 with a scaler) and its copy of the model drifted from process 0's unseen.
+    Every process refuses alike, naming the setting and the process, and process 0 prints it; agreeing is fine."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from tinygemma.parallelize import check_choices_agree
+
+    mine = {"train.dtype": "bfloat16", "train.muon_backend": "bfloat16"}
+    other = {"train.dtype": "float16", "train.muon_backend": "float16"}
+    monkeypatch.setattr(dist, "all_gather_object", lambda said, me: said.__setitem__(slice(None), [mine, mine, other]))
+    for rank in (0, 2):
+        with pytest.raises(UserError) as e:
+            check_choices_agree(mine, dataclasses.replace(GPU, rank=rank, world_size=3))
+        assert str(e.value) == (
+            "the processes' machines chose differently under auto (train.dtype: bfloat16 on process 0, float16 on "
+            "process 2; train.muon_backend: bfloat16 on process 0, float16 on process 2): each would step its own "
+            "copy of the model otherwise, the copies drifting apart unseen; set train.dtype and train.muon_backend in "
+            "the recipe to what every machine runs (float32 runs everywhere), or train on like machines")
+        assert getattr(e.value, "shown_by_rank_0", False) == (rank == 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda said, me: said.__setitem__(slice(None), [mine] * 3))
+    assert check_choices_agree(mine, dataclasses.replace(GPU, world_size=3)) is None
+
+
 def test_the_flash_probe_gives_the_kernels_refusal_in_one_line():
     """Where the kernel refuses (here a CPU, which has none), the probe gives the first line of its message."""
     from tinygemma.parallelize import _FLASH_WINDOW_RUNS, flash_window_refusal

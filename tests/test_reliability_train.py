@@ -564,6 +564,22 @@ def test_under_torchrun_a_process_stopped_by_its_own_error_takes_the_others_with
     assert last_checkpoint(out)["step"] == 5
 
 
+def test_under_torchrun_processes_on_unlike_machines_are_refused_before_training(data_dir, tmp_path):
+    """Process 1 on a machine that differs in native bfloat16 (a CPU without AVX-512 BF16 beside one with it; a
+    V100 node beside an A100 one): Muon's auto backend chose another iteration there, and the two copies of the
+    model drifted apart with nothing said. The run is refused in one line naming the setting, before a step."""
+    out = tmp_path / "unlike"
+    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 1, "other_cpu": True}]),
+           "TINYGEMMA_FAULT_LOG": str(tmp_path / "log"), "TINYGEMMA_FAULT_RUN": str(out)}
+    proc = torchrun(out, data_dir, "--stop-at", "2", settings=["optimizer=muon", "warmup_steps=0"],
+                    entry=[str(ROOT / "tests" / "torchrun_faults.py")], env=env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "tinygemma train: error:" in line]
+    assert len(errors) == 1 and "chose differently under auto (train.muon_backend: " in errors[0] and \
+        "on process 1): " in errors[0], test_train.torchrun_failure(proc)
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
+
+
 def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,
                                                                                    tmp_path):
     """The documented multi-GPU command, `torchrun --max-restarts N -m tinygemma train ... --resume`, on 2 gloo

@@ -6,7 +6,9 @@ TINYGEMMA_FAULTS is a JSON list indexed by torchrun's attempt (TORCHELASTIC_REST
 {"rank": R, "step": S}: process R dies as it begins optimizer step S (0-based), or
 {"rank": R, "save": N}: process R dies on its N-th safetensors write of the attempt (inside a checkpoint), or
 {"rank": R, "nan": S}: process R's training loss is NaN at optimizer step S (0-based); it lives on, or
-{"rank": R, "oom": S}: process R runs out of memory as it begins optimizer step S (a one-line error of its own).
+{"rank": R, "oom": S}: process R runs out of memory as it begins optimizer step S (a one-line error of its own), or
+{"rank": R, "other_cpu": true}: process R's CPU says the opposite of this one's about native bfloat16 (another
+machine's), which Muon's auto backend follows.
 At the start of every attempt, rank 0 appends to TINYGEMMA_FAULT_LOG what it finds in the run directory
 TINYGEMMA_FAULT_RUN: the last checkpoint's step, whether that checkpoint loads, and half-written checkpoints.
 """
@@ -22,6 +24,7 @@ import torch
 import tinygemma
 import tinygemma.checkpoint
 import tinygemma.model
+import tinygemma.optim
 import tinygemma.train
 from tinygemma.cli import main
 
@@ -31,6 +34,9 @@ def die() -> None:
 
 
 def inject(fault: dict) -> None:
+    if fault.get("other_cpu"):
+        has_bf16 = tinygemma.optim.cpu_has_bf16
+        tinygemma.optim.cpu_has_bf16 = lambda: not has_bf16()
     if "oom" in fault:
         step = tinygemma.train.Trainer.step
 

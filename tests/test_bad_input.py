@@ -310,6 +310,28 @@ def test_commands_torchrun_does_not_share_out_are_refused_under_it(world, tmp_pa
     assert main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
 
 
+def test_a_ctrl_c_under_torchrun_is_said_once_by_process_0(monkeypatch, capsys):
+    """A terminal's Ctrl-C reaches every process of a torchrun job: each said "interrupted" (two lines for two
+    GPUs, eight for eight). Process 0 says it; every process still exits with 130."""
+    import tinygemma.cli
+    from tinygemma.errors import Terminated
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tinygemma.cli, "_train_main", interrupted)
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29599"}.items():
+        monkeypatch.setenv(name, value)
+    for rank, said in (("0", "tinygemma train: interrupted\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train"]) == 130 and capsys.readouterr().err == said
+    monkeypatch.setattr(tinygemma.cli, "_train_main", lambda args: (_ for _ in ()).throw(Terminated()))
+    assert main(["train"]) == 143 and capsys.readouterr().err == ""  # (process 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train"]) == 143 and capsys.readouterr().err == "tinygemma train: terminated\n"
+
+
 def test_bad_input_in_a_real_process(world):
     """The same through the installed entry point: exit status 2, one stderr line, nothing on stdout."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

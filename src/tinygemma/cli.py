@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"tinygemma {args.command}: {stop_word(e)}", file=sys.stderr)
+        if env_rank() == 0:  # (a terminal's Ctrl-C reaches every process of a torchrun job: said once)
+            print(f"tinygemma {args.command}: {stop_word(e)}", file=sys.stderr)
         return exit_status(e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, MemoryError) and under_torchrun() and PEER_LOST.search(str(e)):

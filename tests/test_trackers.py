@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import math
+import re
 import shutil
 import struct
 import threading
@@ -213,6 +214,8 @@ def test_every_tracker_gets_the_scalars_and_the_recipe_and_a_resume_continues_th
     assert {k: second["config"][k] for k in config} == config  # the resolved recipe and the run's shape
 
     assert trackio_scalars(ids["trackio"]) == want
+    # named after the run's folder, as wandb's run is, and apart from another run of that folder's name
+    assert re.fullmatch(r"tracked-[0-9a-f]{6}", ids["trackio"])
     from trackio.sqlite_storage import SQLiteStorage
 
     saved = SQLiteStorage.get_run_config(tinygemma.trackers.PROJECT, ids["trackio"])

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import secrets
 import struct
 import sys
 import threading
@@ -389,8 +390,11 @@ class Trackio:
             storage = getattr(getattr(trackio, "sqlite_storage", None), "SQLiteStorage", None)
             if hasattr(storage, "init_db"):
                 storage.init_db(PROJECT)
+            # Named after the run's folder, as wandb's are, with a suffix of its own: trackio adds a second run of
+            # a name it holds to the first's rows (two runs/*/cpu-demo, a run begun again in its folder)
+            name = saved or f"{run_dir.name}-{secrets.token_hex(3)}"
             with contextlib.redirect_stdout(sys.stderr):  # its banner is not the run's output
-                self.run = trackio.init(project=PROJECT, name=saved, config=config, embed=False,
+                self.run = trackio.init(project=PROJECT, name=name, config=config, embed=False,
                                         resume="allow" if saved else "never")
         except Exception as e:
             raise startup_error("trackio", e) from None

@@ -60,6 +60,7 @@ def world(tmp_path_factory, stories_dir):
     (root / "broken_ds").mkdir()
     (root / "broken_ds" / "dataset_dict.json").write_text("{not json")
     (root / "tokdir" / "tokenizer.json").mkdir(parents=True)  # a folder where the file should be
+    (root / "stories.csv").write_text("text\nOnce upon a time.\n")
     # A tokenizer.json that cannot encode every text: a word-level vocabulary with no unknown token.
     words = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "Once": 1}))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -232,6 +233,8 @@ CASES = [
      "is a file of a prepared dataset; give its folder, "),
     ("eval-weights-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/hf/model.safetensors"],
      "is a file, not a prepared dataset; give the folder that `tinygemma prepare --out` wrote"),
+    ("eval-csv-as-data", ["eval", "--ckpt", "{root}/run", "--data", "{root}/stories.csv"],  # named no story format
+     "wrote (story files, which prepare and eval read, are .txt, .jsonl, .json, .parquet)"),
     ("train-story-file-as-data", ["train", "--data", "{root}/stories.txt", "--out", "{root}/new"],
      "tokenize it first with `tinygemma prepare --source"),  # (eval reads it: test_evaluation.py)
     ("export-given-another-tokenizer", ["export", "--ckpt", "{root}/run", "--out", "{root}/new", "--tokenizer",

@@ -966,7 +966,7 @@ def open_prepared(directory: str | Path) -> PreparedData:
                         f"--source {directory} --out DIR`, then pass DIR")
     if directory.is_file():  # a GGUF file, weights, anything else
         raise UserError(f"{directory} is a file, not a prepared dataset; give the folder that `tinygemma prepare "
-                        "--out` wrote")
+                        f"--out` wrote (story files, which prepare and eval read, are {', '.join(TEXT_FORMATS)})")
     if not (directory / META_NAME).exists():
         if is_training_run(directory):  # the run folder given for its data: prepare would refuse it
             data = peek_json(directory / "config.json").get("data")

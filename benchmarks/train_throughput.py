@@ -26,7 +26,7 @@ Contenders, all on the same device, from the same initial weights, on the same b
                       repeated K/V heads, bfloat16 weights with no float32 master under --dtype bfloat16, and the
                       workshop loop's autocast (CUDA only, as in the notebook) and loss / grad_accum_steps;
                       its head tied as the preset's, so that every contender trains the same function
-  workshop-untied     the same with the notebook's own separate output head (164.6M parameters at 270M, where
+  workshop-untied     the same with the notebook's own separate output head (164.7M parameters at 270M, where
                       tied is 132.5M), starting as a copy of the embedding: the notebook's code as it trained
 
 A step is forward with loss, backward, gradient clipping at 0.5 and AdamW (the workshop loop's settings), then

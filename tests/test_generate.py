@@ -371,6 +371,9 @@ def test_a_prompt_that_is_not_utf8_is_one_line(ckpt, model, tokenizer, capsys):
     ({"generator": [torch.Generator()] * 2}, "generator holds 2 generators for 1 sequences"),  # one per row
     ({"generator": 5}, "generator must be a torch.Generator, or a list of one per row of input_ids, got 5"),
     ({"generator": [1]}, "generator must be a torch.Generator, or a list of one per row of input_ids, got [1]"),
+    ({"vocab_size": 0}, "vocab_size (the tokenizer's) must be an integer from 1 to the model's 50,257, or None; got 0"),
+    ({"vocab_size": 50258}, "vocab_size (the tokenizer's) must be an integer from 1 to the model's 50,257"),
+    ({"vocab_size": "x"}, "vocab_size (the tokenizer's) must be an integer from 1 to the model's 50,257"),
 ])
 def test_generate_from_python_refuses_arguments_of_the_wrong_kind_in_one_line(model, kwargs, message):
     """A notebook's generate(model, ids, "5") or temperature="0.7" ended in a TypeError deep in the comparison or in
@@ -415,6 +418,22 @@ def device_reads(call) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         call()
     return sum(event.count for event in profile.key_averages() if event.key == "aten::_local_scalar_dense")
+
+
+def test_generate_samples_only_the_tokenizers_ids_where_the_model_has_more(tokenizer):
+    """A model with more rows than its tokenizer (model.vocab_size set above the data's): generate from Python
+    sampled them all, and GPT-2's decode of one was tiktoken's KeyError. vocab_size=tokenizer.model_vocab_size keeps
+    the draws to the tokenizer's ids, as generate_text and the CLI do; an id past GPT-2's is a UserError."""
+    model = tiny_model(vocab_size=64)  # a tokenizer of 10 ids here: 54 rows more
+    ids = torch.tensor([[1, 2, 3]] * 4)
+    args = dict(max_new_tokens=50, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert (generate(model, ids, **args) >= 10).any()
+    args["generator"].manual_seed(0)
+    kept = generate(model, ids, **args, vocab_size=10)
+    assert (kept < 10).all() and kept.shape == (4, 3 + 50) and len(set(kept[:, 3:].flatten().tolist())) > 1
+    for bad in (50_266, -1):
+        with pytest.raises(UserError, match=f"id {bad} is not one of GPT-2's 50,257 tokens"):
+            tokenizer.decode([1, bad])
 
 
 def test_generate_waits_for_the_device_only_after_the_last_token(model, monkeypatch):

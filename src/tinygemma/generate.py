@@ -125,6 +125,9 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     B, T = input_ids.shape
     check_positions(model.config, T, max_new_tokens)
     vocab = model.config.vocab_size
+    if not (vocab_size is None or is_integer(vocab_size) and 1 <= vocab_size <= vocab):
+        raise UserError(f"vocab_size (the tokenizer's) must be an integer from 1 to the model's {vocab:,}, or None; "
+                        f"got {vocab_size!r}")
     if max_new_tokens == 0:
         return
     # The cache holds the dtype that the model computes in (autocast's, if active).
@@ -252,16 +255,18 @@ def last_logits(model: Gemma3, input_ids, cache, start_pos):
 def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | list[torch.Generator] | None = None,
-             cuda_graph: bool = True, repetition_penalty: float = 1.0, min_p: float | None = None) -> torch.Tensor:
+             cuda_graph: bool = True, repetition_penalty: float = 1.0, min_p: float | None = None,
+             vocab_size: int | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
     device, n ending where the last sequence to produce `eos_id` produced it. With `eos_id`, the host waits for the
     device every SYNC_EVERY tokens, to learn whether every sequence has ended (without, only after the last): the
     steps run past that end are dropped, though a generator has drawn for them. Logits that are not finite are
-    refused at the next wait."""
+    refused at the next wait. `vocab_size` (tokenizer.model_vocab_size) keeps the tokens sampled to those the
+    tokenizer decodes, where the model has more ids (a model.vocab_size set above the data's)."""
     every = SYNC_EVERY if eos_id is not None else None
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
-                               cuda_graph=cuda_graph, repetition_penalty=repetition_penalty, min_p=min_p,
-                               sync_every=every))
+                               vocab_size=vocab_size, cuda_graph=cuda_graph, repetition_penalty=repetition_penalty,
+                               min_p=min_p, sync_every=every))
     if eos_id is not None and new:  # steps made after every row had ended: all eos_id, left out
         ended = (torch.stack(new, dim=1) == eos_id).cummax(dim=1).values.all(dim=0)  # [n], False then True
         new = new[: len(new) - max(int(ended.sum()) - 1, 0)]

@@ -162,7 +162,13 @@ class GPT2Tokenizer(Tokenizer):
         return self.encoding.encode_to_numpy(text, disallowed_special=())
 
     def decode(self, ids) -> str:
-        return self.encoding.decode(list(map(int, ids)))
+        ids = list(map(int, ids))
+        try:
+            return self.encoding.decode(ids)
+        except (KeyError, OverflowError):  # (tiktoken's "Invalid token for decoding: N"; a negative id)
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise UserError(f"id {bad} is not one of GPT-2's {self.vocab_size:,} tokens (a model with more rows than "
+                            "its tokenizer: sample with vocab_size=tokenizer.model_vocab_size)") from None
 
     def spec(self) -> dict:
         return {"kind": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id}

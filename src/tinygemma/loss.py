@@ -47,6 +47,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h, dtype=grad_dtype if fp16 else h.dtype)
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        outside = torch.zeros((), dtype=torch.bool, device=h.device)  # a target not an id (nor -100) met
         # The compiled form (below) in eager mode would make several [rows, vocab] temporaries; the in-place one
         # under torch.compile makes inductor write the float32 softmax out before its scatter and read it back.
         chunk_loss = _chunk_loss_fusible if torch.compiler.is_compiling() else _chunk_loss_in_place
@@ -54,7 +55,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
             valid = tc != -100
             share = valid / n_valid  # each valid row's share of the mean; 0 for ignored rows
-            summed_loss, dlogits = chunk_loss(hc, weight, tc.clamp(min=0), valid, share, vocab_size)
+            outside |= (valid & ((tc < 0) | (tc >= vocab_size))).any()
+            summed_loss, dlogits = chunk_loss(hc, weight, tc.clamp(0, vocab_size - 1), valid, share, vocab_size)
             loss += summed_loss
             dlogits = dlogits.to(dlogits_dtype)
             with gradient_precision:
@@ -66,7 +68,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_w if fp16 else grad_w.to(weight.dtype))
         ctx.dtypes = h.dtype, weight.dtype  # what the gradients are returned in, once scaled
         ctx.backward_done = False
-        return loss / n_valid
+        # A target outside the ids (-1, nanoGPT's ignore index; a padding row's) makes the loss NaN, not target 0's
+        # loss trained on: F.cross_entropy raises, which would need the host to wait for the device here.
+        return torch.where(outside, torch.nan, loss / n_valid)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -116,7 +120,9 @@ def cross_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, targets: to
                               chunk_size: int | None, vocab_size: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of the head `weight` [V, d] applied to h [N, d]; targets -100 are ignored.
     Rows of `weight` from `vocab_size` on are vocabulary padding: they take part in the matrix product (whose
-    shape they are there for) but get no probability and no gradient.
+    shape they are there for) but get no probability and no gradient. Any other target outside [0, vocab_size)
+    is an error: F.cross_entropy's (or an infinite loss, for a padding row's) without gradients and with
+    `chunk_size=0`, a NaN loss from the chunked one (found on the device, without the host waiting for it).
 
     When gradients are wanted, _ChunkedLinearCrossEntropy computes it `chunk_size` rows of logits at a time
     (None or 0: all rows in one chunk); `chunk_size=0` is the plain F.cross_entropy on whole logits, which

@@ -85,6 +85,19 @@ def test_the_package_lists_its_lazy_names():
     assert set(tinygemma.__all__) <= set(dir(tinygemma))
 
 
+def test_the_packages_modules_are_reached_by_name_after_import_tinygemma_alone():
+    """`import tinygemma`, then tinygemma.model.Block (the notebook's cell that prints the block's code): run after
+    a kernel restart it failed, the submodule never imported; a name that is no module is still an AttributeError."""
+    import subprocess
+    import sys
+
+    script = ("import sys, tinygemma\nassert 'tinygemma.model' not in sys.modules\n"
+              "print(tinygemma.model.Block.__name__, tinygemma.generate.generate.__name__)\n"
+              "try:\n    tinygemma.nope\nexcept AttributeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == "Block generate\nmodule 'tinygemma' has no attribute 'nope'\n"
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -10,10 +10,17 @@ _LAZY = {"Gemma3": "tinygemma.model", "ModelConfig": "tinygemma.config", "UserEr
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    # A module by name (tinygemma.model after `import tinygemma` alone: a notebook's cell run after a restart
+    # failed where an earlier cell had happened to import it)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":  # a module of ours that fails to import for a reason of its own
+            raise
     raise AttributeError(f"module 'tinygemma' has no attribute {name!r}")
 
 

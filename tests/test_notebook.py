@@ -263,9 +263,16 @@ def test_notebook_runs_top_to_bottom(tmp_path, stories_dir):
         # cores ran this notebook 4x slower (586 s against 149 s, load average 6-8 on 2 cores).
         "OMP_NUM_THREADS": "1",
     }
+    # What section 5 scored in: `tinygemma eval`'s precision (float32 on a CPU, whose own auto is bfloat16 with
+    # AVX-512 BF16 or AMX), so that its figures are the command's
+    evaluating = next(i for i, cell in enumerate(nb.cells) if "metrics = evaluate(" in cell.source)
+    nb.cells.insert(evaluating + 1, nbformat.v4.new_code_cell("print('scored in', trained.embed_tokens.weight.dtype)"))
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute(env=env)  # raises CellExecutionError, naming the cell, if any cell raises
+    from tinygemma.devices import evaluation_dtype, pick_device
+
+    assert nb.cells[evaluating + 1].outputs[0].text == f"scored in torch.{evaluation_dtype('auto', pick_device())}\n"
 
     training = tagged(nb, "train")
     assert any("image/png" in output.get("data", {}) for output in training.outputs), "no loss plot"

@@ -301,6 +301,14 @@ def test_a_nul_character_in_a_path_setting_is_refused_by_name(tmp_path, capsys, 
     assert err.count("\n") == 1 and "NUL character" in err
 
 
+def test_the_python_api_takes_one_override_as_a_string_and_refuses_a_recipe_that_is_no_table():
+    """load_recipe(None, "max_steps=500") walked the string a letter at a time ("--set expects KEY=VALUE, got 'm'");
+    Recipe.from_dict(None) was a TypeError."""
+    assert load_recipe(None, "max_steps=500").train.max_steps == 500
+    with pytest.raises(UserError, match=r"recipe: a recipe is a table of sections, got NoneType"):
+        Recipe.from_dict(None)
+
+
 def test_a_prompt_with_commas_is_one_prompt_and_a_list_is_a_list():
     """--set generate.prompts=TEXT is one prompt, commas and all (it became two truncated prompts); a TOML
     array is a list of prompts; other lists still split on commas."""

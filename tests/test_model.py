@@ -85,6 +85,13 @@ def test_the_package_lists_its_lazy_names():
     assert set(tinygemma.__all__) <= set(dir(tinygemma))
 
 
+def test_a_model_of_a_dict_is_refused_in_one_line():
+    """Gemma3({"vocab_size": 5}) ended in AttributeError: 'dict' object has no attribute 'validate'."""
+    with pytest.raises(UserError, match=r"Gemma3 takes a ModelConfig \(ModelConfig.preset\(...\), ModelConfig."
+                                        r"from_dict\(...\)\), got dict"):
+        Gemma3({"vocab_size": 5})
+
+
 def test_the_packages_modules_are_reached_by_name_after_import_tinygemma_alone():
     """`import tinygemma`, then tinygemma.model.Block (the notebook's cell that prints the block's code): run after
     a kernel restart it failed, the submodule never imported; a name that is no module is still an AttributeError."""

@@ -425,6 +425,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe") -> Recipe:
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: a recipe is a table of sections, got {type(d).__name__}")
         unknown = sorted(set(d) - {"data", "model", "train", "generate"})
         if unknown:
             raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; expected data, model, train, generate")
@@ -506,6 +508,8 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise UserError(f"{path} is not a recipe: not UTF-8 text, as TOML is") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path} is not valid TOML ({e})") from None
+    if isinstance(overrides, str):  # one KEY=VALUE, not its letters each taken for one
+        overrides = [overrides]
     return apply_overrides(recipe, overrides)
 
 

@@ -274,6 +274,9 @@ class Block(nn.Module):
 class Gemma3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if not isinstance(config, ModelConfig):  # (a dict: ModelConfig.from_dict makes one of it)
+            raise UserError(f"Gemma3 takes a ModelConfig (ModelConfig.preset(...), ModelConfig.from_dict(...)), got "
+                            f"{type(config).__name__}")
         config.validate()  # a config whose fields were set after it was made (layer_types no longer the layers')
         self.config = config
         V = config.padded_vocab_size

@@ -439,7 +439,9 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     complete (and known not to begin a stop string). Sample i is drawn from seed
     `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`, up to the rounding of
     a batched matrix product (a float32 logit may differ by about 1e-6 from one row's, flipping a near-tie).
-    `cuda_graph`: as generate_stream's.
+    `cuda_graph`: as generate_stream's. The defaults sample the model's whole distribution (temperature 1, no
+    filter), where `tinygemma generate` and a recipe's [generate] default to temperature 0.8 and top-k 200:
+    **GenerateConfig().sampling() gives those.
     """
     check_num_samples(num_samples, "num_samples")
     stops = check_stop(stop)

@@ -509,6 +509,7 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert main(["compare", str(copy), str(straight_run)]) == 0
     out = capsys.readouterr().out
     assert f"| {straight_run} | - | 40 |" in out and "different windows" not in out
+    assert "bits per byte)" not in out  # (one tokenizer: the losses compare as they are)
     # Other data (another tokenizer) under the same folder name: named as a difference, with the windows' note.
     config["run"]["tokenizer"]["sha256"] = "0123456789abcdef" * 4
     (copy / "config.json").write_text(json.dumps(config))
@@ -518,6 +519,9 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert "; validation: set aside from the training source (a 0.1 share), 66 stories; tokenizer" in out
     assert "tokenizers differ: their losses per token do not compare, their bits per byte do" in out
     assert "validated on different stories" not in out  # the same stories, in other tokens
+    # The sampled losses show their bits per byte beside them, what compares (no eval.json: no whole split's)
+    last = [r for r in map(json.loads, (straight_run / "metrics.jsonl").read_text().splitlines()) if "val_bpb" in r][-1]
+    assert f"| {last['val_loss']:.4f} (step {last['step']:,}, {last['val_bpb']:.4f} bits per byte) |" in out
     # Told apart by the stories' own digest, which prepare records: the same file named another way (absolute,
     # relative) is the same stories, and other stories of the same name and count are not.
     assert len(config["run"]["val_text_blake2b"]) == 32

@@ -719,18 +719,20 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
             settings[name]["data"] = text
     keys = sorted({key for flat in settings.values() for key in flat} - NOT_COMPARED)
     differ = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in settings.values()}) > 1]
-    rows = [compared_row(name, run, ", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ))
+    per_byte = tokenizers_differ(runs)  # (then the sampled losses show their bits per byte too: what compares)
+    rows = [compared_row(name, run, ", ".join(f"{key}={as_text(settings[name].get(key))}" for key in differ), per_byte)
             for name, run in runs.items()]
     lines = table(rows, ("run", "differs in", "steps", "tokens", "training time", "tokens/s", "val loss (last)",
                          "val loss (best)", "whole split loss", "bits per byte"))
     lines += comparison_note(runs, data, by_tokens)
     if plot is not None:
-        plot_validation({name: run["records"] for name, run in runs.items()}, plot, per_byte=tokenizers_differ(runs))
+        plot_validation({name: run["records"] for name, run in runs.items()}, plot, per_byte=per_byte)
     return "\n".join(lines)
 
 
-def compared_row(name: str, run: dict, differs: str) -> tuple[str, ...]:
-    """compare's row of one run (compared_run's), `differs` its settings that differ from the others'."""
+def compared_row(name: str, run: dict, differs: str, per_byte: bool = False) -> tuple[str, ...]:
+    """compare's row of one run (compared_run's), `differs` its settings that differ from the others';
+    `per_byte`: the sampled losses with their bits per byte (where the runs' tokenizers differ)."""
     records, whole, newest = run["records"], run["evaluation"].get("eval") or {}, run["newest"]
     evals = {r["step"]: r for r in records if "val_loss" in r}
     last = max(evals) if evals else None
@@ -748,10 +750,18 @@ def compared_row(name: str, run: dict, differs: str) -> tuple[str, ...]:
                                           + changes_told(run["changes"])))) or "-",
             f"{newest['step']:,}{lost}", f"{newest['tokens']:,}", format_duration(timed) if timed else "-",
             f"{newest['timed_tokens'] / timed:,.0f}" if timed else "-",
-            f"{evals[last]['val_loss']:.4f} (step {last:,})" if evals else "-",
-            f"{evals[best]['val_loss']:.4f} (step {best:,})" if best is not None else "-",
+            sampled_cell(evals[last], per_byte) if evals else "-",
+            sampled_cell(evals[best], per_byte) if best is not None else "-",
             whole_loss + (f" (step {scored:,})" if scored is not None and whole else ""),
             whole_bpb.replace(UNKNOWN, "-"))
+
+
+def sampled_cell(record: dict, per_byte: bool) -> str:
+    """A sampled validation loss as compare's table shows it: "2.1234 (step 500)", and with `per_byte` its bits
+    per byte too, where the record holds them."""
+    bpb = record.get("val_bpb") if per_byte else None
+    also = f", {bpb:.4f} bits per byte" if isinstance(bpb, float) and math.isfinite(bpb) else ""
+    return f"{record['val_loss']:.4f} (step {record['step']:,}{also})"
 
 
 def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:

@@ -59,6 +59,15 @@ def valid(stories_dir):
     return read_stories(stories_dir / "valid.txt")
 
 
+def text_digest(stories: list[str]) -> str:
+    """The validation stories' own digest as meta.json records it: each story's UTF-8 bytes after their count
+    (8 bytes, little-endian), in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for story in stories:
+        digest.update(len(story.encode("utf-8")).to_bytes(8, "little") + story.encode("utf-8"))
+    return digest.hexdigest()
+
+
 def test_round_trip_and_tiktoken_counts(stories_dir, valid, r50k, tmp_path):
     train = read_stories(stories_dir / "train.txt", 400)
     assert len(read_stories(stories_dir / "train.txt")) == 2983 and len(valid) == 500  # the README's counts
@@ -76,6 +85,7 @@ def test_round_trip_and_tiktoken_counts(stories_dir, valid, r50k, tmp_path):
             "tokens": sum(len(r50k.encode_ordinary(s)) + 1 for s in stories),
             "bytes": sum(len(s.encode("utf-8")) for s in stories),
             "blake2b": hashlib.blake2b(np.asarray(prepared.split(split)).tobytes(), digest_size=16).hexdigest(),
+            **({"text_blake2b": text_digest(stories)} if split == "val" else {}),
         }
         assert prepared.split(split).dtype == np.uint16
         assert int((prepared.split(split) == EOT_ID).sum()) == len(stories)

@@ -121,13 +121,10 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     if not (sync_every is None or is_integer(sync_every) and sync_every >= 1):
         raise UserError(f"sync_every must be an integer >= 1 or None, got {sync_every!r}")
-    input_ids, generator = checked_inputs(model, input_ids, eos_id, generator)
+    input_ids, generator = checked_inputs(model, input_ids, eos_id, generator, vocab_size)
     B, T = input_ids.shape
     check_positions(model.config, T, max_new_tokens)
     vocab = model.config.vocab_size
-    if not (vocab_size is None or is_integer(vocab_size) and 1 <= vocab_size <= vocab):
-        raise UserError(f"vocab_size (the tokenizer's) must be an integer from 1 to the model's {vocab:,}, or None; "
-                        f"got {vocab_size!r}")
     if max_new_tokens == 0:
         return
     # The cache holds the dtype that the model computes in (autocast's, if active).
@@ -197,9 +194,9 @@ def check_model(model) -> None:
                         f"{type(model).__name__}")
 
 
-def checked_inputs(model: Gemma3, input_ids, eos_id, generator) -> tuple[torch.Tensor, object]:
-    """generate_stream's prompt ids (as int64 on the model's device), eos_id and generator(s), refused in one line
-    where they cannot work."""
+def checked_inputs(model: Gemma3, input_ids, eos_id, generator, vocab_size=None) -> tuple[torch.Tensor, object]:
+    """generate_stream's prompt ids (as int64 on the model's device), eos_id, generator(s) and vocab_size, refused
+    in one line where they cannot work."""
     check_model(model)
     if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
             or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):  # any integers (uint16: a token file's)
@@ -220,6 +217,9 @@ def checked_inputs(model: Gemma3, input_ids, eos_id, generator) -> tuple[torch.T
                         f"{vocab - 1:,}): were they made by another tokenizer?")
     if eos_id is not None and not (is_integer(eos_id) and 0 <= eos_id < vocab):
         raise UserError(f"eos_id must be one of the model's {vocab:,} token ids, got {eos_id!r}")
+    if not (vocab_size is None or is_integer(vocab_size) and 1 <= vocab_size <= vocab):
+        raise UserError(f"vocab_size (the tokenizer's) must be an integer from 1 to the model's {vocab:,}, or None; "
+                        f"got {vocab_size!r}")
     if isinstance(generator, tuple):
         generator = list(generator)
     if not (generator is None or isinstance(generator, torch.Generator) or isinstance(generator, list) and all(

@@ -17,6 +17,7 @@ from tinygemma.config import (
     ModelConfig,
     Recipe,
     TrainConfig,
+    apply_overrides,
     check_sampling,
     load_recipe,
     settings_changes,
@@ -301,10 +302,23 @@ def test_a_nul_character_in_a_path_setting_is_refused_by_name(tmp_path, capsys, 
     assert err.count("\n") == 1 and "NUL character" in err
 
 
+def test_a_nul_character_in_a_path_given_from_python_is_refused_by_name():
+    """A Path from Python (a notebook's recipe.out = Path(...), a source list of Paths) too, not only TOML's text."""
+    from tinygemma.config import checked_recipe
+
+    with pytest.raises(UserError, match=r"data.source holds a NUL character"):
+        Recipe.from_dict({"data": {"source": [Path("a.txt"), Path("x\0y.txt")]}})
+    recipe = load_recipe(None, [])
+    recipe.out = Path("/tmp/x/a\0b")
+    with pytest.raises(UserError, match=r"train.out holds a NUL character"):
+        checked_recipe(recipe)
+
+
 def test_the_python_api_takes_one_override_as_a_string_and_refuses_a_recipe_that_is_no_table():
     """load_recipe(None, "max_steps=500") walked the string a letter at a time ("--set expects KEY=VALUE, got 'm'");
     Recipe.from_dict(None) was a TypeError."""
     assert load_recipe(None, "max_steps=500").train.max_steps == 500
+    assert apply_overrides(Recipe(), "max_steps=600").train.max_steps == 600
     with pytest.raises(UserError, match=r"recipe: a recipe is a table of sections, got NoneType"):
         Recipe.from_dict(None)
 

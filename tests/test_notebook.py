@@ -270,9 +270,10 @@ def test_notebook_runs_top_to_bottom(tmp_path, stories_dir):
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute(env=env)  # raises CellExecutionError, naming the cell, if any cell raises
-    from tinygemma.devices import evaluation_dtype, pick_device
+    from tinygemma.devices import evaluation_dtype, pick_device, pick_dtype
 
-    assert nb.cells[evaluating + 1].outputs[0].text == f"scored in torch.{evaluation_dtype('auto', pick_device())}\n"
+    scored = pick_dtype(evaluation_dtype("auto", pick_device()), pick_device())  # (bfloat16 on most GPUs)
+    assert nb.cells[evaluating + 1].outputs[0].text == f"scored in {scored}\n"
 
     training = tagged(nb, "train")
     assert any("image/png" in output.get("data", {}) for output in training.outputs), "no loss plot"

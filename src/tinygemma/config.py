@@ -508,8 +508,6 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise UserError(f"{path} is not a recipe: not UTF-8 text, as TOML is") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path} is not valid TOML ({e})") from None
-    if isinstance(overrides, str):  # one KEY=VALUE, not its letters each taken for one
-        overrides = [overrides]
     return apply_overrides(recipe, overrides)
 
 
@@ -525,6 +523,8 @@ def parse_override(item: str) -> tuple[str, str]:
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    if isinstance(overrides, str):  # one KEY=VALUE, not its letters each taken for one
+        overrides = [overrides]
     for item in overrides:
         key, value = parse_override(item)
         section, _, name = key.rpartition(".")
@@ -544,8 +544,8 @@ def _set_field(recipe: Recipe, section: str, name: str, value, from_text: bool) 
     key = f"{section}.{name}"
     if key in NAMED_SETTINGS and isinstance(value, str) and not value.strip():  # "" would read as the current folder
         raise UserError(f"{key} is empty: it must name {NAMED_SETTINGS[key]}")
-    if key in PATH_SETTINGS and any("\0" in v for v in (value if isinstance(value, list) else [value])
-                                    if isinstance(v, str)):
+    if key in PATH_SETTINGS and any("\0" in str(os.fspath(v)) for v in (value if isinstance(value, list) else [value])
+                                    if isinstance(v, (str, os.PathLike))):  # (a Path, from Python)
         raise UserError(f"{key} holds a NUL character, which no path can: {value!r}")
     if section == "model":
         if name == "preset":

@@ -313,9 +313,9 @@ def test_commands_torchrun_does_not_share_out_are_refused_under_it(world, tmp_pa
     assert main(["generate", "--ckpt", str(world / "run"), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
 
 
-def test_a_ctrl_c_under_torchrun_is_said_once_by_process_0(monkeypatch, capsys):
-    """A terminal's Ctrl-C reaches every process of a torchrun job: each said "interrupted" (two lines for two
-    GPUs, eight for eight). Process 0 says it; every process still exits with 130."""
+def test_a_ctrl_c_under_torchrun_is_said_once_a_machine(monkeypatch, capsys):
+    """torchrun passes a Ctrl-C on to every process it started: each said "interrupted" (two lines for two GPUs,
+    eight for eight). The first on each machine (LOCAL_RANK 0) says it; every process still exits with 130."""
     import tinygemma.cli
     from tinygemma.errors import Terminated
 
@@ -323,15 +323,19 @@ def test_a_ctrl_c_under_torchrun_is_said_once_by_process_0(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tinygemma.cli, "_train_main", interrupted)
-    for name, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "localhost",
+    for name, value in {"WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "localhost",
                         "MASTER_PORT": "29599"}.items():
         monkeypatch.setenv(name, value)
-    for rank, said in (("0", "tinygemma train: interrupted\n"), ("1", "")):
+    # two machines of two processes: ranks 0 and 2 are their machines' first
+    for rank, local_rank, said in (("0", "0", "tinygemma train: interrupted\n"), ("1", "1", ""),
+                                   ("2", "0", "tinygemma train: interrupted\n"), ("3", "1", "")):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert main(["train"]) == 130 and capsys.readouterr().err == said
     monkeypatch.setattr(tinygemma.cli, "_train_main", lambda args: (_ for _ in ()).throw(Terminated()))
-    assert main(["train"]) == 143 and capsys.readouterr().err == ""  # (process 1)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train"]) == 143 and capsys.readouterr().err == ""  # (process 3)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):  # no torchrun: said
+        monkeypatch.delenv(name)
     assert main(["train"]) == 143 and capsys.readouterr().err == "tinygemma train: terminated\n"
 
 

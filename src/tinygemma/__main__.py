@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from tinygemma.errors import exit_status, held_off, interrupt, stop_word, under_torchrun  # light: no torch
+from tinygemma.errors import exit_status, held_off, interrupt, says_stops, stop_word, under_torchrun  # (no torch)
 
 
 def main() -> int:
@@ -23,7 +23,8 @@ def main() -> int:
     except KeyboardInterrupt as e:  # (a Ctrl-C while importing: Python's own handler raised it)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, held_off)
-        print(f"tinygemma: {stop_word(e)}", file=sys.stderr)
+        if says_stops():  # (under torchrun, once a machine)
+            print(f"tinygemma: {stop_word(e)}", file=sys.stderr)
         _done.append(exit_status(e))  # a later signal, while Python shuts down, leaves this status
         return exit_status(e)
     for signum in (signal.SIGINT, signal.SIGTERM):

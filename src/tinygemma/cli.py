@@ -47,6 +47,7 @@ from tinygemma.errors import (
     UserError,
     exit_status,
     interrupt,
+    says_stops,
     shell_join,
     shell_quote,
     stop_word,
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        if env_rank() == 0:  # (a terminal's Ctrl-C reaches every process of a torchrun job: said once)
+        if says_stops():  # (under torchrun, once a machine)
             print(f"tinygemma {args.command}: {stop_word(e)}", file=sys.stderr)
         return exit_status(e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError

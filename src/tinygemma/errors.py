@@ -91,6 +91,13 @@ def under_torchrun(environ=None) -> bool:
     return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
 
 
+def says_stops() -> bool:
+    """Whether this process says the line of a Ctrl-C or SIGTERM: outside torchrun, or torchrun's first process on
+    this machine (LOCAL_RANK 0), since torchrun sends the signal on to every process it started there: one line a
+    machine, on each machine's terminal."""
+    return not under_torchrun() or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def stop_word(stop: KeyboardInterrupt) -> str:
     """How the command's one line names this interrupt: "terminated" for SIGTERM, "interrupted" for Ctrl-C."""
     return "terminated" if isinstance(stop, Terminated) else "interrupted"

@@ -47,7 +47,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h, dtype=grad_dtype if fp16 else h.dtype)
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        outside = torch.zeros((), dtype=torch.bool, device=h.device)  # a target not an id (nor -100) met
+        outside = ((targets != -100) & ((targets < 0) | (targets >= vocab_size))).any()  # a target not an id met
         # The compiled form (below) in eager mode would make several [rows, vocab] temporaries; the in-place one
         # under torch.compile makes inductor write the float32 softmax out before its scatter and read it back.
         chunk_loss = _chunk_loss_fusible if torch.compiler.is_compiling() else _chunk_loss_in_place
@@ -55,7 +55,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
             valid = tc != -100
             share = valid / n_valid  # each valid row's share of the mean; 0 for ignored rows
-            outside |= (valid & ((tc < 0) | (tc >= vocab_size))).any()
             summed_loss, dlogits = chunk_loss(hc, weight, tc.clamp(0, vocab_size - 1), valid, share, vocab_size)
             loss += summed_loss
             dlogits = dlogits.to(dlogits_dtype)

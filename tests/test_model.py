@@ -100,9 +100,10 @@ def test_the_packages_modules_are_reached_by_name_after_import_tinygemma_alone()
 
     script = ("import sys, tinygemma\nassert 'tinygemma.model' not in sys.modules\n"
               "print(tinygemma.model.Block.__name__, tinygemma.generate.generate.__name__)\n"
-              "try:\n    tinygemma.nope\nexcept AttributeError as e:\n    print(e)")
+              "try:\n    tinygemma.nope\nexcept AttributeError as e:\n    print(e)\n"
+              "print(getattr(tinygemma, 'a.b', None), getattr(tinygemma, '__main__', None))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out == "Block generate\nmodule 'tinygemma' has no attribute 'nope'\n"
+    assert out == "Block generate\nmodule 'tinygemma' has no attribute 'nope'\nNone None\n"
 
 
 @pytest.mark.parametrize(

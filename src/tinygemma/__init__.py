@@ -16,11 +16,12 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name]), name)
     # A module by name (tinygemma.model after `import tinygemma` alone: a notebook's cell run after a restart
     # failed where an earlier cell had happened to import it)
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":  # a module of ours that fails to import for a reason of its own
-            raise
+    if name.isidentifier() and not name.startswith("_"):  # (not __main__, the command's entry point)
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":  # a module of ours that fails to import for a reason of its own
+                raise
     raise AttributeError(f"module 'tinygemma' has no attribute {name!r}")
 
 

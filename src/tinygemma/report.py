@@ -781,7 +781,8 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
         also = (f" They were validated on different stories too ({told}): not even their bits per byte compare as "
                 "they stand." if len(stories) > 1 else "")
         return ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
-                f"same stories.{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
+                "same stories (the sampled ones up to their windows' noise: other tokens make other windows; the whole "
+                f"split's exactly).{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
                 "file in its own tokens.", ""]
     if len({val for _, val, _ in data.values()} - {None}) > 1:
         return ["The runs were validated on different stories: neither their sampled nor their whole split's losses "

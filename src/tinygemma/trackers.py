@@ -392,7 +392,7 @@ class Trackio:
                 storage.init_db(PROJECT)
             # Named after the run's folder, as wandb's are, with a suffix of its own: trackio adds a second run of
             # a name it holds to the first's rows (two runs/*/cpu-demo, a run begun again in its folder)
-            name = saved or f"{run_dir.name}-{secrets.token_hex(3)}"
+            name = saved or f"{run_dir.resolve().name or 'run'}-{secrets.token_hex(3)}"  # (--out . named too)
             with contextlib.redirect_stdout(sys.stderr):  # its banner is not the run's output
                 self.run = trackio.init(project=PROJECT, name=name, config=config, embed=False,
                                         resume="allow" if saved else "never")

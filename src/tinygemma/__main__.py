@@ -9,7 +9,14 @@ import os
 import signal
 import sys
 
-from tinygemma.errors import exit_status, held_off, interrupt, says_stops, stop_word, under_torchrun  # (no torch)
+from tinygemma.errors import (  # (no torch)
+    exit_status,
+    held_off,
+    interrupt,
+    says_stops,
+    stop_word,
+    under_torchrun,
+)
 
 
 def main() -> int:

@@ -287,17 +287,22 @@ def test_a_batch_whose_targets_are_all_ignored_has_loss_zero_not_nan(grad):
 def test_a_target_outside_the_ids_makes_the_chunked_loss_nan_not_another_ids_loss(target):
     """Only -100 is ignored. A -1 (nanoGPT's ignore index) was clamped to id 0 and trained toward it, silently; a
     padding row's id gave inf, and one past the head's rows an index error (on CUDA, a device-side assert). The
-    chunked loss is NaN for any of them, found on the device (F.cross_entropy raises, which waits for it); the
-    same targets with that row -100 train as before."""
+    chunked loss and its gradients are NaN for any of them, found on the device (F.cross_entropy raises, which
+    waits for it); the same targets with that row -100 train as before."""
     torch.manual_seed(0)
     h = torch.randn(20, 16, requires_grad=True)
     w = torch.randn(112, 16, requires_grad=True)  # 100 ids, 12 padding rows
     targets = torch.randint(0, 100, (20,))
     fine = cross_entropy_from_hidden(h, w, torch.where(torch.arange(20) == 7, -100, targets), 8, vocab_size=100)
     assert torch.isfinite(fine)
+    fine.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    h.grad = w.grad = None
     targets[7] = target
     loss = cross_entropy_from_hidden(h, w, targets, chunk_size=8, vocab_size=100)
     assert torch.isnan(loss)
+    loss.backward()  # the gradients too: a step taken on them would train toward a clamped id
+    assert torch.isnan(h.grad).all() and torch.isnan(w.grad).all()
 
 
 def test_eager_mode_takes_the_in_place_chunk_loss(monkeypatch):

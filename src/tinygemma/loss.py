@@ -28,7 +28,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, vocab_size):
-        n_valid = (targets != -100).sum().clamp(min=1)
+        scored = targets != -100
+        n_valid = scored.sum().clamp(min=1)
         grad_dtype = h.dtype if h.dtype == weight.dtype else torch.promote_types(h.dtype, weight.dtype)
         # Under float16 autocast the gradients made here are not yet scaled by GradScaler (the scale arrives in
         # backward): rounded to float16, the softmax part of d(loss)/d(logits), about 1 / vocabulary / tokens,
@@ -47,7 +48,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h, dtype=grad_dtype if fp16 else h.dtype)
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        outside = ((targets != -100) & ((targets < 0) | (targets >= vocab_size))).any()  # a target not an id met
+        outside = (scored & ((targets < 0) | (targets >= vocab_size))).any()  # a target not an id met
         # The compiled form (below) in eager mode would make several [rows, vocab] temporaries; the in-place one
         # under torch.compile makes inductor write the float32 softmax out before its scatter and read it back.
         chunk_loss = _chunk_loss_fusible if torch.compiler.is_compiling() else _chunk_loss_in_place
@@ -64,11 +65,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
         if grad_w is None:  # no rows at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        ctx.save_for_backward(grad_h, grad_w if fp16 else grad_w.to(weight.dtype))
+        ctx.save_for_backward(grad_h, grad_w if fp16 else grad_w.to(weight.dtype), outside)
         ctx.dtypes = h.dtype, weight.dtype  # what the gradients are returned in, once scaled
         ctx.backward_done = False
-        # A target outside the ids (-1, nanoGPT's ignore index; a padding row's) makes the loss NaN, not target 0's
-        # loss trained on: F.cross_entropy raises, which would need the host to wait for the device here.
+        # A target outside the ids (-1, nanoGPT's ignore index; a padding row's) makes the loss and the gradients
+        # NaN (a scaler or a finite check then skips the step), not the clamped id's loss trained on:
+        # F.cross_entropy raises, which would need the host to wait for the device here.
         return torch.where(outside, torch.nan, loss / n_valid)
 
     @staticmethod
@@ -79,7 +81,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the chunked cross-entropy supports one backward pass per forward "
                                "(set model.loss_chunk_size = 0 for the plain loss, which allows retain_graph)")
         ctx.backward_done = True
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w, outside = ctx.saved_tensors
+        grad_loss = torch.where(outside, torch.nan, grad_loss)
         return (grad_h.mul_(grad_loss).to(ctx.dtypes[0]), grad_w.mul_(grad_loss).to(ctx.dtypes[1]),
                 None, None, None)
 

@@ -383,6 +383,13 @@ def test_a_transformers_directory_exports_with_its_ids_template_and_nothing_stal
     assert (tmp_path / "a" / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}!"
     assert json.loads((tmp_path / "a" / "config.json").read_text())["pad_token_id"] == 0
     assert (tmp_path / "a" / "generation_config.json").read_text() == generation
+    # A tokenizer.json saved with a byte-order mark (a Windows editor's): tinygemma reads it, and the copy goes
+    # without the mark, which transformers' reader refuses
+    (src / "tokenizer.json").write_bytes(b"\xef\xbb\xbf" + (src / "tokenizer.json").read_bytes())
+    assert main(["export", "--ckpt", str(src), "--out", str(tmp_path / "marked")]) == 0
+    assert (tmp_path / "marked" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "marked").encode("Once upon") == [7454, 2402]
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # a directory without them
         (src / name).unlink()
     assert main(["export", "--ckpt", str(src), "--out", str(tmp_path / "b")]) == 0

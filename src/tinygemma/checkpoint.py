@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import contextlib
 import json
 import math
@@ -330,7 +331,10 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
             own.save_hf(stage)
         for name in copied:
             with atomic_path(stage / name) as tmp:
-                shutil.copyfile(src / name, tmp)
+                if name == TOKENIZER_FILE:  # without a byte-order mark, which transformers' reader refuses (ours
+                    tmp.write_bytes((src / name).read_bytes().removeprefix(codecs.BOM_UTF8))  # reads after it)
+                else:
+                    shutil.copyfile(src / name, tmp)
         if finish is not None:
             finish(stage)
     if model.config.layer_pattern is None:

@@ -240,9 +240,9 @@ def test_processes_whose_machines_chose_otherwise_under_auto_are_refused_alike(m
             check_choices_agree(mine, dataclasses.replace(GPU, rank=rank, world_size=3))
         assert str(e.value) == (
             "the processes' machines chose differently under auto (train.dtype: bfloat16 on process 0, float16 on "
-            "process 2; train.muon_backend: bfloat16 on process 0, float16 on process 2): each would step its own "
-            "copy of the model otherwise, the copies drifting apart unseen; set train.dtype and train.muon_backend in "
-            "the recipe to what every machine runs (float32 runs everywhere), or train on like machines")
+            "process 2; train.muon_backend: bfloat16 on process 0, float16 on process 2): their steps would part "
+            "unseen (another precision or Muon iteration on some); set train.dtype and train.muon_backend in the "
+            "recipe to what every machine runs (float32 runs everywhere), or train on like machines")
         assert getattr(e.value, "shown_by_rank_0", False) == (rank == 2)
     monkeypatch.setattr(dist, "all_gather_object", lambda said, me: said.__setitem__(slice(None), [mine] * 3))
     assert check_choices_agree(mine, dataclasses.replace(GPU, world_size=3)) is None

@@ -578,6 +578,11 @@ def test_under_torchrun_processes_on_unlike_machines_are_refused_before_training
     assert len(errors) == 1 and "chose differently under auto (train.muon_backend: " in errors[0] and \
         "on process 1): " in errors[0], test_train.torchrun_failure(proc)
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
+    # Under FSDP2 each process keeps only its shard of what it orthogonalizes: one copy, which trains
+    sharded = tmp_path / "sharded"
+    proc = torchrun(sharded, data_dir, "--stop-at", "2", distributed="fsdp", settings=["optimizer=muon", "warmup_steps=0"],
+                    entry=[str(ROOT / "tests" / "torchrun_faults.py")], env={**env, "TINYGEMMA_FAULT_RUN": str(sharded)})
+    assert proc.returncode == 0, test_train.torchrun_failure(proc)
 
 
 def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,

@@ -704,7 +704,7 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
             counts = {}
             for split in SPLITS:
                 # (the validation stories' own digest: what tells runs of other tokenizers validated on the same
-                # stories; the training split's would read GBs once more in this process)
+                # stories; the training split's would hash GBs in this process, which feeds the workers)
                 counts[split] = _tokenize_to_file(split_stories[split](), pool, tmp[split], out_dir / f"{split}.bin",
                                                   split, progress, text_digest=split == "val")
                 if not counts[split]["documents"]:  # (a stream that gave its first story above and none now)

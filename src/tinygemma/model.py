@@ -274,7 +274,8 @@ class Block(nn.Module):
 class Gemma3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if not isinstance(config, ModelConfig):  # (a dict: ModelConfig.from_dict makes one of it)
+        if not hasattr(config, "validate"):  # (a dict: from_dict makes one; not isinstance, which a notebook's
+            # autoreload of tinygemma.config would fail)
             raise UserError(f"Gemma3 takes a ModelConfig (ModelConfig.preset(...), ModelConfig.from_dict(...)), got "
                             f"{type(config).__name__}")
         config.validate()  # a config whose fields were set after it was made (layer_types no longer the layers')

@@ -379,11 +379,11 @@ def agreed_refusal(refusal: str | None, rt: Runtime) -> str | None:
 
 def check_choices_agree(choices: dict[str, str], rt: Runtime) -> None:
     """Under torchrun, refused alike on every process (said by process 0) where a process chose otherwise than
-    process 0 from its own machine under auto (`choices`: train.dtype's and train.muon_backend's, say): each
-    process steps its own copy of the model from the averaged gradients, so another Muon iteration's rounding
-    drifts the copies apart unseen (the loss logged is their mean, the checkpoints process 0's), and float16's
-    gradient scaler on some processes only skips steps on those only (under FSDP2 its collectives would hang).
-    Like machines (every GPU of one kind) always agree."""
+    process 0 from its own machine under auto (`choices`: train.dtype's and, under DDP, train.muon_backend's):
+    under DDP each process steps its own copy of the model from the averaged gradients, so another Muon
+    iteration's rounding drifts the copies apart unseen (the loss logged is their mean, the checkpoints process
+    0's), and float16's gradient scaler on some processes only skips steps on those only (under FSDP2 its
+    collectives would hang). Like machines (every GPU of one kind) always agree."""
     if rt.world_size == 1:
         return
     import torch.distributed as dist
@@ -396,9 +396,9 @@ def check_choices_agree(choices: dict[str, str], rt: Runtime) -> None:
             told = "; ".join(f"{key}: {said[0][key]} on process 0, {theirs.get(key)} on process {rank}"
                              for key in differ)
             raise every_process(UserError(
-                f"the processes' machines chose differently under auto ({told}): each would step its own copy of "
-                f"the model otherwise, the copies drifting apart unseen; set {' and '.join(differ)} in the recipe "
-                "to what every machine runs (float32 runs everywhere), or train on like machines"), rt)
+                f"the processes' machines chose differently under auto ({told}): their steps would part unseen "
+                f"(another precision or Muon iteration on some); set {' and '.join(differ)} in the recipe to what "
+                "every machine runs (float32 runs everywhere), or train on like machines"), rt)
 
 
 # The (device, dtype, heads, K/V heads, head size, window) where flash_window_refusal's probe passed.

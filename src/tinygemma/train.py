@@ -370,7 +370,8 @@ class Trainer:
             self.micro_batch_size = probe_micro_batch_size(self.raw, cfg, rt, sizes)
         self.model = wrap_model(self.raw, cfg, rt, self.micro_batch_size)
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
-        muon = getattr(self.optimizer, "backend", None)  # (MuonAdamW's iteration)
+        # (MuonAdamW's iteration: under FSDP2 each process keeps only its shard of what it computes, one copy)
+        muon = getattr(self.optimizer, "backend", None) if not self.fsdp else None
         check_choices_agree({"train.dtype": dtype_name(rt.dtype), **({"train.muon_backend": muon} if muon else {})}, rt)
         self.scaler = grad_scaler(rt, self.fsdp)
         self.loss_head = choose_loss_head(cfg, rt)[2]  # what init_model set, and why, for the log

@@ -258,6 +258,9 @@ CASES = [
                                      "{root}/run/config.json"], "not a GGUF file"),
     ("export-gguf-over-token-file", ["export", "--ckpt", "{root}/run", "--format", "gguf", "--out",
                                      "{root}/data/train.bin"], "not a GGUF file"),
+    # An empty --dtype (a script's unset "$DTYPE") was taken for the default, q8_0, with no word said
+    ("export-gguf-empty-dtype", ["export", "--ckpt", "{root}/run", "--format", "gguf", "--out", "{root}/new.gguf",
+                                 "--dtype", ""], "unknown --dtype '' for gguf"),
 ]
 
 

@@ -712,7 +712,8 @@ def _export_main(args) -> int:
     if args.push_to_hub:
         hub_api()  # installed, before an export that only it would upload
     if args.format == "gguf":
-        info = export_gguf(args.ckpt, args.out, args.dtype or DEFAULT_GGUF_DTYPE, args.tokenizer)
+        # (an empty --dtype "$UNSET" is refused as export_gguf refuses it, not taken for the default)
+        info = export_gguf(args.ckpt, args.out, DEFAULT_GGUF_DTYPE if args.dtype is None else args.dtype, args.tokenizer)
         print(f"exported {args.ckpt} to {info['path']} ({info['dtype']}, {info['bytes'] / 2**20:.1f} MiB); run it "
               f"with: llama-completion -m {shell_quote(str(info['path']))} -no-cnv -p {shell_quote('Once upon a time')}")
         if info["matrices_as_f16"]:

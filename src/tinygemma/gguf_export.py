@@ -7,7 +7,8 @@ way llama.cpp's `gemma3` architecture reads it (src/models/gemma3.cpp, src/llama
 - the weights under llama.cpp's tensor names (gguf's own name map), RMSNorm gains stored as 1 + w (llama.cpp
   multiplies by the stored gain), the vocabulary without its padding rows, the head only when it is not tied;
 - the tokenizer as llama.cpp's byte-level BPE ("gpt2") with its merges and GPT-2's pre-tokenizer, end-of-text as
-  the end-of-generation token, and nothing put in front of a prompt (TinyStories has no begin-of-text token).
+  the end-of-generation token, and nothing put in front of a prompt but the tokenizer's <bos> where it starts
+  every text with one (GPT-2's and prepare's BPEs have none).
 What llama.cpp cannot reproduce is refused in one line: its gemma3 graph scales queries by 1/sqrt(head_dim) and
 reads no query_pre_attn_scalar, and its BPE splits text only in the ways it names.
 """

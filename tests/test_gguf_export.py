@@ -485,7 +485,8 @@ def test_gguf_package_missing_is_one_line(small_ckpt, tmp_path, capsys, monkeypa
 
 def test_existing_file_is_replaced_atomically(small_ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"GGUF the previous export")
+    export_gguf(small_ckpt, out, "f32")
+    previous = out.read_bytes()
 
     def disk_full(self, **kwargs):  # numpy's own words when a write comes up short (its tofile on a full disk)
         raise OSError("524288 requested and 324408 written")
@@ -494,9 +495,9 @@ def test_existing_file_is_replaced_atomically(small_ckpt, tmp_path, capsys, monk
         patch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
         code, err = run_cli(["export", "--ckpt", small_ckpt, "--format", "gguf", "--out", out], capsys)
     assert code == 1 and f"could not write {out} (524288 requested and 324408 written); the disk may be full" in err
-    assert out.read_bytes() == b"GGUF the previous export" and sorted(tmp_path.iterdir()) == [out]  # no temporary
+    assert out.read_bytes() == previous and sorted(tmp_path.iterdir()) == [out]  # no temporary
     assert main(["export", "--ckpt", str(small_ckpt), "--format", "gguf", "--out", str(out)]) == 0
-    assert out.read_bytes()[:4] == b"GGUF" and sorted(tmp_path.iterdir()) == [out]
+    assert out.read_bytes()[:4] == b"GGUF" and out.read_bytes() != previous and sorted(tmp_path.iterdir()) == [out]
 
 
 def test_an_out_ending_in_gguf_means_the_gguf_format(small_ckpt, tmp_path, capsys):
@@ -525,6 +526,28 @@ def test_an_existing_file_that_is_not_gguf_is_never_replaced(small_ckpt, tmp_pat
                          tmp_path / "metrics.jsonl" / "m.gguf"], capsys)
     assert code == 2 and "metrics.jsonl is a file, not a folder" in err
     assert not list(tmp_path.rglob("*.gguf*")) and not list(tmp_path.glob(".*"))
+
+
+def test_a_gguf_file_of_another_program_is_never_replaced(small_ckpt, tmp_path, capsys):
+    """A GGUF that tinygemma did not export (a model downloaded for llama.cpp, GBs of it) was replaced like an
+    earlier export: refused in one line naming its general.name, as a damaged one is; tinygemma's own is replaced."""
+    foreign = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(foreign), "llama")
+    writer.add_name("Llama 3.2 1B Instruct")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + b"\xff" * 20)
+    for path, named in ((foreign, "'Llama 3.2 1B Instruct'"), (damaged, "None")):
+        before = path.read_bytes()
+        code, err = run_cli(["export", "--ckpt", small_ckpt, "--out", path], capsys)
+        assert code == 2 and f"is a GGUF file that tinygemma did not export (general.name {named})" in err, err
+        assert path.read_bytes() == before
+    ours = tmp_path / "ours.gguf"
+    for _ in range(2):  # an earlier export of tinygemma's: replaced
+        assert main(["export", "--ckpt", str(small_ckpt), "--out", str(ours)]) == 0
 
 
 def test_model_llama_cpp_cannot_run_is_refused(bpe, tmp_path, capsys):
@@ -682,14 +705,14 @@ def test_f16_refuses_weights_past_its_range_and_keeps_the_old_file(bpe, tmp_path
     with torch.no_grad():
         model.layers[0].mlp.up_proj.weight[0, 0] = 70_000.0
     save_model(model, tmp_path / "ckpt", {"tokenizer": bpe.save(tmp_path / "ckpt")})
-    (tmp_path / "m.gguf").write_bytes(b"GGUF an earlier export")
+    assert export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "bf16")["dtype"] == "bf16"  # (bf16 takes it)
+    earlier = (tmp_path / "m.gguf").read_bytes()
     for dtype in ("f16", "q8_0"):  # (40-wide rows: q8_0 falls back to f16)
         assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
                      "--dtype", dtype]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "layers.0.mlp.up_proj.weight" in err, err
-        assert "65,504" in err and (tmp_path / "m.gguf").read_bytes() == b"GGUF an earlier export"
-    assert export_gguf(tmp_path / "ckpt", tmp_path / "b.gguf", "bf16")["dtype"] == "bf16"
+        assert "65,504" in err and (tmp_path / "m.gguf").read_bytes() == earlier
 
 
 def test_a_chat_with_a_bos_tokenizers_gguf_starts_with_bos(bpe, tmp_path, llama_cpp):

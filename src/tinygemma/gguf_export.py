@@ -63,6 +63,9 @@ def gguf_dtype(name: str) -> str:
         return name
 
 
+NAME_PREFIX = "tinygemma "  # every export's general.name starts so: what an export may replace
+
+
 def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
     """The output file, after checking what needs no model: the dtype, a place to write it (its folder is made if
     need be, as the Hugging Face export makes its own), and that the file is new or an earlier GGUF file (never a
@@ -77,7 +80,22 @@ def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
     if out.exists() and not is_gguf_file(out):
         raise UserError(f"--out {out} exists and is not a GGUF file; an export replaces only an earlier .gguf: "
                         "choose a new file name")
+    if out.exists() and not (gguf_name(out) or "").startswith(NAME_PREFIX):  # (a model downloaded: GBs gone)
+        raise UserError(f"--out {out} is a GGUF file that tinygemma did not export (general.name "
+                        f"{gguf_name(out)!r}); an export replaces only an earlier export of tinygemma's: choose a new "
+                        "file name")
     return out
+
+
+def gguf_name(path: Path) -> str | None:
+    """A GGUF file's general.name (None where it has none, or cannot be read as GGUF)."""
+    try:
+        field = gguf_module().GGUFReader(path).fields.get("general.name")
+        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None else None
+    except UserError:
+        raise
+    except Exception:  # a damaged file: no name of ours
+        return None
 
 
 def gguf_module():
@@ -126,7 +144,8 @@ def model_name(src: Path) -> str:
     """general.name (what LM Studio and llama.cpp's server show): a run's checkpoint by its run's folder and step
     ("tinygemma my-run step_000030"; the step folder alone named every run alike), else the folder's name."""
     src = src.resolve()
-    return f"tinygemma {src.parent.parent.name} {src.name}" if src.parent.name == "checkpoints" else f"tinygemma {src.name}"
+    return (f"{NAME_PREFIX}{src.parent.parent.name} {src.name}" if src.parent.name == "checkpoints"
+            else f"{NAME_PREFIX}{src.name}")
 
 
 def check_byte_level_bpe(spec: dict) -> None:

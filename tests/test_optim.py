@@ -519,6 +519,9 @@ def test_resume_from_refuses_in_one_line_and_leaves_nothing_behind(data_dir, tmp
     for argv, says in [
         (["--resume-from", str(step2)], "--resume-from continues a run in a new folder: name it with --out"),
         (["--resume-from", str(source), "--out", str(tmp_path / "f")], "is not a checkpoint of a training run"),
+        # one pruned since (keep_checkpoints): not found, not the wrong kind of folder
+        (["--resume-from", str(source / "checkpoints" / "step_000001"), "--out", str(tmp_path / "f")],
+         "checkpoints/step_000001: checkpoint not found"),
         (["--resume-from", str(step2), "--out", str(tmp_path / "full")], "is not empty"),
         (["--resume-from", str(step2), "--out", str(step2 / "branch")], "a run's checkpoints (which that run prunes)"),
         (["--resume-from", str(step2), "--out", str(source / "checkpoints" / "b")], "a run's checkpoints (which that run prunes)"),

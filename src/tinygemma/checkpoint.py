@@ -548,8 +548,9 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     checkpoints' files are hard links where the filesystem allows (a checkpoint's files are never written again),
     else copies. Returns {"dir", "step"} of the checkpoint, and what remove_fork needs."""
     src = Path(checkpoint)
-    if not (src / STATE_NAME).is_file():
-        raise UserError(f"--resume-from {src} is not a checkpoint of a training run (a run's "
+    if not (src / STATE_NAME).is_file():  # (not there at all: one keep_checkpoints has since pruned, say)
+        raise UserError(f"--resume-from {src}: checkpoint not found" if not src.exists() else
+                        f"--resume-from {src} is not a checkpoint of a training run (a run's "
                         f"checkpoints/step_NNNNNN, holding {STATE_NAME})")
     step = read_json(src / STATE_NAME, "trainer state").get("step")
     state = read_trainer_state(src, step if isinstance(step, int) and not isinstance(step, bool) else -1)

@@ -80,10 +80,10 @@ def check_gguf_arguments(out: str | Path, dtype: str) -> Path:
     if out.exists() and not is_gguf_file(out):
         raise UserError(f"--out {out} exists and is not a GGUF file; an export replaces only an earlier .gguf: "
                         "choose a new file name")
-    if out.exists() and not (gguf_name(out) or "").startswith(NAME_PREFIX):  # (a model downloaded: GBs gone)
-        raise UserError(f"--out {out} is a GGUF file that tinygemma did not export (general.name "
-                        f"{gguf_name(out)!r}); an export replaces only an earlier export of tinygemma's: choose a new "
-                        "file name")
+    name = gguf_name(out) if out.exists() else None
+    if out.exists() and not (name or "").startswith(NAME_PREFIX):  # (a model downloaded: GBs gone)
+        raise UserError(f"--out {out} is a GGUF file that tinygemma did not export (general.name {name!r}); an "
+                        "export replaces only an earlier export of tinygemma's: choose a new file name")
     return out
 
 

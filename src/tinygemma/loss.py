@@ -54,7 +54,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_loss = _chunk_loss_fusible if torch.compiler.is_compiling() else _chunk_loss_in_place
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            valid = tc != -100
+            valid = scored[start : start + chunk_size]
             share = valid / n_valid  # each valid row's share of the mean; 0 for ignored rows
             summed_loss, dlogits = chunk_loss(hc, weight, tc.clamp(0, vocab_size - 1), valid, share, vocab_size)
             loss += summed_loss

@@ -1225,9 +1225,16 @@ def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, c
     assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 2
     assert "cannot load roneneldan/TinyStories" in capsys.readouterr().err
 
+    from datasets.utils import logging as datasets_logging
+
+    datasets_level = datasets_logging.get_verbosity()
+
     def lost_while_streaming():  # the connection goes after the first story of a streamed split
         yield {"text": "Once upon a time."}
         hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        # datasets' own retries of a streamed file's read (20, 5 s apart), each a warning of its logger's
+        datasets_logging.get_logger("datasets.utils.file_utils").warning(
+            "Got disconnected from remote data host. Retrying in 5sec [1/20]")
         raise ConnectionError("Connection reset by peer")
 
     class Streamed:
@@ -1238,6 +1245,7 @@ def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, c
     assert main(["prepare", "--out", str(tmp_path / "d"), "--limit", "10", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "failed after 1 stories" in err and "Retrying" not in err
+    assert (hub_logging.get_verbosity(), datasets_logging.get_verbosity()) == (level, datasets_level)
 
 
 def test_hub_data_with_validation_set_aside_is_not_the_default_recipes():

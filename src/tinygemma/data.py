@@ -337,16 +337,20 @@ def check_source(source) -> Path:
 
 @contextlib.contextmanager
 def _hub_errors_only():
-    """huggingface_hub's own warnings off while the hub is asked: unreachable, it retries five times with a line
-    each (about 25 s, 11 lines) before the error, which prepare then says in one line."""
+    """huggingface_hub's and datasets' own warnings off while the hub is asked: unreachable, huggingface_hub
+    retries five times with a line each (about 25 s, 11 lines), and a connection lost while streaming, datasets
+    twenty times (5 s apart, a line each), before the error, which prepare then says in one line."""
+    from datasets.utils import logging as datasets_logging
     from huggingface_hub.utils import logging as hub_logging
 
-    level = hub_logging.get_verbosity()
-    hub_logging.set_verbosity_error()
+    levels = [(library, library.get_verbosity()) for library in (hub_logging, datasets_logging)]
+    for library, _ in levels:
+        library.set_verbosity_error()
     try:
         yield
     finally:
-        hub_logging.set_verbosity(level)
+        for library, level in levels:
+            library.set_verbosity(level)
 
 
 def _streamed_stories(dataset, where: str, total: int | None, progress: bool) -> Iterator[str]:
@@ -354,12 +358,13 @@ def _streamed_stories(dataset, where: str, total: int | None, progress: bool) ->
     (a batch of records could run into the next file of the dataset)."""
     from tqdm import tqdm
 
-    with tqdm(desc=f"reading {where}", total=total, unit=" stories", disable=not progress) as bar:
+    # (the libraries' warnings off for the whole read: setting their loggers' levels per record cost 55 us each)
+    with tqdm(desc=f"reading {where}", total=total, unit=" stories", disable=not progress) as bar, \
+            _hub_errors_only():  # a connection lost while streaming: one line, not the libraries' retries
         records, read = iter(dataset), 0  # read: the bar's count, which a disabled bar does not keep
         while True:
             try:
-                with _hub_errors_only():  # a connection lost while streaming: one line, not five retries
-                    record = next(records, None)
+                record = next(records, None)
             except Exception as e:
                 raise failure(f"reading {where} failed after {read:,} stories ({describe(e)})", e) from None
             if record is None:

@@ -350,15 +350,23 @@ def test_a_machine_or_network_failure_is_told_from_bad_input():
 
     from tinygemma.errors import UserError, failure, machine_failure
 
+    def hub_error(status: int) -> Exception:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        request = httpx.Request("GET", "https://huggingface.co/api/models/me/tiny")
+        return HfHubHTTPError(f"{status} Client Error", response=httpx.Response(status, request=request))
+
     machine = [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EACCES, "Permission denied"),
                OSError(errno.EMFILE, "Too many open files"), ConnectionError("reset"), TimeoutError(),
                OSError(errno.ENETUNREACH, "Network is unreachable"), OSError(errno.EHOSTUNREACH, "No route to host"),
                requests.exceptions.ConnectionError("unreachable"), requests.exceptions.ReadTimeout("slow"),
                httpx.ConnectError("refused"), httpx.ReadTimeout("slow"),
-               pytest.importorskip("wandb").errors.CommError("could not reach api.wandb.ai")]
+               pytest.importorskip("wandb").errors.CommError("could not reach api.wandb.ai"),
+               *(hub_error(status) for status in (500, 503, 429))]  # the hub down or busy (HfHubHTTPError)
     inputs = [FileNotFoundError(errno.ENOENT, "No such file"), IsADirectoryError(errno.EISDIR, "Is a directory"),
               ValueError("bad name"), KeyError("text"), OSError("no errno"),
-              pytest.importorskip("wandb").errors.AuthenticationError("WANDB_API_KEY invalid")]
+              pytest.importorskip("wandb").errors.AuthenticationError("WANDB_API_KEY invalid"),
+              *(hub_error(status) for status in (401, 403, 404))]  # a bad token or name: the input's
     assert [machine_failure(e) for e in machine] == [True] * len(machine)
     assert [machine_failure(e) for e in inputs] == [False] * len(inputs)
     assert type(failure("x", machine[0])) is OSError and type(failure("x", inputs[0])) is UserError

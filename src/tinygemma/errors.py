@@ -51,6 +51,9 @@ def machine_failure(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
         return True
     names = [kind.__name__ for kind in type(error).__mro__]
+    status = getattr(getattr(error, "response", None), "status_code", None)  # (an HTTP error's: requests', the hub's)
+    if isinstance(status, int) and (status >= 500 or status == 429):  # the service down or busy, not the request
+        return True
     if any("Authentication" in name for name in names):  # (wandb's bad API key is a CommError too): the input's
         return False
     return any(name in NETWORK_ERRORS for name in names)

@@ -53,6 +53,15 @@ def stories_dir() -> Path:
     return STORIES
 
 
+@pytest.fixture
+def hub_login(monkeypatch):
+    """A Hugging Face login and the hub online, as --push-to-hub checks before exporting (the tests' environment is
+    offline, with no token): HfApi's calls themselves are the test's to replace."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 def _process_settings() -> dict:
     """Process-wide settings a test file must leave as it found them: xdist hands a worker's files out in an
     order that varies, so one left changed reaches whichever files follow, only sometimes."""

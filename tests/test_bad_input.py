@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -806,6 +807,38 @@ def test_push_to_hub_takes_only_user_slash_name_before_anything_is_exported(worl
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "takes the repository as USER/NAME" in err, err
         assert not (tmp_path / "new").exists() and not uploads
+
+
+def test_push_to_hub_refuses_before_the_export_what_the_hub_would_refuse_after(world, tmp_path, capsys, monkeypatch,
+                                                                              hub_login):
+    """A name the hub's own rules refuse, offline mode, no login, and --private for a repository that is public
+    (create_repo leaves it public) were found only after the export (its samples generated, the name in its card):
+    each is now one line before anything is written, and nothing is uploaded."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    uploads = []
+    monkeypatch.setattr(cli, "push_to_hub", lambda *args: uploads.append(args) or "https://huggingface.co/x")
+    export = ["export", "--ckpt", str(world / "run"), "--out", str(tmp_path / "new"), "--push-to-hub"]
+
+    def refused(repo, *more) -> str:
+        assert main([*export, repo, *more]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and not (tmp_path / "new").exists() and not uploads, err
+        return err
+
+    for repo in ("me/a--b", "me/model.git", "me/-model", "me/ü", "me/" + "x" * 97):
+        assert "the hub refuses that name" in refused(repo)
+    with monkeypatch.context() as offline:
+        offline.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert "HF_HUB_OFFLINE is set" in refused("me/tiny")
+    with monkeypatch.context() as logged_out:
+        logged_out.delenv("HF_TOKEN")
+        logged_out.setattr(huggingface_hub, "get_token", lambda: None)  # (nor a token file of `hf auth login`)
+        assert "needs a Hugging Face login" in refused("me/tiny")
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, **kwargs: SimpleNamespace(private=False))
+    assert "exists on the hub and is public" in refused("me/tiny", "--private")
+    assert main([*export, "me/tiny"]) == 0 and len(uploads) == 1  # without --private: uploaded to the public one
 
 
 @pytest.mark.parametrize("argv", [["generate", "--ck", "x"], ["generate", "--ckpt=x"],

@@ -430,7 +430,7 @@ def test_format_and_dtype_are_checked(small_ckpt, tmp_path, capsys):
     assert code == 2 and "--format gguf" in err and not (tmp_path / "hf").exists()
 
 
-def test_push_to_hub_uploads_the_gguf_file(small_ckpt, tmp_path, capsys, monkeypatch):
+def test_push_to_hub_uploads_the_gguf_file(small_ckpt, tmp_path, capsys, monkeypatch, hub_login):
     """The upload itself cannot be tested here (no hub): huggingface_hub's calls are replaced by recorders. The
     file goes up as itself under its own name (not its folder, which may hold anything), and the line printed
     says how llama.cpp runs it from the hub."""
@@ -448,14 +448,23 @@ def test_push_to_hub_uploads_the_gguf_file(small_ckpt, tmp_path, capsys, monkeyp
     def upload_folder(self, **kwargs):
         calls.append(("upload_folder", kwargs))
 
+    def repo_info(self, repo_id, **kwargs):  # (--private: whether it exists and is public; here it is new)
+        import httpx
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        calls.append(("repo_info", repo_id))
+        request = httpx.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        raise RepositoryNotFoundError("404 Client Error", response=httpx.Response(404, request=request))
+
     for name, recorder in [("create_repo", create_repo), ("upload_file", upload_file),
-                           ("upload_folder", upload_folder)]:
+                           ("upload_folder", upload_folder), ("repo_info", repo_info)]:
         monkeypatch.setattr(huggingface_hub.HfApi, name, recorder)
     (tmp_path / "other.txt").write_text("not for the hub")
     out = tmp_path / "tiny.gguf"
     assert main(["export", "--ckpt", str(small_ckpt), "--out", str(out), "--push-to-hub", "someone/tiny-gguf",
                  "--private"]) == 0
-    assert [c[0] for c in calls] == ["create_repo", "upload_file"]
+    assert [c[0] for c in calls] == ["repo_info", "create_repo", "upload_file"]
+    calls.pop(0)
     assert calls[0][1] == "someone/tiny-gguf" and calls[0][2] == {"repo_type": "model", "exist_ok": True,
                                                                  "private": True}
     upload = calls[1][1]

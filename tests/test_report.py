@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import test_train
@@ -394,11 +395,13 @@ def test_a_card_names_the_hub_dataset_the_run_was_prepared_from():
     assert ModelCardData(**__import__("yaml").safe_load(header)).datasets == ["roneneldan/TinyStories"]
 
 
-def test_push_to_hub_uploads_the_exported_folder(straight_run, tmp_path, monkeypatch, capsys):
+def test_push_to_hub_uploads_the_exported_folder(straight_run, tmp_path, monkeypatch, capsys, hub_login):
     """The upload itself cannot be tested here (no hub): huggingface_hub's calls are replaced by recorders."""
     import huggingface_hub
 
     calls = []
+    # --private asks whether the repository exists and is public first: here it exists, private
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, **kwargs: SimpleNamespace(private=True))
 
     def create_repo(self, repo_id, **kwargs):
         calls.append(("create_repo", repo_id, kwargs))
@@ -421,6 +424,11 @@ def test_push_to_hub_uploads_the_exported_folder(straight_run, tmp_path, monkeyp
     names = [".lock", ".tinygemma-staged.ab12cd34/model.safetensors", ".model.safetensors.0123abcd.tmp",
              "README.md", "config.json", "model.safetensors"]
     assert list(filter_repo_objects(names, ignore_patterns=calls[1][1]["ignore_patterns"])) == names[3:]
+    # An earlier upload's files that this export does not write, and would change what transformers loads from the
+    # hub, are deleted in the same commit (huggingface_hub keeps those uploaded anew); a GGUF and other files stay.
+    remote = ["special_tokens_map.json", "added_tokens.json", "tokenizer.model", "model-00001-of-00002.safetensors",
+              "model.safetensors.index.json", "pytorch_model.bin", "tiny.gguf", "notes.md", ".gitattributes"]
+    assert list(filter_repo_objects(remote, allow_patterns=calls[1][1]["delete_patterns"])) == remote[:6]
     assert "uploaded" in capsys.readouterr().out
     assert not calls[0][2].get("private")  # the hub's default (public) unless asked
     calls.clear()
@@ -1230,7 +1238,8 @@ def test_the_card_of_a_best_checkpoint_copied_out_of_its_run_gives_the_loss_its_
     assert tinygemma.report.export_records(tmp_path / "alone")["during_training"] is None
 
 
-def test_the_cards_title_is_the_hub_repository_it_is_pushed_to(straight_run, tmp_path, monkeypatch, capsys):
+def test_the_cards_title_is_the_hub_repository_it_is_pushed_to(straight_run, tmp_path, monkeypatch, capsys,
+                                                               hub_login):
     """The card's title names what the model is loaded by: the repository of --push-to-hub (the hub page's own
     heading), else the exported folder (never the staging folder it was written in)."""
     import huggingface_hub

@@ -54,6 +54,8 @@ from tinygemma.files import (
     staged_folder,
 )
 from tinygemma.hf import (
+    EXPORT_FILES,
+    HF_TOKENIZER_FILES,
     NEEDS_LAYER_TYPES,
     TOKENIZER_KEY,
     TRAINED_KEY,
@@ -257,17 +259,6 @@ def check_export_out(out: str | Path, src: Path) -> Path:
     return out
 
 
-# What an hf export writes, config.json first (hf.save_hf). A folder holding that config.json alone, or only
-# temporaries of these (a kill during the first write), is an export stopped halfway (a full disk): it may be
-# exported into again.
-EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-                          "chat_template.jinja", "README.md"})
-
-
-# A transformers directory's own tokenizer files, copied as they are by an export of it.
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                      "added_tokens.json", "chat_template.jinja")  # transformers 5 keeps the chat template apart
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 

@@ -57,7 +57,7 @@ from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import signal_handler
 from tinygemma.generate import check_num_samples, generate_text, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
-from tinygemma.hf import hub_api, push_to_hub
+from tinygemma.hf import check_hub_repo, push_to_hub
 from tinygemma.metrics import strict_json
 from tinygemma.pipeline import (
     check_given_settings,
@@ -706,11 +706,8 @@ def _export_main(args) -> int:
         raise UserError("--push-to-hub is empty: give the repository as USER/NAME")
     if args.private and not args.push_to_hub:
         raise UserError("--private applies to the repository --push-to-hub creates; give --push-to-hub REPO too")
-    # Before the export: the name goes into its model card (the title, from_pretrained's argument).
-    if args.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push_to_hub):
-        raise UserError(f"--push-to-hub takes the repository as USER/NAME (or ORG/NAME), not {args.push_to_hub!r}")
-    if args.push_to_hub:
-        hub_api()  # installed, before an export that only it would upload
+    if args.push_to_hub:  # before the export, which only the upload needs (and whose card names the repository)
+        check_hub_repo(args.push_to_hub, args.private)
     if args.format == "gguf":
         # (an empty --dtype "$UNSET" is refused as export_gguf refuses it, not taken for the default)
         info = export_gguf(args.ckpt, args.out, DEFAULT_GGUF_DTYPE if args.dtype is None else args.dtype, args.tokenizer)

@@ -344,9 +344,22 @@ def save_hf(model: Gemma3, out: str | Path, special: dict, generation: dict, blo
     atomic_write_json(out / "generation_config.json", generation)
 
 
+# What an hf export writes, config.json first (hf.save_hf). A folder holding that config.json alone, or only
+# temporaries of these (a kill during the first write), is an export stopped halfway (a full disk): it may be
+# exported into again.
+EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
+                          "chat_template.jinja", "README.md"})
+# A transformers directory's own tokenizer files, copied as they are by an export of it.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                      "added_tokens.json", "chat_template.jinja")  # transformers 5 keeps the chat template apart
 # tinygemma's own files in an export's folder, never part of the model: a lock, a killed export's staging folder
 # and temporaries (fnmatch patterns, matched against paths inside the folder)
 NOT_UPLOADED = [LOCK_NAME, f"{STAGE_PREFIX}*", ".*.tmp"]
+# What an hf export's upload removes from the repository unless it uploads a file of that name: an earlier upload's
+# tokenizer files that this export lacks (a special_tokens_map.json, say) would otherwise change the tokenizer that
+# transformers loads from the hub, a sharded model's files the weights. GGUF files beside them stay.
+REPLACED_ON_HUB = sorted(EXPORT_FILES) + ["model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*"]
 
 
 def hub_api():
@@ -357,6 +370,41 @@ def hub_api():
     except ImportError:
         raise UserError('--push-to-hub needs huggingface_hub: pip install "tinygemma[hub]"') from None
     return HfApi
+
+
+def check_hub_repo(repo_id: str, private: bool = False) -> None:
+    """Refuses in one line, before an export that only the upload needs, what would make push_to_hub fail or do
+    other than asked: huggingface_hub missing, a repository name the hub refuses (its own rules), offline mode, no
+    login; and with `private`, a repository that exists and is public (create_repo leaves an existing one's
+    visibility alone: the upload would be public)."""
+    api = hub_api()()
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, validate_repo_id
+
+    if not re.fullmatch(r"[^/\s]+/[^/\s]+", repo_id):
+        raise UserError(f"--push-to-hub takes the repository as USER/NAME (or ORG/NAME), not {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(f"--push-to-hub {repo_id}: the hub refuses that name ({e})") from None
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it")
+    try:
+        token = get_token()
+    except Exception as e:  # (HF_OIDC_RESOURCE's token exchange, failed)
+        raise failure(f"--push-to-hub: cannot get a Hugging Face token ({describe(e)})", e) from None
+    if token is None:
+        raise UserError("--push-to-hub needs a Hugging Face login: run `hf auth login`, or set HF_TOKEN")
+    if private:
+        try:
+            public = not api.repo_info(repo_id, repo_type="model").private
+        except RepositoryNotFoundError:  # (to be created private)
+            public = False
+        except Exception as e:
+            raise failure(f"cannot ask the hub about {repo_id} ({describe(e)})", e) from None
+        if public:
+            raise UserError(f"{repo_id} exists on the hub and is public, and --private does not change an existing "
+                            "repository: make it private in its settings first, or leave out --private")
 
 
 def push_to_hub(path: str | Path, repo_id: str, private: bool = False) -> str:
@@ -374,7 +422,7 @@ def push_to_hub(path: str | Path, repo_id: str, private: bool = False) -> str:
         else:
             api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model",
                               commit_message="Upload a model exported by tinygemma",
-                              ignore_patterns=NOT_UPLOADED)
+                              ignore_patterns=NOT_UPLOADED, delete_patterns=REPLACED_ON_HUB)
     except Exception as e:  # network, authentication, a bad repository name: one line, whatever the cause
         raise failure(f"could not upload {path} to the hub as {repo_id} ({describe(e)})", e) from None
     return str(url)

@@ -1290,6 +1290,19 @@ def test_a_list_given_as_one_story_source_is_one_line():
         read_stories(["stories.txt"], limit=3)
 
 
+@pytest.mark.parametrize("source", ["hf:roneneldan/TinyStories", "roneneldan/TinyStories", "someone/stories"])
+def test_a_hub_name_as_source_says_how_hub_data_is_read(source, tmp_path, monkeypatch, capsys):
+    """meta.json records the hub's stories as source hf:roneneldan/TinyStories; given back as --source (or any hub
+    name) it was "source not found" alone, as a mistyped file is."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--source", source, "--out", "d", "--limit", "10", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"source not found: {source} (the hub's roneneldan/TinyStories is read with no " \
+        "source given" in err and "save_to_disk(FOLDER)" in err and not (tmp_path / "d").exists()
+    assert main(["prepare", "--source", "stories.txt", "--out", "d", "--limit", "10"]) == 2  # a file: no hub hint
+    assert capsys.readouterr().err.endswith("source not found: stories.txt\n")
+
+
 # ------------------------------------------------------------------ pinned by mutation round 10
 
 

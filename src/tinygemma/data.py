@@ -328,7 +328,10 @@ def check_source(source) -> Path:
             raise UserError(f"{path} is a directory but not a dataset written by datasets' save_to_disk")
         return path
     if not path.exists():
-        raise UserError(f"source not found: {path}")
+        hub = re.fullmatch(r"(hf:)?[\w.-]+/[\w.-]+", str(source))  # (meta.json's hf:NAME, or a hub name as typed)
+        raise UserError(f"source not found: {path}" + (
+            f" (the hub's {HUB_DATASET} is read with no source given; another hub dataset, saved with datasets' "
+            "load_dataset(NAME).save_to_disk(FOLDER), is read from that folder)" if hub else ""))
     if path.suffix.lower() not in TEXT_FORMATS:  # (Stories.TXT)
         raise UserError(f"{path}: unknown source format {path.suffix or '(no extension)'!r}; use "
                         f"{', '.join(TEXT_FORMATS)}, or a directory written by datasets' save_to_disk")
@@ -396,7 +399,8 @@ def _training_stories(source: str | None, splits: dict[str, Stories]) -> Stories
 
 
 def read_stories(source: str | Path | None = None, limit: int | None = None) -> list[str]:
-    """The first `limit` training stories of a source, read as `prepare` reads them (None: the hub, streamed)."""
+    """The first `limit` training stories of a source, read as `prepare` reads them (None: the hub's, streamed
+    with a `limit`, else the whole dataset downloaded)."""
     if limit is not None:
         _check_positive_int(limit, "limit")
     return list(itertools.islice(_training_stories(source, _open_source(source, limit))(), limit))

@@ -155,6 +155,17 @@ def test_nonfinite_loss_can_be_skipped_and_counted(nan_at_step, data_dir, tmp_pa
     assert math.isfinite(summary["val_loss"])  # the model was not poisoned
 
 
+def test_float16_a_skipped_nonfinite_loss_leaves_the_loss_scale_as_it_was(nan_at_step, data_dir, tmp_path):
+    """A loss that is not finite (the forward pass overflowed) under float16 and on_nonfinite = skip halved the
+    loss scale as if the gradients had overflowed (unscale_ saw their NaN, update() backed off): a run of such steps
+    left a scale too small for float16's gradients for thousands of steps. The scale and its growth count stay."""
+    nan_at_step["at"] = 3
+    out = tmp_path / "skipped"
+    assert run(data_dir, out, "max_steps=3", "warmup_steps=1", "dtype=float16", "on_nonfinite=skip")["skipped_steps"] == 1
+    state = json.loads((out / "checkpoints" / last_checkpoint(out)["dir"] / "trainer_state.json").read_text())
+    assert state["scaler"]["scale"] == 2.0**16 and state["scaler"]["_growth_tracker"] == 2  # (steps 1 and 2 grew it)
+
+
 def test_a_skipped_last_step_leaves_the_printed_summary_strict_json(nan_at_step, data_dir, tmp_path, capsys):
     """`tinygemma train` prints its summary as one line of JSON; the last step skipped as non-finite made its
     train_loss NaN there, which strict readers (jq's --seq, JavaScript, Go) refuse: it is null, as in

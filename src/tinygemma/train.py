@@ -536,21 +536,29 @@ class Trainer:
                     self.next_batch = self.batches.get(step + 1, 0)
                 loss_sum += loss.detach()
                 scaler.scale(loss / passes).backward()  # DDP/FSDP average the processes' gradients
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss = all_reduce_sum(loss_sum / passes, rt) / rt.world_size
+        # float16 under "skip": a loss that is not finite (the forward pass overflowed) is no overflow of the scaled
+        # gradients, and leaves the scale as it is; unscale_ would count it as one and update() halve the scale, a
+        # run of such steps leaving gradients too small for float16 for thousands of steps. (The skip's own read.)
+        forward_failed = scaler.is_enabled() and cfg.on_nonfinite == "skip" and not torch.isfinite(loss).item()
+        if forward_failed:
+            grad_norm = torch.full((), math.nan, device=rt.device)
+        else:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(),
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        loss = all_reduce_sum(loss_sum / passes, rt) / rt.world_size
         # fp16's scaler expects an occasional overflow and skips that step itself; anything else is divergence.
         finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
         record = {"step": step + 1, "train_loss": loss, **rates, "grad_norm": grad_norm,
                   "tokens": (step + 1) * self.tokens_per_step, "finite": finite}
-        if cfg.on_nonfinite == "skip" and not finite.item():  # the one per-step synchronisation, under skip only
+        if forward_failed or cfg.on_nonfinite == "skip" and not finite.item():  # (skip's one synchronisation a step)
             record["skipped"] = True  # numbered in read(), in step order with float16's overflows
         else:
             scaler.step(optimizer)  # under "stop" a non-finite step is caught at the next read, before any save
-        scaler.update()  # also after a skip: unscale_ has run, and the fp16 scale backs off from an overflow
+        if not forward_failed:
+            scaler.update()  # also after a gradient's skip: unscale_ has run, and the fp16 scale backs off
         optimizer.zero_grad(set_to_none=True)
         if self.profiler:
             self.profiler.end(step)

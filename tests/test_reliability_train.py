@@ -968,3 +968,42 @@ def test_the_free_disk_a_checkpoint_is_checked_for_covers_its_weights_and_adamw_
     model = tinygemma.load(folder)
     margin = 16 << 20  # checkpoint_bytes's fixed margin, left out: the tiny model's files are far smaller
     assert tinygemma.checkpoint.checkpoint_bytes(model) - margin >= written
+
+
+def test_a_second_run_started_into_the_same_new_folder_never_overwrites_the_first(data_dir, tmp_path, monkeypatch):
+    """Two `train` commands into one new folder: the second found no checkpoint before the first had written one,
+    took the folder's lock once the first had finished and released it, and trained from step 0 over the first
+    run's config.json, metrics and checkpoints (a scheduler's job submitted twice). It is refused instead, having
+    written nothing."""
+    out = tmp_path / "twice"
+    real_find_start = tinygemma.train.find_start
+    first = {}
+
+    def first_runs_meanwhile(*args, **kwargs):  # the first command runs whole while the second starts
+        found = real_find_start(*args, **kwargs)
+        monkeypatch.setattr(tinygemma.train, "find_start", real_find_start)
+        first["summary"] = run(data_dir, out, "max_steps=4", "checkpoint_interval=2")
+        first["files"] = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+        return found
+
+    monkeypatch.setattr(tinygemma.train, "find_start", first_runs_meanwhile)
+    with pytest.raises(tinygemma.UserError, match="another command wrote a run into .* while this one started"):
+        run(data_dir, out, "max_steps=4", "checkpoint_interval=2", "learning_rate=1e-3", "min_lr=1e-4")
+    assert first["summary"]["step"] == 4
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and p.name != ".lock"} == first["files"]  # the first run's files, each as it left it
+
+
+def test_a_resume_rewrites_a_report_that_a_kill_left_behind_its_last_checkpoint(data_dir, tmp_path):
+    """A kill between the last checkpoint and report.md's rewrite left the report of the checkpoint before ("Step
+    2 of 4", a Reproduce command with --stop-at 2) for good: train --resume of the finished run trains nothing and
+    rewrote only loss.png."""
+    out = tmp_path / "run"
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", stop_at=2)
+    older = (out / "report.md").read_text()
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)
+    newest = (out / "report.md").read_text()
+    assert newest != older
+    (out / "report.md").write_text(older)  # as the kill left it
+    run(data_dir, out, "max_steps=4", "checkpoint_interval=2", resume=True)
+    assert (out / "report.md").read_text() == newest

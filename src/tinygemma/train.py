@@ -285,6 +285,7 @@ class Trainer:
         self.data = open_prepared(self.data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
         last = last_checkpoint(self.run_dir)
+        self.last_seen = (last or {}).get("step")  # (open_logs checks it again once it holds the folder's lock)
         ckpt_dir, state = find_start(self.run_dir, last, resume, self.data, self.data_dir)
         self.forked_from = fork_source(last)  # (this invocation's part of the run names it)
         self.model_config = run_model_config(recipe, self.data, self.run_dir, last)
@@ -432,6 +433,10 @@ class Trainer:
             self.lock.acquire()  # a run started in a new (or empty) folder: locked now that it becomes one
             if not is_training_run(run_dir):  # and checked again: another command may have written it meanwhile
                 check_run_out(str(run_dir))
+            elif (last_checkpoint(run_dir) or {}).get("step") != self.last_seen:  # (a run into a new folder twice)
+                raise UserError(f"another command wrote a run into {run_dir} while this one started (its last "
+                                "checkpoint is not the one this one started from): nothing was written; run this "
+                                "again to resume from it (--resume), or choose another folder")
         remove_temporaries(run_dir, RUN_FILES)  # left by writes a kill interrupted (a lost process, a Ctrl-C)
         remove_temporaries(run_dir / "profile", PROFILE_FILES)
         if (run_dir / "checkpoints").exists():
@@ -457,6 +462,8 @@ class Trainer:
         if start and self.log_file.records:  # what a kill cost the trackers; a plot that still showed lost work
             self.writer.backfill(self.log_file.records, start)
             self.plot()
+        if start:  # and a report of an older checkpoint, a kill having come between the last one and its report
+            self.write_view("report.md", lambda: write_report(run_dir))
         if self.quiet:
             return
         self.say_start(resolved["run"]["compiled"])

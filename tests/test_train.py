@@ -2178,6 +2178,27 @@ main(["train", "--resume-from", {str(checkpoint)!r}, "--out", {str(fork)!r}])
     assert train_losses(fork) == train_losses(source)  # the source's steps from 9 on, as the source trained them
 
 
+def test_a_fork_killed_before_its_first_step_names_the_resume_that_trains_it(data_dir, tmp_path, capsys):
+    """A fork made whole, then killed before training wrote its config.json (its settings, --max-steps 24 here,
+    recorded nowhere): the same command again was "--out is not empty" alone, and a plain --resume trains the
+    source's 16 steps. The refusal now says the folder holds this fork and how to continue it."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=16", "checkpoint_interval=4", "keep_checkpoints=3", "lr_schedule=wsd")
+    checkpoint, fork = source / "checkpoints" / "step_000008", tmp_path / "fork"
+    tinygemma.checkpoint.fork_run(checkpoint, fork)  # what --resume-from had done when the kill came
+    command = ["train", "--resume-from", str(checkpoint), "--out", str(fork), "--max-steps", "24", "--stop-at", "9"]
+    assert main(command) == 2
+    assert capsys.readouterr().err == (f"tinygemma train: error: --out {fork} already holds this fork of {checkpoint}, "
+                                       f"not trained yet: continue it with `tinygemma train --out {fork} --resume` "
+                                       "and this command's other settings (--max-steps, --set ...)\n")
+    assert main(["train", "--out", str(fork), "--resume", "--max-steps", "24", "--stop-at", "9"]) == 0
+    assert json.loads((fork / "config.json").read_text())["train"]["max_steps"] == 24 and last_step(fork) == 9
+    other = tmp_path / "other"  # a fork of another checkpoint in the folder: not this one's, "not empty" as before
+    tinygemma.checkpoint.fork_run(source / "checkpoints" / "step_000012", other)
+    assert main(["train", "--resume-from", str(checkpoint), "--out", str(other)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
 def test_a_fork_of_a_run_whose_checkpoints_folder_is_a_link_copies_its_records(data_dir, tmp_path):
     """A run whose checkpoints/ is a link to another disk (which in_run_checkpoints follows): --resume-from one of
     its checkpoints still makes the fork of that run, with its config.json and metrics.jsonl."""

@@ -559,6 +559,11 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
             raise fork_in_making(out, f"process {maker}")
         remove_fork(out, {"made": False})
     if out.exists() and any(out.iterdir()):
+        # This fork, made, then killed before its first step (its settings recorded nowhere yet): said so
+        if peek_json(out / "checkpoints" / "last.json").get("forked_from") == fork_origin(src, run, step):
+            raise UserError(f"--out {out} already holds this fork of {src}, not trained yet: continue it with "
+                            f"`tinygemma train --out {shell_quote(str(out))} --resume` and this command's other "
+                            "settings (--max-steps, --set ...)")
         raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
                         "leaving the run it comes from as it was")
     made = not out.exists()

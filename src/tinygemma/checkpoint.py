@@ -553,19 +553,8 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
         raise UserError(f"--out {out} is inside the checkpoint it continues: give the new run a folder of its own")
     if out.resolve() in src.resolve().parents:
         raise UserError(f"--resume-from {src} is inside --out {out}: give the new run a folder of its own")
-    if (out / FORK_INCOMPLETE).is_file():  # a fork killed while it was made (SIGKILL, power): made again
-        maker = fork_maker(out)
-        if maker is not None:
-            raise fork_in_making(out, f"process {maker}")
-        remove_fork(out, {"made": False})
-    if out.exists() and any(out.iterdir()):
-        # This fork, made, then killed before its first step (its settings recorded nowhere yet): said so
-        if peek_json(out / "checkpoints" / "last.json").get("forked_from") == fork_origin(src, run, step):
-            raise UserError(f"--out {out} already holds this fork of {src}, not trained yet: continue it with "
-                            f"`tinygemma train --out {shell_quote(str(out))} --resume` and this command's other "
-                            "settings (--max-steps, --set ...)")
-        raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
-                        "leaving the run it comes from as it was")
+    origin = fork_origin(src, run, step)
+    check_fork_out(out, src, origin)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:  # Until last.json names the checkpoint the folder is no run (a resume of it would start afresh): said so,
@@ -604,7 +593,7 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
         # (where it came from, which the fork's resume records in its part of the run: the checkpoint's own
         # files are the source's, hard links, never written)
         atomic_write_json(ckpts / "last.json", {"dir": checkpoint_name(step), "step": step,
-                                                "forked_from": fork_origin(src, run, step)})
+                                                "forked_from": origin})
         (out / FORK_INCOMPLETE).unlink()
     except BaseException:
         remove_fork(out, {"made": made})
@@ -615,6 +604,24 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
             "copies": {**{str(ckpts / checkpoint_name(number)): str(folder) for number, folder in kept.items()},
                        **{str(out / name): str(run / name) for name in ("config.json", "metrics.jsonl")
                           if run is not None}}}
+
+
+def check_fork_out(out: Path, src: Path, origin: dict) -> None:
+    """The folder a fork of `src` (continuing `origin`, fork_origin's) is made in: new or empty, or a fork killed
+    while it was made (taken over, unless its maker still runs); refused in one line otherwise."""
+    if (out / FORK_INCOMPLETE).is_file():  # a fork killed while it was made (SIGKILL, power): made again
+        maker = fork_maker(out)
+        if maker is not None:
+            raise fork_in_making(out, f"process {maker}")
+        remove_fork(out, {"made": False})
+    if out.exists() and any(out.iterdir()):
+        # This fork, made, then killed before its first step (its settings recorded nowhere yet): said so
+        if peek_json(out / "checkpoints" / "last.json").get("forked_from") == origin:
+            raise UserError(f"--out {out} already holds this fork of {src}, not trained yet: continue it with "
+                            f"`tinygemma train --out {shell_quote(str(out))} --resume` and this command's other "
+                            "settings (--max-steps, --set ...)")
+        raise UserError(f"--out {out} is not empty: --resume-from continues the run in a new (or empty) folder, "
+                        "leaving the run it comes from as it was")
 
 
 # In a folder --resume-from is making into a run until last.json names its checkpoint: the checkpoint's path.

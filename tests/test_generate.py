@@ -899,6 +899,49 @@ def test_greedy_generate_matches_transformers_and_no_cache_loop():
     assert torch.equal(ours, seq)
 
 
+def cropped_greedy(model, prompt: torch.Tensor, n_new: int, context: int) -> torch.Tensor:
+    """Greedy tokens without any cache, each predicted from the text's tokens that a reader of `context` holds:
+    the last `context` of the prompt, and once more than `context` tokens would be read, the last 3/4 of them."""
+    seq, start = prompt, max(0, prompt.shape[1] - context)
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq = torch.cat([seq, model(seq[:, start:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+            if seq.shape[1] - start > context:
+                start = seq.shape[1] - (context - context // 4)
+    return seq
+
+
+@pytest.mark.parametrize("context,prompt_len", [(12, 7), (12, 20), (5, 3), (3, 2), (1, 4)])
+def test_a_context_reads_only_the_trained_blocks_tokens_as_a_loop_without_cache_does(context, prompt_len):
+    """generate(context=N) (a model trained on N-token windows, its text running past them): every token is
+    predicted from at most the text's last N tokens read from position 0, as a loop that recomputes each step
+    without a cache and crops the text gives; through the cache, with the text read anew each time it fills.
+    Past a sliding window of 8 (context 12), a prompt longer than the context, a context of 1."""
+    config = small_config()
+    model, _ = make_pair(config, seed=5)
+    prompt = torch.randint(0, config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(4))
+    n_new = 40
+    ours = generate(model, prompt, n_new, temperature=0, context=context)
+    assert torch.equal(ours, cropped_greedy(model, prompt, n_new, context))
+    assert not torch.equal(ours, generate(model, prompt, n_new, temperature=0))  # (it reads another text)
+    assert torch.equal(generate(model, prompt, 3, temperature=0, context=prompt_len + 2),
+                       generate(model, prompt, 3, temperature=0))  # the text within the context: read as before
+    # The decode plan's step at a device-tensor position (what a CUDA graph replays, its stale slots masked) too
+    reader = tinygemma.generate.CachedReader(model, prompt, n_new, None, False, context)
+    reader.plan = tinygemma.decode.decode_plan(model, pack=False)
+    reader.rope = reader.plan.rope_tables(model, context)
+    reader.graphed = lambda token, pos: reader.plan.step(model, token, reader.cache, torch.tensor(pos), reader.rope)
+    seq = prompt
+    for _ in range(n_new):
+        token = reader.logits.argmax(-1)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        reader.read(token)
+    assert torch.equal(seq, ours)
+    for bad in (0, -3, 2.5, "128", True):
+        with pytest.raises(UserError, match="context .* must be an integer >= 1 or None"):
+            generate(model, prompt, 2, context=bad)
+
+
 def test_repetition_penalty_is_transformers_own():
     """repetition_penalty: greedy tokens are transformers' generate's with the same penalty, and the penalty changes
     them (a random model repeats itself); 1 changes nothing; a penalty that is not positive is refused."""

@@ -100,7 +100,7 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
                     generator: torch.Generator | list[torch.Generator] | None = None,
                     vocab_size: int | None = None, cuda_graph: bool = True,
                     repetition_penalty: float = 1.0, min_p: float | None = None,
-                    sync_every: int | None = 1) -> Iterator[torch.Tensor]:
+                    sync_every: int | None = 1, context: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time, using a KV cache.
 
     Stops after `max_new_tokens`, or once every sequence has produced `eos_id` (a finished sequence keeps
@@ -116,11 +116,13 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     row). The default 1 checks each token's logits before the draw: a consumer that reads each token waits for the
     device anyway. A larger one lets the host queue the steps while the device runs them (generate's, and
     generate_text's on a GPU); a consumer that reads the tokens only at the waits never reads one drawn from
-    logits that were not finite.
+    logits that were not finite. `context`: the most tokens the model reads at once (CachedReader's), None for
+    all of them.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     if not (sync_every is None or is_integer(sync_every) and sync_every >= 1):
         raise UserError(f"sync_every must be an integer >= 1 or None, got {sync_every!r}")
+    check_context(context)
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator, vocab_size)
     B, T = input_ids.shape
     check_positions(model.config, T, max_new_tokens)
@@ -129,14 +131,8 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
         return
     # The cache holds the dtype that the model computes in (autocast's, if active).
     dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) else None
-    cache = model.new_cache(B, T + max_new_tokens, dtype=dtype)
-    plan = decode_plan(model) if dtype is None else None
-    graphed = None
-    if plan is not None:
-        rope = plan.rope_tables(model, T + max_new_tokens)
-        if cuda_graph and input_ids.device.type == "cuda" and max_new_tokens > 1:
-            graphed = graphed_step(plan, model, cache, B, rope)  # before the prompt fills the cache (see there)
-    logits = last_logits(model, input_ids, cache, 0)
+    reader = CachedReader(model, input_ids, max_new_tokens, dtype, cuda_graph, context)
+    logits = reader.logits
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     seen = None  # the tokens of each row's text, for the repetition penalty
     if repetition_penalty != 1.0:
@@ -168,12 +164,63 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
         yield token
         if stop:
             return
-        if graphed is not None:
-            logits = graphed(token[:, None], T + step)
-        elif plan is not None:
-            logits = plan.step(model, token[:, None], cache, T + step, rope)
+        logits = reader.read(token)
+
+
+def check_context(context) -> None:
+    if not (context is None or is_integer(context) and context >= 1):
+        raise UserError(f"context (the most tokens the model reads at once) must be an integer >= 1 or None (all), "
+                        f"got {context!r}")
+
+
+class CachedReader:
+    """The model reading a batch's text through a KV cache: the prompt [B, T] first, then one new token a step;
+    `logits` [B, vocab] (float32) are the last read token's. Each step runs through the decode plan where there is
+    one (on CUDA, replayed as a CUDA graph), else the model's forward.
+
+    `context` (None: every position): the most tokens the model reads at once, for a model trained on windows of
+    that many (train.block_size) whose text runs past them: it reads positions it never trained on otherwise, and
+    predicts there worse (BENCHMARKS.md, "Past the trained block"). The cache then holds `context` positions; once it is full, the last three quarters of the text's last
+    `context` tokens are read anew from position 0 (as nanoGPT crops the context, which it reads anew at each
+    token), so that each token is predicted from 3/4 to all of the `context` tokens before it. A prompt longer
+    than `context` is read from its last `context` tokens."""
+
+    def __init__(self, model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, dtype, cuda_graph: bool,
+                 context: int | None):
+        B, T = input_ids.shape
+        self.model, self.dtype = model, dtype
+        # (the last new token is read by none: the text's positions read are T + max_new_tokens - 1)
+        self.context = context if context is not None and T + max_new_tokens - 1 > context else None
+        slots = T + max_new_tokens if self.context is None else self.context
+        self.cache = model.new_cache(B, slots, dtype=dtype)
+        self.plan = decode_plan(model) if dtype is None else None
+        self.graphed = None
+        if self.plan is not None:
+            self.rope = self.plan.rope_tables(model, slots)
+            if cuda_graph and input_ids.device.type == "cuda" and max_new_tokens > 1:
+                # before the prompt fills the cache (see there)
+                self.graphed = graphed_step(self.plan, model, self.cache, B, self.rope)
+        self.text = input_ids if self.context is None else input_ids[:, -self.context:]  # (kept only to read anew)
+        self.pos = self.text.shape[1]  # the next token's position
+        self.logits = last_logits(model, self.text, self.cache, 0)
+
+    def read(self, token: torch.Tensor) -> torch.Tensor:
+        """The logits after `token` [B], read at the next position (or with the text's last tokens, anew)."""
+        if self.context is not None:
+            self.text = torch.cat([self.text, token[:, None]], dim=1)
+            if self.pos == self.context:  # the cache is full
+                self.text = self.text[:, -(self.context - self.context // 4):]
+                self.pos = self.text.shape[1]
+                self.logits = last_logits(self.model, self.text, self.cache, 0)
+                return self.logits
+        pos, self.pos = self.pos, self.pos + 1
+        if self.graphed is not None:
+            self.logits = self.graphed(token[:, None], pos)
+        elif self.plan is not None:
+            self.logits = self.plan.step(self.model, token[:, None], self.cache, pos, self.rope)
         else:
-            logits = last_logits(model, token[:, None], cache, T + step)
+            self.logits = last_logits(self.model, token[:, None], self.cache, pos)
+        return self.logits
 
 
 class NonFiniteLogits(UserError):
@@ -256,17 +303,18 @@ def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temper
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | list[torch.Generator] | None = None,
              cuda_graph: bool = True, repetition_penalty: float = 1.0, min_p: float | None = None,
-             vocab_size: int | None = None) -> torch.Tensor:
+             vocab_size: int | None = None, context: int | None = None) -> torch.Tensor:
     """The prompt [B, T] followed by up to `max_new_tokens` new tokens, as one [B, T + n] tensor on the model's
     device, n ending where the last sequence to produce `eos_id` produced it. With `eos_id`, the host waits for the
     device every SYNC_EVERY tokens, to learn whether every sequence has ended (without, only after the last): the
     steps run past that end are dropped, though a generator has drawn for them. Logits that are not finite are
     refused at the next wait. `vocab_size` (tokenizer.model_vocab_size) keeps the tokens sampled to those the
-    tokenizer decodes, where the model has more ids (a model.vocab_size set above the data's)."""
+    tokenizer decodes, where the model has more ids (a model.vocab_size set above the data's). `context`: the
+    most tokens the model reads at once (the block it trained on; None: all, as transformers' generate reads)."""
     every = SYNC_EVERY if eos_id is not None else None
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
                                vocab_size=vocab_size, cuda_graph=cuda_graph, repetition_penalty=repetition_penalty,
-                               min_p=min_p, sync_every=every))
+                               min_p=min_p, sync_every=every, context=context))
     if eos_id is not None and new:  # steps made after every row had ended: all eos_id, left out
         ended = (torch.stack(new, dim=1) == eos_id).cummax(dim=1).values.all(dim=0)  # [n], False then True
         new = new[: len(new) - max(int(ended.sum()) - 1, 0)]
@@ -431,7 +479,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   num_samples: int = 1, on_text=None, cuda_graph: bool = True,
                   repetition_penalty: float = 1.0, min_p: float | None = None,
-                  stop: str | list[str] = ()) -> tuple[list[str], int]:
+                  stop: str | list[str] = (), context: int | None = None) -> tuple[list[str], int]:
     """The prompt's continuations (without the prompt), one per sample, each ending at end of text, before the
     first of the `stop` strings (which is left out, as in llama.cpp's server and OpenAI's API) or after
     `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text and the token
@@ -441,10 +489,12 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     a batched matrix product (a float32 logit may differ by about 1e-6 from one row's, flipping a near-tie).
     `cuda_graph`: as generate_stream's. The defaults sample the model's whole distribution (temperature 1, no
     filter), where `tinygemma generate` and a recipe's [generate] default to temperature 0.8 and top-k 200:
-    **GenerateConfig().sampling() gives those.
+    **GenerateConfig().sampling() gives those. `context`: the most tokens the model reads at once (CachedReader's;
+    `tinygemma generate` and train's samples give the block the model trained on), None for all of them.
     """
     check_num_samples(num_samples, "num_samples")
     stops = check_stop(stop)
+    check_context(context)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed, prompts=num_samples,
                    repetition_penalty=repetition_penalty, min_p=min_p)
     if isinstance(tokenizer, (str, os.PathLike)):  # a name or a tokenizer.json, as --tokenizer takes them
@@ -491,7 +541,8 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     every = reads_every(device)
     read_in_groups(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot,
                                    generator=generator, vocab_size=tokenizer.model_vocab_size, cuda_graph=cuda_graph,
-                                   repetition_penalty=repetition_penalty, min_p=min_p, sync_every=every),
+                                   repetition_penalty=repetition_penalty, min_p=min_p, sync_every=every,
+                                   context=context),
                    every, read, finished)
     for i in range(num_samples):
         if not finished[i]:

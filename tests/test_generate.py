@@ -673,6 +673,38 @@ def test_cli_prints_prompt_and_continuation_only(ckpt, model, tokenizer, capsys)
     assert capsys.readouterr().out == out  # greedy: the same text again
 
 
+def test_cli_reads_at_most_the_block_the_model_trained_on_unless_told(model, tokenizer, tmp_path, capsys):
+    """A checkpoint trained on 8-token windows, asked for 30 new tokens: by default the model reads at most the
+    last 8 tokens at once (as the workshop's generate crops the text), said on stderr; --context all reads every
+    one, --context N that many; a checkpoint that records no block reads every one."""
+    trained = tmp_path / "trained"
+    save_model(model, trained, {"tokenizer": GPT2_SPEC, "train": {"block_size": 8}})
+    save_model(model, tmp_path / "unknown", {"tokenizer": GPT2_SPEC})
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+
+    def text(ckpt, *extra) -> tuple[str, str]:
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "30", "--temperature",
+                     "0", "--dtype", "float32", *extra]) == 0
+        return capsys.readouterr()
+
+    def expected(context) -> str:
+        return PROMPT + tokenizer.decode(generate(model, ids, 30, temperature=0, context=context)[0, ids.shape[1]:]
+                                         .tolist()) + "\n"
+
+    out, err = text(trained)
+    assert out == expected(8) and out != expected(None)
+    assert "note: the text can pass 8 tokens, the most the model reads at once" in err
+    out, err = text(trained, "--context", "all")
+    assert out == expected(None) and "note:" not in err
+    assert text(trained, "--context", "12")[0] == expected(12)
+    out, err = text(tmp_path / "unknown")
+    assert out == expected(None) and "note:" not in err
+    for bad in ("0", "-4", "some", "8.5"):
+        with pytest.raises(SystemExit):
+            main(["generate", "--ckpt", str(trained), "--prompt", PROMPT, "--context", bad])
+        assert "--context: takes trained, all or a number of tokens >= 1" in capsys.readouterr().err
+
+
 def test_cli_writes_what_stdouts_encoding_lacks_as_question_marks(ckpt, model, tokenizer):
     """stdout in ASCII (Windows redirected to a cp1252 file, for an emoji): the prompt's é failed in a traceback
     before any text; now the text comes, what the encoding lacks as "?"."""

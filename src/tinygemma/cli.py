@@ -450,12 +450,18 @@ def _generate_main(args) -> int:
     started = time.perf_counter()
     tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
-    for prompt in args.prompt:
-        prompt_ids(model.config, tokenizer, prompt, args.max_new_tokens)  # its refusal is then the only line
+    longest = max(len(prompt_ids(model.config, tokenizer, prompt, args.max_new_tokens))  # (its refusal: one line)
+                  for prompt in args.prompt)
     weight = model.embed_tokens.weight
     print(f"loaded {args.ckpt} ({model.num_params() / 1e6:.1f}M parameters, "
           f"{dtype_name(weight.dtype)}, {weight.device}) and tokenizer "
           f"{tokenizer.identity} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    args.context = trained_block_size(args.ckpt) if args.context == "trained" else args.context
+    args.context = None if args.context == "all" else args.context
+    if args.context is not None and longest + args.max_new_tokens - 1 > args.context:
+        print(f"note: the text can pass {args.context} tokens, the most the model reads at once (--context; the "
+              "block it trained on by default): it reads the last of them, read anew as the text grows; --context "
+              "all reads every one", file=sys.stderr)
     out = sys.stdout
     started, n_tokens = time.perf_counter(), 0
     for i, prompt in enumerate(args.prompt):  # each with the same settings and seed: the text it gives alone
@@ -483,7 +489,7 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
         texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
                                         args.top_k, args.top_p, args.seed, args.num_samples, on_text,
                                         repetition_penalty=args.repetition_penalty, min_p=args.min_p,
-                                        stop=args.stop)
+                                        stop=args.stop, context=args.context)
     except UserError:  # (non-finite logits): the text streamed so far ends its line before the refusal's
         if args.num_samples == 1:
             out.write("\n")
@@ -628,7 +634,24 @@ def add_generate(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=1,
                    help="continuations generated together in one batch; printed one after another, separated "
                         "by a line '---' (only a single sample is streamed)")
+    p.add_argument("--context", type=_context, default="trained", metavar="trained|all|N",
+                   help="the most tokens the model reads at once: trained, the block it trained on (its training "
+                        "block_size, where the checkpoint or export records it; else all), as the workshop's "
+                        "generate crops the text; all, every one (as transformers and llama.cpp), or a number "
+                        "(default trained)")
     p.set_defaults(func=_generate_main)
+
+
+def _context(text: str) -> str | int:
+    if text in ("trained", "all"):
+        return text
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"takes trained, all or a number of tokens >= 1, not {text!r}")
+    return number
 
 
 def add_eval(subparsers) -> None:

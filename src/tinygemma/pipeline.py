@@ -346,7 +346,7 @@ def evaluate_and_sample(recipe: Recipe) -> dict:
     for i, prompt in enumerate(g.prompts):
         try:
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=g.max_new_tokens, seed=g.seed + i,
-                                     **g.sampling())
+                                     context=recipe.train.block_size, **g.sampling())  # (as generate's default)
         except NonFiniteLogits as e:  # (weights that are not finite: their evaluation, minutes long, is kept)
             broken = e
             break

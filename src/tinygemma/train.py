@@ -743,7 +743,7 @@ class Trainer:
         try:
             with self.rt.autocast(), torch.compiler.set_stance("force_eager"):
                 texts = [prompt + generate_text(self.raw, tokenizer, prompt, g.max_new_tokens, seed=g.seed + i,
-                                                cuda_graph=False, **g.sampling())[0][0]
+                                                cuda_graph=False, context=self.cfg.block_size, **g.sampling())[0][0]
                          for i, prompt in enumerate(g.prompts)]
         finally:
             forget_decode_plan(self.raw)  # its copy of the weights, stale at the next step, not kept through them

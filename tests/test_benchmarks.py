@@ -2802,3 +2802,33 @@ def test_loss_head_runs_on_the_threads_asked_for(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     head.main([*TINY_HEAD[:-1], "3", "--rows", "32"])
     assert threads == [3]
+
+
+def test_past_block_measures_what_generates_trained_context_reads():
+    """benchmarks/past_block.py's "at most BLOCK read" losses are those of generate's cached reader of the trained
+    block, fed the text token by token (it reads the text's last 3/4 anew each time its cache fills; the benchmark
+    gets them with one forward per stretch); its "every token read" ones are a plain forward's."""
+    import torch.nn.functional as F
+
+    from tinygemma.generate import CachedReader
+
+    past_block = load_script("past_block")
+    config = ModelConfig.preset("gemma3-tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                                mlp_dim=64, sliding_window=8, vocab_size=97, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    model = Gemma3(config).eval()
+    windows = torch.randint(0, 97, (3, 41), generator=torch.Generator().manual_seed(1))
+    full, cropped = past_block.position_losses(model, windows, 12)
+    reader = CachedReader(model, windows[:, :1], 40, None, False, 12)
+    step_losses = []
+    with torch.no_grad():
+        for i in range(1, 41):
+            step_losses.append(F.cross_entropy(reader.logits, windows[:, i], reduction="none").mean())
+            if i < 40:
+                reader.read(windows[:, i])
+        plain = F.cross_entropy(model(windows[:, :-1]).float().transpose(1, 2), windows[:, 1:], reduction="none")
+    torch.testing.assert_close(cropped, torch.stack(step_losses), rtol=0, atol=1e-5)
+    torch.testing.assert_close(full, plain.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(full[:12], cropped[:12], rtol=0, atol=1e-5)  # the same text read, within the block
+    assert (full[12:] - cropped[12:]).abs().max() > 1e-3  # past it, other texts
+    assert past_block.reader_starts(20, 8)[7:10] == [0, 3, 3]  # 8 read, then the last 6 of 9 anew

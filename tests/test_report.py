@@ -354,6 +354,30 @@ def test_the_model_card_of_a_run_and_of_a_bare_transformers_directory(straight_r
     assert "pre-trained from scratch" not in api_card
 
 
+def test_the_cards_samples_read_at_most_the_block_the_model_trained_on(straight_run, tmp_path, monkeypatch):
+    """The card's samples are what `tinygemma generate --ckpt DIR` gives: the model reading at most the 32 tokens of
+    its training block at once (its text runs to 200 new tokens), which the card says."""
+    pytest.importorskip("transformers")
+    from tinygemma.config import GenerateConfig
+    from tinygemma.generate import generate_text
+
+    contexts = []  # (this barely trained model samples the same text from 32 tokens as from all: asked, too)
+    monkeypatch.setattr(tinygemma.report, "generate_text",
+                        lambda *args, **kwargs: contexts.append(kwargs["context"]) or generate_text(*args, **kwargs))
+    assert main(["export", "--ckpt", str(straight_run), "--out", str(tmp_path / "hf")]) == 0
+    assert contexts == [32]
+    text = card(tmp_path / "hf").text
+    assert ("; the model reading at most the last 32 tokens at once, the block it trained on (transformers reads "
+            "every one).") in text
+    model, tokenizer = tinygemma.load(tmp_path / "hf"), tinygemma.report.exported_tokenizer(tmp_path / "hf")
+    g = GenerateConfig()
+
+    def sample(context):
+        return "Once upon a time" + generate_text(model, tokenizer, "Once upon a time", g.max_new_tokens, seed=g.seed,
+                                                  context=context, **g.sampling())[0][0]
+    assert tinygemma.report.quote(sample(32)) in text
+
+
 def test_a_model_with_few_positions_exports_with_shorter_samples(straight_run, tmp_path):
     """max_position_embeddings = 48 (a researcher's block size) leaves no room for the card's 200 new tokens:
     the export was refused ('ask for fewer new tokens', which export has no option for); its samples are now

@@ -629,7 +629,10 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         return ["None: the recipe's generate.prompts is empty.", ""]
     device = pick_device("auto")
     model = load_model(out, tokenizer, dtype="auto" if device.type == "cuda" else "float32", device=str(device))
-    lines = [f"Generated at export by tinygemma from these files: {sampling(dataclasses.asdict(g))}.", ""]
+    block = exported_block_size(out)  # (read at most at once, as `tinygemma generate` reads by default)
+    lines = [f"Generated at export by tinygemma from these files: {sampling(dataclasses.asdict(g))}" + (
+        f"; the model reading at most the last {block:,} tokens at once, the block it trained on (transformers "
+        "reads every one)" if block else "") + ".", ""]
     positions = model.config.max_position_embeddings
     for i, prompt in enumerate(g.prompts):
         # As many new tokens as the recipe asks and the model's positions leave room for (a model trained with
@@ -637,7 +640,7 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         try:  # (a run trained before train checked its [generate], with a seed of -1, say: refused here)
             room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0)) + 1  # (prompt_ids' count)
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
-                                     seed=g.seed + i, **g.sampling())
+                                     seed=g.seed + i, context=block, **g.sampling())
         except UserError as e:
             lines += [f"Not generated from {prompt!r}: {e}.", ""]
             continue

@@ -244,6 +244,9 @@ CASES = [
                                              "{root}/new", "--tokenizer", "{root}/bpe/tokenizer.json"],
      "is not the tokenizer"),
     ("export-missing-ckpt", ["export", "--ckpt", "{root}/nowhere", "--out", "{root}/new"], "not found"),
+    # generate and eval take auto, their default, as well: the refusal named only the others
+    ("generate-unknown-dtype", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--dtype", "bogus"],
+     "unknown dtype 'bogus'; choose auto, float32, bfloat16 or float16"),
     ("export-other-architecture", ["export", "--ckpt", "{root}/other", "--out", "{root}/new"], "does not match"),
     # Outputs that are not export's: the run itself (its config.json is what --resume reads), a dataset, another
     # folder, a path under a file, and for gguf any existing file that is not GGUF.

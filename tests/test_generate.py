@@ -345,6 +345,11 @@ def test_prompts_of_the_wrong_kind_and_a_tokenizer_too_big_are_user_errors(model
             model, torch.tensor([[1, 2]]), 2, temperature=0).tolist()
     with pytest.raises(UserError, match="do not belong together"):
         generate_text(tiny_model(vocab_size=512), tokenizer, PROMPT, 2)
+    # a prompt that is not a str: the hint fits what it is (bytes were told to call once per prompt)
+    for prompt, hint in (([PROMPT, "Tom"], "for several prompts, call once per prompt"),
+                         (PROMPT.encode(), r"decode it first: prompt.decode\('utf-8'\)"), (7, "give a str")):
+        with pytest.raises(UserError, match=rf"^the prompt must be text \(a str\), got \w+: {hint}$"):
+            generate_text(model, tokenizer, prompt, 2)
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(ckpt, model, tokenizer, capsys):

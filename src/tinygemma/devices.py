@@ -80,7 +80,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype to load a model in for evaluation and generation: "auto" is bfloat16 where the device computes in
     it natively, else float32 (not float16: Gemma's activations can overflow it without training's scaler)."""
     if name != "auto":
-        return parse_dtype(name)
+        return parse_dtype(name, auto=True)
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16(device) else torch.float32
     if device.type == "cpu":
@@ -98,7 +98,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype training computes in under autocast (float32: no autocast); "auto" is bfloat16 on GPUs that
     have it natively, float16 (with a gradient scaler) on older GPUs, float32 on CPUs and MPS."""
     if name != "auto":
-        return parse_dtype(name)
+        return parse_dtype(name, auto=True)
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
     return torch.float32
@@ -109,15 +109,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, auto: bool = False) -> torch.dtype:
     """A dtype by any of its usual names, in any case: float32 (fp32, f32), bfloat16 (bf16), float16 (fp16, f16,
-    half), as GGUF's --dtype takes them too."""
+    half), as GGUF's --dtype takes them too. `auto`: the refusal names auto too (which the caller resolved)."""
     table = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
              "half": torch.float16}
     key = name.lower() if isinstance(name, str) else name
     if key not in table:
-        raise UserError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+        raise UserError(f"unknown dtype {name!r}; choose {'auto, ' if auto else ''}float32, bfloat16 or float16")
     return table[key]
 
 

@@ -405,8 +405,9 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
     """The prompt's token ids, refused in one line when there are none or when they and `max_new_tokens` would
     pass the model's positions."""
     if prompt is not None and not isinstance(prompt, str):
-        raise UserError(f"the prompt must be text (a str), got {type(prompt).__name__}: for several prompts, call "
-                        "once per prompt")
+        hint = ("for several prompts, call once per prompt" if isinstance(prompt, (list, tuple)) else
+                "decode it first: prompt.decode('utf-8')" if isinstance(prompt, (bytes, bytearray)) else "give a str")
+        raise UserError(f"the prompt must be text (a str), got {type(prompt).__name__}: {hint}")
     if not prompt:
         raise UserError("the prompt is empty; give some text to continue")
     if bad := LONE_SURROGATE.search(prompt):

@@ -114,10 +114,11 @@ def text_of(tokenizer, ids: list[int]) -> str:
 
 
 def cli_generate(ckpt, prompt: str, n_new: int, capsys) -> str:
-    """`tinygemma generate --temperature 0` in float32 (auto would pick bf16 on CPUs with AVX-512 BF16)."""
+    """`tinygemma generate --temperature 0` in float32 (auto would pick bf16 on CPUs with AVX-512 BF16), reading
+    every token as llama.cpp does (by default it reads at most the block the model trained on)."""
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
-                 str(n_new), "--dtype", "float32", "--device", "cpu"]) == 0
+                 str(n_new), "--dtype", "float32", "--device", "cpu", "--context", "all"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(prompt) and out.endswith("\n")
     return out[len(prompt):-1]

@@ -1248,6 +1248,26 @@ def test_an_unreachable_hub_is_one_line_not_its_retries(tmp_path, monkeypatch, c
     assert (hub_logging.get_verbosity(), datasets_logging.get_verbosity()) == (level, datasets_level)
 
 
+def test_two_streams_ended_in_either_order_leave_the_libraries_warnings_as_they_were():
+    """The hub's streamed splits (training and validation, read together) each silence huggingface_hub's and
+    datasets' warnings while they read; the first ended restored the levels the second had set, leaving them
+    silenced for the rest of the process."""
+    pytest.importorskip("datasets")
+    from datasets.utils import logging as datasets_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    before = hub_logging.get_verbosity(), datasets_logging.get_verbosity()
+    records = [{"text": "Once upon a time."}, {"text": "The end."}]
+    first = data._streamed_stories(records, "train", None, False)
+    second = data._streamed_stories(records, "validation", None, False)
+    assert next(first) and next(second)
+    assert (hub_logging.get_verbosity(), datasets_logging.get_verbosity()) == (40, 40)  # (ERROR) while they read
+    first.close()
+    assert (hub_logging.get_verbosity(), datasets_logging.get_verbosity()) == (40, 40)  # the second reads still
+    second.close()
+    assert (hub_logging.get_verbosity(), datasets_logging.get_verbosity()) == before
+
+
 def test_hub_data_with_validation_set_aside_is_not_the_default_recipes():
     """A recipe without data.val_source takes the hub's validation split: hub data prepared with --val-fraction
     (any share, the default's 0.05 too) has other training tokens, and is not the recipe's; as prepared by
@@ -1299,8 +1319,9 @@ def test_a_hub_name_as_source_says_how_hub_data_is_read(source, tmp_path, monkey
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"source not found: {source} (the hub's roneneldan/TinyStories is read with no " \
         "source given" in err and "save_to_disk(FOLDER)" in err and not (tmp_path / "d").exists()
-    assert main(["prepare", "--source", "stories.txt", "--out", "d", "--limit", "10"]) == 2  # a file: no hub hint
-    assert capsys.readouterr().err.endswith("source not found: stories.txt\n")
+    for path in ("stories.txt", "data/train.txt"):  # a file's path: no hub hint
+        assert main(["prepare", "--source", path, "--out", "d", "--limit", "10"]) == 2
+        assert capsys.readouterr().err.endswith(f"source not found: {path}\n")
 
 
 # ------------------------------------------------------------------ pinned by mutation round 10

@@ -948,13 +948,15 @@ def cropped_greedy(model, prompt: torch.Tensor, n_new: int, context: int) -> tor
     return seq
 
 
-@pytest.mark.parametrize("context,prompt_len", [(12, 7), (12, 20), (5, 3), (3, 2), (1, 4)])
-def test_a_context_reads_only_the_trained_blocks_tokens_as_a_loop_without_cache_does(context, prompt_len):
+@pytest.mark.parametrize("context,prompt_len,window", [(12, 7, 16), (12, 20, 16), (5, 3, 16), (3, 2, 16), (1, 4, 16),
+                                                       (12, 7, 8), (9, 20, 8), (20, 3, 8)])
+def test_a_context_reads_only_the_trained_blocks_tokens_as_a_loop_without_cache_does(context, prompt_len, window):
     """generate(context=N) (a model trained on N-token windows, its text running past them): every token is
     predicted from at most the text's last N tokens read from position 0, as a loop that recomputes each step
     without a cache and crops the text gives; through the cache, with the text read anew each time it fills.
-    Past a sliding window of 8 (context 12), a prompt longer than the context, a context of 1."""
-    config = small_config()
+    A context longer than the sliding window (its ring cache then smaller than the text read anew), a prompt
+    longer than the context, a context of 1."""
+    config = small_config(sliding_window=window)
     model, _ = make_pair(config, seed=5)
     prompt = torch.randint(0, config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(4))
     n_new = 40
@@ -977,6 +979,22 @@ def test_a_context_reads_only_the_trained_blocks_tokens_as_a_loop_without_cache_
     for bad in (0, -3, 2.5, "128", True):
         with pytest.raises(UserError, match="context .* must be an integer >= 1 or None"):
             generate(model, prompt, 2, context=bad)
+
+
+def test_a_text_read_at_most_a_context_may_run_past_the_models_positions():
+    """Read at most `context` tokens at once, the model never reads a position past the context: a text longer
+    than max_position_embeddings (a long prompt, many new tokens) is generated, not refused for positions it
+    never reads; read whole, it is refused as before."""
+    config = small_config(max_position_embeddings=48)
+    model, _ = make_pair(config, seed=5)
+    for prompt_len in (10, 60):
+        prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(4))
+        assert torch.equal(generate(model, prompt, 100, temperature=0, context=32),
+                           cropped_greedy(model, prompt, 100, 32))
+        with pytest.raises(UserError, match="need more than the model's 48 positions"):
+            generate(model, prompt, 100, temperature=0)
+        with pytest.raises(UserError, match="need more than the model's 48 positions"):
+            generate(model, prompt, 100, temperature=0, context=64)  # (a context past the positions: no help)
 
 
 def test_repetition_penalty_is_transformers_own():

@@ -450,14 +450,14 @@ def _generate_main(args) -> int:
     started = time.perf_counter()
     tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
-    longest = max(len(prompt_ids(model.config, tokenizer, prompt, args.max_new_tokens))  # (its refusal: one line)
-                  for prompt in args.prompt)
+    args.context = trained_block_size(args.ckpt) if args.context == "trained" else args.context
+    args.context = None if args.context == "all" else args.context
+    longest = max(len(prompt_ids(model.config, tokenizer, prompt, args.max_new_tokens, args.context))
+                  for prompt in args.prompt)  # (its refusal is then the only line)
     weight = model.embed_tokens.weight
     print(f"loaded {args.ckpt} ({model.num_params() / 1e6:.1f}M parameters, "
           f"{dtype_name(weight.dtype)}, {weight.device}) and tokenizer "
           f"{tokenizer.identity} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    args.context = trained_block_size(args.ckpt) if args.context == "trained" else args.context
-    args.context = None if args.context == "all" else args.context
     if args.context is not None and longest + args.max_new_tokens - 1 > args.context:
         print(f"note: the text can pass {args.context} tokens, the most the model reads at once (--context; the "
               "block it trained on by default): it reads the last of them, read anew as the text grows; --context "

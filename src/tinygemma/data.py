@@ -328,7 +328,8 @@ def check_source(source) -> Path:
             raise UserError(f"{path} is a directory but not a dataset written by datasets' save_to_disk")
         return path
     if not path.exists():
-        hub = re.fullmatch(r"(hf:)?[\w.-]+/[\w.-]+", str(source))  # (meta.json's hf:NAME, or a hub name as typed)
+        # (meta.json's hf:NAME, or a hub name as typed: not a file's path, data/train.txt)
+        hub = re.fullmatch(r"(hf:)?[\w.-]+/[\w.-]+", str(source)) and path.suffix.lower() not in TEXT_FORMATS
         raise UserError(f"source not found: {path}" + (
             f" (the hub's {HUB_DATASET} is read with no source given; another hub dataset, saved with datasets' "
             "load_dataset(NAME).save_to_disk(FOLDER), is read from that folder)" if hub else ""))
@@ -338,22 +339,33 @@ def check_source(source) -> Path:
     return path
 
 
+_SILENCED: list = []  # the libraries' own verbosities while _hub_errors_only holds them, one entry per holder
+
+
 @contextlib.contextmanager
 def _hub_errors_only():
     """huggingface_hub's and datasets' own warnings off while the hub is asked: unreachable, huggingface_hub
     retries five times with a line each (about 25 s, 11 lines), and a connection lost while streaming, datasets
-    twenty times (5 s apart, a line each), before the error, which prepare then says in one line."""
+    twenty times (5 s apart, a line each), before the error, which prepare then says in one line. Held by several
+    streams at once (a training and a validation split), ended in any order: the first sets, the last restores."""
     from datasets.utils import logging as datasets_logging
     from huggingface_hub.utils import logging as hub_logging
 
-    levels = [(library, library.get_verbosity()) for library in (hub_logging, datasets_logging)]
-    for library, _ in levels:
-        library.set_verbosity_error()
+    libraries = (hub_logging, datasets_logging)
+    if not _SILENCED:
+        levels = [library.get_verbosity() for library in libraries]
+        for library in libraries:
+            library.set_verbosity_error()
+    else:
+        levels = _SILENCED[0]
+    _SILENCED.append(levels)
     try:
         yield
     finally:
-        for library, level in levels:
-            library.set_verbosity(level)
+        _SILENCED.pop()
+        if not _SILENCED:
+            for library, level in zip(libraries, levels):
+                library.set_verbosity(level)
 
 
 def _streamed_stories(dataset, where: str, total: int | None, progress: bool) -> Iterator[str]:

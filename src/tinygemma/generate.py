@@ -122,10 +122,10 @@ def generate_stream(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int,
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty, min_p=min_p)
     if not (sync_every is None or is_integer(sync_every) and sync_every >= 1):
         raise UserError(f"sync_every must be an integer >= 1 or None, got {sync_every!r}")
-    check_context(context)
     input_ids, generator = checked_inputs(model, input_ids, eos_id, generator, vocab_size)
     B, T = input_ids.shape
-    check_positions(model.config, T, max_new_tokens)
+    check_context(context)
+    check_positions(model.config, T, max_new_tokens, context)
     vocab = model.config.vocab_size
     if max_new_tokens == 0:
         return
@@ -401,9 +401,9 @@ class StopText:
         return text
 
 
-def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int, context: int | None = None) -> list[int]:
     """The prompt's token ids, refused in one line when there are none or when they and `max_new_tokens` would
-    pass the model's positions."""
+    pass the model's positions (check_positions; none is, read at most `context` at once)."""
     if prompt is not None and not isinstance(prompt, str):
         hint = ("for several prompts, call once per prompt" if isinstance(prompt, (list, tuple)) else
                 "decode it first: prompt.decode('utf-8')" if isinstance(prompt, (bytes, bytearray)) else "give a str")
@@ -417,15 +417,18 @@ def prompt_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]
     if not ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens")
     ids = [*tokenizer.prompt_prefix, *ids]  # a Gemma tokenizer's <bos>, as transformers' tokenizer(prompt) adds it
-    check_positions(config, len(ids), max_new_tokens)
+    check_positions(config, len(ids), max_new_tokens, context)
     return ids
 
 
-def check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
+def check_positions(config, prompt_tokens: int, max_new_tokens: int, context: int | None = None) -> None:
     """Refuses a prompt and new tokens past the model's positions, which it never trained (transformers' generate
     runs on there without a word). The model reads the prompt and every new token but the last (which nothing
-    follows): a prompt that fills the positions still gets one new token, as transformers' generate gives it."""
+    follows): a prompt that fills the positions still gets one new token, as transformers' generate gives it.
+    Read at most `context` tokens at once (CachedReader), within the positions, a text of any length passes none."""
     limit = config.max_position_embeddings
+    if context is not None and context <= limit:
+        return
     if prompt_tokens + max(max_new_tokens - 1, 0) > limit:
         fix = "shorten the prompt" if prompt_tokens >= limit else "ask for fewer new tokens"
         raise UserError(f"the prompt's {prompt_tokens} tokens plus {max_new_tokens} new ones need more than the "
@@ -504,7 +507,7 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
         raise UserError(f"on_text must be a function of (sample, text), got {on_text!r}")
     check_model(model)
     check_tokenizer_fits(tokenizer, model)
-    ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens)
+    ids = prompt_ids(model.config, tokenizer, prompt, max_new_tokens, context)
     device = model.embed_tokens.weight.device
     input_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = None

@@ -635,10 +635,12 @@ def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -
         "reads every one)" if block else "") + ".", ""]
     positions = model.config.max_position_embeddings
     for i, prompt in enumerate(g.prompts):
-        # As many new tokens as the recipe asks and the model's positions leave room for (a model trained with
-        # max_position_embeddings = block_size has fewer than a prompt and 200): the card never stops an export.
+        # As many new tokens as the recipe asks; read whole (no block recorded), as many as the model's positions
+        # leave room for (a model with max_position_embeddings = block_size has fewer than a prompt and 200): the
+        # card never stops an export.
         try:  # (a run trained before train checked its [generate], with a seed of -1, say: refused here)
-            room = positions - len(prompt_ids(model.config, tokenizer, prompt, 0)) + 1  # (prompt_ids' count)
+            room = (g.max_new_tokens if block and block <= positions  # (read at most the block: no limit)
+                    else positions - len(prompt_ids(model.config, tokenizer, prompt, 0)) + 1)  # (prompt_ids' count)
             texts, _ = generate_text(model, tokenizer, prompt, max_new_tokens=min(g.max_new_tokens, room),
                                      seed=g.seed + i, context=block, **g.sampling())
         except UserError as e:

@@ -560,7 +560,8 @@ class Trainer:
         finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
         record = {"step": step + 1, "train_loss": loss, **rates, "grad_norm": grad_norm,
                   "tokens": (step + 1) * self.tokens_per_step, "finite": finite}
-        if forward_failed or cfg.on_nonfinite == "skip" and not finite.item():  # (skip's one synchronisation a step)
+        # (skip's one synchronisation a step: under float16 the loss's, read above)
+        if forward_failed or cfg.on_nonfinite == "skip" and not scaler.is_enabled() and not finite.item():
             record["skipped"] = True  # numbered in read(), in step order with float16's overflows
         else:
             scaler.step(optimizer)  # under "stop" a non-finite step is caught at the next read, before any save
@@ -969,7 +970,7 @@ def check_generate_settings(recipe: Recipe, model_config: ModelConfig, tokenizer
     recipe.check_generate()
     for prompt in recipe.generate.prompts:
         try:
-            prompt_ids(model_config, tokenizer, prompt, recipe.generate.max_new_tokens)
+            prompt_ids(model_config, tokenizer, prompt, recipe.generate.max_new_tokens, recipe.train.block_size)
         except UserError as e:
             why = " (train.sample_interval samples them)" if sampling else ""
             raise UserError(f"generate.prompts{why}: {e}") from None

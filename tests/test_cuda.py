@@ -124,6 +124,21 @@ def test_cuda_graph_decoding_gives_the_tokens_of_kernel_by_kernel_steps(dtype, e
         assert torch.equal(graphed, stepped) and torch.equal(graphed, forward)
 
 
+def test_cuda_graph_decoding_within_a_context_gives_the_tokens_of_the_model_s_own_forward(exact_float32, monkeypatch):
+    """generate(context=N) on CUDA: the captured step replays at positions that start again from the re-read
+    text's length each time the cache fills (its slots past that masked), with a sliding ring of 32 slots smaller
+    than the context of 48: greedy tokens in float32 exactly as the model's own forward gives them, read the same
+    way."""
+    from tinygemma import generate as generate_module
+
+    model = fresh_model(small(sliding_window=32), seed=4).float().eval()
+    prompts = torch.randint(0, 512, (3, 7), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    graphed = generate_module.generate(model, prompts, 120, temperature=0, context=48)
+    assert not torch.equal(graphed, generate_module.generate(model, prompts, 120, temperature=0))
+    monkeypatch.setattr(generate_module, "decode_plan", lambda m: None)  # the model's own forward
+    assert torch.equal(graphed, generate_module.generate(model, prompts, 120, temperature=0, context=48))
+
+
 def test_generate_with_end_of_text_waits_every_few_tokens_on_cuda(monkeypatch):
     """On a GPU, generate(eos_id=...) and generate_text read the device every SYNC_EVERY tokens, not each (the
     host queues the graphed steps between): the tokens of a stream read token by token, the texts of

@@ -19,6 +19,7 @@ id the random model never produces keeps every sequence running to the end; the 
     python benchmarks/generate_speed.py --dtype fp32 --new-tokens 64
     python benchmarks/generate_speed.py --device cuda --dtype bf16 --batch-sizes 1,32 --json generation.json
     python benchmarks/generate_speed.py --device cuda --dtype bf16 --batch-sizes 1,32 --eos-id 50256
+    python benchmarks/generate_speed.py --dtype bf16 --new-tokens 480 --repeats 3 --context 128
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
     def with_end():  # the host waits every SYNC_EVERY tokens
         return generate(model, prompt, n, temperature=0, eos_id=args.eos_id)
 
+    def within_context():  # reading at most --context tokens at once, the text's last 3/4 read anew when full
+        return generate(model, prompt, n, temperature=0, context=args.context)
+
     def each_token():  # the host waits each token, to check its logits and whether every sequence has ended
         steps = generate_stream(model, prompt, n, temperature=0, eos_id=args.eos_id, sync_every=1)
         return torch.cat([prompt] + [t[:, None] for t in steps], dim=1)
@@ -80,6 +84,8 @@ def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
         contenders["kernel_by_kernel"] = kernel_by_kernel
     if args.eos_id is not None:
         contenders.update(with_end=with_end, each_token=each_token)
+    if args.context is not None:
+        contenders["within_context"] = within_context
     sync = device_sync(device)
     times, outs = time_interleaved(list(contenders.values()), args.repeats, sync)
     times, outs = dict(zip(contenders, times)), dict(zip(contenders, outs))
@@ -96,6 +102,10 @@ def measure(model: Gemma3, hf, batch_size: int, args) -> dict:
     if cuda:  # the CUDA graph's own gain: the same steps at int positions, launched kernel by kernel
         result["kernel_by_kernel_tokens_per_s"] = round(batch_size * n / times["kernel_by_kernel"], 2)
         result["cuda_graph_speedup"] = round(times["kernel_by_kernel"] / times["ours"], 2)
+    if args.context is not None:  # what reading at most the trained block costs (its prefills of 3/4 of it)
+        result.update({"context": args.context,
+                       "within_context_tokens_per_s": round(batch_size * n / times["within_context"], 2),
+                       "within_context_time_ratio": round(times["within_context"] / times["ours"], 3)})
     if args.eos_id is not None:  # tokens/s of the steps each made (both stop where the last sequence ended)
         new_ids = outs["with_end"][:, args.prompt_tokens:]
         result.update({
@@ -124,6 +134,9 @@ def main(argv=None) -> dict:
     p.add_argument("--eos-id", type=int, default=None,
                    help="also time decoding that stops at this end-of-text id: waiting for the device every "
                         f"{SYNC_EVERY} tokens (generate's) against each token")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="also time ours reading at most this many tokens at once (generate's context=, the block a "
+                        "model trained on: `tinygemma generate`'s default), against reading every one")
     p.add_argument("--json", type=output_file, help="write the figures here too")
     args = p.parse_args(argv)
     if args.threads:

@@ -2832,3 +2832,16 @@ def test_past_block_measures_what_generates_trained_context_reads():
     torch.testing.assert_close(full[:12], cropped[:12], rtol=0, atol=1e-5)  # the same text read, within the block
     assert (full[12:] - cropped[12:]).abs().max() > 1e-3  # past it, other texts
     assert past_block.reader_starts(20, 8)[7:10] == [0, 3, 3]  # 8 read, then the last 6 of 9 anew
+
+
+def test_generate_speed_times_reading_within_a_context(capsys):
+    """--context N: ours reading at most N tokens at once (tinygemma generate's default, the trained block) is
+    timed beside ours reading every one, with the ratio of their times."""
+    bench = load_script("generate_speed")
+    result = bench.main(["--preset", "gemma3-tiny", "--dtype", "fp32", "--prompt-tokens", "8", "--new-tokens", "40",
+                         "--repeats", "1", "--context", "16", "--threads", "1"])
+    row = result["results"][0]
+    assert row["context"] == 16 and row["within_context_tokens_per_s"] > 0
+    assert math.isclose(row["within_context_time_ratio"],
+                        row["tinygemma_tokens_per_s"] / row["within_context_tokens_per_s"], rel_tol=0.02)
+    capsys.readouterr()

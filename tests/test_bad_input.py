@@ -206,8 +206,9 @@ CASES = [
     ("generate-top-k-negative", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--top-k", "-1"], "--top-k must be an integer >= 1"),
     ("generate-negative-length", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
                                   "-3"], "--max-new-tokens must be an integer >= 0"),
+    # (read every token: read at most the trained block, the default, a text of any length reads no position past it)
     ("generate-past-the-positions", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--max-new-tokens",
-                                     "100000000"], "max_position_embeddings"),
+                                     "100000000", "--context", "all"], "max_position_embeddings"),
     ("generate-zero-samples", ["generate", "--ckpt", "{root}/run", "--prompt", "Once", "--num-samples", "0"],
      "num-samples"),
     ("generate-other-architecture", ["generate", "--ckpt", "{root}/other", "--prompt", "Once"],

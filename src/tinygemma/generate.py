@@ -180,15 +180,15 @@ class CachedReader:
 
     `context` (None: every position): the most tokens the model reads at once, for a model trained on windows of
     that many (train.block_size) whose text runs past them: it reads positions it never trained on otherwise, and
-    predicts there worse (BENCHMARKS.md, "Past the trained block"). The cache then holds `context` positions; once it is full, the last three quarters of the text's last
-    `context` tokens are read anew from position 0 (as nanoGPT crops the context, which it reads anew at each
-    token), so that each token is predicted from 3/4 to all of the `context` tokens before it. A prompt longer
-    than `context` is read from its last `context` tokens."""
+    predicts there worse (BENCHMARKS.md, "Past the trained block"). The cache then holds `context` positions;
+    once it is full, the text's last 3/4 of `context` tokens are read anew from position 0 (nanoGPT crops the
+    text to its context and reads it anew at each token), so that each token is predicted from 3/4 to all of the
+    `context` tokens before it. A prompt longer than `context` is read from its last `context` tokens."""
 
     def __init__(self, model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, dtype, cuda_graph: bool,
                  context: int | None):
         B, T = input_ids.shape
-        self.model, self.dtype = model, dtype
+        self.model = model
         # (the last new token is read by none: the text's positions read are T + max_new_tokens - 1)
         self.context = context if context is not None and T + max_new_tokens - 1 > context else None
         slots = T + max_new_tokens if self.context is None else self.context

@@ -753,6 +753,37 @@ def test_cli_continues_each_prompt_given(ckpt, capsys):
     assert err.count("\n") == 1 and "--prompt is empty" in err
 
 
+def test_cli_reads_prompts_from_files_and_standard_input(ckpt, tmp_path, capsys, monkeypatch):
+    """--prompt-file FILE (llama.cpp's -f, nanoGPT's FILE:): the file's whole text is a prompt, less the final newline
+    an editor adds; - reads standard input; in turn with --prompt, in the order given. A missing file, a folder,
+    bytes that are not UTF-8 or an empty file are one line each; no prompt at all is argparse's usage error."""
+    import io
+
+    def out(*prompts: str) -> str:
+        assert main(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "5", "--seed", "7", *prompts]) == 0
+        return capsys.readouterr().out
+
+    story = "Tom had a dog.\nThe dog liked to run"
+    (tmp_path / "story.txt").write_text(story + "\n", encoding="utf-8")
+    (tmp_path / "crlf.txt").write_bytes((story + "\r\n").encode())
+    both = out("--prompt", PROMPT, "--prompt", story)
+    assert out("--prompt", PROMPT, "--prompt-file", str(tmp_path / "story.txt")) == both
+    assert out("--prompt", PROMPT, "--prompt-file", str(tmp_path / "crlf.txt")) == both
+    monkeypatch.setattr(sys, "stdin", io.StringIO(story))
+    assert out("--prompt", PROMPT, "--prompt-file", "-") == both
+    assert out("--prompt-file", str(tmp_path / "story.txt"), "--prompt", PROMPT).startswith(story)  # (the order)
+    (tmp_path / "latin1.txt").write_bytes("Café".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("\n")
+    for path, said in ((tmp_path / "gone.txt", "not found"), (tmp_path, "is a folder"),
+                       (tmp_path / "latin1.txt", "is not UTF-8 text (byte 3)"), (tmp_path / "empty.txt", "holds no text")):
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--prompt-file {path}" in err and said in err, err
+    with pytest.raises(SystemExit) as stopped:
+        main(["generate", "--ckpt", str(ckpt)])
+    assert stopped.value.code == 2 and "required: --prompt (or --prompt-file)" in capsys.readouterr().err
+
+
 def test_cli_seeded_samples_and_run_directory(ckpt, tokenizer, tmp_path, capsys):
     # A run directory: checkpoints/last.json points at the checkpoint, as training writes it.
     run = tmp_path / "run"

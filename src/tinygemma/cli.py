@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (a command to repeat names them)
     if unknown:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "generate" and not args.prompts:  # (either of two options: argparse's required takes one)
+        parser.commands["generate"].error("the following arguments are required: --prompt (or --prompt-file)")
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         # Text stdout's encoding lacks (a story's é or emoji on Windows redirected to a cp1252 file) is written as
         # "?", not a traceback in the middle of it; PYTHONUTF8=1 writes it all.
@@ -445,8 +447,11 @@ def _generate_main(args) -> int:
                    prompts=args.num_samples, prefix="--",
                    repetition_penalty=args.repetition_penalty, min_p=args.min_p, stop=args.stop)  # seed + i: sample i
     check_num_samples(args.num_samples, "--num-samples")
-    if not all(args.prompt):
-        raise UserError("--prompt is empty; give some text to continue")
+    args.prompt = [read_prompt_file(value) if kind == "file" else value for kind, value in args.prompts]
+    for (kind, value), prompt in zip(args.prompts, args.prompt):
+        if not prompt:
+            raise UserError(("--prompt is empty" if kind == "text" else f"--prompt-file {value} holds no text") +
+                            "; give some text to continue")
     started = time.perf_counter()
     tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, tokenizer, args.dtype, args.device)
@@ -604,8 +609,11 @@ def add_generate(subparsers) -> None:
     defaults = GenerateConfig()  # the recipe's [generate] defaults
     p = subparsers.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
     _add_model_arguments(p)
-    p.add_argument("--prompt", required=True, action="append",
+    p.add_argument("--prompt", dest="prompts", action="append", type=lambda text: ("text", text), metavar="TEXT",
                    help="text to continue; repeatable: each prompt in turn, with the same settings and seed")
+    p.add_argument("--prompt-file", dest="prompts", action="append", type=_prompt_file, metavar="FILE",
+                   help="a UTF-8 file whose whole text is a prompt (less one final newline, which editors add), "
+                        "as llama.cpp's -f; - reads standard input; repeatable, in turn with any --prompt")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help=f"stop after this many new tokens, or at end of text (default {defaults.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=defaults.temperature,
@@ -640,6 +648,24 @@ def add_generate(subparsers) -> None:
                         "generate crops the text; all, every one (as transformers and llama.cpp), or a number "
                         "(default trained)")
     p.set_defaults(func=_generate_main)
+
+
+def _prompt_file(text: str) -> tuple[str, str]:
+    return "file", named(text)
+
+
+def read_prompt_file(path: str) -> str:
+    """--prompt-file's prompt: the file's text (standard input's for -), less one final newline."""
+    where = "standard input" if path == "-" else path
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--prompt-file {path}: not found") from None
+    except IsADirectoryError:
+        raise UserError(f"--prompt-file {path} is a folder; give a text file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {where} is not UTF-8 text (byte {e.start})") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 def _context(text: str) -> str | int:

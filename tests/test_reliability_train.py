@@ -596,6 +596,21 @@ def test_under_torchrun_processes_on_unlike_machines_are_refused_before_training
     assert proc.returncode == 0, test_train.torchrun_failure(proc)
 
 
+def test_a_refusal_of_process_0_as_it_opens_the_logs_stops_every_process(data_dir, tmp_path):
+    """Process 0 alone opens the run's logs, and refuses there a run another command wrote into the folder
+    meanwhile: the other processes went on to the first collective and waited for it until its timeout (under an
+    agent that does not stop them, srun's). Every process now ends with the refusal, said once."""
+    out = tmp_path / "refused"
+    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 0, "refuse_logs": "another command wrote a run into it"}]),
+           "TINYGEMMA_FAULT_LOG": str(tmp_path / "log"), "TINYGEMMA_FAULT_RUN": str(out),
+           "TINYGEMMA_EXIT_LOG": str(tmp_path / "exits")}
+    proc = torchrun(out, data_dir, "--stop-at", "2", entry=[str(ROOT / "tests" / "torchrun_faults.py")], env=env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "tinygemma train: error:" in line]
+    assert errors == ["tinygemma train: error: another command wrote a run into it"], test_train.torchrun_failure(proc)
+    assert sorted((tmp_path / "exits").read_text().split("\n")[:-1]) == ["0 2", "1 2"]  # each ended with it
+
+
 def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,
                                                                                    tmp_path):
     """The documented multi-GPU command, `torchrun --max-restarts N -m tinygemma train ... --resume`, on 2 gloo

@@ -8,7 +8,10 @@ TINYGEMMA_FAULTS is a JSON list indexed by torchrun's attempt (TORCHELASTIC_REST
 {"rank": R, "nan": S}: process R's training loss is NaN at optimizer step S (0-based); it lives on, or
 {"rank": R, "oom": S}: process R runs out of memory as it begins optimizer step S (a one-line error of its own), or
 {"rank": R, "other_cpu": true}: process R's CPU says the opposite of this one's about native bfloat16 (another
-machine's), which Muon's auto backend follows.
+machine's), which Muon's auto backend follows, or
+{"rank": R, "refuse_logs": MESSAGE}: process R's opening of the run's logs refuses with MESSAGE (as process 0's
+does where another command wrote into the folder meanwhile).
+With TINYGEMMA_EXIT_LOG set, each process appends "RANK EXIT_STATUS" to it as it ends (not one killed).
 At the start of every attempt, rank 0 appends to TINYGEMMA_FAULT_LOG what it finds in the run directory
 TINYGEMMA_FAULT_RUN: the last checkpoint's step, whether that checkpoint loads, and half-written checkpoints.
 """
@@ -37,6 +40,11 @@ def inject(fault: dict) -> None:
     if fault.get("other_cpu"):
         has_bf16 = tinygemma.optim.cpu_has_bf16
         tinygemma.optim.cpu_has_bf16 = lambda: not has_bf16()
+    if "refuse_logs" in fault:
+        def refusing_open_logs(self):
+            raise tinygemma.UserError(fault["refuse_logs"])
+
+        tinygemma.train.Trainer.open_logs = refusing_open_logs
     if "oom" in fault:
         step = tinygemma.train.Trainer.step
 
@@ -96,4 +104,8 @@ if __name__ == "__main__":
     fault = faults[attempt] if attempt < len(faults) else None
     if fault and fault["rank"] == rank:
         inject(fault)
-    sys.exit(main())
+    status = main()
+    if os.environ.get("TINYGEMMA_EXIT_LOG"):
+        with open(os.environ["TINYGEMMA_EXIT_LOG"], "a") as f:
+            f.write(f"{rank} {status}\n")
+    sys.exit(status)

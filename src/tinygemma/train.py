@@ -143,7 +143,7 @@ from tinygemma.parallelize import (
 )
 from tinygemma.profiling import PROFILE_FILES, StepProfiler, parse_profile_range
 from tinygemma.report import EVAL_NAME, REPORT_NAME, environment, write_report
-from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, setup_runtime
+from tinygemma.runtime import all_reduce_sum, env_rank, env_world_size, raise_on_all_ranks, setup_runtime
 from tinygemma.tokenizer import TOKENIZER_FILE, token_byte_lengths
 from tinygemma.trackers import STATE_NAME as TRACKERS_STATE
 from tinygemma.trackers import Trackers, require_loggers, train_scalars, val_scalars
@@ -394,8 +394,13 @@ class Trainer:
         self.flops_per_token, self.peak = self.model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
         self.machine = environment(rt.device, rt.world_size)  # hardware, software, commit: config.json's, each part's
         self.tokenizer = {**self.data.meta["tokenizer"], "eot_id": self.data.eot_id}
+        refusal = None
         if rt.is_main:
-            self.open_logs()
+            try:
+                self.open_logs()
+            except UserError as e:  # (another command wrote into the folder meanwhile): every process stops with it
+                refusal = str(e)
+        raise_on_all_ranks(refusal, rt)  # (else the others wait at the first collective until its timeout)
         self.next_batch = self.batches.get(self.start, 0) if self.start < self.end else None
         if self.profile_steps and rt.is_main:
             self.profiler = StepProfiler(*self.profile_steps, self.run_dir / "profile", rt.device)

@@ -247,6 +247,13 @@ def test_eval_of_an_export_takes_the_block_size_it_was_trained_at(gpt2_data, tmp
         results.append(json.loads(capsys.readouterr().out))
     assert results[0]["block_size"] == results[1]["block_size"] == 48
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
+    # A --block-size past the trained one is measured, with a note: the positions past 48 were never trained on
+    for block_size, noted in ((96, True), (48, False), (32, False)):
+        assert main(["eval", "--ckpt", str(tmp_path / "hf"), "--data", str(gpt2_data), "--max-tokens", "300",
+                     "--block-size", str(block_size)]) == 0
+        err = capsys.readouterr().err
+        assert ("note: --block-size 96 is past the 48 tokens the model trained on at once: it predicts positions 48 "
+                "to 95 from distances it never saw" in err) == noted, err
     # Re-exported, the export keeps it; a folder whose header lacks it (another exporter's) takes the default.
     export(tmp_path / "hf", tmp_path / "again")
     weights = tmp_path / "hf" / "model.safetensors"

@@ -540,6 +540,10 @@ def _eval_main(args) -> int:
     if data_tokenizer.model_vocab_size > model.config.vocab_size:  # special ids past the rows never occur in it
         raise UserError(f"{args.data} has {data_tokenizer.model_vocab_size:,} token ids, more than the model's "
                         f"{model.config.vocab_size:,}")
+    trained = trained_block_size(args.ckpt)
+    if trained and block_size > trained:  # (a measurement past the training block: BENCHMARKS.md's "Past the ...")
+        print(f"note: --block-size {block_size} is past the {trained} tokens the model trained on at once: it "
+              f"predicts positions {trained} to {block_size - 1} from distances it never saw", file=sys.stderr)
     started = time.perf_counter()
     result = evaluate(model, tokens, block_size, args.batch_size, args.max_tokens,
                       token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),

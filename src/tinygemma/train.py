@@ -399,6 +399,8 @@ class Trainer:
             try:
                 self.open_logs()
             except UserError as e:  # (another command wrote into the folder meanwhile): every process stops with it
+                if rt.world_size == 1:
+                    raise
                 refusal = str(e)
         raise_on_all_ranks(refusal, rt)  # (else the others wait at the first collective until its timeout)
         self.next_batch = self.batches.get(self.start, 0) if self.start < self.end else None

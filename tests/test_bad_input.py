@@ -664,7 +664,8 @@ def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_p
                                          "generate --help)"),
                                         (["generate", "--ckpt", "x", "--prompt", "hi", "--tmperature", "0"],
                                          "tinygemma generate: error: unrecognized arguments: --tmperature 0 (see"),
-                                        (["generate", "--ckpt", "x"], "required: --prompt (see tinygemma generate"),
+                                        (["generate", "--ckpt", "x"],
+                                         "required: --prompt (or --prompt-file) (see tinygemma generate"),
                                         # values argparse takes as values, not options: the missing one is named
                                         (["generate", "--prompt", "- Hello, said Tom", "--max-new-tokens", "3"],
                                          "required: --ckpt (see"),

@@ -767,11 +767,14 @@ def test_cli_reads_prompts_from_files_and_standard_input(ckpt, tmp_path, capsys,
     (tmp_path / "story.txt").write_text(story + "\n", encoding="utf-8")
     (tmp_path / "crlf.txt").write_bytes((story + "\r\n").encode())
     both = out("--prompt", PROMPT, "--prompt", story)
-    assert out("--prompt", PROMPT, "--prompt-file", str(tmp_path / "story.txt")) == both
-    assert out("--prompt", PROMPT, "--prompt-file", str(tmp_path / "crlf.txt")) == both
-    monkeypatch.setattr(sys, "stdin", io.StringIO(story))
-    assert out("--prompt", PROMPT, "--prompt-file", "-") == both
-    assert out("--prompt-file", str(tmp_path / "story.txt"), "--prompt", PROMPT).startswith(story)  # (the order)
+    (tmp_path / "bom.txt").write_bytes(("\ufeff" + story + "\n").encode())  # (Notepad's UTF-8)
+    for name in ("story.txt", "crlf.txt", "bom.txt"):
+        assert out("--prompt", PROMPT, "--prompt-file", str(tmp_path / name)) == both, name
+    for given in (story.encode(), (story + "\r\n").encode(), story.replace("\n", "\r\n").encode() + b"\r\n"):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(given)))  # standard input read as a file is
+        assert out("--prompt", PROMPT, "--prompt-file", "-") == both, given
+    assert out("--prompt-file", str(tmp_path / "story.txt"), "--prompt", PROMPT) == out("--prompt", story, "--prompt",
+                                                                                       PROMPT)  # (the order given)
     (tmp_path / "latin1.txt").write_bytes("Café".encode("latin-1"))
     (tmp_path / "empty.txt").write_text("\n")
     for path, said in ((tmp_path / "gone.txt", "not found"), (tmp_path, "is a folder"),
@@ -779,6 +782,13 @@ def test_cli_reads_prompts_from_files_and_standard_input(ckpt, tmp_path, capsys,
         assert main(["generate", "--ckpt", str(ckpt), "--prompt-file", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"--prompt-file {path}" in err and said in err, err
+    for stdin, args, said in ((io.TextIOWrapper(io.BytesIO(b"Caf\xe9")), ["-"], "standard input is not UTF-8 text"),
+                              (None, ["-"], "standard input is closed"),
+                              (io.TextIOWrapper(io.BytesIO(b"Tom")), ["-", "--prompt-file", "-"], "is given twice")):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt-file", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
     with pytest.raises(SystemExit) as stopped:
         main(["generate", "--ckpt", str(ckpt)])
     assert stopped.value.code == 2 and "required: --prompt (or --prompt-file)" in capsys.readouterr().err

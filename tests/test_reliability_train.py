@@ -596,19 +596,24 @@ def test_under_torchrun_processes_on_unlike_machines_are_refused_before_training
     assert proc.returncode == 0, test_train.torchrun_failure(proc)
 
 
-def test_a_refusal_of_process_0_as_it_opens_the_logs_stops_every_process(data_dir, tmp_path):
+@pytest.mark.parametrize("disk_full", [False, True])
+def test_a_refusal_of_process_0_as_it_opens_the_logs_stops_every_process(disk_full, data_dir, tmp_path):
     """Process 0 alone opens the run's logs, and refuses there a run another command wrote into the folder
-    meanwhile: the other processes went on to the first collective and waited for it until its timeout (under an
-    agent that does not stop them, srun's). Every process now ends with the refusal, said once."""
+    meanwhile, or fails on a full disk: the other processes went on to the first collective and waited for it
+    until its timeout (under an agent that does not stop them, srun's). Every process now ends with the refusal
+    (exit status 2; the disk's failure: 1), said once."""
     out = tmp_path / "refused"
-    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 0, "refuse_logs": "another command wrote a run into it"}]),
+    message = "[Errno 28] another command wrote a run into it" if disk_full else "another command wrote a run into it"
+    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 0, "refuse_logs": message[11 if disk_full else 0:],
+                                            "disk_full": disk_full}]),
            "TINYGEMMA_FAULT_LOG": str(tmp_path / "log"), "TINYGEMMA_FAULT_RUN": str(out),
            "TINYGEMMA_EXIT_LOG": str(tmp_path / "exits")}
     proc = torchrun(out, data_dir, "--stop-at", "2", entry=[str(ROOT / "tests" / "torchrun_faults.py")], env=env)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "tinygemma train: error:" in line]
-    assert errors == ["tinygemma train: error: another command wrote a run into it"], test_train.torchrun_failure(proc)
-    assert sorted((tmp_path / "exits").read_text().split("\n")[:-1]) == ["0 2", "1 2"]  # each ended with it
+    assert errors == [f"tinygemma train: error: {message}"], test_train.torchrun_failure(proc)
+    status = 1 if disk_full else 2
+    assert sorted((tmp_path / "exits").read_text().split("\n")[:-1]) == [f"0 {status}", f"1 {status}"]
 
 
 def test_torchrun_restarts_lost_processes_and_the_run_goes_on_with_the_same_losses(two_process_run, data_dir,

@@ -10,7 +10,8 @@ TINYGEMMA_FAULTS is a JSON list indexed by torchrun's attempt (TORCHELASTIC_REST
 {"rank": R, "other_cpu": true}: process R's CPU says the opposite of this one's about native bfloat16 (another
 machine's), which Muon's auto backend follows, or
 {"rank": R, "refuse_logs": MESSAGE}: process R's opening of the run's logs refuses with MESSAGE (as process 0's
-does where another command wrote into the folder meanwhile).
+does where another command wrote into the folder meanwhile), or with a full disk's OSError where "disk_full" is
+true too.
 With TINYGEMMA_EXIT_LOG set, each process appends "RANK EXIT_STATUS" to it as it ends (not one killed).
 At the start of every attempt, rank 0 appends to TINYGEMMA_FAULT_LOG what it finds in the run directory
 TINYGEMMA_FAULT_RUN: the last checkpoint's step, whether that checkpoint loads, and half-written checkpoints.
@@ -42,6 +43,8 @@ def inject(fault: dict) -> None:
         tinygemma.optim.cpu_has_bf16 = lambda: not has_bf16()
     if "refuse_logs" in fault:
         def refusing_open_logs(self):
+            if fault.get("disk_full"):
+                raise OSError(28, fault["refuse_logs"])
             raise tinygemma.UserError(fault["refuse_logs"])
 
         tinygemma.train.Trainer.open_logs = refusing_open_logs

@@ -45,6 +45,7 @@ from tinygemma.data import (
 from tinygemma.devices import dtype_name, evaluation_dtype, parse_dtype, pick_device
 from tinygemma.errors import (
     UserError,
+    describe,
     exit_status,
     interrupt,
     says_stops,
@@ -128,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (a command to repeat names them)
+    if args.command == "generate" and not args.prompts:  # (either of two options: argparse's required takes one;
+        # before the unknown ones, as argparse's own: its parser then names a misspelled option as such)
+        parser.commands["generate"].error("the following arguments are required: --prompt (or --prompt-file)")
     if unknown:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "generate" and not args.prompts:  # (either of two options: argparse's required takes one)
-        parser.commands["generate"].error("the following arguments are required: --prompt (or --prompt-file)")
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         # Text stdout's encoding lacks (a story's é or emoji on Windows redirected to a cp1252 file) is written as
         # "?", not a traceback in the middle of it; PYTHONUTF8=1 writes it all.
@@ -447,6 +449,8 @@ def _generate_main(args) -> int:
                    prompts=args.num_samples, prefix="--",
                    repetition_penalty=args.repetition_penalty, min_p=args.min_p, stop=args.stop)  # seed + i: sample i
     check_num_samples(args.num_samples, "--num-samples")
+    if [value for kind, value in args.prompts if kind == "file"].count("-") > 1:
+        raise UserError("--prompt-file - is given twice: standard input is read once")
     args.prompt = [read_prompt_file(value) if kind == "file" else value for kind, value in args.prompts]
     for (kind, value), prompt in zip(args.prompts, args.prompt):
         if not prompt:
@@ -659,17 +663,25 @@ def _prompt_file(text: str) -> tuple[str, str]:
 
 
 def read_prompt_file(path: str) -> str:
-    """--prompt-file's prompt: the file's text (standard input's for -), less one final newline."""
+    """--prompt-file's prompt: the file's UTF-8 text (standard input's for -, read as bytes, alike on every
+    system), a byte-order mark left out, its line ends as \\n, less one final newline."""
     where = "standard input" if path == "-" else path
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        if path == "-" and (sys.stdin is None or sys.stdin.closed):
+            raise UserError("--prompt-file -: standard input is closed")
+        data = (sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin).read() if path == "-" else \
+            Path(path).read_bytes()
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data  # (a stdin of text: a notebook's)
     except FileNotFoundError:
         raise UserError(f"--prompt-file {path}: not found") from None
     except IsADirectoryError:
         raise UserError(f"--prompt-file {path} is a folder; give a text file") from None
     except UnicodeDecodeError as e:
         raise UserError(f"--prompt-file {where} is not UTF-8 text (byte {e.start})") from None
-    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    except OSError as e:  # (no permission; on Windows a folder too)
+        raise UserError(f"--prompt-file {where} cannot be read ({describe(e)})") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _context(text: str) -> str | int:

@@ -394,15 +394,15 @@ class Trainer:
         self.flops_per_token, self.peak = self.model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
         self.machine = environment(rt.device, rt.world_size)  # hardware, software, commit: config.json's, each part's
         self.tokenizer = {**self.data.meta["tokenizer"], "eot_id": self.data.eot_id}
-        refusal = None
+        refusal, kind = None, UserError
         if rt.is_main:
             try:
                 self.open_logs()
-            except UserError as e:  # (another command wrote into the folder meanwhile): every process stops with it
-                if rt.world_size == 1:
+            except (UserError, OSError) as e:  # (another command wrote into the folder meanwhile; a full disk):
+                if rt.world_size == 1:  # every process stops with it
                     raise
-                refusal = str(e)
-        raise_on_all_ranks(refusal, rt)  # (else the others wait at the first collective until its timeout)
+                refusal, kind = str(e), UserError if isinstance(e, UserError) else OSError
+        raise_on_all_ranks(refusal, rt, kind=kind)  # (else the others wait at the first collective until its timeout)
         self.next_batch = self.batches.get(self.start, 0) if self.start < self.end else None
         if self.profile_steps and rt.is_main:
             self.profiler = StepProfiler(*self.profile_steps, self.run_dir / "profile", rt.device)
@@ -968,7 +968,7 @@ def check_train_arguments(resume: bool, stop_at: int | None, profile: str | None
 
 def check_generate_settings(recipe: Recipe, model_config: ModelConfig, tokenizer) -> None:
     """[generate] as `run` checks it, before training: its settings, and its prompts in the data's tokens (each
-    must encode to some, and fit with generate.max_new_tokens in the model's positions). train.sample_interval
+    must encode to some; read at most the training block, any length fits the model's positions). train.sample_interval
     samples them with the whole model on process 0, which FSDP shards."""
     sampling = recipe.train.sample_interval
     if sampling and recipe.train.distributed == "fsdp" and env_world_size() > 1:

@@ -461,8 +461,10 @@ def test_gpu_suite_smoke_run_writes_a_complete_report_and_summary(tmp_path):
     assert names[1].startswith("tests/test_optim.py::test_compiled_backend_on_cuda")
     assert [name.partition("[")[0] for name in names[2:4]] == [
         "tests/test_cuda.py::test_cuda_graph_decoding_gives_the_tokens_of_kernel_by_kernel_steps"] * 2  # never run
-    assert names[4] == "tests/test_cuda.py::test_generate_with_end_of_text_waits_every_few_tokens_on_cuda"  # never run
-    assert names[5].startswith("tests/test_cuda.py::test_training_attention_runs_a_fused_sdpa_kernel")
+    assert names[4:6] == [  # never run
+        "tests/test_cuda.py::test_cuda_graph_decoding_within_a_context_gives_the_tokens_of_the_model_s_own_forward",
+        "tests/test_cuda.py::test_generate_with_end_of_text_waits_every_few_tokens_on_cuda"]
+    assert names[6].startswith("tests/test_cuda.py::test_training_attention_runs_a_fused_sdpa_kernel")
     assert names[-1].startswith("tests/test_cuda.py::test_torchrun_reproduces_one_process")
 
     # 3-5. Generation, the optimizer step and the loss head: their JSON's figures in the report and summary.
@@ -1568,7 +1570,7 @@ def test_generate_speed_counts_every_sequences_tokens_and_compares_median_times(
     import types
 
     bench = load_script("generate_speed")
-    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None)
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None, context=None)
     config = types.SimpleNamespace(vocab_size=50)
 
     def fake_model(device):
@@ -1608,7 +1610,7 @@ def test_generate_speed_times_end_of_text_waiting_every_few_tokens_against_each(
     bench = load_script("generate_speed")
     torch.manual_seed(0)
     model = Gemma3(ModelConfig.preset("gemma3-tiny", vocab_size=64, n_layers=2)).eval()
-    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None)
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None, context=None)
     made, longer, waits = {}, [False], []
     stream = bench.generate_stream  # (generate's own stream is its module's: not this one)
     monkeypatch.setattr(bench, "generate_stream", lambda *a, **k: waits.append(k["sync_every"]) or stream(*a, **k))
@@ -2020,7 +2022,7 @@ def test_generate_speed_times_each_contender_as_itself_and_compares_every_sequen
     where every sequence of the batch agrees, counted from the first new token: the second sequence here parts
     ways at its third new token, so 2 leading tokens agree and the batch's tokens are not the same."""
     bench = load_script("generate_speed")
-    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None)
+    args = types.SimpleNamespace(seed=0, prompt_tokens=4, new_tokens=6, repeats=1, eos_id=None, context=None)
     ours = torch.zeros(2, 10, dtype=torch.long)
     theirs = ours.clone()
     theirs[1, 4 + 2] = 7

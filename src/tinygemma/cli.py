@@ -544,7 +544,7 @@ def _eval_main(args) -> int:
     if data_tokenizer.model_vocab_size > model.config.vocab_size:  # special ids past the rows never occur in it
         raise UserError(f"{args.data} has {data_tokenizer.model_vocab_size:,} token ids, more than the model's "
                         f"{model.config.vocab_size:,}")
-    trained = trained_block_size(args.ckpt)
+    trained = trained_block_size(args.ckpt) if args.block_size is not None else None  # (the default is it)
     if trained and block_size > trained:  # (a measurement past the training block: BENCHMARKS.md's "Past the ...")
         print(f"note: --block-size {block_size} is past the {trained} tokens the model trained on at once: it "
               f"predicts positions {trained} to {block_size - 1} from distances it never saw", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Generation: sampling filters on hand-made logits, determinism, stopping at end of text, streaming text, CLI."""
 
+import json
 import os
 import re
 import subprocess
@@ -19,10 +20,12 @@ from tinygemma.cli import main
 from tinygemma.config import check_stop
 from tinygemma.files import atomic_write_json
 from tinygemma.generate import (
+    Sample,
     StopText,
     TextStream,
     filter_logits,
     generate,
+    generate_samples,
     generate_stream,
     generate_text,
     sample_next_token,
@@ -234,6 +237,9 @@ def test_each_sample_of_a_batch_stops_at_its_own_end_of_text(model, tokenizer):
     ends_early.eot_id = eos
     texts, n_new = generate_text(model, ends_early, PROMPT, 12, temperature=1.0, seed=seed, num_samples=2)
     assert texts == [tokenizer.decode(rows[0][:stop]), tokenizer.decode(rows[1])] and n_new == stop + 1 + 12
+    # generate_samples says how each ended, with its own count (the end of text's token counted)
+    assert generate_samples(model, ends_early, PROMPT, 12, temperature=1.0, seed=seed, num_samples=2) == [
+        Sample(texts[0], stop + 1, "end_of_text"), Sample(texts[1], 12, "length")]
 
 
 def test_stop_text_releases_all_before_the_first_stop_string_met_and_nothing_after():
@@ -290,6 +296,7 @@ def test_stop_strings_end_each_sample_and_generation(model, tokenizer, monkeypat
     assert n_new == 5
     assert generate_text(model, tokenizer, PROMPT, 12, temperature=0, stop=stop) == (text, n_new)  # one str
     assert generate_text(model, tokenizer, PROMPT, 12, temperature=0, stop="never in it") == ([full], 12)
+    assert generate_samples(model, tokenizer, PROMPT, 12, temperature=0, stop=stop) == [Sample(full[:start], 5, "stop")]
     # A batch of sampled texts: each is its seed's text alone, cut at its own first stop string.
     alone = [generate_text(model, tokenizer, PROMPT, 12, temperature=1.0, seed=3 + i)[0][0] for i in range(3)]
     cut = "e"
@@ -605,6 +612,7 @@ def test_the_readmes_python_example_runs(ckpt, capsys):
     assert scope["out"].shape == (1, scope["ids"].shape[1] + 20) and torch.isfinite(scope["loss"])
     assert capsys.readouterr().out.startswith("Once upon a time there was")
     assert len(scope["texts"]) == 1 and 0 < scope["new_tokens"] <= 100
+    assert len(scope["samples"]) == 4 and {s.finish_reason for s in scope["samples"]} <= {"end_of_text", "length"}
 
 
 # ------------------------------------------------------------------ streaming text
@@ -794,6 +802,33 @@ def test_cli_reads_prompts_from_files_and_standard_input(ckpt, tmp_path, capsys,
     assert stopped.value.code == 2 and "required: --prompt (or --prompt-file)" in capsys.readouterr().err
 
 
+def test_cli_json_prints_one_line_a_sample(ckpt, tokenizer, capsys):
+    """--json: one JSON object a line a sample, prompts in turn, that a script parses whatever the text holds (the
+    '---' between plain samples may occur in a story), each the sample generate_samples gives, with its seed and
+    how it ended; nothing else on stdout."""
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--prompt", "Tom had", "--max-new-tokens", "6",
+            "--temperature", "1.0", "--top-k", "0", "--seed", "3", "--num-samples", "2", "--stop", "e", "--json",
+            "--dtype", "float32"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["prompt"], r["sample"], r["seed"]) for r in records] == [
+        (PROMPT, 0, 3), (PROMPT, 1, 4), ("Tom had", 0, 3), ("Tom had", 1, 4)]
+    model = load(ckpt)
+    for prompt, pair in ((PROMPT, records[:2]), ("Tom had", records[2:])):
+        samples = generate_samples(model, tokenizer, prompt, 6, 1.0, seed=3, num_samples=2, stop="e")
+        assert [(r["text"], r["new_tokens"], r["finish_reason"]) for r in pair] == [
+            (s.text, s.new_tokens, s.finish_reason) for s in samples]
+    assert {r["finish_reason"] for r in records} <= {"stop", "length", "end_of_text"}
+    assert "stop" in {r["finish_reason"] for r in records}  # (the seeds chosen so that "e" ends one)
+    one = ["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "6", "--seed", "3"]
+    assert main(one) == 0
+    plain = capsys.readouterr().out
+    assert main([*one, "--json"]) == 0  # one sample: the text streamed without --json, in one line
+    [line] = capsys.readouterr().out.splitlines()
+    assert PROMPT + json.loads(line)["text"] + "\n" == plain and json.loads(line)["new_tokens"] == 6
+
+
 def test_cli_seeded_samples_and_run_directory(ckpt, tokenizer, tmp_path, capsys):
     # A run directory: checkpoints/last.json points at the checkpoint, as training writes it.
     run = tmp_path / "run"
@@ -816,20 +851,20 @@ def test_cli_seeded_samples_and_run_directory(ckpt, tokenizer, tmp_path, capsys)
     assert penalized == [PROMPT + t for t in texts]
 
 
-def test_every_sampling_flag_reaches_generate_text(ckpt, capsys, monkeypatch):
-    """Each of generate's sampling flags is the setting generate_text is called with (--top-p 0.9 with --top-k 50
+def test_every_sampling_flag_reaches_generate_samples(ckpt, capsys, monkeypatch):
+    """Each of generate's sampling flags is the setting generate_samples is called with (--top-p 0.9 with --top-k 50
     drew the same tiny samples with the flag dropped, and --min-p was only ever tested off)."""
     import inspect
 
     import tinygemma.cli as cli
 
-    calls, real = [], cli.generate_text
+    calls, real = [], cli.generate_samples
 
     def recorded(*args, **kwargs):
         calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "generate_text", recorded)
+    monkeypatch.setattr(cli, "generate_samples", recorded)
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "1.5",
                  "--top-k", "40", "--top-p", "0.85", "--min-p", "0.02", "--repetition-penalty", "1.2", "--seed", "11",
                  "--num-samples", "2", "--stop", "xyz"]) == 0

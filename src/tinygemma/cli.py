@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import select
@@ -56,7 +57,7 @@ from tinygemma.errors import (
 )
 from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import signal_handler
-from tinygemma.generate import check_num_samples, generate_text, prompt_ids
+from tinygemma.generate import check_num_samples, generate_samples, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import check_hub_repo, push_to_hub
 from tinygemma.metrics import strict_json
@@ -474,7 +475,7 @@ def _generate_main(args) -> int:
     out = sys.stdout
     started, n_tokens = time.perf_counter(), 0
     for i, prompt in enumerate(args.prompt):  # each with the same settings and seed: the text it gives alone
-        if i:
+        if i and not args.json:
             out.write(SAMPLE_SEPARATOR[1:])  # (after the previous prompt's newline)
         n_tokens += _continue_prompt(model, tokenizer, prompt, args, out)
     seconds = time.perf_counter() - started
@@ -483,9 +484,10 @@ def _generate_main(args) -> int:
 
 
 def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
-    """Print the prompt's continuations (one streamed as it comes, several each whole, separated), then a newline;
-    return the new tokens."""
-    if args.num_samples == 1:  # stream: each piece of text is printed as soon as it is complete
+    """Print the prompt's continuations (one streamed as it comes, several each whole, separated; under --json,
+    one JSON line each), then a newline; return the new tokens."""
+    streamed = args.num_samples == 1 and not args.json
+    if streamed:  # each piece of text is printed as soon as it is complete
         out.write(prompt)
         out.flush()
 
@@ -495,21 +497,25 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
     else:  # a batch of samples advances together; print each whole, one after another
         on_text = None
     try:
-        texts, n_tokens = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
-                                        args.top_k, args.top_p, args.seed, args.num_samples, on_text,
-                                        repetition_penalty=args.repetition_penalty, min_p=args.min_p,
-                                        stop=args.stop, context=args.context)
+        samples = generate_samples(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
+                                   args.top_k, args.top_p, args.seed, args.num_samples, on_text,
+                                   repetition_penalty=args.repetition_penalty, min_p=args.min_p,
+                                   stop=args.stop, context=args.context)
     except UserError:  # (non-finite logits): the text streamed so far ends its line before the refusal's
-        if args.num_samples == 1:
+        if streamed:
             out.write("\n")
             out.flush()
         raise
-    if args.num_samples == 1:
+    if args.json:  # (the seed sample i was drawn from: --seed + i)
+        out.write("".join(json.dumps({"prompt": prompt, "sample": i, "seed": args.seed + i, "text": sample.text,
+                                      "new_tokens": sample.new_tokens, "finish_reason": sample.finish_reason})
+                          + "\n" for i, sample in enumerate(samples)))
+    elif streamed:
         out.write("\n")
     else:
-        out.write(SAMPLE_SEPARATOR.join(prompt + text for text in texts) + "\n")
+        out.write(SAMPLE_SEPARATOR.join(prompt + sample.text for sample in samples) + "\n")
     out.flush()
-    return n_tokens
+    return sum(sample.new_tokens for sample in samples)
 
 
 def _eval_main(args) -> int:
@@ -650,6 +656,10 @@ def add_generate(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=1,
                    help="continuations generated together in one batch; printed one after another, separated "
                         "by a line '---' (only a single sample is streamed)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object a line for each sample, for scripts: prompt, sample, seed, text "
+                        "(without the prompt), new_tokens and finish_reason (end_of_text, stop or length); "
+                        "nothing is streamed")
     p.add_argument("--context", type=_context, default="trained", metavar="trained|all|N",
                    help="the most tokens the model reads at once: trained, the block it trained on (its training "
                         "block_size, where the checkpoint or export records it; else all), as the workshop's "

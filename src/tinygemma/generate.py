@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -479,22 +480,31 @@ def read_in_groups(stream: Iterator[torch.Tensor], every: int, read, finished: l
         read(steps)
 
 
-def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  num_samples: int = 1, on_text=None, cuda_graph: bool = True,
-                  repetition_penalty: float = 1.0, min_p: float | None = None,
-                  stop: str | list[str] = (), context: int | None = None) -> tuple[list[str], int]:
-    """The prompt's continuations (without the prompt), one per sample, each ending at end of text, before the
-    first of the `stop` strings (which is left out, as in llama.cpp's server and OpenAI's API) or after
-    `max_new_tokens` tokens; and the number of new tokens made, all samples together (end of text and the token
-    that completed a stop string included). `on_text(sample, text)` receives each piece of text as soon as it is
-    complete (and known not to begin a stop string). Sample i is drawn from seed
-    `seed + i`: it is the text a single sample with that seed gives, whatever `num_samples`, up to the rounding of
-    a batched matrix product (a float32 logit may differ by about 1e-6 from one row's, flipping a near-tie).
-    `cuda_graph`: as generate_stream's. The defaults sample the model's whole distribution (temperature 1, no
-    filter), where `tinygemma generate` and a recipe's [generate] default to temperature 0.8 and top-k 200:
-    **GenerateConfig().sampling() gives those. `context`: the most tokens the model reads at once (CachedReader's;
-    `tinygemma generate` and train's samples give the block the model trained on), None for all of them.
+@dataclass(frozen=True)
+class Sample:
+    """One continuation of a prompt: its text (without the prompt), the new tokens made for it (end of text, or
+    the token that completed a stop text, included) and why it ended: "end_of_text", "stop" (one of the stop
+    texts, left out of the text) or "length" (max_new_tokens made)."""
+    text: str
+    new_tokens: int
+    finish_reason: str
+
+
+def generate_samples(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     num_samples: int = 1, on_text=None, cuda_graph: bool = True,
+                     repetition_penalty: float = 1.0, min_p: float | None = None,
+                     stop: str | list[str] = (), context: int | None = None) -> list[Sample]:
+    """The prompt's continuations, one `Sample` each, each ending at end of text, before the first of the `stop`
+    strings (which is left out, as in llama.cpp's server and OpenAI's API) or after `max_new_tokens` tokens.
+    `on_text(sample, text)` receives each piece of text as soon as it is complete (and known not to begin a stop
+    string). Sample i is drawn from seed `seed + i`: it is the text a single sample with that seed gives, whatever
+    `num_samples`, up to the rounding of a batched matrix product (a float32 logit may differ by about 1e-6 from
+    one row's, flipping a near-tie). `cuda_graph`: as generate_stream's. The defaults sample the model's whole
+    distribution (temperature 1, no filter), where `tinygemma generate` and a recipe's [generate] default to
+    temperature 0.8 and top-k 200: **GenerateConfig().sampling() gives those. `context`: the most tokens the model
+    reads at once (CachedReader's; `tinygemma generate` and train's samples give the block the model trained
+    on), None for all of them.
     """
     check_num_samples(num_samples, "num_samples")
     stops = check_stop(stop)
@@ -518,11 +528,14 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     stoppers = [StopText(stops) for _ in range(num_samples)]
     texts = [""] * num_samples
     finished = [False] * num_samples
-    new_tokens = 0
+    made = [0] * num_samples
+    reasons = ["length"] * num_samples
 
     def emit(i: int, piece: str, last: bool = False) -> None:
         piece, finished[i] = stoppers[i].push(piece)
-        if last and not finished[i]:
+        if finished[i]:
+            reasons[i] = "stop"
+        elif last:
             piece += stoppers[i].flush()
             finished[i] = True
         if piece:
@@ -531,13 +544,13 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
                 on_text(i, piece)
 
     def read(steps: list[torch.Tensor]) -> None:
-        nonlocal new_tokens
         for tokens in torch.stack(steps).tolist():
             for i, token in enumerate(tokens):
                 if finished[i]:
                     continue
-                new_tokens += 1
+                made[i] += 1
                 if token == eot:
+                    reasons[i] = "end_of_text"
                     emit(i, streams[i].flush(), last=True)
                 else:
                     emit(i, streams[i].push(token))
@@ -551,4 +564,16 @@ def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 2
     for i in range(num_samples):
         if not finished[i]:
             emit(i, streams[i].flush(), last=True)
-    return texts, new_tokens
+    return [Sample(text, n, reason) for text, n, reason in zip(texts, made, reasons)]
+
+
+def generate_text(model: Gemma3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                  num_samples: int = 1, on_text=None, cuda_graph: bool = True,
+                  repetition_penalty: float = 1.0, min_p: float | None = None,
+                  stop: str | list[str] = (), context: int | None = None) -> tuple[list[str], int]:
+    """The prompt's continuations (without the prompt), one per sample, and the number of new tokens made, all
+    samples together: generate_samples' texts and new tokens (its docstring says how each ends and is drawn)."""
+    samples = generate_samples(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                               num_samples, on_text, cuda_graph, repetition_penalty, min_p, stop, context)
+    return [sample.text for sample in samples], sum(sample.new_tokens for sample in samples)

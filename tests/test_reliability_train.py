@@ -596,23 +596,27 @@ def test_under_torchrun_processes_on_unlike_machines_are_refused_before_training
     assert proc.returncode == 0, test_train.torchrun_failure(proc)
 
 
-@pytest.mark.parametrize("disk_full", [False, True])
-def test_a_refusal_of_process_0_as_it_opens_the_logs_stops_every_process(disk_full, data_dir, tmp_path):
+@pytest.mark.parametrize("failure", ["refusal", "disk_full", "bug"])
+def test_a_refusal_of_process_0_as_it_opens_the_logs_stops_every_process(failure, data_dir, tmp_path):
     """Process 0 alone opens the run's logs, and refuses there a run another command wrote into the folder
-    meanwhile, or fails on a full disk: the other processes went on to the first collective and waited for it
-    until its timeout (under an agent that does not stop them, srun's). Every process now ends with the refusal
-    (exit status 2; the disk's failure: 1), said once."""
+    meanwhile, or fails on a full disk or with a bug's error (a ValueError): the other processes went on to the
+    first collective and waited for it until its timeout (under an agent that does not stop them, srun's). Every
+    process now ends with it (exit status 2; the disk's failure and the bug: 1), said once: the bug's by process
+    0's own traceback."""
     out = tmp_path / "refused"
-    message = "[Errno 28] another command wrote a run into it" if disk_full else "another command wrote a run into it"
-    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 0, "refuse_logs": message[11 if disk_full else 0:],
-                                            "disk_full": disk_full}]),
+    message = "another command wrote a run into it"
+    env = {"TINYGEMMA_FAULTS": json.dumps([{"rank": 0, "refuse_logs": message, failure: True}]),
            "TINYGEMMA_FAULT_LOG": str(tmp_path / "log"), "TINYGEMMA_FAULT_RUN": str(out),
            "TINYGEMMA_EXIT_LOG": str(tmp_path / "exits")}
     proc = torchrun(out, data_dir, "--stop-at", "2", entry=[str(ROOT / "tests" / "torchrun_faults.py")], env=env)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "tinygemma train: error:" in line]
-    assert errors == [f"tinygemma train: error: {message}"], test_train.torchrun_failure(proc)
-    status = 1 if disk_full else 2
+    if failure == "bug":
+        assert errors == [] and proc.stderr.count(f"ValueError: {message}") == 1, test_train.torchrun_failure(proc)
+    else:
+        said = f"[Errno 28] {message}" if failure == "disk_full" else message
+        assert errors == [f"tinygemma train: error: {said}"], test_train.torchrun_failure(proc)
+    status = 2 if failure == "refusal" else 1
     assert sorted((tmp_path / "exits").read_text().split("\n")[:-1]) == [f"0 {status}", f"1 {status}"]
 
 

@@ -11,8 +11,9 @@ TINYGEMMA_FAULTS is a JSON list indexed by torchrun's attempt (TORCHELASTIC_REST
 machine's), which Muon's auto backend follows, or
 {"rank": R, "refuse_logs": MESSAGE}: process R's opening of the run's logs refuses with MESSAGE (as process 0's
 does where another command wrote into the folder meanwhile), or with a full disk's OSError where "disk_full" is
-true too.
-With TINYGEMMA_EXIT_LOG set, each process appends "RANK EXIT_STATUS" to it as it ends (not one killed).
+true too, or with a ValueError (a bug's) where "bug" is true.
+With TINYGEMMA_EXIT_LOG set, each process appends "RANK EXIT_STATUS" to it as it ends (not one killed; 1 for an
+uncaught exception, which then ends it as Python does).
 At the start of every attempt, rank 0 appends to TINYGEMMA_FAULT_LOG what it finds in the run directory
 TINYGEMMA_FAULT_RUN: the last checkpoint's step, whether that checkpoint loads, and half-written checkpoints.
 """
@@ -45,6 +46,8 @@ def inject(fault: dict) -> None:
         def refusing_open_logs(self):
             if fault.get("disk_full"):
                 raise OSError(28, fault["refuse_logs"])
+            if fault.get("bug"):
+                raise ValueError(fault["refuse_logs"])
             raise tinygemma.UserError(fault["refuse_logs"])
 
         tinygemma.train.Trainer.open_logs = refusing_open_logs
@@ -107,8 +110,15 @@ if __name__ == "__main__":
     fault = faults[attempt] if attempt < len(faults) else None
     if fault and fault["rank"] == rank:
         inject(fault)
-    status = main()
-    if os.environ.get("TINYGEMMA_EXIT_LOG"):
-        with open(os.environ["TINYGEMMA_EXIT_LOG"], "a") as f:
-            f.write(f"{rank} {status}\n")
+    def log_exit(status: int) -> None:
+        if os.environ.get("TINYGEMMA_EXIT_LOG"):
+            with open(os.environ["TINYGEMMA_EXIT_LOG"], "a") as f:
+                f.write(f"{rank} {status}\n")
+
+    try:
+        status = main()
+    except Exception:
+        log_exit(1)
+        raise
+    log_exit(status)
     sys.exit(status)

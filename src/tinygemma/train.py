@@ -394,15 +394,7 @@ class Trainer:
         self.flops_per_token, self.peak = self.model_config.flops_per_token(cfg.block_size), peak_flops(rt.device)
         self.machine = environment(rt.device, rt.world_size)  # hardware, software, commit: config.json's, each part's
         self.tokenizer = {**self.data.meta["tokenizer"], "eot_id": self.data.eot_id}
-        refusal, kind = None, UserError
-        if rt.is_main:
-            try:
-                self.open_logs()
-            except (UserError, OSError) as e:  # (another command wrote into the folder meanwhile; a full disk):
-                if rt.world_size == 1:  # every process stops with it
-                    raise
-                refusal, kind = str(e), UserError if isinstance(e, UserError) else OSError
-        raise_on_all_ranks(refusal, rt, kind=kind)  # (else the others wait at the first collective until its timeout)
+        self.open_logs_on_rank_0()
         self.next_batch = self.batches.get(self.start, 0) if self.start < self.end else None
         if self.profile_steps and rt.is_main:
             self.profiler = StepProfiler(*self.profile_steps, self.run_dir / "profile", rt.device)
@@ -430,6 +422,26 @@ class Trainer:
         if not self.recipe_made_data:
             recipe["data"] = {"dir": self.recipe.data.dir}
         return recipe
+
+    def open_logs_on_rank_0(self) -> None:
+        """open_logs on process 0 alone; its failure ends every process (else the others wait at the first
+        collective until its timeout): a refusal (another command wrote into the folder meanwhile) as bad input,
+        else as the machine's failure, process 0's own error (a bug's, with its traceback) printed once."""
+        refusal, kind, failure = None, UserError, None
+        if self.rt.is_main:
+            try:
+                self.open_logs()
+            except Exception as e:
+                if self.rt.world_size == 1:
+                    raise
+                refusal, kind = str(e) or type(e).__name__, UserError if isinstance(e, UserError) else OSError
+                failure = None if isinstance(e, (UserError, OSError)) else e
+        try:
+            raise_on_all_ranks(refusal, self.rt, kind=kind)
+        except OSError:
+            if failure is not None:  # (process 0: its own error, not the one it shared)
+                raise failure from None
+            raise
 
     def open_logs(self) -> None:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""

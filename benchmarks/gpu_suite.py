@@ -49,7 +49,8 @@ trainer run's output lines are kept timed from its start (the report's folded bl
 `trainer_timelines`):
 where its minutes went, from startup and compilation to the checkpoint.
 
-The exit status is 0 when every step passed, 1 otherwise. The report and the summary are written at the start,
+The exit status is 0 when every step passed, 1 otherwise; the verdict of a run that left steps or trainer runs
+out (--steps, --runs) reads PASS (a partial run), not PASS. The report and the summary are written at the start,
 after each trainer run and after each step, so a suite stopped from outside still leaves what it measured
 (marked INCOMPLETE); a command stopped at its step's deadline is killed with its whole process group and every
 process descended from it (torchrun's workers, in sessions of their own; compile workers), and what it had
@@ -907,10 +908,11 @@ def write_report(path: Path, plan: Plan, argv: list[str], env_line: str, machine
     what it measured, marked INCOMPLETE."""
     pending = step_titles(plan)[len(results):]
     finished = [r for r in results if not r.partial]
-    verdict = ("FAIL" if not all(r.ok or r.cut for r in finished) else "INCOMPLETE"
-               if pending or len(finished) < len(results) or any(r.cut for r in finished) else "PASS")
-    states = [f"{r.title.split('. ', 1)[1]} {r.state}" for r in results]
     steps_out, runs_out = left_out(plan)
+    verdict = ("FAIL" if not all(r.ok or r.cut for r in finished) else "INCOMPLETE"
+               if pending or len(finished) < len(results) or any(r.cut for r in finished) else
+               "PASS (a partial run)" if steps_out or runs_out else "PASS")  # (not the whole suite's: --steps, --runs)
+    states = [f"{r.title.split('. ', 1)[1]} {r.state}" for r in results]
     lines = ["# GPU acceptance run" + (" (--quick smoke run, not a GPU result)" if plan.quick else ""), "",
              f"**{verdict}**: " + (", ".join(states) or "no step finished yet") + f"; {total / 60:.1f} minutes in all"
              + (f"; left out (--steps): {', '.join(steps_out)}" if steps_out else "")

@@ -1952,7 +1952,7 @@ def test_gpu_suite_runs_the_steps_and_trainer_runs_asked_for_sharing_the_budget_
     assert suite.main(["--device", "cpu", "--quick", "--assets", str(assets), "--report", str(report),
                        "--steps", "generation"]) == 0
     text, summary = report.read_text(), json.loads(report.with_suffix(".json").read_text())
-    assert ("**PASS**: Generation passed; " in text and "left out (--steps): Trainer, The workshop's code, "
+    assert ("**PASS (a partial run)**: Generation passed; " in text and "left out (--steps): Trainer, The workshop's code, "
             "Optimizer step, Loss head, CUDA tests." in text)
     assert text.count("Left out of this run (`--steps`).") == 5 and "## 3. Generation\n\nCommand:" in text
     assert summary["steps"] == {"Generation": True} and not summary["complete"] and "generation" in summary
@@ -1964,6 +1964,7 @@ def test_gpu_suite_runs_the_steps_and_trainer_runs_asked_for_sharing_the_budget_
                        "--steps", "trainer", "--runs", "80-muon"]) == 0
     text, summary = report.read_text(), json.loads(report.with_suffix(".json").read_text())
     assert "; the trainer's runs left out (--runs): 32-adamw." in text.splitlines()[2]
+    assert text.splitlines()[2].startswith("**PASS (a partial run)**: ")
     assert summary["trainer_runs_left_out"] == ["32-adamw"] and not summary["complete"]
     assert [(r["block_size"], r["optimizer"]) for r in summary["trainer"]] == [(80, "muon")]
 

@@ -416,6 +416,22 @@ def test_evaluation_on_a_device_without_float64_sums_each_batch_in_float32_and_t
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)
 
 
+def test_the_windows_go_to_a_device_other_than_cuda_synchronously(monkeypatch):
+    """evaluate copied each batch of windows with non_blocking=True on every device: on Apple's MPS such a copy of
+    ordinary (not pinned) CPU memory reads it after the call returns, and the temporary batch could be freed by
+    then (pytorch/pytorch#139550: wrong ids, a wrong loss said as right). Only CUDA's copy is asynchronous now
+    (the CPU standing in for MPS: no copy asks for it)."""
+    calls, real = [], torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking", False))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    evaluate(small_model(64), np.arange(200) % 64, 16, batch_size=2, token_bytes=torch.ones(64, dtype=torch.long))
+    assert len(calls) >= 6 and not any(calls)  # (six batches of windows at least)
+
+
 def test_an_evaluation_whose_loss_overflows_exp_still_reports():
     """A diverged model's validation (mean nats past 709): perplexity is inf (null in JSON), not an OverflowError
     that ends training at its periodic evaluation, nor e**700 for every loss past it; the log line shows 3

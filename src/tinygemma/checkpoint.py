@@ -903,7 +903,9 @@ def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
     from safetensors import safe_open
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    tensors = read_safetensors(path)
+    # Copies of the process's own: safetensors' tensors map the file, which a CPU run's moments kept mapped to its
+    # end (the checkpoint pruning then deleted kept its disk space; on Windows it could not be deleted at all)
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(path).items()}
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != "tinygemma-optimizer":

@@ -1188,6 +1188,15 @@ def test_workers_default_to_the_cores_this_process_may_use(monkeypatch, tmp_path
         assert data.available_cpus() == cores, quota
 
 
+def test_a_windows_machine_of_more_than_61_cores_starts_61_workers(monkeypatch):
+    """ProcessPoolExecutor refuses more than 61 processes on Windows (a ValueError's traceback): prepare's default,
+    one worker a core, passed it on a machine of 64 or more."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert [data.pool_size(n) for n in (2, 61, 64, 256)] == [2, 61, 61, 61]
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert data.pool_size(256) == 256
+
+
 def test_more_workers_than_cores_are_the_cores(stories_dir, tmp_path, monkeypatch, capsys):
     """--workers 100000 forked processes until memory ran out: more than the usable cores take the cores, said."""
     monkeypatch.setattr(data, "available_cpus", lambda: 2)

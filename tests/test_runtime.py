@@ -168,15 +168,15 @@ def test_torchrun_restarts_through_a_shared_store_are_warned_about():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_torchrun_worker_dies_with_its_launcher(tmp_path):
     """torchrun starts its workers in sessions of their own: a launcher killed outright left them training and
-    writing the run. die_with_launcher (called by setup_runtime under torchrun) has the kernel signal the worker
+    writing the run. die_with_parent (called by setup_runtime under torchrun) has the kernel signal the worker
     when its parent dies."""
     import subprocess
     import time
 
     src = Path(__file__).resolve().parents[1] / "src"
     worker = (f"import sys, time; sys.path.insert(0, {str(src)!r})\n"
-              "from tinygemma.runtime import die_with_launcher\n"
-              "die_with_launcher(); print('ready', flush=True); time.sleep(60)\n")
+              "from tinygemma.runtime import die_with_parent\n"
+              "die_with_parent(); print('ready', flush=True); time.sleep(60)\n")
     launcher = ("import subprocess, sys, time\n"
                 f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True, stdout=subprocess.PIPE, text=True)\n"
                 "assert p.stdout.readline() == 'ready\\n'\n"
@@ -197,10 +197,27 @@ def test_a_torchrun_worker_dies_with_its_launcher(tmp_path):
     pytest.fail("the worker outlived its launcher")
 
 
+def test_asking_to_die_with_the_parent_is_linuxs_alone(monkeypatch):
+    """Elsewhere it does nothing: on Windows ctypes.CDLL(None) raises a TypeError, which ended every torchrun
+    worker (and prepare's tokenizing workers) as it started."""
+    import ctypes
+
+    def windows_cdll(name, *args, **kwargs):
+        if name is None:
+            raise TypeError("argument of type 'NoneType' is not iterable")  # (Windows' CDLL(None))
+        return real(name, *args, **kwargs)
+
+    real = ctypes.CDLL
+    monkeypatch.setattr(ctypes, "CDLL", windows_cdll)
+    for platform in ("win32", "darwin"):
+        monkeypatch.setattr(sys, "platform", platform)
+        assert runtime.die_with_parent() is None
+
+
 def test_any_process_torchrun_started_asks_to_die_with_it(monkeypatch):
     """torchrun puts its workers in sessions of their own even with --nproc-per-node 1 (WORLD_SIZE 1)."""
     called = []
-    monkeypatch.setattr(runtime, "die_with_launcher", lambda: called.append(True))
+    monkeypatch.setattr(runtime, "die_with_parent", lambda: called.append(True))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     runtime.setup_runtime("cpu", "float32")

@@ -48,7 +48,7 @@ from tinygemma.files import (
     signals_held,
     write_errors,
 )
-from tinygemma.runtime import Runtime
+from tinygemma.runtime import Runtime, die_with_parent
 from tinygemma.tokenizer import (
     EOT_TOKEN,
     TOKENIZER_FILE,
@@ -466,17 +466,7 @@ def _init_worker(tokenizer: Tokenizer, quiet_interrupt: bool = False) -> None:
     if quiet_interrupt:  # a worker process: Ctrl-C is the parent's to handle (it shuts the pool down), not a
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # traceback from each worker; SIGTERM (its parent's end,
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # below) ends it, never as the CLI's Terminated
-        _end_with_parent()
-
-
-def _end_with_parent() -> None:
-    """On Linux, have the kernel stop this worker when the process that started it dies: a prepare killed
-    (SIGKILL, SIGTERM) otherwise left its workers running forever, blocked writing results no one reads."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        die_with_parent()  # (a prepare killed: SIGKILL, SIGTERM)
 
 
 def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int]:
@@ -494,6 +484,14 @@ def encode_stories(stories: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray
         pieces += (prefix, tokenizer.encode_to_numpy(story), eot)
     ids = np.concatenate(pieces, dtype=dtype_for(tokenizer.vocab_size))
     return ids, sum(len(story.encode("utf-8")) for story in stories)
+
+
+WINDOWS_MAX_WORKERS = 61  # what ProcessPoolExecutor takes on Windows at most (a ValueError past it)
+
+
+def pool_size(workers: int) -> int:
+    """The worker processes to start for `workers`: on Windows at most 61, which a machine of more cores passed."""
+    return min(workers, WINDOWS_MAX_WORKERS) if sys.platform == "win32" else workers
 
 
 class _Workers:
@@ -518,7 +516,7 @@ class _Workers:
             # The workers start now, with Ctrl-C held back until they have: one that lands in the parent amid a
             # fork (in CPython's after-fork callbacks) is printed as ignored and lost, and prepare went on to exit 0.
             try:
-                self.pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker,
+                self.pool = concurrent.futures.ProcessPoolExecutor(pool_size(workers), initializer=_init_worker,
                                                                    initargs=(tokenizer, True))
                 with signals_held():
                     self.pool.submit(int).result()

@@ -58,7 +58,7 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     world_size = env_world_size()
     rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if world_size > 1 else (0, 0)
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun (one process too: its own session as well)
-        die_with_launcher()
+        die_with_parent()
     device = pick_device(device_name)
     if device.type == "mps" and world_size > 1:
         raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
@@ -118,17 +118,17 @@ def env_rank(env=None) -> int:
     return int(env["RANK"]) if env_world_size(env) > 1 else 0
 
 
-def die_with_launcher(sig: int = signal.SIGTERM) -> None:
-    """Under torchrun: this worker gets `sig` when its launcher dies. torchrun starts its workers in sessions of
-    their own, so a launcher killed outright (kill -9, the OOM killer, a scheduler killing one pid) left them
-    training and writing the run, beside the resume that followed (Linux; elsewhere nothing)."""
-    try:
-        import ctypes
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """This process gets `sig` when its parent dies (Linux; elsewhere nothing: on Windows ctypes.CDLL(None) is a
+    TypeError). torchrun starts its workers in sessions of their own, so a launcher killed outright (kill -9, the
+    OOM killer, a scheduler killing one pid) left them training and writing the run, beside the resume that
+    followed; prepare's tokenizing workers, blocked writing results no one reads, ran forever."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, int(sig))  # PR_SET_PDEATHSIG
 
 
 def restart_warning(env) -> str | None:

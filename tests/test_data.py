@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -1195,6 +1196,30 @@ def test_a_windows_machine_of_more_than_61_cores_starts_61_workers(monkeypatch):
     assert [data.pool_size(n) for n in (2, 61, 64, 256)] == [2, 61, 61, 61]
     monkeypatch.setattr(sys, "platform", "linux")
     assert data.pool_size(256) == 256
+
+
+def test_a_tokenizer_class_of_the_notebook_is_used_in_process_where_workers_are_spawned(stories_dir, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Worker processes that are spawned (macOS's and Windows' default; forkserver, Linux's from Python 3.14)
+    import the tokenizer's class: one defined in the notebook or script (__main__) is not found there, and prepare
+    failed with the workers' tracebacks and a bare BrokenProcessPool. It tokenizes in its own process instead,
+    said; where workers fork, they are used."""
+    class Mine(GPT2Tokenizer):
+        pass
+
+    Mine.__module__ = "__main__"
+    monkeypatch.setattr(data, "available_cpus", lambda: 2)
+    started, workers = [], data._Workers
+    monkeypatch.setattr(data, "_Workers", lambda tokenizer, n: started.append(n) or workers(tokenizer, n))
+    for method, used in (("spawn", 1), ("forkserver", 1), ("fork", 2)):
+        monkeypatch.setattr(multiprocessing, "get_start_method", lambda method=method: method)
+        prepare(tmp_path / method, sources=[stories_dir / "train.txt"], limit=50, workers=2, tokenizer=Mine(),
+                progress=False)
+        assert started[-1] == used, method
+        said = f"the tokenizer's class Mine is defined in the notebook or the script run, which worker processes " \
+               f"started by {method} (macOS, Windows) cannot import; tokenizing in this process"
+        assert (said in capsys.readouterr().err) == (used == 1), method
+    assert (tmp_path / "spawn" / "train.bin").read_bytes() == (tmp_path / "fork" / "train.bin").read_bytes()
 
 
 def test_more_workers_than_cores_are_the_cores(stories_dir, tmp_path, monkeypatch, capsys):

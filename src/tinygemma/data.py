@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -674,6 +675,12 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         notes.append(f"--workers (workers) {workers} is more than the {cores} cores this process may use; using "
                      f"{cores}")
         workers = cores
+    started_by = multiprocessing.get_start_method()
+    if workers > 1 and type(tokenizer).__module__ == "__main__" and started_by != "fork":
+        notes.append(f"the tokenizer's class {type(tokenizer).__name__} is defined in the notebook or the script run, "
+                     f"which worker processes started by {started_by} (macOS, Windows) cannot import; tokenizing in "
+                     "this process (define it in a module for workers)")
+        workers = 1
     lacking = missing_bytes(tokenizer.parsed) if isinstance(tokenizer, HFTokenizer) else 0
     if lacking:
         notes.append(f"the tokenizer's byte-level vocabulary lacks {lacking} of the 256 bytes: its encoder silently "

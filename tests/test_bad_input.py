@@ -193,7 +193,8 @@ CASES = [
                                          "--tokenizer", "{root}/tokdir"],
      "{root}/tokdir/tokenizer.json is a folder, not a tokenizer.json"),  # was errno 21 and exit 1, a machine's
     ("train-data-with-a-space", ["train", "--data", "{root}/new dir", "--out", "{root}/new-run"],
-     "(run `tinygemma prepare --out '{root}/new dir'`;"),  # a command that pastes whole
+     "no such folder; give the folder that `tinygemma prepare --out` wrote, or make this one with `tinygemma "
+     "prepare --out '{root}/new dir'` and the --source and --tokenizer you mean"),  # a command that pastes whole
     ("run-empty-source-path", ["run", "{repo}/configs/cpu-demo.toml", "--set", 'data.source=[""]', "--set",
                                "data.dir={root}/new", "--set", "out={root}/new-run"], "an empty path"),
     ("train-empty-out-set", ["train", "--set", "out="], "train.out is empty: it must name the run's folder"),

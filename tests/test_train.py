@@ -269,6 +269,36 @@ def test_train_checks_the_data_and_sampling_settings_it_is_given(data_dir, tmp_p
     assert main([*args, *(a for s in same for a in ("--set", s))]) == 0
 
 
+def test_a_resume_whose_data_is_gone_names_what_prepares_it_again(data_dir, stories_dir, tmp_path, capsys):
+    """A resumed run whose data folder was moved or deleted said "no meta.json (run `tinygemma prepare --out DIR`)":
+    a command that prepares the hub's stories with GPT-2's tokenizer, which the run then refused. It names the
+    `tinygemma prepare` of the run's [data] where its recipe made the data, and none where `--data` gave it (the
+    run recorded nothing more of it)."""
+    made = ["data.source=" + str(stories_dir / "train.txt"), "data.tokenizer=bpe", "data.vocab_size=512",
+            "data.limit=600"]
+    for name, extra, said in (("given", [], "give its folder with --data, or prepare the same stories with the same "
+                                            "tokenizer into it again; then run this command again"),
+                              ("made", made, "`tinygemma prepare --out {data} --source {source} --tokenizer bpe "
+                                             "--vocab-size 512 --limit 600` prepares it again as the run's [data] "
+                                             "asks")):
+        data, out = tmp_path / f"data-{name}", tmp_path / f"run-{name}"
+        if name == "given":
+            shutil.copytree(data_dir, data)
+        else:  # (as the recipe's [data] prepares it: the source's 5% held out)
+            prepare(data, sources=[stories_dir / "train.txt"], tokenizer="bpe", vocab_size=512, limit=600, workers=1,
+                    progress=False)
+        settings = [item for setting in tiny_settings(data, out, "max_steps=2", "warmup_steps=1", *extra) for item in ("--set", setting)]
+        assert main(["train", *settings]) == 0
+        recorded = json.loads((out / "config.json").read_text())["data"]
+        assert (set(recorded) == {"dir"}) == (name == "given"), recorded
+        shutil.rmtree(data)
+        capsys.readouterr()
+        assert main(["train", "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{data} (the run's data.dir) holds no prepared data: it is gone, or " \
+            "elsewhere" in err, err
+        assert said.format(data=data, source=stories_dir / "train.txt") in err, err
+
 def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the_preset(data_dir, tmp_path, capsys,
                                                                                         monkeypatch):
     """`--set train.out=RUN` (as the run report spells it) resumes from RUN's config.json as --out does (the

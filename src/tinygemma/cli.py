@@ -56,7 +56,7 @@ from tinygemma.errors import (
     under_torchrun,
 )
 from tinygemma.evaluation import check_evaluation, evaluate
-from tinygemma.files import signal_handler
+from tinygemma.files import peek_json, signal_handler
 from tinygemma.generate import check_num_samples, generate_samples, prompt_ids
 from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
 from tinygemma.hf import check_hub_repo, push_to_hub
@@ -354,17 +354,33 @@ def prepare_command(data: DataConfig) -> str:
                        *(["--limit", str(data.limit)] if data.limit is not None else [])])
 
 
+def unprepared_data(recipe: Recipe, run: str | None = None) -> UserError | None:
+    """The refusal of a recipe's data.dir that holds no data yet, or of the data.dir of the `run` resumed that holds
+    none any more, naming the `tinygemma prepare` that makes it: a bare `prepare --out DIR` would ignore the
+    recipe's [data] (and `run` would train another command's run). A run trained with `--data DIR` recorded no
+    more of its data than the folder: no command can be named."""
+    data_dir = Path(recipe.data.dir)
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        return None
+    if run is None:
+        return UserError(f"{data_dir} (data.dir) is not prepared yet: `{prepare_command(recipe.data)}` prepares it "
+                         "as the recipe's [data] asks; then run this command again")
+    recorded = peek_json(Path(run) / "config.json").get("data")
+    if isinstance(recorded, dict) and set(recorded) - {"dir"}:  # (the recipe's [data] made it)
+        how = f"`{prepare_command(recipe.data)}` prepares it again as the run's [data] asks"
+    else:
+        how = "give its folder with --data, or prepare the same stories with the same tokenizer into it again"
+    return UserError(f"{data_dir} (the run's data.dir) holds no prepared data: it is gone, or elsewhere (a relative "
+                     f"path is read from the folder this command runs in); {how}; then run this command again")
+
+
 def _train_run(args, out: str, overrides: list[str]) -> int:
     # --resume continues the recipe the run was trained with (a recipe file given is followed instead)
     recipe = saved_recipe(out, overrides + args.set) if args.resume and args.config is None and out else None
-    unprepared = None
-    if recipe is None:
-        recipe = load_recipe(args.config, overrides + args.set)
-        data_dir = Path(recipe.data.dir)
-        if args.config and args.data is None and not (data_dir.is_dir() and any(data_dir.iterdir())):
-            # (a bare `prepare --out DIR` would ignore the recipe's [data]; `run` would train another command's run)
-            unprepared = UserError(f"{data_dir} (data.dir) is not prepared yet: `{prepare_command(recipe.data)}` "
-                                   "prepares it as the recipe's [data] asks; then run this command again")
+    resumed = recipe is not None
+    recipe = recipe or load_recipe(args.config, overrides + args.set)
+    unprepared = unprepared_data(recipe, out if resumed else None) if (resumed or args.config) and not args.data \
+        else None
     if unprepared and not args.dry_run:
         raise unprepared
     check_given_settings(recipe, overrides + args.set)

@@ -993,6 +993,10 @@ def open_prepared(directory: str | Path) -> PreparedData:
     if directory.is_file():  # a GGUF file, weights, anything else
         raise UserError(f"{directory} is a file, not a prepared dataset; give the folder that `tinygemma prepare "
                         f"--out` wrote (story files, which prepare and eval read, are {', '.join(TEXT_FORMATS)})")
+    if not directory.exists():  # (a mistyped path: not a folder to prepare with the defaults)
+        raise UserError(f"{directory} is not a prepared dataset: no such folder; give the folder that `tinygemma "
+                        f"prepare --out` wrote, or make this one with `tinygemma prepare --out "
+                        f"{shell_quote(str(directory))}` and the --source and --tokenizer you mean")
     if not (directory / META_NAME).exists():
         if is_training_run(directory):  # the run folder given for its data: prepare would refuse it
             data = peek_json(directory / "config.json").get("data")

@@ -1473,10 +1473,16 @@ def test_resume_refuses_other_batches_and_names_other_rates(data_dir, tmp_path, 
     split = tmp_path / "split"  # (a copy: the run goes on below)
     shutil.copytree(out, split)
     run(data_dir, split, "max_steps=6", "checkpoint_interval=2", "batch_size=4", "grad_accum_steps=2",
-        "micro_batch_size=2", "distributed=fsdp", resume=True, stop_at=5)
+        "micro_batch_size=2", "distributed=fsdp", "loss_head=full", "attention_backend=sdpa", resume=True, stop_at=5)
     state = json.loads((split / "checkpoints" / "step_000005" / "trainer_state.json").read_text())
-    # (distributed: no change on one process; test_config has it under torchrun)
-    assert state["invocations"][-1]["changed"] == {"micro_batch_size": ["auto", "2"]}
+    # (distributed: no change on one process; test_config has it under torchrun). The loss head's and attention's
+    # kernels round otherwise too: recorded, so that Reproduce is the run (it was one command with loss_head=full)
+    assert state["invocations"][-1]["changed"] == {"micro_batch_size": ["auto", "2"], "loss_head": ["auto", "full"],
+                                                   "attention_backend": ["auto", "sdpa"]}
+    assert "warning" not in capsys.readouterr().err
+    reproduce = (split / "report.md").read_text()  # its last part takes them; the first trains with the run's own
+    assert "--resume --set train.micro_batch_size=2 --set train.loss_head=full --set train.attention_backend=sdpa " \
+        "--stop-at 5\n" in reproduce and "loss_head=full --stop-at 2" not in reproduce
     capsys.readouterr()
     assert ("tinygemma train --out " + shlex.quote(str(out)) + " --resume --set train.batch_size=4 --set "
             "train.grad_accum_steps=2 --stop-at 4") in (out / "report.md").read_text()

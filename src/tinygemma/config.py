@@ -194,10 +194,12 @@ STEP_SETTINGS = ("learning_rate", "min_lr", "muon_learning_rate", "muon_backend"
 # kept among an invocation's changes, so that the report's Reproduce commands make the same records.
 RECORD_SETTINGS = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "sample_interval")
 # Another split of the same global batch, or of the model across processes (DDP's replicas or FSDP2's shards,
-# whose low-precision reductions round otherwise): the same windows and math, float summation aside (which
-# training amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the
-# Reproduce commands split the steps as they were split.
-SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size", "distributed")
+# whose low-precision reductions round otherwise), or another way to compute the same math (the loss head's, the
+# attention's kernels, compiled or not): the same windows and math, float summation aside (which training
+# amplifies, Muon most: README, "tinygemma compare"): kept among the changes too, unwarned, so that the Reproduce
+# commands split the steps as they were split.
+SPLIT_SETTINGS = ("batch_size", "grad_accum_steps", "micro_batch_size", "distributed", "loss_head",
+                  "attention_backend", "compile")
 # All that an invocation records among its changes
 CHANGE_SETTINGS = STEP_SETTINGS + RECORD_SETTINGS + SPLIT_SETTINGS
 

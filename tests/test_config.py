@@ -368,6 +368,13 @@ def test_bad_recipe_files_are_refused(tmp_path):
         "[train]\nlearning_rate = \"3e-4\"\n": "train.learning_rate must be a number, got '3e-4' (a quoted string",
         "[train]\nlearning_rate = true\n": "train.learning_rate must be a number",
         "[train]\nmicro_batch_size = 4.0\n": "train.micro_batch_size must be auto or a positive integer, got 4.0",
+        # A number or a boolean for a text setting was taken as its text: out = 5 trained into a folder named 5
+        "[train]\nout = 5\n": "train.out must be a string, got 5",
+        "[train]\ndtype = 16\n": "train.dtype must be a string, got 16",
+        "[train]\nmicro_batch_size = true\n": "train.micro_batch_size must be auto or a positive integer, got True",
+        "[data]\ntokenizer = 5\nvocab_size = 300\n": "data.tokenizer must be a string, got 5",
+        "[data]\ndir = 5\n": "data.dir must be a string, got 5",
+        "[model]\npreset = 270\n": "model.preset must be a string, got 270",
         "[training]\nbatch_size = 3\n": "unknown section(s) training",
         "[train]\nbatch_size = 3\nbatch_sise = 4\n": "unknown setting train.batch_sise",
         "[model]\npreset = \"gemma3-tiny\"\nlayers = 4\n": "unknown setting model.layers",

@@ -662,11 +662,13 @@ def _read_float(value, from_text: bool, key: str) -> float:
 
 
 def _read_str(value, from_text: bool, key: str) -> str:
+    """Text; a recipe file's true or false for train.compile, and its number for train.micro_batch_size (other
+    settings' numbers and booleans were taken as their text: `out = 5` trained into a folder named 5)."""
     if isinstance(value, os.PathLike):  # train.out = Path("runs/x") from Python
         value = os.fspath(value)
-    if isinstance(value, bool):
+    if isinstance(value, bool) and key == "train.compile":
         return "true" if value else "false"
-    if is_integer(value):  # micro_batch_size = 64 in a recipe file
+    if is_integer(value) and not isinstance(value, bool) and key == "train.micro_batch_size":
         return str(int(value))
     if not isinstance(value, str):
         raise ValueError

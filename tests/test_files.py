@@ -372,6 +372,26 @@ def test_a_machine_or_network_failure_is_told_from_bad_input():
     assert type(failure("x", machine[0])) is OSError and type(failure("x", inputs[0])) is UserError
 
 
+def test_an_atomic_write_on_a_read_only_disk_is_one_line_naming_its_file(tmp_path, monkeypatch):
+    """On a read-only disk the temporary cannot be made, and unlinking its name (which never existed) fails too:
+    that second error, "[Errno 30] ... '.m.gguf.1a2b3c4d.tmp'", replaced the line naming the file (export --format
+    gguf, compare --plot). Simulated: creating or unlinking a file under the folder is EROFS, as there."""
+    real_open, real_unlink = os.open, Path.unlink
+
+    def read_only(function):
+        def refuse(path, *args, **kwargs):
+            if str(path).startswith(str(tmp_path)):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return function(path, *args, **kwargs)
+        return refuse
+
+    monkeypatch.setattr(os, "open", read_only(real_open))
+    monkeypatch.setattr(Path, "unlink", read_only(real_unlink))
+    with pytest.raises(files.WriteError) as refused, atomic_path(tmp_path / "m.gguf"):
+        pass
+    assert str(refused.value) == f"could not write {tmp_path / 'm.gguf'} (Read-only file system)"
+
+
 def test_an_atomic_write_is_synced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
     """Durability, not only atomicity: the new file's data reach the disk before the rename makes it the file,
     and the folder's entry after (a power cut otherwise can leave the new name on an empty file)."""

@@ -89,12 +89,13 @@ def atomic_path(path: str | Path):
             # Created with mode 0666 as open() creates files, so that the kernel applies the umask (and a default
             # ACL) itself: os.umask reads it only by setting it, process-wide, which races with other threads.
             # (tempfile.mkstemp would create it 0600 whatever the umask.)
-            for tmp in _temporary_names(path):
+            for name in _temporary_names(path):
                 try:
-                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
-                    break
-                except FileExistsError:
-                    tmp = None  # another's
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+                except FileExistsError:  # another's
+                    continue
+                tmp = name  # (only once made: unlinking a name never made fails too on a read-only disk, whose
+                break  # error then replaced the one naming `path`)
             # open(path, "w") keeps an existing file's permissions: so does replacing it (a file its owner made 0600
             # stays 0600); a new file gets the temporary's, 0666 less the umask.
             mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)

@@ -111,6 +111,7 @@ from tinygemma.files import (
     read_safetensors,
     remove_temporaries,
     signals_held,
+    write_errors,
 )
 from tinygemma.generate import generate_text, prompt_ids
 from tinygemma.gguf_export import attention_scale_dim, llama_cpp_refusal
@@ -447,7 +448,8 @@ class Trainer:
         """config.json, metrics.jsonl (cut back to the checkpoint), the trackers, and the progress bar or header."""
         cfg, run_dir, start = self.cfg, self.run_dir, self.start
         made = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with write_errors(run_dir):  # (a read-only disk: one line naming the folder)
+            run_dir.mkdir(parents=True, exist_ok=True)
         if self.lock:
             self.lock.acquire()  # a run started in a new (or empty) folder: locked now that it becomes one
             if not is_training_run(run_dir):  # and checked again: another command may have written it meanwhile

@@ -671,7 +671,16 @@ def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_p
                                         (["generate", "--prompt", "- Hello, said Tom", "--max-new-tokens", "3"],
                                          "required: --ckpt (see"),
                                         (["generate", "--ckpt", "x", "--temperature", "-.5"], "required: --prompt"),
-                                        (["generate", "--ckpt", "x", "--", "--promt"], "required: --prompt")])
+                                        (["generate", "--ckpt", "x", "--", "--promt"], "required: --prompt"),
+                                        # a text that begins with "-" (a line of dialogue), read as an option: how
+                                        # to give it, where argparse said only "expected one argument"
+                                        (["generate", "--ckpt", "x", "--prompt", "-Hello"],
+                                         "argument --prompt: expected one argument; a text that begins with '-' "
+                                         "goes after '=': --prompt=-Hello (see"),
+                                        (["generate", "--ckpt", "x", "--prompt", "Once", "--stop", "--"],
+                                         "a text that begins with '-' goes after '=': --stop=-- (see"),
+                                        (["generate", "--ckpt", "x", "--prompt"],
+                                         "argument --prompt: expected one argument (see")])
 def test_a_command_line_argparse_refuses_is_one_line_too(argv, words, capsys):
     """A missing or ill-typed argument: argparse's refusal, in one line naming --help, and exit status 2."""
     with pytest.raises(SystemExit) as stopped:

@@ -90,7 +90,18 @@ class Parser(argparse.ArgumentParser):
         unknown = self.unknown_options()
         if message.startswith("the following arguments are required") and unknown:
             message = f"unrecognized arguments: {' '.join(unknown)}"
+        message += self.dash_text_hint(message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def dash_text_hint(self, message: str) -> str:
+        """For an option whose text begins with "-" (`--prompt "-Hello," said Tom`), which argparse reads as an
+        option and calls missing: how to give it."""
+        missing = re.fullmatch(r"argument (?:\S+/)?(--\S+): expected one argument", message)
+        given = getattr(self, "given", [])
+        for arg, text in zip(given, given[1:]):
+            if missing and arg == missing.group(1) and text.startswith("-"):
+                return f"; a text that begins with '-' goes after '=': {arg}={shell_quote(text)}"
+        return ""
 
     def unknown_options(self) -> list[str]:
         """The items given that argparse reads as options (not "-", a negative number, text with a space, or

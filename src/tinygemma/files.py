@@ -20,12 +20,25 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tinygemma.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (its tensors, safetensors.torch) is imported where a tensor is read or written, not with this module: the
+# tokenizer's module imports it, and prepare's worker processes, where they are spawned (macOS, Windows) or come
+# from a fork server (Linux from Python 3.14), import that alone, in a second where torch takes 3 and 200 MB each.
+
+
+def save_file(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+    """safetensors.torch.save_file."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, filename, metadata=metadata)
 
 
 def fsync_dir(path: Path) -> None:
@@ -89,13 +102,12 @@ def atomic_path(path: str | Path):
             # Created with mode 0666 as open() creates files, so that the kernel applies the umask (and a default
             # ACL) itself: os.umask reads it only by setting it, process-wide, which races with other threads.
             # (tempfile.mkstemp would create it 0600 whatever the umask.)
-            for name in _temporary_names(path):
+            for tmp in _temporary_names(path):
                 try:
-                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
-                except FileExistsError:  # another's
-                    continue
-                tmp = name  # (only once made: unlinking a name never made fails too on a read-only disk, whose
-                break  # error then replaced the one naming `path`)
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+                    break
+                except FileExistsError:
+                    tmp = None  # another's
             # open(path, "w") keeps an existing file's permissions: so does replacing it (a file its owner made 0600
             # stays 0600); a new file gets the temporary's, 0666 less the umask.
             mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
@@ -107,9 +119,11 @@ def atomic_path(path: str | Path):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    except BaseException:
+        if tmp is not None:  # (a read-only disk: its name was never made, and unlinking it fails too, an error
+            with contextlib.suppress(OSError):  # that replaced the one naming `path`)
+                tmp.unlink(missing_ok=True)
+        raise
 
 
 def temporary_target(name: str) -> str | None:
@@ -405,21 +419,22 @@ def in_run_checkpoints(path: str | Path) -> Path | None:
     return None
 
 
-# safetensors' dtype names (a header's), as torch's
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+# safetensors' dtype names (a header's), as torch's dtypes' names
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def read_safetensors(path: str | Path, header_only: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a truncated or corrupt file is a UserError, never a crash.
     `header_only`: the tensors as meta tensors of their shapes and dtypes (an unknown dtype as uint8), read from
     the header alone, which safetensors checks against the file's length (a truncated file is refused)."""
+    import torch
+
     try:
         with safe_open(str(path), framework="pt") as f:
             if header_only:
                 return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
-                                       dtype=SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
+                                       dtype=getattr(torch, SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), "uint8")))
                         for k in f.keys()}  # noqa: SIM118
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except FileNotFoundError:

@@ -391,7 +391,7 @@ def test_bpe_prepare(stories_dir, valid, tmp_path):
 
 def test_token_files_switch_to_uint32_exactly_past_65536_ids():
     """uint16 holds ids 0 to 65535: a vocabulary of 65,536 fits, one of 65,537 (id 65536 would wrap to 0) does not."""
-    from tinygemma.data import dtype_for
+    from tinygemma.tokenizer import dtype_for
 
     assert dtype_for(65_536) == np.uint16 and dtype_for(65_537) == np.uint32 and dtype_for(50_257) == np.uint16
 
@@ -600,7 +600,7 @@ def test_reading_edges_a_review_found(stories_dir, tmp_path, monkeypatch, capsys
     deep.mkdir()
     (deep / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
     assert not is_prepared_dataset(deep)
-    monkeypatch.setattr(data, "_encode_batch", die)  # forked workers find it by name
+    monkeypatch.setattr(data, "encode_in_worker", die)  # forked workers find it by name
     status, err = _fail(capsys, "--out", tmp_path / "killed", "--source", stories_dir / "train.txt", "--workers", "2")
     assert status == 1 and len(err) == 1 and "a tokenizing worker process died" in err[0], err  # the machine's
     assert not (tmp_path / "killed").exists()
@@ -1220,6 +1220,26 @@ def test_a_tokenizer_class_of_the_notebook_is_used_in_process_where_workers_are_
                f"started by {method} (macOS, Windows) cannot import; tokenizing in this process"
         assert (said in capsys.readouterr().err) == (used == 1), method
     assert (tmp_path / "spawn" / "train.bin").read_bytes() == (tmp_path / "fork" / "train.bin").read_bytes()
+
+
+def test_spawned_workers_import_no_torch_and_tokenize_as_forked_ones(stories_dir, tmp_path):
+    """Workers that are spawned (macOS, Windows) or come from a fork server (Linux from Python 3.14) import the
+    module of their task and of the tokenizer's class: that was data.py, which imports torch, 3 s and 200 MB a
+    worker (and a Ctrl-C in those seconds a worker's traceback). Their module now imports no torch, and their
+    dataset is byte for byte the one tokenized in this process."""
+    env = {**os.environ, "PYTHONPATH": str(data.Path(data.__file__).parents[1])}
+    imported = subprocess.run([sys.executable, "-c", "import sys, tinygemma.tokenizer; "
+                               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
+                              env=env, capture_output=True, text=True, check=True).stdout
+    assert imported == "[]\n"
+    source = stories_dir / "train.txt"
+    script = (f"import multiprocessing\nmultiprocessing.set_start_method('spawn')\nfrom tinygemma.data import "
+              f"prepare\nprepare({str(tmp_path / 'spawned')!r}, sources=[{str(source)!r}], limit=300, workers=2, "
+              f"progress=False)\n")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    prepare(tmp_path / "here", sources=[source], limit=300, workers=1, progress=False)
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "spawned" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
 
 
 def test_more_workers_than_cores_are_the_cores(stories_dir, tmp_path, monkeypatch, capsys):

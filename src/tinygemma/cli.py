@@ -37,7 +37,6 @@ from tinygemma.data import (
     DEFAULT_VAL_FRACTION,
     HUB_DATASET,
     SPLITS,
-    encode_stories,
     is_story_file,
     open_prepared,
     prepare,
@@ -72,7 +71,7 @@ from tinygemma.pipeline import (
 )
 from tinygemma.report import compare_runs, write_model_card
 from tinygemma.runtime import env_rank
-from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, token_byte_lengths
+from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, encode_stories, token_byte_lengths
 from tinygemma.train import check_fork_processes, check_run, saved_recipe, train
 
 

@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import os
 import re
-import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -49,12 +48,15 @@ from tinygemma.files import (
     signals_held,
     write_errors,
 )
-from tinygemma.runtime import Runtime, die_with_parent
+from tinygemma.runtime import Runtime
 from tinygemma.tokenizer import (
     EOT_TOKEN,
     TOKENIZER_FILE,
     HFTokenizer,
     Tokenizer,
+    dtype_for,
+    encode_in_worker,
+    init_encoding_worker,
     load_tokenizer,
     missing_bytes,
     tokenizer_from_spec,
@@ -454,39 +456,6 @@ def _batches(stories: Iterable[str], chars: int) -> Iterator[list[str]]:
 # ------------------------------------------------------------------ tokenizing
 
 
-def dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(tokenizer: Tokenizer, quiet_interrupt: bool = False) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-    if quiet_interrupt:  # a worker process: Ctrl-C is the parent's to handle (it shuts the pool down), not a
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # traceback from each worker; SIGTERM (its parent's end,
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # below) ends it, never as the CLI's Terminated
-        die_with_parent()  # (a prepare killed: SIGKILL, SIGTERM)
-
-
-def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int]:
-    """One worker task: encode_stories with the worker's tokenizer."""
-    return encode_stories(stories, _worker_tokenizer)
-
-
-def encode_stories(stories: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
-    """The stories' ids as prepare writes them, each followed by the end-of-text id (and preceded by the ids the
-    tokenizer starts a text with: Gemma's <bos>, as a prompt starts with it), and their UTF-8 bytes."""
-    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
-    prefix = np.array(tokenizer.prompt_prefix, dtype=np.uint32)
-    pieces = []
-    for story in stories:
-        pieces += (prefix, tokenizer.encode_to_numpy(story), eot)
-    ids = np.concatenate(pieces, dtype=dtype_for(tokenizer.vocab_size))
-    return ids, sum(len(story.encode("utf-8")) for story in stories)
-
-
 WINDOWS_MAX_WORKERS = 61  # what ProcessPoolExecutor takes on Windows at most (a ValueError past it)
 
 
@@ -517,7 +486,7 @@ class _Workers:
             # The workers start now, with Ctrl-C held back until they have: one that lands in the parent amid a
             # fork (in CPython's after-fork callbacks) is printed as ignored and lost, and prepare went on to exit 0.
             try:
-                self.pool = concurrent.futures.ProcessPoolExecutor(pool_size(workers), initializer=_init_worker,
+                self.pool = concurrent.futures.ProcessPoolExecutor(pool_size(workers), initializer=init_encoding_worker,
                                                                    initargs=(tokenizer, True))
                 with signals_held():
                     self.pool.submit(int).result()
@@ -536,18 +505,18 @@ class _Workers:
                 if parallelism is None:
                     os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
-            _init_worker(tokenizer)
+            init_encoding_worker(tokenizer)
 
     def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, int, int]]:
         """(ids, documents, bytes) per batch, in order."""
         if self.pool is None:
             for batch in batches:
-                yield (*_encode_batch(batch), len(batch))
+                yield (*encode_in_worker(batch), len(batch))
             return
         pending = deque()
         try:
             for batch in batches:
-                pending.append((self.pool.submit(_encode_batch, batch), len(batch)))
+                pending.append((self.pool.submit(encode_in_worker, batch), len(batch)))
                 if len(pending) >= 2 * self.workers:
                     result, n = pending.popleft()
                     yield (*result.result(), n)

@@ -6,12 +6,14 @@ traceback; an OSError (the machine's or the network's failure) as one line with 
 is a bug in tinygemma and keeps its traceback.
 """
 
+import contextlib
 import errno
 import os
 import re
 import shlex
 import signal
 import subprocess
+import sys
 
 
 class UserError(Exception):
@@ -122,3 +124,16 @@ def describe(error: BaseException, lines: int = 1) -> str:
     lines, joined by "; " (a validation error names what is wrong only on its second and third)."""
     kept = [line.strip() for line in str(error).splitlines() if line.strip()][:lines]
     return f"{type(error).__name__}: {'; '.join(kept)[:200 * lines]}" if kept else type(error).__name__
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """This process gets `sig` when its parent dies (Linux; elsewhere nothing: on Windows ctypes.CDLL(None) is a
+    TypeError). torchrun starts its workers in sessions of their own, so a launcher killed outright (kill -9, the
+    OOM killer, a scheduler killing one pid) left them training and writing the run, beside the resume that
+    followed; prepare's tokenizing workers, blocked writing results no one reads, ran forever."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, int(sig))  # PR_SET_PDEATHSIG

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tinygemma.devices import autocast_dtype, pick_device
-from tinygemma.errors import UserError, whole_number
+from tinygemma.errors import UserError, die_with_parent, whole_number
 
 
 @dataclass
@@ -116,19 +115,6 @@ def env_rank(env=None) -> int:
     """This process's rank under torchrun (RANK, checked as env_world_size checks it); 0 in a single process."""
     env = os.environ if env is None else env
     return int(env["RANK"]) if env_world_size(env) > 1 else 0
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """This process gets `sig` when its parent dies (Linux; elsewhere nothing: on Windows ctypes.CDLL(None) is a
-    TypeError). torchrun starts its workers in sessions of their own, so a launcher killed outright (kill -9, the
-    OOM killer, a scheduler killing one pid) left them training and writing the run, beside the resume that
-    followed; prepare's tokenizing workers, blocked writing results no one reads, ran forever."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, int(sig))  # PR_SET_PDEATHSIG
 
 
 def restart_warning(env) -> str | None:

@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 import re
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from tinygemma.errors import UserError, describe, failure
+from tinygemma.errors import UserError, describe, die_with_parent, failure
 from tinygemma.files import atomic_write_json, atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
@@ -629,3 +630,40 @@ def _anchor_ids(backend, avoid: set[int]) -> list[int]:
     except Exception:  # e.g. a WordLevel without an unknown token
         return []
     return [] if set(ids) & avoid else list(ids)
+
+
+# ------------------------------------------------------------------ encoding stories, in worker processes too
+# (prepare's workers import this module alone: no torch, which takes seconds and 200 MB a spawned process)
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def init_encoding_worker(tokenizer: Tokenizer, quiet_interrupt: bool = False) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+    if quiet_interrupt:  # a worker process: Ctrl-C is the parent's to handle (it shuts the pool down), not a
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # traceback from each worker; SIGTERM (its parent's end,
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # below) ends it, never as the CLI's Terminated
+        die_with_parent()  # (a prepare killed: SIGKILL, SIGTERM)
+
+
+def encode_in_worker(stories: list[str]) -> tuple[np.ndarray, int]:
+    """One worker task: encode_stories with the worker's tokenizer."""
+    return encode_stories(stories, _worker_tokenizer)
+
+
+def encode_stories(stories: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The stories' ids as prepare writes them, each followed by the end-of-text id (and preceded by the ids the
+    tokenizer starts a text with: Gemma's <bos>, as a prompt starts with it), and their UTF-8 bytes."""
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    prefix = np.array(tokenizer.prompt_prefix, dtype=np.uint32)
+    pieces = []
+    for story in stories:
+        pieces += (prefix, tokenizer.encode_to_numpy(story), eot)
+    ids = np.concatenate(pieces, dtype=dtype_for(tokenizer.vocab_size))
+    return ids, sum(len(story.encode("utf-8")) for story in stories)

@@ -1212,7 +1212,7 @@ def test_a_tokenizer_class_of_the_notebook_is_used_in_process_where_workers_are_
     started, workers = [], data._Workers
     monkeypatch.setattr(data, "_Workers", lambda tokenizer, n: started.append(n) or workers(tokenizer, n))
     for method, used in (("spawn", 1), ("forkserver", 1), ("fork", 2)):
-        monkeypatch.setattr(multiprocessing, "get_start_method", lambda method=method: method)
+        monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False, method=method: method)
         prepare(tmp_path / method, sources=[stories_dir / "train.txt"], limit=50, workers=2, tokenizer=Mine(),
                 progress=False)
         assert started[-1] == used, method

@@ -644,7 +644,8 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
         notes.append(f"--workers (workers) {workers} is more than the {cores} cores this process may use; using "
                      f"{cores}")
         workers = cores
-    started_by = multiprocessing.get_start_method()
+    # (asked without fixing it: the workers' pool, when there is one, does)
+    started_by = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
     if workers > 1 and type(tokenizer).__module__ == "__main__" and started_by != "fork":
         notes.append(f"the tokenizer's class {type(tokenizer).__name__} is defined in the notebook or the script run, "
                      f"which worker processes started by {started_by} (macOS, Windows) cannot import; tokenizing in "

@@ -680,6 +680,10 @@ def test_a_checkpoint_without_its_own_tokenizer_takes_the_given_one(world, tmp_p
                                         (["generate", "--ckpt", "x", "--prompt", "Once", "--stop", "--"],
                                          "a text that begins with '-' goes after '=': --stop=-- (see"),
                                         (["generate", "--ckpt", "x", "--prompt"],
+                                         "argument --prompt: expected one argument (see"),
+                                        # an option of the command's after it: a value left out, no such hint
+                                        (["train", "--out", "--resume"], "argument --out: expected one argument (see"),
+                                        (["generate", "--ckpt", "x", "--prompt", "--js"],
                                          "argument --prompt: expected one argument (see")])
 def test_a_command_line_argparse_refuses_is_one_line_too(argv, words, capsys):
     """A missing or ill-typed argument: argparse's refusal, in one line naming --help, and exit status 2."""

@@ -901,8 +901,14 @@ def test_open_prepared_refuses_corrupt_data(stories_dir, tmp_path):
         with pytest.raises(UserError, match=words) as refused:
             open_prepared(tmp_path)
         assert "train.bin is" not in str(refused.value), str(refused.value)
-    with pytest.raises(UserError, match="not a prepared dataset"):
+    with pytest.raises(UserError, match="not a prepared dataset: no such folder; give the folder that `tinygemma "
+                                        "prepare --out` wrote, or make this one with `tinygemma prepare --out "):
         open_prepared(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()  # (a bare `prepare --out DIR` would prepare the hub's stories with GPT-2's tokenizer)
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'empty'} is not a prepared dataset: no meta.json (an "
+                                                  "interrupted prepare leaves none); make it with `tinygemma prepare "
+                                                  f"--out {tmp_path / 'empty'}` and the --source and --tokenizer you mean")):
+        open_prepared(tmp_path / "empty")
 
 
 # ------------------------------------------------------------------ training batches

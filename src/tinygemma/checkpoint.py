@@ -52,6 +52,7 @@ from tinygemma.files import (
     remove_temporaries,
     signals_held,
     staged_folder,
+    write_errors,
 )
 from tinygemma.hf import (
     EXPORT_FILES,
@@ -109,7 +110,8 @@ def save_model(model: Gemma3, directory: str | Path, meta: dict | None = None) -
 def write_model(model: Gemma3, directory: Path, meta: dict | None = None) -> None:
     """save_model's files, unchecked: training writes them into the staging folder of a checkpoint, which it then
     renames into place whole."""
-    directory.mkdir(parents=True, exist_ok=True)
+    with write_errors(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model_state(model), directory / WEIGHTS_NAME, metadata={"format": CHECKPOINT_FORMAT})
     atomic_write_json(directory / META_NAME, {"format": CHECKPOINT_FORMAT, "model": model.config.to_dict(), **(meta or {})})
 
@@ -556,7 +558,8 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
     origin = fork_origin(src, run, step)
     check_fork_out(out, src, origin)
     made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    with write_errors(out):  # (a read-only disk: one line naming the folder)
+        out.mkdir(parents=True, exist_ok=True)
     try:  # Until last.json names the checkpoint the folder is no run (a resume of it would start afresh): said so,
         # with what makes it and who is making it; made anew, or another fork began it meanwhile (its, not ours)
         marker = os.open(out / FORK_INCOMPLETE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -903,9 +906,12 @@ def load_optimizer(path: Path, raw: Gemma3, optimizer) -> None:
     from safetensors import safe_open
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    # Copies of the process's own: safetensors' tensors map the file, which a CPU run's moments kept mapped to its
-    # end (the checkpoint pruning then deleted kept its disk space; on Windows it could not be deleted at all)
-    tensors = {name: tensor.clone() for name, tensor in read_safetensors(path).items()}
+    # On a CPU, copies of the process's own: safetensors' tensors map the file, which a CPU run's moments kept
+    # mapped to its end (the checkpoint pruning then deleted kept its disk space; on Windows it could not be
+    # deleted at all). Elsewhere torch copies them onto the device, and every process shares the map meanwhile.
+    tensors = read_safetensors(path)
+    if next(raw.parameters()).device.type == "cpu":
+        tensors = {name: tensor.clone() for name, tensor in tensors.items()}
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != "tinygemma-optimizer":

@@ -97,8 +97,12 @@ class Parser(argparse.ArgumentParser):
         option and calls missing: how to give it."""
         missing = re.fullmatch(r"argument (?:\S+/)?(--\S+): expected one argument", message)
         given = getattr(self, "given", [])
+        def option(text: str) -> bool:  # one of the command's, or an abbreviation: `--out --resume` lacks a value
+            name = text.split("=", 1)[0]
+            return name not in ("-", "--") and any(o.startswith(name) for o in self._option_string_actions)
+
         for arg, text in zip(given, given[1:]):
-            if missing and arg == missing.group(1) and text.startswith("-"):
+            if missing and arg == missing.group(1) and text.startswith("-") and not option(text):
                 return f"; a text that begins with '-' goes after '=': {arg}={shell_quote(text)}"
         return ""
 

@@ -979,8 +979,9 @@ def open_prepared(directory: str | Path) -> PreparedData:
         if files_not_prepares(directory):  # a checkpoint, an export, anything else: not prepare's to fill
             raise UserError(f"{directory} is not a prepared dataset (no {META_NAME}) and holds other files; give "
                             "the folder that `tinygemma prepare --out` wrote")
-        raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (run `tinygemma prepare --out "
-                        f"{shell_quote(str(directory))}`; an interrupted run leaves none)")
+        raise UserError(f"{directory} is not a prepared dataset: no {META_NAME} (an interrupted prepare leaves "
+                        f"none); make it with `tinygemma prepare --out {shell_quote(str(directory))}` and the "
+                        "--source and --tokenizer you mean")
     meta = read_json(directory / META_NAME, "dataset metadata")
     where = directory / META_NAME
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

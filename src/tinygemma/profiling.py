@@ -24,7 +24,7 @@ import torch
 
 from tinygemma.devices import synchronize
 from tinygemma.errors import UserError, describe
-from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text
+from tinygemma.files import atomic_path, atomic_write_json, atomic_write_text, write_errors
 
 SUMMARY_ROWS = 60
 TOP_KERNELS = 30  # the kernels named in profile.json and summary.txt, by summed device time
@@ -172,7 +172,8 @@ class StepProfiler:
             self.profiler = None
 
     def write(self, wall_s: float) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with write_errors(self.directory):
+            self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.directory / "trace.json") as tmp:
             self.profiler.export_chrome_trace(str(tmp))
             activity = device_activity(json.loads(Path(tmp).read_text(encoding="utf-8")).get("traceEvents", []),

@@ -1,6 +1,7 @@
 """Shared test fixtures: real TinyStories text and the offline GPT-2 vocabulary from ../shared."""
 
 import atexit
+import errno
 import gc
 import os
 import shutil
@@ -134,6 +135,20 @@ def flash_reference(q, k, v, scale, is_causal, left, right):
     kf, vf = kf.repeat_interleave(H // KV, 1), vf.repeat_interleave(H // KV, 1)
     probs = ((qf @ kf.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf")).softmax(-1)
     return probs, qf, kf, vf
+
+
+@pytest.fixture
+def read_only_folders(monkeypatch):
+    """Folders whose making fails as on a read-only disk (EROFS): read_only_folders.add(path)."""
+    folders, real = set(), Path.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if path in folders:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    return folders
 
 
 @pytest.fixture

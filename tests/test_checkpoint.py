@@ -1,6 +1,5 @@
 """Our checkpoint format, Hugging Face import (`tinygemma.load`) and export (`tinygemma export`)."""
 
-import errno
 import gc
 import hashlib
 import json
@@ -874,17 +873,11 @@ def test_a_loaded_optimizer_state_keeps_no_map_of_its_file(tmp_path):
     assert all(torch.equal(resumed.state[p]["exp_avg"], saved.state[p]["exp_avg"]) for p in model.parameters())
 
 
-def test_a_checkpoint_folder_on_a_read_only_disk_is_one_line_naming_it(tmp_path, monkeypatch):
+def test_a_checkpoint_folder_on_a_read_only_disk_is_one_line_naming_it(tmp_path, read_only_folders):
     """save_model (and a fork's folder, and a profile's) made its folder unwrapped: "[Errno 30] ...", where every
     other write says "could not write FOLDER (...)". Simulated: making the folder is EROFS."""
-    out, real = tmp_path / "ro" / "ckpt", Path.mkdir
-
-    def mkdir(path, *args, **kwargs):
-        if path == out:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = tmp_path / "ro" / "ckpt"
+    read_only_folders.add(out)
     with pytest.raises(files.WriteError, match=re.escape(f"could not write {out} (Read-only file system)")):
         save_model(Gemma3(small_config()), out)
 

@@ -3,7 +3,6 @@ the numbers (accumulation, processes), bf16 autocast keeps float32 master weight
 
 import contextlib
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -270,19 +269,13 @@ def test_train_checks_the_data_and_sampling_settings_it_is_given(data_dir, tmp_p
     assert main([*args, *(a for s in same for a in ("--set", s))]) == 0
 
 
-def test_a_run_folder_on_a_read_only_disk_is_one_line_naming_it(data_dir, tmp_path, monkeypatch):
+def test_a_run_folder_on_a_read_only_disk_is_one_line_naming_it(data_dir, tmp_path, read_only_folders):
     """`train --out` on a read-only disk said "[Errno 30] Read-only file system: 'romnt/r'", unlike every other
     write: now "could not write FOLDER (...)" (exit status 1), as the others. Simulated: making the folder is EROFS."""
     from tinygemma.files import WriteError
 
-    out, real = tmp_path / "ro" / "run", Path.mkdir
-
-    def mkdir(path, *args, **kwargs):
-        if path == out:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = tmp_path / "ro" / "run"
+    read_only_folders.add(out)
     with pytest.raises(WriteError) as refused:
         run(data_dir, out, "max_steps=2", "warmup_steps=1")
     assert str(refused.value) == f"could not write {out} (Read-only file system)"

@@ -280,6 +280,7 @@ def test_a_run_folder_on_a_read_only_disk_is_one_line_naming_it(data_dir, tmp_pa
         run(data_dir, out, "max_steps=2", "warmup_steps=1")
     assert str(refused.value) == f"could not write {out} (Read-only file system)"
 
+
 def test_a_resume_whose_data_is_gone_names_what_prepares_it_again(data_dir, stories_dir, tmp_path, capsys):
     """A resumed run whose data folder was moved or deleted said "no meta.json (run `tinygemma prepare --out DIR`)":
     a command that prepares the hub's stories with GPT-2's tokenizer, which the run then refused. It names the
@@ -309,6 +310,7 @@ def test_a_resume_whose_data_is_gone_names_what_prepares_it_again(data_dir, stor
         assert err.count("\n") == 1 and f"{data} (the run's data.dir) holds no prepared data: it is gone, or " \
             "elsewhere" in err, err
         assert said.format(data=data, source=stories_dir / "train.txt") in err, err
+
 
 def test_resume_reads_the_saved_recipe_however_the_folder_is_given_and_keeps_the_preset(data_dir, tmp_path, capsys,
                                                                                         monkeypatch):

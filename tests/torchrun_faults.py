@@ -110,6 +110,7 @@ if __name__ == "__main__":
     fault = faults[attempt] if attempt < len(faults) else None
     if fault and fault["rank"] == rank:
         inject(fault)
+
     def log_exit(status: int) -> None:
         if os.environ.get("TINYGEMMA_EXIT_LOG"):
             with open(os.environ["TINYGEMMA_EXIT_LOG"], "a") as f:

@@ -97,6 +97,7 @@ class Parser(argparse.ArgumentParser):
         option and calls missing: how to give it."""
         missing = re.fullmatch(r"argument (?:\S+/)?(--\S+): expected one argument", message)
         given = getattr(self, "given", [])
+
         def option(text: str) -> bool:  # one of the command's, or an abbreviation: `--out --resume` lacks a value
             name = text.split("=", 1)[0]
             return name not in ("-", "--") and any(o.startswith(name) for o in self._option_string_actions)

@@ -350,7 +350,6 @@ def tail(output: str, lines: int = 40) -> list[str]:
     return ["<details><summary>output (last lines)</summary>", "", "```text", text, "```", "", "</details>"]
 
 
-
 # ------------------------------------------------------------------ helpers of the steps
 
 

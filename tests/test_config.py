@@ -579,7 +579,8 @@ def test_a_switch_between_ddp_and_fsdp_is_a_change_where_processes_share_the_ste
     now = TrainConfig(distributed="fsdp", compile=True)  # (compile=True from Python, as from a recipe file)
     assert now.compile == "true"
     # (compile too, on any count of processes: compiled kernels round otherwise)
-    assert settings_changes(saved, now, CHANGE_SETTINGS, 2) == {"distributed": ["ddp", "fsdp"], "compile": ["auto", "true"]}
+    assert settings_changes(saved, now, CHANGE_SETTINGS, 2) == {"distributed": ["ddp", "fsdp"],
+                                                                "compile": ["auto", "true"]}
     assert settings_changes(saved, now, CHANGE_SETTINGS, 1) == {"compile": ["auto", "true"]}
 
 

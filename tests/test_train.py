@@ -299,7 +299,8 @@ def test_a_resume_whose_data_is_gone_names_what_prepares_it_again(data_dir, stor
         else:  # (as the recipe's [data] prepares it: the source's 5% held out)
             prepare(data, sources=[stories_dir / "train.txt"], tokenizer="bpe", vocab_size=512, limit=600, workers=1,
                     progress=False)
-        settings = [item for setting in tiny_settings(data, out, "max_steps=2", "warmup_steps=1", *extra) for item in ("--set", setting)]
+        settings = [item for setting in tiny_settings(data, out, "max_steps=2", "warmup_steps=1", *extra)
+                    for item in ("--set", setting)]
         assert main(["train", *settings]) == 0
         recorded = json.loads((out / "config.json").read_text())["data"]
         assert (set(recorded) == {"dir"}) == (name == "given"), recorded

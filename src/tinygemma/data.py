@@ -486,8 +486,8 @@ class _Workers:
             # The workers start now, with Ctrl-C held back until they have: one that lands in the parent amid a
             # fork (in CPython's after-fork callbacks) is printed as ignored and lost, and prepare went on to exit 0.
             try:
-                self.pool = concurrent.futures.ProcessPoolExecutor(pool_size(workers), initializer=init_encoding_worker,
-                                                                   initargs=(tokenizer, True))
+                self.pool = concurrent.futures.ProcessPoolExecutor(
+                    pool_size(workers), initializer=init_encoding_worker, initargs=(tokenizer, True))
                 with signals_held():
                     self.pool.submit(int).result()
             except BaseException as e:

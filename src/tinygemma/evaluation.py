@@ -110,8 +110,9 @@ def evaluate(model: Gemma3, tokens, block_size: int, batch_size: int = 8, max_to
 
         with tqdm(total=predicted, unit="tok", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
             for starts, length, scored in window_batches(predicted, block_size, stride or block_size, batch_size):
-                window = windows(tokens, starts, length, model.config.vocab_size)  # asynchronous on CUDA only:
-                window = window.to(device, non_blocking=device.type == "cuda")  # MPS may read freed memory (pytorch#139550, #189690)
+                window = windows(tokens, starts, length, model.config.vocab_size)
+                # asynchronous on CUDA only: MPS's copy may read the CPU memory once freed (pytorch#139550, #189690)
+                window = window.to(device, non_blocking=device.type == "cuda")
                 x, y = window[:, :-1], window[:, 1:]
                 nats = model(x, y, reduction="none").reshape(len(starts), length)
                 sums += nats_and_bytes(nats[:, length - scored :], y[:, length - scored :], token_bytes).to(sums.device)

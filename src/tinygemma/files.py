@@ -433,8 +433,8 @@ def read_safetensors(path: str | Path, header_only: bool = False) -> dict[str, t
     try:
         with safe_open(str(path), framework="pt") as f:
             if header_only:
-                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
-                                       dtype=getattr(torch, SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), "uint8")))
+                dtype = {k: SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), "uint8") for k in f.keys()}  # noqa: SIM118
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta", dtype=getattr(torch, dtype[k]))
                         for k in f.keys()}  # noqa: SIM118
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except FileNotFoundError:

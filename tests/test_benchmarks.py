@@ -214,6 +214,7 @@ def test_the_first_step_is_reported_apart(monkeypatch, capsys):
     # min() of no times, after printing "tokens identical" having compared nothing
     ("prepare_throughput", ["--rounds", "0"], "--rounds: expected a whole number >= 1, got '0'"),
     ("prepare_throughput", ["--workers", "-2"], "--workers: expected a whole number >= 1, got '-2'"),
+    ("worker_startup", ["--repeat", "0"], "--repeat: expected a whole number >= 1, got '0'"),
 ])
 def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, args, says, monkeypatch, capfd, caplog):
     """Run as `python script.py` runs them (runpy, as __main__, in this process: a process each cost 2.5 s of
@@ -2707,6 +2708,16 @@ def test_recipe_efficiency_budget_is_rounded_up_to_whole_steps(tmp_path, capsys)
         recipe_efficiency.main(["--out", str(tmp_path), "--tokens", "1000", "--report-only", "--set", "block_size=32",
                                 "--set", "batch_size=4"])
     assert "8 steps x 128 tokens = 1,024 tokens per run" in capsys.readouterr().err
+
+
+def test_worker_startup_times_each_module_in_a_new_interpreter(capsys):
+    """benchmarks/worker_startup.py, one run of each: the workers' module imports no torch, their module before
+    did, and the memory each process reached is its own (Linux's ru_maxrss kept the parent's, this test's)."""
+    load_script("worker_startup").main(["--repeat", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert [(row[0], row[-1]) for row in rows] == [("| `tinygemma.tokenizer`", "no |"), ("| `tinygemma.data`", "yes |")]
+    now_mib, before_mib = [float(row[3].split()[0]) for row in rows]  # (times are the script's to say, not checked)
+    assert now_mib < before_mib / 2  # (torch alone is some 150 MiB)
 
 
 def test_prepare_throughput_runs_both_pipelines_and_checks_their_tokens_agree(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import errno
 import gc
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,11 @@ atexit.register(shutil.rmtree, TRACKIO_DIR, ignore_errors=True)  # one per test 
 os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", TRACKIO_DIR=TRACKIO_DIR)
 for remote in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
     os.environ.pop(remote, None)
+# A Ctrl-C or SIGTERM this process was started to ignore (a CI script's background job) would be ignored by every
+# tinygemma process the tests start, which keeps such a signal so: the tests' own go to them with Python's defaults.
+for _signum, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+    if signal.getsignal(_signum) == signal.SIG_IGN:
+        signal.signal(_signum, _default)
 # Two threads at most; under pytest-xdist (`-n N`) the cores are shared out among the N workers, so that
 # workers' OpenMP threads do not spin against each other on a small machine.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

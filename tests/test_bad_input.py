@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -510,11 +511,13 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too
 
 
-def entry_point(script: str, *argv: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`tinygemma ARGV` through its entry point, after `script` has planted what the test needs."""
+def entry_point(script: str, *argv: str, env: dict | None = None, timeout: float = 300,
+                **options) -> subprocess.CompletedProcess:
+    """`tinygemma ARGV` through its entry point, after `script` has planted what the test needs (`options`:
+    subprocess.run's)."""
     call = f"from tinygemma.__main__ import main\nimport sys\nsys.argv[1:] = {list(argv)!r}\nraise SystemExit(main())\n"
     return subprocess.run([sys.executable, "-c", script + call], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}, **options)
 
 
 def small_prepare(out: Path, stories_dir: Path, workers: int = 1) -> list[str]:
@@ -582,6 +585,30 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_a_ctrl_c_amid_the_workers_start_is
                         *small_prepare(tmp_path / "twice", stories_dir, workers=2), timeout=120)
     assert (twice.returncode, twice.stderr) == (143, "tinygemma prepare: terminated\n"), twice.stderr
     assert not (tmp_path / "twice").exists()
+
+
+def ignore_interrupts() -> None:
+    """What a shell does for a background job of a script (SIGINT), or `trap '' INT TERM`, before it runs a command."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_signals_the_shell_set_to_be_ignored_stay_ignored(tmp_path, stories_dir):
+    """A process started with SIGINT and SIGTERM ignored (a background job of a script: a Ctrl-C meant for the
+    script; `trap '' INT TERM`) was stopped by them all the same once tinygemma had set its handlers, where Python
+    itself leaves such a SIGINT ignored. Both, sent amid the work, now change nothing; elsewhere they still stop it."""
+    planted = ("import os, signal, tinygemma.data\n"
+               "real = tinygemma.data._tokenize_to_file\n"
+               "def planted(*args, **kwargs):\n"
+               "    os.kill(os.getpid(), signal.SIGINT)\n"
+               "    os.kill(os.getpid(), signal.SIGTERM)\n"
+               "    return real(*args, **kwargs)\n"
+               "tinygemma.data._tokenize_to_file = planted\n")
+    ignored = entry_point(planted, *small_prepare(tmp_path / "d", stories_dir), preexec_fn=ignore_interrupts)
+    assert (ignored.returncode, ignored.stderr) == (0, ""), ignored.stderr
+    assert (tmp_path / "d" / "meta.json").exists()
+    stopped = entry_point(planted, *small_prepare(tmp_path / "e", stories_dir))
+    assert stopped.returncode == 130 and not (tmp_path / "e").exists()
 
 
 def test_sigterm_and_ctrl_c_together_are_one_line(tmp_path, stories_dir):

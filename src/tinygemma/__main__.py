@@ -11,6 +11,7 @@ import sys
 
 from tinygemma.errors import (  # (no torch)
     exit_status,
+    handle,
     held_off,
     interrupt,
     says_stops,
@@ -22,20 +23,20 @@ from tinygemma.errors import (  # (no torch)
 def main() -> int:
     _open_standard_streams()
     if not under_torchrun():  # (torchrun ends its workers with SIGTERM: its default stays)
-        signal.signal(signal.SIGTERM, interrupt)
+        handle(signal.SIGTERM, interrupt)
     try:
         from tinygemma.cli import main as cli_main
 
         status = cli_main()
     except KeyboardInterrupt as e:  # (a Ctrl-C while importing: Python's own handler raised it)
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, held_off)
+            handle(signum, held_off)
         if says_stops():  # (under torchrun, once a machine)
             print(f"tinygemma: {stop_word(e)}", file=sys.stderr)
         _done.append(exit_status(e))  # a later signal, while Python shuts down, leaves this status
         return exit_status(e)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: _end(status))
+        handle(signum, lambda *_: _end(status))
     _done.append(status)
     return status
 

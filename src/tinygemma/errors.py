@@ -74,12 +74,23 @@ class Terminated(KeyboardInterrupt):
     exit_status = 143
 
 
+# SIGINT and SIGTERM as this process found them ignored (`trap '' INT TERM`; a background job of a script, whose
+# shell ignores SIGINT for it): they stay ignored, as Python leaves such a SIGINT, where tinygemma's handlers once
+# took them (a Ctrl-C meant for the script stopped the training it had put in the background)
+IGNORED_AT_START = frozenset(s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) == signal.SIG_IGN)
+
+
+def handle(signum: int, handler):
+    """signal.signal(signum, handler), but for a signal ignored at start, which stays so; the previous handler."""
+    return signal.getsignal(signum) if signum in IGNORED_AT_START else signal.signal(signum, handler)
+
+
 def interrupt(signum, frame) -> None:
     """A SIGINT and SIGTERM handler: raise KeyboardInterrupt, or Terminated for SIGTERM, and from then on hold both
     signals off, so that a second one cannot cut the clean-up short (a Ctrl-C pressed twice left a prepare
     waiting forever on workers never told to stop)."""
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, held_off)
+        handle(s, held_off)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from tinygemma.errors import UserError
+from tinygemma.errors import UserError, handle
 
 if TYPE_CHECKING:
     import torch
@@ -263,7 +263,7 @@ def signal_handler(handler):
     """`handler` for SIGINT and SIGTERM while the block runs, then the handlers there were; outside the main
     thread, where Python runs signal handlers and none can be set, nothing."""
     try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: handle(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
         yield
         return
@@ -271,7 +271,7 @@ def signal_handler(handler):
         yield
     finally:
         for s, handler in previous.items():  # (None: one installed outside Python, which cannot be put back:
-            signal.signal(s, PYTHONS_OWN[s] if handler is None else handler)  # Python's own then, not ours kept)
+            handle(s, PYTHONS_OWN[s] if handler is None else handler)  # Python's own then, not ours kept)
 
 
 def others_than(folder: str | Path, own: set[str], temporaries_of: set[str] = frozenset(),

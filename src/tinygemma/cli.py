@@ -97,13 +97,9 @@ class Parser(argparse.ArgumentParser):
         option and calls missing: how to give it."""
         missing = re.fullmatch(r"argument (?:\S+/)?(--\S+): expected one argument", message)
         given = getattr(self, "given", [])
-
-        def option(text: str) -> bool:  # one of the command's, or an abbreviation: `--out --resume` lacks a value
-            name = text.split("=", 1)[0]
-            return name not in ("-", "--") and any(o.startswith(name) for o in self._option_string_actions)
-
-        for arg, text in zip(given, given[1:]):
-            if missing and arg == missing.group(1) and text.startswith("-") and not option(text):
+        for arg, text in zip(given, given[1:]):  # (not where it is an option: `--out --resume` lacks a value)
+            if missing and arg == missing.group(1) and text.startswith("-") and (
+                    text in ("-", "--") or not self.names_option(text)):
                 return f"; a text that begins with '-' goes after '=': {arg}={shell_quote(text)}"
         return ""
 
@@ -114,7 +110,11 @@ class Parser(argparse.ArgumentParser):
         given = given[:given.index("--")] if "--" in given else given
         return [arg for arg in given if arg.startswith("-") and arg != "-" and " " not in arg
                 and not re.fullmatch(r"-\d+|-\d*\.\d+", arg)
-                and not any(option.startswith(arg.split("=", 1)[0]) for option in self._option_string_actions)]
+                and not self.names_option(arg)]
+
+    def names_option(self, arg: str) -> bool:
+        """Whether `arg` (--name or --name=value) is one of this parser's options, or an abbreviation of one."""
+        return any(option.startswith(arg.split("=", 1)[0]) for option in self._option_string_actions)
 
 
 def build_parser() -> argparse.ArgumentParser:

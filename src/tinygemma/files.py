@@ -433,9 +433,10 @@ def read_safetensors(path: str | Path, header_only: bool = False) -> dict[str, t
     try:
         with safe_open(str(path), framework="pt") as f:
             if header_only:
-                dtype = {k: SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), "uint8") for k in f.keys()}  # noqa: SIM118
-                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta", dtype=getattr(torch, dtype[k]))
-                        for k in f.keys()}  # noqa: SIM118
+                slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
+                return {k: torch.empty(s.get_shape(), device="meta",
+                                       dtype=getattr(torch, SAFETENSORS_DTYPES.get(s.get_dtype(), "uint8")))
+                        for k, s in slices.items()}
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except FileNotFoundError:
         raise UserError(f"weights not found: {path}") from None

@@ -1578,6 +1578,35 @@ def test_resume_in_another_precision_of_the_same_dtype_setting_is_warned_of(data
             "in bfloat16; the steps from here compute in float32") in capsys.readouterr().err
 
 
+def test_the_muon_iteration_auto_chose_is_recorded_and_a_resume_that_chooses_another_warns(data_dir, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """muon_backend = "auto" chooses Muon's iteration by machine (bfloat16 on a CPU with AVX-512 BF16, else
+    float32), which round differently; config.json recorded only "auto", and a resume on a machine without it
+    changed the iteration without a word. Each invocation records the one it ran, as config.json does, the
+    report names each part's, and a resume that runs another one warns (its setting unchanged)."""
+    import tinygemma.optim
+
+    out, muon = tmp_path / "run", ("optimizer=muon", "max_steps=4", "checkpoint_interval=2")
+    monkeypatch.setattr(tinygemma.optim, "cpu_has_bf16", lambda: True)
+    run(data_dir, out, *muon, stop_at=2)
+    assert json.loads((out / "config.json").read_text())["run"]["muon_backend"] == "bfloat16"
+    monkeypatch.setattr(tinygemma.optim, "cpu_has_bf16", lambda: False)
+    capsys.readouterr()
+    run(data_dir, out, *muon, resume=True)
+    assert ("tinygemma: warning: resuming with Muon's float32 iteration (muon_backend auto on cpu), where the "
+            "steps before it took the bfloat16 one; the steps from here round otherwise") in capsys.readouterr().err
+    state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert [part["muon_backend"] for part in state["invocations"]] == ["bfloat16", "float32"]
+    assert json.loads((out / "config.json").read_text())["run"]["muon_backend"] == "float32"
+    assert "| Muon iteration | steps 1 to 2: bfloat16; steps 3 to 4: float32 |" in (out / "report.md").read_text()
+    # Asked for by name, a change of it is the change warned of among the settings; AdamW records none.
+    run(data_dir, out, *muon, "max_steps=6", "muon_backend=bfloat16", resume=True)
+    assert "resuming with Muon's" not in capsys.readouterr().err
+    run(data_dir, tmp_path / "adamw", "max_steps=4")
+    assert json.loads((tmp_path / "adamw" / "config.json").read_text())["run"]["muon_backend"] is None
+    assert "Muon iteration" not in (tmp_path / "adamw" / "report.md").read_text()
+
+
 def test_train_refuses_an_out_that_holds_something_else(data_dir, tmp_path, capsys):
     """--out is a new or empty folder, or a training run: a prepared dataset, a transformers export, any other
     folder or a file is refused in one line (exit 2) and left byte for byte as it was."""

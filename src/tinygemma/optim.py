@@ -223,8 +223,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
     if not isinstance(optimizer, MuonAdamW):
         return type(optimizer).__name__
     if sharded:
-        dtype = optimizer.backend if optimizer.backend in ITERATION_DTYPES else "bfloat16"
-        return f"Muon (own batched {dtype} Newton-Schulz on each FSDP2 matrix gathered whole) + AdamW"
+        return f"Muon (own batched {muon_iteration(optimizer, True)} Newton-Schulz on each FSDP2 matrix gathered " \
+               "whole) + AdamW"
     if optimizer.backend == "torch":  # (also where muon_backend asks for it without native bf16: no claim of it)
         return "Muon (torch.optim.Muon, bfloat16 Newton-Schulz, one matrix at a time) + AdamW"
     if optimizer.backend in ("bfloat16", "float16"):
@@ -234,6 +234,18 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, sharded: bool = False) 
     why = ("train.muon_backend = float32" if getattr(optimizer, "backend_asked", False)
            else "no native bf16 on this device")
     return f"Muon (own float32 Newton-Schulz: {why}) + AdamW"
+
+
+def muon_iteration(optimizer: torch.optim.Optimizer, sharded: bool = False) -> str | None:
+    """The Muon iteration that runs, recorded with the run: muon_backend as resolved (auto's choice by device),
+    and under FSDP2 (`sharded`) our own iteration's dtype, which the torch and compiled backends give way to;
+    None without Muon. The backends round differently, so a resume on a machine that chooses another one
+    trains on with other arithmetic."""
+    if not isinstance(optimizer, MuonAdamW):
+        return None
+    if sharded:
+        return optimizer.backend if optimizer.backend in ITERATION_DTYPES else "bfloat16"
+    return optimizer.backend
 
 
 def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

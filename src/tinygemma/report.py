@@ -286,6 +286,8 @@ def machine_rows(run: dict, state: dict) -> list[tuple[str, str]]:
     else:
         machines = [("hardware", run.get("hardware") or UNKNOWN),
                     ("precision", precision(run.get("dtype"), run.get("world_size")))]
+    if any(p.get("muon_backend") for p in parts):  # (its rounding: auto chooses it by machine)
+        machines.append(per_part("Muon iteration", lambda p: p.get("muon_backend")))
     if any("commit" in p for p in parts):  # recorded per part (the earlier ones may not have been)
         return [*machines, per_part("software", lambda p: versions(p.get("software"))),
                 per_part("commit", lambda p: p.get("commit"))]

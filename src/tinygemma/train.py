@@ -125,6 +125,7 @@ from tinygemma.optim import (
     cooldown_start,
     describe_optimizer,
     learning_rate,
+    muon_iteration,
     set_learning_rates,
     taken_settings,
 )
@@ -375,6 +376,8 @@ class Trainer:
         # (MuonAdamW's iteration: under FSDP2 each process keeps only its shard of what it computes, one copy)
         muon = getattr(self.optimizer, "backend", None) if not self.fsdp else None
         check_choices_agree({"train.dtype": dtype_name(rt.dtype), **({"train.muon_backend": muon} if muon else {})}, rt)
+        self.muon_iteration = muon_iteration(self.optimizer, self.fsdp)
+        self.warn_muon_iteration()
         self.scaler = grad_scaler(rt, self.fsdp)
         self.loss_head = choose_loss_head(cfg, rt)[2]  # what init_model set, and why, for the log
         if ckpt_dir is not None:
@@ -400,6 +403,17 @@ class Trainer:
         if self.profile_steps and rt.is_main:
             self.profiler = StepProfiler(*self.profile_steps, self.run_dir / "profile", rt.device)
         self.raw.train()
+
+    def warn_muon_iteration(self) -> None:
+        """A resume whose Muon iteration is not the one the run's last steps took, its setting unchanged (auto, on
+        a machine that chooses another: float32 on a CPU without AVX-512 BF16, bfloat16 with it), as a resume in
+        another precision warns: the steps from here round otherwise."""
+        was = self.history[-1].get("muon_backend") if self.history else None
+        now, changed = self.muon_iteration, "muon_backend" in self.changes
+        if was and now and was != now and not changed and self.start < self.end and self.rt.is_main:
+            print(f"tinygemma: warning: resuming with Muon's {now} iteration (muon_backend {self.cfg.muon_backend} "
+                  f"on {self.rt.device.type}), where the steps before it took the {was} one; the steps from here "
+                  f"round otherwise", file=sys.stderr, flush=True)
 
     @property
     def probed(self) -> bool:
@@ -501,7 +515,7 @@ class Trainer:
                            "parameters": self.model_config.num_params(), "tokenizer": self.tokenizer,
                            **({"forked_from": self.forked_from} if self.forked_from else {}),  # (saved_recipe)
                            "attention_backend": self.attention[0], "kv_layout": kv_layouts(self.raw),
-                           "loss_head": self.loss_head,
+                           "loss_head": self.loss_head, "muon_backend": self.muon_iteration,
                            "compiled": compiles(cfg, rt),
                            "data_source": self.data.meta.get("source"),
                            "data_blake2b": {split: self.data.digest(split) for split in ("train", "val")},
@@ -784,7 +798,7 @@ class Trainer:
         seconds, rt = self.elapsed - self.start_elapsed, self.rt
         return {"steps": [self.start, step], "elapsed_s": seconds, "hardware": self.machine["hardware"],
                 "software": self.machine["software"], "commit": self.machine["commit"],
-                "world_size": rt.world_size, "precision": dtype_name(rt.dtype),
+                "world_size": rt.world_size, "precision": dtype_name(rt.dtype), "muon_backend": self.muon_iteration,
                 "flops": (step - self.start) * self.tokens_per_step * self.flops_per_token,
                 "peak_flop_s": seconds * self.peak * rt.world_size if self.peak else None,
                 "changed": self.changes, **({"forked_from": self.forked_from} if self.forked_from else {})}

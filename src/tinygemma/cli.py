@@ -305,7 +305,8 @@ def add_train(subparsers) -> None:
     p.add_argument("--model", type=named, help="model preset (gemma3-270m, gemma3-270m-gpt2, gemma3-tiny); default: the recipe's")
     p.add_argument("--config", type=named, help="recipe file (TOML), e.g. configs/workshop.toml; default: the built-in recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting: train.FIELD=V (or just FIELD=V), model.FIELD=V, data.FIELD=V; "
+                   help="override a setting: train.FIELD=V (or just FIELD=V), model.FIELD=V, data.FIELD=V, "
+                        "generate.FIELD=V (the samples of sample_interval); "
                         f"{LIST_HELP}; repeatable")
     p.add_argument("--max-steps", type=int, help="optimizer steps of the whole run (the schedule's length)")
     p.add_argument("--stop-at", type=int, help="end this invocation after this step, with a checkpoint; the schedule "
@@ -422,7 +423,8 @@ def add_run(subparsers) -> None:
     p.add_argument("recipe", type=named, help="recipe file (TOML), e.g. configs/cpu-demo.toml or configs/workshop.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. data.source=path/to/stories.txt, "
-                        f"train.max_steps=100, model.n_layers=4; {LIST_HELP}; repeatable")
+                        f"train.max_steps=100 (or just max_steps=100), model.n_layers=4, generate.temperature=0.5; "
+                        f"{LIST_HELP}; repeatable")
     p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     p.set_defaults(func=_run_main)
 

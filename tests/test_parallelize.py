@@ -16,7 +16,6 @@ from tinygemma.data import PreparedData
 from tinygemma.parallelize import (
     FLEX_MIN_SHARED_MEMORY,
     PROBE_MEMORY_FRACTION,
-    build_model,
     check_attention_backend,
     choose_attention_backend,
     choose_kv_layouts,
@@ -24,10 +23,18 @@ from tinygemma.parallelize import (
     first_fused_kv_layout,
     fsdp_options,
     grad_scaler,
+    init_model,
     probe_micro_batch_size,
+    wrap_model,
 )
 from tinygemma.runtime import Runtime
 from tinygemma.train import run_model_config
+
+
+def build_model(model_config: ModelConfig, cfg, rt: Runtime, weights: dict | None):
+    """(raw, model): the Gemma3 itself (`init_model`), and what the loop calls (`wrap_model`)."""
+    raw = init_model(model_config, cfg, rt, weights)
+    return raw, wrap_model(raw, cfg, rt)
 
 
 @pytest.mark.parametrize("kv_layout", ["shared", "expanded"])

@@ -25,12 +25,6 @@ from tinygemma.model import (
 from tinygemma.runtime import Runtime
 
 
-def build_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights: dict | None):
-    """(raw, model): the Gemma3 itself (`init_model`), and what the loop calls (`wrap_model`)."""
-    raw = init_model(model_config, cfg, rt, weights)
-    return raw, wrap_model(raw, cfg, rt)
-
-
 def init_model(model_config: ModelConfig, cfg: TrainConfig, rt: Runtime, weights: dict | None,
                attention: str | None = None) -> Gemma3:
     """The Gemma3 on the device, with its attention backend (`attention`, where the caller has chosen it with

@@ -140,6 +140,41 @@ def test_a_failed_text_write_names_the_file(tmp_path, monkeypatch):
     assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
 
 
+def test_a_rename_windows_refuses_while_the_file_is_busy_is_tried_again_there_alone(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another process holds open for a moment (an antivirus scanning it, a
+    reader of last.json): the PermissionError ended a training run at a checkpoint. There the rename is tried
+    again, and a file still busy after the last try is the one-line write error, the old file kept; elsewhere a
+    PermissionError is a real refusal, said at once."""
+    real, calls = os.replace, []
+
+    def busy_for(times: int):
+        def replace(source, target):
+            calls.append(target)
+            if len(calls) <= times:
+                raise PermissionError(13, "Access is denied", str(target))
+            real(source, target)
+        return replace
+
+    path = tmp_path / "last.json"
+    atomic_write_json(path, {"step": 1})
+    monkeypatch.setattr(files, "BUSY_WAITS", (0.0,) * 3)
+    monkeypatch.setattr(os, "replace", busy_for(1))  # (this is Linux: no retry)
+    with pytest.raises(WriteError, match=r"could not write .*last.json \(Access is denied\)"):
+        atomic_write_json(path, {"step": 2})
+    assert len(calls) == 1 and json.loads(path.read_text()) == {"step": 1}
+    monkeypatch.setattr(files, "BUSY_ERRORS", (PermissionError,))  # as on Windows
+    calls.clear()
+    monkeypatch.setattr(os, "replace", busy_for(3))  # busy for all but the last try
+    atomic_write_json(path, {"step": 2})
+    assert len(calls) == 4 and json.loads(path.read_text()) == {"step": 2}
+    calls.clear()
+    monkeypatch.setattr(os, "replace", busy_for(4))  # busy past it
+    with pytest.raises(WriteError, match=r"could not write .*last.json \(Access is denied\)"):
+        atomic_write_json(path, {"step": 3})
+    monkeypatch.undo()
+    assert len(calls) == 4 and json.loads(path.read_text()) == {"step": 2} and sorted(tmp_path.iterdir()) == [path]
+
+
 def test_an_output_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(UserError, match="metrics.jsonl is a file, not a folder"):

@@ -50,6 +50,7 @@ from tinygemma.files import (
     read_json,
     read_safetensors,
     remove_temporaries,
+    replace_file,
     signals_held,
     staged_folder,
     write_errors,
@@ -829,7 +830,7 @@ def save_checkpoint(run_dir: Path, step: int, raw: Gemma3, optimizer, state: dic
         # Renamed and named together: a Ctrl-C between the two left a whole checkpoint no pointer named (its steps
         # trained again on resume). The signal takes effect once last.json names it.
         with signals_held():
-            os.rename(tmp, final)
+            replace_file(tmp, final)
             fsync_dir(ckpts)
             pointer = {"dir": name, "step": step, "val_loss": val_loss}
             atomic_write_json(ckpts / "last.json", pointer)

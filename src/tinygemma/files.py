@@ -18,6 +18,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,26 @@ def save_file(tensors: dict, filename: str, metadata: dict | None = None) -> Non
     from safetensors.torch import save_file as save
 
     save(tensors, filename, metadata=metadata)
+
+
+# Windows refuses to replace or rename a file that another process holds open for a moment (an antivirus
+# scanning the file just written, a `generate --ckpt RUN` reading last.json): a PermissionError that is gone a
+# moment later, which ended a training run at its next checkpoint. There such a rename is tried again for about
+# 4 s; elsewhere a PermissionError is a real refusal, said at once.
+BUSY_ERRORS: tuple[type[OSError], ...] = (PermissionError,) if os.name == "nt" else ()
+BUSY_WAITS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between the tries
+
+
+def replace_file(source: str | Path, target: str | Path) -> None:
+    """os.replace (a file, or a folder onto a name that is free), tried again while Windows says it is busy."""
+    for wait in (*BUSY_WAITS, None):
+        try:
+            os.replace(source, target)
+            return
+        except BUSY_ERRORS:
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 def fsync_dir(path: Path) -> None:
@@ -117,7 +138,7 @@ def atomic_path(path: str | Path):
                 if stat.S_IMODE(os.fstat(f.fileno()).st_mode) != mode:
                     os.chmod(tmp, mode)
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_file(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         if tmp is not None:  # (a read-only disk: its name was never made, and unlinking it fails too, an error
@@ -185,7 +206,7 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
                 for name in written:
                     if name in modes:
                         os.chmod(stage / name, modes[name])
-                    os.replace(stage / name, folder / name)
+                    replace_file(stage / name, folder / name)
                 remove_temporaries(folder, own)
                 fsync_dir(folder)
         finally:

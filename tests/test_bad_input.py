@@ -511,6 +511,26 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     assert 'tinygemma = "tinygemma.__main__:main"' in pyproject  # the installed command goes through it too
 
 
+def test_help_and_a_mistyped_option_come_without_importing_torch():
+    """`tinygemma --help`, a command's --help and a mistyped option took 1.5 s, all of it importing torch and the
+    modules that use it: the CLI imports each command's modules when the command runs. A Ctrl-C while they
+    import (now inside the command) is still one line and exit status 130."""
+    show = "import atexit, sys\natexit.register(lambda: print('torch' in sys.modules))\n"
+    for argv, status in ((["--help"], 0), (["train", "--help"], 0), (["export", "--ckpt", "r", "--out", "o", "--bogus"], 2),
+                         (["generate", "--ckpt", "r"], 2)):
+        result = entry_point(show, *argv)
+        assert (result.returncode, result.stdout.splitlines()[-1]) == (status, "False"), (argv, result.stderr)
+    planted = ("import builtins\n"
+               "real_import = builtins.__import__\n"
+               "def planted(name, *args, **kwargs):\n"
+               "    if name == 'torch':\n"
+               "        raise KeyboardInterrupt\n"
+               "    return real_import(name, *args, **kwargs)\n"
+               "builtins.__import__ = planted\n")
+    result = entry_point(planted, "eval", "--ckpt", "r", "--data", "d")
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma eval: interrupted\n")
+
+
 def entry_point(script: str, *argv: str, env: dict | None = None, timeout: float = 300,
                 **options) -> subprocess.CompletedProcess:
     """`tinygemma ARGV` through its entry point, after `script` has planted what the test needs (`options`:
@@ -829,12 +849,12 @@ def test_a_hand_edited_meta_json_is_one_line_for_train_and_eval(world, tmp_path,
 
 def test_running_out_of_memory_in_eval_says_to_lower_the_batch_size(world, capsys, monkeypatch):
     """eval's out of memory is one line naming its own flag to lower, as generate's and train's do."""
-    import tinygemma.cli as cli
+    import tinygemma.evaluation
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
-    monkeypatch.setattr(cli, "evaluate", oom)
+    monkeypatch.setattr(tinygemma.evaluation, "evaluate", oom)  # (eval imports it as it runs)
     assert main(["eval", "--ckpt", str(world / "run"), "--data", str(world / "data"), "--max-tokens", "100"]) == 1
     assert capsys.readouterr().err == ("tinygemma eval: error: out of memory (CUDA out of memory. Tried to allocate "
                                        "2.00 GiB.); use a smaller --batch-size\n")
@@ -843,10 +863,10 @@ def test_running_out_of_memory_in_eval_says_to_lower_the_batch_size(world, capsy
 def test_push_to_hub_takes_only_user_slash_name_before_anything_is_exported(world, tmp_path, capsys, monkeypatch):
     """A URL, a path of three parts or a name with a space is refused in one line before the export (the name goes
     into the model card), not after an export that the hub then refuses."""
-    import tinygemma.cli as cli
+    import tinygemma.hf
 
     uploads = []
-    monkeypatch.setattr(cli, "push_to_hub", lambda *args: uploads.append(args) or "https://huggingface.co/x")
+    monkeypatch.setattr(tinygemma.hf, "push_to_hub", lambda *args: uploads.append(args) or "https://huggingface.co/x")
     for repo in ("https://huggingface.co/user/name", "user/name/extra", "user/my model"):
         assert main(["export", "--ckpt", str(world / "run"), "--out", str(tmp_path / "new"),
                      "--push-to-hub", repo]) == 2
@@ -863,8 +883,10 @@ def test_push_to_hub_refuses_before_the_export_what_the_hub_would_refuse_after(w
     import huggingface_hub
     from huggingface_hub import constants
 
+    import tinygemma.hf
+
     uploads = []
-    monkeypatch.setattr(cli, "push_to_hub", lambda *args: uploads.append(args) or "https://huggingface.co/x")
+    monkeypatch.setattr(tinygemma.hf, "push_to_hub", lambda *args: uploads.append(args) or "https://huggingface.co/x")
     export = ["export", "--ckpt", str(world / "run"), "--out", str(tmp_path / "new"), "--push-to-hub"]
 
     def refused(repo, *more) -> str:

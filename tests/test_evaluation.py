@@ -186,11 +186,11 @@ def test_eval_command_prints_one_json_object(ckpt, gpt2_data, capsys, monkeypatc
     assert result["bytes"] == lengths[tokens[1:300].astype(np.int64)].sum()  # the bytes of the tokens predicted
     assert "evaluated" in err and "tok/s" not in err and "\r" not in err  # no progress frames in a log file
     # --batch-size is the windows per forward pass (a smaller one is the advice for out of memory)
-    import tinygemma.cli as cli
+    import tinygemma.evaluation
 
-    seen, real = [], cli.evaluate
-    monkeypatch.setattr(cli, "evaluate", lambda model, tokens, block, batch, *a, **k: seen.append(batch) or real(
-        model, tokens, block, batch, *a, **k))
+    seen, real = [], tinygemma.evaluation.evaluate  # (eval imports it as it runs)
+    monkeypatch.setattr(tinygemma.evaluation, "evaluate", lambda model, tokens, block, batch, *a, **k: seen.append(
+        batch) or real(model, tokens, block, batch, *a, **k))
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--max-tokens", "300",
                  "--dtype", "float32", "--batch-size", "3"]) == 0
     assert seen == [3] and json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result["loss"], rel=1e-6)
@@ -544,11 +544,11 @@ def test_validation_with_one_window_a_batch_reads_every_window(monkeypatch):
 
 def test_eval_reads_eight_windows_a_pass_when_no_batch_size_is_given(ckpt, gpt2_data, capsys, monkeypatch):
     """--batch-size's default is the 8 its help promises (and the number the out-of-memory advice lowers)."""
-    import tinygemma.cli as cli
+    import tinygemma.evaluation
 
-    seen, real = [], cli.evaluate
-    monkeypatch.setattr(cli, "evaluate", lambda model, tokens, block, batch, *a, **k: seen.append(batch) or real(
-        model, tokens, block, batch, *a, **k))
+    seen, real = [], tinygemma.evaluation.evaluate  # (eval imports it as it runs)
+    monkeypatch.setattr(tinygemma.evaluation, "evaluate", lambda model, tokens, block, batch, *a, **k: seen.append(
+        batch) or real(model, tokens, block, batch, *a, **k))
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(gpt2_data), "--block-size", "64", "--max-tokens", "300",
                  "--dtype", "float32"]) == 0
     capsys.readouterr()

@@ -856,15 +856,15 @@ def test_every_sampling_flag_reaches_generate_samples(ckpt, capsys, monkeypatch)
     drew the same tiny samples with the flag dropped, and --min-p was only ever tested off)."""
     import inspect
 
-    import tinygemma.cli as cli
+    import tinygemma.generate
 
-    calls, real = [], cli.generate_samples
+    calls, real = [], tinygemma.generate.generate_samples  # (generate imports it as it runs)
 
     def recorded(*args, **kwargs):
         calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "generate_samples", recorded)
+    monkeypatch.setattr(tinygemma.generate, "generate_samples", recorded)
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "1.5",
                  "--top-k", "40", "--top-p", "0.85", "--min-p", "0.02", "--repetition-penalty", "1.2", "--seed", "11",
                  "--num-samples", "2", "--stop", "xyz"]) == 0

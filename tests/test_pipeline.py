@@ -852,8 +852,8 @@ def test_a_run_that_holds_its_prepared_data_continues_with_it(tmp_path, stories_
 def test_a_dry_run_s_warnings_are_said_once_under_torchrun(capsys, monkeypatch):
     """Under torchrun the plan is printed by process 0 alone, and so are the warnings train.check_run found;
     every other process says nothing."""
-    monkeypatch.setattr(cli, "recipe_plan", lambda recipe, checked=None: {"steps": 1})
-    monkeypatch.setattr(cli, "say_plan", lambda plan: "the plan")
+    monkeypatch.setattr(tinygemma.pipeline, "recipe_plan", lambda recipe, checked=None: {"steps": 1})
+    monkeypatch.setattr(tinygemma.pipeline, "say_plan", lambda plan: "the plan")
     recipe = load_recipe(None, [])
     check = lambda: {"warnings": ["train.init_from: its weights trained 5 steps on this data"]}  # noqa: E731
     for name, value in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "RANK": "1",

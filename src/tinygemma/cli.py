@@ -17,14 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from tinygemma.checkpoint import (
-    checkpoint_tokenizer,
-    export,
-    forked_run,
-    load_model,
-    trained_block_size,
-)
+# Only modules without torch here: torch takes a second or two to import, which `tinygemma --help` and a
+# mistyped option did not need. Each command imports what it runs.
 from tinygemma.config import (
+    DEFAULT_BPE_VOCAB_SIZE,
+    DEFAULT_GGUF_DTYPE,
+    DEFAULT_VAL_FRACTION,
+    GGUF_DTYPES,
+    HUB_DATASET,
+    SPLITS,
     DataConfig,
     GenerateConfig,
     Recipe,
@@ -32,17 +33,6 @@ from tinygemma.config import (
     load_recipe,
     parse_override,
 )
-from tinygemma.data import (
-    DEFAULT_BPE_VOCAB_SIZE,
-    DEFAULT_VAL_FRACTION,
-    HUB_DATASET,
-    SPLITS,
-    is_story_file,
-    open_prepared,
-    prepare,
-    read_stories,
-)
-from tinygemma.devices import dtype_name, evaluation_dtype, parse_dtype, pick_device
 from tinygemma.errors import (
     UserError,
     describe,
@@ -54,25 +44,8 @@ from tinygemma.errors import (
     stop_word,
     under_torchrun,
 )
-from tinygemma.evaluation import check_evaluation, evaluate
 from tinygemma.files import peek_json, signal_handler
-from tinygemma.generate import check_num_samples, generate_samples, prompt_ids
-from tinygemma.gguf_export import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, export_gguf
-from tinygemma.hf import check_hub_repo, push_to_hub
-from tinygemma.metrics import strict_json
-from tinygemma.pipeline import (
-    check_given_settings,
-    check_run_recipe,
-    check_training_settings,
-    recipe_plan,
-    run,
-    say_plan,
-    where_and_next,
-)
-from tinygemma.report import compare_runs, write_model_card
-from tinygemma.runtime import env_rank
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, encode_stories, token_byte_lengths
-from tinygemma.train import check_fork_processes, check_run, saved_recipe, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -278,6 +251,8 @@ def add_prepare(subparsers) -> None:
 
 
 def _prepare_main(args) -> int:
+    from tinygemma.data import prepare
+
     started = time.perf_counter()
     meta = prepare(args.out, sources=args.source, val_sources=args.val_source, val_fraction=args.val_fraction,
                    tokenizer=args.tokenizer, vocab_size=args.vocab_size, limit=args.limit, workers=args.workers,
@@ -328,6 +303,9 @@ def add_train(subparsers) -> None:
 
 
 def _train_main(args) -> int:
+    from tinygemma.checkpoint import forked_run
+    from tinygemma.train import check_fork_processes
+
     flags = {"model.preset": ("--model", args.model), "data.dir": ("--data", args.data),
              "train.out": ("--out", args.out), "train.max_steps": ("--max-steps", args.max_steps)}
     overrides = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None]
@@ -391,6 +369,11 @@ def unprepared_data(recipe: Recipe, run: str | None = None) -> UserError | None:
 
 
 def _train_run(args, out: str, overrides: list[str]) -> int:
+    from tinygemma.metrics import strict_json
+    from tinygemma.pipeline import check_given_settings, check_training_settings
+    from tinygemma.runtime import env_rank
+    from tinygemma.train import check_run, saved_recipe, train
+
     # --resume continues the recipe the run was trained with (a recipe file given is followed instead)
     recipe = saved_recipe(out, overrides + args.set) if args.resume and args.config is None and out else None
     resumed = recipe is not None
@@ -439,6 +422,10 @@ def _print_plan(recipe, check) -> int:
     makes training's own checks and returns train.check_run's findings (None where the data is not prepared
     yet); where training would refuse (a GPU recipe on a laptop), the recipe's plan comes first, then the
     refusal (exit status 2)."""
+    from tinygemma.metrics import strict_json
+    from tinygemma.pipeline import recipe_plan, say_plan
+    from tinygemma.runtime import env_rank
+
     def say(plan: dict) -> None:
         if env_rank() == 0:  # (under torchrun, once)
             print(strict_json({"recipe": recipe.to_dict(), "plan": plan}, indent=2), flush=True)
@@ -460,6 +447,9 @@ def _print_plan(recipe, check) -> int:
 
 
 def _run_main(args) -> int:
+    from tinygemma.pipeline import check_run_recipe, run, where_and_next
+    from tinygemma.runtime import env_rank
+
     recipe = load_recipe(args.recipe, args.set)  # refuses a recipe that is missing, a folder, not TOML
     if args.dry_run:
         return _print_plan(recipe, lambda: check_run_recipe(recipe))
@@ -478,6 +468,10 @@ SAMPLE_SEPARATOR = "\n---\n"  # between samples on stdout, when there are severa
 
 
 def _generate_main(args) -> int:
+    from tinygemma.checkpoint import checkpoint_tokenizer, load_model, trained_block_size
+    from tinygemma.devices import dtype_name
+    from tinygemma.generate import check_num_samples, prompt_ids
+
     # Every argument is checked before the (slow) model load.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                    prompts=args.num_samples, prefix="--",
@@ -519,6 +513,8 @@ def _generate_main(args) -> int:
 def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
     """Print the prompt's continuations (one streamed as it comes, several each whole, separated; under --json,
     one JSON line each), then a newline; return the new tokens."""
+    from tinygemma.generate import generate_samples
+
     streamed = args.num_samples == 1 and not args.json
     if streamed:  # each piece of text is printed as soon as it is complete
         out.write(prompt)
@@ -552,6 +548,12 @@ def _continue_prompt(model, tokenizer, prompt: str, args, out) -> int:
 
 
 def _eval_main(args) -> int:
+    from tinygemma.checkpoint import checkpoint_tokenizer, load_model, trained_block_size
+    from tinygemma.data import is_story_file, open_prepared, read_stories
+    from tinygemma.devices import dtype_name, evaluation_dtype, pick_device
+    from tinygemma.evaluation import check_evaluation, evaluate
+    from tinygemma.metrics import strict_json
+
     block_size = args.block_size if args.block_size is not None else (trained_block_size(args.ckpt)
                                                                       or DEFAULT_EVAL_BLOCK_SIZE)
     check_evaluation(block_size, args.batch_size, args.max_tokens, args.stride)  # before the (slow) model load
@@ -773,6 +775,8 @@ def add_compare(subparsers) -> None:
 
 
 def _compare_main(args) -> int:
+    from tinygemma.report import compare_runs
+
     print(compare_runs(args.runs, args.plot))
     if args.plot:
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -804,6 +808,12 @@ def add_export(subparsers) -> None:
 
 
 def _export_main(args) -> int:
+    from tinygemma.checkpoint import checkpoint_tokenizer, export
+    from tinygemma.devices import parse_dtype
+    from tinygemma.gguf_export import export_gguf
+    from tinygemma.hf import check_hub_repo, push_to_hub
+    from tinygemma.report import write_model_card
+
     gguf_name = Path(args.out).suffix.lower() == ".gguf"  # (a trailing slash too: model.gguf/)
     if args.format is None:
         args.format = "gguf" if gguf_name else "hf"

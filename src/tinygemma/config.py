@@ -171,6 +171,19 @@ MUON_BACKENDS = ("torch", "compiled", "bfloat16", "float16", "float32")  # optim
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOGGERS = ("tensorboard", "wandb", "trackio")  # experiment trackers (trackers.py); wandb and trackio are extras
 
+# The defaults the commands' --help names, here (no torch) so that `tinygemma --help` comes at once:
+SPLITS = ("train", "val")  # prepared data's (data.py)
+HUB_DATASET = "roneneldan/TinyStories"
+DEFAULT_VAL_FRACTION = 0.05  # of the stories, when the source has no validation split of its own
+DEFAULT_BPE_VOCAB_SIZE = 8192
+# export's --dtype for GGUF (gguf_export.py): the ggml type of the weight matrices and llama.cpp's name for such
+# a file. Norm gains stay float32.
+GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+# The file people run: a quarter of f32's size, half of f16's, and the fastest to decode on a CPU, while its next
+# token agrees with f32's almost everywhere (BENCHMARKS.md, "llama.cpp decoding").
+DEFAULT_GGUF_DTYPE = "q8_0"
+
 
 # Train fields a run written before they existed does not record, with the value it was trained with: the
 # built-in defaults before the recipe moved to Muon + wsd. A saved run's settings are read through this.

@@ -32,7 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma.config import MAX_VOCAB_SIZE, DataConfig, TrainConfig, is_integer, is_real, story_paths
+from tinygemma.config import (
+    DEFAULT_BPE_VOCAB_SIZE,
+    DEFAULT_VAL_FRACTION,
+    HUB_DATASET,
+    MAX_VOCAB_SIZE,
+    SPLITS,
+    DataConfig,
+    TrainConfig,
+    is_integer,
+    is_real,
+    story_paths,
+)
 from tinygemma.errors import LONE_SURROGATE, UserError, describe, failure, shell_quote
 from tinygemma.files import (
     atomic_path,
@@ -66,10 +77,6 @@ from tinygemma.tokenizer import (
 FORMAT = "tinygemma-tokens"
 VERSION = 1
 META_NAME = "meta.json"
-SPLITS = ("train", "val")
-HUB_DATASET = "roneneldan/TinyStories"
-DEFAULT_VAL_FRACTION = 0.05  # of the stories, when the source has no validation split of its own
-DEFAULT_BPE_VOCAB_SIZE = 8192
 CHUNK_CHARS = 1 << 21  # text per worker task: large enough to amortise the hand-off, small enough to stream
 READ_CHARS = 1 << 22  # text read from a .txt file at a time
 

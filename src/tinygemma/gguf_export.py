@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tinygemma.checkpoint import checkpoint_tokenizer, load, resolve_checkpoint
-from tinygemma.config import SLIDING, ModelConfig
+from tinygemma.config import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, SLIDING, ModelConfig
 from tinygemma.devices import parse_dtype
 from tinygemma.errors import UserError
 from tinygemma.files import (
@@ -38,14 +38,8 @@ from tinygemma.hf import hf_state
 from tinygemma.model import check_tokenizer_fits
 from tinygemma.tokenizer import HFTokenizer, Tokenizer, missing_bytes, splits_as_gpt2
 
-# --dtype: the ggml type of the weight matrices and llama.cpp's name for such a file. Norm gains stay float32.
-GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-               "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
-# The same types by the names the hf export takes (devices.parse_dtype's: float16, half, BF16, ...)
+# GGUF_DTYPES (--dtype's) by the names the hf export takes (devices.parse_dtype's: float16, half, BF16, ...)
 GGUF_OF_TORCH = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-# The file people run: a quarter of f32's size, half of f16's, and the fastest to decode on a CPU, while its next
-# token agrees with f32's almost everywhere (BENCHMARKS.md, "llama.cpp decoding").
-DEFAULT_GGUF_DTYPE = "q8_0"
 
 ARCH = "gemma3"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use

@@ -373,10 +373,10 @@ class Trainer:
             self.micro_batch_size = probe_micro_batch_size(self.raw, cfg, rt, sizes)
         self.model = wrap_model(self.raw, cfg, rt, self.micro_batch_size)
         self.optimizer = configure_optimizer(self.raw, cfg, rt)
-        # (MuonAdamW's iteration: under FSDP2 each process keeps only its shard of what it computes, one copy)
-        muon = getattr(self.optimizer, "backend", None) if not self.fsdp else None
-        check_choices_agree({"train.dtype": dtype_name(rt.dtype), **({"train.muon_backend": muon} if muon else {})}, rt)
         self.muon_iteration = muon_iteration(self.optimizer, self.fsdp)
+        # (MuonAdamW's iteration: under FSDP2 each process keeps only its shard of what it computes, one copy)
+        muon = self.muon_iteration if not self.fsdp else None
+        check_choices_agree({"train.dtype": dtype_name(rt.dtype), **({"train.muon_backend": muon} if muon else {})}, rt)
         self.warn_muon_iteration()
         self.scaler = grad_scaler(rt, self.fsdp)
         self.loss_head = choose_loss_head(cfg, rt)[2]  # what init_model set, and why, for the log

@@ -13,6 +13,7 @@ from tinygemma.tokenizer import (
     CHAT_TEMPLATE,
     GPT2Tokenizer,
     HFTokenizer,
+    encode_stories,
     gpt2_as_tokenizers,
     load_tokenizer,
     missing_bytes,
@@ -104,8 +105,11 @@ def test_eot_of_a_tokenizer_json(tmp_path):
     tok = load_tokenizer(_word_level(tmp_path, ["<unk>", "</s>", "<eos>", "hello"]))
     assert (tok.eot_token, tok.eot_id, tok.vocab_size) == ("<eos>", 2, 4)  # the first candidate present
     assert tok.spec()["eot_token"] == "<eos>"
-    with pytest.raises(UserError, match="no end-of-text token"):
+    with pytest.raises(UserError, match=r"no end-of-text token .* add one as a special token \(tokenizers: "
+                                        r"tokenizer.add_special_tokens\(\['<\|endoftext\|>'\]\)"):
         load_tokenizer(_word_level(tmp_path, ["<unk>", "hello"]))
+    deepseek = load_tokenizer(_word_level(tmp_path, ["<unk>", "hello", "<｜end▁of▁sentence｜>"]))
+    assert (deepseek.eot_token, deepseek.eot_id) == ("<｜end▁of▁sentence｜>", 2)  # DeepSeek's, refused before
 
 
 def test_an_end_of_text_added_but_not_special_is_refused(tmp_path):
@@ -135,6 +139,20 @@ def test_bad_tokenizer_names_and_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path / "bad.json")
+    # JSON, but a tokenizer.json's neighbour (transformers' tokenizer_config.json, a vocab.json): said as such, not
+    # as a JSON syntax error at line 2
+    for neighbour in ({"eos_token": "</s>", "model_max_length": 1024}, {"hello": 0}, ["a"]):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(neighbour, indent=1))
+        with pytest.raises(UserError, match=r"is JSON but no tokenizer.json \(it has no \"model\"\): give the "
+                                            "tokenizer.json itself, not a tokenizer_config.json or vocab.json"):
+            load_tokenizer(tmp_path / "tokenizer_config.json")
+    # A file whose reading makes the tokenizers library's Rust code panic (pyo3's PanicException, no Exception):
+    # one line, not a traceback
+    broken = json.loads(_word_level(tmp_path, ["<unk>", "</s>"]).read_text())
+    broken["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": None}
+    (tmp_path / "panics.json").write_text(json.dumps(broken))
+    with pytest.raises(UserError, match=r"panics.json is not a valid tokenizer.json \(Precompiled: "):
+        load_tokenizer(tmp_path / "panics.json")
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match="not UTF-8"):
         load_tokenizer(tmp_path / "binary.json")
@@ -261,6 +279,26 @@ def test_byte_lengths_of_sentencepiece_style_tokenizers(layout, pieces_special, 
         assert int(lengths[ids].sum()) == len(text.encode("utf-8")) + prefix, text
 
 
+def test_an_end_of_text_that_is_an_ordinary_piece_stands_for_no_bytes(bpe, stories_dir):
+    """A tokenizer.json made from a vocab.json and merges.txt (GPT-2's vocab.json holds <|endoftext|>) has its
+    end-of-text as a piece of the model, not an added special token: bits per byte counted it as 13 bytes of text
+    at every story's end (1.5% more bytes than the stories hold, its nats counted as text's)."""
+    spec = json.loads(bpe.content)
+    model = models.BPE(vocab=spec["model"]["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                                             for m in spec["model"]["merges"]])
+    backend = Backend(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    assert not json.loads(backend.to_str())["added_tokens"]  # (the end-of-text in the model's vocabulary alone)
+    plain = HFTokenizer(backend.to_str())
+    assert plain.eot_id == bpe.eot_id and plain.eot_id not in plain._special_ids
+    stories = read_stories(stories_dir / "valid.txt", limit=50)
+    ids, text_bytes = encode_stories(stories, plain)
+    assert plain.eot_id in ids
+    lengths = token_byte_lengths(plain, plain.vocab_size)
+    assert lengths[plain.eot_id] == 0 and lengths[ids].sum() == text_bytes  # the stories' own UTF-8 bytes
+
+
 def test_byte_lengths_of_a_byte_level_tokenizers_added_text(bpe):
     """A byte-level BPE writes each byte of its vocabulary as one character, but an added token is its own text:
     "naïve café" is 12 bytes in 10 characters (it counted 10)."""
@@ -384,7 +422,13 @@ def test_gpt2s_vocabulary_that_splits_or_changes_text_otherwise_is_not_gpt2(r50k
     assert HFTokenizer(json.dumps(spec)).identity == "gpt2"
     prefixed = {**spec, "pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}}
     lowered = {**spec, "normalizer": {"type": "Lowercase"}}
-    for other in (prefixed, lowered):  # (identified by its file's sha256)
+    # A post-processor that starts each text with <|endoftext|>: its stories' ids gain one, and prompts start with it
+    opened = {**spec, "post_processor": {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [50256], "tokens": ["<|endoftext|>"]}}}}
+    assert HFTokenizer(json.dumps(opened)).prompt_prefix == (50256,)
+    for other in (prefixed, lowered, opened):  # (identified by its file's sha256)
         tokenizer = HFTokenizer(json.dumps(other))
         assert tokenizer.identity != "gpt2" and tokenizer.identity.startswith("tokenizer.json:")
         assert "GPT-2" not in tokenizer.description

@@ -24,8 +24,9 @@ from tinygemma.files import atomic_write_json, atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50_257  # r50k_base: 50,256 ranks and <|endoftext|>
-# The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Gemma, Llama 2, Llama 3).
-EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>")
+# The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Qwen, Gemma, Llama 2 and
+# Mistral, Llama 3, DeepSeek).
+EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 TOKENIZER_FILE = "tokenizer.json"
 # A story model has no chat format: a chat front end (transformers' apply_chat_template, llama-server's web page,
 # LM Studio) sends the messages' text as it is, and the model continues it. Both exports carry it.
@@ -285,6 +286,12 @@ def _is_gpt2_vocabulary(vocab: dict[str, int], content: str) -> bool:
 # ------------------------------------------------------------------ any tokenizer.json
 
 
+def tokenizers_failure(e: BaseException) -> bool:
+    """Whether `e` is the tokenizers library's failure on a file or text: an Exception, or a panic of its Rust code
+    (pyo3's PanicException, a BaseException: a tokenizer.json whose normalizer holds null ended in a traceback)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
 def _read_stories(backend):
     """`backend`, set to read stories: ordinary text ("<|endoftext|>" in a story is just text), whole (never cut
     or padded by the file's own settings: transformers, too, applies them only when a call asks). The file itself
@@ -303,11 +310,21 @@ class HFTokenizer(Tokenizer):
 
         where = path or "tokenizer"
         try:
+            parsed = json.loads(content)
+        except ValueError as e:
+            raise UserError(f"{where} is not a valid tokenizer.json (not JSON: {e})") from None
+        if not isinstance(parsed, dict) or "model" not in parsed:  # (tokenizer_config.json, vocab.json: its neighbours)
+            raise UserError(f"{where} is JSON but no tokenizer.json (it has no \"model\"): give the tokenizer.json "
+                            "itself, not a tokenizer_config.json or vocab.json beside it")
+        try:
             self.backend = Backend.from_str(content)
-        except Exception as e:
+        except BaseException as e:
+            if not tokenizers_failure(e):
+                raise
             raise UserError(f"{where} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
         _read_stories(self.backend)
         self.content = content
+        self.parsed = parsed  # (the cached property, parsed once)
         self.path = path
         dropout = (self.parsed.get("model") or {}).get("dropout")
         if isinstance(dropout, (int, float)) and dropout > 0:
@@ -318,7 +335,9 @@ class HFTokenizer(Tokenizer):
         vocab = self.backend.get_vocab(with_added_tokens=True)
         eot = [token for token in EOT_CANDIDATES if token in vocab]
         if not eot:
-            raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)})")
+            raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)}), which prepare "
+                            "puts after each story: add one as a special token (tokenizers: tokenizer.add_special_tokens("
+                            "['<|endoftext|>']), then tokenizer.save(path)), or rename its own (an [EOS]) to one of these")
         self.vocab_size = max(vocab.values()) + 1
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
@@ -339,7 +358,9 @@ class HFTokenizer(Tokenizer):
         self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
         # ids mean the same text, so data and checkpoints made with either go together.
-        self.identity = "gpt2" if _is_gpt2_vocabulary(vocab, content) else f"tokenizer.json:{self._ids_digest()}"
+        # (with no post-processor tokens around a text: one that starts each with <|endoftext|> gives other ids)
+        gpt2 = not self.prompt_prefix and not self.text_suffix and _is_gpt2_vocabulary(vocab, content)
+        self.identity = "gpt2" if gpt2 else f"tokenizer.json:{self._ids_digest()}"
 
     @functools.cached_property
     def _text_specials(self) -> frozenset[int]:
@@ -469,7 +490,9 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         try:
             ids = self.backend.encode(text, add_special_tokens=False).ids
-        except Exception as e:  # a tokenizer.json that cannot encode every text: a WordLevel with no [UNK], ...
+        except BaseException as e:  # a tokenizer.json that cannot encode every text: a WordLevel with no [UNK], ...
+            if not tokenizers_failure(e):
+                raise
             raise UserError(f"the tokenizer {self.identity} cannot encode the text starting {text[:40]!r} "
                             f"({describe(e)})") from None
         return self._kept(text, self._as_text(text, ids))
@@ -477,7 +500,9 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         try:
             batch = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        except Exception as e:
+        except BaseException as e:
+            if not tokenizers_failure(e):
+                raise
             raise UserError(f"the tokenizer {self.identity} cannot encode these texts ({describe(e)})") from None
         return [self._kept(text, self._as_text(text, ids)) for text, ids in zip(texts, batch)]
 
@@ -584,6 +609,17 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
 
     0 for special tokens such as end-of-text, which stand for no text, and for ids the tokenizer lacks.
     """
+    lengths = _text_byte_lengths(tokenizer, vocab_size)
+    # End-of-text stands for no text even where the file has it as an ordinary piece (a tokenizer.json made from
+    # GPT-2's vocab.json and merges.txt: 13 bytes a story were counted), as do the post-processor's <bos>.
+    for i in (tokenizer.eot_id, *getattr(tokenizer, "prompt_prefix", ()), *getattr(tokenizer, "text_suffix", ())):
+        if i < vocab_size:
+            lengths[i] = 0
+    return lengths
+
+
+def _text_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """token_byte_lengths, by what each id decodes to (0 for the tokenizer's special tokens)."""
     lengths = np.zeros(vocab_size, dtype=np.int64)
     if isinstance(tokenizer, GPT2Tokenizer):
         enc = tokenizer.encoding

@@ -1,6 +1,7 @@
 """`tinygemma prepare` on real TinyStories: exact round trips, tiktoken's counts, every source format, bad input,
 and interrupted runs that must never look finished."""
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -387,6 +388,42 @@ def test_bpe_prepare(stories_dir, valid, tmp_path):
     assert prepared.tokenizer().identity.startswith("tokenizer.json:")
     assert documents(prepared, "train") == train and documents(prepared, "val") == valid
     assert int(np.asarray(prepared.split("train")).max()) < 600
+
+
+def test_prepare_says_when_a_tokenizer_does_not_give_back_the_text_it_reads(stories_dir, tmp_path, capsys):
+    """A tokenizer.json that lowercases (a normalizer), or whose vocabulary lacks a character, trains the model on
+    other text than the stories, and its loss and bits per byte measure that text: prepare went on without a word,
+    and compare set its bits per byte beside a lossless tokenizer's. It warns, naming what changed; a tokenizer that
+    keeps the text (the trained BPE) says nothing."""
+    from tinygemma.tokenizer import HFTokenizer
+
+    bpe = tmp_path / "bpe"
+    prepare(bpe, sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"], tokenizer="bpe",
+            vocab_size=400, limit=100, workers=1, progress=False)
+    assert "warning" not in capsys.readouterr().err
+    spec = json.loads((bpe / "tokenizer.json").read_text())
+    lowered = tmp_path / "lowered.json"
+    lowered.write_text(json.dumps({**spec, "normalizer": {"type": "Lowercase"}}))
+    lacking = tmp_path / "lacking.json"  # (no "K" in its vocabulary: "Kitty" reads as "itty")
+    vocab = spec["model"]["vocab"]
+    assert "K" in vocab
+    lacking.write_text(json.dumps({**spec, "model": {**spec["model"], "vocab": {t: i for t, i in vocab.items()
+                                                                             if t != "K"}, "merges": [
+        m for m in spec["model"]["merges"] if "K" not in (m.split(" ") if isinstance(m, str) else m)]}}))
+    assert HFTokenizer(lacking.read_text()).decode(HFTokenizer(lacking.read_text()).encode("Kim")) == "im"
+    val = read_stories(stories_dir / "valid.txt", 100)
+    for tokenizer, changed, change in ((lowered, sum(story != story.lower() for story in val), str.lower),
+                                       (lacking, sum("K" in story for story in val), lambda t: t.replace("K", ""))):
+        prepare(tmp_path / tokenizer.stem, sources=[stories_dir / "train.txt"],
+                val_sources=[stories_dir / "valid.txt"], tokenizer=str(tokenizer), limit=100, workers=1,
+                progress=False)
+        err = capsys.readouterr().err
+        said = re.search(r"warning: the tokenizer does not give back the text it reads \((\d+) of the first 100 "
+                         r"validation stories; ('.*') comes back as ('.*')\): it changes text", err)
+        assert said and int(said[1]) == changed > 0, err
+        read, back = ast.literal_eval(said[2]), ast.literal_eval(said[3])
+        assert back != read and change(read)[:20] == back[:20]  # the text around the first change
+        assert "they do not compare with those of a tokenizer that keeps the text" in err
 
 
 def test_token_files_switch_to_uint32_exactly_past_65536_ids():

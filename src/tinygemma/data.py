@@ -65,6 +65,7 @@ from tinygemma.tokenizer import (
     TOKENIZER_FILE,
     HFTokenizer,
     Tokenizer,
+    changed_text,
     dtype_for,
     encode_in_worker,
     init_encoding_worker,
@@ -77,6 +78,7 @@ from tinygemma.tokenizer import (
 FORMAT = "tinygemma-tokens"
 VERSION = 1
 META_NAME = "meta.json"
+TEXT_CHECK_STORIES = 100  # validation stories that prepare checks the tokenizer gives back whole
 CHUNK_CHARS = 1 << 21  # text per worker task: large enough to amortise the hand-off, small enough to stream
 READ_CHARS = 1 << 22  # text read from a .txt file at a time
 
@@ -687,7 +689,8 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     first = next(stories, None)
     if first is None:
         raise _no_stories("train", carve, limit)
-    if next(split_stories["val"](), None) is None:
+    val_sample = list(itertools.islice(split_stories["val"](), TEXT_CHECK_STORIES))
+    if not val_sample:
         raise _no_stories("val", carve, limit)
     if tokenizer != "bpe":
         stories.close()  # (its file, or a hub stream, let go of: the tokenizing passes read the splits again)
@@ -697,6 +700,14 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
             print(f"tinygemma: warning: the BPE has {tokenizer.vocab_size:,} tokens, not the {vocab_size:,} asked for: "
                   "these stories hold no more pairs to merge", file=sys.stderr, flush=True)
     _check_vocab_size(tokenizer.vocab_size, f"tokenizer {tokenizer.identity}")
+    if tokenizer.identity != "gpt2" and (changed := changed_text(tokenizer, val_sample)):
+        count, read, back = changed
+        print(f"tinygemma: warning: the tokenizer does not give back the text it reads ({count} of the first "
+              f"{len(val_sample)} validation stories; {read!r} comes back as {back!r}): it changes text (a "
+              "normalizer's lowercasing or NFKC) or drops what its vocabulary lacks (or reads it as its unknown "
+              "token). The model learns the text as changed, generate writes it so, and its loss and bits per byte "
+              "measure it: they do not compare with those of a tokenizer that keeps the text", file=sys.stderr,
+              flush=True)
     dtype = dtype_for(tokenizer.vocab_size)
 
     remove_temporaries(out_dir, PREPARED_FILES)  # an earlier prepare's, killed mid-write: up to GBs each

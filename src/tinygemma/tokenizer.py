@@ -658,6 +658,21 @@ def _text_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback pieces
 
 
+def changed_text(tokenizer: Tokenizer, stories: list[str]) -> tuple[int, str, str] | None:
+    """How many of `stories` the tokenizer does not give back as it read them (the text of their ids), with the
+    first one's text where it starts to differ, as read and as given back; None where each comes back whole (a
+    leading space aside: SentencePiece's kind reads one before each text, which its decoder may give back). A
+    normalizer's lowercasing or NFKC, and what a vocabulary lacks (dropped, or read as an unknown token), change
+    the text the model learns, and what its loss and bits per byte measure."""
+    changed = [(story, back) for story in stories
+               if (back := tokenizer.decode(tokenizer.encode(story))).removeprefix(" ") != story.removeprefix(" ")]
+    if not changed:
+        return None
+    story, back = changed[0]
+    at = next((i for i, (a, b) in enumerate(zip(story, back)) if a != b), min(len(story), len(back)))
+    return len(changed), story[max(0, at - 12) : at + 24], back[max(0, at - 12) : at + 24]
+
+
 def _anchor_ids(backend, avoid: set[int]) -> list[int]:
     """The ids of a plain text ("a") to decode each token after; none (each token alone) where the tokenizer cannot
     encode it, or only with a special or unknown token (`avoid`)."""

@@ -551,6 +551,7 @@ def test_compare_puts_runs_side_by_side_naming_what_differs(straight_run, data_d
     assert "; validation: set aside from the training source (a 0.1 share), 66 stories; tokenizer" in out
     assert "tokenizers differ: their losses per token do not compare, their bits per byte do" in out
     assert "(the sampled ones up to their windows' noise: other tokens make other windows; the whole split's " in out
+    assert "exactly), where each tokenizer gives back the text it reads (prepare warns of one that" in out
     assert "validated on different stories" not in out  # the same stories, in other tokens
     # The sampled losses show their bits per byte beside them, what compares (no eval.json: no whole split's)
     last = [r for r in map(json.loads, (straight_run / "metrics.jsonl").read_text().splitlines()) if "val_bpb" in r][-1]

@@ -619,7 +619,7 @@ def evaluation_section(known: dict) -> list[str]:
     return [f"Next-token loss on {where}:", "",
             *table([val_cells(loss, bpb)], ("loss (nats per token)", "bits per byte")),
             "Bits per byte divide the loss by the UTF-8 bytes of the text, so that models with different "
-            "tokenizers compare.", ""]
+            "tokenizers compare (where each tokenizer gives back the text it reads, as tinygemma prepare checks).", ""]
 
 
 def samples_section(out: Path, g: GenerateConfig, tokenizer: Tokenizer | None) -> list[str]:
@@ -789,7 +789,8 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
                 "they stand." if len(stories) > 1 else "")
         return ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
                 "same stories (the sampled ones up to their windows' noise: other tokens make other windows; the whole "
-                f"split's exactly).{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
+                "split's exactly), where each tokenizer gives back the text it reads (prepare warns of one that "
+                f"lowercases or drops text).{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
                 "file in its own tokens.", ""]
     if len({val for _, val, _ in data.values()} - {None}) > 1:
         return ["The runs were validated on different stories: neither their sampled nor their whole split's losses "

@@ -130,6 +130,9 @@ def test_a_run_resumed_with_other_settings_or_on_another_machine_is_reported_as_
     flops_per_token = tinygemma.ModelConfig(**{k: v for k, v in config["model"].items() if k != "preset"}
                                             ).flops_per_token(32)
     assert [p["flops"] for p in parts] == [4 * 256 * flops_per_token, 8 * 256 * flops_per_token]  # each part's own
+    timed = [r for r in test_train.metrics(out) if "tokens_per_s" in r]  # each log line's MFU, over its part's peak
+    assert {r["step"] for r in timed} >= {4, 12} and [r["mfu"] for r in timed] == pytest.approx(
+        [flops_per_token * r["tokens_per_s"] / (1e9 if r["step"] <= 4 else 4e9) for r in timed])
     text = (out / "report.md").read_text()
     mfu = sum(p["flops"] for p in parts) / sum(p["peak_flop_s"] for p in parts)
     assert f"| MFU | {100 * mfu:.1f}% (over the optimizer steps' time) |" in text

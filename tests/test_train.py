@@ -551,6 +551,7 @@ def counted_report(run_dir):
     return write_report(run_dir)
 
 tinygemma.checkpoint.atomic_write_json, tinygemma.train.write_report = slow_last_json, counted_report
+tinygemma.train.peak_flops = lambda device: 1e9  # a made-up peak a process, so that MFU is known
 assert sys.argv[1] == "train" and set(sys.argv[2::2]) == {"--set"}  # as torchrun() calls it: `train --set S ...`
 summary = train(load_recipe(None, sys.argv[3::2]), quiet=True, stop_at=4)
 print(f"rank {env_rank()}: step {summary['step']} checkpoint {summary['checkpoint']}", flush=True)
@@ -569,6 +570,15 @@ def test_under_torchrun_process_0_writes_and_every_process_returns_the_last_chec
         assert f"rank {rank}: step 4 checkpoint {out / 'checkpoints' / 'step_000004'}" in proc.stdout, proc.stdout
     writers = [line for line in proc.stdout.splitlines() if line.startswith("report.md written by")]
     assert writers == ["report.md written by rank 0"] * 2, proc.stdout  # checkpoints at steps 2 and 4
+    # MFU over both processes' peak (1e9 each): the log's and the report's, which counted one process's
+    config = json.loads((out / "config.json").read_text())
+    flops_per_token = tinygemma.ModelConfig(**{k: v for k, v in config["model"].items() if k != "preset"}
+                                            ).flops_per_token(config["train"]["block_size"])
+    timed = [r for r in metrics(out) if "tokens_per_s" in r]
+    assert timed and [r["mfu"] for r in timed] == pytest.approx([flops_per_token * r["tokens_per_s"] / 2e9
+                                                                 for r in timed])
+    state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert [p["peak_flop_s"] / p["elapsed_s"] for p in state["invocations"]] == pytest.approx([2e9])
 
 
 @NEEDS_CPU_FSDP

@@ -213,11 +213,22 @@ def test_compiled_backend_compiles_once_per_shape_group_whatever_the_learning_ra
 def test_compiled_backend_serves_any_number_of_models_in_one_process(traced_muon):
     """Each optimizer compiles its own copy: one compile shared by the process counted every model's graphs (a
     shape group is a shape and a number of matrices) toward dynamo's limit of 8, and the third model of a sweep
-    (gemma3-tiny at 1, 2, 3 layers: 4 graphs each) raised FailOnRecompileLimitHit."""
+    (gemma3-tiny at 1, 2, 3 layers: 4 graphs each) raised FailOnRecompileLimitHit. Each model's steps are
+    compiled graphs of its own, and give the "bfloat16" backend's update."""
+    from torch._dynamo.utils import counters
+
     for n_layers in (1, 2, 3):
         model = Gemma3(ModelConfig.preset("gemma3-tiny", n_layers=n_layers, d_model=32, mlp_dim=64, head_dim=8))
         params = [p for n, p in model.named_parameters() if n in muon_parameters(model)]
-        steps_with_a_schedule(params, muon(params, "compiled"), [0.01, 0.02])
+        start = [p.detach().clone() for p in params]
+        reference = [torch.nn.Parameter(p.clone()) for p in start]
+        expected = steps_with_a_schedule(reference, muon(reference, "bfloat16"), [0.01, 0.02])
+        graphs = counters["stats"]["unique_graphs"]
+        ours = steps_with_a_schedule(params, muon(params, "compiled"), [0.01, 0.02])
+        assert counters["stats"]["unique_graphs"] - graphs == 4  # (q, k/v, o, gate/up/down: the shape groups)
+        for a, b, p0 in zip(ours, expected, start):  # (a few bf16 roundings flip: more of a tiny matrix's update)
+            moved, differ = (b - p0).norm(), (a - b).norm()
+            assert moved > 0.01 and differ < 2e-2 * moved
 
 
 @pytest.mark.parametrize("torch_2_6", [False, True], ids=["distribute_tensor", "without_src_data_rank"])

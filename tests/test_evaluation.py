@@ -107,10 +107,12 @@ def test_a_stride_scores_each_prediction_once_with_the_context_it_promises():
 
 def test_bad_evaluate_arguments():
     model, tokens = small_model(300), np.zeros(10, dtype=np.uint16)
-    for kwargs in ({"block_size": 0}, {"block_size": 4, "batch_size": 0}, {"block_size": 4, "max_tokens": 1}):
-        with pytest.raises(UserError):
+    for kwargs, says in (({"block_size": 0}, "block_size must be an integer >= 1, got 0"),
+                         ({"block_size": 4, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+                         ({"block_size": 4, "max_tokens": 1}, r"max_tokens must be an integer >= 2 \(one to read")):
+        with pytest.raises(UserError, match=says):
             evaluate(model, tokens, **kwargs)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"1 tokens to evaluate: at least 2 are needed"):
         evaluate(model, tokens[:1], 4)
     # A token file of the right size holding an id past the model's (corrupt): one line, not the embedding's
     # IndexError traceback

@@ -326,16 +326,27 @@ def test_max_new_tokens_zero(model, tokenizer):
     assert generate_text(model, tokenizer, PROMPT, 0, temperature=0) == ([""], 0)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"temperature": -0.5}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0},
-    {"min_p": -0.1}, {"min_p": 1.5}, {"min_p": "0.1"},
-    {"max_new_tokens": -1}, {"num_samples": 0}, {"prompt": ""},
-    {"num_samples": "2", "seed": 1}, {"prompt": ["Once", "Hi"]}, {"prompt": 5},  # TypeErrors from Python before
-    {"max_new_tokens": 2048},  # past the model's max_position_embeddings (2048) with the prompt
+@pytest.mark.parametrize("kwargs, says", [
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0, got -0.5"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+    ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\], got 1.5"),
+    ({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
+    ({"min_p": -0.1}, r"min_p must be a number in \[0, 1\] .*, got -0.1"),
+    ({"min_p": 1.5}, r"min_p must be a number in \[0, 1\] .*, got 1.5"),
+    ({"min_p": "0.1"}, r"min_p must be a number in \[0, 1\] .*, got '0.1'"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0, got -1"),
+    ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+    ({"prompt": ""}, "the prompt is empty"),
+    ({"num_samples": "2", "seed": 1}, "num_samples must be an integer >= 1, got '2'"),  # TypeErrors from Python before
+    ({"prompt": ["Once", "Hi"]}, "the prompt must be text .*, got list: for several prompts, call once per prompt"),
+    ({"prompt": 5}, r"the prompt must be text \(a str\), got int"),
+    # past the model's max_position_embeddings (2048) with the prompt
+    ({"max_new_tokens": 2048}, "the prompt's 4 tokens plus 2048 new ones need more than the model's 2048 positions"),
 ])
-def test_bad_arguments_are_user_errors(model, tokenizer, kwargs):
+def test_bad_arguments_are_user_errors(model, tokenizer, kwargs, says):
     args = {"prompt": PROMPT, "max_new_tokens": 4, **kwargs}
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=says):
         generate_text(model, tokenizer, **args)
 
 

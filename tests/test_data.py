@@ -390,7 +390,8 @@ def test_bpe_prepare(stories_dir, valid, tmp_path):
     assert int(np.asarray(prepared.split("train")).max()) < 600
 
 
-def test_prepare_says_when_a_tokenizer_does_not_give_back_the_text_it_reads(stories_dir, tmp_path, capsys):
+def test_prepare_says_when_a_tokenizer_does_not_give_back_the_text_it_reads(stories_dir, tmp_path, capsys,
+                                                                          monkeypatch):
     """A tokenizer.json that lowercases (a normalizer), or whose vocabulary lacks a character, trains the model on
     other text than the stories, and its loss and bits per byte measure that text: prepare went on without a word,
     and compare set its bits per byte beside a lossless tokenizer's. It warns, naming what changed; a tokenizer that
@@ -404,26 +405,34 @@ def test_prepare_says_when_a_tokenizer_does_not_give_back_the_text_it_reads(stor
     spec = json.loads((bpe / "tokenizer.json").read_text())
     lowered = tmp_path / "lowered.json"
     lowered.write_text(json.dumps({**spec, "normalizer": {"type": "Lowercase"}}))
-    lacking = tmp_path / "lacking.json"  # (no "K" in its vocabulary: "Kitty" reads as "itty")
+    lacking = tmp_path / "lacking.json"  # (no "J" in its vocabulary: "Jack" reads as "ack")
     vocab = spec["model"]["vocab"]
-    assert "K" in vocab
+    assert "J" in vocab
     lacking.write_text(json.dumps({**spec, "model": {**spec["model"], "vocab": {t: i for t, i in vocab.items()
-                                                                             if t != "K"}, "merges": [
-        m for m in spec["model"]["merges"] if "K" not in (m.split(" ") if isinstance(m, str) else m)]}}))
-    assert HFTokenizer(lacking.read_text()).decode(HFTokenizer(lacking.read_text()).encode("Kim")) == "im"
-    val = read_stories(stories_dir / "valid.txt", 100)
-    for tokenizer, changed, change in ((lowered, sum(story != story.lower() for story in val), str.lower),
-                                       (lacking, sum("K" in story for story in val), lambda t: t.replace("K", ""))):
+                                                                             if t != "J"}, "merges": [
+        m for m in spec["model"]["merges"] if "J" not in (m.split(" ") if isinstance(m, str) else m)]}}))
+    assert HFTokenizer(lacking.read_text()).decode(HFTokenizer(lacking.read_text()).encode("Jim")) == "im"
+    first = read_stories(stories_dir / "train.txt", 100)
+    for tokenizer, changed, change in ((lowered, sum(story != story.lower() for story in first), str.lower),
+                                       (lacking, sum("J" in story for story in first), lambda t: t.replace("J", ""))):
         prepare(tmp_path / tokenizer.stem, sources=[stories_dir / "train.txt"],
                 val_sources=[stories_dir / "valid.txt"], tokenizer=str(tokenizer), limit=100, workers=1,
                 progress=False)
         err = capsys.readouterr().err
         said = re.search(r"warning: the tokenizer does not give back the text it reads \((\d+) of the first 100 "
-                         r"validation stories; ('.*') comes back as ('.*')\): it changes text", err)
+                         r"training stories; ('.*') comes back as ('.*')\): it changes text", err)
         assert said and int(said[1]) == changed > 0, err
         read, back = ast.literal_eval(said[2]), ast.literal_eval(said[3])
         assert back != read and change(read)[:20] == back[:20]  # the text around the first change
         assert "they do not compare with those of a tokenizer that keeps the text" in err
+    # A file with no separators is one story: the check reads its first 10,000 characters (it read 20 MB whole)
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(first) * 3)
+    seen = []
+    monkeypatch.setattr(data, "changed_text", lambda tokenizer, stories: seen.extend(stories))
+    prepare(tmp_path / "long", sources=[long], val_sources=[stories_dir / "valid.txt"], tokenizer=str(lowered),
+            workers=1, progress=False)
+    assert len(long.read_text()) > 30_000 and [len(story) for story in seen] == [data.TEXT_CHECK_CHARS]
 
 
 def test_token_files_switch_to_uint32_exactly_past_65536_ids():

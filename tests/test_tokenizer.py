@@ -153,6 +153,9 @@ def test_bad_tokenizer_names_and_files(tmp_path):
     (tmp_path / "panics.json").write_text(json.dumps(broken))
     with pytest.raises(UserError, match=r"panics.json is not a valid tokenizer.json \(Precompiled: "):
         load_tokenizer(tmp_path / "panics.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # (past Python's parser's recursion)
+    with pytest.raises(UserError, match=r"deep.json is not a valid tokenizer.json \(not JSON: "):
+        load_tokenizer(tmp_path / "deep.json")
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match="not UTF-8"):
         load_tokenizer(tmp_path / "binary.json")
@@ -428,6 +431,10 @@ def test_gpt2s_vocabulary_that_splits_or_changes_text_otherwise_is_not_gpt2(r50k
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [50256], "tokens": ["<|endoftext|>"]}}}}
     assert HFTokenizer(json.dumps(opened)).prompt_prefix == (50256,)
+    # One that ends each text with it changes no id tinygemma writes or reads (it never adds that token): GPT-2's
+    closed = {**opened, "post_processor": {**opened["post_processor"], "single": opened["post_processor"]["single"][::-1]}}
+    assert HFTokenizer(json.dumps(closed)).text_suffix == (50256,)
+    assert HFTokenizer(json.dumps(closed)).identity == "gpt2"
     for other in (prefixed, lowered, opened):  # (identified by its file's sha256)
         tokenizer = HFTokenizer(json.dumps(other))
         assert tokenizer.identity != "gpt2" and tokenizer.identity.startswith("tokenizer.json:")

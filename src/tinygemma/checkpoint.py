@@ -593,7 +593,7 @@ def fork_run(checkpoint: str | Path, out: str | Path) -> dict:
                         os.link(file, stage / file.name)
                     except OSError:  # another filesystem, or one without hard links
                         shutil.copyfile(file, stage / file.name)
-            stage.rename(ckpts / checkpoint_name(number))
+            replace_file(stage, ckpts / checkpoint_name(number))
         # (where it came from, which the fork's resume records in its part of the run: the checkpoint's own
         # files are the source's, hard links, never written)
         atomic_write_json(ckpts / "last.json", {"dir": checkpoint_name(step), "step": step,

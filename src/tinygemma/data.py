@@ -78,7 +78,9 @@ from tinygemma.tokenizer import (
 FORMAT = "tinygemma-tokens"
 VERSION = 1
 META_NAME = "meta.json"
-TEXT_CHECK_STORIES = 100  # validation stories that prepare checks the tokenizer gives back whole
+# The training stories that prepare checks a given tokenizer gives back whole, and the most of each it checks (a file
+# with no separators is one story)
+TEXT_CHECK_STORIES, TEXT_CHECK_CHARS = 100, 10_000
 CHUNK_CHARS = 1 << 21  # text per worker task: large enough to amortise the hand-off, small enough to stream
 READ_CHARS = 1 << 22  # text read from a .txt file at a time
 
@@ -689,10 +691,11 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     first = next(stories, None)
     if first is None:
         raise _no_stories("train", carve, limit)
-    val_sample = list(itertools.islice(split_stories["val"](), TEXT_CHECK_STORIES))
-    if not val_sample:
+    if next(split_stories["val"](), None) is None:
         raise _no_stories("val", carve, limit)
+    sample = []  # the first stories, which a given tokenizer must give back as it read them (the trained BPE does)
     if tokenizer != "bpe":
+        sample = [story[:TEXT_CHECK_CHARS] for story in [first, *itertools.islice(stories, TEXT_CHECK_STORIES - 1)]]
         stories.close()  # (its file, or a hub stream, let go of: the tokenizing passes read the splits again)
     else:
         tokenizer = train_bpe(itertools.chain([first], stories), vocab_size)
@@ -700,10 +703,10 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
             print(f"tinygemma: warning: the BPE has {tokenizer.vocab_size:,} tokens, not the {vocab_size:,} asked for: "
                   "these stories hold no more pairs to merge", file=sys.stderr, flush=True)
     _check_vocab_size(tokenizer.vocab_size, f"tokenizer {tokenizer.identity}")
-    if tokenizer.identity != "gpt2" and (changed := changed_text(tokenizer, val_sample)):
+    if tokenizer.identity != "gpt2" and (changed := changed_text(tokenizer, sample)):
         count, read, back = changed
         print(f"tinygemma: warning: the tokenizer does not give back the text it reads ({count} of the first "
-              f"{len(val_sample)} validation stories; {read!r} comes back as {back!r}): it changes text (a "
+              f"{len(sample)} training stories; {read!r} comes back as {back!r}): it changes text (a "
               "normalizer's lowercasing or NFKC) or drops what its vocabulary lacks (or reads it as its unknown "
               "token). The model learns the text as changed, generate writes it so, and its loss and bits per byte "
               "measure it: they do not compare with those of a tokenizer that keeps the text", file=sys.stderr,

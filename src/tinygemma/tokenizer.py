@@ -311,7 +311,7 @@ class HFTokenizer(Tokenizer):
         where = path or "tokenizer"
         try:
             parsed = json.loads(content)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # (RecursionError: arrays nested past Python's parser)
             raise UserError(f"{where} is not a valid tokenizer.json (not JSON: {e})") from None
         if not isinstance(parsed, dict) or "model" not in parsed:  # (tokenizer_config.json, vocab.json: its neighbours)
             raise UserError(f"{where} is JSON but no tokenizer.json (it has no \"model\"): give the tokenizer.json "
@@ -358,8 +358,9 @@ class HFTokenizer(Tokenizer):
         self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
         # ids mean the same text, so data and checkpoints made with either go together.
-        # (with no post-processor tokens around a text: one that starts each with <|endoftext|> gives other ids)
-        gpt2 = not self.prompt_prefix and not self.text_suffix and _is_gpt2_vocabulary(vocab, content)
+        # (with no post-processor token before a text: one that starts each with <|endoftext|> gives other ids; one
+        # after it changes none, since tinygemma never adds it)
+        gpt2 = not self.prompt_prefix and _is_gpt2_vocabulary(vocab, content)
         self.identity = "gpt2" if gpt2 else f"tokenizer.json:{self._ids_digest()}"
 
     @functools.cached_property

@@ -709,14 +709,14 @@ def test_a_ctrl_c_as_a_checkpoint_is_renamed_into_place_takes_effect_once_last_j
     """A Ctrl-C between the rename of step 10's folder and last.json's switch to it left a whole checkpoint that no
     pointer named: the resume trained its steps again. It now takes effect once last.json (and best.json) name it."""
     out = tmp_path / "run"
-    real = os.rename
+    real = os.replace  # (files.replace_file's, which renames the folder)
 
     def interrupted_after(src, dst):
         real(src, dst)
         if Path(dst).name == "step_000010":
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(tinygemma.checkpoint.os, "rename", interrupted_after)
+    monkeypatch.setattr(os, "replace", interrupted_after)
     with pytest.raises(KeyboardInterrupt):
         run(data_dir, out, "max_steps=20", "checkpoint_interval=5")
     monkeypatch.undo()

@@ -516,8 +516,8 @@ def test_help_and_a_mistyped_option_come_without_importing_torch():
     modules that use it: the CLI imports each command's modules when the command runs. A Ctrl-C while they
     import (now inside the command) is still one line and exit status 130."""
     show = "import atexit, sys\natexit.register(lambda: print('torch' in sys.modules))\n"
-    for argv, status in ((["--help"], 0), (["train", "--help"], 0), (["export", "--ckpt", "r", "--out", "o", "--bogus"], 2),
-                         (["generate", "--ckpt", "r"], 2)):
+    for argv, status in ((["--help"], 0), (["train", "--help"], 0),
+                         (["export", "--ckpt", "r", "--out", "o", "--bogus"], 2), (["generate", "--ckpt", "r"], 2)):
         result = entry_point(show, *argv)
         assert (result.returncode, result.stdout.splitlines()[-1]) == (status, "False"), (argv, result.stderr)
     planted = ("import builtins\n"

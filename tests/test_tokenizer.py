@@ -432,7 +432,8 @@ def test_gpt2s_vocabulary_that_splits_or_changes_text_otherwise_is_not_gpt2(r50k
         "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [50256], "tokens": ["<|endoftext|>"]}}}}
     assert HFTokenizer(json.dumps(opened)).prompt_prefix == (50256,)
     # One that ends each text with it changes no id tinygemma writes or reads (it never adds that token): GPT-2's
-    closed = {**opened, "post_processor": {**opened["post_processor"], "single": opened["post_processor"]["single"][::-1]}}
+    closing = opened["post_processor"]["single"][::-1]
+    closed = {**opened, "post_processor": {**opened["post_processor"], "single": closing}}
     assert HFTokenizer(json.dumps(closed)).text_suffix == (50256,)
     assert HFTokenizer(json.dumps(closed)).identity == "gpt2"
     for other in (prefixed, lowered, opened):  # (identified by its file's sha256)

@@ -790,8 +790,8 @@ def comparison_note(runs: dict, data: dict, by_tokens: bool) -> list[str]:
         return ["The runs' tokenizers differ: their losses per token do not compare, their bits per byte do, on the "
                 "same stories (the sampled ones up to their windows' noise: other tokens make other windows; the whole "
                 "split's exactly), where each tokenizer gives back the text it reads (prepare warns of one that "
-                f"lowercases or drops text).{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on one story "
-                "file in its own tokens.", ""]
+                f"lowercases or drops text).{also} `tinygemma eval --ckpt RUN --data STORIES.txt` scores each run on "
+                "one story file in its own tokens.", ""]
     if len({val for _, val, _ in data.values()} - {None}) > 1:
         return ["The runs were validated on different stories: neither their sampled nor their whole split's losses "
                 "compare. Score them on the same stories: `tinygemma eval --ckpt RUN --data DATA` (one dataset, or "

@@ -335,9 +335,10 @@ class HFTokenizer(Tokenizer):
         vocab = self.backend.get_vocab(with_added_tokens=True)
         eot = [token for token in EOT_CANDIDATES if token in vocab]
         if not eot:
-            raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)}), which prepare "
-                            "puts after each story: add one as a special token (tokenizers: tokenizer.add_special_tokens("
-                            "['<|endoftext|>']), then tokenizer.save(path)), or rename its own (an [EOS]) to one of these")
+            raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)}), which "
+                            "prepare puts after each story: add one as a special token (tokenizers: "
+                            "tokenizer.add_special_tokens(['<|endoftext|>']), then tokenizer.save(path)), or rename "
+                            "its own (an [EOS]) to one of these")
         self.vocab_size = max(vocab.values()) + 1
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]

@@ -513,6 +513,22 @@ def test_cli_writes_a_dataset(stories_dir, tmp_path, capsys):
     assert "train: 50 stories" in out
 
 
+def test_preparing_other_data_over_a_dataset_says_its_runs_will_not_resume(stories_dir, tmp_path, capsys):
+    """prepare replaces a dataset in its --out as it is asked to, but other data there (another limit, source or
+    tokenizer) went without a word, and a run trained on the old data learned it only as its resume was refused.
+    The same data prepared again says nothing."""
+    out = tmp_path / "data"
+    args = dict(sources=[stories_dir / "train.txt"], val_fraction=0.2, limit=40, workers=1, progress=False)
+    prepare(out, **args)
+    prepare(out, **args)
+    assert "warning" not in capsys.readouterr().err
+    prepare(out, **{**args, "limit": 30})
+    assert capsys.readouterr().err == (f"tinygemma: warning: {out} held other prepared data, now replaced: a run "
+                                       "trained on what it held refuses to resume on it (prepare that data again, "
+                                       "into this folder, to go on with such a run)\n")
+    assert open_prepared(out).meta["splits"]["train"]["documents"] == 30  # (the new data)
+
+
 def test_cli_takes_several_sources_after_one_flag(stories_dir, tmp_path, capsys):
     """`--source data/*.json` (the shell's expansion: several paths after one flag) was refused as unrecognized
     arguments; it reads them in the order given, as repeated flags do."""

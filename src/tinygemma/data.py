@@ -672,8 +672,26 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
     # one line instead of deleting the first one's temporaries and racing it to meta.json. A failed prepare leaves
     # no folder it made.
     with locked_folder(out_dir, "a dataset", check=lambda: check_prepare_out(out_dir)):
-        return _prepare_into(out_dir, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
+        before = peek_json(out_dir / META_NAME)
+        meta = _prepare_into(out_dir, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,
                              progress, notes)
+    if replaced_other_data(before, meta):
+        print(f"tinygemma: warning: {out_dir} held other prepared data, now replaced: a run trained on what it held "
+              "refuses to resume on it (prepare that data again, into this folder, to go on with such a run)",
+              file=sys.stderr, flush=True)
+    return meta
+
+
+def replaced_other_data(before: dict, meta: dict) -> bool:
+    """Whether a dataset's meta.json before a prepare (`before`, {} where there was none) recorded other tokens
+    than the new one's (by their digests, which the runs trained on it check as they resume; one recorded
+    without them is not known to differ)."""
+    def digests(m: dict) -> list:
+        splits = m.get("splits") if isinstance(m.get("splits"), dict) else {}
+        return [split.get("blake2b") if isinstance(split := splits.get(name), dict) else None for name in SPLITS]
+
+    old = digests(before)
+    return None not in old and old != digests(meta)
 
 
 def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,

@@ -613,7 +613,13 @@ def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_
         assert main(["run", str(ROOT / "configs" / "speedrun.toml"), "--dry-run", "--set", "train.device=cuda"]) == 2
         out, err = capsys.readouterr()
         assert json.loads(out)["plan"]["optimizer"] == "muon"
+        assert json.loads(out)["plan"]["on_this_machine"] is None and "on this machine" not in err
         assert err.splitlines()[1:] == ["tinygemma run: error: device cuda was asked for, but PyTorch sees no CUDA GPU"]
+        # A recipe this machine can train says where: the workshop's 270M on a laptop's CPU, in float32
+        assert main(["run", str(ROOT / "configs" / "workshop.toml"), "--dry-run"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["plan"]["on_this_machine"] == {"device": "cpu", "dtype": "float32", "processes": 1}
+        assert err.splitlines()[0].endswith("; on this machine: 1 x cpu in float32")
     assert main(["train", "--config", str(ROOT / "configs" / "cpu-demo.toml"), "--dry-run", "--max-steps", "77"]) == 2
     out, err = capsys.readouterr()
     assert json.loads(out)["plan"]["steps"] == 77

@@ -35,7 +35,7 @@ from tinygemma.data import (
     requested_micro_batch_size,
     same_sources,
 )
-from tinygemma.devices import dtype_name, evaluation_dtype, pick_device, pick_dtype
+from tinygemma.devices import autocast_dtype, dtype_name, evaluation_dtype, pick_device, pick_dtype
 from tinygemma.errors import UserError, shell_quote
 from tinygemma.evaluation import evaluate
 from tinygemma.files import atomic_write_json, check_unlocked, is_training_run, peek_json
@@ -215,7 +215,20 @@ def recipe_plan(recipe: Recipe, checked: dict | None = None) -> dict:
                         "tokens_each": t.eval_batches * tokens_per_step},
         "checkpoints": {"count": checkpoints, "bytes_each_at_most": checkpoint_size,
                         "on_disk_at_most": min(checkpoints, t.keep_checkpoints + 1)},  # the newest, and the best
+        "on_this_machine": plan_machine(recipe),
     }
+
+
+def plan_machine(recipe: Recipe) -> dict | None:
+    """Where this machine would train the recipe: the device its device setting resolves to, the precision its
+    dtype setting resolves to there, and the processes (torchrun's); None where it cannot (a CUDA recipe on a
+    laptop: training's refusal says why). A workshop recipe on a laptop trains on its CPU, in days."""
+    try:
+        device = pick_device(recipe.train.device)
+    except UserError:
+        return None
+    return {"device": device.type, "dtype": dtype_name(autocast_dtype(recipe.train.dtype, device)),
+            "processes": env_world_size()}
 
 
 def plan_vocab_size(recipe: Recipe) -> tuple[int, int, str]:
@@ -249,7 +262,9 @@ def say_plan(plan: dict) -> str:
             f"{plan['flops']:.3g} FLOP{steps}; {plan['optimizer']}, {t['kind']} schedule, warmup "
             f"{t['warmup_steps']} steps, learning rate {rates}; evaluations: {plan['evaluations']['count']:,} of "
             f"{plan['evaluations']['tokens_each']:,} tokens; checkpoints: {plan['checkpoints']['count']:,} of at most "
-            f"{plan['checkpoints']['bytes_each_at_most'] / 2**30:.2f} GiB")
+            f"{plan['checkpoints']['bytes_each_at_most'] / 2**30:.2f} GiB" + (
+                "; on this machine: {processes} x {device} in {dtype}".format(**plan["on_this_machine"])
+                if plan.get("on_this_machine") else ""))
 
 
 def prepared_data(recipe: Recipe):

@@ -527,6 +527,14 @@ def test_preparing_other_data_over_a_dataset_says_its_runs_will_not_resume(stori
                                        "trained on what it held refuses to resume on it (prepare that data again, "
                                        "into this folder, to go on with such a run)\n")
     assert open_prepared(out).meta["splits"]["train"]["documents"] == 30  # (the new data)
+    # A dataset from before the digests: told by its tokenizer and token counts, as a resume tells it
+    for limit, says in ((30, False), (40, True)):
+        meta = json.loads((out / "meta.json").read_text())
+        for split in meta["splits"].values():
+            split.pop("blake2b")
+        (out / "meta.json").write_text(json.dumps(meta))
+        prepare(out, **{**args, "limit": limit})
+        assert ("held other prepared data" in capsys.readouterr().err) == says, limit
 
 
 def test_cli_takes_several_sources_after_one_flag(stories_dir, tmp_path, capsys):

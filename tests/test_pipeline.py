@@ -615,6 +615,7 @@ def test_dry_run_of_a_recipe_this_machine_cannot_train_prints_the_plan_then_the_
         assert json.loads(out)["plan"]["optimizer"] == "muon"
         assert json.loads(out)["plan"]["on_this_machine"] is None and "on this machine" not in err
         assert err.splitlines()[1:] == ["tinygemma run: error: device cuda was asked for, but PyTorch sees no CUDA GPU"]
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         # A recipe this machine can train says where: the workshop's 270M on a laptop's CPU, in float32
         assert main(["run", str(ROOT / "configs" / "workshop.toml"), "--dry-run"]) == 0
         out, err = capsys.readouterr()
@@ -853,6 +854,21 @@ def test_a_run_that_holds_its_prepared_data_continues_with_it(tmp_path, stories_
     assert main(["run", str(recipe), *quick, *inside, "--dry-run"]) == 0, capsys.readouterr().err
     assert main(["run", str(recipe), *quick, *inside]) == 0, capsys.readouterr().err
     assert "inside train.out" not in capsys.readouterr().err
+
+
+def test_the_plan_names_this_machines_processes_and_none_where_it_cannot_train(monkeypatch):
+    """on_this_machine under torchrun: this node's processes (LOCAL_WORLD_SIZE), not every node's (WORLD_SIZE);
+    none for several processes on a Mac's GPU, which the runtime refuses (NCCL and gloo only)."""
+    from tinygemma.pipeline import plan_machine
+
+    recipe = load_recipe(None, ["train.device=cpu"])
+    assert plan_machine(recipe) == {"device": "cpu", "dtype": "float32", "processes": 1}
+    for name, value in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0", "WORLD_SIZE": "16", "RANK": "0",
+                        "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "localhost", "MASTER_PORT": "29599"}.items():
+        monkeypatch.setenv(name, value)
+    assert plan_machine(recipe)["processes"] == 8
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert plan_machine(load_recipe(None, ["train.device=mps"])) is None
 
 
 def test_a_dry_run_s_warnings_are_said_once_under_torchrun(capsys, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -227,8 +228,11 @@ def plan_machine(recipe: Recipe) -> dict | None:
         device = pick_device(recipe.train.device)
     except UserError:
         return None
+    if device.type == "mps" and env_world_size() > 1:  # (the runtime's refusal: several processes need NCCL or gloo)
+        return None
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")  # (torchrun's processes on this node, of all nodes' WORLD_SIZE)
     return {"device": device.type, "dtype": dtype_name(autocast_dtype(recipe.train.dtype, device)),
-            "processes": env_world_size()}
+            "processes": int(local) if local.isdigit() and int(local) > 0 else env_world_size()}
 
 
 def plan_vocab_size(recipe: Recipe) -> tuple[int, int, str]:

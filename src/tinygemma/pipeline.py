@@ -46,7 +46,7 @@ from tinygemma.model import Gemma3
 from tinygemma.optim import check_muon_rate, cooldown_start, schedule
 from tinygemma.parallelize import check_attention_backend
 from tinygemma.report import EVAL_NAME, REPORT_NAME, write_report
-from tinygemma.runtime import env_rank, env_world_size, main_process_first, setup_runtime
+from tinygemma.runtime import env_rank, env_world_size, main_process_first, setup_runtime, training_device
 from tinygemma.tokenizer import GPT2_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, token_byte_lengths
 from tinygemma.trackers import require_loggers
 from tinygemma.train import (
@@ -225,10 +225,8 @@ def plan_machine(recipe: Recipe) -> dict | None:
     dtype setting resolves to there, and the processes (torchrun's); None where it cannot (a CUDA recipe on a
     laptop: training's refusal says why). A workshop recipe on a laptop trains on its CPU, in days."""
     try:
-        device = pick_device(recipe.train.device)
+        device = training_device(recipe.train.device, env_world_size())
     except UserError:
-        return None
-    if device.type == "mps" and env_world_size() > 1:  # (the runtime's refusal: several processes need NCCL or gloo)
         return None
     local = os.environ.get("LOCAL_WORLD_SIZE", "")  # (torchrun's processes on this node, of all nodes' WORLD_SIZE)
     return {"device": device.type, "dtype": dtype_name(autocast_dtype(recipe.train.dtype, device)),

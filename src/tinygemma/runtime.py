@@ -58,9 +58,7 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
     rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if world_size > 1 else (0, 0)
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun (one process too: its own session as well)
         die_with_parent()
-    device = pick_device(device_name)
-    if device.type == "mps" and world_size > 1:
-        raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
+    device = training_device(device_name, world_size)
     before = previous_device = None  # the matmul precision and the current GPU a CUDA run changes, for close()
     if device.type == "cuda":
         device = cuda_device(device, world_size, local_rank)
@@ -84,6 +82,15 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
 
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def training_device(device_name: str, world_size: int) -> torch.device:
+    """The device `device_name` resolves to for training in `world_size` processes; refused in one line where it
+    cannot (a GPU this machine lacks; several processes on MPS)."""
+    device = pick_device(device_name)
+    if device.type == "mps" and world_size > 1:
+        raise UserError("multi-process training runs on CUDA (NCCL) or CPU (gloo), not MPS")
+    return device
 
 
 def env_world_size(env=None) -> int:

@@ -535,6 +535,12 @@ def test_preparing_other_data_over_a_dataset_says_its_runs_will_not_resume(stori
         (out / "meta.json").write_text(json.dumps(meta))
         prepare(out, **{**args, "limit": limit})
         assert ("held other prepared data" in capsys.readouterr().err) == says, limit
+    # GPT-2's tokenizer.json gives gpt2's very tokens, which a gpt2 run resumes on: the same data
+    (tmp_path / "gpt2.json").write_text(GPT2Tokenizer().hf_json())
+    prepare(out, **args)
+    capsys.readouterr()
+    prepare(out, **{**args, "tokenizer": str(tmp_path / "gpt2.json")})
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_cli_takes_several_sources_after_one_flag(stories_dir, tmp_path, capsys):

@@ -683,22 +683,18 @@ def prepare(out_dir, sources=None, val_sources=None, val_fraction=None, tokenize
 
 
 def replaced_other_data(before: dict, meta: dict) -> bool:
-    """Whether a dataset's meta.json before a prepare (`before`, {} where there was none) recorded other data
-    than the new one's, as the runs trained on it check it when they resume: another tokenizer, other token
-    counts, or other tokens by their digests (where both record them: older datasets have none)."""
-    if not before:
-        return False
-
-    def recorded(m: dict) -> tuple:
+    """Whether a dataset's meta.json before a prepare (`before`, {} where there was none) recorded other tokens
+    than the new one's, as the runs trained on it check them when they resume: other token counts, or other
+    tokens by their digests (where both record them: older datasets have none). Another tokenizer's tokens show
+    in either; the same tokens from another file of the same tokenizer (GPT-2's tokenizer.json for gpt2) are
+    the same data."""
+    def recorded(m: dict) -> list:
         splits = m.get("splits") if isinstance(m.get("splits"), dict) else {}
-        tokenizer = m.get("tokenizer") if isinstance(m.get("tokenizer"), dict) else {}
-        return ((tokenizer.get("kind"), tokenizer.get("sha256")),
-                [(split.get("tokens"), split.get("blake2b")) if isinstance(split := splits.get(name), dict)
-                 else (None, None) for name in SPLITS])
+        return [(split.get("tokens"), split.get("blake2b")) if isinstance(split := splits.get(name), dict)
+                else (None, None) for name in SPLITS]
 
-    (was_tokenizer, was), (tokenizer, now) = recorded(before), recorded(meta)
-    return was_tokenizer != tokenizer or any(a[0] != b[0] or None not in (a[1], b[1]) and a[1] != b[1]
-                                             for a, b in zip(was, now))
+    return bool(before) and any(a[0] != b[0] or None not in (a[1], b[1]) and a[1] != b[1]
+                                for a, b in zip(recorded(before), recorded(meta)))
 
 
 def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, vocab_size, limit, workers,

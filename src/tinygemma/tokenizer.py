@@ -614,7 +614,7 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     lengths = _text_byte_lengths(tokenizer, vocab_size)
     # End-of-text stands for no text even where the file has it as an ordinary piece (a tokenizer.json made from
     # GPT-2's vocab.json and merges.txt: 13 bytes a story were counted), as do the post-processor's <bos>.
-    for i in (tokenizer.eot_id, *getattr(tokenizer, "prompt_prefix", ()), *getattr(tokenizer, "text_suffix", ())):
+    for i in (tokenizer.eot_id, *tokenizer.prompt_prefix, *tokenizer.text_suffix):
         if i < vocab_size:
             lengths[i] = 0
     return lengths

@@ -265,6 +265,32 @@ def test_the_gguf_records_the_context_length_and_the_special_ids(small_ckpt, tmp
     assert bytes(template.parts[template.data[0]]).decode() == tokenizer.chat_template()
 
 
+def test_an_end_of_text_named_by_a_transformers_folder_goes_through_every_stage(bpe, stories_dir, tmp_path, capsys):
+    """A BPE whose end-of-text is "[EOS]" (none of the five names), saved by transformers with eos_token="[EOS]":
+    prepare reads it from the folder, the data, the run and both exports end their stories with it, and
+    transformers and llama.cpp's file name it as their eos."""
+    transformers = pytest.importorskip("transformers")
+    folder, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    (tmp_path / "bare.json").write_text(bpe.content.replace(f'"{EOT_TOKEN}"', '"[EOS]"'), encoding="utf-8")
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "bare.json"),
+                                         eos_token="[EOS]").save_pretrained(folder)
+    eos = bpe.eot_id
+    assert main(["prepare", "--source", str(stories_dir / "train.txt"), "--limit", "100", "--tokenizer", str(folder),
+                 "--out", str(data), "--workers", "1", "--no-progress"]) == 0
+    prepared = open_prepared(data)
+    assert prepared.tokenizer().eot_token == "[EOS]" and (prepared.split("train") == eos).sum() >= 90
+    train_run(run, data, [*TINY, "max_steps=2", "warmup_steps=0"])
+    assert checkpoint_tokenizer(run).eot_token == "[EOS]"
+    assert main(["generate", "--ckpt", str(run), "--prompt", "Once", "--max-new-tokens", "4"]) == 0
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert (hf.eos_token, hf.eos_token_id) == ("[EOS]", eos)
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == eos
+    reader = gguf.GGUFReader(export_gguf(run, tmp_path / "m.gguf", "f32")["path"])
+    field = reader.fields["tokenizer.ggml.eos_token_id"]
+    assert field.parts[field.data[0]][0] == eos
+
+
 def test_tiny_greedy_text_matches_tinygemma_generate(tiny_run, stories_dir, tmp_path, llama_cpp, capsys):
     export_cli(tiny_run, tmp_path / "tiny.gguf", "f32", capsys)
     tokenizer = checkpoint_tokenizer(tiny_run)

@@ -112,6 +112,40 @@ def test_eot_of_a_tokenizer_json(tmp_path):
     assert (deepseek.eot_token, deepseek.eot_id) == ("<｜end▁of▁sentence｜>", 2)  # DeepSeek's, refused before
 
 
+def test_an_end_of_text_that_a_transformers_folder_names_is_taken(tmp_path):
+    """A file holding none of the five names is read with the eos_token that transformers' files beside it name
+    (save_pretrained's tokenizer_config.json, else special_tokens_map.json, as a string or an added token's dict);
+    it was refused. A file holding one of the five keeps it (Qwen's instruct folders name <|im_end|>, while its
+    stories' separator is <|endoftext|>). The token travels with the spec, to folders without those files."""
+    import pickle
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    path = _word_level(folder, ["<unk>", "hello", "[EOS]", "[SEP]"])
+    with pytest.raises(UserError, match=r"name its own \(an \[EOS\]\) as eos_token in a tokenizer_config.json "):
+        load_tokenizer(folder)
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "[SEP]", "special": True}}))
+    assert (load_tokenizer(folder).eot_token, load_tokenizer(folder).eot_id) == ("[SEP]", 3)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[EOS]"}))  # (read first)
+    for given in (folder, path):
+        tok = load_tokenizer(given)
+        assert (tok.eot_token, tok.eot_id, tok.spec()["eot_token"]) == ("[EOS]", 2, "[EOS]")
+    copy = tmp_path / "copy"  # a prepared dataset's or checkpoint's folder: the tokenizer.json alone
+    copy.mkdir()
+    spec = tok.save(copy)
+    assert tokenizer_from_spec(spec, copy).eot_id == 2 and pickle.loads(pickle.dumps(tok)).eot_id == 2
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[SEP]"}))
+    assert load_tokenizer(folder).identity != tok.identity  # another story separator: other data
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(UserError, match=r"none of .*, nor '<\|im_end\|>', the eos_token named beside it"):
+        load_tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text("{not json")  # unreadable: the next file's
+    assert load_tokenizer(folder).eot_token == "[SEP]"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[EOS]"}))
+    qwen = _word_level(folder, ["<unk>", "hello", "[EOS]", "<|endoftext|>"])  # one of the five: kept
+    assert load_tokenizer(qwen).eot_token == "<|endoftext|>"
+
+
 def test_an_end_of_text_added_but_not_special_is_refused(tmp_path):
     """An added token not marked special is split out of any text, encode_special_tokens or not: a story's own
     "<|endoftext|>" would become a false story boundary (and count 13 bytes in bits per byte). One line."""

@@ -36,7 +36,7 @@ from tinygemma.files import (
 )
 from tinygemma.hf import hf_state
 from tinygemma.model import check_tokenizer_fits
-from tinygemma.tokenizer import HFTokenizer, Tokenizer, missing_bytes, splits_as_gpt2
+from tinygemma.tokenizer import Tokenizer, missing_bytes, splits_as_gpt2
 
 # GGUF_DTYPES (--dtype's) by the names the hf export takes (devices.parse_dtype's: float16, half, BF16, ...)
 GGUF_OF_TORCH = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -189,9 +189,11 @@ def check_plain_added_tokens(spec: dict, plain: list[dict]) -> None:
                 _refuse(f"its added tokens {a!r} and {b!r} overlap ({a!r} ends as {b!r} starts), and llama.cpp "
                         "matches the longer first where tinygemma matches the leftmost")
     if plain:
-        tokenizer = HFTokenizer(json.dumps(spec))
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_str(json.dumps(spec))  # (tinygemma's decode: no end-of-text needed here)
         for added in plain:
-            if (decoded := tokenizer.decode([added["id"]])) != added["content"]:
+            if (decoded := backend.decode([added["id"]], skip_special_tokens=False)) != added["content"]:
                 _refuse(f"its added token {added['content']!r} decodes as {decoded!r} in tinygemma, as its own text "
                         "in llama.cpp")
 

@@ -27,6 +27,8 @@ GPT2_VOCAB_SIZE = 50_257  # r50k_base: 50,256 ranks and <|endoftext|>
 # The end-of-text token of a tokenizer.json: the first of these it has (GPT-2 and ours, Qwen, Gemma, Llama 2 and
 # Mistral, Llama 3, DeepSeek).
 EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
+# Where a file holds none of them: the eos_token that transformers' files beside it name (save_pretrained's).
+EOS_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_FILE = "tokenizer.json"
 # A story model has no chat format: a chat front end (transformers' apply_chat_template, llama-server's web page,
 # LM Studio) sends the messages' text as it is, and the model continues it. Both exports carry it.
@@ -305,7 +307,9 @@ def _read_stories(backend):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer.json: ours trained by `train_bpe`, Gemma 3's own, or any other."""
 
-    def __init__(self, content: str, path: Path | None = None):
+    def __init__(self, content: str, path: Path | None = None, eos_token: str | None = None):
+        """`eos_token`: the end-of-text token where the file holds none of EOT_CANDIDATES (a transformers folder's
+        eos_token, or the one a spec records)."""
         from tokenizers import Tokenizer as Backend
 
         where = path or "tokenizer"
@@ -333,12 +337,13 @@ class HFTokenizer(Tokenizer):
                             'set "dropout" to null in it')
         self.sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
         vocab = self.backend.get_vocab(with_added_tokens=True)
-        eot = [token for token in EOT_CANDIDATES if token in vocab]
+        eot = [token for token in (*EOT_CANDIDATES, eos_token) if token in vocab]
         if not eot:
-            raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)}), which "
+            named = f", nor {eos_token!r}, the eos_token named beside it" if eos_token else ""
+            raise UserError(f"{where} has no end-of-text token (none of {', '.join(EOT_CANDIDATES)}{named}), which "
                             "prepare puts after each story: add one as a special token (tokenizers: "
-                            "tokenizer.add_special_tokens(['<|endoftext|>']), then tokenizer.save(path)), or rename "
-                            "its own (an [EOS]) to one of these")
+                            "tokenizer.add_special_tokens(['<|endoftext|>']), then tokenizer.save(path)), or name "
+                            f"its own (an [EOS]) as eos_token in a {EOS_FILES[0]} beside it")
         self.vocab_size = max(vocab.values()) + 1
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
@@ -417,6 +422,8 @@ class HFTokenizer(Tokenizer):
         for key in ("version", "truncation", "padding", "post_processor"):
             canonical.pop(key, None)
         canonical["prompt_affixes"] = [list(self.prompt_prefix), list(self.text_suffix)]
+        if self.eot_token not in EOT_CANDIDATES:  # named beside the file: another name makes other data
+            canonical["eot_token"] = self.eot_token
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
 
     @property
@@ -477,7 +484,8 @@ class HFTokenizer(Tokenizer):
         return (), ()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> HFTokenizer:
+    def from_file(cls, path: str | Path, eos_token: str | None = None) -> HFTokenizer:
+        """`eos_token`: as the constructor's; where None, the one a transformers folder names beside the file."""
         path = Path(path)
         try:  # (a byte-order mark, Windows Notepad's, is no part of the JSON: the tokenizer, its copies and sha256
             content = path.read_text(encoding="utf-8-sig")  # are the file's text after it, as recipes and stories)
@@ -487,7 +495,7 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"{path} is a folder, not a tokenizer.json") from None
         except UnicodeDecodeError:
             raise UserError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
-        return cls(content, path)
+        return cls(content, path, eos_token or named_eos_token(path.parent))
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -536,10 +544,25 @@ class HFTokenizer(Tokenizer):
         return self.content
 
     def __getstate__(self):  # workers rebuild the backend from the JSON
-        return {"content": self.content, "path": self.path}
+        return {"content": self.content, "path": self.path, "eot_token": self.eot_token}
 
     def __setstate__(self, state):
-        self.__init__(state["content"], state["path"])
+        self.__init__(state["content"], state["path"], state["eot_token"])
+
+
+def named_eos_token(directory: Path) -> str | None:
+    """The eos_token a transformers folder names (tokenizer_config.json's, else special_tokens_map.json's: a string
+    or an added token's {"content": ...}); None where neither file is there, readable or naming one."""
+    for name in EOS_FILES:
+        try:
+            parsed = json.loads((directory / name).read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+            continue
+        eos = parsed.get("eos_token") if isinstance(parsed, dict) else None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and eos:
+            return eos
+    return None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -594,7 +617,9 @@ def tokenizer_from_spec(spec: dict, base_dir: str | Path = ".") -> Tokenizer:
     if kind == "gpt2":
         tokenizer = GPT2Tokenizer()
     elif kind == "tokenizer.json":
-        tokenizer = HFTokenizer.from_file(Path(base_dir) / spec.get("file", TOKENIZER_FILE))
+        eot = spec.get("eot_token")  # (the token named beside the file it was made from: not beside this copy)
+        tokenizer = HFTokenizer.from_file(Path(base_dir) / spec.get("file", TOKENIZER_FILE),
+                                          eot if isinstance(eot, str) else None)
         if spec.get("sha256") and spec["sha256"] != tokenizer.sha256:
             raise UserError(f"{tokenizer.path} has sha256 {tokenizer.sha256[:12]}..., but the spec records "
                             f"{spec['sha256'][:12]}...: it is not the tokenizer this was made with")

@@ -15,6 +15,7 @@ past 512; llama.cpp differs by 1.5e-4).
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ from tinygemma.generate import generate_stream
 from tinygemma.gguf_export import (
     GGUF_DTYPES,
     check_byte_level_bpe,
+    check_llama_cpp_tokenizer,
     export_gguf,
     has_gemma_layout,
     llama_cpp_vocabulary,
@@ -175,6 +177,127 @@ def test_llama_cpp_tokenizes_real_stories_as_tinygemma(name, bpe, stories_dir, t
         assert llm.token_eos() == tokenizer.eot_id
         assert not any(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), i)
                        for i in tokenizer.encode(stories[0]))
+
+
+# ------------------------------------------------------------------ SentencePiece BPEs
+
+SENTENCEPIECE_LAYOUTS = ["gemma", "gemma-transformers4", "llama", "llama-transformers4"]
+# Llama 2's tokenizer.json as transformers 4 wrote it: a "▁" put before the text by a normalizer
+PREPEND_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_bpes(tmp_path_factory, stories_dir) -> dict[str, Path]:
+    """SentencePiece BPEs trained on 2,000 real stories (byte fallback, 1,000 pieces) and converted by
+    transformers (its generate_merges and tokenizer classes): Gemma's layout (no "▁" before a text) and Llama 2's
+    (one there, SentencePiece's dummy prefix), each as transformers 5 writes it and as transformers 4 did (Gemma's
+    without a split at " ", Llama's "▁" put by a normalizer)."""
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    generate_merges = getattr(importlib.import_module("transformers.convert_slow_tokenizer"), "generate_merges", None)
+    if generate_merges is None:
+        pytest.skip("this transformers has no convert_slow_tokenizer.generate_merges")
+    root, stories, folders = tmp_path_factory.mktemp("sentencepiece"), read_stories(stories_dir / "train.txt", 2000), {}
+    for name, prefix, make, bos, eos in (("gemma", False, transformers.GemmaTokenizer, "<bos>", "<eos>"),
+                                         ("llama", True, transformers.LlamaTokenizer, "<s>", "</s>")):
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(stories), model_prefix=str(root / name), model_type="bpe", vocab_size=1000,
+            byte_fallback=True, add_dummy_prefix=prefix, remove_extra_whitespaces=False, split_digits=True,
+            normalization_rule_name="identity", allow_whitespace_only_pieces=True, max_sentence_length=100_000,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece=eos, bos_piece=bos,
+            unk_piece="<unk>", minloglevel=2)
+        sp = spm.SentencePieceProcessor(model_file=str(root / f"{name}.model"))
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        vocab, scores = {p: i for i, p in enumerate(pieces)}, {p: sp.get_score(i) for i, p in enumerate(pieces)}
+        make(vocab=vocab, merges=generate_merges(vocab, scores), unk_token="<unk>", pad_token="<pad>",
+             bos_token=bos, eos_token=eos).save_pretrained(root / name)
+        spec = json.loads((root / name / "tokenizer.json").read_text(encoding="utf-8"))
+        older = {"pre_tokenizer": None, **({"normalizer": PREPEND_NORMALIZER} if prefix else {})}
+        (root / f"{name}-transformers4").mkdir()
+        (root / f"{name}-transformers4" / "tokenizer.json").write_text(json.dumps({**spec, **older}), encoding="utf-8")
+        folders[name], folders[f"{name}-transformers4"] = root / name, root / f"{name}-transformers4"
+    return folders
+
+
+@pytest.mark.parametrize("layout", SENTENCEPIECE_LAYOUTS)
+def test_llama_cpp_tokenizes_real_stories_as_tinygemma_with_a_sentencepiece_bpe(layout, sentencepiece_bpes,
+                                                                                stories_dir, tmp_path, llama_cpp):
+    """llama.cpp's SentencePiece tokenizer ("llama"), given scores from the merges' order, splits 500 real stories
+    and odd text (byte pieces for what the 1,000 pieces lack) as tinygemma does, and decodes them back (Llama's
+    layout with the space it puts before a text, which tinygemma's decoder strips); end-of-text ends generation.
+    One difference: transformers 5's Llama layout puts no "▁" before a text that starts with a space; llama.cpp
+    puts one."""
+    tokenizer = load_tokenizer(sentencepiece_bpes[layout])
+    prefix = layout.startswith("llama")
+    assert tokenizer.eot_token == ("</s>" if prefix else "<eos>")
+    _, path = small_export(tokenizer, tmp_path, n_layers=1)
+    fields = gguf.GGUFReader(path).fields
+    model, space = (fields[f"tokenizer.ggml.{key}"] for key in ("model", "add_space_prefix"))
+    assert bytes(model.parts[model.data[0]]).decode() == "llama" and bool(space.parts[space.data[0]][0]) == prefix
+    stories = read_stories(stories_dir / "valid.txt", 300) + read_stories(stories_dir / "v2_train.txt", 200)
+    with open_llama(llama_cpp, path, vocab_only=True) as llm:
+        for text in stories + ODD_TEXT:
+            ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+            if layout == "llama" and text[:1].isspace():
+                assert ids == tokenizer.encode(" " + text)  # the one difference
+                continue
+            assert ids == tokenizer.encode(text), text[:80]
+            assert llm.detokenize(ids).decode("utf-8") == " " * (prefix and bool(ids)) + tokenizer.decode(ids)
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        assert llm.token_eos() == tokenizer.eot_id and llama_cpp.llama_vocab_is_eog(vocab, tokenizer.eot_id)
+        assert any(llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_BYTE for i in range(300))
+
+
+def test_sentencepiece_bpe_scores_follow_its_merges(sentencepiece_bpes):
+    """Each piece the merges form scores minus the rank of its first merge: llama.cpp merges the highest score
+    first, tokenizers the first listed; the transformers 5 and 4 layouts of one model score alike."""
+    spec = json.loads((sentencepiece_bpes["gemma"] / "tokenizer.json").read_text(encoding="utf-8"))
+    scores, merges = gguf_export.sentencepiece_scores(spec), spec["model"]["merges"]
+    left, right = merges[0].split(" ", 1) if isinstance(merges[0], str) else merges[0]
+    assert scores[left + right] == 0.0 and len(scores) == len({"".join(m if isinstance(m, list) else m.split(" ", 1))
+                                                                for m in merges})
+    assert sorted(scores.values(), reverse=True) == [scores[p] for p in sorted(scores, key=scores.get, reverse=True)]
+    older = json.loads((sentencepiece_bpes["gemma-transformers4"] / "tokenizer.json").read_text(encoding="utf-8"))
+    assert gguf_export.sentencepiece_scores(older) == scores
+
+
+def _formed_twice(spec) -> tuple[int, int]:
+    """Two ranks of merges that form the same piece."""
+    formed: dict[str, int] = {}
+    for rank, merge in enumerate(spec["model"]["merges"]):
+        piece = "".join(merge if isinstance(merge, list) else merge.split(" ", 1))
+        if piece in formed:
+            return formed[piece], rank
+        formed[piece] = rank
+    raise AssertionError("no piece formed by two merges")
+
+
+@pytest.mark.parametrize("layout,change,words", [
+    ("gemma", lambda s: s["model"]["merges"].pop(_formed_twice(s)[1]), "its merges lack"),
+    ("gemma", lambda s: s["model"]["merges"].append(s["model"]["merges"].pop(_formed_twice(s)[1])),
+     "are not listed together"),
+    ("gemma", lambda s: s["model"].update(byte_fallback=False), "no byte fallback"),
+    ("gemma", lambda s: s["model"]["vocab"].update({"<0x41>x": s["model"]["vocab"].pop("<0x41>")}),
+     "lacks 1 of the 256 byte pieces (<0x41>"),
+    ("gemma", lambda s: s["added_tokens"].append({"id": 1000, "content": "Lily", "special": False}),
+     "'Lily' is not special"),
+    ("gemma", lambda s: s["decoder"]["decoders"].pop(), "its decoder is"),
+    ("gemma", lambda s: s["model"].update(type="Unigram"), "SentencePiece Unigram model"),
+    ("gemma", lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "its pre-tokenizer is"),
+    ("llama", lambda s: s["pre_tokenizer"].update(split=True), "its pre-tokenizer is"),
+    ("llama", lambda s: s["pre_tokenizer"].update(prepend_scheme="never"), "its pre-tokenizer is"),
+    ("llama", lambda s: s["decoder"]["decoders"].pop(), "its decoder is"),  # no Strip of the space it puts
+    ("llama-transformers4", lambda s: s["model"].update(dropout=0.1), "its BPE sets dropout"),
+], ids=["merge-missing", "merges-apart", "no-byte-fallback", "byte-piece-missing", "plain-added-token",
+        "decoder", "unigram", "pre-tokenizer", "metaspace-split", "metaspace-never", "no-strip", "dropout"])
+def test_a_sentencepiece_bpe_llama_cpp_cannot_reproduce_is_refused(sentencepiece_bpes, layout, change, words):
+    spec = json.loads((sentencepiece_bpes[layout] / "tokenizer.json").read_text(encoding="utf-8"))
+    assert check_llama_cpp_tokenizer(spec) == "llama"  # as converted
+    change(spec)
+    with pytest.raises(UserError, match="llama.cpp cannot reproduce this tokenizer") as raised:
+        check_llama_cpp_tokenizer(spec)
+    assert words in str(raised.value)
 
 
 # ------------------------------------------------------------------ logits of the architecture

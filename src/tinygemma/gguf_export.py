@@ -6,17 +6,19 @@ way llama.cpp's `gemma3` architecture reads it (src/models/gemma3.cpp, src/llama
   5-in-6 pattern or any other), the RoPE base of the global layers and that of the sliding ones;
 - the weights under llama.cpp's tensor names (gguf's own name map), RMSNorm gains stored as 1 + w (llama.cpp
   multiplies by the stored gain), the vocabulary without its padding rows, the head only when it is not tied;
-- the tokenizer as llama.cpp's byte-level BPE ("gpt2") with its merges and GPT-2's pre-tokenizer, end-of-text as
-  the end-of-generation token, and nothing put in front of a prompt but the tokenizer's <bos> where it starts
-  every text with one (GPT-2's and prepare's BPEs have none).
+- the tokenizer as llama.cpp's byte-level BPE ("gpt2") with its merges and GPT-2's pre-tokenizer, or a
+  SentencePiece BPE with byte fallback as its SentencePiece tokenizer ("llama"), each piece scored by its first
+  merge; end-of-text as the end-of-generation token, and nothing put in front of a prompt but the tokenizer's
+  <bos> where it starts every text with one (GPT-2's and prepare's BPEs have none).
 What llama.cpp cannot reproduce is refused in one line: its gemma3 graph scales queries by 1/sqrt(head_dim) and
-reads no query_pre_attn_scalar, and its BPE splits text only in the ways it names.
+reads no query_pre_attn_scalar, and its tokenizers split text only in the ways they name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,15 @@ GGUF_OF_TORCH = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf
 ARCH = "gemma3"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, which our byte-level BPEs use
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+# SentencePiece BPEs as transformers converts them: spaces read as "▁", and decoded back, byte pieces as bytes.
+# Gemma's puts no "▁" before a text; Llama 2's (and Mistral's) puts one there (llama.cpp's add_space_prefix), by a
+# Metaspace pre-tokenizer (transformers 5) or a Prepend normalizer (transformers 4), and strips it in decoding.
+PIECE = "\u2581"
+SPACE_TO_PIECE = {"type": "Replace", "pattern": {"String": " "}, "content": PIECE}
+PREPEND_PIECE = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": PIECE}, SPACE_TO_PIECE]}
+PIECE_DECODERS = [{"type": "Replace", "pattern": {"String": PIECE}, "content": " "}, {"type": "ByteFallback"},
+                  {"type": "Fuse"}]
+STRIP_PREFIX = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
 
 
 def gguf_dtype(name: str) -> str:
@@ -131,7 +142,28 @@ def check_llama_cpp_model(config: ModelConfig) -> None:
 def _refuse(why: str):
     raise UserError(f"llama.cpp cannot reproduce this tokenizer: {why}; the GGUF export carries byte-level BPE "
                     "tokenizers with GPT-2's split (GPT-2's own, one trained by `tinygemma prepare`, or such a "
-                    "tokenizer.json)")
+                    "tokenizer.json) and SentencePiece BPEs as transformers converts Gemma's")
+
+
+def sentencepiece_prefix(spec: dict) -> bool | None:
+    """Whether a tokenizer.json that reads spaces as SentencePiece's "▁" puts one before a text (Llama 2's layout:
+    True; Gemma's: False), as llama.cpp's SentencePiece tokenizer ("llama") takes it; None where it reads spaces
+    otherwise: a byte-level BPE's layout, or none llama.cpp has."""
+    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer") or {}
+    if normalizer == SPACE_TO_PIECE:
+        return False
+    if normalizer == PREPEND_PIECE or (normalizer is None and pre.get("type") == "Metaspace"):
+        return True
+    return None
+
+
+def check_llama_cpp_tokenizer(spec: dict) -> str:
+    """Refuse a tokenizer.json that llama.cpp would split otherwise; else its llama.cpp tokenizer model's name."""
+    if sentencepiece_prefix(spec) is not None:
+        check_sentencepiece_bpe(spec)
+        return "llama"
+    check_byte_level_bpe(spec)
+    return "gpt2"
 
 
 def model_name(src: Path) -> str:
@@ -198,13 +230,70 @@ def check_plain_added_tokens(spec: dict, plain: list[dict]) -> None:
                         "in llama.cpp")
 
 
+def check_sentencepiece_bpe(spec: dict) -> None:
+    """Refuse a SentencePiece-style tokenizer.json that llama.cpp's "llama" tokenizer would split or decode
+    otherwise: it merges any two neighbouring pieces that form a token, the highest score first, and spells what
+    no piece holds as <0xHH> bytes; tokenizers merges only the pairs its list holds, the first listed first."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        _refuse(f"it is a SentencePiece {model.get('type')} model, not BPE")
+    if not model.get("byte_fallback"):
+        _refuse("its SentencePiece BPE has no byte fallback")
+    for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
+        if model.get(option):
+            _refuse(f"its BPE sets {option}")
+    pre = spec.get("pre_tokenizer")
+    if spec.get("normalizer"):  # none, or a split at " ", which finds none after the normalizer (transformers 5's)
+        fits = pre is None or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}
+                               and not pre.get("invert"))
+    else:  # a Metaspace that puts "▁" before the text alone, as llama.cpp does, not before each word
+        fits = (pre.get("replacement") == PIECE and pre.get("split") is False
+                and pre.get("prepend_scheme") in ("first", "always"))
+    if not fits:
+        _refuse(f"its pre-tokenizer is {json.dumps(pre)[:120]}, not SentencePiece's")
+    decoders = [*PIECE_DECODERS, STRIP_PREFIX] if sentencepiece_prefix(spec) else PIECE_DECODERS
+    if spec.get("decoder") != {"type": "Sequence", "decoders": decoders}:
+        _refuse(f"its decoder is {json.dumps(spec.get('decoder'))[:120]}, not SentencePiece's")
+    vocab = model.get("vocab") or {}
+    if lacking := [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]:
+        _refuse(f"its vocabulary lacks {len(lacking)} of the 256 byte pieces ({lacking[0]}, ...)")
+    if plain := [added["content"] for added in spec.get("added_tokens") or [] if not added.get("special")]:
+        _refuse(f"its added token {plain[0]!r} is not special")
+    sentencepiece_scores(spec)
+
+
+def sentencepiece_scores(spec: dict) -> dict[str, float]:
+    """Each token that merges form, with the score that makes llama.cpp merge as tokenizers does: minus the rank
+    of the first merge forming it. Refused unless the merges are SentencePiece's as transformers converts them:
+    every pair of pieces that forms a piece, the pairs forming one piece listed together."""
+    model = spec["model"]
+    pieces = {**model["vocab"], **{added["content"]: added["id"] for added in spec.get("added_tokens") or []}}
+    first: dict[str, int] = {}
+    pairs, last = set(), None
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        formed = left + right
+        if formed in first and formed != last:
+            _refuse(f"its merges forming {formed!r} are not listed together, as SentencePiece's are")
+        first.setdefault(formed, rank)
+        pairs.add((left, right))
+        last = formed
+    for piece in pieces:  # (a byte piece's text, "<0x41>", is formed by no two pieces of a SentencePiece vocabulary)
+        for cut in range(1, len(piece)):
+            if piece[:cut] in pieces and piece[cut:] in pieces and (piece[:cut], piece[cut:]) not in pairs:
+                _refuse(f"its merges lack {piece[:cut]!r} + {piece[cut:]!r} (forming {piece!r}), which llama.cpp "
+                        "would merge: not SentencePiece's merges (a BPE trained by tokenizers' BpeTrainer?)")
+    return {formed: -float(rank) for formed, rank in first.items()}
+
+
 def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """A tokenizer.json (`spec`, parsed) as llama.cpp reads it: each id's token (`vocab_size` of them, the model's
     rows), its token type (gguf.TokenType: special tokens are control tokens, other added tokens (matched in
-    text) user-defined ones, ids the tokenizer lacks unused fillers) and the merges in priority order, as
-    "left right"."""
+    text) user-defined ones, a SentencePiece vocabulary's byte pieces byte tokens and its unknown piece the
+    unknown token, ids the tokenizer lacks unused fillers) and, for a byte-level BPE, the merges in priority
+    order, as "left right" (a SentencePiece BPE's go as scores: sentencepiece_scores)."""
     gguf = gguf_module()
-    check_byte_level_bpe(spec)
+    sentencepiece = check_llama_cpp_tokenizer(spec) == "llama"
     # Special tokens past the model's rows (Gemma 3's <image_soft_token>) are never encoded from text nor sampled:
     # left out, as model.check_tokenizer_fits leaves them (it refused the text's ids, end-of-text and <bos>).
     added = [token for token in spec.get("added_tokens") or [] if token["id"] < vocab_size]
@@ -219,6 +308,13 @@ def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[i
     for token in added:
         tokens[token["id"]] = token["content"]
         types[token["id"]] = int(gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED)
+    if sentencepiece:
+        for i, token in enumerate(tokens):
+            if token is not None and re.fullmatch("<0x[0-9A-F]{2}>", token):
+                types[i] = int(gguf.TokenType.BYTE)  # (decoded as their byte, not their text)
+        unk = spec["model"].get("unk_token")
+        if unk in spec["model"]["vocab"] and spec["model"]["vocab"][unk] < vocab_size:
+            types[spec["model"]["vocab"][unk]] = int(gguf.TokenType.UNKNOWN)
     for i, token in enumerate(tokens):
         if token is None:  # an id the model has and the tokenizer never produces
             tokens[i], types[i] = f"[PAD{i}]", int(gguf.TokenType.UNUSED)
@@ -228,7 +324,7 @@ def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[i
             _refuse(f"ids {seen.get(token)} and {i} are both {token!r}")
         seen[token] = i
     merges = []
-    for merge in spec["model"].get("merges") or []:
+    for merge in [] if sentencepiece else spec["model"].get("merges") or []:
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         if " " in left or " " in right or not left:
             _refuse(f"its merge {merge!r} holds a space, which llama.cpp reads as the separator")
@@ -259,11 +355,20 @@ def _write_hyperparameters(writer, config: ModelConfig) -> None:
 
 def _write_tokenizer(writer, tokenizer: Tokenizer, spec: dict, vocab_size: int) -> None:
     tokens, types, merges = llama_cpp_vocabulary(spec, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    prefix = sentencepiece_prefix(spec)
+    if prefix is not None:
+        writer.add_tokenizer_model("llama")
+        scores = sentencepiece_scores(spec)
+        writer.add_token_scores([scores.get(token, 0.0) for token in tokens])
+        writer.add_add_space_prefix(prefix)  # (llama.cpp's default for "llama" puts a "▁" before a text)
+        if (unk := spec["model"].get("unk_token")) in tokens:
+            writer.add_unk_token_id(tokens.index(unk))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(PRE_TOKENIZER)
+        writer.add_token_merges(merges)
     eot = tokenizer.eot_id  # every story ends with it: the end of generation, and what a story follows
     for add in (writer.add_eos_token_id, writer.add_eot_token_id, writer.add_pad_token_id):
         add(eot)
@@ -312,7 +417,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = DEFAULT_GGUF_DTY
     src = resolve_checkpoint(ckpt)
     tokenizer = checkpoint_tokenizer(src, tokenizer)  # a wrong --tokenizer is named whether gguf is installed or not
     spec = json.loads(tokenizer.hf_json())
-    check_byte_level_bpe(spec)  # before the (slow) model load
+    check_llama_cpp_tokenizer(spec)  # before the (slow) model load
     if len(tokenizer.prompt_prefix) > 1:
         _refuse(f"it puts {len(tokenizer.prompt_prefix)} tokens before every text, where llama.cpp adds at most one "
                 "(<bos>)")

@@ -1,6 +1,7 @@
 """Tokenizers against real TinyStories text: tiktoken's own ids, exact round trips, saved specs, transformers."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -101,6 +102,27 @@ def _word_level(tmp_path, tokens) -> str:
     return path
 
 
+def test_what_the_tokenizers_library_writes_to_stderr_is_dropped_only_where_it_panicked(capfd):
+    """The panic hook writes to descriptor 2 itself, past sys.stderr: held while a file is read, and written out
+    unless the read panicked (a warning of a read that succeeds, or fails otherwise, still shows)."""
+    from tinygemma.tokenizer import _panic_lines_held
+
+    class PanicException(BaseException):  # (pyo3's, by its name)
+        pass
+
+    capfd.readouterr()
+    with _panic_lines_held():
+        os.write(2, b"a warning\n")
+    with pytest.raises(ValueError), _panic_lines_held():
+        os.write(2, b"before a failure\n")
+        raise ValueError
+    with pytest.raises(PanicException), _panic_lines_held():
+        os.write(2, b"thread panicked at ...\n")
+        raise PanicException
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "a warning\nbefore a failure\nafter\n"
+
+
 def test_eot_of_a_tokenizer_json(tmp_path):
     tok = load_tokenizer(_word_level(tmp_path, ["<unk>", "</s>", "<eos>", "hello"]))
     assert (tok.eot_token, tok.eot_id, tok.vocab_size) == ("<eos>", 2, 4)  # the first candidate present
@@ -165,7 +187,7 @@ def test_an_end_of_text_added_but_not_special_is_refused(tmp_path):
     assert tok.eot_id == 2 and tok.eot_id not in tok.encode("once <|endoftext|>")
 
 
-def test_bad_tokenizer_names_and_files(tmp_path):
+def test_bad_tokenizer_names_and_files(tmp_path, capfd):
     with pytest.raises(UserError, match="unknown tokenizer 'gpt3'"):
         load_tokenizer("gpt3")
     with pytest.raises(UserError, match="holds no tokenizer.json"):
@@ -185,8 +207,10 @@ def test_bad_tokenizer_names_and_files(tmp_path):
     broken = json.loads(_word_level(tmp_path, ["<unk>", "</s>"]).read_text())
     broken["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": None}
     (tmp_path / "panics.json").write_text(json.dumps(broken))
+    capfd.readouterr()
     with pytest.raises(UserError, match=r"panics.json is not a valid tokenizer.json \(Precompiled: "):
         load_tokenizer(tmp_path / "panics.json")
+    assert capfd.readouterr().err == ""  # the Rust panic hook's lines (and backtrace) held back: one line in all
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # (past Python's parser's recursion)
     with pytest.raises(UserError, match=r"deep.json is not a valid tokenizer.json \(not JSON: "):
         load_tokenizer(tmp_path / "deep.json")

@@ -8,12 +8,15 @@ tokenizer's ids refuses data written with another's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 import signal
+import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -294,6 +297,34 @@ def tokenizers_failure(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
+@contextlib.contextmanager
+def _panic_lines_held():
+    """Hold what is written to stderr's descriptor (the Rust panic hook's lines, a backtrace under RUST_BACKTRACE)
+    while the tokenizers library reads a file: dropped where it panicked (the one line that follows names the
+    panic), written out otherwise. Without a descriptor 2 to hold (a service's), nothing is held."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    held = tempfile.TemporaryFile()
+    panicked = False
+    try:
+        sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        yield
+    except BaseException as e:
+        panicked = type(e).__name__ == "PanicException"
+        raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        held.seek(0)
+        if not panicked and (lines := held.read()):
+            os.write(2, lines)
+        held.close()
+
+
 def _read_stories(backend):
     """`backend`, set to read stories: ordinary text ("<|endoftext|>" in a story is just text), whole (never cut
     or padded by the file's own settings: transformers, too, applies them only when a call asks). The file itself
@@ -321,7 +352,8 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"{where} is JSON but no tokenizer.json (it has no \"model\"): give the tokenizer.json "
                             "itself, not a tokenizer_config.json or vocab.json beside it")
         try:
-            self.backend = Backend.from_str(content)
+            with _panic_lines_held():
+                self.backend = Backend.from_str(content)
         except BaseException as e:
             if not tokenizers_failure(e):
                 raise

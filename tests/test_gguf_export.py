@@ -15,7 +15,6 @@ past 512; llama.cpp differs by 1.5e-4).
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -189,29 +188,24 @@ PREPEND_NORMALIZER = {"type": "Sequence", "normalizers": [
 
 @pytest.fixture(scope="module")
 def sentencepiece_bpes(tmp_path_factory, stories_dir) -> dict[str, Path]:
-    """SentencePiece BPEs trained on 2,000 real stories (byte fallback, 1,000 pieces) and converted by
-    transformers (its generate_merges and tokenizer classes): Gemma's layout (no "▁" before a text) and Llama 2's
-    (one there, SentencePiece's dummy prefix), each as transformers 5 writes it and as transformers 4 did (Gemma's
-    without a split at " ", Llama's "▁" put by a normalizer)."""
+    """SentencePiece BPEs trained on 2,000 real stories (byte fallback, 1,000 pieces; llama2.c trains its own so)
+    and converted to tokenizer.json by transformers, as a user would (the folder of a tokenizer.model, read by its
+    tokenizer class and saved): Gemma's layout (no "▁" before a text) and Llama 2's (one there, SentencePiece's
+    dummy prefix), each as transformers 5 writes it and as transformers 4 did (Gemma's without a split at " ",
+    Llama's "▁" put by a normalizer)."""
     spm = pytest.importorskip("sentencepiece")
     transformers = pytest.importorskip("transformers")
-    generate_merges = getattr(importlib.import_module("transformers.convert_slow_tokenizer"), "generate_merges", None)
-    if generate_merges is None:
-        pytest.skip("this transformers has no convert_slow_tokenizer.generate_merges")
     root, stories, folders = tmp_path_factory.mktemp("sentencepiece"), read_stories(stories_dir / "train.txt", 2000), {}
     for name, prefix, make, bos, eos in (("gemma", False, transformers.GemmaTokenizer, "<bos>", "<eos>"),
                                          ("llama", True, transformers.LlamaTokenizer, "<s>", "</s>")):
+        (root / "model").mkdir(exist_ok=True)
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(stories), model_prefix=str(root / name), model_type="bpe", vocab_size=1000,
-            byte_fallback=True, add_dummy_prefix=prefix, remove_extra_whitespaces=False, split_digits=True,
-            normalization_rule_name="identity", allow_whitespace_only_pieces=True, max_sentence_length=100_000,
-            pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece=eos, bos_piece=bos,
-            unk_piece="<unk>", minloglevel=2)
-        sp = spm.SentencePieceProcessor(model_file=str(root / f"{name}.model"))
-        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-        vocab, scores = {p: i for i, p in enumerate(pieces)}, {p: sp.get_score(i) for i, p in enumerate(pieces)}
-        make(vocab=vocab, merges=generate_merges(vocab, scores), unk_token="<unk>", pad_token="<pad>",
-             bos_token=bos, eos_token=eos).save_pretrained(root / name)
+            sentence_iterator=iter(stories), model_prefix=str(root / "model" / "tokenizer"), model_type="bpe",
+            vocab_size=1000, byte_fallback=True, add_dummy_prefix=prefix, remove_extra_whitespaces=False,
+            split_digits=True, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+            max_sentence_length=100_000, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece=eos,
+            bos_piece=bos, unk_piece="<unk>", minloglevel=2)
+        make.from_pretrained(root / "model").save_pretrained(root / name)
         spec = json.loads((root / name / "tokenizer.json").read_text(encoding="utf-8"))
         older = {"pre_tokenizer": None, **({"normalizer": PREPEND_NORMALIZER} if prefix else {})}
         (root / f"{name}-transformers4").mkdir()

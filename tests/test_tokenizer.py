@@ -94,11 +94,14 @@ def test_spec_save_and_reload(bpe, tmp_path, stories_dir):
         tokenizer_from_spec({"kind": "sentencepiece"}, tmp_path)
 
 
-def _word_level(tmp_path, tokens) -> str:
+def _word_level(tmp_path, tokens, special=()) -> str:
+    """A WordLevel tokenizer.json of `tokens` (ids in order), those in `special` added as special tokens."""
     from tokenizers import Tokenizer, models
 
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    backend.add_special_tokens(list(special))
     path = tmp_path / "tokenizer.json"
-    path.write_text(Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0])).to_str())
+    path.write_text(backend.to_str())
     return path
 
 
@@ -123,6 +126,34 @@ def test_what_the_tokenizers_library_writes_to_stderr_is_dropped_only_where_it_p
     assert capfd.readouterr().err == "a warning\nbefore a failure\nafter\n"
 
 
+def test_tokenizers_read_in_threads_leave_stderr_where_it_was(tmp_path, capfd, monkeypatch):
+    """Two threads reading tokenizer files at once: each hold of descriptor 2 waits for the other's (a second
+    one saved the first's temporary file as stderr, and everything written later was lost). Without a temporary
+    file to hold it in, a file is still read (it was "not a valid tokenizer.json")."""
+    import threading
+
+    import tinygemma.tokenizer
+
+    content = _word_level(tmp_path, ["<unk>", "hello", "</s>"]).read_text()
+    before = os.fstat(2)
+    threads = [threading.Thread(target=lambda: [HFTokenizer(content) for _ in range(20)]) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    capfd.readouterr()
+    os.write(2, b"seen\n")
+    assert capfd.readouterr().err == "seen\n"
+
+    def no_temporary_file():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tinygemma.tokenizer.tempfile, "TemporaryFile", no_temporary_file)
+    assert HFTokenizer(content).eot_token == "</s>"
+
+
 def test_eot_of_a_tokenizer_json(tmp_path):
     tok = load_tokenizer(_word_level(tmp_path, ["<unk>", "</s>", "<eos>", "hello"]))
     assert (tok.eot_token, tok.eot_id, tok.vocab_size) == ("<eos>", 2, 4)  # the first candidate present
@@ -143,7 +174,7 @@ def test_an_end_of_text_that_a_transformers_folder_names_is_taken(tmp_path):
 
     folder = tmp_path / "folder"
     folder.mkdir()
-    path = _word_level(folder, ["<unk>", "hello", "[EOS]", "[SEP]"])
+    path = _word_level(folder, ["<unk>", "hello", "[EOS]", "[SEP]", "the"], special=["[EOS]", "[SEP]"])
     with pytest.raises(UserError, match=r"name its own \(an \[EOS\]\) as eos_token in a tokenizer_config.json "):
         load_tokenizer(folder)
     (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "[SEP]", "special": True}}))
@@ -163,9 +194,17 @@ def test_an_end_of_text_that_a_transformers_folder_names_is_taken(tmp_path):
         load_tokenizer(folder)
     (folder / "tokenizer_config.json").write_text("{not json")  # unreadable: the next file's
     assert load_tokenizer(folder).eot_token == "[SEP]"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "the"}))  # every " the" would end a story
+    with pytest.raises(UserError, match=r"'the', the eos_token named beside it, is an ordinary piece of its "
+                                        r"vocabulary, not a special token"):
+        load_tokenizer(folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[EOS]"}))
     qwen = _word_level(folder, ["<unk>", "hello", "[EOS]", "<|endoftext|>"])  # one of the five: kept
     assert load_tokenizer(qwen).eot_token == "<|endoftext|>"
+    # A copy swapped for another file: said as the spec's other tokenizer, not as its lacking the recorded token
+    copy.joinpath("tokenizer.json").write_text(qwen.read_text())
+    with pytest.raises(UserError, match="is not the tokenizer this was made with"):
+        tokenizer_from_spec(spec, copy)
 
 
 def test_an_end_of_text_added_but_not_special_is_refused(tmp_path):

@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -297,32 +298,35 @@ def tokenizers_failure(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
+_HOLDING = threading.Lock()  # one hold at a time: a second thread's would save the first's file as stderr
+
+
 @contextlib.contextmanager
 def _panic_lines_held():
     """Hold what is written to stderr's descriptor (the Rust panic hook's lines, a backtrace under RUST_BACKTRACE)
     while the tokenizers library reads a file: dropped where it panicked (the one line that follows names the
-    panic), written out otherwise. Without a descriptor 2 to hold (a service's), nothing is held."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    held = tempfile.TemporaryFile()
-    panicked = False
-    try:
-        sys.stderr.flush()
-        os.dup2(held.fileno(), 2)
-        yield
-    except BaseException as e:
-        panicked = type(e).__name__ == "PanicException"
-        raise
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        held.seek(0)
-        if not panicked and (lines := held.read()):
-            os.write(2, lines)
-        held.close()
+    panic), written out otherwise. Without a descriptor 2 or a temporary file to hold it in, nothing is held."""
+    with _HOLDING, contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(tempfile.TemporaryFile())
+            saved = os.dup(2)
+        except OSError:  # (no temporary file, or no descriptor 2: a service's)
+            yield
+            return
+        panicked = False
+        try:
+            sys.stderr.flush()
+            os.dup2(held.fileno(), 2)
+            yield
+        except BaseException as e:
+            panicked = type(e).__name__ == "PanicException"
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            if not panicked and (lines := held.read()):
+                os.write(2, lines)
 
 
 def _read_stories(backend):
@@ -380,6 +384,10 @@ class HFTokenizer(Tokenizer):
         self.eot_token = eot[0]
         self.eot_id = vocab[self.eot_token]
         added = self.backend.get_added_tokens_decoder()
+        if self.eot_token not in EOT_CANDIDATES and not (self.eot_id in added and added[self.eot_id].special):
+            raise UserError(f"{where}: {self.eot_token!r}, the eos_token named beside it, is an ordinary piece of "
+                            "its vocabulary, not a special token, so it would be read out of the stories' text; "
+                            "name a special token")
         if self.eot_id in added and not added[self.eot_id].special:
             raise UserError(f"{where}: its end-of-text token {self.eot_token!r} is not marked special, so a story's "
                             f"own {self.eot_token!r} would be read as it; add it with special=True "
@@ -516,18 +524,11 @@ class HFTokenizer(Tokenizer):
         return (), ()
 
     @classmethod
-    def from_file(cls, path: str | Path, eos_token: str | None = None) -> HFTokenizer:
-        """`eos_token`: as the constructor's; where None, the one a transformers folder names beside the file."""
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        """The file, with the end-of-text token a transformers folder names beside it where it holds none of
+        EOT_CANDIDATES."""
         path = Path(path)
-        try:  # (a byte-order mark, Windows Notepad's, is no part of the JSON: the tokenizer, its copies and sha256
-            content = path.read_text(encoding="utf-8-sig")  # are the file's text after it, as recipes and stories)
-        except FileNotFoundError:
-            raise UserError(f"tokenizer file not found: {path}") from None
-        except IsADirectoryError:  # (bad input, not a failing machine's exit status 1)
-            raise UserError(f"{path} is a folder, not a tokenizer.json") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
-        return cls(content, path, eos_token or named_eos_token(path.parent))
+        return cls(tokenizer_text(path), path, named_eos_token(path.parent))
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -580,6 +581,19 @@ class HFTokenizer(Tokenizer):
 
     def __setstate__(self, state):
         self.__init__(state["content"], state["path"], state["eot_token"])
+
+
+def tokenizer_text(path: Path) -> str:
+    """A tokenizer.json's text. (A byte-order mark, Windows Notepad's, is no part of the JSON: the tokenizer, its
+    copies and sha256 are the file's text after it, as recipes and stories.)"""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"tokenizer file not found: {path}") from None
+    except IsADirectoryError:  # (bad input, not a failing machine's exit status 1)
+        raise UserError(f"{path} is a folder, not a tokenizer.json") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
 
 
 def named_eos_token(directory: Path) -> str | None:
@@ -649,12 +663,14 @@ def tokenizer_from_spec(spec: dict, base_dir: str | Path = ".") -> Tokenizer:
     if kind == "gpt2":
         tokenizer = GPT2Tokenizer()
     elif kind == "tokenizer.json":
+        path = Path(base_dir) / spec.get("file", TOKENIZER_FILE)
+        content = tokenizer_text(path)
+        sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
+        if spec.get("sha256") and spec["sha256"] != sha256:  # (before reading it: its own refusals would mislead)
+            raise UserError(f"{path} has sha256 {sha256[:12]}..., but the spec records {spec['sha256'][:12]}...: it "
+                            "is not the tokenizer this was made with")
         eot = spec.get("eot_token")  # (the token named beside the file it was made from: not beside this copy)
-        tokenizer = HFTokenizer.from_file(Path(base_dir) / spec.get("file", TOKENIZER_FILE),
-                                          eot if isinstance(eot, str) else None)
-        if spec.get("sha256") and spec["sha256"] != tokenizer.sha256:
-            raise UserError(f"{tokenizer.path} has sha256 {tokenizer.sha256[:12]}..., but the spec records "
-                            f"{spec['sha256'][:12]}...: it is not the tokenizer this was made with")
+        tokenizer = HFTokenizer(content, path, eot if isinstance(eot, str) else None)
     else:
         raise UserError(f"unknown tokenizer spec {json.dumps(spec)[:200]}")
     for key in ("vocab_size", "eot_id"):

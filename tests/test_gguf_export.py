@@ -220,8 +220,8 @@ def test_llama_cpp_tokenizes_real_stories_as_tinygemma_with_a_sentencepiece_bpe(
     """llama.cpp's SentencePiece tokenizer ("llama"), given scores from the merges' order, splits 500 real stories
     and odd text (byte pieces for what the 1,000 pieces lack) as tinygemma does, and decodes them back (Llama's
     layout with the space it puts before a text, which tinygemma's decoder strips); end-of-text ends generation.
-    One difference: transformers 5's Llama layout puts no "▁" before a text that starts with a space; llama.cpp
-    puts one."""
+    One difference: transformers 5's Llama layout puts no "▁" before a text that starts with a space or a "▁";
+    llama.cpp puts one."""
     tokenizer = load_tokenizer(sentencepiece_bpes[layout])
     prefix = layout.startswith("llama")
     assert tokenizer.eot_token == ("</s>" if prefix else "<eos>")
@@ -231,9 +231,9 @@ def test_llama_cpp_tokenizes_real_stories_as_tinygemma_with_a_sentencepiece_bpe(
     assert bytes(model.parts[model.data[0]]).decode() == "llama" and bool(space.parts[space.data[0]][0]) == prefix
     stories = read_stories(stories_dir / "valid.txt", 300) + read_stories(stories_dir / "v2_train.txt", 200)
     with open_llama(llama_cpp, path, vocab_only=True) as llm:
-        for text in stories + ODD_TEXT:
+        for text in stories + ODD_TEXT + ["\u2581 a piece first"]:
             ids = llm.tokenize(text.encode(), add_bos=True, special=False)
-            if layout == "llama" and text[:1].isspace():
+            if layout == "llama" and (text[:1].isspace() or text[:1] == "\u2581"):
                 assert ids == tokenizer.encode(" " + text)  # the one difference
                 continue
             assert ids == tokenizer.encode(text), text[:80]
@@ -248,10 +248,10 @@ def test_sentencepiece_bpe_scores_follow_its_merges(sentencepiece_bpes):
     first, tokenizers the first listed; the transformers 5 and 4 layouts of one model score alike."""
     spec = json.loads((sentencepiece_bpes["gemma"] / "tokenizer.json").read_text(encoding="utf-8"))
     scores, merges = gguf_export.sentencepiece_scores(spec), spec["model"]["merges"]
-    left, right = merges[0].split(" ", 1) if isinstance(merges[0], str) else merges[0]
-    assert scores[left + right] == 0.0 and len(scores) == len({"".join(m if isinstance(m, list) else m.split(" ", 1))
-                                                                for m in merges})
-    assert sorted(scores.values(), reverse=True) == [scores[p] for p in sorted(scores, key=scores.get, reverse=True)]
+    formed = ["".join(m if isinstance(m, list) else m.split(" ", 1)) for m in merges]
+    assert len(scores) == len(set(formed)) and scores[formed[0]] == 0.0
+    for rank, piece in enumerate(formed):  # a piece scores above every piece whose first merge comes later
+        assert scores[piece] == -formed.index(piece) and (rank == 0 or scores[piece] <= scores[formed[rank - 1]])
     older = json.loads((sentencepiece_bpes["gemma-transformers4"] / "tokenizer.json").read_text(encoding="utf-8"))
     assert gguf_export.sentencepiece_scores(older) == scores
 

@@ -135,8 +135,9 @@ def test_tokenizers_read_in_threads_leave_stderr_where_it_was(tmp_path, capfd, m
     import tinygemma.tokenizer
 
     content = _word_level(tmp_path, ["<unk>", "hello", "</s>"]).read_text()
+    large = GPT2Tokenizer().hf_json()  # (read long enough for threads to meet: tokenizers lets them run meanwhile)
     before = os.fstat(2)
-    threads = [threading.Thread(target=lambda: [HFTokenizer(content) for _ in range(20)]) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: [HFTokenizer(large) for _ in range(3)]) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:

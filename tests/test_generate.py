@@ -1110,6 +1110,13 @@ def test_repetition_penalty_is_transformers_own():
     ours = tinygemma.generate.penalize_repeats(logits, seen, 1.5)
     assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(1.5)(ids, logits.clone()))
     assert torch.equal(ours, torch.tensor([[2.0 / 1.5, -3.0, 0.5, -0.75, 1.0]]))
+    # A penalty far below 1 (1e-300 divides a logit past float32's range): the seen tokens' logits stay finite,
+    # and the most likely token is still drawn (an infinite logit made inf - inf, and id 0 came out)
+    for dtype in (torch.float32, torch.bfloat16):
+        favoured = tinygemma.generate.penalize_repeats(logits.to(dtype), seen, 1e-300)
+        assert torch.isfinite(favoured).all() and favoured[0, 0] == torch.finfo(dtype).max
+    assert tinygemma.generate.sample_next_token(tinygemma.generate.penalize_repeats(
+        torch.tensor([[1.0, 2.0, 3.0, -1.0]]), torch.tensor([[False, False, True, False]]), 1e-300), 0.8).item() == 2
 
 
 def test_generate_with_prompt_longer_than_window():

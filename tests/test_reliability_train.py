@@ -306,6 +306,17 @@ def test_float16_a_nonfinite_loss_among_overflows_stops_at_the_loss(nan_at_step,
     assert not any("loss_scale" in r for r in records)
 
 
+def test_a_model_that_overflows_as_it_is_made_is_said_so_not_blamed_on_the_learning_rate(data_dir, tmp_path):
+    """A model whose settings overflow before any update (a query_pre_attn_scalar of 1e-300 scales queries by
+    infinity: its validation loss at step 0 is already NaN) was told to lower train.learning_rate, which plays no
+    part yet: the stop names the model's settings and the dtype."""
+    with pytest.raises(tinygemma.train.NonFiniteError,
+                       match=r"non-finite loss before any update \(step 0's validation loss nan, step 1's loss nan\): "
+                             r"the model overflows as it is made.*model.query_pre_attn_scalar.*float32"):
+        run(data_dir, tmp_path / "run", "max_steps=6", "model.query_pre_attn_scalar=1e-300")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "disk"
     usage = namedtuple("usage", "total used free")

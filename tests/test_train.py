@@ -1261,7 +1261,7 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
     assert "warning: the profile of steps 2 to 3 was not written: ValueError: no trace" in capsys.readouterr().err
     assert [r["step"] for r in metrics(tmp_path / "unprofiled") if "train_loss" in r] == [1, 2, 3, 4]
     for spec, message in [("3:2", "1 <= START <= END"), ("two", "START:END"), ("0:1", "1 <= START"),
-                          ("3:9", "trains optimizer steps 1 to 4")]:
+                          ("3:9", "trains optimizer steps 1 to 4"), ("", "--profile: is empty: give START:END")]:
         assert main([*args(tmp_path / "bad"), "--profile", spec]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err

@@ -50,8 +50,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition_penalty (CTRL's): the logit of a token already in the row's text (`seen`, [B, V]
-    booleans) divided by `penalty`, or multiplied where it is negative, so that it becomes less likely."""
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    booleans) divided by `penalty`, or multiplied where it is negative, so that it becomes less likely. Kept in
+    the logits' range: a penalty far below 1 made an infinite logit, and inf - inf sampled id 0."""
+    limit = torch.finfo(logits.dtype).max
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty).clamp(-limit, limit), logits)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -676,6 +676,12 @@ class Trainer:
         if self.rt.is_main:
             self.log_file.flush()
         loss, norm = record["train_loss"], record["grad_norm"]
+        first_val = self.last_val["val_loss"] if self.last_val is not None else 0.0
+        if record["step"] == 1 and not math.isfinite(first_val):
+            raise NonFiniteError(f"non-finite loss before any update (step 0's validation loss {first_val}, step 1's "
+                                 f"loss {loss}): the model overflows as it is made, whatever the learning "
+                                 f"rate; look at its settings (model.init_std, model.query_pre_attn_scalar, "
+                                 f"model.rms_norm_eps, ...) and the training dtype ({dtype_name(self.rt.dtype)})")
         if "loss_scale" in record:
             raise NonFiniteError(f"float16 gradients overflowed at every loss scale tried, which fell to "
                                  f"{record['loss_scale']:g} (step {record['step']}, loss {loss}); stopped without "

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma.config import ModelConfig, is_integer
+from tinygemma.config import SLIDING, ModelConfig, is_integer
 from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import as_device, pick_dtype
 from tinygemma.errors import UserError, shell_quote
@@ -61,6 +61,7 @@ from tinygemma.hf import (
     NEEDS_LAYER_TYPES,
     TOKENIZER_KEY,
     TRAINED_KEY,
+    WINDOW_OF_ONE,
     exported_block_size,
     exported_record,
     hf_config,
@@ -333,6 +334,8 @@ def export(ckpt: str | Path, out: str | Path, tokenizer: str | None = None,
             finish(stage)
     if model.config.layer_pattern is None:
         print(f"note: {NEEDS_LAYER_TYPES}", file=sys.stderr)
+    if model.config.sliding_window == 1 and SLIDING in model.config.layer_types:
+        print(f"note: {WINDOW_OF_ONE}", file=sys.stderr)
     return out
 
 

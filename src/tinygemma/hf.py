@@ -130,6 +130,11 @@ NEEDS_LAYER_TYPES = ("this model's sliding and global layers repeat no period, w
                      "can say: transformers 4.53 and newer read it, older versions load the model with other layers "
                      "sliding (wrong logits, no error)")
 
+# Said of a model with a sliding window of 1 (its sliding cache keeps every token: transformers' own bug)
+WINDOW_OF_ONE = ("transformers' generate with its cache (use_cache=True, the default) computes a sliding window of 1 "
+                 "wrongly (seen with transformers 5.25: its text differs from its own forward pass and from "
+                 "tinygemma's); pass use_cache=False there, or train with a window of 2 or more")
+
 
 def model_config_from_hf(d: dict) -> ModelConfig:
     """ModelConfig from a transformers config.json of a Gemma 3 text model (either RoPE layout)."""

@@ -1261,11 +1261,14 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
     assert "warning: the profile of steps 2 to 3 was not written: ValueError: no trace" in capsys.readouterr().err
     assert [r["step"] for r in metrics(tmp_path / "unprofiled") if "train_loss" in r] == [1, 2, 3, 4]
     for spec, message in [("3:2", "1 <= START <= END"), ("two", "START:END"), ("0:1", "1 <= START"),
-                          ("3:9", "trains optimizer steps 1 to 4"), ("", "--profile: is empty: give START:END")]:
+                          ("3:9", "trains optimizer steps 1 to 4")]:
         assert main([*args(tmp_path / "bad"), "--profile", spec]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
         assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit, match="2"):  # (an unset shell variable: it profiled nothing, unsaid)
+        main([*args(tmp_path / "bad"), "--profile", ""])
+    assert "argument --profile: is empty: give START:END" in capsys.readouterr().err
     # An evaluation or a checkpoint between the profiled steps would be counted as their time and operators.
     for setting, message in [("eval_interval=2", "an evaluation comes after step 2"),
                              ("checkpoint_interval=3", "a checkpoint comes after step 3")]:

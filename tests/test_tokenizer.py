@@ -506,13 +506,25 @@ def test_a_tokenizer_json_that_drops_a_whole_text_is_one_line(tmp_path):
     backend.save(str(tmp_path / "bert.json"))
     assert load_tokenizer(tmp_path / "bert.json").encode("\x07") == []  # nothing left to encode: no refusal
 
-    backend = Backend(models.BPE())
+    backend = Backend(models.BPE({"z": 0}, []))  # no unknown piece: what it lacks is dropped
     backend.add_special_tokens(["<|endoftext|>"])
     backend.save(str(tmp_path / "eot_only.json"))
     tok = load_tokenizer(tmp_path / "eot_only.json")
     for encode in (lambda: tok.encode("Once upon a time"), lambda: tok.encode_batch(["a story", "Once upon"])):
         with pytest.raises(UserError, match="encodes the text starting '(Once upon a time|a story)' as no tokens"):
             encode()
+    # Special tokens alone, no piece of text (transformers 5 writes such a file from a SentencePiece model under
+    # another name than tokenizer.model, without a word): refused as it is read, naming the likely cause
+    backend = Backend(models.BPE())
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    backend.save(str(tmp_path / "specials_only.json"))
+    with pytest.raises(UserError, match=r"holds no piece of text, only its 3 special tokens: a conversion that "
+                                        r"found no vocabulary\? \(transformers reads a SentencePiece model only"):
+        load_tokenizer(tmp_path / "specials_only.json")
+    (tmp_path / "tok4096.model").write_bytes(b"\n\x0f\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\xff")  # (protobuf)
+    with pytest.raises(UserError, match=r"tok4096.model is a SentencePiece model, not a tokenizer.json: put it in "
+                                        r"a folder as tokenizer.model"):
+        load_tokenizer(tmp_path / "tok4096.model")
 
 
 def test_gpt2s_vocabulary_that_splits_or_changes_text_otherwise_is_not_gpt2(r50k):

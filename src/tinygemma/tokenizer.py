@@ -401,6 +401,10 @@ class HFTokenizer(Tokenizer):
         special = {i for i, token in added.items() if token.special}
         self._special_ids = frozenset(special)
         text_ids = [i for i in vocab.values() if i not in special]
+        if not text_ids:  # (transformers 5 writes one from a SentencePiece model not named tokenizer.model)
+            raise UserError(f"{where} holds no piece of text, only its {len(special)} special tokens: a conversion "
+                            "that found no vocabulary? (transformers reads a SentencePiece model only as a folder's "
+                            "tokenizer.model)")
         self._model_vocab_size = max(max(text_ids, default=-1), self.eot_id, *self.prompt_prefix) + 1
         # GPT-2's vocabulary written as a tokenizer.json (a transformers export of a GPT-2 run) is GPT-2's: its
         # ids mean the same text, so data and checkpoints made with either go together.
@@ -593,6 +597,11 @@ def tokenizer_text(path: Path) -> str:
     except IsADirectoryError:  # (bad input, not a failing machine's exit status 1)
         raise UserError(f"{path} is a folder, not a tokenizer.json") from None
     except UnicodeDecodeError:
+        if path.suffix == ".model":  # (llama2.c's tok4096.model, Llama 2's and Gemma's tokenizer.model)
+            raise UserError(f"{path} is a SentencePiece model, not a tokenizer.json: put it in a folder as "
+                            "tokenizer.model, and transformers writes its tokenizer.json (python -c \"from "
+                            "transformers import LlamaTokenizer as T; T.from_pretrained('FOLDER')"
+                            ".save_pretrained('OUT')\")") from None
         raise UserError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
 
 

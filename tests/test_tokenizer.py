@@ -126,31 +126,52 @@ def test_what_the_tokenizers_library_writes_to_stderr_is_dropped_only_where_it_p
     assert capfd.readouterr().err == "a warning\nbefore a failure\nafter\n"
 
 
-def test_tokenizers_read_in_threads_leave_stderr_where_it_was(tmp_path, capfd, monkeypatch):
-    """Two threads reading tokenizer files at once: each hold of descriptor 2 waits for the other's (a second
-    one saved the first's temporary file as stderr, and everything written later was lost). Without a temporary
-    file to hold it in, a file is still read (it was "not a valid tokenizer.json")."""
+def test_stderr_is_held_by_the_main_thread_alone_and_a_child_forked_meanwhile_writes_to_it(tmp_path, monkeypatch):
+    """Two threads' holds of descriptor 2 saved each other's temporary file as stderr (everything written later
+    was lost), and a lock between them hung a child forked while it was taken: another thread holds nothing, and a
+    child forked during the main thread's hold writes to stderr itself. Without a temporary file to hold it in, a
+    file is still read (it was "not a valid tokenizer.json")."""
     import threading
 
     import tinygemma.tokenizer
+    from tinygemma.tokenizer import _panic_lines_held
 
-    content = _word_level(tmp_path, ["<unk>", "hello", "</s>"]).read_text()
-    large = GPT2Tokenizer().hf_json()  # (read long enough for threads to meet: tokenizers lets them run meanwhile)
-    before = os.fstat(2)
-    threads = [threading.Thread(target=lambda: [HFTokenizer(large) for _ in range(3)]) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    after = os.fstat(2)
-    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
-    capfd.readouterr()
-    os.write(2, b"seen\n")
-    assert capfd.readouterr().err == "seen\n"
+    def where() -> tuple[int, int]:
+        status = os.fstat(2)
+        return status.st_dev, status.st_ino
+
+    stderr, seen = where(), {}
+
+    def in_a_thread():
+        with _panic_lines_held():
+            seen["thread"] = where()
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen["thread"] == stderr
+    if hasattr(os, "fork"):
+        def fork_and_look():  # (a child forked by another thread while the main thread holds descriptor 2)
+            read, write = os.pipe()
+            if (pid := os.fork()) == 0:
+                os.write(write, b"1" if where() == stderr else b"0")
+                os._exit(0)
+            os.close(write)
+            seen["child"] = os.read(read, 1)
+            os.close(read)
+            os.waitpid(pid, 0)
+
+        with _panic_lines_held():
+            assert where() != stderr  # (held)
+            forker = threading.Thread(target=fork_and_look)
+            forker.start()
+            forker.join()
+        assert seen["child"] == b"1" and where() == stderr
 
     def no_temporary_file():
         raise OSError(28, "No space left on device")
 
+    content = _word_level(tmp_path, ["<unk>", "hello", "</s>"]).read_text()
     monkeypatch.setattr(tinygemma.tokenizer.tempfile, "TemporaryFile", no_temporary_file)
     assert HFTokenizer(content).eot_token == "</s>"
 

@@ -295,7 +295,7 @@ def add_train(subparsers) -> None:
                         "leaving the run itself as it was: a wsd run extended from before its cooldown (--max-steps), "
                         "a branch with another learning rate")
     p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
-    p.add_argument("--profile", metavar="START:END", type=step_range,
+    p.add_argument("--profile", metavar="START:END",
                    help="profile optimizer steps START to END with torch.profiler (on rank 0): RUN/profile/trace.json "
                         "(open in ui.perfetto.dev) and summary.txt (operators by device time on CUDA, CPU time "
                         "elsewhere); pick steps after the first few, which compile")
@@ -631,13 +631,6 @@ def named(text: str) -> str:
     would read as the current folder, or let a default take its place."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty: give a path or a name")
-    return text
-
-
-def step_range(text: str) -> str:
-    """--profile's START:END, never empty (an unset shell variable would profile nothing, unsaid)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: give START:END, e.g. 10:15")
     return text
 
 

@@ -52,8 +52,10 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     """transformers' repetition_penalty (CTRL's): the logit of a token already in the row's text (`seen`, [B, V]
     booleans) divided by `penalty`, or multiplied where it is negative, so that it becomes less likely. Kept in
     the logits' range: a penalty far below 1 made an infinite logit, and inf - inf sampled id 0."""
-    limit = torch.finfo(logits.dtype).max
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty).clamp(-limit, limit), logits)
+    finfo = torch.finfo(logits.dtype)
+    penalty = max(penalty, finfo.tiny)  # (one that rounds to 0 in the logits' dtype made 0 / 0 of a zero logit)
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty).clamp(-finfo.max, finfo.max),
+                       logits)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -298,15 +298,32 @@ def tokenizers_failure(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
-_HOLDING = threading.Lock()  # one hold at a time: a second thread's would save the first's file as stderr
+_STDERR_HELD: list[int] = []  # while the main thread holds descriptor 2: a copy of what it was
+
+
+def _stderr_back_in_child() -> None:
+    """A child forked (by another thread) while descriptor 2 is held writes to stderr, not to the held file."""
+    if _STDERR_HELD:
+        saved = _STDERR_HELD.pop()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_stderr_back_in_child)
 
 
 @contextlib.contextmanager
 def _panic_lines_held():
     """Hold what is written to stderr's descriptor (the Rust panic hook's lines, a backtrace under RUST_BACKTRACE)
     while the tokenizers library reads a file: dropped where it panicked (the one line that follows names the
-    panic), written out otherwise. Without a descriptor 2 or a temporary file to hold it in, nothing is held."""
-    with _HOLDING, contextlib.ExitStack() as stack:
+    panic), written out otherwise. In the main thread alone (two threads' holds saved each other's file as stderr,
+    and a lock between them hung a child forked meanwhile); without a descriptor 2 or a temporary file to hold it
+    in, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with contextlib.ExitStack() as stack:
         try:
             held = stack.enter_context(tempfile.TemporaryFile())
             saved = os.dup(2)
@@ -316,6 +333,7 @@ def _panic_lines_held():
         panicked = False
         try:
             sys.stderr.flush()
+            _STDERR_HELD.append(saved)
             os.dup2(held.fileno(), 2)
             yield
         except BaseException as e:
@@ -323,6 +341,7 @@ def _panic_lines_held():
             raise
         finally:
             os.dup2(saved, 2)
+            _STDERR_HELD.clear()
             os.close(saved)
             held.seek(0)
             if not panicked and (lines := held.read()):

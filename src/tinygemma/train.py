@@ -678,10 +678,11 @@ class Trainer:
         loss, norm = record["train_loss"], record["grad_norm"]
         first_val = self.last_val["val_loss"] if self.last_val is not None else 0.0
         if record["step"] == 1 and not math.isfinite(first_val):
+            made = (f"the weights of train.init_from ({self.init_record['dir']})" if self.init_record else
+                    "its settings (model.init_std, model.query_pre_attn_scalar, model.rms_norm_eps, ...)")
             raise NonFiniteError(f"non-finite loss before any update (step 0's validation loss {first_val}, step 1's "
-                                 f"loss {loss}): the model overflows as it is made, whatever the learning "
-                                 f"rate; look at its settings (model.init_std, model.query_pre_attn_scalar, "
-                                 f"model.rms_norm_eps, ...) and the training dtype ({dtype_name(self.rt.dtype)})")
+                                 f"loss {loss}): the model overflows as it starts, whatever the learning rate; look "
+                                 f"at {made} and the training dtype ({dtype_name(self.rt.dtype)})")
         if "loss_scale" in record:
             raise NonFiniteError(f"float16 gradients overflowed at every loss scale tried, which fell to "
                                  f"{record['loss_scale']:g} (step {record['step']}, loss {loss}); stopped without "
@@ -996,7 +997,7 @@ def check_train_arguments(resume: bool, stop_at: int | None, profile: str | None
         raise UserError(f"--resume (resume) must be True or False, got {resume!r}")
     if stop_at is not None and not (is_integer(stop_at) and stop_at >= 1):
         raise UserError(f"--stop-at (stop_at) must be an optimizer step of 1 or more, got {stop_at!r}")
-    if profile is not None and not isinstance(profile, str):
+    if profile is not None and not (isinstance(profile, str) and profile.strip()):  # ("": an unset shell variable)
         raise UserError(f"--profile (profile) must be text such as \"20:25\" (START:END), got {profile!r}")
 
 

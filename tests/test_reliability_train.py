@@ -312,9 +312,23 @@ def test_a_model_that_overflows_as_it_is_made_is_said_so_not_blamed_on_the_learn
     part yet: the stop names the model's settings and the dtype."""
     with pytest.raises(tinygemma.train.NonFiniteError,
                        match=r"non-finite loss before any update \(step 0's validation loss nan, step 1's loss nan\): "
-                             r"the model overflows as it is made.*model.query_pre_attn_scalar.*float32"):
+                             r"the model overflows as it starts.*model.query_pre_attn_scalar.*float32"):
         run(data_dir, tmp_path / "run", "max_steps=6", "model.query_pre_attn_scalar=1e-300")
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+    # Begun from another checkpoint's weights (train.init_from), the stop names them: the model's own settings made
+    # none of them (a final norm's gain of 3e38, finite, sends the logits past float32's range)
+    from safetensors.torch import load_file, save_file
+
+    run(data_dir, tmp_path / "base", "max_steps=2", "warmup_steps=0")
+    source = tmp_path / "base" / "checkpoints" / "step_000002"
+    shutil.copytree(source, tmp_path / "hot")
+    weights = load_file(source / "model.safetensors")
+    weights["norm.weight"] = torch.full_like(weights["norm.weight"], 3e38)
+    save_file(weights, tmp_path / "hot" / "model.safetensors")
+    with pytest.raises(tinygemma.train.NonFiniteError, match=r"before any update .*: the model overflows as it "
+                                                             r"starts, whatever the learning rate; look at the "
+                                                             r"weights of train.init_from \(.*hot\) and the"):
+        run(data_dir, tmp_path / "tuned", "max_steps=6", f"init_from={tmp_path / 'hot'}")
 
 
 def test_full_disk_fails_before_writing_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):

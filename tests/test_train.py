@@ -1266,9 +1266,11 @@ def test_profile_writes_a_trace_and_an_operator_table(data_dir, tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
         assert not (tmp_path / "bad").exists()
-    with pytest.raises(SystemExit, match="2"):  # (an unset shell variable: it profiled nothing, unsaid)
-        main([*args(tmp_path / "bad"), "--profile", ""])
-    assert "argument --profile: is empty: give START:END" in capsys.readouterr().err
+    assert main([*args(tmp_path / "bad"), "--profile", ""]) == 2  # (an unset shell variable: it profiled nothing)
+    assert "--profile (profile) must be text such as \"20:25\" (START:END), got ''" in capsys.readouterr().err
+    with pytest.raises(tinygemma.UserError, match="must be text such as"):  # the Python API's (a notebook's) too
+        run(data_dir, tmp_path / "bad", profile="")
+    assert not (tmp_path / "bad").exists()
     # An evaluation or a checkpoint between the profiled steps would be counted as their time and operators.
     for setting, message in [("eval_interval=2", "an evaluation comes after step 2"),
                              ("checkpoint_interval=3", "a checkpoint comes after step 3")]:

@@ -223,8 +223,12 @@ def test_an_end_of_text_that_a_transformers_folder_names_is_taken(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[EOS]"}))
     qwen = _word_level(folder, ["<unk>", "hello", "[EOS]", "<|endoftext|>"])  # one of the five: kept
     assert load_tokenizer(qwen).eot_token == "<|endoftext|>"
-    # A copy swapped for another file: said as the spec's other tokenizer, not as its lacking the recorded token
-    copy.joinpath("tokenizer.json").write_text(qwen.read_text())
+    # A copy swapped for another file, without the recorded token: said as another tokenizer than the spec's, not
+    # as its lacking that token (which advised naming one beside a file that had nothing beside it)
+    other = tmp_path / "other"
+    other.mkdir()
+    swapped = _word_level(other, ["<unk>", "hi", "[SEP]"], special=["[SEP]"])
+    copy.joinpath("tokenizer.json").write_text(swapped.read_text())
     with pytest.raises(UserError, match="is not the tokenizer this was made with"):
         tokenizer_from_spec(spec, copy)
 

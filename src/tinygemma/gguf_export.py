@@ -291,9 +291,10 @@ def llama_cpp_vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], list[i
     rows), its token type (gguf.TokenType: special tokens are control tokens, other added tokens (matched in
     text) user-defined ones, a SentencePiece vocabulary's byte pieces byte tokens and its unknown piece the
     unknown token, ids the tokenizer lacks unused fillers) and, for a byte-level BPE, the merges in priority
-    order, as "left right" (a SentencePiece BPE's go as scores: sentencepiece_scores)."""
+    order, as "left right" (a SentencePiece BPE's go as scores: sentencepiece_scores). `spec` is one that
+    check_llama_cpp_tokenizer passed (export_gguf checks it before the model loads)."""
     gguf = gguf_module()
-    sentencepiece = check_llama_cpp_tokenizer(spec) == "llama"
+    sentencepiece = sentencepiece_prefix(spec) is not None
     # Special tokens past the model's rows (Gemma 3's <image_soft_token>) are never encoded from text nor sampled:
     # left out, as model.check_tokenizer_fits leaves them (it refused the text's ids, end-of-text and <bos>).
     added = [token for token in spec.get("added_tokens") or [] if token["id"] < vocab_size]

@@ -1,8 +1,11 @@
 """Shared test fixtures: real TinyStories text and the offline GPT-2 vocabulary from ../shared."""
 
 import atexit
+import builtins
+import contextlib
 import errno
 import gc
+import inspect
 import os
 import shutil
 import signal
@@ -155,6 +158,32 @@ def read_only_folders(monkeypatch):
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
     return folders
+
+
+class EntryInterrupter:
+    """contextlib's next(), raising KeyboardInterrupt as the `at`-th generator entered (of those named `name`, where
+    it is set) yields: where a Ctrl-C lands when CPython runs its handler as next() returns, before the `with`
+    holds the manager. `entered` names the generators entered."""
+
+    def __init__(self, at: int | None = None, name: str | None = None):
+        self.at, self.name, self.entered = at, name, []
+
+    def __call__(self, gen, *default):
+        starting = inspect.getgeneratorstate(gen) == inspect.GEN_CREATED
+        value = builtins.next(gen, *default)
+        if starting and self.name in (None, gen.__name__):
+            self.entered.append(gen.__name__)
+            if len(self.entered) == self.at:
+                raise KeyboardInterrupt
+        return value
+
+
+@pytest.fixture
+def interrupt_on_entry(monkeypatch):
+    """An EntryInterrupter in contextlib's next() (set its `at` and `name`)."""
+    interrupter = EntryInterrupter()
+    monkeypatch.setattr(contextlib, "next", interrupter, raising=False)
+    return interrupter
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import signal
 import stat
 from pathlib import Path
 
@@ -841,3 +842,52 @@ def test_a_json_file_holding_no_object_is_nothing_to_the_folder_checks(tmp_path)
         assert not files.holds_run_recipe(tmp_path), text
         assert not is_hf_export(tmp_path), text
         assert not is_prepared_dataset(tmp_path), text
+
+
+def test_a_ctrl_c_as_a_manager_is_entered_leaves_what_it_made_removed(tmp_path, interrupt_on_entry):
+    """A Ctrl-C in the instant after a manager's generator yields, before the `with` holds the manager: contextlib
+    raises it from __enter__, and the generator's clean-up waited for the garbage collector (an interrupted prepare
+    left its new folder, empty: the temporary in it was still there when the folder's clean-up came). Each of
+    these cleans up at once; checked while the exception, and so the generator, is alive."""
+    from tinygemma.files import atomic_path, locked_folder, made_folders, signal_handler, signals_held, staged_folder
+
+    (tmp_path / "staged").mkdir()
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for manager in (atomic_path(tmp_path / "file.txt"), made_folders(tmp_path / "new" / "deeper"),
+                    locked_folder(tmp_path / "locked", "a run"), staged_folder(tmp_path / "staged", frozenset(), "a"),
+                    signals_held(), signal_handler(signal.SIG_IGN)):
+        interrupt_on_entry.name, interrupt_on_entry.at = manager.manager.gen.__name__, 1
+        interrupt_on_entry.entered.clear()
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            with manager:
+                pytest.fail("the block ran")
+        assert stopped.value.__traceback__ is not None and interrupt_on_entry.entered == [interrupt_on_entry.name]
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["staged"], interrupt_on_entry.name
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers, interrupt_on_entry.name
+
+    # contextlib's own manager of the same generator leaves the temporary there: the instant is the one meant
+    interrupt_on_entry.name, interrupt_on_entry.at = "atomic_path", 2
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with contextlib.contextmanager(atomic_path.__wrapped__)(tmp_path / "file.txt"):
+            pytest.fail("the block ran")
+    assert [p.name for p in tmp_path.glob(".file.txt.*.tmp")], "contextlib's manager cleaned up (see the docstring)"
+
+
+def test_a_ctrl_c_while_a_lock_is_taken_waits_until_it_is_held(tmp_path, monkeypatch):
+    """A Ctrl-C between the lock file's making and the lock's keeping left the file, which release() did not know
+    to remove, and so the folder made for it: it now comes once the lock is held, and the folder goes."""
+    from tinygemma.files import locked_folder
+
+    real_open = os.open
+
+    def open_then_ctrl_c(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if Path(path).name == ".lock":
+            os.kill(os.getpid(), signal.SIGINT)
+        return fd
+
+    monkeypatch.setattr(files.os, "open", open_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with locked_folder(tmp_path / "new", "a dataset"):
+            pytest.fail("the block ran")
+    assert list(tmp_path.iterdir()) == []

@@ -33,7 +33,7 @@ import torch
 from tinygemma.config import SLIDING, ModelConfig, is_integer
 from tinygemma.data import is_prepared_dataset
 from tinygemma.devices import as_device, pick_dtype
-from tinygemma.errors import UserError, shell_quote
+from tinygemma.errors import UserError, interrupt_safe, shell_quote
 from tinygemma.files import (
     WriteError,
     atomic_path,
@@ -667,7 +667,7 @@ def check_fork_complete(run_dir: Path) -> None:
                         f"{shell_quote(str(run_dir))}` and the settings you gave it, which takes the folder over")
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def forked_run(checkpoint: str | Path, out: str | Path):
     """fork_run, undone where what follows fails before training opened the fork (a resume it refuses)."""
     fork = fork_run(checkpoint, out)

@@ -38,6 +38,7 @@ from tinygemma.errors import (
     describe,
     exit_status,
     interrupt,
+    interrupt_safe,
     says_stops,
     shell_join,
     shell_quote,
@@ -185,7 +186,7 @@ def check_one_process(command: str) -> None:
         raise error
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def interrupts_once():
     """While the command runs, SIGTERM raises Terminated (a KeyboardInterrupt), so that it cleans up as after
     Ctrl-C: it used to end the process at once, leaving a prepare's gigabytes of temporaries, an export's staging

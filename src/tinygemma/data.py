@@ -737,8 +737,10 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
     remove_temporaries(out_dir, PREPARED_FILES)  # an earlier prepare's, killed mid-write: up to GBs each
     pool = _Workers(tokenizer, workers)
     try:
-        with contextlib.ExitStack() as stack:
-            tmp = {split: stack.enter_context(atomic_path(out_dir / f"{split}.bin")) for split in SPLITS}
+        # (withs, not an ExitStack's enter_context: a Ctrl-C as it took a temporary made left that for the garbage
+        # collector, after locked_folder had found the folder it made not empty, and kept it)
+        with atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp:
+            tmp = {"train": train_tmp, "val": val_tmp}
             counts = {}
             for split in SPLITS:
                 # (the validation stories' own digest: what tells runs of other tokenizers validated on the same
@@ -768,9 +770,22 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
         if meta["tokenizer"].get("file") != TOKENIZER_FILE:  # gpt2 over an earlier BPE dataset: its file is stale
             (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
         (out_dir / INCOMPLETE_NAME).unlink()
+    except BaseException:
+        remove_unfinished(out_dir)
+        raise
     finally:
         pool.close()
     return meta
+
+
+def remove_unfinished(out_dir: Path) -> None:
+    """After a failed prepare (a Ctrl-C as it renamed its files in, say), the files of a dataset marked as in the
+    making and never finished (no meta.json yet), and the marker: a folder made for the dataset is left empty (and
+    removed), one that held a dataset holds none (prepare replaced it already); a finished one (its meta.json
+    written) stays."""
+    if (out_dir / INCOMPLETE_NAME).is_file() and not (out_dir / META_NAME).exists():
+        for name in (*(f"{split}.bin" for split in SPLITS), TOKENIZER_FILE, INCOMPLETE_NAME):  # the marker last
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def first_set_aside(fraction: float) -> int:

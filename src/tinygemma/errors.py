@@ -8,6 +8,7 @@ is a bug in tinygemma and keeps its traceback.
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import shlex
@@ -24,6 +25,39 @@ WINDOWS = os.name == "nt"
 # What no UTF-8 text holds: a JSON \udc00 escape, or a byte that is not UTF-8 in a command line's argument
 # (Python reads it as \udc80-\udcff). No tokenizer takes it: tiktoken's goes on from U+FFFD, tokenizers' raises.
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def interrupt_safe(generator_function):
+    """contextlib.contextmanager for a generator whose clean-up must run however the block ends: a Ctrl-C (or
+    SIGTERM's Terminated) that lands in the instant between its yield and the `with` taking hold of the manager is
+    thrown into it at once. (contextlib's manager raises it from __enter__, where no `with` calls __exit__: the
+    generator's clean-up waited for the garbage collector, after the clean-ups of the managers around it; an
+    interrupted prepare left its new folder, empty, since the temporary in it was still there when the folder's
+    own clean-up came.)"""
+    manager = contextlib.contextmanager(generator_function)
+
+    @functools.wraps(generator_function)
+    def guarded(*args, **kwargs):
+        return _CleanedUpOnEntry(manager(*args, **kwargs))
+    return guarded
+
+
+class _CleanedUpOnEntry:
+    """A contextlib manager whose generator gets the exception that its __enter__ raised after the yield."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def __enter__(self):
+        try:
+            return self.manager.__enter__()
+        except BaseException as e:
+            if self.manager.gen.gi_frame is not None:  # it yielded (it did not fail itself): it cleans up now
+                self.manager.__exit__(type(e), e, e.__traceback__)
+            raise
+
+    def __exit__(self, *exc_info):
+        return self.manager.__exit__(*exc_info)
 
 
 def shell_quote(text: str) -> str:

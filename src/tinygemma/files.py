@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from tinygemma.errors import UserError, handle
+from tinygemma.errors import UserError, handle, interrupt_safe
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +104,7 @@ def _temporary_names(path: Path) -> Iterator[Path]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; once the block succeeds, fsync it and rename it onto `path`.
 
@@ -168,7 +168,7 @@ def remove_temporaries(folder: str | Path, of: set[str] | frozenset[str]) -> Non
 STAGE_PREFIX = ".tinygemma-staged."  # a staging folder inside the folder it is staged for (staged_folder)
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Callable[[], object] = lambda: None,
                   first: str | None = None, last: str | None = None):
     """Write a folder of files as one: yield a new staging folder inside `folder` for the block to write; once
@@ -214,7 +214,7 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
                 shutil.rmtree(stage, ignore_errors=True)
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def made_folders(folder: str | Path):
     """`folder`, made if need be with any missing parents; those of them the block left empty (a failed write) are
     removed when it ends."""
@@ -223,9 +223,9 @@ def made_folders(folder: str | Path):
     # (in new/../mine/c, c and new: never mine).
     made = [Path(p) for p in dict.fromkeys(os.path.abspath(q) for q in (folder, *folder.absolute().parents))
             if not os.path.exists(p)]
-    with write_errors(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # (a Ctrl-C just after mkdir still removes what it made)
+        with write_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         yield folder
     finally:
         with contextlib.suppress(OSError):
@@ -233,7 +233,7 @@ def made_folders(folder: str | Path):
                 path.rmdir()  # only if empty: the first folder that is not ends it
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def locked_folder(folder: str | Path, what: str, check: Callable[[], object] = lambda: None):
     """`folder`, made if need be and locked while the block writes it (`what` names the writer in a second one's
     refusal); `check()` runs once the lock is held, in case another command wrote the folder between the caller's
@@ -262,7 +262,7 @@ def _is_stage(path: Path) -> bool:
     return path.name.startswith(STAGE_PREFIX) and path.is_dir() and not path.is_symlink()
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def signals_held():
     """Hold SIGINT and SIGTERM back while the block runs (a few renames): their handlers run when it ends. (A
     signal mask would not do: the kernel hands a process's signal to any thread not masking it, torch's own.)"""
@@ -279,7 +279,7 @@ def signals_held():
 PYTHONS_OWN = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def signal_handler(handler):
     """`handler` for SIGINT and SIGTERM while the block runs, then the handlers there were; outside the main
     thread, where Python runs signal handlers and none can be set, nothing."""
@@ -487,6 +487,11 @@ class FolderLock:
             return
         if self.fd is not None or not self.folder.is_dir():
             return
+        with signals_held():  # (a Ctrl-C between the lock file's making and self.fd left a file release never removed)
+            self.fd = self._locked(fcntl)
+
+    def _locked(self, fcntl) -> int | None:
+        """A descriptor of the lock file, locked; None where this filesystem has no locks."""
         path = self.folder / LOCK_NAME
         for _ in range(100):
             existed = path.exists()
@@ -501,7 +506,7 @@ class FolderLock:
                 if held is None:
                     if not existed:  # a filesystem without locks (some network mounts): go on unlocked, leaving
                         path.unlink(missing_ok=True)  # no file behind
-                    return
+                    return None
                 raise held from None
             if _same_file(fd, path):
                 break
@@ -515,7 +520,7 @@ class FolderLock:
         except BaseException:
             os.close(fd)  # never a lock this process holds and cannot let go of
             raise
-        self.fd = fd
+        return fd
 
     def release(self, remove: bool = False) -> None:
         """Let go; `remove`: delete the lock file first (a folder left as it was), which a process waiting on the

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygemma.errors import UserError, describe, die_with_parent, failure
+from tinygemma.errors import UserError, describe, die_with_parent, failure, interrupt_safe
 from tinygemma.files import atomic_write_json, atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
@@ -313,7 +313,7 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
     os.register_at_fork(after_in_child=_stderr_back_in_child)
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def _panic_lines_held():
     """Hold what is written to stderr's descriptor (the Rust panic hook's lines, a backtrace under RUST_BACKTRACE)
     while the tokenizers library reads a file: dropped where it panicked (the one line that follows names the

@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1912,3 +1913,35 @@ def test_a_streamed_validation_split_has_no_total_of_the_training_limit(tmp_path
     assert any("reading roneneldan/TinyStories train" in line and "4/4" in line for line in lines)
     val = [line for line in lines if "reading roneneldan/TinyStories validation" in line]
     assert val and not any("/4" in line for line in val)
+
+
+def test_a_ctrl_c_at_any_context_managers_entry_leaves_no_half_dataset(stories_dir, tmp_path, interrupt_on_entry):
+    """A Ctrl-C where CPython runs its handler as each context manager of prepare is entered (as its generator
+    yields): a new folder goes (an interrupted prepare's test saw it left empty now and then, the temporary still
+    there when the folder's clean-up came), and a folder that held a dataset holds it still, or none once prepare
+    began renaming its files in: never a half."""
+    source = [stories_dir / "valid.txt"]
+    prepare(tmp_path / "old", sources=source, limit=20, val_fraction=0.2, workers=1, progress=False)
+    old = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+
+    def interrupted(out: Path, at: int) -> str | None:
+        """What prepare into `out`, interrupted as its at-th manager is entered, left; None where it went through."""
+        interrupt_on_entry.at, interrupt_on_entry.entered = at, []
+        try:
+            prepare(out, sources=source, limit=30, val_fraction=0.2, workers=1, progress=False)
+        except KeyboardInterrupt as stopped:  # (alive here, and the generators with it)
+            left = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+            assert stopped and (left is None if out.name.startswith("new") else left in ({}, old)), (at, left)
+            return "gone" if left is None else "none" if left == {} else "kept"
+        assert len(interrupt_on_entry.entered) == at - 1  # every manager it enters was interrupted once
+        return None
+
+    outcomes = []
+    for at in range(1, 100):
+        shutil.copytree(tmp_path / "old", tmp_path / f"old{at}")
+        outcomes += [interrupted(tmp_path / f"new{at}", at), interrupted(tmp_path / f"old{at}", at)]
+        if outcomes[-1] is None:
+            break
+    assert outcomes[-2:] == [None, None] and open_prepared(tmp_path / f"new{at}").split("val").size
+    assert {"locked_folder", "made_folders", "atomic_path"} <= set(interrupt_on_entry.entered), interrupt_on_entry.entered
+    assert {"gone", "none", "kept"} == set(outcomes[:-2]) and len(outcomes) > 30, outcomes

@@ -853,10 +853,12 @@ def test_a_ctrl_c_as_a_manager_is_entered_leaves_what_it_made_removed(tmp_path, 
 
     (tmp_path / "staged").mkdir()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    for manager in (atomic_path(tmp_path / "file.txt"), made_folders(tmp_path / "new" / "deeper"),
-                    locked_folder(tmp_path / "locked", "a run"), staged_folder(tmp_path / "staged", frozenset(), "a"),
-                    signals_held(), signal_handler(signal.SIG_IGN)):
-        interrupt_on_entry.name, interrupt_on_entry.at = manager.manager.gen.__name__, 1
+    for name, manager in (("atomic_path", atomic_path(tmp_path / "file.txt")),
+                          ("made_folders", made_folders(tmp_path / "new" / "deeper")),
+                          ("locked_folder", locked_folder(tmp_path / "locked", "a run")),
+                          ("staged_folder", staged_folder(tmp_path / "staged", frozenset(), "a")),
+                          ("signals_held", signals_held()), ("signal_handler", signal_handler(signal.SIG_IGN))):
+        interrupt_on_entry.name, interrupt_on_entry.at = name, 1
         interrupt_on_entry.entered.clear()
         with pytest.raises(KeyboardInterrupt) as stopped:
             with manager:

@@ -518,6 +518,8 @@ class FolderLock:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()} {self.what}\n".encode("ascii"))
         except BaseException:
+            if not existed:  # (a disk full: the folder made for it is left as it was found)
+                path.unlink(missing_ok=True)
             os.close(fd)  # never a lock this process holds and cannot let go of
             raise
         return fd

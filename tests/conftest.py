@@ -161,28 +161,43 @@ def read_only_folders(monkeypatch):
 
 
 class EntryInterrupter:
-    """contextlib's next(), raising KeyboardInterrupt as the `at`-th generator entered (of those named `name`, where
-    it is set) yields: where a Ctrl-C lands when CPython runs its handler as next() returns, before the `with`
-    holds the manager. `entered` names the generators entered."""
+    """contextlib's next(), once armed: KeyboardInterrupt as the `at`-th generator entered from then (of those named
+    `name`, where one is given) yields, where a Ctrl-C lands when CPython runs its handler as next() returns, before
+    the `with` holds the manager; once. `entered` names the generators entered since it was armed."""
 
-    def __init__(self, at: int | None = None, name: str | None = None):
+    def __init__(self):
+        self.at, self.name, self.entered = None, None, []
+
+    def arm(self, at: int, name: str | None = None) -> None:
         self.at, self.name, self.entered = at, name, []
+
+    def entering(self, name: str) -> None:
+        if self.at is not None and self.name in (None, name):
+            self.entered.append(name)
+            if len(self.entered) == self.at:
+                self.at = None
+                raise KeyboardInterrupt
 
     def __call__(self, gen, *default):
         starting = inspect.getgeneratorstate(gen) == inspect.GEN_CREATED
         value = builtins.next(gen, *default)
-        if starting and self.name in (None, gen.__name__):
-            self.entered.append(gen.__name__)
-            if len(self.entered) == self.at:
-                raise KeyboardInterrupt
+        if starting:
+            self.entering(gen.__name__)
         return value
 
 
 @pytest.fixture
 def interrupt_on_entry(monkeypatch):
-    """An EntryInterrupter in contextlib's next() (set its `at` and `name`)."""
-    interrupter = EntryInterrupter()
+    """An EntryInterrupter in contextlib's next(), which also counts, as "ExitStack", the instant an ExitStack's
+    enter_context has entered a manager and not yet taken hold of it."""
+    interrupter, push = EntryInterrupter(), contextlib.ExitStack._push_cm_exit
+
+    def take_hold(stack, manager, exit):
+        interrupter.entering("ExitStack")
+        return push(stack, manager, exit)
+
     monkeypatch.setattr(contextlib, "next", interrupter, raising=False)
+    monkeypatch.setattr(contextlib.ExitStack, "_push_cm_exit", take_hold)
     return interrupter
 
 

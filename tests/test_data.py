@@ -1926,13 +1926,14 @@ def test_a_ctrl_c_at_any_context_managers_entry_leaves_no_half_dataset(stories_d
 
     def interrupted(out: Path, at: int) -> str | None:
         """What prepare into `out`, interrupted as its at-th manager is entered, left; None where it went through."""
-        interrupt_on_entry.at, interrupt_on_entry.entered = at, []
+        interrupt_on_entry.arm(at)
         try:
             prepare(out, sources=source, limit=30, val_fraction=0.2, workers=1, progress=False)
         except KeyboardInterrupt as stopped:  # (alive here, and the generators with it)
             left = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
             assert stopped and (left is None if out.name.startswith("new") else left in ({}, old)), (at, left)
             return "gone" if left is None else "none" if left == {} else "kept"
+        interrupt_on_entry.at = None  # (pytest's own managers follow)
         assert len(interrupt_on_entry.entered) == at - 1  # every manager it enters was interrupted once
         return None
 

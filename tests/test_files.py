@@ -858,8 +858,7 @@ def test_a_ctrl_c_as_a_manager_is_entered_leaves_what_it_made_removed(tmp_path, 
                           ("locked_folder", locked_folder(tmp_path / "locked", "a run")),
                           ("staged_folder", staged_folder(tmp_path / "staged", frozenset(), "a")),
                           ("signals_held", signals_held()), ("signal_handler", signal_handler(signal.SIG_IGN))):
-        interrupt_on_entry.name, interrupt_on_entry.at = name, 1
-        interrupt_on_entry.entered.clear()
+        interrupt_on_entry.arm(1, name)
         with pytest.raises(KeyboardInterrupt) as stopped:
             with manager:
                 pytest.fail("the block ran")
@@ -868,7 +867,7 @@ def test_a_ctrl_c_as_a_manager_is_entered_leaves_what_it_made_removed(tmp_path, 
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers, interrupt_on_entry.name
 
     # contextlib's own manager of the same generator leaves the temporary there: the instant is the one meant
-    interrupt_on_entry.name, interrupt_on_entry.at = "atomic_path", 2
+    interrupt_on_entry.arm(1, "atomic_path")
     with pytest.raises(KeyboardInterrupt) as stopped:
         with contextlib.contextmanager(atomic_path.__wrapped__)(tmp_path / "file.txt"):
             pytest.fail("the block ran")
@@ -891,5 +890,22 @@ def test_a_ctrl_c_while_a_lock_is_taken_waits_until_it_is_held(tmp_path, monkeyp
     monkeypatch.setattr(files.os, "open", open_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         with locked_folder(tmp_path / "new", "a dataset"):
+            pytest.fail("the block ran")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_just_after_a_folder_is_made_removes_it(tmp_path, monkeypatch):
+    """made_folders made the folders before its clean-up's try: a Ctrl-C right after mkdir left them."""
+    from tinygemma.files import made_folders
+
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_ctrl_c(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with made_folders(tmp_path / "new" / "deeper"):
             pytest.fail("the block ran")
     assert list(tmp_path.iterdir()) == []

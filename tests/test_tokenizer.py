@@ -126,6 +126,20 @@ def test_what_the_tokenizers_library_writes_to_stderr_is_dropped_only_where_it_p
     assert capfd.readouterr().err == "a warning\nbefore a failure\nafter\n"
 
 
+def test_a_ctrl_c_as_stderr_is_held_gives_it_back(capfd, interrupt_on_entry):
+    """A Ctrl-C in the instant after the hold began, before the `with` held the manager: descriptor 2 stayed in
+    the temporary file until the garbage collector came (the command's "interrupted" line went there)."""
+    from tinygemma.tokenizer import _panic_lines_held
+
+    capfd.readouterr()
+    interrupt_on_entry.arm(1, "_panic_lines_held")
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with _panic_lines_held():
+            pytest.fail("the block ran")
+    os.write(2, b"interrupted\n")
+    assert stopped.value.__traceback__ is not None and capfd.readouterr().err == "interrupted\n"
+
+
 def test_stderr_is_held_by_the_main_thread_alone_and_a_child_forked_meanwhile_writes_to_it(tmp_path, monkeypatch):
     """Two threads' holds of descriptor 2 saved each other's temporary file as stderr (everything written later
     was lost), and a lock between them hung a child forked while it was taken: another thread holds nothing, and a

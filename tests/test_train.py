@@ -2271,6 +2271,19 @@ main(["train", "--resume-from", {str(checkpoint)!r}, "--out", {str(fork)!r}])
     assert train_losses(fork) == train_losses(source)  # the source's steps from 9 on, as the source trained them
 
 
+def test_a_ctrl_c_as_a_fork_is_made_leaves_no_fork(data_dir, tmp_path, interrupt_on_entry):
+    """A Ctrl-C in the instant after forked_run made the fork, before the `with` held it: the copied checkpoint and
+    records stayed until the garbage collector came. It goes at once now, and the source is untouched."""
+    source = tmp_path / "source"
+    run(data_dir, source, "max_steps=4", "checkpoint_interval=4")
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    interrupt_on_entry.arm(1, "forked_run")
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(data_dir, tmp_path / "fork", resume_from=source / "checkpoints" / "step_000004")
+    assert stopped.value.__traceback__ is not None and interrupt_on_entry.entered == ["forked_run"]
+    assert not (tmp_path / "fork").exists() and sorted(p.relative_to(source) for p in source.rglob("*")) == before
+
+
 def test_a_fork_killed_before_its_first_step_names_the_resume_that_trains_it(data_dir, tmp_path, capsys):
     """A fork made whole, then killed before training wrote its config.json (its settings, --max-steps 24 here,
     recorded nowhere): the same command again was "--out is not empty" alone, and a plain --resume trains the

@@ -228,9 +228,13 @@ def made_folders(folder: str | Path):
             folder.mkdir(parents=True, exist_ok=True)
         yield folder
     finally:
-        with contextlib.suppress(OSError):
-            for path in made:
+        for path in made:
+            try:
                 path.rmdir()  # only if empty: the first folder that is not ends it
+            except FileNotFoundError:  # (never made: mkdir stopped before it)
+                continue
+            except OSError:
+                break
 
 
 @interrupt_safe

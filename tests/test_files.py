@@ -849,7 +849,14 @@ def test_a_ctrl_c_as_a_manager_is_entered_leaves_what_it_made_removed(tmp_path, 
     raises it from __enter__, and the generator's clean-up waited for the garbage collector (an interrupted prepare
     left its new folder, empty: the temporary in it was still there when the folder's clean-up came). Each of
     these cleans up at once; checked while the exception, and so the generator, is alive."""
-    from tinygemma.files import atomic_path, locked_folder, made_folders, signal_handler, signals_held, staged_folder
+    from tinygemma.files import (
+        atomic_path,
+        locked_folder,
+        made_folders,
+        signal_handler,
+        signals_held,
+        staged_folder,
+    )
 
     (tmp_path / "staged").mkdir()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)

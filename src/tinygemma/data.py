@@ -780,11 +780,13 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
 
 def remove_unfinished(out_dir: Path) -> None:
     """After a failed prepare (a Ctrl-C as it renamed its files in, say), the files of a dataset marked as in the
-    making and never finished (no meta.json yet), and the marker: a folder made for the dataset is left empty (and
-    removed), one that held a dataset holds none (prepare replaced it already); a finished one (its meta.json
-    written) stays."""
-    if (out_dir / INCOMPLETE_NAME).is_file() and not (out_dir / META_NAME).exists():
-        for name in (*(f"{split}.bin" for split in SPLITS), TOKENIZER_FILE, INCOMPLETE_NAME):  # the marker last
+    making and never finished (no meta.json: the old one goes before the first rename, the new one comes last),
+    and the marker: a folder made for the dataset is left empty (and removed), one that held a dataset holds none
+    (prepare replaced it already). A dataset with its meta.json (the old one, not replaced yet; the new one,
+    finished) loses only the marker."""
+    if (out_dir / INCOMPLETE_NAME).is_file():
+        unfinished = () if (out_dir / META_NAME).exists() else (*(f"{split}.bin" for split in SPLITS), TOKENIZER_FILE)
+        for name in (*unfinished, INCOMPLETE_NAME):  # the marker last
             (out_dir / name).unlink(missing_ok=True)
 
 

@@ -1949,5 +1949,6 @@ def test_a_ctrl_c_at_any_context_managers_entry_leaves_no_half_dataset(stories_d
         if outcomes[-1] is None:
             break
     assert outcomes[-2:] == [None, None] and open_prepared(tmp_path / f"new{at}").split("val").size
-    assert {"locked_folder", "made_folders", "atomic_path"} <= set(interrupt_on_entry.entered), interrupt_on_entry.entered
+    entered = interrupt_on_entry.entered
+    assert {"locked_folder", "made_folders", "atomic_path"} <= set(entered), entered
     assert {"gone", "none", "kept"} <= set(outcomes[:-2]) and len(outcomes) > 30, outcomes

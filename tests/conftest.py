@@ -5,12 +5,14 @@ import builtins
 import contextlib
 import errno
 import gc
+import importlib.util
 import inspect
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYGEMMA_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "data" / "tinystories"
+PACKAGE = Path(importlib.util.find_spec("tinygemma").origin).parent  # (src/tinygemma, or where installed)
 
 # tiktoken's own mechanism for an offline vocabulary: the GPT-2 ranks under their cache name.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
@@ -161,18 +164,21 @@ def read_only_folders(monkeypatch):
 
 
 class EntryInterrupter:
-    """contextlib's next(), once armed: KeyboardInterrupt as the `at`-th generator entered from then (of those named
-    `name`, where one is given) yields, where a Ctrl-C lands when CPython runs its handler as next() returns, before
-    the `with` holds the manager; once. `entered` names the generators entered since it was armed."""
+    """contextlib's next(), once armed: KeyboardInterrupt as the `at`-th of tinygemma's generators entered from then
+    in the arming thread (of those named `name`, where one is given) yields, where a Ctrl-C lands when CPython runs
+    its handler as next() returns, before the `with` holds the manager; once. `entered` names those entered since
+    it was armed. (Other packages' managers are not counted: wandb's stderr hook, left by an earlier test, enters
+    one as a warning is printed.)"""
 
     def __init__(self):
-        self.at, self.name, self.entered = None, None, []
+        self.at, self.name, self.entered, self.thread = None, None, [], None
 
     def arm(self, at: int, name: str | None = None) -> None:
-        self.at, self.name, self.entered = at, name, []
+        self.at, self.name, self.entered, self.thread = at, name, [], threading.get_ident()
 
-    def entering(self, name: str) -> None:
-        if self.at is not None and self.name in (None, name):
+    def entering(self, name: str, filename: str) -> None:
+        if (self.at is not None and self.name in (None, name) and threading.get_ident() == self.thread
+                and Path(filename).is_relative_to(PACKAGE)):
             self.entered.append(name)
             if len(self.entered) == self.at:
                 self.at = None
@@ -182,18 +188,18 @@ class EntryInterrupter:
         starting = inspect.getgeneratorstate(gen) == inspect.GEN_CREATED
         value = builtins.next(gen, *default)
         if starting:
-            self.entering(gen.__name__)
+            self.entering(gen.__name__, gen.gi_code.co_filename)
         return value
 
 
 @pytest.fixture
 def interrupt_on_entry(monkeypatch):
     """An EntryInterrupter in contextlib's next(), which also counts, as "ExitStack", the instant an ExitStack's
-    enter_context has entered a manager and not yet taken hold of it."""
+    enter_context (called by tinygemma) has entered a manager and not yet taken hold of it."""
     interrupter, push = EntryInterrupter(), contextlib.ExitStack._push_cm_exit
 
     def take_hold(stack, manager, exit):
-        interrupter.entering("ExitStack")
+        interrupter.entering("ExitStack", sys._getframe(2).f_code.co_filename)  # (enter_context's caller)
         return push(stack, manager, exit)
 
     monkeypatch.setattr(contextlib, "next", interrupter, raising=False)

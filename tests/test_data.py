@@ -1920,7 +1920,7 @@ def test_a_ctrl_c_at_any_context_managers_entry_leaves_no_half_dataset(stories_d
     """A Ctrl-C where CPython runs its handler as each context manager of prepare is entered (as its generator
     yields): a new folder goes (an interrupted prepare's test saw it left empty now and then, the temporary still
     there when the folder's clean-up came), and a folder that held a dataset holds it still, or none once prepare
-    began renaming its files in: never a half. (Or the new dataset, where its meta.json was written first.)"""
+    began renaming its files in: never a half."""
     source = [stories_dir / "valid.txt"]
     prepare(tmp_path / "old", sources=source, limit=20, val_fraction=0.2, workers=1, progress=False)
     old = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
@@ -1932,11 +1932,7 @@ def test_a_ctrl_c_at_any_context_managers_entry_leaves_no_half_dataset(stories_d
             prepare(out, sources=source, limit=30, val_fraction=0.2, workers=1, progress=False)
         except KeyboardInterrupt as stopped:  # (alive here, and the generators with it)
             left = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
-            if left and left != old:  # the new dataset, finished (its meta.json written) before the Ctrl-C came
-                assert sorted(left) == ["meta.json", "train.bin", "val.bin"], (at, sorted(left))
-                assert open_prepared(out).meta["splits"]["train"]["documents"] == 30
-                return "new"
-            assert stopped and (left is None if out.name.startswith("new") else left in ({}, old)), (at, left)
+            assert left is None if out.name.startswith("new") else left in ({}, old), (at, left, stopped)
             return "gone" if left is None else "none" if left == {} else "kept"
         interrupt_on_entry.at = None  # (pytest's own managers follow)
         assert len(interrupt_on_entry.entered) == at - 1  # every manager it enters was interrupted once
@@ -1951,4 +1947,36 @@ def test_a_ctrl_c_at_any_context_managers_entry_leaves_no_half_dataset(stories_d
     assert outcomes[-2:] == [None, None] and open_prepared(tmp_path / f"new{at}").split("val").size
     entered = interrupt_on_entry.entered
     assert {"locked_folder", "made_folders", "atomic_path"} <= set(entered), entered
-    assert {"gone", "none", "kept"} <= set(outcomes[:-2]) and len(outcomes) > 30, outcomes
+    assert {"gone", "none", "kept"} == set(outcomes[:-2]) and len(outcomes) > 30, outcomes
+
+
+def test_a_ctrl_c_once_meta_json_is_written_keeps_the_dataset_and_drops_the_marker(stories_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A Ctrl-C just after the new meta.json is written: the dataset is finished and stays, without the marker or
+    the earlier BPE's tokenizer.json (gpt2 names none) that the rest of prepare removes; one just after the marker
+    is made, before the old meta.json goes: the old dataset stays whole, without the marker."""
+    args = dict(sources=[stories_dir / "valid.txt"], val_fraction=0.2, workers=1, progress=False)
+    prepare(tmp_path, limit=20, tokenizer="bpe", vocab_size=300, **args)
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_touch, real_write, touched = Path.touch, data.atomic_write_json, []
+
+    def touch_then_ctrl_c(path, *a, **k):
+        real_touch(path, *a, **k)
+        if path.name == data.INCOMPLETE_NAME:
+            touched.append(path)
+            raise KeyboardInterrupt
+
+    def write_then_ctrl_c(path, value):
+        real_write(path, value)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "touch", touch_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(tmp_path, limit=30, **args)
+    assert touched and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+    monkeypatch.setattr(data, "atomic_write_json", write_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path, limit=30, **args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert open_prepared(tmp_path).meta["splits"]["train"]["documents"] == 30

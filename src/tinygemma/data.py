@@ -783,11 +783,18 @@ def remove_unfinished(out_dir: Path) -> None:
     making and never finished (no meta.json: the old one goes before the first rename, the new one comes last),
     and the marker: a folder made for the dataset is left empty (and removed), one that held a dataset holds none
     (prepare replaced it already). A dataset with its meta.json (the old one, not replaced yet; the new one,
-    finished) loses only the marker."""
-    if (out_dir / INCOMPLETE_NAME).is_file():
-        unfinished = () if (out_dir / META_NAME).exists() else (*(f"{split}.bin" for split in SPLITS), TOKENIZER_FILE)
-        for name in (*unfinished, INCOMPLETE_NAME):  # the marker last
-            (out_dir / name).unlink(missing_ok=True)
+    finished) loses only the marker, and a tokenizer.json it does not name (an earlier BPE's, under gpt2)."""
+    if not (out_dir / INCOMPLETE_NAME).is_file():
+        return
+    unfinished = [TOKENIZER_FILE]
+    if (out_dir / META_NAME).exists():
+        tokenizer = peek_json(out_dir / META_NAME).get("tokenizer")
+        if isinstance(tokenizer, dict) and tokenizer.get("file") == TOKENIZER_FILE:
+            unfinished = []
+    else:
+        unfinished += [f"{split}.bin" for split in SPLITS]
+    for name in (*unfinished, INCOMPLETE_NAME):  # the marker last
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def first_set_aside(fraction: float) -> int:

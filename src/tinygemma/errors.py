@@ -33,7 +33,7 @@ def interrupt_safe(generator_function):
     thrown into it at once. (contextlib's manager raises it from __enter__, where no `with` calls __exit__: the
     generator's clean-up waited for the garbage collector, after the clean-ups of the managers around it; an
     interrupted prepare left its new folder, empty, since the temporary in it was still there when the folder's
-    own clean-up came.)"""
+    own clean-up came.) For `with` alone: its managers are no decorators."""
     manager = contextlib.contextmanager(generator_function)
 
     @functools.wraps(generator_function)

@@ -186,7 +186,7 @@ def staged_folder(folder: str | Path, own: frozenset[str], what: str, check: Cal
     with locked_folder(folder, what, check):
         try:
             remove_stages(folder)  # a killed writer's: no live one, since this process holds the lock
-            with write_errors(folder):
+            with write_errors(folder), signals_held():  # (a Ctrl-C as mkdtemp returned left the stage unnamed)
                 stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
             try:
                 yield stage

@@ -959,3 +959,24 @@ def test_a_lost_peer_is_one_line_under_torchrun_and_a_bug_elsewhere(capsys, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("tinygemma train: error: another process of this torchrun job "
                                                    "stopped or became unreachable") and "Connection closed by peer" in err
+
+
+@pytest.mark.parametrize("caught_by", ["the command", "the entry point"])
+def test_a_ctrl_c_that_left_code_run_by_exec_ends_with_status_130(tmp_path, caught_by):
+    """CPython marks a KeyboardInterrupt that leaves code run by exec() of a string (a dataclass's methods being
+    made, hundreds of them as torch loads) as never handled, and `python -m` then ended the process by SIGINT
+    even though the command had caught it and said so: a parent saw -2, not 130 (about one Ctrl-C in ten in a
+    prepare's first second)."""
+    if caught_by == "the command":
+        body = ("    try:\n        exec('raise KeyboardInterrupt')\n    except KeyboardInterrupt:\n"
+                "        print('tinygemma prepare: interrupted', file=sys.stderr)\n        return 130\n")
+    else:
+        body = "    exec('raise KeyboardInterrupt')\n"
+    (tmp_path / "stopped_in_exec.py").write_text(
+        "import sys\nfrom tinygemma import cli\nfrom tinygemma.__main__ import main\n"
+        f"def command(argv=None):\n{body}"
+        "cli.main = command\nraise SystemExit(main())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")])}
+    result = subprocess.run([sys.executable, "-m", "stopped_in_exec"], capture_output=True, text=True, env=env)
+    said = "tinygemma prepare: interrupted\n" if caught_by == "the command" else "tinygemma: interrupted\n"
+    assert (result.returncode, result.stderr) == (130, said)

@@ -34,11 +34,21 @@ def main() -> int:
         if says_stops():  # (under torchrun, once a machine)
             print(f"tinygemma: {stop_word(e)}", file=sys.stderr)
         _done.append(exit_status(e))  # a later signal, while Python shuts down, leaves this status
+        _forget_caught_interrupts()
         return exit_status(e)
     for signum in (signal.SIGINT, signal.SIGTERM):
         handle(signum, lambda *_: _end(status))
     _done.append(status)
+    _forget_caught_interrupts()
     return status
+
+
+def _forget_caught_interrupts() -> None:
+    """CPython marks a KeyboardInterrupt that leaves code run by exec() of a string (dataclasses make their methods
+    so: importing torch makes hundreds) as never handled, even where the command caught it; `python -m tinygemma`
+    then ended by SIGINT (a parent saw -2, not 130) about one Ctrl-C in ten during a prepare's first second.
+    exec() of a string begins by clearing that mark."""
+    exec("")
 
 
 _done: list[int] = []  # the command's status, once it has returned

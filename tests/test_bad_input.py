@@ -496,6 +496,10 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
               "raise SystemExit(main())\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")
+    # Earlier still, as the entry point's own module imports what handles the signals: it was a traceback
+    earliest = script.replace("'tinygemma.cli'", "'tinygemma.errors'")
+    result = subprocess.run([sys.executable, "-c", earliest], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")
     # SIGTERM (a `timeout` that fires early) ended the process there with no word; it is one line and 143 now.
     term = script.replace("raise KeyboardInterrupt", "import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); "
                                                      "time.sleep(5)")

@@ -9,15 +9,19 @@ import os
 import signal
 import sys
 
-from tinygemma.errors import (  # (no torch)
-    exit_status,
-    handle,
-    held_off,
-    interrupt,
-    says_stops,
-    stop_word,
-    under_torchrun,
-)
+try:  # (a Ctrl-C this early, in the first tens of milliseconds, is one line too, not a traceback)
+    from tinygemma.errors import (  # (no torch)
+        exit_status,
+        handle,
+        held_off,
+        interrupt,
+        says_stops,
+        stop_word,
+        under_torchrun,
+    )
+except KeyboardInterrupt:
+    print("tinygemma: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 def main() -> int:

@@ -984,3 +984,49 @@ def test_a_ctrl_c_that_left_code_run_by_exec_ends_with_status_130(tmp_path, caug
     result = subprocess.run([sys.executable, "-m", "stopped_in_exec"], capture_output=True, text=True, env=env)
     said = "tinygemma prepare: interrupted\n" if caught_by == "the command" else "tinygemma: interrupted\n"
     assert (result.returncode, result.stderr) == (130, said)
+
+
+def test_a_ctrl_c_as_torch_loads_waits_until_it_has_loaded(tmp_path):
+    """A Ctrl-C or SIGTERM whose handler raised inside one of the Python callbacks torch's C++ makes as it loads
+    ended the process by C++'s terminate (SIGABRT and a stack dump): the command imports torch with both held,
+    and the interrupt comes once it has loaded (planted as the import begins)."""
+    script = ("import builtins, os, signal, sys\n"
+              "real_import = builtins.__import__\n"
+              "def planted(name, *args, **kwargs):\n"
+              "    if name == 'torch' and 'torch' not in sys.modules:\n"
+              "        builtins.__import__ = real_import\n"
+              "        os.kill(os.getpid(), signal.SIGINT)\n"
+              "        module = real_import(name, *args, **kwargs)\n"
+              "        print('loaded', file=sys.stderr)\n"
+              "        return module\n"
+              "    return real_import(name, *args, **kwargs)\n"
+              "builtins.__import__ = planted\n"
+              "from tinygemma.__main__ import main\n"
+              f"sys.argv = ['tinygemma', 'compare', {str(tmp_path)!r}]\n"
+              "raise SystemExit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stderr) == (130, "loaded\ntinygemma compare: interrupted\n")
+
+
+def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_is_an_interrupt(monkeypatch, capsys):
+    """A Ctrl-C landing in a class body as torch.distributed loads came out as "RuntimeError: Error calling
+    __set_name__" (Python wraps what __set_name__ raises): a traceback and exit status 1. An error raised from a
+    Ctrl-C or SIGTERM is that interrupt's one line and status; one raised from anything else stays a bug's."""
+    from tinygemma.errors import Terminated
+
+    def wrapping(stop):
+        def command(args):
+            try:
+                raise stop
+            except KeyboardInterrupt as e:
+                raise RuntimeError("Error calling __set_name__ on '_Field' instance") from e
+        return command
+
+    for stop, said, status in ((KeyboardInterrupt(), "interrupted", 130), (Terminated(), "terminated", 143)):
+        monkeypatch.setattr(cli, "_compare_main", wrapping(stop))
+        assert cli.main(["compare", "a"]) == status
+        assert capsys.readouterr().err == f"tinygemma compare: {said}\n"
+    monkeypatch.setattr(cli, "_compare_main", lambda args: int("x"))
+    with pytest.raises(ValueError):
+        cli.main(["compare", "a"])

@@ -45,7 +45,7 @@ from tinygemma.errors import (
     stop_word,
     under_torchrun,
 )
-from tinygemma.files import peek_json, signal_handler
+from tinygemma.files import peek_json, signal_handler, signals_held
 from tinygemma.tokenizer import EOT_TOKEN, TOKENIZER_FILE, encode_stories, token_byte_lengths
 
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_one_process(args.command)
         with interrupts_once():
+            torch_loaded()
             result = args.func(args)
     except UserError as e:
         if not getattr(e, "shown_by_rank_0", False):  # under torchrun, an error every process shares prints once
@@ -152,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        if says_stops():  # (under torchrun, once a machine)
-            print(f"tinygemma {args.command}: {stop_word(e)}", file=sys.stderr)
-        return exit_status(e)
+        return stopped_within(e, args.command)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, MemoryError) and under_torchrun() and PEER_LOST.search(str(e)):
             # Waiting in a collective when another process stopped (its own error, in one line, is above it):
@@ -164,12 +163,38 @@ def main(argv: list[str] | None = None) -> int:
                   f"({str(e).strip().splitlines()[0][:200]})", file=sys.stderr)
             return 1
         if not isinstance(e, MemoryError) and not OUT_OF_MEMORY.search(str(e)):
-            raise
+            return stopped_within(e, args.command)
         cause = (str(e).strip().splitlines() or ["MemoryError"])[0][:200]
         print(f"tinygemma {args.command}: error: out of memory ({cause}); {MEMORY_ADVICE.get(args.command, '')}"
               .rstrip("; "), file=sys.stderr)
         return 1
+    except Exception as e:
+        return stopped_within(e, args.command)
     return int(result or 0)
+
+
+def stopped_within(error: BaseException, command: str) -> int:
+    """For a Ctrl-C or SIGTERM, or an error raised from one (a library's wrapping of it: a class body's
+    __set_name__ makes it a RuntimeError as torch.distributed loads), the interrupt's line and status; any other
+    error is raised again (a bug, with its traceback)."""
+    stop, seen = error, set()
+    while not isinstance(stop, KeyboardInterrupt):
+        seen.add(id(stop))
+        stop = stop.__cause__
+        if stop is None or id(stop) in seen:
+            raise error
+    if says_stops():  # (under torchrun, once a machine)
+        print(f"tinygemma {command}: {stop_word(stop)}", file=sys.stderr)
+    return exit_status(stop)
+
+
+def torch_loaded() -> None:
+    """Import torch (every command uses it) with Ctrl-C and SIGTERM held until it has loaded, a second or two: a
+    handler that raised inside one of the Python callbacks torch's C++ makes as it loads ended the process by C++'s
+    terminate (SIGABRT and a stack dump; an interrupt fuzz saw it for 3 of about 100 signals at that moment)."""
+    if "torch" not in sys.modules:
+        with signals_held():
+            import torch  # noqa: F401
 
 
 def check_one_process(command: str) -> None:

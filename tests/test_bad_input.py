@@ -1007,6 +1007,11 @@ def test_a_ctrl_c_as_torch_loads_waits_until_it_has_loaded(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert (result.returncode, result.stderr) == (130, "loaded\ntinygemma compare: interrupted\n")
+    # Under torchrun, SIGTERM keeps its default, which ends the process at once (no Python code runs in it)
+    term = script.replace("signal.SIGINT", "signal.SIGTERM")
+    env.update(TORCHELASTIC_RUN_ID="test", LOCAL_RANK="0")
+    result = subprocess.run([sys.executable, "-c", term], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stderr) == (-signal.SIGTERM, "")
 
 
 def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_is_an_interrupt(monkeypatch, capsys):
@@ -1027,6 +1032,15 @@ def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_is_an_interrupt(monkey
         monkeypatch.setattr(cli, "_compare_main", wrapping(stop))
         assert cli.main(["compare", "a"]) == status
         assert capsys.readouterr().err == f"tinygemma compare: {said}\n"
-    monkeypatch.setattr(cli, "_compare_main", lambda args: int("x"))
-    with pytest.raises(ValueError):
-        cli.main(["compare", "a"])
+    def wrapped_otherwise(args):  # (not a RuntimeError: the last clause's)
+        raise TypeError("a class body's error") from KeyboardInterrupt()
+
+    monkeypatch.setattr(cli, "_compare_main", wrapped_otherwise)
+    assert cli.main(["compare", "a"]) == 130 and capsys.readouterr().err == "tinygemma compare: interrupted\n"
+    for bug in (ValueError("a bug"), RuntimeError("a bug")):  # raised from nothing: a bug's traceback, as it was
+        def buggy(args, bug=bug):
+            raise bug
+        monkeypatch.setattr(cli, "_compare_main", buggy)
+        with pytest.raises(type(bug), match="a bug") as raised:
+            cli.main(["compare", "a"])
+        assert raised.traceback[-1].name == "buggy"

@@ -20,7 +20,9 @@ try:  # (a Ctrl-C this early, in the first tens of milliseconds, is one line too
         under_torchrun,
     )
 except KeyboardInterrupt:
-    print("tinygemma: interrupted", file=sys.stderr)
+    if sys.stderr is not None:  # (None: closed by the shell, which _open_standard_streams has not mended yet)
+        print("tinygemma: interrupted", file=sys.stderr)
+    exec("")  # (see _forget_caught_interrupts: subprocess's import runs namedtuple's code, made by eval of a string)
     raise SystemExit(130) from None
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import select
+import signal
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        return stopped_within(e, args.command)
+        return stop_said(e, args.command)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, MemoryError) and under_torchrun() and PEER_LOST.search(str(e)):
             # Waiting in a collective when another process stopped (its own error, in one line, is above it):
@@ -163,27 +164,35 @@ def main(argv: list[str] | None = None) -> int:
                   f"({str(e).strip().splitlines()[0][:200]})", file=sys.stderr)
             return 1
         if not isinstance(e, MemoryError) and not OUT_OF_MEMORY.search(str(e)):
-            return stopped_within(e, args.command)
+            if (stop := interrupt_within(e)) is None:  # (a bug: its traceback)
+                raise
+            return stop_said(stop, args.command)
         cause = (str(e).strip().splitlines() or ["MemoryError"])[0][:200]
         print(f"tinygemma {args.command}: error: out of memory ({cause}); {MEMORY_ADVICE.get(args.command, '')}"
               .rstrip("; "), file=sys.stderr)
         return 1
     except Exception as e:
-        return stopped_within(e, args.command)
+        if (stop := interrupt_within(e)) is None:  # (a bug: its traceback)
+            raise
+        return stop_said(stop, args.command)
     return int(result or 0)
 
 
-def stopped_within(error: BaseException, command: str) -> int:
-    """For a Ctrl-C or SIGTERM, or an error raised from one (a library's wrapping of it: a class body's
-    __set_name__ makes it a RuntimeError as torch.distributed loads), the interrupt's line and status; any other
-    error is raised again (a bug, with its traceback)."""
-    stop, seen = error, set()
-    while not isinstance(stop, KeyboardInterrupt):
-        seen.add(id(stop))
-        stop = stop.__cause__
-        if stop is None or id(stop) in seen:
-            raise error
-    if says_stops():  # (under torchrun, once a machine)
+def interrupt_within(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM an error was raised from (its __cause__, or theirs): a library's wrapping of it (a
+    class body's __set_name__ makes it a RuntimeError as torch.distributed loads); None for any other."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
+def stop_said(stop: KeyboardInterrupt, command: str) -> int:
+    """The interrupt's line (under torchrun, once a machine) and its exit status."""
+    if says_stops():
         print(f"tinygemma {command}: {stop_word(stop)}", file=sys.stderr)
     return exit_status(stop)
 
@@ -191,9 +200,10 @@ def stopped_within(error: BaseException, command: str) -> int:
 def torch_loaded() -> None:
     """Import torch (every command uses it) with Ctrl-C and SIGTERM held until it has loaded, a second or two: a
     handler that raised inside one of the Python callbacks torch's C++ makes as it loads ended the process by C++'s
-    terminate (SIGABRT and a stack dump; an interrupt fuzz saw it for 3 of about 100 signals at that moment)."""
+    terminate (SIGABRT and a stack dump; an interrupt fuzz saw it for 3 of about 100 signals at that moment).
+    Only signals with a handler of Python's: SIGTERM's default under torchrun ends the process at once, as ever."""
     if "torch" not in sys.modules:
-        with signals_held():
+        with signals_held(tuple(s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s)))):
             import torch  # noqa: F401
 
 

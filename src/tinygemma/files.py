@@ -267,12 +267,13 @@ def _is_stage(path: Path) -> bool:
 
 
 @interrupt_safe
-def signals_held():
-    """Hold SIGINT and SIGTERM back while the block runs (a few renames): their handlers run when it ends. (A
-    signal mask would not do: the kernel hands a process's signal to any thread not masking it, torch's own.)"""
+def signals_held(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold `signals` (SIGINT and SIGTERM) back while the block runs (a few renames): their handlers run when it
+    ends. (A signal mask would not do: the kernel hands a process's signal to any thread not masking it, torch's
+    own.)"""
     caught = []
     try:
-        with signal_handler(lambda signum, frame: caught.append(signum)):
+        with signal_handler(lambda signum, frame: caught.append(signum), signals):
             yield
     finally:
         for s in sorted(set(caught), key=lambda s: s != signal.SIGTERM):  # SIGINT's KeyboardInterrupt would end
@@ -284,11 +285,11 @@ PYTHONS_OWN = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal
 
 
 @interrupt_safe
-def signal_handler(handler):
-    """`handler` for SIGINT and SIGTERM while the block runs, then the handlers there were; outside the main
-    thread, where Python runs signal handlers and none can be set, nothing."""
+def signal_handler(handler, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """`handler` for `signals` (SIGINT and SIGTERM) while the block runs, then the handlers there were; outside the
+    main thread, where Python runs signal handlers and none can be set, nothing."""
     try:
-        previous = {s: handle(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: handle(s, handler) for s in signals}
     except ValueError:
         yield
         return

@@ -11,6 +11,7 @@ import sys
 
 try:  # (a Ctrl-C this early, in the first tens of milliseconds, is one line too, not a traceback)
     from tinygemma.errors import (  # (no torch)
+        STOPPED,
         exit_status,
         handle,
         held_off,
@@ -28,13 +29,15 @@ except KeyboardInterrupt:
 
 def main() -> int:
     _open_standard_streams()
+    handle(signal.SIGINT, _signalled)  # (what the command's own handlers give back as it ends)
     if not under_torchrun():  # (torchrun ends its workers with SIGTERM: its default stays)
-        handle(signal.SIGTERM, interrupt)
+        handle(signal.SIGTERM, _signalled)
     try:
         from tinygemma.cli import main as cli_main
 
         status = cli_main()
-    except KeyboardInterrupt as e:  # (a Ctrl-C while importing: Python's own handler raised it)
+        _done.append(status)
+    except KeyboardInterrupt as e:  # (a Ctrl-C while importing, before the command's own handlers)
         for signum in (signal.SIGINT, signal.SIGTERM):
             handle(signum, held_off)
         if says_stops():  # (under torchrun, once a machine)
@@ -44,9 +47,18 @@ def main() -> int:
         return exit_status(e)
     for signum in (signal.SIGINT, signal.SIGTERM):
         handle(signum, lambda *_: _end(status))
-    _done.append(status)
     _forget_caught_interrupts()
     return status
+
+
+def _signalled(signum, frame) -> None:
+    """SIGINT's and SIGTERM's handler outside the command's own: before it runs, an interrupt; once a signal
+    stopped it, nothing (a second Ctrl-C just after the command's clean-up gave a traceback); once it returned,
+    the end with its status."""
+    if _done:
+        _end(_done[0])
+    elif not STOPPED:
+        interrupt(signum, frame)
 
 
 def _forget_caught_interrupts() -> None:

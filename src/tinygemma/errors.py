@@ -119,10 +119,14 @@ def handle(signum: int, handler):
     return signal.getsignal(signum) if signum in IGNORED_AT_START else signal.signal(signum, handler)
 
 
+STOPPED: list[int] = []  # the signals `interrupt` took (the entry point holds later ones off once a command ended)
+
+
 def interrupt(signum, frame) -> None:
     """A SIGINT and SIGTERM handler: raise KeyboardInterrupt, or Terminated for SIGTERM, and from then on hold both
     signals off, so that a second one cannot cut the clean-up short (a Ctrl-C pressed twice left a prepare
     waiting forever on workers never told to stop)."""
+    STOPPED.append(signum)
     for s in (signal.SIGINT, signal.SIGTERM):
         handle(s, held_off)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

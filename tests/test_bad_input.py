@@ -1032,6 +1032,7 @@ def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_is_an_interrupt(monkey
         monkeypatch.setattr(cli, "_compare_main", wrapping(stop))
         assert cli.main(["compare", "a"]) == status
         assert capsys.readouterr().err == f"tinygemma compare: {said}\n"
+
     def wrapped_otherwise(args):  # (not a RuntimeError: the last clause's)
         raise TypeError("a class body's error") from KeyboardInterrupt()
 

@@ -500,6 +500,9 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path):
     earliest = script.replace("'tinygemma.cli'", "'tinygemma.errors'")
     result = subprocess.run([sys.executable, "-c", earliest], capture_output=True, text=True, env=env)
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")
+    then_ctrl_c = "import atexit, os, signal\natexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n" + earliest
+    result = subprocess.run([sys.executable, "-c", then_ctrl_c], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")  # held off
     # SIGTERM (a `timeout` that fires early) ended the process there with no word; it is one line and 143 now.
     term = script.replace("raise KeyboardInterrupt", "import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); "
                                                      "time.sleep(5)")
@@ -1044,7 +1047,8 @@ def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_is_an_interrupt(monkey
         monkeypatch.setattr(cli, "_compare_main", buggy)
         with pytest.raises(type(bug), match="a bug") as raised:
             cli.main(["compare", "a"])
-        assert raised.traceback[-1].name == "buggy"
+        names = [entry.name for entry in raised.traceback]  # (raised again from a helper, its frame came between)
+        assert names[names.index("main") + 1:] == ["buggy"], names
 
 
 def test_a_second_ctrl_c_just_after_the_commands_clean_up_is_held_off(tmp_path):
@@ -1069,3 +1073,27 @@ def test_a_second_ctrl_c_just_after_the_commands_clean_up_is_held_off(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert (result.returncode, result.stderr) == (130, "tinygemma export: interrupted\n")
+    # Under torchrun, a SIGTERM after the Ctrl-C keeps its default: it ends a worker at once (one stuck in a
+    # collective, say), as torchrun's SIGTERM must
+    term = script.replace("signal.SIGINT)  # the second, as the command's handlers are gone",
+                          "signal.SIGTERM)  # torchrun's, during the clean-up")
+    assert term != script
+    env.update(TORCHELASTIC_RUN_ID="test", LOCAL_RANK="0")
+    result = subprocess.run([sys.executable, "-c", term], capture_output=True, text=True, env=env, timeout=60)
+    assert (result.returncode, result.stderr) == (-signal.SIGTERM, "")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["prepare", "--bogus"]])
+def test_a_ctrl_c_as_python_shuts_down_after_help_or_a_usage_error_keeps_its_status(argv):
+    """argparse ends --help and a usage error with SystemExit: no status was recorded, and a Ctrl-C as Python shut
+    down met the entry point's handler (or Python's), a traceback after the help ("Exception ignored in atexit
+    callback"), or the process ended by SIGINT. It ends with argparse's status now, as after a command."""
+    script = ("import atexit, os, signal, sys, time\n"
+              "from tinygemma.__main__ import main\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
+              f"sys.argv = ['tinygemma', *{argv!r}]\n"
+              "raise SystemExit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == (0 if argv == ["--help"] else 2), result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr

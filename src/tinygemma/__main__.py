@@ -4,12 +4,29 @@ it is still importing (torch takes a second or two) or reading its arguments end
 ending the process at once with the command's own status, not 130 for work that was completed; and a stdout or
 stderr that the shell closed given /dev/null."""
 
-import atexit
 import os
-import signal
 import sys
 
-try:  # (a Ctrl-C this early, in the first tens of milliseconds, is one line too, not a traceback)
+
+def _stopped_early() -> None:
+    """A Ctrl-C in the first tens of milliseconds, as this module imports what handles signals: one line and 130,
+    not a traceback; a later signal held off (SIGTERM keeps its default under torchrun: errors.under_torchrun's
+    test, which is not imported yet), and CPython's mark cleared (see _forget_caught_interrupts)."""
+    import _signal  # (built in: no code of its own to interrupt)
+
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    for signum in (_signal.SIGINT,) + (() if torchrun else (_signal.SIGTERM,)):
+        _signal.signal(signum, _signal.SIG_IGN)
+    if sys.stderr is not None:  # (None: closed by the shell, which _open_standard_streams has not mended yet)
+        print("tinygemma: interrupted", file=sys.stderr)
+    exec("")  # (subprocess's import runs namedtuple's code, made by eval of a string)
+    raise SystemExit(130)
+
+
+try:  # (a Ctrl-C this early is one line too)
+    import atexit
+    import signal
+
     from tinygemma.errors import (  # (no torch)
         STOPPED,
         exit_status,
@@ -21,14 +38,13 @@ try:  # (a Ctrl-C this early, in the first tens of milliseconds, is one line too
         under_torchrun,
     )
 except KeyboardInterrupt:
-    if sys.stderr is not None:  # (None: closed by the shell, which _open_standard_streams has not mended yet)
-        print("tinygemma: interrupted", file=sys.stderr)
-    exec("")  # (see _forget_caught_interrupts: subprocess's import runs namedtuple's code, made by eval of a string)
-    raise SystemExit(130) from None
+    _stopped_early()
 
 
 def main() -> int:
     _open_standard_streams()
+    _done.clear()  # (a second main() in one process: a Python session's)
+    STOPPED.clear()
     handle(signal.SIGINT, _signalled)  # (what the command's own handlers give back as it ends)
     if not under_torchrun():  # (torchrun ends its workers with SIGTERM: its default stays)
         handle(signal.SIGTERM, _signalled)
@@ -37,8 +53,11 @@ def main() -> int:
 
         status = cli_main()
         _done.append(status)
+    except SystemExit as e:  # --help, --version, a usage error: argparse's exit, with its status
+        _done.append(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+        raise
     except KeyboardInterrupt as e:  # (a Ctrl-C while importing, before the command's own handlers)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT,) + (() if under_torchrun() else (signal.SIGTERM,)):
             handle(signum, held_off)
         if says_stops():  # (under torchrun, once a machine)
             print(f"tinygemma: {stop_word(e)}", file=sys.stderr)

@@ -125,9 +125,10 @@ STOPPED: list[int] = []  # the signals `interrupt` took (the entry point holds l
 def interrupt(signum, frame) -> None:
     """A SIGINT and SIGTERM handler: raise KeyboardInterrupt, or Terminated for SIGTERM, and from then on hold both
     signals off, so that a second one cannot cut the clean-up short (a Ctrl-C pressed twice left a prepare
-    waiting forever on workers never told to stop)."""
+    waiting forever on workers never told to stop); under torchrun, SIGTERM keeps its default (torchrun ends a
+    worker stuck in a collective with it)."""
     STOPPED.append(signum)
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in (signal.SIGINT,) + (() if under_torchrun() else (signal.SIGTERM,)):  # (torchrun's SIGTERM: at once)
         handle(s, held_off)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 

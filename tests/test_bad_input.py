@@ -1097,3 +1097,21 @@ def test_a_ctrl_c_as_python_shuts_down_after_help_or_a_usage_error_keeps_its_sta
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == (0 if argv == ["--help"] else 2), result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+
+
+def test_the_entry_point_called_again_in_one_process_interrupts_as_the_first_time():
+    """What an earlier command left (the signals that stopped it) made a second call of the entry point in the same
+    process hold off a Ctrl-C that came before its command's own handlers."""
+    script = ("import os, signal, sys, time\n"
+              "from tinygemma import cli, errors\n"
+              "import tinygemma.__main__ as entry\n"
+              "errors.STOPPED.append(signal.SIGINT)  # as an interrupted command left it\n"
+              "def early(argv=None):\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(2)\n"
+              "    return 0\n"
+              "cli.main = early\n"
+              "print(entry.main())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert (result.stdout, result.stderr) == ("130\n", "tinygemma: interrupted\n")

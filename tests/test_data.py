@@ -1980,3 +1980,19 @@ def test_a_ctrl_c_once_meta_json_is_written_keeps_the_dataset_and_drops_the_mark
         prepare(tmp_path, limit=30, **args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     assert open_prepared(tmp_path).meta["splits"]["train"]["documents"] == 30
+
+
+def test_a_ctrl_c_as_the_hubs_warnings_are_silenced_gives_them_back(interrupt_on_entry):
+    """A Ctrl-C in the instant the hub's and datasets' warnings were silenced left them silenced (in a Python
+    session, until the garbage collector came): they come back at once."""
+    from datasets.utils import logging as datasets_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    before = hub_logging.get_verbosity(), datasets_logging.get_verbosity()
+    assert before != (hub_logging.ERROR, datasets_logging.ERROR)
+    interrupt_on_entry.arm(1, "_hub_errors_only")
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with data._hub_errors_only():
+            pytest.fail("the block ran")
+    assert (hub_logging.get_verbosity(), datasets_logging.get_verbosity()) == before and not data._SILENCED
+    del stopped  # (after the checks: the exception, and the generator with it, lived until here)

@@ -64,9 +64,7 @@ def main() -> int:
         _done.append(exit_status(e))  # a later signal, while Python shuts down, leaves this status
         _forget_caught_interrupts()
         return exit_status(e)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handle(signum, lambda *_: _end(status))
-    _forget_caught_interrupts()
+    _forget_caught_interrupts()  # (a signal from here on: _signalled ends the process with the status)
     return status
 
 

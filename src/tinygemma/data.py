@@ -44,7 +44,7 @@ from tinygemma.config import (
     is_real,
     story_paths,
 )
-from tinygemma.errors import LONE_SURROGATE, UserError, describe, failure, shell_quote
+from tinygemma.errors import LONE_SURROGATE, UserError, describe, failure, interrupt_safe, shell_quote
 from tinygemma.files import (
     atomic_path,
     atomic_write_json,
@@ -356,7 +356,7 @@ def check_source(source) -> Path:
 _SILENCED: list = []  # the libraries' own verbosities while _hub_errors_only holds them, one entry per holder
 
 
-@contextlib.contextmanager
+@interrupt_safe
 def _hub_errors_only():
     """huggingface_hub's and datasets' own warnings off while the hub is asked: unreachable, huggingface_hub
     retries five times with a line each (about 25 s, 11 lines), and a connection lost while streaming, datasets

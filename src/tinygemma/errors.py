@@ -119,7 +119,8 @@ def handle(signum: int, handler):
     return signal.getsignal(signum) if signum in IGNORED_AT_START else signal.signal(signum, handler)
 
 
-STOPPED: list[int] = []  # the signals `interrupt` took (the entry point holds later ones off once a command ended)
+STOPPED: list[int] = []  # the signals `interrupt` took: once one has stopped the command, the entry point holds later
+# ones off until it returns (cleared as the entry point starts; in-process calls of cli.main only add to it)
 
 
 def interrupt(signum, frame) -> None:

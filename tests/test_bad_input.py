@@ -1003,19 +1003,15 @@ def test_a_ctrl_c_as_torch_loads_waits_until_it_has_loaded(tmp_path):
               "        print('loaded', file=sys.stderr)\n"
               "        return module\n"
               "    return real_import(name, *args, **kwargs)\n"
-              "builtins.__import__ = planted\n"
-              "from tinygemma.__main__ import main\n"
-              f"sys.argv = ['tinygemma', 'compare', {str(tmp_path)!r}]\n"
-              "raise SystemExit(main())\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+              "builtins.__import__ = planted\n")
+    result = entry_point(script, "compare", str(tmp_path), timeout=120)
     # (a warning torch prints as it loads, on some machine, would come before "loaded")
     assert result.returncode == 130 and result.stderr.endswith("loaded\ntinygemma compare: interrupted\n")
     assert "Traceback" not in result.stderr, result.stderr
     # Under torchrun, SIGTERM keeps its default, which ends the process at once (no Python code runs in it)
     term = script.replace("signal.SIGINT", "signal.SIGTERM")
-    env.update(TORCHELASTIC_RUN_ID="test", LOCAL_RANK="0")
-    result = subprocess.run([sys.executable, "-c", term], capture_output=True, text=True, env=env, timeout=120)
+    result = entry_point(term, "compare", str(tmp_path), env={"TORCHELASTIC_RUN_ID": "test", "LOCAL_RANK": "0"},
+                         timeout=120)
     assert (result.returncode, result.stderr) == (-signal.SIGTERM, "")
 
 
@@ -1059,7 +1055,6 @@ def test_a_second_ctrl_c_just_after_the_commands_clean_up_is_held_off(tmp_path):
     saw it once in about 60 double signals). The entry point's own handler now holds it off too."""
     script = ("import os, signal, sys, time\n"
               "from tinygemma import cli\n"
-              "from tinygemma.__main__ import main\n"
               "def command(argv=None):\n"
               "    try:\n"
               "        with cli.interrupts_once():\n"
@@ -1070,18 +1065,15 @@ def test_a_second_ctrl_c_just_after_the_commands_clean_up_is_held_off(tmp_path):
               "        time.sleep(0.2)\n"
               "        print('tinygemma export: interrupted', file=sys.stderr)\n"
               "        return 130\n"
-              "cli.main = command\n"
-              "raise SystemExit(main())\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+              "cli.main = command\n")
+    result = entry_point(script, timeout=60)
     assert (result.returncode, result.stderr) == (130, "tinygemma export: interrupted\n")
     # Under torchrun, a SIGTERM after the Ctrl-C keeps its default: it ends a worker at once (one stuck in a
     # collective, say), as torchrun's SIGTERM must
     term = script.replace("signal.SIGINT)  # the second, as the command's handlers are gone",
                           "signal.SIGTERM)  # torchrun's, during the clean-up")
     assert term != script
-    env.update(TORCHELASTIC_RUN_ID="test", LOCAL_RANK="0")
-    result = subprocess.run([sys.executable, "-c", term], capture_output=True, text=True, env=env, timeout=60)
+    result = entry_point(term, env={"TORCHELASTIC_RUN_ID": "test", "LOCAL_RANK": "0"}, timeout=60)
     assert (result.returncode, result.stderr) == (-signal.SIGTERM, "")
 
 
@@ -1090,13 +1082,9 @@ def test_a_ctrl_c_as_python_shuts_down_after_help_or_a_usage_error_keeps_its_sta
     """argparse ends --help and a usage error with SystemExit: no status was recorded, and a Ctrl-C as Python shut
     down met the entry point's handler (or Python's), a traceback after the help ("Exception ignored in atexit
     callback"), or the process ended by SIGINT. It ends with argparse's status now, as after a command."""
-    script = ("import atexit, os, signal, sys, time\n"
-              "from tinygemma.__main__ import main\n"
-              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
-              f"sys.argv = ['tinygemma', *{argv!r}]\n"
-              "raise SystemExit(main())\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    script = ("import atexit, os, signal, time\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n")
+    result = entry_point(script, *argv, timeout=60)
     assert result.returncode == (0 if argv == ["--help"] else 2), result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
 
@@ -1104,16 +1092,13 @@ def test_a_ctrl_c_as_python_shuts_down_after_help_or_a_usage_error_keeps_its_sta
 def test_the_entry_point_called_again_in_one_process_interrupts_as_the_first_time():
     """What an earlier command left (the signals that stopped it) made a second call of the entry point in the same
     process hold off a Ctrl-C that came before its command's own handlers."""
-    script = ("import os, signal, sys, time\n"
+    script = ("import os, signal, time\n"
               "from tinygemma import cli, errors\n"
-              "import tinygemma.__main__ as entry\n"
               "errors.STOPPED.append(signal.SIGINT)  # as an interrupted command left it\n"
               "def early(argv=None):\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    time.sleep(2)\n"
               "    return 0\n"
-              "cli.main = early\n"
-              "print(entry.main())\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
-    assert (result.stdout, result.stderr) == ("130\n", "tinygemma: interrupted\n")
+              "cli.main = early\n")
+    result = entry_point(script, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "tinygemma: interrupted\n")

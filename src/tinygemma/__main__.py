@@ -31,7 +31,7 @@ try:  # (a Ctrl-C this early is one line too)
         STOPPED,
         exit_status,
         handle,
-        held_off,
+        hold_signals_off,
         interrupt,
         says_stops,
         stop_word,
@@ -57,8 +57,7 @@ def main() -> int:
         _done.append(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
         raise
     except KeyboardInterrupt as e:  # (a Ctrl-C while importing, before the command's own handlers)
-        for signum in (signal.SIGINT,) + (() if under_torchrun() else (signal.SIGTERM,)):
-            handle(signum, held_off)
+        hold_signals_off()
         if says_stops():  # (under torchrun, once a machine)
             print(f"tinygemma: {stop_word(e)}", file=sys.stderr)
         _done.append(exit_status(e))  # a later signal, while Python shuts down, leaves this status

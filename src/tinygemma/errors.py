@@ -129,9 +129,15 @@ def interrupt(signum, frame) -> None:
     waiting forever on workers never told to stop); under torchrun, SIGTERM keeps its default (torchrun ends a
     worker stuck in a collective with it)."""
     STOPPED.append(signum)
-    for s in (signal.SIGINT,) + (() if under_torchrun() else (signal.SIGTERM,)):  # (torchrun's SIGTERM: at once)
-        handle(s, held_off)
+    hold_signals_off()
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def hold_signals_off() -> None:
+    """From now on, SIGINT and SIGTERM do nothing (held_off): a clean-up under way is not cut short. Under torchrun
+    SIGTERM keeps its default, which ends the process at once."""
+    for s in (signal.SIGINT,) + (() if under_torchrun() else (signal.SIGTERM,)):
+        handle(s, held_off)
 
 
 def held_off(signum, frame) -> None:

@@ -377,3 +377,87 @@ def test_onednn_packs_float32_on_a_cpu_and_bfloat16_only_where_the_cpu_computes_
     monkeypatch.setattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert decode.onednn_linear_available(torch.zeros(4, 4, dtype=torch.bfloat16))
     decode.forget_decode_plan(model)
+
+
+def steer(model):  # activation steering: a vector added to a block's output
+    shift = torch.randn(model.config.d_model, generator=torch.Generator().manual_seed(1)) * 20
+    return model.layers[0].register_forward_hook(lambda module, args, out: out + shift)
+
+
+def scale_inputs(model):  # a pre-hook on a projection (as torch.nn.utils.prune adds one)
+    return model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda module, args: (args[0].roll(1, -1),))
+
+
+def prune(model):
+    import torch.nn.utils.prune
+
+    torch.nn.utils.prune.random_unstructured(model.layers[0].self_attn.v_proj, "weight", 0.9)
+
+
+def weight_norm(model):  # a parametrization: its weight made from two others
+    torch.nn.utils.parametrizations.weight_norm(model.layers[0].mlp.gate_proj)
+    with torch.no_grad():
+        model.layers[0].mlp.gate_proj.parametrizations.weight.original0.mul_(4)
+
+
+def lora(model):  # a Linear replaced by a subclass that adds a low-rank update
+    class LoRALinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + x @ self.a.T @ self.b.T
+
+    old = model.layers[0].self_attn.q_proj
+    new = LoRALinear(old.in_features, old.out_features, bias=False)
+    new.weight = old.weight
+    new.a = torch.nn.Parameter(torch.randn(4, old.in_features))
+    new.b = torch.nn.Parameter(torch.randn(old.out_features, 4))
+    model.layers[0].self_attn.q_proj = new
+
+
+def bias(model):
+    proj = model.layers[0].mlp.up_proj
+    proj.bias = torch.nn.Parameter(torch.randn(proj.out_features) * 3)
+
+
+def patched_forward(model):
+    mlp = model.layers[1].mlp
+    mlp.forward = lambda x, _forward=mlp.forward: _forward(x).roll(1, -1)
+
+
+def global_hook(model):
+    from tinygemma.model import Block
+
+    return torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 2 if isinstance(module, Block) else None)
+
+
+@pytest.mark.parametrize("change", [steer, scale_inputs, prune, weight_norm, lora, bias, patched_forward,
+                                    global_hook])
+def test_decoding_follows_what_changes_the_layers_past_their_weights(change, monkeypatch):
+    """The plan multiplies by its own copies of the weights and never calls the layers: a hook (activation
+    steering, pruning's mask), a parametrization, a module replaced, a bias or a patched forward changed the
+    first new token (read by the layers) but none after it. Decoding now runs the layers for such a model: its
+    greedy tokens are those of the model's forward, token by token."""
+    model = tiny_model(seed=3, vocab_size=512)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)  # confident predictions: a change shows in the tokens
+    real_plan = generate_module.decode_plan
+    monkeypatch.setattr(generate_module, "decode_plan", lambda m: real_plan(m, pack=False))  # any CPU
+    prompt = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(2))
+    assert real_plan(model, pack=False) is not None
+    plain = generate(model, prompt, 16, temperature=0)
+    handle = change(model)
+    try:
+        assert real_plan(model, pack=False) is None
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(16):
+                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert not torch.equal(ids, plain)  # (the change changes the tokens)
+        assert torch.equal(generate(model, prompt, 16, temperature=0), ids)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if change in (steer, scale_inputs, global_hook):  # hooks gone: the plan again, and the plain tokens
+        assert real_plan(model, pack=False) is not None
+        assert torch.equal(generate(model, prompt, 16, temperature=0), plain)

@@ -17,9 +17,11 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
 from tinygemma.config import GLOBAL, SLIDING
-from tinygemma.model import Gemma3, KVCache, RMSNorm, rms_norm
+from tinygemma.model import MLP, Attention, Block, Gemma3, KVCache, RMSNorm, rms_norm
 
 
 class DecodePlan:
@@ -175,7 +177,12 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     `forget_decode_plan(model)`. Parameters made under torch.inference_mode have no version counter: their plan
     is built for each call. The copies cost as much memory as the linear weights;
     `forget_decode_plan(model)` frees them (they also go with the model).
+
+    None, too, for a model whose forward computes something the plan does not see (`plan_sees_all`): hooks,
+    pruning and other parametrizations, modules replaced or patched.
     """
+    if not plan_sees_all(model):
+        return None
     if pack is None:
         weight = next(model.parameters())
         pack = onednn_linear_available(weight)
@@ -194,6 +201,28 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     plan = _build_plan(model, pack)
     _PLANS[model] = (key, probe, plan)
     return plan
+
+
+# The modules of a Gemma3 whose arithmetic the plan repeats, by their exact class: a subclass (a LoRA adapter's
+# Linear) or another module computes something else.
+PLAN_MODULES = (Block, Attention, MLP, RMSNorm, nn.Linear, nn.Embedding, nn.ModuleList)
+
+
+def plan_sees_all(model: Gemma3) -> bool:
+    """Whether the plan computes what the model's layers compute: not where the layers were changed past their
+    weights (a forward hook or pre-hook, as `torch.nn.utils.prune` and activation steering add; a
+    parametrization, such as weight norm; a module replaced by another class or given a bias; a `forward`
+    patched on an instance). Decoding then runs the model's own layers, which honour them."""
+    hooks = torch.nn.modules.module
+    if getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None):
+        return False
+    for module in model.modules():
+        if module is not model and type(module) not in PLAN_MODULES:
+            return False
+        if (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+                or parametrize.is_parametrized(module) or getattr(module, "bias", None) is not None):
+            return False
+    return type(model).trunk is Gemma3.trunk
 
 
 def forget_decode_plan(model: Gemma3) -> None:

@@ -434,9 +434,10 @@ def global_hook(model):
                                     global_hook])
 def test_decoding_follows_what_changes_the_layers_past_their_weights(change, monkeypatch):
     """The plan multiplies by its own copies of the weights and never calls the layers: a hook (activation
-    steering, pruning's mask), a parametrization, a module replaced, a bias or a patched forward changed the
-    first new token (read by the layers) but none after it. Decoding now runs the layers for such a model: its
-    greedy tokens are those of the model's forward, token by token."""
+    steering, pruning's mask), a module replaced, a bias or a patched forward changed the first new token (read
+    by the layers) but none after it. Decoding now runs the layers for such a model, and for a parametrized one
+    (weight norm: its plan read the weight it makes, the same tokens; a parametrization's class is no Linear):
+    its greedy tokens are those of the model's forward, token by token."""
     model = tiny_model(seed=3, vocab_size=512)
     with torch.no_grad():
         for p in model.parameters():

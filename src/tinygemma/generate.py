@@ -315,7 +315,9 @@ def generate(model: Gemma3, input_ids: torch.Tensor, max_new_tokens: int, temper
     steps run past that end are dropped, though a generator has drawn for them. Logits that are not finite are
     refused at the next wait. `vocab_size` (tokenizer.model_vocab_size) keeps the tokens sampled to those the
     tokenizer decodes, where the model has more ids (a model.vocab_size set above the data's). `context`: the
-    most tokens the model reads at once (the block it trained on; None: all, as transformers' generate reads)."""
+    most tokens the model reads at once (the block it trained on; None: all, as transformers' generate reads).
+    The tokens are those of the model's layers, hooks and parametrizations included (decode.plan_sees_all); a
+    hook on the Gemma3 itself is not called (the model's trunk, norm and head are read apart)."""
     every = SYNC_EVERY if eos_id is not None else None
     new = list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
                                vocab_size=vocab_size, cuda_graph=cuda_graph, repetition_penalty=repetition_penalty,

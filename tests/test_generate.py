@@ -455,7 +455,8 @@ def test_generate_samples_only_the_tokenizers_ids_where_the_model_has_more(token
     kept = generate(model, ids, **args, vocab_size=10)
     assert (kept < 10).all() and kept.shape == (4, 3 + 50) and len(set(kept[:, 3:].flatten().tolist())) > 1
     for bad in (50_266, -1):
-        with pytest.raises(UserError, match=f"id {bad} is not one of GPT-2's 50,257 tokens"):
+        with pytest.raises(UserError, match=rf"id {bad} has no token in the tokenizer \(GPT-2's BPE \(tiktoken\): "
+                                            r"ids 0 to 50,256;"):
             tokenizer.decode([1, bad])
 
 

@@ -74,6 +74,16 @@ def test_bpe_is_lossless_and_sized(bpe, stories_dir):
     assert sum(len(bpe.encode(s)) for s in stories) < 0.6 * sum(len(s.encode()) for s in stories)
 
 
+def test_an_id_past_a_tokenizer_json_is_refused_in_one_line_as_gpt2s(bpe):
+    """tokenizers' decode left an id past its vocabulary out of the text without a word (a model with more rows
+    than its tokenizer samples them) and failed on a negative one with OverflowError; GPT-2's refuses both."""
+    assert bpe.decode([40, 41]) == bpe.backend.decode([40, 41])
+    for bad in (512, 600, -1):
+        with pytest.raises(UserError, match=rf"^id {bad} has no token in the tokenizer \(byte-level BPE "
+                                            r"\(tokenizer.json\): ids 0 to 511; a model with more rows"):
+            bpe.decode([40, bad, 41])
+
+
 def test_spec_save_and_reload(bpe, tmp_path, stories_dir):
     spec = bpe.save(tmp_path)
     assert spec["file"] == "tokenizer.json" and (tmp_path / "tokenizer.json").exists()

@@ -84,6 +84,15 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
+    def refuse_ids(self, ids: list[int]) -> None:
+        """Refuse an id this tokenizer has no token for, in one line (a model with more rows than its tokenizer
+        samples them where vocab_size is not given)."""
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise UserError(f"id {bad} has no token in the tokenizer ({self.description}: ids 0 to "
+                            f"{self.vocab_size - 1:,}; a model with more rows than its tokenizer: sample with "
+                            "vocab_size=tokenizer.model_vocab_size)")
+
     def spec(self) -> dict:
         raise NotImplementedError
 
@@ -174,9 +183,8 @@ class GPT2Tokenizer(Tokenizer):
         try:
             return self.encoding.decode(ids)
         except (KeyError, OverflowError):  # (tiktoken's "Invalid token for decoding: N"; a negative id)
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise UserError(f"id {bad} is not one of GPT-2's {self.vocab_size:,} tokens (a model with more rows than "
-                            "its tokenizer: sample with vocab_size=tokenizer.model_vocab_size)") from None
+            self.refuse_ids(ids)
+            raise
 
     def spec(self) -> dict:
         return {"kind": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id}
@@ -584,7 +592,9 @@ class HFTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids) -> str:
-        return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
+        ids = list(map(int, ids))
+        self.refuse_ids(ids)  # (tokenizers leaves an id past its vocabulary out, and fails on a negative one)
+        return self.backend.decode(ids, skip_special_tokens=False)
 
     def spec(self) -> dict:
         return {"kind": "tokenizer.json", "file": str(self.path or TOKENIZER_FILE), "sha256": self.sha256,

@@ -71,7 +71,7 @@ from tinygemma.hf import (
     save_hf,
     written_by_tinygemma,
 )
-from tinygemma.model import Gemma3, check_tokenizer_fits, model_from_state, model_state
+from tinygemma.model import WEIGHT_DTYPES, Gemma3, check_tokenizer_fits, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
 from tinygemma.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_spec
 
@@ -206,8 +206,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     stored dtype on the CPU. Both are resolved (and refused) before anything is read."""
     if device is not None:
         device = as_device(device)
-    if dtype is not None and not isinstance(dtype, str) and not (isinstance(dtype, torch.dtype)
-                                                                  and dtype.is_floating_point):
+    if dtype is not None and not isinstance(dtype, str) and dtype not in WEIGHT_DTYPES:  # (fp8 cannot run; float64
+        # would be saved as float32)
         raise UserError(f"a model's dtype is a floating-point one (float32, bfloat16, float16), got {dtype!r}")
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, torch.device("cpu" if device is None else device))  # (device 0 is cuda:0)

@@ -1,5 +1,6 @@
 """The model against transformers' Gemma3ForCausalLM: same logits, same greedy tokens, sliding layers included."""
 
+import re
 import warnings
 
 import pytest
@@ -802,3 +803,22 @@ def test_an_integer_state_is_refused():
     state["norm.weight"] = state["norm.weight"].long()
     with pytest.raises(UserError, match="norm.weight is int64; the model takes float32, bfloat16 or float16"):
         model_from_state(tiny(), state)
+
+
+def test_forward_refuses_what_is_not_a_batch_of_token_ids_in_one_line():
+    """From Python, the usual mistakes failed deep in torch (float ids: the embedding's argument check; 1-D ids:
+    IndexError: tuple index out of range; a list: AttributeError), and targets one shorter than the ids in a
+    size mismatch inside the loss. Each is now a UserError naming the argument; int32 ids are ids."""
+    model = Gemma3(small_config()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    for bad, got in [(ids.float(), "a 2-d torch.float32 tensor"), (ids[0], "a 1-d torch.int64 tensor"),
+                     (ids.tolist(), "list"), (ids > 3, "a 2-d torch.bool tensor")]:
+        with pytest.raises(UserError, match=rf"^input_ids must be a \[batch, tokens\] tensor of integer token ids, "
+                                            rf"got {got}; one prompt is torch.tensor\(\[ids\]\)$"):
+            model(bad)
+    for bad, got in [(ids[:, 1:], "shape (2, 6)"), (ids[:1], "shape (1, 7)"), (ids.tolist(), "list")]:
+        with pytest.raises(UserError, match=rf"^targets must be a tensor of input_ids' shape \(2, 7\), got "
+                                            rf"{re.escape(got)}$"):
+            model(ids, bad)
+    with torch.no_grad():
+        assert torch.equal(model(ids.int()), model(ids))

@@ -19,7 +19,7 @@ from tinygemma.config import check_sampling, check_stop, is_integer
 from tinygemma.decode import GraphedStep, decode_plan
 from tinygemma.devices import float64_on
 from tinygemma.errors import LONE_SURROGATE, UserError
-from tinygemma.model import Gemma3, check_tokenizer_fits
+from tinygemma.model import Gemma3, check_token_ids, check_tokenizer_fits
 from tinygemma.tokenizer import load_tokenizer
 
 # ------------------------------------------------------------------ sampling
@@ -250,12 +250,7 @@ def checked_inputs(model: Gemma3, input_ids, eos_id, generator, vocab_size=None)
     """generate_stream's prompt ids (as int64 on the model's device), eos_id, generator(s) and vocab_size, refused
     in one line where they cannot work."""
     check_model(model)
-    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
-            or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):  # any integers (uint16: a token file's)
-        got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
-               else type(input_ids).__name__)
-        raise UserError(f"input_ids must be a [batch, tokens] tensor of integer token ids, got {got}; one prompt "
-                        "is torch.tensor([ids])")
+    check_token_ids(input_ids)
     # (torch.from_numpy of int32 ids, say), on the model's device: torch.tensor([ids]) is the host's
     input_ids = input_ids.to(model.embed_tokens.weight.device).long()
     if input_ids.shape[0] == 0:

@@ -364,7 +364,12 @@ class Gemma3(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """Logits [B, T, vocab_size], or with `targets` [B, T] the mean next-token cross-entropy (targets equal
         to -100 are ignored), or with reduction="none" each position's cross-entropy in nats, [B, T].
+
+        The ids' range is not checked (that would wait for the device at every step): an id past the vocabulary
+        reads a padding row or fails in the embedding; a target outside 0 to vocab_size - 1 other than -100 gives
+        a NaN loss where gradients are recorded and F.cross_entropy's IndexError where not (evaluation's path).
         """
+        check_token_ids(input_ids, targets)
         h = self.norm(self.trunk(input_ids))
         if targets is None:
             return self.lm_head(h)[..., : self.config.vocab_size]
@@ -430,6 +435,21 @@ class Gemma3(nn.Module):
                     c.n_kv_heads, c.head_dim, dtype, device)
             for t in c.layer_types
         ]
+
+
+def check_token_ids(input_ids, targets=None) -> None:
+    """Refuse what is not a [batch, tokens] tensor of integer token ids (any integers: uint16 is a token file's),
+    or targets of another shape, in one line: in torch they failed deep inside (an embedding's argument check,
+    a tuple index) or, for targets, broadcast."""
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
+            or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
+        got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise UserError(f"input_ids must be a [batch, tokens] tensor of integer token ids, got {got}; one prompt "
+                        "is torch.tensor([ids])")
+    if targets is not None and not (isinstance(targets, torch.Tensor) and targets.shape == input_ids.shape):
+        got = f"shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise UserError(f"targets must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}")
 
 
 def check_tokenizer_fits(tokenizer, model: Gemma3) -> None:

@@ -750,6 +750,17 @@ def test_model_floats_of_zero_are_refused(field):
         load_recipe(None, ["model.preset=gemma3-tiny", f"model.{field}=0"])
 
 
+def test_a_config_copied_with_another_depth_says_how_to_make_its_layer_types():
+    """A copy of a config with n_layers changed keeps the old layer_types: the refusal says to leave them out."""
+    config = ModelConfig.preset("gemma3-tiny")
+    with pytest.raises(UserError, match=re.escape("model.layer_types has 6 entries for 4 layers (leave it out, and "
+                                                  "sliding_window_pattern makes it: ModelConfig.preset(NAME, "
+                                                  "n_layers=N) does)")):
+        ModelConfig.from_dict({**config.to_dict(), "n_layers": 4})
+    fixed = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+    assert ModelConfig.from_dict({**fixed, "n_layers": 4}) == ModelConfig.preset("gemma3-tiny", n_layers=4)
+
+
 def test_layer_types_of_another_kind_are_refused():
     """transformers' other attention kinds (Llama 4's chunked_attention) have no implementation here: they would
     have been read as sliding layers."""

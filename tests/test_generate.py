@@ -583,6 +583,14 @@ def test_a_model_that_is_no_gemma3_is_one_line(model, tokenizer):
             call()
 
 
+def test_a_compiled_model_is_refused_naming_the_model_inside(tokenizer):
+    """torch.compile's wrapper is no Gemma3: the refusal says where the model is."""
+    compiled = torch.compile(tiny_model())  # (nothing compiles until it is called)
+    with pytest.raises(UserError, match=r"got OptimizedModule \(torch.compile's wrapper: give its _orig_mod\)$"):
+        generate(compiled, torch.tensor([[1, 2]]), 5)
+    assert generate(compiled._orig_mod, torch.tensor([[1, 2]]), 2, temperature=0).shape == (1, 4)
+
+
 def test_logits_that_turn_non_finite_after_every_row_has_ended_are_never_refused(monkeypatch):
     """Reading every few tokens, generate and generate_text run a few steps past the end (every row's end of
     text, every sample's stop string): logits that are not finite there are never read, so never refused; a

@@ -80,7 +80,8 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UserError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
         if len(self.layer_types) != self.n_layers:
-            raise UserError(f"model.layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            raise UserError(f"model.layer_types has {len(self.layer_types)} entries for {self.n_layers} layers (leave "
+                            "it out, and sliding_window_pattern makes it: ModelConfig.preset(NAME, n_layers=N) does)")
         bad = sorted(set(self.layer_types) - {SLIDING, GLOBAL})
         if bad:
             raise UserError(f"model.layer_types may hold only {SLIDING!r} and {GLOBAL!r}, not {bad}")

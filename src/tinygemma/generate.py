@@ -242,8 +242,10 @@ class NonFiniteLogits(UserError):
 def check_model(model) -> None:
     """The model generate and generate_text take: a tinygemma Gemma3 (not None, not another library's module)."""
     if not isinstance(model, Gemma3):
+        compiled = " (torch.compile's wrapper: give its _orig_mod)" if isinstance(model, torch.nn.Module) and \
+            isinstance(getattr(model, "_orig_mod", None), Gemma3) else ""
         raise UserError(f"model must be a tinygemma Gemma3 (tinygemma.load(PATH) gives one), got "
-                        f"{type(model).__name__}")
+                        f"{type(model).__name__}{compiled}")
 
 
 def checked_inputs(model: Gemma3, input_ids, eos_id, generator, vocab_size=None) -> tuple[torch.Tensor, object]:

@@ -25,8 +25,16 @@ import test_train
 import torch
 from test_tokenizer import ODD_TEXT, read_stories
 
+import tinygemma.checkpoint
+import tinygemma.data
 from tinygemma import Gemma3, gguf_export
-from tinygemma.checkpoint import checkpoint_tokenizer, load_model, resolve_checkpoint, save_model
+from tinygemma.checkpoint import (
+    checkpoint_tokenizer,
+    last_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    save_model,
+)
 from tinygemma.cli import main
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig, load_recipe
 from tinygemma.data import open_prepared, prepare
@@ -41,7 +49,7 @@ from tinygemma.gguf_export import (
     has_gemma_layout,
     llama_cpp_vocabulary,
 )
-from tinygemma.tokenizer import EOT_TOKEN, HFTokenizer, load_tokenizer, train_bpe
+from tinygemma.tokenizer import EOT_TOKEN, RECORD_FILES, HFTokenizer, load_tokenizer, train_bpe
 from tinygemma.train import train
 
 gguf = pytest.importorskip("gguf", reason='the GGUF export needs the gguf package: pip install "tinygemma[gguf]"')
@@ -395,6 +403,16 @@ def test_an_end_of_text_named_by_a_transformers_folder_goes_through_every_stage(
     assert prepared.tokenizer().eot_token == "[EOS]" and (prepared.split("train") == eos).sum() >= 90
     train_run(run, data, [*TINY, "max_steps=2", "warmup_steps=0"])
     assert checkpoint_tokenizer(run).eot_token == "[EOS]"
+    # The copies in the dataset and the checkpoint, given as files, read the token from tinygemma's record beside
+    # them (meta.json, checkpoint.json; the names tokenizer.RECORD_FILES holds): they were refused without the
+    # transformers folder's files.
+    assert RECORD_FILES == (tinygemma.data.META_NAME, tinygemma.checkpoint.META_NAME)
+    step = last_checkpoint(run)["dir"]
+    for copy in (data / "tokenizer.json", run / "checkpoints" / step / "tokenizer.json"):
+        assert load_tokenizer(copy).eot_token == "[EOS]"
+    assert main(["prepare", "--source", str(stories_dir / "valid.txt"), "--limit", "20", "--tokenizer",
+                 str(data / "tokenizer.json"), "--out", str(tmp_path / "more"), "--workers", "1", "--no-progress"]) == 0
+    assert open_prepared(tmp_path / "more").tokenizer().identity == prepared.tokenizer().identity
     assert main(["generate", "--ckpt", str(run), "--prompt", "Once", "--max-new-tokens", "4"]) == 0
     assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))

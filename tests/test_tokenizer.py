@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as Backend
 from tinygemma.errors import UserError
 from tinygemma.tokenizer import (
     CHAT_TEMPLATE,
+    RECORD_FILES,
     GPT2Tokenizer,
     HFTokenizer,
     encode_stories,
@@ -233,6 +234,17 @@ def test_an_end_of_text_that_a_transformers_folder_names_is_taken(tmp_path):
     copy.mkdir()
     spec = tok.save(copy)
     assert tokenizer_from_spec(spec, copy).eot_id == 2 and pickle.loads(pickle.dumps(tok)).eot_id == 2
+    # The copy given as a file (prepare --tokenizer DATA/tokenizer.json, generate --tokenizer a checkpoint's) was
+    # refused for want of the folder's files: tinygemma's record beside it names the token, for this file alone.
+    with pytest.raises(UserError, match="has no end-of-text token"):
+        load_tokenizer(copy / "tokenizer.json")
+    for record in RECORD_FILES:
+        (copy / record).write_text(json.dumps({"tokenizer": {**spec, "sha256": "0" * 64}}))  # another file's
+        with pytest.raises(UserError, match="has no end-of-text token"):
+            load_tokenizer(copy / "tokenizer.json")
+        (copy / record).write_text(json.dumps({"format": "tinygemma", "tokenizer": spec}))
+        assert (load_tokenizer(copy / "tokenizer.json").eot_token, load_tokenizer(copy).eot_id) == ("[EOS]", 2)
+        (copy / record).unlink()
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[SEP]"}))
     assert load_tokenizer(folder).identity != tok.identity  # another story separator: other data
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))

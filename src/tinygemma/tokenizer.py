@@ -33,6 +33,7 @@ GPT2_VOCAB_SIZE = 50_257  # r50k_base: 50,256 ranks and <|endoftext|>
 EOT_CANDIDATES = ("<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 # Where a file holds none of them: the eos_token that transformers' files beside it name (save_pretrained's).
 EOS_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+RECORD_FILES = ("meta.json", "checkpoint.json")  # tinygemma's records beside its copies: a dataset's, a checkpoint's
 TOKENIZER_FILE = "tokenizer.json"
 # A story model has no chat format: a chat front end (transformers' apply_chat_template, llama-server's web page,
 # LM Studio) sends the messages' text as it is, and the model continues it. Both exports carry it.
@@ -557,9 +558,10 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
         """The file, with the end-of-text token a transformers folder names beside it where it holds none of
-        EOT_CANDIDATES."""
+        EOT_CANDIDATES, or else the one tinygemma's record beside its copy names (recorded_eos_token)."""
         path = Path(path)
-        return cls(tokenizer_text(path), path, named_eos_token(path.parent))
+        content = tokenizer_text(path)
+        return cls(content, path, named_eos_token(path.parent) or recorded_eos_token(path, content))
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -646,6 +648,22 @@ def named_eos_token(directory: Path) -> str | None:
         eos = eos.get("content") if isinstance(eos, dict) else eos
         if isinstance(eos, str) and eos:
             return eos
+    return None
+
+
+def recorded_eos_token(path: Path, content: str) -> str | None:
+    """The end-of-text token that tinygemma's record beside its copy of a tokenizer.json names (a prepared
+    dataset's meta.json, a checkpoint's checkpoint.json: their spec, of this very file by its sha256). The copy is
+    the tokenizer.json alone, without the transformers files that named the token; None where no record is."""
+    sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    for name in RECORD_FILES:
+        try:
+            parsed = json.loads((path.parent / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        spec = parsed.get("tokenizer") if isinstance(parsed, dict) else None
+        if isinstance(spec, dict) and spec.get("sha256") == sha256 and isinstance(spec.get("eot_token"), str):
+            return spec["eot_token"]
     return None
 
 

@@ -425,6 +425,11 @@ def test_a_checkpoint_whose_tokenizer_file_is_gone_takes_only_that_tokenizer(che
     (ckpt / "tokenizer.json").unlink()  # then lost: the spec's sha256 is all that is left of it
     paths["own"].rename(tmp_path / "kept.json")
     paths["own"] = tmp_path / "kept.json"
+    # Without --tokenizer: what to do, as for an export whose file is gone ("tokenizer file not found: ..." was all)
+    with pytest.raises(UserError, match=f"^{re.escape(str(ckpt))} holds no tokenizer.json, and its checkpoint.json "
+                                        f"records a tokenizer.json of sha256 {own.sha256[:12]}\\.\\.\\.: name that "
+                                        "file with --tokenizer$"):
+        checkpoint_tokenizer(ckpt)
     with pytest.raises(UserError, match="not the tokenizer .* was made with"):
         checkpoint_tokenizer(ckpt, str(paths["other"]))  # 4 tokens too
     assert checkpoint_tokenizer(ckpt, str(paths["own"])).identity == own.identity

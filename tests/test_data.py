@@ -426,6 +426,14 @@ def test_prepare_says_when_a_tokenizer_does_not_give_back_the_text_it_reads(stor
         read, back = ast.literal_eval(said[2]), ast.literal_eval(said[3])
         assert back != read and change(read)[:20] == back[:20]  # the text around the first change
         assert "they do not compare with those of a tokenizer that keeps the text" in err
+    # Spaces split off by a pre-tokenizer and never put back (no decoder): the warning names that cause too
+    unjoined = tmp_path / "unjoined.json"
+    unjoined.write_text(json.dumps({**spec, "pre_tokenizer": {"type": "Whitespace"}, "decoder": None}))
+    prepare(tmp_path / "unjoined", sources=[stories_dir / "train.txt"], val_sources=[stories_dir / "valid.txt"],
+            tokenizer=str(unjoined), limit=100, workers=1, progress=False)
+    err = capsys.readouterr().err
+    assert "does not give back the text it reads (100 of the first 100 training stories;" in err
+    assert "a pre-tokenizer that splits off spaces with no decoder to put them back" in err
     # A file with no separators is one story: the check reads its first 10,000 characters (it read 20 MB whole)
     long = tmp_path / "long.txt"
     long.write_text(" ".join(first) * 3)

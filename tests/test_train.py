@@ -2101,14 +2101,15 @@ def test_samples_during_training_on_one_process_are_not_refused_under_distribute
 
 
 def test_a_finished_run_run_again_says_its_steps_not_a_stop_at(data_dir, tmp_path, capsys):
-    """A finished run, run again, trains nothing: its first line says steps 2 to 2 of 2, not that --stop-at
-    (never given) does not pass its step."""
+    """A finished run, run again, trains nothing: its first line says so (it read "steps 2 to 2 of 2", as if a
+    step were to come), not that --stop-at (never given) does not pass its step."""
     out = tmp_path / "r"
     run(data_dir, out, "max_steps=2", "warmup_steps=1")
     capsys.readouterr()
     train(load_recipe(None, tiny_settings(data_dir, out, "max_steps=2", "warmup_steps=1")), resume=True)
     said = capsys.readouterr().out
-    assert "steps 2 to 2 of 2" in said and "--stop-at" not in said, said
+    assert "no step (the run has finished: step 2 of 2)" in said and "--stop-at" not in said, said
+    assert "steps 2 to 2" not in said
 
 
 def test_a_resumed_init_from_run_does_not_say_its_weights_come_from_the_source(data_dir, tmp_path, capsys):

@@ -531,7 +531,8 @@ class Trainer:
         total = cfg.max_steps * self.tokens_per_step  # (a small run's 40,960 read "0.0M")
         initial = f"weights from {self.init_record['dir']}; " if self.init_record and start == 0 else ""
         compiling = "each layer (regional)" if cfg.compile == "regional" else "the model (a minute or more)"
-        steps = (f"steps {start} to {self.end} of {cfg.max_steps}" if self.end > start or start == cfg.max_steps
+        steps = (f"steps {start} to {self.end} of {cfg.max_steps}" if self.end > start
+                 else f"no step (the run has finished: step {start} of {cfg.max_steps})" if start >= cfg.max_steps
                  else f"no step (the run is at step {start} of {cfg.max_steps}, which --stop-at does not pass)")
         print(f"training {self.model_config.num_params():,} parameters on {rt.world_size} x {rt.device} in "
               f"{dtype_name(rt.dtype)}: {self.tokens_per_step:,} tokens per step, {steps} ({f'{total / 1e6:,.1f}M' if total >= 1e6 else f'{total:,}'} tokens in all) in "

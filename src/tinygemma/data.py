@@ -729,9 +729,9 @@ def _prepare_into(out_dir: Path, sources, val_sources, val_fraction, tokenizer, 
         print(f"tinygemma: warning: the tokenizer does not give back the text it reads ({count} of the first "
               f"{len(sample)} training stories; {read!r} comes back as {back!r}): it changes text (a "
               "normalizer's lowercasing or NFKC; a pre-tokenizer that splits off spaces with no decoder to put "
-              "them back) or drops what its vocabulary lacks (or reads it as its unknown token). The model learns the text as changed, generate writes it so, and its loss and bits per byte "
-              "measure it: they do not compare with those of a tokenizer that keeps the text", file=sys.stderr,
-              flush=True)
+              "them back) or drops what its vocabulary lacks (or reads it as its unknown token). The model learns "
+              "the text as changed, generate writes it so, and its loss and bits per byte measure it: they do not "
+              "compare with those of a tokenizer that keeps the text", file=sys.stderr, flush=True)
     dtype = dtype_for(tokenizer.vocab_size)
 
     remove_temporaries(out_dir, PREPARED_FILES)  # an earlier prepare's, killed mid-write: up to GBs each

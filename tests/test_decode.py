@@ -13,7 +13,7 @@ from tinygemma.model import KVCache
 
 transformers = pytest.importorskip("transformers")
 
-from test_generate import tiny_model  # noqa: E402
+from test_generate import greedy_by_forward, tiny_model  # noqa: E402
 from test_model import make_pair, small_config  # noqa: E402
 
 
@@ -450,10 +450,7 @@ def test_decoding_follows_what_changes_the_layers_past_their_weights(change, mon
     handle = change(model)
     try:
         assert real_plan(model, pack=False) is None
-        ids = prompt
-        with torch.no_grad():
-            for _ in range(16):
-                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        ids = greedy_by_forward(model, prompt, 16)
         assert not torch.equal(ids, plain)  # (the change changes the tokens)
         assert torch.equal(generate(model, prompt, 16, temperature=0), ids)
     finally:

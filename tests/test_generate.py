@@ -45,6 +45,16 @@ def tiny_model(seed: int = 0, **overrides) -> Gemma3:
     return Gemma3(config).eval()
 
 
+def greedy_by_forward(model: Gemma3, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """The prompt and `n_new` greedy tokens from the model's whole forward, the sequence read anew for each token
+    (no cache, no decode plan): what generate(..., temperature=0) must give."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return GPT2Tokenizer()
@@ -1025,11 +1035,7 @@ def test_greedy_generate_matches_transformers_and_no_cache_loop():
     assert ours.shape == (2, 7 + n_new)
     assert torch.equal(ours, theirs)
     # The same tokens from a loop that recomputes the whole sequence without any cache.
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(n_new):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(ours, seq)
+    assert torch.equal(ours, greedy_by_forward(model, prompt, n_new))
 
 
 def cropped_greedy(model, prompt: torch.Tensor, n_new: int, context: int) -> torch.Tensor:
@@ -1138,11 +1144,7 @@ def test_generate_with_prompt_longer_than_window():
     model, _ = make_pair(config, seed=6)
     prompt = torch.randint(0, config.vocab_size, (1, 3 * config.sliding_window + 5))
     out = generate(model, prompt, 20, temperature=0)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(20):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, greedy_by_forward(model, prompt, 20))
 
 
 def test_generate_stops_at_eos_and_is_seeded():

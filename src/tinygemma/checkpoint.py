@@ -206,8 +206,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device=None) 
     stored dtype on the CPU. Both are resolved (and refused) before anything is read."""
     if device is not None:
         device = as_device(device)
-    if dtype is not None and not isinstance(dtype, str) and dtype not in WEIGHT_DTYPES:  # (fp8 cannot run; float64
-        # would be saved as float32)
+    if dtype is not None and not isinstance(dtype, str) and dtype not in WEIGHT_DTYPES:  # (float8 cannot compute,
+        # and float64 would be saved as float32)
         raise UserError(f"a model's dtype is a floating-point one (float32, bfloat16, float16), got {dtype!r}")
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, torch.device("cpu" if device is None else device))  # (device 0 is cuda:0)

@@ -213,8 +213,8 @@ def plan_sees_all(model: Gemma3) -> bool:
     weights (a forward hook or pre-hook, as `torch.nn.utils.prune` and activation steering add; a
     parametrization, such as weight norm; a module replaced by another class or given a bias; a `forward`
     patched on an instance). Decoding then runs the model's own layers, which honour them."""
-    hooks = torch.nn.modules.module
-    if getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None):
+    every_module = torch.nn.modules.module  # (register_module_forward_hook's hooks, on every module)
+    if getattr(every_module, "_global_forward_hooks", None) or getattr(every_module, "_global_forward_pre_hooks", None):
         return False
     for module in model.modules():
         if module is not model and type(module) not in PLAN_MODULES:

@@ -92,7 +92,7 @@ class Tokenizer:
         if bad is not None:
             raise UserError(f"id {bad} has no token in the tokenizer ({self.description}: ids 0 to "
                             f"{self.vocab_size - 1:,}; a model with more rows than its tokenizer: sample with "
-                            "vocab_size=tokenizer.model_vocab_size)")
+                            "vocab_size=tokenizer.model_vocab_size)") from None
 
     def spec(self) -> dict:
         raise NotImplementedError

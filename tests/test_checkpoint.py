@@ -430,6 +430,13 @@ def test_a_checkpoint_whose_tokenizer_file_is_gone_takes_only_that_tokenizer(che
                                         f"records a tokenizer.json of sha256 {own.sha256[:12]}\\.\\.\\.: name that "
                                         "file with --tokenizer$"):
         checkpoint_tokenizer(ckpt)
+    # A spec without "file" reads tokenizer.json (tokenizer_from_spec's default): another one there is refused for
+    # its sha256, not said to be gone
+    bare = tmp_path / "bare"
+    save_model(model, bare, {"tokenizer": {k: v for k, v in own.save(bare).items() if k != "file"}})
+    (bare / "tokenizer.json").write_text(paths["other"].read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(UserError, match="tokenizer.json has sha256 .*, but the spec records"):
+        checkpoint_tokenizer(bare)
     with pytest.raises(UserError, match="not the tokenizer .* was made with"):
         checkpoint_tokenizer(ckpt, str(paths["other"]))  # 4 tokens too
     assert checkpoint_tokenizer(ckpt, str(paths["own"])).identity == own.identity

@@ -459,3 +459,37 @@ def test_decoding_follows_what_changes_the_layers_past_their_weights(change, mon
     if change in (steer, scale_inputs, global_hook):  # hooks gone: the plan again, and the plain tokens
         assert real_plan(model, pack=False) is not None
         assert torch.equal(generate(model, prompt, 16, temperature=0), plain)
+
+
+def test_the_plan_decodes_a_model_compiled_or_recomputed_by_training_and_not_one_patched_otherwise():
+    """Training's own wrappers set an instance's forward that computes the class's (compile in place, per layer
+    or whole; activation checkpointing): the plan still decodes such a model (training's samples on a GPU). A hook
+    on the Gemma3 itself is never called by generation: no reason to leave the plan either. A class patched after
+    import, a trunk set on the instance, a norm's own eps: the plan would compute otherwise, so it does not."""
+    from tinygemma import model as model_module
+    from tinygemma.decode import plan_sees_all
+    from tinygemma.parallelize import apply_activation_checkpointing, compile_in_place, compile_layers
+
+    model = tiny_model(seed=3, vocab_size=512)
+    apply_activation_checkpointing(model)
+    compile_layers(model.layers)
+    compile_in_place(model)
+    handle = model.register_forward_hook(lambda module, args, out: out * 0)
+    assert plan_sees_all(model)
+    handle.remove()
+    model.layers[0].mlp.forward = lambda x: x  # a patch of the user's
+    assert not plan_sees_all(model)
+    model = tiny_model(seed=3, vocab_size=512)
+    model.layers[1].input_layernorm.eps = 0.5
+    assert not plan_sees_all(model)
+    model = tiny_model(seed=3, vocab_size=512)
+    model.trunk = lambda *args, **kwargs: None
+    assert not plan_sees_all(model)
+    model = tiny_model(seed=3, vocab_size=512)
+    original = model_module.MLP.forward
+    try:
+        model_module.MLP.forward = lambda self, x: original(self, x).roll(1, -1)
+        assert not plan_sees_all(model)
+    finally:
+        model_module.MLP.forward = original
+    assert plan_sees_all(model)

@@ -397,7 +397,8 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
         elif gpt2:  # an export's record, its file gone: GPT-2's
             own = load_tokenizer("gpt2")  # vocabulary needs no file of its own
     except UserError:
-        gone = spec and spec.get("kind") == "tokenizer.json" and not (directory / str(spec.get("file"))).exists()
+        file = directory / str(spec.get("file", TOKENIZER_FILE)) if spec else None  # (tokenizer_from_spec's)
+        gone = spec and spec.get("kind") == "tokenizer.json" and not file.exists()
         if tokenizer is None and not gone:  # (its file gone: said below, with what to do)
             raise
     if tokenizer is None:

@@ -203,9 +203,11 @@ def decode_plan(model: Gemma3, pack: bool | None = None) -> DecodePlan | None:
     return plan
 
 
-# The modules of a Gemma3 whose arithmetic the plan repeats, by their exact class: a subclass (a LoRA adapter's
-# Linear) or another module computes something else.
-PLAN_MODULES = (Block, Attention, MLP, RMSNorm, nn.Linear, nn.Embedding, nn.ModuleList)
+# The modules of a Gemma3 whose arithmetic the plan repeats, by their exact class (a subclass, as a LoRA adapter's
+# Linear, or another module computes something else), with their forward as it was at import (a class patched
+# since, as kernel-patching libraries do, computes something else too).
+PLAN_MODULES = {cls: cls.forward for cls in (Block, Attention, MLP, RMSNorm, nn.Linear, nn.Embedding, nn.ModuleList)}
+SAME_FORWARD = "tinygemma_same_forward"  # set on an instance's forward that computes the class's (compile, recompute)
 
 
 def plan_sees_all(model: Gemma3) -> bool:
@@ -216,13 +218,20 @@ def plan_sees_all(model: Gemma3) -> bool:
     every_module = torch.nn.modules.module  # (register_module_forward_hook's hooks, on every module)
     if getattr(every_module, "_global_forward_hooks", None) or getattr(every_module, "_global_forward_pre_hooks", None):
         return False
+    if type(model).trunk is not Gemma3.trunk or "trunk" in vars(model):  # (the Gemma3's own forward and hooks
+        return False  # are never called by generation: it reads the trunk, norm and head apart)
     for module in model.modules():
-        if module is not model and type(module) not in PLAN_MODULES:
+        if module is model:
+            continue
+        if PLAN_MODULES.get(type(module)) is not type(module).forward:
             return False
-        if (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
-                or parametrize.is_parametrized(module) or getattr(module, "bias", None) is not None):
+        patched = vars(module).get("forward")
+        if (module._forward_hooks or module._forward_pre_hooks or parametrize.is_parametrized(module)
+                or (patched is not None and not getattr(patched, SAME_FORWARD, False))
+                or getattr(module, "bias", None) is not None
+                or (isinstance(module, RMSNorm) and module.eps != model.config.rms_norm_eps)):
             return False
-    return type(model).trunk is Gemma3.trunk
+    return True
 
 
 def forget_decode_plan(model: Gemma3) -> None:

@@ -365,9 +365,10 @@ class Gemma3(nn.Module):
         """Logits [B, T, vocab_size], or with `targets` [B, T] the mean next-token cross-entropy (targets equal
         to -100 are ignored), or with reduction="none" each position's cross-entropy in nats, [B, T].
 
-        The ids' range is not checked (that would wait for the device at every step): an id past the vocabulary
-        reads a padding row or fails in the embedding; a target outside 0 to vocab_size - 1 other than -100 gives
-        a NaN loss where gradients are recorded and F.cross_entropy's IndexError where not (evaluation's path).
+        Ids and targets are checked for their type and shape, not their range (that would wait for the device at
+        every step): an id past the vocabulary reads a padding row or fails in the embedding; what a target out
+        of range gives (NaN, inf, an IndexError, a device assert) depends on the loss head's path: see
+        loss.cross_entropy_from_hidden. The embedding takes int64 or int32 ids, the loss int64 targets.
         """
         check_token_ids(input_ids, targets)
         h = self.norm(self.trunk(input_ids))
@@ -438,9 +439,9 @@ class Gemma3(nn.Module):
 
 
 def check_token_ids(input_ids, targets=None) -> None:
-    """Refuse what is not a [batch, tokens] tensor of integer token ids (any integers: uint16 is a token file's),
-    or targets of another shape, in one line: in torch they failed deep inside (an embedding's argument check,
-    a tuple index) or, for targets, broadcast."""
+    """Refuse what is not a [batch, tokens] tensor of integer token ids (any integers, which generate makes int64:
+    uint16 is a token file's), or targets of another shape, in one line: in torch they failed deep inside (an
+    embedding's argument check, a tuple index) or, for targets, broadcast."""
     if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
             or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
         got = (f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygemma.config import GLOBAL, SLIDING, ModelConfig, TrainConfig
+from tinygemma.decode import SAME_FORWARD
 from tinygemma.devices import function_copy, inductor_runs_on
 from tinygemma.errors import UserError
 from tinygemma.loss import LOSS_CHUNK_SIZE
@@ -111,6 +112,7 @@ def compile_in_place(module: torch.nn.Module, key: tuple = ()) -> None:
     # (Keyed by file too: code objects alike in all but their file compare equal.)
     code = _FORWARD_CODES.setdefault((func.__code__, func.__code__.co_filename, key), func.__code__.replace())
     copy = function_copy(func, code)
+    setattr(copy, SAME_FORWARD, getattr(func, SAME_FORWARD, func is type(module).forward))  # (the plan may decode)
     module.forward = types.MethodType(copy, forward.__self__) if func is not forward else copy
     module.compile(dynamic=False)
 
@@ -558,8 +560,9 @@ def apply_activation_checkpointing(model: Gemma3) -> None:
     from torch.utils.checkpoint import checkpoint
 
     for block in model.layers:
-        forward = block.forward
+        forward, same = block.forward, getattr(block.forward, SAME_FORWARD, "forward" not in vars(block))
         block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        setattr(block.forward, SAME_FORWARD, same)  # (recomputed in backward: the same function, for the plan)
 
 
 def gradient_sync(model, last_micro_step: bool):

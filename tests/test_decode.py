@@ -470,10 +470,12 @@ def test_the_plan_decodes_a_model_compiled_or_recomputed_by_training_and_not_one
     from tinygemma.decode import plan_sees_all
     from tinygemma.parallelize import apply_activation_checkpointing, compile_in_place, compile_layers
 
-    model = tiny_model(seed=3, vocab_size=512)
-    apply_activation_checkpointing(model)
-    compile_layers(model.layers)
-    compile_in_place(model)
+    wrappers = [lambda m: apply_activation_checkpointing(m), lambda m: compile_layers(m.layers), compile_in_place]
+    for wrap in [*([w] for w in wrappers), wrappers]:  # each alone, then all three
+        model = tiny_model(seed=3, vocab_size=512)
+        for w in wrap:
+            w(model)
+        assert plan_sees_all(model)
     handle = model.register_forward_hook(lambda module, args, out: out * 0)
     assert plan_sees_all(model)
     handle.remove()

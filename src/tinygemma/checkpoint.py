@@ -73,7 +73,13 @@ from tinygemma.hf import (
 )
 from tinygemma.model import WEIGHT_DTYPES, Gemma3, check_tokenizer_fits, model_from_state, model_state
 from tinygemma.runtime import Runtime, raise_on_all_ranks
-from tinygemma.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_spec
+from tinygemma.tokenizer import (
+    TOKENIZER_FILE,
+    Tokenizer,
+    TokenizerFileMissing,
+    load_tokenizer,
+    tokenizer_from_spec,
+)
 
 CHECKPOINT_FORMAT = "tinygemma"
 WEIGHTS_NAME = "model.safetensors"
@@ -396,11 +402,9 @@ def checkpoint_tokenizer(ckpt: str | Path, tokenizer: str | None = None):
             own = exported_with(load_tokenizer(directory), recorded, directory)
         elif gpt2:  # an export's record, its file gone: GPT-2's
             own = load_tokenizer("gpt2")  # vocabulary needs no file of its own
-    except UserError:
-        file = directory / str(spec.get("file", TOKENIZER_FILE)) if spec else None  # (tokenizer_from_spec's)
-        gone = spec and spec.get("kind") == "tokenizer.json" and not file.exists()
-        if tokenizer is None and not gone:  # (its file gone: said below, with what to do)
-            raise
+    except UserError as e:
+        if tokenizer is None and not (spec and isinstance(e, TokenizerFileMissing)):  # (its file gone: said below,
+            raise  # with what to do)
     if tokenizer is None:
         if own is None and recorded:
             raise UserError(f"{directory} holds no {TOKENIZER_FILE}, and {where} records a tokenizer.json of sha256 "

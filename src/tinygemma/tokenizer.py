@@ -618,13 +618,17 @@ class HFTokenizer(Tokenizer):
         self.__init__(state["content"], state["path"], state["eot_token"])
 
 
+class TokenizerFileMissing(UserError):
+    """A tokenizer.json that is not there (a checkpoint's, gone: its caller says what to do instead)."""
+
+
 def tokenizer_text(path: Path) -> str:
     """A tokenizer.json's text. (A byte-order mark, Windows Notepad's, is no part of the JSON: the tokenizer, its
     copies and sha256 are the file's text after it, as recipes and stories.)"""
     try:
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise UserError(f"tokenizer file not found: {path}") from None
+        raise TokenizerFileMissing(f"tokenizer file not found: {path}") from None
     except IsADirectoryError:  # (bad input, not a failing machine's exit status 1)
         raise UserError(f"{path} is a folder, not a tokenizer.json") from None
     except UnicodeDecodeError:
@@ -655,14 +659,17 @@ def recorded_eos_token(path: Path, content: str) -> str | None:
     """The end-of-text token that tinygemma's record beside its copy of a tokenizer.json names (a prepared
     dataset's meta.json, a checkpoint's checkpoint.json: their spec, of this very file by its sha256). The copy is
     the tokenizer.json alone, without the transformers files that named the token; None where no record is."""
-    sha256 = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    sha256 = None  # (hashed only where a record names a token: a user's own folder holds none)
     for name in RECORD_FILES:
         try:
             parsed = json.loads((path.parent / name).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             continue
         spec = parsed.get("tokenizer") if isinstance(parsed, dict) else None
-        if isinstance(spec, dict) and spec.get("sha256") == sha256 and isinstance(spec.get("eot_token"), str):
+        if not (isinstance(spec, dict) and isinstance(spec.get("eot_token"), str)):
+            continue
+        sha256 = sha256 or hashlib.sha256(content.encode("utf-8")).hexdigest()
+        if spec.get("sha256") == sha256:
             return spec["eot_token"]
     return None
 
